@@ -1,0 +1,131 @@
+"""Ahead-of-time stages, as in JAX: ``lower`` builds the training graph without
+building anything; ``Lowered.compile()`` turns it into a step object."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from ferrograd.dsl.init import init_params
+from ferrograd.dsl.model import Model, trace
+from ferrograd.ir.autodiff import grad
+from ferrograd.ir.errors import BackendError, TraceError
+from ferrograd.ir.graph import Graph
+from ferrograd.ir.optim import Optimizer, init_state
+from ferrograd.ir.passes import optimize
+from ferrograd.ir.printing import format_graph, to_dot
+from ferrograd.ir.serialize import canonical, fingerprint
+
+from .step import NumpyStep, Step
+
+# Backends named in the design; only those with a step class here can run.
+KNOWN_BACKENDS = ("numpy", "cpu", "cuda", "wgsl")
+STEP_CLASSES: dict[str, type[Step]] = {"numpy": NumpyStep}
+
+
+class Lowered:
+    """A model traced, differentiated, given its optimizer and optimized; not yet built."""
+
+    def __init__(self, model: Model, graph: Graph, backend: str, seed: int,
+                 optimizer: Optimizer | None, dims: dict[str, int]) -> None:
+        self.model = model
+        self.graph = graph
+        self.backend = backend
+        self.seed = seed
+        self.optimizer = optimizer
+        self.dims = dims
+
+    @property
+    def optimizer_config(self) -> dict[str, Any] | None:
+        return None if self.optimizer is None else self.optimizer.config()
+
+    @property
+    def fingerprint(self) -> str:
+        """Content hash of the training graph and the options that shape the build."""
+        return fingerprint(self.graph)
+
+    @property
+    def kernels(self) -> list[Any]:
+        """Generated kernels. The NumPy backend runs the IR itself, so it has none."""
+        return []
+
+    def source(self, backend: str | None = None) -> str:
+        """Generated code for ``backend``; for "numpy" (or "ir") the IR listing it runs."""
+        backend = backend or self.backend
+        if backend in ("numpy", "ir"):
+            return format_graph(self.graph)
+        raise _unavailable(backend)
+
+    def write(self, directory: str | os.PathLike[str]) -> Path:
+        """Write the IR as text, DOT and canonical JSON into ``directory``."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "graph.txt").write_text(format_graph(self.graph) + "\n")
+        (out / "graph.dot").write_text(to_dot(self.graph) + "\n")
+        (out / "graph.json").write_text(json.dumps(json.loads(canonical(self.graph)),
+                                                   indent=1) + "\n")
+        return out
+
+    def compile(self) -> Step:
+        cls = STEP_CLASSES.get(self.backend)
+        if cls is None:
+            raise _unavailable(self.backend)
+        return cls(self, init_params(self.graph, self.seed), init_state(self.graph))
+
+    def __repr__(self) -> str:
+        return (f"<fg.Lowered {self.graph.name} backend={self.backend} "
+                f"nodes={len(self.graph)} params={len(self.graph.params)}>")
+
+
+def _unavailable(backend: str) -> BackendError:
+    if backend in KNOWN_BACKENDS:
+        return BackendError(
+            f"the {backend!r} backend is not part of this version of ferrograd yet; "
+            f"backend='numpy' (the reference interpreter) runs every model")
+    return BackendError(f"unknown backend {backend!r}; choose from {', '.join(KNOWN_BACKENDS)}")
+
+
+def training_graph(model: Model, optimizer: Optimizer | None, dims: dict[str, int]) -> Graph:
+    """Trace ``model``, add gradients (if it has a loss) and the optimizer's updates."""
+    graph = trace(model, **dims)
+    if optimizer is not None:
+        if "loss" not in graph.outputs:
+            raise TraceError(f"model {model.name!r} returns no 'loss', so an optimizer has "
+                             "nothing to minimize", model.src)
+        if not graph.params:
+            raise TraceError(f"model {model.name!r} has no params to train", model.src)
+    if "loss" in graph.outputs and graph.params:
+        graph = grad(graph)
+        if optimizer is not None:
+            graph = optimizer.apply(graph)
+    return optimize(graph)
+
+
+def lower(model: Model, optimizer: Optimizer | None = None, backend: str = "cpu",
+          seed: int = 0, **dims: int) -> Lowered:
+    """Trace, differentiate and optimize ``model`` for ``backend`` without building.
+
+    >>> import ferrograd as fg
+    >>> @fg.model
+    ... def f(x: fg.f32["B", 3]):
+    ...     return fg.relu(fg.nn.linear(x, 2)).sum()
+    >>> lowered = fg.lower(f, optimizer=fg.optim.SGD(lr=0.1), backend="numpy", B=4)
+    >>> sorted(lowered.graph.updates)
+    ['linear_0.bias', 'linear_0.weight']
+    """
+    if not isinstance(model, Model):
+        raise TraceError(f"expected a function decorated with @fg.model, got {model!r}")
+    if backend not in KNOWN_BACKENDS:
+        raise _unavailable(backend)
+    if optimizer is not None and not isinstance(optimizer, Optimizer):
+        raise TypeError(f"optimizer must be an fg.optim optimizer, got {optimizer!r}")
+    return Lowered(model, training_graph(model, optimizer, dims), backend, seed, optimizer,
+                   dims)
+
+
+def compile(model: Model, optimizer: Optimizer | None = None, backend: str = "cpu",
+            seed: int = 0, **dims: int) -> Step:
+    """``lower(...).compile()``: a step object that trains ``model`` one batch per call."""
+    return lower(model, optimizer, backend, seed, **dims).compile()

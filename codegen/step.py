@@ -1,0 +1,164 @@
+"""The step object: one training step per call, plus forward, grads, params, checkpoints.
+
+``Step`` holds everything a step keeps between calls and implements the public
+API once; a backend subclass only says how to run the graph (``_run``). The
+NumPy backend runs the reference interpreter.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ferrograd._version import __version__
+from ferrograd.ir.errors import CheckpointError, InputError
+from ferrograd.ir.graph import Graph, numpy_dtype
+from ferrograd.ir.interpret import check_feed, interpret
+
+from .checkpoint import read_checkpoint, write_checkpoint
+
+if TYPE_CHECKING:
+    from .lower import Lowered
+
+
+class Step:
+    """A compiled training step. Call it with a batch to train on it.
+
+    >>> import ferrograd as fg, numpy as np
+    >>> @fg.model
+    ... def f(x: fg.f32["B", 2]):
+    ...     return ((x @ fg.param("w", (2, 1), init="ones")) ** 2).mean()
+    >>> step = fg.compile(f, optimizer=fg.optim.SGD(lr=0.1), backend="numpy", B=1)
+    >>> step(np.ones((1, 2), np.float32))
+    4.0
+    >>> step.params["w"].ravel()
+    array([0.6, 0.6], dtype=float32)
+    """
+
+    backend = "?"
+
+    def __init__(self, lowered: Lowered, params: dict[str, np.ndarray],
+                 state: dict[str, np.ndarray]) -> None:
+        self.lowered = lowered
+        self.graph: Graph = lowered.graph
+        self._params = params
+        self._state = state
+
+    # ---- running ------------------------------------------------------------------
+    def __call__(self, *args: Any, **kwargs: Any) -> float:
+        """One training step on a batch: forward, loss, backward, update. Returns the loss."""
+        if not self.graph.updates:
+            raise InputError("this step was compiled without an optimizer, so it cannot "
+                             "train: pass optimizer=... to fg.compile, or use .forward/.grads")
+        feed = self._bind(args, kwargs)
+        keys = ["loss", *(f"update:{k}" for k in self.graph.updates)]
+        res = self._run(feed, keys)
+        # Everything was computed before anything is written: a failure leaves the
+        # params untouched.
+        for name in self.graph.updates:
+            target = self._params if name in self._params else self._state
+            target[name] = res[f"update:{name}"]
+        return float(res["loss"])
+
+    def forward(self, *args: Any, **kwargs: Any) -> dict[str, np.ndarray]:
+        """All outputs of the model on a batch; no update."""
+        res = self._run(self._bind(args, kwargs), list(self.graph.outputs))
+        return {k: res[k] for k in self.graph.outputs}
+
+    def grads(self, *args: Any, **kwargs: Any) -> dict[str, np.ndarray]:
+        """Gradient of the loss for every param on a batch; no update."""
+        if not self.graph.grads:
+            raise InputError("this model has no loss to differentiate")
+        res = self._run(self._bind(args, kwargs), [f"grad:{k}" for k in self.graph.grads])
+        return {k: res[f"grad:{k}"] for k in self.graph.grads}
+
+    def _run(self, feed: dict[str, np.ndarray], keys: list[str]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def _bind(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, np.ndarray]:
+        names = list(self.graph.inputs)
+        if len(args) > len(names):
+            raise InputError(f"{self.graph.name} takes {len(names)} inputs "
+                             f"({', '.join(names)}), got {len(args)}")
+        feed = dict(zip(names, args, strict=False))
+        for k, v in kwargs.items():
+            if k in feed:
+                raise InputError(f"input {k!r} given both by position and by name")
+            feed[k] = v
+        return check_feed(self.graph, feed)
+
+    # ---- params and optimizer state ---------------------------------------------------
+    @property
+    def params(self) -> dict[str, np.ndarray]:
+        """Copies of the current params, by name."""
+        return {k: v.copy() for k, v in self._params.items()}
+
+    @property
+    def state(self) -> dict[str, np.ndarray]:
+        """Copies of the current optimizer state, by name."""
+        return {k: v.copy() for k, v in self._state.items()}
+
+    def load_params(self, values: Mapping[str, Any]) -> None:
+        """Set some or all params. Names, shapes and dtypes are checked first."""
+        self._params.update(_checked(self.graph, self.graph.params, values, "param"))
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write params and optimizer state to a safetensors file (atomically)."""
+        meta = {"ferrograd": __version__, "model": self.graph.name,
+                "optimizer": self.lowered.optimizer_config}
+        write_checkpoint(path, self._params, self._state, meta)
+
+    def load(self, path: str | os.PathLike[str]) -> None:
+        """Restore params and optimizer state saved by ``save``."""
+        params, state, _ = read_checkpoint(path)
+        missing = sorted(set(self.graph.params) - set(params))
+        missing += sorted(f"optim.{k}" for k in set(self.graph.state) - set(state))
+        if missing:
+            raise CheckpointError(f"{path} lacks {', '.join(missing)}")
+        new_params = _checked(self.graph, self.graph.params, params, "param")
+        new_state = _checked(self.graph, self.graph.state, state, "optimizer state")
+        self._params.update(new_params)
+        self._state.update(new_state)
+
+    # ---- inspection ---------------------------------------------------------------------
+    @property
+    def kernels(self) -> list[Any]:
+        return self.lowered.kernels
+
+    def source(self, backend: str | None = None) -> str:
+        return self.lowered.source(backend or self.backend)
+
+    def __repr__(self) -> str:
+        return (f"<fg.Step {self.graph.name} backend={self.backend} inputs="
+                f"({', '.join(self.graph.inputs)}) params={len(self._params)}>")
+
+
+def _checked(graph: Graph, table: dict[str, int], values: Mapping[str, Any], what: str
+             ) -> dict[str, np.ndarray]:
+    unknown = sorted(set(values) - set(table))
+    if unknown:
+        raise CheckpointError(f"unknown {what} {', '.join(map(repr, unknown))}; the model has "
+                              f"{', '.join(sorted(table)) or 'none'}")
+    out = {}
+    for name, value in values.items():
+        node = graph.node(table[name])
+        arr = np.asarray(value)
+        if arr.shape != node.shape:
+            raise CheckpointError(f"{what} {name!r}: expected shape {node.shape}, got "
+                                  f"{arr.shape}")
+        if arr.dtype.kind != "f":
+            raise CheckpointError(f"{what} {name!r}: expected a float array, got {arr.dtype}")
+        out[name] = np.array(arr, dtype=numpy_dtype(node.dtype), order="C", copy=True)
+    return out
+
+
+class NumpyStep(Step):
+    """The reference backend: the NumPy interpreter runs the training graph."""
+
+    backend = "numpy"
+
+    def _run(self, feed: dict[str, np.ndarray], keys: list[str]) -> dict[str, np.ndarray]:
+        return interpret(self.graph, feed, self._params, self._state, results=keys)

@@ -1,0 +1,86 @@
+"""Run every example in-process at a small size and check that it learned something.
+
+The examples are scripts, not a package, so each is loaded from its path. Each
+`main(argv)` returns a dict of final metrics; these tests assert on it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def load(name: str) -> ModuleType:
+    path = EXAMPLES / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"ferrograd_examples.{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(name: str, *flags: str) -> dict[str, float]:
+    return load(name).main(["--backend", "numpy", *flags])
+
+
+def test_linreg_recovers_the_true_weights():
+    m = run("linreg", "--steps", "100", "--samples", "200", "--features", "4")
+    assert m["loss"] < 0.05 * m["initial_loss"]
+    assert m["max_weight_error"] < 0.05
+
+
+def test_xor_gets_all_four_points():
+    m = run("xor", "--steps", "1000")
+    assert m["loss"] < 0.1 < m["initial_loss"]
+    assert m["accuracy"] == 1.0
+
+
+def test_mlp_digits_small():
+    m = run("mlp_digits", "--epochs", "3", "--hidden", "64", "--batch-size", "32")
+    assert m["loss"] < 0.5 * m["initial_loss"]
+    assert m["test_accuracy"] > 0.85
+
+
+def test_mlp_digits_steps_flag_caps_training():
+    m = run("mlp_digits", "--steps", "5", "--hidden", "16")
+    assert m["steps"] == 5
+
+
+@pytest.mark.slow
+def test_mlp_digits_full_size_reaches_95_percent():
+    m = run("mlp_digits")
+    assert m["test_accuracy"] >= 0.95
+
+
+def test_cnn_small():
+    m = run("cnn", "--epochs", "3", "--channels", "4")
+    assert m["loss"] < 0.5 * m["initial_loss"]
+    assert m["test_accuracy"] > 0.8
+
+
+@pytest.mark.slow
+def test_cnn_full_size_reaches_90_percent():
+    m = run("cnn")
+    assert m["test_accuracy"] >= 0.9
+
+
+def test_transformer_lm_loss_falls_below_uniform():
+    m = run("transformer_lm", "--steps", "150", "--context", "16", "--dim", "32",
+            "--heads", "2", "--sample", "20")
+    assert m["initial_loss"] == pytest.approx(m["uniform_loss"], abs=0.6)
+    assert m["loss"] < m["uniform_loss"] - 0.8
+    assert math.isfinite(m["loss"])
+
+
+def test_rnn_learns_majority_vote():
+    m = run("rnn", "--steps", "200", "--length", "7", "--hidden", "8")
+    assert m["loss"] < 0.6 * m["initial_loss"]
+    assert m["accuracy"] > 0.85
