@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-
 from ferrograd.dsl.init import init_params
 from ferrograd.dsl.model import Model, trace
 from ferrograd.ir.autodiff import grad
@@ -29,10 +28,9 @@ def _infer_dims(model: Model, inputs: dict[str, Any]) -> dict[str, int]:
             raise InputError(f"input {name!r}: expected {len(spec.dims)} dims {spec!r}, got "
                              f"shape {shape}")
         for d, n in zip(spec.dims, shape, strict=True):
-            if isinstance(d, str):
-                if dims.setdefault(d, n) != n:
-                    raise InputError(f"dim {d!r} is {dims[d]} in one input and {n} in "
-                                     f"{name!r}")
+            if isinstance(d, str) and dims.setdefault(d, n) != n:
+                raise InputError(f"dim {d!r} is {dims[d]} in one input and {n} in "
+                                 f"{name!r}")
     return dims
 
 
@@ -84,7 +82,7 @@ def check_grads(model_or_step: Model | Step, *args: Any, params: dict | None = N
     worst: tuple[float, str] = (-1.0, "")
     for name in graph.grads:
         v = rng.normal(size=base[name].shape)
-        v /= max(np.linalg.norm(v), 1e-12)
+        v /= max(float(np.linalg.norm(v)), 1e-12)
         plus, minus = dict(base), dict(base)
         plus[name] = base[name] + eps * v
         minus[name] = base[name] - eps * v

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +15,9 @@ from ferrograd.dsl.model import Model, trace
 from ferrograd.ir.autodiff import grad
 from ferrograd.ir.errors import BackendError, TraceError
 from ferrograd.ir.graph import Graph
+from ferrograd.ir.ops import lookup
 from ferrograd.ir.optim import Optimizer, init_state
-from ferrograd.ir.passes import optimize
+from ferrograd.ir.passes import debug_level, optimize
 from ferrograd.ir.printing import format_graph, to_dot
 from ferrograd.ir.serialize import canonical, fingerprint
 
@@ -67,6 +70,24 @@ class Lowered:
         (out / "graph.json").write_text(json.dumps(json.loads(canonical(self.graph)),
                                                    indent=1) + "\n")
         return out
+
+    def summary(self) -> str:
+        """One paragraph: nodes by kind, params, optimizer state, inputs and outputs."""
+        g = self.graph
+        kinds = Counter(lookup(g.node(n).op).kind for n in g.nx.nodes)  # type: ignore[union-attr]
+        floats = sum(g.node(n).size for n in g.params.values())
+        state = sum(g.node(n).size for n in g.state.values())
+        lines = [
+            f"model {g.name} for backend {self.backend} (graph {self.fingerprint[:12]})",
+            f"  {len(g)} nodes: " + ", ".join(f"{v} {k}" for k, v in sorted(kinds.items())),
+            f"  {len(g.params)} params, {floats:,} values ({floats * 4 / 1e6:.2f} MB as f32); "
+            f"{len(g.state)} optimizer buffers, {state:,} values",
+            "  inputs: " + ", ".join(f"{k} {g.node(v).dtype}{list(g.node(v).shape)}"
+                                     for k, v in g.inputs.items()),
+            "  outputs: " + ", ".join(g.outputs) + (f"; {len(g.grads)} grads" if g.grads else "")
+            + (f"; {len(g.updates)} updates" if g.updates else ""),
+        ]
+        return "\n".join(lines)
 
     def compile(self) -> Step:
         cls = STEP_CLASSES.get(self.backend)
@@ -121,8 +142,13 @@ def lower(model: Model, optimizer: Optimizer | None = None, backend: str = "cpu"
         raise _unavailable(backend)
     if optimizer is not None and not isinstance(optimizer, Optimizer):
         raise TypeError(f"optimizer must be an fg.optim optimizer, got {optimizer!r}")
-    return Lowered(model, training_graph(model, optimizer, dims), backend, seed, optimizer,
-                   dims)
+    lowered = Lowered(model, training_graph(model, optimizer, dims), backend, seed, optimizer,
+                      dims)
+    if debug_level() >= 1:
+        print(lowered.summary(), file=sys.stderr)
+    if debug_level() >= 2:
+        print(lowered.source("ir"), file=sys.stderr)
+    return lowered
 
 
 def compile(model: Model, optimizer: Optimizer | None = None, backend: str = "cpu",

@@ -12,11 +12,11 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-
-from ferrograd._version import __version__
 from ferrograd.ir.errors import CheckpointError, InputError
 from ferrograd.ir.graph import Graph, numpy_dtype
 from ferrograd.ir.interpret import check_feed, interpret
+
+from ferrograd._version import __version__
 
 from .checkpoint import read_checkpoint, write_checkpoint
 

@@ -7,7 +7,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-
 from ferrograd.ir.builder import Var, apply, user_src
 from ferrograd.ir.builder import constant as _constant
 from ferrograd.ir.errors import ShapeError, TraceError
@@ -32,7 +31,7 @@ exp = _unary("exp", "e**x.")
 log = _unary("log", "Natural logarithm.")
 log1p = _unary("log1p", "log(1 + x), accurate for small x.")
 sqrt = _unary("sqrt", "Square root.")
-abs = _unary("abs", "Absolute value; its derivative at 0 is 0.")  # noqa: A001
+abs = _unary("abs", "Absolute value; its derivative at 0 is 0.")
 sign = _unary("sign", "-1, 0 or 1.")
 erf = _unary("erf", "The error function.")
 sin = _unary("sin", "Sine.")
@@ -207,7 +206,7 @@ def layer_norm(x: Var, weight: Var | None = None, bias: Var | None = None,
 # ---- tensor functions mirroring the methods ------------------------------------------------
 
 
-def sum(x: Var, axis: Any = None, keepdims: bool = False) -> Var:  # noqa: A001
+def sum(x: Var, axis: Any = None, keepdims: bool = False) -> Var:
     return x.sum(axis, keepdims)
 
 

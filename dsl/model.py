@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
 from ferrograd.ir.builder import Var, building, current_graph, user_src
 from ferrograd.ir.builder import constant as _constant
 from ferrograd.ir.errors import TraceError
@@ -117,7 +116,10 @@ def trace(m: Model | Callable[..., Any], **dims: int) -> Graph:
     graph = Graph(m.name)
     args = []
     for name, spec in m.specs.items():
-        shape = spec.bind(name, dims)
+        try:
+            shape = spec.bind(name, dims)
+        except TraceError as err:
+            raise TraceError(str(err), m.src) from None
         nid = graph.add("input", (), {"shape": shape, "dtype": spec.dtype}, name=name, src=m.src)
         graph.inputs[name] = nid
         graph.input_dims[name] = spec.dims

@@ -22,7 +22,7 @@ import os as _os
 _root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
 if _os.path.isdir(_os.path.join(_root, "ir")) and not _os.path.isdir(
         _os.path.join(_os.path.dirname(__file__), "ir")):
-    __path__.append(_root)  # type: ignore[name-defined]  # noqa: F821
+    __path__.append(_root)
 
 from . import nn, optim  # noqa: E402
 from ._version import __version__  # noqa: E402

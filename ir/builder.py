@@ -87,11 +87,11 @@ class Var:
     # ---- what the node is ------------------------------------------------------------
     @property
     def shape(self) -> Shape:
-        return self.graph.nx.nodes[self.id]["shape"]  # type: ignore[no-any-return]
+        return self.graph.nx.nodes[self.id]["shape"]
 
     @property
     def dtype(self) -> str:
-        return self.graph.nx.nodes[self.id]["dtype"]  # type: ignore[no-any-return]
+        return self.graph.nx.nodes[self.id]["dtype"]
 
     @property
     def ndim(self) -> int:
@@ -103,7 +103,7 @@ class Var:
 
     @property
     def src(self) -> str | None:
-        return self.graph.nx.nodes[self.id]["src"]  # type: ignore[no-any-return]
+        return self.graph.nx.nodes[self.id]["src"]
 
     def __repr__(self) -> str:
         op = self.graph.nx.nodes[self.id]["op"]

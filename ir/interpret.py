@@ -9,7 +9,7 @@ import numpy as np
 
 from .errors import InputError
 from .graph import FLOAT_DTYPES, Graph, numpy_dtype
-from .ops import lookup
+from .ops import op_def
 
 
 def check_feed(graph: Graph, inputs: Mapping[str, Any], *, cast: bool = False) -> dict:
@@ -84,7 +84,7 @@ def interpret(
         n = graph.node(nid)
         out_dtype = "f64" if promote and n.dtype in FLOAT_DTYPES else n.dtype
         if n.op == "input":
-            val = feed[n.name]  # type: ignore[index]
+            val = feed[n.name]
         elif n.op in ("param", "state"):
             val = _persistent(n.op, n.name, params if n.op == "param" else state or {}, n.shape)
         elif n.op == "const":
@@ -93,7 +93,7 @@ def interpret(
             attrs = dict(n.attrs)
             if promote and n.op == "cast" and attrs["dtype"] in FLOAT_DTYPES:
                 attrs["dtype"] = "f64"
-            val = lookup(n.op).ref(*(values[a] for a in n.args), **attrs)  # type: ignore[misc]
+            val = op_def(n.op).ref(*(values[a] for a in n.args), **attrs)  # type: ignore[misc]
         values[nid] = np.asarray(val, dtype=numpy_dtype(out_dtype))
     return {k: values[v] for k, v in wanted.items()}
 

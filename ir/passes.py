@@ -18,7 +18,7 @@ import numpy as np
 
 from .builder import Var, apply, source_as
 from .graph import Graph, numpy_dtype
-from .ops import lookup
+from .ops import op_def
 from .serialize import _canon
 
 Pass = Callable[[Graph], Graph]
@@ -70,7 +70,7 @@ def constant_fold(graph: Graph) -> Graph:
         values = [_const_value(g, a) for a in n.args]
         if any(v is None for v in values) or n.size > FOLD_LIMIT:
             continue
-        out = np.asarray(lookup(n.op).ref(*values, **n.attrs))  # type: ignore[misc]
+        out = np.asarray(op_def(n.op).ref(*values, **n.attrs))  # type: ignore[misc]
         out = np.array(out, dtype=numpy_dtype(n.dtype), order="C")
         out.setflags(write=False)
         new = g.add("const", (), {"value": out}, src=n.src)

@@ -21,4 +21,14 @@ def lookup(name: str) -> OpDef | None:
     return OPS.get(name)
 
 
-__all__ = ["OPS", "OpDef", "lookup", "register"]
+def op_def(name: str) -> OpDef:
+    """The op called ``name``; an IRError if there is none."""
+    opdef = lookup(name)
+    if opdef is None:
+        from ..errors import IRError
+
+        raise IRError(f"unknown op {name!r}")
+    return opdef
+
+
+__all__ = ["OPS", "OpDef", "lookup", "op_def", "register"]

@@ -136,11 +136,11 @@ def evaluate(expr: sp.Basic, env: dict[sp.Symbol, np.ndarray], dtype: np.dtype) 
 
     def ev(e: sp.Basic) -> Any:
         if e.is_Symbol:
-            return env[e]  # type: ignore[index]
+            return env[e]
         if e is sp.true or e is sp.false:
             return bool(e)
         if e.is_number:
-            return dtype.type(float(e))  # type: ignore[arg-type]
+            return dtype.type(float(e))
         if isinstance(e, sp.Piecewise):
             values = [ev(v) for v, _ in e.args]
             conds = [ev(c) for _, c in e.args]
@@ -198,7 +198,7 @@ def _reference(opdef: OpDef) -> Callable[..., np.ndarray]:
             return np.asarray(arrays[0]).astype(np_dtype)
         env = dict(zip(opdef.symbols, arrays, strict=True))
         with np.errstate(all="ignore"):  # inf/nan propagate as IEEE says, like a kernel
-            out = evaluate(opdef.expr, env, work)  # type: ignore[arg-type]
+            out = evaluate(opdef.expr, env, work)
         return np.broadcast_to(np.asarray(out), shape).astype(np_dtype)
 
     return ref
@@ -215,7 +215,7 @@ def _dtype_name(a: np.ndarray) -> str:
 def derivative(opdef: OpDef, i: int) -> tuple[str, Any] | None:
     """d(op)/d(arg i), as ("const", c), ("arg", j) or ("op", (name, arg indices))."""
     if i in opdef.derivatives:
-        return opdef.derivatives[i]  # type: ignore[no-any-return]
+        return opdef.derivatives[i]
     override = DERIVATIVE_OVERRIDES.get(opdef.name, {})
     d = override[i] if i in override else sp.diff(opdef.expr, opdef.symbols[i])
     result: tuple[str, Any] | None
