@@ -78,6 +78,8 @@ class Graph:
         self.index_bounds: dict[str, int] = {}
         # Symbolic input dims as written in the annotations: input name -> dims.
         self.input_dims: dict[str, tuple[int | str, ...]] = {}
+        # Memoized execution plans (see ``plan``); cleared on every structural edit.
+        self._plans: dict[tuple[int, ...], list[Node]] = {}
 
     # ---- building -------------------------------------------------------------
 
@@ -111,6 +113,7 @@ class Graph:
             raise
         nid = self._next_id
         self._next_id += 1
+        self._plans.clear()
         self.nx.add_node(
             nid, op=op, shape=tuple(int(d) for d in shape), dtype=dtype,
             attrs=attrs, name=name, src=src,
@@ -158,6 +161,14 @@ class Graph:
         """Params and optimizer state: everything a step keeps between calls."""
         return {**self.params, **self.state}
 
+    def plan(self, roots: Iterable[int]) -> list[Node]:
+        """The nodes ``roots`` depend on, in topological order (memoized)."""
+        key = tuple(sorted(set(roots)))
+        if key not in self._plans:
+            needed = self.ancestors_of(key)
+            self._plans[key] = [self.node(n) for n in self.topo_order() if n in needed]
+        return self._plans[key]
+
     def ancestors_of(self, roots: Iterable[int]) -> set[int]:
         keep: set[int] = set()
         for r in roots:
@@ -171,6 +182,7 @@ class Graph:
         """Point every user of ``old`` (and every named result) at ``new``."""
         if old == new:
             return
+        self._plans.clear()
         for _, v, k in list(self.nx.out_edges(old, keys=True)):
             self.nx.remove_edge(old, v, key=k)
             self.nx.add_edge(new, v, key=k)
@@ -180,10 +192,15 @@ class Graph:
                     table[key] = new
 
     def remove(self, nids: Iterable[int]) -> None:
+        self._plans.clear()
         self.nx.remove_nodes_from(list(nids))
 
     def copy(self) -> Graph:
-        return copy.deepcopy(self)
+        plans, self._plans = self._plans, {}
+        try:
+            return copy.deepcopy(self)
+        finally:
+            self._plans = plans
 
     def validate(self) -> None:
         """Check invariants: acyclic, known ops, argument counts, shapes re-infer."""

@@ -28,16 +28,16 @@ def check_feed(graph: Graph, inputs: Mapping[str, Any], *, cast: bool = False) -
         arr = np.asarray(inputs[name])
         want = numpy_dtype(node.dtype)
         dims = graph.input_dims.get(name, node.shape)
-        expected = f"{node.dtype}[{', '.join(map(str, node.shape))}]"
-        if dims != node.shape:
-            expected += f" (declared {node.dtype}[{', '.join(map(str, dims))}])"
+        spec = f"{node.dtype}[" + ", ".join(
+            f"{d}={n}" if isinstance(d, str) else str(n)
+            for d, n in zip(dims, node.shape, strict=False)) + "]"
         if arr.shape != node.shape:
-            raise InputError(f"input {name!r}: expected shape {expected}, got shape "
+            raise InputError(f"input {name!r}: expected shape {node.shape} ({spec}), got "
                              f"{arr.shape}")
         if arr.dtype != want:
             if not (cast and np.can_cast(arr.dtype, want, "same_kind")):
-                raise InputError(f"input {name!r}: expected dtype {want} ({expected}), got "
-                                 f"{arr.dtype}")
+                raise InputError(f"input {name!r}: expected dtype {want} ({spec}), got "
+                                 f"{arr.dtype}; convert it with .astype(np.{want})")
             arr = arr.astype(want)
         bound = graph.index_bounds.get(name)
         if bound is not None and arr.size and (arr.min() < 0 or arr.max() >= bound):
@@ -75,13 +75,9 @@ def interpret(
     wanted = _result_ids(graph)
     if results is not None:
         wanted = {k: wanted[k] for k in results}
-    needed = graph.ancestors_of(wanted.values())
     promote = dtype == "f64"
     values: dict[int, np.ndarray] = {}
-    for nid in graph.topo_order():
-        if nid not in needed:
-            continue
-        n = graph.node(nid)
+    for n in graph.plan(wanted.values()):
         out_dtype = "f64" if promote and n.dtype in FLOAT_DTYPES else n.dtype
         if n.op == "input":
             val = feed[n.name]
@@ -94,7 +90,7 @@ def interpret(
             if promote and n.op == "cast" and attrs["dtype"] in FLOAT_DTYPES:
                 attrs["dtype"] = "f64"
             val = op_def(n.op).ref(*(values[a] for a in n.args), **attrs)  # type: ignore[misc]
-        values[nid] = np.asarray(val, dtype=numpy_dtype(out_dtype))
+        values[n.id] = np.asarray(val, dtype=numpy_dtype(out_dtype))
     return {k: values[v] for k, v in wanted.items()}
 
 
