@@ -53,9 +53,12 @@ def check_grads(model_or_step: Model | Step, *args: Any, params: dict | None = N
     """
     if isinstance(model_or_step, Step):
         step = model_or_step
+        if params is not None:
+            raise InputError("check_grads: a step is checked at its own params; set them "
+                             "first with step.load_params(...)")
         feed = step._bind(args, kwargs)
         graph: Graph = step.graph
-        values = step.params if params is None else params
+        values = step.params
         analytic = step.grads(**feed)
         rtol = 1e-2 if rtol is None else rtol
     else:

@@ -86,6 +86,8 @@ def embedding(table: Var, ids: Var) -> Var:
 def _bound_index_input(ids: Var, bound: int) -> None:
     """Record that an integer input indexes something of size ``bound``; steps check it."""
     node = ids.graph.node(ids.id)
+    while node.op in ("reshape", "transpose", "slice", "expand"):  # same values, moved
+        node = ids.graph.node(node.args[0])
     if node.op == "input" and node.name is not None:
         old = ids.graph.index_bounds.get(node.name, bound)
         ids.graph.index_bounds[node.name] = min(old, bound)

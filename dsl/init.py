@@ -8,6 +8,7 @@ a layer does not change the initial values of the others.
 
 from __future__ import annotations
 
+import inspect
 import math
 import zlib
 from collections.abc import Callable
@@ -31,7 +32,7 @@ def fans(shape: tuple[int, ...]) -> tuple[int, int]:
 
 def _xavier(rng: np.random.Generator, shape: tuple, gain: float = 1.0) -> np.ndarray:
     fan_in, fan_out = fans(shape)
-    bound = gain * math.sqrt(6.0 / (fan_in + fan_out))
+    bound = gain * math.sqrt(6.0 / max(fan_in + fan_out, 1))
     return rng.uniform(-bound, bound, shape)
 
 
@@ -60,7 +61,7 @@ def check_init(init: Any, args: dict[str, Any], shape: tuple[int, ...]) -> None:
         raise TraceError(f"unknown initializer {init!r}; use one of {sorted(INITIALIZERS)} "
                          "or an array")
     try:
-        INITIALIZERS[init](np.random.default_rng(0), (0,) * len(shape), **args)
+        inspect.signature(INITIALIZERS[init]).bind(None, shape, **args)
     except TypeError as err:
         raise TraceError(f"initializer {init!r}: {err}") from None
 

@@ -116,7 +116,7 @@ class Var:
             "control flow (if/while/and/or) cannot depend on it: the graph is static. "
             "Use fg.where(cond, a, b) to choose between values.", user_src())
 
-    def _no_value(self, *_: Any) -> Any:
+    def _no_value(self, *_: Any, **__: Any) -> Any:
         raise TraceError(
             "a traced tensor has no value while the model is being traced; "
             "compute with fg ops instead of converting it to a Python or NumPy value",

@@ -23,7 +23,7 @@ from typing import Any
 import networkx as nx
 import numpy as np
 
-from .errors import IRError, ShapeError
+from .errors import DTypeError, IRError, ShapeError
 
 Shape = tuple[int, ...]
 
@@ -107,7 +107,7 @@ class Graph:
         dtypes = [self.nx.nodes[a]["dtype"] for a in args]
         try:
             shape, dtype = opdef.infer(shapes, dtypes, attrs)
-        except (ShapeError, IRError) as err:
+        except (ShapeError, DTypeError, IRError) as err:
             if err.src is None and src is not None:
                 raise type(err)(str(err), src) from None
             raise

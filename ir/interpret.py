@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError
-from .graph import FLOAT_DTYPES, Graph, numpy_dtype
+from .graph import FLOAT_DTYPES, SOURCE_OPS, Graph, numpy_dtype
 from .ops import op_def
 
 
@@ -91,7 +91,9 @@ def interpret(
                 attrs["dtype"] = "f64"
             val = op_def(n.op).ref(*(values[a] for a in n.args), **attrs)  # type: ignore[misc]
         values[n.id] = np.asarray(val, dtype=numpy_dtype(out_dtype))
-    return {k: values[v] for k, v in wanted.items()}
+    # A result that is a source node would alias a param or a read-only constant.
+    return {k: values[v].copy() if graph.nx.nodes[v]["op"] in SOURCE_OPS else values[v]
+            for k, v in wanted.items()}
 
 
 def _result_ids(graph: Graph) -> dict[str, int]:

@@ -108,7 +108,8 @@ def _infer(rule: str) -> Callable[[list[Shape], list[str], dict[str, Any]], tupl
 
 
 def _erf(a: np.ndarray) -> np.ndarray:
-    return np.frompyfunc(math.erf, 1, 1)(a).astype(a.dtype)
+    a = np.asarray(a)  # frompyfunc gives a bare Python float for 0-d input
+    return np.asarray(np.frompyfunc(math.erf, 1, 1)(a), dtype=a.dtype)
 
 
 _NUMPY_FUNCS: dict[type, Callable[..., Any]] = {
@@ -218,6 +219,10 @@ def derivative(opdef: OpDef, i: int) -> tuple[str, Any] | None:
         return opdef.derivatives[i]
     override = DERIVATIVE_OVERRIDES.get(opdef.name, {})
     d = override[i] if i in override else sp.diff(opdef.expr, opdef.symbols[i])
+    # Second derivatives: sympy writes d(x**a)/dx as a*x**a/x, 0/0 at x = 0, so fold
+    # it back into x**(a - 1); and Heaviside' (of Max, Abs, sign) is a delta, zero
+    # almost everywhere and representable by no kernel, so it is 0, as in PyTorch.
+    d = sp.powsimp(d).replace(sp.DiracDelta, lambda *args: sp.S.Zero)
     result: tuple[str, Any] | None
     if d == 0:
         result = None
