@@ -33,14 +33,14 @@ def linreg(x: fg.f32["N", "D"], y: fg.f32["N", 1]):
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--backend", default="numpy")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--features", type=int, default=8)
     parser.add_argument("--noise", type=float, default=0.1)
     parser.add_argument("--lr", type=float, default=0.1)
-    parser.add_argument("--log-every", type=int, default=20)
+    parser.add_argument("--log-every", type=int, default=10)
     args = parser.parse_args(argv)
 
     x, y, w_true, b_true = make_data(args.samples, args.features, args.noise, args.seed)

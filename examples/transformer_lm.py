@@ -75,14 +75,14 @@ def greedy_continue(step, prompt: np.ndarray, n_chars: int, batch_size: int) -> 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--backend", default="numpy")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--context", type=int, default=32)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--lr", type=float, default=5e-3)
     parser.add_argument("--sample", type=int, default=120,
                         help="characters of greedy continuation to print at the end")
     parser.add_argument("--log-every", type=int, default=50)

@@ -4,7 +4,7 @@ The four points of XOR are not linearly separable, so the hidden layer has to
 learn a useful representation before the output can get them all right.
 
     python examples/xor.py
-    python examples/xor.py --steps 500 --seed 3
+    python examples/xor.py --steps 200 --seed 3
 """
 
 import argparse
@@ -27,7 +27,7 @@ def xor_net(x: fg.f32[4, 2], y: fg.f32[4, 1]):
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--backend", default="numpy")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=0.1)
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     probs = out["probs"].reshape(-1)
     accuracy = float(np.mean((probs > 0.5) == (Y.reshape(-1) > 0.5)))
     seconds = time.perf_counter() - start
-    for point, p in zip(X, probs):
+    for point, p in zip(X, probs, strict=True):
         print(f"  xor({int(point[0])}, {int(point[1])}) -> {p:.3f}")
     print(f"final  loss {float(out['loss']):.4f}  accuracy {accuracy:.0%}  ({seconds:.1f} s)")
     return {"initial_loss": float(first_loss), "loss": float(out["loss"]),

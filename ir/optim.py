@@ -36,6 +36,8 @@ class Optimizer:
             step = t + 1.0
             g.updates["step"] = step.id
         for name, gid in g.grads.items():
+            if _unreached(g, gid):
+                continue  # as PyTorch skips a param whose .grad is None: no decay, no state
             pid = g.params[name]
             p = Var(g, pid)
             with source_as(p.src):
@@ -173,6 +175,12 @@ class RMSprop(Optimizer):
             new["momentum_buffer"] = buf
             scaled = buf
         return p - self.lr * scaled, new
+
+
+def _unreached(g: Graph, gid: int) -> bool:
+    """True for the exact-zero gradient autodiff gives a param that does not reach the loss."""
+    node = g.node(gid)
+    return node.op == "const" and not node.attrs["value"].any()
 
 
 def init_state(graph: Graph) -> dict[str, np.ndarray]:

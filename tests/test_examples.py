@@ -38,15 +38,16 @@ def test_linreg_recovers_the_true_weights():
 
 
 def test_xor_gets_all_four_points():
-    m = run("xor", "--steps", "1000")
+    m = run("xor", "--steps", "300")
     assert m["loss"] < 0.1 < m["initial_loss"]
     assert m["accuracy"] == 1.0
 
 
-def test_mlp_digits_small():
-    m = run("mlp_digits", "--epochs", "3", "--hidden", "64", "--batch-size", "32")
-    assert m["loss"] < 0.5 * m["initial_loss"]
-    assert m["test_accuracy"] > 0.85
+def test_mlp_digits_reaches_95_percent():
+    # The full default run: a few seconds on the numpy backend.
+    m = run("mlp_digits")
+    assert m["loss"] < 0.1 * m["initial_loss"]
+    assert m["test_accuracy"] >= 0.95
 
 
 def test_mlp_digits_steps_flag_caps_training():
@@ -54,21 +55,9 @@ def test_mlp_digits_steps_flag_caps_training():
     assert m["steps"] == 5
 
 
-@pytest.mark.slow
-def test_mlp_digits_full_size_reaches_95_percent():
-    m = run("mlp_digits")
-    assert m["test_accuracy"] >= 0.95
-
-
-def test_cnn_small():
-    m = run("cnn", "--epochs", "3", "--channels", "4")
-    assert m["loss"] < 0.5 * m["initial_loss"]
-    assert m["test_accuracy"] > 0.8
-
-
-@pytest.mark.slow
-def test_cnn_full_size_reaches_90_percent():
+def test_cnn_reaches_90_percent():
     m = run("cnn")
+    assert m["loss"] < 0.2 * m["initial_loss"]
     assert m["test_accuracy"] >= 0.9
 
 
