@@ -74,8 +74,12 @@ def model(fn: Callable[..., Any]) -> Model:
 
 
 def _input_specs(fn: Callable[..., Any], src: str) -> dict[str, InputSpec]:
+    # String annotations (from __future__ import annotations) may name the variables
+    # of an enclosing function, e.g. fg.f32["B", T] in a model built by a function.
+    closure = {name: cell.cell_contents for name, cell in
+               zip(fn.__code__.co_freevars, fn.__closure__ or (), strict=False)}
     try:
-        hints = typing.get_type_hints(fn)
+        hints = typing.get_type_hints(fn, localns=closure)
     except Exception:  # string annotations that do not evaluate: report below
         hints = getattr(fn, "__annotations__", {})
     specs = {}

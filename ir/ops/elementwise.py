@@ -108,8 +108,13 @@ def _infer(rule: str) -> Callable[[list[Shape], list[str], dict[str, Any]], tupl
 
 
 def _erf(a: np.ndarray) -> np.ndarray:
+    """erf elementwise: scipy's where installed (vectorized), else math.erf per element."""
     a = np.asarray(a)  # frompyfunc gives a bare Python float for 0-d input
-    return np.asarray(np.frompyfunc(math.erf, 1, 1)(a), dtype=a.dtype)
+    try:
+        from scipy.special import erf
+    except ImportError:
+        return np.asarray(np.frompyfunc(math.erf, 1, 1)(a), dtype=a.dtype)
+    return np.asarray(erf(a), dtype=a.dtype)
 
 
 _NUMPY_FUNCS: dict[type, Callable[..., Any]] = {
