@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from ferrograd.ir.errors import CheckpointError
 from safetensors import safe_open
 from safetensors.numpy import load_file
 from safetensors.numpy import save as save_bytes
+
+from ferrograd.ir.errors import CheckpointError
 
 STATE_PREFIX = "optim."
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+
 from ferrograd.dsl.init import init_params
 from ferrograd.dsl.model import Model, trace
 from ferrograd.ir.autodiff import grad

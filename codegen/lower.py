@@ -3,10 +3,12 @@ building anything; ``Lowered.compile()`` turns it into a step object."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +23,31 @@ from ferrograd.ir.passes import debug_level, optimize
 from ferrograd.ir.printing import format_graph, to_dot
 from ferrograd.ir.serialize import canonical, fingerprint
 
+from .backends.cpu import Crate, render_crate
+from .backends.rust import render_kernel
+from .cpu_step import CompiledStep
+from .memory import MemoryPlan, plan_memory
+from .schedule import Schedule, entry_points, schedule
 from .step import NumpyStep, Step
 
-# Backends named in the design; only those with a step class here can run.
+# Backends named in the design; "numpy" interprets, "cpu" builds a Rust module.
 KNOWN_BACKENDS = ("numpy", "cpu", "cuda", "wgsl")
-STEP_CLASSES: dict[str, type[Step]] = {"numpy": NumpyStep}
+AVAILABLE = ("numpy", "cpu")
+SOURCE_NAMES = {"rust": "cpu", "cpu": "cpu"}
+
+
+@dataclass
+class KernelInfo:
+    """One generated kernel, for people: ``step.kernels``."""
+
+    name: str
+    kind: str
+    ops: list[str]
+    backend: str
+    source: str
+
+    def __repr__(self) -> str:
+        return f"<kernel {self.name} ({self.kind}: {', '.join(self.ops)})>"
 
 
 class Lowered:
@@ -49,22 +71,52 @@ class Lowered:
         """Content hash of the training graph and the options that shape the build."""
         return fingerprint(self.graph)
 
+    @functools.cached_property
+    def schedules(self) -> list[Schedule]:
+        """The kernels of each entry point (train, forward, grads): backend-neutral."""
+        return [schedule(self.graph, keys, entry)
+                for entry, keys in entry_points(self.graph).items()]
+
+    @functools.cached_property
+    def memory_plan(self) -> MemoryPlan:
+        """Arena offsets of every intermediate and the peak bytes, known before building."""
+        persistent = {b.name: b for s in self.schedules for b in s.buffers.values()
+                      if b.kind in ("param", "state")}
+        return plan_memory(self.schedules, list(persistent.values()))
+
+    @functools.cached_property
+    def crate(self) -> Crate:
+        """The Rust crate of the CPU backend (rendered, not built)."""
+        return render_crate(self.graph, self.schedules, self.memory_plan)
+
     @property
-    def kernels(self) -> list[Any]:
-        """Generated kernels. The NumPy backend runs the IR itself, so it has none."""
-        return []
+    def kernels(self) -> list[KernelInfo]:
+        """Generated kernels, with their source. The NumPy backend runs the IR itself."""
+        if self.backend == "numpy":
+            return []
+        dtypes = {b.name: b.dtype for s in self.schedules for b in s.buffers.values()}
+        return [KernelInfo(k.name, k.kind, list(k.ops), self.backend, render_kernel(k, dtypes))
+                for s in self.schedules for k in s.kernels]
 
     def source(self, backend: str | None = None) -> str:
-        """Generated code for ``backend``; for "numpy" (or "ir") the IR listing it runs."""
+        """Generated code for ``backend`` ("rust"/"cpu": the crate's lib.rs and kernels.rs;
+        "numpy"/"ir": the IR listing the interpreter runs). Nothing is built."""
         backend = backend or self.backend
         if backend in ("numpy", "ir"):
             return format_graph(self.graph)
+        if SOURCE_NAMES.get(backend) == "cpu":
+            files = self.crate.files
+            return "\n".join(f"// ==== {name}\n{files[name].decode()}"
+                             for name in ("src/lib.rs", "src/kernels.rs"))
         raise _unavailable(backend)
 
     def write(self, directory: str | os.PathLike[str]) -> Path:
-        """Write the IR as text, DOT and canonical JSON into ``directory``."""
+        """Write the IR as text, DOT and canonical JSON into ``directory``; for the CPU
+        backend also the crate (Cargo.toml, src/), buildable with maturin."""
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
+        if self.backend == "cpu":
+            render_crate(self.graph, self.schedules, self.memory_plan, out).write(out)
         (out / "graph.txt").write_text(format_graph(self.graph) + "\n")
         (out / "graph.dot").write_text(to_dot(self.graph) + "\n")
         (out / "graph.json").write_text(json.dumps(json.loads(canonical(self.graph)),
@@ -90,10 +142,17 @@ class Lowered:
         return "\n".join(lines)
 
     def compile(self) -> Step:
-        cls = STEP_CLASSES.get(self.backend)
-        if cls is None:
+        params, state = init_params(self.graph, self.seed), init_state(self.graph)
+        if self.backend == "numpy":
+            return NumpyStep(self, params, state)
+        if self.backend != "cpu":
             raise _unavailable(self.backend)
-        return cls(self, init_params(self.graph, self.seed), init_state(self.graph))
+        from .build import build_module, cache_dir
+
+        crate_dir = cache_dir() / "crates" / self.crate.module
+        render_crate(self.graph, self.schedules, self.memory_plan, crate_dir).write(crate_dir)
+        module = build_module(crate_dir, self.crate.module)
+        return CompiledStep(self, module, params, state, "cpu")
 
     def __repr__(self) -> str:
         return (f"<fg.Lowered {self.graph.name} backend={self.backend} "
@@ -101,7 +160,7 @@ class Lowered:
 
 
 def _unavailable(backend: str) -> BackendError:
-    if backend in KNOWN_BACKENDS:
+    if backend in KNOWN_BACKENDS and backend not in AVAILABLE:
         return BackendError(
             f"the {backend!r} backend is not part of this version of ferrograd yet; "
             f"backend='numpy' (the reference interpreter) runs every model")
@@ -144,10 +203,18 @@ def lower(model: Model, optimizer: Optimizer | None = None, backend: str = "cpu"
         raise TypeError(f"optimizer must be an fg.optim optimizer, got {optimizer!r}")
     lowered = Lowered(model, training_graph(model, optimizer, dims), backend, seed, optimizer,
                       dims)
-    if debug_level() >= 1:
+    level = debug_level()
+    if level >= 1:
         print(lowered.summary(), file=sys.stderr)
-    if debug_level() >= 2:
-        print(lowered.source("ir"), file=sys.stderr)
+        if backend != "numpy":
+            for s in lowered.schedules:
+                print(f"schedule {s.entry}: {len(s.kernels)} kernels", file=sys.stderr)
+                for k in s.kernels:
+                    print(f"  {k.name:<36} {k.kind:<12} {', '.join(k.ops)}", file=sys.stderr)
+                print("fusion log:\n" + "\n".join(s.log), file=sys.stderr)
+            print(lowered.memory_plan.summary(), file=sys.stderr)
+    if level >= 2:
+        print(lowered.source("ir" if backend == "numpy" else "rust"), file=sys.stderr)
     return lowered
 
 

@@ -12,11 +12,11 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from ferrograd._version import __version__
 from ferrograd.ir.errors import CheckpointError, InputError
 from ferrograd.ir.graph import Graph, numpy_dtype
 from ferrograd.ir.interpret import check_feed, interpret
-
-from ferrograd._version import __version__
 
 from .checkpoint import read_checkpoint, write_checkpoint
 
@@ -40,12 +40,9 @@ class Step:
 
     backend = "?"
 
-    def __init__(self, lowered: Lowered, params: dict[str, np.ndarray],
-                 state: dict[str, np.ndarray]) -> None:
+    def __init__(self, lowered: Lowered) -> None:
         self.lowered = lowered
         self.graph: Graph = lowered.graph
-        self._params = params
-        self._state = state
 
     # ---- running ------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> float:
@@ -53,29 +50,34 @@ class Step:
         if not self.graph.updates:
             raise InputError("this step was compiled without an optimizer, so it cannot "
                              "train: pass optimizer=... to fg.compile, or use .forward/.grads")
-        feed = self._bind(args, kwargs)
-        keys = ["loss", *(f"update:{k}" for k in self.graph.updates)]
-        res = self._run(feed, keys)
-        # Everything was computed before anything is written: a failure leaves the
-        # params untouched.
-        for name in self.graph.updates:
-            target = self._params if name in self._params else self._state
-            target[name] = res[f"update:{name}"]
-        return float(res["loss"])
+        return self._train(self._bind(args, kwargs))
 
     def forward(self, *args: Any, **kwargs: Any) -> dict[str, np.ndarray]:
         """All outputs of the model on a batch; no update."""
-        res = self._run(self._bind(args, kwargs), list(self.graph.outputs))
-        return {k: res[k] for k in self.graph.outputs}
+        return self._forward(self._bind(args, kwargs))
 
     def grads(self, *args: Any, **kwargs: Any) -> dict[str, np.ndarray]:
         """Gradient of the loss for every param on a batch; no update."""
         if not self.graph.grads:
             raise InputError("this model has no loss to differentiate")
-        res = self._run(self._bind(args, kwargs), [f"grad:{k}" for k in self.graph.grads])
-        return {k: res[f"grad:{k}"] for k in self.graph.grads}
+        return self._grads(self._bind(args, kwargs))
 
-    def _run(self, feed: dict[str, np.ndarray], keys: list[str]) -> dict[str, np.ndarray]:
+    # What a backend implements: run the three entry points, hold the persistent values.
+    def _train(self, feed: dict[str, np.ndarray]) -> float:
+        raise NotImplementedError
+
+    def _forward(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def _grads(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def _get(self, kind: str) -> dict[str, np.ndarray]:
+        """Copies of the params ("param") or optimizer state ("state")."""
+        raise NotImplementedError
+
+    def _set(self, kind: str, values: dict[str, np.ndarray]) -> None:
+        """Overwrite some params or state buffers with checked arrays."""
         raise NotImplementedError
 
     def _bind(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -94,22 +96,22 @@ class Step:
     @property
     def params(self) -> dict[str, np.ndarray]:
         """Copies of the current params, by name."""
-        return {k: v.copy() for k, v in self._params.items()}
+        return self._get("param")
 
     @property
     def state(self) -> dict[str, np.ndarray]:
         """Copies of the current optimizer state, by name."""
-        return {k: v.copy() for k, v in self._state.items()}
+        return self._get("state")
 
     def load_params(self, values: Mapping[str, Any]) -> None:
         """Set some or all params. Names, shapes and dtypes are checked first."""
-        self._params.update(_checked(self.graph, self.graph.params, values, "param"))
+        self._set("param", _checked(self.graph, self.graph.params, values, "param"))
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write params and optimizer state to a safetensors file (atomically)."""
         meta = {"ferrograd": __version__, "model": self.graph.name,
                 "optimizer": self.lowered.optimizer_config}
-        write_checkpoint(path, self._params, self._state, meta)
+        write_checkpoint(path, self._get("param"), self._get("state"), meta)
 
     def load(self, path: str | os.PathLike[str]) -> None:
         """Restore params and optimizer state saved by ``save``."""
@@ -120,8 +122,8 @@ class Step:
             raise CheckpointError(f"{path} lacks {', '.join(missing)}")
         new_params = _checked(self.graph, self.graph.params, params, "param")
         new_state = _checked(self.graph, self.graph.state, state, "optimizer state")
-        self._params.update(new_params)
-        self._state.update(new_state)
+        self._set("param", new_params)
+        self._set("state", new_state)
 
     # ---- inspection ---------------------------------------------------------------------
     @property
@@ -133,7 +135,7 @@ class Step:
 
     def __repr__(self) -> str:
         return (f"<fg.Step {self.graph.name} backend={self.backend} inputs="
-                f"({', '.join(self.graph.inputs)}) params={len(self._params)}>")
+                f"({', '.join(self.graph.inputs)}) params={len(self.graph.params)}>")
 
 
 def _checked(graph: Graph, table: dict[str, int], values: Mapping[str, Any], what: str
@@ -160,5 +162,34 @@ class NumpyStep(Step):
 
     backend = "numpy"
 
+    def __init__(self, lowered: Lowered, params: dict[str, np.ndarray],
+                 state: dict[str, np.ndarray]) -> None:
+        super().__init__(lowered)
+        self._values = {"param": params, "state": state}
+
     def _run(self, feed: dict[str, np.ndarray], keys: list[str]) -> dict[str, np.ndarray]:
-        return interpret(self.graph, feed, self._params, self._state, results=keys)
+        return interpret(self.graph, feed, self._values["param"], self._values["state"],
+                         results=keys)
+
+    def _train(self, feed: dict[str, np.ndarray]) -> float:
+        res = self._run(feed, ["loss", *(f"update:{k}" for k in self.graph.updates)])
+        # Everything was computed before anything is written: a failure leaves the
+        # params untouched.
+        for name in self.graph.updates:
+            kind = "param" if name in self.graph.params else "state"
+            self._values[kind][name] = res[f"update:{name}"]
+        return float(res["loss"])
+
+    def _forward(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        res = self._run(feed, list(self.graph.outputs))
+        return {k: res[k] for k in self.graph.outputs}
+
+    def _grads(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        res = self._run(feed, [f"grad:{k}" for k in self.graph.grads])
+        return {k: res[f"grad:{k}"] for k in self.graph.grads}
+
+    def _get(self, kind: str) -> dict[str, np.ndarray]:
+        return {k: v.copy() for k, v in self._values[kind].items()}
+
+    def _set(self, kind: str, values: dict[str, np.ndarray]) -> None:
+        self._values[kind].update(values)

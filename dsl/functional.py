@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
 from ferrograd.ir.builder import Var, apply, user_src
 from ferrograd.ir.builder import constant as _constant
 from ferrograd.ir.errors import ShapeError, TraceError

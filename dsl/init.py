@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+
 from ferrograd.ir.errors import TraceError
 from ferrograd.ir.graph import Graph, numpy_dtype
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
 from ferrograd.ir.builder import Var, building, current_graph, user_src
 from ferrograd.ir.builder import constant as _constant
 from ferrograd.ir.errors import TraceError

@@ -70,6 +70,8 @@ def constant_fold(graph: Graph) -> Graph:
         values = [_const_value(g, a) for a in n.args]
         if any(v is None for v in values) or n.size > FOLD_LIMIT:
             continue
+        if n.size > 16 and n.size > max(v.size for v in values):  # type: ignore[union-attr]
+            continue  # a broadcast would turn a small constant into a big one
         out = np.asarray(op_def(n.op).ref(*values, **n.attrs))  # type: ignore[misc]
         out = np.array(out, dtype=numpy_dtype(n.dtype), order="C")
         out.setflags(write=False)

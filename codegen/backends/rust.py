@@ -1,0 +1,528 @@
+"""The CPU backend's renderer: kernel IR -> plain Rust functions over slices.
+
+Read it as tables: ``RustPrinter`` maps each scalar function to its Rust form,
+``RUST_TYPES`` maps dtypes, and ``render_kernel`` has one method per kernel
+kind. Elementwise and reduction kernels run on rayon over rows when they are
+big enough, with inner loops over row slices that LLVM can vectorize;
+matmul, gather/scatter and conv call the runtime crate (``ferrograd_runtime``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import sympy as sp
+from sympy.codegen.cfunctions import log1p
+from sympy.printing.precedence import precedence
+from sympy.printing.rust import RustCodePrinter
+
+from ..kernel_ir import (
+    Conv,
+    Elementwise,
+    Gather,
+    Kernel,
+    Matmul,
+    Reduce,
+    ToBool,
+    ToFloat,
+    ToInt,
+    View,
+    row_major,
+)
+from .base import IndentedBuffer, collapse, f32_literal, linear_index, value_kind
+
+RUST_TYPES = {"f32": "f32", "i32": "i32", "bool": "u8"}  # bools are stored as bytes
+PAR_MIN = 1 << 15  # elements: below this a kernel runs on the calling thread
+GRAIN = 1 << 13  # elements per rayon task, at least
+
+
+# Literals that equal a named constant print as the constant (clippy's approx_constant).
+NAMED_F32 = {np.float32(np.pi): "PI", np.float32(np.e): "E",
+             np.float32(np.log(2)): "LN_2", np.float32(np.log(10)): "LN_10",
+             np.float32(np.sqrt(2)): "SQRT_2", np.float32(1 / np.sqrt(2)): "FRAC_1_SQRT_2",
+             np.float32(2 / np.sqrt(np.pi)): "FRAC_2_SQRT_PI", np.float32(1 / np.pi): "FRAC_1_PI",
+             np.float32(np.log2(np.e)): "LOG2_E", np.float32(np.log10(np.e)): "LOG10_E",
+             np.float32(np.pi / 2): "FRAC_PI_2", np.float32(2 / np.pi): "FRAC_2_PI"}
+
+
+def rust_f32(value: float) -> str:
+    name = NAMED_F32.get(np.float32(value))
+    return f"consts::{name}" if name else f32_literal(value)
+
+
+class RustPrinter(RustCodePrinter):
+    """sympy -> Rust f32 expressions. Unknown functions raise (strict)."""
+
+    def __init__(self) -> None:
+        super().__init__({"strict": True})
+        self._int = False  # printing an i32 subexpression
+
+    def expr(self, e: Any) -> str:
+        self._int = value_kind(e) == "int"
+        return str(self.doprint(e))
+
+    def _cast_to_float(self, e: Any) -> Any:
+        return e  # integer-valued parts already print as f32 literals
+
+    # ---- literals ----------------------------------------------------------------
+    def _print_Integer(self, e: Any, _type: bool = False) -> str:
+        return str(int(e)) if self._int else f32_literal(float(e))
+
+    def _print_Float(self, e: Any, _type: bool = False) -> str:
+        return rust_f32(float(e))
+
+    def _print_Rational(self, e: Any) -> str:
+        return rust_f32(float(e))
+
+    def _print_NumberSymbol(self, e: Any) -> str:
+        return rust_f32(float(e))
+
+    _print_Pi = _print_Exp1 = _print_NumberSymbol
+
+    def _print_BooleanTrue(self, e: Any) -> str:
+        return "true"
+
+    def _print_BooleanFalse(self, e: Any) -> str:
+        return "false"
+
+    def _recv(self, e: Any) -> str:
+        """``e`` as the receiver of a method call: literals need their type."""
+        if e.is_Number or e.is_NumberSymbol:
+            lit = rust_f32(float(e))
+            return lit if not lit[0].isdigit() else f"{lit}_f32"
+        text = self._print(e)
+        return text if e.is_Symbol else f"({text})"
+
+    # ---- functions ---------------------------------------------------------------
+    def _method(self, e: Any, name: str) -> str:
+        return f"{self._recv(e.args[0])}.{name}()"
+
+    def _print_exp(self, e: Any) -> str:
+        return self._method(e, "exp")
+
+    def _print_log(self, e: Any) -> str:
+        return self._method(e, "ln")
+
+    def _print_log1p(self, e: Any) -> str:
+        return self._method(e, "ln_1p")
+
+    def _print_tanh(self, e: Any) -> str:
+        return self._method(e, "tanh")
+
+    def _print_sin(self, e: Any) -> str:
+        return self._method(e, "sin")
+
+    def _print_cos(self, e: Any) -> str:
+        return self._method(e, "cos")
+
+    def _print_Abs(self, e: Any) -> str:
+        return self._method(e, "abs")
+
+    def _print_erf(self, e: Any) -> str:
+        return f"rt::math::erf({self._print(e.args[0])})"
+
+    def _print_sign(self, e: Any) -> str:
+        x = self._recv(e.args[0])
+        return f"(if {x} == 0.0 {{ 0.0 }} else {{ {x}.signum() }})"
+
+    def _print_Heaviside(self, e: Any) -> str:
+        z = self._recv(e.args[0])
+        h0 = f32_literal(float(e.args[1])) if len(e.args) > 1 else "0.5"
+        return f"(if {z} > 0.0 {{ 1.0 }} else if {z} < 0.0 {{ 0.0 }} else {{ {h0} }})"
+
+    def _minmax(self, e: Any, name: str) -> str:
+        out = self._recv(e.args[0])
+        for a in e.args[1:]:
+            out = f"{out}.{name}({self._print(a)})"
+        return out
+
+    def _print_Max(self, e: Any) -> str:
+        return self._minmax(e, "max")
+
+    def _print_Min(self, e: Any) -> str:
+        return self._minmax(e, "min")
+
+    def _print_Pow(self, e: Any) -> str:
+        base, exp = e.base, e.exp
+        b = self._recv(base)
+        if exp == -1:
+            return f"{b}.recip()"
+        if exp == sp.Rational(1, 2):
+            return f"{b}.sqrt()"
+        if exp == sp.Rational(-1, 2):
+            return f"{b}.sqrt().recip()"
+        if exp.is_Integer:
+            return f"{b}.powi({int(exp)})"
+        saved, self._int = self._int, False
+        try:
+            return f"{b}.powf({self._print(exp)})"
+        finally:
+            self._int = saved
+
+    def _print_Piecewise(self, e: Any) -> str:
+        parts = []
+        for value, cond in e.args:
+            v = self._print(value)
+            if cond is sp.true:
+                parts.append(f"{{ {v} }}")
+            else:
+                parts.append(f"if {self._print(cond)} {{ {v} }}")
+        return "(" + " else ".join(parts) + ")"
+
+    def _print_Relational(self, e: Any) -> str:
+        saved = self._int
+        self._int = value_kind(e.lhs) == "int" and value_kind(e.rhs) == "int"
+        try:
+            op = {"==": "==", "!=": "!=", "<": "<", "<=": "<=", ">": ">", ">=": ">="}[e.rel_op]
+            return f"{self.parenthesize(e.lhs, precedence(e))} {op} " \
+                   f"{self.parenthesize(e.rhs, precedence(e))}"
+        finally:
+            self._int = saved
+
+    # ---- casts -------------------------------------------------------------------
+    def _inner(self, e: Any, as_int: bool) -> str:
+        saved, self._int = self._int, as_int
+        try:
+            return self._print(e)
+        finally:
+            self._int = saved
+
+    def _print_ToFloat(self, e: Any) -> str:
+        (a,) = e.args
+        kind = value_kind(a)
+        if kind == "bool":
+            return f"f32::from({self._inner(a, False)})"
+        if kind == "int":
+            return f"({self._inner(a, True)}) as f32"
+        return self._inner(a, False)
+
+    def _print_ToInt(self, e: Any) -> str:
+        (a,) = e.args
+        kind = value_kind(a)
+        if kind == "bool":
+            return f"i32::from({self._inner(a, False)})"
+        if kind == "float":
+            return f"({self._inner(a, False)}) as i32"
+        return self._inner(a, True)
+
+    def _print_ToBool(self, e: Any) -> str:
+        (a,) = e.args
+        kind = value_kind(a)
+        if kind == "float":
+            return f"({self._inner(a, False)}) != 0.0"
+        if kind == "int":
+            return f"({self._inner(a, True)}) != 0"
+        return self._inner(a, False)
+
+
+assert log1p and ToBool and ToFloat and ToInt  # printed by name through sympy's dispatch
+
+
+# ---- kernels ----------------------------------------------------------------------------
+
+
+class KernelArgs:
+    """The distinct buffers a kernel touches, as Rust parameters (inputs, then outputs).
+
+    A buffer that is both read and written (an in-place optimizer update) is passed
+    once, mutably: it is read at the same index it is written.
+    """
+
+    def __init__(self, k: Kernel, dtypes: dict[str, str]) -> None:
+        self.outputs: list[str] = []
+        self.inputs: list[str] = []
+        for v in k.writes():
+            if v.buffer not in self.outputs:
+                self.outputs.append(v.buffer)
+        for v in k.reads():
+            if v.buffer not in self.outputs and v.buffer not in self.inputs:
+                self.inputs.append(v.buffer)
+        self.dtypes = dtypes
+        self.scratch = isinstance(k, Conv)  # im2col workspace
+
+    def signature(self) -> str:
+        ins = [f"{b}: &[{RUST_TYPES[self.dtypes[b]]}]" for b in self.inputs]
+        outs = [f"{b}: &mut [{RUST_TYPES[self.dtypes[b]]}]" for b in self.outputs]
+        scratch = ["scratch: &mut [f32]"] if self.scratch else []
+        return ", ".join(ins + outs + scratch)
+
+    @property
+    def order(self) -> list[tuple[str, bool]]:
+        return [(b, False) for b in self.inputs] + [(b, True) for b in self.outputs]
+
+
+def fallible(k: Kernel) -> bool:
+    return isinstance(k, Matmul | Gather | Conv)
+
+
+def _unused_row(text: str) -> str:
+    """Name the enumerate index ``_row`` where the body never uses it."""
+    head, sep, body = text.partition("|(row, ")
+    if sep and "row" not in body.replace("(row, ", "", 0).split("|", 1)[1]:
+        return head + "|(_row, " + body
+    return text
+
+
+def render_kernel(k: Kernel, dtypes: dict[str, str]) -> str:
+    args = KernelArgs(k, dtypes)
+    out = IndentedBuffer()
+    shape = list(getattr(k, "shape", ()) or getattr(k, "batch", ()))
+    out.line(f"/// {k.kind}: {', '.join(k.ops)}" + (f" over {shape}" if shape else "") + ".")
+    ret = " -> Result<(), rt::Error>" if fallible(k) else ""
+    with out.indent(f"pub fn {k.name}({args.signature()}){ret} {{"):
+        if isinstance(k, Elementwise):
+            _elementwise(out, k, args)
+        elif isinstance(k, Reduce):
+            _reduce(out, k, args)
+        elif isinstance(k, Matmul):
+            _matmul(out, k)
+        elif isinstance(k, Gather):
+            _gather(out, k)
+        elif isinstance(k, Conv):
+            _conv(out, k)
+        else:
+            raise NotImplementedError(f"no Rust template for kernel kind {k.kind}")
+    return _unused_row(out.getvalue())
+
+
+def _cse_body(out: IndentedBuffer, exprs: list[Any]) -> list[str]:
+    """Print ``let`` bindings for shared subexpressions; return the final expressions."""
+    printer = RustPrinter()
+    subs, reduced = sp.cse(exprs, symbols=sp.numbered_symbols("t"), optimizations=None)
+    for sym, sub in subs:
+        out.line(f"let {sym} = {_bare(printer.expr(sub))};")
+    return [_bare(printer.expr(e)) for e in reduced]
+
+
+def _bare(code: str) -> str:
+    """Drop parentheses around a whole statement's value (rustc warns on them)."""
+    while code.startswith("(") and code.endswith(")"):
+        depth = 0
+        for i, c in enumerate(code):
+            depth += {"(": 1, ")": -1}.get(c, 0)
+            if depth == 0 and i < len(code) - 1:
+                return code
+        code = code[1:-1]
+    return code
+
+
+def _elementwise(out: IndentedBuffer, k: Elementwise, args: KernelArgs) -> None:
+    outs = [v for v, _ in k.outputs]
+    sizes, strides = collapse(k.shape, outs + list(k.inputs.values()))
+    n_out = len(outs)
+    if not sizes:  # a scalar
+        for sym, v in k.inputs.items():
+            out.line(f"let {sym} = {_load(v, str(v.offset))};")
+        values = _cse_body(out, [e for _, e in k.outputs])
+        for v, val in zip(outs, values, strict=True):
+            out.line(f"{v.buffer}[{v.offset}] = {_store(v, val)};")
+        return
+    rows_ok = all(_row_major(st, sizes) for st in strides[:n_out]) and \
+        len({v.buffer for v in outs}) == n_out
+    if not rows_ok:  # strided writes (concat, unslice, copies back): plain nested loops
+        _nested(out, k, sizes, strides)
+        return
+    total = int(np.prod(sizes))
+    if len(sizes) == 1 and total >= PAR_MIN and all(st[-1] in (0, 1) for st in strides):
+        outer, row_len = [], GRAIN  # one long run: cut it into tasks of GRAIN elements
+    else:
+        outer, row_len = sizes[:-1], sizes[-1]
+    par = total >= PAR_MIN
+    names = [f"o{i}" for i in range(n_out)]
+    chunks = [f"{v.buffer}[{v.offset}..{v.offset + v.size}]."
+              f"{'par_' if par else ''}chunks_mut({row_len})" for v in outs]
+    if n_out == 1:
+        it, pat = chunks[0], names[0]
+    elif par:
+        it, pat = f"({', '.join(chunks)}).into_par_iter()", f"({', '.join(names)})"
+    else:
+        it, pat = _zip_seq(chunks), _zip_pat(names)
+    if par:
+        it += f".with_min_len({max(1, GRAIN // row_len)})"
+    aliased = {v.buffer: name for v, name in zip(outs, names, strict=True)}
+    with out.indent(f"{it}.enumerate().for_each(|(row, {pat})| {{", "});"):
+        coords = _unravel(out, "row", outer, "r")
+        out.line(f"let n = {names[0]}.len();")
+        loads = []
+        for (sym, v), st in zip(k.inputs.items(), strides[n_out:], strict=True):
+            inner = st[-1]
+            base = (linear_index(v.offset, coords, st[:-1]) if outer
+                    else linear_index(v.offset, ["row"], [row_len * inner]))
+            nz = " != 0" if v.dtype == "bool" else ""
+            if v.buffer in aliased:  # in place: read the element about to be written
+                loads.append(f"let {sym} = {aliased[v.buffer]}[j]{nz};")
+            elif inner == 0:
+                out.line(f"let {sym} = {v.buffer}[{base}]{nz};")
+            elif inner == 1:
+                out.line(f"let {sym}_row = &{v.buffer}[{base}..][..n];")
+                loads.append(f"let {sym} = {sym}_row[j]{nz};")
+            else:
+                loads.append(f"let {sym} = {v.buffer}[{base} + j * {inner}]{nz};")
+        with out.indent("for j in 0..n {"):
+            for line in loads:
+                out.line(line)
+            values = _cse_body(out, [e for _, e in k.outputs])
+            for name, v, val in zip(names, outs, values, strict=True):
+                out.line(f"{name}[j] = {_store(v, val)};")
+
+
+def _store(v: View, value: str) -> str:
+    return f"u8::from({value})" if v.dtype == "bool" else value
+
+
+def _load(v: View, index: str) -> str:
+    return f"{v.buffer}[{index}]" + (" != 0" if v.dtype == "bool" else "")
+
+
+def _row_major(strides: list[int], sizes: list[int]) -> bool:
+    return tuple(strides) == row_major(tuple(sizes))
+
+
+def _zip_seq(chunks: list[str]) -> str:
+    it = chunks[0]
+    for c in chunks[1:]:
+        it = f"{it}.zip({c})"
+    return it
+
+
+def _zip_pat(names: list[str]) -> str:
+    pat = names[0]
+    for n in names[1:]:
+        pat = f"({pat}, {n})"
+    return pat
+
+
+def _nested(out: IndentedBuffer, k: Elementwise, sizes: list[int],
+            strides: list[list[int]]) -> None:
+    loops = [f"i{d}" for d in range(len(sizes))]
+    n_out = len(k.outputs)
+    for d, n in enumerate(sizes):
+        out.line(f"for i{d} in 0..{n} {{")
+        out.level += 1
+    for (sym, v), s in zip(k.inputs.items(), strides[n_out:], strict=True):
+        out.line(f"let {sym} = {_load(v, linear_index(v.offset, loops, s))};")
+    values = _cse_body(out, [e for _, e in k.outputs])
+    for (v, _), s, val in zip(k.outputs, strides[:n_out], values, strict=True):
+        out.line(f"{v.buffer}[{linear_index(v.offset, loops, s)}] = "
+                 f"{_store(v, val)};")
+    for _ in sizes:
+        out.level -= 1
+        out.line("}")
+
+
+def _reduce(out: IndentedBuffer, k: Reduce, args: KernelArgs) -> None:
+    assert k.out is not None
+    kept = [d for d in range(len(k.shape)) if d not in k.axes]
+    perm = tuple(kept + list(k.axes))
+    views = [v.permute(perm) for v in k.inputs.values()]
+    shape = tuple(k.shape[p] for p in perm)
+    nk = len(kept)
+    ksizes, kstrides = collapse(shape[:nk], [_head(v, nk) for v in views])
+    rsizes, rstrides = collapse(shape[nk:], [_tail(v, nk) for v in views])
+    count = int(np.prod(ksizes)) if ksizes else 1
+    total = count * (int(np.prod(rsizes)) if rsizes else 1)
+    par = total >= PAR_MIN and count > 1
+    o = k.out
+    sum_ = k.combine == "sum"
+    target = f"{o.buffer}[{o.offset}..{o.offset + count}]"
+    it = f"{target}.par_iter_mut()" if par else f"{target}.iter_mut()"
+    if par:
+        it += f".with_min_len({max(1, GRAIN * count // max(total, 1))})"
+    with out.indent(f"{it}.enumerate().for_each(|(row, acc_out)| {{", "});"):
+        coords = _unravel(out, "row", ksizes, "r")
+        init = "0.0_f64" if sum_ else "f32::NEG_INFINITY"
+        out.line(f"let mut acc = {init};")
+        loops = [f"i{d}" for d in range(len(rsizes))]
+        for d, n in enumerate(rsizes):
+            out.line(f"for i{d} in 0..{n} {{")
+            out.level += 1
+        for (sym, v), ks, rs in zip(k.inputs.items(), kstrides, rstrides, strict=True):
+            index = linear_index(v.offset, coords + loops, ks + rs)
+            out.line(f"let {sym} = {_load(v, index)};")
+        (value,) = _cse_body(out, [k.value])
+        out.line(f"acc += f64::from({value});" if sum_ else f"acc = acc.max({value});")
+        for _ in rsizes:
+            out.level -= 1
+            out.line("}")
+        out.line("*acc_out = acc as f32;" if sum_ else "*acc_out = acc;")
+
+
+def _head(v: View, n: int) -> View:
+    return View(v.buffer, v.dtype, v.offset, v.shape[:n], v.strides[:n])
+
+
+def _tail(v: View, n: int) -> View:
+    return View(v.buffer, v.dtype, v.offset, v.shape[n:], v.strides[n:])
+
+
+def _unravel(out: IndentedBuffer, flat: str, sizes: list[int], prefix: str) -> list[str]:
+    """Names of the coordinates of ``flat`` over ``sizes`` (row-major), bound by ``let``."""
+    if len(sizes) <= 1:
+        return [flat] if sizes else []
+    names = []
+    for d in range(len(sizes)):
+        inner = int(np.prod(sizes[d + 1:]))
+        expr = f"{flat} / {inner}" if d == 0 else f"{flat} / {inner} % {sizes[d]}"
+        if d == len(sizes) - 1:
+            expr = f"{flat} % {sizes[d]}"
+        out.line(f"let {prefix}{d} = {expr};")
+        names.append(f"{prefix}{d}")
+    return names
+
+
+def _matmul(out: IndentedBuffer, k: Matmul) -> None:
+    assert k.a is not None and k.b is not None and k.out is not None
+    views = [k.a, k.b, k.out]
+    nb = len(k.batch)
+    sizes, strides = collapse(k.batch, [_head(v, nb) for v in views])
+    mats = [f"({v.strides[-2]}, {v.strides[-1]})" for v in views]
+    # The last batch dim goes to sgemm_batched; any others are an explicit loop.
+    inner = sizes[-1] if sizes else 1
+    bstr = [s[-1] if sizes else 0 for s in strides]
+    loops = [f"b{d}" for d in range(len(sizes) - 1)]
+    for d, size in enumerate(sizes[:-1]):
+        out.line(f"for b{d} in 0..{size} {{")
+        out.level += 1
+    offs = [linear_index(v.offset, loops, s) for v, s in zip(views, strides, strict=True)]
+    a, b, c = (f"({bs}, {m[1:-1]})" for bs, m in zip(bstr, mats, strict=True))
+    out.line(f"rt::gemm::sgemm_batched({inner}, {k.m}, {k.n}, {k.k}, "
+             f"&{k.a.buffer}[{offs[0]}..], {a}, &{k.b.buffer}[{offs[1]}..], {b}, "
+             f"&mut {k.out.buffer}[{offs[2]}..], {c}, false)?;")
+    for _ in sizes[:-1]:
+        out.level -= 1
+        out.line("}")
+    out.line("Ok(())")
+
+
+def _gather(out: IndentedBuffer, k: Gather) -> None:
+    assert k.ids is not None and k.src is not None and k.out is not None
+    ids = f"&{k.ids.buffer}[{k.ids.offset}..{k.ids.offset + k.ids.size}]"
+    src = f"&{k.src.buffer}[{k.src.offset}..{k.src.offset + k.src.size}]"
+    dst = f"&mut {k.out.buffer}[{k.out.offset}..{k.out.offset + k.out.size}]"
+    if k.scatter:
+        out.line(f"rt::gather::scatter_add_rows({ids}, {src}, {k.row_len}, {dst}, {k.rows})?;")
+    else:
+        out.line(f"rt::gather::take_rows({src}, {k.row_len}, {ids}, {dst})?;")
+    out.line("Ok(())")
+
+
+def conv_params(k: Conv) -> str:
+    """The runtime's description of one convolution, as a Rust expression."""
+    n, c, h, w, o, kh, kw = k.dims
+    return (f"rt::conv::Conv2d {{ n: {n}, c: {c}, h: {h}, w: {w}, o: {o}, kh: {kh}, kw: {kw}, "
+            f"stride: ({k.stride[0]}, {k.stride[1]}), padding: ({k.padding[0]}, "
+            f"{k.padding[1]}) }}")
+
+
+def _conv(out: IndentedBuffer, k: Conv) -> None:
+    assert k.lhs is not None and k.rhs is not None and k.out is not None
+    fn = {"forward": "conv2d_forward", "input_grad": "conv2d_input_grad",
+          "weight_grad": "conv2d_weight_grad"}[k.mode]
+    out.line(f"let p = {conv_params(k)};")
+
+    def whole(v: View, mut: str = "") -> str:
+        return f"&{mut}{v.buffer}[{v.offset}..{v.offset + v.size}]"
+
+    out.line(f"rt::conv::{fn}(&p, {whole(k.lhs)}, {whole(k.rhs)}, {whole(k.out, 'mut ')}, "
+             "scratch)")

@@ -1,0 +1,125 @@
+//! GFLOP/s of `gemm` and `matrixmultiply` on the shapes ferrograd's examples
+//! use. Each figure is the best of 15 rounds of ~20 ms, which is robust to
+//! other processes on a shared machine.
+//!
+//! Columns: `gemm 1t` / `gemm rayon` (gemm's own Parallelism::None / Rayon),
+//! `mm 1t` (matrixmultiply, one thread), `mm split` (matrixmultiply on row or
+//! column blocks over rayon: what ferrograd_runtime::gemm::sgemm does above
+//! its PAR_FLOPS threshold).
+
+use std::time::Instant;
+
+fn best_gflops<F: FnMut()>(flops: f64, mut f: F) -> f64 {
+    for _ in 0..3 {
+        f();
+    }
+    let mut iters = 1usize;
+    loop {
+        let t = Instant::now();
+        for _ in 0..iters {
+            f();
+        }
+        if t.elapsed().as_secs_f64() > 0.02 {
+            break;
+        }
+        iters *= 2;
+    }
+    let mut best = f64::INFINITY;
+    for _ in 0..15 {
+        let t = Instant::now();
+        for _ in 0..iters {
+            f();
+        }
+        best = best.min(t.elapsed().as_secs_f64() / iters as f64);
+    }
+    flops / best / 1e9
+}
+
+#[derive(Clone, Copy)]
+struct P(*const f32);
+#[derive(Clone, Copy)]
+struct Pm(*mut f32);
+unsafe impl Send for P {}
+unsafe impl Sync for P {}
+unsafe impl Send for Pm {}
+unsafe impl Sync for Pm {}
+impl P {
+    fn get(self) -> *const f32 {
+        self.0
+    }
+}
+impl Pm {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// matrixmultiply over `parts` row (or column) blocks on rayon, as the runtime does.
+#[allow(clippy::too_many_arguments)]
+unsafe fn mm_split(m: usize, k: usize, n: usize, a: P, ars: isize, acs: isize, b: P, brs: isize,
+                   bcs: isize, c: Pm, crs: isize, ccs: isize, parts: usize) {
+    use rayon::prelude::*;
+    let rows = m >= n;
+    let len = if rows { m } else { n };
+    let block = len.div_ceil(parts).next_multiple_of(16);
+    (0..len.div_ceil(block)).into_par_iter().for_each(|i| {
+        let s = i * block;
+        let size = block.min(len - s);
+        let so = s as isize;
+        unsafe {
+            if rows {
+                matrixmultiply::sgemm(size, k, n, 1.0, a.get().offset(so * ars), ars, acs, b.get(),
+                                      brs, bcs, 0.0, c.get().offset(so * crs), crs, ccs);
+            } else {
+                matrixmultiply::sgemm(m, k, size, 1.0, a.get(), ars, acs, b.get().offset(so * bcs),
+                                      brs, bcs, 0.0, c.get().offset(so * ccs), crs, ccs);
+            }
+        }
+    });
+}
+
+fn main() {
+    // (label, M, K, N, A transposed in memory, B transposed in memory)
+    let shapes: &[(&str, usize, usize, usize, bool, bool)] = &[
+        ("32x784x256", 32, 784, 256, false, false),
+        ("128x784x256", 128, 784, 256, false, false),
+        ("1024x784x256", 1024, 784, 256, false, false),
+        ("128x256x256", 128, 256, 256, false, false),
+        ("128x256x10", 128, 256, 10, false, false),
+        ("A^T.B 784x128x256", 784, 128, 256, true, false),
+        ("A.B^T 128x256x784", 128, 256, 784, false, true),
+        ("A.B^T 128x10x256", 128, 10, 256, false, true),
+    ];
+    let threads = rayon::current_num_threads();
+    let mm_threading = cfg!(feature = "mm-threading");
+    println!("rayon threads: {threads}; matrixmultiply threading: {mm_threading}");
+    println!("{:<20} {:>8} {:>10} {:>8} {:>8}", "M x K x N", "gemm 1t", "gemm rayon",
+             if mm_threading { "mm thr" } else { "mm 1t" }, "mm split");
+    for &(name, m, k, n, ta, tb) in shapes {
+        let a: Vec<f32> = (0..m * k).map(|i| (i % 13) as f32 * 0.1).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| (i % 11) as f32 * 0.1).collect();
+        let mut c = vec![0f32; m * n];
+        // A (m×k) stored k×m when transposed; B (k×n) stored n×k when transposed.
+        let (ars, acs) = if ta { (1, m as isize) } else { (k as isize, 1) };
+        let (brs, bcs) = if tb { (1, k as isize) } else { (n as isize, 1) };
+        let flops = 2.0 * (m * n * k) as f64;
+        let (ap, bp, cp) = (P(a.as_ptr()), P(b.as_ptr()), Pm(c.as_mut_ptr()));
+        let gemm_with = |par| {
+            best_gflops(flops, || unsafe {
+                gemm::gemm(m, n, k, cp.get(), 1, n as isize, false, ap.get(), acs, ars, bp.get(),
+                           bcs, brs, 0.0, 1.0, false, false, false, par)
+            })
+        };
+        let g1 = gemm_with(gemm::Parallelism::None);
+        let gr = gemm_with(gemm::Parallelism::Rayon(threads));
+        let mm1 = best_gflops(flops, || unsafe {
+            matrixmultiply::sgemm(m, k, n, 1.0, ap.get(), ars, acs, bp.get(), brs, bcs, 0.0,
+                                  cp.get(), n as isize, 1)
+        });
+        let mms = best_gflops(flops, || unsafe {
+            mm_split(m, k, n, ap, ars, acs, bp, brs, bcs, cp, n as isize, 1, threads)
+        });
+        println!("{name:<20} {g1:>8.1} {gr:>10.1} {mm1:>8.1} {mms:>8.1}");
+        std::hint::black_box(&c);
+    }
+}

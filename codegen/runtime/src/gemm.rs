@@ -1,0 +1,553 @@
+//! Single-precision matrix products over strided operands.
+//!
+//! Every operand is a slice plus strides in elements: `(row, col)` for a matrix,
+//! `(batch, row, col)` for a batch of matrices. Element `(i, j)` of a matrix
+//! with strides `(rs, cs)` is `slice[i * rs + j * cs]`, so a transposed operand
+//! is the same slice with its strides swapped, and a batch stride of 0
+//! broadcasts one matrix over the batch. Strides must be non-negative, the
+//! slice must hold every element the strides reach, and the output's elements
+//! must not overlap; anything else is an [`Error::Layout`], never a panic.
+//!
+//! The micro-kernels are `matrixmultiply`'s (runtime-detected AVX-512 / AVX2 /
+//! SSE2; see README.md for why this crate). Products below [`PAR_FLOPS`] run on
+//! the calling thread; larger ones are split into row (or column) blocks of the
+//! output over the rayon pool, which is the same pool the generated kernels use,
+//! so nothing is oversubscribed.
+
+use rayon::prelude::*;
+
+use crate::error::Error;
+
+/// `(row stride, column stride)` of a matrix, in elements.
+pub type Strides = (isize, isize);
+
+/// `(batch stride, row stride, column stride)` of a batch of matrices, in elements.
+pub type BatchStrides = (isize, isize, isize);
+
+/// Products with fewer floating-point operations (`2 * m * n * k`) than this run
+/// on one thread: below it, waking a second thread costs more than it saves.
+/// Measured on a 2-core machine; see README.md.
+pub const PAR_FLOPS: usize = 1 << 22;
+
+/// Split blocks along M or N are multiples of this (the widest micro-tile), so
+/// that no thread ends on a ragged tile.
+const BLOCK_ALIGN: usize = 16;
+
+/// `C = A·B` (or `C += A·B` when `accumulate`) with `A` m×k, `B` k×n, `C` m×n.
+///
+/// When `accumulate` is false, `C` is only written, never read (stale or NaN
+/// contents do not matter). `k == 0` gives `C = 0` (or leaves `C` unchanged).
+///
+/// ```
+/// use ferrograd_runtime::gemm::sgemm;
+/// let a = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]; // 2×3, row-major
+/// let b = [1.0, 0.0, 0.0, 1.0, 1.0, 1.0]; // 3×2, row-major
+/// let mut c = [0.0; 4];
+/// sgemm(2, 2, 3, &a, (3, 1), &b, (2, 1), &mut c, (2, 1), false).unwrap();
+/// assert_eq!(c, [4.0, 5.0, 10.0, 11.0]);
+/// // Aᵀ·A (3×3) is A with swapped strides times A: no copy.
+/// let mut ata = [0.0; 9];
+/// sgemm(3, 3, 2, &a, (1, 3), &a, (3, 1), &mut ata, (3, 1), false).unwrap();
+/// assert_eq!(ata[0], 1.0 * 1.0 + 4.0 * 4.0);
+/// ```
+#[allow(clippy::too_many_arguments)]
+pub fn sgemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    a_strides: Strides,
+    b: &[f32],
+    b_strides: Strides,
+    c: &mut [f32],
+    c_strides: Strides,
+    accumulate: bool,
+) -> Result<(), Error> {
+    sgemm_batched(
+        1,
+        m,
+        n,
+        k,
+        a,
+        (0, a_strides.0, a_strides.1),
+        b,
+        (0, b_strides.0, b_strides.1),
+        c,
+        (0, c_strides.0, c_strides.1),
+        accumulate,
+    )
+}
+
+/// `C[p] = A[p]·B[p]` (or `+=`) for `p` in `0..batch`; matrix `p` of an operand
+/// starts at `p * batch_stride`. A batch stride of 0 broadcasts that operand
+/// (not allowed for `C`, whose matrices must not overlap).
+///
+/// ```
+/// use ferrograd_runtime::gemm::sgemm_batched;
+/// // Two 1×2 rows times one shared 2×1 column (batch stride 0).
+/// let a = [1.0, 2.0, 3.0, 4.0];
+/// let b = [10.0, 1.0];
+/// let mut c = [0.0; 2];
+/// sgemm_batched(2, 1, 1, 2, &a, (2, 2, 1), &b, (0, 1, 1), &mut c, (1, 1, 1), false).unwrap();
+/// assert_eq!(c, [12.0, 34.0]);
+/// ```
+#[allow(clippy::too_many_arguments)]
+pub fn sgemm_batched(
+    batch: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    a_strides: BatchStrides,
+    b: &[f32],
+    b_strides: BatchStrides,
+    c: &mut [f32],
+    c_strides: BatchStrides,
+    accumulate: bool,
+) -> Result<(), Error> {
+    let (ab, ar, ac) = a_strides;
+    let (bb, br, bc) = b_strides;
+    let (cb, cr, cc) = c_strides;
+    check_span("A", a.len(), &[(batch, ab), (m, ar), (k, ac)])?;
+    check_span("B", b.len(), &[(batch, bb), (k, br), (n, bc)])?;
+    check_span("C", c.len(), &[(batch, cb), (m, cr), (n, cc)])?;
+    check_disjoint("C", &[(batch, cb), (m, cr), (n, cc)])?;
+    let flops = 2usize
+        .saturating_mul(batch)
+        .saturating_mul(m)
+        .saturating_mul(n)
+        .saturating_mul(k);
+    if batch == 0 || m == 0 || n == 0 {
+        return Ok(());
+    }
+    let a = ConstPtr(a.as_ptr());
+    let b = ConstPtr(b.as_ptr());
+    let c = MutPtr(c.as_mut_ptr());
+    let item = move |p: usize| {
+        let p = p as isize;
+        // SAFETY: the spans were checked above, so every element that the
+        // offsets and strides reach lies inside its slice; C's elements are
+        // pairwise distinct (check_disjoint), so items write disjoint memory.
+        unsafe {
+            Gemm {
+                m,
+                n,
+                k,
+                a: a.get().wrapping_offset(p * ab),
+                ar,
+                ac,
+                b: b.get().wrapping_offset(p * bb),
+                br,
+                bc,
+                c: c.get().wrapping_offset(p * cb),
+                cr,
+                cc,
+                accumulate,
+            }
+        }
+    };
+    let threads = rayon::current_num_threads();
+    if flops < PAR_FLOPS || threads == 1 {
+        // SAFETY: see `item`.
+        (0..batch).for_each(|p| unsafe { item(p).run_serial() });
+    } else if batch >= threads {
+        // SAFETY: see `item`; distinct batch items write distinct elements of C.
+        (0..batch)
+            .into_par_iter()
+            .for_each(|p| unsafe { item(p).run_serial() });
+    } else {
+        // SAFETY: see `item`.
+        (0..batch).for_each(|p| unsafe { item(p).run_split(threads) });
+    }
+    Ok(())
+}
+
+/// Checks that a slice of `len` elements holds every element reached by the
+/// given `(extent, stride)` dimensions, starting at offset 0.
+pub(crate) fn check_span(what: &str, len: usize, dims: &[(usize, isize)]) -> Result<(), Error> {
+    if dims.iter().any(|&(extent, _)| extent == 0) {
+        return Ok(());
+    }
+    let mut last: usize = 0;
+    for &(extent, stride) in dims {
+        if extent > 1 && stride < 0 {
+            return Err(Error::layout(format!(
+                "{what}: negative stride {stride} (dimensions {dims:?})"
+            )));
+        }
+        let reach = (extent - 1)
+            .checked_mul(stride.unsigned_abs())
+            .and_then(|r| r.checked_add(last));
+        last = reach.ok_or_else(|| {
+            Error::layout(format!("{what}: extents and strides {dims:?} overflow"))
+        })?;
+    }
+    if last >= len {
+        return Err(Error::layout(format!(
+            "{what}: (extent, stride) {dims:?} reach element {last}, but the slice has {len}"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks that distinct indices of an output address distinct elements: with
+/// the dimensions of extent > 1 sorted by stride, each stride must exceed the
+/// furthest reach of the smaller ones (the usual sufficient condition).
+pub(crate) fn check_disjoint(what: &str, dims: &[(usize, isize)]) -> Result<(), Error> {
+    let mut live: Vec<(usize, usize)> = dims
+        .iter()
+        .filter(|&&(extent, _)| extent > 1)
+        .map(|&(extent, stride)| (stride.unsigned_abs(), extent))
+        .collect();
+    live.sort_unstable();
+    let mut reach: usize = 0;
+    for (stride, extent) in live {
+        if stride <= reach || stride == 0 {
+            return Err(Error::layout(format!(
+                "{what}: (extent, stride) {dims:?} make output elements overlap"
+            )));
+        }
+        // No overflow: check_span bounded the total reach by the slice length.
+        reach += stride * (extent - 1);
+    }
+    Ok(())
+}
+
+/// Raw operand pointers that may cross to rayon workers.
+///
+/// (Accessed through `get()`, so that closures capture the wrapper and not,
+/// by edition-2021 disjoint capture, the bare pointer field.)
+#[derive(Clone, Copy)]
+struct ConstPtr(*const f32);
+#[derive(Clone, Copy)]
+struct MutPtr(*mut f32);
+
+impl ConstPtr {
+    fn get(self) -> *const f32 {
+        self.0
+    }
+}
+
+impl MutPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+// SAFETY: the pointers are only dereferenced inside `Gemm::run_*`, during the
+// call that borrowed the slices they point into; writes go to pairwise-disjoint
+// elements of C (checked), so sharing them between threads is race-free.
+unsafe impl Send for ConstPtr {}
+unsafe impl Sync for ConstPtr {}
+unsafe impl Send for MutPtr {}
+unsafe impl Sync for MutPtr {}
+unsafe impl Send for Gemm {}
+unsafe impl Sync for Gemm {}
+
+/// One checked product, as raw parts.
+#[derive(Clone, Copy)]
+struct Gemm {
+    m: usize,
+    n: usize,
+    k: usize,
+    a: *const f32,
+    ar: isize,
+    ac: isize,
+    b: *const f32,
+    br: isize,
+    bc: isize,
+    c: *mut f32,
+    cr: isize,
+    cc: isize,
+    accumulate: bool,
+}
+
+impl Gemm {
+    /// # Safety
+    /// Every element the pointers, extents and strides reach must be valid
+    /// (reads for A and B, writes for C), and C's elements pairwise distinct.
+    unsafe fn run_serial(&self) {
+        if self.m == 0 || self.n == 0 {
+            return;
+        }
+        if self.k == 0 {
+            if !self.accumulate {
+                for i in 0..self.m as isize {
+                    for j in 0..self.n as isize {
+                        // SAFETY: (i, j) is inside C (the contract above).
+                        unsafe { *self.c.offset(i * self.cr + j * self.cc) = 0.0 };
+                    }
+                }
+            }
+            return;
+        }
+        let beta = if self.accumulate { 1.0 } else { 0.0 };
+        // SAFETY: the contract above is matrixmultiply's (it reads C only
+        // when beta != 0).
+        unsafe {
+            matrixmultiply::sgemm(
+                self.m, self.k, self.n, 1.0, self.a, self.ar, self.ac, self.b, self.br, self.bc,
+                beta, self.c, self.cr, self.cc,
+            )
+        };
+    }
+
+    /// Splits the output into up to `parts` blocks of rows (or of columns, when
+    /// there are fewer rows than columns) and runs them on the rayon pool.
+    ///
+    /// # Safety
+    /// As [`Gemm::run_serial`].
+    unsafe fn run_split(&self, parts: usize) {
+        let split_rows = self.m >= self.n;
+        let len = if split_rows { self.m } else { self.n };
+        let block = len.div_ceil(parts).next_multiple_of(BLOCK_ALIGN);
+        let blocks = len.div_ceil(block);
+        (0..blocks).into_par_iter().for_each(|i| {
+            let start = i * block;
+            let size = block.min(len - start);
+            let s = start as isize;
+            // SAFETY: each block is a sub-range of the rows (columns) of this
+            // product, so it reaches a subset of its elements, and blocks of
+            // C are disjoint.
+            unsafe {
+                let sub = if split_rows {
+                    Gemm {
+                        m: size,
+                        a: self.a.wrapping_offset(s * self.ar),
+                        c: self.c.wrapping_offset(s * self.cr),
+                        ..*self
+                    }
+                } else {
+                    Gemm {
+                        n: size,
+                        b: self.b.wrapping_offset(s * self.bc),
+                        c: self.c.wrapping_offset(s * self.cc),
+                        ..*self
+                    }
+                };
+                sub.run_serial();
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fill(len: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..len)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) % 2001) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// The naive triple loop, in f64.
+    #[allow(clippy::too_many_arguments)]
+    fn naive(
+        m: usize,
+        n: usize,
+        k: usize,
+        a: &[f32],
+        (ar, ac): Strides,
+        b: &[f32],
+        (br, bc): Strides,
+        c: &mut [f32],
+        (cr, cc): Strides,
+        accumulate: bool,
+    ) {
+        for i in 0..m {
+            for j in 0..n {
+                let mut s = 0.0f64;
+                for l in 0..k {
+                    s += a[i * ar as usize + l * ac as usize] as f64
+                        * b[l * br as usize + j * bc as usize] as f64;
+                }
+                let dst = &mut c[i * cr as usize + j * cc as usize];
+                *dst = if accumulate {
+                    *dst + s as f32
+                } else {
+                    s as f32
+                };
+            }
+        }
+    }
+
+    fn assert_close(got: &[f32], want: &[f32], k: usize) {
+        let tol = 1e-5 * (k as f32).max(1.0) + 1e-6;
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (g - w).abs() <= tol * (1.0 + w.abs()),
+                "element {i}: {g} vs {w}"
+            );
+        }
+    }
+
+    #[test]
+    fn all_transpose_combinations_and_sizes() {
+        // Small, ragged, and above PAR_FLOPS (both splits: m >= n and m < n).
+        let sizes = [
+            (1, 1, 1),
+            (3, 5, 7),
+            (17, 33, 9),
+            (128, 256, 70),
+            (40, 300, 200),
+            (300, 40, 200),
+        ];
+        for &(m, n, k) in &sizes {
+            for &(ta, tb, tc) in &[
+                (false, false, false),
+                (true, false, false),
+                (false, true, false),
+                (true, true, true),
+                (false, false, true),
+            ] {
+                let a = fill(m * k, 1);
+                let b = fill(k * n, 2);
+                let sa = if ta { (1, m as isize) } else { (k as isize, 1) };
+                let sb = if tb { (1, k as isize) } else { (n as isize, 1) };
+                let sc = if tc { (1, m as isize) } else { (n as isize, 1) };
+                for accumulate in [false, true] {
+                    let init = fill(m * n, 3);
+                    let mut want = init.clone();
+                    naive(m, n, k, &a, sa, &b, sb, &mut want, sc, accumulate);
+                    let mut got = if accumulate {
+                        init.clone()
+                    } else {
+                        vec![f32::NAN; m * n]
+                    };
+                    sgemm(m, n, k, &a, sa, &b, sb, &mut got, sc, accumulate).unwrap();
+                    assert_close(&got, &want, k);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn padded_strides_leave_gaps_untouched() {
+        let (m, n, k) = (5, 4, 3);
+        let a = fill(m * 8, 4); // row stride 8
+        let b = fill(k * 6, 5); // row stride 6
+        let mut c = vec![7.0f32; m * 10]; // row stride 10
+        let mut want = c.clone();
+        naive(m, n, k, &a, (8, 1), &b, (6, 1), &mut want, (10, 1), false);
+        sgemm(m, n, k, &a, (8, 1), &b, (6, 1), &mut c, (10, 1), false).unwrap();
+        assert_close(&c, &want, k);
+        assert_eq!(c[4], 7.0);
+    }
+
+    #[test]
+    fn zero_k_zeroes_or_keeps() {
+        let mut c = vec![5.0f32; 6];
+        sgemm(2, 3, 0, &[], (0, 1), &[], (3, 1), &mut c, (3, 1), true).unwrap();
+        assert_eq!(c, [5.0; 6]);
+        sgemm(2, 3, 0, &[], (0, 1), &[], (3, 1), &mut c, (3, 1), false).unwrap();
+        assert_eq!(c, [0.0; 6]);
+        sgemm(
+            0,
+            3,
+            4,
+            &[],
+            (4, 1),
+            &fill(12, 1),
+            (3, 1),
+            &mut [],
+            (3, 1),
+            false,
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn batched_with_broadcast_operands() {
+        for &(batch, m, n, k) in &[(3, 4, 5, 6), (2, 130, 120, 100), (8, 64, 64, 64)] {
+            let a = fill(batch * m * k, 6);
+            let w = fill(k * n, 7); // one B for every batch item
+            let mut got = vec![0.0f32; batch * m * n];
+            sgemm_batched(
+                batch,
+                m,
+                n,
+                k,
+                &a,
+                ((m * k) as isize, k as isize, 1),
+                &w,
+                (0, n as isize, 1),
+                &mut got,
+                ((m * n) as isize, n as isize, 1),
+                false,
+            )
+            .unwrap();
+            for p in 0..batch {
+                let mut want = vec![0.0f32; m * n];
+                naive(
+                    m,
+                    n,
+                    k,
+                    &a[p * m * k..],
+                    (k as isize, 1),
+                    &w,
+                    (n as isize, 1),
+                    &mut want,
+                    (n as isize, 1),
+                    false,
+                );
+                assert_close(&got[p * m * n..(p + 1) * m * n], &want, k);
+            }
+        }
+    }
+
+    #[test]
+    fn bad_layouts_are_errors_not_panics() {
+        let a = fill(12, 1);
+        let mut c = vec![0.0f32; 9];
+        // A too short for 3×4 row-major.
+        assert!(matches!(
+            sgemm(3, 3, 4, &a[..11], (4, 1), &a, (3, 1), &mut c, (3, 1), false),
+            Err(Error::Layout(_))
+        ));
+        // C too short.
+        assert!(sgemm(3, 3, 4, &a, (4, 1), &a, (3, 1), &mut c[..8], (3, 1), false).is_err());
+        // Negative stride.
+        assert!(sgemm(3, 3, 4, &a, (-4, 1), &a, (3, 1), &mut c, (3, 1), false).is_err());
+        // Overlapping output elements (column stride 0, rows aliasing columns).
+        assert!(sgemm(3, 3, 4, &a, (4, 1), &a, (3, 1), &mut c, (3, 0), false).is_err());
+        assert!(sgemm(3, 3, 4, &a, (4, 1), &a, (3, 1), &mut c, (1, 1), false).is_err());
+        // Broadcast output over a batch.
+        assert!(sgemm_batched(
+            2,
+            1,
+            1,
+            1,
+            &a,
+            (1, 1, 1),
+            &a,
+            (1, 1, 1),
+            &mut c,
+            (0, 1, 1),
+            false
+        )
+        .is_err());
+        // Overflowing strides.
+        assert!(sgemm(
+            3,
+            3,
+            4,
+            &a,
+            (isize::MAX, 1),
+            &a,
+            (3, 1),
+            &mut c,
+            (3, 1),
+            false
+        )
+        .is_err());
+        // Broadcast input operands (stride 0) are fine.
+        sgemm(3, 3, 4, &a, (0, 1), &a, (0, 1), &mut c, (3, 1), false).unwrap();
+    }
+}

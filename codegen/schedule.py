@@ -1,0 +1,528 @@
+"""Partition a graph into kernels (the kernel IR) for one entry point of a step.
+
+Entry points: "train" (loss + every update, written in place), "forward" (the
+outputs) and "grads" (the gradients). The rules, in order of application:
+
+- Movement ops (reshape, transpose, expand, slice) become views: index maps
+  over the producer's buffer, never copies, unless a reshape needs a layout
+  its input view cannot give (then one copy kernel materializes it).
+- Elementwise ops fuse into groups, walking the graph from its results
+  backwards: a node joins the group of its users when all of them are in one
+  group, read it directly (not through a view) and iterate over its shape.
+  A scalar is recomputed inside a bigger group. Each group is one kernel with
+  one sympy expression per output.
+- A reduction absorbs the elementwise ops that only feed it (its prologue).
+- Matmul reads both operands through views (a transpose is just strides).
+- An optimizer update is written in place into its param / state buffer when
+  ordering allows (every reader of the old value runs first); otherwise into a
+  temp that is copied back at the end.
+``FERROGRAD_DEBUG=1`` prints the fusion log: what went where, and why not.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import networkx as nx
+import numpy as np
+import sympy as sp
+
+from ferrograd.ir.errors import BackendError
+from ferrograd.ir.graph import Graph, Node
+from ferrograd.ir.ops import op_def
+
+from .kernel_ir import (
+    Buffer,
+    Conv,
+    Elementwise,
+    Gather,
+    Kernel,
+    Matmul,
+    Reduce,
+    ToBool,
+    ToFloat,
+    ToInt,
+    View,
+    contiguous_view,
+    row_major,
+)
+
+MOVEMENT = ("reshape", "transpose", "expand", "slice")
+RECOMPUTE_LIMIT = 64  # fuse a broadcast producer while it is recomputed at most this often
+REDUCE = ("reduce_sum", "reduce_max")
+
+
+@dataclass
+class Schedule:
+    entry: str
+    kernels: list[Kernel]
+    buffers: dict[str, Buffer]
+    results: dict[str, str]  # result key -> buffer holding it (contiguous, whole)
+    log: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Group:
+    kind: str  # "elementwise" | "reduce"
+    shape: tuple[int, ...]
+    founder: int
+    members: set[int] = field(default_factory=set)
+    outputs: list[int] = field(default_factory=list)
+
+
+def safe_name(name: str) -> str:
+    return re.sub(r"\W", "_", name)
+
+
+class _Scheduler:
+    def __init__(self, graph: Graph, keys: list[str], entry: str) -> None:
+        self.g = graph
+        self.entry = entry
+        named = graph.results()
+        self.roots = {k: named[k] for k in keys}
+        self.plan: list[Node] = graph.plan(self.roots.values())
+        self.node = {n.id: n for n in self.plan}
+        self.users: dict[int, list[int]] = {n.id: [] for n in self.plan}
+        for n in self.plan:
+            for a in n.args:
+                self.users[a].append(n.id)
+        self.result_ids = set(self.roots.values())
+        self.buffers: dict[str, Buffer] = {}
+        self.view: dict[int, View] = {}
+        self.kernels: list[Kernel] = []
+        self.kernel_reads: list[set[int]] = []  # node values each kernel reads
+        self.kernel_writes: list[set[int]] = []
+        self.log: list[str] = []
+        # persistent name -> update node, for the updates this entry writes back
+        self.updates = {k.split(":", 1)[1]: v for k, v in self.roots.items()
+                        if k.startswith("update:")}
+        self.update_target = {v: k for k, v in self.updates.items()}
+
+    # ---- pass 1: groups, from the results backwards -------------------------------
+    def group(self) -> dict[int, _Group]:
+        group_of: dict[int, _Group] = {}
+        for n in reversed(self.plan):
+            kind = op_def(n.op).kind
+            if n.op in REDUCE:
+                g = _Group("reduce", self.node[n.args[0]].shape, n.id, {n.id}, [n.id])
+                group_of[n.id] = g
+            elif kind == "elementwise":
+                g_join, why = self._joinable(n, group_of)
+                if g_join is not None:
+                    g_join.members.add(n.id)
+                    if n.id in self.result_ids:
+                        g_join.outputs.append(n.id)
+                    group_of[n.id] = g_join
+                    self.log.append(f"  {self._desc(n)} fused into the group of "
+                                    f"%{g_join.founder}")
+                else:
+                    group_of[n.id] = _Group("elementwise", n.shape, n.id, {n.id}, [n.id])
+                    if why:
+                        self.log.append(f"  {self._desc(n)} starts a kernel: {why}")
+        return group_of
+
+    def _joinable(self, n: Node, group_of: dict[int, _Group]) -> tuple[_Group | None, str]:
+        users = self.users[n.id]
+        if not users:
+            return None, ""
+        groups = {id(group_of[u]): group_of[u] for u in users if u in group_of}
+        outside = [u for u in users if u not in group_of]
+        if outside:
+            ops = sorted({self.node[u].op for u in outside})
+            return None, f"read by {', '.join(ops)} (not fusable)"
+        if len(groups) > 1:
+            return None, f"its users are in {len(groups)} different kernels"
+        (g,) = groups.values()
+        is_result = n.id in self.result_ids
+        # A smaller node that broadcasts into the kernel is recomputed per element:
+        # cheaper than a kernel of its own and a round trip through memory.
+        if n.shape != g.shape and (is_result or not _broadcasts(n.shape, g.shape) or
+                                   _size(g.shape) > RECOMPUTE_LIMIT * max(n.size, 1)):
+            return None, f"shape {n.shape} differs from the kernel's {g.shape}"
+        if g.kind == "reduce" and is_result:
+            return None, "a reduction kernel writes only its reduced output"
+        return g, ""
+
+    def _desc(self, n: Node) -> str:
+        return f"%{n.id} {n.op}{list(n.shape)}"
+
+    # ---- pass 2: kernels, in graph order ------------------------------------------
+    def build(self) -> Schedule:
+        if any(n.dtype == "f64" for n in self.plan):
+            raise BackendError("compiled backends compute in float32; this model uses "
+                               "float64 (use backend='numpy' for float64)")
+        group_of = self.group()
+        inplace = self._inplace_targets(group_of)
+        for n in self.plan:
+            g = group_of.get(n.id)
+            if g is not None:
+                if g.founder == n.id:
+                    self._emit_group(g, inplace)
+                continue
+            self._emit_node(n)
+        results = self._results()
+        order = self._order()
+        if order is None:  # in-place writes cannot be ordered: write to temps, copy back
+            return _Scheduler(self.g, list(self.roots), self.entry)._build_without_inplace()
+        return self._finish(order, results)
+
+    def _build_without_inplace(self) -> Schedule:
+        group_of = self.group()
+        for n in self.plan:
+            g = group_of.get(n.id)
+            if g is not None:
+                if g.founder == n.id:
+                    self._emit_group(g, {})
+                continue
+            self._emit_node(n)
+        results = self._results()
+        order = self._order()
+        assert order is not None
+        return self._finish(order, results)
+
+    def _finish(self, order: list[int], results: dict[str, str]) -> Schedule:
+        kernels = [self.kernels[i] for i in order]
+        for i, k in enumerate(kernels):
+            k.name = f"{self.entry}_k{i:02d}_{k.name}"
+        used = {v.buffer for k in kernels for v in (*k.reads(), *k.writes())}
+        used |= set(results.values())
+        buffers = {k: b for k, b in self.buffers.items()
+                   if k in used or b.kind in ("input", "param", "state")}
+        return Schedule(self.entry, kernels, buffers, results, self.log)
+
+    def _inplace_targets(self, group_of: dict[int, _Group]) -> dict[int, str]:
+        """Update nodes that an elementwise group can write straight into their target."""
+        out = {}
+        for name, u in self.updates.items():
+            g = group_of.get(u)
+            if g is not None and g.kind == "elementwise" and u in g.outputs:
+                out[u] = name
+        return out
+
+    # ---- buffers and views --------------------------------------------------------
+    def _buffer(self, name: str, kind: str, dtype: str, size: int,
+                value: np.ndarray | None = None) -> Buffer:
+        buf = Buffer(name, kind, dtype, size, value)
+        self.buffers[name] = buf
+        return buf
+
+    def _temp(self, n: Node) -> View:
+        buf = self._buffer(f"t{n.id}", "temp", n.dtype, n.size)
+        return contiguous_view(buf, n.shape)
+
+    def _source_view(self, n: Node) -> View:
+        name = safe_name(n.name or "")
+        if n.op == "input":
+            buf = self._buffer(f"input_{name}", "input", n.dtype, n.size)
+        elif n.op == "param":
+            buf = self._buffer(f"param_{name}", "param", n.dtype, n.size)
+        elif n.op == "state":
+            buf = self._buffer(f"state_{name}", "state", n.dtype, n.size)
+        else:
+            buf = self._buffer(f"c{n.id}", "const", n.dtype, n.size, n.attrs["value"])
+        return contiguous_view(buf, n.shape)
+
+    def _persistent_view(self, name: str) -> View:
+        nid = self.g.persistent()[name]
+        n = self.g.node(nid)
+        kind = "param" if name in self.g.params else "state"
+        buf = self._buffer(f"{kind}_{safe_name(name)}", kind, n.dtype, n.size)
+        return contiguous_view(buf, n.shape)
+
+    def _add_kernel(self, k: Kernel, reads: set[int], writes: set[int]) -> None:
+        self.kernels.append(k)
+        self.kernel_reads.append(reads)
+        self.kernel_writes.append(writes)
+
+    def _copy(self, src: View, dst: View, reads: set[int], writes: set[int],
+              label: str = "copy") -> None:
+        x = sp.Symbol("x0", **_assumptions(src.dtype))
+        self._add_kernel(Elementwise(label, [label], dst.shape, {"x0": src}, [(dst, x)]),
+                         reads, writes)
+
+    def _contiguous(self, nid: int) -> View:
+        v = self.view[nid]
+        if v.contiguous:
+            return v
+        n = self.node[nid]
+        out = contiguous_view(self._buffer(f"t{nid}_c", "temp", n.dtype, n.size), n.shape)
+        self._copy(v, out, {nid}, {nid})
+        self.view[nid] = out
+        return out
+
+    # ---- emitting ------------------------------------------------------------------
+    def _emit_node(self, n: Node) -> None:
+        op = n.op
+        if op in ("input", "param", "state", "const"):
+            self.view[n.id] = self._source_view(n)
+        elif op in MOVEMENT:
+            self.view[n.id] = self._movement(n)
+        elif op == "matmul":
+            self._emit_matmul(n)
+        elif op in ("take", "scatter_add"):
+            self._emit_gather(n)
+        elif op.startswith("conv2d"):
+            self._emit_conv(n)
+        elif op == "concat":
+            self._emit_concat(n)
+        elif op == "unslice":
+            self._emit_unslice(n)
+        else:
+            raise BackendError(f"the scheduler has no kernel for op {op!r}", n.src)
+
+    def _movement(self, n: Node) -> View:
+        v = self.view[n.args[0]]
+        a = n.attrs
+        if n.op == "transpose":
+            return v.permute(tuple(a["perm"]))
+        if n.op == "expand":
+            return v.broadcast_to(n.shape)
+        if n.op == "slice":
+            offset = v.offset + sum(start * s for (start, _, _), s in zip(a["index"], v.strides,
+                                                                          strict=True))
+            strides = tuple(s * step for (_, _, step), s in zip(a["index"], v.strides,
+                                                                strict=True))
+            return View(v.buffer, v.dtype, offset, n.shape, strides)
+        # reshape: free when the input is laid out row-major
+        if not v.contiguous:
+            v = self._contiguous(n.args[0])
+        return View(v.buffer, v.dtype, v.offset, n.shape, row_major(n.shape))
+
+    def _emit_group(self, g: _Group, inplace: dict[int, str]) -> None:
+        symbols: dict[int, sp.Symbol] = {}
+        inputs: dict[str, View] = {}
+        reads: set[int] = set()
+        cache: dict[int, Any] = {}
+
+        def leaf(nid: int) -> Any:
+            n = self.node[nid]
+            if n.op == "const" and n.size == 1:
+                return _literal(n.attrs["value"].reshape(()).item(), n.dtype)
+            if nid not in symbols:
+                sym = sp.Symbol(f"x{len(symbols)}", **_assumptions(n.dtype))
+                symbols[nid] = sym
+                inputs[sym.name] = self.view[nid].broadcast_to(g.shape)
+                reads.add(nid)
+            return symbols[nid]
+
+        def expr(nid: int) -> Any:
+            if nid in cache:
+                return cache[nid]
+            n = self.node[nid]
+            if nid not in g.members or n.op in REDUCE:
+                e = leaf(nid)
+            elif n.op == "cast":
+                e = _cast(expr(n.args[0]), self.node[n.args[0]].dtype, n.dtype)
+            else:
+                opdef = op_def(n.op)
+                e = opdef.expr.xreplace(  # type: ignore[union-attr]
+                    {s: expr(a) for s, a in zip(opdef.symbols, n.args, strict=True)})
+            cache[nid] = e
+            return e
+
+        ops = sorted({self.node[m].op for m in g.members})
+        if g.kind == "reduce":
+            r = self.node[g.founder]
+            value = expr(r.args[0])
+            out = self._temp(r)
+            self.view[r.id] = out
+            keep = tuple(1 if i in r.attrs["axes"] else d for i, d in enumerate(g.shape))
+            kernel: Kernel = Reduce(
+                "reduce", ops, g.shape, tuple(r.attrs["axes"]),
+                "sum" if r.op == "reduce_sum" else "max", inputs, value,
+                View(out.buffer, out.dtype, 0, keep, row_major(keep)))
+            self._add_kernel(kernel, reads, {r.id})
+            return
+        outputs = []
+        for o in sorted(g.outputs):
+            n = self.node[o]
+            dst = self._persistent_view(inplace[o]) if o in inplace else self._temp(n)
+            self.view[o] = dst
+            outputs.append((dst.broadcast_to(g.shape) if n.shape != g.shape else dst, expr(o)))
+        label = safe_name("_".join(ops[:3]) if len(ops) <= 3 else "_".join(ops[:2]) + "_etc")
+        self._add_kernel(Elementwise(label, ops, g.shape, inputs, outputs), reads,
+                         set(g.outputs))
+
+    def _emit_matmul(self, n: Node) -> None:
+        a, b = (self.node[x] for x in n.args)
+        batch = n.shape[:-2]
+        av = self.view[a.id].broadcast_to((*batch, *a.shape[-2:]))
+        bv = self.view[b.id].broadcast_to((*batch, *b.shape[-2:]))
+        out = self._temp(n)
+        self.view[n.id] = out
+        self._add_kernel(Matmul("matmul", ["matmul"], batch, n.shape[-2], n.shape[-1],
+                                a.shape[-1], av, bv, out), {a.id, b.id}, {n.id})
+
+    def _emit_gather(self, n: Node) -> None:
+        out = self._temp(n)
+        self.view[n.id] = out
+        if n.op == "take":
+            table, ids = n.args
+            row_len = int(np.prod(self.node[table].shape[1:], dtype=np.int64))
+            k = Gather("gather", ["take"], False, self.node[table].shape[0], row_len,
+                       self._contiguous(ids), self._contiguous(table), out)
+        else:
+            ids, vals = n.args
+            row_len = int(np.prod(n.shape[1:], dtype=np.int64))
+            k = Gather("scatter_add", ["scatter_add"], True, n.attrs["size"], row_len,
+                       self._contiguous(ids), self._contiguous(vals), out)
+        self._add_kernel(k, set(n.args), {n.id})
+
+    def _emit_conv(self, n: Node) -> None:
+        lhs, rhs = n.args
+        a = n.attrs
+        if n.op == "conv2d":
+            (bn, c, h, w), (o, _, kh, kw) = self.node[lhs].shape, self.node[rhs].shape
+            mode = "forward"
+        elif n.op == "conv2d_input_grad":
+            (bn, c, h, w), (o, _, kh, kw) = a["x_shape"], self.node[rhs].shape
+            mode = "input_grad"
+        else:
+            (bn, c, h, w), (o, _, kh, kw) = self.node[lhs].shape, a["w_shape"]
+            mode = "weight_grad"
+        out = self._temp(n)
+        self.view[n.id] = out
+        self._add_kernel(Conv("conv", [n.op], mode, (bn, c, h, w, o, kh, kw),
+                              tuple(a["stride"]), tuple(a["padding"]),  # type: ignore[arg-type]
+                              self._contiguous(lhs), self._contiguous(rhs), out),
+                         {lhs, rhs}, {n.id})
+
+    def _emit_concat(self, n: Node) -> None:
+        out = self._temp(n)
+        self.view[n.id] = out
+        axis, start = n.attrs["axis"], 0
+        for x in n.args:
+            xs = self.node[x].shape
+            dst = View(out.buffer, out.dtype, start * out.strides[axis], xs, out.strides)
+            self._copy(self.view[x], dst, {x}, {n.id}, "concat")
+            start += xs[axis]
+
+    def _emit_unslice(self, n: Node) -> None:
+        out = self._temp(n)
+        self.view[n.id] = out
+        self._add_kernel(Elementwise("zero", ["unslice"], n.shape, {},
+                                     [(out, _literal(0, n.dtype))]), set(), {n.id})
+        index = n.attrs["index"]
+        offset = sum(start * s for (start, _, _), s in zip(index, out.strides, strict=True))
+        strides = tuple(s * step for (_, _, step), s in zip(index, out.strides, strict=True))
+        src = self.node[n.args[0]]
+        dst = View(out.buffer, out.dtype, offset, src.shape, strides)
+        self._copy(self.view[src.id], dst, {src.id}, {n.id}, "unslice")
+
+    # ---- results and order -----------------------------------------------------------
+    def _results(self) -> dict[str, str]:
+        results = {}
+        for key, nid in self.roots.items():
+            v = self.view[nid]
+            if key.startswith("update:"):
+                name = key.split(":", 1)[1]
+                dst = self._persistent_view(name)
+                if v != dst:  # not written in place: copy back after everything else
+                    self._copy(v, dst, {nid}, {-1}, "writeback")
+                continue
+            whole = v.contiguous and v.offset == 0 and \
+                self.buffers[v.buffer].kind == "temp" and self.buffers[v.buffer].size == v.size
+            if not whole:
+                n = self.node[nid]
+                dst = contiguous_view(self._buffer(f"r{nid}", "temp", n.dtype, n.size), n.shape)
+                self._copy(v, dst, {nid}, {-2 - nid}, "result")
+                v = dst
+            results[key] = v.buffer
+        return results
+
+    def _order(self) -> list[int] | None:
+        """Kernels in an order that respects data flow, and runs every reader of an old
+        param/state value before the kernel that overwrites it. None if impossible."""
+        dag = nx.DiGraph()
+        dag.add_nodes_from(range(len(self.kernels)))
+        producer = {}
+        for i, ws in enumerate(self.kernel_writes):
+            for w in ws:
+                producer.setdefault(w, i)
+        for i, rs in enumerate(self.kernel_reads):
+            for r in rs:
+                if r in producer and producer[r] != i:
+                    dag.add_edge(producer[r], i)
+        writebacks = [i for i, ws in enumerate(self.kernel_writes) if -1 in ws]
+        for name in self.updates:
+            old = self.g.persistent()[name]
+            target = self._persistent_view(name).buffer
+            writers = [i for i, k in enumerate(self.kernels)
+                       if any(v.buffer == target for v in k.writes())]
+            for w in writers:
+                for i, rs in enumerate(self.kernel_reads):
+                    if old in rs and i != w:
+                        dag.add_edge(i, w)
+                if self._unsafe_inplace(self.kernels[w], target):
+                    return None
+        for wb in writebacks:  # copies back run last
+            for i in range(len(self.kernels)):
+                if i not in writebacks:
+                    dag.add_edge(i, wb)
+        try:
+            return list(nx.lexicographical_topological_sort(dag))
+        except nx.NetworkXUnfeasible:
+            return None
+
+    @staticmethod
+    def _unsafe_inplace(k: Kernel, target: str) -> bool:
+        """Writing ``target`` in place is safe only where each element is read at the
+        same index it is written."""
+        if not isinstance(k, Elementwise):
+            return False
+        written = {v for v, _ in k.outputs if v.buffer == target}
+        return any(v.buffer == target and v not in written for v in k.inputs.values())
+
+
+def _size(shape: tuple[int, ...]) -> int:
+    return int(np.prod(shape, dtype=np.int64))
+
+
+def _broadcasts(small: tuple[int, ...], big: tuple[int, ...]) -> bool:
+    try:
+        return tuple(np.broadcast_shapes(small, big)) == tuple(big)
+    except ValueError:
+        return False
+
+
+def _assumptions(dtype: str) -> dict[str, bool]:
+    if dtype == "i32":
+        return {"integer": True}
+    if dtype == "bool":
+        return {}
+    return {"real": True}
+
+
+def _literal(value: Any, dtype: str) -> Any:
+    if dtype == "bool":
+        return sp.true if value else sp.false
+    if dtype == "i32":
+        return sp.Integer(int(value))
+    return sp.Float(float(value), 24)
+
+
+def _cast(e: Any, src: str, dst: str) -> Any:
+    if src == dst or (src in ("f32", "f64") and dst in ("f32", "f64")):
+        return e
+    if dst in ("f32", "f64"):
+        return ToFloat(e)
+    if dst == "i32":
+        return ToInt(e)
+    return ToBool(e)
+
+
+def schedule(graph: Graph, keys: list[str], entry: str) -> Schedule:
+    """The kernels that compute ``keys`` (result keys as in ``Graph.results``)."""
+    return _Scheduler(graph, keys, entry).build()
+
+
+def entry_points(graph: Graph) -> dict[str, list[str]]:
+    """The result keys of each entry point a step offers."""
+    entries = {"forward": [f"out:{k}" for k in graph.outputs]}
+    if graph.grads:
+        entries["grads"] = [f"grad:{k}" for k in graph.grads]
+    if graph.updates:
+        entries["train"] = ["out:loss", *(f"update:{k}" for k in graph.updates)]
+    return entries
