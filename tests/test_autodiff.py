@@ -7,9 +7,9 @@ differences of the gradient itself.
 
 import numpy as np
 import pytest
-from ferrograd.ir.builder import Var
 
 import ferrograd as fg
+from ferrograd.ir.builder import Var
 
 RNG = np.random.default_rng(1234)
 

@@ -8,12 +8,12 @@ from collections import Counter
 
 import numpy as np
 import pytest
+
+import ferrograd as fg
 from ferrograd.ir import passes
 from ferrograd.ir.builder import Var, apply, building, constant
 from ferrograd.ir.passes import constant_fold as fold
 from ferrograd.ir.passes import cse, dce, simplify
-
-import ferrograd as fg
 
 
 def ops(graph: fg.Graph) -> Counter:

@@ -6,10 +6,10 @@ import os
 
 import numpy as np
 import pytest
-from ferrograd.ir.ops import lookup
 from safetensors.numpy import load_file, save_file
 
 import ferrograd as fg
+from ferrograd.ir.ops import lookup
 
 B = 6
 

@@ -90,7 +90,11 @@ class RustPrinter(RustCodePrinter):
         """``e`` as the receiver of a method call: literals need their type."""
         if e.is_Number or e.is_NumberSymbol:
             lit = rust_f32(float(e))
-            return lit if not lit[0].isdigit() else f"{lit}_f32"
+            if lit[0].isdigit():
+                lit += "_f32"
+            elif lit.startswith("-") and lit[1].isdigit():
+                lit = f"({lit}_f32)"  # -1.0.max(x) would parse as -(1.0.max(x))
+            return lit
         text = self._print(e)
         return text if e.is_Symbol else f"({text})"
 
@@ -257,11 +261,14 @@ def fallible(k: Kernel) -> bool:
 
 
 def _unused_row(text: str) -> str:
-    """Name the enumerate index ``_row`` where the body never uses it."""
-    head, sep, body = text.partition("|(row, ")
-    if sep and "row" not in body.replace("(row, ", "", 0).split("|", 1)[1]:
-        return head + "|(_row, " + body
-    return text
+    """Drop ``.enumerate()`` where the body never uses the row index."""
+    head, sep, rest = text.partition(".enumerate().for_each(|(row, ")
+    if not sep:
+        return text
+    inner, _, body = rest.partition(")| {")
+    if "row" in body:
+        return text
+    return f"{head}.for_each(|{inner}| {{{body}"
 
 
 def render_kernel(k: Kernel, dtypes: dict[str, str]) -> str:
@@ -342,7 +349,7 @@ def _elementwise(out: IndentedBuffer, k: Elementwise, args: KernelArgs) -> None:
         it += f".with_min_len({max(1, GRAIN // row_len)})"
     aliased = {v.buffer: name for v, name in zip(outs, names, strict=True)}
     with out.indent(f"{it}.enumerate().for_each(|(row, {pat})| {{", "});"):
-        coords = _unravel(out, "row", outer, "r")
+        coords = _unravel(out, "row", outer, "r", [st[:-1] for st in strides[n_out:]])
         out.line(f"let n = {names[0]}.len();")
         loads = []
         for (sym, v), st in zip(k.inputs.items(), strides[n_out:], strict=True):
@@ -430,7 +437,7 @@ def _reduce(out: IndentedBuffer, k: Reduce, args: KernelArgs) -> None:
     if par:
         it += f".with_min_len({max(1, GRAIN * count // max(total, 1))})"
     with out.indent(f"{it}.enumerate().for_each(|(row, acc_out)| {{", "});"):
-        coords = _unravel(out, "row", ksizes, "r")
+        coords = _unravel(out, "row", ksizes, "r", kstrides)
         init = "0.0_f64" if sum_ else "f32::NEG_INFINITY"
         out.line(f"let mut acc = {init};")
         loops = [f"i{d}" for d in range(len(rsizes))]
@@ -456,18 +463,22 @@ def _tail(v: View, n: int) -> View:
     return View(v.buffer, v.dtype, v.offset, v.shape[n:], v.strides[n:])
 
 
-def _unravel(out: IndentedBuffer, flat: str, sizes: list[int], prefix: str) -> list[str]:
-    """Names of the coordinates of ``flat`` over ``sizes`` (row-major), bound by ``let``."""
+def _unravel(out: IndentedBuffer, flat: str, sizes: list[int], prefix: str,
+             strides: list[list[int]]) -> list[str]:
+    """Names of the coordinates of ``flat`` over ``sizes`` (row-major), bound by ``let``
+    where some view steps along them (``strides``: per view, one per dim)."""
     if len(sizes) <= 1:
         return [flat] if sizes else []
     names = []
     for d in range(len(sizes)):
+        names.append(f"{prefix}{d}")
+        if not any(s[d] for s in strides):
+            continue
         inner = int(np.prod(sizes[d + 1:]))
         expr = f"{flat} / {inner}" if d == 0 else f"{flat} / {inner} % {sizes[d]}"
         if d == len(sizes) - 1:
             expr = f"{flat} % {sizes[d]}"
         out.line(f"let {prefix}{d} = {expr};")
-        names.append(f"{prefix}{d}")
     return names
 
 

@@ -26,6 +26,7 @@ pub mod conv;
 pub mod error;
 pub mod gather;
 pub mod gemm;
+pub mod math;
 pub mod py;
 pub mod threads;
 

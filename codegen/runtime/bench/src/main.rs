@@ -1,6 +1,6 @@
 //! GFLOP/s of `gemm` and `matrixmultiply` on the shapes ferrograd's examples
-//! use. Each figure is the best of 15 rounds of ~20 ms, which is robust to
-//! other processes on a shared machine.
+//! use. Each figure is the best of 30 rounds of ~10 ms, interleaved between
+//! the variants, which is robust to other processes on a shared machine.
 //!
 //! Columns: `gemm 1t` / `gemm rayon` (gemm's own Parallelism::None / Rayon),
 //! `mm 1t` (matrixmultiply, one thread), `mm split` (matrixmultiply on row or
@@ -9,30 +9,41 @@
 
 use std::time::Instant;
 
-fn best_gflops<F: FnMut()>(flops: f64, mut f: F) -> f64 {
-    for _ in 0..3 {
-        f();
-    }
+/// Seconds per call: the best of 5 rounds of ~10 ms.
+fn best_time(f: &mut dyn FnMut()) -> f64 {
+    f();
     let mut iters = 1usize;
     loop {
         let t = Instant::now();
         for _ in 0..iters {
             f();
         }
-        if t.elapsed().as_secs_f64() > 0.02 {
+        if t.elapsed().as_secs_f64() > 0.01 {
             break;
         }
         iters *= 2;
     }
     let mut best = f64::INFINITY;
-    for _ in 0..15 {
+    for _ in 0..5 {
         let t = Instant::now();
         for _ in 0..iters {
             f();
         }
         best = best.min(t.elapsed().as_secs_f64() / iters as f64);
     }
-    flops / best / 1e9
+    best
+}
+
+/// GFLOP/s of each variant: rounds interleave the variants, so that a burst of
+/// load from other processes does not favour one; best time over the rounds.
+fn compare(flops: f64, variants: &mut [&mut dyn FnMut()]) -> Vec<f64> {
+    let mut best = vec![f64::INFINITY; variants.len()];
+    for _ in 0..6 {
+        for (b, f) in best.iter_mut().zip(variants.iter_mut()) {
+            *b = b.min(best_time(*f));
+        }
+    }
+    best.iter().map(|t| flops / t / 1e9).collect()
 }
 
 #[derive(Clone, Copy)]
@@ -89,10 +100,15 @@ fn main() {
         ("A^T.B 784x128x256", 784, 128, 256, true, false),
         ("A.B^T 128x256x784", 128, 256, 784, false, true),
         ("A.B^T 128x10x256", 128, 10, 256, false, true),
+        // Around the runtime's PAR_FLOPS threshold (2^22 = 4.2 MFLOP).
+        ("32x256x128 (2.1M)", 32, 256, 128, false, false),
+        ("64x256x128 (4.2M)", 64, 256, 128, false, false),
+        ("64x512x128 (8.4M)", 64, 512, 128, false, false),
     ];
     let threads = rayon::current_num_threads();
     let mm_threading = cfg!(feature = "mm-threading");
-    println!("rayon threads: {threads}; matrixmultiply threading: {mm_threading}");
+    println!("rayon threads: {threads}; AVX-512 kernels: {}; matrixmultiply threading: \
+              {mm_threading}", cfg!(feature = "avx512"));
     println!("{:<20} {:>8} {:>10} {:>8} {:>8}", "M x K x N", "gemm 1t", "gemm rayon",
              if mm_threading { "mm thr" } else { "mm 1t" }, "mm split");
     for &(name, m, k, n, ta, tb) in shapes {
@@ -104,21 +120,25 @@ fn main() {
         let (brs, bcs) = if tb { (1, k as isize) } else { (n as isize, 1) };
         let flops = 2.0 * (m * n * k) as f64;
         let (ap, bp, cp) = (P(a.as_ptr()), P(b.as_ptr()), Pm(c.as_mut_ptr()));
-        let gemm_with = |par| {
-            best_gflops(flops, || unsafe {
+        let par = gemm::Parallelism::Rayon(threads);
+        let r = compare(flops, &mut [
+            &mut || unsafe {
+                gemm::gemm(m, n, k, cp.get(), 1, n as isize, false, ap.get(), acs, ars, bp.get(),
+                           bcs, brs, 0.0, 1.0, false, false, false, gemm::Parallelism::None)
+            },
+            &mut || unsafe {
                 gemm::gemm(m, n, k, cp.get(), 1, n as isize, false, ap.get(), acs, ars, bp.get(),
                            bcs, brs, 0.0, 1.0, false, false, false, par)
-            })
-        };
-        let g1 = gemm_with(gemm::Parallelism::None);
-        let gr = gemm_with(gemm::Parallelism::Rayon(threads));
-        let mm1 = best_gflops(flops, || unsafe {
-            matrixmultiply::sgemm(m, k, n, 1.0, ap.get(), ars, acs, bp.get(), brs, bcs, 0.0,
-                                  cp.get(), n as isize, 1)
-        });
-        let mms = best_gflops(flops, || unsafe {
-            mm_split(m, k, n, ap, ars, acs, bp, brs, bcs, cp, n as isize, 1, threads)
-        });
+            },
+            &mut || unsafe {
+                matrixmultiply::sgemm(m, k, n, 1.0, ap.get(), ars, acs, bp.get(), brs, bcs, 0.0,
+                                      cp.get(), n as isize, 1)
+            },
+            &mut || unsafe {
+                mm_split(m, k, n, ap, ars, acs, bp, brs, bcs, cp, n as isize, 1, threads)
+            },
+        ]);
+        let (g1, gr, mm1, mms) = (r[0], r[1], r[2], r[3]);
         println!("{name:<20} {g1:>8.1} {gr:>10.1} {mm1:>8.1} {mms:>8.1}");
         std::hint::black_box(&c);
     }
