@@ -515,7 +515,7 @@ def test_lower_is_deterministic_and_fingerprints_options():
     assert len({a.fingerprint, c.fingerprint, d.fingerprint}) == 3
 
 
-@pytest.mark.parametrize("backend", ["cpu", "cuda", "wgsl"])
+@pytest.mark.parametrize("backend", ["cuda", "wgsl"])
 def test_backends_not_yet_available_raise_backend_error(backend):
     with pytest.raises(fg.BackendError) as err:
         fg.compile(mlp, optimizer=fg.optim.SGD(lr=0.1), backend=backend, B=B)
