@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--steps", type=int, default=None,
                         help="stop after this many steps (default: run all epochs)")
     parser.add_argument("--epochs", type=int, default=25)
-    parser.add_argument("--backend", default="numpy")
+    parser.add_argument("--backend", default="cpu", help="cpu (compiled Rust) or numpy")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--channels", type=int, default=8)

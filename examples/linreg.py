@@ -34,7 +34,7 @@ def linreg(x: fg.f32["N", "D"], y: fg.f32["N", 1]):
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--backend", default="numpy")
+    parser.add_argument("--backend", default="cpu", help="cpu (compiled Rust) or numpy")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--features", type=int, default=8)

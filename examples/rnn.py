@@ -49,7 +49,7 @@ def make_batch(rng: np.random.Generator, batch_size: int, length: int):
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--backend", default="numpy")
+    parser.add_argument("--backend", default="cpu", help="cpu (compiled Rust) or numpy")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--length", type=int, default=15, help="sequence length (odd)")

@@ -76,7 +76,7 @@ def greedy_continue(step, prompt: np.ndarray, n_chars: int, batch_size: int) -> 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--backend", default="numpy")
+    parser.add_argument("--backend", default="cpu", help="cpu (compiled Rust) or numpy")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--context", type=int, default=32)

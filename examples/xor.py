@@ -28,7 +28,7 @@ def xor_net(x: fg.f32[4, 2], y: fg.f32[4, 1]):
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=500)
-    parser.add_argument("--backend", default="numpy")
+    parser.add_argument("--backend", default="cpu", help="cpu (compiled Rust) or numpy")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--momentum", type=float, default=0.9)

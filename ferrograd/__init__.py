@@ -6,6 +6,7 @@
 ... def linreg(x: fg.f32["N", 2], y: fg.f32["N"]):
 ...     return fg.mse(fg.nn.linear(x, 1).reshape(-1), y)
 >>> step = fg.compile(linreg, optimizer=fg.optim.SGD(lr=0.5), backend="numpy", N=8)
+>>> # backend="cpu" (the default) builds the same step as a Rust module
 >>> x = np.random.default_rng(0).normal(size=(8, 2)).astype(np.float32)
 >>> y = x @ np.array([1.0, -2.0], np.float32) + 0.5
 >>> losses = [step(x, y) for _ in range(100)]

@@ -8,8 +8,8 @@
 //! slice must hold every element the strides reach, and the output's elements
 //! must not overlap; anything else is an [`Error::Layout`], never a panic.
 //!
-//! The micro-kernels are `matrixmultiply`'s (runtime-detected AVX-512 / AVX2 /
-//! SSE2; see README.md for why this crate). Products below [`PAR_FLOPS`] run on
+//! The micro-kernels are those of the `gemm` crate (AVX-512, AVX2+FMA or
+//! scalar, chosen at run time; see README.md for why this crate). Products below [`PAR_FLOPS`] run on
 //! the calling thread; larger ones are split into row (or column) blocks of the
 //! output over the rayon pool, which is the same pool the generated kernels use,
 //! so nothing is oversubscribed.
@@ -123,40 +123,38 @@ pub fn sgemm_batched(
     let a = ConstPtr(a.as_ptr());
     let b = ConstPtr(b.as_ptr());
     let c = MutPtr(c.as_mut_ptr());
+    // Batch item `p` as raw parts (wrapping_offset: plain arithmetic, valid
+    // even where a zero extent makes an operand empty).
     let item = move |p: usize| {
         let p = p as isize;
-        // SAFETY: the spans were checked above, so every element that the
-        // offsets and strides reach lies inside its slice; C's elements are
-        // pairwise distinct (check_disjoint), so items write disjoint memory.
-        unsafe {
-            Gemm {
-                m,
-                n,
-                k,
-                a: a.get().wrapping_offset(p * ab),
-                ar,
-                ac,
-                b: b.get().wrapping_offset(p * bb),
-                br,
-                bc,
-                c: c.get().wrapping_offset(p * cb),
-                cr,
-                cc,
-                accumulate,
-            }
+        Gemm {
+            m,
+            n,
+            k,
+            a: a.get().wrapping_offset(p * ab),
+            ar,
+            ac,
+            b: b.get().wrapping_offset(p * bb),
+            br,
+            bc,
+            c: c.get().wrapping_offset(p * cb),
+            cr,
+            cc,
+            accumulate,
         }
     };
     let threads = rayon::current_num_threads();
+    // SAFETY (all three): the spans were checked above, so every element an
+    // item's pointers and strides reach lies inside its slice, and C's
+    // elements are pairwise distinct (check_disjoint), so items running in
+    // parallel write disjoint memory.
     if flops < PAR_FLOPS || threads == 1 {
-        // SAFETY: see `item`.
         (0..batch).for_each(|p| unsafe { item(p).run_serial() });
     } else if batch >= threads {
-        // SAFETY: see `item`; distinct batch items write distinct elements of C.
         (0..batch)
             .into_par_iter()
             .for_each(|p| unsafe { item(p).run_serial() });
     } else {
-        // SAFETY: see `item`.
         (0..batch).for_each(|p| unsafe { item(p).run_split(threads) });
     }
     Ok(())
@@ -281,13 +279,30 @@ impl Gemm {
             }
             return;
         }
-        let beta = if self.accumulate { 1.0 } else { 0.0 };
-        // SAFETY: the contract above is matrixmultiply's (it reads C only
-        // when beta != 0).
+        // SAFETY: the contract above is gemm's. With read_dst = false it only
+        // writes C (C = 1·A·B); with true, C = 1·C + 1·A·B. Note gemm's
+        // argument order: column stride before row stride.
         unsafe {
-            matrixmultiply::sgemm(
-                self.m, self.k, self.n, 1.0, self.a, self.ar, self.ac, self.b, self.br, self.bc,
-                beta, self.c, self.cr, self.cc,
+            gemm::gemm(
+                self.m,
+                self.n,
+                self.k,
+                self.c,
+                self.cc,
+                self.cr,
+                self.accumulate,
+                self.a,
+                self.ac,
+                self.ar,
+                self.b,
+                self.bc,
+                self.br,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
             )
         };
     }

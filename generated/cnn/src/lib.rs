@@ -510,7 +510,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `cnn`.
-#[pyclass(module = "fg_cnn_495b6410f0fe")]
+#[pyclass(module = "fg_cnn_891d9d03f9e7")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -644,7 +644,7 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_cnn_495b6410f0fe(m: &Bound<'_, PyModule>) -> PyResult<()> {
+fn fg_cnn_891d9d03f9e7(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Step>()?;
     Ok(())
 }

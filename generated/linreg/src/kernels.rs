@@ -53,7 +53,7 @@ pub fn forward_k02_mul(t8: &[f32], t10: &mut [f32]) {
 
 /// elementwise: add, mul, sub over [64, 1].
 pub fn grads_k01_add_mul_sub(
-    c32: &[f32],
+    c95: &[f32],
     t4: &[f32],
     param_b: &[f32],
     input_y: &[f32],
@@ -61,7 +61,7 @@ pub fn grads_k01_add_mul_sub(
 ) {
     t18[0..64].chunks_mut(64).enumerate().for_each(|(row, o0)| {
         let n = o0.len();
-        let x0 = c32[0];
+        let x0 = c95[0];
         let x1_row = &t4[row * 64..][..n];
         let x2 = param_b[0];
         let x3_row = &input_y[row * 64..][..n];
@@ -130,11 +130,29 @@ pub fn train_k02_reduce(t6: &[f32], t8: &mut [f32]) {
     });
 }
 
+/// elementwise: add.
+pub fn train_k04_add(state_step: &mut [f32]) {
+    let x0 = state_step[0];
+    state_step[0] = x0 + 1.0;
+}
+
+/// elementwise: pow, sqrt, sub.
+pub fn train_k05_pow_sqrt_sub(state_step: &[f32], t53: &mut [f32]) {
+    let x0 = state_step[0];
+    t53[0] = (1.0 - 0.999_f32.powf(x0)).sqrt();
+}
+
+/// elementwise: div, pow, sub.
+pub fn train_k06_div_pow_sub(state_step: &[f32], t58: &mut [f32]) {
+    let x0 = state_step[0];
+    t58[0] = 0.01 / (1.0 - 0.9_f32.powf(x0));
+}
+
 /// elementwise: add, mul over [64, 1].
-pub fn train_k04_add_mul(c32: &[f32], t6: &[f32], t18: &mut [f32]) {
+pub fn train_k07_add_mul(c95: &[f32], t6: &[f32], t18: &mut [f32]) {
     t18[0..64].chunks_mut(64).enumerate().for_each(|(row, o0)| {
         let n = o0.len();
-        let x0 = c32[0];
+        let x0 = c95[0];
         let x1_row = &t6[row * 64..][..n];
         for j in 0..n {
             let x1 = x1_row[j];
@@ -143,25 +161,57 @@ pub fn train_k04_add_mul(c32: &[f32], t6: &[f32], t18: &mut [f32]) {
     });
 }
 
-/// elementwise: mul, sub over [3, 1].
-pub fn train_k07_mul_sub(t25: &[f32], param_w: &mut [f32]) {
-    param_w[0..3]
+/// elementwise: add, div, mul, sqrt, sub over [3, 1].
+pub fn train_k10_add_div_etc(
+    t25: &[f32],
+    t58: &[f32],
+    t53: &[f32],
+    state_exp_avg_w: &mut [f32],
+    state_exp_avg_sq_w: &mut [f32],
+    param_w: &mut [f32],
+) {
+    state_exp_avg_w[0..3]
         .chunks_mut(3)
+        .zip(state_exp_avg_sq_w[0..3].chunks_mut(3))
+        .zip(param_w[0..3].chunks_mut(3))
         .enumerate()
-        .for_each(|(row, o0)| {
+        .for_each(|(row, ((o0, o1), o2))| {
             let n = o0.len();
             let x1_row = &t25[row * 3..][..n];
+            let x4 = t58[0];
+            let x5 = t53[0];
             for j in 0..n {
                 let x0 = o0[j];
                 let x1 = x1_row[j];
-                o0[j] = x0 - 0.1 * x1;
+                let x2 = o1[j];
+                let x3 = o2[j];
+                let t0 = 0.9 * x0 + 0.1 * x1;
+                let t1 = 0.001 * x1.powi(2) + 0.999 * x2;
+                o0[j] = t0;
+                o1[j] = t1;
+                o2[j] = -t0 * x4 / (t1.sqrt() / x5 + 0.00000001) + 0.9999 * x3;
             }
         });
 }
 
-/// elementwise: mul, sub over [1].
-pub fn train_k08_mul_sub(t20: &[f32], param_b: &mut [f32]) {
-    let x0 = param_b[0];
+/// elementwise: add, div, mul, sqrt, sub over [1].
+pub fn train_k11_add_div_etc(
+    t20: &[f32],
+    t58: &[f32],
+    t53: &[f32],
+    state_exp_avg_b: &mut [f32],
+    state_exp_avg_sq_b: &mut [f32],
+    param_b: &mut [f32],
+) {
+    let x0 = state_exp_avg_b[0];
     let x1 = t20[0];
-    param_b[0] = x0 - 0.1 * x1;
+    let x2 = state_exp_avg_sq_b[0];
+    let x3 = param_b[0];
+    let x4 = t58[0];
+    let x5 = t53[0];
+    let t0 = 0.9 * x0 + 0.1 * x1;
+    let t1 = 0.001 * x1.powi(2) + 0.999 * x2;
+    state_exp_avg_b[0] = t0;
+    state_exp_avg_sq_b[0] = t1;
+    param_b[0] = -t0 * x4 / (t1.sqrt() / x5 + 0.00000001) + 0.9999 * x3;
 }

@@ -3,7 +3,7 @@
 //! `Step` holds the params, the optimizer state and one arena per dtype for
 //! intermediates (offsets from the memory plan, below). Each entry point
 //! (forward, grads, train) calls the kernels of `kernels.rs` in order.
-//! Training graph 87f7a0d7cbe3228f.
+//! Training graph 977e694250e91d23.
 
 use ferrograd_runtime as rt;
 use numpy::{PyReadonlyArrayDyn, PyUntypedArrayMethods};
@@ -16,8 +16,8 @@ mod kernels;
 static CONSTS: &[u8] = include_bytes!("consts.bin");
 
 const PARAM_LEN: usize = 32;
-const STATE_LEN: usize = 0;
-const TEMP_F32_LEN: usize = 144;
+const STATE_LEN: usize = 80;
+const TEMP_F32_LEN: usize = 176;
 const TEMP_I32_LEN: usize = 0;
 const TEMP_BOOL_LEN: usize = 0;
 const CONST_F32_LEN: usize = 1;
@@ -116,7 +116,7 @@ impl Arenas {
         Ok(())
     }
 
-    /// `train`: 9 kernels.
+    /// `train`: 12 kernels.
     fn train(&mut self, input_x: &[f32], input_y: &[f32]) -> Result<(), rt::Error> {
         let a = &*self;
         // SAFETY: the memory plan gives buffers that are live at the same time
@@ -132,7 +132,10 @@ impl Arenas {
             );
             kernels::train_k02_reduce(a.temp_f32.slice(64, 64), a.temp_f32.slice_mut(0, 1));
             kernels::forward_k02_mul(a.temp_f32.slice(0, 1), a.temp_f32.slice_mut(128, 1));
-            kernels::train_k04_add_mul(
+            kernels::train_k04_add(a.state.slice_mut(0, 1));
+            kernels::train_k05_pow_sqrt_sub(a.state.slice(0, 1), a.temp_f32.slice_mut(144, 1));
+            kernels::train_k06_div_pow_sub(a.state.slice(0, 1), a.temp_f32.slice_mut(160, 1));
+            kernels::train_k07_add_mul(
                 a.const_f32.slice(0, 1),
                 a.temp_f32.slice(64, 64),
                 a.temp_f32.slice_mut(0, 64),
@@ -143,19 +146,40 @@ impl Arenas {
                 a.temp_f32.slice(0, 64),
                 a.temp_f32.slice_mut(64, 3),
             )?;
-            kernels::train_k07_mul_sub(a.temp_f32.slice(64, 3), a.param.slice_mut(0, 3));
-            kernels::train_k08_mul_sub(a.temp_f32.slice(80, 1), a.param.slice_mut(16, 1));
+            kernels::train_k10_add_div_etc(
+                a.temp_f32.slice(64, 3),
+                a.temp_f32.slice(160, 1),
+                a.temp_f32.slice(144, 1),
+                a.state.slice_mut(16, 3),
+                a.state.slice_mut(32, 3),
+                a.param.slice_mut(0, 3),
+            );
+            kernels::train_k11_add_div_etc(
+                a.temp_f32.slice(80, 1),
+                a.temp_f32.slice(160, 1),
+                a.temp_f32.slice(144, 1),
+                a.state.slice_mut(48, 1),
+                a.state.slice_mut(64, 1),
+                a.param.slice_mut(16, 1),
+            );
         }
         Ok(())
     }
 }
 
 /// Where each param and state buffer lives: (name, arena, offset, shape).
-const PERSISTENT: &[(&str, &str, usize, &[usize])] =
-    &[("w", "param", 0, &[3, 1]), ("b", "param", 16, &[1])];
+const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
+    ("w", "param", 0, &[3, 1]),
+    ("b", "param", 16, &[1]),
+    ("step", "state", 0, &[]),
+    ("exp_avg:w", "state", 16, &[3, 1]),
+    ("exp_avg_sq:w", "state", 32, &[3, 1]),
+    ("exp_avg:b", "state", 48, &[1]),
+    ("exp_avg_sq:b", "state", 64, &[1]),
+];
 
 /// The compiled training step of `linreg`.
-#[pyclass(module = "fg_linreg_a7fb18938a07")]
+#[pyclass(module = "fg_linreg_009f19ad0889")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -273,7 +297,7 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_linreg_a7fb18938a07(m: &Bound<'_, PyModule>) -> PyResult<()> {
+fn fg_linreg_009f19ad0889(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Step>()?;
     Ok(())
 }

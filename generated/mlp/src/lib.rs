@@ -441,7 +441,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `mlp`.
-#[pyclass(module = "fg_mlp_046a3725b35a")]
+#[pyclass(module = "fg_mlp_972562a1dc00")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -569,7 +569,7 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_mlp_046a3725b35a(m: &Bound<'_, PyModule>) -> PyResult<()> {
+fn fg_mlp_972562a1dc00(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Step>()?;
     Ok(())
 }

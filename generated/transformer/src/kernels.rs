@@ -1005,12 +1005,7 @@ pub fn grads_k44_add_mul(
 }
 
 /// elementwise: eq, mul, where over [16, 20].
-pub fn grads_k50_eq_mul_where(
-    input_targets: &[i32],
-    c110: &[i32],
-    c1065: &[f32],
-    t136: &mut [f32],
-) {
+pub fn grads_k50_eq_mul_where(input_targets: &[i32], c110: &[i32], c490: &[f32], t136: &mut [f32]) {
     t136[0..320]
         .chunks_mut(20)
         .enumerate()
@@ -1018,7 +1013,7 @@ pub fn grads_k50_eq_mul_where(
             let n = o0.len();
             let x0 = input_targets[row];
             let x1_row = &c110[0..][..n];
-            let x2 = c1065[row];
+            let x2 = c490[row];
             for j in 0..n {
                 let x1 = x1_row[j];
                 o0[j] = if x0 == x1 { x2 } else { 0.0 };
@@ -1989,8 +1984,8 @@ pub fn grads_k104_reduce(t292: &[f32], t294: &mut [f32]) {
 }
 
 /// elementwise: copy over [2, 8, 2, 8].
-pub fn grads_k105_copy(t262: &[f32], t1060_c: &mut [f32]) {
-    t1060_c[0..256]
+pub fn grads_k105_copy(t262: &[f32], t485_c: &mut [f32]) {
+    t485_c[0..256]
         .chunks_mut(16)
         .enumerate()
         .for_each(|(row, o0)| {
@@ -2005,14 +2000,14 @@ pub fn grads_k105_copy(t262: &[f32], t1060_c: &mut [f32]) {
 }
 
 /// reduce: reduce_sum over [2, 8, 16].
-pub fn grads_k106_reduce(t1060_c: &[f32], t276: &mut [f32]) {
+pub fn grads_k106_reduce(t485_c: &[f32], t276: &mut [f32]) {
     t276[0..16]
         .iter_mut()
         .enumerate()
         .for_each(|(row, acc_out)| {
             let mut acc = 0.0_f64;
             for i0 in 0..16 {
-                let x0 = t1060_c[row + i0 * 16];
+                let x0 = t485_c[row + i0 * 16];
                 acc += f64::from(x0);
             }
             *acc_out = acc as f32;
@@ -2021,7 +2016,7 @@ pub fn grads_k106_reduce(t1060_c: &[f32], t276: &mut [f32]) {
 
 /// matmul: matmul over [2].
 pub fn grads_k107_matmul(
-    t1060_c: &[f32],
+    t485_c: &[f32],
     param_attn_k_weight: &[f32],
     t279: &mut [f32],
 ) -> Result<(), rt::Error> {
@@ -2030,7 +2025,7 @@ pub fn grads_k107_matmul(
         8,
         16,
         16,
-        &t1060_c[0..],
+        &t485_c[0..],
         (128, 16, 1),
         &param_attn_k_weight[0..],
         (0, 1, 16),
@@ -2042,7 +2037,7 @@ pub fn grads_k107_matmul(
 }
 
 /// matmul: matmul over [2].
-pub fn grads_k108_matmul(t21: &[f32], t1060_c: &[f32], t281: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k108_matmul(t21: &[f32], t485_c: &[f32], t281: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         2,
         16,
@@ -2050,7 +2045,7 @@ pub fn grads_k108_matmul(t21: &[f32], t1060_c: &[f32], t281: &mut [f32]) -> Resu
         8,
         &t21[0..],
         (128, 1, 16),
-        &t1060_c[0..],
+        &t485_c[0..],
         (128, 16, 1),
         &mut t281[0..],
         (256, 16, 1),
@@ -2273,26 +2268,8 @@ pub fn grads_k121_scatter_add(
     Ok(())
 }
 
-/// elementwise: add.
-pub fn train_k15_add(state_step: &mut [f32]) {
-    let x0 = state_step[0];
-    state_step[0] = x0 + 1.0;
-}
-
-/// elementwise: pow, sqrt, sub.
-pub fn train_k16_pow_sqrt_sub(state_step: &[f32], t353: &mut [f32]) {
-    let x0 = state_step[0];
-    t353[0] = (1.0 - 0.999_f32.powf(x0)).sqrt();
-}
-
-/// elementwise: div, pow, sub.
-pub fn train_k17_div_pow_sub(state_step: &[f32], t358: &mut [f32]) {
-    let x0 = state_step[0];
-    t358[0] = 0.01 / (1.0 - 0.9_f32.powf(x0));
-}
-
 /// elementwise: eq over [16, 20].
-pub fn train_k53_eq(input_targets: &[i32], c110: &[i32], t111: &mut [u8]) {
+pub fn train_k50_eq(input_targets: &[i32], c110: &[i32], t111: &mut [u8]) {
     t111[0..320]
         .chunks_mut(20)
         .enumerate()
@@ -2308,7 +2285,7 @@ pub fn train_k53_eq(input_targets: &[i32], c110: &[i32], t111: &mut [u8]) {
 }
 
 /// reduce: log, reduce_sum, sub, where over [16, 20].
-pub fn train_k54_reduce(t111: &[u8], t114: &[f32], t116: &[f32], t121: &mut [f32]) {
+pub fn train_k51_reduce(t111: &[u8], t114: &[f32], t116: &[f32], t121: &mut [f32]) {
     t121[0..16]
         .iter_mut()
         .enumerate()
@@ -2325,14 +2302,14 @@ pub fn train_k54_reduce(t111: &[u8], t114: &[f32], t116: &[f32], t121: &mut [f32
 }
 
 /// elementwise: mul, where over [16, 20].
-pub fn train_k57_mul_where(t111: &[u8], c1065: &[f32], t136: &mut [f32]) {
+pub fn train_k54_mul_where(t111: &[u8], c490: &[f32], t136: &mut [f32]) {
     t136[0..320]
         .chunks_mut(20)
         .enumerate()
         .for_each(|(row, o0)| {
             let n = o0.len();
             let x0_row = &t111[row * 20..][..n];
-            let x1 = c1065[row];
+            let x1 = c490[row];
             for j in 0..n {
                 let x0 = x0_row[j] != 0;
                 o0[j] = if x0 { x1 } else { 0.0 };
@@ -2340,728 +2317,508 @@ pub fn train_k57_mul_where(t111: &[u8], c1065: &[f32], t136: &mut [f32]) {
         });
 }
 
-/// elementwise: add, div, mul, sqrt, sub over [16, 16].
-pub fn train_k112_add_div_etc(
+/// elementwise: add, mul, sub over [16, 16].
+pub fn train_k109_add_mul_sub(
     t294: &[f32],
-    t358: &[f32],
-    t353: &[f32],
-    state_exp_avg_attn_q_weight: &mut [f32],
-    state_exp_avg_sq_attn_q_weight: &mut [f32],
+    state_momentum_buffer_attn_q_weight: &mut [f32],
     param_attn_q_weight: &mut [f32],
 ) {
-    state_exp_avg_attn_q_weight[0..256]
+    state_momentum_buffer_attn_q_weight[0..256]
         .chunks_mut(256)
-        .zip(state_exp_avg_sq_attn_q_weight[0..256].chunks_mut(256))
         .zip(param_attn_q_weight[0..256].chunks_mut(256))
         .enumerate()
-        .for_each(|(row, ((o0, o1), o2))| {
+        .for_each(|(row, (o0, o1))| {
             let n = o0.len();
             let x1_row = &t294[row * 256..][..n];
-            let x4 = t358[0];
-            let x5 = t353[0];
             for j in 0..n {
                 let x0 = o0[j];
                 let x1 = x1_row[j];
                 let x2 = o1[j];
-                let x3 = o2[j];
-                let t0 = 0.9 * x0 + 0.1 * x1;
-                let t1 = 0.001 * x1.powi(2) + 0.999 * x2;
-                o0[j] = t0;
-                o1[j] = t1;
-                o2[j] = -t0 * x4 / (t1.sqrt() / x5 + 0.00000001) + 0.9999 * x3;
+                o0[j] = 0.9 * x0 + x1;
+                o1[j] = -0.089999996 * x0 - 0.1 * x1 + x2;
             }
         });
 }
 
-/// elementwise: add, div, mul, sqrt, sub over [16].
-pub fn train_k113_add_div_etc(
+/// elementwise: add, mul, sub over [16].
+pub fn train_k110_add_mul_sub(
     t287: &[f32],
-    t358: &[f32],
-    t353: &[f32],
-    state_exp_avg_attn_q_bias: &mut [f32],
-    state_exp_avg_sq_attn_q_bias: &mut [f32],
+    state_momentum_buffer_attn_q_bias: &mut [f32],
     param_attn_q_bias: &mut [f32],
 ) {
-    state_exp_avg_attn_q_bias[0..16]
+    state_momentum_buffer_attn_q_bias[0..16]
         .chunks_mut(16)
-        .zip(state_exp_avg_sq_attn_q_bias[0..16].chunks_mut(16))
         .zip(param_attn_q_bias[0..16].chunks_mut(16))
         .enumerate()
-        .for_each(|(row, ((o0, o1), o2))| {
+        .for_each(|(row, (o0, o1))| {
             let n = o0.len();
             let x1_row = &t287[row * 16..][..n];
-            let x4 = t358[0];
-            let x5 = t353[0];
             for j in 0..n {
                 let x0 = o0[j];
                 let x1 = x1_row[j];
                 let x2 = o1[j];
-                let x3 = o2[j];
-                let t0 = 0.9 * x0 + 0.1 * x1;
-                let t1 = 0.001 * x1.powi(2) + 0.999 * x2;
-                o0[j] = t0;
-                o1[j] = t1;
-                o2[j] = -t0 * x4 / (t1.sqrt() / x5 + 0.00000001) + 0.9999 * x3;
+                o0[j] = 0.9 * x0 + x1;
+                o1[j] = -0.089999996 * x0 - 0.1 * x1 + x2;
             }
         });
 }
 
-/// elementwise: add, div, mul, sqrt, sub over [16, 16].
-pub fn train_k114_add_div_etc(
+/// elementwise: add, mul, sub over [16, 16].
+pub fn train_k111_add_mul_sub(
     t272: &[f32],
-    t358: &[f32],
-    t353: &[f32],
-    state_exp_avg_attn_v_weight: &mut [f32],
-    state_exp_avg_sq_attn_v_weight: &mut [f32],
+    state_momentum_buffer_attn_v_weight: &mut [f32],
     param_attn_v_weight: &mut [f32],
 ) {
-    state_exp_avg_attn_v_weight[0..256]
+    state_momentum_buffer_attn_v_weight[0..256]
         .chunks_mut(256)
-        .zip(state_exp_avg_sq_attn_v_weight[0..256].chunks_mut(256))
         .zip(param_attn_v_weight[0..256].chunks_mut(256))
         .enumerate()
-        .for_each(|(row, ((o0, o1), o2))| {
+        .for_each(|(row, (o0, o1))| {
             let n = o0.len();
             let x1_row = &t272[row * 256..][..n];
-            let x4 = t358[0];
-            let x5 = t353[0];
             for j in 0..n {
                 let x0 = o0[j];
                 let x1 = x1_row[j];
                 let x2 = o1[j];
-                let x3 = o2[j];
-                let t0 = 0.9 * x0 + 0.1 * x1;
-                let t1 = 0.001 * x1.powi(2) + 0.999 * x2;
-                o0[j] = t0;
-                o1[j] = t1;
-                o2[j] = -t0 * x4 / (t1.sqrt() / x5 + 0.00000001) + 0.9999 * x3;
+                o0[j] = 0.9 * x0 + x1;
+                o1[j] = -0.089999996 * x0 - 0.1 * x1 + x2;
             }
         });
 }
 
-/// elementwise: add, div, mul, sqrt, sub over [16].
-pub fn train_k115_add_div_etc(
+/// elementwise: add, mul, sub over [16].
+pub fn train_k112_add_mul_sub(
     t266: &[f32],
-    t358: &[f32],
-    t353: &[f32],
-    state_exp_avg_attn_v_bias: &mut [f32],
-    state_exp_avg_sq_attn_v_bias: &mut [f32],
+    state_momentum_buffer_attn_v_bias: &mut [f32],
     param_attn_v_bias: &mut [f32],
 ) {
-    state_exp_avg_attn_v_bias[0..16]
+    state_momentum_buffer_attn_v_bias[0..16]
         .chunks_mut(16)
-        .zip(state_exp_avg_sq_attn_v_bias[0..16].chunks_mut(16))
         .zip(param_attn_v_bias[0..16].chunks_mut(16))
         .enumerate()
-        .for_each(|(row, ((o0, o1), o2))| {
+        .for_each(|(row, (o0, o1))| {
             let n = o0.len();
             let x1_row = &t266[row * 16..][..n];
-            let x4 = t358[0];
-            let x5 = t353[0];
             for j in 0..n {
                 let x0 = o0[j];
                 let x1 = x1_row[j];
                 let x2 = o1[j];
-                let x3 = o2[j];
-                let t0 = 0.9 * x0 + 0.1 * x1;
-                let t1 = 0.001 * x1.powi(2) + 0.999 * x2;
-                o0[j] = t0;
-                o1[j] = t1;
-                o2[j] = -t0 * x4 / (t1.sqrt() / x5 + 0.00000001) + 0.9999 * x3;
+                o0[j] = 0.9 * x0 + x1;
+                o1[j] = -0.089999996 * x0 - 0.1 * x1 + x2;
             }
         });
 }
 
-/// elementwise: add, div, mul, sqrt, sub over [16, 16].
-pub fn train_k116_add_div_etc(
+/// elementwise: add, mul, sub over [16, 16].
+pub fn train_k113_add_mul_sub(
     t234: &[f32],
-    t358: &[f32],
-    t353: &[f32],
-    state_exp_avg_attn_out_weight: &mut [f32],
-    state_exp_avg_sq_attn_out_weight: &mut [f32],
+    state_momentum_buffer_attn_out_weight: &mut [f32],
     param_attn_out_weight: &mut [f32],
 ) {
-    state_exp_avg_attn_out_weight[0..256]
+    state_momentum_buffer_attn_out_weight[0..256]
         .chunks_mut(256)
-        .zip(state_exp_avg_sq_attn_out_weight[0..256].chunks_mut(256))
         .zip(param_attn_out_weight[0..256].chunks_mut(256))
         .enumerate()
-        .for_each(|(row, ((o0, o1), o2))| {
+        .for_each(|(row, (o0, o1))| {
             let n = o0.len();
             let x1_row = &t234[row * 256..][..n];
-            let x4 = t358[0];
-            let x5 = t353[0];
             for j in 0..n {
                 let x0 = o0[j];
                 let x1 = x1_row[j];
                 let x2 = o1[j];
-                let x3 = o2[j];
-                let t0 = 0.9 * x0 + 0.1 * x1;
-                let t1 = 0.001 * x1.powi(2) + 0.999 * x2;
-                o0[j] = t0;
-                o1[j] = t1;
-                o2[j] = -t0 * x4 / (t1.sqrt() / x5 + 0.00000001) + 0.9999 * x3;
+                o0[j] = 0.9 * x0 + x1;
+                o1[j] = -0.089999996 * x0 - 0.1 * x1 + x2;
             }
         });
 }
 
-/// elementwise: add, div, mul, sqrt, sub over [16].
-pub fn train_k117_add_div_etc(
+/// elementwise: add, mul, sub over [16].
+pub fn train_k114_add_mul_sub(
     t228: &[f32],
-    t358: &[f32],
-    t353: &[f32],
-    state_exp_avg_attn_out_bias: &mut [f32],
-    state_exp_avg_sq_attn_out_bias: &mut [f32],
+    state_momentum_buffer_attn_out_bias: &mut [f32],
     param_attn_out_bias: &mut [f32],
 ) {
-    state_exp_avg_attn_out_bias[0..16]
+    state_momentum_buffer_attn_out_bias[0..16]
         .chunks_mut(16)
-        .zip(state_exp_avg_sq_attn_out_bias[0..16].chunks_mut(16))
         .zip(param_attn_out_bias[0..16].chunks_mut(16))
         .enumerate()
-        .for_each(|(row, ((o0, o1), o2))| {
+        .for_each(|(row, (o0, o1))| {
             let n = o0.len();
             let x1_row = &t228[row * 16..][..n];
-            let x4 = t358[0];
-            let x5 = t353[0];
             for j in 0..n {
                 let x0 = o0[j];
                 let x1 = x1_row[j];
                 let x2 = o1[j];
-                let x3 = o2[j];
-                let t0 = 0.9 * x0 + 0.1 * x1;
-                let t1 = 0.001 * x1.powi(2) + 0.999 * x2;
-                o0[j] = t0;
-                o1[j] = t1;
-                o2[j] = -t0 * x4 / (t1.sqrt() / x5 + 0.00000001) + 0.9999 * x3;
+                o0[j] = 0.9 * x0 + x1;
+                o1[j] = -0.089999996 * x0 - 0.1 * x1 + x2;
             }
         });
 }
 
-/// elementwise: add, div, mul, sqrt, sub over [16].
-pub fn train_k118_add_div_etc(
+/// elementwise: add, mul, sub over [16].
+pub fn train_k115_add_mul_sub(
     t205: &[f32],
-    t358: &[f32],
-    t353: &[f32],
-    state_exp_avg_ln_mlp_weight: &mut [f32],
-    state_exp_avg_sq_ln_mlp_weight: &mut [f32],
+    state_momentum_buffer_ln_mlp_weight: &mut [f32],
     param_ln_mlp_weight: &mut [f32],
 ) {
-    state_exp_avg_ln_mlp_weight[0..16]
+    state_momentum_buffer_ln_mlp_weight[0..16]
         .chunks_mut(16)
-        .zip(state_exp_avg_sq_ln_mlp_weight[0..16].chunks_mut(16))
         .zip(param_ln_mlp_weight[0..16].chunks_mut(16))
         .enumerate()
-        .for_each(|(row, ((o0, o1), o2))| {
+        .for_each(|(row, (o0, o1))| {
             let n = o0.len();
             let x1_row = &t205[row * 16..][..n];
-            let x4 = t358[0];
-            let x5 = t353[0];
             for j in 0..n {
                 let x0 = o0[j];
                 let x1 = x1_row[j];
                 let x2 = o1[j];
-                let x3 = o2[j];
-                let t0 = 0.9 * x0 + 0.1 * x1;
-                let t1 = 0.001 * x1.powi(2) + 0.999 * x2;
-                o0[j] = t0;
-                o1[j] = t1;
-                o2[j] = -t0 * x4 / (t1.sqrt() / x5 + 0.00000001) + 0.9999 * x3;
+                o0[j] = 0.9 * x0 + x1;
+                o1[j] = -0.089999996 * x0 - 0.1 * x1 + x2;
             }
         });
 }
 
-/// elementwise: add, div, mul, sqrt, sub over [16].
-pub fn train_k119_add_div_etc(
+/// elementwise: add, mul, sub over [16].
+pub fn train_k116_add_mul_sub(
     t201: &[f32],
-    t358: &[f32],
-    t353: &[f32],
-    state_exp_avg_ln_mlp_bias: &mut [f32],
-    state_exp_avg_sq_ln_mlp_bias: &mut [f32],
+    state_momentum_buffer_ln_mlp_bias: &mut [f32],
     param_ln_mlp_bias: &mut [f32],
 ) {
-    state_exp_avg_ln_mlp_bias[0..16]
+    state_momentum_buffer_ln_mlp_bias[0..16]
         .chunks_mut(16)
-        .zip(state_exp_avg_sq_ln_mlp_bias[0..16].chunks_mut(16))
         .zip(param_ln_mlp_bias[0..16].chunks_mut(16))
         .enumerate()
-        .for_each(|(row, ((o0, o1), o2))| {
+        .for_each(|(row, (o0, o1))| {
             let n = o0.len();
             let x1_row = &t201[row * 16..][..n];
-            let x4 = t358[0];
-            let x5 = t353[0];
             for j in 0..n {
                 let x0 = o0[j];
                 let x1 = x1_row[j];
                 let x2 = o1[j];
-                let x3 = o2[j];
-                let t0 = 0.9 * x0 + 0.1 * x1;
-                let t1 = 0.001 * x1.powi(2) + 0.999 * x2;
-                o0[j] = t0;
-                o1[j] = t1;
-                o2[j] = -t0 * x4 / (t1.sqrt() / x5 + 0.00000001) + 0.9999 * x3;
+                o0[j] = 0.9 * x0 + x1;
+                o1[j] = -0.089999996 * x0 - 0.1 * x1 + x2;
             }
         });
 }
 
-/// elementwise: add, div, mul, sqrt, sub over [16, 64].
-pub fn train_k120_add_div_etc(
+/// elementwise: add, mul, sub over [16, 64].
+pub fn train_k117_add_mul_sub(
     t199: &[f32],
-    t358: &[f32],
-    t353: &[f32],
-    state_exp_avg_mlp_up_weight: &mut [f32],
-    state_exp_avg_sq_mlp_up_weight: &mut [f32],
+    state_momentum_buffer_mlp_up_weight: &mut [f32],
     param_mlp_up_weight: &mut [f32],
 ) {
-    state_exp_avg_mlp_up_weight[0..1024]
+    state_momentum_buffer_mlp_up_weight[0..1024]
         .chunks_mut(1024)
-        .zip(state_exp_avg_sq_mlp_up_weight[0..1024].chunks_mut(1024))
         .zip(param_mlp_up_weight[0..1024].chunks_mut(1024))
         .enumerate()
-        .for_each(|(row, ((o0, o1), o2))| {
+        .for_each(|(row, (o0, o1))| {
             let n = o0.len();
             let x1_row = &t199[row * 1024..][..n];
-            let x4 = t358[0];
-            let x5 = t353[0];
             for j in 0..n {
                 let x0 = o0[j];
                 let x1 = x1_row[j];
                 let x2 = o1[j];
-                let x3 = o2[j];
-                let t0 = 0.9 * x0 + 0.1 * x1;
-                let t1 = 0.001 * x1.powi(2) + 0.999 * x2;
-                o0[j] = t0;
-                o1[j] = t1;
-                o2[j] = -t0 * x4 / (t1.sqrt() / x5 + 0.00000001) + 0.9999 * x3;
+                o0[j] = 0.9 * x0 + x1;
+                o1[j] = -0.089999996 * x0 - 0.1 * x1 + x2;
             }
         });
 }
 
-/// elementwise: add, div, mul, sqrt, sub over [64].
-pub fn train_k121_add_div_etc(
+/// elementwise: add, mul, sub over [64].
+pub fn train_k118_add_mul_sub(
     t193: &[f32],
-    t358: &[f32],
-    t353: &[f32],
-    state_exp_avg_mlp_up_bias: &mut [f32],
-    state_exp_avg_sq_mlp_up_bias: &mut [f32],
+    state_momentum_buffer_mlp_up_bias: &mut [f32],
     param_mlp_up_bias: &mut [f32],
 ) {
-    state_exp_avg_mlp_up_bias[0..64]
+    state_momentum_buffer_mlp_up_bias[0..64]
         .chunks_mut(64)
-        .zip(state_exp_avg_sq_mlp_up_bias[0..64].chunks_mut(64))
         .zip(param_mlp_up_bias[0..64].chunks_mut(64))
         .enumerate()
-        .for_each(|(row, ((o0, o1), o2))| {
+        .for_each(|(row, (o0, o1))| {
             let n = o0.len();
             let x1_row = &t193[row * 64..][..n];
-            let x4 = t358[0];
-            let x5 = t353[0];
             for j in 0..n {
                 let x0 = o0[j];
                 let x1 = x1_row[j];
                 let x2 = o1[j];
-                let x3 = o2[j];
-                let t0 = 0.9 * x0 + 0.1 * x1;
-                let t1 = 0.001 * x1.powi(2) + 0.999 * x2;
-                o0[j] = t0;
-                o1[j] = t1;
-                o2[j] = -t0 * x4 / (t1.sqrt() / x5 + 0.00000001) + 0.9999 * x3;
+                o0[j] = 0.9 * x0 + x1;
+                o1[j] = -0.089999996 * x0 - 0.1 * x1 + x2;
             }
         });
 }
 
-/// elementwise: add, div, mul, sqrt, sub over [64, 16].
-pub fn train_k122_add_div_etc(
+/// elementwise: add, mul, sub over [64, 16].
+pub fn train_k119_add_mul_sub(
     t189: &[f32],
-    t358: &[f32],
-    t353: &[f32],
-    state_exp_avg_mlp_down_weight: &mut [f32],
-    state_exp_avg_sq_mlp_down_weight: &mut [f32],
+    state_momentum_buffer_mlp_down_weight: &mut [f32],
     param_mlp_down_weight: &mut [f32],
 ) {
-    state_exp_avg_mlp_down_weight[0..1024]
+    state_momentum_buffer_mlp_down_weight[0..1024]
         .chunks_mut(1024)
-        .zip(state_exp_avg_sq_mlp_down_weight[0..1024].chunks_mut(1024))
         .zip(param_mlp_down_weight[0..1024].chunks_mut(1024))
         .enumerate()
-        .for_each(|(row, ((o0, o1), o2))| {
+        .for_each(|(row, (o0, o1))| {
             let n = o0.len();
             let x1_row = &t189[row * 1024..][..n];
-            let x4 = t358[0];
-            let x5 = t353[0];
             for j in 0..n {
                 let x0 = o0[j];
                 let x1 = x1_row[j];
                 let x2 = o1[j];
-                let x3 = o2[j];
-                let t0 = 0.9 * x0 + 0.1 * x1;
-                let t1 = 0.001 * x1.powi(2) + 0.999 * x2;
-                o0[j] = t0;
-                o1[j] = t1;
-                o2[j] = -t0 * x4 / (t1.sqrt() / x5 + 0.00000001) + 0.9999 * x3;
+                o0[j] = 0.9 * x0 + x1;
+                o1[j] = -0.089999996 * x0 - 0.1 * x1 + x2;
             }
         });
 }
 
-/// elementwise: add, div, mul, sqrt, sub over [16].
-pub fn train_k123_add_div_etc(
+/// elementwise: add, mul, sub over [16].
+pub fn train_k120_add_mul_sub(
     t183: &[f32],
-    t358: &[f32],
-    t353: &[f32],
-    state_exp_avg_mlp_down_bias: &mut [f32],
-    state_exp_avg_sq_mlp_down_bias: &mut [f32],
+    state_momentum_buffer_mlp_down_bias: &mut [f32],
     param_mlp_down_bias: &mut [f32],
 ) {
-    state_exp_avg_mlp_down_bias[0..16]
+    state_momentum_buffer_mlp_down_bias[0..16]
         .chunks_mut(16)
-        .zip(state_exp_avg_sq_mlp_down_bias[0..16].chunks_mut(16))
         .zip(param_mlp_down_bias[0..16].chunks_mut(16))
         .enumerate()
-        .for_each(|(row, ((o0, o1), o2))| {
+        .for_each(|(row, (o0, o1))| {
             let n = o0.len();
             let x1_row = &t183[row * 16..][..n];
-            let x4 = t358[0];
-            let x5 = t353[0];
             for j in 0..n {
                 let x0 = o0[j];
                 let x1 = x1_row[j];
                 let x2 = o1[j];
-                let x3 = o2[j];
-                let t0 = 0.9 * x0 + 0.1 * x1;
-                let t1 = 0.001 * x1.powi(2) + 0.999 * x2;
-                o0[j] = t0;
-                o1[j] = t1;
-                o2[j] = -t0 * x4 / (t1.sqrt() / x5 + 0.00000001) + 0.9999 * x3;
+                o0[j] = 0.9 * x0 + x1;
+                o1[j] = -0.089999996 * x0 - 0.1 * x1 + x2;
             }
         });
 }
 
-/// elementwise: add, div, mul, sqrt, sub over [16].
-pub fn train_k124_add_div_etc(
+/// elementwise: add, mul, sub over [16].
+pub fn train_k121_add_mul_sub(
     t161: &[f32],
-    t358: &[f32],
-    t353: &[f32],
-    state_exp_avg_ln_out_weight: &mut [f32],
-    state_exp_avg_sq_ln_out_weight: &mut [f32],
+    state_momentum_buffer_ln_out_weight: &mut [f32],
     param_ln_out_weight: &mut [f32],
 ) {
-    state_exp_avg_ln_out_weight[0..16]
+    state_momentum_buffer_ln_out_weight[0..16]
         .chunks_mut(16)
-        .zip(state_exp_avg_sq_ln_out_weight[0..16].chunks_mut(16))
         .zip(param_ln_out_weight[0..16].chunks_mut(16))
         .enumerate()
-        .for_each(|(row, ((o0, o1), o2))| {
+        .for_each(|(row, (o0, o1))| {
             let n = o0.len();
             let x1_row = &t161[row * 16..][..n];
-            let x4 = t358[0];
-            let x5 = t353[0];
             for j in 0..n {
                 let x0 = o0[j];
                 let x1 = x1_row[j];
                 let x2 = o1[j];
-                let x3 = o2[j];
-                let t0 = 0.9 * x0 + 0.1 * x1;
-                let t1 = 0.001 * x1.powi(2) + 0.999 * x2;
-                o0[j] = t0;
-                o1[j] = t1;
-                o2[j] = -t0 * x4 / (t1.sqrt() / x5 + 0.00000001) + 0.9999 * x3;
+                o0[j] = 0.9 * x0 + x1;
+                o1[j] = -0.089999996 * x0 - 0.1 * x1 + x2;
             }
         });
 }
 
-/// elementwise: add, div, mul, sqrt, sub over [16].
-pub fn train_k125_add_div_etc(
+/// elementwise: add, mul, sub over [16].
+pub fn train_k122_add_mul_sub(
     t157: &[f32],
-    t358: &[f32],
-    t353: &[f32],
-    state_exp_avg_ln_out_bias: &mut [f32],
-    state_exp_avg_sq_ln_out_bias: &mut [f32],
+    state_momentum_buffer_ln_out_bias: &mut [f32],
     param_ln_out_bias: &mut [f32],
 ) {
-    state_exp_avg_ln_out_bias[0..16]
+    state_momentum_buffer_ln_out_bias[0..16]
         .chunks_mut(16)
-        .zip(state_exp_avg_sq_ln_out_bias[0..16].chunks_mut(16))
         .zip(param_ln_out_bias[0..16].chunks_mut(16))
         .enumerate()
-        .for_each(|(row, ((o0, o1), o2))| {
+        .for_each(|(row, (o0, o1))| {
             let n = o0.len();
             let x1_row = &t157[row * 16..][..n];
-            let x4 = t358[0];
-            let x5 = t353[0];
             for j in 0..n {
                 let x0 = o0[j];
                 let x1 = x1_row[j];
                 let x2 = o1[j];
-                let x3 = o2[j];
-                let t0 = 0.9 * x0 + 0.1 * x1;
-                let t1 = 0.001 * x1.powi(2) + 0.999 * x2;
-                o0[j] = t0;
-                o1[j] = t1;
-                o2[j] = -t0 * x4 / (t1.sqrt() / x5 + 0.00000001) + 0.9999 * x3;
+                o0[j] = 0.9 * x0 + x1;
+                o1[j] = -0.089999996 * x0 - 0.1 * x1 + x2;
             }
         });
 }
 
-/// elementwise: add, div, mul, sqrt, sub over [16, 20].
-pub fn train_k126_add_div_etc(
+/// elementwise: add, mul, sub over [16, 20].
+pub fn train_k123_add_mul_sub(
     t155: &[f32],
-    t358: &[f32],
-    t353: &[f32],
-    state_exp_avg_head_weight: &mut [f32],
-    state_exp_avg_sq_head_weight: &mut [f32],
+    state_momentum_buffer_head_weight: &mut [f32],
     param_head_weight: &mut [f32],
 ) {
-    state_exp_avg_head_weight[0..320]
+    state_momentum_buffer_head_weight[0..320]
         .chunks_mut(320)
-        .zip(state_exp_avg_sq_head_weight[0..320].chunks_mut(320))
         .zip(param_head_weight[0..320].chunks_mut(320))
         .enumerate()
-        .for_each(|(row, ((o0, o1), o2))| {
+        .for_each(|(row, (o0, o1))| {
             let n = o0.len();
             let x1_row = &t155[row * 320..][..n];
-            let x4 = t358[0];
-            let x5 = t353[0];
             for j in 0..n {
                 let x0 = o0[j];
                 let x1 = x1_row[j];
                 let x2 = o1[j];
-                let x3 = o2[j];
-                let t0 = 0.9 * x0 + 0.1 * x1;
-                let t1 = 0.001 * x1.powi(2) + 0.999 * x2;
-                o0[j] = t0;
-                o1[j] = t1;
-                o2[j] = -t0 * x4 / (t1.sqrt() / x5 + 0.00000001) + 0.9999 * x3;
+                o0[j] = 0.9 * x0 + x1;
+                o1[j] = -0.089999996 * x0 - 0.1 * x1 + x2;
             }
         });
 }
 
-/// elementwise: add, div, mul, sqrt, sub over [20].
-pub fn train_k127_add_div_etc(
+/// elementwise: add, mul, sub over [20].
+pub fn train_k124_add_mul_sub(
     t149: &[f32],
-    t358: &[f32],
-    t353: &[f32],
-    state_exp_avg_head_bias: &mut [f32],
-    state_exp_avg_sq_head_bias: &mut [f32],
+    state_momentum_buffer_head_bias: &mut [f32],
     param_head_bias: &mut [f32],
 ) {
-    state_exp_avg_head_bias[0..20]
+    state_momentum_buffer_head_bias[0..20]
         .chunks_mut(20)
-        .zip(state_exp_avg_sq_head_bias[0..20].chunks_mut(20))
         .zip(param_head_bias[0..20].chunks_mut(20))
         .enumerate()
-        .for_each(|(row, ((o0, o1), o2))| {
+        .for_each(|(row, (o0, o1))| {
             let n = o0.len();
             let x1_row = &t149[row * 20..][..n];
-            let x4 = t358[0];
-            let x5 = t353[0];
             for j in 0..n {
                 let x0 = o0[j];
                 let x1 = x1_row[j];
                 let x2 = o1[j];
-                let x3 = o2[j];
-                let t0 = 0.9 * x0 + 0.1 * x1;
-                let t1 = 0.001 * x1.powi(2) + 0.999 * x2;
-                o0[j] = t0;
-                o1[j] = t1;
-                o2[j] = -t0 * x4 / (t1.sqrt() / x5 + 0.00000001) + 0.9999 * x3;
+                o0[j] = 0.9 * x0 + x1;
+                o1[j] = -0.089999996 * x0 - 0.1 * x1 + x2;
             }
         });
 }
 
-/// elementwise: add, div, mul, sqrt, sub over [20, 16].
-pub fn train_k145_add_div_etc(
+/// elementwise: add, mul, sub over [20, 16].
+pub fn train_k142_add_mul_sub(
     t325: &[f32],
-    t358: &[f32],
-    t353: &[f32],
-    state_exp_avg_tok_emb_weight: &mut [f32],
-    state_exp_avg_sq_tok_emb_weight: &mut [f32],
+    state_momentum_buffer_tok_emb_weight: &mut [f32],
     param_tok_emb_weight: &mut [f32],
 ) {
-    state_exp_avg_tok_emb_weight[0..320]
+    state_momentum_buffer_tok_emb_weight[0..320]
         .chunks_mut(320)
-        .zip(state_exp_avg_sq_tok_emb_weight[0..320].chunks_mut(320))
         .zip(param_tok_emb_weight[0..320].chunks_mut(320))
         .enumerate()
-        .for_each(|(row, ((o0, o1), o2))| {
+        .for_each(|(row, (o0, o1))| {
             let n = o0.len();
             let x1_row = &t325[row * 320..][..n];
-            let x4 = t358[0];
-            let x5 = t353[0];
             for j in 0..n {
                 let x0 = o0[j];
                 let x1 = x1_row[j];
                 let x2 = o1[j];
-                let x3 = o2[j];
-                let t0 = 0.9 * x0 + 0.1 * x1;
-                let t1 = 0.001 * x1.powi(2) + 0.999 * x2;
-                o0[j] = t0;
-                o1[j] = t1;
-                o2[j] = -t0 * x4 / (t1.sqrt() / x5 + 0.00000001) + 0.9999 * x3;
+                o0[j] = 0.9 * x0 + x1;
+                o1[j] = -0.089999996 * x0 - 0.1 * x1 + x2;
             }
         });
 }
 
-/// elementwise: add, div, mul, sqrt, sub over [8, 16].
-pub fn train_k146_add_div_etc(
+/// elementwise: add, mul, sub over [8, 16].
+pub fn train_k143_add_mul_sub(
     t323: &[f32],
-    t358: &[f32],
-    t353: &[f32],
-    state_exp_avg_pos_emb: &mut [f32],
-    state_exp_avg_sq_pos_emb: &mut [f32],
+    state_momentum_buffer_pos_emb: &mut [f32],
     param_pos_emb: &mut [f32],
 ) {
-    state_exp_avg_pos_emb[0..128]
+    state_momentum_buffer_pos_emb[0..128]
         .chunks_mut(128)
-        .zip(state_exp_avg_sq_pos_emb[0..128].chunks_mut(128))
         .zip(param_pos_emb[0..128].chunks_mut(128))
         .enumerate()
-        .for_each(|(row, ((o0, o1), o2))| {
+        .for_each(|(row, (o0, o1))| {
             let n = o0.len();
             let x1_row = &t323[row * 128..][..n];
-            let x4 = t358[0];
-            let x5 = t353[0];
             for j in 0..n {
                 let x0 = o0[j];
                 let x1 = x1_row[j];
                 let x2 = o1[j];
-                let x3 = o2[j];
-                let t0 = 0.9 * x0 + 0.1 * x1;
-                let t1 = 0.001 * x1.powi(2) + 0.999 * x2;
-                o0[j] = t0;
-                o1[j] = t1;
-                o2[j] = -t0 * x4 / (t1.sqrt() / x5 + 0.00000001) + 0.9999 * x3;
+                o0[j] = 0.9 * x0 + x1;
+                o1[j] = -0.089999996 * x0 - 0.1 * x1 + x2;
             }
         });
 }
 
-/// elementwise: add, div, mul, sqrt, sub over [16].
-pub fn train_k147_add_div_etc(
+/// elementwise: add, mul, sub over [16].
+pub fn train_k144_add_mul_sub(
     t300: &[f32],
-    t358: &[f32],
-    t353: &[f32],
-    state_exp_avg_ln_attn_weight: &mut [f32],
-    state_exp_avg_sq_ln_attn_weight: &mut [f32],
+    state_momentum_buffer_ln_attn_weight: &mut [f32],
     param_ln_attn_weight: &mut [f32],
 ) {
-    state_exp_avg_ln_attn_weight[0..16]
+    state_momentum_buffer_ln_attn_weight[0..16]
         .chunks_mut(16)
-        .zip(state_exp_avg_sq_ln_attn_weight[0..16].chunks_mut(16))
         .zip(param_ln_attn_weight[0..16].chunks_mut(16))
         .enumerate()
-        .for_each(|(row, ((o0, o1), o2))| {
+        .for_each(|(row, (o0, o1))| {
             let n = o0.len();
             let x1_row = &t300[row * 16..][..n];
-            let x4 = t358[0];
-            let x5 = t353[0];
             for j in 0..n {
                 let x0 = o0[j];
                 let x1 = x1_row[j];
                 let x2 = o1[j];
-                let x3 = o2[j];
-                let t0 = 0.9 * x0 + 0.1 * x1;
-                let t1 = 0.001 * x1.powi(2) + 0.999 * x2;
-                o0[j] = t0;
-                o1[j] = t1;
-                o2[j] = -t0 * x4 / (t1.sqrt() / x5 + 0.00000001) + 0.9999 * x3;
+                o0[j] = 0.9 * x0 + x1;
+                o1[j] = -0.089999996 * x0 - 0.1 * x1 + x2;
             }
         });
 }
 
-/// elementwise: add, div, mul, sqrt, sub over [16].
-pub fn train_k148_add_div_etc(
+/// elementwise: add, mul, sub over [16].
+pub fn train_k145_add_mul_sub(
     t296: &[f32],
-    t358: &[f32],
-    t353: &[f32],
-    state_exp_avg_ln_attn_bias: &mut [f32],
-    state_exp_avg_sq_ln_attn_bias: &mut [f32],
+    state_momentum_buffer_ln_attn_bias: &mut [f32],
     param_ln_attn_bias: &mut [f32],
 ) {
-    state_exp_avg_ln_attn_bias[0..16]
+    state_momentum_buffer_ln_attn_bias[0..16]
         .chunks_mut(16)
-        .zip(state_exp_avg_sq_ln_attn_bias[0..16].chunks_mut(16))
         .zip(param_ln_attn_bias[0..16].chunks_mut(16))
         .enumerate()
-        .for_each(|(row, ((o0, o1), o2))| {
+        .for_each(|(row, (o0, o1))| {
             let n = o0.len();
             let x1_row = &t296[row * 16..][..n];
-            let x4 = t358[0];
-            let x5 = t353[0];
             for j in 0..n {
                 let x0 = o0[j];
                 let x1 = x1_row[j];
                 let x2 = o1[j];
-                let x3 = o2[j];
-                let t0 = 0.9 * x0 + 0.1 * x1;
-                let t1 = 0.001 * x1.powi(2) + 0.999 * x2;
-                o0[j] = t0;
-                o1[j] = t1;
-                o2[j] = -t0 * x4 / (t1.sqrt() / x5 + 0.00000001) + 0.9999 * x3;
+                o0[j] = 0.9 * x0 + x1;
+                o1[j] = -0.089999996 * x0 - 0.1 * x1 + x2;
             }
         });
 }
 
-/// elementwise: add, div, mul, sqrt, sub over [16, 16].
-pub fn train_k149_add_div_etc(
+/// elementwise: add, mul, sub over [16, 16].
+pub fn train_k146_add_mul_sub(
     t283: &[f32],
-    t358: &[f32],
-    t353: &[f32],
-    state_exp_avg_attn_k_weight: &mut [f32],
-    state_exp_avg_sq_attn_k_weight: &mut [f32],
+    state_momentum_buffer_attn_k_weight: &mut [f32],
     param_attn_k_weight: &mut [f32],
 ) {
-    state_exp_avg_attn_k_weight[0..256]
+    state_momentum_buffer_attn_k_weight[0..256]
         .chunks_mut(256)
-        .zip(state_exp_avg_sq_attn_k_weight[0..256].chunks_mut(256))
         .zip(param_attn_k_weight[0..256].chunks_mut(256))
         .enumerate()
-        .for_each(|(row, ((o0, o1), o2))| {
+        .for_each(|(row, (o0, o1))| {
             let n = o0.len();
             let x1_row = &t283[row * 256..][..n];
-            let x4 = t358[0];
-            let x5 = t353[0];
             for j in 0..n {
                 let x0 = o0[j];
                 let x1 = x1_row[j];
                 let x2 = o1[j];
-                let x3 = o2[j];
-                let t0 = 0.9 * x0 + 0.1 * x1;
-                let t1 = 0.001 * x1.powi(2) + 0.999 * x2;
-                o0[j] = t0;
-                o1[j] = t1;
-                o2[j] = -t0 * x4 / (t1.sqrt() / x5 + 0.00000001) + 0.9999 * x3;
+                o0[j] = 0.9 * x0 + x1;
+                o1[j] = -0.089999996 * x0 - 0.1 * x1 + x2;
             }
         });
 }
 
-/// elementwise: add, div, mul, sqrt, sub over [16].
-pub fn train_k150_add_div_etc(
+/// elementwise: add, mul, sub over [16].
+pub fn train_k147_add_mul_sub(
     t276: &[f32],
-    t358: &[f32],
-    t353: &[f32],
-    state_exp_avg_attn_k_bias: &mut [f32],
-    state_exp_avg_sq_attn_k_bias: &mut [f32],
+    state_momentum_buffer_attn_k_bias: &mut [f32],
     param_attn_k_bias: &mut [f32],
 ) {
-    state_exp_avg_attn_k_bias[0..16]
+    state_momentum_buffer_attn_k_bias[0..16]
         .chunks_mut(16)
-        .zip(state_exp_avg_sq_attn_k_bias[0..16].chunks_mut(16))
         .zip(param_attn_k_bias[0..16].chunks_mut(16))
         .enumerate()
-        .for_each(|(row, ((o0, o1), o2))| {
+        .for_each(|(row, (o0, o1))| {
             let n = o0.len();
             let x1_row = &t276[row * 16..][..n];
-            let x4 = t358[0];
-            let x5 = t353[0];
             for j in 0..n {
                 let x0 = o0[j];
                 let x1 = x1_row[j];
                 let x2 = o1[j];
-                let x3 = o2[j];
-                let t0 = 0.9 * x0 + 0.1 * x1;
-                let t1 = 0.001 * x1.powi(2) + 0.999 * x2;
-                o0[j] = t0;
-                o1[j] = t1;
-                o2[j] = -t0 * x4 / (t1.sqrt() / x5 + 0.00000001) + 0.9999 * x3;
+                o0[j] = 0.9 * x0 + x1;
+                o1[j] = -0.089999996 * x0 - 0.1 * x1 + x2;
             }
         });
 }

@@ -3,7 +3,7 @@
 //! `Step` holds the params, the optimizer state and one arena per dtype for
 //! intermediates (offsets from the memory plan, below). Each entry point
 //! (forward, grads, train) calls the kernels of `kernels.rs` in order.
-//! Training graph e3375a9a92a9afed.
+//! Training graph 9bfc8751054b3fd0.
 
 use ferrograd_runtime as rt;
 use numpy::{PyReadonlyArrayDyn, PyUntypedArrayMethods};
@@ -16,8 +16,8 @@ mod kernels;
 static CONSTS: &[u8] = include_bytes!("consts.bin");
 
 const PARAM_LEN: usize = 4112;
-const STATE_LEN: usize = 8240;
-const TEMP_F32_LEN: usize = 10272;
+const STATE_LEN: usize = 4112;
+const TEMP_F32_LEN: usize = 10240;
 const TEMP_I32_LEN: usize = 0;
 const TEMP_BOOL_LEN: usize = 320;
 const CONST_F32_LEN: usize = 16;
@@ -713,7 +713,7 @@ impl Arenas {
         Ok(())
     }
 
-    /// `train`: 151 kernels.
+    /// `train`: 148 kernels.
     fn train(&mut self, input_ids: &[i32], input_targets: &[i32]) -> Result<(), rt::Error> {
         let a = &*self;
         // SAFETY: the memory plan gives buffers that are live at the same time
@@ -780,9 +780,6 @@ impl Arenas {
                 a.param.slice(1280, 16),
                 a.temp_f32.slice_mut(7744, 256),
             );
-            kernels::train_k15_add(a.state.slice_mut(0, 1));
-            kernels::train_k16_pow_sqrt_sub(a.state.slice(0, 1), a.temp_f32.slice_mut(10224, 1));
-            kernels::train_k17_div_pow_sub(a.state.slice(0, 1), a.temp_f32.slice_mut(10240, 1));
             kernels::forward_k12_matmul(
                 a.temp_f32.slice(7232, 256),
                 a.temp_f32.slice(7488, 256),
@@ -908,20 +905,20 @@ impl Arenas {
                 a.temp_f32.slice_mut(0, 320),
             );
             kernels::forward_k38_reduce(a.temp_f32.slice(0, 320), a.temp_f32.slice_mut(640, 16));
-            kernels::train_k53_eq(
+            kernels::train_k50_eq(
                 input_targets,
                 a.const_i32.slice(0, 20),
                 a.temp_bool.slice_mut(0, 320),
             );
-            kernels::train_k54_reduce(
+            kernels::train_k51_reduce(
                 a.temp_bool.slice(0, 320),
                 a.temp_f32.slice(0, 320),
                 a.temp_f32.slice(640, 16),
                 a.temp_f32.slice_mut(320, 16),
             );
             kernels::forward_k40_reduce(a.temp_f32.slice(320, 16), a.temp_f32.slice_mut(336, 1));
-            kernels::forward_k41_mul_neg(a.temp_f32.slice(336, 1), a.temp_f32.slice_mut(10256, 1));
-            kernels::train_k57_mul_where(
+            kernels::forward_k41_mul_neg(a.temp_f32.slice(336, 1), a.temp_f32.slice_mut(10224, 1));
+            kernels::train_k54_mul_where(
                 a.temp_bool.slice(0, 320),
                 a.const_f32.slice(0, 16),
                 a.temp_f32.slice_mut(320, 320),
@@ -1124,132 +1121,84 @@ impl Arenas {
                 a.temp_f32.slice_mut(0, 512),
             )?;
             kernels::grads_k104_reduce(a.temp_f32.slice(0, 512), a.temp_f32.slice_mut(4096, 256));
-            kernels::train_k112_add_div_etc(
+            kernels::train_k109_add_mul_sub(
                 a.temp_f32.slice(4096, 256),
-                a.temp_f32.slice(10240, 1),
-                a.temp_f32.slice(10224, 1),
-                a.state.slice_mut(976, 256),
-                a.state.slice_mut(1232, 256),
+                a.state.slice_mut(480, 256),
                 a.param.slice_mut(480, 256),
             );
-            kernels::train_k113_add_div_etc(
+            kernels::train_k110_add_mul_sub(
                 a.temp_f32.slice(4480, 16),
-                a.temp_f32.slice(10240, 1),
-                a.temp_f32.slice(10224, 1),
-                a.state.slice_mut(1488, 16),
-                a.state.slice_mut(1504, 16),
+                a.state.slice_mut(736, 16),
                 a.param.slice_mut(736, 16),
             );
-            kernels::train_k114_add_div_etc(
+            kernels::train_k111_add_mul_sub(
                 a.temp_f32.slice(768, 256),
-                a.temp_f32.slice(10240, 1),
-                a.temp_f32.slice(10224, 1),
-                a.state.slice_mut(2064, 256),
-                a.state.slice_mut(2320, 256),
+                a.state.slice_mut(1024, 256),
                 a.param.slice_mut(1024, 256),
             );
-            kernels::train_k115_add_div_etc(
+            kernels::train_k112_add_mul_sub(
                 a.temp_f32.slice(4464, 16),
-                a.temp_f32.slice(10240, 1),
-                a.temp_f32.slice(10224, 1),
-                a.state.slice_mut(2576, 16),
-                a.state.slice_mut(2592, 16),
+                a.state.slice_mut(1280, 16),
                 a.param.slice_mut(1280, 16),
             );
-            kernels::train_k116_add_div_etc(
+            kernels::train_k113_add_mul_sub(
                 a.temp_f32.slice(1024, 256),
-                a.temp_f32.slice(10240, 1),
-                a.temp_f32.slice(10224, 1),
-                a.state.slice_mut(2608, 256),
-                a.state.slice_mut(2864, 256),
+                a.state.slice_mut(1296, 256),
                 a.param.slice_mut(1296, 256),
             );
-            kernels::train_k117_add_div_etc(
+            kernels::train_k114_add_mul_sub(
                 a.temp_f32.slice(4448, 16),
-                a.temp_f32.slice(10240, 1),
-                a.temp_f32.slice(10224, 1),
-                a.state.slice_mut(3120, 16),
-                a.state.slice_mut(3136, 16),
+                a.state.slice_mut(1552, 16),
                 a.param.slice_mut(1552, 16),
             );
-            kernels::train_k118_add_div_etc(
+            kernels::train_k115_add_mul_sub(
                 a.temp_f32.slice(4432, 16),
-                a.temp_f32.slice(10240, 1),
-                a.temp_f32.slice(10224, 1),
-                a.state.slice_mut(3152, 16),
-                a.state.slice_mut(3168, 16),
+                a.state.slice_mut(1568, 16),
                 a.param.slice_mut(1568, 16),
             );
-            kernels::train_k119_add_div_etc(
+            kernels::train_k116_add_mul_sub(
                 a.temp_f32.slice(4416, 16),
-                a.temp_f32.slice(10240, 1),
-                a.temp_f32.slice(10224, 1),
-                a.state.slice_mut(3184, 16),
-                a.state.slice_mut(3200, 16),
+                a.state.slice_mut(1584, 16),
                 a.param.slice_mut(1584, 16),
             );
-            kernels::train_k120_add_div_etc(
+            kernels::train_k117_add_mul_sub(
                 a.temp_f32.slice(2048, 1024),
-                a.temp_f32.slice(10240, 1),
-                a.temp_f32.slice(10224, 1),
-                a.state.slice_mut(3216, 1024),
-                a.state.slice_mut(4240, 1024),
+                a.state.slice_mut(1600, 1024),
                 a.param.slice_mut(1600, 1024),
             );
-            kernels::train_k121_add_div_etc(
+            kernels::train_k118_add_mul_sub(
                 a.temp_f32.slice(4352, 64),
-                a.temp_f32.slice(10240, 1),
-                a.temp_f32.slice(10224, 1),
-                a.state.slice_mut(5264, 64),
-                a.state.slice_mut(5328, 64),
+                a.state.slice_mut(2624, 64),
                 a.param.slice_mut(2624, 64),
             );
-            kernels::train_k122_add_div_etc(
+            kernels::train_k119_add_mul_sub(
                 a.temp_f32.slice(3072, 1024),
-                a.temp_f32.slice(10240, 1),
-                a.temp_f32.slice(10224, 1),
-                a.state.slice_mut(5392, 1024),
-                a.state.slice_mut(6416, 1024),
+                a.state.slice_mut(2688, 1024),
                 a.param.slice_mut(2688, 1024),
             );
-            kernels::train_k123_add_div_etc(
+            kernels::train_k120_add_mul_sub(
                 a.temp_f32.slice(10208, 16),
-                a.temp_f32.slice(10240, 1),
-                a.temp_f32.slice(10224, 1),
-                a.state.slice_mut(7440, 16),
-                a.state.slice_mut(7456, 16),
+                a.state.slice_mut(3712, 16),
                 a.param.slice_mut(3712, 16),
             );
-            kernels::train_k124_add_div_etc(
+            kernels::train_k121_add_mul_sub(
                 a.temp_f32.slice(10192, 16),
-                a.temp_f32.slice(10240, 1),
-                a.temp_f32.slice(10224, 1),
-                a.state.slice_mut(7472, 16),
-                a.state.slice_mut(7488, 16),
+                a.state.slice_mut(3728, 16),
                 a.param.slice_mut(3728, 16),
             );
-            kernels::train_k125_add_div_etc(
+            kernels::train_k122_add_mul_sub(
                 a.temp_f32.slice(10176, 16),
-                a.temp_f32.slice(10240, 1),
-                a.temp_f32.slice(10224, 1),
-                a.state.slice_mut(7504, 16),
-                a.state.slice_mut(7520, 16),
+                a.state.slice_mut(3744, 16),
                 a.param.slice_mut(3744, 16),
             );
-            kernels::train_k126_add_div_etc(
+            kernels::train_k123_add_mul_sub(
                 a.temp_f32.slice(6144, 320),
-                a.temp_f32.slice(10240, 1),
-                a.temp_f32.slice(10224, 1),
-                a.state.slice_mut(7536, 320),
-                a.state.slice_mut(7856, 320),
+                a.state.slice_mut(3760, 320),
                 a.param.slice_mut(3760, 320),
             );
-            kernels::train_k127_add_div_etc(
+            kernels::train_k124_add_mul_sub(
                 a.temp_f32.slice(10080, 20),
-                a.temp_f32.slice(10240, 1),
-                a.temp_f32.slice(10224, 1),
-                a.state.slice_mut(8176, 20),
-                a.state.slice_mut(8208, 20),
+                a.state.slice_mut(4080, 20),
                 a.param.slice_mut(4080, 20),
             );
             kernels::grads_k105_copy(a.temp_f32.slice(1536, 256), a.temp_f32.slice_mut(768, 256));
@@ -1314,52 +1263,34 @@ impl Arenas {
                 a.temp_f32.slice(1024, 256),
                 a.temp_f32.slice_mut(0, 320),
             )?;
-            kernels::train_k145_add_div_etc(
+            kernels::train_k142_add_mul_sub(
                 a.temp_f32.slice(0, 320),
-                a.temp_f32.slice(10240, 1),
-                a.temp_f32.slice(10224, 1),
-                a.state.slice_mut(16, 320),
-                a.state.slice_mut(336, 320),
+                a.state.slice_mut(0, 320),
                 a.param.slice_mut(0, 320),
             );
-            kernels::train_k146_add_div_etc(
+            kernels::train_k143_add_mul_sub(
                 a.temp_f32.slice(320, 128),
-                a.temp_f32.slice(10240, 1),
-                a.temp_f32.slice(10224, 1),
-                a.state.slice_mut(656, 128),
-                a.state.slice_mut(784, 128),
+                a.state.slice_mut(320, 128),
                 a.param.slice_mut(320, 128),
             );
-            kernels::train_k147_add_div_etc(
+            kernels::train_k144_add_mul_sub(
                 a.temp_f32.slice(1296, 16),
-                a.temp_f32.slice(10240, 1),
-                a.temp_f32.slice(10224, 1),
-                a.state.slice_mut(912, 16),
-                a.state.slice_mut(928, 16),
+                a.state.slice_mut(448, 16),
                 a.param.slice_mut(448, 16),
             );
-            kernels::train_k148_add_div_etc(
+            kernels::train_k145_add_mul_sub(
                 a.temp_f32.slice(1280, 16),
-                a.temp_f32.slice(10240, 1),
-                a.temp_f32.slice(10224, 1),
-                a.state.slice_mut(944, 16),
-                a.state.slice_mut(960, 16),
+                a.state.slice_mut(464, 16),
                 a.param.slice_mut(464, 16),
             );
-            kernels::train_k149_add_div_etc(
+            kernels::train_k146_add_mul_sub(
                 a.temp_f32.slice(768, 256),
-                a.temp_f32.slice(10240, 1),
-                a.temp_f32.slice(10224, 1),
-                a.state.slice_mut(1520, 256),
-                a.state.slice_mut(1776, 256),
+                a.state.slice_mut(752, 256),
                 a.param.slice_mut(752, 256),
             );
-            kernels::train_k150_add_div_etc(
+            kernels::train_k147_add_mul_sub(
                 a.temp_f32.slice(1536, 16),
-                a.temp_f32.slice(10240, 1),
-                a.temp_f32.slice(10224, 1),
-                a.state.slice_mut(2032, 16),
-                a.state.slice_mut(2048, 16),
+                a.state.slice_mut(1008, 16),
                 a.param.slice_mut(1008, 16),
             );
         }
@@ -1391,55 +1322,32 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
     ("ln_out.bias", "param", 3744, &[16]),
     ("head.weight", "param", 3760, &[16, 20]),
     ("head.bias", "param", 4080, &[20]),
-    ("step", "state", 0, &[]),
-    ("exp_avg:tok_emb.weight", "state", 16, &[20, 16]),
-    ("exp_avg_sq:tok_emb.weight", "state", 336, &[20, 16]),
-    ("exp_avg:pos_emb", "state", 656, &[8, 16]),
-    ("exp_avg_sq:pos_emb", "state", 784, &[8, 16]),
-    ("exp_avg:ln_attn.weight", "state", 912, &[16]),
-    ("exp_avg_sq:ln_attn.weight", "state", 928, &[16]),
-    ("exp_avg:ln_attn.bias", "state", 944, &[16]),
-    ("exp_avg_sq:ln_attn.bias", "state", 960, &[16]),
-    ("exp_avg:attn.q.weight", "state", 976, &[16, 16]),
-    ("exp_avg_sq:attn.q.weight", "state", 1232, &[16, 16]),
-    ("exp_avg:attn.q.bias", "state", 1488, &[16]),
-    ("exp_avg_sq:attn.q.bias", "state", 1504, &[16]),
-    ("exp_avg:attn.k.weight", "state", 1520, &[16, 16]),
-    ("exp_avg_sq:attn.k.weight", "state", 1776, &[16, 16]),
-    ("exp_avg:attn.k.bias", "state", 2032, &[16]),
-    ("exp_avg_sq:attn.k.bias", "state", 2048, &[16]),
-    ("exp_avg:attn.v.weight", "state", 2064, &[16, 16]),
-    ("exp_avg_sq:attn.v.weight", "state", 2320, &[16, 16]),
-    ("exp_avg:attn.v.bias", "state", 2576, &[16]),
-    ("exp_avg_sq:attn.v.bias", "state", 2592, &[16]),
-    ("exp_avg:attn.out.weight", "state", 2608, &[16, 16]),
-    ("exp_avg_sq:attn.out.weight", "state", 2864, &[16, 16]),
-    ("exp_avg:attn.out.bias", "state", 3120, &[16]),
-    ("exp_avg_sq:attn.out.bias", "state", 3136, &[16]),
-    ("exp_avg:ln_mlp.weight", "state", 3152, &[16]),
-    ("exp_avg_sq:ln_mlp.weight", "state", 3168, &[16]),
-    ("exp_avg:ln_mlp.bias", "state", 3184, &[16]),
-    ("exp_avg_sq:ln_mlp.bias", "state", 3200, &[16]),
-    ("exp_avg:mlp.up.weight", "state", 3216, &[16, 64]),
-    ("exp_avg_sq:mlp.up.weight", "state", 4240, &[16, 64]),
-    ("exp_avg:mlp.up.bias", "state", 5264, &[64]),
-    ("exp_avg_sq:mlp.up.bias", "state", 5328, &[64]),
-    ("exp_avg:mlp.down.weight", "state", 5392, &[64, 16]),
-    ("exp_avg_sq:mlp.down.weight", "state", 6416, &[64, 16]),
-    ("exp_avg:mlp.down.bias", "state", 7440, &[16]),
-    ("exp_avg_sq:mlp.down.bias", "state", 7456, &[16]),
-    ("exp_avg:ln_out.weight", "state", 7472, &[16]),
-    ("exp_avg_sq:ln_out.weight", "state", 7488, &[16]),
-    ("exp_avg:ln_out.bias", "state", 7504, &[16]),
-    ("exp_avg_sq:ln_out.bias", "state", 7520, &[16]),
-    ("exp_avg:head.weight", "state", 7536, &[16, 20]),
-    ("exp_avg_sq:head.weight", "state", 7856, &[16, 20]),
-    ("exp_avg:head.bias", "state", 8176, &[20]),
-    ("exp_avg_sq:head.bias", "state", 8208, &[20]),
+    ("momentum_buffer:tok_emb.weight", "state", 0, &[20, 16]),
+    ("momentum_buffer:pos_emb", "state", 320, &[8, 16]),
+    ("momentum_buffer:ln_attn.weight", "state", 448, &[16]),
+    ("momentum_buffer:ln_attn.bias", "state", 464, &[16]),
+    ("momentum_buffer:attn.q.weight", "state", 480, &[16, 16]),
+    ("momentum_buffer:attn.q.bias", "state", 736, &[16]),
+    ("momentum_buffer:attn.k.weight", "state", 752, &[16, 16]),
+    ("momentum_buffer:attn.k.bias", "state", 1008, &[16]),
+    ("momentum_buffer:attn.v.weight", "state", 1024, &[16, 16]),
+    ("momentum_buffer:attn.v.bias", "state", 1280, &[16]),
+    ("momentum_buffer:attn.out.weight", "state", 1296, &[16, 16]),
+    ("momentum_buffer:attn.out.bias", "state", 1552, &[16]),
+    ("momentum_buffer:ln_mlp.weight", "state", 1568, &[16]),
+    ("momentum_buffer:ln_mlp.bias", "state", 1584, &[16]),
+    ("momentum_buffer:mlp.up.weight", "state", 1600, &[16, 64]),
+    ("momentum_buffer:mlp.up.bias", "state", 2624, &[64]),
+    ("momentum_buffer:mlp.down.weight", "state", 2688, &[64, 16]),
+    ("momentum_buffer:mlp.down.bias", "state", 3712, &[16]),
+    ("momentum_buffer:ln_out.weight", "state", 3728, &[16]),
+    ("momentum_buffer:ln_out.bias", "state", 3744, &[16]),
+    ("momentum_buffer:head.weight", "state", 3760, &[16, 20]),
+    ("momentum_buffer:head.bias", "state", 4080, &[20]),
 ];
 
 /// The compiled training step of `char_lm`.
-#[pyclass(module = "fg_char_lm_304952df12a9")]
+#[pyclass(module = "fg_char_lm_0d0096a32adf")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -1551,7 +1459,7 @@ impl Step {
         let targets = &*targets;
         let arenas = &mut self.arenas;
         py.detach(|| rt::py::guard("train", || arenas.train(ids, targets)))?;
-        Ok(self.arenas.temp_f32.slice(10256, 1)[0])
+        Ok(self.arenas.temp_f32.slice(10224, 1)[0])
     }
 
     /// Copies of every param (`kind="param"`) or optimizer state buffer (`"state"`).
@@ -1599,7 +1507,7 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_char_lm_304952df12a9(m: &Bound<'_, PyModule>) -> PyResult<()> {
+fn fg_char_lm_0d0096a32adf(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Step>()?;
     Ok(())
 }

@@ -5,7 +5,8 @@
 //! Columns: `gemm 1t` / `gemm rayon` (gemm's own Parallelism::None / Rayon),
 //! `mm 1t` (matrixmultiply, one thread), `mm split` (matrixmultiply on row or
 //! column blocks over rayon: what ferrograd_runtime::gemm::sgemm does above
-//! its PAR_FLOPS threshold).
+//! its PAR_FLOPS threshold), `gemm split` (gemm, one thread per block, on the
+//! same blocks).
 
 use std::time::Instant;
 
@@ -89,6 +90,33 @@ unsafe fn mm_split(m: usize, k: usize, n: usize, a: P, ars: isize, acs: isize, b
     });
 }
 
+/// gemm (one thread per block) over the same blocks as `mm_split`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_split(m: usize, k: usize, n: usize, a: P, ars: isize, acs: isize, b: P, brs: isize,
+                     bcs: isize, c: Pm, crs: isize, ccs: isize, parts: usize) {
+    use rayon::prelude::*;
+    let rows = m >= n;
+    let len = if rows { m } else { n };
+    let block = len.div_ceil(parts).next_multiple_of(16);
+    let none = gemm::Parallelism::None;
+    (0..len.div_ceil(block)).into_par_iter().for_each(|i| {
+        let s = i * block;
+        let size = block.min(len - s);
+        let so = s as isize;
+        unsafe {
+            if rows {
+                gemm::gemm(size, n, k, c.get().offset(so * crs), ccs, crs, false,
+                           a.get().offset(so * ars), acs, ars, b.get(), bcs, brs, 0.0, 1.0,
+                           false, false, false, none);
+            } else {
+                gemm::gemm(m, size, k, c.get().offset(so * ccs), ccs, crs, false, a.get(), acs,
+                           ars, b.get().offset(so * bcs), bcs, brs, 0.0, 1.0, false, false, false,
+                           none);
+            }
+        }
+    });
+}
+
 fn main() {
     // (label, M, K, N, A transposed in memory, B transposed in memory)
     let shapes: &[(&str, usize, usize, usize, bool, bool)] = &[
@@ -109,8 +137,8 @@ fn main() {
     let mm_threading = cfg!(feature = "mm-threading");
     println!("rayon threads: {threads}; AVX-512 kernels: {}; matrixmultiply threading: \
               {mm_threading}", cfg!(feature = "avx512"));
-    println!("{:<20} {:>8} {:>10} {:>8} {:>8}", "M x K x N", "gemm 1t", "gemm rayon",
-             if mm_threading { "mm thr" } else { "mm 1t" }, "mm split");
+    println!("{:<20} {:>8} {:>10} {:>8} {:>8} {:>10}", "M x K x N", "gemm 1t", "gemm rayon",
+             if mm_threading { "mm thr" } else { "mm 1t" }, "mm split", "gemm split");
     for &(name, m, k, n, ta, tb) in shapes {
         let a: Vec<f32> = (0..m * k).map(|i| (i % 13) as f32 * 0.1).collect();
         let b: Vec<f32> = (0..k * n).map(|i| (i % 11) as f32 * 0.1).collect();
@@ -137,9 +165,12 @@ fn main() {
             &mut || unsafe {
                 mm_split(m, k, n, ap, ars, acs, bp, brs, bcs, cp, n as isize, 1, threads)
             },
+            &mut || unsafe {
+                gemm_split(m, k, n, ap, ars, acs, bp, brs, bcs, cp, n as isize, 1, threads)
+            },
         ]);
-        let (g1, gr, mm1, mms) = (r[0], r[1], r[2], r[3]);
-        println!("{name:<20} {g1:>8.1} {gr:>10.1} {mm1:>8.1} {mms:>8.1}");
+        let (g1, gr, mm1, mms, gs) = (r[0], r[1], r[2], r[3], r[4]);
+        println!("{name:<20} {g1:>8.1} {gr:>10.1} {mm1:>8.1} {mms:>8.1} {gs:>10.1}");
         std::hint::black_box(&c);
     }
 }
