@@ -75,14 +75,15 @@ class BuildError(BackendError):
 def cache_dir() -> Path:
     """ferrograd's cache: ``$FERROGRAD_CACHE``, or ``~/.cache/ferrograd``."""
     env = os.environ.get("FERROGRAD_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "ferrograd"
+    path = Path(env).expanduser() if env else Path.home() / ".cache" / "ferrograd"
+    return path.absolute()  # cargo runs in the crate's folder
 
 
 def target_dir() -> Path:
     """The cargo target folder every build shares: ``$CARGO_TARGET_DIR`` when set,
     else ``<cache>/target``."""
     env = os.environ.get("CARGO_TARGET_DIR")
-    return Path(env).expanduser() if env else cache_dir() / "target"
+    return Path(env).expanduser().absolute() if env else cache_dir() / "target"
 
 
 def module_path(module_name: str) -> Path:
@@ -122,7 +123,7 @@ def build_module(crate_dir: Path, module_name: str, *, quiet: bool = False) -> M
         return _load(module_name, path)
     with _lock(module_name, quiet):
         if not path.is_file():  # another process may have built it while we waited
-            _build(Path(crate_dir), module_name, path, quiet)
+            _build(Path(crate_dir).absolute(), module_name, path, quiet)
     return _load(module_name, path)
 
 
@@ -211,17 +212,21 @@ def _run(cmd: list[str], cwd: Path, env: dict[str, str], log: IO[str], name: str
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
     progress = _Progress(name, quiet)
-    while True:
-        try:
-            line = lines.get(timeout=0.25)
-        except queue.Empty:
-            progress.tick()
-            continue
-        if line is None:
-            break
-        log.write(line)
-        log.flush()
-        progress.line(line)
+    try:
+        while True:
+            try:
+                line = lines.get(timeout=0.25)
+            except queue.Empty:
+                progress.tick()
+                continue
+            if line is None:
+                break
+            log.write(line)
+            log.flush()
+            progress.line(line)
+    finally:
+        if proc.poll() is None:  # interrupted (Ctrl-C): do not leave cargo running
+            proc.kill()
     reader.join()
     code = proc.wait()
     progress.done(code == 0)
@@ -242,6 +247,8 @@ class _Progress:
         if m := _COMPILING.match(text):
             self.count += 1
             self.stage = f"compiling {m.group(1)} {m.group(2)} ({self.count})"
+        elif text.lstrip().startswith("Blocking waiting for file lock"):
+            self.stage = "waiting for another cargo build in the shared target folder"
         elif text.lstrip().startswith("Finished"):
             self.stage = "packaging the module"
         self.tick()
@@ -277,6 +284,9 @@ def _failure_message(name: str, code: int, log_path: Path) -> str:
         block = [line for line in text if line.strip()][-15:]
     if len(block) > 40:
         block = [*block[:40], "    ..."]
+    total = re.search(r"due to (\d+) previous errors", "\n".join(text))
+    if total:
+        block.append(f"({total.group(1)} errors in all: see the log)")
     quoted = "\n".join(f"    {line}" for line in block)
     return (f"building {name} failed (maturin exited with {code}); full log: {log_path}\n"
             f"{quoted}")

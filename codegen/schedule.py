@@ -385,7 +385,7 @@ class _Scheduler:
         out = self._temp(n)
         self.view[n.id] = out
         self._add_kernel(Conv("conv", [n.op], mode, (bn, c, h, w, o, kh, kw),
-                              tuple(a["stride"]), tuple(a["padding"]),  # type: ignore[arg-type]
+                              tuple(a["stride"]), tuple(a["padding"]),
                               self._contiguous(lhs), self._contiguous(rhs), out),
                          {lhs, rhs}, {n.id})
 
@@ -437,7 +437,7 @@ class _Scheduler:
         param/state value before the kernel that overwrites it. None if impossible."""
         dag = nx.DiGraph()
         dag.add_nodes_from(range(len(self.kernels)))
-        producer = {}
+        producer: dict[int, int] = {}
         for i, ws in enumerate(self.kernel_writes):
             for w in ws:
                 producer.setdefault(w, i)

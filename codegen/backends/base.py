@@ -46,21 +46,16 @@ class IndentedBuffer:
 
 def value_kind(e: Any) -> str:
     """"bool", "int" or "float": the type an expression evaluates to in generated code."""
-    if isinstance(e, (sp.logic.boolalg.Boolean, sp.Rel)) or e in (sp.true,
-                                                                                  sp.false):
-        return "bool"
-    if isinstance(e, ToBool):
+    if isinstance(e, sp.Symbol):  # before Boolean: a sympy Symbol is also a Boolean
+        if e.is_integer:
+            return "int"
+        return "float" if e.is_real else "bool"
+    if isinstance(e, sp.logic.boolalg.Boolean | sp.Rel | ToBool) or e in (sp.true, sp.false):
         return "bool"
     if isinstance(e, ToInt):
         return "int"
     if isinstance(e, ToFloat):
         return "float"
-    if isinstance(e, sp.Symbol):
-        if e.is_integer:
-            return "int"
-        if e.is_real:
-            return "float"
-        return "bool"
     if isinstance(e, sp.Piecewise):
         return value_kind(e.args[0][0])
     if e.is_Integer:

@@ -23,6 +23,7 @@ from ferrograd.ir.errors import BackendError
 from ferrograd.ir.graph import Graph
 from ferrograd.ir.serialize import fingerprint
 
+from ..build import runtime_fingerprint
 from ..kernel_ir import Buffer, Conv
 from ..memory import MemoryPlan
 from ..schedule import Schedule, safe_name
@@ -88,7 +89,7 @@ def render_crate(graph: Graph, schedules: list[Schedule], plan: MemoryPlan,
     for k in sorted(body):
         digest.update(k.encode() + body[k].encode())
     digest.update(consts)
-    digest.update(_runtime_digest())
+    digest.update(runtime_fingerprint().encode())
     module = f"fg_{safe_name(graph.name).lower()}_{digest.hexdigest()[:12]}"
     runtime_path = str(RUNTIME) if crate_dir is None else os.path.relpath(RUNTIME, crate_dir)
     files = {
@@ -102,14 +103,6 @@ def render_crate(graph: Graph, schedules: list[Schedule], plan: MemoryPlan,
     for k, v in body.items():
         files[k] = v.replace("MODULE", module).encode()
     return Crate(module, files)
-
-
-def _runtime_digest() -> bytes:
-    digest = hashlib.sha256()
-    for path in sorted(RUNTIME.rglob("*")):
-        if path.is_file() and "target" not in path.parts and path.suffix in (".rs", ".toml"):
-            digest.update(path.read_bytes())
-    return digest.digest()
 
 
 def _persistent_name(graph: Graph, buf: str) -> str:
@@ -242,8 +235,8 @@ def _py_method(graph: Graph, s: Schedule, plan: MemoryPlan) -> str:
     with out.indent(f"fn py_{s.entry}<'py>({sig}) -> PyResult<{ret}> {{"):
         for line in loads:
             out.line(line)
-        for n in names:  # plain slices can cross into the thread without the GIL
-            out.line(f"let {n} = &*{n};")
+        for name in names:  # plain slices can cross into the thread without the GIL
+            out.line(f"let {name} = &*{name};")
         slices = ", ".join(names)
         out.line("let arenas = &mut self.arenas;")
         out.line(f"py.detach(|| rt::py::guard(\"{s.entry}\", || arenas.{s.entry}({slices})))?;")

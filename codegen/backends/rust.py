@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 import sympy as sp
-from sympy.codegen.cfunctions import log1p
 from sympy.printing.precedence import precedence
 from sympy.printing.rust import RustCodePrinter
 
@@ -24,9 +23,6 @@ from ..kernel_ir import (
     Kernel,
     Matmul,
     Reduce,
-    ToBool,
-    ToFloat,
-    ToInt,
     View,
     row_major,
 )
@@ -58,8 +54,9 @@ class RustPrinter(RustCodePrinter):
         super().__init__({"strict": True})
         self._int = False  # printing an i32 subexpression
 
-    def expr(self, e: Any) -> str:
-        self._int = value_kind(e) == "int"
+    def expr(self, e: Any, kind: str | None = None) -> str:
+        """``e`` as Rust; ``kind`` ("float", "int", "bool") when the target type is known."""
+        self._int = (kind or value_kind(e)) == "int"
         return str(self.doprint(e))
 
     def _cast_to_float(self, e: Any) -> Any:
@@ -220,9 +217,6 @@ class RustPrinter(RustCodePrinter):
         return self._inner(a, False)
 
 
-assert log1p and ToBool and ToFloat and ToInt  # printed by name through sympy's dispatch
-
-
 # ---- kernels ----------------------------------------------------------------------------
 
 
@@ -293,13 +287,18 @@ def render_kernel(k: Kernel, dtypes: dict[str, str]) -> str:
     return _unused_row(out.getvalue())
 
 
-def _cse_body(out: IndentedBuffer, exprs: list[Any]) -> list[str]:
-    """Print ``let`` bindings for shared subexpressions; return the final expressions."""
+KIND_OF_DTYPE = {"f32": "float", "i32": "int", "bool": "bool"}
+
+
+def _cse_body(out: IndentedBuffer, exprs: list[Any], dtypes: list[str]) -> list[str]:
+    """Print ``let`` bindings for shared subexpressions; return the final expressions,
+    each printed as its target dtype (a bare ``0`` is a float where an f32 is stored)."""
     printer = RustPrinter()
     subs, reduced = sp.cse(exprs, symbols=sp.numbered_symbols("t"), optimizations=None)
     for sym, sub in subs:
         out.line(f"let {sym} = {_bare(printer.expr(sub))};")
-    return [_bare(printer.expr(e)) for e in reduced]
+    return [_bare(printer.expr(e, KIND_OF_DTYPE[d])) for e, d in zip(reduced, dtypes,
+                                                                      strict=True)]
 
 
 def _bare(code: str) -> str:
@@ -321,7 +320,7 @@ def _elementwise(out: IndentedBuffer, k: Elementwise, args: KernelArgs) -> None:
     if not sizes:  # a scalar
         for sym, v in k.inputs.items():
             out.line(f"let {sym} = {_load(v, str(v.offset))};")
-        values = _cse_body(out, [e for _, e in k.outputs])
+        values = _cse_body(out, [e for _, e in k.outputs], [v.dtype for v, _ in k.outputs])
         for v, val in zip(outs, values, strict=True):
             out.line(f"{v.buffer}[{v.offset}] = {_store(v, val)};")
         return
@@ -369,7 +368,7 @@ def _elementwise(out: IndentedBuffer, k: Elementwise, args: KernelArgs) -> None:
         with out.indent("for j in 0..n {"):
             for line in loads:
                 out.line(line)
-            values = _cse_body(out, [e for _, e in k.outputs])
+            values = _cse_body(out, [e for _, e in k.outputs], [v.dtype for v, _ in k.outputs])
             for name, v, val in zip(names, outs, values, strict=True):
                 out.line(f"{name}[j] = {_store(v, val)};")
 
@@ -409,7 +408,7 @@ def _nested(out: IndentedBuffer, k: Elementwise, sizes: list[int],
         out.level += 1
     for (sym, v), s in zip(k.inputs.items(), strides[n_out:], strict=True):
         out.line(f"let {sym} = {_load(v, linear_index(v.offset, loops, s))};")
-    values = _cse_body(out, [e for _, e in k.outputs])
+    values = _cse_body(out, [e for _, e in k.outputs], [v.dtype for v, _ in k.outputs])
     for (v, _), s, val in zip(k.outputs, strides[:n_out], values, strict=True):
         out.line(f"{v.buffer}[{linear_index(v.offset, loops, s)}] = "
                  f"{_store(v, val)};")
@@ -447,7 +446,7 @@ def _reduce(out: IndentedBuffer, k: Reduce, args: KernelArgs) -> None:
         for (sym, v), ks, rs in zip(k.inputs.items(), kstrides, rstrides, strict=True):
             index = linear_index(v.offset, coords + loops, ks + rs)
             out.line(f"let {sym} = {_load(v, index)};")
-        (value,) = _cse_body(out, [k.value])
+        (value,) = _cse_body(out, [k.value], ["f32"])
         out.line(f"acc += f64::from({value});" if sum_ else f"acc = acc.max({value});")
         for _ in rsizes:
             out.level -= 1

@@ -7,14 +7,15 @@
 //!
 //! - forward:      `out[n] = W · col(x[n])`, W viewed as O × (C·kh·kw);
 //! - input grad:   `dx[n] = col2im(Wᵀ · g[n])`;
-//! - weight grad:  `dW = Σₙ g[n] · col(x[n])ᵀ`.
+//! - weight grad:  `dW = Σₙ g[n] · col(x[n])ᵀ`, one product per chunk of
+//!   images (their column matrices side by side, K = images · Ho·Wo).
 //!
 //! The column matrices live in a caller-provided scratch buffer of
 //! [`im2col_len`] elements (the memory plan sizes it; nothing is allocated per
-//! call), which holds up to [`IMAGES_PER_CHUNK`] images at a time; images of a
-//! chunk are processed in parallel. A 1×1 kernel with stride 1 and no padding
-//! needs no column matrix: the image is its own, and the scratch may be empty.
-//! Outputs are overwritten, never accumulated into.
+//! call), which holds up to [`IMAGES_PER_CHUNK`] images at a time; the images
+//! of a chunk are processed in parallel. (The forward and input-gradient
+//! passes of a 1×1 kernel with stride 1 and no padding use the image as its
+//! own column matrix.) Outputs are overwritten, never accumulated into.
 
 use rayon::prelude::*;
 
@@ -121,14 +122,12 @@ impl Conv2d {
     }
 }
 
-/// The scratch elements the three conv functions need for `p`: the column
-/// matrices of `min(n, IMAGES_PER_CHUNK)` images, or 0 for a pointwise conv.
+/// The scratch elements any of the three conv functions needs for `p`: for
+/// `min(n, IMAGES_PER_CHUNK)` images, their column matrices and (for the
+/// weight gradient) their output gradients regrouped by channel.
 pub fn im2col_len(p: &Conv2d) -> usize {
-    if p.is_pointwise() {
-        return 0;
-    }
     let (rows, cols) = p.col_dims();
-    p.n.min(IMAGES_PER_CHUNK) * rows * cols
+    p.n.min(IMAGES_PER_CHUNK) * (rows + p.o) * cols
 }
 
 /// `out = conv2d(x, weight)` (cross-correlation), overwriting `out`.
@@ -255,54 +254,48 @@ pub fn conv2d_weight_grad(
         scratch.len(),
     )?;
     let (rows, cols) = p.col_dims();
-    let (x_img, g_img) = (p.c * p.h * p.w, p.o * cols);
-    if p.n == 0 || cols == 0 {
+    let (x_img, g_img, plane) = (p.c * p.h * p.w, p.o * cols, p.h * p.w);
+    if p.n == 0 {
         dw.fill(0.0);
         return Ok(());
     }
-    let col_len = rows * cols;
     let chunk = p.n.min(IMAGES_PER_CHUNK);
-    // Threads own blocks of dW's rows (output channels), and each adds the
-    // images of a chunk in order, so the sum does not depend on the threads.
-    let block = p.o.div_ceil(rayon::current_num_threads()).max(1);
-    let (cols_i, rows_i) = (cols as isize, rows as isize);
     for first in (0..p.n).step_by(chunk) {
         let count = chunk.min(p.n - first);
         let xs = &x[first * x_img..(first + count) * x_img];
         let gs = &g[first * g_img..(first + count) * g_img];
-        // Column matrices of this chunk, `step` elements apart.
-        let (cols_of, step): (&[f32], usize) = if p.is_pointwise() {
-            (xs, x_img)
-        } else {
-            let slots = &mut scratch[..count * col_len];
-            slots
-                .par_chunks_exact_mut(col_len)
-                .zip(xs.par_chunks_exact(x_img))
-                .for_each(|(col, x)| im2col(p, x, col));
-            (slots, col_len)
-        };
-        dw.par_chunks_mut(block * rows).enumerate().try_for_each(
-            |(b, dw_block)| -> Result<(), Error> {
-                let m = dw_block.len() / rows;
-                for i in 0..count {
-                    let g_rows = &gs[i * g_img + b * block * cols..][..m * cols];
-                    let col = &cols_of[i * step..][..col_len];
-                    // dW[block] (+)= g[i][block] (m × cols) · colᵀ (cols × rows)
-                    sgemm(
-                        m,
-                        rows,
-                        cols,
-                        g_rows,
-                        (cols_i, 1),
-                        col,
-                        (1, cols_i),
-                        dw_block,
-                        (rows_i, 1),
-                        first + i > 0,
-                    )?;
+        // The chunk's images side by side: col (rows × count·cols), row
+        // (c, i, j) holding every image's (oy, ox) in turn, and g regrouped
+        // as gt (o × count·cols). Then one product covers the chunk.
+        let k = count * cols;
+        let (col, rest) = scratch.split_at_mut(rows * k);
+        let gt = &mut rest[..p.o * k];
+        col.par_chunks_exact_mut(k)
+            .enumerate()
+            .for_each(|(r, row)| {
+                let (c, i, j) = (r / (p.kh * p.kw), r / p.kw % p.kh, r % p.kw);
+                for (img, dst) in row.chunks_exact_mut(cols).enumerate() {
+                    im2col_row(p, &xs[img * x_img + c * plane..][..plane], i, j, dst);
                 }
-                Ok(())
-            },
+            });
+        gt.par_chunks_exact_mut(k).enumerate().for_each(|(o, row)| {
+            for (img, dst) in row.chunks_exact_mut(cols).enumerate() {
+                dst.copy_from_slice(&gs[img * g_img + o * cols..][..cols]);
+            }
+        });
+        // dW (+)= gt (o × k) · colᵀ (k × rows); the chunks add up in order.
+        let ki = k as isize;
+        sgemm(
+            p.o,
+            rows,
+            k,
+            gt,
+            (ki, 1),
+            col,
+            (1, ki),
+            dw,
+            (rows as isize, 1),
+            first > 0,
         )?;
     }
     Ok(())
@@ -350,32 +343,40 @@ where
 /// The rows `(c, i, j)` × columns `(oy, ox)` of one image's column matrix.
 fn im2col(p: &Conv2d, x: &[f32], col: &mut [f32]) {
     let (oh, ow) = p.out_hw();
-    let (sh, sw) = p.stride;
-    let (ph, pw) = p.padding;
     let mut rows = col.chunks_exact_mut(oh * ow);
     for plane in x.chunks_exact(p.h * p.w) {
         for i in 0..p.kh {
             for j in 0..p.kw {
                 let dst = rows.next().expect("col has c * kh * kw rows");
-                let (lo, hi) = valid_range(ow, sw, j, pw, p.w);
-                for (oy, d) in dst.chunks_exact_mut(ow).enumerate() {
-                    let iy = (oy * sh + i).wrapping_sub(ph);
-                    if iy >= p.h {
-                        d.fill(0.0);
-                        continue;
-                    }
-                    let src = &plane[iy * p.w..(iy + 1) * p.w];
-                    d[..lo].fill(0.0);
-                    d[hi..].fill(0.0);
-                    let start = lo * sw + j - pw;
-                    if sw == 1 {
-                        d[lo..hi].copy_from_slice(&src[start..start + (hi - lo)]);
-                    } else {
-                        for (d, s) in d[lo..hi].iter_mut().zip(src[start..].iter().step_by(sw)) {
-                            *d = *s;
-                        }
-                    }
-                }
+                im2col_row(p, plane, i, j, dst);
+            }
+        }
+    }
+}
+
+/// Row `(c, i, j)` of a column matrix: the input pixels of `plane` (channel
+/// `c` of one image, h × w) that kernel tap `(i, j)` meets at each output
+/// position `(oy, ox)`, and zeros where it meets the padding.
+fn im2col_row(p: &Conv2d, plane: &[f32], i: usize, j: usize, dst: &mut [f32]) {
+    let (sh, sw) = p.stride;
+    let (ph, pw) = p.padding;
+    let (_, ow) = p.out_hw();
+    let (lo, hi) = valid_range(ow, sw, j, pw, p.w);
+    for (oy, d) in dst.chunks_exact_mut(ow).enumerate() {
+        let iy = (oy * sh + i).wrapping_sub(ph);
+        if iy >= p.h {
+            d.fill(0.0);
+            continue;
+        }
+        let src = &plane[iy * p.w..(iy + 1) * p.w];
+        d[..lo].fill(0.0);
+        d[hi..].fill(0.0);
+        let start = lo * sw + j - pw;
+        if sw == 1 {
+            d[lo..hi].copy_from_slice(&src[start..start + (hi - lo)]);
+        } else {
+            for (d, s) in d[lo..hi].iter_mut().zip(src[start..].iter().step_by(sw)) {
+                *d = *s;
             }
         }
     }
@@ -552,18 +553,11 @@ mod tests {
             stride: (1, 1),
             padding: (1, 1),
         };
-        assert_eq!(im2col_len(&p), IMAGES_PER_CHUNK * 27 * 64);
+        // Column matrices (27 rows) and regrouped gradients (4 rows) of 64
+        // output positions, for a chunk of images.
+        assert_eq!(im2col_len(&p), IMAGES_PER_CHUNK * (27 + 4) * 64);
         let p1 = Conv2d { n: 1, ..p };
-        assert_eq!(im2col_len(&p1), 27 * 64);
-        assert_eq!(
-            im2col_len(&Conv2d {
-                kh: 1,
-                kw: 1,
-                padding: (0, 0),
-                ..p
-            }),
-            0
-        );
+        assert_eq!(im2col_len(&p1), (27 + 4) * 64);
     }
 
     #[test]

@@ -510,7 +510,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `cnn`.
-#[pyclass(module = "fg_cnn_891d9d03f9e7")]
+#[pyclass(module = "fg_cnn_99db72996ee2")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -644,7 +644,7 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_cnn_891d9d03f9e7(m: &Bound<'_, PyModule>) -> PyResult<()> {
+fn fg_cnn_99db72996ee2(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Step>()?;
     Ok(())
 }

@@ -179,7 +179,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `linreg`.
-#[pyclass(module = "fg_linreg_009f19ad0889")]
+#[pyclass(module = "fg_linreg_60caa3219695")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -297,7 +297,7 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_linreg_009f19ad0889(m: &Bound<'_, PyModule>) -> PyResult<()> {
+fn fg_linreg_60caa3219695(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Step>()?;
     Ok(())
 }

@@ -441,7 +441,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `mlp`.
-#[pyclass(module = "fg_mlp_972562a1dc00")]
+#[pyclass(module = "fg_mlp_6c798520127c")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -569,7 +569,7 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_mlp_972562a1dc00(m: &Bound<'_, PyModule>) -> PyResult<()> {
+fn fg_mlp_6c798520127c(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Step>()?;
     Ok(())
 }

@@ -733,7 +733,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `rnn`.
-#[pyclass(module = "fg_rnn_1b521c261c9f")]
+#[pyclass(module = "fg_rnn_839109716721")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -859,7 +859,7 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_rnn_1b521c261c9f(m: &Bound<'_, PyModule>) -> PyResult<()> {
+fn fg_rnn_839109716721(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Step>()?;
     Ok(())
 }

@@ -1347,7 +1347,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `char_lm`.
-#[pyclass(module = "fg_char_lm_0d0096a32adf")]
+#[pyclass(module = "fg_char_lm_1dac0c749e90")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -1507,7 +1507,7 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_char_lm_0d0096a32adf(m: &Bound<'_, PyModule>) -> PyResult<()> {
+fn fg_char_lm_1dac0c749e90(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Step>()?;
     Ok(())
 }

@@ -265,7 +265,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `xor_net`.
-#[pyclass(module = "fg_xor_net_7ff6b650dd05")]
+#[pyclass(module = "fg_xor_net_dea6231ad9d9")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -389,7 +389,7 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_xor_net_7ff6b650dd05(m: &Bound<'_, PyModule>) -> PyResult<()> {
+fn fg_xor_net_dea6231ad9d9(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Step>()?;
     Ok(())
 }

@@ -1,0 +1,511 @@
+"""CPU benchmarks: ferrograd against the anchors of ANCHORS.md, measured in one run.
+
+    python benches/cpu.py                                  # every workload, 7 rounds
+    python benches/cpu.py --rows W0,W2b32 --rounds 5 --json out.json
+    python benches/cpu.py --quick                          # short rounds, one compile probe
+
+For each workload (benches/workloads.py) the model is compiled once; its initial
+params (``step.params``) and one synthetic batch are handed to every system:
+ferrograd's compiled step, the NumPy-by-hand step, PyTorch eager and JAX jit (the
+last two when importable). The losses of the first three steps must agree (the
+first checks the forward pass, the next two the backward and the update); a row
+where they do not is marked. Then the systems are timed in interleaved rounds —
+each round times a batch of steps of every system, in a rotating order — so that
+the noise of a shared machine hits all of them alike. The table reports medians
+of per-step time over rounds, and for ratios the median over rounds of the
+per-round ratio.
+
+Compile time and memory are measured in fresh processes per workload: a cold
+build (a changed model: new module, empty ``FERROGRAD_CACHE``, dependencies
+already compiled in the shared cargo target folder), a warm load of that build
+from the cache, the peak RSS of the training process, and for comparison the
+peak RSS of a process that trains with NumPy by hand and never imports ferrograd.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import numpy_by_hand
+from common import peak_rss_mb
+from workloads import BY_KEY, WORKLOADS, Workload, fg_optimizer
+
+import ferrograd as fg
+
+HERE = Path(__file__).resolve().parent
+FG = "ferrograd"
+NATIVE = "ferrograd (native call)"
+NUMPY = "NumPy by hand"
+ANCHOR_MODULES = {"PyTorch eager": "torch_anchor", "JAX jit": "jax_anchor"}
+ANCHORS = [NUMPY, *ANCHOR_MODULES]
+LOSS_STEPS = 3  # losses compared: forward at the initial weights, then after 1 and 2 updates
+LOSS_RTOL = 2e-5  # on each loss (float32 sums in different orders)
+DELTA_RTOL = 1e-2  # on the loss changes, which the backward pass and the update make
+
+
+# ---- systems ---------------------------------------------------------------------------
+@dataclass
+class System:
+    name: str
+    step: Callable[[], float]  # one training step on the fixed batch; returns the loss
+
+
+def limit_threads(n: int | None) -> str:
+    """Give every system ``n`` threads (None: leave each at its default), before the
+    anchors are imported and before ferrograd's thread pool starts."""
+    if n is None:
+        return "default threads (ferrograd: rayon, one per core; NumPy: OpenBLAS's own)"
+    os.environ["RAYON_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"] = str(n)
+    os.environ["OPENBLAS_NUM_THREADS"] = str(n)  # for child processes
+    if n == 1:
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   " --xla_cpu_multi_thread_eigen=false"
+                                   " intra_op_parallelism_threads=1").strip()
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return f"{n} thread(s), except NumPy's BLAS (threadpoolctl is not installed)"
+    threadpool_limits(n)  # NumPy's BLAS is loaded already
+    return f"{n} thread(s) per system (rayon, BLAS, OpenMP" + (", XLA)" if n == 1 else ")")
+
+
+def anchor_modules() -> dict[str, ModuleType]:
+    """The optional anchors that import here (PyTorch, JAX), by display name."""
+    found = {}
+    for name, module in ANCHOR_MODULES.items():
+        try:
+            found[name] = importlib.import_module(module)
+        except ImportError:
+            continue
+    return found
+
+
+def make_systems(w: Workload, step: fg.Step, twin: fg.Step, anchors: dict[str, ModuleType]
+                 ) -> list[System]:
+    """Every system of a row, all from ``step``'s initial params and the same batch.
+    ``twin`` is a second step of the same build, called without the Python API around
+    the module (a diagnostic of that API's overhead)."""
+    params, batch = step.params, w.data()
+    systems = [System(FG, lambda: step(*batch))]
+    native = getattr(twin, "_native", None)
+    if native is not None:
+        twin.load_params(params)
+        systems.append(System(NATIVE, lambda: float(native.train(*batch))))
+    systems.append(System(NUMPY, numpy_by_hand.make(w.arch, w.opt, params, batch)))
+    for name, module in anchors.items():
+        systems.append(System(name, module.make(w.arch, w.opt, params, batch)))
+    return systems
+
+
+# ---- checking and timing ---------------------------------------------------------------
+def check_losses(losses: dict[str, list[float]]) -> list[str]:
+    """Problems with any system's first losses, measured against ferrograd's."""
+    ref = losses[FG]
+    problems = []
+    for name, got in losses.items():
+        if name == FG:
+            continue
+        bad = abs(got[0] - ref[0]) > LOSS_RTOL * abs(ref[0]) + 1e-6
+        for i in range(1, len(ref)):
+            want_delta, got_delta = ref[0] - ref[i], got[0] - got[i]
+            tol = DELTA_RTOL * abs(want_delta) + LOSS_RTOL * abs(ref[0]) + 1e-6
+            bad = bad or abs(got_delta - want_delta) > tol
+        if bad:
+            problems.append(f"{name} losses {fmt_losses(got)} vs ferrograd {fmt_losses(ref)}")
+    return problems
+
+
+def fmt_losses(values: list[float]) -> str:
+    return "[" + ", ".join(f"{v:.7g}" for v in values) + "]"
+
+
+def time_batch(step: Callable[[], float], n: int) -> float:
+    """Seconds per step over ``n`` consecutive steps (GC paused, as timeit does)."""
+    gc.collect()
+    gc.disable()
+    try:
+        start = time.perf_counter()
+        for _ in range(n):
+            step()
+        return (time.perf_counter() - start) / n
+    finally:
+        gc.enable()
+
+
+def calibrate(step: Callable[[], float], target_s: float) -> int:
+    """Steps per timed batch so that a batch lasts about ``target_s`` (at least 1)."""
+    n, per_step = 1, time_batch(step, 1)
+    while per_step * n < target_s / 4 and n < 1_000_000:
+        n *= 4
+        per_step = time_batch(step, n)
+    return max(1, round(target_s / per_step))
+
+
+def time_rounds(systems: list[System], rounds: int, target_s: float) -> dict[str, list[float]]:
+    """Per-step µs of every system in each round; systems interleaved, order rotating."""
+    counts = {s.name: calibrate(s.step, target_s) for s in systems}
+    times: dict[str, list[float]] = {s.name: [] for s in systems}
+    for r in range(rounds):
+        k = r % len(systems)
+        for s in systems[k:] + systems[:k]:
+            times[s.name].append(time_batch(s.step, counts[s.name]) * 1e6)
+    return times
+
+
+# ---- compile time and memory, in fresh processes ---------------------------------------
+def compile_probe(key: str, lr_scale: float, steps: int) -> dict[str, float]:
+    """(In a child process.) Time ``fg.compile`` to a ready step — lowering (trace,
+    autodiff, passes, schedule, render) and then build or load — train, report memory."""
+    rss_import = peak_rss_mb()
+    w = BY_KEY[key]
+    start = time.perf_counter()
+    lowered = fg.lower(w.model, optimizer=fg_optimizer(w.opt, lr_scale), backend="cpu",
+                       seed=0, **w.dims)
+    lowered_at = time.perf_counter()
+    step = lowered.compile()
+    done = time.perf_counter()
+    batch = w.data()
+    for _ in range(steps):
+        step(*batch)
+    return {"compile_s": done - start, "lower_s": lowered_at - start,
+            "rss_import_mb": rss_import, "rss_peak_mb": peak_rss_mb(),
+            "arena_mb": lowered.memory_plan.peak_bytes / 1e6}
+
+
+def run_child(args: list[str], env: dict[str, str]) -> tuple[dict[str, Any], float]:
+    """Run a probe; its JSON result (last stdout line) and the process's wall time."""
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True,
+                          check=False)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"probe {' '.join(args)} failed ({proc.returncode}):\n"
+                           f"{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1]), wall
+
+
+def shared_target_dir() -> str:
+    """The cargo target folder ferrograd builds use now (deps compiled there)."""
+    from ferrograd.codegen.build import target_dir
+
+    return str(target_dir())
+
+
+def probe_row(w: Workload, steps: int, params: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Cold build, warm load and memory of ``w``; NumPy-by-hand memory for comparison.
+
+    The cold build compiles a changed model (its learning rate scaled by 1 + 1e-6, so
+    its content hash and module name are new) into an empty FERROGRAD_CACHE, with
+    CARGO_TARGET_DIR kept on the shared target folder where dependencies are built.
+    The warm load is the same compile in a second process, which finds the module."""
+    cache = tempfile.mkdtemp(prefix="fg-bench-cache-")
+    env = {**os.environ, "FERROGRAD_CACHE": cache, "CARGO_TARGET_DIR": shared_target_dir()}
+    args = [str(HERE / "cpu.py"), "--probe", w.key, "--lr-scale", str(1 + 1e-6),
+            "--probe-steps", str(steps)]
+    try:
+        cold, cold_wall = run_child(args, env)
+        warm, warm_wall = run_child(args, env)
+        npz = Path(cache) / "numpy-probe.npz"
+        arrays: dict[str, Any] = {f"p:{k}": v for k, v in params.items()}
+        arrays.update({f"b:{i}": a for i, a in enumerate(w.data())})
+        np.savez(npz, **arrays)
+        numpy_rss, _ = run_child([str(HERE / "numpy_by_hand.py"), w.arch, w.opt.kind,
+                                  str(w.opt.lr), str(steps), str(npz)], dict(os.environ))
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    return {"cold_build_s": cold["compile_s"], "cold_process_s": cold_wall,
+            "warm_load_s": warm["compile_s"], "warm_lower_s": warm["lower_s"],
+            "warm_process_s": warm_wall,
+            "rss_import_mb": warm["rss_import_mb"], "rss_peak_mb": warm["rss_peak_mb"],
+            "arena_mb": warm["arena_mb"], "numpy_rss_mb": numpy_rss["rss_mb"],
+            "target_dir": env["CARGO_TARGET_DIR"]}
+
+
+# ---- one row ---------------------------------------------------------------------------
+@dataclass
+class Row:
+    key: str
+    title: str
+    goal_us: float
+    ref: dict[str, float]
+    times_us: dict[str, list[float]] = field(default_factory=dict)
+    losses: dict[str, list[float]] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    compile_in_process_s: float | None = None
+    probe: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+    def median(self, name: str) -> float | None:
+        t = self.times_us.get(name)
+        return statistics.median(t) if t else None
+
+    def ratio(self, name: str) -> float | None:
+        """Median over rounds of ferrograd's time / ``name``'s time in that round."""
+        a, b = self.times_us.get(FG), self.times_us.get(name)
+        if not a or not b:
+            return None
+        return statistics.median(x / y for x, y in zip(a, b, strict=True))
+
+    def best_anchor(self) -> str | None:
+        medians = {n: self.median(n) for n in ANCHORS if self.median(n) is not None}
+        return min(medians, key=lambda n: medians[n] or 0.0) if medians else None
+
+
+def run_row(w: Workload, args: argparse.Namespace, anchors: dict[str, ModuleType]) -> Row:
+    row = Row(w.key, w.title, w.ref.goal, {k: v for k, v in asdict(w.ref).items()
+                                            if k != "goal"})
+    log(f"{w.key}: compiling")
+    try:
+        start = time.perf_counter()
+        step = fg.compile(w.model, optimizer=fg_optimizer(w.opt), backend=args.backend,
+                          seed=0, **w.dims)
+        row.compile_in_process_s = time.perf_counter() - start
+        twin = fg.compile(w.model, optimizer=fg_optimizer(w.opt), backend=args.backend,
+                          seed=0, **w.dims)
+        systems = make_systems(w, step, twin, anchors)
+        row.losses = {s.name: [s.step() for _ in range(LOSS_STEPS)] for s in systems}
+    except Exception:
+        row.error = traceback.format_exc()
+        log(f"{w.key}: FAILED\n{row.error}")
+        return row
+    row.problems = check_losses(row.losses)
+    for p in row.problems:
+        log(f"WARNING {w.key}: losses disagree: {p}")
+    log(f"{w.key}: timing {', '.join(s.name for s in systems)}")
+    row.times_us = time_rounds(systems, args.rounds, args.target_ms / 1e3)
+    if w.key in args.probe_rows and args.backend == "cpu":
+        log(f"{w.key}: compile probes (cold build, warm load, memory)")
+        try:
+            row.probe = probe_row(w, args.probe_steps, step.params)
+        except Exception as err:
+            row.probe = {"error": str(err)}
+            log(f"{w.key}: probe failed: {err}")
+    return row
+
+
+# ---- the report ------------------------------------------------------------------------
+def us(v: float | None) -> str:
+    if v is None:
+        return "–"
+    return f"{v / 1e3:.2f} ms" if v >= 10_000 else f"{v:.1f} µs" if v < 100 else f"{v:.0f} µs"
+
+
+def x(v: float | None) -> str:
+    return "–" if v is None else f"{v:.2f}×"
+
+
+def timing_table(rows: list[Row], anchors: list[str]) -> list[str]:
+    head = ["workload", FG, *anchors, *(f"fg / {a}" for a in anchors), "goal", "goal met",
+            "losses agree"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        if r.error:
+            lines.append(f"| {r.title} | **error** (see below) |" + " |" * (len(head) - 2))
+            continue
+        fg_us = r.median(FG)
+        met = "–" if fg_us is None else "yes" if fg_us <= r.goal_us else "no"
+        agree = "yes" if not r.problems else "**NO**"
+        cells = [r.title, us(fg_us), *(us(r.median(a)) for a in anchors),
+                 *(x(r.ratio(a)) for a in anchors), f"≤ {us(r.goal_us)}", met, agree]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def reference_table(rows: list[Row]) -> list[str]:
+    """ferrograd beside ANCHORS.md's numbers, and the goal as a ratio to the best anchor
+    (machines differ; the ratio travels better than the absolute goal)."""
+    head = ["workload", "ferrograd (this run)", "best anchor (this run)", "fg / best",
+            "ANCHORS.md: PyTorch", "torch.compile", "JAX", "NumPy", "goal",
+            "goal / best anchor (ANCHORS.md)", "ratio goal met"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        if r.error:
+            continue
+        best = r.best_anchor()
+        ref_best = min(r.ref.values())
+        goal_ratio = r.goal_us / ref_best
+        ratio = r.ratio(best) if best else None
+        met = "–" if ratio is None else "yes" if ratio <= goal_ratio else "no"
+        cells = [r.title, us(r.median(FG)), f"{best}: {us(r.median(best))}" if best else "–",
+                 x(ratio), us(r.ref["torch"]), us(r.ref["torch_compile"]), us(r.ref["jax"]),
+                 us(r.ref["numpy"]), us(r.goal_us), x(goal_ratio), met]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def compile_table(rows: list[Row]) -> list[str]:
+    head = ["workload", "first compile in the run", "cold build (changed model)",
+            "warm load (cached)", "warm process, start to trained", "peak RSS (fg)",
+            "RSS after import", "peak RSS (NumPy by hand)", "arena", "RSS goal (NumPy + arena)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        p = r.probe
+        first = "–" if r.compile_in_process_s is None else f"{r.compile_in_process_s:.2f} s"
+        if not p or "error" in p:
+            note = p.get("error", "not probed").splitlines()[0] if p else "not probed"
+            lines.append(f"| {r.title} | {first} | {note} |" + " |" * (len(head) - 3))
+            continue
+        goal = p["numpy_rss_mb"] + p["arena_mb"]
+        warm = f"{p['warm_load_s'] * 1e3:.0f} ms ({p['warm_lower_s'] * 1e3:.0f} ms lowering)"
+        cells = [r.title, first, f"{p['cold_build_s']:.1f} s", warm,
+                 f"{p['warm_process_s']:.2f} s", f"{p['rss_peak_mb']:.0f} MB",
+                 f"{p['rss_import_mb']:.0f} MB", f"{p['numpy_rss_mb']:.0f} MB",
+                 f"{p['arena_mb']:.1f} MB", f"{goal:.0f} MB"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def overhead_table(rows: list[Row]) -> list[str]:
+    lines = ["| workload | step(x, y) | module's train(x, y) | Python API overhead |",
+             "|---|---|---|---|"]
+    for r in rows:
+        a, b = r.median(FG), r.median(NATIVE)
+        if a is not None and b is not None:
+            lines.append(f"| {r.title} | {us(a)} | {us(b)} | {us(a - b)} |")
+    return lines
+
+
+def report(rows: list[Row], info: dict[str, Any], anchors: list[str]) -> str:
+    out = [f"## CPU benchmarks — {info['date']}", "",
+           f"- machine: {info['cpu']}; {info['cores']} cores; {info['simd']}",
+           f"- load average at start / end: {info['load_start']} / {info['load_end']}",
+           f"- {info['versions']}", f"- threads: {info['threads']}",
+           f"- command: `{info['command']}`",
+           f"- {info['rounds']} interleaved rounds, ≈{info['target_ms']:g} ms of steps per "
+           "system per round; medians of per-step time; ratios are medians of per-round "
+           "ratios (< 1: ferrograd faster)", "",
+           *timing_table(rows, anchors), "", "### Against ANCHORS.md", "",
+           *reference_table(rows), "", "### Compile time and memory", "",
+           *compile_table(rows), "", "### ferrograd's Python call overhead", "",
+           *overhead_table(rows)]
+    problems = [(r.key, p) for r in rows for p in r.problems]
+    if problems:
+        out += ["", "### Losses that disagree", ""] + [f"- {k}: {p}" for k, p in problems]
+    errors = [r for r in rows if r.error]
+    if errors:
+        out += ["", "### Errors", ""]
+        for r in errors:
+            out += [f"{r.key}:", "```", (r.error or "").rstrip(), "```"]
+    return "\n".join(out) + "\n"
+
+
+# ---- the machine -----------------------------------------------------------------------
+def machine_info(args: argparse.Namespace, anchors: dict[str, ModuleType]) -> dict[str, Any]:
+    cpu, flags = platform.processor() or platform.machine(), set()
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        cpu = next(ln.split(":", 1)[1].strip() for ln in text.splitlines()
+                   if ln.startswith("model name"))
+        flags = set(next(ln for ln in text.splitlines() if ln.startswith("flags")).split())
+    except (OSError, StopIteration):
+        pass
+    simd = ", ".join(f for f in ("avx2", "fma", "avx512f") if f in flags) or "unknown SIMD"
+    versions = [f"ferrograd {fg.__version__} ({git_revision()})",
+                f"NumPy {np.__version__}", f"Python {platform.python_version()}"]
+    versions += [m.version() for m in anchors.values()]
+    missing = [n for n in ANCHOR_MODULES if n not in anchors]
+    if missing:
+        versions.append(f"not installed, skipped: {', '.join(missing)}")
+    return {"date": time.strftime("%Y-%m-%d"), "cpu": cpu, "cores": os.cpu_count(),
+            "simd": simd, "load_start": load(), "versions": "; ".join(versions),
+            "command": " ".join(["python", *sys.argv]), "rounds": args.rounds,
+            "target_ms": args.target_ms}
+
+
+def git_revision() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, text=True,
+                             capture_output=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=HERE, text=True, capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "no git"
+    return rev + (" + local changes" if dirty.strip() else "")
+
+
+def load() -> str:
+    return " ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# ---- main ------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", default=",".join(BY_KEY),
+                   help=f"comma-separated workloads (default: all of {', '.join(BY_KEY)})")
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--target-ms", type=float, default=200.0,
+                   help="time of one batch of steps per system per round")
+    p.add_argument("--quick", action="store_true",
+                   help="3 rounds of 50 ms; compile probes only for the first row")
+    p.add_argument("--probe-rows", default=None,
+                   help="workloads to probe for compile time and memory (default: all rows; "
+                        "'none' for none)")
+    p.add_argument("--probe-steps", type=int, default=20,
+                   help="training steps before reading peak RSS")
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads for every system (rayon, BLAS, OpenMP, XLA); default: each "
+                        "system's own default")
+    p.add_argument("--backend", default="cpu",
+                   help="ferrograd backend ('numpy' runs the interpreter: only useful to "
+                        "check the anchors where no Rust toolchain is installed)")
+    p.add_argument("--json", type=Path, help="also write the raw results here")
+    p.add_argument("--probe", help=argparse.SUPPRESS)  # internal: run one compile probe
+    p.add_argument("--lr-scale", type=float, default=1.0, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.rows = [k.strip() for k in args.rows.split(",") if k.strip()]
+    unknown = [k for k in args.rows if k not in BY_KEY]
+    if unknown:
+        p.error(f"unknown workload(s) {', '.join(unknown)}; choose from {', '.join(BY_KEY)}")
+    if args.quick:
+        args.rounds, args.target_ms = 3, 50.0
+    if args.probe_rows is None:
+        args.probe_rows = args.rows[:1] if args.quick else args.rows
+    elif args.probe_rows == "none":
+        args.probe_rows = []
+    else:
+        args.probe_rows = args.probe_rows.split(",")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.probe:
+        print(json.dumps(compile_probe(args.probe, args.lr_scale, args.probe_steps)))
+        return
+    threads = limit_threads(args.threads)
+    anchors = anchor_modules()
+    info = machine_info(args, anchors)
+    info["threads"] = threads
+    log(f"systems: {FG}, {NUMPY}, {', '.join(anchors) or '(no PyTorch, no JAX)'}")
+    rows = [run_row(w, args, anchors) for w in WORKLOADS if w.key in args.rows]
+    info["load_end"] = load()
+    print(report(rows, info, [NUMPY, *anchors]))
+    if args.json:
+        args.json.write_text(json.dumps({"info": info, "rows": [asdict(r) for r in rows]},
+                                        indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""The PyTorch anchor (eager): each workload's forward in torch, autograd for the
+backward, ``torch.optim`` for the update. Importing this module raises ImportError
+where torch is not installed; the runner then skips it."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from common import CONTEXT, DIM, HEADS, Batch, Opt
+
+Tensors = dict[str, torch.Tensor]
+
+
+def _dense(p: Tensors, name: str, x: torch.Tensor) -> torch.Tensor:
+    """x @ weight + bias with ferrograd's (in, out) weight layout."""
+    w, b = p[f"{name}.weight"], p[f"{name}.bias"]
+    return torch.addmm(b, x, w) if x.dim() == 2 else x @ w + b
+
+
+def linreg(p: Tensors, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(_dense(p, "lin", x), y)
+
+
+def xor(p: Tensors, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    h = torch.tanh(_dense(p, "hidden", x))
+    return F.binary_cross_entropy(torch.sigmoid(_dense(p, "out", h)), y)
+
+
+def mlp(p: Tensors, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    h = F.relu(_dense(p, "fc1", x))
+    h = F.relu(_dense(p, "fc2", h))
+    return F.cross_entropy(_dense(p, "head", h), y)
+
+
+def cnn(p: Tensors, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    h = F.max_pool2d(F.relu(F.conv2d(x, p["conv1.weight"], p["conv1.bias"], padding=1)), 2)
+    h = F.max_pool2d(F.relu(F.conv2d(h, p["conv2.weight"], p["conv2.bias"], padding=1)), 2)
+    return F.cross_entropy(_dense(p, "head", h.flatten(1)), y)
+
+
+CAUSAL = torch.tril(torch.ones(CONTEXT, CONTEXT, dtype=torch.bool))
+
+
+def transformer(p: Tensors, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    b, hd = ids.shape[0], DIM // HEADS
+
+    def ln(name: str, t: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(t, (DIM,), p[f"{name}.weight"], p[f"{name}.bias"], 1e-5)
+
+    def split(t: torch.Tensor) -> torch.Tensor:
+        return t.view(b, CONTEXT, HEADS, hd).transpose(1, 2)
+
+    x = F.embedding(ids, p["tok_emb.weight"]) + p["pos_emb"]
+    h = ln("ln1", x)
+    q, k, v = (split(_dense(p, f"attn.{n}", h)) for n in "qkv")
+    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hd))
+    scores = scores.masked_fill(~CAUSAL, -1e9)
+    att = (torch.softmax(scores, dim=-1) @ v).transpose(1, 2).reshape(b, CONTEXT, DIM)
+    x = x + _dense(p, "attn.out", att)
+    x = x + _dense(p, "mlp.down", F.gelu(_dense(p, "mlp.up", ln("ln2", x))))
+    logits = _dense(p, "head", ln("ln_f", x))
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+LOSSES: dict[str, Callable[..., torch.Tensor]] = {
+    "linreg": linreg, "xor": xor, "mlp": mlp, "cnn": cnn, "transformer": transformer}
+
+
+def _tensor(a: np.ndarray) -> torch.Tensor:
+    """Integer inputs become int64 (torch's index dtype), once, outside the step."""
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    return t.long() if a.dtype.kind in "iu" else t
+
+
+def make(arch: str, opt: Opt, params: dict[str, np.ndarray], batch: Batch
+         ) -> Callable[[], float]:
+    """One eager training step per call on ``batch``, from copies of ``params``."""
+    p = {k: torch.tensor(v, dtype=torch.float32, requires_grad=True) for k, v in params.items()}
+    inputs = [_tensor(a) for a in batch]
+    optimizer: torch.optim.Optimizer
+    if opt.kind == "sgd":
+        optimizer = torch.optim.SGD(list(p.values()), lr=opt.lr)
+    else:
+        optimizer = torch.optim.Adam(list(p.values()), lr=opt.lr, betas=opt.betas, eps=opt.eps)
+    loss_of = LOSSES[arch]
+
+    def step() -> float:
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_of(p, *inputs)
+        loss.backward()
+        optimizer.step()
+        return float(loss.item())
+
+    return step
+
+
+def version() -> str:
+    return f"PyTorch {torch.__version__} ({torch.get_num_threads()} threads)"
