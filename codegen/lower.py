@@ -141,6 +141,17 @@ class Lowered:
         ]
         return "\n".join(lines)
 
+    def schedule_report(self, fusion_log: bool = False) -> str:
+        """Each entry point's kernels (and why fusions were refused), and the memory plan."""
+        lines = []
+        for s in self.schedules:
+            lines.append(f"schedule {s.entry}: {len(s.kernels)} kernels")
+            lines += [f"  {k.name:<40} {k.kind:<12} {', '.join(k.ops)}" for k in s.kernels]
+            if fusion_log and s.log:
+                lines += [f"fusion log ({s.entry}):", *s.log]
+        lines.append(self.memory_plan.summary())
+        return "\n".join(lines)
+
     def compile(self) -> Step:
         params, state = init_params(self.graph, self.seed), init_state(self.graph)
         if self.backend == "numpy":
@@ -207,12 +218,7 @@ def lower(model: Model, optimizer: Optimizer | None = None, backend: str = "cpu"
     if level >= 1:
         print(lowered.summary(), file=sys.stderr)
         if backend != "numpy":
-            for s in lowered.schedules:
-                print(f"schedule {s.entry}: {len(s.kernels)} kernels", file=sys.stderr)
-                for k in s.kernels:
-                    print(f"  {k.name:<36} {k.kind:<12} {', '.join(k.ops)}", file=sys.stderr)
-                print("fusion log:\n" + "\n".join(s.log), file=sys.stderr)
-            print(lowered.memory_plan.summary(), file=sys.stderr)
+            print(lowered.schedule_report(fusion_log=True), file=sys.stderr)
     if level >= 2:
         print(lowered.source("ir" if backend == "numpy" else "rust"), file=sys.stderr)
     return lowered

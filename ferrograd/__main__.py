@@ -72,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         lowered = lower(model, optimizer=opt_cls(lr=args.lr) if opt_cls else None,
                         backend=args.backend, **_dims(args.dim))
         print(lowered.summary())
+        if args.backend != "numpy":
+            print()
+            print(lowered.schedule_report())
         print()
         print(lowered.source(args.backend))
         if args.dot:

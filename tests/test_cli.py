@@ -32,6 +32,15 @@ def test_inspect_prints_summary_and_graph(tmp_path: Path) -> None:
     assert dot.read_text().startswith('digraph "mlp"')
 
 
+def test_inspect_cpu_prints_schedule_plan_and_rust(tmp_path: Path) -> None:
+    file = tmp_path / "model.py"
+    file.write_text(MODEL)
+    res = run("inspect", f"{file}:mlp", "--dim", "B=2", "--backend", "cpu")
+    assert res.returncode == 0, res.stderr
+    assert "schedule train:" in res.stdout and "memory plan: peak" in res.stdout
+    assert "#[pymodule]" in res.stdout and "pub fn forward_k00_matmul(" in res.stdout
+
+
 def test_inspect_reports_unbound_dim_and_missing_model(tmp_path: Path) -> None:
     file = tmp_path / "model.py"
     file.write_text(MODEL)
