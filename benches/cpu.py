@@ -11,9 +11,15 @@ last two when importable). The losses of the first three steps must agree (the
 first checks the forward pass, the next two the backward and the update); a row
 where they do not is marked. Then the systems are timed in interleaved rounds —
 each round times a batch of steps of every system, in a rotating order — so that
-the noise of a shared machine hits all of them alike. The table reports medians
-of per-step time over rounds, and for ratios the median over rounds of the
-per-round ratio.
+the noise of a shared machine hits all of them alike. Every batch starts from the
+initial params and optimizer state (a reset), so all systems time the same stretch
+of training. The tables report medians (and best rounds) of per-step time, and for
+ratios the median over rounds of the per-round ratio.
+
+``--threads N`` gives every system N threads (rayon, BLAS, OpenMP, XLA): on a
+loaded machine OpenBLAS's default threads can make NumPy ten times slower.
+``--skip-timing`` runs only the loss checks and the compile probes;
+``--report-from FILE`` re-prints the report of a ``--json`` file.
 
 Compile time and memory are measured in fresh processes per workload: a cold
 build (a changed model: new module, empty ``FERROGRAD_CACHE``, dependencies
@@ -62,10 +68,13 @@ DELTA_RTOL = 1e-2  # on the loss changes, which the backward pass and the update
 
 
 # ---- systems ---------------------------------------------------------------------------
+
+
 @dataclass
 class System:
     name: str
     step: Callable[[], float]  # one training step on the fixed batch; returns the loss
+    reset: Callable[[], None]  # back to the initial params and optimizer state
 
 
 def limit_threads(n: int | None) -> str:
@@ -98,24 +107,31 @@ def anchor_modules() -> dict[str, ModuleType]:
     return found
 
 
-def make_systems(w: Workload, step: fg.Step, twin: fg.Step, anchors: dict[str, ModuleType]
-                 ) -> list[System]:
+def make_systems(w: Workload, step: fg.Step, twin: fg.Step, anchors: dict[str, ModuleType],
+                 checkpoint: Path) -> list[System]:
     """Every system of a row, all from ``step``'s initial params and the same batch.
     ``twin`` is a second step of the same build, called without the Python API around
-    the module (a diagnostic of that API's overhead)."""
+    the module (a diagnostic of that API's overhead). ferrograd's steps reset from a
+    checkpoint of the initial params and optimizer state, saved to ``checkpoint``."""
     params, batch = step.params, w.data()
-    systems = [System(FG, lambda: step(*batch))]
+    step.save(checkpoint)
+    systems = [System(FG, lambda: step(*batch), lambda: step.load(checkpoint))]
     native = getattr(twin, "_native", None)
     if native is not None:
-        twin.load_params(params)
-        systems.append(System(NATIVE, lambda: float(native.train(*batch))))
-    systems.append(System(NUMPY, numpy_by_hand.make(w.arch, w.opt, params, batch)))
+        systems.append(System(NATIVE, lambda: float(native.train(*batch)),
+                              lambda: twin.load(checkpoint)))
+    trainers = {NUMPY: numpy_by_hand.Trainer(w.arch, w.opt, params, batch)}
     for name, module in anchors.items():
-        systems.append(System(name, module.make(w.arch, w.opt, params, batch)))
+        trainers[name] = module.Trainer(w.arch, w.opt, params, batch)
+    systems += [System(name, t.step, t.reset) for name, t in trainers.items()]
+    for s in systems:
+        s.reset()
     return systems
 
 
 # ---- checking and timing ---------------------------------------------------------------
+
+
 def check_losses(losses: dict[str, list[float]]) -> list[str]:
     """Problems with any system's first losses, measured against ferrograd's."""
     ref = losses[FG]
@@ -150,27 +166,36 @@ def time_batch(step: Callable[[], float], n: int) -> float:
         gc.enable()
 
 
-def calibrate(step: Callable[[], float], target_s: float) -> int:
+def calibrate(system: System, target_s: float) -> int:
     """Steps per timed batch so that a batch lasts about ``target_s`` (at least 1)."""
-    n, per_step = 1, time_batch(step, 1)
+    n, per_step = 1, time_batch(system.step, 1)
     while per_step * n < target_s / 4 and n < 1_000_000:
         n *= 4
-        per_step = time_batch(step, n)
+        system.reset()
+        per_step = time_batch(system.step, n)
     return max(1, round(target_s / per_step))
 
 
 def time_rounds(systems: list[System], rounds: int, target_s: float) -> dict[str, list[float]]:
-    """Per-step µs of every system in each round; systems interleaved, order rotating."""
-    counts = {s.name: calibrate(s.step, target_s) for s in systems}
+    """Per-step µs of every system in each round; systems interleaved, order rotating.
+
+    Each batch starts from the initial params and optimizer state, so every system
+    times the same stretch of training: steps 1..n. (Left to run on, thousands of
+    steps on one fixed batch drive the optimizer state into denormal floats, which
+    slows some systems several-fold and not others; see BENCHMARKS.md.)"""
+    counts = {s.name: calibrate(s, target_s) for s in systems}
     times: dict[str, list[float]] = {s.name: [] for s in systems}
     for r in range(rounds):
         k = r % len(systems)
         for s in systems[k:] + systems[:k]:
+            s.reset()
             times[s.name].append(time_batch(s.step, counts[s.name]) * 1e6)
     return times
 
 
 # ---- compile time and memory, in fresh processes ---------------------------------------
+
+
 def compile_probe(key: str, lr_scale: float, steps: int) -> dict[str, float]:
     """(In a child process.) Time ``fg.compile`` to a ready step — lowering (trace,
     autodiff, passes, schedule, render) and then build or load — train, report memory."""
@@ -209,6 +234,14 @@ def shared_target_dir() -> str:
     return str(target_dir())
 
 
+def read_build_logs(logs: Path) -> tuple[int, bool]:
+    """From the cold build's log: how many crates cargo compiled (1 when only the model's
+    crate was built) and whether it waited for another build's lock on the target."""
+    text = "".join(p.read_text(errors="replace") for p in logs.glob("*.log"))
+    crates = sum(line.lstrip().startswith("Compiling ") for line in text.splitlines())
+    return crates, "Blocking waiting for file lock" in text
+
+
 def probe_row(w: Workload, steps: int, params: dict[str, np.ndarray]) -> dict[str, Any]:
     """Cold build, warm load and memory of ``w``; NumPy-by-hand memory for comparison.
 
@@ -222,6 +255,7 @@ def probe_row(w: Workload, steps: int, params: dict[str, np.ndarray]) -> dict[st
             "--probe-steps", str(steps)]
     try:
         cold, cold_wall = run_child(args, env)
+        crates, blocked = read_build_logs(Path(cache) / "logs")
         warm, warm_wall = run_child(args, env)
         npz = Path(cache) / "numpy-probe.npz"
         arrays: dict[str, Any] = {f"p:{k}": v for k, v in params.items()}
@@ -232,6 +266,7 @@ def probe_row(w: Workload, steps: int, params: dict[str, np.ndarray]) -> dict[st
     finally:
         shutil.rmtree(cache, ignore_errors=True)
     return {"cold_build_s": cold["compile_s"], "cold_process_s": cold_wall,
+            "cold_crates_compiled": crates, "cold_waited_for_lock": blocked,
             "warm_load_s": warm["compile_s"], "warm_lower_s": warm["lower_s"],
             "warm_process_s": warm_wall,
             "rss_import_mb": warm["rss_import_mb"], "rss_peak_mb": warm["rss_peak_mb"],
@@ -240,6 +275,8 @@ def probe_row(w: Workload, steps: int, params: dict[str, np.ndarray]) -> dict[st
 
 
 # ---- one row ---------------------------------------------------------------------------
+
+
 @dataclass
 class Row:
     key: str
@@ -256,6 +293,17 @@ class Row:
     def median(self, name: str) -> float | None:
         t = self.times_us.get(name)
         return statistics.median(t) if t else None
+
+    def best(self, name: str) -> float | None:
+        t = self.times_us.get(name)
+        return min(t) if t else None
+
+    def overhead(self) -> float | None:
+        """Median over rounds of ferrograd's step(x, y) minus the module's own call."""
+        a, b = self.times_us.get(FG), self.times_us.get(NATIVE)
+        if not a or not b:
+            return None
+        return statistics.median(x - y for x, y in zip(a, b, strict=True))
 
     def ratio(self, name: str) -> float | None:
         """Median over rounds of ferrograd's time / ``name``'s time in that round."""
@@ -280,17 +328,24 @@ def run_row(w: Workload, args: argparse.Namespace, anchors: dict[str, ModuleType
         row.compile_in_process_s = time.perf_counter() - start
         twin = fg.compile(w.model, optimizer=fg_optimizer(w.opt), backend=args.backend,
                           seed=0, **w.dims)
-        systems = make_systems(w, step, twin, anchors)
+        systems = make_systems(w, step, twin, anchors, args.scratch / f"{w.key}.safetensors")
         row.losses = {s.name: [s.step() for _ in range(LOSS_STEPS)] for s in systems}
     except Exception:
         row.error = traceback.format_exc()
         log(f"{w.key}: FAILED\n{row.error}")
         return row
     row.problems = check_losses(row.losses)
+    for s in systems:  # a reset must give the first loss again
+        s.reset()
+        first, again = row.losses[s.name][0], s.step()
+        if abs(again - first) > LOSS_RTOL * abs(first) + 1e-6:
+            row.problems.append(f"{s.name}: after a reset the loss is {again:.7g}, "
+                                f"not {first:.7g}")
     for p in row.problems:
         log(f"WARNING {w.key}: losses disagree: {p}")
     log(f"{w.key}: timing {', '.join(s.name for s in systems)}")
-    row.times_us = time_rounds(systems, args.rounds, args.target_ms / 1e3)
+    if not args.skip_timing:
+        row.times_us = time_rounds(systems, args.rounds, args.target_ms / 1e3)
     if w.key in args.probe_rows and args.backend == "cpu":
         log(f"{w.key}: compile probes (cold build, warm load, memory)")
         try:
@@ -302,6 +357,8 @@ def run_row(w: Workload, args: argparse.Namespace, anchors: dict[str, ModuleType
 
 
 # ---- the report ------------------------------------------------------------------------
+
+
 def us(v: float | None) -> str:
     if v is None:
         return "–"
@@ -329,24 +386,44 @@ def timing_table(rows: list[Row], anchors: list[str]) -> list[str]:
     return lines
 
 
+def best_table(rows: list[Row], anchors: list[str]) -> list[str]:
+    """The least disturbed round of each system: on a loaded machine, closer to what
+    each can do (ANCHORS.md reports the best of three passes)."""
+    head = ["workload", FG, *anchors, "fg / best anchor"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        if r.error or r.best(FG) is None:
+            continue
+        bests = [b for a in anchors if (b := r.best(a)) is not None]
+        ratio = (r.best(FG) or 0.0) / min(bests) if bests else None
+        cells = [r.title, us(r.best(FG)), *(us(r.best(a)) for a in anchors), x(ratio)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+REF_KEYS = {NUMPY: "numpy", "PyTorch eager": "torch", "JAX jit": "jax"}
+
+
 def reference_table(rows: list[Row]) -> list[str]:
-    """ferrograd beside ANCHORS.md's numbers, and the goal as a ratio to the best anchor
-    (machines differ; the ratio travels better than the absolute goal)."""
-    head = ["workload", "ferrograd (this run)", "best anchor (this run)", "fg / best",
-            "ANCHORS.md: PyTorch", "torch.compile", "JAX", "NumPy", "goal",
-            "goal / best anchor (ANCHORS.md)", "ratio goal met"]
+    """ferrograd beside ANCHORS.md's numbers. Machines differ, so the goal is also put
+    as a ratio: goal / what the best anchor of this run took in ANCHORS.md, to set
+    beside ferrograd / that anchor measured here."""
+    head = ["workload", "ferrograd (this run)", "best anchor (this run)", "fg / it",
+            "goal / it in ANCHORS.md", "ratio goal met", "ANCHORS.md: PyTorch",
+            "torch.compile", "JAX", "NumPy", "goal"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if r.error:
             continue
         best = r.best_anchor()
-        ref_best = min(r.ref.values())
-        goal_ratio = r.goal_us / ref_best
         ratio = r.ratio(best) if best else None
-        met = "–" if ratio is None else "yes" if ratio <= goal_ratio else "no"
+        goal_ratio = r.goal_us / r.ref[REF_KEYS[best]] if best else None
+        met = "–"
+        if ratio is not None and goal_ratio is not None:
+            met = "yes" if ratio <= goal_ratio else "no"
         cells = [r.title, us(r.median(FG)), f"{best}: {us(r.median(best))}" if best else "–",
-                 x(ratio), us(r.ref["torch"]), us(r.ref["torch_compile"]), us(r.ref["jax"]),
-                 us(r.ref["numpy"]), us(r.goal_us), x(goal_ratio), met]
+                 x(ratio), x(goal_ratio), met, us(r.ref["torch"]), us(r.ref["torch_compile"]),
+                 us(r.ref["jax"]), us(r.ref["numpy"]), us(r.goal_us)]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -365,7 +442,14 @@ def compile_table(rows: list[Row]) -> list[str]:
             continue
         goal = p["numpy_rss_mb"] + p["arena_mb"]
         warm = f"{p['warm_load_s'] * 1e3:.0f} ms ({p['warm_lower_s'] * 1e3:.0f} ms lowering)"
-        cells = [r.title, first, f"{p['cold_build_s']:.1f} s", warm,
+        cold = f"{p['cold_build_s']:.1f} s"
+        notes = []
+        if p["cold_crates_compiled"] != 1:
+            notes.append(f"{p['cold_crates_compiled']} crates compiled")
+        if p["cold_waited_for_lock"]:
+            notes.append("waited for another build's lock")
+        cold += f" ({', '.join(notes)})" if notes else ""
+        cells = [r.title, first, cold, warm,
                  f"{p['warm_process_s']:.2f} s", f"{p['rss_peak_mb']:.0f} MB",
                  f"{p['rss_import_mb']:.0f} MB", f"{p['numpy_rss_mb']:.0f} MB",
                  f"{p['arena_mb']:.1f} MB", f"{goal:.0f} MB"]
@@ -374,12 +458,16 @@ def compile_table(rows: list[Row]) -> list[str]:
 
 
 def overhead_table(rows: list[Row]) -> list[str]:
-    lines = ["| workload | step(x, y) | module's train(x, y) | Python API overhead |",
+    """step(x, y) against the generated module's own entry point, called directly (a
+    second step of the same build): the cost of the Python API around the module.
+    Where the step takes milliseconds the difference is below the noise."""
+    lines = ["| workload | step(x, y) | module's train(x, y) | difference (median of rounds) |",
              "|---|---|---|---|"]
     for r in rows:
-        a, b = r.median(FG), r.median(NATIVE)
-        if a is not None and b is not None:
-            lines.append(f"| {r.title} | {us(a)} | {us(b)} | {us(a - b)} |")
+        a, b, d = r.median(FG), r.median(NATIVE), r.overhead()
+        if a is not None and b is not None and d is not None:
+            sign = "−" if d < 0 else ""
+            lines.append(f"| {r.title} | {us(a)} | {us(b)} | {sign}{us(abs(d))} |")
     return lines
 
 
@@ -388,11 +476,15 @@ def report(rows: list[Row], info: dict[str, Any], anchors: list[str]) -> str:
            f"- machine: {info['cpu']}; {info['cores']} cores; {info['simd']}",
            f"- load average at start / end: {info['load_start']} / {info['load_end']}",
            f"- {info['versions']}", f"- threads: {info['threads']}",
+           *([f"- **the ferrograd column is the {info['backend']!r} backend**, not the "
+              "compiled CPU module (and not NumPy by hand)"]
+             if info.get("backend", "cpu") != "cpu" else []),
            f"- command: `{info['command']}`",
            f"- {info['rounds']} interleaved rounds, ≈{info['target_ms']:g} ms of steps per "
            "system per round; medians of per-step time; ratios are medians of per-round "
            "ratios (< 1: ferrograd faster)", "",
-           *timing_table(rows, anchors), "", "### Against ANCHORS.md", "",
+           *timing_table(rows, anchors), "", "### Best round of each system", "",
+           *best_table(rows, anchors), "", "### Against ANCHORS.md", "",
            *reference_table(rows), "", "### Compile time and memory", "",
            *compile_table(rows), "", "### ferrograd's Python call overhead", "",
            *overhead_table(rows)]
@@ -408,6 +500,8 @@ def report(rows: list[Row], info: dict[str, Any], anchors: list[str]) -> str:
 
 
 # ---- the machine -----------------------------------------------------------------------
+
+
 def machine_info(args: argparse.Namespace, anchors: dict[str, ModuleType]) -> dict[str, Any]:
     cpu, flags = platform.processor() or platform.machine(), set()
     try:
@@ -450,6 +544,8 @@ def log(message: str) -> None:
 
 
 # ---- main ------------------------------------------------------------------------------
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", default=",".join(BY_KEY),
@@ -467,10 +563,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None,
                    help="threads for every system (rayon, BLAS, OpenMP, XLA); default: each "
                         "system's own default")
+    p.add_argument("--skip-timing", action="store_true",
+                   help="check losses and run the compile probes only")
     p.add_argument("--backend", default="cpu",
                    help="ferrograd backend ('numpy' runs the interpreter: only useful to "
                         "check the anchors where no Rust toolchain is installed)")
     p.add_argument("--json", type=Path, help="also write the raw results here")
+    p.add_argument("--report-from", type=Path,
+                   help="print the report of an earlier run's --json file; measure nothing")
     p.add_argument("--probe", help=argparse.SUPPRESS)  # internal: run one compile probe
     p.add_argument("--lr-scale", type=float, default=1.0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -494,12 +594,20 @@ def main(argv: list[str] | None = None) -> None:
     if args.probe:
         print(json.dumps(compile_probe(args.probe, args.lr_scale, args.probe_steps)))
         return
+    if args.report_from:
+        saved = json.loads(args.report_from.read_text())
+        rows = [Row(**r) for r in saved["rows"]]
+        anchors = [n for n in ANCHORS if any(n in r.times_us for r in rows)]
+        print(report(rows, saved["info"], anchors))
+        return
     threads = limit_threads(args.threads)
     anchors = anchor_modules()
     info = machine_info(args, anchors)
-    info["threads"] = threads
+    info["threads"], info["backend"] = threads, args.backend
     log(f"systems: {FG}, {NUMPY}, {', '.join(anchors) or '(no PyTorch, no JAX)'}")
-    rows = [run_row(w, args, anchors) for w in WORKLOADS if w.key in args.rows]
+    with tempfile.TemporaryDirectory(prefix="fg-bench-") as scratch:
+        args.scratch = Path(scratch)
+        rows = [run_row(w, args, anchors) for w in WORKLOADS if w.key in args.rows]
     info["load_end"] = load()
     print(report(rows, info, [NUMPY, *anchors]))
     if args.json:

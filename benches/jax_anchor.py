@@ -91,6 +91,8 @@ LOSSES: dict[str, Callable[..., jax.Array]] = {
 
 
 # ---- optimizers: (init, update) on pytrees ---------------------------------------------
+
+
 def _sgd(opt: Opt) -> tuple[Callable[[Tree], Any], Callable[..., tuple[Tree, Any]]]:
     def update(p: Tree, state: Any, g: Tree) -> tuple[Tree, Any]:
         return jax.tree_util.tree_map(lambda w, d: w - opt.lr * d, p, g), state
@@ -124,28 +126,34 @@ def _adam(opt: Opt) -> tuple[Callable[[Tree], Any], Callable[..., tuple[Tree, An
 OPTIMIZERS = {"sgd": _sgd, "adam": _adam}
 
 
-def make(arch: str, opt: Opt, params: dict[str, np.ndarray], batch: Batch
-         ) -> Callable[[], float]:
-    """One jitted training step per call on ``batch``; the loss comes back as a float
-    every step, as ferrograd's does."""
-    init, update = OPTIMIZERS[opt.kind](opt)
-    loss_of = LOSSES[arch]
+class Trainer:
+    """One jitted training step per ``step()`` on ``batch``, the loss back as a float
+    every step as ferrograd's; ``reset()`` goes back to ``params`` and a fresh
+    optimizer state (the compiled step is kept)."""
 
-    def _train(p: Tree, state: Any, *inputs: jax.Array) -> tuple[Tree, Any, jax.Array]:
-        loss, grads = jax.value_and_grad(loss_of)(p, *inputs)
-        p, state = update(p, state, grads)
-        return p, state, loss
+    def __init__(self, arch: str, opt: Opt, params: dict[str, np.ndarray], batch: Batch
+                 ) -> None:
+        self.init_state, update = OPTIMIZERS[opt.kind](opt)
+        loss_of = LOSSES[arch]
 
-    train = jax.jit(_train, donate_argnums=(0, 1))
-    p = {k: jnp.asarray(v, jnp.float32) for k, v in params.items()}
-    held = [p, init(p)]
-    inputs = [jnp.asarray(a) for a in batch]
+        def train(p: Tree, state: Any, *inputs: jax.Array) -> tuple[Tree, Any, jax.Array]:
+            loss, grads = jax.value_and_grad(loss_of)(p, *inputs)
+            p, state = update(p, state, grads)
+            return p, state, loss
 
-    def step() -> float:
-        held[0], held[1], loss = train(held[0], held[1], *inputs)
+        self.train = jax.jit(train, donate_argnums=(0, 1))
+        self.initial = params
+        self.inputs = [jnp.asarray(a) for a in batch]
+        self.reset()
+
+    def reset(self) -> None:
+        # From fresh copies: JAX may alias a NumPy buffer, and donation writes in place.
+        self.p = {k: jnp.asarray(np.array(v, np.float32)) for k, v in self.initial.items()}
+        self.state = self.init_state(self.p)
+
+    def step(self) -> float:
+        self.p, self.state, loss = self.train(self.p, self.state, *self.inputs)
         return float(loss)
-
-    return step
 
 
 def version() -> str:

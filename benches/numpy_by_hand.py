@@ -2,12 +2,13 @@
 
 This is what a careful user writes without a framework: float32 throughout, one
 GEMM per linear layer and per gradient, batched matmuls for attention, im2col
-for convolutions, in-place optimizer updates. ``make(arch, opt, params, batch)``
-returns a function that runs one training step and returns the loss.
+for convolutions, in-place optimizer updates. ``Trainer(arch, opt, params, batch)``
+runs one training step per ``step()`` and returns the loss.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -19,6 +20,8 @@ Grads = Callable[..., tuple[float, Arrays]]
 
 
 # ---- optimizers (PyTorch's formulas, as fg.optim states them) --------------------------
+
+
 class SGD:
     def __init__(self, opt: Opt, params: Arrays) -> None:
         self.lr = np.float32(opt.lr)
@@ -52,6 +55,8 @@ class Adam:
 
 
 # ---- shared pieces ---------------------------------------------------------------------
+
+
 def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
     """Mean NLL of integer labels and its gradient w.r.t. the logits (rows = samples)."""
     z = logits - logits.max(axis=1, keepdims=True)
@@ -79,6 +84,8 @@ def dense_back(x: np.ndarray, w: np.ndarray, dy: np.ndarray, grads: Arrays, name
 
 
 # ---- W0, W1, W2/W3 ---------------------------------------------------------------------
+
+
 def linreg(p: Arrays, x: np.ndarray, y: np.ndarray) -> tuple[float, Arrays]:
     d = x @ p["lin.weight"] + p["lin.bias"] - y
     grads: Arrays = {}
@@ -112,6 +119,8 @@ def mlp(p: Arrays, x: np.ndarray, y: np.ndarray) -> tuple[float, Arrays]:
 
 
 # ---- W4: convolutions by im2col --------------------------------------------------------
+
+
 def im2col(x: np.ndarray) -> np.ndarray:
     """(N, C, H, W) -> (N·H·W, C·9) patches of a 3×3, padding-1 convolution."""
     n, c, h, w = x.shape
@@ -184,7 +193,11 @@ def cnn(p: Arrays, x: np.ndarray, y: np.ndarray) -> tuple[float, Arrays]:
 
 
 # ---- W5: one transformer block ---------------------------------------------------------
+
+
+@functools.cache
 def _erf() -> Callable[[np.ndarray], np.ndarray]:
+    """SciPy's erf, imported on first use (so that only W5 pays for SciPy's memory)."""
     try:
         from scipy.special import erf
     except ImportError:  # slow, but correct
@@ -192,7 +205,6 @@ def _erf() -> Callable[[np.ndarray], np.ndarray]:
     return erf
 
 
-ERF = _erf()
 SQRT1_2 = np.float32(1 / math.sqrt(2))
 INV_SQRT2PI = np.float32(1 / math.sqrt(2 * math.pi))
 
@@ -237,7 +249,7 @@ def transformer(p: Arrays, ids: np.ndarray, targets: np.ndarray) -> tuple[float,
     x1 = x0 + a @ p["attn.out.weight"] + p["attn.out.bias"]
     h2, ln2 = layer_norm(x1, p["ln2.weight"], p["ln2.bias"])
     u = h2 @ p["mlp.up.weight"] + p["mlp.up.bias"]
-    cdf = np.float32(0.5) * (1 + ERF(u * SQRT1_2))
+    cdf = np.float32(0.5) * (1 + _erf()(u * SQRT1_2))
     gl = u * cdf
     x2 = x1 + gl @ p["mlp.down.weight"] + p["mlp.down.bias"]
     h3, ln3 = layer_norm(x2, p["ln_f.weight"], p["ln_f.bias"])
@@ -266,23 +278,29 @@ def transformer(p: Arrays, ids: np.ndarray, targets: np.ndarray) -> tuple[float,
 
 
 # ---- the table -------------------------------------------------------------------------
+
+
 ARCHS: dict[str, Grads] = {"linreg": linreg, "xor": xor, "mlp": mlp, "cnn": cnn,
                            "transformer": transformer}
 OPTIMIZERS: dict[str, type[SGD] | type[Adam]] = {"sgd": SGD, "adam": Adam}
 
 
-def make(arch: str, opt: Opt, params: Arrays, batch: Batch) -> Callable[[], float]:
-    """One training step per call on ``batch``, from copies of ``params``."""
-    grads_of = ARCHS[arch]
-    p = {k: np.array(v, np.float32) for k, v in params.items()}
-    optimizer = OPTIMIZERS[opt.kind](opt, p)
+class Trainer:
+    """Trains on ``batch`` one step per ``step()``; ``reset()`` goes back to ``params``
+    and a fresh optimizer state."""
 
-    def step() -> float:
-        loss, grads = grads_of(p, *batch)
-        optimizer.update(p, grads)
+    def __init__(self, arch: str, opt: Opt, params: Arrays, batch: Batch) -> None:
+        self.grads_of, self.opt, self.initial, self.batch = ARCHS[arch], opt, params, batch
+        self.reset()
+
+    def reset(self) -> None:
+        self.p = {k: np.array(v, np.float32) for k, v in self.initial.items()}
+        self.optimizer = OPTIMIZERS[self.opt.kind](self.opt, self.p)
+
+    def step(self) -> float:
+        loss, grads = self.grads_of(self.p, *self.batch)
+        self.optimizer.update(self.p, grads)
         return loss
-
-    return step
 
 
 def _rss_probe(argv: list[str]) -> None:
@@ -295,9 +313,9 @@ def _rss_probe(argv: list[str]) -> None:
     with np.load(path) as f:
         params = {k[2:]: f[k] for k in f.files if k.startswith("p:")}
         batch = tuple(f[f"b:{i}"] for i in range(sum(k.startswith("b:") for k in f.files)))
-    step = make(arch, Opt(kind, float(lr)), params, batch)
+    trainer = Trainer(arch, Opt(kind, float(lr)), params, batch)
     for _ in range(int(steps)):
-        step()
+        trainer.step()
     print(json.dumps({"rss_mb": peak_rss_mb()}))
 
 

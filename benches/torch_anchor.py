@@ -76,26 +76,30 @@ def _tensor(a: np.ndarray) -> torch.Tensor:
     return t.long() if a.dtype.kind in "iu" else t
 
 
-def make(arch: str, opt: Opt, params: dict[str, np.ndarray], batch: Batch
-         ) -> Callable[[], float]:
-    """One eager training step per call on ``batch``, from copies of ``params``."""
-    p = {k: torch.tensor(v, dtype=torch.float32, requires_grad=True) for k, v in params.items()}
-    inputs = [_tensor(a) for a in batch]
-    optimizer: torch.optim.Optimizer
-    if opt.kind == "sgd":
-        optimizer = torch.optim.SGD(list(p.values()), lr=opt.lr)
-    else:
-        optimizer = torch.optim.Adam(list(p.values()), lr=opt.lr, betas=opt.betas, eps=opt.eps)
-    loss_of = LOSSES[arch]
+class Trainer:
+    """One eager training step per ``step()`` on ``batch``; ``reset()`` goes back to
+    ``params`` and a fresh optimizer."""
 
-    def step() -> float:
-        optimizer.zero_grad(set_to_none=True)
-        loss = loss_of(p, *inputs)
+    def __init__(self, arch: str, opt: Opt, params: dict[str, np.ndarray], batch: Batch
+                 ) -> None:
+        self.loss_of, self.opt, self.initial = LOSSES[arch], opt, params
+        self.inputs = [_tensor(a) for a in batch]
+        self.reset()
+
+    def reset(self) -> None:
+        self.p = {k: torch.tensor(v, dtype=torch.float32, requires_grad=True)
+                  for k, v in self.initial.items()}
+        opt, weights = self.opt, list(self.p.values())
+        self.optimizer: torch.optim.Optimizer = (
+            torch.optim.SGD(weights, lr=opt.lr) if opt.kind == "sgd" else
+            torch.optim.Adam(weights, lr=opt.lr, betas=opt.betas, eps=opt.eps))
+
+    def step(self) -> float:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss_of(self.p, *self.inputs)
         loss.backward()
-        optimizer.step()
+        self.optimizer.step()
         return float(loss.item())
-
-    return step
 
 
 def version() -> str:

@@ -28,8 +28,9 @@ from common import (
 
 import ferrograd as fg
 
-
 # ---- the models -------------------------------------------------------------------------
+
+
 @fg.model
 def linreg(x: fg.f32["N", LINREG_FEATURES], y: fg.f32["N", 1]):
     return fg.mse(fg.nn.linear(x, 1, name="lin"), y)
@@ -85,6 +86,8 @@ def transformer(ids: fg.i32["B", CONTEXT], targets: fg.i32["B", CONTEXT]):
 
 
 # ---- optimizers ------------------------------------------------------------------------
+
+
 def fg_optimizer(opt: Opt, lr_scale: float = 1.0) -> fg.optim.SGD | fg.optim.Adam:
     """The ferrograd optimizer of ``opt`` (``lr_scale`` makes a changed model)."""
     if opt.kind == "sgd":
@@ -93,6 +96,8 @@ def fg_optimizer(opt: Opt, lr_scale: float = 1.0) -> fg.optim.SGD | fg.optim.Ada
 
 
 # ---- the table -------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class Reference:
     """ANCHORS.md's CPU row, per-step µs (None where it gives none)."""

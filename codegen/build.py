@@ -172,10 +172,15 @@ def _toolchain() -> tuple[list[str], dict[str, str]]:
                 "(https://rustup.rs: curl --proto '=https' --tlsv1.2 -sSf "
                 "https://sh.rustup.rs | sh), then `pip install maturin`.")
         env["PATH"] = f"{home_cargo.parent}{os.pathsep}{env.get('PATH', '')}"
-    if importlib.util.find_spec("maturin") is not None:
-        maturin = [sys.executable, "-m", "maturin"]
+    # The maturin binary beside this interpreter, else on PATH, else `python -m maturin`
+    # (which cannot find its binary in a venv made with --system-site-packages).
+    beside = Path(sys.executable).parent / "maturin"
+    if beside.is_file():
+        maturin = [str(beside)]
     elif (exe := shutil.which("maturin")) is not None:
         maturin = [exe]
+    elif importlib.util.find_spec("maturin") is not None:
+        maturin = [sys.executable, "-m", "maturin"]
     else:
         raise BackendError(
             "the cpu backend builds a Rust extension module with maturin, which is not "

@@ -16,19 +16,35 @@ if TYPE_CHECKING:
 
 
 class CompiledStep(Step):
-    """A step whose params, optimizer state and arenas live in a generated module."""
+    """A step whose params, optimizer state and arenas live in a generated module: its
+    CPU ``Step``, or its ``CudaStep`` (``native``; same methods, arenas on the GPU)."""
 
     def __init__(self, lowered: Lowered, module: ModuleType, params: dict[str, np.ndarray],
-                 state: dict[str, np.ndarray], backend: str) -> None:
+                 state: dict[str, np.ndarray], backend: str, native: Any = None) -> None:
         super().__init__(lowered)
         self.backend = backend
         self.module = module
-        self._native = module.Step()
+        self._native = module.Step() if native is None else native
         self._set("param", params)
         self._set("state", state)
 
+    @property
+    def gemm_backend(self) -> str:
+        """Who runs the matrix products: "cpu" (the gemm crate), or on CUDA "cublas",
+        "kernel" (the generated fallback kernels) or "mixed"."""
+        return str(getattr(self._native, "gemm_backend", "cpu"))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> float:
+        # Fast path: the module checks shapes, dtypes and index bounds itself (with the
+        # same messages); Python binds arguments only for keywords or a wrong count.
+        if not kwargs and len(args) == len(self.graph.inputs) and self.graph.updates:
+            return float(self._native_call("train", args))
+        return super().__call__(*args, **kwargs)
+
     def _call(self, entry: str, feed: dict[str, np.ndarray]) -> Any:
-        args = [feed[name] for name in self.graph.inputs]
+        return self._native_call(entry, [feed[name] for name in self.graph.inputs])
+
+    def _native_call(self, entry: str, args: Any) -> Any:
         try:
             return getattr(self._native, entry)(*args)
         except ValueError as err:  # bad data the module found (an id out of range)
@@ -41,7 +57,9 @@ class CompiledStep(Step):
 
     def _forward(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = self._call("forward", feed)
-        return {k: out[k] for k in self.graph.outputs}
+        # Modules store bools as bytes (0/1): hand them back as NumPy bools, no copy.
+        return {k: out[k].view(np.bool_) if self.graph.node(v).dtype == "bool" else out[k]
+                for k, v in self.graph.outputs.items()}
 
     def _grads(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = self._call("grads", feed)

@@ -207,5 +207,5 @@ class ToInt(sp.Function):
     """A float or bool value as an i32 (truncating, as a C cast)."""
 
 
-class ToBool(sp.Function):
-    """Nonzero as true."""
+class ToBool(sp.logic.boolalg.BooleanFunction):
+    """Nonzero as true (a Boolean, so it can sit inside And/Or/Not and Piecewise)."""

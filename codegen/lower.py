@@ -4,14 +4,17 @@ building anything; ``Lowered.compile()`` turns it into a step object."""
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
+from ferrograd._version import __version__
 from ferrograd.dsl.init import init_params
 from ferrograd.dsl.model import Model, trace
 from ferrograd.ir.autodiff import grad
@@ -24,16 +27,22 @@ from ferrograd.ir.printing import format_graph, to_dot
 from ferrograd.ir.serialize import canonical, fingerprint
 
 from .backends.cpu import Crate, render_crate
+from .backends.ptx import kernel_source, render_ptx
 from .backends.rust import render_kernel
+from .backends.wgsl_module import WgslModule, render_wgsl
 from .cpu_step import CompiledStep
+from .cuda_step import open_cuda_step
+from .launch_plan import DeviceModule
 from .memory import MemoryPlan, plan_memory
 from .schedule import Schedule, entry_points, schedule
 from .step import NumpyStep, Step
+from .wgsl_step import compile_wgsl, wgsl_kernels, write_wgsl
 
-# Backends named in the design; "numpy" interprets, "cpu" builds a Rust module.
+# Backends named in the design; "numpy" interprets, "cpu" builds a Rust module, "cuda"
+# the same module with a CUDA step (PTX and launch plans) beside the CPU one.
 KNOWN_BACKENDS = ("numpy", "cpu", "cuda", "wgsl")
-AVAILABLE = ("numpy", "cpu")
-SOURCE_NAMES = {"rust": "cpu", "cpu": "cpu"}
+AVAILABLE = ("numpy", "cpu", "cuda", "wgsl")
+SOURCE_NAMES = {"rust": "cpu", "cpu": "cpu", "ptx": "cuda", "cuda": "cuda", "wgsl": "wgsl"}
 
 
 @dataclass
@@ -54,13 +63,16 @@ class Lowered:
     """A model traced, differentiated, given its optimizer and optimized; not yet built."""
 
     def __init__(self, model: Model, graph: Graph, backend: str, seed: int,
-                 optimizer: Optimizer | None, dims: dict[str, int]) -> None:
+                 optimizer: Optimizer | None, dims: dict[str, int],
+                 backends: tuple[str, ...] | None = None) -> None:
         self.model = model
         self.graph = graph
-        self.backend = backend
+        self.backend = backend  # the default device of compile()
+        self.backends = backends or (backend,)  # what the module holds
         self.seed = seed
         self.optimizer = optimizer
         self.dims = dims
+        self._device_modules: dict[tuple[str, bool], DeviceModule] = {}
 
     @property
     def optimizer_config(self) -> dict[str, Any] | None:
@@ -86,24 +98,59 @@ class Lowered:
 
     @functools.cached_property
     def crate(self) -> Crate:
-        """The Rust crate of the CPU backend (rendered, not built)."""
-        return render_crate(self.graph, self.schedules, self.memory_plan)
+        """The Rust crate of the CPU backend, with the CUDA step when lowered for "cuda"
+        (rendered, not built)."""
+        return render_crate(self.graph, self.schedules, self.memory_plan,
+                            device=self._cuda_part())
+
+    @functools.cached_property
+    def wgsl(self) -> WgslModule:
+        """The WGSL shaders and launch plans of the wgsl backend (rendered, not built)."""
+        return render_wgsl(self.graph, self.schedules, self.memory_plan)
+
+    def _cuda_part(self) -> DeviceModule | None:
+        return self.device_module("ptx") if "cuda" in self.backends else None
 
     @property
     def kernels(self) -> list[KernelInfo]:
         """Generated kernels, with their source. The NumPy backend runs the IR itself."""
         if self.backend == "numpy":
             return []
+        if self.backend == "wgsl":
+            return wgsl_kernels(self)
         dtypes = {b.name: b.dtype for s in self.schedules for b in s.buffers.values()}
-        return [KernelInfo(k.name, k.kind, list(k.ops), self.backend, render_kernel(k, dtypes))
+        render = kernel_source if self.backend == "cuda" else render_kernel
+        return [KernelInfo(k.name, k.kind, list(k.ops), self.backend, render(k, dtypes))
                 for s in self.schedules for k in s.kernels]
+
+    def device_module(self, backend: str = "ptx", target: str = "sm_80",
+                      fast_math: bool = False) -> DeviceModule:
+        """The device code and launch plans of a GPU backend ("ptx"/"cuda": one PTX
+        module for ``target``; "wgsl": one shader per kernel), rendered without building
+        anything."""
+        if SOURCE_NAMES.get(backend) == "wgsl":
+            return self.wgsl
+        if SOURCE_NAMES.get(backend) != "cuda":
+            raise BackendError(f"no device module for backend {backend!r}; 'ptx' has one")
+        key = (target, fast_math)
+        if key not in self._device_modules:
+            shapes = {k: self.graph.node(v).shape for k, v in self.graph.results().items()}
+            self._device_modules[key] = render_ptx(
+                self.schedules, self.memory_plan, target=target, fast_math=fast_math,
+                result_shapes=shapes, model=self.graph.name)
+        return self._device_modules[key]
 
     def source(self, backend: str | None = None) -> str:
         """Generated code for ``backend`` ("rust"/"cpu": the crate's lib.rs and kernels.rs;
-        "numpy"/"ir": the IR listing the interpreter runs). Nothing is built."""
+        "ptx"/"cuda": the PTX module for sm_80; "wgsl": every shader; "numpy"/"ir": the IR
+        listing the interpreter runs). Nothing is built."""
         backend = backend or self.backend
         if backend in ("numpy", "ir"):
             return format_graph(self.graph)
+        if SOURCE_NAMES.get(backend) == "cuda":
+            return self.device_module(backend).source
+        if SOURCE_NAMES.get(backend) == "wgsl":
+            return self.wgsl.source
         if SOURCE_NAMES.get(backend) == "cpu":
             files = self.crate.files
             return "\n".join(f"// ==== {name}\n{files[name].decode()}"
@@ -112,11 +159,15 @@ class Lowered:
 
     def write(self, directory: str | os.PathLike[str]) -> Path:
         """Write the IR as text, DOT and canonical JSON into ``directory``; for the CPU
-        backend also the crate (Cargo.toml, src/), buildable with maturin."""
+        backend also the crate (Cargo.toml, src/), buildable with maturin; for wgsl the
+        crate, the shaders and manifest.json (how any WebGPU host runs the step)."""
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
-        if self.backend == "cpu":
-            render_crate(self.graph, self.schedules, self.memory_plan, out).write(out)
+        if {"cpu", "cuda"} & set(self.backends):
+            render_crate(self.graph, self.schedules, self.memory_plan, out,
+                         device=self._cuda_part()).write(out)
+        if "wgsl" in self.backends:
+            write_wgsl(self, out)
         (out / "graph.txt").write_text(format_graph(self.graph) + "\n")
         (out / "graph.dot").write_text(to_dot(self.graph) + "\n")
         (out / "graph.json").write_text(json.dumps(json.loads(canonical(self.graph)),
@@ -152,22 +203,67 @@ class Lowered:
         lines.append(self.memory_plan.summary())
         return "\n".join(lines)
 
-    def compile(self) -> Step:
+    def compile(self, device: str | None = None, **options: Any) -> Step:
+        """Build (or load from the cache) and return a step running on ``device`` (by
+        default the first backend lowered for). ``options`` go to the CUDA step:
+        ``graph``, ``gemm``, ``tf32``, ``sync``, ``device_index`` (see ``cuda_step.py``)."""
+        device = device or self.backend
+        if device not in self.backends:
+            raise BackendError(f"device {device!r} is not in this module (lowered for "
+                               f"{', '.join(self.backends)}); lower it with backend="
+                               f"{(*self.backends, device)!r}")
+        if options and device != "cuda":
+            raise TypeError(f"options {', '.join(options)} are for device='cuda'")
         params, state = init_params(self.graph, self.seed), init_state(self.graph)
-        if self.backend == "numpy":
+        if device == "numpy":
             return NumpyStep(self, params, state)
-        if self.backend != "cpu":
-            raise _unavailable(self.backend)
-        from .build import build_module, cache_dir
+        if device == "wgsl":
+            return compile_wgsl(self, params, state)
+        if device not in ("cpu", "cuda"):
+            raise _unavailable(device)
+        module = self._module()
+        native = (open_cuda_step(module, self.graph.name, **options) if device == "cuda"
+                  else module.Step())
+        return CompiledStep(self, module, params, state, device, native)
 
-        crate_dir = cache_dir() / "crates" / self.crate.module
-        render_crate(self.graph, self.schedules, self.memory_plan, crate_dir).write(crate_dir)
-        module = build_module(crate_dir, self.crate.module)
-        return CompiledStep(self, module, params, state, "cpu")
+    def _module(self) -> ModuleType:
+        """The built module: from the cache index without rendering anything when this
+        exact model was built before, else rendered once, built and indexed."""
+        from .build import build_module, cache_dir, module_path, runtime_fingerprint
+
+        digest = hashlib.sha256()
+        for part in (fingerprint(self.graph), repr(self.backends), __version__,
+                     runtime_fingerprint(), _codegen_digest()):
+            digest.update(part.encode())
+        index = cache_dir() / "index" / f"{digest.hexdigest()[:32]}.txt"
+        if index.exists():
+            name = index.read_text().strip()
+            if module_path(name).exists():
+                return build_module(Path(), name)
+        crate = self.crate
+        crate_dir = cache_dir() / "crates" / crate.module
+        module = build_module(crate.write(crate_dir), crate.module)
+        index.parent.mkdir(parents=True, exist_ok=True)
+        tmp = index.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(crate.module + "\n")
+        os.replace(tmp, index)
+        return module
 
     def __repr__(self) -> str:
         return (f"<fg.Lowered {self.graph.name} backend={self.backend} "
                 f"nodes={len(self.graph)} params={len(self.graph.params)}>")
+
+
+@functools.cache
+def _codegen_digest() -> str:
+    """A digest of the code generator itself (its Python and templates): a new
+    ferrograd never reuses a module indexed by an older one."""
+    digest = hashlib.sha256()
+    here = Path(__file__).resolve().parent
+    for path in sorted([*here.rglob("*.py"), *here.rglob("*.j2")]):
+        if "runtime" not in path.parts:
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 def _unavailable(backend: str) -> BackendError:
@@ -194,8 +290,8 @@ def training_graph(model: Model, optimizer: Optimizer | None, dims: dict[str, in
     return optimize(graph)
 
 
-def lower(model: Model, optimizer: Optimizer | None = None, backend: str = "cpu",
-          seed: int = 0, **dims: int) -> Lowered:
+def lower(model: Model, optimizer: Optimizer | None = None,
+          backend: str | tuple[str, ...] = "cpu", seed: int = 0, **dims: int) -> Lowered:
     """Trace, differentiate and optimize ``model`` for ``backend`` without building.
 
     >>> import ferrograd as fg
@@ -208,23 +304,33 @@ def lower(model: Model, optimizer: Optimizer | None = None, backend: str = "cpu"
     """
     if not isinstance(model, Model):
         raise TraceError(f"expected a function decorated with @fg.model, got {model!r}")
-    if backend not in KNOWN_BACKENDS:
-        raise _unavailable(backend)
+    backends = (backend,) if isinstance(backend, str) else tuple(backend)
+    for b in backends:
+        if b not in KNOWN_BACKENDS:
+            raise _unavailable(b)
+    if len(backends) > 1 and not set(backends) <= {"cpu", "cuda"}:
+        raise BackendError(f"backend={backends!r}: one module holds 'cpu' and 'cuda' "
+                           "steps; other backends stand alone")
+    backend = backends[0] if backends else "cpu"
     if optimizer is not None and not isinstance(optimizer, Optimizer):
         raise TypeError(f"optimizer must be an fg.optim optimizer, got {optimizer!r}")
     lowered = Lowered(model, training_graph(model, optimizer, dims), backend, seed, optimizer,
-                      dims)
+                      dims, backends)
     level = debug_level()
     if level >= 1:
         print(lowered.summary(), file=sys.stderr)
         if backend != "numpy":
             print(lowered.schedule_report(fusion_log=True), file=sys.stderr)
     if level >= 2:
-        print(lowered.source("ir" if backend == "numpy" else "rust"), file=sys.stderr)
+        shown = {"numpy": "ir", "cuda": "ptx", "wgsl": "wgsl"}.get(backend, "rust")
+        print(lowered.source(shown), file=sys.stderr)
     return lowered
 
 
-def compile(model: Model, optimizer: Optimizer | None = None, backend: str = "cpu",
-            seed: int = 0, **dims: int) -> Step:
-    """``lower(...).compile()``: a step object that trains ``model`` one batch per call."""
-    return lower(model, optimizer, backend, seed, **dims).compile()
+def compile(model: Model, optimizer: Optimizer | None = None,
+            backend: str | tuple[str, ...] = "cpu", seed: int = 0, device: str | None = None,
+            **dims: int) -> Step:
+    """``lower(...).compile(device)``: a step object that trains ``model`` one batch per
+    call. ``backend=("cpu", "cuda")`` builds one module holding both steps; ``device``
+    picks the one this step runs on (default: the first)."""
+    return lower(model, optimizer, backend, seed, **dims).compile(device)

@@ -3,10 +3,11 @@
     python generated/regenerate.py          # rewrite generated/<example>/
     python generated/regenerate.py --check  # exit 1 if anything would change
 
-Only sources are committed (Cargo.toml, pyproject.toml, src/); builds go to the
-user cache. The folders have stable names so that a change to the code
-generator shows up as a reviewable diff; each crate's module name carries the
-content hash.
+Only sources are committed (Cargo.toml, pyproject.toml, src/), plus the model's
+WebGPU shaders and manifest under wgsl/ (the wgsl backend's crate is the same
+shaders with a thin lib.rs); builds go to the user cache. The folders have
+stable names so that a change to the code generator shows up as a reviewable
+diff; each crate's module name carries the content hash.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ sys.path.insert(0, str(HERE.parent / "examples"))
 from catalog import MODELS, lowered  # noqa: E402
 
 from ferrograd.codegen.backends.cpu import render_crate  # noqa: E402
+from ferrograd.codegen.backends.wgsl_crate import render_wgsl_crate  # noqa: E402
+
+WGSL_FILES = ("manifest.json", "README.md", "src/consts.bin")
 
 
 def _build_output(rel: Path) -> bool:
@@ -31,7 +35,9 @@ def _build_output(rel: Path) -> bool:
 def render(name: str) -> dict[str, bytes]:
     low = lowered(name)
     crate = render_crate(low.graph, low.schedules, low.memory_plan, HERE / name)
-    return crate.files
+    wgsl = render_wgsl_crate(low.graph, low.wgsl, HERE / name / "wgsl").files
+    return {**crate.files, **{f"wgsl/{rel}": data for rel, data in wgsl.items()
+                              if rel.startswith("shaders/") or rel in WGSL_FILES}}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -209,6 +209,7 @@ def test_missing_maturin_says_how_to_install(monkeypatch, tmp_path):
     monkeypatch.setenv("FERROGRAD_CACHE", str(tmp_path))
     monkeypatch.setattr(build.shutil, "which",
                         lambda name: "/usr/bin/cargo" if name == "cargo" else None)
+    monkeypatch.setattr(build.sys, "executable", str(tmp_path / "bin" / "python"))
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(build.importlib.util, "find_spec",
                         lambda name, *a: None if name == "maturin" else real_find_spec(name, *a))

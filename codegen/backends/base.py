@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import sympy as sp
+from sympy.printing.precedence import precedence
 
 from ..kernel_ir import ToBool, ToFloat, ToInt, View
 
@@ -65,6 +66,133 @@ def value_kind(e: Any) -> str:
         return "int"
     return "float"
 
+
+
+class CLikePrinter:
+    """The C-like half of a kernel expression printer, mixed in front of a sympy code
+    printer (``class RustPrinter(CLikePrinter, RustCodePrinter)``). It owns the int/float
+    context, literals, comparisons, casts and the shape of powers; a backend fills the
+    tables and says how it writes a float literal. Unknown functions raise (strict).
+    """
+
+    # sympy function name -> template: {0} the argument as printed, {r0} the argument
+    # as an operand (parenthesized as the backend needs, e.g. a method receiver).
+    FUNCTIONS: ClassVar[dict[str, str]] = {}
+    # "recip", "sqrt", "rsqrt" (x**-1, x**(1/2), x**(-1/2)), "powi" (an integer power),
+    # "powf" (any other): templates over {b} (the base as an operand), {a} (the base as
+    # printed), {n} (the integer exponent) and {e} (the exponent, as a float).
+    POWERS: ClassVar[dict[str, str]] = {}
+    # (from kind, to kind) -> template over {0}; a missing pair prints the value as is.
+    CASTS: ClassVar[dict[tuple[str, str], str]] = {}
+
+    if TYPE_CHECKING:  # provided by the sympy printer it is mixed into
+        def doprint(self, expr: Any) -> str: ...
+
+        def parenthesize(self, item: Any, level: float, strict: bool = False) -> str: ...
+
+    def __init__(self) -> None:
+        super().__init__({"strict": True})  # type: ignore[call-arg]
+        self._int = False  # printing an i32 subexpression
+
+    def expr(self, e: Any, kind: str | None = None) -> str:
+        """``e`` as code; ``kind`` ("float", "int", "bool") when the target type is known."""
+        self._int = (kind or value_kind(e)) == "int"
+        return str(self.doprint(e))
+
+    def float_literal(self, value: float) -> str:
+        raise NotImplementedError
+
+    def operand(self, e: Any) -> str:
+        """``e`` as the operand of a method call or operator: parenthesized unless a symbol."""
+        text = self._print(e)
+        return text if e.is_Symbol else f"({text})"
+
+    def _print(self, e: Any, **kwargs: Any) -> str:
+        template = self.FUNCTIONS.get(type(e).__name__)
+        if template is None:
+            return str(super()._print(e, **kwargs))  # type: ignore[misc]
+        # Print only the forms the template uses (nested calls would print twice).
+        plain = [self._print(a) if f"{{{i}}}" in template else ""
+                 for i, a in enumerate(e.args)]
+        operands = {f"r{i}": self.operand(a) for i, a in enumerate(e.args)
+                    if f"{{r{i}}}" in template}
+        return template.format(*plain, **operands)
+
+    # ---- literals ----------------------------------------------------------------
+    def _print_Integer(self, e: Any, _type: bool = False) -> str:
+        return str(int(e)) if self._int else self.float_literal(float(e))
+
+    def _print_Float(self, e: Any, _type: bool = False) -> str:
+        return self.float_literal(float(e))
+
+    def _print_Rational(self, e: Any) -> str:
+        return self.float_literal(float(e))
+
+    def _print_NumberSymbol(self, e: Any) -> str:
+        return self.float_literal(float(e))
+
+    _print_Pi = _print_Exp1 = _print_NumberSymbol
+
+    def _print_BooleanTrue(self, e: Any) -> str:
+        return "true"
+
+    def _print_BooleanFalse(self, e: Any) -> str:
+        return "false"
+
+    # ---- powers, comparisons, casts ----------------------------------------------
+    def _print_Pow(self, e: Any) -> str:
+        base, exp = e.base, e.exp
+        if exp == -1:
+            key = "recip"
+        elif exp == sp.Rational(1, 2):
+            key = "sqrt"
+        elif exp == sp.Rational(-1, 2):
+            key = "rsqrt"
+        else:
+            key = "powi" if exp.is_Integer else "powf"
+        template = self.POWERS[key]
+        fields = {}
+        if "{b}" in template:
+            fields["b"] = self.operand(base)
+        if "{a}" in template:
+            fields["a"] = self._print(base)
+        if key == "powi":
+            fields["n"] = str(int(exp))
+        elif key == "powf":
+            fields["e"] = self._with_int(exp, False)
+        return template.format(**fields)
+
+    def _print_Relational(self, e: Any) -> str:
+        saved = self._int
+        self._int = value_kind(e.lhs) == "int" and value_kind(e.rhs) == "int"
+        try:
+            op = {"==": "==", "!=": "!=", "<": "<", "<=": "<=", ">": ">", ">=": ">="}[e.rel_op]
+            return f"{self.parenthesize(e.lhs, precedence(e))} {op} " \
+                   f"{self.parenthesize(e.rhs, precedence(e))}"
+        finally:
+            self._int = saved
+
+    def _with_int(self, e: Any, as_int: bool) -> str:
+        """``e`` printed in an int (or float) context."""
+        saved, self._int = self._int, as_int
+        try:
+            return self._print(e)
+        finally:
+            self._int = saved
+
+    def _cast(self, e: Any, to: str) -> str:
+        (a,) = e.args
+        kind = value_kind(a)
+        return self.CASTS.get((kind, to), "{0}").format(self._with_int(a, kind == "int"))
+
+    def _print_ToFloat(self, e: Any) -> str:
+        return self._cast(e, "float")
+
+    def _print_ToInt(self, e: Any) -> str:
+        return self._cast(e, "int")
+
+    def _print_ToBool(self, e: Any) -> str:
+        return self._cast(e, "bool")
 
 def f32_literal(value: float) -> str:
     """The shortest decimal that reads back as the same float32 (no excess precision)."""

@@ -25,9 +25,11 @@ from ferrograd.ir.serialize import fingerprint
 
 from ..build import runtime_fingerprint
 from ..kernel_ir import Buffer, Conv
+from ..launch_plan import DeviceModule
 from ..memory import MemoryPlan
 from ..schedule import Schedule, safe_name
 from .base import IndentedBuffer
+from .cuda import render_cuda_step
 from .rust import RUST_TYPES, KernelArgs, conv_params, fallible, render_kernel
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
@@ -50,9 +52,11 @@ class Crate:
 
 
 def render_crate(graph: Graph, schedules: list[Schedule], plan: MemoryPlan,
-                 crate_dir: Path | None = None) -> Crate:
+                 crate_dir: Path | None = None, device: DeviceModule | None = None) -> Crate:
     """Every file of the crate. ``crate_dir`` (where it will live) fixes the relative
-    path to the runtime crate; by default the path is absolute."""
+    path to the runtime crate; by default the path is absolute. With ``device`` (the
+    PTX renderer's module) the crate also holds a ``CudaStep`` (``backends/cuda.py``)
+    and enables the runtime's ``cuda`` feature."""
     consts, const_at, const_sizes = _consts(schedules)
     dtypes = {b.name: b.dtype for s in schedules for b in s.buffers.values()}
     kernels_rs, fn_of = _kernels_rs(graph, schedules, dtypes)
@@ -81,24 +85,32 @@ def render_crate(graph: Graph, schedules: list[Schedule], plan: MemoryPlan,
     context = {"convs": convs, "version": __version__, "model": graph.name,
                "entries": [s.entry for s in schedules], "fingerprint": graph_fingerprint,
                "buffer_consts": buffer_consts, "entry_fns": entries, "py_methods": methods,
-               "persistent": persistent, "module": "MODULE"}
+               "persistent": persistent, "module": "MODULE", "cuda": device is not None}
     lib_rs = env.get_template("lib.rs.j2").render(**context)
     body = {"src/lib.rs": lib_rs, "src/kernels.rs": kernels_rs}
+    data = {"src/consts.bin": consts}
+    if device is not None:
+        cuda = render_cuda_step(graph, device, "MODULE")
+        body["src/cuda_step.rs"] = cuda.pop("src/cuda_step.rs").decode()
+        data.update(cuda)
     body = {k: _rustfmt(v) for k, v in body.items()}
     digest = hashlib.sha256(__version__.encode())
     for k in sorted(body):
         digest.update(k.encode() + body[k].encode())
-    digest.update(consts)
+    for k in sorted(data):
+        if k != "src/consts.bin":
+            digest.update(k.encode())
+        digest.update(data[k])
     digest.update(runtime_fingerprint().encode())
     module = f"fg_{safe_name(graph.name).lower()}_{digest.hexdigest()[:12]}"
     runtime_path = str(RUNTIME) if crate_dir is None else os.path.relpath(RUNTIME, crate_dir)
     files = {
         "Cargo.toml": env.get_template("Cargo.toml.j2").render(
-            version=__version__, model=graph.name, module=module,
-            runtime_path=runtime_path).encode(),
+            version=__version__, model=graph.name, module=module, runtime_path=runtime_path,
+            runtime_features=[] if device is None else ["cuda"]).encode(),
         "pyproject.toml": env.get_template("pyproject.toml.j2").render(
             version=__version__, module=module).encode(),
-        "src/consts.bin": consts,
+        **data,
     }
     for k, v in body.items():
         files[k] = v.replace("MODULE", module).encode()
@@ -224,6 +236,10 @@ def _py_method(graph: Graph, s: Schedule, plan: MemoryPlan) -> str:
         params.append(f"{name}: &Bound<'py, PyAny>")
         loads.append(f"let {name} = rt::py::input_{RUST_TYPES[n.dtype]}({name}, {k!r:}, "
                      f"&[{', '.join(map(str, n.shape))}])?;".replace("'", '"'))
+        bound = graph.index_bounds.get(k)
+        if bound is not None:  # class labels / embedding ids: checked before anything runs
+            loads.append(f"rt::gather::check_ids(\"input '{k}'\", &{name}, {bound})"
+                         ".map_err(rt::Error::from)?;")
         names.append(name)
     doc = {"train": "One training step on a batch; returns the loss.",
            "forward": "The model's outputs on a batch, by name; no update.",
@@ -239,7 +255,10 @@ def _py_method(graph: Graph, s: Schedule, plan: MemoryPlan) -> str:
             out.line(f"let {name} = &*{name};")
         slices = ", ".join(names)
         out.line("let arenas = &mut self.arenas;")
-        out.line(f"py.detach(|| rt::py::guard(\"{s.entry}\", || arenas.{s.entry}({slices})))?;")
+        out.line(f"py.detach(|| rt::py::guard(\"{s.entry}\", || {{")
+        out.line("    let _ftz = rt::fpenv::FlushDenormals::new();")
+        out.line(f"    arenas.{s.entry}({slices})")
+        out.line("}))?;")
         if s.entry == "train":
             p = plan.temps["train"][s.results["out:loss"]]
             out.line(f"Ok(self.arenas.temp_f32.slice({p.offset}, 1)[0])")

@@ -9,11 +9,10 @@ matmul, gather/scatter and conv call the runtime crate (``ferrograd_runtime``).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import sympy as sp
-from sympy.printing.precedence import precedence
 from sympy.printing.rust import RustCodePrinter
 
 from ..kernel_ir import (
@@ -26,7 +25,13 @@ from ..kernel_ir import (
     View,
     row_major,
 )
-from .base import IndentedBuffer, collapse, f32_literal, linear_index, value_kind
+from .base import (
+    CLikePrinter,
+    IndentedBuffer,
+    collapse,
+    f32_literal,
+    linear_index,
+)
 
 RUST_TYPES = {"f32": "f32", "i32": "i32", "bool": "u8"}  # bools are stored as bytes
 PAR_MIN = 1 << 15  # elements: below this a kernel runs on the calling thread
@@ -47,43 +52,32 @@ def rust_f32(value: float) -> str:
     return f"consts::{name}" if name else f32_literal(value)
 
 
-class RustPrinter(RustCodePrinter):
-    """sympy -> Rust f32 expressions. Unknown functions raise (strict)."""
+class RustPrinter(CLikePrinter, RustCodePrinter):
+    """sympy -> Rust f32 expressions: the tables below, over the C-like base."""
 
-    def __init__(self) -> None:
-        super().__init__({"strict": True})
-        self._int = False  # printing an i32 subexpression
+    FUNCTIONS: ClassVar[dict[str, str]] = {
+        "exp": "{r0}.exp()", "log": "{r0}.ln()", "log1p": "{r0}.ln_1p()",
+        "tanh": "{r0}.tanh()", "sin": "{r0}.sin()", "cos": "{r0}.cos()", "Abs": "{r0}.abs()",
+        "erf": "rt::math::erf({0})",
+        "sign": "(if {r0} == 0.0 {{ 0.0 }} else {{ {r0}.signum() }})",
+    }
+    POWERS: ClassVar[dict[str, str]] = {
+        "recip": "{b}.recip()", "sqrt": "{b}.sqrt()", "rsqrt": "{b}.sqrt().recip()",
+        "powi": "{b}.powi({n})", "powf": "{b}.powf({e})",
+    }
+    CASTS: ClassVar[dict[tuple[str, str], str]] = {
+        ("bool", "float"): "f32::from({0})", ("int", "float"): "({0}) as f32",
+        ("bool", "int"): "i32::from({0})", ("float", "int"): "({0}) as i32",
+        ("float", "bool"): "({0}) != 0.0", ("int", "bool"): "({0}) != 0",
+    }
 
-    def expr(self, e: Any, kind: str | None = None) -> str:
-        """``e`` as Rust; ``kind`` ("float", "int", "bool") when the target type is known."""
-        self._int = (kind or value_kind(e)) == "int"
-        return str(self.doprint(e))
+    def float_literal(self, value: float) -> str:
+        return rust_f32(value)
 
     def _cast_to_float(self, e: Any) -> Any:
         return e  # integer-valued parts already print as f32 literals
 
-    # ---- literals ----------------------------------------------------------------
-    def _print_Integer(self, e: Any, _type: bool = False) -> str:
-        return str(int(e)) if self._int else f32_literal(float(e))
-
-    def _print_Float(self, e: Any, _type: bool = False) -> str:
-        return rust_f32(float(e))
-
-    def _print_Rational(self, e: Any) -> str:
-        return rust_f32(float(e))
-
-    def _print_NumberSymbol(self, e: Any) -> str:
-        return rust_f32(float(e))
-
-    _print_Pi = _print_Exp1 = _print_NumberSymbol
-
-    def _print_BooleanTrue(self, e: Any) -> str:
-        return "true"
-
-    def _print_BooleanFalse(self, e: Any) -> str:
-        return "false"
-
-    def _recv(self, e: Any) -> str:
+    def operand(self, e: Any) -> str:
         """``e`` as the receiver of a method call: literals need their type."""
         if e.is_Number or e.is_NumberSymbol:
             lit = rust_f32(float(e))
@@ -92,48 +86,15 @@ class RustPrinter(RustCodePrinter):
             elif lit.startswith("-") and lit[1].isdigit():
                 lit = f"({lit}_f32)"  # -1.0.max(x) would parse as -(1.0.max(x))
             return lit
-        text = self._print(e)
-        return text if e.is_Symbol else f"({text})"
-
-    # ---- functions ---------------------------------------------------------------
-    def _method(self, e: Any, name: str) -> str:
-        return f"{self._recv(e.args[0])}.{name}()"
-
-    def _print_exp(self, e: Any) -> str:
-        return self._method(e, "exp")
-
-    def _print_log(self, e: Any) -> str:
-        return self._method(e, "ln")
-
-    def _print_log1p(self, e: Any) -> str:
-        return self._method(e, "ln_1p")
-
-    def _print_tanh(self, e: Any) -> str:
-        return self._method(e, "tanh")
-
-    def _print_sin(self, e: Any) -> str:
-        return self._method(e, "sin")
-
-    def _print_cos(self, e: Any) -> str:
-        return self._method(e, "cos")
-
-    def _print_Abs(self, e: Any) -> str:
-        return self._method(e, "abs")
-
-    def _print_erf(self, e: Any) -> str:
-        return f"rt::math::erf({self._print(e.args[0])})"
-
-    def _print_sign(self, e: Any) -> str:
-        x = self._recv(e.args[0])
-        return f"(if {x} == 0.0 {{ 0.0 }} else {{ {x}.signum() }})"
+        return super().operand(e)
 
     def _print_Heaviside(self, e: Any) -> str:
-        z = self._recv(e.args[0])
+        z = self.operand(e.args[0])
         h0 = f32_literal(float(e.args[1])) if len(e.args) > 1 else "0.5"
         return f"(if {z} > 0.0 {{ 1.0 }} else if {z} < 0.0 {{ 0.0 }} else {{ {h0} }})"
 
     def _minmax(self, e: Any, name: str) -> str:
-        out = self._recv(e.args[0])
+        out = self.operand(e.args[0])
         for a in e.args[1:]:
             out = f"{out}.{name}({self._print(a)})"
         return out
@@ -144,23 +105,6 @@ class RustPrinter(RustCodePrinter):
     def _print_Min(self, e: Any) -> str:
         return self._minmax(e, "min")
 
-    def _print_Pow(self, e: Any) -> str:
-        base, exp = e.base, e.exp
-        b = self._recv(base)
-        if exp == -1:
-            return f"{b}.recip()"
-        if exp == sp.Rational(1, 2):
-            return f"{b}.sqrt()"
-        if exp == sp.Rational(-1, 2):
-            return f"{b}.sqrt().recip()"
-        if exp.is_Integer:
-            return f"{b}.powi({int(exp)})"
-        saved, self._int = self._int, False
-        try:
-            return f"{b}.powf({self._print(exp)})"
-        finally:
-            self._int = saved
-
     def _print_Piecewise(self, e: Any) -> str:
         parts = []
         for value, cond in e.args:
@@ -170,51 +114,6 @@ class RustPrinter(RustCodePrinter):
             else:
                 parts.append(f"if {self._print(cond)} {{ {v} }}")
         return "(" + " else ".join(parts) + ")"
-
-    def _print_Relational(self, e: Any) -> str:
-        saved = self._int
-        self._int = value_kind(e.lhs) == "int" and value_kind(e.rhs) == "int"
-        try:
-            op = {"==": "==", "!=": "!=", "<": "<", "<=": "<=", ">": ">", ">=": ">="}[e.rel_op]
-            return f"{self.parenthesize(e.lhs, precedence(e))} {op} " \
-                   f"{self.parenthesize(e.rhs, precedence(e))}"
-        finally:
-            self._int = saved
-
-    # ---- casts -------------------------------------------------------------------
-    def _inner(self, e: Any, as_int: bool) -> str:
-        saved, self._int = self._int, as_int
-        try:
-            return self._print(e)
-        finally:
-            self._int = saved
-
-    def _print_ToFloat(self, e: Any) -> str:
-        (a,) = e.args
-        kind = value_kind(a)
-        if kind == "bool":
-            return f"f32::from({self._inner(a, False)})"
-        if kind == "int":
-            return f"({self._inner(a, True)}) as f32"
-        return self._inner(a, False)
-
-    def _print_ToInt(self, e: Any) -> str:
-        (a,) = e.args
-        kind = value_kind(a)
-        if kind == "bool":
-            return f"i32::from({self._inner(a, False)})"
-        if kind == "float":
-            return f"({self._inner(a, False)}) as i32"
-        return self._inner(a, True)
-
-    def _print_ToBool(self, e: Any) -> str:
-        (a,) = e.args
-        kind = value_kind(a)
-        if kind == "float":
-            return f"({self._inner(a, False)}) != 0.0"
-        if kind == "int":
-            return f"({self._inner(a, True)}) != 0"
-        return self._inner(a, False)
 
 
 # ---- kernels ----------------------------------------------------------------------------

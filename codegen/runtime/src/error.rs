@@ -55,6 +55,20 @@ pub enum Error {
         /// The size of the failed request.
         bytes: usize,
     },
+    /// No usable GPU: the CUDA driver library is missing, or it finds no
+    /// device. The message says which and what to do. Python: `RuntimeError`.
+    NoDevice(String),
+    /// A call into the GPU failed: a kernel launch, a copy, a cuBLAS call, the
+    /// PTX JIT (with its log). The message names the kernel or step. Python:
+    /// `RuntimeError`.
+    Device(String),
+    /// Device memory ran out. Python: `MemoryError`.
+    DeviceAlloc {
+        /// The size of the failed request.
+        bytes: usize,
+        /// What was being allocated.
+        what: String,
+    },
 }
 
 impl Error {
@@ -70,6 +84,12 @@ impl fmt::Display for Error {
             Error::Index(e) => e.fmt(f),
             Error::Layout(msg) => f.write_str(msg),
             Error::Alloc { bytes } => write!(f, "cannot allocate {bytes} bytes"),
+            Error::NoDevice(msg) | Error::Device(msg) => f.write_str(msg),
+            Error::DeviceAlloc { bytes, what } => write!(
+                f,
+                "cannot allocate {bytes} bytes ({:.1} MiB) of GPU memory for {what}",
+                mib(*bytes)
+            ),
         }
     }
 }
@@ -97,10 +117,18 @@ impl From<Error> for PyErr {
             }
             Error::Alloc { bytes } => PyMemoryError::new_err(format!(
                 "ferrograd: cannot allocate {bytes} bytes ({:.1} MiB)",
-                bytes as f64 / (1024.0 * 1024.0)
+                mib(bytes)
             )),
+            Error::NoDevice(msg) | Error::Device(msg) => {
+                PyRuntimeError::new_err(format!("ferrograd: {msg}"))
+            }
+            e @ Error::DeviceAlloc { .. } => PyMemoryError::new_err(format!("ferrograd: {e}")),
         }
     }
+}
+
+fn mib(bytes: usize) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
 }
 
 #[cfg(test)]

@@ -13,7 +13,11 @@
 //! - [`py`]: NumPy in and out, and [`py::guard`], which keeps panics from
 //!   crossing into Python;
 //! - [`threads`]: the rayon pool and the chunk size generated kernels use;
-//! - [`error`]: the one error type, convertible to a Python exception.
+//! - [`error`]: the one error type, convertible to a Python exception;
+//! - `cuda` (feature `cuda`): the CUDA runtime that runs a GPU renderer's
+//!   launch plans (driver API and cuBLAS through `cudarc`, loaded at run time).
+//! - `wgsl` (feature `wgsl`): the WebGPU runtime that runs a module's WGSL
+//!   compute shaders through `wgpu` (Vulkan, Metal, DX12; lavapipe on a CPU).
 //!
 //! Every compute function is pure Rust and returns `Result` on operands that do
 //! not fit instead of panicking.
@@ -23,12 +27,17 @@
 
 pub mod arena;
 pub mod conv;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod error;
+pub mod fpenv;
 pub mod gather;
 pub mod gemm;
 pub mod math;
 pub mod py;
 pub mod threads;
+#[cfg(feature = "wgsl")]
+pub mod wgsl;
 
 pub use arena::Arena;
 pub use error::{Error, IndexError};

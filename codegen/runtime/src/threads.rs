@@ -33,6 +33,14 @@ pub use rayon;
 /// and small enough to balance over the cores.
 pub const PAR_CHUNK: usize = 32 * 1024;
 
+/// Build the global pool with workers that flush denormals (see [`crate::fpenv`]).
+/// Call once when a module loads; a pool that already exists is kept as it is.
+pub fn init() {
+    let _ = rayon::ThreadPoolBuilder::new()
+        .start_handler(|_| crate::fpenv::flush_denormals_forever())
+        .build_global();
+}
+
 /// The number of threads in the pool that kernels run on.
 pub fn num_threads() -> usize {
     rayon::current_num_threads()

@@ -510,7 +510,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `cnn`.
-#[pyclass(module = "fg_cnn_99db72996ee2")]
+#[pyclass(module = "fg_cnn_bc5d6b1dbdc7")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -534,10 +534,16 @@ impl Step {
     ) -> PyResult<Bound<'py, PyDict>> {
         let x = rt::py::input_f32(x, "x", &[4, 1, 8, 8])?;
         let y = rt::py::input_i32(y, "y", &[4])?;
+        rt::gather::check_ids("input 'y'", &y, 10).map_err(rt::Error::from)?;
         let x = &*x;
         let y = &*y;
         let arenas = &mut self.arenas;
-        py.detach(|| rt::py::guard("forward", || arenas.forward(x, y)))?;
+        py.detach(|| {
+            rt::py::guard("forward", || {
+                let _ftz = rt::fpenv::FlushDenormals::new();
+                arenas.forward(x, y)
+            })
+        })?;
         let out = PyDict::new(py);
         let values = self.arenas.temp_f32.slice(16, 1);
         out.set_item("loss", rt::py::to_numpy(py, values, &[])?)?;
@@ -556,10 +562,16 @@ impl Step {
     ) -> PyResult<Bound<'py, PyDict>> {
         let x = rt::py::input_f32(x, "x", &[4, 1, 8, 8])?;
         let y = rt::py::input_i32(y, "y", &[4])?;
+        rt::gather::check_ids("input 'y'", &y, 10).map_err(rt::Error::from)?;
         let x = &*x;
         let y = &*y;
         let arenas = &mut self.arenas;
-        py.detach(|| rt::py::guard("grads", || arenas.grads(x, y)))?;
+        py.detach(|| {
+            rt::py::guard("grads", || {
+                let _ftz = rt::fpenv::FlushDenormals::new();
+                arenas.grads(x, y)
+            })
+        })?;
         let out = PyDict::new(py);
         let values = self.arenas.temp_f32.slice(0, 36);
         out.set_item(
@@ -592,10 +604,16 @@ impl Step {
     ) -> PyResult<f32> {
         let x = rt::py::input_f32(x, "x", &[4, 1, 8, 8])?;
         let y = rt::py::input_i32(y, "y", &[4])?;
+        rt::gather::check_ids("input 'y'", &y, 10).map_err(rt::Error::from)?;
         let x = &*x;
         let y = &*y;
         let arenas = &mut self.arenas;
-        py.detach(|| rt::py::guard("train", || arenas.train(x, y)))?;
+        py.detach(|| {
+            rt::py::guard("train", || {
+                let _ftz = rt::fpenv::FlushDenormals::new();
+                arenas.train(x, y)
+            })
+        })?;
         Ok(self.arenas.temp_f32.slice(4688, 1)[0])
     }
 
@@ -644,7 +662,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_cnn_99db72996ee2(m: &Bound<'_, PyModule>) -> PyResult<()> {
+fn fg_cnn_bc5d6b1dbdc7(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())
 }

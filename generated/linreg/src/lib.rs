@@ -179,7 +179,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `linreg`.
-#[pyclass(module = "fg_linreg_60caa3219695")]
+#[pyclass(module = "fg_linreg_f668896abfd9")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -206,7 +206,12 @@ impl Step {
         let x = &*x;
         let y = &*y;
         let arenas = &mut self.arenas;
-        py.detach(|| rt::py::guard("forward", || arenas.forward(x, y)))?;
+        py.detach(|| {
+            rt::py::guard("forward", || {
+                let _ftz = rt::fpenv::FlushDenormals::new();
+                arenas.forward(x, y)
+            })
+        })?;
         let out = PyDict::new(py);
         let values = self.arenas.temp_f32.slice(0, 1);
         out.set_item("loss", rt::py::to_numpy(py, values, &[])?)?;
@@ -226,7 +231,12 @@ impl Step {
         let x = &*x;
         let y = &*y;
         let arenas = &mut self.arenas;
-        py.detach(|| rt::py::guard("grads", || arenas.grads(x, y)))?;
+        py.detach(|| {
+            rt::py::guard("grads", || {
+                let _ftz = rt::fpenv::FlushDenormals::new();
+                arenas.grads(x, y)
+            })
+        })?;
         let out = PyDict::new(py);
         let values = self.arenas.temp_f32.slice(0, 3);
         out.set_item("w", rt::py::to_numpy(py, values, &[3, 1])?)?;
@@ -248,7 +258,12 @@ impl Step {
         let x = &*x;
         let y = &*y;
         let arenas = &mut self.arenas;
-        py.detach(|| rt::py::guard("train", || arenas.train(x, y)))?;
+        py.detach(|| {
+            rt::py::guard("train", || {
+                let _ftz = rt::fpenv::FlushDenormals::new();
+                arenas.train(x, y)
+            })
+        })?;
         Ok(self.arenas.temp_f32.slice(128, 1)[0])
     }
 
@@ -297,7 +312,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_linreg_60caa3219695(m: &Bound<'_, PyModule>) -> PyResult<()> {
+fn fg_linreg_f668896abfd9(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())
 }

@@ -441,7 +441,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `mlp`.
-#[pyclass(module = "fg_mlp_6c798520127c")]
+#[pyclass(module = "fg_mlp_36db01e8dae7")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -465,10 +465,16 @@ impl Step {
     ) -> PyResult<Bound<'py, PyDict>> {
         let x = rt::py::input_f32(x, "x", &[16, 64])?;
         let y = rt::py::input_i32(y, "y", &[16])?;
+        rt::gather::check_ids("input 'y'", &y, 10).map_err(rt::Error::from)?;
         let x = &*x;
         let y = &*y;
         let arenas = &mut self.arenas;
-        py.detach(|| rt::py::guard("forward", || arenas.forward(x, y)))?;
+        py.detach(|| {
+            rt::py::guard("forward", || {
+                let _ftz = rt::fpenv::FlushDenormals::new();
+                arenas.forward(x, y)
+            })
+        })?;
         let out = PyDict::new(py);
         let values = self.arenas.temp_f32.slice(16, 1);
         out.set_item("loss", rt::py::to_numpy(py, values, &[])?)?;
@@ -487,10 +493,16 @@ impl Step {
     ) -> PyResult<Bound<'py, PyDict>> {
         let x = rt::py::input_f32(x, "x", &[16, 64])?;
         let y = rt::py::input_i32(y, "y", &[16])?;
+        rt::gather::check_ids("input 'y'", &y, 10).map_err(rt::Error::from)?;
         let x = &*x;
         let y = &*y;
         let arenas = &mut self.arenas;
-        py.detach(|| rt::py::guard("grads", || arenas.grads(x, y)))?;
+        py.detach(|| {
+            rt::py::guard("grads", || {
+                let _ftz = rt::fpenv::FlushDenormals::new();
+                arenas.grads(x, y)
+            })
+        })?;
         let out = PyDict::new(py);
         let values = self.arenas.temp_f32.slice(0, 2048);
         out.set_item("linear_0.weight", rt::py::to_numpy(py, values, &[64, 32])?)?;
@@ -517,10 +529,16 @@ impl Step {
     ) -> PyResult<f32> {
         let x = rt::py::input_f32(x, "x", &[16, 64])?;
         let y = rt::py::input_i32(y, "y", &[16])?;
+        rt::gather::check_ids("input 'y'", &y, 10).map_err(rt::Error::from)?;
         let x = &*x;
         let y = &*y;
         let arenas = &mut self.arenas;
-        py.detach(|| rt::py::guard("train", || arenas.train(x, y)))?;
+        py.detach(|| {
+            rt::py::guard("train", || {
+                let _ftz = rt::fpenv::FlushDenormals::new();
+                arenas.train(x, y)
+            })
+        })?;
         Ok(self.arenas.temp_f32.slice(3984, 1)[0])
     }
 
@@ -569,7 +587,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_mlp_6c798520127c(m: &Bound<'_, PyModule>) -> PyResult<()> {
+fn fg_mlp_36db01e8dae7(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())
 }

@@ -733,7 +733,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `rnn`.
-#[pyclass(module = "fg_rnn_839109716721")]
+#[pyclass(module = "fg_rnn_2d6fb400fe50")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -757,10 +757,16 @@ impl Step {
     ) -> PyResult<Bound<'py, PyDict>> {
         let x = rt::py::input_f32(x, "x", &[4, 5, 1])?;
         let y = rt::py::input_i32(y, "y", &[4])?;
+        rt::gather::check_ids("input 'y'", &y, 2).map_err(rt::Error::from)?;
         let x = &*x;
         let y = &*y;
         let arenas = &mut self.arenas;
-        py.detach(|| rt::py::guard("forward", || arenas.forward(x, y)))?;
+        py.detach(|| {
+            rt::py::guard("forward", || {
+                let _ftz = rt::fpenv::FlushDenormals::new();
+                arenas.forward(x, y)
+            })
+        })?;
         let out = PyDict::new(py);
         let values = self.arenas.temp_f32.slice(32, 1);
         out.set_item("loss", rt::py::to_numpy(py, values, &[])?)?;
@@ -779,10 +785,16 @@ impl Step {
     ) -> PyResult<Bound<'py, PyDict>> {
         let x = rt::py::input_f32(x, "x", &[4, 5, 1])?;
         let y = rt::py::input_i32(y, "y", &[4])?;
+        rt::gather::check_ids("input 'y'", &y, 2).map_err(rt::Error::from)?;
         let x = &*x;
         let y = &*y;
         let arenas = &mut self.arenas;
-        py.detach(|| rt::py::guard("grads", || arenas.grads(x, y)))?;
+        py.detach(|| {
+            rt::py::guard("grads", || {
+                let _ftz = rt::fpenv::FlushDenormals::new();
+                arenas.grads(x, y)
+            })
+        })?;
         let out = PyDict::new(py);
         let values = self.arenas.temp_f32.slice(0, 8);
         out.set_item("cell.w_xh", rt::py::to_numpy(py, values, &[1, 8])?)?;
@@ -807,10 +819,16 @@ impl Step {
     ) -> PyResult<f32> {
         let x = rt::py::input_f32(x, "x", &[4, 5, 1])?;
         let y = rt::py::input_i32(y, "y", &[4])?;
+        rt::gather::check_ids("input 'y'", &y, 2).map_err(rt::Error::from)?;
         let x = &*x;
         let y = &*y;
         let arenas = &mut self.arenas;
-        py.detach(|| rt::py::guard("train", || arenas.train(x, y)))?;
+        py.detach(|| {
+            rt::py::guard("train", || {
+                let _ftz = rt::fpenv::FlushDenormals::new();
+                arenas.train(x, y)
+            })
+        })?;
         Ok(self.arenas.temp_f32.slice(576, 1)[0])
     }
 
@@ -859,7 +877,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_rnn_839109716721(m: &Bound<'_, PyModule>) -> PyResult<()> {
+fn fg_rnn_2d6fb400fe50(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())
 }

@@ -1347,7 +1347,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `char_lm`.
-#[pyclass(module = "fg_char_lm_1dac0c749e90")]
+#[pyclass(module = "fg_char_lm_0e7228a4dbfd")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -1370,11 +1370,18 @@ impl Step {
         targets: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyDict>> {
         let ids = rt::py::input_i32(ids, "ids", &[2, 8])?;
+        rt::gather::check_ids("input 'ids'", &ids, 20).map_err(rt::Error::from)?;
         let targets = rt::py::input_i32(targets, "targets", &[2, 8])?;
+        rt::gather::check_ids("input 'targets'", &targets, 20).map_err(rt::Error::from)?;
         let ids = &*ids;
         let targets = &*targets;
         let arenas = &mut self.arenas;
-        py.detach(|| rt::py::guard("forward", || arenas.forward(ids, targets)))?;
+        py.detach(|| {
+            rt::py::guard("forward", || {
+                let _ftz = rt::fpenv::FlushDenormals::new();
+                arenas.forward(ids, targets)
+            })
+        })?;
         let out = PyDict::new(py);
         let values = self.arenas.temp_f32.slice(16, 1);
         out.set_item("loss", rt::py::to_numpy(py, values, &[])?)?;
@@ -1392,11 +1399,18 @@ impl Step {
         targets: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyDict>> {
         let ids = rt::py::input_i32(ids, "ids", &[2, 8])?;
+        rt::gather::check_ids("input 'ids'", &ids, 20).map_err(rt::Error::from)?;
         let targets = rt::py::input_i32(targets, "targets", &[2, 8])?;
+        rt::gather::check_ids("input 'targets'", &targets, 20).map_err(rt::Error::from)?;
         let ids = &*ids;
         let targets = &*targets;
         let arenas = &mut self.arenas;
-        py.detach(|| rt::py::guard("grads", || arenas.grads(ids, targets)))?;
+        py.detach(|| {
+            rt::py::guard("grads", || {
+                let _ftz = rt::fpenv::FlushDenormals::new();
+                arenas.grads(ids, targets)
+            })
+        })?;
         let out = PyDict::new(py);
         let values = self.arenas.temp_f32.slice(0, 320);
         out.set_item("tok_emb.weight", rt::py::to_numpy(py, values, &[20, 16])?)?;
@@ -1454,11 +1468,18 @@ impl Step {
         targets: &Bound<'py, PyAny>,
     ) -> PyResult<f32> {
         let ids = rt::py::input_i32(ids, "ids", &[2, 8])?;
+        rt::gather::check_ids("input 'ids'", &ids, 20).map_err(rt::Error::from)?;
         let targets = rt::py::input_i32(targets, "targets", &[2, 8])?;
+        rt::gather::check_ids("input 'targets'", &targets, 20).map_err(rt::Error::from)?;
         let ids = &*ids;
         let targets = &*targets;
         let arenas = &mut self.arenas;
-        py.detach(|| rt::py::guard("train", || arenas.train(ids, targets)))?;
+        py.detach(|| {
+            rt::py::guard("train", || {
+                let _ftz = rt::fpenv::FlushDenormals::new();
+                arenas.train(ids, targets)
+            })
+        })?;
         Ok(self.arenas.temp_f32.slice(10224, 1)[0])
     }
 
@@ -1507,7 +1528,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_char_lm_1dac0c749e90(m: &Bound<'_, PyModule>) -> PyResult<()> {
+fn fg_char_lm_0e7228a4dbfd(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())
 }

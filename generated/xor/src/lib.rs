@@ -265,7 +265,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `xor_net`.
-#[pyclass(module = "fg_xor_net_dea6231ad9d9")]
+#[pyclass(module = "fg_xor_net_c2238506406f")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -292,7 +292,12 @@ impl Step {
         let x = &*x;
         let y = &*y;
         let arenas = &mut self.arenas;
-        py.detach(|| rt::py::guard("forward", || arenas.forward(x, y)))?;
+        py.detach(|| {
+            rt::py::guard("forward", || {
+                let _ftz = rt::fpenv::FlushDenormals::new();
+                arenas.forward(x, y)
+            })
+        })?;
         let out = PyDict::new(py);
         let values = self.arenas.temp_f32.slice(32, 1);
         out.set_item("loss", rt::py::to_numpy(py, values, &[])?)?;
@@ -314,7 +319,12 @@ impl Step {
         let x = &*x;
         let y = &*y;
         let arenas = &mut self.arenas;
-        py.detach(|| rt::py::guard("grads", || arenas.grads(x, y)))?;
+        py.detach(|| {
+            rt::py::guard("grads", || {
+                let _ftz = rt::fpenv::FlushDenormals::new();
+                arenas.grads(x, y)
+            })
+        })?;
         let out = PyDict::new(py);
         let values = self.arenas.temp_f32.slice(16, 8);
         out.set_item("hidden.weight", rt::py::to_numpy(py, values, &[2, 4])?)?;
@@ -340,7 +350,12 @@ impl Step {
         let x = &*x;
         let y = &*y;
         let arenas = &mut self.arenas;
-        py.detach(|| rt::py::guard("train", || arenas.train(x, y)))?;
+        py.detach(|| {
+            rt::py::guard("train", || {
+                let _ftz = rt::fpenv::FlushDenormals::new();
+                arenas.train(x, y)
+            })
+        })?;
         Ok(self.arenas.temp_f32.slice(144, 1)[0])
     }
 
@@ -389,7 +404,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_xor_net_dea6231ad9d9(m: &Bound<'_, PyModule>) -> PyResult<()> {
+fn fg_xor_net_c2238506406f(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())
 }

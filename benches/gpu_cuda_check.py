@@ -1,0 +1,350 @@
+"""The CUDA step on a GPU against the NumPy interpreter, in one run.
+
+Two phases, because the GPU machine has no Rust toolchain:
+
+1. Here (cargo + maturin): build the abi3 modules (``backend=("cpu", "cuda")``) of
+   a hand-written test module (``cuda_handmade.py``: the runtime apart from the PTX
+   renderer) and of every example model, into a folder that travels::
+
+       python benches/gpu_cuda_check.py --build .gpu_modules
+
+2. On the GPU machine: load them and compare each model's CUDA step with the
+   interpreter — forward outputs, gradients, then a few training steps (losses,
+   params, optimizer state) — in several modes: cuBLAS with CUDA graphs, the
+   generated GEMM kernels (``gemm="kernel"``), plain launches (``graph=False``) and
+   one kernel at a time (``sync=True``). The temp arenas are poisoned with NaN
+   before each call and the inputs drawn fresh. Then host time per training step,
+   graphs against plain launches. The table comes last; the full numbers go to
+   ``$OUT/gpu_cuda_check.json``. The exact device command (``run`` tool,
+   ``carry: [".gpu_modules", ".whl"]``; both folders listed in .git/info/exclude)::
+
+       python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+         --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit;
+       lib=$(find /usr/local/cuda*/ /usr/lib /opt -name 'libcublas.so.1[23]*' 2>/dev/null |
+         head -1); echo "cublas: $lib";
+       [ -n "$lib" ] && export LD_LIBRARY_PATH=$(dirname $lib):$LD_LIBRARY_PATH;
+       nvidia-smi -L; set -o pipefail;
+       PYTHONUNBUFFERED=1 python3 benches/gpu_cuda_check.py .gpu_modules 2>&1 | tee $OUT/log.txt
+
+   It takes ~35 s there. Last run (NVIDIA H200, driver 580.159, cuBLAS 13.1): all 28
+   (model, mode) checks pass, worst relative error 3e-5, and the 4 error cases.
+
+   (``.whl`` holds sympy, mpmath, networkx, jinja2, markupsafe and safetensors for
+   CPython 3.12, downloaded as /work/.library/device/README.md says; the image has
+   them too, so the step may be skipped.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "examples"), str(ROOT / "benches")]
+
+import cuda_handmade  # noqa: E402
+from catalog import MODELS  # noqa: E402
+
+import ferrograd as fg  # noqa: E402
+from ferrograd.codegen.build import _load  # noqa: E402
+from ferrograd.codegen.cpu_step import CompiledStep  # noqa: E402
+from ferrograd.codegen.cuda_step import open_cuda_step  # noqa: E402
+from ferrograd.dsl.init import init_params  # noqa: E402
+from ferrograd.ir.errors import InputError  # noqa: E402
+from ferrograd.ir.optim import init_state  # noqa: E402
+
+SEED = 3
+STEPS = 3  # training steps compared per mode
+TOL = 2e-4  # error that passes (strict fp32; sums run in another order)
+ATOL = 2e-5  # absolute floor per element: some exact-zero gradients are rounding noise
+MODES = {  # name -> CudaStep options
+    "cublas+graph": {},
+    "kernel-gemm": {"gemm": "kernel"},
+    "no-graph": {"graph": False},
+    "sync-each": {"sync": True},
+}
+
+
+def lowered_models() -> dict[str, fg.Lowered]:
+    out = {"handmade": cuda_handmade.lower()}
+    for name, make in MODELS.items():
+        model, optimizer, dims = make()
+        out[name] = fg.lower(model, optimizer=optimizer, backend=("cpu", "cuda"), seed=SEED,
+                             **dims)
+    return out
+
+
+def _device_module(name: str, low: fg.Lowered) -> Any:
+    return cuda_handmade.device_module(low) if name == "handmade" else low.device_module("ptx")
+
+
+# ---- phase 1: build --------------------------------------------------------------------
+
+
+def build(folder: Path) -> None:
+    from ferrograd.codegen.backends.cpu import render_crate
+    from ferrograd.codegen.build import build_module, cache_dir
+
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = {}
+    lows = lowered_models()
+    devices = {name: _device_module(name, low) for name, low in lows.items()}
+    for case in cuda_handmade.ERROR_CASES:
+        lows[f"error:{case}"] = lows["handmade"]
+        devices[f"error:{case}"] = cuda_handmade.error_module(lows["handmade"], case)
+    for name, low in lows.items():
+        device = devices[name]
+        crate = render_crate(low.graph, low.schedules, low.memory_plan, device=device)
+        crate_dir = cache_dir() / "crates" / crate.module
+        render_crate(low.graph, low.schedules, low.memory_plan, crate_dir,
+                     device=device).write(crate_dir)
+        module = build_module(crate_dir, crate.module)
+        path = Path(str(module.__file__))
+        shutil.copy2(path, folder / path.name)
+        manifest[name] = crate.module
+        print(f"built {name}: {path.name}", flush=True)
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+
+
+# ---- phase 2: check on the GPU -----------------------------------------------------------
+
+
+def rel_err(got: Any, want: Any) -> float:
+    """‖got − want‖ / (‖want‖ + ATOL·√n): relative, except for arrays that are zero up
+    to rounding noise (the transformer's key-bias gradient is exactly 0 in theory)."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    if got.shape != want.shape:
+        return float("inf")
+    if not np.all(np.isfinite(got)) and np.all(np.isfinite(want)):
+        return float("inf")
+    den = np.linalg.norm(want) + ATOL * np.sqrt(want.size)
+    return float(np.linalg.norm(got - want) / den)
+
+
+def worst(got: dict, want: dict) -> tuple[float, str]:
+    if got.keys() != want.keys():
+        return float("inf"), f"keys {sorted(got)} != {sorted(want)}"
+    errs = [(rel_err(got[k], want[k]), k) for k in want]
+    return max(errs) if errs else (0.0, "")
+
+
+
+
+
+def feed_for(graph: Any, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    out = {}
+    for name, nid in graph.inputs.items():
+        node = graph.node(nid)
+        if node.dtype == "i32":
+            out[name] = rng.integers(0, graph.index_bounds.get(name, 4), node.shape,
+                                     dtype=np.int32)
+        else:
+            out[name] = rng.normal(size=node.shape).astype(np.float32)
+    return out
+
+
+def cuda_step(low: fg.Lowered, module: Any, **options: Any) -> CompiledStep:
+    native = open_cuda_step(module, low.graph.name, **options)
+    return CompiledStep(low, module, init_params(low.graph, low.seed), init_state(low.graph),
+                        "cuda", native)
+
+
+def check_mode(low: fg.Lowered, module: Any, options: dict) -> dict[str, Any]:
+    """forward, grads and STEPS training steps against the interpreter."""
+    ref = fg.lower(low.model, optimizer=low.optimizer, backend="numpy", seed=low.seed,
+                   **low.dims).compile()
+    gpu = cuda_step(low, module, **options)
+    native = gpu._native
+    res: dict[str, Any] = {"gemm_backend": native.gemm_backend,
+                           "gemm_report": native.gemm_report, "graphs": native.graphs}
+    errs: dict[str, tuple[float, str]] = {}
+    errs["init params"] = worst(gpu.params, ref.params)
+    rng = np.random.default_rng(0)
+    g = low.graph
+    for i in range(STEPS):
+        feed = feed_for(g, rng)
+        native.poison_temps()
+        errs[f"forward {i}"] = worst(gpu.forward(**feed), ref.forward(**feed))
+        if g.grads:
+            native.poison_temps()
+            errs[f"grads {i}"] = worst(gpu.grads(**feed), ref.grads(**feed))
+        if g.updates:
+            native.poison_temps()
+            errs[f"loss {i}"] = (rel_err(gpu(**feed), ref(**feed)), "loss")
+            errs[f"params {i}"] = worst(gpu.params, ref.params)
+            errs[f"state {i}"] = worst(gpu.state, ref.state)
+    res["captured"] = [e for e in ("train", "forward", "grads") if native.has_graph(e)]
+    key = max(errs, key=lambda k: errs[k][0])
+    res["worst"] = {"where": key, "item": errs[key][1], "rel_err": errs[key][0]}
+    res["errors"] = {k: v[0] for k, v in errs.items()}
+    res["ok"] = errs[key][0] <= TOL
+    bad_ids = [k for k, b in g.index_bounds.items() if k in g.inputs]
+    if bad_ids:  # an id out of range is the user's error, before anything runs
+        feed = feed_for(g, rng)
+        feed[bad_ids[0]] = feed[bad_ids[0]].copy()
+        feed[bad_ids[0]].flat[0] = g.index_bounds[bad_ids[0]]
+        try:
+            gpu.forward(**feed)
+            res["bad_id"] = "not caught"
+            res["ok"] = False
+        except InputError as err:
+            res["bad_id"] = f"InputError: {err}"
+    return res
+
+
+def time_steps(low: fg.Lowered, module: Any, graph: bool, n: int = 300) -> float:
+    """Median host microseconds per training step (inputs copied in, loss back)."""
+    step = cuda_step(low, module, graph=graph)
+    feed = feed_for(low.graph, np.random.default_rng(1))
+    args = [feed[k] for k in low.graph.inputs]
+    for _ in range(10):
+        step(*args)
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        step(*args)
+        times.append(time.perf_counter() - t)
+    return float(np.median(times) * 1e6)
+
+
+def error_case(folder: Path, case: str) -> None:
+    """One broken module (``cuda_handmade.error_module``), in its own process (an
+    illegal address leaves the CUDA context unusable): what each call raised, as JSON."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    low = cuda_handmade.lower()
+    name = manifest[f"error:{case.removesuffix('_sync')}"]
+    module = _load(name, folder / f"{name}.abi3.so")
+    feed = feed_for(low.graph, np.random.default_rng(2))
+    seen: list[dict[str, str]] = []
+
+    def attempt(what: str, fn: Any) -> Any:
+        try:
+            value = fn()
+            seen.append({"call": what, "result": repr(value)[:200]})
+            return value
+        except Exception as err:  # the point is to see what comes
+            seen.append({"call": what, "raised": type(err).__name__, "message": str(err)})
+            return None
+
+    step = attempt("create", lambda: cuda_step(low, module, sync=case.endswith("_sync")))
+    if step is not None:
+        attempt("forward (bad launch)", lambda: step.forward(**feed)["loss"])
+        attempt("train (right)", lambda: step(**feed))
+        attempt("grads (illegal address)", lambda: step.grads(**feed))
+        attempt("train (after the fault)", lambda: step(**feed))
+    print(json.dumps(seen))
+
+
+EXPECTED = {  # case -> (call, exception type, substrings of its message)
+    "faults": [("forward (bad launch)", "BackendError", ["kernel `fill_f32`", "block [2048"]),
+               ("train (right)", None, []),
+               ("grads (illegal address)", "BackendError",
+                ["running `grads`", "ILLEGAL_ADDRESS", "sync=True"])],
+    "faults_sync": [("grads (illegal address)", "BackendError",
+                     ["kernel `fill_f32` of `grads`", "ILLEGAL_ADDRESS"])],
+    "bad_ptx": [("create", "BackendError", ["could not compile", "JIT log", "%f9"])],
+    "oom": [("create", "MemoryError", ["GPU memory", "arena `temp_f32`"])],
+}
+
+
+def check_errors(folder: Path) -> dict[str, Any]:
+    import subprocess
+
+    out = {}
+    for case, expected in EXPECTED.items():
+        proc = subprocess.run([sys.executable, __file__, "--error-case", case, str(folder)],
+                              capture_output=True, text=True, timeout=120, check=False)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("[")]
+        seen = json.loads(lines[-1]) if lines else []
+        by_call = {s["call"]: s for s in seen}
+        ok = proc.returncode == 0 and bool(seen)
+        for call, kind, parts in expected:
+            got = by_call.get(call, {})
+            ok &= got.get("raised") == kind and all(p in got.get("message", "") for p in parts)
+        out[case] = {"ok": ok, "exit": proc.returncode, "seen": seen,
+                     "stderr": proc.stderr[-2000:]}
+    return out
+
+
+def check(folder: Path) -> int:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    results: dict[str, Any] = {}
+    lows = lowered_models()
+    rows = []
+    for name, low in lows.items():
+        module_name = manifest[name]
+        module = _load(module_name, folder / f"{module_name}.abi3.so")
+        results[name] = {}
+        for mode, options in MODES.items():
+            t = time.perf_counter()
+            try:
+                r = check_mode(low, module, options)
+            except Exception as err:  # report every model, then fail
+                r = {"ok": False, "error": f"{type(err).__name__}: {err}",
+                     "trace": traceback.format_exc()}
+            r["seconds"] = round(time.perf_counter() - t, 2)
+            results[name][mode] = r
+            worst_txt = (f"{r['worst']['rel_err']:.1e} ({r['worst']['where']}: "
+                         f"{r['worst']['item']})" if "worst" in r else r["error"][:90])
+            rows.append((name, mode, "PASS" if r["ok"] else "FAIL", r.get("gemm_backend", "-"),
+                         worst_txt))
+            print(f"{name:12} {mode:13} {rows[-1][2]} {worst_txt}", flush=True)
+        if low.graph.updates:
+            try:
+                results[name]["us_per_step"] = {
+                    "graph": time_steps(low, module, True),
+                    "launches": time_steps(low, module, False)}
+            except Exception as err:  # noted, not fatal
+                results[name]["us_per_step"] = {"error": str(err)}
+    errors = check_errors(folder)
+    results["errors"] = errors
+    out = Path(os.environ.get("OUT", "."))
+    (out / "gpu_cuda_check.json").write_text(json.dumps(results, indent=1, default=str))
+    print("\nerrors (each in its own process): case: result; what each call raised")
+    for case, e in errors.items():
+        print(f"  {case:12} {'PASS' if e['ok'] else 'FAIL'} (exit {e['exit']})")
+        for s in e["seen"]:
+            text = f"{s['raised']}: {s['message']}" if "raised" in s else f"-> {s['result']}"
+            print(f"      {s['call']}: {text[:300]}")
+    print("\nmodel        mode          result gemm     worst relative error (where)")
+    for row in rows:
+        print(f"{row[0]:12} {row[1]:13} {row[2]:6} {row[3]:8} {row[4]}")
+    print("\nhost time per training step (median, µs): model: CUDA graph / plain launches")
+    for name in lows:
+        t = results[name].get("us_per_step", {})
+        if "graph" in t:
+            print(f"  {name:12} {t['graph']:8.1f} / {t['launches']:8.1f}")
+        elif t:
+            print(f"  {name:12} {t}")
+    failed = sum(row[2] == "FAIL" for row in rows)
+    print(f"\n{len(rows) - failed} of {len(rows)} (model, mode) checks passed; "
+          f"{sum(e['ok'] for e in errors.values())} of {len(errors)} error cases")
+    return 1 if failed or not all(e["ok"] for e in errors.values()) else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folder", type=Path, help="where the built modules are (or go)")
+    parser.add_argument("--build", action="store_true", help="build the modules (needs cargo)")
+    parser.add_argument("--error-case", choices=sorted(EXPECTED), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.error_case:
+        error_case(args.folder, args.error_case)
+        return 0
+    if args.build:
+        build(args.folder)
+        return 0
+    return check(args.folder)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,252 @@
+"""The CUDA backend's renderer: kernel IR -> one PTX module and a launch plan per
+entry point (``DeviceModule``, see ``launch_plan.py``).
+
+Read it as tables: ``KINDS`` below maps each kernel kind to the function that
+writes its ``.entry`` (``ptx_kernels.py``); ``ptx_asm.py`` holds the instruction
+tables and the register-based expression emitter; ``legalize.py`` rewrites the
+math PTX lacks before anything is printed. Identical kernels (forward's are
+usually train's first ones) are emitted once.
+
+Kernel parameters (the contract with the runtime): one ``.param .u64`` per
+distinct buffer the kernel touches — read-only buffers first, in order of first
+read, then written ones, in order of first write (as the Rust renderer's
+``KernelArgs``) — each the global address of the buffer's first element (arena
+base + the buffer's offset in its arena, which is what the plan's ``BufferRef``
+says). View offsets inside a buffer and every size are baked into the code.
+Gather and scatter kernels take one more ``.u64``, the address of the
+``flags_u32`` arena. The shared kernels (``fg_sgemm_16x16``, ``fg_fill_zero_b32``)
+take ``.u32`` scalars after their pointers, given as ``ScalarArg``s. No kernel
+uses dynamic shared memory.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ferrograd._version import __version__
+from ferrograd.ir.errors import BackendError
+
+from ..kernel_ir import Conv, Elementwise, Gather, Kernel, Matmul, Reduce
+from ..launch_plan import BufferRef, DeviceModule, DevicePlan, Gemm, Launch, ScalarArg
+from ..memory import MemoryPlan
+from ..schedule import Schedule
+from .ptx_kernels import (
+    FLAGS,
+    SGEMM,
+    Arg,
+    GemmStep,
+    KernelLaunch,
+    Step,
+    conv,
+    elementwise,
+    gather,
+    matmul,
+    reduce,
+)
+
+# target -> the PTX ISA version its module declares (the oldest that has the target
+# and everything emitted here: max.NaN needs 7.0)
+TARGETS = {"sm_80": "7.0", "sm_86": "7.1", "sm_89": "7.8", "sm_90": "7.8"}
+
+# ---- the module ---------------------------------------------------------------------------
+
+# kernel kind -> renderer: (kernel, buffer dtypes, fast math) -> launches and GEMMs
+KINDS: dict[type, Callable[[Any, dict[str, str], bool], list[Step]]] = {
+    Elementwise: elementwise,
+    Reduce: reduce,
+    Matmul: matmul,
+    Gather: gather,
+    Conv: conv,
+}
+
+
+def render_kernel(k: Kernel, dtypes: dict[str, str], fast_math: bool = False) -> list[Step]:
+    """The launches (and GEMMs) of one kernel."""
+    render = KINDS.get(type(k))
+    if render is None:
+        raise BackendError(f"no PTX template for kernel kind {k.kind}")
+    return render(k, dtypes, fast_math)
+
+
+def kernel_source(k: Kernel, dtypes: dict[str, str], fast_math: bool = False) -> str:
+    """The PTX of one kernel, for people (``step.kernels``)."""
+    parts = []
+    for step in render_kernel(k, dtypes, fast_math):
+        launch = step.fallback if isinstance(step, GemmStep) else step
+        if isinstance(step, GemmStep):
+            parts.append(f"// GEMM {step.batch}x{step.m}x{step.n}x{step.k}: cuBLAS, or "
+                         f"{SGEMM} below")
+        parts.append(launch.text.replace("ENTRY", launch.name))
+    return "\n".join(dict.fromkeys(parts))
+
+
+class _ModuleBuilder:
+    """The module's entries, by text: identical kernels are emitted once, under the name
+    of the first kernel that has the text."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, str] = {}  # text with ENTRY -> entry name
+        self.texts: list[str] = []
+
+    def entry(self, launch: KernelLaunch) -> str:
+        name = self.entries.get(launch.text)
+        if name is None:
+            name = launch.name
+            self.entries[launch.text] = name
+            comment = f"// {launch.comment}\n" if launch.comment else ""
+            self.texts.append(comment + launch.text.replace("ENTRY", name))
+        return name
+
+
+def render_ptx(schedules: list[Schedule], memory_plan: MemoryPlan, *, target: str = "sm_80",
+               fast_math: bool = False, result_shapes: Mapping[str, tuple[int, ...]] | None = None,
+               model: str = "") -> DeviceModule:
+    """The PTX module of ``schedules`` and the launch plan of each entry point.
+
+    ``result_shapes`` (result key -> shape) shapes the plans' results (default: flat).
+    """
+    if target not in TARGETS:
+        raise BackendError(f"unknown PTX target {target!r}; choose from {', '.join(TARGETS)}")
+    const_data, const_at, const_sizes = const_layout(schedules)
+    dtypes = {b.name: b.dtype for s in schedules for b in s.buffers.values()}
+    builder = _ModuleBuilder()
+    plans: dict[str, DevicePlan] = {}
+    uses_flags = False
+    for s in schedules:
+        refs = _Addresses(s, memory_plan, const_at)
+        plan = DevicePlan(s.entry)
+        for k in s.kernels:
+            for step in render_kernel(k, dtypes, fast_math):
+                plan.steps.append(_plan_step(step, builder, refs))
+                uses_flags |= isinstance(k, Gather)
+        for key, buf in s.results.items():
+            ref = refs.ref(buf, 0)
+            shape = tuple((result_shapes or {}).get(key, (s.buffers[buf].size,)))
+            plan.results[key] = (ref.arena, ref.offset, shape)
+        plans[s.entry] = plan
+    arenas = _arena_sizes(schedules, memory_plan, const_sizes, uses_flags)
+    header = [
+        "//",
+        f"// Generated by ferrograd {__version__}" + (f" for model `{model}`" if model else "")
+        + f": {len(builder.texts)} kernels, entry points {', '.join(plans)}.",
+        "// Parameters: a .u64 global address per buffer (read-only buffers first), then",
+        "// .u32 sizes for the shared kernels; launches are in the plan (launch_plan.py).",
+        "//",
+        f".version {TARGETS[target]}",
+        f".target {target}",
+        ".address_size 64",
+    ]
+    source = "\n".join(header) + "\n\n" + "\n".join(builder.texts)
+    return DeviceModule(source, plans, arenas, const_data)
+
+
+class _Addresses:
+    """Buffer name -> arena address, for one entry point."""
+
+    def __init__(self, s: Schedule, plan: MemoryPlan, const_at: dict[str, int]) -> None:
+        self.s, self.plan, self.const_at = s, plan, const_at
+
+    def ref(self, name: str, offset: int) -> BufferRef:
+        if name == FLAGS:
+            return BufferRef("flags_u32", offset)
+        buf = self.s.buffers[name]
+        if buf.kind == "input":
+            return BufferRef(f"input:{name.removeprefix('input_')}", offset)
+        if buf.kind in ("param", "state"):
+            return BufferRef(buf.kind, self.plan.persistent[name][1] + offset)
+        if buf.kind == "const":
+            return BufferRef(f"const_{buf.dtype}", self.const_at[name] + offset)
+        return BufferRef(f"temp_{buf.dtype}", self.plan.temps[self.s.entry][name].offset + offset)
+
+    def args(self, args: list[Arg]) -> tuple[BufferRef | ScalarArg, ...]:
+        return tuple(a if isinstance(a, ScalarArg) else self.ref(*a) for a in args)
+
+
+def _plan_step(step: Step, builder: _ModuleBuilder, refs: _Addresses) -> Launch | Gemm:
+    if isinstance(step, KernelLaunch):
+        return Launch(builder.entry(step), step.grid, step.block, refs.args(step.args))
+    fb = step.fallback
+    fallback = Launch(builder.entry(fb), fb.grid, fb.block, refs.args(fb.args))
+    (a, ao, ast), (b, bo, bst), (c, co, cst) = step.operands
+    return Gemm(step.batch, step.m, step.n, step.k, refs.ref(a, ao), ast, refs.ref(b, bo), bst,
+                refs.ref(c, co), cst, fallback)
+
+
+def _arena_sizes(schedules: list[Schedule], plan: MemoryPlan, const_sizes: dict[str, int],
+                 flags: bool) -> dict[str, int]:
+    sizes = {"param": plan.persistent_size.get("param", 0),
+             "state": plan.persistent_size.get("state", 0)}
+    for dtype in ("f32", "i32", "bool"):
+        sizes[f"temp_{dtype}"] = plan.arena.get(dtype, 0)
+        sizes[f"const_{dtype}"] = const_sizes[dtype]
+    for s in schedules:
+        for b in s.buffers.values():
+            if b.kind == "input":
+                sizes[f"input:{b.name.removeprefix('input_')}"] = b.size
+    if flags:
+        sizes["flags_u32"] = 1
+    return sizes
+
+
+def const_layout(schedules: list[Schedule]
+                 ) -> tuple[dict[str, bytes], dict[str, int], dict[str, int]]:
+    """Every const buffer packed into its dtype's arena, in order of node id: the bytes
+    of each arena (little-endian; bools one byte), offsets, and sizes (elements)."""
+    seen = {b.name: b for s in schedules for b in s.buffers.values() if b.kind == "const"}
+    blocks: dict[str, list[bytes]] = {"f32": [], "i32": [], "bool": []}
+    at: dict[str, int] = {}
+    sizes = {"f32": 0, "i32": 0, "bool": 0}
+    for name in sorted(seen, key=lambda n: int(n[1:])):
+        b = seen[name]
+        assert b.value is not None
+        at[name] = sizes[b.dtype]
+        arr = np.asarray(b.value).reshape(-1)
+        blocks[b.dtype].append(arr.astype({"f32": "<f4", "i32": "<i4", "bool": "u1"}[b.dtype])
+                               .tobytes())
+        sizes[b.dtype] += arr.size
+    return {f"const_{d}": b"".join(v) for d, v in blocks.items()}, at, sizes
+
+
+# ---- validation with ptxas (CI; no GPU needed) -------------------------------------------
+
+
+def find_ptxas() -> str | None:
+    """The ptxas to validate modules with: ``$PTXAS``, else the one in the installed
+    ``nvidia-cuda-nvcc`` wheel (``nvidia/cu*/bin/ptxas``), else the first on PATH."""
+    explicit = os.environ.get("PTXAS")
+    if explicit:
+        return explicit if Path(explicit).is_file() else None
+    try:
+        import nvidia  # the namespace package of NVIDIA's wheels
+    except ImportError:
+        pass
+    else:
+        found = sorted(p for d in nvidia.__path__ for p in Path(d).glob("cu*/bin/ptxas"))
+        if found:
+            return str(found[-1])  # the newest CUDA
+    return shutil.which("ptxas")
+
+
+def assemble(source: str, target: str = "sm_80", ptxas: str | None = None) -> bytes:
+    """Assemble ``source`` for ``target`` with ptxas; the cubin, or a BackendError with
+    ptxas's messages."""
+    exe = ptxas or find_ptxas()
+    if exe is None:
+        raise BackendError("ptxas not found: pip install nvidia-cuda-nvcc, or set $PTXAS")
+    with tempfile.TemporaryDirectory() as tmp:
+        src, out = Path(tmp) / "module.ptx", Path(tmp) / "module.cubin"
+        src.write_text(source)
+        res = subprocess.run([exe, f"-arch={target}", str(src), "-o", str(out)],
+                             capture_output=True, text=True, check=False)
+        if res.returncode != 0:
+            raise BackendError(f"ptxas -arch={target} rejected the module:\n"
+                               f"{res.stderr[:4000]}")
+        return out.read_bytes()

@@ -1,0 +1,657 @@
+"""PTX kernels, one function per kernel kind: each writes its ``.entry`` (with the
+name ``ENTRY``, filled in when the module is assembled) and says how to launch it.
+
+Kinds:
+- elementwise: a grid-stride loop over the flat index of the collapsed
+  iteration space; each view's element index from the flat index by u32 div/mod
+  only where its strides need it; loads that never move are hoisted.
+- reduce: a thread, a warp or a block (256 threads) per output row, by row
+  length and layout (``reduce_mode``); warps combine with ``shfl.sync.bfly``,
+  blocks through shared memory. Sums accumulate in f32, max starts at -inf (NaN
+  propagates).
+- matmul: a ``GemmStep`` (cuBLAS in the runtime) whose fallback launches the
+  shared 16×16-tile shared-memory kernel ``fg_sgemm_16x16`` over the same
+  operands (batch over grid z). A matmul with several non-collapsible batch dims
+  becomes one GEMM per index of the outer ones.
+- gather / scatter-add: a thread per element; an id outside [0, rows) writes 0
+  (gather) or is skipped (scatter), and sets the error flag, which the runtime
+  checks after the step. Scatter zero-fills its output first (the shared
+  ``fg_fill_zero_b32``) and adds with ``red.global.add.f32``.
+- conv: direct kernels, a thread per output element (forward), per input
+  element (input grad) or per weight (weight grad).
+
+Every launch configuration is computed from the kernel's sizes: blocks of 256
+threads (fewer for small work), grids capped at 4096 blocks with grid-stride
+loops covering the rest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ferrograd.ir.errors import BackendError
+
+from ..kernel_ir import Conv, Elementwise, Gather, Kernel, Matmul, Reduce, View, row_major
+from ..launch_plan import ScalarArg
+from .base import collapse
+from .legalize import legalize
+from .ptx_asm import DTYPE_KIND, ITEMSIZE, ExprEmitter, PtxFunction
+
+BLOCK = 256  # threads per block, unless the work is smaller
+MAX_BLOCKS = 4096  # grid-stride loops cover the rest
+WARP = 32
+FLAGS = "__flags"  # the buffer name of the error-flag arena
+REDUCE_IDENTITY = {"sum": "0f00000000", "max": "0fFF800000"}
+REDUCE_OP = {"sum": "add.rn.f32", "max": "max.NaN.f32"}
+
+Arg = tuple[str, int] | ScalarArg  # (buffer, element offset inside it) or a scalar
+
+
+@dataclass
+class KernelLaunch:
+    """A kernel's code (entry name ``ENTRY``) and how to launch it."""
+
+    name: str  # the entry name, if this code is the first of its kind
+    comment: str
+    text: str
+    args: list[Arg]
+    grid: tuple[int, int, int]
+    block: tuple[int, int, int]
+
+
+@dataclass
+class GemmStep:
+    """C[z] = A[z] @ B[z], z < batch: operands as (buffer, element offset, (batch, row,
+    col) strides), and the launch of the fallback kernel over the same operands."""
+
+    batch: int
+    m: int
+    n: int
+    k: int
+    operands: list[tuple[str, int, tuple[int, int, int]]]  # a, b, c: buffer, offset, strides
+    fallback: KernelLaunch
+
+
+Step = KernelLaunch | GemmStep
+
+
+def kernel_buffers(k: Kernel) -> list[str]:
+    """The kernel's parameters, in order: the distinct buffers it only reads (in order
+    of first read), then those it writes (in order of first write). A buffer both read
+    and written (an in-place update) is passed once, among the written ones."""
+    written = list(dict.fromkeys(v.buffer for v in k.writes()))
+    read = [b for b in dict.fromkeys(v.buffer for v in k.reads()) if b not in written]
+    return read + written
+
+
+def _buffer_args(buffers: list[str]) -> list[Arg]:
+    """Launch arguments: the address of each buffer's first element."""
+    return [(b, 0) for b in buffers]
+
+
+def _blocks(n: int, block: int) -> int:
+    return max(1, min(math.ceil(n / block), MAX_BLOCKS))
+
+
+def _block_for(n: int) -> int:
+    return min(BLOCK, max(WARP, math.ceil(n / WARP) * WARP))
+
+
+def _check_u32(k: Kernel, *sizes: int) -> None:
+    if any(s >= 2**31 for s in sizes):
+        raise BackendError(f"kernel {k.name}: more than 2^31 elements; the PTX backend "
+                           "indexes with 32-bit integers")
+
+
+def _param_list(buffers: list[str], extra: int = 0) -> PtxFunction:
+    """A function taking a .u64 address per buffer (and ``extra`` more): p0, p1, ..."""
+    return PtxFunction([(".u64", f"p{i}") for i in range(len(buffers) + extra)])
+
+
+# ---- index arithmetic --------------------------------------------------------------------
+
+
+class Coords:
+    """Coordinates of a flat u32 index over ``sizes`` (row-major), computed once, on
+    first need, with div/mod by constants."""
+
+    def __init__(self, f: PtxFunction, flat: str, sizes: list[int]) -> None:
+        self.f, self.flat, self.sizes = f, flat, sizes
+        self._coords: list[str] | None = None
+
+    def coords(self) -> list[str]:
+        if self._coords is None:
+            out = [""] * len(self.sizes)
+            rest = self.flat
+            for d in range(len(self.sizes) - 1, 0, -1):
+                out[d] = self.f.value("b32", "rem.u32", rest, str(self.sizes[d]))
+                rest = self.f.value("b32", "div.u32", rest, str(self.sizes[d]))
+            if self.sizes:
+                out[0] = rest
+            self._coords = out
+        return self._coords
+
+    def index(self, strides: list[int]) -> str | None:
+        """The element index ``sum(coord * stride)``; None when it is always 0."""
+        if not any(strides):
+            return None
+        if list(strides) == list(row_major(tuple(self.sizes))):
+            return self.flat
+        acc: str | None = None
+        for c, s in zip(self.coords(), strides, strict=True):
+            if s == 0:
+                continue
+            if acc is None:
+                acc = c if s == 1 else self.f.value("b32", "mul.lo.u32", c, str(s))
+            else:
+                acc = self.f.value("b32", "mad.lo.u32", c, str(s), acc)
+        return acc
+
+
+def _add_index(f: PtxFunction, a: str | None, b: str | None) -> str | None:
+    if a is None or b is None:
+        return a if b is None else b
+    return f.value("b32", "add.u32", a, b)
+
+
+@contextlib.contextmanager
+def _grid_stride(f: PtxFunction, n: int, hint: str = "elem") -> Iterator[str]:
+    """Each thread visits flat indices tid, tid + threads, ... below ``n``."""
+    ctaid, ntid, tid = (f.special(s) for s in ("%ctaid.x", "%ntid.x", "%tid.x"))
+    start = f.value("b32", "mad.lo.u32", ctaid, ntid, tid)
+    stride = f.value("b32", "mul.lo.u32", f.special("%nctaid.x"), ntid)
+    with f.loop(start, str(n), stride, hint) as i:
+        yield i
+
+
+def _pointers(f: PtxFunction, buffers: list[str]) -> dict[str, str]:
+    return {b: f.param_pointer(f"p{i}") for i, b in enumerate(buffers)}
+
+
+# ---- elementwise ------------------------------------------------------------------------------
+
+
+def elementwise(k: Elementwise, dtypes: dict[str, str], fast_math: bool) -> list[Step]:
+    buffers = kernel_buffers(k)
+    outs = [v for v, _ in k.outputs]
+    sizes, strides = collapse(k.shape, outs + list(k.inputs.values()))
+    n = int(np.prod(sizes)) if sizes else 1
+    _check_u32(k, n, *(b for b in (max(v.offset + v.size, 1) for v in outs)))
+    f = _param_list(buffers)
+    base = _pointers(f, buffers)
+    em = ExprEmitter(f, fast_math)
+    in_strides = strides[len(outs):]
+    moving = []
+    for (sym, v), st in zip(k.inputs.items(), in_strides, strict=True):
+        if any(st):
+            moving.append((sym, v, st))
+        else:  # the same element for every index: load it once
+            em.bind(sym, f.load(v.dtype, f.address(base[v.buffer], None, v.offset,
+                                                   ITEMSIZE[v.dtype])), DTYPE_KIND[v.dtype])
+    exprs = [legalize(e, fast_math) for _, e in k.outputs]
+    with _grid_stride(f, n) as i:
+        coords = Coords(f, i, sizes)
+        for sym, v, st in moving:
+            addr = f.address(base[v.buffer], coords.index(st), v.offset, ITEMSIZE[v.dtype])
+            em.bind(sym, f.load(v.dtype, addr), DTYPE_KIND[v.dtype])
+        kinds = [DTYPE_KIND[v.dtype] for v in outs]
+        values = em.emit_all(exprs, kinds)
+        for v, st, val, kind in zip(outs, strides[:len(outs)], values, kinds, strict=True):
+            addr = f.address(base[v.buffer], coords.index(st), v.offset, ITEMSIZE[v.dtype])
+            f.store(v.dtype, addr, em.register(val, kind))
+    block = _block_for(n)
+    comment = f"elementwise: {', '.join(k.ops)} over {list(k.shape)}"
+    return [KernelLaunch(k.name, comment, f.text("ENTRY"), _buffer_args(buffers),
+                         (_blocks(n, block), 1, 1), (block, 1, 1))]
+
+
+# ---- reduce ---------------------------------------------------------------------------------
+
+
+def _head(v: View, n: int) -> View:
+    return View(v.buffer, v.dtype, v.offset, v.shape[:n], v.strides[:n])
+
+
+def _tail(v: View, n: int) -> View:
+    return View(v.buffer, v.dtype, v.offset, v.shape[n:], v.strides[n:])
+
+
+def reduce_mode(rows: int, length: int, strides: list[list[int]]) -> str:
+    """Who reduces one row: a "thread" (short rows, or many rows whose elements are
+    not adjacent: neighbouring threads then read neighbouring rows), a "warp"
+    (rows up to 2048), or a "block" of 256 threads."""
+    adjacent = all(not s or s[-1] in (0, 1) for s in strides)
+    if length <= WARP or (rows >= 2048 and not adjacent):
+        return "thread"
+    return "warp" if length <= 2048 else "block"
+
+
+def reduce(k: Reduce, dtypes: dict[str, str], fast_math: bool) -> list[Step]:
+    assert k.out is not None
+    if k.out.dtype != "f32" or not k.out.contiguous:
+        raise BackendError(f"kernel {k.name}: reductions write contiguous f32")
+    kept = [d for d in range(len(k.shape)) if d not in k.axes]
+    perm = tuple(kept + list(k.axes))
+    views = [v.permute(perm) for v in k.inputs.values()]
+    shape = tuple(k.shape[p] for p in perm)
+    nk = len(kept)
+    ksizes, kstrides = collapse(shape[:nk], [_head(v, nk) for v in views])
+    rsizes, rstrides = collapse(shape[nk:], [_tail(v, nk) for v in views])
+    rows = int(np.prod(ksizes)) if ksizes else 1
+    length = int(np.prod(rsizes)) if rsizes else 1
+    _check_u32(k, rows * length)
+    mode = reduce_mode(rows, length, rstrides)
+    buffers = kernel_buffers(k)
+    f = _param_list(buffers)
+    base = _pointers(f, buffers)
+    em = ExprEmitter(f, fast_math)
+    value = legalize(k.value, fast_math)
+    tid, ntid = f.special("%tid.x"), f.special("%ntid.x")
+    ctaid, nctaid = f.special("%ctaid.x"), f.special("%nctaid.x")
+    if mode == "block":
+        first_row, row_step, lane, lanes = ctaid, nctaid, tid, ntid
+        f.shared.append(f".shared .align 4 .b8 partial[{4 * BLOCK // WARP}];")
+    else:
+        thread = f.value("b32", "mad.lo.u32", ctaid, ntid, tid)
+        threads = f.value("b32", "mul.lo.u32", nctaid, ntid)
+        if mode == "thread":
+            first_row, row_step, lane, lanes = thread, threads, "0", "1"
+        else:
+            first_row = f.value("b32", "shr.u32", thread, "5")
+            row_step = f.value("b32", "shr.u32", threads, "5")
+            lane, lanes = f.value("b32", "and.b32", tid, "31"), str(WARP)
+    items = list(zip(k.inputs.items(), kstrides, rstrides, strict=True))
+    with f.loop(first_row, str(rows), row_step, "row") as row:
+        kc = Coords(f, row, ksizes)
+        row_index = {sym: kc.index(ks) for (sym, _), ks, _ in items}
+        for (sym, v), _, rs in items:
+            if not any(rs):  # constant along the row: load once per row
+                em.bind(sym, f.load(v.dtype, f.address(base[v.buffer], row_index[sym], v.offset,
+                                                       ITEMSIZE[v.dtype])), DTYPE_KIND[v.dtype])
+        acc = f.value("f32", "mov.f32", REDUCE_IDENTITY[k.combine])
+        with f.loop(lane, str(length), lanes, "red") as r:
+            rc = Coords(f, r, rsizes)
+            for (sym, v), _, rs in items:
+                if any(rs):
+                    index = _add_index(f, row_index[sym], rc.index(rs))
+                    em.bind(sym, f.load(v.dtype, f.address(base[v.buffer], index, v.offset,
+                                                           ITEMSIZE[v.dtype])),
+                            DTYPE_KIND[v.dtype])
+            (x,) = em.emit_all([value], ["float"])
+            f.ins(REDUCE_OP[k.combine], acc, acc, x)
+        if mode != "thread":
+            _warp_combine(f, acc, k.combine, WARP)
+        if mode == "block":
+            acc = _block_combine(f, acc, k.combine, tid)
+        out = k.out
+        addr = f.address(base[out.buffer], row, out.offset, 4)
+        if mode == "thread":
+            f.ins("st.global.f32", addr, acc)
+        else:
+            first = f.value("pred", "setp.eq.u32", lane, "0")
+            f.ins("st.global.f32", addr, acc, guard=first)
+        if mode == "block":
+            f.ins("bar.sync", "0")  # the next row reuses the shared partials
+    if mode == "block":
+        block, grid = BLOCK, max(1, min(rows, MAX_BLOCKS))
+    elif mode == "warp":
+        block = min(BLOCK, WARP * rows)
+        grid = _blocks(rows, block // WARP)
+    else:
+        block = _block_for(rows)
+        grid = _blocks(rows, block)
+    comment = (f"reduce ({k.combine}, a {mode} per row): {', '.join(k.ops)} over "
+               f"{list(k.shape)}, axes {list(k.axes)}")
+    return [KernelLaunch(k.name, comment, f.text("ENTRY"), _buffer_args(buffers),
+                         (grid, 1, 1), (block, 1, 1))]
+
+
+def _warp_combine(f: PtxFunction, acc: str, combine: str, width: int) -> None:
+    """Butterfly over ``width`` lanes: every lane ends with the combined value."""
+    offset = width // 2
+    while offset:
+        other = f.value("f32", "shfl.sync.bfly.b32", acc, str(offset), "0x1f", "0xffffffff")
+        f.ins(REDUCE_OP[combine], acc, acc, other)
+        offset //= 2
+
+
+def _block_combine(f: PtxFunction, acc: str, combine: str, tid: str) -> str:
+    """Combine the warps' values through shared memory; thread 0 ends with the total."""
+    warps = BLOCK // WARP
+    lane = f.value("b32", "and.b32", tid, "31")
+    warp = f.value("b32", "shr.u32", tid, "5")
+    smem = f.value("b32", "mov.u32", "partial")
+    first = f.value("pred", "setp.eq.u32", lane, "0")
+    f.ins("st.shared.f32", f"[{f.value('b32', 'mad.lo.u32', warp, '4', smem)}]", acc,
+          guard=first)
+    f.ins("bar.sync", "0")
+    total = f.value("f32", "mov.f32", REDUCE_IDENTITY[combine])
+    has = f.value("pred", "setp.lt.u32", tid, str(warps))
+    f.ins("ld.shared.f32", total, f"[{f.value('b32', 'mad.lo.u32', tid, '4', smem)}]",
+          guard=has)
+    _warp_combine(f, total, combine, warps)
+    return total
+
+
+# ---- matmul -----------------------------------------------------------------------------------
+
+SGEMM = "fg_sgemm_16x16"
+TILE = 16
+
+
+def matrix_strides(rows: int, cols: int, rs: int, cs: int) -> tuple[int, int]:
+    """Strides a BLAS accepts for a matrix whose size-1 dims have stride 0 in the IR
+    (any value is right for them): a unit stride in one dim, a leading dim >= 1."""
+    if cols == 1:
+        cs = rows if rs == 1 else 1
+    if rows == 1:
+        rs = cols if cs == 1 else 1
+    return rs, cs
+
+
+def matmul(k: Matmul, dtypes: dict[str, str], fast_math: bool) -> list[Step]:
+    assert k.a is not None and k.b is not None and k.out is not None
+    views = [k.a, k.b, k.out]
+    if any(v.dtype != "f32" for v in views):
+        raise BackendError(f"kernel {k.name}: matmul is f32 only on the PTX backend")
+    nb = len(k.batch)
+    sizes, strides = collapse(k.batch, [_head(v, nb) for v in views])
+    inner = sizes[-1] if sizes else 1
+    batch_strides = [s[-1] if sizes else 0 for s in strides]
+    dims = [(k.m, k.k), (k.k, k.n), (k.m, k.n)]
+    _check_u32(k, *(v.offset + v.size for v in views))
+    steps: list[Step] = []
+    for outer in itertools.product(*(range(s) for s in sizes[:-1])):
+        operands = []
+        for v, st, bs, (rows, cols) in zip(views, strides, batch_strides, dims, strict=True):
+            offset = v.offset + sum(i * s for i, s in zip(outer, st, strict=False))
+            rs, cs = matrix_strides(rows, cols, v.strides[-2], v.strides[-1])
+            operands.append((v.buffer, offset, (bs, rs, cs)))
+        steps.append(GemmStep(inner, k.m, k.n, k.k, operands, _sgemm_launch(inner, k, operands)))
+    return steps
+
+
+def _sgemm_launch(batch: int, k: Matmul, operands: list[tuple[str, int, tuple[int, int, int]]]
+                  ) -> KernelLaunch:
+    scalars = [ScalarArg("u32", x) for x in (k.m, k.n, k.k, batch)]
+    scalars += [ScalarArg("u32", s) for _, _, st in operands for s in st]
+    grid = (math.ceil(k.n / TILE), math.ceil(k.m / TILE), min(batch, 65535))
+    return KernelLaunch(SGEMM, "", sgemm_text(), [(b, off) for b, off, _ in operands] + scalars,
+                        grid, (TILE, TILE, 1))
+
+
+SGEMM_SCALARS = ("m", "n", "k", "batch", "a_sb", "a_sr", "a_sc", "b_sb", "b_sr", "b_sc",
+                 "c_sb", "c_sr", "c_sc")
+
+
+def sgemm_text() -> str:
+    """C[z] = A[z] @ B[z] with 16×16 tiles staged in shared memory; any strides."""
+    f = PtxFunction([(".u64", "a"), (".u64", "b"), (".u64", "c")] +
+                    [(".u32", s) for s in SGEMM_SCALARS])
+    a, b, c = (f.param_pointer(x) for x in "abc")
+    p = {s: f.param_u32(s) for s in SGEMM_SCALARS}
+    f.shared += [f".shared .align 4 .b8 tile_a[{4 * TILE * TILE}];",
+                 f".shared .align 4 .b8 tile_b[{4 * TILE * TILE}];"]
+    tx, ty = f.special("%tid.x"), f.special("%tid.y")
+    col = f.value("b32", "mad.lo.u32", f.special("%ctaid.x"), str(TILE), tx)
+    row = f.value("b32", "mad.lo.u32", f.special("%ctaid.y"), str(TILE), ty)
+    sa, sb = f.value("b32", "mov.u32", "tile_a"), f.value("b32", "mov.u32", "tile_b")
+    slot = f.value("b32", "mad.lo.u32", ty, str(TILE), tx)
+    slot_a = f.value("b32", "mad.lo.u32", slot, "4", sa)  # tile_a[ty][tx]
+    slot_b = f.value("b32", "mad.lo.u32", slot, "4", sb)
+    row_a = f.value("b32", "mad.lo.u32", ty, str(4 * TILE), sa)  # &tile_a[ty][0]
+    col_b = f.value("b32", "mad.lo.u32", tx, "4", sb)  # &tile_b[0][tx]
+    row_ok = f.value("pred", "setp.lt.u32", row, p["m"])
+    col_ok = f.value("pred", "setp.lt.u32", col, p["n"])
+    with f.loop(f.special("%ctaid.z"), p["batch"], f.special("%nctaid.z"), "batch") as z:
+        base_a = f.value("b32", "mul.lo.u32", z, p["a_sb"])
+        base_a = f.value("b32", "mad.lo.u32", row, p["a_sr"], base_a)
+        base_b = f.value("b32", "mul.lo.u32", z, p["b_sb"])
+        base_b = f.value("b32", "mad.lo.u32", col, p["b_sc"], base_b)
+        acc = f.value("f32", "mov.f32", "0f00000000")
+        with f.loop("0", p["k"], str(TILE), "tile") as t:
+            ka = f.value("b32", "add.u32", t, tx)
+            kb = f.value("b32", "add.u32", t, ty)
+            _tile_load(f, a, f.value("b32", "mad.lo.u32", ka, p["a_sc"], base_a), row_ok, ka,
+                       p["k"], slot_a)
+            _tile_load(f, b, f.value("b32", "mad.lo.u32", kb, p["b_sr"], base_b), col_ok, kb,
+                       p["k"], slot_b)
+            f.ins("bar.sync", "0")
+            for kk in range(TILE):
+                x = f.value("f32", "ld.shared.f32", f"[{row_a}+{4 * kk}]")
+                y = f.value("f32", "ld.shared.f32", f"[{col_b}+{4 * TILE * kk}]")
+                f.ins("fma.rn.f32", acc, x, y, acc)
+            f.ins("bar.sync", "0")
+        out = f.value("b32", "mul.lo.u32", z, p["c_sb"])
+        out = f.value("b32", "mad.lo.u32", row, p["c_sr"], out)
+        out = f.value("b32", "mad.lo.u32", col, p["c_sc"], out)
+        inside = f.value("pred", "and.pred", row_ok, col_ok)
+        f.ins("st.global.f32", f.address(c, out, 0, 4), acc, guard=inside)
+    return f.text(SGEMM)
+
+
+def _tile_load(f: PtxFunction, base: str, index: str, ok: str, kk: str, k: str,
+               slot: str) -> None:
+    """slot = the element at ``index`` if it is inside the matrix, else 0."""
+    in_k = f.value("pred", "setp.lt.u32", kk, k)
+    inside = f.value("pred", "and.pred", ok, in_k)
+    v = f.value("f32", "mov.f32", "0f00000000")
+    f.ins("ld.global.f32", v, f.address(base, index, 0, 4), guard=inside)
+    f.ins("st.shared.f32", f"[{slot}]", v)
+
+
+# ---- gather / scatter-add ----------------------------------------------------------------------
+
+ZERO_FILL = "fg_fill_zero_b32"
+
+
+def zero_fill_text() -> str:
+    """p[0..n) = 0 (4-byte elements), grid-stride."""
+    f = PtxFunction([(".u64", "p"), (".u32", "n")])
+    ptr, n = f.param_pointer("p"), f.param_u32("n")
+    ctaid, ntid, tid = (f.special(s) for s in ("%ctaid.x", "%ntid.x", "%tid.x"))
+    start = f.value("b32", "mad.lo.u32", ctaid, ntid, tid)
+    stride = f.value("b32", "mul.lo.u32", f.special("%nctaid.x"), ntid)
+    with f.loop(start, n, stride, "fill") as i:
+        f.ins("st.global.b32", f.address(ptr, i, 0, 4), "0")
+    return f.text(ZERO_FILL)
+
+
+def gather(k: Gather, dtypes: dict[str, str], fast_math: bool) -> list[Step]:
+    assert k.ids is not None and k.src is not None and k.out is not None
+    buffers = kernel_buffers(k)
+    n_ids = k.ids.size
+    n = n_ids * k.row_len
+    _check_u32(k, n, k.rows * k.row_len, k.out.offset + k.out.size)
+    f = _param_list(buffers, 1)
+    base = _pointers(f, buffers)
+    flags = f.param_pointer(f"p{len(buffers)}")
+    src, out, ids = k.src, k.out, k.ids
+    if k.scatter and (src.dtype != "f32" or out.dtype != "f32"):
+        raise BackendError(f"kernel {k.name}: scatter-add is f32 only on the PTX backend")
+    with _grid_stride(f, n) as e:
+        i = e if k.row_len == 1 else f.value("b32", "div.u32", e, str(k.row_len))
+        row = f.value("b32", "ld.global.b32", f.address(base[ids.buffer], i, ids.offset, 4))
+        ok = f.value("pred", "setp.lt.u32", row, str(k.rows))  # negative ids are huge
+        f.ins("st.global.u32", f"[{flags}]", "1", guard=f"!{ok}")
+        slot = row
+        if k.row_len > 1:  # element j of row ``row``
+            j = f.value("b32", "rem.u32", e, str(k.row_len))
+            slot = f.value("b32", "mad.lo.u32", row, str(k.row_len), j)
+        if k.scatter:
+            x = f.load("f32", f.address(base[src.buffer], e, src.offset, 4))
+            f.ins("red.global.add.f32", f.address(base[out.buffer], slot, out.offset, 4), x,
+                  guard=ok)
+        else:
+            kind = DTYPE_KIND[src.dtype]
+            cls = {"float": "f32", "int": "b32", "bool": "b32"}[kind]
+            x = f.value(cls, "mov.b32", "0")
+            load = {"f32": "ld.global.f32", "i32": "ld.global.b32", "bool": "ld.global.u8"}
+            f.ins(load[src.dtype], x, f.address(base[src.buffer], slot, src.offset,
+                                                ITEMSIZE[src.dtype]), guard=ok)
+            store = {"f32": "st.global.f32", "i32": "st.global.b32", "bool": "st.global.u8"}
+            f.ins(store[out.dtype], f.address(base[out.buffer], e, out.offset,
+                                              ITEMSIZE[out.dtype]), x)
+    block = _block_for(n)
+    steps: list[Step] = []
+    if k.scatter:
+        steps.append(KernelLaunch(ZERO_FILL, "", zero_fill_text(),
+                                  [(out.buffer, out.offset), ScalarArg("u32", out.size)],
+                                  (_blocks(out.size, BLOCK), 1, 1), (BLOCK, 1, 1)))
+    comment = f"{k.kind}: {k.rows} rows of {k.row_len}, {n_ids} ids"
+    steps.append(KernelLaunch(k.name, comment, f.text("ENTRY"),
+                              [*_buffer_args(buffers), (FLAGS, 0)],
+                              (_blocks(n, block), 1, 1), (block, 1, 1)))
+    return steps
+
+
+# ---- conv -------------------------------------------------------------------------------------
+
+
+@dataclass
+class _ConvDims:
+    n: int
+    c: int
+    h: int
+    w: int
+    o: int
+    kh: int
+    kw: int
+    sh: int
+    sw: int
+    ph: int
+    pw: int
+    oh: int = field(init=False)
+    ow: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.oh = (self.h + 2 * self.ph - self.kh) // self.sh + 1
+        self.ow = (self.w + 2 * self.pw - self.kw) // self.sw + 1
+
+
+def conv(k: Conv, dtypes: dict[str, str], fast_math: bool) -> list[Step]:
+    assert k.lhs is not None and k.rhs is not None and k.out is not None
+    n_, c, h, w, o, kh, kw = k.dims
+    d = _ConvDims(n_, c, h, w, o, kh, kw, k.stride[0], k.stride[1], k.padding[0], k.padding[1])
+    buffers = kernel_buffers(k)
+    f = _param_list(buffers)
+    base = _pointers(f, buffers)
+    out = k.out
+    n = out.size
+    _check_u32(k, n, k.lhs.size, k.rhs.size)
+    lhs = (base[k.lhs.buffer], k.lhs.offset)
+    rhs = (base[k.rhs.buffer], k.rhs.offset)
+    with _grid_stride(f, n) as e:
+        acc = f.value("f32", "mov.f32", "0f00000000")
+        CONV_BODIES[k.mode](f, d, e, lhs, rhs, acc)
+        f.ins("st.global.f32", f.address(base[out.buffer], e, out.offset, 4), acc)
+    block = _block_for(n)
+    comment = (f"conv ({k.mode}): n={d.n} c={d.c} {d.h}x{d.w} o={d.o} k={d.kh}x{d.kw} "
+               f"stride={k.stride} padding={k.padding}")
+    return [KernelLaunch(k.name, comment, f.text("ENTRY"), _buffer_args(buffers),
+                         (_blocks(n, block), 1, 1), (block, 1, 1))]
+
+
+Operand = tuple[str, int]  # base address register, element offset
+
+
+def _unravel(f: PtxFunction, flat: str, sizes: list[int]) -> list[str]:
+    return Coords(f, flat, sizes).coords()
+
+
+def _flat(f: PtxFunction, coords: list[str], sizes: list[int]) -> str:
+    """Row-major flat index of ``coords`` over ``sizes``."""
+    acc = coords[0]
+    for c, s in zip(coords[1:], sizes[1:], strict=True):
+        acc = f.value("b32", "mad.lo.u32", acc, str(s), c)
+    return acc
+
+
+def _fma_at(f: PtxFunction, acc: str, x: Operand, xi: str, y: Operand, yi: str) -> None:
+    a = f.value("f32", "ld.global.f32", f.address(x[0], xi, x[1], 4))
+    b = f.value("f32", "ld.global.f32", f.address(y[0], yi, y[1], 4))
+    f.ins("fma.rn.f32", acc, a, b, acc)
+
+
+def _conv_forward(f: PtxFunction, d: _ConvDims, e: str, x: Operand, w: Operand,
+                  acc: str) -> None:
+    nn, o, oh, ow = _unravel(f, e, [d.n, d.o, d.oh, d.ow])
+    h0 = f.value("b32", "mad.lo.s32", oh, str(d.sh), str(-d.ph))  # may be < 0
+    w0 = f.value("b32", "mad.lo.s32", ow, str(d.sw), str(-d.pw))
+    with f.loop("0", str(d.c), "1", "c") as c, f.loop("0", str(d.kh), "1", "ki") as ki:
+        ih = f.value("b32", "add.u32", h0, ki)
+        with f.loop("0", str(d.kw), "1", "kj") as kj:
+            iw = f.value("b32", "add.u32", w0, kj)
+            skip = f.label("skip")
+            _skip_unless_below(f, [(ih, d.h), (iw, d.w)], skip)
+            xi = _flat(f, [nn, c, ih, iw], [d.n, d.c, d.h, d.w])
+            wi = _flat(f, [o, c, ki, kj], [d.o, d.c, d.kh, d.kw])
+            _fma_at(f, acc, x, xi, w, wi)
+            f.place(skip)
+
+
+def _conv_input_grad(f: PtxFunction, d: _ConvDims, e: str, g: Operand, w: Operand,
+                     acc: str) -> None:
+    nn, c, ih, iw = _unravel(f, e, [d.n, d.c, d.h, d.w])
+    th0 = f.value("b32", "add.u32", ih, str(d.ph))
+    tw0 = f.value("b32", "add.u32", iw, str(d.pw))
+    with f.loop("0", str(d.o), "1", "o") as o, f.loop("0", str(d.kh), "1", "ki") as ki:
+        th = f.value("b32", "sub.u32", th0, ki)  # oh * sh when it divides; < 0 is huge
+        with f.loop("0", str(d.kw), "1", "kj") as kj:
+            tw = f.value("b32", "sub.u32", tw0, kj)
+            skip = f.label("skip")
+            oh = _exact_quotient(f, th, d.sh, skip)
+            ow = _exact_quotient(f, tw, d.sw, skip)
+            _skip_unless_below(f, [(oh, d.oh), (ow, d.ow)], skip)
+            gi = _flat(f, [nn, o, oh, ow], [d.n, d.o, d.oh, d.ow])
+            wi = _flat(f, [o, c, ki, kj], [d.o, d.c, d.kh, d.kw])
+            _fma_at(f, acc, g, gi, w, wi)
+            f.place(skip)
+
+
+def _conv_weight_grad(f: PtxFunction, d: _ConvDims, e: str, x: Operand, g: Operand,
+                      acc: str) -> None:
+    o, c, ki, kj = _unravel(f, e, [d.o, d.c, d.kh, d.kw])
+    h0 = f.value("b32", "sub.s32", ki, str(d.ph))  # may be < 0
+    w0 = f.value("b32", "sub.s32", kj, str(d.pw))
+    with f.loop("0", str(d.n), "1", "n") as nn, f.loop("0", str(d.oh), "1", "oh") as oh:
+        ih = f.value("b32", "mad.lo.u32", oh, str(d.sh), h0)
+        with f.loop("0", str(d.ow), "1", "ow") as ow:
+            iw = f.value("b32", "mad.lo.u32", ow, str(d.sw), w0)
+            skip = f.label("skip")
+            _skip_unless_below(f, [(ih, d.h), (iw, d.w)], skip)
+            xi = _flat(f, [nn, c, ih, iw], [d.n, d.c, d.h, d.w])
+            gi = _flat(f, [nn, o, oh, ow], [d.n, d.o, d.oh, d.ow])
+            _fma_at(f, acc, x, xi, g, gi)
+            f.place(skip)
+
+
+def _skip_unless_below(f: PtxFunction, checks: list[tuple[str, int]], skip: str) -> None:
+    """Branch to ``skip`` unless every value is in [0, bound) (unsigned: negatives are
+    huge)."""
+    for value, bound in checks:
+        out = f.value("pred", "setp.ge.u32", value, str(bound))
+        f.ins("bra", skip, guard=out)
+
+
+def _exact_quotient(f: PtxFunction, t: str, stride: int, skip: str) -> str:
+    """t / stride, branching to ``skip`` when stride does not divide t."""
+    if stride == 1:
+        return t
+    rest = f.value("b32", "rem.u32", t, str(stride))
+    uneven = f.value("pred", "setp.ne.u32", rest, "0")
+    f.ins("bra", skip, guard=uneven)
+    return f.value("b32", "div.u32", t, str(stride))
+
+
+CONV_BODIES: dict[str, Callable[..., None]] = {
+    "forward": _conv_forward,
+    "input_grad": _conv_input_grad,
+    "weight_grad": _conv_weight_grad,
+}

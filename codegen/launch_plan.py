@@ -1,0 +1,90 @@
+"""Device launch plans: what a GPU backend's renderer hands its runtime.
+
+A GPU renderer (PTX today, WGSL next) turns each entry point's kernel IR into
+device code plus a ``DevicePlan``: the ordered list of steps to run, each a
+kernel launch or a library GEMM, whose arguments name buffers the same way the
+memory plan does. The runtime is generic: it allocates the arenas once, resolves
+``BufferRef``s to device addresses, and replays the steps (for CUDA, captured
+once into a CUDA graph). Nothing here is specific to one model; everything a
+launch needs is computed from the kernel's sizes at render time.
+
+Buffer addressing: ``BufferRef(arena, offset)`` in elements of the arena's
+dtype. Arenas are "param", "state" (f32), "temp_f32", "temp_i32", "temp_bool"
+(u8), "const_f32", "const_i32", "const_bool", and "input:<name>" for the inputs
+of the step (copied to the device per call, or used in place when they already
+live there). ``flags_u32`` (one u32) is the error flag of gather / scatter kernels:
+the runtime zeroes it before a step and, if it is nonzero after, raises (an id was
+out of range; the kernels wrote 0 for it instead of reading out of bounds).
+Const arenas start with ``DeviceModule.consts``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class BufferRef:
+    """An address: ``offset`` elements into ``arena``."""
+
+    arena: str
+    offset: int
+
+
+@dataclass(frozen=True)
+class ScalarArg:
+    """A by-value kernel argument (``kind`` is "u32", "s32" or "f32")."""
+
+    kind: str
+    value: int | float
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch: ``kernel`` is the entry name in the module's device code."""
+
+    kernel: str
+    grid: tuple[int, int, int]
+    block: tuple[int, int, int]
+    args: tuple[BufferRef | ScalarArg, ...]
+    shared_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class Gemm:
+    """C[b] = A[b] @ B[b] for b in range(batch), all f32, row-major element strides:
+    ``*_strides`` = (batch, row, col) with batch stride 0 for a broadcast operand.
+    A runtime uses a vendor library (cuBLAS) when present, else the fallback kernel
+    ``fallback`` (a Launch over the same operands) that the renderer also emits."""
+
+    batch: int
+    m: int
+    n: int
+    k: int
+    a: BufferRef
+    a_strides: tuple[int, int, int]
+    b: BufferRef
+    b_strides: tuple[int, int, int]
+    c: BufferRef
+    c_strides: tuple[int, int, int]
+    fallback: Launch | None = None
+
+
+@dataclass
+class DevicePlan:
+    """Everything a GPU runtime needs for one entry point (train, forward or grads)."""
+
+    entry: str
+    steps: list[Launch | Gemm] = field(default_factory=list)
+    # result key -> (arena, offset, shape): what comes back to the host after the steps
+    results: dict[str, tuple[str, int, tuple[int, ...]]] = field(default_factory=dict)
+
+
+@dataclass
+class DeviceModule:
+    """The device code of a model and the plan of each entry point."""
+
+    source: str  # PTX text (or WGSL, one shader per kernel, joined)
+    plans: dict[str, DevicePlan] = field(default_factory=dict)
+    arena_sizes: dict[str, int] = field(default_factory=dict)  # arena -> elements
+    consts: dict[str, bytes] = field(default_factory=dict)  # const arena -> its bytes (LE)

@@ -1,0 +1,766 @@
+//! The executor: a module's arenas on the device and its plans made ready to
+//! run, as plain launches or as CUDA graphs.
+//!
+//! At creation every [`BufferRef`] becomes a device address (arenas are
+//! allocated once and never move), every kernel's parameter block is built,
+//! and every GEMM is bound to cuBLAS or to its fallback kernel. A call then
+//! copies the inputs into their fixed input arenas, runs the steps, and waits.
+//!
+//! Graphs: with [`Options::graphs`], an entry point runs as plain launches on
+//! its first call (which also makes the driver and cuBLAS load every kernel
+//! they lazily load, something a capture must not trigger), is captured into a
+//! CUDA graph on its second, and replays that graph from then on. A graph bakes
+//! in the addresses and scalars of every step; all of them are fixed for the
+//! executor's life (inputs are copied into fixed arenas, never used in place),
+//! so a captured graph never goes stale. [`Executor::reset_graphs`] drops them
+//! (the next call captures again) for whoever changes that.
+
+use std::collections::HashMap;
+use std::ffi::c_void;
+
+use cudarc::driver::sys;
+
+use super::blas::Blas;
+use super::device::{check, Device, DeviceBuffer};
+use super::graph::Graph;
+use super::layout::{cublas_layout, extent, CublasGemm, GemmShape};
+use super::module::{Function, Module};
+use super::plan::{ArenaSpec, Arg, BufferRef, Elem, Gemm, Launch, Plan, ResultSpec, Step};
+use crate::error::Error;
+
+#[cfg(target_endian = "big")]
+compile_error!("kernel parameter slots assume a little-endian host");
+
+/// Who runs the GEMM steps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GemmMode {
+    /// cuBLAS when it loads, else the fallback kernels.
+    Auto,
+    /// cuBLAS, which must load (an error otherwise).
+    Cublas,
+    /// Always the fallback kernels.
+    Kernel,
+}
+
+impl GemmMode {
+    /// `"auto"`, `"cublas"` or `"kernel"`.
+    pub fn parse(text: &str) -> Result<GemmMode, String> {
+        match text {
+            "auto" => Ok(GemmMode::Auto),
+            "cublas" => Ok(GemmMode::Cublas),
+            "kernel" => Ok(GemmMode::Kernel),
+            _ => Err(format!(
+                "gemm must be \"auto\", \"cublas\" or \"kernel\", not {text:?}"
+            )),
+        }
+    }
+}
+
+/// How an [`Executor`] runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Options {
+    /// The CUDA device ordinal.
+    pub device: usize,
+    /// Capture each entry point into a CUDA graph on its first call and
+    /// replay it (else: one driver call per step, every time).
+    pub graphs: bool,
+    /// Wait after every step, so an asynchronous failure names its kernel
+    /// (debugging; implies no graphs).
+    pub sync_each: bool,
+    /// Who runs the GEMMs.
+    pub gemm: GemmMode,
+    /// Let cuBLAS use TF32 tensor cores (not strict fp32).
+    pub tf32: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            device: 0,
+            graphs: true,
+            sync_each: false,
+            gemm: GemmMode::Auto,
+            tf32: false,
+        }
+    }
+}
+
+/// An input's elements on the host, for [`Executor::run`].
+#[derive(Debug, Clone, Copy)]
+pub enum HostInput<'a> {
+    /// f32 elements.
+    F32(&'a [f32]),
+    /// i32 elements.
+    I32(&'a [i32]),
+    /// bools as bytes.
+    U8(&'a [u8]),
+}
+
+/// Elements copied back from the device.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HostData {
+    /// f32 elements.
+    F32(Vec<f32>),
+    /// i32 elements.
+    I32(Vec<i32>),
+    /// bools as bytes.
+    U8(Vec<u8>),
+    /// u32 elements.
+    U32(Vec<u32>),
+}
+
+struct Arena {
+    spec: ArenaSpec,
+    buf: DeviceBuffer,
+}
+
+/// A kernel launch with its parameter block built.
+struct KernelCall {
+    function: Function,
+    grid: [u32; 3],
+    block: [u32; 3],
+    shared_bytes: u32,
+    /// One 8-byte slot per parameter (pointers, or scalars in the low bytes).
+    _slots: Box<[u64]>,
+    /// `&_slots[i]` for each parameter: what `cuLaunchKernel` reads.
+    params: Box<[*mut c_void]>,
+}
+
+enum Work {
+    Kernel(KernelCall),
+    Cublas {
+        call: CublasGemm,
+        a: u64,
+        b: u64,
+        c: u64,
+    },
+}
+
+struct Ready {
+    /// `kernel `k3`` or `GEMM 64×128×32 (cuBLAS)`, for messages.
+    label: String,
+    work: Work,
+}
+
+struct Entry {
+    plan: &'static Plan,
+    steps: Vec<Ready>,
+    graph: Option<Graph>,
+    /// Calls so far (the first runs plain launches, the second captures).
+    calls: u64,
+    /// Some step gets the `flags_u32` arena: zero it before, check it after.
+    uses_flags: bool,
+}
+
+/// The arena gather and scatter kernels flag an id out of range in.
+const FLAGS: &str = "flags_u32";
+
+/// A module's device code, arenas and plans, ready to run.
+pub struct Executor {
+    // Fields drop in this order: graphs, cuBLAS, module, arenas, device.
+    entries: Vec<Entry>,
+    blas: Option<Blas>,
+    module: Module,
+    arenas: Vec<Arena>,
+    options: Options,
+    gemm_backend: &'static str,
+    gemm_report: String,
+    device: Device,
+}
+
+// SAFETY: the raw pointers inside (kernel parameter blocks) point into heap
+// memory the executor owns; CUDA handles are used with the context bound on
+// the calling thread. Running steps (kernel parameter blocks, the cuBLAS
+// handle, graphs) needs `&mut self`; what `&self` allows from several threads
+// at once — copies to and from arenas queued on the stream — the driver API
+// makes thread-safe.
+unsafe impl Send for Executor {}
+unsafe impl Sync for Executor {}
+
+impl Executor {
+    /// Opens the device, JIT-compiles `ptx`, allocates every arena (zeroed)
+    /// and makes every plan ready.
+    ///
+    /// # Errors
+    /// [`Error::NoDevice`] without a usable GPU; [`Error::Device`] when the
+    /// PTX does not compile (with the JIT log) or a kernel is missing;
+    /// [`Error::DeviceAlloc`] when the arenas do not fit; [`Error::Layout`]
+    /// for a plan that does not fit its arenas (a ferrograd bug).
+    pub fn new(
+        ptx: &str,
+        arenas: &'static [ArenaSpec],
+        plans: &'static [Plan],
+        options: Options,
+    ) -> Result<Executor, Error> {
+        let device = Device::new(options.device)?;
+        let module = Module::load_ptx(&device, ptx)?;
+        let mut allocated = Vec::with_capacity(arenas.len());
+        for spec in arenas {
+            let bytes = spec
+                .len
+                .checked_mul(spec.elem.bytes())
+                .ok_or(Error::Alloc { bytes: usize::MAX })?;
+            let buf = device.alloc_zeroed(bytes, &format!("arena `{}`", spec.name))?;
+            allocated.push(Arena { spec: *spec, buf });
+        }
+        let (blas, why_not) = match options.gemm {
+            GemmMode::Kernel => (None, "gemm=\"kernel\" was asked for".to_string()),
+            mode => match Blas::new(&device, options.tf32) {
+                Ok(blas) => (Some(blas), String::new()),
+                Err(why) if mode == GemmMode::Cublas => {
+                    return Err(Error::Device(format!("gemm=\"cublas\": {why}")))
+                }
+                Err(why) => (None, why),
+            },
+        };
+        let mut exec = Executor {
+            entries: Vec::new(),
+            blas,
+            module,
+            arenas: allocated,
+            options,
+            gemm_backend: "none",
+            gemm_report: String::new(),
+            device,
+        };
+        exec.prepare(plans, &why_not)?;
+        exec.device
+            .synchronize(|| "initializing the arenas".into())?;
+        Ok(exec)
+    }
+
+    fn prepare(&mut self, plans: &'static [Plan], why_no_cublas: &str) -> Result<(), Error> {
+        let mut functions: HashMap<&'static str, (Function, u32)> = HashMap::new();
+        let (mut by_cublas, mut by_kernel) = (0usize, Vec::new());
+        for plan in plans {
+            let mut steps = Vec::with_capacity(plan.steps.len());
+            for (i, step) in plan.steps.iter().enumerate() {
+                let ready = match step {
+                    Step::Launch(launch) => self.kernel(launch, &mut functions)?,
+                    Step::Gemm(gemm) => {
+                        let at = || format!("GEMM step {i} of `{}`", plan.entry);
+                        match self.cublas(gemm, &at())? {
+                            Ok(ready) => {
+                                by_cublas += 1;
+                                ready
+                            }
+                            Err(why) => {
+                                let Some(fallback) = &gemm.fallback else {
+                                    return Err(Error::layout(format!(
+                                        "{}: cuBLAS cannot run it ({why}) and the plan has no \
+                                         fallback kernel",
+                                        at()
+                                    )));
+                                };
+                                by_kernel.push(format!("{} ({why})", at()));
+                                self.kernel(fallback, &mut functions)?
+                            }
+                        }
+                    }
+                };
+                steps.push(ready);
+            }
+            let flagged = |args: &[Arg]| {
+                args.iter()
+                    .any(|a| matches!(a, Arg::Buf(r) if r.arena == FLAGS))
+            };
+            let uses_flags = plan.steps.iter().any(|s| match s {
+                Step::Launch(l) => flagged(l.args),
+                Step::Gemm(g) => g.fallback.is_some_and(|l| flagged(l.args)),
+            });
+            self.entries.push(Entry {
+                plan,
+                steps,
+                graph: None,
+                calls: 0,
+                uses_flags,
+            });
+        }
+        // Kernels that need more than the default 48 KiB of dynamic shared memory.
+        for (name, (function, shared)) in functions {
+            if shared > 48 * 1024 {
+                use sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES as MAX;
+                // SAFETY: a live function of our module.
+                check(
+                    unsafe { sys::cuFuncSetAttribute(function.raw, MAX, shared as i32) }.result(),
+                    || format!("kernel `{name}`: allowing {shared} bytes of shared memory"),
+                )?;
+            }
+        }
+        (self.gemm_backend, self.gemm_report) = match (&self.blas, by_kernel.is_empty()) {
+            (Some(_), true) => ("cublas", format!("cuBLAS runs all {by_cublas} GEMM steps")),
+            (Some(_), false) => (
+                "mixed",
+                format!(
+                    "cuBLAS runs {by_cublas} GEMM steps, kernels run {}: {}",
+                    by_kernel.len(),
+                    by_kernel.join("; ")
+                ),
+            ),
+            (None, _) => (
+                "kernel",
+                format!(
+                    "kernels run all {} GEMM steps: {why_no_cublas}",
+                    by_kernel.len()
+                ),
+            ),
+        };
+        Ok(())
+    }
+
+    fn arena(&self, name: &str) -> Result<&Arena, Error> {
+        self.arenas
+            .iter()
+            .find(|a| a.spec.name == name)
+            .ok_or_else(|| Error::layout(format!("the plan names no arena `{name}`")))
+    }
+
+    /// The device address of `r`, checking that `[offset, offset + len)` lies
+    /// in its arena (`len` 1 for a kernel argument, whose extent only the
+    /// kernel knows; an empty arena gives address 0).
+    fn address(&self, r: &BufferRef, len: usize, what: &str) -> Result<u64, Error> {
+        let arena = self.arena(r.arena)?;
+        let empty = arena.spec.len == 0 && r.offset == 0;
+        let fits = r
+            .offset
+            .checked_add(len)
+            .is_some_and(|end| end <= arena.spec.len);
+        if !(fits || empty) {
+            return Err(Error::layout(format!(
+                "{what}: elements [{}, {} + {len}) lie outside arena `{}` of {} elements",
+                r.offset, r.offset, r.arena, arena.spec.len
+            )));
+        }
+        Ok(arena.buf.ptr() + (r.offset * arena.spec.elem.bytes()) as u64)
+    }
+
+    fn kernel(
+        &self,
+        launch: &Launch,
+        functions: &mut HashMap<&'static str, (Function, u32)>,
+    ) -> Result<Ready, Error> {
+        let function = match functions.get_mut(launch.kernel) {
+            Some((f, shared)) => {
+                *shared = (*shared).max(launch.shared_bytes);
+                *f
+            }
+            None => {
+                let f = self.module.function(launch.kernel)?;
+                functions.insert(launch.kernel, (f, launch.shared_bytes));
+                f
+            }
+        };
+        let what = format!("kernel `{}`", launch.kernel);
+        let mut slots = Vec::with_capacity(launch.args.len());
+        for (i, arg) in launch.args.iter().enumerate() {
+            slots.push(match *arg {
+                Arg::Buf(r) => self.address(&r, 1, &format!("{what}, argument {i}"))?,
+                Arg::U32(v) => u64::from(v),
+                Arg::S32(v) => u64::from(v as u32),
+                Arg::F32(v) => u64::from(v.to_bits()),
+            });
+        }
+        let mut slots = slots.into_boxed_slice();
+        let params = slots
+            .iter_mut()
+            .map(|s| (s as *mut u64).cast::<c_void>())
+            .collect();
+        Ok(Ready {
+            label: what,
+            work: Work::Kernel(KernelCall {
+                function,
+                grid: launch.grid,
+                block: launch.block,
+                shared_bytes: launch.shared_bytes,
+                _slots: slots,
+                params,
+            }),
+        })
+    }
+
+    /// The cuBLAS call for `gemm`, or (inner `Err`) why cuBLAS cannot run it.
+    fn cublas(&self, gemm: &Gemm, what: &str) -> Result<Result<Ready, String>, Error> {
+        let operands = [
+            (&gemm.a, gemm.m, gemm.k, gemm.a_strides, "A"),
+            (&gemm.b, gemm.k, gemm.n, gemm.b_strides, "B"),
+            (&gemm.c, gemm.m, gemm.n, gemm.c_strides, "C"),
+        ];
+        let mut addresses = [0u64; 3];
+        for (slot, (r, rows, cols, strides, name)) in addresses.iter_mut().zip(operands) {
+            let arena = self.arena(r.arena)?;
+            if arena.spec.elem != Elem::F32 {
+                return Err(Error::layout(format!(
+                    "{what}: operand {name} is in the {} arena `{}`",
+                    arena.spec.elem.name(),
+                    r.arena
+                )));
+            }
+            let len = extent(gemm.batch, rows, cols, strides).ok_or_else(|| {
+                Error::layout(format!("{what}: operand {name}'s extent overflows"))
+            })?;
+            *slot = self.address(r, len, &format!("{what}, operand {name}"))?;
+        }
+        if self.blas.is_none() {
+            return Ok(Err("cuBLAS is not in use".into()));
+        }
+        let call = match cublas_layout(&GemmShape::from(gemm)) {
+            Ok(call) => call,
+            Err(why) => return Ok(Err(why)),
+        };
+        let [a, b, c] = addresses;
+        let (a, b) = if call.swap { (b, a) } else { (a, b) };
+        Ok(Ok(Ready {
+            label: format!(
+                "GEMM {}x{}x{} (batch {}) in cuBLAS",
+                gemm.m, gemm.n, gemm.k, gemm.batch
+            ),
+            work: Work::Cublas { call, a, b, c },
+        }))
+    }
+
+    fn entry_index(&self, entry: &str) -> Result<usize, Error> {
+        self.entries
+            .iter()
+            .position(|e| e.plan.entry == entry)
+            .ok_or_else(|| Error::layout(format!("the module has no entry point `{entry}`")))
+    }
+
+    /// Runs `entry`: copies `inputs` (by name, into the arenas `input:<name>`),
+    /// runs the steps (replaying the entry's graph when graphs are on) and
+    /// waits for the GPU.
+    ///
+    /// # Errors
+    /// [`Error::Device`] naming the kernel or step that failed to launch, or,
+    /// for a failure only seen when waiting (an illegal address, say), the
+    /// entry point, with how to find the kernel (`sync_each`). After such a
+    /// failure the CUDA context may be unusable (the driver's rule): create
+    /// the step again in a new process.
+    pub fn run(&mut self, entry: &str, inputs: &[(&str, HostInput<'_>)]) -> Result<(), Error> {
+        self.device.bind()?;
+        let index = self.entry_index(entry)?;
+        for &(name, data) in inputs {
+            self.upload_input(name, data)?;
+        }
+        let flags = if self.entries[index].uses_flags {
+            Some(self.arena(FLAGS)?.buf.ptr())
+        } else {
+            None
+        };
+        let Executor {
+            entries,
+            blas,
+            device,
+            options,
+            ..
+        } = self;
+        let entry = &mut entries[index];
+        entry.calls += 1;
+        let name = entry.plan.entry;
+        let blas = blas.as_ref();
+        let zero = || flags.map_or(Ok(()), |f| zero_flags(f, device));
+        if options.sync_each {
+            zero()?;
+            for step in &entry.steps {
+                enqueue(step, device, blas)?;
+                device.synchronize(|| format!("running {} of `{name}`", step.label))?;
+            }
+        } else if options.graphs && entry.calls > 1 && !entry.steps.is_empty() {
+            let graph = match &mut entry.graph {
+                Some(graph) => graph,
+                slot => slot.insert(Graph::capture(device, &format!("`{name}`"), || {
+                    zero()?;
+                    entry
+                        .steps
+                        .iter()
+                        .try_for_each(|s| enqueue(s, device, blas))
+                })?),
+            };
+            graph.launch(&format!("`{name}`"))?;
+        } else {
+            zero()?;
+            for step in &entry.steps {
+                enqueue(step, device, blas)?;
+            }
+        }
+        device.synchronize(|| {
+            format!(
+                "running `{name}` ({} steps; kernels run asynchronously, so the failing one is \
+                 not known: create the step with sync=True, or set FERROGRAD_CUDA_SYNC=1, to \
+                 run them one at a time and name it)",
+                entry.steps.len()
+            )
+        })?;
+        if flags.is_some() {
+            self.check_flags(name)?;
+        }
+        Ok(())
+    }
+
+    fn check_flags(&self, entry: &str) -> Result<(), Error> {
+        let mut flag = [0u32];
+        let flags = &self.arena(FLAGS)?.buf;
+        flags.read(0, &mut flag, "the gather/scatter error flag")?;
+        if flag[0] != 0 {
+            return Err(Error::Device(format!(
+                "`{entry}`: a gather or scatter kernel met an id out of range (it used 0 \
+                 instead of reading or writing out of bounds); the results of this call are \
+                 wrong"
+            )));
+        }
+        Ok(())
+    }
+
+    fn upload_input(&self, name: &str, data: HostInput<'_>) -> Result<(), Error> {
+        let arena = self
+            .arenas
+            .iter()
+            .find(|a| a.spec.name.strip_prefix("input:") == Some(name))
+            .ok_or_else(|| Error::layout(format!("the plan has no input arena for `{name}`")))?;
+        let what = format!("input `{name}`");
+        let (elem, len) = match data {
+            HostInput::F32(d) => (Elem::F32, d.len()),
+            HostInput::I32(d) => (Elem::I32, d.len()),
+            HostInput::U8(d) => (Elem::U8, d.len()),
+        };
+        if elem != arena.spec.elem || len != arena.spec.len {
+            return Err(Error::layout(format!(
+                "{what}: {len} {} elements for an arena of {} {} elements",
+                elem.name(),
+                arena.spec.len,
+                arena.spec.elem.name()
+            )));
+        }
+        match data {
+            HostInput::F32(d) => arena.buf.write_async(0, d, &what),
+            HostInput::I32(d) => arena.buf.write_async(0, d, &what),
+            HostInput::U8(d) => arena.buf.write_async(0, d, &what),
+        }
+    }
+
+    /// Copies `data` into `arena` at element `offset` (params, optimizer
+    /// state, constants) and waits.
+    pub fn write(&self, arena: &str, offset: usize, data: HostInput<'_>) -> Result<(), Error> {
+        let a = self.arena(arena)?;
+        let what = format!("arena `{arena}`");
+        match (data, a.spec.elem) {
+            (HostInput::F32(d), Elem::F32) => a.buf.write(offset, d, &what),
+            (HostInput::I32(d), Elem::I32) => a.buf.write(offset, d, &what),
+            (HostInput::U8(d), Elem::U8) => a.buf.write(offset, d, &what),
+            _ => Err(Error::layout(format!("{what}: wrong element type"))),
+        }
+    }
+
+    /// Copies little-endian `bytes` to the start of `arena` (its initial
+    /// contents: the constants of a plan) and waits.
+    pub fn write_bytes(&self, arena: &str, bytes: &[u8]) -> Result<(), Error> {
+        let a = self.arena(arena)?;
+        if bytes.len() % a.spec.elem.bytes() != 0 {
+            return Err(Error::layout(format!(
+                "arena `{arena}`: {} bytes are not whole {} elements",
+                bytes.len(),
+                a.spec.elem.name()
+            )));
+        }
+        // The device is little-endian like the host (asserted at the top).
+        a.buf.write(0, bytes, &format!("arena `{arena}`"))
+    }
+
+    /// Elements `offset..offset + len` of `arena`, after all queued work.
+    pub fn read(&self, arena: &str, offset: usize, len: usize) -> Result<HostData, Error> {
+        let a = self.arena(arena)?;
+        let what = format!("arena `{arena}`");
+        Ok(match a.spec.elem {
+            Elem::F32 => {
+                let mut out = vec![0f32; len];
+                a.buf.read(offset, &mut out, &what)?;
+                HostData::F32(out)
+            }
+            Elem::I32 => {
+                let mut out = vec![0i32; len];
+                a.buf.read(offset, &mut out, &what)?;
+                HostData::I32(out)
+            }
+            Elem::U8 => {
+                let mut out = vec![0u8; len];
+                a.buf.read(offset, &mut out, &what)?;
+                HostData::U8(out)
+            }
+            Elem::U32 => {
+                let mut out = vec![0u32; len];
+                a.buf.read(offset, &mut out, &what)?;
+                HostData::U32(out)
+            }
+        })
+    }
+
+    /// Copies f32 elements `offset..offset + out.len()` of `arena` into `out`
+    /// (no allocation: the loss of a training step).
+    pub fn read_f32(&self, arena: &str, offset: usize, out: &mut [f32]) -> Result<(), Error> {
+        let a = self.arena(arena)?;
+        if a.spec.elem != Elem::F32 {
+            return Err(Error::layout(format!("arena `{arena}` does not hold f32")));
+        }
+        a.buf.read(offset, out, &format!("arena `{arena}`"))
+    }
+
+    /// The results of `entry`'s plan, copied back (after its last run).
+    pub fn results(&self, entry: &str) -> Result<Vec<(&'static ResultSpec, HostData)>, Error> {
+        let plan = self.entries[self.entry_index(entry)?].plan;
+        plan.results
+            .iter()
+            .map(|r| Ok((r, self.read(r.arena, r.offset, r.len())?)))
+            .collect()
+    }
+
+    /// The result `key` of `entry`'s plan (e.g. `out:loss` of `train`).
+    pub fn result_spec(&self, entry: &str, key: &str) -> Result<&'static ResultSpec, Error> {
+        let plan = self.entries[self.entry_index(entry)?].plan;
+        plan.results
+            .iter()
+            .find(|r| r.key == key)
+            .ok_or_else(|| Error::layout(format!("`{entry}` has no result `{key}`")))
+    }
+
+    /// Fills every `temp_*` arena with `0xff` bytes (NaN as f32, -1 as i32) and
+    /// waits: a test that poisons before a call sees any result no kernel wrote.
+    pub fn poison_temps(&self) -> Result<(), Error> {
+        self.device.bind()?;
+        for a in self
+            .arenas
+            .iter()
+            .filter(|a| a.spec.name.starts_with("temp_"))
+        {
+            if a.buf.bytes() > 0 {
+                // SAFETY: the whole allocation, on our stream.
+                let status = unsafe {
+                    sys::cuMemsetD8Async(a.buf.ptr(), 0xff, a.buf.bytes(), self.device.stream())
+                };
+                check(status.result(), || {
+                    format!("poisoning arena `{}`", a.spec.name)
+                })?;
+            }
+        }
+        self.device
+            .synchronize(|| "poisoning the temp arenas".into())
+    }
+
+    /// Drops every captured graph; the next call of each entry captures again.
+    pub fn reset_graphs(&mut self) {
+        for e in &mut self.entries {
+            e.graph = None;
+        }
+    }
+
+    /// Whether `entry` has a captured graph (it has run twice with graphs on).
+    pub fn has_graph(&self, entry: &str) -> bool {
+        self.entry_index(entry)
+            .is_ok_and(|i| self.entries[i].graph.is_some())
+    }
+
+    /// Who runs the GEMM steps: `"cublas"`, `"kernel"` (the fallback
+    /// kernels), or `"mixed"` (cuBLAS, except steps whose strides it cannot
+    /// express).
+    pub fn gemm_backend(&self) -> &'static str {
+        self.gemm_backend
+    }
+
+    /// One sentence on who runs which GEMM step and why.
+    pub fn gemm_report(&self) -> &str {
+        &self.gemm_report
+    }
+
+    /// The device.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The options it runs with.
+    pub fn options(&self) -> &Options {
+        &self.options
+    }
+
+    /// The JIT's info log of the module.
+    pub fn jit_log(&self) -> &str {
+        self.module.info_log()
+    }
+}
+
+/// Queues `flags_u32[0] = 0` on the device's stream.
+fn zero_flags(flags: u64, device: &Device) -> Result<(), Error> {
+    // SAFETY: the flags arena holds one u32 at `flags`.
+    let status = unsafe { sys::cuMemsetD32Async(flags, 0, 1, device.stream()) };
+    check(status.result(), || {
+        "zeroing the gather/scatter error flag".into()
+    })
+}
+
+/// Queues one step on the device's stream.
+fn enqueue(step: &Ready, device: &Device, blas: Option<&Blas>) -> Result<(), Error> {
+    match &step.work {
+        Work::Kernel(k) => {
+            let [gx, gy, gz] = k.grid;
+            let [bx, by, bz] = k.block;
+            // SAFETY: a function of our loaded module; `params` holds one
+            // pointer per kernel parameter into `_slots`, which lives as long
+            // as `k` (the kernel reads them during this call); every address
+            // was checked against its arena when the plan was prepared.
+            let status = unsafe {
+                sys::cuLaunchKernel(
+                    k.function.raw,
+                    gx,
+                    gy,
+                    gz,
+                    bx,
+                    by,
+                    bz,
+                    k.shared_bytes,
+                    device.stream(),
+                    k.params.as_ptr().cast_mut(),
+                    std::ptr::null_mut(),
+                )
+            };
+            check(status.result(), || {
+                format!(
+                    "launching {} (grid {:?}, block {:?}, {} bytes of shared memory)",
+                    step.label, k.grid, k.block, k.shared_bytes
+                )
+            })
+        }
+        Work::Cublas { call, a, b, c } => {
+            let blas = blas.ok_or_else(|| Error::layout("a cuBLAS step without cuBLAS"))?;
+            // SAFETY: operands checked against their arenas when prepared.
+            unsafe { blas.sgemm(call, *a, *b, *c) }
+                .map_err(|e| Error::Device(format!("{}: {e}", step.label)))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cuda::plan::{ArenaSpec, Elem, Plan};
+
+    #[test]
+    fn without_a_driver_creating_an_executor_says_so() {
+        if crate::cuda::driver_available() {
+            return; // a machine with CUDA: tests/test_cuda_runtime.py covers it
+        }
+        const ARENAS: &[ArenaSpec] = &[ArenaSpec {
+            name: "param",
+            elem: Elem::F32,
+            len: 4,
+        }];
+        const PLANS: &[Plan] = &[];
+        match Executor::new("", ARENAS, PLANS, Options::default()) {
+            Err(Error::NoDevice(msg)) => assert!(msg.starts_with("no CUDA driver found"), "{msg}"),
+            Err(e) => panic!("unexpected error {e}"),
+            Ok(_) => panic!("an executor without a driver"),
+        }
+    }
+
+    #[test]
+    fn gemm_modes_parse() {
+        assert_eq!(GemmMode::parse("cublas"), Ok(GemmMode::Cublas));
+        assert!(GemmMode::parse("tf32").unwrap_err().contains("\"kernel\""));
+    }
+}
