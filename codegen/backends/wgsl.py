@@ -49,6 +49,7 @@ class WgslPrinter(CLikePrinter, CodePrinter):
     """sympy -> WGSL f32/i32/bool expressions."""
 
     language = "WGSL"
+    known_functions: ClassVar[dict[str, str]] = {}  # everything goes through FUNCTIONS
     FUNCTIONS: ClassVar[dict[str, str]] = {
         "exp": "exp({0})", "log": "log({0})", "log1p": "fg_log1p({0})",
         "tanh": "fg_tanh({0})", "sin": "sin({0})", "cos": "cos({0})", "Abs": "abs({0})",
@@ -110,6 +111,10 @@ class WgslPrinter(CLikePrinter, CodePrinter):
         for value, c in reversed(cases):
             out = f"select({out}, {self._print(value)}, {self._print(c)})"
         return out
+
+    def _print_ITE(self, e: Any) -> str:  # sympy's if-then-else of booleans
+        cond, then, other = (self._print(a) for a in e.args)
+        return f"select({other}, {then}, {cond})"
 
     def _print_Not(self, e: Any) -> str:
         return f"!({self._print(e.args[0])})"

@@ -98,17 +98,15 @@ def plan_storage(arena_sizes: dict[str, int], input_dtypes: dict[str, str]) -> S
     return storage
 
 
-def _arena_sizes(schedules: list[Schedule], plan: MemoryPlan,
-                 const_sizes: dict[str, int]) -> dict[str, int]:
+def _arena_sizes(graph: Graph, plan: MemoryPlan, const_sizes: dict[str, int]
+                 ) -> dict[str, int]:
     sizes = {"param": plan.persistent_size.get("param", 0),
              "state": plan.persistent_size.get("state", 0)}
     for dtype in ("f32", "i32", "bool"):
         sizes[f"temp_{dtype}"] = plan.arena.get(dtype, 0)
         sizes[f"const_{dtype}"] = const_sizes[dtype]
-    for s in schedules:
-        for b in s.buffers.values():
-            if b.kind == "input":
-                sizes[f"input:{_input_name(b.name)}"] = b.size
+    for name, nid in graph.inputs.items():  # every input is written, used or not
+        sizes[f"input:{name}"] = graph.node(nid).size
     return sizes
 
 
@@ -142,7 +140,7 @@ def render_wgsl(graph: Graph, schedules: list[Schedule], plan: MemoryPlan) -> Wg
     """The WGSL shaders of ``schedules`` and the launch plan of each entry point."""
     const_data, const_at, const_sizes = const_layout(schedules)
     input_dtypes = {name: graph.node(nid).dtype for name, nid in graph.inputs.items()}
-    storage = plan_storage(_arena_sizes(schedules, plan, const_sizes), input_dtypes)
+    storage = plan_storage(_arena_sizes(graph, plan, const_sizes), input_dtypes)
     module = WgslModule("", {}, {}, const_data, storage=storage,
                         persistent=dict(plan.persistent), model=graph.name)
     by_source: dict[str, str] = {}

@@ -510,7 +510,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `cnn`.
-#[pyclass(module = "fg_cnn_bc5d6b1dbdc7")]
+#[pyclass(module = "fg_cnn_8a2a6489f03d")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -662,7 +662,7 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_cnn_bc5d6b1dbdc7(m: &Bound<'_, PyModule>) -> PyResult<()> {
+fn fg_cnn_8a2a6489f03d(m: &Bound<'_, PyModule>) -> PyResult<()> {
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

@@ -733,7 +733,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `rnn`.
-#[pyclass(module = "fg_rnn_2d6fb400fe50")]
+#[pyclass(module = "fg_rnn_5b851dbc81fd")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -877,7 +877,7 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_rnn_2d6fb400fe50(m: &Bound<'_, PyModule>) -> PyResult<()> {
+fn fg_rnn_5b851dbc81fd(m: &Bound<'_, PyModule>) -> PyResult<()> {
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

@@ -1347,7 +1347,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `char_lm`.
-#[pyclass(module = "fg_char_lm_0e7228a4dbfd")]
+#[pyclass(module = "fg_char_lm_efd27264b44b")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -1528,7 +1528,7 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_char_lm_0e7228a4dbfd(m: &Bound<'_, PyModule>) -> PyResult<()> {
+fn fg_char_lm_efd27264b44b(m: &Bound<'_, PyModule>) -> PyResult<()> {
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())
