@@ -10,12 +10,20 @@ Two phases, because the GPU machine has no Rust toolchain (as gpu_cuda_check.py)
        python benches/gpu.py --build .gpu_bench
 
 2. On the GPU machine (``run`` tool, ``carry: [".gpu_bench"]``; the folder is listed
-   in .git/info/exclude)::
+   in .git/info/exclude). cuBLAS must be on the loader's path, or the step falls back
+   to its generated GEMM kernels (the JSON records ``gemm_backend``)::
 
-       nvidia-smi; PYTHONUNBUFFERED=1 python3 benches/gpu.py .gpu_bench \\
-           --json $OUT/gpu.json 2>&1 | tee $OUT/log.txt
+       lib=$(find /usr/local/cuda*/ /usr/lib /opt /usr/local/lib \\
+             -name 'libcublas.so.1[23]*' 2>/dev/null | head -1);
+       [ -n "$lib" ] && export LD_LIBRARY_PATH=$(dirname $lib):$LD_LIBRARY_PATH;
+       nvidia-smi; set -o pipefail;
+       PYTHONUNBUFFERED=1 timeout 580 python3 benches/gpu.py .gpu_bench \\
+           --deadline-s 470 --json $OUT/gpu.json 2>&1 | tee $OUT/log.txt
 
-   Re-print the tables of a run: ``python benches/gpu.py --report-from FILE``.
+   The whole table takes ~7 minutes there (torch.compile and XLA autotuning included).
+
+   Re-print the tables of a run: ``python benches/gpu.py --report-from FILE [FILE...]``
+   (rows of a later file replace the same rows of an earlier one).
 
 What is measured, per workload:
 
@@ -292,6 +300,7 @@ def check_ew(systems: list[System], w: GpuWorkload, errors: dict) -> dict[str, f
     out = {}
     for s in list(systems):
         try:
+            assert s.output is not None
             y = s.output()
             if isinstance(y, np.ndarray):
                 yd = torch.from_numpy(y).to("cuda")
@@ -423,11 +432,14 @@ def run_row(w: GpuWorkload, args: argparse.Namespace, folder: Path, manifest: di
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         free0 = torch.cuda.mem_get_info()[0]
+    t_fg = time.perf_counter()
     fgs = FgSystem(w, folder, manifest, args.device)
+    t_fg = time.perf_counter() - t_fg  # lowering, loading, CudaStep (PTX JIT), params up
     if torch is not None:
         torch.cuda.synchronize()
         row["fg_device_bytes"] = free0 - torch.cuda.mem_get_info()[0]
     systems = make_systems(w, fgs, anchors, errors)
+    systems[0].first_s = t_fg
     log(f"{w.key}: systems {', '.join(s.name for s in systems)} "
         f"({time.perf_counter() - t0:.1f} s)")
     if w.opt is None:
@@ -678,8 +690,9 @@ def report(result: dict[str, Any]) -> str:
     lines += ["", "Device activity per step (CUPTI): kernel time / kernels; "
               "memcpy time (ferrograd: host→device inputs, loss back):", ""]
     names = [FG, *DEVICE_ANCHORS]
-    lines.append("| workload | " + " | ".join(names) + " | fg memcpy |")
-    lines.append("|---" * (2 + len(names)) + "|")
+    lines.append("| workload | " + " | ".join(names) + " | fg memcpy | fg rest of the step "
+                 "(host, launch, sync) |")
+    lines.append("|---" * (3 + len(names)) + "|")
     for r in rows:
         prof = r.get("profile", {})
         cells = []
@@ -687,9 +700,12 @@ def report(result: dict[str, Any]) -> str:
             p = prof.get(n, {})
             cells.append(f"{p['kernel_us_per_step']:.0f} µs / {p['kernels_per_step']:.0f}"
                          if "kernel_us_per_step" in p else "–")
-        mc = prof.get(FG, {}).get("memcpy_us_per_step", {})
-        lines.append(f"| {r['title']} | " + " | ".join(cells) +
-                     f" | {sum(mc.values()):.0f} µs |")
+        mc = sum(prof.get(FG, {}).get("memcpy_us_per_step", {}).values())
+        kt = prof.get(FG, {}).get("kernel_us_per_step")
+        wall = r["median_ms"].get(FG)
+        rest = (f"{wall * 1e3 - kt - mc:.0f} µs" if wall is not None and kt is not None
+                else "–")
+        lines.append(f"| {r['title']} | " + " | ".join(cells) + f" | {mc:.0f} µs | {rest} |")
     ew = next((r for r in rows if r["key"] == "ew"), None)
     if ew and ew.get("bandwidth"):
         lines += ["", "ew: kernel time and bandwidth (2 × 1 GiB per call) vs the copy ceiling:",
@@ -699,6 +715,15 @@ def report(result: dict[str, Any]) -> str:
             lines.append(f"- {n}: {b['kernel_us']:.0f} µs, {b['GBps']:.0f} GB/s = "
                          f"{b['of_copy'] * 100:.0f}% of copy; rel. error vs float64 "
                          f"{err if err is None else f'{err:.1e}'}")
+    lines += ["", "Achieved fp32 rate (FLOPs of the GEMMs per step over the step time; "
+              "ferrograd also over its kernel time):", ""]
+    for r in rows:
+        if not r.get("flops"):
+            continue
+        kt = r.get("profile", {}).get(FG, {}).get("kernel_us_per_step")
+        rates = ", ".join(f"{k} {v:.1f}" for k, v in r.get("tflops", {}).items())
+        fk = f"; ferrograd kernels {r['flops'] / (kt * 1e-6) / 1e12:.1f}" if kt else ""
+        lines.append(f"- {r['key']}: {r['flops'] / 1e9:.1f} GFLOP; TFLOP/s {rates}{fk}")
     lines += ["", "First call (construction + first step: compile, capture, JIT), s:", ""]
     for r in rows:
         f = r.get("first_call_s", {})
@@ -734,14 +759,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--deadline-s", type=float, default=540.0,
                    help="start no new row after this many seconds")
     p.add_argument("--json", type=Path, help="write the raw results here (after every row)")
-    p.add_argument("--report-from", type=Path, help="print the report of a --json file")
+    p.add_argument("--report-from", type=Path, nargs="+",
+                   help="print the report of --json files (later rows replace earlier)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.report_from:
-        print(report(json.loads(args.report_from.read_text())))
+    if args.report_from:  # several files: a later file's rows replace earlier ones
+        merged = json.loads(args.report_from[0].read_text())
+        for extra in args.report_from[1:]:
+            rows = {r["key"]: r for r in json.loads(extra.read_text())["rows"]}
+            merged["rows"] = [rows.pop(r["key"], r) for r in merged["rows"]] + list(rows.values())
+        print(report(merged))
         return 0
     keys = [k for k in args.rows.split(",") if k]
     if args.build:

@@ -230,6 +230,8 @@ class TorchForward:
         if how == "eager":
             self.fn = lambda: fn({}, *self.inputs)
         elif how == "compile":
+            for x in self.inputs:  # else its CUDA graph copies the 1 GiB input every call
+                torch._dynamo.mark_static_address(x)
             compiled = torch.compile(lambda *xs: fn({}, *xs), mode="reduce-overhead")
             self.fn = lambda: compiled(*self.inputs)
         elif how == "graph":

@@ -16,8 +16,6 @@ Details ANCHORS.md leaves open, chosen here (and stated in BENCHMARKS.md):
 Data are synthetic and fixed (one batch per workload), never zeros.
 """
 
-from __future__ import annotations
-
 import math
 from collections.abc import Callable
 from dataclasses import dataclass

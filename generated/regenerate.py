@@ -4,8 +4,9 @@
     python generated/regenerate.py --check  # exit 1 if anything would change
 
 Only sources are committed (Cargo.toml, pyproject.toml, src/), plus the model's
-WebGPU shaders and manifest under wgsl/ (the wgsl backend's crate is the same
-shaders with a thin lib.rs); builds go to the user cache. The folders have
+PTX under ptx/ (what the cuda backend's step loads) and its WebGPU shaders and
+manifest under wgsl/ (the wgsl backend's crate is the same shaders with a thin
+lib.rs); builds go to the user cache. The folders have
 stable names so that a change to the code generator shows up as a reviewable
 diff; each crate's module name carries the content hash.
 """
@@ -36,8 +37,9 @@ def render(name: str) -> dict[str, bytes]:
     low = lowered(name)
     crate = render_crate(low.graph, low.schedules, low.memory_plan, HERE / name)
     wgsl = render_wgsl_crate(low.graph, low.wgsl, HERE / name / "wgsl").files
-    return {**crate.files, **{f"wgsl/{rel}": data for rel, data in wgsl.items()
-                              if rel.startswith("shaders/") or rel in WGSL_FILES}}
+    ptx = {"ptx/kernels.ptx": low.source("ptx").encode()}  # what the CUDA step JITs
+    return {**crate.files, **ptx, **{f"wgsl/{rel}": data for rel, data in wgsl.items()
+                                     if rel.startswith("shaders/") or rel in WGSL_FILES}}
 
 
 def main(argv: list[str] | None = None) -> int:
