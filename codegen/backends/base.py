@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import sympy as sp
 from sympy.printing.precedence import precedence
 
-from ..kernel_ir import ToBool, ToFloat, ToInt, View
+from ..kernel_ir import Reduce, ToBool, ToFloat, ToInt, View
 
 
 class IndentedBuffer:
@@ -237,3 +238,36 @@ def collapse(shape: tuple[int, ...], views: list[View]) -> tuple[list[int], list
                 del s[i + 1]
         i -= 1
     return sizes, strides
+
+
+@dataclass(frozen=True)
+class ReduceLayout:
+    """A reduction's iteration space as every backend walks it: kept dims (one output
+    element each) and reduced dims, each collapsed; strides per input view, in the
+    order of ``Reduce.inputs``."""
+
+    kept_sizes: list[int]
+    kept_strides: list[list[int]]
+    reduced_sizes: list[int]
+    reduced_strides: list[list[int]]
+
+    @property
+    def rows(self) -> int:
+        return int(np.prod(self.kept_sizes)) if self.kept_sizes else 1
+
+    @property
+    def length(self) -> int:
+        return int(np.prod(self.reduced_sizes)) if self.reduced_sizes else 1
+
+
+def reduce_layout(k: Reduce) -> ReduceLayout:
+    kept = [d for d in range(len(k.shape)) if d not in k.axes]
+    perm = tuple(kept + list(k.axes))
+    views = [v.permute(perm) for v in k.inputs.values()]
+    shape = tuple(k.shape[p] for p in perm)
+    n = len(kept)
+    kept_views = [View(v.buffer, v.dtype, v.offset, v.shape[:n], v.strides[:n]) for v in views]
+    red_views = [View(v.buffer, v.dtype, v.offset, v.shape[n:], v.strides[n:]) for v in views]
+    ksizes, kstrides = collapse(shape[:n], kept_views)
+    rsizes, rstrides = collapse(shape[n:], red_views)
+    return ReduceLayout(ksizes, kstrides, rsizes, rstrides)

@@ -31,6 +31,7 @@ from .base import (
     collapse,
     f32_literal,
     linear_index,
+    reduce_layout,
 )
 
 RUST_TYPES = {"f32": "f32", "i32": "i32", "bool": "u8"}  # bools are stored as bytes
@@ -318,15 +319,11 @@ def _nested(out: IndentedBuffer, k: Elementwise, sizes: list[int],
 
 def _reduce(out: IndentedBuffer, k: Reduce, args: KernelArgs) -> None:
     assert k.out is not None
-    kept = [d for d in range(len(k.shape)) if d not in k.axes]
-    perm = tuple(kept + list(k.axes))
-    views = [v.permute(perm) for v in k.inputs.values()]
-    shape = tuple(k.shape[p] for p in perm)
-    nk = len(kept)
-    ksizes, kstrides = collapse(shape[:nk], [_head(v, nk) for v in views])
-    rsizes, rstrides = collapse(shape[nk:], [_tail(v, nk) for v in views])
-    count = int(np.prod(ksizes)) if ksizes else 1
-    total = count * (int(np.prod(rsizes)) if rsizes else 1)
+    lay = reduce_layout(k)
+    ksizes, kstrides = lay.kept_sizes, lay.kept_strides
+    rsizes, rstrides = lay.reduced_sizes, lay.reduced_strides
+    count = lay.rows
+    total = count * lay.length
     par = total >= PAR_MIN and count > 1
     o = k.out
     sum_ = k.combine == "sum"
@@ -355,10 +352,6 @@ def _reduce(out: IndentedBuffer, k: Reduce, args: KernelArgs) -> None:
 
 def _head(v: View, n: int) -> View:
     return View(v.buffer, v.dtype, v.offset, v.shape[:n], v.strides[:n])
-
-
-def _tail(v: View, n: int) -> View:
-    return View(v.buffer, v.dtype, v.offset, v.shape[n:], v.strides[n:])
 
 
 def _unravel(out: IndentedBuffer, flat: str, sizes: list[int], prefix: str,

@@ -29,7 +29,7 @@ import numpy as np
 from ferrograd.ir.errors import BackendError
 
 from ..kernel_ir import Conv, Elementwise, Gather, Kernel, Matmul, Reduce, View
-from .base import IndentedBuffer, collapse, linear_index
+from .base import IndentedBuffer, collapse, linear_index, reduce_layout
 from .wgsl import cse_body, helpers_for
 
 MAX_GROUPS = 65_535  # WebGPU's default maxComputeWorkgroupsPerDimension
@@ -173,15 +173,10 @@ def reduce(k: Reduce, place: Place) -> ShaderCode:
     if k.out.dtype != "f32":
         raise BackendError(f"{k.name}: reductions compute in f32; this one gives {k.out.dtype}")
     s = _Shader(place)
-    kept = [d for d in range(len(k.shape)) if d not in k.axes]
-    perm = tuple(kept + list(k.axes))
-    views = [v.permute(perm) for v in k.inputs.values()]
-    shape = tuple(k.shape[p] for p in perm)
-    nk = len(kept)
-    ksizes, kstrides = collapse(shape[:nk], [_part(v, 0, nk) for v in views])
-    rsizes, rstrides = collapse(shape[nk:], [_part(v, nk, len(shape)) for v in views])
-    rows = int(np.prod(ksizes)) if ksizes else 1
-    run = int(np.prod(rsizes)) if rsizes else 1
+    lay = reduce_layout(k)
+    ksizes, kstrides = lay.kept_sizes, lay.kept_strides
+    rsizes, rstrides = lay.reduced_sizes, lay.reduced_strides
+    rows, run = lay.rows, lay.length
     lanes = min(256, max(64, 1 << max(run - 1, 0).bit_length()))
     groups = grid(rows)
     total_sum = k.combine == "sum"
