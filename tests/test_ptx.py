@@ -30,6 +30,7 @@ from ferrograd.codegen.backends.ptx import TARGETS, assemble, find_ptxas, render
 from ferrograd.codegen.backends.ptx_asm import ExprEmitter, PtxFunction, f32_immediate
 from ferrograd.codegen.backends.ptx_kernels import matrix_strides, reduce_mode
 from ferrograd.codegen.launch_plan import BufferRef, DeviceModule, Gemm, Launch, ScalarArg
+from ferrograd.ir.builder import apply
 from ferrograd.ir.errors import BackendError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
@@ -299,3 +300,24 @@ def test_sign_and_heaviside_pass_nan_through() -> None:
     np.testing.assert_array_equal(emulate(legalize(sp.sign(X)), {X: xs}), np.sign(xs))
     np.testing.assert_array_equal(emulate(legalize(sp.Heaviside(X, 0.5)), {X: xs}),
                                   np.heaviside(xs, 0.5))
+
+
+def test_conv_weight_grad_takes_a_block_per_weight() -> None:
+    """The weight grad reduces n·oh·ow products per weight: a block of 256 threads per
+    weight (warp butterflies, then shared memory), not a thread looping over them all."""
+
+    @fg.model
+    def wgrad(x: fg.f32["B", 3, 12, 10], g: fg.f32["B", 5, 6, 12]):
+        return {"dw": apply("conv2d_weight_grad", x, g, w_shape=(5, 3, 3, 3), stride=(2, 1),
+                            padding=(1, 2))}
+
+    lw = fg.lower(wgrad, backend="cpu", B=64)
+    assemble_all(lw)
+    module = lw.device_module("ptx")
+    modes = {name: mode for mode, name in re.findall(
+        r"// conv \((\w+)\)[^\n]*\n\.visible \.entry (\w+)\(", module.source)}
+    (launch,) = [s for s in module.plans["forward"].steps
+                 if isinstance(s, Launch) and modes.get(s.kernel) == "weight_grad"]
+    assert launch.block == (256, 1, 1) and launch.grid == (5 * 3 * 3 * 3, 1, 1)
+    body = module.source.split(f".entry {launch.kernel}(")[1].split("\n}\n")[0]
+    assert "shfl.sync.bfly.b32" in body and "bar.sync" in body

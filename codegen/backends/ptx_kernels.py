@@ -17,8 +17,9 @@ Kinds:
   (gather) or is skipped (scatter), and sets the error flag, which the runtime
   checks after the step. Scatter zero-fills its output first (the shared
   ``fg_fill_zero_b32``) and adds with ``red.global.add.f32``.
-- conv: direct kernels, a thread per output element (forward), per input
-  element (input grad) or per weight (weight grad).
+- conv: direct kernels, a thread per output element (forward) or per input
+  element (input grad); the weight grad, a reduction over n·oh·ow per weight, takes a
+  block of 256 threads per weight, combined as a block reduce.
 
 Every launch configuration is computed from the kernel's sizes: blocks of 256
 threads (fewer for small work), grids capped at 4096 blocks with grid-stride
@@ -39,7 +40,7 @@ from ferrograd.ir.errors import BackendError
 
 from ..kernel_ir import Conv, Elementwise, Gather, Kernel, Matmul, Reduce, View, row_major
 from ..launch_plan import ScalarArg
-from .base import collapse
+from .base import collapse, reduce_layout
 from .legalize import legalize
 from .ptx_asm import DTYPE_KIND, ITEMSIZE, ExprEmitter, PtxFunction
 
@@ -218,10 +219,6 @@ def _head(v: View, n: int) -> View:
     return View(v.buffer, v.dtype, v.offset, v.shape[:n], v.strides[:n])
 
 
-def _tail(v: View, n: int) -> View:
-    return View(v.buffer, v.dtype, v.offset, v.shape[n:], v.strides[n:])
-
-
 def reduce_mode(rows: int, length: int, strides: list[list[int]]) -> str:
     """Who reduces one row: a "thread" (short rows, or many rows whose elements are
     not adjacent: neighbouring threads then read neighbouring rows), a "warp"
@@ -236,15 +233,10 @@ def reduce(k: Reduce, dtypes: dict[str, str], fast_math: bool) -> list[Step]:
     assert k.out is not None
     if k.out.dtype != "f32" or not k.out.contiguous:
         raise BackendError(f"kernel {k.name}: reductions write contiguous f32")
-    kept = [d for d in range(len(k.shape)) if d not in k.axes]
-    perm = tuple(kept + list(k.axes))
-    views = [v.permute(perm) for v in k.inputs.values()]
-    shape = tuple(k.shape[p] for p in perm)
-    nk = len(kept)
-    ksizes, kstrides = collapse(shape[:nk], [_head(v, nk) for v in views])
-    rsizes, rstrides = collapse(shape[nk:], [_tail(v, nk) for v in views])
-    rows = int(np.prod(ksizes)) if ksizes else 1
-    length = int(np.prod(rsizes)) if rsizes else 1
+    lay = reduce_layout(k)
+    ksizes, kstrides = lay.kept_sizes, lay.kept_strides
+    rsizes, rstrides = lay.reduced_sizes, lay.reduced_strides
+    rows, length = lay.rows, lay.length
     _check_u32(k, rows * length)
     mode = reduce_mode(rows, length, rstrides)
     buffers = kernel_buffers(k)
@@ -547,15 +539,23 @@ def conv(k: Conv, dtypes: dict[str, str], fast_math: bool) -> list[Step]:
     _check_u32(k, n, k.lhs.size, k.rhs.size)
     lhs = (base[k.lhs.buffer], k.lhs.offset)
     rhs = (base[k.rhs.buffer], k.rhs.offset)
-    with _grid_stride(f, n) as e:
-        acc = f.value("f32", "mov.f32", "0f00000000")
-        CONV_BODIES[k.mode](f, d, e, lhs, rhs, acc)
-        f.ins("st.global.f32", f.address(base[out.buffer], e, out.offset, 4), acc)
-    block = _block_for(n)
+    dst = (base[out.buffer], out.offset)
     comment = (f"conv ({k.mode}): n={d.n} c={d.c} {d.h}x{d.w} o={d.o} k={d.kh}x{d.kw} "
                f"stride={k.stride} padding={k.padding}")
+    if k.mode == "weight_grad":
+        _check_u32(k, d.n * d.oh * d.ow)
+        _conv_weight_grad(f, d, n, lhs, rhs, dst)
+        comment += ", a block per weight"
+        grid, block = max(1, min(n, MAX_BLOCKS)), BLOCK
+    else:
+        with _grid_stride(f, n) as e:
+            acc = f.value("f32", "mov.f32", "0f00000000")
+            CONV_BODIES[k.mode](f, d, e, lhs, rhs, acc)
+            f.ins("st.global.f32", f.address(dst[0], e, dst[1], 4), acc)
+        block = _block_for(n)
+        grid = _blocks(n, block)
     return [KernelLaunch(k.name, comment, f.text("ENTRY"), _buffer_args(buffers),
-                         (_blocks(n, block), 1, 1), (block, 1, 1))]
+                         (grid, 1, 1), (block, 1, 1))]
 
 
 Operand = tuple[str, int]  # base address register, element offset
@@ -615,14 +615,24 @@ def _conv_input_grad(f: PtxFunction, d: _ConvDims, e: str, g: Operand, w: Operan
             f.place(skip)
 
 
-def _conv_weight_grad(f: PtxFunction, d: _ConvDims, e: str, x: Operand, g: Operand,
-                      acc: str) -> None:
-    o, c, ki, kj = _unravel(f, e, [d.o, d.c, d.kh, d.kw])
-    h0 = f.value("b32", "sub.s32", ki, str(d.ph))  # may be < 0
-    w0 = f.value("b32", "sub.s32", kj, str(d.pw))
-    with f.loop("0", str(d.n), "1", "n") as nn, f.loop("0", str(d.oh), "1", "oh") as oh:
-        ih = f.value("b32", "mad.lo.u32", oh, str(d.sh), h0)
-        with f.loop("0", str(d.ow), "1", "ow") as ow:
+def _conv_weight_grad(f: PtxFunction, d: _ConvDims, weights: int, x: Operand, g: Operand,
+                      dw: Operand) -> None:
+    """A block of 256 threads per weight (grid-stride over the weights): the threads
+    stride over the n·oh·ow products (neighbouring threads read neighbouring output
+    pixels), then combine like a block reduce (warp butterflies, then the warps'
+    partials through shared memory); thread 0 stores the sum."""
+    f.shared.append(f".shared .align 4 .b8 partial[{4 * BLOCK // WARP}];")
+    tid = f.special("%tid.x")
+    first = f.value("pred", "setp.eq.u32", tid, "0")
+    products = d.n * d.oh * d.ow
+    with f.loop(f.special("%ctaid.x"), str(weights), f.special("%nctaid.x"), "weight") as e:
+        o, c, ki, kj = _unravel(f, e, [d.o, d.c, d.kh, d.kw])
+        h0 = f.value("b32", "sub.s32", ki, str(d.ph))  # may be < 0
+        w0 = f.value("b32", "sub.s32", kj, str(d.pw))
+        acc = f.value("f32", "mov.f32", "0f00000000")
+        with f.loop(tid, str(products), str(BLOCK), "red") as r:
+            nn, oh, ow = _unravel(f, r, [d.n, d.oh, d.ow])
+            ih = f.value("b32", "mad.lo.u32", oh, str(d.sh), h0)
             iw = f.value("b32", "mad.lo.u32", ow, str(d.sw), w0)
             skip = f.label("skip")
             _skip_unless_below(f, [(ih, d.h), (iw, d.w)], skip)
@@ -630,6 +640,10 @@ def _conv_weight_grad(f: PtxFunction, d: _ConvDims, e: str, x: Operand, g: Opera
             gi = _flat(f, [nn, o, oh, ow], [d.n, d.o, d.oh, d.ow])
             _fma_at(f, acc, x, xi, g, gi)
             f.place(skip)
+        _warp_combine(f, acc, "sum", WARP)
+        total = _block_combine(f, acc, "sum", tid)
+        f.ins("st.global.f32", f.address(dw[0], e, dw[1], 4), total, guard=first)
+        f.ins("bar.sync", "0")  # the next weight reuses the shared partials
 
 
 def _skip_unless_below(f: PtxFunction, checks: list[tuple[str, int]], skip: str) -> None:
@@ -653,5 +667,4 @@ def _exact_quotient(f: PtxFunction, t: str, stride: int, skip: str) -> str:
 CONV_BODIES: dict[str, Callable[..., None]] = {
     "forward": _conv_forward,
     "input_grad": _conv_input_grad,
-    "weight_grad": _conv_weight_grad,
 }
