@@ -23,6 +23,9 @@ class CompiledStep(Step):
                  state: dict[str, np.ndarray], backend: str, native: Any = None) -> None:
         super().__init__(lowered)
         self.backend = backend
+        # The CUDA step takes CuPy arrays / PyTorch CUDA tensors as they are: checked
+        # from their __cuda_array_interface__, copied device to device into its arenas.
+        self._device_inputs = backend == "cuda"
         self.module = module
         self._native = module.Step() if native is None else native
         self._set("param", params)

@@ -39,6 +39,9 @@ class Step:
     """
 
     backend = "?"
+    # Whether inputs may be arrays in GPU memory (``__cuda_array_interface__``), passed
+    # through untouched to the backend: the CUDA step.
+    _device_inputs = False
 
     def __init__(self, lowered: Lowered) -> None:
         self.lowered = lowered
@@ -90,7 +93,7 @@ class Step:
             if k in feed:
                 raise InputError(f"input {k!r} given both by position and by name")
             feed[k] = v
-        return check_feed(self.graph, feed)
+        return check_feed(self.graph, feed, device=self._device_inputs)
 
     # ---- params and optimizer state ---------------------------------------------------
     @property

@@ -11,9 +11,41 @@ from .errors import InputError
 from .graph import FLOAT_DTYPES, SOURCE_OPS, Graph, numpy_dtype
 from .ops import op_def
 
+# __cuda_array_interface__ typestr of each input dtype (little-endian, as on every GPU)
+CUDA_TYPESTR = {"f32": "<f4", "i32": "<i4", "bool": "|b1"}
+_TYPESTR_NAME = {"<f4": "float32", "<i4": "int32", "|b1": "bool", "<f8": "float64",
+                 "<i8": "int64", "<f2": "float16", "<u1": "uint8", "|u1": "uint8"}
 
-def check_feed(graph: Graph, inputs: Mapping[str, Any], *, cast: bool = False) -> dict:
-    """Inputs by name as arrays of the declared shape and dtype, or an InputError."""
+
+def cuda_array_info(value: Any) -> tuple[tuple[int, ...], str] | None:
+    """``(shape, typestr)`` of an array in GPU memory (CuPy, PyTorch CUDA tensors,
+    Numba: anything with a ``__cuda_array_interface__``), None for anything else.
+    Nothing is copied or synchronized; a layout that is not C order raises."""
+    iface = getattr(value, "__cuda_array_interface__", None)
+    if not isinstance(iface, dict):
+        return None
+    shape = tuple(int(n) for n in iface.get("shape", ()))
+    typestr = str(iface.get("typestr", "?"))
+    strides = iface.get("strides")
+    if strides is not None and 0 not in shape:
+        want = int(typestr[2:]) if typestr[2:].isdigit() else 1
+        for n, s in reversed(list(zip(shape, strides, strict=False))):
+            if n != 1 and s != want:
+                raise InputError(f"a CUDA array with strides {tuple(strides)} (bytes) is not "
+                                 "C-contiguous: make it contiguous first (.contiguous() in "
+                                 "PyTorch, cupy.ascontiguousarray)")
+            want *= n
+    return shape, typestr
+
+
+def check_feed(graph: Graph, inputs: Mapping[str, Any], *, cast: bool = False,
+               device: bool = False) -> dict:
+    """Inputs by name as arrays of the declared shape and dtype, or an InputError.
+
+    With ``device=True`` (the CUDA step) an array already in GPU memory (see
+    ``cuda_array_info``) is checked from its interface and passed through untouched:
+    no host copy; its ids are not range-checked here (the step's kernels flag them).
+    """
     missing = [k for k in graph.inputs if k not in inputs]
     if missing:
         raise InputError(f"missing input {', '.join(map(repr, missing))}; the model takes "
@@ -25,12 +57,30 @@ def check_feed(graph: Graph, inputs: Mapping[str, Any], *, cast: bool = False) -
     feed = {}
     for name, nid in graph.inputs.items():
         node = graph.node(nid)
-        arr = np.asarray(inputs[name])
         want = numpy_dtype(node.dtype)
         dims = graph.input_dims.get(name, node.shape)
         spec = f"{node.dtype}[" + ", ".join(
             f"{d}={n}" if isinstance(d, str) else str(n)
             for d, n in zip(dims, node.shape, strict=False)) + "]"
+        try:
+            info = cuda_array_info(inputs[name])
+        except InputError as err:
+            raise InputError(f"input {name!r}: {err}") from None
+        if info is not None:
+            if not device:
+                raise InputError(f"input {name!r} is in GPU memory, and this step runs on "
+                                 "the host: pass a NumPy array (.get() in CuPy, .cpu().numpy() "
+                                 "in PyTorch), or compile for device='cuda'")
+            shape, typestr = info
+            if shape != node.shape:
+                raise InputError(f"input {name!r}: expected shape {node.shape} ({spec}), got "
+                                 f"{shape}")
+            if typestr != CUDA_TYPESTR.get(node.dtype):
+                got = _TYPESTR_NAME.get(typestr, typestr)
+                raise InputError(f"input {name!r}: expected dtype {want} ({spec}), got {got}")
+            feed[name] = inputs[name]
+            continue
+        arr = np.asarray(inputs[name])
         if arr.shape != node.shape:
             raise InputError(f"input {name!r}: expected shape {node.shape} ({spec}), got "
                              f"{arr.shape}")

@@ -3,6 +3,7 @@ input checking, fg.lower, backend errors and fg.check_grads."""
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -615,3 +616,37 @@ def test_check_grads_reports_missing_and_ill_shaped_inputs():
 def test_repr_names_the_model_and_backend():
     r = repr(make())
     assert "mlp" in r and "numpy" in r and "x, y" in r
+
+
+class _FakeCudaArray:
+    """Only a __cuda_array_interface__, as CuPy arrays and PyTorch CUDA tensors have."""
+
+    def __init__(self, shape, typestr="<f4", strides=None):
+        self.__cuda_array_interface__ = {"version": 3, "shape": shape, "typestr": typestr,
+                                         "data": (4096, False), "strides": strides,
+                                         "stream": 1}
+
+
+def test_check_feed_passes_device_arrays_through_for_the_cuda_step():
+    import ferrograd as fg
+    from ferrograd.ir.errors import InputError as FgInputError
+    from ferrograd.ir.interpret import check_feed, cuda_array_info
+
+    @fg.model
+    def f(x: fg.f32["B", 3]):
+        return (x * fg.param("w", (3,), init="ones")).sum()
+
+    g = fg.trace(f, B=2)
+    dev = _FakeCudaArray((2, 3))
+    assert cuda_array_info(dev) == ((2, 3), "<f4")
+    assert cuda_array_info(np.zeros((2, 3), np.float32)) is None
+    assert check_feed(g, {"x": dev}, device=True)["x"] is dev  # untouched, no copy
+    assert check_feed(g, {"x": _FakeCudaArray((2, 3), strides=(12, 4))}, device=True)
+    bad = [(_FakeCudaArray((3, 2)), "expected shape (2, 3)"),
+           (_FakeCudaArray((2, 3), "<f8"), "expected dtype float32 (f32[B=2, 3]), got float64"),
+           (_FakeCudaArray((2, 3), strides=(4, 8)), "is not C-contiguous")]
+    for value, msg in bad:
+        with pytest.raises(FgInputError, match=re.escape(msg)):
+            check_feed(g, {"x": value}, device=True)
+    with pytest.raises(FgInputError, match="in GPU memory"):
+        check_feed(g, {"x": dev})

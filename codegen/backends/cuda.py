@@ -120,8 +120,10 @@ def _step(step: Launch | Gemm) -> str:
 
 
 def _py_method(graph: Graph, device: DeviceModule, entry: str) -> str:
-    """``train`` / ``forward`` / ``grads``: check and borrow the NumPy inputs, copy
-    them to the device, run the plan, bring back the loss or the results."""
+    """``train`` / ``forward`` / ``grads``: check and borrow the inputs (NumPy
+    arrays, or device arrays through ``__cuda_array_interface__``), copy them into
+    the input arenas (host to device, or device to device), run the plan, bring
+    back the loss or the results."""
     out = IndentedBuffer()
     params, loads, feeds = [], [], []
     for k, v in graph.inputs.items():
@@ -130,17 +132,20 @@ def _py_method(graph: Graph, device: DeviceModule, entry: str) -> str:
         if n.dtype not in INPUT_TYPES:
             raise BackendError(f"input {k!r}: the CUDA step takes f32 and i32 inputs, "
                                f"not {n.dtype}")
-        rust_type, host = INPUT_TYPES[n.dtype]
+        rust_type, _ = INPUT_TYPES[n.dtype]
         params.append(f"{name}: &Bound<'py, PyAny>")
         shape = ", ".join(map(str, n.shape))
-        loads.append(f'let {name} = rt::py::input_{rust_type}({name}, "{k}", &[{shape}])?;')
+        # A NumPy array, or a device array (__cuda_array_interface__: CuPy, PyTorch)
+        loads.append(f'let {name} = rt::cuda::py::feed_{rust_type}({name}, "{k}", &[{shape}])?;')
         bound = graph.index_bounds.get(k)
-        if bound is not None:  # class labels / embedding ids: checked before anything runs
-            loads.append(f"rt::gather::check_ids(\"input '{k}'\", &{name}, {bound})"
-                         ".map_err(rt::Error::from)?;")
-        loads.append(f"let {name} = &*{name};")
+        if bound is not None:
+            # Class labels / embedding ids on the host: checked before anything runs. Ids
+            # on the device are not read back; the kernels' error flag reports them.
+            loads.append(f"if let Some(ids) = {name}.host() {{ rt::gather::check_ids("
+                         f"\"input '{k}'\", ids, {bound}).map_err(rt::Error::from)?; }}")
+        loads.append(f"let {name} = {name}.feed();")
         if f"input:{name}" in device.arena_sizes:  # an input no kernel reads has no arena
-            feeds.append(f'("{name}", HostInput::{host}({name}))')
+            feeds.append(f'("{name}", {name})')
     ret = "f32" if entry == "train" else "Bound<'py, PyDict>"
     out.line(f"/// {DOCS[entry]}")
     out.line(f'#[pyo3(name = "{entry}")]')

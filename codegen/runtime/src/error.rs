@@ -62,6 +62,9 @@ pub enum Error {
     /// PTX JIT (with its log). The message names the kernel or step. Python:
     /// `RuntimeError`.
     Device(String),
+    /// An input the caller passed does not fit (a device array on another
+    /// GPU, say); the message names the input. Python: `ValueError`.
+    Input(String),
     /// Device memory ran out. Python: `MemoryError`.
     DeviceAlloc {
         /// The size of the failed request.
@@ -84,7 +87,7 @@ impl fmt::Display for Error {
             Error::Index(e) => e.fmt(f),
             Error::Layout(msg) => f.write_str(msg),
             Error::Alloc { bytes } => write!(f, "cannot allocate {bytes} bytes"),
-            Error::NoDevice(msg) | Error::Device(msg) => f.write_str(msg),
+            Error::NoDevice(msg) | Error::Device(msg) | Error::Input(msg) => f.write_str(msg),
             Error::DeviceAlloc { bytes, what } => write!(
                 f,
                 "cannot allocate {bytes} bytes ({:.1} MiB) of GPU memory for {what}",
@@ -119,6 +122,7 @@ impl From<Error> for PyErr {
                 "ferrograd: cannot allocate {bytes} bytes ({:.1} MiB)",
                 mib(bytes)
             )),
+            Error::Input(msg) => PyValueError::new_err(msg),
             Error::NoDevice(msg) | Error::Device(msg) => {
                 PyRuntimeError::new_err(format!("ferrograd: {msg}"))
             }

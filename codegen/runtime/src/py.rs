@@ -115,6 +115,157 @@ fn input<'py, T: Element + Copy>(
     })
 }
 
+/// The stream a device array's producer last used, from its
+/// `__cuda_array_interface__` (version 3 of the protocol).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProducerStream {
+    /// No `stream` key (protocol version 2 or earlier): the producer said
+    /// nothing, so a consumer must wait for the whole device to be safe.
+    Unknown,
+    /// `stream: None`: the producer says no synchronization is needed.
+    Ready,
+    /// A `CUstream` handle (1 and 2: the legacy and per-thread default streams,
+    /// which the driver accepts as handles too).
+    Handle(u64),
+}
+
+/// An array in GPU memory, as its `__cuda_array_interface__` describes it
+/// (CuPy, PyTorch CUDA tensors, Numba device arrays): checked C-contiguous
+/// and of the expected shape and element type. Only the address is kept;
+/// the caller holds the Python object (so the memory) while it is used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceArray {
+    /// The device address of the first element.
+    pub ptr: u64,
+    /// The number of elements.
+    pub len: usize,
+    /// The size in bytes.
+    pub bytes: usize,
+    /// What must be waited for before reading it.
+    pub stream: ProducerStream,
+}
+
+/// The device array behind `obj` when it has a `__cuda_array_interface__`
+/// (`None` when it has none: a host array), checked against the input's
+/// `shape` and `typestr` (`<f4`, `<i4`, `|b1`; `dtype` names it in messages).
+///
+/// # Errors
+/// `ValueError` naming the input, the expected and the received shape,
+/// element type or layout: a wrong shape or dtype, strides that are not C
+/// order, a mask, a malformed interface.
+pub fn device_array(
+    obj: &Bound<'_, PyAny>,
+    name: &str,
+    shape: &[usize],
+    typestr: &str,
+    dtype: &str,
+) -> PyResult<Option<DeviceArray>> {
+    let Ok(iface) = obj.getattr(pyo3::intern!(obj.py(), "__cuda_array_interface__")) else {
+        return Ok(None);
+    };
+    let fail = |what: String| {
+        PyValueError::new_err(format!(
+            "input '{name}': expected a {dtype} array of shape {}, got a CUDA array with {what}",
+            fmt_shape(shape)
+        ))
+    };
+    let iface = iface
+        .cast_into::<pyo3::types::PyDict>()
+        .map_err(|_| fail("a __cuda_array_interface__ that is not a dict".into()))?;
+    let item = |key: &str| iface.get_item(key);
+    let version: i64 = match item("version")? {
+        Some(v) => v
+            .extract()
+            .map_err(|_| fail("a non-integer version".into()))?,
+        None => return Err(fail("no version in its __cuda_array_interface__".into())),
+    };
+    if !(0..=3).contains(&version) {
+        return Err(fail(format!(
+            "__cuda_array_interface__ version {version} (versions 0 to 3 are understood)"
+        )));
+    }
+    let got: Vec<usize> = match item("shape")? {
+        Some(v) => v.extract().map_err(|_| fail("a malformed shape".into()))?,
+        None => return Err(fail("no shape".into())),
+    };
+    let got_type: String = match item("typestr")? {
+        Some(v) => v
+            .extract()
+            .map_err(|_| fail("a malformed typestr".into()))?,
+        None => return Err(fail("no typestr".into())),
+    };
+    if got != shape || got_type != typestr {
+        return Err(fail(format!(
+            "typestr {got_type:?} and shape {} (expected typestr {typestr:?})",
+            fmt_shape(&got)
+        )));
+    }
+    if let Some(mask) = item("mask")? {
+        if !mask.is_none() {
+            return Err(fail("a mask (masked arrays are not supported)".into()));
+        }
+    }
+    let elem: usize = typestr[2..].parse().unwrap_or(1);
+    if let Some(strides) = item("strides")? {
+        if !strides.is_none() {
+            let strides: Vec<i64> = strides
+                .extract()
+                .map_err(|_| fail("malformed strides".into()))?;
+            if !c_contiguous(shape, &strides, elem) {
+                return Err(fail(format!(
+                    "strides {strides:?} (bytes), which are not C order: make it contiguous \
+                     first (.contiguous() in PyTorch, cupy.ascontiguousarray)"
+                )));
+            }
+        }
+    }
+    let (ptr, _readonly): (u64, bool) = match item("data")? {
+        Some(v) => v
+            .extract()
+            .map_err(|_| fail("malformed data (expected (pointer, read_only))".into()))?,
+        None => return Err(fail("no data".into())),
+    };
+    let len: usize = shape.iter().product();
+    if ptr == 0 && len != 0 {
+        return Err(fail("a null data pointer".into()));
+    }
+    let stream = match item("stream")? {
+        None => ProducerStream::Unknown,
+        Some(v) if v.is_none() => ProducerStream::Ready,
+        Some(v) => match v.extract::<u64>() {
+            Ok(0) | Err(_) => {
+                return Err(fail(format!("an invalid stream {v} (0 is not allowed)")))
+            }
+            Ok(h) => ProducerStream::Handle(h),
+        },
+    };
+    Ok(Some(DeviceArray {
+        ptr,
+        len,
+        bytes: len * elem,
+        stream,
+    }))
+}
+
+/// Whether byte `strides` are those of a C-ordered array of `shape` (the
+/// stride of an extent-1 axis is free, as is everything of an empty array).
+fn c_contiguous(shape: &[usize], strides: &[i64], elem: usize) -> bool {
+    if strides.len() != shape.len() {
+        return false;
+    }
+    if shape.contains(&0) {
+        return true;
+    }
+    let mut want = elem as i64;
+    for (&n, &s) in shape.iter().zip(strides).rev() {
+        if n != 1 && s != want {
+            return false;
+        }
+        want *= n as i64;
+    }
+    true
+}
+
 /// `a float64 array of shape (3,)`, or `list` for what is not an array.
 fn describe(obj: &Bound<'_, PyAny>) -> String {
     match obj.cast::<PyUntypedArray>() {
@@ -341,6 +492,90 @@ mod tests {
             assert_eq!(out.shape(), &[2, 2]);
             assert_eq!(out.readonly().as_slice().unwrap(), &[1.0, 2.0, 3.0, 4.0]);
             assert!(to_numpy_f32(py, &[1.0], &[2, 2]).is_err());
+        });
+    }
+
+    #[test]
+    fn device_arrays_are_read_from_their_cuda_array_interface() {
+        Python::initialize();
+        Python::attach(|py| {
+            let fake = |iface: &str| {
+                let code = format!("class A:\n    __cuda_array_interface__ = {iface}\nobj = A()\n");
+                let globals = pyo3::types::PyDict::new(py);
+                let code = std::ffi::CString::new(code).unwrap();
+                py.run(&code, Some(&globals), None).unwrap();
+                globals.get_item("obj").unwrap().unwrap()
+            };
+            let ok = fake(
+                "{'version': 3, 'shape': (2, 3), 'typestr': '<f4', 'data': (4096, False), \
+                 'strides': None, 'stream': 1}",
+            );
+            let d = device_array(&ok, "x", &[2, 3], "<f4", "float32")
+                .unwrap()
+                .unwrap();
+            assert_eq!((d.ptr, d.len, d.bytes), (4096, 6, 24));
+            assert_eq!(d.stream, ProducerStream::Handle(1));
+            // C-order strides given explicitly, no stream key (version 2), None stream.
+            let v2 = fake(
+                "{'version': 2, 'shape': (2, 3), 'typestr': '<f4', 'data': (8, True), \
+                 'strides': (12, 4)}",
+            );
+            let d = device_array(&v2, "x", &[2, 3], "<f4", "float32")
+                .unwrap()
+                .unwrap();
+            assert_eq!(d.stream, ProducerStream::Unknown);
+            let ready = fake(
+                "{'version': 3, 'shape': (4,), 'typestr': '<i4', 'data': (8, False), \
+                 'stream': None}",
+            );
+            let d = device_array(&ready, "ids", &[4], "<i4", "int32")
+                .unwrap()
+                .unwrap();
+            assert_eq!(d.stream, ProducerStream::Ready);
+            // A NumPy array or a list has no interface: the host path takes it.
+            let list = pyo3::types::PyList::empty(py);
+            assert!(device_array(&list, "x", &[], "<f4", "float32")
+                .unwrap()
+                .is_none());
+            let bad = [
+                (
+                    "{'version': 3, 'shape': (3, 2), 'typestr': '<f4', 'data': (8, False)}",
+                    "input 'x': expected a float32 array of shape (2, 3), got a CUDA array with \
+                  typestr \"<f4\" and shape (3, 2) (expected typestr \"<f4\")",
+                ),
+                (
+                    "{'version': 3, 'shape': (2, 3), 'typestr': '<f8', 'data': (8, False)}",
+                    "input 'x': expected a float32 array of shape (2, 3), got a CUDA array with \
+                  typestr \"<f8\" and shape (2, 3) (expected typestr \"<f4\")",
+                ),
+                (
+                    "{'version': 3, 'shape': (2, 3), 'typestr': '<f4', 'data': (8, False), \
+                  'strides': (4, 8)}",
+                    "input 'x': expected a float32 array of shape (2, 3), got a CUDA array with \
+                  strides [4, 8] (bytes), which are not C order: make it contiguous first \
+                  (.contiguous() in PyTorch, cupy.ascontiguousarray)",
+                ),
+                (
+                    "{'version': 3, 'shape': (2, 3), 'typestr': '<f4', 'data': (8, False), \
+                  'stream': 0}",
+                    "input 'x': expected a float32 array of shape (2, 3), got a CUDA array with \
+                  an invalid stream 0 (0 is not allowed)",
+                ),
+                (
+                    "{'version': 9, 'shape': (2, 3), 'typestr': '<f4', 'data': (8, False)}",
+                    "input 'x': expected a float32 array of shape (2, 3), got a CUDA array with \
+                  __cuda_array_interface__ version 9 (versions 0 to 3 are understood)",
+                ),
+            ];
+            for (iface, want) in bad {
+                let err =
+                    device_array(&fake(iface), "x", &[2, 3], "<f4", "float32").expect_err(iface);
+                assert!(err.is_instance_of::<PyValueError>(py));
+                assert_eq!(err.value(py).to_string(), want);
+            }
+            assert!(c_contiguous(&[2, 1, 3], &[12, 999, 4], 4));
+            assert!(c_contiguous(&[0, 3], &[7, 7], 4));
+            assert!(!c_contiguous(&[2, 3], &[4, 8], 4));
         });
     }
 }

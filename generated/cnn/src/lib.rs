@@ -510,7 +510,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `cnn`.
-#[pyclass(module = "fg_cnn_8a2a6489f03d")]
+#[pyclass(module = "fg_cnn_64414c12a32b")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -662,7 +662,7 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_cnn_8a2a6489f03d(m: &Bound<'_, PyModule>) -> PyResult<()> {
+fn fg_cnn_64414c12a32b(m: &Bound<'_, PyModule>) -> PyResult<()> {
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

@@ -179,7 +179,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `linreg`.
-#[pyclass(module = "fg_linreg_64dbcfc74aaf")]
+#[pyclass(module = "fg_linreg_26fee600b26e")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -312,7 +312,7 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_linreg_64dbcfc74aaf(m: &Bound<'_, PyModule>) -> PyResult<()> {
+fn fg_linreg_26fee600b26e(m: &Bound<'_, PyModule>) -> PyResult<()> {
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

@@ -441,7 +441,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `mlp`.
-#[pyclass(module = "fg_mlp_e933e05ecb84")]
+#[pyclass(module = "fg_mlp_0d1991c630a9")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -587,7 +587,7 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_mlp_e933e05ecb84(m: &Bound<'_, PyModule>) -> PyResult<()> {
+fn fg_mlp_0d1991c630a9(m: &Bound<'_, PyModule>) -> PyResult<()> {
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

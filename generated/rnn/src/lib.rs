@@ -733,7 +733,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `rnn`.
-#[pyclass(module = "fg_rnn_5b851dbc81fd")]
+#[pyclass(module = "fg_rnn_aa5ecb2b7b2b")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -877,7 +877,7 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_rnn_5b851dbc81fd(m: &Bound<'_, PyModule>) -> PyResult<()> {
+fn fg_rnn_aa5ecb2b7b2b(m: &Bound<'_, PyModule>) -> PyResult<()> {
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

@@ -1347,7 +1347,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `char_lm`.
-#[pyclass(module = "fg_char_lm_efd27264b44b")]
+#[pyclass(module = "fg_char_lm_041a5701003f")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -1528,7 +1528,7 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_char_lm_efd27264b44b(m: &Bound<'_, PyModule>) -> PyResult<()> {
+fn fg_char_lm_041a5701003f(m: &Bound<'_, PyModule>) -> PyResult<()> {
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

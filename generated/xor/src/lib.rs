@@ -265,7 +265,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `xor_net`.
-#[pyclass(module = "fg_xor_net_6b0d32481a70")]
+#[pyclass(module = "fg_xor_net_a67e7affc4b3")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -404,7 +404,7 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_xor_net_6b0d32481a70(m: &Bound<'_, PyModule>) -> PyResult<()> {
+fn fg_xor_net_a67e7affc4b3(m: &Bound<'_, PyModule>) -> PyResult<()> {
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

@@ -9,6 +9,7 @@ use cudarc::driver::sys;
 
 use crate::arena::Element;
 use crate::error::Error;
+use crate::py::ProducerStream;
 
 /// `CUDA_ERROR_NAME (the driver's sentence)`.
 pub(crate) fn describe(e: DriverError) -> String {
@@ -223,6 +224,61 @@ impl Device {
         self.inner.driver_version
     }
 
+    /// The CUDA ordinal of the device that holds address `ptr` (memory from
+    /// another library: a CuPy or PyTorch array), or `None` when the driver
+    /// does not know the address (host memory, a stale pointer).
+    pub fn pointer_device(&self, ptr: u64) -> Option<usize> {
+        let mut ordinal: c_int = -1;
+        // SAFETY: the attribute is a C int written to `ordinal`; an unknown
+        // pointer makes the call fail, which is the answer `None`.
+        let r = unsafe {
+            sys::cuPointerGetAttribute(
+                std::ptr::from_mut(&mut ordinal).cast(),
+                sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
+                ptr,
+            )
+        };
+        match r {
+            sys::CUresult::CUDA_SUCCESS => usize::try_from(ordinal).ok(),
+            _ => None,
+        }
+    }
+
+    /// Makes our stream wait for `producer`'s queued work (stream-ordered, as
+    /// the `__cuda_array_interface__` protocol asks): an event recorded on a
+    /// stream handle, nothing when the producer says the data is ready, and
+    /// the whole context when it says nothing.
+    pub fn wait_for(&self, producer: ProducerStream, what: &str) -> Result<(), Error> {
+        match producer {
+            ProducerStream::Ready => Ok(()),
+            ProducerStream::Unknown => check(result::ctx::synchronize(), || {
+                format!("waiting for the GPU before reading {what}")
+            }),
+            ProducerStream::Handle(handle) => {
+                let event = check(
+                    result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING),
+                    || format!("creating an event for {what}"),
+                )?;
+                // SAFETY: `handle` is the producer's stream (1 and 2 are the
+                // driver's own legacy / per-thread handles); the event is ours
+                // and destroyed after the wait is queued, which the driver
+                // allows (its resources go once the wait is done).
+                let r = unsafe {
+                    result::event::record(event, handle as sys::CUstream).and_then(|()| {
+                        result::stream::wait_event(
+                            self.inner.stream,
+                            event,
+                            sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+                        )
+                    })
+                };
+                // SAFETY: our event, not used after.
+                let _ = unsafe { result::event::destroy(event) };
+                check(r, || format!("waiting for the stream that produced {what}"))
+            }
+        }
+    }
+
     pub(crate) fn stream(&self) -> sys::CUstream {
         self.inner.stream
     }
@@ -306,6 +362,32 @@ impl DeviceBuffer {
         check(
             unsafe { result::memcpy_htod_async(dst, data, self.device.stream()) },
             || format!("copying {what} to the GPU"),
+        )
+    }
+
+    /// Queues a copy of `bytes` bytes from device address `src` (another
+    /// allocation on this device) to the start of this buffer.
+    pub(crate) fn copy_from_device_async(
+        &self,
+        src: u64,
+        bytes: usize,
+        what: &str,
+    ) -> Result<(), Error> {
+        if bytes > self.bytes {
+            return Err(Error::layout(format!(
+                "{what}: {bytes} bytes for a device buffer of {}",
+                self.bytes
+            )));
+        }
+        if bytes == 0 {
+            return Ok(());
+        }
+        // SAFETY: the destination fits (checked); the caller checked that
+        // `src` is memory of this device holding `bytes` bytes, and holds it
+        // until the stream is synchronized.
+        check(
+            unsafe { result::memcpy_dtod_async(self.ptr, src, bytes, self.device.stream()) },
+            || format!("copying {what} on the GPU"),
         )
     }
 

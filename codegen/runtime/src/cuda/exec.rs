@@ -27,6 +27,7 @@ use super::layout::{cublas_layout, extent, CublasGemm, GemmShape};
 use super::module::{Function, Module};
 use super::plan::{ArenaSpec, Arg, BufferRef, Elem, Gemm, Launch, Plan, ResultSpec, Step};
 use crate::error::Error;
+use crate::py::DeviceArray;
 
 #[cfg(target_endian = "big")]
 compile_error!("kernel parameter slots assume a little-endian host");
@@ -94,6 +95,25 @@ pub enum HostInput<'a> {
     I32(&'a [i32]),
     /// bools as bytes.
     U8(&'a [u8]),
+}
+
+/// An input of [`Executor::run`]: elements on the host (copied to the
+/// device), or an array already on the device (CuPy, PyTorch: copied device
+/// to device into the input's fixed arena, so a captured CUDA graph keeps
+/// its addresses; aliasing the caller's memory instead would need the graph
+/// re-instantiated or its nodes updated whenever the address changes).
+#[derive(Debug, Clone, Copy)]
+pub enum Feed<'a> {
+    /// Host elements.
+    Host(HostInput<'a>),
+    /// A device array of elements of the given type.
+    Device(Elem, DeviceArray),
+}
+
+impl<'a> From<HostInput<'a>> for Feed<'a> {
+    fn from(data: HostInput<'a>) -> Self {
+        Feed::Host(data)
+    }
 }
 
 /// Elements copied back from the device.
@@ -425,7 +445,9 @@ impl Executor {
             .ok_or_else(|| Error::layout(format!("the module has no entry point `{entry}`")))
     }
 
-    /// Runs `entry`: copies `inputs` (by name, into the arenas `input:<name>`),
+    /// Runs `entry`: copies `inputs` (by name, into the arenas `input:<name>`;
+    /// from the host, or device to device after waiting for the producer's
+    /// stream),
     /// runs the steps (replaying the entry's graph when graphs are on) and
     /// waits for the GPU.
     ///
@@ -435,7 +457,7 @@ impl Executor {
     /// entry point, with how to find the kernel (`sync_each`). After such a
     /// failure the CUDA context may be unusable (the driver's rule): create
     /// the step again in a new process.
-    pub fn run(&mut self, entry: &str, inputs: &[(&str, HostInput<'_>)]) -> Result<(), Error> {
+    pub fn run(&mut self, entry: &str, inputs: &[(&str, Feed<'_>)]) -> Result<(), Error> {
         self.device.bind()?;
         let index = self.entry_index(entry)?;
         for &(name, data) in inputs {
@@ -510,13 +532,52 @@ impl Executor {
         Ok(())
     }
 
-    fn upload_input(&self, name: &str, data: HostInput<'_>) -> Result<(), Error> {
+    fn upload_input(&self, name: &str, data: Feed<'_>) -> Result<(), Error> {
         let arena = self
             .arenas
             .iter()
             .find(|a| a.spec.name.strip_prefix("input:") == Some(name))
             .ok_or_else(|| Error::layout(format!("the plan has no input arena for `{name}`")))?;
         let what = format!("input `{name}`");
+        let data = match data {
+            Feed::Host(data) => data,
+            Feed::Device(elem, array) => {
+                if elem != arena.spec.elem || array.len != arena.spec.len {
+                    return Err(Error::layout(format!(
+                        "{what}: {} {} elements on the device for an arena of {} {} elements",
+                        array.len,
+                        elem.name(),
+                        arena.spec.len,
+                        arena.spec.elem.name()
+                    )));
+                }
+                if array.len == 0 {
+                    return Ok(());
+                }
+                let ordinal = self.device.ordinal();
+                match self.device.pointer_device(array.ptr) {
+                    Some(d) if d == ordinal => {}
+                    got => {
+                        let got = got.map_or_else(
+                            || {
+                                "memory the CUDA driver does not know (not a device allocation \
+                                of this process)"
+                                    .to_string()
+                            },
+                            |d| format!("CUDA device {d}"),
+                        );
+                        return Err(Error::Input(format!(
+                            "input '{name}': expected an array on CUDA device {ordinal} (the \
+                             step's device), got one in {got}"
+                        )));
+                    }
+                }
+                self.device.wait_for(array.stream, &what)?;
+                return arena
+                    .buf
+                    .copy_from_device_async(array.ptr, array.bytes, &what);
+            }
+        };
         let (elem, len) = match data {
             HostInput::F32(d) => (Elem::F32, d.len()),
             HostInput::I32(d) => (Elem::I32, d.len()),

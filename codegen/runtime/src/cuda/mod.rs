@@ -32,7 +32,7 @@ pub mod py;
 
 pub use blas::Blas;
 pub use device::{driver_available, Device, DeviceBuffer, NO_DRIVER};
-pub use exec::{Executor, GemmMode, HostData, HostInput, Options};
+pub use exec::{Executor, Feed, GemmMode, HostData, HostInput, Options};
 pub use graph::Graph;
 pub use module::{Function, Module};
 pub use plan::{ArenaSpec, Arg, BufferRef, Elem, Gemm, Launch, Plan, ResultSpec, Step};
