@@ -27,7 +27,7 @@ from ferrograd.ir.printing import format_graph, to_dot
 from ferrograd.ir.serialize import canonical, fingerprint
 
 from .backends.cpu import Crate, render_crate
-from .backends.ptx import kernel_source, render_ptx
+from .backends.ptx import aligned_buffers, kernel_source, render_ptx
 from .backends.rust import render_kernel
 from .backends.wgsl_module import WgslModule, render_wgsl
 from .cpu_step import CompiledStep
@@ -119,8 +119,12 @@ class Lowered:
         if self.backend == "wgsl":
             return wgsl_kernels(self)
         dtypes = {b.name: b.dtype for s in self.schedules for b in s.buffers.values()}
-        render = kernel_source if self.backend == "cuda" else render_kernel
-        return [KernelInfo(k.name, k.kind, list(k.ops), self.backend, render(k, dtypes))
+        if self.backend == "cuda":
+            aligned = aligned_buffers(self.schedules)
+            return [KernelInfo(k.name, k.kind, list(k.ops), self.backend,
+                               kernel_source(k, dtypes, aligned=aligned))
+                    for s in self.schedules for k in s.kernels]
+        return [KernelInfo(k.name, k.kind, list(k.ops), self.backend, render_kernel(k, dtypes))
                 for s in self.schedules for k in s.kernels]
 
     def device_module(self, backend: str = "ptx", target: str = "sm_80",

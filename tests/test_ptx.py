@@ -321,3 +321,59 @@ def test_conv_weight_grad_takes_a_block_per_weight() -> None:
     assert launch.block == (256, 1, 1) and launch.grid == (5 * 3 * 3 * 3, 1, 1)
     body = module.source.split(f".entry {launch.kernel}(")[1].split("\n}\n")[0]
     assert "shfl.sync.bfly.b32" in body and "bar.sync" in body
+
+
+def _entries(source: str) -> dict[str, str]:
+    """Entry name -> body, elementwise kernels only."""
+    return {name: body for name, body in re.findall(
+        r"// elementwise[^\n]*\n\.visible \.entry (\w+)\((.*?\n)\}\n", source, re.S)}
+
+
+def test_contiguous_elementwise_loads_16_bytes_per_thread() -> None:
+    """A big contiguous elementwise kernel moves 4 elements per thread and step with v4
+    loads and stores, grid from n/4, and a scalar tail for n % 4."""
+
+    @fg.model
+    def fused(x: fg.f32["N"], k: fg.i32["N"]):
+        return {"y": fg.gelu(x * 1.7 - 0.3), "j": k * 3 + 1}
+
+    n = 1_000_003
+    lw = fg.lower(fused, backend="cpu", N=n)
+    assemble_all(lw)
+    module = lw.device_module("ptx")
+    entries = _entries(module.source)
+    launches = [s for s in module.plans["forward"].steps if isinstance(s, Launch)]
+    bodies = "".join(entries[s.kernel] for s in launches)
+    for op in ("ld.global.v4.f32", "st.global.v4.f32", "ld.global.v4.b32", "st.global.v4.b32",
+               "ld.global.f32", "st.global.f32", f"setp.lt.u32 %p1, %r7, {n // 4};"):
+        assert op in bodies, op  # scalar loads: the tail
+    for launch in launches:
+        threads = launch.grid[0] * launch.block[0]
+        assert launch.block == (256, 1, 1)
+        assert threads == min(4096 * 256, math.ceil(n / 4 / 256) * 256)
+    kernels = fg.lower(fused, backend="cuda", N=n).kernels  # what step.kernels shows
+    assert all("ld.global.v4" in k.source for k in kernels)
+
+
+def test_broadcast_and_strided_elementwise_stay_scalar() -> None:
+    """Views that are not contiguous over the iteration space (a transpose, a broadcast
+    row) and bools keep the scalar loop; a broadcast scalar alone does not stop v4."""
+
+    @fg.model
+    def mixed(a: fg.f32["N", "M"], b: fg.f32["M"], c: fg.f32["N", "M"], s: fg.f32[1],
+              m: fg.bool_["N", "M"]):
+        return {"t": a.transpose(1, 0) * 2.0, "row": a + b, "scalar": c * s + 1.0,
+                "mask": fg.where(m, c, a)}
+
+    lw = fg.lower(mixed, backend="cpu", N=64, M=48)
+    assemble_all(lw)
+    src = lw.device_module("ptx").source
+    entries = _entries(src)
+    assert entries
+    vector = [name for name, body in entries.items() if "v4" in body]
+    scalar = [name for name, body in entries.items() if "v4" not in body]
+    assert scalar, "strided and broadcast kernels keep the scalar loop"
+    for body in (entries[n] for n in vector):
+        assert "ld.global.u8" not in body  # never bools
+    comments = re.findall(r"// (elementwise[^\n]*)", src)
+    assert any("4 per thread" not in c for c in comments)

@@ -36,7 +36,7 @@ from ferrograd.ir.errors import BackendError
 
 from ..kernel_ir import Conv, Elementwise, Gather, Kernel, Matmul, Reduce
 from ..launch_plan import BufferRef, DeviceModule, DevicePlan, Gemm, Launch, ScalarArg
-from ..memory import MemoryPlan
+from ..memory import ALIGN, MemoryPlan
 from ..schedule import Schedule
 from .ptx_kernels import (
     FLAGS,
@@ -68,18 +68,32 @@ KINDS: dict[type, Callable[[Any, dict[str, str], bool], list[Step]]] = {
 }
 
 
-def render_kernel(k: Kernel, dtypes: dict[str, str], fast_math: bool = False) -> list[Step]:
-    """The launches (and GEMMs) of one kernel."""
+def aligned_buffers(schedules: list[Schedule]) -> frozenset[str]:
+    """The buffers whose first element is 16-byte aligned on the device: inputs (an
+    arena each), params, state and temps (offsets multiples of ``memory.ALIGN``
+    elements); not consts, packed end to end."""
+    assert ALIGN % 4 == 0
+    return frozenset(b.name for s in schedules for b in s.buffers.values()
+                     if b.kind in ("input", "param", "state", "temp"))
+
+
+def render_kernel(k: Kernel, dtypes: dict[str, str], fast_math: bool = False,
+                  aligned: frozenset[str] = frozenset()) -> list[Step]:
+    """The launches (and GEMMs) of one kernel; ``aligned`` as ``aligned_buffers`` says
+    (elementwise kernels over them may use 16-byte accesses)."""
+    if isinstance(k, Elementwise):
+        return elementwise(k, dtypes, fast_math, aligned)
     render = KINDS.get(type(k))
     if render is None:
         raise BackendError(f"no PTX template for kernel kind {k.kind}")
     return render(k, dtypes, fast_math)
 
 
-def kernel_source(k: Kernel, dtypes: dict[str, str], fast_math: bool = False) -> str:
+def kernel_source(k: Kernel, dtypes: dict[str, str], fast_math: bool = False,
+                  aligned: frozenset[str] = frozenset()) -> str:
     """The PTX of one kernel, for people (``step.kernels``)."""
     parts = []
-    for step in render_kernel(k, dtypes, fast_math):
+    for step in render_kernel(k, dtypes, fast_math, aligned):
         launch = step.fallback if isinstance(step, GemmStep) else step
         if isinstance(step, GemmStep):
             parts.append(f"// GEMM {step.batch}x{step.m}x{step.n}x{step.k}: cuBLAS, or "
@@ -117,6 +131,7 @@ def render_ptx(schedules: list[Schedule], memory_plan: MemoryPlan, *, target: st
         raise BackendError(f"unknown PTX target {target!r}; choose from {', '.join(TARGETS)}")
     const_data, const_at, const_sizes = const_layout(schedules)
     dtypes = {b.name: b.dtype for s in schedules for b in s.buffers.values()}
+    aligned = aligned_buffers(schedules)
     builder = _ModuleBuilder()
     plans: dict[str, DevicePlan] = {}
     uses_flags = False
@@ -124,7 +139,7 @@ def render_ptx(schedules: list[Schedule], memory_plan: MemoryPlan, *, target: st
         refs = _Addresses(s, memory_plan, const_at)
         plan = DevicePlan(s.entry)
         for k in s.kernels:
-            for step in render_kernel(k, dtypes, fast_math):
+            for step in render_kernel(k, dtypes, fast_math, aligned):
                 plan.steps.append(_plan_step(step, builder, refs))
                 uses_flags |= isinstance(k, Gather)
         for key, buf in s.results.items():

@@ -198,6 +198,14 @@ def _key(e: Any) -> Any:
 # ---- expressions --------------------------------------------------------------------------
 
 
+def shared_subexpressions(exprs: list[Any]) -> tuple[list[tuple[Any, Any]], list[Any]]:
+    """``sympy.cse`` of ``exprs``: (temporary, subexpression) pairs and the reduced
+    expressions, temporaries being Dummies."""
+    subs, reduced = sp.cse(exprs, symbols=sp.numbered_symbols("_t", cls=sp.Dummy),
+                           optimizations=None)
+    return list(subs), list(reduced)
+
+
 class ExprEmitter:
     """Legalized sympy expressions -> instructions of a ``PtxFunction``.
 
@@ -219,8 +227,13 @@ class ExprEmitter:
         self.kinds[_key(symbol)] = kind
 
     def emit_all(self, exprs: list[Any], kinds: list[str]) -> list[str]:
-        subs, reduced = sp.cse(exprs, symbols=sp.numbered_symbols("_t", cls=sp.Dummy),
-                               optimizations=None)
+        return self.emit_shared(shared_subexpressions(exprs), kinds)
+
+    def emit_shared(self, shared: tuple[list[tuple[Any, Any]], list[Any]], kinds: list[str]
+                    ) -> list[str]:
+        """``emit_all`` of expressions already through ``shared_subexpressions``: emitting
+        them again (after binding the inputs anew) writes fresh registers."""
+        subs, reduced = shared
         for sym, sub in subs:
             kind = self.kind_of(sub)
             if kind == "number":
