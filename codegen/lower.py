@@ -29,6 +29,7 @@ from ferrograd.ir.serialize import canonical, fingerprint
 from .backends.cpu import Crate, render_crate
 from .backends.ptx import aligned_buffers, kernel_source, render_ptx
 from .backends.rust import render_kernel
+from .backends.wgsl_crate import render_wgsl_crate
 from .backends.wgsl_module import WgslModule, render_wgsl
 from .cpu_step import CompiledStep
 from .cuda_step import open_cuda_step
@@ -36,7 +37,7 @@ from .launch_plan import DeviceModule
 from .memory import MemoryPlan, plan_memory
 from .schedule import Schedule, entry_points, schedule
 from .step import NumpyStep, Step
-from .wgsl_step import compile_wgsl, wgsl_kernels, write_wgsl
+from .wgsl_step import open_wgsl_step, wgsl_kernels, write_wgsl
 
 # Backends named in the design; "numpy" interprets, "cpu" builds a Rust module, "cuda"
 # the same module with a CUDA step (PTX and launch plans) beside the CPU one.
@@ -222,7 +223,7 @@ class Lowered:
         if device == "numpy":
             return NumpyStep(self, params, state)
         if device == "wgsl":
-            return compile_wgsl(self, params, state)
+            return open_wgsl_step(self, self._module("wgsl"), params, state)
         if device not in ("cpu", "cuda"):
             raise _unavailable(device)
         module = self._module()
@@ -230,13 +231,14 @@ class Lowered:
                   else module.Step())
         return CompiledStep(self, module, params, state, device, native)
 
-    def _module(self) -> ModuleType:
-        """The built module: from the cache index without rendering anything when this
-        exact model was built before, else rendered once, built and indexed."""
+    def _module(self, kind: str = "native") -> ModuleType:
+        """The built module of ``kind`` ("native": cpu/cuda steps; "wgsl"): from the
+        cache index without rendering anything when this exact model was built
+        before, else rendered once, built and indexed."""
         from .build import build_module, cache_dir, module_path, runtime_fingerprint
 
         digest = hashlib.sha256()
-        for part in (fingerprint(self.graph), repr(self.backends), __version__,
+        for part in (kind, fingerprint(self.graph), repr(self.backends), __version__,
                      runtime_fingerprint(), _codegen_digest()):
             digest.update(part.encode())
         index = cache_dir() / "index" / f"{digest.hexdigest()[:32]}.txt"
@@ -244,7 +246,7 @@ class Lowered:
             name = index.read_text().strip()
             if module_path(name).exists():
                 return build_module(Path(), name)
-        crate = self.crate
+        crate = self.crate if kind == "native" else render_wgsl_crate(self.graph, self.wgsl)
         crate_dir = cache_dir() / "crates" / crate.module
         module = build_module(crate.write(crate_dir), crate.module)
         index.parent.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ adapter: the step API is the CPU step's, through ``CompiledStep``.
 from __future__ import annotations
 
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -37,15 +38,9 @@ def write_wgsl(lowered: Lowered, directory: Path) -> None:
     render_wgsl_crate(lowered.graph, lowered.wgsl, directory).write(directory)
 
 
-def compile_wgsl(lowered: Lowered, params: dict[str, np.ndarray],
-                 state: dict[str, np.ndarray]) -> CompiledStep:
-    """Build (or load) the module and create its step on a WebGPU adapter."""
-    from .build import build_module, cache_dir
-
-    name = render_wgsl_crate(lowered.graph, lowered.wgsl).module
-    crate_dir = cache_dir() / "crates" / name
-    render_wgsl_crate(lowered.graph, lowered.wgsl, crate_dir).write(crate_dir)
-    module = build_module(crate_dir, name)
+def open_wgsl_step(lowered: Lowered, module: ModuleType, params: dict[str, np.ndarray],
+                   state: dict[str, np.ndarray]) -> CompiledStep:
+    """Create the built module's step on a WebGPU adapter."""
     try:
         native = module.WgslStep()
     except RuntimeError as err:  # no adapter, or a shader the device rejects

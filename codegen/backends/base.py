@@ -12,6 +12,8 @@ import numpy as np
 import sympy as sp
 from sympy.printing.precedence import precedence
 
+from ferrograd.ir.graph import Graph
+
 from ..kernel_ir import Reduce, ToBool, ToFloat, ToInt, View
 
 
@@ -271,3 +273,14 @@ def reduce_layout(k: Reduce) -> ReduceLayout:
     ksizes, kstrides = collapse(shape[:n], kept_views)
     rsizes, rstrides = collapse(shape[n:], red_views)
     return ReduceLayout(ksizes, kstrides, rsizes, rstrides)
+
+
+def check_ids(graph: Graph, input_name: str, ids: str) -> str | None:
+    """The Rust statement that range-checks class labels / embedding ids held by the
+    input ``input_name`` (a ``&[i32]`` expression ``ids``) before anything runs; None
+    for an input that indexes nothing. Every backend's module uses this one check."""
+    bound = graph.index_bounds.get(input_name)
+    if bound is None:
+        return None
+    return (f"rt::gather::check_ids(\"input '{input_name}'\", {ids}, {bound})"
+            ".map_err(rt::Error::from)?;")

@@ -28,7 +28,7 @@ from ..kernel_ir import Buffer, Conv
 from ..launch_plan import DeviceModule
 from ..memory import MemoryPlan
 from ..schedule import Schedule, safe_name
-from .base import IndentedBuffer
+from .base import IndentedBuffer, check_ids
 from .cuda import render_cuda_step
 from .rust import RUST_TYPES, KernelArgs, conv_params, fallible, render_kernel
 
@@ -236,10 +236,8 @@ def _py_method(graph: Graph, s: Schedule, plan: MemoryPlan) -> str:
         params.append(f"{name}: &Bound<'py, PyAny>")
         loads.append(f"let {name} = rt::py::input_{RUST_TYPES[n.dtype]}({name}, {k!r:}, "
                      f"&[{', '.join(map(str, n.shape))}])?;".replace("'", '"'))
-        bound = graph.index_bounds.get(k)
-        if bound is not None:  # class labels / embedding ids: checked before anything runs
-            loads.append(f"rt::gather::check_ids(\"input '{k}'\", &{name}, {bound})"
-                         ".map_err(rt::Error::from)?;")
+        if (check := check_ids(graph, k, f"&{name}")) is not None:
+            loads.append(check)
         names.append(name)
     doc = {"train": "One training step on a batch; returns the loss.",
            "forward": "The model's outputs on a batch, by name; no update.",

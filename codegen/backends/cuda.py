@@ -21,7 +21,7 @@ from ferrograd.ir.graph import Graph
 
 from ..launch_plan import BufferRef, DeviceModule, Gemm, Launch, ScalarArg
 from ..schedule import safe_name
-from .base import IndentedBuffer, f32_literal
+from .base import IndentedBuffer, check_ids, f32_literal
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 
@@ -137,12 +137,10 @@ def _py_method(graph: Graph, device: DeviceModule, entry: str) -> str:
         shape = ", ".join(map(str, n.shape))
         # A NumPy array, or a device array (__cuda_array_interface__: CuPy, PyTorch)
         loads.append(f'let {name} = rt::cuda::py::feed_{rust_type}({name}, "{k}", &[{shape}])?;')
-        bound = graph.index_bounds.get(k)
-        if bound is not None:
-            # Class labels / embedding ids on the host: checked before anything runs. Ids
-            # on the device are not read back; the kernels' error flag reports them.
-            loads.append(f"if let Some(ids) = {name}.host() {{ rt::gather::check_ids("
-                         f"\"input '{k}'\", ids, {bound}).map_err(rt::Error::from)?; }}")
+        if (check := check_ids(graph, k, "ids")) is not None:
+            # Ids on the host are checked before anything runs; ids on the device are
+            # not read back (the kernels' error flag reports them).
+            loads.append(f"if let Some(ids) = {name}.host() {{ {check} }}")
         loads.append(f"let {name} = {name}.feed();")
         if f"input:{name}" in device.arena_sizes:  # an input no kernel reads has no arena
             feeds.append(f'("{name}", {name})')

@@ -28,7 +28,7 @@ from ferrograd.ir.serialize import fingerprint
 from ..build import runtime_fingerprint
 from ..launch_plan import BufferRef, DevicePlan, Launch
 from ..schedule import safe_name
-from .base import IndentedBuffer
+from .base import IndentedBuffer, check_ids
 from .cpu import Crate, _rustfmt
 from .wgsl_kernels import BINDINGS
 from .wgsl_module import WgslModule
@@ -123,10 +123,8 @@ def _py_method(graph: Graph, module: WgslModule, entry: str) -> str:
         params.append(f"{name}: &Bound<'py, PyAny>")
         dims = ", ".join(map(str, n.shape))
         loads.append(f'let {name} = rt::py::{INPUT_FN[n.dtype]}({name}, "{k}", &[{dims}])?;')
-        bound = graph.index_bounds.get(k)
-        if bound is not None:  # class labels / embedding ids: checked before anything runs
-            loads.append(f"rt::gather::check_ids(\"input '{k}'\", &{name}, {bound})"
-                         ".map_err(rt::Error::from)?;")
+        if (check := check_ids(graph, k, f"&{name}")) is not None:
+            loads.append(check)
         names.append(name)
         array, at = _region(module, BufferRef(f"input:{k}", 0))
         writes.append(f"device.{WRITE_FN[array]}({at}, {name});")
