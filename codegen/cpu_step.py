@@ -9,7 +9,7 @@ import numpy as np
 
 from ferrograd.ir.errors import BackendError, InputError
 
-from .step import Step
+from .step import KernelTime, Profile, Step
 
 if TYPE_CHECKING:
     from .lower import Lowered
@@ -30,6 +30,15 @@ class CompiledStep(Step):
         self._native = module.Step() if native is None else native
         self._set("param", params)
         self._set("state", state)
+
+    def profile(self, reset: bool = False) -> Profile:
+        if not (self.lowered.profile and self.backend == "cpu"):
+            return super().profile(reset)
+        info = {k.name: (k.kind, tuple(k.ops)) for s in self.lowered.schedules
+                for k in s.kernels}
+        return Profile(KernelTime(entry, name, *info[name], calls, total_s)
+                       for entry, name, calls, total_s in self._native.profile(reset)
+                       if calls)
 
     @property
     def gemm_backend(self) -> str:

@@ -9,6 +9,7 @@ backend renders exactly these.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -133,7 +134,13 @@ class Reduce(Kernel):
 
 @dataclass
 class Matmul(Kernel):
-    """out[b] = a[b] @ b[b] over batch dims ``batch`` (views broadcast over them)."""
+    """out[b] = a[b] @ b[b] over batch dims ``batch`` (views broadcast over them).
+
+    An ``epilogue`` is the elementwise kernel that consumes the product: it iterates
+    over ``out``'s shape and reads ``out`` at the index it computes. A backend may
+    apply it per tile while the product is hot (CPU: per row block; GPU: in
+    registers) or run it as a kernel of its own right after (``unfused``).
+    """
 
     batch: tuple[int, ...] = ()
     m: int = 0
@@ -142,14 +149,36 @@ class Matmul(Kernel):
     a: View | None = None
     b: View | None = None
     out: View | None = None
+    epilogue: Elementwise | None = None
 
     kind = "matmul"
 
     def reads(self) -> list[View]:
-        return [v for v in (self.a, self.b) if v is not None]
+        operands = [v for v in (self.a, self.b) if v is not None]
+        if self.epilogue is None or self.out is None:
+            return operands
+        return operands + [v for v in self.epilogue.reads() if v.buffer != self.out.buffer]
 
     def writes(self) -> list[View]:
-        return [self.out] if self.out else []
+        out = [self.out] if self.out else []
+        return out + (self.epilogue.writes() if self.epilogue else [])
+
+    def product_symbol(self) -> str | None:
+        """The epilogue's name for the product (the input that reads ``out``)."""
+        if self.epilogue is None:
+            return None
+        return next(s for s, v in self.epilogue.inputs.items() if v == self.out)
+
+
+def unfused(k: Kernel) -> list[Kernel]:
+    """``k`` as kernels without epilogues: a matmul with one becomes the bare product
+    followed by its epilogue (named ``<matmul>_epilogue``)."""
+    if not isinstance(k, Matmul) or k.epilogue is None:
+        return [k]
+    bare = dataclasses.replace(k, epilogue=None,
+                               ops=[op for op in k.ops if op == "matmul"][:1])
+    epilogue = dataclasses.replace(k.epilogue, name=f"{k.name}_epilogue")
+    return [bare, epilogue]
 
 
 @dataclass

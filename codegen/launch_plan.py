@@ -54,8 +54,9 @@ class Launch:
 class Gemm:
     """C[b] = A[b] @ B[b] for b in range(batch), all f32, row-major element strides:
     ``*_strides`` = (batch, row, col) with batch stride 0 for a broadcast operand.
-    A runtime uses a vendor library (cuBLAS) when present, else the fallback kernel
-    ``fallback`` (a Launch over the same operands) that the renderer also emits."""
+    A runtime uses a vendor library (cuBLAS; cuBLASLt with its bias epilogue) when
+    present, else the fallback kernel ``fallback`` (a Launch over the same operands,
+    epilogue included) that the renderer also emits."""
 
     batch: int
     m: int
@@ -68,6 +69,8 @@ class Gemm:
     c: BufferRef
     c_strides: tuple[int, int, int]
     fallback: Launch | None = None
+    bias: BufferRef | None = None  # C[b][i, j] += bias[j]: a contiguous vector of n
+    relu: bool = False  # then C = max(C, 0) (only with a bias)
 
 
 @dataclass

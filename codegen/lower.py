@@ -3,6 +3,7 @@ building anything; ``Lowered.compile()`` turns it into a step object."""
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import json
@@ -65,7 +66,7 @@ class Lowered:
 
     def __init__(self, model: Model, graph: Graph, backend: str, seed: int,
                  optimizer: Optimizer | None, dims: dict[str, int],
-                 backends: tuple[str, ...] | None = None) -> None:
+                 backends: tuple[str, ...] | None = None, profile: bool = False) -> None:
         self.model = model
         self.graph = graph
         self.backend = backend  # the default device of compile()
@@ -73,6 +74,8 @@ class Lowered:
         self.seed = seed
         self.optimizer = optimizer
         self.dims = dims
+        # Whether the CPU step's entry points time every kernel call (``Step.profile()``).
+        self.profile = profile
         self._device_modules: dict[tuple[str, bool], DeviceModule] = {}
 
     @property
@@ -102,7 +105,7 @@ class Lowered:
         """The Rust crate of the CPU backend, with the CUDA step when lowered for "cuda"
         (rendered, not built)."""
         return render_crate(self.graph, self.schedules, self.memory_plan,
-                            device=self._cuda_part())
+                            device=self._cuda_part(), profile=self.profile)
 
     @functools.cached_property
     def wgsl(self) -> WgslModule:
@@ -170,7 +173,7 @@ class Lowered:
         out.mkdir(parents=True, exist_ok=True)
         if {"cpu", "cuda"} & set(self.backends):
             render_crate(self.graph, self.schedules, self.memory_plan, out,
-                         device=self._cuda_part()).write(out)
+                         device=self._cuda_part(), profile=self.profile).write(out)
         if "wgsl" in self.backends:
             write_wgsl(self, out)
         (out / "graph.txt").write_text(format_graph(self.graph) + "\n")
@@ -208,11 +211,40 @@ class Lowered:
         lines.append(self.memory_plan.summary())
         return "\n".join(lines)
 
-    def compile(self, device: str | None = None, **options: Any) -> Step:
+    def profiled(self, profile: bool = True) -> Lowered:
+        """This lowering with (or without) per-kernel timers in its CPU step: the same
+        graph and schedules, another crate and module (``source``, ``write``, ``crate``
+        show it)."""
+        if profile == self.profile:
+            return self
+        if profile and not {"cpu", "cuda"} & set(self.backends):
+            raise BackendError(f"profiling times the kernels of the CPU step; a module for "
+                               f"{', '.join(self.backends)} has none (use backend='cpu')")
+        other = copy.copy(self)
+        other.profile = profile
+        other.__dict__.pop("crate", None)  # rendered again, with or without the timers
+        return other
+
+    def compile(self, device: str | None = None, *, profile: bool | None = None,
+                **options: Any) -> Step:
         """Build (or load from the cache) and return a step running on ``device`` (by
         default the first backend lowered for). ``options`` go to the CUDA step:
-        ``graph``, ``gemm``, ``tf32``, ``sync``, ``device_index`` (see ``cuda_step.py``)."""
+        ``graph``, ``gemm``, ``tf32``, ``sync``, ``device_index`` (see ``cuda_step.py``).
+
+        ``profile=True`` (device "cpu") times every kernel call of the step's entry
+        points, for ``step.profile()``; a separate module, built once like any other.
+        By default it is ``self.profile``, or on for a CPU step when the environment
+        has ``FERROGRAD_PROFILE=1``."""
         device = device or self.backend
+        if profile is None:
+            wanted = os.environ.get("FERROGRAD_PROFILE", "0").strip().lower()
+            env = device == "cpu" and wanted not in ("", "0", "false", "no", "off")
+            profile = self.profile or env
+        elif profile and device != "cpu":
+            raise BackendError(f"profiling times the kernels of the CPU step; device "
+                               f"{device!r} has no such step (use device='cpu')")
+        if profile != self.profile:
+            return self.profiled(profile).compile(device, profile=profile, **options)
         if device not in self.backends:
             raise BackendError(f"device {device!r} is not in this module (lowered for "
                                f"{', '.join(self.backends)}); lower it with backend="
@@ -241,6 +273,8 @@ class Lowered:
         for part in (kind, fingerprint(self.graph), repr(self.backends), __version__,
                      runtime_fingerprint(), _codegen_digest()):
             digest.update(part.encode())
+        if self.profile and kind == "native":  # a profiled build is another module
+            digest.update(b"profile")
         index = cache_dir() / "index" / f"{digest.hexdigest()[:32]}.txt"
         if index.exists():
             name = index.read_text().strip()
@@ -335,8 +369,11 @@ def lower(model: Model, optimizer: Optimizer | None = None,
 
 def compile(model: Model, optimizer: Optimizer | None = None,
             backend: str | tuple[str, ...] = "cpu", seed: int = 0, device: str | None = None,
-            **dims: int) -> Step:
+            profile: bool | None = None, **dims: int) -> Step:
     """``lower(...).compile(device)``: a step object that trains ``model`` one batch per
     call. ``backend=("cpu", "cuda")`` builds one module holding both steps; ``device``
-    picks the one this step runs on (default: the first)."""
-    return lower(model, optimizer, backend, seed, **dims).compile(device)
+    picks the one this step runs on (default: the first).
+
+    ``profile=True`` builds the CPU step with per-kernel timers (``step.profile()``);
+    by default a CPU step has them when ``FERROGRAD_PROFILE=1`` (see ``Lowered.compile``)."""
+    return lower(model, optimizer, backend, seed, **dims).compile(device, profile=profile)

@@ -12,7 +12,10 @@ outputs) and "grads" (the gradients). The rules, in order of application:
   A scalar is recomputed inside a bigger group. Each group is one kernel with
   one sympy expression per output.
 - A reduction absorbs the elementwise ops that only feed it (its prologue).
-- Matmul reads both operands through views (a transpose is just strides).
+- Matmul reads both operands through views (a transpose is just strides). When
+  every user of a product is in one elementwise kernel over the product's shape,
+  that kernel becomes the matmul's epilogue (bias, activation, an optimizer update
+  of the weight whose gradient it is): one kernel, the product consumed while hot.
 - An optimizer update is written in place into its param / state buffer when
   ordering allows (every reader of the old value runs first); otherwise into a
   temp that is copied back at the end.
@@ -95,6 +98,8 @@ class _Scheduler:
         self.kernel_reads: list[set[int]] = []  # node values each kernel reads
         self.kernel_writes: list[set[int]] = []
         self.log: list[str] = []
+        self.epilogues: dict[int, _Group] = {}  # matmul node -> its epilogue's group
+        self.pending: dict[int, tuple[Matmul, set[int], set[int]]] = {}  # by id(group)
         # persistent name -> update node, for the updates this entry writes back
         self.updates = {k.split(":", 1)[1]: v for k, v in self.roots.items()
                         if k.startswith("update:")}
@@ -154,6 +159,7 @@ class _Scheduler:
             raise BackendError("compiled backends compute in float32; this model uses "
                                "float64 (use backend='numpy' for float64)")
         group_of = self.group()
+        self.epilogues = self._epilogues(group_of)
         inplace = self._inplace_targets(group_of)
         for n in self.plan:
             g = group_of.get(n.id)
@@ -170,6 +176,7 @@ class _Scheduler:
 
     def _build_without_inplace(self) -> Schedule:
         group_of = self.group()
+        self.epilogues = self._epilogues(group_of)
         for n in self.plan:
             g = group_of.get(n.id)
             if g is not None:
@@ -191,6 +198,26 @@ class _Scheduler:
         buffers = {k: b for k, b in self.buffers.items()
                    if k in used or b.kind in ("input", "param", "state")}
         return Schedule(self.entry, kernels, buffers, results, self.log)
+
+    def _epilogues(self, group_of: dict[int, _Group]) -> dict[int, _Group]:
+        """Matmul node -> the elementwise group that becomes its epilogue: the group
+        holds every user of the product and iterates over the product's shape."""
+        fused: dict[int, _Group] = {}
+        taken: set[int] = set()
+        for n in self.plan:
+            if n.op != "matmul" or n.id in self.result_ids or not self.users[n.id]:
+                continue
+            groups = {id(group_of.get(u)): group_of.get(u) for u in self.users[n.id]}
+            if len(groups) != 1:
+                continue
+            (g,) = groups.values()
+            if g is None or g.kind != "elementwise" or g.shape != n.shape or id(g) in taken:
+                continue
+            fused[n.id] = g
+            taken.add(id(g))
+            self.log.append(f"  {self._desc(n)} takes the kernel of %{g.founder} as its "
+                            "epilogue")
+        return fused
 
     def _inplace_targets(self, group_of: dict[int, _Group]) -> dict[int, str]:
         """Update nodes that an elementwise group can write straight into their target."""
@@ -342,8 +369,15 @@ class _Scheduler:
             self.view[o] = dst
             outputs.append((dst.broadcast_to(g.shape) if n.shape != g.shape else dst, expr(o)))
         label = safe_name("_".join(ops[:3]) if len(ops) <= 3 else "_".join(ops[:2]) + "_etc")
-        self._add_kernel(Elementwise(label, ops, g.shape, inputs, outputs), reads,
-                         set(g.outputs))
+        kernel = Elementwise(label, ops, g.shape, inputs, outputs)
+        if id(g) in self.pending:
+            mm, mm_reads, mm_writes = self.pending.pop(id(g))
+            mm.epilogue = kernel
+            mm.ops = ["matmul", *ops]
+            mm.name = safe_name(f"matmul_{label}")
+            self._add_kernel(mm, mm_reads | reads, mm_writes | set(g.outputs))
+            return
+        self._add_kernel(kernel, reads, set(g.outputs))
 
     def _emit_matmul(self, n: Node) -> None:
         a, b = (self.node[x] for x in n.args)
@@ -352,8 +386,13 @@ class _Scheduler:
         bv = self.view[b.id].broadcast_to((*batch, *b.shape[-2:]))
         out = self._temp(n)
         self.view[n.id] = out
-        self._add_kernel(Matmul("matmul", ["matmul"], batch, n.shape[-2], n.shape[-1],
-                                a.shape[-1], av, bv, out), {a.id, b.id}, {n.id})
+        k = Matmul("matmul", ["matmul"], batch, n.shape[-2], n.shape[-1], a.shape[-1], av, bv,
+                   out)
+        g = self.epilogues.get(n.id)
+        if g is not None:  # emitted with its epilogue, when the group is
+            self.pending[id(g)] = (k, {a.id, b.id}, {n.id})
+            return
+        self._add_kernel(k, {a.id, b.id}, {n.id})
 
     def _emit_gather(self, n: Node) -> None:
         out = self._temp(n)
@@ -451,9 +490,9 @@ class _Scheduler:
             target = self._persistent_view(name).buffer
             writers = [i for i, k in enumerate(self.kernels)
                        if any(v.buffer == target for v in k.writes())]
-            for w in writers:
-                for i, rs in enumerate(self.kernel_reads):
-                    if old in rs and i != w:
+            for w in writers:  # readers of the old value, directly or through a view
+                for i, (k, rs) in enumerate(zip(self.kernels, self.kernel_reads, strict=True)):
+                    if i != w and (old in rs or any(v.buffer == target for v in k.reads())):
                         dag.add_edge(i, w)
                 if self._unsafe_inplace(self.kernels[w], target):
                     return None
@@ -470,6 +509,11 @@ class _Scheduler:
     def _unsafe_inplace(k: Kernel, target: str) -> bool:
         """Writing ``target`` in place is safe only where each element is read at the
         same index it is written."""
+        if isinstance(k, Matmul):
+            operands = [v for v in (k.a, k.b) if v is not None]
+            if any(v.buffer == target for v in operands):
+                return True
+            return k.epilogue is not None and _Scheduler._unsafe_inplace(k.epilogue, target)
         if not isinstance(k, Elementwise):
             return False
         written = {v for v, _ in k.outputs if v.buffer == target}

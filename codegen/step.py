@@ -3,18 +3,22 @@
 ``Step`` holds everything a step keeps between calls and implements the public
 API once; a backend subclass only says how to run the graph (``_run``). The
 NumPy backend runs the reference interpreter.
+
+A CPU step compiled with ``profile=True`` (or ``FERROGRAD_PROFILE=1``) also answers
+``step.profile()``: per kernel, how many calls and how much wall time (``Profile``).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ferrograd._version import __version__
-from ferrograd.ir.errors import CheckpointError, InputError
+from ferrograd.ir.errors import BackendError, CheckpointError, InputError
 from ferrograd.ir.graph import Graph, numpy_dtype
 from ferrograd.ir.interpret import check_feed, interpret
 
@@ -136,9 +140,69 @@ class Step:
     def source(self, backend: str | None = None) -> str:
         return self.lowered.source(backend or self.backend)
 
+    # ---- profiling ----------------------------------------------------------------------
+    def profile(self, reset: bool = False) -> Profile:
+        """Per-kernel calls and wall time of every entry point since the step was built
+        (or last reset), longest total first; ``str()`` of it is a table. ``reset=True``
+        restarts the counters after reading. Only for a CPU step compiled with
+        ``profile=True`` (or ``FERROGRAD_PROFILE=1``); others raise ``BackendError``."""
+        raise BackendError(
+            f"{self.graph.name}: this {self.backend} step was not compiled with profiling; "
+            "compile it with fg.compile(..., backend='cpu', profile=True) or with "
+            "FERROGRAD_PROFILE=1 set")
+
+    def profile_report(self, reset: bool = False) -> str:
+        """``str(self.profile(reset))``: kernel, kind, calls, total ms, mean µs, share."""
+        return str(self.profile(reset))
+
     def __repr__(self) -> str:
         return (f"<fg.Step {self.graph.name} backend={self.backend} inputs="
                 f"({', '.join(self.graph.inputs)}) params={len(self.graph.params)}>")
+
+
+@dataclass(frozen=True)
+class KernelTime:
+    """One kernel of one entry point in a profile: its calls and their total wall time."""
+
+    entry: str
+    name: str
+    kind: str
+    ops: tuple[str, ...]
+    calls: int
+    total_s: float
+
+    @property
+    def mean_us(self) -> float:
+        """Mean wall time of one call, in microseconds."""
+        return self.total_s / self.calls * 1e6 if self.calls else 0.0
+
+
+class Profile(list[KernelTime]):
+    """Kernel times (``KernelTime``), longest total first, of the kernels called at
+    least once. ``str()`` is the table that ``Step.profile_report()`` prints."""
+
+    def __init__(self, rows: Iterable[KernelTime] = ()) -> None:
+        super().__init__(sorted(rows, key=lambda r: (-r.total_s, r.name)))
+
+    @property
+    def total_s(self) -> float:
+        """Wall time of every kernel call together (not the time between calls)."""
+        return sum(r.total_s for r in self)
+
+    def __str__(self) -> str:
+        total = self.total_s
+        width = max([len("kernel"), *(len(r.name) for r in self)])
+        lines = [f"{'kernel':<{width}}  {'kind':<12} {'calls':>7} {'total ms':>10} "
+                 f"{'mean µs':>10} {'share':>6}  ops"]
+        for r in self:
+            share = r.total_s / total if total else 0.0
+            ops = ", ".join(r.ops)
+            lines.append(f"{r.name:<{width}}  {r.kind:<12} {r.calls:>7} "
+                         f"{r.total_s * 1e3:>10.3f} {r.mean_us:>10.2f} {share:>6.1%}  "
+                         f"{ops if len(ops) <= 48 else ops[:45] + '...'}")
+        lines.append(f"{'total':<{width}}  {'':<12} {sum(r.calls for r in self):>7} "
+                     f"{total * 1e3:>10.3f}")
+        return "\n".join(lines)
 
 
 def _checked(graph: Graph, table: dict[str, int], values: Mapping[str, Any], what: str

@@ -18,6 +18,7 @@ from ferrograd.ir.errors import BackendError
 
 from .backends.wgsl_crate import render_wgsl_crate
 from .cpu_step import CompiledStep
+from .kernel_ir import unfused
 
 if TYPE_CHECKING:
     from .lower import KernelInfo, Lowered
@@ -30,7 +31,7 @@ def wgsl_kernels(lowered: Lowered) -> list[KernelInfo]:
     module = lowered.wgsl
     return [KernelInfo(k.name, k.kind, list(k.ops), "wgsl",
                        module.shaders[module.kernels[k.name]].source)
-            for s in lowered.schedules for k in s.kernels]
+            for s in lowered.schedules for kk in s.kernels for k in unfused(kk)]
 
 
 def write_wgsl(lowered: Lowered, directory: Path) -> None:

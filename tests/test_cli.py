@@ -38,7 +38,7 @@ def test_inspect_cpu_prints_schedule_plan_and_rust(tmp_path: Path) -> None:
     res = run("inspect", f"{file}:mlp", "--dim", "B=2", "--backend", "cpu")
     assert res.returncode == 0, res.stderr
     assert "schedule train:" in res.stdout and "memory plan: peak" in res.stdout
-    assert "#[pymodule]" in res.stdout and "pub fn forward_k00_matmul(" in res.stdout
+    assert "#[pymodule]" in res.stdout and "pub fn forward_k00_matmul_add_relu(" in res.stdout
 
 
 def test_inspect_reports_unbound_dim_and_missing_model(tmp_path: Path) -> None:

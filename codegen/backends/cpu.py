@@ -4,6 +4,10 @@ templates), consts.bin, and pyproject.toml for maturin.
 The module is named by a hash of everything rendered, so a change anywhere —
 graph, options, or ferrograd's renderer — makes a new module, and an unchanged
 model loads the build it already has.
+
+With ``profile=True`` the entry points time every kernel call (``std::time::Instant``
+around it) into per-kernel counters of the ``Step`` that Python reads back
+(``Step.profile()``); without it no timing code is rendered at all.
 """
 
 from __future__ import annotations
@@ -52,15 +56,18 @@ class Crate:
 
 
 def render_crate(graph: Graph, schedules: list[Schedule], plan: MemoryPlan,
-                 crate_dir: Path | None = None, device: DeviceModule | None = None) -> Crate:
+                 crate_dir: Path | None = None, device: DeviceModule | None = None,
+                 profile: bool = False) -> Crate:
     """Every file of the crate. ``crate_dir`` (where it will live) fixes the relative
     path to the runtime crate; by default the path is absolute. With ``device`` (the
     PTX renderer's module) the crate also holds a ``CudaStep`` (``backends/cuda.py``)
-    and enables the runtime's ``cuda`` feature."""
+    and enables the runtime's ``cuda`` feature. With ``profile`` the CPU entry points
+    time each kernel call (one counter slot per kernel of each entry point)."""
     consts, const_at, const_sizes = _consts(schedules)
     dtypes = {b.name: b.dtype for s in schedules for b in s.buffers.values()}
     kernels_rs, fn_of = _kernels_rs(graph, schedules, dtypes)
-    entries = [_entry_fn(graph, s, plan, const_at, fn_of) for s in schedules]
+    slots = [(s.entry, k.name) for s in schedules for k in s.kernels] if profile else []
+    entries = [_entry_fn(graph, s, plan, const_at, fn_of, slots) for s in schedules]
     methods = [_py_method(graph, s, plan) for s in schedules]
     env = Environment(loader=FileSystemLoader(TEMPLATES), undefined=StrictUndefined,
                       keep_trailing_newline=True)
@@ -85,7 +92,8 @@ def render_crate(graph: Graph, schedules: list[Schedule], plan: MemoryPlan,
     context = {"convs": convs, "version": __version__, "model": graph.name,
                "entries": [s.entry for s in schedules], "fingerprint": graph_fingerprint,
                "buffer_consts": buffer_consts, "entry_fns": entries, "py_methods": methods,
-               "persistent": persistent, "module": "MODULE", "cuda": device is not None}
+               "persistent": persistent, "module": "MODULE", "cuda": device is not None,
+               "profile": profile, "profile_slots": slots}
     lib_rs = env.get_template("lib.rs.j2").render(**context)
     body = {"src/lib.rs": lib_rs, "src/kernels.rs": kernels_rs}
     data = {"src/consts.bin": consts}
@@ -202,7 +210,9 @@ def _slice_expr(buf: Buffer, mutable: bool, plan: MemoryPlan, entry: str,
 
 
 def _entry_fn(graph: Graph, s: Schedule, plan: MemoryPlan, const_at: dict[str, int],
-              fn_of: dict[str, str]) -> str:
+              fn_of: dict[str, str], slots: list[tuple[str, str]]) -> str:
+    """The entry point's function on ``Arenas``: every kernel call in order. With profile
+    ``slots`` (entry, kernel) each call is timed into its slot of ``a.profile``."""
     out = IndentedBuffer()
     inputs = ", ".join(f"input_{safe_name(k)}: &[{RUST_TYPES[graph.node(v).dtype]}]"
                        for k, v in graph.inputs.items())
@@ -220,7 +230,11 @@ def _entry_fn(graph: Graph, s: Schedule, plan: MemoryPlan, const_at: dict[str, i
                 if args.scratch:
                     exprs.append("a.scratch.slice_mut(0, a.scratch.len())")
                 call = f"kernels::{fn_of[k.name]}({', '.join(exprs)})"
+                if slots:
+                    out.line("let t = std::time::Instant::now();")
                 out.line(call + ("?;" if fallible(k) else ";"))
+                if slots:
+                    out.line(f"a.profile.record({slots.index((s.entry, k.name))}, t);")
         out.line("Ok(())")
     return "\n".join("    " + line if line else line for line in out.lines)
 

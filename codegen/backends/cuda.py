@@ -109,11 +109,12 @@ def _step(step: Launch | Gemm) -> str:
     if isinstance(step, Launch):
         return f"Step::Launch({_launch(step)})"
     fallback = "None" if step.fallback is None else f"Some({_launch(step.fallback)})"
+    bias = "None" if step.bias is None else f"Some({_ref(step.bias)})"
     return (f"Step::Gemm(Gemm {{ batch: {step.batch}, m: {step.m}, n: {step.n}, "
             f"k: {step.k}, a: {_ref(step.a)}, a_strides: {_triple(step.a_strides)}, "
             f"b: {_ref(step.b)}, b_strides: {_triple(step.b_strides)}, "
             f"c: {_ref(step.c)}, c_strides: {_triple(step.c_strides)}, "
-            f"fallback: {fallback} }})")
+            f"fallback: {fallback}, bias: {bias}, relu: {str(step.relu).lower()} }})")
 
 
 # ---- the Python methods ------------------------------------------------------------------

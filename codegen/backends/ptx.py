@@ -83,6 +83,8 @@ def render_kernel(k: Kernel, dtypes: dict[str, str], fast_math: bool = False,
     (elementwise kernels over them may use 16-byte accesses)."""
     if isinstance(k, Elementwise):
         return elementwise(k, dtypes, fast_math, aligned)
+    if isinstance(k, Matmul):  # its epilogue may be an elementwise kernel
+        return matmul(k, dtypes, fast_math, aligned)
     render = KINDS.get(type(k))
     if render is None:
         raise BackendError(f"no PTX template for kernel kind {k.kind}")
@@ -96,8 +98,10 @@ def kernel_source(k: Kernel, dtypes: dict[str, str], fast_math: bool = False,
     for step in render_kernel(k, dtypes, fast_math, aligned):
         launch = step.fallback if isinstance(step, GemmStep) else step
         if isinstance(step, GemmStep):
-            parts.append(f"// GEMM {step.batch}x{step.m}x{step.n}x{step.k}: cuBLAS, or "
-                         f"{SGEMM} below")
+            epilogue = (" + bias" + (", ReLU" if step.relu else "")) if step.bias else ""
+            library = "cuBLASLt" if step.bias else "cuBLAS"
+            parts.append(f"// GEMM {step.batch}x{step.m}x{step.n}x{step.k}{epilogue}: "
+                         f"{library}, or {SGEMM} below")
         parts.append(launch.text.replace("ENTRY", launch.name))
     return "\n".join(dict.fromkeys(parts))
 
@@ -191,8 +195,9 @@ def _plan_step(step: Step, builder: _ModuleBuilder, refs: _Addresses) -> Launch 
     fb = step.fallback
     fallback = Launch(builder.entry(fb), fb.grid, fb.block, refs.args(fb.args))
     (a, ao, ast), (b, bo, bst), (c, co, cst) = step.operands
+    bias = refs.ref(*step.bias) if step.bias is not None else None
     return Gemm(step.batch, step.m, step.n, step.k, refs.ref(a, ao), ast, refs.ref(b, bo), bst,
-                refs.ref(c, co), cst, fallback)
+                refs.ref(c, co), cst, fallback, bias, step.relu)
 
 
 def _arena_sizes(schedules: list[Schedule], plan: MemoryPlan, const_sizes: dict[str, int],

@@ -31,6 +31,7 @@ loops covering the rest.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import math
 from collections.abc import Callable, Iterator
@@ -38,10 +39,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import sympy as sp
 
 from ferrograd.ir.errors import BackendError
 
-from ..kernel_ir import Conv, Elementwise, Gather, Kernel, Matmul, Reduce, View, row_major
+from ..kernel_ir import (
+    Conv,
+    Elementwise,
+    Gather,
+    Kernel,
+    Matmul,
+    Reduce,
+    View,
+    row_major,
+    unfused,
+)
 from ..launch_plan import ScalarArg
 from .base import collapse, reduce_layout
 from .legalize import legalize
@@ -87,6 +99,8 @@ class GemmStep:
     k: int
     operands: list[tuple[str, int, tuple[int, int, int]]]  # a, b, c: buffer, offset, strides
     fallback: KernelLaunch
+    bias: tuple[str, int] | None = None  # C[z][i, j] += bias[j] (buffer, offset)
+    relu: bool = False  # then C = max(C, 0)
 
 
 Step = KernelLaunch | GemmStep
@@ -420,9 +434,76 @@ def matrix_strides(rows: int, cols: int, rs: int, cs: int) -> tuple[int, int]:
     return rs, cs
 
 
-def matmul(k: Matmul, dtypes: dict[str, str], fast_math: bool) -> list[Step]:
-    assert k.a is not None and k.b is not None and k.out is not None
-    views = [k.a, k.b, k.out]
+def matmul(k: Matmul, dtypes: dict[str, str], fast_math: bool,
+           aligned: frozenset[str] = frozenset()) -> list[Step]:
+    """The GEMM steps of a product; with an epilogue, a bias (and ReLU) it starts with
+    goes into the GEMM itself (cuBLASLt's epilogue, or the fallback kernel's), and
+    what is left runs as an elementwise kernel after it — or not at all when the
+    GEMM can write the epilogue's one output directly."""
+    if k.epilogue is None:
+        return _gemm_steps(k, k.out)
+    split = bias_epilogue(k)
+    if split is None:
+        bare, rest = unfused(k)
+        assert isinstance(bare, Matmul) and isinstance(rest, Elementwise)
+        return _gemm_steps(bare, bare.out) + elementwise(rest, dtypes, fast_math, aligned)
+    bias, rest = split
+    direct = _direct_output(rest, k)
+    if direct is not None:  # the GEMM writes the epilogue's output: nothing is left
+        return _gemm_steps(k, direct, bias, _is_relu(rest))
+    return _gemm_steps(k, k.out, bias) + elementwise(rest, dtypes, fast_math, aligned)
+
+
+def bias_epilogue(k: Matmul) -> tuple[tuple[str, int], Elementwise] | None:
+    """Whether the epilogue adds a per-column bias to the product everywhere it reads
+    it: ``e(p) = e'(p + bias[j])``. Returns the bias (buffer, offset) and the epilogue
+    ``e'`` over the biased product; None when no input fits."""
+    e, p = k.epilogue, k.product_symbol()
+    assert e is not None and p is not None
+    product = next(s for out in e.outputs for s in out[1].free_symbols if s.name == p)
+    for name, v in e.inputs.items():
+        if name == p or v.dtype != "f32" or any(v.strides[:-1]) or v.strides[-1] not in (0, 1):
+            continue
+        if v.strides[-1] == 0 and e.shape[-1] != 1:
+            continue  # a scalar broadcast, not a vector along columns
+        bias = next((s for out in e.outputs for s in out[1].free_symbols if s.name == name),
+                    None)
+        if bias is None:
+            continue
+        rest = [(o, expr.xreplace({product: product - bias})) for o, expr in e.outputs]
+        if any(bias in expr.free_symbols for _, expr in rest):
+            continue
+        inputs = {s: w for s, w in e.inputs.items() if s != name}
+        return ((v.buffer, v.offset),
+                dataclasses.replace(e, name=f"{k.name}_epilogue", inputs=inputs, outputs=rest))
+    return None
+
+
+def _is_relu(e: Elementwise) -> bool:
+    (_, expr), = e.outputs
+    x = next(iter(expr.free_symbols), None)
+    return x is not None and expr == sp.Piecewise((x, x > 0), (0, True))
+
+
+def _direct_output(e: Elementwise, k: Matmul) -> View | None:
+    """The view the GEMM can write instead of the product, when the epilogue left is
+    just "store it" (or "store its ReLU"): one f32 output laid out like the product."""
+    if len(e.outputs) != 1 or len(e.inputs) != 1:
+        return None
+    (view, expr), = e.outputs
+    x = next(iter(e.inputs))
+    is_copy = expr.free_symbols and next(iter(expr.free_symbols)).name == x and \
+        (expr.is_Symbol or _is_relu(e))
+    assert k.out is not None
+    if not is_copy or view.dtype != "f32" or view.strides != k.out.strides:
+        return None
+    return view
+
+
+def _gemm_steps(k: Matmul, out: View | None, bias: tuple[str, int] | None = None,
+                relu: bool = False) -> list[Step]:
+    assert k.a is not None and k.b is not None and out is not None
+    views = [k.a, k.b, out]
     if any(v.dtype != "f32" for v in views):
         raise BackendError(f"kernel {k.name}: matmul is f32 only on the PTX backend")
     nb = len(k.batch)
@@ -438,28 +519,32 @@ def matmul(k: Matmul, dtypes: dict[str, str], fast_math: bool) -> list[Step]:
             offset = v.offset + sum(i * s for i, s in zip(outer, st, strict=False))
             rs, cs = matrix_strides(rows, cols, v.strides[-2], v.strides[-1])
             operands.append((v.buffer, offset, (bs, rs, cs)))
-        steps.append(GemmStep(inner, k.m, k.n, k.k, operands, _sgemm_launch(inner, k, operands)))
+        launch = _sgemm_launch(inner, k, operands, bias, relu)
+        steps.append(GemmStep(inner, k.m, k.n, k.k, operands, launch, bias, relu))
     return steps
 
 
-def _sgemm_launch(batch: int, k: Matmul, operands: list[tuple[str, int, tuple[int, int, int]]]
-                  ) -> KernelLaunch:
-    scalars = [ScalarArg("u32", x) for x in (k.m, k.n, k.k, batch)]
+def _sgemm_launch(batch: int, k: Matmul, operands: list[tuple[str, int, tuple[int, int, int]]],
+                  bias: tuple[str, int] | None, relu: bool) -> KernelLaunch:
+    scalars: list[Arg] = [ScalarArg("u32", x) for x in (k.m, k.n, k.k, batch)]
     scalars += [ScalarArg("u32", s) for _, _, st in operands for s in st]
+    scalars.append(ScalarArg("u32", 0 if bias is None else 2 if relu else 1))
+    pointers: list[Arg] = [(b, off) for b, off, _ in operands]
+    pointers.append(bias or pointers[2])  # unread without a bias
     grid = (math.ceil(k.n / TILE), math.ceil(k.m / TILE), min(batch, 65535))
-    return KernelLaunch(SGEMM, "", sgemm_text(), [(b, off) for b, off, _ in operands] + scalars,
-                        grid, (TILE, TILE, 1))
+    return KernelLaunch(SGEMM, "", sgemm_text(), pointers + scalars, grid, (TILE, TILE, 1))
 
 
 SGEMM_SCALARS = ("m", "n", "k", "batch", "a_sb", "a_sr", "a_sc", "b_sb", "b_sr", "b_sc",
-                 "c_sb", "c_sr", "c_sc")
+                 "c_sb", "c_sr", "c_sc", "epilogue")
 
 
 def sgemm_text() -> str:
-    """C[z] = A[z] @ B[z] with 16×16 tiles staged in shared memory; any strides."""
-    f = PtxFunction([(".u64", "a"), (".u64", "b"), (".u64", "c")] +
+    """C[z] = A[z] @ B[z] with 16×16 tiles staged in shared memory; any strides. The
+    ``epilogue`` scalar: 0 none, 1 adds ``bias[col]`` (contiguous), 2 also takes ReLU."""
+    f = PtxFunction([(".u64", "a"), (".u64", "b"), (".u64", "c"), (".u64", "bias")] +
                     [(".u32", s) for s in SGEMM_SCALARS])
-    a, b, c = (f.param_pointer(x) for x in "abc")
+    a, b, c, bias = (f.param_pointer(x) for x in ("a", "b", "c", "bias"))
     p = {s: f.param_u32(s) for s in SGEMM_SCALARS}
     f.shared += [f".shared .align 4 .b8 tile_a[{4 * TILE * TILE}];",
                  f".shared .align 4 .b8 tile_b[{4 * TILE * TILE}];"]
@@ -497,6 +582,12 @@ def sgemm_text() -> str:
         out = f.value("b32", "mad.lo.u32", row, p["c_sr"], out)
         out = f.value("b32", "mad.lo.u32", col, p["c_sc"], out)
         inside = f.value("pred", "and.pred", row_ok, col_ok)
+        has_bias = f.value("pred", "setp.ne.and.u32", p["epilogue"], "0", inside)
+        bias_value = f.value("f32", "mov.f32", "0f00000000")
+        f.ins("ld.global.f32", bias_value, f.address(bias, col, 0, 4), guard=has_bias)
+        f.ins("add.rn.f32", acc, acc, bias_value)
+        relu = f.value("pred", "setp.eq.u32", p["epilogue"], "2")
+        f.ins("max.f32", acc, acc, "0f00000000", guard=relu)
         f.ins("st.global.f32", f.address(c, out, 0, 4), acc, guard=inside)
     return f.text(SGEMM)
 

@@ -9,6 +9,7 @@ matmul, gather/scatter and conv call the runtime crate (``ferrograd_runtime``).
 
 from __future__ import annotations
 
+import re
 from typing import Any, ClassVar
 
 import numpy as np
@@ -36,6 +37,7 @@ from .base import (
 
 RUST_TYPES = {"f32": "f32", "i32": "i32", "bool": "u8"}  # bools are stored as bytes
 PAR_MIN = 1 << 15  # elements: below this a kernel runs on the calling thread
+PAR_FLOPS = 1 << 22  # a product with fewer flops runs on the calling thread (= runtime gemm)
 GRAIN = 1 << 13  # elements per rayon task, at least
 
 
@@ -177,7 +179,7 @@ def render_kernel(k: Kernel, dtypes: dict[str, str]) -> str:
         elif isinstance(k, Reduce):
             _reduce(out, k, args)
         elif isinstance(k, Matmul):
-            _matmul(out, k)
+            _matmul(out, k, args)
         elif isinstance(k, Gather):
             _gather(out, k)
         elif isinstance(k, Conv):
@@ -248,29 +250,37 @@ def _elementwise(out: IndentedBuffer, k: Elementwise, args: KernelArgs) -> None:
         it += f".with_min_len({max(1, GRAIN // row_len)})"
     aliased = {v.buffer: name for v, name in zip(outs, names, strict=True)}
     with out.indent(f"{it}.enumerate().for_each(|(row, {pat})| {{", "});"):
-        coords = _unravel(out, "row", outer, "r", [st[:-1] for st in strides[n_out:]])
-        out.line(f"let n = {names[0]}.len();")
-        loads = []
-        for (sym, v), st in zip(k.inputs.items(), strides[n_out:], strict=True):
-            inner = st[-1]
-            base = (linear_index(v.offset, coords, st[:-1]) if outer
-                    else linear_index(v.offset, ["row"], [row_len * inner]))
-            nz = " != 0" if v.dtype == "bool" else ""
-            if v.buffer in aliased:  # in place: read the element about to be written
-                loads.append(f"let {sym} = {aliased[v.buffer]}[j]{nz};")
-            elif inner == 0:
-                out.line(f"let {sym} = {v.buffer}[{base}]{nz};")
-            elif inner == 1:
-                out.line(f"let {sym}_row = &{v.buffer}[{base}..][..n];")
-                loads.append(f"let {sym} = {sym}_row[j]{nz};")
-            else:
-                loads.append(f"let {sym} = {v.buffer}[{base} + j * {inner}]{nz};")
-        with out.indent("for j in 0..n {"):
-            for line in loads:
-                out.line(line)
-            values = _cse_body(out, [e for _, e in k.outputs], [v.dtype for v, _ in k.outputs])
-            for name, v, val in zip(names, outs, values, strict=True):
-                out.line(f"{name}[j] = {_store(v, val)};")
+        _row(out, k, outer, row_len, strides[n_out:], names, aliased)
+
+
+def _row(out: IndentedBuffer, k: Elementwise, outer: list[int], row_len: int,
+         in_strides: list[list[int]], names: list[str], aliased: dict[str, str]) -> None:
+    """One row of an elementwise kernel: ``row`` is its index over ``outer`` (or, with
+    no outer dims, over runs of ``row_len``), ``names`` are the output row slices and
+    ``aliased`` maps buffers read through one of those slices (in place) to its name."""
+    coords = _unravel(out, "row", outer, "r", [st[:-1] for st in in_strides])
+    out.line(f"let n = {names[0]}.len();")
+    loads = []
+    for (sym, v), st in zip(k.inputs.items(), in_strides, strict=True):
+        inner = st[-1]
+        base = (linear_index(v.offset, coords, st[:-1]) if outer
+                else linear_index(v.offset, ["row"], [row_len * inner]))
+        nz = " != 0" if v.dtype == "bool" else ""
+        if v.buffer in aliased:  # in place: read the element about to be written
+            loads.append(f"let {sym} = {aliased[v.buffer]}[j]{nz};")
+        elif inner == 0:
+            out.line(f"let {sym} = {v.buffer}[{base}]{nz};")
+        elif inner == 1:
+            out.line(f"let {sym}_row = &{v.buffer}[{base}..][..n];")
+            loads.append(f"let {sym} = {sym}_row[j]{nz};")
+        else:
+            loads.append(f"let {sym} = {v.buffer}[{base} + j * {inner}]{nz};")
+    with out.indent("for j in 0..n {"):
+        for line in loads:
+            out.line(line)
+        values = _cse_body(out, [e for _, e in k.outputs], [v.dtype for v, _ in k.outputs])
+        for name, (v, _), val in zip(names, k.outputs, values, strict=True):
+            out.line(f"{name}[j] = {_store(v, val)};")
 
 
 def _store(v: View, value: str) -> str:
@@ -373,7 +383,81 @@ def _unravel(out: IndentedBuffer, flat: str, sizes: list[int], prefix: str,
     return names
 
 
-def _matmul(out: IndentedBuffer, k: Matmul) -> None:
+def _matmul(out: IndentedBuffer, k: Matmul, args: KernelArgs) -> None:
+    epilogue = k.epilogue
+    if epilogue is None:
+        _product(out, k)
+    elif _fusable_rows(k):
+        _product_with_epilogue(out, k, epilogue)
+    else:  # the product, then the epilogue over all of it
+        _product(out, k)
+        _elementwise(out, epilogue, args)
+    out.line("Ok(())")
+
+
+def _fusable_rows(k: Matmul) -> bool:
+    """Whether the epilogue can run per row block of a 2-D product: it writes whole
+    rows (row-major outputs in distinct buffers) and the product is contiguous."""
+    assert k.out is not None and k.epilogue is not None
+    outs = [v for v, _ in k.epilogue.outputs]
+    return (not k.batch and k.out.contiguous and k.m > 1
+            and all(v.contiguous for v in outs) and len({v.buffer for v in outs}) == len(outs)
+            and k.out.buffer not in {v.buffer for v in outs})
+
+
+def _product_with_epilogue(out: IndentedBuffer, k: Matmul, e: Elementwise) -> None:
+    """Each block of rows: the product into ``out``, then the epilogue over those rows
+    while they are in cache; the blocks run on rayon when the product is big enough."""
+    assert k.a is not None and k.b is not None and k.out is not None
+    a, b, c = k.a, k.b, k.out
+    views = [c, *(v for v, _ in e.outputs)]
+    names = ["c"] + [f"o{i}" for i in range(len(views) - 1)]
+    aliased = {v.buffer: n for v, n in zip(views, names, strict=True)}
+    # The rows of one block, rendered first: `row` and `i` are bound only when used.
+    body = IndentedBuffer()
+    body.level = 1
+    _row(body, e, [k.m], k.n, [list(v.strides) for v in e.inputs.values()], names[1:], aliased)
+    uses_row = re.search(r"\brow\b", body.getvalue()) is not None
+    rows = [f"{names[0]}.chunks({k.n})"] + [f"{n}.chunks_mut({k.n})" for n in names[1:]]
+    loop = f"for {_zip_pat(names)} in {_zip_seq(rows)} {{"
+    if uses_row:
+        loop = f"for (i, {_zip_pat(names)}) in {_zip_seq(rows)}.enumerate() {{"
+    par = 2 * k.m * k.n * k.k >= PAR_FLOPS
+    a_at = linear_index(a.offset, ["r0"] if par else [], [a.strides[0]])
+    block_len = "c.len()" if k.n == 1 else f"c.len() / {k.n}"
+    gemm = (f"rt::gemm::sgemm({block_len}, {k.n}, {k.k}, &{a.buffer}[{a_at}..], "
+            f"({a.strides[0]}, {a.strides[1]}), &{b.buffer}[{b.offset}..], "
+            f"({b.strides[0]}, {b.strides[1]}), c, ({k.n}, 1), false)?;")
+    needs_r0 = par and (uses_row or "r0" in a_at)
+
+    def block() -> None:
+        out.line(gemm)
+        with out.indent(loop):
+            if uses_row:
+                out.line("let row = r0 + i;" if par else "let row = i;")
+            out.extend("\n".join(line[len(body.unit):] for line in body.lines))
+
+    if not par:  # one block, on the calling thread
+        for name, v in zip(names, views, strict=True):
+            out.line(f"let {name} = &mut {v.buffer}[{v.offset}..{v.offset + v.size}];")
+        block()
+        return
+    out.line(f"let rows = rt::gemm::block_rows({k.m}, {k.n}, {k.k});")
+    per_block = "rows" if k.n == 1 else f"rows * {k.n}"
+    chunks = [f"{v.buffer}[{v.offset}..{v.offset + v.size}].par_chunks_mut({per_block})"
+              for v in views]
+    it = f"({', '.join(chunks)}).into_par_iter()"
+    block_var = "block" if needs_r0 else "_"
+    head = (f"{it}.enumerate().try_for_each(|({block_var}, ({', '.join(names)}))| "
+            "-> Result<(), rt::Error> {")
+    with out.indent(head, "})?;"):
+        if needs_r0:
+            out.line("let r0 = block * rows;")
+        block()
+        out.line("Ok(())")
+
+
+def _product(out: IndentedBuffer, k: Matmul) -> None:
     assert k.a is not None and k.b is not None and k.out is not None
     views = [k.a, k.b, k.out]
     nb = len(k.batch)
@@ -394,7 +478,6 @@ def _matmul(out: IndentedBuffer, k: Matmul) -> None:
     for _ in sizes[:-1]:
         out.level -= 1
         out.line("}")
-    out.line("Ok(())")
 
 
 def _gather(out: IndentedBuffer, k: Gather) -> None:

@@ -29,6 +29,7 @@ from ferrograd._version import __version__
 from ferrograd.ir.errors import BackendError
 from ferrograd.ir.graph import Graph
 
+from ..kernel_ir import unfused
 from ..launch_plan import BufferRef, DeviceModule, DevicePlan, Launch
 from ..memory import MemoryPlan
 from ..schedule import Schedule
@@ -148,7 +149,8 @@ def render_wgsl(graph: Graph, schedules: list[Schedule], plan: MemoryPlan) -> Wg
         refs = _Refs(s, plan, const_at, storage)
         device_plan = DevicePlan(s.entry)
         module.dispatched[s.entry] = []
-        for k in s.kernels:
+        # Epilogues run as shaders of their own after their product (not fused yet).
+        for k in (part for kernel in s.kernels for part in unfused(kernel)):
             code = render_kernel(k, refs.element)
             name = by_source.setdefault(code.source, k.name)
             if name == k.name:

@@ -160,6 +160,26 @@ pub fn sgemm_batched(
     Ok(())
 }
 
+/// Rows per block when an `m×n` product with inner dimension `k` is split for a
+/// fused epilogue: the generated kernel computes each block with [`sgemm`] and
+/// applies its epilogue to the block's rows while they are in cache. One block
+/// (all `m` rows) below [`PAR_FLOPS`] or on one thread; otherwise one block per
+/// thread, a multiple of the widest micro-tile. Never 0.
+///
+/// ```
+/// use ferrograd_runtime::gemm::block_rows;
+/// assert_eq!(block_rows(4, 4, 4), 4); // tiny: one block
+/// assert!(block_rows(1024, 1024, 1024) >= 1);
+/// ```
+pub fn block_rows(m: usize, n: usize, k: usize) -> usize {
+    let flops = 2usize.saturating_mul(m).saturating_mul(n).saturating_mul(k);
+    let threads = rayon::current_num_threads();
+    if flops < PAR_FLOPS || threads == 1 {
+        return m.max(1);
+    }
+    m.div_ceil(threads).next_multiple_of(BLOCK_ALIGN).max(1)
+}
+
 /// Checks that a slice of `len` elements holds every element reached by the
 /// given `(extent, stride)` dimensions, starting at offset 0.
 pub(crate) fn check_span(what: &str, len: usize, dims: &[(usize, isize)]) -> Result<(), Error> {

@@ -154,44 +154,42 @@ pub fn forward_k06_mul(t17: &[f32], t19: &mut [f32]) {
         });
 }
 
-/// matmul: matmul.
-pub fn forward_k07_matmul(
+/// matmul: matmul, add.
+pub fn forward_k07_matmul_add(
     t19: &[f32],
     param_head_weight: &[f32],
+    param_head_bias: &[f32],
     t22: &mut [f32],
+    t24: &mut [f32],
 ) -> Result<(), rt::Error> {
-    rt::gemm::sgemm_batched(
-        1,
-        4,
+    let c = &mut t22[0..40];
+    let o0 = &mut t24[0..40];
+    rt::gemm::sgemm(
+        c.len() / 10,
         10,
         32,
         &t19[0..],
-        (0, 32, 1),
+        (32, 1),
         &param_head_weight[0..],
-        (0, 10, 1),
-        &mut t22[0..],
-        (0, 10, 1),
+        (10, 1),
+        c,
+        (10, 1),
         false,
     )?;
-    Ok(())
-}
-
-/// elementwise: add over [4, 10].
-pub fn forward_k08_add(t22: &[f32], param_head_bias: &[f32], t24: &mut [f32]) {
-    t24[0..40].chunks_mut(10).enumerate().for_each(|(row, o0)| {
+    for (c, o0) in c.chunks(10).zip(o0.chunks_mut(10)) {
         let n = o0.len();
-        let x0_row = &t22[row * 10..][..n];
         let x1_row = &param_head_bias[0..][..n];
         for j in 0..n {
-            let x0 = x0_row[j];
+            let x0 = c[j];
             let x1 = x1_row[j];
             o0[j] = x0 + x1;
         }
-    });
+    }
+    Ok(())
 }
 
 /// reduce: reduce_max over [4, 10].
-pub fn forward_k09_reduce(t24: &[f32], t28: &mut [f32]) {
+pub fn forward_k08_reduce(t24: &[f32], t28: &mut [f32]) {
     t28[0..4].iter_mut().enumerate().for_each(|(row, acc_out)| {
         let mut acc = f32::NEG_INFINITY;
         for i0 in 0..10 {
@@ -203,7 +201,7 @@ pub fn forward_k09_reduce(t24: &[f32], t28: &mut [f32]) {
 }
 
 /// elementwise: stop_gradient, sub over [4, 10].
-pub fn forward_k10_stop_gradient_sub(t24: &[f32], t28: &[f32], t30: &mut [f32]) {
+pub fn forward_k09_stop_gradient_sub(t24: &[f32], t28: &[f32], t30: &mut [f32]) {
     t30[0..40].chunks_mut(10).enumerate().for_each(|(row, o0)| {
         let n = o0.len();
         let x0_row = &t24[row * 10..][..n];
@@ -216,7 +214,7 @@ pub fn forward_k10_stop_gradient_sub(t24: &[f32], t28: &[f32], t30: &mut [f32]) 
 }
 
 /// reduce: exp, reduce_sum over [4, 10].
-pub fn forward_k11_reduce(t30: &[f32], t32: &mut [f32]) {
+pub fn forward_k10_reduce(t30: &[f32], t32: &mut [f32]) {
     t32[0..4].iter_mut().enumerate().for_each(|(row, acc_out)| {
         let mut acc = 0.0_f64;
         for i0 in 0..10 {
@@ -228,7 +226,7 @@ pub fn forward_k11_reduce(t30: &[f32], t32: &mut [f32]) {
 }
 
 /// reduce: eq, log, reduce_sum, sub, where over [4, 10].
-pub fn forward_k12_reduce(input_y: &[i32], c26: &[i32], t30: &[f32], t32: &[f32], t37: &mut [f32]) {
+pub fn forward_k11_reduce(input_y: &[i32], c26: &[i32], t30: &[f32], t32: &[f32], t37: &mut [f32]) {
     t37[0..4].iter_mut().enumerate().for_each(|(row, acc_out)| {
         let mut acc = 0.0_f64;
         for i0 in 0..10 {
@@ -243,7 +241,7 @@ pub fn forward_k12_reduce(input_y: &[i32], c26: &[i32], t30: &[f32], t32: &[f32]
 }
 
 /// reduce: reduce_sum over [4].
-pub fn forward_k13_reduce(t37: &[f32], t38: &mut [f32]) {
+pub fn forward_k12_reduce(t37: &[f32], t38: &mut [f32]) {
     t38[0..1].iter_mut().for_each(|acc_out| {
         let mut acc = 0.0_f64;
         for i0 in 0..4 {
@@ -255,7 +253,7 @@ pub fn forward_k13_reduce(t37: &[f32], t38: &mut [f32]) {
 }
 
 /// elementwise: mul, neg.
-pub fn forward_k14_mul_neg(t38: &[f32], t41: &mut [f32]) {
+pub fn forward_k13_mul_neg(t38: &[f32], t41: &mut [f32]) {
     let x0 = t38[0];
     t41[0] = -0.25 * x0;
 }
@@ -327,7 +325,7 @@ pub fn grads_k06_relu(t14: &[f32], t15: &mut [f32]) {
 }
 
 /// elementwise: cast, eq over [4, 4, 4, 2, 4, 2].
-pub fn grads_k14_cast_eq(t7: &[f32], t9: &[f32], t84: &mut [f32]) {
+pub fn grads_k13_cast_eq(t7: &[f32], t9: &[f32], t84: &mut [f32]) {
     t84[0..1024]
         .chunks_mut(2)
         .enumerate()
@@ -346,7 +344,7 @@ pub fn grads_k14_cast_eq(t7: &[f32], t9: &[f32], t84: &mut [f32]) {
 }
 
 /// reduce: reduce_sum over [4, 4, 4, 2, 4, 2].
-pub fn grads_k15_reduce(t84: &[f32], t85: &mut [f32]) {
+pub fn grads_k14_reduce(t84: &[f32], t85: &mut [f32]) {
     t85[0..256]
         .iter_mut()
         .enumerate()
@@ -365,7 +363,7 @@ pub fn grads_k15_reduce(t84: &[f32], t85: &mut [f32]) {
 }
 
 /// elementwise: eq, mul, where over [4, 10].
-pub fn grads_k16_eq_mul_where(input_y: &[i32], c26: &[i32], c208: &[f32], t52: &mut [f32]) {
+pub fn grads_k15_eq_mul_where(input_y: &[i32], c26: &[i32], c208: &[f32], t52: &mut [f32]) {
     t52[0..40].chunks_mut(10).enumerate().for_each(|(row, o0)| {
         let n = o0.len();
         let x0 = input_y[row];
@@ -379,7 +377,7 @@ pub fn grads_k16_eq_mul_where(input_y: &[i32], c26: &[i32], c208: &[f32], t52: &
 }
 
 /// reduce: neg, reduce_sum over [4, 10].
-pub fn grads_k17_reduce(t52: &[f32], t55: &mut [f32]) {
+pub fn grads_k16_reduce(t52: &[f32], t55: &mut [f32]) {
     t55[0..4].iter_mut().enumerate().for_each(|(row, acc_out)| {
         let mut acc = 0.0_f64;
         for i0 in 0..10 {
@@ -391,7 +389,7 @@ pub fn grads_k17_reduce(t52: &[f32], t55: &mut [f32]) {
 }
 
 /// elementwise: log.d0, mul over [4, 1].
-pub fn grads_k18_log_d0_mul(t55: &[f32], t32: &[f32], t57: &mut [f32]) {
+pub fn grads_k17_log_d0_mul(t55: &[f32], t32: &[f32], t57: &mut [f32]) {
     t57[0..4].chunks_mut(4).enumerate().for_each(|(row, o0)| {
         let n = o0.len();
         let x0_row = &t55[row * 4..][..n];
@@ -405,7 +403,7 @@ pub fn grads_k18_log_d0_mul(t55: &[f32], t32: &[f32], t57: &mut [f32]) {
 }
 
 /// elementwise: add, exp.d0, mul over [4, 10].
-pub fn grads_k19_add_exp_d0_mul(t52: &[f32], t57: &[f32], t30: &[f32], t61: &mut [f32]) {
+pub fn grads_k18_add_exp_d0_mul(t52: &[f32], t57: &[f32], t30: &[f32], t61: &mut [f32]) {
     t61[0..40].chunks_mut(10).enumerate().for_each(|(row, o0)| {
         let n = o0.len();
         let x0_row = &t52[row * 10..][..n];
@@ -420,7 +418,7 @@ pub fn grads_k19_add_exp_d0_mul(t52: &[f32], t57: &[f32], t30: &[f32], t61: &mut
 }
 
 /// reduce: reduce_sum over [4, 10].
-pub fn grads_k20_reduce(t61: &[f32], t64: &mut [f32]) {
+pub fn grads_k19_reduce(t61: &[f32], t64: &mut [f32]) {
     t64[0..10]
         .iter_mut()
         .enumerate()
@@ -435,7 +433,7 @@ pub fn grads_k20_reduce(t61: &[f32], t64: &mut [f32]) {
 }
 
 /// matmul: matmul.
-pub fn grads_k21_matmul(
+pub fn grads_k20_matmul(
     t61: &[f32],
     param_head_weight: &[f32],
     t67: &mut [f32],
@@ -457,7 +455,7 @@ pub fn grads_k21_matmul(
 }
 
 /// matmul: matmul.
-pub fn grads_k22_matmul(t19: &[f32], t61: &[f32], t69: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k21_matmul(t19: &[f32], t61: &[f32], t69: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         32,
@@ -475,7 +473,7 @@ pub fn grads_k22_matmul(t19: &[f32], t61: &[f32], t69: &mut [f32]) -> Result<(),
 }
 
 /// elementwise: mul over [4, 8, 2, 2].
-pub fn grads_k23_mul(t67: &[f32], t71: &mut [f32]) {
+pub fn grads_k22_mul(t67: &[f32], t71: &mut [f32]) {
     t71[0..128]
         .chunks_mut(128)
         .enumerate()
@@ -490,7 +488,7 @@ pub fn grads_k23_mul(t67: &[f32], t71: &mut [f32]) {
 }
 
 /// elementwise: copy over [4, 8, 2, 2, 2, 2].
-pub fn grads_k24_copy(t71: &[f32], t74_c: &mut [f32]) {
+pub fn grads_k23_copy(t71: &[f32], t74_c: &mut [f32]) {
     t74_c[0..512]
         .chunks_mut(2)
         .enumerate()
@@ -506,7 +504,7 @@ pub fn grads_k24_copy(t71: &[f32], t74_c: &mut [f32]) {
 }
 
 /// elementwise: mul, relu.d0 over [4, 8, 4, 4].
-pub fn grads_k25_mul_relu_d0(t74_c: &[f32], t14: &[f32], t77: &mut [f32]) {
+pub fn grads_k24_mul_relu_d0(t74_c: &[f32], t14: &[f32], t77: &mut [f32]) {
     t77[0..512]
         .chunks_mut(512)
         .enumerate()
@@ -523,7 +521,7 @@ pub fn grads_k25_mul_relu_d0(t74_c: &[f32], t14: &[f32], t77: &mut [f32]) {
 }
 
 /// reduce: reduce_sum over [4, 8, 4, 4].
-pub fn grads_k26_reduce(t77: &[f32], t78: &mut [f32]) {
+pub fn grads_k25_reduce(t77: &[f32], t78: &mut [f32]) {
     t78[0..8].iter_mut().enumerate().for_each(|(row, acc_out)| {
         let mut acc = 0.0_f64;
         for i0 in 0..4 {
@@ -537,7 +535,7 @@ pub fn grads_k26_reduce(t77: &[f32], t78: &mut [f32]) {
 }
 
 /// conv: conv2d_input_grad.
-pub fn grads_k27_conv(
+pub fn grads_k26_conv(
     t77: &[f32],
     param_conv2d_1_weight: &[f32],
     t80: &mut [f32],
@@ -564,7 +562,7 @@ pub fn grads_k27_conv(
 }
 
 /// conv: conv2d_weight_grad.
-pub fn grads_k28_conv(
+pub fn grads_k27_conv(
     t9: &[f32],
     t77: &[f32],
     t81: &mut [f32],
@@ -585,7 +583,7 @@ pub fn grads_k28_conv(
 }
 
 /// elementwise: div, mul over [4, 4, 4, 2, 4, 2].
-pub fn grads_k29_div_mul(t84: &[f32], t85: &[f32], t80: &[f32], t88: &mut [f32]) {
+pub fn grads_k28_div_mul(t84: &[f32], t85: &[f32], t80: &[f32], t88: &mut [f32]) {
     t88[0..1024]
         .chunks_mut(2)
         .enumerate()
@@ -605,7 +603,7 @@ pub fn grads_k29_div_mul(t84: &[f32], t85: &[f32], t80: &[f32], t88: &mut [f32])
 }
 
 /// elementwise: mul, relu.d0 over [4, 4, 8, 8].
-pub fn grads_k30_mul_relu_d0(t88: &[f32], t6: &[f32], t91: &mut [f32]) {
+pub fn grads_k29_mul_relu_d0(t88: &[f32], t6: &[f32], t91: &mut [f32]) {
     t91[0..1024]
         .chunks_mut(1024)
         .enumerate()
@@ -622,7 +620,7 @@ pub fn grads_k30_mul_relu_d0(t88: &[f32], t6: &[f32], t91: &mut [f32]) {
 }
 
 /// reduce: reduce_sum over [4, 4, 8, 8].
-pub fn grads_k31_reduce(t91: &[f32], t92: &mut [f32]) {
+pub fn grads_k30_reduce(t91: &[f32], t92: &mut [f32]) {
     t92[0..4].iter_mut().enumerate().for_each(|(row, acc_out)| {
         let mut acc = 0.0_f64;
         for i0 in 0..4 {
@@ -636,7 +634,7 @@ pub fn grads_k31_reduce(t91: &[f32], t92: &mut [f32]) {
 }
 
 /// conv: conv2d_weight_grad.
-pub fn grads_k32_conv(
+pub fn grads_k31_conv(
     input_x: &[f32],
     t91: &[f32],
     t95: &mut [f32],
@@ -663,7 +661,7 @@ pub fn grads_k32_conv(
 }
 
 /// elementwise: eq over [4, 10].
-pub fn train_k11_eq(input_y: &[i32], c26: &[i32], t27: &mut [u8]) {
+pub fn train_k10_eq(input_y: &[i32], c26: &[i32], t27: &mut [u8]) {
     t27[0..40].chunks_mut(10).enumerate().for_each(|(row, o0)| {
         let n = o0.len();
         let x0 = input_y[row];
@@ -676,7 +674,7 @@ pub fn train_k11_eq(input_y: &[i32], c26: &[i32], t27: &mut [u8]) {
 }
 
 /// reduce: log, reduce_sum, sub, where over [4, 10].
-pub fn train_k15_reduce(t27: &[u8], t30: &[f32], t32: &[f32], t37: &mut [f32]) {
+pub fn train_k14_reduce(t27: &[u8], t30: &[f32], t32: &[f32], t37: &mut [f32]) {
     t37[0..4].iter_mut().enumerate().for_each(|(row, acc_out)| {
         let mut acc = 0.0_f64;
         for i0 in 0..10 {
@@ -690,7 +688,7 @@ pub fn train_k15_reduce(t27: &[u8], t30: &[f32], t32: &[f32], t37: &mut [f32]) {
 }
 
 /// elementwise: mul, where over [4, 10].
-pub fn train_k20_mul_where(t27: &[u8], c208: &[f32], t52: &mut [f32]) {
+pub fn train_k19_mul_where(t27: &[u8], c208: &[f32], t52: &mut [f32]) {
     t52[0..40].chunks_mut(10).enumerate().for_each(|(row, o0)| {
         let n = o0.len();
         let x0_row = &t27[row * 10..][..n];
@@ -703,7 +701,7 @@ pub fn train_k20_mul_where(t27: &[u8], c208: &[f32], t52: &mut [f32]) {
 }
 
 /// elementwise: add, div, mul, sqrt, sub over [4, 1, 3, 3].
-pub fn train_k37_add_div_etc(
+pub fn train_k35_add_div_etc(
     t95: &[f32],
     state_square_avg_conv2d_0_weight: &mut [f32],
     state_momentum_buffer_conv2d_0_weight: &mut [f32],
@@ -732,7 +730,7 @@ pub fn train_k37_add_div_etc(
 }
 
 /// elementwise: add, div, mul, sqrt, sub over [4].
-pub fn train_k38_add_div_etc(
+pub fn train_k36_add_div_etc(
     t92: &[f32],
     state_square_avg_conv2d_0_bias: &mut [f32],
     state_momentum_buffer_conv2d_0_bias: &mut [f32],
@@ -761,7 +759,7 @@ pub fn train_k38_add_div_etc(
 }
 
 /// elementwise: add, div, mul, sqrt, sub over [8, 4, 3, 3].
-pub fn train_k39_add_div_etc(
+pub fn train_k37_add_div_etc(
     t81: &[f32],
     state_square_avg_conv2d_1_weight: &mut [f32],
     state_momentum_buffer_conv2d_1_weight: &mut [f32],
@@ -790,7 +788,7 @@ pub fn train_k39_add_div_etc(
 }
 
 /// elementwise: add, div, mul, sqrt, sub over [8].
-pub fn train_k40_add_div_etc(
+pub fn train_k38_add_div_etc(
     t78: &[f32],
     state_square_avg_conv2d_1_bias: &mut [f32],
     state_momentum_buffer_conv2d_1_bias: &mut [f32],
@@ -818,37 +816,55 @@ pub fn train_k40_add_div_etc(
         });
 }
 
-/// elementwise: add, div, mul, sqrt, sub over [32, 10].
-pub fn train_k41_add_div_etc(
-    t69: &[f32],
+/// matmul: matmul, add, div, mul, sqrt, sub.
+pub fn train_k39_matmul_add_div_etc(
+    t19: &[f32],
+    t61: &[f32],
+    t69: &mut [f32],
     state_square_avg_head_weight: &mut [f32],
     state_momentum_buffer_head_weight: &mut [f32],
     param_head_weight: &mut [f32],
-) {
-    state_square_avg_head_weight[0..320]
-        .chunks_mut(320)
-        .zip(state_momentum_buffer_head_weight[0..320].chunks_mut(320))
-        .zip(param_head_weight[0..320].chunks_mut(320))
-        .enumerate()
-        .for_each(|(row, ((o0, o1), o2))| {
-            let n = o0.len();
-            let x1_row = &t69[row * 320..][..n];
-            for j in 0..n {
-                let x0 = o0[j];
-                let x1 = x1_row[j];
-                let x2 = o1[j];
-                let x3 = o2[j];
-                let t0 = 0.99 * x0 + 0.01 * x1.powi(2);
-                let t1 = x1 / (t0.sqrt() + 0.00000001);
-                o0[j] = t0;
-                o1[j] = t1 + 0.9 * x2;
-                o2[j] = -0.001 * t1 - 0.00090000004 * x2 + x3;
-            }
-        });
+) -> Result<(), rt::Error> {
+    let c = &mut t69[0..320];
+    let o0 = &mut state_square_avg_head_weight[0..320];
+    let o1 = &mut state_momentum_buffer_head_weight[0..320];
+    let o2 = &mut param_head_weight[0..320];
+    rt::gemm::sgemm(
+        c.len() / 10,
+        10,
+        4,
+        &t19[0..],
+        (1, 32),
+        &t61[0..],
+        (10, 1),
+        c,
+        (10, 1),
+        false,
+    )?;
+    for (((c, o0), o1), o2) in c
+        .chunks(10)
+        .zip(o0.chunks_mut(10))
+        .zip(o1.chunks_mut(10))
+        .zip(o2.chunks_mut(10))
+    {
+        let n = o0.len();
+        for j in 0..n {
+            let x0 = o0[j];
+            let x1 = c[j];
+            let x2 = o1[j];
+            let x3 = o2[j];
+            let t0 = 0.99 * x0 + 0.01 * x1.powi(2);
+            let t1 = x1 / (t0.sqrt() + 0.00000001);
+            o0[j] = t0;
+            o1[j] = t1 + 0.9 * x2;
+            o2[j] = -0.001 * t1 - 0.00090000004 * x2 + x3;
+        }
+    }
+    Ok(())
 }
 
 /// elementwise: add, div, mul, sqrt, sub over [10].
-pub fn train_k42_add_div_etc(
+pub fn train_k40_add_div_etc(
     t64: &[f32],
     state_square_avg_head_bias: &mut [f32],
     state_momentum_buffer_head_bias: &mut [f32],

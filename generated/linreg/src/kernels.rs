@@ -51,30 +51,46 @@ pub fn forward_k02_mul(t8: &[f32], t10: &mut [f32]) {
     t10[0] = 0.015625 * x0;
 }
 
-/// elementwise: add, mul, sub over [64, 1].
-pub fn grads_k01_add_mul_sub(
+/// matmul: matmul, add, mul, sub.
+pub fn grads_k00_matmul_add_mul_sub(
+    input_x: &[f32],
+    param_w: &[f32],
     c95: &[f32],
-    t4: &[f32],
     param_b: &[f32],
     input_y: &[f32],
+    t4: &mut [f32],
     t18: &mut [f32],
-) {
-    t18[0..64].chunks_mut(64).enumerate().for_each(|(row, o0)| {
+) -> Result<(), rt::Error> {
+    let c = &mut t4[0..64];
+    let o0 = &mut t18[0..64];
+    rt::gemm::sgemm(
+        c.len(),
+        1,
+        3,
+        &input_x[0..],
+        (3, 1),
+        &param_w[0..],
+        (1, 0),
+        c,
+        (1, 1),
+        false,
+    )?;
+    for (i, (c, o0)) in c.chunks(1).zip(o0.chunks_mut(1)).enumerate() {
+        let row = i;
         let n = o0.len();
         let x0 = c95[0];
-        let x1_row = &t4[row * 64..][..n];
         let x2 = param_b[0];
-        let x3_row = &input_y[row * 64..][..n];
+        let x3 = input_y[row];
         for j in 0..n {
-            let x1 = x1_row[j];
-            let x3 = x3_row[j];
+            let x1 = c[j];
             o0[j] = 2.0 * x0 * (x1 + x2 - x3);
         }
-    });
+    }
+    Ok(())
 }
 
 /// reduce: reduce_sum over [64, 1].
-pub fn grads_k02_reduce(t18: &[f32], t20: &mut [f32]) {
+pub fn grads_k01_reduce(t18: &[f32], t20: &mut [f32]) {
     t20[0..1].iter_mut().for_each(|acc_out| {
         let mut acc = 0.0_f64;
         for i0 in 0..64 {
@@ -86,7 +102,7 @@ pub fn grads_k02_reduce(t18: &[f32], t20: &mut [f32]) {
 }
 
 /// matmul: matmul.
-pub fn grads_k03_matmul(input_x: &[f32], t18: &[f32], t25: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k02_matmul(input_x: &[f32], t18: &[f32], t25: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         3,
@@ -103,23 +119,44 @@ pub fn grads_k03_matmul(input_x: &[f32], t18: &[f32], t25: &mut [f32]) -> Result
     Ok(())
 }
 
-/// elementwise: add, sub over [64, 1].
-pub fn train_k01_add_sub(t4: &[f32], param_b: &[f32], input_y: &[f32], t6: &mut [f32]) {
-    t6[0..64].chunks_mut(64).enumerate().for_each(|(row, o0)| {
+/// matmul: matmul, add, sub.
+pub fn train_k00_matmul_add_sub(
+    input_x: &[f32],
+    param_w: &[f32],
+    param_b: &[f32],
+    input_y: &[f32],
+    t4: &mut [f32],
+    t6: &mut [f32],
+) -> Result<(), rt::Error> {
+    let c = &mut t4[0..64];
+    let o0 = &mut t6[0..64];
+    rt::gemm::sgemm(
+        c.len(),
+        1,
+        3,
+        &input_x[0..],
+        (3, 1),
+        &param_w[0..],
+        (1, 0),
+        c,
+        (1, 1),
+        false,
+    )?;
+    for (i, (c, o0)) in c.chunks(1).zip(o0.chunks_mut(1)).enumerate() {
+        let row = i;
         let n = o0.len();
-        let x0_row = &t4[row * 64..][..n];
         let x1 = param_b[0];
-        let x2_row = &input_y[row * 64..][..n];
+        let x2 = input_y[row];
         for j in 0..n {
-            let x0 = x0_row[j];
-            let x2 = x2_row[j];
+            let x0 = c[j];
             o0[j] = x0 + x1 - x2;
         }
-    });
+    }
+    Ok(())
 }
 
 /// reduce: mul, reduce_sum over [64, 1].
-pub fn train_k02_reduce(t6: &[f32], t8: &mut [f32]) {
+pub fn train_k01_reduce(t6: &[f32], t8: &mut [f32]) {
     t8[0..1].iter_mut().for_each(|acc_out| {
         let mut acc = 0.0_f64;
         for i0 in 0..64 {
@@ -131,25 +168,25 @@ pub fn train_k02_reduce(t6: &[f32], t8: &mut [f32]) {
 }
 
 /// elementwise: add.
-pub fn train_k04_add(state_step: &mut [f32]) {
+pub fn train_k03_add(state_step: &[f32], t28: &mut [f32]) {
     let x0 = state_step[0];
-    state_step[0] = x0 + 1.0;
+    t28[0] = x0 + 1.0;
 }
 
 /// elementwise: pow, sqrt, sub.
-pub fn train_k05_pow_sqrt_sub(state_step: &[f32], t53: &mut [f32]) {
-    let x0 = state_step[0];
+pub fn train_k04_pow_sqrt_sub(t28: &[f32], t53: &mut [f32]) {
+    let x0 = t28[0];
     t53[0] = (1.0 - 0.999_f32.powf(x0)).sqrt();
 }
 
 /// elementwise: div, pow, sub.
-pub fn train_k06_div_pow_sub(state_step: &[f32], t58: &mut [f32]) {
-    let x0 = state_step[0];
+pub fn train_k05_div_pow_sub(t28: &[f32], t58: &mut [f32]) {
+    let x0 = t28[0];
     t58[0] = 0.01 / (1.0 - 0.9_f32.powf(x0));
 }
 
 /// elementwise: add, mul over [64, 1].
-pub fn train_k07_add_mul(c95: &[f32], t6: &[f32], t18: &mut [f32]) {
+pub fn train_k06_add_mul(c95: &[f32], t6: &[f32], t18: &mut [f32]) {
     t18[0..64].chunks_mut(64).enumerate().for_each(|(row, o0)| {
         let n = o0.len();
         let x0 = c95[0];
@@ -161,47 +198,73 @@ pub fn train_k07_add_mul(c95: &[f32], t6: &[f32], t18: &mut [f32]) {
     });
 }
 
-/// elementwise: add, div, mul, sqrt, sub over [3, 1].
-pub fn train_k10_add_div_etc(
-    t25: &[f32],
+/// matmul: matmul, add, div, mul, sqrt, sub.
+pub fn train_k08_matmul_add_div_etc(
+    input_x: &[f32],
+    t18: &[f32],
+    state_exp_avg_w: &[f32],
+    state_exp_avg_sq_w: &[f32],
+    param_w: &[f32],
     t58: &[f32],
     t53: &[f32],
-    state_exp_avg_w: &mut [f32],
-    state_exp_avg_sq_w: &mut [f32],
-    param_w: &mut [f32],
-) {
-    state_exp_avg_w[0..3]
-        .chunks_mut(3)
-        .zip(state_exp_avg_sq_w[0..3].chunks_mut(3))
-        .zip(param_w[0..3].chunks_mut(3))
+    t25: &mut [f32],
+    t37: &mut [f32],
+    t43: &mut [f32],
+    t61: &mut [f32],
+) -> Result<(), rt::Error> {
+    let c = &mut t25[0..3];
+    let o0 = &mut t37[0..3];
+    let o1 = &mut t43[0..3];
+    let o2 = &mut t61[0..3];
+    rt::gemm::sgemm(
+        c.len(),
+        1,
+        64,
+        &input_x[0..],
+        (1, 3),
+        &t18[0..],
+        (1, 0),
+        c,
+        (1, 1),
+        false,
+    )?;
+    for (i, (((c, o0), o1), o2)) in c
+        .chunks(1)
+        .zip(o0.chunks_mut(1))
+        .zip(o1.chunks_mut(1))
+        .zip(o2.chunks_mut(1))
         .enumerate()
-        .for_each(|(row, ((o0, o1), o2))| {
-            let n = o0.len();
-            let x1_row = &t25[row * 3..][..n];
-            let x4 = t58[0];
-            let x5 = t53[0];
-            for j in 0..n {
-                let x0 = o0[j];
-                let x1 = x1_row[j];
-                let x2 = o1[j];
-                let x3 = o2[j];
-                let t0 = 0.9 * x0 + 0.1 * x1;
-                let t1 = 0.001 * x1.powi(2) + 0.999 * x2;
-                o0[j] = t0;
-                o1[j] = t1;
-                o2[j] = -t0 * x4 / (t1.sqrt() / x5 + 0.00000001) + 0.9999 * x3;
-            }
-        });
+    {
+        let row = i;
+        let n = o0.len();
+        let x0 = state_exp_avg_w[row];
+        let x2 = state_exp_avg_sq_w[row];
+        let x3 = param_w[row];
+        let x4 = t58[0];
+        let x5 = t53[0];
+        for j in 0..n {
+            let x1 = c[j];
+            let t0 = 0.9 * x0 + 0.1 * x1;
+            let t1 = 0.001 * x1.powi(2) + 0.999 * x2;
+            o0[j] = t0;
+            o1[j] = t1;
+            o2[j] = -t0 * x4 / (t1.sqrt() / x5 + 0.00000001) + 0.9999 * x3;
+        }
+    }
+    Ok(())
 }
 
 /// elementwise: add, div, mul, sqrt, sub over [1].
-pub fn train_k11_add_div_etc(
+pub fn train_k09_add_div_etc(
+    state_exp_avg_b: &[f32],
     t20: &[f32],
+    state_exp_avg_sq_b: &[f32],
+    param_b: &[f32],
     t58: &[f32],
     t53: &[f32],
-    state_exp_avg_b: &mut [f32],
-    state_exp_avg_sq_b: &mut [f32],
-    param_b: &mut [f32],
+    t70: &mut [f32],
+    t76: &mut [f32],
+    t94: &mut [f32],
 ) {
     let x0 = state_exp_avg_b[0];
     let x1 = t20[0];
@@ -211,7 +274,76 @@ pub fn train_k11_add_div_etc(
     let x5 = t53[0];
     let t0 = 0.9 * x0 + 0.1 * x1;
     let t1 = 0.001 * x1.powi(2) + 0.999 * x2;
-    state_exp_avg_b[0] = t0;
-    state_exp_avg_sq_b[0] = t1;
-    param_b[0] = -t0 * x4 / (t1.sqrt() / x5 + 0.00000001) + 0.9999 * x3;
+    t70[0] = t0;
+    t76[0] = t1;
+    t94[0] = -t0 * x4 / (t1.sqrt() / x5 + 0.00000001) + 0.9999 * x3;
+}
+
+/// elementwise: writeback.
+pub fn train_k10_writeback(t28: &[f32], state_step: &mut [f32]) {
+    let x0 = t28[0];
+    state_step[0] = x0;
+}
+
+/// elementwise: writeback over [3, 1].
+pub fn train_k11_writeback(t61: &[f32], param_w: &mut [f32]) {
+    param_w[0..3]
+        .chunks_mut(3)
+        .enumerate()
+        .for_each(|(row, o0)| {
+            let n = o0.len();
+            let x0_row = &t61[row * 3..][..n];
+            for j in 0..n {
+                let x0 = x0_row[j];
+                o0[j] = x0;
+            }
+        });
+}
+
+/// elementwise: writeback over [3, 1].
+pub fn train_k12_writeback(t37: &[f32], state_exp_avg_w: &mut [f32]) {
+    state_exp_avg_w[0..3]
+        .chunks_mut(3)
+        .enumerate()
+        .for_each(|(row, o0)| {
+            let n = o0.len();
+            let x0_row = &t37[row * 3..][..n];
+            for j in 0..n {
+                let x0 = x0_row[j];
+                o0[j] = x0;
+            }
+        });
+}
+
+/// elementwise: writeback over [3, 1].
+pub fn train_k13_writeback(t43: &[f32], state_exp_avg_sq_w: &mut [f32]) {
+    state_exp_avg_sq_w[0..3]
+        .chunks_mut(3)
+        .enumerate()
+        .for_each(|(row, o0)| {
+            let n = o0.len();
+            let x0_row = &t43[row * 3..][..n];
+            for j in 0..n {
+                let x0 = x0_row[j];
+                o0[j] = x0;
+            }
+        });
+}
+
+/// elementwise: writeback over [1].
+pub fn train_k14_writeback(t94: &[f32], param_b: &mut [f32]) {
+    let x0 = t94[0];
+    param_b[0] = x0;
+}
+
+/// elementwise: writeback over [1].
+pub fn train_k15_writeback(t70: &[f32], state_exp_avg_b: &mut [f32]) {
+    let x0 = t70[0];
+    state_exp_avg_b[0] = x0;
+}
+
+/// elementwise: writeback over [1].
+pub fn train_k16_writeback(t76: &[f32], state_exp_avg_sq_b: &mut [f32]) {
+    let x0 = t76[0];
+    state_exp_avg_sq_b[0] = x0;
 }

@@ -17,7 +17,7 @@ static CONSTS: &[u8] = include_bytes!("consts.bin");
 
 const PARAM_LEN: usize = 32;
 const STATE_LEN: usize = 80;
-const TEMP_F32_LEN: usize = 176;
+const TEMP_F32_LEN: usize = 208;
 const TEMP_I32_LEN: usize = 0;
 const TEMP_BOOL_LEN: usize = 0;
 const CONST_F32_LEN: usize = 1;
@@ -91,77 +91,89 @@ impl Arenas {
         Ok(())
     }
 
-    /// `grads`: 4 kernels.
+    /// `grads`: 3 kernels.
     fn grads(&mut self, input_x: &[f32], input_y: &[f32]) -> Result<(), rt::Error> {
         let a = &*self;
         // SAFETY: the memory plan gives buffers that are live at the same time
         // disjoint ranges of their arena, and a kernel writing a buffer in place
         // reads it only through that same mutable slice.
         unsafe {
-            kernels::forward_k00_matmul(input_x, a.param.slice(0, 3), a.temp_f32.slice_mut(0, 64))?;
-            kernels::grads_k01_add_mul_sub(
+            kernels::grads_k00_matmul_add_mul_sub(
+                input_x,
+                a.param.slice(0, 3),
                 a.const_f32.slice(0, 1),
-                a.temp_f32.slice(0, 64),
                 a.param.slice(16, 1),
                 input_y,
                 a.temp_f32.slice_mut(64, 64),
-            );
-            kernels::grads_k02_reduce(a.temp_f32.slice(64, 64), a.temp_f32.slice_mut(16, 1));
-            kernels::grads_k03_matmul(
+                a.temp_f32.slice_mut(0, 64),
+            )?;
+            kernels::grads_k01_reduce(a.temp_f32.slice(0, 64), a.temp_f32.slice_mut(80, 1));
+            kernels::grads_k02_matmul(
                 input_x,
-                a.temp_f32.slice(64, 64),
-                a.temp_f32.slice_mut(0, 3),
+                a.temp_f32.slice(0, 64),
+                a.temp_f32.slice_mut(64, 3),
             )?;
         }
         Ok(())
     }
 
-    /// `train`: 12 kernels.
+    /// `train`: 17 kernels.
     fn train(&mut self, input_x: &[f32], input_y: &[f32]) -> Result<(), rt::Error> {
         let a = &*self;
         // SAFETY: the memory plan gives buffers that are live at the same time
         // disjoint ranges of their arena, and a kernel writing a buffer in place
         // reads it only through that same mutable slice.
         unsafe {
-            kernels::forward_k00_matmul(input_x, a.param.slice(0, 3), a.temp_f32.slice_mut(0, 64))?;
-            kernels::train_k01_add_sub(
-                a.temp_f32.slice(0, 64),
+            kernels::train_k00_matmul_add_sub(
+                input_x,
+                a.param.slice(0, 3),
                 a.param.slice(16, 1),
                 input_y,
+                a.temp_f32.slice_mut(0, 64),
                 a.temp_f32.slice_mut(64, 64),
-            );
-            kernels::train_k02_reduce(a.temp_f32.slice(64, 64), a.temp_f32.slice_mut(0, 1));
+            )?;
+            kernels::train_k01_reduce(a.temp_f32.slice(64, 64), a.temp_f32.slice_mut(0, 1));
             kernels::forward_k02_mul(a.temp_f32.slice(0, 1), a.temp_f32.slice_mut(128, 1));
-            kernels::train_k04_add(a.state.slice_mut(0, 1));
-            kernels::train_k05_pow_sqrt_sub(a.state.slice(0, 1), a.temp_f32.slice_mut(144, 1));
-            kernels::train_k06_div_pow_sub(a.state.slice(0, 1), a.temp_f32.slice_mut(160, 1));
-            kernels::train_k07_add_mul(
+            kernels::train_k03_add(a.state.slice(0, 1), a.temp_f32.slice_mut(144, 1));
+            kernels::train_k04_pow_sqrt_sub(a.temp_f32.slice(144, 1), a.temp_f32.slice_mut(160, 1));
+            kernels::train_k05_div_pow_sub(a.temp_f32.slice(144, 1), a.temp_f32.slice_mut(176, 1));
+            kernels::train_k06_add_mul(
                 a.const_f32.slice(0, 1),
                 a.temp_f32.slice(64, 64),
                 a.temp_f32.slice_mut(0, 64),
             );
-            kernels::grads_k02_reduce(a.temp_f32.slice(0, 64), a.temp_f32.slice_mut(80, 1));
-            kernels::grads_k03_matmul(
+            kernels::grads_k01_reduce(a.temp_f32.slice(0, 64), a.temp_f32.slice_mut(192, 1));
+            kernels::train_k08_matmul_add_div_etc(
                 input_x,
                 a.temp_f32.slice(0, 64),
+                a.state.slice(16, 3),
+                a.state.slice(32, 3),
+                a.param.slice(0, 3),
+                a.temp_f32.slice(176, 1),
+                a.temp_f32.slice(160, 1),
                 a.temp_f32.slice_mut(64, 3),
+                a.temp_f32.slice_mut(80, 3),
+                a.temp_f32.slice_mut(96, 3),
+                a.temp_f32.slice_mut(112, 3),
             )?;
-            kernels::train_k10_add_div_etc(
-                a.temp_f32.slice(64, 3),
+            kernels::train_k09_add_div_etc(
+                a.state.slice(48, 1),
+                a.temp_f32.slice(192, 1),
+                a.state.slice(64, 1),
+                a.param.slice(16, 1),
+                a.temp_f32.slice(176, 1),
                 a.temp_f32.slice(160, 1),
-                a.temp_f32.slice(144, 1),
-                a.state.slice_mut(16, 3),
-                a.state.slice_mut(32, 3),
-                a.param.slice_mut(0, 3),
+                a.temp_f32.slice_mut(0, 1),
+                a.temp_f32.slice_mut(16, 1),
+                a.temp_f32.slice_mut(32, 1),
             );
-            kernels::train_k11_add_div_etc(
-                a.temp_f32.slice(80, 1),
-                a.temp_f32.slice(160, 1),
-                a.temp_f32.slice(144, 1),
-                a.state.slice_mut(48, 1),
-                a.state.slice_mut(64, 1),
-                a.param.slice_mut(16, 1),
-            );
+            kernels::train_k10_writeback(a.temp_f32.slice(144, 1), a.state.slice_mut(0, 1));
+            kernels::train_k11_writeback(a.temp_f32.slice(112, 3), a.param.slice_mut(0, 3));
+            kernels::train_k12_writeback(a.temp_f32.slice(80, 3), a.state.slice_mut(16, 3));
+            kernels::train_k13_writeback(a.temp_f32.slice(96, 3), a.state.slice_mut(32, 3));
+            kernels::train_k14_writeback(a.temp_f32.slice(32, 1), a.param.slice_mut(16, 1));
+            kernels::train_k15_writeback(a.temp_f32.slice(0, 1), a.state.slice_mut(48, 1));
+            kernels::train_k16_writeback(a.temp_f32.slice(16, 1), a.state.slice_mut(64, 1));
         }
         Ok(())
     }
@@ -179,7 +191,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `linreg`.
-#[pyclass(module = "fg_linreg_26fee600b26e")]
+#[pyclass(module = "fg_linreg_9f4d609e3fed")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -238,9 +250,9 @@ impl Step {
             })
         })?;
         let out = PyDict::new(py);
-        let values = self.arenas.temp_f32.slice(0, 3);
+        let values = self.arenas.temp_f32.slice(64, 3);
         out.set_item("w", rt::py::to_numpy(py, values, &[3, 1])?)?;
-        let values = self.arenas.temp_f32.slice(16, 1);
+        let values = self.arenas.temp_f32.slice(80, 1);
         out.set_item("b", rt::py::to_numpy(py, values, &[1])?)?;
         Ok(out)
     }
@@ -312,7 +324,7 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_linreg_26fee600b26e(m: &Bound<'_, PyModule>) -> PyResult<()> {
+fn fg_linreg_9f4d609e3fed(m: &Bound<'_, PyModule>) -> PyResult<()> {
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

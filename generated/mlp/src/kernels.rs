@@ -9,124 +9,112 @@ use ferrograd_runtime as rt;
 use rayon::prelude::*;
 use std::f32::consts;
 
-/// matmul: matmul.
-pub fn forward_k00_matmul(
+/// matmul: matmul, add, relu.
+pub fn forward_k00_matmul_add_relu(
     input_x: &[f32],
     param_linear_0_weight: &[f32],
+    param_linear_0_bias: &[f32],
     t3: &mut [f32],
+    t6: &mut [f32],
 ) -> Result<(), rt::Error> {
-    rt::gemm::sgemm_batched(
-        1,
-        16,
+    let c = &mut t3[0..512];
+    let o0 = &mut t6[0..512];
+    rt::gemm::sgemm(
+        c.len() / 32,
         32,
         64,
         &input_x[0..],
-        (0, 64, 1),
+        (64, 1),
         &param_linear_0_weight[0..],
-        (0, 32, 1),
-        &mut t3[0..],
-        (0, 32, 1),
+        (32, 1),
+        c,
+        (32, 1),
         false,
     )?;
-    Ok(())
-}
-
-/// elementwise: add, relu over [16, 32].
-pub fn forward_k01_add_relu(t3: &[f32], param_linear_0_bias: &[f32], t6: &mut [f32]) {
-    t6[0..512].chunks_mut(32).enumerate().for_each(|(row, o0)| {
+    for (c, o0) in c.chunks(32).zip(o0.chunks_mut(32)) {
         let n = o0.len();
-        let x0_row = &t3[row * 32..][..n];
         let x1_row = &param_linear_0_bias[0..][..n];
         for j in 0..n {
-            let x0 = x0_row[j];
+            let x0 = c[j];
             let x1 = x1_row[j];
             let t0 = x0 + x1;
             o0[j] = if t0 > 0.0 { t0 } else { 0.0 };
         }
-    });
+    }
+    Ok(())
 }
 
-/// matmul: matmul.
-pub fn forward_k02_matmul(
+/// matmul: matmul, add, relu.
+pub fn forward_k01_matmul_add_relu(
     t6: &[f32],
     param_linear_1_weight: &[f32],
+    param_linear_1_bias: &[f32],
     t8: &mut [f32],
+    t11: &mut [f32],
 ) -> Result<(), rt::Error> {
-    rt::gemm::sgemm_batched(
-        1,
-        16,
+    let c = &mut t8[0..512];
+    let o0 = &mut t11[0..512];
+    rt::gemm::sgemm(
+        c.len() / 32,
         32,
         32,
         &t6[0..],
-        (0, 32, 1),
+        (32, 1),
         &param_linear_1_weight[0..],
-        (0, 32, 1),
-        &mut t8[0..],
-        (0, 32, 1),
+        (32, 1),
+        c,
+        (32, 1),
         false,
     )?;
+    for (c, o0) in c.chunks(32).zip(o0.chunks_mut(32)) {
+        let n = o0.len();
+        let x1_row = &param_linear_1_bias[0..][..n];
+        for j in 0..n {
+            let x0 = c[j];
+            let x1 = x1_row[j];
+            let t0 = x0 + x1;
+            o0[j] = if t0 > 0.0 { t0 } else { 0.0 };
+        }
+    }
     Ok(())
 }
 
-/// elementwise: add, relu over [16, 32].
-pub fn forward_k03_add_relu(t8: &[f32], param_linear_1_bias: &[f32], t11: &mut [f32]) {
-    t11[0..512]
-        .chunks_mut(32)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let n = o0.len();
-            let x0_row = &t8[row * 32..][..n];
-            let x1_row = &param_linear_1_bias[0..][..n];
-            for j in 0..n {
-                let x0 = x0_row[j];
-                let x1 = x1_row[j];
-                let t0 = x0 + x1;
-                o0[j] = if t0 > 0.0 { t0 } else { 0.0 };
-            }
-        });
-}
-
-/// matmul: matmul.
-pub fn forward_k04_matmul(
+/// matmul: matmul, add.
+pub fn forward_k02_matmul_add(
     t11: &[f32],
     param_head_weight: &[f32],
+    param_head_bias: &[f32],
     t13: &mut [f32],
+    t15: &mut [f32],
 ) -> Result<(), rt::Error> {
-    rt::gemm::sgemm_batched(
-        1,
-        16,
+    let c = &mut t13[0..160];
+    let o0 = &mut t15[0..160];
+    rt::gemm::sgemm(
+        c.len() / 10,
         10,
         32,
         &t11[0..],
-        (0, 32, 1),
+        (32, 1),
         &param_head_weight[0..],
-        (0, 10, 1),
-        &mut t13[0..],
-        (0, 10, 1),
+        (10, 1),
+        c,
+        (10, 1),
         false,
     )?;
+    for (c, o0) in c.chunks(10).zip(o0.chunks_mut(10)) {
+        let n = o0.len();
+        let x1_row = &param_head_bias[0..][..n];
+        for j in 0..n {
+            let x0 = c[j];
+            let x1 = x1_row[j];
+            o0[j] = x0 + x1;
+        }
+    }
     Ok(())
 }
 
-/// elementwise: add over [16, 10].
-pub fn forward_k05_add(t13: &[f32], param_head_bias: &[f32], t15: &mut [f32]) {
-    t15[0..160]
-        .chunks_mut(10)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let n = o0.len();
-            let x0_row = &t13[row * 10..][..n];
-            let x1_row = &param_head_bias[0..][..n];
-            for j in 0..n {
-                let x0 = x0_row[j];
-                let x1 = x1_row[j];
-                o0[j] = x0 + x1;
-            }
-        });
-}
-
 /// reduce: reduce_max over [16, 10].
-pub fn forward_k06_reduce(t15: &[f32], t19: &mut [f32]) {
+pub fn forward_k03_reduce(t15: &[f32], t19: &mut [f32]) {
     t19[0..16]
         .iter_mut()
         .enumerate()
@@ -141,7 +129,7 @@ pub fn forward_k06_reduce(t15: &[f32], t19: &mut [f32]) {
 }
 
 /// elementwise: stop_gradient, sub over [16, 10].
-pub fn forward_k07_stop_gradient_sub(t15: &[f32], t19: &[f32], t21: &mut [f32]) {
+pub fn forward_k04_stop_gradient_sub(t15: &[f32], t19: &[f32], t21: &mut [f32]) {
     t21[0..160]
         .chunks_mut(10)
         .enumerate()
@@ -157,7 +145,7 @@ pub fn forward_k07_stop_gradient_sub(t15: &[f32], t19: &[f32], t21: &mut [f32]) 
 }
 
 /// reduce: exp, reduce_sum over [16, 10].
-pub fn forward_k08_reduce(t21: &[f32], t23: &mut [f32]) {
+pub fn forward_k05_reduce(t21: &[f32], t23: &mut [f32]) {
     t23[0..16]
         .iter_mut()
         .enumerate()
@@ -172,7 +160,7 @@ pub fn forward_k08_reduce(t21: &[f32], t23: &mut [f32]) {
 }
 
 /// reduce: eq, log, reduce_sum, sub, where over [16, 10].
-pub fn forward_k09_reduce(input_y: &[i32], c17: &[i32], t21: &[f32], t23: &[f32], t28: &mut [f32]) {
+pub fn forward_k06_reduce(input_y: &[i32], c17: &[i32], t21: &[f32], t23: &[f32], t28: &mut [f32]) {
     t28[0..16]
         .iter_mut()
         .enumerate()
@@ -190,7 +178,7 @@ pub fn forward_k09_reduce(input_y: &[i32], c17: &[i32], t21: &[f32], t23: &[f32]
 }
 
 /// reduce: reduce_sum over [16].
-pub fn forward_k10_reduce(t28: &[f32], t29: &mut [f32]) {
+pub fn forward_k07_reduce(t28: &[f32], t29: &mut [f32]) {
     t29[0..1].iter_mut().for_each(|acc_out| {
         let mut acc = 0.0_f64;
         for i0 in 0..16 {
@@ -202,27 +190,47 @@ pub fn forward_k10_reduce(t28: &[f32], t29: &mut [f32]) {
 }
 
 /// elementwise: mul, neg.
-pub fn forward_k11_mul_neg(t29: &[f32], t32: &mut [f32]) {
+pub fn forward_k08_mul_neg(t29: &[f32], t32: &mut [f32]) {
     let x0 = t29[0];
     t32[0] = -0.0625 * x0;
 }
 
-/// elementwise: add over [16, 32].
-pub fn grads_k01_add(t3: &[f32], param_linear_0_bias: &[f32], t5: &mut [f32]) {
-    t5[0..512].chunks_mut(32).enumerate().for_each(|(row, o0)| {
+/// matmul: matmul, add.
+pub fn grads_k00_matmul_add(
+    input_x: &[f32],
+    param_linear_0_weight: &[f32],
+    param_linear_0_bias: &[f32],
+    t3: &mut [f32],
+    t5: &mut [f32],
+) -> Result<(), rt::Error> {
+    let c = &mut t3[0..512];
+    let o0 = &mut t5[0..512];
+    rt::gemm::sgemm(
+        c.len() / 32,
+        32,
+        64,
+        &input_x[0..],
+        (64, 1),
+        &param_linear_0_weight[0..],
+        (32, 1),
+        c,
+        (32, 1),
+        false,
+    )?;
+    for (c, o0) in c.chunks(32).zip(o0.chunks_mut(32)) {
         let n = o0.len();
-        let x0_row = &t3[row * 32..][..n];
         let x1_row = &param_linear_0_bias[0..][..n];
         for j in 0..n {
-            let x0 = x0_row[j];
+            let x0 = c[j];
             let x1 = x1_row[j];
             o0[j] = x0 + x1;
         }
-    });
+    }
+    Ok(())
 }
 
 /// elementwise: relu over [16, 32].
-pub fn grads_k02_relu(t5: &[f32], t6: &mut [f32]) {
+pub fn grads_k01_relu(t5: &[f32], t6: &mut [f32]) {
     t6[0..512]
         .chunks_mut(512)
         .enumerate()
@@ -236,25 +244,42 @@ pub fn grads_k02_relu(t5: &[f32], t6: &mut [f32]) {
         });
 }
 
-/// elementwise: add over [16, 32].
-pub fn grads_k04_add(t8: &[f32], param_linear_1_bias: &[f32], t10: &mut [f32]) {
-    t10[0..512]
-        .chunks_mut(32)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let n = o0.len();
-            let x0_row = &t8[row * 32..][..n];
-            let x1_row = &param_linear_1_bias[0..][..n];
-            for j in 0..n {
-                let x0 = x0_row[j];
-                let x1 = x1_row[j];
-                o0[j] = x0 + x1;
-            }
-        });
+/// matmul: matmul, add.
+pub fn grads_k02_matmul_add(
+    t6: &[f32],
+    param_linear_1_weight: &[f32],
+    param_linear_1_bias: &[f32],
+    t8: &mut [f32],
+    t10: &mut [f32],
+) -> Result<(), rt::Error> {
+    let c = &mut t8[0..512];
+    let o0 = &mut t10[0..512];
+    rt::gemm::sgemm(
+        c.len() / 32,
+        32,
+        32,
+        &t6[0..],
+        (32, 1),
+        &param_linear_1_weight[0..],
+        (32, 1),
+        c,
+        (32, 1),
+        false,
+    )?;
+    for (c, o0) in c.chunks(32).zip(o0.chunks_mut(32)) {
+        let n = o0.len();
+        let x1_row = &param_linear_1_bias[0..][..n];
+        for j in 0..n {
+            let x0 = c[j];
+            let x1 = x1_row[j];
+            o0[j] = x0 + x1;
+        }
+    }
+    Ok(())
 }
 
 /// elementwise: relu over [16, 32].
-pub fn grads_k05_relu(t10: &[f32], t11: &mut [f32]) {
+pub fn grads_k03_relu(t10: &[f32], t11: &mut [f32]) {
     t11[0..512]
         .chunks_mut(512)
         .enumerate()
@@ -269,7 +294,7 @@ pub fn grads_k05_relu(t10: &[f32], t11: &mut [f32]) {
 }
 
 /// elementwise: eq, mul, where over [16, 10].
-pub fn grads_k11_eq_mul_where(input_y: &[i32], c17: &[i32], c270: &[f32], t43: &mut [f32]) {
+pub fn grads_k08_eq_mul_where(input_y: &[i32], c17: &[i32], c270: &[f32], t43: &mut [f32]) {
     t43[0..160]
         .chunks_mut(10)
         .enumerate()
@@ -286,7 +311,7 @@ pub fn grads_k11_eq_mul_where(input_y: &[i32], c17: &[i32], c270: &[f32], t43: &
 }
 
 /// reduce: neg, reduce_sum over [16, 10].
-pub fn grads_k12_reduce(t43: &[f32], t46: &mut [f32]) {
+pub fn grads_k09_reduce(t43: &[f32], t46: &mut [f32]) {
     t46[0..16]
         .iter_mut()
         .enumerate()
@@ -301,7 +326,7 @@ pub fn grads_k12_reduce(t43: &[f32], t46: &mut [f32]) {
 }
 
 /// elementwise: log.d0, mul over [16, 1].
-pub fn grads_k13_log_d0_mul(t46: &[f32], t23: &[f32], t48: &mut [f32]) {
+pub fn grads_k10_log_d0_mul(t46: &[f32], t23: &[f32], t48: &mut [f32]) {
     t48[0..16].chunks_mut(16).enumerate().for_each(|(row, o0)| {
         let n = o0.len();
         let x0_row = &t46[row * 16..][..n];
@@ -315,7 +340,7 @@ pub fn grads_k13_log_d0_mul(t46: &[f32], t23: &[f32], t48: &mut [f32]) {
 }
 
 /// elementwise: add, exp.d0, mul over [16, 10].
-pub fn grads_k14_add_exp_d0_mul(t43: &[f32], t48: &[f32], t21: &[f32], t52: &mut [f32]) {
+pub fn grads_k11_add_exp_d0_mul(t43: &[f32], t48: &[f32], t21: &[f32], t52: &mut [f32]) {
     t52[0..160]
         .chunks_mut(10)
         .enumerate()
@@ -333,7 +358,7 @@ pub fn grads_k14_add_exp_d0_mul(t43: &[f32], t48: &[f32], t21: &[f32], t52: &mut
 }
 
 /// reduce: reduce_sum over [16, 10].
-pub fn grads_k15_reduce(t52: &[f32], t55: &mut [f32]) {
+pub fn grads_k12_reduce(t52: &[f32], t55: &mut [f32]) {
     t55[0..10]
         .iter_mut()
         .enumerate()
@@ -348,29 +373,7 @@ pub fn grads_k15_reduce(t52: &[f32], t55: &mut [f32]) {
 }
 
 /// matmul: matmul.
-pub fn grads_k16_matmul(
-    t52: &[f32],
-    param_head_weight: &[f32],
-    t58: &mut [f32],
-) -> Result<(), rt::Error> {
-    rt::gemm::sgemm_batched(
-        1,
-        16,
-        32,
-        10,
-        &t52[0..],
-        (0, 10, 1),
-        &param_head_weight[0..],
-        (0, 1, 10),
-        &mut t58[0..],
-        (0, 32, 1),
-        false,
-    )?;
-    Ok(())
-}
-
-/// matmul: matmul.
-pub fn grads_k17_matmul(t11: &[f32], t52: &[f32], t60: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k13_matmul(t11: &[f32], t52: &[f32], t60: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         32,
@@ -387,25 +390,43 @@ pub fn grads_k17_matmul(t11: &[f32], t52: &[f32], t60: &mut [f32]) -> Result<(),
     Ok(())
 }
 
-/// elementwise: mul, relu.d0 over [16, 32].
-pub fn grads_k18_mul_relu_d0(t58: &[f32], t10: &[f32], t62: &mut [f32]) {
-    t62[0..512]
-        .chunks_mut(512)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let n = o0.len();
-            let x0_row = &t58[row * 512..][..n];
-            let x1_row = &t10[row * 512..][..n];
-            for j in 0..n {
-                let x0 = x0_row[j];
-                let x1 = x1_row[j];
-                o0[j] = x0 * (if x1 > 0.0 { 1.0 } else { 0.0 });
-            }
-        });
+/// matmul: matmul, mul, relu.d0.
+pub fn grads_k14_matmul_mul_relu_d0(
+    t52: &[f32],
+    param_head_weight: &[f32],
+    t10: &[f32],
+    t58: &mut [f32],
+    t62: &mut [f32],
+) -> Result<(), rt::Error> {
+    let c = &mut t58[0..512];
+    let o0 = &mut t62[0..512];
+    rt::gemm::sgemm(
+        c.len() / 32,
+        32,
+        10,
+        &t52[0..],
+        (10, 1),
+        &param_head_weight[0..],
+        (1, 10),
+        c,
+        (32, 1),
+        false,
+    )?;
+    for (i, (c, o0)) in c.chunks(32).zip(o0.chunks_mut(32)).enumerate() {
+        let row = i;
+        let n = o0.len();
+        let x1_row = &t10[row * 32..][..n];
+        for j in 0..n {
+            let x0 = c[j];
+            let x1 = x1_row[j];
+            o0[j] = x0 * (if x1 > 0.0 { 1.0 } else { 0.0 });
+        }
+    }
+    Ok(())
 }
 
 /// reduce: reduce_sum over [16, 32].
-pub fn grads_k19_reduce(t62: &[f32], t63: &mut [f32]) {
+pub fn grads_k15_reduce(t62: &[f32], t63: &mut [f32]) {
     t63[0..32]
         .iter_mut()
         .enumerate()
@@ -420,29 +441,7 @@ pub fn grads_k19_reduce(t62: &[f32], t63: &mut [f32]) {
 }
 
 /// matmul: matmul.
-pub fn grads_k20_matmul(
-    t62: &[f32],
-    param_linear_1_weight: &[f32],
-    t66: &mut [f32],
-) -> Result<(), rt::Error> {
-    rt::gemm::sgemm_batched(
-        1,
-        16,
-        32,
-        32,
-        &t62[0..],
-        (0, 32, 1),
-        &param_linear_1_weight[0..],
-        (0, 1, 32),
-        &mut t66[0..],
-        (0, 32, 1),
-        false,
-    )?;
-    Ok(())
-}
-
-/// matmul: matmul.
-pub fn grads_k21_matmul(t6: &[f32], t62: &[f32], t68: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k16_matmul(t6: &[f32], t62: &[f32], t68: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         32,
@@ -459,25 +458,43 @@ pub fn grads_k21_matmul(t6: &[f32], t62: &[f32], t68: &mut [f32]) -> Result<(), 
     Ok(())
 }
 
-/// elementwise: mul, relu.d0 over [16, 32].
-pub fn grads_k22_mul_relu_d0(t66: &[f32], t5: &[f32], t70: &mut [f32]) {
-    t70[0..512]
-        .chunks_mut(512)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let n = o0.len();
-            let x0_row = &t66[row * 512..][..n];
-            let x1_row = &t5[row * 512..][..n];
-            for j in 0..n {
-                let x0 = x0_row[j];
-                let x1 = x1_row[j];
-                o0[j] = x0 * (if x1 > 0.0 { 1.0 } else { 0.0 });
-            }
-        });
+/// matmul: matmul, mul, relu.d0.
+pub fn grads_k17_matmul_mul_relu_d0(
+    t62: &[f32],
+    param_linear_1_weight: &[f32],
+    t5: &[f32],
+    t66: &mut [f32],
+    t70: &mut [f32],
+) -> Result<(), rt::Error> {
+    let c = &mut t66[0..512];
+    let o0 = &mut t70[0..512];
+    rt::gemm::sgemm(
+        c.len() / 32,
+        32,
+        32,
+        &t62[0..],
+        (32, 1),
+        &param_linear_1_weight[0..],
+        (1, 32),
+        c,
+        (32, 1),
+        false,
+    )?;
+    for (i, (c, o0)) in c.chunks(32).zip(o0.chunks_mut(32)).enumerate() {
+        let row = i;
+        let n = o0.len();
+        let x1_row = &t5[row * 32..][..n];
+        for j in 0..n {
+            let x0 = c[j];
+            let x1 = x1_row[j];
+            o0[j] = x0 * (if x1 > 0.0 { 1.0 } else { 0.0 });
+        }
+    }
+    Ok(())
 }
 
 /// reduce: reduce_sum over [16, 32].
-pub fn grads_k23_reduce(t70: &[f32], t71: &mut [f32]) {
+pub fn grads_k18_reduce(t70: &[f32], t71: &mut [f32]) {
     t71[0..32]
         .iter_mut()
         .enumerate()
@@ -492,7 +509,7 @@ pub fn grads_k23_reduce(t70: &[f32], t71: &mut [f32]) {
 }
 
 /// matmul: matmul.
-pub fn grads_k24_matmul(input_x: &[f32], t70: &[f32], t76: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k19_matmul(input_x: &[f32], t70: &[f32], t76: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         64,
@@ -510,7 +527,7 @@ pub fn grads_k24_matmul(input_x: &[f32], t70: &[f32], t76: &mut [f32]) -> Result
 }
 
 /// elementwise: eq over [16, 10].
-pub fn train_k08_eq(input_y: &[i32], c17: &[i32], t18: &mut [u8]) {
+pub fn train_k05_eq(input_y: &[i32], c17: &[i32], t18: &mut [u8]) {
     t18[0..160]
         .chunks_mut(10)
         .enumerate()
@@ -526,7 +543,7 @@ pub fn train_k08_eq(input_y: &[i32], c17: &[i32], t18: &mut [u8]) {
 }
 
 /// reduce: log, reduce_sum, sub, where over [16, 10].
-pub fn train_k12_reduce(t18: &[u8], t21: &[f32], t23: &[f32], t28: &mut [f32]) {
+pub fn train_k09_reduce(t18: &[u8], t21: &[f32], t23: &[f32], t28: &mut [f32]) {
     t28[0..16]
         .iter_mut()
         .enumerate()
@@ -543,25 +560,25 @@ pub fn train_k12_reduce(t18: &[u8], t21: &[f32], t23: &[f32], t28: &mut [f32]) {
 }
 
 /// elementwise: add.
-pub fn train_k15_add(state_step: &mut [f32]) {
+pub fn train_k12_add(state_step: &[f32], t79: &mut [f32]) {
     let x0 = state_step[0];
-    state_step[0] = x0 + 1.0;
+    t79[0] = x0 + 1.0;
 }
 
 /// elementwise: pow, sqrt, sub.
-pub fn train_k16_pow_sqrt_sub(state_step: &[f32], t102: &mut [f32]) {
-    let x0 = state_step[0];
+pub fn train_k13_pow_sqrt_sub(t79: &[f32], t102: &mut [f32]) {
+    let x0 = t79[0];
     t102[0] = (1.0 - 0.999_f32.powf(x0)).sqrt();
 }
 
 /// elementwise: div, pow, sub.
-pub fn train_k17_div_pow_sub(state_step: &[f32], t107: &mut [f32]) {
-    let x0 = state_step[0];
+pub fn train_k14_div_pow_sub(t79: &[f32], t107: &mut [f32]) {
+    let x0 = t79[0];
     t107[0] = 0.01 / (1.0 - 0.9_f32.powf(x0));
 }
 
 /// elementwise: mul, where over [16, 10].
-pub fn train_k18_mul_where(t18: &[u8], c270: &[f32], t43: &mut [f32]) {
+pub fn train_k15_mul_where(t18: &[u8], c270: &[f32], t43: &mut [f32]) {
     t43[0..160]
         .chunks_mut(10)
         .enumerate()
@@ -576,63 +593,95 @@ pub fn train_k18_mul_where(t18: &[u8], c270: &[f32], t43: &mut [f32]) {
         });
 }
 
-/// elementwise: add, div, mul, sqrt, sub over [64, 32].
-pub fn train_k32_add_div_etc(
-    t76: &[f32],
+/// matmul: matmul, add, div, mul, sqrt, sub.
+pub fn train_k24_matmul_add_div_etc(
+    input_x: &[f32],
+    t70: &[f32],
+    state_exp_avg_linear_0_weight: &[f32],
+    state_exp_avg_sq_linear_0_weight: &[f32],
+    param_linear_0_weight: &[f32],
     t107: &[f32],
     t102: &[f32],
-    state_exp_avg_linear_0_weight: &mut [f32],
-    state_exp_avg_sq_linear_0_weight: &mut [f32],
-    param_linear_0_weight: &mut [f32],
-) {
-    state_exp_avg_linear_0_weight[0..2048]
-        .chunks_mut(2048)
-        .zip(state_exp_avg_sq_linear_0_weight[0..2048].chunks_mut(2048))
-        .zip(param_linear_0_weight[0..2048].chunks_mut(2048))
+    t76: &mut [f32],
+    t86: &mut [f32],
+    t92: &mut [f32],
+    t110: &mut [f32],
+) -> Result<(), rt::Error> {
+    let c = &mut t76[0..2048];
+    let o0 = &mut t86[0..2048];
+    let o1 = &mut t92[0..2048];
+    let o2 = &mut t110[0..2048];
+    rt::gemm::sgemm(
+        c.len() / 32,
+        32,
+        16,
+        &input_x[0..],
+        (1, 64),
+        &t70[0..],
+        (32, 1),
+        c,
+        (32, 1),
+        false,
+    )?;
+    for (i, (((c, o0), o1), o2)) in c
+        .chunks(32)
+        .zip(o0.chunks_mut(32))
+        .zip(o1.chunks_mut(32))
+        .zip(o2.chunks_mut(32))
         .enumerate()
-        .for_each(|(row, ((o0, o1), o2))| {
-            let n = o0.len();
-            let x1_row = &t76[row * 2048..][..n];
-            let x4 = t107[0];
-            let x5 = t102[0];
-            for j in 0..n {
-                let x0 = o0[j];
-                let x1 = x1_row[j];
-                let x2 = o1[j];
-                let x3 = o2[j];
-                let t0 = 0.9 * x0 + 0.1 * x1;
-                let t1 = 0.001 * x1.powi(2) + 0.999 * x2;
-                o0[j] = t0;
-                o1[j] = t1;
-                o2[j] = -t0 * x4 / (t1.sqrt() / x5 + 0.00000001) + x3;
-            }
-        });
+    {
+        let row = i;
+        let n = o0.len();
+        let x0_row = &state_exp_avg_linear_0_weight[row * 32..][..n];
+        let x2_row = &state_exp_avg_sq_linear_0_weight[row * 32..][..n];
+        let x3_row = &param_linear_0_weight[row * 32..][..n];
+        let x4 = t107[0];
+        let x5 = t102[0];
+        for j in 0..n {
+            let x0 = x0_row[j];
+            let x1 = c[j];
+            let x2 = x2_row[j];
+            let x3 = x3_row[j];
+            let t0 = 0.9 * x0 + 0.1 * x1;
+            let t1 = 0.001 * x1.powi(2) + 0.999 * x2;
+            o0[j] = t0;
+            o1[j] = t1;
+            o2[j] = -t0 * x4 / (t1.sqrt() / x5 + 0.00000001) + x3;
+        }
+    }
+    Ok(())
 }
 
 /// elementwise: add, div, mul, sqrt, sub over [32].
-pub fn train_k33_add_div_etc(
+pub fn train_k25_add_div_etc(
+    state_exp_avg_linear_0_bias: &[f32],
     t71: &[f32],
+    state_exp_avg_sq_linear_0_bias: &[f32],
+    param_linear_0_bias: &[f32],
     t107: &[f32],
     t102: &[f32],
-    state_exp_avg_linear_0_bias: &mut [f32],
-    state_exp_avg_sq_linear_0_bias: &mut [f32],
-    param_linear_0_bias: &mut [f32],
+    t117: &mut [f32],
+    t123: &mut [f32],
+    t141: &mut [f32],
 ) {
-    state_exp_avg_linear_0_bias[0..32]
+    t117[0..32]
         .chunks_mut(32)
-        .zip(state_exp_avg_sq_linear_0_bias[0..32].chunks_mut(32))
-        .zip(param_linear_0_bias[0..32].chunks_mut(32))
+        .zip(t123[0..32].chunks_mut(32))
+        .zip(t141[0..32].chunks_mut(32))
         .enumerate()
         .for_each(|(row, ((o0, o1), o2))| {
             let n = o0.len();
+            let x0_row = &state_exp_avg_linear_0_bias[row * 32..][..n];
             let x1_row = &t71[row * 32..][..n];
+            let x2_row = &state_exp_avg_sq_linear_0_bias[row * 32..][..n];
+            let x3_row = &param_linear_0_bias[row * 32..][..n];
             let x4 = t107[0];
             let x5 = t102[0];
             for j in 0..n {
-                let x0 = o0[j];
+                let x0 = x0_row[j];
                 let x1 = x1_row[j];
-                let x2 = o1[j];
-                let x3 = o2[j];
+                let x2 = x2_row[j];
+                let x3 = x3_row[j];
                 let t0 = 0.9 * x0 + 0.1 * x1;
                 let t1 = 0.001 * x1.powi(2) + 0.999 * x2;
                 o0[j] = t0;
@@ -642,63 +691,95 @@ pub fn train_k33_add_div_etc(
         });
 }
 
-/// elementwise: add, div, mul, sqrt, sub over [32, 32].
-pub fn train_k34_add_div_etc(
-    t68: &[f32],
+/// matmul: matmul, add, div, mul, sqrt, sub.
+pub fn train_k26_matmul_add_div_etc(
+    t6: &[f32],
+    t62: &[f32],
+    state_exp_avg_linear_1_weight: &[f32],
+    state_exp_avg_sq_linear_1_weight: &[f32],
+    param_linear_1_weight: &[f32],
     t107: &[f32],
     t102: &[f32],
-    state_exp_avg_linear_1_weight: &mut [f32],
-    state_exp_avg_sq_linear_1_weight: &mut [f32],
-    param_linear_1_weight: &mut [f32],
-) {
-    state_exp_avg_linear_1_weight[0..1024]
-        .chunks_mut(1024)
-        .zip(state_exp_avg_sq_linear_1_weight[0..1024].chunks_mut(1024))
-        .zip(param_linear_1_weight[0..1024].chunks_mut(1024))
+    t68: &mut [f32],
+    t148: &mut [f32],
+    t154: &mut [f32],
+    t172: &mut [f32],
+) -> Result<(), rt::Error> {
+    let c = &mut t68[0..1024];
+    let o0 = &mut t148[0..1024];
+    let o1 = &mut t154[0..1024];
+    let o2 = &mut t172[0..1024];
+    rt::gemm::sgemm(
+        c.len() / 32,
+        32,
+        16,
+        &t6[0..],
+        (1, 32),
+        &t62[0..],
+        (32, 1),
+        c,
+        (32, 1),
+        false,
+    )?;
+    for (i, (((c, o0), o1), o2)) in c
+        .chunks(32)
+        .zip(o0.chunks_mut(32))
+        .zip(o1.chunks_mut(32))
+        .zip(o2.chunks_mut(32))
         .enumerate()
-        .for_each(|(row, ((o0, o1), o2))| {
-            let n = o0.len();
-            let x1_row = &t68[row * 1024..][..n];
-            let x4 = t107[0];
-            let x5 = t102[0];
-            for j in 0..n {
-                let x0 = o0[j];
-                let x1 = x1_row[j];
-                let x2 = o1[j];
-                let x3 = o2[j];
-                let t0 = 0.9 * x0 + 0.1 * x1;
-                let t1 = 0.001 * x1.powi(2) + 0.999 * x2;
-                o0[j] = t0;
-                o1[j] = t1;
-                o2[j] = -t0 * x4 / (t1.sqrt() / x5 + 0.00000001) + x3;
-            }
-        });
+    {
+        let row = i;
+        let n = o0.len();
+        let x0_row = &state_exp_avg_linear_1_weight[row * 32..][..n];
+        let x2_row = &state_exp_avg_sq_linear_1_weight[row * 32..][..n];
+        let x3_row = &param_linear_1_weight[row * 32..][..n];
+        let x4 = t107[0];
+        let x5 = t102[0];
+        for j in 0..n {
+            let x0 = x0_row[j];
+            let x1 = c[j];
+            let x2 = x2_row[j];
+            let x3 = x3_row[j];
+            let t0 = 0.9 * x0 + 0.1 * x1;
+            let t1 = 0.001 * x1.powi(2) + 0.999 * x2;
+            o0[j] = t0;
+            o1[j] = t1;
+            o2[j] = -t0 * x4 / (t1.sqrt() / x5 + 0.00000001) + x3;
+        }
+    }
+    Ok(())
 }
 
 /// elementwise: add, div, mul, sqrt, sub over [32].
-pub fn train_k35_add_div_etc(
+pub fn train_k27_add_div_etc(
+    state_exp_avg_linear_1_bias: &[f32],
     t63: &[f32],
+    state_exp_avg_sq_linear_1_bias: &[f32],
+    param_linear_1_bias: &[f32],
     t107: &[f32],
     t102: &[f32],
-    state_exp_avg_linear_1_bias: &mut [f32],
-    state_exp_avg_sq_linear_1_bias: &mut [f32],
-    param_linear_1_bias: &mut [f32],
+    t179: &mut [f32],
+    t185: &mut [f32],
+    t203: &mut [f32],
 ) {
-    state_exp_avg_linear_1_bias[0..32]
+    t179[0..32]
         .chunks_mut(32)
-        .zip(state_exp_avg_sq_linear_1_bias[0..32].chunks_mut(32))
-        .zip(param_linear_1_bias[0..32].chunks_mut(32))
+        .zip(t185[0..32].chunks_mut(32))
+        .zip(t203[0..32].chunks_mut(32))
         .enumerate()
         .for_each(|(row, ((o0, o1), o2))| {
             let n = o0.len();
+            let x0_row = &state_exp_avg_linear_1_bias[row * 32..][..n];
             let x1_row = &t63[row * 32..][..n];
+            let x2_row = &state_exp_avg_sq_linear_1_bias[row * 32..][..n];
+            let x3_row = &param_linear_1_bias[row * 32..][..n];
             let x4 = t107[0];
             let x5 = t102[0];
             for j in 0..n {
-                let x0 = o0[j];
+                let x0 = x0_row[j];
                 let x1 = x1_row[j];
-                let x2 = o1[j];
-                let x3 = o2[j];
+                let x2 = x2_row[j];
+                let x3 = x3_row[j];
                 let t0 = 0.9 * x0 + 0.1 * x1;
                 let t1 = 0.001 * x1.powi(2) + 0.999 * x2;
                 o0[j] = t0;
@@ -708,68 +789,376 @@ pub fn train_k35_add_div_etc(
         });
 }
 
-/// elementwise: add, div, mul, sqrt, sub over [32, 10].
-pub fn train_k36_add_div_etc(
-    t60: &[f32],
+/// matmul: matmul, add, div, mul, sqrt, sub.
+pub fn train_k28_matmul_add_div_etc(
+    t11: &[f32],
+    t52: &[f32],
+    state_exp_avg_head_weight: &[f32],
+    state_exp_avg_sq_head_weight: &[f32],
+    param_head_weight: &[f32],
     t107: &[f32],
     t102: &[f32],
-    state_exp_avg_head_weight: &mut [f32],
-    state_exp_avg_sq_head_weight: &mut [f32],
-    param_head_weight: &mut [f32],
-) {
-    state_exp_avg_head_weight[0..320]
-        .chunks_mut(320)
-        .zip(state_exp_avg_sq_head_weight[0..320].chunks_mut(320))
-        .zip(param_head_weight[0..320].chunks_mut(320))
+    t60: &mut [f32],
+    t210: &mut [f32],
+    t216: &mut [f32],
+    t234: &mut [f32],
+) -> Result<(), rt::Error> {
+    let c = &mut t60[0..320];
+    let o0 = &mut t210[0..320];
+    let o1 = &mut t216[0..320];
+    let o2 = &mut t234[0..320];
+    rt::gemm::sgemm(
+        c.len() / 10,
+        10,
+        16,
+        &t11[0..],
+        (1, 32),
+        &t52[0..],
+        (10, 1),
+        c,
+        (10, 1),
+        false,
+    )?;
+    for (i, (((c, o0), o1), o2)) in c
+        .chunks(10)
+        .zip(o0.chunks_mut(10))
+        .zip(o1.chunks_mut(10))
+        .zip(o2.chunks_mut(10))
         .enumerate()
-        .for_each(|(row, ((o0, o1), o2))| {
-            let n = o0.len();
-            let x1_row = &t60[row * 320..][..n];
-            let x4 = t107[0];
-            let x5 = t102[0];
-            for j in 0..n {
-                let x0 = o0[j];
-                let x1 = x1_row[j];
-                let x2 = o1[j];
-                let x3 = o2[j];
-                let t0 = 0.9 * x0 + 0.1 * x1;
-                let t1 = 0.001 * x1.powi(2) + 0.999 * x2;
-                o0[j] = t0;
-                o1[j] = t1;
-                o2[j] = -t0 * x4 / (t1.sqrt() / x5 + 0.00000001) + x3;
-            }
-        });
+    {
+        let row = i;
+        let n = o0.len();
+        let x0_row = &state_exp_avg_head_weight[row * 10..][..n];
+        let x2_row = &state_exp_avg_sq_head_weight[row * 10..][..n];
+        let x3_row = &param_head_weight[row * 10..][..n];
+        let x4 = t107[0];
+        let x5 = t102[0];
+        for j in 0..n {
+            let x0 = x0_row[j];
+            let x1 = c[j];
+            let x2 = x2_row[j];
+            let x3 = x3_row[j];
+            let t0 = 0.9 * x0 + 0.1 * x1;
+            let t1 = 0.001 * x1.powi(2) + 0.999 * x2;
+            o0[j] = t0;
+            o1[j] = t1;
+            o2[j] = -t0 * x4 / (t1.sqrt() / x5 + 0.00000001) + x3;
+        }
+    }
+    Ok(())
 }
 
 /// elementwise: add, div, mul, sqrt, sub over [10].
-pub fn train_k37_add_div_etc(
+pub fn train_k29_add_div_etc(
+    state_exp_avg_head_bias: &[f32],
     t55: &[f32],
+    state_exp_avg_sq_head_bias: &[f32],
+    param_head_bias: &[f32],
     t107: &[f32],
     t102: &[f32],
-    state_exp_avg_head_bias: &mut [f32],
-    state_exp_avg_sq_head_bias: &mut [f32],
-    param_head_bias: &mut [f32],
+    t241: &mut [f32],
+    t247: &mut [f32],
+    t265: &mut [f32],
 ) {
-    state_exp_avg_head_bias[0..10]
+    t241[0..10]
         .chunks_mut(10)
-        .zip(state_exp_avg_sq_head_bias[0..10].chunks_mut(10))
-        .zip(param_head_bias[0..10].chunks_mut(10))
+        .zip(t247[0..10].chunks_mut(10))
+        .zip(t265[0..10].chunks_mut(10))
         .enumerate()
         .for_each(|(row, ((o0, o1), o2))| {
             let n = o0.len();
+            let x0_row = &state_exp_avg_head_bias[row * 10..][..n];
             let x1_row = &t55[row * 10..][..n];
+            let x2_row = &state_exp_avg_sq_head_bias[row * 10..][..n];
+            let x3_row = &param_head_bias[row * 10..][..n];
             let x4 = t107[0];
             let x5 = t102[0];
             for j in 0..n {
-                let x0 = o0[j];
+                let x0 = x0_row[j];
                 let x1 = x1_row[j];
-                let x2 = o1[j];
-                let x3 = o2[j];
+                let x2 = x2_row[j];
+                let x3 = x3_row[j];
                 let t0 = 0.9 * x0 + 0.1 * x1;
                 let t1 = 0.001 * x1.powi(2) + 0.999 * x2;
                 o0[j] = t0;
                 o1[j] = t1;
                 o2[j] = -t0 * x4 / (t1.sqrt() / x5 + 0.00000001) + x3;
+            }
+        });
+}
+
+/// elementwise: writeback.
+pub fn train_k30_writeback(t79: &[f32], state_step: &mut [f32]) {
+    let x0 = t79[0];
+    state_step[0] = x0;
+}
+
+/// elementwise: writeback over [64, 32].
+pub fn train_k31_writeback(t110: &[f32], param_linear_0_weight: &mut [f32]) {
+    param_linear_0_weight[0..2048]
+        .chunks_mut(2048)
+        .enumerate()
+        .for_each(|(row, o0)| {
+            let n = o0.len();
+            let x0_row = &t110[row * 2048..][..n];
+            for j in 0..n {
+                let x0 = x0_row[j];
+                o0[j] = x0;
+            }
+        });
+}
+
+/// elementwise: writeback over [64, 32].
+pub fn train_k32_writeback(t86: &[f32], state_exp_avg_linear_0_weight: &mut [f32]) {
+    state_exp_avg_linear_0_weight[0..2048]
+        .chunks_mut(2048)
+        .enumerate()
+        .for_each(|(row, o0)| {
+            let n = o0.len();
+            let x0_row = &t86[row * 2048..][..n];
+            for j in 0..n {
+                let x0 = x0_row[j];
+                o0[j] = x0;
+            }
+        });
+}
+
+/// elementwise: writeback over [64, 32].
+pub fn train_k33_writeback(t92: &[f32], state_exp_avg_sq_linear_0_weight: &mut [f32]) {
+    state_exp_avg_sq_linear_0_weight[0..2048]
+        .chunks_mut(2048)
+        .enumerate()
+        .for_each(|(row, o0)| {
+            let n = o0.len();
+            let x0_row = &t92[row * 2048..][..n];
+            for j in 0..n {
+                let x0 = x0_row[j];
+                o0[j] = x0;
+            }
+        });
+}
+
+/// elementwise: writeback over [32].
+pub fn train_k34_writeback(t141: &[f32], param_linear_0_bias: &mut [f32]) {
+    param_linear_0_bias[0..32]
+        .chunks_mut(32)
+        .enumerate()
+        .for_each(|(row, o0)| {
+            let n = o0.len();
+            let x0_row = &t141[row * 32..][..n];
+            for j in 0..n {
+                let x0 = x0_row[j];
+                o0[j] = x0;
+            }
+        });
+}
+
+/// elementwise: writeback over [32].
+pub fn train_k35_writeback(t117: &[f32], state_exp_avg_linear_0_bias: &mut [f32]) {
+    state_exp_avg_linear_0_bias[0..32]
+        .chunks_mut(32)
+        .enumerate()
+        .for_each(|(row, o0)| {
+            let n = o0.len();
+            let x0_row = &t117[row * 32..][..n];
+            for j in 0..n {
+                let x0 = x0_row[j];
+                o0[j] = x0;
+            }
+        });
+}
+
+/// elementwise: writeback over [32].
+pub fn train_k36_writeback(t123: &[f32], state_exp_avg_sq_linear_0_bias: &mut [f32]) {
+    state_exp_avg_sq_linear_0_bias[0..32]
+        .chunks_mut(32)
+        .enumerate()
+        .for_each(|(row, o0)| {
+            let n = o0.len();
+            let x0_row = &t123[row * 32..][..n];
+            for j in 0..n {
+                let x0 = x0_row[j];
+                o0[j] = x0;
+            }
+        });
+}
+
+/// elementwise: writeback over [32, 32].
+pub fn train_k37_writeback(t172: &[f32], param_linear_1_weight: &mut [f32]) {
+    param_linear_1_weight[0..1024]
+        .chunks_mut(1024)
+        .enumerate()
+        .for_each(|(row, o0)| {
+            let n = o0.len();
+            let x0_row = &t172[row * 1024..][..n];
+            for j in 0..n {
+                let x0 = x0_row[j];
+                o0[j] = x0;
+            }
+        });
+}
+
+/// elementwise: writeback over [32, 32].
+pub fn train_k38_writeback(t148: &[f32], state_exp_avg_linear_1_weight: &mut [f32]) {
+    state_exp_avg_linear_1_weight[0..1024]
+        .chunks_mut(1024)
+        .enumerate()
+        .for_each(|(row, o0)| {
+            let n = o0.len();
+            let x0_row = &t148[row * 1024..][..n];
+            for j in 0..n {
+                let x0 = x0_row[j];
+                o0[j] = x0;
+            }
+        });
+}
+
+/// elementwise: writeback over [32, 32].
+pub fn train_k39_writeback(t154: &[f32], state_exp_avg_sq_linear_1_weight: &mut [f32]) {
+    state_exp_avg_sq_linear_1_weight[0..1024]
+        .chunks_mut(1024)
+        .enumerate()
+        .for_each(|(row, o0)| {
+            let n = o0.len();
+            let x0_row = &t154[row * 1024..][..n];
+            for j in 0..n {
+                let x0 = x0_row[j];
+                o0[j] = x0;
+            }
+        });
+}
+
+/// elementwise: writeback over [32].
+pub fn train_k40_writeback(t203: &[f32], param_linear_1_bias: &mut [f32]) {
+    param_linear_1_bias[0..32]
+        .chunks_mut(32)
+        .enumerate()
+        .for_each(|(row, o0)| {
+            let n = o0.len();
+            let x0_row = &t203[row * 32..][..n];
+            for j in 0..n {
+                let x0 = x0_row[j];
+                o0[j] = x0;
+            }
+        });
+}
+
+/// elementwise: writeback over [32].
+pub fn train_k41_writeback(t179: &[f32], state_exp_avg_linear_1_bias: &mut [f32]) {
+    state_exp_avg_linear_1_bias[0..32]
+        .chunks_mut(32)
+        .enumerate()
+        .for_each(|(row, o0)| {
+            let n = o0.len();
+            let x0_row = &t179[row * 32..][..n];
+            for j in 0..n {
+                let x0 = x0_row[j];
+                o0[j] = x0;
+            }
+        });
+}
+
+/// elementwise: writeback over [32].
+pub fn train_k42_writeback(t185: &[f32], state_exp_avg_sq_linear_1_bias: &mut [f32]) {
+    state_exp_avg_sq_linear_1_bias[0..32]
+        .chunks_mut(32)
+        .enumerate()
+        .for_each(|(row, o0)| {
+            let n = o0.len();
+            let x0_row = &t185[row * 32..][..n];
+            for j in 0..n {
+                let x0 = x0_row[j];
+                o0[j] = x0;
+            }
+        });
+}
+
+/// elementwise: writeback over [32, 10].
+pub fn train_k43_writeback(t234: &[f32], param_head_weight: &mut [f32]) {
+    param_head_weight[0..320]
+        .chunks_mut(320)
+        .enumerate()
+        .for_each(|(row, o0)| {
+            let n = o0.len();
+            let x0_row = &t234[row * 320..][..n];
+            for j in 0..n {
+                let x0 = x0_row[j];
+                o0[j] = x0;
+            }
+        });
+}
+
+/// elementwise: writeback over [32, 10].
+pub fn train_k44_writeback(t210: &[f32], state_exp_avg_head_weight: &mut [f32]) {
+    state_exp_avg_head_weight[0..320]
+        .chunks_mut(320)
+        .enumerate()
+        .for_each(|(row, o0)| {
+            let n = o0.len();
+            let x0_row = &t210[row * 320..][..n];
+            for j in 0..n {
+                let x0 = x0_row[j];
+                o0[j] = x0;
+            }
+        });
+}
+
+/// elementwise: writeback over [32, 10].
+pub fn train_k45_writeback(t216: &[f32], state_exp_avg_sq_head_weight: &mut [f32]) {
+    state_exp_avg_sq_head_weight[0..320]
+        .chunks_mut(320)
+        .enumerate()
+        .for_each(|(row, o0)| {
+            let n = o0.len();
+            let x0_row = &t216[row * 320..][..n];
+            for j in 0..n {
+                let x0 = x0_row[j];
+                o0[j] = x0;
+            }
+        });
+}
+
+/// elementwise: writeback over [10].
+pub fn train_k46_writeback(t265: &[f32], param_head_bias: &mut [f32]) {
+    param_head_bias[0..10]
+        .chunks_mut(10)
+        .enumerate()
+        .for_each(|(row, o0)| {
+            let n = o0.len();
+            let x0_row = &t265[row * 10..][..n];
+            for j in 0..n {
+                let x0 = x0_row[j];
+                o0[j] = x0;
+            }
+        });
+}
+
+/// elementwise: writeback over [10].
+pub fn train_k47_writeback(t241: &[f32], state_exp_avg_head_bias: &mut [f32]) {
+    state_exp_avg_head_bias[0..10]
+        .chunks_mut(10)
+        .enumerate()
+        .for_each(|(row, o0)| {
+            let n = o0.len();
+            let x0_row = &t241[row * 10..][..n];
+            for j in 0..n {
+                let x0 = x0_row[j];
+                o0[j] = x0;
+            }
+        });
+}
+
+/// elementwise: writeback over [10].
+pub fn train_k48_writeback(t247: &[f32], state_exp_avg_sq_head_bias: &mut [f32]) {
+    state_exp_avg_sq_head_bias[0..10]
+        .chunks_mut(10)
+        .enumerate()
+        .for_each(|(row, o0)| {
+            let n = o0.len();
+            let x0_row = &t247[row * 10..][..n];
+            for j in 0..n {
+                let x0 = x0_row[j];
+                o0[j] = x0;
             }
         });
 }

@@ -17,7 +17,7 @@ static CONSTS: &[u8] = include_bytes!("consts.bin");
 
 const PARAM_LEN: usize = 3472;
 const STATE_LEN: usize = 6960;
-const TEMP_F32_LEN: usize = 4032;
+const TEMP_F32_LEN: usize = 12144;
 const TEMP_I32_LEN: usize = 0;
 const TEMP_BOOL_LEN: usize = 160;
 const CONST_F32_LEN: usize = 16;
@@ -72,346 +72,359 @@ impl Arenas {
         Ok(arenas)
     }
 
-    /// `forward`: 12 kernels.
+    /// `forward`: 9 kernels.
     fn forward(&mut self, input_x: &[f32], input_y: &[i32]) -> Result<(), rt::Error> {
         let a = &*self;
         // SAFETY: the memory plan gives buffers that are live at the same time
         // disjoint ranges of their arena, and a kernel writing a buffer in place
         // reads it only through that same mutable slice.
         unsafe {
-            kernels::forward_k00_matmul(
+            kernels::forward_k00_matmul_add_relu(
                 input_x,
                 a.param.slice(0, 2048),
-                a.temp_f32.slice_mut(0, 512),
-            )?;
-            kernels::forward_k01_add_relu(
-                a.temp_f32.slice(0, 512),
                 a.param.slice(2048, 32),
+                a.temp_f32.slice_mut(0, 512),
                 a.temp_f32.slice_mut(512, 512),
-            );
-            kernels::forward_k02_matmul(
+            )?;
+            kernels::forward_k01_matmul_add_relu(
                 a.temp_f32.slice(512, 512),
                 a.param.slice(2080, 1024),
+                a.param.slice(3104, 32),
+                a.temp_f32.slice_mut(1024, 512),
                 a.temp_f32.slice_mut(0, 512),
             )?;
-            kernels::forward_k03_add_relu(
+            kernels::forward_k02_matmul_add(
                 a.temp_f32.slice(0, 512),
-                a.param.slice(3104, 32),
-                a.temp_f32.slice_mut(512, 512),
-            );
-            kernels::forward_k04_matmul(
-                a.temp_f32.slice(512, 512),
                 a.param.slice(3136, 320),
-                a.temp_f32.slice_mut(0, 160),
-            )?;
-            kernels::forward_k05_add(
-                a.temp_f32.slice(0, 160),
                 a.param.slice(3456, 10),
-                a.temp_f32.slice_mut(160, 160),
-            );
-            kernels::forward_k06_reduce(a.temp_f32.slice(160, 160), a.temp_f32.slice_mut(320, 16));
-            kernels::forward_k07_stop_gradient_sub(
-                a.temp_f32.slice(160, 160),
-                a.temp_f32.slice(320, 16),
+                a.temp_f32.slice_mut(512, 160),
+                a.temp_f32.slice_mut(672, 160),
+            )?;
+            kernels::forward_k03_reduce(a.temp_f32.slice(672, 160), a.temp_f32.slice_mut(160, 16));
+            kernels::forward_k04_stop_gradient_sub(
+                a.temp_f32.slice(672, 160),
+                a.temp_f32.slice(160, 16),
                 a.temp_f32.slice_mut(0, 160),
             );
-            kernels::forward_k08_reduce(a.temp_f32.slice(0, 160), a.temp_f32.slice_mut(320, 16));
-            kernels::forward_k09_reduce(
+            kernels::forward_k05_reduce(a.temp_f32.slice(0, 160), a.temp_f32.slice_mut(160, 16));
+            kernels::forward_k06_reduce(
                 input_y,
                 a.const_i32.slice(0, 10),
                 a.temp_f32.slice(0, 160),
-                a.temp_f32.slice(320, 16),
-                a.temp_f32.slice_mut(336, 16),
+                a.temp_f32.slice(160, 16),
+                a.temp_f32.slice_mut(176, 16),
             );
-            kernels::forward_k10_reduce(a.temp_f32.slice(336, 16), a.temp_f32.slice_mut(0, 1));
-            kernels::forward_k11_mul_neg(a.temp_f32.slice(0, 1), a.temp_f32.slice_mut(16, 1));
+            kernels::forward_k07_reduce(a.temp_f32.slice(176, 16), a.temp_f32.slice_mut(0, 1));
+            kernels::forward_k08_mul_neg(a.temp_f32.slice(0, 1), a.temp_f32.slice_mut(16, 1));
         }
         Ok(())
     }
 
-    /// `grads`: 25 kernels.
+    /// `grads`: 20 kernels.
     fn grads(&mut self, input_x: &[f32], input_y: &[i32]) -> Result<(), rt::Error> {
         let a = &*self;
         // SAFETY: the memory plan gives buffers that are live at the same time
         // disjoint ranges of their arena, and a kernel writing a buffer in place
         // reads it only through that same mutable slice.
         unsafe {
-            kernels::forward_k00_matmul(
+            kernels::grads_k00_matmul_add(
                 input_x,
                 a.param.slice(0, 2048),
-                a.temp_f32.slice_mut(0, 512),
-            )?;
-            kernels::grads_k01_add(
-                a.temp_f32.slice(0, 512),
                 a.param.slice(2048, 32),
+                a.temp_f32.slice_mut(0, 512),
                 a.temp_f32.slice_mut(512, 512),
-            );
-            kernels::grads_k02_relu(a.temp_f32.slice(512, 512), a.temp_f32.slice_mut(0, 512));
-            kernels::forward_k02_matmul(
+            )?;
+            kernels::grads_k01_relu(a.temp_f32.slice(512, 512), a.temp_f32.slice_mut(0, 512));
+            kernels::grads_k02_matmul_add(
                 a.temp_f32.slice(0, 512),
                 a.param.slice(2080, 1024),
-                a.temp_f32.slice_mut(1024, 512),
-            )?;
-            kernels::grads_k04_add(
-                a.temp_f32.slice(1024, 512),
                 a.param.slice(3104, 32),
                 a.temp_f32.slice_mut(1536, 512),
-            );
-            kernels::grads_k05_relu(a.temp_f32.slice(1536, 512), a.temp_f32.slice_mut(1024, 512));
-            kernels::forward_k04_matmul(
-                a.temp_f32.slice(1024, 512),
-                a.param.slice(3136, 320),
-                a.temp_f32.slice_mut(2048, 160),
+                a.temp_f32.slice_mut(1024, 512),
             )?;
-            kernels::forward_k05_add(
-                a.temp_f32.slice(2048, 160),
+            kernels::grads_k03_relu(a.temp_f32.slice(1024, 512), a.temp_f32.slice_mut(1536, 512));
+            kernels::forward_k02_matmul_add(
+                a.temp_f32.slice(1536, 512),
+                a.param.slice(3136, 320),
                 a.param.slice(3456, 10),
+                a.temp_f32.slice_mut(2048, 160),
                 a.temp_f32.slice_mut(2208, 160),
-            );
-            kernels::forward_k06_reduce(
+            )?;
+            kernels::forward_k03_reduce(
                 a.temp_f32.slice(2208, 160),
                 a.temp_f32.slice_mut(2368, 16),
             );
-            kernels::forward_k07_stop_gradient_sub(
+            kernels::forward_k04_stop_gradient_sub(
                 a.temp_f32.slice(2208, 160),
                 a.temp_f32.slice(2368, 16),
                 a.temp_f32.slice_mut(2048, 160),
             );
-            kernels::forward_k08_reduce(
+            kernels::forward_k05_reduce(
                 a.temp_f32.slice(2048, 160),
                 a.temp_f32.slice_mut(2368, 16),
             );
-            kernels::grads_k11_eq_mul_where(
+            kernels::grads_k08_eq_mul_where(
                 input_y,
                 a.const_i32.slice(0, 10),
                 a.const_f32.slice(0, 16),
                 a.temp_f32.slice_mut(2208, 160),
             );
-            kernels::grads_k12_reduce(a.temp_f32.slice(2208, 160), a.temp_f32.slice_mut(2384, 16));
-            kernels::grads_k13_log_d0_mul(
+            kernels::grads_k09_reduce(a.temp_f32.slice(2208, 160), a.temp_f32.slice_mut(2384, 16));
+            kernels::grads_k10_log_d0_mul(
                 a.temp_f32.slice(2384, 16),
                 a.temp_f32.slice(2368, 16),
-                a.temp_f32.slice_mut(2400, 16),
+                a.temp_f32.slice_mut(2528, 16),
             );
-            kernels::grads_k14_add_exp_d0_mul(
+            kernels::grads_k11_add_exp_d0_mul(
                 a.temp_f32.slice(2208, 160),
-                a.temp_f32.slice(2400, 16),
+                a.temp_f32.slice(2528, 16),
                 a.temp_f32.slice(2048, 160),
-                a.temp_f32.slice_mut(2560, 160),
+                a.temp_f32.slice_mut(2368, 160),
             );
-            kernels::grads_k15_reduce(a.temp_f32.slice(2560, 160), a.temp_f32.slice_mut(3968, 10));
-            kernels::grads_k16_matmul(
-                a.temp_f32.slice(2560, 160),
-                a.param.slice(3136, 320),
-                a.temp_f32.slice_mut(2048, 512),
-            )?;
-            kernels::grads_k17_matmul(
-                a.temp_f32.slice(1024, 512),
-                a.temp_f32.slice(2560, 160),
-                a.temp_f32.slice_mut(3584, 320),
-            )?;
-            kernels::grads_k18_mul_relu_d0(
-                a.temp_f32.slice(2048, 512),
+            kernels::grads_k12_reduce(a.temp_f32.slice(2368, 160), a.temp_f32.slice_mut(4448, 10));
+            kernels::grads_k13_matmul(
                 a.temp_f32.slice(1536, 512),
-                a.temp_f32.slice_mut(1024, 512),
-            );
-            kernels::grads_k19_reduce(a.temp_f32.slice(1024, 512), a.temp_f32.slice_mut(3904, 32));
-            kernels::grads_k20_matmul(
-                a.temp_f32.slice(1024, 512),
-                a.param.slice(2080, 1024),
-                a.temp_f32.slice_mut(1536, 512),
+                a.temp_f32.slice(2368, 160),
+                a.temp_f32.slice_mut(4096, 320),
             )?;
-            kernels::grads_k21_matmul(
-                a.temp_f32.slice(0, 512),
+            kernels::grads_k14_matmul_mul_relu_d0(
+                a.temp_f32.slice(2368, 160),
+                a.param.slice(3136, 320),
                 a.temp_f32.slice(1024, 512),
+                a.temp_f32.slice_mut(1536, 512),
+                a.temp_f32.slice_mut(3072, 512),
+            )?;
+            kernels::grads_k15_reduce(a.temp_f32.slice(3072, 512), a.temp_f32.slice_mut(4416, 32));
+            kernels::grads_k16_matmul(
+                a.temp_f32.slice(0, 512),
+                a.temp_f32.slice(3072, 512),
                 a.temp_f32.slice_mut(2048, 1024),
             )?;
-            kernels::grads_k22_mul_relu_d0(
-                a.temp_f32.slice(1536, 512),
-                a.temp_f32.slice(512, 512),
-                a.temp_f32.slice_mut(3072, 512),
-            );
-            kernels::grads_k23_reduce(a.temp_f32.slice(3072, 512), a.temp_f32.slice_mut(3936, 32));
-            kernels::grads_k24_matmul(
-                input_x,
+            kernels::grads_k17_matmul_mul_relu_d0(
                 a.temp_f32.slice(3072, 512),
+                a.param.slice(2080, 1024),
+                a.temp_f32.slice(512, 512),
+                a.temp_f32.slice_mut(0, 512),
+                a.temp_f32.slice_mut(3584, 512),
+            )?;
+            kernels::grads_k18_reduce(a.temp_f32.slice(3584, 512), a.temp_f32.slice_mut(3072, 32));
+            kernels::grads_k19_matmul(
+                input_x,
+                a.temp_f32.slice(3584, 512),
                 a.temp_f32.slice_mut(0, 2048),
             )?;
         }
         Ok(())
     }
 
-    /// `train`: 38 kernels.
+    /// `train`: 49 kernels.
     fn train(&mut self, input_x: &[f32], input_y: &[i32]) -> Result<(), rt::Error> {
         let a = &*self;
         // SAFETY: the memory plan gives buffers that are live at the same time
         // disjoint ranges of their arena, and a kernel writing a buffer in place
         // reads it only through that same mutable slice.
         unsafe {
-            kernels::forward_k00_matmul(
+            kernels::grads_k00_matmul_add(
                 input_x,
                 a.param.slice(0, 2048),
+                a.param.slice(2048, 32),
+                a.temp_f32.slice_mut(0, 512),
+                a.temp_f32.slice_mut(512, 512),
+            )?;
+            kernels::grads_k01_relu(a.temp_f32.slice(512, 512), a.temp_f32.slice_mut(10240, 512));
+            kernels::grads_k02_matmul_add(
+                a.temp_f32.slice(10240, 512),
+                a.param.slice(2080, 1024),
+                a.param.slice(3104, 32),
+                a.temp_f32.slice_mut(1024, 512),
                 a.temp_f32.slice_mut(0, 512),
             )?;
-            kernels::grads_k01_add(
-                a.temp_f32.slice(0, 512),
-                a.param.slice(2048, 32),
-                a.temp_f32.slice_mut(512, 512),
-            );
-            kernels::grads_k02_relu(a.temp_f32.slice(512, 512), a.temp_f32.slice_mut(0, 512));
-            kernels::forward_k02_matmul(
-                a.temp_f32.slice(0, 512),
-                a.param.slice(2080, 1024),
-                a.temp_f32.slice_mut(1024, 512),
-            )?;
-            kernels::grads_k04_add(
-                a.temp_f32.slice(1024, 512),
-                a.param.slice(3104, 32),
-                a.temp_f32.slice_mut(1536, 512),
-            );
-            kernels::grads_k05_relu(a.temp_f32.slice(1536, 512), a.temp_f32.slice_mut(1024, 512));
-            kernels::forward_k04_matmul(
-                a.temp_f32.slice(1024, 512),
+            kernels::grads_k03_relu(a.temp_f32.slice(0, 512), a.temp_f32.slice_mut(10752, 512));
+            kernels::forward_k02_matmul_add(
+                a.temp_f32.slice(10752, 512),
                 a.param.slice(3136, 320),
-                a.temp_f32.slice_mut(2048, 160),
-            )?;
-            kernels::forward_k05_add(
-                a.temp_f32.slice(2048, 160),
                 a.param.slice(3456, 10),
-                a.temp_f32.slice_mut(2208, 160),
-            );
-            kernels::train_k08_eq(
+                a.temp_f32.slice_mut(1024, 160),
+                a.temp_f32.slice_mut(1184, 160),
+            )?;
+            kernels::train_k05_eq(
                 input_y,
                 a.const_i32.slice(0, 10),
                 a.temp_bool.slice_mut(0, 160),
             );
-            kernels::forward_k06_reduce(
-                a.temp_f32.slice(2208, 160),
-                a.temp_f32.slice_mut(2368, 16),
+            kernels::forward_k03_reduce(
+                a.temp_f32.slice(1184, 160),
+                a.temp_f32.slice_mut(1344, 16),
             );
-            kernels::forward_k07_stop_gradient_sub(
-                a.temp_f32.slice(2208, 160),
-                a.temp_f32.slice(2368, 16),
-                a.temp_f32.slice_mut(2048, 160),
+            kernels::forward_k04_stop_gradient_sub(
+                a.temp_f32.slice(1184, 160),
+                a.temp_f32.slice(1344, 16),
+                a.temp_f32.slice_mut(1024, 160),
             );
-            kernels::forward_k08_reduce(
-                a.temp_f32.slice(2048, 160),
-                a.temp_f32.slice_mut(2368, 16),
+            kernels::forward_k05_reduce(
+                a.temp_f32.slice(1024, 160),
+                a.temp_f32.slice_mut(1344, 16),
             );
-            kernels::train_k12_reduce(
+            kernels::train_k09_reduce(
                 a.temp_bool.slice(0, 160),
-                a.temp_f32.slice(2048, 160),
-                a.temp_f32.slice(2368, 16),
-                a.temp_f32.slice_mut(2208, 16),
+                a.temp_f32.slice(1024, 160),
+                a.temp_f32.slice(1344, 16),
+                a.temp_f32.slice_mut(1184, 16),
             );
-            kernels::forward_k10_reduce(a.temp_f32.slice(2208, 16), a.temp_f32.slice_mut(2224, 1));
-            kernels::forward_k11_mul_neg(a.temp_f32.slice(2224, 1), a.temp_f32.slice_mut(3984, 1));
-            kernels::train_k15_add(a.state.slice_mut(0, 1));
-            kernels::train_k16_pow_sqrt_sub(a.state.slice(0, 1), a.temp_f32.slice_mut(4000, 1));
-            kernels::train_k17_div_pow_sub(a.state.slice(0, 1), a.temp_f32.slice_mut(4016, 1));
-            kernels::train_k18_mul_where(
+            kernels::forward_k07_reduce(a.temp_f32.slice(1184, 16), a.temp_f32.slice_mut(1200, 1));
+            kernels::forward_k08_mul_neg(a.temp_f32.slice(1200, 1), a.temp_f32.slice_mut(12080, 1));
+            kernels::train_k12_add(a.state.slice(0, 1), a.temp_f32.slice_mut(12096, 1));
+            kernels::train_k13_pow_sqrt_sub(
+                a.temp_f32.slice(12096, 1),
+                a.temp_f32.slice_mut(12112, 1),
+            );
+            kernels::train_k14_div_pow_sub(
+                a.temp_f32.slice(12096, 1),
+                a.temp_f32.slice_mut(12128, 1),
+            );
+            kernels::train_k15_mul_where(
                 a.temp_bool.slice(0, 160),
                 a.const_f32.slice(0, 16),
-                a.temp_f32.slice_mut(2208, 160),
+                a.temp_f32.slice_mut(1184, 160),
             );
-            kernels::grads_k12_reduce(a.temp_f32.slice(2208, 160), a.temp_f32.slice_mut(2384, 16));
-            kernels::grads_k13_log_d0_mul(
-                a.temp_f32.slice(2384, 16),
-                a.temp_f32.slice(2368, 16),
-                a.temp_f32.slice_mut(2400, 16),
+            kernels::grads_k09_reduce(a.temp_f32.slice(1184, 160), a.temp_f32.slice_mut(1360, 16));
+            kernels::grads_k10_log_d0_mul(
+                a.temp_f32.slice(1360, 16),
+                a.temp_f32.slice(1344, 16),
+                a.temp_f32.slice_mut(1376, 16),
             );
-            kernels::grads_k14_add_exp_d0_mul(
-                a.temp_f32.slice(2208, 160),
-                a.temp_f32.slice(2400, 16),
-                a.temp_f32.slice(2048, 160),
-                a.temp_f32.slice_mut(2560, 160),
+            kernels::grads_k11_add_exp_d0_mul(
+                a.temp_f32.slice(1184, 160),
+                a.temp_f32.slice(1376, 16),
+                a.temp_f32.slice(1024, 160),
+                a.temp_f32.slice_mut(11776, 160),
             );
-            kernels::grads_k15_reduce(a.temp_f32.slice(2560, 160), a.temp_f32.slice_mut(3968, 10));
-            kernels::grads_k16_matmul(
-                a.temp_f32.slice(2560, 160),
+            kernels::grads_k12_reduce(
+                a.temp_f32.slice(11776, 160),
+                a.temp_f32.slice_mut(12064, 10),
+            );
+            kernels::grads_k14_matmul_mul_relu_d0(
+                a.temp_f32.slice(11776, 160),
                 a.param.slice(3136, 320),
-                a.temp_f32.slice_mut(2048, 512),
-            )?;
-            kernels::grads_k17_matmul(
-                a.temp_f32.slice(1024, 512),
-                a.temp_f32.slice(2560, 160),
-                a.temp_f32.slice_mut(3584, 320),
-            )?;
-            kernels::grads_k18_mul_relu_d0(
-                a.temp_f32.slice(2048, 512),
-                a.temp_f32.slice(1536, 512),
-                a.temp_f32.slice_mut(1024, 512),
-            );
-            kernels::grads_k19_reduce(a.temp_f32.slice(1024, 512), a.temp_f32.slice_mut(3904, 32));
-            kernels::grads_k20_matmul(
-                a.temp_f32.slice(1024, 512),
-                a.param.slice(2080, 1024),
-                a.temp_f32.slice_mut(1536, 512),
-            )?;
-            kernels::grads_k21_matmul(
                 a.temp_f32.slice(0, 512),
-                a.temp_f32.slice(1024, 512),
-                a.temp_f32.slice_mut(2048, 1024),
+                a.temp_f32.slice_mut(1024, 512),
+                a.temp_f32.slice_mut(11264, 512),
             )?;
-            kernels::grads_k22_mul_relu_d0(
-                a.temp_f32.slice(1536, 512),
-                a.temp_f32.slice(512, 512),
-                a.temp_f32.slice_mut(3072, 512),
+            kernels::grads_k15_reduce(
+                a.temp_f32.slice(11264, 512),
+                a.temp_f32.slice_mut(11936, 32),
             );
-            kernels::grads_k23_reduce(a.temp_f32.slice(3072, 512), a.temp_f32.slice_mut(3936, 32));
-            kernels::grads_k24_matmul(
+            kernels::grads_k17_matmul_mul_relu_d0(
+                a.temp_f32.slice(11264, 512),
+                a.param.slice(2080, 1024),
+                a.temp_f32.slice(512, 512),
+                a.temp_f32.slice_mut(0, 512),
+                a.temp_f32.slice_mut(8192, 512),
+            )?;
+            kernels::grads_k18_reduce(a.temp_f32.slice(8192, 512), a.temp_f32.slice_mut(8704, 32));
+            kernels::train_k24_matmul_add_div_etc(
                 input_x,
-                a.temp_f32.slice(3072, 512),
+                a.temp_f32.slice(8192, 512),
+                a.state.slice(16, 2048),
+                a.state.slice(2064, 2048),
+                a.param.slice(0, 2048),
+                a.temp_f32.slice(12128, 1),
+                a.temp_f32.slice(12112, 1),
+                a.temp_f32.slice_mut(2048, 2048),
+                a.temp_f32.slice_mut(4096, 2048),
+                a.temp_f32.slice_mut(6144, 2048),
                 a.temp_f32.slice_mut(0, 2048),
             )?;
-            kernels::train_k32_add_div_etc(
-                a.temp_f32.slice(0, 2048),
-                a.temp_f32.slice(4016, 1),
-                a.temp_f32.slice(4000, 1),
-                a.state.slice_mut(16, 2048),
+            kernels::train_k25_add_div_etc(
+                a.state.slice(4112, 32),
+                a.temp_f32.slice(8704, 32),
+                a.state.slice(4144, 32),
+                a.param.slice(2048, 32),
+                a.temp_f32.slice(12128, 1),
+                a.temp_f32.slice(12112, 1),
+                a.temp_f32.slice_mut(11968, 32),
+                a.temp_f32.slice_mut(12000, 32),
+                a.temp_f32.slice_mut(12032, 32),
+            );
+            kernels::train_k26_matmul_add_div_etc(
+                a.temp_f32.slice(10240, 512),
+                a.temp_f32.slice(11264, 512),
+                a.state.slice(4176, 1024),
+                a.state.slice(5200, 1024),
+                a.param.slice(2080, 1024),
+                a.temp_f32.slice(12128, 1),
+                a.temp_f32.slice(12112, 1),
+                a.temp_f32.slice_mut(9216, 1024),
+                a.temp_f32.slice_mut(2048, 1024),
+                a.temp_f32.slice_mut(3072, 1024),
+                a.temp_f32.slice_mut(8192, 1024),
+            )?;
+            kernels::train_k27_add_div_etc(
+                a.state.slice(6224, 32),
+                a.temp_f32.slice(11936, 32),
+                a.state.slice(6256, 32),
+                a.param.slice(3104, 32),
+                a.temp_f32.slice(12128, 1),
+                a.temp_f32.slice(12112, 1),
+                a.temp_f32.slice_mut(10496, 32),
+                a.temp_f32.slice_mut(10528, 32),
+                a.temp_f32.slice_mut(10560, 32),
+            );
+            kernels::train_k28_matmul_add_div_etc(
+                a.temp_f32.slice(10752, 512),
+                a.temp_f32.slice(11776, 160),
+                a.state.slice(6288, 320),
+                a.state.slice(6608, 320),
+                a.param.slice(3136, 320),
+                a.temp_f32.slice(12128, 1),
+                a.temp_f32.slice(12112, 1),
+                a.temp_f32.slice_mut(10176, 320),
+                a.temp_f32.slice_mut(9216, 320),
+                a.temp_f32.slice_mut(9536, 320),
+                a.temp_f32.slice_mut(9856, 320),
+            )?;
+            kernels::train_k29_add_div_etc(
+                a.state.slice(6928, 10),
+                a.temp_f32.slice(12064, 10),
+                a.state.slice(6944, 10),
+                a.param.slice(3456, 10),
+                a.temp_f32.slice(12128, 1),
+                a.temp_f32.slice(12112, 1),
+                a.temp_f32.slice_mut(10176, 10),
+                a.temp_f32.slice_mut(10192, 10),
+                a.temp_f32.slice_mut(10208, 10),
+            );
+            kernels::train_k30_writeback(a.temp_f32.slice(12096, 1), a.state.slice_mut(0, 1));
+            kernels::train_k31_writeback(a.temp_f32.slice(0, 2048), a.param.slice_mut(0, 2048));
+            kernels::train_k32_writeback(a.temp_f32.slice(4096, 2048), a.state.slice_mut(16, 2048));
+            kernels::train_k33_writeback(
+                a.temp_f32.slice(6144, 2048),
                 a.state.slice_mut(2064, 2048),
-                a.param.slice_mut(0, 2048),
             );
-            kernels::train_k33_add_div_etc(
-                a.temp_f32.slice(3936, 32),
-                a.temp_f32.slice(4016, 1),
-                a.temp_f32.slice(4000, 1),
-                a.state.slice_mut(4112, 32),
-                a.state.slice_mut(4144, 32),
-                a.param.slice_mut(2048, 32),
-            );
-            kernels::train_k34_add_div_etc(
-                a.temp_f32.slice(2048, 1024),
-                a.temp_f32.slice(4016, 1),
-                a.temp_f32.slice(4000, 1),
-                a.state.slice_mut(4176, 1024),
-                a.state.slice_mut(5200, 1024),
+            kernels::train_k34_writeback(a.temp_f32.slice(12032, 32), a.param.slice_mut(2048, 32));
+            kernels::train_k35_writeback(a.temp_f32.slice(11968, 32), a.state.slice_mut(4112, 32));
+            kernels::train_k36_writeback(a.temp_f32.slice(12000, 32), a.state.slice_mut(4144, 32));
+            kernels::train_k37_writeback(
+                a.temp_f32.slice(8192, 1024),
                 a.param.slice_mut(2080, 1024),
             );
-            kernels::train_k35_add_div_etc(
-                a.temp_f32.slice(3904, 32),
-                a.temp_f32.slice(4016, 1),
-                a.temp_f32.slice(4000, 1),
-                a.state.slice_mut(6224, 32),
-                a.state.slice_mut(6256, 32),
-                a.param.slice_mut(3104, 32),
+            kernels::train_k38_writeback(
+                a.temp_f32.slice(2048, 1024),
+                a.state.slice_mut(4176, 1024),
             );
-            kernels::train_k36_add_div_etc(
-                a.temp_f32.slice(3584, 320),
-                a.temp_f32.slice(4016, 1),
-                a.temp_f32.slice(4000, 1),
-                a.state.slice_mut(6288, 320),
-                a.state.slice_mut(6608, 320),
-                a.param.slice_mut(3136, 320),
+            kernels::train_k39_writeback(
+                a.temp_f32.slice(3072, 1024),
+                a.state.slice_mut(5200, 1024),
             );
-            kernels::train_k37_add_div_etc(
-                a.temp_f32.slice(3968, 10),
-                a.temp_f32.slice(4016, 1),
-                a.temp_f32.slice(4000, 1),
-                a.state.slice_mut(6928, 10),
-                a.state.slice_mut(6944, 10),
-                a.param.slice_mut(3456, 10),
-            );
+            kernels::train_k40_writeback(a.temp_f32.slice(10560, 32), a.param.slice_mut(3104, 32));
+            kernels::train_k41_writeback(a.temp_f32.slice(10496, 32), a.state.slice_mut(6224, 32));
+            kernels::train_k42_writeback(a.temp_f32.slice(10528, 32), a.state.slice_mut(6256, 32));
+            kernels::train_k43_writeback(a.temp_f32.slice(9856, 320), a.param.slice_mut(3136, 320));
+            kernels::train_k44_writeback(a.temp_f32.slice(9216, 320), a.state.slice_mut(6288, 320));
+            kernels::train_k45_writeback(a.temp_f32.slice(9536, 320), a.state.slice_mut(6608, 320));
+            kernels::train_k46_writeback(a.temp_f32.slice(10208, 10), a.param.slice_mut(3456, 10));
+            kernels::train_k47_writeback(a.temp_f32.slice(10176, 10), a.state.slice_mut(6928, 10));
+            kernels::train_k48_writeback(a.temp_f32.slice(10192, 10), a.state.slice_mut(6944, 10));
         }
         Ok(())
     }
@@ -441,7 +454,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `mlp`.
-#[pyclass(module = "fg_mlp_0d1991c630a9")]
+#[pyclass(module = "fg_mlp_2208a5e69c6a")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -478,7 +491,7 @@ impl Step {
         let out = PyDict::new(py);
         let values = self.arenas.temp_f32.slice(16, 1);
         out.set_item("loss", rt::py::to_numpy(py, values, &[])?)?;
-        let values = self.arenas.temp_f32.slice(160, 160);
+        let values = self.arenas.temp_f32.slice(672, 160);
         out.set_item("logits", rt::py::to_numpy(py, values, &[16, 10])?)?;
         Ok(out)
     }
@@ -506,15 +519,15 @@ impl Step {
         let out = PyDict::new(py);
         let values = self.arenas.temp_f32.slice(0, 2048);
         out.set_item("linear_0.weight", rt::py::to_numpy(py, values, &[64, 32])?)?;
-        let values = self.arenas.temp_f32.slice(3936, 32);
+        let values = self.arenas.temp_f32.slice(3072, 32);
         out.set_item("linear_0.bias", rt::py::to_numpy(py, values, &[32])?)?;
         let values = self.arenas.temp_f32.slice(2048, 1024);
         out.set_item("linear_1.weight", rt::py::to_numpy(py, values, &[32, 32])?)?;
-        let values = self.arenas.temp_f32.slice(3904, 32);
+        let values = self.arenas.temp_f32.slice(4416, 32);
         out.set_item("linear_1.bias", rt::py::to_numpy(py, values, &[32])?)?;
-        let values = self.arenas.temp_f32.slice(3584, 320);
+        let values = self.arenas.temp_f32.slice(4096, 320);
         out.set_item("head.weight", rt::py::to_numpy(py, values, &[32, 10])?)?;
-        let values = self.arenas.temp_f32.slice(3968, 10);
+        let values = self.arenas.temp_f32.slice(4448, 10);
         out.set_item("head.bias", rt::py::to_numpy(py, values, &[10])?)?;
         Ok(out)
     }
@@ -539,7 +552,7 @@ impl Step {
                 arenas.train(x, y)
             })
         })?;
-        Ok(self.arenas.temp_f32.slice(3984, 1)[0])
+        Ok(self.arenas.temp_f32.slice(12080, 1)[0])
     }
 
     /// Copies of every param (`kind="param"`) or optimizer state buffer (`"state"`).
@@ -587,7 +600,7 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_mlp_0d1991c630a9(m: &Bound<'_, PyModule>) -> PyResult<()> {
+fn fg_mlp_2208a5e69c6a(m: &Bound<'_, PyModule>) -> PyResult<()> {
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

@@ -20,44 +20,42 @@ pub fn forward_k00_copy(input_x: &[f32], t5_c: &mut [f32]) {
     });
 }
 
-/// matmul: matmul.
-pub fn forward_k01_matmul(
+/// matmul: matmul, add, tanh.
+pub fn forward_k01_matmul_add_tanh(
     t5_c: &[f32],
     param_cell_w_xh: &[f32],
+    param_cell_b_h: &[f32],
     t7: &mut [f32],
+    t9: &mut [f32],
 ) -> Result<(), rt::Error> {
-    rt::gemm::sgemm_batched(
-        1,
-        4,
+    let c = &mut t7[0..32];
+    let o0 = &mut t9[0..32];
+    rt::gemm::sgemm(
+        c.len() / 8,
         8,
         1,
         &t5_c[0..],
-        (0, 1, 0),
+        (1, 0),
         &param_cell_w_xh[0..],
-        (0, 0, 1),
-        &mut t7[0..],
-        (0, 8, 1),
+        (0, 1),
+        c,
+        (8, 1),
         false,
     )?;
-    Ok(())
-}
-
-/// elementwise: add, tanh over [4, 8].
-pub fn forward_k02_add_tanh(t7: &[f32], param_cell_b_h: &[f32], t9: &mut [f32]) {
-    t9[0..32].chunks_mut(8).enumerate().for_each(|(row, o0)| {
+    for (c, o0) in c.chunks(8).zip(o0.chunks_mut(8)) {
         let n = o0.len();
-        let x0_row = &t7[row * 8..][..n];
         let x1_row = &param_cell_b_h[0..][..n];
         for j in 0..n {
-            let x0 = x0_row[j];
+            let x0 = c[j];
             let x1 = x1_row[j];
             o0[j] = (x0 + x1).tanh();
         }
-    });
+    }
+    Ok(())
 }
 
 /// elementwise: copy over [4, 1, 1].
-pub fn forward_k03_copy(input_x: &[f32], t10_c: &mut [f32]) {
+pub fn forward_k02_copy(input_x: &[f32], t10_c: &mut [f32]) {
     t10_c[0..4].chunks_mut(4).enumerate().for_each(|(row, o0)| {
         let n = o0.len();
         for j in 0..n {
@@ -68,29 +66,7 @@ pub fn forward_k03_copy(input_x: &[f32], t10_c: &mut [f32]) {
 }
 
 /// matmul: matmul.
-pub fn forward_k04_matmul(
-    t10_c: &[f32],
-    param_cell_w_xh: &[f32],
-    t12: &mut [f32],
-) -> Result<(), rt::Error> {
-    rt::gemm::sgemm_batched(
-        1,
-        4,
-        8,
-        1,
-        &t10_c[0..],
-        (0, 1, 0),
-        &param_cell_w_xh[0..],
-        (0, 0, 1),
-        &mut t12[0..],
-        (0, 8, 1),
-        false,
-    )?;
-    Ok(())
-}
-
-/// matmul: matmul.
-pub fn forward_k05_matmul(
+pub fn forward_k03_matmul(
     t9: &[f32],
     param_cell_w_hh: &[f32],
     t14: &mut [f32],
@@ -111,24 +87,46 @@ pub fn forward_k05_matmul(
     Ok(())
 }
 
-/// elementwise: add, tanh over [4, 8].
-pub fn forward_k06_add_tanh(t12: &[f32], param_cell_b_h: &[f32], t14: &[f32], t16: &mut [f32]) {
-    t16[0..32].chunks_mut(8).enumerate().for_each(|(row, o0)| {
+/// matmul: matmul, add, tanh.
+pub fn forward_k04_matmul_add_tanh(
+    t10_c: &[f32],
+    param_cell_w_xh: &[f32],
+    param_cell_b_h: &[f32],
+    t14: &[f32],
+    t12: &mut [f32],
+    t16: &mut [f32],
+) -> Result<(), rt::Error> {
+    let c = &mut t12[0..32];
+    let o0 = &mut t16[0..32];
+    rt::gemm::sgemm(
+        c.len() / 8,
+        8,
+        1,
+        &t10_c[0..],
+        (1, 0),
+        &param_cell_w_xh[0..],
+        (0, 1),
+        c,
+        (8, 1),
+        false,
+    )?;
+    for (i, (c, o0)) in c.chunks(8).zip(o0.chunks_mut(8)).enumerate() {
+        let row = i;
         let n = o0.len();
-        let x0_row = &t12[row * 8..][..n];
         let x1_row = &param_cell_b_h[0..][..n];
         let x2_row = &t14[row * 8..][..n];
         for j in 0..n {
-            let x0 = x0_row[j];
+            let x0 = c[j];
             let x1 = x1_row[j];
             let x2 = x2_row[j];
             o0[j] = (x0 + x1 + x2).tanh();
         }
-    });
+    }
+    Ok(())
 }
 
 /// elementwise: copy over [4, 1, 1].
-pub fn forward_k07_copy(input_x: &[f32], t17_c: &mut [f32]) {
+pub fn forward_k05_copy(input_x: &[f32], t17_c: &mut [f32]) {
     t17_c[0..4].chunks_mut(4).enumerate().for_each(|(row, o0)| {
         let n = o0.len();
         for j in 0..n {
@@ -139,29 +137,7 @@ pub fn forward_k07_copy(input_x: &[f32], t17_c: &mut [f32]) {
 }
 
 /// matmul: matmul.
-pub fn forward_k08_matmul(
-    t17_c: &[f32],
-    param_cell_w_xh: &[f32],
-    t19: &mut [f32],
-) -> Result<(), rt::Error> {
-    rt::gemm::sgemm_batched(
-        1,
-        4,
-        8,
-        1,
-        &t17_c[0..],
-        (0, 1, 0),
-        &param_cell_w_xh[0..],
-        (0, 0, 1),
-        &mut t19[0..],
-        (0, 8, 1),
-        false,
-    )?;
-    Ok(())
-}
-
-/// matmul: matmul.
-pub fn forward_k09_matmul(
+pub fn forward_k06_matmul(
     t16: &[f32],
     param_cell_w_hh: &[f32],
     t21: &mut [f32],
@@ -182,24 +158,46 @@ pub fn forward_k09_matmul(
     Ok(())
 }
 
-/// elementwise: add, tanh over [4, 8].
-pub fn forward_k10_add_tanh(t19: &[f32], param_cell_b_h: &[f32], t21: &[f32], t23: &mut [f32]) {
-    t23[0..32].chunks_mut(8).enumerate().for_each(|(row, o0)| {
+/// matmul: matmul, add, tanh.
+pub fn forward_k07_matmul_add_tanh(
+    t17_c: &[f32],
+    param_cell_w_xh: &[f32],
+    param_cell_b_h: &[f32],
+    t21: &[f32],
+    t19: &mut [f32],
+    t23: &mut [f32],
+) -> Result<(), rt::Error> {
+    let c = &mut t19[0..32];
+    let o0 = &mut t23[0..32];
+    rt::gemm::sgemm(
+        c.len() / 8,
+        8,
+        1,
+        &t17_c[0..],
+        (1, 0),
+        &param_cell_w_xh[0..],
+        (0, 1),
+        c,
+        (8, 1),
+        false,
+    )?;
+    for (i, (c, o0)) in c.chunks(8).zip(o0.chunks_mut(8)).enumerate() {
+        let row = i;
         let n = o0.len();
-        let x0_row = &t19[row * 8..][..n];
         let x1_row = &param_cell_b_h[0..][..n];
         let x2_row = &t21[row * 8..][..n];
         for j in 0..n {
-            let x0 = x0_row[j];
+            let x0 = c[j];
             let x1 = x1_row[j];
             let x2 = x2_row[j];
             o0[j] = (x0 + x1 + x2).tanh();
         }
-    });
+    }
+    Ok(())
 }
 
 /// elementwise: copy over [4, 1, 1].
-pub fn forward_k11_copy(input_x: &[f32], t24_c: &mut [f32]) {
+pub fn forward_k08_copy(input_x: &[f32], t24_c: &mut [f32]) {
     t24_c[0..4].chunks_mut(4).enumerate().for_each(|(row, o0)| {
         let n = o0.len();
         for j in 0..n {
@@ -210,29 +208,7 @@ pub fn forward_k11_copy(input_x: &[f32], t24_c: &mut [f32]) {
 }
 
 /// matmul: matmul.
-pub fn forward_k12_matmul(
-    t24_c: &[f32],
-    param_cell_w_xh: &[f32],
-    t26: &mut [f32],
-) -> Result<(), rt::Error> {
-    rt::gemm::sgemm_batched(
-        1,
-        4,
-        8,
-        1,
-        &t24_c[0..],
-        (0, 1, 0),
-        &param_cell_w_xh[0..],
-        (0, 0, 1),
-        &mut t26[0..],
-        (0, 8, 1),
-        false,
-    )?;
-    Ok(())
-}
-
-/// matmul: matmul.
-pub fn forward_k13_matmul(
+pub fn forward_k09_matmul(
     t23: &[f32],
     param_cell_w_hh: &[f32],
     t28: &mut [f32],
@@ -253,24 +229,46 @@ pub fn forward_k13_matmul(
     Ok(())
 }
 
-/// elementwise: add, tanh over [4, 8].
-pub fn forward_k14_add_tanh(t26: &[f32], param_cell_b_h: &[f32], t28: &[f32], t30: &mut [f32]) {
-    t30[0..32].chunks_mut(8).enumerate().for_each(|(row, o0)| {
+/// matmul: matmul, add, tanh.
+pub fn forward_k10_matmul_add_tanh(
+    t24_c: &[f32],
+    param_cell_w_xh: &[f32],
+    param_cell_b_h: &[f32],
+    t28: &[f32],
+    t26: &mut [f32],
+    t30: &mut [f32],
+) -> Result<(), rt::Error> {
+    let c = &mut t26[0..32];
+    let o0 = &mut t30[0..32];
+    rt::gemm::sgemm(
+        c.len() / 8,
+        8,
+        1,
+        &t24_c[0..],
+        (1, 0),
+        &param_cell_w_xh[0..],
+        (0, 1),
+        c,
+        (8, 1),
+        false,
+    )?;
+    for (i, (c, o0)) in c.chunks(8).zip(o0.chunks_mut(8)).enumerate() {
+        let row = i;
         let n = o0.len();
-        let x0_row = &t26[row * 8..][..n];
         let x1_row = &param_cell_b_h[0..][..n];
         let x2_row = &t28[row * 8..][..n];
         for j in 0..n {
-            let x0 = x0_row[j];
+            let x0 = c[j];
             let x1 = x1_row[j];
             let x2 = x2_row[j];
             o0[j] = (x0 + x1 + x2).tanh();
         }
-    });
+    }
+    Ok(())
 }
 
 /// elementwise: copy over [4, 1, 1].
-pub fn forward_k15_copy(input_x: &[f32], t31_c: &mut [f32]) {
+pub fn forward_k11_copy(input_x: &[f32], t31_c: &mut [f32]) {
     t31_c[0..4].chunks_mut(4).enumerate().for_each(|(row, o0)| {
         let n = o0.len();
         for j in 0..n {
@@ -281,29 +279,7 @@ pub fn forward_k15_copy(input_x: &[f32], t31_c: &mut [f32]) {
 }
 
 /// matmul: matmul.
-pub fn forward_k16_matmul(
-    t31_c: &[f32],
-    param_cell_w_xh: &[f32],
-    t33: &mut [f32],
-) -> Result<(), rt::Error> {
-    rt::gemm::sgemm_batched(
-        1,
-        4,
-        8,
-        1,
-        &t31_c[0..],
-        (0, 1, 0),
-        &param_cell_w_xh[0..],
-        (0, 0, 1),
-        &mut t33[0..],
-        (0, 8, 1),
-        false,
-    )?;
-    Ok(())
-}
-
-/// matmul: matmul.
-pub fn forward_k17_matmul(
+pub fn forward_k12_matmul(
     t30: &[f32],
     param_cell_w_hh: &[f32],
     t35: &mut [f32],
@@ -324,60 +300,80 @@ pub fn forward_k17_matmul(
     Ok(())
 }
 
-/// elementwise: add, tanh over [4, 8].
-pub fn forward_k18_add_tanh(t33: &[f32], param_cell_b_h: &[f32], t35: &[f32], t37: &mut [f32]) {
-    t37[0..32].chunks_mut(8).enumerate().for_each(|(row, o0)| {
+/// matmul: matmul, add, tanh.
+pub fn forward_k13_matmul_add_tanh(
+    t31_c: &[f32],
+    param_cell_w_xh: &[f32],
+    param_cell_b_h: &[f32],
+    t35: &[f32],
+    t33: &mut [f32],
+    t37: &mut [f32],
+) -> Result<(), rt::Error> {
+    let c = &mut t33[0..32];
+    let o0 = &mut t37[0..32];
+    rt::gemm::sgemm(
+        c.len() / 8,
+        8,
+        1,
+        &t31_c[0..],
+        (1, 0),
+        &param_cell_w_xh[0..],
+        (0, 1),
+        c,
+        (8, 1),
+        false,
+    )?;
+    for (i, (c, o0)) in c.chunks(8).zip(o0.chunks_mut(8)).enumerate() {
+        let row = i;
         let n = o0.len();
-        let x0_row = &t33[row * 8..][..n];
         let x1_row = &param_cell_b_h[0..][..n];
         let x2_row = &t35[row * 8..][..n];
         for j in 0..n {
-            let x0 = x0_row[j];
+            let x0 = c[j];
             let x1 = x1_row[j];
             let x2 = x2_row[j];
             o0[j] = (x0 + x1 + x2).tanh();
         }
-    });
-}
-
-/// matmul: matmul.
-pub fn forward_k19_matmul(
-    t37: &[f32],
-    param_head_weight: &[f32],
-    t39: &mut [f32],
-) -> Result<(), rt::Error> {
-    rt::gemm::sgemm_batched(
-        1,
-        4,
-        2,
-        8,
-        &t37[0..],
-        (0, 8, 1),
-        &param_head_weight[0..],
-        (0, 2, 1),
-        &mut t39[0..],
-        (0, 2, 1),
-        false,
-    )?;
+    }
     Ok(())
 }
 
-/// elementwise: add over [4, 2].
-pub fn forward_k20_add(t39: &[f32], param_head_bias: &[f32], t41: &mut [f32]) {
-    t41[0..8].chunks_mut(2).enumerate().for_each(|(row, o0)| {
+/// matmul: matmul, add.
+pub fn forward_k14_matmul_add(
+    t37: &[f32],
+    param_head_weight: &[f32],
+    param_head_bias: &[f32],
+    t39: &mut [f32],
+    t41: &mut [f32],
+) -> Result<(), rt::Error> {
+    let c = &mut t39[0..8];
+    let o0 = &mut t41[0..8];
+    rt::gemm::sgemm(
+        c.len() / 2,
+        2,
+        8,
+        &t37[0..],
+        (8, 1),
+        &param_head_weight[0..],
+        (2, 1),
+        c,
+        (2, 1),
+        false,
+    )?;
+    for (c, o0) in c.chunks(2).zip(o0.chunks_mut(2)) {
         let n = o0.len();
-        let x0_row = &t39[row * 2..][..n];
         let x1_row = &param_head_bias[0..][..n];
         for j in 0..n {
-            let x0 = x0_row[j];
+            let x0 = c[j];
             let x1 = x1_row[j];
             o0[j] = x0 + x1;
         }
-    });
+    }
+    Ok(())
 }
 
 /// reduce: reduce_max over [4, 2].
-pub fn forward_k21_reduce(t41: &[f32], t45: &mut [f32]) {
+pub fn forward_k15_reduce(t41: &[f32], t45: &mut [f32]) {
     t45[0..4].iter_mut().enumerate().for_each(|(row, acc_out)| {
         let mut acc = f32::NEG_INFINITY;
         for i0 in 0..2 {
@@ -389,7 +385,7 @@ pub fn forward_k21_reduce(t41: &[f32], t45: &mut [f32]) {
 }
 
 /// elementwise: stop_gradient, sub over [4, 2].
-pub fn forward_k22_stop_gradient_sub(t41: &[f32], t45: &[f32], t47: &mut [f32]) {
+pub fn forward_k16_stop_gradient_sub(t41: &[f32], t45: &[f32], t47: &mut [f32]) {
     t47[0..8].chunks_mut(2).enumerate().for_each(|(row, o0)| {
         let n = o0.len();
         let x0_row = &t41[row * 2..][..n];
@@ -402,7 +398,7 @@ pub fn forward_k22_stop_gradient_sub(t41: &[f32], t45: &[f32], t47: &mut [f32]) 
 }
 
 /// reduce: exp, reduce_sum over [4, 2].
-pub fn forward_k23_reduce(t47: &[f32], t49: &mut [f32]) {
+pub fn forward_k17_reduce(t47: &[f32], t49: &mut [f32]) {
     t49[0..4].iter_mut().enumerate().for_each(|(row, acc_out)| {
         let mut acc = 0.0_f64;
         for i0 in 0..2 {
@@ -414,7 +410,7 @@ pub fn forward_k23_reduce(t47: &[f32], t49: &mut [f32]) {
 }
 
 /// reduce: eq, log, reduce_sum, sub, where over [4, 2].
-pub fn forward_k24_reduce(input_y: &[i32], c43: &[i32], t47: &[f32], t49: &[f32], t54: &mut [f32]) {
+pub fn forward_k18_reduce(input_y: &[i32], c43: &[i32], t47: &[f32], t49: &[f32], t54: &mut [f32]) {
     t54[0..4].iter_mut().enumerate().for_each(|(row, acc_out)| {
         let mut acc = 0.0_f64;
         for i0 in 0..2 {
@@ -429,7 +425,7 @@ pub fn forward_k24_reduce(input_y: &[i32], c43: &[i32], t47: &[f32], t49: &[f32]
 }
 
 /// reduce: reduce_sum over [4].
-pub fn forward_k25_reduce(t54: &[f32], t55: &mut [f32]) {
+pub fn forward_k19_reduce(t54: &[f32], t55: &mut [f32]) {
     t55[0..1].iter_mut().for_each(|acc_out| {
         let mut acc = 0.0_f64;
         for i0 in 0..4 {
@@ -441,27 +437,47 @@ pub fn forward_k25_reduce(t54: &[f32], t55: &mut [f32]) {
 }
 
 /// elementwise: mul, neg.
-pub fn forward_k26_mul_neg(t55: &[f32], t58: &mut [f32]) {
+pub fn forward_k20_mul_neg(t55: &[f32], t58: &mut [f32]) {
     let x0 = t55[0];
     t58[0] = -0.25 * x0;
 }
 
-/// elementwise: add over [4, 8].
-pub fn grads_k02_add(t7: &[f32], param_cell_b_h: &[f32], t8: &mut [f32]) {
-    t8[0..32].chunks_mut(8).enumerate().for_each(|(row, o0)| {
+/// matmul: matmul, add.
+pub fn grads_k01_matmul_add(
+    t5_c: &[f32],
+    param_cell_w_xh: &[f32],
+    param_cell_b_h: &[f32],
+    t7: &mut [f32],
+    t8: &mut [f32],
+) -> Result<(), rt::Error> {
+    let c = &mut t7[0..32];
+    let o0 = &mut t8[0..32];
+    rt::gemm::sgemm(
+        c.len() / 8,
+        8,
+        1,
+        &t5_c[0..],
+        (1, 0),
+        &param_cell_w_xh[0..],
+        (0, 1),
+        c,
+        (8, 1),
+        false,
+    )?;
+    for (c, o0) in c.chunks(8).zip(o0.chunks_mut(8)) {
         let n = o0.len();
-        let x0_row = &t7[row * 8..][..n];
         let x1_row = &param_cell_b_h[0..][..n];
         for j in 0..n {
-            let x0 = x0_row[j];
+            let x0 = c[j];
             let x1 = x1_row[j];
             o0[j] = x0 + x1;
         }
-    });
+    }
+    Ok(())
 }
 
 /// elementwise: tanh over [4, 8].
-pub fn grads_k03_tanh(t8: &[f32], t9: &mut [f32]) {
+pub fn grads_k02_tanh(t8: &[f32], t9: &mut [f32]) {
     t9[0..32].chunks_mut(32).enumerate().for_each(|(row, o0)| {
         let n = o0.len();
         let x0_row = &t8[row * 32..][..n];
@@ -472,24 +488,46 @@ pub fn grads_k03_tanh(t8: &[f32], t9: &mut [f32]) {
     });
 }
 
-/// elementwise: add over [4, 8].
-pub fn grads_k07_add(t12: &[f32], param_cell_b_h: &[f32], t14: &[f32], t15: &mut [f32]) {
-    t15[0..32].chunks_mut(8).enumerate().for_each(|(row, o0)| {
+/// matmul: matmul, add.
+pub fn grads_k05_matmul_add(
+    t10_c: &[f32],
+    param_cell_w_xh: &[f32],
+    param_cell_b_h: &[f32],
+    t14: &[f32],
+    t12: &mut [f32],
+    t15: &mut [f32],
+) -> Result<(), rt::Error> {
+    let c = &mut t12[0..32];
+    let o0 = &mut t15[0..32];
+    rt::gemm::sgemm(
+        c.len() / 8,
+        8,
+        1,
+        &t10_c[0..],
+        (1, 0),
+        &param_cell_w_xh[0..],
+        (0, 1),
+        c,
+        (8, 1),
+        false,
+    )?;
+    for (i, (c, o0)) in c.chunks(8).zip(o0.chunks_mut(8)).enumerate() {
+        let row = i;
         let n = o0.len();
-        let x0_row = &t12[row * 8..][..n];
         let x1_row = &param_cell_b_h[0..][..n];
         let x2_row = &t14[row * 8..][..n];
         for j in 0..n {
-            let x0 = x0_row[j];
+            let x0 = c[j];
             let x1 = x1_row[j];
             let x2 = x2_row[j];
             o0[j] = x0 + x1 + x2;
         }
-    });
+    }
+    Ok(())
 }
 
 /// elementwise: tanh over [4, 8].
-pub fn grads_k08_tanh(t15: &[f32], t16: &mut [f32]) {
+pub fn grads_k06_tanh(t15: &[f32], t16: &mut [f32]) {
     t16[0..32].chunks_mut(32).enumerate().for_each(|(row, o0)| {
         let n = o0.len();
         let x0_row = &t15[row * 32..][..n];
@@ -500,24 +538,46 @@ pub fn grads_k08_tanh(t15: &[f32], t16: &mut [f32]) {
     });
 }
 
-/// elementwise: add over [4, 8].
-pub fn grads_k12_add(t19: &[f32], param_cell_b_h: &[f32], t21: &[f32], t22: &mut [f32]) {
-    t22[0..32].chunks_mut(8).enumerate().for_each(|(row, o0)| {
+/// matmul: matmul, add.
+pub fn grads_k09_matmul_add(
+    t17_c: &[f32],
+    param_cell_w_xh: &[f32],
+    param_cell_b_h: &[f32],
+    t21: &[f32],
+    t19: &mut [f32],
+    t22: &mut [f32],
+) -> Result<(), rt::Error> {
+    let c = &mut t19[0..32];
+    let o0 = &mut t22[0..32];
+    rt::gemm::sgemm(
+        c.len() / 8,
+        8,
+        1,
+        &t17_c[0..],
+        (1, 0),
+        &param_cell_w_xh[0..],
+        (0, 1),
+        c,
+        (8, 1),
+        false,
+    )?;
+    for (i, (c, o0)) in c.chunks(8).zip(o0.chunks_mut(8)).enumerate() {
+        let row = i;
         let n = o0.len();
-        let x0_row = &t19[row * 8..][..n];
         let x1_row = &param_cell_b_h[0..][..n];
         let x2_row = &t21[row * 8..][..n];
         for j in 0..n {
-            let x0 = x0_row[j];
+            let x0 = c[j];
             let x1 = x1_row[j];
             let x2 = x2_row[j];
             o0[j] = x0 + x1 + x2;
         }
-    });
+    }
+    Ok(())
 }
 
 /// elementwise: tanh over [4, 8].
-pub fn grads_k13_tanh(t22: &[f32], t23: &mut [f32]) {
+pub fn grads_k10_tanh(t22: &[f32], t23: &mut [f32]) {
     t23[0..32].chunks_mut(32).enumerate().for_each(|(row, o0)| {
         let n = o0.len();
         let x0_row = &t22[row * 32..][..n];
@@ -528,24 +588,46 @@ pub fn grads_k13_tanh(t22: &[f32], t23: &mut [f32]) {
     });
 }
 
-/// elementwise: add over [4, 8].
-pub fn grads_k17_add(t26: &[f32], param_cell_b_h: &[f32], t28: &[f32], t29: &mut [f32]) {
-    t29[0..32].chunks_mut(8).enumerate().for_each(|(row, o0)| {
+/// matmul: matmul, add.
+pub fn grads_k13_matmul_add(
+    t24_c: &[f32],
+    param_cell_w_xh: &[f32],
+    param_cell_b_h: &[f32],
+    t28: &[f32],
+    t26: &mut [f32],
+    t29: &mut [f32],
+) -> Result<(), rt::Error> {
+    let c = &mut t26[0..32];
+    let o0 = &mut t29[0..32];
+    rt::gemm::sgemm(
+        c.len() / 8,
+        8,
+        1,
+        &t24_c[0..],
+        (1, 0),
+        &param_cell_w_xh[0..],
+        (0, 1),
+        c,
+        (8, 1),
+        false,
+    )?;
+    for (i, (c, o0)) in c.chunks(8).zip(o0.chunks_mut(8)).enumerate() {
+        let row = i;
         let n = o0.len();
-        let x0_row = &t26[row * 8..][..n];
         let x1_row = &param_cell_b_h[0..][..n];
         let x2_row = &t28[row * 8..][..n];
         for j in 0..n {
-            let x0 = x0_row[j];
+            let x0 = c[j];
             let x1 = x1_row[j];
             let x2 = x2_row[j];
             o0[j] = x0 + x1 + x2;
         }
-    });
+    }
+    Ok(())
 }
 
 /// elementwise: tanh over [4, 8].
-pub fn grads_k18_tanh(t29: &[f32], t30: &mut [f32]) {
+pub fn grads_k14_tanh(t29: &[f32], t30: &mut [f32]) {
     t30[0..32].chunks_mut(32).enumerate().for_each(|(row, o0)| {
         let n = o0.len();
         let x0_row = &t29[row * 32..][..n];
@@ -556,24 +638,46 @@ pub fn grads_k18_tanh(t29: &[f32], t30: &mut [f32]) {
     });
 }
 
-/// elementwise: add over [4, 8].
-pub fn grads_k22_add(t33: &[f32], param_cell_b_h: &[f32], t35: &[f32], t36: &mut [f32]) {
-    t36[0..32].chunks_mut(8).enumerate().for_each(|(row, o0)| {
+/// matmul: matmul, add.
+pub fn grads_k17_matmul_add(
+    t31_c: &[f32],
+    param_cell_w_xh: &[f32],
+    param_cell_b_h: &[f32],
+    t35: &[f32],
+    t33: &mut [f32],
+    t36: &mut [f32],
+) -> Result<(), rt::Error> {
+    let c = &mut t33[0..32];
+    let o0 = &mut t36[0..32];
+    rt::gemm::sgemm(
+        c.len() / 8,
+        8,
+        1,
+        &t31_c[0..],
+        (1, 0),
+        &param_cell_w_xh[0..],
+        (0, 1),
+        c,
+        (8, 1),
+        false,
+    )?;
+    for (i, (c, o0)) in c.chunks(8).zip(o0.chunks_mut(8)).enumerate() {
+        let row = i;
         let n = o0.len();
-        let x0_row = &t33[row * 8..][..n];
         let x1_row = &param_cell_b_h[0..][..n];
         let x2_row = &t35[row * 8..][..n];
         for j in 0..n {
-            let x0 = x0_row[j];
+            let x0 = c[j];
             let x1 = x1_row[j];
             let x2 = x2_row[j];
             o0[j] = x0 + x1 + x2;
         }
-    });
+    }
+    Ok(())
 }
 
 /// elementwise: tanh over [4, 8].
-pub fn grads_k23_tanh(t36: &[f32], t37: &mut [f32]) {
+pub fn grads_k18_tanh(t36: &[f32], t37: &mut [f32]) {
     t37[0..32].chunks_mut(32).enumerate().for_each(|(row, o0)| {
         let n = o0.len();
         let x0_row = &t36[row * 32..][..n];
@@ -585,7 +689,7 @@ pub fn grads_k23_tanh(t36: &[f32], t37: &mut [f32]) {
 }
 
 /// elementwise: eq, where over [4, 2].
-pub fn grads_k29_eq_where(
+pub fn grads_k23_eq_where(
     input_y: &[i32],
     c43: &[i32],
     c189: &[f32],
@@ -608,7 +712,7 @@ pub fn grads_k29_eq_where(
 }
 
 /// reduce: neg, reduce_sum over [4, 2].
-pub fn grads_k30_reduce(t69: &[f32], t72: &mut [f32]) {
+pub fn grads_k24_reduce(t69: &[f32], t72: &mut [f32]) {
     t72[0..4].iter_mut().enumerate().for_each(|(row, acc_out)| {
         let mut acc = 0.0_f64;
         for i0 in 0..2 {
@@ -620,7 +724,7 @@ pub fn grads_k30_reduce(t69: &[f32], t72: &mut [f32]) {
 }
 
 /// elementwise: log.d0, mul over [4, 1].
-pub fn grads_k31_log_d0_mul(t72: &[f32], t49: &[f32], t74: &mut [f32]) {
+pub fn grads_k25_log_d0_mul(t72: &[f32], t49: &[f32], t74: &mut [f32]) {
     t74[0..4].chunks_mut(4).enumerate().for_each(|(row, o0)| {
         let n = o0.len();
         let x0_row = &t72[row * 4..][..n];
@@ -634,7 +738,7 @@ pub fn grads_k31_log_d0_mul(t72: &[f32], t49: &[f32], t74: &mut [f32]) {
 }
 
 /// elementwise: add, exp.d0, mul over [4, 2].
-pub fn grads_k32_add_exp_d0_mul(t69: &[f32], t74: &[f32], t47: &[f32], t78: &mut [f32]) {
+pub fn grads_k26_add_exp_d0_mul(t69: &[f32], t74: &[f32], t47: &[f32], t78: &mut [f32]) {
     t78[0..8].chunks_mut(2).enumerate().for_each(|(row, o0)| {
         let n = o0.len();
         let x0_row = &t69[row * 2..][..n];
@@ -649,7 +753,7 @@ pub fn grads_k32_add_exp_d0_mul(t69: &[f32], t74: &[f32], t47: &[f32], t78: &mut
 }
 
 /// reduce: reduce_sum over [4, 2].
-pub fn grads_k33_reduce(t78: &[f32], t81: &mut [f32]) {
+pub fn grads_k27_reduce(t78: &[f32], t81: &mut [f32]) {
     t81[0..2].iter_mut().enumerate().for_each(|(row, acc_out)| {
         let mut acc = 0.0_f64;
         for i0 in 0..4 {
@@ -661,29 +765,7 @@ pub fn grads_k33_reduce(t78: &[f32], t81: &mut [f32]) {
 }
 
 /// matmul: matmul.
-pub fn grads_k34_matmul(
-    t78: &[f32],
-    param_head_weight: &[f32],
-    t84: &mut [f32],
-) -> Result<(), rt::Error> {
-    rt::gemm::sgemm_batched(
-        1,
-        4,
-        8,
-        2,
-        &t78[0..],
-        (0, 2, 1),
-        &param_head_weight[0..],
-        (0, 1, 2),
-        &mut t84[0..],
-        (0, 8, 1),
-        false,
-    )?;
-    Ok(())
-}
-
-/// matmul: matmul.
-pub fn grads_k35_matmul(t37: &[f32], t78: &[f32], t86: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k28_matmul(t37: &[f32], t78: &[f32], t86: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         8,
@@ -700,62 +782,43 @@ pub fn grads_k35_matmul(t37: &[f32], t78: &[f32], t86: &mut [f32]) -> Result<(),
     Ok(())
 }
 
-/// elementwise: mul, tanh.d0 over [4, 8].
-pub fn grads_k36_mul_tanh_d0(t84: &[f32], t36: &[f32], t88: &mut [f32]) {
-    t88[0..32].chunks_mut(32).enumerate().for_each(|(row, o0)| {
+/// matmul: matmul, mul, tanh.d0.
+pub fn grads_k29_matmul_mul_tanh_d0(
+    t78: &[f32],
+    param_head_weight: &[f32],
+    t36: &[f32],
+    t84: &mut [f32],
+    t88: &mut [f32],
+) -> Result<(), rt::Error> {
+    let c = &mut t84[0..32];
+    let o0 = &mut t88[0..32];
+    rt::gemm::sgemm(
+        c.len() / 8,
+        8,
+        2,
+        &t78[0..],
+        (2, 1),
+        &param_head_weight[0..],
+        (1, 2),
+        c,
+        (8, 1),
+        false,
+    )?;
+    for (i, (c, o0)) in c.chunks(8).zip(o0.chunks_mut(8)).enumerate() {
+        let row = i;
         let n = o0.len();
-        let x0_row = &t84[row * 32..][..n];
-        let x1_row = &t36[row * 32..][..n];
+        let x1_row = &t36[row * 8..][..n];
         for j in 0..n {
-            let x0 = x0_row[j];
+            let x0 = c[j];
             let x1 = x1_row[j];
             o0[j] = x0 * (1.0 - (x1.tanh()).powi(2));
         }
-    });
-}
-
-/// matmul: matmul.
-pub fn grads_k37_matmul(
-    t88: &[f32],
-    param_cell_w_hh: &[f32],
-    t90: &mut [f32],
-) -> Result<(), rt::Error> {
-    rt::gemm::sgemm_batched(
-        1,
-        4,
-        8,
-        8,
-        &t88[0..],
-        (0, 8, 1),
-        &param_cell_w_hh[0..],
-        (0, 1, 8),
-        &mut t90[0..],
-        (0, 8, 1),
-        false,
-    )?;
-    Ok(())
-}
-
-/// matmul: matmul.
-pub fn grads_k38_matmul(t30: &[f32], t88: &[f32], t92: &mut [f32]) -> Result<(), rt::Error> {
-    rt::gemm::sgemm_batched(
-        1,
-        8,
-        8,
-        4,
-        &t30[0..],
-        (0, 1, 8),
-        &t88[0..],
-        (0, 8, 1),
-        &mut t92[0..],
-        (0, 8, 1),
-        false,
-    )?;
+    }
     Ok(())
 }
 
 /// reduce: reduce_sum over [4, 8].
-pub fn grads_k39_reduce(t88: &[f32], t93: &mut [f32]) {
+pub fn grads_k30_reduce(t88: &[f32], t93: &mut [f32]) {
     t93[0..8].iter_mut().enumerate().for_each(|(row, acc_out)| {
         let mut acc = 0.0_f64;
         for i0 in 0..4 {
@@ -766,65 +829,43 @@ pub fn grads_k39_reduce(t88: &[f32], t93: &mut [f32]) {
     });
 }
 
-/// matmul: matmul.
-pub fn grads_k40_matmul(t31_c: &[f32], t88: &[f32], t98: &mut [f32]) -> Result<(), rt::Error> {
-    rt::gemm::sgemm_batched(
-        1,
-        1,
-        8,
-        4,
-        &t31_c[0..],
-        (0, 0, 1),
-        &t88[0..],
-        (0, 8, 1),
-        &mut t98[0..],
-        (0, 0, 1),
-        false,
-    )?;
-    Ok(())
-}
-
-/// elementwise: mul, tanh.d0 over [4, 8].
-pub fn grads_k41_mul_tanh_d0(t90: &[f32], t29: &[f32], t100: &mut [f32]) {
-    t100[0..32]
-        .chunks_mut(32)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let n = o0.len();
-            let x0_row = &t90[row * 32..][..n];
-            let x1_row = &t29[row * 32..][..n];
-            for j in 0..n {
-                let x0 = x0_row[j];
-                let x1 = x1_row[j];
-                o0[j] = x0 * (1.0 - (x1.tanh()).powi(2));
-            }
-        });
-}
-
-/// matmul: matmul.
-pub fn grads_k42_matmul(
-    t100: &[f32],
+/// matmul: matmul, mul, tanh.d0.
+pub fn grads_k31_matmul_mul_tanh_d0(
+    t88: &[f32],
     param_cell_w_hh: &[f32],
-    t102: &mut [f32],
+    t29: &[f32],
+    t90: &mut [f32],
+    t100: &mut [f32],
 ) -> Result<(), rt::Error> {
-    rt::gemm::sgemm_batched(
-        1,
-        4,
+    let c = &mut t90[0..32];
+    let o0 = &mut t100[0..32];
+    rt::gemm::sgemm(
+        c.len() / 8,
         8,
         8,
-        &t100[0..],
-        (0, 8, 1),
+        &t88[0..],
+        (8, 1),
         &param_cell_w_hh[0..],
-        (0, 1, 8),
-        &mut t102[0..],
-        (0, 8, 1),
+        (1, 8),
+        c,
+        (8, 1),
         false,
     )?;
+    for (i, (c, o0)) in c.chunks(8).zip(o0.chunks_mut(8)).enumerate() {
+        let row = i;
+        let n = o0.len();
+        let x1_row = &t29[row * 8..][..n];
+        for j in 0..n {
+            let x0 = c[j];
+            let x1 = x1_row[j];
+            o0[j] = x0 * (1.0 - (x1.tanh()).powi(2));
+        }
+    }
     Ok(())
 }
 
 /// matmul: matmul.
-pub fn grads_k43_matmul(t23: &[f32], t100: &[f32], t104: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k32_matmul(t23: &[f32], t100: &[f32], t104: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         8,
@@ -842,7 +883,7 @@ pub fn grads_k43_matmul(t23: &[f32], t100: &[f32], t104: &mut [f32]) -> Result<(
 }
 
 /// reduce: reduce_sum over [4, 8].
-pub fn grads_k44_reduce(t100: &[f32], t106: &mut [f32]) {
+pub fn grads_k33_reduce(t100: &[f32], t106: &mut [f32]) {
     t106[0..8]
         .iter_mut()
         .enumerate()
@@ -857,7 +898,7 @@ pub fn grads_k44_reduce(t100: &[f32], t106: &mut [f32]) {
 }
 
 /// matmul: matmul.
-pub fn grads_k45_matmul(t24_c: &[f32], t100: &[f32], t112: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k34_matmul(t24_c: &[f32], t100: &[f32], t112: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         1,
@@ -874,47 +915,43 @@ pub fn grads_k45_matmul(t24_c: &[f32], t100: &[f32], t112: &mut [f32]) -> Result
     Ok(())
 }
 
-/// elementwise: mul, tanh.d0 over [4, 8].
-pub fn grads_k46_mul_tanh_d0(t102: &[f32], t22: &[f32], t115: &mut [f32]) {
-    t115[0..32]
-        .chunks_mut(32)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let n = o0.len();
-            let x0_row = &t102[row * 32..][..n];
-            let x1_row = &t22[row * 32..][..n];
-            for j in 0..n {
-                let x0 = x0_row[j];
-                let x1 = x1_row[j];
-                o0[j] = x0 * (1.0 - (x1.tanh()).powi(2));
-            }
-        });
-}
-
-/// matmul: matmul.
-pub fn grads_k47_matmul(
-    t115: &[f32],
+/// matmul: matmul, mul, tanh.d0.
+pub fn grads_k35_matmul_mul_tanh_d0(
+    t100: &[f32],
     param_cell_w_hh: &[f32],
-    t117: &mut [f32],
+    t22: &[f32],
+    t102: &mut [f32],
+    t115: &mut [f32],
 ) -> Result<(), rt::Error> {
-    rt::gemm::sgemm_batched(
-        1,
-        4,
+    let c = &mut t102[0..32];
+    let o0 = &mut t115[0..32];
+    rt::gemm::sgemm(
+        c.len() / 8,
         8,
         8,
-        &t115[0..],
-        (0, 8, 1),
+        &t100[0..],
+        (8, 1),
         &param_cell_w_hh[0..],
-        (0, 1, 8),
-        &mut t117[0..],
-        (0, 8, 1),
+        (1, 8),
+        c,
+        (8, 1),
         false,
     )?;
+    for (i, (c, o0)) in c.chunks(8).zip(o0.chunks_mut(8)).enumerate() {
+        let row = i;
+        let n = o0.len();
+        let x1_row = &t22[row * 8..][..n];
+        for j in 0..n {
+            let x0 = c[j];
+            let x1 = x1_row[j];
+            o0[j] = x0 * (1.0 - (x1.tanh()).powi(2));
+        }
+    }
     Ok(())
 }
 
 /// matmul: matmul.
-pub fn grads_k48_matmul(t16: &[f32], t115: &[f32], t119: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k36_matmul(t16: &[f32], t115: &[f32], t119: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         8,
@@ -932,7 +969,7 @@ pub fn grads_k48_matmul(t16: &[f32], t115: &[f32], t119: &mut [f32]) -> Result<(
 }
 
 /// reduce: reduce_sum over [4, 8].
-pub fn grads_k49_reduce(t115: &[f32], t121: &mut [f32]) {
+pub fn grads_k37_reduce(t115: &[f32], t121: &mut [f32]) {
     t121[0..8]
         .iter_mut()
         .enumerate()
@@ -947,7 +984,7 @@ pub fn grads_k49_reduce(t115: &[f32], t121: &mut [f32]) {
 }
 
 /// matmul: matmul.
-pub fn grads_k50_matmul(t17_c: &[f32], t115: &[f32], t127: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k38_matmul(t17_c: &[f32], t115: &[f32], t127: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         1,
@@ -964,47 +1001,43 @@ pub fn grads_k50_matmul(t17_c: &[f32], t115: &[f32], t127: &mut [f32]) -> Result
     Ok(())
 }
 
-/// elementwise: mul, tanh.d0 over [4, 8].
-pub fn grads_k51_mul_tanh_d0(t117: &[f32], t15: &[f32], t130: &mut [f32]) {
-    t130[0..32]
-        .chunks_mut(32)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let n = o0.len();
-            let x0_row = &t117[row * 32..][..n];
-            let x1_row = &t15[row * 32..][..n];
-            for j in 0..n {
-                let x0 = x0_row[j];
-                let x1 = x1_row[j];
-                o0[j] = x0 * (1.0 - (x1.tanh()).powi(2));
-            }
-        });
-}
-
-/// matmul: matmul.
-pub fn grads_k52_matmul(
-    t130: &[f32],
+/// matmul: matmul, mul, tanh.d0.
+pub fn grads_k39_matmul_mul_tanh_d0(
+    t115: &[f32],
     param_cell_w_hh: &[f32],
-    t132: &mut [f32],
+    t15: &[f32],
+    t117: &mut [f32],
+    t130: &mut [f32],
 ) -> Result<(), rt::Error> {
-    rt::gemm::sgemm_batched(
-        1,
-        4,
+    let c = &mut t117[0..32];
+    let o0 = &mut t130[0..32];
+    rt::gemm::sgemm(
+        c.len() / 8,
         8,
         8,
-        &t130[0..],
-        (0, 8, 1),
+        &t115[0..],
+        (8, 1),
         &param_cell_w_hh[0..],
-        (0, 1, 8),
-        &mut t132[0..],
-        (0, 8, 1),
+        (1, 8),
+        c,
+        (8, 1),
         false,
     )?;
+    for (i, (c, o0)) in c.chunks(8).zip(o0.chunks_mut(8)).enumerate() {
+        let row = i;
+        let n = o0.len();
+        let x1_row = &t15[row * 8..][..n];
+        for j in 0..n {
+            let x0 = c[j];
+            let x1 = x1_row[j];
+            o0[j] = x0 * (1.0 - (x1.tanh()).powi(2));
+        }
+    }
     Ok(())
 }
 
 /// matmul: matmul.
-pub fn grads_k53_matmul(t9: &[f32], t130: &[f32], t134: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k40_matmul(t9: &[f32], t130: &[f32], t134: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         8,
@@ -1021,29 +1054,49 @@ pub fn grads_k53_matmul(t9: &[f32], t130: &[f32], t134: &mut [f32]) -> Result<()
     Ok(())
 }
 
-/// elementwise: add over [8, 8].
-pub fn grads_k54_add(t92: &[f32], t104: &[f32], t119: &[f32], t134: &[f32], t135: &mut [f32]) {
-    t135[0..64]
-        .chunks_mut(64)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let n = o0.len();
-            let x0_row = &t92[row * 64..][..n];
-            let x1_row = &t104[row * 64..][..n];
-            let x2_row = &t119[row * 64..][..n];
-            let x3_row = &t134[row * 64..][..n];
-            for j in 0..n {
-                let x0 = x0_row[j];
-                let x1 = x1_row[j];
-                let x2 = x2_row[j];
-                let x3 = x3_row[j];
-                o0[j] = x0 + x1 + x2 + x3;
-            }
-        });
+/// matmul: matmul, add.
+pub fn grads_k41_matmul_add(
+    t30: &[f32],
+    t88: &[f32],
+    t104: &[f32],
+    t119: &[f32],
+    t134: &[f32],
+    t92: &mut [f32],
+    t135: &mut [f32],
+) -> Result<(), rt::Error> {
+    let c = &mut t92[0..64];
+    let o0 = &mut t135[0..64];
+    rt::gemm::sgemm(
+        c.len() / 8,
+        8,
+        4,
+        &t30[0..],
+        (1, 8),
+        &t88[0..],
+        (8, 1),
+        c,
+        (8, 1),
+        false,
+    )?;
+    for (i, (c, o0)) in c.chunks(8).zip(o0.chunks_mut(8)).enumerate() {
+        let row = i;
+        let n = o0.len();
+        let x1_row = &t104[row * 8..][..n];
+        let x2_row = &t119[row * 8..][..n];
+        let x3_row = &t134[row * 8..][..n];
+        for j in 0..n {
+            let x0 = c[j];
+            let x1 = x1_row[j];
+            let x2 = x2_row[j];
+            let x3 = x3_row[j];
+            o0[j] = x0 + x1 + x2 + x3;
+        }
+    }
+    Ok(())
 }
 
 /// reduce: reduce_sum over [4, 8].
-pub fn grads_k55_reduce(t130: &[f32], t136: &mut [f32]) {
+pub fn grads_k42_reduce(t130: &[f32], t136: &mut [f32]) {
     t136[0..8]
         .iter_mut()
         .enumerate()
@@ -1058,7 +1111,7 @@ pub fn grads_k55_reduce(t130: &[f32], t136: &mut [f32]) {
 }
 
 /// matmul: matmul.
-pub fn grads_k56_matmul(t10_c: &[f32], t130: &[f32], t142: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k43_matmul(t10_c: &[f32], t130: &[f32], t142: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         1,
@@ -1075,25 +1128,43 @@ pub fn grads_k56_matmul(t10_c: &[f32], t130: &[f32], t142: &mut [f32]) -> Result
     Ok(())
 }
 
-/// elementwise: mul, tanh.d0 over [4, 8].
-pub fn grads_k57_mul_tanh_d0(t132: &[f32], t8: &[f32], t145: &mut [f32]) {
-    t145[0..32]
-        .chunks_mut(32)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let n = o0.len();
-            let x0_row = &t132[row * 32..][..n];
-            let x1_row = &t8[row * 32..][..n];
-            for j in 0..n {
-                let x0 = x0_row[j];
-                let x1 = x1_row[j];
-                o0[j] = x0 * (1.0 - (x1.tanh()).powi(2));
-            }
-        });
+/// matmul: matmul, mul, tanh.d0.
+pub fn grads_k44_matmul_mul_tanh_d0(
+    t130: &[f32],
+    param_cell_w_hh: &[f32],
+    t8: &[f32],
+    t132: &mut [f32],
+    t145: &mut [f32],
+) -> Result<(), rt::Error> {
+    let c = &mut t132[0..32];
+    let o0 = &mut t145[0..32];
+    rt::gemm::sgemm(
+        c.len() / 8,
+        8,
+        8,
+        &t130[0..],
+        (8, 1),
+        &param_cell_w_hh[0..],
+        (1, 8),
+        c,
+        (8, 1),
+        false,
+    )?;
+    for (i, (c, o0)) in c.chunks(8).zip(o0.chunks_mut(8)).enumerate() {
+        let row = i;
+        let n = o0.len();
+        let x1_row = &t8[row * 8..][..n];
+        for j in 0..n {
+            let x0 = c[j];
+            let x1 = x1_row[j];
+            o0[j] = x0 * (1.0 - (x1.tanh()).powi(2));
+        }
+    }
+    Ok(())
 }
 
 /// reduce: reduce_sum over [4, 8].
-pub fn grads_k58_reduce(t145: &[f32], t146: &mut [f32]) {
+pub fn grads_k45_reduce(t145: &[f32], t146: &mut [f32]) {
     t146[0..8]
         .iter_mut()
         .enumerate()
@@ -1108,7 +1179,7 @@ pub fn grads_k58_reduce(t145: &[f32], t146: &mut [f32]) {
 }
 
 /// elementwise: add over [8].
-pub fn grads_k59_add(
+pub fn grads_k46_add(
     t93: &[f32],
     t106: &[f32],
     t121: &[f32],
@@ -1135,7 +1206,7 @@ pub fn grads_k59_add(
 }
 
 /// matmul: matmul.
-pub fn grads_k60_matmul(t5_c: &[f32], t145: &[f32], t152: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k47_matmul(t5_c: &[f32], t145: &[f32], t152: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         1,
@@ -1152,15 +1223,30 @@ pub fn grads_k60_matmul(t5_c: &[f32], t145: &[f32], t152: &mut [f32]) -> Result<
     Ok(())
 }
 
-/// elementwise: add over [1, 8].
-pub fn grads_k61_add(
-    t98: &[f32],
+/// matmul: matmul, add.
+pub fn grads_k48_matmul_add(
+    t31_c: &[f32],
+    t88: &[f32],
     t112: &[f32],
     t127: &[f32],
     t142: &[f32],
     t152: &[f32],
+    t98: &mut [f32],
     t153: &mut [f32],
-) {
+) -> Result<(), rt::Error> {
+    rt::gemm::sgemm_batched(
+        1,
+        1,
+        8,
+        4,
+        &t31_c[0..],
+        (0, 0, 1),
+        &t88[0..],
+        (0, 8, 1),
+        &mut t98[0..],
+        (0, 0, 1),
+        false,
+    )?;
     t153[0..8].chunks_mut(8).enumerate().for_each(|(row, o0)| {
         let n = o0.len();
         let x0_row = &t98[row * 8..][..n];
@@ -1177,10 +1263,11 @@ pub fn grads_k61_add(
             o0[j] = x0 + x1 + x2 + x3 + x4;
         }
     });
+    Ok(())
 }
 
 /// elementwise: eq over [4, 2].
-pub fn train_k26_eq(input_y: &[i32], c43: &[i32], t44: &mut [u8]) {
+pub fn train_k20_eq(input_y: &[i32], c43: &[i32], t44: &mut [u8]) {
     t44[0..8].chunks_mut(2).enumerate().for_each(|(row, o0)| {
         let n = o0.len();
         let x0 = input_y[row];
@@ -1193,7 +1280,7 @@ pub fn train_k26_eq(input_y: &[i32], c43: &[i32], t44: &mut [u8]) {
 }
 
 /// reduce: log, reduce_sum, sub, where over [4, 2].
-pub fn train_k30_reduce(t44: &[u8], t47: &[f32], t49: &[f32], t54: &mut [f32]) {
+pub fn train_k24_reduce(t44: &[u8], t47: &[f32], t49: &[f32], t54: &mut [f32]) {
     t54[0..4].iter_mut().enumerate().for_each(|(row, acc_out)| {
         let mut acc = 0.0_f64;
         for i0 in 0..2 {
@@ -1207,7 +1294,7 @@ pub fn train_k30_reduce(t44: &[u8], t47: &[f32], t49: &[f32], t54: &mut [f32]) {
 }
 
 /// elementwise: where over [4, 2].
-pub fn train_k33_where(t44: &[u8], c189: &[f32], c190: &[f32], t69: &mut [f32]) {
+pub fn train_k27_where(t44: &[u8], c189: &[f32], c190: &[f32], t69: &mut [f32]) {
     t69[0..8].chunks_mut(8).enumerate().for_each(|(row, o0)| {
         let n = o0.len();
         let x0_row = &t44[row * 8..][..n];
@@ -1222,15 +1309,30 @@ pub fn train_k33_where(t44: &[u8], c189: &[f32], c190: &[f32], t69: &mut [f32]) 
     });
 }
 
-/// elementwise: add, mul, sub over [1, 8].
-pub fn train_k63_add_mul_sub(
-    t98: &[f32],
+/// matmul: matmul, add, mul, sub.
+pub fn train_k49_matmul_add_mul_sub(
+    t31_c: &[f32],
+    t88: &[f32],
     t112: &[f32],
     t127: &[f32],
     t142: &[f32],
     t152: &[f32],
+    t98: &mut [f32],
     param_cell_w_xh: &mut [f32],
-) {
+) -> Result<(), rt::Error> {
+    rt::gemm::sgemm_batched(
+        1,
+        1,
+        8,
+        4,
+        &t31_c[0..],
+        (0, 0, 1),
+        &t88[0..],
+        (0, 8, 1),
+        &mut t98[0..],
+        (0, 0, 1),
+        false,
+    )?;
     param_cell_w_xh[0..8]
         .chunks_mut(8)
         .enumerate()
@@ -1251,38 +1353,53 @@ pub fn train_k63_add_mul_sub(
                 o0[j] = 0.9999 * x0 - 0.1 * x1 - 0.1 * x2 - 0.1 * x3 - 0.1 * x4 - 0.1 * x5;
             }
         });
+    Ok(())
 }
 
-/// elementwise: add, mul, sub over [8, 8].
-pub fn train_k64_add_mul_sub(
-    t92: &[f32],
+/// matmul: matmul, add, mul, sub.
+pub fn train_k50_matmul_add_mul_sub(
+    t30: &[f32],
+    t88: &[f32],
     t104: &[f32],
     t119: &[f32],
     t134: &[f32],
+    t92: &mut [f32],
     param_cell_w_hh: &mut [f32],
-) {
-    param_cell_w_hh[0..64]
-        .chunks_mut(64)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let n = o0.len();
-            let x1_row = &t92[row * 64..][..n];
-            let x2_row = &t104[row * 64..][..n];
-            let x3_row = &t119[row * 64..][..n];
-            let x4_row = &t134[row * 64..][..n];
-            for j in 0..n {
-                let x0 = o0[j];
-                let x1 = x1_row[j];
-                let x2 = x2_row[j];
-                let x3 = x3_row[j];
-                let x4 = x4_row[j];
-                o0[j] = 0.9999 * x0 - 0.1 * x1 - 0.1 * x2 - 0.1 * x3 - 0.1 * x4;
-            }
-        });
+) -> Result<(), rt::Error> {
+    let c = &mut t92[0..64];
+    let o0 = &mut param_cell_w_hh[0..64];
+    rt::gemm::sgemm(
+        c.len() / 8,
+        8,
+        4,
+        &t30[0..],
+        (1, 8),
+        &t88[0..],
+        (8, 1),
+        c,
+        (8, 1),
+        false,
+    )?;
+    for (i, (c, o0)) in c.chunks(8).zip(o0.chunks_mut(8)).enumerate() {
+        let row = i;
+        let n = o0.len();
+        let x2_row = &t104[row * 8..][..n];
+        let x3_row = &t119[row * 8..][..n];
+        let x4_row = &t134[row * 8..][..n];
+        for j in 0..n {
+            let x0 = o0[j];
+            let x1 = c[j];
+            let x2 = x2_row[j];
+            let x3 = x3_row[j];
+            let x4 = x4_row[j];
+            o0[j] = 0.9999 * x0 - 0.1 * x1 - 0.1 * x2 - 0.1 * x3 - 0.1 * x4;
+        }
+    }
+    Ok(())
 }
 
 /// elementwise: add, mul, sub over [8].
-pub fn train_k65_add_mul_sub(
+pub fn train_k51_add_mul_sub(
     t93: &[f32],
     t106: &[f32],
     t121: &[f32],
@@ -1312,24 +1429,40 @@ pub fn train_k65_add_mul_sub(
         });
 }
 
-/// elementwise: add, mul, sub over [8, 2].
-pub fn train_k66_add_mul_sub(t86: &[f32], param_head_weight: &mut [f32]) {
-    param_head_weight[0..16]
-        .chunks_mut(16)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let n = o0.len();
-            let x1_row = &t86[row * 16..][..n];
-            for j in 0..n {
-                let x0 = o0[j];
-                let x1 = x1_row[j];
-                o0[j] = 0.9999 * x0 - 0.1 * x1;
-            }
-        });
+/// matmul: matmul, add, mul, sub.
+pub fn train_k52_matmul_add_mul_sub(
+    t37: &[f32],
+    t78: &[f32],
+    t86: &mut [f32],
+    param_head_weight: &mut [f32],
+) -> Result<(), rt::Error> {
+    let c = &mut t86[0..16];
+    let o0 = &mut param_head_weight[0..16];
+    rt::gemm::sgemm(
+        c.len() / 2,
+        2,
+        4,
+        &t37[0..],
+        (1, 8),
+        &t78[0..],
+        (2, 1),
+        c,
+        (2, 1),
+        false,
+    )?;
+    for (c, o0) in c.chunks(2).zip(o0.chunks_mut(2)) {
+        let n = o0.len();
+        for j in 0..n {
+            let x0 = o0[j];
+            let x1 = c[j];
+            o0[j] = 0.9999 * x0 - 0.1 * x1;
+        }
+    }
+    Ok(())
 }
 
 /// elementwise: add, mul, sub over [2].
-pub fn train_k67_add_mul_sub(t81: &[f32], param_head_bias: &mut [f32]) {
+pub fn train_k53_add_mul_sub(t81: &[f32], param_head_bias: &mut [f32]) {
     param_head_bias[0..2]
         .chunks_mut(2)
         .enumerate()

@@ -17,7 +17,7 @@ static CONSTS: &[u8] = include_bytes!("consts.bin");
 
 const PARAM_LEN: usize = 128;
 const STATE_LEN: usize = 0;
-const TEMP_F32_LEN: usize = 592;
+const TEMP_F32_LEN: usize = 624;
 const TEMP_I32_LEN: usize = 0;
 const TEMP_BOOL_LEN: usize = 16;
 const CONST_F32_LEN: usize = 16;
@@ -72,652 +72,556 @@ impl Arenas {
         Ok(arenas)
     }
 
-    /// `forward`: 27 kernels.
+    /// `forward`: 21 kernels.
     fn forward(&mut self, input_x: &[f32], input_y: &[i32]) -> Result<(), rt::Error> {
         let a = &*self;
         // SAFETY: the memory plan gives buffers that are live at the same time
         // disjoint ranges of their arena, and a kernel writing a buffer in place
         // reads it only through that same mutable slice.
         unsafe {
-            kernels::forward_k00_copy(input_x, a.temp_f32.slice_mut(32, 4));
-            kernels::forward_k01_matmul(
-                a.temp_f32.slice(32, 4),
-                a.param.slice(0, 8),
-                a.temp_f32.slice_mut(0, 32),
-            )?;
-            kernels::forward_k02_add_tanh(
-                a.temp_f32.slice(0, 32),
-                a.param.slice(80, 8),
-                a.temp_f32.slice_mut(32, 32),
-            );
-            kernels::forward_k03_copy(input_x, a.temp_f32.slice_mut(64, 4));
-            kernels::forward_k04_matmul(
+            kernels::forward_k00_copy(input_x, a.temp_f32.slice_mut(64, 4));
+            kernels::forward_k01_matmul_add_tanh(
                 a.temp_f32.slice(64, 4),
                 a.param.slice(0, 8),
+                a.param.slice(80, 8),
                 a.temp_f32.slice_mut(0, 32),
+                a.temp_f32.slice_mut(32, 32),
             )?;
-            kernels::forward_k05_matmul(
+            kernels::forward_k02_copy(input_x, a.temp_f32.slice_mut(96, 4));
+            kernels::forward_k03_matmul(
                 a.temp_f32.slice(32, 32),
                 a.param.slice(16, 64),
-                a.temp_f32.slice_mut(64, 32),
-            )?;
-            kernels::forward_k06_add_tanh(
-                a.temp_f32.slice(0, 32),
-                a.param.slice(80, 8),
-                a.temp_f32.slice(64, 32),
-                a.temp_f32.slice_mut(32, 32),
-            );
-            kernels::forward_k07_copy(input_x, a.temp_f32.slice_mut(64, 4));
-            kernels::forward_k08_matmul(
-                a.temp_f32.slice(64, 4),
-                a.param.slice(0, 8),
                 a.temp_f32.slice_mut(0, 32),
             )?;
+            kernels::forward_k04_matmul_add_tanh(
+                a.temp_f32.slice(96, 4),
+                a.param.slice(0, 8),
+                a.param.slice(80, 8),
+                a.temp_f32.slice(0, 32),
+                a.temp_f32.slice_mut(32, 32),
+                a.temp_f32.slice_mut(64, 32),
+            )?;
+            kernels::forward_k05_copy(input_x, a.temp_f32.slice_mut(96, 4));
+            kernels::forward_k06_matmul(
+                a.temp_f32.slice(64, 32),
+                a.param.slice(16, 64),
+                a.temp_f32.slice_mut(0, 32),
+            )?;
+            kernels::forward_k07_matmul_add_tanh(
+                a.temp_f32.slice(96, 4),
+                a.param.slice(0, 8),
+                a.param.slice(80, 8),
+                a.temp_f32.slice(0, 32),
+                a.temp_f32.slice_mut(32, 32),
+                a.temp_f32.slice_mut(64, 32),
+            )?;
+            kernels::forward_k08_copy(input_x, a.temp_f32.slice_mut(96, 4));
             kernels::forward_k09_matmul(
-                a.temp_f32.slice(32, 32),
+                a.temp_f32.slice(64, 32),
                 a.param.slice(16, 64),
+                a.temp_f32.slice_mut(0, 32),
+            )?;
+            kernels::forward_k10_matmul_add_tanh(
+                a.temp_f32.slice(96, 4),
+                a.param.slice(0, 8),
+                a.param.slice(80, 8),
+                a.temp_f32.slice(0, 32),
+                a.temp_f32.slice_mut(32, 32),
                 a.temp_f32.slice_mut(64, 32),
             )?;
-            kernels::forward_k10_add_tanh(
-                a.temp_f32.slice(0, 32),
-                a.param.slice(80, 8),
-                a.temp_f32.slice(64, 32),
-                a.temp_f32.slice_mut(32, 32),
-            );
-            kernels::forward_k11_copy(input_x, a.temp_f32.slice_mut(64, 4));
+            kernels::forward_k11_copy(input_x, a.temp_f32.slice_mut(96, 4));
             kernels::forward_k12_matmul(
-                a.temp_f32.slice(64, 4),
-                a.param.slice(0, 8),
+                a.temp_f32.slice(64, 32),
+                a.param.slice(16, 64),
                 a.temp_f32.slice_mut(0, 32),
             )?;
-            kernels::forward_k13_matmul(
-                a.temp_f32.slice(32, 32),
-                a.param.slice(16, 64),
-                a.temp_f32.slice_mut(64, 32),
-            )?;
-            kernels::forward_k14_add_tanh(
-                a.temp_f32.slice(0, 32),
-                a.param.slice(80, 8),
-                a.temp_f32.slice(64, 32),
-                a.temp_f32.slice_mut(32, 32),
-            );
-            kernels::forward_k15_copy(input_x, a.temp_f32.slice_mut(64, 4));
-            kernels::forward_k16_matmul(
-                a.temp_f32.slice(64, 4),
+            kernels::forward_k13_matmul_add_tanh(
+                a.temp_f32.slice(96, 4),
                 a.param.slice(0, 8),
-                a.temp_f32.slice_mut(0, 32),
-            )?;
-            kernels::forward_k17_matmul(
-                a.temp_f32.slice(32, 32),
-                a.param.slice(16, 64),
+                a.param.slice(80, 8),
+                a.temp_f32.slice(0, 32),
+                a.temp_f32.slice_mut(32, 32),
                 a.temp_f32.slice_mut(64, 32),
             )?;
-            kernels::forward_k18_add_tanh(
-                a.temp_f32.slice(0, 32),
-                a.param.slice(80, 8),
+            kernels::forward_k14_matmul_add(
                 a.temp_f32.slice(64, 32),
-                a.temp_f32.slice_mut(32, 32),
-            );
-            kernels::forward_k19_matmul(
-                a.temp_f32.slice(32, 32),
                 a.param.slice(96, 16),
-                a.temp_f32.slice_mut(0, 8),
-            )?;
-            kernels::forward_k20_add(
-                a.temp_f32.slice(0, 8),
                 a.param.slice(112, 2),
+                a.temp_f32.slice_mut(0, 8),
                 a.temp_f32.slice_mut(16, 8),
-            );
-            kernels::forward_k21_reduce(a.temp_f32.slice(16, 8), a.temp_f32.slice_mut(32, 4));
-            kernels::forward_k22_stop_gradient_sub(
+            )?;
+            kernels::forward_k15_reduce(a.temp_f32.slice(16, 8), a.temp_f32.slice_mut(32, 4));
+            kernels::forward_k16_stop_gradient_sub(
                 a.temp_f32.slice(16, 8),
                 a.temp_f32.slice(32, 4),
                 a.temp_f32.slice_mut(0, 8),
             );
-            kernels::forward_k23_reduce(a.temp_f32.slice(0, 8), a.temp_f32.slice_mut(32, 4));
-            kernels::forward_k24_reduce(
+            kernels::forward_k17_reduce(a.temp_f32.slice(0, 8), a.temp_f32.slice_mut(32, 4));
+            kernels::forward_k18_reduce(
                 input_y,
                 a.const_i32.slice(0, 2),
                 a.temp_f32.slice(0, 8),
                 a.temp_f32.slice(32, 4),
                 a.temp_f32.slice_mut(48, 4),
             );
-            kernels::forward_k25_reduce(a.temp_f32.slice(48, 4), a.temp_f32.slice_mut(0, 1));
-            kernels::forward_k26_mul_neg(a.temp_f32.slice(0, 1), a.temp_f32.slice_mut(32, 1));
+            kernels::forward_k19_reduce(a.temp_f32.slice(48, 4), a.temp_f32.slice_mut(0, 1));
+            kernels::forward_k20_mul_neg(a.temp_f32.slice(0, 1), a.temp_f32.slice_mut(32, 1));
         }
         Ok(())
     }
 
-    /// `grads`: 62 kernels.
+    /// `grads`: 49 kernels.
     fn grads(&mut self, input_x: &[f32], input_y: &[i32]) -> Result<(), rt::Error> {
         let a = &*self;
         // SAFETY: the memory plan gives buffers that are live at the same time
         // disjoint ranges of their arena, and a kernel writing a buffer in place
         // reads it only through that same mutable slice.
         unsafe {
-            kernels::forward_k00_copy(input_x, a.temp_f32.slice_mut(528, 4));
-            kernels::forward_k01_matmul(
-                a.temp_f32.slice(528, 4),
-                a.param.slice(0, 8),
-                a.temp_f32.slice_mut(0, 32),
-            )?;
-            kernels::grads_k02_add(
-                a.temp_f32.slice(0, 32),
-                a.param.slice(80, 8),
-                a.temp_f32.slice_mut(320, 32),
-            );
-            kernels::grads_k03_tanh(a.temp_f32.slice(320, 32), a.temp_f32.slice_mut(256, 32));
-            kernels::forward_k03_copy(input_x, a.temp_f32.slice_mut(544, 4));
-            kernels::forward_k04_matmul(
+            kernels::forward_k00_copy(input_x, a.temp_f32.slice_mut(544, 4));
+            kernels::grads_k01_matmul_add(
                 a.temp_f32.slice(544, 4),
                 a.param.slice(0, 8),
+                a.param.slice(80, 8),
+                a.temp_f32.slice_mut(0, 32),
+                a.temp_f32.slice_mut(320, 32),
+            )?;
+            kernels::grads_k02_tanh(a.temp_f32.slice(320, 32), a.temp_f32.slice_mut(192, 32));
+            kernels::forward_k02_copy(input_x, a.temp_f32.slice_mut(560, 4));
+            kernels::forward_k03_matmul(
+                a.temp_f32.slice(192, 32),
+                a.param.slice(16, 64),
                 a.temp_f32.slice_mut(0, 32),
             )?;
-            kernels::forward_k05_matmul(
-                a.temp_f32.slice(256, 32),
-                a.param.slice(16, 64),
-                a.temp_f32.slice_mut(32, 32),
-            )?;
-            kernels::grads_k07_add(
-                a.temp_f32.slice(0, 32),
-                a.param.slice(80, 8),
-                a.temp_f32.slice(32, 32),
-                a.temp_f32.slice_mut(192, 32),
-            );
-            kernels::grads_k08_tanh(a.temp_f32.slice(192, 32), a.temp_f32.slice_mut(224, 32));
-            kernels::forward_k07_copy(input_x, a.temp_f32.slice_mut(384, 4));
-            kernels::forward_k08_matmul(
-                a.temp_f32.slice(384, 4),
+            kernels::grads_k05_matmul_add(
+                a.temp_f32.slice(560, 4),
                 a.param.slice(0, 8),
-                a.temp_f32.slice_mut(0, 32),
-            )?;
-            kernels::forward_k09_matmul(
-                a.temp_f32.slice(224, 32),
-                a.param.slice(16, 64),
-                a.temp_f32.slice_mut(32, 32),
-            )?;
-            kernels::grads_k12_add(
-                a.temp_f32.slice(0, 32),
                 a.param.slice(80, 8),
-                a.temp_f32.slice(32, 32),
+                a.temp_f32.slice(0, 32),
+                a.temp_f32.slice_mut(32, 32),
                 a.temp_f32.slice_mut(128, 32),
-            );
-            kernels::grads_k13_tanh(a.temp_f32.slice(128, 32), a.temp_f32.slice_mut(160, 32));
-            kernels::forward_k11_copy(input_x, a.temp_f32.slice_mut(400, 4));
-            kernels::forward_k12_matmul(
-                a.temp_f32.slice(400, 4),
-                a.param.slice(0, 8),
-                a.temp_f32.slice_mut(0, 32),
             )?;
-            kernels::forward_k13_matmul(
+            kernels::grads_k06_tanh(a.temp_f32.slice(128, 32), a.temp_f32.slice_mut(160, 32));
+            kernels::forward_k05_copy(input_x, a.temp_f32.slice_mut(304, 4));
+            kernels::forward_k06_matmul(
                 a.temp_f32.slice(160, 32),
                 a.param.slice(16, 64),
-                a.temp_f32.slice_mut(32, 32),
-            )?;
-            kernels::grads_k17_add(
-                a.temp_f32.slice(0, 32),
-                a.param.slice(80, 8),
-                a.temp_f32.slice(32, 32),
-                a.temp_f32.slice_mut(64, 32),
-            );
-            kernels::grads_k18_tanh(a.temp_f32.slice(64, 32), a.temp_f32.slice_mut(96, 32));
-            kernels::forward_k15_copy(input_x, a.temp_f32.slice_mut(464, 4));
-            kernels::forward_k16_matmul(
-                a.temp_f32.slice(464, 4),
-                a.param.slice(0, 8),
                 a.temp_f32.slice_mut(0, 32),
             )?;
-            kernels::forward_k17_matmul(
+            kernels::grads_k09_matmul_add(
+                a.temp_f32.slice(304, 4),
+                a.param.slice(0, 8),
+                a.param.slice(80, 8),
+                a.temp_f32.slice(0, 32),
+                a.temp_f32.slice_mut(32, 32),
+                a.temp_f32.slice_mut(64, 32),
+            )?;
+            kernels::grads_k10_tanh(a.temp_f32.slice(64, 32), a.temp_f32.slice_mut(96, 32));
+            kernels::forward_k08_copy(input_x, a.temp_f32.slice_mut(416, 4));
+            kernels::forward_k09_matmul(
                 a.temp_f32.slice(96, 32),
                 a.param.slice(16, 64),
-                a.temp_f32.slice_mut(32, 32),
+                a.temp_f32.slice_mut(0, 32),
             )?;
-            kernels::grads_k22_add(
-                a.temp_f32.slice(0, 32),
+            kernels::grads_k13_matmul_add(
+                a.temp_f32.slice(416, 4),
+                a.param.slice(0, 8),
                 a.param.slice(80, 8),
-                a.temp_f32.slice(32, 32),
-                a.temp_f32.slice_mut(288, 32),
-            );
-            kernels::grads_k23_tanh(a.temp_f32.slice(288, 32), a.temp_f32.slice_mut(0, 32));
-            kernels::forward_k19_matmul(
+                a.temp_f32.slice(0, 32),
+                a.temp_f32.slice_mut(32, 32),
+                a.temp_f32.slice_mut(224, 32),
+            )?;
+            kernels::grads_k14_tanh(a.temp_f32.slice(224, 32), a.temp_f32.slice_mut(352, 32));
+            kernels::forward_k11_copy(input_x, a.temp_f32.slice_mut(576, 4));
+            kernels::forward_k12_matmul(
+                a.temp_f32.slice(352, 32),
+                a.param.slice(16, 64),
+                a.temp_f32.slice_mut(0, 32),
+            )?;
+            kernels::grads_k17_matmul_add(
+                a.temp_f32.slice(576, 4),
+                a.param.slice(0, 8),
+                a.param.slice(80, 8),
+                a.temp_f32.slice(0, 32),
+                a.temp_f32.slice_mut(32, 32),
+                a.temp_f32.slice_mut(256, 32),
+            )?;
+            kernels::grads_k18_tanh(a.temp_f32.slice(256, 32), a.temp_f32.slice_mut(0, 32));
+            kernels::forward_k14_matmul_add(
                 a.temp_f32.slice(0, 32),
                 a.param.slice(96, 16),
-                a.temp_f32.slice_mut(32, 8),
-            )?;
-            kernels::forward_k20_add(
-                a.temp_f32.slice(32, 8),
                 a.param.slice(112, 2),
+                a.temp_f32.slice_mut(32, 8),
                 a.temp_f32.slice_mut(48, 8),
-            );
-            kernels::forward_k21_reduce(a.temp_f32.slice(48, 8), a.temp_f32.slice_mut(352, 4));
-            kernels::forward_k22_stop_gradient_sub(
+            )?;
+            kernels::forward_k15_reduce(a.temp_f32.slice(48, 8), a.temp_f32.slice_mut(288, 4));
+            kernels::forward_k16_stop_gradient_sub(
                 a.temp_f32.slice(48, 8),
-                a.temp_f32.slice(352, 4),
+                a.temp_f32.slice(288, 4),
                 a.temp_f32.slice_mut(32, 8),
             );
-            kernels::forward_k23_reduce(a.temp_f32.slice(32, 8), a.temp_f32.slice_mut(352, 4));
-            kernels::grads_k29_eq_where(
+            kernels::forward_k17_reduce(a.temp_f32.slice(32, 8), a.temp_f32.slice_mut(288, 4));
+            kernels::grads_k23_eq_where(
                 input_y,
                 a.const_i32.slice(0, 2),
                 a.const_f32.slice(0, 8),
                 a.const_f32.slice(8, 8),
                 a.temp_f32.slice_mut(48, 8),
             );
-            kernels::grads_k30_reduce(a.temp_f32.slice(48, 8), a.temp_f32.slice_mut(368, 4));
-            kernels::grads_k31_log_d0_mul(
-                a.temp_f32.slice(368, 4),
-                a.temp_f32.slice(352, 4),
-                a.temp_f32.slice_mut(416, 4),
-            );
-            kernels::grads_k32_add_exp_d0_mul(
-                a.temp_f32.slice(48, 8),
-                a.temp_f32.slice(416, 4),
-                a.temp_f32.slice(32, 8),
-                a.temp_f32.slice_mut(352, 8),
-            );
-            kernels::grads_k33_reduce(a.temp_f32.slice(352, 8), a.temp_f32.slice_mut(560, 2));
-            kernels::grads_k34_matmul(
-                a.temp_f32.slice(352, 8),
-                a.param.slice(96, 16),
-                a.temp_f32.slice_mut(32, 32),
-            )?;
-            kernels::grads_k35_matmul(
-                a.temp_f32.slice(0, 32),
-                a.temp_f32.slice(352, 8),
-                a.temp_f32.slice_mut(416, 16),
-            )?;
-            kernels::grads_k36_mul_tanh_d0(
-                a.temp_f32.slice(32, 32),
-                a.temp_f32.slice(288, 32),
-                a.temp_f32.slice_mut(352, 32),
-            );
-            kernels::grads_k37_matmul(
-                a.temp_f32.slice(352, 32),
-                a.param.slice(16, 64),
-                a.temp_f32.slice_mut(288, 32),
-            )?;
-            kernels::grads_k38_matmul(
-                a.temp_f32.slice(96, 32),
-                a.temp_f32.slice(352, 32),
-                a.temp_f32.slice_mut(0, 64),
-            )?;
-            kernels::grads_k39_reduce(a.temp_f32.slice(352, 32), a.temp_f32.slice_mut(432, 8));
-            kernels::grads_k40_matmul(
-                a.temp_f32.slice(464, 4),
-                a.temp_f32.slice(352, 32),
-                a.temp_f32.slice_mut(448, 8),
-            )?;
-            kernels::grads_k41_mul_tanh_d0(
-                a.temp_f32.slice(288, 32),
-                a.temp_f32.slice(64, 32),
-                a.temp_f32.slice_mut(352, 32),
-            );
-            kernels::grads_k42_matmul(
-                a.temp_f32.slice(352, 32),
-                a.param.slice(16, 64),
-                a.temp_f32.slice_mut(288, 32),
-            )?;
-            kernels::grads_k43_matmul(
-                a.temp_f32.slice(160, 32),
-                a.temp_f32.slice(352, 32),
-                a.temp_f32.slice_mut(64, 64),
-            )?;
-            kernels::grads_k44_reduce(a.temp_f32.slice(352, 32), a.temp_f32.slice_mut(464, 8));
-            kernels::grads_k45_matmul(
-                a.temp_f32.slice(400, 4),
-                a.temp_f32.slice(352, 32),
-                a.temp_f32.slice_mut(480, 8),
-            )?;
-            kernels::grads_k46_mul_tanh_d0(
-                a.temp_f32.slice(288, 32),
-                a.temp_f32.slice(128, 32),
-                a.temp_f32.slice_mut(352, 32),
-            );
-            kernels::grads_k47_matmul(
-                a.temp_f32.slice(352, 32),
-                a.param.slice(16, 64),
-                a.temp_f32.slice_mut(288, 32),
-            )?;
-            kernels::grads_k48_matmul(
-                a.temp_f32.slice(224, 32),
-                a.temp_f32.slice(352, 32),
-                a.temp_f32.slice_mut(128, 64),
-            )?;
-            kernels::grads_k49_reduce(a.temp_f32.slice(352, 32), a.temp_f32.slice_mut(496, 8));
-            kernels::grads_k50_matmul(
+            kernels::grads_k24_reduce(a.temp_f32.slice(48, 8), a.temp_f32.slice_mut(384, 4));
+            kernels::grads_k25_log_d0_mul(
                 a.temp_f32.slice(384, 4),
-                a.temp_f32.slice(352, 32),
-                a.temp_f32.slice_mut(512, 8),
-            )?;
-            kernels::grads_k51_mul_tanh_d0(
-                a.temp_f32.slice(288, 32),
-                a.temp_f32.slice(192, 32),
-                a.temp_f32.slice_mut(352, 32),
+                a.temp_f32.slice(288, 4),
+                a.temp_f32.slice_mut(400, 4),
             );
-            kernels::grads_k52_matmul(
-                a.temp_f32.slice(352, 32),
-                a.param.slice(16, 64),
+            kernels::grads_k26_add_exp_d0_mul(
+                a.temp_f32.slice(48, 8),
+                a.temp_f32.slice(400, 4),
+                a.temp_f32.slice(32, 8),
+                a.temp_f32.slice_mut(288, 8),
+            );
+            kernels::grads_k27_reduce(a.temp_f32.slice(288, 8), a.temp_f32.slice_mut(592, 2));
+            kernels::grads_k28_matmul(
+                a.temp_f32.slice(0, 32),
+                a.temp_f32.slice(288, 8),
+                a.temp_f32.slice_mut(448, 16),
+            )?;
+            kernels::grads_k29_matmul_mul_tanh_d0(
+                a.temp_f32.slice(288, 8),
+                a.param.slice(96, 16),
+                a.temp_f32.slice(256, 32),
+                a.temp_f32.slice_mut(0, 32),
                 a.temp_f32.slice_mut(384, 32),
             )?;
-            kernels::grads_k53_matmul(
-                a.temp_f32.slice(256, 32),
-                a.temp_f32.slice(352, 32),
-                a.temp_f32.slice_mut(192, 64),
+            kernels::grads_k30_reduce(a.temp_f32.slice(384, 32), a.temp_f32.slice_mut(464, 8));
+            kernels::grads_k31_matmul_mul_tanh_d0(
+                a.temp_f32.slice(384, 32),
+                a.param.slice(16, 64),
+                a.temp_f32.slice(224, 32),
+                a.temp_f32.slice_mut(0, 32),
+                a.temp_f32.slice_mut(256, 32),
             )?;
-            kernels::grads_k54_add(
+            kernels::grads_k32_matmul(
+                a.temp_f32.slice(96, 32),
+                a.temp_f32.slice(256, 32),
+                a.temp_f32.slice_mut(0, 64),
+            )?;
+            kernels::grads_k33_reduce(a.temp_f32.slice(256, 32), a.temp_f32.slice_mut(480, 8));
+            kernels::grads_k34_matmul(
+                a.temp_f32.slice(416, 4),
+                a.temp_f32.slice(256, 32),
+                a.temp_f32.slice_mut(496, 8),
+            )?;
+            kernels::grads_k35_matmul_mul_tanh_d0(
+                a.temp_f32.slice(256, 32),
+                a.param.slice(16, 64),
+                a.temp_f32.slice(64, 32),
+                a.temp_f32.slice_mut(96, 32),
+                a.temp_f32.slice_mut(224, 32),
+            )?;
+            kernels::grads_k36_matmul(
+                a.temp_f32.slice(160, 32),
+                a.temp_f32.slice(224, 32),
+                a.temp_f32.slice_mut(64, 64),
+            )?;
+            kernels::grads_k37_reduce(a.temp_f32.slice(224, 32), a.temp_f32.slice_mut(512, 8));
+            kernels::grads_k38_matmul(
+                a.temp_f32.slice(304, 4),
+                a.temp_f32.slice(224, 32),
+                a.temp_f32.slice_mut(528, 8),
+            )?;
+            kernels::grads_k39_matmul_mul_tanh_d0(
+                a.temp_f32.slice(224, 32),
+                a.param.slice(16, 64),
+                a.temp_f32.slice(128, 32),
+                a.temp_f32.slice_mut(160, 32),
+                a.temp_f32.slice_mut(416, 32),
+            )?;
+            kernels::grads_k40_matmul(
+                a.temp_f32.slice(192, 32),
+                a.temp_f32.slice(416, 32),
+                a.temp_f32.slice_mut(128, 64),
+            )?;
+            kernels::grads_k41_matmul_add(
+                a.temp_f32.slice(352, 32),
+                a.temp_f32.slice(384, 32),
                 a.temp_f32.slice(0, 64),
                 a.temp_f32.slice(64, 64),
                 a.temp_f32.slice(128, 64),
-                a.temp_f32.slice(192, 64),
                 a.temp_f32.slice_mut(256, 64),
-            );
-            kernels::grads_k55_reduce(a.temp_f32.slice(352, 32), a.temp_f32.slice_mut(32, 8));
-            kernels::grads_k56_matmul(
-                a.temp_f32.slice(544, 4),
-                a.temp_f32.slice(352, 32),
-                a.temp_f32.slice_mut(48, 8),
+                a.temp_f32.slice_mut(192, 64),
             )?;
-            kernels::grads_k57_mul_tanh_d0(
-                a.temp_f32.slice(384, 32),
+            kernels::grads_k42_reduce(a.temp_f32.slice(416, 32), a.temp_f32.slice_mut(64, 8));
+            kernels::grads_k43_matmul(
+                a.temp_f32.slice(560, 4),
+                a.temp_f32.slice(416, 32),
+                a.temp_f32.slice_mut(80, 8),
+            )?;
+            kernels::grads_k44_matmul_mul_tanh_d0(
+                a.temp_f32.slice(416, 32),
+                a.param.slice(16, 64),
                 a.temp_f32.slice(320, 32),
                 a.temp_f32.slice_mut(0, 32),
-            );
-            kernels::grads_k58_reduce(a.temp_f32.slice(0, 32), a.temp_f32.slice_mut(64, 8));
-            kernels::grads_k59_add(
-                a.temp_f32.slice(432, 8),
-                a.temp_f32.slice(464, 8),
-                a.temp_f32.slice(496, 8),
-                a.temp_f32.slice(32, 8),
-                a.temp_f32.slice(64, 8),
-                a.temp_f32.slice_mut(80, 8),
-            );
-            kernels::grads_k60_matmul(
-                a.temp_f32.slice(528, 4),
-                a.temp_f32.slice(0, 32),
-                a.temp_f32.slice_mut(32, 8),
+                a.temp_f32.slice_mut(32, 32),
             )?;
-            kernels::grads_k61_add(
-                a.temp_f32.slice(448, 8),
+            kernels::grads_k45_reduce(a.temp_f32.slice(32, 32), a.temp_f32.slice_mut(0, 8));
+            kernels::grads_k46_add(
+                a.temp_f32.slice(464, 8),
                 a.temp_f32.slice(480, 8),
                 a.temp_f32.slice(512, 8),
-                a.temp_f32.slice(48, 8),
-                a.temp_f32.slice(32, 8),
-                a.temp_f32.slice_mut(0, 8),
+                a.temp_f32.slice(64, 8),
+                a.temp_f32.slice(0, 8),
+                a.temp_f32.slice_mut(16, 8),
             );
+            kernels::grads_k47_matmul(
+                a.temp_f32.slice(544, 4),
+                a.temp_f32.slice(32, 32),
+                a.temp_f32.slice_mut(0, 8),
+            )?;
+            kernels::grads_k48_matmul_add(
+                a.temp_f32.slice(576, 4),
+                a.temp_f32.slice(384, 32),
+                a.temp_f32.slice(496, 8),
+                a.temp_f32.slice(528, 8),
+                a.temp_f32.slice(80, 8),
+                a.temp_f32.slice(0, 8),
+                a.temp_f32.slice_mut(48, 8),
+                a.temp_f32.slice_mut(32, 8),
+            )?;
         }
         Ok(())
     }
 
-    /// `train`: 68 kernels.
+    /// `train`: 54 kernels.
     fn train(&mut self, input_x: &[f32], input_y: &[i32]) -> Result<(), rt::Error> {
         let a = &*self;
         // SAFETY: the memory plan gives buffers that are live at the same time
         // disjoint ranges of their arena, and a kernel writing a buffer in place
         // reads it only through that same mutable slice.
         unsafe {
-            kernels::forward_k00_copy(input_x, a.temp_f32.slice_mut(528, 4));
-            kernels::forward_k01_matmul(
-                a.temp_f32.slice(528, 4),
-                a.param.slice(0, 8),
-                a.temp_f32.slice_mut(0, 32),
-            )?;
-            kernels::grads_k02_add(
-                a.temp_f32.slice(0, 32),
-                a.param.slice(80, 8),
-                a.temp_f32.slice_mut(256, 32),
-            );
-            kernels::grads_k03_tanh(a.temp_f32.slice(256, 32), a.temp_f32.slice_mut(288, 32));
-            kernels::forward_k03_copy(input_x, a.temp_f32.slice_mut(544, 4));
-            kernels::forward_k04_matmul(
+            kernels::forward_k00_copy(input_x, a.temp_f32.slice_mut(544, 4));
+            kernels::grads_k01_matmul_add(
                 a.temp_f32.slice(544, 4),
                 a.param.slice(0, 8),
-                a.temp_f32.slice_mut(0, 32),
-            )?;
-            kernels::forward_k05_matmul(
-                a.temp_f32.slice(288, 32),
-                a.param.slice(16, 64),
-                a.temp_f32.slice_mut(32, 32),
-            )?;
-            kernels::grads_k07_add(
-                a.temp_f32.slice(0, 32),
                 a.param.slice(80, 8),
-                a.temp_f32.slice(32, 32),
-                a.temp_f32.slice_mut(192, 32),
-            );
-            kernels::grads_k08_tanh(a.temp_f32.slice(192, 32), a.temp_f32.slice_mut(224, 32));
-            kernels::forward_k07_copy(input_x, a.temp_f32.slice_mut(496, 4));
-            kernels::forward_k08_matmul(
-                a.temp_f32.slice(496, 4),
-                a.param.slice(0, 8),
                 a.temp_f32.slice_mut(0, 32),
+                a.temp_f32.slice_mut(192, 32),
             )?;
-            kernels::forward_k09_matmul(
+            kernels::grads_k02_tanh(a.temp_f32.slice(192, 32), a.temp_f32.slice_mut(224, 32));
+            kernels::forward_k02_copy(input_x, a.temp_f32.slice_mut(560, 4));
+            kernels::forward_k03_matmul(
                 a.temp_f32.slice(224, 32),
                 a.param.slice(16, 64),
-                a.temp_f32.slice_mut(32, 32),
-            )?;
-            kernels::grads_k12_add(
-                a.temp_f32.slice(0, 32),
-                a.param.slice(80, 8),
-                a.temp_f32.slice(32, 32),
-                a.temp_f32.slice_mut(128, 32),
-            );
-            kernels::grads_k13_tanh(a.temp_f32.slice(128, 32), a.temp_f32.slice_mut(160, 32));
-            kernels::forward_k11_copy(input_x, a.temp_f32.slice_mut(464, 4));
-            kernels::forward_k12_matmul(
-                a.temp_f32.slice(464, 4),
-                a.param.slice(0, 8),
                 a.temp_f32.slice_mut(0, 32),
             )?;
-            kernels::forward_k13_matmul(
+            kernels::grads_k05_matmul_add(
+                a.temp_f32.slice(560, 4),
+                a.param.slice(0, 8),
+                a.param.slice(80, 8),
+                a.temp_f32.slice(0, 32),
+                a.temp_f32.slice_mut(32, 32),
+                a.temp_f32.slice_mut(128, 32),
+            )?;
+            kernels::grads_k06_tanh(a.temp_f32.slice(128, 32), a.temp_f32.slice_mut(160, 32));
+            kernels::forward_k05_copy(input_x, a.temp_f32.slice_mut(512, 4));
+            kernels::forward_k06_matmul(
                 a.temp_f32.slice(160, 32),
                 a.param.slice(16, 64),
-                a.temp_f32.slice_mut(32, 32),
-            )?;
-            kernels::grads_k17_add(
-                a.temp_f32.slice(0, 32),
-                a.param.slice(80, 8),
-                a.temp_f32.slice(32, 32),
-                a.temp_f32.slice_mut(64, 32),
-            );
-            kernels::grads_k18_tanh(a.temp_f32.slice(64, 32), a.temp_f32.slice_mut(96, 32));
-            kernels::forward_k15_copy(input_x, a.temp_f32.slice_mut(432, 4));
-            kernels::forward_k16_matmul(
-                a.temp_f32.slice(432, 4),
-                a.param.slice(0, 8),
                 a.temp_f32.slice_mut(0, 32),
             )?;
-            kernels::forward_k17_matmul(
+            kernels::grads_k09_matmul_add(
+                a.temp_f32.slice(512, 4),
+                a.param.slice(0, 8),
+                a.param.slice(80, 8),
+                a.temp_f32.slice(0, 32),
+                a.temp_f32.slice_mut(32, 32),
+                a.temp_f32.slice_mut(64, 32),
+            )?;
+            kernels::grads_k10_tanh(a.temp_f32.slice(64, 32), a.temp_f32.slice_mut(96, 32));
+            kernels::forward_k08_copy(input_x, a.temp_f32.slice_mut(480, 4));
+            kernels::forward_k09_matmul(
                 a.temp_f32.slice(96, 32),
                 a.param.slice(16, 64),
-                a.temp_f32.slice_mut(32, 32),
+                a.temp_f32.slice_mut(0, 32),
             )?;
-            kernels::grads_k22_add(
-                a.temp_f32.slice(0, 32),
+            kernels::grads_k13_matmul_add(
+                a.temp_f32.slice(480, 4),
+                a.param.slice(0, 8),
                 a.param.slice(80, 8),
-                a.temp_f32.slice(32, 32),
-                a.temp_f32.slice_mut(320, 32),
-            );
-            kernels::grads_k23_tanh(a.temp_f32.slice(320, 32), a.temp_f32.slice_mut(0, 32));
-            kernels::forward_k19_matmul(
                 a.temp_f32.slice(0, 32),
-                a.param.slice(96, 16),
-                a.temp_f32.slice_mut(32, 8),
+                a.temp_f32.slice_mut(32, 32),
+                a.temp_f32.slice_mut(256, 32),
             )?;
-            kernels::forward_k20_add(
-                a.temp_f32.slice(32, 8),
+            kernels::grads_k14_tanh(a.temp_f32.slice(256, 32), a.temp_f32.slice_mut(288, 32));
+            kernels::forward_k11_copy(input_x, a.temp_f32.slice_mut(576, 4));
+            kernels::forward_k12_matmul(
+                a.temp_f32.slice(288, 32),
+                a.param.slice(16, 64),
+                a.temp_f32.slice_mut(0, 32),
+            )?;
+            kernels::grads_k17_matmul_add(
+                a.temp_f32.slice(576, 4),
+                a.param.slice(0, 8),
+                a.param.slice(80, 8),
+                a.temp_f32.slice(0, 32),
+                a.temp_f32.slice_mut(32, 32),
+                a.temp_f32.slice_mut(320, 32),
+            )?;
+            kernels::grads_k18_tanh(a.temp_f32.slice(320, 32), a.temp_f32.slice_mut(352, 32));
+            kernels::forward_k14_matmul_add(
+                a.temp_f32.slice(352, 32),
+                a.param.slice(96, 16),
                 a.param.slice(112, 2),
-                a.temp_f32.slice_mut(48, 8),
-            );
-            kernels::train_k26_eq(
+                a.temp_f32.slice_mut(0, 8),
+                a.temp_f32.slice_mut(16, 8),
+            )?;
+            kernels::train_k20_eq(
                 input_y,
                 a.const_i32.slice(0, 2),
                 a.temp_bool.slice_mut(0, 8),
             );
-            kernels::forward_k21_reduce(a.temp_f32.slice(48, 8), a.temp_f32.slice_mut(352, 4));
-            kernels::forward_k22_stop_gradient_sub(
-                a.temp_f32.slice(48, 8),
-                a.temp_f32.slice(352, 4),
-                a.temp_f32.slice_mut(32, 8),
+            kernels::forward_k15_reduce(a.temp_f32.slice(16, 8), a.temp_f32.slice_mut(32, 4));
+            kernels::forward_k16_stop_gradient_sub(
+                a.temp_f32.slice(16, 8),
+                a.temp_f32.slice(32, 4),
+                a.temp_f32.slice_mut(0, 8),
             );
-            kernels::forward_k23_reduce(a.temp_f32.slice(32, 8), a.temp_f32.slice_mut(352, 4));
-            kernels::train_k30_reduce(
+            kernels::forward_k17_reduce(a.temp_f32.slice(0, 8), a.temp_f32.slice_mut(32, 4));
+            kernels::train_k24_reduce(
                 a.temp_bool.slice(0, 8),
-                a.temp_f32.slice(32, 8),
-                a.temp_f32.slice(352, 4),
-                a.temp_f32.slice_mut(48, 4),
+                a.temp_f32.slice(0, 8),
+                a.temp_f32.slice(32, 4),
+                a.temp_f32.slice_mut(16, 4),
             );
-            kernels::forward_k25_reduce(a.temp_f32.slice(48, 4), a.temp_f32.slice_mut(368, 1));
-            kernels::forward_k26_mul_neg(a.temp_f32.slice(368, 1), a.temp_f32.slice_mut(576, 1));
-            kernels::train_k33_where(
+            kernels::forward_k19_reduce(a.temp_f32.slice(16, 4), a.temp_f32.slice_mut(48, 1));
+            kernels::forward_k20_mul_neg(a.temp_f32.slice(48, 1), a.temp_f32.slice_mut(608, 1));
+            kernels::train_k27_where(
                 a.temp_bool.slice(0, 8),
                 a.const_f32.slice(0, 8),
                 a.const_f32.slice(8, 8),
-                a.temp_f32.slice_mut(48, 8),
+                a.temp_f32.slice_mut(16, 8),
             );
-            kernels::grads_k30_reduce(a.temp_f32.slice(48, 8), a.temp_f32.slice_mut(368, 4));
-            kernels::grads_k31_log_d0_mul(
-                a.temp_f32.slice(368, 4),
-                a.temp_f32.slice(352, 4),
+            kernels::grads_k24_reduce(a.temp_f32.slice(16, 8), a.temp_f32.slice_mut(48, 4));
+            kernels::grads_k25_log_d0_mul(
+                a.temp_f32.slice(48, 4),
+                a.temp_f32.slice(32, 4),
                 a.temp_f32.slice_mut(384, 4),
             );
-            kernels::grads_k32_add_exp_d0_mul(
-                a.temp_f32.slice(48, 8),
+            kernels::grads_k26_add_exp_d0_mul(
+                a.temp_f32.slice(16, 8),
                 a.temp_f32.slice(384, 4),
-                a.temp_f32.slice(32, 8),
-                a.temp_f32.slice_mut(352, 8),
+                a.temp_f32.slice(0, 8),
+                a.temp_f32.slice_mut(416, 8),
             );
-            kernels::grads_k33_reduce(a.temp_f32.slice(352, 8), a.temp_f32.slice_mut(560, 2));
-            kernels::grads_k34_matmul(
-                a.temp_f32.slice(352, 8),
+            kernels::grads_k27_reduce(a.temp_f32.slice(416, 8), a.temp_f32.slice_mut(592, 2));
+            kernels::grads_k29_matmul_mul_tanh_d0(
+                a.temp_f32.slice(416, 8),
                 a.param.slice(96, 16),
-                a.temp_f32.slice_mut(32, 32),
-            )?;
-            kernels::grads_k35_matmul(
-                a.temp_f32.slice(0, 32),
-                a.temp_f32.slice(352, 8),
-                a.temp_f32.slice_mut(384, 16),
-            )?;
-            kernels::grads_k36_mul_tanh_d0(
-                a.temp_f32.slice(32, 32),
                 a.temp_f32.slice(320, 32),
-                a.temp_f32.slice_mut(352, 32),
-            );
-            kernels::grads_k37_matmul(
-                a.temp_f32.slice(352, 32),
+                a.temp_f32.slice_mut(0, 32),
+                a.temp_f32.slice_mut(384, 32),
+            )?;
+            kernels::grads_k30_reduce(a.temp_f32.slice(384, 32), a.temp_f32.slice_mut(432, 8));
+            kernels::grads_k31_matmul_mul_tanh_d0(
+                a.temp_f32.slice(384, 32),
                 a.param.slice(16, 64),
+                a.temp_f32.slice(256, 32),
+                a.temp_f32.slice_mut(0, 32),
                 a.temp_f32.slice_mut(320, 32),
             )?;
-            kernels::grads_k38_matmul(
+            kernels::grads_k32_matmul(
                 a.temp_f32.slice(96, 32),
-                a.temp_f32.slice(352, 32),
+                a.temp_f32.slice(320, 32),
                 a.temp_f32.slice_mut(0, 64),
             )?;
-            kernels::grads_k39_reduce(a.temp_f32.slice(352, 32), a.temp_f32.slice_mut(400, 8));
-            kernels::grads_k40_matmul(
-                a.temp_f32.slice(432, 4),
-                a.temp_f32.slice(352, 32),
-                a.temp_f32.slice_mut(416, 8),
-            )?;
-            kernels::grads_k41_mul_tanh_d0(
+            kernels::grads_k33_reduce(a.temp_f32.slice(320, 32), a.temp_f32.slice_mut(448, 8));
+            kernels::grads_k34_matmul(
+                a.temp_f32.slice(480, 4),
                 a.temp_f32.slice(320, 32),
-                a.temp_f32.slice(64, 32),
-                a.temp_f32.slice_mut(352, 32),
-            );
-            kernels::grads_k42_matmul(
-                a.temp_f32.slice(352, 32),
-                a.param.slice(16, 64),
-                a.temp_f32.slice_mut(320, 32),
+                a.temp_f32.slice_mut(464, 8),
             )?;
-            kernels::grads_k43_matmul(
+            kernels::grads_k35_matmul_mul_tanh_d0(
+                a.temp_f32.slice(320, 32),
+                a.param.slice(16, 64),
+                a.temp_f32.slice(64, 32),
+                a.temp_f32.slice_mut(96, 32),
+                a.temp_f32.slice_mut(256, 32),
+            )?;
+            kernels::grads_k36_matmul(
                 a.temp_f32.slice(160, 32),
-                a.temp_f32.slice(352, 32),
+                a.temp_f32.slice(256, 32),
                 a.temp_f32.slice_mut(64, 64),
             )?;
-            kernels::grads_k44_reduce(a.temp_f32.slice(352, 32), a.temp_f32.slice_mut(432, 8));
-            kernels::grads_k45_matmul(
-                a.temp_f32.slice(464, 4),
-                a.temp_f32.slice(352, 32),
-                a.temp_f32.slice_mut(448, 8),
+            kernels::grads_k37_reduce(a.temp_f32.slice(256, 32), a.temp_f32.slice_mut(480, 8));
+            kernels::grads_k38_matmul(
+                a.temp_f32.slice(512, 4),
+                a.temp_f32.slice(256, 32),
+                a.temp_f32.slice_mut(496, 8),
             )?;
-            kernels::grads_k46_mul_tanh_d0(
-                a.temp_f32.slice(320, 32),
-                a.temp_f32.slice(128, 32),
-                a.temp_f32.slice_mut(352, 32),
-            );
-            kernels::grads_k47_matmul(
-                a.temp_f32.slice(352, 32),
+            kernels::grads_k39_matmul_mul_tanh_d0(
+                a.temp_f32.slice(256, 32),
                 a.param.slice(16, 64),
+                a.temp_f32.slice(128, 32),
+                a.temp_f32.slice_mut(160, 32),
                 a.temp_f32.slice_mut(320, 32),
             )?;
-            kernels::grads_k48_matmul(
+            kernels::grads_k40_matmul(
                 a.temp_f32.slice(224, 32),
-                a.temp_f32.slice(352, 32),
+                a.temp_f32.slice(320, 32),
                 a.temp_f32.slice_mut(128, 64),
             )?;
-            kernels::grads_k49_reduce(a.temp_f32.slice(352, 32), a.temp_f32.slice_mut(464, 8));
-            kernels::grads_k50_matmul(
-                a.temp_f32.slice(496, 4),
-                a.temp_f32.slice(352, 32),
-                a.temp_f32.slice_mut(480, 8),
-            )?;
-            kernels::grads_k51_mul_tanh_d0(
+            kernels::grads_k42_reduce(a.temp_f32.slice(320, 32), a.temp_f32.slice_mut(512, 8));
+            kernels::grads_k43_matmul(
+                a.temp_f32.slice(560, 4),
                 a.temp_f32.slice(320, 32),
-                a.temp_f32.slice(192, 32),
-                a.temp_f32.slice_mut(352, 32),
-            );
-            kernels::grads_k52_matmul(
-                a.temp_f32.slice(352, 32),
+                a.temp_f32.slice_mut(528, 8),
+            )?;
+            kernels::grads_k44_matmul_mul_tanh_d0(
+                a.temp_f32.slice(320, 32),
                 a.param.slice(16, 64),
-                a.temp_f32.slice_mut(320, 32),
+                a.temp_f32.slice(192, 32),
+                a.temp_f32.slice_mut(224, 32),
+                a.temp_f32.slice_mut(256, 32),
             )?;
-            kernels::grads_k53_matmul(
-                a.temp_f32.slice(288, 32),
-                a.temp_f32.slice(352, 32),
-                a.temp_f32.slice_mut(192, 64),
-            )?;
-            kernels::grads_k55_reduce(a.temp_f32.slice(352, 32), a.temp_f32.slice_mut(496, 8));
-            kernels::grads_k56_matmul(
+            kernels::grads_k45_reduce(a.temp_f32.slice(256, 32), a.temp_f32.slice_mut(320, 8));
+            kernels::grads_k47_matmul(
                 a.temp_f32.slice(544, 4),
-                a.temp_f32.slice(352, 32),
-                a.temp_f32.slice_mut(512, 8),
-            )?;
-            kernels::grads_k57_mul_tanh_d0(
-                a.temp_f32.slice(320, 32),
                 a.temp_f32.slice(256, 32),
-                a.temp_f32.slice_mut(288, 32),
-            );
-            kernels::grads_k58_reduce(a.temp_f32.slice(288, 32), a.temp_f32.slice_mut(256, 8));
-            kernels::grads_k60_matmul(
-                a.temp_f32.slice(528, 4),
-                a.temp_f32.slice(288, 32),
-                a.temp_f32.slice_mut(272, 8),
+                a.temp_f32.slice_mut(192, 8),
             )?;
-            kernels::train_k63_add_mul_sub(
-                a.temp_f32.slice(416, 8),
-                a.temp_f32.slice(448, 8),
-                a.temp_f32.slice(480, 8),
-                a.temp_f32.slice(512, 8),
-                a.temp_f32.slice(272, 8),
+            kernels::train_k49_matmul_add_mul_sub(
+                a.temp_f32.slice(576, 4),
+                a.temp_f32.slice(384, 32),
+                a.temp_f32.slice(464, 8),
+                a.temp_f32.slice(496, 8),
+                a.temp_f32.slice(528, 8),
+                a.temp_f32.slice(192, 8),
+                a.temp_f32.slice_mut(208, 8),
                 a.param.slice_mut(0, 8),
-            );
-            kernels::train_k64_add_mul_sub(
+            )?;
+            kernels::train_k50_matmul_add_mul_sub(
+                a.temp_f32.slice(288, 32),
+                a.temp_f32.slice(384, 32),
                 a.temp_f32.slice(0, 64),
                 a.temp_f32.slice(64, 64),
                 a.temp_f32.slice(128, 64),
-                a.temp_f32.slice(192, 64),
+                a.temp_f32.slice_mut(192, 64),
                 a.param.slice_mut(16, 64),
-            );
-            kernels::train_k65_add_mul_sub(
-                a.temp_f32.slice(400, 8),
+            )?;
+            kernels::train_k51_add_mul_sub(
                 a.temp_f32.slice(432, 8),
-                a.temp_f32.slice(464, 8),
-                a.temp_f32.slice(496, 8),
-                a.temp_f32.slice(256, 8),
+                a.temp_f32.slice(448, 8),
+                a.temp_f32.slice(480, 8),
+                a.temp_f32.slice(512, 8),
+                a.temp_f32.slice(320, 8),
                 a.param.slice_mut(80, 8),
             );
-            kernels::train_k66_add_mul_sub(a.temp_f32.slice(384, 16), a.param.slice_mut(96, 16));
-            kernels::train_k67_add_mul_sub(a.temp_f32.slice(560, 2), a.param.slice_mut(112, 2));
+            kernels::train_k52_matmul_add_mul_sub(
+                a.temp_f32.slice(352, 32),
+                a.temp_f32.slice(416, 8),
+                a.temp_f32.slice_mut(0, 16),
+                a.param.slice_mut(96, 16),
+            )?;
+            kernels::train_k53_add_mul_sub(a.temp_f32.slice(592, 2), a.param.slice_mut(112, 2));
         }
         Ok(())
     }
@@ -733,7 +637,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `rnn`.
-#[pyclass(module = "fg_rnn_aa5ecb2b7b2b")]
+#[pyclass(module = "fg_rnn_7775b8d48269")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -796,15 +700,15 @@ impl Step {
             })
         })?;
         let out = PyDict::new(py);
-        let values = self.arenas.temp_f32.slice(0, 8);
+        let values = self.arenas.temp_f32.slice(32, 8);
         out.set_item("cell.w_xh", rt::py::to_numpy(py, values, &[1, 8])?)?;
-        let values = self.arenas.temp_f32.slice(256, 64);
+        let values = self.arenas.temp_f32.slice(192, 64);
         out.set_item("cell.w_hh", rt::py::to_numpy(py, values, &[8, 8])?)?;
-        let values = self.arenas.temp_f32.slice(80, 8);
+        let values = self.arenas.temp_f32.slice(16, 8);
         out.set_item("cell.b_h", rt::py::to_numpy(py, values, &[8])?)?;
-        let values = self.arenas.temp_f32.slice(416, 16);
+        let values = self.arenas.temp_f32.slice(448, 16);
         out.set_item("head.weight", rt::py::to_numpy(py, values, &[8, 2])?)?;
-        let values = self.arenas.temp_f32.slice(560, 2);
+        let values = self.arenas.temp_f32.slice(592, 2);
         out.set_item("head.bias", rt::py::to_numpy(py, values, &[2])?)?;
         Ok(out)
     }
@@ -829,7 +733,7 @@ impl Step {
                 arenas.train(x, y)
             })
         })?;
-        Ok(self.arenas.temp_f32.slice(576, 1)[0])
+        Ok(self.arenas.temp_f32.slice(608, 1)[0])
     }
 
     /// Copies of every param (`kind="param"`) or optimizer state buffer (`"state"`).
@@ -877,7 +781,7 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_rnn_aa5ecb2b7b2b(m: &Bound<'_, PyModule>) -> PyResult<()> {
+fn fg_rnn_7775b8d48269(m: &Bound<'_, PyModule>) -> PyResult<()> {
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

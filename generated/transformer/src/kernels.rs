@@ -110,11 +110,13 @@ pub fn forward_k05_add_div_etc(
         });
 }
 
-/// matmul: matmul over [2].
-pub fn forward_k06_matmul(
+/// matmul: matmul, add over [2].
+pub fn forward_k06_matmul_add(
     t21: &[f32],
     param_attn_q_weight: &[f32],
+    param_attn_q_bias: &[f32],
     t23: &mut [f32],
+    t25: &mut [f32],
 ) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         2,
@@ -129,11 +131,6 @@ pub fn forward_k06_matmul(
         (128, 16, 1),
         false,
     )?;
-    Ok(())
-}
-
-/// elementwise: add over [2, 8, 16].
-pub fn forward_k07_add(t23: &[f32], param_attn_q_bias: &[f32], t25: &mut [f32]) {
     t25[0..256]
         .chunks_mut(16)
         .enumerate()
@@ -147,13 +144,16 @@ pub fn forward_k07_add(t23: &[f32], param_attn_q_bias: &[f32], t25: &mut [f32]) 
                 o0[j] = x0 + x1;
             }
         });
+    Ok(())
 }
 
-/// matmul: matmul over [2].
-pub fn forward_k08_matmul(
+/// matmul: matmul, add over [2].
+pub fn forward_k07_matmul_add(
     t21: &[f32],
     param_attn_k_weight: &[f32],
+    param_attn_k_bias: &[f32],
     t29: &mut [f32],
+    t31: &mut [f32],
 ) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         2,
@@ -168,11 +168,6 @@ pub fn forward_k08_matmul(
         (128, 16, 1),
         false,
     )?;
-    Ok(())
-}
-
-/// elementwise: add over [2, 8, 16].
-pub fn forward_k09_add(t29: &[f32], param_attn_k_bias: &[f32], t31: &mut [f32]) {
     t31[0..256]
         .chunks_mut(16)
         .enumerate()
@@ -186,13 +181,16 @@ pub fn forward_k09_add(t29: &[f32], param_attn_k_bias: &[f32], t31: &mut [f32]) 
                 o0[j] = x0 + x1;
             }
         });
+    Ok(())
 }
 
-/// matmul: matmul over [2].
-pub fn forward_k10_matmul(
+/// matmul: matmul, add over [2].
+pub fn forward_k08_matmul_add(
     t21: &[f32],
     param_attn_v_weight: &[f32],
+    param_attn_v_bias: &[f32],
     t35: &mut [f32],
+    t37: &mut [f32],
 ) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         2,
@@ -207,11 +205,6 @@ pub fn forward_k10_matmul(
         (128, 16, 1),
         false,
     )?;
-    Ok(())
-}
-
-/// elementwise: add over [2, 8, 16].
-pub fn forward_k11_add(t35: &[f32], param_attn_v_bias: &[f32], t37: &mut [f32]) {
     t37[0..256]
         .chunks_mut(16)
         .enumerate()
@@ -225,10 +218,17 @@ pub fn forward_k11_add(t35: &[f32], param_attn_v_bias: &[f32], t37: &mut [f32]) 
                 o0[j] = x0 + x1;
             }
         });
+    Ok(())
 }
 
-/// matmul: matmul over [2, 2].
-pub fn forward_k12_matmul(t25: &[f32], t31: &[f32], t41: &mut [f32]) -> Result<(), rt::Error> {
+/// matmul: matmul, mul, where over [2, 2].
+pub fn forward_k09_matmul_mul_where(
+    t25: &[f32],
+    t31: &[f32],
+    c44: &[u8],
+    t41: &mut [f32],
+    t46: &mut [f32],
+) -> Result<(), rt::Error> {
     for b0 in 0..2 {
         rt::gemm::sgemm_batched(
             2,
@@ -244,11 +244,6 @@ pub fn forward_k12_matmul(t25: &[f32], t31: &[f32], t41: &mut [f32]) -> Result<(
             false,
         )?;
     }
-    Ok(())
-}
-
-/// elementwise: mul, where over [2, 2, 8, 8].
-pub fn forward_k13_mul_where(c44: &[u8], t41: &[f32], t46: &mut [f32]) {
     t46[0..256]
         .chunks_mut(64)
         .enumerate()
@@ -262,10 +257,11 @@ pub fn forward_k13_mul_where(c44: &[u8], t41: &[f32], t46: &mut [f32]) {
                 o0[j] = if x0 { 0.35355338 * x1 } else { -1000000000.0 };
             }
         });
+    Ok(())
 }
 
 /// reduce: reduce_max over [2, 2, 8, 8].
-pub fn forward_k14_reduce(t46: &[f32], t47: &mut [f32]) {
+pub fn forward_k10_reduce(t46: &[f32], t47: &mut [f32]) {
     t47[0..32]
         .iter_mut()
         .enumerate()
@@ -280,7 +276,7 @@ pub fn forward_k14_reduce(t46: &[f32], t47: &mut [f32]) {
 }
 
 /// elementwise: exp, stop_gradient, sub over [2, 2, 8, 8].
-pub fn forward_k15_exp_stop_gradient_sub(t46: &[f32], t47: &[f32], t50: &mut [f32]) {
+pub fn forward_k11_exp_stop_gradient_sub(t46: &[f32], t47: &[f32], t50: &mut [f32]) {
     t50[0..256].chunks_mut(8).enumerate().for_each(|(row, o0)| {
         let n = o0.len();
         let x0_row = &t46[row * 8..][..n];
@@ -293,7 +289,7 @@ pub fn forward_k15_exp_stop_gradient_sub(t46: &[f32], t47: &[f32], t50: &mut [f3
 }
 
 /// reduce: reduce_sum over [2, 2, 8, 8].
-pub fn forward_k16_reduce(t50: &[f32], t51: &mut [f32]) {
+pub fn forward_k12_reduce(t50: &[f32], t51: &mut [f32]) {
     t51[0..32]
         .iter_mut()
         .enumerate()
@@ -308,7 +304,7 @@ pub fn forward_k16_reduce(t50: &[f32], t51: &mut [f32]) {
 }
 
 /// elementwise: div over [2, 2, 8, 8].
-pub fn forward_k17_div(t50: &[f32], t51: &[f32], t52: &mut [f32]) {
+pub fn forward_k13_div(t50: &[f32], t51: &[f32], t52: &mut [f32]) {
     t52[0..256].chunks_mut(8).enumerate().for_each(|(row, o0)| {
         let n = o0.len();
         let x0_row = &t50[row * 8..][..n];
@@ -321,7 +317,7 @@ pub fn forward_k17_div(t50: &[f32], t51: &[f32], t52: &mut [f32]) {
 }
 
 /// matmul: matmul over [2, 2].
-pub fn forward_k18_matmul(t52: &[f32], t37: &[f32], t53: &mut [f32]) -> Result<(), rt::Error> {
+pub fn forward_k14_matmul(t52: &[f32], t37: &[f32], t53: &mut [f32]) -> Result<(), rt::Error> {
     for b0 in 0..2 {
         rt::gemm::sgemm_batched(
             2,
@@ -341,7 +337,7 @@ pub fn forward_k18_matmul(t52: &[f32], t37: &[f32], t53: &mut [f32]) -> Result<(
 }
 
 /// elementwise: copy over [2, 8, 2, 8].
-pub fn forward_k19_copy(t53: &[f32], t54_c: &mut [f32]) {
+pub fn forward_k15_copy(t53: &[f32], t54_c: &mut [f32]) {
     t54_c[0..256]
         .chunks_mut(8)
         .enumerate()
@@ -358,11 +354,14 @@ pub fn forward_k19_copy(t53: &[f32], t54_c: &mut [f32]) {
         });
 }
 
-/// matmul: matmul over [2].
-pub fn forward_k20_matmul(
+/// matmul: matmul, add over [2].
+pub fn forward_k16_matmul_add(
     t54_c: &[f32],
     param_attn_out_weight: &[f32],
+    t5: &[f32],
+    param_attn_out_bias: &[f32],
     t57: &mut [f32],
+    t60: &mut [f32],
 ) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         2,
@@ -377,11 +376,6 @@ pub fn forward_k20_matmul(
         (128, 16, 1),
         false,
     )?;
-    Ok(())
-}
-
-/// elementwise: add over [2, 8, 16].
-pub fn forward_k21_add(t5: &[f32], t57: &[f32], param_attn_out_bias: &[f32], t60: &mut [f32]) {
     t60[0..256]
         .chunks_mut(16)
         .enumerate()
@@ -397,10 +391,11 @@ pub fn forward_k21_add(t5: &[f32], t57: &[f32], param_attn_out_bias: &[f32], t60
                 o0[j] = x0 + x1 + x2;
             }
         });
+    Ok(())
 }
 
 /// reduce: reduce_sum over [2, 8, 16].
-pub fn forward_k22_reduce(t60: &[f32], t63: &mut [f32]) {
+pub fn forward_k17_reduce(t60: &[f32], t63: &mut [f32]) {
     t63[0..16]
         .iter_mut()
         .enumerate()
@@ -415,7 +410,7 @@ pub fn forward_k22_reduce(t60: &[f32], t63: &mut [f32]) {
 }
 
 /// elementwise: mul, sub over [2, 8, 16].
-pub fn forward_k23_mul_sub(t60: &[f32], t63: &[f32], t66: &mut [f32]) {
+pub fn forward_k18_mul_sub(t60: &[f32], t63: &[f32], t66: &mut [f32]) {
     t66[0..256]
         .chunks_mut(16)
         .enumerate()
@@ -431,7 +426,7 @@ pub fn forward_k23_mul_sub(t60: &[f32], t63: &[f32], t66: &mut [f32]) {
 }
 
 /// reduce: mul, reduce_sum over [2, 8, 16].
-pub fn forward_k24_reduce(t66: &[f32], t68: &mut [f32]) {
+pub fn forward_k19_reduce(t66: &[f32], t68: &mut [f32]) {
     t68[0..16]
         .iter_mut()
         .enumerate()
@@ -446,7 +441,7 @@ pub fn forward_k24_reduce(t66: &[f32], t68: &mut [f32]) {
 }
 
 /// elementwise: add, div, mul, sqrt over [2, 8, 16].
-pub fn forward_k25_add_div_etc(
+pub fn forward_k20_add_div_etc(
     t66: &[f32],
     t68: &[f32],
     param_ln_mlp_weight: &[f32],
@@ -471,11 +466,13 @@ pub fn forward_k25_add_div_etc(
         });
 }
 
-/// matmul: matmul over [2].
-pub fn forward_k26_matmul(
+/// matmul: matmul, add, gelu over [2].
+pub fn forward_k21_matmul_add_gelu(
     t76: &[f32],
     param_mlp_up_weight: &[f32],
+    param_mlp_up_bias: &[f32],
     t78: &mut [f32],
+    t81: &mut [f32],
 ) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         2,
@@ -490,11 +487,6 @@ pub fn forward_k26_matmul(
         (512, 64, 1),
         false,
     )?;
-    Ok(())
-}
-
-/// elementwise: add, gelu over [2, 8, 64].
-pub fn forward_k27_add_gelu(t78: &[f32], param_mlp_up_bias: &[f32], t81: &mut [f32]) {
     t81[0..1024]
         .chunks_mut(64)
         .enumerate()
@@ -509,13 +501,17 @@ pub fn forward_k27_add_gelu(t78: &[f32], param_mlp_up_bias: &[f32], t81: &mut [f
                 o0[j] = t0 * (rt::math::erf(2.0_f32.sqrt() * t0) + 1.0);
             }
         });
+    Ok(())
 }
 
-/// matmul: matmul over [2].
-pub fn forward_k28_matmul(
+/// matmul: matmul, add over [2].
+pub fn forward_k22_matmul_add(
     t81: &[f32],
     param_mlp_down_weight: &[f32],
+    t60: &[f32],
+    param_mlp_down_bias: &[f32],
     t83: &mut [f32],
+    t86: &mut [f32],
 ) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         2,
@@ -530,11 +526,6 @@ pub fn forward_k28_matmul(
         (128, 16, 1),
         false,
     )?;
-    Ok(())
-}
-
-/// elementwise: add over [2, 8, 16].
-pub fn forward_k29_add(t60: &[f32], t83: &[f32], param_mlp_down_bias: &[f32], t86: &mut [f32]) {
     t86[0..256]
         .chunks_mut(16)
         .enumerate()
@@ -550,10 +541,11 @@ pub fn forward_k29_add(t60: &[f32], t83: &[f32], param_mlp_down_bias: &[f32], t8
                 o0[j] = x0 + x1 + x2;
             }
         });
+    Ok(())
 }
 
 /// reduce: reduce_sum over [2, 8, 16].
-pub fn forward_k30_reduce(t86: &[f32], t89: &mut [f32]) {
+pub fn forward_k23_reduce(t86: &[f32], t89: &mut [f32]) {
     t89[0..16]
         .iter_mut()
         .enumerate()
@@ -568,7 +560,7 @@ pub fn forward_k30_reduce(t86: &[f32], t89: &mut [f32]) {
 }
 
 /// elementwise: mul, sub over [2, 8, 16].
-pub fn forward_k31_mul_sub(t86: &[f32], t89: &[f32], t92: &mut [f32]) {
+pub fn forward_k24_mul_sub(t86: &[f32], t89: &[f32], t92: &mut [f32]) {
     t92[0..256]
         .chunks_mut(16)
         .enumerate()
@@ -584,7 +576,7 @@ pub fn forward_k31_mul_sub(t86: &[f32], t89: &[f32], t92: &mut [f32]) {
 }
 
 /// reduce: mul, reduce_sum over [2, 8, 16].
-pub fn forward_k32_reduce(t92: &[f32], t94: &mut [f32]) {
+pub fn forward_k25_reduce(t92: &[f32], t94: &mut [f32]) {
     t94[0..16]
         .iter_mut()
         .enumerate()
@@ -599,7 +591,7 @@ pub fn forward_k32_reduce(t92: &[f32], t94: &mut [f32]) {
 }
 
 /// elementwise: add, div, mul, sqrt over [2, 8, 16].
-pub fn forward_k33_add_div_etc(
+pub fn forward_k26_add_div_etc(
     t92: &[f32],
     t94: &[f32],
     param_ln_out_weight: &[f32],
@@ -624,11 +616,13 @@ pub fn forward_k33_add_div_etc(
         });
 }
 
-/// matmul: matmul over [2].
-pub fn forward_k34_matmul(
+/// matmul: matmul, add over [2].
+pub fn forward_k27_matmul_add(
     t102: &[f32],
     param_head_weight: &[f32],
+    param_head_bias: &[f32],
     t104: &mut [f32],
+    t106: &mut [f32],
 ) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         2,
@@ -643,11 +637,6 @@ pub fn forward_k34_matmul(
         (160, 20, 1),
         false,
     )?;
-    Ok(())
-}
-
-/// elementwise: add over [2, 8, 20].
-pub fn forward_k35_add(t104: &[f32], param_head_bias: &[f32], t106: &mut [f32]) {
     t106[0..320]
         .chunks_mut(20)
         .enumerate()
@@ -661,10 +650,11 @@ pub fn forward_k35_add(t104: &[f32], param_head_bias: &[f32], t106: &mut [f32]) 
                 o0[j] = x0 + x1;
             }
         });
+    Ok(())
 }
 
 /// reduce: reduce_max over [16, 20].
-pub fn forward_k36_reduce(t106: &[f32], t112: &mut [f32]) {
+pub fn forward_k28_reduce(t106: &[f32], t112: &mut [f32]) {
     t112[0..16]
         .iter_mut()
         .enumerate()
@@ -679,7 +669,7 @@ pub fn forward_k36_reduce(t106: &[f32], t112: &mut [f32]) {
 }
 
 /// elementwise: stop_gradient, sub over [16, 20].
-pub fn forward_k37_stop_gradient_sub(t106: &[f32], t112: &[f32], t114: &mut [f32]) {
+pub fn forward_k29_stop_gradient_sub(t106: &[f32], t112: &[f32], t114: &mut [f32]) {
     t114[0..320]
         .chunks_mut(20)
         .enumerate()
@@ -695,7 +685,7 @@ pub fn forward_k37_stop_gradient_sub(t106: &[f32], t112: &[f32], t114: &mut [f32
 }
 
 /// reduce: exp, reduce_sum over [16, 20].
-pub fn forward_k38_reduce(t114: &[f32], t116: &mut [f32]) {
+pub fn forward_k30_reduce(t114: &[f32], t116: &mut [f32]) {
     t116[0..16]
         .iter_mut()
         .enumerate()
@@ -710,7 +700,7 @@ pub fn forward_k38_reduce(t114: &[f32], t116: &mut [f32]) {
 }
 
 /// reduce: eq, log, reduce_sum, sub, where over [16, 20].
-pub fn forward_k39_reduce(
+pub fn forward_k31_reduce(
     input_targets: &[i32],
     c110: &[i32],
     t114: &[f32],
@@ -734,7 +724,7 @@ pub fn forward_k39_reduce(
 }
 
 /// reduce: reduce_sum over [16].
-pub fn forward_k40_reduce(t121: &[f32], t122: &mut [f32]) {
+pub fn forward_k32_reduce(t121: &[f32], t122: &mut [f32]) {
     t122[0..1].iter_mut().for_each(|acc_out| {
         let mut acc = 0.0_f64;
         for i0 in 0..16 {
@@ -746,7 +736,7 @@ pub fn forward_k40_reduce(t121: &[f32], t122: &mut [f32]) {
 }
 
 /// elementwise: mul, neg.
-pub fn forward_k41_mul_neg(t122: &[f32], t125: &mut [f32]) {
+pub fn forward_k33_mul_neg(t122: &[f32], t125: &mut [f32]) {
     let x0 = t122[0];
     t125[0] = -0.0625 * x0;
 }
@@ -816,7 +806,7 @@ pub fn grads_k08_add_mul(
 }
 
 /// elementwise: stop_gradient, sub over [2, 2, 8, 8].
-pub fn grads_k18_stop_gradient_sub(t46: &[f32], t47: &[f32], t49: &mut [f32]) {
+pub fn grads_k14_stop_gradient_sub(t46: &[f32], t47: &[f32], t49: &mut [f32]) {
     t49[0..256].chunks_mut(8).enumerate().for_each(|(row, o0)| {
         let n = o0.len();
         let x0_row = &t46[row * 8..][..n];
@@ -829,7 +819,7 @@ pub fn grads_k18_stop_gradient_sub(t46: &[f32], t47: &[f32], t49: &mut [f32]) {
 }
 
 /// elementwise: exp over [2, 2, 8, 8].
-pub fn grads_k19_exp(t49: &[f32], t50: &mut [f32]) {
+pub fn grads_k15_exp(t49: &[f32], t50: &mut [f32]) {
     t50[0..256]
         .chunks_mut(256)
         .enumerate()
@@ -844,7 +834,7 @@ pub fn grads_k19_exp(t49: &[f32], t50: &mut [f32]) {
 }
 
 /// elementwise: add, mul over [2, 8, 1].
-pub fn grads_k29_add_mul(t68: &[f32], t72: &mut [f32]) {
+pub fn grads_k24_add_mul(t68: &[f32], t72: &mut [f32]) {
     t72[0..16].chunks_mut(16).enumerate().for_each(|(row, o0)| {
         let n = o0.len();
         let x0_row = &t68[row * 16..][..n];
@@ -856,7 +846,7 @@ pub fn grads_k29_add_mul(t68: &[f32], t72: &mut [f32]) {
 }
 
 /// elementwise: sqrt over [2, 8, 1].
-pub fn grads_k30_sqrt(t72: &[f32], t73: &mut [f32]) {
+pub fn grads_k25_sqrt(t72: &[f32], t73: &mut [f32]) {
     t73[0..16].chunks_mut(16).enumerate().for_each(|(row, o0)| {
         let n = o0.len();
         let x0_row = &t72[row * 16..][..n];
@@ -868,7 +858,7 @@ pub fn grads_k30_sqrt(t72: &[f32], t73: &mut [f32]) {
 }
 
 /// elementwise: div over [2, 8, 16].
-pub fn grads_k31_div(t66: &[f32], t73: &[f32], t74: &mut [f32]) {
+pub fn grads_k26_div(t66: &[f32], t73: &[f32], t74: &mut [f32]) {
     t74[0..256]
         .chunks_mut(16)
         .enumerate()
@@ -884,7 +874,7 @@ pub fn grads_k31_div(t66: &[f32], t73: &[f32], t74: &mut [f32]) {
 }
 
 /// elementwise: add, mul over [2, 8, 16].
-pub fn grads_k32_add_mul(
+pub fn grads_k27_add_mul(
     t74: &[f32],
     param_ln_mlp_weight: &[f32],
     param_ln_mlp_bias: &[f32],
@@ -907,8 +897,27 @@ pub fn grads_k32_add_mul(
         });
 }
 
-/// elementwise: add over [2, 8, 64].
-pub fn grads_k34_add(t78: &[f32], param_mlp_up_bias: &[f32], t80: &mut [f32]) {
+/// matmul: matmul, add over [2].
+pub fn grads_k28_matmul_add(
+    t76: &[f32],
+    param_mlp_up_weight: &[f32],
+    param_mlp_up_bias: &[f32],
+    t78: &mut [f32],
+    t80: &mut [f32],
+) -> Result<(), rt::Error> {
+    rt::gemm::sgemm_batched(
+        2,
+        8,
+        64,
+        16,
+        &t76[0..],
+        (128, 16, 1),
+        &param_mlp_up_weight[0..],
+        (0, 64, 1),
+        &mut t78[0..],
+        (512, 64, 1),
+        false,
+    )?;
     t80[0..1024]
         .chunks_mut(64)
         .enumerate()
@@ -922,10 +931,11 @@ pub fn grads_k34_add(t78: &[f32], param_mlp_up_bias: &[f32], t80: &mut [f32]) {
                 o0[j] = x0 + x1;
             }
         });
+    Ok(())
 }
 
 /// elementwise: gelu over [2, 8, 64].
-pub fn grads_k35_gelu(t80: &[f32], t81: &mut [f32]) {
+pub fn grads_k29_gelu(t80: &[f32], t81: &mut [f32]) {
     t81[0..1024]
         .chunks_mut(1024)
         .enumerate()
@@ -941,7 +951,7 @@ pub fn grads_k35_gelu(t80: &[f32], t81: &mut [f32]) {
 }
 
 /// elementwise: add, mul over [2, 8, 1].
-pub fn grads_k41_add_mul(t94: &[f32], t98: &mut [f32]) {
+pub fn grads_k34_add_mul(t94: &[f32], t98: &mut [f32]) {
     t98[0..16].chunks_mut(16).enumerate().for_each(|(row, o0)| {
         let n = o0.len();
         let x0_row = &t94[row * 16..][..n];
@@ -953,7 +963,7 @@ pub fn grads_k41_add_mul(t94: &[f32], t98: &mut [f32]) {
 }
 
 /// elementwise: sqrt over [2, 8, 1].
-pub fn grads_k42_sqrt(t98: &[f32], t99: &mut [f32]) {
+pub fn grads_k35_sqrt(t98: &[f32], t99: &mut [f32]) {
     t99[0..16].chunks_mut(16).enumerate().for_each(|(row, o0)| {
         let n = o0.len();
         let x0_row = &t98[row * 16..][..n];
@@ -965,7 +975,7 @@ pub fn grads_k42_sqrt(t98: &[f32], t99: &mut [f32]) {
 }
 
 /// elementwise: div over [2, 8, 16].
-pub fn grads_k43_div(t92: &[f32], t99: &[f32], t100: &mut [f32]) {
+pub fn grads_k36_div(t92: &[f32], t99: &[f32], t100: &mut [f32]) {
     t100[0..256]
         .chunks_mut(16)
         .enumerate()
@@ -981,7 +991,7 @@ pub fn grads_k43_div(t92: &[f32], t99: &[f32], t100: &mut [f32]) {
 }
 
 /// elementwise: add, mul over [2, 8, 16].
-pub fn grads_k44_add_mul(
+pub fn grads_k37_add_mul(
     t100: &[f32],
     param_ln_out_weight: &[f32],
     param_ln_out_bias: &[f32],
@@ -1005,7 +1015,7 @@ pub fn grads_k44_add_mul(
 }
 
 /// elementwise: eq, mul, where over [16, 20].
-pub fn grads_k50_eq_mul_where(input_targets: &[i32], c110: &[i32], c490: &[f32], t136: &mut [f32]) {
+pub fn grads_k42_eq_mul_where(input_targets: &[i32], c110: &[i32], c490: &[f32], t136: &mut [f32]) {
     t136[0..320]
         .chunks_mut(20)
         .enumerate()
@@ -1022,7 +1032,7 @@ pub fn grads_k50_eq_mul_where(input_targets: &[i32], c110: &[i32], c490: &[f32],
 }
 
 /// reduce: neg, reduce_sum over [16, 20].
-pub fn grads_k51_reduce(t136: &[f32], t139: &mut [f32]) {
+pub fn grads_k43_reduce(t136: &[f32], t139: &mut [f32]) {
     t139[0..16]
         .iter_mut()
         .enumerate()
@@ -1037,7 +1047,7 @@ pub fn grads_k51_reduce(t136: &[f32], t139: &mut [f32]) {
 }
 
 /// elementwise: log.d0, mul over [16, 1].
-pub fn grads_k52_log_d0_mul(t139: &[f32], t116: &[f32], t141: &mut [f32]) {
+pub fn grads_k44_log_d0_mul(t139: &[f32], t116: &[f32], t141: &mut [f32]) {
     t141[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -1054,7 +1064,7 @@ pub fn grads_k52_log_d0_mul(t139: &[f32], t116: &[f32], t141: &mut [f32]) {
 }
 
 /// elementwise: add, exp.d0, mul over [16, 20].
-pub fn grads_k53_add_exp_d0_mul(t136: &[f32], t141: &[f32], t114: &[f32], t145: &mut [f32]) {
+pub fn grads_k45_add_exp_d0_mul(t136: &[f32], t141: &[f32], t114: &[f32], t145: &mut [f32]) {
     t145[0..320]
         .chunks_mut(20)
         .enumerate()
@@ -1072,7 +1082,7 @@ pub fn grads_k53_add_exp_d0_mul(t136: &[f32], t141: &[f32], t114: &[f32], t145: 
 }
 
 /// reduce: reduce_sum over [2, 8, 20].
-pub fn grads_k54_reduce(t145: &[f32], t149: &mut [f32]) {
+pub fn grads_k46_reduce(t145: &[f32], t149: &mut [f32]) {
     t149[0..20]
         .iter_mut()
         .enumerate()
@@ -1087,7 +1097,7 @@ pub fn grads_k54_reduce(t145: &[f32], t149: &mut [f32]) {
 }
 
 /// matmul: matmul over [2].
-pub fn grads_k55_matmul(
+pub fn grads_k47_matmul(
     t145: &[f32],
     param_head_weight: &[f32],
     t152: &mut [f32],
@@ -1109,7 +1119,7 @@ pub fn grads_k55_matmul(
 }
 
 /// matmul: matmul over [2].
-pub fn grads_k56_matmul(t102: &[f32], t145: &[f32], t154: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k48_matmul(t102: &[f32], t145: &[f32], t154: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         2,
         16,
@@ -1127,7 +1137,7 @@ pub fn grads_k56_matmul(t102: &[f32], t145: &[f32], t154: &mut [f32]) -> Result<
 }
 
 /// reduce: reduce_sum over [2, 16, 20].
-pub fn grads_k57_reduce(t154: &[f32], t155: &mut [f32]) {
+pub fn grads_k49_reduce(t154: &[f32], t155: &mut [f32]) {
     t155[0..320]
         .iter_mut()
         .enumerate()
@@ -1142,7 +1152,7 @@ pub fn grads_k57_reduce(t154: &[f32], t155: &mut [f32]) {
 }
 
 /// reduce: reduce_sum over [2, 8, 16].
-pub fn grads_k58_reduce(t152: &[f32], t157: &mut [f32]) {
+pub fn grads_k50_reduce(t152: &[f32], t157: &mut [f32]) {
     t157[0..16]
         .iter_mut()
         .enumerate()
@@ -1157,7 +1167,7 @@ pub fn grads_k58_reduce(t152: &[f32], t157: &mut [f32]) {
 }
 
 /// elementwise: mul over [2, 8, 16].
-pub fn grads_k59_mul(t152: &[f32], param_ln_out_weight: &[f32], t159: &mut [f32]) {
+pub fn grads_k51_mul(t152: &[f32], param_ln_out_weight: &[f32], t159: &mut [f32]) {
     t159[0..256]
         .chunks_mut(16)
         .enumerate()
@@ -1174,7 +1184,7 @@ pub fn grads_k59_mul(t152: &[f32], param_ln_out_weight: &[f32], t159: &mut [f32]
 }
 
 /// reduce: mul, reduce_sum over [2, 8, 16].
-pub fn grads_k60_reduce(t152: &[f32], t100: &[f32], t161: &mut [f32]) {
+pub fn grads_k52_reduce(t152: &[f32], t100: &[f32], t161: &mut [f32]) {
     t161[0..16]
         .iter_mut()
         .enumerate()
@@ -1190,7 +1200,7 @@ pub fn grads_k60_reduce(t152: &[f32], t100: &[f32], t161: &mut [f32]) {
 }
 
 /// reduce: div.d1, mul, reduce_sum over [2, 8, 16].
-pub fn grads_k61_reduce(t159: &[f32], t92: &[f32], t99: &[f32], t167: &mut [f32]) {
+pub fn grads_k53_reduce(t159: &[f32], t92: &[f32], t99: &[f32], t167: &mut [f32]) {
     t167[0..16]
         .iter_mut()
         .enumerate()
@@ -1207,7 +1217,7 @@ pub fn grads_k61_reduce(t159: &[f32], t92: &[f32], t99: &[f32], t167: &mut [f32]
 }
 
 /// elementwise: mul, sqrt.d0 over [2, 8, 1].
-pub fn grads_k62_mul_sqrt_d0(t167: &[f32], t98: &[f32], t170: &mut [f32]) {
+pub fn grads_k54_mul_sqrt_d0(t167: &[f32], t98: &[f32], t170: &mut [f32]) {
     t170[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -1224,7 +1234,7 @@ pub fn grads_k62_mul_sqrt_d0(t167: &[f32], t98: &[f32], t170: &mut [f32]) {
 }
 
 /// elementwise: add, div.d0, mul over [2, 8, 16].
-pub fn grads_k63_add_div_d0_mul(
+pub fn grads_k55_add_div_d0_mul(
     t159: &[f32],
     t99: &[f32],
     t170: &[f32],
@@ -1249,7 +1259,7 @@ pub fn grads_k63_add_div_d0_mul(
 }
 
 /// reduce: neg, reduce_sum over [2, 8, 16].
-pub fn grads_k64_reduce(t176: &[f32], t178: &mut [f32]) {
+pub fn grads_k56_reduce(t176: &[f32], t178: &mut [f32]) {
     t178[0..16]
         .iter_mut()
         .enumerate()
@@ -1264,7 +1274,7 @@ pub fn grads_k64_reduce(t176: &[f32], t178: &mut [f32]) {
 }
 
 /// elementwise: mul over [2, 8, 1].
-pub fn grads_k65_mul(t178: &[f32], t179: &mut [f32]) {
+pub fn grads_k57_mul(t178: &[f32], t179: &mut [f32]) {
     t179[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -1279,7 +1289,7 @@ pub fn grads_k65_mul(t178: &[f32], t179: &mut [f32]) {
 }
 
 /// elementwise: add over [2, 8, 16].
-pub fn grads_k66_add(t176: &[f32], t179: &[f32], t182: &mut [f32]) {
+pub fn grads_k58_add(t176: &[f32], t179: &[f32], t182: &mut [f32]) {
     t182[0..256]
         .chunks_mut(16)
         .enumerate()
@@ -1295,7 +1305,7 @@ pub fn grads_k66_add(t176: &[f32], t179: &[f32], t182: &mut [f32]) {
 }
 
 /// reduce: reduce_sum over [2, 8, 16].
-pub fn grads_k67_reduce(t182: &[f32], t183: &mut [f32]) {
+pub fn grads_k59_reduce(t182: &[f32], t183: &mut [f32]) {
     t183[0..16]
         .iter_mut()
         .enumerate()
@@ -1310,29 +1320,7 @@ pub fn grads_k67_reduce(t182: &[f32], t183: &mut [f32]) {
 }
 
 /// matmul: matmul over [2].
-pub fn grads_k68_matmul(
-    t182: &[f32],
-    param_mlp_down_weight: &[f32],
-    t186: &mut [f32],
-) -> Result<(), rt::Error> {
-    rt::gemm::sgemm_batched(
-        2,
-        8,
-        64,
-        16,
-        &t182[0..],
-        (128, 16, 1),
-        &param_mlp_down_weight[0..],
-        (0, 1, 16),
-        &mut t186[0..],
-        (512, 64, 1),
-        false,
-    )?;
-    Ok(())
-}
-
-/// matmul: matmul over [2].
-pub fn grads_k69_matmul(t81: &[f32], t182: &[f32], t188: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k60_matmul(t81: &[f32], t182: &[f32], t188: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         2,
         64,
@@ -1350,7 +1338,7 @@ pub fn grads_k69_matmul(t81: &[f32], t182: &[f32], t188: &mut [f32]) -> Result<(
 }
 
 /// reduce: reduce_sum over [2, 64, 16].
-pub fn grads_k70_reduce(t188: &[f32], t189: &mut [f32]) {
+pub fn grads_k61_reduce(t188: &[f32], t189: &mut [f32]) {
     t189[0..1024]
         .iter_mut()
         .enumerate()
@@ -1364,8 +1352,27 @@ pub fn grads_k70_reduce(t188: &[f32], t189: &mut [f32]) {
         });
 }
 
-/// elementwise: gelu.d0, mul over [2, 8, 64].
-pub fn grads_k71_gelu_d0_mul(t186: &[f32], t80: &[f32], t192: &mut [f32]) {
+/// matmul: matmul, gelu.d0, mul over [2].
+pub fn grads_k62_matmul_gelu_d0_mul(
+    t182: &[f32],
+    param_mlp_down_weight: &[f32],
+    t80: &[f32],
+    t186: &mut [f32],
+    t192: &mut [f32],
+) -> Result<(), rt::Error> {
+    rt::gemm::sgemm_batched(
+        2,
+        8,
+        64,
+        16,
+        &t182[0..],
+        (128, 16, 1),
+        &param_mlp_down_weight[0..],
+        (0, 1, 16),
+        &mut t186[0..],
+        (512, 64, 1),
+        false,
+    )?;
     t192[0..1024]
         .chunks_mut(1024)
         .enumerate()
@@ -1383,10 +1390,11 @@ pub fn grads_k71_gelu_d0_mul(t186: &[f32], t80: &[f32], t192: &mut [f32]) {
                         + 0.5);
             }
         });
+    Ok(())
 }
 
 /// reduce: reduce_sum over [2, 8, 64].
-pub fn grads_k72_reduce(t192: &[f32], t193: &mut [f32]) {
+pub fn grads_k63_reduce(t192: &[f32], t193: &mut [f32]) {
     t193[0..64]
         .iter_mut()
         .enumerate()
@@ -1401,7 +1409,7 @@ pub fn grads_k72_reduce(t192: &[f32], t193: &mut [f32]) {
 }
 
 /// matmul: matmul over [2].
-pub fn grads_k73_matmul(
+pub fn grads_k64_matmul(
     t192: &[f32],
     param_mlp_up_weight: &[f32],
     t196: &mut [f32],
@@ -1423,7 +1431,7 @@ pub fn grads_k73_matmul(
 }
 
 /// matmul: matmul over [2].
-pub fn grads_k74_matmul(t76: &[f32], t192: &[f32], t198: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k65_matmul(t76: &[f32], t192: &[f32], t198: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         2,
         16,
@@ -1441,7 +1449,7 @@ pub fn grads_k74_matmul(t76: &[f32], t192: &[f32], t198: &mut [f32]) -> Result<(
 }
 
 /// reduce: reduce_sum over [2, 16, 64].
-pub fn grads_k75_reduce(t198: &[f32], t199: &mut [f32]) {
+pub fn grads_k66_reduce(t198: &[f32], t199: &mut [f32]) {
     t199[0..1024]
         .iter_mut()
         .enumerate()
@@ -1456,7 +1464,7 @@ pub fn grads_k75_reduce(t198: &[f32], t199: &mut [f32]) {
 }
 
 /// reduce: reduce_sum over [2, 8, 16].
-pub fn grads_k76_reduce(t196: &[f32], t201: &mut [f32]) {
+pub fn grads_k67_reduce(t196: &[f32], t201: &mut [f32]) {
     t201[0..16]
         .iter_mut()
         .enumerate()
@@ -1471,7 +1479,7 @@ pub fn grads_k76_reduce(t196: &[f32], t201: &mut [f32]) {
 }
 
 /// elementwise: mul over [2, 8, 16].
-pub fn grads_k77_mul(t196: &[f32], param_ln_mlp_weight: &[f32], t203: &mut [f32]) {
+pub fn grads_k68_mul(t196: &[f32], param_ln_mlp_weight: &[f32], t203: &mut [f32]) {
     t203[0..256]
         .chunks_mut(16)
         .enumerate()
@@ -1488,7 +1496,7 @@ pub fn grads_k77_mul(t196: &[f32], param_ln_mlp_weight: &[f32], t203: &mut [f32]
 }
 
 /// reduce: mul, reduce_sum over [2, 8, 16].
-pub fn grads_k78_reduce(t196: &[f32], t74: &[f32], t205: &mut [f32]) {
+pub fn grads_k69_reduce(t196: &[f32], t74: &[f32], t205: &mut [f32]) {
     t205[0..16]
         .iter_mut()
         .enumerate()
@@ -1504,7 +1512,7 @@ pub fn grads_k78_reduce(t196: &[f32], t74: &[f32], t205: &mut [f32]) {
 }
 
 /// reduce: div.d1, mul, reduce_sum over [2, 8, 16].
-pub fn grads_k79_reduce(t203: &[f32], t66: &[f32], t73: &[f32], t211: &mut [f32]) {
+pub fn grads_k70_reduce(t203: &[f32], t66: &[f32], t73: &[f32], t211: &mut [f32]) {
     t211[0..16]
         .iter_mut()
         .enumerate()
@@ -1521,7 +1529,7 @@ pub fn grads_k79_reduce(t203: &[f32], t66: &[f32], t73: &[f32], t211: &mut [f32]
 }
 
 /// elementwise: mul, sqrt.d0 over [2, 8, 1].
-pub fn grads_k80_mul_sqrt_d0(t211: &[f32], t72: &[f32], t214: &mut [f32]) {
+pub fn grads_k71_mul_sqrt_d0(t211: &[f32], t72: &[f32], t214: &mut [f32]) {
     t214[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -1538,7 +1546,7 @@ pub fn grads_k80_mul_sqrt_d0(t211: &[f32], t72: &[f32], t214: &mut [f32]) {
 }
 
 /// elementwise: add, div.d0, mul over [2, 8, 16].
-pub fn grads_k81_add_div_d0_mul(
+pub fn grads_k72_add_div_d0_mul(
     t203: &[f32],
     t73: &[f32],
     t214: &[f32],
@@ -1563,7 +1571,7 @@ pub fn grads_k81_add_div_d0_mul(
 }
 
 /// reduce: neg, reduce_sum over [2, 8, 16].
-pub fn grads_k82_reduce(t220: &[f32], t223: &mut [f32]) {
+pub fn grads_k73_reduce(t220: &[f32], t223: &mut [f32]) {
     t223[0..16]
         .iter_mut()
         .enumerate()
@@ -1578,7 +1586,7 @@ pub fn grads_k82_reduce(t220: &[f32], t223: &mut [f32]) {
 }
 
 /// elementwise: mul over [2, 8, 1].
-pub fn grads_k83_mul(t223: &[f32], t224: &mut [f32]) {
+pub fn grads_k74_mul(t223: &[f32], t224: &mut [f32]) {
     t224[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -1593,7 +1601,7 @@ pub fn grads_k83_mul(t223: &[f32], t224: &mut [f32]) {
 }
 
 /// elementwise: add over [2, 8, 16].
-pub fn grads_k84_add(t182: &[f32], t220: &[f32], t224: &[f32], t227: &mut [f32]) {
+pub fn grads_k75_add(t182: &[f32], t220: &[f32], t224: &[f32], t227: &mut [f32]) {
     t227[0..256]
         .chunks_mut(16)
         .enumerate()
@@ -1611,7 +1619,7 @@ pub fn grads_k84_add(t182: &[f32], t220: &[f32], t224: &[f32], t227: &mut [f32])
 }
 
 /// reduce: reduce_sum over [2, 8, 16].
-pub fn grads_k85_reduce(t227: &[f32], t228: &mut [f32]) {
+pub fn grads_k76_reduce(t227: &[f32], t228: &mut [f32]) {
     t228[0..16]
         .iter_mut()
         .enumerate()
@@ -1626,7 +1634,7 @@ pub fn grads_k85_reduce(t227: &[f32], t228: &mut [f32]) {
 }
 
 /// matmul: matmul over [2].
-pub fn grads_k86_matmul(
+pub fn grads_k77_matmul(
     t227: &[f32],
     param_attn_out_weight: &[f32],
     t231: &mut [f32],
@@ -1648,7 +1656,7 @@ pub fn grads_k86_matmul(
 }
 
 /// matmul: matmul over [2].
-pub fn grads_k87_matmul(t54_c: &[f32], t227: &[f32], t233: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k78_matmul(t54_c: &[f32], t227: &[f32], t233: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         2,
         16,
@@ -1666,7 +1674,7 @@ pub fn grads_k87_matmul(t54_c: &[f32], t227: &[f32], t233: &mut [f32]) -> Result
 }
 
 /// reduce: reduce_sum over [2, 16, 16].
-pub fn grads_k88_reduce(t233: &[f32], t234: &mut [f32]) {
+pub fn grads_k79_reduce(t233: &[f32], t234: &mut [f32]) {
     t234[0..256]
         .iter_mut()
         .enumerate()
@@ -1681,7 +1689,7 @@ pub fn grads_k88_reduce(t233: &[f32], t234: &mut [f32]) {
 }
 
 /// matmul: matmul over [2, 2].
-pub fn grads_k89_matmul(t231: &[f32], t37: &[f32], t239: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k80_matmul(t231: &[f32], t37: &[f32], t239: &mut [f32]) -> Result<(), rt::Error> {
     for b0 in 0..2 {
         rt::gemm::sgemm_batched(
             2,
@@ -1701,7 +1709,7 @@ pub fn grads_k89_matmul(t231: &[f32], t37: &[f32], t239: &mut [f32]) -> Result<(
 }
 
 /// matmul: matmul over [2, 2].
-pub fn grads_k90_matmul(t52: &[f32], t231: &[f32], t241: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k81_matmul(t52: &[f32], t231: &[f32], t241: &mut [f32]) -> Result<(), rt::Error> {
     for b0 in 0..2 {
         rt::gemm::sgemm_batched(
             2,
@@ -1721,7 +1729,7 @@ pub fn grads_k90_matmul(t52: &[f32], t231: &[f32], t241: &mut [f32]) -> Result<(
 }
 
 /// reduce: div.d1, mul, reduce_sum over [2, 2, 8, 8].
-pub fn grads_k91_reduce(t239: &[f32], t50: &[f32], t51: &[f32], t246: &mut [f32]) {
+pub fn grads_k82_reduce(t239: &[f32], t50: &[f32], t51: &[f32], t246: &mut [f32]) {
     t246[0..32]
         .iter_mut()
         .enumerate()
@@ -1738,7 +1746,7 @@ pub fn grads_k91_reduce(t239: &[f32], t50: &[f32], t51: &[f32], t246: &mut [f32]
 }
 
 /// elementwise: add, div.d0, exp.d0, mul, where over [2, 2, 8, 8].
-pub fn grads_k92_add_div_d0_etc(
+pub fn grads_k83_add_div_d0_etc(
     c44: &[u8],
     t239: &[f32],
     t51: &[f32],
@@ -1768,7 +1776,7 @@ pub fn grads_k92_add_div_d0_etc(
 }
 
 /// matmul: matmul over [2, 2].
-pub fn grads_k93_matmul(t257: &[f32], t31: &[f32], t260: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k84_matmul(t257: &[f32], t31: &[f32], t260: &mut [f32]) -> Result<(), rt::Error> {
     for b0 in 0..2 {
         rt::gemm::sgemm_batched(
             2,
@@ -1788,7 +1796,7 @@ pub fn grads_k93_matmul(t257: &[f32], t31: &[f32], t260: &mut [f32]) -> Result<(
 }
 
 /// matmul: matmul over [2, 2].
-pub fn grads_k94_matmul(t25: &[f32], t257: &[f32], t262: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k85_matmul(t25: &[f32], t257: &[f32], t262: &mut [f32]) -> Result<(), rt::Error> {
     for b0 in 0..2 {
         rt::gemm::sgemm_batched(
             2,
@@ -1808,7 +1816,7 @@ pub fn grads_k94_matmul(t25: &[f32], t257: &[f32], t262: &mut [f32]) -> Result<(
 }
 
 /// elementwise: copy over [2, 8, 2, 8].
-pub fn grads_k95_copy(t241: &[f32], t264_c: &mut [f32]) {
+pub fn grads_k86_copy(t241: &[f32], t264_c: &mut [f32]) {
     t264_c[0..256]
         .chunks_mut(8)
         .enumerate()
@@ -1826,7 +1834,7 @@ pub fn grads_k95_copy(t241: &[f32], t264_c: &mut [f32]) {
 }
 
 /// reduce: reduce_sum over [2, 8, 16].
-pub fn grads_k96_reduce(t264_c: &[f32], t266: &mut [f32]) {
+pub fn grads_k87_reduce(t264_c: &[f32], t266: &mut [f32]) {
     t266[0..16]
         .iter_mut()
         .enumerate()
@@ -1841,29 +1849,7 @@ pub fn grads_k96_reduce(t264_c: &[f32], t266: &mut [f32]) {
 }
 
 /// matmul: matmul over [2].
-pub fn grads_k97_matmul(
-    t264_c: &[f32],
-    param_attn_v_weight: &[f32],
-    t269: &mut [f32],
-) -> Result<(), rt::Error> {
-    rt::gemm::sgemm_batched(
-        2,
-        8,
-        16,
-        16,
-        &t264_c[0..],
-        (128, 16, 1),
-        &param_attn_v_weight[0..],
-        (0, 1, 16),
-        &mut t269[0..],
-        (128, 16, 1),
-        false,
-    )?;
-    Ok(())
-}
-
-/// matmul: matmul over [2].
-pub fn grads_k98_matmul(t21: &[f32], t264_c: &[f32], t271: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k88_matmul(t21: &[f32], t264_c: &[f32], t271: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         2,
         16,
@@ -1881,7 +1867,7 @@ pub fn grads_k98_matmul(t21: &[f32], t264_c: &[f32], t271: &mut [f32]) -> Result
 }
 
 /// reduce: reduce_sum over [2, 16, 16].
-pub fn grads_k99_reduce(t271: &[f32], t272: &mut [f32]) {
+pub fn grads_k89_reduce(t271: &[f32], t272: &mut [f32]) {
     t272[0..256]
         .iter_mut()
         .enumerate()
@@ -1896,7 +1882,7 @@ pub fn grads_k99_reduce(t271: &[f32], t272: &mut [f32]) {
 }
 
 /// elementwise: copy over [2, 8, 2, 8].
-pub fn grads_k100_copy(t260: &[f32], t285_c: &mut [f32]) {
+pub fn grads_k90_copy(t260: &[f32], t285_c: &mut [f32]) {
     t285_c[0..256]
         .chunks_mut(8)
         .enumerate()
@@ -1914,7 +1900,7 @@ pub fn grads_k100_copy(t260: &[f32], t285_c: &mut [f32]) {
 }
 
 /// reduce: reduce_sum over [2, 8, 16].
-pub fn grads_k101_reduce(t285_c: &[f32], t287: &mut [f32]) {
+pub fn grads_k91_reduce(t285_c: &[f32], t287: &mut [f32]) {
     t287[0..16]
         .iter_mut()
         .enumerate()
@@ -1929,7 +1915,7 @@ pub fn grads_k101_reduce(t285_c: &[f32], t287: &mut [f32]) {
 }
 
 /// matmul: matmul over [2].
-pub fn grads_k102_matmul(
+pub fn grads_k92_matmul(
     t285_c: &[f32],
     param_attn_q_weight: &[f32],
     t290: &mut [f32],
@@ -1951,7 +1937,7 @@ pub fn grads_k102_matmul(
 }
 
 /// matmul: matmul over [2].
-pub fn grads_k103_matmul(t21: &[f32], t285_c: &[f32], t292: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k93_matmul(t21: &[f32], t285_c: &[f32], t292: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         2,
         16,
@@ -1969,7 +1955,7 @@ pub fn grads_k103_matmul(t21: &[f32], t285_c: &[f32], t292: &mut [f32]) -> Resul
 }
 
 /// reduce: reduce_sum over [2, 16, 16].
-pub fn grads_k104_reduce(t292: &[f32], t294: &mut [f32]) {
+pub fn grads_k94_reduce(t292: &[f32], t294: &mut [f32]) {
     t294[0..256]
         .iter_mut()
         .enumerate()
@@ -1984,7 +1970,7 @@ pub fn grads_k104_reduce(t292: &[f32], t294: &mut [f32]) {
 }
 
 /// elementwise: copy over [2, 8, 2, 8].
-pub fn grads_k105_copy(t262: &[f32], t485_c: &mut [f32]) {
+pub fn grads_k95_copy(t262: &[f32], t485_c: &mut [f32]) {
     t485_c[0..256]
         .chunks_mut(16)
         .enumerate()
@@ -2000,7 +1986,7 @@ pub fn grads_k105_copy(t262: &[f32], t485_c: &mut [f32]) {
 }
 
 /// reduce: reduce_sum over [2, 8, 16].
-pub fn grads_k106_reduce(t485_c: &[f32], t276: &mut [f32]) {
+pub fn grads_k96_reduce(t485_c: &[f32], t276: &mut [f32]) {
     t276[0..16]
         .iter_mut()
         .enumerate()
@@ -2015,7 +2001,7 @@ pub fn grads_k106_reduce(t485_c: &[f32], t276: &mut [f32]) {
 }
 
 /// matmul: matmul over [2].
-pub fn grads_k107_matmul(
+pub fn grads_k97_matmul(
     t485_c: &[f32],
     param_attn_k_weight: &[f32],
     t279: &mut [f32],
@@ -2037,7 +2023,7 @@ pub fn grads_k107_matmul(
 }
 
 /// matmul: matmul over [2].
-pub fn grads_k108_matmul(t21: &[f32], t485_c: &[f32], t281: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k98_matmul(t21: &[f32], t485_c: &[f32], t281: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         2,
         16,
@@ -2055,7 +2041,7 @@ pub fn grads_k108_matmul(t21: &[f32], t485_c: &[f32], t281: &mut [f32]) -> Resul
 }
 
 /// reduce: reduce_sum over [2, 16, 16].
-pub fn grads_k109_reduce(t281: &[f32], t283: &mut [f32]) {
+pub fn grads_k99_reduce(t281: &[f32], t283: &mut [f32]) {
     t283[0..256]
         .iter_mut()
         .enumerate()
@@ -2069,8 +2055,28 @@ pub fn grads_k109_reduce(t281: &[f32], t283: &mut [f32]) {
         });
 }
 
-/// elementwise: add over [2, 8, 16].
-pub fn grads_k110_add(t269: &[f32], t279: &[f32], t290: &[f32], t293: &mut [f32]) {
+/// matmul: matmul, add over [2].
+pub fn grads_k100_matmul_add(
+    t264_c: &[f32],
+    param_attn_v_weight: &[f32],
+    t279: &[f32],
+    t290: &[f32],
+    t269: &mut [f32],
+    t293: &mut [f32],
+) -> Result<(), rt::Error> {
+    rt::gemm::sgemm_batched(
+        2,
+        8,
+        16,
+        16,
+        &t264_c[0..],
+        (128, 16, 1),
+        &param_attn_v_weight[0..],
+        (0, 1, 16),
+        &mut t269[0..],
+        (128, 16, 1),
+        false,
+    )?;
     t293[0..256]
         .chunks_mut(256)
         .enumerate()
@@ -2086,10 +2092,11 @@ pub fn grads_k110_add(t269: &[f32], t279: &[f32], t290: &[f32], t293: &mut [f32]
                 o0[j] = x0 + x1 + x2;
             }
         });
+    Ok(())
 }
 
 /// reduce: reduce_sum over [2, 8, 16].
-pub fn grads_k111_reduce(t293: &[f32], t296: &mut [f32]) {
+pub fn grads_k101_reduce(t293: &[f32], t296: &mut [f32]) {
     t296[0..16]
         .iter_mut()
         .enumerate()
@@ -2104,7 +2111,7 @@ pub fn grads_k111_reduce(t293: &[f32], t296: &mut [f32]) {
 }
 
 /// elementwise: mul over [2, 8, 16].
-pub fn grads_k112_mul(t293: &[f32], param_ln_attn_weight: &[f32], t298: &mut [f32]) {
+pub fn grads_k102_mul(t293: &[f32], param_ln_attn_weight: &[f32], t298: &mut [f32]) {
     t298[0..256]
         .chunks_mut(16)
         .enumerate()
@@ -2121,7 +2128,7 @@ pub fn grads_k112_mul(t293: &[f32], param_ln_attn_weight: &[f32], t298: &mut [f3
 }
 
 /// reduce: mul, reduce_sum over [2, 8, 16].
-pub fn grads_k113_reduce(t293: &[f32], t19: &[f32], t300: &mut [f32]) {
+pub fn grads_k103_reduce(t293: &[f32], t19: &[f32], t300: &mut [f32]) {
     t300[0..16]
         .iter_mut()
         .enumerate()
@@ -2137,7 +2144,7 @@ pub fn grads_k113_reduce(t293: &[f32], t19: &[f32], t300: &mut [f32]) {
 }
 
 /// reduce: div.d1, mul, reduce_sum over [2, 8, 16].
-pub fn grads_k114_reduce(t298: &[f32], t11: &[f32], t18: &[f32], t306: &mut [f32]) {
+pub fn grads_k104_reduce(t298: &[f32], t11: &[f32], t18: &[f32], t306: &mut [f32]) {
     t306[0..16]
         .iter_mut()
         .enumerate()
@@ -2154,7 +2161,7 @@ pub fn grads_k114_reduce(t298: &[f32], t11: &[f32], t18: &[f32], t306: &mut [f32
 }
 
 /// elementwise: mul, sqrt.d0 over [2, 8, 1].
-pub fn grads_k115_mul_sqrt_d0(t306: &[f32], t17: &[f32], t309: &mut [f32]) {
+pub fn grads_k105_mul_sqrt_d0(t306: &[f32], t17: &[f32], t309: &mut [f32]) {
     t309[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -2171,7 +2178,7 @@ pub fn grads_k115_mul_sqrt_d0(t306: &[f32], t17: &[f32], t309: &mut [f32]) {
 }
 
 /// elementwise: add, div.d0, mul over [2, 8, 16].
-pub fn grads_k116_add_div_d0_mul(
+pub fn grads_k106_add_div_d0_mul(
     t298: &[f32],
     t18: &[f32],
     t309: &[f32],
@@ -2196,7 +2203,7 @@ pub fn grads_k116_add_div_d0_mul(
 }
 
 /// reduce: neg, reduce_sum over [2, 8, 16].
-pub fn grads_k117_reduce(t315: &[f32], t318: &mut [f32]) {
+pub fn grads_k107_reduce(t315: &[f32], t318: &mut [f32]) {
     t318[0..16]
         .iter_mut()
         .enumerate()
@@ -2211,7 +2218,7 @@ pub fn grads_k117_reduce(t315: &[f32], t318: &mut [f32]) {
 }
 
 /// elementwise: mul over [2, 8, 1].
-pub fn grads_k118_mul(t318: &[f32], t319: &mut [f32]) {
+pub fn grads_k108_mul(t318: &[f32], t319: &mut [f32]) {
     t319[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -2226,7 +2233,7 @@ pub fn grads_k118_mul(t318: &[f32], t319: &mut [f32]) {
 }
 
 /// elementwise: add over [2, 8, 16].
-pub fn grads_k119_add(t227: &[f32], t315: &[f32], t319: &[f32], t322: &mut [f32]) {
+pub fn grads_k109_add(t227: &[f32], t315: &[f32], t319: &[f32], t322: &mut [f32]) {
     t322[0..256]
         .chunks_mut(16)
         .enumerate()
@@ -2244,7 +2251,7 @@ pub fn grads_k119_add(t227: &[f32], t315: &[f32], t319: &[f32], t322: &mut [f32]
 }
 
 /// reduce: reduce_sum over [2, 8, 16].
-pub fn grads_k120_reduce(t322: &[f32], t323: &mut [f32]) {
+pub fn grads_k110_reduce(t322: &[f32], t323: &mut [f32]) {
     t323[0..128]
         .iter_mut()
         .enumerate()
@@ -2259,7 +2266,7 @@ pub fn grads_k120_reduce(t322: &[f32], t323: &mut [f32]) {
 }
 
 /// scatter_add: scatter_add.
-pub fn grads_k121_scatter_add(
+pub fn grads_k111_scatter_add(
     input_ids: &[i32],
     t322: &[f32],
     t325: &mut [f32],
@@ -2269,7 +2276,7 @@ pub fn grads_k121_scatter_add(
 }
 
 /// elementwise: eq over [16, 20].
-pub fn train_k50_eq(input_targets: &[i32], c110: &[i32], t111: &mut [u8]) {
+pub fn train_k42_eq(input_targets: &[i32], c110: &[i32], t111: &mut [u8]) {
     t111[0..320]
         .chunks_mut(20)
         .enumerate()
@@ -2285,7 +2292,7 @@ pub fn train_k50_eq(input_targets: &[i32], c110: &[i32], t111: &mut [u8]) {
 }
 
 /// reduce: log, reduce_sum, sub, where over [16, 20].
-pub fn train_k51_reduce(t111: &[u8], t114: &[f32], t116: &[f32], t121: &mut [f32]) {
+pub fn train_k43_reduce(t111: &[u8], t114: &[f32], t116: &[f32], t121: &mut [f32]) {
     t121[0..16]
         .iter_mut()
         .enumerate()
@@ -2302,7 +2309,7 @@ pub fn train_k51_reduce(t111: &[u8], t114: &[f32], t116: &[f32], t121: &mut [f32
 }
 
 /// elementwise: mul, where over [16, 20].
-pub fn train_k54_mul_where(t111: &[u8], c490: &[f32], t136: &mut [f32]) {
+pub fn train_k46_mul_where(t111: &[u8], c490: &[f32], t136: &mut [f32]) {
     t136[0..320]
         .chunks_mut(20)
         .enumerate()
@@ -2318,7 +2325,7 @@ pub fn train_k54_mul_where(t111: &[u8], c490: &[f32], t136: &mut [f32]) {
 }
 
 /// elementwise: add, mul, sub over [16, 16].
-pub fn train_k109_add_mul_sub(
+pub fn train_k99_add_mul_sub(
     t294: &[f32],
     state_momentum_buffer_attn_q_weight: &mut [f32],
     param_attn_q_weight: &mut [f32],
@@ -2341,7 +2348,7 @@ pub fn train_k109_add_mul_sub(
 }
 
 /// elementwise: add, mul, sub over [16].
-pub fn train_k110_add_mul_sub(
+pub fn train_k100_add_mul_sub(
     t287: &[f32],
     state_momentum_buffer_attn_q_bias: &mut [f32],
     param_attn_q_bias: &mut [f32],
@@ -2363,31 +2370,8 @@ pub fn train_k110_add_mul_sub(
         });
 }
 
-/// elementwise: add, mul, sub over [16, 16].
-pub fn train_k111_add_mul_sub(
-    t272: &[f32],
-    state_momentum_buffer_attn_v_weight: &mut [f32],
-    param_attn_v_weight: &mut [f32],
-) {
-    state_momentum_buffer_attn_v_weight[0..256]
-        .chunks_mut(256)
-        .zip(param_attn_v_weight[0..256].chunks_mut(256))
-        .enumerate()
-        .for_each(|(row, (o0, o1))| {
-            let n = o0.len();
-            let x1_row = &t272[row * 256..][..n];
-            for j in 0..n {
-                let x0 = o0[j];
-                let x1 = x1_row[j];
-                let x2 = o1[j];
-                o0[j] = 0.9 * x0 + x1;
-                o1[j] = -0.089999996 * x0 - 0.1 * x1 + x2;
-            }
-        });
-}
-
 /// elementwise: add, mul, sub over [16].
-pub fn train_k112_add_mul_sub(
+pub fn train_k101_add_mul_sub(
     t266: &[f32],
     state_momentum_buffer_attn_v_bias: &mut [f32],
     param_attn_v_bias: &mut [f32],
@@ -2410,7 +2394,7 @@ pub fn train_k112_add_mul_sub(
 }
 
 /// elementwise: add, mul, sub over [16, 16].
-pub fn train_k113_add_mul_sub(
+pub fn train_k102_add_mul_sub(
     t234: &[f32],
     state_momentum_buffer_attn_out_weight: &mut [f32],
     param_attn_out_weight: &mut [f32],
@@ -2433,7 +2417,7 @@ pub fn train_k113_add_mul_sub(
 }
 
 /// elementwise: add, mul, sub over [16].
-pub fn train_k114_add_mul_sub(
+pub fn train_k103_add_mul_sub(
     t228: &[f32],
     state_momentum_buffer_attn_out_bias: &mut [f32],
     param_attn_out_bias: &mut [f32],
@@ -2456,7 +2440,7 @@ pub fn train_k114_add_mul_sub(
 }
 
 /// elementwise: add, mul, sub over [16].
-pub fn train_k115_add_mul_sub(
+pub fn train_k104_add_mul_sub(
     t205: &[f32],
     state_momentum_buffer_ln_mlp_weight: &mut [f32],
     param_ln_mlp_weight: &mut [f32],
@@ -2479,7 +2463,7 @@ pub fn train_k115_add_mul_sub(
 }
 
 /// elementwise: add, mul, sub over [16].
-pub fn train_k116_add_mul_sub(
+pub fn train_k105_add_mul_sub(
     t201: &[f32],
     state_momentum_buffer_ln_mlp_bias: &mut [f32],
     param_ln_mlp_bias: &mut [f32],
@@ -2502,7 +2486,7 @@ pub fn train_k116_add_mul_sub(
 }
 
 /// elementwise: add, mul, sub over [16, 64].
-pub fn train_k117_add_mul_sub(
+pub fn train_k106_add_mul_sub(
     t199: &[f32],
     state_momentum_buffer_mlp_up_weight: &mut [f32],
     param_mlp_up_weight: &mut [f32],
@@ -2525,7 +2509,7 @@ pub fn train_k117_add_mul_sub(
 }
 
 /// elementwise: add, mul, sub over [64].
-pub fn train_k118_add_mul_sub(
+pub fn train_k107_add_mul_sub(
     t193: &[f32],
     state_momentum_buffer_mlp_up_bias: &mut [f32],
     param_mlp_up_bias: &mut [f32],
@@ -2548,7 +2532,7 @@ pub fn train_k118_add_mul_sub(
 }
 
 /// elementwise: add, mul, sub over [64, 16].
-pub fn train_k119_add_mul_sub(
+pub fn train_k108_add_mul_sub(
     t189: &[f32],
     state_momentum_buffer_mlp_down_weight: &mut [f32],
     param_mlp_down_weight: &mut [f32],
@@ -2571,7 +2555,7 @@ pub fn train_k119_add_mul_sub(
 }
 
 /// elementwise: add, mul, sub over [16].
-pub fn train_k120_add_mul_sub(
+pub fn train_k109_add_mul_sub(
     t183: &[f32],
     state_momentum_buffer_mlp_down_bias: &mut [f32],
     param_mlp_down_bias: &mut [f32],
@@ -2594,7 +2578,7 @@ pub fn train_k120_add_mul_sub(
 }
 
 /// elementwise: add, mul, sub over [16].
-pub fn train_k121_add_mul_sub(
+pub fn train_k110_add_mul_sub(
     t161: &[f32],
     state_momentum_buffer_ln_out_weight: &mut [f32],
     param_ln_out_weight: &mut [f32],
@@ -2617,7 +2601,7 @@ pub fn train_k121_add_mul_sub(
 }
 
 /// elementwise: add, mul, sub over [16].
-pub fn train_k122_add_mul_sub(
+pub fn train_k111_add_mul_sub(
     t157: &[f32],
     state_momentum_buffer_ln_out_bias: &mut [f32],
     param_ln_out_bias: &mut [f32],
@@ -2640,7 +2624,7 @@ pub fn train_k122_add_mul_sub(
 }
 
 /// elementwise: add, mul, sub over [16, 20].
-pub fn train_k123_add_mul_sub(
+pub fn train_k112_add_mul_sub(
     t155: &[f32],
     state_momentum_buffer_head_weight: &mut [f32],
     param_head_weight: &mut [f32],
@@ -2663,7 +2647,7 @@ pub fn train_k123_add_mul_sub(
 }
 
 /// elementwise: add, mul, sub over [20].
-pub fn train_k124_add_mul_sub(
+pub fn train_k113_add_mul_sub(
     t149: &[f32],
     state_momentum_buffer_head_bias: &mut [f32],
     param_head_bias: &mut [f32],
@@ -2685,8 +2669,31 @@ pub fn train_k124_add_mul_sub(
         });
 }
 
+/// elementwise: add, mul, sub over [16, 16].
+pub fn train_k120_add_mul_sub(
+    t272: &[f32],
+    state_momentum_buffer_attn_v_weight: &mut [f32],
+    param_attn_v_weight: &mut [f32],
+) {
+    state_momentum_buffer_attn_v_weight[0..256]
+        .chunks_mut(256)
+        .zip(param_attn_v_weight[0..256].chunks_mut(256))
+        .enumerate()
+        .for_each(|(row, (o0, o1))| {
+            let n = o0.len();
+            let x1_row = &t272[row * 256..][..n];
+            for j in 0..n {
+                let x0 = o0[j];
+                let x1 = x1_row[j];
+                let x2 = o1[j];
+                o0[j] = 0.9 * x0 + x1;
+                o1[j] = -0.089999996 * x0 - 0.1 * x1 + x2;
+            }
+        });
+}
+
 /// elementwise: add, mul, sub over [20, 16].
-pub fn train_k142_add_mul_sub(
+pub fn train_k132_add_mul_sub(
     t325: &[f32],
     state_momentum_buffer_tok_emb_weight: &mut [f32],
     param_tok_emb_weight: &mut [f32],
@@ -2709,7 +2716,7 @@ pub fn train_k142_add_mul_sub(
 }
 
 /// elementwise: add, mul, sub over [8, 16].
-pub fn train_k143_add_mul_sub(
+pub fn train_k133_add_mul_sub(
     t323: &[f32],
     state_momentum_buffer_pos_emb: &mut [f32],
     param_pos_emb: &mut [f32],
@@ -2732,7 +2739,7 @@ pub fn train_k143_add_mul_sub(
 }
 
 /// elementwise: add, mul, sub over [16].
-pub fn train_k144_add_mul_sub(
+pub fn train_k134_add_mul_sub(
     t300: &[f32],
     state_momentum_buffer_ln_attn_weight: &mut [f32],
     param_ln_attn_weight: &mut [f32],
@@ -2755,7 +2762,7 @@ pub fn train_k144_add_mul_sub(
 }
 
 /// elementwise: add, mul, sub over [16].
-pub fn train_k145_add_mul_sub(
+pub fn train_k135_add_mul_sub(
     t296: &[f32],
     state_momentum_buffer_ln_attn_bias: &mut [f32],
     param_ln_attn_bias: &mut [f32],
@@ -2778,7 +2785,7 @@ pub fn train_k145_add_mul_sub(
 }
 
 /// elementwise: add, mul, sub over [16, 16].
-pub fn train_k146_add_mul_sub(
+pub fn train_k136_add_mul_sub(
     t283: &[f32],
     state_momentum_buffer_attn_k_weight: &mut [f32],
     param_attn_k_weight: &mut [f32],
@@ -2801,7 +2808,7 @@ pub fn train_k146_add_mul_sub(
 }
 
 /// elementwise: add, mul, sub over [16].
-pub fn train_k147_add_mul_sub(
+pub fn train_k137_add_mul_sub(
     t276: &[f32],
     state_momentum_buffer_attn_k_bias: &mut [f32],
     param_attn_k_bias: &mut [f32],

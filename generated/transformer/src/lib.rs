@@ -17,7 +17,7 @@ static CONSTS: &[u8] = include_bytes!("consts.bin");
 
 const PARAM_LEN: usize = 4112;
 const STATE_LEN: usize = 4112;
-const TEMP_F32_LEN: usize = 10240;
+const TEMP_F32_LEN: usize = 9536;
 const TEMP_I32_LEN: usize = 0;
 const TEMP_BOOL_LEN: usize = 320;
 const CONST_F32_LEN: usize = 16;
@@ -72,7 +72,7 @@ impl Arenas {
         Ok(arenas)
     }
 
-    /// `forward`: 42 kernels.
+    /// `forward`: 34 kernels.
     fn forward(&mut self, input_ids: &[i32], input_targets: &[i32]) -> Result<(), rt::Error> {
         let a = &*self;
         // SAFETY: the memory plan gives buffers that are live at the same time
@@ -103,155 +103,131 @@ impl Arenas {
                 a.param.slice(464, 16),
                 a.temp_f32.slice_mut(512, 256),
             );
-            kernels::forward_k06_matmul(
+            kernels::forward_k06_matmul_add(
                 a.temp_f32.slice(512, 256),
                 a.param.slice(480, 256),
-                a.temp_f32.slice_mut(0, 256),
-            )?;
-            kernels::forward_k07_add(
-                a.temp_f32.slice(0, 256),
                 a.param.slice(736, 16),
+                a.temp_f32.slice_mut(0, 256),
                 a.temp_f32.slice_mut(768, 256),
-            );
-            kernels::forward_k08_matmul(
+            )?;
+            kernels::forward_k07_matmul_add(
                 a.temp_f32.slice(512, 256),
                 a.param.slice(752, 256),
-                a.temp_f32.slice_mut(0, 256),
-            )?;
-            kernels::forward_k09_add(
-                a.temp_f32.slice(0, 256),
                 a.param.slice(1008, 16),
+                a.temp_f32.slice_mut(0, 256),
                 a.temp_f32.slice_mut(1024, 256),
-            );
-            kernels::forward_k10_matmul(
+            )?;
+            kernels::forward_k08_matmul_add(
                 a.temp_f32.slice(512, 256),
                 a.param.slice(1024, 256),
-                a.temp_f32.slice_mut(0, 256),
-            )?;
-            kernels::forward_k11_add(
-                a.temp_f32.slice(0, 256),
                 a.param.slice(1280, 16),
-                a.temp_f32.slice_mut(512, 256),
-            );
-            kernels::forward_k12_matmul(
+                a.temp_f32.slice_mut(0, 256),
+                a.temp_f32.slice_mut(1280, 256),
+            )?;
+            kernels::forward_k09_matmul_mul_where(
                 a.temp_f32.slice(768, 256),
                 a.temp_f32.slice(1024, 256),
-                a.temp_f32.slice_mut(0, 256),
-            )?;
-            kernels::forward_k13_mul_where(
                 a.const_bool.slice(0, 64),
-                a.temp_f32.slice(0, 256),
-                a.temp_f32.slice_mut(768, 256),
-            );
-            kernels::forward_k14_reduce(a.temp_f32.slice(768, 256), a.temp_f32.slice_mut(1024, 32));
-            kernels::forward_k15_exp_stop_gradient_sub(
-                a.temp_f32.slice(768, 256),
-                a.temp_f32.slice(1024, 32),
+                a.temp_f32.slice_mut(0, 256),
+                a.temp_f32.slice_mut(512, 256),
+            )?;
+            kernels::forward_k10_reduce(a.temp_f32.slice(512, 256), a.temp_f32.slice_mut(768, 32));
+            kernels::forward_k11_exp_stop_gradient_sub(
+                a.temp_f32.slice(512, 256),
+                a.temp_f32.slice(768, 32),
                 a.temp_f32.slice_mut(0, 256),
             );
-            kernels::forward_k16_reduce(a.temp_f32.slice(0, 256), a.temp_f32.slice_mut(1024, 32));
-            kernels::forward_k17_div(
+            kernels::forward_k12_reduce(a.temp_f32.slice(0, 256), a.temp_f32.slice_mut(768, 32));
+            kernels::forward_k13_div(
                 a.temp_f32.slice(0, 256),
-                a.temp_f32.slice(1024, 32),
-                a.temp_f32.slice_mut(768, 256),
+                a.temp_f32.slice(768, 32),
+                a.temp_f32.slice_mut(512, 256),
             );
-            kernels::forward_k18_matmul(
-                a.temp_f32.slice(768, 256),
+            kernels::forward_k14_matmul(
                 a.temp_f32.slice(512, 256),
+                a.temp_f32.slice(1280, 256),
                 a.temp_f32.slice_mut(0, 256),
             )?;
-            kernels::forward_k19_copy(a.temp_f32.slice(0, 256), a.temp_f32.slice_mut(512, 256));
-            kernels::forward_k20_matmul(
+            kernels::forward_k15_copy(a.temp_f32.slice(0, 256), a.temp_f32.slice_mut(512, 256));
+            kernels::forward_k16_matmul_add(
                 a.temp_f32.slice(512, 256),
                 a.param.slice(1296, 256),
-                a.temp_f32.slice_mut(0, 256),
-            )?;
-            kernels::forward_k21_add(
                 a.temp_f32.slice(256, 256),
-                a.temp_f32.slice(0, 256),
                 a.param.slice(1552, 16),
+                a.temp_f32.slice_mut(0, 256),
                 a.temp_f32.slice_mut(2048, 256),
-            );
-            kernels::forward_k22_reduce(a.temp_f32.slice(2048, 256), a.temp_f32.slice_mut(256, 16));
-            kernels::forward_k23_mul_sub(
+            )?;
+            kernels::forward_k17_reduce(a.temp_f32.slice(2048, 256), a.temp_f32.slice_mut(256, 16));
+            kernels::forward_k18_mul_sub(
                 a.temp_f32.slice(2048, 256),
                 a.temp_f32.slice(256, 16),
                 a.temp_f32.slice_mut(0, 256),
             );
-            kernels::forward_k24_reduce(a.temp_f32.slice(0, 256), a.temp_f32.slice_mut(256, 16));
-            kernels::forward_k25_add_div_etc(
+            kernels::forward_k19_reduce(a.temp_f32.slice(0, 256), a.temp_f32.slice_mut(256, 16));
+            kernels::forward_k20_add_div_etc(
                 a.temp_f32.slice(0, 256),
                 a.temp_f32.slice(256, 16),
                 a.param.slice(1568, 16),
                 a.param.slice(1584, 16),
-                a.temp_f32.slice_mut(1024, 256),
+                a.temp_f32.slice_mut(2304, 256),
             );
-            kernels::forward_k26_matmul(
-                a.temp_f32.slice(1024, 256),
+            kernels::forward_k21_matmul_add_gelu(
+                a.temp_f32.slice(2304, 256),
                 a.param.slice(1600, 1024),
-                a.temp_f32.slice_mut(0, 1024),
-            )?;
-            kernels::forward_k27_add_gelu(
-                a.temp_f32.slice(0, 1024),
                 a.param.slice(2624, 64),
+                a.temp_f32.slice_mut(0, 1024),
                 a.temp_f32.slice_mut(1024, 1024),
-            );
-            kernels::forward_k28_matmul(
+            )?;
+            kernels::forward_k22_matmul_add(
                 a.temp_f32.slice(1024, 1024),
                 a.param.slice(2688, 1024),
-                a.temp_f32.slice_mut(0, 256),
-            )?;
-            kernels::forward_k29_add(
                 a.temp_f32.slice(2048, 256),
-                a.temp_f32.slice(0, 256),
                 a.param.slice(3712, 16),
+                a.temp_f32.slice_mut(0, 256),
                 a.temp_f32.slice_mut(256, 256),
-            );
-            kernels::forward_k30_reduce(a.temp_f32.slice(256, 256), a.temp_f32.slice_mut(512, 16));
-            kernels::forward_k31_mul_sub(
+            )?;
+            kernels::forward_k23_reduce(a.temp_f32.slice(256, 256), a.temp_f32.slice_mut(512, 16));
+            kernels::forward_k24_mul_sub(
                 a.temp_f32.slice(256, 256),
                 a.temp_f32.slice(512, 16),
                 a.temp_f32.slice_mut(0, 256),
             );
-            kernels::forward_k32_reduce(a.temp_f32.slice(0, 256), a.temp_f32.slice_mut(256, 16));
-            kernels::forward_k33_add_div_etc(
+            kernels::forward_k25_reduce(a.temp_f32.slice(0, 256), a.temp_f32.slice_mut(256, 16));
+            kernels::forward_k26_add_div_etc(
                 a.temp_f32.slice(0, 256),
                 a.temp_f32.slice(256, 16),
                 a.param.slice(3728, 16),
                 a.param.slice(3744, 16),
-                a.temp_f32.slice_mut(320, 256),
+                a.temp_f32.slice_mut(640, 256),
             );
-            kernels::forward_k34_matmul(
-                a.temp_f32.slice(320, 256),
+            kernels::forward_k27_matmul_add(
+                a.temp_f32.slice(640, 256),
                 a.param.slice(3760, 320),
-                a.temp_f32.slice_mut(0, 320),
-            )?;
-            kernels::forward_k35_add(
-                a.temp_f32.slice(0, 320),
                 a.param.slice(4080, 20),
+                a.temp_f32.slice_mut(0, 320),
                 a.temp_f32.slice_mut(320, 320),
-            );
-            kernels::forward_k36_reduce(a.temp_f32.slice(320, 320), a.temp_f32.slice_mut(640, 16));
-            kernels::forward_k37_stop_gradient_sub(
+            )?;
+            kernels::forward_k28_reduce(a.temp_f32.slice(320, 320), a.temp_f32.slice_mut(640, 16));
+            kernels::forward_k29_stop_gradient_sub(
                 a.temp_f32.slice(320, 320),
                 a.temp_f32.slice(640, 16),
                 a.temp_f32.slice_mut(0, 320),
             );
-            kernels::forward_k38_reduce(a.temp_f32.slice(0, 320), a.temp_f32.slice_mut(640, 16));
-            kernels::forward_k39_reduce(
+            kernels::forward_k30_reduce(a.temp_f32.slice(0, 320), a.temp_f32.slice_mut(640, 16));
+            kernels::forward_k31_reduce(
                 input_targets,
                 a.const_i32.slice(0, 20),
                 a.temp_f32.slice(0, 320),
                 a.temp_f32.slice(640, 16),
                 a.temp_f32.slice_mut(656, 16),
             );
-            kernels::forward_k40_reduce(a.temp_f32.slice(656, 16), a.temp_f32.slice_mut(0, 1));
-            kernels::forward_k41_mul_neg(a.temp_f32.slice(0, 1), a.temp_f32.slice_mut(16, 1));
+            kernels::forward_k32_reduce(a.temp_f32.slice(656, 16), a.temp_f32.slice_mut(0, 1));
+            kernels::forward_k33_mul_neg(a.temp_f32.slice(0, 1), a.temp_f32.slice_mut(16, 1));
         }
         Ok(())
     }
 
-    /// `grads`: 122 kernels.
+    /// `grads`: 112 kernels.
     fn grads(&mut self, input_ids: &[i32], input_targets: &[i32]) -> Result<(), rt::Error> {
         let a = &*self;
         // SAFETY: the memory plan gives buffers that are live at the same time
@@ -272,448 +248,418 @@ impl Arenas {
             kernels::forward_k03_mul_sub(
                 a.temp_f32.slice(256, 256),
                 a.temp_f32.slice(0, 16),
-                a.temp_f32.slice_mut(6464, 256),
+                a.temp_f32.slice_mut(5440, 256),
             );
-            kernels::forward_k04_reduce(a.temp_f32.slice(6464, 256), a.temp_f32.slice_mut(0, 16));
-            kernels::grads_k05_add_mul(a.temp_f32.slice(0, 16), a.temp_f32.slice_mut(10112, 16));
-            kernels::grads_k06_sqrt(a.temp_f32.slice(10112, 16), a.temp_f32.slice_mut(10128, 16));
+            kernels::forward_k04_reduce(a.temp_f32.slice(5440, 256), a.temp_f32.slice_mut(0, 16));
+            kernels::grads_k05_add_mul(a.temp_f32.slice(0, 16), a.temp_f32.slice_mut(9408, 16));
+            kernels::grads_k06_sqrt(a.temp_f32.slice(9408, 16), a.temp_f32.slice_mut(9424, 16));
             kernels::grads_k07_div(
-                a.temp_f32.slice(6464, 256),
-                a.temp_f32.slice(10128, 16),
-                a.temp_f32.slice_mut(6720, 256),
+                a.temp_f32.slice(5440, 256),
+                a.temp_f32.slice(9424, 16),
+                a.temp_f32.slice_mut(5696, 256),
             );
             kernels::grads_k08_add_mul(
-                a.temp_f32.slice(6720, 256),
+                a.temp_f32.slice(5696, 256),
                 a.param.slice(448, 16),
                 a.param.slice(464, 16),
-                a.temp_f32.slice_mut(6976, 256),
+                a.temp_f32.slice_mut(5952, 256),
             );
-            kernels::forward_k06_matmul(
-                a.temp_f32.slice(6976, 256),
+            kernels::forward_k06_matmul_add(
+                a.temp_f32.slice(5952, 256),
                 a.param.slice(480, 256),
-                a.temp_f32.slice_mut(0, 256),
-            )?;
-            kernels::forward_k07_add(
-                a.temp_f32.slice(0, 256),
                 a.param.slice(736, 16),
-                a.temp_f32.slice_mut(7232, 256),
-            );
-            kernels::forward_k08_matmul(
-                a.temp_f32.slice(6976, 256),
+                a.temp_f32.slice_mut(0, 256),
+                a.temp_f32.slice_mut(6208, 256),
+            )?;
+            kernels::forward_k07_matmul_add(
+                a.temp_f32.slice(5952, 256),
                 a.param.slice(752, 256),
-                a.temp_f32.slice_mut(0, 256),
-            )?;
-            kernels::forward_k09_add(
-                a.temp_f32.slice(0, 256),
                 a.param.slice(1008, 16),
-                a.temp_f32.slice_mut(7488, 256),
-            );
-            kernels::forward_k10_matmul(
-                a.temp_f32.slice(6976, 256),
+                a.temp_f32.slice_mut(0, 256),
+                a.temp_f32.slice_mut(6464, 256),
+            )?;
+            kernels::forward_k08_matmul_add(
+                a.temp_f32.slice(5952, 256),
                 a.param.slice(1024, 256),
-                a.temp_f32.slice_mut(0, 256),
-            )?;
-            kernels::forward_k11_add(
-                a.temp_f32.slice(0, 256),
                 a.param.slice(1280, 16),
-                a.temp_f32.slice_mut(7744, 256),
-            );
-            kernels::forward_k12_matmul(
-                a.temp_f32.slice(7232, 256),
-                a.temp_f32.slice(7488, 256),
                 a.temp_f32.slice_mut(0, 256),
+                a.temp_f32.slice_mut(6720, 256),
             )?;
-            kernels::forward_k13_mul_where(
+            kernels::forward_k09_matmul_mul_where(
+                a.temp_f32.slice(6208, 256),
+                a.temp_f32.slice(6464, 256),
                 a.const_bool.slice(0, 64),
-                a.temp_f32.slice(0, 256),
+                a.temp_f32.slice_mut(0, 256),
                 a.temp_f32.slice_mut(512, 256),
-            );
-            kernels::forward_k14_reduce(a.temp_f32.slice(512, 256), a.temp_f32.slice_mut(0, 32));
-            kernels::grads_k18_stop_gradient_sub(
+            )?;
+            kernels::forward_k10_reduce(a.temp_f32.slice(512, 256), a.temp_f32.slice_mut(0, 32));
+            kernels::grads_k14_stop_gradient_sub(
                 a.temp_f32.slice(512, 256),
                 a.temp_f32.slice(0, 32),
-                a.temp_f32.slice_mut(8000, 256),
+                a.temp_f32.slice_mut(6976, 256),
             );
-            kernels::grads_k19_exp(a.temp_f32.slice(8000, 256), a.temp_f32.slice_mut(8256, 256));
-            kernels::forward_k16_reduce(
-                a.temp_f32.slice(8256, 256),
-                a.temp_f32.slice_mut(10048, 32),
+            kernels::grads_k15_exp(a.temp_f32.slice(6976, 256), a.temp_f32.slice_mut(7232, 256));
+            kernels::forward_k12_reduce(
+                a.temp_f32.slice(7232, 256),
+                a.temp_f32.slice_mut(9344, 32),
             );
-            kernels::forward_k17_div(
-                a.temp_f32.slice(8256, 256),
-                a.temp_f32.slice(10048, 32),
-                a.temp_f32.slice_mut(8512, 256),
+            kernels::forward_k13_div(
+                a.temp_f32.slice(7232, 256),
+                a.temp_f32.slice(9344, 32),
+                a.temp_f32.slice_mut(7488, 256),
             );
-            kernels::forward_k18_matmul(
-                a.temp_f32.slice(8512, 256),
+            kernels::forward_k14_matmul(
+                a.temp_f32.slice(7488, 256),
+                a.temp_f32.slice(6720, 256),
+                a.temp_f32.slice_mut(0, 256),
+            )?;
+            kernels::forward_k15_copy(a.temp_f32.slice(0, 256), a.temp_f32.slice_mut(7744, 256));
+            kernels::forward_k16_matmul_add(
                 a.temp_f32.slice(7744, 256),
-                a.temp_f32.slice_mut(0, 256),
-            )?;
-            kernels::forward_k19_copy(a.temp_f32.slice(0, 256), a.temp_f32.slice_mut(8768, 256));
-            kernels::forward_k20_matmul(
-                a.temp_f32.slice(8768, 256),
                 a.param.slice(1296, 256),
-                a.temp_f32.slice_mut(0, 256),
-            )?;
-            kernels::forward_k21_add(
                 a.temp_f32.slice(256, 256),
-                a.temp_f32.slice(0, 256),
                 a.param.slice(1552, 16),
+                a.temp_f32.slice_mut(0, 256),
                 a.temp_f32.slice_mut(1024, 256),
-            );
-            kernels::forward_k22_reduce(a.temp_f32.slice(1024, 256), a.temp_f32.slice_mut(0, 16));
-            kernels::forward_k23_mul_sub(
+            )?;
+            kernels::forward_k17_reduce(a.temp_f32.slice(1024, 256), a.temp_f32.slice_mut(0, 16));
+            kernels::forward_k18_mul_sub(
                 a.temp_f32.slice(1024, 256),
                 a.temp_f32.slice(0, 16),
-                a.temp_f32.slice_mut(9024, 256),
+                a.temp_f32.slice_mut(8000, 256),
             );
-            kernels::forward_k24_reduce(a.temp_f32.slice(9024, 256), a.temp_f32.slice_mut(0, 16));
-            kernels::grads_k29_add_mul(a.temp_f32.slice(0, 16), a.temp_f32.slice_mut(10144, 16));
-            kernels::grads_k30_sqrt(a.temp_f32.slice(10144, 16), a.temp_f32.slice_mut(10160, 16));
-            kernels::grads_k31_div(
-                a.temp_f32.slice(9024, 256),
-                a.temp_f32.slice(10160, 16),
-                a.temp_f32.slice_mut(9280, 256),
+            kernels::forward_k19_reduce(a.temp_f32.slice(8000, 256), a.temp_f32.slice_mut(0, 16));
+            kernels::grads_k24_add_mul(a.temp_f32.slice(0, 16), a.temp_f32.slice_mut(9440, 16));
+            kernels::grads_k25_sqrt(a.temp_f32.slice(9440, 16), a.temp_f32.slice_mut(9456, 16));
+            kernels::grads_k26_div(
+                a.temp_f32.slice(8000, 256),
+                a.temp_f32.slice(9456, 16),
+                a.temp_f32.slice_mut(8256, 256),
             );
-            kernels::grads_k32_add_mul(
-                a.temp_f32.slice(9280, 256),
+            kernels::grads_k27_add_mul(
+                a.temp_f32.slice(8256, 256),
                 a.param.slice(1568, 16),
                 a.param.slice(1584, 16),
-                a.temp_f32.slice_mut(9536, 256),
+                a.temp_f32.slice_mut(8512, 256),
             );
-            kernels::forward_k26_matmul(
-                a.temp_f32.slice(9536, 256),
+            kernels::grads_k28_matmul_add(
+                a.temp_f32.slice(8512, 256),
                 a.param.slice(1600, 1024),
-                a.temp_f32.slice_mut(0, 1024),
-            )?;
-            kernels::grads_k34_add(
-                a.temp_f32.slice(0, 1024),
                 a.param.slice(2624, 64),
+                a.temp_f32.slice_mut(0, 1024),
                 a.temp_f32.slice_mut(2048, 1024),
-            );
-            kernels::grads_k35_gelu(
+            )?;
+            kernels::grads_k29_gelu(
                 a.temp_f32.slice(2048, 1024),
                 a.temp_f32.slice_mut(3072, 1024),
             );
-            kernels::forward_k28_matmul(
+            kernels::forward_k22_matmul_add(
                 a.temp_f32.slice(3072, 1024),
                 a.param.slice(2688, 1024),
-                a.temp_f32.slice_mut(0, 256),
-            )?;
-            kernels::forward_k29_add(
                 a.temp_f32.slice(1024, 256),
-                a.temp_f32.slice(0, 256),
                 a.param.slice(3712, 16),
+                a.temp_f32.slice_mut(0, 256),
                 a.temp_f32.slice_mut(256, 256),
-            );
-            kernels::forward_k30_reduce(a.temp_f32.slice(256, 256), a.temp_f32.slice_mut(0, 16));
-            kernels::forward_k31_mul_sub(
+            )?;
+            kernels::forward_k23_reduce(a.temp_f32.slice(256, 256), a.temp_f32.slice_mut(0, 16));
+            kernels::forward_k24_mul_sub(
                 a.temp_f32.slice(256, 256),
                 a.temp_f32.slice(0, 16),
                 a.temp_f32.slice_mut(960, 256),
             );
-            kernels::forward_k32_reduce(a.temp_f32.slice(960, 256), a.temp_f32.slice_mut(0, 16));
-            kernels::grads_k41_add_mul(a.temp_f32.slice(0, 16), a.temp_f32.slice_mut(1984, 16));
-            kernels::grads_k42_sqrt(a.temp_f32.slice(1984, 16), a.temp_f32.slice_mut(2000, 16));
-            kernels::grads_k43_div(
+            kernels::forward_k25_reduce(a.temp_f32.slice(960, 256), a.temp_f32.slice_mut(0, 16));
+            kernels::grads_k34_add_mul(a.temp_f32.slice(0, 16), a.temp_f32.slice_mut(1984, 16));
+            kernels::grads_k35_sqrt(a.temp_f32.slice(1984, 16), a.temp_f32.slice_mut(2000, 16));
+            kernels::grads_k36_div(
                 a.temp_f32.slice(960, 256),
                 a.temp_f32.slice(2000, 16),
                 a.temp_f32.slice_mut(1216, 256),
             );
-            kernels::grads_k44_add_mul(
+            kernels::grads_k37_add_mul(
                 a.temp_f32.slice(1216, 256),
                 a.param.slice(3728, 16),
                 a.param.slice(3744, 16),
                 a.temp_f32.slice_mut(1472, 256),
             );
-            kernels::forward_k34_matmul(
+            kernels::forward_k27_matmul_add(
                 a.temp_f32.slice(1472, 256),
                 a.param.slice(3760, 320),
-                a.temp_f32.slice_mut(0, 320),
-            )?;
-            kernels::forward_k35_add(
-                a.temp_f32.slice(0, 320),
                 a.param.slice(4080, 20),
+                a.temp_f32.slice_mut(0, 320),
                 a.temp_f32.slice_mut(320, 320),
-            );
-            kernels::forward_k36_reduce(a.temp_f32.slice(320, 320), a.temp_f32.slice_mut(640, 16));
-            kernels::forward_k37_stop_gradient_sub(
+            )?;
+            kernels::forward_k28_reduce(a.temp_f32.slice(320, 320), a.temp_f32.slice_mut(640, 16));
+            kernels::forward_k29_stop_gradient_sub(
                 a.temp_f32.slice(320, 320),
                 a.temp_f32.slice(640, 16),
                 a.temp_f32.slice_mut(0, 320),
             );
-            kernels::forward_k38_reduce(a.temp_f32.slice(0, 320), a.temp_f32.slice_mut(640, 16));
-            kernels::grads_k50_eq_mul_where(
+            kernels::forward_k30_reduce(a.temp_f32.slice(0, 320), a.temp_f32.slice_mut(640, 16));
+            kernels::grads_k42_eq_mul_where(
                 input_targets,
                 a.const_i32.slice(0, 20),
                 a.const_f32.slice(0, 16),
                 a.temp_f32.slice_mut(320, 320),
             );
-            kernels::grads_k51_reduce(a.temp_f32.slice(320, 320), a.temp_f32.slice_mut(656, 16));
-            kernels::grads_k52_log_d0_mul(
+            kernels::grads_k43_reduce(a.temp_f32.slice(320, 320), a.temp_f32.slice_mut(656, 16));
+            kernels::grads_k44_log_d0_mul(
                 a.temp_f32.slice(656, 16),
                 a.temp_f32.slice(640, 16),
                 a.temp_f32.slice_mut(1728, 16),
             );
-            kernels::grads_k53_add_exp_d0_mul(
+            kernels::grads_k45_add_exp_d0_mul(
                 a.temp_f32.slice(320, 320),
                 a.temp_f32.slice(1728, 16),
                 a.temp_f32.slice(0, 320),
                 a.temp_f32.slice_mut(640, 320),
             );
-            kernels::grads_k54_reduce(a.temp_f32.slice(640, 320), a.temp_f32.slice_mut(10080, 20));
-            kernels::grads_k55_matmul(
+            kernels::grads_k46_reduce(a.temp_f32.slice(640, 320), a.temp_f32.slice_mut(9376, 20));
+            kernels::grads_k47_matmul(
                 a.temp_f32.slice(640, 320),
                 a.param.slice(3760, 320),
                 a.temp_f32.slice_mut(1728, 256),
             )?;
-            kernels::grads_k56_matmul(
+            kernels::grads_k48_matmul(
                 a.temp_f32.slice(1472, 256),
                 a.temp_f32.slice(640, 320),
                 a.temp_f32.slice_mut(0, 640),
             )?;
-            kernels::grads_k57_reduce(a.temp_f32.slice(0, 640), a.temp_f32.slice_mut(6144, 320));
-            kernels::grads_k58_reduce(a.temp_f32.slice(1728, 256), a.temp_f32.slice_mut(10176, 16));
-            kernels::grads_k59_mul(
+            kernels::grads_k49_reduce(a.temp_f32.slice(0, 640), a.temp_f32.slice_mut(5120, 320));
+            kernels::grads_k50_reduce(a.temp_f32.slice(1728, 256), a.temp_f32.slice_mut(9472, 16));
+            kernels::grads_k51_mul(
                 a.temp_f32.slice(1728, 256),
                 a.param.slice(3728, 16),
                 a.temp_f32.slice_mut(0, 256),
             );
-            kernels::grads_k60_reduce(
+            kernels::grads_k52_reduce(
                 a.temp_f32.slice(1728, 256),
                 a.temp_f32.slice(1216, 256),
-                a.temp_f32.slice_mut(10192, 16),
+                a.temp_f32.slice_mut(9488, 16),
             );
-            kernels::grads_k61_reduce(
+            kernels::grads_k53_reduce(
                 a.temp_f32.slice(0, 256),
                 a.temp_f32.slice(960, 256),
                 a.temp_f32.slice(2000, 16),
                 a.temp_f32.slice_mut(256, 16),
             );
-            kernels::grads_k62_mul_sqrt_d0(
+            kernels::grads_k54_mul_sqrt_d0(
                 a.temp_f32.slice(256, 16),
                 a.temp_f32.slice(1984, 16),
                 a.temp_f32.slice_mut(512, 16),
             );
-            kernels::grads_k63_add_div_d0_mul(
+            kernels::grads_k55_add_div_d0_mul(
                 a.temp_f32.slice(0, 256),
                 a.temp_f32.slice(2000, 16),
                 a.temp_f32.slice(512, 16),
                 a.temp_f32.slice(960, 256),
                 a.temp_f32.slice_mut(256, 256),
             );
-            kernels::grads_k64_reduce(a.temp_f32.slice(256, 256), a.temp_f32.slice_mut(0, 16));
-            kernels::grads_k65_mul(a.temp_f32.slice(0, 16), a.temp_f32.slice_mut(16, 16));
-            kernels::grads_k66_add(
+            kernels::grads_k56_reduce(a.temp_f32.slice(256, 256), a.temp_f32.slice_mut(0, 16));
+            kernels::grads_k57_mul(a.temp_f32.slice(0, 16), a.temp_f32.slice_mut(16, 16));
+            kernels::grads_k58_add(
                 a.temp_f32.slice(256, 256),
                 a.temp_f32.slice(16, 16),
-                a.temp_f32.slice_mut(9792, 256),
+                a.temp_f32.slice_mut(8768, 256),
             );
-            kernels::grads_k67_reduce(a.temp_f32.slice(9792, 256), a.temp_f32.slice_mut(10208, 16));
-            kernels::grads_k68_matmul(
-                a.temp_f32.slice(9792, 256),
+            kernels::grads_k59_reduce(a.temp_f32.slice(8768, 256), a.temp_f32.slice_mut(9504, 16));
+            kernels::grads_k60_matmul(
+                a.temp_f32.slice(3072, 1024),
+                a.temp_f32.slice(8768, 256),
+                a.temp_f32.slice_mut(0, 2048),
+            )?;
+            kernels::grads_k61_reduce(a.temp_f32.slice(0, 2048), a.temp_f32.slice_mut(3072, 1024));
+            kernels::grads_k62_matmul_gelu_d0_mul(
+                a.temp_f32.slice(8768, 256),
                 a.param.slice(2688, 1024),
+                a.temp_f32.slice(2048, 1024),
+                a.temp_f32.slice_mut(0, 1024),
                 a.temp_f32.slice_mut(4096, 1024),
             )?;
-            kernels::grads_k69_matmul(
-                a.temp_f32.slice(3072, 1024),
-                a.temp_f32.slice(9792, 256),
-                a.temp_f32.slice_mut(0, 2048),
-            )?;
-            kernels::grads_k70_reduce(a.temp_f32.slice(0, 2048), a.temp_f32.slice_mut(3072, 1024));
-            kernels::grads_k71_gelu_d0_mul(
+            kernels::grads_k63_reduce(a.temp_f32.slice(4096, 1024), a.temp_f32.slice_mut(9280, 64));
+            kernels::grads_k64_matmul(
                 a.temp_f32.slice(4096, 1024),
-                a.temp_f32.slice(2048, 1024),
-                a.temp_f32.slice_mut(5120, 1024),
-            );
-            kernels::grads_k72_reduce(a.temp_f32.slice(5120, 1024), a.temp_f32.slice_mut(4608, 64));
-            kernels::grads_k73_matmul(
-                a.temp_f32.slice(5120, 1024),
                 a.param.slice(1600, 1024),
-                a.temp_f32.slice_mut(4096, 256),
+                a.temp_f32.slice_mut(9024, 256),
             )?;
-            kernels::grads_k74_matmul(
-                a.temp_f32.slice(9536, 256),
-                a.temp_f32.slice(5120, 1024),
+            kernels::grads_k65_matmul(
+                a.temp_f32.slice(8512, 256),
+                a.temp_f32.slice(4096, 1024),
                 a.temp_f32.slice_mut(0, 2048),
             )?;
-            kernels::grads_k75_reduce(a.temp_f32.slice(0, 2048), a.temp_f32.slice_mut(2048, 1024));
-            kernels::grads_k76_reduce(a.temp_f32.slice(4096, 256), a.temp_f32.slice_mut(4672, 16));
-            kernels::grads_k77_mul(
-                a.temp_f32.slice(4096, 256),
+            kernels::grads_k66_reduce(a.temp_f32.slice(0, 2048), a.temp_f32.slice_mut(2048, 1024));
+            kernels::grads_k67_reduce(a.temp_f32.slice(9024, 256), a.temp_f32.slice_mut(4608, 16));
+            kernels::grads_k68_mul(
+                a.temp_f32.slice(9024, 256),
                 a.param.slice(1568, 16),
                 a.temp_f32.slice_mut(0, 256),
             );
-            kernels::grads_k78_reduce(
-                a.temp_f32.slice(4096, 256),
-                a.temp_f32.slice(9280, 256),
-                a.temp_f32.slice_mut(4688, 16),
-            );
-            kernels::grads_k79_reduce(
-                a.temp_f32.slice(0, 256),
+            kernels::grads_k69_reduce(
                 a.temp_f32.slice(9024, 256),
-                a.temp_f32.slice(10160, 16),
+                a.temp_f32.slice(8256, 256),
+                a.temp_f32.slice_mut(4624, 16),
+            );
+            kernels::grads_k70_reduce(
+                a.temp_f32.slice(0, 256),
+                a.temp_f32.slice(8000, 256),
+                a.temp_f32.slice(9456, 16),
                 a.temp_f32.slice_mut(256, 16),
             );
-            kernels::grads_k80_mul_sqrt_d0(
+            kernels::grads_k71_mul_sqrt_d0(
                 a.temp_f32.slice(256, 16),
-                a.temp_f32.slice(10144, 16),
+                a.temp_f32.slice(9440, 16),
                 a.temp_f32.slice_mut(512, 16),
             );
-            kernels::grads_k81_add_div_d0_mul(
+            kernels::grads_k72_add_div_d0_mul(
                 a.temp_f32.slice(0, 256),
-                a.temp_f32.slice(10160, 16),
+                a.temp_f32.slice(9456, 16),
                 a.temp_f32.slice(512, 16),
-                a.temp_f32.slice(9024, 256),
+                a.temp_f32.slice(8000, 256),
                 a.temp_f32.slice_mut(256, 256),
             );
-            kernels::grads_k82_reduce(a.temp_f32.slice(256, 256), a.temp_f32.slice_mut(0, 16));
-            kernels::grads_k83_mul(a.temp_f32.slice(0, 16), a.temp_f32.slice_mut(16, 16));
-            kernels::grads_k84_add(
-                a.temp_f32.slice(9792, 256),
+            kernels::grads_k73_reduce(a.temp_f32.slice(256, 256), a.temp_f32.slice_mut(0, 16));
+            kernels::grads_k74_mul(a.temp_f32.slice(0, 16), a.temp_f32.slice_mut(16, 16));
+            kernels::grads_k75_add(
+                a.temp_f32.slice(8768, 256),
                 a.temp_f32.slice(256, 256),
                 a.temp_f32.slice(16, 16),
                 a.temp_f32.slice_mut(512, 256),
             );
-            kernels::grads_k85_reduce(a.temp_f32.slice(512, 256), a.temp_f32.slice_mut(4704, 16));
-            kernels::grads_k86_matmul(
+            kernels::grads_k76_reduce(a.temp_f32.slice(512, 256), a.temp_f32.slice_mut(4640, 16));
+            kernels::grads_k77_matmul(
                 a.temp_f32.slice(512, 256),
                 a.param.slice(1296, 256),
                 a.temp_f32.slice_mut(768, 256),
             )?;
-            kernels::grads_k87_matmul(
-                a.temp_f32.slice(8768, 256),
+            kernels::grads_k78_matmul(
+                a.temp_f32.slice(7744, 256),
                 a.temp_f32.slice(512, 256),
                 a.temp_f32.slice_mut(0, 512),
             )?;
-            kernels::grads_k88_reduce(a.temp_f32.slice(0, 512), a.temp_f32.slice_mut(1024, 256));
-            kernels::grads_k89_matmul(
+            kernels::grads_k79_reduce(a.temp_f32.slice(0, 512), a.temp_f32.slice_mut(1024, 256));
+            kernels::grads_k80_matmul(
                 a.temp_f32.slice(768, 256),
-                a.temp_f32.slice(7744, 256),
+                a.temp_f32.slice(6720, 256),
                 a.temp_f32.slice_mut(0, 256),
             )?;
-            kernels::grads_k90_matmul(
-                a.temp_f32.slice(8512, 256),
+            kernels::grads_k81_matmul(
+                a.temp_f32.slice(7488, 256),
                 a.temp_f32.slice(768, 256),
                 a.temp_f32.slice_mut(256, 256),
             )?;
-            kernels::grads_k91_reduce(
+            kernels::grads_k82_reduce(
                 a.temp_f32.slice(0, 256),
-                a.temp_f32.slice(8256, 256),
-                a.temp_f32.slice(10048, 32),
+                a.temp_f32.slice(7232, 256),
+                a.temp_f32.slice(9344, 32),
                 a.temp_f32.slice_mut(1280, 32),
             );
-            kernels::grads_k92_add_div_d0_etc(
+            kernels::grads_k83_add_div_d0_etc(
                 a.const_bool.slice(0, 64),
                 a.temp_f32.slice(0, 256),
-                a.temp_f32.slice(10048, 32),
+                a.temp_f32.slice(9344, 32),
                 a.temp_f32.slice(1280, 32),
-                a.temp_f32.slice(8000, 256),
+                a.temp_f32.slice(6976, 256),
                 a.temp_f32.slice_mut(768, 256),
             );
-            kernels::grads_k93_matmul(
+            kernels::grads_k84_matmul(
                 a.temp_f32.slice(768, 256),
-                a.temp_f32.slice(7488, 256),
+                a.temp_f32.slice(6464, 256),
                 a.temp_f32.slice_mut(1280, 256),
             )?;
-            kernels::grads_k94_matmul(
-                a.temp_f32.slice(7232, 256),
+            kernels::grads_k85_matmul(
+                a.temp_f32.slice(6208, 256),
                 a.temp_f32.slice(768, 256),
                 a.temp_f32.slice_mut(1536, 256),
             )?;
-            kernels::grads_k95_copy(a.temp_f32.slice(256, 256), a.temp_f32.slice_mut(768, 256));
-            kernels::grads_k96_reduce(a.temp_f32.slice(768, 256), a.temp_f32.slice_mut(4720, 16));
-            kernels::grads_k97_matmul(
-                a.temp_f32.slice(768, 256),
-                a.param.slice(1024, 256),
-                a.temp_f32.slice_mut(1792, 256),
-            )?;
-            kernels::grads_k98_matmul(
-                a.temp_f32.slice(6976, 256),
+            kernels::grads_k86_copy(a.temp_f32.slice(256, 256), a.temp_f32.slice_mut(768, 256));
+            kernels::grads_k87_reduce(a.temp_f32.slice(768, 256), a.temp_f32.slice_mut(4656, 16));
+            kernels::grads_k88_matmul(
+                a.temp_f32.slice(5952, 256),
                 a.temp_f32.slice(768, 256),
                 a.temp_f32.slice_mut(0, 512),
             )?;
-            kernels::grads_k99_reduce(a.temp_f32.slice(0, 512), a.temp_f32.slice_mut(768, 256));
-            kernels::grads_k100_copy(a.temp_f32.slice(1280, 256), a.temp_f32.slice_mut(4096, 256));
-            kernels::grads_k101_reduce(a.temp_f32.slice(4096, 256), a.temp_f32.slice_mut(4736, 16));
-            kernels::grads_k102_matmul(
+            kernels::grads_k89_reduce(a.temp_f32.slice(0, 512), a.temp_f32.slice_mut(1792, 256));
+            kernels::grads_k90_copy(a.temp_f32.slice(1280, 256), a.temp_f32.slice_mut(4096, 256));
+            kernels::grads_k91_reduce(a.temp_f32.slice(4096, 256), a.temp_f32.slice_mut(4672, 16));
+            kernels::grads_k92_matmul(
                 a.temp_f32.slice(4096, 256),
                 a.param.slice(480, 256),
                 a.temp_f32.slice_mut(1280, 256),
             )?;
-            kernels::grads_k103_matmul(
-                a.temp_f32.slice(6976, 256),
+            kernels::grads_k93_matmul(
+                a.temp_f32.slice(5952, 256),
                 a.temp_f32.slice(4096, 256),
                 a.temp_f32.slice_mut(0, 512),
             )?;
-            kernels::grads_k104_reduce(a.temp_f32.slice(0, 512), a.temp_f32.slice_mut(4096, 256));
-            kernels::grads_k105_copy(a.temp_f32.slice(1536, 256), a.temp_f32.slice_mut(4352, 256));
-            kernels::grads_k106_reduce(a.temp_f32.slice(4352, 256), a.temp_f32.slice_mut(4752, 16));
-            kernels::grads_k107_matmul(
+            kernels::grads_k94_reduce(a.temp_f32.slice(0, 512), a.temp_f32.slice_mut(4096, 256));
+            kernels::grads_k95_copy(a.temp_f32.slice(1536, 256), a.temp_f32.slice_mut(4352, 256));
+            kernels::grads_k96_reduce(a.temp_f32.slice(4352, 256), a.temp_f32.slice_mut(4688, 16));
+            kernels::grads_k97_matmul(
                 a.temp_f32.slice(4352, 256),
                 a.param.slice(752, 256),
                 a.temp_f32.slice_mut(1536, 256),
             )?;
-            kernels::grads_k108_matmul(
-                a.temp_f32.slice(6976, 256),
+            kernels::grads_k98_matmul(
+                a.temp_f32.slice(5952, 256),
                 a.temp_f32.slice(4352, 256),
                 a.temp_f32.slice_mut(0, 512),
             )?;
-            kernels::grads_k109_reduce(a.temp_f32.slice(0, 512), a.temp_f32.slice_mut(4352, 256));
-            kernels::grads_k110_add(
-                a.temp_f32.slice(1792, 256),
+            kernels::grads_k99_reduce(a.temp_f32.slice(0, 512), a.temp_f32.slice_mut(4352, 256));
+            kernels::grads_k100_matmul_add(
+                a.temp_f32.slice(768, 256),
+                a.param.slice(1024, 256),
                 a.temp_f32.slice(1536, 256),
                 a.temp_f32.slice(1280, 256),
                 a.temp_f32.slice_mut(0, 256),
-            );
-            kernels::grads_k111_reduce(a.temp_f32.slice(0, 256), a.temp_f32.slice_mut(1536, 16));
-            kernels::grads_k112_mul(
-                a.temp_f32.slice(0, 256),
-                a.param.slice(448, 16),
                 a.temp_f32.slice_mut(256, 256),
-            );
-            kernels::grads_k113_reduce(
-                a.temp_f32.slice(0, 256),
-                a.temp_f32.slice(6720, 256),
-                a.temp_f32.slice_mut(1552, 16),
-            );
-            kernels::grads_k114_reduce(
+            )?;
+            kernels::grads_k101_reduce(a.temp_f32.slice(256, 256), a.temp_f32.slice_mut(1280, 16));
+            kernels::grads_k102_mul(
                 a.temp_f32.slice(256, 256),
-                a.temp_f32.slice(6464, 256),
-                a.temp_f32.slice(10128, 16),
-                a.temp_f32.slice_mut(0, 16),
-            );
-            kernels::grads_k115_mul_sqrt_d0(
-                a.temp_f32.slice(0, 16),
-                a.temp_f32.slice(10112, 16),
-                a.temp_f32.slice_mut(1280, 16),
-            );
-            kernels::grads_k116_add_div_d0_mul(
-                a.temp_f32.slice(256, 256),
-                a.temp_f32.slice(10128, 16),
-                a.temp_f32.slice(1280, 16),
-                a.temp_f32.slice(6464, 256),
+                a.param.slice(448, 16),
                 a.temp_f32.slice_mut(0, 256),
             );
-            kernels::grads_k117_reduce(a.temp_f32.slice(0, 256), a.temp_f32.slice_mut(256, 16));
-            kernels::grads_k118_mul(a.temp_f32.slice(256, 16), a.temp_f32.slice_mut(272, 16));
-            kernels::grads_k119_add(
-                a.temp_f32.slice(512, 256),
-                a.temp_f32.slice(0, 256),
-                a.temp_f32.slice(272, 16),
-                a.temp_f32.slice_mut(1280, 256),
+            kernels::grads_k103_reduce(
+                a.temp_f32.slice(256, 256),
+                a.temp_f32.slice(5696, 256),
+                a.temp_f32.slice_mut(1296, 16),
             );
-            kernels::grads_k120_reduce(a.temp_f32.slice(1280, 256), a.temp_f32.slice_mut(320, 128));
-            kernels::grads_k121_scatter_add(
+            kernels::grads_k104_reduce(
+                a.temp_f32.slice(0, 256),
+                a.temp_f32.slice(5440, 256),
+                a.temp_f32.slice(9424, 16),
+                a.temp_f32.slice_mut(256, 16),
+            );
+            kernels::grads_k105_mul_sqrt_d0(
+                a.temp_f32.slice(256, 16),
+                a.temp_f32.slice(9408, 16),
+                a.temp_f32.slice_mut(768, 16),
+            );
+            kernels::grads_k106_add_div_d0_mul(
+                a.temp_f32.slice(0, 256),
+                a.temp_f32.slice(9424, 16),
+                a.temp_f32.slice(768, 16),
+                a.temp_f32.slice(5440, 256),
+                a.temp_f32.slice_mut(256, 256),
+            );
+            kernels::grads_k107_reduce(a.temp_f32.slice(256, 256), a.temp_f32.slice_mut(0, 16));
+            kernels::grads_k108_mul(a.temp_f32.slice(0, 16), a.temp_f32.slice_mut(16, 16));
+            kernels::grads_k109_add(
+                a.temp_f32.slice(512, 256),
+                a.temp_f32.slice(256, 256),
+                a.temp_f32.slice(16, 16),
+                a.temp_f32.slice_mut(768, 256),
+            );
+            kernels::grads_k110_reduce(a.temp_f32.slice(768, 256), a.temp_f32.slice_mut(320, 128));
+            kernels::grads_k111_scatter_add(
                 input_ids,
-                a.temp_f32.slice(1280, 256),
+                a.temp_f32.slice(768, 256),
                 a.temp_f32.slice_mut(0, 320),
             )?;
         }
         Ok(())
     }
 
-    /// `train`: 148 kernels.
+    /// `train`: 138 kernels.
     fn train(&mut self, input_ids: &[i32], input_targets: &[i32]) -> Result<(), rt::Error> {
         let a = &*self;
         // SAFETY: the memory plan gives buffers that are live at the same time
@@ -734,562 +680,532 @@ impl Arenas {
             kernels::forward_k03_mul_sub(
                 a.temp_f32.slice(256, 256),
                 a.temp_f32.slice(0, 16),
-                a.temp_f32.slice_mut(6464, 256),
+                a.temp_f32.slice_mut(5440, 256),
             );
-            kernels::forward_k04_reduce(a.temp_f32.slice(6464, 256), a.temp_f32.slice_mut(0, 16));
-            kernels::grads_k05_add_mul(a.temp_f32.slice(0, 16), a.temp_f32.slice_mut(10112, 16));
-            kernels::grads_k06_sqrt(a.temp_f32.slice(10112, 16), a.temp_f32.slice_mut(10128, 16));
+            kernels::forward_k04_reduce(a.temp_f32.slice(5440, 256), a.temp_f32.slice_mut(0, 16));
+            kernels::grads_k05_add_mul(a.temp_f32.slice(0, 16), a.temp_f32.slice_mut(9408, 16));
+            kernels::grads_k06_sqrt(a.temp_f32.slice(9408, 16), a.temp_f32.slice_mut(9424, 16));
             kernels::grads_k07_div(
-                a.temp_f32.slice(6464, 256),
-                a.temp_f32.slice(10128, 16),
-                a.temp_f32.slice_mut(6720, 256),
+                a.temp_f32.slice(5440, 256),
+                a.temp_f32.slice(9424, 16),
+                a.temp_f32.slice_mut(5696, 256),
             );
             kernels::grads_k08_add_mul(
-                a.temp_f32.slice(6720, 256),
+                a.temp_f32.slice(5696, 256),
                 a.param.slice(448, 16),
                 a.param.slice(464, 16),
-                a.temp_f32.slice_mut(6976, 256),
+                a.temp_f32.slice_mut(5952, 256),
             );
-            kernels::forward_k06_matmul(
-                a.temp_f32.slice(6976, 256),
+            kernels::forward_k06_matmul_add(
+                a.temp_f32.slice(5952, 256),
                 a.param.slice(480, 256),
-                a.temp_f32.slice_mut(0, 256),
-            )?;
-            kernels::forward_k07_add(
-                a.temp_f32.slice(0, 256),
                 a.param.slice(736, 16),
-                a.temp_f32.slice_mut(7232, 256),
-            );
-            kernels::forward_k08_matmul(
-                a.temp_f32.slice(6976, 256),
+                a.temp_f32.slice_mut(0, 256),
+                a.temp_f32.slice_mut(6208, 256),
+            )?;
+            kernels::forward_k07_matmul_add(
+                a.temp_f32.slice(5952, 256),
                 a.param.slice(752, 256),
-                a.temp_f32.slice_mut(0, 256),
-            )?;
-            kernels::forward_k09_add(
-                a.temp_f32.slice(0, 256),
                 a.param.slice(1008, 16),
-                a.temp_f32.slice_mut(7488, 256),
-            );
-            kernels::forward_k10_matmul(
-                a.temp_f32.slice(6976, 256),
+                a.temp_f32.slice_mut(0, 256),
+                a.temp_f32.slice_mut(6464, 256),
+            )?;
+            kernels::forward_k08_matmul_add(
+                a.temp_f32.slice(5952, 256),
                 a.param.slice(1024, 256),
-                a.temp_f32.slice_mut(0, 256),
-            )?;
-            kernels::forward_k11_add(
-                a.temp_f32.slice(0, 256),
                 a.param.slice(1280, 16),
-                a.temp_f32.slice_mut(7744, 256),
-            );
-            kernels::forward_k12_matmul(
-                a.temp_f32.slice(7232, 256),
-                a.temp_f32.slice(7488, 256),
                 a.temp_f32.slice_mut(0, 256),
+                a.temp_f32.slice_mut(6720, 256),
             )?;
-            kernels::forward_k13_mul_where(
+            kernels::forward_k09_matmul_mul_where(
+                a.temp_f32.slice(6208, 256),
+                a.temp_f32.slice(6464, 256),
                 a.const_bool.slice(0, 64),
-                a.temp_f32.slice(0, 256),
+                a.temp_f32.slice_mut(0, 256),
                 a.temp_f32.slice_mut(512, 256),
-            );
-            kernels::forward_k14_reduce(a.temp_f32.slice(512, 256), a.temp_f32.slice_mut(0, 32));
-            kernels::grads_k18_stop_gradient_sub(
+            )?;
+            kernels::forward_k10_reduce(a.temp_f32.slice(512, 256), a.temp_f32.slice_mut(0, 32));
+            kernels::grads_k14_stop_gradient_sub(
                 a.temp_f32.slice(512, 256),
                 a.temp_f32.slice(0, 32),
-                a.temp_f32.slice_mut(8000, 256),
+                a.temp_f32.slice_mut(6976, 256),
             );
-            kernels::grads_k19_exp(a.temp_f32.slice(8000, 256), a.temp_f32.slice_mut(8256, 256));
-            kernels::forward_k16_reduce(
-                a.temp_f32.slice(8256, 256),
-                a.temp_f32.slice_mut(10048, 32),
+            kernels::grads_k15_exp(a.temp_f32.slice(6976, 256), a.temp_f32.slice_mut(7232, 256));
+            kernels::forward_k12_reduce(
+                a.temp_f32.slice(7232, 256),
+                a.temp_f32.slice_mut(9344, 32),
             );
-            kernels::forward_k17_div(
-                a.temp_f32.slice(8256, 256),
-                a.temp_f32.slice(10048, 32),
-                a.temp_f32.slice_mut(8512, 256),
+            kernels::forward_k13_div(
+                a.temp_f32.slice(7232, 256),
+                a.temp_f32.slice(9344, 32),
+                a.temp_f32.slice_mut(7488, 256),
             );
-            kernels::forward_k18_matmul(
-                a.temp_f32.slice(8512, 256),
+            kernels::forward_k14_matmul(
+                a.temp_f32.slice(7488, 256),
+                a.temp_f32.slice(6720, 256),
+                a.temp_f32.slice_mut(0, 256),
+            )?;
+            kernels::forward_k15_copy(a.temp_f32.slice(0, 256), a.temp_f32.slice_mut(7744, 256));
+            kernels::forward_k16_matmul_add(
                 a.temp_f32.slice(7744, 256),
-                a.temp_f32.slice_mut(0, 256),
-            )?;
-            kernels::forward_k19_copy(a.temp_f32.slice(0, 256), a.temp_f32.slice_mut(8768, 256));
-            kernels::forward_k20_matmul(
-                a.temp_f32.slice(8768, 256),
                 a.param.slice(1296, 256),
-                a.temp_f32.slice_mut(0, 256),
-            )?;
-            kernels::forward_k21_add(
                 a.temp_f32.slice(256, 256),
-                a.temp_f32.slice(0, 256),
                 a.param.slice(1552, 16),
+                a.temp_f32.slice_mut(0, 256),
                 a.temp_f32.slice_mut(1024, 256),
-            );
-            kernels::forward_k22_reduce(a.temp_f32.slice(1024, 256), a.temp_f32.slice_mut(0, 16));
-            kernels::forward_k23_mul_sub(
+            )?;
+            kernels::forward_k17_reduce(a.temp_f32.slice(1024, 256), a.temp_f32.slice_mut(0, 16));
+            kernels::forward_k18_mul_sub(
                 a.temp_f32.slice(1024, 256),
                 a.temp_f32.slice(0, 16),
-                a.temp_f32.slice_mut(9024, 256),
+                a.temp_f32.slice_mut(8000, 256),
             );
-            kernels::forward_k24_reduce(a.temp_f32.slice(9024, 256), a.temp_f32.slice_mut(0, 16));
-            kernels::grads_k29_add_mul(a.temp_f32.slice(0, 16), a.temp_f32.slice_mut(10144, 16));
-            kernels::grads_k30_sqrt(a.temp_f32.slice(10144, 16), a.temp_f32.slice_mut(10160, 16));
-            kernels::grads_k31_div(
-                a.temp_f32.slice(9024, 256),
-                a.temp_f32.slice(10160, 16),
-                a.temp_f32.slice_mut(9280, 256),
+            kernels::forward_k19_reduce(a.temp_f32.slice(8000, 256), a.temp_f32.slice_mut(0, 16));
+            kernels::grads_k24_add_mul(a.temp_f32.slice(0, 16), a.temp_f32.slice_mut(9440, 16));
+            kernels::grads_k25_sqrt(a.temp_f32.slice(9440, 16), a.temp_f32.slice_mut(9456, 16));
+            kernels::grads_k26_div(
+                a.temp_f32.slice(8000, 256),
+                a.temp_f32.slice(9456, 16),
+                a.temp_f32.slice_mut(8256, 256),
             );
-            kernels::grads_k32_add_mul(
-                a.temp_f32.slice(9280, 256),
+            kernels::grads_k27_add_mul(
+                a.temp_f32.slice(8256, 256),
                 a.param.slice(1568, 16),
                 a.param.slice(1584, 16),
-                a.temp_f32.slice_mut(9536, 256),
+                a.temp_f32.slice_mut(8512, 256),
             );
-            kernels::forward_k26_matmul(
-                a.temp_f32.slice(9536, 256),
+            kernels::grads_k28_matmul_add(
+                a.temp_f32.slice(8512, 256),
                 a.param.slice(1600, 1024),
-                a.temp_f32.slice_mut(0, 1024),
-            )?;
-            kernels::grads_k34_add(
-                a.temp_f32.slice(0, 1024),
                 a.param.slice(2624, 64),
+                a.temp_f32.slice_mut(0, 1024),
                 a.temp_f32.slice_mut(2048, 1024),
-            );
-            kernels::grads_k35_gelu(
+            )?;
+            kernels::grads_k29_gelu(
                 a.temp_f32.slice(2048, 1024),
                 a.temp_f32.slice_mut(3072, 1024),
             );
-            kernels::forward_k28_matmul(
+            kernels::forward_k22_matmul_add(
                 a.temp_f32.slice(3072, 1024),
                 a.param.slice(2688, 1024),
-                a.temp_f32.slice_mut(0, 256),
-            )?;
-            kernels::forward_k29_add(
                 a.temp_f32.slice(1024, 256),
-                a.temp_f32.slice(0, 256),
                 a.param.slice(3712, 16),
+                a.temp_f32.slice_mut(0, 256),
                 a.temp_f32.slice_mut(256, 256),
-            );
-            kernels::forward_k30_reduce(a.temp_f32.slice(256, 256), a.temp_f32.slice_mut(0, 16));
-            kernels::forward_k31_mul_sub(
+            )?;
+            kernels::forward_k23_reduce(a.temp_f32.slice(256, 256), a.temp_f32.slice_mut(0, 16));
+            kernels::forward_k24_mul_sub(
                 a.temp_f32.slice(256, 256),
                 a.temp_f32.slice(0, 16),
                 a.temp_f32.slice_mut(960, 256),
             );
-            kernels::forward_k32_reduce(a.temp_f32.slice(960, 256), a.temp_f32.slice_mut(0, 16));
-            kernels::grads_k41_add_mul(a.temp_f32.slice(0, 16), a.temp_f32.slice_mut(1984, 16));
-            kernels::grads_k42_sqrt(a.temp_f32.slice(1984, 16), a.temp_f32.slice_mut(2000, 16));
-            kernels::grads_k43_div(
+            kernels::forward_k25_reduce(a.temp_f32.slice(960, 256), a.temp_f32.slice_mut(0, 16));
+            kernels::grads_k34_add_mul(a.temp_f32.slice(0, 16), a.temp_f32.slice_mut(1984, 16));
+            kernels::grads_k35_sqrt(a.temp_f32.slice(1984, 16), a.temp_f32.slice_mut(2000, 16));
+            kernels::grads_k36_div(
                 a.temp_f32.slice(960, 256),
                 a.temp_f32.slice(2000, 16),
                 a.temp_f32.slice_mut(1216, 256),
             );
-            kernels::grads_k44_add_mul(
+            kernels::grads_k37_add_mul(
                 a.temp_f32.slice(1216, 256),
                 a.param.slice(3728, 16),
                 a.param.slice(3744, 16),
                 a.temp_f32.slice_mut(1472, 256),
             );
-            kernels::forward_k34_matmul(
+            kernels::forward_k27_matmul_add(
                 a.temp_f32.slice(1472, 256),
                 a.param.slice(3760, 320),
-                a.temp_f32.slice_mut(0, 320),
-            )?;
-            kernels::forward_k35_add(
-                a.temp_f32.slice(0, 320),
                 a.param.slice(4080, 20),
+                a.temp_f32.slice_mut(0, 320),
                 a.temp_f32.slice_mut(320, 320),
-            );
-            kernels::forward_k36_reduce(a.temp_f32.slice(320, 320), a.temp_f32.slice_mut(640, 16));
-            kernels::forward_k37_stop_gradient_sub(
+            )?;
+            kernels::forward_k28_reduce(a.temp_f32.slice(320, 320), a.temp_f32.slice_mut(640, 16));
+            kernels::forward_k29_stop_gradient_sub(
                 a.temp_f32.slice(320, 320),
                 a.temp_f32.slice(640, 16),
                 a.temp_f32.slice_mut(0, 320),
             );
-            kernels::forward_k38_reduce(a.temp_f32.slice(0, 320), a.temp_f32.slice_mut(640, 16));
-            kernels::train_k50_eq(
+            kernels::forward_k30_reduce(a.temp_f32.slice(0, 320), a.temp_f32.slice_mut(640, 16));
+            kernels::train_k42_eq(
                 input_targets,
                 a.const_i32.slice(0, 20),
                 a.temp_bool.slice_mut(0, 320),
             );
-            kernels::train_k51_reduce(
+            kernels::train_k43_reduce(
                 a.temp_bool.slice(0, 320),
                 a.temp_f32.slice(0, 320),
                 a.temp_f32.slice(640, 16),
                 a.temp_f32.slice_mut(320, 16),
             );
-            kernels::forward_k40_reduce(a.temp_f32.slice(320, 16), a.temp_f32.slice_mut(336, 1));
-            kernels::forward_k41_mul_neg(a.temp_f32.slice(336, 1), a.temp_f32.slice_mut(10224, 1));
-            kernels::train_k54_mul_where(
+            kernels::forward_k32_reduce(a.temp_f32.slice(320, 16), a.temp_f32.slice_mut(336, 1));
+            kernels::forward_k33_mul_neg(a.temp_f32.slice(336, 1), a.temp_f32.slice_mut(9520, 1));
+            kernels::train_k46_mul_where(
                 a.temp_bool.slice(0, 320),
                 a.const_f32.slice(0, 16),
                 a.temp_f32.slice_mut(320, 320),
             );
-            kernels::grads_k51_reduce(a.temp_f32.slice(320, 320), a.temp_f32.slice_mut(656, 16));
-            kernels::grads_k52_log_d0_mul(
+            kernels::grads_k43_reduce(a.temp_f32.slice(320, 320), a.temp_f32.slice_mut(656, 16));
+            kernels::grads_k44_log_d0_mul(
                 a.temp_f32.slice(656, 16),
                 a.temp_f32.slice(640, 16),
                 a.temp_f32.slice_mut(1728, 16),
             );
-            kernels::grads_k53_add_exp_d0_mul(
+            kernels::grads_k45_add_exp_d0_mul(
                 a.temp_f32.slice(320, 320),
                 a.temp_f32.slice(1728, 16),
                 a.temp_f32.slice(0, 320),
                 a.temp_f32.slice_mut(640, 320),
             );
-            kernels::grads_k54_reduce(a.temp_f32.slice(640, 320), a.temp_f32.slice_mut(10080, 20));
-            kernels::grads_k55_matmul(
+            kernels::grads_k46_reduce(a.temp_f32.slice(640, 320), a.temp_f32.slice_mut(9376, 20));
+            kernels::grads_k47_matmul(
                 a.temp_f32.slice(640, 320),
                 a.param.slice(3760, 320),
                 a.temp_f32.slice_mut(1728, 256),
             )?;
-            kernels::grads_k56_matmul(
+            kernels::grads_k48_matmul(
                 a.temp_f32.slice(1472, 256),
                 a.temp_f32.slice(640, 320),
                 a.temp_f32.slice_mut(0, 640),
             )?;
-            kernels::grads_k57_reduce(a.temp_f32.slice(0, 640), a.temp_f32.slice_mut(6144, 320));
-            kernels::grads_k58_reduce(a.temp_f32.slice(1728, 256), a.temp_f32.slice_mut(10176, 16));
-            kernels::grads_k59_mul(
+            kernels::grads_k49_reduce(a.temp_f32.slice(0, 640), a.temp_f32.slice_mut(5120, 320));
+            kernels::grads_k50_reduce(a.temp_f32.slice(1728, 256), a.temp_f32.slice_mut(9472, 16));
+            kernels::grads_k51_mul(
                 a.temp_f32.slice(1728, 256),
                 a.param.slice(3728, 16),
                 a.temp_f32.slice_mut(0, 256),
             );
-            kernels::grads_k60_reduce(
+            kernels::grads_k52_reduce(
                 a.temp_f32.slice(1728, 256),
                 a.temp_f32.slice(1216, 256),
-                a.temp_f32.slice_mut(10192, 16),
+                a.temp_f32.slice_mut(9488, 16),
             );
-            kernels::grads_k61_reduce(
+            kernels::grads_k53_reduce(
                 a.temp_f32.slice(0, 256),
                 a.temp_f32.slice(960, 256),
                 a.temp_f32.slice(2000, 16),
                 a.temp_f32.slice_mut(256, 16),
             );
-            kernels::grads_k62_mul_sqrt_d0(
+            kernels::grads_k54_mul_sqrt_d0(
                 a.temp_f32.slice(256, 16),
                 a.temp_f32.slice(1984, 16),
                 a.temp_f32.slice_mut(512, 16),
             );
-            kernels::grads_k63_add_div_d0_mul(
+            kernels::grads_k55_add_div_d0_mul(
                 a.temp_f32.slice(0, 256),
                 a.temp_f32.slice(2000, 16),
                 a.temp_f32.slice(512, 16),
                 a.temp_f32.slice(960, 256),
                 a.temp_f32.slice_mut(256, 256),
             );
-            kernels::grads_k64_reduce(a.temp_f32.slice(256, 256), a.temp_f32.slice_mut(0, 16));
-            kernels::grads_k65_mul(a.temp_f32.slice(0, 16), a.temp_f32.slice_mut(16, 16));
-            kernels::grads_k66_add(
+            kernels::grads_k56_reduce(a.temp_f32.slice(256, 256), a.temp_f32.slice_mut(0, 16));
+            kernels::grads_k57_mul(a.temp_f32.slice(0, 16), a.temp_f32.slice_mut(16, 16));
+            kernels::grads_k58_add(
                 a.temp_f32.slice(256, 256),
                 a.temp_f32.slice(16, 16),
-                a.temp_f32.slice_mut(9792, 256),
+                a.temp_f32.slice_mut(8768, 256),
             );
-            kernels::grads_k67_reduce(a.temp_f32.slice(9792, 256), a.temp_f32.slice_mut(10208, 16));
-            kernels::grads_k68_matmul(
-                a.temp_f32.slice(9792, 256),
+            kernels::grads_k59_reduce(a.temp_f32.slice(8768, 256), a.temp_f32.slice_mut(9504, 16));
+            kernels::grads_k60_matmul(
+                a.temp_f32.slice(3072, 1024),
+                a.temp_f32.slice(8768, 256),
+                a.temp_f32.slice_mut(0, 2048),
+            )?;
+            kernels::grads_k61_reduce(a.temp_f32.slice(0, 2048), a.temp_f32.slice_mut(3072, 1024));
+            kernels::grads_k62_matmul_gelu_d0_mul(
+                a.temp_f32.slice(8768, 256),
                 a.param.slice(2688, 1024),
+                a.temp_f32.slice(2048, 1024),
+                a.temp_f32.slice_mut(0, 1024),
                 a.temp_f32.slice_mut(4096, 1024),
             )?;
-            kernels::grads_k69_matmul(
-                a.temp_f32.slice(3072, 1024),
-                a.temp_f32.slice(9792, 256),
-                a.temp_f32.slice_mut(0, 2048),
-            )?;
-            kernels::grads_k70_reduce(a.temp_f32.slice(0, 2048), a.temp_f32.slice_mut(3072, 1024));
-            kernels::grads_k71_gelu_d0_mul(
+            kernels::grads_k63_reduce(a.temp_f32.slice(4096, 1024), a.temp_f32.slice_mut(9280, 64));
+            kernels::grads_k64_matmul(
                 a.temp_f32.slice(4096, 1024),
-                a.temp_f32.slice(2048, 1024),
-                a.temp_f32.slice_mut(5120, 1024),
-            );
-            kernels::grads_k72_reduce(a.temp_f32.slice(5120, 1024), a.temp_f32.slice_mut(4352, 64));
-            kernels::grads_k73_matmul(
-                a.temp_f32.slice(5120, 1024),
                 a.param.slice(1600, 1024),
-                a.temp_f32.slice_mut(4096, 256),
+                a.temp_f32.slice_mut(9024, 256),
             )?;
-            kernels::grads_k74_matmul(
-                a.temp_f32.slice(9536, 256),
-                a.temp_f32.slice(5120, 1024),
+            kernels::grads_k65_matmul(
+                a.temp_f32.slice(8512, 256),
+                a.temp_f32.slice(4096, 1024),
                 a.temp_f32.slice_mut(0, 2048),
             )?;
-            kernels::grads_k75_reduce(a.temp_f32.slice(0, 2048), a.temp_f32.slice_mut(2048, 1024));
-            kernels::grads_k76_reduce(a.temp_f32.slice(4096, 256), a.temp_f32.slice_mut(4416, 16));
-            kernels::grads_k77_mul(
-                a.temp_f32.slice(4096, 256),
+            kernels::grads_k66_reduce(a.temp_f32.slice(0, 2048), a.temp_f32.slice_mut(2048, 1024));
+            kernels::grads_k67_reduce(a.temp_f32.slice(9024, 256), a.temp_f32.slice_mut(4352, 16));
+            kernels::grads_k68_mul(
+                a.temp_f32.slice(9024, 256),
                 a.param.slice(1568, 16),
                 a.temp_f32.slice_mut(0, 256),
             );
-            kernels::grads_k78_reduce(
-                a.temp_f32.slice(4096, 256),
-                a.temp_f32.slice(9280, 256),
-                a.temp_f32.slice_mut(4432, 16),
-            );
-            kernels::grads_k79_reduce(
-                a.temp_f32.slice(0, 256),
+            kernels::grads_k69_reduce(
                 a.temp_f32.slice(9024, 256),
-                a.temp_f32.slice(10160, 16),
+                a.temp_f32.slice(8256, 256),
+                a.temp_f32.slice_mut(4368, 16),
+            );
+            kernels::grads_k70_reduce(
+                a.temp_f32.slice(0, 256),
+                a.temp_f32.slice(8000, 256),
+                a.temp_f32.slice(9456, 16),
                 a.temp_f32.slice_mut(256, 16),
             );
-            kernels::grads_k80_mul_sqrt_d0(
+            kernels::grads_k71_mul_sqrt_d0(
                 a.temp_f32.slice(256, 16),
-                a.temp_f32.slice(10144, 16),
+                a.temp_f32.slice(9440, 16),
                 a.temp_f32.slice_mut(512, 16),
             );
-            kernels::grads_k81_add_div_d0_mul(
+            kernels::grads_k72_add_div_d0_mul(
                 a.temp_f32.slice(0, 256),
-                a.temp_f32.slice(10160, 16),
+                a.temp_f32.slice(9456, 16),
                 a.temp_f32.slice(512, 16),
-                a.temp_f32.slice(9024, 256),
+                a.temp_f32.slice(8000, 256),
                 a.temp_f32.slice_mut(256, 256),
             );
-            kernels::grads_k82_reduce(a.temp_f32.slice(256, 256), a.temp_f32.slice_mut(0, 16));
-            kernels::grads_k83_mul(a.temp_f32.slice(0, 16), a.temp_f32.slice_mut(16, 16));
-            kernels::grads_k84_add(
-                a.temp_f32.slice(9792, 256),
+            kernels::grads_k73_reduce(a.temp_f32.slice(256, 256), a.temp_f32.slice_mut(0, 16));
+            kernels::grads_k74_mul(a.temp_f32.slice(0, 16), a.temp_f32.slice_mut(16, 16));
+            kernels::grads_k75_add(
+                a.temp_f32.slice(8768, 256),
                 a.temp_f32.slice(256, 256),
                 a.temp_f32.slice(16, 16),
                 a.temp_f32.slice_mut(512, 256),
             );
-            kernels::grads_k85_reduce(a.temp_f32.slice(512, 256), a.temp_f32.slice_mut(4448, 16));
-            kernels::grads_k86_matmul(
+            kernels::grads_k76_reduce(a.temp_f32.slice(512, 256), a.temp_f32.slice_mut(4384, 16));
+            kernels::grads_k77_matmul(
                 a.temp_f32.slice(512, 256),
                 a.param.slice(1296, 256),
                 a.temp_f32.slice_mut(768, 256),
             )?;
-            kernels::grads_k87_matmul(
-                a.temp_f32.slice(8768, 256),
+            kernels::grads_k78_matmul(
+                a.temp_f32.slice(7744, 256),
                 a.temp_f32.slice(512, 256),
                 a.temp_f32.slice_mut(0, 512),
             )?;
-            kernels::grads_k88_reduce(a.temp_f32.slice(0, 512), a.temp_f32.slice_mut(1024, 256));
-            kernels::grads_k89_matmul(
+            kernels::grads_k79_reduce(a.temp_f32.slice(0, 512), a.temp_f32.slice_mut(1024, 256));
+            kernels::grads_k80_matmul(
                 a.temp_f32.slice(768, 256),
-                a.temp_f32.slice(7744, 256),
+                a.temp_f32.slice(6720, 256),
                 a.temp_f32.slice_mut(0, 256),
             )?;
-            kernels::grads_k90_matmul(
-                a.temp_f32.slice(8512, 256),
+            kernels::grads_k81_matmul(
+                a.temp_f32.slice(7488, 256),
                 a.temp_f32.slice(768, 256),
                 a.temp_f32.slice_mut(256, 256),
             )?;
-            kernels::grads_k91_reduce(
+            kernels::grads_k82_reduce(
                 a.temp_f32.slice(0, 256),
-                a.temp_f32.slice(8256, 256),
-                a.temp_f32.slice(10048, 32),
+                a.temp_f32.slice(7232, 256),
+                a.temp_f32.slice(9344, 32),
                 a.temp_f32.slice_mut(1280, 32),
             );
-            kernels::grads_k92_add_div_d0_etc(
+            kernels::grads_k83_add_div_d0_etc(
                 a.const_bool.slice(0, 64),
                 a.temp_f32.slice(0, 256),
-                a.temp_f32.slice(10048, 32),
+                a.temp_f32.slice(9344, 32),
                 a.temp_f32.slice(1280, 32),
-                a.temp_f32.slice(8000, 256),
+                a.temp_f32.slice(6976, 256),
                 a.temp_f32.slice_mut(768, 256),
             );
-            kernels::grads_k93_matmul(
+            kernels::grads_k84_matmul(
                 a.temp_f32.slice(768, 256),
-                a.temp_f32.slice(7488, 256),
+                a.temp_f32.slice(6464, 256),
                 a.temp_f32.slice_mut(1280, 256),
             )?;
-            kernels::grads_k94_matmul(
-                a.temp_f32.slice(7232, 256),
+            kernels::grads_k85_matmul(
+                a.temp_f32.slice(6208, 256),
                 a.temp_f32.slice(768, 256),
                 a.temp_f32.slice_mut(1536, 256),
             )?;
-            kernels::grads_k95_copy(a.temp_f32.slice(256, 256), a.temp_f32.slice_mut(768, 256));
-            kernels::grads_k96_reduce(a.temp_f32.slice(768, 256), a.temp_f32.slice_mut(4464, 16));
-            kernels::grads_k97_matmul(
-                a.temp_f32.slice(768, 256),
-                a.param.slice(1024, 256),
-                a.temp_f32.slice_mut(1792, 256),
-            )?;
-            kernels::grads_k98_matmul(
-                a.temp_f32.slice(6976, 256),
+            kernels::grads_k86_copy(a.temp_f32.slice(256, 256), a.temp_f32.slice_mut(768, 256));
+            kernels::grads_k87_reduce(a.temp_f32.slice(768, 256), a.temp_f32.slice_mut(4400, 16));
+            kernels::grads_k88_matmul(
+                a.temp_f32.slice(5952, 256),
                 a.temp_f32.slice(768, 256),
                 a.temp_f32.slice_mut(0, 512),
             )?;
-            kernels::grads_k99_reduce(a.temp_f32.slice(0, 512), a.temp_f32.slice_mut(768, 256));
-            kernels::grads_k100_copy(a.temp_f32.slice(1280, 256), a.temp_f32.slice_mut(4096, 256));
-            kernels::grads_k101_reduce(a.temp_f32.slice(4096, 256), a.temp_f32.slice_mut(4480, 16));
-            kernels::grads_k102_matmul(
+            kernels::grads_k89_reduce(a.temp_f32.slice(0, 512), a.temp_f32.slice_mut(1792, 256));
+            kernels::grads_k90_copy(a.temp_f32.slice(1280, 256), a.temp_f32.slice_mut(4096, 256));
+            kernels::grads_k91_reduce(a.temp_f32.slice(4096, 256), a.temp_f32.slice_mut(4416, 16));
+            kernels::grads_k92_matmul(
                 a.temp_f32.slice(4096, 256),
                 a.param.slice(480, 256),
                 a.temp_f32.slice_mut(1280, 256),
             )?;
-            kernels::grads_k103_matmul(
-                a.temp_f32.slice(6976, 256),
+            kernels::grads_k93_matmul(
+                a.temp_f32.slice(5952, 256),
                 a.temp_f32.slice(4096, 256),
                 a.temp_f32.slice_mut(0, 512),
             )?;
-            kernels::grads_k104_reduce(a.temp_f32.slice(0, 512), a.temp_f32.slice_mut(4096, 256));
-            kernels::train_k109_add_mul_sub(
+            kernels::grads_k94_reduce(a.temp_f32.slice(0, 512), a.temp_f32.slice_mut(4096, 256));
+            kernels::train_k99_add_mul_sub(
                 a.temp_f32.slice(4096, 256),
                 a.state.slice_mut(480, 256),
                 a.param.slice_mut(480, 256),
             );
-            kernels::train_k110_add_mul_sub(
-                a.temp_f32.slice(4480, 16),
+            kernels::train_k100_add_mul_sub(
+                a.temp_f32.slice(4416, 16),
                 a.state.slice_mut(736, 16),
                 a.param.slice_mut(736, 16),
             );
-            kernels::train_k111_add_mul_sub(
-                a.temp_f32.slice(768, 256),
-                a.state.slice_mut(1024, 256),
-                a.param.slice_mut(1024, 256),
-            );
-            kernels::train_k112_add_mul_sub(
-                a.temp_f32.slice(4464, 16),
+            kernels::train_k101_add_mul_sub(
+                a.temp_f32.slice(4400, 16),
                 a.state.slice_mut(1280, 16),
                 a.param.slice_mut(1280, 16),
             );
-            kernels::train_k113_add_mul_sub(
+            kernels::train_k102_add_mul_sub(
                 a.temp_f32.slice(1024, 256),
                 a.state.slice_mut(1296, 256),
                 a.param.slice_mut(1296, 256),
             );
-            kernels::train_k114_add_mul_sub(
-                a.temp_f32.slice(4448, 16),
+            kernels::train_k103_add_mul_sub(
+                a.temp_f32.slice(4384, 16),
                 a.state.slice_mut(1552, 16),
                 a.param.slice_mut(1552, 16),
             );
-            kernels::train_k115_add_mul_sub(
-                a.temp_f32.slice(4432, 16),
+            kernels::train_k104_add_mul_sub(
+                a.temp_f32.slice(4368, 16),
                 a.state.slice_mut(1568, 16),
                 a.param.slice_mut(1568, 16),
             );
-            kernels::train_k116_add_mul_sub(
-                a.temp_f32.slice(4416, 16),
+            kernels::train_k105_add_mul_sub(
+                a.temp_f32.slice(4352, 16),
                 a.state.slice_mut(1584, 16),
                 a.param.slice_mut(1584, 16),
             );
-            kernels::train_k117_add_mul_sub(
+            kernels::train_k106_add_mul_sub(
                 a.temp_f32.slice(2048, 1024),
                 a.state.slice_mut(1600, 1024),
                 a.param.slice_mut(1600, 1024),
             );
-            kernels::train_k118_add_mul_sub(
-                a.temp_f32.slice(4352, 64),
+            kernels::train_k107_add_mul_sub(
+                a.temp_f32.slice(9280, 64),
                 a.state.slice_mut(2624, 64),
                 a.param.slice_mut(2624, 64),
             );
-            kernels::train_k119_add_mul_sub(
+            kernels::train_k108_add_mul_sub(
                 a.temp_f32.slice(3072, 1024),
                 a.state.slice_mut(2688, 1024),
                 a.param.slice_mut(2688, 1024),
             );
-            kernels::train_k120_add_mul_sub(
-                a.temp_f32.slice(10208, 16),
+            kernels::train_k109_add_mul_sub(
+                a.temp_f32.slice(9504, 16),
                 a.state.slice_mut(3712, 16),
                 a.param.slice_mut(3712, 16),
             );
-            kernels::train_k121_add_mul_sub(
-                a.temp_f32.slice(10192, 16),
+            kernels::train_k110_add_mul_sub(
+                a.temp_f32.slice(9488, 16),
                 a.state.slice_mut(3728, 16),
                 a.param.slice_mut(3728, 16),
             );
-            kernels::train_k122_add_mul_sub(
-                a.temp_f32.slice(10176, 16),
+            kernels::train_k111_add_mul_sub(
+                a.temp_f32.slice(9472, 16),
                 a.state.slice_mut(3744, 16),
                 a.param.slice_mut(3744, 16),
             );
-            kernels::train_k123_add_mul_sub(
-                a.temp_f32.slice(6144, 320),
+            kernels::train_k112_add_mul_sub(
+                a.temp_f32.slice(5120, 320),
                 a.state.slice_mut(3760, 320),
                 a.param.slice_mut(3760, 320),
             );
-            kernels::train_k124_add_mul_sub(
-                a.temp_f32.slice(10080, 20),
+            kernels::train_k113_add_mul_sub(
+                a.temp_f32.slice(9376, 20),
                 a.state.slice_mut(4080, 20),
                 a.param.slice_mut(4080, 20),
             );
-            kernels::grads_k105_copy(a.temp_f32.slice(1536, 256), a.temp_f32.slice_mut(768, 256));
-            kernels::grads_k106_reduce(a.temp_f32.slice(768, 256), a.temp_f32.slice_mut(1536, 16));
-            kernels::grads_k107_matmul(
-                a.temp_f32.slice(768, 256),
+            kernels::grads_k95_copy(a.temp_f32.slice(1536, 256), a.temp_f32.slice_mut(1024, 256));
+            kernels::grads_k96_reduce(a.temp_f32.slice(1024, 256), a.temp_f32.slice_mut(2048, 16));
+            kernels::grads_k97_matmul(
+                a.temp_f32.slice(1024, 256),
                 a.param.slice(752, 256),
-                a.temp_f32.slice_mut(1024, 256),
+                a.temp_f32.slice_mut(1536, 256),
             )?;
-            kernels::grads_k108_matmul(
-                a.temp_f32.slice(6976, 256),
-                a.temp_f32.slice(768, 256),
+            kernels::grads_k98_matmul(
+                a.temp_f32.slice(5952, 256),
+                a.temp_f32.slice(1024, 256),
                 a.temp_f32.slice_mut(0, 512),
             )?;
-            kernels::grads_k109_reduce(a.temp_f32.slice(0, 512), a.temp_f32.slice_mut(768, 256));
-            kernels::grads_k110_add(
-                a.temp_f32.slice(1792, 256),
-                a.temp_f32.slice(1024, 256),
+            kernels::grads_k99_reduce(a.temp_f32.slice(0, 512), a.temp_f32.slice_mut(1024, 256));
+            kernels::grads_k100_matmul_add(
+                a.temp_f32.slice(768, 256),
+                a.param.slice(1024, 256),
+                a.temp_f32.slice(1536, 256),
                 a.temp_f32.slice(1280, 256),
                 a.temp_f32.slice_mut(0, 256),
-            );
-            kernels::grads_k111_reduce(a.temp_f32.slice(0, 256), a.temp_f32.slice_mut(1280, 16));
-            kernels::grads_k112_mul(
-                a.temp_f32.slice(0, 256),
-                a.param.slice(448, 16),
                 a.temp_f32.slice_mut(256, 256),
+            )?;
+            kernels::train_k120_add_mul_sub(
+                a.temp_f32.slice(1792, 256),
+                a.state.slice_mut(1024, 256),
+                a.param.slice_mut(1024, 256),
             );
-            kernels::grads_k113_reduce(
-                a.temp_f32.slice(0, 256),
-                a.temp_f32.slice(6720, 256),
-                a.temp_f32.slice_mut(1296, 16),
-            );
-            kernels::grads_k114_reduce(
+            kernels::grads_k101_reduce(a.temp_f32.slice(256, 256), a.temp_f32.slice_mut(1280, 16));
+            kernels::grads_k102_mul(
                 a.temp_f32.slice(256, 256),
-                a.temp_f32.slice(6464, 256),
-                a.temp_f32.slice(10128, 16),
-                a.temp_f32.slice_mut(0, 16),
-            );
-            kernels::grads_k115_mul_sqrt_d0(
-                a.temp_f32.slice(0, 16),
-                a.temp_f32.slice(10112, 16),
-                a.temp_f32.slice_mut(1024, 16),
-            );
-            kernels::grads_k116_add_div_d0_mul(
-                a.temp_f32.slice(256, 256),
-                a.temp_f32.slice(10128, 16),
-                a.temp_f32.slice(1024, 16),
-                a.temp_f32.slice(6464, 256),
+                a.param.slice(448, 16),
                 a.temp_f32.slice_mut(0, 256),
             );
-            kernels::grads_k117_reduce(a.temp_f32.slice(0, 256), a.temp_f32.slice_mut(256, 16));
-            kernels::grads_k118_mul(a.temp_f32.slice(256, 16), a.temp_f32.slice_mut(272, 16));
-            kernels::grads_k119_add(
-                a.temp_f32.slice(512, 256),
-                a.temp_f32.slice(0, 256),
-                a.temp_f32.slice(272, 16),
-                a.temp_f32.slice_mut(1024, 256),
+            kernels::grads_k103_reduce(
+                a.temp_f32.slice(256, 256),
+                a.temp_f32.slice(5696, 256),
+                a.temp_f32.slice_mut(1296, 16),
             );
-            kernels::grads_k120_reduce(a.temp_f32.slice(1024, 256), a.temp_f32.slice_mut(320, 128));
-            kernels::grads_k121_scatter_add(
+            kernels::grads_k104_reduce(
+                a.temp_f32.slice(0, 256),
+                a.temp_f32.slice(5440, 256),
+                a.temp_f32.slice(9424, 16),
+                a.temp_f32.slice_mut(256, 16),
+            );
+            kernels::grads_k105_mul_sqrt_d0(
+                a.temp_f32.slice(256, 16),
+                a.temp_f32.slice(9408, 16),
+                a.temp_f32.slice_mut(768, 16),
+            );
+            kernels::grads_k106_add_div_d0_mul(
+                a.temp_f32.slice(0, 256),
+                a.temp_f32.slice(9424, 16),
+                a.temp_f32.slice(768, 16),
+                a.temp_f32.slice(5440, 256),
+                a.temp_f32.slice_mut(256, 256),
+            );
+            kernels::grads_k107_reduce(a.temp_f32.slice(256, 256), a.temp_f32.slice_mut(0, 16));
+            kernels::grads_k108_mul(a.temp_f32.slice(0, 16), a.temp_f32.slice_mut(16, 16));
+            kernels::grads_k109_add(
+                a.temp_f32.slice(512, 256),
+                a.temp_f32.slice(256, 256),
+                a.temp_f32.slice(16, 16),
+                a.temp_f32.slice_mut(768, 256),
+            );
+            kernels::grads_k110_reduce(a.temp_f32.slice(768, 256), a.temp_f32.slice_mut(320, 128));
+            kernels::grads_k111_scatter_add(
                 input_ids,
-                a.temp_f32.slice(1024, 256),
+                a.temp_f32.slice(768, 256),
                 a.temp_f32.slice_mut(0, 320),
             )?;
-            kernels::train_k142_add_mul_sub(
+            kernels::train_k132_add_mul_sub(
                 a.temp_f32.slice(0, 320),
                 a.state.slice_mut(0, 320),
                 a.param.slice_mut(0, 320),
             );
-            kernels::train_k143_add_mul_sub(
+            kernels::train_k133_add_mul_sub(
                 a.temp_f32.slice(320, 128),
                 a.state.slice_mut(320, 128),
                 a.param.slice_mut(320, 128),
             );
-            kernels::train_k144_add_mul_sub(
+            kernels::train_k134_add_mul_sub(
                 a.temp_f32.slice(1296, 16),
                 a.state.slice_mut(448, 16),
                 a.param.slice_mut(448, 16),
             );
-            kernels::train_k145_add_mul_sub(
+            kernels::train_k135_add_mul_sub(
                 a.temp_f32.slice(1280, 16),
                 a.state.slice_mut(464, 16),
                 a.param.slice_mut(464, 16),
             );
-            kernels::train_k146_add_mul_sub(
-                a.temp_f32.slice(768, 256),
+            kernels::train_k136_add_mul_sub(
+                a.temp_f32.slice(1024, 256),
                 a.state.slice_mut(752, 256),
                 a.param.slice_mut(752, 256),
             );
-            kernels::train_k147_add_mul_sub(
-                a.temp_f32.slice(1536, 16),
+            kernels::train_k137_add_mul_sub(
+                a.temp_f32.slice(2048, 16),
                 a.state.slice_mut(1008, 16),
                 a.param.slice_mut(1008, 16),
             );
@@ -1347,7 +1263,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `char_lm`.
-#[pyclass(module = "fg_char_lm_041a5701003f")]
+#[pyclass(module = "fg_char_lm_0bc759d04b65")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -1416,45 +1332,45 @@ impl Step {
         out.set_item("tok_emb.weight", rt::py::to_numpy(py, values, &[20, 16])?)?;
         let values = self.arenas.temp_f32.slice(320, 128);
         out.set_item("pos_emb", rt::py::to_numpy(py, values, &[8, 16])?)?;
-        let values = self.arenas.temp_f32.slice(1552, 16);
+        let values = self.arenas.temp_f32.slice(1296, 16);
         out.set_item("ln_attn.weight", rt::py::to_numpy(py, values, &[16])?)?;
-        let values = self.arenas.temp_f32.slice(1536, 16);
+        let values = self.arenas.temp_f32.slice(1280, 16);
         out.set_item("ln_attn.bias", rt::py::to_numpy(py, values, &[16])?)?;
         let values = self.arenas.temp_f32.slice(4096, 256);
         out.set_item("attn.q.weight", rt::py::to_numpy(py, values, &[16, 16])?)?;
-        let values = self.arenas.temp_f32.slice(4736, 16);
+        let values = self.arenas.temp_f32.slice(4672, 16);
         out.set_item("attn.q.bias", rt::py::to_numpy(py, values, &[16])?)?;
         let values = self.arenas.temp_f32.slice(4352, 256);
         out.set_item("attn.k.weight", rt::py::to_numpy(py, values, &[16, 16])?)?;
-        let values = self.arenas.temp_f32.slice(4752, 16);
+        let values = self.arenas.temp_f32.slice(4688, 16);
         out.set_item("attn.k.bias", rt::py::to_numpy(py, values, &[16])?)?;
-        let values = self.arenas.temp_f32.slice(768, 256);
+        let values = self.arenas.temp_f32.slice(1792, 256);
         out.set_item("attn.v.weight", rt::py::to_numpy(py, values, &[16, 16])?)?;
-        let values = self.arenas.temp_f32.slice(4720, 16);
+        let values = self.arenas.temp_f32.slice(4656, 16);
         out.set_item("attn.v.bias", rt::py::to_numpy(py, values, &[16])?)?;
         let values = self.arenas.temp_f32.slice(1024, 256);
         out.set_item("attn.out.weight", rt::py::to_numpy(py, values, &[16, 16])?)?;
-        let values = self.arenas.temp_f32.slice(4704, 16);
+        let values = self.arenas.temp_f32.slice(4640, 16);
         out.set_item("attn.out.bias", rt::py::to_numpy(py, values, &[16])?)?;
-        let values = self.arenas.temp_f32.slice(4688, 16);
+        let values = self.arenas.temp_f32.slice(4624, 16);
         out.set_item("ln_mlp.weight", rt::py::to_numpy(py, values, &[16])?)?;
-        let values = self.arenas.temp_f32.slice(4672, 16);
+        let values = self.arenas.temp_f32.slice(4608, 16);
         out.set_item("ln_mlp.bias", rt::py::to_numpy(py, values, &[16])?)?;
         let values = self.arenas.temp_f32.slice(2048, 1024);
         out.set_item("mlp.up.weight", rt::py::to_numpy(py, values, &[16, 64])?)?;
-        let values = self.arenas.temp_f32.slice(4608, 64);
+        let values = self.arenas.temp_f32.slice(9280, 64);
         out.set_item("mlp.up.bias", rt::py::to_numpy(py, values, &[64])?)?;
         let values = self.arenas.temp_f32.slice(3072, 1024);
         out.set_item("mlp.down.weight", rt::py::to_numpy(py, values, &[64, 16])?)?;
-        let values = self.arenas.temp_f32.slice(10208, 16);
+        let values = self.arenas.temp_f32.slice(9504, 16);
         out.set_item("mlp.down.bias", rt::py::to_numpy(py, values, &[16])?)?;
-        let values = self.arenas.temp_f32.slice(10192, 16);
+        let values = self.arenas.temp_f32.slice(9488, 16);
         out.set_item("ln_out.weight", rt::py::to_numpy(py, values, &[16])?)?;
-        let values = self.arenas.temp_f32.slice(10176, 16);
+        let values = self.arenas.temp_f32.slice(9472, 16);
         out.set_item("ln_out.bias", rt::py::to_numpy(py, values, &[16])?)?;
-        let values = self.arenas.temp_f32.slice(6144, 320);
+        let values = self.arenas.temp_f32.slice(5120, 320);
         out.set_item("head.weight", rt::py::to_numpy(py, values, &[16, 20])?)?;
-        let values = self.arenas.temp_f32.slice(10080, 20);
+        let values = self.arenas.temp_f32.slice(9376, 20);
         out.set_item("head.bias", rt::py::to_numpy(py, values, &[20])?)?;
         Ok(out)
     }
@@ -1480,7 +1396,7 @@ impl Step {
                 arenas.train(ids, targets)
             })
         })?;
-        Ok(self.arenas.temp_f32.slice(10224, 1)[0])
+        Ok(self.arenas.temp_f32.slice(9520, 1)[0])
     }
 
     /// Copies of every param (`kind="param"`) or optimizer state buffer (`"state"`).
@@ -1528,7 +1444,7 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_char_lm_041a5701003f(m: &Bound<'_, PyModule>) -> PyResult<()> {
+fn fg_char_lm_0bc759d04b65(m: &Bound<'_, PyModule>) -> PyResult<()> {
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

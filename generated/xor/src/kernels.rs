@@ -9,79 +9,75 @@ use ferrograd_runtime as rt;
 use rayon::prelude::*;
 use std::f32::consts;
 
-/// matmul: matmul.
-pub fn forward_k00_matmul(
+/// matmul: matmul, add, tanh.
+pub fn forward_k00_matmul_add_tanh(
     input_x: &[f32],
     param_hidden_weight: &[f32],
+    param_hidden_bias: &[f32],
     t3: &mut [f32],
+    t6: &mut [f32],
 ) -> Result<(), rt::Error> {
-    rt::gemm::sgemm_batched(
-        1,
-        4,
+    let c = &mut t3[0..16];
+    let o0 = &mut t6[0..16];
+    rt::gemm::sgemm(
+        c.len() / 4,
         4,
         2,
         &input_x[0..],
-        (0, 2, 1),
+        (2, 1),
         &param_hidden_weight[0..],
-        (0, 4, 1),
-        &mut t3[0..],
-        (0, 4, 1),
+        (4, 1),
+        c,
+        (4, 1),
         false,
     )?;
-    Ok(())
-}
-
-/// elementwise: add, tanh over [4, 4].
-pub fn forward_k01_add_tanh(t3: &[f32], param_hidden_bias: &[f32], t6: &mut [f32]) {
-    t6[0..16].chunks_mut(4).enumerate().for_each(|(row, o0)| {
+    for (c, o0) in c.chunks(4).zip(o0.chunks_mut(4)) {
         let n = o0.len();
-        let x0_row = &t3[row * 4..][..n];
         let x1_row = &param_hidden_bias[0..][..n];
         for j in 0..n {
-            let x0 = x0_row[j];
+            let x0 = c[j];
             let x1 = x1_row[j];
             o0[j] = (x0 + x1).tanh();
         }
-    });
-}
-
-/// matmul: matmul.
-pub fn forward_k02_matmul(
-    t6: &[f32],
-    param_out_weight: &[f32],
-    t8: &mut [f32],
-) -> Result<(), rt::Error> {
-    rt::gemm::sgemm_batched(
-        1,
-        4,
-        1,
-        4,
-        &t6[0..],
-        (0, 4, 1),
-        &param_out_weight[0..],
-        (0, 1, 0),
-        &mut t8[0..],
-        (0, 1, 0),
-        false,
-    )?;
+    }
     Ok(())
 }
 
-/// elementwise: add, sigmoid over [4, 1].
-pub fn forward_k03_add_sigmoid(t8: &[f32], param_out_bias: &[f32], t11: &mut [f32]) {
-    t11[0..4].chunks_mut(4).enumerate().for_each(|(row, o0)| {
+/// matmul: matmul, add, sigmoid.
+pub fn forward_k01_matmul_add_sigmoid(
+    t6: &[f32],
+    param_out_weight: &[f32],
+    param_out_bias: &[f32],
+    t8: &mut [f32],
+    t11: &mut [f32],
+) -> Result<(), rt::Error> {
+    let c = &mut t8[0..4];
+    let o0 = &mut t11[0..4];
+    rt::gemm::sgemm(
+        c.len(),
+        1,
+        4,
+        &t6[0..],
+        (4, 1),
+        &param_out_weight[0..],
+        (1, 0),
+        c,
+        (1, 1),
+        false,
+    )?;
+    for (c, o0) in c.chunks(1).zip(o0.chunks_mut(1)) {
         let n = o0.len();
-        let x0_row = &t8[row * 4..][..n];
         let x1 = param_out_bias[0];
         for j in 0..n {
-            let x0 = x0_row[j];
+            let x0 = c[j];
             o0[j] = (0.5) * ((0.5) * x0 + (0.5) * x1).tanh() + 0.5;
         }
-    });
+    }
+    Ok(())
 }
 
 /// reduce: add, log, maximum, mul, reduce_sum, sub over [4, 1].
-pub fn forward_k04_reduce(input_y: &[f32], t11: &[f32], t25: &mut [f32]) {
+pub fn forward_k02_reduce(input_y: &[f32], t11: &[f32], t25: &mut [f32]) {
     t25[0..1].iter_mut().for_each(|acc_out| {
         let mut acc = 0.0_f64;
         for i0 in 0..4 {
@@ -96,27 +92,47 @@ pub fn forward_k04_reduce(input_y: &[f32], t11: &[f32], t25: &mut [f32]) {
 }
 
 /// elementwise: mul, neg.
-pub fn forward_k05_mul_neg(t25: &[f32], t28: &mut [f32]) {
+pub fn forward_k03_mul_neg(t25: &[f32], t28: &mut [f32]) {
     let x0 = t25[0];
     t28[0] = -0.25 * x0;
 }
 
-/// elementwise: add over [4, 4].
-pub fn grads_k01_add(t3: &[f32], param_hidden_bias: &[f32], t5: &mut [f32]) {
-    t5[0..16].chunks_mut(4).enumerate().for_each(|(row, o0)| {
+/// matmul: matmul, add.
+pub fn grads_k00_matmul_add(
+    input_x: &[f32],
+    param_hidden_weight: &[f32],
+    param_hidden_bias: &[f32],
+    t3: &mut [f32],
+    t5: &mut [f32],
+) -> Result<(), rt::Error> {
+    let c = &mut t3[0..16];
+    let o0 = &mut t5[0..16];
+    rt::gemm::sgemm(
+        c.len() / 4,
+        4,
+        2,
+        &input_x[0..],
+        (2, 1),
+        &param_hidden_weight[0..],
+        (4, 1),
+        c,
+        (4, 1),
+        false,
+    )?;
+    for (c, o0) in c.chunks(4).zip(o0.chunks_mut(4)) {
         let n = o0.len();
-        let x0_row = &t3[row * 4..][..n];
         let x1_row = &param_hidden_bias[0..][..n];
         for j in 0..n {
-            let x0 = x0_row[j];
+            let x0 = c[j];
             let x1 = x1_row[j];
             o0[j] = x0 + x1;
         }
-    });
+    }
+    Ok(())
 }
 
 /// elementwise: tanh over [4, 4].
-pub fn grads_k02_tanh(t5: &[f32], t6: &mut [f32]) {
+pub fn grads_k01_tanh(t5: &[f32], t6: &mut [f32]) {
     t6[0..16].chunks_mut(16).enumerate().for_each(|(row, o0)| {
         let n = o0.len();
         let x0_row = &t5[row * 16..][..n];
@@ -127,24 +143,38 @@ pub fn grads_k02_tanh(t5: &[f32], t6: &mut [f32]) {
     });
 }
 
-/// elementwise: add, log, log.d0, maximum.d0, mul, neg, sigmoid, sigmoid.d0, sub over [4, 1].
-pub fn grads_k04_add_log_etc(
+/// matmul: matmul, add, log, log.d0, maximum.d0, mul, neg, sigmoid, sigmoid.d0, sub.
+pub fn grads_k02_matmul_add_log_etc(
+    t6: &[f32],
+    param_out_weight: &[f32],
     c112: &[f32],
     input_y: &[f32],
-    t8: &[f32],
     param_out_bias: &[f32],
+    t8: &mut [f32],
     t54: &mut [f32],
-) {
-    t54[0..4].chunks_mut(4).enumerate().for_each(|(row, o0)| {
+) -> Result<(), rt::Error> {
+    let c = &mut t8[0..4];
+    let o0 = &mut t54[0..4];
+    rt::gemm::sgemm(
+        c.len(),
+        1,
+        4,
+        &t6[0..],
+        (4, 1),
+        &param_out_weight[0..],
+        (1, 0),
+        c,
+        (1, 1),
+        false,
+    )?;
+    for (i, (c, o0)) in c.chunks(1).zip(o0.chunks_mut(1)).enumerate() {
+        let row = i;
         let n = o0.len();
-        let x0_row = &c112[row * 4..][..n];
-        let x1_row = &input_y[row * 4..][..n];
-        let x2_row = &t8[row * 4..][..n];
+        let x0 = c112[row];
+        let x1 = input_y[row];
         let x3 = param_out_bias[0];
         for j in 0..n {
-            let x0 = x0_row[j];
-            let x1 = x1_row[j];
-            let x2 = x2_row[j];
+            let x2 = c[j];
             let t0 = ((0.5) * x2 + (0.5) * x3).tanh();
             let t1 = (0.5) * t0;
             let t2 = t1 + 0.5;
@@ -170,11 +200,12 @@ pub fn grads_k04_add_log_etc(
                         })
                         / t2);
         }
-    });
+    }
+    Ok(())
 }
 
 /// reduce: reduce_sum over [4, 1].
-pub fn grads_k05_reduce(t54: &[f32], t55: &mut [f32]) {
+pub fn grads_k03_reduce(t54: &[f32], t55: &mut [f32]) {
     t55[0..1].iter_mut().for_each(|acc_out| {
         let mut acc = 0.0_f64;
         for i0 in 0..4 {
@@ -186,29 +217,7 @@ pub fn grads_k05_reduce(t54: &[f32], t55: &mut [f32]) {
 }
 
 /// matmul: matmul.
-pub fn grads_k06_matmul(
-    t54: &[f32],
-    param_out_weight: &[f32],
-    t58: &mut [f32],
-) -> Result<(), rt::Error> {
-    rt::gemm::sgemm_batched(
-        1,
-        4,
-        4,
-        1,
-        &t54[0..],
-        (0, 1, 0),
-        &param_out_weight[0..],
-        (0, 0, 1),
-        &mut t58[0..],
-        (0, 4, 1),
-        false,
-    )?;
-    Ok(())
-}
-
-/// matmul: matmul.
-pub fn grads_k07_matmul(t6: &[f32], t54: &[f32], t60: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k04_matmul(t6: &[f32], t54: &[f32], t60: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         4,
@@ -225,22 +234,43 @@ pub fn grads_k07_matmul(t6: &[f32], t54: &[f32], t60: &mut [f32]) -> Result<(), 
     Ok(())
 }
 
-/// elementwise: mul, tanh.d0 over [4, 4].
-pub fn grads_k08_mul_tanh_d0(t58: &[f32], t5: &[f32], t62: &mut [f32]) {
-    t62[0..16].chunks_mut(16).enumerate().for_each(|(row, o0)| {
+/// matmul: matmul, mul, tanh.d0.
+pub fn grads_k05_matmul_mul_tanh_d0(
+    t54: &[f32],
+    param_out_weight: &[f32],
+    t5: &[f32],
+    t58: &mut [f32],
+    t62: &mut [f32],
+) -> Result<(), rt::Error> {
+    let c = &mut t58[0..16];
+    let o0 = &mut t62[0..16];
+    rt::gemm::sgemm(
+        c.len() / 4,
+        4,
+        1,
+        &t54[0..],
+        (1, 0),
+        &param_out_weight[0..],
+        (0, 1),
+        c,
+        (4, 1),
+        false,
+    )?;
+    for (i, (c, o0)) in c.chunks(4).zip(o0.chunks_mut(4)).enumerate() {
+        let row = i;
         let n = o0.len();
-        let x0_row = &t58[row * 16..][..n];
-        let x1_row = &t5[row * 16..][..n];
+        let x1_row = &t5[row * 4..][..n];
         for j in 0..n {
-            let x0 = x0_row[j];
+            let x0 = c[j];
             let x1 = x1_row[j];
             o0[j] = x0 * (1.0 - (x1.tanh()).powi(2));
         }
-    });
+    }
+    Ok(())
 }
 
 /// reduce: reduce_sum over [4, 4].
-pub fn grads_k09_reduce(t62: &[f32], t63: &mut [f32]) {
+pub fn grads_k06_reduce(t62: &[f32], t63: &mut [f32]) {
     t63[0..4].iter_mut().enumerate().for_each(|(row, acc_out)| {
         let mut acc = 0.0_f64;
         for i0 in 0..4 {
@@ -252,7 +282,7 @@ pub fn grads_k09_reduce(t62: &[f32], t63: &mut [f32]) {
 }
 
 /// matmul: matmul.
-pub fn grads_k10_matmul(input_x: &[f32], t62: &[f32], t68: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k07_matmul(input_x: &[f32], t62: &[f32], t68: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         2,
@@ -269,21 +299,41 @@ pub fn grads_k10_matmul(input_x: &[f32], t62: &[f32], t68: &mut [f32]) -> Result
     Ok(())
 }
 
-/// elementwise: add over [4, 1].
-pub fn train_k04_add(t8: &[f32], param_out_bias: &[f32], t10: &mut [f32]) {
-    t10[0..4].chunks_mut(4).enumerate().for_each(|(row, o0)| {
+/// matmul: matmul, add.
+pub fn train_k02_matmul_add(
+    t6: &[f32],
+    param_out_weight: &[f32],
+    param_out_bias: &[f32],
+    t8: &mut [f32],
+    t10: &mut [f32],
+) -> Result<(), rt::Error> {
+    let c = &mut t8[0..4];
+    let o0 = &mut t10[0..4];
+    rt::gemm::sgemm(
+        c.len(),
+        1,
+        4,
+        &t6[0..],
+        (4, 1),
+        &param_out_weight[0..],
+        (1, 0),
+        c,
+        (1, 1),
+        false,
+    )?;
+    for (c, o0) in c.chunks(1).zip(o0.chunks_mut(1)) {
         let n = o0.len();
-        let x0_row = &t8[row * 4..][..n];
         let x1 = param_out_bias[0];
         for j in 0..n {
-            let x0 = x0_row[j];
+            let x0 = c[j];
             o0[j] = x0 + x1;
         }
-    });
+    }
+    Ok(())
 }
 
 /// elementwise: sigmoid over [4, 1].
-pub fn train_k05_sigmoid(t10: &[f32], t11: &mut [f32]) {
+pub fn train_k03_sigmoid(t10: &[f32], t11: &mut [f32]) {
     t11[0..4].chunks_mut(4).enumerate().for_each(|(row, o0)| {
         let n = o0.len();
         let x0_row = &t10[row * 4..][..n];
@@ -295,7 +345,7 @@ pub fn train_k05_sigmoid(t10: &[f32], t11: &mut [f32]) {
 }
 
 /// elementwise: log over [4, 1].
-pub fn train_k06_log(t11: &[f32], t12: &mut [f32]) {
+pub fn train_k04_log(t11: &[f32], t12: &mut [f32]) {
     t12[0..4].chunks_mut(4).enumerate().for_each(|(row, o0)| {
         let n = o0.len();
         let x0_row = &t11[row * 4..][..n];
@@ -307,7 +357,7 @@ pub fn train_k06_log(t11: &[f32], t12: &mut [f32]) {
 }
 
 /// elementwise: sub over [4, 1].
-pub fn train_k07_sub(t11: &[f32], t16: &mut [f32]) {
+pub fn train_k05_sub(t11: &[f32], t16: &mut [f32]) {
     t16[0..4].chunks_mut(4).enumerate().for_each(|(row, o0)| {
         let n = o0.len();
         let x0_row = &t11[row * 4..][..n];
@@ -319,7 +369,7 @@ pub fn train_k07_sub(t11: &[f32], t16: &mut [f32]) {
 }
 
 /// elementwise: log over [4, 1].
-pub fn train_k08_log(t16: &[f32], t17: &mut [f32]) {
+pub fn train_k06_log(t16: &[f32], t17: &mut [f32]) {
     t17[0..4].chunks_mut(4).enumerate().for_each(|(row, o0)| {
         let n = o0.len();
         let x0_row = &t16[row * 4..][..n];
@@ -331,7 +381,7 @@ pub fn train_k08_log(t16: &[f32], t17: &mut [f32]) {
 }
 
 /// elementwise: sub over [4, 1].
-pub fn train_k09_sub(input_y: &[f32], t22: &mut [f32]) {
+pub fn train_k07_sub(input_y: &[f32], t22: &mut [f32]) {
     t22[0..4].chunks_mut(4).enumerate().for_each(|(row, o0)| {
         let n = o0.len();
         let x0_row = &input_y[row * 4..][..n];
@@ -343,7 +393,7 @@ pub fn train_k09_sub(input_y: &[f32], t22: &mut [f32]) {
 }
 
 /// reduce: add, maximum, mul, reduce_sum over [4, 1].
-pub fn train_k10_reduce(input_y: &[f32], t12: &[f32], t22: &[f32], t17: &[f32], t25: &mut [f32]) {
+pub fn train_k08_reduce(input_y: &[f32], t12: &[f32], t22: &[f32], t17: &[f32], t25: &mut [f32]) {
     t25[0..1].iter_mut().for_each(|acc_out| {
         let mut acc = 0.0_f64;
         for i0 in 0..4 {
@@ -358,7 +408,7 @@ pub fn train_k10_reduce(input_y: &[f32], t12: &[f32], t22: &[f32], t17: &[f32], 
 }
 
 /// elementwise: add, log.d0, maximum.d0, mul, neg, sigmoid.d0 over [4, 1].
-pub fn train_k12_add_log_d0_etc(
+pub fn train_k10_add_log_d0_etc(
     c112: &[f32],
     t22: &[f32],
     t17: &[f32],
@@ -412,31 +462,44 @@ pub fn train_k12_add_log_d0_etc(
     });
 }
 
-/// elementwise: add, mul, sub over [2, 4].
-pub fn train_k19_add_mul_sub(
-    t68: &[f32],
+/// matmul: matmul, add, mul, sub.
+pub fn train_k14_matmul_add_mul_sub(
+    input_x: &[f32],
+    t62: &[f32],
+    t68: &mut [f32],
     state_momentum_buffer_hidden_weight: &mut [f32],
     param_hidden_weight: &mut [f32],
-) {
-    state_momentum_buffer_hidden_weight[0..8]
-        .chunks_mut(8)
-        .zip(param_hidden_weight[0..8].chunks_mut(8))
-        .enumerate()
-        .for_each(|(row, (o0, o1))| {
-            let n = o0.len();
-            let x1_row = &t68[row * 8..][..n];
-            for j in 0..n {
-                let x0 = o0[j];
-                let x1 = x1_row[j];
-                let x2 = o1[j];
-                o0[j] = 0.9 * x0 + x1;
-                o1[j] = -0.40499997 * x0 - 0.95 * x1 + x2;
-            }
-        });
+) -> Result<(), rt::Error> {
+    let c = &mut t68[0..8];
+    let o0 = &mut state_momentum_buffer_hidden_weight[0..8];
+    let o1 = &mut param_hidden_weight[0..8];
+    rt::gemm::sgemm(
+        c.len() / 4,
+        4,
+        4,
+        &input_x[0..],
+        (1, 2),
+        &t62[0..],
+        (4, 1),
+        c,
+        (4, 1),
+        false,
+    )?;
+    for ((c, o0), o1) in c.chunks(4).zip(o0.chunks_mut(4)).zip(o1.chunks_mut(4)) {
+        let n = o0.len();
+        for j in 0..n {
+            let x0 = o0[j];
+            let x1 = c[j];
+            let x2 = o1[j];
+            o0[j] = 0.9 * x0 + x1;
+            o1[j] = -0.40499997 * x0 - 0.95 * x1 + x2;
+        }
+    }
+    Ok(())
 }
 
 /// elementwise: add, mul, sub over [4].
-pub fn train_k20_add_mul_sub(
+pub fn train_k15_add_mul_sub(
     t63: &[f32],
     state_momentum_buffer_hidden_bias: &mut [f32],
     param_hidden_bias: &mut [f32],
@@ -458,31 +521,44 @@ pub fn train_k20_add_mul_sub(
         });
 }
 
-/// elementwise: add, mul, sub over [4, 1].
-pub fn train_k21_add_mul_sub(
-    t60: &[f32],
+/// matmul: matmul, add, mul, sub.
+pub fn train_k16_matmul_add_mul_sub(
+    t6: &[f32],
+    t54: &[f32],
+    t60: &mut [f32],
     state_momentum_buffer_out_weight: &mut [f32],
     param_out_weight: &mut [f32],
-) {
-    state_momentum_buffer_out_weight[0..4]
-        .chunks_mut(4)
-        .zip(param_out_weight[0..4].chunks_mut(4))
-        .enumerate()
-        .for_each(|(row, (o0, o1))| {
-            let n = o0.len();
-            let x1_row = &t60[row * 4..][..n];
-            for j in 0..n {
-                let x0 = o0[j];
-                let x1 = x1_row[j];
-                let x2 = o1[j];
-                o0[j] = 0.9 * x0 + x1;
-                o1[j] = -0.40499997 * x0 - 0.95 * x1 + x2;
-            }
-        });
+) -> Result<(), rt::Error> {
+    let c = &mut t60[0..4];
+    let o0 = &mut state_momentum_buffer_out_weight[0..4];
+    let o1 = &mut param_out_weight[0..4];
+    rt::gemm::sgemm(
+        c.len(),
+        1,
+        4,
+        &t6[0..],
+        (1, 4),
+        &t54[0..],
+        (1, 0),
+        c,
+        (1, 1),
+        false,
+    )?;
+    for ((c, o0), o1) in c.chunks(1).zip(o0.chunks_mut(1)).zip(o1.chunks_mut(1)) {
+        let n = o0.len();
+        for j in 0..n {
+            let x0 = o0[j];
+            let x1 = c[j];
+            let x2 = o1[j];
+            o0[j] = 0.9 * x0 + x1;
+            o1[j] = -0.40499997 * x0 - 0.95 * x1 + x2;
+        }
+    }
+    Ok(())
 }
 
 /// elementwise: add, mul, sub over [1].
-pub fn train_k22_add_mul_sub(
+pub fn train_k17_add_mul_sub(
     t55: &[f32],
     state_momentum_buffer_out_bias: &mut [f32],
     param_out_bias: &mut [f32],

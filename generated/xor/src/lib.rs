@@ -72,177 +72,159 @@ impl Arenas {
         Ok(arenas)
     }
 
-    /// `forward`: 6 kernels.
+    /// `forward`: 4 kernels.
     fn forward(&mut self, input_x: &[f32], input_y: &[f32]) -> Result<(), rt::Error> {
         let a = &*self;
         // SAFETY: the memory plan gives buffers that are live at the same time
         // disjoint ranges of their arena, and a kernel writing a buffer in place
         // reads it only through that same mutable slice.
         unsafe {
-            kernels::forward_k00_matmul(input_x, a.param.slice(0, 8), a.temp_f32.slice_mut(0, 16))?;
-            kernels::forward_k01_add_tanh(
-                a.temp_f32.slice(0, 16),
+            kernels::forward_k00_matmul_add_tanh(
+                input_x,
+                a.param.slice(0, 8),
                 a.param.slice(16, 4),
+                a.temp_f32.slice_mut(0, 16),
                 a.temp_f32.slice_mut(16, 16),
-            );
-            kernels::forward_k02_matmul(
+            )?;
+            kernels::forward_k01_matmul_add_sigmoid(
                 a.temp_f32.slice(16, 16),
                 a.param.slice(32, 4),
+                a.param.slice(48, 1),
+                a.temp_f32.slice_mut(32, 4),
                 a.temp_f32.slice_mut(0, 4),
             )?;
-            kernels::forward_k03_add_sigmoid(
-                a.temp_f32.slice(0, 4),
-                a.param.slice(48, 1),
-                a.temp_f32.slice_mut(16, 4),
-            );
-            kernels::forward_k04_reduce(
+            kernels::forward_k02_reduce(
                 input_y,
-                a.temp_f32.slice(16, 4),
-                a.temp_f32.slice_mut(0, 1),
+                a.temp_f32.slice(0, 4),
+                a.temp_f32.slice_mut(16, 1),
             );
-            kernels::forward_k05_mul_neg(a.temp_f32.slice(0, 1), a.temp_f32.slice_mut(32, 1));
+            kernels::forward_k03_mul_neg(a.temp_f32.slice(16, 1), a.temp_f32.slice_mut(32, 1));
         }
         Ok(())
     }
 
-    /// `grads`: 11 kernels.
+    /// `grads`: 8 kernels.
     fn grads(&mut self, input_x: &[f32], input_y: &[f32]) -> Result<(), rt::Error> {
         let a = &*self;
         // SAFETY: the memory plan gives buffers that are live at the same time
         // disjoint ranges of their arena, and a kernel writing a buffer in place
         // reads it only through that same mutable slice.
         unsafe {
-            kernels::forward_k00_matmul(input_x, a.param.slice(0, 8), a.temp_f32.slice_mut(0, 16))?;
-            kernels::grads_k01_add(
-                a.temp_f32.slice(0, 16),
+            kernels::grads_k00_matmul_add(
+                input_x,
+                a.param.slice(0, 8),
                 a.param.slice(16, 4),
+                a.temp_f32.slice_mut(0, 16),
                 a.temp_f32.slice_mut(16, 16),
-            );
-            kernels::grads_k02_tanh(a.temp_f32.slice(16, 16), a.temp_f32.slice_mut(0, 16));
-            kernels::forward_k02_matmul(
+            )?;
+            kernels::grads_k01_tanh(a.temp_f32.slice(16, 16), a.temp_f32.slice_mut(0, 16));
+            kernels::grads_k02_matmul_add_log_etc(
                 a.temp_f32.slice(0, 16),
                 a.param.slice(32, 4),
-                a.temp_f32.slice_mut(32, 4),
-            )?;
-            kernels::grads_k04_add_log_etc(
                 a.const_f32.slice(0, 4),
                 input_y,
-                a.temp_f32.slice(32, 4),
                 a.param.slice(48, 1),
+                a.temp_f32.slice_mut(32, 4),
                 a.temp_f32.slice_mut(48, 4),
-            );
-            kernels::grads_k05_reduce(a.temp_f32.slice(48, 4), a.temp_f32.slice_mut(80, 1));
-            kernels::grads_k06_matmul(
-                a.temp_f32.slice(48, 4),
-                a.param.slice(32, 4),
-                a.temp_f32.slice_mut(32, 16),
             )?;
-            kernels::grads_k07_matmul(
+            kernels::grads_k03_reduce(a.temp_f32.slice(48, 4), a.temp_f32.slice_mut(80, 1));
+            kernels::grads_k04_matmul(
                 a.temp_f32.slice(0, 16),
                 a.temp_f32.slice(48, 4),
                 a.temp_f32.slice_mut(64, 4),
             )?;
-            kernels::grads_k08_mul_tanh_d0(
-                a.temp_f32.slice(32, 16),
+            kernels::grads_k05_matmul_mul_tanh_d0(
+                a.temp_f32.slice(48, 4),
+                a.param.slice(32, 4),
                 a.temp_f32.slice(16, 16),
                 a.temp_f32.slice_mut(0, 16),
-            );
-            kernels::grads_k09_reduce(a.temp_f32.slice(0, 16), a.temp_f32.slice_mut(32, 4));
-            kernels::grads_k10_matmul(
+                a.temp_f32.slice_mut(32, 16),
+            )?;
+            kernels::grads_k06_reduce(a.temp_f32.slice(32, 16), a.temp_f32.slice_mut(16, 4));
+            kernels::grads_k07_matmul(
                 input_x,
-                a.temp_f32.slice(0, 16),
-                a.temp_f32.slice_mut(16, 8),
+                a.temp_f32.slice(32, 16),
+                a.temp_f32.slice_mut(0, 8),
             )?;
         }
         Ok(())
     }
 
-    /// `train`: 23 kernels.
+    /// `train`: 18 kernels.
     fn train(&mut self, input_x: &[f32], input_y: &[f32]) -> Result<(), rt::Error> {
         let a = &*self;
         // SAFETY: the memory plan gives buffers that are live at the same time
         // disjoint ranges of their arena, and a kernel writing a buffer in place
         // reads it only through that same mutable slice.
         unsafe {
-            kernels::forward_k00_matmul(input_x, a.param.slice(0, 8), a.temp_f32.slice_mut(0, 16))?;
-            kernels::grads_k01_add(
-                a.temp_f32.slice(0, 16),
+            kernels::grads_k00_matmul_add(
+                input_x,
+                a.param.slice(0, 8),
                 a.param.slice(16, 4),
+                a.temp_f32.slice_mut(0, 16),
                 a.temp_f32.slice_mut(16, 16),
-            );
-            kernels::grads_k02_tanh(a.temp_f32.slice(16, 16), a.temp_f32.slice_mut(0, 16));
-            kernels::forward_k02_matmul(
+            )?;
+            kernels::grads_k01_tanh(a.temp_f32.slice(16, 16), a.temp_f32.slice_mut(0, 16));
+            kernels::train_k02_matmul_add(
                 a.temp_f32.slice(0, 16),
                 a.param.slice(32, 4),
-                a.temp_f32.slice_mut(32, 4),
-            )?;
-            kernels::train_k04_add(
-                a.temp_f32.slice(32, 4),
                 a.param.slice(48, 1),
                 a.temp_f32.slice_mut(48, 4),
-            );
-            kernels::train_k05_sigmoid(a.temp_f32.slice(48, 4), a.temp_f32.slice_mut(32, 4));
-            kernels::train_k06_log(a.temp_f32.slice(32, 4), a.temp_f32.slice_mut(64, 4));
-            kernels::train_k07_sub(a.temp_f32.slice(32, 4), a.temp_f32.slice_mut(80, 4));
-            kernels::train_k08_log(a.temp_f32.slice(80, 4), a.temp_f32.slice_mut(96, 4));
-            kernels::train_k09_sub(input_y, a.temp_f32.slice_mut(112, 4));
-            kernels::train_k10_reduce(
+                a.temp_f32.slice_mut(32, 4),
+            )?;
+            kernels::train_k03_sigmoid(a.temp_f32.slice(32, 4), a.temp_f32.slice_mut(48, 4));
+            kernels::train_k04_log(a.temp_f32.slice(48, 4), a.temp_f32.slice_mut(64, 4));
+            kernels::train_k05_sub(a.temp_f32.slice(48, 4), a.temp_f32.slice_mut(80, 4));
+            kernels::train_k06_log(a.temp_f32.slice(80, 4), a.temp_f32.slice_mut(96, 4));
+            kernels::train_k07_sub(input_y, a.temp_f32.slice_mut(112, 4));
+            kernels::train_k08_reduce(
                 input_y,
                 a.temp_f32.slice(64, 4),
                 a.temp_f32.slice(112, 4),
                 a.temp_f32.slice(96, 4),
                 a.temp_f32.slice_mut(128, 1),
             );
-            kernels::forward_k05_mul_neg(a.temp_f32.slice(128, 1), a.temp_f32.slice_mut(144, 1));
-            kernels::train_k12_add_log_d0_etc(
+            kernels::forward_k03_mul_neg(a.temp_f32.slice(128, 1), a.temp_f32.slice_mut(144, 1));
+            kernels::train_k10_add_log_d0_etc(
                 a.const_f32.slice(0, 4),
                 a.temp_f32.slice(112, 4),
                 a.temp_f32.slice(96, 4),
                 a.temp_f32.slice(80, 4),
                 input_y,
                 a.temp_f32.slice(64, 4),
-                a.temp_f32.slice(32, 4),
                 a.temp_f32.slice(48, 4),
+                a.temp_f32.slice(32, 4),
                 a.temp_f32.slice_mut(128, 4),
             );
-            kernels::grads_k05_reduce(a.temp_f32.slice(128, 4), a.temp_f32.slice_mut(64, 1));
-            kernels::grads_k06_matmul(
+            kernels::grads_k03_reduce(a.temp_f32.slice(128, 4), a.temp_f32.slice_mut(64, 1));
+            kernels::grads_k05_matmul_mul_tanh_d0(
                 a.temp_f32.slice(128, 4),
                 a.param.slice(32, 4),
-                a.temp_f32.slice_mut(32, 16),
-            )?;
-            kernels::grads_k07_matmul(
-                a.temp_f32.slice(0, 16),
-                a.temp_f32.slice(128, 4),
-                a.temp_f32.slice_mut(48, 4),
-            )?;
-            kernels::grads_k08_mul_tanh_d0(
-                a.temp_f32.slice(32, 16),
                 a.temp_f32.slice(16, 16),
-                a.temp_f32.slice_mut(0, 16),
-            );
-            kernels::grads_k09_reduce(a.temp_f32.slice(0, 16), a.temp_f32.slice_mut(32, 4));
-            kernels::grads_k10_matmul(
-                input_x,
-                a.temp_f32.slice(0, 16),
-                a.temp_f32.slice_mut(16, 8),
+                a.temp_f32.slice_mut(32, 16),
+                a.temp_f32.slice_mut(48, 16),
             )?;
-            kernels::train_k19_add_mul_sub(
-                a.temp_f32.slice(16, 8),
+            kernels::grads_k06_reduce(a.temp_f32.slice(48, 16), a.temp_f32.slice_mut(32, 4));
+            kernels::train_k14_matmul_add_mul_sub(
+                input_x,
+                a.temp_f32.slice(48, 16),
+                a.temp_f32.slice_mut(16, 8),
                 a.state.slice_mut(0, 8),
                 a.param.slice_mut(0, 8),
-            );
-            kernels::train_k20_add_mul_sub(
+            )?;
+            kernels::train_k15_add_mul_sub(
                 a.temp_f32.slice(32, 4),
                 a.state.slice_mut(16, 4),
                 a.param.slice_mut(16, 4),
             );
-            kernels::train_k21_add_mul_sub(
-                a.temp_f32.slice(48, 4),
+            kernels::train_k16_matmul_add_mul_sub(
+                a.temp_f32.slice(0, 16),
+                a.temp_f32.slice(128, 4),
+                a.temp_f32.slice_mut(16, 4),
                 a.state.slice_mut(32, 4),
                 a.param.slice_mut(32, 4),
-            );
-            kernels::train_k22_add_mul_sub(
+            )?;
+            kernels::train_k17_add_mul_sub(
                 a.temp_f32.slice(64, 1),
                 a.state.slice_mut(48, 1),
                 a.param.slice_mut(48, 1),
@@ -265,7 +247,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `xor_net`.
-#[pyclass(module = "fg_xor_net_a67e7affc4b3")]
+#[pyclass(module = "fg_xor_net_0d409983d810")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -301,7 +283,7 @@ impl Step {
         let out = PyDict::new(py);
         let values = self.arenas.temp_f32.slice(32, 1);
         out.set_item("loss", rt::py::to_numpy(py, values, &[])?)?;
-        let values = self.arenas.temp_f32.slice(16, 4);
+        let values = self.arenas.temp_f32.slice(0, 4);
         out.set_item("probs", rt::py::to_numpy(py, values, &[4, 1])?)?;
         Ok(out)
     }
@@ -326,9 +308,9 @@ impl Step {
             })
         })?;
         let out = PyDict::new(py);
-        let values = self.arenas.temp_f32.slice(16, 8);
+        let values = self.arenas.temp_f32.slice(0, 8);
         out.set_item("hidden.weight", rt::py::to_numpy(py, values, &[2, 4])?)?;
-        let values = self.arenas.temp_f32.slice(32, 4);
+        let values = self.arenas.temp_f32.slice(16, 4);
         out.set_item("hidden.bias", rt::py::to_numpy(py, values, &[4])?)?;
         let values = self.arenas.temp_f32.slice(64, 4);
         out.set_item("out.weight", rt::py::to_numpy(py, values, &[4, 1])?)?;
@@ -404,7 +386,7 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_xor_net_a67e7affc4b3(m: &Bound<'_, PyModule>) -> PyResult<()> {
+fn fg_xor_net_0d409983d810(m: &Bound<'_, PyModule>) -> PyResult<()> {
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

@@ -21,6 +21,7 @@ use std::ffi::c_void;
 use cudarc::driver::sys;
 
 use super::blas::Blas;
+use super::blaslt::{BlasLt, LtEpilogue, LtGemm};
 use super::device::{check, Device, DeviceBuffer};
 use super::graph::Graph;
 use super::layout::{cublas_layout, extent, CublasGemm, GemmShape};
@@ -154,6 +155,14 @@ enum Work {
         b: u64,
         c: u64,
     },
+    /// A GEMM with a bias (and ReLU) epilogue.
+    CublasLt {
+        call: Box<LtGemm>,
+        a: u64,
+        b: u64,
+        c: u64,
+        bias: u64,
+    },
 }
 
 struct Ready {
@@ -180,6 +189,10 @@ pub struct Executor {
     // Fields drop in this order: graphs, cuBLAS, module, arenas, device.
     entries: Vec<Entry>,
     blas: Option<Blas>,
+    /// cuBLASLt, for GEMMs with a bias epilogue (when cuBLAS is in use and it loads).
+    blaslt: Option<BlasLt>,
+    /// Why cuBLASLt is not in use, when it is not.
+    why_no_blaslt: String,
     module: Module,
     arenas: Vec<Arena>,
     options: Options,
@@ -233,9 +246,18 @@ impl Executor {
                 Err(why) => (None, why),
             },
         };
+        let (blaslt, why_no_blaslt) = match &blas {
+            None => (None, "cuBLAS is not in use".to_string()),
+            Some(_) => match BlasLt::new(&device, options.tf32) {
+                Ok(lt) => (Some(lt), String::new()),
+                Err(why) => (None, why),
+            },
+        };
         let mut exec = Executor {
             entries: Vec::new(),
             blas,
+            blaslt,
+            why_no_blaslt,
             module,
             arenas: allocated,
             options,
@@ -251,7 +273,7 @@ impl Executor {
 
     fn prepare(&mut self, plans: &'static [Plan], why_no_cublas: &str) -> Result<(), Error> {
         let mut functions: HashMap<&'static str, (Function, u32)> = HashMap::new();
-        let (mut by_cublas, mut by_kernel) = (0usize, Vec::new());
+        let (mut by_cublas, mut by_lt, mut by_kernel) = (0usize, 0usize, Vec::new());
         for plan in plans {
             let mut steps = Vec::with_capacity(plan.steps.len());
             for (i, step) in plan.steps.iter().enumerate() {
@@ -262,6 +284,7 @@ impl Executor {
                         match self.cublas(gemm, &at())? {
                             Ok(ready) => {
                                 by_cublas += 1;
+                                by_lt += usize::from(matches!(ready.work, Work::CublasLt { .. }));
                                 ready
                             }
                             Err(why) => {
@@ -308,7 +331,13 @@ impl Executor {
             }
         }
         (self.gemm_backend, self.gemm_report) = match (&self.blas, by_kernel.is_empty()) {
-            (Some(_), true) => ("cublas", format!("cuBLAS runs all {by_cublas} GEMM steps")),
+            (Some(_), true) => (
+                "cublas",
+                format!(
+                    "cuBLAS runs all {by_cublas} GEMM steps ({by_lt} with a bias epilogue, \
+                     in cuBLASLt)"
+                ),
+            ),
             (Some(_), false) => (
                 "mixed",
                 format!(
@@ -429,12 +458,68 @@ impl Executor {
         };
         let [a, b, c] = addresses;
         let (a, b) = if call.swap { (b, a) } else { (a, b) };
+        if let Some(bias) = &gemm.bias {
+            return self.cublaslt(gemm, call, [a, b, c], bias, what);
+        }
         Ok(Ok(Ready {
             label: format!(
                 "GEMM {}x{}x{} (batch {}) in cuBLAS",
                 gemm.m, gemm.n, gemm.k, gemm.batch
             ),
             work: Work::Cublas { call, a, b, c },
+        }))
+    }
+
+    /// The cuBLASLt call for a GEMM with a bias epilogue, or (inner `Err`) why
+    /// cuBLASLt cannot run it. cuBLASLt adds the bias along the rows of its
+    /// column-major D, which are the plan's columns only when the product was
+    /// swapped into `Cᵀ = Bᵀ·Aᵀ` (a row-major C, the usual case).
+    fn cublaslt(
+        &self,
+        gemm: &Gemm,
+        call: CublasGemm,
+        [a, b, c]: [u64; 3],
+        bias: &BufferRef,
+        what: &str,
+    ) -> Result<Result<Ready, String>, Error> {
+        if self.arena(bias.arena)?.spec.elem != Elem::F32 {
+            return Err(Error::layout(format!("{what}: the bias is not f32")));
+        }
+        let bias = self.address(bias, gemm.n, &format!("{what}, its bias"))?;
+        let Some(lt) = &self.blaslt else {
+            return Ok(Err(format!(
+                "a bias epilogue needs cuBLASLt: {}",
+                self.why_no_blaslt
+            )));
+        };
+        if !call.swap {
+            return Ok(Err("a bias epilogue on a column-major C".into()));
+        }
+        let epilogue = if gemm.relu {
+            LtEpilogue::ReluBias
+        } else {
+            LtEpilogue::Bias
+        };
+        let call = match lt.prepare(&call, epilogue) {
+            Ok(call) => call,
+            Err(why) => return Ok(Err(why)),
+        };
+        Ok(Ok(Ready {
+            label: format!(
+                "GEMM {}x{}x{} (batch {}) with a {} epilogue in cuBLASLt",
+                gemm.m,
+                gemm.n,
+                gemm.k,
+                gemm.batch,
+                if gemm.relu { "bias + ReLU" } else { "bias" }
+            ),
+            work: Work::CublasLt {
+                call: Box::new(call),
+                a,
+                b,
+                c,
+                bias,
+            },
         }))
     }
 
@@ -471,6 +556,7 @@ impl Executor {
         let Executor {
             entries,
             blas,
+            blaslt,
             device,
             options,
             ..
@@ -478,12 +564,12 @@ impl Executor {
         let entry = &mut entries[index];
         entry.calls += 1;
         let name = entry.plan.entry;
-        let blas = blas.as_ref();
+        let libraries = (blas.as_ref(), blaslt.as_ref());
         let zero = || flags.map_or(Ok(()), |f| zero_flags(f, device));
         if options.sync_each {
             zero()?;
             for step in &entry.steps {
-                enqueue(step, device, blas)?;
+                enqueue(step, device, libraries)?;
                 device.synchronize(|| format!("running {} of `{name}`", step.label))?;
             }
         } else if options.graphs && entry.calls > 1 && !entry.steps.is_empty() {
@@ -494,14 +580,14 @@ impl Executor {
                     entry
                         .steps
                         .iter()
-                        .try_for_each(|s| enqueue(s, device, blas))
+                        .try_for_each(|s| enqueue(s, device, libraries))
                 })?),
             };
             graph.launch(&format!("`{name}`"))?;
         } else {
             zero()?;
             for step in &entry.steps {
-                enqueue(step, device, blas)?;
+                enqueue(step, device, libraries)?;
             }
         }
         device.synchronize(|| {
@@ -756,7 +842,11 @@ fn zero_flags(flags: u64, device: &Device) -> Result<(), Error> {
 }
 
 /// Queues one step on the device's stream.
-fn enqueue(step: &Ready, device: &Device, blas: Option<&Blas>) -> Result<(), Error> {
+fn enqueue(
+    step: &Ready,
+    device: &Device,
+    (blas, blaslt): (Option<&Blas>, Option<&BlasLt>),
+) -> Result<(), Error> {
     match &step.work {
         Work::Kernel(k) => {
             let [gx, gy, gz] = k.grid;
@@ -791,6 +881,18 @@ fn enqueue(step: &Ready, device: &Device, blas: Option<&Blas>) -> Result<(), Err
             let blas = blas.ok_or_else(|| Error::layout("a cuBLAS step without cuBLAS"))?;
             // SAFETY: operands checked against their arenas when prepared.
             unsafe { blas.sgemm(call, *a, *b, *c) }
+                .map_err(|e| Error::Device(format!("{}: {e}", step.label)))
+        }
+        Work::CublasLt {
+            call,
+            a,
+            b,
+            c,
+            bias,
+        } => {
+            let lt = blaslt.ok_or_else(|| Error::layout("a cuBLASLt step without cuBLASLt"))?;
+            // SAFETY: operands and bias checked against their arenas when prepared.
+            unsafe { lt.run(call, *a, *b, *c, *bias) }
                 .map_err(|e| Error::Device(format!("{}: {e}", step.label)))
         }
     }

@@ -22,6 +22,7 @@
 //! never a panic.
 
 mod blas;
+mod blaslt;
 mod device;
 mod exec;
 mod graph;
@@ -31,6 +32,7 @@ pub mod plan;
 pub mod py;
 
 pub use blas::Blas;
+pub use blaslt::{BlasLt, LtEpilogue, LtGemm};
 pub use device::{driver_available, Device, DeviceBuffer, NO_DRIVER};
 pub use exec::{Executor, Feed, GemmMode, HostData, HostInput, Options};
 pub use graph::Graph;

@@ -135,11 +135,20 @@ pub struct Gemm {
     pub c: BufferRef,
     /// C's strides.
     pub c_strides: [usize; 3],
-    /// The renderer's kernel for the same product, used without cuBLAS.
+    /// The renderer's kernel for the same product (epilogue included), used
+    /// without cuBLAS.
     pub fallback: Option<Launch>,
+    /// An epilogue: `C[b][i, j] += bias[j]`, a contiguous vector of `n` (run by
+    /// cuBLASLt, or by the fallback kernel).
+    pub bias: Option<BufferRef>,
+    /// Then `C = max(C, 0)` (only with a bias).
+    pub relu: bool,
 }
 
 /// One step of a plan.
+// Plans are `static` tables read by reference: the size difference between
+// variants costs nothing, and boxing would make them non-`const`.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Step {
     /// A generated kernel.

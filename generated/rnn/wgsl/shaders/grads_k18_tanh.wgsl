@@ -20,6 +20,6 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (i >= 32u) {
         return;
     }
-    let x0 = f32s[192 + i];
-    f32s[224 + i] = fg_tanh(x0);
+    let x0 = f32s[384 + i];
+    f32s[128 + i] = fg_tanh(x0);
 }

@@ -19,10 +19,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
         var va = 0.0;
         var vb = 0.0;
         if (row < 16u && ka < 8u) {
-            va = f32s[15296 + g * 128 + row + ka * 16];
+            va = f32s[14272 + g * 128 + row + ka * 16];
         }
         if (kb < 8u && col < 16u) {
-            vb = f32s[9088 + g * 128 + kb * 16 + col];
+            vb = f32s[12672 + g * 128 + kb * 16 + col];
         }
         tile_a[lid.y * 16u + lid.x] = va;
         tile_b[lid.y * 16u + lid.x] = vb;

@@ -1,0 +1,167 @@
+"""Matmul epilogues: the elementwise kernel that consumes a product runs inside the
+matmul kernel (CPU: per block of rows, right after the block's product). The
+schedule must fuse where it can and refuse where it cannot, and the compiled step
+must match the NumPy interpreter on both the one-block path (small products) and
+the rayon path (products above the runtime's parallel threshold), including
+optimizer updates written in place by the epilogue of a weight-gradient matmul.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+import ferrograd as fg
+from ferrograd.codegen.kernel_ir import Elementwise, Matmul, unfused
+
+needs_cargo = pytest.mark.skipif(shutil.which("cargo") is None, reason="needs a Rust toolchain")
+
+
+def mlp(hidden: int):
+    @fg.model
+    def net(x: fg.f32["B", "N"], y: fg.i32["B"]):
+        h = fg.relu(fg.nn.linear(x, hidden))
+        h = fg.tanh(fg.nn.linear(h, hidden))
+        return fg.cross_entropy(fg.nn.linear(h, 10), y)
+    return net
+
+
+def kernels(lowered: fg.Lowered, entry: str) -> list:
+    return next(s for s in lowered.schedules if s.entry == entry).kernels
+
+
+def test_bias_and_activation_become_the_epilogue() -> None:
+    lw = fg.lower(mlp(32), optimizer=fg.optim.SGD(lr=0.1), B=8, N=20)
+    fwd = kernels(lw, "forward")
+    products = [k for k in fwd if isinstance(k, Matmul)]
+    assert [k.ops for k in products] == [["matmul", "add", "relu"], ["matmul", "add", "tanh"],
+                                         ["matmul", "add"]]
+    for k in products:
+        assert k.epilogue is not None and k.product_symbol() is not None
+    # No elementwise kernel reads a product any more in the forward pass.
+    outs = {k.out.buffer for k in products}
+    assert not any(v.buffer in outs for k in fwd if isinstance(k, Elementwise)
+                   for v in k.reads())
+
+
+def test_sgd_update_is_the_epilogue_of_the_weight_gradient() -> None:
+    lw = fg.lower(mlp(32), optimizer=fg.optim.SGD(lr=0.1), B=8, N=20)
+    train = kernels(lw, "train")
+    updates = [k for k in train if isinstance(k, Matmul) and k.epilogue is not None
+               and any(v.buffer.startswith("param_") and v.buffer.endswith("weight")
+                       for v in k.epilogue.writes())]
+    assert len(updates) == 3  # every weight: dW = xᵀ·g and W -= lr·dW in one kernel
+
+
+def test_no_epilogue_when_the_product_has_users_elsewhere() -> None:
+    @fg.model
+    def two_users(x: fg.f32[4, 6], w: fg.f32[6, 5]):
+        p = fg.matmul(x, w)
+        return fg.sum(fg.exp(p)) + fg.sum(p, axis=0).sum()
+
+    lw = fg.lower(two_users, backend="cpu")
+    (product,) = [k for k in kernels(lw, "forward") if isinstance(k, Matmul)]
+    assert product.epilogue is None
+
+
+def test_unfused_splits_product_and_epilogue() -> None:
+    lw = fg.lower(mlp(32), B=8, N=20)
+    k = next(k for k in kernels(lw, "forward") if isinstance(k, Matmul))
+    bare, epilogue = unfused(k)
+    assert isinstance(bare, Matmul) and bare.epilogue is None and bare.ops == ["matmul"]
+    assert isinstance(epilogue, Elementwise) and epilogue.name == f"{k.name}_epilogue"
+    assert bare.out in epilogue.reads()
+
+
+def feed(graph, rng) -> dict[str, np.ndarray]:
+    out = {}
+    for name, nid in graph.inputs.items():
+        node = graph.node(nid)
+        if node.dtype == "i32":
+            out[name] = rng.integers(0, 10, node.shape, dtype=np.int32)
+        else:
+            out[name] = rng.normal(size=node.shape).astype(np.float32)
+    return out
+
+
+def close(a: dict, b: dict, rtol: float, atol: float) -> None:
+    for key in b:
+        np.testing.assert_allclose(a[key], b[key], rtol=rtol, atol=atol, err_msg=key)
+
+
+@needs_cargo
+@pytest.mark.parametrize("batch,hidden,n_in,optimizer", [
+    (8, 32, 20, fg.optim.SGD(lr=0.1, momentum=0.9)),  # one block on the calling thread
+    (128, 256, 784, fg.optim.Adam(lr=1e-3)),  # 2·128·784·256 flops: blocks on rayon
+    (96, 160, 300, fg.optim.AdamW(lr=1e-3)),  # ragged last block
+])
+def test_fused_step_matches_interpreter(batch: int, hidden: int, n_in: int, optimizer) -> None:
+    model = mlp(hidden)
+    cpu = fg.compile(model, optimizer=optimizer, backend="cpu", seed=1, B=batch, N=n_in)
+    ref = fg.compile(model, optimizer=optimizer, backend="numpy", seed=1, B=batch, N=n_in)
+    rng = np.random.default_rng(4)
+    for _ in range(3):
+        x = feed(ref.graph, rng)
+        close(cpu.forward(**x), ref.forward(**x), 1e-4, 1e-5)
+        close(cpu.grads(**x), ref.grads(**x), 2e-4, 2e-5)
+        assert cpu(**x) == pytest.approx(ref(**x), rel=1e-4, abs=1e-5)
+        close(cpu.params, ref.params, 2e-4, 2e-5)
+        close(cpu.state, ref.state, 2e-4, 2e-5)
+
+
+@needs_cargo
+def test_update_that_the_product_reads_is_not_written_in_place() -> None:
+    """dW of sum(W·W) reads W, so its epilogue must not overwrite W block by block."""
+    @fg.model
+    def square(x: fg.f32[96, 96]):
+        w = fg.param("w", (96, 96), "normal", std=0.1)
+        return fg.mean(fg.matmul(fg.matmul(x, w), w))
+
+    cpu = fg.compile(square, optimizer=fg.optim.SGD(lr=0.5), backend="cpu")
+    ref = fg.compile(square, optimizer=fg.optim.SGD(lr=0.5), backend="numpy")
+    rng = np.random.default_rng(2)
+    for _ in range(2):
+        x = feed(ref.graph, rng)
+        assert cpu(**x) == pytest.approx(ref(**x), rel=1e-4, abs=1e-6)
+        close(cpu.params, ref.params, 1e-4, 1e-6)
+
+
+def test_no_kernel_reads_a_param_after_its_update() -> None:
+    """Readers of a param's old value — also through a transpose or reshape view, as
+    an input-gradient matmul reads its weight — run before the kernel that updates it
+    in place (a fused weight-gradient epilogue has no data edge to them)."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+    from catalog import MODELS
+
+    for name, make in MODELS.items():
+        model, optimizer, dims = make()
+        lw = fg.lower(model, optimizer=optimizer, backend="cpu", **dims)
+        train = kernels(lw, "train")
+        persistent = {b for k in train for v in k.writes()
+                      if (b := v.buffer).startswith(("param_", "state_"))}
+        for buf in persistent:
+            writers = [i for i, k in enumerate(train) if any(v.buffer == buf for v in k.writes())]
+            readers = [i for i, k in enumerate(train) if i not in writers
+                       and any(v.buffer == buf for v in k.reads())]
+            assert not readers or max(readers) < min(writers), (name, buf, readers, writers)
+
+
+def test_cuda_plan_puts_bias_and_relu_into_the_gemm() -> None:
+    """On CUDA a linear layer is one GEMM step (cuBLASLt's bias/ReLU epilogue or the
+    fallback kernel's): no elementwise launch is left after it in the forward pass."""
+    from ferrograd.codegen.launch_plan import Gemm
+
+    lw = fg.lower(mlp(32), backend="cuda", B=8, N=20)
+    steps = lw.device_module().plans["forward"].steps
+    gemms = [s for s in steps if isinstance(s, Gemm)]
+    assert [(s.bias is not None, s.relu) for s in gemms] == [(True, True), (True, False),
+                                                            (True, False)]
+    # relu(x·W + b) and tanh(h·W + b) + the logits: 3 GEMMs, one tanh, then the loss.
+    after_first = steps[steps.index(gemms[0]) + 1]
+    assert after_first is gemms[1]
+    for g in gemms:
+        assert g.fallback is not None and g.fallback.args[3] == g.bias  # the kernel adds it too
