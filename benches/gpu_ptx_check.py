@@ -199,6 +199,8 @@ def _plan_json(plan: Any) -> dict[str, Any]:
                 "a": arg(s.a), "a_strides": list(s.a_strides),
                 "b": arg(s.b), "b_strides": list(s.b_strides),
                 "c": arg(s.c), "c_strides": list(s.c_strides),
+                "bias": arg(s.bias) if s.bias is not None else None, "relu": s.relu,
+                "outer": s.outer, "outer_strides": list(s.outer_strides),
                 "fallback": launch(s.fallback)}})
     return {"steps": steps, "results": {k: [a, o, list(sh)] for k, (a, o, sh) in
                                         plan.results.items()}}
@@ -376,10 +378,16 @@ class Device:
             base = arr[ref["offset"]:]
             return cp.lib.stride_tricks.as_strided(base, shape, tuple(4 * s for s in strides))
 
-        a = view(g["a"], g["a_strides"], (g["batch"], g["m"], g["k"]))
-        b = view(g["b"], g["b_strides"], (g["batch"], g["k"], g["n"]))
-        c = view(g["c"], g["c_strides"], (g["batch"], g["m"], g["n"]))
-        c[...] = cp.matmul(a, b)
+        outer, (a_so, b_so, c_so) = g.get("outer", 1), g.get("outer_strides", [0, 0, 0])
+        a = view(g["a"], [a_so, *g["a_strides"]], (outer, g["batch"], g["m"], g["k"]))
+        b = view(g["b"], [b_so, *g["b_strides"]], (outer, g["batch"], g["k"], g["n"]))
+        c = view(g["c"], [c_so, *g["c_strides"]], (outer, g["batch"], g["m"], g["n"]))
+        product = cp.matmul(a, b)
+        if g.get("bias") is not None:  # the GEMM's epilogue
+            product += view(g["bias"], [0, 0, 0, 1], (1, 1, 1, g["n"]))
+            if g["relu"]:
+                product = cp.maximum(product, 0)
+        c[...] = product
 
     def run(self, entry: str, gemm_mode: str) -> None:
         cp = self.cp

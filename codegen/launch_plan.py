@@ -71,6 +71,10 @@ class Gemm:
     fallback: Launch | None = None
     bias: BufferRef | None = None  # C[b][i, j] += bias[j]: a contiguous vector of n
     relu: bool = False  # then C = max(C, 0) (only with a bias)
+    # ``outer`` groups of ``batch`` products; group o's operands start o * outer_strides
+    # elements on (two batch dims that no single stride describes: one step, not many)
+    outer: int = 1
+    outer_strides: tuple[int, int, int] = (0, 0, 0)
 
 
 @dataclass

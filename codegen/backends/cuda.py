@@ -114,7 +114,8 @@ def _step(step: Launch | Gemm) -> str:
             f"k: {step.k}, a: {_ref(step.a)}, a_strides: {_triple(step.a_strides)}, "
             f"b: {_ref(step.b)}, b_strides: {_triple(step.b_strides)}, "
             f"c: {_ref(step.c)}, c_strides: {_triple(step.c_strides)}, "
-            f"fallback: {fallback}, bias: {bias}, relu: {str(step.relu).lower()} }})")
+            f"fallback: {fallback}, bias: {bias}, relu: {str(step.relu).lower()}, "
+            f"outer: {step.outer}, outer_strides: {_triple(step.outer_strides)} }})")
 
 
 # ---- the Python methods ------------------------------------------------------------------

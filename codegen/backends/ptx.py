@@ -100,7 +100,8 @@ def kernel_source(k: Kernel, dtypes: dict[str, str], fast_math: bool = False,
         if isinstance(step, GemmStep):
             epilogue = (" + bias" + (", ReLU" if step.relu else "")) if step.bias else ""
             library = "cuBLASLt" if step.bias else "cuBLAS"
-            parts.append(f"// GEMM {step.batch}x{step.m}x{step.n}x{step.k}{epilogue}: "
+            batch = f"{step.outer}x{step.batch}" if step.outer > 1 else f"{step.batch}"
+            parts.append(f"// GEMM {batch}x{step.m}x{step.n}x{step.k}{epilogue}: "
                          f"{library}, or {SGEMM} below")
         parts.append(launch.text.replace("ENTRY", launch.name))
     return "\n".join(dict.fromkeys(parts))
@@ -197,7 +198,8 @@ def _plan_step(step: Step, builder: _ModuleBuilder, refs: _Addresses) -> Launch 
     (a, ao, ast), (b, bo, bst), (c, co, cst) = step.operands
     bias = refs.ref(*step.bias) if step.bias is not None else None
     return Gemm(step.batch, step.m, step.n, step.k, refs.ref(a, ao), ast, refs.ref(b, bo), bst,
-                refs.ref(c, co), cst, fallback, bias, step.relu)
+                refs.ref(c, co), cst, fallback, bias, step.relu, step.outer,
+                step.outer_strides)
 
 
 def _arena_sizes(schedules: list[Schedule], plan: MemoryPlan, const_sizes: dict[str, int],

@@ -101,6 +101,10 @@ class GemmStep:
     fallback: KernelLaunch
     bias: tuple[str, int] | None = None  # C[z][i, j] += bias[j] (buffer, offset)
     relu: bool = False  # then C = max(C, 0)
+    # A second batch level: ``outer`` groups of ``batch`` products, group o's operands
+    # ``o * outer_strides`` elements on (attention's (batch, head) pairs: one step).
+    outer: int = 1
+    outer_strides: tuple[int, int, int] = (0, 0, 0)
 
 
 Step = KernelLaunch | GemmStep
@@ -460,7 +464,9 @@ def bias_epilogue(k: Matmul) -> tuple[tuple[str, int], Elementwise] | None:
     ``e'`` over the biased product; None when no input fits."""
     e, p = k.epilogue, k.product_symbol()
     assert e is not None and p is not None
-    product = next(s for out in e.outputs for s in out[1].free_symbols if s.name == p)
+    product = next((s for out in e.outputs for s in out[1].free_symbols if s.name == p), None)
+    if product is None:  # the product is not read after all (a test of its shape, say)
+        return None
     for name, v in e.inputs.items():
         if name == p or v.dtype != "f32" or any(v.strides[:-1]) or v.strides[-1] not in (0, 1):
             continue
@@ -510,38 +516,45 @@ def _gemm_steps(k: Matmul, out: View | None, bias: tuple[str, int] | None = None
     sizes, strides = collapse(k.batch, [_head(v, nb) for v in views])
     inner = sizes[-1] if sizes else 1
     batch_strides = [s[-1] if sizes else 0 for s in strides]
+    # The next batch dim becomes the step's outer level; any further ones, steps.
+    outer = sizes[-2] if len(sizes) >= 2 else 1
+    outer_strides = tuple(s[-2] if len(sizes) >= 2 else 0 for s in strides)
     dims = [(k.m, k.k), (k.k, k.n), (k.m, k.n)]
     _check_u32(k, *(v.offset + v.size for v in views))
     steps: list[Step] = []
-    for outer in itertools.product(*(range(s) for s in sizes[:-1])):
+    for index in itertools.product(*(range(s) for s in sizes[:-2])):
         operands = []
         for v, st, bs, (rows, cols) in zip(views, strides, batch_strides, dims, strict=True):
-            offset = v.offset + sum(i * s for i, s in zip(outer, st, strict=False))
+            offset = v.offset + sum(i * s for i, s in zip(index, st, strict=False))
             rs, cs = matrix_strides(rows, cols, v.strides[-2], v.strides[-1])
             operands.append((v.buffer, offset, (bs, rs, cs)))
-        launch = _sgemm_launch(inner, k, operands, bias, relu)
-        steps.append(GemmStep(inner, k.m, k.n, k.k, operands, launch, bias, relu))
+        launch = _sgemm_launch(inner, k, operands, bias, relu, outer, outer_strides)
+        steps.append(GemmStep(inner, k.m, k.n, k.k, operands, launch, bias, relu, outer,
+                              outer_strides))  # type: ignore[arg-type]
     return steps
 
 
 def _sgemm_launch(batch: int, k: Matmul, operands: list[tuple[str, int, tuple[int, int, int]]],
-                  bias: tuple[str, int] | None, relu: bool) -> KernelLaunch:
-    scalars: list[Arg] = [ScalarArg("u32", x) for x in (k.m, k.n, k.k, batch)]
+                  bias: tuple[str, int] | None, relu: bool, outer: int = 1,
+                  outer_strides: tuple[int, ...] = (0, 0, 0)) -> KernelLaunch:
+    scalars: list[Arg] = [ScalarArg("u32", x) for x in (k.m, k.n, k.k, batch, outer)]
+    scalars += [ScalarArg("u32", s) for s in outer_strides]
     scalars += [ScalarArg("u32", s) for _, _, st in operands for s in st]
     scalars.append(ScalarArg("u32", 0 if bias is None else 2 if relu else 1))
     pointers: list[Arg] = [(b, off) for b, off, _ in operands]
     pointers.append(bias or pointers[2])  # unread without a bias
-    grid = (math.ceil(k.n / TILE), math.ceil(k.m / TILE), min(batch, 65535))
+    grid = (math.ceil(k.n / TILE), math.ceil(k.m / TILE), min(batch * outer, 65535))
     return KernelLaunch(SGEMM, "", sgemm_text(), pointers + scalars, grid, (TILE, TILE, 1))
 
 
-SGEMM_SCALARS = ("m", "n", "k", "batch", "a_sb", "a_sr", "a_sc", "b_sb", "b_sr", "b_sc",
-                 "c_sb", "c_sr", "c_sc", "epilogue")
+SGEMM_SCALARS = ("m", "n", "k", "batch", "outer", "a_so", "b_so", "c_so", "a_sb", "a_sr",
+                 "a_sc", "b_sb", "b_sr", "b_sc", "c_sb", "c_sr", "c_sc", "epilogue")
 
 
 def sgemm_text() -> str:
-    """C[z] = A[z] @ B[z] with 16×16 tiles staged in shared memory; any strides. The
-    ``epilogue`` scalar: 0 none, 1 adds ``bias[col]`` (contiguous), 2 also takes ReLU."""
+    """C[o, z] = A[o, z] @ B[o, z] for z < batch, o < outer, with 16×16 tiles staged in
+    shared memory; any strides. The ``epilogue`` scalar: 0 none, 1 adds ``bias[col]``
+    (contiguous), 2 also takes ReLU."""
     f = PtxFunction([(".u64", "a"), (".u64", "b"), (".u64", "c"), (".u64", "bias")] +
                     [(".u32", s) for s in SGEMM_SCALARS])
     a, b, c, bias = (f.param_pointer(x) for x in ("a", "b", "c", "bias"))
@@ -559,10 +572,15 @@ def sgemm_text() -> str:
     col_b = f.value("b32", "mad.lo.u32", tx, "4", sb)  # &tile_b[0][tx]
     row_ok = f.value("pred", "setp.lt.u32", row, p["m"])
     col_ok = f.value("pred", "setp.lt.u32", col, p["n"])
-    with f.loop(f.special("%ctaid.z"), p["batch"], f.special("%nctaid.z"), "batch") as z:
-        base_a = f.value("b32", "mul.lo.u32", z, p["a_sb"])
+    items = f.value("b32", "mul.lo.u32", p["batch"], p["outer"])
+    with f.loop(f.special("%ctaid.z"), items, f.special("%nctaid.z"), "batch") as zo:
+        o = f.value("b32", "div.u32", zo, p["batch"])
+        z = f.value("b32", "rem.u32", zo, p["batch"])
+        base_a = f.value("b32", "mul.lo.u32", o, p["a_so"])
+        base_a = f.value("b32", "mad.lo.u32", z, p["a_sb"], base_a)
         base_a = f.value("b32", "mad.lo.u32", row, p["a_sr"], base_a)
-        base_b = f.value("b32", "mul.lo.u32", z, p["b_sb"])
+        base_b = f.value("b32", "mul.lo.u32", o, p["b_so"])
+        base_b = f.value("b32", "mad.lo.u32", z, p["b_sb"], base_b)
         base_b = f.value("b32", "mad.lo.u32", col, p["b_sc"], base_b)
         acc = f.value("f32", "mov.f32", "0f00000000")
         with f.loop("0", p["k"], str(TILE), "tile") as t:
@@ -578,7 +596,8 @@ def sgemm_text() -> str:
                 y = f.value("f32", "ld.shared.f32", f"[{col_b}+{4 * TILE * kk}]")
                 f.ins("fma.rn.f32", acc, x, y, acc)
             f.ins("bar.sync", "0")
-        out = f.value("b32", "mul.lo.u32", z, p["c_sb"])
+        out = f.value("b32", "mul.lo.u32", o, p["c_so"])
+        out = f.value("b32", "mad.lo.u32", z, p["c_sb"], out)
         out = f.value("b32", "mad.lo.u32", row, p["c_sr"], out)
         out = f.value("b32", "mad.lo.u32", col, p["c_sc"], out)
         inside = f.value("pred", "and.pred", row_ok, col_ok)

@@ -498,7 +498,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `cnn`.
-#[pyclass(module = "fg_cnn_1db3fc4ed3de")]
+#[pyclass(module = "fg_cnn_abea1c110fe0")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -650,7 +650,7 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_cnn_1db3fc4ed3de(m: &Bound<'_, PyModule>) -> PyResult<()> {
+fn fg_cnn_abea1c110fe0(m: &Bound<'_, PyModule>) -> PyResult<()> {
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

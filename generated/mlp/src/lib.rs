@@ -454,7 +454,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `mlp`.
-#[pyclass(module = "fg_mlp_2208a5e69c6a")]
+#[pyclass(module = "fg_mlp_471db713e6be")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -600,7 +600,7 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_mlp_2208a5e69c6a(m: &Bound<'_, PyModule>) -> PyResult<()> {
+fn fg_mlp_471db713e6be(m: &Bound<'_, PyModule>) -> PyResult<()> {
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

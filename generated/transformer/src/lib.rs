@@ -1263,7 +1263,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `char_lm`.
-#[pyclass(module = "fg_char_lm_0bc759d04b65")]
+#[pyclass(module = "fg_char_lm_65833a51e87e")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -1444,7 +1444,7 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_char_lm_0bc759d04b65(m: &Bound<'_, PyModule>) -> PyResult<()> {
+fn fg_char_lm_65833a51e87e(m: &Bound<'_, PyModule>) -> PyResult<()> {
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

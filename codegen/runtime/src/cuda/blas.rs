@@ -140,6 +140,55 @@ impl Blas {
     }
 }
 
+impl Blas {
+    /// Queues `C[i] = op(A[i])·op(B[i])` for the `count` products whose
+    /// addresses are in the device arrays `a`, `b`, `c` (one `u64` each per
+    /// product): `cublasSgemmBatched`, for batches no single stride describes.
+    /// `g`'s batch strides are ignored.
+    ///
+    /// # Safety
+    /// As [`Blas::sgemm`], for every product; the arrays hold `count` device
+    /// addresses each and stay alive until the call has run.
+    pub unsafe fn sgemm_pointers(
+        &self,
+        g: &CublasGemm,
+        a: u64,
+        b: u64,
+        c: u64,
+        count: i32,
+    ) -> Result<(), String> {
+        let op = |t: bool| {
+            if t {
+                cublasOperation_t::CUBLAS_OP_T
+            } else {
+                cublasOperation_t::CUBLAS_OP_N
+            }
+        };
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        // SAFETY: the caller's contract; alpha and beta are host scalars.
+        let status = unsafe {
+            sys::cublasSgemmBatched(
+                self.handle,
+                op(g.transa),
+                op(g.transb),
+                g.m,
+                g.n,
+                g.k,
+                &alpha,
+                a as *const *const f32,
+                g.lda,
+                b as *const *const f32,
+                g.ldb,
+                &beta,
+                c as *const *mut f32,
+                g.ldc,
+                count,
+            )
+        };
+        ok(status, "cublasSgemmBatched")
+    }
+}
+
 impl Drop for Blas {
     fn drop(&mut self) {
         // SAFETY: created once, destroyed once; errors are ignored.

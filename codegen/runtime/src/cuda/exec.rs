@@ -155,6 +155,13 @@ enum Work {
         b: u64,
         c: u64,
     },
+    /// Products at the addresses listed in `pointers` (A's, then B's, then
+    /// C's: `count` each), for a plan GEMM with an outer batch level.
+    CublasPointers {
+        call: CublasGemm,
+        pointers: DeviceBuffer,
+        count: usize,
+    },
     /// A GEMM with a bias (and ReLU) epilogue.
     CublasLt {
         call: Box<LtGemm>,
@@ -444,9 +451,23 @@ impl Executor {
                     r.arena
                 )));
             }
-            let len = extent(gemm.batch, rows, cols, strides).ok_or_else(|| {
-                Error::layout(format!("{what}: operand {name}'s extent overflows"))
-            })?;
+            let outer_stride = match name {
+                "A" => gemm.outer_strides[0],
+                "B" => gemm.outer_strides[1],
+                _ => gemm.outer_strides[2],
+            };
+            let len = extent(gemm.batch, rows, cols, strides)
+                .and_then(|len| {
+                    let last = gemm
+                        .outer
+                        .max(1)
+                        .checked_sub(1)?
+                        .checked_mul(outer_stride)?;
+                    len.checked_add(last)
+                })
+                .ok_or_else(|| {
+                    Error::layout(format!("{what}: operand {name}'s extent overflows"))
+                })?;
             *slot = self.address(r, len, &format!("{what}, operand {name}"))?;
         }
         if self.blas.is_none() {
@@ -459,7 +480,13 @@ impl Executor {
         let [a, b, c] = addresses;
         let (a, b) = if call.swap { (b, a) } else { (a, b) };
         if let Some(bias) = &gemm.bias {
+            if gemm.outer > 1 {
+                return Ok(Err("a bias epilogue with an outer batch level".into()));
+            }
             return self.cublaslt(gemm, call, [a, b, c], bias, what);
+        }
+        if gemm.outer > 1 {
+            return self.cublas_pointers(gemm, call, addresses, what).map(Ok);
         }
         Ok(Ok(Ready {
             label: format!(
@@ -468,6 +495,51 @@ impl Executor {
             ),
             work: Work::Cublas { call, a, b, c },
         }))
+    }
+
+    /// A GEMM with an outer batch level as one `cublasSgemmBatched` call: the
+    /// address of every product's A, B and C, computed once and kept on the
+    /// device (the arenas never move, so a captured graph can replay it).
+    fn cublas_pointers(
+        &self,
+        gemm: &Gemm,
+        call: CublasGemm,
+        [a, b, c]: [u64; 3],
+        what: &str,
+    ) -> Result<Ready, Error> {
+        let count = gemm.outer * gemm.batch;
+        let item = |base: u64, outer: usize, inner: usize, o: usize, p: usize| {
+            base + 4 * (o * outer + p * inner) as u64
+        };
+        let mut pointers = Vec::with_capacity(3 * count);
+        for (base, k) in [(a, 0), (b, 1), (c, 2)] {
+            let strides = [gemm.a_strides, gemm.b_strides, gemm.c_strides][k];
+            for o in 0..gemm.outer {
+                for p in 0..gemm.batch {
+                    pointers.push(item(base, gemm.outer_strides[k], strides[0], o, p));
+                }
+            }
+        }
+        let (a_at, b_at) = if call.swap { (count, 0) } else { (0, count) };
+        let reordered: Vec<u64> = [a_at, b_at, 2 * count]
+            .iter()
+            .flat_map(|&at| pointers[at..at + count].iter().copied())
+            .collect();
+        let buf = self
+            .device
+            .alloc_zeroed(8 * reordered.len(), &format!("{what}: its pointer arrays"))?;
+        buf.write(0, &reordered, &format!("{what}: its pointer arrays"))?;
+        Ok(Ready {
+            label: format!(
+                "GEMM {}x{}x{}x{} (outer x batch) in cuBLAS",
+                gemm.outer, gemm.batch, gemm.m, gemm.n
+            ),
+            work: Work::CublasPointers {
+                call,
+                pointers: buf,
+                count,
+            },
+        })
     }
 
     /// The cuBLASLt call for a GEMM with a bias epilogue, or (inner `Err`) why
@@ -881,6 +953,18 @@ fn enqueue(
             let blas = blas.ok_or_else(|| Error::layout("a cuBLAS step without cuBLAS"))?;
             // SAFETY: operands checked against their arenas when prepared.
             unsafe { blas.sgemm(call, *a, *b, *c) }
+                .map_err(|e| Error::Device(format!("{}: {e}", step.label)))
+        }
+        Work::CublasPointers {
+            call,
+            pointers,
+            count,
+        } => {
+            let blas = blas.ok_or_else(|| Error::layout("a cuBLAS step without cuBLAS"))?;
+            let (base, n) = (pointers.ptr(), *count as u64);
+            // SAFETY: every address was computed from operands checked against
+            // their arenas; the arrays live in `pointers`, owned by the step.
+            unsafe { blas.sgemm_pointers(call, base, base + 8 * n, base + 16 * n, *count as i32) }
                 .map_err(|e| Error::Device(format!("{}: {e}", step.label)))
         }
         Work::CublasLt {

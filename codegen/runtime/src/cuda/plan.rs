@@ -143,6 +143,12 @@ pub struct Gemm {
     pub bias: Option<BufferRef>,
     /// Then `C = max(C, 0)` (only with a bias).
     pub relu: bool,
+    /// A second batch level: `outer` groups of `batch` products, group `o`'s
+    /// operands starting `o * outer_strides` elements on (`1`: none). Two
+    /// batch dims no single stride describes, e.g. attention's (batch, head).
+    pub outer: usize,
+    /// `(A, B, C)` strides of the outer level, in elements.
+    pub outer_strides: [usize; 3],
 }
 
 /// One step of a plan.
