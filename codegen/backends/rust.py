@@ -440,6 +440,14 @@ def _product_with_epilogue(out: IndentedBuffer, k: Matmul, e: Elementwise) -> No
     if not par:  # one block, on the calling thread
         for name, v in zip(names, views, strict=True):
             out.line(f"let {name} = &mut {v.buffer}[{v.offset}..{v.offset + v.size}];")
+        if k.n == 1:  # a column: one loop over it, not a loop over rows of one
+            out.line(gemm)
+            column = IndentedBuffer()
+            column.level = out.level
+            _row(column, e, [], 0, [[v.strides[0]] for v in e.inputs.values()], names[1:],
+                 aliased)
+            out.lines += column.lines
+            return
         block()
         return
     out.line(f"let rows = rt::gemm::block_rows({k.m}, {k.n}, {k.k});")

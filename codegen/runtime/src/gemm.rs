@@ -180,6 +180,25 @@ pub fn block_rows(m: usize, n: usize, k: usize) -> usize {
     m.div_ceil(threads).next_multiple_of(BLOCK_ALIGN).max(1)
 }
 
+/// `Σ a[p]·b[p]` in eight interleaved partial sums (a fixed order, so results
+/// do not depend on the machine), which vectorizes without reassociation.
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (a8.remainder(), b8.remainder());
+    for (x, y) in a8.zip(b8) {
+        for lane in 0..8 {
+            acc[lane] += x[lane] * y[lane];
+        }
+    }
+    let mut sum = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (x, y) in ra.iter().zip(rb) {
+        sum += x * y;
+    }
+    sum
+}
+
 /// Checks that a slice of `len` elements holds every element reached by the
 /// given `(extent, stride)` dimensions, starting at offset 0.
 pub(crate) fn check_span(what: &str, len: usize, dims: &[(usize, isize)]) -> Result<(), Error> {
@@ -299,6 +318,11 @@ impl Gemm {
             }
             return;
         }
+        if self.n == 1 || self.m == 1 {
+            // SAFETY: the same contract.
+            unsafe { self.run_vector() };
+            return;
+        }
         // SAFETY: the contract above is gemm's. With read_dst = false it only
         // writes C (C = 1·A·B); with true, C = 1·C + 1·A·B. Note gemm's
         // argument order: column stride before row stride.
@@ -332,6 +356,95 @@ impl Gemm {
     ///
     /// # Safety
     /// As [`Gemm::run_serial`].
+    /// A matrix-vector product (`n == 1` or `m == 1`). The GEMM crate packs
+    /// its operands first, which for a 1000×8·8×1 product costs several times
+    /// the arithmetic. Dot products when the vector's partner runs contiguously
+    /// along `k` (four partial sums, so the adds do not wait on each other);
+    /// otherwise `C += a_p · B_p` row by row, the inner loop along C.
+    ///
+    /// # Safety
+    /// As [`Gemm::run_serial`], with `k > 0`.
+    unsafe fn run_vector(&self) {
+        // A row of C (m == 1) is the transposed problem: Cᵀ = Bᵀ·Aᵀ, n == 1.
+        let g = if self.n == 1 {
+            *self
+        } else {
+            Gemm {
+                m: self.n,
+                n: 1,
+                a: self.b,
+                ar: self.bc,
+                ac: self.br,
+                b: self.a,
+                br: self.ac,
+                bc: self.ar,
+                cr: self.cc,
+                cc: self.cr,
+                ..*self
+            }
+        };
+        // SAFETY (every access below): the indices stay inside the extents the
+        // contract of run_serial covers (the transposed view reaches the same).
+        unsafe {
+            let out = |i: isize| g.c.offset(i * g.cr);
+            let (m, k) = (g.m as isize, g.k as isize);
+            if g.ac == 1 && g.br == 1 {
+                // Both along k in memory: slices, eight partial sums the
+                // compiler keeps in SIMD registers.
+                let b = std::slice::from_raw_parts(g.b, g.k);
+                for i in 0..m {
+                    let row = std::slice::from_raw_parts(g.a.offset(i * g.ar), g.k);
+                    let sum = dot(row, b);
+                    *out(i) = if g.accumulate { *out(i) + sum } else { sum };
+                }
+                return;
+            }
+            if g.ac.abs() <= g.ar.abs() {
+                for i in 0..m {
+                    let row = g.a.offset(i * g.ar);
+                    let term = |p: isize| *row.offset(p * g.ac) * *g.b.offset(p * g.br);
+                    let mut acc = [0.0f32; 4];
+                    let whole = k / 4 * 4;
+                    for p in (0..whole).step_by(4) {
+                        for (lane, slot) in acc.iter_mut().enumerate() {
+                            *slot += term(p + lane as isize);
+                        }
+                    }
+                    let mut sum = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+                    for p in whole..k {
+                        sum += term(p);
+                    }
+                    *out(i) = if g.accumulate { *out(i) + sum } else { sum };
+                }
+                return;
+            }
+            if !g.accumulate {
+                for i in 0..m {
+                    *out(i) = 0.0;
+                }
+            }
+            if g.ar == 1 && g.cr == 1 {
+                // Columns of A and C contiguous: slice axpys, which vectorize.
+                let c = std::slice::from_raw_parts_mut(g.c, g.m);
+                for p in 0..k {
+                    let x = *g.b.offset(p * g.br);
+                    let col = std::slice::from_raw_parts(g.a.offset(p * g.ac), g.m);
+                    for (ci, ai) in c.iter_mut().zip(col) {
+                        *ci += ai * x;
+                    }
+                }
+                return;
+            }
+            for p in 0..k {
+                let x = *g.b.offset(p * g.br);
+                let col = g.a.offset(p * g.ac);
+                for i in 0..m {
+                    *out(i) += *col.offset(i * g.ar) * x;
+                }
+            }
+        }
+    }
+
     unsafe fn run_split(&self, parts: usize) {
         let split_rows = self.m >= self.n;
         let len = if split_rows { self.m } else { self.n };
@@ -425,9 +538,13 @@ mod tests {
 
     #[test]
     fn all_transpose_combinations_and_sizes() {
-        // Small, ragged, and above PAR_FLOPS (both splits: m >= n and m < n).
+        // Small, ragged, above PAR_FLOPS (both splits: m >= n and m < n), and
+        // matrix-vector products (n == 1 or m == 1: their own loops).
         let sizes = [
             (1, 1, 1),
+            (1000, 1, 8),
+            (1, 300, 1000),
+            (1, 1, 50),
             (3, 5, 7),
             (17, 33, 9),
             (128, 256, 70),

@@ -75,16 +75,14 @@ pub fn grads_k00_matmul_add_mul_sub(
         (1, 1),
         false,
     )?;
-    for (i, (c, o0)) in c.chunks(1).zip(o0.chunks_mut(1)).enumerate() {
-        let row = i;
-        let n = o0.len();
-        let x0 = c95[0];
-        let x2 = param_b[0];
-        let x3 = input_y[row];
-        for j in 0..n {
-            let x1 = c[j];
-            o0[j] = 2.0 * x0 * (x1 + x2 - x3);
-        }
+    let n = o0.len();
+    let x0 = c95[0];
+    let x2 = param_b[0];
+    let x3_row = &input_y[0..][..n];
+    for j in 0..n {
+        let x1 = c[j];
+        let x3 = x3_row[j];
+        o0[j] = 2.0 * x0 * (x1 + x2 - x3);
     }
     Ok(())
 }
@@ -142,15 +140,13 @@ pub fn train_k00_matmul_add_sub(
         (1, 1),
         false,
     )?;
-    for (i, (c, o0)) in c.chunks(1).zip(o0.chunks_mut(1)).enumerate() {
-        let row = i;
-        let n = o0.len();
-        let x1 = param_b[0];
-        let x2 = input_y[row];
-        for j in 0..n {
-            let x0 = c[j];
-            o0[j] = x0 + x1 - x2;
-        }
+    let n = o0.len();
+    let x1 = param_b[0];
+    let x2_row = &input_y[0..][..n];
+    for j in 0..n {
+        let x0 = c[j];
+        let x2 = x2_row[j];
+        o0[j] = x0 + x1 - x2;
     }
     Ok(())
 }
@@ -228,28 +224,22 @@ pub fn train_k08_matmul_add_div_etc(
         (1, 1),
         false,
     )?;
-    for (i, (((c, o0), o1), o2)) in c
-        .chunks(1)
-        .zip(o0.chunks_mut(1))
-        .zip(o1.chunks_mut(1))
-        .zip(o2.chunks_mut(1))
-        .enumerate()
-    {
-        let row = i;
-        let n = o0.len();
-        let x0 = state_exp_avg_w[row];
-        let x2 = state_exp_avg_sq_w[row];
-        let x3 = param_w[row];
-        let x4 = t58[0];
-        let x5 = t53[0];
-        for j in 0..n {
-            let x1 = c[j];
-            let t0 = 0.9 * x0 + 0.1 * x1;
-            let t1 = 0.001 * x1.powi(2) + 0.999 * x2;
-            o0[j] = t0;
-            o1[j] = t1;
-            o2[j] = -t0 * x4 / (t1.sqrt() / x5 + 0.00000001) + 0.9999 * x3;
-        }
+    let n = o0.len();
+    let x0_row = &state_exp_avg_w[0..][..n];
+    let x2_row = &state_exp_avg_sq_w[0..][..n];
+    let x3_row = &param_w[0..][..n];
+    let x4 = t58[0];
+    let x5 = t53[0];
+    for j in 0..n {
+        let x0 = x0_row[j];
+        let x1 = c[j];
+        let x2 = x2_row[j];
+        let x3 = x3_row[j];
+        let t0 = 0.9 * x0 + 0.1 * x1;
+        let t1 = 0.001 * x1.powi(2) + 0.999 * x2;
+        o0[j] = t0;
+        o1[j] = t1;
+        o2[j] = -t0 * x4 / (t1.sqrt() / x5 + 0.00000001) + 0.9999 * x3;
     }
     Ok(())
 }

@@ -191,7 +191,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `linreg`.
-#[pyclass(module = "fg_linreg_94f90a338457")]
+#[pyclass(module = "fg_linreg_87b8152619aa")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -324,7 +324,7 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_linreg_94f90a338457(m: &Bound<'_, PyModule>) -> PyResult<()> {
+fn fg_linreg_87b8152619aa(m: &Bound<'_, PyModule>) -> PyResult<()> {
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

@@ -454,7 +454,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `mlp`.
-#[pyclass(module = "fg_mlp_471db713e6be")]
+#[pyclass(module = "fg_mlp_5ea2b169e22d")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -600,7 +600,7 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_mlp_471db713e6be(m: &Bound<'_, PyModule>) -> PyResult<()> {
+fn fg_mlp_5ea2b169e22d(m: &Bound<'_, PyModule>) -> PyResult<()> {
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

@@ -65,13 +65,11 @@ pub fn forward_k01_matmul_add_sigmoid(
         (1, 1),
         false,
     )?;
-    for (c, o0) in c.chunks(1).zip(o0.chunks_mut(1)) {
-        let n = o0.len();
-        let x1 = param_out_bias[0];
-        for j in 0..n {
-            let x0 = c[j];
-            o0[j] = (0.5) * ((0.5) * x0 + (0.5) * x1).tanh() + 0.5;
-        }
+    let n = o0.len();
+    let x1 = param_out_bias[0];
+    for j in 0..n {
+        let x0 = c[j];
+        o0[j] = (0.5) * ((0.5) * x0 + (0.5) * x1).tanh() + 0.5;
     }
     Ok(())
 }
@@ -167,39 +165,38 @@ pub fn grads_k02_matmul_add_log_etc(
         (1, 1),
         false,
     )?;
-    for (i, (c, o0)) in c.chunks(1).zip(o0.chunks_mut(1)).enumerate() {
-        let row = i;
-        let n = o0.len();
-        let x0 = c112[row];
-        let x1 = input_y[row];
-        let x3 = param_out_bias[0];
-        for j in 0..n {
-            let x2 = c[j];
-            let t0 = ((0.5) * x2 + (0.5) * x3).tanh();
-            let t1 = (0.5) * t0;
-            let t2 = t1 + 0.5;
-            let t3 = 0.5 - t1;
-            o0[j] = (0.25 - 0.25 * t0.powi(2))
-                * (-x0
-                    * (1.0 - x1)
-                    * (if (t3.ln() + 100.0) > 0.0 {
+    let n = o0.len();
+    let x0_row = &c112[0..][..n];
+    let x1_row = &input_y[0..][..n];
+    let x3 = param_out_bias[0];
+    for j in 0..n {
+        let x0 = x0_row[j];
+        let x1 = x1_row[j];
+        let x2 = c[j];
+        let t0 = ((0.5) * x2 + (0.5) * x3).tanh();
+        let t1 = (0.5) * t0;
+        let t2 = t1 + 0.5;
+        let t3 = 0.5 - t1;
+        o0[j] = (0.25 - 0.25 * t0.powi(2))
+            * (-x0
+                * (1.0 - x1)
+                * (if (t3.ln() + 100.0) > 0.0 {
+                    1.0
+                } else if (t3.ln() + 100.0) < 0.0 {
+                    0.0
+                } else {
+                    0.5
+                })
+                / t3
+                + x0 * x1
+                    * (if (t2.ln() + 100.0) > 0.0 {
                         1.0
-                    } else if (t3.ln() + 100.0) < 0.0 {
+                    } else if (t2.ln() + 100.0) < 0.0 {
                         0.0
                     } else {
                         0.5
                     })
-                    / t3
-                    + x0 * x1
-                        * (if (t2.ln() + 100.0) > 0.0 {
-                            1.0
-                        } else if (t2.ln() + 100.0) < 0.0 {
-                            0.0
-                        } else {
-                            0.5
-                        })
-                        / t2);
-        }
+                    / t2);
     }
     Ok(())
 }
@@ -321,13 +318,11 @@ pub fn train_k02_matmul_add(
         (1, 1),
         false,
     )?;
-    for (c, o0) in c.chunks(1).zip(o0.chunks_mut(1)) {
-        let n = o0.len();
-        let x1 = param_out_bias[0];
-        for j in 0..n {
-            let x0 = c[j];
-            o0[j] = x0 + x1;
-        }
+    let n = o0.len();
+    let x1 = param_out_bias[0];
+    for j in 0..n {
+        let x0 = c[j];
+        o0[j] = x0 + x1;
     }
     Ok(())
 }
@@ -544,15 +539,13 @@ pub fn train_k16_matmul_add_mul_sub(
         (1, 1),
         false,
     )?;
-    for ((c, o0), o1) in c.chunks(1).zip(o0.chunks_mut(1)).zip(o1.chunks_mut(1)) {
-        let n = o0.len();
-        for j in 0..n {
-            let x0 = o0[j];
-            let x1 = c[j];
-            let x2 = o1[j];
-            o0[j] = 0.9 * x0 + x1;
-            o1[j] = -0.40499997 * x0 - 0.95 * x1 + x2;
-        }
+    let n = o0.len();
+    for j in 0..n {
+        let x0 = o0[j];
+        let x1 = c[j];
+        let x2 = o1[j];
+        o0[j] = 0.9 * x0 + x1;
+        o1[j] = -0.40499997 * x0 - 0.95 * x1 + x2;
     }
     Ok(())
 }
