@@ -28,8 +28,9 @@ Two phases, because the GPU machine has no Rust toolchain (as gpu_cuda_check.py)
 What is measured, per workload:
 
 - systems: ferrograd (CUDA step, CUDA graphs on, cuBLAS, strict fp32; inputs passed
-  as NumPy arrays, copied host→device every step: the module takes no device-resident
-  inputs yet), torch eager, torch eager with the whole step in one CUDA graph,
+  as NumPy arrays, copied host→device every step — the step also takes CuPy/torch
+  device arrays, measured apart by gpu_device_inputs.py), torch eager, torch eager
+  with the whole step in one CUDA graph,
   torch.compile(mode="reduce-overhead") of the model + loss with the optimizer eager,
   JAX jit (one executable per step, params and state donated), and as like-for-like
   partners of ferrograd's host inputs: the CUDA-graph step and JAX fed from NumPy
