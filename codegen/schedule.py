@@ -491,8 +491,8 @@ class _Scheduler:
             writers = [i for i, k in enumerate(self.kernels)
                        if any(v.buffer == target for v in k.writes())]
             for w in writers:  # readers of the old value, directly or through a view
-                for i, (k, rs) in enumerate(zip(self.kernels, self.kernel_reads, strict=True)):
-                    if i != w and (old in rs or any(v.buffer == target for v in k.reads())):
+                for i, rs in enumerate(self.kernel_reads):
+                    if i != w and any(self._root(r) == old for r in rs):
                         dag.add_edge(i, w)
                 if self._unsafe_inplace(self.kernels[w], target):
                     return None
@@ -504,6 +504,17 @@ class _Scheduler:
             return list(nx.lexicographical_topological_sort(dag))
         except nx.NetworkXUnfeasible:
             return None
+
+    def _root(self, nid: int) -> int:
+        """The node whose buffer ``nid``'s value is a view of (through movement ops):
+        an input-gradient matmul reads a weight as its transpose."""
+        n = self.node.get(nid)
+        while n is not None and n.op in MOVEMENT and self.view.get(nid) is not None and \
+                self.view.get(n.args[0]) is not None and \
+                self.view[nid].buffer == self.view[n.args[0]].buffer:
+            nid = n.args[0]
+            n = self.node.get(nid)
+        return nid
 
     @staticmethod
     def _unsafe_inplace(k: Kernel, target: str) -> bool:

@@ -164,20 +164,20 @@ pub fn train_k01_reduce(t6: &[f32], t8: &mut [f32]) {
 }
 
 /// elementwise: add.
-pub fn train_k03_add(state_step: &[f32], t28: &mut [f32]) {
+pub fn train_k03_add(state_step: &mut [f32]) {
     let x0 = state_step[0];
-    t28[0] = x0 + 1.0;
+    state_step[0] = x0 + 1.0;
 }
 
 /// elementwise: pow, sqrt, sub.
-pub fn train_k04_pow_sqrt_sub(t28: &[f32], t53: &mut [f32]) {
-    let x0 = t28[0];
+pub fn train_k04_pow_sqrt_sub(state_step: &[f32], t53: &mut [f32]) {
+    let x0 = state_step[0];
     t53[0] = (1.0 - 0.999_f32.powf(x0)).sqrt();
 }
 
 /// elementwise: div, pow, sub.
-pub fn train_k05_div_pow_sub(t28: &[f32], t58: &mut [f32]) {
-    let x0 = t28[0];
+pub fn train_k05_div_pow_sub(state_step: &[f32], t58: &mut [f32]) {
+    let x0 = state_step[0];
     t58[0] = 0.01 / (1.0 - 0.9_f32.powf(x0));
 }
 
@@ -198,20 +198,17 @@ pub fn train_k06_add_mul(c95: &[f32], t6: &[f32], t18: &mut [f32]) {
 pub fn train_k08_matmul_add_div_etc(
     input_x: &[f32],
     t18: &[f32],
-    state_exp_avg_w: &[f32],
-    state_exp_avg_sq_w: &[f32],
-    param_w: &[f32],
     t58: &[f32],
     t53: &[f32],
     t25: &mut [f32],
-    t37: &mut [f32],
-    t43: &mut [f32],
-    t61: &mut [f32],
+    state_exp_avg_w: &mut [f32],
+    state_exp_avg_sq_w: &mut [f32],
+    param_w: &mut [f32],
 ) -> Result<(), rt::Error> {
     let c = &mut t25[0..3];
-    let o0 = &mut t37[0..3];
-    let o1 = &mut t43[0..3];
-    let o2 = &mut t61[0..3];
+    let o0 = &mut state_exp_avg_w[0..3];
+    let o1 = &mut state_exp_avg_sq_w[0..3];
+    let o2 = &mut param_w[0..3];
     rt::gemm::sgemm(
         c.len(),
         1,
@@ -225,16 +222,13 @@ pub fn train_k08_matmul_add_div_etc(
         false,
     )?;
     let n = o0.len();
-    let x0_row = &state_exp_avg_w[0..][..n];
-    let x2_row = &state_exp_avg_sq_w[0..][..n];
-    let x3_row = &param_w[0..][..n];
     let x4 = t58[0];
     let x5 = t53[0];
     for j in 0..n {
-        let x0 = x0_row[j];
+        let x0 = o0[j];
         let x1 = c[j];
-        let x2 = x2_row[j];
-        let x3 = x3_row[j];
+        let x2 = o1[j];
+        let x3 = o2[j];
         let t0 = 0.9 * x0 + 0.1 * x1;
         let t1 = 0.001 * x1.powi(2) + 0.999 * x2;
         o0[j] = t0;
@@ -246,15 +240,12 @@ pub fn train_k08_matmul_add_div_etc(
 
 /// elementwise: add, div, mul, sqrt, sub over [1].
 pub fn train_k09_add_div_etc(
-    state_exp_avg_b: &[f32],
     t20: &[f32],
-    state_exp_avg_sq_b: &[f32],
-    param_b: &[f32],
     t58: &[f32],
     t53: &[f32],
-    t70: &mut [f32],
-    t76: &mut [f32],
-    t94: &mut [f32],
+    state_exp_avg_b: &mut [f32],
+    state_exp_avg_sq_b: &mut [f32],
+    param_b: &mut [f32],
 ) {
     let x0 = state_exp_avg_b[0];
     let x1 = t20[0];
@@ -264,76 +255,7 @@ pub fn train_k09_add_div_etc(
     let x5 = t53[0];
     let t0 = 0.9 * x0 + 0.1 * x1;
     let t1 = 0.001 * x1.powi(2) + 0.999 * x2;
-    t70[0] = t0;
-    t76[0] = t1;
-    t94[0] = -t0 * x4 / (t1.sqrt() / x5 + 0.00000001) + 0.9999 * x3;
-}
-
-/// elementwise: writeback.
-pub fn train_k10_writeback(t28: &[f32], state_step: &mut [f32]) {
-    let x0 = t28[0];
-    state_step[0] = x0;
-}
-
-/// elementwise: writeback over [3, 1].
-pub fn train_k11_writeback(t61: &[f32], param_w: &mut [f32]) {
-    param_w[0..3]
-        .chunks_mut(3)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let n = o0.len();
-            let x0_row = &t61[row * 3..][..n];
-            for j in 0..n {
-                let x0 = x0_row[j];
-                o0[j] = x0;
-            }
-        });
-}
-
-/// elementwise: writeback over [3, 1].
-pub fn train_k12_writeback(t37: &[f32], state_exp_avg_w: &mut [f32]) {
-    state_exp_avg_w[0..3]
-        .chunks_mut(3)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let n = o0.len();
-            let x0_row = &t37[row * 3..][..n];
-            for j in 0..n {
-                let x0 = x0_row[j];
-                o0[j] = x0;
-            }
-        });
-}
-
-/// elementwise: writeback over [3, 1].
-pub fn train_k13_writeback(t43: &[f32], state_exp_avg_sq_w: &mut [f32]) {
-    state_exp_avg_sq_w[0..3]
-        .chunks_mut(3)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let n = o0.len();
-            let x0_row = &t43[row * 3..][..n];
-            for j in 0..n {
-                let x0 = x0_row[j];
-                o0[j] = x0;
-            }
-        });
-}
-
-/// elementwise: writeback over [1].
-pub fn train_k14_writeback(t94: &[f32], param_b: &mut [f32]) {
-    let x0 = t94[0];
-    param_b[0] = x0;
-}
-
-/// elementwise: writeback over [1].
-pub fn train_k15_writeback(t70: &[f32], state_exp_avg_b: &mut [f32]) {
-    let x0 = t70[0];
-    state_exp_avg_b[0] = x0;
-}
-
-/// elementwise: writeback over [1].
-pub fn train_k16_writeback(t76: &[f32], state_exp_avg_sq_b: &mut [f32]) {
-    let x0 = t76[0];
-    state_exp_avg_sq_b[0] = x0;
+    state_exp_avg_b[0] = t0;
+    state_exp_avg_sq_b[0] = t1;
+    param_b[0] = -t0 * x4 / (t1.sqrt() / x5 + 0.00000001) + 0.9999 * x3;
 }

@@ -17,7 +17,7 @@ static CONSTS: &[u8] = include_bytes!("consts.bin");
 
 const PARAM_LEN: usize = 32;
 const STATE_LEN: usize = 80;
-const TEMP_F32_LEN: usize = 208;
+const TEMP_F32_LEN: usize = 176;
 const TEMP_I32_LEN: usize = 0;
 const TEMP_BOOL_LEN: usize = 0;
 const CONST_F32_LEN: usize = 1;
@@ -117,7 +117,7 @@ impl Arenas {
         Ok(())
     }
 
-    /// `train`: 17 kernels.
+    /// `train`: 10 kernels.
     fn train(&mut self, input_x: &[f32], input_y: &[f32]) -> Result<(), rt::Error> {
         let a = &*self;
         // SAFETY: the memory plan gives buffers that are live at the same time
@@ -134,46 +134,33 @@ impl Arenas {
             )?;
             kernels::train_k01_reduce(a.temp_f32.slice(64, 64), a.temp_f32.slice_mut(0, 1));
             kernels::forward_k02_mul(a.temp_f32.slice(0, 1), a.temp_f32.slice_mut(128, 1));
-            kernels::train_k03_add(a.state.slice(0, 1), a.temp_f32.slice_mut(144, 1));
-            kernels::train_k04_pow_sqrt_sub(a.temp_f32.slice(144, 1), a.temp_f32.slice_mut(160, 1));
-            kernels::train_k05_div_pow_sub(a.temp_f32.slice(144, 1), a.temp_f32.slice_mut(176, 1));
+            kernels::train_k03_add(a.state.slice_mut(0, 1));
+            kernels::train_k04_pow_sqrt_sub(a.state.slice(0, 1), a.temp_f32.slice_mut(144, 1));
+            kernels::train_k05_div_pow_sub(a.state.slice(0, 1), a.temp_f32.slice_mut(160, 1));
             kernels::train_k06_add_mul(
                 a.const_f32.slice(0, 1),
                 a.temp_f32.slice(64, 64),
                 a.temp_f32.slice_mut(0, 64),
             );
-            kernels::grads_k01_reduce(a.temp_f32.slice(0, 64), a.temp_f32.slice_mut(192, 1));
+            kernels::grads_k01_reduce(a.temp_f32.slice(0, 64), a.temp_f32.slice_mut(80, 1));
             kernels::train_k08_matmul_add_div_etc(
                 input_x,
                 a.temp_f32.slice(0, 64),
-                a.state.slice(16, 3),
-                a.state.slice(32, 3),
-                a.param.slice(0, 3),
-                a.temp_f32.slice(176, 1),
                 a.temp_f32.slice(160, 1),
+                a.temp_f32.slice(144, 1),
                 a.temp_f32.slice_mut(64, 3),
-                a.temp_f32.slice_mut(80, 3),
-                a.temp_f32.slice_mut(96, 3),
-                a.temp_f32.slice_mut(112, 3),
+                a.state.slice_mut(16, 3),
+                a.state.slice_mut(32, 3),
+                a.param.slice_mut(0, 3),
             )?;
             kernels::train_k09_add_div_etc(
-                a.state.slice(48, 1),
-                a.temp_f32.slice(192, 1),
-                a.state.slice(64, 1),
-                a.param.slice(16, 1),
-                a.temp_f32.slice(176, 1),
+                a.temp_f32.slice(80, 1),
                 a.temp_f32.slice(160, 1),
-                a.temp_f32.slice_mut(0, 1),
-                a.temp_f32.slice_mut(16, 1),
-                a.temp_f32.slice_mut(32, 1),
+                a.temp_f32.slice(144, 1),
+                a.state.slice_mut(48, 1),
+                a.state.slice_mut(64, 1),
+                a.param.slice_mut(16, 1),
             );
-            kernels::train_k10_writeback(a.temp_f32.slice(144, 1), a.state.slice_mut(0, 1));
-            kernels::train_k11_writeback(a.temp_f32.slice(112, 3), a.param.slice_mut(0, 3));
-            kernels::train_k12_writeback(a.temp_f32.slice(80, 3), a.state.slice_mut(16, 3));
-            kernels::train_k13_writeback(a.temp_f32.slice(96, 3), a.state.slice_mut(32, 3));
-            kernels::train_k14_writeback(a.temp_f32.slice(32, 1), a.param.slice_mut(16, 1));
-            kernels::train_k15_writeback(a.temp_f32.slice(0, 1), a.state.slice_mut(48, 1));
-            kernels::train_k16_writeback(a.temp_f32.slice(16, 1), a.state.slice_mut(64, 1));
         }
         Ok(())
     }
@@ -191,7 +178,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `linreg`.
-#[pyclass(module = "fg_linreg_87b8152619aa")]
+#[pyclass(module = "fg_linreg_d84b23cbe21b")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -324,7 +311,7 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_linreg_87b8152619aa(m: &Bound<'_, PyModule>) -> PyResult<()> {
+fn fg_linreg_d84b23cbe21b(m: &Bound<'_, PyModule>) -> PyResult<()> {
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

@@ -560,20 +560,20 @@ pub fn train_k09_reduce(t18: &[u8], t21: &[f32], t23: &[f32], t28: &mut [f32]) {
 }
 
 /// elementwise: add.
-pub fn train_k12_add(state_step: &[f32], t79: &mut [f32]) {
+pub fn train_k12_add(state_step: &mut [f32]) {
     let x0 = state_step[0];
-    t79[0] = x0 + 1.0;
+    state_step[0] = x0 + 1.0;
 }
 
 /// elementwise: pow, sqrt, sub.
-pub fn train_k13_pow_sqrt_sub(t79: &[f32], t102: &mut [f32]) {
-    let x0 = t79[0];
+pub fn train_k13_pow_sqrt_sub(state_step: &[f32], t102: &mut [f32]) {
+    let x0 = state_step[0];
     t102[0] = (1.0 - 0.999_f32.powf(x0)).sqrt();
 }
 
 /// elementwise: div, pow, sub.
-pub fn train_k14_div_pow_sub(t79: &[f32], t107: &mut [f32]) {
-    let x0 = t79[0];
+pub fn train_k14_div_pow_sub(state_step: &[f32], t107: &mut [f32]) {
+    let x0 = state_step[0];
     t107[0] = 0.01 / (1.0 - 0.9_f32.powf(x0));
 }
 
@@ -597,20 +597,17 @@ pub fn train_k15_mul_where(t18: &[u8], c270: &[f32], t43: &mut [f32]) {
 pub fn train_k24_matmul_add_div_etc(
     input_x: &[f32],
     t70: &[f32],
-    state_exp_avg_linear_0_weight: &[f32],
-    state_exp_avg_sq_linear_0_weight: &[f32],
-    param_linear_0_weight: &[f32],
     t107: &[f32],
     t102: &[f32],
     t76: &mut [f32],
-    t86: &mut [f32],
-    t92: &mut [f32],
-    t110: &mut [f32],
+    state_exp_avg_linear_0_weight: &mut [f32],
+    state_exp_avg_sq_linear_0_weight: &mut [f32],
+    param_linear_0_weight: &mut [f32],
 ) -> Result<(), rt::Error> {
     let c = &mut t76[0..2048];
-    let o0 = &mut t86[0..2048];
-    let o1 = &mut t92[0..2048];
-    let o2 = &mut t110[0..2048];
+    let o0 = &mut state_exp_avg_linear_0_weight[0..2048];
+    let o1 = &mut state_exp_avg_sq_linear_0_weight[0..2048];
+    let o2 = &mut param_linear_0_weight[0..2048];
     rt::gemm::sgemm(
         c.len() / 32,
         32,
@@ -623,25 +620,20 @@ pub fn train_k24_matmul_add_div_etc(
         (32, 1),
         false,
     )?;
-    for (i, (((c, o0), o1), o2)) in c
+    for (((c, o0), o1), o2) in c
         .chunks(32)
         .zip(o0.chunks_mut(32))
         .zip(o1.chunks_mut(32))
         .zip(o2.chunks_mut(32))
-        .enumerate()
     {
-        let row = i;
         let n = o0.len();
-        let x0_row = &state_exp_avg_linear_0_weight[row * 32..][..n];
-        let x2_row = &state_exp_avg_sq_linear_0_weight[row * 32..][..n];
-        let x3_row = &param_linear_0_weight[row * 32..][..n];
         let x4 = t107[0];
         let x5 = t102[0];
         for j in 0..n {
-            let x0 = x0_row[j];
+            let x0 = o0[j];
             let x1 = c[j];
-            let x2 = x2_row[j];
-            let x3 = x3_row[j];
+            let x2 = o1[j];
+            let x3 = o2[j];
             let t0 = 0.9 * x0 + 0.1 * x1;
             let t1 = 0.001 * x1.powi(2) + 0.999 * x2;
             o0[j] = t0;
@@ -654,34 +646,28 @@ pub fn train_k24_matmul_add_div_etc(
 
 /// elementwise: add, div, mul, sqrt, sub over [32].
 pub fn train_k25_add_div_etc(
-    state_exp_avg_linear_0_bias: &[f32],
     t71: &[f32],
-    state_exp_avg_sq_linear_0_bias: &[f32],
-    param_linear_0_bias: &[f32],
     t107: &[f32],
     t102: &[f32],
-    t117: &mut [f32],
-    t123: &mut [f32],
-    t141: &mut [f32],
+    state_exp_avg_linear_0_bias: &mut [f32],
+    state_exp_avg_sq_linear_0_bias: &mut [f32],
+    param_linear_0_bias: &mut [f32],
 ) {
-    t117[0..32]
+    state_exp_avg_linear_0_bias[0..32]
         .chunks_mut(32)
-        .zip(t123[0..32].chunks_mut(32))
-        .zip(t141[0..32].chunks_mut(32))
+        .zip(state_exp_avg_sq_linear_0_bias[0..32].chunks_mut(32))
+        .zip(param_linear_0_bias[0..32].chunks_mut(32))
         .enumerate()
         .for_each(|(row, ((o0, o1), o2))| {
             let n = o0.len();
-            let x0_row = &state_exp_avg_linear_0_bias[row * 32..][..n];
             let x1_row = &t71[row * 32..][..n];
-            let x2_row = &state_exp_avg_sq_linear_0_bias[row * 32..][..n];
-            let x3_row = &param_linear_0_bias[row * 32..][..n];
             let x4 = t107[0];
             let x5 = t102[0];
             for j in 0..n {
-                let x0 = x0_row[j];
+                let x0 = o0[j];
                 let x1 = x1_row[j];
-                let x2 = x2_row[j];
-                let x3 = x3_row[j];
+                let x2 = o1[j];
+                let x3 = o2[j];
                 let t0 = 0.9 * x0 + 0.1 * x1;
                 let t1 = 0.001 * x1.powi(2) + 0.999 * x2;
                 o0[j] = t0;
@@ -695,20 +681,17 @@ pub fn train_k25_add_div_etc(
 pub fn train_k26_matmul_add_div_etc(
     t6: &[f32],
     t62: &[f32],
-    state_exp_avg_linear_1_weight: &[f32],
-    state_exp_avg_sq_linear_1_weight: &[f32],
-    param_linear_1_weight: &[f32],
     t107: &[f32],
     t102: &[f32],
     t68: &mut [f32],
-    t148: &mut [f32],
-    t154: &mut [f32],
-    t172: &mut [f32],
+    state_exp_avg_linear_1_weight: &mut [f32],
+    state_exp_avg_sq_linear_1_weight: &mut [f32],
+    param_linear_1_weight: &mut [f32],
 ) -> Result<(), rt::Error> {
     let c = &mut t68[0..1024];
-    let o0 = &mut t148[0..1024];
-    let o1 = &mut t154[0..1024];
-    let o2 = &mut t172[0..1024];
+    let o0 = &mut state_exp_avg_linear_1_weight[0..1024];
+    let o1 = &mut state_exp_avg_sq_linear_1_weight[0..1024];
+    let o2 = &mut param_linear_1_weight[0..1024];
     rt::gemm::sgemm(
         c.len() / 32,
         32,
@@ -721,25 +704,20 @@ pub fn train_k26_matmul_add_div_etc(
         (32, 1),
         false,
     )?;
-    for (i, (((c, o0), o1), o2)) in c
+    for (((c, o0), o1), o2) in c
         .chunks(32)
         .zip(o0.chunks_mut(32))
         .zip(o1.chunks_mut(32))
         .zip(o2.chunks_mut(32))
-        .enumerate()
     {
-        let row = i;
         let n = o0.len();
-        let x0_row = &state_exp_avg_linear_1_weight[row * 32..][..n];
-        let x2_row = &state_exp_avg_sq_linear_1_weight[row * 32..][..n];
-        let x3_row = &param_linear_1_weight[row * 32..][..n];
         let x4 = t107[0];
         let x5 = t102[0];
         for j in 0..n {
-            let x0 = x0_row[j];
+            let x0 = o0[j];
             let x1 = c[j];
-            let x2 = x2_row[j];
-            let x3 = x3_row[j];
+            let x2 = o1[j];
+            let x3 = o2[j];
             let t0 = 0.9 * x0 + 0.1 * x1;
             let t1 = 0.001 * x1.powi(2) + 0.999 * x2;
             o0[j] = t0;
@@ -752,34 +730,28 @@ pub fn train_k26_matmul_add_div_etc(
 
 /// elementwise: add, div, mul, sqrt, sub over [32].
 pub fn train_k27_add_div_etc(
-    state_exp_avg_linear_1_bias: &[f32],
     t63: &[f32],
-    state_exp_avg_sq_linear_1_bias: &[f32],
-    param_linear_1_bias: &[f32],
     t107: &[f32],
     t102: &[f32],
-    t179: &mut [f32],
-    t185: &mut [f32],
-    t203: &mut [f32],
+    state_exp_avg_linear_1_bias: &mut [f32],
+    state_exp_avg_sq_linear_1_bias: &mut [f32],
+    param_linear_1_bias: &mut [f32],
 ) {
-    t179[0..32]
+    state_exp_avg_linear_1_bias[0..32]
         .chunks_mut(32)
-        .zip(t185[0..32].chunks_mut(32))
-        .zip(t203[0..32].chunks_mut(32))
+        .zip(state_exp_avg_sq_linear_1_bias[0..32].chunks_mut(32))
+        .zip(param_linear_1_bias[0..32].chunks_mut(32))
         .enumerate()
         .for_each(|(row, ((o0, o1), o2))| {
             let n = o0.len();
-            let x0_row = &state_exp_avg_linear_1_bias[row * 32..][..n];
             let x1_row = &t63[row * 32..][..n];
-            let x2_row = &state_exp_avg_sq_linear_1_bias[row * 32..][..n];
-            let x3_row = &param_linear_1_bias[row * 32..][..n];
             let x4 = t107[0];
             let x5 = t102[0];
             for j in 0..n {
-                let x0 = x0_row[j];
+                let x0 = o0[j];
                 let x1 = x1_row[j];
-                let x2 = x2_row[j];
-                let x3 = x3_row[j];
+                let x2 = o1[j];
+                let x3 = o2[j];
                 let t0 = 0.9 * x0 + 0.1 * x1;
                 let t1 = 0.001 * x1.powi(2) + 0.999 * x2;
                 o0[j] = t0;
@@ -793,20 +765,17 @@ pub fn train_k27_add_div_etc(
 pub fn train_k28_matmul_add_div_etc(
     t11: &[f32],
     t52: &[f32],
-    state_exp_avg_head_weight: &[f32],
-    state_exp_avg_sq_head_weight: &[f32],
-    param_head_weight: &[f32],
     t107: &[f32],
     t102: &[f32],
     t60: &mut [f32],
-    t210: &mut [f32],
-    t216: &mut [f32],
-    t234: &mut [f32],
+    state_exp_avg_head_weight: &mut [f32],
+    state_exp_avg_sq_head_weight: &mut [f32],
+    param_head_weight: &mut [f32],
 ) -> Result<(), rt::Error> {
     let c = &mut t60[0..320];
-    let o0 = &mut t210[0..320];
-    let o1 = &mut t216[0..320];
-    let o2 = &mut t234[0..320];
+    let o0 = &mut state_exp_avg_head_weight[0..320];
+    let o1 = &mut state_exp_avg_sq_head_weight[0..320];
+    let o2 = &mut param_head_weight[0..320];
     rt::gemm::sgemm(
         c.len() / 10,
         10,
@@ -819,25 +788,20 @@ pub fn train_k28_matmul_add_div_etc(
         (10, 1),
         false,
     )?;
-    for (i, (((c, o0), o1), o2)) in c
+    for (((c, o0), o1), o2) in c
         .chunks(10)
         .zip(o0.chunks_mut(10))
         .zip(o1.chunks_mut(10))
         .zip(o2.chunks_mut(10))
-        .enumerate()
     {
-        let row = i;
         let n = o0.len();
-        let x0_row = &state_exp_avg_head_weight[row * 10..][..n];
-        let x2_row = &state_exp_avg_sq_head_weight[row * 10..][..n];
-        let x3_row = &param_head_weight[row * 10..][..n];
         let x4 = t107[0];
         let x5 = t102[0];
         for j in 0..n {
-            let x0 = x0_row[j];
+            let x0 = o0[j];
             let x1 = c[j];
-            let x2 = x2_row[j];
-            let x3 = x3_row[j];
+            let x2 = o1[j];
+            let x3 = o2[j];
             let t0 = 0.9 * x0 + 0.1 * x1;
             let t1 = 0.001 * x1.powi(2) + 0.999 * x2;
             o0[j] = t0;
@@ -850,315 +814,33 @@ pub fn train_k28_matmul_add_div_etc(
 
 /// elementwise: add, div, mul, sqrt, sub over [10].
 pub fn train_k29_add_div_etc(
-    state_exp_avg_head_bias: &[f32],
     t55: &[f32],
-    state_exp_avg_sq_head_bias: &[f32],
-    param_head_bias: &[f32],
     t107: &[f32],
     t102: &[f32],
-    t241: &mut [f32],
-    t247: &mut [f32],
-    t265: &mut [f32],
+    state_exp_avg_head_bias: &mut [f32],
+    state_exp_avg_sq_head_bias: &mut [f32],
+    param_head_bias: &mut [f32],
 ) {
-    t241[0..10]
+    state_exp_avg_head_bias[0..10]
         .chunks_mut(10)
-        .zip(t247[0..10].chunks_mut(10))
-        .zip(t265[0..10].chunks_mut(10))
+        .zip(state_exp_avg_sq_head_bias[0..10].chunks_mut(10))
+        .zip(param_head_bias[0..10].chunks_mut(10))
         .enumerate()
         .for_each(|(row, ((o0, o1), o2))| {
             let n = o0.len();
-            let x0_row = &state_exp_avg_head_bias[row * 10..][..n];
             let x1_row = &t55[row * 10..][..n];
-            let x2_row = &state_exp_avg_sq_head_bias[row * 10..][..n];
-            let x3_row = &param_head_bias[row * 10..][..n];
             let x4 = t107[0];
             let x5 = t102[0];
             for j in 0..n {
-                let x0 = x0_row[j];
+                let x0 = o0[j];
                 let x1 = x1_row[j];
-                let x2 = x2_row[j];
-                let x3 = x3_row[j];
+                let x2 = o1[j];
+                let x3 = o2[j];
                 let t0 = 0.9 * x0 + 0.1 * x1;
                 let t1 = 0.001 * x1.powi(2) + 0.999 * x2;
                 o0[j] = t0;
                 o1[j] = t1;
                 o2[j] = -t0 * x4 / (t1.sqrt() / x5 + 0.00000001) + x3;
-            }
-        });
-}
-
-/// elementwise: writeback.
-pub fn train_k30_writeback(t79: &[f32], state_step: &mut [f32]) {
-    let x0 = t79[0];
-    state_step[0] = x0;
-}
-
-/// elementwise: writeback over [64, 32].
-pub fn train_k31_writeback(t110: &[f32], param_linear_0_weight: &mut [f32]) {
-    param_linear_0_weight[0..2048]
-        .chunks_mut(2048)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let n = o0.len();
-            let x0_row = &t110[row * 2048..][..n];
-            for j in 0..n {
-                let x0 = x0_row[j];
-                o0[j] = x0;
-            }
-        });
-}
-
-/// elementwise: writeback over [64, 32].
-pub fn train_k32_writeback(t86: &[f32], state_exp_avg_linear_0_weight: &mut [f32]) {
-    state_exp_avg_linear_0_weight[0..2048]
-        .chunks_mut(2048)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let n = o0.len();
-            let x0_row = &t86[row * 2048..][..n];
-            for j in 0..n {
-                let x0 = x0_row[j];
-                o0[j] = x0;
-            }
-        });
-}
-
-/// elementwise: writeback over [64, 32].
-pub fn train_k33_writeback(t92: &[f32], state_exp_avg_sq_linear_0_weight: &mut [f32]) {
-    state_exp_avg_sq_linear_0_weight[0..2048]
-        .chunks_mut(2048)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let n = o0.len();
-            let x0_row = &t92[row * 2048..][..n];
-            for j in 0..n {
-                let x0 = x0_row[j];
-                o0[j] = x0;
-            }
-        });
-}
-
-/// elementwise: writeback over [32].
-pub fn train_k34_writeback(t141: &[f32], param_linear_0_bias: &mut [f32]) {
-    param_linear_0_bias[0..32]
-        .chunks_mut(32)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let n = o0.len();
-            let x0_row = &t141[row * 32..][..n];
-            for j in 0..n {
-                let x0 = x0_row[j];
-                o0[j] = x0;
-            }
-        });
-}
-
-/// elementwise: writeback over [32].
-pub fn train_k35_writeback(t117: &[f32], state_exp_avg_linear_0_bias: &mut [f32]) {
-    state_exp_avg_linear_0_bias[0..32]
-        .chunks_mut(32)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let n = o0.len();
-            let x0_row = &t117[row * 32..][..n];
-            for j in 0..n {
-                let x0 = x0_row[j];
-                o0[j] = x0;
-            }
-        });
-}
-
-/// elementwise: writeback over [32].
-pub fn train_k36_writeback(t123: &[f32], state_exp_avg_sq_linear_0_bias: &mut [f32]) {
-    state_exp_avg_sq_linear_0_bias[0..32]
-        .chunks_mut(32)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let n = o0.len();
-            let x0_row = &t123[row * 32..][..n];
-            for j in 0..n {
-                let x0 = x0_row[j];
-                o0[j] = x0;
-            }
-        });
-}
-
-/// elementwise: writeback over [32, 32].
-pub fn train_k37_writeback(t172: &[f32], param_linear_1_weight: &mut [f32]) {
-    param_linear_1_weight[0..1024]
-        .chunks_mut(1024)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let n = o0.len();
-            let x0_row = &t172[row * 1024..][..n];
-            for j in 0..n {
-                let x0 = x0_row[j];
-                o0[j] = x0;
-            }
-        });
-}
-
-/// elementwise: writeback over [32, 32].
-pub fn train_k38_writeback(t148: &[f32], state_exp_avg_linear_1_weight: &mut [f32]) {
-    state_exp_avg_linear_1_weight[0..1024]
-        .chunks_mut(1024)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let n = o0.len();
-            let x0_row = &t148[row * 1024..][..n];
-            for j in 0..n {
-                let x0 = x0_row[j];
-                o0[j] = x0;
-            }
-        });
-}
-
-/// elementwise: writeback over [32, 32].
-pub fn train_k39_writeback(t154: &[f32], state_exp_avg_sq_linear_1_weight: &mut [f32]) {
-    state_exp_avg_sq_linear_1_weight[0..1024]
-        .chunks_mut(1024)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let n = o0.len();
-            let x0_row = &t154[row * 1024..][..n];
-            for j in 0..n {
-                let x0 = x0_row[j];
-                o0[j] = x0;
-            }
-        });
-}
-
-/// elementwise: writeback over [32].
-pub fn train_k40_writeback(t203: &[f32], param_linear_1_bias: &mut [f32]) {
-    param_linear_1_bias[0..32]
-        .chunks_mut(32)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let n = o0.len();
-            let x0_row = &t203[row * 32..][..n];
-            for j in 0..n {
-                let x0 = x0_row[j];
-                o0[j] = x0;
-            }
-        });
-}
-
-/// elementwise: writeback over [32].
-pub fn train_k41_writeback(t179: &[f32], state_exp_avg_linear_1_bias: &mut [f32]) {
-    state_exp_avg_linear_1_bias[0..32]
-        .chunks_mut(32)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let n = o0.len();
-            let x0_row = &t179[row * 32..][..n];
-            for j in 0..n {
-                let x0 = x0_row[j];
-                o0[j] = x0;
-            }
-        });
-}
-
-/// elementwise: writeback over [32].
-pub fn train_k42_writeback(t185: &[f32], state_exp_avg_sq_linear_1_bias: &mut [f32]) {
-    state_exp_avg_sq_linear_1_bias[0..32]
-        .chunks_mut(32)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let n = o0.len();
-            let x0_row = &t185[row * 32..][..n];
-            for j in 0..n {
-                let x0 = x0_row[j];
-                o0[j] = x0;
-            }
-        });
-}
-
-/// elementwise: writeback over [32, 10].
-pub fn train_k43_writeback(t234: &[f32], param_head_weight: &mut [f32]) {
-    param_head_weight[0..320]
-        .chunks_mut(320)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let n = o0.len();
-            let x0_row = &t234[row * 320..][..n];
-            for j in 0..n {
-                let x0 = x0_row[j];
-                o0[j] = x0;
-            }
-        });
-}
-
-/// elementwise: writeback over [32, 10].
-pub fn train_k44_writeback(t210: &[f32], state_exp_avg_head_weight: &mut [f32]) {
-    state_exp_avg_head_weight[0..320]
-        .chunks_mut(320)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let n = o0.len();
-            let x0_row = &t210[row * 320..][..n];
-            for j in 0..n {
-                let x0 = x0_row[j];
-                o0[j] = x0;
-            }
-        });
-}
-
-/// elementwise: writeback over [32, 10].
-pub fn train_k45_writeback(t216: &[f32], state_exp_avg_sq_head_weight: &mut [f32]) {
-    state_exp_avg_sq_head_weight[0..320]
-        .chunks_mut(320)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let n = o0.len();
-            let x0_row = &t216[row * 320..][..n];
-            for j in 0..n {
-                let x0 = x0_row[j];
-                o0[j] = x0;
-            }
-        });
-}
-
-/// elementwise: writeback over [10].
-pub fn train_k46_writeback(t265: &[f32], param_head_bias: &mut [f32]) {
-    param_head_bias[0..10]
-        .chunks_mut(10)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let n = o0.len();
-            let x0_row = &t265[row * 10..][..n];
-            for j in 0..n {
-                let x0 = x0_row[j];
-                o0[j] = x0;
-            }
-        });
-}
-
-/// elementwise: writeback over [10].
-pub fn train_k47_writeback(t241: &[f32], state_exp_avg_head_bias: &mut [f32]) {
-    state_exp_avg_head_bias[0..10]
-        .chunks_mut(10)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let n = o0.len();
-            let x0_row = &t241[row * 10..][..n];
-            for j in 0..n {
-                let x0 = x0_row[j];
-                o0[j] = x0;
-            }
-        });
-}
-
-/// elementwise: writeback over [10].
-pub fn train_k48_writeback(t247: &[f32], state_exp_avg_sq_head_bias: &mut [f32]) {
-    state_exp_avg_sq_head_bias[0..10]
-        .chunks_mut(10)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let n = o0.len();
-            let x0_row = &t247[row * 10..][..n];
-            for j in 0..n {
-                let x0 = x0_row[j];
-                o0[j] = x0;
             }
         });
 }

@@ -17,7 +17,7 @@ static CONSTS: &[u8] = include_bytes!("consts.bin");
 
 const PARAM_LEN: usize = 3472;
 const STATE_LEN: usize = 6960;
-const TEMP_F32_LEN: usize = 12144;
+const TEMP_F32_LEN: usize = 4464;
 const TEMP_I32_LEN: usize = 0;
 const TEMP_BOOL_LEN: usize = 160;
 const CONST_F32_LEN: usize = 16;
@@ -217,7 +217,7 @@ impl Arenas {
         Ok(())
     }
 
-    /// `train`: 49 kernels.
+    /// `train`: 30 kernels.
     fn train(&mut self, input_x: &[f32], input_y: &[i32]) -> Result<(), rt::Error> {
         let a = &*self;
         // SAFETY: the memory plan gives buffers that are live at the same time
@@ -231,17 +231,17 @@ impl Arenas {
                 a.temp_f32.slice_mut(0, 512),
                 a.temp_f32.slice_mut(512, 512),
             )?;
-            kernels::grads_k01_relu(a.temp_f32.slice(512, 512), a.temp_f32.slice_mut(10240, 512));
+            kernels::grads_k01_relu(a.temp_f32.slice(512, 512), a.temp_f32.slice_mut(2048, 512));
             kernels::grads_k02_matmul_add(
-                a.temp_f32.slice(10240, 512),
+                a.temp_f32.slice(2048, 512),
                 a.param.slice(2080, 1024),
                 a.param.slice(3104, 32),
                 a.temp_f32.slice_mut(1024, 512),
                 a.temp_f32.slice_mut(0, 512),
             )?;
-            kernels::grads_k03_relu(a.temp_f32.slice(0, 512), a.temp_f32.slice_mut(10752, 512));
+            kernels::grads_k03_relu(a.temp_f32.slice(0, 512), a.temp_f32.slice_mut(2560, 512));
             kernels::forward_k02_matmul_add(
-                a.temp_f32.slice(10752, 512),
+                a.temp_f32.slice(2560, 512),
                 a.param.slice(3136, 320),
                 a.param.slice(3456, 10),
                 a.temp_f32.slice_mut(1024, 160),
@@ -272,16 +272,10 @@ impl Arenas {
                 a.temp_f32.slice_mut(1184, 16),
             );
             kernels::forward_k07_reduce(a.temp_f32.slice(1184, 16), a.temp_f32.slice_mut(1200, 1));
-            kernels::forward_k08_mul_neg(a.temp_f32.slice(1200, 1), a.temp_f32.slice_mut(12080, 1));
-            kernels::train_k12_add(a.state.slice(0, 1), a.temp_f32.slice_mut(12096, 1));
-            kernels::train_k13_pow_sqrt_sub(
-                a.temp_f32.slice(12096, 1),
-                a.temp_f32.slice_mut(12112, 1),
-            );
-            kernels::train_k14_div_pow_sub(
-                a.temp_f32.slice(12096, 1),
-                a.temp_f32.slice_mut(12128, 1),
-            );
+            kernels::forward_k08_mul_neg(a.temp_f32.slice(1200, 1), a.temp_f32.slice_mut(4336, 1));
+            kernels::train_k12_add(a.state.slice_mut(0, 1));
+            kernels::train_k13_pow_sqrt_sub(a.state.slice(0, 1), a.temp_f32.slice_mut(4352, 1));
+            kernels::train_k14_div_pow_sub(a.state.slice(0, 1), a.temp_f32.slice_mut(4368, 1));
             kernels::train_k15_mul_where(
                 a.temp_bool.slice(0, 160),
                 a.const_f32.slice(0, 16),
@@ -297,134 +291,79 @@ impl Arenas {
                 a.temp_f32.slice(1184, 160),
                 a.temp_f32.slice(1376, 16),
                 a.temp_f32.slice(1024, 160),
-                a.temp_f32.slice_mut(11776, 160),
+                a.temp_f32.slice_mut(4096, 160),
             );
-            kernels::grads_k12_reduce(
-                a.temp_f32.slice(11776, 160),
-                a.temp_f32.slice_mut(12064, 10),
-            );
+            kernels::grads_k12_reduce(a.temp_f32.slice(4096, 160), a.temp_f32.slice_mut(4320, 10));
             kernels::grads_k14_matmul_mul_relu_d0(
-                a.temp_f32.slice(11776, 160),
+                a.temp_f32.slice(4096, 160),
                 a.param.slice(3136, 320),
                 a.temp_f32.slice(0, 512),
                 a.temp_f32.slice_mut(1024, 512),
-                a.temp_f32.slice_mut(11264, 512),
+                a.temp_f32.slice_mut(3072, 512),
             )?;
-            kernels::grads_k15_reduce(
-                a.temp_f32.slice(11264, 512),
-                a.temp_f32.slice_mut(11936, 32),
-            );
+            kernels::grads_k15_reduce(a.temp_f32.slice(3072, 512), a.temp_f32.slice_mut(4256, 32));
             kernels::grads_k17_matmul_mul_relu_d0(
-                a.temp_f32.slice(11264, 512),
+                a.temp_f32.slice(3072, 512),
                 a.param.slice(2080, 1024),
                 a.temp_f32.slice(512, 512),
                 a.temp_f32.slice_mut(0, 512),
-                a.temp_f32.slice_mut(8192, 512),
+                a.temp_f32.slice_mut(3584, 512),
             )?;
-            kernels::grads_k18_reduce(a.temp_f32.slice(8192, 512), a.temp_f32.slice_mut(8704, 32));
+            kernels::grads_k18_reduce(a.temp_f32.slice(3584, 512), a.temp_f32.slice_mut(4288, 32));
             kernels::train_k24_matmul_add_div_etc(
                 input_x,
-                a.temp_f32.slice(8192, 512),
-                a.state.slice(16, 2048),
-                a.state.slice(2064, 2048),
-                a.param.slice(0, 2048),
-                a.temp_f32.slice(12128, 1),
-                a.temp_f32.slice(12112, 1),
-                a.temp_f32.slice_mut(2048, 2048),
-                a.temp_f32.slice_mut(4096, 2048),
-                a.temp_f32.slice_mut(6144, 2048),
+                a.temp_f32.slice(3584, 512),
+                a.temp_f32.slice(4368, 1),
+                a.temp_f32.slice(4352, 1),
                 a.temp_f32.slice_mut(0, 2048),
+                a.state.slice_mut(16, 2048),
+                a.state.slice_mut(2064, 2048),
+                a.param.slice_mut(0, 2048),
             )?;
             kernels::train_k25_add_div_etc(
-                a.state.slice(4112, 32),
-                a.temp_f32.slice(8704, 32),
-                a.state.slice(4144, 32),
-                a.param.slice(2048, 32),
-                a.temp_f32.slice(12128, 1),
-                a.temp_f32.slice(12112, 1),
-                a.temp_f32.slice_mut(11968, 32),
-                a.temp_f32.slice_mut(12000, 32),
-                a.temp_f32.slice_mut(12032, 32),
+                a.temp_f32.slice(4288, 32),
+                a.temp_f32.slice(4368, 1),
+                a.temp_f32.slice(4352, 1),
+                a.state.slice_mut(4112, 32),
+                a.state.slice_mut(4144, 32),
+                a.param.slice_mut(2048, 32),
             );
             kernels::train_k26_matmul_add_div_etc(
-                a.temp_f32.slice(10240, 512),
-                a.temp_f32.slice(11264, 512),
-                a.state.slice(4176, 1024),
-                a.state.slice(5200, 1024),
-                a.param.slice(2080, 1024),
-                a.temp_f32.slice(12128, 1),
-                a.temp_f32.slice(12112, 1),
-                a.temp_f32.slice_mut(9216, 1024),
-                a.temp_f32.slice_mut(2048, 1024),
-                a.temp_f32.slice_mut(3072, 1024),
-                a.temp_f32.slice_mut(8192, 1024),
+                a.temp_f32.slice(2048, 512),
+                a.temp_f32.slice(3072, 512),
+                a.temp_f32.slice(4368, 1),
+                a.temp_f32.slice(4352, 1),
+                a.temp_f32.slice_mut(0, 1024),
+                a.state.slice_mut(4176, 1024),
+                a.state.slice_mut(5200, 1024),
+                a.param.slice_mut(2080, 1024),
             )?;
             kernels::train_k27_add_div_etc(
-                a.state.slice(6224, 32),
-                a.temp_f32.slice(11936, 32),
-                a.state.slice(6256, 32),
-                a.param.slice(3104, 32),
-                a.temp_f32.slice(12128, 1),
-                a.temp_f32.slice(12112, 1),
-                a.temp_f32.slice_mut(10496, 32),
-                a.temp_f32.slice_mut(10528, 32),
-                a.temp_f32.slice_mut(10560, 32),
+                a.temp_f32.slice(4256, 32),
+                a.temp_f32.slice(4368, 1),
+                a.temp_f32.slice(4352, 1),
+                a.state.slice_mut(6224, 32),
+                a.state.slice_mut(6256, 32),
+                a.param.slice_mut(3104, 32),
             );
             kernels::train_k28_matmul_add_div_etc(
-                a.temp_f32.slice(10752, 512),
-                a.temp_f32.slice(11776, 160),
-                a.state.slice(6288, 320),
-                a.state.slice(6608, 320),
-                a.param.slice(3136, 320),
-                a.temp_f32.slice(12128, 1),
-                a.temp_f32.slice(12112, 1),
-                a.temp_f32.slice_mut(10176, 320),
-                a.temp_f32.slice_mut(9216, 320),
-                a.temp_f32.slice_mut(9536, 320),
-                a.temp_f32.slice_mut(9856, 320),
+                a.temp_f32.slice(2560, 512),
+                a.temp_f32.slice(4096, 160),
+                a.temp_f32.slice(4368, 1),
+                a.temp_f32.slice(4352, 1),
+                a.temp_f32.slice_mut(0, 320),
+                a.state.slice_mut(6288, 320),
+                a.state.slice_mut(6608, 320),
+                a.param.slice_mut(3136, 320),
             )?;
             kernels::train_k29_add_div_etc(
-                a.state.slice(6928, 10),
-                a.temp_f32.slice(12064, 10),
-                a.state.slice(6944, 10),
-                a.param.slice(3456, 10),
-                a.temp_f32.slice(12128, 1),
-                a.temp_f32.slice(12112, 1),
-                a.temp_f32.slice_mut(10176, 10),
-                a.temp_f32.slice_mut(10192, 10),
-                a.temp_f32.slice_mut(10208, 10),
+                a.temp_f32.slice(4320, 10),
+                a.temp_f32.slice(4368, 1),
+                a.temp_f32.slice(4352, 1),
+                a.state.slice_mut(6928, 10),
+                a.state.slice_mut(6944, 10),
+                a.param.slice_mut(3456, 10),
             );
-            kernels::train_k30_writeback(a.temp_f32.slice(12096, 1), a.state.slice_mut(0, 1));
-            kernels::train_k31_writeback(a.temp_f32.slice(0, 2048), a.param.slice_mut(0, 2048));
-            kernels::train_k32_writeback(a.temp_f32.slice(4096, 2048), a.state.slice_mut(16, 2048));
-            kernels::train_k33_writeback(
-                a.temp_f32.slice(6144, 2048),
-                a.state.slice_mut(2064, 2048),
-            );
-            kernels::train_k34_writeback(a.temp_f32.slice(12032, 32), a.param.slice_mut(2048, 32));
-            kernels::train_k35_writeback(a.temp_f32.slice(11968, 32), a.state.slice_mut(4112, 32));
-            kernels::train_k36_writeback(a.temp_f32.slice(12000, 32), a.state.slice_mut(4144, 32));
-            kernels::train_k37_writeback(
-                a.temp_f32.slice(8192, 1024),
-                a.param.slice_mut(2080, 1024),
-            );
-            kernels::train_k38_writeback(
-                a.temp_f32.slice(2048, 1024),
-                a.state.slice_mut(4176, 1024),
-            );
-            kernels::train_k39_writeback(
-                a.temp_f32.slice(3072, 1024),
-                a.state.slice_mut(5200, 1024),
-            );
-            kernels::train_k40_writeback(a.temp_f32.slice(10560, 32), a.param.slice_mut(3104, 32));
-            kernels::train_k41_writeback(a.temp_f32.slice(10496, 32), a.state.slice_mut(6224, 32));
-            kernels::train_k42_writeback(a.temp_f32.slice(10528, 32), a.state.slice_mut(6256, 32));
-            kernels::train_k43_writeback(a.temp_f32.slice(9856, 320), a.param.slice_mut(3136, 320));
-            kernels::train_k44_writeback(a.temp_f32.slice(9216, 320), a.state.slice_mut(6288, 320));
-            kernels::train_k45_writeback(a.temp_f32.slice(9536, 320), a.state.slice_mut(6608, 320));
-            kernels::train_k46_writeback(a.temp_f32.slice(10208, 10), a.param.slice_mut(3456, 10));
-            kernels::train_k47_writeback(a.temp_f32.slice(10176, 10), a.state.slice_mut(6928, 10));
-            kernels::train_k48_writeback(a.temp_f32.slice(10192, 10), a.state.slice_mut(6944, 10));
         }
         Ok(())
     }
@@ -454,7 +393,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `mlp`.
-#[pyclass(module = "fg_mlp_5ea2b169e22d")]
+#[pyclass(module = "fg_mlp_a64c87323e4c")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -552,7 +491,7 @@ impl Step {
                 arenas.train(x, y)
             })
         })?;
-        Ok(self.arenas.temp_f32.slice(12080, 1)[0])
+        Ok(self.arenas.temp_f32.slice(4336, 1)[0])
     }
 
     /// Copies of every param (`kind="param"`) or optimizer state buffer (`"state"`).
@@ -600,7 +539,7 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_mlp_5ea2b169e22d(m: &Bound<'_, PyModule>) -> PyResult<()> {
+fn fg_mlp_a64c87323e4c(m: &Bound<'_, PyModule>) -> PyResult<()> {
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

@@ -19,7 +19,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
         var va = 0.0;
         var vb = 0.0;
         if (row < 64u && ka < 3u) {
-            va = f32s[512 + row * 3 + ka];
+            va = f32s[448 + row * 3 + ka];
         }
         if (kb < 3u && col < 1u) {
             vb = f32s[kb];

@@ -13,7 +13,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     for (var j = lane; j < 64u; j = j + 64u) {
         let x0 = f32s[192 + j];
         let x1 = f32s[16];
-        let x2 = f32s[704 + j];
+        let x2 = f32s[640 + j];
         acc = acc + ((x0 + x1 - x2) * (x0 + x1 - x2));
     }
     partial[lane] = acc;

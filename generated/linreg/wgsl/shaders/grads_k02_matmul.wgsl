@@ -19,7 +19,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
         var va = 0.0;
         var vb = 0.0;
         if (row < 3u && ka < 64u) {
-            va = f32s[512 + row + ka * 3];
+            va = f32s[448 + row + ka * 3];
         }
         if (kb < 64u && col < 1u) {
             vb = f32s[192 + kb];

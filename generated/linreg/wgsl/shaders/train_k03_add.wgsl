@@ -9,5 +9,5 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
         return;
     }
     let x0 = f32s[64];
-    f32s[336] = x0 + 1.0;
+    f32s[64] = x0 + 1.0;
 }

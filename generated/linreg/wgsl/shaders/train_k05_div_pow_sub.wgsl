@@ -26,6 +26,6 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (i >= 1u) {
         return;
     }
-    let x0 = f32s[336];
-    f32s[368] = 0.01/(1.0 - fg_pow(0.9, x0));
+    let x0 = f32s[64];
+    f32s[352] = 0.01/(1.0 - fg_pow(0.9, x0));
 }

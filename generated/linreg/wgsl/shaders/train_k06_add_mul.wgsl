@@ -8,7 +8,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (i >= 64u) {
         return;
     }
-    let x0 = f32s[448];
+    let x0 = f32s[384];
     let x1 = f32s[256 + i];
     f32s[192 + i] = 2.0*x0*x1;
 }

@@ -12,11 +12,11 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     let x1 = f32s[256 + i];
     let x2 = f32s[96 + i];
     let x3 = f32s[i];
-    let x4 = f32s[368];
-    let x5 = f32s[352];
+    let x4 = f32s[352];
+    let x5 = f32s[336];
     let t0 = 0.9*x0 + 0.1*x1;
     let t1 = 0.001*(x1 * x1) + 0.999*x2;
-    f32s[272 + i] = t0;
-    f32s[288 + i] = t1;
-    f32s[304 + i] = -t0*x4/(sqrt(t1)/x5 + 0.00000001) + 0.9999*x3;
+    f32s[80 + i] = t0;
+    f32s[96 + i] = t1;
+    f32s[i] = -t0*x4/(sqrt(t1)/x5 + 0.00000001) + 0.9999*x3;
 }

@@ -9,14 +9,14 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
         return;
     }
     let x0 = f32s[112];
-    let x1 = f32s[384];
+    let x1 = f32s[272];
     let x2 = f32s[128];
     let x3 = f32s[16];
-    let x4 = f32s[368];
-    let x5 = f32s[352];
+    let x4 = f32s[352];
+    let x5 = f32s[336];
     let t0 = 0.9*x0 + 0.1*x1;
     let t1 = 0.001*(x1 * x1) + 0.999*x2;
-    f32s[192] = t0;
-    f32s[208] = t1;
-    f32s[224] = -t0*x4/(sqrt(t1)/x5 + 0.00000001) + 0.9999*x3;
+    f32s[112] = t0;
+    f32s[128] = t1;
+    f32s[16] = -t0*x4/(sqrt(t1)/x5 + 0.00000001) + 0.9999*x3;
 }

@@ -13,6 +13,6 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     let c1 = i % 10u;
     let x0 = i32s[64 + c0];
     let x1 = i32s[c1];
-    let x2 = f32s[22656 + c0];
+    let x2 = f32s[14976 + c0];
     f32s[12704 + c0 * 10 + c1] = select(0.0, x2, x0 == x1);
 }

@@ -9,5 +9,5 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
         return;
     }
     let x0 = f32s[11008 + i];
-    f32s[20736 + i] = select(0.0, x0, x0 > 0.0);
+    f32s[12544 + i] = select(0.0, x0, x0 > 0.0);
 }

@@ -9,5 +9,5 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
         return;
     }
     let x0 = f32s[10496 + i];
-    f32s[21248 + i] = select(0.0, x0, x0 > 0.0);
+    f32s[13056 + i] = select(0.0, x0, x0 > 0.0);
 }

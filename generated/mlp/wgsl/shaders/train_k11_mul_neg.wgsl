@@ -9,5 +9,5 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
         return;
     }
     let x0 = f32s[11696];
-    f32s[22576] = -0.0625*x0;
+    f32s[14832] = -0.0625*x0;
 }

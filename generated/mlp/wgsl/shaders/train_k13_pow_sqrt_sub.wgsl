@@ -26,6 +26,6 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (i >= 1u) {
         return;
     }
-    let x0 = f32s[22592];
-    f32s[22608] = sqrt(1.0 - fg_pow(0.999, x0));
+    let x0 = f32s[3520];
+    f32s[14848] = sqrt(1.0 - fg_pow(0.999, x0));
 }

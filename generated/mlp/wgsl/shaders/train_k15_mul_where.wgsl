@@ -12,6 +12,6 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     let c0 = i / 10u;
     let c1 = i % 10u;
     let x0 = bools[c0 * 10 + c1] != 0u;
-    let x1 = f32s[22656 + c0];
+    let x1 = f32s[14976 + c0];
     f32s[11680 + c0 * 10 + c1] = select(0.0, x1, x0);
 }

@@ -13,5 +13,5 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     let x0 = f32s[11680 + c0 * 10 + c1];
     let x1 = f32s[11872 + c0];
     let x2 = f32s[11520 + c0 * 10 + c1];
-    f32s[22272 + c0 * 10 + c1] = x0 + x1*exp(x2);
+    f32s[14592 + c0 * 10 + c1] = x0 + x1*exp(x2);
 }

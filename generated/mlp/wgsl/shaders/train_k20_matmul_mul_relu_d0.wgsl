@@ -19,7 +19,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
         var va = 0.0;
         var vb = 0.0;
         if (row < 16u && ka < 10u) {
-            va = f32s[22272 + row * 10 + ka];
+            va = f32s[14592 + row * 10 + ka];
         }
         if (kb < 10u && col < 32u) {
             vb = f32s[3136 + kb + col * 10];

@@ -9,14 +9,14 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
         return;
     }
     let x0 = f32s[3536 + i];
-    let x1 = f32s[12544 + i];
+    let x1 = f32s[10496 + i];
     let x2 = f32s[5584 + i];
     let x3 = f32s[i];
-    let x4 = f32s[22624];
-    let x5 = f32s[22608];
+    let x4 = f32s[14864];
+    let x5 = f32s[14848];
     let t0 = 0.9*x0 + 0.1*x1;
     let t1 = 0.001*(x1 * x1) + 0.999*x2;
-    f32s[14592 + i] = t0;
-    f32s[16640 + i] = t1;
-    f32s[10496 + i] = -t0*x4/(sqrt(t1)/x5 + 0.00000001) + x3;
+    f32s[3536 + i] = t0;
+    f32s[5584 + i] = t1;
+    f32s[i] = -t0*x4/(sqrt(t1)/x5 + 0.00000001) + x3;
 }

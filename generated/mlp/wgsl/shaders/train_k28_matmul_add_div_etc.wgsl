@@ -19,10 +19,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
         var va = 0.0;
         var vb = 0.0;
         if (row < 32u && ka < 16u) {
-            va = f32s[21248 + row + ka * 32];
+            va = f32s[13056 + row + ka * 32];
         }
         if (kb < 16u && col < 10u) {
-            vb = f32s[22272 + kb * 10 + col];
+            vb = f32s[14592 + kb * 10 + col];
         }
         tile_a[lid.y * 16u + lid.x] = va;
         tile_b[lid.y * 16u + lid.x] = vb;
@@ -33,6 +33,6 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
         workgroupBarrier();
     }
     if (row < 32u && col < 10u) {
-        f32s[20672 + row * 10 + col] = acc;
+        f32s[10496 + row * 10 + col] = acc;
     }
 }
