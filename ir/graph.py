@@ -130,7 +130,9 @@ class Graph:
         return self.nx.number_of_nodes()
 
     def args(self, nid: int) -> tuple[int, ...]:
-        edges = sorted((k, u) for u, _, k in self.nx.in_edges(nid, keys=True))
+        # The edge key is the argument's position; the raw predecessor dict is
+        # several times faster than in_edges() here, which lowering calls ~10^4 times.
+        edges = sorted((k, u) for u, keys in self.nx._pred[nid].items() for k in keys)
         return tuple(u for _, u in edges)
 
     def node(self, nid: int) -> Node:
@@ -169,10 +171,16 @@ class Graph:
         return self._plans[key]
 
     def ancestors_of(self, roots: Iterable[int]) -> set[int]:
-        keep: set[int] = set()
-        for r in roots:
-            keep.add(r)
-            keep |= nx.ancestors(self.nx, r)
+        """``roots`` and everything they depend on: one walk up from all of them
+        (a walk per root revisits shared ancestors: quadratic on a training graph)."""
+        keep = set(roots)
+        stack = list(keep)
+        pred = self.nx.pred
+        while stack:
+            for a in pred[stack.pop()]:
+                if a not in keep:
+                    keep.add(a)
+                    stack.append(a)
         return keep
 
     # ---- editing (for passes) ---------------------------------------------------
