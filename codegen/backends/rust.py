@@ -29,6 +29,7 @@ from ..kernel_ir import (
 from .base import (
     CLikePrinter,
     IndentedBuffer,
+    ReduceLayout,
     collapse,
     f32_literal,
     linear_index,
@@ -330,6 +331,9 @@ def _nested(out: IndentedBuffer, k: Elementwise, sizes: list[int],
 def _reduce(out: IndentedBuffer, k: Reduce, args: KernelArgs) -> None:
     assert k.out is not None
     lay = reduce_layout(k)
+    if _is_column_reduction(lay):
+        _column_reduce(out, k, lay)
+        return
     ksizes, kstrides = lay.kept_sizes, lay.kept_strides
     rsizes, rstrides = lay.reduced_sizes, lay.reduced_strides
     count = lay.rows
@@ -358,6 +362,56 @@ def _reduce(out: IndentedBuffer, k: Reduce, args: KernelArgs) -> None:
             out.level -= 1
             out.line("}")
         out.line("*acc_out = acc as f32;" if sum_ else "*acc_out = acc;")
+
+
+def _is_column_reduction(lay: ReduceLayout) -> bool:
+    """One kept dim, contiguous (or broadcast) in every input, reduced over outer
+    dims: a bias gradient. Walking each output's column would stride through
+    memory; accumulating whole rows reads it in order."""
+    return (len(lay.kept_sizes) == 1 and lay.kept_sizes[0] >= 8 and lay.length > 1
+            and all(st[0] in (0, 1) for st in lay.kept_strides)
+            and any(st[0] == 1 for st in lay.kept_strides))
+
+
+def _column_reduce(out: IndentedBuffer, k: Reduce, lay: ReduceLayout) -> None:
+    """Rows of the input added into a row of accumulators (f64 for sums), in the
+    same order per output as the row-wise loop, so results are identical."""
+    assert k.out is not None
+    o, cols = k.out, lay.kept_sizes[0]
+    sum_ = k.combine == "sum"
+    total = cols * lay.length
+    chunk = max(16, -(-cols // 4)) if total >= PAR_MIN else cols
+    target = f"{o.buffer}[{o.offset}..{o.offset + cols}]"
+    it = f"{target}.par_chunks_mut({chunk})" if chunk < cols else f"{target}.chunks_mut({cols})"
+    with out.indent(f"{it}.enumerate().for_each(|(part, out)| {{", "});"):
+        out.line(f"let j0 = part * {chunk};")
+        init = "0.0_f64" if sum_ else "f32::NEG_INFINITY"
+        out.line(f"let mut acc = vec![{init}; out.len()];")
+        loops = [f"i{d}" for d in range(len(lay.reduced_sizes))]
+        for d, n in enumerate(lay.reduced_sizes):
+            out.line(f"for i{d} in 0..{n} {{")
+            out.level += 1
+        loads = []
+        for (sym, v), ks, rs in zip(k.inputs.items(), lay.kept_strides, lay.reduced_strides,
+                                    strict=True):
+            base = linear_index(v.offset, loops, rs)
+            nz = " != 0" if v.dtype == "bool" else ""
+            if ks[0] == 0:
+                out.line(f"let {sym} = {v.buffer}[{base}]{nz};")
+            else:
+                out.line(f"let {sym}_row = &{v.buffer}[{base} + j0..][..out.len()];")
+                loads.append(f"let {sym} = {sym}_row[j]{nz};")
+        with out.indent("for (j, a) in acc.iter_mut().enumerate() {"):
+            for line in loads:
+                out.line(line)
+            (value,) = _cse_body(out, [k.value], ["f32"])
+            out.line(f"*a += f64::from({value});" if sum_ else f"*a = a.max({value});")
+        for _ in lay.reduced_sizes:
+            out.level -= 1
+            out.line("}")
+        cast = "*a as f32" if sum_ else "*a"
+        with out.indent("for (o, a) in out.iter_mut().zip(&acc) {"):
+            out.line(f"*o = {cast};")
 
 
 def _head(v: View, n: int) -> View:

@@ -420,15 +420,21 @@ pub fn grads_k18_add_exp_d0_mul(t52: &[f32], t57: &[f32], t30: &[f32], t61: &mut
 /// reduce: reduce_sum over [4, 10].
 pub fn grads_k19_reduce(t61: &[f32], t64: &mut [f32]) {
     t64[0..10]
-        .iter_mut()
+        .chunks_mut(10)
         .enumerate()
-        .for_each(|(row, acc_out)| {
-            let mut acc = 0.0_f64;
+        .for_each(|(part, out)| {
+            let j0 = part * 10;
+            let mut acc = vec![0.0_f64; out.len()];
             for i0 in 0..4 {
-                let x0 = t61[row + i0 * 10];
-                acc += f64::from(x0);
+                let x0_row = &t61[i0 * 10 + j0..][..out.len()];
+                for (j, a) in acc.iter_mut().enumerate() {
+                    let x0 = x0_row[j];
+                    *a += f64::from(x0);
+                }
             }
-            *acc_out = acc as f32;
+            for (o, a) in out.iter_mut().zip(&acc) {
+                *o = *a as f32;
+            }
         });
 }
 

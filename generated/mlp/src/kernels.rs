@@ -360,15 +360,21 @@ pub fn grads_k11_add_exp_d0_mul(t43: &[f32], t48: &[f32], t21: &[f32], t52: &mut
 /// reduce: reduce_sum over [16, 10].
 pub fn grads_k12_reduce(t52: &[f32], t55: &mut [f32]) {
     t55[0..10]
-        .iter_mut()
+        .chunks_mut(10)
         .enumerate()
-        .for_each(|(row, acc_out)| {
-            let mut acc = 0.0_f64;
+        .for_each(|(part, out)| {
+            let j0 = part * 10;
+            let mut acc = vec![0.0_f64; out.len()];
             for i0 in 0..16 {
-                let x0 = t52[row + i0 * 10];
-                acc += f64::from(x0);
+                let x0_row = &t52[i0 * 10 + j0..][..out.len()];
+                for (j, a) in acc.iter_mut().enumerate() {
+                    let x0 = x0_row[j];
+                    *a += f64::from(x0);
+                }
             }
-            *acc_out = acc as f32;
+            for (o, a) in out.iter_mut().zip(&acc) {
+                *o = *a as f32;
+            }
         });
 }
 
@@ -428,15 +434,21 @@ pub fn grads_k14_matmul_mul_relu_d0(
 /// reduce: reduce_sum over [16, 32].
 pub fn grads_k15_reduce(t62: &[f32], t63: &mut [f32]) {
     t63[0..32]
-        .iter_mut()
+        .chunks_mut(32)
         .enumerate()
-        .for_each(|(row, acc_out)| {
-            let mut acc = 0.0_f64;
+        .for_each(|(part, out)| {
+            let j0 = part * 32;
+            let mut acc = vec![0.0_f64; out.len()];
             for i0 in 0..16 {
-                let x0 = t62[row + i0 * 32];
-                acc += f64::from(x0);
+                let x0_row = &t62[i0 * 32 + j0..][..out.len()];
+                for (j, a) in acc.iter_mut().enumerate() {
+                    let x0 = x0_row[j];
+                    *a += f64::from(x0);
+                }
             }
-            *acc_out = acc as f32;
+            for (o, a) in out.iter_mut().zip(&acc) {
+                *o = *a as f32;
+            }
         });
 }
 
@@ -496,15 +508,21 @@ pub fn grads_k17_matmul_mul_relu_d0(
 /// reduce: reduce_sum over [16, 32].
 pub fn grads_k18_reduce(t70: &[f32], t71: &mut [f32]) {
     t71[0..32]
-        .iter_mut()
+        .chunks_mut(32)
         .enumerate()
-        .for_each(|(row, acc_out)| {
-            let mut acc = 0.0_f64;
+        .for_each(|(part, out)| {
+            let j0 = part * 32;
+            let mut acc = vec![0.0_f64; out.len()];
             for i0 in 0..16 {
-                let x0 = t70[row + i0 * 32];
-                acc += f64::from(x0);
+                let x0_row = &t70[i0 * 32 + j0..][..out.len()];
+                for (j, a) in acc.iter_mut().enumerate() {
+                    let x0 = x0_row[j];
+                    *a += f64::from(x0);
+                }
             }
-            *acc_out = acc as f32;
+            for (o, a) in out.iter_mut().zip(&acc) {
+                *o = *a as f32;
+            }
         });
 }
 

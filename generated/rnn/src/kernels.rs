@@ -819,13 +819,19 @@ pub fn grads_k29_matmul_mul_tanh_d0(
 
 /// reduce: reduce_sum over [4, 8].
 pub fn grads_k30_reduce(t88: &[f32], t93: &mut [f32]) {
-    t93[0..8].iter_mut().enumerate().for_each(|(row, acc_out)| {
-        let mut acc = 0.0_f64;
+    t93[0..8].chunks_mut(8).enumerate().for_each(|(part, out)| {
+        let j0 = part * 8;
+        let mut acc = vec![0.0_f64; out.len()];
         for i0 in 0..4 {
-            let x0 = t88[row + i0 * 8];
-            acc += f64::from(x0);
+            let x0_row = &t88[i0 * 8 + j0..][..out.len()];
+            for (j, a) in acc.iter_mut().enumerate() {
+                let x0 = x0_row[j];
+                *a += f64::from(x0);
+            }
         }
-        *acc_out = acc as f32;
+        for (o, a) in out.iter_mut().zip(&acc) {
+            *o = *a as f32;
+        }
     });
 }
 
@@ -885,15 +891,21 @@ pub fn grads_k32_matmul(t23: &[f32], t100: &[f32], t104: &mut [f32]) -> Result<(
 /// reduce: reduce_sum over [4, 8].
 pub fn grads_k33_reduce(t100: &[f32], t106: &mut [f32]) {
     t106[0..8]
-        .iter_mut()
+        .chunks_mut(8)
         .enumerate()
-        .for_each(|(row, acc_out)| {
-            let mut acc = 0.0_f64;
+        .for_each(|(part, out)| {
+            let j0 = part * 8;
+            let mut acc = vec![0.0_f64; out.len()];
             for i0 in 0..4 {
-                let x0 = t100[row + i0 * 8];
-                acc += f64::from(x0);
+                let x0_row = &t100[i0 * 8 + j0..][..out.len()];
+                for (j, a) in acc.iter_mut().enumerate() {
+                    let x0 = x0_row[j];
+                    *a += f64::from(x0);
+                }
             }
-            *acc_out = acc as f32;
+            for (o, a) in out.iter_mut().zip(&acc) {
+                *o = *a as f32;
+            }
         });
 }
 
@@ -971,15 +983,21 @@ pub fn grads_k36_matmul(t16: &[f32], t115: &[f32], t119: &mut [f32]) -> Result<(
 /// reduce: reduce_sum over [4, 8].
 pub fn grads_k37_reduce(t115: &[f32], t121: &mut [f32]) {
     t121[0..8]
-        .iter_mut()
+        .chunks_mut(8)
         .enumerate()
-        .for_each(|(row, acc_out)| {
-            let mut acc = 0.0_f64;
+        .for_each(|(part, out)| {
+            let j0 = part * 8;
+            let mut acc = vec![0.0_f64; out.len()];
             for i0 in 0..4 {
-                let x0 = t115[row + i0 * 8];
-                acc += f64::from(x0);
+                let x0_row = &t115[i0 * 8 + j0..][..out.len()];
+                for (j, a) in acc.iter_mut().enumerate() {
+                    let x0 = x0_row[j];
+                    *a += f64::from(x0);
+                }
             }
-            *acc_out = acc as f32;
+            for (o, a) in out.iter_mut().zip(&acc) {
+                *o = *a as f32;
+            }
         });
 }
 
@@ -1098,15 +1116,21 @@ pub fn grads_k41_matmul_add(
 /// reduce: reduce_sum over [4, 8].
 pub fn grads_k42_reduce(t130: &[f32], t136: &mut [f32]) {
     t136[0..8]
-        .iter_mut()
+        .chunks_mut(8)
         .enumerate()
-        .for_each(|(row, acc_out)| {
-            let mut acc = 0.0_f64;
+        .for_each(|(part, out)| {
+            let j0 = part * 8;
+            let mut acc = vec![0.0_f64; out.len()];
             for i0 in 0..4 {
-                let x0 = t130[row + i0 * 8];
-                acc += f64::from(x0);
+                let x0_row = &t130[i0 * 8 + j0..][..out.len()];
+                for (j, a) in acc.iter_mut().enumerate() {
+                    let x0 = x0_row[j];
+                    *a += f64::from(x0);
+                }
             }
-            *acc_out = acc as f32;
+            for (o, a) in out.iter_mut().zip(&acc) {
+                *o = *a as f32;
+            }
         });
 }
 
@@ -1166,15 +1190,21 @@ pub fn grads_k44_matmul_mul_tanh_d0(
 /// reduce: reduce_sum over [4, 8].
 pub fn grads_k45_reduce(t145: &[f32], t146: &mut [f32]) {
     t146[0..8]
-        .iter_mut()
+        .chunks_mut(8)
         .enumerate()
-        .for_each(|(row, acc_out)| {
-            let mut acc = 0.0_f64;
+        .for_each(|(part, out)| {
+            let j0 = part * 8;
+            let mut acc = vec![0.0_f64; out.len()];
             for i0 in 0..4 {
-                let x0 = t145[row + i0 * 8];
-                acc += f64::from(x0);
+                let x0_row = &t145[i0 * 8 + j0..][..out.len()];
+                for (j, a) in acc.iter_mut().enumerate() {
+                    let x0 = x0_row[j];
+                    *a += f64::from(x0);
+                }
             }
-            *acc_out = acc as f32;
+            for (o, a) in out.iter_mut().zip(&acc) {
+                *o = *a as f32;
+            }
         });
 }
 

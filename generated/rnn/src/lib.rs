@@ -637,7 +637,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `rnn`.
-#[pyclass(module = "fg_rnn_4a7ef9e2c7bd")]
+#[pyclass(module = "fg_rnn_6b46379a5cd9")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -781,7 +781,7 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_rnn_4a7ef9e2c7bd(m: &Bound<'_, PyModule>) -> PyResult<()> {
+fn fg_rnn_6b46379a5cd9(m: &Bound<'_, PyModule>) -> PyResult<()> {
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

@@ -1084,15 +1084,21 @@ pub fn grads_k45_add_exp_d0_mul(t136: &[f32], t141: &[f32], t114: &[f32], t145: 
 /// reduce: reduce_sum over [2, 8, 20].
 pub fn grads_k46_reduce(t145: &[f32], t149: &mut [f32]) {
     t149[0..20]
-        .iter_mut()
+        .chunks_mut(20)
         .enumerate()
-        .for_each(|(row, acc_out)| {
-            let mut acc = 0.0_f64;
+        .for_each(|(part, out)| {
+            let j0 = part * 20;
+            let mut acc = vec![0.0_f64; out.len()];
             for i0 in 0..16 {
-                let x0 = t145[row + i0 * 20];
-                acc += f64::from(x0);
+                let x0_row = &t145[i0 * 20 + j0..][..out.len()];
+                for (j, a) in acc.iter_mut().enumerate() {
+                    let x0 = x0_row[j];
+                    *a += f64::from(x0);
+                }
             }
-            *acc_out = acc as f32;
+            for (o, a) in out.iter_mut().zip(&acc) {
+                *o = *a as f32;
+            }
         });
 }
 
@@ -1139,30 +1145,42 @@ pub fn grads_k48_matmul(t102: &[f32], t145: &[f32], t154: &mut [f32]) -> Result<
 /// reduce: reduce_sum over [2, 16, 20].
 pub fn grads_k49_reduce(t154: &[f32], t155: &mut [f32]) {
     t155[0..320]
-        .iter_mut()
+        .chunks_mut(320)
         .enumerate()
-        .for_each(|(row, acc_out)| {
-            let mut acc = 0.0_f64;
+        .for_each(|(part, out)| {
+            let j0 = part * 320;
+            let mut acc = vec![0.0_f64; out.len()];
             for i0 in 0..2 {
-                let x0 = t154[row + i0 * 320];
-                acc += f64::from(x0);
+                let x0_row = &t154[i0 * 320 + j0..][..out.len()];
+                for (j, a) in acc.iter_mut().enumerate() {
+                    let x0 = x0_row[j];
+                    *a += f64::from(x0);
+                }
             }
-            *acc_out = acc as f32;
+            for (o, a) in out.iter_mut().zip(&acc) {
+                *o = *a as f32;
+            }
         });
 }
 
 /// reduce: reduce_sum over [2, 8, 16].
 pub fn grads_k50_reduce(t152: &[f32], t157: &mut [f32]) {
     t157[0..16]
-        .iter_mut()
+        .chunks_mut(16)
         .enumerate()
-        .for_each(|(row, acc_out)| {
-            let mut acc = 0.0_f64;
+        .for_each(|(part, out)| {
+            let j0 = part * 16;
+            let mut acc = vec![0.0_f64; out.len()];
             for i0 in 0..16 {
-                let x0 = t152[row + i0 * 16];
-                acc += f64::from(x0);
+                let x0_row = &t152[i0 * 16 + j0..][..out.len()];
+                for (j, a) in acc.iter_mut().enumerate() {
+                    let x0 = x0_row[j];
+                    *a += f64::from(x0);
+                }
             }
-            *acc_out = acc as f32;
+            for (o, a) in out.iter_mut().zip(&acc) {
+                *o = *a as f32;
+            }
         });
 }
 
@@ -1186,16 +1204,23 @@ pub fn grads_k51_mul(t152: &[f32], param_ln_out_weight: &[f32], t159: &mut [f32]
 /// reduce: mul, reduce_sum over [2, 8, 16].
 pub fn grads_k52_reduce(t152: &[f32], t100: &[f32], t161: &mut [f32]) {
     t161[0..16]
-        .iter_mut()
+        .chunks_mut(16)
         .enumerate()
-        .for_each(|(row, acc_out)| {
-            let mut acc = 0.0_f64;
+        .for_each(|(part, out)| {
+            let j0 = part * 16;
+            let mut acc = vec![0.0_f64; out.len()];
             for i0 in 0..16 {
-                let x0 = t152[row + i0 * 16];
-                let x1 = t100[row + i0 * 16];
-                acc += f64::from(x0 * x1);
+                let x0_row = &t152[i0 * 16 + j0..][..out.len()];
+                let x1_row = &t100[i0 * 16 + j0..][..out.len()];
+                for (j, a) in acc.iter_mut().enumerate() {
+                    let x0 = x0_row[j];
+                    let x1 = x1_row[j];
+                    *a += f64::from(x0 * x1);
+                }
             }
-            *acc_out = acc as f32;
+            for (o, a) in out.iter_mut().zip(&acc) {
+                *o = *a as f32;
+            }
         });
 }
 
@@ -1307,15 +1332,21 @@ pub fn grads_k58_add(t176: &[f32], t179: &[f32], t182: &mut [f32]) {
 /// reduce: reduce_sum over [2, 8, 16].
 pub fn grads_k59_reduce(t182: &[f32], t183: &mut [f32]) {
     t183[0..16]
-        .iter_mut()
+        .chunks_mut(16)
         .enumerate()
-        .for_each(|(row, acc_out)| {
-            let mut acc = 0.0_f64;
+        .for_each(|(part, out)| {
+            let j0 = part * 16;
+            let mut acc = vec![0.0_f64; out.len()];
             for i0 in 0..16 {
-                let x0 = t182[row + i0 * 16];
-                acc += f64::from(x0);
+                let x0_row = &t182[i0 * 16 + j0..][..out.len()];
+                for (j, a) in acc.iter_mut().enumerate() {
+                    let x0 = x0_row[j];
+                    *a += f64::from(x0);
+                }
             }
-            *acc_out = acc as f32;
+            for (o, a) in out.iter_mut().zip(&acc) {
+                *o = *a as f32;
+            }
         });
 }
 
@@ -1340,15 +1371,21 @@ pub fn grads_k60_matmul(t81: &[f32], t182: &[f32], t188: &mut [f32]) -> Result<(
 /// reduce: reduce_sum over [2, 64, 16].
 pub fn grads_k61_reduce(t188: &[f32], t189: &mut [f32]) {
     t189[0..1024]
-        .iter_mut()
+        .chunks_mut(1024)
         .enumerate()
-        .for_each(|(row, acc_out)| {
-            let mut acc = 0.0_f64;
+        .for_each(|(part, out)| {
+            let j0 = part * 1024;
+            let mut acc = vec![0.0_f64; out.len()];
             for i0 in 0..2 {
-                let x0 = t188[row + i0 * 1024];
-                acc += f64::from(x0);
+                let x0_row = &t188[i0 * 1024 + j0..][..out.len()];
+                for (j, a) in acc.iter_mut().enumerate() {
+                    let x0 = x0_row[j];
+                    *a += f64::from(x0);
+                }
             }
-            *acc_out = acc as f32;
+            for (o, a) in out.iter_mut().zip(&acc) {
+                *o = *a as f32;
+            }
         });
 }
 
@@ -1396,15 +1433,21 @@ pub fn grads_k62_matmul_gelu_d0_mul(
 /// reduce: reduce_sum over [2, 8, 64].
 pub fn grads_k63_reduce(t192: &[f32], t193: &mut [f32]) {
     t193[0..64]
-        .iter_mut()
+        .chunks_mut(64)
         .enumerate()
-        .for_each(|(row, acc_out)| {
-            let mut acc = 0.0_f64;
+        .for_each(|(part, out)| {
+            let j0 = part * 64;
+            let mut acc = vec![0.0_f64; out.len()];
             for i0 in 0..16 {
-                let x0 = t192[row + i0 * 64];
-                acc += f64::from(x0);
+                let x0_row = &t192[i0 * 64 + j0..][..out.len()];
+                for (j, a) in acc.iter_mut().enumerate() {
+                    let x0 = x0_row[j];
+                    *a += f64::from(x0);
+                }
             }
-            *acc_out = acc as f32;
+            for (o, a) in out.iter_mut().zip(&acc) {
+                *o = *a as f32;
+            }
         });
 }
 
@@ -1451,30 +1494,42 @@ pub fn grads_k65_matmul(t76: &[f32], t192: &[f32], t198: &mut [f32]) -> Result<(
 /// reduce: reduce_sum over [2, 16, 64].
 pub fn grads_k66_reduce(t198: &[f32], t199: &mut [f32]) {
     t199[0..1024]
-        .iter_mut()
+        .chunks_mut(1024)
         .enumerate()
-        .for_each(|(row, acc_out)| {
-            let mut acc = 0.0_f64;
+        .for_each(|(part, out)| {
+            let j0 = part * 1024;
+            let mut acc = vec![0.0_f64; out.len()];
             for i0 in 0..2 {
-                let x0 = t198[row + i0 * 1024];
-                acc += f64::from(x0);
+                let x0_row = &t198[i0 * 1024 + j0..][..out.len()];
+                for (j, a) in acc.iter_mut().enumerate() {
+                    let x0 = x0_row[j];
+                    *a += f64::from(x0);
+                }
             }
-            *acc_out = acc as f32;
+            for (o, a) in out.iter_mut().zip(&acc) {
+                *o = *a as f32;
+            }
         });
 }
 
 /// reduce: reduce_sum over [2, 8, 16].
 pub fn grads_k67_reduce(t196: &[f32], t201: &mut [f32]) {
     t201[0..16]
-        .iter_mut()
+        .chunks_mut(16)
         .enumerate()
-        .for_each(|(row, acc_out)| {
-            let mut acc = 0.0_f64;
+        .for_each(|(part, out)| {
+            let j0 = part * 16;
+            let mut acc = vec![0.0_f64; out.len()];
             for i0 in 0..16 {
-                let x0 = t196[row + i0 * 16];
-                acc += f64::from(x0);
+                let x0_row = &t196[i0 * 16 + j0..][..out.len()];
+                for (j, a) in acc.iter_mut().enumerate() {
+                    let x0 = x0_row[j];
+                    *a += f64::from(x0);
+                }
             }
-            *acc_out = acc as f32;
+            for (o, a) in out.iter_mut().zip(&acc) {
+                *o = *a as f32;
+            }
         });
 }
 
@@ -1498,16 +1553,23 @@ pub fn grads_k68_mul(t196: &[f32], param_ln_mlp_weight: &[f32], t203: &mut [f32]
 /// reduce: mul, reduce_sum over [2, 8, 16].
 pub fn grads_k69_reduce(t196: &[f32], t74: &[f32], t205: &mut [f32]) {
     t205[0..16]
-        .iter_mut()
+        .chunks_mut(16)
         .enumerate()
-        .for_each(|(row, acc_out)| {
-            let mut acc = 0.0_f64;
+        .for_each(|(part, out)| {
+            let j0 = part * 16;
+            let mut acc = vec![0.0_f64; out.len()];
             for i0 in 0..16 {
-                let x0 = t196[row + i0 * 16];
-                let x1 = t74[row + i0 * 16];
-                acc += f64::from(x0 * x1);
+                let x0_row = &t196[i0 * 16 + j0..][..out.len()];
+                let x1_row = &t74[i0 * 16 + j0..][..out.len()];
+                for (j, a) in acc.iter_mut().enumerate() {
+                    let x0 = x0_row[j];
+                    let x1 = x1_row[j];
+                    *a += f64::from(x0 * x1);
+                }
             }
-            *acc_out = acc as f32;
+            for (o, a) in out.iter_mut().zip(&acc) {
+                *o = *a as f32;
+            }
         });
 }
 
@@ -1621,15 +1683,21 @@ pub fn grads_k75_add(t182: &[f32], t220: &[f32], t224: &[f32], t227: &mut [f32])
 /// reduce: reduce_sum over [2, 8, 16].
 pub fn grads_k76_reduce(t227: &[f32], t228: &mut [f32]) {
     t228[0..16]
-        .iter_mut()
+        .chunks_mut(16)
         .enumerate()
-        .for_each(|(row, acc_out)| {
-            let mut acc = 0.0_f64;
+        .for_each(|(part, out)| {
+            let j0 = part * 16;
+            let mut acc = vec![0.0_f64; out.len()];
             for i0 in 0..16 {
-                let x0 = t227[row + i0 * 16];
-                acc += f64::from(x0);
+                let x0_row = &t227[i0 * 16 + j0..][..out.len()];
+                for (j, a) in acc.iter_mut().enumerate() {
+                    let x0 = x0_row[j];
+                    *a += f64::from(x0);
+                }
             }
-            *acc_out = acc as f32;
+            for (o, a) in out.iter_mut().zip(&acc) {
+                *o = *a as f32;
+            }
         });
 }
 
@@ -1676,15 +1744,21 @@ pub fn grads_k78_matmul(t54_c: &[f32], t227: &[f32], t233: &mut [f32]) -> Result
 /// reduce: reduce_sum over [2, 16, 16].
 pub fn grads_k79_reduce(t233: &[f32], t234: &mut [f32]) {
     t234[0..256]
-        .iter_mut()
+        .chunks_mut(256)
         .enumerate()
-        .for_each(|(row, acc_out)| {
-            let mut acc = 0.0_f64;
+        .for_each(|(part, out)| {
+            let j0 = part * 256;
+            let mut acc = vec![0.0_f64; out.len()];
             for i0 in 0..2 {
-                let x0 = t233[row + i0 * 256];
-                acc += f64::from(x0);
+                let x0_row = &t233[i0 * 256 + j0..][..out.len()];
+                for (j, a) in acc.iter_mut().enumerate() {
+                    let x0 = x0_row[j];
+                    *a += f64::from(x0);
+                }
             }
-            *acc_out = acc as f32;
+            for (o, a) in out.iter_mut().zip(&acc) {
+                *o = *a as f32;
+            }
         });
 }
 
@@ -1836,15 +1910,21 @@ pub fn grads_k86_copy(t241: &[f32], t264_c: &mut [f32]) {
 /// reduce: reduce_sum over [2, 8, 16].
 pub fn grads_k87_reduce(t264_c: &[f32], t266: &mut [f32]) {
     t266[0..16]
-        .iter_mut()
+        .chunks_mut(16)
         .enumerate()
-        .for_each(|(row, acc_out)| {
-            let mut acc = 0.0_f64;
+        .for_each(|(part, out)| {
+            let j0 = part * 16;
+            let mut acc = vec![0.0_f64; out.len()];
             for i0 in 0..16 {
-                let x0 = t264_c[row + i0 * 16];
-                acc += f64::from(x0);
+                let x0_row = &t264_c[i0 * 16 + j0..][..out.len()];
+                for (j, a) in acc.iter_mut().enumerate() {
+                    let x0 = x0_row[j];
+                    *a += f64::from(x0);
+                }
             }
-            *acc_out = acc as f32;
+            for (o, a) in out.iter_mut().zip(&acc) {
+                *o = *a as f32;
+            }
         });
 }
 
@@ -1869,15 +1949,21 @@ pub fn grads_k88_matmul(t21: &[f32], t264_c: &[f32], t271: &mut [f32]) -> Result
 /// reduce: reduce_sum over [2, 16, 16].
 pub fn grads_k89_reduce(t271: &[f32], t272: &mut [f32]) {
     t272[0..256]
-        .iter_mut()
+        .chunks_mut(256)
         .enumerate()
-        .for_each(|(row, acc_out)| {
-            let mut acc = 0.0_f64;
+        .for_each(|(part, out)| {
+            let j0 = part * 256;
+            let mut acc = vec![0.0_f64; out.len()];
             for i0 in 0..2 {
-                let x0 = t271[row + i0 * 256];
-                acc += f64::from(x0);
+                let x0_row = &t271[i0 * 256 + j0..][..out.len()];
+                for (j, a) in acc.iter_mut().enumerate() {
+                    let x0 = x0_row[j];
+                    *a += f64::from(x0);
+                }
             }
-            *acc_out = acc as f32;
+            for (o, a) in out.iter_mut().zip(&acc) {
+                *o = *a as f32;
+            }
         });
 }
 
@@ -1902,15 +1988,21 @@ pub fn grads_k90_copy(t260: &[f32], t285_c: &mut [f32]) {
 /// reduce: reduce_sum over [2, 8, 16].
 pub fn grads_k91_reduce(t285_c: &[f32], t287: &mut [f32]) {
     t287[0..16]
-        .iter_mut()
+        .chunks_mut(16)
         .enumerate()
-        .for_each(|(row, acc_out)| {
-            let mut acc = 0.0_f64;
+        .for_each(|(part, out)| {
+            let j0 = part * 16;
+            let mut acc = vec![0.0_f64; out.len()];
             for i0 in 0..16 {
-                let x0 = t285_c[row + i0 * 16];
-                acc += f64::from(x0);
+                let x0_row = &t285_c[i0 * 16 + j0..][..out.len()];
+                for (j, a) in acc.iter_mut().enumerate() {
+                    let x0 = x0_row[j];
+                    *a += f64::from(x0);
+                }
             }
-            *acc_out = acc as f32;
+            for (o, a) in out.iter_mut().zip(&acc) {
+                *o = *a as f32;
+            }
         });
 }
 
@@ -1957,15 +2049,21 @@ pub fn grads_k93_matmul(t21: &[f32], t285_c: &[f32], t292: &mut [f32]) -> Result
 /// reduce: reduce_sum over [2, 16, 16].
 pub fn grads_k94_reduce(t292: &[f32], t294: &mut [f32]) {
     t294[0..256]
-        .iter_mut()
+        .chunks_mut(256)
         .enumerate()
-        .for_each(|(row, acc_out)| {
-            let mut acc = 0.0_f64;
+        .for_each(|(part, out)| {
+            let j0 = part * 256;
+            let mut acc = vec![0.0_f64; out.len()];
             for i0 in 0..2 {
-                let x0 = t292[row + i0 * 256];
-                acc += f64::from(x0);
+                let x0_row = &t292[i0 * 256 + j0..][..out.len()];
+                for (j, a) in acc.iter_mut().enumerate() {
+                    let x0 = x0_row[j];
+                    *a += f64::from(x0);
+                }
             }
-            *acc_out = acc as f32;
+            for (o, a) in out.iter_mut().zip(&acc) {
+                *o = *a as f32;
+            }
         });
 }
 
@@ -1988,15 +2086,21 @@ pub fn grads_k95_copy(t262: &[f32], t485_c: &mut [f32]) {
 /// reduce: reduce_sum over [2, 8, 16].
 pub fn grads_k96_reduce(t485_c: &[f32], t276: &mut [f32]) {
     t276[0..16]
-        .iter_mut()
+        .chunks_mut(16)
         .enumerate()
-        .for_each(|(row, acc_out)| {
-            let mut acc = 0.0_f64;
+        .for_each(|(part, out)| {
+            let j0 = part * 16;
+            let mut acc = vec![0.0_f64; out.len()];
             for i0 in 0..16 {
-                let x0 = t485_c[row + i0 * 16];
-                acc += f64::from(x0);
+                let x0_row = &t485_c[i0 * 16 + j0..][..out.len()];
+                for (j, a) in acc.iter_mut().enumerate() {
+                    let x0 = x0_row[j];
+                    *a += f64::from(x0);
+                }
             }
-            *acc_out = acc as f32;
+            for (o, a) in out.iter_mut().zip(&acc) {
+                *o = *a as f32;
+            }
         });
 }
 
@@ -2043,15 +2147,21 @@ pub fn grads_k98_matmul(t21: &[f32], t485_c: &[f32], t281: &mut [f32]) -> Result
 /// reduce: reduce_sum over [2, 16, 16].
 pub fn grads_k99_reduce(t281: &[f32], t283: &mut [f32]) {
     t283[0..256]
-        .iter_mut()
+        .chunks_mut(256)
         .enumerate()
-        .for_each(|(row, acc_out)| {
-            let mut acc = 0.0_f64;
+        .for_each(|(part, out)| {
+            let j0 = part * 256;
+            let mut acc = vec![0.0_f64; out.len()];
             for i0 in 0..2 {
-                let x0 = t281[row + i0 * 256];
-                acc += f64::from(x0);
+                let x0_row = &t281[i0 * 256 + j0..][..out.len()];
+                for (j, a) in acc.iter_mut().enumerate() {
+                    let x0 = x0_row[j];
+                    *a += f64::from(x0);
+                }
             }
-            *acc_out = acc as f32;
+            for (o, a) in out.iter_mut().zip(&acc) {
+                *o = *a as f32;
+            }
         });
 }
 
@@ -2098,15 +2208,21 @@ pub fn grads_k100_matmul_add(
 /// reduce: reduce_sum over [2, 8, 16].
 pub fn grads_k101_reduce(t293: &[f32], t296: &mut [f32]) {
     t296[0..16]
-        .iter_mut()
+        .chunks_mut(16)
         .enumerate()
-        .for_each(|(row, acc_out)| {
-            let mut acc = 0.0_f64;
+        .for_each(|(part, out)| {
+            let j0 = part * 16;
+            let mut acc = vec![0.0_f64; out.len()];
             for i0 in 0..16 {
-                let x0 = t293[row + i0 * 16];
-                acc += f64::from(x0);
+                let x0_row = &t293[i0 * 16 + j0..][..out.len()];
+                for (j, a) in acc.iter_mut().enumerate() {
+                    let x0 = x0_row[j];
+                    *a += f64::from(x0);
+                }
             }
-            *acc_out = acc as f32;
+            for (o, a) in out.iter_mut().zip(&acc) {
+                *o = *a as f32;
+            }
         });
 }
 
@@ -2130,16 +2246,23 @@ pub fn grads_k102_mul(t293: &[f32], param_ln_attn_weight: &[f32], t298: &mut [f3
 /// reduce: mul, reduce_sum over [2, 8, 16].
 pub fn grads_k103_reduce(t293: &[f32], t19: &[f32], t300: &mut [f32]) {
     t300[0..16]
-        .iter_mut()
+        .chunks_mut(16)
         .enumerate()
-        .for_each(|(row, acc_out)| {
-            let mut acc = 0.0_f64;
+        .for_each(|(part, out)| {
+            let j0 = part * 16;
+            let mut acc = vec![0.0_f64; out.len()];
             for i0 in 0..16 {
-                let x0 = t293[row + i0 * 16];
-                let x1 = t19[row + i0 * 16];
-                acc += f64::from(x0 * x1);
+                let x0_row = &t293[i0 * 16 + j0..][..out.len()];
+                let x1_row = &t19[i0 * 16 + j0..][..out.len()];
+                for (j, a) in acc.iter_mut().enumerate() {
+                    let x0 = x0_row[j];
+                    let x1 = x1_row[j];
+                    *a += f64::from(x0 * x1);
+                }
             }
-            *acc_out = acc as f32;
+            for (o, a) in out.iter_mut().zip(&acc) {
+                *o = *a as f32;
+            }
         });
 }
 
@@ -2253,15 +2376,21 @@ pub fn grads_k109_add(t227: &[f32], t315: &[f32], t319: &[f32], t322: &mut [f32]
 /// reduce: reduce_sum over [2, 8, 16].
 pub fn grads_k110_reduce(t322: &[f32], t323: &mut [f32]) {
     t323[0..128]
-        .iter_mut()
+        .chunks_mut(128)
         .enumerate()
-        .for_each(|(row, acc_out)| {
-            let mut acc = 0.0_f64;
+        .for_each(|(part, out)| {
+            let j0 = part * 128;
+            let mut acc = vec![0.0_f64; out.len()];
             for i0 in 0..2 {
-                let x0 = t322[row + i0 * 128];
-                acc += f64::from(x0);
+                let x0_row = &t322[i0 * 128 + j0..][..out.len()];
+                for (j, a) in acc.iter_mut().enumerate() {
+                    let x0 = x0_row[j];
+                    *a += f64::from(x0);
+                }
             }
-            *acc_out = acc as f32;
+            for (o, a) in out.iter_mut().zip(&acc) {
+                *o = *a as f32;
+            }
         });
 }
 
