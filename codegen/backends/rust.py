@@ -40,6 +40,7 @@ RUST_TYPES = {"f32": "f32", "i32": "i32", "bool": "u8"}  # bools are stored as b
 PAR_MIN = 1 << 15  # elements: below this a kernel runs on the calling thread
 PAR_FLOPS = 1 << 22  # a product with fewer flops runs on the calling thread (= runtime gemm)
 GRAIN = 1 << 13  # elements per rayon task, at least
+MIN_ROW = 32  # elements: shorter rows take trailing dims in (see _elementwise)
 
 
 # Literals that equal a named constant print as the constant (clippy's approx_constant).
@@ -237,6 +238,13 @@ def _elementwise(out: IndentedBuffer, k: Elementwise, args: KernelArgs) -> None:
         outer, row_len = [], GRAIN  # one long run: cut it into tasks of GRAIN elements
     else:
         outer, row_len = sizes[:-1], sizes[-1]
+    # Short rows (a 2x2 pooling window: rows of 2) cost their setup per element: take
+    # trailing dims into the row until it has some length, and loop over them inside.
+    inner = 1
+    while inner < len(sizes) - 1 and int(np.prod(sizes[-inner:])) < MIN_ROW:
+        inner += 1
+    if outer and inner > 1:
+        outer, row_len = sizes[:-inner], int(np.prod(sizes[-inner:]))
     par = total >= PAR_MIN
     names = [f"o{i}" for i in range(n_out)]
     chunks = [f"{v.buffer}[{v.offset}..{v.offset + v.size}]."
@@ -251,7 +259,43 @@ def _elementwise(out: IndentedBuffer, k: Elementwise, args: KernelArgs) -> None:
         it += f".with_min_len({max(1, GRAIN // row_len)})"
     aliased = {v.buffer: name for v, name in zip(outs, names, strict=True)}
     with out.indent(f"{it}.enumerate().for_each(|(row, {pat})| {{", "});"):
-        _row(out, k, outer, row_len, strides[n_out:], names, aliased)
+        if inner > 1 and outer:
+            _nested_row(out, k, outer, sizes[-inner:], strides[n_out:], names, aliased)
+        else:
+            _row(out, k, outer, row_len, strides[n_out:], names, aliased)
+
+
+def _nested_row(out: IndentedBuffer, k: Elementwise, outer: list[int], inner: list[int],
+                in_strides: list[list[int]], names: list[str], aliased: dict[str, str]) -> None:
+    """One row made of several trailing dims (``inner``), walked by nested loops: the
+    outputs' row slices are contiguous, the inputs are indexed by their own strides."""
+    r = len(inner)
+    coords = _unravel(out, "row", outer, "r", [st[:-r] for st in in_strides])
+    loops = [f"d{i}" for i in range(r)]
+    loads = []
+    for (sym, v), st in zip(k.inputs.items(), in_strides, strict=True):
+        nz = " != 0" if v.dtype == "bool" else ""
+        if v.buffer in aliased:
+            continue
+        out.line(f"let {sym}_at = {linear_index(v.offset, coords, st[:-r])};")
+        at = linear_index(0, loops, st[-r:])
+        loads.append(f"let {sym} = {v.buffer}[{sym}_at{'' if at == '0' else ' + ' + at}]{nz};")
+    for d, n in zip(loops, inner, strict=True):
+        out.line(f"for {d} in 0..{n} {{")
+        out.level += 1
+    out.line(f"let j = {linear_index(0, loops, list(row_major(tuple(inner))))};")
+    for sym, v in k.inputs.items():
+        if v.buffer in aliased:
+            nz = " != 0" if v.dtype == "bool" else ""
+            out.line(f"let {sym} = {aliased[v.buffer]}[j]{nz};")
+    for line in loads:
+        out.line(line)
+    values = _cse_body(out, [e for _, e in k.outputs], [v.dtype for v, _ in k.outputs])
+    for name, (v, _), val in zip(names, k.outputs, values, strict=True):
+        out.line(f"{name}[j] = {_store(v, val)};")
+    for _ in loops:
+        out.level -= 1
+        out.line("}")
 
 
 def _row(out: IndentedBuffer, k: Elementwise, outer: list[int], row_len: int,

@@ -104,18 +104,19 @@ pub fn forward_k03_conv(
 /// elementwise: add, relu over [4, 8, 4, 4].
 pub fn forward_k04_add_relu(t11: &[f32], param_conv2d_1_bias: &[f32], t15: &mut [f32]) {
     t15[0..512]
-        .chunks_mut(16)
+        .chunks_mut(128)
         .enumerate()
         .for_each(|(row, o0)| {
-            let r0 = row / 8;
-            let r1 = row % 8;
-            let n = o0.len();
-            let x0_row = &t11[r0 * 128 + r1 * 16..][..n];
-            let x1 = param_conv2d_1_bias[r1];
-            for j in 0..n {
-                let x0 = x0_row[j];
-                let t0 = x0 + x1;
-                o0[j] = if t0 > 0.0 { t0 } else { 0.0 };
+            let x0_at = row * 128;
+            let x1_at = 0;
+            for d0 in 0..8 {
+                for d1 in 0..16 {
+                    let j = d0 * 16 + d1;
+                    let x0 = t11[x0_at + d0 * 16 + d1];
+                    let x1 = param_conv2d_1_bias[x1_at + d0];
+                    let t0 = x0 + x1;
+                    o0[j] = if t0 > 0.0 { t0 } else { 0.0 };
+                }
             }
         });
 }
@@ -294,17 +295,18 @@ pub fn grads_k02_relu(t6: &[f32], t7: &mut [f32]) {
 /// elementwise: add over [4, 8, 4, 4].
 pub fn grads_k05_add(t11: &[f32], param_conv2d_1_bias: &[f32], t14: &mut [f32]) {
     t14[0..512]
-        .chunks_mut(16)
+        .chunks_mut(128)
         .enumerate()
         .for_each(|(row, o0)| {
-            let r0 = row / 8;
-            let r1 = row % 8;
-            let n = o0.len();
-            let x0_row = &t11[r0 * 128 + r1 * 16..][..n];
-            let x1 = param_conv2d_1_bias[r1];
-            for j in 0..n {
-                let x0 = x0_row[j];
-                o0[j] = x0 + x1;
+            let x0_at = row * 128;
+            let x1_at = 0;
+            for d0 in 0..8 {
+                for d1 in 0..16 {
+                    let j = d0 * 16 + d1;
+                    let x0 = t11[x0_at + d0 * 16 + d1];
+                    let x1 = param_conv2d_1_bias[x1_at + d0];
+                    o0[j] = x0 + x1;
+                }
             }
         });
 }
@@ -327,18 +329,20 @@ pub fn grads_k06_relu(t14: &[f32], t15: &mut [f32]) {
 /// elementwise: cast, eq over [4, 4, 4, 2, 4, 2].
 pub fn grads_k13_cast_eq(t7: &[f32], t9: &[f32], t84: &mut [f32]) {
     t84[0..1024]
-        .chunks_mut(2)
+        .chunks_mut(16)
         .enumerate()
         .for_each(|(row, o0)| {
-            let r0 = row / 8;
-            let r1 = row / 4 % 2;
-            let r2 = row % 4;
-            let n = o0.len();
-            let x0_row = &t7[r0 * 16 + r1 * 8 + r2 * 2..][..n];
-            let x1 = t9[r0 * 4 + r2];
-            for j in 0..n {
-                let x0 = x0_row[j];
-                o0[j] = f32::from(x0 == x1);
+            let x0_at = row * 16;
+            let x1_at = row * 4;
+            for d0 in 0..2 {
+                for d1 in 0..4 {
+                    for d2 in 0..2 {
+                        let j = d0 * 8 + d1 * 2 + d2;
+                        let x0 = t7[x0_at + d0 * 8 + d1 * 2 + d2];
+                        let x1 = t9[x1_at + d1];
+                        o0[j] = f32::from(x0 == x1);
+                    }
+                }
             }
         });
 }
@@ -496,15 +500,18 @@ pub fn grads_k22_mul(t67: &[f32], t71: &mut [f32]) {
 /// elementwise: copy over [4, 8, 2, 2, 2, 2].
 pub fn grads_k23_copy(t71: &[f32], t74_c: &mut [f32]) {
     t74_c[0..512]
-        .chunks_mut(2)
+        .chunks_mut(8)
         .enumerate()
         .for_each(|(row, o0)| {
-            let r0 = row / 4;
-            let r2 = row % 2;
-            let n = o0.len();
-            let x0 = t71[r0 * 2 + r2];
-            for j in 0..n {
-                o0[j] = x0;
+            let x0_at = row * 2;
+            for d0 in 0..2 {
+                for d1 in 0..2 {
+                    for d2 in 0..2 {
+                        let j = d0 * 4 + d1 * 2 + d2;
+                        let x0 = t71[x0_at + d1];
+                        o0[j] = x0;
+                    }
+                }
             }
         });
 }
@@ -591,19 +598,22 @@ pub fn grads_k27_conv(
 /// elementwise: div, mul over [4, 4, 4, 2, 4, 2].
 pub fn grads_k28_div_mul(t84: &[f32], t85: &[f32], t80: &[f32], t88: &mut [f32]) {
     t88[0..1024]
-        .chunks_mut(2)
+        .chunks_mut(16)
         .enumerate()
         .for_each(|(row, o0)| {
-            let r0 = row / 8;
-            let r1 = row / 4 % 2;
-            let r2 = row % 4;
-            let n = o0.len();
-            let x0_row = &t84[r0 * 16 + r1 * 8 + r2 * 2..][..n];
-            let x1 = t85[r0 * 4 + r2];
-            let x2 = t80[r0 * 4 + r2];
-            for j in 0..n {
-                let x0 = x0_row[j];
-                o0[j] = x0 * x2 / x1;
+            let x0_at = row * 16;
+            let x1_at = row * 4;
+            let x2_at = row * 4;
+            for d0 in 0..2 {
+                for d1 in 0..4 {
+                    for d2 in 0..2 {
+                        let j = d0 * 8 + d1 * 2 + d2;
+                        let x0 = t84[x0_at + d0 * 8 + d1 * 2 + d2];
+                        let x1 = t85[x1_at + d1];
+                        let x2 = t80[x2_at + d1];
+                        o0[j] = x0 * x2 / x1;
+                    }
+                }
             }
         });
 }

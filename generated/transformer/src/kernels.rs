@@ -339,17 +339,18 @@ pub fn forward_k14_matmul(t52: &[f32], t37: &[f32], t53: &mut [f32]) -> Result<(
 /// elementwise: copy over [2, 8, 2, 8].
 pub fn forward_k15_copy(t53: &[f32], t54_c: &mut [f32]) {
     t54_c[0..256]
-        .chunks_mut(8)
+        .chunks_mut(128)
         .enumerate()
         .for_each(|(row, o0)| {
-            let r0 = row / 16;
-            let r1 = row / 2 % 8;
-            let r2 = row % 2;
-            let n = o0.len();
-            let x0_row = &t53[r0 * 128 + r1 * 8 + r2 * 64..][..n];
-            for j in 0..n {
-                let x0 = x0_row[j];
-                o0[j] = x0;
+            let x0_at = row * 128;
+            for d0 in 0..8 {
+                for d1 in 0..2 {
+                    for d2 in 0..8 {
+                        let j = d0 * 16 + d1 * 8 + d2;
+                        let x0 = t53[x0_at + d0 * 8 + d1 * 64 + d2];
+                        o0[j] = x0;
+                    }
+                }
             }
         });
 }
@@ -1829,22 +1830,24 @@ pub fn grads_k83_add_div_d0_etc(
     t257: &mut [f32],
 ) {
     t257[0..256]
-        .chunks_mut(8)
+        .chunks_mut(64)
         .enumerate()
         .for_each(|(row, o0)| {
-            let r0 = row / 8;
-            let r1 = row % 8;
-            let n = o0.len();
-            let x0_row = &c44[r1 * 8..][..n];
-            let x1_row = &t239[r0 * 64 + r1 * 8..][..n];
-            let x2 = t51[r0 * 8 + r1];
-            let x3 = t246[r0 * 8 + r1];
-            let x4_row = &t49[r0 * 64 + r1 * 8..][..n];
-            for j in 0..n {
-                let x0 = x0_row[j] != 0;
-                let x1 = x1_row[j];
-                let x4 = x4_row[j];
-                o0[j] = 0.35355338 * (if x0 { (x1 / x2 + x3) * x4.exp() } else { 0.0 });
+            let x0_at = 0;
+            let x1_at = row * 64;
+            let x2_at = row * 8;
+            let x3_at = row * 8;
+            let x4_at = row * 64;
+            for d0 in 0..8 {
+                for d1 in 0..8 {
+                    let j = d0 * 8 + d1;
+                    let x0 = c44[x0_at + d0 * 8 + d1] != 0;
+                    let x1 = t239[x1_at + d0 * 8 + d1];
+                    let x2 = t51[x2_at + d0];
+                    let x3 = t246[x3_at + d0];
+                    let x4 = t49[x4_at + d0 * 8 + d1];
+                    o0[j] = 0.35355338 * (if x0 { (x1 / x2 + x3) * x4.exp() } else { 0.0 });
+                }
             }
         });
 }
@@ -1892,17 +1895,18 @@ pub fn grads_k85_matmul(t25: &[f32], t257: &[f32], t262: &mut [f32]) -> Result<(
 /// elementwise: copy over [2, 8, 2, 8].
 pub fn grads_k86_copy(t241: &[f32], t264_c: &mut [f32]) {
     t264_c[0..256]
-        .chunks_mut(8)
+        .chunks_mut(128)
         .enumerate()
         .for_each(|(row, o0)| {
-            let r0 = row / 16;
-            let r1 = row / 2 % 8;
-            let r2 = row % 2;
-            let n = o0.len();
-            let x0_row = &t241[r0 * 128 + r1 * 8 + r2 * 64..][..n];
-            for j in 0..n {
-                let x0 = x0_row[j];
-                o0[j] = x0;
+            let x0_at = row * 128;
+            for d0 in 0..8 {
+                for d1 in 0..2 {
+                    for d2 in 0..8 {
+                        let j = d0 * 16 + d1 * 8 + d2;
+                        let x0 = t241[x0_at + d0 * 8 + d1 * 64 + d2];
+                        o0[j] = x0;
+                    }
+                }
             }
         });
 }
@@ -1970,17 +1974,18 @@ pub fn grads_k89_reduce(t271: &[f32], t272: &mut [f32]) {
 /// elementwise: copy over [2, 8, 2, 8].
 pub fn grads_k90_copy(t260: &[f32], t285_c: &mut [f32]) {
     t285_c[0..256]
-        .chunks_mut(8)
+        .chunks_mut(128)
         .enumerate()
         .for_each(|(row, o0)| {
-            let r0 = row / 16;
-            let r1 = row / 2 % 8;
-            let r2 = row % 2;
-            let n = o0.len();
-            let x0_row = &t260[r0 * 128 + r1 * 8 + r2 * 64..][..n];
-            for j in 0..n {
-                let x0 = x0_row[j];
-                o0[j] = x0;
+            let x0_at = row * 128;
+            for d0 in 0..8 {
+                for d1 in 0..2 {
+                    for d2 in 0..8 {
+                        let j = d0 * 16 + d1 * 8 + d2;
+                        let x0 = t260[x0_at + d0 * 8 + d1 * 64 + d2];
+                        o0[j] = x0;
+                    }
+                }
             }
         });
 }
@@ -2070,15 +2075,16 @@ pub fn grads_k94_reduce(t292: &[f32], t294: &mut [f32]) {
 /// elementwise: copy over [2, 8, 2, 8].
 pub fn grads_k95_copy(t262: &[f32], t485_c: &mut [f32]) {
     t485_c[0..256]
-        .chunks_mut(16)
+        .chunks_mut(128)
         .enumerate()
         .for_each(|(row, o0)| {
-            let r0 = row / 8;
-            let r1 = row % 8;
-            let n = o0.len();
-            for j in 0..n {
-                let x0 = t262[r0 * 128 + r1 + j * 8];
-                o0[j] = x0;
+            let x0_at = row * 128;
+            for d0 in 0..8 {
+                for d1 in 0..16 {
+                    let j = d0 * 16 + d1;
+                    let x0 = t262[x0_at + d0 + d1 * 8];
+                    o0[j] = x0;
+                }
             }
         });
 }
