@@ -494,14 +494,12 @@ def _is_relu(e: Elementwise) -> bool:
 def _direct_output(e: Elementwise, k: Matmul) -> View | None:
     """The view the GEMM can write instead of the product, when the epilogue left is
     just "store it" (or "store its ReLU"): one f32 output laid out like the product."""
-    if len(e.outputs) != 1 or len(e.inputs) != 1:
-        return None
-    (view, expr), = e.outputs
-    x = next(iter(e.inputs))
-    is_copy = expr.free_symbols and next(iter(expr.free_symbols)).name == x and \
-        (expr.is_Symbol or _is_relu(e))
     assert k.out is not None
-    if not is_copy or view.dtype != "f32" or view.strides != k.out.strides:
+    if len(e.outputs) != 1 or len(e.inputs) != 1:
+        return None  # the one input is then the product
+    (view, expr), = e.outputs
+    stores_product = expr.is_Symbol or _is_relu(e)
+    if not stores_product or view.dtype != "f32" or view.strides != k.out.strides:
         return None
     return view
 
@@ -518,7 +516,7 @@ def _gemm_steps(k: Matmul, out: View | None, bias: tuple[str, int] | None = None
     batch_strides = [s[-1] if sizes else 0 for s in strides]
     # The next batch dim becomes the step's outer level; any further ones, steps.
     outer = sizes[-2] if len(sizes) >= 2 else 1
-    outer_strides = tuple(s[-2] if len(sizes) >= 2 else 0 for s in strides)
+    a_so, b_so, c_so = (s[-2] if len(sizes) >= 2 else 0 for s in strides)
     dims = [(k.m, k.k), (k.k, k.n), (k.m, k.n)]
     _check_u32(k, *(v.offset + v.size for v in views))
     steps: list[Step] = []
@@ -528,15 +526,15 @@ def _gemm_steps(k: Matmul, out: View | None, bias: tuple[str, int] | None = None
             offset = v.offset + sum(i * s for i, s in zip(index, st, strict=False))
             rs, cs = matrix_strides(rows, cols, v.strides[-2], v.strides[-1])
             operands.append((v.buffer, offset, (bs, rs, cs)))
-        launch = _sgemm_launch(inner, k, operands, bias, relu, outer, outer_strides)
+        launch = _sgemm_launch(inner, k, operands, bias, relu, outer, (a_so, b_so, c_so))
         steps.append(GemmStep(inner, k.m, k.n, k.k, operands, launch, bias, relu, outer,
-                              outer_strides))  # type: ignore[arg-type]
+                              (a_so, b_so, c_so)))
     return steps
 
 
 def _sgemm_launch(batch: int, k: Matmul, operands: list[tuple[str, int, tuple[int, int, int]]],
                   bias: tuple[str, int] | None, relu: bool, outer: int = 1,
-                  outer_strides: tuple[int, ...] = (0, 0, 0)) -> KernelLaunch:
+                  outer_strides: tuple[int, int, int] = (0, 0, 0)) -> KernelLaunch:
     scalars: list[Arg] = [ScalarArg("u32", x) for x in (k.m, k.n, k.k, batch, outer)]
     scalars += [ScalarArg("u32", s) for s in outer_strides]
     scalars += [ScalarArg("u32", s) for _, _, st in operands for s in st]

@@ -41,6 +41,7 @@ PAR_MIN = 1 << 15  # elements: below this a kernel runs on the calling thread
 PAR_FLOPS = 1 << 22  # a product with fewer flops runs on the calling thread (= runtime gemm)
 GRAIN = 1 << 13  # elements per rayon task, at least
 MIN_ROW = 32  # elements: shorter rows take trailing dims in (see _elementwise)
+COLUMN_TILE = 64  # outputs per stack tile of a column reduction's accumulators
 
 
 # Literals that equal a named constant print as the constant (clippy's approx_constant).
@@ -418,19 +419,21 @@ def _is_column_reduction(lay: ReduceLayout) -> bool:
 
 
 def _column_reduce(out: IndentedBuffer, k: Reduce, lay: ReduceLayout) -> None:
-    """Rows of the input added into a row of accumulators (f64 for sums), in the
-    same order per output as the row-wise loop, so results are identical."""
+    """Rows of the input added into a tile of accumulators (f64 for sums) on the
+    stack, ``COLUMN_TILE`` outputs at a time, in the same order per output as the
+    row-wise loop, so results are identical; tiles run on rayon when big enough."""
     assert k.out is not None
     o, cols = k.out, lay.kept_sizes[0]
     sum_ = k.combine == "sum"
-    total = cols * lay.length
-    chunk = max(16, -(-cols // 4)) if total >= PAR_MIN else cols
+    tile = min(cols, COLUMN_TILE)
     target = f"{o.buffer}[{o.offset}..{o.offset + cols}]"
-    it = f"{target}.par_chunks_mut({chunk})" if chunk < cols else f"{target}.chunks_mut({cols})"
+    par = cols * lay.length >= PAR_MIN and tile < cols
+    it = f"{target}.{'par_' if par else ''}chunks_mut({tile})"
     with out.indent(f"{it}.enumerate().for_each(|(part, out)| {{", "});"):
-        out.line(f"let j0 = part * {chunk};")
+        out.line(f"let j0 = part * {tile};")
         init = "0.0_f64" if sum_ else "f32::NEG_INFINITY"
-        out.line(f"let mut acc = vec![{init}; out.len()];")
+        out.line(f"let mut acc = [{init}; {tile}];")
+        out.line("let acc = &mut acc[..out.len()];")
         loops = [f"i{d}" for d in range(len(lay.reduced_sizes))]
         for d, n in enumerate(lay.reduced_sizes):
             out.line(f"for i{d} in 0..{n} {{")
@@ -454,7 +457,7 @@ def _column_reduce(out: IndentedBuffer, k: Reduce, lay: ReduceLayout) -> None:
             out.level -= 1
             out.line("}")
         cast = "*a as f32" if sum_ else "*a"
-        with out.indent("for (o, a) in out.iter_mut().zip(&acc) {"):
+        with out.indent("for (o, a) in out.iter_mut().zip(acc.iter()) {"):
             out.line(f"*o = {cast};")
 
 

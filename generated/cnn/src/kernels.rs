@@ -428,7 +428,8 @@ pub fn grads_k19_reduce(t61: &[f32], t64: &mut [f32]) {
         .enumerate()
         .for_each(|(part, out)| {
             let j0 = part * 10;
-            let mut acc = vec![0.0_f64; out.len()];
+            let mut acc = [0.0_f64; 10];
+            let acc = &mut acc[..out.len()];
             for i0 in 0..4 {
                 let x0_row = &t61[i0 * 10 + j0..][..out.len()];
                 for (j, a) in acc.iter_mut().enumerate() {
@@ -436,7 +437,7 @@ pub fn grads_k19_reduce(t61: &[f32], t64: &mut [f32]) {
                     *a += f64::from(x0);
                 }
             }
-            for (o, a) in out.iter_mut().zip(&acc) {
+            for (o, a) in out.iter_mut().zip(acc.iter()) {
                 *o = *a as f32;
             }
         });

@@ -364,7 +364,8 @@ pub fn grads_k12_reduce(t52: &[f32], t55: &mut [f32]) {
         .enumerate()
         .for_each(|(part, out)| {
             let j0 = part * 10;
-            let mut acc = vec![0.0_f64; out.len()];
+            let mut acc = [0.0_f64; 10];
+            let acc = &mut acc[..out.len()];
             for i0 in 0..16 {
                 let x0_row = &t52[i0 * 10 + j0..][..out.len()];
                 for (j, a) in acc.iter_mut().enumerate() {
@@ -372,7 +373,7 @@ pub fn grads_k12_reduce(t52: &[f32], t55: &mut [f32]) {
                     *a += f64::from(x0);
                 }
             }
-            for (o, a) in out.iter_mut().zip(&acc) {
+            for (o, a) in out.iter_mut().zip(acc.iter()) {
                 *o = *a as f32;
             }
         });
@@ -438,7 +439,8 @@ pub fn grads_k15_reduce(t62: &[f32], t63: &mut [f32]) {
         .enumerate()
         .for_each(|(part, out)| {
             let j0 = part * 32;
-            let mut acc = vec![0.0_f64; out.len()];
+            let mut acc = [0.0_f64; 32];
+            let acc = &mut acc[..out.len()];
             for i0 in 0..16 {
                 let x0_row = &t62[i0 * 32 + j0..][..out.len()];
                 for (j, a) in acc.iter_mut().enumerate() {
@@ -446,7 +448,7 @@ pub fn grads_k15_reduce(t62: &[f32], t63: &mut [f32]) {
                     *a += f64::from(x0);
                 }
             }
-            for (o, a) in out.iter_mut().zip(&acc) {
+            for (o, a) in out.iter_mut().zip(acc.iter()) {
                 *o = *a as f32;
             }
         });
@@ -512,7 +514,8 @@ pub fn grads_k18_reduce(t70: &[f32], t71: &mut [f32]) {
         .enumerate()
         .for_each(|(part, out)| {
             let j0 = part * 32;
-            let mut acc = vec![0.0_f64; out.len()];
+            let mut acc = [0.0_f64; 32];
+            let acc = &mut acc[..out.len()];
             for i0 in 0..16 {
                 let x0_row = &t70[i0 * 32 + j0..][..out.len()];
                 for (j, a) in acc.iter_mut().enumerate() {
@@ -520,7 +523,7 @@ pub fn grads_k18_reduce(t70: &[f32], t71: &mut [f32]) {
                     *a += f64::from(x0);
                 }
             }
-            for (o, a) in out.iter_mut().zip(&acc) {
+            for (o, a) in out.iter_mut().zip(acc.iter()) {
                 *o = *a as f32;
             }
         });

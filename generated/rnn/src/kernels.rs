@@ -821,7 +821,8 @@ pub fn grads_k29_matmul_mul_tanh_d0(
 pub fn grads_k30_reduce(t88: &[f32], t93: &mut [f32]) {
     t93[0..8].chunks_mut(8).enumerate().for_each(|(part, out)| {
         let j0 = part * 8;
-        let mut acc = vec![0.0_f64; out.len()];
+        let mut acc = [0.0_f64; 8];
+        let acc = &mut acc[..out.len()];
         for i0 in 0..4 {
             let x0_row = &t88[i0 * 8 + j0..][..out.len()];
             for (j, a) in acc.iter_mut().enumerate() {
@@ -829,7 +830,7 @@ pub fn grads_k30_reduce(t88: &[f32], t93: &mut [f32]) {
                 *a += f64::from(x0);
             }
         }
-        for (o, a) in out.iter_mut().zip(&acc) {
+        for (o, a) in out.iter_mut().zip(acc.iter()) {
             *o = *a as f32;
         }
     });
@@ -895,7 +896,8 @@ pub fn grads_k33_reduce(t100: &[f32], t106: &mut [f32]) {
         .enumerate()
         .for_each(|(part, out)| {
             let j0 = part * 8;
-            let mut acc = vec![0.0_f64; out.len()];
+            let mut acc = [0.0_f64; 8];
+            let acc = &mut acc[..out.len()];
             for i0 in 0..4 {
                 let x0_row = &t100[i0 * 8 + j0..][..out.len()];
                 for (j, a) in acc.iter_mut().enumerate() {
@@ -903,7 +905,7 @@ pub fn grads_k33_reduce(t100: &[f32], t106: &mut [f32]) {
                     *a += f64::from(x0);
                 }
             }
-            for (o, a) in out.iter_mut().zip(&acc) {
+            for (o, a) in out.iter_mut().zip(acc.iter()) {
                 *o = *a as f32;
             }
         });
@@ -987,7 +989,8 @@ pub fn grads_k37_reduce(t115: &[f32], t121: &mut [f32]) {
         .enumerate()
         .for_each(|(part, out)| {
             let j0 = part * 8;
-            let mut acc = vec![0.0_f64; out.len()];
+            let mut acc = [0.0_f64; 8];
+            let acc = &mut acc[..out.len()];
             for i0 in 0..4 {
                 let x0_row = &t115[i0 * 8 + j0..][..out.len()];
                 for (j, a) in acc.iter_mut().enumerate() {
@@ -995,7 +998,7 @@ pub fn grads_k37_reduce(t115: &[f32], t121: &mut [f32]) {
                     *a += f64::from(x0);
                 }
             }
-            for (o, a) in out.iter_mut().zip(&acc) {
+            for (o, a) in out.iter_mut().zip(acc.iter()) {
                 *o = *a as f32;
             }
         });
@@ -1120,7 +1123,8 @@ pub fn grads_k42_reduce(t130: &[f32], t136: &mut [f32]) {
         .enumerate()
         .for_each(|(part, out)| {
             let j0 = part * 8;
-            let mut acc = vec![0.0_f64; out.len()];
+            let mut acc = [0.0_f64; 8];
+            let acc = &mut acc[..out.len()];
             for i0 in 0..4 {
                 let x0_row = &t130[i0 * 8 + j0..][..out.len()];
                 for (j, a) in acc.iter_mut().enumerate() {
@@ -1128,7 +1132,7 @@ pub fn grads_k42_reduce(t130: &[f32], t136: &mut [f32]) {
                     *a += f64::from(x0);
                 }
             }
-            for (o, a) in out.iter_mut().zip(&acc) {
+            for (o, a) in out.iter_mut().zip(acc.iter()) {
                 *o = *a as f32;
             }
         });
@@ -1194,7 +1198,8 @@ pub fn grads_k45_reduce(t145: &[f32], t146: &mut [f32]) {
         .enumerate()
         .for_each(|(part, out)| {
             let j0 = part * 8;
-            let mut acc = vec![0.0_f64; out.len()];
+            let mut acc = [0.0_f64; 8];
+            let acc = &mut acc[..out.len()];
             for i0 in 0..4 {
                 let x0_row = &t145[i0 * 8 + j0..][..out.len()];
                 for (j, a) in acc.iter_mut().enumerate() {
@@ -1202,7 +1207,7 @@ pub fn grads_k45_reduce(t145: &[f32], t146: &mut [f32]) {
                     *a += f64::from(x0);
                 }
             }
-            for (o, a) in out.iter_mut().zip(&acc) {
+            for (o, a) in out.iter_mut().zip(acc.iter()) {
                 *o = *a as f32;
             }
         });

@@ -1089,7 +1089,8 @@ pub fn grads_k46_reduce(t145: &[f32], t149: &mut [f32]) {
         .enumerate()
         .for_each(|(part, out)| {
             let j0 = part * 20;
-            let mut acc = vec![0.0_f64; out.len()];
+            let mut acc = [0.0_f64; 20];
+            let acc = &mut acc[..out.len()];
             for i0 in 0..16 {
                 let x0_row = &t145[i0 * 20 + j0..][..out.len()];
                 for (j, a) in acc.iter_mut().enumerate() {
@@ -1097,7 +1098,7 @@ pub fn grads_k46_reduce(t145: &[f32], t149: &mut [f32]) {
                     *a += f64::from(x0);
                 }
             }
-            for (o, a) in out.iter_mut().zip(&acc) {
+            for (o, a) in out.iter_mut().zip(acc.iter()) {
                 *o = *a as f32;
             }
         });
@@ -1146,11 +1147,12 @@ pub fn grads_k48_matmul(t102: &[f32], t145: &[f32], t154: &mut [f32]) -> Result<
 /// reduce: reduce_sum over [2, 16, 20].
 pub fn grads_k49_reduce(t154: &[f32], t155: &mut [f32]) {
     t155[0..320]
-        .chunks_mut(320)
+        .chunks_mut(64)
         .enumerate()
         .for_each(|(part, out)| {
-            let j0 = part * 320;
-            let mut acc = vec![0.0_f64; out.len()];
+            let j0 = part * 64;
+            let mut acc = [0.0_f64; 64];
+            let acc = &mut acc[..out.len()];
             for i0 in 0..2 {
                 let x0_row = &t154[i0 * 320 + j0..][..out.len()];
                 for (j, a) in acc.iter_mut().enumerate() {
@@ -1158,7 +1160,7 @@ pub fn grads_k49_reduce(t154: &[f32], t155: &mut [f32]) {
                     *a += f64::from(x0);
                 }
             }
-            for (o, a) in out.iter_mut().zip(&acc) {
+            for (o, a) in out.iter_mut().zip(acc.iter()) {
                 *o = *a as f32;
             }
         });
@@ -1171,7 +1173,8 @@ pub fn grads_k50_reduce(t152: &[f32], t157: &mut [f32]) {
         .enumerate()
         .for_each(|(part, out)| {
             let j0 = part * 16;
-            let mut acc = vec![0.0_f64; out.len()];
+            let mut acc = [0.0_f64; 16];
+            let acc = &mut acc[..out.len()];
             for i0 in 0..16 {
                 let x0_row = &t152[i0 * 16 + j0..][..out.len()];
                 for (j, a) in acc.iter_mut().enumerate() {
@@ -1179,7 +1182,7 @@ pub fn grads_k50_reduce(t152: &[f32], t157: &mut [f32]) {
                     *a += f64::from(x0);
                 }
             }
-            for (o, a) in out.iter_mut().zip(&acc) {
+            for (o, a) in out.iter_mut().zip(acc.iter()) {
                 *o = *a as f32;
             }
         });
@@ -1209,7 +1212,8 @@ pub fn grads_k52_reduce(t152: &[f32], t100: &[f32], t161: &mut [f32]) {
         .enumerate()
         .for_each(|(part, out)| {
             let j0 = part * 16;
-            let mut acc = vec![0.0_f64; out.len()];
+            let mut acc = [0.0_f64; 16];
+            let acc = &mut acc[..out.len()];
             for i0 in 0..16 {
                 let x0_row = &t152[i0 * 16 + j0..][..out.len()];
                 let x1_row = &t100[i0 * 16 + j0..][..out.len()];
@@ -1219,7 +1223,7 @@ pub fn grads_k52_reduce(t152: &[f32], t100: &[f32], t161: &mut [f32]) {
                     *a += f64::from(x0 * x1);
                 }
             }
-            for (o, a) in out.iter_mut().zip(&acc) {
+            for (o, a) in out.iter_mut().zip(acc.iter()) {
                 *o = *a as f32;
             }
         });
@@ -1337,7 +1341,8 @@ pub fn grads_k59_reduce(t182: &[f32], t183: &mut [f32]) {
         .enumerate()
         .for_each(|(part, out)| {
             let j0 = part * 16;
-            let mut acc = vec![0.0_f64; out.len()];
+            let mut acc = [0.0_f64; 16];
+            let acc = &mut acc[..out.len()];
             for i0 in 0..16 {
                 let x0_row = &t182[i0 * 16 + j0..][..out.len()];
                 for (j, a) in acc.iter_mut().enumerate() {
@@ -1345,7 +1350,7 @@ pub fn grads_k59_reduce(t182: &[f32], t183: &mut [f32]) {
                     *a += f64::from(x0);
                 }
             }
-            for (o, a) in out.iter_mut().zip(&acc) {
+            for (o, a) in out.iter_mut().zip(acc.iter()) {
                 *o = *a as f32;
             }
         });
@@ -1372,11 +1377,12 @@ pub fn grads_k60_matmul(t81: &[f32], t182: &[f32], t188: &mut [f32]) -> Result<(
 /// reduce: reduce_sum over [2, 64, 16].
 pub fn grads_k61_reduce(t188: &[f32], t189: &mut [f32]) {
     t189[0..1024]
-        .chunks_mut(1024)
+        .chunks_mut(64)
         .enumerate()
         .for_each(|(part, out)| {
-            let j0 = part * 1024;
-            let mut acc = vec![0.0_f64; out.len()];
+            let j0 = part * 64;
+            let mut acc = [0.0_f64; 64];
+            let acc = &mut acc[..out.len()];
             for i0 in 0..2 {
                 let x0_row = &t188[i0 * 1024 + j0..][..out.len()];
                 for (j, a) in acc.iter_mut().enumerate() {
@@ -1384,7 +1390,7 @@ pub fn grads_k61_reduce(t188: &[f32], t189: &mut [f32]) {
                     *a += f64::from(x0);
                 }
             }
-            for (o, a) in out.iter_mut().zip(&acc) {
+            for (o, a) in out.iter_mut().zip(acc.iter()) {
                 *o = *a as f32;
             }
         });
@@ -1438,7 +1444,8 @@ pub fn grads_k63_reduce(t192: &[f32], t193: &mut [f32]) {
         .enumerate()
         .for_each(|(part, out)| {
             let j0 = part * 64;
-            let mut acc = vec![0.0_f64; out.len()];
+            let mut acc = [0.0_f64; 64];
+            let acc = &mut acc[..out.len()];
             for i0 in 0..16 {
                 let x0_row = &t192[i0 * 64 + j0..][..out.len()];
                 for (j, a) in acc.iter_mut().enumerate() {
@@ -1446,7 +1453,7 @@ pub fn grads_k63_reduce(t192: &[f32], t193: &mut [f32]) {
                     *a += f64::from(x0);
                 }
             }
-            for (o, a) in out.iter_mut().zip(&acc) {
+            for (o, a) in out.iter_mut().zip(acc.iter()) {
                 *o = *a as f32;
             }
         });
@@ -1495,11 +1502,12 @@ pub fn grads_k65_matmul(t76: &[f32], t192: &[f32], t198: &mut [f32]) -> Result<(
 /// reduce: reduce_sum over [2, 16, 64].
 pub fn grads_k66_reduce(t198: &[f32], t199: &mut [f32]) {
     t199[0..1024]
-        .chunks_mut(1024)
+        .chunks_mut(64)
         .enumerate()
         .for_each(|(part, out)| {
-            let j0 = part * 1024;
-            let mut acc = vec![0.0_f64; out.len()];
+            let j0 = part * 64;
+            let mut acc = [0.0_f64; 64];
+            let acc = &mut acc[..out.len()];
             for i0 in 0..2 {
                 let x0_row = &t198[i0 * 1024 + j0..][..out.len()];
                 for (j, a) in acc.iter_mut().enumerate() {
@@ -1507,7 +1515,7 @@ pub fn grads_k66_reduce(t198: &[f32], t199: &mut [f32]) {
                     *a += f64::from(x0);
                 }
             }
-            for (o, a) in out.iter_mut().zip(&acc) {
+            for (o, a) in out.iter_mut().zip(acc.iter()) {
                 *o = *a as f32;
             }
         });
@@ -1520,7 +1528,8 @@ pub fn grads_k67_reduce(t196: &[f32], t201: &mut [f32]) {
         .enumerate()
         .for_each(|(part, out)| {
             let j0 = part * 16;
-            let mut acc = vec![0.0_f64; out.len()];
+            let mut acc = [0.0_f64; 16];
+            let acc = &mut acc[..out.len()];
             for i0 in 0..16 {
                 let x0_row = &t196[i0 * 16 + j0..][..out.len()];
                 for (j, a) in acc.iter_mut().enumerate() {
@@ -1528,7 +1537,7 @@ pub fn grads_k67_reduce(t196: &[f32], t201: &mut [f32]) {
                     *a += f64::from(x0);
                 }
             }
-            for (o, a) in out.iter_mut().zip(&acc) {
+            for (o, a) in out.iter_mut().zip(acc.iter()) {
                 *o = *a as f32;
             }
         });
@@ -1558,7 +1567,8 @@ pub fn grads_k69_reduce(t196: &[f32], t74: &[f32], t205: &mut [f32]) {
         .enumerate()
         .for_each(|(part, out)| {
             let j0 = part * 16;
-            let mut acc = vec![0.0_f64; out.len()];
+            let mut acc = [0.0_f64; 16];
+            let acc = &mut acc[..out.len()];
             for i0 in 0..16 {
                 let x0_row = &t196[i0 * 16 + j0..][..out.len()];
                 let x1_row = &t74[i0 * 16 + j0..][..out.len()];
@@ -1568,7 +1578,7 @@ pub fn grads_k69_reduce(t196: &[f32], t74: &[f32], t205: &mut [f32]) {
                     *a += f64::from(x0 * x1);
                 }
             }
-            for (o, a) in out.iter_mut().zip(&acc) {
+            for (o, a) in out.iter_mut().zip(acc.iter()) {
                 *o = *a as f32;
             }
         });
@@ -1688,7 +1698,8 @@ pub fn grads_k76_reduce(t227: &[f32], t228: &mut [f32]) {
         .enumerate()
         .for_each(|(part, out)| {
             let j0 = part * 16;
-            let mut acc = vec![0.0_f64; out.len()];
+            let mut acc = [0.0_f64; 16];
+            let acc = &mut acc[..out.len()];
             for i0 in 0..16 {
                 let x0_row = &t227[i0 * 16 + j0..][..out.len()];
                 for (j, a) in acc.iter_mut().enumerate() {
@@ -1696,7 +1707,7 @@ pub fn grads_k76_reduce(t227: &[f32], t228: &mut [f32]) {
                     *a += f64::from(x0);
                 }
             }
-            for (o, a) in out.iter_mut().zip(&acc) {
+            for (o, a) in out.iter_mut().zip(acc.iter()) {
                 *o = *a as f32;
             }
         });
@@ -1745,11 +1756,12 @@ pub fn grads_k78_matmul(t54_c: &[f32], t227: &[f32], t233: &mut [f32]) -> Result
 /// reduce: reduce_sum over [2, 16, 16].
 pub fn grads_k79_reduce(t233: &[f32], t234: &mut [f32]) {
     t234[0..256]
-        .chunks_mut(256)
+        .chunks_mut(64)
         .enumerate()
         .for_each(|(part, out)| {
-            let j0 = part * 256;
-            let mut acc = vec![0.0_f64; out.len()];
+            let j0 = part * 64;
+            let mut acc = [0.0_f64; 64];
+            let acc = &mut acc[..out.len()];
             for i0 in 0..2 {
                 let x0_row = &t233[i0 * 256 + j0..][..out.len()];
                 for (j, a) in acc.iter_mut().enumerate() {
@@ -1757,7 +1769,7 @@ pub fn grads_k79_reduce(t233: &[f32], t234: &mut [f32]) {
                     *a += f64::from(x0);
                 }
             }
-            for (o, a) in out.iter_mut().zip(&acc) {
+            for (o, a) in out.iter_mut().zip(acc.iter()) {
                 *o = *a as f32;
             }
         });
@@ -1918,7 +1930,8 @@ pub fn grads_k87_reduce(t264_c: &[f32], t266: &mut [f32]) {
         .enumerate()
         .for_each(|(part, out)| {
             let j0 = part * 16;
-            let mut acc = vec![0.0_f64; out.len()];
+            let mut acc = [0.0_f64; 16];
+            let acc = &mut acc[..out.len()];
             for i0 in 0..16 {
                 let x0_row = &t264_c[i0 * 16 + j0..][..out.len()];
                 for (j, a) in acc.iter_mut().enumerate() {
@@ -1926,7 +1939,7 @@ pub fn grads_k87_reduce(t264_c: &[f32], t266: &mut [f32]) {
                     *a += f64::from(x0);
                 }
             }
-            for (o, a) in out.iter_mut().zip(&acc) {
+            for (o, a) in out.iter_mut().zip(acc.iter()) {
                 *o = *a as f32;
             }
         });
@@ -1953,11 +1966,12 @@ pub fn grads_k88_matmul(t21: &[f32], t264_c: &[f32], t271: &mut [f32]) -> Result
 /// reduce: reduce_sum over [2, 16, 16].
 pub fn grads_k89_reduce(t271: &[f32], t272: &mut [f32]) {
     t272[0..256]
-        .chunks_mut(256)
+        .chunks_mut(64)
         .enumerate()
         .for_each(|(part, out)| {
-            let j0 = part * 256;
-            let mut acc = vec![0.0_f64; out.len()];
+            let j0 = part * 64;
+            let mut acc = [0.0_f64; 64];
+            let acc = &mut acc[..out.len()];
             for i0 in 0..2 {
                 let x0_row = &t271[i0 * 256 + j0..][..out.len()];
                 for (j, a) in acc.iter_mut().enumerate() {
@@ -1965,7 +1979,7 @@ pub fn grads_k89_reduce(t271: &[f32], t272: &mut [f32]) {
                     *a += f64::from(x0);
                 }
             }
-            for (o, a) in out.iter_mut().zip(&acc) {
+            for (o, a) in out.iter_mut().zip(acc.iter()) {
                 *o = *a as f32;
             }
         });
@@ -1997,7 +2011,8 @@ pub fn grads_k91_reduce(t285_c: &[f32], t287: &mut [f32]) {
         .enumerate()
         .for_each(|(part, out)| {
             let j0 = part * 16;
-            let mut acc = vec![0.0_f64; out.len()];
+            let mut acc = [0.0_f64; 16];
+            let acc = &mut acc[..out.len()];
             for i0 in 0..16 {
                 let x0_row = &t285_c[i0 * 16 + j0..][..out.len()];
                 for (j, a) in acc.iter_mut().enumerate() {
@@ -2005,7 +2020,7 @@ pub fn grads_k91_reduce(t285_c: &[f32], t287: &mut [f32]) {
                     *a += f64::from(x0);
                 }
             }
-            for (o, a) in out.iter_mut().zip(&acc) {
+            for (o, a) in out.iter_mut().zip(acc.iter()) {
                 *o = *a as f32;
             }
         });
@@ -2054,11 +2069,12 @@ pub fn grads_k93_matmul(t21: &[f32], t285_c: &[f32], t292: &mut [f32]) -> Result
 /// reduce: reduce_sum over [2, 16, 16].
 pub fn grads_k94_reduce(t292: &[f32], t294: &mut [f32]) {
     t294[0..256]
-        .chunks_mut(256)
+        .chunks_mut(64)
         .enumerate()
         .for_each(|(part, out)| {
-            let j0 = part * 256;
-            let mut acc = vec![0.0_f64; out.len()];
+            let j0 = part * 64;
+            let mut acc = [0.0_f64; 64];
+            let acc = &mut acc[..out.len()];
             for i0 in 0..2 {
                 let x0_row = &t292[i0 * 256 + j0..][..out.len()];
                 for (j, a) in acc.iter_mut().enumerate() {
@@ -2066,7 +2082,7 @@ pub fn grads_k94_reduce(t292: &[f32], t294: &mut [f32]) {
                     *a += f64::from(x0);
                 }
             }
-            for (o, a) in out.iter_mut().zip(&acc) {
+            for (o, a) in out.iter_mut().zip(acc.iter()) {
                 *o = *a as f32;
             }
         });
@@ -2096,7 +2112,8 @@ pub fn grads_k96_reduce(t485_c: &[f32], t276: &mut [f32]) {
         .enumerate()
         .for_each(|(part, out)| {
             let j0 = part * 16;
-            let mut acc = vec![0.0_f64; out.len()];
+            let mut acc = [0.0_f64; 16];
+            let acc = &mut acc[..out.len()];
             for i0 in 0..16 {
                 let x0_row = &t485_c[i0 * 16 + j0..][..out.len()];
                 for (j, a) in acc.iter_mut().enumerate() {
@@ -2104,7 +2121,7 @@ pub fn grads_k96_reduce(t485_c: &[f32], t276: &mut [f32]) {
                     *a += f64::from(x0);
                 }
             }
-            for (o, a) in out.iter_mut().zip(&acc) {
+            for (o, a) in out.iter_mut().zip(acc.iter()) {
                 *o = *a as f32;
             }
         });
@@ -2153,11 +2170,12 @@ pub fn grads_k98_matmul(t21: &[f32], t485_c: &[f32], t281: &mut [f32]) -> Result
 /// reduce: reduce_sum over [2, 16, 16].
 pub fn grads_k99_reduce(t281: &[f32], t283: &mut [f32]) {
     t283[0..256]
-        .chunks_mut(256)
+        .chunks_mut(64)
         .enumerate()
         .for_each(|(part, out)| {
-            let j0 = part * 256;
-            let mut acc = vec![0.0_f64; out.len()];
+            let j0 = part * 64;
+            let mut acc = [0.0_f64; 64];
+            let acc = &mut acc[..out.len()];
             for i0 in 0..2 {
                 let x0_row = &t281[i0 * 256 + j0..][..out.len()];
                 for (j, a) in acc.iter_mut().enumerate() {
@@ -2165,7 +2183,7 @@ pub fn grads_k99_reduce(t281: &[f32], t283: &mut [f32]) {
                     *a += f64::from(x0);
                 }
             }
-            for (o, a) in out.iter_mut().zip(&acc) {
+            for (o, a) in out.iter_mut().zip(acc.iter()) {
                 *o = *a as f32;
             }
         });
@@ -2218,7 +2236,8 @@ pub fn grads_k101_reduce(t293: &[f32], t296: &mut [f32]) {
         .enumerate()
         .for_each(|(part, out)| {
             let j0 = part * 16;
-            let mut acc = vec![0.0_f64; out.len()];
+            let mut acc = [0.0_f64; 16];
+            let acc = &mut acc[..out.len()];
             for i0 in 0..16 {
                 let x0_row = &t293[i0 * 16 + j0..][..out.len()];
                 for (j, a) in acc.iter_mut().enumerate() {
@@ -2226,7 +2245,7 @@ pub fn grads_k101_reduce(t293: &[f32], t296: &mut [f32]) {
                     *a += f64::from(x0);
                 }
             }
-            for (o, a) in out.iter_mut().zip(&acc) {
+            for (o, a) in out.iter_mut().zip(acc.iter()) {
                 *o = *a as f32;
             }
         });
@@ -2256,7 +2275,8 @@ pub fn grads_k103_reduce(t293: &[f32], t19: &[f32], t300: &mut [f32]) {
         .enumerate()
         .for_each(|(part, out)| {
             let j0 = part * 16;
-            let mut acc = vec![0.0_f64; out.len()];
+            let mut acc = [0.0_f64; 16];
+            let acc = &mut acc[..out.len()];
             for i0 in 0..16 {
                 let x0_row = &t293[i0 * 16 + j0..][..out.len()];
                 let x1_row = &t19[i0 * 16 + j0..][..out.len()];
@@ -2266,7 +2286,7 @@ pub fn grads_k103_reduce(t293: &[f32], t19: &[f32], t300: &mut [f32]) {
                     *a += f64::from(x0 * x1);
                 }
             }
-            for (o, a) in out.iter_mut().zip(&acc) {
+            for (o, a) in out.iter_mut().zip(acc.iter()) {
                 *o = *a as f32;
             }
         });
@@ -2382,11 +2402,12 @@ pub fn grads_k109_add(t227: &[f32], t315: &[f32], t319: &[f32], t322: &mut [f32]
 /// reduce: reduce_sum over [2, 8, 16].
 pub fn grads_k110_reduce(t322: &[f32], t323: &mut [f32]) {
     t323[0..128]
-        .chunks_mut(128)
+        .chunks_mut(64)
         .enumerate()
         .for_each(|(part, out)| {
-            let j0 = part * 128;
-            let mut acc = vec![0.0_f64; out.len()];
+            let j0 = part * 64;
+            let mut acc = [0.0_f64; 64];
+            let acc = &mut acc[..out.len()];
             for i0 in 0..2 {
                 let x0_row = &t322[i0 * 128 + j0..][..out.len()];
                 for (j, a) in acc.iter_mut().enumerate() {
@@ -2394,7 +2415,7 @@ pub fn grads_k110_reduce(t322: &[f32], t323: &mut [f32]) {
                     *a += f64::from(x0);
                 }
             }
-            for (o, a) in out.iter_mut().zip(&acc) {
+            for (o, a) in out.iter_mut().zip(acc.iter()) {
                 *o = *a as f32;
             }
         });
