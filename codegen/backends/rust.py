@@ -42,6 +42,7 @@ PAR_FLOPS = 1 << 22  # a product with fewer flops runs on the calling thread (= 
 GRAIN = 1 << 13  # elements per rayon task, at least
 MIN_ROW = 32  # elements: shorter rows take trailing dims in (see _elementwise)
 COLUMN_TILE = 64  # outputs per stack tile of a column reduction's accumulators
+LANES, CHUNK = 8, 64  # rt::lanes: accumulators of a row reduction, elements mapped per pass
 
 
 # Literals that equal a named constant print as the constant (clippy's approx_constant).
@@ -62,9 +63,11 @@ class RustPrinter(CLikePrinter, RustCodePrinter):
     """sympy -> Rust f32 expressions: the tables below, over the C-like base."""
 
     FUNCTIONS: ClassVar[dict[str, str]] = {
-        "exp": "{r0}.exp()", "log": "{r0}.ln()", "log1p": "{r0}.ln_1p()",
-        "tanh": "{r0}.tanh()", "sin": "{r0}.sin()", "cos": "{r0}.cos()", "Abs": "{r0}.abs()",
-        "erf": "rt::math::erf({0})",
+        # exp, log, tanh, erf: the runtime's branch-free versions vectorize; std's
+        # are libm calls, one element at a time.
+        "exp": "rt::math::exp({0})", "log": "rt::math::ln({0})", "log1p": "{r0}.ln_1p()",
+        "tanh": "rt::math::tanh({0})", "sin": "{r0}.sin()", "cos": "{r0}.cos()",
+        "Abs": "{r0}.abs()", "erf": "rt::math::erf({0})",
         "sign": "(if {r0} == 0.0 {{ 0.0 }} else {{ {r0}.signum() }})",
     }
     POWERS: ClassVar[dict[str, str]] = {
@@ -165,7 +168,7 @@ def _unused_row(text: str) -> str:
     if not sep:
         return text
     inner, _, body = rest.partition(")| {")
-    if "row" in body:
+    if re.search(r"\brow\b", body):
         return text
     return f"{head}.for_each(|{inner}| {{{body}"
 
@@ -199,11 +202,50 @@ def _cse_body(out: IndentedBuffer, exprs: list[Any], dtypes: list[str]) -> list[
     """Print ``let`` bindings for shared subexpressions; return the final expressions,
     each printed as its target dtype (a bare ``0`` is a float where an f32 is stored)."""
     printer = RustPrinter()
-    subs, reduced = sp.cse(exprs, symbols=sp.numbered_symbols("t"), optimizations=None)
-    for sym, sub in subs:
+    branches: dict[Any, Any] = {}
+    exprs = [_hoist_branches(e, branches) for e in exprs]
+    values = list(branches)
+    subs, reduced = sp.cse(values + exprs, symbols=sp.numbered_symbols("t"),
+                           optimizations=None)
+    bindings = subs + list(zip(branches.values(), reduced[:len(values)], strict=True))
+    for sym, sub in _in_dependency_order(bindings):
         out.line(f"let {sym} = {_bare(printer.expr(sub))};")
-    return [_bare(printer.expr(e, KIND_OF_DTYPE[d])) for e, d in zip(reduced, dtypes,
-                                                                      strict=True)]
+    return [_bare(printer.expr(e, KIND_OF_DTYPE[d]))
+            for e, d in zip(reduced[len(values):], dtypes, strict=True)]
+
+
+def _hoist_branches(e: Any, branches: dict[Any, Any]) -> Any:
+    """``e`` with each non-trivial value of a float ``Piecewise`` (a ``where``)
+    replaced by a symbol bound to it (``branches``: value -> symbol). Computed
+    before the ``if``, both sides are plain arithmetic and the ``if`` a select,
+    which LLVM vectorizes; a computation inside the ``if`` keeps the loop scalar.
+    Floats cannot trap, so computing the side not taken is harmless; values with
+    integer division or modulo stay inside their branch."""
+    if not e.args:
+        return e
+    args = [_hoist_branches(a, branches) for a in e.args]
+    if not isinstance(e, sp.Piecewise):
+        return e.func(*args) if args != list(e.args) else e
+    pieces = []
+    for value, cond in args:
+        if not value.is_Atom and not value.has(sp.Mod, sp.floor, sp.ceiling):
+            value = branches.setdefault(value, sp.Symbol(f"w{len(branches)}"))
+        pieces.append((value, cond))
+    return sp.Piecewise(*pieces, evaluate=False)
+
+
+def _in_dependency_order(bindings: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
+    """``let`` bindings ordered so each comes after the bindings it reads (stable)."""
+    pending, ordered = list(bindings), []
+    bound: set[Any] = set()
+    names = {sym for sym, _ in bindings}
+    while pending:
+        ready = [(s, v) for s, v in pending if (v.free_symbols & names) <= bound]
+        assert ready, "cyclic let bindings"
+        ordered += ready
+        bound |= {s for s, _ in ready}
+        pending = [b for b in pending if b[0] not in bound]
+    return ordered
 
 
 def _bare(code: str) -> str:
@@ -392,6 +434,9 @@ def _reduce(out: IndentedBuffer, k: Reduce, args: KernelArgs) -> None:
         it += f".with_min_len({max(1, GRAIN * count // max(total, 1))})"
     with out.indent(f"{it}.enumerate().for_each(|(row, acc_out)| {{", "});"):
         coords = _unravel(out, "row", ksizes, "r", kstrides)
+        if _lanes_fit(lay):
+            _row_reduce_in_lanes(out, k, lay, coords)
+            return
         init = "0.0_f64" if sum_ else "f32::NEG_INFINITY"
         out.line(f"let mut acc = {init};")
         loops = [f"i{d}" for d in range(len(rsizes))]
@@ -407,6 +452,61 @@ def _reduce(out: IndentedBuffer, k: Reduce, args: KernelArgs) -> None:
             out.level -= 1
             out.line("}")
         out.line("*acc_out = acc as f32;" if sum_ else "*acc_out = acc;")
+
+
+def _lanes_fit(lay: ReduceLayout) -> bool:
+    """The innermost reduced dim is long and contiguous (or broadcast) in every
+    input: the row can be mapped a chunk at a time and folded into lanes."""
+    return (bool(lay.reduced_sizes) and lay.reduced_sizes[-1] >= 2 * LANES
+            and all(st[-1] in (0, 1) for st in lay.reduced_strides)
+            and any(st[-1] == 1 for st in lay.reduced_strides))
+
+
+def _row_reduce_in_lanes(out: IndentedBuffer, k: Reduce, lay: ReduceLayout,
+                         coords: list[str]) -> None:
+    """The body of a row reduction (inside the per-output closure): each chunk of
+    the innermost reduced dim is mapped into a stack buffer, a loop that
+    vectorizes, then folded into ``rt::lanes`` accumulators (see lanes.rs)."""
+    sum_ = k.combine == "sum"
+    *outer, last = lay.reduced_sizes
+    if sum_:
+        out.line("let mut lanes = [0.0_f64; rt::lanes::LANES];")
+    else:
+        out.line("let mut lanes = [f32::NEG_INFINITY; rt::lanes::LANES];")
+    out.line("let mut chunk = [0.0_f32; rt::lanes::CHUNK];")
+    loops = [f"i{d}" for d in range(len(outer))]
+    for d, n in enumerate(outer):
+        out.line(f"for i{d} in 0..{n} {{")
+        out.level += 1
+    chunked = last > CHUNK
+    if chunked:
+        out.line(f"for start in (0..{last}).step_by(rt::lanes::CHUNK) {{")
+        out.level += 1
+        out.line(f"let n = ({last} - start).min(rt::lanes::CHUNK);")
+    length = "n" if chunked else str(last)
+    loads = []
+    for (sym, v), ks, rs in zip(k.inputs.items(), lay.kept_strides, lay.reduced_strides,
+                                strict=True):
+        base = linear_index(v.offset, coords + loops, ks + rs[:-1])
+        nz = " != 0" if v.dtype == "bool" else ""
+        if rs[-1] == 0:
+            out.line(f"let {sym} = {v.buffer}[{base}]{nz};")
+        else:
+            start = f"{base} + start" if chunked else base
+            out.line(f"let {sym}_row = &{v.buffer}[{start}..][..{length}];")
+            loads.append(f"let {sym} = {sym}_row[j]{nz};")
+    with out.indent(f"for (j, c) in chunk[..{length}].iter_mut().enumerate() {{"):
+        for line in loads:
+            out.line(line)
+        (value,) = _cse_body(out, [k.value], ["f32"])
+        out.line(f"*c = {value};")
+    fold = "add" if sum_ else "max"
+    out.line(f"rt::lanes::{fold}(&mut lanes, &chunk[..{length}]);")
+    for _ in range(len(outer) + chunked):
+        out.level -= 1
+        out.line("}")
+    out.line("*acc_out = rt::lanes::sum(&lanes) as f32;" if sum_
+             else "*acc_out = rt::lanes::max_of(&lanes);")
 
 
 def _is_column_reduction(lay: ReduceLayout) -> bool:

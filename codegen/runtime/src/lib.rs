@@ -8,6 +8,8 @@
 //! - [`conv`]: 2-D convolution (NCHW, OIHW) and its two gradients, by im2col +
 //!   GEMM in a caller-provided scratch buffer;
 //! - [`gather`]: row gather and scatter-add with bounds checks;
+//! - [`math`]: exp, ln, tanh and erf that vectorize; [`lanes`]: the eight-lane
+//!   accumulators of row reductions;
 //! - [`arena`]: the one zero-initialized, 64-byte aligned buffer a memory plan
 //!   carves into non-overlapping sub-slices;
 //! - [`py`]: NumPy in and out, and [`py::guard`], which keeps panics from
@@ -33,6 +35,7 @@ pub mod error;
 pub mod fpenv;
 pub mod gather;
 pub mod gemm;
+pub mod lanes;
 pub mod math;
 pub mod py;
 pub mod threads;

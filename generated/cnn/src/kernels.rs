@@ -50,7 +50,8 @@ pub fn forward_k01_add_relu(t3: &[f32], param_conv2d_0_bias: &[f32], t7: &mut [f
             for j in 0..n {
                 let x0 = x0_row[j];
                 let t0 = x0 + x1;
-                o0[j] = if t0 > 0.0 { t0 } else { 0.0 };
+                let w0 = t0;
+                o0[j] = if t0 > 0.0 { w0 } else { 0.0 };
             }
         });
 }
@@ -115,7 +116,8 @@ pub fn forward_k04_add_relu(t11: &[f32], param_conv2d_1_bias: &[f32], t15: &mut 
                     let x0 = t11[x0_at + d0 * 16 + d1];
                     let x1 = param_conv2d_1_bias[x1_at + d0];
                     let t0 = x0 + x1;
-                    o0[j] = if t0 > 0.0 { t0 } else { 0.0 };
+                    let w0 = t0;
+                    o0[j] = if t0 > 0.0 { w0 } else { 0.0 };
                 }
             }
         });
@@ -220,7 +222,7 @@ pub fn forward_k10_reduce(t30: &[f32], t32: &mut [f32]) {
         let mut acc = 0.0_f64;
         for i0 in 0..10 {
             let x0 = t30[row * 10 + i0];
-            acc += f64::from(x0.exp());
+            acc += f64::from(rt::math::exp(x0));
         }
         *acc_out = acc as f32;
     });
@@ -235,7 +237,8 @@ pub fn forward_k11_reduce(input_y: &[i32], c26: &[i32], t30: &[f32], t32: &[f32]
             let x1 = c26[i0];
             let x2 = t30[row * 10 + i0];
             let x3 = t32[row];
-            acc += f64::from(if x0 == x1 { x2 - x3.ln() } else { 0.0 });
+            let w0 = x2 - rt::math::ln(x3);
+            acc += f64::from(if x0 == x1 { w0 } else { 0.0 });
         }
         *acc_out = acc as f32;
     });
@@ -416,7 +419,7 @@ pub fn grads_k18_add_exp_d0_mul(t52: &[f32], t57: &[f32], t30: &[f32], t61: &mut
         for j in 0..n {
             let x0 = x0_row[j];
             let x2 = x2_row[j];
-            o0[j] = x0 + x1 * x2.exp();
+            o0[j] = x0 + x1 * rt::math::exp(x2);
         }
     });
 }
@@ -537,14 +540,17 @@ pub fn grads_k24_mul_relu_d0(t74_c: &[f32], t14: &[f32], t77: &mut [f32]) {
 /// reduce: reduce_sum over [4, 8, 4, 4].
 pub fn grads_k25_reduce(t77: &[f32], t78: &mut [f32]) {
     t78[0..8].iter_mut().enumerate().for_each(|(row, acc_out)| {
-        let mut acc = 0.0_f64;
+        let mut lanes = [0.0_f64; rt::lanes::LANES];
+        let mut chunk = [0.0_f32; rt::lanes::CHUNK];
         for i0 in 0..4 {
-            for i1 in 0..16 {
-                let x0 = t77[row * 16 + i0 * 128 + i1];
-                acc += f64::from(x0);
+            let x0_row = &t77[row * 16 + i0 * 128..][..16];
+            for (j, c) in chunk[..16].iter_mut().enumerate() {
+                let x0 = x0_row[j];
+                *c = x0;
             }
+            rt::lanes::add(&mut lanes, &chunk[..16]);
         }
-        *acc_out = acc as f32;
+        *acc_out = rt::lanes::sum(&lanes) as f32;
     });
 }
 
@@ -639,14 +645,17 @@ pub fn grads_k29_mul_relu_d0(t88: &[f32], t6: &[f32], t91: &mut [f32]) {
 /// reduce: reduce_sum over [4, 4, 8, 8].
 pub fn grads_k30_reduce(t91: &[f32], t92: &mut [f32]) {
     t92[0..4].iter_mut().enumerate().for_each(|(row, acc_out)| {
-        let mut acc = 0.0_f64;
+        let mut lanes = [0.0_f64; rt::lanes::LANES];
+        let mut chunk = [0.0_f32; rt::lanes::CHUNK];
         for i0 in 0..4 {
-            for i1 in 0..64 {
-                let x0 = t91[row * 64 + i0 * 256 + i1];
-                acc += f64::from(x0);
+            let x0_row = &t91[row * 64 + i0 * 256..][..64];
+            for (j, c) in chunk[..64].iter_mut().enumerate() {
+                let x0 = x0_row[j];
+                *c = x0;
             }
+            rt::lanes::add(&mut lanes, &chunk[..64]);
         }
-        *acc_out = acc as f32;
+        *acc_out = rt::lanes::sum(&lanes) as f32;
     });
 }
 
@@ -698,7 +707,8 @@ pub fn train_k14_reduce(t27: &[u8], t30: &[f32], t32: &[f32], t37: &mut [f32]) {
             let x0 = t27[row * 10 + i0] != 0;
             let x1 = t30[row * 10 + i0];
             let x2 = t32[row];
-            acc += f64::from(if x0 { x1 - x2.ln() } else { 0.0 });
+            let w0 = x1 - rt::math::ln(x2);
+            acc += f64::from(if x0 { w0 } else { 0.0 });
         }
         *acc_out = acc as f32;
     });

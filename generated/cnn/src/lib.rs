@@ -498,7 +498,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `cnn`.
-#[pyclass(module = "fg_cnn_fd572f4a9d75")]
+#[pyclass(module = "fg_cnn_296ad4901878")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -650,7 +650,7 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_cnn_fd572f4a9d75(m: &Bound<'_, PyModule>) -> PyResult<()> {
+fn fg_cnn_296ad4901878(m: &Bound<'_, PyModule>) -> PyResult<()> {
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

@@ -34,14 +34,18 @@ pub fn forward_k00_matmul(
 /// reduce: add, mul, reduce_sum, sub over [64, 1].
 pub fn forward_k01_reduce(t4: &[f32], param_b: &[f32], input_y: &[f32], t8: &mut [f32]) {
     t8[0..1].iter_mut().for_each(|acc_out| {
-        let mut acc = 0.0_f64;
-        for i0 in 0..64 {
-            let x0 = t4[i0];
-            let x1 = param_b[0];
-            let x2 = input_y[i0];
-            acc += f64::from((x0 + x1 - x2).powi(2));
+        let mut lanes = [0.0_f64; rt::lanes::LANES];
+        let mut chunk = [0.0_f32; rt::lanes::CHUNK];
+        let x0_row = &t4[0..][..64];
+        let x1 = param_b[0];
+        let x2_row = &input_y[0..][..64];
+        for (j, c) in chunk[..64].iter_mut().enumerate() {
+            let x0 = x0_row[j];
+            let x2 = x2_row[j];
+            *c = (x0 + x1 - x2).powi(2);
         }
-        *acc_out = acc as f32;
+        rt::lanes::add(&mut lanes, &chunk[..64]);
+        *acc_out = rt::lanes::sum(&lanes) as f32;
     });
 }
 
@@ -90,12 +94,15 @@ pub fn grads_k00_matmul_add_mul_sub(
 /// reduce: reduce_sum over [64, 1].
 pub fn grads_k01_reduce(t18: &[f32], t20: &mut [f32]) {
     t20[0..1].iter_mut().for_each(|acc_out| {
-        let mut acc = 0.0_f64;
-        for i0 in 0..64 {
-            let x0 = t18[i0];
-            acc += f64::from(x0);
+        let mut lanes = [0.0_f64; rt::lanes::LANES];
+        let mut chunk = [0.0_f32; rt::lanes::CHUNK];
+        let x0_row = &t18[0..][..64];
+        for (j, c) in chunk[..64].iter_mut().enumerate() {
+            let x0 = x0_row[j];
+            *c = x0;
         }
-        *acc_out = acc as f32;
+        rt::lanes::add(&mut lanes, &chunk[..64]);
+        *acc_out = rt::lanes::sum(&lanes) as f32;
     });
 }
 
@@ -154,12 +161,15 @@ pub fn train_k00_matmul_add_sub(
 /// reduce: mul, reduce_sum over [64, 1].
 pub fn train_k01_reduce(t6: &[f32], t8: &mut [f32]) {
     t8[0..1].iter_mut().for_each(|acc_out| {
-        let mut acc = 0.0_f64;
-        for i0 in 0..64 {
-            let x0 = t6[i0];
-            acc += f64::from(x0.powi(2));
+        let mut lanes = [0.0_f64; rt::lanes::LANES];
+        let mut chunk = [0.0_f32; rt::lanes::CHUNK];
+        let x0_row = &t6[0..][..64];
+        for (j, c) in chunk[..64].iter_mut().enumerate() {
+            let x0 = x0_row[j];
+            *c = x0.powi(2);
         }
-        *acc_out = acc as f32;
+        rt::lanes::add(&mut lanes, &chunk[..64]);
+        *acc_out = rt::lanes::sum(&lanes) as f32;
     });
 }
 

@@ -178,7 +178,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `linreg`.
-#[pyclass(module = "fg_linreg_d84b23cbe21b")]
+#[pyclass(module = "fg_linreg_4cd73606b851")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -311,7 +311,7 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_linreg_d84b23cbe21b(m: &Bound<'_, PyModule>) -> PyResult<()> {
+fn fg_linreg_4cd73606b851(m: &Bound<'_, PyModule>) -> PyResult<()> {
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

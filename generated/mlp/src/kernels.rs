@@ -38,7 +38,8 @@ pub fn forward_k00_matmul_add_relu(
             let x0 = c[j];
             let x1 = x1_row[j];
             let t0 = x0 + x1;
-            o0[j] = if t0 > 0.0 { t0 } else { 0.0 };
+            let w0 = t0;
+            o0[j] = if t0 > 0.0 { w0 } else { 0.0 };
         }
     }
     Ok(())
@@ -73,7 +74,8 @@ pub fn forward_k01_matmul_add_relu(
             let x0 = c[j];
             let x1 = x1_row[j];
             let t0 = x0 + x1;
-            o0[j] = if t0 > 0.0 { t0 } else { 0.0 };
+            let w0 = t0;
+            o0[j] = if t0 > 0.0 { w0 } else { 0.0 };
         }
     }
     Ok(())
@@ -153,7 +155,7 @@ pub fn forward_k05_reduce(t21: &[f32], t23: &mut [f32]) {
             let mut acc = 0.0_f64;
             for i0 in 0..10 {
                 let x0 = t21[row * 10 + i0];
-                acc += f64::from(x0.exp());
+                acc += f64::from(rt::math::exp(x0));
             }
             *acc_out = acc as f32;
         });
@@ -171,7 +173,8 @@ pub fn forward_k06_reduce(input_y: &[i32], c17: &[i32], t21: &[f32], t23: &[f32]
                 let x1 = c17[i0];
                 let x2 = t21[row * 10 + i0];
                 let x3 = t23[row];
-                acc += f64::from(if x0 == x1 { x2 - x3.ln() } else { 0.0 });
+                let w0 = x2 - rt::math::ln(x3);
+                acc += f64::from(if x0 == x1 { w0 } else { 0.0 });
             }
             *acc_out = acc as f32;
         });
@@ -180,12 +183,15 @@ pub fn forward_k06_reduce(input_y: &[i32], c17: &[i32], t21: &[f32], t23: &[f32]
 /// reduce: reduce_sum over [16].
 pub fn forward_k07_reduce(t28: &[f32], t29: &mut [f32]) {
     t29[0..1].iter_mut().for_each(|acc_out| {
-        let mut acc = 0.0_f64;
-        for i0 in 0..16 {
-            let x0 = t28[i0];
-            acc += f64::from(x0);
+        let mut lanes = [0.0_f64; rt::lanes::LANES];
+        let mut chunk = [0.0_f32; rt::lanes::CHUNK];
+        let x0_row = &t28[0..][..16];
+        for (j, c) in chunk[..16].iter_mut().enumerate() {
+            let x0 = x0_row[j];
+            *c = x0;
         }
-        *acc_out = acc as f32;
+        rt::lanes::add(&mut lanes, &chunk[..16]);
+        *acc_out = rt::lanes::sum(&lanes) as f32;
     });
 }
 
@@ -352,7 +358,7 @@ pub fn grads_k11_add_exp_d0_mul(t43: &[f32], t48: &[f32], t21: &[f32], t52: &mut
             for j in 0..n {
                 let x0 = x0_row[j];
                 let x2 = x2_row[j];
-                o0[j] = x0 + x1 * x2.exp();
+                o0[j] = x0 + x1 * rt::math::exp(x2);
             }
         });
 }
@@ -574,7 +580,8 @@ pub fn train_k09_reduce(t18: &[u8], t21: &[f32], t23: &[f32], t28: &mut [f32]) {
                 let x0 = t18[row * 10 + i0] != 0;
                 let x1 = t21[row * 10 + i0];
                 let x2 = t23[row];
-                acc += f64::from(if x0 { x1 - x2.ln() } else { 0.0 });
+                let w0 = x1 - rt::math::ln(x2);
+                acc += f64::from(if x0 { w0 } else { 0.0 });
             }
             *acc_out = acc as f32;
         });

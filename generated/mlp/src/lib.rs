@@ -393,7 +393,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `mlp`.
-#[pyclass(module = "fg_mlp_57f473410f87")]
+#[pyclass(module = "fg_mlp_7dc0ab4d0d0e")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -539,7 +539,7 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_mlp_57f473410f87(m: &Bound<'_, PyModule>) -> PyResult<()> {
+fn fg_mlp_7dc0ab4d0d0e(m: &Bound<'_, PyModule>) -> PyResult<()> {
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

@@ -48,7 +48,7 @@ pub fn forward_k01_matmul_add_tanh(
         for j in 0..n {
             let x0 = c[j];
             let x1 = x1_row[j];
-            o0[j] = (x0 + x1).tanh();
+            o0[j] = rt::math::tanh(x0 + x1);
         }
     }
     Ok(())
@@ -119,7 +119,7 @@ pub fn forward_k04_matmul_add_tanh(
             let x0 = c[j];
             let x1 = x1_row[j];
             let x2 = x2_row[j];
-            o0[j] = (x0 + x1 + x2).tanh();
+            o0[j] = rt::math::tanh(x0 + x1 + x2);
         }
     }
     Ok(())
@@ -190,7 +190,7 @@ pub fn forward_k07_matmul_add_tanh(
             let x0 = c[j];
             let x1 = x1_row[j];
             let x2 = x2_row[j];
-            o0[j] = (x0 + x1 + x2).tanh();
+            o0[j] = rt::math::tanh(x0 + x1 + x2);
         }
     }
     Ok(())
@@ -261,7 +261,7 @@ pub fn forward_k10_matmul_add_tanh(
             let x0 = c[j];
             let x1 = x1_row[j];
             let x2 = x2_row[j];
-            o0[j] = (x0 + x1 + x2).tanh();
+            o0[j] = rt::math::tanh(x0 + x1 + x2);
         }
     }
     Ok(())
@@ -332,7 +332,7 @@ pub fn forward_k13_matmul_add_tanh(
             let x0 = c[j];
             let x1 = x1_row[j];
             let x2 = x2_row[j];
-            o0[j] = (x0 + x1 + x2).tanh();
+            o0[j] = rt::math::tanh(x0 + x1 + x2);
         }
     }
     Ok(())
@@ -403,7 +403,7 @@ pub fn forward_k17_reduce(t47: &[f32], t49: &mut [f32]) {
         let mut acc = 0.0_f64;
         for i0 in 0..2 {
             let x0 = t47[row * 2 + i0];
-            acc += f64::from(x0.exp());
+            acc += f64::from(rt::math::exp(x0));
         }
         *acc_out = acc as f32;
     });
@@ -418,7 +418,8 @@ pub fn forward_k18_reduce(input_y: &[i32], c43: &[i32], t47: &[f32], t49: &[f32]
             let x1 = c43[i0];
             let x2 = t47[row * 2 + i0];
             let x3 = t49[row];
-            acc += f64::from(if x0 == x1 { x2 - x3.ln() } else { 0.0 });
+            let w0 = x2 - rt::math::ln(x3);
+            acc += f64::from(if x0 == x1 { w0 } else { 0.0 });
         }
         *acc_out = acc as f32;
     });
@@ -483,7 +484,7 @@ pub fn grads_k02_tanh(t8: &[f32], t9: &mut [f32]) {
         let x0_row = &t8[row * 32..][..n];
         for j in 0..n {
             let x0 = x0_row[j];
-            o0[j] = x0.tanh();
+            o0[j] = rt::math::tanh(x0);
         }
     });
 }
@@ -533,7 +534,7 @@ pub fn grads_k06_tanh(t15: &[f32], t16: &mut [f32]) {
         let x0_row = &t15[row * 32..][..n];
         for j in 0..n {
             let x0 = x0_row[j];
-            o0[j] = x0.tanh();
+            o0[j] = rt::math::tanh(x0);
         }
     });
 }
@@ -583,7 +584,7 @@ pub fn grads_k10_tanh(t22: &[f32], t23: &mut [f32]) {
         let x0_row = &t22[row * 32..][..n];
         for j in 0..n {
             let x0 = x0_row[j];
-            o0[j] = x0.tanh();
+            o0[j] = rt::math::tanh(x0);
         }
     });
 }
@@ -633,7 +634,7 @@ pub fn grads_k14_tanh(t29: &[f32], t30: &mut [f32]) {
         let x0_row = &t29[row * 32..][..n];
         for j in 0..n {
             let x0 = x0_row[j];
-            o0[j] = x0.tanh();
+            o0[j] = rt::math::tanh(x0);
         }
     });
 }
@@ -683,7 +684,7 @@ pub fn grads_k18_tanh(t36: &[f32], t37: &mut [f32]) {
         let x0_row = &t36[row * 32..][..n];
         for j in 0..n {
             let x0 = x0_row[j];
-            o0[j] = x0.tanh();
+            o0[j] = rt::math::tanh(x0);
         }
     });
 }
@@ -747,7 +748,7 @@ pub fn grads_k26_add_exp_d0_mul(t69: &[f32], t74: &[f32], t47: &[f32], t78: &mut
         for j in 0..n {
             let x0 = x0_row[j];
             let x2 = x2_row[j];
-            o0[j] = x0 + x1 * x2.exp();
+            o0[j] = x0 + x1 * rt::math::exp(x2);
         }
     });
 }
@@ -811,7 +812,7 @@ pub fn grads_k29_matmul_mul_tanh_d0(
         for j in 0..n {
             let x0 = c[j];
             let x1 = x1_row[j];
-            o0[j] = x0 * (1.0 - (x1.tanh()).powi(2));
+            o0[j] = x0 * (1.0 - (rt::math::tanh(x1)).powi(2));
         }
     }
     Ok(())
@@ -865,7 +866,7 @@ pub fn grads_k31_matmul_mul_tanh_d0(
         for j in 0..n {
             let x0 = c[j];
             let x1 = x1_row[j];
-            o0[j] = x0 * (1.0 - (x1.tanh()).powi(2));
+            o0[j] = x0 * (1.0 - (rt::math::tanh(x1)).powi(2));
         }
     }
     Ok(())
@@ -958,7 +959,7 @@ pub fn grads_k35_matmul_mul_tanh_d0(
         for j in 0..n {
             let x0 = c[j];
             let x1 = x1_row[j];
-            o0[j] = x0 * (1.0 - (x1.tanh()).powi(2));
+            o0[j] = x0 * (1.0 - (rt::math::tanh(x1)).powi(2));
         }
     }
     Ok(())
@@ -1051,7 +1052,7 @@ pub fn grads_k39_matmul_mul_tanh_d0(
         for j in 0..n {
             let x0 = c[j];
             let x1 = x1_row[j];
-            o0[j] = x0 * (1.0 - (x1.tanh()).powi(2));
+            o0[j] = x0 * (1.0 - (rt::math::tanh(x1)).powi(2));
         }
     }
     Ok(())
@@ -1185,7 +1186,7 @@ pub fn grads_k44_matmul_mul_tanh_d0(
         for j in 0..n {
             let x0 = c[j];
             let x1 = x1_row[j];
-            o0[j] = x0 * (1.0 - (x1.tanh()).powi(2));
+            o0[j] = x0 * (1.0 - (rt::math::tanh(x1)).powi(2));
         }
     }
     Ok(())
@@ -1322,7 +1323,8 @@ pub fn train_k24_reduce(t44: &[u8], t47: &[f32], t49: &[f32], t54: &mut [f32]) {
             let x0 = t44[row * 2 + i0] != 0;
             let x1 = t47[row * 2 + i0];
             let x2 = t49[row];
-            acc += f64::from(if x0 { x1 - x2.ln() } else { 0.0 });
+            let w0 = x1 - rt::math::ln(x2);
+            acc += f64::from(if x0 { w0 } else { 0.0 });
         }
         *acc_out = acc as f32;
     });

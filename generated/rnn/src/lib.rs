@@ -637,7 +637,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `rnn`.
-#[pyclass(module = "fg_rnn_9224dd493a02")]
+#[pyclass(module = "fg_rnn_dd1e957773e0")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -781,7 +781,7 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_rnn_9224dd493a02(m: &Bound<'_, PyModule>) -> PyResult<()> {
+fn fg_rnn_dd1e957773e0(m: &Bound<'_, PyModule>) -> PyResult<()> {
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

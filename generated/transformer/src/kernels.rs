@@ -44,12 +44,15 @@ pub fn forward_k01_add(t3: &[f32], param_pos_emb: &[f32], t5: &mut [f32]) {
 /// reduce: reduce_sum over [2, 8, 16].
 pub fn forward_k02_reduce(t5: &[f32], t8: &mut [f32]) {
     t8[0..16].iter_mut().enumerate().for_each(|(row, acc_out)| {
-        let mut acc = 0.0_f64;
-        for i0 in 0..16 {
-            let x0 = t5[row * 16 + i0];
-            acc += f64::from(x0);
+        let mut lanes = [0.0_f64; rt::lanes::LANES];
+        let mut chunk = [0.0_f32; rt::lanes::CHUNK];
+        let x0_row = &t5[row * 16..][..16];
+        for (j, c) in chunk[..16].iter_mut().enumerate() {
+            let x0 = x0_row[j];
+            *c = x0;
         }
-        *acc_out = acc as f32;
+        rt::lanes::add(&mut lanes, &chunk[..16]);
+        *acc_out = rt::lanes::sum(&lanes) as f32;
     });
 }
 
@@ -75,12 +78,15 @@ pub fn forward_k04_reduce(t11: &[f32], t13: &mut [f32]) {
         .iter_mut()
         .enumerate()
         .for_each(|(row, acc_out)| {
-            let mut acc = 0.0_f64;
-            for i0 in 0..16 {
-                let x0 = t11[row * 16 + i0];
-                acc += f64::from(x0.powi(2));
+            let mut lanes = [0.0_f64; rt::lanes::LANES];
+            let mut chunk = [0.0_f32; rt::lanes::CHUNK];
+            let x0_row = &t11[row * 16..][..16];
+            for (j, c) in chunk[..16].iter_mut().enumerate() {
+                let x0 = x0_row[j];
+                *c = x0.powi(2);
             }
-            *acc_out = acc as f32;
+            rt::lanes::add(&mut lanes, &chunk[..16]);
+            *acc_out = rt::lanes::sum(&lanes) as f32;
         });
 }
 
@@ -254,7 +260,8 @@ pub fn forward_k09_matmul_mul_where(
             for j in 0..n {
                 let x0 = x0_row[j] != 0;
                 let x1 = x1_row[j];
-                o0[j] = if x0 { 0.35355338 * x1 } else { -1000000000.0 };
+                let w0 = 0.35355338 * x1;
+                o0[j] = if x0 { w0 } else { -1000000000.0 };
             }
         });
     Ok(())
@@ -283,7 +290,7 @@ pub fn forward_k11_exp_stop_gradient_sub(t46: &[f32], t47: &[f32], t50: &mut [f3
         let x1 = t47[row];
         for j in 0..n {
             let x0 = x0_row[j];
-            o0[j] = (x0 - x1).exp();
+            o0[j] = rt::math::exp(x0 - x1);
         }
     });
 }
@@ -401,12 +408,15 @@ pub fn forward_k17_reduce(t60: &[f32], t63: &mut [f32]) {
         .iter_mut()
         .enumerate()
         .for_each(|(row, acc_out)| {
-            let mut acc = 0.0_f64;
-            for i0 in 0..16 {
-                let x0 = t60[row * 16 + i0];
-                acc += f64::from(x0);
+            let mut lanes = [0.0_f64; rt::lanes::LANES];
+            let mut chunk = [0.0_f32; rt::lanes::CHUNK];
+            let x0_row = &t60[row * 16..][..16];
+            for (j, c) in chunk[..16].iter_mut().enumerate() {
+                let x0 = x0_row[j];
+                *c = x0;
             }
-            *acc_out = acc as f32;
+            rt::lanes::add(&mut lanes, &chunk[..16]);
+            *acc_out = rt::lanes::sum(&lanes) as f32;
         });
 }
 
@@ -432,12 +442,15 @@ pub fn forward_k19_reduce(t66: &[f32], t68: &mut [f32]) {
         .iter_mut()
         .enumerate()
         .for_each(|(row, acc_out)| {
-            let mut acc = 0.0_f64;
-            for i0 in 0..16 {
-                let x0 = t66[row * 16 + i0];
-                acc += f64::from(x0.powi(2));
+            let mut lanes = [0.0_f64; rt::lanes::LANES];
+            let mut chunk = [0.0_f32; rt::lanes::CHUNK];
+            let x0_row = &t66[row * 16..][..16];
+            for (j, c) in chunk[..16].iter_mut().enumerate() {
+                let x0 = x0_row[j];
+                *c = x0.powi(2);
             }
-            *acc_out = acc as f32;
+            rt::lanes::add(&mut lanes, &chunk[..16]);
+            *acc_out = rt::lanes::sum(&lanes) as f32;
         });
 }
 
@@ -551,12 +564,15 @@ pub fn forward_k23_reduce(t86: &[f32], t89: &mut [f32]) {
         .iter_mut()
         .enumerate()
         .for_each(|(row, acc_out)| {
-            let mut acc = 0.0_f64;
-            for i0 in 0..16 {
-                let x0 = t86[row * 16 + i0];
-                acc += f64::from(x0);
+            let mut lanes = [0.0_f64; rt::lanes::LANES];
+            let mut chunk = [0.0_f32; rt::lanes::CHUNK];
+            let x0_row = &t86[row * 16..][..16];
+            for (j, c) in chunk[..16].iter_mut().enumerate() {
+                let x0 = x0_row[j];
+                *c = x0;
             }
-            *acc_out = acc as f32;
+            rt::lanes::add(&mut lanes, &chunk[..16]);
+            *acc_out = rt::lanes::sum(&lanes) as f32;
         });
 }
 
@@ -582,12 +598,15 @@ pub fn forward_k25_reduce(t92: &[f32], t94: &mut [f32]) {
         .iter_mut()
         .enumerate()
         .for_each(|(row, acc_out)| {
-            let mut acc = 0.0_f64;
-            for i0 in 0..16 {
-                let x0 = t92[row * 16 + i0];
-                acc += f64::from(x0.powi(2));
+            let mut lanes = [0.0_f64; rt::lanes::LANES];
+            let mut chunk = [0.0_f32; rt::lanes::CHUNK];
+            let x0_row = &t92[row * 16..][..16];
+            for (j, c) in chunk[..16].iter_mut().enumerate() {
+                let x0 = x0_row[j];
+                *c = x0.powi(2);
             }
-            *acc_out = acc as f32;
+            rt::lanes::add(&mut lanes, &chunk[..16]);
+            *acc_out = rt::lanes::sum(&lanes) as f32;
         });
 }
 
@@ -660,12 +679,15 @@ pub fn forward_k28_reduce(t106: &[f32], t112: &mut [f32]) {
         .iter_mut()
         .enumerate()
         .for_each(|(row, acc_out)| {
-            let mut acc = f32::NEG_INFINITY;
-            for i0 in 0..20 {
-                let x0 = t106[row * 20 + i0];
-                acc = acc.max(x0);
+            let mut lanes = [f32::NEG_INFINITY; rt::lanes::LANES];
+            let mut chunk = [0.0_f32; rt::lanes::CHUNK];
+            let x0_row = &t106[row * 20..][..20];
+            for (j, c) in chunk[..20].iter_mut().enumerate() {
+                let x0 = x0_row[j];
+                *c = x0;
             }
-            *acc_out = acc;
+            rt::lanes::max(&mut lanes, &chunk[..20]);
+            *acc_out = rt::lanes::max_of(&lanes);
         });
 }
 
@@ -691,12 +713,15 @@ pub fn forward_k30_reduce(t114: &[f32], t116: &mut [f32]) {
         .iter_mut()
         .enumerate()
         .for_each(|(row, acc_out)| {
-            let mut acc = 0.0_f64;
-            for i0 in 0..20 {
-                let x0 = t114[row * 20 + i0];
-                acc += f64::from(x0.exp());
+            let mut lanes = [0.0_f64; rt::lanes::LANES];
+            let mut chunk = [0.0_f32; rt::lanes::CHUNK];
+            let x0_row = &t114[row * 20..][..20];
+            for (j, c) in chunk[..20].iter_mut().enumerate() {
+                let x0 = x0_row[j];
+                *c = rt::math::exp(x0);
             }
-            *acc_out = acc as f32;
+            rt::lanes::add(&mut lanes, &chunk[..20]);
+            *acc_out = rt::lanes::sum(&lanes) as f32;
         });
 }
 
@@ -712,27 +737,35 @@ pub fn forward_k31_reduce(
         .iter_mut()
         .enumerate()
         .for_each(|(row, acc_out)| {
-            let mut acc = 0.0_f64;
-            for i0 in 0..20 {
-                let x0 = input_targets[row];
-                let x1 = c110[i0];
-                let x2 = t114[row * 20 + i0];
-                let x3 = t116[row];
-                acc += f64::from(if x0 == x1 { x2 - x3.ln() } else { 0.0 });
+            let mut lanes = [0.0_f64; rt::lanes::LANES];
+            let mut chunk = [0.0_f32; rt::lanes::CHUNK];
+            let x0 = input_targets[row];
+            let x1_row = &c110[0..][..20];
+            let x2_row = &t114[row * 20..][..20];
+            let x3 = t116[row];
+            for (j, c) in chunk[..20].iter_mut().enumerate() {
+                let x1 = x1_row[j];
+                let x2 = x2_row[j];
+                let w0 = x2 - rt::math::ln(x3);
+                *c = if x0 == x1 { w0 } else { 0.0 };
             }
-            *acc_out = acc as f32;
+            rt::lanes::add(&mut lanes, &chunk[..20]);
+            *acc_out = rt::lanes::sum(&lanes) as f32;
         });
 }
 
 /// reduce: reduce_sum over [16].
 pub fn forward_k32_reduce(t121: &[f32], t122: &mut [f32]) {
     t122[0..1].iter_mut().for_each(|acc_out| {
-        let mut acc = 0.0_f64;
-        for i0 in 0..16 {
-            let x0 = t121[i0];
-            acc += f64::from(x0);
+        let mut lanes = [0.0_f64; rt::lanes::LANES];
+        let mut chunk = [0.0_f32; rt::lanes::CHUNK];
+        let x0_row = &t121[0..][..16];
+        for (j, c) in chunk[..16].iter_mut().enumerate() {
+            let x0 = x0_row[j];
+            *c = x0;
         }
-        *acc_out = acc as f32;
+        rt::lanes::add(&mut lanes, &chunk[..16]);
+        *acc_out = rt::lanes::sum(&lanes) as f32;
     });
 }
 
@@ -829,7 +862,7 @@ pub fn grads_k15_exp(t49: &[f32], t50: &mut [f32]) {
             let x0_row = &t49[row * 256..][..n];
             for j in 0..n {
                 let x0 = x0_row[j];
-                o0[j] = x0.exp();
+                o0[j] = rt::math::exp(x0);
             }
         });
 }
@@ -1038,12 +1071,15 @@ pub fn grads_k43_reduce(t136: &[f32], t139: &mut [f32]) {
         .iter_mut()
         .enumerate()
         .for_each(|(row, acc_out)| {
-            let mut acc = 0.0_f64;
-            for i0 in 0..20 {
-                let x0 = t136[row * 20 + i0];
-                acc += f64::from(-x0);
+            let mut lanes = [0.0_f64; rt::lanes::LANES];
+            let mut chunk = [0.0_f32; rt::lanes::CHUNK];
+            let x0_row = &t136[row * 20..][..20];
+            for (j, c) in chunk[..20].iter_mut().enumerate() {
+                let x0 = x0_row[j];
+                *c = -x0;
             }
-            *acc_out = acc as f32;
+            rt::lanes::add(&mut lanes, &chunk[..20]);
+            *acc_out = rt::lanes::sum(&lanes) as f32;
         });
 }
 
@@ -1077,7 +1113,7 @@ pub fn grads_k45_add_exp_d0_mul(t136: &[f32], t141: &[f32], t114: &[f32], t145: 
             for j in 0..n {
                 let x0 = x0_row[j];
                 let x2 = x2_row[j];
-                o0[j] = x0 + x1 * x2.exp();
+                o0[j] = x0 + x1 * rt::math::exp(x2);
             }
         });
 }
@@ -1235,14 +1271,18 @@ pub fn grads_k53_reduce(t159: &[f32], t92: &[f32], t99: &[f32], t167: &mut [f32]
         .iter_mut()
         .enumerate()
         .for_each(|(row, acc_out)| {
-            let mut acc = 0.0_f64;
-            for i0 in 0..16 {
-                let x0 = t159[row * 16 + i0];
-                let x1 = t92[row * 16 + i0];
-                let x2 = t99[row];
-                acc += f64::from(-x0 * x1 / x2.powi(2));
+            let mut lanes = [0.0_f64; rt::lanes::LANES];
+            let mut chunk = [0.0_f32; rt::lanes::CHUNK];
+            let x0_row = &t159[row * 16..][..16];
+            let x1_row = &t92[row * 16..][..16];
+            let x2 = t99[row];
+            for (j, c) in chunk[..16].iter_mut().enumerate() {
+                let x0 = x0_row[j];
+                let x1 = x1_row[j];
+                *c = -x0 * x1 / x2.powi(2);
             }
-            *acc_out = acc as f32;
+            rt::lanes::add(&mut lanes, &chunk[..16]);
+            *acc_out = rt::lanes::sum(&lanes) as f32;
         });
 }
 
@@ -1294,12 +1334,15 @@ pub fn grads_k56_reduce(t176: &[f32], t178: &mut [f32]) {
         .iter_mut()
         .enumerate()
         .for_each(|(row, acc_out)| {
-            let mut acc = 0.0_f64;
-            for i0 in 0..16 {
-                let x0 = t176[row * 16 + i0];
-                acc += f64::from(-x0);
+            let mut lanes = [0.0_f64; rt::lanes::LANES];
+            let mut chunk = [0.0_f32; rt::lanes::CHUNK];
+            let x0_row = &t176[row * 16..][..16];
+            for (j, c) in chunk[..16].iter_mut().enumerate() {
+                let x0 = x0_row[j];
+                *c = -x0;
             }
-            *acc_out = acc as f32;
+            rt::lanes::add(&mut lanes, &chunk[..16]);
+            *acc_out = rt::lanes::sum(&lanes) as f32;
         });
 }
 
@@ -1429,7 +1472,7 @@ pub fn grads_k62_matmul_gelu_d0_mul(
                 let x1 = x1_row[j];
                 let t0 = (0.5) * 2.0_f32.sqrt() * x1;
                 o0[j] = x0
-                    * (t0 * (-0.5 * x1.powi(2)).exp() / consts::PI.sqrt()
+                    * (t0 * rt::math::exp(-0.5 * x1.powi(2)) / consts::PI.sqrt()
                         + (0.5) * rt::math::erf(t0)
                         + 0.5);
             }
@@ -1590,14 +1633,18 @@ pub fn grads_k70_reduce(t203: &[f32], t66: &[f32], t73: &[f32], t211: &mut [f32]
         .iter_mut()
         .enumerate()
         .for_each(|(row, acc_out)| {
-            let mut acc = 0.0_f64;
-            for i0 in 0..16 {
-                let x0 = t203[row * 16 + i0];
-                let x1 = t66[row * 16 + i0];
-                let x2 = t73[row];
-                acc += f64::from(-x0 * x1 / x2.powi(2));
+            let mut lanes = [0.0_f64; rt::lanes::LANES];
+            let mut chunk = [0.0_f32; rt::lanes::CHUNK];
+            let x0_row = &t203[row * 16..][..16];
+            let x1_row = &t66[row * 16..][..16];
+            let x2 = t73[row];
+            for (j, c) in chunk[..16].iter_mut().enumerate() {
+                let x0 = x0_row[j];
+                let x1 = x1_row[j];
+                *c = -x0 * x1 / x2.powi(2);
             }
-            *acc_out = acc as f32;
+            rt::lanes::add(&mut lanes, &chunk[..16]);
+            *acc_out = rt::lanes::sum(&lanes) as f32;
         });
 }
 
@@ -1649,12 +1696,15 @@ pub fn grads_k73_reduce(t220: &[f32], t223: &mut [f32]) {
         .iter_mut()
         .enumerate()
         .for_each(|(row, acc_out)| {
-            let mut acc = 0.0_f64;
-            for i0 in 0..16 {
-                let x0 = t220[row * 16 + i0];
-                acc += f64::from(-x0);
+            let mut lanes = [0.0_f64; rt::lanes::LANES];
+            let mut chunk = [0.0_f32; rt::lanes::CHUNK];
+            let x0_row = &t220[row * 16..][..16];
+            for (j, c) in chunk[..16].iter_mut().enumerate() {
+                let x0 = x0_row[j];
+                *c = -x0;
             }
-            *acc_out = acc as f32;
+            rt::lanes::add(&mut lanes, &chunk[..16]);
+            *acc_out = rt::lanes::sum(&lanes) as f32;
         });
 }
 
@@ -1858,7 +1908,8 @@ pub fn grads_k83_add_div_d0_etc(
                     let x2 = t51[x2_at + d0];
                     let x3 = t246[x3_at + d0];
                     let x4 = t49[x4_at + d0 * 8 + d1];
-                    o0[j] = 0.35355338 * (if x0 { (x1 / x2 + x3) * x4.exp() } else { 0.0 });
+                    let w0 = (x1 / x2 + x3) * rt::math::exp(x4);
+                    o0[j] = 0.35355338 * (if x0 { w0 } else { 0.0 });
                 }
             }
         });
@@ -2298,14 +2349,18 @@ pub fn grads_k104_reduce(t298: &[f32], t11: &[f32], t18: &[f32], t306: &mut [f32
         .iter_mut()
         .enumerate()
         .for_each(|(row, acc_out)| {
-            let mut acc = 0.0_f64;
-            for i0 in 0..16 {
-                let x0 = t298[row * 16 + i0];
-                let x1 = t11[row * 16 + i0];
-                let x2 = t18[row];
-                acc += f64::from(-x0 * x1 / x2.powi(2));
+            let mut lanes = [0.0_f64; rt::lanes::LANES];
+            let mut chunk = [0.0_f32; rt::lanes::CHUNK];
+            let x0_row = &t298[row * 16..][..16];
+            let x1_row = &t11[row * 16..][..16];
+            let x2 = t18[row];
+            for (j, c) in chunk[..16].iter_mut().enumerate() {
+                let x0 = x0_row[j];
+                let x1 = x1_row[j];
+                *c = -x0 * x1 / x2.powi(2);
             }
-            *acc_out = acc as f32;
+            rt::lanes::add(&mut lanes, &chunk[..16]);
+            *acc_out = rt::lanes::sum(&lanes) as f32;
         });
 }
 
@@ -2357,12 +2412,15 @@ pub fn grads_k107_reduce(t315: &[f32], t318: &mut [f32]) {
         .iter_mut()
         .enumerate()
         .for_each(|(row, acc_out)| {
-            let mut acc = 0.0_f64;
-            for i0 in 0..16 {
-                let x0 = t315[row * 16 + i0];
-                acc += f64::from(-x0);
+            let mut lanes = [0.0_f64; rt::lanes::LANES];
+            let mut chunk = [0.0_f32; rt::lanes::CHUNK];
+            let x0_row = &t315[row * 16..][..16];
+            for (j, c) in chunk[..16].iter_mut().enumerate() {
+                let x0 = x0_row[j];
+                *c = -x0;
             }
-            *acc_out = acc as f32;
+            rt::lanes::add(&mut lanes, &chunk[..16]);
+            *acc_out = rt::lanes::sum(&lanes) as f32;
         });
 }
 
@@ -2453,14 +2511,19 @@ pub fn train_k43_reduce(t111: &[u8], t114: &[f32], t116: &[f32], t121: &mut [f32
         .iter_mut()
         .enumerate()
         .for_each(|(row, acc_out)| {
-            let mut acc = 0.0_f64;
-            for i0 in 0..20 {
-                let x0 = t111[row * 20 + i0] != 0;
-                let x1 = t114[row * 20 + i0];
-                let x2 = t116[row];
-                acc += f64::from(if x0 { x1 - x2.ln() } else { 0.0 });
+            let mut lanes = [0.0_f64; rt::lanes::LANES];
+            let mut chunk = [0.0_f32; rt::lanes::CHUNK];
+            let x0_row = &t111[row * 20..][..20];
+            let x1_row = &t114[row * 20..][..20];
+            let x2 = t116[row];
+            for (j, c) in chunk[..20].iter_mut().enumerate() {
+                let x0 = x0_row[j] != 0;
+                let x1 = x1_row[j];
+                let w0 = x1 - rt::math::ln(x2);
+                *c = if x0 { w0 } else { 0.0 };
             }
-            *acc_out = acc as f32;
+            rt::lanes::add(&mut lanes, &chunk[..20]);
+            *acc_out = rt::lanes::sum(&lanes) as f32;
         });
 }
 

@@ -37,7 +37,7 @@ pub fn forward_k00_matmul_add_tanh(
         for j in 0..n {
             let x0 = c[j];
             let x1 = x1_row[j];
-            o0[j] = (x0 + x1).tanh();
+            o0[j] = rt::math::tanh(x0 + x1);
         }
     }
     Ok(())
@@ -69,7 +69,7 @@ pub fn forward_k01_matmul_add_sigmoid(
     let x1 = param_out_bias[0];
     for j in 0..n {
         let x0 = c[j];
-        o0[j] = (0.5) * ((0.5) * x0 + (0.5) * x1).tanh() + 0.5;
+        o0[j] = (0.5) * rt::math::tanh((0.5) * x0 + (0.5) * x1) + 0.5;
     }
     Ok(())
 }
@@ -82,7 +82,8 @@ pub fn forward_k02_reduce(input_y: &[f32], t11: &[f32], t25: &mut [f32]) {
             let x0 = input_y[i0];
             let x1 = t11[i0];
             acc += f64::from(
-                x0 * (-100.0_f32).max(x1.ln()) + (1.0 - x0) * (-100.0_f32).max((1.0 - x1).ln()),
+                x0 * (-100.0_f32).max(rt::math::ln(x1))
+                    + (1.0 - x0) * (-100.0_f32).max(rt::math::ln(1.0 - x1)),
             );
         }
         *acc_out = acc as f32;
@@ -136,7 +137,7 @@ pub fn grads_k01_tanh(t5: &[f32], t6: &mut [f32]) {
         let x0_row = &t5[row * 16..][..n];
         for j in 0..n {
             let x0 = x0_row[j];
-            o0[j] = x0.tanh();
+            o0[j] = rt::math::tanh(x0);
         }
     });
 }
@@ -173,25 +174,25 @@ pub fn grads_k02_matmul_add_log_etc(
         let x0 = x0_row[j];
         let x1 = x1_row[j];
         let x2 = c[j];
-        let t0 = ((0.5) * x2 + (0.5) * x3).tanh();
+        let t0 = rt::math::tanh((0.5) * x2 + (0.5) * x3);
         let t1 = (0.5) * t0;
         let t2 = t1 + 0.5;
         let t3 = 0.5 - t1;
         o0[j] = (0.25 - 0.25 * t0.powi(2))
             * (-x0
                 * (1.0 - x1)
-                * (if (t3.ln() + 100.0) > 0.0 {
+                * (if (rt::math::ln(t3) + 100.0) > 0.0 {
                     1.0
-                } else if (t3.ln() + 100.0) < 0.0 {
+                } else if (rt::math::ln(t3) + 100.0) < 0.0 {
                     0.0
                 } else {
                     0.5
                 })
                 / t3
                 + x0 * x1
-                    * (if (t2.ln() + 100.0) > 0.0 {
+                    * (if (rt::math::ln(t2) + 100.0) > 0.0 {
                         1.0
-                    } else if (t2.ln() + 100.0) < 0.0 {
+                    } else if (rt::math::ln(t2) + 100.0) < 0.0 {
                         0.0
                     } else {
                         0.5
@@ -260,7 +261,7 @@ pub fn grads_k05_matmul_mul_tanh_d0(
         for j in 0..n {
             let x0 = c[j];
             let x1 = x1_row[j];
-            o0[j] = x0 * (1.0 - (x1.tanh()).powi(2));
+            o0[j] = x0 * (1.0 - (rt::math::tanh(x1)).powi(2));
         }
     }
     Ok(())
@@ -334,7 +335,7 @@ pub fn train_k03_sigmoid(t10: &[f32], t11: &mut [f32]) {
         let x0_row = &t10[row * 4..][..n];
         for j in 0..n {
             let x0 = x0_row[j];
-            o0[j] = (0.5) * ((0.5) * x0).tanh() + 0.5;
+            o0[j] = (0.5) * rt::math::tanh((0.5) * x0) + 0.5;
         }
     });
 }
@@ -346,7 +347,7 @@ pub fn train_k04_log(t11: &[f32], t12: &mut [f32]) {
         let x0_row = &t11[row * 4..][..n];
         for j in 0..n {
             let x0 = x0_row[j];
-            o0[j] = x0.ln();
+            o0[j] = rt::math::ln(x0);
         }
     });
 }
@@ -370,7 +371,7 @@ pub fn train_k06_log(t16: &[f32], t17: &mut [f32]) {
         let x0_row = &t16[row * 4..][..n];
         for j in 0..n {
             let x0 = x0_row[j];
-            o0[j] = x0.ln();
+            o0[j] = rt::math::ln(x0);
         }
     });
 }
@@ -433,7 +434,7 @@ pub fn train_k10_add_log_d0_etc(
             let x5 = x5_row[j];
             let x6 = x6_row[j];
             let x7 = x7_row[j];
-            o0[j] = (0.25 - 0.25 * (((0.5) * x7).tanh()).powi(2))
+            o0[j] = (0.25 - 0.25 * (rt::math::tanh((0.5) * x7)).powi(2))
                 * (-x0
                     * x1
                     * (if (x2 + 100.0) > 0.0 {

@@ -247,7 +247,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `xor_net`.
-#[pyclass(module = "fg_xor_net_cf11ea3b1cd2")]
+#[pyclass(module = "fg_xor_net_656bdb563dfd")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -386,7 +386,7 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_xor_net_cf11ea3b1cd2(m: &Bound<'_, PyModule>) -> PyResult<()> {
+fn fg_xor_net_656bdb563dfd(m: &Bound<'_, PyModule>) -> PyResult<()> {
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())
