@@ -119,6 +119,8 @@ def build(folder: Path, keys: list[str]) -> None:
     from collections import Counter
 
     folder.mkdir(parents=True, exist_ok=True)
+    # The modules run on the GPU host, whose CPU is not this one: AVX2 at most.
+    os.environ.setdefault("FERROGRAD_CPU_LEVEL", "v3")
     manifest = {}
     for key in keys:
         w = GPU_BY_KEY[key]

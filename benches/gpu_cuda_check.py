@@ -94,6 +94,9 @@ def build(folder: Path) -> None:
     from ferrograd.codegen.backends.cpu import render_crate
     from ferrograd.codegen.build import build_module, cache_dir
 
+    # The modules run on the GPU host, whose CPU is not this one: AVX2 at most.
+    os.environ.setdefault("FERROGRAD_CPU_LEVEL", "v3")
+
     folder.mkdir(parents=True, exist_ok=True)
     manifest = {}
     lows = lowered_models()
@@ -107,7 +110,7 @@ def build(folder: Path) -> None:
         crate_dir = cache_dir() / "crates" / crate.module
         render_crate(low.graph, low.schedules, low.memory_plan, crate_dir,
                      device=device).write(crate_dir)
-        module = build_module(crate_dir, crate.module)
+        module = build_module(crate_dir, crate.module, rustc_flags=crate.rustc_flags)
         path = Path(str(module.__file__))
         shutil.copy2(path, folder / path.name)
         manifest[name] = crate.module

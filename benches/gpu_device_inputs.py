@@ -18,6 +18,7 @@ times a training step from device inputs against host inputs.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -37,6 +38,9 @@ def build(folder: Path) -> None:
     from ferrograd.codegen.backends.cpu import render_crate
     from ferrograd.codegen.build import build_module, cache_dir
 
+    # The modules run on the GPU host, whose CPU is not this one: AVX2 at most.
+    os.environ.setdefault("FERROGRAD_CPU_LEVEL", "v3")
+
     folder.mkdir(parents=True, exist_ok=True)
     low = base.lowered_models()["mlp"]
     device = low.device_module("ptx")
@@ -44,7 +48,7 @@ def build(folder: Path) -> None:
     crate_dir = cache_dir() / "crates" / crate.module
     render_crate(low.graph, low.schedules, low.memory_plan, crate_dir,
                  device=device).write(crate_dir)
-    module = build_module(crate_dir, crate.module)
+    module = build_module(crate_dir, crate.module, rustc_flags=crate.rustc_flags)
     shutil.copy2(Path(str(module.__file__)), folder / Path(str(module.__file__)).name)
     path = folder / "manifest.json"
     manifest = json.loads(path.read_text()) if path.exists() else {}

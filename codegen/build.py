@@ -105,12 +105,14 @@ def runtime_fingerprint() -> str:
     return digest.hexdigest()
 
 
-def build_module(crate_dir: Path, module_name: str, *, quiet: bool = False) -> ModuleType:
+def build_module(crate_dir: Path, module_name: str, *, quiet: bool = False,
+                 rustc_flags: tuple[str, ...] = ()) -> ModuleType:
     """Build the crate in ``crate_dir`` (if its module is not cached yet) and load it.
 
     ``module_name`` must be the crate's ``[lib] name``; the module is imported
     under that name (and put in ``sys.modules``). Progress goes to stderr for a
-    build that takes more than ~1.5 s, unless ``quiet``.
+    build that takes more than ~1.5 s, unless ``quiet``. ``rustc_flags`` compile the
+    crate itself (not its dependencies), e.g. for an x86-64 level (``cpu_level.py``).
 
     Raises ``BackendError`` when cargo or maturin is missing, and ``BuildError``
     (a ``BackendError``) when the build fails; its message names the log file and
@@ -123,14 +125,15 @@ def build_module(crate_dir: Path, module_name: str, *, quiet: bool = False) -> M
         return _load(module_name, path)
     with _lock(module_name, quiet):
         if not path.is_file():  # another process may have built it while we waited
-            _build(Path(crate_dir).absolute(), module_name, path, quiet)
+            _build(Path(crate_dir).absolute(), module_name, path, quiet, rustc_flags)
     return _load(module_name, path)
 
 
 # ---- building --------------------------------------------------------------------------
 
 
-def _build(crate_dir: Path, name: str, dest: Path, quiet: bool) -> None:
+def _build(crate_dir: Path, name: str, dest: Path, quiet: bool,
+           rustc_flags: tuple[str, ...]) -> None:
     manifest = crate_dir / "Cargo.toml"
     if not manifest.is_file():
         raise BuildError(f"cannot build {name}: {manifest} does not exist")
@@ -144,6 +147,8 @@ def _build(crate_dir: Path, name: str, dest: Path, quiet: bool) -> None:
         cmd = [*maturin, "build", "--release", "--manifest-path", str(manifest),
                "--out", out, "--interpreter", sys.executable, "--auditwheel", "skip",
                "--color", "never"]
+        if rustc_flags:
+            cmd += ["--", *rustc_flags]
         with open(log_path, "w", encoding="utf-8") as log:
             log.write(f"$ {' '.join(cmd)}\n(cwd {crate_dir}, CARGO_TARGET_DIR "
                       f"{env['CARGO_TARGET_DIR']})\n\n")

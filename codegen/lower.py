@@ -268,8 +268,10 @@ class Lowered:
         cache index without rendering anything when this exact model was built
         before, else rendered once, built and indexed."""
         from .build import build_module, cache_dir, module_path, runtime_fingerprint
+        from .cpu_level import build_level, check_supported
 
-        digest = hashlib.sha256()
+        level = build_level()
+        digest = hashlib.sha256(level.encode())
         for part in (kind, fingerprint(self.graph), repr(self.backends), __version__,
                      runtime_fingerprint(), _codegen_digest()):
             digest.update(part.encode())
@@ -279,10 +281,13 @@ class Lowered:
         if index.exists():
             name = index.read_text().strip()
             if module_path(name).exists():
+                check_supported(level, name)
                 return build_module(Path(), name)
         crate = self.crate if kind == "native" else render_wgsl_crate(self.graph, self.wgsl)
         crate_dir = cache_dir() / "crates" / crate.module
-        module = build_module(crate.write(crate_dir), crate.module)
+        check_supported(level, crate.module)
+        module = build_module(crate.write(crate_dir), crate.module,
+                              rustc_flags=crate.rustc_flags)
         index.parent.mkdir(parents=True, exist_ok=True)
         tmp = index.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(crate.module + "\n")

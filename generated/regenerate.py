@@ -35,7 +35,9 @@ def _build_output(rel: Path) -> bool:
 
 def render(name: str) -> dict[str, bytes]:
     low = lowered(name)
-    crate = render_crate(low.graph, low.schedules, low.memory_plan, HERE / name)
+    # The level of the machine class ferrograd is developed on, whatever this one has.
+    crate = render_crate(low.graph, low.schedules, low.memory_plan, HERE / name,
+                         cpu_level="v3")
     wgsl = render_wgsl_crate(low.graph, low.wgsl, HERE / name / "wgsl").files
     ptx = {"ptx/kernels.ptx": low.source("ptx").encode()}  # what the CUDA step JITs
     return {**crate.files, **ptx, **{f"wgsl/{rel}": data for rel, data in wgsl.items()

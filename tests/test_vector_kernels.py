@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 
 import ferrograd as fg
+from ferrograd.codegen import cpu_level
+from ferrograd.codegen.cpu_level import LEVELS, rustc_flags, supported_level
 
 pytestmark = pytest.mark.skipif(shutil.which("cargo") is None, reason="needs a Rust toolchain")
 
@@ -67,3 +69,28 @@ def test_long_row_kernels_match_the_interpreter(scale: float) -> None:
         grads = cpu.grads(**x)
         assert all(np.isfinite(v).all() for v in grads.values())
         close(grads, ref.grads(**x), 1e-4, 1e-5)
+
+
+@pytest.mark.parametrize("level", ["baseline", "v3"])
+def test_every_cpu_level_matches_the_interpreter(level: str, monkeypatch) -> None:
+    """The module's own code compiles per x86-64 level (``cpu_level.py``); the
+    narrower builds must compute the same on a wider CPU."""
+    if LEVELS.index(level) > LEVELS.index(supported_level()):
+        pytest.skip(f"this CPU lacks x86-64-{level}")
+    monkeypatch.setenv("FERROGRAD_CPU_LEVEL", level)
+    assert fg.lower(long_rows).crate.rustc_flags == rustc_flags(level)
+    cpu = fg.compile(long_rows, backend="cpu", seed=0)
+    ref = fg.compile(long_rows, backend="numpy", seed=0)
+    x = feed(np.random.default_rng(3), 2.0)
+    close(cpu.forward(**x), ref.forward(**x), 2e-5, 1e-5)
+    close(cpu.grads(**x), ref.grads(**x), 1e-4, 1e-5)
+
+
+def test_unknown_or_unsupported_level_is_refused(monkeypatch) -> None:
+    monkeypatch.setenv("FERROGRAD_CPU_LEVEL", "avx9000")
+    with pytest.raises(fg.BackendError, match="FERROGRAD_CPU_LEVEL='avx9000'"):
+        fg.compile(long_rows)
+    monkeypatch.setenv("FERROGRAD_CPU_LEVEL", "v4")
+    monkeypatch.setattr(cpu_level, "supported_level", lambda: "baseline")
+    with pytest.raises(fg.BackendError, match="built for x86-64-v4"):
+        fg.compile(long_rows)

@@ -28,6 +28,7 @@ from ferrograd.ir.graph import Graph
 from ferrograd.ir.serialize import fingerprint
 
 from ..build import runtime_fingerprint
+from ..cpu_level import build_level, rustc_flags
 from ..kernel_ir import Buffer, Conv
 from ..launch_plan import DeviceModule
 from ..memory import MemoryPlan
@@ -44,6 +45,7 @@ RUNTIME = Path(__file__).resolve().parent.parent / "runtime"
 class Crate:
     module: str
     files: dict[str, bytes]
+    rustc_flags: tuple[str, ...] = ()  # for the crate itself (maturin build -- FLAGS)
 
     def write(self, directory: Path) -> Path:
         directory.mkdir(parents=True, exist_ok=True)
@@ -57,12 +59,15 @@ class Crate:
 
 def render_crate(graph: Graph, schedules: list[Schedule], plan: MemoryPlan,
                  crate_dir: Path | None = None, device: DeviceModule | None = None,
-                 profile: bool = False) -> Crate:
+                 profile: bool = False, cpu_level: str | None = None) -> Crate:
     """Every file of the crate. ``crate_dir`` (where it will live) fixes the relative
     path to the runtime crate; by default the path is absolute. With ``device`` (the
     PTX renderer's module) the crate also holds a ``CudaStep`` (``backends/cuda.py``)
     and enables the runtime's ``cuda`` feature. With ``profile`` the CPU entry points
-    time each kernel call (one counter slot per kernel of each entry point)."""
+    time each kernel call (one counter slot per kernel of each entry point).
+    ``cpu_level`` (``cpu_level.LEVELS``; default ``build_level()``) is the x86-64
+    level the crate compiles for, checked by the module's init."""
+    level = build_level() if cpu_level is None else cpu_level
     consts, const_at, const_sizes = _consts(schedules)
     dtypes = {b.name: b.dtype for s in schedules for b in s.buffers.values()}
     kernels_rs, fn_of = _kernels_rs(graph, schedules, dtypes)
@@ -93,7 +98,8 @@ def render_crate(graph: Graph, schedules: list[Schedule], plan: MemoryPlan,
                "entries": [s.entry for s in schedules], "fingerprint": graph_fingerprint,
                "buffer_consts": buffer_consts, "entry_fns": entries, "py_methods": methods,
                "persistent": persistent, "module": "MODULE", "cuda": device is not None,
-               "profile": profile, "profile_slots": slots}
+               "profile": profile, "profile_slots": slots,
+               "cpu_level": {"baseline": "Baseline", "v3": "V3", "v4": "V4"}[level]}
     lib_rs = env.get_template("lib.rs.j2").render(**context)
     body = {"src/lib.rs": lib_rs, "src/kernels.rs": kernels_rs}
     data = {"src/consts.bin": consts}
@@ -110,19 +116,21 @@ def render_crate(graph: Graph, schedules: list[Schedule], plan: MemoryPlan,
             digest.update(k.encode())
         digest.update(data[k])
     digest.update(runtime_fingerprint().encode())
+    digest.update(" ".join(rustc_flags(level)).encode())
     module = f"fg_{safe_name(graph.name).lower()}_{digest.hexdigest()[:12]}"
     runtime_path = str(RUNTIME) if crate_dir is None else os.path.relpath(RUNTIME, crate_dir)
     files = {
         "Cargo.toml": env.get_template("Cargo.toml.j2").render(
             version=__version__, model=graph.name, module=module, runtime_path=runtime_path,
-            runtime_features=[] if device is None else ["cuda"]).encode(),
+            runtime_features=[] if device is None else ["cuda"],
+            rustc_flags=" ".join(rustc_flags(level))).encode(),
         "pyproject.toml": env.get_template("pyproject.toml.j2").render(
             version=__version__, module=module).encode(),
         **data,
     }
     for k, v in body.items():
         files[k] = v.replace("MODULE", module).encode()
-    return Crate(module, files)
+    return Crate(module, files, rustc_flags(level))
 
 
 def _persistent_name(graph: Graph, buf: str) -> str:

@@ -14,6 +14,7 @@
 //!   carves into non-overlapping sub-slices;
 //! - [`py`]: NumPy in and out, and [`py::guard`], which keeps panics from
 //!   crossing into Python;
+//! - [`simd`]: the x86-64 level a module is compiled for, checked at import;
 //! - [`threads`]: the rayon pool and the chunk size generated kernels use;
 //! - [`error`]: the one error type, convertible to a Python exception;
 //! - `cuda` (feature `cuda`): the CUDA runtime that runs a GPU renderer's
@@ -38,6 +39,7 @@ pub mod gemm;
 pub mod lanes;
 pub mod math;
 pub mod py;
+pub mod simd;
 pub mod threads;
 #[cfg(feature = "wgsl")]
 pub mod wgsl;

@@ -498,7 +498,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `cnn`.
-#[pyclass(module = "fg_cnn_296ad4901878")]
+#[pyclass(module = "fg_cnn_9ebfef99d85e")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -650,7 +650,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_cnn_296ad4901878(m: &Bound<'_, PyModule>) -> PyResult<()> {
+fn fg_cnn_9ebfef99d85e(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_cnn_9ebfef99d85e")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

@@ -178,7 +178,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `linreg`.
-#[pyclass(module = "fg_linreg_4cd73606b851")]
+#[pyclass(module = "fg_linreg_a38f20bb996f")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -311,7 +311,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_linreg_4cd73606b851(m: &Bound<'_, PyModule>) -> PyResult<()> {
+fn fg_linreg_a38f20bb996f(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_linreg_a38f20bb996f")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

@@ -637,7 +637,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `rnn`.
-#[pyclass(module = "fg_rnn_dd1e957773e0")]
+#[pyclass(module = "fg_rnn_c4553edf26b6")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -781,7 +781,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_rnn_dd1e957773e0(m: &Bound<'_, PyModule>) -> PyResult<()> {
+fn fg_rnn_c4553edf26b6(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_rnn_c4553edf26b6")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

@@ -1263,7 +1263,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `char_lm`.
-#[pyclass(module = "fg_char_lm_b9f4a14b382c")]
+#[pyclass(module = "fg_char_lm_f5130cc5d19b")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -1444,7 +1444,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_char_lm_b9f4a14b382c(m: &Bound<'_, PyModule>) -> PyResult<()> {
+fn fg_char_lm_f5130cc5d19b(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_char_lm_f5130cc5d19b")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())
