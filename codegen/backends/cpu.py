@@ -99,7 +99,7 @@ def render_crate(graph: Graph, schedules: list[Schedule], plan: MemoryPlan,
                "buffer_consts": buffer_consts, "entry_fns": entries, "py_methods": methods,
                "persistent": persistent, "module": "MODULE", "cuda": device is not None,
                "profile": profile, "profile_slots": slots,
-               "cpu_level": {"baseline": "Baseline", "v3": "V3", "v4": "V4"}[level]}
+               "cpu_level": level.capitalize()}  # rt::simd::Level's variant
     lib_rs = env.get_template("lib.rs.j2").render(**context)
     body = {"src/lib.rs": lib_rs, "src/kernels.rs": kernels_rs}
     data = {"src/consts.bin": consts}

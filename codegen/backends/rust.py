@@ -353,22 +353,34 @@ def _row(out: IndentedBuffer, k: Elementwise, outer: list[int], row_len: int,
         inner = st[-1]
         base = (linear_index(v.offset, coords, st[:-1]) if outer
                 else linear_index(v.offset, ["row"], [row_len * inner]))
-        nz = " != 0" if v.dtype == "bool" else ""
         if v.buffer in aliased:  # in place: read the element about to be written
+            nz = " != 0" if v.dtype == "bool" else ""
             loads.append(f"let {sym} = {aliased[v.buffer]}[j]{nz};")
-        elif inner == 0:
-            out.line(f"let {sym} = {v.buffer}[{base}]{nz};")
-        elif inner == 1:
-            out.line(f"let {sym}_row = &{v.buffer}[{base}..][..n];")
-            loads.append(f"let {sym} = {sym}_row[j]{nz};")
-        else:
-            loads.append(f"let {sym} = {v.buffer}[{base} + j * {inner}]{nz};")
+        elif (load := _bind_input(out, sym, v, base, inner, "n")) is not None:
+            loads.append(load)
     with out.indent("for j in 0..n {"):
         for line in loads:
             out.line(line)
         values = _cse_body(out, [e for _, e in k.outputs], [v.dtype for v, _ in k.outputs])
         for name, (v, _), val in zip(names, k.outputs, values, strict=True):
             out.line(f"{name}[j] = {_store(v, val)};")
+
+
+def _bind_input(out: IndentedBuffer, sym: str, v: View, base: str, step: int, length: str,
+                shift: str = "") -> str | None:
+    """Bind input ``sym`` for a loop over ``j`` that starts at element ``base``: once,
+    when the input is broadcast along the loop (``step`` 0); otherwise return the
+    load the loop does per ``j``, from a row slice ``[base + shift..][..length]``
+    when contiguous, strided when not."""
+    nz = " != 0" if v.dtype == "bool" else ""
+    if step == 0:
+        out.line(f"let {sym} = {v.buffer}[{base}]{nz};")
+        return None
+    start = f"{base} + {shift}" if shift else base
+    if step == 1:
+        out.line(f"let {sym}_row = &{v.buffer}[{start}..][..{length}];")
+        return f"let {sym} = {sym}_row[j]{nz};"
+    return f"let {sym} = {v.buffer}[{start} + j * {step}]{nz};"
 
 
 def _store(v: View, value: str) -> str:
@@ -488,13 +500,9 @@ def _row_reduce_in_lanes(out: IndentedBuffer, k: Reduce, lay: ReduceLayout,
     for (sym, v), ks, rs in zip(k.inputs.items(), lay.kept_strides, lay.reduced_strides,
                                 strict=True):
         base = linear_index(v.offset, coords + loops, ks + rs[:-1])
-        nz = " != 0" if v.dtype == "bool" else ""
-        if rs[-1] == 0:
-            out.line(f"let {sym} = {v.buffer}[{base}]{nz};")
-        else:
-            start = f"{base} + start" if chunked else base
-            out.line(f"let {sym}_row = &{v.buffer}[{start}..][..{length}];")
-            loads.append(f"let {sym} = {sym}_row[j]{nz};")
+        load = _bind_input(out, sym, v, base, rs[-1], length, "start" if chunked else "")
+        if load is not None:
+            loads.append(load)
     with out.indent(f"for (j, c) in chunk[..{length}].iter_mut().enumerate() {{"):
         for line in loads:
             out.line(line)
@@ -542,12 +550,9 @@ def _column_reduce(out: IndentedBuffer, k: Reduce, lay: ReduceLayout) -> None:
         for (sym, v), ks, rs in zip(k.inputs.items(), lay.kept_strides, lay.reduced_strides,
                                     strict=True):
             base = linear_index(v.offset, loops, rs)
-            nz = " != 0" if v.dtype == "bool" else ""
-            if ks[0] == 0:
-                out.line(f"let {sym} = {v.buffer}[{base}]{nz};")
-            else:
-                out.line(f"let {sym}_row = &{v.buffer}[{base} + j0..][..out.len()];")
-                loads.append(f"let {sym} = {sym}_row[j]{nz};")
+            load = _bind_input(out, sym, v, base, ks[0], "out.len()", "j0")
+            if load is not None:
+                loads.append(load)
         with out.indent("for (j, a) in acc.iter_mut().enumerate() {"):
             for line in loads:
                 out.line(line)
