@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import ferrograd as fg
+from ferrograd.codegen.backends.base import batch_as_rows
 from ferrograd.codegen.kernel_ir import Elementwise, Matmul, unfused
 
 needs_cargo = pytest.mark.skipif(shutil.which("cargo") is None, reason="needs a Rust toolchain")
@@ -166,3 +167,49 @@ def test_cuda_plan_puts_bias_and_relu_into_the_gemm() -> None:
     assert after_first is gemms[1]
     for g in gemms:
         assert g.fallback is not None and g.fallback.args[3] == g.bias  # the kernel adds it too
+
+
+def seq_mlp(width: int, out: int):
+    """Linear layers on [B, T, D] rows, one of them on a transposed (strided) input."""
+    @fg.model
+    def seq(x: fg.f32["B", "T", "D"]):
+        h = fg.gelu(fg.nn.linear(x, width, name="up"))
+        h = fg.nn.linear(h, out, name="down")
+        mixed = fg.nn.linear(h.transpose(0, 2, 1), 5, name="mix")  # rows not batch-major
+        return fg.mean(h * h) + fg.mean(mixed * mixed)
+    return seq
+
+
+def test_weight_gradient_of_a_batched_linear_is_one_product_over_all_rows() -> None:
+    """dW of x[B, T, D] @ W is x viewed as [B·T, D], transposed, times g as [B·T, F]:
+    one product with K = B·T, never B weight-sized partials summed afterwards."""
+    lw = fg.lower(seq_mlp(24, 16), optimizer=fg.optim.SGD(lr=0.1), B=3, T=7, D=10)
+    weight_grads = [k for k in kernels(lw, "train")
+                    if isinstance(k, Matmul) and (k.m, k.n) in {(10, 24), (24, 16)}]
+    assert len(weight_grads) == 2
+    for k in weight_grads:
+        assert k.batch == () and k.k == 3 * 7, (k.name, k.batch, k.k)
+
+
+@needs_cargo
+@pytest.mark.parametrize("batch,seq", [(3, 7), (16, 64)])  # one block; rayon blocks
+def test_batched_linear_runs_as_one_product_and_matches_interpreter(batch: int, seq: int) -> None:
+    """A linear layer on [B, T, D] rows with a shared weight is one B·T-row product
+    (its epilogue per row block); a transposed input keeps its batched form."""
+    model = seq_mlp(96, 64)
+    dims = {"B": batch, "T": seq, "D": 40}
+    lw = fg.lower(model, optimizer=fg.optim.Adam(lr=1e-2), backend="cpu", **dims)
+    products = [k for k in kernels(lw, "train") if isinstance(k, Matmul) and k.batch]
+    still_batched = [k.a.strides for k in products if batch_as_rows(k).batch]
+    assert still_batched == [(dims["T"] * 64, 1, 64)]  # the mix layer's transposed rows
+    source = lw.crate.files["src/kernels.rs"].decode()
+    up = source[source.index("pub fn forward_k00_matmul_add_gelu("):]
+    assert up.index("rt::gemm::sgemm(") < up.index("\n}\n")  # one product, not a batch
+    cpu = fg.compile(model, optimizer=fg.optim.Adam(lr=1e-2), backend="cpu", seed=3, **dims)
+    ref = fg.compile(model, optimizer=fg.optim.Adam(lr=1e-2), backend="numpy", seed=3, **dims)
+    rng = np.random.default_rng(5)
+    for _ in range(3):
+        x = feed(ref.graph, rng)
+        close(cpu.grads(**x), ref.grads(**x), 2e-4, 2e-5)
+        assert cpu(**x) == pytest.approx(ref(**x), rel=1e-4, abs=1e-6)
+        close(cpu.params, ref.params, 2e-4, 2e-5)

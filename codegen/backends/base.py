@@ -4,6 +4,7 @@ printing an elementwise expression (literals, casts, the int/float context)."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -14,7 +15,7 @@ from sympy.printing.precedence import precedence
 
 from ferrograd.ir.graph import Graph
 
-from ..kernel_ir import Reduce, ToBool, ToFloat, ToInt, View
+from ..kernel_ir import Matmul, Reduce, ToBool, ToFloat, ToInt, View
 
 
 class IndentedBuffer:
@@ -240,6 +241,43 @@ def collapse(shape: tuple[int, ...], views: list[View]) -> tuple[list[int], list
                 del s[i + 1]
         i -= 1
     return sizes, strides
+
+
+def batch_as_rows(k: Matmul) -> Matmul:
+    """``k`` with its batch folded into the rows of one product, where that is a
+    relabelling: ``b`` is shared by the batch, and ``a``, ``out`` and every view of the
+    epilogue step through (batch..., m) as through one dim. A linear layer on
+    [B, T, D] rows is then one B·T-row product (a faster GEMM, and a 2-D one whose
+    epilogue can run per row block). Otherwise ``k`` unchanged."""
+    if not k.batch or k.a is None or k.b is None or k.out is None:
+        return k
+    nb = len(k.batch)
+    if any(k.b.strides[:nb]):
+        return k
+    rows = int(np.prod(k.batch)) * k.m
+    views = [k.a, k.out]
+    if k.epilogue is not None:
+        views += [*k.epilogue.inputs.values(), *(v for v, _ in k.epilogue.outputs)]
+    merged = {}
+    for v in views:
+        if int(np.prod(v.shape[:-1])) != rows:
+            return k
+        _, (strides,) = collapse(v.shape[:-1], [View(v.buffer, v.dtype, v.offset, v.shape[:-1],
+                                                     v.strides[:-1])])
+        if len(strides) > 1:
+            return k
+        merged[v] = View(v.buffer, v.dtype, v.offset, (rows, v.shape[-1]),
+                         (strides[0] if strides else 0, v.strides[-1]))
+    epilogue = k.epilogue
+    if epilogue is not None:
+        epilogue = dataclasses.replace(
+            epilogue, shape=(rows, k.n),
+            inputs={s: merged[v] for s, v in epilogue.inputs.items()},
+            outputs=[(merged[v], e) for v, e in epilogue.outputs])
+    return dataclasses.replace(k, batch=(), m=rows, a=merged[k.a], out=merged[k.out],
+                               b=View(k.b.buffer, k.b.dtype, k.b.offset, k.b.shape[nb:],
+                                      k.b.strides[nb:]),
+                               epilogue=epilogue)
 
 
 @dataclass(frozen=True)

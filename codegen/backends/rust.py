@@ -30,6 +30,7 @@ from .base import (
     CLikePrinter,
     IndentedBuffer,
     ReduceLayout,
+    batch_as_rows,
     collapse,
     f32_literal,
     linear_index,
@@ -590,6 +591,7 @@ def _unravel(out: IndentedBuffer, flat: str, sizes: list[int], prefix: str,
 
 
 def _matmul(out: IndentedBuffer, k: Matmul, args: KernelArgs) -> None:
+    k = batch_as_rows(k)
     epilogue = k.epilogue
     if epilogue is None:
         _product(out, k)

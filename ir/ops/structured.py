@@ -211,8 +211,18 @@ def _matmul_infer(shapes: list[Shape], dtypes: list[str], attrs: dict[str, Any])
     return (*batch, a[-2], b[-1]), dtype
 
 
+def _matmul_vjp(g: Any, out: Any, a: Any, b: Any) -> list:
+    if a.ndim > 2 and b.ndim == 2:
+        # A linear layer on batched rows: the weight's cotangent as one product over
+        # all rows (K = batch x rows) rather than one per batch element summed after,
+        # which would write batch-many weight-sized partials and read them back.
+        k, n = b.shape
+        return [g @ b.mT, a.reshape(-1, k).mT @ g.reshape(-1, n)]
+    return [g @ b.mT, a.mT @ g]
+
+
 register(OpDef("matmul", "matmul", _matmul_infer, ref=lambda a, b: np.matmul(a, b),
-               vjp=lambda g, out, a, b: [g @ b.mT, a.mT @ g], arity=2))
+               vjp=_matmul_vjp, arity=2))
 
 
 # ---- gather / scatter -------------------------------------------------------------------

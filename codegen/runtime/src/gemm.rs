@@ -120,6 +120,18 @@ pub fn sgemm_batched(
     if batch == 0 || m == 0 || n == 0 {
         return Ok(());
     }
+    // One operand shared by the batch and the other laid out batch after batch:
+    // the batch is more rows (or columns) of one larger product, which the
+    // micro-kernels run at a higher rate than many small ones (a linear layer on
+    // [B, T, D] rows is one B·T-row product, not B products of T rows).
+    let (batch, m, n, ab, bb, cb) =
+        if batch > 1 && bb == 0 && ab == m as isize * ar && cb == m as isize * cr {
+            (1, batch * m, n, 0, 0, 0)
+        } else if batch > 1 && ab == 0 && bb == n as isize * bc && cb == n as isize * cc {
+            (1, m, batch * n, 0, 0, 0)
+        } else {
+            (batch, m, n, ab, bb, cb)
+        };
     let a = ConstPtr(a.as_ptr());
     let b = ConstPtr(b.as_ptr());
     let c = MutPtr(c.as_mut_ptr());
@@ -651,6 +663,46 @@ mod tests {
                 );
                 assert_close(&got[p * m * n..(p + 1) * m * n], &want, k);
             }
+        }
+    }
+
+    #[test]
+    fn shared_a_with_batches_side_by_side_in_columns() {
+        // B and C hold their batch items side by side along the columns
+        // (k × batch·n), so the batch folds into one product's columns.
+        for &(batch, m, n, k) in &[(3, 4, 5, 6), (4, 96, 40, 70)] {
+            let a = fill(m * k, 8);
+            let b = fill(k * batch * n, 9);
+            let wide = (batch * n) as isize;
+            let mut got = vec![0.0f32; m * batch * n];
+            sgemm_batched(
+                batch,
+                m,
+                n,
+                k,
+                &a,
+                (0, k as isize, 1),
+                &b,
+                (n as isize, wide, 1),
+                &mut got,
+                (n as isize, wide, 1),
+                false,
+            )
+            .unwrap();
+            let mut want = vec![0.0f32; m * batch * n];
+            naive(
+                m,
+                batch * n,
+                k,
+                &a,
+                (k as isize, 1),
+                &b,
+                (wide, 1),
+                &mut want,
+                (wide, 1),
+                false,
+            );
+            assert_close(&got, &want, k);
         }
     }
 

@@ -498,7 +498,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `cnn`.
-#[pyclass(module = "fg_cnn_9ebfef99d85e")]
+#[pyclass(module = "fg_cnn_b990080e82ba")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -650,8 +650,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_cnn_9ebfef99d85e(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_cnn_9ebfef99d85e")?;
+fn fg_cnn_b990080e82ba(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_cnn_b990080e82ba")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

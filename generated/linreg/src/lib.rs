@@ -178,7 +178,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `linreg`.
-#[pyclass(module = "fg_linreg_a38f20bb996f")]
+#[pyclass(module = "fg_linreg_37a2e61bff44")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -311,8 +311,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_linreg_a38f20bb996f(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_linreg_a38f20bb996f")?;
+fn fg_linreg_37a2e61bff44(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_linreg_37a2e61bff44")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

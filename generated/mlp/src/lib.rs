@@ -393,7 +393,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `mlp`.
-#[pyclass(module = "fg_mlp_c9ffa74efc6e")]
+#[pyclass(module = "fg_mlp_aacc229318bc")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -539,8 +539,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_mlp_c9ffa74efc6e(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_mlp_c9ffa74efc6e")?;
+fn fg_mlp_aacc229318bc(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_mlp_aacc229318bc")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

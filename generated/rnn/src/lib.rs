@@ -637,7 +637,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `rnn`.
-#[pyclass(module = "fg_rnn_c4553edf26b6")]
+#[pyclass(module = "fg_rnn_98c03681ce1a")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -781,8 +781,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_rnn_c4553edf26b6(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_rnn_c4553edf26b6")?;
+fn fg_rnn_98c03681ce1a(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_rnn_98c03681ce1a")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

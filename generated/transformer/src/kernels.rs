@@ -124,32 +124,29 @@ pub fn forward_k06_matmul_add(
     t23: &mut [f32],
     t25: &mut [f32],
 ) -> Result<(), rt::Error> {
-    rt::gemm::sgemm_batched(
-        2,
-        8,
+    let c = &mut t23[0..256];
+    let o0 = &mut t25[0..256];
+    rt::gemm::sgemm(
+        c.len() / 16,
         16,
         16,
         &t21[0..],
-        (128, 16, 1),
+        (16, 1),
         &param_attn_q_weight[0..],
-        (0, 16, 1),
-        &mut t23[0..],
-        (128, 16, 1),
+        (16, 1),
+        c,
+        (16, 1),
         false,
     )?;
-    t25[0..256]
-        .chunks_mut(16)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let n = o0.len();
-            let x0_row = &t23[row * 16..][..n];
-            let x1_row = &param_attn_q_bias[0..][..n];
-            for j in 0..n {
-                let x0 = x0_row[j];
-                let x1 = x1_row[j];
-                o0[j] = x0 + x1;
-            }
-        });
+    for (c, o0) in c.chunks(16).zip(o0.chunks_mut(16)) {
+        let n = o0.len();
+        let x1_row = &param_attn_q_bias[0..][..n];
+        for j in 0..n {
+            let x0 = c[j];
+            let x1 = x1_row[j];
+            o0[j] = x0 + x1;
+        }
+    }
     Ok(())
 }
 
@@ -161,32 +158,29 @@ pub fn forward_k07_matmul_add(
     t29: &mut [f32],
     t31: &mut [f32],
 ) -> Result<(), rt::Error> {
-    rt::gemm::sgemm_batched(
-        2,
-        8,
+    let c = &mut t29[0..256];
+    let o0 = &mut t31[0..256];
+    rt::gemm::sgemm(
+        c.len() / 16,
         16,
         16,
         &t21[0..],
-        (128, 16, 1),
+        (16, 1),
         &param_attn_k_weight[0..],
-        (0, 16, 1),
-        &mut t29[0..],
-        (128, 16, 1),
+        (16, 1),
+        c,
+        (16, 1),
         false,
     )?;
-    t31[0..256]
-        .chunks_mut(16)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let n = o0.len();
-            let x0_row = &t29[row * 16..][..n];
-            let x1_row = &param_attn_k_bias[0..][..n];
-            for j in 0..n {
-                let x0 = x0_row[j];
-                let x1 = x1_row[j];
-                o0[j] = x0 + x1;
-            }
-        });
+    for (c, o0) in c.chunks(16).zip(o0.chunks_mut(16)) {
+        let n = o0.len();
+        let x1_row = &param_attn_k_bias[0..][..n];
+        for j in 0..n {
+            let x0 = c[j];
+            let x1 = x1_row[j];
+            o0[j] = x0 + x1;
+        }
+    }
     Ok(())
 }
 
@@ -198,32 +192,29 @@ pub fn forward_k08_matmul_add(
     t35: &mut [f32],
     t37: &mut [f32],
 ) -> Result<(), rt::Error> {
-    rt::gemm::sgemm_batched(
-        2,
-        8,
+    let c = &mut t35[0..256];
+    let o0 = &mut t37[0..256];
+    rt::gemm::sgemm(
+        c.len() / 16,
         16,
         16,
         &t21[0..],
-        (128, 16, 1),
+        (16, 1),
         &param_attn_v_weight[0..],
-        (0, 16, 1),
-        &mut t35[0..],
-        (128, 16, 1),
+        (16, 1),
+        c,
+        (16, 1),
         false,
     )?;
-    t37[0..256]
-        .chunks_mut(16)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let n = o0.len();
-            let x0_row = &t35[row * 16..][..n];
-            let x1_row = &param_attn_v_bias[0..][..n];
-            for j in 0..n {
-                let x0 = x0_row[j];
-                let x1 = x1_row[j];
-                o0[j] = x0 + x1;
-            }
-        });
+    for (c, o0) in c.chunks(16).zip(o0.chunks_mut(16)) {
+        let n = o0.len();
+        let x1_row = &param_attn_v_bias[0..][..n];
+        for j in 0..n {
+            let x0 = c[j];
+            let x1 = x1_row[j];
+            o0[j] = x0 + x1;
+        }
+    }
     Ok(())
 }
 
@@ -371,34 +362,32 @@ pub fn forward_k16_matmul_add(
     t57: &mut [f32],
     t60: &mut [f32],
 ) -> Result<(), rt::Error> {
-    rt::gemm::sgemm_batched(
-        2,
-        8,
+    let c = &mut t57[0..256];
+    let o0 = &mut t60[0..256];
+    rt::gemm::sgemm(
+        c.len() / 16,
         16,
         16,
         &t54_c[0..],
-        (128, 16, 1),
+        (16, 1),
         &param_attn_out_weight[0..],
-        (0, 16, 1),
-        &mut t57[0..],
-        (128, 16, 1),
+        (16, 1),
+        c,
+        (16, 1),
         false,
     )?;
-    t60[0..256]
-        .chunks_mut(16)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let n = o0.len();
-            let x0_row = &t5[row * 16..][..n];
-            let x1_row = &t57[row * 16..][..n];
-            let x2_row = &param_attn_out_bias[0..][..n];
-            for j in 0..n {
-                let x0 = x0_row[j];
-                let x1 = x1_row[j];
-                let x2 = x2_row[j];
-                o0[j] = x0 + x1 + x2;
-            }
-        });
+    for (i, (c, o0)) in c.chunks(16).zip(o0.chunks_mut(16)).enumerate() {
+        let row = i;
+        let n = o0.len();
+        let x0_row = &t5[row * 16..][..n];
+        let x2_row = &param_attn_out_bias[0..][..n];
+        for j in 0..n {
+            let x0 = x0_row[j];
+            let x1 = c[j];
+            let x2 = x2_row[j];
+            o0[j] = x0 + x1 + x2;
+        }
+    }
     Ok(())
 }
 
@@ -488,33 +477,30 @@ pub fn forward_k21_matmul_add_gelu(
     t78: &mut [f32],
     t81: &mut [f32],
 ) -> Result<(), rt::Error> {
-    rt::gemm::sgemm_batched(
-        2,
-        8,
+    let c = &mut t78[0..1024];
+    let o0 = &mut t81[0..1024];
+    rt::gemm::sgemm(
+        c.len() / 64,
         64,
         16,
         &t76[0..],
-        (128, 16, 1),
+        (16, 1),
         &param_mlp_up_weight[0..],
-        (0, 64, 1),
-        &mut t78[0..],
-        (512, 64, 1),
+        (64, 1),
+        c,
+        (64, 1),
         false,
     )?;
-    t81[0..1024]
-        .chunks_mut(64)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let n = o0.len();
-            let x0_row = &t78[row * 64..][..n];
-            let x1_row = &param_mlp_up_bias[0..][..n];
-            for j in 0..n {
-                let x0 = x0_row[j];
-                let x1 = x1_row[j];
-                let t0 = (0.5) * x0 + (0.5) * x1;
-                o0[j] = t0 * (rt::math::erf(2.0_f32.sqrt() * t0) + 1.0);
-            }
-        });
+    for (c, o0) in c.chunks(64).zip(o0.chunks_mut(64)) {
+        let n = o0.len();
+        let x1_row = &param_mlp_up_bias[0..][..n];
+        for j in 0..n {
+            let x0 = c[j];
+            let x1 = x1_row[j];
+            let t0 = (0.5) * x0 + (0.5) * x1;
+            o0[j] = t0 * (rt::math::erf(2.0_f32.sqrt() * t0) + 1.0);
+        }
+    }
     Ok(())
 }
 
@@ -527,34 +513,32 @@ pub fn forward_k22_matmul_add(
     t83: &mut [f32],
     t86: &mut [f32],
 ) -> Result<(), rt::Error> {
-    rt::gemm::sgemm_batched(
-        2,
-        8,
+    let c = &mut t83[0..256];
+    let o0 = &mut t86[0..256];
+    rt::gemm::sgemm(
+        c.len() / 16,
         16,
         64,
         &t81[0..],
-        (512, 64, 1),
+        (64, 1),
         &param_mlp_down_weight[0..],
-        (0, 16, 1),
-        &mut t83[0..],
-        (128, 16, 1),
+        (16, 1),
+        c,
+        (16, 1),
         false,
     )?;
-    t86[0..256]
-        .chunks_mut(16)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let n = o0.len();
-            let x0_row = &t60[row * 16..][..n];
-            let x1_row = &t83[row * 16..][..n];
-            let x2_row = &param_mlp_down_bias[0..][..n];
-            for j in 0..n {
-                let x0 = x0_row[j];
-                let x1 = x1_row[j];
-                let x2 = x2_row[j];
-                o0[j] = x0 + x1 + x2;
-            }
-        });
+    for (i, (c, o0)) in c.chunks(16).zip(o0.chunks_mut(16)).enumerate() {
+        let row = i;
+        let n = o0.len();
+        let x0_row = &t60[row * 16..][..n];
+        let x2_row = &param_mlp_down_bias[0..][..n];
+        for j in 0..n {
+            let x0 = x0_row[j];
+            let x1 = c[j];
+            let x2 = x2_row[j];
+            o0[j] = x0 + x1 + x2;
+        }
+    }
     Ok(())
 }
 
@@ -644,32 +628,29 @@ pub fn forward_k27_matmul_add(
     t104: &mut [f32],
     t106: &mut [f32],
 ) -> Result<(), rt::Error> {
-    rt::gemm::sgemm_batched(
-        2,
-        8,
+    let c = &mut t104[0..320];
+    let o0 = &mut t106[0..320];
+    rt::gemm::sgemm(
+        c.len() / 20,
         20,
         16,
         &t102[0..],
-        (128, 16, 1),
+        (16, 1),
         &param_head_weight[0..],
-        (0, 20, 1),
-        &mut t104[0..],
-        (160, 20, 1),
+        (20, 1),
+        c,
+        (20, 1),
         false,
     )?;
-    t106[0..320]
-        .chunks_mut(20)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let n = o0.len();
-            let x0_row = &t104[row * 20..][..n];
-            let x1_row = &param_head_bias[0..][..n];
-            for j in 0..n {
-                let x0 = x0_row[j];
-                let x1 = x1_row[j];
-                o0[j] = x0 + x1;
-            }
-        });
+    for (c, o0) in c.chunks(20).zip(o0.chunks_mut(20)) {
+        let n = o0.len();
+        let x1_row = &param_head_bias[0..][..n];
+        for j in 0..n {
+            let x0 = c[j];
+            let x1 = x1_row[j];
+            o0[j] = x0 + x1;
+        }
+    }
     Ok(())
 }
 
@@ -939,32 +920,29 @@ pub fn grads_k28_matmul_add(
     t78: &mut [f32],
     t80: &mut [f32],
 ) -> Result<(), rt::Error> {
-    rt::gemm::sgemm_batched(
-        2,
-        8,
+    let c = &mut t78[0..1024];
+    let o0 = &mut t80[0..1024];
+    rt::gemm::sgemm(
+        c.len() / 64,
         64,
         16,
         &t76[0..],
-        (128, 16, 1),
+        (16, 1),
         &param_mlp_up_weight[0..],
-        (0, 64, 1),
-        &mut t78[0..],
-        (512, 64, 1),
+        (64, 1),
+        c,
+        (64, 1),
         false,
     )?;
-    t80[0..1024]
-        .chunks_mut(64)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let n = o0.len();
-            let x0_row = &t78[row * 64..][..n];
-            let x1_row = &param_mlp_up_bias[0..][..n];
-            for j in 0..n {
-                let x0 = x0_row[j];
-                let x1 = x1_row[j];
-                o0[j] = x0 + x1;
-            }
-        });
+    for (c, o0) in c.chunks(64).zip(o0.chunks_mut(64)) {
+        let n = o0.len();
+        let x1_row = &param_mlp_up_bias[0..][..n];
+        for j in 0..n {
+            let x0 = c[j];
+            let x1 = x1_row[j];
+            o0[j] = x0 + x1;
+        }
+    }
     Ok(())
 }
 
@@ -1049,7 +1027,7 @@ pub fn grads_k37_add_mul(
 }
 
 /// elementwise: eq, mul, where over [16, 20].
-pub fn grads_k42_eq_mul_where(input_targets: &[i32], c110: &[i32], c490: &[f32], t136: &mut [f32]) {
+pub fn grads_k42_eq_mul_where(input_targets: &[i32], c110: &[i32], c495: &[f32], t136: &mut [f32]) {
     t136[0..320]
         .chunks_mut(20)
         .enumerate()
@@ -1057,7 +1035,7 @@ pub fn grads_k42_eq_mul_where(input_targets: &[i32], c110: &[i32], c490: &[f32],
             let n = o0.len();
             let x0 = input_targets[row];
             let x1_row = &c110[0..][..n];
-            let x2 = c490[row];
+            let x2 = c495[row];
             for j in 0..n {
                 let x1 = x1_row[j];
                 o0[j] = if x0 == x1 { x2 } else { 0.0 };
@@ -1147,63 +1125,41 @@ pub fn grads_k47_matmul(
     t152: &mut [f32],
 ) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
-        2,
-        8,
+        1,
+        16,
         16,
         20,
         &t145[0..],
-        (160, 20, 1),
+        (0, 20, 1),
         &param_head_weight[0..],
         (0, 1, 20),
         &mut t152[0..],
-        (128, 16, 1),
+        (0, 16, 1),
         false,
     )?;
     Ok(())
 }
 
-/// matmul: matmul over [2].
-pub fn grads_k48_matmul(t102: &[f32], t145: &[f32], t154: &mut [f32]) -> Result<(), rt::Error> {
+/// matmul: matmul.
+pub fn grads_k48_matmul(t102: &[f32], t145: &[f32], t156: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
-        2,
+        1,
         16,
         20,
-        8,
+        16,
         &t102[0..],
-        (128, 1, 16),
+        (0, 1, 16),
         &t145[0..],
-        (160, 20, 1),
-        &mut t154[0..],
-        (320, 20, 1),
+        (0, 20, 1),
+        &mut t156[0..],
+        (0, 20, 1),
         false,
     )?;
     Ok(())
-}
-
-/// reduce: reduce_sum over [2, 16, 20].
-pub fn grads_k49_reduce(t154: &[f32], t155: &mut [f32]) {
-    t155[0..320]
-        .chunks_mut(64)
-        .enumerate()
-        .for_each(|(part, out)| {
-            let j0 = part * 64;
-            let mut acc = [0.0_f64; 64];
-            let acc = &mut acc[..out.len()];
-            for i0 in 0..2 {
-                let x0_row = &t154[i0 * 320 + j0..][..out.len()];
-                for (j, a) in acc.iter_mut().enumerate() {
-                    let x0 = x0_row[j];
-                    *a += f64::from(x0);
-                }
-            }
-            for (o, a) in out.iter_mut().zip(acc.iter()) {
-                *o = *a as f32;
-            }
-        });
 }
 
 /// reduce: reduce_sum over [2, 8, 16].
-pub fn grads_k50_reduce(t152: &[f32], t157: &mut [f32]) {
+pub fn grads_k49_reduce(t152: &[f32], t157: &mut [f32]) {
     t157[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -1225,7 +1181,7 @@ pub fn grads_k50_reduce(t152: &[f32], t157: &mut [f32]) {
 }
 
 /// elementwise: mul over [2, 8, 16].
-pub fn grads_k51_mul(t152: &[f32], param_ln_out_weight: &[f32], t159: &mut [f32]) {
+pub fn grads_k50_mul(t152: &[f32], param_ln_out_weight: &[f32], t159: &mut [f32]) {
     t159[0..256]
         .chunks_mut(16)
         .enumerate()
@@ -1242,7 +1198,7 @@ pub fn grads_k51_mul(t152: &[f32], param_ln_out_weight: &[f32], t159: &mut [f32]
 }
 
 /// reduce: mul, reduce_sum over [2, 8, 16].
-pub fn grads_k52_reduce(t152: &[f32], t100: &[f32], t161: &mut [f32]) {
+pub fn grads_k51_reduce(t152: &[f32], t100: &[f32], t161: &mut [f32]) {
     t161[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -1266,7 +1222,7 @@ pub fn grads_k52_reduce(t152: &[f32], t100: &[f32], t161: &mut [f32]) {
 }
 
 /// reduce: div.d1, mul, reduce_sum over [2, 8, 16].
-pub fn grads_k53_reduce(t159: &[f32], t92: &[f32], t99: &[f32], t167: &mut [f32]) {
+pub fn grads_k52_reduce(t159: &[f32], t92: &[f32], t99: &[f32], t167: &mut [f32]) {
     t167[0..16]
         .iter_mut()
         .enumerate()
@@ -1287,7 +1243,7 @@ pub fn grads_k53_reduce(t159: &[f32], t92: &[f32], t99: &[f32], t167: &mut [f32]
 }
 
 /// elementwise: mul, sqrt.d0 over [2, 8, 1].
-pub fn grads_k54_mul_sqrt_d0(t167: &[f32], t98: &[f32], t170: &mut [f32]) {
+pub fn grads_k53_mul_sqrt_d0(t167: &[f32], t98: &[f32], t170: &mut [f32]) {
     t170[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -1304,7 +1260,7 @@ pub fn grads_k54_mul_sqrt_d0(t167: &[f32], t98: &[f32], t170: &mut [f32]) {
 }
 
 /// elementwise: add, div.d0, mul over [2, 8, 16].
-pub fn grads_k55_add_div_d0_mul(
+pub fn grads_k54_add_div_d0_mul(
     t159: &[f32],
     t99: &[f32],
     t170: &[f32],
@@ -1329,7 +1285,7 @@ pub fn grads_k55_add_div_d0_mul(
 }
 
 /// reduce: neg, reduce_sum over [2, 8, 16].
-pub fn grads_k56_reduce(t176: &[f32], t178: &mut [f32]) {
+pub fn grads_k55_reduce(t176: &[f32], t178: &mut [f32]) {
     t178[0..16]
         .iter_mut()
         .enumerate()
@@ -1347,7 +1303,7 @@ pub fn grads_k56_reduce(t176: &[f32], t178: &mut [f32]) {
 }
 
 /// elementwise: mul over [2, 8, 1].
-pub fn grads_k57_mul(t178: &[f32], t179: &mut [f32]) {
+pub fn grads_k56_mul(t178: &[f32], t179: &mut [f32]) {
     t179[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -1362,7 +1318,7 @@ pub fn grads_k57_mul(t178: &[f32], t179: &mut [f32]) {
 }
 
 /// elementwise: add over [2, 8, 16].
-pub fn grads_k58_add(t176: &[f32], t179: &[f32], t182: &mut [f32]) {
+pub fn grads_k57_add(t176: &[f32], t179: &[f32], t182: &mut [f32]) {
     t182[0..256]
         .chunks_mut(16)
         .enumerate()
@@ -1378,7 +1334,7 @@ pub fn grads_k58_add(t176: &[f32], t179: &[f32], t182: &mut [f32]) {
 }
 
 /// reduce: reduce_sum over [2, 8, 16].
-pub fn grads_k59_reduce(t182: &[f32], t183: &mut [f32]) {
+pub fn grads_k58_reduce(t182: &[f32], t183: &mut [f32]) {
     t183[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -1399,89 +1355,65 @@ pub fn grads_k59_reduce(t182: &[f32], t183: &mut [f32]) {
         });
 }
 
-/// matmul: matmul over [2].
-pub fn grads_k60_matmul(t81: &[f32], t182: &[f32], t188: &mut [f32]) -> Result<(), rt::Error> {
+/// matmul: matmul.
+pub fn grads_k59_matmul(t81: &[f32], t182: &[f32], t190: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
-        2,
+        1,
         64,
         16,
-        8,
+        16,
         &t81[0..],
-        (512, 1, 64),
+        (0, 1, 64),
         &t182[0..],
-        (128, 16, 1),
-        &mut t188[0..],
-        (1024, 16, 1),
+        (0, 16, 1),
+        &mut t190[0..],
+        (0, 16, 1),
         false,
     )?;
     Ok(())
 }
 
-/// reduce: reduce_sum over [2, 64, 16].
-pub fn grads_k61_reduce(t188: &[f32], t189: &mut [f32]) {
-    t189[0..1024]
-        .chunks_mut(64)
-        .enumerate()
-        .for_each(|(part, out)| {
-            let j0 = part * 64;
-            let mut acc = [0.0_f64; 64];
-            let acc = &mut acc[..out.len()];
-            for i0 in 0..2 {
-                let x0_row = &t188[i0 * 1024 + j0..][..out.len()];
-                for (j, a) in acc.iter_mut().enumerate() {
-                    let x0 = x0_row[j];
-                    *a += f64::from(x0);
-                }
-            }
-            for (o, a) in out.iter_mut().zip(acc.iter()) {
-                *o = *a as f32;
-            }
-        });
-}
-
 /// matmul: matmul, gelu.d0, mul over [2].
-pub fn grads_k62_matmul_gelu_d0_mul(
+pub fn grads_k60_matmul_gelu_d0_mul(
     t182: &[f32],
     param_mlp_down_weight: &[f32],
     t80: &[f32],
     t186: &mut [f32],
     t192: &mut [f32],
 ) -> Result<(), rt::Error> {
-    rt::gemm::sgemm_batched(
-        2,
-        8,
+    let c = &mut t186[0..1024];
+    let o0 = &mut t192[0..1024];
+    rt::gemm::sgemm(
+        c.len() / 64,
         64,
         16,
         &t182[0..],
-        (128, 16, 1),
+        (16, 1),
         &param_mlp_down_weight[0..],
-        (0, 1, 16),
-        &mut t186[0..],
-        (512, 64, 1),
+        (1, 16),
+        c,
+        (64, 1),
         false,
     )?;
-    t192[0..1024]
-        .chunks_mut(1024)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let n = o0.len();
-            let x0_row = &t186[row * 1024..][..n];
-            let x1_row = &t80[row * 1024..][..n];
-            for j in 0..n {
-                let x0 = x0_row[j];
-                let x1 = x1_row[j];
-                let t0 = (0.5) * 2.0_f32.sqrt() * x1;
-                o0[j] = x0
-                    * (t0 * rt::math::exp(-0.5 * x1.powi(2)) / consts::PI.sqrt()
-                        + (0.5) * rt::math::erf(t0)
-                        + 0.5);
-            }
-        });
+    for (i, (c, o0)) in c.chunks(64).zip(o0.chunks_mut(64)).enumerate() {
+        let row = i;
+        let n = o0.len();
+        let x1_row = &t80[row * 64..][..n];
+        for j in 0..n {
+            let x0 = c[j];
+            let x1 = x1_row[j];
+            let t0 = (0.5) * 2.0_f32.sqrt() * x1;
+            o0[j] = x0
+                * (t0 * rt::math::exp(-0.5 * x1.powi(2)) / consts::PI.sqrt()
+                    + (0.5) * rt::math::erf(t0)
+                    + 0.5);
+        }
+    }
     Ok(())
 }
 
 /// reduce: reduce_sum over [2, 8, 64].
-pub fn grads_k63_reduce(t192: &[f32], t193: &mut [f32]) {
+pub fn grads_k61_reduce(t192: &[f32], t193: &mut [f32]) {
     t193[0..64]
         .chunks_mut(64)
         .enumerate()
@@ -1503,69 +1435,47 @@ pub fn grads_k63_reduce(t192: &[f32], t193: &mut [f32]) {
 }
 
 /// matmul: matmul over [2].
-pub fn grads_k64_matmul(
+pub fn grads_k62_matmul(
     t192: &[f32],
     param_mlp_up_weight: &[f32],
     t196: &mut [f32],
 ) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
-        2,
-        8,
+        1,
+        16,
         16,
         64,
         &t192[0..],
-        (512, 64, 1),
+        (0, 64, 1),
         &param_mlp_up_weight[0..],
         (0, 1, 64),
         &mut t196[0..],
-        (128, 16, 1),
+        (0, 16, 1),
         false,
     )?;
     Ok(())
 }
 
-/// matmul: matmul over [2].
-pub fn grads_k65_matmul(t76: &[f32], t192: &[f32], t198: &mut [f32]) -> Result<(), rt::Error> {
+/// matmul: matmul.
+pub fn grads_k63_matmul(t76: &[f32], t192: &[f32], t200: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
-        2,
+        1,
         16,
         64,
-        8,
+        16,
         &t76[0..],
-        (128, 1, 16),
+        (0, 1, 16),
         &t192[0..],
-        (512, 64, 1),
-        &mut t198[0..],
-        (1024, 64, 1),
+        (0, 64, 1),
+        &mut t200[0..],
+        (0, 64, 1),
         false,
     )?;
     Ok(())
-}
-
-/// reduce: reduce_sum over [2, 16, 64].
-pub fn grads_k66_reduce(t198: &[f32], t199: &mut [f32]) {
-    t199[0..1024]
-        .chunks_mut(64)
-        .enumerate()
-        .for_each(|(part, out)| {
-            let j0 = part * 64;
-            let mut acc = [0.0_f64; 64];
-            let acc = &mut acc[..out.len()];
-            for i0 in 0..2 {
-                let x0_row = &t198[i0 * 1024 + j0..][..out.len()];
-                for (j, a) in acc.iter_mut().enumerate() {
-                    let x0 = x0_row[j];
-                    *a += f64::from(x0);
-                }
-            }
-            for (o, a) in out.iter_mut().zip(acc.iter()) {
-                *o = *a as f32;
-            }
-        });
 }
 
 /// reduce: reduce_sum over [2, 8, 16].
-pub fn grads_k67_reduce(t196: &[f32], t201: &mut [f32]) {
+pub fn grads_k64_reduce(t196: &[f32], t201: &mut [f32]) {
     t201[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -1587,7 +1497,7 @@ pub fn grads_k67_reduce(t196: &[f32], t201: &mut [f32]) {
 }
 
 /// elementwise: mul over [2, 8, 16].
-pub fn grads_k68_mul(t196: &[f32], param_ln_mlp_weight: &[f32], t203: &mut [f32]) {
+pub fn grads_k65_mul(t196: &[f32], param_ln_mlp_weight: &[f32], t203: &mut [f32]) {
     t203[0..256]
         .chunks_mut(16)
         .enumerate()
@@ -1604,7 +1514,7 @@ pub fn grads_k68_mul(t196: &[f32], param_ln_mlp_weight: &[f32], t203: &mut [f32]
 }
 
 /// reduce: mul, reduce_sum over [2, 8, 16].
-pub fn grads_k69_reduce(t196: &[f32], t74: &[f32], t205: &mut [f32]) {
+pub fn grads_k66_reduce(t196: &[f32], t74: &[f32], t205: &mut [f32]) {
     t205[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -1628,7 +1538,7 @@ pub fn grads_k69_reduce(t196: &[f32], t74: &[f32], t205: &mut [f32]) {
 }
 
 /// reduce: div.d1, mul, reduce_sum over [2, 8, 16].
-pub fn grads_k70_reduce(t203: &[f32], t66: &[f32], t73: &[f32], t211: &mut [f32]) {
+pub fn grads_k67_reduce(t203: &[f32], t66: &[f32], t73: &[f32], t211: &mut [f32]) {
     t211[0..16]
         .iter_mut()
         .enumerate()
@@ -1649,7 +1559,7 @@ pub fn grads_k70_reduce(t203: &[f32], t66: &[f32], t73: &[f32], t211: &mut [f32]
 }
 
 /// elementwise: mul, sqrt.d0 over [2, 8, 1].
-pub fn grads_k71_mul_sqrt_d0(t211: &[f32], t72: &[f32], t214: &mut [f32]) {
+pub fn grads_k68_mul_sqrt_d0(t211: &[f32], t72: &[f32], t214: &mut [f32]) {
     t214[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -1666,7 +1576,7 @@ pub fn grads_k71_mul_sqrt_d0(t211: &[f32], t72: &[f32], t214: &mut [f32]) {
 }
 
 /// elementwise: add, div.d0, mul over [2, 8, 16].
-pub fn grads_k72_add_div_d0_mul(
+pub fn grads_k69_add_div_d0_mul(
     t203: &[f32],
     t73: &[f32],
     t214: &[f32],
@@ -1691,7 +1601,7 @@ pub fn grads_k72_add_div_d0_mul(
 }
 
 /// reduce: neg, reduce_sum over [2, 8, 16].
-pub fn grads_k73_reduce(t220: &[f32], t223: &mut [f32]) {
+pub fn grads_k70_reduce(t220: &[f32], t223: &mut [f32]) {
     t223[0..16]
         .iter_mut()
         .enumerate()
@@ -1709,7 +1619,7 @@ pub fn grads_k73_reduce(t220: &[f32], t223: &mut [f32]) {
 }
 
 /// elementwise: mul over [2, 8, 1].
-pub fn grads_k74_mul(t223: &[f32], t224: &mut [f32]) {
+pub fn grads_k71_mul(t223: &[f32], t224: &mut [f32]) {
     t224[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -1724,7 +1634,7 @@ pub fn grads_k74_mul(t223: &[f32], t224: &mut [f32]) {
 }
 
 /// elementwise: add over [2, 8, 16].
-pub fn grads_k75_add(t182: &[f32], t220: &[f32], t224: &[f32], t227: &mut [f32]) {
+pub fn grads_k72_add(t182: &[f32], t220: &[f32], t224: &[f32], t227: &mut [f32]) {
     t227[0..256]
         .chunks_mut(16)
         .enumerate()
@@ -1742,7 +1652,7 @@ pub fn grads_k75_add(t182: &[f32], t220: &[f32], t224: &[f32], t227: &mut [f32])
 }
 
 /// reduce: reduce_sum over [2, 8, 16].
-pub fn grads_k76_reduce(t227: &[f32], t228: &mut [f32]) {
+pub fn grads_k73_reduce(t227: &[f32], t228: &mut [f32]) {
     t228[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -1764,69 +1674,47 @@ pub fn grads_k76_reduce(t227: &[f32], t228: &mut [f32]) {
 }
 
 /// matmul: matmul over [2].
-pub fn grads_k77_matmul(
+pub fn grads_k74_matmul(
     t227: &[f32],
     param_attn_out_weight: &[f32],
     t231: &mut [f32],
 ) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
-        2,
-        8,
+        1,
+        16,
         16,
         16,
         &t227[0..],
-        (128, 16, 1),
+        (0, 16, 1),
         &param_attn_out_weight[0..],
         (0, 1, 16),
         &mut t231[0..],
-        (128, 16, 1),
+        (0, 16, 1),
         false,
     )?;
     Ok(())
 }
 
-/// matmul: matmul over [2].
-pub fn grads_k78_matmul(t54_c: &[f32], t227: &[f32], t233: &mut [f32]) -> Result<(), rt::Error> {
+/// matmul: matmul.
+pub fn grads_k75_matmul(t54_c: &[f32], t227: &[f32], t235: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
-        2,
+        1,
         16,
         16,
-        8,
+        16,
         &t54_c[0..],
-        (128, 1, 16),
+        (0, 1, 16),
         &t227[0..],
-        (128, 16, 1),
-        &mut t233[0..],
-        (256, 16, 1),
+        (0, 16, 1),
+        &mut t235[0..],
+        (0, 16, 1),
         false,
     )?;
     Ok(())
-}
-
-/// reduce: reduce_sum over [2, 16, 16].
-pub fn grads_k79_reduce(t233: &[f32], t234: &mut [f32]) {
-    t234[0..256]
-        .chunks_mut(64)
-        .enumerate()
-        .for_each(|(part, out)| {
-            let j0 = part * 64;
-            let mut acc = [0.0_f64; 64];
-            let acc = &mut acc[..out.len()];
-            for i0 in 0..2 {
-                let x0_row = &t233[i0 * 256 + j0..][..out.len()];
-                for (j, a) in acc.iter_mut().enumerate() {
-                    let x0 = x0_row[j];
-                    *a += f64::from(x0);
-                }
-            }
-            for (o, a) in out.iter_mut().zip(acc.iter()) {
-                *o = *a as f32;
-            }
-        });
 }
 
 /// matmul: matmul over [2, 2].
-pub fn grads_k80_matmul(t231: &[f32], t37: &[f32], t239: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k76_matmul(t231: &[f32], t37: &[f32], t239: &mut [f32]) -> Result<(), rt::Error> {
     for b0 in 0..2 {
         rt::gemm::sgemm_batched(
             2,
@@ -1846,7 +1734,7 @@ pub fn grads_k80_matmul(t231: &[f32], t37: &[f32], t239: &mut [f32]) -> Result<(
 }
 
 /// matmul: matmul over [2, 2].
-pub fn grads_k81_matmul(t52: &[f32], t231: &[f32], t241: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k77_matmul(t52: &[f32], t231: &[f32], t241: &mut [f32]) -> Result<(), rt::Error> {
     for b0 in 0..2 {
         rt::gemm::sgemm_batched(
             2,
@@ -1866,7 +1754,7 @@ pub fn grads_k81_matmul(t52: &[f32], t231: &[f32], t241: &mut [f32]) -> Result<(
 }
 
 /// reduce: div.d1, mul, reduce_sum over [2, 2, 8, 8].
-pub fn grads_k82_reduce(t239: &[f32], t50: &[f32], t51: &[f32], t246: &mut [f32]) {
+pub fn grads_k78_reduce(t239: &[f32], t50: &[f32], t51: &[f32], t246: &mut [f32]) {
     t246[0..32]
         .iter_mut()
         .enumerate()
@@ -1883,7 +1771,7 @@ pub fn grads_k82_reduce(t239: &[f32], t50: &[f32], t51: &[f32], t246: &mut [f32]
 }
 
 /// elementwise: add, div.d0, exp.d0, mul, where over [2, 2, 8, 8].
-pub fn grads_k83_add_div_d0_etc(
+pub fn grads_k79_add_div_d0_etc(
     c44: &[u8],
     t239: &[f32],
     t51: &[f32],
@@ -1916,7 +1804,7 @@ pub fn grads_k83_add_div_d0_etc(
 }
 
 /// matmul: matmul over [2, 2].
-pub fn grads_k84_matmul(t257: &[f32], t31: &[f32], t260: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k80_matmul(t257: &[f32], t31: &[f32], t260: &mut [f32]) -> Result<(), rt::Error> {
     for b0 in 0..2 {
         rt::gemm::sgemm_batched(
             2,
@@ -1936,7 +1824,7 @@ pub fn grads_k84_matmul(t257: &[f32], t31: &[f32], t260: &mut [f32]) -> Result<(
 }
 
 /// matmul: matmul over [2, 2].
-pub fn grads_k85_matmul(t25: &[f32], t257: &[f32], t262: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k81_matmul(t25: &[f32], t257: &[f32], t262: &mut [f32]) -> Result<(), rt::Error> {
     for b0 in 0..2 {
         rt::gemm::sgemm_batched(
             2,
@@ -1956,7 +1844,7 @@ pub fn grads_k85_matmul(t25: &[f32], t257: &[f32], t262: &mut [f32]) -> Result<(
 }
 
 /// elementwise: copy over [2, 8, 2, 8].
-pub fn grads_k86_copy(t241: &[f32], t264_c: &mut [f32]) {
+pub fn grads_k82_copy(t241: &[f32], t264_c: &mut [f32]) {
     t264_c[0..256]
         .chunks_mut(128)
         .enumerate()
@@ -1975,7 +1863,7 @@ pub fn grads_k86_copy(t241: &[f32], t264_c: &mut [f32]) {
 }
 
 /// reduce: reduce_sum over [2, 8, 16].
-pub fn grads_k87_reduce(t264_c: &[f32], t266: &mut [f32]) {
+pub fn grads_k83_reduce(t264_c: &[f32], t266: &mut [f32]) {
     t266[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -1996,48 +1884,8 @@ pub fn grads_k87_reduce(t264_c: &[f32], t266: &mut [f32]) {
         });
 }
 
-/// matmul: matmul over [2].
-pub fn grads_k88_matmul(t21: &[f32], t264_c: &[f32], t271: &mut [f32]) -> Result<(), rt::Error> {
-    rt::gemm::sgemm_batched(
-        2,
-        16,
-        16,
-        8,
-        &t21[0..],
-        (128, 1, 16),
-        &t264_c[0..],
-        (128, 16, 1),
-        &mut t271[0..],
-        (256, 16, 1),
-        false,
-    )?;
-    Ok(())
-}
-
-/// reduce: reduce_sum over [2, 16, 16].
-pub fn grads_k89_reduce(t271: &[f32], t272: &mut [f32]) {
-    t272[0..256]
-        .chunks_mut(64)
-        .enumerate()
-        .for_each(|(part, out)| {
-            let j0 = part * 64;
-            let mut acc = [0.0_f64; 64];
-            let acc = &mut acc[..out.len()];
-            for i0 in 0..2 {
-                let x0_row = &t271[i0 * 256 + j0..][..out.len()];
-                for (j, a) in acc.iter_mut().enumerate() {
-                    let x0 = x0_row[j];
-                    *a += f64::from(x0);
-                }
-            }
-            for (o, a) in out.iter_mut().zip(acc.iter()) {
-                *o = *a as f32;
-            }
-        });
-}
-
 /// elementwise: copy over [2, 8, 2, 8].
-pub fn grads_k90_copy(t260: &[f32], t285_c: &mut [f32]) {
+pub fn grads_k84_copy(t260: &[f32], t285_c: &mut [f32]) {
     t285_c[0..256]
         .chunks_mut(128)
         .enumerate()
@@ -2056,7 +1904,7 @@ pub fn grads_k90_copy(t260: &[f32], t285_c: &mut [f32]) {
 }
 
 /// reduce: reduce_sum over [2, 8, 16].
-pub fn grads_k91_reduce(t285_c: &[f32], t287: &mut [f32]) {
+pub fn grads_k85_reduce(t285_c: &[f32], t287: &mut [f32]) {
     t287[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -2078,70 +1926,48 @@ pub fn grads_k91_reduce(t285_c: &[f32], t287: &mut [f32]) {
 }
 
 /// matmul: matmul over [2].
-pub fn grads_k92_matmul(
+pub fn grads_k86_matmul(
     t285_c: &[f32],
     param_attn_q_weight: &[f32],
     t290: &mut [f32],
 ) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
-        2,
-        8,
+        1,
+        16,
         16,
         16,
         &t285_c[0..],
-        (128, 16, 1),
+        (0, 16, 1),
         &param_attn_q_weight[0..],
         (0, 1, 16),
         &mut t290[0..],
-        (128, 16, 1),
+        (0, 16, 1),
         false,
     )?;
     Ok(())
 }
 
-/// matmul: matmul over [2].
-pub fn grads_k93_matmul(t21: &[f32], t285_c: &[f32], t292: &mut [f32]) -> Result<(), rt::Error> {
+/// matmul: matmul.
+pub fn grads_k87_matmul(t21: &[f32], t264_c: &[f32], t273: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
-        2,
+        1,
         16,
         16,
-        8,
+        16,
         &t21[0..],
-        (128, 1, 16),
-        &t285_c[0..],
-        (128, 16, 1),
-        &mut t292[0..],
-        (256, 16, 1),
+        (0, 1, 16),
+        &t264_c[0..],
+        (0, 16, 1),
+        &mut t273[0..],
+        (0, 16, 1),
         false,
     )?;
     Ok(())
-}
-
-/// reduce: reduce_sum over [2, 16, 16].
-pub fn grads_k94_reduce(t292: &[f32], t294: &mut [f32]) {
-    t294[0..256]
-        .chunks_mut(64)
-        .enumerate()
-        .for_each(|(part, out)| {
-            let j0 = part * 64;
-            let mut acc = [0.0_f64; 64];
-            let acc = &mut acc[..out.len()];
-            for i0 in 0..2 {
-                let x0_row = &t292[i0 * 256 + j0..][..out.len()];
-                for (j, a) in acc.iter_mut().enumerate() {
-                    let x0 = x0_row[j];
-                    *a += f64::from(x0);
-                }
-            }
-            for (o, a) in out.iter_mut().zip(acc.iter()) {
-                *o = *a as f32;
-            }
-        });
 }
 
 /// elementwise: copy over [2, 8, 2, 8].
-pub fn grads_k95_copy(t262: &[f32], t485_c: &mut [f32]) {
-    t485_c[0..256]
+pub fn grads_k88_copy(t262: &[f32], t488_c: &mut [f32]) {
+    t488_c[0..256]
         .chunks_mut(128)
         .enumerate()
         .for_each(|(row, o0)| {
@@ -2157,7 +1983,7 @@ pub fn grads_k95_copy(t262: &[f32], t485_c: &mut [f32]) {
 }
 
 /// reduce: reduce_sum over [2, 8, 16].
-pub fn grads_k96_reduce(t485_c: &[f32], t276: &mut [f32]) {
+pub fn grads_k89_reduce(t488_c: &[f32], t276: &mut [f32]) {
     t276[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -2166,7 +1992,7 @@ pub fn grads_k96_reduce(t485_c: &[f32], t276: &mut [f32]) {
             let mut acc = [0.0_f64; 16];
             let acc = &mut acc[..out.len()];
             for i0 in 0..16 {
-                let x0_row = &t485_c[i0 * 16 + j0..][..out.len()];
+                let x0_row = &t488_c[i0 * 16 + j0..][..out.len()];
                 for (j, a) in acc.iter_mut().enumerate() {
                     let x0 = x0_row[j];
                     *a += f64::from(x0);
@@ -2179,109 +2005,67 @@ pub fn grads_k96_reduce(t485_c: &[f32], t276: &mut [f32]) {
 }
 
 /// matmul: matmul over [2].
-pub fn grads_k97_matmul(
-    t485_c: &[f32],
+pub fn grads_k90_matmul(
+    t488_c: &[f32],
     param_attn_k_weight: &[f32],
     t279: &mut [f32],
 ) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
-        2,
-        8,
+        1,
         16,
         16,
-        &t485_c[0..],
-        (128, 16, 1),
+        16,
+        &t488_c[0..],
+        (0, 16, 1),
         &param_attn_k_weight[0..],
         (0, 1, 16),
         &mut t279[0..],
-        (128, 16, 1),
+        (0, 16, 1),
         false,
     )?;
     Ok(())
-}
-
-/// matmul: matmul over [2].
-pub fn grads_k98_matmul(t21: &[f32], t485_c: &[f32], t281: &mut [f32]) -> Result<(), rt::Error> {
-    rt::gemm::sgemm_batched(
-        2,
-        16,
-        16,
-        8,
-        &t21[0..],
-        (128, 1, 16),
-        &t485_c[0..],
-        (128, 16, 1),
-        &mut t281[0..],
-        (256, 16, 1),
-        false,
-    )?;
-    Ok(())
-}
-
-/// reduce: reduce_sum over [2, 16, 16].
-pub fn grads_k99_reduce(t281: &[f32], t283: &mut [f32]) {
-    t283[0..256]
-        .chunks_mut(64)
-        .enumerate()
-        .for_each(|(part, out)| {
-            let j0 = part * 64;
-            let mut acc = [0.0_f64; 64];
-            let acc = &mut acc[..out.len()];
-            for i0 in 0..2 {
-                let x0_row = &t281[i0 * 256 + j0..][..out.len()];
-                for (j, a) in acc.iter_mut().enumerate() {
-                    let x0 = x0_row[j];
-                    *a += f64::from(x0);
-                }
-            }
-            for (o, a) in out.iter_mut().zip(acc.iter()) {
-                *o = *a as f32;
-            }
-        });
 }
 
 /// matmul: matmul, add over [2].
-pub fn grads_k100_matmul_add(
+pub fn grads_k91_matmul_add(
     t264_c: &[f32],
     param_attn_v_weight: &[f32],
     t279: &[f32],
     t290: &[f32],
     t269: &mut [f32],
-    t293: &mut [f32],
+    t295: &mut [f32],
 ) -> Result<(), rt::Error> {
-    rt::gemm::sgemm_batched(
-        2,
-        8,
+    let c = &mut t269[0..256];
+    let o0 = &mut t295[0..256];
+    rt::gemm::sgemm(
+        c.len() / 16,
         16,
         16,
         &t264_c[0..],
-        (128, 16, 1),
+        (16, 1),
         &param_attn_v_weight[0..],
-        (0, 1, 16),
-        &mut t269[0..],
-        (128, 16, 1),
+        (1, 16),
+        c,
+        (16, 1),
         false,
     )?;
-    t293[0..256]
-        .chunks_mut(256)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let n = o0.len();
-            let x0_row = &t269[row * 256..][..n];
-            let x1_row = &t279[row * 256..][..n];
-            let x2_row = &t290[row * 256..][..n];
-            for j in 0..n {
-                let x0 = x0_row[j];
-                let x1 = x1_row[j];
-                let x2 = x2_row[j];
-                o0[j] = x0 + x1 + x2;
-            }
-        });
+    for (i, (c, o0)) in c.chunks(16).zip(o0.chunks_mut(16)).enumerate() {
+        let row = i;
+        let n = o0.len();
+        let x1_row = &t279[row * 16..][..n];
+        let x2_row = &t290[row * 16..][..n];
+        for j in 0..n {
+            let x0 = c[j];
+            let x1 = x1_row[j];
+            let x2 = x2_row[j];
+            o0[j] = x0 + x1 + x2;
+        }
+    }
     Ok(())
 }
 
 /// reduce: reduce_sum over [2, 8, 16].
-pub fn grads_k101_reduce(t293: &[f32], t296: &mut [f32]) {
+pub fn grads_k92_reduce(t295: &[f32], t296: &mut [f32]) {
     t296[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -2290,7 +2074,7 @@ pub fn grads_k101_reduce(t293: &[f32], t296: &mut [f32]) {
             let mut acc = [0.0_f64; 16];
             let acc = &mut acc[..out.len()];
             for i0 in 0..16 {
-                let x0_row = &t293[i0 * 16 + j0..][..out.len()];
+                let x0_row = &t295[i0 * 16 + j0..][..out.len()];
                 for (j, a) in acc.iter_mut().enumerate() {
                     let x0 = x0_row[j];
                     *a += f64::from(x0);
@@ -2303,13 +2087,13 @@ pub fn grads_k101_reduce(t293: &[f32], t296: &mut [f32]) {
 }
 
 /// elementwise: mul over [2, 8, 16].
-pub fn grads_k102_mul(t293: &[f32], param_ln_attn_weight: &[f32], t298: &mut [f32]) {
+pub fn grads_k93_mul(t295: &[f32], param_ln_attn_weight: &[f32], t298: &mut [f32]) {
     t298[0..256]
         .chunks_mut(16)
         .enumerate()
         .for_each(|(row, o0)| {
             let n = o0.len();
-            let x0_row = &t293[row * 16..][..n];
+            let x0_row = &t295[row * 16..][..n];
             let x1_row = &param_ln_attn_weight[0..][..n];
             for j in 0..n {
                 let x0 = x0_row[j];
@@ -2320,7 +2104,7 @@ pub fn grads_k102_mul(t293: &[f32], param_ln_attn_weight: &[f32], t298: &mut [f3
 }
 
 /// reduce: mul, reduce_sum over [2, 8, 16].
-pub fn grads_k103_reduce(t293: &[f32], t19: &[f32], t300: &mut [f32]) {
+pub fn grads_k94_reduce(t295: &[f32], t19: &[f32], t300: &mut [f32]) {
     t300[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -2329,7 +2113,7 @@ pub fn grads_k103_reduce(t293: &[f32], t19: &[f32], t300: &mut [f32]) {
             let mut acc = [0.0_f64; 16];
             let acc = &mut acc[..out.len()];
             for i0 in 0..16 {
-                let x0_row = &t293[i0 * 16 + j0..][..out.len()];
+                let x0_row = &t295[i0 * 16 + j0..][..out.len()];
                 let x1_row = &t19[i0 * 16 + j0..][..out.len()];
                 for (j, a) in acc.iter_mut().enumerate() {
                     let x0 = x0_row[j];
@@ -2344,7 +2128,7 @@ pub fn grads_k103_reduce(t293: &[f32], t19: &[f32], t300: &mut [f32]) {
 }
 
 /// reduce: div.d1, mul, reduce_sum over [2, 8, 16].
-pub fn grads_k104_reduce(t298: &[f32], t11: &[f32], t18: &[f32], t306: &mut [f32]) {
+pub fn grads_k95_reduce(t298: &[f32], t11: &[f32], t18: &[f32], t306: &mut [f32]) {
     t306[0..16]
         .iter_mut()
         .enumerate()
@@ -2365,7 +2149,7 @@ pub fn grads_k104_reduce(t298: &[f32], t11: &[f32], t18: &[f32], t306: &mut [f32
 }
 
 /// elementwise: mul, sqrt.d0 over [2, 8, 1].
-pub fn grads_k105_mul_sqrt_d0(t306: &[f32], t17: &[f32], t309: &mut [f32]) {
+pub fn grads_k96_mul_sqrt_d0(t306: &[f32], t17: &[f32], t309: &mut [f32]) {
     t309[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -2382,7 +2166,7 @@ pub fn grads_k105_mul_sqrt_d0(t306: &[f32], t17: &[f32], t309: &mut [f32]) {
 }
 
 /// elementwise: add, div.d0, mul over [2, 8, 16].
-pub fn grads_k106_add_div_d0_mul(
+pub fn grads_k97_add_div_d0_mul(
     t298: &[f32],
     t18: &[f32],
     t309: &[f32],
@@ -2407,7 +2191,7 @@ pub fn grads_k106_add_div_d0_mul(
 }
 
 /// reduce: neg, reduce_sum over [2, 8, 16].
-pub fn grads_k107_reduce(t315: &[f32], t318: &mut [f32]) {
+pub fn grads_k98_reduce(t315: &[f32], t318: &mut [f32]) {
     t318[0..16]
         .iter_mut()
         .enumerate()
@@ -2425,7 +2209,7 @@ pub fn grads_k107_reduce(t315: &[f32], t318: &mut [f32]) {
 }
 
 /// elementwise: mul over [2, 8, 1].
-pub fn grads_k108_mul(t318: &[f32], t319: &mut [f32]) {
+pub fn grads_k99_mul(t318: &[f32], t319: &mut [f32]) {
     t319[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -2440,7 +2224,7 @@ pub fn grads_k108_mul(t318: &[f32], t319: &mut [f32]) {
 }
 
 /// elementwise: add over [2, 8, 16].
-pub fn grads_k109_add(t227: &[f32], t315: &[f32], t319: &[f32], t322: &mut [f32]) {
+pub fn grads_k100_add(t227: &[f32], t315: &[f32], t319: &[f32], t322: &mut [f32]) {
     t322[0..256]
         .chunks_mut(16)
         .enumerate()
@@ -2458,7 +2242,7 @@ pub fn grads_k109_add(t227: &[f32], t315: &[f32], t319: &[f32], t322: &mut [f32]
 }
 
 /// reduce: reduce_sum over [2, 8, 16].
-pub fn grads_k110_reduce(t322: &[f32], t323: &mut [f32]) {
+pub fn grads_k101_reduce(t322: &[f32], t323: &mut [f32]) {
     t323[0..128]
         .chunks_mut(64)
         .enumerate()
@@ -2480,12 +2264,48 @@ pub fn grads_k110_reduce(t322: &[f32], t323: &mut [f32]) {
 }
 
 /// scatter_add: scatter_add.
-pub fn grads_k111_scatter_add(
+pub fn grads_k102_scatter_add(
     input_ids: &[i32],
     t322: &[f32],
     t325: &mut [f32],
 ) -> Result<(), rt::Error> {
     rt::gather::scatter_add_rows(&input_ids[0..16], &t322[0..256], 16, &mut t325[0..320], 20)?;
+    Ok(())
+}
+
+/// matmul: matmul.
+pub fn grads_k103_matmul(t21: &[f32], t488_c: &[f32], t283: &mut [f32]) -> Result<(), rt::Error> {
+    rt::gemm::sgemm_batched(
+        1,
+        16,
+        16,
+        16,
+        &t21[0..],
+        (0, 1, 16),
+        &t488_c[0..],
+        (0, 16, 1),
+        &mut t283[0..],
+        (0, 16, 1),
+        false,
+    )?;
+    Ok(())
+}
+
+/// matmul: matmul.
+pub fn grads_k104_matmul(t21: &[f32], t285_c: &[f32], t294: &mut [f32]) -> Result<(), rt::Error> {
+    rt::gemm::sgemm_batched(
+        1,
+        16,
+        16,
+        16,
+        &t21[0..],
+        (0, 1, 16),
+        &t285_c[0..],
+        (0, 16, 1),
+        &mut t294[0..],
+        (0, 16, 1),
+        false,
+    )?;
     Ok(())
 }
 
@@ -2528,14 +2348,14 @@ pub fn train_k43_reduce(t111: &[u8], t114: &[f32], t116: &[f32], t121: &mut [f32
 }
 
 /// elementwise: mul, where over [16, 20].
-pub fn train_k46_mul_where(t111: &[u8], c490: &[f32], t136: &mut [f32]) {
+pub fn train_k46_mul_where(t111: &[u8], c495: &[f32], t136: &mut [f32]) {
     t136[0..320]
         .chunks_mut(20)
         .enumerate()
         .for_each(|(row, o0)| {
             let n = o0.len();
             let x0_row = &t111[row * 20..][..n];
-            let x1 = c490[row];
+            let x1 = c495[row];
             for j in 0..n {
                 let x0 = x0_row[j] != 0;
                 o0[j] = if x0 { x1 } else { 0.0 };
@@ -2543,31 +2363,8 @@ pub fn train_k46_mul_where(t111: &[u8], c490: &[f32], t136: &mut [f32]) {
         });
 }
 
-/// elementwise: add, mul, sub over [16, 16].
-pub fn train_k99_add_mul_sub(
-    t294: &[f32],
-    state_momentum_buffer_attn_q_weight: &mut [f32],
-    param_attn_q_weight: &mut [f32],
-) {
-    state_momentum_buffer_attn_q_weight[0..256]
-        .chunks_mut(256)
-        .zip(param_attn_q_weight[0..256].chunks_mut(256))
-        .enumerate()
-        .for_each(|(row, (o0, o1))| {
-            let n = o0.len();
-            let x1_row = &t294[row * 256..][..n];
-            for j in 0..n {
-                let x0 = o0[j];
-                let x1 = x1_row[j];
-                let x2 = o1[j];
-                o0[j] = 0.9 * x0 + x1;
-                o1[j] = -0.089999996 * x0 - 0.1 * x1 + x2;
-            }
-        });
-}
-
 /// elementwise: add, mul, sub over [16].
-pub fn train_k100_add_mul_sub(
+pub fn train_k87_add_mul_sub(
     t287: &[f32],
     state_momentum_buffer_attn_q_bias: &mut [f32],
     param_attn_q_bias: &mut [f32],
@@ -2590,7 +2387,7 @@ pub fn train_k100_add_mul_sub(
 }
 
 /// elementwise: add, mul, sub over [16].
-pub fn train_k101_add_mul_sub(
+pub fn train_k88_add_mul_sub(
     t266: &[f32],
     state_momentum_buffer_attn_v_bias: &mut [f32],
     param_attn_v_bias: &mut [f32],
@@ -2612,31 +2409,44 @@ pub fn train_k101_add_mul_sub(
         });
 }
 
-/// elementwise: add, mul, sub over [16, 16].
-pub fn train_k102_add_mul_sub(
-    t234: &[f32],
+/// matmul: matmul, add, mul, sub.
+pub fn train_k89_matmul_add_mul_sub(
+    t54_c: &[f32],
+    t227: &[f32],
+    t235: &mut [f32],
     state_momentum_buffer_attn_out_weight: &mut [f32],
     param_attn_out_weight: &mut [f32],
-) {
-    state_momentum_buffer_attn_out_weight[0..256]
-        .chunks_mut(256)
-        .zip(param_attn_out_weight[0..256].chunks_mut(256))
-        .enumerate()
-        .for_each(|(row, (o0, o1))| {
-            let n = o0.len();
-            let x1_row = &t234[row * 256..][..n];
-            for j in 0..n {
-                let x0 = o0[j];
-                let x1 = x1_row[j];
-                let x2 = o1[j];
-                o0[j] = 0.9 * x0 + x1;
-                o1[j] = -0.089999996 * x0 - 0.1 * x1 + x2;
-            }
-        });
+) -> Result<(), rt::Error> {
+    let c = &mut t235[0..256];
+    let o0 = &mut state_momentum_buffer_attn_out_weight[0..256];
+    let o1 = &mut param_attn_out_weight[0..256];
+    rt::gemm::sgemm(
+        c.len() / 16,
+        16,
+        16,
+        &t54_c[0..],
+        (1, 16),
+        &t227[0..],
+        (16, 1),
+        c,
+        (16, 1),
+        false,
+    )?;
+    for ((c, o0), o1) in c.chunks(16).zip(o0.chunks_mut(16)).zip(o1.chunks_mut(16)) {
+        let n = o0.len();
+        for j in 0..n {
+            let x0 = o0[j];
+            let x1 = c[j];
+            let x2 = o1[j];
+            o0[j] = 0.9 * x0 + x1;
+            o1[j] = -0.089999996 * x0 - 0.1 * x1 + x2;
+        }
+    }
+    Ok(())
 }
 
 /// elementwise: add, mul, sub over [16].
-pub fn train_k103_add_mul_sub(
+pub fn train_k90_add_mul_sub(
     t228: &[f32],
     state_momentum_buffer_attn_out_bias: &mut [f32],
     param_attn_out_bias: &mut [f32],
@@ -2659,7 +2469,7 @@ pub fn train_k103_add_mul_sub(
 }
 
 /// elementwise: add, mul, sub over [16].
-pub fn train_k104_add_mul_sub(
+pub fn train_k91_add_mul_sub(
     t205: &[f32],
     state_momentum_buffer_ln_mlp_weight: &mut [f32],
     param_ln_mlp_weight: &mut [f32],
@@ -2682,7 +2492,7 @@ pub fn train_k104_add_mul_sub(
 }
 
 /// elementwise: add, mul, sub over [16].
-pub fn train_k105_add_mul_sub(
+pub fn train_k92_add_mul_sub(
     t201: &[f32],
     state_momentum_buffer_ln_mlp_bias: &mut [f32],
     param_ln_mlp_bias: &mut [f32],
@@ -2704,31 +2514,44 @@ pub fn train_k105_add_mul_sub(
         });
 }
 
-/// elementwise: add, mul, sub over [16, 64].
-pub fn train_k106_add_mul_sub(
-    t199: &[f32],
+/// matmul: matmul, add, mul, sub.
+pub fn train_k93_matmul_add_mul_sub(
+    t76: &[f32],
+    t192: &[f32],
+    t200: &mut [f32],
     state_momentum_buffer_mlp_up_weight: &mut [f32],
     param_mlp_up_weight: &mut [f32],
-) {
-    state_momentum_buffer_mlp_up_weight[0..1024]
-        .chunks_mut(1024)
-        .zip(param_mlp_up_weight[0..1024].chunks_mut(1024))
-        .enumerate()
-        .for_each(|(row, (o0, o1))| {
-            let n = o0.len();
-            let x1_row = &t199[row * 1024..][..n];
-            for j in 0..n {
-                let x0 = o0[j];
-                let x1 = x1_row[j];
-                let x2 = o1[j];
-                o0[j] = 0.9 * x0 + x1;
-                o1[j] = -0.089999996 * x0 - 0.1 * x1 + x2;
-            }
-        });
+) -> Result<(), rt::Error> {
+    let c = &mut t200[0..1024];
+    let o0 = &mut state_momentum_buffer_mlp_up_weight[0..1024];
+    let o1 = &mut param_mlp_up_weight[0..1024];
+    rt::gemm::sgemm(
+        c.len() / 64,
+        64,
+        16,
+        &t76[0..],
+        (1, 16),
+        &t192[0..],
+        (64, 1),
+        c,
+        (64, 1),
+        false,
+    )?;
+    for ((c, o0), o1) in c.chunks(64).zip(o0.chunks_mut(64)).zip(o1.chunks_mut(64)) {
+        let n = o0.len();
+        for j in 0..n {
+            let x0 = o0[j];
+            let x1 = c[j];
+            let x2 = o1[j];
+            o0[j] = 0.9 * x0 + x1;
+            o1[j] = -0.089999996 * x0 - 0.1 * x1 + x2;
+        }
+    }
+    Ok(())
 }
 
 /// elementwise: add, mul, sub over [64].
-pub fn train_k107_add_mul_sub(
+pub fn train_k94_add_mul_sub(
     t193: &[f32],
     state_momentum_buffer_mlp_up_bias: &mut [f32],
     param_mlp_up_bias: &mut [f32],
@@ -2750,31 +2573,44 @@ pub fn train_k107_add_mul_sub(
         });
 }
 
-/// elementwise: add, mul, sub over [64, 16].
-pub fn train_k108_add_mul_sub(
-    t189: &[f32],
+/// matmul: matmul, add, mul, sub.
+pub fn train_k95_matmul_add_mul_sub(
+    t81: &[f32],
+    t182: &[f32],
+    t190: &mut [f32],
     state_momentum_buffer_mlp_down_weight: &mut [f32],
     param_mlp_down_weight: &mut [f32],
-) {
-    state_momentum_buffer_mlp_down_weight[0..1024]
-        .chunks_mut(1024)
-        .zip(param_mlp_down_weight[0..1024].chunks_mut(1024))
-        .enumerate()
-        .for_each(|(row, (o0, o1))| {
-            let n = o0.len();
-            let x1_row = &t189[row * 1024..][..n];
-            for j in 0..n {
-                let x0 = o0[j];
-                let x1 = x1_row[j];
-                let x2 = o1[j];
-                o0[j] = 0.9 * x0 + x1;
-                o1[j] = -0.089999996 * x0 - 0.1 * x1 + x2;
-            }
-        });
+) -> Result<(), rt::Error> {
+    let c = &mut t190[0..1024];
+    let o0 = &mut state_momentum_buffer_mlp_down_weight[0..1024];
+    let o1 = &mut param_mlp_down_weight[0..1024];
+    rt::gemm::sgemm(
+        c.len() / 16,
+        16,
+        16,
+        &t81[0..],
+        (1, 64),
+        &t182[0..],
+        (16, 1),
+        c,
+        (16, 1),
+        false,
+    )?;
+    for ((c, o0), o1) in c.chunks(16).zip(o0.chunks_mut(16)).zip(o1.chunks_mut(16)) {
+        let n = o0.len();
+        for j in 0..n {
+            let x0 = o0[j];
+            let x1 = c[j];
+            let x2 = o1[j];
+            o0[j] = 0.9 * x0 + x1;
+            o1[j] = -0.089999996 * x0 - 0.1 * x1 + x2;
+        }
+    }
+    Ok(())
 }
 
 /// elementwise: add, mul, sub over [16].
-pub fn train_k109_add_mul_sub(
+pub fn train_k96_add_mul_sub(
     t183: &[f32],
     state_momentum_buffer_mlp_down_bias: &mut [f32],
     param_mlp_down_bias: &mut [f32],
@@ -2797,7 +2633,7 @@ pub fn train_k109_add_mul_sub(
 }
 
 /// elementwise: add, mul, sub over [16].
-pub fn train_k110_add_mul_sub(
+pub fn train_k97_add_mul_sub(
     t161: &[f32],
     state_momentum_buffer_ln_out_weight: &mut [f32],
     param_ln_out_weight: &mut [f32],
@@ -2820,7 +2656,7 @@ pub fn train_k110_add_mul_sub(
 }
 
 /// elementwise: add, mul, sub over [16].
-pub fn train_k111_add_mul_sub(
+pub fn train_k98_add_mul_sub(
     t157: &[f32],
     state_momentum_buffer_ln_out_bias: &mut [f32],
     param_ln_out_bias: &mut [f32],
@@ -2842,31 +2678,44 @@ pub fn train_k111_add_mul_sub(
         });
 }
 
-/// elementwise: add, mul, sub over [16, 20].
-pub fn train_k112_add_mul_sub(
-    t155: &[f32],
+/// matmul: matmul, add, mul, sub.
+pub fn train_k99_matmul_add_mul_sub(
+    t102: &[f32],
+    t145: &[f32],
+    t156: &mut [f32],
     state_momentum_buffer_head_weight: &mut [f32],
     param_head_weight: &mut [f32],
-) {
-    state_momentum_buffer_head_weight[0..320]
-        .chunks_mut(320)
-        .zip(param_head_weight[0..320].chunks_mut(320))
-        .enumerate()
-        .for_each(|(row, (o0, o1))| {
-            let n = o0.len();
-            let x1_row = &t155[row * 320..][..n];
-            for j in 0..n {
-                let x0 = o0[j];
-                let x1 = x1_row[j];
-                let x2 = o1[j];
-                o0[j] = 0.9 * x0 + x1;
-                o1[j] = -0.089999996 * x0 - 0.1 * x1 + x2;
-            }
-        });
+) -> Result<(), rt::Error> {
+    let c = &mut t156[0..320];
+    let o0 = &mut state_momentum_buffer_head_weight[0..320];
+    let o1 = &mut param_head_weight[0..320];
+    rt::gemm::sgemm(
+        c.len() / 20,
+        20,
+        16,
+        &t102[0..],
+        (1, 16),
+        &t145[0..],
+        (20, 1),
+        c,
+        (20, 1),
+        false,
+    )?;
+    for ((c, o0), o1) in c.chunks(20).zip(o0.chunks_mut(20)).zip(o1.chunks_mut(20)) {
+        let n = o0.len();
+        for j in 0..n {
+            let x0 = o0[j];
+            let x1 = c[j];
+            let x2 = o1[j];
+            o0[j] = 0.9 * x0 + x1;
+            o1[j] = -0.089999996 * x0 - 0.1 * x1 + x2;
+        }
+    }
+    Ok(())
 }
 
 /// elementwise: add, mul, sub over [20].
-pub fn train_k113_add_mul_sub(
+pub fn train_k100_add_mul_sub(
     t149: &[f32],
     state_momentum_buffer_head_bias: &mut [f32],
     param_head_bias: &mut [f32],
@@ -2888,31 +2737,44 @@ pub fn train_k113_add_mul_sub(
         });
 }
 
-/// elementwise: add, mul, sub over [16, 16].
-pub fn train_k120_add_mul_sub(
-    t272: &[f32],
+/// matmul: matmul, add, mul, sub.
+pub fn train_k105_matmul_add_mul_sub(
+    t21: &[f32],
+    t264_c: &[f32],
+    t273: &mut [f32],
     state_momentum_buffer_attn_v_weight: &mut [f32],
     param_attn_v_weight: &mut [f32],
-) {
-    state_momentum_buffer_attn_v_weight[0..256]
-        .chunks_mut(256)
-        .zip(param_attn_v_weight[0..256].chunks_mut(256))
-        .enumerate()
-        .for_each(|(row, (o0, o1))| {
-            let n = o0.len();
-            let x1_row = &t272[row * 256..][..n];
-            for j in 0..n {
-                let x0 = o0[j];
-                let x1 = x1_row[j];
-                let x2 = o1[j];
-                o0[j] = 0.9 * x0 + x1;
-                o1[j] = -0.089999996 * x0 - 0.1 * x1 + x2;
-            }
-        });
+) -> Result<(), rt::Error> {
+    let c = &mut t273[0..256];
+    let o0 = &mut state_momentum_buffer_attn_v_weight[0..256];
+    let o1 = &mut param_attn_v_weight[0..256];
+    rt::gemm::sgemm(
+        c.len() / 16,
+        16,
+        16,
+        &t21[0..],
+        (1, 16),
+        &t264_c[0..],
+        (16, 1),
+        c,
+        (16, 1),
+        false,
+    )?;
+    for ((c, o0), o1) in c.chunks(16).zip(o0.chunks_mut(16)).zip(o1.chunks_mut(16)) {
+        let n = o0.len();
+        for j in 0..n {
+            let x0 = o0[j];
+            let x1 = c[j];
+            let x2 = o1[j];
+            o0[j] = 0.9 * x0 + x1;
+            o1[j] = -0.089999996 * x0 - 0.1 * x1 + x2;
+        }
+    }
+    Ok(())
 }
 
 /// elementwise: add, mul, sub over [20, 16].
-pub fn train_k132_add_mul_sub(
+pub fn train_k117_add_mul_sub(
     t325: &[f32],
     state_momentum_buffer_tok_emb_weight: &mut [f32],
     param_tok_emb_weight: &mut [f32],
@@ -2935,7 +2797,7 @@ pub fn train_k132_add_mul_sub(
 }
 
 /// elementwise: add, mul, sub over [8, 16].
-pub fn train_k133_add_mul_sub(
+pub fn train_k118_add_mul_sub(
     t323: &[f32],
     state_momentum_buffer_pos_emb: &mut [f32],
     param_pos_emb: &mut [f32],
@@ -2958,7 +2820,7 @@ pub fn train_k133_add_mul_sub(
 }
 
 /// elementwise: add, mul, sub over [16].
-pub fn train_k134_add_mul_sub(
+pub fn train_k119_add_mul_sub(
     t300: &[f32],
     state_momentum_buffer_ln_attn_weight: &mut [f32],
     param_ln_attn_weight: &mut [f32],
@@ -2981,7 +2843,7 @@ pub fn train_k134_add_mul_sub(
 }
 
 /// elementwise: add, mul, sub over [16].
-pub fn train_k135_add_mul_sub(
+pub fn train_k120_add_mul_sub(
     t296: &[f32],
     state_momentum_buffer_ln_attn_bias: &mut [f32],
     param_ln_attn_bias: &mut [f32],
@@ -3003,31 +2865,8 @@ pub fn train_k135_add_mul_sub(
         });
 }
 
-/// elementwise: add, mul, sub over [16, 16].
-pub fn train_k136_add_mul_sub(
-    t283: &[f32],
-    state_momentum_buffer_attn_k_weight: &mut [f32],
-    param_attn_k_weight: &mut [f32],
-) {
-    state_momentum_buffer_attn_k_weight[0..256]
-        .chunks_mut(256)
-        .zip(param_attn_k_weight[0..256].chunks_mut(256))
-        .enumerate()
-        .for_each(|(row, (o0, o1))| {
-            let n = o0.len();
-            let x1_row = &t283[row * 256..][..n];
-            for j in 0..n {
-                let x0 = o0[j];
-                let x1 = x1_row[j];
-                let x2 = o1[j];
-                o0[j] = 0.9 * x0 + x1;
-                o1[j] = -0.089999996 * x0 - 0.1 * x1 + x2;
-            }
-        });
-}
-
 /// elementwise: add, mul, sub over [16].
-pub fn train_k137_add_mul_sub(
+pub fn train_k121_add_mul_sub(
     t276: &[f32],
     state_momentum_buffer_attn_k_bias: &mut [f32],
     param_attn_k_bias: &mut [f32],
@@ -3047,4 +2886,76 @@ pub fn train_k137_add_mul_sub(
                 o1[j] = -0.089999996 * x0 - 0.1 * x1 + x2;
             }
         });
+}
+
+/// matmul: matmul, add, mul, sub.
+pub fn train_k122_matmul_add_mul_sub(
+    t21: &[f32],
+    t488_c: &[f32],
+    t283: &mut [f32],
+    state_momentum_buffer_attn_k_weight: &mut [f32],
+    param_attn_k_weight: &mut [f32],
+) -> Result<(), rt::Error> {
+    let c = &mut t283[0..256];
+    let o0 = &mut state_momentum_buffer_attn_k_weight[0..256];
+    let o1 = &mut param_attn_k_weight[0..256];
+    rt::gemm::sgemm(
+        c.len() / 16,
+        16,
+        16,
+        &t21[0..],
+        (1, 16),
+        &t488_c[0..],
+        (16, 1),
+        c,
+        (16, 1),
+        false,
+    )?;
+    for ((c, o0), o1) in c.chunks(16).zip(o0.chunks_mut(16)).zip(o1.chunks_mut(16)) {
+        let n = o0.len();
+        for j in 0..n {
+            let x0 = o0[j];
+            let x1 = c[j];
+            let x2 = o1[j];
+            o0[j] = 0.9 * x0 + x1;
+            o1[j] = -0.089999996 * x0 - 0.1 * x1 + x2;
+        }
+    }
+    Ok(())
+}
+
+/// matmul: matmul, add, mul, sub.
+pub fn train_k123_matmul_add_mul_sub(
+    t21: &[f32],
+    t285_c: &[f32],
+    t294: &mut [f32],
+    state_momentum_buffer_attn_q_weight: &mut [f32],
+    param_attn_q_weight: &mut [f32],
+) -> Result<(), rt::Error> {
+    let c = &mut t294[0..256];
+    let o0 = &mut state_momentum_buffer_attn_q_weight[0..256];
+    let o1 = &mut param_attn_q_weight[0..256];
+    rt::gemm::sgemm(
+        c.len() / 16,
+        16,
+        16,
+        &t21[0..],
+        (1, 16),
+        &t285_c[0..],
+        (16, 1),
+        c,
+        (16, 1),
+        false,
+    )?;
+    for ((c, o0), o1) in c.chunks(16).zip(o0.chunks_mut(16)).zip(o1.chunks_mut(16)) {
+        let n = o0.len();
+        for j in 0..n {
+            let x0 = o0[j];
+            let x1 = c[j];
+            let x2 = o1[j];
+            o0[j] = 0.9 * x0 + x1;
+            o1[j] = -0.089999996 * x0 - 0.1 * x1 + x2;
+        }
+    }
+    Ok(())
 }

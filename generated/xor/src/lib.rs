@@ -247,7 +247,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `xor_net`.
-#[pyclass(module = "fg_xor_net_3381e50a421b")]
+#[pyclass(module = "fg_xor_net_11387d6b4cb7")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -386,8 +386,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_xor_net_3381e50a421b(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_xor_net_3381e50a421b")?;
+fn fg_xor_net_11387d6b4cb7(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_xor_net_11387d6b4cb7")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

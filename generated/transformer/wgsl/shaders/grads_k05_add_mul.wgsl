@@ -9,5 +9,5 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
         return;
     }
     let x0 = f32s[8320 + i];
-    f32s[17728 + i] = 0.0625*x0 + 0.00001;
+    f32s[16448 + i] = 0.0625*x0 + 0.00001;
 }

@@ -8,6 +8,6 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (i >= 16u) {
         return;
     }
-    let x0 = f32s[17728 + i];
-    f32s[17744 + i] = sqrt(x0);
+    let x0 = f32s[16448 + i];
+    f32s[16464 + i] = sqrt(x0);
 }

@@ -10,7 +10,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     let c0 = i / 16u;
     let c1 = i % 16u;
-    let x0 = f32s[13760 + c0 * 16 + c1];
-    let x1 = f32s[17744 + c0];
-    f32s[14016 + c0 * 16 + c1] = x0/x1;
+    let x0 = f32s[12736 + c0 * 16 + c1];
+    let x1 = f32s[16464 + c0];
+    f32s[12992 + c0 * 16 + c1] = x0/x1;
 }

@@ -10,8 +10,8 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     let c0 = i / 16u;
     let c1 = i % 16u;
-    let x0 = f32s[14016 + c0 * 16 + c1];
+    let x0 = f32s[12992 + c0 * 16 + c1];
     let x1 = f32s[448 + c1];
     let x2 = f32s[464 + c1];
-    f32s[14272 + c0 * 16 + c1] = x0*x1 + x2;
+    f32s[13248 + c0 * 16 + c1] = x0*x1 + x2;
 }

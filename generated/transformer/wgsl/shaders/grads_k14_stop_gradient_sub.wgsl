@@ -12,5 +12,5 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     let c1 = i % 8u;
     let x0 = f32s[8832 + c0 * 8 + c1];
     let x1 = f32s[8320 + c0];
-    f32s[15296 + c0 * 8 + c1] = x0 - x1;
+    f32s[14272 + c0 * 8 + c1] = x0 - x1;
 }

@@ -8,6 +8,6 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (i >= 256u) {
         return;
     }
-    let x0 = f32s[15296 + i];
-    f32s[15552 + i] = exp(x0);
+    let x0 = f32s[14272 + i];
+    f32s[14528 + i] = exp(x0);
 }

@@ -10,7 +10,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     let c0 = i / 8u;
     let c1 = i % 8u;
-    let x0 = f32s[15552 + c0 * 8 + c1];
-    let x1 = f32s[17664 + c0];
-    f32s[15808 + c0 * 8 + c1] = x0/x1;
+    let x0 = f32s[14528 + c0 * 8 + c1];
+    let x1 = f32s[16384 + c0];
+    f32s[14784 + c0 * 8 + c1] = x0/x1;
 }

@@ -13,5 +13,5 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     let c2 = i / 8u % 2u;
     let c3 = i % 8u;
     let x0 = f32s[8320 + c0 * 128 + c1 * 8 + c2 * 64 + c3];
-    f32s[16064 + c0 * 128 + c1 * 16 + c2 * 8 + c3] = x0;
+    f32s[15040 + c0 * 128 + c1 * 16 + c2 * 8 + c3] = x0;
 }

@@ -8,6 +8,6 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (i >= 16u) {
         return;
     }
-    let x0 = f32s[17760 + i];
-    f32s[17776 + i] = sqrt(x0);
+    let x0 = f32s[16480 + i];
+    f32s[16496 + i] = sqrt(x0);
 }

@@ -10,7 +10,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     let c0 = i / 16u;
     let c1 = i % 16u;
-    let x0 = f32s[16320 + c0 * 16 + c1];
-    let x1 = f32s[17776 + c0];
-    f32s[16576 + c0 * 16 + c1] = x0/x1;
+    let x0 = f32s[15296 + c0 * 16 + c1];
+    let x1 = f32s[16496 + c0];
+    f32s[15552 + c0 * 16 + c1] = x0/x1;
 }

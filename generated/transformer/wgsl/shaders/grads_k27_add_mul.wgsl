@@ -10,8 +10,8 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     let c0 = i / 16u;
     let c1 = i % 16u;
-    let x0 = f32s[16576 + c0 * 16 + c1];
+    let x0 = f32s[15552 + c0 * 16 + c1];
     let x1 = f32s[1568 + c1];
     let x2 = f32s[1584 + c1];
-    f32s[16832 + c0 * 16 + c1] = x0*x1 + x2;
+    f32s[15808 + c0 * 16 + c1] = x0*x1 + x2;
 }

@@ -12,5 +12,5 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     let c1 = i % 64u;
     let x0 = f32s[8320 + c0 * 64 + c1];
     let x1 = f32s[2624 + c1];
-    f32s[10368 + c0 * 64 + c1] = x0 + x1;
+    f32s[9344 + c0 * 64 + c1] = x0 + x1;
 }

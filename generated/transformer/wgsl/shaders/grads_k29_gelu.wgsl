@@ -19,7 +19,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (i >= 1024u) {
         return;
     }
-    let x0 = f32s[10368 + i];
+    let x0 = f32s[9344 + i];
     let t0 = (0.5)*x0;
-    f32s[11392 + i] = t0*(fg_erf(sqrt(2.0)*t0) + 1.0);
+    f32s[8320 + i] = t0*(fg_erf(sqrt(2.0)*t0) + 1.0);
 }

@@ -8,6 +8,6 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (i >= 16u) {
         return;
     }
-    let x0 = f32s[8320 + i];
-    f32s[10304 + i] = 0.0625*x0 + 0.00001;
+    let x0 = f32s[10368 + i];
+    f32s[12096 + i] = 0.0625*x0 + 0.00001;
 }

@@ -8,6 +8,6 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (i >= 16u) {
         return;
     }
-    let x0 = f32s[10304 + i];
-    f32s[10320 + i] = sqrt(x0);
+    let x0 = f32s[12096 + i];
+    f32s[12112 + i] = sqrt(x0);
 }

@@ -10,7 +10,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     let c0 = i / 16u;
     let c1 = i % 16u;
-    let x0 = f32s[9280 + c0 * 16 + c1];
-    let x1 = f32s[10320 + c0];
-    f32s[9536 + c0 * 16 + c1] = x0/x1;
+    let x0 = f32s[11328 + c0 * 16 + c1];
+    let x1 = f32s[12112 + c0];
+    f32s[11584 + c0 * 16 + c1] = x0/x1;
 }

@@ -10,8 +10,8 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     let c0 = i / 16u;
     let c1 = i % 16u;
-    let x0 = f32s[9536 + c0 * 16 + c1];
+    let x0 = f32s[11584 + c0 * 16 + c1];
     let x1 = f32s[3728 + c1];
     let x2 = f32s[3744 + c1];
-    f32s[9792 + c0 * 16 + c1] = x0*x1 + x2;
+    f32s[11840 + c0 * 16 + c1] = x0*x1 + x2;
 }

@@ -19,7 +19,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
         var va = 0.0;
         var vb = 0.0;
         if (row < 8u && ka < 16u) {
-            va = f32s[9792 + (g / 2u) * 128 + row * 16 + ka];
+            va = f32s[11840 + (g / 2u) * 128 + row * 16 + ka];
         }
         if (kb < 16u && col < 20u) {
             vb = f32s[3760 + kb * 20 + col];
@@ -33,6 +33,6 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
         workgroupBarrier();
     }
     if (row < 8u && col < 20u) {
-        f32s[8320 + (g / 2u) * 160 + row * 20 + col] = acc;
+        f32s[10368 + (g / 2u) * 160 + row * 20 + col] = acc;
     }
 }

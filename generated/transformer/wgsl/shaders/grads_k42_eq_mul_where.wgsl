@@ -13,6 +13,6 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     let c1 = i % 20u;
     let x0 = i32s[128 + c0];
     let x1 = i32s[c1];
-    let x2 = f32s[17856 + c0];
-    f32s[8640 + c0 * 20 + c1] = select(0.0, x2, x0 == x1);
+    let x2 = f32s[16832 + c0];
+    f32s[10688 + c0 * 20 + c1] = select(0.0, x2, x0 == x1);
 }

@@ -8,7 +8,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (i >= 16u) {
         return;
     }
-    let x0 = f32s[8976 + i];
-    let x1 = f32s[8960 + i];
-    f32s[10048 + i] = x0/x1;
+    let x0 = f32s[11024 + i];
+    let x1 = f32s[11008 + i];
+    f32s[12128 + i] = x0/x1;
 }

@@ -10,8 +10,8 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     let c0 = i / 20u;
     let c1 = i % 20u;
-    let x0 = f32s[8640 + c0 * 20 + c1];
-    let x1 = f32s[10048 + c0];
-    let x2 = f32s[8320 + c0 * 20 + c1];
-    f32s[8960 + c0 * 20 + c1] = x0 + x1*exp(x2);
+    let x0 = f32s[10688 + c0 * 20 + c1];
+    let x1 = f32s[12128 + c0];
+    let x2 = f32s[10368 + c0 * 20 + c1];
+    f32s[11008 + c0 * 20 + c1] = x0 + x1*exp(x2);
 }

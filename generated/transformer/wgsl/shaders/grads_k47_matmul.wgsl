@@ -19,7 +19,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
         var va = 0.0;
         var vb = 0.0;
         if (row < 8u && ka < 20u) {
-            va = f32s[8960 + g * 160 + row * 20 + ka];
+            va = f32s[11008 + g * 160 + row * 20 + ka];
         }
         if (kb < 20u && col < 16u) {
             vb = f32s[3760 + kb + col * 20];
@@ -33,6 +33,6 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
         workgroupBarrier();
     }
     if (row < 8u && col < 16u) {
-        f32s[10048 + g * 128 + row * 16 + col] = acc;
+        f32s[10368 + g * 128 + row * 16 + col] = acc;
     }
 }

@@ -13,8 +13,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     var acc = 0.0;
     for (var j = lane; j < 20u; j = j + 64u) {
         let x0 = bools[row * 20 + j] != 0u;
-        let x1 = f32s[8320 + row * 20 + j];
-        let x2 = f32s[8960 + row];
+        let x1 = f32s[10368 + row * 20 + j];
+        let x2 = f32s[11040 + row];
         acc = acc + select(0.0, x1 - log(x2), x0);
     }
     partial[lane] = acc;
@@ -26,6 +26,6 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         workgroupBarrier();
     }
     if (lane == 0u) {
-        f32s[8640 + row] = partial[0];
+        f32s[10688 + row] = partial[0];
     }
 }

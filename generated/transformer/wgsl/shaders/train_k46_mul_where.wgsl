@@ -12,6 +12,6 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     let c0 = i / 20u;
     let c1 = i % 20u;
     let x0 = bools[c0 * 20 + c1] != 0u;
-    let x1 = f32s[17856 + c0];
-    f32s[8640 + c0 * 20 + c1] = select(0.0, x1, x0);
+    let x1 = f32s[16832 + c0];
+    f32s[10688 + c0 * 20 + c1] = select(0.0, x1, x0);
 }
