@@ -12,6 +12,9 @@ outputs) and "grads" (the gradients). The rules, in order of application:
   A scalar is recomputed inside a bigger group. Each group is one kernel with
   one sympy expression per output.
 - A reduction absorbs the elementwise ops that only feed it (its prologue).
+- A cheap elementwise node (a comparison, a cast, an add) read by a few kernels
+  is recomputed inside each of them instead of written to memory once (max
+  pooling's gradient mask, read by the tie count and by the gradient itself).
 - Matmul reads both operands through views (a transpose is just strides). When
   every user of a product is in one elementwise kernel over the product's shape,
   that kernel becomes the matmul's epilogue (bias, activation, an optimizer update
@@ -55,6 +58,12 @@ from .kernel_ir import (
 MOVEMENT = ("reshape", "transpose", "expand", "slice")
 RECOMPUTE_LIMIT = 64  # fuse a broadcast producer while it is recomputed at most this often
 REDUCE = ("reduce_sum", "reduce_max")
+# Elementwise ops cheap enough to compute again in each kernel that reads them,
+# rather than once into memory that every reader then loads.
+CHEAP = frozenset({"neg", "abs", "sign", "relu", "add", "sub", "mul", "maximum", "minimum",
+                   "lt", "le", "gt", "ge", "eq", "ne", "logical_and", "logical_or",
+                   "logical_not", "where", "cast", "stop_gradient"})
+RECOMPUTE_READERS = 3  # kernels a cheap node is recomputed in, at most
 
 
 @dataclass
@@ -99,6 +108,8 @@ class _Scheduler:
         self.kernel_writes: list[set[int]] = []
         self.log: list[str] = []
         self.epilogues: dict[int, _Group] = {}  # matmul node -> its epilogue's group
+        # cheap node -> the groups it is computed inside (those of its readers)
+        self.recomputed: dict[int, dict[int, _Group]] = {}
         self.pending: dict[int, tuple[Matmul, set[int], set[int]]] = {}  # by id(group)
         # persistent name -> update node, for the updates this entry writes back
         self.updates = {k.split(":", 1)[1]: v for k, v in self.roots.items()
@@ -122,11 +133,37 @@ class _Scheduler:
                     group_of[n.id] = g_join
                     self.log.append(f"  {self._desc(n)} fused into the group of "
                                     f"%{g_join.founder}")
+                elif (readers := self._recomputable_in(n, group_of)) is not None:
+                    self.recomputed[n.id] = readers
+                    self.log.append(f"  {self._desc(n)} recomputed in each of the "
+                                    f"{len(readers)} kernels that read it")
                 else:
                     group_of[n.id] = _Group("elementwise", n.shape, n.id, {n.id}, [n.id])
                     if why:
                         self.log.append(f"  {self._desc(n)} starts a kernel: {why}")
         return group_of
+
+    def _recomputable_in(self, n: Node, group_of: dict[int, _Group]
+                         ) -> dict[int, _Group] | None:
+        """The kernels that would compute ``n`` (which no single kernel takes in) each
+        for itself, if it is cheap enough: its readers' groups, through readers that
+        are recomputed too, each iterating over ``n``'s shape. Else None."""
+        users = self.users[n.id]
+        if n.op not in CHEAP or n.id in self.result_ids or not users:
+            return None
+        if any(self.node[a].op == "matmul" for a in n.args):
+            return None  # it reads a product: better that product's epilogue
+        groups: dict[int, _Group] = {}
+        for u in users:
+            if u in group_of:
+                groups[id(group_of[u])] = group_of[u]
+            elif u in self.recomputed:
+                groups.update(self.recomputed[u])
+            else:
+                return None
+        if len(groups) > RECOMPUTE_READERS or any(g.shape != n.shape for g in groups.values()):
+            return None
+        return groups
 
     def _joinable(self, n: Node, group_of: dict[int, _Group]) -> tuple[_Group | None, str]:
         users = self.users[n.id]
@@ -167,7 +204,8 @@ class _Scheduler:
                 if g.founder == n.id:
                     self._emit_group(g, inplace)
                 continue
-            self._emit_node(n)
+            if n.id not in self.recomputed:
+                self._emit_node(n)
         results = self._results()
         order = self._order()
         if order is None:  # in-place writes cannot be ordered: write to temps, copy back
@@ -183,7 +221,8 @@ class _Scheduler:
                 if g.founder == n.id:
                     self._emit_group(g, {})
                 continue
-            self._emit_node(n)
+            if n.id not in self.recomputed:
+                self._emit_node(n)
         results = self._results()
         order = self._order()
         assert order is not None
@@ -338,7 +377,7 @@ class _Scheduler:
             if nid in cache:
                 return cache[nid]
             n = self.node[nid]
-            if nid not in g.members or n.op in REDUCE:
+            if (nid not in g.members and nid not in self.recomputed) or n.op in REDUCE:
                 e = leaf(nid)
             elif n.op == "cast":
                 e = _cast(expr(n.args[0]), self.node[n.args[0]].dtype, n.dtype)

@@ -94,3 +94,36 @@ def test_unknown_or_unsupported_level_is_refused(monkeypatch) -> None:
     monkeypatch.setattr(cpu_level, "supported_level", lambda: "baseline")
     with pytest.raises(fg.BackendError, match="built for x86-64-v4"):
         fg.compile(long_rows)
+
+
+@fg.model
+def pooled(x: fg.f32[3, 4, 12, 12], y: fg.i32[3]):
+    # ReLU zeros make whole pooling windows tie, so the tie-sharing gradient matters.
+    h = fg.relu(fg.nn.conv2d(x, 6, 3, padding=1, name="conv"))
+    a = fg.max_pool2d(h, 2)  # windows of 2x2, rows of 6 outputs
+    b = fg.max_pool2d(h, 3)  # windows of 3x3, rows of 4 outputs
+    feats = fg.concat([a.reshape(3, -1), b.reshape(3, -1)], axis=1)
+    return fg.cross_entropy(fg.nn.linear(feats, 5, name="head"), y)
+
+
+def test_pool_gradient_mask_is_recomputed_not_stored() -> None:
+    """Max pooling's gradient mask (x == max, cast to float) is read by the tie count
+    and by the gradient: recomputed in both kernels, never written to memory; the
+    window reductions walk their outputs a row at a time."""
+    lw = fg.lower(pooled, optimizer=fg.optim.SGD(lr=0.1))
+    train = next(s for s in lw.schedules if s.entry == "train").kernels
+    assert not [k.name for k in train if set(k.ops) <= {"cast", "eq"}]
+    code = lw.crate.files["src/kernels.rs"].decode()
+    assert "for (j, acc_out) in outs.iter_mut().enumerate()" in code
+
+
+def test_pooling_kernels_match_the_interpreter() -> None:
+    cpu = fg.compile(pooled, optimizer=fg.optim.SGD(lr=0.1), backend="cpu", seed=2)
+    ref = fg.compile(pooled, optimizer=fg.optim.SGD(lr=0.1), backend="numpy", seed=2)
+    rng = np.random.default_rng(11)
+    for _ in range(2):
+        x = {"x": rng.normal(size=(3, 4, 12, 12)).astype(np.float32),
+             "y": rng.integers(0, 5, 3).astype(np.int32)}
+        close(cpu.grads(**x), ref.grads(**x), 1e-4, 1e-6)
+        assert cpu(**x) == pytest.approx(ref(**x), rel=1e-5)
+        close(cpu.params, ref.params, 1e-4, 1e-6)

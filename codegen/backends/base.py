@@ -62,7 +62,12 @@ def value_kind(e: Any) -> str:
     if isinstance(e, ToFloat):
         return "float"
     if isinstance(e, sp.Piecewise):
-        return value_kind(e.args[0][0])
+        # A literal branch says little (sympy folds 0.0 * x to the Integer 0): the
+        # first computed branch decides, else whether any literal is a float.
+        computed = [v for v, _ in e.args if not v.is_Number]
+        if computed:
+            return value_kind(computed[0])
+        return "float" if any(v.is_Float for v, _ in e.args) else "int"
     if e.is_Integer:
         return "int"
     if e.free_symbols and all(value_kind(s) == "int" for s in e.free_symbols) and \

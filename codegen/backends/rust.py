@@ -35,6 +35,7 @@ from .base import (
     f32_literal,
     linear_index,
     reduce_layout,
+    value_kind,
 )
 
 RUST_TYPES = {"f32": "f32", "i32": "i32", "bool": "u8"}  # bools are stored as bytes
@@ -230,7 +231,9 @@ def _hoist_branches(e: Any, branches: dict[Any, Any]) -> Any:
     pieces = []
     for value, cond in args:
         if not value.is_Atom and not value.has(sp.Mod, sp.floor, sp.ceiling):
-            value = branches.setdefault(value, sp.Symbol(f"w{len(branches)}"))
+            kind = value_kind(value)
+            value = branches.setdefault(value, sp.Symbol(
+                f"w{len(branches)}", real=kind == "float", integer=kind == "int"))
         pieces.append((value, cond))
     return sp.Piecewise(*pieces, evaluate=False)
 
@@ -377,7 +380,7 @@ def _bind_input(out: IndentedBuffer, sym: str, v: View, base: str, step: int, le
     if step == 0:
         out.line(f"let {sym} = {v.buffer}[{base}]{nz};")
         return None
-    start = f"{base} + {shift}" if shift else base
+    start = base if not shift else shift if base == "0" else f"{base} + {shift}"
     if step == 1:
         out.line(f"let {sym}_row = &{v.buffer}[{start}..][..{length}];")
         return f"let {sym} = {sym}_row[j]{nz};"
@@ -435,13 +438,22 @@ def _reduce(out: IndentedBuffer, k: Reduce, args: KernelArgs) -> None:
         _column_reduce(out, k, lay)
         return
     ksizes, kstrides = lay.kept_sizes, lay.kept_strides
-    rsizes, rstrides = lay.reduced_sizes, lay.reduced_strides
     count = lay.rows
     total = count * lay.length
     par = total >= PAR_MIN and count > 1
     o = k.out
-    sum_ = k.combine == "sum"
     target = f"{o.buffer}[{o.offset}..{o.offset + count}]"
+    if _small_windows(lay):
+        # A row of outputs at a time (pooling windows): no index arithmetic per output.
+        inner = ksizes[-1]
+        it = f"{target}.par_chunks_mut({inner})" if par else f"{target}.chunks_mut({inner})"
+        if par:
+            it += f".with_min_len({max(1, GRAIN * (count // inner) // max(total, 1))})"
+        with out.indent(f"{it}.enumerate().for_each(|(row, outs)| {{", "});"):
+            coords = _unravel(out, "row", ksizes[:-1], "r", [s[:-1] for s in kstrides])
+            with out.indent("for (j, acc_out) in outs.iter_mut().enumerate() {"):
+                _reduce_one(out, k, lay, [*coords, "j"])
+        return
     it = f"{target}.par_iter_mut()" if par else f"{target}.iter_mut()"
     if par:
         it += f".with_min_len({max(1, GRAIN * count // max(total, 1))})"
@@ -450,21 +462,35 @@ def _reduce(out: IndentedBuffer, k: Reduce, args: KernelArgs) -> None:
         if _lanes_fit(lay):
             _row_reduce_in_lanes(out, k, lay, coords)
             return
-        init = "0.0_f64" if sum_ else "f32::NEG_INFINITY"
-        out.line(f"let mut acc = {init};")
-        loops = [f"i{d}" for d in range(len(rsizes))]
-        for d, n in enumerate(rsizes):
-            out.line(f"for i{d} in 0..{n} {{")
-            out.level += 1
-        for (sym, v), ks, rs in zip(k.inputs.items(), kstrides, rstrides, strict=True):
-            index = linear_index(v.offset, coords + loops, ks + rs)
-            out.line(f"let {sym} = {_load(v, index)};")
-        (value,) = _cse_body(out, [k.value], ["f32"])
-        out.line(f"acc += f64::from({value});" if sum_ else f"acc = acc.max({value});")
-        for _ in rsizes:
-            out.level -= 1
-            out.line("}")
-        out.line("*acc_out = acc as f32;" if sum_ else "*acc_out = acc;")
+        _reduce_one(out, k, lay, coords)
+
+
+def _small_windows(lay: ReduceLayout) -> bool:
+    """Few elements per output (a pooling window) and a run of outputs along the
+    innermost kept dim: the kernel walks outputs a row at a time."""
+    return (not _lanes_fit(lay) and lay.length <= 16 and bool(lay.kept_sizes)
+            and lay.kept_sizes[-1] >= 4)
+
+
+def _reduce_one(out: IndentedBuffer, k: Reduce, lay: ReduceLayout, coords: list[str]) -> None:
+    """One output of a reduction, at kept coordinates ``coords``, into ``acc_out``."""
+    sum_ = k.combine == "sum"
+    rsizes = lay.reduced_sizes
+    out.line(f"let mut acc = {'0.0_f64' if sum_ else 'f32::NEG_INFINITY'};")
+    loops = [f"i{d}" for d in range(len(rsizes))]
+    for d, n in enumerate(rsizes):
+        out.line(f"for i{d} in 0..{n} {{")
+        out.level += 1
+    for (sym, v), ks, rs in zip(k.inputs.items(), lay.kept_strides, lay.reduced_strides,
+                                strict=True):
+        index = linear_index(v.offset, coords + loops, ks + rs)
+        out.line(f"let {sym} = {_load(v, index)};")
+    (value,) = _cse_body(out, [k.value], ["f32"])
+    out.line(f"acc += f64::from({value});" if sum_ else f"acc = acc.max({value});")
+    for _ in rsizes:
+        out.level -= 1
+        out.line("}")
+    out.line("*acc_out = acc as f32;" if sum_ else "*acc_out = acc;")
 
 
 def _lanes_fit(lay: ReduceLayout) -> bool:

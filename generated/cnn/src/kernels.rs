@@ -59,19 +59,19 @@ pub fn forward_k01_add_relu(t3: &[f32], param_conv2d_0_bias: &[f32], t7: &mut [f
 /// reduce: reduce_max over [4, 4, 4, 2, 4, 2].
 pub fn forward_k02_reduce(t7: &[f32], t9: &mut [f32]) {
     t9[0..256]
-        .iter_mut()
+        .chunks_mut(4)
         .enumerate()
-        .for_each(|(row, acc_out)| {
-            let r0 = row / 4;
-            let r1 = row % 4;
-            let mut acc = f32::NEG_INFINITY;
-            for i0 in 0..2 {
-                for i1 in 0..2 {
-                    let x0 = t7[r0 * 16 + r1 * 2 + i0 * 8 + i1];
-                    acc = acc.max(x0);
+        .for_each(|(row, outs)| {
+            for (j, acc_out) in outs.iter_mut().enumerate() {
+                let mut acc = f32::NEG_INFINITY;
+                for i0 in 0..2 {
+                    for i1 in 0..2 {
+                        let x0 = t7[row * 16 + j * 2 + i0 * 8 + i1];
+                        acc = acc.max(x0);
+                    }
                 }
+                *acc_out = acc;
             }
-            *acc_out = acc;
         });
 }
 
@@ -193,54 +193,68 @@ pub fn forward_k07_matmul_add(
 
 /// reduce: reduce_max over [4, 10].
 pub fn forward_k08_reduce(t24: &[f32], t28: &mut [f32]) {
-    t28[0..4].iter_mut().enumerate().for_each(|(row, acc_out)| {
-        let mut acc = f32::NEG_INFINITY;
-        for i0 in 0..10 {
-            let x0 = t24[row * 10 + i0];
-            acc = acc.max(x0);
+    t28[0..4].chunks_mut(4).for_each(|outs| {
+        for (j, acc_out) in outs.iter_mut().enumerate() {
+            let mut acc = f32::NEG_INFINITY;
+            for i0 in 0..10 {
+                let x0 = t24[j * 10 + i0];
+                acc = acc.max(x0);
+            }
+            *acc_out = acc;
         }
-        *acc_out = acc;
     });
 }
 
-/// elementwise: stop_gradient, sub over [4, 10].
-pub fn forward_k09_stop_gradient_sub(t24: &[f32], t28: &[f32], t30: &mut [f32]) {
-    t30[0..40].chunks_mut(10).enumerate().for_each(|(row, o0)| {
+/// elementwise: stop_gradient over [4, 1].
+pub fn forward_k09_stop_gradient(t28: &[f32], t29: &mut [f32]) {
+    t29[0..4].chunks_mut(4).enumerate().for_each(|(row, o0)| {
         let n = o0.len();
-        let x0_row = &t24[row * 10..][..n];
-        let x1 = t28[row];
+        let x0_row = &t28[row * 4..][..n];
         for j in 0..n {
             let x0 = x0_row[j];
-            o0[j] = x0 - x1;
+            o0[j] = x0;
         }
     });
 }
 
 /// reduce: exp, reduce_sum over [4, 10].
-pub fn forward_k10_reduce(t30: &[f32], t32: &mut [f32]) {
-    t32[0..4].iter_mut().enumerate().for_each(|(row, acc_out)| {
-        let mut acc = 0.0_f64;
-        for i0 in 0..10 {
-            let x0 = t30[row * 10 + i0];
-            acc += f64::from(rt::math::exp(x0));
+pub fn forward_k10_reduce(t24: &[f32], t29: &[f32], t32: &mut [f32]) {
+    t32[0..4].chunks_mut(4).for_each(|outs| {
+        for (j, acc_out) in outs.iter_mut().enumerate() {
+            let mut acc = 0.0_f64;
+            for i0 in 0..10 {
+                let x0 = t24[j * 10 + i0];
+                let x1 = t29[j];
+                acc += f64::from(rt::math::exp(x0 - x1));
+            }
+            *acc_out = acc as f32;
         }
-        *acc_out = acc as f32;
     });
 }
 
 /// reduce: eq, log, reduce_sum, sub, where over [4, 10].
-pub fn forward_k11_reduce(input_y: &[i32], c26: &[i32], t30: &[f32], t32: &[f32], t37: &mut [f32]) {
-    t37[0..4].iter_mut().enumerate().for_each(|(row, acc_out)| {
-        let mut acc = 0.0_f64;
-        for i0 in 0..10 {
-            let x0 = input_y[row];
-            let x1 = c26[i0];
-            let x2 = t30[row * 10 + i0];
-            let x3 = t32[row];
-            let w0 = x2 - rt::math::ln(x3);
-            acc += f64::from(if x0 == x1 { w0 } else { 0.0 });
+pub fn forward_k11_reduce(
+    input_y: &[i32],
+    c26: &[i32],
+    t24: &[f32],
+    t29: &[f32],
+    t32: &[f32],
+    t37: &mut [f32],
+) {
+    t37[0..4].chunks_mut(4).for_each(|outs| {
+        for (j, acc_out) in outs.iter_mut().enumerate() {
+            let mut acc = 0.0_f64;
+            for i0 in 0..10 {
+                let x0 = input_y[j];
+                let x1 = c26[i0];
+                let x2 = t24[j * 10 + i0];
+                let x3 = t29[j];
+                let x4 = t32[j];
+                let w0 = x2 - x3 - rt::math::ln(x4);
+                acc += f64::from(if x0 == x1 { w0 } else { 0.0 });
+            }
+            *acc_out = acc as f32;
         }
-        *acc_out = acc as f32;
     });
 }
 
@@ -262,9 +276,9 @@ pub fn forward_k13_mul_neg(t38: &[f32], t41: &mut [f32]) {
     t41[0] = -0.25 * x0;
 }
 
-/// elementwise: add over [4, 4, 8, 8].
-pub fn grads_k01_add(t3: &[f32], param_conv2d_0_bias: &[f32], t6: &mut [f32]) {
-    t6[0..1024]
+/// elementwise: relu over [4, 4, 8, 8].
+pub fn grads_k01_relu(t3: &[f32], param_conv2d_0_bias: &[f32], t7: &mut [f32]) {
+    t7[0..1024]
         .chunks_mut(64)
         .enumerate()
         .for_each(|(row, o0)| {
@@ -275,29 +289,16 @@ pub fn grads_k01_add(t3: &[f32], param_conv2d_0_bias: &[f32], t6: &mut [f32]) {
             let x1 = param_conv2d_0_bias[r1];
             for j in 0..n {
                 let x0 = x0_row[j];
-                o0[j] = x0 + x1;
+                let t0 = x0 + x1;
+                let w0 = t0;
+                o0[j] = if t0 > 0.0 { w0 } else { 0.0 };
             }
         });
 }
 
-/// elementwise: relu over [4, 4, 8, 8].
-pub fn grads_k02_relu(t6: &[f32], t7: &mut [f32]) {
-    t7[0..1024]
-        .chunks_mut(1024)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let n = o0.len();
-            let x0_row = &t6[row * 1024..][..n];
-            for j in 0..n {
-                let x0 = x0_row[j];
-                o0[j] = if x0 > 0.0 { x0 } else { 0.0 };
-            }
-        });
-}
-
-/// elementwise: add over [4, 8, 4, 4].
-pub fn grads_k05_add(t11: &[f32], param_conv2d_1_bias: &[f32], t14: &mut [f32]) {
-    t14[0..512]
+/// elementwise: relu over [4, 8, 4, 4].
+pub fn grads_k04_relu(t11: &[f32], param_conv2d_1_bias: &[f32], t15: &mut [f32]) {
+    t15[0..512]
         .chunks_mut(128)
         .enumerate()
         .for_each(|(row, o0)| {
@@ -308,95 +309,52 @@ pub fn grads_k05_add(t11: &[f32], param_conv2d_1_bias: &[f32], t14: &mut [f32]) 
                     let j = d0 * 16 + d1;
                     let x0 = t11[x0_at + d0 * 16 + d1];
                     let x1 = param_conv2d_1_bias[x1_at + d0];
-                    o0[j] = x0 + x1;
-                }
-            }
-        });
-}
-
-/// elementwise: relu over [4, 8, 4, 4].
-pub fn grads_k06_relu(t14: &[f32], t15: &mut [f32]) {
-    t15[0..512]
-        .chunks_mut(512)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let n = o0.len();
-            let x0_row = &t14[row * 512..][..n];
-            for j in 0..n {
-                let x0 = x0_row[j];
-                o0[j] = if x0 > 0.0 { x0 } else { 0.0 };
-            }
-        });
-}
-
-/// elementwise: cast, eq over [4, 4, 4, 2, 4, 2].
-pub fn grads_k13_cast_eq(t7: &[f32], t9: &[f32], t84: &mut [f32]) {
-    t84[0..1024]
-        .chunks_mut(16)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let x0_at = row * 16;
-            let x1_at = row * 4;
-            for d0 in 0..2 {
-                for d1 in 0..4 {
-                    for d2 in 0..2 {
-                        let j = d0 * 8 + d1 * 2 + d2;
-                        let x0 = t7[x0_at + d0 * 8 + d1 * 2 + d2];
-                        let x1 = t9[x1_at + d1];
-                        o0[j] = f32::from(x0 == x1);
-                    }
+                    let t0 = x0 + x1;
+                    let w0 = t0;
+                    o0[j] = if t0 > 0.0 { w0 } else { 0.0 };
                 }
             }
         });
 }
 
 /// reduce: reduce_sum over [4, 4, 4, 2, 4, 2].
-pub fn grads_k14_reduce(t84: &[f32], t85: &mut [f32]) {
+pub fn grads_k11_reduce(t7: &[f32], t9: &[f32], t85: &mut [f32]) {
     t85[0..256]
-        .iter_mut()
+        .chunks_mut(4)
         .enumerate()
-        .for_each(|(row, acc_out)| {
-            let r0 = row / 4;
-            let r1 = row % 4;
-            let mut acc = 0.0_f64;
-            for i0 in 0..2 {
-                for i1 in 0..2 {
-                    let x0 = t84[r0 * 16 + r1 * 2 + i0 * 8 + i1];
-                    acc += f64::from(x0);
+        .for_each(|(row, outs)| {
+            for (j, acc_out) in outs.iter_mut().enumerate() {
+                let mut acc = 0.0_f64;
+                for i0 in 0..2 {
+                    for i1 in 0..2 {
+                        let x0 = t7[row * 16 + j * 2 + i0 * 8 + i1];
+                        let x1 = t9[row * 4 + j];
+                        acc += f64::from(f32::from(x0 == x1));
+                    }
                 }
+                *acc_out = acc as f32;
             }
-            *acc_out = acc as f32;
         });
 }
 
-/// elementwise: eq, mul, where over [4, 10].
-pub fn grads_k15_eq_mul_where(input_y: &[i32], c26: &[i32], c208: &[f32], t52: &mut [f32]) {
-    t52[0..40].chunks_mut(10).enumerate().for_each(|(row, o0)| {
-        let n = o0.len();
-        let x0 = input_y[row];
-        let x1_row = &c26[0..][..n];
-        let x2 = c208[row];
-        for j in 0..n {
-            let x1 = x1_row[j];
-            o0[j] = if x0 == x1 { x2 } else { 0.0 };
-        }
-    });
-}
-
 /// reduce: neg, reduce_sum over [4, 10].
-pub fn grads_k16_reduce(t52: &[f32], t55: &mut [f32]) {
-    t55[0..4].iter_mut().enumerate().for_each(|(row, acc_out)| {
-        let mut acc = 0.0_f64;
-        for i0 in 0..10 {
-            let x0 = t52[row * 10 + i0];
-            acc += f64::from(-x0);
+pub fn grads_k12_reduce(input_y: &[i32], c26: &[i32], c208: &[f32], t55: &mut [f32]) {
+    t55[0..4].chunks_mut(4).for_each(|outs| {
+        for (j, acc_out) in outs.iter_mut().enumerate() {
+            let mut acc = 0.0_f64;
+            for i0 in 0..10 {
+                let x0 = input_y[j];
+                let x1 = c26[i0];
+                let x2 = c208[j];
+                acc += f64::from(-(if x0 == x1 { x2 } else { 0.0 }));
+            }
+            *acc_out = acc as f32;
         }
-        *acc_out = acc as f32;
     });
 }
 
 /// elementwise: log.d0, mul over [4, 1].
-pub fn grads_k17_log_d0_mul(t55: &[f32], t32: &[f32], t57: &mut [f32]) {
+pub fn grads_k13_log_d0_mul(t55: &[f32], t32: &[f32], t57: &mut [f32]) {
     t57[0..4].chunks_mut(4).enumerate().for_each(|(row, o0)| {
         let n = o0.len();
         let x0_row = &t55[row * 4..][..n];
@@ -410,22 +368,33 @@ pub fn grads_k17_log_d0_mul(t55: &[f32], t32: &[f32], t57: &mut [f32]) {
 }
 
 /// elementwise: add, exp.d0, mul over [4, 10].
-pub fn grads_k18_add_exp_d0_mul(t52: &[f32], t57: &[f32], t30: &[f32], t61: &mut [f32]) {
+pub fn grads_k14_add_exp_d0_mul(
+    input_y: &[i32],
+    c26: &[i32],
+    c208: &[f32],
+    t57: &[f32],
+    t24: &[f32],
+    t29: &[f32],
+    t61: &mut [f32],
+) {
     t61[0..40].chunks_mut(10).enumerate().for_each(|(row, o0)| {
         let n = o0.len();
-        let x0_row = &t52[row * 10..][..n];
-        let x1 = t57[row];
-        let x2_row = &t30[row * 10..][..n];
+        let x0 = input_y[row];
+        let x1_row = &c26[0..][..n];
+        let x2 = c208[row];
+        let x3 = t57[row];
+        let x4_row = &t24[row * 10..][..n];
+        let x5 = t29[row];
         for j in 0..n {
-            let x0 = x0_row[j];
-            let x2 = x2_row[j];
-            o0[j] = x0 + x1 * rt::math::exp(x2);
+            let x1 = x1_row[j];
+            let x4 = x4_row[j];
+            o0[j] = x3 * rt::math::exp(x4 - x5) + (if x0 == x1 { x2 } else { 0.0 });
         }
     });
 }
 
 /// reduce: reduce_sum over [4, 10].
-pub fn grads_k19_reduce(t61: &[f32], t64: &mut [f32]) {
+pub fn grads_k15_reduce(t61: &[f32], t64: &mut [f32]) {
     t64[0..10]
         .chunks_mut(10)
         .enumerate()
@@ -447,7 +416,7 @@ pub fn grads_k19_reduce(t61: &[f32], t64: &mut [f32]) {
 }
 
 /// matmul: matmul.
-pub fn grads_k20_matmul(
+pub fn grads_k16_matmul(
     t61: &[f32],
     param_head_weight: &[f32],
     t67: &mut [f32],
@@ -469,7 +438,7 @@ pub fn grads_k20_matmul(
 }
 
 /// matmul: matmul.
-pub fn grads_k21_matmul(t19: &[f32], t61: &[f32], t69: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k17_matmul(t19: &[f32], t61: &[f32], t69: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         32,
@@ -487,7 +456,7 @@ pub fn grads_k21_matmul(t19: &[f32], t61: &[f32], t69: &mut [f32]) -> Result<(),
 }
 
 /// elementwise: mul over [4, 8, 2, 2].
-pub fn grads_k22_mul(t67: &[f32], t71: &mut [f32]) {
+pub fn grads_k18_mul(t67: &[f32], t71: &mut [f32]) {
     t71[0..128]
         .chunks_mut(128)
         .enumerate()
@@ -502,7 +471,7 @@ pub fn grads_k22_mul(t67: &[f32], t71: &mut [f32]) {
 }
 
 /// elementwise: copy over [4, 8, 2, 2, 2, 2].
-pub fn grads_k23_copy(t71: &[f32], t74_c: &mut [f32]) {
+pub fn grads_k19_copy(t71: &[f32], t74_c: &mut [f32]) {
     t74_c[0..512]
         .chunks_mut(8)
         .enumerate()
@@ -521,24 +490,33 @@ pub fn grads_k23_copy(t71: &[f32], t74_c: &mut [f32]) {
 }
 
 /// elementwise: mul, relu.d0 over [4, 8, 4, 4].
-pub fn grads_k24_mul_relu_d0(t74_c: &[f32], t14: &[f32], t77: &mut [f32]) {
+pub fn grads_k20_mul_relu_d0(
+    t74_c: &[f32],
+    t11: &[f32],
+    param_conv2d_1_bias: &[f32],
+    t77: &mut [f32],
+) {
     t77[0..512]
-        .chunks_mut(512)
+        .chunks_mut(128)
         .enumerate()
         .for_each(|(row, o0)| {
-            let n = o0.len();
-            let x0_row = &t74_c[row * 512..][..n];
-            let x1_row = &t14[row * 512..][..n];
-            for j in 0..n {
-                let x0 = x0_row[j];
-                let x1 = x1_row[j];
-                o0[j] = x0 * (if x1 > 0.0 { 1.0 } else { 0.0 });
+            let x0_at = row * 128;
+            let x1_at = row * 128;
+            let x2_at = 0;
+            for d0 in 0..8 {
+                for d1 in 0..16 {
+                    let j = d0 * 16 + d1;
+                    let x0 = t74_c[x0_at + d0 * 16 + d1];
+                    let x1 = t11[x1_at + d0 * 16 + d1];
+                    let x2 = param_conv2d_1_bias[x2_at + d0];
+                    o0[j] = x0 * (if x1 + x2 > 0.0 { 1.0 } else { 0.0 });
+                }
             }
         });
 }
 
 /// reduce: reduce_sum over [4, 8, 4, 4].
-pub fn grads_k25_reduce(t77: &[f32], t78: &mut [f32]) {
+pub fn grads_k21_reduce(t77: &[f32], t78: &mut [f32]) {
     t78[0..8].iter_mut().enumerate().for_each(|(row, acc_out)| {
         let mut lanes = [0.0_f64; rt::lanes::LANES];
         let mut chunk = [0.0_f32; rt::lanes::CHUNK];
@@ -555,7 +533,7 @@ pub fn grads_k25_reduce(t77: &[f32], t78: &mut [f32]) {
 }
 
 /// conv: conv2d_input_grad.
-pub fn grads_k26_conv(
+pub fn grads_k22_conv(
     t77: &[f32],
     param_conv2d_1_weight: &[f32],
     t80: &mut [f32],
@@ -582,7 +560,7 @@ pub fn grads_k26_conv(
 }
 
 /// conv: conv2d_weight_grad.
-pub fn grads_k27_conv(
+pub fn grads_k23_conv(
     t9: &[f32],
     t77: &[f32],
     t81: &mut [f32],
@@ -603,7 +581,7 @@ pub fn grads_k27_conv(
 }
 
 /// elementwise: div, mul over [4, 4, 4, 2, 4, 2].
-pub fn grads_k28_div_mul(t84: &[f32], t85: &[f32], t80: &[f32], t88: &mut [f32]) {
+pub fn grads_k24_div_mul(t7: &[f32], t9: &[f32], t85: &[f32], t80: &[f32], t88: &mut [f32]) {
     t88[0..1024]
         .chunks_mut(16)
         .enumerate()
@@ -611,14 +589,16 @@ pub fn grads_k28_div_mul(t84: &[f32], t85: &[f32], t80: &[f32], t88: &mut [f32])
             let x0_at = row * 16;
             let x1_at = row * 4;
             let x2_at = row * 4;
+            let x3_at = row * 4;
             for d0 in 0..2 {
                 for d1 in 0..4 {
                     for d2 in 0..2 {
                         let j = d0 * 8 + d1 * 2 + d2;
-                        let x0 = t84[x0_at + d0 * 8 + d1 * 2 + d2];
-                        let x1 = t85[x1_at + d1];
-                        let x2 = t80[x2_at + d1];
-                        o0[j] = x0 * x2 / x1;
+                        let x0 = t7[x0_at + d0 * 8 + d1 * 2 + d2];
+                        let x1 = t9[x1_at + d1];
+                        let x2 = t85[x2_at + d1];
+                        let x3 = t80[x3_at + d1];
+                        o0[j] = (x3 / x2) * f32::from(x0 == x1);
                     }
                 }
             }
@@ -626,24 +606,32 @@ pub fn grads_k28_div_mul(t84: &[f32], t85: &[f32], t80: &[f32], t88: &mut [f32])
 }
 
 /// elementwise: mul, relu.d0 over [4, 4, 8, 8].
-pub fn grads_k29_mul_relu_d0(t88: &[f32], t6: &[f32], t91: &mut [f32]) {
+pub fn grads_k25_mul_relu_d0(
+    t88: &[f32],
+    t3: &[f32],
+    param_conv2d_0_bias: &[f32],
+    t91: &mut [f32],
+) {
     t91[0..1024]
-        .chunks_mut(1024)
+        .chunks_mut(64)
         .enumerate()
         .for_each(|(row, o0)| {
+            let r0 = row / 4;
+            let r1 = row % 4;
             let n = o0.len();
-            let x0_row = &t88[row * 1024..][..n];
-            let x1_row = &t6[row * 1024..][..n];
+            let x0_row = &t88[r0 * 256 + r1 * 64..][..n];
+            let x1_row = &t3[r0 * 256 + r1 * 64..][..n];
+            let x2 = param_conv2d_0_bias[r1];
             for j in 0..n {
                 let x0 = x0_row[j];
                 let x1 = x1_row[j];
-                o0[j] = x0 * (if x1 > 0.0 { 1.0 } else { 0.0 });
+                o0[j] = x0 * (if x1 + x2 > 0.0 { 1.0 } else { 0.0 });
             }
         });
 }
 
 /// reduce: reduce_sum over [4, 4, 8, 8].
-pub fn grads_k30_reduce(t91: &[f32], t92: &mut [f32]) {
+pub fn grads_k26_reduce(t91: &[f32], t92: &mut [f32]) {
     t92[0..4].iter_mut().enumerate().for_each(|(row, acc_out)| {
         let mut lanes = [0.0_f64; rt::lanes::LANES];
         let mut chunk = [0.0_f32; rt::lanes::CHUNK];
@@ -660,7 +648,7 @@ pub fn grads_k30_reduce(t91: &[f32], t92: &mut [f32]) {
 }
 
 /// conv: conv2d_weight_grad.
-pub fn grads_k31_conv(
+pub fn grads_k27_conv(
     input_x: &[f32],
     t91: &[f32],
     t95: &mut [f32],
@@ -686,49 +674,34 @@ pub fn grads_k31_conv(
     )
 }
 
-/// elementwise: eq over [4, 10].
-pub fn train_k10_eq(input_y: &[i32], c26: &[i32], t27: &mut [u8]) {
-    t27[0..40].chunks_mut(10).enumerate().for_each(|(row, o0)| {
-        let n = o0.len();
-        let x0 = input_y[row];
-        let x1_row = &c26[0..][..n];
-        for j in 0..n {
-            let x1 = x1_row[j];
-            o0[j] = u8::from(x0 == x1);
-        }
-    });
-}
-
 /// reduce: log, reduce_sum, sub, where over [4, 10].
-pub fn train_k14_reduce(t27: &[u8], t30: &[f32], t32: &[f32], t37: &mut [f32]) {
-    t37[0..4].iter_mut().enumerate().for_each(|(row, acc_out)| {
-        let mut acc = 0.0_f64;
-        for i0 in 0..10 {
-            let x0 = t27[row * 10 + i0] != 0;
-            let x1 = t30[row * 10 + i0];
-            let x2 = t32[row];
-            let w0 = x1 - rt::math::ln(x2);
-            acc += f64::from(if x0 { w0 } else { 0.0 });
-        }
-        *acc_out = acc as f32;
-    });
-}
-
-/// elementwise: mul, where over [4, 10].
-pub fn train_k19_mul_where(t27: &[u8], c208: &[f32], t52: &mut [f32]) {
-    t52[0..40].chunks_mut(10).enumerate().for_each(|(row, o0)| {
-        let n = o0.len();
-        let x0_row = &t27[row * 10..][..n];
-        let x1 = c208[row];
-        for j in 0..n {
-            let x0 = x0_row[j] != 0;
-            o0[j] = if x0 { x1 } else { 0.0 };
+pub fn train_k11_reduce(
+    input_y: &[i32],
+    c26: &[i32],
+    t24: &[f32],
+    t29: &[f32],
+    t32: &[f32],
+    t37: &mut [f32],
+) {
+    t37[0..4].chunks_mut(4).for_each(|outs| {
+        for (j, acc_out) in outs.iter_mut().enumerate() {
+            let mut acc = 0.0_f64;
+            for i0 in 0..10 {
+                let x0 = input_y[j];
+                let x1 = c26[i0];
+                let x2 = t24[j * 10 + i0];
+                let x3 = t29[j];
+                let x4 = t32[j];
+                let w0 = x2 - x3 - rt::math::ln(x4);
+                acc += f64::from(if x0 == x1 { w0 } else { 0.0 });
+            }
+            *acc_out = acc as f32;
         }
     });
 }
 
 /// elementwise: add, div, mul, sqrt, sub over [4, 1, 3, 3].
-pub fn train_k35_add_div_etc(
+pub fn train_k30_add_div_etc(
     t95: &[f32],
     state_square_avg_conv2d_0_weight: &mut [f32],
     state_momentum_buffer_conv2d_0_weight: &mut [f32],
@@ -757,7 +730,7 @@ pub fn train_k35_add_div_etc(
 }
 
 /// elementwise: add, div, mul, sqrt, sub over [4].
-pub fn train_k36_add_div_etc(
+pub fn train_k31_add_div_etc(
     t92: &[f32],
     state_square_avg_conv2d_0_bias: &mut [f32],
     state_momentum_buffer_conv2d_0_bias: &mut [f32],
@@ -786,7 +759,7 @@ pub fn train_k36_add_div_etc(
 }
 
 /// elementwise: add, div, mul, sqrt, sub over [8, 4, 3, 3].
-pub fn train_k37_add_div_etc(
+pub fn train_k32_add_div_etc(
     t81: &[f32],
     state_square_avg_conv2d_1_weight: &mut [f32],
     state_momentum_buffer_conv2d_1_weight: &mut [f32],
@@ -815,7 +788,7 @@ pub fn train_k37_add_div_etc(
 }
 
 /// elementwise: add, div, mul, sqrt, sub over [8].
-pub fn train_k38_add_div_etc(
+pub fn train_k33_add_div_etc(
     t78: &[f32],
     state_square_avg_conv2d_1_bias: &mut [f32],
     state_momentum_buffer_conv2d_1_bias: &mut [f32],
@@ -844,7 +817,7 @@ pub fn train_k38_add_div_etc(
 }
 
 /// matmul: matmul, add, div, mul, sqrt, sub.
-pub fn train_k39_matmul_add_div_etc(
+pub fn train_k34_matmul_add_div_etc(
     t19: &[f32],
     t61: &[f32],
     t69: &mut [f32],
@@ -891,7 +864,7 @@ pub fn train_k39_matmul_add_div_etc(
 }
 
 /// elementwise: add, div, mul, sqrt, sub over [10].
-pub fn train_k40_add_div_etc(
+pub fn train_k35_add_div_etc(
     t64: &[f32],
     state_square_avg_head_bias: &mut [f32],
     state_momentum_buffer_head_bias: &mut [f32],

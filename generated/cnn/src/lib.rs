@@ -17,9 +17,9 @@ static CONSTS: &[u8] = include_bytes!("consts.bin");
 
 const PARAM_LEN: usize = 704;
 const STATE_LEN: usize = 1408;
-const TEMP_F32_LEN: usize = 4688;
+const TEMP_F32_LEN: usize = 4992;
 const TEMP_I32_LEN: usize = 0;
-const TEMP_BOOL_LEN: usize = 48;
+const TEMP_BOOL_LEN: usize = 0;
 const CONST_F32_LEN: usize = 4;
 const CONST_I32_LEN: usize = 10;
 const CONST_BOOL_LEN: usize = 0;
@@ -137,27 +137,28 @@ impl Arenas {
                 a.temp_f32.slice_mut(0, 40),
                 a.temp_f32.slice_mut(48, 40),
             )?;
-            kernels::forward_k08_reduce(a.temp_f32.slice(48, 40), a.temp_f32.slice_mut(96, 4));
-            kernels::forward_k09_stop_gradient_sub(
+            kernels::forward_k08_reduce(a.temp_f32.slice(48, 40), a.temp_f32.slice_mut(0, 4));
+            kernels::forward_k09_stop_gradient(a.temp_f32.slice(0, 4), a.temp_f32.slice_mut(16, 4));
+            kernels::forward_k10_reduce(
                 a.temp_f32.slice(48, 40),
-                a.temp_f32.slice(96, 4),
-                a.temp_f32.slice_mut(0, 40),
+                a.temp_f32.slice(16, 4),
+                a.temp_f32.slice_mut(0, 4),
             );
-            kernels::forward_k10_reduce(a.temp_f32.slice(0, 40), a.temp_f32.slice_mut(96, 4));
             kernels::forward_k11_reduce(
                 input_y,
                 a.const_i32.slice(0, 10),
-                a.temp_f32.slice(0, 40),
-                a.temp_f32.slice(96, 4),
-                a.temp_f32.slice_mut(112, 4),
+                a.temp_f32.slice(48, 40),
+                a.temp_f32.slice(16, 4),
+                a.temp_f32.slice(0, 4),
+                a.temp_f32.slice_mut(32, 4),
             );
-            kernels::forward_k12_reduce(a.temp_f32.slice(112, 4), a.temp_f32.slice_mut(0, 1));
+            kernels::forward_k12_reduce(a.temp_f32.slice(32, 4), a.temp_f32.slice_mut(0, 1));
             kernels::forward_k13_mul_neg(a.temp_f32.slice(0, 1), a.temp_f32.slice_mut(16, 1));
         }
         Ok(())
     }
 
-    /// `grads`: 32 kernels.
+    /// `grads`: 28 kernels.
     fn grads(&mut self, input_x: &[f32], input_y: &[i32]) -> Result<(), rt::Error> {
         let a = &*self;
         // SAFETY: the memory plan gives buffers that are live at the same time
@@ -170,117 +171,122 @@ impl Arenas {
                 a.temp_f32.slice_mut(0, 1024),
                 a.scratch.slice_mut(0, a.scratch.len()),
             )?;
-            kernels::grads_k01_add(
+            kernels::grads_k01_relu(
                 a.temp_f32.slice(0, 1024),
                 a.param.slice(48, 4),
                 a.temp_f32.slice_mut(1024, 1024),
             );
-            kernels::grads_k02_relu(a.temp_f32.slice(1024, 1024), a.temp_f32.slice_mut(0, 1024));
-            kernels::forward_k02_reduce(a.temp_f32.slice(0, 1024), a.temp_f32.slice_mut(3904, 256));
+            kernels::forward_k02_reduce(
+                a.temp_f32.slice(1024, 1024),
+                a.temp_f32.slice_mut(4192, 256),
+            );
             kernels::forward_k03_conv(
-                a.temp_f32.slice(3904, 256),
+                a.temp_f32.slice(4192, 256),
                 a.param.slice(64, 288),
                 a.temp_f32.slice_mut(2048, 512),
                 a.scratch.slice_mut(0, a.scratch.len()),
             )?;
-            kernels::grads_k05_add(
+            kernels::grads_k04_relu(
+                a.temp_f32.slice(2048, 512),
+                a.param.slice(352, 8),
+                a.temp_f32.slice_mut(2560, 512),
+            );
+            kernels::forward_k05_reduce(
+                a.temp_f32.slice(2560, 512),
+                a.temp_f32.slice_mut(3072, 128),
+            );
+            kernels::forward_k06_mul(a.temp_f32.slice(3072, 128), a.temp_f32.slice_mut(2560, 128));
+            kernels::forward_k07_matmul_add(
+                a.temp_f32.slice(2560, 128),
+                a.param.slice(368, 320),
+                a.param.slice(688, 10),
+                a.temp_f32.slice_mut(2688, 40),
+                a.temp_f32.slice_mut(2736, 40),
+            )?;
+            kernels::forward_k08_reduce(a.temp_f32.slice(2736, 40), a.temp_f32.slice_mut(2688, 4));
+            kernels::forward_k09_stop_gradient(
+                a.temp_f32.slice(2688, 4),
+                a.temp_f32.slice_mut(2704, 4),
+            );
+            kernels::forward_k10_reduce(
+                a.temp_f32.slice(2736, 40),
+                a.temp_f32.slice(2704, 4),
+                a.temp_f32.slice_mut(2688, 4),
+            );
+            kernels::grads_k11_reduce(
+                a.temp_f32.slice(1024, 1024),
+                a.temp_f32.slice(4192, 256),
+                a.temp_f32.slice_mut(4448, 256),
+            );
+            kernels::grads_k12_reduce(
+                input_y,
+                a.const_i32.slice(0, 10),
+                a.const_f32.slice(0, 4),
+                a.temp_f32.slice_mut(2720, 4),
+            );
+            kernels::grads_k13_log_d0_mul(
+                a.temp_f32.slice(2720, 4),
+                a.temp_f32.slice(2688, 4),
+                a.temp_f32.slice_mut(2784, 4),
+            );
+            kernels::grads_k14_add_exp_d0_mul(
+                input_y,
+                a.const_i32.slice(0, 10),
+                a.const_f32.slice(0, 4),
+                a.temp_f32.slice(2784, 4),
+                a.temp_f32.slice(2736, 40),
+                a.temp_f32.slice(2704, 4),
+                a.temp_f32.slice_mut(2816, 40),
+            );
+            kernels::grads_k15_reduce(a.temp_f32.slice(2816, 40), a.temp_f32.slice_mut(4960, 10));
+            kernels::grads_k16_matmul(
+                a.temp_f32.slice(2816, 40),
+                a.param.slice(368, 320),
+                a.temp_f32.slice_mut(2688, 128),
+            )?;
+            kernels::grads_k17_matmul(
+                a.temp_f32.slice(2560, 128),
+                a.temp_f32.slice(2816, 40),
+                a.temp_f32.slice_mut(3584, 320),
+            )?;
+            kernels::grads_k18_mul(a.temp_f32.slice(2688, 128), a.temp_f32.slice_mut(3072, 128));
+            kernels::grads_k19_copy(a.temp_f32.slice(3072, 128), a.temp_f32.slice_mut(2560, 512));
+            kernels::grads_k20_mul_relu_d0(
+                a.temp_f32.slice(2560, 512),
                 a.temp_f32.slice(2048, 512),
                 a.param.slice(352, 8),
                 a.temp_f32.slice_mut(3072, 512),
             );
-            kernels::grads_k06_relu(a.temp_f32.slice(3072, 512), a.temp_f32.slice_mut(2048, 512));
-            kernels::forward_k05_reduce(
-                a.temp_f32.slice(2048, 512),
-                a.temp_f32.slice_mut(2560, 128),
-            );
-            kernels::forward_k06_mul(a.temp_f32.slice(2560, 128), a.temp_f32.slice_mut(4416, 128));
-            kernels::forward_k07_matmul_add(
-                a.temp_f32.slice(4416, 128),
-                a.param.slice(368, 320),
-                a.param.slice(688, 10),
-                a.temp_f32.slice_mut(2048, 40),
-                a.temp_f32.slice_mut(2096, 40),
-            )?;
-            kernels::forward_k08_reduce(a.temp_f32.slice(2096, 40), a.temp_f32.slice_mut(2048, 4));
-            kernels::forward_k09_stop_gradient_sub(
-                a.temp_f32.slice(2096, 40),
-                a.temp_f32.slice(2048, 4),
-                a.temp_f32.slice_mut(3584, 40),
-            );
-            kernels::forward_k10_reduce(a.temp_f32.slice(3584, 40), a.temp_f32.slice_mut(3632, 4));
-            kernels::grads_k13_cast_eq(
-                a.temp_f32.slice(0, 1024),
-                a.temp_f32.slice(3904, 256),
-                a.temp_f32.slice_mut(2048, 1024),
-            );
-            kernels::grads_k14_reduce(
-                a.temp_f32.slice(2048, 1024),
-                a.temp_f32.slice_mut(4160, 256),
-            );
-            kernels::grads_k15_eq_mul_where(
-                input_y,
-                a.const_i32.slice(0, 10),
-                a.const_f32.slice(0, 4),
-                a.temp_f32.slice_mut(0, 40),
-            );
-            kernels::grads_k16_reduce(a.temp_f32.slice(0, 40), a.temp_f32.slice_mut(48, 4));
-            kernels::grads_k17_log_d0_mul(
-                a.temp_f32.slice(48, 4),
-                a.temp_f32.slice(3632, 4),
-                a.temp_f32.slice_mut(64, 4),
-            );
-            kernels::grads_k18_add_exp_d0_mul(
-                a.temp_f32.slice(0, 40),
-                a.temp_f32.slice(64, 4),
-                a.temp_f32.slice(3584, 40),
-                a.temp_f32.slice_mut(128, 40),
-            );
-            kernels::grads_k19_reduce(a.temp_f32.slice(128, 40), a.temp_f32.slice_mut(4672, 10));
-            kernels::grads_k20_matmul(
-                a.temp_f32.slice(128, 40),
-                a.param.slice(368, 320),
-                a.temp_f32.slice_mut(0, 128),
-            )?;
-            kernels::grads_k21_matmul(
-                a.temp_f32.slice(4416, 128),
-                a.temp_f32.slice(128, 40),
-                a.temp_f32.slice_mut(3584, 320),
-            )?;
-            kernels::grads_k22_mul(a.temp_f32.slice(0, 128), a.temp_f32.slice_mut(512, 128));
-            kernels::grads_k23_copy(a.temp_f32.slice(512, 128), a.temp_f32.slice_mut(0, 512));
-            kernels::grads_k24_mul_relu_d0(
-                a.temp_f32.slice(0, 512),
+            kernels::grads_k21_reduce(a.temp_f32.slice(3072, 512), a.temp_f32.slice_mut(4976, 8));
+            kernels::grads_k22_conv(
                 a.temp_f32.slice(3072, 512),
-                a.temp_f32.slice_mut(512, 512),
-            );
-            kernels::grads_k25_reduce(a.temp_f32.slice(512, 512), a.temp_f32.slice_mut(3360, 8));
-            kernels::grads_k26_conv(
-                a.temp_f32.slice(512, 512),
                 a.param.slice(64, 288),
-                a.temp_f32.slice_mut(4416, 256),
+                a.temp_f32.slice_mut(4704, 256),
                 a.scratch.slice_mut(0, a.scratch.len()),
             )?;
-            kernels::grads_k27_conv(
-                a.temp_f32.slice(3904, 256),
-                a.temp_f32.slice(512, 512),
-                a.temp_f32.slice_mut(3072, 288),
+            kernels::grads_k23_conv(
+                a.temp_f32.slice(4192, 256),
+                a.temp_f32.slice(3072, 512),
+                a.temp_f32.slice_mut(3904, 288),
                 a.scratch.slice_mut(0, a.scratch.len()),
             )?;
-            kernels::grads_k28_div_mul(
-                a.temp_f32.slice(2048, 1024),
-                a.temp_f32.slice(4160, 256),
-                a.temp_f32.slice(4416, 256),
-                a.temp_f32.slice_mut(0, 1024),
-            );
-            kernels::grads_k29_mul_relu_d0(
-                a.temp_f32.slice(0, 1024),
+            kernels::grads_k24_div_mul(
                 a.temp_f32.slice(1024, 1024),
+                a.temp_f32.slice(4192, 256),
+                a.temp_f32.slice(4448, 256),
+                a.temp_f32.slice(4704, 256),
                 a.temp_f32.slice_mut(2048, 1024),
             );
-            kernels::grads_k30_reduce(a.temp_f32.slice(2048, 1024), a.temp_f32.slice_mut(48, 4));
-            kernels::grads_k31_conv(
-                input_x,
+            kernels::grads_k25_mul_relu_d0(
                 a.temp_f32.slice(2048, 1024),
+                a.temp_f32.slice(0, 1024),
+                a.param.slice(48, 4),
+                a.temp_f32.slice_mut(1024, 1024),
+            );
+            kernels::grads_k26_reduce(a.temp_f32.slice(1024, 1024), a.temp_f32.slice_mut(48, 4));
+            kernels::grads_k27_conv(
+                input_x,
+                a.temp_f32.slice(1024, 1024),
                 a.temp_f32.slice_mut(0, 36),
                 a.scratch.slice_mut(0, a.scratch.len()),
             )?;
@@ -288,7 +294,7 @@ impl Arenas {
         Ok(())
     }
 
-    /// `train`: 41 kernels.
+    /// `train`: 36 kernels.
     fn train(&mut self, input_x: &[f32], input_y: &[i32]) -> Result<(), rt::Error> {
         let a = &*self;
         // SAFETY: the memory plan gives buffers that are live at the same time
@@ -301,161 +307,164 @@ impl Arenas {
                 a.temp_f32.slice_mut(0, 1024),
                 a.scratch.slice_mut(0, a.scratch.len()),
             )?;
-            kernels::grads_k01_add(
+            kernels::grads_k01_relu(
                 a.temp_f32.slice(0, 1024),
                 a.param.slice(48, 4),
                 a.temp_f32.slice_mut(1024, 1024),
             );
-            kernels::grads_k02_relu(a.temp_f32.slice(1024, 1024), a.temp_f32.slice_mut(0, 1024));
-            kernels::forward_k02_reduce(a.temp_f32.slice(0, 1024), a.temp_f32.slice_mut(3584, 256));
+            kernels::forward_k02_reduce(
+                a.temp_f32.slice(1024, 1024),
+                a.temp_f32.slice_mut(3872, 256),
+            );
             kernels::forward_k03_conv(
-                a.temp_f32.slice(3584, 256),
+                a.temp_f32.slice(3872, 256),
                 a.param.slice(64, 288),
                 a.temp_f32.slice_mut(2048, 512),
                 a.scratch.slice_mut(0, a.scratch.len()),
             )?;
-            kernels::grads_k05_add(
+            kernels::grads_k04_relu(
+                a.temp_f32.slice(2048, 512),
+                a.param.slice(352, 8),
+                a.temp_f32.slice_mut(2560, 512),
+            );
+            kernels::forward_k05_reduce(
+                a.temp_f32.slice(2560, 512),
+                a.temp_f32.slice_mut(3072, 128),
+            );
+            kernels::forward_k06_mul(a.temp_f32.slice(3072, 128), a.temp_f32.slice_mut(4640, 128));
+            kernels::forward_k07_matmul_add(
+                a.temp_f32.slice(4640, 128),
+                a.param.slice(368, 320),
+                a.param.slice(688, 10),
+                a.temp_f32.slice_mut(2560, 40),
+                a.temp_f32.slice_mut(2608, 40),
+            )?;
+            kernels::forward_k08_reduce(a.temp_f32.slice(2608, 40), a.temp_f32.slice_mut(2560, 4));
+            kernels::forward_k09_stop_gradient(
+                a.temp_f32.slice(2560, 4),
+                a.temp_f32.slice_mut(2576, 4),
+            );
+            kernels::forward_k10_reduce(
+                a.temp_f32.slice(2608, 40),
+                a.temp_f32.slice(2576, 4),
+                a.temp_f32.slice_mut(2560, 4),
+            );
+            kernels::train_k11_reduce(
+                input_y,
+                a.const_i32.slice(0, 10),
+                a.temp_f32.slice(2608, 40),
+                a.temp_f32.slice(2576, 4),
+                a.temp_f32.slice(2560, 4),
+                a.temp_f32.slice_mut(2592, 4),
+            );
+            kernels::forward_k12_reduce(a.temp_f32.slice(2592, 4), a.temp_f32.slice_mut(2656, 1));
+            kernels::forward_k13_mul_neg(a.temp_f32.slice(2656, 1), a.temp_f32.slice_mut(4848, 1));
+            kernels::grads_k11_reduce(
+                a.temp_f32.slice(1024, 1024),
+                a.temp_f32.slice(3872, 256),
+                a.temp_f32.slice_mut(4128, 256),
+            );
+            kernels::grads_k12_reduce(
+                input_y,
+                a.const_i32.slice(0, 10),
+                a.const_f32.slice(0, 4),
+                a.temp_f32.slice_mut(2592, 4),
+            );
+            kernels::grads_k13_log_d0_mul(
+                a.temp_f32.slice(2592, 4),
+                a.temp_f32.slice(2560, 4),
+                a.temp_f32.slice_mut(2656, 4),
+            );
+            kernels::grads_k14_add_exp_d0_mul(
+                input_y,
+                a.const_i32.slice(0, 10),
+                a.const_f32.slice(0, 4),
+                a.temp_f32.slice(2656, 4),
+                a.temp_f32.slice(2608, 40),
+                a.temp_f32.slice(2576, 4),
+                a.temp_f32.slice_mut(4768, 40),
+            );
+            kernels::grads_k15_reduce(a.temp_f32.slice(4768, 40), a.temp_f32.slice_mut(4816, 10));
+            kernels::grads_k16_matmul(
+                a.temp_f32.slice(4768, 40),
+                a.param.slice(368, 320),
+                a.temp_f32.slice_mut(2560, 128),
+            )?;
+            kernels::grads_k18_mul(a.temp_f32.slice(2560, 128), a.temp_f32.slice_mut(3072, 128));
+            kernels::grads_k19_copy(a.temp_f32.slice(3072, 128), a.temp_f32.slice_mut(2560, 512));
+            kernels::grads_k20_mul_relu_d0(
+                a.temp_f32.slice(2560, 512),
                 a.temp_f32.slice(2048, 512),
                 a.param.slice(352, 8),
                 a.temp_f32.slice_mut(3072, 512),
             );
-            kernels::grads_k06_relu(a.temp_f32.slice(3072, 512), a.temp_f32.slice_mut(2048, 512));
-            kernels::forward_k05_reduce(
-                a.temp_f32.slice(2048, 512),
-                a.temp_f32.slice_mut(2560, 128),
-            );
-            kernels::forward_k06_mul(a.temp_f32.slice(2560, 128), a.temp_f32.slice_mut(4352, 128));
-            kernels::forward_k07_matmul_add(
-                a.temp_f32.slice(4352, 128),
-                a.param.slice(368, 320),
-                a.param.slice(688, 10),
-                a.temp_f32.slice_mut(2048, 40),
-                a.temp_f32.slice_mut(2096, 40),
-            )?;
-            kernels::train_k10_eq(
-                input_y,
-                a.const_i32.slice(0, 10),
-                a.temp_bool.slice_mut(0, 40),
-            );
-            kernels::forward_k08_reduce(a.temp_f32.slice(2096, 40), a.temp_f32.slice_mut(2048, 4));
-            kernels::forward_k09_stop_gradient_sub(
-                a.temp_f32.slice(2096, 40),
-                a.temp_f32.slice(2048, 4),
-                a.temp_f32.slice_mut(4096, 40),
-            );
-            kernels::forward_k10_reduce(a.temp_f32.slice(4096, 40), a.temp_f32.slice_mut(4144, 4));
-            kernels::train_k14_reduce(
-                a.temp_bool.slice(0, 40),
-                a.temp_f32.slice(4096, 40),
-                a.temp_f32.slice(4144, 4),
-                a.temp_f32.slice_mut(2048, 4),
-            );
-            kernels::forward_k12_reduce(a.temp_f32.slice(2048, 4), a.temp_f32.slice_mut(2064, 1));
-            kernels::forward_k13_mul_neg(a.temp_f32.slice(2064, 1), a.temp_f32.slice_mut(4544, 1));
-            kernels::grads_k13_cast_eq(
-                a.temp_f32.slice(0, 1024),
-                a.temp_f32.slice(3584, 256),
-                a.temp_f32.slice_mut(2048, 1024),
-            );
-            kernels::grads_k14_reduce(
-                a.temp_f32.slice(2048, 1024),
-                a.temp_f32.slice_mut(3840, 256),
-            );
-            kernels::train_k19_mul_where(
-                a.temp_bool.slice(0, 40),
-                a.const_f32.slice(0, 4),
-                a.temp_f32.slice_mut(0, 40),
-            );
-            kernels::grads_k16_reduce(a.temp_f32.slice(0, 40), a.temp_f32.slice_mut(48, 4));
-            kernels::grads_k17_log_d0_mul(
-                a.temp_f32.slice(48, 4),
-                a.temp_f32.slice(4144, 4),
-                a.temp_f32.slice_mut(64, 4),
-            );
-            kernels::grads_k18_add_exp_d0_mul(
-                a.temp_f32.slice(0, 40),
-                a.temp_f32.slice(64, 4),
-                a.temp_f32.slice(4096, 40),
-                a.temp_f32.slice_mut(4480, 40),
-            );
-            kernels::grads_k19_reduce(a.temp_f32.slice(4480, 40), a.temp_f32.slice_mut(4528, 10));
-            kernels::grads_k20_matmul(
-                a.temp_f32.slice(4480, 40),
-                a.param.slice(368, 320),
-                a.temp_f32.slice_mut(0, 128),
-            )?;
-            kernels::grads_k22_mul(a.temp_f32.slice(0, 128), a.temp_f32.slice_mut(512, 128));
-            kernels::grads_k23_copy(a.temp_f32.slice(512, 128), a.temp_f32.slice_mut(0, 512));
-            kernels::grads_k24_mul_relu_d0(
-                a.temp_f32.slice(0, 512),
+            kernels::grads_k21_reduce(a.temp_f32.slice(3072, 512), a.temp_f32.slice_mut(4832, 8));
+            kernels::grads_k22_conv(
                 a.temp_f32.slice(3072, 512),
-                a.temp_f32.slice_mut(512, 512),
-            );
-            kernels::grads_k25_reduce(a.temp_f32.slice(512, 512), a.temp_f32.slice_mut(3360, 8));
-            kernels::grads_k26_conv(
-                a.temp_f32.slice(512, 512),
                 a.param.slice(64, 288),
-                a.temp_f32.slice_mut(4096, 256),
+                a.temp_f32.slice_mut(4384, 256),
                 a.scratch.slice_mut(0, a.scratch.len()),
             )?;
-            kernels::grads_k27_conv(
-                a.temp_f32.slice(3584, 256),
-                a.temp_f32.slice(512, 512),
-                a.temp_f32.slice_mut(3072, 288),
+            kernels::grads_k23_conv(
+                a.temp_f32.slice(3872, 256),
+                a.temp_f32.slice(3072, 512),
+                a.temp_f32.slice_mut(3584, 288),
                 a.scratch.slice_mut(0, a.scratch.len()),
             )?;
-            kernels::grads_k28_div_mul(
-                a.temp_f32.slice(2048, 1024),
-                a.temp_f32.slice(3840, 256),
-                a.temp_f32.slice(4096, 256),
-                a.temp_f32.slice_mut(0, 1024),
-            );
-            kernels::grads_k29_mul_relu_d0(
-                a.temp_f32.slice(0, 1024),
+            kernels::grads_k24_div_mul(
                 a.temp_f32.slice(1024, 1024),
+                a.temp_f32.slice(3872, 256),
+                a.temp_f32.slice(4128, 256),
+                a.temp_f32.slice(4384, 256),
                 a.temp_f32.slice_mut(2048, 1024),
             );
-            kernels::grads_k30_reduce(a.temp_f32.slice(2048, 1024), a.temp_f32.slice_mut(48, 4));
-            kernels::grads_k31_conv(
-                input_x,
+            kernels::grads_k25_mul_relu_d0(
                 a.temp_f32.slice(2048, 1024),
+                a.temp_f32.slice(0, 1024),
+                a.param.slice(48, 4),
+                a.temp_f32.slice_mut(1024, 1024),
+            );
+            kernels::grads_k26_reduce(a.temp_f32.slice(1024, 1024), a.temp_f32.slice_mut(48, 4));
+            kernels::grads_k27_conv(
+                input_x,
+                a.temp_f32.slice(1024, 1024),
                 a.temp_f32.slice_mut(0, 36),
                 a.scratch.slice_mut(0, a.scratch.len()),
             )?;
-            kernels::train_k35_add_div_etc(
+            kernels::train_k30_add_div_etc(
                 a.temp_f32.slice(0, 36),
                 a.state.slice_mut(0, 36),
                 a.state.slice_mut(48, 36),
                 a.param.slice_mut(0, 36),
             );
-            kernels::train_k36_add_div_etc(
+            kernels::train_k31_add_div_etc(
                 a.temp_f32.slice(48, 4),
                 a.state.slice_mut(96, 4),
                 a.state.slice_mut(112, 4),
                 a.param.slice_mut(48, 4),
             );
-            kernels::train_k37_add_div_etc(
-                a.temp_f32.slice(3072, 288),
+            kernels::train_k32_add_div_etc(
+                a.temp_f32.slice(3584, 288),
                 a.state.slice_mut(128, 288),
                 a.state.slice_mut(416, 288),
                 a.param.slice_mut(64, 288),
             );
-            kernels::train_k38_add_div_etc(
-                a.temp_f32.slice(3360, 8),
+            kernels::train_k33_add_div_etc(
+                a.temp_f32.slice(4832, 8),
                 a.state.slice_mut(704, 8),
                 a.state.slice_mut(720, 8),
                 a.param.slice_mut(352, 8),
             );
-            kernels::train_k39_matmul_add_div_etc(
-                a.temp_f32.slice(4352, 128),
-                a.temp_f32.slice(4480, 40),
+            kernels::train_k34_matmul_add_div_etc(
+                a.temp_f32.slice(4640, 128),
+                a.temp_f32.slice(4768, 40),
                 a.temp_f32.slice_mut(0, 320),
                 a.state.slice_mut(736, 320),
                 a.state.slice_mut(1056, 320),
                 a.param.slice_mut(368, 320),
             )?;
-            kernels::train_k40_add_div_etc(
-                a.temp_f32.slice(4528, 10),
+            kernels::train_k35_add_div_etc(
+                a.temp_f32.slice(4816, 10),
                 a.state.slice_mut(1376, 10),
                 a.state.slice_mut(1392, 10),
                 a.param.slice_mut(688, 10),
@@ -498,7 +507,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `cnn`.
-#[pyclass(module = "fg_cnn_b990080e82ba")]
+#[pyclass(module = "fg_cnn_64542b3cdc55")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -568,16 +577,16 @@ impl Step {
         )?;
         let values = self.arenas.temp_f32.slice(48, 4);
         out.set_item("conv2d_0.bias", rt::py::to_numpy(py, values, &[4])?)?;
-        let values = self.arenas.temp_f32.slice(3072, 288);
+        let values = self.arenas.temp_f32.slice(3904, 288);
         out.set_item(
             "conv2d_1.weight",
             rt::py::to_numpy(py, values, &[8, 4, 3, 3])?,
         )?;
-        let values = self.arenas.temp_f32.slice(3360, 8);
+        let values = self.arenas.temp_f32.slice(4976, 8);
         out.set_item("conv2d_1.bias", rt::py::to_numpy(py, values, &[8])?)?;
         let values = self.arenas.temp_f32.slice(3584, 320);
         out.set_item("head.weight", rt::py::to_numpy(py, values, &[32, 10])?)?;
-        let values = self.arenas.temp_f32.slice(4672, 10);
+        let values = self.arenas.temp_f32.slice(4960, 10);
         out.set_item("head.bias", rt::py::to_numpy(py, values, &[10])?)?;
         Ok(out)
     }
@@ -602,7 +611,7 @@ impl Step {
                 arenas.train(x, y)
             })
         })?;
-        Ok(self.arenas.temp_f32.slice(4544, 1)[0])
+        Ok(self.arenas.temp_f32.slice(4848, 1)[0])
     }
 
     /// Copies of every param (`kind="param"`) or optimizer state buffer (`"state"`).
@@ -650,8 +659,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_cnn_b990080e82ba(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_cnn_b990080e82ba")?;
+fn fg_cnn_64542b3cdc55(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_cnn_64542b3cdc55")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

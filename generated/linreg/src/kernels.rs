@@ -124,17 +124,16 @@ pub fn grads_k02_matmul(input_x: &[f32], t18: &[f32], t25: &mut [f32]) -> Result
     Ok(())
 }
 
-/// matmul: matmul, add, sub.
-pub fn train_k00_matmul_add_sub(
+/// matmul: matmul, add.
+pub fn train_k00_matmul_add(
     input_x: &[f32],
     param_w: &[f32],
     param_b: &[f32],
-    input_y: &[f32],
     t4: &mut [f32],
-    t6: &mut [f32],
+    t5: &mut [f32],
 ) -> Result<(), rt::Error> {
     let c = &mut t4[0..64];
-    let o0 = &mut t6[0..64];
+    let o0 = &mut t5[0..64];
     rt::gemm::sgemm(
         c.len(),
         1,
@@ -149,24 +148,24 @@ pub fn train_k00_matmul_add_sub(
     )?;
     let n = o0.len();
     let x1 = param_b[0];
-    let x2_row = &input_y[0..][..n];
     for j in 0..n {
         let x0 = c[j];
-        let x2 = x2_row[j];
-        o0[j] = x0 + x1 - x2;
+        o0[j] = x0 + x1;
     }
     Ok(())
 }
 
 /// reduce: mul, reduce_sum over [64, 1].
-pub fn train_k01_reduce(t6: &[f32], t8: &mut [f32]) {
+pub fn train_k01_reduce(t5: &[f32], input_y: &[f32], t8: &mut [f32]) {
     t8[0..1].iter_mut().for_each(|acc_out| {
         let mut lanes = [0.0_f64; rt::lanes::LANES];
         let mut chunk = [0.0_f32; rt::lanes::CHUNK];
-        let x0_row = &t6[0..][..64];
+        let x0_row = &t5[0..][..64];
+        let x1_row = &input_y[0..][..64];
         for (j, c) in chunk[..64].iter_mut().enumerate() {
             let x0 = x0_row[j];
-            *c = x0.powi(2);
+            let x1 = x1_row[j];
+            *c = (x0 - x1).powi(2);
         }
         rt::lanes::add(&mut lanes, &chunk[..64]);
         *acc_out = rt::lanes::sum(&lanes) as f32;
@@ -192,14 +191,16 @@ pub fn train_k05_div_pow_sub(state_step: &[f32], t58: &mut [f32]) {
 }
 
 /// elementwise: add, mul over [64, 1].
-pub fn train_k06_add_mul(c95: &[f32], t6: &[f32], t18: &mut [f32]) {
+pub fn train_k06_add_mul(c95: &[f32], t5: &[f32], input_y: &[f32], t18: &mut [f32]) {
     t18[0..64].chunks_mut(64).enumerate().for_each(|(row, o0)| {
         let n = o0.len();
         let x0 = c95[0];
-        let x1_row = &t6[row * 64..][..n];
+        let x1_row = &t5[row * 64..][..n];
+        let x2_row = &input_y[row * 64..][..n];
         for j in 0..n {
             let x1 = x1_row[j];
-            o0[j] = 2.0 * x0 * x1;
+            let x2 = x2_row[j];
+            o0[j] = 2.0 * x0 * (x1 - x2);
         }
     });
 }

@@ -124,15 +124,18 @@ impl Arenas {
         // disjoint ranges of their arena, and a kernel writing a buffer in place
         // reads it only through that same mutable slice.
         unsafe {
-            kernels::train_k00_matmul_add_sub(
+            kernels::train_k00_matmul_add(
                 input_x,
                 a.param.slice(0, 3),
                 a.param.slice(16, 1),
-                input_y,
                 a.temp_f32.slice_mut(0, 64),
                 a.temp_f32.slice_mut(64, 64),
             )?;
-            kernels::train_k01_reduce(a.temp_f32.slice(64, 64), a.temp_f32.slice_mut(0, 1));
+            kernels::train_k01_reduce(
+                a.temp_f32.slice(64, 64),
+                input_y,
+                a.temp_f32.slice_mut(0, 1),
+            );
             kernels::forward_k02_mul(a.temp_f32.slice(0, 1), a.temp_f32.slice_mut(128, 1));
             kernels::train_k03_add(a.state.slice_mut(0, 1));
             kernels::train_k04_pow_sqrt_sub(a.state.slice(0, 1), a.temp_f32.slice_mut(144, 1));
@@ -140,6 +143,7 @@ impl Arenas {
             kernels::train_k06_add_mul(
                 a.const_f32.slice(0, 1),
                 a.temp_f32.slice(64, 64),
+                input_y,
                 a.temp_f32.slice_mut(0, 64),
             );
             kernels::grads_k01_reduce(a.temp_f32.slice(0, 64), a.temp_f32.slice_mut(80, 1));
@@ -178,7 +182,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `linreg`.
-#[pyclass(module = "fg_linreg_37a2e61bff44")]
+#[pyclass(module = "fg_linreg_2d9c83bb4e43")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -311,8 +315,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_linreg_37a2e61bff44(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_linreg_37a2e61bff44")?;
+fn fg_linreg_2d9c83bb4e43(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_linreg_2d9c83bb4e43")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

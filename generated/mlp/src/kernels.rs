@@ -117,67 +117,69 @@ pub fn forward_k02_matmul_add(
 
 /// reduce: reduce_max over [16, 10].
 pub fn forward_k03_reduce(t15: &[f32], t19: &mut [f32]) {
-    t19[0..16]
-        .iter_mut()
-        .enumerate()
-        .for_each(|(row, acc_out)| {
+    t19[0..16].chunks_mut(16).for_each(|outs| {
+        for (j, acc_out) in outs.iter_mut().enumerate() {
             let mut acc = f32::NEG_INFINITY;
             for i0 in 0..10 {
-                let x0 = t15[row * 10 + i0];
+                let x0 = t15[j * 10 + i0];
                 acc = acc.max(x0);
             }
             *acc_out = acc;
-        });
+        }
+    });
 }
 
-/// elementwise: stop_gradient, sub over [16, 10].
-pub fn forward_k04_stop_gradient_sub(t15: &[f32], t19: &[f32], t21: &mut [f32]) {
-    t21[0..160]
-        .chunks_mut(10)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let n = o0.len();
-            let x0_row = &t15[row * 10..][..n];
-            let x1 = t19[row];
-            for j in 0..n {
-                let x0 = x0_row[j];
-                o0[j] = x0 - x1;
-            }
-        });
+/// elementwise: stop_gradient over [16, 1].
+pub fn forward_k04_stop_gradient(t19: &[f32], t20: &mut [f32]) {
+    t20[0..16].chunks_mut(16).enumerate().for_each(|(row, o0)| {
+        let n = o0.len();
+        let x0_row = &t19[row * 16..][..n];
+        for j in 0..n {
+            let x0 = x0_row[j];
+            o0[j] = x0;
+        }
+    });
 }
 
 /// reduce: exp, reduce_sum over [16, 10].
-pub fn forward_k05_reduce(t21: &[f32], t23: &mut [f32]) {
-    t23[0..16]
-        .iter_mut()
-        .enumerate()
-        .for_each(|(row, acc_out)| {
+pub fn forward_k05_reduce(t15: &[f32], t20: &[f32], t23: &mut [f32]) {
+    t23[0..16].chunks_mut(16).for_each(|outs| {
+        for (j, acc_out) in outs.iter_mut().enumerate() {
             let mut acc = 0.0_f64;
             for i0 in 0..10 {
-                let x0 = t21[row * 10 + i0];
-                acc += f64::from(rt::math::exp(x0));
+                let x0 = t15[j * 10 + i0];
+                let x1 = t20[j];
+                acc += f64::from(rt::math::exp(x0 - x1));
             }
             *acc_out = acc as f32;
-        });
+        }
+    });
 }
 
 /// reduce: eq, log, reduce_sum, sub, where over [16, 10].
-pub fn forward_k06_reduce(input_y: &[i32], c17: &[i32], t21: &[f32], t23: &[f32], t28: &mut [f32]) {
-    t28[0..16]
-        .iter_mut()
-        .enumerate()
-        .for_each(|(row, acc_out)| {
+pub fn forward_k06_reduce(
+    input_y: &[i32],
+    c17: &[i32],
+    t15: &[f32],
+    t20: &[f32],
+    t23: &[f32],
+    t28: &mut [f32],
+) {
+    t28[0..16].chunks_mut(16).for_each(|outs| {
+        for (j, acc_out) in outs.iter_mut().enumerate() {
             let mut acc = 0.0_f64;
             for i0 in 0..10 {
-                let x0 = input_y[row];
+                let x0 = input_y[j];
                 let x1 = c17[i0];
-                let x2 = t21[row * 10 + i0];
-                let x3 = t23[row];
-                let w0 = x2 - rt::math::ln(x3);
+                let x2 = t15[j * 10 + i0];
+                let x3 = t20[j];
+                let x4 = t23[j];
+                let w0 = x2 - x3 - rt::math::ln(x4);
                 acc += f64::from(if x0 == x1 { w0 } else { 0.0 });
             }
             *acc_out = acc as f32;
-        });
+        }
+    });
 }
 
 /// reduce: reduce_sum over [16].
@@ -299,40 +301,33 @@ pub fn grads_k03_relu(t10: &[f32], t11: &mut [f32]) {
         });
 }
 
-/// elementwise: eq, mul, where over [16, 10].
-pub fn grads_k08_eq_mul_where(input_y: &[i32], c17: &[i32], c270: &[f32], t43: &mut [f32]) {
-    t43[0..160]
-        .chunks_mut(10)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let n = o0.len();
-            let x0 = input_y[row];
-            let x1_row = &c17[0..][..n];
-            let x2 = c270[row];
-            for j in 0..n {
-                let x1 = x1_row[j];
-                o0[j] = if x0 == x1 { x2 } else { 0.0 };
-            }
-        });
-}
-
 /// reduce: neg, reduce_sum over [16, 10].
-pub fn grads_k09_reduce(t43: &[f32], t46: &mut [f32]) {
+pub fn grads_k08_reduce(input_y: &[i32], c17: &[i32], c270: &[f32], t46: &mut [f32]) {
     t46[0..16]
-        .iter_mut()
+        .chunks_mut(16)
         .enumerate()
-        .for_each(|(row, acc_out)| {
-            let mut acc = 0.0_f64;
+        .for_each(|(part, out)| {
+            let j0 = part * 16;
+            let mut acc = [0.0_f64; 16];
+            let acc = &mut acc[..out.len()];
             for i0 in 0..10 {
-                let x0 = t43[row * 10 + i0];
-                acc += f64::from(-x0);
+                let x0_row = &input_y[j0..][..out.len()];
+                let x1 = c17[i0];
+                let x2_row = &c270[j0..][..out.len()];
+                for (j, a) in acc.iter_mut().enumerate() {
+                    let x0 = x0_row[j];
+                    let x2 = x2_row[j];
+                    *a += f64::from(-(if x0 == x1 { x2 } else { 0.0 }));
+                }
             }
-            *acc_out = acc as f32;
+            for (o, a) in out.iter_mut().zip(acc.iter()) {
+                *o = *a as f32;
+            }
         });
 }
 
 /// elementwise: log.d0, mul over [16, 1].
-pub fn grads_k10_log_d0_mul(t46: &[f32], t23: &[f32], t48: &mut [f32]) {
+pub fn grads_k09_log_d0_mul(t46: &[f32], t23: &[f32], t48: &mut [f32]) {
     t48[0..16].chunks_mut(16).enumerate().for_each(|(row, o0)| {
         let n = o0.len();
         let x0_row = &t46[row * 16..][..n];
@@ -346,25 +341,36 @@ pub fn grads_k10_log_d0_mul(t46: &[f32], t23: &[f32], t48: &mut [f32]) {
 }
 
 /// elementwise: add, exp.d0, mul over [16, 10].
-pub fn grads_k11_add_exp_d0_mul(t43: &[f32], t48: &[f32], t21: &[f32], t52: &mut [f32]) {
+pub fn grads_k10_add_exp_d0_mul(
+    input_y: &[i32],
+    c17: &[i32],
+    c270: &[f32],
+    t48: &[f32],
+    t15: &[f32],
+    t20: &[f32],
+    t52: &mut [f32],
+) {
     t52[0..160]
         .chunks_mut(10)
         .enumerate()
         .for_each(|(row, o0)| {
             let n = o0.len();
-            let x0_row = &t43[row * 10..][..n];
-            let x1 = t48[row];
-            let x2_row = &t21[row * 10..][..n];
+            let x0 = input_y[row];
+            let x1_row = &c17[0..][..n];
+            let x2 = c270[row];
+            let x3 = t48[row];
+            let x4_row = &t15[row * 10..][..n];
+            let x5 = t20[row];
             for j in 0..n {
-                let x0 = x0_row[j];
-                let x2 = x2_row[j];
-                o0[j] = x0 + x1 * rt::math::exp(x2);
+                let x1 = x1_row[j];
+                let x4 = x4_row[j];
+                o0[j] = x3 * rt::math::exp(x4 - x5) + (if x0 == x1 { x2 } else { 0.0 });
             }
         });
 }
 
 /// reduce: reduce_sum over [16, 10].
-pub fn grads_k12_reduce(t52: &[f32], t55: &mut [f32]) {
+pub fn grads_k11_reduce(t52: &[f32], t55: &mut [f32]) {
     t55[0..10]
         .chunks_mut(10)
         .enumerate()
@@ -386,7 +392,7 @@ pub fn grads_k12_reduce(t52: &[f32], t55: &mut [f32]) {
 }
 
 /// matmul: matmul.
-pub fn grads_k13_matmul(t11: &[f32], t52: &[f32], t60: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k12_matmul(t11: &[f32], t52: &[f32], t60: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         32,
@@ -404,7 +410,7 @@ pub fn grads_k13_matmul(t11: &[f32], t52: &[f32], t60: &mut [f32]) -> Result<(),
 }
 
 /// matmul: matmul, mul, relu.d0.
-pub fn grads_k14_matmul_mul_relu_d0(
+pub fn grads_k13_matmul_mul_relu_d0(
     t52: &[f32],
     param_head_weight: &[f32],
     t10: &[f32],
@@ -439,7 +445,7 @@ pub fn grads_k14_matmul_mul_relu_d0(
 }
 
 /// reduce: reduce_sum over [16, 32].
-pub fn grads_k15_reduce(t62: &[f32], t63: &mut [f32]) {
+pub fn grads_k14_reduce(t62: &[f32], t63: &mut [f32]) {
     t63[0..32]
         .chunks_mut(32)
         .enumerate()
@@ -461,7 +467,7 @@ pub fn grads_k15_reduce(t62: &[f32], t63: &mut [f32]) {
 }
 
 /// matmul: matmul.
-pub fn grads_k16_matmul(t6: &[f32], t62: &[f32], t68: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k15_matmul(t6: &[f32], t62: &[f32], t68: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         32,
@@ -479,7 +485,7 @@ pub fn grads_k16_matmul(t6: &[f32], t62: &[f32], t68: &mut [f32]) -> Result<(), 
 }
 
 /// matmul: matmul, mul, relu.d0.
-pub fn grads_k17_matmul_mul_relu_d0(
+pub fn grads_k16_matmul_mul_relu_d0(
     t62: &[f32],
     param_linear_1_weight: &[f32],
     t5: &[f32],
@@ -514,7 +520,7 @@ pub fn grads_k17_matmul_mul_relu_d0(
 }
 
 /// reduce: reduce_sum over [16, 32].
-pub fn grads_k18_reduce(t70: &[f32], t71: &mut [f32]) {
+pub fn grads_k17_reduce(t70: &[f32], t71: &mut [f32]) {
     t71[0..32]
         .chunks_mut(32)
         .enumerate()
@@ -536,7 +542,7 @@ pub fn grads_k18_reduce(t70: &[f32], t71: &mut [f32]) {
 }
 
 /// matmul: matmul.
-pub fn grads_k19_matmul(input_x: &[f32], t70: &[f32], t76: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k18_matmul(input_x: &[f32], t70: &[f32], t76: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         64,
@@ -553,76 +559,52 @@ pub fn grads_k19_matmul(input_x: &[f32], t70: &[f32], t76: &mut [f32]) -> Result
     Ok(())
 }
 
-/// elementwise: eq over [16, 10].
-pub fn train_k05_eq(input_y: &[i32], c17: &[i32], t18: &mut [u8]) {
-    t18[0..160]
-        .chunks_mut(10)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let n = o0.len();
-            let x0 = input_y[row];
-            let x1_row = &c17[0..][..n];
-            for j in 0..n {
-                let x1 = x1_row[j];
-                o0[j] = u8::from(x0 == x1);
-            }
-        });
-}
-
 /// reduce: log, reduce_sum, sub, where over [16, 10].
-pub fn train_k09_reduce(t18: &[u8], t21: &[f32], t23: &[f32], t28: &mut [f32]) {
-    t28[0..16]
-        .iter_mut()
-        .enumerate()
-        .for_each(|(row, acc_out)| {
+pub fn train_k08_reduce(
+    input_y: &[i32],
+    c17: &[i32],
+    t15: &[f32],
+    t20: &[f32],
+    t23: &[f32],
+    t28: &mut [f32],
+) {
+    t28[0..16].chunks_mut(16).for_each(|outs| {
+        for (j, acc_out) in outs.iter_mut().enumerate() {
             let mut acc = 0.0_f64;
             for i0 in 0..10 {
-                let x0 = t18[row * 10 + i0] != 0;
-                let x1 = t21[row * 10 + i0];
-                let x2 = t23[row];
-                let w0 = x1 - rt::math::ln(x2);
-                acc += f64::from(if x0 { w0 } else { 0.0 });
+                let x0 = input_y[j];
+                let x1 = c17[i0];
+                let x2 = t15[j * 10 + i0];
+                let x3 = t20[j];
+                let x4 = t23[j];
+                let w0 = x2 - x3 - rt::math::ln(x4);
+                acc += f64::from(if x0 == x1 { w0 } else { 0.0 });
             }
             *acc_out = acc as f32;
-        });
+        }
+    });
 }
 
 /// elementwise: add.
-pub fn train_k12_add(state_step: &mut [f32]) {
+pub fn train_k11_add(state_step: &mut [f32]) {
     let x0 = state_step[0];
     state_step[0] = x0 + 1.0;
 }
 
 /// elementwise: pow, sqrt, sub.
-pub fn train_k13_pow_sqrt_sub(state_step: &[f32], t102: &mut [f32]) {
+pub fn train_k12_pow_sqrt_sub(state_step: &[f32], t102: &mut [f32]) {
     let x0 = state_step[0];
     t102[0] = (1.0 - 0.999_f32.powf(x0)).sqrt();
 }
 
 /// elementwise: div, pow, sub.
-pub fn train_k14_div_pow_sub(state_step: &[f32], t107: &mut [f32]) {
+pub fn train_k13_div_pow_sub(state_step: &[f32], t107: &mut [f32]) {
     let x0 = state_step[0];
     t107[0] = 0.01 / (1.0 - 0.9_f32.powf(x0));
 }
 
-/// elementwise: mul, where over [16, 10].
-pub fn train_k15_mul_where(t18: &[u8], c270: &[f32], t43: &mut [f32]) {
-    t43[0..160]
-        .chunks_mut(10)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let n = o0.len();
-            let x0_row = &t18[row * 10..][..n];
-            let x1 = c270[row];
-            for j in 0..n {
-                let x0 = x0_row[j] != 0;
-                o0[j] = if x0 { x1 } else { 0.0 };
-            }
-        });
-}
-
 /// matmul: matmul, add, div, mul, sqrt, sub.
-pub fn train_k24_matmul_add_div_etc(
+pub fn train_k22_matmul_add_div_etc(
     input_x: &[f32],
     t70: &[f32],
     t107: &[f32],
@@ -673,7 +655,7 @@ pub fn train_k24_matmul_add_div_etc(
 }
 
 /// elementwise: add, div, mul, sqrt, sub over [32].
-pub fn train_k25_add_div_etc(
+pub fn train_k23_add_div_etc(
     t71: &[f32],
     t107: &[f32],
     t102: &[f32],
@@ -706,7 +688,7 @@ pub fn train_k25_add_div_etc(
 }
 
 /// matmul: matmul, add, div, mul, sqrt, sub.
-pub fn train_k26_matmul_add_div_etc(
+pub fn train_k24_matmul_add_div_etc(
     t6: &[f32],
     t62: &[f32],
     t107: &[f32],
@@ -757,7 +739,7 @@ pub fn train_k26_matmul_add_div_etc(
 }
 
 /// elementwise: add, div, mul, sqrt, sub over [32].
-pub fn train_k27_add_div_etc(
+pub fn train_k25_add_div_etc(
     t63: &[f32],
     t107: &[f32],
     t102: &[f32],
@@ -790,7 +772,7 @@ pub fn train_k27_add_div_etc(
 }
 
 /// matmul: matmul, add, div, mul, sqrt, sub.
-pub fn train_k28_matmul_add_div_etc(
+pub fn train_k26_matmul_add_div_etc(
     t11: &[f32],
     t52: &[f32],
     t107: &[f32],
@@ -841,7 +823,7 @@ pub fn train_k28_matmul_add_div_etc(
 }
 
 /// elementwise: add, div, mul, sqrt, sub over [10].
-pub fn train_k29_add_div_etc(
+pub fn train_k27_add_div_etc(
     t55: &[f32],
     t107: &[f32],
     t102: &[f32],

@@ -19,7 +19,7 @@ const PARAM_LEN: usize = 3472;
 const STATE_LEN: usize = 6960;
 const TEMP_F32_LEN: usize = 4464;
 const TEMP_I32_LEN: usize = 0;
-const TEMP_BOOL_LEN: usize = 160;
+const TEMP_BOOL_LEN: usize = 0;
 const CONST_F32_LEN: usize = 16;
 const CONST_I32_LEN: usize = 10;
 const CONST_BOOL_LEN: usize = 0;
@@ -100,27 +100,31 @@ impl Arenas {
                 a.temp_f32.slice_mut(512, 160),
                 a.temp_f32.slice_mut(672, 160),
             )?;
-            kernels::forward_k03_reduce(a.temp_f32.slice(672, 160), a.temp_f32.slice_mut(160, 16));
-            kernels::forward_k04_stop_gradient_sub(
-                a.temp_f32.slice(672, 160),
-                a.temp_f32.slice(160, 16),
-                a.temp_f32.slice_mut(0, 160),
+            kernels::forward_k03_reduce(a.temp_f32.slice(672, 160), a.temp_f32.slice_mut(0, 16));
+            kernels::forward_k04_stop_gradient(
+                a.temp_f32.slice(0, 16),
+                a.temp_f32.slice_mut(16, 16),
             );
-            kernels::forward_k05_reduce(a.temp_f32.slice(0, 160), a.temp_f32.slice_mut(160, 16));
+            kernels::forward_k05_reduce(
+                a.temp_f32.slice(672, 160),
+                a.temp_f32.slice(16, 16),
+                a.temp_f32.slice_mut(0, 16),
+            );
             kernels::forward_k06_reduce(
                 input_y,
                 a.const_i32.slice(0, 10),
-                a.temp_f32.slice(0, 160),
-                a.temp_f32.slice(160, 16),
-                a.temp_f32.slice_mut(176, 16),
+                a.temp_f32.slice(672, 160),
+                a.temp_f32.slice(16, 16),
+                a.temp_f32.slice(0, 16),
+                a.temp_f32.slice_mut(32, 16),
             );
-            kernels::forward_k07_reduce(a.temp_f32.slice(176, 16), a.temp_f32.slice_mut(0, 1));
+            kernels::forward_k07_reduce(a.temp_f32.slice(32, 16), a.temp_f32.slice_mut(0, 1));
             kernels::forward_k08_mul_neg(a.temp_f32.slice(0, 1), a.temp_f32.slice_mut(16, 1));
         }
         Ok(())
     }
 
-    /// `grads`: 20 kernels.
+    /// `grads`: 19 kernels.
     fn grads(&mut self, input_x: &[f32], input_y: &[i32]) -> Result<(), rt::Error> {
         let a = &*self;
         // SAFETY: the memory plan gives buffers that are live at the same time
@@ -152,63 +156,65 @@ impl Arenas {
             )?;
             kernels::forward_k03_reduce(
                 a.temp_f32.slice(2208, 160),
+                a.temp_f32.slice_mut(2048, 16),
+            );
+            kernels::forward_k04_stop_gradient(
+                a.temp_f32.slice(2048, 16),
                 a.temp_f32.slice_mut(2368, 16),
             );
-            kernels::forward_k04_stop_gradient_sub(
+            kernels::forward_k05_reduce(
+                a.temp_f32.slice(2208, 160),
+                a.temp_f32.slice(2368, 16),
+                a.temp_f32.slice_mut(2048, 16),
+            );
+            kernels::grads_k08_reduce(
+                input_y,
+                a.const_i32.slice(0, 10),
+                a.const_f32.slice(0, 16),
+                a.temp_f32.slice_mut(2064, 16),
+            );
+            kernels::grads_k09_log_d0_mul(
+                a.temp_f32.slice(2064, 16),
+                a.temp_f32.slice(2048, 16),
+                a.temp_f32.slice_mut(2384, 16),
+            );
+            kernels::grads_k10_add_exp_d0_mul(
+                input_y,
+                a.const_i32.slice(0, 10),
+                a.const_f32.slice(0, 16),
+                a.temp_f32.slice(2384, 16),
                 a.temp_f32.slice(2208, 160),
                 a.temp_f32.slice(2368, 16),
                 a.temp_f32.slice_mut(2048, 160),
             );
-            kernels::forward_k05_reduce(
-                a.temp_f32.slice(2048, 160),
-                a.temp_f32.slice_mut(2368, 16),
-            );
-            kernels::grads_k08_eq_mul_where(
-                input_y,
-                a.const_i32.slice(0, 10),
-                a.const_f32.slice(0, 16),
-                a.temp_f32.slice_mut(2208, 160),
-            );
-            kernels::grads_k09_reduce(a.temp_f32.slice(2208, 160), a.temp_f32.slice_mut(2384, 16));
-            kernels::grads_k10_log_d0_mul(
-                a.temp_f32.slice(2384, 16),
-                a.temp_f32.slice(2368, 16),
-                a.temp_f32.slice_mut(2528, 16),
-            );
-            kernels::grads_k11_add_exp_d0_mul(
-                a.temp_f32.slice(2208, 160),
-                a.temp_f32.slice(2528, 16),
-                a.temp_f32.slice(2048, 160),
-                a.temp_f32.slice_mut(2368, 160),
-            );
-            kernels::grads_k12_reduce(a.temp_f32.slice(2368, 160), a.temp_f32.slice_mut(4448, 10));
-            kernels::grads_k13_matmul(
+            kernels::grads_k11_reduce(a.temp_f32.slice(2048, 160), a.temp_f32.slice_mut(4448, 10));
+            kernels::grads_k12_matmul(
                 a.temp_f32.slice(1536, 512),
-                a.temp_f32.slice(2368, 160),
+                a.temp_f32.slice(2048, 160),
                 a.temp_f32.slice_mut(4096, 320),
             )?;
-            kernels::grads_k14_matmul_mul_relu_d0(
-                a.temp_f32.slice(2368, 160),
+            kernels::grads_k13_matmul_mul_relu_d0(
+                a.temp_f32.slice(2048, 160),
                 a.param.slice(3136, 320),
                 a.temp_f32.slice(1024, 512),
                 a.temp_f32.slice_mut(1536, 512),
                 a.temp_f32.slice_mut(3072, 512),
             )?;
-            kernels::grads_k15_reduce(a.temp_f32.slice(3072, 512), a.temp_f32.slice_mut(4416, 32));
-            kernels::grads_k16_matmul(
+            kernels::grads_k14_reduce(a.temp_f32.slice(3072, 512), a.temp_f32.slice_mut(4416, 32));
+            kernels::grads_k15_matmul(
                 a.temp_f32.slice(0, 512),
                 a.temp_f32.slice(3072, 512),
                 a.temp_f32.slice_mut(2048, 1024),
             )?;
-            kernels::grads_k17_matmul_mul_relu_d0(
+            kernels::grads_k16_matmul_mul_relu_d0(
                 a.temp_f32.slice(3072, 512),
                 a.param.slice(2080, 1024),
                 a.temp_f32.slice(512, 512),
                 a.temp_f32.slice_mut(0, 512),
                 a.temp_f32.slice_mut(3584, 512),
             )?;
-            kernels::grads_k18_reduce(a.temp_f32.slice(3584, 512), a.temp_f32.slice_mut(3072, 32));
-            kernels::grads_k19_matmul(
+            kernels::grads_k17_reduce(a.temp_f32.slice(3584, 512), a.temp_f32.slice_mut(3072, 32));
+            kernels::grads_k18_matmul(
                 input_x,
                 a.temp_f32.slice(3584, 512),
                 a.temp_f32.slice_mut(0, 2048),
@@ -217,7 +223,7 @@ impl Arenas {
         Ok(())
     }
 
-    /// `train`: 30 kernels.
+    /// `train`: 28 kernels.
     fn train(&mut self, input_x: &[f32], input_y: &[i32]) -> Result<(), rt::Error> {
         let a = &*self;
         // SAFETY: the memory plan gives buffers that are live at the same time
@@ -247,70 +253,70 @@ impl Arenas {
                 a.temp_f32.slice_mut(1024, 160),
                 a.temp_f32.slice_mut(1184, 160),
             )?;
-            kernels::train_k05_eq(
-                input_y,
-                a.const_i32.slice(0, 10),
-                a.temp_bool.slice_mut(0, 160),
-            );
             kernels::forward_k03_reduce(
                 a.temp_f32.slice(1184, 160),
-                a.temp_f32.slice_mut(1344, 16),
+                a.temp_f32.slice_mut(1024, 16),
             );
-            kernels::forward_k04_stop_gradient_sub(
-                a.temp_f32.slice(1184, 160),
-                a.temp_f32.slice(1344, 16),
-                a.temp_f32.slice_mut(1024, 160),
+            kernels::forward_k04_stop_gradient(
+                a.temp_f32.slice(1024, 16),
+                a.temp_f32.slice_mut(1040, 16),
             );
             kernels::forward_k05_reduce(
-                a.temp_f32.slice(1024, 160),
-                a.temp_f32.slice_mut(1344, 16),
-            );
-            kernels::train_k09_reduce(
-                a.temp_bool.slice(0, 160),
-                a.temp_f32.slice(1024, 160),
-                a.temp_f32.slice(1344, 16),
-                a.temp_f32.slice_mut(1184, 16),
-            );
-            kernels::forward_k07_reduce(a.temp_f32.slice(1184, 16), a.temp_f32.slice_mut(1200, 1));
-            kernels::forward_k08_mul_neg(a.temp_f32.slice(1200, 1), a.temp_f32.slice_mut(4336, 1));
-            kernels::train_k12_add(a.state.slice_mut(0, 1));
-            kernels::train_k13_pow_sqrt_sub(a.state.slice(0, 1), a.temp_f32.slice_mut(4352, 1));
-            kernels::train_k14_div_pow_sub(a.state.slice(0, 1), a.temp_f32.slice_mut(4368, 1));
-            kernels::train_k15_mul_where(
-                a.temp_bool.slice(0, 160),
-                a.const_f32.slice(0, 16),
-                a.temp_f32.slice_mut(1184, 160),
-            );
-            kernels::grads_k09_reduce(a.temp_f32.slice(1184, 160), a.temp_f32.slice_mut(1360, 16));
-            kernels::grads_k10_log_d0_mul(
-                a.temp_f32.slice(1360, 16),
-                a.temp_f32.slice(1344, 16),
-                a.temp_f32.slice_mut(1376, 16),
-            );
-            kernels::grads_k11_add_exp_d0_mul(
                 a.temp_f32.slice(1184, 160),
-                a.temp_f32.slice(1376, 16),
-                a.temp_f32.slice(1024, 160),
+                a.temp_f32.slice(1040, 16),
+                a.temp_f32.slice_mut(1024, 16),
+            );
+            kernels::train_k08_reduce(
+                input_y,
+                a.const_i32.slice(0, 10),
+                a.temp_f32.slice(1184, 160),
+                a.temp_f32.slice(1040, 16),
+                a.temp_f32.slice(1024, 16),
+                a.temp_f32.slice_mut(1056, 16),
+            );
+            kernels::forward_k07_reduce(a.temp_f32.slice(1056, 16), a.temp_f32.slice_mut(1072, 1));
+            kernels::forward_k08_mul_neg(a.temp_f32.slice(1072, 1), a.temp_f32.slice_mut(4336, 1));
+            kernels::train_k11_add(a.state.slice_mut(0, 1));
+            kernels::train_k12_pow_sqrt_sub(a.state.slice(0, 1), a.temp_f32.slice_mut(4352, 1));
+            kernels::train_k13_div_pow_sub(a.state.slice(0, 1), a.temp_f32.slice_mut(4368, 1));
+            kernels::grads_k08_reduce(
+                input_y,
+                a.const_i32.slice(0, 10),
+                a.const_f32.slice(0, 16),
+                a.temp_f32.slice_mut(1056, 16),
+            );
+            kernels::grads_k09_log_d0_mul(
+                a.temp_f32.slice(1056, 16),
+                a.temp_f32.slice(1024, 16),
+                a.temp_f32.slice_mut(1072, 16),
+            );
+            kernels::grads_k10_add_exp_d0_mul(
+                input_y,
+                a.const_i32.slice(0, 10),
+                a.const_f32.slice(0, 16),
+                a.temp_f32.slice(1072, 16),
+                a.temp_f32.slice(1184, 160),
+                a.temp_f32.slice(1040, 16),
                 a.temp_f32.slice_mut(4096, 160),
             );
-            kernels::grads_k12_reduce(a.temp_f32.slice(4096, 160), a.temp_f32.slice_mut(4320, 10));
-            kernels::grads_k14_matmul_mul_relu_d0(
+            kernels::grads_k11_reduce(a.temp_f32.slice(4096, 160), a.temp_f32.slice_mut(4320, 10));
+            kernels::grads_k13_matmul_mul_relu_d0(
                 a.temp_f32.slice(4096, 160),
                 a.param.slice(3136, 320),
                 a.temp_f32.slice(0, 512),
                 a.temp_f32.slice_mut(1024, 512),
                 a.temp_f32.slice_mut(3072, 512),
             )?;
-            kernels::grads_k15_reduce(a.temp_f32.slice(3072, 512), a.temp_f32.slice_mut(4256, 32));
-            kernels::grads_k17_matmul_mul_relu_d0(
+            kernels::grads_k14_reduce(a.temp_f32.slice(3072, 512), a.temp_f32.slice_mut(4256, 32));
+            kernels::grads_k16_matmul_mul_relu_d0(
                 a.temp_f32.slice(3072, 512),
                 a.param.slice(2080, 1024),
                 a.temp_f32.slice(512, 512),
                 a.temp_f32.slice_mut(0, 512),
                 a.temp_f32.slice_mut(3584, 512),
             )?;
-            kernels::grads_k18_reduce(a.temp_f32.slice(3584, 512), a.temp_f32.slice_mut(4288, 32));
-            kernels::train_k24_matmul_add_div_etc(
+            kernels::grads_k17_reduce(a.temp_f32.slice(3584, 512), a.temp_f32.slice_mut(4288, 32));
+            kernels::train_k22_matmul_add_div_etc(
                 input_x,
                 a.temp_f32.slice(3584, 512),
                 a.temp_f32.slice(4368, 1),
@@ -320,7 +326,7 @@ impl Arenas {
                 a.state.slice_mut(2064, 2048),
                 a.param.slice_mut(0, 2048),
             )?;
-            kernels::train_k25_add_div_etc(
+            kernels::train_k23_add_div_etc(
                 a.temp_f32.slice(4288, 32),
                 a.temp_f32.slice(4368, 1),
                 a.temp_f32.slice(4352, 1),
@@ -328,7 +334,7 @@ impl Arenas {
                 a.state.slice_mut(4144, 32),
                 a.param.slice_mut(2048, 32),
             );
-            kernels::train_k26_matmul_add_div_etc(
+            kernels::train_k24_matmul_add_div_etc(
                 a.temp_f32.slice(2048, 512),
                 a.temp_f32.slice(3072, 512),
                 a.temp_f32.slice(4368, 1),
@@ -338,7 +344,7 @@ impl Arenas {
                 a.state.slice_mut(5200, 1024),
                 a.param.slice_mut(2080, 1024),
             )?;
-            kernels::train_k27_add_div_etc(
+            kernels::train_k25_add_div_etc(
                 a.temp_f32.slice(4256, 32),
                 a.temp_f32.slice(4368, 1),
                 a.temp_f32.slice(4352, 1),
@@ -346,7 +352,7 @@ impl Arenas {
                 a.state.slice_mut(6256, 32),
                 a.param.slice_mut(3104, 32),
             );
-            kernels::train_k28_matmul_add_div_etc(
+            kernels::train_k26_matmul_add_div_etc(
                 a.temp_f32.slice(2560, 512),
                 a.temp_f32.slice(4096, 160),
                 a.temp_f32.slice(4368, 1),
@@ -356,7 +362,7 @@ impl Arenas {
                 a.state.slice_mut(6608, 320),
                 a.param.slice_mut(3136, 320),
             )?;
-            kernels::train_k29_add_div_etc(
+            kernels::train_k27_add_div_etc(
                 a.temp_f32.slice(4320, 10),
                 a.temp_f32.slice(4368, 1),
                 a.temp_f32.slice(4352, 1),
@@ -393,7 +399,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `mlp`.
-#[pyclass(module = "fg_mlp_aacc229318bc")]
+#[pyclass(module = "fg_mlp_b964902b80db")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -539,8 +545,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_mlp_aacc229318bc(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_mlp_aacc229318bc")?;
+fn fg_mlp_b964902b80db(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_mlp_b964902b80db")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

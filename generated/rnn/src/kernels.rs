@@ -374,54 +374,68 @@ pub fn forward_k14_matmul_add(
 
 /// reduce: reduce_max over [4, 2].
 pub fn forward_k15_reduce(t41: &[f32], t45: &mut [f32]) {
-    t45[0..4].iter_mut().enumerate().for_each(|(row, acc_out)| {
-        let mut acc = f32::NEG_INFINITY;
-        for i0 in 0..2 {
-            let x0 = t41[row * 2 + i0];
-            acc = acc.max(x0);
+    t45[0..4].chunks_mut(4).for_each(|outs| {
+        for (j, acc_out) in outs.iter_mut().enumerate() {
+            let mut acc = f32::NEG_INFINITY;
+            for i0 in 0..2 {
+                let x0 = t41[j * 2 + i0];
+                acc = acc.max(x0);
+            }
+            *acc_out = acc;
         }
-        *acc_out = acc;
     });
 }
 
-/// elementwise: stop_gradient, sub over [4, 2].
-pub fn forward_k16_stop_gradient_sub(t41: &[f32], t45: &[f32], t47: &mut [f32]) {
-    t47[0..8].chunks_mut(2).enumerate().for_each(|(row, o0)| {
+/// elementwise: stop_gradient over [4, 1].
+pub fn forward_k16_stop_gradient(t45: &[f32], t46: &mut [f32]) {
+    t46[0..4].chunks_mut(4).enumerate().for_each(|(row, o0)| {
         let n = o0.len();
-        let x0_row = &t41[row * 2..][..n];
-        let x1 = t45[row];
+        let x0_row = &t45[row * 4..][..n];
         for j in 0..n {
             let x0 = x0_row[j];
-            o0[j] = x0 - x1;
+            o0[j] = x0;
         }
     });
 }
 
 /// reduce: exp, reduce_sum over [4, 2].
-pub fn forward_k17_reduce(t47: &[f32], t49: &mut [f32]) {
-    t49[0..4].iter_mut().enumerate().for_each(|(row, acc_out)| {
-        let mut acc = 0.0_f64;
-        for i0 in 0..2 {
-            let x0 = t47[row * 2 + i0];
-            acc += f64::from(rt::math::exp(x0));
+pub fn forward_k17_reduce(t41: &[f32], t46: &[f32], t49: &mut [f32]) {
+    t49[0..4].chunks_mut(4).for_each(|outs| {
+        for (j, acc_out) in outs.iter_mut().enumerate() {
+            let mut acc = 0.0_f64;
+            for i0 in 0..2 {
+                let x0 = t41[j * 2 + i0];
+                let x1 = t46[j];
+                acc += f64::from(rt::math::exp(x0 - x1));
+            }
+            *acc_out = acc as f32;
         }
-        *acc_out = acc as f32;
     });
 }
 
 /// reduce: eq, log, reduce_sum, sub, where over [4, 2].
-pub fn forward_k18_reduce(input_y: &[i32], c43: &[i32], t47: &[f32], t49: &[f32], t54: &mut [f32]) {
-    t54[0..4].iter_mut().enumerate().for_each(|(row, acc_out)| {
-        let mut acc = 0.0_f64;
-        for i0 in 0..2 {
-            let x0 = input_y[row];
-            let x1 = c43[i0];
-            let x2 = t47[row * 2 + i0];
-            let x3 = t49[row];
-            let w0 = x2 - rt::math::ln(x3);
-            acc += f64::from(if x0 == x1 { w0 } else { 0.0 });
+pub fn forward_k18_reduce(
+    input_y: &[i32],
+    c43: &[i32],
+    t41: &[f32],
+    t46: &[f32],
+    t49: &[f32],
+    t54: &mut [f32],
+) {
+    t54[0..4].chunks_mut(4).for_each(|outs| {
+        for (j, acc_out) in outs.iter_mut().enumerate() {
+            let mut acc = 0.0_f64;
+            for i0 in 0..2 {
+                let x0 = input_y[j];
+                let x1 = c43[i0];
+                let x2 = t41[j * 2 + i0];
+                let x3 = t46[j];
+                let x4 = t49[j];
+                let w0 = x2 - x3 - rt::math::ln(x4);
+                acc += f64::from(if x0 == x1 { w0 } else { 0.0 });
+            }
+            *acc_out = acc as f32;
         }
-        *acc_out = acc as f32;
     });
 }
 
@@ -689,43 +703,25 @@ pub fn grads_k18_tanh(t36: &[f32], t37: &mut [f32]) {
     });
 }
 
-/// elementwise: eq, where over [4, 2].
-pub fn grads_k23_eq_where(
-    input_y: &[i32],
-    c43: &[i32],
-    c189: &[f32],
-    c190: &[f32],
-    t69: &mut [f32],
-) {
-    t69[0..8].chunks_mut(2).enumerate().for_each(|(row, o0)| {
-        let n = o0.len();
-        let x0 = input_y[row];
-        let x1_row = &c43[0..][..n];
-        let x2_row = &c189[row * 2..][..n];
-        let x3_row = &c190[row * 2..][..n];
-        for j in 0..n {
-            let x1 = x1_row[j];
-            let x2 = x2_row[j];
-            let x3 = x3_row[j];
-            o0[j] = if x0 == x1 { x2 } else { x3 };
-        }
-    });
-}
-
 /// reduce: neg, reduce_sum over [4, 2].
-pub fn grads_k24_reduce(t69: &[f32], t72: &mut [f32]) {
-    t72[0..4].iter_mut().enumerate().for_each(|(row, acc_out)| {
-        let mut acc = 0.0_f64;
-        for i0 in 0..2 {
-            let x0 = t69[row * 2 + i0];
-            acc += f64::from(-x0);
+pub fn grads_k23_reduce(input_y: &[i32], c43: &[i32], c189: &[f32], c190: &[f32], t72: &mut [f32]) {
+    t72[0..4].chunks_mut(4).for_each(|outs| {
+        for (j, acc_out) in outs.iter_mut().enumerate() {
+            let mut acc = 0.0_f64;
+            for i0 in 0..2 {
+                let x0 = input_y[j];
+                let x1 = c43[i0];
+                let x2 = c189[j * 2 + i0];
+                let x3 = c190[j * 2 + i0];
+                acc += f64::from(-(if x0 == x1 { x2 } else { x3 }));
+            }
+            *acc_out = acc as f32;
         }
-        *acc_out = acc as f32;
     });
 }
 
 /// elementwise: log.d0, mul over [4, 1].
-pub fn grads_k25_log_d0_mul(t72: &[f32], t49: &[f32], t74: &mut [f32]) {
+pub fn grads_k24_log_d0_mul(t72: &[f32], t49: &[f32], t74: &mut [f32]) {
     t74[0..4].chunks_mut(4).enumerate().for_each(|(row, o0)| {
         let n = o0.len();
         let x0_row = &t72[row * 4..][..n];
@@ -739,22 +735,37 @@ pub fn grads_k25_log_d0_mul(t72: &[f32], t49: &[f32], t74: &mut [f32]) {
 }
 
 /// elementwise: add, exp.d0, mul over [4, 2].
-pub fn grads_k26_add_exp_d0_mul(t69: &[f32], t74: &[f32], t47: &[f32], t78: &mut [f32]) {
+pub fn grads_k25_add_exp_d0_mul(
+    input_y: &[i32],
+    c43: &[i32],
+    c189: &[f32],
+    c190: &[f32],
+    t74: &[f32],
+    t41: &[f32],
+    t46: &[f32],
+    t78: &mut [f32],
+) {
     t78[0..8].chunks_mut(2).enumerate().for_each(|(row, o0)| {
         let n = o0.len();
-        let x0_row = &t69[row * 2..][..n];
-        let x1 = t74[row];
-        let x2_row = &t47[row * 2..][..n];
+        let x0 = input_y[row];
+        let x1_row = &c43[0..][..n];
+        let x2_row = &c189[row * 2..][..n];
+        let x3_row = &c190[row * 2..][..n];
+        let x4 = t74[row];
+        let x5_row = &t41[row * 2..][..n];
+        let x6 = t46[row];
         for j in 0..n {
-            let x0 = x0_row[j];
+            let x1 = x1_row[j];
             let x2 = x2_row[j];
-            o0[j] = x0 + x1 * rt::math::exp(x2);
+            let x3 = x3_row[j];
+            let x5 = x5_row[j];
+            o0[j] = x4 * rt::math::exp(x5 - x6) + (if x0 == x1 { x2 } else { x3 });
         }
     });
 }
 
 /// reduce: reduce_sum over [4, 2].
-pub fn grads_k27_reduce(t78: &[f32], t81: &mut [f32]) {
+pub fn grads_k26_reduce(t78: &[f32], t81: &mut [f32]) {
     t81[0..2].iter_mut().enumerate().for_each(|(row, acc_out)| {
         let mut acc = 0.0_f64;
         for i0 in 0..4 {
@@ -766,7 +777,7 @@ pub fn grads_k27_reduce(t78: &[f32], t81: &mut [f32]) {
 }
 
 /// matmul: matmul.
-pub fn grads_k28_matmul(t37: &[f32], t78: &[f32], t86: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k27_matmul(t37: &[f32], t78: &[f32], t86: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         8,
@@ -784,7 +795,7 @@ pub fn grads_k28_matmul(t37: &[f32], t78: &[f32], t86: &mut [f32]) -> Result<(),
 }
 
 /// matmul: matmul, mul, tanh.d0.
-pub fn grads_k29_matmul_mul_tanh_d0(
+pub fn grads_k28_matmul_mul_tanh_d0(
     t78: &[f32],
     param_head_weight: &[f32],
     t36: &[f32],
@@ -819,7 +830,7 @@ pub fn grads_k29_matmul_mul_tanh_d0(
 }
 
 /// reduce: reduce_sum over [4, 8].
-pub fn grads_k30_reduce(t88: &[f32], t93: &mut [f32]) {
+pub fn grads_k29_reduce(t88: &[f32], t93: &mut [f32]) {
     t93[0..8].chunks_mut(8).enumerate().for_each(|(part, out)| {
         let j0 = part * 8;
         let mut acc = [0.0_f64; 8];
@@ -838,7 +849,7 @@ pub fn grads_k30_reduce(t88: &[f32], t93: &mut [f32]) {
 }
 
 /// matmul: matmul, mul, tanh.d0.
-pub fn grads_k31_matmul_mul_tanh_d0(
+pub fn grads_k30_matmul_mul_tanh_d0(
     t88: &[f32],
     param_cell_w_hh: &[f32],
     t29: &[f32],
@@ -873,7 +884,7 @@ pub fn grads_k31_matmul_mul_tanh_d0(
 }
 
 /// matmul: matmul.
-pub fn grads_k32_matmul(t23: &[f32], t100: &[f32], t104: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k31_matmul(t23: &[f32], t100: &[f32], t104: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         8,
@@ -891,7 +902,7 @@ pub fn grads_k32_matmul(t23: &[f32], t100: &[f32], t104: &mut [f32]) -> Result<(
 }
 
 /// reduce: reduce_sum over [4, 8].
-pub fn grads_k33_reduce(t100: &[f32], t106: &mut [f32]) {
+pub fn grads_k32_reduce(t100: &[f32], t106: &mut [f32]) {
     t106[0..8]
         .chunks_mut(8)
         .enumerate()
@@ -913,7 +924,7 @@ pub fn grads_k33_reduce(t100: &[f32], t106: &mut [f32]) {
 }
 
 /// matmul: matmul.
-pub fn grads_k34_matmul(t24_c: &[f32], t100: &[f32], t112: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k33_matmul(t24_c: &[f32], t100: &[f32], t112: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         1,
@@ -931,7 +942,7 @@ pub fn grads_k34_matmul(t24_c: &[f32], t100: &[f32], t112: &mut [f32]) -> Result
 }
 
 /// matmul: matmul, mul, tanh.d0.
-pub fn grads_k35_matmul_mul_tanh_d0(
+pub fn grads_k34_matmul_mul_tanh_d0(
     t100: &[f32],
     param_cell_w_hh: &[f32],
     t22: &[f32],
@@ -966,7 +977,7 @@ pub fn grads_k35_matmul_mul_tanh_d0(
 }
 
 /// matmul: matmul.
-pub fn grads_k36_matmul(t16: &[f32], t115: &[f32], t119: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k35_matmul(t16: &[f32], t115: &[f32], t119: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         8,
@@ -984,7 +995,7 @@ pub fn grads_k36_matmul(t16: &[f32], t115: &[f32], t119: &mut [f32]) -> Result<(
 }
 
 /// reduce: reduce_sum over [4, 8].
-pub fn grads_k37_reduce(t115: &[f32], t121: &mut [f32]) {
+pub fn grads_k36_reduce(t115: &[f32], t121: &mut [f32]) {
     t121[0..8]
         .chunks_mut(8)
         .enumerate()
@@ -1006,7 +1017,7 @@ pub fn grads_k37_reduce(t115: &[f32], t121: &mut [f32]) {
 }
 
 /// matmul: matmul.
-pub fn grads_k38_matmul(t17_c: &[f32], t115: &[f32], t127: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k37_matmul(t17_c: &[f32], t115: &[f32], t127: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         1,
@@ -1024,7 +1035,7 @@ pub fn grads_k38_matmul(t17_c: &[f32], t115: &[f32], t127: &mut [f32]) -> Result
 }
 
 /// matmul: matmul, mul, tanh.d0.
-pub fn grads_k39_matmul_mul_tanh_d0(
+pub fn grads_k38_matmul_mul_tanh_d0(
     t115: &[f32],
     param_cell_w_hh: &[f32],
     t15: &[f32],
@@ -1059,7 +1070,7 @@ pub fn grads_k39_matmul_mul_tanh_d0(
 }
 
 /// matmul: matmul.
-pub fn grads_k40_matmul(t9: &[f32], t130: &[f32], t134: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k39_matmul(t9: &[f32], t130: &[f32], t134: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         8,
@@ -1077,7 +1088,7 @@ pub fn grads_k40_matmul(t9: &[f32], t130: &[f32], t134: &mut [f32]) -> Result<()
 }
 
 /// matmul: matmul, add.
-pub fn grads_k41_matmul_add(
+pub fn grads_k40_matmul_add(
     t30: &[f32],
     t88: &[f32],
     t104: &[f32],
@@ -1118,7 +1129,7 @@ pub fn grads_k41_matmul_add(
 }
 
 /// reduce: reduce_sum over [4, 8].
-pub fn grads_k42_reduce(t130: &[f32], t136: &mut [f32]) {
+pub fn grads_k41_reduce(t130: &[f32], t136: &mut [f32]) {
     t136[0..8]
         .chunks_mut(8)
         .enumerate()
@@ -1140,7 +1151,7 @@ pub fn grads_k42_reduce(t130: &[f32], t136: &mut [f32]) {
 }
 
 /// matmul: matmul.
-pub fn grads_k43_matmul(t10_c: &[f32], t130: &[f32], t142: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k42_matmul(t10_c: &[f32], t130: &[f32], t142: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         1,
@@ -1158,7 +1169,7 @@ pub fn grads_k43_matmul(t10_c: &[f32], t130: &[f32], t142: &mut [f32]) -> Result
 }
 
 /// matmul: matmul, mul, tanh.d0.
-pub fn grads_k44_matmul_mul_tanh_d0(
+pub fn grads_k43_matmul_mul_tanh_d0(
     t130: &[f32],
     param_cell_w_hh: &[f32],
     t8: &[f32],
@@ -1193,7 +1204,7 @@ pub fn grads_k44_matmul_mul_tanh_d0(
 }
 
 /// reduce: reduce_sum over [4, 8].
-pub fn grads_k45_reduce(t145: &[f32], t146: &mut [f32]) {
+pub fn grads_k44_reduce(t145: &[f32], t146: &mut [f32]) {
     t146[0..8]
         .chunks_mut(8)
         .enumerate()
@@ -1215,7 +1226,7 @@ pub fn grads_k45_reduce(t145: &[f32], t146: &mut [f32]) {
 }
 
 /// elementwise: add over [8].
-pub fn grads_k46_add(
+pub fn grads_k45_add(
     t93: &[f32],
     t106: &[f32],
     t121: &[f32],
@@ -1242,7 +1253,7 @@ pub fn grads_k46_add(
 }
 
 /// matmul: matmul.
-pub fn grads_k47_matmul(t5_c: &[f32], t145: &[f32], t152: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k46_matmul(t5_c: &[f32], t145: &[f32], t152: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         1,
@@ -1260,7 +1271,7 @@ pub fn grads_k47_matmul(t5_c: &[f32], t145: &[f32], t152: &mut [f32]) -> Result<
 }
 
 /// matmul: matmul, add.
-pub fn grads_k48_matmul_add(
+pub fn grads_k47_matmul_add(
     t31_c: &[f32],
     t88: &[f32],
     t112: &[f32],
@@ -1302,52 +1313,34 @@ pub fn grads_k48_matmul_add(
     Ok(())
 }
 
-/// elementwise: eq over [4, 2].
-pub fn train_k20_eq(input_y: &[i32], c43: &[i32], t44: &mut [u8]) {
-    t44[0..8].chunks_mut(2).enumerate().for_each(|(row, o0)| {
-        let n = o0.len();
-        let x0 = input_y[row];
-        let x1_row = &c43[0..][..n];
-        for j in 0..n {
-            let x1 = x1_row[j];
-            o0[j] = u8::from(x0 == x1);
-        }
-    });
-}
-
 /// reduce: log, reduce_sum, sub, where over [4, 2].
-pub fn train_k24_reduce(t44: &[u8], t47: &[f32], t49: &[f32], t54: &mut [f32]) {
-    t54[0..4].iter_mut().enumerate().for_each(|(row, acc_out)| {
-        let mut acc = 0.0_f64;
-        for i0 in 0..2 {
-            let x0 = t44[row * 2 + i0] != 0;
-            let x1 = t47[row * 2 + i0];
-            let x2 = t49[row];
-            let w0 = x1 - rt::math::ln(x2);
-            acc += f64::from(if x0 { w0 } else { 0.0 });
-        }
-        *acc_out = acc as f32;
-    });
-}
-
-/// elementwise: where over [4, 2].
-pub fn train_k27_where(t44: &[u8], c189: &[f32], c190: &[f32], t69: &mut [f32]) {
-    t69[0..8].chunks_mut(8).enumerate().for_each(|(row, o0)| {
-        let n = o0.len();
-        let x0_row = &t44[row * 8..][..n];
-        let x1_row = &c189[row * 8..][..n];
-        let x2_row = &c190[row * 8..][..n];
-        for j in 0..n {
-            let x0 = x0_row[j] != 0;
-            let x1 = x1_row[j];
-            let x2 = x2_row[j];
-            o0[j] = if x0 { x1 } else { x2 };
+pub fn train_k23_reduce(
+    input_y: &[i32],
+    c43: &[i32],
+    t41: &[f32],
+    t46: &[f32],
+    t49: &[f32],
+    t54: &mut [f32],
+) {
+    t54[0..4].chunks_mut(4).for_each(|outs| {
+        for (j, acc_out) in outs.iter_mut().enumerate() {
+            let mut acc = 0.0_f64;
+            for i0 in 0..2 {
+                let x0 = input_y[j];
+                let x1 = c43[i0];
+                let x2 = t41[j * 2 + i0];
+                let x3 = t46[j];
+                let x4 = t49[j];
+                let w0 = x2 - x3 - rt::math::ln(x4);
+                acc += f64::from(if x0 == x1 { w0 } else { 0.0 });
+            }
+            *acc_out = acc as f32;
         }
     });
 }
 
 /// matmul: matmul, add, mul, sub.
-pub fn train_k49_matmul_add_mul_sub(
+pub fn train_k47_matmul_add_mul_sub(
     t31_c: &[f32],
     t88: &[f32],
     t112: &[f32],
@@ -1394,7 +1387,7 @@ pub fn train_k49_matmul_add_mul_sub(
 }
 
 /// matmul: matmul, add, mul, sub.
-pub fn train_k50_matmul_add_mul_sub(
+pub fn train_k48_matmul_add_mul_sub(
     t30: &[f32],
     t88: &[f32],
     t104: &[f32],
@@ -1436,7 +1429,7 @@ pub fn train_k50_matmul_add_mul_sub(
 }
 
 /// elementwise: add, mul, sub over [8].
-pub fn train_k51_add_mul_sub(
+pub fn train_k49_add_mul_sub(
     t93: &[f32],
     t106: &[f32],
     t121: &[f32],
@@ -1467,7 +1460,7 @@ pub fn train_k51_add_mul_sub(
 }
 
 /// matmul: matmul, add, mul, sub.
-pub fn train_k52_matmul_add_mul_sub(
+pub fn train_k50_matmul_add_mul_sub(
     t37: &[f32],
     t78: &[f32],
     t86: &mut [f32],
@@ -1499,7 +1492,7 @@ pub fn train_k52_matmul_add_mul_sub(
 }
 
 /// elementwise: add, mul, sub over [2].
-pub fn train_k53_add_mul_sub(t81: &[f32], param_head_bias: &mut [f32]) {
+pub fn train_k51_add_mul_sub(t81: &[f32], param_head_bias: &mut [f32]) {
     param_head_bias[0..2]
         .chunks_mut(2)
         .enumerate()

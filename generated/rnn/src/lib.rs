@@ -19,7 +19,7 @@ const PARAM_LEN: usize = 128;
 const STATE_LEN: usize = 0;
 const TEMP_F32_LEN: usize = 624;
 const TEMP_I32_LEN: usize = 0;
-const TEMP_BOOL_LEN: usize = 16;
+const TEMP_BOOL_LEN: usize = 0;
 const CONST_F32_LEN: usize = 16;
 const CONST_I32_LEN: usize = 2;
 const CONST_BOOL_LEN: usize = 0;
@@ -150,18 +150,19 @@ impl Arenas {
                 a.temp_f32.slice_mut(0, 8),
                 a.temp_f32.slice_mut(16, 8),
             )?;
-            kernels::forward_k15_reduce(a.temp_f32.slice(16, 8), a.temp_f32.slice_mut(32, 4));
-            kernels::forward_k16_stop_gradient_sub(
+            kernels::forward_k15_reduce(a.temp_f32.slice(16, 8), a.temp_f32.slice_mut(0, 4));
+            kernels::forward_k16_stop_gradient(a.temp_f32.slice(0, 4), a.temp_f32.slice_mut(32, 4));
+            kernels::forward_k17_reduce(
                 a.temp_f32.slice(16, 8),
                 a.temp_f32.slice(32, 4),
-                a.temp_f32.slice_mut(0, 8),
+                a.temp_f32.slice_mut(0, 4),
             );
-            kernels::forward_k17_reduce(a.temp_f32.slice(0, 8), a.temp_f32.slice_mut(32, 4));
             kernels::forward_k18_reduce(
                 input_y,
                 a.const_i32.slice(0, 2),
-                a.temp_f32.slice(0, 8),
+                a.temp_f32.slice(16, 8),
                 a.temp_f32.slice(32, 4),
+                a.temp_f32.slice(0, 4),
                 a.temp_f32.slice_mut(48, 4),
             );
             kernels::forward_k19_reduce(a.temp_f32.slice(48, 4), a.temp_f32.slice_mut(0, 1));
@@ -170,7 +171,7 @@ impl Arenas {
         Ok(())
     }
 
-    /// `grads`: 49 kernels.
+    /// `grads`: 48 kernels.
     fn grads(&mut self, input_x: &[f32], input_y: &[i32]) -> Result<(), rt::Error> {
         let a = &*self;
         // SAFETY: the memory plan gives buffers that are live at the same time
@@ -201,14 +202,14 @@ impl Arenas {
                 a.temp_f32.slice_mut(128, 32),
             )?;
             kernels::grads_k06_tanh(a.temp_f32.slice(128, 32), a.temp_f32.slice_mut(160, 32));
-            kernels::forward_k05_copy(input_x, a.temp_f32.slice_mut(304, 4));
+            kernels::forward_k05_copy(input_x, a.temp_f32.slice_mut(288, 4));
             kernels::forward_k06_matmul(
                 a.temp_f32.slice(160, 32),
                 a.param.slice(16, 64),
                 a.temp_f32.slice_mut(0, 32),
             )?;
             kernels::grads_k09_matmul_add(
-                a.temp_f32.slice(304, 4),
+                a.temp_f32.slice(288, 4),
                 a.param.slice(0, 8),
                 a.param.slice(80, 8),
                 a.temp_f32.slice(0, 32),
@@ -216,14 +217,14 @@ impl Arenas {
                 a.temp_f32.slice_mut(64, 32),
             )?;
             kernels::grads_k10_tanh(a.temp_f32.slice(64, 32), a.temp_f32.slice_mut(96, 32));
-            kernels::forward_k08_copy(input_x, a.temp_f32.slice_mut(416, 4));
+            kernels::forward_k08_copy(input_x, a.temp_f32.slice_mut(304, 4));
             kernels::forward_k09_matmul(
                 a.temp_f32.slice(96, 32),
                 a.param.slice(16, 64),
                 a.temp_f32.slice_mut(0, 32),
             )?;
             kernels::grads_k13_matmul_add(
-                a.temp_f32.slice(416, 4),
+                a.temp_f32.slice(304, 4),
                 a.param.slice(0, 8),
                 a.param.slice(80, 8),
                 a.temp_f32.slice(0, 32),
@@ -253,95 +254,101 @@ impl Arenas {
                 a.temp_f32.slice_mut(32, 8),
                 a.temp_f32.slice_mut(48, 8),
             )?;
-            kernels::forward_k15_reduce(a.temp_f32.slice(48, 8), a.temp_f32.slice_mut(288, 4));
-            kernels::forward_k16_stop_gradient_sub(
-                a.temp_f32.slice(48, 8),
-                a.temp_f32.slice(288, 4),
-                a.temp_f32.slice_mut(32, 8),
+            kernels::forward_k15_reduce(a.temp_f32.slice(48, 8), a.temp_f32.slice_mut(32, 4));
+            kernels::forward_k16_stop_gradient(
+                a.temp_f32.slice(32, 4),
+                a.temp_f32.slice_mut(384, 4),
             );
-            kernels::forward_k17_reduce(a.temp_f32.slice(32, 8), a.temp_f32.slice_mut(288, 4));
-            kernels::grads_k23_eq_where(
+            kernels::forward_k17_reduce(
+                a.temp_f32.slice(48, 8),
+                a.temp_f32.slice(384, 4),
+                a.temp_f32.slice_mut(32, 4),
+            );
+            kernels::grads_k23_reduce(
                 input_y,
                 a.const_i32.slice(0, 2),
                 a.const_f32.slice(0, 8),
                 a.const_f32.slice(8, 8),
-                a.temp_f32.slice_mut(48, 8),
-            );
-            kernels::grads_k24_reduce(a.temp_f32.slice(48, 8), a.temp_f32.slice_mut(384, 4));
-            kernels::grads_k25_log_d0_mul(
-                a.temp_f32.slice(384, 4),
-                a.temp_f32.slice(288, 4),
                 a.temp_f32.slice_mut(400, 4),
             );
-            kernels::grads_k26_add_exp_d0_mul(
-                a.temp_f32.slice(48, 8),
+            kernels::grads_k24_log_d0_mul(
                 a.temp_f32.slice(400, 4),
-                a.temp_f32.slice(32, 8),
-                a.temp_f32.slice_mut(288, 8),
+                a.temp_f32.slice(32, 4),
+                a.temp_f32.slice_mut(416, 4),
             );
-            kernels::grads_k27_reduce(a.temp_f32.slice(288, 8), a.temp_f32.slice_mut(592, 2));
-            kernels::grads_k28_matmul(
+            kernels::grads_k25_add_exp_d0_mul(
+                input_y,
+                a.const_i32.slice(0, 2),
+                a.const_f32.slice(0, 8),
+                a.const_f32.slice(8, 8),
+                a.temp_f32.slice(416, 4),
+                a.temp_f32.slice(48, 8),
+                a.temp_f32.slice(384, 4),
+                a.temp_f32.slice_mut(32, 8),
+            );
+            kernels::grads_k26_reduce(a.temp_f32.slice(32, 8), a.temp_f32.slice_mut(592, 2));
+            kernels::grads_k27_matmul(
                 a.temp_f32.slice(0, 32),
-                a.temp_f32.slice(288, 8),
+                a.temp_f32.slice(32, 8),
                 a.temp_f32.slice_mut(448, 16),
             )?;
-            kernels::grads_k29_matmul_mul_tanh_d0(
-                a.temp_f32.slice(288, 8),
+            kernels::grads_k28_matmul_mul_tanh_d0(
+                a.temp_f32.slice(32, 8),
                 a.param.slice(96, 16),
                 a.temp_f32.slice(256, 32),
                 a.temp_f32.slice_mut(0, 32),
                 a.temp_f32.slice_mut(384, 32),
             )?;
-            kernels::grads_k30_reduce(a.temp_f32.slice(384, 32), a.temp_f32.slice_mut(464, 8));
-            kernels::grads_k31_matmul_mul_tanh_d0(
+            kernels::grads_k29_reduce(a.temp_f32.slice(384, 32), a.temp_f32.slice_mut(464, 8));
+            kernels::grads_k30_matmul_mul_tanh_d0(
                 a.temp_f32.slice(384, 32),
                 a.param.slice(16, 64),
                 a.temp_f32.slice(224, 32),
                 a.temp_f32.slice_mut(0, 32),
                 a.temp_f32.slice_mut(256, 32),
             )?;
-            kernels::grads_k32_matmul(
+            kernels::grads_k31_matmul(
                 a.temp_f32.slice(96, 32),
                 a.temp_f32.slice(256, 32),
                 a.temp_f32.slice_mut(0, 64),
             )?;
-            kernels::grads_k33_reduce(a.temp_f32.slice(256, 32), a.temp_f32.slice_mut(480, 8));
-            kernels::grads_k34_matmul(
-                a.temp_f32.slice(416, 4),
+            kernels::grads_k32_reduce(a.temp_f32.slice(256, 32), a.temp_f32.slice_mut(480, 8));
+            kernels::grads_k33_matmul(
+                a.temp_f32.slice(304, 4),
                 a.temp_f32.slice(256, 32),
                 a.temp_f32.slice_mut(496, 8),
             )?;
-            kernels::grads_k35_matmul_mul_tanh_d0(
+            kernels::grads_k34_matmul_mul_tanh_d0(
                 a.temp_f32.slice(256, 32),
                 a.param.slice(16, 64),
                 a.temp_f32.slice(64, 32),
                 a.temp_f32.slice_mut(96, 32),
                 a.temp_f32.slice_mut(224, 32),
             )?;
-            kernels::grads_k36_matmul(
+            kernels::grads_k35_matmul(
                 a.temp_f32.slice(160, 32),
                 a.temp_f32.slice(224, 32),
                 a.temp_f32.slice_mut(64, 64),
             )?;
-            kernels::grads_k37_reduce(a.temp_f32.slice(224, 32), a.temp_f32.slice_mut(512, 8));
-            kernels::grads_k38_matmul(
-                a.temp_f32.slice(304, 4),
+            kernels::grads_k36_reduce(a.temp_f32.slice(224, 32), a.temp_f32.slice_mut(512, 8));
+            kernels::grads_k37_matmul(
+                a.temp_f32.slice(288, 4),
                 a.temp_f32.slice(224, 32),
                 a.temp_f32.slice_mut(528, 8),
             )?;
-            kernels::grads_k39_matmul_mul_tanh_d0(
+            kernels::grads_k38_matmul_mul_tanh_d0(
                 a.temp_f32.slice(224, 32),
                 a.param.slice(16, 64),
                 a.temp_f32.slice(128, 32),
                 a.temp_f32.slice_mut(160, 32),
                 a.temp_f32.slice_mut(416, 32),
             )?;
-            kernels::grads_k40_matmul(
+            kernels::grads_k39_matmul(
                 a.temp_f32.slice(192, 32),
                 a.temp_f32.slice(416, 32),
                 a.temp_f32.slice_mut(128, 64),
             )?;
-            kernels::grads_k41_matmul_add(
+            kernels::grads_k40_matmul_add(
                 a.temp_f32.slice(352, 32),
                 a.temp_f32.slice(384, 32),
                 a.temp_f32.slice(0, 64),
@@ -350,21 +357,21 @@ impl Arenas {
                 a.temp_f32.slice_mut(256, 64),
                 a.temp_f32.slice_mut(192, 64),
             )?;
-            kernels::grads_k42_reduce(a.temp_f32.slice(416, 32), a.temp_f32.slice_mut(64, 8));
-            kernels::grads_k43_matmul(
+            kernels::grads_k41_reduce(a.temp_f32.slice(416, 32), a.temp_f32.slice_mut(64, 8));
+            kernels::grads_k42_matmul(
                 a.temp_f32.slice(560, 4),
                 a.temp_f32.slice(416, 32),
                 a.temp_f32.slice_mut(80, 8),
             )?;
-            kernels::grads_k44_matmul_mul_tanh_d0(
+            kernels::grads_k43_matmul_mul_tanh_d0(
                 a.temp_f32.slice(416, 32),
                 a.param.slice(16, 64),
                 a.temp_f32.slice(320, 32),
                 a.temp_f32.slice_mut(0, 32),
                 a.temp_f32.slice_mut(32, 32),
             )?;
-            kernels::grads_k45_reduce(a.temp_f32.slice(32, 32), a.temp_f32.slice_mut(0, 8));
-            kernels::grads_k46_add(
+            kernels::grads_k44_reduce(a.temp_f32.slice(32, 32), a.temp_f32.slice_mut(0, 8));
+            kernels::grads_k45_add(
                 a.temp_f32.slice(464, 8),
                 a.temp_f32.slice(480, 8),
                 a.temp_f32.slice(512, 8),
@@ -372,12 +379,12 @@ impl Arenas {
                 a.temp_f32.slice(0, 8),
                 a.temp_f32.slice_mut(16, 8),
             );
-            kernels::grads_k47_matmul(
+            kernels::grads_k46_matmul(
                 a.temp_f32.slice(544, 4),
                 a.temp_f32.slice(32, 32),
                 a.temp_f32.slice_mut(0, 8),
             )?;
-            kernels::grads_k48_matmul_add(
+            kernels::grads_k47_matmul_add(
                 a.temp_f32.slice(576, 4),
                 a.temp_f32.slice(384, 32),
                 a.temp_f32.slice(496, 8),
@@ -391,7 +398,7 @@ impl Arenas {
         Ok(())
     }
 
-    /// `train`: 54 kernels.
+    /// `train`: 52 kernels.
     fn train(&mut self, input_x: &[f32], input_y: &[i32]) -> Result<(), rt::Error> {
         let a = &*self;
         // SAFETY: the memory plan gives buffers that are live at the same time
@@ -474,121 +481,122 @@ impl Arenas {
                 a.temp_f32.slice_mut(0, 8),
                 a.temp_f32.slice_mut(16, 8),
             )?;
-            kernels::train_k20_eq(
+            kernels::forward_k15_reduce(a.temp_f32.slice(16, 8), a.temp_f32.slice_mut(0, 4));
+            kernels::forward_k16_stop_gradient(a.temp_f32.slice(0, 4), a.temp_f32.slice_mut(32, 4));
+            kernels::forward_k17_reduce(
+                a.temp_f32.slice(16, 8),
+                a.temp_f32.slice(32, 4),
+                a.temp_f32.slice_mut(0, 4),
+            );
+            kernels::train_k23_reduce(
                 input_y,
                 a.const_i32.slice(0, 2),
-                a.temp_bool.slice_mut(0, 8),
-            );
-            kernels::forward_k15_reduce(a.temp_f32.slice(16, 8), a.temp_f32.slice_mut(32, 4));
-            kernels::forward_k16_stop_gradient_sub(
                 a.temp_f32.slice(16, 8),
                 a.temp_f32.slice(32, 4),
-                a.temp_f32.slice_mut(0, 8),
+                a.temp_f32.slice(0, 4),
+                a.temp_f32.slice_mut(48, 4),
             );
-            kernels::forward_k17_reduce(a.temp_f32.slice(0, 8), a.temp_f32.slice_mut(32, 4));
-            kernels::train_k24_reduce(
-                a.temp_bool.slice(0, 8),
-                a.temp_f32.slice(0, 8),
-                a.temp_f32.slice(32, 4),
-                a.temp_f32.slice_mut(16, 4),
-            );
-            kernels::forward_k19_reduce(a.temp_f32.slice(16, 4), a.temp_f32.slice_mut(48, 1));
-            kernels::forward_k20_mul_neg(a.temp_f32.slice(48, 1), a.temp_f32.slice_mut(608, 1));
-            kernels::train_k27_where(
-                a.temp_bool.slice(0, 8),
+            kernels::forward_k19_reduce(a.temp_f32.slice(48, 4), a.temp_f32.slice_mut(384, 1));
+            kernels::forward_k20_mul_neg(a.temp_f32.slice(384, 1), a.temp_f32.slice_mut(608, 1));
+            kernels::grads_k23_reduce(
+                input_y,
+                a.const_i32.slice(0, 2),
                 a.const_f32.slice(0, 8),
                 a.const_f32.slice(8, 8),
-                a.temp_f32.slice_mut(16, 8),
+                a.temp_f32.slice_mut(48, 4),
             );
-            kernels::grads_k24_reduce(a.temp_f32.slice(16, 8), a.temp_f32.slice_mut(48, 4));
-            kernels::grads_k25_log_d0_mul(
+            kernels::grads_k24_log_d0_mul(
                 a.temp_f32.slice(48, 4),
-                a.temp_f32.slice(32, 4),
+                a.temp_f32.slice(0, 4),
                 a.temp_f32.slice_mut(384, 4),
             );
-            kernels::grads_k26_add_exp_d0_mul(
-                a.temp_f32.slice(16, 8),
+            kernels::grads_k25_add_exp_d0_mul(
+                input_y,
+                a.const_i32.slice(0, 2),
+                a.const_f32.slice(0, 8),
+                a.const_f32.slice(8, 8),
                 a.temp_f32.slice(384, 4),
-                a.temp_f32.slice(0, 8),
+                a.temp_f32.slice(16, 8),
+                a.temp_f32.slice(32, 4),
                 a.temp_f32.slice_mut(416, 8),
             );
-            kernels::grads_k27_reduce(a.temp_f32.slice(416, 8), a.temp_f32.slice_mut(592, 2));
-            kernels::grads_k29_matmul_mul_tanh_d0(
+            kernels::grads_k26_reduce(a.temp_f32.slice(416, 8), a.temp_f32.slice_mut(592, 2));
+            kernels::grads_k28_matmul_mul_tanh_d0(
                 a.temp_f32.slice(416, 8),
                 a.param.slice(96, 16),
                 a.temp_f32.slice(320, 32),
                 a.temp_f32.slice_mut(0, 32),
                 a.temp_f32.slice_mut(384, 32),
             )?;
-            kernels::grads_k30_reduce(a.temp_f32.slice(384, 32), a.temp_f32.slice_mut(432, 8));
-            kernels::grads_k31_matmul_mul_tanh_d0(
+            kernels::grads_k29_reduce(a.temp_f32.slice(384, 32), a.temp_f32.slice_mut(432, 8));
+            kernels::grads_k30_matmul_mul_tanh_d0(
                 a.temp_f32.slice(384, 32),
                 a.param.slice(16, 64),
                 a.temp_f32.slice(256, 32),
                 a.temp_f32.slice_mut(0, 32),
                 a.temp_f32.slice_mut(320, 32),
             )?;
-            kernels::grads_k32_matmul(
+            kernels::grads_k31_matmul(
                 a.temp_f32.slice(96, 32),
                 a.temp_f32.slice(320, 32),
                 a.temp_f32.slice_mut(0, 64),
             )?;
-            kernels::grads_k33_reduce(a.temp_f32.slice(320, 32), a.temp_f32.slice_mut(448, 8));
-            kernels::grads_k34_matmul(
+            kernels::grads_k32_reduce(a.temp_f32.slice(320, 32), a.temp_f32.slice_mut(448, 8));
+            kernels::grads_k33_matmul(
                 a.temp_f32.slice(480, 4),
                 a.temp_f32.slice(320, 32),
                 a.temp_f32.slice_mut(464, 8),
             )?;
-            kernels::grads_k35_matmul_mul_tanh_d0(
+            kernels::grads_k34_matmul_mul_tanh_d0(
                 a.temp_f32.slice(320, 32),
                 a.param.slice(16, 64),
                 a.temp_f32.slice(64, 32),
                 a.temp_f32.slice_mut(96, 32),
                 a.temp_f32.slice_mut(256, 32),
             )?;
-            kernels::grads_k36_matmul(
+            kernels::grads_k35_matmul(
                 a.temp_f32.slice(160, 32),
                 a.temp_f32.slice(256, 32),
                 a.temp_f32.slice_mut(64, 64),
             )?;
-            kernels::grads_k37_reduce(a.temp_f32.slice(256, 32), a.temp_f32.slice_mut(480, 8));
-            kernels::grads_k38_matmul(
+            kernels::grads_k36_reduce(a.temp_f32.slice(256, 32), a.temp_f32.slice_mut(480, 8));
+            kernels::grads_k37_matmul(
                 a.temp_f32.slice(512, 4),
                 a.temp_f32.slice(256, 32),
                 a.temp_f32.slice_mut(496, 8),
             )?;
-            kernels::grads_k39_matmul_mul_tanh_d0(
+            kernels::grads_k38_matmul_mul_tanh_d0(
                 a.temp_f32.slice(256, 32),
                 a.param.slice(16, 64),
                 a.temp_f32.slice(128, 32),
                 a.temp_f32.slice_mut(160, 32),
                 a.temp_f32.slice_mut(320, 32),
             )?;
-            kernels::grads_k40_matmul(
+            kernels::grads_k39_matmul(
                 a.temp_f32.slice(224, 32),
                 a.temp_f32.slice(320, 32),
                 a.temp_f32.slice_mut(128, 64),
             )?;
-            kernels::grads_k42_reduce(a.temp_f32.slice(320, 32), a.temp_f32.slice_mut(512, 8));
-            kernels::grads_k43_matmul(
+            kernels::grads_k41_reduce(a.temp_f32.slice(320, 32), a.temp_f32.slice_mut(512, 8));
+            kernels::grads_k42_matmul(
                 a.temp_f32.slice(560, 4),
                 a.temp_f32.slice(320, 32),
                 a.temp_f32.slice_mut(528, 8),
             )?;
-            kernels::grads_k44_matmul_mul_tanh_d0(
+            kernels::grads_k43_matmul_mul_tanh_d0(
                 a.temp_f32.slice(320, 32),
                 a.param.slice(16, 64),
                 a.temp_f32.slice(192, 32),
                 a.temp_f32.slice_mut(224, 32),
                 a.temp_f32.slice_mut(256, 32),
             )?;
-            kernels::grads_k45_reduce(a.temp_f32.slice(256, 32), a.temp_f32.slice_mut(320, 8));
-            kernels::grads_k47_matmul(
+            kernels::grads_k44_reduce(a.temp_f32.slice(256, 32), a.temp_f32.slice_mut(320, 8));
+            kernels::grads_k46_matmul(
                 a.temp_f32.slice(544, 4),
                 a.temp_f32.slice(256, 32),
                 a.temp_f32.slice_mut(192, 8),
             )?;
-            kernels::train_k49_matmul_add_mul_sub(
+            kernels::train_k47_matmul_add_mul_sub(
                 a.temp_f32.slice(576, 4),
                 a.temp_f32.slice(384, 32),
                 a.temp_f32.slice(464, 8),
@@ -598,7 +606,7 @@ impl Arenas {
                 a.temp_f32.slice_mut(208, 8),
                 a.param.slice_mut(0, 8),
             )?;
-            kernels::train_k50_matmul_add_mul_sub(
+            kernels::train_k48_matmul_add_mul_sub(
                 a.temp_f32.slice(288, 32),
                 a.temp_f32.slice(384, 32),
                 a.temp_f32.slice(0, 64),
@@ -607,7 +615,7 @@ impl Arenas {
                 a.temp_f32.slice_mut(192, 64),
                 a.param.slice_mut(16, 64),
             )?;
-            kernels::train_k51_add_mul_sub(
+            kernels::train_k49_add_mul_sub(
                 a.temp_f32.slice(432, 8),
                 a.temp_f32.slice(448, 8),
                 a.temp_f32.slice(480, 8),
@@ -615,13 +623,13 @@ impl Arenas {
                 a.temp_f32.slice(320, 8),
                 a.param.slice_mut(80, 8),
             );
-            kernels::train_k52_matmul_add_mul_sub(
+            kernels::train_k50_matmul_add_mul_sub(
                 a.temp_f32.slice(352, 32),
                 a.temp_f32.slice(416, 8),
                 a.temp_f32.slice_mut(0, 16),
                 a.param.slice_mut(96, 16),
             )?;
-            kernels::train_k53_add_mul_sub(a.temp_f32.slice(592, 2), a.param.slice_mut(112, 2));
+            kernels::train_k51_add_mul_sub(a.temp_f32.slice(592, 2), a.param.slice_mut(112, 2));
         }
         Ok(())
     }
@@ -637,7 +645,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `rnn`.
-#[pyclass(module = "fg_rnn_98c03681ce1a")]
+#[pyclass(module = "fg_rnn_598fcdde4cd9")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -781,8 +789,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_rnn_98c03681ce1a(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_rnn_98c03681ce1a")?;
+fn fg_rnn_598fcdde4cd9(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_rnn_598fcdde4cd9")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

@@ -56,34 +56,31 @@ pub fn forward_k02_reduce(t5: &[f32], t8: &mut [f32]) {
     });
 }
 
-/// elementwise: mul, sub over [2, 8, 16].
-pub fn forward_k03_mul_sub(t5: &[f32], t8: &[f32], t11: &mut [f32]) {
-    t11[0..256]
-        .chunks_mut(16)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let n = o0.len();
-            let x0_row = &t5[row * 16..][..n];
-            let x1 = t8[row];
-            for j in 0..n {
-                let x0 = x0_row[j];
-                o0[j] = x0 - 0.0625 * x1;
-            }
-        });
+/// elementwise: mul over [2, 8, 1].
+pub fn forward_k03_mul(t8: &[f32], t10: &mut [f32]) {
+    t10[0..16].chunks_mut(16).enumerate().for_each(|(row, o0)| {
+        let n = o0.len();
+        let x0_row = &t8[row * 16..][..n];
+        for j in 0..n {
+            let x0 = x0_row[j];
+            o0[j] = 0.0625 * x0;
+        }
+    });
 }
 
 /// reduce: mul, reduce_sum over [2, 8, 16].
-pub fn forward_k04_reduce(t11: &[f32], t13: &mut [f32]) {
+pub fn forward_k04_reduce(t5: &[f32], t10: &[f32], t13: &mut [f32]) {
     t13[0..16]
         .iter_mut()
         .enumerate()
         .for_each(|(row, acc_out)| {
             let mut lanes = [0.0_f64; rt::lanes::LANES];
             let mut chunk = [0.0_f32; rt::lanes::CHUNK];
-            let x0_row = &t11[row * 16..][..16];
+            let x0_row = &t5[row * 16..][..16];
+            let x1 = t10[row];
             for (j, c) in chunk[..16].iter_mut().enumerate() {
                 let x0 = x0_row[j];
-                *c = x0.powi(2);
+                *c = (x0 - x1).powi(2);
             }
             rt::lanes::add(&mut lanes, &chunk[..16]);
             *acc_out = rt::lanes::sum(&lanes) as f32;
@@ -92,7 +89,8 @@ pub fn forward_k04_reduce(t11: &[f32], t13: &mut [f32]) {
 
 /// elementwise: add, div, mul, sqrt over [2, 8, 16].
 pub fn forward_k05_add_div_etc(
-    t11: &[f32],
+    t5: &[f32],
+    t10: &[f32],
     t13: &[f32],
     param_ln_attn_weight: &[f32],
     param_ln_attn_bias: &[f32],
@@ -103,15 +101,16 @@ pub fn forward_k05_add_div_etc(
         .enumerate()
         .for_each(|(row, o0)| {
             let n = o0.len();
-            let x0_row = &t11[row * 16..][..n];
-            let x1 = t13[row];
-            let x2_row = &param_ln_attn_weight[0..][..n];
-            let x3_row = &param_ln_attn_bias[0..][..n];
+            let x0_row = &t5[row * 16..][..n];
+            let x1 = t10[row];
+            let x2 = t13[row];
+            let x3_row = &param_ln_attn_weight[0..][..n];
+            let x4_row = &param_ln_attn_bias[0..][..n];
             for j in 0..n {
                 let x0 = x0_row[j];
-                let x2 = x2_row[j];
                 let x3 = x3_row[j];
-                o0[j] = x0 * x2 / (0.0625 * x1 + 0.00001).sqrt() + x3;
+                let x4 = x4_row[j];
+                o0[j] = x3 * (x0 - x1) / (0.0625 * x2 + 0.00001).sqrt() + x4;
             }
         });
 }
@@ -218,13 +217,12 @@ pub fn forward_k08_matmul_add(
     Ok(())
 }
 
-/// matmul: matmul, mul, where over [2, 2].
-pub fn forward_k09_matmul_mul_where(
+/// matmul: matmul, mul over [2, 2].
+pub fn forward_k09_matmul_mul(
     t25: &[f32],
     t31: &[f32],
-    c44: &[u8],
     t41: &mut [f32],
-    t46: &mut [f32],
+    t43: &mut [f32],
 ) -> Result<(), rt::Error> {
     for b0 in 0..2 {
         rt::gemm::sgemm_batched(
@@ -241,64 +239,71 @@ pub fn forward_k09_matmul_mul_where(
             false,
         )?;
     }
-    t46[0..256]
-        .chunks_mut(64)
+    t43[0..256]
+        .chunks_mut(256)
         .enumerate()
         .for_each(|(row, o0)| {
             let n = o0.len();
-            let x0_row = &c44[0..][..n];
-            let x1_row = &t41[row * 64..][..n];
+            let x0_row = &t41[row * 256..][..n];
             for j in 0..n {
-                let x0 = x0_row[j] != 0;
-                let x1 = x1_row[j];
-                let w0 = 0.35355338 * x1;
-                o0[j] = if x0 { w0 } else { -1000000000.0 };
+                let x0 = x0_row[j];
+                o0[j] = 0.35355338 * x0;
             }
         });
     Ok(())
 }
 
 /// reduce: reduce_max over [2, 2, 8, 8].
-pub fn forward_k10_reduce(t46: &[f32], t47: &mut [f32]) {
+pub fn forward_k10_reduce(c44: &[u8], t43: &[f32], t47: &mut [f32]) {
     t47[0..32]
-        .iter_mut()
+        .chunks_mut(8)
         .enumerate()
-        .for_each(|(row, acc_out)| {
-            let mut acc = f32::NEG_INFINITY;
-            for i0 in 0..8 {
-                let x0 = t46[row * 8 + i0];
-                acc = acc.max(x0);
+        .for_each(|(row, outs)| {
+            for (j, acc_out) in outs.iter_mut().enumerate() {
+                let mut acc = f32::NEG_INFINITY;
+                for i0 in 0..8 {
+                    let x0 = c44[j * 8 + i0] != 0;
+                    let x1 = t43[row * 64 + j * 8 + i0];
+                    acc = acc.max(if x0 { x1 } else { -1000000000.0 });
+                }
+                *acc_out = acc;
             }
-            *acc_out = acc;
         });
 }
 
 /// elementwise: exp, stop_gradient, sub over [2, 2, 8, 8].
-pub fn forward_k11_exp_stop_gradient_sub(t46: &[f32], t47: &[f32], t50: &mut [f32]) {
-    t50[0..256].chunks_mut(8).enumerate().for_each(|(row, o0)| {
-        let n = o0.len();
-        let x0_row = &t46[row * 8..][..n];
-        let x1 = t47[row];
-        for j in 0..n {
-            let x0 = x0_row[j];
-            o0[j] = rt::math::exp(x0 - x1);
-        }
-    });
+pub fn forward_k11_exp_stop_gradient_sub(c44: &[u8], t43: &[f32], t47: &[f32], t50: &mut [f32]) {
+    t50[0..256]
+        .chunks_mut(64)
+        .enumerate()
+        .for_each(|(row, o0)| {
+            let x0_at = 0;
+            let x1_at = row * 64;
+            let x2_at = row * 8;
+            for d0 in 0..8 {
+                for d1 in 0..8 {
+                    let j = d0 * 8 + d1;
+                    let x0 = c44[x0_at + d0 * 8 + d1] != 0;
+                    let x1 = t43[x1_at + d0 * 8 + d1];
+                    let x2 = t47[x2_at + d0];
+                    o0[j] = rt::math::exp(-x2 + (if x0 { x1 } else { -1000000000.0 }));
+                }
+            }
+        });
 }
 
 /// reduce: reduce_sum over [2, 2, 8, 8].
 pub fn forward_k12_reduce(t50: &[f32], t51: &mut [f32]) {
-    t51[0..32]
-        .iter_mut()
-        .enumerate()
-        .for_each(|(row, acc_out)| {
+    t51[0..32].chunks_mut(32).for_each(|outs| {
+        for (j, acc_out) in outs.iter_mut().enumerate() {
             let mut acc = 0.0_f64;
             for i0 in 0..8 {
-                let x0 = t50[row * 8 + i0];
+                let x0 = t50[j * 8 + i0];
                 acc += f64::from(x0);
             }
             *acc_out = acc as f32;
-        });
+        }
+    });
 }
 
 /// elementwise: div over [2, 2, 8, 8].
@@ -409,34 +414,31 @@ pub fn forward_k17_reduce(t60: &[f32], t63: &mut [f32]) {
         });
 }
 
-/// elementwise: mul, sub over [2, 8, 16].
-pub fn forward_k18_mul_sub(t60: &[f32], t63: &[f32], t66: &mut [f32]) {
-    t66[0..256]
-        .chunks_mut(16)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let n = o0.len();
-            let x0_row = &t60[row * 16..][..n];
-            let x1 = t63[row];
-            for j in 0..n {
-                let x0 = x0_row[j];
-                o0[j] = x0 - 0.0625 * x1;
-            }
-        });
+/// elementwise: mul over [2, 8, 1].
+pub fn forward_k18_mul(t63: &[f32], t65: &mut [f32]) {
+    t65[0..16].chunks_mut(16).enumerate().for_each(|(row, o0)| {
+        let n = o0.len();
+        let x0_row = &t63[row * 16..][..n];
+        for j in 0..n {
+            let x0 = x0_row[j];
+            o0[j] = 0.0625 * x0;
+        }
+    });
 }
 
 /// reduce: mul, reduce_sum over [2, 8, 16].
-pub fn forward_k19_reduce(t66: &[f32], t68: &mut [f32]) {
+pub fn forward_k19_reduce(t60: &[f32], t65: &[f32], t68: &mut [f32]) {
     t68[0..16]
         .iter_mut()
         .enumerate()
         .for_each(|(row, acc_out)| {
             let mut lanes = [0.0_f64; rt::lanes::LANES];
             let mut chunk = [0.0_f32; rt::lanes::CHUNK];
-            let x0_row = &t66[row * 16..][..16];
+            let x0_row = &t60[row * 16..][..16];
+            let x1 = t65[row];
             for (j, c) in chunk[..16].iter_mut().enumerate() {
                 let x0 = x0_row[j];
-                *c = x0.powi(2);
+                *c = (x0 - x1).powi(2);
             }
             rt::lanes::add(&mut lanes, &chunk[..16]);
             *acc_out = rt::lanes::sum(&lanes) as f32;
@@ -445,7 +447,8 @@ pub fn forward_k19_reduce(t66: &[f32], t68: &mut [f32]) {
 
 /// elementwise: add, div, mul, sqrt over [2, 8, 16].
 pub fn forward_k20_add_div_etc(
-    t66: &[f32],
+    t60: &[f32],
+    t65: &[f32],
     t68: &[f32],
     param_ln_mlp_weight: &[f32],
     param_ln_mlp_bias: &[f32],
@@ -456,15 +459,16 @@ pub fn forward_k20_add_div_etc(
         .enumerate()
         .for_each(|(row, o0)| {
             let n = o0.len();
-            let x0_row = &t66[row * 16..][..n];
-            let x1 = t68[row];
-            let x2_row = &param_ln_mlp_weight[0..][..n];
-            let x3_row = &param_ln_mlp_bias[0..][..n];
+            let x0_row = &t60[row * 16..][..n];
+            let x1 = t65[row];
+            let x2 = t68[row];
+            let x3_row = &param_ln_mlp_weight[0..][..n];
+            let x4_row = &param_ln_mlp_bias[0..][..n];
             for j in 0..n {
                 let x0 = x0_row[j];
-                let x2 = x2_row[j];
                 let x3 = x3_row[j];
-                o0[j] = x0 * x2 / (0.0625 * x1 + 0.00001).sqrt() + x3;
+                let x4 = x4_row[j];
+                o0[j] = x3 * (x0 - x1) / (0.0625 * x2 + 0.00001).sqrt() + x4;
             }
         });
 }
@@ -508,13 +512,12 @@ pub fn forward_k21_matmul_add_gelu(
 pub fn forward_k22_matmul_add(
     t81: &[f32],
     param_mlp_down_weight: &[f32],
-    t60: &[f32],
     param_mlp_down_bias: &[f32],
     t83: &mut [f32],
-    t86: &mut [f32],
+    t85: &mut [f32],
 ) -> Result<(), rt::Error> {
     let c = &mut t83[0..256];
-    let o0 = &mut t86[0..256];
+    let o0 = &mut t85[0..256];
     rt::gemm::sgemm(
         c.len() / 16,
         16,
@@ -527,67 +530,65 @@ pub fn forward_k22_matmul_add(
         (16, 1),
         false,
     )?;
-    for (i, (c, o0)) in c.chunks(16).zip(o0.chunks_mut(16)).enumerate() {
-        let row = i;
+    for (c, o0) in c.chunks(16).zip(o0.chunks_mut(16)) {
         let n = o0.len();
-        let x0_row = &t60[row * 16..][..n];
-        let x2_row = &param_mlp_down_bias[0..][..n];
+        let x1_row = &param_mlp_down_bias[0..][..n];
         for j in 0..n {
-            let x0 = x0_row[j];
-            let x1 = c[j];
-            let x2 = x2_row[j];
-            o0[j] = x0 + x1 + x2;
+            let x0 = c[j];
+            let x1 = x1_row[j];
+            o0[j] = x0 + x1;
         }
     }
     Ok(())
 }
 
 /// reduce: reduce_sum over [2, 8, 16].
-pub fn forward_k23_reduce(t86: &[f32], t89: &mut [f32]) {
+pub fn forward_k23_reduce(t60: &[f32], t85: &[f32], t89: &mut [f32]) {
     t89[0..16]
         .iter_mut()
         .enumerate()
         .for_each(|(row, acc_out)| {
             let mut lanes = [0.0_f64; rt::lanes::LANES];
             let mut chunk = [0.0_f32; rt::lanes::CHUNK];
-            let x0_row = &t86[row * 16..][..16];
+            let x0_row = &t60[row * 16..][..16];
+            let x1_row = &t85[row * 16..][..16];
             for (j, c) in chunk[..16].iter_mut().enumerate() {
                 let x0 = x0_row[j];
-                *c = x0;
+                let x1 = x1_row[j];
+                *c = x0 + x1;
             }
             rt::lanes::add(&mut lanes, &chunk[..16]);
             *acc_out = rt::lanes::sum(&lanes) as f32;
         });
 }
 
-/// elementwise: mul, sub over [2, 8, 16].
-pub fn forward_k24_mul_sub(t86: &[f32], t89: &[f32], t92: &mut [f32]) {
-    t92[0..256]
-        .chunks_mut(16)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let n = o0.len();
-            let x0_row = &t86[row * 16..][..n];
-            let x1 = t89[row];
-            for j in 0..n {
-                let x0 = x0_row[j];
-                o0[j] = x0 - 0.0625 * x1;
-            }
-        });
+/// elementwise: mul over [2, 8, 1].
+pub fn forward_k24_mul(t89: &[f32], t91: &mut [f32]) {
+    t91[0..16].chunks_mut(16).enumerate().for_each(|(row, o0)| {
+        let n = o0.len();
+        let x0_row = &t89[row * 16..][..n];
+        for j in 0..n {
+            let x0 = x0_row[j];
+            o0[j] = 0.0625 * x0;
+        }
+    });
 }
 
 /// reduce: mul, reduce_sum over [2, 8, 16].
-pub fn forward_k25_reduce(t92: &[f32], t94: &mut [f32]) {
+pub fn forward_k25_reduce(t60: &[f32], t85: &[f32], t91: &[f32], t94: &mut [f32]) {
     t94[0..16]
         .iter_mut()
         .enumerate()
         .for_each(|(row, acc_out)| {
             let mut lanes = [0.0_f64; rt::lanes::LANES];
             let mut chunk = [0.0_f32; rt::lanes::CHUNK];
-            let x0_row = &t92[row * 16..][..16];
+            let x0_row = &t60[row * 16..][..16];
+            let x1_row = &t85[row * 16..][..16];
+            let x2 = t91[row];
             for (j, c) in chunk[..16].iter_mut().enumerate() {
                 let x0 = x0_row[j];
-                *c = x0.powi(2);
+                let x1 = x1_row[j];
+                *c = (x0 + x1 - x2).powi(2);
             }
             rt::lanes::add(&mut lanes, &chunk[..16]);
             *acc_out = rt::lanes::sum(&lanes) as f32;
@@ -596,7 +597,9 @@ pub fn forward_k25_reduce(t92: &[f32], t94: &mut [f32]) {
 
 /// elementwise: add, div, mul, sqrt over [2, 8, 16].
 pub fn forward_k26_add_div_etc(
-    t92: &[f32],
+    t60: &[f32],
+    t85: &[f32],
+    t91: &[f32],
     t94: &[f32],
     param_ln_out_weight: &[f32],
     param_ln_out_bias: &[f32],
@@ -607,15 +610,18 @@ pub fn forward_k26_add_div_etc(
         .enumerate()
         .for_each(|(row, o0)| {
             let n = o0.len();
-            let x0_row = &t92[row * 16..][..n];
-            let x1 = t94[row];
-            let x2_row = &param_ln_out_weight[0..][..n];
-            let x3_row = &param_ln_out_bias[0..][..n];
+            let x0_row = &t60[row * 16..][..n];
+            let x1_row = &t85[row * 16..][..n];
+            let x2 = t91[row];
+            let x3 = t94[row];
+            let x4_row = &param_ln_out_weight[0..][..n];
+            let x5_row = &param_ln_out_bias[0..][..n];
             for j in 0..n {
                 let x0 = x0_row[j];
-                let x2 = x2_row[j];
-                let x3 = x3_row[j];
-                o0[j] = x0 * x2 / (0.0625 * x1 + 0.00001).sqrt() + x3;
+                let x1 = x1_row[j];
+                let x4 = x4_row[j];
+                let x5 = x5_row[j];
+                o0[j] = x4 * (x0 + x1 - x2) / (0.0625 * x3 + 0.00001).sqrt() + x5;
             }
         });
 }
@@ -672,34 +678,34 @@ pub fn forward_k28_reduce(t106: &[f32], t112: &mut [f32]) {
         });
 }
 
-/// elementwise: stop_gradient, sub over [16, 20].
-pub fn forward_k29_stop_gradient_sub(t106: &[f32], t112: &[f32], t114: &mut [f32]) {
-    t114[0..320]
-        .chunks_mut(20)
+/// elementwise: stop_gradient over [16, 1].
+pub fn forward_k29_stop_gradient(t112: &[f32], t113: &mut [f32]) {
+    t113[0..16]
+        .chunks_mut(16)
         .enumerate()
         .for_each(|(row, o0)| {
             let n = o0.len();
-            let x0_row = &t106[row * 20..][..n];
-            let x1 = t112[row];
+            let x0_row = &t112[row * 16..][..n];
             for j in 0..n {
                 let x0 = x0_row[j];
-                o0[j] = x0 - x1;
+                o0[j] = x0;
             }
         });
 }
 
 /// reduce: exp, reduce_sum over [16, 20].
-pub fn forward_k30_reduce(t114: &[f32], t116: &mut [f32]) {
+pub fn forward_k30_reduce(t106: &[f32], t113: &[f32], t116: &mut [f32]) {
     t116[0..16]
         .iter_mut()
         .enumerate()
         .for_each(|(row, acc_out)| {
             let mut lanes = [0.0_f64; rt::lanes::LANES];
             let mut chunk = [0.0_f32; rt::lanes::CHUNK];
-            let x0_row = &t114[row * 20..][..20];
+            let x0_row = &t106[row * 20..][..20];
+            let x1 = t113[row];
             for (j, c) in chunk[..20].iter_mut().enumerate() {
                 let x0 = x0_row[j];
-                *c = rt::math::exp(x0);
+                *c = rt::math::exp(x0 - x1);
             }
             rt::lanes::add(&mut lanes, &chunk[..20]);
             *acc_out = rt::lanes::sum(&lanes) as f32;
@@ -710,7 +716,8 @@ pub fn forward_k30_reduce(t114: &[f32], t116: &mut [f32]) {
 pub fn forward_k31_reduce(
     input_targets: &[i32],
     c110: &[i32],
-    t114: &[f32],
+    t106: &[f32],
+    t113: &[f32],
     t116: &[f32],
     t121: &mut [f32],
 ) {
@@ -722,12 +729,13 @@ pub fn forward_k31_reduce(
             let mut chunk = [0.0_f32; rt::lanes::CHUNK];
             let x0 = input_targets[row];
             let x1_row = &c110[0..][..20];
-            let x2_row = &t114[row * 20..][..20];
-            let x3 = t116[row];
+            let x2_row = &t106[row * 20..][..20];
+            let x3 = t113[row];
+            let x4 = t116[row];
             for (j, c) in chunk[..20].iter_mut().enumerate() {
                 let x1 = x1_row[j];
                 let x2 = x2_row[j];
-                let w0 = x2 - rt::math::ln(x3);
+                let w0 = x2 - x3 - rt::math::ln(x4);
                 *c = if x0 == x1 { w0 } else { 0.0 };
             }
             rt::lanes::add(&mut lanes, &chunk[..20]);
@@ -756,32 +764,78 @@ pub fn forward_k33_mul_neg(t122: &[f32], t125: &mut [f32]) {
     t125[0] = -0.0625 * x0;
 }
 
-/// elementwise: add, mul over [2, 8, 1].
-pub fn grads_k05_add_mul(t13: &[f32], t17: &mut [f32]) {
-    t17[0..16].chunks_mut(16).enumerate().for_each(|(row, o0)| {
+/// reduce: reduce_sum over [2, 8, 16].
+pub fn grads_k01_reduce(t3: &[f32], param_pos_emb: &[f32], t8: &mut [f32]) {
+    t8[0..16].iter_mut().enumerate().for_each(|(row, acc_out)| {
+        let r0 = row / 8;
+        let r1 = row % 8;
+        let mut lanes = [0.0_f64; rt::lanes::LANES];
+        let mut chunk = [0.0_f32; rt::lanes::CHUNK];
+        let x0_row = &t3[r0 * 128 + r1 * 16..][..16];
+        let x1_row = &param_pos_emb[r1 * 16..][..16];
+        for (j, c) in chunk[..16].iter_mut().enumerate() {
+            let x0 = x0_row[j];
+            let x1 = x1_row[j];
+            *c = x0 + x1;
+        }
+        rt::lanes::add(&mut lanes, &chunk[..16]);
+        *acc_out = rt::lanes::sum(&lanes) as f32;
+    });
+}
+
+/// elementwise: mul, sub over [2, 8, 16].
+pub fn grads_k02_mul_sub(t3: &[f32], param_pos_emb: &[f32], t8: &[f32], t11: &mut [f32]) {
+    t11[0..256]
+        .chunks_mut(128)
+        .enumerate()
+        .for_each(|(row, o0)| {
+            let x0_at = row * 128;
+            let x1_at = 0;
+            let x2_at = row * 8;
+            for d0 in 0..8 {
+                for d1 in 0..16 {
+                    let j = d0 * 16 + d1;
+                    let x0 = t3[x0_at + d0 * 16 + d1];
+                    let x1 = param_pos_emb[x1_at + d0 * 16 + d1];
+                    let x2 = t8[x2_at + d0];
+                    o0[j] = x0 + x1 - 0.0625 * x2;
+                }
+            }
+        });
+}
+
+/// reduce: mul, reduce_sum over [2, 8, 16].
+pub fn grads_k03_reduce(t11: &[f32], t13: &mut [f32]) {
+    t13[0..16]
+        .iter_mut()
+        .enumerate()
+        .for_each(|(row, acc_out)| {
+            let mut lanes = [0.0_f64; rt::lanes::LANES];
+            let mut chunk = [0.0_f32; rt::lanes::CHUNK];
+            let x0_row = &t11[row * 16..][..16];
+            for (j, c) in chunk[..16].iter_mut().enumerate() {
+                let x0 = x0_row[j];
+                *c = x0.powi(2);
+            }
+            rt::lanes::add(&mut lanes, &chunk[..16]);
+            *acc_out = rt::lanes::sum(&lanes) as f32;
+        });
+}
+
+/// elementwise: sqrt over [2, 8, 1].
+pub fn grads_k04_sqrt(t13: &[f32], t18: &mut [f32]) {
+    t18[0..16].chunks_mut(16).enumerate().for_each(|(row, o0)| {
         let n = o0.len();
         let x0_row = &t13[row * 16..][..n];
         for j in 0..n {
             let x0 = x0_row[j];
-            o0[j] = 0.0625 * x0 + 0.00001;
-        }
-    });
-}
-
-/// elementwise: sqrt over [2, 8, 1].
-pub fn grads_k06_sqrt(t17: &[f32], t18: &mut [f32]) {
-    t18[0..16].chunks_mut(16).enumerate().for_each(|(row, o0)| {
-        let n = o0.len();
-        let x0_row = &t17[row * 16..][..n];
-        for j in 0..n {
-            let x0 = x0_row[j];
-            o0[j] = x0.sqrt();
+            o0[j] = (0.0625 * x0 + 0.00001).sqrt();
         }
     });
 }
 
 /// elementwise: div over [2, 8, 16].
-pub fn grads_k07_div(t11: &[f32], t18: &[f32], t19: &mut [f32]) {
+pub fn grads_k05_div(t11: &[f32], t18: &[f32], t19: &mut [f32]) {
     t19[0..256]
         .chunks_mut(16)
         .enumerate()
@@ -797,7 +851,7 @@ pub fn grads_k07_div(t11: &[f32], t18: &[f32], t19: &mut [f32]) {
 }
 
 /// elementwise: add, mul over [2, 8, 16].
-pub fn grads_k08_add_mul(
+pub fn grads_k06_add_mul(
     t19: &[f32],
     param_ln_attn_weight: &[f32],
     param_ln_attn_bias: &[f32],
@@ -820,60 +874,147 @@ pub fn grads_k08_add_mul(
         });
 }
 
-/// elementwise: stop_gradient, sub over [2, 2, 8, 8].
-pub fn grads_k14_stop_gradient_sub(t46: &[f32], t47: &[f32], t49: &mut [f32]) {
-    t49[0..256].chunks_mut(8).enumerate().for_each(|(row, o0)| {
+/// elementwise: div.d0 over [2, 8, 1].
+pub fn grads_k10_div_d0(t18: &[f32], t302: &mut [f32]) {
+    t302[0..16]
+        .chunks_mut(16)
+        .enumerate()
+        .for_each(|(row, o0)| {
+            let n = o0.len();
+            let x0_row = &t18[row * 16..][..n];
+            for j in 0..n {
+                let x0 = x0_row[j];
+                o0[j] = x0.recip();
+            }
+        });
+}
+
+/// elementwise: stop_gradient over [2, 2, 8, 1].
+pub fn grads_k13_stop_gradient(t47: &[f32], t48: &mut [f32]) {
+    t48[0..32].chunks_mut(32).enumerate().for_each(|(row, o0)| {
         let n = o0.len();
-        let x0_row = &t46[row * 8..][..n];
-        let x1 = t47[row];
+        let x0_row = &t47[row * 32..][..n];
         for j in 0..n {
             let x0 = x0_row[j];
-            o0[j] = x0 - x1;
+            o0[j] = x0;
         }
     });
 }
 
 /// elementwise: exp over [2, 2, 8, 8].
-pub fn grads_k15_exp(t49: &[f32], t50: &mut [f32]) {
+pub fn grads_k14_exp(c44: &[u8], t43: &[f32], t48: &[f32], t50: &mut [f32]) {
     t50[0..256]
-        .chunks_mut(256)
+        .chunks_mut(64)
         .enumerate()
         .for_each(|(row, o0)| {
-            let n = o0.len();
-            let x0_row = &t49[row * 256..][..n];
-            for j in 0..n {
-                let x0 = x0_row[j];
-                o0[j] = rt::math::exp(x0);
+            let x0_at = 0;
+            let x1_at = row * 64;
+            let x2_at = row * 8;
+            for d0 in 0..8 {
+                for d1 in 0..8 {
+                    let j = d0 * 8 + d1;
+                    let x0 = c44[x0_at + d0 * 8 + d1] != 0;
+                    let x1 = t43[x1_at + d0 * 8 + d1];
+                    let x2 = t48[x2_at + d0];
+                    o0[j] = rt::math::exp(-x2 + (if x0 { x1 } else { -1000000000.0 }));
+                }
             }
         });
 }
 
-/// elementwise: add, mul over [2, 8, 1].
-pub fn grads_k24_add_mul(t68: &[f32], t72: &mut [f32]) {
-    t72[0..16].chunks_mut(16).enumerate().for_each(|(row, o0)| {
+/// matmul: matmul, add over [2].
+pub fn grads_k19_matmul_add(
+    t54_c: &[f32],
+    param_attn_out_weight: &[f32],
+    t3: &[f32],
+    param_pos_emb: &[f32],
+    param_attn_out_bias: &[f32],
+    t57: &mut [f32],
+    t60: &mut [f32],
+) -> Result<(), rt::Error> {
+    rt::gemm::sgemm_batched(
+        2,
+        8,
+        16,
+        16,
+        &t54_c[0..],
+        (128, 16, 1),
+        &param_attn_out_weight[0..],
+        (0, 16, 1),
+        &mut t57[0..],
+        (128, 16, 1),
+        false,
+    )?;
+    t60[0..256]
+        .chunks_mut(128)
+        .enumerate()
+        .for_each(|(row, o0)| {
+            let x0_at = row * 128;
+            let x1_at = 0;
+            let x2_at = row * 128;
+            let x3_at = 0;
+            for d0 in 0..8 {
+                for d1 in 0..16 {
+                    let j = d0 * 16 + d1;
+                    let x0 = t3[x0_at + d0 * 16 + d1];
+                    let x1 = param_pos_emb[x1_at + d0 * 16 + d1];
+                    let x2 = t57[x2_at + d0 * 16 + d1];
+                    let x3 = param_attn_out_bias[x3_at + d1];
+                    o0[j] = x0 + x1 + x2 + x3;
+                }
+            }
+        });
+    Ok(())
+}
+
+/// elementwise: mul, sub over [2, 8, 16].
+pub fn grads_k21_mul_sub(t60: &[f32], t63: &[f32], t66: &mut [f32]) {
+    t66[0..256]
+        .chunks_mut(16)
+        .enumerate()
+        .for_each(|(row, o0)| {
+            let n = o0.len();
+            let x0_row = &t60[row * 16..][..n];
+            let x1 = t63[row];
+            for j in 0..n {
+                let x0 = x0_row[j];
+                o0[j] = x0 - 0.0625 * x1;
+            }
+        });
+}
+
+/// reduce: mul, reduce_sum over [2, 8, 16].
+pub fn grads_k22_reduce(t66: &[f32], t68: &mut [f32]) {
+    t68[0..16]
+        .iter_mut()
+        .enumerate()
+        .for_each(|(row, acc_out)| {
+            let mut lanes = [0.0_f64; rt::lanes::LANES];
+            let mut chunk = [0.0_f32; rt::lanes::CHUNK];
+            let x0_row = &t66[row * 16..][..16];
+            for (j, c) in chunk[..16].iter_mut().enumerate() {
+                let x0 = x0_row[j];
+                *c = x0.powi(2);
+            }
+            rt::lanes::add(&mut lanes, &chunk[..16]);
+            *acc_out = rt::lanes::sum(&lanes) as f32;
+        });
+}
+
+/// elementwise: sqrt over [2, 8, 1].
+pub fn grads_k23_sqrt(t68: &[f32], t73: &mut [f32]) {
+    t73[0..16].chunks_mut(16).enumerate().for_each(|(row, o0)| {
         let n = o0.len();
         let x0_row = &t68[row * 16..][..n];
         for j in 0..n {
             let x0 = x0_row[j];
-            o0[j] = 0.0625 * x0 + 0.00001;
-        }
-    });
-}
-
-/// elementwise: sqrt over [2, 8, 1].
-pub fn grads_k25_sqrt(t72: &[f32], t73: &mut [f32]) {
-    t73[0..16].chunks_mut(16).enumerate().for_each(|(row, o0)| {
-        let n = o0.len();
-        let x0_row = &t72[row * 16..][..n];
-        for j in 0..n {
-            let x0 = x0_row[j];
-            o0[j] = x0.sqrt();
+            o0[j] = (0.0625 * x0 + 0.00001).sqrt();
         }
     });
 }
 
 /// elementwise: div over [2, 8, 16].
-pub fn grads_k26_div(t66: &[f32], t73: &[f32], t74: &mut [f32]) {
+pub fn grads_k24_div(t66: &[f32], t73: &[f32], t74: &mut [f32]) {
     t74[0..256]
         .chunks_mut(16)
         .enumerate()
@@ -889,7 +1030,7 @@ pub fn grads_k26_div(t66: &[f32], t73: &[f32], t74: &mut [f32]) {
 }
 
 /// elementwise: add, mul over [2, 8, 16].
-pub fn grads_k27_add_mul(
+pub fn grads_k25_add_mul(
     t74: &[f32],
     param_ln_mlp_weight: &[f32],
     param_ln_mlp_bias: &[f32],
@@ -913,7 +1054,7 @@ pub fn grads_k27_add_mul(
 }
 
 /// matmul: matmul, add over [2].
-pub fn grads_k28_matmul_add(
+pub fn grads_k26_matmul_add(
     t76: &[f32],
     param_mlp_up_weight: &[f32],
     param_mlp_up_bias: &[f32],
@@ -947,7 +1088,7 @@ pub fn grads_k28_matmul_add(
 }
 
 /// elementwise: gelu over [2, 8, 64].
-pub fn grads_k29_gelu(t80: &[f32], t81: &mut [f32]) {
+pub fn grads_k27_gelu(t80: &[f32], t81: &mut [f32]) {
     t81[0..1024]
         .chunks_mut(1024)
         .enumerate()
@@ -962,32 +1103,56 @@ pub fn grads_k29_gelu(t80: &[f32], t81: &mut [f32]) {
         });
 }
 
-/// elementwise: add, mul over [2, 8, 1].
-pub fn grads_k34_add_mul(t94: &[f32], t98: &mut [f32]) {
-    t98[0..16].chunks_mut(16).enumerate().for_each(|(row, o0)| {
+/// elementwise: mul, sub over [2, 8, 16].
+pub fn grads_k30_mul_sub(t60: &[f32], t85: &[f32], t89: &[f32], t92: &mut [f32]) {
+    t92[0..256]
+        .chunks_mut(16)
+        .enumerate()
+        .for_each(|(row, o0)| {
+            let n = o0.len();
+            let x0_row = &t60[row * 16..][..n];
+            let x1_row = &t85[row * 16..][..n];
+            let x2 = t89[row];
+            for j in 0..n {
+                let x0 = x0_row[j];
+                let x1 = x1_row[j];
+                o0[j] = x0 + x1 - 0.0625 * x2;
+            }
+        });
+}
+
+/// reduce: mul, reduce_sum over [2, 8, 16].
+pub fn grads_k31_reduce(t92: &[f32], t94: &mut [f32]) {
+    t94[0..16]
+        .iter_mut()
+        .enumerate()
+        .for_each(|(row, acc_out)| {
+            let mut lanes = [0.0_f64; rt::lanes::LANES];
+            let mut chunk = [0.0_f32; rt::lanes::CHUNK];
+            let x0_row = &t92[row * 16..][..16];
+            for (j, c) in chunk[..16].iter_mut().enumerate() {
+                let x0 = x0_row[j];
+                *c = x0.powi(2);
+            }
+            rt::lanes::add(&mut lanes, &chunk[..16]);
+            *acc_out = rt::lanes::sum(&lanes) as f32;
+        });
+}
+
+/// elementwise: sqrt over [2, 8, 1].
+pub fn grads_k32_sqrt(t94: &[f32], t99: &mut [f32]) {
+    t99[0..16].chunks_mut(16).enumerate().for_each(|(row, o0)| {
         let n = o0.len();
         let x0_row = &t94[row * 16..][..n];
         for j in 0..n {
             let x0 = x0_row[j];
-            o0[j] = 0.0625 * x0 + 0.00001;
-        }
-    });
-}
-
-/// elementwise: sqrt over [2, 8, 1].
-pub fn grads_k35_sqrt(t98: &[f32], t99: &mut [f32]) {
-    t99[0..16].chunks_mut(16).enumerate().for_each(|(row, o0)| {
-        let n = o0.len();
-        let x0_row = &t98[row * 16..][..n];
-        for j in 0..n {
-            let x0 = x0_row[j];
-            o0[j] = x0.sqrt();
+            o0[j] = (0.0625 * x0 + 0.00001).sqrt();
         }
     });
 }
 
 /// elementwise: div over [2, 8, 16].
-pub fn grads_k36_div(t92: &[f32], t99: &[f32], t100: &mut [f32]) {
+pub fn grads_k33_div(t92: &[f32], t99: &[f32], t100: &mut [f32]) {
     t100[0..256]
         .chunks_mut(16)
         .enumerate()
@@ -1003,7 +1168,7 @@ pub fn grads_k36_div(t92: &[f32], t99: &[f32], t100: &mut [f32]) {
 }
 
 /// elementwise: add, mul over [2, 8, 16].
-pub fn grads_k37_add_mul(
+pub fn grads_k34_add_mul(
     t100: &[f32],
     param_ln_out_weight: &[f32],
     param_ln_out_bias: &[f32],
@@ -1026,43 +1191,63 @@ pub fn grads_k37_add_mul(
         });
 }
 
-/// elementwise: eq, mul, where over [16, 20].
-pub fn grads_k42_eq_mul_where(input_targets: &[i32], c110: &[i32], c495: &[f32], t136: &mut [f32]) {
-    t136[0..320]
-        .chunks_mut(20)
+/// elementwise: div.d0 over [2, 8, 1].
+pub fn grads_k39_div_d0(t99: &[f32], t163: &mut [f32]) {
+    t163[0..16]
+        .chunks_mut(16)
         .enumerate()
         .for_each(|(row, o0)| {
             let n = o0.len();
-            let x0 = input_targets[row];
-            let x1_row = &c110[0..][..n];
-            let x2 = c495[row];
+            let x0_row = &t99[row * 16..][..n];
             for j in 0..n {
-                let x1 = x1_row[j];
-                o0[j] = if x0 == x1 { x2 } else { 0.0 };
+                let x0 = x0_row[j];
+                o0[j] = x0.recip();
+            }
+        });
+}
+
+/// elementwise: div.d0 over [2, 8, 1].
+pub fn grads_k40_div_d0(t73: &[f32], t207: &mut [f32]) {
+    t207[0..16]
+        .chunks_mut(16)
+        .enumerate()
+        .for_each(|(row, o0)| {
+            let n = o0.len();
+            let x0_row = &t73[row * 16..][..n];
+            for j in 0..n {
+                let x0 = x0_row[j];
+                o0[j] = x0.recip();
             }
         });
 }
 
 /// reduce: neg, reduce_sum over [16, 20].
-pub fn grads_k43_reduce(t136: &[f32], t139: &mut [f32]) {
+pub fn grads_k41_reduce(input_targets: &[i32], c110: &[i32], c495: &[f32], t139: &mut [f32]) {
     t139[0..16]
-        .iter_mut()
+        .chunks_mut(16)
         .enumerate()
-        .for_each(|(row, acc_out)| {
-            let mut lanes = [0.0_f64; rt::lanes::LANES];
-            let mut chunk = [0.0_f32; rt::lanes::CHUNK];
-            let x0_row = &t136[row * 20..][..20];
-            for (j, c) in chunk[..20].iter_mut().enumerate() {
-                let x0 = x0_row[j];
-                *c = -x0;
+        .for_each(|(part, out)| {
+            let j0 = part * 16;
+            let mut acc = [0.0_f64; 16];
+            let acc = &mut acc[..out.len()];
+            for i0 in 0..20 {
+                let x0_row = &input_targets[j0..][..out.len()];
+                let x1 = c110[i0];
+                let x2_row = &c495[j0..][..out.len()];
+                for (j, a) in acc.iter_mut().enumerate() {
+                    let x0 = x0_row[j];
+                    let x2 = x2_row[j];
+                    *a += f64::from(-(if x0 == x1 { x2 } else { 0.0 }));
+                }
             }
-            rt::lanes::add(&mut lanes, &chunk[..20]);
-            *acc_out = rt::lanes::sum(&lanes) as f32;
+            for (o, a) in out.iter_mut().zip(acc.iter()) {
+                *o = *a as f32;
+            }
         });
 }
 
 /// elementwise: log.d0, mul over [16, 1].
-pub fn grads_k44_log_d0_mul(t139: &[f32], t116: &[f32], t141: &mut [f32]) {
+pub fn grads_k42_log_d0_mul(t139: &[f32], t116: &[f32], t141: &mut [f32]) {
     t141[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -1079,25 +1264,36 @@ pub fn grads_k44_log_d0_mul(t139: &[f32], t116: &[f32], t141: &mut [f32]) {
 }
 
 /// elementwise: add, exp.d0, mul over [16, 20].
-pub fn grads_k45_add_exp_d0_mul(t136: &[f32], t141: &[f32], t114: &[f32], t145: &mut [f32]) {
+pub fn grads_k43_add_exp_d0_mul(
+    input_targets: &[i32],
+    c110: &[i32],
+    c495: &[f32],
+    t141: &[f32],
+    t106: &[f32],
+    t113: &[f32],
+    t145: &mut [f32],
+) {
     t145[0..320]
         .chunks_mut(20)
         .enumerate()
         .for_each(|(row, o0)| {
             let n = o0.len();
-            let x0_row = &t136[row * 20..][..n];
-            let x1 = t141[row];
-            let x2_row = &t114[row * 20..][..n];
+            let x0 = input_targets[row];
+            let x1_row = &c110[0..][..n];
+            let x2 = c495[row];
+            let x3 = t141[row];
+            let x4_row = &t106[row * 20..][..n];
+            let x5 = t113[row];
             for j in 0..n {
-                let x0 = x0_row[j];
-                let x2 = x2_row[j];
-                o0[j] = x0 + x1 * rt::math::exp(x2);
+                let x1 = x1_row[j];
+                let x4 = x4_row[j];
+                o0[j] = x3 * rt::math::exp(x4 - x5) + (if x0 == x1 { x2 } else { 0.0 });
             }
         });
 }
 
 /// reduce: reduce_sum over [2, 8, 20].
-pub fn grads_k46_reduce(t145: &[f32], t149: &mut [f32]) {
+pub fn grads_k44_reduce(t145: &[f32], t149: &mut [f32]) {
     t149[0..20]
         .chunks_mut(20)
         .enumerate()
@@ -1119,7 +1315,7 @@ pub fn grads_k46_reduce(t145: &[f32], t149: &mut [f32]) {
 }
 
 /// matmul: matmul over [2].
-pub fn grads_k47_matmul(
+pub fn grads_k45_matmul(
     t145: &[f32],
     param_head_weight: &[f32],
     t152: &mut [f32],
@@ -1141,7 +1337,7 @@ pub fn grads_k47_matmul(
 }
 
 /// matmul: matmul.
-pub fn grads_k48_matmul(t102: &[f32], t145: &[f32], t156: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k46_matmul(t102: &[f32], t145: &[f32], t156: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         16,
@@ -1159,7 +1355,7 @@ pub fn grads_k48_matmul(t102: &[f32], t145: &[f32], t156: &mut [f32]) -> Result<
 }
 
 /// reduce: reduce_sum over [2, 8, 16].
-pub fn grads_k49_reduce(t152: &[f32], t157: &mut [f32]) {
+pub fn grads_k47_reduce(t152: &[f32], t157: &mut [f32]) {
     t157[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -1181,7 +1377,7 @@ pub fn grads_k49_reduce(t152: &[f32], t157: &mut [f32]) {
 }
 
 /// elementwise: mul over [2, 8, 16].
-pub fn grads_k50_mul(t152: &[f32], param_ln_out_weight: &[f32], t159: &mut [f32]) {
+pub fn grads_k48_mul(t152: &[f32], param_ln_out_weight: &[f32], t159: &mut [f32]) {
     t159[0..256]
         .chunks_mut(16)
         .enumerate()
@@ -1198,7 +1394,7 @@ pub fn grads_k50_mul(t152: &[f32], param_ln_out_weight: &[f32], t159: &mut [f32]
 }
 
 /// reduce: mul, reduce_sum over [2, 8, 16].
-pub fn grads_k51_reduce(t152: &[f32], t100: &[f32], t161: &mut [f32]) {
+pub fn grads_k49_reduce(t152: &[f32], t100: &[f32], t161: &mut [f32]) {
     t161[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -1222,7 +1418,7 @@ pub fn grads_k51_reduce(t152: &[f32], t100: &[f32], t161: &mut [f32]) {
 }
 
 /// reduce: div.d1, mul, reduce_sum over [2, 8, 16].
-pub fn grads_k52_reduce(t159: &[f32], t92: &[f32], t99: &[f32], t167: &mut [f32]) {
+pub fn grads_k50_reduce(t159: &[f32], t92: &[f32], t99: &[f32], t167: &mut [f32]) {
     t167[0..16]
         .iter_mut()
         .enumerate()
@@ -1243,59 +1439,38 @@ pub fn grads_k52_reduce(t159: &[f32], t92: &[f32], t99: &[f32], t167: &mut [f32]
 }
 
 /// elementwise: mul, sqrt.d0 over [2, 8, 1].
-pub fn grads_k53_mul_sqrt_d0(t167: &[f32], t98: &[f32], t170: &mut [f32]) {
+pub fn grads_k51_mul_sqrt_d0(t167: &[f32], t94: &[f32], t170: &mut [f32]) {
     t170[0..16]
         .chunks_mut(16)
         .enumerate()
         .for_each(|(row, o0)| {
             let n = o0.len();
             let x0_row = &t167[row * 16..][..n];
-            let x1_row = &t98[row * 16..][..n];
+            let x1_row = &t94[row * 16..][..n];
             for j in 0..n {
                 let x0 = x0_row[j];
                 let x1 = x1_row[j];
-                o0[j] = 0.03125 * x0 / x1.sqrt();
-            }
-        });
-}
-
-/// elementwise: add, div.d0, mul over [2, 8, 16].
-pub fn grads_k54_add_div_d0_mul(
-    t159: &[f32],
-    t99: &[f32],
-    t170: &[f32],
-    t92: &[f32],
-    t176: &mut [f32],
-) {
-    t176[0..256]
-        .chunks_mut(16)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let n = o0.len();
-            let x0_row = &t159[row * 16..][..n];
-            let x1 = t99[row];
-            let x2 = t170[row];
-            let x3_row = &t92[row * 16..][..n];
-            for j in 0..n {
-                let x0 = x0_row[j];
-                let x3 = x3_row[j];
-                o0[j] = x0 / x1 + 2.0 * x2 * x3;
+                o0[j] = 0.03125 * x0 / (0.0625 * x1 + 0.00001).sqrt();
             }
         });
 }
 
 /// reduce: neg, reduce_sum over [2, 8, 16].
-pub fn grads_k55_reduce(t176: &[f32], t178: &mut [f32]) {
+pub fn grads_k52_reduce(t159: &[f32], t163: &[f32], t170: &[f32], t92: &[f32], t178: &mut [f32]) {
     t178[0..16]
         .iter_mut()
         .enumerate()
         .for_each(|(row, acc_out)| {
             let mut lanes = [0.0_f64; rt::lanes::LANES];
             let mut chunk = [0.0_f32; rt::lanes::CHUNK];
-            let x0_row = &t176[row * 16..][..16];
+            let x0_row = &t159[row * 16..][..16];
+            let x1 = t163[row];
+            let x2 = t170[row];
+            let x3_row = &t92[row * 16..][..16];
             for (j, c) in chunk[..16].iter_mut().enumerate() {
                 let x0 = x0_row[j];
-                *c = -x0;
+                let x3 = x3_row[j];
+                *c = -x0 * x1 - 2.0 * x2 * x3;
             }
             rt::lanes::add(&mut lanes, &chunk[..16]);
             *acc_out = rt::lanes::sum(&lanes) as f32;
@@ -1303,7 +1478,7 @@ pub fn grads_k55_reduce(t176: &[f32], t178: &mut [f32]) {
 }
 
 /// elementwise: mul over [2, 8, 1].
-pub fn grads_k56_mul(t178: &[f32], t179: &mut [f32]) {
+pub fn grads_k53_mul(t178: &[f32], t179: &mut [f32]) {
     t179[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -1318,23 +1493,34 @@ pub fn grads_k56_mul(t178: &[f32], t179: &mut [f32]) {
 }
 
 /// elementwise: add over [2, 8, 16].
-pub fn grads_k57_add(t176: &[f32], t179: &[f32], t182: &mut [f32]) {
+pub fn grads_k54_add(
+    t159: &[f32],
+    t163: &[f32],
+    t170: &[f32],
+    t92: &[f32],
+    t179: &[f32],
+    t182: &mut [f32],
+) {
     t182[0..256]
         .chunks_mut(16)
         .enumerate()
         .for_each(|(row, o0)| {
             let n = o0.len();
-            let x0_row = &t176[row * 16..][..n];
-            let x1 = t179[row];
+            let x0_row = &t159[row * 16..][..n];
+            let x1 = t163[row];
+            let x2 = t170[row];
+            let x3_row = &t92[row * 16..][..n];
+            let x4 = t179[row];
             for j in 0..n {
                 let x0 = x0_row[j];
-                o0[j] = x0 + x1;
+                let x3 = x3_row[j];
+                o0[j] = x0 * x1 + 2.0 * x2 * x3 + x4;
             }
         });
 }
 
 /// reduce: reduce_sum over [2, 8, 16].
-pub fn grads_k58_reduce(t182: &[f32], t183: &mut [f32]) {
+pub fn grads_k55_reduce(t182: &[f32], t183: &mut [f32]) {
     t183[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -1356,7 +1542,7 @@ pub fn grads_k58_reduce(t182: &[f32], t183: &mut [f32]) {
 }
 
 /// matmul: matmul.
-pub fn grads_k59_matmul(t81: &[f32], t182: &[f32], t190: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k56_matmul(t81: &[f32], t182: &[f32], t190: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         64,
@@ -1374,7 +1560,7 @@ pub fn grads_k59_matmul(t81: &[f32], t182: &[f32], t190: &mut [f32]) -> Result<(
 }
 
 /// matmul: matmul, gelu.d0, mul over [2].
-pub fn grads_k60_matmul_gelu_d0_mul(
+pub fn grads_k57_matmul_gelu_d0_mul(
     t182: &[f32],
     param_mlp_down_weight: &[f32],
     t80: &[f32],
@@ -1413,7 +1599,7 @@ pub fn grads_k60_matmul_gelu_d0_mul(
 }
 
 /// reduce: reduce_sum over [2, 8, 64].
-pub fn grads_k61_reduce(t192: &[f32], t193: &mut [f32]) {
+pub fn grads_k58_reduce(t192: &[f32], t193: &mut [f32]) {
     t193[0..64]
         .chunks_mut(64)
         .enumerate()
@@ -1435,7 +1621,7 @@ pub fn grads_k61_reduce(t192: &[f32], t193: &mut [f32]) {
 }
 
 /// matmul: matmul over [2].
-pub fn grads_k62_matmul(
+pub fn grads_k59_matmul(
     t192: &[f32],
     param_mlp_up_weight: &[f32],
     t196: &mut [f32],
@@ -1457,7 +1643,7 @@ pub fn grads_k62_matmul(
 }
 
 /// matmul: matmul.
-pub fn grads_k63_matmul(t76: &[f32], t192: &[f32], t200: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k60_matmul(t76: &[f32], t192: &[f32], t200: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         16,
@@ -1475,7 +1661,7 @@ pub fn grads_k63_matmul(t76: &[f32], t192: &[f32], t200: &mut [f32]) -> Result<(
 }
 
 /// reduce: reduce_sum over [2, 8, 16].
-pub fn grads_k64_reduce(t196: &[f32], t201: &mut [f32]) {
+pub fn grads_k61_reduce(t196: &[f32], t201: &mut [f32]) {
     t201[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -1497,7 +1683,7 @@ pub fn grads_k64_reduce(t196: &[f32], t201: &mut [f32]) {
 }
 
 /// elementwise: mul over [2, 8, 16].
-pub fn grads_k65_mul(t196: &[f32], param_ln_mlp_weight: &[f32], t203: &mut [f32]) {
+pub fn grads_k62_mul(t196: &[f32], param_ln_mlp_weight: &[f32], t203: &mut [f32]) {
     t203[0..256]
         .chunks_mut(16)
         .enumerate()
@@ -1514,7 +1700,7 @@ pub fn grads_k65_mul(t196: &[f32], param_ln_mlp_weight: &[f32], t203: &mut [f32]
 }
 
 /// reduce: mul, reduce_sum over [2, 8, 16].
-pub fn grads_k66_reduce(t196: &[f32], t74: &[f32], t205: &mut [f32]) {
+pub fn grads_k63_reduce(t196: &[f32], t74: &[f32], t205: &mut [f32]) {
     t205[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -1538,7 +1724,7 @@ pub fn grads_k66_reduce(t196: &[f32], t74: &[f32], t205: &mut [f32]) {
 }
 
 /// reduce: div.d1, mul, reduce_sum over [2, 8, 16].
-pub fn grads_k67_reduce(t203: &[f32], t66: &[f32], t73: &[f32], t211: &mut [f32]) {
+pub fn grads_k64_reduce(t203: &[f32], t66: &[f32], t73: &[f32], t211: &mut [f32]) {
     t211[0..16]
         .iter_mut()
         .enumerate()
@@ -1559,59 +1745,38 @@ pub fn grads_k67_reduce(t203: &[f32], t66: &[f32], t73: &[f32], t211: &mut [f32]
 }
 
 /// elementwise: mul, sqrt.d0 over [2, 8, 1].
-pub fn grads_k68_mul_sqrt_d0(t211: &[f32], t72: &[f32], t214: &mut [f32]) {
+pub fn grads_k65_mul_sqrt_d0(t211: &[f32], t68: &[f32], t214: &mut [f32]) {
     t214[0..16]
         .chunks_mut(16)
         .enumerate()
         .for_each(|(row, o0)| {
             let n = o0.len();
             let x0_row = &t211[row * 16..][..n];
-            let x1_row = &t72[row * 16..][..n];
+            let x1_row = &t68[row * 16..][..n];
             for j in 0..n {
                 let x0 = x0_row[j];
                 let x1 = x1_row[j];
-                o0[j] = 0.03125 * x0 / x1.sqrt();
-            }
-        });
-}
-
-/// elementwise: add, div.d0, mul over [2, 8, 16].
-pub fn grads_k69_add_div_d0_mul(
-    t203: &[f32],
-    t73: &[f32],
-    t214: &[f32],
-    t66: &[f32],
-    t220: &mut [f32],
-) {
-    t220[0..256]
-        .chunks_mut(16)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let n = o0.len();
-            let x0_row = &t203[row * 16..][..n];
-            let x1 = t73[row];
-            let x2 = t214[row];
-            let x3_row = &t66[row * 16..][..n];
-            for j in 0..n {
-                let x0 = x0_row[j];
-                let x3 = x3_row[j];
-                o0[j] = x0 / x1 + 2.0 * x2 * x3;
+                o0[j] = 0.03125 * x0 / (0.0625 * x1 + 0.00001).sqrt();
             }
         });
 }
 
 /// reduce: neg, reduce_sum over [2, 8, 16].
-pub fn grads_k70_reduce(t220: &[f32], t223: &mut [f32]) {
+pub fn grads_k66_reduce(t203: &[f32], t207: &[f32], t214: &[f32], t66: &[f32], t223: &mut [f32]) {
     t223[0..16]
         .iter_mut()
         .enumerate()
         .for_each(|(row, acc_out)| {
             let mut lanes = [0.0_f64; rt::lanes::LANES];
             let mut chunk = [0.0_f32; rt::lanes::CHUNK];
-            let x0_row = &t220[row * 16..][..16];
+            let x0_row = &t203[row * 16..][..16];
+            let x1 = t207[row];
+            let x2 = t214[row];
+            let x3_row = &t66[row * 16..][..16];
             for (j, c) in chunk[..16].iter_mut().enumerate() {
                 let x0 = x0_row[j];
-                *c = -x0;
+                let x3 = x3_row[j];
+                *c = -x0 * x1 - 2.0 * x2 * x3;
             }
             rt::lanes::add(&mut lanes, &chunk[..16]);
             *acc_out = rt::lanes::sum(&lanes) as f32;
@@ -1619,7 +1784,7 @@ pub fn grads_k70_reduce(t220: &[f32], t223: &mut [f32]) {
 }
 
 /// elementwise: mul over [2, 8, 1].
-pub fn grads_k71_mul(t223: &[f32], t224: &mut [f32]) {
+pub fn grads_k67_mul(t223: &[f32], t224: &mut [f32]) {
     t224[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -1634,25 +1799,37 @@ pub fn grads_k71_mul(t223: &[f32], t224: &mut [f32]) {
 }
 
 /// elementwise: add over [2, 8, 16].
-pub fn grads_k72_add(t182: &[f32], t220: &[f32], t224: &[f32], t227: &mut [f32]) {
+pub fn grads_k68_add(
+    t182: &[f32],
+    t203: &[f32],
+    t207: &[f32],
+    t214: &[f32],
+    t66: &[f32],
+    t224: &[f32],
+    t227: &mut [f32],
+) {
     t227[0..256]
         .chunks_mut(16)
         .enumerate()
         .for_each(|(row, o0)| {
             let n = o0.len();
             let x0_row = &t182[row * 16..][..n];
-            let x1_row = &t220[row * 16..][..n];
-            let x2 = t224[row];
+            let x1_row = &t203[row * 16..][..n];
+            let x2 = t207[row];
+            let x3 = t214[row];
+            let x4_row = &t66[row * 16..][..n];
+            let x5 = t224[row];
             for j in 0..n {
                 let x0 = x0_row[j];
                 let x1 = x1_row[j];
-                o0[j] = x0 + x1 + x2;
+                let x4 = x4_row[j];
+                o0[j] = x0 + x1 * x2 + 2.0 * x3 * x4 + x5;
             }
         });
 }
 
 /// reduce: reduce_sum over [2, 8, 16].
-pub fn grads_k73_reduce(t227: &[f32], t228: &mut [f32]) {
+pub fn grads_k69_reduce(t227: &[f32], t228: &mut [f32]) {
     t228[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -1674,7 +1851,7 @@ pub fn grads_k73_reduce(t227: &[f32], t228: &mut [f32]) {
 }
 
 /// matmul: matmul over [2].
-pub fn grads_k74_matmul(
+pub fn grads_k70_matmul(
     t227: &[f32],
     param_attn_out_weight: &[f32],
     t231: &mut [f32],
@@ -1696,7 +1873,7 @@ pub fn grads_k74_matmul(
 }
 
 /// matmul: matmul.
-pub fn grads_k75_matmul(t54_c: &[f32], t227: &[f32], t235: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k71_matmul(t54_c: &[f32], t227: &[f32], t235: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         16,
@@ -1714,7 +1891,7 @@ pub fn grads_k75_matmul(t54_c: &[f32], t227: &[f32], t235: &mut [f32]) -> Result
 }
 
 /// matmul: matmul over [2, 2].
-pub fn grads_k76_matmul(t231: &[f32], t37: &[f32], t239: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k72_matmul(t231: &[f32], t37: &[f32], t239: &mut [f32]) -> Result<(), rt::Error> {
     for b0 in 0..2 {
         rt::gemm::sgemm_batched(
             2,
@@ -1734,7 +1911,7 @@ pub fn grads_k76_matmul(t231: &[f32], t37: &[f32], t239: &mut [f32]) -> Result<(
 }
 
 /// matmul: matmul over [2, 2].
-pub fn grads_k77_matmul(t52: &[f32], t231: &[f32], t241: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k73_matmul(t52: &[f32], t231: &[f32], t241: &mut [f32]) -> Result<(), rt::Error> {
     for b0 in 0..2 {
         rt::gemm::sgemm_batched(
             2,
@@ -1754,29 +1931,29 @@ pub fn grads_k77_matmul(t52: &[f32], t231: &[f32], t241: &mut [f32]) -> Result<(
 }
 
 /// reduce: div.d1, mul, reduce_sum over [2, 2, 8, 8].
-pub fn grads_k78_reduce(t239: &[f32], t50: &[f32], t51: &[f32], t246: &mut [f32]) {
-    t246[0..32]
-        .iter_mut()
-        .enumerate()
-        .for_each(|(row, acc_out)| {
+pub fn grads_k74_reduce(t239: &[f32], t50: &[f32], t51: &[f32], t246: &mut [f32]) {
+    t246[0..32].chunks_mut(32).for_each(|outs| {
+        for (j, acc_out) in outs.iter_mut().enumerate() {
             let mut acc = 0.0_f64;
             for i0 in 0..8 {
-                let x0 = t239[row * 8 + i0];
-                let x1 = t50[row * 8 + i0];
-                let x2 = t51[row];
+                let x0 = t239[j * 8 + i0];
+                let x1 = t50[j * 8 + i0];
+                let x2 = t51[j];
                 acc += f64::from(-x0 * x1 / x2.powi(2));
             }
             *acc_out = acc as f32;
-        });
+        }
+    });
 }
 
 /// elementwise: add, div.d0, exp.d0, mul, where over [2, 2, 8, 8].
-pub fn grads_k79_add_div_d0_etc(
+pub fn grads_k75_add_div_d0_etc(
     c44: &[u8],
     t239: &[f32],
     t51: &[f32],
     t246: &[f32],
-    t49: &[f32],
+    t43: &[f32],
+    t48: &[f32],
     t257: &mut [f32],
 ) {
     t257[0..256]
@@ -1788,6 +1965,7 @@ pub fn grads_k79_add_div_d0_etc(
             let x2_at = row * 8;
             let x3_at = row * 8;
             let x4_at = row * 64;
+            let x5_at = row * 8;
             for d0 in 0..8 {
                 for d1 in 0..8 {
                     let j = d0 * 8 + d1;
@@ -1795,8 +1973,10 @@ pub fn grads_k79_add_div_d0_etc(
                     let x1 = t239[x1_at + d0 * 8 + d1];
                     let x2 = t51[x2_at + d0];
                     let x3 = t246[x3_at + d0];
-                    let x4 = t49[x4_at + d0 * 8 + d1];
-                    let w0 = (x1 / x2 + x3) * rt::math::exp(x4);
+                    let x4 = t43[x4_at + d0 * 8 + d1];
+                    let x5 = t48[x5_at + d0];
+                    let w0 =
+                        (x1 / x2 + x3) * rt::math::exp(-x5 + (if x0 { x4 } else { -1000000000.0 }));
                     o0[j] = 0.35355338 * (if x0 { w0 } else { 0.0 });
                 }
             }
@@ -1804,7 +1984,7 @@ pub fn grads_k79_add_div_d0_etc(
 }
 
 /// matmul: matmul over [2, 2].
-pub fn grads_k80_matmul(t257: &[f32], t31: &[f32], t260: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k76_matmul(t257: &[f32], t31: &[f32], t260: &mut [f32]) -> Result<(), rt::Error> {
     for b0 in 0..2 {
         rt::gemm::sgemm_batched(
             2,
@@ -1824,7 +2004,7 @@ pub fn grads_k80_matmul(t257: &[f32], t31: &[f32], t260: &mut [f32]) -> Result<(
 }
 
 /// matmul: matmul over [2, 2].
-pub fn grads_k81_matmul(t25: &[f32], t257: &[f32], t262: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k77_matmul(t25: &[f32], t257: &[f32], t262: &mut [f32]) -> Result<(), rt::Error> {
     for b0 in 0..2 {
         rt::gemm::sgemm_batched(
             2,
@@ -1844,7 +2024,7 @@ pub fn grads_k81_matmul(t25: &[f32], t257: &[f32], t262: &mut [f32]) -> Result<(
 }
 
 /// elementwise: copy over [2, 8, 2, 8].
-pub fn grads_k82_copy(t241: &[f32], t264_c: &mut [f32]) {
+pub fn grads_k78_copy(t241: &[f32], t264_c: &mut [f32]) {
     t264_c[0..256]
         .chunks_mut(128)
         .enumerate()
@@ -1863,7 +2043,7 @@ pub fn grads_k82_copy(t241: &[f32], t264_c: &mut [f32]) {
 }
 
 /// reduce: reduce_sum over [2, 8, 16].
-pub fn grads_k83_reduce(t264_c: &[f32], t266: &mut [f32]) {
+pub fn grads_k79_reduce(t264_c: &[f32], t266: &mut [f32]) {
     t266[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -1885,7 +2065,7 @@ pub fn grads_k83_reduce(t264_c: &[f32], t266: &mut [f32]) {
 }
 
 /// elementwise: copy over [2, 8, 2, 8].
-pub fn grads_k84_copy(t260: &[f32], t285_c: &mut [f32]) {
+pub fn grads_k80_copy(t260: &[f32], t285_c: &mut [f32]) {
     t285_c[0..256]
         .chunks_mut(128)
         .enumerate()
@@ -1904,7 +2084,7 @@ pub fn grads_k84_copy(t260: &[f32], t285_c: &mut [f32]) {
 }
 
 /// reduce: reduce_sum over [2, 8, 16].
-pub fn grads_k85_reduce(t285_c: &[f32], t287: &mut [f32]) {
+pub fn grads_k81_reduce(t285_c: &[f32], t287: &mut [f32]) {
     t287[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -1926,7 +2106,7 @@ pub fn grads_k85_reduce(t285_c: &[f32], t287: &mut [f32]) {
 }
 
 /// matmul: matmul over [2].
-pub fn grads_k86_matmul(
+pub fn grads_k82_matmul(
     t285_c: &[f32],
     param_attn_q_weight: &[f32],
     t290: &mut [f32],
@@ -1948,7 +2128,7 @@ pub fn grads_k86_matmul(
 }
 
 /// matmul: matmul.
-pub fn grads_k87_matmul(t21: &[f32], t264_c: &[f32], t273: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k83_matmul(t21: &[f32], t264_c: &[f32], t273: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         16,
@@ -1966,7 +2146,7 @@ pub fn grads_k87_matmul(t21: &[f32], t264_c: &[f32], t273: &mut [f32]) -> Result
 }
 
 /// elementwise: copy over [2, 8, 2, 8].
-pub fn grads_k88_copy(t262: &[f32], t488_c: &mut [f32]) {
+pub fn grads_k84_copy(t262: &[f32], t488_c: &mut [f32]) {
     t488_c[0..256]
         .chunks_mut(128)
         .enumerate()
@@ -1983,7 +2163,7 @@ pub fn grads_k88_copy(t262: &[f32], t488_c: &mut [f32]) {
 }
 
 /// reduce: reduce_sum over [2, 8, 16].
-pub fn grads_k89_reduce(t488_c: &[f32], t276: &mut [f32]) {
+pub fn grads_k85_reduce(t488_c: &[f32], t276: &mut [f32]) {
     t276[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -2005,7 +2185,7 @@ pub fn grads_k89_reduce(t488_c: &[f32], t276: &mut [f32]) {
 }
 
 /// matmul: matmul over [2].
-pub fn grads_k90_matmul(
+pub fn grads_k86_matmul(
     t488_c: &[f32],
     param_attn_k_weight: &[f32],
     t279: &mut [f32],
@@ -2027,7 +2207,7 @@ pub fn grads_k90_matmul(
 }
 
 /// matmul: matmul, add over [2].
-pub fn grads_k91_matmul_add(
+pub fn grads_k87_matmul_add(
     t264_c: &[f32],
     param_attn_v_weight: &[f32],
     t279: &[f32],
@@ -2065,7 +2245,7 @@ pub fn grads_k91_matmul_add(
 }
 
 /// reduce: reduce_sum over [2, 8, 16].
-pub fn grads_k92_reduce(t295: &[f32], t296: &mut [f32]) {
+pub fn grads_k88_reduce(t295: &[f32], t296: &mut [f32]) {
     t296[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -2086,25 +2266,8 @@ pub fn grads_k92_reduce(t295: &[f32], t296: &mut [f32]) {
         });
 }
 
-/// elementwise: mul over [2, 8, 16].
-pub fn grads_k93_mul(t295: &[f32], param_ln_attn_weight: &[f32], t298: &mut [f32]) {
-    t298[0..256]
-        .chunks_mut(16)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let n = o0.len();
-            let x0_row = &t295[row * 16..][..n];
-            let x1_row = &param_ln_attn_weight[0..][..n];
-            for j in 0..n {
-                let x0 = x0_row[j];
-                let x1 = x1_row[j];
-                o0[j] = x0 * x1;
-            }
-        });
-}
-
 /// reduce: mul, reduce_sum over [2, 8, 16].
-pub fn grads_k94_reduce(t295: &[f32], t19: &[f32], t300: &mut [f32]) {
+pub fn grads_k89_reduce(t295: &[f32], t19: &[f32], t300: &mut [f32]) {
     t300[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -2128,20 +2291,28 @@ pub fn grads_k94_reduce(t295: &[f32], t19: &[f32], t300: &mut [f32]) {
 }
 
 /// reduce: div.d1, mul, reduce_sum over [2, 8, 16].
-pub fn grads_k95_reduce(t298: &[f32], t11: &[f32], t18: &[f32], t306: &mut [f32]) {
+pub fn grads_k90_reduce(
+    t295: &[f32],
+    param_ln_attn_weight: &[f32],
+    t11: &[f32],
+    t18: &[f32],
+    t306: &mut [f32],
+) {
     t306[0..16]
         .iter_mut()
         .enumerate()
         .for_each(|(row, acc_out)| {
             let mut lanes = [0.0_f64; rt::lanes::LANES];
             let mut chunk = [0.0_f32; rt::lanes::CHUNK];
-            let x0_row = &t298[row * 16..][..16];
-            let x1_row = &t11[row * 16..][..16];
-            let x2 = t18[row];
+            let x0_row = &t295[row * 16..][..16];
+            let x1_row = &param_ln_attn_weight[0..][..16];
+            let x2_row = &t11[row * 16..][..16];
+            let x3 = t18[row];
             for (j, c) in chunk[..16].iter_mut().enumerate() {
                 let x0 = x0_row[j];
                 let x1 = x1_row[j];
-                *c = -x0 * x1 / x2.powi(2);
+                let x2 = x2_row[j];
+                *c = -x0 * x1 * x2 / x3.powi(2);
             }
             rt::lanes::add(&mut lanes, &chunk[..16]);
             *acc_out = rt::lanes::sum(&lanes) as f32;
@@ -2149,59 +2320,47 @@ pub fn grads_k95_reduce(t298: &[f32], t11: &[f32], t18: &[f32], t306: &mut [f32]
 }
 
 /// elementwise: mul, sqrt.d0 over [2, 8, 1].
-pub fn grads_k96_mul_sqrt_d0(t306: &[f32], t17: &[f32], t309: &mut [f32]) {
+pub fn grads_k91_mul_sqrt_d0(t306: &[f32], t13: &[f32], t309: &mut [f32]) {
     t309[0..16]
         .chunks_mut(16)
         .enumerate()
         .for_each(|(row, o0)| {
             let n = o0.len();
             let x0_row = &t306[row * 16..][..n];
-            let x1_row = &t17[row * 16..][..n];
+            let x1_row = &t13[row * 16..][..n];
             for j in 0..n {
                 let x0 = x0_row[j];
                 let x1 = x1_row[j];
-                o0[j] = 0.03125 * x0 / x1.sqrt();
-            }
-        });
-}
-
-/// elementwise: add, div.d0, mul over [2, 8, 16].
-pub fn grads_k97_add_div_d0_mul(
-    t298: &[f32],
-    t18: &[f32],
-    t309: &[f32],
-    t11: &[f32],
-    t315: &mut [f32],
-) {
-    t315[0..256]
-        .chunks_mut(16)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let n = o0.len();
-            let x0_row = &t298[row * 16..][..n];
-            let x1 = t18[row];
-            let x2 = t309[row];
-            let x3_row = &t11[row * 16..][..n];
-            for j in 0..n {
-                let x0 = x0_row[j];
-                let x3 = x3_row[j];
-                o0[j] = x0 / x1 + 2.0 * x2 * x3;
+                o0[j] = 0.03125 * x0 / (0.0625 * x1 + 0.00001).sqrt();
             }
         });
 }
 
 /// reduce: neg, reduce_sum over [2, 8, 16].
-pub fn grads_k98_reduce(t315: &[f32], t318: &mut [f32]) {
+pub fn grads_k92_reduce(
+    t295: &[f32],
+    param_ln_attn_weight: &[f32],
+    t302: &[f32],
+    t309: &[f32],
+    t11: &[f32],
+    t318: &mut [f32],
+) {
     t318[0..16]
         .iter_mut()
         .enumerate()
         .for_each(|(row, acc_out)| {
             let mut lanes = [0.0_f64; rt::lanes::LANES];
             let mut chunk = [0.0_f32; rt::lanes::CHUNK];
-            let x0_row = &t315[row * 16..][..16];
+            let x0_row = &t295[row * 16..][..16];
+            let x1_row = &param_ln_attn_weight[0..][..16];
+            let x2 = t302[row];
+            let x3 = t309[row];
+            let x4_row = &t11[row * 16..][..16];
             for (j, c) in chunk[..16].iter_mut().enumerate() {
                 let x0 = x0_row[j];
-                *c = -x0;
+                let x1 = x1_row[j];
+                let x4 = x4_row[j];
+                *c = -x0 * x1 * x2 - 2.0 * x3 * x4;
             }
             rt::lanes::add(&mut lanes, &chunk[..16]);
             *acc_out = rt::lanes::sum(&lanes) as f32;
@@ -2209,7 +2368,7 @@ pub fn grads_k98_reduce(t315: &[f32], t318: &mut [f32]) {
 }
 
 /// elementwise: mul over [2, 8, 1].
-pub fn grads_k99_mul(t318: &[f32], t319: &mut [f32]) {
+pub fn grads_k93_mul(t318: &[f32], t319: &mut [f32]) {
     t319[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -2224,25 +2383,40 @@ pub fn grads_k99_mul(t318: &[f32], t319: &mut [f32]) {
 }
 
 /// elementwise: add over [2, 8, 16].
-pub fn grads_k100_add(t227: &[f32], t315: &[f32], t319: &[f32], t322: &mut [f32]) {
+pub fn grads_k94_add(
+    t227: &[f32],
+    t295: &[f32],
+    param_ln_attn_weight: &[f32],
+    t302: &[f32],
+    t309: &[f32],
+    t11: &[f32],
+    t319: &[f32],
+    t322: &mut [f32],
+) {
     t322[0..256]
         .chunks_mut(16)
         .enumerate()
         .for_each(|(row, o0)| {
             let n = o0.len();
             let x0_row = &t227[row * 16..][..n];
-            let x1_row = &t315[row * 16..][..n];
-            let x2 = t319[row];
+            let x1_row = &t295[row * 16..][..n];
+            let x2_row = &param_ln_attn_weight[0..][..n];
+            let x3 = t302[row];
+            let x4 = t309[row];
+            let x5_row = &t11[row * 16..][..n];
+            let x6 = t319[row];
             for j in 0..n {
                 let x0 = x0_row[j];
                 let x1 = x1_row[j];
-                o0[j] = x0 + x1 + x2;
+                let x2 = x2_row[j];
+                let x5 = x5_row[j];
+                o0[j] = x0 + x1 * x2 * x3 + 2.0 * x4 * x5 + x6;
             }
         });
 }
 
 /// reduce: reduce_sum over [2, 8, 16].
-pub fn grads_k101_reduce(t322: &[f32], t323: &mut [f32]) {
+pub fn grads_k95_reduce(t322: &[f32], t323: &mut [f32]) {
     t323[0..128]
         .chunks_mut(64)
         .enumerate()
@@ -2264,7 +2438,7 @@ pub fn grads_k101_reduce(t322: &[f32], t323: &mut [f32]) {
 }
 
 /// scatter_add: scatter_add.
-pub fn grads_k102_scatter_add(
+pub fn grads_k96_scatter_add(
     input_ids: &[i32],
     t322: &[f32],
     t325: &mut [f32],
@@ -2274,7 +2448,7 @@ pub fn grads_k102_scatter_add(
 }
 
 /// matmul: matmul.
-pub fn grads_k103_matmul(t21: &[f32], t488_c: &[f32], t283: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k97_matmul(t21: &[f32], t488_c: &[f32], t283: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         16,
@@ -2292,7 +2466,7 @@ pub fn grads_k103_matmul(t21: &[f32], t488_c: &[f32], t283: &mut [f32]) -> Resul
 }
 
 /// matmul: matmul.
-pub fn grads_k104_matmul(t21: &[f32], t285_c: &[f32], t294: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k98_matmul(t21: &[f32], t285_c: &[f32], t294: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         16,
@@ -2309,62 +2483,39 @@ pub fn grads_k104_matmul(t21: &[f32], t285_c: &[f32], t294: &mut [f32]) -> Resul
     Ok(())
 }
 
-/// elementwise: eq over [16, 20].
-pub fn train_k42_eq(input_targets: &[i32], c110: &[i32], t111: &mut [u8]) {
-    t111[0..320]
-        .chunks_mut(20)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let n = o0.len();
-            let x0 = input_targets[row];
-            let x1_row = &c110[0..][..n];
-            for j in 0..n {
-                let x1 = x1_row[j];
-                o0[j] = u8::from(x0 == x1);
-            }
-        });
-}
-
 /// reduce: log, reduce_sum, sub, where over [16, 20].
-pub fn train_k43_reduce(t111: &[u8], t114: &[f32], t116: &[f32], t121: &mut [f32]) {
+pub fn train_k41_reduce(
+    input_targets: &[i32],
+    c110: &[i32],
+    t106: &[f32],
+    t113: &[f32],
+    t116: &[f32],
+    t121: &mut [f32],
+) {
     t121[0..16]
         .iter_mut()
         .enumerate()
         .for_each(|(row, acc_out)| {
             let mut lanes = [0.0_f64; rt::lanes::LANES];
             let mut chunk = [0.0_f32; rt::lanes::CHUNK];
-            let x0_row = &t111[row * 20..][..20];
-            let x1_row = &t114[row * 20..][..20];
-            let x2 = t116[row];
+            let x0 = input_targets[row];
+            let x1_row = &c110[0..][..20];
+            let x2_row = &t106[row * 20..][..20];
+            let x3 = t113[row];
+            let x4 = t116[row];
             for (j, c) in chunk[..20].iter_mut().enumerate() {
-                let x0 = x0_row[j] != 0;
                 let x1 = x1_row[j];
-                let w0 = x1 - rt::math::ln(x2);
-                *c = if x0 { w0 } else { 0.0 };
+                let x2 = x2_row[j];
+                let w0 = x2 - x3 - rt::math::ln(x4);
+                *c = if x0 == x1 { w0 } else { 0.0 };
             }
             rt::lanes::add(&mut lanes, &chunk[..20]);
             *acc_out = rt::lanes::sum(&lanes) as f32;
         });
 }
 
-/// elementwise: mul, where over [16, 20].
-pub fn train_k46_mul_where(t111: &[u8], c495: &[f32], t136: &mut [f32]) {
-    t136[0..320]
-        .chunks_mut(20)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let n = o0.len();
-            let x0_row = &t111[row * 20..][..n];
-            let x1 = c495[row];
-            for j in 0..n {
-                let x0 = x0_row[j] != 0;
-                o0[j] = if x0 { x1 } else { 0.0 };
-            }
-        });
-}
-
 /// elementwise: add, mul, sub over [16].
-pub fn train_k87_add_mul_sub(
+pub fn train_k82_add_mul_sub(
     t287: &[f32],
     state_momentum_buffer_attn_q_bias: &mut [f32],
     param_attn_q_bias: &mut [f32],
@@ -2387,7 +2538,7 @@ pub fn train_k87_add_mul_sub(
 }
 
 /// elementwise: add, mul, sub over [16].
-pub fn train_k88_add_mul_sub(
+pub fn train_k83_add_mul_sub(
     t266: &[f32],
     state_momentum_buffer_attn_v_bias: &mut [f32],
     param_attn_v_bias: &mut [f32],
@@ -2410,7 +2561,7 @@ pub fn train_k88_add_mul_sub(
 }
 
 /// matmul: matmul, add, mul, sub.
-pub fn train_k89_matmul_add_mul_sub(
+pub fn train_k84_matmul_add_mul_sub(
     t54_c: &[f32],
     t227: &[f32],
     t235: &mut [f32],
@@ -2446,7 +2597,7 @@ pub fn train_k89_matmul_add_mul_sub(
 }
 
 /// elementwise: add, mul, sub over [16].
-pub fn train_k90_add_mul_sub(
+pub fn train_k85_add_mul_sub(
     t228: &[f32],
     state_momentum_buffer_attn_out_bias: &mut [f32],
     param_attn_out_bias: &mut [f32],
@@ -2469,7 +2620,7 @@ pub fn train_k90_add_mul_sub(
 }
 
 /// elementwise: add, mul, sub over [16].
-pub fn train_k91_add_mul_sub(
+pub fn train_k86_add_mul_sub(
     t205: &[f32],
     state_momentum_buffer_ln_mlp_weight: &mut [f32],
     param_ln_mlp_weight: &mut [f32],
@@ -2492,7 +2643,7 @@ pub fn train_k91_add_mul_sub(
 }
 
 /// elementwise: add, mul, sub over [16].
-pub fn train_k92_add_mul_sub(
+pub fn train_k87_add_mul_sub(
     t201: &[f32],
     state_momentum_buffer_ln_mlp_bias: &mut [f32],
     param_ln_mlp_bias: &mut [f32],
@@ -2515,7 +2666,7 @@ pub fn train_k92_add_mul_sub(
 }
 
 /// matmul: matmul, add, mul, sub.
-pub fn train_k93_matmul_add_mul_sub(
+pub fn train_k88_matmul_add_mul_sub(
     t76: &[f32],
     t192: &[f32],
     t200: &mut [f32],
@@ -2551,7 +2702,7 @@ pub fn train_k93_matmul_add_mul_sub(
 }
 
 /// elementwise: add, mul, sub over [64].
-pub fn train_k94_add_mul_sub(
+pub fn train_k89_add_mul_sub(
     t193: &[f32],
     state_momentum_buffer_mlp_up_bias: &mut [f32],
     param_mlp_up_bias: &mut [f32],
@@ -2574,7 +2725,7 @@ pub fn train_k94_add_mul_sub(
 }
 
 /// matmul: matmul, add, mul, sub.
-pub fn train_k95_matmul_add_mul_sub(
+pub fn train_k90_matmul_add_mul_sub(
     t81: &[f32],
     t182: &[f32],
     t190: &mut [f32],
@@ -2610,7 +2761,7 @@ pub fn train_k95_matmul_add_mul_sub(
 }
 
 /// elementwise: add, mul, sub over [16].
-pub fn train_k96_add_mul_sub(
+pub fn train_k91_add_mul_sub(
     t183: &[f32],
     state_momentum_buffer_mlp_down_bias: &mut [f32],
     param_mlp_down_bias: &mut [f32],
@@ -2633,7 +2784,7 @@ pub fn train_k96_add_mul_sub(
 }
 
 /// elementwise: add, mul, sub over [16].
-pub fn train_k97_add_mul_sub(
+pub fn train_k92_add_mul_sub(
     t161: &[f32],
     state_momentum_buffer_ln_out_weight: &mut [f32],
     param_ln_out_weight: &mut [f32],
@@ -2656,7 +2807,7 @@ pub fn train_k97_add_mul_sub(
 }
 
 /// elementwise: add, mul, sub over [16].
-pub fn train_k98_add_mul_sub(
+pub fn train_k93_add_mul_sub(
     t157: &[f32],
     state_momentum_buffer_ln_out_bias: &mut [f32],
     param_ln_out_bias: &mut [f32],
@@ -2679,7 +2830,7 @@ pub fn train_k98_add_mul_sub(
 }
 
 /// matmul: matmul, add, mul, sub.
-pub fn train_k99_matmul_add_mul_sub(
+pub fn train_k94_matmul_add_mul_sub(
     t102: &[f32],
     t145: &[f32],
     t156: &mut [f32],
@@ -2715,7 +2866,7 @@ pub fn train_k99_matmul_add_mul_sub(
 }
 
 /// elementwise: add, mul, sub over [20].
-pub fn train_k100_add_mul_sub(
+pub fn train_k95_add_mul_sub(
     t149: &[f32],
     state_momentum_buffer_head_bias: &mut [f32],
     param_head_bias: &mut [f32],
@@ -2738,7 +2889,7 @@ pub fn train_k100_add_mul_sub(
 }
 
 /// matmul: matmul, add, mul, sub.
-pub fn train_k105_matmul_add_mul_sub(
+pub fn train_k100_matmul_add_mul_sub(
     t21: &[f32],
     t264_c: &[f32],
     t273: &mut [f32],
@@ -2774,7 +2925,7 @@ pub fn train_k105_matmul_add_mul_sub(
 }
 
 /// elementwise: add, mul, sub over [20, 16].
-pub fn train_k117_add_mul_sub(
+pub fn train_k110_add_mul_sub(
     t325: &[f32],
     state_momentum_buffer_tok_emb_weight: &mut [f32],
     param_tok_emb_weight: &mut [f32],
@@ -2797,7 +2948,7 @@ pub fn train_k117_add_mul_sub(
 }
 
 /// elementwise: add, mul, sub over [8, 16].
-pub fn train_k118_add_mul_sub(
+pub fn train_k111_add_mul_sub(
     t323: &[f32],
     state_momentum_buffer_pos_emb: &mut [f32],
     param_pos_emb: &mut [f32],
@@ -2820,7 +2971,7 @@ pub fn train_k118_add_mul_sub(
 }
 
 /// elementwise: add, mul, sub over [16].
-pub fn train_k119_add_mul_sub(
+pub fn train_k112_add_mul_sub(
     t300: &[f32],
     state_momentum_buffer_ln_attn_weight: &mut [f32],
     param_ln_attn_weight: &mut [f32],
@@ -2843,7 +2994,7 @@ pub fn train_k119_add_mul_sub(
 }
 
 /// elementwise: add, mul, sub over [16].
-pub fn train_k120_add_mul_sub(
+pub fn train_k113_add_mul_sub(
     t296: &[f32],
     state_momentum_buffer_ln_attn_bias: &mut [f32],
     param_ln_attn_bias: &mut [f32],
@@ -2866,7 +3017,7 @@ pub fn train_k120_add_mul_sub(
 }
 
 /// elementwise: add, mul, sub over [16].
-pub fn train_k121_add_mul_sub(
+pub fn train_k114_add_mul_sub(
     t276: &[f32],
     state_momentum_buffer_attn_k_bias: &mut [f32],
     param_attn_k_bias: &mut [f32],
@@ -2889,7 +3040,7 @@ pub fn train_k121_add_mul_sub(
 }
 
 /// matmul: matmul, add, mul, sub.
-pub fn train_k122_matmul_add_mul_sub(
+pub fn train_k115_matmul_add_mul_sub(
     t21: &[f32],
     t488_c: &[f32],
     t283: &mut [f32],
@@ -2925,7 +3076,7 @@ pub fn train_k122_matmul_add_mul_sub(
 }
 
 /// matmul: matmul, add, mul, sub.
-pub fn train_k123_matmul_add_mul_sub(
+pub fn train_k116_matmul_add_mul_sub(
     t21: &[f32],
     t285_c: &[f32],
     t294: &mut [f32],

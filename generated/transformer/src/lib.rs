@@ -17,9 +17,9 @@ static CONSTS: &[u8] = include_bytes!("consts.bin");
 
 const PARAM_LEN: usize = 4112;
 const STATE_LEN: usize = 4112;
-const TEMP_F32_LEN: usize = 8512;
+const TEMP_F32_LEN: usize = 8576;
 const TEMP_I32_LEN: usize = 0;
-const TEMP_BOOL_LEN: usize = 320;
+const TEMP_BOOL_LEN: usize = 0;
 const CONST_F32_LEN: usize = 16;
 const CONST_I32_LEN: usize = 20;
 const CONST_BOOL_LEN: usize = 64;
@@ -89,50 +89,55 @@ impl Arenas {
                 a.param.slice(320, 128),
                 a.temp_f32.slice_mut(256, 256),
             );
-            kernels::forward_k02_reduce(a.temp_f32.slice(256, 256), a.temp_f32.slice_mut(512, 16));
-            kernels::forward_k03_mul_sub(
+            kernels::forward_k02_reduce(a.temp_f32.slice(256, 256), a.temp_f32.slice_mut(0, 16));
+            kernels::forward_k03_mul(a.temp_f32.slice(0, 16), a.temp_f32.slice_mut(512, 16));
+            kernels::forward_k04_reduce(
                 a.temp_f32.slice(256, 256),
                 a.temp_f32.slice(512, 16),
-                a.temp_f32.slice_mut(0, 256),
+                a.temp_f32.slice_mut(528, 16),
             );
-            kernels::forward_k04_reduce(a.temp_f32.slice(0, 256), a.temp_f32.slice_mut(768, 16));
             kernels::forward_k05_add_div_etc(
-                a.temp_f32.slice(0, 256),
-                a.temp_f32.slice(768, 16),
+                a.temp_f32.slice(256, 256),
+                a.temp_f32.slice(512, 16),
+                a.temp_f32.slice(528, 16),
                 a.param.slice(448, 16),
                 a.param.slice(464, 16),
-                a.temp_f32.slice_mut(512, 256),
+                a.temp_f32.slice_mut(0, 256),
             );
             kernels::forward_k06_matmul_add(
-                a.temp_f32.slice(512, 256),
+                a.temp_f32.slice(0, 256),
                 a.param.slice(480, 256),
                 a.param.slice(736, 16),
-                a.temp_f32.slice_mut(0, 256),
+                a.temp_f32.slice_mut(512, 256),
                 a.temp_f32.slice_mut(768, 256),
             )?;
             kernels::forward_k07_matmul_add(
-                a.temp_f32.slice(512, 256),
+                a.temp_f32.slice(0, 256),
                 a.param.slice(752, 256),
                 a.param.slice(1008, 16),
-                a.temp_f32.slice_mut(0, 256),
+                a.temp_f32.slice_mut(512, 256),
                 a.temp_f32.slice_mut(1024, 256),
             )?;
             kernels::forward_k08_matmul_add(
-                a.temp_f32.slice(512, 256),
+                a.temp_f32.slice(0, 256),
                 a.param.slice(1024, 256),
                 a.param.slice(1280, 16),
-                a.temp_f32.slice_mut(0, 256),
+                a.temp_f32.slice_mut(512, 256),
                 a.temp_f32.slice_mut(1280, 256),
             )?;
-            kernels::forward_k09_matmul_mul_where(
+            kernels::forward_k09_matmul_mul(
                 a.temp_f32.slice(768, 256),
                 a.temp_f32.slice(1024, 256),
-                a.const_bool.slice(0, 64),
                 a.temp_f32.slice_mut(0, 256),
                 a.temp_f32.slice_mut(512, 256),
             )?;
-            kernels::forward_k10_reduce(a.temp_f32.slice(512, 256), a.temp_f32.slice_mut(768, 32));
+            kernels::forward_k10_reduce(
+                a.const_bool.slice(0, 64),
+                a.temp_f32.slice(512, 256),
+                a.temp_f32.slice_mut(768, 32),
+            );
             kernels::forward_k11_exp_stop_gradient_sub(
+                a.const_bool.slice(0, 64),
                 a.temp_f32.slice(512, 256),
                 a.temp_f32.slice(768, 32),
                 a.temp_f32.slice_mut(0, 256),
@@ -157,16 +162,17 @@ impl Arenas {
                 a.temp_f32.slice_mut(0, 256),
                 a.temp_f32.slice_mut(2048, 256),
             )?;
-            kernels::forward_k17_reduce(a.temp_f32.slice(2048, 256), a.temp_f32.slice_mut(256, 16));
-            kernels::forward_k18_mul_sub(
+            kernels::forward_k17_reduce(a.temp_f32.slice(2048, 256), a.temp_f32.slice_mut(0, 16));
+            kernels::forward_k18_mul(a.temp_f32.slice(0, 16), a.temp_f32.slice_mut(16, 16));
+            kernels::forward_k19_reduce(
                 a.temp_f32.slice(2048, 256),
-                a.temp_f32.slice(256, 16),
-                a.temp_f32.slice_mut(0, 256),
+                a.temp_f32.slice(16, 16),
+                a.temp_f32.slice_mut(0, 16),
             );
-            kernels::forward_k19_reduce(a.temp_f32.slice(0, 256), a.temp_f32.slice_mut(256, 16));
             kernels::forward_k20_add_div_etc(
-                a.temp_f32.slice(0, 256),
-                a.temp_f32.slice(256, 16),
+                a.temp_f32.slice(2048, 256),
+                a.temp_f32.slice(16, 16),
+                a.temp_f32.slice(0, 16),
                 a.param.slice(1568, 16),
                 a.param.slice(1584, 16),
                 a.temp_f32.slice_mut(2304, 256),
@@ -181,21 +187,27 @@ impl Arenas {
             kernels::forward_k22_matmul_add(
                 a.temp_f32.slice(1024, 1024),
                 a.param.slice(2688, 1024),
-                a.temp_f32.slice(2048, 256),
                 a.param.slice(3712, 16),
                 a.temp_f32.slice_mut(0, 256),
                 a.temp_f32.slice_mut(256, 256),
             )?;
-            kernels::forward_k23_reduce(a.temp_f32.slice(256, 256), a.temp_f32.slice_mut(512, 16));
-            kernels::forward_k24_mul_sub(
+            kernels::forward_k23_reduce(
+                a.temp_f32.slice(2048, 256),
                 a.temp_f32.slice(256, 256),
-                a.temp_f32.slice(512, 16),
-                a.temp_f32.slice_mut(0, 256),
+                a.temp_f32.slice_mut(0, 16),
             );
-            kernels::forward_k25_reduce(a.temp_f32.slice(0, 256), a.temp_f32.slice_mut(256, 16));
+            kernels::forward_k24_mul(a.temp_f32.slice(0, 16), a.temp_f32.slice_mut(16, 16));
+            kernels::forward_k25_reduce(
+                a.temp_f32.slice(2048, 256),
+                a.temp_f32.slice(256, 256),
+                a.temp_f32.slice(16, 16),
+                a.temp_f32.slice_mut(0, 16),
+            );
             kernels::forward_k26_add_div_etc(
-                a.temp_f32.slice(0, 256),
-                a.temp_f32.slice(256, 16),
+                a.temp_f32.slice(2048, 256),
+                a.temp_f32.slice(256, 256),
+                a.temp_f32.slice(16, 16),
+                a.temp_f32.slice(0, 16),
                 a.param.slice(3728, 16),
                 a.param.slice(3744, 16),
                 a.temp_f32.slice_mut(640, 256),
@@ -207,27 +219,31 @@ impl Arenas {
                 a.temp_f32.slice_mut(0, 320),
                 a.temp_f32.slice_mut(320, 320),
             )?;
-            kernels::forward_k28_reduce(a.temp_f32.slice(320, 320), a.temp_f32.slice_mut(640, 16));
-            kernels::forward_k29_stop_gradient_sub(
-                a.temp_f32.slice(320, 320),
-                a.temp_f32.slice(640, 16),
-                a.temp_f32.slice_mut(0, 320),
+            kernels::forward_k28_reduce(a.temp_f32.slice(320, 320), a.temp_f32.slice_mut(0, 16));
+            kernels::forward_k29_stop_gradient(
+                a.temp_f32.slice(0, 16),
+                a.temp_f32.slice_mut(16, 16),
             );
-            kernels::forward_k30_reduce(a.temp_f32.slice(0, 320), a.temp_f32.slice_mut(640, 16));
+            kernels::forward_k30_reduce(
+                a.temp_f32.slice(320, 320),
+                a.temp_f32.slice(16, 16),
+                a.temp_f32.slice_mut(0, 16),
+            );
             kernels::forward_k31_reduce(
                 input_targets,
                 a.const_i32.slice(0, 20),
-                a.temp_f32.slice(0, 320),
-                a.temp_f32.slice(640, 16),
-                a.temp_f32.slice_mut(656, 16),
+                a.temp_f32.slice(320, 320),
+                a.temp_f32.slice(16, 16),
+                a.temp_f32.slice(0, 16),
+                a.temp_f32.slice_mut(32, 16),
             );
-            kernels::forward_k32_reduce(a.temp_f32.slice(656, 16), a.temp_f32.slice_mut(0, 1));
+            kernels::forward_k32_reduce(a.temp_f32.slice(32, 16), a.temp_f32.slice_mut(0, 1));
             kernels::forward_k33_mul_neg(a.temp_f32.slice(0, 1), a.temp_f32.slice_mut(16, 1));
         }
         Ok(())
     }
 
-    /// `grads`: 105 kernels.
+    /// `grads`: 99 kernels.
     fn grads(&mut self, input_ids: &[i32], input_targets: &[i32]) -> Result<(), rt::Error> {
         let a = &*self;
         // SAFETY: the memory plan gives buffers that are live at the same time
@@ -239,26 +255,25 @@ impl Arenas {
                 a.param.slice(0, 320),
                 a.temp_f32.slice_mut(0, 256),
             )?;
-            kernels::forward_k01_add(
+            kernels::grads_k01_reduce(
                 a.temp_f32.slice(0, 256),
                 a.param.slice(320, 128),
-                a.temp_f32.slice_mut(256, 256),
+                a.temp_f32.slice_mut(256, 16),
             );
-            kernels::forward_k02_reduce(a.temp_f32.slice(256, 256), a.temp_f32.slice_mut(0, 16));
-            kernels::forward_k03_mul_sub(
-                a.temp_f32.slice(256, 256),
-                a.temp_f32.slice(0, 16),
+            kernels::grads_k02_mul_sub(
+                a.temp_f32.slice(0, 256),
+                a.param.slice(320, 128),
+                a.temp_f32.slice(256, 16),
                 a.temp_f32.slice_mut(4416, 256),
             );
-            kernels::forward_k04_reduce(a.temp_f32.slice(4416, 256), a.temp_f32.slice_mut(0, 16));
-            kernels::grads_k05_add_mul(a.temp_f32.slice(0, 16), a.temp_f32.slice_mut(8128, 16));
-            kernels::grads_k06_sqrt(a.temp_f32.slice(8128, 16), a.temp_f32.slice_mut(8144, 16));
-            kernels::grads_k07_div(
+            kernels::grads_k03_reduce(a.temp_f32.slice(4416, 256), a.temp_f32.slice_mut(8160, 16));
+            kernels::grads_k04_sqrt(a.temp_f32.slice(8160, 16), a.temp_f32.slice_mut(8176, 16));
+            kernels::grads_k05_div(
                 a.temp_f32.slice(4416, 256),
-                a.temp_f32.slice(8144, 16),
+                a.temp_f32.slice(8176, 16),
                 a.temp_f32.slice_mut(4672, 256),
             );
-            kernels::grads_k08_add_mul(
+            kernels::grads_k06_add_mul(
                 a.temp_f32.slice(4672, 256),
                 a.param.slice(448, 16),
                 a.param.slice(464, 16),
@@ -268,124 +283,129 @@ impl Arenas {
                 a.temp_f32.slice(4928, 256),
                 a.param.slice(480, 256),
                 a.param.slice(736, 16),
-                a.temp_f32.slice_mut(0, 256),
+                a.temp_f32.slice_mut(256, 256),
                 a.temp_f32.slice_mut(5184, 256),
             )?;
             kernels::forward_k07_matmul_add(
                 a.temp_f32.slice(4928, 256),
                 a.param.slice(752, 256),
                 a.param.slice(1008, 16),
-                a.temp_f32.slice_mut(0, 256),
+                a.temp_f32.slice_mut(256, 256),
                 a.temp_f32.slice_mut(5440, 256),
             )?;
             kernels::forward_k08_matmul_add(
                 a.temp_f32.slice(4928, 256),
                 a.param.slice(1024, 256),
                 a.param.slice(1280, 16),
-                a.temp_f32.slice_mut(0, 256),
+                a.temp_f32.slice_mut(256, 256),
                 a.temp_f32.slice_mut(5696, 256),
             )?;
-            kernels::forward_k09_matmul_mul_where(
+            kernels::grads_k10_div_d0(a.temp_f32.slice(8176, 16), a.temp_f32.slice_mut(8192, 16));
+            kernels::forward_k09_matmul_mul(
                 a.temp_f32.slice(5184, 256),
                 a.temp_f32.slice(5440, 256),
-                a.const_bool.slice(0, 64),
-                a.temp_f32.slice_mut(0, 256),
-                a.temp_f32.slice_mut(512, 256),
-            )?;
-            kernels::forward_k10_reduce(a.temp_f32.slice(512, 256), a.temp_f32.slice_mut(0, 32));
-            kernels::grads_k14_stop_gradient_sub(
-                a.temp_f32.slice(512, 256),
-                a.temp_f32.slice(0, 32),
+                a.temp_f32.slice_mut(256, 256),
                 a.temp_f32.slice_mut(5952, 256),
+            )?;
+            kernels::forward_k10_reduce(
+                a.const_bool.slice(0, 64),
+                a.temp_f32.slice(5952, 256),
+                a.temp_f32.slice_mut(256, 32),
             );
-            kernels::grads_k15_exp(a.temp_f32.slice(5952, 256), a.temp_f32.slice_mut(6208, 256));
+            kernels::grads_k13_stop_gradient(
+                a.temp_f32.slice(256, 32),
+                a.temp_f32.slice_mut(8064, 32),
+            );
+            kernels::grads_k14_exp(
+                a.const_bool.slice(0, 64),
+                a.temp_f32.slice(5952, 256),
+                a.temp_f32.slice(8064, 32),
+                a.temp_f32.slice_mut(6208, 256),
+            );
             kernels::forward_k12_reduce(
                 a.temp_f32.slice(6208, 256),
-                a.temp_f32.slice_mut(8064, 32),
+                a.temp_f32.slice_mut(8096, 32),
             );
             kernels::forward_k13_div(
                 a.temp_f32.slice(6208, 256),
-                a.temp_f32.slice(8064, 32),
+                a.temp_f32.slice(8096, 32),
                 a.temp_f32.slice_mut(6464, 256),
             );
             kernels::forward_k14_matmul(
                 a.temp_f32.slice(6464, 256),
                 a.temp_f32.slice(5696, 256),
-                a.temp_f32.slice_mut(0, 256),
+                a.temp_f32.slice_mut(256, 256),
             )?;
-            kernels::forward_k15_copy(a.temp_f32.slice(0, 256), a.temp_f32.slice_mut(6720, 256));
-            kernels::forward_k16_matmul_add(
+            kernels::forward_k15_copy(a.temp_f32.slice(256, 256), a.temp_f32.slice_mut(6720, 256));
+            kernels::grads_k19_matmul_add(
                 a.temp_f32.slice(6720, 256),
                 a.param.slice(1296, 256),
-                a.temp_f32.slice(256, 256),
+                a.temp_f32.slice(0, 256),
+                a.param.slice(320, 128),
                 a.param.slice(1552, 16),
-                a.temp_f32.slice_mut(0, 256),
+                a.temp_f32.slice_mut(256, 256),
                 a.temp_f32.slice_mut(2048, 256),
             )?;
             kernels::forward_k17_reduce(a.temp_f32.slice(2048, 256), a.temp_f32.slice_mut(0, 16));
-            kernels::forward_k18_mul_sub(
+            kernels::grads_k21_mul_sub(
                 a.temp_f32.slice(2048, 256),
                 a.temp_f32.slice(0, 16),
                 a.temp_f32.slice_mut(6976, 256),
             );
-            kernels::forward_k19_reduce(a.temp_f32.slice(6976, 256), a.temp_f32.slice_mut(0, 16));
-            kernels::grads_k24_add_mul(a.temp_f32.slice(0, 16), a.temp_f32.slice_mut(8160, 16));
-            kernels::grads_k25_sqrt(a.temp_f32.slice(8160, 16), a.temp_f32.slice_mut(8176, 16));
-            kernels::grads_k26_div(
+            kernels::grads_k22_reduce(a.temp_f32.slice(6976, 256), a.temp_f32.slice_mut(8208, 16));
+            kernels::grads_k23_sqrt(a.temp_f32.slice(8208, 16), a.temp_f32.slice_mut(8224, 16));
+            kernels::grads_k24_div(
                 a.temp_f32.slice(6976, 256),
-                a.temp_f32.slice(8176, 16),
+                a.temp_f32.slice(8224, 16),
                 a.temp_f32.slice_mut(7232, 256),
             );
-            kernels::grads_k27_add_mul(
+            kernels::grads_k25_add_mul(
                 a.temp_f32.slice(7232, 256),
                 a.param.slice(1568, 16),
                 a.param.slice(1584, 16),
                 a.temp_f32.slice_mut(7488, 256),
             );
-            kernels::grads_k28_matmul_add(
+            kernels::grads_k26_matmul_add(
                 a.temp_f32.slice(7488, 256),
                 a.param.slice(1600, 1024),
                 a.param.slice(2624, 64),
                 a.temp_f32.slice_mut(0, 1024),
                 a.temp_f32.slice_mut(1024, 1024),
             )?;
-            kernels::grads_k29_gelu(a.temp_f32.slice(1024, 1024), a.temp_f32.slice_mut(0, 1024));
+            kernels::grads_k27_gelu(a.temp_f32.slice(1024, 1024), a.temp_f32.slice_mut(0, 1024));
             kernels::forward_k22_matmul_add(
                 a.temp_f32.slice(0, 1024),
                 a.param.slice(2688, 1024),
-                a.temp_f32.slice(2048, 256),
                 a.param.slice(3712, 16),
                 a.temp_f32.slice_mut(2304, 256),
                 a.temp_f32.slice_mut(2560, 256),
             )?;
             kernels::forward_k23_reduce(
+                a.temp_f32.slice(2048, 256),
                 a.temp_f32.slice(2560, 256),
-                a.temp_f32.slice_mut(2048, 16),
+                a.temp_f32.slice_mut(2304, 16),
             );
-            kernels::forward_k24_mul_sub(
+            kernels::grads_k30_mul_sub(
+                a.temp_f32.slice(2048, 256),
                 a.temp_f32.slice(2560, 256),
-                a.temp_f32.slice(2048, 16),
-                a.temp_f32.slice_mut(3008, 256),
+                a.temp_f32.slice(2304, 16),
+                a.temp_f32.slice_mut(2816, 256),
             );
-            kernels::forward_k25_reduce(
-                a.temp_f32.slice(3008, 256),
-                a.temp_f32.slice_mut(2048, 16),
+            kernels::grads_k31_reduce(a.temp_f32.slice(2816, 256), a.temp_f32.slice_mut(2688, 16));
+            kernels::grads_k32_sqrt(a.temp_f32.slice(2688, 16), a.temp_f32.slice_mut(2704, 16));
+            kernels::grads_k33_div(
+                a.temp_f32.slice(2816, 256),
+                a.temp_f32.slice(2704, 16),
+                a.temp_f32.slice_mut(3072, 256),
             );
-            kernels::grads_k34_add_mul(a.temp_f32.slice(2048, 16), a.temp_f32.slice_mut(3776, 16));
-            kernels::grads_k35_sqrt(a.temp_f32.slice(3776, 16), a.temp_f32.slice_mut(3792, 16));
-            kernels::grads_k36_div(
-                a.temp_f32.slice(3008, 256),
-                a.temp_f32.slice(3792, 16),
-                a.temp_f32.slice_mut(3264, 256),
-            );
-            kernels::grads_k37_add_mul(
-                a.temp_f32.slice(3264, 256),
+            kernels::grads_k34_add_mul(
+                a.temp_f32.slice(3072, 256),
                 a.param.slice(3728, 16),
                 a.param.slice(3744, 16),
-                a.temp_f32.slice_mut(3520, 256),
+                a.temp_f32.slice_mut(3328, 256),
             );
             kernels::forward_k27_matmul_add(
-                a.temp_f32.slice(3520, 256),
+                a.temp_f32.slice(3328, 256),
                 a.param.slice(3760, 320),
                 a.param.slice(4080, 20),
                 a.temp_f32.slice_mut(2048, 320),
@@ -393,269 +413,275 @@ impl Arenas {
             )?;
             kernels::forward_k28_reduce(
                 a.temp_f32.slice(2368, 320),
-                a.temp_f32.slice_mut(2688, 16),
+                a.temp_f32.slice_mut(2048, 16),
             );
-            kernels::forward_k29_stop_gradient_sub(
-                a.temp_f32.slice(2368, 320),
-                a.temp_f32.slice(2688, 16),
-                a.temp_f32.slice_mut(2048, 320),
+            kernels::forward_k29_stop_gradient(
+                a.temp_f32.slice(2048, 16),
+                a.temp_f32.slice_mut(2720, 16),
             );
             kernels::forward_k30_reduce(
-                a.temp_f32.slice(2048, 320),
-                a.temp_f32.slice_mut(2688, 16),
+                a.temp_f32.slice(2368, 320),
+                a.temp_f32.slice(2720, 16),
+                a.temp_f32.slice_mut(2048, 16),
             );
-            kernels::grads_k42_eq_mul_where(
+            kernels::grads_k39_div_d0(a.temp_f32.slice(2704, 16), a.temp_f32.slice_mut(2736, 16));
+            kernels::grads_k40_div_d0(a.temp_f32.slice(8224, 16), a.temp_f32.slice_mut(8240, 16));
+            kernels::grads_k41_reduce(
                 input_targets,
                 a.const_i32.slice(0, 20),
                 a.const_f32.slice(0, 16),
-                a.temp_f32.slice_mut(2368, 320),
+                a.temp_f32.slice_mut(2064, 16),
             );
-            kernels::grads_k43_reduce(a.temp_f32.slice(2368, 320), a.temp_f32.slice_mut(2704, 16));
-            kernels::grads_k44_log_d0_mul(
-                a.temp_f32.slice(2704, 16),
-                a.temp_f32.slice(2688, 16),
-                a.temp_f32.slice_mut(3808, 16),
+            kernels::grads_k42_log_d0_mul(
+                a.temp_f32.slice(2064, 16),
+                a.temp_f32.slice(2048, 16),
+                a.temp_f32.slice_mut(2752, 16),
             );
-            kernels::grads_k45_add_exp_d0_mul(
+            kernels::grads_k43_add_exp_d0_mul(
+                input_targets,
+                a.const_i32.slice(0, 20),
+                a.const_f32.slice(0, 16),
+                a.temp_f32.slice(2752, 16),
                 a.temp_f32.slice(2368, 320),
-                a.temp_f32.slice(3808, 16),
-                a.temp_f32.slice(2048, 320),
-                a.temp_f32.slice_mut(2688, 320),
+                a.temp_f32.slice(2720, 16),
+                a.temp_f32.slice_mut(2048, 320),
             );
-            kernels::grads_k46_reduce(a.temp_f32.slice(2688, 320), a.temp_f32.slice_mut(8096, 20));
-            kernels::grads_k47_matmul(
-                a.temp_f32.slice(2688, 320),
+            kernels::grads_k44_reduce(a.temp_f32.slice(2048, 320), a.temp_f32.slice_mut(8128, 20));
+            kernels::grads_k45_matmul(
+                a.temp_f32.slice(2048, 320),
                 a.param.slice(3760, 320),
-                a.temp_f32.slice_mut(2048, 256),
+                a.temp_f32.slice_mut(2368, 256),
             )?;
-            kernels::grads_k48_matmul(
-                a.temp_f32.slice(3520, 256),
-                a.temp_f32.slice(2688, 320),
+            kernels::grads_k46_matmul(
+                a.temp_f32.slice(3328, 256),
+                a.temp_f32.slice(2048, 320),
                 a.temp_f32.slice_mut(4096, 320),
             )?;
-            kernels::grads_k49_reduce(a.temp_f32.slice(2048, 256), a.temp_f32.slice_mut(8192, 16));
-            kernels::grads_k50_mul(
-                a.temp_f32.slice(2048, 256),
+            kernels::grads_k47_reduce(a.temp_f32.slice(2368, 256), a.temp_f32.slice_mut(8256, 16));
+            kernels::grads_k48_mul(
+                a.temp_f32.slice(2368, 256),
                 a.param.slice(3728, 16),
-                a.temp_f32.slice_mut(2304, 256),
-            );
-            kernels::grads_k51_reduce(
-                a.temp_f32.slice(2048, 256),
-                a.temp_f32.slice(3264, 256),
-                a.temp_f32.slice_mut(8208, 16),
-            );
-            kernels::grads_k52_reduce(
-                a.temp_f32.slice(2304, 256),
-                a.temp_f32.slice(3008, 256),
-                a.temp_f32.slice(3792, 16),
-                a.temp_f32.slice_mut(2048, 16),
-            );
-            kernels::grads_k53_mul_sqrt_d0(
-                a.temp_f32.slice(2048, 16),
-                a.temp_f32.slice(3776, 16),
-                a.temp_f32.slice_mut(2560, 16),
-            );
-            kernels::grads_k54_add_div_d0_mul(
-                a.temp_f32.slice(2304, 256),
-                a.temp_f32.slice(3792, 16),
-                a.temp_f32.slice(2560, 16),
-                a.temp_f32.slice(3008, 256),
                 a.temp_f32.slice_mut(2048, 256),
             );
-            kernels::grads_k55_reduce(a.temp_f32.slice(2048, 256), a.temp_f32.slice_mut(2304, 16));
-            kernels::grads_k56_mul(a.temp_f32.slice(2304, 16), a.temp_f32.slice_mut(2320, 16));
-            kernels::grads_k57_add(
+            kernels::grads_k49_reduce(
+                a.temp_f32.slice(2368, 256),
+                a.temp_f32.slice(3072, 256),
+                a.temp_f32.slice_mut(8272, 16),
+            );
+            kernels::grads_k50_reduce(
                 a.temp_f32.slice(2048, 256),
+                a.temp_f32.slice(2816, 256),
+                a.temp_f32.slice(2704, 16),
+                a.temp_f32.slice_mut(2304, 16),
+            );
+            kernels::grads_k51_mul_sqrt_d0(
+                a.temp_f32.slice(2304, 16),
+                a.temp_f32.slice(2688, 16),
+                a.temp_f32.slice_mut(2320, 16),
+            );
+            kernels::grads_k52_reduce(
+                a.temp_f32.slice(2048, 256),
+                a.temp_f32.slice(2736, 16),
                 a.temp_f32.slice(2320, 16),
+                a.temp_f32.slice(2816, 256),
+                a.temp_f32.slice_mut(2304, 16),
+            );
+            kernels::grads_k53_mul(a.temp_f32.slice(2304, 16), a.temp_f32.slice_mut(2336, 16));
+            kernels::grads_k54_add(
+                a.temp_f32.slice(2048, 256),
+                a.temp_f32.slice(2736, 16),
+                a.temp_f32.slice(2320, 16),
+                a.temp_f32.slice(2816, 256),
+                a.temp_f32.slice(2336, 16),
                 a.temp_f32.slice_mut(7744, 256),
             );
-            kernels::grads_k58_reduce(a.temp_f32.slice(7744, 256), a.temp_f32.slice_mut(8224, 16));
-            kernels::grads_k59_matmul(
+            kernels::grads_k55_reduce(a.temp_f32.slice(7744, 256), a.temp_f32.slice_mut(8288, 16));
+            kernels::grads_k56_matmul(
                 a.temp_f32.slice(0, 1024),
                 a.temp_f32.slice(7744, 256),
                 a.temp_f32.slice_mut(2048, 1024),
             )?;
-            kernels::grads_k60_matmul_gelu_d0_mul(
+            kernels::grads_k57_matmul_gelu_d0_mul(
                 a.temp_f32.slice(7744, 256),
                 a.param.slice(2688, 1024),
                 a.temp_f32.slice(1024, 1024),
                 a.temp_f32.slice_mut(0, 1024),
                 a.temp_f32.slice_mut(3072, 1024),
             )?;
-            kernels::grads_k61_reduce(a.temp_f32.slice(3072, 1024), a.temp_f32.slice_mut(8000, 64));
-            kernels::grads_k62_matmul(
+            kernels::grads_k58_reduce(a.temp_f32.slice(3072, 1024), a.temp_f32.slice_mut(8000, 64));
+            kernels::grads_k59_matmul(
                 a.temp_f32.slice(3072, 1024),
                 a.param.slice(1600, 1024),
                 a.temp_f32.slice_mut(1024, 256),
             )?;
-            kernels::grads_k63_matmul(
+            kernels::grads_k60_matmul(
                 a.temp_f32.slice(7488, 256),
                 a.temp_f32.slice(3072, 1024),
                 a.temp_f32.slice_mut(0, 1024),
             )?;
-            kernels::grads_k64_reduce(a.temp_f32.slice(1024, 256), a.temp_f32.slice_mut(7488, 16));
-            kernels::grads_k65_mul(
+            kernels::grads_k61_reduce(a.temp_f32.slice(1024, 256), a.temp_f32.slice_mut(7488, 16));
+            kernels::grads_k62_mul(
                 a.temp_f32.slice(1024, 256),
                 a.param.slice(1568, 16),
                 a.temp_f32.slice_mut(1280, 256),
             );
-            kernels::grads_k66_reduce(
+            kernels::grads_k63_reduce(
                 a.temp_f32.slice(1024, 256),
                 a.temp_f32.slice(7232, 256),
                 a.temp_f32.slice_mut(7504, 16),
             );
-            kernels::grads_k67_reduce(
+            kernels::grads_k64_reduce(
                 a.temp_f32.slice(1280, 256),
                 a.temp_f32.slice(6976, 256),
-                a.temp_f32.slice(8176, 16),
+                a.temp_f32.slice(8224, 16),
                 a.temp_f32.slice_mut(1024, 16),
             );
-            kernels::grads_k68_mul_sqrt_d0(
+            kernels::grads_k65_mul_sqrt_d0(
                 a.temp_f32.slice(1024, 16),
-                a.temp_f32.slice(8160, 16),
+                a.temp_f32.slice(8208, 16),
                 a.temp_f32.slice_mut(1536, 16),
             );
-            kernels::grads_k69_add_div_d0_mul(
+            kernels::grads_k66_reduce(
                 a.temp_f32.slice(1280, 256),
-                a.temp_f32.slice(8176, 16),
+                a.temp_f32.slice(8240, 16),
                 a.temp_f32.slice(1536, 16),
                 a.temp_f32.slice(6976, 256),
-                a.temp_f32.slice_mut(1024, 256),
+                a.temp_f32.slice_mut(1024, 16),
             );
-            kernels::grads_k70_reduce(a.temp_f32.slice(1024, 256), a.temp_f32.slice_mut(1280, 16));
-            kernels::grads_k71_mul(a.temp_f32.slice(1280, 16), a.temp_f32.slice_mut(1536, 16));
-            kernels::grads_k72_add(
+            kernels::grads_k67_mul(a.temp_f32.slice(1024, 16), a.temp_f32.slice_mut(1552, 16));
+            kernels::grads_k68_add(
                 a.temp_f32.slice(7744, 256),
-                a.temp_f32.slice(1024, 256),
+                a.temp_f32.slice(1280, 256),
+                a.temp_f32.slice(8240, 16),
                 a.temp_f32.slice(1536, 16),
-                a.temp_f32.slice_mut(1280, 256),
-            );
-            kernels::grads_k73_reduce(a.temp_f32.slice(1280, 256), a.temp_f32.slice_mut(6976, 16));
-            kernels::grads_k74_matmul(
-                a.temp_f32.slice(1280, 256),
-                a.param.slice(1296, 256),
+                a.temp_f32.slice(6976, 256),
+                a.temp_f32.slice(1552, 16),
                 a.temp_f32.slice_mut(1024, 256),
+            );
+            kernels::grads_k69_reduce(a.temp_f32.slice(1024, 256), a.temp_f32.slice_mut(6976, 16));
+            kernels::grads_k70_matmul(
+                a.temp_f32.slice(1024, 256),
+                a.param.slice(1296, 256),
+                a.temp_f32.slice_mut(1280, 256),
             )?;
-            kernels::grads_k75_matmul(
+            kernels::grads_k71_matmul(
                 a.temp_f32.slice(6720, 256),
-                a.temp_f32.slice(1280, 256),
+                a.temp_f32.slice(1024, 256),
                 a.temp_f32.slice_mut(1536, 256),
             )?;
-            kernels::grads_k76_matmul(
-                a.temp_f32.slice(1024, 256),
+            kernels::grads_k72_matmul(
+                a.temp_f32.slice(1280, 256),
                 a.temp_f32.slice(5696, 256),
                 a.temp_f32.slice_mut(1792, 256),
             )?;
-            kernels::grads_k77_matmul(
+            kernels::grads_k73_matmul(
                 a.temp_f32.slice(6464, 256),
-                a.temp_f32.slice(1024, 256),
+                a.temp_f32.slice(1280, 256),
                 a.temp_f32.slice_mut(3072, 256),
             )?;
-            kernels::grads_k78_reduce(
+            kernels::grads_k74_reduce(
                 a.temp_f32.slice(1792, 256),
                 a.temp_f32.slice(6208, 256),
-                a.temp_f32.slice(8064, 32),
+                a.temp_f32.slice(8096, 32),
                 a.temp_f32.slice_mut(3328, 32),
             );
-            kernels::grads_k79_add_div_d0_etc(
+            kernels::grads_k75_add_div_d0_etc(
                 a.const_bool.slice(0, 64),
                 a.temp_f32.slice(1792, 256),
-                a.temp_f32.slice(8064, 32),
+                a.temp_f32.slice(8096, 32),
                 a.temp_f32.slice(3328, 32),
                 a.temp_f32.slice(5952, 256),
-                a.temp_f32.slice_mut(1024, 256),
+                a.temp_f32.slice(8064, 32),
+                a.temp_f32.slice_mut(1280, 256),
             );
-            kernels::grads_k80_matmul(
-                a.temp_f32.slice(1024, 256),
+            kernels::grads_k76_matmul(
+                a.temp_f32.slice(1280, 256),
                 a.temp_f32.slice(5440, 256),
                 a.temp_f32.slice_mut(1792, 256),
             )?;
-            kernels::grads_k81_matmul(
+            kernels::grads_k77_matmul(
                 a.temp_f32.slice(5184, 256),
-                a.temp_f32.slice(1024, 256),
+                a.temp_f32.slice(1280, 256),
                 a.temp_f32.slice_mut(3328, 256),
             )?;
-            kernels::grads_k82_copy(a.temp_f32.slice(3072, 256), a.temp_f32.slice_mut(1024, 256));
-            kernels::grads_k83_reduce(a.temp_f32.slice(1024, 256), a.temp_f32.slice_mut(5696, 16));
-            kernels::grads_k84_copy(a.temp_f32.slice(1792, 256), a.temp_f32.slice_mut(3072, 256));
-            kernels::grads_k85_reduce(a.temp_f32.slice(3072, 256), a.temp_f32.slice_mut(5712, 16));
-            kernels::grads_k86_matmul(
+            kernels::grads_k78_copy(a.temp_f32.slice(3072, 256), a.temp_f32.slice_mut(1280, 256));
+            kernels::grads_k79_reduce(a.temp_f32.slice(1280, 256), a.temp_f32.slice_mut(5696, 16));
+            kernels::grads_k80_copy(a.temp_f32.slice(1792, 256), a.temp_f32.slice_mut(3072, 256));
+            kernels::grads_k81_reduce(a.temp_f32.slice(3072, 256), a.temp_f32.slice_mut(5712, 16));
+            kernels::grads_k82_matmul(
                 a.temp_f32.slice(3072, 256),
                 a.param.slice(480, 256),
                 a.temp_f32.slice_mut(1792, 256),
             )?;
-            kernels::grads_k87_matmul(
+            kernels::grads_k83_matmul(
                 a.temp_f32.slice(4928, 256),
-                a.temp_f32.slice(1024, 256),
+                a.temp_f32.slice(1280, 256),
                 a.temp_f32.slice_mut(3584, 256),
             )?;
-            kernels::grads_k88_copy(a.temp_f32.slice(3328, 256), a.temp_f32.slice_mut(3840, 256));
-            kernels::grads_k89_reduce(a.temp_f32.slice(3840, 256), a.temp_f32.slice_mut(5728, 16));
-            kernels::grads_k90_matmul(
+            kernels::grads_k84_copy(a.temp_f32.slice(3328, 256), a.temp_f32.slice_mut(3840, 256));
+            kernels::grads_k85_reduce(a.temp_f32.slice(3840, 256), a.temp_f32.slice_mut(5728, 16));
+            kernels::grads_k86_matmul(
                 a.temp_f32.slice(3840, 256),
                 a.param.slice(752, 256),
                 a.temp_f32.slice_mut(3328, 256),
             )?;
-            kernels::grads_k91_matmul_add(
-                a.temp_f32.slice(1024, 256),
+            kernels::grads_k87_matmul_add(
+                a.temp_f32.slice(1280, 256),
                 a.param.slice(1024, 256),
                 a.temp_f32.slice(3328, 256),
                 a.temp_f32.slice(1792, 256),
                 a.temp_f32.slice_mut(5184, 256),
                 a.temp_f32.slice_mut(5440, 256),
             )?;
-            kernels::grads_k92_reduce(a.temp_f32.slice(5440, 256), a.temp_f32.slice_mut(5184, 16));
-            kernels::grads_k93_mul(
-                a.temp_f32.slice(5440, 256),
-                a.param.slice(448, 16),
-                a.temp_f32.slice_mut(1024, 256),
-            );
-            kernels::grads_k94_reduce(
+            kernels::grads_k88_reduce(a.temp_f32.slice(5440, 256), a.temp_f32.slice_mut(1472, 16));
+            kernels::grads_k89_reduce(
                 a.temp_f32.slice(5440, 256),
                 a.temp_f32.slice(4672, 256),
-                a.temp_f32.slice_mut(5200, 16),
+                a.temp_f32.slice_mut(1488, 16),
             );
-            kernels::grads_k95_reduce(
-                a.temp_f32.slice(1024, 256),
+            kernels::grads_k90_reduce(
+                a.temp_f32.slice(5440, 256),
+                a.param.slice(448, 16),
                 a.temp_f32.slice(4416, 256),
-                a.temp_f32.slice(8144, 16),
-                a.temp_f32.slice_mut(1792, 16),
+                a.temp_f32.slice(8176, 16),
+                a.temp_f32.slice_mut(1280, 16),
             );
-            kernels::grads_k96_mul_sqrt_d0(
-                a.temp_f32.slice(1792, 16),
-                a.temp_f32.slice(8128, 16),
-                a.temp_f32.slice_mut(3328, 16),
+            kernels::grads_k91_mul_sqrt_d0(
+                a.temp_f32.slice(1280, 16),
+                a.temp_f32.slice(8160, 16),
+                a.temp_f32.slice_mut(1296, 16),
             );
-            kernels::grads_k97_add_div_d0_mul(
-                a.temp_f32.slice(1024, 256),
-                a.temp_f32.slice(8144, 16),
-                a.temp_f32.slice(3328, 16),
+            kernels::grads_k92_reduce(
+                a.temp_f32.slice(5440, 256),
+                a.param.slice(448, 16),
+                a.temp_f32.slice(8192, 16),
+                a.temp_f32.slice(1296, 16),
                 a.temp_f32.slice(4416, 256),
+                a.temp_f32.slice_mut(1280, 16),
+            );
+            kernels::grads_k93_mul(a.temp_f32.slice(1280, 16), a.temp_f32.slice_mut(1312, 16));
+            kernels::grads_k94_add(
+                a.temp_f32.slice(1024, 256),
+                a.temp_f32.slice(5440, 256),
+                a.param.slice(448, 16),
+                a.temp_f32.slice(8192, 16),
+                a.temp_f32.slice(1296, 16),
+                a.temp_f32.slice(4416, 256),
+                a.temp_f32.slice(1312, 16),
                 a.temp_f32.slice_mut(1792, 256),
             );
-            kernels::grads_k98_reduce(a.temp_f32.slice(1792, 256), a.temp_f32.slice_mut(1024, 16));
-            kernels::grads_k99_mul(a.temp_f32.slice(1024, 16), a.temp_f32.slice_mut(1040, 16));
-            kernels::grads_k100_add(
-                a.temp_f32.slice(1280, 256),
-                a.temp_f32.slice(1792, 256),
-                a.temp_f32.slice(1040, 16),
-                a.temp_f32.slice_mut(3328, 256),
-            );
-            kernels::grads_k101_reduce(
-                a.temp_f32.slice(3328, 256),
-                a.temp_f32.slice_mut(1344, 128),
-            );
-            kernels::grads_k102_scatter_add(
+            kernels::grads_k95_reduce(a.temp_f32.slice(1792, 256), a.temp_f32.slice_mut(1344, 128));
+            kernels::grads_k96_scatter_add(
                 input_ids,
-                a.temp_f32.slice(3328, 256),
+                a.temp_f32.slice(1792, 256),
                 a.temp_f32.slice_mut(1024, 320),
             )?;
-            kernels::grads_k103_matmul(
+            kernels::grads_k97_matmul(
                 a.temp_f32.slice(4928, 256),
                 a.temp_f32.slice(3840, 256),
                 a.temp_f32.slice_mut(1792, 256),
             )?;
-            kernels::grads_k104_matmul(
+            kernels::grads_k98_matmul(
                 a.temp_f32.slice(4928, 256),
                 a.temp_f32.slice(3072, 256),
                 a.temp_f32.slice_mut(3328, 256),
@@ -664,7 +690,7 @@ impl Arenas {
         Ok(())
     }
 
-    /// `train`: 124 kernels.
+    /// `train`: 117 kernels.
     fn train(&mut self, input_ids: &[i32], input_targets: &[i32]) -> Result<(), rt::Error> {
         let a = &*self;
         // SAFETY: the memory plan gives buffers that are live at the same time
@@ -676,26 +702,25 @@ impl Arenas {
                 a.param.slice(0, 320),
                 a.temp_f32.slice_mut(0, 256),
             )?;
-            kernels::forward_k01_add(
+            kernels::grads_k01_reduce(
                 a.temp_f32.slice(0, 256),
                 a.param.slice(320, 128),
-                a.temp_f32.slice_mut(256, 256),
+                a.temp_f32.slice_mut(256, 16),
             );
-            kernels::forward_k02_reduce(a.temp_f32.slice(256, 256), a.temp_f32.slice_mut(0, 16));
-            kernels::forward_k03_mul_sub(
-                a.temp_f32.slice(256, 256),
-                a.temp_f32.slice(0, 16),
+            kernels::grads_k02_mul_sub(
+                a.temp_f32.slice(0, 256),
+                a.param.slice(320, 128),
+                a.temp_f32.slice(256, 16),
                 a.temp_f32.slice_mut(4416, 256),
             );
-            kernels::forward_k04_reduce(a.temp_f32.slice(4416, 256), a.temp_f32.slice_mut(0, 16));
-            kernels::grads_k05_add_mul(a.temp_f32.slice(0, 16), a.temp_f32.slice_mut(8384, 16));
-            kernels::grads_k06_sqrt(a.temp_f32.slice(8384, 16), a.temp_f32.slice_mut(8400, 16));
-            kernels::grads_k07_div(
+            kernels::grads_k03_reduce(a.temp_f32.slice(4416, 256), a.temp_f32.slice_mut(8416, 16));
+            kernels::grads_k04_sqrt(a.temp_f32.slice(8416, 16), a.temp_f32.slice_mut(8432, 16));
+            kernels::grads_k05_div(
                 a.temp_f32.slice(4416, 256),
-                a.temp_f32.slice(8400, 16),
+                a.temp_f32.slice(8432, 16),
                 a.temp_f32.slice_mut(4672, 256),
             );
-            kernels::grads_k08_add_mul(
+            kernels::grads_k06_add_mul(
                 a.temp_f32.slice(4672, 256),
                 a.param.slice(448, 16),
                 a.param.slice(464, 16),
@@ -705,117 +730,122 @@ impl Arenas {
                 a.temp_f32.slice(4928, 256),
                 a.param.slice(480, 256),
                 a.param.slice(736, 16),
-                a.temp_f32.slice_mut(0, 256),
+                a.temp_f32.slice_mut(256, 256),
                 a.temp_f32.slice_mut(5184, 256),
             )?;
             kernels::forward_k07_matmul_add(
                 a.temp_f32.slice(4928, 256),
                 a.param.slice(752, 256),
                 a.param.slice(1008, 16),
-                a.temp_f32.slice_mut(0, 256),
+                a.temp_f32.slice_mut(256, 256),
                 a.temp_f32.slice_mut(5440, 256),
             )?;
             kernels::forward_k08_matmul_add(
                 a.temp_f32.slice(4928, 256),
                 a.param.slice(1024, 256),
                 a.param.slice(1280, 16),
-                a.temp_f32.slice_mut(0, 256),
+                a.temp_f32.slice_mut(256, 256),
                 a.temp_f32.slice_mut(5696, 256),
             )?;
-            kernels::forward_k09_matmul_mul_where(
+            kernels::grads_k10_div_d0(a.temp_f32.slice(8432, 16), a.temp_f32.slice_mut(8448, 16));
+            kernels::forward_k09_matmul_mul(
                 a.temp_f32.slice(5184, 256),
                 a.temp_f32.slice(5440, 256),
-                a.const_bool.slice(0, 64),
-                a.temp_f32.slice_mut(0, 256),
-                a.temp_f32.slice_mut(512, 256),
-            )?;
-            kernels::forward_k10_reduce(a.temp_f32.slice(512, 256), a.temp_f32.slice_mut(0, 32));
-            kernels::grads_k14_stop_gradient_sub(
-                a.temp_f32.slice(512, 256),
-                a.temp_f32.slice(0, 32),
+                a.temp_f32.slice_mut(256, 256),
                 a.temp_f32.slice_mut(5952, 256),
+            )?;
+            kernels::forward_k10_reduce(
+                a.const_bool.slice(0, 64),
+                a.temp_f32.slice(5952, 256),
+                a.temp_f32.slice_mut(256, 32),
             );
-            kernels::grads_k15_exp(a.temp_f32.slice(5952, 256), a.temp_f32.slice_mut(6208, 256));
+            kernels::grads_k13_stop_gradient(
+                a.temp_f32.slice(256, 32),
+                a.temp_f32.slice_mut(8320, 32),
+            );
+            kernels::grads_k14_exp(
+                a.const_bool.slice(0, 64),
+                a.temp_f32.slice(5952, 256),
+                a.temp_f32.slice(8320, 32),
+                a.temp_f32.slice_mut(6208, 256),
+            );
             kernels::forward_k12_reduce(
                 a.temp_f32.slice(6208, 256),
-                a.temp_f32.slice_mut(8320, 32),
+                a.temp_f32.slice_mut(8352, 32),
             );
             kernels::forward_k13_div(
                 a.temp_f32.slice(6208, 256),
-                a.temp_f32.slice(8320, 32),
+                a.temp_f32.slice(8352, 32),
                 a.temp_f32.slice_mut(6464, 256),
             );
             kernels::forward_k14_matmul(
                 a.temp_f32.slice(6464, 256),
                 a.temp_f32.slice(5696, 256),
-                a.temp_f32.slice_mut(0, 256),
+                a.temp_f32.slice_mut(256, 256),
             )?;
-            kernels::forward_k15_copy(a.temp_f32.slice(0, 256), a.temp_f32.slice_mut(6720, 256));
-            kernels::forward_k16_matmul_add(
+            kernels::forward_k15_copy(a.temp_f32.slice(256, 256), a.temp_f32.slice_mut(6720, 256));
+            kernels::grads_k19_matmul_add(
                 a.temp_f32.slice(6720, 256),
                 a.param.slice(1296, 256),
-                a.temp_f32.slice(256, 256),
+                a.temp_f32.slice(0, 256),
+                a.param.slice(320, 128),
                 a.param.slice(1552, 16),
-                a.temp_f32.slice_mut(0, 256),
+                a.temp_f32.slice_mut(256, 256),
                 a.temp_f32.slice_mut(2048, 256),
             )?;
             kernels::forward_k17_reduce(a.temp_f32.slice(2048, 256), a.temp_f32.slice_mut(0, 16));
-            kernels::forward_k18_mul_sub(
+            kernels::grads_k21_mul_sub(
                 a.temp_f32.slice(2048, 256),
                 a.temp_f32.slice(0, 16),
                 a.temp_f32.slice_mut(6976, 256),
             );
-            kernels::forward_k19_reduce(a.temp_f32.slice(6976, 256), a.temp_f32.slice_mut(0, 16));
-            kernels::grads_k24_add_mul(a.temp_f32.slice(0, 16), a.temp_f32.slice_mut(8416, 16));
-            kernels::grads_k25_sqrt(a.temp_f32.slice(8416, 16), a.temp_f32.slice_mut(8432, 16));
-            kernels::grads_k26_div(
+            kernels::grads_k22_reduce(a.temp_f32.slice(6976, 256), a.temp_f32.slice_mut(8464, 16));
+            kernels::grads_k23_sqrt(a.temp_f32.slice(8464, 16), a.temp_f32.slice_mut(8480, 16));
+            kernels::grads_k24_div(
                 a.temp_f32.slice(6976, 256),
-                a.temp_f32.slice(8432, 16),
+                a.temp_f32.slice(8480, 16),
                 a.temp_f32.slice_mut(7232, 256),
             );
-            kernels::grads_k27_add_mul(
+            kernels::grads_k25_add_mul(
                 a.temp_f32.slice(7232, 256),
                 a.param.slice(1568, 16),
                 a.param.slice(1584, 16),
                 a.temp_f32.slice_mut(7488, 256),
             );
-            kernels::grads_k28_matmul_add(
+            kernels::grads_k26_matmul_add(
                 a.temp_f32.slice(7488, 256),
                 a.param.slice(1600, 1024),
                 a.param.slice(2624, 64),
                 a.temp_f32.slice_mut(0, 1024),
                 a.temp_f32.slice_mut(1024, 1024),
             )?;
-            kernels::grads_k29_gelu(a.temp_f32.slice(1024, 1024), a.temp_f32.slice_mut(0, 1024));
+            kernels::grads_k27_gelu(a.temp_f32.slice(1024, 1024), a.temp_f32.slice_mut(0, 1024));
             kernels::forward_k22_matmul_add(
                 a.temp_f32.slice(0, 1024),
                 a.param.slice(2688, 1024),
-                a.temp_f32.slice(2048, 256),
                 a.param.slice(3712, 16),
                 a.temp_f32.slice_mut(2304, 256),
                 a.temp_f32.slice_mut(2560, 256),
             )?;
             kernels::forward_k23_reduce(
+                a.temp_f32.slice(2048, 256),
                 a.temp_f32.slice(2560, 256),
-                a.temp_f32.slice_mut(2048, 16),
+                a.temp_f32.slice_mut(2304, 16),
             );
-            kernels::forward_k24_mul_sub(
+            kernels::grads_k30_mul_sub(
+                a.temp_f32.slice(2048, 256),
                 a.temp_f32.slice(2560, 256),
-                a.temp_f32.slice(2048, 16),
+                a.temp_f32.slice(2304, 16),
                 a.temp_f32.slice_mut(2816, 256),
             );
-            kernels::forward_k25_reduce(
-                a.temp_f32.slice(2816, 256),
-                a.temp_f32.slice_mut(2048, 16),
-            );
-            kernels::grads_k34_add_mul(a.temp_f32.slice(2048, 16), a.temp_f32.slice_mut(2688, 16));
-            kernels::grads_k35_sqrt(a.temp_f32.slice(2688, 16), a.temp_f32.slice_mut(2704, 16));
-            kernels::grads_k36_div(
+            kernels::grads_k31_reduce(a.temp_f32.slice(2816, 256), a.temp_f32.slice_mut(2688, 16));
+            kernels::grads_k32_sqrt(a.temp_f32.slice(2688, 16), a.temp_f32.slice_mut(2704, 16));
+            kernels::grads_k33_div(
                 a.temp_f32.slice(2816, 256),
                 a.temp_f32.slice(2704, 16),
                 a.temp_f32.slice_mut(3072, 256),
             );
-            kernels::grads_k37_add_mul(
+            kernels::grads_k34_add_mul(
                 a.temp_f32.slice(3072, 256),
                 a.param.slice(3728, 16),
                 a.param.slice(3744, 16),
@@ -830,275 +860,282 @@ impl Arenas {
             )?;
             kernels::forward_k28_reduce(
                 a.temp_f32.slice(2368, 320),
-                a.temp_f32.slice_mut(2720, 16),
+                a.temp_f32.slice_mut(2048, 16),
             );
-            kernels::forward_k29_stop_gradient_sub(
-                a.temp_f32.slice(2368, 320),
-                a.temp_f32.slice(2720, 16),
-                a.temp_f32.slice_mut(2048, 320),
+            kernels::forward_k29_stop_gradient(
+                a.temp_f32.slice(2048, 16),
+                a.temp_f32.slice_mut(2064, 16),
             );
             kernels::forward_k30_reduce(
-                a.temp_f32.slice(2048, 320),
-                a.temp_f32.slice_mut(2720, 16),
+                a.temp_f32.slice(2368, 320),
+                a.temp_f32.slice(2064, 16),
+                a.temp_f32.slice_mut(2048, 16),
             );
-            kernels::train_k42_eq(
+            kernels::grads_k39_div_d0(a.temp_f32.slice(2704, 16), a.temp_f32.slice_mut(2720, 16));
+            kernels::grads_k40_div_d0(a.temp_f32.slice(8480, 16), a.temp_f32.slice_mut(8496, 16));
+            kernels::train_k41_reduce(
                 input_targets,
                 a.const_i32.slice(0, 20),
-                a.temp_bool.slice_mut(0, 320),
-            );
-            kernels::train_k43_reduce(
-                a.temp_bool.slice(0, 320),
-                a.temp_f32.slice(2048, 320),
-                a.temp_f32.slice(2720, 16),
-                a.temp_f32.slice_mut(2368, 16),
-            );
-            kernels::forward_k32_reduce(a.temp_f32.slice(2368, 16), a.temp_f32.slice_mut(2384, 1));
-            kernels::forward_k33_mul_neg(a.temp_f32.slice(2384, 1), a.temp_f32.slice_mut(8496, 1));
-            kernels::train_k46_mul_where(
-                a.temp_bool.slice(0, 320),
-                a.const_f32.slice(0, 16),
-                a.temp_f32.slice_mut(2368, 320),
-            );
-            kernels::grads_k43_reduce(a.temp_f32.slice(2368, 320), a.temp_f32.slice_mut(2736, 16));
-            kernels::grads_k44_log_d0_mul(
-                a.temp_f32.slice(2736, 16),
-                a.temp_f32.slice(2720, 16),
-                a.temp_f32.slice_mut(2752, 16),
-            );
-            kernels::grads_k45_add_exp_d0_mul(
                 a.temp_f32.slice(2368, 320),
-                a.temp_f32.slice(2752, 16),
-                a.temp_f32.slice(2048, 320),
+                a.temp_f32.slice(2064, 16),
+                a.temp_f32.slice(2048, 16),
+                a.temp_f32.slice_mut(2080, 16),
+            );
+            kernels::forward_k32_reduce(a.temp_f32.slice(2080, 16), a.temp_f32.slice_mut(2096, 1));
+            kernels::forward_k33_mul_neg(a.temp_f32.slice(2096, 1), a.temp_f32.slice_mut(8560, 1));
+            kernels::grads_k41_reduce(
+                input_targets,
+                a.const_i32.slice(0, 20),
+                a.const_f32.slice(0, 16),
+                a.temp_f32.slice_mut(2080, 16),
+            );
+            kernels::grads_k42_log_d0_mul(
+                a.temp_f32.slice(2080, 16),
+                a.temp_f32.slice(2048, 16),
+                a.temp_f32.slice_mut(2096, 16),
+            );
+            kernels::grads_k43_add_exp_d0_mul(
+                input_targets,
+                a.const_i32.slice(0, 20),
+                a.const_f32.slice(0, 16),
+                a.temp_f32.slice(2096, 16),
+                a.temp_f32.slice(2368, 320),
+                a.temp_f32.slice(2064, 16),
                 a.temp_f32.slice_mut(4096, 320),
             );
-            kernels::grads_k46_reduce(a.temp_f32.slice(4096, 320), a.temp_f32.slice_mut(8352, 20));
-            kernels::grads_k47_matmul(
+            kernels::grads_k44_reduce(a.temp_f32.slice(4096, 320), a.temp_f32.slice_mut(8384, 20));
+            kernels::grads_k45_matmul(
                 a.temp_f32.slice(4096, 320),
                 a.param.slice(3760, 320),
                 a.temp_f32.slice_mut(2048, 256),
             )?;
-            kernels::grads_k49_reduce(a.temp_f32.slice(2048, 256), a.temp_f32.slice_mut(8448, 16));
-            kernels::grads_k50_mul(
+            kernels::grads_k47_reduce(a.temp_f32.slice(2048, 256), a.temp_f32.slice_mut(8512, 16));
+            kernels::grads_k48_mul(
                 a.temp_f32.slice(2048, 256),
                 a.param.slice(3728, 16),
                 a.temp_f32.slice_mut(2304, 256),
             );
-            kernels::grads_k51_reduce(
+            kernels::grads_k49_reduce(
                 a.temp_f32.slice(2048, 256),
                 a.temp_f32.slice(3072, 256),
-                a.temp_f32.slice_mut(8464, 16),
+                a.temp_f32.slice_mut(8528, 16),
             );
-            kernels::grads_k52_reduce(
+            kernels::grads_k50_reduce(
                 a.temp_f32.slice(2304, 256),
                 a.temp_f32.slice(2816, 256),
                 a.temp_f32.slice(2704, 16),
                 a.temp_f32.slice_mut(2048, 16),
             );
-            kernels::grads_k53_mul_sqrt_d0(
+            kernels::grads_k51_mul_sqrt_d0(
                 a.temp_f32.slice(2048, 16),
                 a.temp_f32.slice(2688, 16),
-                a.temp_f32.slice_mut(2560, 16),
+                a.temp_f32.slice_mut(2064, 16),
             );
-            kernels::grads_k54_add_div_d0_mul(
+            kernels::grads_k52_reduce(
                 a.temp_f32.slice(2304, 256),
-                a.temp_f32.slice(2704, 16),
-                a.temp_f32.slice(2560, 16),
+                a.temp_f32.slice(2720, 16),
+                a.temp_f32.slice(2064, 16),
                 a.temp_f32.slice(2816, 256),
-                a.temp_f32.slice_mut(2048, 256),
+                a.temp_f32.slice_mut(2048, 16),
             );
-            kernels::grads_k55_reduce(a.temp_f32.slice(2048, 256), a.temp_f32.slice_mut(2304, 16));
-            kernels::grads_k56_mul(a.temp_f32.slice(2304, 16), a.temp_f32.slice_mut(2320, 16));
-            kernels::grads_k57_add(
-                a.temp_f32.slice(2048, 256),
-                a.temp_f32.slice(2320, 16),
+            kernels::grads_k53_mul(a.temp_f32.slice(2048, 16), a.temp_f32.slice_mut(2080, 16));
+            kernels::grads_k54_add(
+                a.temp_f32.slice(2304, 256),
+                a.temp_f32.slice(2720, 16),
+                a.temp_f32.slice(2064, 16),
+                a.temp_f32.slice(2816, 256),
+                a.temp_f32.slice(2080, 16),
                 a.temp_f32.slice_mut(8000, 256),
             );
-            kernels::grads_k58_reduce(a.temp_f32.slice(8000, 256), a.temp_f32.slice_mut(8480, 16));
-            kernels::grads_k60_matmul_gelu_d0_mul(
+            kernels::grads_k55_reduce(a.temp_f32.slice(8000, 256), a.temp_f32.slice_mut(8544, 16));
+            kernels::grads_k57_matmul_gelu_d0_mul(
                 a.temp_f32.slice(8000, 256),
                 a.param.slice(2688, 1024),
                 a.temp_f32.slice(1024, 1024),
                 a.temp_f32.slice_mut(2048, 1024),
                 a.temp_f32.slice_mut(3072, 1024),
             )?;
-            kernels::grads_k61_reduce(a.temp_f32.slice(3072, 1024), a.temp_f32.slice_mut(8256, 64));
-            kernels::grads_k62_matmul(
+            kernels::grads_k58_reduce(a.temp_f32.slice(3072, 1024), a.temp_f32.slice_mut(8256, 64));
+            kernels::grads_k59_matmul(
                 a.temp_f32.slice(3072, 1024),
                 a.param.slice(1600, 1024),
                 a.temp_f32.slice_mut(1024, 256),
             )?;
-            kernels::grads_k64_reduce(a.temp_f32.slice(1024, 256), a.temp_f32.slice_mut(1824, 16));
-            kernels::grads_k65_mul(
+            kernels::grads_k61_reduce(a.temp_f32.slice(1024, 256), a.temp_f32.slice_mut(1824, 16));
+            kernels::grads_k62_mul(
                 a.temp_f32.slice(1024, 256),
                 a.param.slice(1568, 16),
                 a.temp_f32.slice_mut(1280, 256),
             );
-            kernels::grads_k66_reduce(
+            kernels::grads_k63_reduce(
                 a.temp_f32.slice(1024, 256),
                 a.temp_f32.slice(7232, 256),
                 a.temp_f32.slice_mut(1840, 16),
             );
-            kernels::grads_k67_reduce(
+            kernels::grads_k64_reduce(
                 a.temp_f32.slice(1280, 256),
                 a.temp_f32.slice(6976, 256),
-                a.temp_f32.slice(8432, 16),
+                a.temp_f32.slice(8480, 16),
                 a.temp_f32.slice_mut(1024, 16),
             );
-            kernels::grads_k68_mul_sqrt_d0(
+            kernels::grads_k65_mul_sqrt_d0(
                 a.temp_f32.slice(1024, 16),
-                a.temp_f32.slice(8416, 16),
-                a.temp_f32.slice_mut(1536, 16),
+                a.temp_f32.slice(8464, 16),
+                a.temp_f32.slice_mut(1040, 16),
             );
-            kernels::grads_k69_add_div_d0_mul(
+            kernels::grads_k66_reduce(
                 a.temp_f32.slice(1280, 256),
-                a.temp_f32.slice(8432, 16),
-                a.temp_f32.slice(1536, 16),
+                a.temp_f32.slice(8496, 16),
+                a.temp_f32.slice(1040, 16),
                 a.temp_f32.slice(6976, 256),
-                a.temp_f32.slice_mut(1024, 256),
+                a.temp_f32.slice_mut(1024, 16),
             );
-            kernels::grads_k70_reduce(a.temp_f32.slice(1024, 256), a.temp_f32.slice_mut(1280, 16));
-            kernels::grads_k71_mul(a.temp_f32.slice(1280, 16), a.temp_f32.slice_mut(1296, 16));
-            kernels::grads_k72_add(
+            kernels::grads_k67_mul(a.temp_f32.slice(1024, 16), a.temp_f32.slice_mut(1056, 16));
+            kernels::grads_k68_add(
                 a.temp_f32.slice(8000, 256),
-                a.temp_f32.slice(1024, 256),
-                a.temp_f32.slice(1296, 16),
+                a.temp_f32.slice(1280, 256),
+                a.temp_f32.slice(8496, 16),
+                a.temp_f32.slice(1040, 16),
+                a.temp_f32.slice(6976, 256),
+                a.temp_f32.slice(1056, 16),
                 a.temp_f32.slice_mut(2048, 256),
             );
-            kernels::grads_k73_reduce(a.temp_f32.slice(2048, 256), a.temp_f32.slice_mut(1856, 16));
-            kernels::grads_k74_matmul(
+            kernels::grads_k69_reduce(a.temp_f32.slice(2048, 256), a.temp_f32.slice_mut(1856, 16));
+            kernels::grads_k70_matmul(
                 a.temp_f32.slice(2048, 256),
                 a.param.slice(1296, 256),
                 a.temp_f32.slice_mut(1024, 256),
             )?;
-            kernels::grads_k76_matmul(
+            kernels::grads_k72_matmul(
                 a.temp_f32.slice(1024, 256),
                 a.temp_f32.slice(5696, 256),
                 a.temp_f32.slice_mut(1280, 256),
             )?;
-            kernels::grads_k77_matmul(
+            kernels::grads_k73_matmul(
                 a.temp_f32.slice(6464, 256),
                 a.temp_f32.slice(1024, 256),
                 a.temp_f32.slice_mut(1536, 256),
             )?;
-            kernels::grads_k78_reduce(
+            kernels::grads_k74_reduce(
                 a.temp_f32.slice(1280, 256),
                 a.temp_f32.slice(6208, 256),
-                a.temp_f32.slice(8320, 32),
+                a.temp_f32.slice(8352, 32),
                 a.temp_f32.slice_mut(1792, 32),
             );
-            kernels::grads_k79_add_div_d0_etc(
+            kernels::grads_k75_add_div_d0_etc(
                 a.const_bool.slice(0, 64),
                 a.temp_f32.slice(1280, 256),
-                a.temp_f32.slice(8320, 32),
+                a.temp_f32.slice(8352, 32),
                 a.temp_f32.slice(1792, 32),
                 a.temp_f32.slice(5952, 256),
+                a.temp_f32.slice(8320, 32),
                 a.temp_f32.slice_mut(1024, 256),
             );
-            kernels::grads_k80_matmul(
+            kernels::grads_k76_matmul(
                 a.temp_f32.slice(1024, 256),
                 a.temp_f32.slice(5440, 256),
                 a.temp_f32.slice_mut(1280, 256),
             )?;
-            kernels::grads_k81_matmul(
+            kernels::grads_k77_matmul(
                 a.temp_f32.slice(5184, 256),
                 a.temp_f32.slice(1024, 256),
                 a.temp_f32.slice_mut(2304, 256),
             )?;
-            kernels::grads_k82_copy(a.temp_f32.slice(1536, 256), a.temp_f32.slice_mut(2560, 256));
-            kernels::grads_k83_reduce(a.temp_f32.slice(2560, 256), a.temp_f32.slice_mut(1024, 16));
-            kernels::grads_k84_copy(a.temp_f32.slice(1280, 256), a.temp_f32.slice_mut(2816, 256));
-            kernels::grads_k85_reduce(a.temp_f32.slice(2816, 256), a.temp_f32.slice_mut(1040, 16));
-            kernels::grads_k86_matmul(
+            kernels::grads_k78_copy(a.temp_f32.slice(1536, 256), a.temp_f32.slice_mut(2560, 256));
+            kernels::grads_k79_reduce(a.temp_f32.slice(2560, 256), a.temp_f32.slice_mut(1024, 16));
+            kernels::grads_k80_copy(a.temp_f32.slice(1280, 256), a.temp_f32.slice_mut(2816, 256));
+            kernels::grads_k81_reduce(a.temp_f32.slice(2816, 256), a.temp_f32.slice_mut(1040, 16));
+            kernels::grads_k82_matmul(
                 a.temp_f32.slice(2816, 256),
                 a.param.slice(480, 256),
                 a.temp_f32.slice_mut(5184, 256),
             )?;
-            kernels::train_k87_add_mul_sub(
+            kernels::train_k82_add_mul_sub(
                 a.temp_f32.slice(1040, 16),
                 a.state.slice_mut(736, 16),
                 a.param.slice_mut(736, 16),
             );
-            kernels::train_k88_add_mul_sub(
+            kernels::train_k83_add_mul_sub(
                 a.temp_f32.slice(1024, 16),
                 a.state.slice_mut(1280, 16),
                 a.param.slice_mut(1280, 16),
             );
-            kernels::train_k89_matmul_add_mul_sub(
+            kernels::train_k84_matmul_add_mul_sub(
                 a.temp_f32.slice(6720, 256),
                 a.temp_f32.slice(2048, 256),
                 a.temp_f32.slice_mut(1024, 256),
                 a.state.slice_mut(1296, 256),
                 a.param.slice_mut(1296, 256),
             )?;
-            kernels::train_k90_add_mul_sub(
+            kernels::train_k85_add_mul_sub(
                 a.temp_f32.slice(1856, 16),
                 a.state.slice_mut(1552, 16),
                 a.param.slice_mut(1552, 16),
             );
-            kernels::train_k91_add_mul_sub(
+            kernels::train_k86_add_mul_sub(
                 a.temp_f32.slice(1840, 16),
                 a.state.slice_mut(1568, 16),
                 a.param.slice_mut(1568, 16),
             );
-            kernels::train_k92_add_mul_sub(
+            kernels::train_k87_add_mul_sub(
                 a.temp_f32.slice(1824, 16),
                 a.state.slice_mut(1584, 16),
                 a.param.slice_mut(1584, 16),
             );
-            kernels::train_k93_matmul_add_mul_sub(
+            kernels::train_k88_matmul_add_mul_sub(
                 a.temp_f32.slice(7488, 256),
                 a.temp_f32.slice(3072, 1024),
                 a.temp_f32.slice_mut(1024, 1024),
                 a.state.slice_mut(1600, 1024),
                 a.param.slice_mut(1600, 1024),
             )?;
-            kernels::train_k94_add_mul_sub(
+            kernels::train_k89_add_mul_sub(
                 a.temp_f32.slice(8256, 64),
                 a.state.slice_mut(2624, 64),
                 a.param.slice_mut(2624, 64),
             );
-            kernels::train_k95_matmul_add_mul_sub(
+            kernels::train_k90_matmul_add_mul_sub(
                 a.temp_f32.slice(0, 1024),
                 a.temp_f32.slice(8000, 256),
                 a.temp_f32.slice_mut(1024, 1024),
                 a.state.slice_mut(2688, 1024),
                 a.param.slice_mut(2688, 1024),
             )?;
-            kernels::train_k96_add_mul_sub(
-                a.temp_f32.slice(8480, 16),
+            kernels::train_k91_add_mul_sub(
+                a.temp_f32.slice(8544, 16),
                 a.state.slice_mut(3712, 16),
                 a.param.slice_mut(3712, 16),
             );
-            kernels::train_k97_add_mul_sub(
-                a.temp_f32.slice(8464, 16),
+            kernels::train_k92_add_mul_sub(
+                a.temp_f32.slice(8528, 16),
                 a.state.slice_mut(3728, 16),
                 a.param.slice_mut(3728, 16),
             );
-            kernels::train_k98_add_mul_sub(
-                a.temp_f32.slice(8448, 16),
+            kernels::train_k93_add_mul_sub(
+                a.temp_f32.slice(8512, 16),
                 a.state.slice_mut(3744, 16),
                 a.param.slice_mut(3744, 16),
             );
-            kernels::train_k99_matmul_add_mul_sub(
+            kernels::train_k94_matmul_add_mul_sub(
                 a.temp_f32.slice(7744, 256),
                 a.temp_f32.slice(4096, 320),
                 a.temp_f32.slice_mut(0, 320),
                 a.state.slice_mut(3760, 320),
                 a.param.slice_mut(3760, 320),
             )?;
-            kernels::train_k100_add_mul_sub(
-                a.temp_f32.slice(8352, 20),
+            kernels::train_k95_add_mul_sub(
+                a.temp_f32.slice(8384, 20),
                 a.state.slice_mut(4080, 20),
                 a.param.slice_mut(4080, 20),
             );
-            kernels::grads_k88_copy(a.temp_f32.slice(2304, 256), a.temp_f32.slice_mut(320, 256));
-            kernels::grads_k89_reduce(a.temp_f32.slice(320, 256), a.temp_f32.slice_mut(1088, 16));
-            kernels::grads_k90_matmul(
+            kernels::grads_k84_copy(a.temp_f32.slice(2304, 256), a.temp_f32.slice_mut(320, 256));
+            kernels::grads_k85_reduce(a.temp_f32.slice(320, 256), a.temp_f32.slice_mut(1088, 16));
+            kernels::grads_k86_matmul(
                 a.temp_f32.slice(320, 256),
                 a.param.slice(752, 256),
                 a.temp_f32.slice_mut(0, 256),
             )?;
-            kernels::grads_k91_matmul_add(
+            kernels::grads_k87_matmul_add(
                 a.temp_f32.slice(2560, 256),
                 a.param.slice(1024, 256),
                 a.temp_f32.slice(0, 256),
@@ -1106,89 +1143,89 @@ impl Arenas {
                 a.temp_f32.slice_mut(576, 256),
                 a.temp_f32.slice_mut(832, 256),
             )?;
-            kernels::train_k105_matmul_add_mul_sub(
+            kernels::train_k100_matmul_add_mul_sub(
                 a.temp_f32.slice(4928, 256),
                 a.temp_f32.slice(2560, 256),
                 a.temp_f32.slice_mut(0, 256),
                 a.state.slice_mut(1024, 256),
                 a.param.slice_mut(1024, 256),
             )?;
-            kernels::grads_k92_reduce(a.temp_f32.slice(832, 256), a.temp_f32.slice_mut(1104, 16));
-            kernels::grads_k93_mul(
-                a.temp_f32.slice(832, 256),
-                a.param.slice(448, 16),
-                a.temp_f32.slice_mut(0, 256),
-            );
-            kernels::grads_k94_reduce(
+            kernels::grads_k88_reduce(a.temp_f32.slice(832, 256), a.temp_f32.slice_mut(1104, 16));
+            kernels::grads_k89_reduce(
                 a.temp_f32.slice(832, 256),
                 a.temp_f32.slice(4672, 256),
                 a.temp_f32.slice_mut(1120, 16),
             );
-            kernels::grads_k95_reduce(
-                a.temp_f32.slice(0, 256),
+            kernels::grads_k90_reduce(
+                a.temp_f32.slice(832, 256),
+                a.param.slice(448, 16),
                 a.temp_f32.slice(4416, 256),
-                a.temp_f32.slice(8400, 16),
-                a.temp_f32.slice_mut(256, 16),
+                a.temp_f32.slice(8432, 16),
+                a.temp_f32.slice_mut(0, 16),
             );
-            kernels::grads_k96_mul_sqrt_d0(
-                a.temp_f32.slice(256, 16),
-                a.temp_f32.slice(8384, 16),
-                a.temp_f32.slice_mut(272, 16),
+            kernels::grads_k91_mul_sqrt_d0(
+                a.temp_f32.slice(0, 16),
+                a.temp_f32.slice(8416, 16),
+                a.temp_f32.slice_mut(16, 16),
             );
-            kernels::grads_k97_add_div_d0_mul(
-                a.temp_f32.slice(0, 256),
-                a.temp_f32.slice(8400, 16),
-                a.temp_f32.slice(272, 16),
+            kernels::grads_k92_reduce(
+                a.temp_f32.slice(832, 256),
+                a.param.slice(448, 16),
+                a.temp_f32.slice(8448, 16),
+                a.temp_f32.slice(16, 16),
                 a.temp_f32.slice(4416, 256),
+                a.temp_f32.slice_mut(0, 16),
+            );
+            kernels::grads_k93_mul(a.temp_f32.slice(0, 16), a.temp_f32.slice_mut(32, 16));
+            kernels::grads_k94_add(
+                a.temp_f32.slice(2048, 256),
+                a.temp_f32.slice(832, 256),
+                a.param.slice(448, 16),
+                a.temp_f32.slice(8448, 16),
+                a.temp_f32.slice(16, 16),
+                a.temp_f32.slice(4416, 256),
+                a.temp_f32.slice(32, 16),
                 a.temp_f32.slice_mut(576, 256),
             );
-            kernels::grads_k98_reduce(a.temp_f32.slice(576, 256), a.temp_f32.slice_mut(0, 16));
-            kernels::grads_k99_mul(a.temp_f32.slice(0, 16), a.temp_f32.slice_mut(16, 16));
-            kernels::grads_k100_add(
-                a.temp_f32.slice(2048, 256),
-                a.temp_f32.slice(576, 256),
-                a.temp_f32.slice(16, 16),
-                a.temp_f32.slice_mut(832, 256),
-            );
-            kernels::grads_k101_reduce(a.temp_f32.slice(832, 256), a.temp_f32.slice_mut(576, 128));
-            kernels::grads_k102_scatter_add(
+            kernels::grads_k95_reduce(a.temp_f32.slice(576, 256), a.temp_f32.slice_mut(832, 128));
+            kernels::grads_k96_scatter_add(
                 input_ids,
-                a.temp_f32.slice(832, 256),
+                a.temp_f32.slice(576, 256),
                 a.temp_f32.slice_mut(0, 320),
             )?;
-            kernels::train_k117_add_mul_sub(
+            kernels::train_k110_add_mul_sub(
                 a.temp_f32.slice(0, 320),
                 a.state.slice_mut(0, 320),
                 a.param.slice_mut(0, 320),
             );
-            kernels::train_k118_add_mul_sub(
-                a.temp_f32.slice(576, 128),
+            kernels::train_k111_add_mul_sub(
+                a.temp_f32.slice(832, 128),
                 a.state.slice_mut(320, 128),
                 a.param.slice_mut(320, 128),
             );
-            kernels::train_k119_add_mul_sub(
+            kernels::train_k112_add_mul_sub(
                 a.temp_f32.slice(1120, 16),
                 a.state.slice_mut(448, 16),
                 a.param.slice_mut(448, 16),
             );
-            kernels::train_k120_add_mul_sub(
+            kernels::train_k113_add_mul_sub(
                 a.temp_f32.slice(1104, 16),
                 a.state.slice_mut(464, 16),
                 a.param.slice_mut(464, 16),
             );
-            kernels::train_k121_add_mul_sub(
+            kernels::train_k114_add_mul_sub(
                 a.temp_f32.slice(1088, 16),
                 a.state.slice_mut(1008, 16),
                 a.param.slice_mut(1008, 16),
             );
-            kernels::train_k122_matmul_add_mul_sub(
+            kernels::train_k115_matmul_add_mul_sub(
                 a.temp_f32.slice(4928, 256),
                 a.temp_f32.slice(320, 256),
                 a.temp_f32.slice_mut(0, 256),
                 a.state.slice_mut(752, 256),
                 a.param.slice_mut(752, 256),
             )?;
-            kernels::train_k123_matmul_add_mul_sub(
+            kernels::train_k116_matmul_add_mul_sub(
                 a.temp_f32.slice(4928, 256),
                 a.temp_f32.slice(2816, 256),
                 a.temp_f32.slice_mut(0, 256),
@@ -1249,7 +1286,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `char_lm`.
-#[pyclass(module = "fg_char_lm_9bbd8217a928")]
+#[pyclass(module = "fg_char_lm_704c9a0105e3")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -1318,9 +1355,9 @@ impl Step {
         out.set_item("tok_emb.weight", rt::py::to_numpy(py, values, &[20, 16])?)?;
         let values = self.arenas.temp_f32.slice(1344, 128);
         out.set_item("pos_emb", rt::py::to_numpy(py, values, &[8, 16])?)?;
-        let values = self.arenas.temp_f32.slice(5200, 16);
+        let values = self.arenas.temp_f32.slice(1488, 16);
         out.set_item("ln_attn.weight", rt::py::to_numpy(py, values, &[16])?)?;
-        let values = self.arenas.temp_f32.slice(5184, 16);
+        let values = self.arenas.temp_f32.slice(1472, 16);
         out.set_item("ln_attn.bias", rt::py::to_numpy(py, values, &[16])?)?;
         let values = self.arenas.temp_f32.slice(3328, 256);
         out.set_item("attn.q.weight", rt::py::to_numpy(py, values, &[16, 16])?)?;
@@ -1348,15 +1385,15 @@ impl Step {
         out.set_item("mlp.up.bias", rt::py::to_numpy(py, values, &[64])?)?;
         let values = self.arenas.temp_f32.slice(2048, 1024);
         out.set_item("mlp.down.weight", rt::py::to_numpy(py, values, &[64, 16])?)?;
-        let values = self.arenas.temp_f32.slice(8224, 16);
+        let values = self.arenas.temp_f32.slice(8288, 16);
         out.set_item("mlp.down.bias", rt::py::to_numpy(py, values, &[16])?)?;
-        let values = self.arenas.temp_f32.slice(8208, 16);
+        let values = self.arenas.temp_f32.slice(8272, 16);
         out.set_item("ln_out.weight", rt::py::to_numpy(py, values, &[16])?)?;
-        let values = self.arenas.temp_f32.slice(8192, 16);
+        let values = self.arenas.temp_f32.slice(8256, 16);
         out.set_item("ln_out.bias", rt::py::to_numpy(py, values, &[16])?)?;
         let values = self.arenas.temp_f32.slice(4096, 320);
         out.set_item("head.weight", rt::py::to_numpy(py, values, &[16, 20])?)?;
-        let values = self.arenas.temp_f32.slice(8096, 20);
+        let values = self.arenas.temp_f32.slice(8128, 20);
         out.set_item("head.bias", rt::py::to_numpy(py, values, &[20])?)?;
         Ok(out)
     }
@@ -1382,7 +1419,7 @@ impl Step {
                 arenas.train(ids, targets)
             })
         })?;
-        Ok(self.arenas.temp_f32.slice(8496, 1)[0])
+        Ok(self.arenas.temp_f32.slice(8560, 1)[0])
     }
 
     /// Copies of every param (`kind="param"`) or optimizer state buffer (`"state"`).
@@ -1430,8 +1467,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_char_lm_9bbd8217a928(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_char_lm_9bbd8217a928")?;
+fn fg_char_lm_704c9a0105e3(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_char_lm_704c9a0105e3")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

@@ -269,13 +269,15 @@ pub fn grads_k05_matmul_mul_tanh_d0(
 
 /// reduce: reduce_sum over [4, 4].
 pub fn grads_k06_reduce(t62: &[f32], t63: &mut [f32]) {
-    t63[0..4].iter_mut().enumerate().for_each(|(row, acc_out)| {
-        let mut acc = 0.0_f64;
-        for i0 in 0..4 {
-            let x0 = t62[row + i0 * 4];
-            acc += f64::from(x0);
+    t63[0..4].chunks_mut(4).for_each(|outs| {
+        for (j, acc_out) in outs.iter_mut().enumerate() {
+            let mut acc = 0.0_f64;
+            for i0 in 0..4 {
+                let x0 = t62[j + i0 * 4];
+                acc += f64::from(x0);
+            }
+            *acc_out = acc as f32;
         }
-        *acc_out = acc as f32;
     });
 }
 
@@ -352,79 +354,50 @@ pub fn train_k04_log(t11: &[f32], t12: &mut [f32]) {
     });
 }
 
-/// elementwise: sub over [4, 1].
-pub fn train_k05_sub(t11: &[f32], t16: &mut [f32]) {
-    t16[0..4].chunks_mut(4).enumerate().for_each(|(row, o0)| {
+/// elementwise: log over [4, 1].
+pub fn train_k05_log(t11: &[f32], t17: &mut [f32]) {
+    t17[0..4].chunks_mut(4).enumerate().for_each(|(row, o0)| {
         let n = o0.len();
         let x0_row = &t11[row * 4..][..n];
         for j in 0..n {
             let x0 = x0_row[j];
-            o0[j] = 1.0 - x0;
-        }
-    });
-}
-
-/// elementwise: log over [4, 1].
-pub fn train_k06_log(t16: &[f32], t17: &mut [f32]) {
-    t17[0..4].chunks_mut(4).enumerate().for_each(|(row, o0)| {
-        let n = o0.len();
-        let x0_row = &t16[row * 4..][..n];
-        for j in 0..n {
-            let x0 = x0_row[j];
-            o0[j] = rt::math::ln(x0);
-        }
-    });
-}
-
-/// elementwise: sub over [4, 1].
-pub fn train_k07_sub(input_y: &[f32], t22: &mut [f32]) {
-    t22[0..4].chunks_mut(4).enumerate().for_each(|(row, o0)| {
-        let n = o0.len();
-        let x0_row = &input_y[row * 4..][..n];
-        for j in 0..n {
-            let x0 = x0_row[j];
-            o0[j] = 1.0 - x0;
+            o0[j] = rt::math::ln(1.0 - x0);
         }
     });
 }
 
 /// reduce: add, maximum, mul, reduce_sum over [4, 1].
-pub fn train_k08_reduce(input_y: &[f32], t12: &[f32], t22: &[f32], t17: &[f32], t25: &mut [f32]) {
+pub fn train_k06_reduce(input_y: &[f32], t12: &[f32], t17: &[f32], t25: &mut [f32]) {
     t25[0..1].iter_mut().for_each(|acc_out| {
         let mut acc = 0.0_f64;
         for i0 in 0..4 {
             let x0 = input_y[i0];
             let x1 = t12[i0];
-            let x2 = t22[i0];
-            let x3 = t17[i0];
-            acc += f64::from(x0 * (-100.0_f32).max(x1) + x2 * (-100.0_f32).max(x3));
+            let x2 = t17[i0];
+            acc += f64::from(x0 * (-100.0_f32).max(x1) + (1.0 - x0) * (-100.0_f32).max(x2));
         }
         *acc_out = acc as f32;
     });
 }
 
 /// elementwise: add, log.d0, maximum.d0, mul, neg, sigmoid.d0 over [4, 1].
-pub fn train_k10_add_log_d0_etc(
+pub fn train_k08_add_log_d0_etc(
     c112: &[f32],
-    t22: &[f32],
-    t17: &[f32],
-    t16: &[f32],
     input_y: &[f32],
-    t12: &[f32],
+    t17: &[f32],
     t11: &[f32],
+    t12: &[f32],
     t10: &[f32],
     t54: &mut [f32],
 ) {
     t54[0..4].chunks_mut(4).enumerate().for_each(|(row, o0)| {
         let n = o0.len();
         let x0_row = &c112[row * 4..][..n];
-        let x1_row = &t22[row * 4..][..n];
+        let x1_row = &input_y[row * 4..][..n];
         let x2_row = &t17[row * 4..][..n];
-        let x3_row = &t16[row * 4..][..n];
-        let x4_row = &input_y[row * 4..][..n];
-        let x5_row = &t12[row * 4..][..n];
-        let x6_row = &t11[row * 4..][..n];
-        let x7_row = &t10[row * 4..][..n];
+        let x3_row = &t11[row * 4..][..n];
+        let x4_row = &t12[row * 4..][..n];
+        let x5_row = &t10[row * 4..][..n];
         for j in 0..n {
             let x0 = x0_row[j];
             let x1 = x1_row[j];
@@ -432,34 +405,32 @@ pub fn train_k10_add_log_d0_etc(
             let x3 = x3_row[j];
             let x4 = x4_row[j];
             let x5 = x5_row[j];
-            let x6 = x6_row[j];
-            let x7 = x7_row[j];
-            o0[j] = (0.25 - 0.25 * (rt::math::tanh((0.5) * x7)).powi(2))
-                * (-x0
+            o0[j] = (0.25 - 0.25 * (rt::math::tanh((0.5) * x5)).powi(2))
+                * (x0
                     * x1
-                    * (if (x2 + 100.0) > 0.0 {
+                    * (if (x4 + 100.0) > 0.0 {
                         1.0
-                    } else if (x2 + 100.0) < 0.0 {
+                    } else if (x4 + 100.0) < 0.0 {
                         0.0
                     } else {
                         0.5
                     })
                     / x3
-                    + x0 * x4
-                        * (if (x5 + 100.0) > 0.0 {
+                    - x0 * (1.0 - x1)
+                        * (if (x2 + 100.0) > 0.0 {
                             1.0
-                        } else if (x5 + 100.0) < 0.0 {
+                        } else if (x2 + 100.0) < 0.0 {
                             0.0
                         } else {
                             0.5
                         })
-                        / x6);
+                        / (1.0 - x3));
         }
     });
 }
 
 /// matmul: matmul, add, mul, sub.
-pub fn train_k14_matmul_add_mul_sub(
+pub fn train_k12_matmul_add_mul_sub(
     input_x: &[f32],
     t62: &[f32],
     t68: &mut [f32],
@@ -495,7 +466,7 @@ pub fn train_k14_matmul_add_mul_sub(
 }
 
 /// elementwise: add, mul, sub over [4].
-pub fn train_k15_add_mul_sub(
+pub fn train_k13_add_mul_sub(
     t63: &[f32],
     state_momentum_buffer_hidden_bias: &mut [f32],
     param_hidden_bias: &mut [f32],
@@ -518,7 +489,7 @@ pub fn train_k15_add_mul_sub(
 }
 
 /// matmul: matmul, add, mul, sub.
-pub fn train_k16_matmul_add_mul_sub(
+pub fn train_k14_matmul_add_mul_sub(
     t6: &[f32],
     t54: &[f32],
     t60: &mut [f32],
@@ -552,7 +523,7 @@ pub fn train_k16_matmul_add_mul_sub(
 }
 
 /// elementwise: add, mul, sub over [1].
-pub fn train_k17_add_mul_sub(
+pub fn train_k15_add_mul_sub(
     t55: &[f32],
     state_momentum_buffer_out_bias: &mut [f32],
     param_out_bias: &mut [f32],

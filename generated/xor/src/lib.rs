@@ -17,7 +17,7 @@ static CONSTS: &[u8] = include_bytes!("consts.bin");
 
 const PARAM_LEN: usize = 64;
 const STATE_LEN: usize = 64;
-const TEMP_F32_LEN: usize = 160;
+const TEMP_F32_LEN: usize = 128;
 const TEMP_I32_LEN: usize = 0;
 const TEMP_BOOL_LEN: usize = 0;
 const CONST_F32_LEN: usize = 4;
@@ -150,7 +150,7 @@ impl Arenas {
         Ok(())
     }
 
-    /// `train`: 18 kernels.
+    /// `train`: 16 kernels.
     fn train(&mut self, input_x: &[f32], input_y: &[f32]) -> Result<(), rt::Error> {
         let a = &*self;
         // SAFETY: the memory plan gives buffers that are live at the same time
@@ -174,57 +174,52 @@ impl Arenas {
             )?;
             kernels::train_k03_sigmoid(a.temp_f32.slice(32, 4), a.temp_f32.slice_mut(48, 4));
             kernels::train_k04_log(a.temp_f32.slice(48, 4), a.temp_f32.slice_mut(64, 4));
-            kernels::train_k05_sub(a.temp_f32.slice(48, 4), a.temp_f32.slice_mut(80, 4));
-            kernels::train_k06_log(a.temp_f32.slice(80, 4), a.temp_f32.slice_mut(96, 4));
-            kernels::train_k07_sub(input_y, a.temp_f32.slice_mut(112, 4));
-            kernels::train_k08_reduce(
+            kernels::train_k05_log(a.temp_f32.slice(48, 4), a.temp_f32.slice_mut(80, 4));
+            kernels::train_k06_reduce(
                 input_y,
                 a.temp_f32.slice(64, 4),
-                a.temp_f32.slice(112, 4),
-                a.temp_f32.slice(96, 4),
-                a.temp_f32.slice_mut(128, 1),
-            );
-            kernels::forward_k03_mul_neg(a.temp_f32.slice(128, 1), a.temp_f32.slice_mut(144, 1));
-            kernels::train_k10_add_log_d0_etc(
-                a.const_f32.slice(0, 4),
-                a.temp_f32.slice(112, 4),
-                a.temp_f32.slice(96, 4),
                 a.temp_f32.slice(80, 4),
-                input_y,
-                a.temp_f32.slice(64, 4),
-                a.temp_f32.slice(48, 4),
-                a.temp_f32.slice(32, 4),
-                a.temp_f32.slice_mut(128, 4),
+                a.temp_f32.slice_mut(96, 1),
             );
-            kernels::grads_k03_reduce(a.temp_f32.slice(128, 4), a.temp_f32.slice_mut(64, 1));
+            kernels::forward_k03_mul_neg(a.temp_f32.slice(96, 1), a.temp_f32.slice_mut(112, 1));
+            kernels::train_k08_add_log_d0_etc(
+                a.const_f32.slice(0, 4),
+                input_y,
+                a.temp_f32.slice(80, 4),
+                a.temp_f32.slice(48, 4),
+                a.temp_f32.slice(64, 4),
+                a.temp_f32.slice(32, 4),
+                a.temp_f32.slice_mut(96, 4),
+            );
+            kernels::grads_k03_reduce(a.temp_f32.slice(96, 4), a.temp_f32.slice_mut(64, 1));
             kernels::grads_k05_matmul_mul_tanh_d0(
-                a.temp_f32.slice(128, 4),
+                a.temp_f32.slice(96, 4),
                 a.param.slice(32, 4),
                 a.temp_f32.slice(16, 16),
                 a.temp_f32.slice_mut(32, 16),
                 a.temp_f32.slice_mut(48, 16),
             )?;
             kernels::grads_k06_reduce(a.temp_f32.slice(48, 16), a.temp_f32.slice_mut(32, 4));
-            kernels::train_k14_matmul_add_mul_sub(
+            kernels::train_k12_matmul_add_mul_sub(
                 input_x,
                 a.temp_f32.slice(48, 16),
                 a.temp_f32.slice_mut(16, 8),
                 a.state.slice_mut(0, 8),
                 a.param.slice_mut(0, 8),
             )?;
-            kernels::train_k15_add_mul_sub(
+            kernels::train_k13_add_mul_sub(
                 a.temp_f32.slice(32, 4),
                 a.state.slice_mut(16, 4),
                 a.param.slice_mut(16, 4),
             );
-            kernels::train_k16_matmul_add_mul_sub(
+            kernels::train_k14_matmul_add_mul_sub(
                 a.temp_f32.slice(0, 16),
-                a.temp_f32.slice(128, 4),
+                a.temp_f32.slice(96, 4),
                 a.temp_f32.slice_mut(16, 4),
                 a.state.slice_mut(32, 4),
                 a.param.slice_mut(32, 4),
             )?;
-            kernels::train_k17_add_mul_sub(
+            kernels::train_k15_add_mul_sub(
                 a.temp_f32.slice(64, 1),
                 a.state.slice_mut(48, 1),
                 a.param.slice_mut(48, 1),
@@ -247,7 +242,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `xor_net`.
-#[pyclass(module = "fg_xor_net_11387d6b4cb7")]
+#[pyclass(module = "fg_xor_net_c6d7353bcef0")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -338,7 +333,7 @@ impl Step {
                 arenas.train(x, y)
             })
         })?;
-        Ok(self.arenas.temp_f32.slice(144, 1)[0])
+        Ok(self.arenas.temp_f32.slice(112, 1)[0])
     }
 
     /// Copies of every param (`kind="param"`) or optimizer state buffer (`"state"`).
@@ -386,8 +381,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_xor_net_11387d6b4cb7(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_xor_net_11387d6b4cb7")?;
+fn fg_xor_net_c6d7353bcef0(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_xor_net_c6d7353bcef0")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

@@ -12,7 +12,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     var acc = 0.0;
     for (var j = lane; j < 64u; j = j + 64u) {
         let x0 = f32s[256 + j];
-        acc = acc + (x0 * x0);
+        let x1 = f32s[640 + j];
+        acc = acc + ((x0 - x1) * (x0 - x1));
     }
     partial[lane] = acc;
     workgroupBarrier();

@@ -10,5 +10,6 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     let x0 = f32s[384];
     let x1 = f32s[256 + i];
-    f32s[192 + i] = 2.0*x0*x1;
+    let x2 = f32s[640 + i];
+    f32s[192 + i] = 2.0*x0*(x1 - x2);
 }

@@ -8,15 +8,15 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (i >= 32u) {
         return;
     }
-    let x0 = f32s[7632 + i];
-    let x1 = f32s[14784 + i];
-    let x2 = f32s[7664 + i];
-    let x3 = f32s[2048 + i];
+    let x0 = f32s[9744 + i];
+    let x1 = f32s[14752 + i];
+    let x2 = f32s[9776 + i];
+    let x3 = f32s[3104 + i];
     let x4 = f32s[14864];
     let x5 = f32s[14848];
     let t0 = 0.9*x0 + 0.1*x1;
     let t1 = 0.001*(x1 * x1) + 0.999*x2;
-    f32s[7632 + i] = t0;
-    f32s[7664 + i] = t1;
-    f32s[2048 + i] = -t0*x4/(sqrt(t1)/x5 + 0.00000001) + x3;
+    f32s[9744 + i] = t0;
+    f32s[9776 + i] = t1;
+    f32s[3104 + i] = -t0*x4/(sqrt(t1)/x5 + 0.00000001) + x3;
 }

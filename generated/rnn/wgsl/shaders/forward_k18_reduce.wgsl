@@ -14,9 +14,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     for (var j = lane; j < 2u; j = j + 64u) {
         let x0 = i32s[64 + row];
         let x1 = i32s[j];
-        let x2 = f32s[128 + row * 2 + j];
+        let x2 = f32s[144 + row * 2 + j];
         let x3 = f32s[160 + row];
-        acc = acc + select(0.0, x2 - log(x3), x0 == x1);
+        let x4 = f32s[128 + row];
+        acc = acc + select(0.0, x2 - x3 - log(x4), x0 == x1);
     }
     partial[lane] = acc;
     workgroupBarrier();

@@ -21,6 +21,6 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
         return;
     }
     let x0 = f32s[128 + i];
-    let x1 = f32s[448 + i];
-    f32s[512 + i] = x0*(1.0 - (fg_tanh(x1) * fg_tanh(x1)));
+    let x1 = f32s[384 + i];
+    f32s[448 + i] = x0*(1.0 - (fg_tanh(x1) * fg_tanh(x1)));
 }

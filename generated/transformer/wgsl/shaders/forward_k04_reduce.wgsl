@@ -11,8 +11,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     }
     var acc = 0.0;
     for (var j = lane; j < 16u; j = j + 64u) {
-        let x0 = f32s[8320 + row * 16 + j];
-        acc = acc + (x0 * x0);
+        let x0 = f32s[8576 + row * 16 + j];
+        let x1 = f32s[8832 + row];
+        acc = acc + ((x0 - x1) * (x0 - x1));
     }
     partial[lane] = acc;
     workgroupBarrier();
@@ -23,6 +24,6 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         workgroupBarrier();
     }
     if (lane == 0u) {
-        f32s[9088 + row] = partial[0];
+        f32s[8848 + row] = partial[0];
     }
 }

@@ -10,9 +10,10 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     let c0 = i / 16u;
     let c1 = i % 16u;
-    let x0 = f32s[8320 + c0 * 16 + c1];
-    let x1 = f32s[9088 + c0];
-    let x2 = f32s[448 + c1];
-    let x3 = f32s[464 + c1];
-    f32s[8832 + c0 * 16 + c1] = x0*x2/sqrt(0.0625*x1 + 0.00001) + x3;
+    let x0 = f32s[8576 + c0 * 16 + c1];
+    let x1 = f32s[8832 + c0];
+    let x2 = f32s[8848 + c0];
+    let x3 = f32s[448 + c1];
+    let x4 = f32s[464 + c1];
+    f32s[8320 + c0 * 16 + c1] = x3*(x0 - x1)/sqrt(0.0625*x2 + 0.00001) + x4;
 }

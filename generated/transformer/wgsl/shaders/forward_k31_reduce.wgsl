@@ -14,9 +14,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     for (var j = lane; j < 20u; j = j + 64u) {
         let x0 = i32s[128 + row];
         let x1 = i32s[j];
-        let x2 = f32s[8320 + row * 20 + j];
-        let x3 = f32s[8960 + row];
-        acc = acc + select(0.0, x2 - log(x3), x0 == x1);
+        let x2 = f32s[8640 + row * 20 + j];
+        let x3 = f32s[8336 + row];
+        let x4 = f32s[8320 + row];
+        acc = acc + select(0.0, x2 - x3 - log(x4), x0 == x1);
     }
     partial[lane] = acc;
     workgroupBarrier();
@@ -27,6 +28,6 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         workgroupBarrier();
     }
     if (lane == 0u) {
-        f32s[8976 + row] = partial[0];
+        f32s[8352 + row] = partial[0];
     }
 }

@@ -22,7 +22,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
             va = f32s[13248 + g * 128 + row * 16 + ka];
         }
         if (kb < 16u && col < 16u) {
-            vb = f32s[480 + kb * 16 + col];
+            vb = f32s[1024 + kb * 16 + col];
         }
         tile_a[lid.y * 16u + lid.x] = va;
         tile_b[lid.y * 16u + lid.x] = vb;
@@ -33,6 +33,6 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
         workgroupBarrier();
     }
     if (row < 8u && col < 16u) {
-        f32s[8320 + g * 128 + row * 16 + col] = acc;
+        f32s[8576 + g * 128 + row * 16 + col] = acc;
     }
 }

@@ -19,7 +19,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
         var va = 0.0;
         var vb = 0.0;
         if (row < 4u && ka < 2u) {
-            va = f32s[384 + row * 2 + ka];
+            va = f32s[320 + row * 2 + ka];
         }
         if (kb < 2u && col < 4u) {
             vb = f32s[kb * 4 + col];

@@ -11,7 +11,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     }
     var acc = 0.0;
     for (var j = lane; j < 4u; j = j + 64u) {
-        let x0 = f32s[448 + j];
+        let x0 = f32s[384 + j];
         let x1 = f32s[128 + j];
         acc = acc + x0*max(-100.0, log(x1)) + (1.0 - x0)*max(-100.0, log(1.0 - x1));
     }

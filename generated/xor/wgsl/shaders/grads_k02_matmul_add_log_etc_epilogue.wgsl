@@ -20,8 +20,8 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (i >= 4u) {
         return;
     }
-    let x0 = f32s[320 + i];
-    let x1 = f32s[448 + i];
+    let x0 = f32s[256 + i];
+    let x1 = f32s[384 + i];
     let x2 = f32s[160 + i];
     let x3 = f32s[48];
     let t0 = fg_tanh((0.5)*x2 + (0.5)*x3);

@@ -19,7 +19,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
         var va = 0.0;
         var vb = 0.0;
         if (row < 2u && ka < 4u) {
-            va = f32s[384 + row + ka * 2];
+            va = f32s[320 + row + ka * 2];
         }
         if (kb < 4u && col < 4u) {
             vb = f32s[160 + kb * 4 + col];
