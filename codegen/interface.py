@@ -80,9 +80,10 @@ class Interface:
         def table(rows: Any) -> dict[str, Spec]:
             specs = {}
             for name, shape, dtype in rows:
-                if not isinstance(name, str) or dtype not in DTYPES:
+                dims = tuple(int(d) for d in shape)
+                if not isinstance(name, str) or dtype not in DTYPES or min(dims, default=0) < 0:
                     raise ValueError(f"bad entry {name!r}: {shape!r} {dtype!r}")
-                specs[name] = (tuple(int(d) for d in shape), str(dtype))
+                specs[name] = (dims, str(dtype))
             return specs
 
         for key, ids in (("inputs", graph.inputs), ("outputs", graph.outputs),

@@ -264,7 +264,8 @@ def test_a_changed_optimizer_misses(built, fresh_cache):
 
 @needs_rust
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "not a dict", "other format",
-                                    "other model", "bad module name", "module gone"])
+                                    "other model", "bad state", "bad module name",
+                                    "module gone"])
 def test_a_damaged_entry_is_a_miss_and_is_rewritten(built, fresh_cache, damage):
     first, first_losses = built
     key = cache.load_key("native", first.lowered.traced, first.lowered.optimizer,
@@ -283,6 +284,9 @@ def test_a_damaged_entry_is_a_miss_and_is_rewritten(built, fresh_cache, damage):
         entry.write_text(json.dumps({**data, "format": cache.FORMAT + 1}))
     elif damage == "other model":
         data["interface"]["params"][0][1] = [99, 99]
+        entry.write_text(json.dumps(data))
+    elif damage == "bad state":
+        data["interface"]["state"][0][1] = [-1]
         entry.write_text(json.dumps(data))
     elif damage == "bad module name":
         entry.write_text(json.dumps({**data, "module": "../../evil"}))
