@@ -62,6 +62,7 @@ NATIVE = "ferrograd (native call)"
 NUMPY = "NumPy by hand"
 ANCHOR_MODULES = {"PyTorch eager": "torch_anchor", "JAX jit": "jax_anchor"}
 ANCHORS = [NUMPY, *ANCHOR_MODULES]
+HEAVY_MODULES = ("sympy", "networkx", "jinja2")  # what a cached load should not need
 LOSS_STEPS = 3  # losses compared: forward at the initial weights, then after 1 and 2 updates
 LOSS_RTOL = 2e-5  # on each loss (float32 sums in different orders)
 DELTA_RTOL = 1e-2  # on the loss changes, which the backward pass and the update make
@@ -202,9 +203,11 @@ def time_rounds(systems: list[System], rounds: int, target_s: float) -> dict[str
 # ---- compile time and memory, in fresh processes ---------------------------------------
 
 
-def compile_probe(key: str, lr_scale: float, steps: int) -> dict[str, float]:
-    """(In a child process.) Time ``fg.compile`` to a ready step — lowering (trace,
-    autodiff, passes, schedule, render) and then build or load — train, report memory."""
+def compile_probe(key: str, lr_scale: float, steps: int) -> dict[str, Any]:
+    """(In a child process.) Time ``fg.compile`` to a ready step — ``fg.lower`` (which
+    traces; autodiff, passes, scheduling and rendering run in ``compile`` when the
+    module is not in the cache) and then build or load — train, report memory and
+    which heavy packages the process imported."""
     rss_import = peak_rss_mb()
     w = BY_KEY[key]
     start = time.perf_counter()
@@ -218,7 +221,7 @@ def compile_probe(key: str, lr_scale: float, steps: int) -> dict[str, float]:
         step(*batch)
     return {"compile_s": done - start, "lower_s": lowered_at - start,
             "rss_import_mb": rss_import, "rss_peak_mb": peak_rss_mb(),
-            "arena_mb": lowered.memory_plan.peak_bytes / 1e6}
+            "modules": sorted(m for m in HEAVY_MODULES if m in sys.modules)}
 
 
 def run_child(args: list[str], env: dict[str, str]) -> tuple[dict[str, Any], float]:
@@ -248,7 +251,8 @@ def read_build_logs(logs: Path) -> tuple[int, bool]:
     return crates, "Blocking waiting for file lock" in text
 
 
-def probe_row(w: Workload, steps: int, params: dict[str, np.ndarray]) -> dict[str, Any]:
+def probe_row(w: Workload, steps: int, params: dict[str, np.ndarray], arena_mb: float
+              ) -> dict[str, Any]:
     """Cold build, warm load and memory of ``w``; NumPy-by-hand memory for comparison.
 
     The cold build compiles a changed model (its learning rate scaled by 1 + 1e-6, so
@@ -276,7 +280,8 @@ def probe_row(w: Workload, steps: int, params: dict[str, np.ndarray]) -> dict[st
             "warm_load_s": warm["compile_s"], "warm_lower_s": warm["lower_s"],
             "warm_process_s": warm_wall,
             "rss_import_mb": warm["rss_import_mb"], "rss_peak_mb": warm["rss_peak_mb"],
-            "arena_mb": warm["arena_mb"], "numpy_rss_mb": numpy_rss["rss_mb"],
+            "warm_modules": warm["modules"], "arena_mb": arena_mb,
+            "numpy_rss_mb": numpy_rss["rss_mb"],
             "target_dir": env["CARGO_TARGET_DIR"]}
 
 
@@ -355,7 +360,8 @@ def run_row(w: Workload, args: argparse.Namespace, anchors: dict[str, ModuleType
     if w.key in args.probe_rows and args.backend == "cpu":
         log(f"{w.key}: compile probes (cold build, warm load, memory)")
         try:
-            row.probe = probe_row(w, args.probe_steps, step.params)
+            row.probe = probe_row(w, args.probe_steps, step.params,
+                                  step.lowered.memory_plan.peak_bytes / 1e6)
         except Exception as err:
             row.probe = {"error": str(err)}
             log(f"{w.key}: probe failed: {err}")
@@ -437,7 +443,8 @@ def reference_table(rows: list[Row]) -> list[str]:
 def compile_table(rows: list[Row]) -> list[str]:
     head = ["workload", "first compile in the run", "cold build (changed model)",
             "warm load (cached)", "warm process, start to trained", "peak RSS (fg)",
-            "RSS after import", "peak RSS (NumPy by hand)", "arena", "RSS goal (NumPy + arena)"]
+            "RSS after import", "imported (warm)", "peak RSS (NumPy by hand)", "arena",
+            "RSS goal (NumPy + arena)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         p = r.probe
@@ -447,7 +454,7 @@ def compile_table(rows: list[Row]) -> list[str]:
             lines.append(f"| {r.title} | {first} | {note} |" + " |" * (len(head) - 3))
             continue
         goal = p["numpy_rss_mb"] + p["arena_mb"]
-        warm = f"{p['warm_load_s'] * 1e3:.0f} ms ({p['warm_lower_s'] * 1e3:.0f} ms lowering)"
+        warm = f"{p['warm_load_s'] * 1e3:.0f} ms ({p['warm_lower_s'] * 1e3:.0f} ms in fg.lower)"
         cold = f"{p['cold_build_s']:.1f} s"
         notes = []
         if p["cold_crates_compiled"] != 1:
@@ -457,7 +464,8 @@ def compile_table(rows: list[Row]) -> list[str]:
         cold += f" ({', '.join(notes)})" if notes else ""
         cells = [r.title, first, cold, warm,
                  f"{p['warm_process_s']:.2f} s", f"{p['rss_peak_mb']:.0f} MB",
-                 f"{p['rss_import_mb']:.0f} MB", f"{p['numpy_rss_mb']:.0f} MB",
+                 f"{p['rss_import_mb']:.0f} MB", ", ".join(p.get("warm_modules", ["?"])) or "–",
+                 f"{p['numpy_rss_mb']:.0f} MB",
                  f"{p['arena_mb']:.1f} MB", f"{goal:.0f} MB"]
         lines.append("| " + " | ".join(cells) + " |")
     return lines

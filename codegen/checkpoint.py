@@ -13,9 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors import safe_open
-from safetensors.numpy import load_file
-from safetensors.numpy import save as save_bytes
 
 from ferrograd.ir.errors import CheckpointError
 
@@ -24,6 +21,8 @@ STATE_PREFIX = "optim."
 
 def write_checkpoint(path: str | os.PathLike[str], params: dict[str, np.ndarray],
                      state: dict[str, np.ndarray], metadata: dict[str, Any]) -> None:
+    from safetensors.numpy import save as save_bytes  # here: training without it loads less
+
     tensors = {**params, **{STATE_PREFIX + k: v for k, v in state.items()}}
     data = save_bytes({k: np.array(v, order="C") for k, v in tensors.items()},
                       metadata={k: json.dumps(v) for k, v in metadata.items()})
@@ -44,6 +43,9 @@ def write_checkpoint(path: str | os.PathLike[str], params: dict[str, np.ndarray]
 def read_checkpoint(path: str | os.PathLike[str]
                     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, Any]]:
     """(params, optimizer state, metadata) stored in ``path``."""
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+
     try:
         tensors = load_file(str(path))
         with safe_open(str(path), framework="np") as f:

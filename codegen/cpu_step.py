@@ -28,6 +28,8 @@ class CompiledStep(Step):
         self._device_inputs = backend == "cuda"
         self.module = module
         self._native = module.Step() if native is None else native
+        self._arity = len(self.interface.inputs) if self.interface.updates else -1
+        self._bools = {k for k, (_, dtype) in self.interface.outputs.items() if dtype == "bool"}
         self._set("param", params)
         self._set("state", state)
 
@@ -49,12 +51,12 @@ class CompiledStep(Step):
     def __call__(self, *args: Any, **kwargs: Any) -> float:
         # Fast path: the module checks shapes, dtypes and index bounds itself (with the
         # same messages); Python binds arguments only for keywords or a wrong count.
-        if not kwargs and len(args) == len(self.graph.inputs) and self.graph.updates:
+        if not kwargs and len(args) == self._arity:
             return float(self._native_call("train", args))
         return super().__call__(*args, **kwargs)
 
     def _call(self, entry: str, feed: dict[str, np.ndarray]) -> Any:
-        return self._native_call(entry, [feed[name] for name in self.graph.inputs])
+        return self._native_call(entry, [feed[name] for name in self.interface.inputs])
 
     def _native_call(self, entry: str, args: Any) -> Any:
         try:
@@ -62,7 +64,7 @@ class CompiledStep(Step):
         except ValueError as err:  # bad data the module found (an id out of range)
             raise InputError(str(err)) from None
         except RuntimeError as err:
-            raise BackendError(f"{self.graph.name}: {err}") from None
+            raise BackendError(f"{self.interface.name}: {err}") from None
 
     def _train(self, feed: dict[str, np.ndarray]) -> float:
         return float(self._call("train", feed))
@@ -70,12 +72,12 @@ class CompiledStep(Step):
     def _forward(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = self._call("forward", feed)
         # Modules store bools as bytes (0/1): hand them back as NumPy bools, no copy.
-        return {k: out[k].view(np.bool_) if self.graph.node(v).dtype == "bool" else out[k]
-                for k, v in self.graph.outputs.items()}
+        return {k: out[k].view(np.bool_) if k in self._bools else out[k]
+                for k in self.interface.outputs}
 
     def _grads(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = self._call("grads", feed)
-        return {k: out[k] for k in self.graph.grads}
+        return {k: out[k] for k in self.interface.grads}
 
     def _get(self, kind: str) -> dict[str, np.ndarray]:
         return dict(self._native.get(kind))

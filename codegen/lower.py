@@ -1,11 +1,12 @@
-"""Ahead-of-time stages, as in JAX: ``lower`` builds the training graph without
-building anything; ``Lowered.compile()`` turns it into a step object."""
+"""Ahead-of-time stages, as in JAX: ``lower`` traces a model and stands for its
+training graph without building anything; ``Lowered.compile()`` turns it into a
+step object. A model whose module is in the cache compiles after tracing alone
+(``cache.py``): autodiff, passes, scheduling and rendering run only when needed."""
 
 from __future__ import annotations
 
 import copy
 import functools
-import hashlib
 import json
 import os
 import sys
@@ -13,32 +14,33 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ferrograd._version import __version__
 from ferrograd.dsl.init import init_params
 from ferrograd.dsl.model import Model, trace
 from ferrograd.ir.autodiff import grad
 from ferrograd.ir.errors import BackendError, TraceError
 from ferrograd.ir.graph import Graph
 from ferrograd.ir.ops import lookup
-from ferrograd.ir.optim import Optimizer, init_state
+from ferrograd.ir.optim import Optimizer
 from ferrograd.ir.passes import debug_level, optimize
 from ferrograd.ir.printing import format_graph, to_dot
 from ferrograd.ir.serialize import canonical, fingerprint
 
-from .backends.cpu import Crate, render_crate
-from .backends.ptx import aligned_buffers, kernel_source, render_ptx
-from .backends.rust import render_kernel
-from .backends.wgsl_crate import render_wgsl_crate
-from .backends.wgsl_module import WgslModule, render_wgsl
 from .cpu_step import CompiledStep
 from .cuda_step import open_cuda_step
-from .launch_plan import DeviceModule
-from .memory import MemoryPlan, plan_memory
-from .schedule import Schedule, entry_points, schedule
+from .interface import Interface
 from .step import NumpyStep, Step
-from .wgsl_step import open_wgsl_step, wgsl_kernels, write_wgsl
+
+if TYPE_CHECKING:
+    from .backends.cpu import Crate
+    from .backends.wgsl_module import WgslModule
+    from .launch_plan import DeviceModule
+    from .memory import MemoryPlan
+    from .schedule import Schedule
+
+# The scheduler, the memory planner and the renderers (sympy, jinja2) are imported
+# where they are used: a step whose module is in the cache needs none of them.
 
 # Backends named in the design; "numpy" interprets, "cpu" builds a Rust module, "cuda"
 # the same module with a CUDA step (PTX and launch plans) beside the CPU one.
@@ -62,13 +64,24 @@ class KernelInfo:
 
 
 class Lowered:
-    """A model traced, differentiated, given its optimizer and optimized; not yet built."""
+    """A model traced, differentiated, given its optimizer and optimized; not yet built.
 
-    def __init__(self, model: Model, graph: Graph, backend: str, seed: int,
+    Everything after tracing happens on first use: ``compile()`` of a model whose
+    module is in the cache loads it after tracing alone (see ``cache.py``), and
+    ``graph``, ``schedules``, ``kernels``, ``source()`` lower it when asked."""
+
+    def __init__(self, model: Model, graph: Graph | None, backend: str, seed: int,
                  optimizer: Optimizer | None, dims: dict[str, int],
-                 backends: tuple[str, ...] | None = None, profile: bool = False) -> None:
+                 backends: tuple[str, ...] | None = None, profile: bool = False, *,
+                 traced: Graph | None = None) -> None:
+        if graph is None and traced is None:
+            raise TypeError("Lowered needs the training graph or the traced graph")
         self.model = model
-        self.graph = graph
+        # The graph as traced, before autodiff, optimizer and passes (None when this
+        # lowering was made from a training graph): the cache's key.
+        self.traced = traced
+        if graph is not None:
+            self.__dict__["graph"] = graph
         self.backend = backend  # the default device of compile()
         self.backends = backends or (backend,)  # what the module holds
         self.seed = seed
@@ -77,6 +90,18 @@ class Lowered:
         # Whether the CPU step's entry points time every kernel call (``Step.profile()``).
         self.profile = profile
         self._device_modules: dict[tuple[str, bool], DeviceModule] = {}
+
+    @functools.cached_property
+    def graph(self) -> Graph:
+        """The training graph: the traced graph differentiated, with the optimizer's
+        updates, through the passes."""
+        assert self.traced is not None
+        return _training_graph(self.traced, self.optimizer)
+
+    @functools.cached_property
+    def interface(self) -> Interface:
+        """What a step shows and keeps: inputs, outputs, params, optimizer state."""
+        return Interface.of(self.graph if self.traced is None else self.traced, self.graph)
 
     @property
     def optimizer_config(self) -> dict[str, Any] | None:
@@ -90,12 +115,16 @@ class Lowered:
     @functools.cached_property
     def schedules(self) -> list[Schedule]:
         """The kernels of each entry point (train, forward, grads): backend-neutral."""
+        from .schedule import entry_points, schedule
+
         return [schedule(self.graph, keys, entry)
                 for entry, keys in entry_points(self.graph).items()]
 
     @functools.cached_property
     def memory_plan(self) -> MemoryPlan:
         """Arena offsets of every intermediate and the peak bytes, known before building."""
+        from .memory import plan_memory
+
         persistent = {b.name: b for s in self.schedules for b in s.buffers.values()
                       if b.kind in ("param", "state")}
         return plan_memory(self.schedules, list(persistent.values()))
@@ -104,12 +133,16 @@ class Lowered:
     def crate(self) -> Crate:
         """The Rust crate of the CPU backend, with the CUDA step when lowered for "cuda"
         (rendered, not built)."""
+        from .backends.cpu import render_crate
+
         return render_crate(self.graph, self.schedules, self.memory_plan,
                             device=self._cuda_part(), profile=self.profile)
 
     @functools.cached_property
     def wgsl(self) -> WgslModule:
         """The WGSL shaders and launch plans of the wgsl backend (rendered, not built)."""
+        from .backends.wgsl_module import render_wgsl
+
         return render_wgsl(self.graph, self.schedules, self.memory_plan)
 
     def _cuda_part(self) -> DeviceModule | None:
@@ -121,13 +154,19 @@ class Lowered:
         if self.backend == "numpy":
             return []
         if self.backend == "wgsl":
+            from .wgsl_step import wgsl_kernels
+
             return wgsl_kernels(self)
         dtypes = {b.name: b.dtype for s in self.schedules for b in s.buffers.values()}
         if self.backend == "cuda":
+            from .backends.ptx import aligned_buffers, kernel_source
+
             aligned = aligned_buffers(self.schedules)
             return [KernelInfo(k.name, k.kind, list(k.ops), self.backend,
                                kernel_source(k, dtypes, aligned=aligned))
                     for s in self.schedules for k in s.kernels]
+        from .backends.rust import render_kernel
+
         return [KernelInfo(k.name, k.kind, list(k.ops), self.backend, render_kernel(k, dtypes))
                 for s in self.schedules for k in s.kernels]
 
@@ -142,6 +181,8 @@ class Lowered:
             raise BackendError(f"no device module for backend {backend!r}; 'ptx' has one")
         key = (target, fast_math)
         if key not in self._device_modules:
+            from .backends.ptx import render_ptx
+
             shapes = {k: self.graph.node(v).shape for k, v in self.graph.results().items()}
             self._device_modules[key] = render_ptx(
                 self.schedules, self.memory_plan, target=target, fast_math=fast_math,
@@ -172,9 +213,13 @@ class Lowered:
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         if {"cpu", "cuda"} & set(self.backends):
+            from .backends.cpu import render_crate
+
             render_crate(self.graph, self.schedules, self.memory_plan, out,
                          device=self._cuda_part(), profile=self.profile).write(out)
         if "wgsl" in self.backends:
+            from .wgsl_step import write_wgsl
+
             write_wgsl(self, out)
         (out / "graph.txt").write_text(format_graph(self.graph) + "\n")
         (out / "graph.dot").write_text(to_dot(self.graph) + "\n")
@@ -251,64 +296,69 @@ class Lowered:
                                f"{(*self.backends, device)!r}")
         if options and device != "cuda":
             raise TypeError(f"options {', '.join(options)} are for device='cuda'")
-        params, state = init_params(self.graph, self.seed), init_state(self.graph)
         if device == "numpy":
-            return NumpyStep(self, params, state)
+            return NumpyStep(self, *self._initial_values())
         if device == "wgsl":
-            return open_wgsl_step(self, self._module("wgsl"), params, state)
+            from .wgsl_step import open_wgsl_step
+
+            module = self._module("wgsl")
+            return open_wgsl_step(self, module, *self._initial_values())
         if device not in ("cpu", "cuda"):
             raise _unavailable(device)
         module = self._module()
-        native = (open_cuda_step(module, self.graph.name, **options) if device == "cuda"
+        native = (open_cuda_step(module, self.interface.name, **options) if device == "cuda"
                   else module.Step())
-        return CompiledStep(self, module, params, state, device, native)
+        return CompiledStep(self, module, *self._initial_values(), device, native)
+
+    def _initial_values(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Initial params (from the seed) and optimizer state (zeros)."""
+        return init_params(self.interface.graph, self.seed), self.interface.initial_state()
 
     def _module(self, kind: str = "native") -> ModuleType:
-        """The built module of ``kind`` ("native": cpu/cuda steps; "wgsl"): from the
-        cache index without rendering anything when this exact model was built
-        before, else rendered once, built and indexed."""
-        from .build import build_module, cache_dir, module_path, runtime_fingerprint
+        """The built module of ``kind`` ("native": cpu/cuda steps; "wgsl"). From the
+        cache index when this model was built before: right after tracing when its
+        load entry is there (which also gives ``interface``), else after lowering
+        without rendering anything. Otherwise rendered once, built and indexed."""
+        from . import cache
+        from .build import build_module, cache_dir
         from .cpu_level import build_level, check_supported
 
         level = build_level()
-        digest = hashlib.sha256(level.encode())
-        for part in (kind, fingerprint(self.graph), repr(self.backends), __version__,
-                     runtime_fingerprint(), _codegen_digest()):
-            digest.update(part.encode())
-        if self.profile and kind == "native":  # a profiled build is another module
-            digest.update(b"profile")
-        index = cache_dir() / "index" / f"{digest.hexdigest()[:32]}.txt"
-        if index.exists():
-            name = index.read_text().strip()
-            if module_path(name).exists():
+        profile = self.profile and kind == "native"  # a profiled build is another module
+        load_key = None
+        if self.traced is not None:
+            load_key = cache.load_key(kind, self.traced, self.optimizer, self.dims,
+                                      self.backends, profile, level)
+            hit = None if load_key is None else cache.read_load_entry(load_key, self.traced)
+            if hit is not None:
+                name, self.__dict__["interface"] = hit
                 check_supported(level, name)
                 return build_module(Path(), name)
-        crate = self.crate if kind == "native" else render_wgsl_crate(self.graph, self.wgsl)
-        crate_dir = cache_dir() / "crates" / crate.module
-        check_supported(level, crate.module)
-        module = build_module(crate.write(crate_dir), crate.module,
-                              rustc_flags=crate.rustc_flags)
-        index.parent.mkdir(parents=True, exist_ok=True)
-        tmp = index.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(crate.module + "\n")
-        os.replace(tmp, index)
+        build_key = cache.build_key(kind, self.graph, self.backends, profile, level)
+        indexed = cache.read_build_entry(build_key)
+        if indexed is not None:
+            name = indexed
+            check_supported(level, name)
+            module = build_module(Path(), name)
+        else:
+            if kind == "native":
+                crate = self.crate
+            else:
+                from .backends.wgsl_crate import render_wgsl_crate
+
+                crate = render_wgsl_crate(self.graph, self.wgsl)
+            name = crate.module
+            check_supported(level, name)
+            module = build_module(crate.write(cache_dir() / "crates" / name), name,
+                                  rustc_flags=crate.rustc_flags)
+            cache.write_build_entry(build_key, name)
+        if load_key is not None:
+            cache.write_load_entry(load_key, name, self.interface)
         return module
 
     def __repr__(self) -> str:
         return (f"<fg.Lowered {self.graph.name} backend={self.backend} "
                 f"nodes={len(self.graph)} params={len(self.graph.params)}>")
-
-
-@functools.cache
-def _codegen_digest() -> str:
-    """A digest of the code generator itself (its Python and templates): a new
-    ferrograd never reuses a module indexed by an older one."""
-    digest = hashlib.sha256()
-    here = Path(__file__).resolve().parent
-    for path in sorted([*here.rglob("*.py"), *here.rglob("*.j2")]):
-        if "runtime" not in path.parts:
-            digest.update(path.read_bytes())
-    return digest.hexdigest()
 
 
 def _unavailable(backend: str) -> BackendError:
@@ -319,15 +369,21 @@ def _unavailable(backend: str) -> BackendError:
     return BackendError(f"unknown backend {backend!r}; choose from {', '.join(KNOWN_BACKENDS)}")
 
 
-def training_graph(model: Model, optimizer: Optimizer | None, dims: dict[str, int]) -> Graph:
-    """Trace ``model``, add gradients (if it has a loss) and the optimizer's updates."""
-    graph = trace(model, **dims)
-    if optimizer is not None:
-        if "loss" not in graph.outputs:
-            raise TraceError(f"model {model.name!r} returns no 'loss', so an optimizer has "
-                             "nothing to minimize", model.src)
-        if not graph.params:
-            raise TraceError(f"model {model.name!r} has no params to train", model.src)
+def _check_trainable(model: Model, graph: Graph, optimizer: Optimizer | None) -> None:
+    """An optimizer needs a loss and params to train."""
+    if optimizer is None:
+        return
+    if "loss" not in graph.outputs:
+        raise TraceError(f"model {model.name!r} returns no 'loss', so an optimizer has "
+                         "nothing to minimize", model.src)
+    if not graph.params:
+        raise TraceError(f"model {model.name!r} has no params to train", model.src)
+
+
+def _training_graph(traced: Graph, optimizer: Optimizer | None) -> Graph:
+    """Add gradients (if the model has a loss and params) and the optimizer's updates
+    to the traced graph, then run the passes."""
+    graph = traced
     if "loss" in graph.outputs and graph.params:
         graph = grad(graph)
         if optimizer is not None:
@@ -337,7 +393,10 @@ def training_graph(model: Model, optimizer: Optimizer | None, dims: dict[str, in
 
 def lower(model: Model, optimizer: Optimizer | None = None,
           backend: str | tuple[str, ...] = "cpu", seed: int = 0, **dims: int) -> Lowered:
-    """Trace, differentiate and optimize ``model`` for ``backend`` without building.
+    """Trace ``model`` for ``backend`` without building. Differentiating, adding the
+    optimizer and optimizing happen on first use of ``graph`` (or of what needs it), so
+    that ``compile()`` of a model whose module is cached skips them; at
+    ``FERROGRAD_DEBUG>=1`` they happen here, to print the summary.
 
     >>> import ferrograd as fg
     >>> @fg.model
@@ -359,8 +418,11 @@ def lower(model: Model, optimizer: Optimizer | None = None,
     backend = backends[0] if backends else "cpu"
     if optimizer is not None and not isinstance(optimizer, Optimizer):
         raise TypeError(f"optimizer must be an fg.optim optimizer, got {optimizer!r}")
-    lowered = Lowered(model, training_graph(model, optimizer, dims), backend, seed, optimizer,
-                      dims, backends)
+    traced = trace(model, **dims)
+    _check_trainable(model, traced, optimizer)
+    # The optimizer as it is now: the lazily built graph and the cache key must agree.
+    optimizer = copy.deepcopy(optimizer)
+    lowered = Lowered(model, None, backend, seed, optimizer, dims, backends, traced=traced)
     level = debug_level()
     if level >= 1:
         print(lowered.summary(), file=sys.stderr)

@@ -23,6 +23,7 @@ from ferrograd.ir.graph import Graph, numpy_dtype
 from ferrograd.ir.interpret import check_feed, interpret
 
 from .checkpoint import read_checkpoint, write_checkpoint
+from .interface import Interface, Spec
 
 if TYPE_CHECKING:
     from .lower import Lowered
@@ -49,12 +50,19 @@ class Step:
 
     def __init__(self, lowered: Lowered) -> None:
         self.lowered = lowered
-        self.graph: Graph = lowered.graph
+        # Names, shapes and dtypes of inputs, outputs, params and state: what the step
+        # checks and keeps, known without the training graph when the module is cached.
+        self.interface: Interface = lowered.interface
+
+    @property
+    def graph(self) -> Graph:
+        """The training graph (lowered on first use when the step's module was cached)."""
+        return self.lowered.graph
 
     # ---- running ------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> float:
         """One training step on a batch: forward, loss, backward, update. Returns the loss."""
-        if not self.graph.updates:
+        if not self.interface.updates:
             raise InputError("this step was compiled without an optimizer, so it cannot "
                              "train: pass optimizer=... to fg.compile, or use .forward/.grads")
         return self._train(self._bind(args, kwargs))
@@ -65,7 +73,7 @@ class Step:
 
     def grads(self, *args: Any, **kwargs: Any) -> dict[str, np.ndarray]:
         """Gradient of the loss for every param on a batch; no update."""
-        if not self.graph.grads:
+        if not self.interface.grads:
             raise InputError("this model has no loss to differentiate")
         return self._grads(self._bind(args, kwargs))
 
@@ -88,16 +96,16 @@ class Step:
         raise NotImplementedError
 
     def _bind(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, np.ndarray]:
-        names = list(self.graph.inputs)
+        names = list(self.interface.inputs)
         if len(args) > len(names):
-            raise InputError(f"{self.graph.name} takes {len(names)} inputs "
+            raise InputError(f"{self.interface.name} takes {len(names)} inputs "
                              f"({', '.join(names)}), got {len(args)}")
         feed = dict(zip(names, args, strict=False))
         for k, v in kwargs.items():
             if k in feed:
                 raise InputError(f"input {k!r} given both by position and by name")
             feed[k] = v
-        return check_feed(self.graph, feed, device=self._device_inputs)
+        return check_feed(self.interface.graph, feed, device=self._device_inputs)
 
     # ---- params and optimizer state ---------------------------------------------------
     @property
@@ -112,23 +120,24 @@ class Step:
 
     def load_params(self, values: Mapping[str, Any]) -> None:
         """Set some or all params. Names, shapes and dtypes are checked first."""
-        self._set("param", _checked(self.graph, self.graph.params, values, "param"))
+        self._set("param", _checked(self.interface.params, values, "param"))
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write params and optimizer state to a safetensors file (atomically)."""
-        meta = {"ferrograd": __version__, "model": self.graph.name,
+        meta = {"ferrograd": __version__, "model": self.interface.name,
                 "optimizer": self.lowered.optimizer_config}
         write_checkpoint(path, self._get("param"), self._get("state"), meta)
 
     def load(self, path: str | os.PathLike[str]) -> None:
         """Restore params and optimizer state saved by ``save``."""
         params, state, _ = read_checkpoint(path)
-        missing = sorted(set(self.graph.params) - set(params))
-        missing += sorted(f"optim.{k}" for k in set(self.graph.state) - set(state))
+        iface = self.interface
+        missing = sorted(set(iface.params) - set(params))
+        missing += sorted(f"optim.{k}" for k in set(iface.state) - set(state))
         if missing:
             raise CheckpointError(f"{path} lacks {', '.join(missing)}")
-        new_params = _checked(self.graph, self.graph.params, params, "param")
-        new_state = _checked(self.graph, self.graph.state, state, "optimizer state")
+        new_params = _checked(iface.params, params, "param")
+        new_state = _checked(iface.state, state, "optimizer state")
         self._set("param", new_params)
         self._set("state", new_state)
 
@@ -147,7 +156,7 @@ class Step:
         restarts the counters after reading. Only for a CPU step compiled with
         ``profile=True`` (or ``FERROGRAD_PROFILE=1``); others raise ``BackendError``."""
         raise BackendError(
-            f"{self.graph.name}: this {self.backend} step was not compiled with profiling; "
+            f"{self.interface.name}: this {self.backend} step was not compiled with profiling; "
             "compile it with fg.compile(..., backend='cpu', profile=True) or with "
             "FERROGRAD_PROFILE=1 set")
 
@@ -156,8 +165,9 @@ class Step:
         return str(self.profile(reset))
 
     def __repr__(self) -> str:
-        return (f"<fg.Step {self.graph.name} backend={self.backend} inputs="
-                f"({', '.join(self.graph.inputs)}) params={len(self.graph.params)}>")
+        iface = self.interface
+        return (f"<fg.Step {iface.name} backend={self.backend} inputs="
+                f"({', '.join(iface.inputs)}) params={len(iface.params)}>")
 
 
 @dataclass(frozen=True)
@@ -205,22 +215,21 @@ class Profile(list[KernelTime]):
         return "\n".join(lines)
 
 
-def _checked(graph: Graph, table: dict[str, int], values: Mapping[str, Any], what: str
+def _checked(specs: dict[str, Spec], values: Mapping[str, Any], what: str
              ) -> dict[str, np.ndarray]:
-    unknown = sorted(set(values) - set(table))
+    unknown = sorted(set(values) - set(specs))
     if unknown:
         raise CheckpointError(f"unknown {what} {', '.join(map(repr, unknown))}; the model has "
-                              f"{', '.join(sorted(table)) or 'none'}")
+                              f"{', '.join(sorted(specs)) or 'none'}")
     out = {}
     for name, value in values.items():
-        node = graph.node(table[name])
+        shape, dtype = specs[name]
         arr = np.asarray(value)
-        if arr.shape != node.shape:
-            raise CheckpointError(f"{what} {name!r}: expected shape {node.shape}, got "
-                                  f"{arr.shape}")
+        if arr.shape != shape:
+            raise CheckpointError(f"{what} {name!r}: expected shape {shape}, got {arr.shape}")
         if arr.dtype.kind != "f":
             raise CheckpointError(f"{what} {name!r}: expected a float array, got {arr.dtype}")
-        out[name] = np.array(arr, dtype=numpy_dtype(node.dtype), order="C", copy=True)
+        out[name] = np.array(arr, dtype=numpy_dtype(dtype), order="C", copy=True)
     return out
 
 

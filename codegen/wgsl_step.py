@@ -45,5 +45,5 @@ def open_wgsl_step(lowered: Lowered, module: ModuleType, params: dict[str, np.nd
     try:
         native = module.WgslStep()
     except RuntimeError as err:  # no adapter, or a shader the device rejects
-        raise BackendError(f"{lowered.graph.name}: {err}") from None
+        raise BackendError(f"{lowered.interface.name}: {err}") from None
     return CompiledStep(lowered, module, params, state, "wgsl", native)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -28,9 +29,10 @@ class OpDef:
 
     ``kind`` tells the scheduler which kernel family the op belongs to:
     source, elementwise, reduce, movement, matmul, gather, conv.
-    Elementwise ops carry ``expr`` over ``symbols`` (sympy): their reference
-    and their VJP are derived from it. Other ops carry ``ref`` and ``vjp``.
-    ``vjp=None`` means the op is not differentiable (its args get no gradient).
+    Elementwise ops carry ``expr`` over ``symbols`` (sympy, built on first use
+    from ``scalar``): their reference and their VJP are derived from it. Other ops
+    carry ``ref`` and ``vjp``. ``vjp=None`` means the op is not differentiable (its
+    args get no gradient).
     """
 
     name: str
@@ -38,11 +40,27 @@ class OpDef:
     infer: InferRule
     ref: Callable[..., np.ndarray] | None = None
     vjp: VjpRule | None = None
-    expr: sympy.Expr | None = None
-    symbols: tuple[sympy.Symbol, ...] = ()
+    # Elementwise ops: ``(expr, symbols)``, built on first use so that the table (and
+    # tracing) loads without sympy; a process that only loads a cached module never
+    # imports it.
+    scalar: Callable[[], tuple[sympy.Expr, tuple[sympy.Symbol, ...]]] | None = None
     arity: int | None = None
     doc: str = ""
     derivatives: dict[int, Any] = field(default_factory=dict)
+
+    @functools.cached_property
+    def _scalar(self) -> tuple[sympy.Expr | None, tuple[sympy.Symbol, ...]]:
+        return (None, ()) if self.scalar is None else self.scalar()
+
+    @property
+    def expr(self) -> sympy.Expr | None:
+        """The scalar expression of an elementwise op (None for other ops)."""
+        return self._scalar[0]
+
+    @property
+    def symbols(self) -> tuple[sympy.Symbol, ...]:
+        """The free symbols of ``expr``, one per argument, in argument order."""
+        return self._scalar[1]
 
 
 OPS: dict[str, OpDef] = {}

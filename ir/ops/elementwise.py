@@ -5,74 +5,109 @@ and its VJP comes from ``sympy.diff``. A derivative that is neither a constant
 nor one of the args becomes an op of its own, named ``<op>.d<i>`` and
 registered on first use, so gradients of gradients work the same way.
 
+Each table row is a formula ``lambda sp, x: ...``: ``sp`` is sympy (plus ``log1p``
+from ``sympy.codegen``) and the other parameters are the op's scalar args in order
+(``x``, ``y`` real numbers, ``p``, ``q`` masks). Formulas run the first time an
+op's expression is needed (autodiff, passes, codegen), never while tracing, so a
+process that only loads a cached module does not import sympy.
+
 Adding an activation is one line in ``UNARY`` below.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import types
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import sympy as sp
-from sympy.codegen.cfunctions import log1p
 
 from ..errors import DTypeError
 from .base import OPS, OpDef, Shape, broadcast_shapes, register, same_dtype
 
-x, y = sp.symbols("x y", real=True)
-p, q = sp.symbols("p q")  # boolean operands (masks)
+if TYPE_CHECKING:
+    import sympy
+
+Formula = Callable[..., Any]  # (sp, *args) -> sympy.Expr
 
 # name -> expression of x. Numerically careful forms: sigmoid through tanh and
 # softplus through log1p keep both the value and its derivative finite in f32.
-UNARY: dict[str, sp.Expr] = {
-    "neg": -x,
-    "exp": sp.exp(x),
-    "log": sp.log(x),
-    "log1p": log1p(x),
-    "sqrt": sp.sqrt(x),
-    "tanh": sp.tanh(x),
-    "erf": sp.erf(x),
-    "abs": sp.Abs(x),
-    "sign": sp.sign(x),
-    "sin": sp.sin(x),
-    "cos": sp.cos(x),
-    "relu": sp.Piecewise((x, x > 0), (0, True)),  # relu'(0) = 0, as in PyTorch
-    "sigmoid": (1 + sp.tanh(x / 2)) / 2,
-    "gelu": x * (1 + sp.erf(x / sp.sqrt(2))) / 2,  # exact (erf) form
-    "softplus": sp.Max(x, 0) + log1p(sp.exp(-sp.Abs(x))),
+UNARY: dict[str, Formula] = {
+    "neg": lambda sp, x: -x,
+    "exp": lambda sp, x: sp.exp(x),
+    "log": lambda sp, x: sp.log(x),
+    "log1p": lambda sp, x: sp.log1p(x),
+    "sqrt": lambda sp, x: sp.sqrt(x),
+    "tanh": lambda sp, x: sp.tanh(x),
+    "erf": lambda sp, x: sp.erf(x),
+    "abs": lambda sp, x: sp.Abs(x),
+    "sign": lambda sp, x: sp.sign(x),
+    "sin": lambda sp, x: sp.sin(x),
+    "cos": lambda sp, x: sp.cos(x),
+    "relu": lambda sp, x: sp.Piecewise((x, x > 0), (0, True)),  # relu'(0) = 0, as PyTorch
+    "sigmoid": lambda sp, x: (1 + sp.tanh(x / 2)) / 2,
+    "gelu": lambda sp, x: x * (1 + sp.erf(x / sp.sqrt(2))) / 2,  # exact (erf) form
+    "softplus": lambda sp, x: sp.Max(x, 0) + sp.log1p(sp.exp(-sp.Abs(x))),
 }
 
-BINARY: dict[str, sp.Expr] = {
-    "add": x + y,
-    "sub": x - y,
-    "mul": x * y,
-    "div": x / y,
-    "pow": x**y,
-    "maximum": sp.Max(x, y),  # ties split the gradient evenly, as in PyTorch
-    "minimum": sp.Min(x, y),
+BINARY: dict[str, Formula] = {
+    "add": lambda sp, x, y: x + y,
+    "sub": lambda sp, x, y: x - y,
+    "mul": lambda sp, x, y: x * y,
+    "div": lambda sp, x, y: x / y,
+    "pow": lambda sp, x, y: x**y,
+    "maximum": lambda sp, x, y: sp.Max(x, y),  # ties split the gradient evenly, as PyTorch
+    "minimum": lambda sp, x, y: sp.Min(x, y),
 }
 
 # sympy writes d(x**y)/dx as x**y*y/x, which is 0/0 at x = 0.
-DERIVATIVE_OVERRIDES: dict[str, dict[int, sp.Expr]] = {
-    "pow": {0: y * x ** (y - 1), 1: sp.log(x) * x**y},
+DERIVATIVE_OVERRIDES: dict[str, dict[int, Formula]] = {
+    "pow": {0: lambda sp, x, y: y * x ** (y - 1), 1: lambda sp, x, y: sp.log(x) * x**y},
 }
 
-COMPARE: dict[str, sp.Expr] = {
-    "lt": sp.StrictLessThan(x, y),
-    "le": sp.LessThan(x, y),
-    "gt": sp.StrictGreaterThan(x, y),
-    "ge": sp.GreaterThan(x, y),
-    "eq": sp.Eq(x, y, evaluate=False),
-    "ne": sp.Ne(x, y, evaluate=False),
+COMPARE: dict[str, Formula] = {
+    "lt": lambda sp, x, y: sp.StrictLessThan(x, y),
+    "le": lambda sp, x, y: sp.LessThan(x, y),
+    "gt": lambda sp, x, y: sp.StrictGreaterThan(x, y),
+    "ge": lambda sp, x, y: sp.GreaterThan(x, y),
+    "eq": lambda sp, x, y: sp.Eq(x, y, evaluate=False),
+    "ne": lambda sp, x, y: sp.Ne(x, y, evaluate=False),
 }
 
-LOGICAL: dict[str, tuple[sp.Expr, tuple[sp.Symbol, ...]]] = {
-    "logical_and": (sp.And(p, q), (p, q)),
-    "logical_or": (sp.Or(p, q), (p, q)),
-    "logical_not": (sp.Not(p), (p,)),
+LOGICAL: dict[str, Formula] = {
+    "logical_and": lambda sp, p, q: sp.And(p, q),
+    "logical_or": lambda sp, p, q: sp.Or(p, q),
+    "logical_not": lambda sp, p: sp.Not(p),
 }
+
+
+@functools.cache
+def _sympy() -> Any:
+    """sympy, with ``log1p`` beside its functions: the ``sp`` formulas are given."""
+    import sympy
+    from sympy.codegen.cfunctions import log1p
+
+    return types.SimpleNamespace(**vars(sympy), log1p=log1p)
+
+
+@functools.cache
+def _symbol(name: str) -> sympy.Symbol:
+    """The scalar argument ``name``: x, y real; p, q masks (no assumptions)."""
+    sp = _sympy()
+    return sp.Symbol(name, real=True) if name in ("x", "y") else sp.Symbol(name)
+
+
+def _args(formula: Formula) -> tuple[str, ...]:
+    """The names of a formula's scalar args (its parameters after ``sp``)."""
+    code = formula.__code__
+    return code.co_varnames[1:code.co_argcount]
+
+
+def _build(formula: Formula) -> tuple[sympy.Expr, tuple[sympy.Symbol, ...]]:
+    symbols = tuple(_symbol(a) for a in _args(formula))
+    return formula(_sympy(), *symbols), symbols
 
 
 # ---- dtype rules ---------------------------------------------------------------------
@@ -117,30 +152,35 @@ def _erf(a: np.ndarray) -> np.ndarray:
     return np.asarray(erf(a), dtype=a.dtype)
 
 
-_NUMPY_FUNCS: dict[type, Callable[..., Any]] = {
-    sp.exp: np.exp,
-    sp.log: np.log,
-    log1p: np.log1p,
-    sp.tanh: np.tanh,
-    sp.erf: _erf,
-    sp.Abs: np.abs,
-    sp.sign: np.sign,
-    sp.sin: np.sin,
-    sp.cos: np.cos,
-    sp.StrictLessThan: np.less,
-    sp.LessThan: np.less_equal,
-    sp.StrictGreaterThan: np.greater,
-    sp.GreaterThan: np.greater_equal,
-    sp.Eq: np.equal,
-    sp.Ne: np.not_equal,
-    sp.Not: np.logical_not,
-}
+@functools.cache
+def _numpy_funcs() -> dict[type, Callable[..., Any]]:
+    sp = _sympy()
+    return {
+        sp.exp: np.exp,
+        sp.log: np.log,
+        sp.log1p: np.log1p,
+        sp.tanh: np.tanh,
+        sp.erf: _erf,
+        sp.Abs: np.abs,
+        sp.sign: np.sign,
+        sp.sin: np.sin,
+        sp.cos: np.cos,
+        sp.StrictLessThan: np.less,
+        sp.LessThan: np.less_equal,
+        sp.StrictGreaterThan: np.greater,
+        sp.GreaterThan: np.greater_equal,
+        sp.Eq: np.equal,
+        sp.Ne: np.not_equal,
+        sp.Not: np.logical_not,
+    }
 
 
-def evaluate(expr: sp.Basic, env: dict[sp.Symbol, np.ndarray], dtype: np.dtype) -> Any:
+def evaluate(expr: sympy.Basic, env: dict[sympy.Symbol, np.ndarray], dtype: np.dtype) -> Any:
     """Evaluate ``expr`` elementwise over NumPy arrays, keeping ``dtype`` throughout."""
+    sp = _sympy()
+    funcs = _numpy_funcs()
 
-    def ev(e: sp.Basic) -> Any:
+    def ev(e: sympy.Basic) -> Any:
         if e.is_Symbol:
             return env[e]
         if e is sp.true or e is sp.false:
@@ -178,7 +218,7 @@ def evaluate(expr: sp.Basic, env: dict[sp.Symbol, np.ndarray], dtype: np.dtype) 
             return _fold(np.logical_and, args)
         if isinstance(e, sp.Or):
             return _fold(np.logical_or, args)
-        fn = _NUMPY_FUNCS.get(type(e))
+        fn = funcs.get(type(e))
         if fn is None:
             raise NotImplementedError(f"no NumPy form for {type(e).__name__} in {expr}")
         return fn(*args)
@@ -222,8 +262,9 @@ def derivative(opdef: OpDef, i: int) -> tuple[str, Any] | None:
     """d(op)/d(arg i), as ("const", c), ("arg", j) or ("op", (name, arg indices))."""
     if i in opdef.derivatives:
         return opdef.derivatives[i]
+    sp = _sympy()
     override = DERIVATIVE_OVERRIDES.get(opdef.name, {})
-    d = override[i] if i in override else sp.diff(opdef.expr, opdef.symbols[i])
+    d = _build(override[i])[0] if i in override else sp.diff(opdef.expr, opdef.symbols[i])
     # Second derivatives: sympy writes d(x**a)/dx as a*x**a/x, 0/0 at x = 0, so fold
     # it back into x**(a - 1); and Heaviside' (of Max, Abs, sign) is a delta, zero
     # almost everywhere and representable by no kernel, so it is 0, as in PyTorch.
@@ -239,7 +280,8 @@ def derivative(opdef: OpDef, i: int) -> tuple[str, Any] | None:
         used = tuple(j for j, s in enumerate(opdef.symbols) if s in d.free_symbols)
         name = f"{opdef.name}.d{i}"
         if name not in OPS:
-            define(name, d, tuple(opdef.symbols[j] for j in used), "float")
+            symbols = tuple(opdef.symbols[j] for j in used)
+            define(name, lambda: (d, symbols), len(used), "float")
         result = ("op", (name, used))
     opdef.derivatives[i] = result
     return result
@@ -266,17 +308,24 @@ def _elementwise_vjp(opdef: OpDef) -> Callable[..., list[Any]]:
     return vjp
 
 
-def define(name: str, expr: sp.Expr, symbols: tuple[sp.Symbol, ...], rule: str,
-           differentiable: bool = True) -> OpDef:
-    """Register an elementwise op given by ``expr`` over ``symbols``."""
+def define(name: str, scalar: Callable[[], tuple[sympy.Expr, tuple[sympy.Symbol, ...]]],
+           arity: int, rule: str, differentiable: bool = True) -> OpDef:
+    """Register an elementwise op of ``arity`` args; ``scalar()`` gives its expression
+    and symbols (called on first use)."""
     infer = _infer(rule)
     opdef = OpDef(name=name, kind="elementwise",
                   infer=lambda s, d, a: infer(s, d, {"_op": name, **a}),
-                  expr=expr, symbols=symbols, arity=len(symbols))
+                  scalar=scalar, arity=arity)
     opdef.ref = _reference(opdef)
     if differentiable:
         opdef.vjp = _elementwise_vjp(opdef)
     return register(opdef)
+
+
+def _define(name: str, formula: Formula, rule: str, differentiable: bool = True) -> OpDef:
+    """Register the op of one table row."""
+    return define(name, functools.partial(_build, formula), len(_args(formula)), rule,
+                  differentiable)
 
 
 def _cast_vjp(g: Any, out: Any, a: Any, dtype: str) -> list[Any]:
@@ -292,16 +341,16 @@ def _where_vjp(g: Any, out: Any, c: Any, a: Any, b: Any) -> list[Any]:
     return [None, apply("where", c, g, zero), apply("where", c, zero, g)]
 
 
-for _name, _expr in UNARY.items():
-    define(_name, _expr, (x,), "float", differentiable=_name != "sign")
-for _name, _expr in BINARY.items():
-    define(_name, _expr, (x, y), "float" if _name in ("div", "pow") else "numeric")
-for _name, _expr in COMPARE.items():
-    define(_name, _expr, (x, y), "compare", differentiable=False)
-for _name, (_expr, _syms) in LOGICAL.items():
-    define(_name, _expr, _syms, "logical", differentiable=False)
+for _name, _formula in UNARY.items():
+    _define(_name, _formula, "float", differentiable=_name != "sign")
+for _name, _formula in BINARY.items():
+    _define(_name, _formula, "float" if _name in ("div", "pow") else "numeric")
+for _name, _formula in COMPARE.items():
+    _define(_name, _formula, "compare", differentiable=False)
+for _name, _formula in LOGICAL.items():
+    _define(_name, _formula, "logical", differentiable=False)
 
-define("where", sp.Piecewise((x, p), (y, True)), (p, x, y), "where").vjp = _where_vjp
-define("cast", x, (x,), "cast").vjp = _cast_vjp
+_define("where", lambda sp, p, x, y: sp.Piecewise((x, p), (y, True)), "where").vjp = _where_vjp
+_define("cast", lambda sp, x: x, "cast").vjp = _cast_vjp
 # Identity whose gradient is cut: the max-shift inside softmax needs no gradient.
-define("stop_gradient", x, (x,), "float", differentiable=False)
+_define("stop_gradient", lambda sp, x: x, "float", differentiable=False)
