@@ -178,8 +178,14 @@ def _unused_row(text: str) -> str:
 def render_kernel(k: Kernel, dtypes: dict[str, str]) -> str:
     args = KernelArgs(k, dtypes)
     out = IndentedBuffer()
-    shape = list(getattr(k, "shape", ()) or getattr(k, "batch", ()))
-    out.line(f"/// {k.kind}: {', '.join(k.ops)}" + (f" over {shape}" if shape else "") + ".")
+    if isinstance(k, Matmul):  # the product as rendered (a batch may fold into rows)
+        f = batch_as_rows(k)
+        batches = f"{'×'.join(map(str, f.batch))} batches of " if f.batch else ""
+        out.line(f"/// matmul: {', '.join(k.ops)}: {batches}{f.m}×{f.k} · {f.k}×{f.n}.")
+    else:
+        shape = list(getattr(k, "shape", ()))
+        out.line(f"/// {k.kind}: {', '.join(k.ops)}" + (f" over {shape}" if shape else "")
+                 + ".")
     ret = " -> Result<(), rt::Error>" if fallible(k) else ""
     with out.indent(f"pub fn {k.name}({args.signature()}){ret} {{"):
         if isinstance(k, Elementwise):

@@ -157,7 +157,7 @@ pub fn forward_k06_mul(t17: &[f32], t19: &mut [f32]) {
         });
 }
 
-/// matmul: matmul, add.
+/// matmul: matmul, add: 4×32 · 32×10.
 pub fn forward_k07_matmul_add(
     t19: &[f32],
     param_head_weight: &[f32],
@@ -415,7 +415,7 @@ pub fn grads_k15_reduce(t61: &[f32], t64: &mut [f32]) {
         });
 }
 
-/// matmul: matmul.
+/// matmul: matmul: 4×10 · 10×32.
 pub fn grads_k16_matmul(
     t61: &[f32],
     param_head_weight: &[f32],
@@ -437,7 +437,7 @@ pub fn grads_k16_matmul(
     Ok(())
 }
 
-/// matmul: matmul.
+/// matmul: matmul: 32×4 · 4×10.
 pub fn grads_k17_matmul(t19: &[f32], t61: &[f32], t69: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
@@ -816,7 +816,7 @@ pub fn train_k33_add_div_etc(
         });
 }
 
-/// matmul: matmul, add, div, mul, sqrt, sub.
+/// matmul: matmul, add, div, mul, sqrt, sub: 32×4 · 4×10.
 pub fn train_k34_matmul_add_div_etc(
     t19: &[f32],
     t61: &[f32],

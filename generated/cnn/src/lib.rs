@@ -507,7 +507,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `cnn`.
-#[pyclass(module = "fg_cnn_64542b3cdc55")]
+#[pyclass(module = "fg_cnn_17e129ce3ee5")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -659,8 +659,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_cnn_64542b3cdc55(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_cnn_64542b3cdc55")?;
+fn fg_cnn_17e129ce3ee5(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_cnn_17e129ce3ee5")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

@@ -9,7 +9,7 @@ use ferrograd_runtime as rt;
 use rayon::prelude::*;
 use std::f32::consts;
 
-/// matmul: matmul.
+/// matmul: matmul: 64×3 · 3×1.
 pub fn forward_k00_matmul(
     input_x: &[f32],
     param_w: &[f32],
@@ -55,7 +55,7 @@ pub fn forward_k02_mul(t8: &[f32], t10: &mut [f32]) {
     t10[0] = 0.015625 * x0;
 }
 
-/// matmul: matmul, add, mul, sub.
+/// matmul: matmul, add, mul, sub: 64×3 · 3×1.
 pub fn grads_k00_matmul_add_mul_sub(
     input_x: &[f32],
     param_w: &[f32],
@@ -106,7 +106,7 @@ pub fn grads_k01_reduce(t18: &[f32], t20: &mut [f32]) {
     });
 }
 
-/// matmul: matmul.
+/// matmul: matmul: 3×64 · 64×1.
 pub fn grads_k02_matmul(input_x: &[f32], t18: &[f32], t25: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
@@ -124,7 +124,7 @@ pub fn grads_k02_matmul(input_x: &[f32], t18: &[f32], t25: &mut [f32]) -> Result
     Ok(())
 }
 
-/// matmul: matmul, add.
+/// matmul: matmul, add: 64×3 · 3×1.
 pub fn train_k00_matmul_add(
     input_x: &[f32],
     param_w: &[f32],
@@ -205,7 +205,7 @@ pub fn train_k06_add_mul(c95: &[f32], t5: &[f32], input_y: &[f32], t18: &mut [f3
     });
 }
 
-/// matmul: matmul, add, div, mul, sqrt, sub.
+/// matmul: matmul, add, div, mul, sqrt, sub: 3×64 · 64×1.
 pub fn train_k08_matmul_add_div_etc(
     input_x: &[f32],
     t18: &[f32],

@@ -182,7 +182,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `linreg`.
-#[pyclass(module = "fg_linreg_2d9c83bb4e43")]
+#[pyclass(module = "fg_linreg_04b040fffb16")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -315,8 +315,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_linreg_2d9c83bb4e43(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_linreg_2d9c83bb4e43")?;
+fn fg_linreg_04b040fffb16(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_linreg_04b040fffb16")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

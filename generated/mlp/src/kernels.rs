@@ -9,7 +9,7 @@ use ferrograd_runtime as rt;
 use rayon::prelude::*;
 use std::f32::consts;
 
-/// matmul: matmul, add, relu.
+/// matmul: matmul, add, relu: 16×64 · 64×32.
 pub fn forward_k00_matmul_add_relu(
     input_x: &[f32],
     param_linear_0_weight: &[f32],
@@ -45,7 +45,7 @@ pub fn forward_k00_matmul_add_relu(
     Ok(())
 }
 
-/// matmul: matmul, add, relu.
+/// matmul: matmul, add, relu: 16×32 · 32×32.
 pub fn forward_k01_matmul_add_relu(
     t6: &[f32],
     param_linear_1_weight: &[f32],
@@ -81,7 +81,7 @@ pub fn forward_k01_matmul_add_relu(
     Ok(())
 }
 
-/// matmul: matmul, add.
+/// matmul: matmul, add: 16×32 · 32×10.
 pub fn forward_k02_matmul_add(
     t11: &[f32],
     param_head_weight: &[f32],
@@ -203,7 +203,7 @@ pub fn forward_k08_mul_neg(t29: &[f32], t32: &mut [f32]) {
     t32[0] = -0.0625 * x0;
 }
 
-/// matmul: matmul, add.
+/// matmul: matmul, add: 16×64 · 64×32.
 pub fn grads_k00_matmul_add(
     input_x: &[f32],
     param_linear_0_weight: &[f32],
@@ -252,7 +252,7 @@ pub fn grads_k01_relu(t5: &[f32], t6: &mut [f32]) {
         });
 }
 
-/// matmul: matmul, add.
+/// matmul: matmul, add: 16×32 · 32×32.
 pub fn grads_k02_matmul_add(
     t6: &[f32],
     param_linear_1_weight: &[f32],
@@ -391,7 +391,7 @@ pub fn grads_k11_reduce(t52: &[f32], t55: &mut [f32]) {
         });
 }
 
-/// matmul: matmul.
+/// matmul: matmul: 32×16 · 16×10.
 pub fn grads_k12_matmul(t11: &[f32], t52: &[f32], t60: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
@@ -409,7 +409,7 @@ pub fn grads_k12_matmul(t11: &[f32], t52: &[f32], t60: &mut [f32]) -> Result<(),
     Ok(())
 }
 
-/// matmul: matmul, mul, relu.d0.
+/// matmul: matmul, mul, relu.d0: 16×10 · 10×32.
 pub fn grads_k13_matmul_mul_relu_d0(
     t52: &[f32],
     param_head_weight: &[f32],
@@ -466,7 +466,7 @@ pub fn grads_k14_reduce(t62: &[f32], t63: &mut [f32]) {
         });
 }
 
-/// matmul: matmul.
+/// matmul: matmul: 32×16 · 16×32.
 pub fn grads_k15_matmul(t6: &[f32], t62: &[f32], t68: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
@@ -484,7 +484,7 @@ pub fn grads_k15_matmul(t6: &[f32], t62: &[f32], t68: &mut [f32]) -> Result<(), 
     Ok(())
 }
 
-/// matmul: matmul, mul, relu.d0.
+/// matmul: matmul, mul, relu.d0: 16×32 · 32×32.
 pub fn grads_k16_matmul_mul_relu_d0(
     t62: &[f32],
     param_linear_1_weight: &[f32],
@@ -541,7 +541,7 @@ pub fn grads_k17_reduce(t70: &[f32], t71: &mut [f32]) {
         });
 }
 
-/// matmul: matmul.
+/// matmul: matmul: 64×16 · 16×32.
 pub fn grads_k18_matmul(input_x: &[f32], t70: &[f32], t76: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
@@ -603,7 +603,7 @@ pub fn train_k13_div_pow_sub(state_step: &[f32], t107: &mut [f32]) {
     t107[0] = 0.01 / (1.0 - 0.9_f32.powf(x0));
 }
 
-/// matmul: matmul, add, div, mul, sqrt, sub.
+/// matmul: matmul, add, div, mul, sqrt, sub: 64×16 · 16×32.
 pub fn train_k22_matmul_add_div_etc(
     input_x: &[f32],
     t70: &[f32],
@@ -687,7 +687,7 @@ pub fn train_k23_add_div_etc(
         });
 }
 
-/// matmul: matmul, add, div, mul, sqrt, sub.
+/// matmul: matmul, add, div, mul, sqrt, sub: 32×16 · 16×32.
 pub fn train_k24_matmul_add_div_etc(
     t6: &[f32],
     t62: &[f32],
@@ -771,7 +771,7 @@ pub fn train_k25_add_div_etc(
         });
 }
 
-/// matmul: matmul, add, div, mul, sqrt, sub.
+/// matmul: matmul, add, div, mul, sqrt, sub: 32×16 · 16×10.
 pub fn train_k26_matmul_add_div_etc(
     t11: &[f32],
     t52: &[f32],

@@ -20,7 +20,7 @@ pub fn forward_k00_copy(input_x: &[f32], t5_c: &mut [f32]) {
     });
 }
 
-/// matmul: matmul, add, tanh.
+/// matmul: matmul, add, tanh: 4×1 · 1×8.
 pub fn forward_k01_matmul_add_tanh(
     t5_c: &[f32],
     param_cell_w_xh: &[f32],
@@ -65,7 +65,7 @@ pub fn forward_k02_copy(input_x: &[f32], t10_c: &mut [f32]) {
     });
 }
 
-/// matmul: matmul.
+/// matmul: matmul: 4×8 · 8×8.
 pub fn forward_k03_matmul(
     t9: &[f32],
     param_cell_w_hh: &[f32],
@@ -87,7 +87,7 @@ pub fn forward_k03_matmul(
     Ok(())
 }
 
-/// matmul: matmul, add, tanh.
+/// matmul: matmul, add, tanh: 4×1 · 1×8.
 pub fn forward_k04_matmul_add_tanh(
     t10_c: &[f32],
     param_cell_w_xh: &[f32],
@@ -136,7 +136,7 @@ pub fn forward_k05_copy(input_x: &[f32], t17_c: &mut [f32]) {
     });
 }
 
-/// matmul: matmul.
+/// matmul: matmul: 4×8 · 8×8.
 pub fn forward_k06_matmul(
     t16: &[f32],
     param_cell_w_hh: &[f32],
@@ -158,7 +158,7 @@ pub fn forward_k06_matmul(
     Ok(())
 }
 
-/// matmul: matmul, add, tanh.
+/// matmul: matmul, add, tanh: 4×1 · 1×8.
 pub fn forward_k07_matmul_add_tanh(
     t17_c: &[f32],
     param_cell_w_xh: &[f32],
@@ -207,7 +207,7 @@ pub fn forward_k08_copy(input_x: &[f32], t24_c: &mut [f32]) {
     });
 }
 
-/// matmul: matmul.
+/// matmul: matmul: 4×8 · 8×8.
 pub fn forward_k09_matmul(
     t23: &[f32],
     param_cell_w_hh: &[f32],
@@ -229,7 +229,7 @@ pub fn forward_k09_matmul(
     Ok(())
 }
 
-/// matmul: matmul, add, tanh.
+/// matmul: matmul, add, tanh: 4×1 · 1×8.
 pub fn forward_k10_matmul_add_tanh(
     t24_c: &[f32],
     param_cell_w_xh: &[f32],
@@ -278,7 +278,7 @@ pub fn forward_k11_copy(input_x: &[f32], t31_c: &mut [f32]) {
     });
 }
 
-/// matmul: matmul.
+/// matmul: matmul: 4×8 · 8×8.
 pub fn forward_k12_matmul(
     t30: &[f32],
     param_cell_w_hh: &[f32],
@@ -300,7 +300,7 @@ pub fn forward_k12_matmul(
     Ok(())
 }
 
-/// matmul: matmul, add, tanh.
+/// matmul: matmul, add, tanh: 4×1 · 1×8.
 pub fn forward_k13_matmul_add_tanh(
     t31_c: &[f32],
     param_cell_w_xh: &[f32],
@@ -338,7 +338,7 @@ pub fn forward_k13_matmul_add_tanh(
     Ok(())
 }
 
-/// matmul: matmul, add.
+/// matmul: matmul, add: 4×8 · 8×2.
 pub fn forward_k14_matmul_add(
     t37: &[f32],
     param_head_weight: &[f32],
@@ -457,7 +457,7 @@ pub fn forward_k20_mul_neg(t55: &[f32], t58: &mut [f32]) {
     t58[0] = -0.25 * x0;
 }
 
-/// matmul: matmul, add.
+/// matmul: matmul, add: 4×1 · 1×8.
 pub fn grads_k01_matmul_add(
     t5_c: &[f32],
     param_cell_w_xh: &[f32],
@@ -503,7 +503,7 @@ pub fn grads_k02_tanh(t8: &[f32], t9: &mut [f32]) {
     });
 }
 
-/// matmul: matmul, add.
+/// matmul: matmul, add: 4×1 · 1×8.
 pub fn grads_k05_matmul_add(
     t10_c: &[f32],
     param_cell_w_xh: &[f32],
@@ -553,7 +553,7 @@ pub fn grads_k06_tanh(t15: &[f32], t16: &mut [f32]) {
     });
 }
 
-/// matmul: matmul, add.
+/// matmul: matmul, add: 4×1 · 1×8.
 pub fn grads_k09_matmul_add(
     t17_c: &[f32],
     param_cell_w_xh: &[f32],
@@ -603,7 +603,7 @@ pub fn grads_k10_tanh(t22: &[f32], t23: &mut [f32]) {
     });
 }
 
-/// matmul: matmul, add.
+/// matmul: matmul, add: 4×1 · 1×8.
 pub fn grads_k13_matmul_add(
     t24_c: &[f32],
     param_cell_w_xh: &[f32],
@@ -653,7 +653,7 @@ pub fn grads_k14_tanh(t29: &[f32], t30: &mut [f32]) {
     });
 }
 
-/// matmul: matmul, add.
+/// matmul: matmul, add: 4×1 · 1×8.
 pub fn grads_k17_matmul_add(
     t31_c: &[f32],
     param_cell_w_xh: &[f32],
@@ -776,7 +776,7 @@ pub fn grads_k26_reduce(t78: &[f32], t81: &mut [f32]) {
     });
 }
 
-/// matmul: matmul.
+/// matmul: matmul: 8×4 · 4×2.
 pub fn grads_k27_matmul(t37: &[f32], t78: &[f32], t86: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
@@ -794,7 +794,7 @@ pub fn grads_k27_matmul(t37: &[f32], t78: &[f32], t86: &mut [f32]) -> Result<(),
     Ok(())
 }
 
-/// matmul: matmul, mul, tanh.d0.
+/// matmul: matmul, mul, tanh.d0: 4×2 · 2×8.
 pub fn grads_k28_matmul_mul_tanh_d0(
     t78: &[f32],
     param_head_weight: &[f32],
@@ -848,7 +848,7 @@ pub fn grads_k29_reduce(t88: &[f32], t93: &mut [f32]) {
     });
 }
 
-/// matmul: matmul, mul, tanh.d0.
+/// matmul: matmul, mul, tanh.d0: 4×8 · 8×8.
 pub fn grads_k30_matmul_mul_tanh_d0(
     t88: &[f32],
     param_cell_w_hh: &[f32],
@@ -883,7 +883,7 @@ pub fn grads_k30_matmul_mul_tanh_d0(
     Ok(())
 }
 
-/// matmul: matmul.
+/// matmul: matmul: 8×4 · 4×8.
 pub fn grads_k31_matmul(t23: &[f32], t100: &[f32], t104: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
@@ -923,7 +923,7 @@ pub fn grads_k32_reduce(t100: &[f32], t106: &mut [f32]) {
         });
 }
 
-/// matmul: matmul.
+/// matmul: matmul: 1×4 · 4×8.
 pub fn grads_k33_matmul(t24_c: &[f32], t100: &[f32], t112: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
@@ -941,7 +941,7 @@ pub fn grads_k33_matmul(t24_c: &[f32], t100: &[f32], t112: &mut [f32]) -> Result
     Ok(())
 }
 
-/// matmul: matmul, mul, tanh.d0.
+/// matmul: matmul, mul, tanh.d0: 4×8 · 8×8.
 pub fn grads_k34_matmul_mul_tanh_d0(
     t100: &[f32],
     param_cell_w_hh: &[f32],
@@ -976,7 +976,7 @@ pub fn grads_k34_matmul_mul_tanh_d0(
     Ok(())
 }
 
-/// matmul: matmul.
+/// matmul: matmul: 8×4 · 4×8.
 pub fn grads_k35_matmul(t16: &[f32], t115: &[f32], t119: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
@@ -1016,7 +1016,7 @@ pub fn grads_k36_reduce(t115: &[f32], t121: &mut [f32]) {
         });
 }
 
-/// matmul: matmul.
+/// matmul: matmul: 1×4 · 4×8.
 pub fn grads_k37_matmul(t17_c: &[f32], t115: &[f32], t127: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
@@ -1034,7 +1034,7 @@ pub fn grads_k37_matmul(t17_c: &[f32], t115: &[f32], t127: &mut [f32]) -> Result
     Ok(())
 }
 
-/// matmul: matmul, mul, tanh.d0.
+/// matmul: matmul, mul, tanh.d0: 4×8 · 8×8.
 pub fn grads_k38_matmul_mul_tanh_d0(
     t115: &[f32],
     param_cell_w_hh: &[f32],
@@ -1069,7 +1069,7 @@ pub fn grads_k38_matmul_mul_tanh_d0(
     Ok(())
 }
 
-/// matmul: matmul.
+/// matmul: matmul: 8×4 · 4×8.
 pub fn grads_k39_matmul(t9: &[f32], t130: &[f32], t134: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
@@ -1087,7 +1087,7 @@ pub fn grads_k39_matmul(t9: &[f32], t130: &[f32], t134: &mut [f32]) -> Result<()
     Ok(())
 }
 
-/// matmul: matmul, add.
+/// matmul: matmul, add: 8×4 · 4×8.
 pub fn grads_k40_matmul_add(
     t30: &[f32],
     t88: &[f32],
@@ -1150,7 +1150,7 @@ pub fn grads_k41_reduce(t130: &[f32], t136: &mut [f32]) {
         });
 }
 
-/// matmul: matmul.
+/// matmul: matmul: 1×4 · 4×8.
 pub fn grads_k42_matmul(t10_c: &[f32], t130: &[f32], t142: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
@@ -1168,7 +1168,7 @@ pub fn grads_k42_matmul(t10_c: &[f32], t130: &[f32], t142: &mut [f32]) -> Result
     Ok(())
 }
 
-/// matmul: matmul, mul, tanh.d0.
+/// matmul: matmul, mul, tanh.d0: 4×8 · 8×8.
 pub fn grads_k43_matmul_mul_tanh_d0(
     t130: &[f32],
     param_cell_w_hh: &[f32],
@@ -1252,7 +1252,7 @@ pub fn grads_k45_add(
     });
 }
 
-/// matmul: matmul.
+/// matmul: matmul: 1×4 · 4×8.
 pub fn grads_k46_matmul(t5_c: &[f32], t145: &[f32], t152: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
@@ -1270,7 +1270,7 @@ pub fn grads_k46_matmul(t5_c: &[f32], t145: &[f32], t152: &mut [f32]) -> Result<
     Ok(())
 }
 
-/// matmul: matmul, add.
+/// matmul: matmul, add: 1×4 · 4×8.
 pub fn grads_k47_matmul_add(
     t31_c: &[f32],
     t88: &[f32],
@@ -1339,7 +1339,7 @@ pub fn train_k23_reduce(
     });
 }
 
-/// matmul: matmul, add, mul, sub.
+/// matmul: matmul, add, mul, sub: 1×4 · 4×8.
 pub fn train_k47_matmul_add_mul_sub(
     t31_c: &[f32],
     t88: &[f32],
@@ -1386,7 +1386,7 @@ pub fn train_k47_matmul_add_mul_sub(
     Ok(())
 }
 
-/// matmul: matmul, add, mul, sub.
+/// matmul: matmul, add, mul, sub: 8×4 · 4×8.
 pub fn train_k48_matmul_add_mul_sub(
     t30: &[f32],
     t88: &[f32],
@@ -1459,7 +1459,7 @@ pub fn train_k49_add_mul_sub(
         });
 }
 
-/// matmul: matmul, add, mul, sub.
+/// matmul: matmul, add, mul, sub: 8×4 · 4×2.
 pub fn train_k50_matmul_add_mul_sub(
     t37: &[f32],
     t78: &[f32],

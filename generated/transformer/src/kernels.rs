@@ -115,7 +115,7 @@ pub fn forward_k05_add_div_etc(
         });
 }
 
-/// matmul: matmul, add over [2].
+/// matmul: matmul, add: 16×16 · 16×16.
 pub fn forward_k06_matmul_add(
     t21: &[f32],
     param_attn_q_weight: &[f32],
@@ -149,7 +149,7 @@ pub fn forward_k06_matmul_add(
     Ok(())
 }
 
-/// matmul: matmul, add over [2].
+/// matmul: matmul, add: 16×16 · 16×16.
 pub fn forward_k07_matmul_add(
     t21: &[f32],
     param_attn_k_weight: &[f32],
@@ -183,7 +183,7 @@ pub fn forward_k07_matmul_add(
     Ok(())
 }
 
-/// matmul: matmul, add over [2].
+/// matmul: matmul, add: 16×16 · 16×16.
 pub fn forward_k08_matmul_add(
     t21: &[f32],
     param_attn_v_weight: &[f32],
@@ -217,7 +217,7 @@ pub fn forward_k08_matmul_add(
     Ok(())
 }
 
-/// matmul: matmul, mul over [2, 2].
+/// matmul: matmul, mul: 2×2 batches of 8×8 · 8×8.
 pub fn forward_k09_matmul_mul(
     t25: &[f32],
     t31: &[f32],
@@ -319,7 +319,7 @@ pub fn forward_k13_div(t50: &[f32], t51: &[f32], t52: &mut [f32]) {
     });
 }
 
-/// matmul: matmul over [2, 2].
+/// matmul: matmul: 2×2 batches of 8×8 · 8×8.
 pub fn forward_k14_matmul(t52: &[f32], t37: &[f32], t53: &mut [f32]) -> Result<(), rt::Error> {
     for b0 in 0..2 {
         rt::gemm::sgemm_batched(
@@ -358,7 +358,7 @@ pub fn forward_k15_copy(t53: &[f32], t54_c: &mut [f32]) {
         });
 }
 
-/// matmul: matmul, add over [2].
+/// matmul: matmul, add: 16×16 · 16×16.
 pub fn forward_k16_matmul_add(
     t54_c: &[f32],
     param_attn_out_weight: &[f32],
@@ -473,7 +473,7 @@ pub fn forward_k20_add_div_etc(
         });
 }
 
-/// matmul: matmul, add, gelu over [2].
+/// matmul: matmul, add, gelu: 16×16 · 16×64.
 pub fn forward_k21_matmul_add_gelu(
     t76: &[f32],
     param_mlp_up_weight: &[f32],
@@ -508,7 +508,7 @@ pub fn forward_k21_matmul_add_gelu(
     Ok(())
 }
 
-/// matmul: matmul, add over [2].
+/// matmul: matmul, add: 16×64 · 64×16.
 pub fn forward_k22_matmul_add(
     t81: &[f32],
     param_mlp_down_weight: &[f32],
@@ -626,7 +626,7 @@ pub fn forward_k26_add_div_etc(
         });
 }
 
-/// matmul: matmul, add over [2].
+/// matmul: matmul, add: 16×16 · 16×20.
 pub fn forward_k27_matmul_add(
     t102: &[f32],
     param_head_weight: &[f32],
@@ -922,7 +922,7 @@ pub fn grads_k14_exp(c44: &[u8], t43: &[f32], t48: &[f32], t50: &mut [f32]) {
         });
 }
 
-/// matmul: matmul, add over [2].
+/// matmul: matmul, add: 2 batches of 8×16 · 16×16.
 pub fn grads_k19_matmul_add(
     t54_c: &[f32],
     param_attn_out_weight: &[f32],
@@ -1053,7 +1053,7 @@ pub fn grads_k25_add_mul(
         });
 }
 
-/// matmul: matmul, add over [2].
+/// matmul: matmul, add: 16×16 · 16×64.
 pub fn grads_k26_matmul_add(
     t76: &[f32],
     param_mlp_up_weight: &[f32],
@@ -1314,7 +1314,7 @@ pub fn grads_k44_reduce(t145: &[f32], t149: &mut [f32]) {
         });
 }
 
-/// matmul: matmul over [2].
+/// matmul: matmul: 16×20 · 20×16.
 pub fn grads_k45_matmul(
     t145: &[f32],
     param_head_weight: &[f32],
@@ -1336,7 +1336,7 @@ pub fn grads_k45_matmul(
     Ok(())
 }
 
-/// matmul: matmul.
+/// matmul: matmul: 16×16 · 16×20.
 pub fn grads_k46_matmul(t102: &[f32], t145: &[f32], t156: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
@@ -1541,7 +1541,7 @@ pub fn grads_k55_reduce(t182: &[f32], t183: &mut [f32]) {
         });
 }
 
-/// matmul: matmul.
+/// matmul: matmul: 64×16 · 16×16.
 pub fn grads_k56_matmul(t81: &[f32], t182: &[f32], t190: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
@@ -1559,7 +1559,7 @@ pub fn grads_k56_matmul(t81: &[f32], t182: &[f32], t190: &mut [f32]) -> Result<(
     Ok(())
 }
 
-/// matmul: matmul, gelu.d0, mul over [2].
+/// matmul: matmul, gelu.d0, mul: 16×16 · 16×64.
 pub fn grads_k57_matmul_gelu_d0_mul(
     t182: &[f32],
     param_mlp_down_weight: &[f32],
@@ -1620,7 +1620,7 @@ pub fn grads_k58_reduce(t192: &[f32], t193: &mut [f32]) {
         });
 }
 
-/// matmul: matmul over [2].
+/// matmul: matmul: 16×64 · 64×16.
 pub fn grads_k59_matmul(
     t192: &[f32],
     param_mlp_up_weight: &[f32],
@@ -1642,7 +1642,7 @@ pub fn grads_k59_matmul(
     Ok(())
 }
 
-/// matmul: matmul.
+/// matmul: matmul: 16×16 · 16×64.
 pub fn grads_k60_matmul(t76: &[f32], t192: &[f32], t200: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
@@ -1850,7 +1850,7 @@ pub fn grads_k69_reduce(t227: &[f32], t228: &mut [f32]) {
         });
 }
 
-/// matmul: matmul over [2].
+/// matmul: matmul: 16×16 · 16×16.
 pub fn grads_k70_matmul(
     t227: &[f32],
     param_attn_out_weight: &[f32],
@@ -1872,7 +1872,7 @@ pub fn grads_k70_matmul(
     Ok(())
 }
 
-/// matmul: matmul.
+/// matmul: matmul: 16×16 · 16×16.
 pub fn grads_k71_matmul(t54_c: &[f32], t227: &[f32], t235: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
@@ -1890,7 +1890,7 @@ pub fn grads_k71_matmul(t54_c: &[f32], t227: &[f32], t235: &mut [f32]) -> Result
     Ok(())
 }
 
-/// matmul: matmul over [2, 2].
+/// matmul: matmul: 2×2 batches of 8×8 · 8×8.
 pub fn grads_k72_matmul(t231: &[f32], t37: &[f32], t239: &mut [f32]) -> Result<(), rt::Error> {
     for b0 in 0..2 {
         rt::gemm::sgemm_batched(
@@ -1910,7 +1910,7 @@ pub fn grads_k72_matmul(t231: &[f32], t37: &[f32], t239: &mut [f32]) -> Result<(
     Ok(())
 }
 
-/// matmul: matmul over [2, 2].
+/// matmul: matmul: 2×2 batches of 8×8 · 8×8.
 pub fn grads_k73_matmul(t52: &[f32], t231: &[f32], t241: &mut [f32]) -> Result<(), rt::Error> {
     for b0 in 0..2 {
         rt::gemm::sgemm_batched(
@@ -1983,7 +1983,7 @@ pub fn grads_k75_add_div_d0_etc(
         });
 }
 
-/// matmul: matmul over [2, 2].
+/// matmul: matmul: 2×2 batches of 8×8 · 8×8.
 pub fn grads_k76_matmul(t257: &[f32], t31: &[f32], t260: &mut [f32]) -> Result<(), rt::Error> {
     for b0 in 0..2 {
         rt::gemm::sgemm_batched(
@@ -2003,7 +2003,7 @@ pub fn grads_k76_matmul(t257: &[f32], t31: &[f32], t260: &mut [f32]) -> Result<(
     Ok(())
 }
 
-/// matmul: matmul over [2, 2].
+/// matmul: matmul: 2×2 batches of 8×8 · 8×8.
 pub fn grads_k77_matmul(t25: &[f32], t257: &[f32], t262: &mut [f32]) -> Result<(), rt::Error> {
     for b0 in 0..2 {
         rt::gemm::sgemm_batched(
@@ -2105,7 +2105,7 @@ pub fn grads_k81_reduce(t285_c: &[f32], t287: &mut [f32]) {
         });
 }
 
-/// matmul: matmul over [2].
+/// matmul: matmul: 16×16 · 16×16.
 pub fn grads_k82_matmul(
     t285_c: &[f32],
     param_attn_q_weight: &[f32],
@@ -2127,7 +2127,7 @@ pub fn grads_k82_matmul(
     Ok(())
 }
 
-/// matmul: matmul.
+/// matmul: matmul: 16×16 · 16×16.
 pub fn grads_k83_matmul(t21: &[f32], t264_c: &[f32], t273: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
@@ -2184,7 +2184,7 @@ pub fn grads_k85_reduce(t488_c: &[f32], t276: &mut [f32]) {
         });
 }
 
-/// matmul: matmul over [2].
+/// matmul: matmul: 16×16 · 16×16.
 pub fn grads_k86_matmul(
     t488_c: &[f32],
     param_attn_k_weight: &[f32],
@@ -2206,7 +2206,7 @@ pub fn grads_k86_matmul(
     Ok(())
 }
 
-/// matmul: matmul, add over [2].
+/// matmul: matmul, add: 16×16 · 16×16.
 pub fn grads_k87_matmul_add(
     t264_c: &[f32],
     param_attn_v_weight: &[f32],
@@ -2447,7 +2447,7 @@ pub fn grads_k96_scatter_add(
     Ok(())
 }
 
-/// matmul: matmul.
+/// matmul: matmul: 16×16 · 16×16.
 pub fn grads_k97_matmul(t21: &[f32], t488_c: &[f32], t283: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
@@ -2465,7 +2465,7 @@ pub fn grads_k97_matmul(t21: &[f32], t488_c: &[f32], t283: &mut [f32]) -> Result
     Ok(())
 }
 
-/// matmul: matmul.
+/// matmul: matmul: 16×16 · 16×16.
 pub fn grads_k98_matmul(t21: &[f32], t285_c: &[f32], t294: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
@@ -2560,7 +2560,7 @@ pub fn train_k83_add_mul_sub(
         });
 }
 
-/// matmul: matmul, add, mul, sub.
+/// matmul: matmul, add, mul, sub: 16×16 · 16×16.
 pub fn train_k84_matmul_add_mul_sub(
     t54_c: &[f32],
     t227: &[f32],
@@ -2665,7 +2665,7 @@ pub fn train_k87_add_mul_sub(
         });
 }
 
-/// matmul: matmul, add, mul, sub.
+/// matmul: matmul, add, mul, sub: 16×16 · 16×64.
 pub fn train_k88_matmul_add_mul_sub(
     t76: &[f32],
     t192: &[f32],
@@ -2724,7 +2724,7 @@ pub fn train_k89_add_mul_sub(
         });
 }
 
-/// matmul: matmul, add, mul, sub.
+/// matmul: matmul, add, mul, sub: 64×16 · 16×16.
 pub fn train_k90_matmul_add_mul_sub(
     t81: &[f32],
     t182: &[f32],
@@ -2829,7 +2829,7 @@ pub fn train_k93_add_mul_sub(
         });
 }
 
-/// matmul: matmul, add, mul, sub.
+/// matmul: matmul, add, mul, sub: 16×16 · 16×20.
 pub fn train_k94_matmul_add_mul_sub(
     t102: &[f32],
     t145: &[f32],
@@ -2888,7 +2888,7 @@ pub fn train_k95_add_mul_sub(
         });
 }
 
-/// matmul: matmul, add, mul, sub.
+/// matmul: matmul, add, mul, sub: 16×16 · 16×16.
 pub fn train_k100_matmul_add_mul_sub(
     t21: &[f32],
     t264_c: &[f32],
@@ -3039,7 +3039,7 @@ pub fn train_k114_add_mul_sub(
         });
 }
 
-/// matmul: matmul, add, mul, sub.
+/// matmul: matmul, add, mul, sub: 16×16 · 16×16.
 pub fn train_k115_matmul_add_mul_sub(
     t21: &[f32],
     t488_c: &[f32],
@@ -3075,7 +3075,7 @@ pub fn train_k115_matmul_add_mul_sub(
     Ok(())
 }
 
-/// matmul: matmul, add, mul, sub.
+/// matmul: matmul, add, mul, sub: 16×16 · 16×16.
 pub fn train_k116_matmul_add_mul_sub(
     t21: &[f32],
     t285_c: &[f32],

@@ -9,7 +9,7 @@ use ferrograd_runtime as rt;
 use rayon::prelude::*;
 use std::f32::consts;
 
-/// matmul: matmul, add, tanh.
+/// matmul: matmul, add, tanh: 4×2 · 2×4.
 pub fn forward_k00_matmul_add_tanh(
     input_x: &[f32],
     param_hidden_weight: &[f32],
@@ -43,7 +43,7 @@ pub fn forward_k00_matmul_add_tanh(
     Ok(())
 }
 
-/// matmul: matmul, add, sigmoid.
+/// matmul: matmul, add, sigmoid: 4×4 · 4×1.
 pub fn forward_k01_matmul_add_sigmoid(
     t6: &[f32],
     param_out_weight: &[f32],
@@ -96,7 +96,7 @@ pub fn forward_k03_mul_neg(t25: &[f32], t28: &mut [f32]) {
     t28[0] = -0.25 * x0;
 }
 
-/// matmul: matmul, add.
+/// matmul: matmul, add: 4×2 · 2×4.
 pub fn grads_k00_matmul_add(
     input_x: &[f32],
     param_hidden_weight: &[f32],
@@ -142,7 +142,7 @@ pub fn grads_k01_tanh(t5: &[f32], t6: &mut [f32]) {
     });
 }
 
-/// matmul: matmul, add, log, log.d0, maximum.d0, mul, neg, sigmoid, sigmoid.d0, sub.
+/// matmul: matmul, add, log, log.d0, maximum.d0, mul, neg, sigmoid, sigmoid.d0, sub: 4×4 · 4×1.
 pub fn grads_k02_matmul_add_log_etc(
     t6: &[f32],
     param_out_weight: &[f32],
@@ -214,7 +214,7 @@ pub fn grads_k03_reduce(t54: &[f32], t55: &mut [f32]) {
     });
 }
 
-/// matmul: matmul.
+/// matmul: matmul: 4×4 · 4×1.
 pub fn grads_k04_matmul(t6: &[f32], t54: &[f32], t60: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
@@ -232,7 +232,7 @@ pub fn grads_k04_matmul(t6: &[f32], t54: &[f32], t60: &mut [f32]) -> Result<(), 
     Ok(())
 }
 
-/// matmul: matmul, mul, tanh.d0.
+/// matmul: matmul, mul, tanh.d0: 4×1 · 1×4.
 pub fn grads_k05_matmul_mul_tanh_d0(
     t54: &[f32],
     param_out_weight: &[f32],
@@ -281,7 +281,7 @@ pub fn grads_k06_reduce(t62: &[f32], t63: &mut [f32]) {
     });
 }
 
-/// matmul: matmul.
+/// matmul: matmul: 2×4 · 4×4.
 pub fn grads_k07_matmul(input_x: &[f32], t62: &[f32], t68: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
@@ -299,7 +299,7 @@ pub fn grads_k07_matmul(input_x: &[f32], t62: &[f32], t68: &mut [f32]) -> Result
     Ok(())
 }
 
-/// matmul: matmul, add.
+/// matmul: matmul, add: 4×4 · 4×1.
 pub fn train_k02_matmul_add(
     t6: &[f32],
     param_out_weight: &[f32],
@@ -429,7 +429,7 @@ pub fn train_k08_add_log_d0_etc(
     });
 }
 
-/// matmul: matmul, add, mul, sub.
+/// matmul: matmul, add, mul, sub: 2×4 · 4×4.
 pub fn train_k12_matmul_add_mul_sub(
     input_x: &[f32],
     t62: &[f32],
@@ -488,7 +488,7 @@ pub fn train_k13_add_mul_sub(
         });
 }
 
-/// matmul: matmul, add, mul, sub.
+/// matmul: matmul, add, mul, sub: 4×4 · 4×1.
 pub fn train_k14_matmul_add_mul_sub(
     t6: &[f32],
     t54: &[f32],
