@@ -43,6 +43,8 @@ from typing import IO
 
 from ferrograd.ir.errors import BackendError
 
+from .files import atomic_write
+
 __all__ = [
     "RUNTIME_DIR",
     "BuildError",
@@ -313,18 +315,8 @@ def _extract(wheel: Path, name: str, dest: Path, log_path: Path) -> None:
                 f"building {name}: the wheel has no module {dest.name} (it has "
                 f"{', '.join(found) or 'nothing'}); the crate's [lib] name must be "
                 f"{name!r}. Full log: {log_path}", log_path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-        try:
-            with os.fdopen(fd, "wb") as f, zf.open(members[0]) as src:
-                shutil.copyfileobj(src, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o755)
-            os.replace(tmp, dest)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        with atomic_write(dest, mode=0o755) as f, zf.open(members[0]) as src:
+            shutil.copyfileobj(src, f)
 
 
 # ---- loading and locking ---------------------------------------------------------------

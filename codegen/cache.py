@@ -19,13 +19,10 @@ read, does not parse or does not fit the model is a miss, never an error.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +32,7 @@ from ferrograd.ir.optim import Optimizer
 from ferrograd.ir.serialize import fingerprint
 
 from .build import cache_dir, module_path, runtime_fingerprint
+from .files import atomic_write
 from .interface import Interface
 
 FORMAT = 1  # of load entries; a new layout is a new key, never a misread entry
@@ -130,15 +128,5 @@ def _built(name: Any) -> str | None:
 
 def write_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` so that readers see the old file or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path) as f:
+        f.write(text.encode())

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ferrograd.ir.errors import CheckpointError
+
+from .files import atomic_write
 
 STATE_PREFIX = "optim."
 
@@ -26,18 +27,8 @@ def write_checkpoint(path: str | os.PathLike[str], params: dict[str, np.ndarray]
     tensors = {**params, **{STATE_PREFIX + k: v for k, v in state.items()}}
     data = save_bytes({k: np.array(v, order="C") for k, v in tensors.items()},
                       metadata={k: json.dumps(v) for k, v in metadata.items()})
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(Path(path)) as f:
+        f.write(data)
 
 
 def read_checkpoint(path: str | os.PathLike[str]

@@ -191,41 +191,27 @@ class _Scheduler:
         return f"%{n.id} {n.op}{list(n.shape)}"
 
     # ---- pass 2: kernels, in graph order ------------------------------------------
-    def build(self) -> Schedule:
+    def build(self, inplace: bool = True) -> Schedule:
+        """The schedule; updates written in place into their targets where ``inplace``
+        and the kernel order allows, else (retried without) into temps copied back."""
         if any(n.dtype == "f64" for n in self.plan):
             raise BackendError("compiled backends compute in float32; this model uses "
                                "float64 (use backend='numpy' for float64)")
         group_of = self.group()
         self.epilogues = self._epilogues(group_of)
-        inplace = self._inplace_targets(group_of)
+        targets = self._inplace_targets(group_of) if inplace else {}
         for n in self.plan:
             g = group_of.get(n.id)
             if g is not None:
                 if g.founder == n.id:
-                    self._emit_group(g, inplace)
-                continue
-            if n.id not in self.recomputed:
+                    self._emit_group(g, targets)
+            elif n.id not in self.recomputed:
                 self._emit_node(n)
         results = self._results()
         order = self._order()
         if order is None:  # in-place writes cannot be ordered: write to temps, copy back
-            return _Scheduler(self.g, list(self.roots), self.entry)._build_without_inplace()
-        return self._finish(order, results)
-
-    def _build_without_inplace(self) -> Schedule:
-        group_of = self.group()
-        self.epilogues = self._epilogues(group_of)
-        for n in self.plan:
-            g = group_of.get(n.id)
-            if g is not None:
-                if g.founder == n.id:
-                    self._emit_group(g, {})
-                continue
-            if n.id not in self.recomputed:
-                self._emit_node(n)
-        results = self._results()
-        order = self._order()
-        assert order is not None
+            assert inplace, "without in-place writes every order is valid"
+            return _Scheduler(self.g, list(self.roots), self.entry).build(inplace=False)
         return self._finish(order, results)
 
     def _finish(self, order: list[int], results: dict[str, str]) -> Schedule:
