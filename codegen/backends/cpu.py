@@ -189,6 +189,11 @@ def _kernels_rs(graph: Graph, schedules: list[Schedule], dtypes: dict[str, str]
     out.line("use ferrograd_runtime as rt;")
     out.line("use rayon::prelude::*;")
     out.line("use std::f32::consts;")
+    out.line()
+    out.line("/// The runtime's exp, ln, tanh and erf, with fused multiply-adds where this")
+    out.line("/// build's CPU level has them (a `cfg!` in the runtime would see its own).")
+    out.line("#[allow(dead_code)]")
+    out.line('type Math = rt::math::Math<{ cfg!(target_feature = "fma") }>;')
     by_body: dict[str, str] = {}
     fn_of: dict[str, str] = {}
     for s in schedules:

@@ -67,9 +67,9 @@ class RustPrinter(CLikePrinter, RustCodePrinter):
     FUNCTIONS: ClassVar[dict[str, str]] = {
         # exp, log, tanh, erf: the runtime's branch-free versions vectorize; std's
         # are libm calls, one element at a time.
-        "exp": "rt::math::exp({0})", "log": "rt::math::ln({0})", "log1p": "{r0}.ln_1p()",
-        "tanh": "rt::math::tanh({0})", "sin": "{r0}.sin()", "cos": "{r0}.cos()",
-        "Abs": "{r0}.abs()", "erf": "rt::math::erf({0})",
+        "exp": "Math::exp({0})", "log": "Math::ln({0})", "log1p": "{r0}.ln_1p()",
+        "tanh": "Math::tanh({0})", "sin": "{r0}.sin()", "cos": "{r0}.cos()",
+        "Abs": "{r0}.abs()", "erf": "Math::erf({0})",
         "sign": "(if {r0} == 0.0 {{ 0.0 }} else {{ {r0}.signum() }})",
     }
     POWERS: ClassVar[dict[str, str]] = {
@@ -222,6 +222,30 @@ def _cse_body(out: IndentedBuffer, exprs: list[Any], dtypes: list[str]) -> list[
             for e, d in zip(reduced[len(values):], dtypes, strict=True)]
 
 
+def _hoist_reciprocals(out: IndentedBuffer, exprs: list[Any], invariant: set[str]) -> list[Any]:
+    """``exprs`` with each division by a value that does not change along the loop
+    about to open (it reads only the symbols in ``invariant``: a row's mean or sum)
+    turned into a product with its reciprocal, bound once before the loop. A divide
+    costs ~10x a multiply and does not pipeline; the result may differ from the
+    quotient by an ulp."""
+    found: dict[Any, Any] = {}
+
+    def visit(e: Any) -> Any:
+        if (e.is_Pow and e.exp.is_negative and e.exp.is_number and e.base.free_symbols
+                and {s.name for s in e.base.free_symbols} <= invariant
+                and value_kind(e.base) == "float"):
+            if e not in found:
+                found[e] = sp.Symbol(f"recip{len(found)}", real=True)
+                out.line(f"let {found[e]} = {_bare(RustPrinter().expr(e))};")
+            return found[e]
+        if not e.args:
+            return e
+        args = [visit(a) for a in e.args]
+        return e.func(*args) if args != list(e.args) else e
+
+    return [visit(e) for e in exprs]
+
+
 def _hoist_branches(e: Any, branches: dict[Any, Any]) -> Any:
     """``e`` with each non-trivial value of a float ``Piecewise`` (a ``where``)
     replaced by a symbol bound to it (``branches``: value -> symbol). Computed
@@ -359,6 +383,7 @@ def _row(out: IndentedBuffer, k: Elementwise, outer: list[int], row_len: int,
     coords = _unravel(out, "row", outer, "r", [st[:-1] for st in in_strides])
     out.line(f"let n = {names[0]}.len();")
     loads = []
+    invariant: set[str] = set()
     for (sym, v), st in zip(k.inputs.items(), in_strides, strict=True):
         inner = st[-1]
         base = (linear_index(v.offset, coords, st[:-1]) if outer
@@ -368,10 +393,13 @@ def _row(out: IndentedBuffer, k: Elementwise, outer: list[int], row_len: int,
             loads.append(f"let {sym} = {aliased[v.buffer]}[j]{nz};")
         elif (load := _bind_input(out, sym, v, base, inner, "n")) is not None:
             loads.append(load)
+        else:
+            invariant.add(sym)
+    exprs = _hoist_reciprocals(out, [e for _, e in k.outputs], invariant)
     with out.indent("for j in 0..n {"):
         for line in loads:
             out.line(line)
-        values = _cse_body(out, [e for _, e in k.outputs], [v.dtype for v, _ in k.outputs])
+        values = _cse_body(out, exprs, [v.dtype for v, _ in k.outputs])
         for name, (v, _), val in zip(names, k.outputs, values, strict=True):
             out.line(f"{name}[j] = {_store(v, val)};")
 
@@ -530,16 +558,20 @@ def _row_reduce_in_lanes(out: IndentedBuffer, k: Reduce, lay: ReduceLayout,
         out.line(f"let n = ({last} - start).min(rt::lanes::CHUNK);")
     length = "n" if chunked else str(last)
     loads = []
+    invariant: set[str] = set()
     for (sym, v), ks, rs in zip(k.inputs.items(), lay.kept_strides, lay.reduced_strides,
                                 strict=True):
         base = linear_index(v.offset, coords + loops, ks + rs[:-1])
         load = _bind_input(out, sym, v, base, rs[-1], length, "start" if chunked else "")
         if load is not None:
             loads.append(load)
+        else:
+            invariant.add(sym)
+    (value,) = _hoist_reciprocals(out, [k.value], invariant)
     with out.indent(f"for (j, c) in chunk[..{length}].iter_mut().enumerate() {{"):
         for line in loads:
             out.line(line)
-        (value,) = _cse_body(out, [k.value], ["f32"])
+        (value,) = _cse_body(out, [value], ["f32"])
         out.line(f"*c = {value};")
     fold = "add" if sum_ else "max"
     out.line(f"rt::lanes::{fold}(&mut lanes, &chunk[..{length}]);")

@@ -51,6 +51,7 @@ const BLOCK_ALIGN: usize = 16;
 /// assert_eq!(ata[0], 1.0 * 1.0 + 4.0 * 4.0);
 /// ```
 #[allow(clippy::too_many_arguments)]
+#[inline]
 pub fn sgemm(
     m: usize,
     n: usize,
@@ -63,6 +64,37 @@ pub fn sgemm(
     c_strides: Strides,
     accumulate: bool,
 ) -> Result<(), Error> {
+    if (n == 1 || m == 1) && k > 0 {
+        // A matrix-vector product: run here, in the calling crate, which is
+        // compiled for the module's instruction-set level (this crate is built
+        // at the x86-64 baseline, and a 1000×8·8×1 product is all loop
+        // overhead at SSE2 width).
+        let (ar, ac) = a_strides;
+        let (br, bc) = b_strides;
+        let (cr, cc) = c_strides;
+        check_span("A", a.len(), &[(m, ar), (k, ac)])?;
+        check_span("B", b.len(), &[(k, br), (n, bc)])?;
+        check_span("C", c.len(), &[(m, cr), (n, cc)])?;
+        check_disjoint("C", &[(m, cr), (n, cc)])?;
+        let g = Gemm {
+            m,
+            n,
+            k,
+            a: a.as_ptr(),
+            ar,
+            ac,
+            b: b.as_ptr(),
+            br,
+            bc,
+            c: c.as_mut_ptr(),
+            cr,
+            cc,
+            accumulate,
+        };
+        // SAFETY: the spans and C's disjointness were checked just above.
+        unsafe { g.run_vector() };
+        return Ok(());
+    }
     sgemm_batched(
         1,
         m,
@@ -190,6 +222,78 @@ pub fn block_rows(m: usize, n: usize, k: usize) -> usize {
         return m.max(1);
     }
     m.div_ceil(threads).next_multiple_of(BLOCK_ALIGN).max(1)
+}
+
+/// The widest row (or narrowest output) that [`rows_dot`] and
+/// [`columns_axpy`] specialize for.
+const SMALL: usize = 16;
+
+/// Calls `$f::<N>(args)` with `N` the run-time `$n` in `1..=SMALL`.
+macro_rules! by_size {
+    ($n:expr, $f:ident, $($arg:expr),*) => {
+        match $n {
+            1 => $f::<1>($($arg),*),
+            2 => $f::<2>($($arg),*),
+            3 => $f::<3>($($arg),*),
+            4 => $f::<4>($($arg),*),
+            5 => $f::<5>($($arg),*),
+            6 => $f::<6>($($arg),*),
+            7 => $f::<7>($($arg),*),
+            8 => $f::<8>($($arg),*),
+            9 => $f::<9>($($arg),*),
+            10 => $f::<10>($($arg),*),
+            11 => $f::<11>($($arg),*),
+            12 => $f::<12>($($arg),*),
+            13 => $f::<13>($($arg),*),
+            14 => $f::<14>($($arg),*),
+            15 => $f::<15>($($arg),*),
+            16 => $f::<16>($($arg),*),
+            _ => unreachable!("by_size! takes 1..=SMALL"),
+        }
+    };
+}
+
+/// `c[i] (+)= a[i·K..][..K] · b` for rows of a compile-time length `K`:
+/// the sum runs in index order, and LLVM unrolls it.
+#[inline]
+fn rows_dot<const K: usize>(a: &[f32], b: &[f32], c: &mut [f32], accumulate: bool) {
+    let b: &[f32; K] = b[..K].try_into().expect("b holds K elements");
+    for (row, out) in a.chunks_exact(K).zip(c.iter_mut()) {
+        let mut sum = 0.0f32;
+        for p in 0..K {
+            sum += row[p] * b[p];
+        }
+        *out = if accumulate { *out + sum } else { sum };
+    }
+}
+
+/// `c[..M] (+)= Σ_p a[p·M..][..M] · b[p]` for a compile-time `M`: four
+/// interleaved partial sums of `M` lanes each, so that the adds do not wait
+/// on each other.
+#[inline]
+fn columns_axpy<const M: usize>(a: &[f32], b: &[f32], c: &mut [f32], accumulate: bool) {
+    let mut acc = [[0.0f32; M]; 4];
+    let mut columns = a.chunks_exact(4 * M);
+    let mut scales = b.chunks_exact(4);
+    for (four, x) in (&mut columns).zip(&mut scales) {
+        for (q, lanes) in acc.iter_mut().enumerate() {
+            for (i, lane) in lanes.iter_mut().enumerate() {
+                *lane += four[q * M + i] * x[q];
+            }
+        }
+    }
+    let mut sum = [0.0f32; M];
+    for (i, s) in sum.iter_mut().enumerate() {
+        *s = (acc[0][i] + acc[1][i]) + (acc[2][i] + acc[3][i]);
+    }
+    for (column, x) in columns.remainder().chunks_exact(M).zip(scales.remainder()) {
+        for (s, v) in sum.iter_mut().zip(column) {
+            *s += v * x;
+        }
+    }
+    for (out, s) in c[..M].iter_mut().zip(sum) {
+        *out = if accumulate { *out + s } else { s };
+    }
 }
 
 /// `Σ a[p]·b[p]` in eight interleaved partial sums (a fixed order, so results
@@ -376,6 +480,7 @@ impl Gemm {
     ///
     /// # Safety
     /// As [`Gemm::run_serial`], with `k > 0`.
+    #[inline]
     unsafe fn run_vector(&self) {
         // A row of C (m == 1) is the transposed problem: Cᵀ = Bᵀ·Aᵀ, n == 1.
         let g = if self.n == 1 {
@@ -400,6 +505,15 @@ impl Gemm {
         unsafe {
             let out = |i: isize| g.c.offset(i * g.cr);
             let (m, k) = (g.m as isize, g.k as isize);
+            if g.ac == 1 && g.br == 1 && g.ar == k && g.cr == 1 && g.k <= SMALL {
+                // Dense rows of a few elements each: one product per row with
+                // its length a constant.
+                let a = std::slice::from_raw_parts(g.a, g.m * g.k);
+                let b = std::slice::from_raw_parts(g.b, g.k);
+                let c = std::slice::from_raw_parts_mut(g.c, g.m);
+                by_size!(g.k, rows_dot, a, b, c, g.accumulate);
+                return;
+            }
             if g.ac == 1 && g.br == 1 {
                 // Both along k in memory: slices, eight partial sums the
                 // compiler keeps in SIMD registers.
@@ -428,6 +542,15 @@ impl Gemm {
                     }
                     *out(i) = if g.accumulate { *out(i) + sum } else { sum };
                 }
+                return;
+            }
+            if g.ar == 1 && g.ac == m && g.cr == 1 && g.br == 1 && g.m <= SMALL {
+                // A few dense columns (Aᵀ·v with A tall and narrow): the
+                // whole output stays in registers while A streams past.
+                let a = std::slice::from_raw_parts(g.a, g.m * g.k);
+                let b = std::slice::from_raw_parts(g.b, g.k);
+                let c = std::slice::from_raw_parts_mut(g.c, g.m);
+                by_size!(g.m, columns_axpy, a, b, c, g.accumulate);
                 return;
             }
             if !g.accumulate {
@@ -563,7 +686,11 @@ mod tests {
             (40, 300, 200),
             (300, 40, 200),
         ];
-        for &(m, n, k) in &sizes {
+        // Every length the small matrix-vector loops specialize for, and one
+        // past: short rows (m × k·k × 1), narrow columns (Aᵀ·v) and both as
+        // a row of C (m == 1).
+        let small = (1..=17).flat_map(|s| [(37, 1, s), (s, 1, 1003), (1, s, 29), (1, 41, s)]);
+        for (m, n, k) in sizes.into_iter().chain(small) {
             for &(ta, tb, tc) in &[
                 (false, false, false),
                 (true, false, false),

@@ -9,6 +9,11 @@ use ferrograd_runtime as rt;
 use rayon::prelude::*;
 use std::f32::consts;
 
+/// The runtime's exp, ln, tanh and erf, with fused multiply-adds where this
+/// build's CPU level has them (a `cfg!` in the runtime would see its own).
+#[allow(dead_code)]
+type Math = rt::math::Math<{ cfg!(target_feature = "fma") }>;
+
 /// conv: conv2d.
 pub fn forward_k00_conv(
     input_x: &[f32],
@@ -225,7 +230,7 @@ pub fn forward_k10_reduce(t24: &[f32], t29: &[f32], t32: &mut [f32]) {
             for i0 in 0..10 {
                 let x0 = t24[j * 10 + i0];
                 let x1 = t29[j];
-                acc += f64::from(rt::math::exp(x0 - x1));
+                acc += f64::from(Math::exp(x0 - x1));
             }
             *acc_out = acc as f32;
         }
@@ -250,7 +255,7 @@ pub fn forward_k11_reduce(
                 let x2 = t24[j * 10 + i0];
                 let x3 = t29[j];
                 let x4 = t32[j];
-                let w0 = x2 - x3 - rt::math::ln(x4);
+                let w0 = x2 - x3 - Math::ln(x4);
                 acc += f64::from(if x0 == x1 { w0 } else { 0.0 });
             }
             *acc_out = acc as f32;
@@ -388,7 +393,7 @@ pub fn grads_k14_add_exp_d0_mul(
         for j in 0..n {
             let x1 = x1_row[j];
             let x4 = x4_row[j];
-            o0[j] = x3 * rt::math::exp(x4 - x5) + (if x0 == x1 { x2 } else { 0.0 });
+            o0[j] = x3 * Math::exp(x4 - x5) + (if x0 == x1 { x2 } else { 0.0 });
         }
     });
 }
@@ -692,7 +697,7 @@ pub fn train_k11_reduce(
                 let x2 = t24[j * 10 + i0];
                 let x3 = t29[j];
                 let x4 = t32[j];
-                let w0 = x2 - x3 - rt::math::ln(x4);
+                let w0 = x2 - x3 - Math::ln(x4);
                 acc += f64::from(if x0 == x1 { w0 } else { 0.0 });
             }
             *acc_out = acc as f32;

@@ -9,6 +9,11 @@ use ferrograd_runtime as rt;
 use rayon::prelude::*;
 use std::f32::consts;
 
+/// The runtime's exp, ln, tanh and erf, with fused multiply-adds where this
+/// build's CPU level has them (a `cfg!` in the runtime would see its own).
+#[allow(dead_code)]
+type Math = rt::math::Math<{ cfg!(target_feature = "fma") }>;
+
 /// matmul: matmul: 64×3 · 3×1.
 pub fn forward_k00_matmul(
     input_x: &[f32],
@@ -235,6 +240,7 @@ pub fn train_k08_matmul_add_div_etc(
     let n = o0.len();
     let x4 = t58[0];
     let x5 = t53[0];
+    let recip0 = x5.recip();
     for j in 0..n {
         let x0 = o0[j];
         let x1 = c[j];
@@ -244,7 +250,7 @@ pub fn train_k08_matmul_add_div_etc(
         let t1 = 0.001 * x1.powi(2) + 0.999 * x2;
         o0[j] = t0;
         o1[j] = t1;
-        o2[j] = -t0 * x4 / (t1.sqrt() / x5 + 0.00000001) + 0.9999 * x3;
+        o2[j] = -t0 * x4 / (recip0 * t1.sqrt() + 0.00000001) + 0.9999 * x3;
     }
     Ok(())
 }

@@ -9,6 +9,11 @@ use ferrograd_runtime as rt;
 use rayon::prelude::*;
 use std::f32::consts;
 
+/// The runtime's exp, ln, tanh and erf, with fused multiply-adds where this
+/// build's CPU level has them (a `cfg!` in the runtime would see its own).
+#[allow(dead_code)]
+type Math = rt::math::Math<{ cfg!(target_feature = "fma") }>;
+
 /// matmul: matmul, add, relu: 16×64 · 64×32.
 pub fn forward_k00_matmul_add_relu(
     input_x: &[f32],
@@ -149,7 +154,7 @@ pub fn forward_k05_reduce(t15: &[f32], t20: &[f32], t23: &mut [f32]) {
             for i0 in 0..10 {
                 let x0 = t15[j * 10 + i0];
                 let x1 = t20[j];
-                acc += f64::from(rt::math::exp(x0 - x1));
+                acc += f64::from(Math::exp(x0 - x1));
             }
             *acc_out = acc as f32;
         }
@@ -174,7 +179,7 @@ pub fn forward_k06_reduce(
                 let x2 = t15[j * 10 + i0];
                 let x3 = t20[j];
                 let x4 = t23[j];
-                let w0 = x2 - x3 - rt::math::ln(x4);
+                let w0 = x2 - x3 - Math::ln(x4);
                 acc += f64::from(if x0 == x1 { w0 } else { 0.0 });
             }
             *acc_out = acc as f32;
@@ -364,7 +369,7 @@ pub fn grads_k10_add_exp_d0_mul(
             for j in 0..n {
                 let x1 = x1_row[j];
                 let x4 = x4_row[j];
-                o0[j] = x3 * rt::math::exp(x4 - x5) + (if x0 == x1 { x2 } else { 0.0 });
+                o0[j] = x3 * Math::exp(x4 - x5) + (if x0 == x1 { x2 } else { 0.0 });
             }
         });
 }
@@ -577,7 +582,7 @@ pub fn train_k08_reduce(
                 let x2 = t15[j * 10 + i0];
                 let x3 = t20[j];
                 let x4 = t23[j];
-                let w0 = x2 - x3 - rt::math::ln(x4);
+                let w0 = x2 - x3 - Math::ln(x4);
                 acc += f64::from(if x0 == x1 { w0 } else { 0.0 });
             }
             *acc_out = acc as f32;
@@ -639,6 +644,7 @@ pub fn train_k22_matmul_add_div_etc(
         let n = o0.len();
         let x4 = t107[0];
         let x5 = t102[0];
+        let recip0 = x5.recip();
         for j in 0..n {
             let x0 = o0[j];
             let x1 = c[j];
@@ -648,7 +654,7 @@ pub fn train_k22_matmul_add_div_etc(
             let t1 = 0.001 * x1.powi(2) + 0.999 * x2;
             o0[j] = t0;
             o1[j] = t1;
-            o2[j] = -t0 * x4 / (t1.sqrt() / x5 + 0.00000001) + x3;
+            o2[j] = -t0 * x4 / (recip0 * t1.sqrt() + 0.00000001) + x3;
         }
     }
     Ok(())
@@ -673,6 +679,7 @@ pub fn train_k23_add_div_etc(
             let x1_row = &t71[row * 32..][..n];
             let x4 = t107[0];
             let x5 = t102[0];
+            let recip0 = x5.recip();
             for j in 0..n {
                 let x0 = o0[j];
                 let x1 = x1_row[j];
@@ -682,7 +689,7 @@ pub fn train_k23_add_div_etc(
                 let t1 = 0.001 * x1.powi(2) + 0.999 * x2;
                 o0[j] = t0;
                 o1[j] = t1;
-                o2[j] = -t0 * x4 / (t1.sqrt() / x5 + 0.00000001) + x3;
+                o2[j] = -t0 * x4 / (recip0 * t1.sqrt() + 0.00000001) + x3;
             }
         });
 }
@@ -723,6 +730,7 @@ pub fn train_k24_matmul_add_div_etc(
         let n = o0.len();
         let x4 = t107[0];
         let x5 = t102[0];
+        let recip0 = x5.recip();
         for j in 0..n {
             let x0 = o0[j];
             let x1 = c[j];
@@ -732,7 +740,7 @@ pub fn train_k24_matmul_add_div_etc(
             let t1 = 0.001 * x1.powi(2) + 0.999 * x2;
             o0[j] = t0;
             o1[j] = t1;
-            o2[j] = -t0 * x4 / (t1.sqrt() / x5 + 0.00000001) + x3;
+            o2[j] = -t0 * x4 / (recip0 * t1.sqrt() + 0.00000001) + x3;
         }
     }
     Ok(())
@@ -757,6 +765,7 @@ pub fn train_k25_add_div_etc(
             let x1_row = &t63[row * 32..][..n];
             let x4 = t107[0];
             let x5 = t102[0];
+            let recip0 = x5.recip();
             for j in 0..n {
                 let x0 = o0[j];
                 let x1 = x1_row[j];
@@ -766,7 +775,7 @@ pub fn train_k25_add_div_etc(
                 let t1 = 0.001 * x1.powi(2) + 0.999 * x2;
                 o0[j] = t0;
                 o1[j] = t1;
-                o2[j] = -t0 * x4 / (t1.sqrt() / x5 + 0.00000001) + x3;
+                o2[j] = -t0 * x4 / (recip0 * t1.sqrt() + 0.00000001) + x3;
             }
         });
 }
@@ -807,6 +816,7 @@ pub fn train_k26_matmul_add_div_etc(
         let n = o0.len();
         let x4 = t107[0];
         let x5 = t102[0];
+        let recip0 = x5.recip();
         for j in 0..n {
             let x0 = o0[j];
             let x1 = c[j];
@@ -816,7 +826,7 @@ pub fn train_k26_matmul_add_div_etc(
             let t1 = 0.001 * x1.powi(2) + 0.999 * x2;
             o0[j] = t0;
             o1[j] = t1;
-            o2[j] = -t0 * x4 / (t1.sqrt() / x5 + 0.00000001) + x3;
+            o2[j] = -t0 * x4 / (recip0 * t1.sqrt() + 0.00000001) + x3;
         }
     }
     Ok(())
@@ -841,6 +851,7 @@ pub fn train_k27_add_div_etc(
             let x1_row = &t55[row * 10..][..n];
             let x4 = t107[0];
             let x5 = t102[0];
+            let recip0 = x5.recip();
             for j in 0..n {
                 let x0 = o0[j];
                 let x1 = x1_row[j];
@@ -850,7 +861,7 @@ pub fn train_k27_add_div_etc(
                 let t1 = 0.001 * x1.powi(2) + 0.999 * x2;
                 o0[j] = t0;
                 o1[j] = t1;
-                o2[j] = -t0 * x4 / (t1.sqrt() / x5 + 0.00000001) + x3;
+                o2[j] = -t0 * x4 / (recip0 * t1.sqrt() + 0.00000001) + x3;
             }
         });
 }

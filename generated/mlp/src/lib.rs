@@ -399,7 +399,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `mlp`.
-#[pyclass(module = "fg_mlp_239d93daa3ee")]
+#[pyclass(module = "fg_mlp_6e5d13b9af8c")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -545,8 +545,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_mlp_239d93daa3ee(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_mlp_239d93daa3ee")?;
+fn fg_mlp_6e5d13b9af8c(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_mlp_6e5d13b9af8c")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

@@ -9,6 +9,11 @@ use ferrograd_runtime as rt;
 use rayon::prelude::*;
 use std::f32::consts;
 
+/// The runtime's exp, ln, tanh and erf, with fused multiply-adds where this
+/// build's CPU level has them (a `cfg!` in the runtime would see its own).
+#[allow(dead_code)]
+type Math = rt::math::Math<{ cfg!(target_feature = "fma") }>;
+
 /// elementwise: copy over [4, 1, 1].
 pub fn forward_k00_copy(input_x: &[f32], t5_c: &mut [f32]) {
     t5_c[0..4].chunks_mut(4).enumerate().for_each(|(row, o0)| {
@@ -48,7 +53,7 @@ pub fn forward_k01_matmul_add_tanh(
         for j in 0..n {
             let x0 = c[j];
             let x1 = x1_row[j];
-            o0[j] = rt::math::tanh(x0 + x1);
+            o0[j] = Math::tanh(x0 + x1);
         }
     }
     Ok(())
@@ -119,7 +124,7 @@ pub fn forward_k04_matmul_add_tanh(
             let x0 = c[j];
             let x1 = x1_row[j];
             let x2 = x2_row[j];
-            o0[j] = rt::math::tanh(x0 + x1 + x2);
+            o0[j] = Math::tanh(x0 + x1 + x2);
         }
     }
     Ok(())
@@ -190,7 +195,7 @@ pub fn forward_k07_matmul_add_tanh(
             let x0 = c[j];
             let x1 = x1_row[j];
             let x2 = x2_row[j];
-            o0[j] = rt::math::tanh(x0 + x1 + x2);
+            o0[j] = Math::tanh(x0 + x1 + x2);
         }
     }
     Ok(())
@@ -261,7 +266,7 @@ pub fn forward_k10_matmul_add_tanh(
             let x0 = c[j];
             let x1 = x1_row[j];
             let x2 = x2_row[j];
-            o0[j] = rt::math::tanh(x0 + x1 + x2);
+            o0[j] = Math::tanh(x0 + x1 + x2);
         }
     }
     Ok(())
@@ -332,7 +337,7 @@ pub fn forward_k13_matmul_add_tanh(
             let x0 = c[j];
             let x1 = x1_row[j];
             let x2 = x2_row[j];
-            o0[j] = rt::math::tanh(x0 + x1 + x2);
+            o0[j] = Math::tanh(x0 + x1 + x2);
         }
     }
     Ok(())
@@ -406,7 +411,7 @@ pub fn forward_k17_reduce(t41: &[f32], t46: &[f32], t49: &mut [f32]) {
             for i0 in 0..2 {
                 let x0 = t41[j * 2 + i0];
                 let x1 = t46[j];
-                acc += f64::from(rt::math::exp(x0 - x1));
+                acc += f64::from(Math::exp(x0 - x1));
             }
             *acc_out = acc as f32;
         }
@@ -431,7 +436,7 @@ pub fn forward_k18_reduce(
                 let x2 = t41[j * 2 + i0];
                 let x3 = t46[j];
                 let x4 = t49[j];
-                let w0 = x2 - x3 - rt::math::ln(x4);
+                let w0 = x2 - x3 - Math::ln(x4);
                 acc += f64::from(if x0 == x1 { w0 } else { 0.0 });
             }
             *acc_out = acc as f32;
@@ -498,7 +503,7 @@ pub fn grads_k02_tanh(t8: &[f32], t9: &mut [f32]) {
         let x0_row = &t8[row * 32..][..n];
         for j in 0..n {
             let x0 = x0_row[j];
-            o0[j] = rt::math::tanh(x0);
+            o0[j] = Math::tanh(x0);
         }
     });
 }
@@ -548,7 +553,7 @@ pub fn grads_k06_tanh(t15: &[f32], t16: &mut [f32]) {
         let x0_row = &t15[row * 32..][..n];
         for j in 0..n {
             let x0 = x0_row[j];
-            o0[j] = rt::math::tanh(x0);
+            o0[j] = Math::tanh(x0);
         }
     });
 }
@@ -598,7 +603,7 @@ pub fn grads_k10_tanh(t22: &[f32], t23: &mut [f32]) {
         let x0_row = &t22[row * 32..][..n];
         for j in 0..n {
             let x0 = x0_row[j];
-            o0[j] = rt::math::tanh(x0);
+            o0[j] = Math::tanh(x0);
         }
     });
 }
@@ -648,7 +653,7 @@ pub fn grads_k14_tanh(t29: &[f32], t30: &mut [f32]) {
         let x0_row = &t29[row * 32..][..n];
         for j in 0..n {
             let x0 = x0_row[j];
-            o0[j] = rt::math::tanh(x0);
+            o0[j] = Math::tanh(x0);
         }
     });
 }
@@ -698,7 +703,7 @@ pub fn grads_k18_tanh(t36: &[f32], t37: &mut [f32]) {
         let x0_row = &t36[row * 32..][..n];
         for j in 0..n {
             let x0 = x0_row[j];
-            o0[j] = rt::math::tanh(x0);
+            o0[j] = Math::tanh(x0);
         }
     });
 }
@@ -759,7 +764,7 @@ pub fn grads_k25_add_exp_d0_mul(
             let x2 = x2_row[j];
             let x3 = x3_row[j];
             let x5 = x5_row[j];
-            o0[j] = x4 * rt::math::exp(x5 - x6) + (if x0 == x1 { x2 } else { x3 });
+            o0[j] = x4 * Math::exp(x5 - x6) + (if x0 == x1 { x2 } else { x3 });
         }
     });
 }
@@ -823,7 +828,7 @@ pub fn grads_k28_matmul_mul_tanh_d0(
         for j in 0..n {
             let x0 = c[j];
             let x1 = x1_row[j];
-            o0[j] = x0 * (1.0 - (rt::math::tanh(x1)).powi(2));
+            o0[j] = x0 * (1.0 - (Math::tanh(x1)).powi(2));
         }
     }
     Ok(())
@@ -877,7 +882,7 @@ pub fn grads_k30_matmul_mul_tanh_d0(
         for j in 0..n {
             let x0 = c[j];
             let x1 = x1_row[j];
-            o0[j] = x0 * (1.0 - (rt::math::tanh(x1)).powi(2));
+            o0[j] = x0 * (1.0 - (Math::tanh(x1)).powi(2));
         }
     }
     Ok(())
@@ -970,7 +975,7 @@ pub fn grads_k34_matmul_mul_tanh_d0(
         for j in 0..n {
             let x0 = c[j];
             let x1 = x1_row[j];
-            o0[j] = x0 * (1.0 - (rt::math::tanh(x1)).powi(2));
+            o0[j] = x0 * (1.0 - (Math::tanh(x1)).powi(2));
         }
     }
     Ok(())
@@ -1063,7 +1068,7 @@ pub fn grads_k38_matmul_mul_tanh_d0(
         for j in 0..n {
             let x0 = c[j];
             let x1 = x1_row[j];
-            o0[j] = x0 * (1.0 - (rt::math::tanh(x1)).powi(2));
+            o0[j] = x0 * (1.0 - (Math::tanh(x1)).powi(2));
         }
     }
     Ok(())
@@ -1197,7 +1202,7 @@ pub fn grads_k43_matmul_mul_tanh_d0(
         for j in 0..n {
             let x0 = c[j];
             let x1 = x1_row[j];
-            o0[j] = x0 * (1.0 - (rt::math::tanh(x1)).powi(2));
+            o0[j] = x0 * (1.0 - (Math::tanh(x1)).powi(2));
         }
     }
     Ok(())
@@ -1331,7 +1336,7 @@ pub fn train_k23_reduce(
                 let x2 = t41[j * 2 + i0];
                 let x3 = t46[j];
                 let x4 = t49[j];
-                let w0 = x2 - x3 - rt::math::ln(x4);
+                let w0 = x2 - x3 - Math::ln(x4);
                 acc += f64::from(if x0 == x1 { w0 } else { 0.0 });
             }
             *acc_out = acc as f32;

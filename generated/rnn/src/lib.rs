@@ -645,7 +645,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `rnn`.
-#[pyclass(module = "fg_rnn_e5d623e823d9")]
+#[pyclass(module = "fg_rnn_50549ca7c450")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -789,8 +789,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_rnn_e5d623e823d9(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_rnn_e5d623e823d9")?;
+fn fg_rnn_50549ca7c450(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_rnn_50549ca7c450")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

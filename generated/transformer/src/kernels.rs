@@ -9,6 +9,11 @@ use ferrograd_runtime as rt;
 use rayon::prelude::*;
 use std::f32::consts;
 
+/// The runtime's exp, ln, tanh and erf, with fused multiply-adds where this
+/// build's CPU level has them (a `cfg!` in the runtime would see its own).
+#[allow(dead_code)]
+type Math = rt::math::Math<{ cfg!(target_feature = "fma") }>;
+
 /// gather: take.
 pub fn forward_k00_gather(
     input_ids: &[i32],
@@ -106,11 +111,12 @@ pub fn forward_k05_add_div_etc(
             let x2 = t13[row];
             let x3_row = &param_ln_attn_weight[0..][..n];
             let x4_row = &param_ln_attn_bias[0..][..n];
+            let recip0 = (0.0625 * x2 + 0.00001).sqrt().recip();
             for j in 0..n {
                 let x0 = x0_row[j];
                 let x3 = x3_row[j];
                 let x4 = x4_row[j];
-                o0[j] = x3 * (x0 - x1) / (0.0625 * x2 + 0.00001).sqrt() + x4;
+                o0[j] = recip0 * x3 * (x0 - x1) + x4;
             }
         });
 }
@@ -286,7 +292,7 @@ pub fn forward_k11_exp_stop_gradient_sub(c44: &[u8], t43: &[f32], t47: &[f32], t
                     let x0 = c44[x0_at + d0 * 8 + d1] != 0;
                     let x1 = t43[x1_at + d0 * 8 + d1];
                     let x2 = t47[x2_at + d0];
-                    o0[j] = rt::math::exp(-x2 + (if x0 { x1 } else { -1000000000.0 }));
+                    o0[j] = Math::exp(-x2 + (if x0 { x1 } else { -1000000000.0 }));
                 }
             }
         });
@@ -312,9 +318,10 @@ pub fn forward_k13_div(t50: &[f32], t51: &[f32], t52: &mut [f32]) {
         let n = o0.len();
         let x0_row = &t50[row * 8..][..n];
         let x1 = t51[row];
+        let recip0 = x1.recip();
         for j in 0..n {
             let x0 = x0_row[j];
-            o0[j] = x0 / x1;
+            o0[j] = recip0 * x0;
         }
     });
 }
@@ -464,11 +471,12 @@ pub fn forward_k20_add_div_etc(
             let x2 = t68[row];
             let x3_row = &param_ln_mlp_weight[0..][..n];
             let x4_row = &param_ln_mlp_bias[0..][..n];
+            let recip0 = (0.0625 * x2 + 0.00001).sqrt().recip();
             for j in 0..n {
                 let x0 = x0_row[j];
                 let x3 = x3_row[j];
                 let x4 = x4_row[j];
-                o0[j] = x3 * (x0 - x1) / (0.0625 * x2 + 0.00001).sqrt() + x4;
+                o0[j] = recip0 * x3 * (x0 - x1) + x4;
             }
         });
 }
@@ -502,7 +510,7 @@ pub fn forward_k21_matmul_add_gelu(
             let x0 = c[j];
             let x1 = x1_row[j];
             let t0 = (0.5) * x0 + (0.5) * x1;
-            o0[j] = t0 * (rt::math::erf(2.0_f32.sqrt() * t0) + 1.0);
+            o0[j] = t0 * (Math::erf(2.0_f32.sqrt() * t0) + 1.0);
         }
     }
     Ok(())
@@ -616,12 +624,13 @@ pub fn forward_k26_add_div_etc(
             let x3 = t94[row];
             let x4_row = &param_ln_out_weight[0..][..n];
             let x5_row = &param_ln_out_bias[0..][..n];
+            let recip0 = (0.0625 * x3 + 0.00001).sqrt().recip();
             for j in 0..n {
                 let x0 = x0_row[j];
                 let x1 = x1_row[j];
                 let x4 = x4_row[j];
                 let x5 = x5_row[j];
-                o0[j] = x4 * (x0 + x1 - x2) / (0.0625 * x3 + 0.00001).sqrt() + x5;
+                o0[j] = recip0 * x4 * (x0 + x1 - x2) + x5;
             }
         });
 }
@@ -705,7 +714,7 @@ pub fn forward_k30_reduce(t106: &[f32], t113: &[f32], t116: &mut [f32]) {
             let x1 = t113[row];
             for (j, c) in chunk[..20].iter_mut().enumerate() {
                 let x0 = x0_row[j];
-                *c = rt::math::exp(x0 - x1);
+                *c = Math::exp(x0 - x1);
             }
             rt::lanes::add(&mut lanes, &chunk[..20]);
             *acc_out = rt::lanes::sum(&lanes) as f32;
@@ -735,7 +744,7 @@ pub fn forward_k31_reduce(
             for (j, c) in chunk[..20].iter_mut().enumerate() {
                 let x1 = x1_row[j];
                 let x2 = x2_row[j];
-                let w0 = x2 - x3 - rt::math::ln(x4);
+                let w0 = x2 - x3 - Math::ln(x4);
                 *c = if x0 == x1 { w0 } else { 0.0 };
             }
             rt::lanes::add(&mut lanes, &chunk[..20]);
@@ -843,9 +852,10 @@ pub fn grads_k05_div(t11: &[f32], t18: &[f32], t19: &mut [f32]) {
             let n = o0.len();
             let x0_row = &t11[row * 16..][..n];
             let x1 = t18[row];
+            let recip0 = x1.recip();
             for j in 0..n {
                 let x0 = x0_row[j];
-                o0[j] = x0 / x1;
+                o0[j] = recip0 * x0;
             }
         });
 }
@@ -916,7 +926,7 @@ pub fn grads_k14_exp(c44: &[u8], t43: &[f32], t48: &[f32], t50: &mut [f32]) {
                     let x0 = c44[x0_at + d0 * 8 + d1] != 0;
                     let x1 = t43[x1_at + d0 * 8 + d1];
                     let x2 = t48[x2_at + d0];
-                    o0[j] = rt::math::exp(-x2 + (if x0 { x1 } else { -1000000000.0 }));
+                    o0[j] = Math::exp(-x2 + (if x0 { x1 } else { -1000000000.0 }));
                 }
             }
         });
@@ -1022,9 +1032,10 @@ pub fn grads_k24_div(t66: &[f32], t73: &[f32], t74: &mut [f32]) {
             let n = o0.len();
             let x0_row = &t66[row * 16..][..n];
             let x1 = t73[row];
+            let recip0 = x1.recip();
             for j in 0..n {
                 let x0 = x0_row[j];
-                o0[j] = x0 / x1;
+                o0[j] = recip0 * x0;
             }
         });
 }
@@ -1098,7 +1109,7 @@ pub fn grads_k27_gelu(t80: &[f32], t81: &mut [f32]) {
             for j in 0..n {
                 let x0 = x0_row[j];
                 let t0 = (0.5) * x0;
-                o0[j] = t0 * (rt::math::erf(2.0_f32.sqrt() * t0) + 1.0);
+                o0[j] = t0 * (Math::erf(2.0_f32.sqrt() * t0) + 1.0);
             }
         });
 }
@@ -1160,9 +1171,10 @@ pub fn grads_k33_div(t92: &[f32], t99: &[f32], t100: &mut [f32]) {
             let n = o0.len();
             let x0_row = &t92[row * 16..][..n];
             let x1 = t99[row];
+            let recip0 = x1.recip();
             for j in 0..n {
                 let x0 = x0_row[j];
-                o0[j] = x0 / x1;
+                o0[j] = recip0 * x0;
             }
         });
 }
@@ -1287,7 +1299,7 @@ pub fn grads_k43_add_exp_d0_mul(
             for j in 0..n {
                 let x1 = x1_row[j];
                 let x4 = x4_row[j];
-                o0[j] = x3 * rt::math::exp(x4 - x5) + (if x0 == x1 { x2 } else { 0.0 });
+                o0[j] = x3 * Math::exp(x4 - x5) + (if x0 == x1 { x2 } else { 0.0 });
             }
         });
 }
@@ -1428,10 +1440,11 @@ pub fn grads_k50_reduce(t159: &[f32], t92: &[f32], t99: &[f32], t167: &mut [f32]
             let x0_row = &t159[row * 16..][..16];
             let x1_row = &t92[row * 16..][..16];
             let x2 = t99[row];
+            let recip0 = x2.powi(-2);
             for (j, c) in chunk[..16].iter_mut().enumerate() {
                 let x0 = x0_row[j];
                 let x1 = x1_row[j];
-                *c = -x0 * x1 / x2.powi(2);
+                *c = -recip0 * x0 * x1;
             }
             rt::lanes::add(&mut lanes, &chunk[..16]);
             *acc_out = rt::lanes::sum(&lanes) as f32;
@@ -1590,8 +1603,8 @@ pub fn grads_k57_matmul_gelu_d0_mul(
             let x1 = x1_row[j];
             let t0 = (0.5) * 2.0_f32.sqrt() * x1;
             o0[j] = x0
-                * (t0 * rt::math::exp(-0.5 * x1.powi(2)) / consts::PI.sqrt()
-                    + (0.5) * rt::math::erf(t0)
+                * (t0 * Math::exp(-0.5 * x1.powi(2)) / consts::PI.sqrt()
+                    + (0.5) * Math::erf(t0)
                     + 0.5);
         }
     }
@@ -1734,10 +1747,11 @@ pub fn grads_k64_reduce(t203: &[f32], t66: &[f32], t73: &[f32], t211: &mut [f32]
             let x0_row = &t203[row * 16..][..16];
             let x1_row = &t66[row * 16..][..16];
             let x2 = t73[row];
+            let recip0 = x2.powi(-2);
             for (j, c) in chunk[..16].iter_mut().enumerate() {
                 let x0 = x0_row[j];
                 let x1 = x1_row[j];
-                *c = -x0 * x1 / x2.powi(2);
+                *c = -recip0 * x0 * x1;
             }
             rt::lanes::add(&mut lanes, &chunk[..16]);
             *acc_out = rt::lanes::sum(&lanes) as f32;
@@ -1976,7 +1990,7 @@ pub fn grads_k75_add_div_d0_etc(
                     let x4 = t43[x4_at + d0 * 8 + d1];
                     let x5 = t48[x5_at + d0];
                     let w0 =
-                        (x1 / x2 + x3) * rt::math::exp(-x5 + (if x0 { x4 } else { -1000000000.0 }));
+                        (x1 / x2 + x3) * Math::exp(-x5 + (if x0 { x4 } else { -1000000000.0 }));
                     o0[j] = 0.35355338 * (if x0 { w0 } else { 0.0 });
                 }
             }
@@ -2308,11 +2322,12 @@ pub fn grads_k90_reduce(
             let x1_row = &param_ln_attn_weight[0..][..16];
             let x2_row = &t11[row * 16..][..16];
             let x3 = t18[row];
+            let recip0 = x3.powi(-2);
             for (j, c) in chunk[..16].iter_mut().enumerate() {
                 let x0 = x0_row[j];
                 let x1 = x1_row[j];
                 let x2 = x2_row[j];
-                *c = -x0 * x1 * x2 / x3.powi(2);
+                *c = -recip0 * x0 * x1 * x2;
             }
             rt::lanes::add(&mut lanes, &chunk[..16]);
             *acc_out = rt::lanes::sum(&lanes) as f32;
@@ -2506,7 +2521,7 @@ pub fn train_k41_reduce(
             for (j, c) in chunk[..20].iter_mut().enumerate() {
                 let x1 = x1_row[j];
                 let x2 = x2_row[j];
-                let w0 = x2 - x3 - rt::math::ln(x4);
+                let w0 = x2 - x3 - Math::ln(x4);
                 *c = if x0 == x1 { w0 } else { 0.0 };
             }
             rt::lanes::add(&mut lanes, &chunk[..20]);

@@ -9,6 +9,11 @@ use ferrograd_runtime as rt;
 use rayon::prelude::*;
 use std::f32::consts;
 
+/// The runtime's exp, ln, tanh and erf, with fused multiply-adds where this
+/// build's CPU level has them (a `cfg!` in the runtime would see its own).
+#[allow(dead_code)]
+type Math = rt::math::Math<{ cfg!(target_feature = "fma") }>;
+
 /// matmul: matmul, add, tanh: 4×2 · 2×4.
 pub fn forward_k00_matmul_add_tanh(
     input_x: &[f32],
@@ -37,7 +42,7 @@ pub fn forward_k00_matmul_add_tanh(
         for j in 0..n {
             let x0 = c[j];
             let x1 = x1_row[j];
-            o0[j] = rt::math::tanh(x0 + x1);
+            o0[j] = Math::tanh(x0 + x1);
         }
     }
     Ok(())
@@ -69,7 +74,7 @@ pub fn forward_k01_matmul_add_sigmoid(
     let x1 = param_out_bias[0];
     for j in 0..n {
         let x0 = c[j];
-        o0[j] = (0.5) * rt::math::tanh((0.5) * x0 + (0.5) * x1) + 0.5;
+        o0[j] = (0.5) * Math::tanh((0.5) * x0 + (0.5) * x1) + 0.5;
     }
     Ok(())
 }
@@ -82,8 +87,8 @@ pub fn forward_k02_reduce(input_y: &[f32], t11: &[f32], t25: &mut [f32]) {
             let x0 = input_y[i0];
             let x1 = t11[i0];
             acc += f64::from(
-                x0 * (-100.0_f32).max(rt::math::ln(x1))
-                    + (1.0 - x0) * (-100.0_f32).max(rt::math::ln(1.0 - x1)),
+                x0 * (-100.0_f32).max(Math::ln(x1))
+                    + (1.0 - x0) * (-100.0_f32).max(Math::ln(1.0 - x1)),
             );
         }
         *acc_out = acc as f32;
@@ -137,7 +142,7 @@ pub fn grads_k01_tanh(t5: &[f32], t6: &mut [f32]) {
         let x0_row = &t5[row * 16..][..n];
         for j in 0..n {
             let x0 = x0_row[j];
-            o0[j] = rt::math::tanh(x0);
+            o0[j] = Math::tanh(x0);
         }
     });
 }
@@ -174,25 +179,25 @@ pub fn grads_k02_matmul_add_log_etc(
         let x0 = x0_row[j];
         let x1 = x1_row[j];
         let x2 = c[j];
-        let t0 = rt::math::tanh((0.5) * x2 + (0.5) * x3);
+        let t0 = Math::tanh((0.5) * x2 + (0.5) * x3);
         let t1 = (0.5) * t0;
         let t2 = t1 + 0.5;
         let t3 = 0.5 - t1;
         o0[j] = (0.25 - 0.25 * t0.powi(2))
             * (-x0
                 * (1.0 - x1)
-                * (if (rt::math::ln(t3) + 100.0) > 0.0 {
+                * (if (Math::ln(t3) + 100.0) > 0.0 {
                     1.0
-                } else if (rt::math::ln(t3) + 100.0) < 0.0 {
+                } else if (Math::ln(t3) + 100.0) < 0.0 {
                     0.0
                 } else {
                     0.5
                 })
                 / t3
                 + x0 * x1
-                    * (if (rt::math::ln(t2) + 100.0) > 0.0 {
+                    * (if (Math::ln(t2) + 100.0) > 0.0 {
                         1.0
-                    } else if (rt::math::ln(t2) + 100.0) < 0.0 {
+                    } else if (Math::ln(t2) + 100.0) < 0.0 {
                         0.0
                     } else {
                         0.5
@@ -261,7 +266,7 @@ pub fn grads_k05_matmul_mul_tanh_d0(
         for j in 0..n {
             let x0 = c[j];
             let x1 = x1_row[j];
-            o0[j] = x0 * (1.0 - (rt::math::tanh(x1)).powi(2));
+            o0[j] = x0 * (1.0 - (Math::tanh(x1)).powi(2));
         }
     }
     Ok(())
@@ -337,7 +342,7 @@ pub fn train_k03_sigmoid(t10: &[f32], t11: &mut [f32]) {
         let x0_row = &t10[row * 4..][..n];
         for j in 0..n {
             let x0 = x0_row[j];
-            o0[j] = (0.5) * rt::math::tanh((0.5) * x0) + 0.5;
+            o0[j] = (0.5) * Math::tanh((0.5) * x0) + 0.5;
         }
     });
 }
@@ -349,7 +354,7 @@ pub fn train_k04_log(t11: &[f32], t12: &mut [f32]) {
         let x0_row = &t11[row * 4..][..n];
         for j in 0..n {
             let x0 = x0_row[j];
-            o0[j] = rt::math::ln(x0);
+            o0[j] = Math::ln(x0);
         }
     });
 }
@@ -361,7 +366,7 @@ pub fn train_k05_log(t11: &[f32], t17: &mut [f32]) {
         let x0_row = &t11[row * 4..][..n];
         for j in 0..n {
             let x0 = x0_row[j];
-            o0[j] = rt::math::ln(1.0 - x0);
+            o0[j] = Math::ln(1.0 - x0);
         }
     });
 }
@@ -405,7 +410,7 @@ pub fn train_k08_add_log_d0_etc(
             let x3 = x3_row[j];
             let x4 = x4_row[j];
             let x5 = x5_row[j];
-            o0[j] = (0.25 - 0.25 * (rt::math::tanh((0.5) * x5)).powi(2))
+            o0[j] = (0.25 - 0.25 * (Math::tanh((0.5) * x5)).powi(2))
                 * (x0
                     * x1
                     * (if (x4 + 100.0) > 0.0 {

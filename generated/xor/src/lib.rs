@@ -242,7 +242,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `xor_net`.
-#[pyclass(module = "fg_xor_net_fa7063829bb9")]
+#[pyclass(module = "fg_xor_net_15b9d31ec86f")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -381,8 +381,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_xor_net_fa7063829bb9(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_xor_net_fa7063829bb9")?;
+fn fg_xor_net_15b9d31ec86f(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_xor_net_15b9d31ec86f")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())
