@@ -7,6 +7,7 @@ including extreme inputs where exp overflows and softmax must stay finite."""
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import numpy as np
@@ -57,6 +58,8 @@ def test_generated_kernels_take_the_vector_paths() -> None:
     for f in ("exp", "ln", "tanh", "erf"):
         assert f"Math::{f}(" in code
     assert ".exp()" not in code and ".ln()" not in code and ".tanh()" not in code
+    # softmax's division by its row's sum: one reciprocal per row, bound before the loop
+    assert re.search(r"let recip0 = x\d+\.recip\(\);\n\s*for \(?j", code)
 
 
 @pytest.mark.parametrize("scale", [1.0, 40.0])  # 40: exp(3x) overflows f32 without the shift
@@ -116,6 +119,11 @@ def test_pool_gradient_mask_is_recomputed_not_stored() -> None:
     assert not [k.name for k in train if set(k.ops) <= {"cast", "eq"}]
     code = lw.crate.files["src/kernels.rs"].decode()
     assert "for (j, acc_out) in outs.iter_mut().enumerate()" in code
+    # window sums (the tie count) add their four elements in f32, in order (as NumPy)
+    windows = code.split("for (j, acc_out) in outs.iter_mut().enumerate() {")[1:]
+    bodies = [w.split("*acc_out")[0] for w in windows]
+    sums = [b for b in bodies if "acc = acc.max" not in b]
+    assert sums and all("let mut acc = 0.0_f32;" in w and "f64" not in w for w in sums)
 
 
 def test_pooling_kernels_match_the_interpreter() -> None:

@@ -486,7 +486,7 @@ def _reduce(out: IndentedBuffer, k: Reduce, args: KernelArgs) -> None:
         with out.indent(f"{it}.enumerate().for_each(|(row, outs)| {{", "});"):
             coords = _unravel(out, "row", ksizes[:-1], "r", [s[:-1] for s in kstrides])
             with out.indent("for (j, acc_out) in outs.iter_mut().enumerate() {"):
-                _reduce_one(out, k, lay, [*coords, "j"])
+                _reduce_one(out, k, lay, [*coords, "j"], wide=False)
         return
     it = f"{target}.par_iter_mut()" if par else f"{target}.iter_mut()"
     if par:
@@ -506,11 +506,15 @@ def _small_windows(lay: ReduceLayout) -> bool:
             and lay.kept_sizes[-1] >= 4)
 
 
-def _reduce_one(out: IndentedBuffer, k: Reduce, lay: ReduceLayout, coords: list[str]) -> None:
-    """One output of a reduction, at kept coordinates ``coords``, into ``acc_out``."""
+def _reduce_one(out: IndentedBuffer, k: Reduce, lay: ReduceLayout, coords: list[str],
+                wide: bool = True) -> None:
+    """One output of a reduction, at kept coordinates ``coords``, into ``acc_out``.
+    Sums accumulate in f64 when ``wide``; a window of a few elements sums in f32 in
+    order, as NumPy does, which lets the loop over outputs vectorize."""
     sum_ = k.combine == "sum"
     rsizes = lay.reduced_sizes
-    out.line(f"let mut acc = {'0.0_f64' if sum_ else 'f32::NEG_INFINITY'};")
+    acc = "0.0_f64" if sum_ and wide else "0.0_f32" if sum_ else "f32::NEG_INFINITY"
+    out.line(f"let mut acc = {acc};")
     loops = [f"i{d}" for d in range(len(rsizes))]
     for d, n in enumerate(rsizes):
         out.line(f"for i{d} in 0..{n} {{")
@@ -520,11 +524,14 @@ def _reduce_one(out: IndentedBuffer, k: Reduce, lay: ReduceLayout, coords: list[
         index = linear_index(v.offset, coords + loops, ks + rs)
         out.line(f"let {sym} = {_load(v, index)};")
     (value,) = _cse_body(out, [k.value], ["f32"])
-    out.line(f"acc += f64::from({value});" if sum_ else f"acc = acc.max({value});")
+    if sum_:
+        out.line(f"acc += f64::from({value});" if wide else f"acc += {value};")
+    else:
+        out.line(f"acc = acc.max({value});")
     for _ in rsizes:
         out.level -= 1
         out.line("}")
-    out.line("*acc_out = acc as f32;" if sum_ else "*acc_out = acc;")
+    out.line("*acc_out = acc as f32;" if sum_ and wide else "*acc_out = acc;")
 
 
 def _lanes_fit(lay: ReduceLayout) -> bool:

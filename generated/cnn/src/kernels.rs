@@ -226,13 +226,13 @@ pub fn forward_k09_stop_gradient(t28: &[f32], t29: &mut [f32]) {
 pub fn forward_k10_reduce(t24: &[f32], t29: &[f32], t32: &mut [f32]) {
     t32[0..4].chunks_mut(4).for_each(|outs| {
         for (j, acc_out) in outs.iter_mut().enumerate() {
-            let mut acc = 0.0_f64;
+            let mut acc = 0.0_f32;
             for i0 in 0..10 {
                 let x0 = t24[j * 10 + i0];
                 let x1 = t29[j];
-                acc += f64::from(Math::exp(x0 - x1));
+                acc += Math::exp(x0 - x1);
             }
-            *acc_out = acc as f32;
+            *acc_out = acc;
         }
     });
 }
@@ -248,7 +248,7 @@ pub fn forward_k11_reduce(
 ) {
     t37[0..4].chunks_mut(4).for_each(|outs| {
         for (j, acc_out) in outs.iter_mut().enumerate() {
-            let mut acc = 0.0_f64;
+            let mut acc = 0.0_f32;
             for i0 in 0..10 {
                 let x0 = input_y[j];
                 let x1 = c26[i0];
@@ -256,9 +256,9 @@ pub fn forward_k11_reduce(
                 let x3 = t29[j];
                 let x4 = t32[j];
                 let w0 = x2 - x3 - Math::ln(x4);
-                acc += f64::from(if x0 == x1 { w0 } else { 0.0 });
+                acc += if x0 == x1 { w0 } else { 0.0 };
             }
-            *acc_out = acc as f32;
+            *acc_out = acc;
         }
     });
 }
@@ -329,15 +329,15 @@ pub fn grads_k11_reduce(t7: &[f32], t9: &[f32], t85: &mut [f32]) {
         .enumerate()
         .for_each(|(row, outs)| {
             for (j, acc_out) in outs.iter_mut().enumerate() {
-                let mut acc = 0.0_f64;
+                let mut acc = 0.0_f32;
                 for i0 in 0..2 {
                     for i1 in 0..2 {
                         let x0 = t7[row * 16 + j * 2 + i0 * 8 + i1];
                         let x1 = t9[row * 4 + j];
-                        acc += f64::from(f32::from(x0 == x1));
+                        acc += f32::from(x0 == x1);
                     }
                 }
-                *acc_out = acc as f32;
+                *acc_out = acc;
             }
         });
 }
@@ -346,14 +346,14 @@ pub fn grads_k11_reduce(t7: &[f32], t9: &[f32], t85: &mut [f32]) {
 pub fn grads_k12_reduce(input_y: &[i32], c26: &[i32], c208: &[f32], t55: &mut [f32]) {
     t55[0..4].chunks_mut(4).for_each(|outs| {
         for (j, acc_out) in outs.iter_mut().enumerate() {
-            let mut acc = 0.0_f64;
+            let mut acc = 0.0_f32;
             for i0 in 0..10 {
                 let x0 = input_y[j];
                 let x1 = c26[i0];
                 let x2 = c208[j];
-                acc += f64::from(-(if x0 == x1 { x2 } else { 0.0 }));
+                acc += -(if x0 == x1 { x2 } else { 0.0 });
             }
-            *acc_out = acc as f32;
+            *acc_out = acc;
         }
     });
 }
@@ -690,7 +690,7 @@ pub fn train_k11_reduce(
 ) {
     t37[0..4].chunks_mut(4).for_each(|outs| {
         for (j, acc_out) in outs.iter_mut().enumerate() {
-            let mut acc = 0.0_f64;
+            let mut acc = 0.0_f32;
             for i0 in 0..10 {
                 let x0 = input_y[j];
                 let x1 = c26[i0];
@@ -698,9 +698,9 @@ pub fn train_k11_reduce(
                 let x3 = t29[j];
                 let x4 = t32[j];
                 let w0 = x2 - x3 - Math::ln(x4);
-                acc += f64::from(if x0 == x1 { w0 } else { 0.0 });
+                acc += if x0 == x1 { w0 } else { 0.0 };
             }
-            *acc_out = acc as f32;
+            *acc_out = acc;
         }
     });
 }

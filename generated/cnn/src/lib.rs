@@ -507,7 +507,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `cnn`.
-#[pyclass(module = "fg_cnn_8da8cdb9dc57")]
+#[pyclass(module = "fg_cnn_6c51e8833c06")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -659,8 +659,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_cnn_8da8cdb9dc57(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_cnn_8da8cdb9dc57")?;
+fn fg_cnn_6c51e8833c06(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_cnn_6c51e8833c06")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

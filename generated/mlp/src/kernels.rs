@@ -150,13 +150,13 @@ pub fn forward_k04_stop_gradient(t19: &[f32], t20: &mut [f32]) {
 pub fn forward_k05_reduce(t15: &[f32], t20: &[f32], t23: &mut [f32]) {
     t23[0..16].chunks_mut(16).for_each(|outs| {
         for (j, acc_out) in outs.iter_mut().enumerate() {
-            let mut acc = 0.0_f64;
+            let mut acc = 0.0_f32;
             for i0 in 0..10 {
                 let x0 = t15[j * 10 + i0];
                 let x1 = t20[j];
-                acc += f64::from(Math::exp(x0 - x1));
+                acc += Math::exp(x0 - x1);
             }
-            *acc_out = acc as f32;
+            *acc_out = acc;
         }
     });
 }
@@ -172,7 +172,7 @@ pub fn forward_k06_reduce(
 ) {
     t28[0..16].chunks_mut(16).for_each(|outs| {
         for (j, acc_out) in outs.iter_mut().enumerate() {
-            let mut acc = 0.0_f64;
+            let mut acc = 0.0_f32;
             for i0 in 0..10 {
                 let x0 = input_y[j];
                 let x1 = c17[i0];
@@ -180,9 +180,9 @@ pub fn forward_k06_reduce(
                 let x3 = t20[j];
                 let x4 = t23[j];
                 let w0 = x2 - x3 - Math::ln(x4);
-                acc += f64::from(if x0 == x1 { w0 } else { 0.0 });
+                acc += if x0 == x1 { w0 } else { 0.0 };
             }
-            *acc_out = acc as f32;
+            *acc_out = acc;
         }
     });
 }
@@ -575,7 +575,7 @@ pub fn train_k08_reduce(
 ) {
     t28[0..16].chunks_mut(16).for_each(|outs| {
         for (j, acc_out) in outs.iter_mut().enumerate() {
-            let mut acc = 0.0_f64;
+            let mut acc = 0.0_f32;
             for i0 in 0..10 {
                 let x0 = input_y[j];
                 let x1 = c17[i0];
@@ -583,9 +583,9 @@ pub fn train_k08_reduce(
                 let x3 = t20[j];
                 let x4 = t23[j];
                 let w0 = x2 - x3 - Math::ln(x4);
-                acc += f64::from(if x0 == x1 { w0 } else { 0.0 });
+                acc += if x0 == x1 { w0 } else { 0.0 };
             }
-            *acc_out = acc as f32;
+            *acc_out = acc;
         }
     });
 }

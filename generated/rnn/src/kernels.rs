@@ -407,13 +407,13 @@ pub fn forward_k16_stop_gradient(t45: &[f32], t46: &mut [f32]) {
 pub fn forward_k17_reduce(t41: &[f32], t46: &[f32], t49: &mut [f32]) {
     t49[0..4].chunks_mut(4).for_each(|outs| {
         for (j, acc_out) in outs.iter_mut().enumerate() {
-            let mut acc = 0.0_f64;
+            let mut acc = 0.0_f32;
             for i0 in 0..2 {
                 let x0 = t41[j * 2 + i0];
                 let x1 = t46[j];
-                acc += f64::from(Math::exp(x0 - x1));
+                acc += Math::exp(x0 - x1);
             }
-            *acc_out = acc as f32;
+            *acc_out = acc;
         }
     });
 }
@@ -429,7 +429,7 @@ pub fn forward_k18_reduce(
 ) {
     t54[0..4].chunks_mut(4).for_each(|outs| {
         for (j, acc_out) in outs.iter_mut().enumerate() {
-            let mut acc = 0.0_f64;
+            let mut acc = 0.0_f32;
             for i0 in 0..2 {
                 let x0 = input_y[j];
                 let x1 = c43[i0];
@@ -437,9 +437,9 @@ pub fn forward_k18_reduce(
                 let x3 = t46[j];
                 let x4 = t49[j];
                 let w0 = x2 - x3 - Math::ln(x4);
-                acc += f64::from(if x0 == x1 { w0 } else { 0.0 });
+                acc += if x0 == x1 { w0 } else { 0.0 };
             }
-            *acc_out = acc as f32;
+            *acc_out = acc;
         }
     });
 }
@@ -712,15 +712,15 @@ pub fn grads_k18_tanh(t36: &[f32], t37: &mut [f32]) {
 pub fn grads_k23_reduce(input_y: &[i32], c43: &[i32], c189: &[f32], c190: &[f32], t72: &mut [f32]) {
     t72[0..4].chunks_mut(4).for_each(|outs| {
         for (j, acc_out) in outs.iter_mut().enumerate() {
-            let mut acc = 0.0_f64;
+            let mut acc = 0.0_f32;
             for i0 in 0..2 {
                 let x0 = input_y[j];
                 let x1 = c43[i0];
                 let x2 = c189[j * 2 + i0];
                 let x3 = c190[j * 2 + i0];
-                acc += f64::from(-(if x0 == x1 { x2 } else { x3 }));
+                acc += -(if x0 == x1 { x2 } else { x3 });
             }
-            *acc_out = acc as f32;
+            *acc_out = acc;
         }
     });
 }
@@ -1329,7 +1329,7 @@ pub fn train_k23_reduce(
 ) {
     t54[0..4].chunks_mut(4).for_each(|outs| {
         for (j, acc_out) in outs.iter_mut().enumerate() {
-            let mut acc = 0.0_f64;
+            let mut acc = 0.0_f32;
             for i0 in 0..2 {
                 let x0 = input_y[j];
                 let x1 = c43[i0];
@@ -1337,9 +1337,9 @@ pub fn train_k23_reduce(
                 let x3 = t46[j];
                 let x4 = t49[j];
                 let w0 = x2 - x3 - Math::ln(x4);
-                acc += f64::from(if x0 == x1 { w0 } else { 0.0 });
+                acc += if x0 == x1 { w0 } else { 0.0 };
             }
-            *acc_out = acc as f32;
+            *acc_out = acc;
         }
     });
 }

@@ -302,12 +302,12 @@ pub fn forward_k11_exp_stop_gradient_sub(c44: &[u8], t43: &[f32], t47: &[f32], t
 pub fn forward_k12_reduce(t50: &[f32], t51: &mut [f32]) {
     t51[0..32].chunks_mut(32).for_each(|outs| {
         for (j, acc_out) in outs.iter_mut().enumerate() {
-            let mut acc = 0.0_f64;
+            let mut acc = 0.0_f32;
             for i0 in 0..8 {
                 let x0 = t50[j * 8 + i0];
-                acc += f64::from(x0);
+                acc += x0;
             }
-            *acc_out = acc as f32;
+            *acc_out = acc;
         }
     });
 }
@@ -1948,14 +1948,14 @@ pub fn grads_k73_matmul(t52: &[f32], t231: &[f32], t241: &mut [f32]) -> Result<(
 pub fn grads_k74_reduce(t239: &[f32], t50: &[f32], t51: &[f32], t246: &mut [f32]) {
     t246[0..32].chunks_mut(32).for_each(|outs| {
         for (j, acc_out) in outs.iter_mut().enumerate() {
-            let mut acc = 0.0_f64;
+            let mut acc = 0.0_f32;
             for i0 in 0..8 {
                 let x0 = t239[j * 8 + i0];
                 let x1 = t50[j * 8 + i0];
                 let x2 = t51[j];
-                acc += f64::from(-x0 * x1 / x2.powi(2));
+                acc += -x0 * x1 / x2.powi(2);
             }
-            *acc_out = acc as f32;
+            *acc_out = acc;
         }
     });
 }

@@ -276,12 +276,12 @@ pub fn grads_k05_matmul_mul_tanh_d0(
 pub fn grads_k06_reduce(t62: &[f32], t63: &mut [f32]) {
     t63[0..4].chunks_mut(4).for_each(|outs| {
         for (j, acc_out) in outs.iter_mut().enumerate() {
-            let mut acc = 0.0_f64;
+            let mut acc = 0.0_f32;
             for i0 in 0..4 {
                 let x0 = t62[j + i0 * 4];
-                acc += f64::from(x0);
+                acc += x0;
             }
-            *acc_out = acc as f32;
+            *acc_out = acc;
         }
     });
 }

@@ -242,7 +242,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `xor_net`.
-#[pyclass(module = "fg_xor_net_15b9d31ec86f")]
+#[pyclass(module = "fg_xor_net_c874cb3d9716")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -381,8 +381,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_xor_net_15b9d31ec86f(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_xor_net_15b9d31ec86f")?;
+fn fg_xor_net_c874cb3d9716(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_xor_net_c874cb3d9716")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())
