@@ -64,18 +64,21 @@ pub fn sgemm(
     c_strides: Strides,
     accumulate: bool,
 ) -> Result<(), Error> {
-    if (n == 1 || m == 1) && k > 0 {
+    let (ar, ac) = a_strides;
+    let (br, bc) = b_strides;
+    let (cr, cc) = c_strides;
+    if (n == 1 || m == 1) && m > 0 && n > 0 && k > 0 {
         // A matrix-vector product: run here, in the calling crate, which is
         // compiled for the module's instruction-set level (this crate is built
         // at the x86-64 baseline, and a 1000×8·8×1 product is all loop
         // overhead at SSE2 width).
-        let (ar, ac) = a_strides;
-        let (br, bc) = b_strides;
-        let (cr, cc) = c_strides;
-        check_span("A", a.len(), &[(m, ar), (k, ac)])?;
-        check_span("B", b.len(), &[(k, br), (n, bc)])?;
-        check_span("C", c.len(), &[(m, cr), (n, cc)])?;
-        check_disjoint("C", &[(m, cr), (n, cc)])?;
+        check_layout(
+            1,
+            (m, n, k),
+            (a.len(), (0, ar, ac)),
+            (b.len(), (0, br, bc)),
+            (c.len(), (0, cr, cc)),
+        )?;
         let g = Gemm {
             m,
             n,
@@ -101,11 +104,11 @@ pub fn sgemm(
         n,
         k,
         a,
-        (0, a_strides.0, a_strides.1),
+        (0, ar, ac),
         b,
-        (0, b_strides.0, b_strides.1),
+        (0, br, bc),
         c,
-        (0, c_strides.0, c_strides.1),
+        (0, cr, cc),
         accumulate,
     )
 }
@@ -140,10 +143,13 @@ pub fn sgemm_batched(
     let (ab, ar, ac) = a_strides;
     let (bb, br, bc) = b_strides;
     let (cb, cr, cc) = c_strides;
-    check_span("A", a.len(), &[(batch, ab), (m, ar), (k, ac)])?;
-    check_span("B", b.len(), &[(batch, bb), (k, br), (n, bc)])?;
-    check_span("C", c.len(), &[(batch, cb), (m, cr), (n, cc)])?;
-    check_disjoint("C", &[(batch, cb), (m, cr), (n, cc)])?;
+    check_layout(
+        batch,
+        (m, n, k),
+        (a.len(), a_strides),
+        (b.len(), b_strides),
+        (c.len(), c_strides),
+    )?;
     let flops = 2usize
         .saturating_mul(batch)
         .saturating_mul(m)
@@ -313,6 +319,22 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
         sum += x * y;
     }
     sum
+}
+
+/// Checks a batch of products' operands, each given as (slice length,
+/// strides): every element reached lies inside its slice, and C's elements
+/// are pairwise distinct.
+fn check_layout(
+    batch: usize,
+    (m, n, k): (usize, usize, usize),
+    (a_len, (ab, ar, ac)): (usize, BatchStrides),
+    (b_len, (bb, br, bc)): (usize, BatchStrides),
+    (c_len, (cb, cr, cc)): (usize, BatchStrides),
+) -> Result<(), Error> {
+    check_span("A", a_len, &[(batch, ab), (m, ar), (k, ac)])?;
+    check_span("B", b_len, &[(batch, bb), (k, br), (n, bc)])?;
+    check_span("C", c_len, &[(batch, cb), (m, cr), (n, cc)])?;
+    check_disjoint("C", &[(batch, cb), (m, cr), (n, cc)])
 }
 
 /// Checks that a slice of `len` elements holds every element reached by the
@@ -730,6 +752,14 @@ mod tests {
         sgemm(m, n, k, &a, (8, 1), &b, (6, 1), &mut c, (10, 1), false).unwrap();
         assert_close(&c, &want, k);
         assert_eq!(c[4], 7.0);
+    }
+
+    #[test]
+    fn empty_matrix_vector_products_do_nothing() {
+        // m == 0 or n == 0 beside a unit dim: no work whatever the strides.
+        let b = fill(5, 1);
+        sgemm(0, 1, 5, &[], (1, 0), &b, (1, 1), &mut [], (1, 1), false).unwrap();
+        sgemm(1, 0, 5, &b, (5, 1), &[], (1, 0), &mut [], (1, 1), false).unwrap();
     }
 
     #[test]

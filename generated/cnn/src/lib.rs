@@ -507,7 +507,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `cnn`.
-#[pyclass(module = "fg_cnn_6c51e8833c06")]
+#[pyclass(module = "fg_cnn_cb82824c31ab")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -659,8 +659,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_cnn_6c51e8833c06(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_cnn_6c51e8833c06")?;
+fn fg_cnn_cb82824c31ab(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_cnn_cb82824c31ab")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

@@ -182,7 +182,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `linreg`.
-#[pyclass(module = "fg_linreg_e19ec5f2749d")]
+#[pyclass(module = "fg_linreg_8e6ccb355ab9")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -315,8 +315,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_linreg_e19ec5f2749d(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_linreg_e19ec5f2749d")?;
+fn fg_linreg_8e6ccb355ab9(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_linreg_8e6ccb355ab9")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

@@ -399,7 +399,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `mlp`.
-#[pyclass(module = "fg_mlp_f979e3df121f")]
+#[pyclass(module = "fg_mlp_c717ff1d8685")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -545,8 +545,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_mlp_f979e3df121f(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_mlp_f979e3df121f")?;
+fn fg_mlp_c717ff1d8685(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_mlp_c717ff1d8685")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

@@ -645,7 +645,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `rnn`.
-#[pyclass(module = "fg_rnn_d0dd3269680b")]
+#[pyclass(module = "fg_rnn_1c9445b3591c")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -789,8 +789,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_rnn_d0dd3269680b(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_rnn_d0dd3269680b")?;
+fn fg_rnn_1c9445b3591c(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_rnn_1c9445b3591c")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())
