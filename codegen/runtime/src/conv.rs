@@ -1,5 +1,11 @@
 //! 2-D convolution and its two gradients: NCHW activations, OIHW weights,
-//! cross-correlation as in PyTorch, by im2col + [`sgemm`].
+//! cross-correlation as in PyTorch.
+//!
+//! Stride-1 convolutions whose output rows fill most of a vector run directly
+//! on AVX-512 or AVX2 (`conv_direct`, chosen at run time): one zero-padded
+//! copy of each image, register tiles of output channels × output vectors. The
+//! rest (strides, 1×1 kernels, narrow outputs, CPUs without AVX2) run by
+//! im2col + [`sgemm`], as follows.
 //!
 //! The column matrix of one image is (C·kh·kw) × (Ho·Wo), row `(c, i, j)`
 //! holding the input pixels that kernel tap `(i, j)` of channel `c` meets at
@@ -19,8 +25,22 @@
 
 use rayon::prelude::*;
 
+#[cfg(target_arch = "x86_64")]
+use crate::conv_direct::{self as direct, Isa};
 use crate::error::Error;
 use crate::gemm::sgemm;
+
+/// Stand-in for the direct convolution's instruction set where there is none.
+#[cfg(not(target_arch = "x86_64"))]
+#[derive(Clone, Copy, Debug)]
+enum Isa {}
+
+#[cfg(not(target_arch = "x86_64"))]
+impl Isa {
+    fn detect() -> Option<Isa> {
+        None
+    }
+}
 
 /// Images whose column matrices the scratch buffer holds at once: enough to
 /// keep every core busy on small images, few enough to bound the scratch.
@@ -94,7 +114,12 @@ impl Conv2d {
         (self.c * self.kh * self.kw, oh * ow)
     }
 
-    fn validate(&self, operands: &[(&str, usize, usize)], scratch: usize) -> Result<(), Error> {
+    fn validate(
+        &self,
+        operands: &[(&str, usize, usize)],
+        scratch: usize,
+        isa: Option<Isa>,
+    ) -> Result<(), Error> {
         let (sh, sw) = self.stride;
         let (ph, pw) = self.padding;
         if [sh, sw, self.kh, self.kw, self.c, self.o, self.h, self.w].contains(&0) {
@@ -112,22 +137,70 @@ impl Conv2d {
                 )));
             }
         }
-        if scratch < im2col_len(self) {
+        let need = scratch_len(self, isa);
+        if scratch < need {
             return Err(Error::layout(format!(
-                "conv2d: scratch has {scratch} elements, expected im2col_len = {}",
-                im2col_len(self)
+                "conv2d: scratch has {scratch} elements, expected im2col_len = {need}"
             )));
         }
         Ok(())
     }
 }
 
-/// The scratch elements any of the three conv functions needs for `p`: for
-/// `min(n, IMAGES_PER_CHUNK)` images, their column matrices and (for the
-/// weight gradient) their output gradients regrouped by channel.
+/// The scratch elements any of the three conv functions needs for `p` on this
+/// CPU: for `min(n, IMAGES_PER_CHUNK)` images, their column matrices and (for
+/// the weight gradient) their output gradients regrouped by channel; or what
+/// the direct convolution needs (padded images, packed weights, partial sums),
+/// where that is more.
 pub fn im2col_len(p: &Conv2d) -> usize {
+    scratch_len(p, Isa::detect())
+}
+
+fn scratch_len(p: &Conv2d, isa: Option<Isa>) -> usize {
     let (rows, cols) = p.col_dims();
-    p.n.min(IMAGES_PER_CHUNK) * (rows + p.o) * cols
+    let gemm = p.n.min(IMAGES_PER_CHUNK) * (rows + p.o) * cols;
+    gemm.max(direct_len(p, isa))
+}
+
+#[cfg(target_arch = "x86_64")]
+fn direct_len(p: &Conv2d, isa: Option<Isa>) -> usize {
+    let Some(isa) = isa else { return 0 };
+    let images = p.n.min(IMAGES_PER_CHUNK);
+    let forward = direct::plan(p, isa).map_or(0, |pl| {
+        direct::forward_len(p, &pl, images).max(direct::weight_grad_len(p, &pl))
+    });
+    let input_grad = transposed(p)
+        .and_then(|q| Some((q, direct::plan(&q, isa)?)))
+        .map_or(0, |(q, pl)| direct::forward_len(&q, &pl, images));
+    forward.max(input_grad)
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn direct_len(_: &Conv2d, _: Option<Isa>) -> usize {
+    0
+}
+
+/// The stride-1 convolution whose forward pass is `p`'s input gradient: the
+/// output gradient (o channels, oh × ow) padded by `k - 1 - pad`, with weights
+/// flipped and in and out channels swapped. None for strides, and for padding
+/// wider than the kernel (then the gradient crops, which this cannot express).
+fn transposed(p: &Conv2d) -> Option<Conv2d> {
+    let (oh, ow) = p.out_hw();
+    let (ph, pw) = p.padding;
+    if p.stride != (1, 1) || ph >= p.kh || pw >= p.kw {
+        return None;
+    }
+    Some(Conv2d {
+        n: p.n,
+        c: p.o,
+        h: oh,
+        w: ow,
+        o: p.c,
+        kh: p.kh,
+        kw: p.kw,
+        stride: (1, 1),
+        padding: (p.kh - 1 - ph, p.kw - 1 - pw),
+    })
 }
 
 /// `out = conv2d(x, weight)` (cross-correlation), overwriting `out`.
@@ -149,6 +222,17 @@ pub fn conv2d_forward(
     out: &mut [f32],
     scratch: &mut [f32],
 ) -> Result<(), Error> {
+    forward_on(p, x, weight, out, scratch, Isa::detect())
+}
+
+fn forward_on(
+    p: &Conv2d,
+    x: &[f32],
+    weight: &[f32],
+    out: &mut [f32],
+    scratch: &mut [f32],
+    isa: Option<Isa>,
+) -> Result<(), Error> {
     p.validate(
         &[
             ("x", x.len(), p.x_len()),
@@ -156,7 +240,18 @@ pub fn conv2d_forward(
             ("out", out.len(), p.out_len()),
         ],
         scratch.len(),
+        isa,
     )?;
+    #[cfg(target_arch = "x86_64")]
+    if let Some(pl) = isa.and_then(|isa| direct::plan(p, isa)) {
+        let taps = p.c * p.kh * p.kw;
+        let (packed, planes) = scratch.split_at_mut(direct::forward_len(p, &pl, 0));
+        let at =
+            |o: usize, c: usize, i: usize, j: usize| weight[o * taps + (c * p.kh + i) * p.kw + j];
+        direct::pack_weights(p, pl.isa, at, packed);
+        direct::forward(p, &pl, x, packed, out, planes);
+        return Ok(());
+    }
     let (rows, cols) = p.col_dims();
     let (x_img, out_img) = (p.c * p.h * p.w, p.o * cols);
     let one = |x: &[f32], out: &mut [f32], col: &mut [f32]| -> Result<(), Error> {
@@ -191,6 +286,17 @@ pub fn conv2d_input_grad(
     dx: &mut [f32],
     scratch: &mut [f32],
 ) -> Result<(), Error> {
+    input_grad_on(p, g, weight, dx, scratch, Isa::detect())
+}
+
+fn input_grad_on(
+    p: &Conv2d,
+    g: &[f32],
+    weight: &[f32],
+    dx: &mut [f32],
+    scratch: &mut [f32],
+    isa: Option<Isa>,
+) -> Result<(), Error> {
     p.validate(
         &[
             ("g", g.len(), p.out_len()),
@@ -198,7 +304,19 @@ pub fn conv2d_input_grad(
             ("dx", dx.len(), p.x_len()),
         ],
         scratch.len(),
+        isa,
     )?;
+    #[cfg(target_arch = "x86_64")]
+    if let Some((q, pl)) = transposed(p).and_then(|q| Some((q, direct::plan(&q, isa?)?))) {
+        // dx = conv2d(g padded, weight flipped, in/out channels swapped).
+        let (packed, planes) = scratch.split_at_mut(direct::forward_len(&q, &pl, 0));
+        let at = |c: usize, o: usize, i: usize, j: usize| {
+            weight[((o * p.c + c) * p.kh + p.kh - 1 - i) * p.kw + p.kw - 1 - j]
+        };
+        direct::pack_weights(&q, pl.isa, at, packed);
+        direct::forward(&q, &pl, g, packed, dx, planes);
+        return Ok(());
+    }
     let (rows, cols) = p.col_dims();
     let (g_img, dx_img) = (p.o * cols, p.c * p.h * p.w);
     // Wᵀ is W (O × rows, row-major) with swapped strides.
@@ -245,6 +363,17 @@ pub fn conv2d_weight_grad(
     dw: &mut [f32],
     scratch: &mut [f32],
 ) -> Result<(), Error> {
+    weight_grad_on(p, x, g, dw, scratch, Isa::detect())
+}
+
+fn weight_grad_on(
+    p: &Conv2d,
+    x: &[f32],
+    g: &[f32],
+    dw: &mut [f32],
+    scratch: &mut [f32],
+    isa: Option<Isa>,
+) -> Result<(), Error> {
     p.validate(
         &[
             ("x", x.len(), p.x_len()),
@@ -252,7 +381,13 @@ pub fn conv2d_weight_grad(
             ("dw", dw.len(), p.weight_len()),
         ],
         scratch.len(),
+        isa,
     )?;
+    #[cfg(target_arch = "x86_64")]
+    if let Some(pl) = isa.and_then(|isa| direct::plan(p, isa)) {
+        direct::weight_grad(p, &pl, x, g, dw, scratch);
+        return Ok(());
+    }
     let (rows, cols) = p.col_dims();
     let (x_img, g_img, plane) = (p.c * p.h * p.w, p.o * cols, p.h * p.w);
     if p.n == 0 {
@@ -497,46 +632,102 @@ mod tests {
         }
     }
 
+    /// The instruction sets to test on this CPU: im2col + GEMM always, and
+    /// each direct variant the CPU has.
+    fn isas() -> Vec<Option<Isa>> {
+        let mut all = vec![None];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                all.push(Some(Isa::Avx2));
+            }
+            if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
+                all.push(Some(Isa::Avx512));
+            }
+        }
+        all
+    }
+
+    fn check(p: &Conv2d, isa: Option<Isa>) {
+        let x = fill(p.x_len(), 1);
+        let wt = fill(p.weight_len(), 2);
+        let g = fill(p.out_len(), 3);
+        let (want_out, want_dx, want_dw) = naive(p, &x, &wt, &g);
+        let mut scratch = vec![f32::NAN; scratch_len(p, isa)];
+        let mut out = vec![f32::NAN; p.out_len()];
+        let mut dx = vec![f32::NAN; p.x_len()];
+        let mut dw = vec![f32::NAN; p.weight_len()];
+        forward_on(p, &x, &wt, &mut out, &mut scratch, isa).unwrap();
+        input_grad_on(p, &g, &wt, &mut dx, &mut scratch, isa).unwrap();
+        weight_grad_on(p, &x, &g, &mut dw, &mut scratch, isa).unwrap();
+        assert_close(&format!("{p:?} {isa:?} out"), &out, &want_out);
+        assert_close(&format!("{p:?} {isa:?} dx"), &dx, &want_dx);
+        assert_close(&format!("{p:?} {isa:?} dw"), &dw, &want_dw);
+    }
+
+    fn conv(
+        (n, c, h, w, o): (usize, usize, usize, usize, usize),
+        (kh, kw): (usize, usize),
+        stride: (usize, usize),
+        padding: (usize, usize),
+    ) -> Conv2d {
+        Conv2d {
+            n,
+            c,
+            h,
+            w,
+            o,
+            kh,
+            kw,
+            stride,
+            padding,
+        }
+    }
+
     #[test]
     fn matches_the_definition() {
         let cases = [
-            // n, c, h, w, o, kh, kw, stride, padding
-            (2, 1, 5, 5, 1, 3, 3, (1, 1), (0, 0)),
-            (3, 2, 7, 6, 4, 3, 3, (1, 1), (1, 1)),
-            (2, 3, 9, 8, 5, 3, 2, (2, 3), (1, 2)),
-            (1, 2, 4, 4, 3, 5, 5, (1, 1), (2, 2)), // kernel larger than input
-            (2, 3, 6, 5, 4, 1, 1, (1, 1), (0, 0)), // pointwise: no scratch
-            (2, 3, 6, 5, 4, 1, 1, (2, 2), (0, 0)), // 1×1 but strided
-            (20, 2, 6, 6, 3, 3, 3, (1, 1), (1, 1)), // more images than a chunk
-            (17, 3, 5, 5, 2, 1, 1, (1, 1), (0, 0)), // pointwise, several chunks
-            (0, 2, 5, 5, 3, 3, 3, (1, 1), (0, 0)), // empty batch
+            conv((2, 1, 5, 5, 1), (3, 3), (1, 1), (0, 0)),
+            conv((3, 2, 7, 6, 4), (3, 3), (1, 1), (1, 1)),
+            conv((2, 3, 9, 8, 5), (3, 2), (2, 3), (1, 2)),
+            conv((1, 2, 4, 4, 3), (5, 5), (1, 1), (2, 2)), // kernel larger than input
+            conv((2, 3, 6, 5, 4), (1, 1), (1, 1), (0, 0)), // pointwise: no scratch
+            conv((2, 3, 6, 5, 4), (1, 1), (2, 2), (0, 0)), // 1×1 but strided
+            conv((20, 2, 6, 6, 3), (3, 3), (1, 1), (1, 1)), // more images than a chunk
+            conv((17, 3, 5, 5, 2), (1, 1), (1, 1), (0, 0)), // pointwise, several chunks
+            conv((0, 2, 5, 5, 3), (3, 3), (1, 1), (0, 0)), // empty batch
         ];
-        for &(n, c, h, w, o, kh, kw, stride, padding) in &cases {
-            let p = Conv2d {
-                n,
-                c,
-                h,
-                w,
-                o,
-                kh,
-                kw,
-                stride,
-                padding,
-            };
-            let x = fill(p.x_len(), 1);
-            let wt = fill(p.weight_len(), 2);
-            let g = fill(p.out_len(), 3);
-            let (want_out, want_dx, want_dw) = naive(&p, &x, &wt, &g);
-            let mut scratch = vec![f32::NAN; im2col_len(&p)];
-            let mut out = vec![f32::NAN; p.out_len()];
-            let mut dx = vec![f32::NAN; p.x_len()];
-            let mut dw = vec![f32::NAN; p.weight_len()];
-            conv2d_forward(&p, &x, &wt, &mut out, &mut scratch).unwrap();
-            conv2d_input_grad(&p, &g, &wt, &mut dx, &mut scratch).unwrap();
-            conv2d_weight_grad(&p, &x, &g, &mut dw, &mut scratch).unwrap();
-            assert_close(&format!("{p:?} out"), &out, &want_out);
-            assert_close(&format!("{p:?} dx"), &dx, &want_dx);
-            assert_close(&format!("{p:?} dw"), &dw, &want_dw);
+        for p in &cases {
+            for isa in isas() {
+                check(p, isa);
+            }
+        }
+    }
+
+    /// Stride-1 shapes that the direct convolution takes on AVX2 and AVX-512:
+    /// rows of one vector (two rows a tile, odd heights), rows of several
+    /// (a partial last vector), channel counts off the tile, padding wider than
+    /// the kernel (the input gradient then falls back), more images than a chunk
+    /// and fewer than the weight gradient's groups.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn direct_matches_the_definition() {
+        let cases = [
+            conv((3, 2, 14, 14, 5), (3, 3), (1, 1), (1, 1)), // 14 wide, odd o
+            conv((2, 3, 7, 16, 9), (3, 3), (1, 1), (1, 1)),  // 16 wide, 7 high
+            conv((2, 1, 28, 28, 16), (3, 3), (1, 1), (1, 1)), // one channel, 28 wide
+            conv((1, 4, 9, 31, 3), (2, 3), (1, 1), (0, 1)),  // 29 wide: partial vector
+            conv((2, 2, 6, 48, 8), (5, 5), (1, 1), (2, 2)),  // 48 wide: two tiles a row
+            conv((2, 3, 8, 11, 4), (3, 3), (1, 1), (3, 3)),  // padding wider than kernel
+            conv((19, 2, 6, 12, 3), (3, 3), (1, 1), (1, 1)), // several chunks and groups
+            conv((1, 5, 10, 12, 12), (3, 5), (1, 1), (1, 2)), // one image, 12 wide
+        ];
+        for p in &cases {
+            for isa in isas().into_iter().flatten() {
+                let pl = direct::plan(p, isa);
+                assert!(pl.is_some(), "{p:?} should run directly on {isa:?}");
+                check(p, Some(isa));
+            }
         }
     }
 

@@ -53,7 +53,7 @@ pub fn check_ids(what: &str, ids: &[i32], bound: usize) -> Result<(), IndexError
 /// assert!(take_rows(&table, 2, &[3, 0], &mut out).is_err());
 /// ```
 pub fn take_rows(table: &[f32], row_len: usize, ids: &[i32], out: &mut [f32]) -> Result<(), Error> {
-    if row_len == 0 || table.len() % row_len != 0 {
+    if row_len == 0 || !table.len().is_multiple_of(row_len) {
         return Err(Error::layout(format!(
             "take_rows: a table of {} elements is not made of rows of {row_len}",
             table.len()

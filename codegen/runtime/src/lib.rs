@@ -5,8 +5,9 @@
 //!
 //! - [`gemm`]: strided single-precision matrix products (a transposed operand is
 //!   just swapped strides), plain and batched, threaded over rayon;
-//! - [`conv`]: 2-D convolution (NCHW, OIHW) and its two gradients, by im2col +
-//!   GEMM in a caller-provided scratch buffer;
+//! - [`conv`]: 2-D convolution (NCHW, OIHW) and its two gradients, directly in
+//!   AVX-512/AVX2 tiles for stride 1, else by im2col + GEMM, in a
+//!   caller-provided scratch buffer;
 //! - [`gather`]: row gather and scatter-add with bounds checks;
 //! - [`math`]: exp, ln, tanh and erf that vectorize; [`lanes`]: the eight-lane
 //!   accumulators of row reductions;
@@ -30,6 +31,8 @@
 
 pub mod arena;
 pub mod conv;
+#[cfg(target_arch = "x86_64")]
+mod conv_direct;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod error;

@@ -507,7 +507,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `cnn`.
-#[pyclass(module = "fg_cnn_cb82824c31ab")]
+#[pyclass(module = "fg_cnn_8eae1ee191cb")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -659,8 +659,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_cnn_cb82824c31ab(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_cnn_cb82824c31ab")?;
+fn fg_cnn_8eae1ee191cb(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_cnn_8eae1ee191cb")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

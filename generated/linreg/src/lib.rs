@@ -182,7 +182,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `linreg`.
-#[pyclass(module = "fg_linreg_8e6ccb355ab9")]
+#[pyclass(module = "fg_linreg_5a582759c9c3")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -315,8 +315,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_linreg_8e6ccb355ab9(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_linreg_8e6ccb355ab9")?;
+fn fg_linreg_5a582759c9c3(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_linreg_5a582759c9c3")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

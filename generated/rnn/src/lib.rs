@@ -645,7 +645,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `rnn`.
-#[pyclass(module = "fg_rnn_1c9445b3591c")]
+#[pyclass(module = "fg_rnn_17bd732fed7e")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -789,8 +789,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_rnn_1c9445b3591c(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_rnn_1c9445b3591c")?;
+fn fg_rnn_17bd732fed7e(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_rnn_17bd732fed7e")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

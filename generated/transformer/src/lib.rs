@@ -1286,7 +1286,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `char_lm`.
-#[pyclass(module = "fg_char_lm_a751e4176488")]
+#[pyclass(module = "fg_char_lm_c3d788df6548")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -1467,8 +1467,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_char_lm_a751e4176488(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_char_lm_a751e4176488")?;
+fn fg_char_lm_c3d788df6548(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_char_lm_c3d788df6548")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

@@ -242,7 +242,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `xor_net`.
-#[pyclass(module = "fg_xor_net_a3d97c40d9d0")]
+#[pyclass(module = "fg_xor_net_e382c031cc7f")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -381,8 +381,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_xor_net_a3d97c40d9d0(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_xor_net_a3d97c40d9d0")?;
+fn fg_xor_net_e382c031cc7f(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_xor_net_e382c031cc7f")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

@@ -773,7 +773,7 @@ impl Executor {
     /// contents: the constants of a plan) and waits.
     pub fn write_bytes(&self, arena: &str, bytes: &[u8]) -> Result<(), Error> {
         let a = self.arena(arena)?;
-        if bytes.len() % a.spec.elem.bytes() != 0 {
+        if !bytes.len().is_multiple_of(a.spec.elem.bytes()) {
             return Err(Error::layout(format!(
                 "arena `{arena}`: {} bytes are not whole {} elements",
                 bytes.len(),
