@@ -44,7 +44,7 @@ PAR_FLOPS = 1 << 22  # a product with fewer flops runs on the calling thread (= 
 GRAIN = 1 << 13  # elements per rayon task, at least
 MIN_ROW = 32  # elements: shorter rows take trailing dims in (see _elementwise)
 COLUMN_TILE = 64  # outputs per stack tile of a column reduction's accumulators
-LANES, CHUNK = 8, 64  # rt::lanes: accumulators of a row reduction, elements mapped per pass
+LANES, CHUNK = 8, 64  # rows this long fold into rt::lanes; elements mapped per pass
 
 
 # Literals that equal a named constant print as the constant (clippy's approx_constant).
@@ -550,9 +550,9 @@ def _row_reduce_in_lanes(out: IndentedBuffer, k: Reduce, lay: ReduceLayout,
     sum_ = k.combine == "sum"
     *outer, last = lay.reduced_sizes
     if sum_:
-        out.line("let mut lanes = [0.0_f64; rt::lanes::LANES];")
+        out.line("let mut lanes = rt::lanes::SUMS;")
     else:
-        out.line("let mut lanes = [f32::NEG_INFINITY; rt::lanes::LANES];")
+        out.line("let mut lanes = rt::lanes::MAXIMA;")
     out.line("let mut chunk = [0.0_f32; rt::lanes::CHUNK];")
     loops = [f"i{d}" for d in range(len(outer))]
     for d, n in enumerate(outer):

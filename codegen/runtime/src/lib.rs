@@ -9,7 +9,7 @@
 //!   AVX-512/AVX2 tiles for stride 1, else by im2col + GEMM, in a
 //!   caller-provided scratch buffer;
 //! - [`gather`]: row gather and scatter-add with bounds checks;
-//! - [`math`]: exp, ln, tanh and erf that vectorize; [`lanes`]: the eight-lane
+//! - [`math`]: exp, ln, tanh and erf that vectorize; [`lanes`]: the 32-lane
 //!   accumulators of row reductions;
 //! - [`arena`]: the one zero-initialized, 64-byte aligned buffer a memory plan
 //!   carves into non-overlapping sub-slices;

@@ -523,7 +523,7 @@ pub fn grads_k20_mul_relu_d0(
 /// reduce: reduce_sum over [4, 8, 4, 4].
 pub fn grads_k21_reduce(t77: &[f32], t78: &mut [f32]) {
     t78[0..8].iter_mut().enumerate().for_each(|(row, acc_out)| {
-        let mut lanes = [0.0_f64; rt::lanes::LANES];
+        let mut lanes = rt::lanes::SUMS;
         let mut chunk = [0.0_f32; rt::lanes::CHUNK];
         for i0 in 0..4 {
             let x0_row = &t77[row * 16 + i0 * 128..][..16];
@@ -638,7 +638,7 @@ pub fn grads_k25_mul_relu_d0(
 /// reduce: reduce_sum over [4, 4, 8, 8].
 pub fn grads_k26_reduce(t91: &[f32], t92: &mut [f32]) {
     t92[0..4].iter_mut().enumerate().for_each(|(row, acc_out)| {
-        let mut lanes = [0.0_f64; rt::lanes::LANES];
+        let mut lanes = rt::lanes::SUMS;
         let mut chunk = [0.0_f32; rt::lanes::CHUNK];
         for i0 in 0..4 {
             let x0_row = &t91[row * 64 + i0 * 256..][..64];

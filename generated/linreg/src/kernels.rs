@@ -39,7 +39,7 @@ pub fn forward_k00_matmul(
 /// reduce: add, mul, reduce_sum, sub over [64, 1].
 pub fn forward_k01_reduce(t4: &[f32], param_b: &[f32], input_y: &[f32], t8: &mut [f32]) {
     t8[0..1].iter_mut().for_each(|acc_out| {
-        let mut lanes = [0.0_f64; rt::lanes::LANES];
+        let mut lanes = rt::lanes::SUMS;
         let mut chunk = [0.0_f32; rt::lanes::CHUNK];
         let x0_row = &t4[0..][..64];
         let x1 = param_b[0];
@@ -99,7 +99,7 @@ pub fn grads_k00_matmul_add_mul_sub(
 /// reduce: reduce_sum over [64, 1].
 pub fn grads_k01_reduce(t18: &[f32], t20: &mut [f32]) {
     t20[0..1].iter_mut().for_each(|acc_out| {
-        let mut lanes = [0.0_f64; rt::lanes::LANES];
+        let mut lanes = rt::lanes::SUMS;
         let mut chunk = [0.0_f32; rt::lanes::CHUNK];
         let x0_row = &t18[0..][..64];
         for (j, c) in chunk[..64].iter_mut().enumerate() {
@@ -163,7 +163,7 @@ pub fn train_k00_matmul_add(
 /// reduce: mul, reduce_sum over [64, 1].
 pub fn train_k01_reduce(t5: &[f32], input_y: &[f32], t8: &mut [f32]) {
     t8[0..1].iter_mut().for_each(|acc_out| {
-        let mut lanes = [0.0_f64; rt::lanes::LANES];
+        let mut lanes = rt::lanes::SUMS;
         let mut chunk = [0.0_f32; rt::lanes::CHUNK];
         let x0_row = &t5[0..][..64];
         let x1_row = &input_y[0..][..64];

@@ -182,7 +182,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `linreg`.
-#[pyclass(module = "fg_linreg_5a582759c9c3")]
+#[pyclass(module = "fg_linreg_e14e7b45328f")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -315,8 +315,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_linreg_5a582759c9c3(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_linreg_5a582759c9c3")?;
+fn fg_linreg_e14e7b45328f(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_linreg_e14e7b45328f")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

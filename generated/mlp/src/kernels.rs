@@ -190,7 +190,7 @@ pub fn forward_k06_reduce(
 /// reduce: reduce_sum over [16].
 pub fn forward_k07_reduce(t28: &[f32], t29: &mut [f32]) {
     t29[0..1].iter_mut().for_each(|acc_out| {
-        let mut lanes = [0.0_f64; rt::lanes::LANES];
+        let mut lanes = rt::lanes::SUMS;
         let mut chunk = [0.0_f32; rt::lanes::CHUNK];
         let x0_row = &t28[0..][..16];
         for (j, c) in chunk[..16].iter_mut().enumerate() {

@@ -645,7 +645,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `rnn`.
-#[pyclass(module = "fg_rnn_17bd732fed7e")]
+#[pyclass(module = "fg_rnn_87ad11c08e1f")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -789,8 +789,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_rnn_17bd732fed7e(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_rnn_17bd732fed7e")?;
+fn fg_rnn_87ad11c08e1f(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_rnn_87ad11c08e1f")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

@@ -49,7 +49,7 @@ pub fn forward_k01_add(t3: &[f32], param_pos_emb: &[f32], t5: &mut [f32]) {
 /// reduce: reduce_sum over [2, 8, 16].
 pub fn forward_k02_reduce(t5: &[f32], t8: &mut [f32]) {
     t8[0..16].iter_mut().enumerate().for_each(|(row, acc_out)| {
-        let mut lanes = [0.0_f64; rt::lanes::LANES];
+        let mut lanes = rt::lanes::SUMS;
         let mut chunk = [0.0_f32; rt::lanes::CHUNK];
         let x0_row = &t5[row * 16..][..16];
         for (j, c) in chunk[..16].iter_mut().enumerate() {
@@ -79,7 +79,7 @@ pub fn forward_k04_reduce(t5: &[f32], t10: &[f32], t13: &mut [f32]) {
         .iter_mut()
         .enumerate()
         .for_each(|(row, acc_out)| {
-            let mut lanes = [0.0_f64; rt::lanes::LANES];
+            let mut lanes = rt::lanes::SUMS;
             let mut chunk = [0.0_f32; rt::lanes::CHUNK];
             let x0_row = &t5[row * 16..][..16];
             let x1 = t10[row];
@@ -409,7 +409,7 @@ pub fn forward_k17_reduce(t60: &[f32], t63: &mut [f32]) {
         .iter_mut()
         .enumerate()
         .for_each(|(row, acc_out)| {
-            let mut lanes = [0.0_f64; rt::lanes::LANES];
+            let mut lanes = rt::lanes::SUMS;
             let mut chunk = [0.0_f32; rt::lanes::CHUNK];
             let x0_row = &t60[row * 16..][..16];
             for (j, c) in chunk[..16].iter_mut().enumerate() {
@@ -439,7 +439,7 @@ pub fn forward_k19_reduce(t60: &[f32], t65: &[f32], t68: &mut [f32]) {
         .iter_mut()
         .enumerate()
         .for_each(|(row, acc_out)| {
-            let mut lanes = [0.0_f64; rt::lanes::LANES];
+            let mut lanes = rt::lanes::SUMS;
             let mut chunk = [0.0_f32; rt::lanes::CHUNK];
             let x0_row = &t60[row * 16..][..16];
             let x1 = t65[row];
@@ -556,7 +556,7 @@ pub fn forward_k23_reduce(t60: &[f32], t85: &[f32], t89: &mut [f32]) {
         .iter_mut()
         .enumerate()
         .for_each(|(row, acc_out)| {
-            let mut lanes = [0.0_f64; rt::lanes::LANES];
+            let mut lanes = rt::lanes::SUMS;
             let mut chunk = [0.0_f32; rt::lanes::CHUNK];
             let x0_row = &t60[row * 16..][..16];
             let x1_row = &t85[row * 16..][..16];
@@ -588,7 +588,7 @@ pub fn forward_k25_reduce(t60: &[f32], t85: &[f32], t91: &[f32], t94: &mut [f32]
         .iter_mut()
         .enumerate()
         .for_each(|(row, acc_out)| {
-            let mut lanes = [0.0_f64; rt::lanes::LANES];
+            let mut lanes = rt::lanes::SUMS;
             let mut chunk = [0.0_f32; rt::lanes::CHUNK];
             let x0_row = &t60[row * 16..][..16];
             let x1_row = &t85[row * 16..][..16];
@@ -675,7 +675,7 @@ pub fn forward_k28_reduce(t106: &[f32], t112: &mut [f32]) {
         .iter_mut()
         .enumerate()
         .for_each(|(row, acc_out)| {
-            let mut lanes = [f32::NEG_INFINITY; rt::lanes::LANES];
+            let mut lanes = rt::lanes::MAXIMA;
             let mut chunk = [0.0_f32; rt::lanes::CHUNK];
             let x0_row = &t106[row * 20..][..20];
             for (j, c) in chunk[..20].iter_mut().enumerate() {
@@ -708,7 +708,7 @@ pub fn forward_k30_reduce(t106: &[f32], t113: &[f32], t116: &mut [f32]) {
         .iter_mut()
         .enumerate()
         .for_each(|(row, acc_out)| {
-            let mut lanes = [0.0_f64; rt::lanes::LANES];
+            let mut lanes = rt::lanes::SUMS;
             let mut chunk = [0.0_f32; rt::lanes::CHUNK];
             let x0_row = &t106[row * 20..][..20];
             let x1 = t113[row];
@@ -734,7 +734,7 @@ pub fn forward_k31_reduce(
         .iter_mut()
         .enumerate()
         .for_each(|(row, acc_out)| {
-            let mut lanes = [0.0_f64; rt::lanes::LANES];
+            let mut lanes = rt::lanes::SUMS;
             let mut chunk = [0.0_f32; rt::lanes::CHUNK];
             let x0 = input_targets[row];
             let x1_row = &c110[0..][..20];
@@ -755,7 +755,7 @@ pub fn forward_k31_reduce(
 /// reduce: reduce_sum over [16].
 pub fn forward_k32_reduce(t121: &[f32], t122: &mut [f32]) {
     t122[0..1].iter_mut().for_each(|acc_out| {
-        let mut lanes = [0.0_f64; rt::lanes::LANES];
+        let mut lanes = rt::lanes::SUMS;
         let mut chunk = [0.0_f32; rt::lanes::CHUNK];
         let x0_row = &t121[0..][..16];
         for (j, c) in chunk[..16].iter_mut().enumerate() {
@@ -778,7 +778,7 @@ pub fn grads_k01_reduce(t3: &[f32], param_pos_emb: &[f32], t8: &mut [f32]) {
     t8[0..16].iter_mut().enumerate().for_each(|(row, acc_out)| {
         let r0 = row / 8;
         let r1 = row % 8;
-        let mut lanes = [0.0_f64; rt::lanes::LANES];
+        let mut lanes = rt::lanes::SUMS;
         let mut chunk = [0.0_f32; rt::lanes::CHUNK];
         let x0_row = &t3[r0 * 128 + r1 * 16..][..16];
         let x1_row = &param_pos_emb[r1 * 16..][..16];
@@ -819,7 +819,7 @@ pub fn grads_k03_reduce(t11: &[f32], t13: &mut [f32]) {
         .iter_mut()
         .enumerate()
         .for_each(|(row, acc_out)| {
-            let mut lanes = [0.0_f64; rt::lanes::LANES];
+            let mut lanes = rt::lanes::SUMS;
             let mut chunk = [0.0_f32; rt::lanes::CHUNK];
             let x0_row = &t11[row * 16..][..16];
             for (j, c) in chunk[..16].iter_mut().enumerate() {
@@ -999,7 +999,7 @@ pub fn grads_k22_reduce(t66: &[f32], t68: &mut [f32]) {
         .iter_mut()
         .enumerate()
         .for_each(|(row, acc_out)| {
-            let mut lanes = [0.0_f64; rt::lanes::LANES];
+            let mut lanes = rt::lanes::SUMS;
             let mut chunk = [0.0_f32; rt::lanes::CHUNK];
             let x0_row = &t66[row * 16..][..16];
             for (j, c) in chunk[..16].iter_mut().enumerate() {
@@ -1138,7 +1138,7 @@ pub fn grads_k31_reduce(t92: &[f32], t94: &mut [f32]) {
         .iter_mut()
         .enumerate()
         .for_each(|(row, acc_out)| {
-            let mut lanes = [0.0_f64; rt::lanes::LANES];
+            let mut lanes = rt::lanes::SUMS;
             let mut chunk = [0.0_f32; rt::lanes::CHUNK];
             let x0_row = &t92[row * 16..][..16];
             for (j, c) in chunk[..16].iter_mut().enumerate() {
@@ -1435,7 +1435,7 @@ pub fn grads_k50_reduce(t159: &[f32], t92: &[f32], t99: &[f32], t167: &mut [f32]
         .iter_mut()
         .enumerate()
         .for_each(|(row, acc_out)| {
-            let mut lanes = [0.0_f64; rt::lanes::LANES];
+            let mut lanes = rt::lanes::SUMS;
             let mut chunk = [0.0_f32; rt::lanes::CHUNK];
             let x0_row = &t159[row * 16..][..16];
             let x1_row = &t92[row * 16..][..16];
@@ -1474,7 +1474,7 @@ pub fn grads_k52_reduce(t159: &[f32], t163: &[f32], t170: &[f32], t92: &[f32], t
         .iter_mut()
         .enumerate()
         .for_each(|(row, acc_out)| {
-            let mut lanes = [0.0_f64; rt::lanes::LANES];
+            let mut lanes = rt::lanes::SUMS;
             let mut chunk = [0.0_f32; rt::lanes::CHUNK];
             let x0_row = &t159[row * 16..][..16];
             let x1 = t163[row];
@@ -1742,7 +1742,7 @@ pub fn grads_k64_reduce(t203: &[f32], t66: &[f32], t73: &[f32], t211: &mut [f32]
         .iter_mut()
         .enumerate()
         .for_each(|(row, acc_out)| {
-            let mut lanes = [0.0_f64; rt::lanes::LANES];
+            let mut lanes = rt::lanes::SUMS;
             let mut chunk = [0.0_f32; rt::lanes::CHUNK];
             let x0_row = &t203[row * 16..][..16];
             let x1_row = &t66[row * 16..][..16];
@@ -1781,7 +1781,7 @@ pub fn grads_k66_reduce(t203: &[f32], t207: &[f32], t214: &[f32], t66: &[f32], t
         .iter_mut()
         .enumerate()
         .for_each(|(row, acc_out)| {
-            let mut lanes = [0.0_f64; rt::lanes::LANES];
+            let mut lanes = rt::lanes::SUMS;
             let mut chunk = [0.0_f32; rt::lanes::CHUNK];
             let x0_row = &t203[row * 16..][..16];
             let x1 = t207[row];
@@ -2316,7 +2316,7 @@ pub fn grads_k90_reduce(
         .iter_mut()
         .enumerate()
         .for_each(|(row, acc_out)| {
-            let mut lanes = [0.0_f64; rt::lanes::LANES];
+            let mut lanes = rt::lanes::SUMS;
             let mut chunk = [0.0_f32; rt::lanes::CHUNK];
             let x0_row = &t295[row * 16..][..16];
             let x1_row = &param_ln_attn_weight[0..][..16];
@@ -2364,7 +2364,7 @@ pub fn grads_k92_reduce(
         .iter_mut()
         .enumerate()
         .for_each(|(row, acc_out)| {
-            let mut lanes = [0.0_f64; rt::lanes::LANES];
+            let mut lanes = rt::lanes::SUMS;
             let mut chunk = [0.0_f32; rt::lanes::CHUNK];
             let x0_row = &t295[row * 16..][..16];
             let x1_row = &param_ln_attn_weight[0..][..16];
@@ -2511,7 +2511,7 @@ pub fn train_k41_reduce(
         .iter_mut()
         .enumerate()
         .for_each(|(row, acc_out)| {
-            let mut lanes = [0.0_f64; rt::lanes::LANES];
+            let mut lanes = rt::lanes::SUMS;
             let mut chunk = [0.0_f32; rt::lanes::CHUNK];
             let x0 = input_targets[row];
             let x1_row = &c110[0..][..20];

@@ -1286,7 +1286,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `char_lm`.
-#[pyclass(module = "fg_char_lm_c3d788df6548")]
+#[pyclass(module = "fg_char_lm_12930d1176ab")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -1467,8 +1467,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_char_lm_c3d788df6548(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_char_lm_c3d788df6548")?;
+fn fg_char_lm_12930d1176ab(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_char_lm_12930d1176ab")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())
