@@ -44,7 +44,8 @@ PAR_FLOPS = 1 << 22  # a product with fewer flops runs on the calling thread (= 
 GRAIN = 1 << 13  # elements per rayon task, at least
 MIN_ROW = 32  # elements: shorter rows take trailing dims in (see _elementwise)
 COLUMN_TILE = 64  # outputs per stack tile of a column reduction's accumulators
-LANES, CHUNK = 8, 64  # rows this long fold into rt::lanes; elements mapped per pass
+LANES_MIN_ROW = 16  # rows at least this long fold into rt::lanes' accumulators
+CHUNK = 64  # elements a row reduction maps into its stack buffer per pass (rt::lanes::CHUNK)
 
 
 # Literals that equal a named constant print as the constant (clippy's approx_constant).
@@ -537,7 +538,7 @@ def _reduce_one(out: IndentedBuffer, k: Reduce, lay: ReduceLayout, coords: list[
 def _lanes_fit(lay: ReduceLayout) -> bool:
     """The innermost reduced dim is long and contiguous (or broadcast) in every
     input: the row can be mapped a chunk at a time and folded into lanes."""
-    return (bool(lay.reduced_sizes) and lay.reduced_sizes[-1] >= 2 * LANES
+    return (bool(lay.reduced_sizes) and lay.reduced_sizes[-1] >= LANES_MIN_ROW
             and all(st[-1] in (0, 1) for st in lay.reduced_strides)
             and any(st[-1] == 1 for st in lay.reduced_strides))
 

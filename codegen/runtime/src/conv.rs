@@ -184,6 +184,7 @@ fn direct_len(_: &Conv2d, _: Option<Isa>) -> usize {
 /// output gradient (o channels, oh × ow) padded by `k - 1 - pad`, with weights
 /// flipped and in and out channels swapped. None for strides, and for padding
 /// wider than the kernel (then the gradient crops, which this cannot express).
+#[cfg(target_arch = "x86_64")]
 fn transposed(p: &Conv2d) -> Option<Conv2d> {
     let (oh, ow) = p.out_hw();
     let (ph, pw) = p.padding;

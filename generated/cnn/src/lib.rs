@@ -507,7 +507,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `cnn`.
-#[pyclass(module = "fg_cnn_85fdb7d3dd31")]
+#[pyclass(module = "fg_cnn_b1064a572758")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -659,8 +659,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_cnn_85fdb7d3dd31(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_cnn_85fdb7d3dd31")?;
+fn fg_cnn_b1064a572758(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_cnn_b1064a572758")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

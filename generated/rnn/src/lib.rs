@@ -645,7 +645,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `rnn`.
-#[pyclass(module = "fg_rnn_87ad11c08e1f")]
+#[pyclass(module = "fg_rnn_d93f426aa27d")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -789,8 +789,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_rnn_87ad11c08e1f(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_rnn_87ad11c08e1f")?;
+fn fg_rnn_d93f426aa27d(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_rnn_d93f426aa27d")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

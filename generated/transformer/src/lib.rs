@@ -1286,7 +1286,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `char_lm`.
-#[pyclass(module = "fg_char_lm_12930d1176ab")]
+#[pyclass(module = "fg_char_lm_ef21c4b23404")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -1467,8 +1467,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_char_lm_12930d1176ab(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_char_lm_12930d1176ab")?;
+fn fg_char_lm_ef21c4b23404(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_char_lm_ef21c4b23404")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())
