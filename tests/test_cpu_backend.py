@@ -119,3 +119,35 @@ def test_lowered_cpu_exposes_plan_and_source() -> None:
     assert "#[pymodule]" in source
     kinds = {k.kind for k in lowered.kernels}
     assert {"matmul", "elementwise", "reduce"} <= kinds
+
+
+@fg.model
+def column_reductions(x: fg.f32[1024, 300], w: fg.f32[300], z: fg.f32[8, 64, 600]):
+    # Column sums and a max: [1024, 300] splits its rows into fixed groups; the
+    # [512, 600] ones run in tiles of columns; a product fused into the sum.
+    return {"sum": x.sum(0), "weighted": (x * w).sum(0), "max": x.max(0),
+            "wide": z.sum((0, 1)), "wide_max": z.max((0, 1))}
+
+
+def test_column_reductions_match_the_interpreter() -> None:
+    cpu = fg.compile(column_reductions, backend="cpu")
+    ref = fg.compile(column_reductions, backend="numpy")
+    source = cpu.source()
+    assert "let mut parts = [[0.0_f64; 300]; 4];" in source  # the row-group path is taken
+    assert "let mut parts = [[f32::NEG_INFINITY; 300]; 4];" in source
+    assert "chunks_mut(512)" in source  # and the tiled one
+    rng = np.random.default_rng(1)
+    feed = {"x": rng.normal(size=(1024, 300)).astype(np.float32),
+            "w": rng.normal(size=300).astype(np.float32),
+            "z": rng.normal(size=(8, 64, 600)).astype(np.float32)}
+    close(cpu.forward(**feed), ref.forward(**feed), 1e-5, 1e-4, "forward")
+
+
+def test_entry_points_with_parallel_kernels_run_on_the_pool() -> None:
+    """Steps with several parallel kernels cross into rayon's pool once per call;
+    a tiny step stays on the calling thread (crossing costs a wake-up)."""
+    big = fg.lower(column_reductions, backend="cpu").source("rust")
+    assert "rt::threads::on_pool(" in big
+    model, optimizer, dims = MODELS["linreg"]()
+    tiny = fg.lower(model, optimizer=optimizer, backend="cpu", **dims).source("rust")
+    assert "rt::threads::on_pool(" not in tiny and "fn py_train" in tiny

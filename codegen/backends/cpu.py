@@ -35,10 +35,21 @@ from ..memory import MemoryPlan
 from ..schedule import Schedule, safe_name
 from .base import IndentedBuffer, check_ids
 from .cuda import render_cuda_step
-from .rust import RUST_TYPES, KernelArgs, conv_params, fallible, render_kernel
+from .rust import (
+    RUST_TYPES,
+    KernelArgs,
+    conv_params,
+    fallible,
+    may_run_parallel,
+    render_kernel,
+)
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 RUNTIME = Path(__file__).resolve().parent.parent / "runtime"
+# An entry point with at least this many kernels that may split over rayon runs on a
+# pool thread (rt::threads::on_pool): crossing into the pool costs one wake-up (~4 us)
+# per step there, instead of one per parallel kernel from the calling thread.
+ON_POOL_MIN_KERNELS = 2
 
 
 @dataclass
@@ -281,8 +292,14 @@ def _py_method(graph: Graph, s: Schedule, plan: MemoryPlan) -> str:
         slices = ", ".join(names)
         out.line("let arenas = &mut self.arenas;")
         out.line(f"py.detach(|| rt::py::guard(\"{s.entry}\", || {{")
-        out.line("    let _ftz = rt::fpenv::FlushDenormals::new();")
-        out.line(f"    arenas.{s.entry}({slices})")
+        if sum(map(may_run_parallel, s.kernels)) >= ON_POOL_MIN_KERNELS:
+            out.line("    rt::threads::on_pool(|| {")
+            out.line("        let _ftz = rt::fpenv::FlushDenormals::new();")
+            out.line(f"        arenas.{s.entry}({slices})")
+            out.line("    })")
+        else:
+            out.line("    let _ftz = rt::fpenv::FlushDenormals::new();")
+            out.line(f"    arenas.{s.entry}({slices})")
         out.line("}))?;")
         if s.entry == "train":
             p = plan.temps["train"][s.results["out:loss"]]

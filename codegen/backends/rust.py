@@ -43,7 +43,9 @@ PAR_MIN = 1 << 15  # elements: below this a kernel runs on the calling thread
 PAR_FLOPS = 1 << 22  # a product with fewer flops runs on the calling thread (= runtime gemm)
 GRAIN = 1 << 13  # elements per rayon task, at least
 MIN_ROW = 32  # elements: shorter rows take trailing dims in (see _elementwise)
-COLUMN_TILE = 64  # outputs per stack tile of a column reduction's accumulators
+COLUMN_TILE = 512  # outputs per tile of a column reduction's accumulators (4 KiB of f64: L1)
+COLUMN_PARTS = 4  # fixed row groups of a one-tile column reduction, combined in order
+COLUMN_PARTS_MIN = 1 << 18  # elements: a one-tile column reduction this big splits its rows
 LANES_MIN_ROW = 16  # rows at least this long fold into rt::lanes' accumulators
 CHUNK = 64  # elements a row reduction maps into its stack buffer per pass (rt::lanes::CHUNK)
 
@@ -163,6 +165,16 @@ class KernelArgs:
 
 def fallible(k: Kernel) -> bool:
     return isinstance(k, Matmul | Gather | Conv)
+
+
+def may_run_parallel(k: Kernel) -> bool:
+    """Whether ``k`` may split its work over rayon (by the thresholds the renderers
+    and the runtime use; gathers and convolutions counted as parallel)."""
+    if isinstance(k, Matmul):
+        return 2 * k.m * k.n * k.k * int(np.prod(k.batch)) >= PAR_FLOPS
+    if isinstance(k, Elementwise | Reduce):
+        return int(np.prod(k.shape)) >= PAR_MIN
+    return isinstance(k, Gather | Conv)
 
 
 def _unused_row(text: str) -> str:
@@ -601,42 +613,68 @@ def _is_column_reduction(lay: ReduceLayout) -> bool:
 
 def _column_reduce(out: IndentedBuffer, k: Reduce, lay: ReduceLayout) -> None:
     """Rows of the input added into a tile of accumulators (f64 for sums) on the
-    stack, ``COLUMN_TILE`` outputs at a time, in the same order per output as the
-    row-wise loop, so results are identical; tiles run on rayon when big enough."""
+    stack, ``COLUMN_TILE`` outputs at a time: each row's segment is read in order
+    and the tile stays in L1 (a narrow tile walks memory in a large stride, which
+    the prefetchers do not follow: 64 columns ran at ~14 GB/s). Tiles run on rayon
+    when there are several; a one-tile reduction big enough splits its rows into
+    ``COLUMN_PARTS`` fixed groups instead, combined in order, so the result does not
+    depend on the thread count."""
     assert k.out is not None
     o, cols = k.out, lay.kept_sizes[0]
     sum_ = k.combine == "sum"
-    tile = min(cols, COLUMN_TILE)
+    init = "0.0_f64" if sum_ else "f32::NEG_INFINITY"
     target = f"{o.buffer}[{o.offset}..{o.offset + cols}]"
-    par = cols * lay.length >= PAR_MIN and tile < cols
+    total = cols * lay.length
+    parts = min(COLUMN_PARTS, lay.reduced_sizes[0])
+    if cols <= COLUMN_TILE and total >= COLUMN_PARTS_MIN and parts > 1:
+        out.line(f"let mut parts = [[{init}; {cols}]; {parts}];")
+        with out.indent("parts.par_iter_mut().enumerate().for_each(|(part, acc)| {", "});"):
+            n0 = lay.reduced_sizes[0]
+            out.line(f"let rows = part * {n0} / {parts}..(part + 1) * {n0} / {parts};")
+            _accumulate_rows(out, k, lay, "rows", str(cols), "")
+        with out.indent(f"for (j, o) in {target}.iter_mut().enumerate() {{"):
+            terms = [f"parts[{p}][j]" for p in range(parts)]
+            if sum_:
+                out.line(f"*o = ({' + '.join(terms)}) as f32;")
+            else:
+                out.line(f"*o = {terms[0]}" + "".join(f".max({t})" for t in terms[1:]) + ";")
+        return
+    tile = min(cols, COLUMN_TILE)
+    par = total >= PAR_MIN and tile < cols
     it = f"{target}.{'par_' if par else ''}chunks_mut({tile})"
     with out.indent(f"{it}.enumerate().for_each(|(part, out)| {{", "});"):
         out.line(f"let j0 = part * {tile};")
-        init = "0.0_f64" if sum_ else "f32::NEG_INFINITY"
         out.line(f"let mut acc = [{init}; {tile}];")
         out.line("let acc = &mut acc[..out.len()];")
-        loops = [f"i{d}" for d in range(len(lay.reduced_sizes))]
-        for d, n in enumerate(lay.reduced_sizes):
-            out.line(f"for i{d} in 0..{n} {{")
-            out.level += 1
-        loads = []
-        for (sym, v), ks, rs in zip(k.inputs.items(), lay.kept_strides, lay.reduced_strides,
-                                    strict=True):
-            base = linear_index(v.offset, loops, rs)
-            load = _bind_input(out, sym, v, base, ks[0], "out.len()", "j0")
-            if load is not None:
-                loads.append(load)
-        with out.indent("for (j, a) in acc.iter_mut().enumerate() {"):
-            for line in loads:
-                out.line(line)
-            (value,) = _cse_body(out, [k.value], ["f32"])
-            out.line(f"*a += f64::from({value});" if sum_ else f"*a = a.max({value});")
-        for _ in lay.reduced_sizes:
-            out.level -= 1
-            out.line("}")
+        _accumulate_rows(out, k, lay, f"0..{lay.reduced_sizes[0]}", "out.len()", "j0")
         cast = "*a as f32" if sum_ else "*a"
         with out.indent("for (o, a) in out.iter_mut().zip(acc.iter()) {"):
             out.line(f"*o = {cast};")
+
+
+def _accumulate_rows(out: IndentedBuffer, k: Reduce, lay: ReduceLayout, first: str,
+                     width: str, j0: str) -> None:
+    """Loops over the reduced dims (the first over the range ``first``), adding each
+    row's ``width`` elements, from column ``j0`` on, into ``acc``."""
+    loops = [f"i{d}" for d in range(len(lay.reduced_sizes))]
+    for d, n in enumerate(lay.reduced_sizes):
+        out.line(f"for i{d} in {first if d == 0 else f'0..{n}'} {{")
+        out.level += 1
+    loads = []
+    for (sym, v), ks, rs in zip(k.inputs.items(), lay.kept_strides, lay.reduced_strides,
+                                strict=True):
+        base = linear_index(v.offset, loops, rs)
+        load = _bind_input(out, sym, v, base, ks[0], width, j0)
+        if load is not None:
+            loads.append(load)
+    with out.indent("for (j, a) in acc.iter_mut().enumerate() {"):
+        for line in loads:
+            out.line(line)
+        (value,) = _cse_body(out, [k.value], ["f32"])
+        out.line(f"*a += f64::from({value});" if k.combine == "sum" else f"*a = a.max({value});")
+    for _ in lay.reduced_sizes:
+        out.level -= 1
+        out.line("}")
 
 
 def _head(v: View, n: int) -> View:

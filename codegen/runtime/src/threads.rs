@@ -41,6 +41,16 @@ pub fn init() {
         .build_global();
 }
 
+/// Runs `f` on a thread of the pool and waits for it. A step is a sequence of
+/// short parallel loops: started from a thread outside the pool (Python's), each
+/// loop hands its work to the pool and sleeps until it is done, about 4 µs per
+/// loop on this class of machine even with one thread; started on a worker, its
+/// tasks are queued locally and the loop costs a fraction of a microsecond. So an
+/// entry point crosses into the pool once, here, instead of once per kernel.
+pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| f())
+}
+
 /// The number of threads in the pool that kernels run on.
 pub fn num_threads() -> usize {
     rayon::current_num_threads()

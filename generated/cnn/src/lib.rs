@@ -507,7 +507,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `cnn`.
-#[pyclass(module = "fg_cnn_b1064a572758")]
+#[pyclass(module = "fg_cnn_fe85ff9b8e68")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -537,8 +537,10 @@ impl Step {
         let arenas = &mut self.arenas;
         py.detach(|| {
             rt::py::guard("forward", || {
-                let _ftz = rt::fpenv::FlushDenormals::new();
-                arenas.forward(x, y)
+                rt::threads::on_pool(|| {
+                    let _ftz = rt::fpenv::FlushDenormals::new();
+                    arenas.forward(x, y)
+                })
             })
         })?;
         let out = PyDict::new(py);
@@ -565,8 +567,10 @@ impl Step {
         let arenas = &mut self.arenas;
         py.detach(|| {
             rt::py::guard("grads", || {
-                let _ftz = rt::fpenv::FlushDenormals::new();
-                arenas.grads(x, y)
+                rt::threads::on_pool(|| {
+                    let _ftz = rt::fpenv::FlushDenormals::new();
+                    arenas.grads(x, y)
+                })
             })
         })?;
         let out = PyDict::new(py);
@@ -607,8 +611,10 @@ impl Step {
         let arenas = &mut self.arenas;
         py.detach(|| {
             rt::py::guard("train", || {
-                let _ftz = rt::fpenv::FlushDenormals::new();
-                arenas.train(x, y)
+                rt::threads::on_pool(|| {
+                    let _ftz = rt::fpenv::FlushDenormals::new();
+                    arenas.train(x, y)
+                })
             })
         })?;
         Ok(self.arenas.temp_f32.slice(4848, 1)[0])
@@ -659,8 +665,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_cnn_b1064a572758(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_cnn_b1064a572758")?;
+fn fg_cnn_fe85ff9b8e68(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_cnn_fe85ff9b8e68")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

@@ -182,7 +182,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `linreg`.
-#[pyclass(module = "fg_linreg_d92f78e33e45")]
+#[pyclass(module = "fg_linreg_beca3fc079a5")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -315,8 +315,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_linreg_d92f78e33e45(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_linreg_d92f78e33e45")?;
+fn fg_linreg_beca3fc079a5(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_linreg_beca3fc079a5")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

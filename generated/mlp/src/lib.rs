@@ -399,7 +399,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `mlp`.
-#[pyclass(module = "fg_mlp_ff749b074bea")]
+#[pyclass(module = "fg_mlp_09db90220aaa")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -545,8 +545,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_mlp_ff749b074bea(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_mlp_ff749b074bea")?;
+fn fg_mlp_09db90220aaa(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_mlp_09db90220aaa")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

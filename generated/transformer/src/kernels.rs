@@ -2433,11 +2433,11 @@ pub fn grads_k94_add(
 /// reduce: reduce_sum over [2, 8, 16].
 pub fn grads_k95_reduce(t322: &[f32], t323: &mut [f32]) {
     t323[0..128]
-        .chunks_mut(64)
+        .chunks_mut(128)
         .enumerate()
         .for_each(|(part, out)| {
-            let j0 = part * 64;
-            let mut acc = [0.0_f64; 64];
+            let j0 = part * 128;
+            let mut acc = [0.0_f64; 128];
             let acc = &mut acc[..out.len()];
             for i0 in 0..2 {
                 let x0_row = &t322[i0 * 128 + j0..][..out.len()];

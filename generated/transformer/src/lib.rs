@@ -1286,7 +1286,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `char_lm`.
-#[pyclass(module = "fg_char_lm_ef21c4b23404")]
+#[pyclass(module = "fg_char_lm_192d57be1042")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -1346,8 +1346,10 @@ impl Step {
         let arenas = &mut self.arenas;
         py.detach(|| {
             rt::py::guard("grads", || {
-                let _ftz = rt::fpenv::FlushDenormals::new();
-                arenas.grads(ids, targets)
+                rt::threads::on_pool(|| {
+                    let _ftz = rt::fpenv::FlushDenormals::new();
+                    arenas.grads(ids, targets)
+                })
             })
         })?;
         let out = PyDict::new(py);
@@ -1415,8 +1417,10 @@ impl Step {
         let arenas = &mut self.arenas;
         py.detach(|| {
             rt::py::guard("train", || {
-                let _ftz = rt::fpenv::FlushDenormals::new();
-                arenas.train(ids, targets)
+                rt::threads::on_pool(|| {
+                    let _ftz = rt::fpenv::FlushDenormals::new();
+                    arenas.train(ids, targets)
+                })
             })
         })?;
         Ok(self.arenas.temp_f32.slice(8560, 1)[0])
@@ -1467,8 +1471,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_char_lm_ef21c4b23404(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_char_lm_ef21c4b23404")?;
+fn fg_char_lm_192d57be1042(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_char_lm_192d57be1042")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())
