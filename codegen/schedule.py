@@ -96,6 +96,7 @@ class _Scheduler:
         self.roots = {k: named[k] for k in keys}
         self.plan: list[Node] = graph.plan(self.roots.values())
         self.node = {n.id: n for n in self.plan}
+        self.position = {n.id: i for i, n in enumerate(self.plan)}
         self.users: dict[int, list[int]] = {n.id: [] for n in self.plan}
         for n in self.plan:
             for a in n.args:
@@ -137,6 +138,12 @@ class _Scheduler:
                     self.recomputed[n.id] = readers
                     self.log.append(f"  {self._desc(n)} recomputed in each of the "
                                     f"{len(readers)} kernels that read it")
+                elif (first := self._stored_by(n, group_of)) is not None:
+                    first.members.add(n.id)
+                    first.outputs.append(n.id)
+                    group_of[n.id] = first
+                    self.log.append(f"  {self._desc(n)} computed in the kernel of "
+                                    f"%{first.founder}, which stores it for later readers")
                 else:
                     group_of[n.id] = _Group("elementwise", n.shape, n.id, {n.id}, [n.id])
                     if why:
@@ -164,6 +171,22 @@ class _Scheduler:
         if len(groups) > RECOMPUTE_READERS or any(g.shape != n.shape for g in groups.values()):
             return None
         return groups
+
+    def _stored_by(self, n: Node, group_of: dict[int, _Group]) -> _Group | None:
+        """The kernel that computes ``n`` as one more output, stored for the other
+        kernels that read it: ``n`` is read only by kernels of groups, the first of
+        them (in plan order) elementwise over ``n``'s shape. Saves ``n`` a kernel of
+        its own (a pass over its inputs, then one over ``n``) — the forward GELU's
+        Phi(x), kept for its derivative. The others are emitted after the first, so
+        ``n``'s buffer exists by then."""
+        users = self.users[n.id]
+        if not users or any(u not in group_of for u in users):
+            return None
+        groups = {id(group_of[u]): group_of[u] for u in users}
+        first = min(groups.values(), key=lambda g: self.position[g.founder])
+        if len(groups) < 2 or first.kind != "elementwise" or first.shape != n.shape:
+            return None
+        return first
 
     def _joinable(self, n: Node, group_of: dict[int, _Group]) -> tuple[_Group | None, str]:
         users = self.users[n.id]

@@ -38,6 +38,7 @@ erf = _unary("erf", "The error function.")
 sin = _unary("sin", "Sine.")
 cos = _unary("cos", "Cosine.")
 gelu = _unary("gelu", "x * Phi(x) in the exact erf form (PyTorch's default).")
+normal_cdf = _unary("normal_cdf", "Phi(x), the standard normal distribution's CDF.")
 softplus = _unary("softplus", "log(1 + exp(x)), stable for large |x|.")
 stop_gradient = _unary("stop_gradient", "x, with no gradient flowing back through it.")
 

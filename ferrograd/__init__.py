@@ -66,6 +66,7 @@ from .dsl.functional import (  # noqa: E402
     mean,
     minimum,
     mse,
+    normal_cdf,
     relu,
     reshape,
     sigmoid,
@@ -104,6 +105,6 @@ __all__ = [
     "conv2d", "cos", "cross_entropy", "embedding", "erf", "exp", "f32", "f64", "gelu",
     "grad", "i32", "init_params", "interpret", "layer_norm", "log", "log1p", "log_softmax",
     "lower", "matmul", "max_pool2d", "maximum", "mean", "minimum", "model", "mse", "nn",
-    "optim", "param", "relu", "reshape", "sigmoid", "sign", "sin", "softmax", "softplus",
-    "sqrt", "stop_gradient", "sum", "tanh", "trace", "transpose", "where",
+    "normal_cdf", "optim", "param", "relu", "reshape", "sigmoid", "sign", "sin", "softmax",
+    "softplus", "sqrt", "stop_gradient", "sum", "tanh", "trace", "transpose", "where",
 ]

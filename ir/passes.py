@@ -140,7 +140,28 @@ def simplify(graph: Graph) -> Graph:
     return dce(g)
 
 
+def share_gelu_cdf(graph: Graph) -> Graph:
+    """gelu(x) = x Phi(x), and its derivative Phi(x) + x Phi'(x) needs Phi again: an
+    erf per element, the costliest part of both. Where a graph has both (a training
+    step), write them over one ``normal_cdf`` node, which the forward kernel then
+    stores for the backward one (the scheduler's stored outputs); the backward is
+    left with Phi'(x), one exp."""
+    g = graph.copy()
+    derivative = {n.args[0]: n.id for n in g.nodes() if n.op == "gelu.d0"}
+    for nid in g.topo_order():
+        n = g.node(nid)
+        if n.op != "gelu" or n.args[0] not in derivative:
+            continue
+        with source_as(n.src):
+            x = Var(g, n.args[0])
+            cdf = apply("normal_cdf", x)
+            g.replace_uses(nid, (x * cdf).id)
+            g.replace_uses(derivative[n.args[0]], (cdf + x * apply("normal_cdf.d0", x)).id)
+    return dce(g)
+
+
 PIPELINE: list[tuple[str, Pass]] = [
+    ("share_gelu_cdf", share_gelu_cdf),
     ("simplify", simplify),
     ("constant_fold", constant_fold),
     ("cse", cse),

@@ -12,6 +12,7 @@ import shutil
 
 import numpy as np
 import pytest
+import sympy as sp
 
 import ferrograd as fg
 from ferrograd.codegen.backends.base import batch_as_rows
@@ -203,7 +204,7 @@ def test_batched_linear_runs_as_one_product_and_matches_interpreter(batch: int, 
     still_batched = [k.a.strides for k in products if batch_as_rows(k).batch]
     assert still_batched == [(dims["T"] * 64, 1, 64)]  # the mix layer's transposed rows
     source = lw.crate.files["src/kernels.rs"].decode()
-    up = source[source.index("pub fn forward_k00_matmul_add_gelu("):]
+    up = source[source.index("pub fn forward_k00_matmul_add_"):]  # + the GELU
     assert up.index("rt::gemm::sgemm(") < up.index("\n}\n")  # one product, not a batch
     cpu = fg.compile(model, optimizer=fg.optim.Adam(lr=1e-2), backend="cpu", seed=3, **dims)
     ref = fg.compile(model, optimizer=fg.optim.Adam(lr=1e-2), backend="numpy", seed=3, **dims)
@@ -212,4 +213,50 @@ def test_batched_linear_runs_as_one_product_and_matches_interpreter(batch: int, 
         x = feed(ref.graph, rng)
         close(cpu.grads(**x), ref.grads(**x), 2e-4, 2e-5)
         assert cpu(**x) == pytest.approx(ref(**x), rel=1e-4, abs=1e-6)
+        close(cpu.params, ref.params, 2e-4, 2e-5)
+
+
+def gelu_mlp():
+    @fg.model
+    def net(x: fg.f32["B", 24], y: fg.i32["B"]):
+        h = fg.gelu(fg.nn.linear(x, 48, name="up"))
+        return fg.cross_entropy(fg.nn.linear(h, 10, name="down"), y)
+    return net
+
+
+def test_gelu_stores_its_cdf_for_the_backward() -> None:
+    """Training computes Phi(x) once: the forward product's epilogue writes the
+    pre-activation, Phi and gelu = x·Phi (three outputs, one kernel); the backward
+    epilogue reads Phi and evaluates only Phi' (an exp), never erf again."""
+    lw = fg.lower(gelu_mlp(), optimizer=fg.optim.SGD(lr=0.1), B=8)
+    ops = {n.op for n in lw.graph.nodes()}
+    assert "normal_cdf" in ops and "gelu" not in ops and "gelu.d0" not in ops
+    train = kernels(lw, "train")
+    up = next(k for k in train if isinstance(k, Matmul) and "normal_cdf" in k.ops)
+    assert up.epilogue is not None and len(up.epilogue.outputs) == 3
+    stored = {v.buffer for v in up.epilogue.writes()}
+    readers = [k for k in train if "normal_cdf.d0" in k.ops]
+    assert len(readers) == 1 and stored & {v.buffer for v in readers[0].reads()}
+    elementwise = [k.epilogue if isinstance(k, Matmul) else k for k in train]
+    erfs = [k for k in elementwise if isinstance(k, Elementwise)
+            and any(e.has(sp.erf) for _, e in k.outputs)]
+    assert len(erfs) == 1  # the forward's, only
+
+    @fg.model
+    def inference(x: fg.f32["B", 24]):
+        return {"y": fg.gelu(fg.nn.linear(x, 48, name="up"))}
+    # No derivative: gelu stays one op.
+    assert "gelu" in {n.op for n in fg.lower(inference, B=8).graph.nodes()}
+
+
+@needs_cargo
+def test_gelu_step_with_a_stored_cdf_matches_interpreter() -> None:
+    model = gelu_mlp()
+    cpu = fg.compile(model, optimizer=fg.optim.Adam(lr=1e-2), backend="cpu", seed=2, B=64)
+    ref = fg.compile(model, optimizer=fg.optim.Adam(lr=1e-2), backend="numpy", seed=2, B=64)
+    rng = np.random.default_rng(5)
+    for _ in range(3):
+        x = feed(ref.graph, rng)
+        close(cpu.grads(**x), ref.grads(**x), 2e-4, 2e-5)
+        assert cpu(**x) == pytest.approx(ref(**x), rel=1e-4, abs=1e-5)
         close(cpu.params, ref.params, 2e-4, 2e-5)

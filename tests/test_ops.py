@@ -250,6 +250,7 @@ UNARY: dict[str, tuple[Callable[[np.ndarray], np.ndarray], Domain]] = {
     "relu": (lambda x: np.where(x > 0, x, 0.0), away_from_zero()),
     "sigmoid": (sigmoid_ref, normal(3.0)),
     "gelu": (gelu_ref, normal(2.0)),
+    "normal_cdf": (lambda x: 0.5 * (1.0 + erf(x / math.sqrt(2.0))), normal(2.0)),
     "softplus": (lambda x: np.logaddexp(0.0, x), normal(6.0)),  # large |x| too: stability
 }
 

@@ -49,6 +49,7 @@ UNARY: dict[str, Formula] = {
     "relu": lambda sp, x: sp.Piecewise((x, x > 0), (0, True)),  # relu'(0) = 0, as PyTorch
     "sigmoid": lambda sp, x: (1 + sp.tanh(x / 2)) / 2,
     "gelu": lambda sp, x: x * (1 + sp.erf(x / sp.sqrt(2))) / 2,  # exact (erf) form
+    "normal_cdf": lambda sp, x: (1 + sp.erf(x / sp.sqrt(2))) / 2,  # Phi, gelu(x) = x Phi(x)
     "softplus": lambda sp, x: sp.Max(x, 0) + sp.log1p(sp.exp(-sp.Abs(x))),
 }
 
