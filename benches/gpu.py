@@ -27,17 +27,21 @@ Two phases, because the GPU machine has no Rust toolchain (as gpu_cuda_check.py)
 
 What is measured, per workload:
 
-- systems: ferrograd (CUDA step, CUDA graphs on, cuBLAS, strict fp32; inputs passed
-  as NumPy arrays, copied host→device every step — the step also takes CuPy/torch
-  device arrays, measured apart by gpu_device_inputs.py), torch eager, torch eager
-  with the whole step in one CUDA graph,
-  torch.compile(mode="reduce-overhead") of the model + loss with the optimizer eager,
-  JAX jit (one executable per step, params and state donated), and as like-for-like
-  partners of ferrograd's host inputs: the CUDA-graph step and JAX fed from NumPy
-  every step. All from ferrograd's initial params, on the same batch;
+- systems: ferrograd (CUDA step, CUDA graphs on, cuBLAS, strict fp32) with its batch
+  on the device as the anchors keep theirs (torch CUDA tensors made once, which the
+  step copies device to device into its input arenas through
+  ``__cuda_array_interface__``), torch eager, torch eager with the whole step in one
+  CUDA graph, torch.compile(mode="reduce-overhead") of the model + loss with the
+  optimizer eager, JAX jit (one executable per step, params and state donated); and,
+  like for like with a batch that comes from the host every step: ferrograd fed NumPy
+  arrays (a second CUDA step, copied host→device per call), the CUDA-graph step and
+  JAX fed from NumPy. All from ferrograd's initial params, on the same batch. Without
+  torch (or with ``--device cpu``) ferrograd can only be fed NumPy: the run says so
+  (log and ``fg_inputs_note`` in the JSON) and its device-input column stays empty;
 - correctness: the losses of the first three steps (forward at the initial weights,
-  then after one and two updates) against ferrograd's; for the forward-only ``ew``
-  row, every system's output against a float64 reference;
+  then after one and two updates) of every system, both ferrograd steps included,
+  against ferrograd's; for the forward-only ``ew`` row, every system's output against
+  a float64 reference;
 - "step": one training step with its loss back on the host as a float (ferrograd's
   ``step(x, y)`` always waits for its loss; torch ``loss.item()``; JAX ``float(loss)``),
   timed with the host clock around batches of consecutive steps (each step
@@ -82,7 +86,8 @@ from gpu_workloads import GPU_BY_KEY, TSIZE, GpuWorkload, fg_optimizer  # noqa: 
 
 import ferrograd as fg  # noqa: E402
 
-FG = "ferrograd"
+FG = "ferrograd"  # batch on the device (host inputs when no torch: see fg_inputs)
+FG_HOST = "ferrograd, host in"
 EAGER = "torch eager"
 GRAPH = "eager + CUDA graph"
 COMPILE = "torch.compile"
@@ -159,11 +164,26 @@ def _wrap(name: str, t: Any, first_s: float) -> System:
     return System(name, t.step, t.step_async, t.sync, getattr(t, "output", None), first_s)
 
 
-class FgSystem:
-    """ferrograd's step for one workload, from the carried module."""
+def device_batch(batch: Any) -> tuple[list[Any] | None, str | None]:
+    """The batch as torch CUDA tensors (dtypes kept: ferrograd's ids are int32), made
+    once like the anchors' batch; or None and why not (no torch, no CUDA device)."""
+    try:
+        import torch
 
-    def __init__(self, w: GpuWorkload, folder: Path, manifest: dict[str, Any], device: str
-                 ) -> None:
+        if not torch.cuda.is_available():
+            return None, "torch sees no CUDA device"
+        return [torch.from_numpy(np.ascontiguousarray(a)).cuda() for a in batch], None
+    except Exception as err:  # torch missing or broken: NumPy inputs, said aloud
+        return None, f"torch unavailable ({type(err).__name__}: {err})"
+
+
+class FgSystem:
+    """A ferrograd step for one workload from the carried module, fed ``batch`` (device
+    tensors or NumPy arrays) every step; each FgSystem has its own CUDA step (arenas,
+    params, optimizer state), so two of them train independently from the same start."""
+
+    def __init__(self, w: GpuWorkload, low: fg.Lowered, folder: Path, manifest: dict[str, Any],
+                 device: str, batch: list[Any]) -> None:
         from ferrograd.codegen.build import _load
         from ferrograd.codegen.cpu_step import CompiledStep
         from ferrograd.codegen.cuda_step import open_cuda_step
@@ -171,10 +191,12 @@ class FgSystem:
         from ferrograd.ir.optim import init_state
 
         entry = manifest[w.key]
-        self.low = lower(w)
+        self.low = low
         self.info: dict[str, Any] = {"module": entry["module"],
                                      "arena_bytes": sum(entry["arena_bytes"].values()),
-                                     "plan": entry["plan"]}
+                                     "plan": entry["plan"],
+                                     "inputs": "host" if isinstance(batch[0], np.ndarray)
+                                     else "device"}
         if self.low.fingerprint != entry["fingerprint"]:
             self.info["warning"] = "graph fingerprint differs from the build's"
         module = _load(entry["module"], folder / entry["file"])
@@ -187,7 +209,7 @@ class FgSystem:
             self.native = module.Step()
         self.step_obj = CompiledStep(self.low, module, init_params(self.low.graph, 0),
                                      init_state(self.low.graph), device, self.native)
-        self.batch = list(data_of(w))
+        self.batch = batch
         self.forward_only = w.opt is None
         self.out: Any = None
 
@@ -207,13 +229,16 @@ class FgSystem:
         self.step()
         return self.out
 
+    def system(self, name: str, first_s: float) -> System:
+        return System(name, self.step, self.step_async, self.sync, self.output, first_s,
+                      self.info)
 
-def make_systems(w: GpuWorkload, fgs: FgSystem, anchors: dict[str, Any], errors: dict
-                 ) -> list[System]:
-    """ferrograd first, then every anchor that builds (a failure is noted in
+
+def make_systems(w: GpuWorkload, fg_systems: list[System], params: dict[str, np.ndarray],
+                 anchors: dict[str, Any], errors: dict) -> list[System]:
+    """ferrograd's steps first, then every anchor that builds (a failure is noted in
     ``errors`` and the row goes on without it)."""
-    systems = [System(FG, fgs.step, fgs.step_async, fgs.sync, fgs.output, 0.0, fgs.info)]
-    params = fgs.step_obj.params
+    systems = list(fg_systems)
     batch = data_of(w)
     makers: dict[str, Callable[[], Any]] = {}
     ga = anchors.get("module")
@@ -430,19 +455,31 @@ def run_row(w: GpuWorkload, args: argparse.Namespace, folder: Path, manifest: di
     errors = row["errors"]
     torch = anchors.get("torch")
     t0 = time.perf_counter()
-    if torch is not None:
+    host = list(data_of(w))
+    dev, why = device_batch(host) if args.device == "cuda" else (None, "--device cpu")
+    if torch is not None:  # after the device batch: fg_device_bytes is the step's own
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         free0 = torch.cuda.mem_get_info()[0]
     t_fg = time.perf_counter()
-    fgs = FgSystem(w, folder, manifest, args.device)
+    low = lower(w)
+    fgs = FgSystem(w, low, folder, manifest, args.device, host if dev is None else dev)
     t_fg = time.perf_counter() - t_fg  # lowering, loading, CudaStep (PTX JIT), params up
     if torch is not None:
         torch.cuda.synchronize()
         row["fg_device_bytes"] = free0 - torch.cuda.mem_get_info()[0]
-    systems = make_systems(w, fgs, anchors, errors)
-    systems[0].first_s = t_fg
+    fg_systems = [fgs.system(FG, t_fg)]
+    if dev is None:  # never silently: the row says ferrograd had host inputs only
+        row["fg_inputs"], row["fg_inputs_note"] = "host", f"NumPy inputs only: {why}"
+        log(f"{w.key}: ferrograd fed from NumPy only ({why})")
+    else:  # the like-for-like partner: a second step, fed NumPy every step
+        row["fg_inputs"] = "device"
+        t = time.perf_counter()
+        fg_host = FgSystem(w, low, folder, manifest, args.device, host)
+        fg_systems.append(fg_host.system(FG_HOST, time.perf_counter() - t))
+        del fg_host  # alive through fg_systems and systems only
+    systems = make_systems(w, fg_systems, fgs.step_obj.params, anchors, errors)
     log(f"{w.key}: systems {', '.join(s.name for s in systems)} "
         f"({time.perf_counter() - t0:.1f} s)")
     if w.opt is None:
@@ -470,7 +507,7 @@ def run_row(w: GpuWorkload, args: argparse.Namespace, folder: Path, manifest: di
     target = args.target_ms / 1e3
     row["sync_ms"] = time_rounds(systems, args.rounds, target, False, errors)
     log(f"{w.key}: timed ({time.perf_counter() - t0:.1f} s)")
-    anchors_only = [s for s in systems if s.name != FG]
+    anchors_only = [s for s in systems if s.name not in (FG, FG_HOST)]
     if anchors_only and args.pipelined_rounds:
         row["pipelined_ms"] = time_rounds(anchors_only, args.pipelined_rounds, target, True,
                                           errors)
@@ -494,7 +531,7 @@ def run_row(w: GpuWorkload, args: argparse.Namespace, folder: Path, manifest: di
     row["seconds"] = time.perf_counter() - t0
     summarize(row, ceilings)
     log(f"{w.key}: done ({row['seconds']:.1f} s)")
-    del systems, fgs
+    del systems, fg_systems, fgs, dev
     gc.collect()
     return row
 
@@ -509,12 +546,14 @@ def summarize(row: dict[str, Any], ceilings: dict[str, Any]) -> None:
     row["median_ms"] = {k: med(v) for k, v in sync.items()}
     row["best_ms"] = {k: min(v) for k, v in sync.items() if v}
     row["pipelined_median_ms"] = {k: med(v) for k, v in row.get("pipelined_ms", {}).items()}
+    def ratios(mine: list[float] | None, skip: tuple[str, ...]) -> dict[str, float]:
+        return {k: statistics.median(a / b for a, b in zip(mine, v, strict=True))
+                for k, v in sync.items() if mine and v and k not in skip}
+
     fgt = sync.get(FG)
-    row["ratio"] = {}
+    row["ratio"] = ratios(fgt, (FG,))
+    row["ratio_host"] = ratios(sync.get(FG_HOST), (FG, FG_HOST))
     if fgt:
-        for k, v in sync.items():
-            if k != FG and v:
-                row["ratio"][k] = statistics.median(a / b for a, b in zip(fgt, v, strict=True))
         fgm = med(fgt)
         row["ratio_vs_pipelined"] = {k: fgm / v for k, v in row["pipelined_median_ms"].items()
                                      if v}
@@ -643,43 +682,63 @@ def xr(v: float | None) -> str:
     return "–" if v is None else f"{v:.2f}×"
 
 
+def fg_columns(r: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """ferrograd's figures of a row as (device inputs, host inputs), each {"ms": median,
+    "ratio": fg / anchor}. Rows without ``fg_inputs`` come from runs that fed ferrograd
+    NumPy only: their one ferrograd figure is the host-input one."""
+    m = r["median_ms"]
+    if r.get("fg_inputs", "host") == "device":
+        return ({"ms": m.get(FG), "ratio": r["ratio"]},
+                {"ms": m.get(FG_HOST), "ratio": r.get("ratio_host", {})})
+    return {"ms": None, "ratio": {}}, {"ms": m.get(FG), "ratio": r["ratio"]}
+
+
 def report(result: dict[str, Any]) -> str:
     rows = [r for r in result["rows"] if "median_ms" in r]
     ceil = result.get("ceilings", {})
     lines = [f"machine: {result['info'].get('nvidia_smi_L', '?')}",
              f"ceilings: copy {ceil.get('copy_GBps', 0):.0f} GB/s, fp32 GEMM 8192³ "
              f"{ceil.get('gemm_fp32_TFLOPs', 0):.1f} TFLOP/s", ""]
-    lines += ["Step with the loss back on the host (medians of interleaved rounds); "
-              "ratios fg / anchor (< 1: ferrograd faster):", ""]
-    head = [FG, *DEVICE_ANCHORS]
+    lines += ["Step with the loss back on the host, every system's batch on the device "
+              "(medians of interleaved rounds); ratios fg / anchor (< 1: ferrograd faster):",
+              ""]
+    head = [f"{FG} (device inputs)", *DEVICE_ANCHORS]
     lines.append("| workload | " + " | ".join(head) + " | " +
                  " | ".join(f"fg / {a}" for a in DEVICE_ANCHORS) +
                  " | goal | goal met | agree |")
     lines.append("|---" * (2 + len(head) + len(DEVICE_ANCHORS) + 2) + "|")
     for r in rows:
-        m, ra = r["median_ms"], r["ratio"]
+        m = r["median_ms"]
+        dev, _ = fg_columns(r)
         agree = all(r.get("ok", {}).values()) if r.get("ok") else None
         bad = [k for k, v in r.get("ok", {}).items() if not v]
         goal = r["ref"]["goal_text"]
         if r["key"] == "ew":
             bw = r.get("bandwidth", {}).get(FG, {})
             goal += f" (fg kernel: {bw.get('of_copy', 0) * 100:.0f}%)" if bw else ""
-        lines.append(f"| {r['title']} | " + " | ".join(ms(m.get(k)) for k in head) + " | " +
-                     " | ".join(xr(ra.get(a)) for a in DEVICE_ANCHORS) +
+        lines.append(f"| {r['title']} | {ms(dev['ms'])} | " +
+                     " | ".join(ms(m.get(k)) for k in DEVICE_ANCHORS) + " | " +
+                     " | ".join(xr(dev["ratio"].get(a)) for a in DEVICE_ANCHORS) +
                      f" | {goal} | {'yes' if r.get('goal_met') else 'no'} | "
                      f"{'yes' if agree else 'NO: ' + ', '.join(bad)} |")
-    lines += ["", "Like for like with ferrograd's host inputs (batch copied from NumPy "
-              "every step):", ""]
-    lines.append(f"| workload | {FG} | " + " | ".join(HOST_ANCHORS) + " | " +
+    notes = sorted({r["fg_inputs_note"] for r in rows if r.get("fg_inputs_note")})
+    lines += [f"- ferrograd: {n}" for n in notes]
+    if any("fg_inputs" not in r for r in rows):
+        lines.append("- –: a run that fed ferrograd NumPy arrays only (before device "
+                     "inputs were timed); its figures are in the next table")
+    lines += ["", "Like for like with a batch from the host (NumPy arrays copied to the "
+              "device every step):", ""]
+    lines.append(f"| workload | {FG_HOST} | " + " | ".join(HOST_ANCHORS) + " | " +
                  " | ".join(f"fg / {a}" for a in HOST_ANCHORS) + " |")
     lines.append("|---" * (2 + 2 * len(HOST_ANCHORS)) + "|")
     for r in rows:
         if r["key"] == "ew":
             continue
-        m, ra = r["median_ms"], r["ratio"]
-        lines.append(f"| {r['title']} | {ms(m.get(FG))} | " +
+        m = r["median_ms"]
+        _, host = fg_columns(r)
+        lines.append(f"| {r['title']} | {ms(host['ms'])} | " +
                      " | ".join(ms(m.get(a)) for a in HOST_ANCHORS) + " | " +
-                     " | ".join(xr(ra.get(a)) for a in HOST_ANCHORS) + " |")
+                     " | ".join(xr(host["ratio"].get(a)) for a in HOST_ANCHORS) + " |")
     lines += ["", "Anchors pipelined (steps back to back, one synchronize per batch):", ""]
     lines.append("| workload | " + " | ".join(DEVICE_ANCHORS) + " | fg (synchronous) / "
                  "best pipelined anchor |")
@@ -687,11 +746,12 @@ def report(result: dict[str, Any]) -> str:
     for r in rows:
         p = r.get("pipelined_median_ms", {})
         best = min((v for k, v in p.items() if k in DEVICE_ANCHORS and v), default=None)
-        fgm = r["median_ms"].get(FG)
+        fgm = fg_columns(r)[0]["ms"]
         lines.append(f"| {r['title']} | " + " | ".join(ms(p.get(a)) for a in DEVICE_ANCHORS)
                      + f" | {xr(fgm / best) if fgm and best else '–'} |")
     lines += ["", "Device activity per step (CUPTI): kernel time / kernels; "
-              "memcpy time (ferrograd: host→device inputs, loss back):", ""]
+              "memcpy time (ferrograd: inputs into its arenas — device to device, or host "
+              "to device where it had host inputs only — and the loss back):", ""]
     names = [FG, *DEVICE_ANCHORS]
     lines.append("| workload | " + " | ".join(names) + " | fg memcpy | fg rest of the step "
                  "(host, launch, sync) |")

@@ -37,7 +37,7 @@ FLOOR = 1e-6  # ... plus this: a result that is exactly 0 in exact arithmetic (t
 TARGETS = ("sm_80", "sm_90")
 ARENA_DTYPES = {"param": "f32", "state": "f32", "temp_f32": "f32", "temp_i32": "i32",
                 "temp_bool": "bool", "const_f32": "f32", "const_i32": "i32",
-                "const_bool": "bool", "flags_u32": "u32"}
+                "const_bool": "bool", "flags_u32": "u32", "scratch_f32": "f32"}
 NP_DTYPES = {"f32": np.float32, "i32": np.int32, "bool": np.uint8, "u32": np.uint32}
 
 
@@ -341,6 +341,8 @@ class Device:
 
     def poison(self) -> None:
         self.arenas["temp_f32"].fill(np.nan)
+        if "scratch_f32" in self.arenas:  # a partial no kernel wrote shows as NaN
+            self.arenas["scratch_f32"].fill(np.nan)
         self.arenas["temp_i32"].fill(-123456789)
         self.arenas["temp_bool"].fill(0xAB)
         if "flags_u32" in self.arenas:

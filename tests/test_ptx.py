@@ -28,13 +28,20 @@ import ferrograd as fg
 from ferrograd.codegen.backends.legalize import ERROR_BOUNDS, emulate, legalize
 from ferrograd.codegen.backends.ptx import TARGETS, assemble, find_ptxas, render_ptx
 from ferrograd.codegen.backends.ptx_asm import ExprEmitter, PtxFunction, f32_immediate
-from ferrograd.codegen.backends.ptx_kernels import matrix_strides, reduce_mode
+from ferrograd.codegen.backends.ptx_kernels import (
+    COLUMN_UNROLL,
+    WARP,
+    column_chunks,
+    matrix_strides,
+    reduce_mode,
+)
 from ferrograd.codegen.launch_plan import BufferRef, DeviceModule, Gemm, Launch, ScalarArg
 from ferrograd.ir.builder import apply
 from ferrograd.ir.errors import BackendError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 from catalog import MODELS, lowered
+from ptx_sim import Machine
 from test_cpu_ops import all_rows, random_programs
 from test_random_graphs import programs
 
@@ -194,6 +201,127 @@ def test_reduce_modes() -> None:
     assert reduce_mode(4096, 100, [[4096]]) == "thread"  # columns: neighbours read neighbours
     assert reduce_mode(10, 100, [[1]]) == "warp"
     assert reduce_mode(1, 100_000, [[1]]) == "block"
+    assert reduce_mode(4096, 4096, [[4096]], columns=True) == "split"
+    assert reduce_mode(512, 8192, [[512]], columns=True) == "split"
+    assert reduce_mode(256, 128, [[256]], columns=True) == "warp"  # small: one launch
+    assert reduce_mode(4096, 4096, [[1]], columns=True) == "block"  # rows, not columns
+
+
+# ---- column reductions (bias gradients) ----------------------------------------------------
+
+
+@fg.model
+def column_sums(x: fg.f32["R", 300], w: fg.f32["R", 300], z: fg.f32[9, 130, 300]):
+    # a plain column sum, one with a fused product, a max, and reduced dims that do not
+    # collapse into one (a slice of the middle axis)
+    return {"s": x.sum(0), "p": (x * w).sum(0), "m": x.max(0), "z": z[:, :100].sum((0, 1))}
+
+
+def _launches(module: DeviceModule, entry: str) -> list[tuple[Launch, str]]:
+    comments = {name: c for c, name in re.findall(r"// ([^\n]*)\n\.visible \.entry (\w+)\(",
+                                                   module.source)}
+    return [(s, comments[s.kernel]) for s in module.plans[entry].steps
+            if isinstance(s, Launch)]
+
+
+def _body(module: DeviceModule, kernel: str) -> str:
+    return module.source.split(f".entry {kernel}(")[1].split("\n}\n")[0]
+
+
+@pytest.mark.parametrize("rows, cols", [(4096, 4096), (8192, 512)])
+def test_big_column_reductions_fill_the_gpu(rows: int, cols: int) -> None:
+    """A bias gradient (sum over the rows of [rows, cols]) is two launches: a thread per
+    (column, chunk of rows) — consecutive threads read consecutive columns, blocks over
+    columns × chunks, at least 4 per SM of a 132-SM H200 — then a warp per column over
+    its chunks' partials in the scratch arena. No float atomics."""
+
+    @fg.model
+    def bias(x: fg.f32["B", 16]):
+        h = fg.relu(fg.nn.linear(x, cols, name="fc"))
+        return (h * h).mean()
+
+    lw = fg.lower(bias, backend="cpu", B=rows)
+    assemble_all(lw)
+    module = lw.device_module("ptx")
+    split = [(s, c) for s, c in _launches(module, "grads") if "per column and chunk" in c]
+    assert len(split) == 1  # fc.bias's gradient
+    block, chunks, per = column_chunks(cols, rows)
+    assert per % COLUMN_UNROLL == 0 and (chunks - 1) * per < rows <= chunks * per
+    assert math.ceil(cols / block) * chunks >= 4 * 132 and cols * chunks >= 2**17
+    first, _ = split[0]
+    assert first.grid == (math.ceil(cols / block), chunks, 1) and first.block == (block, 1, 1)
+    assert first.args[-1] == BufferRef("scratch_f32", 0)
+    assert module.arena_sizes["scratch_f32"] >= chunks * cols
+    steps = module.plans["grads"].steps
+    second = steps[steps.index(first) + 1]
+    assert isinstance(second, Launch) and second.args[0] == BufferRef("scratch_f32", 0)
+    assert second.grid[0] * second.block[0] >= cols * WARP  # a warp per column
+    body, combine = _body(module, first.kernel), _body(module, second.kernel)
+    assert body.count("ld.global.f32") == COLUMN_UNROLL + 1  # unrolled, plus the tail
+    assert "shfl" not in body and "shfl.sync.bfly.b32" in combine
+    for text in (body, combine):
+        assert "atom." not in text and "red." not in text
+
+
+def _documented_order(a: np.ndarray, per: int, combine: str) -> np.ndarray:
+    """The split column reduction of ``a`` [length, cols] in float32, in the order its
+    kernels document: each chunk of ``per`` rows in row order; lane l of a column's warp
+    takes chunks l, l + 32, ... in order; then the butterfly over 16, 8, 4, 2, 1."""
+    op = np.add if combine == "sum" else np.maximum
+    identity = np.float32(0.0 if combine == "sum" else -np.inf)
+    chunks = [a[i:i + per] for i in range(0, a.shape[0], per)]
+    partial = []
+    for c in chunks:
+        acc = np.full(a.shape[1], identity, np.float32)
+        for row in c:
+            acc = op(acc, row)
+        partial.append(acc)
+    lanes = np.full((WARP, a.shape[1]), identity, np.float32)
+    for j, p in enumerate(partial):
+        lanes[j % WARP] = op(lanes[j % WARP], p)
+    offset = WARP // 2
+    while offset:
+        lanes = op(lanes, lanes[np.arange(WARP) ^ offset])
+        offset //= 2
+    return lanes[0]
+
+
+def test_split_column_reductions_compute_in_their_documented_order() -> None:
+    """The kernels, run by a PTX interpreter (``ptx_sim``), give the float32 bits of the
+    documented summation order (so no result depends on scheduling), and agree with the
+    NumPy interpreter; the scratch arena starts as NaN, so a partial no thread wrote
+    would show. 1003 rows: the last chunk is ragged (the scalar tail runs)."""
+    rows = 1003
+    lw = fg.lower(column_sums, backend="cpu", R=rows)
+    assemble_all(lw)
+    module = lw.device_module("ptx")
+    comments = [c for _, c in _launches(module, "forward")]
+    assert sum("per column and chunk" in c for c in comments) == 4
+    elem = {a: "f32" if a.startswith("input:") or a in ("param", "state")
+            else a.rsplit("_", 1)[-1] for a in module.arena_sizes}
+    machine = Machine(module, elem)
+    rng = np.random.default_rng(3)
+    feed = {"x": rng.normal(size=(rows, 300)), "w": rng.normal(size=(rows, 300)),
+            "z": rng.normal(size=(9, 130, 300))}
+    feed = {k: v.astype(np.float32) for k, v in feed.items()}
+    for name, value in feed.items():
+        machine.array(f"input:{name}")[:] = value.ravel()
+    machine.run_plan(module.plans["forward"])
+    got = {key.removeprefix("out:"): machine.array(arena)[offset:offset + math.prod(shape)]
+           for key, (arena, offset, shape) in module.plans["forward"].results.items()}
+    x, w, z = feed["x"], feed["w"], feed["z"]
+    per = {c: int(re.search(r"chunk of (\d+) rows", c).group(1)) for c in comments
+           if "chunk of" in c}
+    (per_x,) = {p for c, p in per.items() if "[1003, 300]" in c}
+    (per_z,) = {p for c, p in per.items() if "[9, 100, 300]" in c}
+    want = {"s": _documented_order(x, per_x, "sum"),
+            "p": _documented_order(x * w, per_x, "sum"),
+            "m": _documented_order(x, per_x, "max"),
+            "z": _documented_order(z[:, :100].reshape(-1, 300), per_z, "sum")}
+    ref = fg.lower(column_sums, backend="numpy", R=rows).compile().forward(**feed)
+    for key, value in want.items():
+        np.testing.assert_array_equal(got[key], value, err_msg=key)
+        np.testing.assert_allclose(got[key], ref[key], rtol=1e-5, atol=1e-4, err_msg=key)
 
 
 # ---- the expression emitter -------------------------------------------------------------------
@@ -279,6 +407,18 @@ def test_legalized_math_special_values(name: str) -> None:
     if name in ("sin", "cos"):  # no reduction for huge |x| (documented): skip 3e38
         got, want = got[:-1], want[:-1]
     np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-37, err_msg=name)
+
+
+def test_erf_is_short_in_both_branches() -> None:
+    """Both erf branches run for every element of a warp, so each is a short fma Horner
+    with a single ex2 (GELU over 2^28 floats was issue-bound with the long form)."""
+    f = PtxFunction([])
+    em = ExprEmitter(f)
+    em.bind("x0", f.reg("f32"), "float")
+    em.emit_all([legalize(sp.erf(X))], ["float"])
+    ops = [line.split()[0] for line in f.lines]
+    assert ops.count("ex2.approx.f32") == 1 and ops.count("fma.rn.f32") == 13
+    assert ops.count("mul.rn.f32") <= 1 and len(ops) <= 30, ops
 
 
 def test_pow_legalization() -> None:

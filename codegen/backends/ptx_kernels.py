@@ -9,8 +9,11 @@ Kinds:
   thread and step with ``ld/st.global.v4`` and a scalar tail for n % 4.
 - reduce: a thread, a warp or a block (256 threads) per output row, by row
   length and layout (``reduce_mode``); warps combine with ``shfl.sync.bfly``,
-  blocks through shared memory. Sums accumulate in f32, max starts at -inf (NaN
-  propagates).
+  blocks through shared memory. Big column reductions (bias gradients: consecutive
+  outputs read consecutive elements) split the rows into chunks: a thread per
+  (column, chunk), partials in the ``scratch_f32`` arena, then a warp per column
+  combines them, in an order fixed by the sizes (``_split_columns``). Sums
+  accumulate in f32, max starts at -inf (NaN propagates).
 - matmul: a ``GemmStep`` (cuBLAS in the runtime) whose fallback launches the
   shared 16×16-tile shared-memory kernel ``fg_sgemm_16x16`` over the same
   operands (batch over grid z). A matmul with several non-collapsible batch dims
@@ -70,6 +73,7 @@ BLOCK = 256  # threads per block, unless the work is smaller
 MAX_BLOCKS = 4096  # grid-stride loops cover the rest
 WARP = 32
 FLAGS = "__flags"  # the buffer name of the error-flag arena
+SCRATCH = "__scratch"  # the buffer name of the scratch arena (split reductions' partials)
 REDUCE_IDENTITY = {"sum": "0f00000000", "max": "0fFF800000"}
 REDUCE_OP = {"sum": "add.rn.f32", "max": "max.NaN.f32"}
 
@@ -86,6 +90,7 @@ class KernelLaunch:
     args: list[Arg]
     grid: tuple[int, int, int]
     block: tuple[int, int, int]
+    scratch: int = 0  # f32 elements of the scratch arena it uses (SCRATCH in ``args``)
 
 
 @dataclass
@@ -310,14 +315,54 @@ def _head(v: View, n: int) -> View:
     return View(v.buffer, v.dtype, v.offset, v.shape[:n], v.strides[:n])
 
 
-def reduce_mode(rows: int, length: int, strides: list[list[int]]) -> str:
+# Column reductions (sum over the rows of a [length, rows] matrix: bias gradients) split
+# into chunks of rows once the matrix holds this many elements (1 MiB of f32; below it a
+# second launch costs more than the bytes); chunks of at least COLUMN_CHUNK rows, enough of
+# them for about COLUMN_BLOCKS blocks of up to COLUMN_BLOCK threads (8 blocks, ~1000
+# threads per SM of an H200's 132), each with COLUMN_UNROLL loads in flight: ~4 MB in
+# flight over the chip, what HBM3e's bandwidth × latency asks for.
+COLUMN_SPLIT = 1 << 18
+COLUMN_CHUNK = 32
+COLUMN_BLOCK = 128
+COLUMN_BLOCKS = 1024
+COLUMN_UNROLL = 8
+
+
+def reduce_mode(rows: int, length: int, strides: list[list[int]], columns: bool = False) -> str:
     """Who reduces one row: a "thread" (short rows, or many rows whose elements are
     not adjacent: neighbouring threads then read neighbouring rows), a "warp"
-    (rows up to 2048), or a "block" of 256 threads."""
+    (rows up to 2048), or a "block" of 256 threads. ``columns``: neighbouring rows'
+    elements are adjacent in memory (a column reduction, ``column_layout``); a big one
+    is "split": a thread per row over a chunk of its elements, then a combine pass."""
     adjacent = all(not s or s[-1] in (0, 1) for s in strides)
+    if (columns and not adjacent and length >= 2 * COLUMN_CHUNK
+            and rows * length >= COLUMN_SPLIT):
+        return "split"
     if length <= WARP or (rows >= 2048 and not adjacent):
         return "thread"
     return "warp" if length <= 2048 else "block"
+
+
+def column_layout(ksizes: list[int], kstrides: list[list[int]], rstrides: list[list[int]]
+                  ) -> bool:
+    """Whether consecutive output rows read consecutive elements: every input that moves
+    along the reduction is row-major over the kept dims (or the same for all of them),
+    and one at least is not the same for all."""
+    contiguous = list(row_major(tuple(ksizes)))
+    moving = [ks for ks, rs in zip(kstrides, rstrides, strict=True) if any(rs)]
+    return (bool(moving) and all(list(ks) == contiguous or not any(ks) for ks in moving)
+            and any(any(ks) for ks in moving))
+
+
+def column_chunks(rows: int, length: int) -> tuple[int, int, int]:
+    """(threads per block, chunks, rows per chunk) of a split column reduction: a thread
+    per column, blocks over the columns (x) and the chunks (y); a chunk's length is a
+    multiple of the unroll, so only the last chunk has a ragged end."""
+    block = min(COLUMN_BLOCK, _block_for(rows))
+    across = math.ceil(rows / block)
+    chunks = max(1, min(math.ceil(COLUMN_BLOCKS / across), length // COLUMN_CHUNK))
+    per = math.ceil(math.ceil(length / chunks) / COLUMN_UNROLL) * COLUMN_UNROLL
+    return block, math.ceil(length / per), per
 
 
 def reduce(k: Reduce, dtypes: dict[str, str], fast_math: bool) -> list[Step]:
@@ -329,7 +374,9 @@ def reduce(k: Reduce, dtypes: dict[str, str], fast_math: bool) -> list[Step]:
     rsizes, rstrides = lay.reduced_sizes, lay.reduced_strides
     rows, length = lay.rows, lay.length
     _check_u32(k, rows * length)
-    mode = reduce_mode(rows, length, rstrides)
+    mode = reduce_mode(rows, length, rstrides, column_layout(ksizes, kstrides, rstrides))
+    if mode == "split":
+        return _split_columns(k, fast_math)
     buffers = kernel_buffers(k)
     f = _param_list(buffers)
     base = _pointers(f, buffers)
@@ -393,6 +440,111 @@ def reduce(k: Reduce, dtypes: dict[str, str], fast_math: bool) -> list[Step]:
                f"{list(k.shape)}, axes {list(k.axes)}")
     return [KernelLaunch(k.name, comment, f.text("ENTRY"), _buffer_args(buffers),
                          (grid, 1, 1), (block, 1, 1))]
+
+
+def _split_columns(k: Reduce, fast_math: bool) -> list[Step]:
+    """A column reduction (``reduce_mode`` "split") in two launches, so that a few
+    thousand columns still fill the GPU and every load is coalesced.
+
+    1. Thread (column c, chunk j) — blocks over the columns in x, the chunks in y —
+       reduces rows [j·per, min((j+1)·per, length)) of column c in row order into
+       ``partial[j·cols + c]`` of the scratch arena: consecutive threads read and write
+       consecutive elements; COLUMN_UNROLL loads are issued before their (in-order) adds.
+    2. A warp per column combines its chunks: lane l takes chunks l, l + 32, ... in
+       order, then the warp's butterfly; lane 0 writes.
+
+    The order of every f32 operation follows from the sizes alone, never from
+    scheduling: the same inputs give the same bits on every run (no float atomics)."""
+    assert k.out is not None
+    lay = reduce_layout(k)
+    ksizes, cols, length = lay.kept_sizes, lay.rows, lay.length
+    block, chunks, per = column_chunks(cols, length)
+    _check_u32(k, chunks * cols, chunks * per)
+    split = chunks > 1  # else one launch, straight into the output
+    buffers = kernel_buffers(k)
+    f = _param_list(buffers, extra=int(split))  # then the scratch arena
+    base = _pointers(f, buffers)
+    em = ExprEmitter(f, fast_math)
+    shared = shared_subexpressions([legalize(k.value, fast_math)])
+    ctaid, ntid, tid = (f.special(s) for s in ("%ctaid.x", "%ntid.x", "%tid.x"))
+    col = f.value("b32", "mad.lo.u32", ctaid, ntid, tid)
+    done = f.label("done")
+    f.ins("bra", done, guard=f.value("pred", "setp.ge.u32", col, str(cols)))
+    chunk = f.special("%ctaid.y")
+    first = f.value("b32", "mul.lo.u32", chunk, str(per))
+    end = f.value("b32", "min.u32", f.value("b32", "add.u32", first, str(per)), str(length))
+    whole = f.value("b32", "and.b32", f.value("b32", "sub.u32", end, first),
+                    f"0x{-COLUMN_UNROLL & 0xFFFFFFFF:08X}")
+    unrolled_end = f.value("b32", "add.u32", first, whole)
+    items = list(zip(k.inputs.items(), lay.kept_strides, lay.reduced_strides, strict=True))
+    kc = Coords(f, col, ksizes)
+    col_index = {sym: kc.index(ks) for (sym, _), ks, _ in items}
+    for (sym, v), _, rs in items:
+        if not any(rs):  # the same for every row of the column: load it once
+            em.bind(sym, f.load(v.dtype, f.address(base[v.buffer], col_index[sym], v.offset,
+                                                   ITEMSIZE[v.dtype])), DTYPE_KIND[v.dtype])
+    moving = [(sym, v, rs) for (sym, v), _, rs in items if any(rs)]
+    acc = f.value("f32", "mov.f32", REDUCE_IDENTITY[k.combine])
+
+    def loads(r: str) -> dict[Any, str]:
+        rc = Coords(f, r, lay.reduced_sizes)
+        return {sym: f.load(v.dtype, f.address(base[v.buffer], _add_index(
+            f, col_index[sym], rc.index(rs)), v.offset, ITEMSIZE[v.dtype]))
+            for sym, v, rs in moving}
+
+    def accumulate(regs: dict[Any, str]) -> None:
+        for sym, v, _ in moving:
+            em.bind(sym, regs[sym], DTYPE_KIND[v.dtype])
+        (x,) = em.emit_shared(shared, ["float"])
+        f.ins(REDUCE_OP[k.combine], acc, acc, em.register(x, "float"))
+
+    with f.loop(first, unrolled_end, str(COLUMN_UNROLL), "rows") as r:
+        group = [loads(r if j == 0 else f.value("b32", "add.u32", r, str(j)))
+                 for j in range(COLUMN_UNROLL)]  # all loads in flight, then the adds in order
+        for regs in group:
+            accumulate(regs)
+    with f.loop(unrolled_end, end, "1", "tail") as r:
+        accumulate(loads(r))
+    out = k.out
+    if split:
+        scratch = f.param_pointer(f"p{len(buffers)}")
+        at = f.value("b32", "mad.lo.u32", chunk, str(cols), col)
+        f.ins("st.global.f32", f.address(scratch, at, 0, 4), acc)
+    else:
+        f.ins("st.global.f32", f.address(base[out.buffer], col, out.offset, 4), acc)
+    f.place(done)
+    what = f"{', '.join(k.ops)} over {list(k.shape)}, axes {list(k.axes)}"
+    first_pass = KernelLaunch(
+        k.name, f"reduce ({k.combine}, a thread per column and chunk of {per} rows): {what}",
+        f.text("ENTRY"), _buffer_args(buffers) + ([(SCRATCH, 0)] if split else []),
+        (math.ceil(cols / block), chunks, 1), (block, 1, 1), chunks * cols if split else 0)
+    return [first_pass, _combine_chunks(k, cols, chunks)] if split else [first_pass]
+
+
+def _combine_chunks(k: Reduce, cols: int, chunks: int) -> KernelLaunch:
+    """The second launch of ``_split_columns``: a warp per column over its chunks'
+    partials (lane l: chunks l, l + 32, ... in order), then the butterfly."""
+    assert k.out is not None
+    f = _param_list([SCRATCH, k.out.buffer])
+    scratch, out = f.param_pointer("p0"), f.param_pointer("p1")
+    ctaid, ntid, tid = (f.special(s) for s in ("%ctaid.x", "%ntid.x", "%tid.x"))
+    warp = f.value("b32", "shr.u32", f.value("b32", "mad.lo.u32", ctaid, ntid, tid), "5")
+    warps = f.value("b32", "shr.u32", f.value("b32", "mul.lo.u32", f.special("%nctaid.x"),
+                                              ntid), "5")
+    lane = f.value("b32", "and.b32", tid, "31")
+    with f.loop(warp, str(cols), warps, "col") as c:
+        acc = f.value("f32", "mov.f32", REDUCE_IDENTITY[k.combine])
+        with f.loop(lane, str(chunks), str(WARP), "chunk") as j:
+            at = f.value("b32", "mad.lo.u32", j, str(cols), c)
+            f.ins(REDUCE_OP[k.combine], acc, acc, f.load("f32", f.address(scratch, at, 0, 4)))
+        _warp_combine(f, acc, k.combine, WARP)
+        f.ins("st.global.f32", f.address(out, c, k.out.offset, 4), acc,
+              guard=f.value("pred", "setp.eq.u32", lane, "0"))
+    block = min(BLOCK, WARP * cols)
+    return KernelLaunch(f"{k.name}_combine",
+                        f"reduce ({k.combine}): combine {chunks} chunks of {cols} columns",
+                        f.text("ENTRY"), [(SCRATCH, 0), (k.out.buffer, 0)],
+                        (_blocks(cols, block // WARP), 1, 1), (block, 1, 1), chunks * cols)
 
 
 def _warp_combine(f: PtxFunction, acc: str, combine: str, width: int) -> None:

@@ -15,12 +15,13 @@ implementation, is handled before or while printing:
   max-reduction identities are large finite values; a NaN literal is an error.
   No value ever goes through a uniform (offsets are baked into the shaders).
 - **erf, tanh, log1p, pow** come from helper functions (``HELPERS``) emitted in
-  each shader that uses them: erf and tanh are the float32 polynomials of the
-  PTX backend (``legalize.ERF_P``, ``ERFC_R``, ``TANH_P``), with tanh saturating
-  instead of overflowing. Emulated in float32 with an exactly rounded ``exp``
-  and ``fma``, erf is within 1.07 ulp and tanh 0.95 ulp of the exact value on
-  [-6, 6]; measured on lavapipe (its own ``exp``), 1.4 and 1.6 ulp. log1p uses
-  the ``log(u) * x / (u - 1)`` correction; pow handles a zero or negative base
+  each shader that uses them: tanh is the float32 polynomial of the PTX backend
+  (``legalize.TANH_P``), saturating instead of overflowing; erf is the PTX
+  backend's former one (``ERF_P``, ``ERFC_R`` below: a branch, natural exp).
+  Emulated in float32 with an exactly rounded ``exp`` and ``fma``, erf is within
+  1.07 ulp and tanh 0.95 ulp of the exact value on [-6, 6]; measured on lavapipe
+  (its own ``exp``), 1.4 and 1.6 ulp. log1p uses the ``log(u) * x / (u - 1)``
+  correction; pow handles a zero or negative base
   (WGSL's ``pow`` is undefined for x < 0); x**2 and x**3 are products and other
   integer powers go by squaring. The device's own exp/log are what they are:
   on lavapipe exp is within 60 ulp up to |x| = 80 and log 510 ulp near 1 (an
@@ -38,7 +39,7 @@ from sympy.printing.codeprinter import CodePrinter
 from ferrograd.ir.errors import BackendError
 
 from .base import CLikePrinter, IndentedBuffer, f32_literal, value_kind
-from .legalize import ERF_P, ERFC_R, TANH_P, TANH_SMALL
+from .legalize import TANH_P, TANH_SMALL
 
 F32_MAX = float(np.finfo(np.float32).max)
 WGSL_TYPES = {"f32": "f32", "i32": "i32", "bool": "u32"}  # bools are stored as u32 0/1
@@ -146,6 +147,17 @@ def legalize(expr: Any) -> Any:
 
 
 # ---- helper functions a shader may call ------------------------------------------------------
+
+# erf(x) = x + x·P(z), z = x², |x| < 1; log(erfc(x)) = R(x) on [1, 4] (fitted in float64
+# with mpmath, a reweighted least-squares toward minimax; the PTX backend's erf until it
+# moved to one short form for both branches, legalize.erf_).
+ERF_P = (0.12837916612625122, -0.37612637877464294, 0.11283781379461288,
+         -0.026865391060709953, 0.005220949649810791, -0.0008483186247758567,
+         0.00011261222971370444, -9.657682312536053e-06)
+ERFC_R = (6.273407052503899e-05, -1.128811001777649, -0.6352888941764832,
+          -0.10518985986709595, 0.02198334038257599, -0.0020540489349514246,
+          -0.0005262902704998851, 0.0002676689764484763, -5.4857449867995456e-05,
+          5.927623988100095e-06, -2.754254921910615e-07)
 
 
 def _horner(coeffs: tuple[float, ...], z: str) -> str:

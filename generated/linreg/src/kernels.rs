@@ -177,26 +177,22 @@ pub fn train_k01_reduce(t5: &[f32], input_y: &[f32], t8: &mut [f32]) {
     });
 }
 
-/// elementwise: add.
-pub fn train_k03_add(state_step: &mut [f32]) {
+/// elementwise: add, pow, sqrt, sub.
+pub fn train_k03_add_pow_etc(state_step: &mut [f32], t53: &mut [f32]) {
     let x0 = state_step[0];
-    state_step[0] = x0 + 1.0;
-}
-
-/// elementwise: pow, sqrt, sub.
-pub fn train_k04_pow_sqrt_sub(state_step: &[f32], t53: &mut [f32]) {
-    let x0 = state_step[0];
-    t53[0] = (1.0 - 0.999_f32.powf(x0)).sqrt();
+    let t0 = x0 + 1.0;
+    state_step[0] = t0;
+    t53[0] = (1.0 - 0.999_f32.powf(t0)).sqrt();
 }
 
 /// elementwise: div, pow, sub.
-pub fn train_k05_div_pow_sub(state_step: &[f32], t58: &mut [f32]) {
+pub fn train_k04_div_pow_sub(state_step: &[f32], t58: &mut [f32]) {
     let x0 = state_step[0];
     t58[0] = 0.01 / (1.0 - 0.9_f32.powf(x0));
 }
 
 /// elementwise: add, mul over [64, 1].
-pub fn train_k06_add_mul(c95: &[f32], t5: &[f32], input_y: &[f32], t18: &mut [f32]) {
+pub fn train_k05_add_mul(c95: &[f32], t5: &[f32], input_y: &[f32], t18: &mut [f32]) {
     t18[0..64].chunks_mut(64).enumerate().for_each(|(row, o0)| {
         let n = o0.len();
         let x0 = c95[0];
@@ -211,7 +207,7 @@ pub fn train_k06_add_mul(c95: &[f32], t5: &[f32], input_y: &[f32], t18: &mut [f3
 }
 
 /// matmul: matmul, add, div, mul, sqrt, sub: 3×64 · 64×1.
-pub fn train_k08_matmul_add_div_etc(
+pub fn train_k07_matmul_add_div_etc(
     input_x: &[f32],
     t18: &[f32],
     t58: &[f32],
@@ -256,7 +252,7 @@ pub fn train_k08_matmul_add_div_etc(
 }
 
 /// elementwise: add, div, mul, sqrt, sub over [1].
-pub fn train_k09_add_div_etc(
+pub fn train_k08_add_div_etc(
     t20: &[f32],
     t58: &[f32],
     t53: &[f32],

@@ -117,7 +117,7 @@ impl Arenas {
         Ok(())
     }
 
-    /// `train`: 10 kernels.
+    /// `train`: 9 kernels.
     fn train(&mut self, input_x: &[f32], input_y: &[f32]) -> Result<(), rt::Error> {
         let a = &*self;
         // SAFETY: the memory plan gives buffers that are live at the same time
@@ -137,17 +137,16 @@ impl Arenas {
                 a.temp_f32.slice_mut(0, 1),
             );
             kernels::forward_k02_mul(a.temp_f32.slice(0, 1), a.temp_f32.slice_mut(128, 1));
-            kernels::train_k03_add(a.state.slice_mut(0, 1));
-            kernels::train_k04_pow_sqrt_sub(a.state.slice(0, 1), a.temp_f32.slice_mut(144, 1));
-            kernels::train_k05_div_pow_sub(a.state.slice(0, 1), a.temp_f32.slice_mut(160, 1));
-            kernels::train_k06_add_mul(
+            kernels::train_k03_add_pow_etc(a.state.slice_mut(0, 1), a.temp_f32.slice_mut(144, 1));
+            kernels::train_k04_div_pow_sub(a.state.slice(0, 1), a.temp_f32.slice_mut(160, 1));
+            kernels::train_k05_add_mul(
                 a.const_f32.slice(0, 1),
                 a.temp_f32.slice(64, 64),
                 input_y,
                 a.temp_f32.slice_mut(0, 64),
             );
             kernels::grads_k01_reduce(a.temp_f32.slice(0, 64), a.temp_f32.slice_mut(80, 1));
-            kernels::train_k08_matmul_add_div_etc(
+            kernels::train_k07_matmul_add_div_etc(
                 input_x,
                 a.temp_f32.slice(0, 64),
                 a.temp_f32.slice(160, 1),
@@ -157,7 +156,7 @@ impl Arenas {
                 a.state.slice_mut(32, 3),
                 a.param.slice_mut(0, 3),
             )?;
-            kernels::train_k09_add_div_etc(
+            kernels::train_k08_add_div_etc(
                 a.temp_f32.slice(80, 1),
                 a.temp_f32.slice(160, 1),
                 a.temp_f32.slice(144, 1),
@@ -182,7 +181,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `linreg`.
-#[pyclass(module = "fg_linreg_beca3fc079a5")]
+#[pyclass(module = "fg_linreg_a702db5f0a3a")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -315,8 +314,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_linreg_beca3fc079a5(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_linreg_beca3fc079a5")?;
+fn fg_linreg_a702db5f0a3a(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_linreg_a702db5f0a3a")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

@@ -208,16 +208,18 @@ pub fn forward_k08_mul_neg(t29: &[f32], t32: &mut [f32]) {
     t32[0] = -0.0625 * x0;
 }
 
-/// matmul: matmul, add: 16×64 · 64×32.
-pub fn grads_k00_matmul_add(
+/// matmul: matmul, add, relu: 16×64 · 64×32.
+pub fn grads_k00_matmul_add_relu(
     input_x: &[f32],
     param_linear_0_weight: &[f32],
     param_linear_0_bias: &[f32],
     t3: &mut [f32],
     t5: &mut [f32],
+    t6: &mut [f32],
 ) -> Result<(), rt::Error> {
     let c = &mut t3[0..512];
     let o0 = &mut t5[0..512];
+    let o1 = &mut t6[0..512];
     rt::gemm::sgemm(
         c.len() / 32,
         32,
@@ -230,43 +232,33 @@ pub fn grads_k00_matmul_add(
         (32, 1),
         false,
     )?;
-    for (c, o0) in c.chunks(32).zip(o0.chunks_mut(32)) {
+    for ((c, o0), o1) in c.chunks(32).zip(o0.chunks_mut(32)).zip(o1.chunks_mut(32)) {
         let n = o0.len();
         let x1_row = &param_linear_0_bias[0..][..n];
         for j in 0..n {
             let x0 = c[j];
             let x1 = x1_row[j];
-            o0[j] = x0 + x1;
+            let t0 = x0 + x1;
+            let w0 = t0;
+            o0[j] = t0;
+            o1[j] = if t0 > 0.0 { w0 } else { 0.0 };
         }
     }
     Ok(())
 }
 
-/// elementwise: relu over [16, 32].
-pub fn grads_k01_relu(t5: &[f32], t6: &mut [f32]) {
-    t6[0..512]
-        .chunks_mut(512)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let n = o0.len();
-            let x0_row = &t5[row * 512..][..n];
-            for j in 0..n {
-                let x0 = x0_row[j];
-                o0[j] = if x0 > 0.0 { x0 } else { 0.0 };
-            }
-        });
-}
-
-/// matmul: matmul, add: 16×32 · 32×32.
-pub fn grads_k02_matmul_add(
+/// matmul: matmul, add, relu: 16×32 · 32×32.
+pub fn grads_k01_matmul_add_relu(
     t6: &[f32],
     param_linear_1_weight: &[f32],
     param_linear_1_bias: &[f32],
     t8: &mut [f32],
     t10: &mut [f32],
+    t11: &mut [f32],
 ) -> Result<(), rt::Error> {
     let c = &mut t8[0..512];
     let o0 = &mut t10[0..512];
+    let o1 = &mut t11[0..512];
     rt::gemm::sgemm(
         c.len() / 32,
         32,
@@ -279,35 +271,23 @@ pub fn grads_k02_matmul_add(
         (32, 1),
         false,
     )?;
-    for (c, o0) in c.chunks(32).zip(o0.chunks_mut(32)) {
+    for ((c, o0), o1) in c.chunks(32).zip(o0.chunks_mut(32)).zip(o1.chunks_mut(32)) {
         let n = o0.len();
         let x1_row = &param_linear_1_bias[0..][..n];
         for j in 0..n {
             let x0 = c[j];
             let x1 = x1_row[j];
-            o0[j] = x0 + x1;
+            let t0 = x0 + x1;
+            let w0 = t0;
+            o0[j] = t0;
+            o1[j] = if t0 > 0.0 { w0 } else { 0.0 };
         }
     }
     Ok(())
 }
 
-/// elementwise: relu over [16, 32].
-pub fn grads_k03_relu(t10: &[f32], t11: &mut [f32]) {
-    t11[0..512]
-        .chunks_mut(512)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let n = o0.len();
-            let x0_row = &t10[row * 512..][..n];
-            for j in 0..n {
-                let x0 = x0_row[j];
-                o0[j] = if x0 > 0.0 { x0 } else { 0.0 };
-            }
-        });
-}
-
 /// reduce: neg, reduce_sum over [16, 10].
-pub fn grads_k08_reduce(input_y: &[i32], c17: &[i32], c270: &[f32], t46: &mut [f32]) {
+pub fn grads_k06_reduce(input_y: &[i32], c17: &[i32], c270: &[f32], t46: &mut [f32]) {
     t46[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -332,7 +312,7 @@ pub fn grads_k08_reduce(input_y: &[i32], c17: &[i32], c270: &[f32], t46: &mut [f
 }
 
 /// elementwise: log.d0, mul over [16, 1].
-pub fn grads_k09_log_d0_mul(t46: &[f32], t23: &[f32], t48: &mut [f32]) {
+pub fn grads_k07_log_d0_mul(t46: &[f32], t23: &[f32], t48: &mut [f32]) {
     t48[0..16].chunks_mut(16).enumerate().for_each(|(row, o0)| {
         let n = o0.len();
         let x0_row = &t46[row * 16..][..n];
@@ -346,7 +326,7 @@ pub fn grads_k09_log_d0_mul(t46: &[f32], t23: &[f32], t48: &mut [f32]) {
 }
 
 /// elementwise: add, exp.d0, mul over [16, 10].
-pub fn grads_k10_add_exp_d0_mul(
+pub fn grads_k08_add_exp_d0_mul(
     input_y: &[i32],
     c17: &[i32],
     c270: &[f32],
@@ -375,7 +355,7 @@ pub fn grads_k10_add_exp_d0_mul(
 }
 
 /// reduce: reduce_sum over [16, 10].
-pub fn grads_k11_reduce(t52: &[f32], t55: &mut [f32]) {
+pub fn grads_k09_reduce(t52: &[f32], t55: &mut [f32]) {
     t55[0..10]
         .chunks_mut(10)
         .enumerate()
@@ -397,7 +377,7 @@ pub fn grads_k11_reduce(t52: &[f32], t55: &mut [f32]) {
 }
 
 /// matmul: matmul: 32×16 · 16×10.
-pub fn grads_k12_matmul(t11: &[f32], t52: &[f32], t60: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k10_matmul(t11: &[f32], t52: &[f32], t60: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         32,
@@ -415,7 +395,7 @@ pub fn grads_k12_matmul(t11: &[f32], t52: &[f32], t60: &mut [f32]) -> Result<(),
 }
 
 /// matmul: matmul, mul, relu.d0: 16×10 · 10×32.
-pub fn grads_k13_matmul_mul_relu_d0(
+pub fn grads_k11_matmul_mul_relu_d0(
     t52: &[f32],
     param_head_weight: &[f32],
     t10: &[f32],
@@ -450,7 +430,7 @@ pub fn grads_k13_matmul_mul_relu_d0(
 }
 
 /// reduce: reduce_sum over [16, 32].
-pub fn grads_k14_reduce(t62: &[f32], t63: &mut [f32]) {
+pub fn grads_k12_reduce(t62: &[f32], t63: &mut [f32]) {
     t63[0..32]
         .chunks_mut(32)
         .enumerate()
@@ -472,7 +452,7 @@ pub fn grads_k14_reduce(t62: &[f32], t63: &mut [f32]) {
 }
 
 /// matmul: matmul: 32×16 · 16×32.
-pub fn grads_k15_matmul(t6: &[f32], t62: &[f32], t68: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k13_matmul(t6: &[f32], t62: &[f32], t68: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         32,
@@ -490,7 +470,7 @@ pub fn grads_k15_matmul(t6: &[f32], t62: &[f32], t68: &mut [f32]) -> Result<(), 
 }
 
 /// matmul: matmul, mul, relu.d0: 16×32 · 32×32.
-pub fn grads_k16_matmul_mul_relu_d0(
+pub fn grads_k14_matmul_mul_relu_d0(
     t62: &[f32],
     param_linear_1_weight: &[f32],
     t5: &[f32],
@@ -525,7 +505,7 @@ pub fn grads_k16_matmul_mul_relu_d0(
 }
 
 /// reduce: reduce_sum over [16, 32].
-pub fn grads_k17_reduce(t70: &[f32], t71: &mut [f32]) {
+pub fn grads_k15_reduce(t70: &[f32], t71: &mut [f32]) {
     t71[0..32]
         .chunks_mut(32)
         .enumerate()
@@ -547,7 +527,7 @@ pub fn grads_k17_reduce(t70: &[f32], t71: &mut [f32]) {
 }
 
 /// matmul: matmul: 64×16 · 16×32.
-pub fn grads_k18_matmul(input_x: &[f32], t70: &[f32], t76: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k16_matmul(input_x: &[f32], t70: &[f32], t76: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         64,
@@ -565,7 +545,7 @@ pub fn grads_k18_matmul(input_x: &[f32], t70: &[f32], t76: &mut [f32]) -> Result
 }
 
 /// reduce: log, reduce_sum, sub, where over [16, 10].
-pub fn train_k08_reduce(
+pub fn train_k06_reduce(
     input_y: &[i32],
     c17: &[i32],
     t15: &[f32],
@@ -590,26 +570,22 @@ pub fn train_k08_reduce(
     });
 }
 
-/// elementwise: add.
-pub fn train_k11_add(state_step: &mut [f32]) {
+/// elementwise: add, pow, sqrt, sub.
+pub fn train_k09_add_pow_etc(state_step: &mut [f32], t102: &mut [f32]) {
     let x0 = state_step[0];
-    state_step[0] = x0 + 1.0;
-}
-
-/// elementwise: pow, sqrt, sub.
-pub fn train_k12_pow_sqrt_sub(state_step: &[f32], t102: &mut [f32]) {
-    let x0 = state_step[0];
-    t102[0] = (1.0 - 0.999_f32.powf(x0)).sqrt();
+    let t0 = x0 + 1.0;
+    state_step[0] = t0;
+    t102[0] = (1.0 - 0.999_f32.powf(t0)).sqrt();
 }
 
 /// elementwise: div, pow, sub.
-pub fn train_k13_div_pow_sub(state_step: &[f32], t107: &mut [f32]) {
+pub fn train_k10_div_pow_sub(state_step: &[f32], t107: &mut [f32]) {
     let x0 = state_step[0];
     t107[0] = 0.01 / (1.0 - 0.9_f32.powf(x0));
 }
 
 /// matmul: matmul, add, div, mul, sqrt, sub: 64×16 · 16×32.
-pub fn train_k22_matmul_add_div_etc(
+pub fn train_k19_matmul_add_div_etc(
     input_x: &[f32],
     t70: &[f32],
     t107: &[f32],
@@ -661,7 +637,7 @@ pub fn train_k22_matmul_add_div_etc(
 }
 
 /// elementwise: add, div, mul, sqrt, sub over [32].
-pub fn train_k23_add_div_etc(
+pub fn train_k20_add_div_etc(
     t71: &[f32],
     t107: &[f32],
     t102: &[f32],
@@ -695,7 +671,7 @@ pub fn train_k23_add_div_etc(
 }
 
 /// matmul: matmul, add, div, mul, sqrt, sub: 32×16 · 16×32.
-pub fn train_k24_matmul_add_div_etc(
+pub fn train_k21_matmul_add_div_etc(
     t6: &[f32],
     t62: &[f32],
     t107: &[f32],
@@ -747,7 +723,7 @@ pub fn train_k24_matmul_add_div_etc(
 }
 
 /// elementwise: add, div, mul, sqrt, sub over [32].
-pub fn train_k25_add_div_etc(
+pub fn train_k22_add_div_etc(
     t63: &[f32],
     t107: &[f32],
     t102: &[f32],
@@ -781,7 +757,7 @@ pub fn train_k25_add_div_etc(
 }
 
 /// matmul: matmul, add, div, mul, sqrt, sub: 32×16 · 16×10.
-pub fn train_k26_matmul_add_div_etc(
+pub fn train_k23_matmul_add_div_etc(
     t11: &[f32],
     t52: &[f32],
     t107: &[f32],
@@ -833,7 +809,7 @@ pub fn train_k26_matmul_add_div_etc(
 }
 
 /// elementwise: add, div, mul, sqrt, sub over [10].
-pub fn train_k27_add_div_etc(
+pub fn train_k24_add_div_etc(
     t55: &[f32],
     t107: &[f32],
     t102: &[f32],

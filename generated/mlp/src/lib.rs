@@ -124,29 +124,29 @@ impl Arenas {
         Ok(())
     }
 
-    /// `grads`: 19 kernels.
+    /// `grads`: 17 kernels.
     fn grads(&mut self, input_x: &[f32], input_y: &[i32]) -> Result<(), rt::Error> {
         let a = &*self;
         // SAFETY: the memory plan gives buffers that are live at the same time
         // disjoint ranges of their arena, and a kernel writing a buffer in place
         // reads it only through that same mutable slice.
         unsafe {
-            kernels::grads_k00_matmul_add(
+            kernels::grads_k00_matmul_add_relu(
                 input_x,
                 a.param.slice(0, 2048),
                 a.param.slice(2048, 32),
                 a.temp_f32.slice_mut(0, 512),
                 a.temp_f32.slice_mut(512, 512),
-            )?;
-            kernels::grads_k01_relu(a.temp_f32.slice(512, 512), a.temp_f32.slice_mut(0, 512));
-            kernels::grads_k02_matmul_add(
-                a.temp_f32.slice(0, 512),
-                a.param.slice(2080, 1024),
-                a.param.slice(3104, 32),
-                a.temp_f32.slice_mut(1536, 512),
                 a.temp_f32.slice_mut(1024, 512),
             )?;
-            kernels::grads_k03_relu(a.temp_f32.slice(1024, 512), a.temp_f32.slice_mut(1536, 512));
+            kernels::grads_k01_matmul_add_relu(
+                a.temp_f32.slice(1024, 512),
+                a.param.slice(2080, 1024),
+                a.param.slice(3104, 32),
+                a.temp_f32.slice_mut(2048, 512),
+                a.temp_f32.slice_mut(0, 512),
+                a.temp_f32.slice_mut(1536, 512),
+            )?;
             kernels::forward_k02_matmul_add(
                 a.temp_f32.slice(1536, 512),
                 a.param.slice(3136, 320),
@@ -167,18 +167,18 @@ impl Arenas {
                 a.temp_f32.slice(2368, 16),
                 a.temp_f32.slice_mut(2048, 16),
             );
-            kernels::grads_k08_reduce(
+            kernels::grads_k06_reduce(
                 input_y,
                 a.const_i32.slice(0, 10),
                 a.const_f32.slice(0, 16),
                 a.temp_f32.slice_mut(2064, 16),
             );
-            kernels::grads_k09_log_d0_mul(
+            kernels::grads_k07_log_d0_mul(
                 a.temp_f32.slice(2064, 16),
                 a.temp_f32.slice(2048, 16),
                 a.temp_f32.slice_mut(2384, 16),
             );
-            kernels::grads_k10_add_exp_d0_mul(
+            kernels::grads_k08_add_exp_d0_mul(
                 input_y,
                 a.const_i32.slice(0, 10),
                 a.const_f32.slice(0, 16),
@@ -187,34 +187,34 @@ impl Arenas {
                 a.temp_f32.slice(2368, 16),
                 a.temp_f32.slice_mut(2048, 160),
             );
-            kernels::grads_k11_reduce(a.temp_f32.slice(2048, 160), a.temp_f32.slice_mut(4448, 10));
-            kernels::grads_k12_matmul(
+            kernels::grads_k09_reduce(a.temp_f32.slice(2048, 160), a.temp_f32.slice_mut(4448, 10));
+            kernels::grads_k10_matmul(
                 a.temp_f32.slice(1536, 512),
                 a.temp_f32.slice(2048, 160),
                 a.temp_f32.slice_mut(4096, 320),
             )?;
-            kernels::grads_k13_matmul_mul_relu_d0(
+            kernels::grads_k11_matmul_mul_relu_d0(
                 a.temp_f32.slice(2048, 160),
                 a.param.slice(3136, 320),
-                a.temp_f32.slice(1024, 512),
+                a.temp_f32.slice(0, 512),
                 a.temp_f32.slice_mut(1536, 512),
                 a.temp_f32.slice_mut(3072, 512),
             )?;
-            kernels::grads_k14_reduce(a.temp_f32.slice(3072, 512), a.temp_f32.slice_mut(4416, 32));
-            kernels::grads_k15_matmul(
-                a.temp_f32.slice(0, 512),
+            kernels::grads_k12_reduce(a.temp_f32.slice(3072, 512), a.temp_f32.slice_mut(4416, 32));
+            kernels::grads_k13_matmul(
+                a.temp_f32.slice(1024, 512),
                 a.temp_f32.slice(3072, 512),
                 a.temp_f32.slice_mut(2048, 1024),
             )?;
-            kernels::grads_k16_matmul_mul_relu_d0(
+            kernels::grads_k14_matmul_mul_relu_d0(
                 a.temp_f32.slice(3072, 512),
                 a.param.slice(2080, 1024),
                 a.temp_f32.slice(512, 512),
                 a.temp_f32.slice_mut(0, 512),
                 a.temp_f32.slice_mut(3584, 512),
             )?;
-            kernels::grads_k17_reduce(a.temp_f32.slice(3584, 512), a.temp_f32.slice_mut(3072, 32));
-            kernels::grads_k18_matmul(
+            kernels::grads_k15_reduce(a.temp_f32.slice(3584, 512), a.temp_f32.slice_mut(3072, 32));
+            kernels::grads_k16_matmul(
                 input_x,
                 a.temp_f32.slice(3584, 512),
                 a.temp_f32.slice_mut(0, 2048),
@@ -223,29 +223,29 @@ impl Arenas {
         Ok(())
     }
 
-    /// `train`: 28 kernels.
+    /// `train`: 25 kernels.
     fn train(&mut self, input_x: &[f32], input_y: &[i32]) -> Result<(), rt::Error> {
         let a = &*self;
         // SAFETY: the memory plan gives buffers that are live at the same time
         // disjoint ranges of their arena, and a kernel writing a buffer in place
         // reads it only through that same mutable slice.
         unsafe {
-            kernels::grads_k00_matmul_add(
+            kernels::grads_k00_matmul_add_relu(
                 input_x,
                 a.param.slice(0, 2048),
                 a.param.slice(2048, 32),
                 a.temp_f32.slice_mut(0, 512),
                 a.temp_f32.slice_mut(512, 512),
+                a.temp_f32.slice_mut(2048, 512),
             )?;
-            kernels::grads_k01_relu(a.temp_f32.slice(512, 512), a.temp_f32.slice_mut(2048, 512));
-            kernels::grads_k02_matmul_add(
+            kernels::grads_k01_matmul_add_relu(
                 a.temp_f32.slice(2048, 512),
                 a.param.slice(2080, 1024),
                 a.param.slice(3104, 32),
                 a.temp_f32.slice_mut(1024, 512),
                 a.temp_f32.slice_mut(0, 512),
+                a.temp_f32.slice_mut(2560, 512),
             )?;
-            kernels::grads_k03_relu(a.temp_f32.slice(0, 512), a.temp_f32.slice_mut(2560, 512));
             kernels::forward_k02_matmul_add(
                 a.temp_f32.slice(2560, 512),
                 a.param.slice(3136, 320),
@@ -266,7 +266,7 @@ impl Arenas {
                 a.temp_f32.slice(1040, 16),
                 a.temp_f32.slice_mut(1024, 16),
             );
-            kernels::train_k08_reduce(
+            kernels::train_k06_reduce(
                 input_y,
                 a.const_i32.slice(0, 10),
                 a.temp_f32.slice(1184, 160),
@@ -276,21 +276,20 @@ impl Arenas {
             );
             kernels::forward_k07_reduce(a.temp_f32.slice(1056, 16), a.temp_f32.slice_mut(1072, 1));
             kernels::forward_k08_mul_neg(a.temp_f32.slice(1072, 1), a.temp_f32.slice_mut(4336, 1));
-            kernels::train_k11_add(a.state.slice_mut(0, 1));
-            kernels::train_k12_pow_sqrt_sub(a.state.slice(0, 1), a.temp_f32.slice_mut(4352, 1));
-            kernels::train_k13_div_pow_sub(a.state.slice(0, 1), a.temp_f32.slice_mut(4368, 1));
-            kernels::grads_k08_reduce(
+            kernels::train_k09_add_pow_etc(a.state.slice_mut(0, 1), a.temp_f32.slice_mut(4352, 1));
+            kernels::train_k10_div_pow_sub(a.state.slice(0, 1), a.temp_f32.slice_mut(4368, 1));
+            kernels::grads_k06_reduce(
                 input_y,
                 a.const_i32.slice(0, 10),
                 a.const_f32.slice(0, 16),
                 a.temp_f32.slice_mut(1056, 16),
             );
-            kernels::grads_k09_log_d0_mul(
+            kernels::grads_k07_log_d0_mul(
                 a.temp_f32.slice(1056, 16),
                 a.temp_f32.slice(1024, 16),
                 a.temp_f32.slice_mut(1072, 16),
             );
-            kernels::grads_k10_add_exp_d0_mul(
+            kernels::grads_k08_add_exp_d0_mul(
                 input_y,
                 a.const_i32.slice(0, 10),
                 a.const_f32.slice(0, 16),
@@ -299,24 +298,24 @@ impl Arenas {
                 a.temp_f32.slice(1040, 16),
                 a.temp_f32.slice_mut(4096, 160),
             );
-            kernels::grads_k11_reduce(a.temp_f32.slice(4096, 160), a.temp_f32.slice_mut(4320, 10));
-            kernels::grads_k13_matmul_mul_relu_d0(
+            kernels::grads_k09_reduce(a.temp_f32.slice(4096, 160), a.temp_f32.slice_mut(4320, 10));
+            kernels::grads_k11_matmul_mul_relu_d0(
                 a.temp_f32.slice(4096, 160),
                 a.param.slice(3136, 320),
                 a.temp_f32.slice(0, 512),
                 a.temp_f32.slice_mut(1024, 512),
                 a.temp_f32.slice_mut(3072, 512),
             )?;
-            kernels::grads_k14_reduce(a.temp_f32.slice(3072, 512), a.temp_f32.slice_mut(4256, 32));
-            kernels::grads_k16_matmul_mul_relu_d0(
+            kernels::grads_k12_reduce(a.temp_f32.slice(3072, 512), a.temp_f32.slice_mut(4256, 32));
+            kernels::grads_k14_matmul_mul_relu_d0(
                 a.temp_f32.slice(3072, 512),
                 a.param.slice(2080, 1024),
                 a.temp_f32.slice(512, 512),
                 a.temp_f32.slice_mut(0, 512),
                 a.temp_f32.slice_mut(3584, 512),
             )?;
-            kernels::grads_k17_reduce(a.temp_f32.slice(3584, 512), a.temp_f32.slice_mut(4288, 32));
-            kernels::train_k22_matmul_add_div_etc(
+            kernels::grads_k15_reduce(a.temp_f32.slice(3584, 512), a.temp_f32.slice_mut(4288, 32));
+            kernels::train_k19_matmul_add_div_etc(
                 input_x,
                 a.temp_f32.slice(3584, 512),
                 a.temp_f32.slice(4368, 1),
@@ -326,7 +325,7 @@ impl Arenas {
                 a.state.slice_mut(2064, 2048),
                 a.param.slice_mut(0, 2048),
             )?;
-            kernels::train_k23_add_div_etc(
+            kernels::train_k20_add_div_etc(
                 a.temp_f32.slice(4288, 32),
                 a.temp_f32.slice(4368, 1),
                 a.temp_f32.slice(4352, 1),
@@ -334,7 +333,7 @@ impl Arenas {
                 a.state.slice_mut(4144, 32),
                 a.param.slice_mut(2048, 32),
             );
-            kernels::train_k24_matmul_add_div_etc(
+            kernels::train_k21_matmul_add_div_etc(
                 a.temp_f32.slice(2048, 512),
                 a.temp_f32.slice(3072, 512),
                 a.temp_f32.slice(4368, 1),
@@ -344,7 +343,7 @@ impl Arenas {
                 a.state.slice_mut(5200, 1024),
                 a.param.slice_mut(2080, 1024),
             )?;
-            kernels::train_k25_add_div_etc(
+            kernels::train_k22_add_div_etc(
                 a.temp_f32.slice(4256, 32),
                 a.temp_f32.slice(4368, 1),
                 a.temp_f32.slice(4352, 1),
@@ -352,7 +351,7 @@ impl Arenas {
                 a.state.slice_mut(6256, 32),
                 a.param.slice_mut(3104, 32),
             );
-            kernels::train_k26_matmul_add_div_etc(
+            kernels::train_k23_matmul_add_div_etc(
                 a.temp_f32.slice(2560, 512),
                 a.temp_f32.slice(4096, 160),
                 a.temp_f32.slice(4368, 1),
@@ -362,7 +361,7 @@ impl Arenas {
                 a.state.slice_mut(6608, 320),
                 a.param.slice_mut(3136, 320),
             )?;
-            kernels::train_k27_add_div_etc(
+            kernels::train_k24_add_div_etc(
                 a.temp_f32.slice(4320, 10),
                 a.temp_f32.slice(4368, 1),
                 a.temp_f32.slice(4352, 1),
@@ -399,7 +398,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `mlp`.
-#[pyclass(module = "fg_mlp_09db90220aaa")]
+#[pyclass(module = "fg_mlp_f10266315275")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -545,8 +544,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_mlp_09db90220aaa(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_mlp_09db90220aaa")?;
+fn fg_mlp_f10266315275(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_mlp_f10266315275")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

@@ -462,16 +462,18 @@ pub fn forward_k20_mul_neg(t55: &[f32], t58: &mut [f32]) {
     t58[0] = -0.25 * x0;
 }
 
-/// matmul: matmul, add: 4×1 · 1×8.
-pub fn grads_k01_matmul_add(
+/// matmul: matmul, add, tanh: 4×1 · 1×8.
+pub fn grads_k01_matmul_add_tanh(
     t5_c: &[f32],
     param_cell_w_xh: &[f32],
     param_cell_b_h: &[f32],
     t7: &mut [f32],
     t8: &mut [f32],
+    t9: &mut [f32],
 ) -> Result<(), rt::Error> {
     let c = &mut t7[0..32];
     let o0 = &mut t8[0..32];
+    let o1 = &mut t9[0..32];
     rt::gemm::sgemm(
         c.len() / 8,
         8,
@@ -484,41 +486,33 @@ pub fn grads_k01_matmul_add(
         (8, 1),
         false,
     )?;
-    for (c, o0) in c.chunks(8).zip(o0.chunks_mut(8)) {
+    for ((c, o0), o1) in c.chunks(8).zip(o0.chunks_mut(8)).zip(o1.chunks_mut(8)) {
         let n = o0.len();
         let x1_row = &param_cell_b_h[0..][..n];
         for j in 0..n {
             let x0 = c[j];
             let x1 = x1_row[j];
-            o0[j] = x0 + x1;
+            let t0 = x0 + x1;
+            o0[j] = t0;
+            o1[j] = Math::tanh(t0);
         }
     }
     Ok(())
 }
 
-/// elementwise: tanh over [4, 8].
-pub fn grads_k02_tanh(t8: &[f32], t9: &mut [f32]) {
-    t9[0..32].chunks_mut(32).enumerate().for_each(|(row, o0)| {
-        let n = o0.len();
-        let x0_row = &t8[row * 32..][..n];
-        for j in 0..n {
-            let x0 = x0_row[j];
-            o0[j] = Math::tanh(x0);
-        }
-    });
-}
-
-/// matmul: matmul, add: 4×1 · 1×8.
-pub fn grads_k05_matmul_add(
+/// matmul: matmul, add, tanh: 4×1 · 1×8.
+pub fn grads_k04_matmul_add_tanh(
     t10_c: &[f32],
     param_cell_w_xh: &[f32],
     param_cell_b_h: &[f32],
     t14: &[f32],
     t12: &mut [f32],
     t15: &mut [f32],
+    t16: &mut [f32],
 ) -> Result<(), rt::Error> {
     let c = &mut t12[0..32];
     let o0 = &mut t15[0..32];
+    let o1 = &mut t16[0..32];
     rt::gemm::sgemm(
         c.len() / 8,
         8,
@@ -531,7 +525,12 @@ pub fn grads_k05_matmul_add(
         (8, 1),
         false,
     )?;
-    for (i, (c, o0)) in c.chunks(8).zip(o0.chunks_mut(8)).enumerate() {
+    for (i, ((c, o0), o1)) in c
+        .chunks(8)
+        .zip(o0.chunks_mut(8))
+        .zip(o1.chunks_mut(8))
+        .enumerate()
+    {
         let row = i;
         let n = o0.len();
         let x1_row = &param_cell_b_h[0..][..n];
@@ -540,35 +539,27 @@ pub fn grads_k05_matmul_add(
             let x0 = c[j];
             let x1 = x1_row[j];
             let x2 = x2_row[j];
-            o0[j] = x0 + x1 + x2;
+            let t0 = x0 + x1 + x2;
+            o0[j] = t0;
+            o1[j] = Math::tanh(t0);
         }
     }
     Ok(())
 }
 
-/// elementwise: tanh over [4, 8].
-pub fn grads_k06_tanh(t15: &[f32], t16: &mut [f32]) {
-    t16[0..32].chunks_mut(32).enumerate().for_each(|(row, o0)| {
-        let n = o0.len();
-        let x0_row = &t15[row * 32..][..n];
-        for j in 0..n {
-            let x0 = x0_row[j];
-            o0[j] = Math::tanh(x0);
-        }
-    });
-}
-
-/// matmul: matmul, add: 4×1 · 1×8.
-pub fn grads_k09_matmul_add(
+/// matmul: matmul, add, tanh: 4×1 · 1×8.
+pub fn grads_k07_matmul_add_tanh(
     t17_c: &[f32],
     param_cell_w_xh: &[f32],
     param_cell_b_h: &[f32],
     t21: &[f32],
     t19: &mut [f32],
     t22: &mut [f32],
+    t23: &mut [f32],
 ) -> Result<(), rt::Error> {
     let c = &mut t19[0..32];
     let o0 = &mut t22[0..32];
+    let o1 = &mut t23[0..32];
     rt::gemm::sgemm(
         c.len() / 8,
         8,
@@ -581,7 +572,12 @@ pub fn grads_k09_matmul_add(
         (8, 1),
         false,
     )?;
-    for (i, (c, o0)) in c.chunks(8).zip(o0.chunks_mut(8)).enumerate() {
+    for (i, ((c, o0), o1)) in c
+        .chunks(8)
+        .zip(o0.chunks_mut(8))
+        .zip(o1.chunks_mut(8))
+        .enumerate()
+    {
         let row = i;
         let n = o0.len();
         let x1_row = &param_cell_b_h[0..][..n];
@@ -590,35 +586,27 @@ pub fn grads_k09_matmul_add(
             let x0 = c[j];
             let x1 = x1_row[j];
             let x2 = x2_row[j];
-            o0[j] = x0 + x1 + x2;
+            let t0 = x0 + x1 + x2;
+            o0[j] = t0;
+            o1[j] = Math::tanh(t0);
         }
     }
     Ok(())
 }
 
-/// elementwise: tanh over [4, 8].
-pub fn grads_k10_tanh(t22: &[f32], t23: &mut [f32]) {
-    t23[0..32].chunks_mut(32).enumerate().for_each(|(row, o0)| {
-        let n = o0.len();
-        let x0_row = &t22[row * 32..][..n];
-        for j in 0..n {
-            let x0 = x0_row[j];
-            o0[j] = Math::tanh(x0);
-        }
-    });
-}
-
-/// matmul: matmul, add: 4×1 · 1×8.
-pub fn grads_k13_matmul_add(
+/// matmul: matmul, add, tanh: 4×1 · 1×8.
+pub fn grads_k10_matmul_add_tanh(
     t24_c: &[f32],
     param_cell_w_xh: &[f32],
     param_cell_b_h: &[f32],
     t28: &[f32],
     t26: &mut [f32],
     t29: &mut [f32],
+    t30: &mut [f32],
 ) -> Result<(), rt::Error> {
     let c = &mut t26[0..32];
     let o0 = &mut t29[0..32];
+    let o1 = &mut t30[0..32];
     rt::gemm::sgemm(
         c.len() / 8,
         8,
@@ -631,7 +619,12 @@ pub fn grads_k13_matmul_add(
         (8, 1),
         false,
     )?;
-    for (i, (c, o0)) in c.chunks(8).zip(o0.chunks_mut(8)).enumerate() {
+    for (i, ((c, o0), o1)) in c
+        .chunks(8)
+        .zip(o0.chunks_mut(8))
+        .zip(o1.chunks_mut(8))
+        .enumerate()
+    {
         let row = i;
         let n = o0.len();
         let x1_row = &param_cell_b_h[0..][..n];
@@ -640,35 +633,27 @@ pub fn grads_k13_matmul_add(
             let x0 = c[j];
             let x1 = x1_row[j];
             let x2 = x2_row[j];
-            o0[j] = x0 + x1 + x2;
+            let t0 = x0 + x1 + x2;
+            o0[j] = t0;
+            o1[j] = Math::tanh(t0);
         }
     }
     Ok(())
 }
 
-/// elementwise: tanh over [4, 8].
-pub fn grads_k14_tanh(t29: &[f32], t30: &mut [f32]) {
-    t30[0..32].chunks_mut(32).enumerate().for_each(|(row, o0)| {
-        let n = o0.len();
-        let x0_row = &t29[row * 32..][..n];
-        for j in 0..n {
-            let x0 = x0_row[j];
-            o0[j] = Math::tanh(x0);
-        }
-    });
-}
-
-/// matmul: matmul, add: 4×1 · 1×8.
-pub fn grads_k17_matmul_add(
+/// matmul: matmul, add, tanh: 4×1 · 1×8.
+pub fn grads_k13_matmul_add_tanh(
     t31_c: &[f32],
     param_cell_w_xh: &[f32],
     param_cell_b_h: &[f32],
     t35: &[f32],
     t33: &mut [f32],
     t36: &mut [f32],
+    t37: &mut [f32],
 ) -> Result<(), rt::Error> {
     let c = &mut t33[0..32];
     let o0 = &mut t36[0..32];
+    let o1 = &mut t37[0..32];
     rt::gemm::sgemm(
         c.len() / 8,
         8,
@@ -681,7 +666,12 @@ pub fn grads_k17_matmul_add(
         (8, 1),
         false,
     )?;
-    for (i, (c, o0)) in c.chunks(8).zip(o0.chunks_mut(8)).enumerate() {
+    for (i, ((c, o0), o1)) in c
+        .chunks(8)
+        .zip(o0.chunks_mut(8))
+        .zip(o1.chunks_mut(8))
+        .enumerate()
+    {
         let row = i;
         let n = o0.len();
         let x1_row = &param_cell_b_h[0..][..n];
@@ -690,26 +680,16 @@ pub fn grads_k17_matmul_add(
             let x0 = c[j];
             let x1 = x1_row[j];
             let x2 = x2_row[j];
-            o0[j] = x0 + x1 + x2;
+            let t0 = x0 + x1 + x2;
+            o0[j] = t0;
+            o1[j] = Math::tanh(t0);
         }
     }
     Ok(())
 }
 
-/// elementwise: tanh over [4, 8].
-pub fn grads_k18_tanh(t36: &[f32], t37: &mut [f32]) {
-    t37[0..32].chunks_mut(32).enumerate().for_each(|(row, o0)| {
-        let n = o0.len();
-        let x0_row = &t36[row * 32..][..n];
-        for j in 0..n {
-            let x0 = x0_row[j];
-            o0[j] = Math::tanh(x0);
-        }
-    });
-}
-
 /// reduce: neg, reduce_sum over [4, 2].
-pub fn grads_k23_reduce(input_y: &[i32], c43: &[i32], c189: &[f32], c190: &[f32], t72: &mut [f32]) {
+pub fn grads_k18_reduce(input_y: &[i32], c43: &[i32], c189: &[f32], c190: &[f32], t72: &mut [f32]) {
     t72[0..4].chunks_mut(4).for_each(|outs| {
         for (j, acc_out) in outs.iter_mut().enumerate() {
             let mut acc = 0.0_f32;
@@ -726,7 +706,7 @@ pub fn grads_k23_reduce(input_y: &[i32], c43: &[i32], c189: &[f32], c190: &[f32]
 }
 
 /// elementwise: log.d0, mul over [4, 1].
-pub fn grads_k24_log_d0_mul(t72: &[f32], t49: &[f32], t74: &mut [f32]) {
+pub fn grads_k19_log_d0_mul(t72: &[f32], t49: &[f32], t74: &mut [f32]) {
     t74[0..4].chunks_mut(4).enumerate().for_each(|(row, o0)| {
         let n = o0.len();
         let x0_row = &t72[row * 4..][..n];
@@ -740,7 +720,7 @@ pub fn grads_k24_log_d0_mul(t72: &[f32], t49: &[f32], t74: &mut [f32]) {
 }
 
 /// elementwise: add, exp.d0, mul over [4, 2].
-pub fn grads_k25_add_exp_d0_mul(
+pub fn grads_k20_add_exp_d0_mul(
     input_y: &[i32],
     c43: &[i32],
     c189: &[f32],
@@ -770,7 +750,7 @@ pub fn grads_k25_add_exp_d0_mul(
 }
 
 /// reduce: reduce_sum over [4, 2].
-pub fn grads_k26_reduce(t78: &[f32], t81: &mut [f32]) {
+pub fn grads_k21_reduce(t78: &[f32], t81: &mut [f32]) {
     t81[0..2].iter_mut().enumerate().for_each(|(row, acc_out)| {
         let mut acc = 0.0_f64;
         for i0 in 0..4 {
@@ -782,7 +762,7 @@ pub fn grads_k26_reduce(t78: &[f32], t81: &mut [f32]) {
 }
 
 /// matmul: matmul: 8×4 · 4×2.
-pub fn grads_k27_matmul(t37: &[f32], t78: &[f32], t86: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k22_matmul(t37: &[f32], t78: &[f32], t86: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         8,
@@ -800,7 +780,7 @@ pub fn grads_k27_matmul(t37: &[f32], t78: &[f32], t86: &mut [f32]) -> Result<(),
 }
 
 /// matmul: matmul, mul, tanh.d0: 4×2 · 2×8.
-pub fn grads_k28_matmul_mul_tanh_d0(
+pub fn grads_k23_matmul_mul_tanh_d0(
     t78: &[f32],
     param_head_weight: &[f32],
     t36: &[f32],
@@ -835,7 +815,7 @@ pub fn grads_k28_matmul_mul_tanh_d0(
 }
 
 /// reduce: reduce_sum over [4, 8].
-pub fn grads_k29_reduce(t88: &[f32], t93: &mut [f32]) {
+pub fn grads_k24_reduce(t88: &[f32], t93: &mut [f32]) {
     t93[0..8].chunks_mut(8).enumerate().for_each(|(part, out)| {
         let j0 = part * 8;
         let mut acc = [0.0_f64; 8];
@@ -854,7 +834,7 @@ pub fn grads_k29_reduce(t88: &[f32], t93: &mut [f32]) {
 }
 
 /// matmul: matmul, mul, tanh.d0: 4×8 · 8×8.
-pub fn grads_k30_matmul_mul_tanh_d0(
+pub fn grads_k25_matmul_mul_tanh_d0(
     t88: &[f32],
     param_cell_w_hh: &[f32],
     t29: &[f32],
@@ -889,7 +869,7 @@ pub fn grads_k30_matmul_mul_tanh_d0(
 }
 
 /// matmul: matmul: 8×4 · 4×8.
-pub fn grads_k31_matmul(t23: &[f32], t100: &[f32], t104: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k26_matmul(t23: &[f32], t100: &[f32], t104: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         8,
@@ -907,7 +887,7 @@ pub fn grads_k31_matmul(t23: &[f32], t100: &[f32], t104: &mut [f32]) -> Result<(
 }
 
 /// reduce: reduce_sum over [4, 8].
-pub fn grads_k32_reduce(t100: &[f32], t106: &mut [f32]) {
+pub fn grads_k27_reduce(t100: &[f32], t106: &mut [f32]) {
     t106[0..8]
         .chunks_mut(8)
         .enumerate()
@@ -929,7 +909,7 @@ pub fn grads_k32_reduce(t100: &[f32], t106: &mut [f32]) {
 }
 
 /// matmul: matmul: 1×4 · 4×8.
-pub fn grads_k33_matmul(t24_c: &[f32], t100: &[f32], t112: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k28_matmul(t24_c: &[f32], t100: &[f32], t112: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         1,
@@ -947,7 +927,7 @@ pub fn grads_k33_matmul(t24_c: &[f32], t100: &[f32], t112: &mut [f32]) -> Result
 }
 
 /// matmul: matmul, mul, tanh.d0: 4×8 · 8×8.
-pub fn grads_k34_matmul_mul_tanh_d0(
+pub fn grads_k29_matmul_mul_tanh_d0(
     t100: &[f32],
     param_cell_w_hh: &[f32],
     t22: &[f32],
@@ -982,7 +962,7 @@ pub fn grads_k34_matmul_mul_tanh_d0(
 }
 
 /// matmul: matmul: 8×4 · 4×8.
-pub fn grads_k35_matmul(t16: &[f32], t115: &[f32], t119: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k30_matmul(t16: &[f32], t115: &[f32], t119: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         8,
@@ -1000,7 +980,7 @@ pub fn grads_k35_matmul(t16: &[f32], t115: &[f32], t119: &mut [f32]) -> Result<(
 }
 
 /// reduce: reduce_sum over [4, 8].
-pub fn grads_k36_reduce(t115: &[f32], t121: &mut [f32]) {
+pub fn grads_k31_reduce(t115: &[f32], t121: &mut [f32]) {
     t121[0..8]
         .chunks_mut(8)
         .enumerate()
@@ -1022,7 +1002,7 @@ pub fn grads_k36_reduce(t115: &[f32], t121: &mut [f32]) {
 }
 
 /// matmul: matmul: 1×4 · 4×8.
-pub fn grads_k37_matmul(t17_c: &[f32], t115: &[f32], t127: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k32_matmul(t17_c: &[f32], t115: &[f32], t127: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         1,
@@ -1040,7 +1020,7 @@ pub fn grads_k37_matmul(t17_c: &[f32], t115: &[f32], t127: &mut [f32]) -> Result
 }
 
 /// matmul: matmul, mul, tanh.d0: 4×8 · 8×8.
-pub fn grads_k38_matmul_mul_tanh_d0(
+pub fn grads_k33_matmul_mul_tanh_d0(
     t115: &[f32],
     param_cell_w_hh: &[f32],
     t15: &[f32],
@@ -1075,7 +1055,7 @@ pub fn grads_k38_matmul_mul_tanh_d0(
 }
 
 /// matmul: matmul: 8×4 · 4×8.
-pub fn grads_k39_matmul(t9: &[f32], t130: &[f32], t134: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k34_matmul(t9: &[f32], t130: &[f32], t134: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         8,
@@ -1093,7 +1073,7 @@ pub fn grads_k39_matmul(t9: &[f32], t130: &[f32], t134: &mut [f32]) -> Result<()
 }
 
 /// matmul: matmul, add: 8×4 · 4×8.
-pub fn grads_k40_matmul_add(
+pub fn grads_k35_matmul_add(
     t30: &[f32],
     t88: &[f32],
     t104: &[f32],
@@ -1134,7 +1114,7 @@ pub fn grads_k40_matmul_add(
 }
 
 /// reduce: reduce_sum over [4, 8].
-pub fn grads_k41_reduce(t130: &[f32], t136: &mut [f32]) {
+pub fn grads_k36_reduce(t130: &[f32], t136: &mut [f32]) {
     t136[0..8]
         .chunks_mut(8)
         .enumerate()
@@ -1156,7 +1136,7 @@ pub fn grads_k41_reduce(t130: &[f32], t136: &mut [f32]) {
 }
 
 /// matmul: matmul: 1×4 · 4×8.
-pub fn grads_k42_matmul(t10_c: &[f32], t130: &[f32], t142: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k37_matmul(t10_c: &[f32], t130: &[f32], t142: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         1,
@@ -1174,7 +1154,7 @@ pub fn grads_k42_matmul(t10_c: &[f32], t130: &[f32], t142: &mut [f32]) -> Result
 }
 
 /// matmul: matmul, mul, tanh.d0: 4×8 · 8×8.
-pub fn grads_k43_matmul_mul_tanh_d0(
+pub fn grads_k38_matmul_mul_tanh_d0(
     t130: &[f32],
     param_cell_w_hh: &[f32],
     t8: &[f32],
@@ -1209,7 +1189,7 @@ pub fn grads_k43_matmul_mul_tanh_d0(
 }
 
 /// reduce: reduce_sum over [4, 8].
-pub fn grads_k44_reduce(t145: &[f32], t146: &mut [f32]) {
+pub fn grads_k39_reduce(t145: &[f32], t146: &mut [f32]) {
     t146[0..8]
         .chunks_mut(8)
         .enumerate()
@@ -1231,7 +1211,7 @@ pub fn grads_k44_reduce(t145: &[f32], t146: &mut [f32]) {
 }
 
 /// elementwise: add over [8].
-pub fn grads_k45_add(
+pub fn grads_k40_add(
     t93: &[f32],
     t106: &[f32],
     t121: &[f32],
@@ -1258,7 +1238,7 @@ pub fn grads_k45_add(
 }
 
 /// matmul: matmul: 1×4 · 4×8.
-pub fn grads_k46_matmul(t5_c: &[f32], t145: &[f32], t152: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k41_matmul(t5_c: &[f32], t145: &[f32], t152: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         1,
@@ -1276,7 +1256,7 @@ pub fn grads_k46_matmul(t5_c: &[f32], t145: &[f32], t152: &mut [f32]) -> Result<
 }
 
 /// matmul: matmul, add: 1×4 · 4×8.
-pub fn grads_k47_matmul_add(
+pub fn grads_k42_matmul_add(
     t31_c: &[f32],
     t88: &[f32],
     t112: &[f32],
@@ -1319,7 +1299,7 @@ pub fn grads_k47_matmul_add(
 }
 
 /// reduce: log, reduce_sum, sub, where over [4, 2].
-pub fn train_k23_reduce(
+pub fn train_k18_reduce(
     input_y: &[i32],
     c43: &[i32],
     t41: &[f32],
@@ -1345,7 +1325,7 @@ pub fn train_k23_reduce(
 }
 
 /// matmul: matmul, add, mul, sub: 1×4 · 4×8.
-pub fn train_k47_matmul_add_mul_sub(
+pub fn train_k42_matmul_add_mul_sub(
     t31_c: &[f32],
     t88: &[f32],
     t112: &[f32],
@@ -1392,7 +1372,7 @@ pub fn train_k47_matmul_add_mul_sub(
 }
 
 /// matmul: matmul, add, mul, sub: 8×4 · 4×8.
-pub fn train_k48_matmul_add_mul_sub(
+pub fn train_k43_matmul_add_mul_sub(
     t30: &[f32],
     t88: &[f32],
     t104: &[f32],
@@ -1434,7 +1414,7 @@ pub fn train_k48_matmul_add_mul_sub(
 }
 
 /// elementwise: add, mul, sub over [8].
-pub fn train_k49_add_mul_sub(
+pub fn train_k44_add_mul_sub(
     t93: &[f32],
     t106: &[f32],
     t121: &[f32],
@@ -1465,7 +1445,7 @@ pub fn train_k49_add_mul_sub(
 }
 
 /// matmul: matmul, add, mul, sub: 8×4 · 4×2.
-pub fn train_k50_matmul_add_mul_sub(
+pub fn train_k45_matmul_add_mul_sub(
     t37: &[f32],
     t78: &[f32],
     t86: &mut [f32],
@@ -1497,7 +1477,7 @@ pub fn train_k50_matmul_add_mul_sub(
 }
 
 /// elementwise: add, mul, sub over [2].
-pub fn train_k51_add_mul_sub(t81: &[f32], param_head_bias: &mut [f32]) {
+pub fn train_k46_add_mul_sub(t81: &[f32], param_head_bias: &mut [f32]) {
     param_head_bias[0..2]
         .chunks_mut(2)
         .enumerate()

@@ -171,7 +171,7 @@ impl Arenas {
         Ok(())
     }
 
-    /// `grads`: 48 kernels.
+    /// `grads`: 43 kernels.
     fn grads(&mut self, input_x: &[f32], input_y: &[i32]) -> Result<(), rt::Error> {
         let a = &*self;
         // SAFETY: the memory plan gives buffers that are live at the same time
@@ -179,176 +179,173 @@ impl Arenas {
         // reads it only through that same mutable slice.
         unsafe {
             kernels::forward_k00_copy(input_x, a.temp_f32.slice_mut(544, 4));
-            kernels::grads_k01_matmul_add(
+            kernels::grads_k01_matmul_add_tanh(
                 a.temp_f32.slice(544, 4),
                 a.param.slice(0, 8),
                 a.param.slice(80, 8),
                 a.temp_f32.slice_mut(0, 32),
                 a.temp_f32.slice_mut(320, 32),
+                a.temp_f32.slice_mut(192, 32),
             )?;
-            kernels::grads_k02_tanh(a.temp_f32.slice(320, 32), a.temp_f32.slice_mut(192, 32));
             kernels::forward_k02_copy(input_x, a.temp_f32.slice_mut(560, 4));
             kernels::forward_k03_matmul(
                 a.temp_f32.slice(192, 32),
                 a.param.slice(16, 64),
                 a.temp_f32.slice_mut(0, 32),
             )?;
-            kernels::grads_k05_matmul_add(
+            kernels::grads_k04_matmul_add_tanh(
                 a.temp_f32.slice(560, 4),
                 a.param.slice(0, 8),
                 a.param.slice(80, 8),
                 a.temp_f32.slice(0, 32),
                 a.temp_f32.slice_mut(32, 32),
                 a.temp_f32.slice_mut(128, 32),
+                a.temp_f32.slice_mut(160, 32),
             )?;
-            kernels::grads_k06_tanh(a.temp_f32.slice(128, 32), a.temp_f32.slice_mut(160, 32));
-            kernels::forward_k05_copy(input_x, a.temp_f32.slice_mut(288, 4));
+            kernels::forward_k05_copy(input_x, a.temp_f32.slice_mut(416, 4));
             kernels::forward_k06_matmul(
                 a.temp_f32.slice(160, 32),
                 a.param.slice(16, 64),
                 a.temp_f32.slice_mut(0, 32),
             )?;
-            kernels::grads_k09_matmul_add(
-                a.temp_f32.slice(288, 4),
+            kernels::grads_k07_matmul_add_tanh(
+                a.temp_f32.slice(416, 4),
                 a.param.slice(0, 8),
                 a.param.slice(80, 8),
                 a.temp_f32.slice(0, 32),
                 a.temp_f32.slice_mut(32, 32),
                 a.temp_f32.slice_mut(64, 32),
+                a.temp_f32.slice_mut(96, 32),
             )?;
-            kernels::grads_k10_tanh(a.temp_f32.slice(64, 32), a.temp_f32.slice_mut(96, 32));
-            kernels::forward_k08_copy(input_x, a.temp_f32.slice_mut(304, 4));
+            kernels::forward_k08_copy(input_x, a.temp_f32.slice_mut(432, 4));
             kernels::forward_k09_matmul(
                 a.temp_f32.slice(96, 32),
                 a.param.slice(16, 64),
                 a.temp_f32.slice_mut(0, 32),
             )?;
-            kernels::grads_k13_matmul_add(
-                a.temp_f32.slice(304, 4),
+            kernels::grads_k10_matmul_add_tanh(
+                a.temp_f32.slice(432, 4),
                 a.param.slice(0, 8),
                 a.param.slice(80, 8),
                 a.temp_f32.slice(0, 32),
                 a.temp_f32.slice_mut(32, 32),
                 a.temp_f32.slice_mut(224, 32),
+                a.temp_f32.slice_mut(352, 32),
             )?;
-            kernels::grads_k14_tanh(a.temp_f32.slice(224, 32), a.temp_f32.slice_mut(352, 32));
             kernels::forward_k11_copy(input_x, a.temp_f32.slice_mut(576, 4));
             kernels::forward_k12_matmul(
                 a.temp_f32.slice(352, 32),
                 a.param.slice(16, 64),
                 a.temp_f32.slice_mut(0, 32),
             )?;
-            kernels::grads_k17_matmul_add(
+            kernels::grads_k13_matmul_add_tanh(
                 a.temp_f32.slice(576, 4),
                 a.param.slice(0, 8),
                 a.param.slice(80, 8),
                 a.temp_f32.slice(0, 32),
                 a.temp_f32.slice_mut(32, 32),
                 a.temp_f32.slice_mut(256, 32),
+                a.temp_f32.slice_mut(288, 32),
             )?;
-            kernels::grads_k18_tanh(a.temp_f32.slice(256, 32), a.temp_f32.slice_mut(0, 32));
             kernels::forward_k14_matmul_add(
-                a.temp_f32.slice(0, 32),
+                a.temp_f32.slice(288, 32),
                 a.param.slice(96, 16),
                 a.param.slice(112, 2),
-                a.temp_f32.slice_mut(32, 8),
-                a.temp_f32.slice_mut(48, 8),
+                a.temp_f32.slice_mut(0, 8),
+                a.temp_f32.slice_mut(16, 8),
             )?;
-            kernels::forward_k15_reduce(a.temp_f32.slice(48, 8), a.temp_f32.slice_mut(32, 4));
-            kernels::forward_k16_stop_gradient(
-                a.temp_f32.slice(32, 4),
-                a.temp_f32.slice_mut(384, 4),
-            );
+            kernels::forward_k15_reduce(a.temp_f32.slice(16, 8), a.temp_f32.slice_mut(0, 4));
+            kernels::forward_k16_stop_gradient(a.temp_f32.slice(0, 4), a.temp_f32.slice_mut(48, 4));
             kernels::forward_k17_reduce(
-                a.temp_f32.slice(48, 8),
-                a.temp_f32.slice(384, 4),
+                a.temp_f32.slice(16, 8),
+                a.temp_f32.slice(48, 4),
+                a.temp_f32.slice_mut(0, 4),
+            );
+            kernels::grads_k18_reduce(
+                input_y,
+                a.const_i32.slice(0, 2),
+                a.const_f32.slice(0, 8),
+                a.const_f32.slice(8, 8),
                 a.temp_f32.slice_mut(32, 4),
             );
-            kernels::grads_k23_reduce(
-                input_y,
-                a.const_i32.slice(0, 2),
-                a.const_f32.slice(0, 8),
-                a.const_f32.slice(8, 8),
-                a.temp_f32.slice_mut(400, 4),
-            );
-            kernels::grads_k24_log_d0_mul(
-                a.temp_f32.slice(400, 4),
+            kernels::grads_k19_log_d0_mul(
                 a.temp_f32.slice(32, 4),
-                a.temp_f32.slice_mut(416, 4),
+                a.temp_f32.slice(0, 4),
+                a.temp_f32.slice_mut(384, 4),
             );
-            kernels::grads_k25_add_exp_d0_mul(
+            kernels::grads_k20_add_exp_d0_mul(
                 input_y,
                 a.const_i32.slice(0, 2),
                 a.const_f32.slice(0, 8),
                 a.const_f32.slice(8, 8),
-                a.temp_f32.slice(416, 4),
-                a.temp_f32.slice(48, 8),
                 a.temp_f32.slice(384, 4),
+                a.temp_f32.slice(16, 8),
+                a.temp_f32.slice(48, 4),
                 a.temp_f32.slice_mut(32, 8),
             );
-            kernels::grads_k26_reduce(a.temp_f32.slice(32, 8), a.temp_f32.slice_mut(592, 2));
-            kernels::grads_k27_matmul(
-                a.temp_f32.slice(0, 32),
+            kernels::grads_k21_reduce(a.temp_f32.slice(32, 8), a.temp_f32.slice_mut(592, 2));
+            kernels::grads_k22_matmul(
+                a.temp_f32.slice(288, 32),
                 a.temp_f32.slice(32, 8),
                 a.temp_f32.slice_mut(448, 16),
             )?;
-            kernels::grads_k28_matmul_mul_tanh_d0(
+            kernels::grads_k23_matmul_mul_tanh_d0(
                 a.temp_f32.slice(32, 8),
                 a.param.slice(96, 16),
                 a.temp_f32.slice(256, 32),
                 a.temp_f32.slice_mut(0, 32),
                 a.temp_f32.slice_mut(384, 32),
             )?;
-            kernels::grads_k29_reduce(a.temp_f32.slice(384, 32), a.temp_f32.slice_mut(464, 8));
-            kernels::grads_k30_matmul_mul_tanh_d0(
+            kernels::grads_k24_reduce(a.temp_f32.slice(384, 32), a.temp_f32.slice_mut(464, 8));
+            kernels::grads_k25_matmul_mul_tanh_d0(
                 a.temp_f32.slice(384, 32),
                 a.param.slice(16, 64),
                 a.temp_f32.slice(224, 32),
                 a.temp_f32.slice_mut(0, 32),
                 a.temp_f32.slice_mut(256, 32),
             )?;
-            kernels::grads_k31_matmul(
+            kernels::grads_k26_matmul(
                 a.temp_f32.slice(96, 32),
                 a.temp_f32.slice(256, 32),
                 a.temp_f32.slice_mut(0, 64),
             )?;
-            kernels::grads_k32_reduce(a.temp_f32.slice(256, 32), a.temp_f32.slice_mut(480, 8));
-            kernels::grads_k33_matmul(
-                a.temp_f32.slice(304, 4),
+            kernels::grads_k27_reduce(a.temp_f32.slice(256, 32), a.temp_f32.slice_mut(480, 8));
+            kernels::grads_k28_matmul(
+                a.temp_f32.slice(432, 4),
                 a.temp_f32.slice(256, 32),
                 a.temp_f32.slice_mut(496, 8),
             )?;
-            kernels::grads_k34_matmul_mul_tanh_d0(
+            kernels::grads_k29_matmul_mul_tanh_d0(
                 a.temp_f32.slice(256, 32),
                 a.param.slice(16, 64),
                 a.temp_f32.slice(64, 32),
                 a.temp_f32.slice_mut(96, 32),
                 a.temp_f32.slice_mut(224, 32),
             )?;
-            kernels::grads_k35_matmul(
+            kernels::grads_k30_matmul(
                 a.temp_f32.slice(160, 32),
                 a.temp_f32.slice(224, 32),
                 a.temp_f32.slice_mut(64, 64),
             )?;
-            kernels::grads_k36_reduce(a.temp_f32.slice(224, 32), a.temp_f32.slice_mut(512, 8));
-            kernels::grads_k37_matmul(
-                a.temp_f32.slice(288, 4),
+            kernels::grads_k31_reduce(a.temp_f32.slice(224, 32), a.temp_f32.slice_mut(512, 8));
+            kernels::grads_k32_matmul(
+                a.temp_f32.slice(416, 4),
                 a.temp_f32.slice(224, 32),
                 a.temp_f32.slice_mut(528, 8),
             )?;
-            kernels::grads_k38_matmul_mul_tanh_d0(
+            kernels::grads_k33_matmul_mul_tanh_d0(
                 a.temp_f32.slice(224, 32),
                 a.param.slice(16, 64),
                 a.temp_f32.slice(128, 32),
                 a.temp_f32.slice_mut(160, 32),
                 a.temp_f32.slice_mut(416, 32),
             )?;
-            kernels::grads_k39_matmul(
+            kernels::grads_k34_matmul(
                 a.temp_f32.slice(192, 32),
                 a.temp_f32.slice(416, 32),
                 a.temp_f32.slice_mut(128, 64),
             )?;
-            kernels::grads_k40_matmul_add(
+            kernels::grads_k35_matmul_add(
                 a.temp_f32.slice(352, 32),
                 a.temp_f32.slice(384, 32),
                 a.temp_f32.slice(0, 64),
@@ -357,21 +354,21 @@ impl Arenas {
                 a.temp_f32.slice_mut(256, 64),
                 a.temp_f32.slice_mut(192, 64),
             )?;
-            kernels::grads_k41_reduce(a.temp_f32.slice(416, 32), a.temp_f32.slice_mut(64, 8));
-            kernels::grads_k42_matmul(
+            kernels::grads_k36_reduce(a.temp_f32.slice(416, 32), a.temp_f32.slice_mut(64, 8));
+            kernels::grads_k37_matmul(
                 a.temp_f32.slice(560, 4),
                 a.temp_f32.slice(416, 32),
                 a.temp_f32.slice_mut(80, 8),
             )?;
-            kernels::grads_k43_matmul_mul_tanh_d0(
+            kernels::grads_k38_matmul_mul_tanh_d0(
                 a.temp_f32.slice(416, 32),
                 a.param.slice(16, 64),
                 a.temp_f32.slice(320, 32),
                 a.temp_f32.slice_mut(0, 32),
                 a.temp_f32.slice_mut(32, 32),
             )?;
-            kernels::grads_k44_reduce(a.temp_f32.slice(32, 32), a.temp_f32.slice_mut(0, 8));
-            kernels::grads_k45_add(
+            kernels::grads_k39_reduce(a.temp_f32.slice(32, 32), a.temp_f32.slice_mut(0, 8));
+            kernels::grads_k40_add(
                 a.temp_f32.slice(464, 8),
                 a.temp_f32.slice(480, 8),
                 a.temp_f32.slice(512, 8),
@@ -379,12 +376,12 @@ impl Arenas {
                 a.temp_f32.slice(0, 8),
                 a.temp_f32.slice_mut(16, 8),
             );
-            kernels::grads_k46_matmul(
+            kernels::grads_k41_matmul(
                 a.temp_f32.slice(544, 4),
                 a.temp_f32.slice(32, 32),
                 a.temp_f32.slice_mut(0, 8),
             )?;
-            kernels::grads_k47_matmul_add(
+            kernels::grads_k42_matmul_add(
                 a.temp_f32.slice(576, 4),
                 a.temp_f32.slice(384, 32),
                 a.temp_f32.slice(496, 8),
@@ -398,7 +395,7 @@ impl Arenas {
         Ok(())
     }
 
-    /// `train`: 52 kernels.
+    /// `train`: 47 kernels.
     fn train(&mut self, input_x: &[f32], input_y: &[i32]) -> Result<(), rt::Error> {
         let a = &*self;
         // SAFETY: the memory plan gives buffers that are live at the same time
@@ -406,74 +403,74 @@ impl Arenas {
         // reads it only through that same mutable slice.
         unsafe {
             kernels::forward_k00_copy(input_x, a.temp_f32.slice_mut(544, 4));
-            kernels::grads_k01_matmul_add(
+            kernels::grads_k01_matmul_add_tanh(
                 a.temp_f32.slice(544, 4),
                 a.param.slice(0, 8),
                 a.param.slice(80, 8),
                 a.temp_f32.slice_mut(0, 32),
                 a.temp_f32.slice_mut(192, 32),
+                a.temp_f32.slice_mut(224, 32),
             )?;
-            kernels::grads_k02_tanh(a.temp_f32.slice(192, 32), a.temp_f32.slice_mut(224, 32));
             kernels::forward_k02_copy(input_x, a.temp_f32.slice_mut(560, 4));
             kernels::forward_k03_matmul(
                 a.temp_f32.slice(224, 32),
                 a.param.slice(16, 64),
                 a.temp_f32.slice_mut(0, 32),
             )?;
-            kernels::grads_k05_matmul_add(
+            kernels::grads_k04_matmul_add_tanh(
                 a.temp_f32.slice(560, 4),
                 a.param.slice(0, 8),
                 a.param.slice(80, 8),
                 a.temp_f32.slice(0, 32),
                 a.temp_f32.slice_mut(32, 32),
                 a.temp_f32.slice_mut(128, 32),
+                a.temp_f32.slice_mut(160, 32),
             )?;
-            kernels::grads_k06_tanh(a.temp_f32.slice(128, 32), a.temp_f32.slice_mut(160, 32));
             kernels::forward_k05_copy(input_x, a.temp_f32.slice_mut(512, 4));
             kernels::forward_k06_matmul(
                 a.temp_f32.slice(160, 32),
                 a.param.slice(16, 64),
                 a.temp_f32.slice_mut(0, 32),
             )?;
-            kernels::grads_k09_matmul_add(
+            kernels::grads_k07_matmul_add_tanh(
                 a.temp_f32.slice(512, 4),
                 a.param.slice(0, 8),
                 a.param.slice(80, 8),
                 a.temp_f32.slice(0, 32),
                 a.temp_f32.slice_mut(32, 32),
                 a.temp_f32.slice_mut(64, 32),
+                a.temp_f32.slice_mut(96, 32),
             )?;
-            kernels::grads_k10_tanh(a.temp_f32.slice(64, 32), a.temp_f32.slice_mut(96, 32));
             kernels::forward_k08_copy(input_x, a.temp_f32.slice_mut(480, 4));
             kernels::forward_k09_matmul(
                 a.temp_f32.slice(96, 32),
                 a.param.slice(16, 64),
                 a.temp_f32.slice_mut(0, 32),
             )?;
-            kernels::grads_k13_matmul_add(
+            kernels::grads_k10_matmul_add_tanh(
                 a.temp_f32.slice(480, 4),
                 a.param.slice(0, 8),
                 a.param.slice(80, 8),
                 a.temp_f32.slice(0, 32),
                 a.temp_f32.slice_mut(32, 32),
                 a.temp_f32.slice_mut(256, 32),
+                a.temp_f32.slice_mut(288, 32),
             )?;
-            kernels::grads_k14_tanh(a.temp_f32.slice(256, 32), a.temp_f32.slice_mut(288, 32));
             kernels::forward_k11_copy(input_x, a.temp_f32.slice_mut(576, 4));
             kernels::forward_k12_matmul(
                 a.temp_f32.slice(288, 32),
                 a.param.slice(16, 64),
                 a.temp_f32.slice_mut(0, 32),
             )?;
-            kernels::grads_k17_matmul_add(
+            kernels::grads_k13_matmul_add_tanh(
                 a.temp_f32.slice(576, 4),
                 a.param.slice(0, 8),
                 a.param.slice(80, 8),
                 a.temp_f32.slice(0, 32),
                 a.temp_f32.slice_mut(32, 32),
                 a.temp_f32.slice_mut(320, 32),
+                a.temp_f32.slice_mut(352, 32),
             )?;
-            kernels::grads_k18_tanh(a.temp_f32.slice(320, 32), a.temp_f32.slice_mut(352, 32));
             kernels::forward_k14_matmul_add(
                 a.temp_f32.slice(352, 32),
                 a.param.slice(96, 16),
@@ -488,7 +485,7 @@ impl Arenas {
                 a.temp_f32.slice(32, 4),
                 a.temp_f32.slice_mut(0, 4),
             );
-            kernels::train_k23_reduce(
+            kernels::train_k18_reduce(
                 input_y,
                 a.const_i32.slice(0, 2),
                 a.temp_f32.slice(16, 8),
@@ -498,19 +495,19 @@ impl Arenas {
             );
             kernels::forward_k19_reduce(a.temp_f32.slice(48, 4), a.temp_f32.slice_mut(384, 1));
             kernels::forward_k20_mul_neg(a.temp_f32.slice(384, 1), a.temp_f32.slice_mut(608, 1));
-            kernels::grads_k23_reduce(
+            kernels::grads_k18_reduce(
                 input_y,
                 a.const_i32.slice(0, 2),
                 a.const_f32.slice(0, 8),
                 a.const_f32.slice(8, 8),
                 a.temp_f32.slice_mut(48, 4),
             );
-            kernels::grads_k24_log_d0_mul(
+            kernels::grads_k19_log_d0_mul(
                 a.temp_f32.slice(48, 4),
                 a.temp_f32.slice(0, 4),
                 a.temp_f32.slice_mut(384, 4),
             );
-            kernels::grads_k25_add_exp_d0_mul(
+            kernels::grads_k20_add_exp_d0_mul(
                 input_y,
                 a.const_i32.slice(0, 2),
                 a.const_f32.slice(0, 8),
@@ -520,83 +517,83 @@ impl Arenas {
                 a.temp_f32.slice(32, 4),
                 a.temp_f32.slice_mut(416, 8),
             );
-            kernels::grads_k26_reduce(a.temp_f32.slice(416, 8), a.temp_f32.slice_mut(592, 2));
-            kernels::grads_k28_matmul_mul_tanh_d0(
+            kernels::grads_k21_reduce(a.temp_f32.slice(416, 8), a.temp_f32.slice_mut(592, 2));
+            kernels::grads_k23_matmul_mul_tanh_d0(
                 a.temp_f32.slice(416, 8),
                 a.param.slice(96, 16),
                 a.temp_f32.slice(320, 32),
                 a.temp_f32.slice_mut(0, 32),
                 a.temp_f32.slice_mut(384, 32),
             )?;
-            kernels::grads_k29_reduce(a.temp_f32.slice(384, 32), a.temp_f32.slice_mut(432, 8));
-            kernels::grads_k30_matmul_mul_tanh_d0(
+            kernels::grads_k24_reduce(a.temp_f32.slice(384, 32), a.temp_f32.slice_mut(432, 8));
+            kernels::grads_k25_matmul_mul_tanh_d0(
                 a.temp_f32.slice(384, 32),
                 a.param.slice(16, 64),
                 a.temp_f32.slice(256, 32),
                 a.temp_f32.slice_mut(0, 32),
                 a.temp_f32.slice_mut(320, 32),
             )?;
-            kernels::grads_k31_matmul(
+            kernels::grads_k26_matmul(
                 a.temp_f32.slice(96, 32),
                 a.temp_f32.slice(320, 32),
                 a.temp_f32.slice_mut(0, 64),
             )?;
-            kernels::grads_k32_reduce(a.temp_f32.slice(320, 32), a.temp_f32.slice_mut(448, 8));
-            kernels::grads_k33_matmul(
+            kernels::grads_k27_reduce(a.temp_f32.slice(320, 32), a.temp_f32.slice_mut(448, 8));
+            kernels::grads_k28_matmul(
                 a.temp_f32.slice(480, 4),
                 a.temp_f32.slice(320, 32),
                 a.temp_f32.slice_mut(464, 8),
             )?;
-            kernels::grads_k34_matmul_mul_tanh_d0(
+            kernels::grads_k29_matmul_mul_tanh_d0(
                 a.temp_f32.slice(320, 32),
                 a.param.slice(16, 64),
                 a.temp_f32.slice(64, 32),
                 a.temp_f32.slice_mut(96, 32),
                 a.temp_f32.slice_mut(256, 32),
             )?;
-            kernels::grads_k35_matmul(
+            kernels::grads_k30_matmul(
                 a.temp_f32.slice(160, 32),
                 a.temp_f32.slice(256, 32),
                 a.temp_f32.slice_mut(64, 64),
             )?;
-            kernels::grads_k36_reduce(a.temp_f32.slice(256, 32), a.temp_f32.slice_mut(480, 8));
-            kernels::grads_k37_matmul(
+            kernels::grads_k31_reduce(a.temp_f32.slice(256, 32), a.temp_f32.slice_mut(480, 8));
+            kernels::grads_k32_matmul(
                 a.temp_f32.slice(512, 4),
                 a.temp_f32.slice(256, 32),
                 a.temp_f32.slice_mut(496, 8),
             )?;
-            kernels::grads_k38_matmul_mul_tanh_d0(
+            kernels::grads_k33_matmul_mul_tanh_d0(
                 a.temp_f32.slice(256, 32),
                 a.param.slice(16, 64),
                 a.temp_f32.slice(128, 32),
                 a.temp_f32.slice_mut(160, 32),
                 a.temp_f32.slice_mut(320, 32),
             )?;
-            kernels::grads_k39_matmul(
+            kernels::grads_k34_matmul(
                 a.temp_f32.slice(224, 32),
                 a.temp_f32.slice(320, 32),
                 a.temp_f32.slice_mut(128, 64),
             )?;
-            kernels::grads_k41_reduce(a.temp_f32.slice(320, 32), a.temp_f32.slice_mut(512, 8));
-            kernels::grads_k42_matmul(
+            kernels::grads_k36_reduce(a.temp_f32.slice(320, 32), a.temp_f32.slice_mut(512, 8));
+            kernels::grads_k37_matmul(
                 a.temp_f32.slice(560, 4),
                 a.temp_f32.slice(320, 32),
                 a.temp_f32.slice_mut(528, 8),
             )?;
-            kernels::grads_k43_matmul_mul_tanh_d0(
+            kernels::grads_k38_matmul_mul_tanh_d0(
                 a.temp_f32.slice(320, 32),
                 a.param.slice(16, 64),
                 a.temp_f32.slice(192, 32),
                 a.temp_f32.slice_mut(224, 32),
                 a.temp_f32.slice_mut(256, 32),
             )?;
-            kernels::grads_k44_reduce(a.temp_f32.slice(256, 32), a.temp_f32.slice_mut(320, 8));
-            kernels::grads_k46_matmul(
+            kernels::grads_k39_reduce(a.temp_f32.slice(256, 32), a.temp_f32.slice_mut(320, 8));
+            kernels::grads_k41_matmul(
                 a.temp_f32.slice(544, 4),
                 a.temp_f32.slice(256, 32),
                 a.temp_f32.slice_mut(192, 8),
             )?;
-            kernels::train_k47_matmul_add_mul_sub(
+            kernels::train_k42_matmul_add_mul_sub(
                 a.temp_f32.slice(576, 4),
                 a.temp_f32.slice(384, 32),
                 a.temp_f32.slice(464, 8),
@@ -606,7 +603,7 @@ impl Arenas {
                 a.temp_f32.slice_mut(208, 8),
                 a.param.slice_mut(0, 8),
             )?;
-            kernels::train_k48_matmul_add_mul_sub(
+            kernels::train_k43_matmul_add_mul_sub(
                 a.temp_f32.slice(288, 32),
                 a.temp_f32.slice(384, 32),
                 a.temp_f32.slice(0, 64),
@@ -615,7 +612,7 @@ impl Arenas {
                 a.temp_f32.slice_mut(192, 64),
                 a.param.slice_mut(16, 64),
             )?;
-            kernels::train_k49_add_mul_sub(
+            kernels::train_k44_add_mul_sub(
                 a.temp_f32.slice(432, 8),
                 a.temp_f32.slice(448, 8),
                 a.temp_f32.slice(480, 8),
@@ -623,13 +620,13 @@ impl Arenas {
                 a.temp_f32.slice(320, 8),
                 a.param.slice_mut(80, 8),
             );
-            kernels::train_k50_matmul_add_mul_sub(
+            kernels::train_k45_matmul_add_mul_sub(
                 a.temp_f32.slice(352, 32),
                 a.temp_f32.slice(416, 8),
                 a.temp_f32.slice_mut(0, 16),
                 a.param.slice_mut(96, 16),
             )?;
-            kernels::train_k51_add_mul_sub(a.temp_f32.slice(592, 2), a.param.slice_mut(112, 2));
+            kernels::train_k46_add_mul_sub(a.temp_f32.slice(592, 2), a.param.slice_mut(112, 2));
         }
         Ok(())
     }
@@ -645,7 +642,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `rnn`.
-#[pyclass(module = "fg_rnn_7825251bbd62")]
+#[pyclass(module = "fg_rnn_c931206f1a61")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -789,8 +786,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_rnn_7825251bbd62(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_rnn_7825251bbd62")?;
+fn fg_rnn_c931206f1a61(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_rnn_c931206f1a61")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

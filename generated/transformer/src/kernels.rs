@@ -481,16 +481,16 @@ pub fn forward_k20_add_div_etc(
         });
 }
 
-/// matmul: matmul, add, gelu: 16×16 · 16×64.
-pub fn forward_k21_matmul_add_gelu(
+/// matmul: matmul, add, mul, normal_cdf: 16×16 · 16×64.
+pub fn forward_k21_matmul_add_mul_normal_cdf(
     t76: &[f32],
     param_mlp_up_weight: &[f32],
     param_mlp_up_bias: &[f32],
     t78: &mut [f32],
-    t81: &mut [f32],
+    t481: &mut [f32],
 ) -> Result<(), rt::Error> {
     let c = &mut t78[0..1024];
-    let o0 = &mut t81[0..1024];
+    let o0 = &mut t481[0..1024];
     rt::gemm::sgemm(
         c.len() / 64,
         64,
@@ -509,8 +509,8 @@ pub fn forward_k21_matmul_add_gelu(
         for j in 0..n {
             let x0 = c[j];
             let x1 = x1_row[j];
-            let t0 = (0.5) * x0 + (0.5) * x1;
-            o0[j] = t0 * (Math::erf(2.0_f32.sqrt() * t0) + 1.0);
+            let t0 = x0 + x1;
+            o0[j] = t0 * ((0.5) * Math::erf((0.5) * 2.0_f32.sqrt() * t0) + 0.5);
         }
     }
     Ok(())
@@ -518,7 +518,7 @@ pub fn forward_k21_matmul_add_gelu(
 
 /// matmul: matmul, add: 16×64 · 64×16.
 pub fn forward_k22_matmul_add(
-    t81: &[f32],
+    t481: &[f32],
     param_mlp_down_weight: &[f32],
     param_mlp_down_bias: &[f32],
     t83: &mut [f32],
@@ -530,7 +530,7 @@ pub fn forward_k22_matmul_add(
         c.len() / 16,
         16,
         64,
-        &t81[0..],
+        &t481[0..],
         (64, 1),
         &param_mlp_down_weight[0..],
         (16, 1),
@@ -843,49 +843,39 @@ pub fn grads_k04_sqrt(t13: &[f32], t18: &mut [f32]) {
     });
 }
 
-/// elementwise: div over [2, 8, 16].
-pub fn grads_k05_div(t11: &[f32], t18: &[f32], t19: &mut [f32]) {
+/// elementwise: add, div, mul over [2, 8, 16].
+pub fn grads_k05_add_div_mul(
+    t11: &[f32],
+    t18: &[f32],
+    param_ln_attn_weight: &[f32],
+    param_ln_attn_bias: &[f32],
+    t19: &mut [f32],
+    t21: &mut [f32],
+) {
     t19[0..256]
         .chunks_mut(16)
+        .zip(t21[0..256].chunks_mut(16))
         .enumerate()
-        .for_each(|(row, o0)| {
+        .for_each(|(row, (o0, o1))| {
             let n = o0.len();
             let x0_row = &t11[row * 16..][..n];
             let x1 = t18[row];
+            let x2_row = &param_ln_attn_weight[0..][..n];
+            let x3_row = &param_ln_attn_bias[0..][..n];
             let recip0 = x1.recip();
             for j in 0..n {
                 let x0 = x0_row[j];
-                o0[j] = recip0 * x0;
-            }
-        });
-}
-
-/// elementwise: add, mul over [2, 8, 16].
-pub fn grads_k06_add_mul(
-    t19: &[f32],
-    param_ln_attn_weight: &[f32],
-    param_ln_attn_bias: &[f32],
-    t21: &mut [f32],
-) {
-    t21[0..256]
-        .chunks_mut(16)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let n = o0.len();
-            let x0_row = &t19[row * 16..][..n];
-            let x1_row = &param_ln_attn_weight[0..][..n];
-            let x2_row = &param_ln_attn_bias[0..][..n];
-            for j in 0..n {
-                let x0 = x0_row[j];
-                let x1 = x1_row[j];
                 let x2 = x2_row[j];
-                o0[j] = x0 * x1 + x2;
+                let x3 = x3_row[j];
+                let t0 = recip0 * x0;
+                o0[j] = t0;
+                o1[j] = t0 * x2 + x3;
             }
         });
 }
 
 /// elementwise: div.d0 over [2, 8, 1].
-pub fn grads_k10_div_d0(t18: &[f32], t302: &mut [f32]) {
+pub fn grads_k09_div_d0(t18: &[f32], t302: &mut [f32]) {
     t302[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -900,7 +890,7 @@ pub fn grads_k10_div_d0(t18: &[f32], t302: &mut [f32]) {
 }
 
 /// elementwise: stop_gradient over [2, 2, 8, 1].
-pub fn grads_k13_stop_gradient(t47: &[f32], t48: &mut [f32]) {
+pub fn grads_k12_stop_gradient(t47: &[f32], t48: &mut [f32]) {
     t48[0..32].chunks_mut(32).enumerate().for_each(|(row, o0)| {
         let n = o0.len();
         let x0_row = &t47[row * 32..][..n];
@@ -912,7 +902,7 @@ pub fn grads_k13_stop_gradient(t47: &[f32], t48: &mut [f32]) {
 }
 
 /// elementwise: exp over [2, 2, 8, 8].
-pub fn grads_k14_exp(c44: &[u8], t43: &[f32], t48: &[f32], t50: &mut [f32]) {
+pub fn grads_k13_exp(c44: &[u8], t43: &[f32], t48: &[f32], t50: &mut [f32]) {
     t50[0..256]
         .chunks_mut(64)
         .enumerate()
@@ -933,7 +923,7 @@ pub fn grads_k14_exp(c44: &[u8], t43: &[f32], t48: &[f32], t50: &mut [f32]) {
 }
 
 /// matmul: matmul, add: 2 batches of 8×16 · 16×16.
-pub fn grads_k19_matmul_add(
+pub fn grads_k18_matmul_add(
     t54_c: &[f32],
     param_attn_out_weight: &[f32],
     t3: &[f32],
@@ -978,7 +968,7 @@ pub fn grads_k19_matmul_add(
 }
 
 /// elementwise: mul, sub over [2, 8, 16].
-pub fn grads_k21_mul_sub(t60: &[f32], t63: &[f32], t66: &mut [f32]) {
+pub fn grads_k20_mul_sub(t60: &[f32], t63: &[f32], t66: &mut [f32]) {
     t66[0..256]
         .chunks_mut(16)
         .enumerate()
@@ -994,7 +984,7 @@ pub fn grads_k21_mul_sub(t60: &[f32], t63: &[f32], t66: &mut [f32]) {
 }
 
 /// reduce: mul, reduce_sum over [2, 8, 16].
-pub fn grads_k22_reduce(t66: &[f32], t68: &mut [f32]) {
+pub fn grads_k21_reduce(t66: &[f32], t68: &mut [f32]) {
     t68[0..16]
         .iter_mut()
         .enumerate()
@@ -1012,7 +1002,7 @@ pub fn grads_k22_reduce(t66: &[f32], t68: &mut [f32]) {
 }
 
 /// elementwise: sqrt over [2, 8, 1].
-pub fn grads_k23_sqrt(t68: &[f32], t73: &mut [f32]) {
+pub fn grads_k22_sqrt(t68: &[f32], t73: &mut [f32]) {
     t73[0..16].chunks_mut(16).enumerate().for_each(|(row, o0)| {
         let n = o0.len();
         let x0_row = &t68[row * 16..][..n];
@@ -1023,57 +1013,66 @@ pub fn grads_k23_sqrt(t68: &[f32], t73: &mut [f32]) {
     });
 }
 
-/// elementwise: div over [2, 8, 16].
-pub fn grads_k24_div(t66: &[f32], t73: &[f32], t74: &mut [f32]) {
+/// elementwise: add, div, mul over [2, 8, 16].
+pub fn grads_k23_add_div_mul(
+    t66: &[f32],
+    t73: &[f32],
+    param_ln_mlp_weight: &[f32],
+    param_ln_mlp_bias: &[f32],
+    t74: &mut [f32],
+    t76: &mut [f32],
+) {
     t74[0..256]
         .chunks_mut(16)
+        .zip(t76[0..256].chunks_mut(16))
         .enumerate()
-        .for_each(|(row, o0)| {
+        .for_each(|(row, (o0, o1))| {
             let n = o0.len();
             let x0_row = &t66[row * 16..][..n];
             let x1 = t73[row];
+            let x2_row = &param_ln_mlp_weight[0..][..n];
+            let x3_row = &param_ln_mlp_bias[0..][..n];
             let recip0 = x1.recip();
             for j in 0..n {
                 let x0 = x0_row[j];
-                o0[j] = recip0 * x0;
+                let x2 = x2_row[j];
+                let x3 = x3_row[j];
+                let t0 = recip0 * x0;
+                o0[j] = t0;
+                o1[j] = t0 * x2 + x3;
             }
         });
 }
 
-/// elementwise: add, mul over [2, 8, 16].
-pub fn grads_k25_add_mul(
-    t74: &[f32],
-    param_ln_mlp_weight: &[f32],
-    param_ln_mlp_bias: &[f32],
-    t76: &mut [f32],
-) {
-    t76[0..256]
+/// elementwise: div.d0 over [2, 8, 1].
+pub fn grads_k24_div_d0(t73: &[f32], t207: &mut [f32]) {
+    t207[0..16]
         .chunks_mut(16)
         .enumerate()
         .for_each(|(row, o0)| {
             let n = o0.len();
-            let x0_row = &t74[row * 16..][..n];
-            let x1_row = &param_ln_mlp_weight[0..][..n];
-            let x2_row = &param_ln_mlp_bias[0..][..n];
+            let x0_row = &t73[row * 16..][..n];
             for j in 0..n {
                 let x0 = x0_row[j];
-                let x1 = x1_row[j];
-                let x2 = x2_row[j];
-                o0[j] = x0 * x1 + x2;
+                o0[j] = x0.recip();
             }
         });
 }
 
-/// matmul: matmul, add: 16×16 · 16×64.
-pub fn grads_k26_matmul_add(
+/// matmul: matmul, add, mul, normal_cdf: 16×16 · 16×64.
+pub fn grads_k25_matmul_add_mul_normal_cdf(
     t76: &[f32],
     param_mlp_up_weight: &[f32],
     param_mlp_up_bias: &[f32],
     t78: &mut [f32],
     t80: &mut [f32],
+    t480: &mut [f32],
+    t481: &mut [f32],
 ) -> Result<(), rt::Error> {
     let c = &mut t78[0..1024];
     let o0 = &mut t80[0..1024];
+    let o1 = &mut t480[0..1024];
+    let o2 = &mut t481[0..1024];
     rt::gemm::sgemm(
         c.len() / 64,
         64,
@@ -1086,36 +1085,29 @@ pub fn grads_k26_matmul_add(
         (64, 1),
         false,
     )?;
-    for (c, o0) in c.chunks(64).zip(o0.chunks_mut(64)) {
+    for (((c, o0), o1), o2) in c
+        .chunks(64)
+        .zip(o0.chunks_mut(64))
+        .zip(o1.chunks_mut(64))
+        .zip(o2.chunks_mut(64))
+    {
         let n = o0.len();
         let x1_row = &param_mlp_up_bias[0..][..n];
         for j in 0..n {
             let x0 = c[j];
             let x1 = x1_row[j];
-            o0[j] = x0 + x1;
+            let t0 = x0 + x1;
+            let t1 = (0.5) * Math::erf((0.5) * 2.0_f32.sqrt() * t0) + 0.5;
+            o0[j] = t0;
+            o1[j] = t1;
+            o2[j] = t0 * t1;
         }
     }
     Ok(())
 }
 
-/// elementwise: gelu over [2, 8, 64].
-pub fn grads_k27_gelu(t80: &[f32], t81: &mut [f32]) {
-    t81[0..1024]
-        .chunks_mut(1024)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let n = o0.len();
-            let x0_row = &t80[row * 1024..][..n];
-            for j in 0..n {
-                let x0 = x0_row[j];
-                let t0 = (0.5) * x0;
-                o0[j] = t0 * (Math::erf(2.0_f32.sqrt() * t0) + 1.0);
-            }
-        });
-}
-
 /// elementwise: mul, sub over [2, 8, 16].
-pub fn grads_k30_mul_sub(t60: &[f32], t85: &[f32], t89: &[f32], t92: &mut [f32]) {
+pub fn grads_k28_mul_sub(t60: &[f32], t85: &[f32], t89: &[f32], t92: &mut [f32]) {
     t92[0..256]
         .chunks_mut(16)
         .enumerate()
@@ -1133,7 +1125,7 @@ pub fn grads_k30_mul_sub(t60: &[f32], t85: &[f32], t89: &[f32], t92: &mut [f32])
 }
 
 /// reduce: mul, reduce_sum over [2, 8, 16].
-pub fn grads_k31_reduce(t92: &[f32], t94: &mut [f32]) {
+pub fn grads_k29_reduce(t92: &[f32], t94: &mut [f32]) {
     t94[0..16]
         .iter_mut()
         .enumerate()
@@ -1151,7 +1143,7 @@ pub fn grads_k31_reduce(t92: &[f32], t94: &mut [f32]) {
 }
 
 /// elementwise: sqrt over [2, 8, 1].
-pub fn grads_k32_sqrt(t94: &[f32], t99: &mut [f32]) {
+pub fn grads_k30_sqrt(t94: &[f32], t99: &mut [f32]) {
     t99[0..16].chunks_mut(16).enumerate().for_each(|(row, o0)| {
         let n = o0.len();
         let x0_row = &t94[row * 16..][..n];
@@ -1162,49 +1154,39 @@ pub fn grads_k32_sqrt(t94: &[f32], t99: &mut [f32]) {
     });
 }
 
-/// elementwise: div over [2, 8, 16].
-pub fn grads_k33_div(t92: &[f32], t99: &[f32], t100: &mut [f32]) {
+/// elementwise: add, div, mul over [2, 8, 16].
+pub fn grads_k31_add_div_mul(
+    t92: &[f32],
+    t99: &[f32],
+    param_ln_out_weight: &[f32],
+    param_ln_out_bias: &[f32],
+    t100: &mut [f32],
+    t102: &mut [f32],
+) {
     t100[0..256]
         .chunks_mut(16)
+        .zip(t102[0..256].chunks_mut(16))
         .enumerate()
-        .for_each(|(row, o0)| {
+        .for_each(|(row, (o0, o1))| {
             let n = o0.len();
             let x0_row = &t92[row * 16..][..n];
             let x1 = t99[row];
+            let x2_row = &param_ln_out_weight[0..][..n];
+            let x3_row = &param_ln_out_bias[0..][..n];
             let recip0 = x1.recip();
             for j in 0..n {
                 let x0 = x0_row[j];
-                o0[j] = recip0 * x0;
-            }
-        });
-}
-
-/// elementwise: add, mul over [2, 8, 16].
-pub fn grads_k34_add_mul(
-    t100: &[f32],
-    param_ln_out_weight: &[f32],
-    param_ln_out_bias: &[f32],
-    t102: &mut [f32],
-) {
-    t102[0..256]
-        .chunks_mut(16)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let n = o0.len();
-            let x0_row = &t100[row * 16..][..n];
-            let x1_row = &param_ln_out_weight[0..][..n];
-            let x2_row = &param_ln_out_bias[0..][..n];
-            for j in 0..n {
-                let x0 = x0_row[j];
-                let x1 = x1_row[j];
                 let x2 = x2_row[j];
-                o0[j] = x0 * x1 + x2;
+                let x3 = x3_row[j];
+                let t0 = recip0 * x0;
+                o0[j] = t0;
+                o1[j] = t0 * x2 + x3;
             }
         });
 }
 
 /// elementwise: div.d0 over [2, 8, 1].
-pub fn grads_k39_div_d0(t99: &[f32], t163: &mut [f32]) {
+pub fn grads_k36_div_d0(t99: &[f32], t163: &mut [f32]) {
     t163[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -1218,23 +1200,8 @@ pub fn grads_k39_div_d0(t99: &[f32], t163: &mut [f32]) {
         });
 }
 
-/// elementwise: div.d0 over [2, 8, 1].
-pub fn grads_k40_div_d0(t73: &[f32], t207: &mut [f32]) {
-    t207[0..16]
-        .chunks_mut(16)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let n = o0.len();
-            let x0_row = &t73[row * 16..][..n];
-            for j in 0..n {
-                let x0 = x0_row[j];
-                o0[j] = x0.recip();
-            }
-        });
-}
-
 /// reduce: neg, reduce_sum over [16, 20].
-pub fn grads_k41_reduce(input_targets: &[i32], c110: &[i32], c495: &[f32], t139: &mut [f32]) {
+pub fn grads_k37_reduce(input_targets: &[i32], c110: &[i32], c500: &[f32], t139: &mut [f32]) {
     t139[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -1245,7 +1212,7 @@ pub fn grads_k41_reduce(input_targets: &[i32], c110: &[i32], c495: &[f32], t139:
             for i0 in 0..20 {
                 let x0_row = &input_targets[j0..][..out.len()];
                 let x1 = c110[i0];
-                let x2_row = &c495[j0..][..out.len()];
+                let x2_row = &c500[j0..][..out.len()];
                 for (j, a) in acc.iter_mut().enumerate() {
                     let x0 = x0_row[j];
                     let x2 = x2_row[j];
@@ -1259,7 +1226,7 @@ pub fn grads_k41_reduce(input_targets: &[i32], c110: &[i32], c495: &[f32], t139:
 }
 
 /// elementwise: log.d0, mul over [16, 1].
-pub fn grads_k42_log_d0_mul(t139: &[f32], t116: &[f32], t141: &mut [f32]) {
+pub fn grads_k38_log_d0_mul(t139: &[f32], t116: &[f32], t141: &mut [f32]) {
     t141[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -1276,10 +1243,10 @@ pub fn grads_k42_log_d0_mul(t139: &[f32], t116: &[f32], t141: &mut [f32]) {
 }
 
 /// elementwise: add, exp.d0, mul over [16, 20].
-pub fn grads_k43_add_exp_d0_mul(
+pub fn grads_k39_add_exp_d0_mul(
     input_targets: &[i32],
     c110: &[i32],
-    c495: &[f32],
+    c500: &[f32],
     t141: &[f32],
     t106: &[f32],
     t113: &[f32],
@@ -1292,7 +1259,7 @@ pub fn grads_k43_add_exp_d0_mul(
             let n = o0.len();
             let x0 = input_targets[row];
             let x1_row = &c110[0..][..n];
-            let x2 = c495[row];
+            let x2 = c500[row];
             let x3 = t141[row];
             let x4_row = &t106[row * 20..][..n];
             let x5 = t113[row];
@@ -1305,7 +1272,7 @@ pub fn grads_k43_add_exp_d0_mul(
 }
 
 /// reduce: reduce_sum over [2, 8, 20].
-pub fn grads_k44_reduce(t145: &[f32], t149: &mut [f32]) {
+pub fn grads_k40_reduce(t145: &[f32], t149: &mut [f32]) {
     t149[0..20]
         .chunks_mut(20)
         .enumerate()
@@ -1327,7 +1294,7 @@ pub fn grads_k44_reduce(t145: &[f32], t149: &mut [f32]) {
 }
 
 /// matmul: matmul: 16×20 · 20×16.
-pub fn grads_k45_matmul(
+pub fn grads_k41_matmul(
     t145: &[f32],
     param_head_weight: &[f32],
     t152: &mut [f32],
@@ -1349,7 +1316,7 @@ pub fn grads_k45_matmul(
 }
 
 /// matmul: matmul: 16×16 · 16×20.
-pub fn grads_k46_matmul(t102: &[f32], t145: &[f32], t156: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k42_matmul(t102: &[f32], t145: &[f32], t156: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         16,
@@ -1367,7 +1334,7 @@ pub fn grads_k46_matmul(t102: &[f32], t145: &[f32], t156: &mut [f32]) -> Result<
 }
 
 /// reduce: reduce_sum over [2, 8, 16].
-pub fn grads_k47_reduce(t152: &[f32], t157: &mut [f32]) {
+pub fn grads_k43_reduce(t152: &[f32], t157: &mut [f32]) {
     t157[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -1389,7 +1356,7 @@ pub fn grads_k47_reduce(t152: &[f32], t157: &mut [f32]) {
 }
 
 /// elementwise: mul over [2, 8, 16].
-pub fn grads_k48_mul(t152: &[f32], param_ln_out_weight: &[f32], t159: &mut [f32]) {
+pub fn grads_k44_mul(t152: &[f32], param_ln_out_weight: &[f32], t159: &mut [f32]) {
     t159[0..256]
         .chunks_mut(16)
         .enumerate()
@@ -1406,7 +1373,7 @@ pub fn grads_k48_mul(t152: &[f32], param_ln_out_weight: &[f32], t159: &mut [f32]
 }
 
 /// reduce: mul, reduce_sum over [2, 8, 16].
-pub fn grads_k49_reduce(t152: &[f32], t100: &[f32], t161: &mut [f32]) {
+pub fn grads_k45_reduce(t152: &[f32], t100: &[f32], t161: &mut [f32]) {
     t161[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -1430,7 +1397,7 @@ pub fn grads_k49_reduce(t152: &[f32], t100: &[f32], t161: &mut [f32]) {
 }
 
 /// reduce: div.d1, mul, reduce_sum over [2, 8, 16].
-pub fn grads_k50_reduce(t159: &[f32], t92: &[f32], t99: &[f32], t167: &mut [f32]) {
+pub fn grads_k46_reduce(t159: &[f32], t92: &[f32], t99: &[f32], t167: &mut [f32]) {
     t167[0..16]
         .iter_mut()
         .enumerate()
@@ -1452,7 +1419,7 @@ pub fn grads_k50_reduce(t159: &[f32], t92: &[f32], t99: &[f32], t167: &mut [f32]
 }
 
 /// elementwise: mul, sqrt.d0 over [2, 8, 1].
-pub fn grads_k51_mul_sqrt_d0(t167: &[f32], t94: &[f32], t170: &mut [f32]) {
+pub fn grads_k47_mul_sqrt_d0(t167: &[f32], t94: &[f32], t170: &mut [f32]) {
     t170[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -1469,7 +1436,7 @@ pub fn grads_k51_mul_sqrt_d0(t167: &[f32], t94: &[f32], t170: &mut [f32]) {
 }
 
 /// reduce: neg, reduce_sum over [2, 8, 16].
-pub fn grads_k52_reduce(t159: &[f32], t163: &[f32], t170: &[f32], t92: &[f32], t178: &mut [f32]) {
+pub fn grads_k48_reduce(t159: &[f32], t163: &[f32], t170: &[f32], t92: &[f32], t178: &mut [f32]) {
     t178[0..16]
         .iter_mut()
         .enumerate()
@@ -1491,7 +1458,7 @@ pub fn grads_k52_reduce(t159: &[f32], t163: &[f32], t170: &[f32], t92: &[f32], t
 }
 
 /// elementwise: mul over [2, 8, 1].
-pub fn grads_k53_mul(t178: &[f32], t179: &mut [f32]) {
+pub fn grads_k49_mul(t178: &[f32], t179: &mut [f32]) {
     t179[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -1506,7 +1473,7 @@ pub fn grads_k53_mul(t178: &[f32], t179: &mut [f32]) {
 }
 
 /// elementwise: add over [2, 8, 16].
-pub fn grads_k54_add(
+pub fn grads_k50_add(
     t159: &[f32],
     t163: &[f32],
     t170: &[f32],
@@ -1533,7 +1500,7 @@ pub fn grads_k54_add(
 }
 
 /// reduce: reduce_sum over [2, 8, 16].
-pub fn grads_k55_reduce(t182: &[f32], t183: &mut [f32]) {
+pub fn grads_k51_reduce(t182: &[f32], t183: &mut [f32]) {
     t183[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -1555,13 +1522,13 @@ pub fn grads_k55_reduce(t182: &[f32], t183: &mut [f32]) {
 }
 
 /// matmul: matmul: 64×16 · 16×16.
-pub fn grads_k56_matmul(t81: &[f32], t182: &[f32], t190: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k52_matmul(t481: &[f32], t182: &[f32], t190: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         64,
         16,
         16,
-        &t81[0..],
+        &t481[0..],
         (0, 1, 64),
         &t182[0..],
         (0, 16, 1),
@@ -1572,10 +1539,11 @@ pub fn grads_k56_matmul(t81: &[f32], t182: &[f32], t190: &mut [f32]) -> Result<(
     Ok(())
 }
 
-/// matmul: matmul, gelu.d0, mul: 16×16 · 16×64.
-pub fn grads_k57_matmul_gelu_d0_mul(
+/// matmul: matmul, add, mul, normal_cdf.d0: 16×16 · 16×64.
+pub fn grads_k53_matmul_add_mul_normal_cdf_d0(
     t182: &[f32],
     param_mlp_down_weight: &[f32],
+    t480: &[f32],
     t80: &[f32],
     t186: &mut [f32],
     t192: &mut [f32],
@@ -1597,22 +1565,23 @@ pub fn grads_k57_matmul_gelu_d0_mul(
     for (i, (c, o0)) in c.chunks(64).zip(o0.chunks_mut(64)).enumerate() {
         let row = i;
         let n = o0.len();
-        let x1_row = &t80[row * 64..][..n];
+        let x1_row = &t480[row * 64..][..n];
+        let x2_row = &t80[row * 64..][..n];
         for j in 0..n {
             let x0 = c[j];
             let x1 = x1_row[j];
-            let t0 = (0.5) * 2.0_f32.sqrt() * x1;
+            let x2 = x2_row[j];
             o0[j] = x0
-                * (t0 * Math::exp(-0.5 * x1.powi(2)) / consts::PI.sqrt()
-                    + (0.5) * Math::erf(t0)
-                    + 0.5);
+                * (x1
+                    + (0.5) * 2.0_f32.sqrt() * x2 * Math::exp(-0.5 * x2.powi(2))
+                        / consts::PI.sqrt());
         }
     }
     Ok(())
 }
 
 /// reduce: reduce_sum over [2, 8, 64].
-pub fn grads_k58_reduce(t192: &[f32], t193: &mut [f32]) {
+pub fn grads_k54_reduce(t192: &[f32], t193: &mut [f32]) {
     t193[0..64]
         .chunks_mut(64)
         .enumerate()
@@ -1634,7 +1603,7 @@ pub fn grads_k58_reduce(t192: &[f32], t193: &mut [f32]) {
 }
 
 /// matmul: matmul: 16×64 · 64×16.
-pub fn grads_k59_matmul(
+pub fn grads_k55_matmul(
     t192: &[f32],
     param_mlp_up_weight: &[f32],
     t196: &mut [f32],
@@ -1656,7 +1625,7 @@ pub fn grads_k59_matmul(
 }
 
 /// matmul: matmul: 16×16 · 16×64.
-pub fn grads_k60_matmul(t76: &[f32], t192: &[f32], t200: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k56_matmul(t76: &[f32], t192: &[f32], t200: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         16,
@@ -1674,7 +1643,7 @@ pub fn grads_k60_matmul(t76: &[f32], t192: &[f32], t200: &mut [f32]) -> Result<(
 }
 
 /// reduce: reduce_sum over [2, 8, 16].
-pub fn grads_k61_reduce(t196: &[f32], t201: &mut [f32]) {
+pub fn grads_k57_reduce(t196: &[f32], t201: &mut [f32]) {
     t201[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -1696,7 +1665,7 @@ pub fn grads_k61_reduce(t196: &[f32], t201: &mut [f32]) {
 }
 
 /// elementwise: mul over [2, 8, 16].
-pub fn grads_k62_mul(t196: &[f32], param_ln_mlp_weight: &[f32], t203: &mut [f32]) {
+pub fn grads_k58_mul(t196: &[f32], param_ln_mlp_weight: &[f32], t203: &mut [f32]) {
     t203[0..256]
         .chunks_mut(16)
         .enumerate()
@@ -1713,7 +1682,7 @@ pub fn grads_k62_mul(t196: &[f32], param_ln_mlp_weight: &[f32], t203: &mut [f32]
 }
 
 /// reduce: mul, reduce_sum over [2, 8, 16].
-pub fn grads_k63_reduce(t196: &[f32], t74: &[f32], t205: &mut [f32]) {
+pub fn grads_k59_reduce(t196: &[f32], t74: &[f32], t205: &mut [f32]) {
     t205[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -1737,7 +1706,7 @@ pub fn grads_k63_reduce(t196: &[f32], t74: &[f32], t205: &mut [f32]) {
 }
 
 /// reduce: div.d1, mul, reduce_sum over [2, 8, 16].
-pub fn grads_k64_reduce(t203: &[f32], t66: &[f32], t73: &[f32], t211: &mut [f32]) {
+pub fn grads_k60_reduce(t203: &[f32], t66: &[f32], t73: &[f32], t211: &mut [f32]) {
     t211[0..16]
         .iter_mut()
         .enumerate()
@@ -1759,7 +1728,7 @@ pub fn grads_k64_reduce(t203: &[f32], t66: &[f32], t73: &[f32], t211: &mut [f32]
 }
 
 /// elementwise: mul, sqrt.d0 over [2, 8, 1].
-pub fn grads_k65_mul_sqrt_d0(t211: &[f32], t68: &[f32], t214: &mut [f32]) {
+pub fn grads_k61_mul_sqrt_d0(t211: &[f32], t68: &[f32], t214: &mut [f32]) {
     t214[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -1776,7 +1745,7 @@ pub fn grads_k65_mul_sqrt_d0(t211: &[f32], t68: &[f32], t214: &mut [f32]) {
 }
 
 /// reduce: neg, reduce_sum over [2, 8, 16].
-pub fn grads_k66_reduce(t203: &[f32], t207: &[f32], t214: &[f32], t66: &[f32], t223: &mut [f32]) {
+pub fn grads_k62_reduce(t203: &[f32], t207: &[f32], t214: &[f32], t66: &[f32], t223: &mut [f32]) {
     t223[0..16]
         .iter_mut()
         .enumerate()
@@ -1798,7 +1767,7 @@ pub fn grads_k66_reduce(t203: &[f32], t207: &[f32], t214: &[f32], t66: &[f32], t
 }
 
 /// elementwise: mul over [2, 8, 1].
-pub fn grads_k67_mul(t223: &[f32], t224: &mut [f32]) {
+pub fn grads_k63_mul(t223: &[f32], t224: &mut [f32]) {
     t224[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -1813,7 +1782,7 @@ pub fn grads_k67_mul(t223: &[f32], t224: &mut [f32]) {
 }
 
 /// elementwise: add over [2, 8, 16].
-pub fn grads_k68_add(
+pub fn grads_k64_add(
     t182: &[f32],
     t203: &[f32],
     t207: &[f32],
@@ -1843,7 +1812,7 @@ pub fn grads_k68_add(
 }
 
 /// reduce: reduce_sum over [2, 8, 16].
-pub fn grads_k69_reduce(t227: &[f32], t228: &mut [f32]) {
+pub fn grads_k65_reduce(t227: &[f32], t228: &mut [f32]) {
     t228[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -1865,7 +1834,7 @@ pub fn grads_k69_reduce(t227: &[f32], t228: &mut [f32]) {
 }
 
 /// matmul: matmul: 16×16 · 16×16.
-pub fn grads_k70_matmul(
+pub fn grads_k66_matmul(
     t227: &[f32],
     param_attn_out_weight: &[f32],
     t231: &mut [f32],
@@ -1887,7 +1856,7 @@ pub fn grads_k70_matmul(
 }
 
 /// matmul: matmul: 16×16 · 16×16.
-pub fn grads_k71_matmul(t54_c: &[f32], t227: &[f32], t235: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k67_matmul(t54_c: &[f32], t227: &[f32], t235: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         16,
@@ -1905,7 +1874,7 @@ pub fn grads_k71_matmul(t54_c: &[f32], t227: &[f32], t235: &mut [f32]) -> Result
 }
 
 /// matmul: matmul: 2×2 batches of 8×8 · 8×8.
-pub fn grads_k72_matmul(t231: &[f32], t37: &[f32], t239: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k68_matmul(t231: &[f32], t37: &[f32], t239: &mut [f32]) -> Result<(), rt::Error> {
     for b0 in 0..2 {
         rt::gemm::sgemm_batched(
             2,
@@ -1925,7 +1894,7 @@ pub fn grads_k72_matmul(t231: &[f32], t37: &[f32], t239: &mut [f32]) -> Result<(
 }
 
 /// matmul: matmul: 2×2 batches of 8×8 · 8×8.
-pub fn grads_k73_matmul(t52: &[f32], t231: &[f32], t241: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k69_matmul(t52: &[f32], t231: &[f32], t241: &mut [f32]) -> Result<(), rt::Error> {
     for b0 in 0..2 {
         rt::gemm::sgemm_batched(
             2,
@@ -1945,7 +1914,7 @@ pub fn grads_k73_matmul(t52: &[f32], t231: &[f32], t241: &mut [f32]) -> Result<(
 }
 
 /// reduce: div.d1, mul, reduce_sum over [2, 2, 8, 8].
-pub fn grads_k74_reduce(t239: &[f32], t50: &[f32], t51: &[f32], t246: &mut [f32]) {
+pub fn grads_k70_reduce(t239: &[f32], t50: &[f32], t51: &[f32], t246: &mut [f32]) {
     t246[0..32].chunks_mut(32).for_each(|outs| {
         for (j, acc_out) in outs.iter_mut().enumerate() {
             let mut acc = 0.0_f32;
@@ -1961,7 +1930,7 @@ pub fn grads_k74_reduce(t239: &[f32], t50: &[f32], t51: &[f32], t246: &mut [f32]
 }
 
 /// elementwise: add, div.d0, exp.d0, mul, where over [2, 2, 8, 8].
-pub fn grads_k75_add_div_d0_etc(
+pub fn grads_k71_add_div_d0_etc(
     c44: &[u8],
     t239: &[f32],
     t51: &[f32],
@@ -1998,7 +1967,7 @@ pub fn grads_k75_add_div_d0_etc(
 }
 
 /// matmul: matmul: 2×2 batches of 8×8 · 8×8.
-pub fn grads_k76_matmul(t257: &[f32], t31: &[f32], t260: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k72_matmul(t257: &[f32], t31: &[f32], t260: &mut [f32]) -> Result<(), rt::Error> {
     for b0 in 0..2 {
         rt::gemm::sgemm_batched(
             2,
@@ -2018,7 +1987,7 @@ pub fn grads_k76_matmul(t257: &[f32], t31: &[f32], t260: &mut [f32]) -> Result<(
 }
 
 /// matmul: matmul: 2×2 batches of 8×8 · 8×8.
-pub fn grads_k77_matmul(t25: &[f32], t257: &[f32], t262: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k73_matmul(t25: &[f32], t257: &[f32], t262: &mut [f32]) -> Result<(), rt::Error> {
     for b0 in 0..2 {
         rt::gemm::sgemm_batched(
             2,
@@ -2038,7 +2007,7 @@ pub fn grads_k77_matmul(t25: &[f32], t257: &[f32], t262: &mut [f32]) -> Result<(
 }
 
 /// elementwise: copy over [2, 8, 2, 8].
-pub fn grads_k78_copy(t241: &[f32], t264_c: &mut [f32]) {
+pub fn grads_k74_copy(t241: &[f32], t264_c: &mut [f32]) {
     t264_c[0..256]
         .chunks_mut(128)
         .enumerate()
@@ -2057,7 +2026,7 @@ pub fn grads_k78_copy(t241: &[f32], t264_c: &mut [f32]) {
 }
 
 /// reduce: reduce_sum over [2, 8, 16].
-pub fn grads_k79_reduce(t264_c: &[f32], t266: &mut [f32]) {
+pub fn grads_k75_reduce(t264_c: &[f32], t266: &mut [f32]) {
     t266[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -2079,7 +2048,7 @@ pub fn grads_k79_reduce(t264_c: &[f32], t266: &mut [f32]) {
 }
 
 /// elementwise: copy over [2, 8, 2, 8].
-pub fn grads_k80_copy(t260: &[f32], t285_c: &mut [f32]) {
+pub fn grads_k76_copy(t260: &[f32], t285_c: &mut [f32]) {
     t285_c[0..256]
         .chunks_mut(128)
         .enumerate()
@@ -2098,7 +2067,7 @@ pub fn grads_k80_copy(t260: &[f32], t285_c: &mut [f32]) {
 }
 
 /// reduce: reduce_sum over [2, 8, 16].
-pub fn grads_k81_reduce(t285_c: &[f32], t287: &mut [f32]) {
+pub fn grads_k77_reduce(t285_c: &[f32], t287: &mut [f32]) {
     t287[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -2120,7 +2089,7 @@ pub fn grads_k81_reduce(t285_c: &[f32], t287: &mut [f32]) {
 }
 
 /// matmul: matmul: 16×16 · 16×16.
-pub fn grads_k82_matmul(
+pub fn grads_k78_matmul(
     t285_c: &[f32],
     param_attn_q_weight: &[f32],
     t290: &mut [f32],
@@ -2142,7 +2111,7 @@ pub fn grads_k82_matmul(
 }
 
 /// matmul: matmul: 16×16 · 16×16.
-pub fn grads_k83_matmul(t21: &[f32], t264_c: &[f32], t273: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k79_matmul(t21: &[f32], t264_c: &[f32], t273: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         16,
@@ -2160,8 +2129,8 @@ pub fn grads_k83_matmul(t21: &[f32], t264_c: &[f32], t273: &mut [f32]) -> Result
 }
 
 /// elementwise: copy over [2, 8, 2, 8].
-pub fn grads_k84_copy(t262: &[f32], t488_c: &mut [f32]) {
-    t488_c[0..256]
+pub fn grads_k80_copy(t262: &[f32], t493_c: &mut [f32]) {
+    t493_c[0..256]
         .chunks_mut(128)
         .enumerate()
         .for_each(|(row, o0)| {
@@ -2177,7 +2146,7 @@ pub fn grads_k84_copy(t262: &[f32], t488_c: &mut [f32]) {
 }
 
 /// reduce: reduce_sum over [2, 8, 16].
-pub fn grads_k85_reduce(t488_c: &[f32], t276: &mut [f32]) {
+pub fn grads_k81_reduce(t493_c: &[f32], t276: &mut [f32]) {
     t276[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -2186,7 +2155,7 @@ pub fn grads_k85_reduce(t488_c: &[f32], t276: &mut [f32]) {
             let mut acc = [0.0_f64; 16];
             let acc = &mut acc[..out.len()];
             for i0 in 0..16 {
-                let x0_row = &t488_c[i0 * 16 + j0..][..out.len()];
+                let x0_row = &t493_c[i0 * 16 + j0..][..out.len()];
                 for (j, a) in acc.iter_mut().enumerate() {
                     let x0 = x0_row[j];
                     *a += f64::from(x0);
@@ -2199,8 +2168,8 @@ pub fn grads_k85_reduce(t488_c: &[f32], t276: &mut [f32]) {
 }
 
 /// matmul: matmul: 16×16 · 16×16.
-pub fn grads_k86_matmul(
-    t488_c: &[f32],
+pub fn grads_k82_matmul(
+    t493_c: &[f32],
     param_attn_k_weight: &[f32],
     t279: &mut [f32],
 ) -> Result<(), rt::Error> {
@@ -2209,7 +2178,7 @@ pub fn grads_k86_matmul(
         16,
         16,
         16,
-        &t488_c[0..],
+        &t493_c[0..],
         (0, 16, 1),
         &param_attn_k_weight[0..],
         (0, 1, 16),
@@ -2221,7 +2190,7 @@ pub fn grads_k86_matmul(
 }
 
 /// matmul: matmul, add: 16×16 · 16×16.
-pub fn grads_k87_matmul_add(
+pub fn grads_k83_matmul_add(
     t264_c: &[f32],
     param_attn_v_weight: &[f32],
     t279: &[f32],
@@ -2259,7 +2228,7 @@ pub fn grads_k87_matmul_add(
 }
 
 /// reduce: reduce_sum over [2, 8, 16].
-pub fn grads_k88_reduce(t295: &[f32], t296: &mut [f32]) {
+pub fn grads_k84_reduce(t295: &[f32], t296: &mut [f32]) {
     t296[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -2281,7 +2250,7 @@ pub fn grads_k88_reduce(t295: &[f32], t296: &mut [f32]) {
 }
 
 /// reduce: mul, reduce_sum over [2, 8, 16].
-pub fn grads_k89_reduce(t295: &[f32], t19: &[f32], t300: &mut [f32]) {
+pub fn grads_k85_reduce(t295: &[f32], t19: &[f32], t300: &mut [f32]) {
     t300[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -2305,7 +2274,7 @@ pub fn grads_k89_reduce(t295: &[f32], t19: &[f32], t300: &mut [f32]) {
 }
 
 /// reduce: div.d1, mul, reduce_sum over [2, 8, 16].
-pub fn grads_k90_reduce(
+pub fn grads_k86_reduce(
     t295: &[f32],
     param_ln_attn_weight: &[f32],
     t11: &[f32],
@@ -2335,7 +2304,7 @@ pub fn grads_k90_reduce(
 }
 
 /// elementwise: mul, sqrt.d0 over [2, 8, 1].
-pub fn grads_k91_mul_sqrt_d0(t306: &[f32], t13: &[f32], t309: &mut [f32]) {
+pub fn grads_k87_mul_sqrt_d0(t306: &[f32], t13: &[f32], t309: &mut [f32]) {
     t309[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -2352,7 +2321,7 @@ pub fn grads_k91_mul_sqrt_d0(t306: &[f32], t13: &[f32], t309: &mut [f32]) {
 }
 
 /// reduce: neg, reduce_sum over [2, 8, 16].
-pub fn grads_k92_reduce(
+pub fn grads_k88_reduce(
     t295: &[f32],
     param_ln_attn_weight: &[f32],
     t302: &[f32],
@@ -2383,7 +2352,7 @@ pub fn grads_k92_reduce(
 }
 
 /// elementwise: mul over [2, 8, 1].
-pub fn grads_k93_mul(t318: &[f32], t319: &mut [f32]) {
+pub fn grads_k89_mul(t318: &[f32], t319: &mut [f32]) {
     t319[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -2398,7 +2367,7 @@ pub fn grads_k93_mul(t318: &[f32], t319: &mut [f32]) {
 }
 
 /// elementwise: add over [2, 8, 16].
-pub fn grads_k94_add(
+pub fn grads_k90_add(
     t227: &[f32],
     t295: &[f32],
     param_ln_attn_weight: &[f32],
@@ -2431,7 +2400,7 @@ pub fn grads_k94_add(
 }
 
 /// reduce: reduce_sum over [2, 8, 16].
-pub fn grads_k95_reduce(t322: &[f32], t323: &mut [f32]) {
+pub fn grads_k91_reduce(t322: &[f32], t323: &mut [f32]) {
     t323[0..128]
         .chunks_mut(128)
         .enumerate()
@@ -2453,7 +2422,7 @@ pub fn grads_k95_reduce(t322: &[f32], t323: &mut [f32]) {
 }
 
 /// scatter_add: scatter_add.
-pub fn grads_k96_scatter_add(
+pub fn grads_k92_scatter_add(
     input_ids: &[i32],
     t322: &[f32],
     t325: &mut [f32],
@@ -2463,7 +2432,7 @@ pub fn grads_k96_scatter_add(
 }
 
 /// matmul: matmul: 16×16 · 16×16.
-pub fn grads_k97_matmul(t21: &[f32], t488_c: &[f32], t283: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k93_matmul(t21: &[f32], t493_c: &[f32], t283: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         16,
@@ -2471,7 +2440,7 @@ pub fn grads_k97_matmul(t21: &[f32], t488_c: &[f32], t283: &mut [f32]) -> Result
         16,
         &t21[0..],
         (0, 1, 16),
-        &t488_c[0..],
+        &t493_c[0..],
         (0, 16, 1),
         &mut t283[0..],
         (0, 16, 1),
@@ -2481,7 +2450,7 @@ pub fn grads_k97_matmul(t21: &[f32], t488_c: &[f32], t283: &mut [f32]) -> Result
 }
 
 /// matmul: matmul: 16×16 · 16×16.
-pub fn grads_k98_matmul(t21: &[f32], t285_c: &[f32], t294: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k94_matmul(t21: &[f32], t285_c: &[f32], t294: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         16,
@@ -2499,7 +2468,7 @@ pub fn grads_k98_matmul(t21: &[f32], t285_c: &[f32], t294: &mut [f32]) -> Result
 }
 
 /// reduce: log, reduce_sum, sub, where over [16, 20].
-pub fn train_k41_reduce(
+pub fn train_k37_reduce(
     input_targets: &[i32],
     c110: &[i32],
     t106: &[f32],
@@ -2530,7 +2499,7 @@ pub fn train_k41_reduce(
 }
 
 /// elementwise: add, mul, sub over [16].
-pub fn train_k82_add_mul_sub(
+pub fn train_k78_add_mul_sub(
     t287: &[f32],
     state_momentum_buffer_attn_q_bias: &mut [f32],
     param_attn_q_bias: &mut [f32],
@@ -2553,7 +2522,7 @@ pub fn train_k82_add_mul_sub(
 }
 
 /// elementwise: add, mul, sub over [16].
-pub fn train_k83_add_mul_sub(
+pub fn train_k79_add_mul_sub(
     t266: &[f32],
     state_momentum_buffer_attn_v_bias: &mut [f32],
     param_attn_v_bias: &mut [f32],
@@ -2576,7 +2545,7 @@ pub fn train_k83_add_mul_sub(
 }
 
 /// matmul: matmul, add, mul, sub: 16×16 · 16×16.
-pub fn train_k84_matmul_add_mul_sub(
+pub fn train_k80_matmul_add_mul_sub(
     t54_c: &[f32],
     t227: &[f32],
     t235: &mut [f32],
@@ -2612,7 +2581,7 @@ pub fn train_k84_matmul_add_mul_sub(
 }
 
 /// elementwise: add, mul, sub over [16].
-pub fn train_k85_add_mul_sub(
+pub fn train_k81_add_mul_sub(
     t228: &[f32],
     state_momentum_buffer_attn_out_bias: &mut [f32],
     param_attn_out_bias: &mut [f32],
@@ -2635,7 +2604,7 @@ pub fn train_k85_add_mul_sub(
 }
 
 /// elementwise: add, mul, sub over [16].
-pub fn train_k86_add_mul_sub(
+pub fn train_k82_add_mul_sub(
     t205: &[f32],
     state_momentum_buffer_ln_mlp_weight: &mut [f32],
     param_ln_mlp_weight: &mut [f32],
@@ -2658,7 +2627,7 @@ pub fn train_k86_add_mul_sub(
 }
 
 /// elementwise: add, mul, sub over [16].
-pub fn train_k87_add_mul_sub(
+pub fn train_k83_add_mul_sub(
     t201: &[f32],
     state_momentum_buffer_ln_mlp_bias: &mut [f32],
     param_ln_mlp_bias: &mut [f32],
@@ -2681,7 +2650,7 @@ pub fn train_k87_add_mul_sub(
 }
 
 /// matmul: matmul, add, mul, sub: 16×16 · 16×64.
-pub fn train_k88_matmul_add_mul_sub(
+pub fn train_k84_matmul_add_mul_sub(
     t76: &[f32],
     t192: &[f32],
     t200: &mut [f32],
@@ -2717,7 +2686,7 @@ pub fn train_k88_matmul_add_mul_sub(
 }
 
 /// elementwise: add, mul, sub over [64].
-pub fn train_k89_add_mul_sub(
+pub fn train_k85_add_mul_sub(
     t193: &[f32],
     state_momentum_buffer_mlp_up_bias: &mut [f32],
     param_mlp_up_bias: &mut [f32],
@@ -2740,8 +2709,8 @@ pub fn train_k89_add_mul_sub(
 }
 
 /// matmul: matmul, add, mul, sub: 64×16 · 16×16.
-pub fn train_k90_matmul_add_mul_sub(
-    t81: &[f32],
+pub fn train_k86_matmul_add_mul_sub(
+    t481: &[f32],
     t182: &[f32],
     t190: &mut [f32],
     state_momentum_buffer_mlp_down_weight: &mut [f32],
@@ -2754,7 +2723,7 @@ pub fn train_k90_matmul_add_mul_sub(
         c.len() / 16,
         16,
         16,
-        &t81[0..],
+        &t481[0..],
         (1, 64),
         &t182[0..],
         (16, 1),
@@ -2776,7 +2745,7 @@ pub fn train_k90_matmul_add_mul_sub(
 }
 
 /// elementwise: add, mul, sub over [16].
-pub fn train_k91_add_mul_sub(
+pub fn train_k87_add_mul_sub(
     t183: &[f32],
     state_momentum_buffer_mlp_down_bias: &mut [f32],
     param_mlp_down_bias: &mut [f32],
@@ -2799,7 +2768,7 @@ pub fn train_k91_add_mul_sub(
 }
 
 /// elementwise: add, mul, sub over [16].
-pub fn train_k92_add_mul_sub(
+pub fn train_k88_add_mul_sub(
     t161: &[f32],
     state_momentum_buffer_ln_out_weight: &mut [f32],
     param_ln_out_weight: &mut [f32],
@@ -2822,7 +2791,7 @@ pub fn train_k92_add_mul_sub(
 }
 
 /// elementwise: add, mul, sub over [16].
-pub fn train_k93_add_mul_sub(
+pub fn train_k89_add_mul_sub(
     t157: &[f32],
     state_momentum_buffer_ln_out_bias: &mut [f32],
     param_ln_out_bias: &mut [f32],
@@ -2845,7 +2814,7 @@ pub fn train_k93_add_mul_sub(
 }
 
 /// matmul: matmul, add, mul, sub: 16×16 · 16×20.
-pub fn train_k94_matmul_add_mul_sub(
+pub fn train_k90_matmul_add_mul_sub(
     t102: &[f32],
     t145: &[f32],
     t156: &mut [f32],
@@ -2881,7 +2850,7 @@ pub fn train_k94_matmul_add_mul_sub(
 }
 
 /// elementwise: add, mul, sub over [20].
-pub fn train_k95_add_mul_sub(
+pub fn train_k91_add_mul_sub(
     t149: &[f32],
     state_momentum_buffer_head_bias: &mut [f32],
     param_head_bias: &mut [f32],
@@ -2904,7 +2873,7 @@ pub fn train_k95_add_mul_sub(
 }
 
 /// matmul: matmul, add, mul, sub: 16×16 · 16×16.
-pub fn train_k100_matmul_add_mul_sub(
+pub fn train_k96_matmul_add_mul_sub(
     t21: &[f32],
     t264_c: &[f32],
     t273: &mut [f32],
@@ -2940,7 +2909,7 @@ pub fn train_k100_matmul_add_mul_sub(
 }
 
 /// elementwise: add, mul, sub over [20, 16].
-pub fn train_k110_add_mul_sub(
+pub fn train_k106_add_mul_sub(
     t325: &[f32],
     state_momentum_buffer_tok_emb_weight: &mut [f32],
     param_tok_emb_weight: &mut [f32],
@@ -2963,7 +2932,7 @@ pub fn train_k110_add_mul_sub(
 }
 
 /// elementwise: add, mul, sub over [8, 16].
-pub fn train_k111_add_mul_sub(
+pub fn train_k107_add_mul_sub(
     t323: &[f32],
     state_momentum_buffer_pos_emb: &mut [f32],
     param_pos_emb: &mut [f32],
@@ -2986,7 +2955,7 @@ pub fn train_k111_add_mul_sub(
 }
 
 /// elementwise: add, mul, sub over [16].
-pub fn train_k112_add_mul_sub(
+pub fn train_k108_add_mul_sub(
     t300: &[f32],
     state_momentum_buffer_ln_attn_weight: &mut [f32],
     param_ln_attn_weight: &mut [f32],
@@ -3009,7 +2978,7 @@ pub fn train_k112_add_mul_sub(
 }
 
 /// elementwise: add, mul, sub over [16].
-pub fn train_k113_add_mul_sub(
+pub fn train_k109_add_mul_sub(
     t296: &[f32],
     state_momentum_buffer_ln_attn_bias: &mut [f32],
     param_ln_attn_bias: &mut [f32],
@@ -3032,7 +3001,7 @@ pub fn train_k113_add_mul_sub(
 }
 
 /// elementwise: add, mul, sub over [16].
-pub fn train_k114_add_mul_sub(
+pub fn train_k110_add_mul_sub(
     t276: &[f32],
     state_momentum_buffer_attn_k_bias: &mut [f32],
     param_attn_k_bias: &mut [f32],
@@ -3055,9 +3024,9 @@ pub fn train_k114_add_mul_sub(
 }
 
 /// matmul: matmul, add, mul, sub: 16×16 · 16×16.
-pub fn train_k115_matmul_add_mul_sub(
+pub fn train_k111_matmul_add_mul_sub(
     t21: &[f32],
-    t488_c: &[f32],
+    t493_c: &[f32],
     t283: &mut [f32],
     state_momentum_buffer_attn_k_weight: &mut [f32],
     param_attn_k_weight: &mut [f32],
@@ -3071,7 +3040,7 @@ pub fn train_k115_matmul_add_mul_sub(
         16,
         &t21[0..],
         (1, 16),
-        &t488_c[0..],
+        &t493_c[0..],
         (16, 1),
         c,
         (16, 1),
@@ -3091,7 +3060,7 @@ pub fn train_k115_matmul_add_mul_sub(
 }
 
 /// matmul: matmul, add, mul, sub: 16×16 · 16×16.
-pub fn train_k116_matmul_add_mul_sub(
+pub fn train_k112_matmul_add_mul_sub(
     t21: &[f32],
     t285_c: &[f32],
     t294: &mut [f32],

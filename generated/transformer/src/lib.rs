@@ -3,7 +3,7 @@
 //! `Step` holds the params, the optimizer state and one arena per dtype for
 //! intermediates (offsets from the memory plan, below). Each entry point
 //! (forward, grads, train) calls the kernels of `kernels.rs` in order.
-//! Training graph 7a117d25807ef1ae.
+//! Training graph 11a6f16d866dc050.
 
 use ferrograd_runtime as rt;
 use numpy::{PyReadonlyArrayDyn, PyUntypedArrayMethods};
@@ -17,7 +17,7 @@ static CONSTS: &[u8] = include_bytes!("consts.bin");
 
 const PARAM_LEN: usize = 4112;
 const STATE_LEN: usize = 4112;
-const TEMP_F32_LEN: usize = 8576;
+const TEMP_F32_LEN: usize = 9536;
 const TEMP_I32_LEN: usize = 0;
 const TEMP_BOOL_LEN: usize = 0;
 const CONST_F32_LEN: usize = 16;
@@ -177,35 +177,35 @@ impl Arenas {
                 a.param.slice(1584, 16),
                 a.temp_f32.slice_mut(2304, 256),
             );
-            kernels::forward_k21_matmul_add_gelu(
+            kernels::forward_k21_matmul_add_mul_normal_cdf(
                 a.temp_f32.slice(2304, 256),
                 a.param.slice(1600, 1024),
                 a.param.slice(2624, 64),
-                a.temp_f32.slice_mut(0, 1024),
                 a.temp_f32.slice_mut(1024, 1024),
+                a.temp_f32.slice_mut(0, 1024),
             )?;
             kernels::forward_k22_matmul_add(
-                a.temp_f32.slice(1024, 1024),
+                a.temp_f32.slice(0, 1024),
                 a.param.slice(2688, 1024),
                 a.param.slice(3712, 16),
-                a.temp_f32.slice_mut(0, 256),
-                a.temp_f32.slice_mut(256, 256),
+                a.temp_f32.slice_mut(1024, 256),
+                a.temp_f32.slice_mut(1280, 256),
             )?;
             kernels::forward_k23_reduce(
                 a.temp_f32.slice(2048, 256),
-                a.temp_f32.slice(256, 256),
+                a.temp_f32.slice(1280, 256),
                 a.temp_f32.slice_mut(0, 16),
             );
             kernels::forward_k24_mul(a.temp_f32.slice(0, 16), a.temp_f32.slice_mut(16, 16));
             kernels::forward_k25_reduce(
                 a.temp_f32.slice(2048, 256),
-                a.temp_f32.slice(256, 256),
+                a.temp_f32.slice(1280, 256),
                 a.temp_f32.slice(16, 16),
                 a.temp_f32.slice_mut(0, 16),
             );
             kernels::forward_k26_add_div_etc(
                 a.temp_f32.slice(2048, 256),
-                a.temp_f32.slice(256, 256),
+                a.temp_f32.slice(1280, 256),
                 a.temp_f32.slice(16, 16),
                 a.temp_f32.slice(0, 16),
                 a.param.slice(3728, 16),
@@ -243,7 +243,7 @@ impl Arenas {
         Ok(())
     }
 
-    /// `grads`: 99 kernels.
+    /// `grads`: 95 kernels.
     fn grads(&mut self, input_ids: &[i32], input_targets: &[i32]) -> Result<(), rt::Error> {
         let a = &*self;
         // SAFETY: the memory plan gives buffers that are live at the same time
@@ -264,148 +264,141 @@ impl Arenas {
                 a.temp_f32.slice(0, 256),
                 a.param.slice(320, 128),
                 a.temp_f32.slice(256, 16),
-                a.temp_f32.slice_mut(4416, 256),
+                a.temp_f32.slice_mut(5440, 256),
             );
-            kernels::grads_k03_reduce(a.temp_f32.slice(4416, 256), a.temp_f32.slice_mut(8160, 16));
-            kernels::grads_k04_sqrt(a.temp_f32.slice(8160, 16), a.temp_f32.slice_mut(8176, 16));
-            kernels::grads_k05_div(
-                a.temp_f32.slice(4416, 256),
-                a.temp_f32.slice(8176, 16),
-                a.temp_f32.slice_mut(4672, 256),
-            );
-            kernels::grads_k06_add_mul(
-                a.temp_f32.slice(4672, 256),
+            kernels::grads_k03_reduce(a.temp_f32.slice(5440, 256), a.temp_f32.slice_mut(9184, 16));
+            kernels::grads_k04_sqrt(a.temp_f32.slice(9184, 16), a.temp_f32.slice_mut(9200, 16));
+            kernels::grads_k05_add_div_mul(
+                a.temp_f32.slice(5440, 256),
+                a.temp_f32.slice(9200, 16),
                 a.param.slice(448, 16),
                 a.param.slice(464, 16),
-                a.temp_f32.slice_mut(4928, 256),
+                a.temp_f32.slice_mut(5696, 256),
+                a.temp_f32.slice_mut(5952, 256),
             );
             kernels::forward_k06_matmul_add(
-                a.temp_f32.slice(4928, 256),
+                a.temp_f32.slice(5952, 256),
                 a.param.slice(480, 256),
                 a.param.slice(736, 16),
                 a.temp_f32.slice_mut(256, 256),
-                a.temp_f32.slice_mut(5184, 256),
+                a.temp_f32.slice_mut(6208, 256),
             )?;
             kernels::forward_k07_matmul_add(
-                a.temp_f32.slice(4928, 256),
+                a.temp_f32.slice(5952, 256),
                 a.param.slice(752, 256),
                 a.param.slice(1008, 16),
                 a.temp_f32.slice_mut(256, 256),
-                a.temp_f32.slice_mut(5440, 256),
+                a.temp_f32.slice_mut(6464, 256),
             )?;
             kernels::forward_k08_matmul_add(
-                a.temp_f32.slice(4928, 256),
+                a.temp_f32.slice(5952, 256),
                 a.param.slice(1024, 256),
                 a.param.slice(1280, 16),
                 a.temp_f32.slice_mut(256, 256),
-                a.temp_f32.slice_mut(5696, 256),
+                a.temp_f32.slice_mut(6720, 256),
             )?;
-            kernels::grads_k10_div_d0(a.temp_f32.slice(8176, 16), a.temp_f32.slice_mut(8192, 16));
+            kernels::grads_k09_div_d0(a.temp_f32.slice(9200, 16), a.temp_f32.slice_mut(9216, 16));
             kernels::forward_k09_matmul_mul(
-                a.temp_f32.slice(5184, 256),
-                a.temp_f32.slice(5440, 256),
+                a.temp_f32.slice(6208, 256),
+                a.temp_f32.slice(6464, 256),
                 a.temp_f32.slice_mut(256, 256),
-                a.temp_f32.slice_mut(5952, 256),
+                a.temp_f32.slice_mut(6976, 256),
             )?;
             kernels::forward_k10_reduce(
                 a.const_bool.slice(0, 64),
-                a.temp_f32.slice(5952, 256),
+                a.temp_f32.slice(6976, 256),
                 a.temp_f32.slice_mut(256, 32),
             );
-            kernels::grads_k13_stop_gradient(
+            kernels::grads_k12_stop_gradient(
                 a.temp_f32.slice(256, 32),
-                a.temp_f32.slice_mut(8064, 32),
+                a.temp_f32.slice_mut(9088, 32),
             );
-            kernels::grads_k14_exp(
+            kernels::grads_k13_exp(
                 a.const_bool.slice(0, 64),
-                a.temp_f32.slice(5952, 256),
-                a.temp_f32.slice(8064, 32),
-                a.temp_f32.slice_mut(6208, 256),
+                a.temp_f32.slice(6976, 256),
+                a.temp_f32.slice(9088, 32),
+                a.temp_f32.slice_mut(7232, 256),
             );
             kernels::forward_k12_reduce(
-                a.temp_f32.slice(6208, 256),
-                a.temp_f32.slice_mut(8096, 32),
+                a.temp_f32.slice(7232, 256),
+                a.temp_f32.slice_mut(9120, 32),
             );
             kernels::forward_k13_div(
-                a.temp_f32.slice(6208, 256),
-                a.temp_f32.slice(8096, 32),
-                a.temp_f32.slice_mut(6464, 256),
+                a.temp_f32.slice(7232, 256),
+                a.temp_f32.slice(9120, 32),
+                a.temp_f32.slice_mut(7488, 256),
             );
             kernels::forward_k14_matmul(
-                a.temp_f32.slice(6464, 256),
-                a.temp_f32.slice(5696, 256),
+                a.temp_f32.slice(7488, 256),
+                a.temp_f32.slice(6720, 256),
                 a.temp_f32.slice_mut(256, 256),
             )?;
-            kernels::forward_k15_copy(a.temp_f32.slice(256, 256), a.temp_f32.slice_mut(6720, 256));
-            kernels::grads_k19_matmul_add(
-                a.temp_f32.slice(6720, 256),
+            kernels::forward_k15_copy(a.temp_f32.slice(256, 256), a.temp_f32.slice_mut(7744, 256));
+            kernels::grads_k18_matmul_add(
+                a.temp_f32.slice(7744, 256),
                 a.param.slice(1296, 256),
                 a.temp_f32.slice(0, 256),
                 a.param.slice(320, 128),
                 a.param.slice(1552, 16),
                 a.temp_f32.slice_mut(256, 256),
-                a.temp_f32.slice_mut(2048, 256),
+                a.temp_f32.slice_mut(4096, 256),
             )?;
-            kernels::forward_k17_reduce(a.temp_f32.slice(2048, 256), a.temp_f32.slice_mut(0, 16));
-            kernels::grads_k21_mul_sub(
-                a.temp_f32.slice(2048, 256),
+            kernels::forward_k17_reduce(a.temp_f32.slice(4096, 256), a.temp_f32.slice_mut(0, 16));
+            kernels::grads_k20_mul_sub(
+                a.temp_f32.slice(4096, 256),
                 a.temp_f32.slice(0, 16),
-                a.temp_f32.slice_mut(6976, 256),
+                a.temp_f32.slice_mut(8000, 256),
             );
-            kernels::grads_k22_reduce(a.temp_f32.slice(6976, 256), a.temp_f32.slice_mut(8208, 16));
-            kernels::grads_k23_sqrt(a.temp_f32.slice(8208, 16), a.temp_f32.slice_mut(8224, 16));
-            kernels::grads_k24_div(
-                a.temp_f32.slice(6976, 256),
-                a.temp_f32.slice(8224, 16),
-                a.temp_f32.slice_mut(7232, 256),
-            );
-            kernels::grads_k25_add_mul(
-                a.temp_f32.slice(7232, 256),
+            kernels::grads_k21_reduce(a.temp_f32.slice(8000, 256), a.temp_f32.slice_mut(9232, 16));
+            kernels::grads_k22_sqrt(a.temp_f32.slice(9232, 16), a.temp_f32.slice_mut(9248, 16));
+            kernels::grads_k23_add_div_mul(
+                a.temp_f32.slice(8000, 256),
+                a.temp_f32.slice(9248, 16),
                 a.param.slice(1568, 16),
                 a.param.slice(1584, 16),
-                a.temp_f32.slice_mut(7488, 256),
+                a.temp_f32.slice_mut(8256, 256),
+                a.temp_f32.slice_mut(8512, 256),
             );
-            kernels::grads_k26_matmul_add(
-                a.temp_f32.slice(7488, 256),
+            kernels::grads_k24_div_d0(a.temp_f32.slice(9248, 16), a.temp_f32.slice_mut(9264, 16));
+            kernels::grads_k25_matmul_add_mul_normal_cdf(
+                a.temp_f32.slice(8512, 256),
                 a.param.slice(1600, 1024),
                 a.param.slice(2624, 64),
+                a.temp_f32.slice_mut(2048, 1024),
+                a.temp_f32.slice_mut(3072, 1024),
                 a.temp_f32.slice_mut(0, 1024),
                 a.temp_f32.slice_mut(1024, 1024),
             )?;
-            kernels::grads_k27_gelu(a.temp_f32.slice(1024, 1024), a.temp_f32.slice_mut(0, 1024));
             kernels::forward_k22_matmul_add(
-                a.temp_f32.slice(0, 1024),
+                a.temp_f32.slice(1024, 1024),
                 a.param.slice(2688, 1024),
                 a.param.slice(3712, 16),
+                a.temp_f32.slice_mut(2048, 256),
                 a.temp_f32.slice_mut(2304, 256),
-                a.temp_f32.slice_mut(2560, 256),
             )?;
             kernels::forward_k23_reduce(
-                a.temp_f32.slice(2048, 256),
-                a.temp_f32.slice(2560, 256),
-                a.temp_f32.slice_mut(2304, 16),
+                a.temp_f32.slice(4096, 256),
+                a.temp_f32.slice(2304, 256),
+                a.temp_f32.slice_mut(2048, 16),
             );
-            kernels::grads_k30_mul_sub(
-                a.temp_f32.slice(2048, 256),
-                a.temp_f32.slice(2560, 256),
-                a.temp_f32.slice(2304, 16),
-                a.temp_f32.slice_mut(2816, 256),
+            kernels::grads_k28_mul_sub(
+                a.temp_f32.slice(4096, 256),
+                a.temp_f32.slice(2304, 256),
+                a.temp_f32.slice(2048, 16),
+                a.temp_f32.slice_mut(2688, 256),
             );
-            kernels::grads_k31_reduce(a.temp_f32.slice(2816, 256), a.temp_f32.slice_mut(2688, 16));
-            kernels::grads_k32_sqrt(a.temp_f32.slice(2688, 16), a.temp_f32.slice_mut(2704, 16));
-            kernels::grads_k33_div(
-                a.temp_f32.slice(2816, 256),
-                a.temp_f32.slice(2704, 16),
-                a.temp_f32.slice_mut(3072, 256),
-            );
-            kernels::grads_k34_add_mul(
-                a.temp_f32.slice(3072, 256),
+            kernels::grads_k29_reduce(a.temp_f32.slice(2688, 256), a.temp_f32.slice_mut(2944, 16));
+            kernels::grads_k30_sqrt(a.temp_f32.slice(2944, 16), a.temp_f32.slice_mut(2960, 16));
+            kernels::grads_k31_add_div_mul(
+                a.temp_f32.slice(2688, 256),
+                a.temp_f32.slice(2960, 16),
                 a.param.slice(3728, 16),
                 a.param.slice(3744, 16),
-                a.temp_f32.slice_mut(3328, 256),
+                a.temp_f32.slice_mut(4096, 256),
+                a.temp_f32.slice_mut(4352, 256),
             );
             kernels::forward_k27_matmul_add(
-                a.temp_f32.slice(3328, 256),
+                a.temp_f32.slice(4352, 256),
                 a.param.slice(3760, 320),
                 a.param.slice(4080, 20),
                 a.temp_f32.slice_mut(2048, 320),
@@ -417,272 +410,272 @@ impl Arenas {
             );
             kernels::forward_k29_stop_gradient(
                 a.temp_f32.slice(2048, 16),
-                a.temp_f32.slice_mut(2720, 16),
+                a.temp_f32.slice_mut(2976, 16),
             );
             kernels::forward_k30_reduce(
                 a.temp_f32.slice(2368, 320),
-                a.temp_f32.slice(2720, 16),
+                a.temp_f32.slice(2976, 16),
                 a.temp_f32.slice_mut(2048, 16),
             );
-            kernels::grads_k39_div_d0(a.temp_f32.slice(2704, 16), a.temp_f32.slice_mut(2736, 16));
-            kernels::grads_k40_div_d0(a.temp_f32.slice(8224, 16), a.temp_f32.slice_mut(8240, 16));
-            kernels::grads_k41_reduce(
+            kernels::grads_k36_div_d0(a.temp_f32.slice(2960, 16), a.temp_f32.slice_mut(2992, 16));
+            kernels::grads_k37_reduce(
                 input_targets,
                 a.const_i32.slice(0, 20),
                 a.const_f32.slice(0, 16),
                 a.temp_f32.slice_mut(2064, 16),
             );
-            kernels::grads_k42_log_d0_mul(
+            kernels::grads_k38_log_d0_mul(
                 a.temp_f32.slice(2064, 16),
                 a.temp_f32.slice(2048, 16),
-                a.temp_f32.slice_mut(2752, 16),
+                a.temp_f32.slice_mut(3008, 16),
             );
-            kernels::grads_k43_add_exp_d0_mul(
+            kernels::grads_k39_add_exp_d0_mul(
                 input_targets,
                 a.const_i32.slice(0, 20),
                 a.const_f32.slice(0, 16),
-                a.temp_f32.slice(2752, 16),
+                a.temp_f32.slice(3008, 16),
                 a.temp_f32.slice(2368, 320),
-                a.temp_f32.slice(2720, 16),
+                a.temp_f32.slice(2976, 16),
                 a.temp_f32.slice_mut(2048, 320),
             );
-            kernels::grads_k44_reduce(a.temp_f32.slice(2048, 320), a.temp_f32.slice_mut(8128, 20));
-            kernels::grads_k45_matmul(
+            kernels::grads_k40_reduce(a.temp_f32.slice(2048, 320), a.temp_f32.slice_mut(9152, 20));
+            kernels::grads_k41_matmul(
                 a.temp_f32.slice(2048, 320),
                 a.param.slice(3760, 320),
                 a.temp_f32.slice_mut(2368, 256),
             )?;
-            kernels::grads_k46_matmul(
-                a.temp_f32.slice(3328, 256),
+            kernels::grads_k42_matmul(
+                a.temp_f32.slice(4352, 256),
                 a.temp_f32.slice(2048, 320),
-                a.temp_f32.slice_mut(4096, 320),
+                a.temp_f32.slice_mut(5120, 320),
             )?;
-            kernels::grads_k47_reduce(a.temp_f32.slice(2368, 256), a.temp_f32.slice_mut(8256, 16));
-            kernels::grads_k48_mul(
+            kernels::grads_k43_reduce(a.temp_f32.slice(2368, 256), a.temp_f32.slice_mut(9280, 16));
+            kernels::grads_k44_mul(
                 a.temp_f32.slice(2368, 256),
                 a.param.slice(3728, 16),
                 a.temp_f32.slice_mut(2048, 256),
             );
-            kernels::grads_k49_reduce(
+            kernels::grads_k45_reduce(
                 a.temp_f32.slice(2368, 256),
-                a.temp_f32.slice(3072, 256),
-                a.temp_f32.slice_mut(8272, 16),
+                a.temp_f32.slice(4096, 256),
+                a.temp_f32.slice_mut(9296, 16),
             );
-            kernels::grads_k50_reduce(
+            kernels::grads_k46_reduce(
                 a.temp_f32.slice(2048, 256),
-                a.temp_f32.slice(2816, 256),
-                a.temp_f32.slice(2704, 16),
+                a.temp_f32.slice(2688, 256),
+                a.temp_f32.slice(2960, 16),
                 a.temp_f32.slice_mut(2304, 16),
             );
-            kernels::grads_k51_mul_sqrt_d0(
+            kernels::grads_k47_mul_sqrt_d0(
                 a.temp_f32.slice(2304, 16),
-                a.temp_f32.slice(2688, 16),
+                a.temp_f32.slice(2944, 16),
                 a.temp_f32.slice_mut(2320, 16),
             );
-            kernels::grads_k52_reduce(
+            kernels::grads_k48_reduce(
                 a.temp_f32.slice(2048, 256),
-                a.temp_f32.slice(2736, 16),
+                a.temp_f32.slice(2992, 16),
                 a.temp_f32.slice(2320, 16),
-                a.temp_f32.slice(2816, 256),
+                a.temp_f32.slice(2688, 256),
                 a.temp_f32.slice_mut(2304, 16),
             );
-            kernels::grads_k53_mul(a.temp_f32.slice(2304, 16), a.temp_f32.slice_mut(2336, 16));
-            kernels::grads_k54_add(
+            kernels::grads_k49_mul(a.temp_f32.slice(2304, 16), a.temp_f32.slice_mut(2336, 16));
+            kernels::grads_k50_add(
                 a.temp_f32.slice(2048, 256),
-                a.temp_f32.slice(2736, 16),
+                a.temp_f32.slice(2992, 16),
                 a.temp_f32.slice(2320, 16),
-                a.temp_f32.slice(2816, 256),
+                a.temp_f32.slice(2688, 256),
                 a.temp_f32.slice(2336, 16),
-                a.temp_f32.slice_mut(7744, 256),
+                a.temp_f32.slice_mut(8768, 256),
             );
-            kernels::grads_k55_reduce(a.temp_f32.slice(7744, 256), a.temp_f32.slice_mut(8288, 16));
-            kernels::grads_k56_matmul(
-                a.temp_f32.slice(0, 1024),
-                a.temp_f32.slice(7744, 256),
+            kernels::grads_k51_reduce(a.temp_f32.slice(8768, 256), a.temp_f32.slice_mut(9312, 16));
+            kernels::grads_k52_matmul(
+                a.temp_f32.slice(1024, 1024),
+                a.temp_f32.slice(8768, 256),
                 a.temp_f32.slice_mut(2048, 1024),
             )?;
-            kernels::grads_k57_matmul_gelu_d0_mul(
-                a.temp_f32.slice(7744, 256),
+            kernels::grads_k53_matmul_add_mul_normal_cdf_d0(
+                a.temp_f32.slice(8768, 256),
                 a.param.slice(2688, 1024),
-                a.temp_f32.slice(1024, 1024),
-                a.temp_f32.slice_mut(0, 1024),
-                a.temp_f32.slice_mut(3072, 1024),
-            )?;
-            kernels::grads_k58_reduce(a.temp_f32.slice(3072, 1024), a.temp_f32.slice_mut(8000, 64));
-            kernels::grads_k59_matmul(
+                a.temp_f32.slice(0, 1024),
                 a.temp_f32.slice(3072, 1024),
+                a.temp_f32.slice_mut(1024, 1024),
+                a.temp_f32.slice_mut(4096, 1024),
+            )?;
+            kernels::grads_k54_reduce(a.temp_f32.slice(4096, 1024), a.temp_f32.slice_mut(9024, 64));
+            kernels::grads_k55_matmul(
+                a.temp_f32.slice(4096, 1024),
                 a.param.slice(1600, 1024),
                 a.temp_f32.slice_mut(1024, 256),
             )?;
-            kernels::grads_k60_matmul(
-                a.temp_f32.slice(7488, 256),
-                a.temp_f32.slice(3072, 1024),
+            kernels::grads_k56_matmul(
+                a.temp_f32.slice(8512, 256),
+                a.temp_f32.slice(4096, 1024),
                 a.temp_f32.slice_mut(0, 1024),
             )?;
-            kernels::grads_k61_reduce(a.temp_f32.slice(1024, 256), a.temp_f32.slice_mut(7488, 16));
-            kernels::grads_k62_mul(
+            kernels::grads_k57_reduce(a.temp_f32.slice(1024, 256), a.temp_f32.slice_mut(4608, 16));
+            kernels::grads_k58_mul(
                 a.temp_f32.slice(1024, 256),
                 a.param.slice(1568, 16),
                 a.temp_f32.slice_mut(1280, 256),
             );
-            kernels::grads_k63_reduce(
+            kernels::grads_k59_reduce(
                 a.temp_f32.slice(1024, 256),
-                a.temp_f32.slice(7232, 256),
-                a.temp_f32.slice_mut(7504, 16),
+                a.temp_f32.slice(8256, 256),
+                a.temp_f32.slice_mut(4624, 16),
             );
-            kernels::grads_k64_reduce(
+            kernels::grads_k60_reduce(
                 a.temp_f32.slice(1280, 256),
-                a.temp_f32.slice(6976, 256),
-                a.temp_f32.slice(8224, 16),
+                a.temp_f32.slice(8000, 256),
+                a.temp_f32.slice(9248, 16),
                 a.temp_f32.slice_mut(1024, 16),
             );
-            kernels::grads_k65_mul_sqrt_d0(
+            kernels::grads_k61_mul_sqrt_d0(
                 a.temp_f32.slice(1024, 16),
-                a.temp_f32.slice(8208, 16),
+                a.temp_f32.slice(9232, 16),
                 a.temp_f32.slice_mut(1536, 16),
             );
-            kernels::grads_k66_reduce(
+            kernels::grads_k62_reduce(
                 a.temp_f32.slice(1280, 256),
-                a.temp_f32.slice(8240, 16),
+                a.temp_f32.slice(9264, 16),
                 a.temp_f32.slice(1536, 16),
-                a.temp_f32.slice(6976, 256),
+                a.temp_f32.slice(8000, 256),
                 a.temp_f32.slice_mut(1024, 16),
             );
-            kernels::grads_k67_mul(a.temp_f32.slice(1024, 16), a.temp_f32.slice_mut(1552, 16));
-            kernels::grads_k68_add(
-                a.temp_f32.slice(7744, 256),
+            kernels::grads_k63_mul(a.temp_f32.slice(1024, 16), a.temp_f32.slice_mut(1552, 16));
+            kernels::grads_k64_add(
+                a.temp_f32.slice(8768, 256),
                 a.temp_f32.slice(1280, 256),
-                a.temp_f32.slice(8240, 16),
+                a.temp_f32.slice(9264, 16),
                 a.temp_f32.slice(1536, 16),
-                a.temp_f32.slice(6976, 256),
+                a.temp_f32.slice(8000, 256),
                 a.temp_f32.slice(1552, 16),
                 a.temp_f32.slice_mut(1024, 256),
             );
-            kernels::grads_k69_reduce(a.temp_f32.slice(1024, 256), a.temp_f32.slice_mut(6976, 16));
-            kernels::grads_k70_matmul(
+            kernels::grads_k65_reduce(a.temp_f32.slice(1024, 256), a.temp_f32.slice_mut(4640, 16));
+            kernels::grads_k66_matmul(
                 a.temp_f32.slice(1024, 256),
                 a.param.slice(1296, 256),
                 a.temp_f32.slice_mut(1280, 256),
             )?;
-            kernels::grads_k71_matmul(
-                a.temp_f32.slice(6720, 256),
+            kernels::grads_k67_matmul(
+                a.temp_f32.slice(7744, 256),
                 a.temp_f32.slice(1024, 256),
                 a.temp_f32.slice_mut(1536, 256),
             )?;
-            kernels::grads_k72_matmul(
+            kernels::grads_k68_matmul(
                 a.temp_f32.slice(1280, 256),
-                a.temp_f32.slice(5696, 256),
+                a.temp_f32.slice(6720, 256),
                 a.temp_f32.slice_mut(1792, 256),
             )?;
-            kernels::grads_k73_matmul(
-                a.temp_f32.slice(6464, 256),
+            kernels::grads_k69_matmul(
+                a.temp_f32.slice(7488, 256),
                 a.temp_f32.slice(1280, 256),
                 a.temp_f32.slice_mut(3072, 256),
             )?;
-            kernels::grads_k74_reduce(
+            kernels::grads_k70_reduce(
                 a.temp_f32.slice(1792, 256),
-                a.temp_f32.slice(6208, 256),
-                a.temp_f32.slice(8096, 32),
+                a.temp_f32.slice(7232, 256),
+                a.temp_f32.slice(9120, 32),
                 a.temp_f32.slice_mut(3328, 32),
             );
-            kernels::grads_k75_add_div_d0_etc(
+            kernels::grads_k71_add_div_d0_etc(
                 a.const_bool.slice(0, 64),
                 a.temp_f32.slice(1792, 256),
-                a.temp_f32.slice(8096, 32),
+                a.temp_f32.slice(9120, 32),
                 a.temp_f32.slice(3328, 32),
-                a.temp_f32.slice(5952, 256),
-                a.temp_f32.slice(8064, 32),
+                a.temp_f32.slice(6976, 256),
+                a.temp_f32.slice(9088, 32),
                 a.temp_f32.slice_mut(1280, 256),
             );
-            kernels::grads_k76_matmul(
+            kernels::grads_k72_matmul(
                 a.temp_f32.slice(1280, 256),
-                a.temp_f32.slice(5440, 256),
+                a.temp_f32.slice(6464, 256),
                 a.temp_f32.slice_mut(1792, 256),
             )?;
-            kernels::grads_k77_matmul(
-                a.temp_f32.slice(5184, 256),
+            kernels::grads_k73_matmul(
+                a.temp_f32.slice(6208, 256),
                 a.temp_f32.slice(1280, 256),
                 a.temp_f32.slice_mut(3328, 256),
             )?;
-            kernels::grads_k78_copy(a.temp_f32.slice(3072, 256), a.temp_f32.slice_mut(1280, 256));
-            kernels::grads_k79_reduce(a.temp_f32.slice(1280, 256), a.temp_f32.slice_mut(5696, 16));
-            kernels::grads_k80_copy(a.temp_f32.slice(1792, 256), a.temp_f32.slice_mut(3072, 256));
-            kernels::grads_k81_reduce(a.temp_f32.slice(3072, 256), a.temp_f32.slice_mut(5712, 16));
-            kernels::grads_k82_matmul(
+            kernels::grads_k74_copy(a.temp_f32.slice(3072, 256), a.temp_f32.slice_mut(1280, 256));
+            kernels::grads_k75_reduce(a.temp_f32.slice(1280, 256), a.temp_f32.slice_mut(4656, 16));
+            kernels::grads_k76_copy(a.temp_f32.slice(1792, 256), a.temp_f32.slice_mut(3072, 256));
+            kernels::grads_k77_reduce(a.temp_f32.slice(3072, 256), a.temp_f32.slice_mut(4672, 16));
+            kernels::grads_k78_matmul(
                 a.temp_f32.slice(3072, 256),
                 a.param.slice(480, 256),
                 a.temp_f32.slice_mut(1792, 256),
             )?;
-            kernels::grads_k83_matmul(
-                a.temp_f32.slice(4928, 256),
+            kernels::grads_k79_matmul(
+                a.temp_f32.slice(5952, 256),
                 a.temp_f32.slice(1280, 256),
                 a.temp_f32.slice_mut(3584, 256),
             )?;
-            kernels::grads_k84_copy(a.temp_f32.slice(3328, 256), a.temp_f32.slice_mut(3840, 256));
-            kernels::grads_k85_reduce(a.temp_f32.slice(3840, 256), a.temp_f32.slice_mut(5728, 16));
-            kernels::grads_k86_matmul(
+            kernels::grads_k80_copy(a.temp_f32.slice(3328, 256), a.temp_f32.slice_mut(3840, 256));
+            kernels::grads_k81_reduce(a.temp_f32.slice(3840, 256), a.temp_f32.slice_mut(4688, 16));
+            kernels::grads_k82_matmul(
                 a.temp_f32.slice(3840, 256),
                 a.param.slice(752, 256),
                 a.temp_f32.slice_mut(3328, 256),
             )?;
-            kernels::grads_k87_matmul_add(
+            kernels::grads_k83_matmul_add(
                 a.temp_f32.slice(1280, 256),
                 a.param.slice(1024, 256),
                 a.temp_f32.slice(3328, 256),
                 a.temp_f32.slice(1792, 256),
-                a.temp_f32.slice_mut(5184, 256),
-                a.temp_f32.slice_mut(5440, 256),
+                a.temp_f32.slice_mut(4096, 256),
+                a.temp_f32.slice_mut(4352, 256),
             )?;
-            kernels::grads_k88_reduce(a.temp_f32.slice(5440, 256), a.temp_f32.slice_mut(1472, 16));
-            kernels::grads_k89_reduce(
-                a.temp_f32.slice(5440, 256),
-                a.temp_f32.slice(4672, 256),
+            kernels::grads_k84_reduce(a.temp_f32.slice(4352, 256), a.temp_f32.slice_mut(1472, 16));
+            kernels::grads_k85_reduce(
+                a.temp_f32.slice(4352, 256),
+                a.temp_f32.slice(5696, 256),
                 a.temp_f32.slice_mut(1488, 16),
             );
-            kernels::grads_k90_reduce(
-                a.temp_f32.slice(5440, 256),
+            kernels::grads_k86_reduce(
+                a.temp_f32.slice(4352, 256),
                 a.param.slice(448, 16),
-                a.temp_f32.slice(4416, 256),
-                a.temp_f32.slice(8176, 16),
+                a.temp_f32.slice(5440, 256),
+                a.temp_f32.slice(9200, 16),
                 a.temp_f32.slice_mut(1280, 16),
             );
-            kernels::grads_k91_mul_sqrt_d0(
+            kernels::grads_k87_mul_sqrt_d0(
                 a.temp_f32.slice(1280, 16),
-                a.temp_f32.slice(8160, 16),
+                a.temp_f32.slice(9184, 16),
                 a.temp_f32.slice_mut(1296, 16),
             );
-            kernels::grads_k92_reduce(
-                a.temp_f32.slice(5440, 256),
+            kernels::grads_k88_reduce(
+                a.temp_f32.slice(4352, 256),
                 a.param.slice(448, 16),
-                a.temp_f32.slice(8192, 16),
+                a.temp_f32.slice(9216, 16),
                 a.temp_f32.slice(1296, 16),
-                a.temp_f32.slice(4416, 256),
+                a.temp_f32.slice(5440, 256),
                 a.temp_f32.slice_mut(1280, 16),
             );
-            kernels::grads_k93_mul(a.temp_f32.slice(1280, 16), a.temp_f32.slice_mut(1312, 16));
-            kernels::grads_k94_add(
+            kernels::grads_k89_mul(a.temp_f32.slice(1280, 16), a.temp_f32.slice_mut(1312, 16));
+            kernels::grads_k90_add(
                 a.temp_f32.slice(1024, 256),
-                a.temp_f32.slice(5440, 256),
+                a.temp_f32.slice(4352, 256),
                 a.param.slice(448, 16),
-                a.temp_f32.slice(8192, 16),
+                a.temp_f32.slice(9216, 16),
                 a.temp_f32.slice(1296, 16),
-                a.temp_f32.slice(4416, 256),
+                a.temp_f32.slice(5440, 256),
                 a.temp_f32.slice(1312, 16),
                 a.temp_f32.slice_mut(1792, 256),
             );
-            kernels::grads_k95_reduce(a.temp_f32.slice(1792, 256), a.temp_f32.slice_mut(1344, 128));
-            kernels::grads_k96_scatter_add(
+            kernels::grads_k91_reduce(a.temp_f32.slice(1792, 256), a.temp_f32.slice_mut(1344, 128));
+            kernels::grads_k92_scatter_add(
                 input_ids,
                 a.temp_f32.slice(1792, 256),
                 a.temp_f32.slice_mut(1024, 320),
             )?;
-            kernels::grads_k97_matmul(
-                a.temp_f32.slice(4928, 256),
+            kernels::grads_k93_matmul(
+                a.temp_f32.slice(5952, 256),
                 a.temp_f32.slice(3840, 256),
                 a.temp_f32.slice_mut(1792, 256),
             )?;
-            kernels::grads_k98_matmul(
-                a.temp_f32.slice(4928, 256),
+            kernels::grads_k94_matmul(
+                a.temp_f32.slice(5952, 256),
                 a.temp_f32.slice(3072, 256),
                 a.temp_f32.slice_mut(3328, 256),
             )?;
@@ -690,7 +683,7 @@ impl Arenas {
         Ok(())
     }
 
-    /// `train`: 117 kernels.
+    /// `train`: 113 kernels.
     fn train(&mut self, input_ids: &[i32], input_targets: &[i32]) -> Result<(), rt::Error> {
         let a = &*self;
         // SAFETY: the memory plan gives buffers that are live at the same time
@@ -711,148 +704,141 @@ impl Arenas {
                 a.temp_f32.slice(0, 256),
                 a.param.slice(320, 128),
                 a.temp_f32.slice(256, 16),
-                a.temp_f32.slice_mut(4416, 256),
+                a.temp_f32.slice_mut(5440, 256),
             );
-            kernels::grads_k03_reduce(a.temp_f32.slice(4416, 256), a.temp_f32.slice_mut(8416, 16));
-            kernels::grads_k04_sqrt(a.temp_f32.slice(8416, 16), a.temp_f32.slice_mut(8432, 16));
-            kernels::grads_k05_div(
-                a.temp_f32.slice(4416, 256),
-                a.temp_f32.slice(8432, 16),
-                a.temp_f32.slice_mut(4672, 256),
-            );
-            kernels::grads_k06_add_mul(
-                a.temp_f32.slice(4672, 256),
+            kernels::grads_k03_reduce(a.temp_f32.slice(5440, 256), a.temp_f32.slice_mut(9376, 16));
+            kernels::grads_k04_sqrt(a.temp_f32.slice(9376, 16), a.temp_f32.slice_mut(9392, 16));
+            kernels::grads_k05_add_div_mul(
+                a.temp_f32.slice(5440, 256),
+                a.temp_f32.slice(9392, 16),
                 a.param.slice(448, 16),
                 a.param.slice(464, 16),
-                a.temp_f32.slice_mut(4928, 256),
+                a.temp_f32.slice_mut(5696, 256),
+                a.temp_f32.slice_mut(5952, 256),
             );
             kernels::forward_k06_matmul_add(
-                a.temp_f32.slice(4928, 256),
+                a.temp_f32.slice(5952, 256),
                 a.param.slice(480, 256),
                 a.param.slice(736, 16),
                 a.temp_f32.slice_mut(256, 256),
-                a.temp_f32.slice_mut(5184, 256),
+                a.temp_f32.slice_mut(6208, 256),
             )?;
             kernels::forward_k07_matmul_add(
-                a.temp_f32.slice(4928, 256),
+                a.temp_f32.slice(5952, 256),
                 a.param.slice(752, 256),
                 a.param.slice(1008, 16),
                 a.temp_f32.slice_mut(256, 256),
-                a.temp_f32.slice_mut(5440, 256),
+                a.temp_f32.slice_mut(6464, 256),
             )?;
             kernels::forward_k08_matmul_add(
-                a.temp_f32.slice(4928, 256),
+                a.temp_f32.slice(5952, 256),
                 a.param.slice(1024, 256),
                 a.param.slice(1280, 16),
                 a.temp_f32.slice_mut(256, 256),
-                a.temp_f32.slice_mut(5696, 256),
+                a.temp_f32.slice_mut(6720, 256),
             )?;
-            kernels::grads_k10_div_d0(a.temp_f32.slice(8432, 16), a.temp_f32.slice_mut(8448, 16));
+            kernels::grads_k09_div_d0(a.temp_f32.slice(9392, 16), a.temp_f32.slice_mut(9408, 16));
             kernels::forward_k09_matmul_mul(
-                a.temp_f32.slice(5184, 256),
-                a.temp_f32.slice(5440, 256),
+                a.temp_f32.slice(6208, 256),
+                a.temp_f32.slice(6464, 256),
                 a.temp_f32.slice_mut(256, 256),
-                a.temp_f32.slice_mut(5952, 256),
+                a.temp_f32.slice_mut(6976, 256),
             )?;
             kernels::forward_k10_reduce(
                 a.const_bool.slice(0, 64),
-                a.temp_f32.slice(5952, 256),
+                a.temp_f32.slice(6976, 256),
                 a.temp_f32.slice_mut(256, 32),
             );
-            kernels::grads_k13_stop_gradient(
+            kernels::grads_k12_stop_gradient(
                 a.temp_f32.slice(256, 32),
-                a.temp_f32.slice_mut(8320, 32),
+                a.temp_f32.slice_mut(9280, 32),
             );
-            kernels::grads_k14_exp(
+            kernels::grads_k13_exp(
                 a.const_bool.slice(0, 64),
-                a.temp_f32.slice(5952, 256),
-                a.temp_f32.slice(8320, 32),
-                a.temp_f32.slice_mut(6208, 256),
+                a.temp_f32.slice(6976, 256),
+                a.temp_f32.slice(9280, 32),
+                a.temp_f32.slice_mut(7232, 256),
             );
             kernels::forward_k12_reduce(
-                a.temp_f32.slice(6208, 256),
-                a.temp_f32.slice_mut(8352, 32),
+                a.temp_f32.slice(7232, 256),
+                a.temp_f32.slice_mut(9312, 32),
             );
             kernels::forward_k13_div(
-                a.temp_f32.slice(6208, 256),
-                a.temp_f32.slice(8352, 32),
-                a.temp_f32.slice_mut(6464, 256),
+                a.temp_f32.slice(7232, 256),
+                a.temp_f32.slice(9312, 32),
+                a.temp_f32.slice_mut(7488, 256),
             );
             kernels::forward_k14_matmul(
-                a.temp_f32.slice(6464, 256),
-                a.temp_f32.slice(5696, 256),
+                a.temp_f32.slice(7488, 256),
+                a.temp_f32.slice(6720, 256),
                 a.temp_f32.slice_mut(256, 256),
             )?;
-            kernels::forward_k15_copy(a.temp_f32.slice(256, 256), a.temp_f32.slice_mut(6720, 256));
-            kernels::grads_k19_matmul_add(
-                a.temp_f32.slice(6720, 256),
+            kernels::forward_k15_copy(a.temp_f32.slice(256, 256), a.temp_f32.slice_mut(7744, 256));
+            kernels::grads_k18_matmul_add(
+                a.temp_f32.slice(7744, 256),
                 a.param.slice(1296, 256),
                 a.temp_f32.slice(0, 256),
                 a.param.slice(320, 128),
                 a.param.slice(1552, 16),
                 a.temp_f32.slice_mut(256, 256),
-                a.temp_f32.slice_mut(2048, 256),
+                a.temp_f32.slice_mut(4096, 256),
             )?;
-            kernels::forward_k17_reduce(a.temp_f32.slice(2048, 256), a.temp_f32.slice_mut(0, 16));
-            kernels::grads_k21_mul_sub(
-                a.temp_f32.slice(2048, 256),
+            kernels::forward_k17_reduce(a.temp_f32.slice(4096, 256), a.temp_f32.slice_mut(0, 16));
+            kernels::grads_k20_mul_sub(
+                a.temp_f32.slice(4096, 256),
                 a.temp_f32.slice(0, 16),
-                a.temp_f32.slice_mut(6976, 256),
+                a.temp_f32.slice_mut(8000, 256),
             );
-            kernels::grads_k22_reduce(a.temp_f32.slice(6976, 256), a.temp_f32.slice_mut(8464, 16));
-            kernels::grads_k23_sqrt(a.temp_f32.slice(8464, 16), a.temp_f32.slice_mut(8480, 16));
-            kernels::grads_k24_div(
-                a.temp_f32.slice(6976, 256),
-                a.temp_f32.slice(8480, 16),
-                a.temp_f32.slice_mut(7232, 256),
-            );
-            kernels::grads_k25_add_mul(
-                a.temp_f32.slice(7232, 256),
+            kernels::grads_k21_reduce(a.temp_f32.slice(8000, 256), a.temp_f32.slice_mut(9424, 16));
+            kernels::grads_k22_sqrt(a.temp_f32.slice(9424, 16), a.temp_f32.slice_mut(9440, 16));
+            kernels::grads_k23_add_div_mul(
+                a.temp_f32.slice(8000, 256),
+                a.temp_f32.slice(9440, 16),
                 a.param.slice(1568, 16),
                 a.param.slice(1584, 16),
-                a.temp_f32.slice_mut(7488, 256),
+                a.temp_f32.slice_mut(8256, 256),
+                a.temp_f32.slice_mut(8512, 256),
             );
-            kernels::grads_k26_matmul_add(
-                a.temp_f32.slice(7488, 256),
+            kernels::grads_k24_div_d0(a.temp_f32.slice(9440, 16), a.temp_f32.slice_mut(9456, 16));
+            kernels::grads_k25_matmul_add_mul_normal_cdf(
+                a.temp_f32.slice(8512, 256),
                 a.param.slice(1600, 1024),
                 a.param.slice(2624, 64),
+                a.temp_f32.slice_mut(2048, 1024),
+                a.temp_f32.slice_mut(3072, 1024),
                 a.temp_f32.slice_mut(0, 1024),
                 a.temp_f32.slice_mut(1024, 1024),
             )?;
-            kernels::grads_k27_gelu(a.temp_f32.slice(1024, 1024), a.temp_f32.slice_mut(0, 1024));
             kernels::forward_k22_matmul_add(
-                a.temp_f32.slice(0, 1024),
+                a.temp_f32.slice(1024, 1024),
                 a.param.slice(2688, 1024),
                 a.param.slice(3712, 16),
+                a.temp_f32.slice_mut(2048, 256),
                 a.temp_f32.slice_mut(2304, 256),
-                a.temp_f32.slice_mut(2560, 256),
             )?;
             kernels::forward_k23_reduce(
-                a.temp_f32.slice(2048, 256),
-                a.temp_f32.slice(2560, 256),
-                a.temp_f32.slice_mut(2304, 16),
+                a.temp_f32.slice(4096, 256),
+                a.temp_f32.slice(2304, 256),
+                a.temp_f32.slice_mut(2048, 16),
             );
-            kernels::grads_k30_mul_sub(
-                a.temp_f32.slice(2048, 256),
-                a.temp_f32.slice(2560, 256),
-                a.temp_f32.slice(2304, 16),
-                a.temp_f32.slice_mut(2816, 256),
+            kernels::grads_k28_mul_sub(
+                a.temp_f32.slice(4096, 256),
+                a.temp_f32.slice(2304, 256),
+                a.temp_f32.slice(2048, 16),
+                a.temp_f32.slice_mut(2688, 256),
             );
-            kernels::grads_k31_reduce(a.temp_f32.slice(2816, 256), a.temp_f32.slice_mut(2688, 16));
-            kernels::grads_k32_sqrt(a.temp_f32.slice(2688, 16), a.temp_f32.slice_mut(2704, 16));
-            kernels::grads_k33_div(
-                a.temp_f32.slice(2816, 256),
-                a.temp_f32.slice(2704, 16),
-                a.temp_f32.slice_mut(3072, 256),
-            );
-            kernels::grads_k34_add_mul(
-                a.temp_f32.slice(3072, 256),
+            kernels::grads_k29_reduce(a.temp_f32.slice(2688, 256), a.temp_f32.slice_mut(2944, 16));
+            kernels::grads_k30_sqrt(a.temp_f32.slice(2944, 16), a.temp_f32.slice_mut(2960, 16));
+            kernels::grads_k31_add_div_mul(
+                a.temp_f32.slice(2688, 256),
+                a.temp_f32.slice(2960, 16),
                 a.param.slice(3728, 16),
                 a.param.slice(3744, 16),
-                a.temp_f32.slice_mut(7744, 256),
+                a.temp_f32.slice_mut(4096, 256),
+                a.temp_f32.slice_mut(8768, 256),
             );
             kernels::forward_k27_matmul_add(
-                a.temp_f32.slice(7744, 256),
+                a.temp_f32.slice(8768, 256),
                 a.param.slice(3760, 320),
                 a.param.slice(4080, 20),
                 a.temp_f32.slice_mut(2048, 320),
@@ -871,9 +857,8 @@ impl Arenas {
                 a.temp_f32.slice(2064, 16),
                 a.temp_f32.slice_mut(2048, 16),
             );
-            kernels::grads_k39_div_d0(a.temp_f32.slice(2704, 16), a.temp_f32.slice_mut(2720, 16));
-            kernels::grads_k40_div_d0(a.temp_f32.slice(8480, 16), a.temp_f32.slice_mut(8496, 16));
-            kernels::train_k41_reduce(
+            kernels::grads_k36_div_d0(a.temp_f32.slice(2960, 16), a.temp_f32.slice_mut(2976, 16));
+            kernels::train_k37_reduce(
                 input_targets,
                 a.const_i32.slice(0, 20),
                 a.temp_f32.slice(2368, 320),
@@ -882,351 +867,352 @@ impl Arenas {
                 a.temp_f32.slice_mut(2080, 16),
             );
             kernels::forward_k32_reduce(a.temp_f32.slice(2080, 16), a.temp_f32.slice_mut(2096, 1));
-            kernels::forward_k33_mul_neg(a.temp_f32.slice(2096, 1), a.temp_f32.slice_mut(8560, 1));
-            kernels::grads_k41_reduce(
+            kernels::forward_k33_mul_neg(a.temp_f32.slice(2096, 1), a.temp_f32.slice_mut(9520, 1));
+            kernels::grads_k37_reduce(
                 input_targets,
                 a.const_i32.slice(0, 20),
                 a.const_f32.slice(0, 16),
                 a.temp_f32.slice_mut(2080, 16),
             );
-            kernels::grads_k42_log_d0_mul(
+            kernels::grads_k38_log_d0_mul(
                 a.temp_f32.slice(2080, 16),
                 a.temp_f32.slice(2048, 16),
                 a.temp_f32.slice_mut(2096, 16),
             );
-            kernels::grads_k43_add_exp_d0_mul(
+            kernels::grads_k39_add_exp_d0_mul(
                 input_targets,
                 a.const_i32.slice(0, 20),
                 a.const_f32.slice(0, 16),
                 a.temp_f32.slice(2096, 16),
                 a.temp_f32.slice(2368, 320),
                 a.temp_f32.slice(2064, 16),
-                a.temp_f32.slice_mut(4096, 320),
+                a.temp_f32.slice_mut(5120, 320),
             );
-            kernels::grads_k44_reduce(a.temp_f32.slice(4096, 320), a.temp_f32.slice_mut(8384, 20));
-            kernels::grads_k45_matmul(
-                a.temp_f32.slice(4096, 320),
+            kernels::grads_k40_reduce(a.temp_f32.slice(5120, 320), a.temp_f32.slice_mut(9344, 20));
+            kernels::grads_k41_matmul(
+                a.temp_f32.slice(5120, 320),
                 a.param.slice(3760, 320),
                 a.temp_f32.slice_mut(2048, 256),
             )?;
-            kernels::grads_k47_reduce(a.temp_f32.slice(2048, 256), a.temp_f32.slice_mut(8512, 16));
-            kernels::grads_k48_mul(
+            kernels::grads_k43_reduce(a.temp_f32.slice(2048, 256), a.temp_f32.slice_mut(9472, 16));
+            kernels::grads_k44_mul(
                 a.temp_f32.slice(2048, 256),
                 a.param.slice(3728, 16),
                 a.temp_f32.slice_mut(2304, 256),
             );
-            kernels::grads_k49_reduce(
+            kernels::grads_k45_reduce(
                 a.temp_f32.slice(2048, 256),
-                a.temp_f32.slice(3072, 256),
-                a.temp_f32.slice_mut(8528, 16),
+                a.temp_f32.slice(4096, 256),
+                a.temp_f32.slice_mut(9488, 16),
             );
-            kernels::grads_k50_reduce(
+            kernels::grads_k46_reduce(
                 a.temp_f32.slice(2304, 256),
-                a.temp_f32.slice(2816, 256),
-                a.temp_f32.slice(2704, 16),
+                a.temp_f32.slice(2688, 256),
+                a.temp_f32.slice(2960, 16),
                 a.temp_f32.slice_mut(2048, 16),
             );
-            kernels::grads_k51_mul_sqrt_d0(
+            kernels::grads_k47_mul_sqrt_d0(
                 a.temp_f32.slice(2048, 16),
-                a.temp_f32.slice(2688, 16),
+                a.temp_f32.slice(2944, 16),
                 a.temp_f32.slice_mut(2064, 16),
             );
-            kernels::grads_k52_reduce(
+            kernels::grads_k48_reduce(
                 a.temp_f32.slice(2304, 256),
-                a.temp_f32.slice(2720, 16),
+                a.temp_f32.slice(2976, 16),
                 a.temp_f32.slice(2064, 16),
-                a.temp_f32.slice(2816, 256),
+                a.temp_f32.slice(2688, 256),
                 a.temp_f32.slice_mut(2048, 16),
             );
-            kernels::grads_k53_mul(a.temp_f32.slice(2048, 16), a.temp_f32.slice_mut(2080, 16));
-            kernels::grads_k54_add(
+            kernels::grads_k49_mul(a.temp_f32.slice(2048, 16), a.temp_f32.slice_mut(2080, 16));
+            kernels::grads_k50_add(
                 a.temp_f32.slice(2304, 256),
-                a.temp_f32.slice(2720, 16),
+                a.temp_f32.slice(2976, 16),
                 a.temp_f32.slice(2064, 16),
-                a.temp_f32.slice(2816, 256),
+                a.temp_f32.slice(2688, 256),
                 a.temp_f32.slice(2080, 16),
-                a.temp_f32.slice_mut(8000, 256),
+                a.temp_f32.slice_mut(9024, 256),
             );
-            kernels::grads_k55_reduce(a.temp_f32.slice(8000, 256), a.temp_f32.slice_mut(8544, 16));
-            kernels::grads_k57_matmul_gelu_d0_mul(
-                a.temp_f32.slice(8000, 256),
+            kernels::grads_k51_reduce(a.temp_f32.slice(9024, 256), a.temp_f32.slice_mut(9504, 16));
+            kernels::grads_k53_matmul_add_mul_normal_cdf_d0(
+                a.temp_f32.slice(9024, 256),
                 a.param.slice(2688, 1024),
-                a.temp_f32.slice(1024, 1024),
-                a.temp_f32.slice_mut(2048, 1024),
-                a.temp_f32.slice_mut(3072, 1024),
-            )?;
-            kernels::grads_k58_reduce(a.temp_f32.slice(3072, 1024), a.temp_f32.slice_mut(8256, 64));
-            kernels::grads_k59_matmul(
+                a.temp_f32.slice(0, 1024),
                 a.temp_f32.slice(3072, 1024),
-                a.param.slice(1600, 1024),
-                a.temp_f32.slice_mut(1024, 256),
+                a.temp_f32.slice_mut(2048, 1024),
+                a.temp_f32.slice_mut(4096, 1024),
             )?;
-            kernels::grads_k61_reduce(a.temp_f32.slice(1024, 256), a.temp_f32.slice_mut(1824, 16));
-            kernels::grads_k62_mul(
-                a.temp_f32.slice(1024, 256),
+            kernels::grads_k54_reduce(a.temp_f32.slice(4096, 1024), a.temp_f32.slice_mut(3328, 64));
+            kernels::grads_k55_matmul(
+                a.temp_f32.slice(4096, 1024),
+                a.param.slice(1600, 1024),
+                a.temp_f32.slice_mut(0, 256),
+            )?;
+            kernels::grads_k57_reduce(a.temp_f32.slice(0, 256), a.temp_f32.slice_mut(800, 16));
+            kernels::grads_k58_mul(
+                a.temp_f32.slice(0, 256),
                 a.param.slice(1568, 16),
-                a.temp_f32.slice_mut(1280, 256),
+                a.temp_f32.slice_mut(256, 256),
             );
-            kernels::grads_k63_reduce(
-                a.temp_f32.slice(1024, 256),
-                a.temp_f32.slice(7232, 256),
-                a.temp_f32.slice_mut(1840, 16),
+            kernels::grads_k59_reduce(
+                a.temp_f32.slice(0, 256),
+                a.temp_f32.slice(8256, 256),
+                a.temp_f32.slice_mut(816, 16),
             );
-            kernels::grads_k64_reduce(
-                a.temp_f32.slice(1280, 256),
-                a.temp_f32.slice(6976, 256),
-                a.temp_f32.slice(8480, 16),
-                a.temp_f32.slice_mut(1024, 16),
-            );
-            kernels::grads_k65_mul_sqrt_d0(
-                a.temp_f32.slice(1024, 16),
-                a.temp_f32.slice(8464, 16),
-                a.temp_f32.slice_mut(1040, 16),
-            );
-            kernels::grads_k66_reduce(
-                a.temp_f32.slice(1280, 256),
-                a.temp_f32.slice(8496, 16),
-                a.temp_f32.slice(1040, 16),
-                a.temp_f32.slice(6976, 256),
-                a.temp_f32.slice_mut(1024, 16),
-            );
-            kernels::grads_k67_mul(a.temp_f32.slice(1024, 16), a.temp_f32.slice_mut(1056, 16));
-            kernels::grads_k68_add(
+            kernels::grads_k60_reduce(
+                a.temp_f32.slice(256, 256),
                 a.temp_f32.slice(8000, 256),
-                a.temp_f32.slice(1280, 256),
-                a.temp_f32.slice(8496, 16),
-                a.temp_f32.slice(1040, 16),
-                a.temp_f32.slice(6976, 256),
-                a.temp_f32.slice(1056, 16),
+                a.temp_f32.slice(9440, 16),
+                a.temp_f32.slice_mut(0, 16),
+            );
+            kernels::grads_k61_mul_sqrt_d0(
+                a.temp_f32.slice(0, 16),
+                a.temp_f32.slice(9424, 16),
+                a.temp_f32.slice_mut(16, 16),
+            );
+            kernels::grads_k62_reduce(
+                a.temp_f32.slice(256, 256),
+                a.temp_f32.slice(9456, 16),
+                a.temp_f32.slice(16, 16),
+                a.temp_f32.slice(8000, 256),
+                a.temp_f32.slice_mut(0, 16),
+            );
+            kernels::grads_k63_mul(a.temp_f32.slice(0, 16), a.temp_f32.slice_mut(32, 16));
+            kernels::grads_k64_add(
+                a.temp_f32.slice(9024, 256),
+                a.temp_f32.slice(256, 256),
+                a.temp_f32.slice(9456, 16),
+                a.temp_f32.slice(16, 16),
+                a.temp_f32.slice(8000, 256),
+                a.temp_f32.slice(32, 16),
                 a.temp_f32.slice_mut(2048, 256),
             );
-            kernels::grads_k69_reduce(a.temp_f32.slice(2048, 256), a.temp_f32.slice_mut(1856, 16));
-            kernels::grads_k70_matmul(
+            kernels::grads_k65_reduce(a.temp_f32.slice(2048, 256), a.temp_f32.slice_mut(832, 16));
+            kernels::grads_k66_matmul(
                 a.temp_f32.slice(2048, 256),
                 a.param.slice(1296, 256),
-                a.temp_f32.slice_mut(1024, 256),
+                a.temp_f32.slice_mut(0, 256),
             )?;
+            kernels::grads_k68_matmul(
+                a.temp_f32.slice(0, 256),
+                a.temp_f32.slice(6720, 256),
+                a.temp_f32.slice_mut(256, 256),
+            )?;
+            kernels::grads_k69_matmul(
+                a.temp_f32.slice(7488, 256),
+                a.temp_f32.slice(0, 256),
+                a.temp_f32.slice_mut(512, 256),
+            )?;
+            kernels::grads_k70_reduce(
+                a.temp_f32.slice(256, 256),
+                a.temp_f32.slice(7232, 256),
+                a.temp_f32.slice(9312, 32),
+                a.temp_f32.slice_mut(768, 32),
+            );
+            kernels::grads_k71_add_div_d0_etc(
+                a.const_bool.slice(0, 64),
+                a.temp_f32.slice(256, 256),
+                a.temp_f32.slice(9312, 32),
+                a.temp_f32.slice(768, 32),
+                a.temp_f32.slice(6976, 256),
+                a.temp_f32.slice(9280, 32),
+                a.temp_f32.slice_mut(0, 256),
+            );
             kernels::grads_k72_matmul(
-                a.temp_f32.slice(1024, 256),
-                a.temp_f32.slice(5696, 256),
-                a.temp_f32.slice_mut(1280, 256),
+                a.temp_f32.slice(0, 256),
+                a.temp_f32.slice(6464, 256),
+                a.temp_f32.slice_mut(256, 256),
             )?;
             kernels::grads_k73_matmul(
-                a.temp_f32.slice(6464, 256),
-                a.temp_f32.slice(1024, 256),
-                a.temp_f32.slice_mut(1536, 256),
-            )?;
-            kernels::grads_k74_reduce(
-                a.temp_f32.slice(1280, 256),
                 a.temp_f32.slice(6208, 256),
-                a.temp_f32.slice(8352, 32),
-                a.temp_f32.slice_mut(1792, 32),
-            );
-            kernels::grads_k75_add_div_d0_etc(
-                a.const_bool.slice(0, 64),
-                a.temp_f32.slice(1280, 256),
-                a.temp_f32.slice(8352, 32),
-                a.temp_f32.slice(1792, 32),
-                a.temp_f32.slice(5952, 256),
-                a.temp_f32.slice(8320, 32),
-                a.temp_f32.slice_mut(1024, 256),
-            );
-            kernels::grads_k76_matmul(
-                a.temp_f32.slice(1024, 256),
-                a.temp_f32.slice(5440, 256),
-                a.temp_f32.slice_mut(1280, 256),
-            )?;
-            kernels::grads_k77_matmul(
-                a.temp_f32.slice(5184, 256),
-                a.temp_f32.slice(1024, 256),
+                a.temp_f32.slice(0, 256),
                 a.temp_f32.slice_mut(2304, 256),
             )?;
-            kernels::grads_k78_copy(a.temp_f32.slice(1536, 256), a.temp_f32.slice_mut(2560, 256));
-            kernels::grads_k79_reduce(a.temp_f32.slice(2560, 256), a.temp_f32.slice_mut(1024, 16));
-            kernels::grads_k80_copy(a.temp_f32.slice(1280, 256), a.temp_f32.slice_mut(2816, 256));
-            kernels::grads_k81_reduce(a.temp_f32.slice(2816, 256), a.temp_f32.slice_mut(1040, 16));
-            kernels::grads_k82_matmul(
+            kernels::grads_k74_copy(a.temp_f32.slice(512, 256), a.temp_f32.slice_mut(2560, 256));
+            kernels::grads_k75_reduce(a.temp_f32.slice(2560, 256), a.temp_f32.slice_mut(0, 16));
+            kernels::grads_k76_copy(a.temp_f32.slice(256, 256), a.temp_f32.slice_mut(2816, 256));
+            kernels::grads_k77_reduce(a.temp_f32.slice(2816, 256), a.temp_f32.slice_mut(16, 16));
+            kernels::grads_k78_matmul(
                 a.temp_f32.slice(2816, 256),
                 a.param.slice(480, 256),
-                a.temp_f32.slice_mut(5184, 256),
+                a.temp_f32.slice_mut(3072, 256),
             )?;
-            kernels::train_k82_add_mul_sub(
-                a.temp_f32.slice(1040, 16),
+            kernels::train_k78_add_mul_sub(
+                a.temp_f32.slice(16, 16),
                 a.state.slice_mut(736, 16),
                 a.param.slice_mut(736, 16),
             );
-            kernels::train_k83_add_mul_sub(
-                a.temp_f32.slice(1024, 16),
+            kernels::train_k79_add_mul_sub(
+                a.temp_f32.slice(0, 16),
                 a.state.slice_mut(1280, 16),
                 a.param.slice_mut(1280, 16),
             );
-            kernels::train_k84_matmul_add_mul_sub(
-                a.temp_f32.slice(6720, 256),
+            kernels::train_k80_matmul_add_mul_sub(
+                a.temp_f32.slice(7744, 256),
                 a.temp_f32.slice(2048, 256),
-                a.temp_f32.slice_mut(1024, 256),
+                a.temp_f32.slice_mut(0, 256),
                 a.state.slice_mut(1296, 256),
                 a.param.slice_mut(1296, 256),
             )?;
-            kernels::train_k85_add_mul_sub(
-                a.temp_f32.slice(1856, 16),
+            kernels::train_k81_add_mul_sub(
+                a.temp_f32.slice(832, 16),
                 a.state.slice_mut(1552, 16),
                 a.param.slice_mut(1552, 16),
             );
-            kernels::train_k86_add_mul_sub(
-                a.temp_f32.slice(1840, 16),
+            kernels::train_k82_add_mul_sub(
+                a.temp_f32.slice(816, 16),
                 a.state.slice_mut(1568, 16),
                 a.param.slice_mut(1568, 16),
             );
-            kernels::train_k87_add_mul_sub(
-                a.temp_f32.slice(1824, 16),
+            kernels::train_k83_add_mul_sub(
+                a.temp_f32.slice(800, 16),
                 a.state.slice_mut(1584, 16),
                 a.param.slice_mut(1584, 16),
             );
-            kernels::train_k88_matmul_add_mul_sub(
-                a.temp_f32.slice(7488, 256),
-                a.temp_f32.slice(3072, 1024),
-                a.temp_f32.slice_mut(1024, 1024),
+            kernels::train_k84_matmul_add_mul_sub(
+                a.temp_f32.slice(8512, 256),
+                a.temp_f32.slice(4096, 1024),
+                a.temp_f32.slice_mut(0, 1024),
                 a.state.slice_mut(1600, 1024),
                 a.param.slice_mut(1600, 1024),
             )?;
-            kernels::train_k89_add_mul_sub(
-                a.temp_f32.slice(8256, 64),
+            kernels::train_k85_add_mul_sub(
+                a.temp_f32.slice(3328, 64),
                 a.state.slice_mut(2624, 64),
                 a.param.slice_mut(2624, 64),
             );
-            kernels::train_k90_matmul_add_mul_sub(
-                a.temp_f32.slice(0, 1024),
-                a.temp_f32.slice(8000, 256),
-                a.temp_f32.slice_mut(1024, 1024),
+            kernels::train_k86_matmul_add_mul_sub(
+                a.temp_f32.slice(1024, 1024),
+                a.temp_f32.slice(9024, 256),
+                a.temp_f32.slice_mut(0, 1024),
                 a.state.slice_mut(2688, 1024),
                 a.param.slice_mut(2688, 1024),
             )?;
-            kernels::train_k91_add_mul_sub(
-                a.temp_f32.slice(8544, 16),
+            kernels::train_k87_add_mul_sub(
+                a.temp_f32.slice(9504, 16),
                 a.state.slice_mut(3712, 16),
                 a.param.slice_mut(3712, 16),
             );
-            kernels::train_k92_add_mul_sub(
-                a.temp_f32.slice(8528, 16),
+            kernels::train_k88_add_mul_sub(
+                a.temp_f32.slice(9488, 16),
                 a.state.slice_mut(3728, 16),
                 a.param.slice_mut(3728, 16),
             );
-            kernels::train_k93_add_mul_sub(
-                a.temp_f32.slice(8512, 16),
+            kernels::train_k89_add_mul_sub(
+                a.temp_f32.slice(9472, 16),
                 a.state.slice_mut(3744, 16),
                 a.param.slice_mut(3744, 16),
             );
-            kernels::train_k94_matmul_add_mul_sub(
-                a.temp_f32.slice(7744, 256),
-                a.temp_f32.slice(4096, 320),
+            kernels::train_k90_matmul_add_mul_sub(
+                a.temp_f32.slice(8768, 256),
+                a.temp_f32.slice(5120, 320),
                 a.temp_f32.slice_mut(0, 320),
                 a.state.slice_mut(3760, 320),
                 a.param.slice_mut(3760, 320),
             )?;
-            kernels::train_k95_add_mul_sub(
-                a.temp_f32.slice(8384, 20),
+            kernels::train_k91_add_mul_sub(
+                a.temp_f32.slice(9344, 20),
                 a.state.slice_mut(4080, 20),
                 a.param.slice_mut(4080, 20),
             );
-            kernels::grads_k84_copy(a.temp_f32.slice(2304, 256), a.temp_f32.slice_mut(320, 256));
-            kernels::grads_k85_reduce(a.temp_f32.slice(320, 256), a.temp_f32.slice_mut(1088, 16));
-            kernels::grads_k86_matmul(
+            kernels::grads_k80_copy(a.temp_f32.slice(2304, 256), a.temp_f32.slice_mut(320, 256));
+            kernels::grads_k81_reduce(a.temp_f32.slice(320, 256), a.temp_f32.slice_mut(1088, 16));
+            kernels::grads_k82_matmul(
                 a.temp_f32.slice(320, 256),
                 a.param.slice(752, 256),
                 a.temp_f32.slice_mut(0, 256),
             )?;
-            kernels::grads_k87_matmul_add(
+            kernels::grads_k83_matmul_add(
                 a.temp_f32.slice(2560, 256),
                 a.param.slice(1024, 256),
                 a.temp_f32.slice(0, 256),
-                a.temp_f32.slice(5184, 256),
+                a.temp_f32.slice(3072, 256),
                 a.temp_f32.slice_mut(576, 256),
                 a.temp_f32.slice_mut(832, 256),
             )?;
-            kernels::train_k100_matmul_add_mul_sub(
-                a.temp_f32.slice(4928, 256),
+            kernels::train_k96_matmul_add_mul_sub(
+                a.temp_f32.slice(5952, 256),
                 a.temp_f32.slice(2560, 256),
                 a.temp_f32.slice_mut(0, 256),
                 a.state.slice_mut(1024, 256),
                 a.param.slice_mut(1024, 256),
             )?;
-            kernels::grads_k88_reduce(a.temp_f32.slice(832, 256), a.temp_f32.slice_mut(1104, 16));
-            kernels::grads_k89_reduce(
+            kernels::grads_k84_reduce(a.temp_f32.slice(832, 256), a.temp_f32.slice_mut(1104, 16));
+            kernels::grads_k85_reduce(
                 a.temp_f32.slice(832, 256),
-                a.temp_f32.slice(4672, 256),
+                a.temp_f32.slice(5696, 256),
                 a.temp_f32.slice_mut(1120, 16),
             );
-            kernels::grads_k90_reduce(
+            kernels::grads_k86_reduce(
                 a.temp_f32.slice(832, 256),
                 a.param.slice(448, 16),
-                a.temp_f32.slice(4416, 256),
-                a.temp_f32.slice(8432, 16),
+                a.temp_f32.slice(5440, 256),
+                a.temp_f32.slice(9392, 16),
                 a.temp_f32.slice_mut(0, 16),
             );
-            kernels::grads_k91_mul_sqrt_d0(
+            kernels::grads_k87_mul_sqrt_d0(
                 a.temp_f32.slice(0, 16),
-                a.temp_f32.slice(8416, 16),
+                a.temp_f32.slice(9376, 16),
                 a.temp_f32.slice_mut(16, 16),
             );
-            kernels::grads_k92_reduce(
+            kernels::grads_k88_reduce(
                 a.temp_f32.slice(832, 256),
                 a.param.slice(448, 16),
-                a.temp_f32.slice(8448, 16),
+                a.temp_f32.slice(9408, 16),
                 a.temp_f32.slice(16, 16),
-                a.temp_f32.slice(4416, 256),
+                a.temp_f32.slice(5440, 256),
                 a.temp_f32.slice_mut(0, 16),
             );
-            kernels::grads_k93_mul(a.temp_f32.slice(0, 16), a.temp_f32.slice_mut(32, 16));
-            kernels::grads_k94_add(
+            kernels::grads_k89_mul(a.temp_f32.slice(0, 16), a.temp_f32.slice_mut(32, 16));
+            kernels::grads_k90_add(
                 a.temp_f32.slice(2048, 256),
                 a.temp_f32.slice(832, 256),
                 a.param.slice(448, 16),
-                a.temp_f32.slice(8448, 16),
+                a.temp_f32.slice(9408, 16),
                 a.temp_f32.slice(16, 16),
-                a.temp_f32.slice(4416, 256),
+                a.temp_f32.slice(5440, 256),
                 a.temp_f32.slice(32, 16),
                 a.temp_f32.slice_mut(576, 256),
             );
-            kernels::grads_k95_reduce(a.temp_f32.slice(576, 256), a.temp_f32.slice_mut(832, 128));
-            kernels::grads_k96_scatter_add(
+            kernels::grads_k91_reduce(a.temp_f32.slice(576, 256), a.temp_f32.slice_mut(832, 128));
+            kernels::grads_k92_scatter_add(
                 input_ids,
                 a.temp_f32.slice(576, 256),
                 a.temp_f32.slice_mut(0, 320),
             )?;
-            kernels::train_k110_add_mul_sub(
+            kernels::train_k106_add_mul_sub(
                 a.temp_f32.slice(0, 320),
                 a.state.slice_mut(0, 320),
                 a.param.slice_mut(0, 320),
             );
-            kernels::train_k111_add_mul_sub(
+            kernels::train_k107_add_mul_sub(
                 a.temp_f32.slice(832, 128),
                 a.state.slice_mut(320, 128),
                 a.param.slice_mut(320, 128),
             );
-            kernels::train_k112_add_mul_sub(
+            kernels::train_k108_add_mul_sub(
                 a.temp_f32.slice(1120, 16),
                 a.state.slice_mut(448, 16),
                 a.param.slice_mut(448, 16),
             );
-            kernels::train_k113_add_mul_sub(
+            kernels::train_k109_add_mul_sub(
                 a.temp_f32.slice(1104, 16),
                 a.state.slice_mut(464, 16),
                 a.param.slice_mut(464, 16),
             );
-            kernels::train_k114_add_mul_sub(
+            kernels::train_k110_add_mul_sub(
                 a.temp_f32.slice(1088, 16),
                 a.state.slice_mut(1008, 16),
                 a.param.slice_mut(1008, 16),
             );
-            kernels::train_k115_matmul_add_mul_sub(
-                a.temp_f32.slice(4928, 256),
+            kernels::train_k111_matmul_add_mul_sub(
+                a.temp_f32.slice(5952, 256),
                 a.temp_f32.slice(320, 256),
                 a.temp_f32.slice_mut(0, 256),
                 a.state.slice_mut(752, 256),
                 a.param.slice_mut(752, 256),
             )?;
-            kernels::train_k116_matmul_add_mul_sub(
-                a.temp_f32.slice(4928, 256),
+            kernels::train_k112_matmul_add_mul_sub(
+                a.temp_f32.slice(5952, 256),
                 a.temp_f32.slice(2816, 256),
                 a.temp_f32.slice_mut(0, 256),
                 a.state.slice_mut(480, 256),
@@ -1286,7 +1272,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `char_lm`.
-#[pyclass(module = "fg_char_lm_192d57be1042")]
+#[pyclass(module = "fg_char_lm_8afea206983d")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -1363,39 +1349,39 @@ impl Step {
         out.set_item("ln_attn.bias", rt::py::to_numpy(py, values, &[16])?)?;
         let values = self.arenas.temp_f32.slice(3328, 256);
         out.set_item("attn.q.weight", rt::py::to_numpy(py, values, &[16, 16])?)?;
-        let values = self.arenas.temp_f32.slice(5712, 16);
+        let values = self.arenas.temp_f32.slice(4672, 16);
         out.set_item("attn.q.bias", rt::py::to_numpy(py, values, &[16])?)?;
         let values = self.arenas.temp_f32.slice(1792, 256);
         out.set_item("attn.k.weight", rt::py::to_numpy(py, values, &[16, 16])?)?;
-        let values = self.arenas.temp_f32.slice(5728, 16);
+        let values = self.arenas.temp_f32.slice(4688, 16);
         out.set_item("attn.k.bias", rt::py::to_numpy(py, values, &[16])?)?;
         let values = self.arenas.temp_f32.slice(3584, 256);
         out.set_item("attn.v.weight", rt::py::to_numpy(py, values, &[16, 16])?)?;
-        let values = self.arenas.temp_f32.slice(5696, 16);
+        let values = self.arenas.temp_f32.slice(4656, 16);
         out.set_item("attn.v.bias", rt::py::to_numpy(py, values, &[16])?)?;
         let values = self.arenas.temp_f32.slice(1536, 256);
         out.set_item("attn.out.weight", rt::py::to_numpy(py, values, &[16, 16])?)?;
-        let values = self.arenas.temp_f32.slice(6976, 16);
+        let values = self.arenas.temp_f32.slice(4640, 16);
         out.set_item("attn.out.bias", rt::py::to_numpy(py, values, &[16])?)?;
-        let values = self.arenas.temp_f32.slice(7504, 16);
+        let values = self.arenas.temp_f32.slice(4624, 16);
         out.set_item("ln_mlp.weight", rt::py::to_numpy(py, values, &[16])?)?;
-        let values = self.arenas.temp_f32.slice(7488, 16);
+        let values = self.arenas.temp_f32.slice(4608, 16);
         out.set_item("ln_mlp.bias", rt::py::to_numpy(py, values, &[16])?)?;
         let values = self.arenas.temp_f32.slice(0, 1024);
         out.set_item("mlp.up.weight", rt::py::to_numpy(py, values, &[16, 64])?)?;
-        let values = self.arenas.temp_f32.slice(8000, 64);
+        let values = self.arenas.temp_f32.slice(9024, 64);
         out.set_item("mlp.up.bias", rt::py::to_numpy(py, values, &[64])?)?;
         let values = self.arenas.temp_f32.slice(2048, 1024);
         out.set_item("mlp.down.weight", rt::py::to_numpy(py, values, &[64, 16])?)?;
-        let values = self.arenas.temp_f32.slice(8288, 16);
+        let values = self.arenas.temp_f32.slice(9312, 16);
         out.set_item("mlp.down.bias", rt::py::to_numpy(py, values, &[16])?)?;
-        let values = self.arenas.temp_f32.slice(8272, 16);
+        let values = self.arenas.temp_f32.slice(9296, 16);
         out.set_item("ln_out.weight", rt::py::to_numpy(py, values, &[16])?)?;
-        let values = self.arenas.temp_f32.slice(8256, 16);
+        let values = self.arenas.temp_f32.slice(9280, 16);
         out.set_item("ln_out.bias", rt::py::to_numpy(py, values, &[16])?)?;
-        let values = self.arenas.temp_f32.slice(4096, 320);
+        let values = self.arenas.temp_f32.slice(5120, 320);
         out.set_item("head.weight", rt::py::to_numpy(py, values, &[16, 20])?)?;
-        let values = self.arenas.temp_f32.slice(8128, 20);
+        let values = self.arenas.temp_f32.slice(9152, 20);
         out.set_item("head.bias", rt::py::to_numpy(py, values, &[20])?)?;
         Ok(out)
     }
@@ -1423,7 +1409,7 @@ impl Step {
                 })
             })
         })?;
-        Ok(self.arenas.temp_f32.slice(8560, 1)[0])
+        Ok(self.arenas.temp_f32.slice(9520, 1)[0])
     }
 
     /// Copies of every param (`kind="param"`) or optimizer state buffer (`"state"`).
@@ -1471,8 +1457,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_char_lm_192d57be1042(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_char_lm_192d57be1042")?;
+fn fg_char_lm_8afea206983d(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_char_lm_8afea206983d")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

@@ -101,16 +101,18 @@ pub fn forward_k03_mul_neg(t25: &[f32], t28: &mut [f32]) {
     t28[0] = -0.25 * x0;
 }
 
-/// matmul: matmul, add: 4×2 · 2×4.
-pub fn grads_k00_matmul_add(
+/// matmul: matmul, add, tanh: 4×2 · 2×4.
+pub fn grads_k00_matmul_add_tanh(
     input_x: &[f32],
     param_hidden_weight: &[f32],
     param_hidden_bias: &[f32],
     t3: &mut [f32],
     t5: &mut [f32],
+    t6: &mut [f32],
 ) -> Result<(), rt::Error> {
     let c = &mut t3[0..16];
     let o0 = &mut t5[0..16];
+    let o1 = &mut t6[0..16];
     rt::gemm::sgemm(
         c.len() / 4,
         4,
@@ -123,32 +125,22 @@ pub fn grads_k00_matmul_add(
         (4, 1),
         false,
     )?;
-    for (c, o0) in c.chunks(4).zip(o0.chunks_mut(4)) {
+    for ((c, o0), o1) in c.chunks(4).zip(o0.chunks_mut(4)).zip(o1.chunks_mut(4)) {
         let n = o0.len();
         let x1_row = &param_hidden_bias[0..][..n];
         for j in 0..n {
             let x0 = c[j];
             let x1 = x1_row[j];
-            o0[j] = x0 + x1;
+            let t0 = x0 + x1;
+            o0[j] = t0;
+            o1[j] = Math::tanh(t0);
         }
     }
     Ok(())
 }
 
-/// elementwise: tanh over [4, 4].
-pub fn grads_k01_tanh(t5: &[f32], t6: &mut [f32]) {
-    t6[0..16].chunks_mut(16).enumerate().for_each(|(row, o0)| {
-        let n = o0.len();
-        let x0_row = &t5[row * 16..][..n];
-        for j in 0..n {
-            let x0 = x0_row[j];
-            o0[j] = Math::tanh(x0);
-        }
-    });
-}
-
 /// matmul: matmul, add, log, log.d0, maximum.d0, mul, neg, sigmoid, sigmoid.d0, sub: 4×4 · 4×1.
-pub fn grads_k02_matmul_add_log_etc(
+pub fn grads_k01_matmul_add_log_etc(
     t6: &[f32],
     param_out_weight: &[f32],
     c112: &[f32],
@@ -208,7 +200,7 @@ pub fn grads_k02_matmul_add_log_etc(
 }
 
 /// reduce: reduce_sum over [4, 1].
-pub fn grads_k03_reduce(t54: &[f32], t55: &mut [f32]) {
+pub fn grads_k02_reduce(t54: &[f32], t55: &mut [f32]) {
     t55[0..1].iter_mut().for_each(|acc_out| {
         let mut acc = 0.0_f64;
         for i0 in 0..4 {
@@ -220,7 +212,7 @@ pub fn grads_k03_reduce(t54: &[f32], t55: &mut [f32]) {
 }
 
 /// matmul: matmul: 4×4 · 4×1.
-pub fn grads_k04_matmul(t6: &[f32], t54: &[f32], t60: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k03_matmul(t6: &[f32], t54: &[f32], t60: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         4,
@@ -238,7 +230,7 @@ pub fn grads_k04_matmul(t6: &[f32], t54: &[f32], t60: &mut [f32]) -> Result<(), 
 }
 
 /// matmul: matmul, mul, tanh.d0: 4×1 · 1×4.
-pub fn grads_k05_matmul_mul_tanh_d0(
+pub fn grads_k04_matmul_mul_tanh_d0(
     t54: &[f32],
     param_out_weight: &[f32],
     t5: &[f32],
@@ -273,7 +265,7 @@ pub fn grads_k05_matmul_mul_tanh_d0(
 }
 
 /// reduce: reduce_sum over [4, 4].
-pub fn grads_k06_reduce(t62: &[f32], t63: &mut [f32]) {
+pub fn grads_k05_reduce(t62: &[f32], t63: &mut [f32]) {
     t63[0..4].chunks_mut(4).for_each(|outs| {
         for (j, acc_out) in outs.iter_mut().enumerate() {
             let mut acc = 0.0_f32;
@@ -287,7 +279,7 @@ pub fn grads_k06_reduce(t62: &[f32], t63: &mut [f32]) {
 }
 
 /// matmul: matmul: 2×4 · 4×4.
-pub fn grads_k07_matmul(input_x: &[f32], t62: &[f32], t68: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k06_matmul(input_x: &[f32], t62: &[f32], t68: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         2,
@@ -304,16 +296,18 @@ pub fn grads_k07_matmul(input_x: &[f32], t62: &[f32], t68: &mut [f32]) -> Result
     Ok(())
 }
 
-/// matmul: matmul, add: 4×4 · 4×1.
-pub fn train_k02_matmul_add(
+/// matmul: matmul, add, sigmoid: 4×4 · 4×1.
+pub fn train_k01_matmul_add_sigmoid(
     t6: &[f32],
     param_out_weight: &[f32],
     param_out_bias: &[f32],
     t8: &mut [f32],
     t10: &mut [f32],
+    t11: &mut [f32],
 ) -> Result<(), rt::Error> {
     let c = &mut t8[0..4];
     let o0 = &mut t10[0..4];
+    let o1 = &mut t11[0..4];
     rt::gemm::sgemm(
         c.len(),
         1,
@@ -331,24 +325,13 @@ pub fn train_k02_matmul_add(
     for j in 0..n {
         let x0 = c[j];
         o0[j] = x0 + x1;
+        o1[j] = (0.5) * Math::tanh((0.5) * x0 + (0.5) * x1) + 0.5;
     }
     Ok(())
 }
 
-/// elementwise: sigmoid over [4, 1].
-pub fn train_k03_sigmoid(t10: &[f32], t11: &mut [f32]) {
-    t11[0..4].chunks_mut(4).enumerate().for_each(|(row, o0)| {
-        let n = o0.len();
-        let x0_row = &t10[row * 4..][..n];
-        for j in 0..n {
-            let x0 = x0_row[j];
-            o0[j] = (0.5) * Math::tanh((0.5) * x0) + 0.5;
-        }
-    });
-}
-
 /// elementwise: log over [4, 1].
-pub fn train_k04_log(t11: &[f32], t12: &mut [f32]) {
+pub fn train_k02_log(t11: &[f32], t12: &mut [f32]) {
     t12[0..4].chunks_mut(4).enumerate().for_each(|(row, o0)| {
         let n = o0.len();
         let x0_row = &t11[row * 4..][..n];
@@ -360,7 +343,7 @@ pub fn train_k04_log(t11: &[f32], t12: &mut [f32]) {
 }
 
 /// elementwise: log over [4, 1].
-pub fn train_k05_log(t11: &[f32], t17: &mut [f32]) {
+pub fn train_k03_log(t11: &[f32], t17: &mut [f32]) {
     t17[0..4].chunks_mut(4).enumerate().for_each(|(row, o0)| {
         let n = o0.len();
         let x0_row = &t11[row * 4..][..n];
@@ -372,7 +355,7 @@ pub fn train_k05_log(t11: &[f32], t17: &mut [f32]) {
 }
 
 /// reduce: add, maximum, mul, reduce_sum over [4, 1].
-pub fn train_k06_reduce(input_y: &[f32], t12: &[f32], t17: &[f32], t25: &mut [f32]) {
+pub fn train_k04_reduce(input_y: &[f32], t12: &[f32], t17: &[f32], t25: &mut [f32]) {
     t25[0..1].iter_mut().for_each(|acc_out| {
         let mut acc = 0.0_f64;
         for i0 in 0..4 {
@@ -386,7 +369,7 @@ pub fn train_k06_reduce(input_y: &[f32], t12: &[f32], t17: &[f32], t25: &mut [f3
 }
 
 /// elementwise: add, log.d0, maximum.d0, mul, neg, sigmoid.d0 over [4, 1].
-pub fn train_k08_add_log_d0_etc(
+pub fn train_k06_add_log_d0_etc(
     c112: &[f32],
     input_y: &[f32],
     t17: &[f32],
@@ -435,7 +418,7 @@ pub fn train_k08_add_log_d0_etc(
 }
 
 /// matmul: matmul, add, mul, sub: 2×4 · 4×4.
-pub fn train_k12_matmul_add_mul_sub(
+pub fn train_k10_matmul_add_mul_sub(
     input_x: &[f32],
     t62: &[f32],
     t68: &mut [f32],
@@ -471,7 +454,7 @@ pub fn train_k12_matmul_add_mul_sub(
 }
 
 /// elementwise: add, mul, sub over [4].
-pub fn train_k13_add_mul_sub(
+pub fn train_k11_add_mul_sub(
     t63: &[f32],
     state_momentum_buffer_hidden_bias: &mut [f32],
     param_hidden_bias: &mut [f32],
@@ -494,7 +477,7 @@ pub fn train_k13_add_mul_sub(
 }
 
 /// matmul: matmul, add, mul, sub: 4×4 · 4×1.
-pub fn train_k14_matmul_add_mul_sub(
+pub fn train_k12_matmul_add_mul_sub(
     t6: &[f32],
     t54: &[f32],
     t60: &mut [f32],
@@ -528,7 +511,7 @@ pub fn train_k14_matmul_add_mul_sub(
 }
 
 /// elementwise: add, mul, sub over [1].
-pub fn train_k15_add_mul_sub(
+pub fn train_k13_add_mul_sub(
     t55: &[f32],
     state_momentum_buffer_out_bias: &mut [f32],
     param_out_bias: &mut [f32],

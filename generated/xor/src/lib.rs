@@ -103,45 +103,45 @@ impl Arenas {
         Ok(())
     }
 
-    /// `grads`: 8 kernels.
+    /// `grads`: 7 kernels.
     fn grads(&mut self, input_x: &[f32], input_y: &[f32]) -> Result<(), rt::Error> {
         let a = &*self;
         // SAFETY: the memory plan gives buffers that are live at the same time
         // disjoint ranges of their arena, and a kernel writing a buffer in place
         // reads it only through that same mutable slice.
         unsafe {
-            kernels::grads_k00_matmul_add(
+            kernels::grads_k00_matmul_add_tanh(
                 input_x,
                 a.param.slice(0, 8),
                 a.param.slice(16, 4),
                 a.temp_f32.slice_mut(0, 16),
                 a.temp_f32.slice_mut(16, 16),
+                a.temp_f32.slice_mut(32, 16),
             )?;
-            kernels::grads_k01_tanh(a.temp_f32.slice(16, 16), a.temp_f32.slice_mut(0, 16));
-            kernels::grads_k02_matmul_add_log_etc(
-                a.temp_f32.slice(0, 16),
+            kernels::grads_k01_matmul_add_log_etc(
+                a.temp_f32.slice(32, 16),
                 a.param.slice(32, 4),
                 a.const_f32.slice(0, 4),
                 input_y,
                 a.param.slice(48, 1),
-                a.temp_f32.slice_mut(32, 4),
+                a.temp_f32.slice_mut(0, 4),
                 a.temp_f32.slice_mut(48, 4),
             )?;
-            kernels::grads_k03_reduce(a.temp_f32.slice(48, 4), a.temp_f32.slice_mut(80, 1));
-            kernels::grads_k04_matmul(
-                a.temp_f32.slice(0, 16),
+            kernels::grads_k02_reduce(a.temp_f32.slice(48, 4), a.temp_f32.slice_mut(80, 1));
+            kernels::grads_k03_matmul(
+                a.temp_f32.slice(32, 16),
                 a.temp_f32.slice(48, 4),
                 a.temp_f32.slice_mut(64, 4),
             )?;
-            kernels::grads_k05_matmul_mul_tanh_d0(
+            kernels::grads_k04_matmul_mul_tanh_d0(
                 a.temp_f32.slice(48, 4),
                 a.param.slice(32, 4),
                 a.temp_f32.slice(16, 16),
                 a.temp_f32.slice_mut(0, 16),
                 a.temp_f32.slice_mut(32, 16),
             )?;
-            kernels::grads_k06_reduce(a.temp_f32.slice(32, 16), a.temp_f32.slice_mut(16, 4));
-            kernels::grads_k07_matmul(
+            kernels::grads_k05_reduce(a.temp_f32.slice(32, 16), a.temp_f32.slice_mut(16, 4));
+            kernels::grads_k06_matmul(
                 input_x,
                 a.temp_f32.slice(32, 16),
                 a.temp_f32.slice_mut(0, 8),
@@ -150,76 +150,76 @@ impl Arenas {
         Ok(())
     }
 
-    /// `train`: 16 kernels.
+    /// `train`: 14 kernels.
     fn train(&mut self, input_x: &[f32], input_y: &[f32]) -> Result<(), rt::Error> {
         let a = &*self;
         // SAFETY: the memory plan gives buffers that are live at the same time
         // disjoint ranges of their arena, and a kernel writing a buffer in place
         // reads it only through that same mutable slice.
         unsafe {
-            kernels::grads_k00_matmul_add(
+            kernels::grads_k00_matmul_add_tanh(
                 input_x,
                 a.param.slice(0, 8),
                 a.param.slice(16, 4),
                 a.temp_f32.slice_mut(0, 16),
                 a.temp_f32.slice_mut(16, 16),
+                a.temp_f32.slice_mut(32, 16),
             )?;
-            kernels::grads_k01_tanh(a.temp_f32.slice(16, 16), a.temp_f32.slice_mut(0, 16));
-            kernels::train_k02_matmul_add(
-                a.temp_f32.slice(0, 16),
+            kernels::train_k01_matmul_add_sigmoid(
+                a.temp_f32.slice(32, 16),
                 a.param.slice(32, 4),
                 a.param.slice(48, 1),
+                a.temp_f32.slice_mut(64, 4),
+                a.temp_f32.slice_mut(0, 4),
                 a.temp_f32.slice_mut(48, 4),
-                a.temp_f32.slice_mut(32, 4),
             )?;
-            kernels::train_k03_sigmoid(a.temp_f32.slice(32, 4), a.temp_f32.slice_mut(48, 4));
-            kernels::train_k04_log(a.temp_f32.slice(48, 4), a.temp_f32.slice_mut(64, 4));
-            kernels::train_k05_log(a.temp_f32.slice(48, 4), a.temp_f32.slice_mut(80, 4));
-            kernels::train_k06_reduce(
+            kernels::train_k02_log(a.temp_f32.slice(48, 4), a.temp_f32.slice_mut(64, 4));
+            kernels::train_k03_log(a.temp_f32.slice(48, 4), a.temp_f32.slice_mut(80, 4));
+            kernels::train_k04_reduce(
                 input_y,
                 a.temp_f32.slice(64, 4),
                 a.temp_f32.slice(80, 4),
                 a.temp_f32.slice_mut(96, 1),
             );
             kernels::forward_k03_mul_neg(a.temp_f32.slice(96, 1), a.temp_f32.slice_mut(112, 1));
-            kernels::train_k08_add_log_d0_etc(
+            kernels::train_k06_add_log_d0_etc(
                 a.const_f32.slice(0, 4),
                 input_y,
                 a.temp_f32.slice(80, 4),
                 a.temp_f32.slice(48, 4),
                 a.temp_f32.slice(64, 4),
-                a.temp_f32.slice(32, 4),
+                a.temp_f32.slice(0, 4),
                 a.temp_f32.slice_mut(96, 4),
             );
-            kernels::grads_k03_reduce(a.temp_f32.slice(96, 4), a.temp_f32.slice_mut(64, 1));
-            kernels::grads_k05_matmul_mul_tanh_d0(
+            kernels::grads_k02_reduce(a.temp_f32.slice(96, 4), a.temp_f32.slice_mut(64, 1));
+            kernels::grads_k04_matmul_mul_tanh_d0(
                 a.temp_f32.slice(96, 4),
                 a.param.slice(32, 4),
                 a.temp_f32.slice(16, 16),
-                a.temp_f32.slice_mut(32, 16),
+                a.temp_f32.slice_mut(0, 16),
                 a.temp_f32.slice_mut(48, 16),
             )?;
-            kernels::grads_k06_reduce(a.temp_f32.slice(48, 16), a.temp_f32.slice_mut(32, 4));
-            kernels::train_k12_matmul_add_mul_sub(
+            kernels::grads_k05_reduce(a.temp_f32.slice(48, 16), a.temp_f32.slice_mut(16, 4));
+            kernels::train_k10_matmul_add_mul_sub(
                 input_x,
                 a.temp_f32.slice(48, 16),
-                a.temp_f32.slice_mut(16, 8),
+                a.temp_f32.slice_mut(0, 8),
                 a.state.slice_mut(0, 8),
                 a.param.slice_mut(0, 8),
             )?;
-            kernels::train_k13_add_mul_sub(
-                a.temp_f32.slice(32, 4),
+            kernels::train_k11_add_mul_sub(
+                a.temp_f32.slice(16, 4),
                 a.state.slice_mut(16, 4),
                 a.param.slice_mut(16, 4),
             );
-            kernels::train_k14_matmul_add_mul_sub(
-                a.temp_f32.slice(0, 16),
+            kernels::train_k12_matmul_add_mul_sub(
+                a.temp_f32.slice(32, 16),
                 a.temp_f32.slice(96, 4),
-                a.temp_f32.slice_mut(16, 4),
+                a.temp_f32.slice_mut(0, 4),
                 a.state.slice_mut(32, 4),
                 a.param.slice_mut(32, 4),
             )?;
-            kernels::train_k15_add_mul_sub(
+            kernels::train_k13_add_mul_sub(
                 a.temp_f32.slice(64, 1),
                 a.state.slice_mut(48, 1),
                 a.param.slice_mut(48, 1),
@@ -242,7 +242,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `xor_net`.
-#[pyclass(module = "fg_xor_net_e26d63ece886")]
+#[pyclass(module = "fg_xor_net_703c5f57d875")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -381,8 +381,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_xor_net_e26d63ece886(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_xor_net_e26d63ece886")?;
+fn fg_xor_net_703c5f57d875(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_xor_net_703c5f57d875")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

@@ -840,14 +840,15 @@ impl Executor {
             .ok_or_else(|| Error::layout(format!("`{entry}` has no result `{key}`")))
     }
 
-    /// Fills every `temp_*` arena with `0xff` bytes (NaN as f32, -1 as i32) and
-    /// waits: a test that poisons before a call sees any result no kernel wrote.
+    /// Fills every `temp_*` arena and `scratch_f32` (split reductions' partials)
+    /// with `0xff` bytes (NaN as f32, -1 as i32) and waits: a test that poisons
+    /// before a call sees any result no kernel wrote.
     pub fn poison_temps(&self) -> Result<(), Error> {
         self.device.bind()?;
         for a in self
             .arenas
             .iter()
-            .filter(|a| a.spec.name.starts_with("temp_"))
+            .filter(|a| a.spec.name.starts_with("temp_") || a.spec.name == "scratch_f32")
         {
             if a.buf.bytes() > 0 {
                 // SAFETY: the whole allocation, on our stream.

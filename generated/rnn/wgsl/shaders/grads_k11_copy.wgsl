@@ -8,6 +8,6 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (i >= 4u) {
         return;
     }
-    let x0 = f32s[835 + i * 5];
-    f32s[432 + i] = x0;
+    let x0 = f32s[836 + i * 5];
+    f32s[704 + i] = x0;
 }

@@ -20,7 +20,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (i >= 32u) {
         return;
     }
-    let x0 = f32s[288 + i];
-    let x1 = f32s[256 + i];
-    f32s[544 + i] = x0*(1.0 - (fg_tanh(x1) * fg_tanh(x1)));
+    let x0 = f32s[128 + i];
+    let x1 = f32s[448 + i];
+    f32s[160 + i] = x0*(1.0 - (fg_tanh(x1) * fg_tanh(x1)));
 }

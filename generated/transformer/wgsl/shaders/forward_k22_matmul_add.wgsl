@@ -19,7 +19,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
         var va = 0.0;
         var vb = 0.0;
         if (row < 8u && ka < 64u) {
-            va = f32s[9344 + g * 512 + row * 64 + ka];
+            va = f32s[8320 + g * 512 + row * 64 + ka];
         }
         if (kb < 64u && col < 16u) {
             vb = f32s[2688 + kb * 16 + col];
@@ -33,6 +33,6 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
         workgroupBarrier();
     }
     if (row < 8u && col < 16u) {
-        f32s[8320 + g * 128 + row * 16 + col] = acc;
+        f32s[9344 + g * 128 + row * 16 + col] = acc;
     }
 }

@@ -10,7 +10,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     let c0 = i / 16u;
     let c1 = i % 16u;
-    let x0 = f32s[8320 + c0 * 16 + c1];
+    let x0 = f32s[9344 + c0 * 16 + c1];
     let x1 = f32s[3712 + c1];
-    f32s[8576 + c0 * 16 + c1] = x0 + x1;
+    f32s[9600 + c0 * 16 + c1] = x0 + x1;
 }

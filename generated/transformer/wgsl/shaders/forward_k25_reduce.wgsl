@@ -12,7 +12,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     var acc = 0.0;
     for (var j = lane; j < 16u; j = j + 64u) {
         let x0 = f32s[10368 + row * 16 + j];
-        let x1 = f32s[8576 + row * 16 + j];
+        let x1 = f32s[9600 + row * 16 + j];
         let x2 = f32s[8336 + row];
         acc = acc + ((x0 + x1 - x2) * (x0 + x1 - x2));
     }

@@ -11,7 +11,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     let c0 = i / 16u;
     let c1 = i % 16u;
     let x0 = f32s[10368 + c0 * 16 + c1];
-    let x1 = f32s[8576 + c0 * 16 + c1];
+    let x1 = f32s[9600 + c0 * 16 + c1];
     let x2 = f32s[8336 + c0];
     let x3 = f32s[8320 + c0];
     let x4 = f32s[3728 + c1];

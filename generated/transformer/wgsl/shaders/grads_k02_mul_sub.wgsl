@@ -14,5 +14,5 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     let x0 = f32s[8320 + c0 * 128 + c1 * 16 + c2];
     let x1 = f32s[320 + c1 * 16 + c2];
     let x2 = f32s[8576 + c0 * 8 + c1];
-    f32s[12736 + c0 * 128 + c1 * 16 + c2] = x0 + x1 - 0.0625*x2;
+    f32s[13760 + c0 * 128 + c1 * 16 + c2] = x0 + x1 - 0.0625*x2;
 }

@@ -8,6 +8,6 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (i >= 16u) {
         return;
     }
-    let x0 = f32s[16480 + i];
-    f32s[16496 + i] = sqrt(0.0625*x0 + 0.00001);
+    let x0 = f32s[17504 + i];
+    f32s[17520 + i] = sqrt(0.0625*x0 + 0.00001);
 }

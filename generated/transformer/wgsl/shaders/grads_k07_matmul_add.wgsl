@@ -19,10 +19,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
         var va = 0.0;
         var vb = 0.0;
         if (row < 8u && ka < 16u) {
-            va = f32s[13248 + g * 128 + row * 16 + ka];
+            va = f32s[14272 + g * 128 + row * 16 + ka];
         }
         if (kb < 16u && col < 16u) {
-            vb = f32s[480 + kb * 16 + col];
+            vb = f32s[752 + kb * 16 + col];
         }
         tile_a[lid.y * 16u + lid.x] = va;
         tile_b[lid.y * 16u + lid.x] = vb;

@@ -11,6 +11,6 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     let c0 = i / 16u;
     let c1 = i % 16u;
     let x0 = f32s[8576 + c0 * 16 + c1];
-    let x1 = f32s[736 + c1];
-    f32s[13504 + c0 * 16 + c1] = x0 + x1;
+    let x1 = f32s[1008 + c1];
+    f32s[14784 + c0 * 16 + c1] = x0 + x1;
 }

@@ -10,8 +10,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     let c0 = i / 128u;
     let c1 = i / 16u % 8u;
-    let c2 = i / 8u % 2u;
-    let c3 = i % 8u;
-    let x0 = f32s[10112 + c0 * 128 + c1 * 8 + c2 * 64 + c3];
-    f32s[11392 + c0 * 128 + c1 * 16 + c2 * 8 + c3] = x0;
+    let c2 = i % 16u;
+    let x0 = f32s[11648 + c0 * 128 + c1 + c2 * 8];
+    f32s[12160 + c0 * 128 + c1 * 16 + c2] = x0;
 }

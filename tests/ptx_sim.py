@@ -1,0 +1,239 @@
+"""A small PTX interpreter for tests: runs a launch plan's kernels without a GPU.
+
+It executes the subset of PTX the renderer emits for reductions (integer index
+arithmetic, f32 loads, stores and IEEE-rounded arithmetic, predicates, branches and
+``shfl.sync.bfly``) over every thread of a launch at once, NumPy vectors of
+registers, one instruction at a time for the threads at the lowest program counter
+("min-PC" scheduling: a thread that leaves a loop early waits where the others will
+join it, as a warp reconverges). Anything outside the subset raises, so a test can
+never pass by skipping what it does not understand. Memory is one byte heap with the
+arenas at fake addresses; an access outside every arena raises.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ferrograd.codegen.launch_plan import BufferRef, DeviceModule, DevicePlan, Launch
+
+REG_DTYPES = {"%p": np.bool_, "%r": np.uint32, "%f": np.float32, "%rd": np.uint64}
+ELEM_BYTES = {"f32": 4, "i32": 4, "u32": 4, "bool": 1}
+INT_BINARY = {"add.u32": np.add, "sub.u32": np.subtract, "mul.lo.u32": np.multiply,
+              "min.u32": np.minimum, "and.b32": np.bitwise_and, "rem.u32": np.remainder,
+              "div.u32": np.floor_divide, "shr.u32": np.right_shift, "add.s64": np.add,
+              "add.s32": np.add, "mul.lo.s32": np.multiply}
+FLOAT_BINARY = {"add.rn.f32": np.add, "sub.rn.f32": np.subtract, "mul.rn.f32": np.multiply,
+                "max.NaN.f32": np.maximum, "min.NaN.f32": np.minimum}
+COMPARE = {"lt": np.less, "le": np.less_equal, "gt": np.greater, "ge": np.greater_equal,
+           "eq": np.equal, "ne": np.not_equal}
+
+
+@dataclass
+class Instruction:
+    op: str
+    operands: list[str]
+    guard: str | None  # "%p1" or "!%p1"
+
+
+def parse_entries(source: str) -> dict[str, tuple[list[str], list[Instruction], dict[str, int]]]:
+    """entry name -> (parameter names, instructions, label -> instruction index)."""
+    out = {}
+    for m in re.finditer(r"\.visible \.entry (\w+)\((.*?)\)\s*\{(.*?)\n\}", source, re.S):
+        params = re.findall(r"\.param \.\w+ (\w+)", m.group(2))
+        code: list[Instruction] = []
+        labels: dict[str, int] = {}
+        for line in m.group(3).splitlines():
+            line = line.strip()
+            if not line or line.startswith(("//", ".reg")):
+                continue
+            if line.endswith(":"):
+                labels[line[:-1]] = len(code)
+                continue
+            if line.startswith("."):
+                raise NotImplementedError(f"ptx_sim: directive {line!r}")
+            guard = None
+            if line.startswith("@"):
+                guard, line = line[1:].split(None, 1)
+            op, _, rest = line.rstrip(";").partition(" ")
+            operands = [o.strip() for o in re.split(r",(?![^{]*\})", rest)] if rest else []
+            code.append(Instruction(op, operands, guard))
+        out[m.group(1)] = (params, code, labels)
+    return out
+
+
+class Machine:
+    """Arenas of a ``DeviceModule`` on a fake device, and its plans' launches."""
+
+    def __init__(self, module: DeviceModule, elem: dict[str, str], fill: float = np.nan
+                 ) -> None:
+        """``elem``: the element dtype of each arena (inputs included); f32 arenas start
+        filled with ``fill`` (NaN: a result no kernel wrote shows)."""
+        self.module = module
+        self.entries = parse_entries(module.source)
+        self.base: dict[str, int] = {}
+        self.elem = elem
+        size = 256
+        for name, n in module.arena_sizes.items():
+            self.base[name] = size
+            size += (max(n, 1) * ELEM_BYTES[elem[name]] + 255) // 256 * 256
+        self.heap = np.zeros(size, np.uint8)
+        for name in module.arena_sizes:
+            if elem[name] == "f32":
+                self.array(name)[:] = fill
+        for name, data in module.consts.items():
+            if data:
+                self.heap[self.base[name]:self.base[name] + len(data)] = np.frombuffer(data,
+                                                                                        np.uint8)
+
+    def array(self, arena: str) -> np.ndarray:
+        """The arena's elements, a writable view of the heap."""
+        dtype = {"f32": np.float32, "i32": np.int32, "u32": np.uint32, "bool": np.uint8}
+        n = max(self.module.arena_sizes[arena], 1) * ELEM_BYTES[self.elem[arena]]
+        return self.heap[self.base[arena]:self.base[arena] + n].view(dtype[self.elem[arena]])
+
+    def address(self, ref: BufferRef) -> int:
+        return self.base[ref.arena] + ref.offset * ELEM_BYTES[self.elem[ref.arena]]
+
+    def run_plan(self, plan: DevicePlan) -> None:
+        for step in plan.steps:
+            if not isinstance(step, Launch):
+                raise NotImplementedError("ptx_sim runs kernel launches only")
+            self.launch(step)
+
+    def launch(self, step: Launch) -> None:
+        params, code, labels = self.entries[step.kernel]
+        values = []
+        for a in step.args:
+            if not isinstance(a, BufferRef):
+                raise NotImplementedError("ptx_sim: scalar arguments")
+            values.append(self.address(a))
+        Threads(self, dict(zip(params, values, strict=True)), code, labels, step.grid,
+                step.block).run()
+
+
+class Threads:
+    """Every thread of one launch, as vectors."""
+
+    def __init__(self, m: Machine, params: dict[str, int], code: list[Instruction],
+                 labels: dict[str, int], grid: tuple[int, int, int],
+                 block: tuple[int, int, int]) -> None:
+        if block[1:] != (1, 1) or grid[2] != 1 or block[0] % 32:
+            raise NotImplementedError("ptx_sim: 1-D blocks of whole warps, 2-D grids")
+        self.m, self.params, self.code, self.labels = m, params, code, labels
+        n = grid[0] * grid[1] * block[0]
+        g = np.arange(n, dtype=np.uint32)
+        blk = g // block[0]
+        self.special = {"%tid.x": g % block[0], "%ntid.x": np.full(n, block[0], np.uint32),
+                        "%ctaid.x": blk % grid[0], "%ctaid.y": blk // grid[0],
+                        "%nctaid.x": np.full(n, grid[0], np.uint32),
+                        "%nctaid.y": np.full(n, grid[1], np.uint32)}
+        self.n = n
+        self.regs: dict[str, np.ndarray] = {}
+        self.pc = np.zeros(n, np.int64)
+        self.live = np.ones(n, bool)
+
+    def reg(self, name: str) -> np.ndarray:
+        if name not in self.regs:
+            prefix = re.match(r"%[a-z]+", name)
+            assert prefix is not None, name
+            self.regs[name] = np.zeros(self.n, REG_DTYPES[prefix.group(0)])
+        return self.regs[name]
+
+    def value(self, operand: str, dtype: Any, sel: np.ndarray) -> np.ndarray:
+        """An operand's values for the threads ``sel``, as ``dtype``."""
+        if operand in self.special:
+            return self.special[operand][sel].astype(dtype)
+        if operand.startswith("%"):
+            return self.reg(operand)[sel].astype(dtype) if self.reg(operand).dtype != dtype \
+                else self.reg(operand)[sel]
+        if operand.startswith("0f"):
+            bits = int(operand[2:], 16)
+            return np.full(int(sel.sum()), struct.unpack("<f", struct.pack("<I", bits))[0],
+                           np.float32)
+        return np.full(int(sel.sum()), int(operand, 0)).astype(dtype)
+
+    def set(self, name: str, sel: np.ndarray, values: np.ndarray) -> None:
+        reg = self.reg(name)
+        reg[sel] = values.astype(reg.dtype)
+
+    def memory(self, operand: str, sel: np.ndarray, nbytes: int) -> np.ndarray:
+        """Byte addresses of ``[reg+imm]`` for ``sel``, checked against the arenas."""
+        inner = operand.strip("[]")
+        reg, _, imm = inner.partition("+")
+        addr = self.value(reg, np.uint64, sel).astype(np.int64) + int(imm or 0)
+        ok = np.zeros(addr.shape, bool)
+        for name, base in self.m.base.items():
+            size = self.m.module.arena_sizes[name] * ELEM_BYTES[self.m.elem[name]]
+            ok |= (addr >= base) & (addr + nbytes <= base + size)
+        if not ok.all():
+            raise IndexError(f"ptx_sim: access outside every arena at {addr[~ok][:4]}")
+        return addr
+
+    def run(self) -> None:
+        while self.live.any():
+            pc = int(self.pc[self.live].min())
+            sel = self.live & (self.pc == pc)
+            ins = self.code[pc]
+            if ins.guard:
+                p = self.reg(ins.guard.lstrip("!"))
+                run = sel & (~p if ins.guard.startswith("!") else p)
+            else:
+                run = sel
+            self.pc[sel] = pc + 1
+            if ins.op == "ret":
+                self.live[run] = False
+            elif ins.op == "bra":
+                self.pc[run] = self.labels[ins.operands[0]]
+            elif run.any():
+                self.execute(ins, run)
+
+    def execute(self, ins: Instruction, run: np.ndarray) -> None:
+        op, o = ins.op, ins.operands
+        if op in ("mov.u32", "mov.b32", "mov.f32", "cvta.to.global.u64"):
+            self.set(o[0], run, self.value(o[1], self.reg(o[0]).dtype, run))
+        elif op == "ld.param.u64":
+            self.set(o[0], run, np.full(int(run.sum()), self.params[o[1].strip("[]")]))
+        elif op in INT_BINARY:
+            t = np.uint64 if op.endswith("64") else np.uint32
+            self.set(o[0], run, INT_BINARY[op](self.value(o[1], t, run), self.value(o[2], t, run)))
+        elif op == "mad.lo.u32":
+            a, b, c = (self.value(x, np.uint32, run) for x in o[1:])
+            self.set(o[0], run, a * b + c)
+        elif op == "mul.wide.u32":
+            self.set(o[0], run, self.value(o[1], np.uint64, run) * self.value(o[2], np.uint64, run))
+        elif op in FLOAT_BINARY:
+            with np.errstate(all="ignore"):
+                self.set(o[0], run, FLOAT_BINARY[op](self.value(o[1], np.float32, run),
+                                                     self.value(o[2], np.float32, run)))
+        elif op.startswith("setp."):
+            _, cmp, kind = op.split(".")
+            t = {"u32": np.uint32, "s32": np.int32, "f32": np.float32, "b32": np.uint32}[kind]
+            self.set(o[0], run, COMPARE[cmp](self.value(o[1], t, run), self.value(o[2], t, run)))
+        elif op in ("selp.f32", "selp.b32"):
+            t = self.reg(o[0]).dtype
+            self.set(o[0], run, np.where(self.reg(o[3])[run], self.value(o[1], t, run),
+                                         self.value(o[2], t, run)))
+        elif op in ("ld.global.f32", "ld.global.b32"):
+            addr = self.memory(o[1], run, 4)
+            word = self.m.heap[addr[:, None] + np.arange(4)].copy().view(np.uint32)[:, 0]
+            self.set(o[0], run, word.view(np.float32) if op.endswith("f32") else word)
+        elif op in ("st.global.f32", "st.global.b32"):
+            addr = self.memory(o[0], run, 4)
+            reg = self.reg(o[1])
+            data = np.ascontiguousarray(reg[run]).view(np.uint8).reshape(-1, 4)
+            self.m.heap[addr[:, None] + np.arange(4)] = data
+        elif op == "shfl.sync.bfly.b32":
+            if o[3] != "0x1f" or o[4] != "0xffffffff":
+                raise NotImplementedError(f"ptx_sim: {op} {o}")
+            if not np.array_equal(run, np.repeat(run.reshape(-1, 32).any(1), 32)):
+                raise AssertionError("ptx_sim: shfl.sync with part of a warp")
+            src = self.reg(o[1]).copy()
+            partner = np.arange(self.n) ^ int(o[2], 0)
+            self.set(o[0], run, src[partner][run])
+        else:
+            raise NotImplementedError(f"ptx_sim: no semantics for {op}")
