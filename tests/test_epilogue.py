@@ -8,6 +8,7 @@ optimizer updates written in place by the epilogue of a weight-gradient matmul.
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import numpy as np
@@ -260,3 +261,12 @@ def test_gelu_step_with_a_stored_cdf_matches_interpreter() -> None:
         close(cpu.grads(**x), ref.grads(**x), 2e-4, 2e-5)
         assert cpu(**x) == pytest.approx(ref(**x), rel=1e-4, abs=1e-5)
         close(cpu.params, ref.params, 2e-4, 2e-5)
+
+
+def test_irrational_constant_factors_print_as_one_literal() -> None:
+    """Phi'(x) = exp(-x²/2)/sqrt(2·pi): the printer folds the constants into one f32
+    literal rather than dividing by consts::PI.sqrt() per element."""
+    lw = fg.lower(gelu_mlp(), optimizer=fg.optim.SGD(lr=0.1), backend="cpu", B=8)
+    source = lw.crate.files["src/kernels.rs"].decode()
+    assert "0.3989423 * " in source
+    assert not re.search(r"(_f32|consts::\w+)\.sqrt\(\)", source)  # no constant roots

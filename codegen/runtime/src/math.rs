@@ -201,44 +201,72 @@ impl<const FMA: bool> Math<FMA> {
     /// ```
     #[inline]
     pub fn erf(x: f32) -> f32 {
-        // |x| < 0.875: erf x = x + x P(x^2).
+        // |x| < 0.9: erf x = x + x P(x^2).
         let z = x * x;
-        let near = x + x * poly::<FMA, _>(
-            z,
-            [
-                8.737_628e-5,
-                -8.225_873_5e-4,
-                0.005_208_075_5,
-                -0.026_862_144,
-                0.112_837_44,
-                -0.376_126_38,
-                0.128_379_17,
-            ],
+        let near = mul_add::<FMA>(
+            x,
+            poly::<FMA, _>(
+                z,
+                [
+                    -6.090_344_4e-4,
+                    5.011_957e-3,
+                    -2.677_890_3e-2,
+                    0.112_821_41,
+                    -0.376_125_25,
+                    0.128_379_15,
+                ],
+            ),
+            x,
         );
-        // Beyond: erf |x| = 1 - e^(-x^2) Q(1/|x|), which is 1 in f32 from |x| = 3.92
-        // on; the clamp keeps NaN.
+        // Beyond: erf |x| = 1 - 2^Q(|x|), Q a fit of log2 erfc on [0.9, 4] (1 in f32
+        // from 3.9 on; the clamp keeps NaN). No division and one power of two, where
+        // erfc = e^(-x^2) R(1/|x|) needs both a divide and an exp.
         let a = x.abs();
         let a = if a > 4.0 { 4.0 } else { a };
         let q = poly::<FMA, _>(
-            1.0 / a,
+            a,
             [
-                3.796_865_6e-4,
-                -0.020_325_018,
-                0.127_180_22,
-                -0.363_292,
-                0.583_181_86,
-                -0.509_512_96,
-                0.052_026_942,
-                0.557_585_3,
-                3.595_333e-4,
+                -2.966_469_4e-5,
+                6.179_68e-4,
+                -5.975_131e-3,
+                3.612_89e-2,
+                -0.156_045_51,
+                -0.913_879,
+                -1.629_471,
+                2.366_932e-4,
             ],
         );
-        let far = (1.0 - Self::exp(-(a * a)) * q).copysign(x);
-        if x.abs() < 0.875 {
+        let far = (1.0 - Self::exp2_small(q)).copysign(x);
+        if x.abs() < 0.9 {
             near
         } else {
             far
         }
+    }
+
+    /// 2^q for q in [-126, 0] (what erf's tail needs: no overflow, no subnormals):
+    /// 2^n · e^(r), n = round(q), r = (q - n) ln 2 with |r| <= ln 2 / 2, on the
+    /// polynomial of [`Math::exp`].
+    #[inline(always)]
+    fn exp2_small(q: f32) -> f32 {
+        let k = q + ROUND;
+        let n = k - ROUND;
+        let r = (q - n) * std::f32::consts::LN_2;
+        let p = 1.0
+            + (r + r
+                * r
+                * poly::<FMA, _>(
+                    r,
+                    [
+                        1.989_927_4e-4,
+                        0.001_393_364_2,
+                        0.008_333_298,
+                        0.041_666_467,
+                        0.166_666_67,
+                        0.5,
+                    ],
+                ));
+        p * pow2((k.to_bits() as i32) - (ROUND.to_bits() as i32))
     }
 }
 
