@@ -12,9 +12,10 @@ Buffer addressing: ``BufferRef(arena, offset)`` in elements of the arena's
 dtype. Arenas are "param", "state" (f32), "temp_f32", "temp_i32", "temp_bool"
 (u8), "const_f32", "const_i32", "const_bool", and "input:<name>" for the inputs
 of the step (copied to the device per call, or used in place when they already
-live there). ``scratch_f32`` holds the partial results of split reductions (written
-and read within one launch pair, so one arena, sized for the largest, serves every
-kernel). ``flags_u32`` (one u32) is the error flag of gather / scatter kernels:
+live there). ``scratch_f32`` holds what the steps of one kernel pass each other —
+split reductions' partials, convolutions' column matrices and per-image products —
+written and read within those steps, so one arena, sized for the largest, serves
+every kernel. ``flags_u32`` (one u32) is the error flag of gather / scatter kernels:
 the runtime zeroes it before a step and, if it is nonzero after, raises (an id was
 out of range; the kernels wrote 0 for it instead of reading out of bounds).
 Const arenas start with ``DeviceModule.consts``.

@@ -1,13 +1,19 @@
 """A small PTX interpreter for tests: runs a launch plan's kernels without a GPU.
 
-It executes the subset of PTX the renderer emits for reductions (integer index
-arithmetic, f32 loads, stores and IEEE-rounded arithmetic, predicates, branches and
-``shfl.sync.bfly``) over every thread of a launch at once, NumPy vectors of
-registers, one instruction at a time for the threads at the lowest program counter
-("min-PC" scheduling: a thread that leaves a loop early waits where the others will
-join it, as a warp reconverges). Anything outside the subset raises, so a test can
-never pass by skipping what it does not understand. Memory is one byte heap with the
-arenas at fake addresses; an access outside every arena raises.
+It executes the subset of PTX the renderer emits for reductions, convolution
+gathers and the fallback GEMM (integer index arithmetic, f32 loads, stores and
+IEEE-rounded arithmetic, predicates, branches, ``shfl.sync.bfly``, shared memory and
+``bar.sync``) over every thread of a launch at once, NumPy vectors of registers, one
+instruction at a time for the threads at the lowest program counter ("min-PC"
+scheduling: a thread that leaves a loop early waits where the others will join it, as
+a warp reconverges; a ``bar.sync`` that part of a block would pass alone raises).
+Anything outside the subset raises, so a test can never pass by skipping what it does
+not understand. Memory is one byte heap with the arenas at fake addresses; an access
+outside every arena raises; each block has its own shared memory. ``fma.rn.f32`` is
+computed in float64 (the product is exact there; the sum is rounded twice, which can
+differ from one rounding in the last bit, rarely). A ``Gemm`` step runs its fallback
+kernel, or, with ``gemm="numpy"``, the product in float64 rounded to float32 (what a
+vendor library computes, up to its order of additions).
 """
 
 from __future__ import annotations
@@ -19,7 +25,14 @@ from typing import Any
 
 import numpy as np
 
-from ferrograd.codegen.launch_plan import BufferRef, DeviceModule, DevicePlan, Launch
+from ferrograd.codegen.launch_plan import (
+    BufferRef,
+    DeviceModule,
+    DevicePlan,
+    Gemm,
+    Launch,
+    ScalarArg,
+)
 
 REG_DTYPES = {"%p": np.bool_, "%r": np.uint32, "%f": np.float32, "%rd": np.uint64}
 ELEM_BYTES = {"f32": 4, "i32": 4, "u32": 4, "bool": 1}
@@ -28,7 +41,7 @@ INT_BINARY = {"add.u32": np.add, "sub.u32": np.subtract, "mul.lo.u32": np.multip
               "div.u32": np.floor_divide, "shr.u32": np.right_shift, "add.s64": np.add,
               "add.s32": np.add, "mul.lo.s32": np.multiply}
 FLOAT_BINARY = {"add.rn.f32": np.add, "sub.rn.f32": np.subtract, "mul.rn.f32": np.multiply,
-                "max.NaN.f32": np.maximum, "min.NaN.f32": np.minimum}
+                "max.NaN.f32": np.maximum, "min.NaN.f32": np.minimum, "max.f32": np.fmax}
 COMPARE = {"lt": np.less, "le": np.less_equal, "gt": np.greater, "ge": np.greater_equal,
            "eq": np.equal, "ne": np.not_equal}
 
@@ -40,19 +53,38 @@ class Instruction:
     guard: str | None  # "%p1" or "!%p1"
 
 
-def parse_entries(source: str) -> dict[str, tuple[list[str], list[Instruction], dict[str, int]]]:
-    """entry name -> (parameter names, instructions, label -> instruction index)."""
+@dataclass
+class Entry:
+    """One ``.entry`` of the module, parsed."""
+
+    params: list[str]
+    code: list[Instruction]
+    labels: dict[str, int]  # label -> instruction index
+    shared: dict[str, int]  # shared array -> byte offset in the block's shared memory
+    shared_bytes: int
+
+
+def parse_entries(source: str) -> dict[str, Entry]:
+    """entry name -> its parameters, instructions, labels and shared arrays."""
     out = {}
     for m in re.finditer(r"\.visible \.entry (\w+)\((.*?)\)\s*\{(.*?)\n\}", source, re.S):
         params = re.findall(r"\.param \.\w+ (\w+)", m.group(2))
         code: list[Instruction] = []
         labels: dict[str, int] = {}
+        shared: dict[str, int] = {}
+        shared_bytes = 0
         for line in m.group(3).splitlines():
             line = line.strip()
             if not line or line.startswith(("//", ".reg")):
                 continue
             if line.endswith(":"):
                 labels[line[:-1]] = len(code)
+                continue
+            array = re.fullmatch(r"\.shared \.align (\d+) \.b8 (\w+)\[(\d+)\];", line)
+            if array:
+                align, name, size = int(array.group(1)), array.group(2), int(array.group(3))
+                shared[name] = -(-shared_bytes // align) * align
+                shared_bytes = shared[name] + size
                 continue
             if line.startswith("."):
                 raise NotImplementedError(f"ptx_sim: directive {line!r}")
@@ -62,18 +94,20 @@ def parse_entries(source: str) -> dict[str, tuple[list[str], list[Instruction], 
             op, _, rest = line.rstrip(";").partition(" ")
             operands = [o.strip() for o in re.split(r",(?![^{]*\})", rest)] if rest else []
             code.append(Instruction(op, operands, guard))
-        out[m.group(1)] = (params, code, labels)
+        out[m.group(1)] = Entry(params, code, labels, shared, shared_bytes)
     return out
 
 
 class Machine:
     """Arenas of a ``DeviceModule`` on a fake device, and its plans' launches."""
 
-    def __init__(self, module: DeviceModule, elem: dict[str, str], fill: float = np.nan
-                 ) -> None:
+    def __init__(self, module: DeviceModule, elem: dict[str, str], fill: float = np.nan,
+                 gemm: str = "fallback") -> None:
         """``elem``: the element dtype of each arena (inputs included); f32 arenas start
-        filled with ``fill`` (NaN: a result no kernel wrote shows)."""
-        self.module = module
+        filled with ``fill`` (NaN: a result no kernel wrote shows). ``gemm``: how GEMM
+        steps run, "fallback" (the plan's kernel) or "numpy"."""
+        assert gemm in ("fallback", "numpy")
+        self.module, self.gemm_mode = module, gemm
         self.entries = parse_entries(module.source)
         self.base: dict[str, int] = {}
         self.elem = elem
@@ -101,37 +135,66 @@ class Machine:
 
     def run_plan(self, plan: DevicePlan) -> None:
         for step in plan.steps:
-            if not isinstance(step, Launch):
-                raise NotImplementedError("ptx_sim runs kernel launches only")
-            self.launch(step)
+            if isinstance(step, Launch):
+                self.launch(step)
+            elif self.gemm_mode == "numpy":
+                self.gemm(step)
+            else:
+                assert step.fallback is not None
+                self.launch(step.fallback)
 
     def launch(self, step: Launch) -> None:
-        params, code, labels = self.entries[step.kernel]
+        entry = self.entries[step.kernel]
         values = []
         for a in step.args:
-            if not isinstance(a, BufferRef):
-                raise NotImplementedError("ptx_sim: scalar arguments")
-            values.append(self.address(a))
-        Threads(self, dict(zip(params, values, strict=True)), code, labels, step.grid,
+            if isinstance(a, ScalarArg):
+                if a.kind != "u32":
+                    raise NotImplementedError(f"ptx_sim: {a.kind} arguments")
+                values.append(int(a.value))
+            else:
+                values.append(self.address(a))
+        Threads(self, dict(zip(entry.params, values, strict=True)), entry, step.grid,
                 step.block).run()
+
+    def matrix(self, ref: BufferRef, strides: tuple[int, ...], shape: tuple[int, ...]
+               ) -> np.ndarray:
+        """A strided f32 view into ``ref``'s arena (element strides)."""
+        arena = self.array(ref.arena)
+        return np.lib.stride_tricks.as_strided(arena[ref.offset:], shape,
+                                               tuple(4 * s for s in strides))
+
+    def gemm(self, g: Gemm) -> None:
+        if g.outer != 1 or g.bias is not None:
+            raise NotImplementedError("ptx_sim: GEMM epilogues and outer batches")
+        a = self.matrix(g.a, g.a_strides, (g.batch, g.m, g.k)).astype(np.float64)
+        b = self.matrix(g.b, g.b_strides, (g.batch, g.k, g.n)).astype(np.float64)
+        product = np.matmul(a, b).astype(np.float32)
+        self.matrix(g.c, g.c_strides, (g.batch, g.m, g.n))[...] = product
 
 
 class Threads:
     """Every thread of one launch, as vectors."""
 
-    def __init__(self, m: Machine, params: dict[str, int], code: list[Instruction],
-                 labels: dict[str, int], grid: tuple[int, int, int],
-                 block: tuple[int, int, int]) -> None:
-        if block[1:] != (1, 1) or grid[2] != 1 or block[0] % 32:
-            raise NotImplementedError("ptx_sim: 1-D blocks of whole warps, 2-D grids")
-        self.m, self.params, self.code, self.labels = m, params, code, labels
-        n = grid[0] * grid[1] * block[0]
+    def __init__(self, m: Machine, params: dict[str, int], entry: Entry,
+                 grid: tuple[int, int, int], block: tuple[int, int, int]) -> None:
+        threads = block[0] * block[1] * block[2]
+        if threads % 32:
+            raise NotImplementedError("ptx_sim: blocks of whole warps")
+        self.m, self.params, self.code, self.labels = m, params, entry.code, entry.labels
+        n = grid[0] * grid[1] * grid[2] * threads
         g = np.arange(n, dtype=np.uint32)
-        blk = g // block[0]
-        self.special = {"%tid.x": g % block[0], "%ntid.x": np.full(n, block[0], np.uint32),
-                        "%ctaid.x": blk % grid[0], "%ctaid.y": blk // grid[0],
-                        "%nctaid.x": np.full(n, grid[0], np.uint32),
-                        "%nctaid.y": np.full(n, grid[1], np.uint32)}
+        blk, t = g // threads, g % threads
+        self.special = {"%tid.x": t % block[0], "%tid.y": t // block[0] % block[1],
+                        "%ctaid.x": blk % grid[0], "%ctaid.y": blk // grid[0] % grid[1],
+                        "%ctaid.z": blk // (grid[0] * grid[1])}
+        for axis, (gs, bs) in zip("xyz", zip(grid, block, strict=True), strict=True):
+            self.special[f"%ntid.{axis}"] = np.full(n, bs, np.uint32)
+            self.special[f"%nctaid.{axis}"] = np.full(n, gs, np.uint32)
+        self.block_of = blk
+        self.shared_names = entry.shared
+        self.shared_bytes = entry.shared_bytes
+        self.shared = np.zeros(max(entry.shared_bytes, 1) * grid[0] * grid[1] * grid[2],
+                               np.uint8)
         self.n = n
         self.regs: dict[str, np.ndarray] = {}
         self.pc = np.zeros(n, np.int64)
@@ -148,6 +211,8 @@ class Threads:
         """An operand's values for the threads ``sel``, as ``dtype``."""
         if operand in self.special:
             return self.special[operand][sel].astype(dtype)
+        if operand in self.shared_names:  # a shared array's address
+            return np.full(int(sel.sum()), self.shared_names[operand]).astype(dtype)
         if operand.startswith("%"):
             return self.reg(operand)[sel].astype(dtype) if self.reg(operand).dtype != dtype \
                 else self.reg(operand)[sel]
@@ -189,14 +254,32 @@ class Threads:
                 self.live[run] = False
             elif ins.op == "bra":
                 self.pc[run] = self.labels[ins.operands[0]]
+            elif ins.op == "bar.sync":
+                self.barrier(run)
             elif run.any():
                 self.execute(ins, run)
+
+    def barrier(self, run: np.ndarray) -> None:
+        """Under min-PC scheduling the threads here wait for every thread at a lower PC,
+        so a barrier is right when no live thread of a block it holds is elsewhere."""
+        blocks = np.unique(self.block_of[run])
+        waiting = np.isin(self.block_of, blocks) & self.live
+        if not np.array_equal(waiting, run & self.live):
+            raise AssertionError("ptx_sim: bar.sync reached by part of a block")
+
+    def shared_address(self, operand: str, sel: np.ndarray, nbytes: int) -> np.ndarray:
+        """Byte offsets into the shared memory of all blocks, checked against the block's."""
+        reg, _, imm = operand.strip("[]").partition("+")
+        addr = self.value(reg, np.uint64, sel).astype(np.int64) + int(imm or 0)
+        if ((addr < 0) | (addr + nbytes > self.shared_bytes)).any():
+            raise IndexError("ptx_sim: shared access outside the block's arrays")
+        return addr + self.block_of[sel].astype(np.int64) * self.shared_bytes
 
     def execute(self, ins: Instruction, run: np.ndarray) -> None:
         op, o = ins.op, ins.operands
         if op in ("mov.u32", "mov.b32", "mov.f32", "cvta.to.global.u64"):
             self.set(o[0], run, self.value(o[1], self.reg(o[0]).dtype, run))
-        elif op == "ld.param.u64":
+        elif op in ("ld.param.u64", "ld.param.u32"):
             self.set(o[0], run, np.full(int(run.sum()), self.params[o[1].strip("[]")]))
         elif op in INT_BINARY:
             t = np.uint64 if op.endswith("64") else np.uint32
@@ -204,6 +287,12 @@ class Threads:
         elif op == "mad.lo.u32":
             a, b, c = (self.value(x, np.uint32, run) for x in o[1:])
             self.set(o[0], run, a * b + c)
+        elif op == "fma.rn.f32":
+            a, b, c = (self.value(x, np.float32, run).astype(np.float64) for x in o[1:])
+            with np.errstate(all="ignore"):
+                self.set(o[0], run, (a * b + c).astype(np.float32))
+        elif op == "and.pred":
+            self.set(o[0], run, self.reg(o[1])[run] & self.reg(o[2])[run])
         elif op == "mul.wide.u32":
             self.set(o[0], run, self.value(o[1], np.uint64, run) * self.value(o[2], np.uint64, run))
         elif op in FLOAT_BINARY:
@@ -211,9 +300,15 @@ class Threads:
                 self.set(o[0], run, FLOAT_BINARY[op](self.value(o[1], np.float32, run),
                                                      self.value(o[2], np.float32, run)))
         elif op.startswith("setp."):
-            _, cmp, kind = op.split(".")
+            parts = op.split(".")
+            cmp, kind = parts[1], parts[-1]
             t = {"u32": np.uint32, "s32": np.int32, "f32": np.float32, "b32": np.uint32}[kind]
-            self.set(o[0], run, COMPARE[cmp](self.value(o[1], t, run), self.value(o[2], t, run)))
+            p = COMPARE[cmp](self.value(o[1], t, run), self.value(o[2], t, run))
+            if len(parts) == 4:  # setp.cmp.and.type d, a, b, c: d = (a cmp b) and c
+                if parts[2] != "and":
+                    raise NotImplementedError(f"ptx_sim: {op}")
+                p &= self.reg(o[3])[run]
+            self.set(o[0], run, p)
         elif op in ("selp.f32", "selp.b32"):
             t = self.reg(o[0]).dtype
             self.set(o[0], run, np.where(self.reg(o[3])[run], self.value(o[1], t, run),
@@ -227,6 +322,14 @@ class Threads:
             reg = self.reg(o[1])
             data = np.ascontiguousarray(reg[run]).view(np.uint8).reshape(-1, 4)
             self.m.heap[addr[:, None] + np.arange(4)] = data
+        elif op == "ld.shared.f32":
+            addr = self.shared_address(o[1], run, 4)
+            word = self.shared[addr[:, None] + np.arange(4)].copy().view(np.float32)[:, 0]
+            self.set(o[0], run, word)
+        elif op == "st.shared.f32":
+            addr = self.shared_address(o[0], run, 4)
+            data = np.ascontiguousarray(self.reg(o[1])[run]).view(np.uint8).reshape(-1, 4)
+            self.shared[addr[:, None] + np.arange(4)] = data
         elif op == "shfl.sync.bfly.b32":
             if o[3] != "0x1f" or o[4] != "0xffffffff":
                 raise NotImplementedError(f"ptx_sim: {op} {o}")

@@ -38,6 +38,7 @@ from ..kernel_ir import Conv, Elementwise, Gather, Kernel, Matmul, Reduce
 from ..launch_plan import BufferRef, DeviceModule, DevicePlan, Gemm, Launch, ScalarArg
 from ..memory import ALIGN, MemoryPlan
 from ..schedule import Schedule
+from .ptx_conv import conv
 from .ptx_kernels import (
     FLAGS,
     SCRATCH,
@@ -46,7 +47,6 @@ from .ptx_kernels import (
     GemmStep,
     KernelLaunch,
     Step,
-    conv,
     elementwise,
     gather,
     matmul,
@@ -149,7 +149,7 @@ def render_ptx(schedules: list[Schedule], memory_plan: MemoryPlan, *, target: st
             for step in render_kernel(k, dtypes, fast_math, aligned):
                 plan.steps.append(_plan_step(step, builder, refs))
                 uses_flags |= isinstance(k, Gather)
-                scratch = max(scratch, step.scratch if isinstance(step, KernelLaunch) else 0)
+                scratch = max(scratch, step.scratch)
         for key, buf in s.results.items():
             ref = refs.ref(buf, 0)
             shape = tuple((result_shapes or {}).get(key, (s.buffers[buf].size,)))

@@ -12,8 +12,10 @@ Kinds:
   blocks through shared memory. Big column reductions (bias gradients: consecutive
   outputs read consecutive elements) split the rows into chunks: a thread per
   (column, chunk), partials in the ``scratch_f32`` arena, then a warp per column
-  combines them, in an order fixed by the sizes (``_split_columns``). Sums
-  accumulate in f32, max starts at -inf (NaN propagates).
+  combines them, in an order fixed by the sizes (``_split_columns``). A few long
+  rows (a conv's bias gradient, [n, c, h, w] over (0, 2, 3)) split the same way, a
+  warp per (row, chunk) (``_split_rows``). Sums accumulate in f32, max starts at
+  -inf (NaN propagates).
 - matmul: a ``GemmStep`` (cuBLAS in the runtime) whose fallback launches the
   shared 16×16-tile shared-memory kernel ``fg_sgemm_16x16`` over the same
   operands (batch over grid z). A matmul with several non-collapsible batch dims
@@ -22,9 +24,7 @@ Kinds:
   (gather) or is skipped (scatter), and sets the error flag, which the runtime
   checks after the step. Scatter zero-fills its output first (the shared
   ``fg_fill_zero_b32``) and adds with ``red.global.add.f32``.
-- conv: direct kernels, a thread per output element (forward) or per input
-  element (input grad); the weight grad, a reduction over n·oh·ow per weight, takes a
-  block of 256 threads per weight, combined as a block reduce.
+- conv: gathers into the scratch arena and batched GEMM steps (``ptx_conv.py``).
 
 Every launch configuration is computed from the kernel's sizes: blocks of 256
 threads (fewer for small work), grids capped at 4096 blocks with grid-stride
@@ -37,8 +37,8 @@ import contextlib
 import dataclasses
 import itertools
 import math
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -47,7 +47,6 @@ import sympy as sp
 from ferrograd.ir.errors import BackendError
 
 from ..kernel_ir import (
-    Conv,
     Elementwise,
     Gather,
     Kernel,
@@ -110,6 +109,7 @@ class GemmStep:
     # ``o * outer_strides`` elements on (attention's (batch, head) pairs: one step).
     outer: int = 1
     outer_strides: tuple[int, int, int] = (0, 0, 0)
+    scratch: int = 0  # f32 elements of the scratch arena its operands reach
 
 
 Step = KernelLaunch | GemmStep
@@ -326,6 +326,12 @@ COLUMN_CHUNK = 32
 COLUMN_BLOCK = 128
 COLUMN_BLOCKS = 1024
 COLUMN_UNROLL = 8
+# Long rows (> 2048 elements), fewer than ROW_SPLIT_ROWS of them (a block per row would
+# leave SMs idle: the CNN's conv bias gradients are 16 and 32 rows of 200 K and 50 K),
+# split the same way once they hold COLUMN_SPLIT elements: a warp per (row, chunk),
+# about ROW_WARPS warps in all (31 per SM), COLUMN_UNROLL loads in flight per lane.
+ROW_SPLIT_ROWS = 512
+ROW_WARPS = 4096
 
 
 def reduce_mode(rows: int, length: int, strides: list[list[int]], columns: bool = False) -> str:
@@ -333,14 +339,17 @@ def reduce_mode(rows: int, length: int, strides: list[list[int]], columns: bool 
     not adjacent: neighbouring threads then read neighbouring rows), a "warp"
     (rows up to 2048), or a "block" of 256 threads. ``columns``: neighbouring rows'
     elements are adjacent in memory (a column reduction, ``column_layout``); a big one
-    is "split": a thread per row over a chunk of its elements, then a combine pass."""
+    is "split": a thread per row over a chunk of its elements, then a combine pass.
+    A few long rows are "split_rows": a warp per chunk of a row, then the same combine."""
     adjacent = all(not s or s[-1] in (0, 1) for s in strides)
     if (columns and not adjacent and length >= 2 * COLUMN_CHUNK
             and rows * length >= COLUMN_SPLIT):
         return "split"
     if length <= WARP or (rows >= 2048 and not adjacent):
         return "thread"
-    return "warp" if length <= 2048 else "block"
+    if length <= 2048:
+        return "warp"
+    return "split_rows" if rows < ROW_SPLIT_ROWS and rows * length >= COLUMN_SPLIT else "block"
 
 
 def column_layout(ksizes: list[int], kstrides: list[list[int]], rstrides: list[list[int]]
@@ -365,6 +374,16 @@ def column_chunks(rows: int, length: int) -> tuple[int, int, int]:
     return block, math.ceil(length / per), per
 
 
+def row_chunks(rows: int, length: int) -> tuple[int, int]:
+    """(chunks per row, elements per chunk) of a split row reduction: about ROW_WARPS
+    warps in all; a chunk is a multiple of WARP·COLUMN_UNROLL elements, so only the last
+    chunk of a row has a ragged end."""
+    group = WARP * COLUMN_UNROLL
+    chunks = max(1, min(math.ceil(ROW_WARPS / rows), length // group))
+    per = math.ceil(math.ceil(length / chunks) / group) * group
+    return math.ceil(length / per), per
+
+
 def reduce(k: Reduce, dtypes: dict[str, str], fast_math: bool) -> list[Step]:
     assert k.out is not None
     if k.out.dtype != "f32" or not k.out.contiguous:
@@ -377,6 +396,8 @@ def reduce(k: Reduce, dtypes: dict[str, str], fast_math: bool) -> list[Step]:
     mode = reduce_mode(rows, length, rstrides, column_layout(ksizes, kstrides, rstrides))
     if mode == "split":
         return _split_columns(k, fast_math)
+    if mode == "split_rows":
+        return _split_rows(k, fast_math)
     buffers = kernel_buffers(k)
     f = _param_list(buffers)
     base = _pointers(f, buffers)
@@ -519,6 +540,82 @@ def _split_columns(k: Reduce, fast_math: bool) -> list[Step]:
         f.text("ENTRY"), _buffer_args(buffers) + ([(SCRATCH, 0)] if split else []),
         (math.ceil(cols / block), chunks, 1), (block, 1, 1), chunks * cols if split else 0)
     return [first_pass, _combine_chunks(k, cols, chunks)] if split else [first_pass]
+
+
+def _split_rows(k: Reduce, fast_math: bool) -> list[Step]:
+    """A few long rows (``reduce_mode`` "split_rows") in two launches: warp w reduces
+    chunk j = w mod chunks of row w div chunks — lane l elements l, l + 32, ... of the
+    chunk in order, COLUMN_UNROLL loads issued before their adds, then the butterfly —
+    into ``partial[j·rows + row]`` of the scratch arena; then ``_combine_chunks``. As
+    for columns, the order of every f32 operation follows from the sizes alone."""
+    assert k.out is not None
+    lay = reduce_layout(k)
+    rows, length = lay.rows, lay.length
+    chunks, per = row_chunks(rows, length)
+    assert chunks > 1
+    warps = rows * chunks
+    _check_u32(k, warps * WARP, chunks * per)
+    buffers = kernel_buffers(k)
+    f = _param_list(buffers, extra=1)  # then the scratch arena
+    base = _pointers(f, buffers)
+    em = ExprEmitter(f, fast_math)
+    shared = shared_subexpressions([legalize(k.value, fast_math)])
+    ctaid, ntid, tid = (f.special(s) for s in ("%ctaid.x", "%ntid.x", "%tid.x"))
+    warp = f.value("b32", "shr.u32", f.value("b32", "mad.lo.u32", ctaid, ntid, tid), "5")
+    lane = f.value("b32", "and.b32", tid, "31")
+    done = f.label("done")
+    f.ins("bra", done, guard=f.value("pred", "setp.ge.u32", warp, str(warps)))  # whole warps
+    row = f.value("b32", "div.u32", warp, str(chunks))
+    chunk = f.value("b32", "rem.u32", warp, str(chunks))
+    first = f.value("b32", "mul.lo.u32", chunk, str(per))
+    end = f.value("b32", "min.u32", f.value("b32", "add.u32", first, str(per)), str(length))
+    group = WARP * COLUMN_UNROLL
+    whole = f.value("b32", "and.b32", f.value("b32", "sub.u32", end, first),
+                    f"0x{-group & 0xFFFFFFFF:08X}")
+    unrolled_end = f.value("b32", "add.u32", first, whole)
+    items = list(zip(k.inputs.items(), lay.kept_strides, lay.reduced_strides, strict=True))
+    kc = Coords(f, row, lay.kept_sizes)
+    row_index = {sym: kc.index(ks) for (sym, _), ks, _ in items}
+    for (sym, v), _, rs in items:
+        if not any(rs):  # the same for the whole row: load it once
+            em.bind(sym, f.load(v.dtype, f.address(base[v.buffer], row_index[sym], v.offset,
+                                                   ITEMSIZE[v.dtype])), DTYPE_KIND[v.dtype])
+    moving = [(sym, v, rs) for (sym, v), _, rs in items if any(rs)]
+    acc = f.value("f32", "mov.f32", REDUCE_IDENTITY[k.combine])
+
+    def loads(r: str) -> dict[Any, str]:
+        rc = Coords(f, r, lay.reduced_sizes)
+        return {sym: f.load(v.dtype, f.address(base[v.buffer], _add_index(
+            f, row_index[sym], rc.index(rs)), v.offset, ITEMSIZE[v.dtype]))
+            for sym, v, rs in moving}
+
+    def accumulate(regs: dict[Any, str]) -> None:
+        for sym, v, _ in moving:
+            em.bind(sym, regs[sym], DTYPE_KIND[v.dtype])
+        (x,) = em.emit_shared(shared, ["float"])
+        f.ins(REDUCE_OP[k.combine], acc, acc, em.register(x, "float"))
+
+    start = f.value("b32", "add.u32", first, lane)
+    with f.loop(start, unrolled_end, str(group), "elems") as r:
+        batch = [loads(r if j == 0 else f.value("b32", "add.u32", r, str(WARP * j)))
+                 for j in range(COLUMN_UNROLL)]  # all loads in flight, then the adds in order
+        for regs in batch:
+            accumulate(regs)
+    with f.loop(f.value("b32", "add.u32", unrolled_end, lane), end, str(WARP), "tail") as r:
+        accumulate(loads(r))
+    _warp_combine(f, acc, k.combine, WARP)
+    scratch = f.param_pointer(f"p{len(buffers)}")
+    at = f.value("b32", "mad.lo.u32", chunk, str(rows), row)
+    f.ins("st.global.f32", f.address(scratch, at, 0, 4), acc,
+          guard=f.value("pred", "setp.eq.u32", lane, "0"))
+    f.place(done)
+    what = f"{', '.join(k.ops)} over {list(k.shape)}, axes {list(k.axes)}"
+    block = COLUMN_BLOCK
+    first_pass = KernelLaunch(
+        k.name, f"reduce ({k.combine}, a warp per row and chunk of {per} elements): {what}",
+        f.text("ENTRY"), [*_buffer_args(buffers), (SCRATCH, 0)],
+        (math.ceil(warps * WARP / block), 1, 1), (block, 1, 1), warps)
+    return [first_pass, _combine_chunks(k, rows, chunks)]
 
 
 def _combine_chunks(k: Reduce, cols: int, chunks: int) -> KernelLaunch:
@@ -678,22 +775,38 @@ def _gemm_steps(k: Matmul, out: View | None, bias: tuple[str, int] | None = None
             offset = v.offset + sum(i * s for i, s in zip(index, st, strict=False))
             rs, cs = matrix_strides(rows, cols, v.strides[-2], v.strides[-1])
             operands.append((v.buffer, offset, (bs, rs, cs)))
-        launch = _sgemm_launch(inner, k, operands, bias, relu, outer, (a_so, b_so, c_so))
+        launch = _sgemm_launch(inner, (k.m, k.n, k.k), operands, bias, relu, outer,
+                               (a_so, b_so, c_so))
         steps.append(GemmStep(inner, k.m, k.n, k.k, operands, launch, bias, relu, outer,
                               (a_so, b_so, c_so)))
     return steps
 
 
-def _sgemm_launch(batch: int, k: Matmul, operands: list[tuple[str, int, tuple[int, int, int]]],
+def gemm_step(batch: int, m: int, n: int, k: int,
+              operands: list[tuple[str, int, tuple[int, int, int]]], scratch: int = 0
+              ) -> GemmStep:
+    """A plain GEMM step (no epilogue) over operands (buffer, offset, (batch, row, col)
+    strides), size-1 dims' strides made BLAS-friendly; ``scratch``: the f32 elements of
+    the scratch arena its operands reach (when they live there)."""
+    dims = [(m, k), (k, n), (m, n)]
+    fixed = [(b, off, (bs, *matrix_strides(rows, cols, rs, cs)))
+             for (b, off, (bs, rs, cs)), (rows, cols) in zip(operands, dims, strict=True)]
+    return GemmStep(batch, m, n, k, fixed, _sgemm_launch(batch, (m, n, k), fixed, None, False),
+                    scratch=scratch)
+
+
+def _sgemm_launch(batch: int, mnk: tuple[int, int, int],
+                  operands: list[tuple[str, int, tuple[int, int, int]]],
                   bias: tuple[str, int] | None, relu: bool, outer: int = 1,
                   outer_strides: tuple[int, int, int] = (0, 0, 0)) -> KernelLaunch:
-    scalars: list[Arg] = [ScalarArg("u32", x) for x in (k.m, k.n, k.k, batch, outer)]
+    m, n, _ = mnk
+    scalars: list[Arg] = [ScalarArg("u32", x) for x in (*mnk, batch, outer)]
     scalars += [ScalarArg("u32", s) for s in outer_strides]
     scalars += [ScalarArg("u32", s) for _, _, st in operands for s in st]
     scalars.append(ScalarArg("u32", 0 if bias is None else 2 if relu else 1))
     pointers: list[Arg] = [(b, off) for b, off, _ in operands]
     pointers.append(bias or pointers[2])  # unread without a bias
-    grid = (math.ceil(k.n / TILE), math.ceil(k.m / TILE), min(batch * outer, 65535))
+    grid = (math.ceil(n / TILE), math.ceil(m / TILE), min(batch * outer, 65535))
     return KernelLaunch(SGEMM, "", sgemm_text(), pointers + scalars, grid, (TILE, TILE, 1))
 
 
@@ -834,170 +947,3 @@ def gather(k: Gather, dtypes: dict[str, str], fast_math: bool) -> list[Step]:
                               [*_buffer_args(buffers), (FLAGS, 0)],
                               (_blocks(n, block), 1, 1), (block, 1, 1)))
     return steps
-
-
-# ---- conv -------------------------------------------------------------------------------------
-
-
-@dataclass
-class _ConvDims:
-    n: int
-    c: int
-    h: int
-    w: int
-    o: int
-    kh: int
-    kw: int
-    sh: int
-    sw: int
-    ph: int
-    pw: int
-    oh: int = field(init=False)
-    ow: int = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.oh = (self.h + 2 * self.ph - self.kh) // self.sh + 1
-        self.ow = (self.w + 2 * self.pw - self.kw) // self.sw + 1
-
-
-def conv(k: Conv, dtypes: dict[str, str], fast_math: bool) -> list[Step]:
-    assert k.lhs is not None and k.rhs is not None and k.out is not None
-    n_, c, h, w, o, kh, kw = k.dims
-    d = _ConvDims(n_, c, h, w, o, kh, kw, k.stride[0], k.stride[1], k.padding[0], k.padding[1])
-    buffers = kernel_buffers(k)
-    f = _param_list(buffers)
-    base = _pointers(f, buffers)
-    out = k.out
-    n = out.size
-    _check_u32(k, n, k.lhs.size, k.rhs.size)
-    lhs = (base[k.lhs.buffer], k.lhs.offset)
-    rhs = (base[k.rhs.buffer], k.rhs.offset)
-    dst = (base[out.buffer], out.offset)
-    comment = (f"conv ({k.mode}): n={d.n} c={d.c} {d.h}x{d.w} o={d.o} k={d.kh}x{d.kw} "
-               f"stride={k.stride} padding={k.padding}")
-    if k.mode == "weight_grad":
-        _check_u32(k, d.n * d.oh * d.ow)
-        _conv_weight_grad(f, d, n, lhs, rhs, dst)
-        comment += ", a block per weight"
-        grid, block = max(1, min(n, MAX_BLOCKS)), BLOCK
-    else:
-        with _grid_stride(f, n) as e:
-            acc = f.value("f32", "mov.f32", "0f00000000")
-            CONV_BODIES[k.mode](f, d, e, lhs, rhs, acc)
-            f.ins("st.global.f32", f.address(dst[0], e, dst[1], 4), acc)
-        block = _block_for(n)
-        grid = _blocks(n, block)
-    return [KernelLaunch(k.name, comment, f.text("ENTRY"), _buffer_args(buffers),
-                         (grid, 1, 1), (block, 1, 1))]
-
-
-Operand = tuple[str, int]  # base address register, element offset
-
-
-def _unravel(f: PtxFunction, flat: str, sizes: list[int]) -> list[str]:
-    return Coords(f, flat, sizes).coords()
-
-
-def _flat(f: PtxFunction, coords: list[str], sizes: list[int]) -> str:
-    """Row-major flat index of ``coords`` over ``sizes``."""
-    acc = coords[0]
-    for c, s in zip(coords[1:], sizes[1:], strict=True):
-        acc = f.value("b32", "mad.lo.u32", acc, str(s), c)
-    return acc
-
-
-def _fma_at(f: PtxFunction, acc: str, x: Operand, xi: str, y: Operand, yi: str) -> None:
-    a = f.value("f32", "ld.global.f32", f.address(x[0], xi, x[1], 4))
-    b = f.value("f32", "ld.global.f32", f.address(y[0], yi, y[1], 4))
-    f.ins("fma.rn.f32", acc, a, b, acc)
-
-
-def _conv_forward(f: PtxFunction, d: _ConvDims, e: str, x: Operand, w: Operand,
-                  acc: str) -> None:
-    nn, o, oh, ow = _unravel(f, e, [d.n, d.o, d.oh, d.ow])
-    h0 = f.value("b32", "mad.lo.s32", oh, str(d.sh), str(-d.ph))  # may be < 0
-    w0 = f.value("b32", "mad.lo.s32", ow, str(d.sw), str(-d.pw))
-    with f.loop("0", str(d.c), "1", "c") as c, f.loop("0", str(d.kh), "1", "ki") as ki:
-        ih = f.value("b32", "add.u32", h0, ki)
-        with f.loop("0", str(d.kw), "1", "kj") as kj:
-            iw = f.value("b32", "add.u32", w0, kj)
-            skip = f.label("skip")
-            _skip_unless_below(f, [(ih, d.h), (iw, d.w)], skip)
-            xi = _flat(f, [nn, c, ih, iw], [d.n, d.c, d.h, d.w])
-            wi = _flat(f, [o, c, ki, kj], [d.o, d.c, d.kh, d.kw])
-            _fma_at(f, acc, x, xi, w, wi)
-            f.place(skip)
-
-
-def _conv_input_grad(f: PtxFunction, d: _ConvDims, e: str, g: Operand, w: Operand,
-                     acc: str) -> None:
-    nn, c, ih, iw = _unravel(f, e, [d.n, d.c, d.h, d.w])
-    th0 = f.value("b32", "add.u32", ih, str(d.ph))
-    tw0 = f.value("b32", "add.u32", iw, str(d.pw))
-    with f.loop("0", str(d.o), "1", "o") as o, f.loop("0", str(d.kh), "1", "ki") as ki:
-        th = f.value("b32", "sub.u32", th0, ki)  # oh * sh when it divides; < 0 is huge
-        with f.loop("0", str(d.kw), "1", "kj") as kj:
-            tw = f.value("b32", "sub.u32", tw0, kj)
-            skip = f.label("skip")
-            oh = _exact_quotient(f, th, d.sh, skip)
-            ow = _exact_quotient(f, tw, d.sw, skip)
-            _skip_unless_below(f, [(oh, d.oh), (ow, d.ow)], skip)
-            gi = _flat(f, [nn, o, oh, ow], [d.n, d.o, d.oh, d.ow])
-            wi = _flat(f, [o, c, ki, kj], [d.o, d.c, d.kh, d.kw])
-            _fma_at(f, acc, g, gi, w, wi)
-            f.place(skip)
-
-
-def _conv_weight_grad(f: PtxFunction, d: _ConvDims, weights: int, x: Operand, g: Operand,
-                      dw: Operand) -> None:
-    """A block of 256 threads per weight (grid-stride over the weights): the threads
-    stride over the n·oh·ow products (neighbouring threads read neighbouring output
-    pixels), then combine like a block reduce (warp butterflies, then the warps'
-    partials through shared memory); thread 0 stores the sum."""
-    f.shared.append(f".shared .align 4 .b8 partial[{4 * BLOCK // WARP}];")
-    tid = f.special("%tid.x")
-    first = f.value("pred", "setp.eq.u32", tid, "0")
-    products = d.n * d.oh * d.ow
-    with f.loop(f.special("%ctaid.x"), str(weights), f.special("%nctaid.x"), "weight") as e:
-        o, c, ki, kj = _unravel(f, e, [d.o, d.c, d.kh, d.kw])
-        h0 = f.value("b32", "sub.s32", ki, str(d.ph))  # may be < 0
-        w0 = f.value("b32", "sub.s32", kj, str(d.pw))
-        acc = f.value("f32", "mov.f32", "0f00000000")
-        with f.loop(tid, str(products), str(BLOCK), "red") as r:
-            nn, oh, ow = _unravel(f, r, [d.n, d.oh, d.ow])
-            ih = f.value("b32", "mad.lo.u32", oh, str(d.sh), h0)
-            iw = f.value("b32", "mad.lo.u32", ow, str(d.sw), w0)
-            skip = f.label("skip")
-            _skip_unless_below(f, [(ih, d.h), (iw, d.w)], skip)
-            xi = _flat(f, [nn, c, ih, iw], [d.n, d.c, d.h, d.w])
-            gi = _flat(f, [nn, o, oh, ow], [d.n, d.o, d.oh, d.ow])
-            _fma_at(f, acc, x, xi, g, gi)
-            f.place(skip)
-        _warp_combine(f, acc, "sum", WARP)
-        total = _block_combine(f, acc, "sum", tid)
-        f.ins("st.global.f32", f.address(dw[0], e, dw[1], 4), total, guard=first)
-        f.ins("bar.sync", "0")  # the next weight reuses the shared partials
-
-
-def _skip_unless_below(f: PtxFunction, checks: list[tuple[str, int]], skip: str) -> None:
-    """Branch to ``skip`` unless every value is in [0, bound) (unsigned: negatives are
-    huge)."""
-    for value, bound in checks:
-        out = f.value("pred", "setp.ge.u32", value, str(bound))
-        f.ins("bra", skip, guard=out)
-
-
-def _exact_quotient(f: PtxFunction, t: str, stride: int, skip: str) -> str:
-    """t / stride, branching to ``skip`` when stride does not divide t."""
-    if stride == 1:
-        return t
-    rest = f.value("b32", "rem.u32", t, str(stride))
-    uneven = f.value("pred", "setp.ne.u32", rest, "0")
-    f.ins("bra", skip, guard=uneven)
-    return f.value("b32", "div.u32", t, str(stride))
-
-
-CONV_BODIES: dict[str, Callable[..., None]] = {
-    "forward": _conv_forward,
-    "input_grad": _conv_input_grad,
-}

@@ -507,7 +507,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `cnn`.
-#[pyclass(module = "fg_cnn_ca5a07260d5f")]
+#[pyclass(module = "fg_cnn_71e27fd23618")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -665,8 +665,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_cnn_ca5a07260d5f(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_cnn_ca5a07260d5f")?;
+fn fg_cnn_71e27fd23618(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_cnn_71e27fd23618")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

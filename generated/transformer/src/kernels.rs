@@ -510,7 +510,7 @@ pub fn forward_k21_matmul_add_mul_normal_cdf(
             let x0 = c[j];
             let x1 = x1_row[j];
             let t0 = x0 + x1;
-            o0[j] = t0 * ((0.5) * Math::erf((0.5) * 2.0_f32.sqrt() * t0) + 0.5);
+            o0[j] = t0 * ((0.5) * Math::erf(consts::FRAC_1_SQRT_2 * t0) + 0.5);
         }
     }
     Ok(())
@@ -1097,7 +1097,7 @@ pub fn grads_k25_matmul_add_mul_normal_cdf(
             let x0 = c[j];
             let x1 = x1_row[j];
             let t0 = x0 + x1;
-            let t1 = (0.5) * Math::erf((0.5) * 2.0_f32.sqrt() * t0) + 0.5;
+            let t1 = (0.5) * Math::erf(consts::FRAC_1_SQRT_2 * t0) + 0.5;
             o0[j] = t0;
             o1[j] = t1;
             o2[j] = t0 * t1;
@@ -1571,10 +1571,7 @@ pub fn grads_k53_matmul_add_mul_normal_cdf_d0(
             let x0 = c[j];
             let x1 = x1_row[j];
             let x2 = x2_row[j];
-            o0[j] = x0
-                * (x1
-                    + (0.5) * 2.0_f32.sqrt() * x2 * Math::exp(-0.5 * x2.powi(2))
-                        / consts::PI.sqrt());
+            o0[j] = x0 * (x1 + 0.3989423 * x2 * Math::exp(-0.5 * x2.powi(2)));
         }
     }
     Ok(())

@@ -242,7 +242,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `xor_net`.
-#[pyclass(module = "fg_xor_net_703c5f57d875")]
+#[pyclass(module = "fg_xor_net_77e6e375be4a")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -381,8 +381,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_xor_net_703c5f57d875(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_xor_net_703c5f57d875")?;
+fn fg_xor_net_77e6e375be4a(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_xor_net_77e6e375be4a")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())
