@@ -670,6 +670,27 @@ def test_erf_is_short_in_both_branches() -> None:
     assert ops.count("mul.rn.f32") <= 1 and len(ops) <= 30, ops
 
 
+def test_nested_selects_legalize() -> None:
+    """Arithmetic on legalized selects (|·| of a tanh, a quotient of an erf) must not
+    trip sympy's assumptions: two nestings random graphs produced, which failed with
+    "Invalid comparison of non-real" while Select was not known to be real."""
+    x0, x1, x2, x3 = sp.symbols("x0:4", real=True)
+    c = sp.Float(-0.96086061000823974609375)
+    nested_tanh = c * sp.tanh(sp.tanh(sp.Float(0.5) * (x0**2 + sp.Float(0.5))**sp.tanh(x0))**2
+                              / 2) + c
+    t = sp.exp(sp.tanh(x2 / x3))
+    gelu_grad_of_exp = (1 - sp.tanh(x2 / x3)**2) * t * (x0 + x1 * (
+        sp.erf(t / sp.sqrt(2)) / 2 + sp.Rational(1, 2)
+        + t * sp.exp(-t**2 / 2) / sp.sqrt(2 * sp.pi)))
+    for e in (nested_tanh, gelu_grad_of_exp):
+        out = legalize(e)
+        assert not out.has(sp.tanh, sp.erf, sp.exp)
+        fn = sp.lambdify([x0, x1, x2, x3], e, "numpy")
+        env = {x0: np.float32([0.7]), x1: np.float32([-1.3]), x2: np.float32([0.4]),
+               x3: np.float32([1.1])}
+        assert emulate(out, env)[0] == pytest.approx(fn(0.7, -1.3, 0.4, 1.1), rel=1e-5)
+
+
 def test_pow_legalization() -> None:
     x, y = sp.symbols("x0 x1", real=True)
     assert legalize(x**3) == x**3 and legalize(x ** sp.Rational(-1, 2)) == x ** sp.Rational(-1, 2)

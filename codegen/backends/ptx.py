@@ -4,8 +4,10 @@ entry point (``DeviceModule``, see ``launch_plan.py``).
 Read it as tables: ``KINDS`` below maps each kernel kind to the function that
 writes its ``.entry`` (``ptx_kernels.py``); ``ptx_asm.py`` holds the instruction
 tables and the register-based expression emitter; ``legalize.py`` rewrites the
-math PTX lacks before anything is printed. Identical kernels (forward's are
-usually train's first ones) are emitted once.
+math PTX lacks before anything is printed. Before rendering, ``ptx_rows.fuse_rows``
+turns each row chain of a schedule (softmax, layer norm) into one kernel
+(``device_kernels``). Identical kernels (forward's are usually train's first ones)
+are emitted once.
 
 Kernel parameters (the contract with the runtime): one ``.param .u64`` per
 distinct buffer the kernel touches — read-only buffers first, in order of first
@@ -33,6 +35,7 @@ import numpy as np
 
 from ferrograd._version import __version__
 from ferrograd.ir.errors import BackendError
+from ferrograd.ir.passes import debug_level
 
 from ..kernel_ir import Conv, Elementwise, Gather, Kernel, Matmul, Reduce
 from ..launch_plan import BufferRef, DeviceModule, DevicePlan, Gemm, Launch, ScalarArg
@@ -52,6 +55,7 @@ from .ptx_kernels import (
     matmul,
     reduce,
 )
+from .ptx_rows import RowChain, fuse_rows, row_chain
 
 # target -> the PTX ISA version its module declares (the oldest that has the target
 # and everything emitted here: max.NaN needs 7.0)
@@ -66,6 +70,7 @@ KINDS: dict[type, Callable[[Any, dict[str, str], bool], list[Step]]] = {
     Matmul: matmul,
     Gather: gather,
     Conv: conv,
+    RowChain: row_chain,
 }
 
 
@@ -126,12 +131,26 @@ class _ModuleBuilder:
         return name
 
 
+def device_kernels(s: Schedule, memory_plan: MemoryPlan, row_chains: bool = True
+                   ) -> list[Kernel]:
+    """The kernels the PTX backend runs for ``s``: the schedule's, with each row chain
+    (softmax, layer norm: ``ptx_rows.py``) one kernel unless ``row_chains`` is off."""
+    if not row_chains:
+        return list(s.kernels)
+    kernels, log = fuse_rows(s, memory_plan)
+    if debug_level() >= 1:
+        for line in log:
+            print(f"[ptx {s.entry}] {line}")
+    return kernels
+
+
 def render_ptx(schedules: list[Schedule], memory_plan: MemoryPlan, *, target: str = "sm_80",
                fast_math: bool = False, result_shapes: Mapping[str, tuple[int, ...]] | None = None,
-               model: str = "") -> DeviceModule:
+               model: str = "", row_chains: bool = True) -> DeviceModule:
     """The PTX module of ``schedules`` and the launch plan of each entry point.
 
-    ``result_shapes`` (result key -> shape) shapes the plans' results (default: flat).
+    ``result_shapes`` (result key -> shape) shapes the plans' results (default: flat);
+    ``row_chains=False`` keeps the schedule's kernels as they are (tests compare).
     """
     if target not in TARGETS:
         raise BackendError(f"unknown PTX target {target!r}; choose from {', '.join(TARGETS)}")
@@ -145,7 +164,7 @@ def render_ptx(schedules: list[Schedule], memory_plan: MemoryPlan, *, target: st
     for s in schedules:
         refs = _Addresses(s, memory_plan, const_at)
         plan = DevicePlan(s.entry)
-        for k in s.kernels:
+        for k in device_kernels(s, memory_plan, row_chains):
             for step in render_kernel(k, dtypes, fast_math, aligned):
                 plan.steps.append(_plan_step(step, builder, refs))
                 uses_flags |= isinstance(k, Gather)
