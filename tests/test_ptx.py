@@ -718,6 +718,11 @@ def _entries(source: str) -> dict[str, str]:
         r"// elementwise[^\n]*\n\.visible \.entry (\w+)\((.*?\n)\}\n", source, re.S)}
 
 
+def _unmerged(lw: fg.Lowered) -> DeviceModule:
+    """The PTX module with every elementwise kernel a launch of its own."""
+    return render_ptx(lw.schedules, lw.memory_plan, merge_launches=False)
+
+
 def test_contiguous_elementwise_loads_16_bytes_per_thread() -> None:
     """A big contiguous elementwise kernel moves 4 elements per thread and step with v4
     loads and stores, grid from n/4, and a scalar tail for n % 4."""
@@ -729,7 +734,7 @@ def test_contiguous_elementwise_loads_16_bytes_per_thread() -> None:
     n = 1_000_003
     lw = fg.lower(fused, backend="cpu", N=n)
     assemble_all(lw)
-    module = lw.device_module("ptx")
+    module = _unmerged(lw)  # each kernel a launch (``ptx_horizontal`` would merge them)
     entries = _entries(module.source)
     launches = [s for s in module.plans["forward"].steps if isinstance(s, Launch)]
     bodies = "".join(entries[s.kernel] for s in launches)
@@ -756,7 +761,7 @@ def test_broadcast_and_strided_elementwise_stay_scalar() -> None:
 
     lw = fg.lower(mixed, backend="cpu", N=64, M=48)
     assemble_all(lw)
-    src = lw.device_module("ptx").source
+    src = _unmerged(lw).source
     entries = _entries(src)
     assert entries
     vector = [name for name, body in entries.items() if "v4" in body]
