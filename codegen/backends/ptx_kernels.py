@@ -37,7 +37,7 @@ import contextlib
 import dataclasses
 import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,7 +57,7 @@ from ..kernel_ir import (
     unfused,
 )
 from ..launch_plan import ScalarArg
-from .base import collapse, reduce_layout
+from .base import ReduceLayout, collapse, reduce_layout
 from .legalize import legalize
 from .ptx_asm import (
     DTYPE_KIND,
@@ -494,6 +494,40 @@ def reduce(k: Reduce, dtypes: dict[str, str], fast_math: bool) -> list[Step]:
                          (grid, 1, 1), (block, 1, 1))]
 
 
+Loads = dict[Any, str]  # input symbol -> register holding its loaded value
+
+
+def _accumulator(f: PtxFunction, em: ExprEmitter, k: Reduce, lay: ReduceLayout,
+                 base: dict[str, str], shared: Any, kept: Coords
+                 ) -> tuple[str, Callable[[str], Loads], Callable[[Loads], None]]:
+    """One output's accumulator in a split reduction, at kept coordinates ``kept``:
+    inputs constant along the reduced dims are loaded once here; ``loads(r)`` issues
+    the other inputs' loads at reduced index ``r`` (so several can be in flight) and
+    ``accumulate(regs)`` folds one element into ``acc``, in call order."""
+    items = list(zip(k.inputs.items(), lay.kept_strides, lay.reduced_strides, strict=True))
+    kept_index = {sym: kept.index(ks) for (sym, _), ks, _ in items}
+    for (sym, v), _, rs in items:
+        if not any(rs):
+            em.bind(sym, f.load(v.dtype, f.address(base[v.buffer], kept_index[sym], v.offset,
+                                                   ITEMSIZE[v.dtype])), DTYPE_KIND[v.dtype])
+    moving = [(sym, v, rs) for (sym, v), _, rs in items if any(rs)]
+    acc = f.value("f32", "mov.f32", REDUCE_IDENTITY[k.combine])
+
+    def loads(r: str) -> dict[Any, str]:
+        rc = Coords(f, r, lay.reduced_sizes)
+        return {sym: f.load(v.dtype, f.address(base[v.buffer], _add_index(
+            f, kept_index[sym], rc.index(rs)), v.offset, ITEMSIZE[v.dtype]))
+            for sym, v, rs in moving}
+
+    def accumulate(regs: dict[Any, str]) -> None:
+        for sym, v, _ in moving:
+            em.bind(sym, regs[sym], DTYPE_KIND[v.dtype])
+        (x,) = em.emit_shared(shared, ["float"])
+        f.ins(REDUCE_OP[k.combine], acc, acc, em.register(x, "float"))
+
+    return acc, loads, accumulate
+
+
 def _split_columns(k: Reduce, fast_math: bool) -> list[Step]:
     """A column reduction (``reduce_mode`` "split") in two launches, so that a few
     thousand columns still fill the GPU and every load is coalesced.
@@ -528,27 +562,7 @@ def _split_columns(k: Reduce, fast_math: bool) -> list[Step]:
     whole = f.value("b32", "and.b32", f.value("b32", "sub.u32", end, first),
                     f"0x{-COLUMN_UNROLL & 0xFFFFFFFF:08X}")
     unrolled_end = f.value("b32", "add.u32", first, whole)
-    items = list(zip(k.inputs.items(), lay.kept_strides, lay.reduced_strides, strict=True))
-    kc = Coords(f, col, ksizes)
-    col_index = {sym: kc.index(ks) for (sym, _), ks, _ in items}
-    for (sym, v), _, rs in items:
-        if not any(rs):  # the same for every row of the column: load it once
-            em.bind(sym, f.load(v.dtype, f.address(base[v.buffer], col_index[sym], v.offset,
-                                                   ITEMSIZE[v.dtype])), DTYPE_KIND[v.dtype])
-    moving = [(sym, v, rs) for (sym, v), _, rs in items if any(rs)]
-    acc = f.value("f32", "mov.f32", REDUCE_IDENTITY[k.combine])
-
-    def loads(r: str) -> dict[Any, str]:
-        rc = Coords(f, r, lay.reduced_sizes)
-        return {sym: f.load(v.dtype, f.address(base[v.buffer], _add_index(
-            f, col_index[sym], rc.index(rs)), v.offset, ITEMSIZE[v.dtype]))
-            for sym, v, rs in moving}
-
-    def accumulate(regs: dict[Any, str]) -> None:
-        for sym, v, _ in moving:
-            em.bind(sym, regs[sym], DTYPE_KIND[v.dtype])
-        (x,) = em.emit_shared(shared, ["float"])
-        f.ins(REDUCE_OP[k.combine], acc, acc, em.register(x, "float"))
+    acc, loads, accumulate = _accumulator(f, em, k, lay, base, shared, Coords(f, col, ksizes))
 
     with f.loop(first, unrolled_end, str(COLUMN_UNROLL), "rows") as r:
         group = [loads(r if j == 0 else f.value("b32", "add.u32", r, str(j)))
@@ -604,27 +618,8 @@ def _split_rows(k: Reduce, fast_math: bool) -> list[Step]:
     whole = f.value("b32", "and.b32", f.value("b32", "sub.u32", end, first),
                     f"0x{-group & 0xFFFFFFFF:08X}")
     unrolled_end = f.value("b32", "add.u32", first, whole)
-    items = list(zip(k.inputs.items(), lay.kept_strides, lay.reduced_strides, strict=True))
-    kc = Coords(f, row, lay.kept_sizes)
-    row_index = {sym: kc.index(ks) for (sym, _), ks, _ in items}
-    for (sym, v), _, rs in items:
-        if not any(rs):  # the same for the whole row: load it once
-            em.bind(sym, f.load(v.dtype, f.address(base[v.buffer], row_index[sym], v.offset,
-                                                   ITEMSIZE[v.dtype])), DTYPE_KIND[v.dtype])
-    moving = [(sym, v, rs) for (sym, v), _, rs in items if any(rs)]
-    acc = f.value("f32", "mov.f32", REDUCE_IDENTITY[k.combine])
-
-    def loads(r: str) -> dict[Any, str]:
-        rc = Coords(f, r, lay.reduced_sizes)
-        return {sym: f.load(v.dtype, f.address(base[v.buffer], _add_index(
-            f, row_index[sym], rc.index(rs)), v.offset, ITEMSIZE[v.dtype]))
-            for sym, v, rs in moving}
-
-    def accumulate(regs: dict[Any, str]) -> None:
-        for sym, v, _ in moving:
-            em.bind(sym, regs[sym], DTYPE_KIND[v.dtype])
-        (x,) = em.emit_shared(shared, ["float"])
-        f.ins(REDUCE_OP[k.combine], acc, acc, em.register(x, "float"))
+    acc, loads, accumulate = _accumulator(f, em, k, lay, base, shared,
+                                          Coords(f, row, lay.kept_sizes))
 
     start = f.value("b32", "add.u32", first, lane)
     with f.loop(start, unrolled_end, str(group), "elems") as r:
