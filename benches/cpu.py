@@ -51,7 +51,6 @@ from typing import Any
 
 import numpy as np
 import numpy_by_hand
-from common import peak_rss_mb
 from workloads import BY_KEY, WORKLOADS, Workload, fg_optimizer
 
 import ferrograd as fg
@@ -62,7 +61,6 @@ NATIVE = "ferrograd (native call)"
 NUMPY = "NumPy by hand"
 ANCHOR_MODULES = {"PyTorch eager": "torch_anchor", "JAX jit": "jax_anchor"}
 ANCHORS = [NUMPY, *ANCHOR_MODULES]
-HEAVY_MODULES = ("sympy", "networkx", "jinja2")  # what a cached load should not need
 LOSS_STEPS = 3  # losses compared: forward at the initial weights, then after 1 and 2 updates
 LOSS_RTOL = 2e-5  # on each loss (float32 sums in different orders)
 DELTA_RTOL = 1e-2  # on the loss changes, which the backward pass and the update make
@@ -203,27 +201,6 @@ def time_rounds(systems: list[System], rounds: int, target_s: float) -> dict[str
 # ---- compile time and memory, in fresh processes ---------------------------------------
 
 
-def compile_probe(key: str, lr_scale: float, steps: int) -> dict[str, Any]:
-    """(In a child process.) Time ``fg.compile`` to a ready step — ``fg.lower`` (which
-    traces; autodiff, passes, scheduling and rendering run in ``compile`` when the
-    module is not in the cache) and then build or load — train, report memory and
-    which heavy packages the process imported."""
-    rss_import = peak_rss_mb()
-    w = BY_KEY[key]
-    start = time.perf_counter()
-    lowered = fg.lower(w.model, optimizer=fg_optimizer(w.opt, lr_scale), backend="cpu",
-                       seed=0, **w.dims)
-    lowered_at = time.perf_counter()
-    step = lowered.compile()
-    done = time.perf_counter()
-    batch = w.data()
-    for _ in range(steps):
-        step(*batch)
-    return {"compile_s": done - start, "lower_s": lowered_at - start,
-            "rss_import_mb": rss_import, "rss_peak_mb": peak_rss_mb(),
-            "modules": sorted(m for m in HEAVY_MODULES if m in sys.modules)}
-
-
 def run_child(args: list[str], env: dict[str, str]) -> tuple[dict[str, Any], float]:
     """Run a probe; its JSON result (last stdout line) and the process's wall time."""
     start = time.perf_counter()
@@ -261,18 +238,16 @@ def probe_row(w: Workload, steps: int, params: dict[str, np.ndarray], arena_mb: 
     The warm load is the same compile in a second process, which finds the module."""
     cache = tempfile.mkdtemp(prefix="fg-bench-cache-")
     env = {**os.environ, "FERROGRAD_CACHE": cache, "CARGO_TARGET_DIR": shared_target_dir()}
-    args = [str(HERE / "cpu.py"), "--probe", w.key, "--lr-scale", str(1 + 1e-6),
-            "--probe-steps", str(steps)]
+    batch = [str(Path(cache) / "batch.npz"), str(Path(cache) / "params.npz")]
+    args = [str(HERE / "compile_probe.py"), w.key, str(1 + 1e-6), str(steps), batch[0]]
     try:
+        np.savez(batch[0], **{f"b:{i}": a for i, a in enumerate(w.data())})
+        np.savez(batch[1], **params)
         cold, cold_wall = run_child(args, env)
         crates, blocked = read_build_logs(Path(cache) / "logs")
         warm, warm_wall = run_child(args, env)
-        npz = Path(cache) / "numpy-probe.npz"
-        arrays: dict[str, Any] = {f"p:{k}": v for k, v in params.items()}
-        arrays.update({f"b:{i}": a for i, a in enumerate(w.data())})
-        np.savez(npz, **arrays)
         numpy_rss, _ = run_child([str(HERE / "numpy_by_hand.py"), w.arch, w.opt.kind,
-                                  str(w.opt.lr), str(steps), str(npz)], dict(os.environ))
+                                  str(w.opt.lr), str(steps), *batch], dict(os.environ))
     finally:
         shutil.rmtree(cache, ignore_errors=True)
     return {"cold_build_s": cold["compile_s"], "cold_process_s": cold_wall,
@@ -585,8 +560,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, help="also write the raw results here")
     p.add_argument("--report-from", type=Path,
                    help="print the report of an earlier run's --json file; measure nothing")
-    p.add_argument("--probe", help=argparse.SUPPRESS)  # internal: run one compile probe
-    p.add_argument("--lr-scale", type=float, default=1.0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.rows = [k.strip() for k in args.rows.split(",") if k.strip()]
     unknown = [k for k in args.rows if k not in BY_KEY]
@@ -605,9 +578,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.probe:
-        print(json.dumps(compile_probe(args.probe, args.lr_scale, args.probe_steps)))
-        return
     if args.report_from:
         saved = json.loads(args.report_from.read_text())
         rows = [Row(**r) for r in saved["rows"]]

@@ -304,15 +304,21 @@ class Trainer:
 
 
 def _rss_probe(argv: list[str]) -> None:
-    """``numpy_by_hand.py ARCH OPT LR STEPS FILE.npz``: train from the params ("p:name")
-    and batch ("b:0", "b:1") in the file and print the peak RSS, as JSON. Used by
-    benches/cpu.py to measure a NumPy training process that never imported ferrograd."""
+    """``numpy_by_hand.py ARCH OPT LR STEPS BATCH.npz PARAMS.npz``: train on the batch
+    ("b:0", "b:1") and print the peak RSS, as JSON. Used by benches/cpu.py to measure a
+    NumPy training process that never imported ferrograd. Like any training script
+    (and like ferrograd, which initializes params from a seed) it draws its initial
+    params with ``np.random``, in the shapes PARAMS.npz gives; ferrograd's probe reads
+    the same batch file."""
     import json
 
-    arch, kind, lr, steps, path = argv
-    with np.load(path) as f:
-        params = {k[2:]: f[k] for k in f.files if k.startswith("p:")}
-        batch = tuple(f[f"b:{i}"] for i in range(sum(k.startswith("b:") for k in f.files)))
+    arch, kind, lr, steps, batch_path, params_path = argv
+    with np.load(batch_path) as f:
+        batch = tuple(f[f"b:{i}"] for i in range(len(f.files)))
+    rng = np.random.default_rng(0)
+    with np.load(params_path) as f:
+        params = {k: (0.05 * rng.standard_normal(f[k].shape)).astype(np.float32)
+                  for k in f.files}
     trainer = Trainer(arch, Opt(kind, float(lr)), params, batch)
     for _ in range(int(steps)):
         trainer.step()

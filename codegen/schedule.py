@@ -360,7 +360,10 @@ class _Scheduler:
             strides = tuple(s * step for (_, _, step), s in zip(a["index"], v.strides,
                                                                 strict=True))
             return View(v.buffer, v.dtype, offset, n.shape, strides)
-        # reshape: free when the input is laid out row-major
+        # reshape: free when the input is laid out row-major, or is one element
+        # broadcast (every shape of it is a broadcast too)
+        if v.size > 1 and not any(v.strides):
+            return View(v.buffer, v.dtype, v.offset, n.shape, (0,) * len(n.shape))
         if not v.contiguous:
             v = self._contiguous(n.args[0])
         return View(v.buffer, v.dtype, v.offset, n.shape, row_major(n.shape))
@@ -432,7 +435,7 @@ class _Scheduler:
         batch = n.shape[:-2]
         av = self.view[a.id].broadcast_to((*batch, *a.shape[-2:]))
         bv = self.view[b.id].broadcast_to((*batch, *b.shape[-2:]))
-        out = self._temp(n)
+        out = self._product_view(n)
         self.view[n.id] = out
         k = Matmul("matmul", ["matmul"], batch, n.shape[-2], n.shape[-1], a.shape[-1], av, bv,
                    out)
@@ -441,6 +444,31 @@ class _Scheduler:
             self.pending[id(g)] = (k, {a.id, b.id}, {n.id})
             return
         self._add_kernel(k, {a.id, b.id}, {n.id})
+
+    def _product_view(self, n: Node) -> View:
+        """Where a matmul writes its product: a temp in row-major order, unless the
+        product is only read through transposes that a reshape then needs row-major —
+        attention's heads merging back into the model dimension, forward and backward.
+        Then the temp is laid out in the transposed order and the GEMM writes through
+        the inverse permutation (strided rows, two batch levels): the reshape is free
+        and the transpose's copy kernel never exists."""
+        perm = tuple(range(len(n.shape)))
+        last = n
+        while (len(self.users[last.id]) == 1 and last.id not in self.result_ids
+               and n.id not in self.epilogues):
+            user = self.node[self.users[last.id][0]]
+            if user.op != "transpose":
+                break
+            perm = tuple(perm[p] for p in user.attrs["perm"])
+            last = user
+        if last is n or last.id in self.result_ids or not any(
+                self.node[u].op == "reshape" for u in self.users[last.id]):
+            return self._temp(n)
+        stored = contiguous_view(self._buffer(f"t{n.id}", "temp", n.dtype, n.size),
+                                 last.shape)
+        self.log.append(f"  {self._desc(n)} stored in the order of its transpose "
+                        f"%{last.id}{list(last.shape)}")
+        return stored.permute(tuple(int(i) for i in np.argsort(perm)))
 
     def _emit_gather(self, n: Node) -> None:
         out = self._temp(n)

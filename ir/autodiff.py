@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import networkx as nx
 import numpy as np
 
 from .builder import Var, constant, source_as, sum_to
@@ -44,6 +43,8 @@ def grad(graph: Graph, of: str = "loss", wrt: Sequence[str] | None = None) -> Gr
         if name not in g.params:
             raise IRError(f"grad: no param {name!r} (params: {sorted(g.params)})")
     targets = [g.params[n] for n in names]
+
+    import networkx as nx  # here: a model loaded from the cache never differentiates
 
     # Only nodes on a path from a target to the output need a cotangent.
     upstream = nx.ancestors(g.nx, out) | {out}

@@ -87,11 +87,11 @@ class Var:
     # ---- what the node is ------------------------------------------------------------
     @property
     def shape(self) -> Shape:
-        return self.graph.nx.nodes[self.id]["shape"]
+        return self.graph.data(self.id)["shape"]
 
     @property
     def dtype(self) -> str:
-        return self.graph.nx.nodes[self.id]["dtype"]
+        return self.graph.data(self.id)["dtype"]
 
     @property
     def ndim(self) -> int:
@@ -103,10 +103,10 @@ class Var:
 
     @property
     def src(self) -> str | None:
-        return self.graph.nx.nodes[self.id]["src"]
+        return self.graph.data(self.id)["src"]
 
     def __repr__(self) -> str:
-        op = self.graph.nx.nodes[self.id]["op"]
+        op = self.graph.data(self.id)["op"]
         return f"Tensor({op}, shape={self.shape}, dtype={self.dtype})"
 
     # ---- static graphs have no values while tracing ---------------------------------

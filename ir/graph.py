@@ -17,12 +17,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import networkx as nx
 import numpy as np
 
 from .errors import DTypeError, IRError, ShapeError
+
+if TYPE_CHECKING:
+    import networkx as nx
 
 Shape = tuple[int, ...]
 
@@ -65,7 +67,12 @@ class Graph:
 
     def __init__(self, name: str = "graph") -> None:
         self.name = name
-        self.nx: nx.MultiDiGraph = nx.MultiDiGraph()
+        # The networkx graph is made on first use (``nx``). Until then nodes are only
+        # appended — id -> (node data, args) — which is all tracing does: a model whose
+        # module is in the cache is traced and loaded without importing networkx
+        # (18 MB of a training process's memory, 0.1 s).
+        self._nx: nx.MultiDiGraph | None = None
+        self._appended: dict[int, tuple[dict[str, Any], tuple[int, ...]]] | None = {}
         self._next_id = 0
         self.inputs: dict[str, int] = {}
         self.params: dict[str, int] = {}
@@ -79,6 +86,27 @@ class Graph:
         self.input_dims: dict[str, tuple[int | str, ...]] = {}
         # Memoized execution plans (see ``plan``); cleared on every structural edit.
         self._plans: dict[tuple[int, ...], list[Node]] = {}
+
+    @property
+    def nx(self) -> nx.MultiDiGraph:
+        """The graph as a networkx MultiDiGraph (made from the appended nodes on first
+        use; from then on the graph lives there)."""
+        if self._nx is None:
+            import networkx
+
+            g = networkx.MultiDiGraph()
+            for nid, (data, args) in (self._appended or {}).items():
+                g.add_node(nid, **data)
+                for pos, a in enumerate(args):
+                    g.add_edge(a, nid, key=pos)
+            self._nx, self._appended = g, None
+        return self._nx
+
+    def data(self, nid: int) -> dict[str, Any]:
+        """Node ``nid``'s data: op, shape, dtype, attrs, name, src."""
+        if self._appended is not None:
+            return self._appended[nid][0]
+        return self.nx.nodes[nid]
 
     # ---- building -------------------------------------------------------------
 
@@ -100,10 +128,10 @@ class Graph:
         if opdef is None:
             raise IRError(f"unknown op {op!r}", src)
         for a in args:
-            if a not in self.nx:
+            if a not in self:
                 raise IRError(f"{op}: argument {a} is not a node of this graph", src)
-        shapes = [self.nx.nodes[a]["shape"] for a in args]
-        dtypes = [self.nx.nodes[a]["dtype"] for a in args]
+        shapes = [self.data(a)["shape"] for a in args]
+        dtypes = [self.data(a)["dtype"] for a in args]
         try:
             shape, dtype = opdef.infer(shapes, dtypes, attrs)
         except (ShapeError, DTypeError, IRError) as err:
@@ -113,10 +141,12 @@ class Graph:
         nid = self._next_id
         self._next_id += 1
         self._plans.clear()
-        self.nx.add_node(
-            nid, op=op, shape=tuple(int(d) for d in shape), dtype=dtype,
-            attrs=attrs, name=name, src=src,
-        )
+        data = {"op": op, "shape": tuple(int(d) for d in shape), "dtype": dtype,
+                "attrs": attrs, "name": name, "src": src}
+        if self._appended is not None:
+            self._appended[nid] = (data, args)
+            return nid
+        self.nx.add_node(nid, **data)
         for pos, a in enumerate(args):
             self.nx.add_edge(a, nid, key=pos)
         return nid
@@ -124,19 +154,23 @@ class Graph:
     # ---- reading --------------------------------------------------------------
 
     def __contains__(self, nid: object) -> bool:
-        return nid in self.nx
+        return nid in (self._appended if self._appended is not None else self.nx)
 
     def __len__(self) -> int:
+        if self._appended is not None:
+            return len(self._appended)
         return self.nx.number_of_nodes()
 
     def args(self, nid: int) -> tuple[int, ...]:
+        if self._appended is not None:
+            return self._appended[nid][1]
         # The edge key is the argument's position; the raw predecessor dict is
         # several times faster than in_edges() here, which lowering calls ~10^4 times.
         edges = sorted((k, u) for u, keys in self.nx._pred[nid].items() for k in keys)
         return tuple(u for _, u in edges)
 
     def node(self, nid: int) -> Node:
-        d = self.nx.nodes[nid]
+        d = self.data(nid)
         return Node(nid, d["op"], self.args(nid), d["shape"], d["dtype"], d["attrs"],
                     d["name"], d["src"])
 
@@ -149,7 +183,12 @@ class Graph:
 
     def topo_order(self) -> list[int]:
         """Deterministic topological order (ties broken by node id)."""
-        return list(nx.lexicographical_topological_sort(self.nx))
+        if self._appended is not None:
+            # Appended nodes only read earlier ones: id order is that order.
+            return list(self._appended)
+        import networkx
+
+        return list(networkx.lexicographical_topological_sort(self.nx))
 
     def results(self) -> dict[str, int]:
         """Every named result, prefixed by kind: 'out:loss', 'grad:w', 'update:w'."""
@@ -175,7 +214,8 @@ class Graph:
         (a walk per root revisits shared ancestors: quadratic on a training graph)."""
         keep = set(roots)
         stack = list(keep)
-        pred = self.nx.pred
+        pred = self.nx.pred if self._appended is None else {
+            n: args for n, (_, args) in self._appended.items()}
         while stack:
             for a in pred[stack.pop()]:
                 if a not in keep:
@@ -212,9 +252,13 @@ class Graph:
         """
         g = Graph.__new__(Graph)
         g.__dict__.update(self.__dict__)
-        g.nx = self.nx.copy()
-        for data in g.nx.nodes.values():
-            data["attrs"] = dict(data["attrs"])
+        if self._appended is not None:
+            g._appended = {n: ({**data, "attrs": dict(data["attrs"])}, args)
+                           for n, (data, args) in self._appended.items()}
+        else:
+            g._nx = self.nx.copy()
+            for data in g._nx.nodes.values():
+                data["attrs"] = dict(data["attrs"])
         for table in ("inputs", "params", "state", "outputs", "grads", "updates",
                       "index_bounds", "input_dims"):
             setattr(g, table, dict(getattr(self, table)))
@@ -223,17 +267,19 @@ class Graph:
 
     def validate(self) -> None:
         """Check invariants: acyclic, known ops, argument counts, shapes re-infer."""
+        import networkx
+
         from .ops import lookup
 
-        if not nx.is_directed_acyclic_graph(self.nx):
+        if not networkx.is_directed_acyclic_graph(self.nx):
             raise IRError(f"graph {self.name} has a cycle")
         for nid in self.topo_order():
             n = self.node(nid)
             opdef = lookup(n.op)
             if opdef is None:
                 raise IRError(f"node {nid} has unknown op {n.op!r}", n.src)
-            shapes = [self.nx.nodes[a]["shape"] for a in n.args]
-            dtypes = [self.nx.nodes[a]["dtype"] for a in n.args]
+            shapes = [self.data(a)["shape"] for a in n.args]
+            dtypes = [self.data(a)["dtype"] for a in n.args]
             shape, dtype = opdef.infer(shapes, dtypes, n.attrs)
             if tuple(shape) != n.shape or dtype != n.dtype:
                 raise IRError(
@@ -242,10 +288,10 @@ class Graph:
         for kind, table in (("input", self.inputs), ("param", self.params),
                             ("state", self.state)):
             for key, nid in table.items():
-                if nid not in self.nx or self.nx.nodes[nid]["op"] != kind:
+                if nid not in self or self.data(nid)["op"] != kind:
                     raise IRError(f"{kind} {key!r} does not point at a {kind} node")
         for key, nid in self.results().items():
-            if nid not in self.nx:
+            if nid not in self:
                 raise IRError(f"result {key!r} points at a removed node {nid}")
         for key, nid in self.updates.items():
             target = self.persistent().get(key)

@@ -142,7 +142,7 @@ def interpret(
             val = op_def(n.op).ref(*(values[a] for a in n.args), **attrs)  # type: ignore[misc]
         values[n.id] = np.asarray(val, dtype=numpy_dtype(out_dtype))
     # A result that is a source node would alias a param or a read-only constant.
-    return {k: values[v].copy() if graph.nx.nodes[v]["op"] in SOURCE_OPS else values[v]
+    return {k: values[v].copy() if graph.data(v)["op"] in SOURCE_OPS else values[v]
             for k, v in wanted.items()}
 
 

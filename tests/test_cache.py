@@ -189,9 +189,10 @@ def test_an_interface_for_another_model_does_not_load():
         Interface.from_json(low.traced, data)
 
 
-def test_importing_ferrograd_loads_no_sympy_or_jinja2():
+def test_importing_ferrograd_loads_no_sympy_jinja2_or_networkx():
     code = ("import sys, ferrograd\n"
-            "print(sorted(m for m in ('sympy', 'jinja2', 'safetensors') if m in sys.modules))")
+            "print(sorted(m for m in ('sympy', 'jinja2', 'safetensors', 'networkx')\n"
+            "             if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "[]"
@@ -233,7 +234,7 @@ def test_a_hit_gives_the_params_and_losses_of_a_miss(built, fresh_cache):
 
 
 @needs_rust
-def test_a_new_process_loads_without_lowering_or_sympy(built, fresh_cache):
+def test_a_new_process_loads_without_lowering_sympy_or_networkx(built, fresh_cache):
     _, first_losses = built
     script = MODEL + textwrap.dedent("""
         import json, sys
@@ -243,7 +244,7 @@ def test_a_new_process_loads_without_lowering_or_sympy(built, fresh_cache):
         y = rng.integers(0, 3, 5).astype(np.int32)
         print(json.dumps({
             "lowered": "graph" in step.lowered.__dict__,
-            "modules": sorted(m for m in ("sympy", "jinja2") if m in sys.modules),
+            "modules": sorted(m for m in ("sympy", "jinja2", "networkx") if m in sys.modules),
             "losses": [step(x, y) for _ in range(3)],
         }))
     """)

@@ -74,7 +74,8 @@ def test_transformer_updates_are_two_launches() -> None:
     assert len(updates) == 15
     merged = [k for k in _device(lw, "train") if isinstance(k, Horizontal)
               and any(m.name in updates for m in k.kernels)]
-    assert sorted(m.name for k in merged for m in k.kernels) == sorted(updates)
+    members = [m.name for k in merged for m in k.kernels]
+    assert set(updates) <= set(members)  # other independent kernels may join them
     assert len(merged) <= 2
     plain, module = _launches(_module(lw, False), "train"), _launches(_module(lw), "train")
     assert len(module) <= len(plain) - 13
@@ -92,8 +93,9 @@ def test_mlp_updates_are_one_launch() -> None:
                  and any(m.name in updates for m in k.kernels)]
     assert [m.name for m in merged.kernels] == updates
     assert kernels[-1] is merged
+    # the three updates are one launch (nothing else in the plan merges)
     assert len(_launches(_module(lw), "train")) == len(_launches(_module(lw, False),
-                                                                 "train")) - 3
+                                                                 "train")) - 2
 
 
 # ---- what must not merge -----------------------------------------------------------------

@@ -339,35 +339,16 @@ pub fn forward_k14_matmul(t52: &[f32], t37: &[f32], t53: &mut [f32]) -> Result<(
             &t37[b0 * 128..],
             (8, 16, 1),
             &mut t53[b0 * 128..],
-            (64, 8, 1),
+            (8, 16, 1),
             false,
         )?;
     }
     Ok(())
 }
 
-/// elementwise: copy over [2, 8, 2, 8].
-pub fn forward_k15_copy(t53: &[f32], t54_c: &mut [f32]) {
-    t54_c[0..256]
-        .chunks_mut(128)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let x0_at = row * 128;
-            for d0 in 0..8 {
-                for d1 in 0..2 {
-                    for d2 in 0..8 {
-                        let j = d0 * 16 + d1 * 8 + d2;
-                        let x0 = t53[x0_at + d0 * 8 + d1 * 64 + d2];
-                        o0[j] = x0;
-                    }
-                }
-            }
-        });
-}
-
 /// matmul: matmul, add: 16×16 · 16×16.
-pub fn forward_k16_matmul_add(
-    t54_c: &[f32],
+pub fn forward_k15_matmul_add(
+    t53: &[f32],
     param_attn_out_weight: &[f32],
     t5: &[f32],
     param_attn_out_bias: &[f32],
@@ -380,7 +361,7 @@ pub fn forward_k16_matmul_add(
         c.len() / 16,
         16,
         16,
-        &t54_c[0..],
+        &t53[0..],
         (16, 1),
         &param_attn_out_weight[0..],
         (16, 1),
@@ -404,7 +385,7 @@ pub fn forward_k16_matmul_add(
 }
 
 /// reduce: reduce_sum over [2, 8, 16].
-pub fn forward_k17_reduce(t60: &[f32], t63: &mut [f32]) {
+pub fn forward_k16_reduce(t60: &[f32], t63: &mut [f32]) {
     t63[0..16]
         .iter_mut()
         .enumerate()
@@ -422,7 +403,7 @@ pub fn forward_k17_reduce(t60: &[f32], t63: &mut [f32]) {
 }
 
 /// elementwise: mul over [2, 8, 1].
-pub fn forward_k18_mul(t63: &[f32], t65: &mut [f32]) {
+pub fn forward_k17_mul(t63: &[f32], t65: &mut [f32]) {
     t65[0..16].chunks_mut(16).enumerate().for_each(|(row, o0)| {
         let n = o0.len();
         let x0_row = &t63[row * 16..][..n];
@@ -434,7 +415,7 @@ pub fn forward_k18_mul(t63: &[f32], t65: &mut [f32]) {
 }
 
 /// reduce: mul, reduce_sum over [2, 8, 16].
-pub fn forward_k19_reduce(t60: &[f32], t65: &[f32], t68: &mut [f32]) {
+pub fn forward_k18_reduce(t60: &[f32], t65: &[f32], t68: &mut [f32]) {
     t68[0..16]
         .iter_mut()
         .enumerate()
@@ -453,7 +434,7 @@ pub fn forward_k19_reduce(t60: &[f32], t65: &[f32], t68: &mut [f32]) {
 }
 
 /// elementwise: add, div, mul, sqrt over [2, 8, 16].
-pub fn forward_k20_add_div_etc(
+pub fn forward_k19_add_div_etc(
     t60: &[f32],
     t65: &[f32],
     t68: &[f32],
@@ -482,7 +463,7 @@ pub fn forward_k20_add_div_etc(
 }
 
 /// matmul: matmul, add, mul, normal_cdf: 16×16 · 16×64.
-pub fn forward_k21_matmul_add_mul_normal_cdf(
+pub fn forward_k20_matmul_add_mul_normal_cdf(
     t76: &[f32],
     param_mlp_up_weight: &[f32],
     param_mlp_up_bias: &[f32],
@@ -517,7 +498,7 @@ pub fn forward_k21_matmul_add_mul_normal_cdf(
 }
 
 /// matmul: matmul, add: 16×64 · 64×16.
-pub fn forward_k22_matmul_add(
+pub fn forward_k21_matmul_add(
     t481: &[f32],
     param_mlp_down_weight: &[f32],
     param_mlp_down_bias: &[f32],
@@ -551,7 +532,7 @@ pub fn forward_k22_matmul_add(
 }
 
 /// reduce: reduce_sum over [2, 8, 16].
-pub fn forward_k23_reduce(t60: &[f32], t85: &[f32], t89: &mut [f32]) {
+pub fn forward_k22_reduce(t60: &[f32], t85: &[f32], t89: &mut [f32]) {
     t89[0..16]
         .iter_mut()
         .enumerate()
@@ -571,7 +552,7 @@ pub fn forward_k23_reduce(t60: &[f32], t85: &[f32], t89: &mut [f32]) {
 }
 
 /// elementwise: mul over [2, 8, 1].
-pub fn forward_k24_mul(t89: &[f32], t91: &mut [f32]) {
+pub fn forward_k23_mul(t89: &[f32], t91: &mut [f32]) {
     t91[0..16].chunks_mut(16).enumerate().for_each(|(row, o0)| {
         let n = o0.len();
         let x0_row = &t89[row * 16..][..n];
@@ -583,7 +564,7 @@ pub fn forward_k24_mul(t89: &[f32], t91: &mut [f32]) {
 }
 
 /// reduce: mul, reduce_sum over [2, 8, 16].
-pub fn forward_k25_reduce(t60: &[f32], t85: &[f32], t91: &[f32], t94: &mut [f32]) {
+pub fn forward_k24_reduce(t60: &[f32], t85: &[f32], t91: &[f32], t94: &mut [f32]) {
     t94[0..16]
         .iter_mut()
         .enumerate()
@@ -604,7 +585,7 @@ pub fn forward_k25_reduce(t60: &[f32], t85: &[f32], t91: &[f32], t94: &mut [f32]
 }
 
 /// elementwise: add, div, mul, sqrt over [2, 8, 16].
-pub fn forward_k26_add_div_etc(
+pub fn forward_k25_add_div_etc(
     t60: &[f32],
     t85: &[f32],
     t91: &[f32],
@@ -636,7 +617,7 @@ pub fn forward_k26_add_div_etc(
 }
 
 /// matmul: matmul, add: 16×16 · 16×20.
-pub fn forward_k27_matmul_add(
+pub fn forward_k26_matmul_add(
     t102: &[f32],
     param_head_weight: &[f32],
     param_head_bias: &[f32],
@@ -670,7 +651,7 @@ pub fn forward_k27_matmul_add(
 }
 
 /// reduce: reduce_max over [16, 20].
-pub fn forward_k28_reduce(t106: &[f32], t112: &mut [f32]) {
+pub fn forward_k27_reduce(t106: &[f32], t112: &mut [f32]) {
     t112[0..16]
         .iter_mut()
         .enumerate()
@@ -688,7 +669,7 @@ pub fn forward_k28_reduce(t106: &[f32], t112: &mut [f32]) {
 }
 
 /// elementwise: stop_gradient over [16, 1].
-pub fn forward_k29_stop_gradient(t112: &[f32], t113: &mut [f32]) {
+pub fn forward_k28_stop_gradient(t112: &[f32], t113: &mut [f32]) {
     t113[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -703,7 +684,7 @@ pub fn forward_k29_stop_gradient(t112: &[f32], t113: &mut [f32]) {
 }
 
 /// reduce: exp, reduce_sum over [16, 20].
-pub fn forward_k30_reduce(t106: &[f32], t113: &[f32], t116: &mut [f32]) {
+pub fn forward_k29_reduce(t106: &[f32], t113: &[f32], t116: &mut [f32]) {
     t116[0..16]
         .iter_mut()
         .enumerate()
@@ -722,7 +703,7 @@ pub fn forward_k30_reduce(t106: &[f32], t113: &[f32], t116: &mut [f32]) {
 }
 
 /// reduce: eq, log, reduce_sum, sub, where over [16, 20].
-pub fn forward_k31_reduce(
+pub fn forward_k30_reduce(
     input_targets: &[i32],
     c110: &[i32],
     t106: &[f32],
@@ -753,7 +734,7 @@ pub fn forward_k31_reduce(
 }
 
 /// reduce: reduce_sum over [16].
-pub fn forward_k32_reduce(t121: &[f32], t122: &mut [f32]) {
+pub fn forward_k31_reduce(t121: &[f32], t122: &mut [f32]) {
     t122[0..1].iter_mut().for_each(|acc_out| {
         let mut lanes = rt::lanes::SUMS;
         let mut chunk = [0.0_f32; rt::lanes::CHUNK];
@@ -768,7 +749,7 @@ pub fn forward_k32_reduce(t121: &[f32], t122: &mut [f32]) {
 }
 
 /// elementwise: mul, neg.
-pub fn forward_k33_mul_neg(t122: &[f32], t125: &mut [f32]) {
+pub fn forward_k32_mul_neg(t122: &[f32], t125: &mut [f32]) {
     let x0 = t122[0];
     t125[0] = -0.0625 * x0;
 }
@@ -923,8 +904,8 @@ pub fn grads_k13_exp(c44: &[u8], t43: &[f32], t48: &[f32], t50: &mut [f32]) {
 }
 
 /// matmul: matmul, add: 2 batches of 8×16 · 16×16.
-pub fn grads_k18_matmul_add(
-    t54_c: &[f32],
+pub fn grads_k17_matmul_add(
+    t53: &[f32],
     param_attn_out_weight: &[f32],
     t3: &[f32],
     param_pos_emb: &[f32],
@@ -937,7 +918,7 @@ pub fn grads_k18_matmul_add(
         8,
         16,
         16,
-        &t54_c[0..],
+        &t53[0..],
         (128, 16, 1),
         &param_attn_out_weight[0..],
         (0, 16, 1),
@@ -968,7 +949,7 @@ pub fn grads_k18_matmul_add(
 }
 
 /// elementwise: mul, sub over [2, 8, 16].
-pub fn grads_k20_mul_sub(t60: &[f32], t63: &[f32], t66: &mut [f32]) {
+pub fn grads_k19_mul_sub(t60: &[f32], t63: &[f32], t66: &mut [f32]) {
     t66[0..256]
         .chunks_mut(16)
         .enumerate()
@@ -984,7 +965,7 @@ pub fn grads_k20_mul_sub(t60: &[f32], t63: &[f32], t66: &mut [f32]) {
 }
 
 /// reduce: mul, reduce_sum over [2, 8, 16].
-pub fn grads_k21_reduce(t66: &[f32], t68: &mut [f32]) {
+pub fn grads_k20_reduce(t66: &[f32], t68: &mut [f32]) {
     t68[0..16]
         .iter_mut()
         .enumerate()
@@ -1002,7 +983,7 @@ pub fn grads_k21_reduce(t66: &[f32], t68: &mut [f32]) {
 }
 
 /// elementwise: sqrt over [2, 8, 1].
-pub fn grads_k22_sqrt(t68: &[f32], t73: &mut [f32]) {
+pub fn grads_k21_sqrt(t68: &[f32], t73: &mut [f32]) {
     t73[0..16].chunks_mut(16).enumerate().for_each(|(row, o0)| {
         let n = o0.len();
         let x0_row = &t68[row * 16..][..n];
@@ -1014,7 +995,7 @@ pub fn grads_k22_sqrt(t68: &[f32], t73: &mut [f32]) {
 }
 
 /// elementwise: add, div, mul over [2, 8, 16].
-pub fn grads_k23_add_div_mul(
+pub fn grads_k22_add_div_mul(
     t66: &[f32],
     t73: &[f32],
     param_ln_mlp_weight: &[f32],
@@ -1045,7 +1026,7 @@ pub fn grads_k23_add_div_mul(
 }
 
 /// elementwise: div.d0 over [2, 8, 1].
-pub fn grads_k24_div_d0(t73: &[f32], t207: &mut [f32]) {
+pub fn grads_k23_div_d0(t73: &[f32], t207: &mut [f32]) {
     t207[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -1060,7 +1041,7 @@ pub fn grads_k24_div_d0(t73: &[f32], t207: &mut [f32]) {
 }
 
 /// matmul: matmul, add, mul, normal_cdf: 16×16 · 16×64.
-pub fn grads_k25_matmul_add_mul_normal_cdf(
+pub fn grads_k24_matmul_add_mul_normal_cdf(
     t76: &[f32],
     param_mlp_up_weight: &[f32],
     param_mlp_up_bias: &[f32],
@@ -1107,7 +1088,7 @@ pub fn grads_k25_matmul_add_mul_normal_cdf(
 }
 
 /// elementwise: mul, sub over [2, 8, 16].
-pub fn grads_k28_mul_sub(t60: &[f32], t85: &[f32], t89: &[f32], t92: &mut [f32]) {
+pub fn grads_k27_mul_sub(t60: &[f32], t85: &[f32], t89: &[f32], t92: &mut [f32]) {
     t92[0..256]
         .chunks_mut(16)
         .enumerate()
@@ -1125,7 +1106,7 @@ pub fn grads_k28_mul_sub(t60: &[f32], t85: &[f32], t89: &[f32], t92: &mut [f32])
 }
 
 /// reduce: mul, reduce_sum over [2, 8, 16].
-pub fn grads_k29_reduce(t92: &[f32], t94: &mut [f32]) {
+pub fn grads_k28_reduce(t92: &[f32], t94: &mut [f32]) {
     t94[0..16]
         .iter_mut()
         .enumerate()
@@ -1143,7 +1124,7 @@ pub fn grads_k29_reduce(t92: &[f32], t94: &mut [f32]) {
 }
 
 /// elementwise: sqrt over [2, 8, 1].
-pub fn grads_k30_sqrt(t94: &[f32], t99: &mut [f32]) {
+pub fn grads_k29_sqrt(t94: &[f32], t99: &mut [f32]) {
     t99[0..16].chunks_mut(16).enumerate().for_each(|(row, o0)| {
         let n = o0.len();
         let x0_row = &t94[row * 16..][..n];
@@ -1155,7 +1136,7 @@ pub fn grads_k30_sqrt(t94: &[f32], t99: &mut [f32]) {
 }
 
 /// elementwise: add, div, mul over [2, 8, 16].
-pub fn grads_k31_add_div_mul(
+pub fn grads_k30_add_div_mul(
     t92: &[f32],
     t99: &[f32],
     param_ln_out_weight: &[f32],
@@ -1186,7 +1167,7 @@ pub fn grads_k31_add_div_mul(
 }
 
 /// elementwise: div.d0 over [2, 8, 1].
-pub fn grads_k36_div_d0(t99: &[f32], t163: &mut [f32]) {
+pub fn grads_k35_div_d0(t99: &[f32], t163: &mut [f32]) {
     t163[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -1201,7 +1182,7 @@ pub fn grads_k36_div_d0(t99: &[f32], t163: &mut [f32]) {
 }
 
 /// reduce: neg, reduce_sum over [16, 20].
-pub fn grads_k37_reduce(input_targets: &[i32], c110: &[i32], c500: &[f32], t139: &mut [f32]) {
+pub fn grads_k36_reduce(input_targets: &[i32], c110: &[i32], c500: &[f32], t139: &mut [f32]) {
     t139[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -1226,7 +1207,7 @@ pub fn grads_k37_reduce(input_targets: &[i32], c110: &[i32], c500: &[f32], t139:
 }
 
 /// elementwise: log.d0, mul over [16, 1].
-pub fn grads_k38_log_d0_mul(t139: &[f32], t116: &[f32], t141: &mut [f32]) {
+pub fn grads_k37_log_d0_mul(t139: &[f32], t116: &[f32], t141: &mut [f32]) {
     t141[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -1243,7 +1224,7 @@ pub fn grads_k38_log_d0_mul(t139: &[f32], t116: &[f32], t141: &mut [f32]) {
 }
 
 /// elementwise: add, exp.d0, mul over [16, 20].
-pub fn grads_k39_add_exp_d0_mul(
+pub fn grads_k38_add_exp_d0_mul(
     input_targets: &[i32],
     c110: &[i32],
     c500: &[f32],
@@ -1272,7 +1253,7 @@ pub fn grads_k39_add_exp_d0_mul(
 }
 
 /// reduce: reduce_sum over [2, 8, 20].
-pub fn grads_k40_reduce(t145: &[f32], t149: &mut [f32]) {
+pub fn grads_k39_reduce(t145: &[f32], t149: &mut [f32]) {
     t149[0..20]
         .chunks_mut(20)
         .enumerate()
@@ -1294,7 +1275,7 @@ pub fn grads_k40_reduce(t145: &[f32], t149: &mut [f32]) {
 }
 
 /// matmul: matmul: 16×20 · 20×16.
-pub fn grads_k41_matmul(
+pub fn grads_k40_matmul(
     t145: &[f32],
     param_head_weight: &[f32],
     t152: &mut [f32],
@@ -1316,7 +1297,7 @@ pub fn grads_k41_matmul(
 }
 
 /// matmul: matmul: 16×16 · 16×20.
-pub fn grads_k42_matmul(t102: &[f32], t145: &[f32], t156: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k41_matmul(t102: &[f32], t145: &[f32], t156: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         16,
@@ -1334,7 +1315,7 @@ pub fn grads_k42_matmul(t102: &[f32], t145: &[f32], t156: &mut [f32]) -> Result<
 }
 
 /// reduce: reduce_sum over [2, 8, 16].
-pub fn grads_k43_reduce(t152: &[f32], t157: &mut [f32]) {
+pub fn grads_k42_reduce(t152: &[f32], t157: &mut [f32]) {
     t157[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -1356,7 +1337,7 @@ pub fn grads_k43_reduce(t152: &[f32], t157: &mut [f32]) {
 }
 
 /// elementwise: mul over [2, 8, 16].
-pub fn grads_k44_mul(t152: &[f32], param_ln_out_weight: &[f32], t159: &mut [f32]) {
+pub fn grads_k43_mul(t152: &[f32], param_ln_out_weight: &[f32], t159: &mut [f32]) {
     t159[0..256]
         .chunks_mut(16)
         .enumerate()
@@ -1373,7 +1354,7 @@ pub fn grads_k44_mul(t152: &[f32], param_ln_out_weight: &[f32], t159: &mut [f32]
 }
 
 /// reduce: mul, reduce_sum over [2, 8, 16].
-pub fn grads_k45_reduce(t152: &[f32], t100: &[f32], t161: &mut [f32]) {
+pub fn grads_k44_reduce(t152: &[f32], t100: &[f32], t161: &mut [f32]) {
     t161[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -1397,7 +1378,7 @@ pub fn grads_k45_reduce(t152: &[f32], t100: &[f32], t161: &mut [f32]) {
 }
 
 /// reduce: div.d1, mul, reduce_sum over [2, 8, 16].
-pub fn grads_k46_reduce(t159: &[f32], t92: &[f32], t99: &[f32], t167: &mut [f32]) {
+pub fn grads_k45_reduce(t159: &[f32], t92: &[f32], t99: &[f32], t167: &mut [f32]) {
     t167[0..16]
         .iter_mut()
         .enumerate()
@@ -1419,7 +1400,7 @@ pub fn grads_k46_reduce(t159: &[f32], t92: &[f32], t99: &[f32], t167: &mut [f32]
 }
 
 /// elementwise: mul, sqrt.d0 over [2, 8, 1].
-pub fn grads_k47_mul_sqrt_d0(t167: &[f32], t94: &[f32], t170: &mut [f32]) {
+pub fn grads_k46_mul_sqrt_d0(t167: &[f32], t94: &[f32], t170: &mut [f32]) {
     t170[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -1436,7 +1417,7 @@ pub fn grads_k47_mul_sqrt_d0(t167: &[f32], t94: &[f32], t170: &mut [f32]) {
 }
 
 /// reduce: neg, reduce_sum over [2, 8, 16].
-pub fn grads_k48_reduce(t159: &[f32], t163: &[f32], t170: &[f32], t92: &[f32], t178: &mut [f32]) {
+pub fn grads_k47_reduce(t159: &[f32], t163: &[f32], t170: &[f32], t92: &[f32], t178: &mut [f32]) {
     t178[0..16]
         .iter_mut()
         .enumerate()
@@ -1458,7 +1439,7 @@ pub fn grads_k48_reduce(t159: &[f32], t163: &[f32], t170: &[f32], t92: &[f32], t
 }
 
 /// elementwise: mul over [2, 8, 1].
-pub fn grads_k49_mul(t178: &[f32], t179: &mut [f32]) {
+pub fn grads_k48_mul(t178: &[f32], t179: &mut [f32]) {
     t179[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -1473,7 +1454,7 @@ pub fn grads_k49_mul(t178: &[f32], t179: &mut [f32]) {
 }
 
 /// elementwise: add over [2, 8, 16].
-pub fn grads_k50_add(
+pub fn grads_k49_add(
     t159: &[f32],
     t163: &[f32],
     t170: &[f32],
@@ -1500,7 +1481,7 @@ pub fn grads_k50_add(
 }
 
 /// reduce: reduce_sum over [2, 8, 16].
-pub fn grads_k51_reduce(t182: &[f32], t183: &mut [f32]) {
+pub fn grads_k50_reduce(t182: &[f32], t183: &mut [f32]) {
     t183[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -1522,7 +1503,7 @@ pub fn grads_k51_reduce(t182: &[f32], t183: &mut [f32]) {
 }
 
 /// matmul: matmul: 64×16 · 16×16.
-pub fn grads_k52_matmul(t481: &[f32], t182: &[f32], t190: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k51_matmul(t481: &[f32], t182: &[f32], t190: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         64,
@@ -1540,7 +1521,7 @@ pub fn grads_k52_matmul(t481: &[f32], t182: &[f32], t190: &mut [f32]) -> Result<
 }
 
 /// matmul: matmul, add, mul, normal_cdf.d0: 16×16 · 16×64.
-pub fn grads_k53_matmul_add_mul_normal_cdf_d0(
+pub fn grads_k52_matmul_add_mul_normal_cdf_d0(
     t182: &[f32],
     param_mlp_down_weight: &[f32],
     t480: &[f32],
@@ -1578,7 +1559,7 @@ pub fn grads_k53_matmul_add_mul_normal_cdf_d0(
 }
 
 /// reduce: reduce_sum over [2, 8, 64].
-pub fn grads_k54_reduce(t192: &[f32], t193: &mut [f32]) {
+pub fn grads_k53_reduce(t192: &[f32], t193: &mut [f32]) {
     t193[0..64]
         .chunks_mut(64)
         .enumerate()
@@ -1600,7 +1581,7 @@ pub fn grads_k54_reduce(t192: &[f32], t193: &mut [f32]) {
 }
 
 /// matmul: matmul: 16×64 · 64×16.
-pub fn grads_k55_matmul(
+pub fn grads_k54_matmul(
     t192: &[f32],
     param_mlp_up_weight: &[f32],
     t196: &mut [f32],
@@ -1622,7 +1603,7 @@ pub fn grads_k55_matmul(
 }
 
 /// matmul: matmul: 16×16 · 16×64.
-pub fn grads_k56_matmul(t76: &[f32], t192: &[f32], t200: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k55_matmul(t76: &[f32], t192: &[f32], t200: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         16,
@@ -1640,7 +1621,7 @@ pub fn grads_k56_matmul(t76: &[f32], t192: &[f32], t200: &mut [f32]) -> Result<(
 }
 
 /// reduce: reduce_sum over [2, 8, 16].
-pub fn grads_k57_reduce(t196: &[f32], t201: &mut [f32]) {
+pub fn grads_k56_reduce(t196: &[f32], t201: &mut [f32]) {
     t201[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -1662,7 +1643,7 @@ pub fn grads_k57_reduce(t196: &[f32], t201: &mut [f32]) {
 }
 
 /// elementwise: mul over [2, 8, 16].
-pub fn grads_k58_mul(t196: &[f32], param_ln_mlp_weight: &[f32], t203: &mut [f32]) {
+pub fn grads_k57_mul(t196: &[f32], param_ln_mlp_weight: &[f32], t203: &mut [f32]) {
     t203[0..256]
         .chunks_mut(16)
         .enumerate()
@@ -1679,7 +1660,7 @@ pub fn grads_k58_mul(t196: &[f32], param_ln_mlp_weight: &[f32], t203: &mut [f32]
 }
 
 /// reduce: mul, reduce_sum over [2, 8, 16].
-pub fn grads_k59_reduce(t196: &[f32], t74: &[f32], t205: &mut [f32]) {
+pub fn grads_k58_reduce(t196: &[f32], t74: &[f32], t205: &mut [f32]) {
     t205[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -1703,7 +1684,7 @@ pub fn grads_k59_reduce(t196: &[f32], t74: &[f32], t205: &mut [f32]) {
 }
 
 /// reduce: div.d1, mul, reduce_sum over [2, 8, 16].
-pub fn grads_k60_reduce(t203: &[f32], t66: &[f32], t73: &[f32], t211: &mut [f32]) {
+pub fn grads_k59_reduce(t203: &[f32], t66: &[f32], t73: &[f32], t211: &mut [f32]) {
     t211[0..16]
         .iter_mut()
         .enumerate()
@@ -1725,7 +1706,7 @@ pub fn grads_k60_reduce(t203: &[f32], t66: &[f32], t73: &[f32], t211: &mut [f32]
 }
 
 /// elementwise: mul, sqrt.d0 over [2, 8, 1].
-pub fn grads_k61_mul_sqrt_d0(t211: &[f32], t68: &[f32], t214: &mut [f32]) {
+pub fn grads_k60_mul_sqrt_d0(t211: &[f32], t68: &[f32], t214: &mut [f32]) {
     t214[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -1742,7 +1723,7 @@ pub fn grads_k61_mul_sqrt_d0(t211: &[f32], t68: &[f32], t214: &mut [f32]) {
 }
 
 /// reduce: neg, reduce_sum over [2, 8, 16].
-pub fn grads_k62_reduce(t203: &[f32], t207: &[f32], t214: &[f32], t66: &[f32], t223: &mut [f32]) {
+pub fn grads_k61_reduce(t203: &[f32], t207: &[f32], t214: &[f32], t66: &[f32], t223: &mut [f32]) {
     t223[0..16]
         .iter_mut()
         .enumerate()
@@ -1764,7 +1745,7 @@ pub fn grads_k62_reduce(t203: &[f32], t207: &[f32], t214: &[f32], t66: &[f32], t
 }
 
 /// elementwise: mul over [2, 8, 1].
-pub fn grads_k63_mul(t223: &[f32], t224: &mut [f32]) {
+pub fn grads_k62_mul(t223: &[f32], t224: &mut [f32]) {
     t224[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -1779,7 +1760,7 @@ pub fn grads_k63_mul(t223: &[f32], t224: &mut [f32]) {
 }
 
 /// elementwise: add over [2, 8, 16].
-pub fn grads_k64_add(
+pub fn grads_k63_add(
     t182: &[f32],
     t203: &[f32],
     t207: &[f32],
@@ -1809,7 +1790,7 @@ pub fn grads_k64_add(
 }
 
 /// reduce: reduce_sum over [2, 8, 16].
-pub fn grads_k65_reduce(t227: &[f32], t228: &mut [f32]) {
+pub fn grads_k64_reduce(t227: &[f32], t228: &mut [f32]) {
     t228[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -1831,7 +1812,7 @@ pub fn grads_k65_reduce(t227: &[f32], t228: &mut [f32]) {
 }
 
 /// matmul: matmul: 16×16 · 16×16.
-pub fn grads_k66_matmul(
+pub fn grads_k65_matmul(
     t227: &[f32],
     param_attn_out_weight: &[f32],
     t231: &mut [f32],
@@ -1853,13 +1834,13 @@ pub fn grads_k66_matmul(
 }
 
 /// matmul: matmul: 16×16 · 16×16.
-pub fn grads_k67_matmul(t54_c: &[f32], t227: &[f32], t235: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k66_matmul(t53: &[f32], t227: &[f32], t235: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         16,
         16,
         16,
-        &t54_c[0..],
+        &t53[0..],
         (0, 1, 16),
         &t227[0..],
         (0, 16, 1),
@@ -1871,7 +1852,7 @@ pub fn grads_k67_matmul(t54_c: &[f32], t227: &[f32], t235: &mut [f32]) -> Result
 }
 
 /// matmul: matmul: 2×2 batches of 8×8 · 8×8.
-pub fn grads_k68_matmul(t231: &[f32], t37: &[f32], t239: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k67_matmul(t231: &[f32], t37: &[f32], t239: &mut [f32]) -> Result<(), rt::Error> {
     for b0 in 0..2 {
         rt::gemm::sgemm_batched(
             2,
@@ -1891,7 +1872,7 @@ pub fn grads_k68_matmul(t231: &[f32], t37: &[f32], t239: &mut [f32]) -> Result<(
 }
 
 /// matmul: matmul: 2×2 batches of 8×8 · 8×8.
-pub fn grads_k69_matmul(t52: &[f32], t231: &[f32], t241: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k68_matmul(t52: &[f32], t231: &[f32], t241: &mut [f32]) -> Result<(), rt::Error> {
     for b0 in 0..2 {
         rt::gemm::sgemm_batched(
             2,
@@ -1903,7 +1884,7 @@ pub fn grads_k69_matmul(t52: &[f32], t231: &[f32], t241: &mut [f32]) -> Result<(
             &t231[b0 * 128..],
             (8, 16, 1),
             &mut t241[b0 * 128..],
-            (64, 8, 1),
+            (8, 16, 1),
             false,
         )?;
     }
@@ -1911,7 +1892,7 @@ pub fn grads_k69_matmul(t52: &[f32], t231: &[f32], t241: &mut [f32]) -> Result<(
 }
 
 /// reduce: div.d1, mul, reduce_sum over [2, 2, 8, 8].
-pub fn grads_k70_reduce(t239: &[f32], t50: &[f32], t51: &[f32], t246: &mut [f32]) {
+pub fn grads_k69_reduce(t239: &[f32], t50: &[f32], t51: &[f32], t246: &mut [f32]) {
     t246[0..32].chunks_mut(32).for_each(|outs| {
         for (j, acc_out) in outs.iter_mut().enumerate() {
             let mut acc = 0.0_f32;
@@ -1927,7 +1908,7 @@ pub fn grads_k70_reduce(t239: &[f32], t50: &[f32], t51: &[f32], t246: &mut [f32]
 }
 
 /// elementwise: add, div.d0, exp.d0, mul, where over [2, 2, 8, 8].
-pub fn grads_k71_add_div_d0_etc(
+pub fn grads_k70_add_div_d0_etc(
     c44: &[u8],
     t239: &[f32],
     t51: &[f32],
@@ -1964,7 +1945,7 @@ pub fn grads_k71_add_div_d0_etc(
 }
 
 /// matmul: matmul: 2×2 batches of 8×8 · 8×8.
-pub fn grads_k72_matmul(t257: &[f32], t31: &[f32], t260: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k71_matmul(t257: &[f32], t31: &[f32], t260: &mut [f32]) -> Result<(), rt::Error> {
     for b0 in 0..2 {
         rt::gemm::sgemm_batched(
             2,
@@ -1976,7 +1957,7 @@ pub fn grads_k72_matmul(t257: &[f32], t31: &[f32], t260: &mut [f32]) -> Result<(
             &t31[b0 * 128..],
             (8, 16, 1),
             &mut t260[b0 * 128..],
-            (64, 8, 1),
+            (8, 16, 1),
             false,
         )?;
     }
@@ -1984,7 +1965,7 @@ pub fn grads_k72_matmul(t257: &[f32], t31: &[f32], t260: &mut [f32]) -> Result<(
 }
 
 /// matmul: matmul: 2×2 batches of 8×8 · 8×8.
-pub fn grads_k73_matmul(t25: &[f32], t257: &[f32], t262: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k72_matmul(t25: &[f32], t257: &[f32], t262: &mut [f32]) -> Result<(), rt::Error> {
     for b0 in 0..2 {
         rt::gemm::sgemm_batched(
             2,
@@ -1996,34 +1977,15 @@ pub fn grads_k73_matmul(t25: &[f32], t257: &[f32], t262: &mut [f32]) -> Result<(
             &t257[b0 * 128..],
             (64, 8, 1),
             &mut t262[b0 * 128..],
-            (64, 8, 1),
+            (8, 1, 16),
             false,
         )?;
     }
     Ok(())
 }
 
-/// elementwise: copy over [2, 8, 2, 8].
-pub fn grads_k74_copy(t241: &[f32], t264_c: &mut [f32]) {
-    t264_c[0..256]
-        .chunks_mut(128)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let x0_at = row * 128;
-            for d0 in 0..8 {
-                for d1 in 0..2 {
-                    for d2 in 0..8 {
-                        let j = d0 * 16 + d1 * 8 + d2;
-                        let x0 = t241[x0_at + d0 * 8 + d1 * 64 + d2];
-                        o0[j] = x0;
-                    }
-                }
-            }
-        });
-}
-
 /// reduce: reduce_sum over [2, 8, 16].
-pub fn grads_k75_reduce(t264_c: &[f32], t266: &mut [f32]) {
+pub fn grads_k73_reduce(t241: &[f32], t266: &mut [f32]) {
     t266[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -2032,7 +1994,7 @@ pub fn grads_k75_reduce(t264_c: &[f32], t266: &mut [f32]) {
             let mut acc = [0.0_f64; 16];
             let acc = &mut acc[..out.len()];
             for i0 in 0..16 {
-                let x0_row = &t264_c[i0 * 16 + j0..][..out.len()];
+                let x0_row = &t241[i0 * 16 + j0..][..out.len()];
                 for (j, a) in acc.iter_mut().enumerate() {
                     let x0 = x0_row[j];
                     *a += f64::from(x0);
@@ -2044,27 +2006,8 @@ pub fn grads_k75_reduce(t264_c: &[f32], t266: &mut [f32]) {
         });
 }
 
-/// elementwise: copy over [2, 8, 2, 8].
-pub fn grads_k76_copy(t260: &[f32], t285_c: &mut [f32]) {
-    t285_c[0..256]
-        .chunks_mut(128)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let x0_at = row * 128;
-            for d0 in 0..8 {
-                for d1 in 0..2 {
-                    for d2 in 0..8 {
-                        let j = d0 * 16 + d1 * 8 + d2;
-                        let x0 = t260[x0_at + d0 * 8 + d1 * 64 + d2];
-                        o0[j] = x0;
-                    }
-                }
-            }
-        });
-}
-
 /// reduce: reduce_sum over [2, 8, 16].
-pub fn grads_k77_reduce(t285_c: &[f32], t287: &mut [f32]) {
+pub fn grads_k74_reduce(t260: &[f32], t287: &mut [f32]) {
     t287[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -2073,7 +2016,69 @@ pub fn grads_k77_reduce(t285_c: &[f32], t287: &mut [f32]) {
             let mut acc = [0.0_f64; 16];
             let acc = &mut acc[..out.len()];
             for i0 in 0..16 {
-                let x0_row = &t285_c[i0 * 16 + j0..][..out.len()];
+                let x0_row = &t260[i0 * 16 + j0..][..out.len()];
+                for (j, a) in acc.iter_mut().enumerate() {
+                    let x0 = x0_row[j];
+                    *a += f64::from(x0);
+                }
+            }
+            for (o, a) in out.iter_mut().zip(acc.iter()) {
+                *o = *a as f32;
+            }
+        });
+}
+
+/// matmul: matmul: 16×16 · 16×16.
+pub fn grads_k75_matmul(
+    t260: &[f32],
+    param_attn_q_weight: &[f32],
+    t290: &mut [f32],
+) -> Result<(), rt::Error> {
+    rt::gemm::sgemm_batched(
+        1,
+        16,
+        16,
+        16,
+        &t260[0..],
+        (0, 16, 1),
+        &param_attn_q_weight[0..],
+        (0, 1, 16),
+        &mut t290[0..],
+        (0, 16, 1),
+        false,
+    )?;
+    Ok(())
+}
+
+/// matmul: matmul: 16×16 · 16×16.
+pub fn grads_k76_matmul(t21: &[f32], t241: &[f32], t273: &mut [f32]) -> Result<(), rt::Error> {
+    rt::gemm::sgemm_batched(
+        1,
+        16,
+        16,
+        16,
+        &t21[0..],
+        (0, 1, 16),
+        &t241[0..],
+        (0, 16, 1),
+        &mut t273[0..],
+        (0, 16, 1),
+        false,
+    )?;
+    Ok(())
+}
+
+/// reduce: reduce_sum over [2, 8, 16].
+pub fn grads_k77_reduce(t262: &[f32], t276: &mut [f32]) {
+    t276[0..16]
+        .chunks_mut(16)
+        .enumerate()
+        .for_each(|(part, out)| {
+            let j0 = part * 16;
+            let mut acc = [0.0_f64; 16];
+            let acc = &mut acc[..out.len()];
+            for i0 in 0..16 {
+                let x0_row = &t262[i0 * 16 + j0..][..out.len()];
                 for (j, a) in acc.iter_mut().enumerate() {
                     let x0 = x0_row[j];
                     *a += f64::from(x0);
@@ -2087,86 +2092,7 @@ pub fn grads_k77_reduce(t285_c: &[f32], t287: &mut [f32]) {
 
 /// matmul: matmul: 16×16 · 16×16.
 pub fn grads_k78_matmul(
-    t285_c: &[f32],
-    param_attn_q_weight: &[f32],
-    t290: &mut [f32],
-) -> Result<(), rt::Error> {
-    rt::gemm::sgemm_batched(
-        1,
-        16,
-        16,
-        16,
-        &t285_c[0..],
-        (0, 16, 1),
-        &param_attn_q_weight[0..],
-        (0, 1, 16),
-        &mut t290[0..],
-        (0, 16, 1),
-        false,
-    )?;
-    Ok(())
-}
-
-/// matmul: matmul: 16×16 · 16×16.
-pub fn grads_k79_matmul(t21: &[f32], t264_c: &[f32], t273: &mut [f32]) -> Result<(), rt::Error> {
-    rt::gemm::sgemm_batched(
-        1,
-        16,
-        16,
-        16,
-        &t21[0..],
-        (0, 1, 16),
-        &t264_c[0..],
-        (0, 16, 1),
-        &mut t273[0..],
-        (0, 16, 1),
-        false,
-    )?;
-    Ok(())
-}
-
-/// elementwise: copy over [2, 8, 2, 8].
-pub fn grads_k80_copy(t262: &[f32], t493_c: &mut [f32]) {
-    t493_c[0..256]
-        .chunks_mut(128)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let x0_at = row * 128;
-            for d0 in 0..8 {
-                for d1 in 0..16 {
-                    let j = d0 * 16 + d1;
-                    let x0 = t262[x0_at + d0 + d1 * 8];
-                    o0[j] = x0;
-                }
-            }
-        });
-}
-
-/// reduce: reduce_sum over [2, 8, 16].
-pub fn grads_k81_reduce(t493_c: &[f32], t276: &mut [f32]) {
-    t276[0..16]
-        .chunks_mut(16)
-        .enumerate()
-        .for_each(|(part, out)| {
-            let j0 = part * 16;
-            let mut acc = [0.0_f64; 16];
-            let acc = &mut acc[..out.len()];
-            for i0 in 0..16 {
-                let x0_row = &t493_c[i0 * 16 + j0..][..out.len()];
-                for (j, a) in acc.iter_mut().enumerate() {
-                    let x0 = x0_row[j];
-                    *a += f64::from(x0);
-                }
-            }
-            for (o, a) in out.iter_mut().zip(acc.iter()) {
-                *o = *a as f32;
-            }
-        });
-}
-
-/// matmul: matmul: 16×16 · 16×16.
-pub fn grads_k82_matmul(
-    t493_c: &[f32],
+    t262: &[f32],
     param_attn_k_weight: &[f32],
     t279: &mut [f32],
 ) -> Result<(), rt::Error> {
@@ -2175,7 +2101,7 @@ pub fn grads_k82_matmul(
         16,
         16,
         16,
-        &t493_c[0..],
+        &t262[0..],
         (0, 16, 1),
         &param_attn_k_weight[0..],
         (0, 1, 16),
@@ -2187,8 +2113,8 @@ pub fn grads_k82_matmul(
 }
 
 /// matmul: matmul, add: 16×16 · 16×16.
-pub fn grads_k83_matmul_add(
-    t264_c: &[f32],
+pub fn grads_k79_matmul_add(
+    t241: &[f32],
     param_attn_v_weight: &[f32],
     t279: &[f32],
     t290: &[f32],
@@ -2201,7 +2127,7 @@ pub fn grads_k83_matmul_add(
         c.len() / 16,
         16,
         16,
-        &t264_c[0..],
+        &t241[0..],
         (16, 1),
         &param_attn_v_weight[0..],
         (1, 16),
@@ -2225,7 +2151,7 @@ pub fn grads_k83_matmul_add(
 }
 
 /// reduce: reduce_sum over [2, 8, 16].
-pub fn grads_k84_reduce(t295: &[f32], t296: &mut [f32]) {
+pub fn grads_k80_reduce(t295: &[f32], t296: &mut [f32]) {
     t296[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -2247,7 +2173,7 @@ pub fn grads_k84_reduce(t295: &[f32], t296: &mut [f32]) {
 }
 
 /// reduce: mul, reduce_sum over [2, 8, 16].
-pub fn grads_k85_reduce(t295: &[f32], t19: &[f32], t300: &mut [f32]) {
+pub fn grads_k81_reduce(t295: &[f32], t19: &[f32], t300: &mut [f32]) {
     t300[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -2271,7 +2197,7 @@ pub fn grads_k85_reduce(t295: &[f32], t19: &[f32], t300: &mut [f32]) {
 }
 
 /// reduce: div.d1, mul, reduce_sum over [2, 8, 16].
-pub fn grads_k86_reduce(
+pub fn grads_k82_reduce(
     t295: &[f32],
     param_ln_attn_weight: &[f32],
     t11: &[f32],
@@ -2301,7 +2227,7 @@ pub fn grads_k86_reduce(
 }
 
 /// elementwise: mul, sqrt.d0 over [2, 8, 1].
-pub fn grads_k87_mul_sqrt_d0(t306: &[f32], t13: &[f32], t309: &mut [f32]) {
+pub fn grads_k83_mul_sqrt_d0(t306: &[f32], t13: &[f32], t309: &mut [f32]) {
     t309[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -2318,7 +2244,7 @@ pub fn grads_k87_mul_sqrt_d0(t306: &[f32], t13: &[f32], t309: &mut [f32]) {
 }
 
 /// reduce: neg, reduce_sum over [2, 8, 16].
-pub fn grads_k88_reduce(
+pub fn grads_k84_reduce(
     t295: &[f32],
     param_ln_attn_weight: &[f32],
     t302: &[f32],
@@ -2349,7 +2275,7 @@ pub fn grads_k88_reduce(
 }
 
 /// elementwise: mul over [2, 8, 1].
-pub fn grads_k89_mul(t318: &[f32], t319: &mut [f32]) {
+pub fn grads_k85_mul(t318: &[f32], t319: &mut [f32]) {
     t319[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -2364,7 +2290,7 @@ pub fn grads_k89_mul(t318: &[f32], t319: &mut [f32]) {
 }
 
 /// elementwise: add over [2, 8, 16].
-pub fn grads_k90_add(
+pub fn grads_k86_add(
     t227: &[f32],
     t295: &[f32],
     param_ln_attn_weight: &[f32],
@@ -2397,7 +2323,7 @@ pub fn grads_k90_add(
 }
 
 /// reduce: reduce_sum over [2, 8, 16].
-pub fn grads_k91_reduce(t322: &[f32], t323: &mut [f32]) {
+pub fn grads_k87_reduce(t322: &[f32], t323: &mut [f32]) {
     t323[0..128]
         .chunks_mut(128)
         .enumerate()
@@ -2419,7 +2345,7 @@ pub fn grads_k91_reduce(t322: &[f32], t323: &mut [f32]) {
 }
 
 /// scatter_add: scatter_add.
-pub fn grads_k92_scatter_add(
+pub fn grads_k88_scatter_add(
     input_ids: &[i32],
     t322: &[f32],
     t325: &mut [f32],
@@ -2429,7 +2355,7 @@ pub fn grads_k92_scatter_add(
 }
 
 /// matmul: matmul: 16×16 · 16×16.
-pub fn grads_k93_matmul(t21: &[f32], t493_c: &[f32], t283: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k89_matmul(t21: &[f32], t262: &[f32], t283: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         16,
@@ -2437,7 +2363,7 @@ pub fn grads_k93_matmul(t21: &[f32], t493_c: &[f32], t283: &mut [f32]) -> Result
         16,
         &t21[0..],
         (0, 1, 16),
-        &t493_c[0..],
+        &t262[0..],
         (0, 16, 1),
         &mut t283[0..],
         (0, 16, 1),
@@ -2447,7 +2373,7 @@ pub fn grads_k93_matmul(t21: &[f32], t493_c: &[f32], t283: &mut [f32]) -> Result
 }
 
 /// matmul: matmul: 16×16 · 16×16.
-pub fn grads_k94_matmul(t21: &[f32], t285_c: &[f32], t294: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k90_matmul(t21: &[f32], t260: &[f32], t294: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         16,
@@ -2455,7 +2381,7 @@ pub fn grads_k94_matmul(t21: &[f32], t285_c: &[f32], t294: &mut [f32]) -> Result
         16,
         &t21[0..],
         (0, 1, 16),
-        &t285_c[0..],
+        &t260[0..],
         (0, 16, 1),
         &mut t294[0..],
         (0, 16, 1),
@@ -2465,7 +2391,7 @@ pub fn grads_k94_matmul(t21: &[f32], t285_c: &[f32], t294: &mut [f32]) -> Result
 }
 
 /// reduce: log, reduce_sum, sub, where over [16, 20].
-pub fn train_k37_reduce(
+pub fn train_k36_reduce(
     input_targets: &[i32],
     c110: &[i32],
     t106: &[f32],
@@ -2496,7 +2422,7 @@ pub fn train_k37_reduce(
 }
 
 /// elementwise: add, mul, sub over [16].
-pub fn train_k78_add_mul_sub(
+pub fn train_k75_add_mul_sub(
     t287: &[f32],
     state_momentum_buffer_attn_q_bias: &mut [f32],
     param_attn_q_bias: &mut [f32],
@@ -2519,7 +2445,7 @@ pub fn train_k78_add_mul_sub(
 }
 
 /// elementwise: add, mul, sub over [16].
-pub fn train_k79_add_mul_sub(
+pub fn train_k76_add_mul_sub(
     t266: &[f32],
     state_momentum_buffer_attn_v_bias: &mut [f32],
     param_attn_v_bias: &mut [f32],
@@ -2542,8 +2468,8 @@ pub fn train_k79_add_mul_sub(
 }
 
 /// matmul: matmul, add, mul, sub: 16×16 · 16×16.
-pub fn train_k80_matmul_add_mul_sub(
-    t54_c: &[f32],
+pub fn train_k77_matmul_add_mul_sub(
+    t53: &[f32],
     t227: &[f32],
     t235: &mut [f32],
     state_momentum_buffer_attn_out_weight: &mut [f32],
@@ -2556,7 +2482,7 @@ pub fn train_k80_matmul_add_mul_sub(
         c.len() / 16,
         16,
         16,
-        &t54_c[0..],
+        &t53[0..],
         (1, 16),
         &t227[0..],
         (16, 1),
@@ -2578,7 +2504,7 @@ pub fn train_k80_matmul_add_mul_sub(
 }
 
 /// elementwise: add, mul, sub over [16].
-pub fn train_k81_add_mul_sub(
+pub fn train_k78_add_mul_sub(
     t228: &[f32],
     state_momentum_buffer_attn_out_bias: &mut [f32],
     param_attn_out_bias: &mut [f32],
@@ -2601,7 +2527,7 @@ pub fn train_k81_add_mul_sub(
 }
 
 /// elementwise: add, mul, sub over [16].
-pub fn train_k82_add_mul_sub(
+pub fn train_k79_add_mul_sub(
     t205: &[f32],
     state_momentum_buffer_ln_mlp_weight: &mut [f32],
     param_ln_mlp_weight: &mut [f32],
@@ -2624,7 +2550,7 @@ pub fn train_k82_add_mul_sub(
 }
 
 /// elementwise: add, mul, sub over [16].
-pub fn train_k83_add_mul_sub(
+pub fn train_k80_add_mul_sub(
     t201: &[f32],
     state_momentum_buffer_ln_mlp_bias: &mut [f32],
     param_ln_mlp_bias: &mut [f32],
@@ -2647,7 +2573,7 @@ pub fn train_k83_add_mul_sub(
 }
 
 /// matmul: matmul, add, mul, sub: 16×16 · 16×64.
-pub fn train_k84_matmul_add_mul_sub(
+pub fn train_k81_matmul_add_mul_sub(
     t76: &[f32],
     t192: &[f32],
     t200: &mut [f32],
@@ -2683,7 +2609,7 @@ pub fn train_k84_matmul_add_mul_sub(
 }
 
 /// elementwise: add, mul, sub over [64].
-pub fn train_k85_add_mul_sub(
+pub fn train_k82_add_mul_sub(
     t193: &[f32],
     state_momentum_buffer_mlp_up_bias: &mut [f32],
     param_mlp_up_bias: &mut [f32],
@@ -2706,7 +2632,7 @@ pub fn train_k85_add_mul_sub(
 }
 
 /// matmul: matmul, add, mul, sub: 64×16 · 16×16.
-pub fn train_k86_matmul_add_mul_sub(
+pub fn train_k83_matmul_add_mul_sub(
     t481: &[f32],
     t182: &[f32],
     t190: &mut [f32],
@@ -2742,7 +2668,7 @@ pub fn train_k86_matmul_add_mul_sub(
 }
 
 /// elementwise: add, mul, sub over [16].
-pub fn train_k87_add_mul_sub(
+pub fn train_k84_add_mul_sub(
     t183: &[f32],
     state_momentum_buffer_mlp_down_bias: &mut [f32],
     param_mlp_down_bias: &mut [f32],
@@ -2765,7 +2691,7 @@ pub fn train_k87_add_mul_sub(
 }
 
 /// elementwise: add, mul, sub over [16].
-pub fn train_k88_add_mul_sub(
+pub fn train_k85_add_mul_sub(
     t161: &[f32],
     state_momentum_buffer_ln_out_weight: &mut [f32],
     param_ln_out_weight: &mut [f32],
@@ -2788,7 +2714,7 @@ pub fn train_k88_add_mul_sub(
 }
 
 /// elementwise: add, mul, sub over [16].
-pub fn train_k89_add_mul_sub(
+pub fn train_k86_add_mul_sub(
     t157: &[f32],
     state_momentum_buffer_ln_out_bias: &mut [f32],
     param_ln_out_bias: &mut [f32],
@@ -2811,7 +2737,7 @@ pub fn train_k89_add_mul_sub(
 }
 
 /// matmul: matmul, add, mul, sub: 16×16 · 16×20.
-pub fn train_k90_matmul_add_mul_sub(
+pub fn train_k87_matmul_add_mul_sub(
     t102: &[f32],
     t145: &[f32],
     t156: &mut [f32],
@@ -2847,7 +2773,7 @@ pub fn train_k90_matmul_add_mul_sub(
 }
 
 /// elementwise: add, mul, sub over [20].
-pub fn train_k91_add_mul_sub(
+pub fn train_k88_add_mul_sub(
     t149: &[f32],
     state_momentum_buffer_head_bias: &mut [f32],
     param_head_bias: &mut [f32],
@@ -2870,9 +2796,9 @@ pub fn train_k91_add_mul_sub(
 }
 
 /// matmul: matmul, add, mul, sub: 16×16 · 16×16.
-pub fn train_k96_matmul_add_mul_sub(
+pub fn train_k92_matmul_add_mul_sub(
     t21: &[f32],
-    t264_c: &[f32],
+    t241: &[f32],
     t273: &mut [f32],
     state_momentum_buffer_attn_v_weight: &mut [f32],
     param_attn_v_weight: &mut [f32],
@@ -2886,7 +2812,7 @@ pub fn train_k96_matmul_add_mul_sub(
         16,
         &t21[0..],
         (1, 16),
-        &t264_c[0..],
+        &t241[0..],
         (16, 1),
         c,
         (16, 1),
@@ -2906,7 +2832,7 @@ pub fn train_k96_matmul_add_mul_sub(
 }
 
 /// elementwise: add, mul, sub over [20, 16].
-pub fn train_k106_add_mul_sub(
+pub fn train_k102_add_mul_sub(
     t325: &[f32],
     state_momentum_buffer_tok_emb_weight: &mut [f32],
     param_tok_emb_weight: &mut [f32],
@@ -2929,7 +2855,7 @@ pub fn train_k106_add_mul_sub(
 }
 
 /// elementwise: add, mul, sub over [8, 16].
-pub fn train_k107_add_mul_sub(
+pub fn train_k103_add_mul_sub(
     t323: &[f32],
     state_momentum_buffer_pos_emb: &mut [f32],
     param_pos_emb: &mut [f32],
@@ -2952,7 +2878,7 @@ pub fn train_k107_add_mul_sub(
 }
 
 /// elementwise: add, mul, sub over [16].
-pub fn train_k108_add_mul_sub(
+pub fn train_k104_add_mul_sub(
     t300: &[f32],
     state_momentum_buffer_ln_attn_weight: &mut [f32],
     param_ln_attn_weight: &mut [f32],
@@ -2975,7 +2901,7 @@ pub fn train_k108_add_mul_sub(
 }
 
 /// elementwise: add, mul, sub over [16].
-pub fn train_k109_add_mul_sub(
+pub fn train_k105_add_mul_sub(
     t296: &[f32],
     state_momentum_buffer_ln_attn_bias: &mut [f32],
     param_ln_attn_bias: &mut [f32],
@@ -2998,7 +2924,7 @@ pub fn train_k109_add_mul_sub(
 }
 
 /// elementwise: add, mul, sub over [16].
-pub fn train_k110_add_mul_sub(
+pub fn train_k106_add_mul_sub(
     t276: &[f32],
     state_momentum_buffer_attn_k_bias: &mut [f32],
     param_attn_k_bias: &mut [f32],
@@ -3021,9 +2947,9 @@ pub fn train_k110_add_mul_sub(
 }
 
 /// matmul: matmul, add, mul, sub: 16×16 · 16×16.
-pub fn train_k111_matmul_add_mul_sub(
+pub fn train_k107_matmul_add_mul_sub(
     t21: &[f32],
-    t493_c: &[f32],
+    t262: &[f32],
     t283: &mut [f32],
     state_momentum_buffer_attn_k_weight: &mut [f32],
     param_attn_k_weight: &mut [f32],
@@ -3037,7 +2963,7 @@ pub fn train_k111_matmul_add_mul_sub(
         16,
         &t21[0..],
         (1, 16),
-        &t493_c[0..],
+        &t262[0..],
         (16, 1),
         c,
         (16, 1),
@@ -3057,9 +2983,9 @@ pub fn train_k111_matmul_add_mul_sub(
 }
 
 /// matmul: matmul, add, mul, sub: 16×16 · 16×16.
-pub fn train_k112_matmul_add_mul_sub(
+pub fn train_k108_matmul_add_mul_sub(
     t21: &[f32],
-    t285_c: &[f32],
+    t260: &[f32],
     t294: &mut [f32],
     state_momentum_buffer_attn_q_weight: &mut [f32],
     param_attn_q_weight: &mut [f32],
@@ -3073,7 +2999,7 @@ pub fn train_k112_matmul_add_mul_sub(
         16,
         &t21[0..],
         (1, 16),
-        &t285_c[0..],
+        &t260[0..],
         (16, 1),
         c,
         (16, 1),

@@ -72,7 +72,7 @@ impl Arenas {
         Ok(arenas)
     }
 
-    /// `forward`: 34 kernels.
+    /// `forward`: 33 kernels.
     fn forward(&mut self, input_ids: &[i32], input_targets: &[i32]) -> Result<(), rt::Error> {
         let a = &*self;
         // SAFETY: the memory plan gives buffers that are live at the same time
@@ -153,23 +153,22 @@ impl Arenas {
                 a.temp_f32.slice(1280, 256),
                 a.temp_f32.slice_mut(0, 256),
             )?;
-            kernels::forward_k15_copy(a.temp_f32.slice(0, 256), a.temp_f32.slice_mut(512, 256));
-            kernels::forward_k16_matmul_add(
-                a.temp_f32.slice(512, 256),
+            kernels::forward_k15_matmul_add(
+                a.temp_f32.slice(0, 256),
                 a.param.slice(1296, 256),
                 a.temp_f32.slice(256, 256),
                 a.param.slice(1552, 16),
-                a.temp_f32.slice_mut(0, 256),
+                a.temp_f32.slice_mut(512, 256),
                 a.temp_f32.slice_mut(2048, 256),
             )?;
-            kernels::forward_k17_reduce(a.temp_f32.slice(2048, 256), a.temp_f32.slice_mut(0, 16));
-            kernels::forward_k18_mul(a.temp_f32.slice(0, 16), a.temp_f32.slice_mut(16, 16));
-            kernels::forward_k19_reduce(
+            kernels::forward_k16_reduce(a.temp_f32.slice(2048, 256), a.temp_f32.slice_mut(0, 16));
+            kernels::forward_k17_mul(a.temp_f32.slice(0, 16), a.temp_f32.slice_mut(16, 16));
+            kernels::forward_k18_reduce(
                 a.temp_f32.slice(2048, 256),
                 a.temp_f32.slice(16, 16),
                 a.temp_f32.slice_mut(0, 16),
             );
-            kernels::forward_k20_add_div_etc(
+            kernels::forward_k19_add_div_etc(
                 a.temp_f32.slice(2048, 256),
                 a.temp_f32.slice(16, 16),
                 a.temp_f32.slice(0, 16),
@@ -177,33 +176,33 @@ impl Arenas {
                 a.param.slice(1584, 16),
                 a.temp_f32.slice_mut(2304, 256),
             );
-            kernels::forward_k21_matmul_add_mul_normal_cdf(
+            kernels::forward_k20_matmul_add_mul_normal_cdf(
                 a.temp_f32.slice(2304, 256),
                 a.param.slice(1600, 1024),
                 a.param.slice(2624, 64),
                 a.temp_f32.slice_mut(1024, 1024),
                 a.temp_f32.slice_mut(0, 1024),
             )?;
-            kernels::forward_k22_matmul_add(
+            kernels::forward_k21_matmul_add(
                 a.temp_f32.slice(0, 1024),
                 a.param.slice(2688, 1024),
                 a.param.slice(3712, 16),
                 a.temp_f32.slice_mut(1024, 256),
                 a.temp_f32.slice_mut(1280, 256),
             )?;
-            kernels::forward_k23_reduce(
+            kernels::forward_k22_reduce(
                 a.temp_f32.slice(2048, 256),
                 a.temp_f32.slice(1280, 256),
                 a.temp_f32.slice_mut(0, 16),
             );
-            kernels::forward_k24_mul(a.temp_f32.slice(0, 16), a.temp_f32.slice_mut(16, 16));
-            kernels::forward_k25_reduce(
+            kernels::forward_k23_mul(a.temp_f32.slice(0, 16), a.temp_f32.slice_mut(16, 16));
+            kernels::forward_k24_reduce(
                 a.temp_f32.slice(2048, 256),
                 a.temp_f32.slice(1280, 256),
                 a.temp_f32.slice(16, 16),
                 a.temp_f32.slice_mut(0, 16),
             );
-            kernels::forward_k26_add_div_etc(
+            kernels::forward_k25_add_div_etc(
                 a.temp_f32.slice(2048, 256),
                 a.temp_f32.slice(1280, 256),
                 a.temp_f32.slice(16, 16),
@@ -212,24 +211,24 @@ impl Arenas {
                 a.param.slice(3744, 16),
                 a.temp_f32.slice_mut(640, 256),
             );
-            kernels::forward_k27_matmul_add(
+            kernels::forward_k26_matmul_add(
                 a.temp_f32.slice(640, 256),
                 a.param.slice(3760, 320),
                 a.param.slice(4080, 20),
                 a.temp_f32.slice_mut(0, 320),
                 a.temp_f32.slice_mut(320, 320),
             )?;
-            kernels::forward_k28_reduce(a.temp_f32.slice(320, 320), a.temp_f32.slice_mut(0, 16));
-            kernels::forward_k29_stop_gradient(
+            kernels::forward_k27_reduce(a.temp_f32.slice(320, 320), a.temp_f32.slice_mut(0, 16));
+            kernels::forward_k28_stop_gradient(
                 a.temp_f32.slice(0, 16),
                 a.temp_f32.slice_mut(16, 16),
             );
-            kernels::forward_k30_reduce(
+            kernels::forward_k29_reduce(
                 a.temp_f32.slice(320, 320),
                 a.temp_f32.slice(16, 16),
                 a.temp_f32.slice_mut(0, 16),
             );
-            kernels::forward_k31_reduce(
+            kernels::forward_k30_reduce(
                 input_targets,
                 a.const_i32.slice(0, 20),
                 a.temp_f32.slice(320, 320),
@@ -237,13 +236,13 @@ impl Arenas {
                 a.temp_f32.slice(0, 16),
                 a.temp_f32.slice_mut(32, 16),
             );
-            kernels::forward_k32_reduce(a.temp_f32.slice(32, 16), a.temp_f32.slice_mut(0, 1));
-            kernels::forward_k33_mul_neg(a.temp_f32.slice(0, 1), a.temp_f32.slice_mut(16, 1));
+            kernels::forward_k31_reduce(a.temp_f32.slice(32, 16), a.temp_f32.slice_mut(0, 1));
+            kernels::forward_k32_mul_neg(a.temp_f32.slice(0, 1), a.temp_f32.slice_mut(16, 1));
         }
         Ok(())
     }
 
-    /// `grads`: 95 kernels.
+    /// `grads`: 91 kernels.
     fn grads(&mut self, input_ids: &[i32], input_targets: &[i32]) -> Result<(), rt::Error> {
         let a = &*self;
         // SAFETY: the memory plan gives buffers that are live at the same time
@@ -331,10 +330,9 @@ impl Arenas {
             kernels::forward_k14_matmul(
                 a.temp_f32.slice(7488, 256),
                 a.temp_f32.slice(6720, 256),
-                a.temp_f32.slice_mut(256, 256),
+                a.temp_f32.slice_mut(7744, 256),
             )?;
-            kernels::forward_k15_copy(a.temp_f32.slice(256, 256), a.temp_f32.slice_mut(7744, 256));
-            kernels::grads_k18_matmul_add(
+            kernels::grads_k17_matmul_add(
                 a.temp_f32.slice(7744, 256),
                 a.param.slice(1296, 256),
                 a.temp_f32.slice(0, 256),
@@ -343,15 +341,15 @@ impl Arenas {
                 a.temp_f32.slice_mut(256, 256),
                 a.temp_f32.slice_mut(4096, 256),
             )?;
-            kernels::forward_k17_reduce(a.temp_f32.slice(4096, 256), a.temp_f32.slice_mut(0, 16));
-            kernels::grads_k20_mul_sub(
+            kernels::forward_k16_reduce(a.temp_f32.slice(4096, 256), a.temp_f32.slice_mut(0, 16));
+            kernels::grads_k19_mul_sub(
                 a.temp_f32.slice(4096, 256),
                 a.temp_f32.slice(0, 16),
                 a.temp_f32.slice_mut(8000, 256),
             );
-            kernels::grads_k21_reduce(a.temp_f32.slice(8000, 256), a.temp_f32.slice_mut(9232, 16));
-            kernels::grads_k22_sqrt(a.temp_f32.slice(9232, 16), a.temp_f32.slice_mut(9248, 16));
-            kernels::grads_k23_add_div_mul(
+            kernels::grads_k20_reduce(a.temp_f32.slice(8000, 256), a.temp_f32.slice_mut(9232, 16));
+            kernels::grads_k21_sqrt(a.temp_f32.slice(9232, 16), a.temp_f32.slice_mut(9248, 16));
+            kernels::grads_k22_add_div_mul(
                 a.temp_f32.slice(8000, 256),
                 a.temp_f32.slice(9248, 16),
                 a.param.slice(1568, 16),
@@ -359,8 +357,8 @@ impl Arenas {
                 a.temp_f32.slice_mut(8256, 256),
                 a.temp_f32.slice_mut(8512, 256),
             );
-            kernels::grads_k24_div_d0(a.temp_f32.slice(9248, 16), a.temp_f32.slice_mut(9264, 16));
-            kernels::grads_k25_matmul_add_mul_normal_cdf(
+            kernels::grads_k23_div_d0(a.temp_f32.slice(9248, 16), a.temp_f32.slice_mut(9264, 16));
+            kernels::grads_k24_matmul_add_mul_normal_cdf(
                 a.temp_f32.slice(8512, 256),
                 a.param.slice(1600, 1024),
                 a.param.slice(2624, 64),
@@ -369,27 +367,27 @@ impl Arenas {
                 a.temp_f32.slice_mut(0, 1024),
                 a.temp_f32.slice_mut(1024, 1024),
             )?;
-            kernels::forward_k22_matmul_add(
+            kernels::forward_k21_matmul_add(
                 a.temp_f32.slice(1024, 1024),
                 a.param.slice(2688, 1024),
                 a.param.slice(3712, 16),
                 a.temp_f32.slice_mut(2048, 256),
                 a.temp_f32.slice_mut(2304, 256),
             )?;
-            kernels::forward_k23_reduce(
+            kernels::forward_k22_reduce(
                 a.temp_f32.slice(4096, 256),
                 a.temp_f32.slice(2304, 256),
                 a.temp_f32.slice_mut(2048, 16),
             );
-            kernels::grads_k28_mul_sub(
+            kernels::grads_k27_mul_sub(
                 a.temp_f32.slice(4096, 256),
                 a.temp_f32.slice(2304, 256),
                 a.temp_f32.slice(2048, 16),
                 a.temp_f32.slice_mut(2688, 256),
             );
-            kernels::grads_k29_reduce(a.temp_f32.slice(2688, 256), a.temp_f32.slice_mut(2944, 16));
-            kernels::grads_k30_sqrt(a.temp_f32.slice(2944, 16), a.temp_f32.slice_mut(2960, 16));
-            kernels::grads_k31_add_div_mul(
+            kernels::grads_k28_reduce(a.temp_f32.slice(2688, 256), a.temp_f32.slice_mut(2944, 16));
+            kernels::grads_k29_sqrt(a.temp_f32.slice(2944, 16), a.temp_f32.slice_mut(2960, 16));
+            kernels::grads_k30_add_div_mul(
                 a.temp_f32.slice(2688, 256),
                 a.temp_f32.slice(2960, 16),
                 a.param.slice(3728, 16),
@@ -397,39 +395,39 @@ impl Arenas {
                 a.temp_f32.slice_mut(4096, 256),
                 a.temp_f32.slice_mut(4352, 256),
             );
-            kernels::forward_k27_matmul_add(
+            kernels::forward_k26_matmul_add(
                 a.temp_f32.slice(4352, 256),
                 a.param.slice(3760, 320),
                 a.param.slice(4080, 20),
                 a.temp_f32.slice_mut(2048, 320),
                 a.temp_f32.slice_mut(2368, 320),
             )?;
-            kernels::forward_k28_reduce(
+            kernels::forward_k27_reduce(
                 a.temp_f32.slice(2368, 320),
                 a.temp_f32.slice_mut(2048, 16),
             );
-            kernels::forward_k29_stop_gradient(
+            kernels::forward_k28_stop_gradient(
                 a.temp_f32.slice(2048, 16),
                 a.temp_f32.slice_mut(2976, 16),
             );
-            kernels::forward_k30_reduce(
+            kernels::forward_k29_reduce(
                 a.temp_f32.slice(2368, 320),
                 a.temp_f32.slice(2976, 16),
                 a.temp_f32.slice_mut(2048, 16),
             );
-            kernels::grads_k36_div_d0(a.temp_f32.slice(2960, 16), a.temp_f32.slice_mut(2992, 16));
-            kernels::grads_k37_reduce(
+            kernels::grads_k35_div_d0(a.temp_f32.slice(2960, 16), a.temp_f32.slice_mut(2992, 16));
+            kernels::grads_k36_reduce(
                 input_targets,
                 a.const_i32.slice(0, 20),
                 a.const_f32.slice(0, 16),
                 a.temp_f32.slice_mut(2064, 16),
             );
-            kernels::grads_k38_log_d0_mul(
+            kernels::grads_k37_log_d0_mul(
                 a.temp_f32.slice(2064, 16),
                 a.temp_f32.slice(2048, 16),
                 a.temp_f32.slice_mut(3008, 16),
             );
-            kernels::grads_k39_add_exp_d0_mul(
+            kernels::grads_k38_add_exp_d0_mul(
                 input_targets,
                 a.const_i32.slice(0, 20),
                 a.const_f32.slice(0, 16),
@@ -438,48 +436,48 @@ impl Arenas {
                 a.temp_f32.slice(2976, 16),
                 a.temp_f32.slice_mut(2048, 320),
             );
-            kernels::grads_k40_reduce(a.temp_f32.slice(2048, 320), a.temp_f32.slice_mut(9152, 20));
-            kernels::grads_k41_matmul(
+            kernels::grads_k39_reduce(a.temp_f32.slice(2048, 320), a.temp_f32.slice_mut(9152, 20));
+            kernels::grads_k40_matmul(
                 a.temp_f32.slice(2048, 320),
                 a.param.slice(3760, 320),
                 a.temp_f32.slice_mut(2368, 256),
             )?;
-            kernels::grads_k42_matmul(
+            kernels::grads_k41_matmul(
                 a.temp_f32.slice(4352, 256),
                 a.temp_f32.slice(2048, 320),
                 a.temp_f32.slice_mut(5120, 320),
             )?;
-            kernels::grads_k43_reduce(a.temp_f32.slice(2368, 256), a.temp_f32.slice_mut(9280, 16));
-            kernels::grads_k44_mul(
+            kernels::grads_k42_reduce(a.temp_f32.slice(2368, 256), a.temp_f32.slice_mut(9280, 16));
+            kernels::grads_k43_mul(
                 a.temp_f32.slice(2368, 256),
                 a.param.slice(3728, 16),
                 a.temp_f32.slice_mut(2048, 256),
             );
-            kernels::grads_k45_reduce(
+            kernels::grads_k44_reduce(
                 a.temp_f32.slice(2368, 256),
                 a.temp_f32.slice(4096, 256),
                 a.temp_f32.slice_mut(9296, 16),
             );
-            kernels::grads_k46_reduce(
+            kernels::grads_k45_reduce(
                 a.temp_f32.slice(2048, 256),
                 a.temp_f32.slice(2688, 256),
                 a.temp_f32.slice(2960, 16),
                 a.temp_f32.slice_mut(2304, 16),
             );
-            kernels::grads_k47_mul_sqrt_d0(
+            kernels::grads_k46_mul_sqrt_d0(
                 a.temp_f32.slice(2304, 16),
                 a.temp_f32.slice(2944, 16),
                 a.temp_f32.slice_mut(2320, 16),
             );
-            kernels::grads_k48_reduce(
+            kernels::grads_k47_reduce(
                 a.temp_f32.slice(2048, 256),
                 a.temp_f32.slice(2992, 16),
                 a.temp_f32.slice(2320, 16),
                 a.temp_f32.slice(2688, 256),
                 a.temp_f32.slice_mut(2304, 16),
             );
-            kernels::grads_k49_mul(a.temp_f32.slice(2304, 16), a.temp_f32.slice_mut(2336, 16));
-            kernels::grads_k50_add(
+            kernels::grads_k48_mul(a.temp_f32.slice(2304, 16), a.temp_f32.slice_mut(2336, 16));
+            kernels::grads_k49_add(
                 a.temp_f32.slice(2048, 256),
                 a.temp_f32.slice(2992, 16),
                 a.temp_f32.slice(2320, 16),
@@ -487,13 +485,13 @@ impl Arenas {
                 a.temp_f32.slice(2336, 16),
                 a.temp_f32.slice_mut(8768, 256),
             );
-            kernels::grads_k51_reduce(a.temp_f32.slice(8768, 256), a.temp_f32.slice_mut(9312, 16));
-            kernels::grads_k52_matmul(
+            kernels::grads_k50_reduce(a.temp_f32.slice(8768, 256), a.temp_f32.slice_mut(9312, 16));
+            kernels::grads_k51_matmul(
                 a.temp_f32.slice(1024, 1024),
                 a.temp_f32.slice(8768, 256),
                 a.temp_f32.slice_mut(2048, 1024),
             )?;
-            kernels::grads_k53_matmul_add_mul_normal_cdf_d0(
+            kernels::grads_k52_matmul_add_mul_normal_cdf_d0(
                 a.temp_f32.slice(8768, 256),
                 a.param.slice(2688, 1024),
                 a.temp_f32.slice(0, 1024),
@@ -501,48 +499,48 @@ impl Arenas {
                 a.temp_f32.slice_mut(1024, 1024),
                 a.temp_f32.slice_mut(4096, 1024),
             )?;
-            kernels::grads_k54_reduce(a.temp_f32.slice(4096, 1024), a.temp_f32.slice_mut(9024, 64));
-            kernels::grads_k55_matmul(
+            kernels::grads_k53_reduce(a.temp_f32.slice(4096, 1024), a.temp_f32.slice_mut(9024, 64));
+            kernels::grads_k54_matmul(
                 a.temp_f32.slice(4096, 1024),
                 a.param.slice(1600, 1024),
                 a.temp_f32.slice_mut(1024, 256),
             )?;
-            kernels::grads_k56_matmul(
+            kernels::grads_k55_matmul(
                 a.temp_f32.slice(8512, 256),
                 a.temp_f32.slice(4096, 1024),
                 a.temp_f32.slice_mut(0, 1024),
             )?;
-            kernels::grads_k57_reduce(a.temp_f32.slice(1024, 256), a.temp_f32.slice_mut(4608, 16));
-            kernels::grads_k58_mul(
+            kernels::grads_k56_reduce(a.temp_f32.slice(1024, 256), a.temp_f32.slice_mut(4608, 16));
+            kernels::grads_k57_mul(
                 a.temp_f32.slice(1024, 256),
                 a.param.slice(1568, 16),
                 a.temp_f32.slice_mut(1280, 256),
             );
-            kernels::grads_k59_reduce(
+            kernels::grads_k58_reduce(
                 a.temp_f32.slice(1024, 256),
                 a.temp_f32.slice(8256, 256),
                 a.temp_f32.slice_mut(4624, 16),
             );
-            kernels::grads_k60_reduce(
+            kernels::grads_k59_reduce(
                 a.temp_f32.slice(1280, 256),
                 a.temp_f32.slice(8000, 256),
                 a.temp_f32.slice(9248, 16),
                 a.temp_f32.slice_mut(1024, 16),
             );
-            kernels::grads_k61_mul_sqrt_d0(
+            kernels::grads_k60_mul_sqrt_d0(
                 a.temp_f32.slice(1024, 16),
                 a.temp_f32.slice(9232, 16),
                 a.temp_f32.slice_mut(1536, 16),
             );
-            kernels::grads_k62_reduce(
+            kernels::grads_k61_reduce(
                 a.temp_f32.slice(1280, 256),
                 a.temp_f32.slice(9264, 16),
                 a.temp_f32.slice(1536, 16),
                 a.temp_f32.slice(8000, 256),
                 a.temp_f32.slice_mut(1024, 16),
             );
-            kernels::grads_k63_mul(a.temp_f32.slice(1024, 16), a.temp_f32.slice_mut(1552, 16));
-            kernels::grads_k64_add(
+            kernels::grads_k62_mul(a.temp_f32.slice(1024, 16), a.temp_f32.slice_mut(1552, 16));
+            kernels::grads_k63_add(
                 a.temp_f32.slice(8768, 256),
                 a.temp_f32.slice(1280, 256),
                 a.temp_f32.slice(9264, 16),
@@ -551,34 +549,34 @@ impl Arenas {
                 a.temp_f32.slice(1552, 16),
                 a.temp_f32.slice_mut(1024, 256),
             );
-            kernels::grads_k65_reduce(a.temp_f32.slice(1024, 256), a.temp_f32.slice_mut(4640, 16));
-            kernels::grads_k66_matmul(
+            kernels::grads_k64_reduce(a.temp_f32.slice(1024, 256), a.temp_f32.slice_mut(4640, 16));
+            kernels::grads_k65_matmul(
                 a.temp_f32.slice(1024, 256),
                 a.param.slice(1296, 256),
                 a.temp_f32.slice_mut(1280, 256),
             )?;
-            kernels::grads_k67_matmul(
+            kernels::grads_k66_matmul(
                 a.temp_f32.slice(7744, 256),
                 a.temp_f32.slice(1024, 256),
                 a.temp_f32.slice_mut(1536, 256),
             )?;
-            kernels::grads_k68_matmul(
+            kernels::grads_k67_matmul(
                 a.temp_f32.slice(1280, 256),
                 a.temp_f32.slice(6720, 256),
                 a.temp_f32.slice_mut(1792, 256),
             )?;
-            kernels::grads_k69_matmul(
+            kernels::grads_k68_matmul(
                 a.temp_f32.slice(7488, 256),
                 a.temp_f32.slice(1280, 256),
                 a.temp_f32.slice_mut(3072, 256),
             )?;
-            kernels::grads_k70_reduce(
+            kernels::grads_k69_reduce(
                 a.temp_f32.slice(1792, 256),
                 a.temp_f32.slice(7232, 256),
                 a.temp_f32.slice(9120, 32),
                 a.temp_f32.slice_mut(3328, 32),
             );
-            kernels::grads_k71_add_div_d0_etc(
+            kernels::grads_k70_add_div_d0_etc(
                 a.const_bool.slice(0, 64),
                 a.temp_f32.slice(1792, 256),
                 a.temp_f32.slice(9120, 32),
@@ -587,64 +585,61 @@ impl Arenas {
                 a.temp_f32.slice(9088, 32),
                 a.temp_f32.slice_mut(1280, 256),
             );
-            kernels::grads_k72_matmul(
+            kernels::grads_k71_matmul(
                 a.temp_f32.slice(1280, 256),
                 a.temp_f32.slice(6464, 256),
                 a.temp_f32.slice_mut(1792, 256),
             )?;
-            kernels::grads_k73_matmul(
+            kernels::grads_k72_matmul(
                 a.temp_f32.slice(6208, 256),
                 a.temp_f32.slice(1280, 256),
                 a.temp_f32.slice_mut(3328, 256),
             )?;
-            kernels::grads_k74_copy(a.temp_f32.slice(3072, 256), a.temp_f32.slice_mut(1280, 256));
-            kernels::grads_k75_reduce(a.temp_f32.slice(1280, 256), a.temp_f32.slice_mut(4656, 16));
-            kernels::grads_k76_copy(a.temp_f32.slice(1792, 256), a.temp_f32.slice_mut(3072, 256));
-            kernels::grads_k77_reduce(a.temp_f32.slice(3072, 256), a.temp_f32.slice_mut(4672, 16));
-            kernels::grads_k78_matmul(
-                a.temp_f32.slice(3072, 256),
+            kernels::grads_k73_reduce(a.temp_f32.slice(3072, 256), a.temp_f32.slice_mut(4656, 16));
+            kernels::grads_k74_reduce(a.temp_f32.slice(1792, 256), a.temp_f32.slice_mut(4672, 16));
+            kernels::grads_k75_matmul(
+                a.temp_f32.slice(1792, 256),
                 a.param.slice(480, 256),
-                a.temp_f32.slice_mut(1792, 256),
+                a.temp_f32.slice_mut(1280, 256),
             )?;
-            kernels::grads_k79_matmul(
+            kernels::grads_k76_matmul(
                 a.temp_f32.slice(5952, 256),
-                a.temp_f32.slice(1280, 256),
+                a.temp_f32.slice(3072, 256),
                 a.temp_f32.slice_mut(3584, 256),
             )?;
-            kernels::grads_k80_copy(a.temp_f32.slice(3328, 256), a.temp_f32.slice_mut(3840, 256));
-            kernels::grads_k81_reduce(a.temp_f32.slice(3840, 256), a.temp_f32.slice_mut(4688, 16));
-            kernels::grads_k82_matmul(
-                a.temp_f32.slice(3840, 256),
-                a.param.slice(752, 256),
-                a.temp_f32.slice_mut(3328, 256),
-            )?;
-            kernels::grads_k83_matmul_add(
-                a.temp_f32.slice(1280, 256),
-                a.param.slice(1024, 256),
+            kernels::grads_k77_reduce(a.temp_f32.slice(3328, 256), a.temp_f32.slice_mut(4688, 16));
+            kernels::grads_k78_matmul(
                 a.temp_f32.slice(3328, 256),
-                a.temp_f32.slice(1792, 256),
+                a.param.slice(752, 256),
+                a.temp_f32.slice_mut(3840, 256),
+            )?;
+            kernels::grads_k79_matmul_add(
+                a.temp_f32.slice(3072, 256),
+                a.param.slice(1024, 256),
+                a.temp_f32.slice(3840, 256),
+                a.temp_f32.slice(1280, 256),
                 a.temp_f32.slice_mut(4096, 256),
                 a.temp_f32.slice_mut(4352, 256),
             )?;
-            kernels::grads_k84_reduce(a.temp_f32.slice(4352, 256), a.temp_f32.slice_mut(1472, 16));
-            kernels::grads_k85_reduce(
+            kernels::grads_k80_reduce(a.temp_f32.slice(4352, 256), a.temp_f32.slice_mut(1472, 16));
+            kernels::grads_k81_reduce(
                 a.temp_f32.slice(4352, 256),
                 a.temp_f32.slice(5696, 256),
                 a.temp_f32.slice_mut(1488, 16),
             );
-            kernels::grads_k86_reduce(
+            kernels::grads_k82_reduce(
                 a.temp_f32.slice(4352, 256),
                 a.param.slice(448, 16),
                 a.temp_f32.slice(5440, 256),
                 a.temp_f32.slice(9200, 16),
                 a.temp_f32.slice_mut(1280, 16),
             );
-            kernels::grads_k87_mul_sqrt_d0(
+            kernels::grads_k83_mul_sqrt_d0(
                 a.temp_f32.slice(1280, 16),
                 a.temp_f32.slice(9184, 16),
                 a.temp_f32.slice_mut(1296, 16),
             );
-            kernels::grads_k88_reduce(
+            kernels::grads_k84_reduce(
                 a.temp_f32.slice(4352, 256),
                 a.param.slice(448, 16),
                 a.temp_f32.slice(9216, 16),
@@ -652,8 +647,8 @@ impl Arenas {
                 a.temp_f32.slice(5440, 256),
                 a.temp_f32.slice_mut(1280, 16),
             );
-            kernels::grads_k89_mul(a.temp_f32.slice(1280, 16), a.temp_f32.slice_mut(1312, 16));
-            kernels::grads_k90_add(
+            kernels::grads_k85_mul(a.temp_f32.slice(1280, 16), a.temp_f32.slice_mut(1312, 16));
+            kernels::grads_k86_add(
                 a.temp_f32.slice(1024, 256),
                 a.temp_f32.slice(4352, 256),
                 a.param.slice(448, 16),
@@ -661,29 +656,29 @@ impl Arenas {
                 a.temp_f32.slice(1296, 16),
                 a.temp_f32.slice(5440, 256),
                 a.temp_f32.slice(1312, 16),
-                a.temp_f32.slice_mut(1792, 256),
+                a.temp_f32.slice_mut(3072, 256),
             );
-            kernels::grads_k91_reduce(a.temp_f32.slice(1792, 256), a.temp_f32.slice_mut(1344, 128));
-            kernels::grads_k92_scatter_add(
+            kernels::grads_k87_reduce(a.temp_f32.slice(3072, 256), a.temp_f32.slice_mut(1344, 128));
+            kernels::grads_k88_scatter_add(
                 input_ids,
-                a.temp_f32.slice(1792, 256),
+                a.temp_f32.slice(3072, 256),
                 a.temp_f32.slice_mut(1024, 320),
             )?;
-            kernels::grads_k93_matmul(
+            kernels::grads_k89_matmul(
                 a.temp_f32.slice(5952, 256),
-                a.temp_f32.slice(3840, 256),
-                a.temp_f32.slice_mut(1792, 256),
+                a.temp_f32.slice(3328, 256),
+                a.temp_f32.slice_mut(3072, 256),
             )?;
-            kernels::grads_k94_matmul(
+            kernels::grads_k90_matmul(
                 a.temp_f32.slice(5952, 256),
-                a.temp_f32.slice(3072, 256),
+                a.temp_f32.slice(1792, 256),
                 a.temp_f32.slice_mut(3328, 256),
             )?;
         }
         Ok(())
     }
 
-    /// `train`: 113 kernels.
+    /// `train`: 109 kernels.
     fn train(&mut self, input_ids: &[i32], input_targets: &[i32]) -> Result<(), rt::Error> {
         let a = &*self;
         // SAFETY: the memory plan gives buffers that are live at the same time
@@ -771,10 +766,9 @@ impl Arenas {
             kernels::forward_k14_matmul(
                 a.temp_f32.slice(7488, 256),
                 a.temp_f32.slice(6720, 256),
-                a.temp_f32.slice_mut(256, 256),
+                a.temp_f32.slice_mut(7744, 256),
             )?;
-            kernels::forward_k15_copy(a.temp_f32.slice(256, 256), a.temp_f32.slice_mut(7744, 256));
-            kernels::grads_k18_matmul_add(
+            kernels::grads_k17_matmul_add(
                 a.temp_f32.slice(7744, 256),
                 a.param.slice(1296, 256),
                 a.temp_f32.slice(0, 256),
@@ -783,15 +777,15 @@ impl Arenas {
                 a.temp_f32.slice_mut(256, 256),
                 a.temp_f32.slice_mut(4096, 256),
             )?;
-            kernels::forward_k17_reduce(a.temp_f32.slice(4096, 256), a.temp_f32.slice_mut(0, 16));
-            kernels::grads_k20_mul_sub(
+            kernels::forward_k16_reduce(a.temp_f32.slice(4096, 256), a.temp_f32.slice_mut(0, 16));
+            kernels::grads_k19_mul_sub(
                 a.temp_f32.slice(4096, 256),
                 a.temp_f32.slice(0, 16),
                 a.temp_f32.slice_mut(8000, 256),
             );
-            kernels::grads_k21_reduce(a.temp_f32.slice(8000, 256), a.temp_f32.slice_mut(9424, 16));
-            kernels::grads_k22_sqrt(a.temp_f32.slice(9424, 16), a.temp_f32.slice_mut(9440, 16));
-            kernels::grads_k23_add_div_mul(
+            kernels::grads_k20_reduce(a.temp_f32.slice(8000, 256), a.temp_f32.slice_mut(9424, 16));
+            kernels::grads_k21_sqrt(a.temp_f32.slice(9424, 16), a.temp_f32.slice_mut(9440, 16));
+            kernels::grads_k22_add_div_mul(
                 a.temp_f32.slice(8000, 256),
                 a.temp_f32.slice(9440, 16),
                 a.param.slice(1568, 16),
@@ -799,8 +793,8 @@ impl Arenas {
                 a.temp_f32.slice_mut(8256, 256),
                 a.temp_f32.slice_mut(8512, 256),
             );
-            kernels::grads_k24_div_d0(a.temp_f32.slice(9440, 16), a.temp_f32.slice_mut(9456, 16));
-            kernels::grads_k25_matmul_add_mul_normal_cdf(
+            kernels::grads_k23_div_d0(a.temp_f32.slice(9440, 16), a.temp_f32.slice_mut(9456, 16));
+            kernels::grads_k24_matmul_add_mul_normal_cdf(
                 a.temp_f32.slice(8512, 256),
                 a.param.slice(1600, 1024),
                 a.param.slice(2624, 64),
@@ -809,27 +803,27 @@ impl Arenas {
                 a.temp_f32.slice_mut(0, 1024),
                 a.temp_f32.slice_mut(1024, 1024),
             )?;
-            kernels::forward_k22_matmul_add(
+            kernels::forward_k21_matmul_add(
                 a.temp_f32.slice(1024, 1024),
                 a.param.slice(2688, 1024),
                 a.param.slice(3712, 16),
                 a.temp_f32.slice_mut(2048, 256),
                 a.temp_f32.slice_mut(2304, 256),
             )?;
-            kernels::forward_k23_reduce(
+            kernels::forward_k22_reduce(
                 a.temp_f32.slice(4096, 256),
                 a.temp_f32.slice(2304, 256),
                 a.temp_f32.slice_mut(2048, 16),
             );
-            kernels::grads_k28_mul_sub(
+            kernels::grads_k27_mul_sub(
                 a.temp_f32.slice(4096, 256),
                 a.temp_f32.slice(2304, 256),
                 a.temp_f32.slice(2048, 16),
                 a.temp_f32.slice_mut(2688, 256),
             );
-            kernels::grads_k29_reduce(a.temp_f32.slice(2688, 256), a.temp_f32.slice_mut(2944, 16));
-            kernels::grads_k30_sqrt(a.temp_f32.slice(2944, 16), a.temp_f32.slice_mut(2960, 16));
-            kernels::grads_k31_add_div_mul(
+            kernels::grads_k28_reduce(a.temp_f32.slice(2688, 256), a.temp_f32.slice_mut(2944, 16));
+            kernels::grads_k29_sqrt(a.temp_f32.slice(2944, 16), a.temp_f32.slice_mut(2960, 16));
+            kernels::grads_k30_add_div_mul(
                 a.temp_f32.slice(2688, 256),
                 a.temp_f32.slice(2960, 16),
                 a.param.slice(3728, 16),
@@ -837,28 +831,28 @@ impl Arenas {
                 a.temp_f32.slice_mut(4096, 256),
                 a.temp_f32.slice_mut(8768, 256),
             );
-            kernels::forward_k27_matmul_add(
+            kernels::forward_k26_matmul_add(
                 a.temp_f32.slice(8768, 256),
                 a.param.slice(3760, 320),
                 a.param.slice(4080, 20),
                 a.temp_f32.slice_mut(2048, 320),
                 a.temp_f32.slice_mut(2368, 320),
             )?;
-            kernels::forward_k28_reduce(
+            kernels::forward_k27_reduce(
                 a.temp_f32.slice(2368, 320),
                 a.temp_f32.slice_mut(2048, 16),
             );
-            kernels::forward_k29_stop_gradient(
+            kernels::forward_k28_stop_gradient(
                 a.temp_f32.slice(2048, 16),
                 a.temp_f32.slice_mut(2064, 16),
             );
-            kernels::forward_k30_reduce(
+            kernels::forward_k29_reduce(
                 a.temp_f32.slice(2368, 320),
                 a.temp_f32.slice(2064, 16),
                 a.temp_f32.slice_mut(2048, 16),
             );
-            kernels::grads_k36_div_d0(a.temp_f32.slice(2960, 16), a.temp_f32.slice_mut(2976, 16));
-            kernels::train_k37_reduce(
+            kernels::grads_k35_div_d0(a.temp_f32.slice(2960, 16), a.temp_f32.slice_mut(2976, 16));
+            kernels::train_k36_reduce(
                 input_targets,
                 a.const_i32.slice(0, 20),
                 a.temp_f32.slice(2368, 320),
@@ -866,20 +860,20 @@ impl Arenas {
                 a.temp_f32.slice(2048, 16),
                 a.temp_f32.slice_mut(2080, 16),
             );
-            kernels::forward_k32_reduce(a.temp_f32.slice(2080, 16), a.temp_f32.slice_mut(2096, 1));
-            kernels::forward_k33_mul_neg(a.temp_f32.slice(2096, 1), a.temp_f32.slice_mut(9520, 1));
-            kernels::grads_k37_reduce(
+            kernels::forward_k31_reduce(a.temp_f32.slice(2080, 16), a.temp_f32.slice_mut(2096, 1));
+            kernels::forward_k32_mul_neg(a.temp_f32.slice(2096, 1), a.temp_f32.slice_mut(9520, 1));
+            kernels::grads_k36_reduce(
                 input_targets,
                 a.const_i32.slice(0, 20),
                 a.const_f32.slice(0, 16),
                 a.temp_f32.slice_mut(2080, 16),
             );
-            kernels::grads_k38_log_d0_mul(
+            kernels::grads_k37_log_d0_mul(
                 a.temp_f32.slice(2080, 16),
                 a.temp_f32.slice(2048, 16),
                 a.temp_f32.slice_mut(2096, 16),
             );
-            kernels::grads_k39_add_exp_d0_mul(
+            kernels::grads_k38_add_exp_d0_mul(
                 input_targets,
                 a.const_i32.slice(0, 20),
                 a.const_f32.slice(0, 16),
@@ -888,43 +882,43 @@ impl Arenas {
                 a.temp_f32.slice(2064, 16),
                 a.temp_f32.slice_mut(5120, 320),
             );
-            kernels::grads_k40_reduce(a.temp_f32.slice(5120, 320), a.temp_f32.slice_mut(9344, 20));
-            kernels::grads_k41_matmul(
+            kernels::grads_k39_reduce(a.temp_f32.slice(5120, 320), a.temp_f32.slice_mut(9344, 20));
+            kernels::grads_k40_matmul(
                 a.temp_f32.slice(5120, 320),
                 a.param.slice(3760, 320),
                 a.temp_f32.slice_mut(2048, 256),
             )?;
-            kernels::grads_k43_reduce(a.temp_f32.slice(2048, 256), a.temp_f32.slice_mut(9472, 16));
-            kernels::grads_k44_mul(
+            kernels::grads_k42_reduce(a.temp_f32.slice(2048, 256), a.temp_f32.slice_mut(9472, 16));
+            kernels::grads_k43_mul(
                 a.temp_f32.slice(2048, 256),
                 a.param.slice(3728, 16),
                 a.temp_f32.slice_mut(2304, 256),
             );
-            kernels::grads_k45_reduce(
+            kernels::grads_k44_reduce(
                 a.temp_f32.slice(2048, 256),
                 a.temp_f32.slice(4096, 256),
                 a.temp_f32.slice_mut(9488, 16),
             );
-            kernels::grads_k46_reduce(
+            kernels::grads_k45_reduce(
                 a.temp_f32.slice(2304, 256),
                 a.temp_f32.slice(2688, 256),
                 a.temp_f32.slice(2960, 16),
                 a.temp_f32.slice_mut(2048, 16),
             );
-            kernels::grads_k47_mul_sqrt_d0(
+            kernels::grads_k46_mul_sqrt_d0(
                 a.temp_f32.slice(2048, 16),
                 a.temp_f32.slice(2944, 16),
                 a.temp_f32.slice_mut(2064, 16),
             );
-            kernels::grads_k48_reduce(
+            kernels::grads_k47_reduce(
                 a.temp_f32.slice(2304, 256),
                 a.temp_f32.slice(2976, 16),
                 a.temp_f32.slice(2064, 16),
                 a.temp_f32.slice(2688, 256),
                 a.temp_f32.slice_mut(2048, 16),
             );
-            kernels::grads_k49_mul(a.temp_f32.slice(2048, 16), a.temp_f32.slice_mut(2080, 16));
-            kernels::grads_k50_add(
+            kernels::grads_k48_mul(a.temp_f32.slice(2048, 16), a.temp_f32.slice_mut(2080, 16));
+            kernels::grads_k49_add(
                 a.temp_f32.slice(2304, 256),
                 a.temp_f32.slice(2976, 16),
                 a.temp_f32.slice(2064, 16),
@@ -932,8 +926,8 @@ impl Arenas {
                 a.temp_f32.slice(2080, 16),
                 a.temp_f32.slice_mut(9024, 256),
             );
-            kernels::grads_k51_reduce(a.temp_f32.slice(9024, 256), a.temp_f32.slice_mut(9504, 16));
-            kernels::grads_k53_matmul_add_mul_normal_cdf_d0(
+            kernels::grads_k50_reduce(a.temp_f32.slice(9024, 256), a.temp_f32.slice_mut(9504, 16));
+            kernels::grads_k52_matmul_add_mul_normal_cdf_d0(
                 a.temp_f32.slice(9024, 256),
                 a.param.slice(2688, 1024),
                 a.temp_f32.slice(0, 1024),
@@ -941,43 +935,43 @@ impl Arenas {
                 a.temp_f32.slice_mut(2048, 1024),
                 a.temp_f32.slice_mut(4096, 1024),
             )?;
-            kernels::grads_k54_reduce(a.temp_f32.slice(4096, 1024), a.temp_f32.slice_mut(3328, 64));
-            kernels::grads_k55_matmul(
+            kernels::grads_k53_reduce(a.temp_f32.slice(4096, 1024), a.temp_f32.slice_mut(3328, 64));
+            kernels::grads_k54_matmul(
                 a.temp_f32.slice(4096, 1024),
                 a.param.slice(1600, 1024),
                 a.temp_f32.slice_mut(0, 256),
             )?;
-            kernels::grads_k57_reduce(a.temp_f32.slice(0, 256), a.temp_f32.slice_mut(800, 16));
-            kernels::grads_k58_mul(
+            kernels::grads_k56_reduce(a.temp_f32.slice(0, 256), a.temp_f32.slice_mut(544, 16));
+            kernels::grads_k57_mul(
                 a.temp_f32.slice(0, 256),
                 a.param.slice(1568, 16),
                 a.temp_f32.slice_mut(256, 256),
             );
-            kernels::grads_k59_reduce(
+            kernels::grads_k58_reduce(
                 a.temp_f32.slice(0, 256),
                 a.temp_f32.slice(8256, 256),
-                a.temp_f32.slice_mut(816, 16),
+                a.temp_f32.slice_mut(560, 16),
             );
-            kernels::grads_k60_reduce(
+            kernels::grads_k59_reduce(
                 a.temp_f32.slice(256, 256),
                 a.temp_f32.slice(8000, 256),
                 a.temp_f32.slice(9440, 16),
                 a.temp_f32.slice_mut(0, 16),
             );
-            kernels::grads_k61_mul_sqrt_d0(
+            kernels::grads_k60_mul_sqrt_d0(
                 a.temp_f32.slice(0, 16),
                 a.temp_f32.slice(9424, 16),
                 a.temp_f32.slice_mut(16, 16),
             );
-            kernels::grads_k62_reduce(
+            kernels::grads_k61_reduce(
                 a.temp_f32.slice(256, 256),
                 a.temp_f32.slice(9456, 16),
                 a.temp_f32.slice(16, 16),
                 a.temp_f32.slice(8000, 256),
                 a.temp_f32.slice_mut(0, 16),
             );
-            kernels::grads_k63_mul(a.temp_f32.slice(0, 16), a.temp_f32.slice_mut(32, 16));
-            kernels::grads_k64_add(
+            kernels::grads_k62_mul(a.temp_f32.slice(0, 16), a.temp_f32.slice_mut(32, 16));
+            kernels::grads_k63_add(
                 a.temp_f32.slice(9024, 256),
                 a.temp_f32.slice(256, 256),
                 a.temp_f32.slice(9456, 16),
@@ -986,234 +980,231 @@ impl Arenas {
                 a.temp_f32.slice(32, 16),
                 a.temp_f32.slice_mut(2048, 256),
             );
-            kernels::grads_k65_reduce(a.temp_f32.slice(2048, 256), a.temp_f32.slice_mut(832, 16));
-            kernels::grads_k66_matmul(
+            kernels::grads_k64_reduce(a.temp_f32.slice(2048, 256), a.temp_f32.slice_mut(576, 16));
+            kernels::grads_k65_matmul(
                 a.temp_f32.slice(2048, 256),
                 a.param.slice(1296, 256),
                 a.temp_f32.slice_mut(0, 256),
             )?;
-            kernels::grads_k68_matmul(
+            kernels::grads_k67_matmul(
                 a.temp_f32.slice(0, 256),
                 a.temp_f32.slice(6720, 256),
                 a.temp_f32.slice_mut(256, 256),
             )?;
-            kernels::grads_k69_matmul(
+            kernels::grads_k68_matmul(
                 a.temp_f32.slice(7488, 256),
                 a.temp_f32.slice(0, 256),
-                a.temp_f32.slice_mut(512, 256),
+                a.temp_f32.slice_mut(2304, 256),
             )?;
-            kernels::grads_k70_reduce(
+            kernels::grads_k69_reduce(
                 a.temp_f32.slice(256, 256),
                 a.temp_f32.slice(7232, 256),
                 a.temp_f32.slice(9312, 32),
-                a.temp_f32.slice_mut(768, 32),
+                a.temp_f32.slice_mut(512, 32),
             );
-            kernels::grads_k71_add_div_d0_etc(
+            kernels::grads_k70_add_div_d0_etc(
                 a.const_bool.slice(0, 64),
                 a.temp_f32.slice(256, 256),
                 a.temp_f32.slice(9312, 32),
-                a.temp_f32.slice(768, 32),
+                a.temp_f32.slice(512, 32),
                 a.temp_f32.slice(6976, 256),
                 a.temp_f32.slice(9280, 32),
                 a.temp_f32.slice_mut(0, 256),
             );
-            kernels::grads_k72_matmul(
+            kernels::grads_k71_matmul(
                 a.temp_f32.slice(0, 256),
                 a.temp_f32.slice(6464, 256),
-                a.temp_f32.slice_mut(256, 256),
+                a.temp_f32.slice_mut(2560, 256),
             )?;
-            kernels::grads_k73_matmul(
+            kernels::grads_k72_matmul(
                 a.temp_f32.slice(6208, 256),
                 a.temp_f32.slice(0, 256),
-                a.temp_f32.slice_mut(2304, 256),
+                a.temp_f32.slice_mut(2816, 256),
             )?;
-            kernels::grads_k74_copy(a.temp_f32.slice(512, 256), a.temp_f32.slice_mut(2560, 256));
-            kernels::grads_k75_reduce(a.temp_f32.slice(2560, 256), a.temp_f32.slice_mut(0, 16));
-            kernels::grads_k76_copy(a.temp_f32.slice(256, 256), a.temp_f32.slice_mut(2816, 256));
-            kernels::grads_k77_reduce(a.temp_f32.slice(2816, 256), a.temp_f32.slice_mut(16, 16));
-            kernels::grads_k78_matmul(
-                a.temp_f32.slice(2816, 256),
+            kernels::grads_k73_reduce(a.temp_f32.slice(2304, 256), a.temp_f32.slice_mut(0, 16));
+            kernels::grads_k74_reduce(a.temp_f32.slice(2560, 256), a.temp_f32.slice_mut(16, 16));
+            kernels::grads_k75_matmul(
+                a.temp_f32.slice(2560, 256),
                 a.param.slice(480, 256),
                 a.temp_f32.slice_mut(3072, 256),
             )?;
-            kernels::train_k78_add_mul_sub(
+            kernels::train_k75_add_mul_sub(
                 a.temp_f32.slice(16, 16),
                 a.state.slice_mut(736, 16),
                 a.param.slice_mut(736, 16),
             );
-            kernels::train_k79_add_mul_sub(
+            kernels::train_k76_add_mul_sub(
                 a.temp_f32.slice(0, 16),
                 a.state.slice_mut(1280, 16),
                 a.param.slice_mut(1280, 16),
             );
-            kernels::train_k80_matmul_add_mul_sub(
+            kernels::train_k77_matmul_add_mul_sub(
                 a.temp_f32.slice(7744, 256),
                 a.temp_f32.slice(2048, 256),
                 a.temp_f32.slice_mut(0, 256),
                 a.state.slice_mut(1296, 256),
                 a.param.slice_mut(1296, 256),
             )?;
-            kernels::train_k81_add_mul_sub(
-                a.temp_f32.slice(832, 16),
+            kernels::train_k78_add_mul_sub(
+                a.temp_f32.slice(576, 16),
                 a.state.slice_mut(1552, 16),
                 a.param.slice_mut(1552, 16),
             );
-            kernels::train_k82_add_mul_sub(
-                a.temp_f32.slice(816, 16),
+            kernels::train_k79_add_mul_sub(
+                a.temp_f32.slice(560, 16),
                 a.state.slice_mut(1568, 16),
                 a.param.slice_mut(1568, 16),
             );
-            kernels::train_k83_add_mul_sub(
-                a.temp_f32.slice(800, 16),
+            kernels::train_k80_add_mul_sub(
+                a.temp_f32.slice(544, 16),
                 a.state.slice_mut(1584, 16),
                 a.param.slice_mut(1584, 16),
             );
-            kernels::train_k84_matmul_add_mul_sub(
+            kernels::train_k81_matmul_add_mul_sub(
                 a.temp_f32.slice(8512, 256),
                 a.temp_f32.slice(4096, 1024),
                 a.temp_f32.slice_mut(0, 1024),
                 a.state.slice_mut(1600, 1024),
                 a.param.slice_mut(1600, 1024),
             )?;
-            kernels::train_k85_add_mul_sub(
+            kernels::train_k82_add_mul_sub(
                 a.temp_f32.slice(3328, 64),
                 a.state.slice_mut(2624, 64),
                 a.param.slice_mut(2624, 64),
             );
-            kernels::train_k86_matmul_add_mul_sub(
+            kernels::train_k83_matmul_add_mul_sub(
                 a.temp_f32.slice(1024, 1024),
                 a.temp_f32.slice(9024, 256),
                 a.temp_f32.slice_mut(0, 1024),
                 a.state.slice_mut(2688, 1024),
                 a.param.slice_mut(2688, 1024),
             )?;
-            kernels::train_k87_add_mul_sub(
+            kernels::train_k84_add_mul_sub(
                 a.temp_f32.slice(9504, 16),
                 a.state.slice_mut(3712, 16),
                 a.param.slice_mut(3712, 16),
             );
-            kernels::train_k88_add_mul_sub(
+            kernels::train_k85_add_mul_sub(
                 a.temp_f32.slice(9488, 16),
                 a.state.slice_mut(3728, 16),
                 a.param.slice_mut(3728, 16),
             );
-            kernels::train_k89_add_mul_sub(
+            kernels::train_k86_add_mul_sub(
                 a.temp_f32.slice(9472, 16),
                 a.state.slice_mut(3744, 16),
                 a.param.slice_mut(3744, 16),
             );
-            kernels::train_k90_matmul_add_mul_sub(
+            kernels::train_k87_matmul_add_mul_sub(
                 a.temp_f32.slice(8768, 256),
                 a.temp_f32.slice(5120, 320),
                 a.temp_f32.slice_mut(0, 320),
                 a.state.slice_mut(3760, 320),
                 a.param.slice_mut(3760, 320),
             )?;
-            kernels::train_k91_add_mul_sub(
+            kernels::train_k88_add_mul_sub(
                 a.temp_f32.slice(9344, 20),
                 a.state.slice_mut(4080, 20),
                 a.param.slice_mut(4080, 20),
             );
-            kernels::grads_k80_copy(a.temp_f32.slice(2304, 256), a.temp_f32.slice_mut(320, 256));
-            kernels::grads_k81_reduce(a.temp_f32.slice(320, 256), a.temp_f32.slice_mut(1088, 16));
-            kernels::grads_k82_matmul(
-                a.temp_f32.slice(320, 256),
+            kernels::grads_k77_reduce(a.temp_f32.slice(2816, 256), a.temp_f32.slice_mut(1024, 16));
+            kernels::grads_k78_matmul(
+                a.temp_f32.slice(2816, 256),
                 a.param.slice(752, 256),
                 a.temp_f32.slice_mut(0, 256),
             )?;
-            kernels::grads_k83_matmul_add(
-                a.temp_f32.slice(2560, 256),
+            kernels::grads_k79_matmul_add(
+                a.temp_f32.slice(2304, 256),
                 a.param.slice(1024, 256),
                 a.temp_f32.slice(0, 256),
                 a.temp_f32.slice(3072, 256),
-                a.temp_f32.slice_mut(576, 256),
-                a.temp_f32.slice_mut(832, 256),
+                a.temp_f32.slice_mut(256, 256),
+                a.temp_f32.slice_mut(512, 256),
             )?;
-            kernels::train_k96_matmul_add_mul_sub(
+            kernels::train_k92_matmul_add_mul_sub(
                 a.temp_f32.slice(5952, 256),
-                a.temp_f32.slice(2560, 256),
+                a.temp_f32.slice(2304, 256),
                 a.temp_f32.slice_mut(0, 256),
                 a.state.slice_mut(1024, 256),
                 a.param.slice_mut(1024, 256),
             )?;
-            kernels::grads_k84_reduce(a.temp_f32.slice(832, 256), a.temp_f32.slice_mut(1104, 16));
-            kernels::grads_k85_reduce(
-                a.temp_f32.slice(832, 256),
+            kernels::grads_k80_reduce(a.temp_f32.slice(512, 256), a.temp_f32.slice_mut(448, 16));
+            kernels::grads_k81_reduce(
+                a.temp_f32.slice(512, 256),
                 a.temp_f32.slice(5696, 256),
-                a.temp_f32.slice_mut(1120, 16),
+                a.temp_f32.slice_mut(464, 16),
             );
-            kernels::grads_k86_reduce(
-                a.temp_f32.slice(832, 256),
+            kernels::grads_k82_reduce(
+                a.temp_f32.slice(512, 256),
                 a.param.slice(448, 16),
                 a.temp_f32.slice(5440, 256),
                 a.temp_f32.slice(9392, 16),
                 a.temp_f32.slice_mut(0, 16),
             );
-            kernels::grads_k87_mul_sqrt_d0(
+            kernels::grads_k83_mul_sqrt_d0(
                 a.temp_f32.slice(0, 16),
                 a.temp_f32.slice(9376, 16),
                 a.temp_f32.slice_mut(16, 16),
             );
-            kernels::grads_k88_reduce(
-                a.temp_f32.slice(832, 256),
+            kernels::grads_k84_reduce(
+                a.temp_f32.slice(512, 256),
                 a.param.slice(448, 16),
                 a.temp_f32.slice(9408, 16),
                 a.temp_f32.slice(16, 16),
                 a.temp_f32.slice(5440, 256),
                 a.temp_f32.slice_mut(0, 16),
             );
-            kernels::grads_k89_mul(a.temp_f32.slice(0, 16), a.temp_f32.slice_mut(32, 16));
-            kernels::grads_k90_add(
+            kernels::grads_k85_mul(a.temp_f32.slice(0, 16), a.temp_f32.slice_mut(32, 16));
+            kernels::grads_k86_add(
                 a.temp_f32.slice(2048, 256),
-                a.temp_f32.slice(832, 256),
+                a.temp_f32.slice(512, 256),
                 a.param.slice(448, 16),
                 a.temp_f32.slice(9408, 16),
                 a.temp_f32.slice(16, 16),
                 a.temp_f32.slice(5440, 256),
                 a.temp_f32.slice(32, 16),
-                a.temp_f32.slice_mut(576, 256),
+                a.temp_f32.slice_mut(768, 256),
             );
-            kernels::grads_k91_reduce(a.temp_f32.slice(576, 256), a.temp_f32.slice_mut(832, 128));
-            kernels::grads_k92_scatter_add(
+            kernels::grads_k87_reduce(a.temp_f32.slice(768, 256), a.temp_f32.slice_mut(320, 128));
+            kernels::grads_k88_scatter_add(
                 input_ids,
-                a.temp_f32.slice(576, 256),
+                a.temp_f32.slice(768, 256),
                 a.temp_f32.slice_mut(0, 320),
             )?;
-            kernels::train_k106_add_mul_sub(
+            kernels::train_k102_add_mul_sub(
                 a.temp_f32.slice(0, 320),
                 a.state.slice_mut(0, 320),
                 a.param.slice_mut(0, 320),
             );
-            kernels::train_k107_add_mul_sub(
-                a.temp_f32.slice(832, 128),
+            kernels::train_k103_add_mul_sub(
+                a.temp_f32.slice(320, 128),
                 a.state.slice_mut(320, 128),
                 a.param.slice_mut(320, 128),
             );
-            kernels::train_k108_add_mul_sub(
-                a.temp_f32.slice(1120, 16),
+            kernels::train_k104_add_mul_sub(
+                a.temp_f32.slice(464, 16),
                 a.state.slice_mut(448, 16),
                 a.param.slice_mut(448, 16),
             );
-            kernels::train_k109_add_mul_sub(
-                a.temp_f32.slice(1104, 16),
+            kernels::train_k105_add_mul_sub(
+                a.temp_f32.slice(448, 16),
                 a.state.slice_mut(464, 16),
                 a.param.slice_mut(464, 16),
             );
-            kernels::train_k110_add_mul_sub(
-                a.temp_f32.slice(1088, 16),
+            kernels::train_k106_add_mul_sub(
+                a.temp_f32.slice(1024, 16),
                 a.state.slice_mut(1008, 16),
                 a.param.slice_mut(1008, 16),
             );
-            kernels::train_k111_matmul_add_mul_sub(
+            kernels::train_k107_matmul_add_mul_sub(
                 a.temp_f32.slice(5952, 256),
-                a.temp_f32.slice(320, 256),
+                a.temp_f32.slice(2816, 256),
                 a.temp_f32.slice_mut(0, 256),
                 a.state.slice_mut(752, 256),
                 a.param.slice_mut(752, 256),
             )?;
-            kernels::train_k112_matmul_add_mul_sub(
+            kernels::train_k108_matmul_add_mul_sub(
                 a.temp_f32.slice(5952, 256),
-                a.temp_f32.slice(2816, 256),
+                a.temp_f32.slice(2560, 256),
                 a.temp_f32.slice_mut(0, 256),
                 a.state.slice_mut(480, 256),
                 a.param.slice_mut(480, 256),
@@ -1272,7 +1263,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `char_lm`.
-#[pyclass(module = "fg_char_lm_006b3aec561c")]
+#[pyclass(module = "fg_char_lm_259516c97d2a")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -1351,7 +1342,7 @@ impl Step {
         out.set_item("attn.q.weight", rt::py::to_numpy(py, values, &[16, 16])?)?;
         let values = self.arenas.temp_f32.slice(4672, 16);
         out.set_item("attn.q.bias", rt::py::to_numpy(py, values, &[16])?)?;
-        let values = self.arenas.temp_f32.slice(1792, 256);
+        let values = self.arenas.temp_f32.slice(3072, 256);
         out.set_item("attn.k.weight", rt::py::to_numpy(py, values, &[16, 16])?)?;
         let values = self.arenas.temp_f32.slice(4688, 16);
         out.set_item("attn.k.bias", rt::py::to_numpy(py, values, &[16])?)?;
@@ -1457,8 +1448,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_char_lm_006b3aec561c(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_char_lm_006b3aec561c")?;
+fn fg_char_lm_259516c97d2a(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_char_lm_259516c97d2a")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

@@ -35,6 +35,6 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
         workgroupBarrier();
     }
     if (row < 8u && col < 8u) {
-        f32s[8576 + b0 * 128 + b1 * 64 + row * 8 + col] = acc;
+        f32s[16064 + b0 * 128 + b1 * 8 + row * 16 + col] = acc;
     }
 }

@@ -19,10 +19,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
         var va = 0.0;
         var vb = 0.0;
         if (row < 8u && ka < 16u) {
-            va = f32s[11392 + g * 128 + row * 16 + ka];
+            va = f32s[11648 + g * 128 + row * 16 + ka];
         }
         if (kb < 16u && col < 16u) {
-            vb = f32s[480 + kb + col * 16];
+            vb = f32s[752 + kb + col * 16];
         }
         tile_a[lid.y * 16u + lid.x] = va;
         tile_b[lid.y * 16u + lid.x] = vb;
@@ -33,6 +33,6 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
         workgroupBarrier();
     }
     if (row < 8u && col < 16u) {
-        f32s[10112 + g * 128 + row * 16 + col] = acc;
+        f32s[12160 + g * 128 + row * 16 + col] = acc;
     }
 }

@@ -8,9 +8,9 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (i >= 16u) {
         return;
     }
-    let x0 = f32s[5440 + i];
-    let x1 = f32s[8320 + i];
-    let x2 = f32s[1280 + i];
-    f32s[5440 + i] = 0.9*x0 + x1;
-    f32s[1280 + i] = -0.089999996*x0 - 0.1*x1 + x2;
+    let x0 = f32s[5728 + i];
+    let x1 = f32s[8880 + i];
+    let x2 = f32s[1568 + i];
+    f32s[5728 + i] = 0.9*x0 + x1;
+    f32s[1568 + i] = -0.089999996*x0 - 0.1*x1 + x2;
 }

@@ -1,0 +1,88 @@
+"""Where a small CUDA step's time goes on the host, part by part (on a GPU machine).
+
+    python benches/gpu.py --build .gpu_bench --rows mlp128     # here: build the module
+    python benches/gpu_step_overhead.py .gpu_bench [--rows mlp128]   # there
+
+For each workload, medians over rounds of N calls (µs per call) of: the whole step
+as a user calls it (``step(x, y)`` with torch CUDA tensors), the module's ``train``
+without the Python wrapper, the same fed NumPy arrays (host copies), reading the
+tensors' ``__cuda_array_interface__`` (what the module does per input), and
+``torch.cuda.synchronize()`` alone. The device's kernel time per step is in the
+profile of gpu.py's JSON; the rest of a call is host work and waiting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from gpu import FgSystem, device_batch, lower
+from gpu_workloads import GPU_BY_KEY
+
+
+def per_call_us(fn: Callable[[], Any], calls: int, rounds: int) -> float:
+    for _ in range(max(calls // 10, 5)):
+        fn()
+    samples = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        samples.append((time.perf_counter() - start) / calls * 1e6)
+    return statistics.median(samples)
+
+
+def measure(key: str, folder: Path, manifest: dict[str, Any], calls: int,
+            rounds: int) -> dict[str, float]:
+    import torch
+
+    w = GPU_BY_KEY[key]
+    host = list(w.data())
+    dev, why = device_batch(host)
+    assert dev is not None, why
+    low = lower(w)
+    step = FgSystem(w, low, folder, manifest, "cuda", dev)
+    host_step = FgSystem(w, low, folder, manifest, "cuda", host)
+
+    def interface() -> None:
+        for t in dev:
+            t.__cuda_array_interface__  # noqa: B018
+
+    parts = {
+        "step(x, y), torch CUDA tensors": lambda: step.step_obj(*dev),
+        "native.train(x, y), torch CUDA tensors": lambda: step.native.train(*dev),
+        "native.train(x, y), NumPy arrays": lambda: host_step.native.train(*host),
+        "__cuda_array_interface__ of the inputs": interface,
+        "torch.cuda.synchronize()": torch.cuda.synchronize,
+        "tensor.data_ptr() of the inputs": lambda: [t.data_ptr() for t in dev],
+    }
+    return {name: per_call_us(fn, calls, rounds) for name, fn in parts.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("folder", type=Path)
+    p.add_argument("--rows", default="mlp128")
+    p.add_argument("--calls", type=int, default=2000)
+    p.add_argument("--rounds", type=int, default=7)
+    args = p.parse_args(argv)
+    manifest = json.loads((args.folder / "manifest.json").read_text())
+    out = {}
+    for key in args.rows.split(","):
+        out[key] = row = measure(key, args.folder, manifest, args.calls, args.rounds)
+        print(f"{key}:")
+        for name, us in row.items():
+            print(f"  {us:8.2f} µs  {name}")
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
