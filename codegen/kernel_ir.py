@@ -207,7 +207,12 @@ class Gather(Kernel):
 @dataclass
 class Conv(Kernel):
     """NCHW convolution family: mode "forward" (x, w), "input_grad" (g, w) or
-    "weight_grad" (x, g). ``dims`` = (n, c, h, w, o, kh, kw); all views contiguous."""
+    "weight_grad" (x, g). ``dims`` = (n, c, h, w, o, kh, kw); all views contiguous.
+
+    ``cols``, when set, are x's column matrices [n, c·kh·kw, oh·ow] (im2col) kept in a
+    buffer of their own: a forward conv writes them as a second output, a weight
+    gradient reads them instead of x (``lhs`` still says whose columns they are). Only
+    a backend that gathers columns sets them (``ptx_conv.keep_columns``)."""
 
     mode: str = "forward"
     dims: tuple[int, ...] = ()
@@ -216,14 +221,17 @@ class Conv(Kernel):
     lhs: View | None = None
     rhs: View | None = None
     out: View | None = None
+    cols: View | None = None
 
     kind = "conv"
 
     def reads(self) -> list[View]:
-        return [v for v in (self.lhs, self.rhs) if v is not None]
+        lhs = self.cols if self.cols is not None and self.mode == "weight_grad" else self.lhs
+        return [v for v in (lhs, self.rhs) if v is not None]
 
     def writes(self) -> list[View]:
-        return [self.out] if self.out else []
+        out = [self.out] if self.out else []
+        return out + ([self.cols] if self.cols is not None and self.mode == "forward" else [])
 
 
 # Casts inside elementwise expressions: sympy has no dtypes, so conversions are

@@ -15,7 +15,8 @@ of the step (copied to the device per call, or used in place when they already
 live there). ``scratch_f32`` holds what the steps of one kernel pass each other —
 split reductions' partials, convolutions' column matrices and per-image products —
 written and read within those steps, so one arena, sized for the largest, serves
-every kernel. ``flags_u32`` (one u32) is the error flag of gather / scatter kernels:
+every kernel (columns a forward conv keeps for a later weight gradient are a temp of
+the memory plan instead). ``flags_u32`` (one u32) is the error flag of gather / scatter kernels:
 the runtime zeroes it before a step and, if it is nonzero after, raises (an id was
 out of range; the kernels wrote 0 for it instead of reading out of bounds).
 Const arenas start with ``DeviceModule.consts``.

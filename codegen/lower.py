@@ -35,6 +35,7 @@ from .step import NumpyStep, Step
 if TYPE_CHECKING:
     from .backends.cpu import Crate
     from .backends.wgsl_module import WgslModule
+    from .kernel_ir import Buffer
     from .launch_plan import DeviceModule
     from .memory import MemoryPlan
     from .schedule import Schedule
@@ -125,9 +126,33 @@ class Lowered:
         """Arena offsets of every intermediate and the peak bytes, known before building."""
         from .memory import plan_memory
 
+        return plan_memory(self.schedules, self._persistent())
+
+    @functools.cached_property
+    def ptx_schedules(self) -> list[Schedule]:
+        """The schedules the PTX backend renders: ``schedules`` with the column matrices
+        of forward convs kept for their weight gradients (``ptx_conv.keep_columns``);
+        ``schedules`` itself when no conv keeps any."""
+        from .backends.ptx_conv import keep_columns
+
+        kept = [keep_columns(s) for s in self.schedules]
+        same = all(a is b for a, b in zip(kept, self.schedules, strict=True))
+        return self.schedules if same else kept
+
+    @functools.cached_property
+    def ptx_memory_plan(self) -> MemoryPlan:
+        """The memory plan of ``ptx_schedules`` (params and state laid out as in
+        ``memory_plan``, which it is when the schedules are the same)."""
+        if self.ptx_schedules is self.schedules:
+            return self.memory_plan
+        from .memory import plan_memory
+
+        return plan_memory(self.ptx_schedules, self._persistent())
+
+    def _persistent(self) -> list[Buffer]:
         persistent = {b.name: b for s in self.schedules for b in s.buffers.values()
                       if b.kind in ("param", "state")}
-        return plan_memory(self.schedules, list(persistent.values()))
+        return list(persistent.values())
 
     @functools.cached_property
     def crate(self) -> Crate:
@@ -161,10 +186,12 @@ class Lowered:
         if self.backend == "cuda":
             from .backends.ptx import aligned_buffers, device_kernels, kernel_source
 
-            aligned = aligned_buffers(self.schedules)
+            schedules = self.ptx_schedules
+            dtypes = {b.name: b.dtype for s in schedules for b in s.buffers.values()}
+            aligned = aligned_buffers(schedules)
             return [KernelInfo(k.name, k.kind, list(k.ops), self.backend,
                                kernel_source(k, dtypes, aligned=aligned))
-                    for s in self.schedules for k in device_kernels(s, self.memory_plan)]
+                    for s in schedules for k in device_kernels(s, self.ptx_memory_plan)]
         from .backends.rust import render_kernel
 
         return [KernelInfo(k.name, k.kind, list(k.ops), self.backend, render_kernel(k, dtypes))
@@ -185,7 +212,7 @@ class Lowered:
 
             shapes = {k: self.graph.node(v).shape for k, v in self.graph.results().items()}
             self._device_modules[key] = render_ptx(
-                self.schedules, self.memory_plan, target=target, fast_math=fast_math,
+                self.ptx_schedules, self.ptx_memory_plan, target=target, fast_math=fast_math,
                 result_shapes=shapes, model=self.graph.name)
         return self._device_modules[key]
 
@@ -254,6 +281,8 @@ class Lowered:
             if fusion_log and s.log:
                 lines += [f"fusion log ({s.entry}):", *s.log]
         lines.append(self.memory_plan.summary())
+        if "cuda" in self.backends and self.ptx_memory_plan is not self.memory_plan:
+            lines.append("cuda, with conv columns kept: " + self.ptx_memory_plan.summary())
         return "\n".join(lines)
 
     def profiled(self, profile: bool = True) -> Lowered:

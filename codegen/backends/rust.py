@@ -829,6 +829,7 @@ def conv_params(k: Conv) -> str:
 
 def _conv(out: IndentedBuffer, k: Conv) -> None:
     assert k.lhs is not None and k.rhs is not None and k.out is not None
+    assert k.cols is None, "kept columns are the PTX backend's (Lowered.ptx_schedules)"
     fn = {"forward": "conv2d_forward", "input_grad": "conv2d_input_grad",
           "weight_grad": "conv2d_weight_grad"}[k.mode]
     out.line(f"let p = {conv_params(k)};")

@@ -318,6 +318,8 @@ class _ConvLoop:
 def conv(k: Conv, place: Place) -> ShaderCode:
     """Direct convolution, one invocation per output element (NCHW, OIHW)."""
     assert k.lhs is not None and k.rhs is not None and k.out is not None
+    if k.cols is not None:
+        raise BackendError(f"{k.name}: kept columns are the PTX backend's; WGSL convolves x")
     n, c, h, w, o, kh, kw = k.dims
     (sh, sw), (ph, pw) = k.stride, k.padding
     oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
