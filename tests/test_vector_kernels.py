@@ -136,3 +136,76 @@ def test_pooling_kernels_match_the_interpreter() -> None:
         close(cpu.grads(**x), ref.grads(**x), 1e-4, 1e-6)
         assert cpu(**x) == pytest.approx(ref(**x), rel=1e-5)
         close(cpu.params, ref.params, 1e-4, 1e-6)
+
+
+@fg.model
+def cnn_pool(x: fg.f32[4, 2, 8, 8], y: fg.i32[4]):
+    # W4's layer shape: conv, ReLU, 2x2 max pool (reshape to windows, reduce_max).
+    h = fg.max_pool2d(fg.relu(fg.nn.conv2d(x, 5, 3, padding=1, name="conv1")), 2)
+    h = fg.max_pool2d(fg.relu(fg.nn.conv2d(h, 6, 3, padding=1, name="conv2")), 2)
+    return fg.cross_entropy(fg.nn.linear(h.reshape(4, -1), 3, name="head"), y)
+
+
+@fg.model
+def pool_odd(x: fg.f32[3, 4, 6], y: fg.f32[3, 6, 4]):
+    # After a transpose the reshape needs a copy: the relu stays a kernel of its own.
+    a = fg.relu(x * fg.param("a", (6,), "normal", mean=1.0)).transpose(0, 2, 1)
+    a = a.reshape(3, 3, 2, 4).max(2)
+    # (6, 4) -> (4, 6) straddles axes: no common split, so no fusion through it.
+    b = fg.tanh(y * fg.param("b", (4,), "normal", mean=1.0)).reshape(3, 4, 6)
+    b = b * fg.param("c", (6,), "normal", mean=1.0)
+    # Merging axes, a product with a parameter broadcast over them, splitting them
+    # back: all one reduction kernel with its prologue.
+    c = fg.exp(x * 0.1).reshape(3, 24) * fg.param("d", (24,), "normal", mean=1.0)
+    c = c.reshape(3, 4, 6).max(-1)
+    # A reduction over merged axes keeps its own shape: the sin is not its prologue.
+    d = fg.sin(x * 0.5).reshape(3, 24).max(-1)
+    return (a * a).sum() + (b * b).mean() + c.sum() * 0.1 + d.sum()
+
+
+def kernel_of(kernels: list, *ops: str):
+    return [k for k in kernels if set(ops) <= set(k.ops)]
+
+
+def test_pooling_fuses_through_the_window_reshape() -> None:
+    """The window reshape only splits axes, so the ReLU is the max reduction's prologue
+    (recomputed in the tie count and the gradient too, never stored), and the pooling
+    gradient and ReLU' are one kernel over the windows' shape."""
+    lw = fg.lower(cnn_pool, optimizer=fg.optim.SGD(lr=0.1))
+    for s in lw.schedules:
+        assert not [k.name for k in s.kernels if k.ops == ["relu"]], s.entry
+        maxes = [k for k in s.kernels if k.kind == "reduce" and k.combine == "max"
+                 and len(k.shape) == 6]
+        assert len(maxes) == 2 and all("Piecewise" in str(k.value) for k in maxes)
+    train = next(s for s in lw.schedules if s.entry == "train").kernels
+    fused = kernel_of(train, "div", "mul", "relu.d0")
+    assert [k.shape for k in fused] == [(4, 6, 2, 2, 2, 2), (4, 5, 4, 2, 4, 2)]
+    assert not [k for k in train if k.ops == ["mul", "relu.d0"]]
+
+
+def test_no_fusion_through_a_reshape_that_needs_a_copy() -> None:
+    lw = fg.lower(pool_odd, optimizer=fg.optim.SGD(lr=0.1))
+    forward = next(s for s in lw.schedules if s.entry == "forward")
+    assert kernel_of(forward.kernels, "relu") and kernel_of(forward.kernels, "copy")
+    assert kernel_of(forward.kernels, "tanh") != kernel_of(forward.kernels, "mul")
+    assert any("split into no common shape" in line for line in forward.log)
+    assert [k.ops for k in kernel_of(forward.kernels, "exp")] == [
+        ["exp", "mul", "reduce_max"]]
+    assert [k.ops for k in kernel_of(forward.kernels, "sin")] == [["mul", "sin"]]
+
+
+@pytest.mark.parametrize("model, shapes", [
+    (cnn_pool, {"x": (4, 2, 8, 8)}),
+    (pool_odd, {"x": (3, 4, 6), "y": (3, 6, 4)}),
+])
+def test_fusion_through_reshapes_matches_the_interpreter(model, shapes) -> None:
+    cpu = fg.compile(model, optimizer=fg.optim.SGD(lr=0.1), backend="cpu", seed=3)
+    ref = fg.compile(model, optimizer=fg.optim.SGD(lr=0.1), backend="numpy", seed=3)
+    rng = np.random.default_rng(5)
+    for _ in range(2):
+        x = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+        if model is cnn_pool:
+            x["y"] = rng.integers(0, 3, 4).astype(np.int32)
+        close(cpu.grads(**x), ref.grads(**x), 1e-4, 1e-6)
+        assert cpu(**x) == pytest.approx(ref(**x), rel=1e-5)
+        close(cpu.params, ref.params, 1e-4, 1e-6)
