@@ -159,12 +159,12 @@ class Lowered:
             return wgsl_kernels(self)
         dtypes = {b.name: b.dtype for s in self.schedules for b in s.buffers.values()}
         if self.backend == "cuda":
-            from .backends.ptx import aligned_buffers, kernel_source
+            from .backends.ptx import aligned_buffers, device_kernels, kernel_source
 
             aligned = aligned_buffers(self.schedules)
             return [KernelInfo(k.name, k.kind, list(k.ops), self.backend,
                                kernel_source(k, dtypes, aligned=aligned))
-                    for s in self.schedules for k in s.kernels]
+                    for s in self.schedules for k in device_kernels(s, self.memory_plan)]
         from .backends.rust import render_kernel
 
         return [KernelInfo(k.name, k.kind, list(k.ops), self.backend, render_kernel(k, dtypes))

@@ -1,20 +1,19 @@
 """A small PTX interpreter for tests: runs a launch plan's kernels without a GPU.
 
-It executes the subset of PTX the renderer emits for reductions, convolution
-gathers and the fallback GEMM (integer index arithmetic, f32 loads, stores and
-IEEE-rounded arithmetic, predicates, branches, ``shfl.sync.bfly``, shared memory and
-``bar.sync``) over every thread of a launch at once, NumPy vectors of registers, one
-instruction at a time for the threads at the lowest program counter ("min-PC"
-scheduling: a thread that leaves a loop early waits where the others will join it, as
-a warp reconverges; a ``bar.sync`` that part of a block would pass alone raises).
+It executes the subset of PTX the renderer emits for reductions, row chains, convolution
+gathers and the fallback GEMM (integer index arithmetic, f32, v4 and u8 loads and
+stores, IEEE-rounded arithmetic, ex2/lg2, predicates, branches, ``shfl.sync.bfly``,
+shared memory and ``bar.sync``) over every thread of a launch at once, NumPy vectors of
+registers, one instruction at a time for the threads at the lowest program counter
+("min-PC" scheduling: a thread that leaves a loop early waits where the others will join
+it, as a warp reconverges; a ``bar.sync`` that part of a block would pass alone raises).
 Anything outside the subset raises, so a test can never pass by skipping what it does
 not understand. Memory is one byte heap with the arenas at fake addresses; an access
 outside every arena raises; each block has its own shared memory. ``fma.rn.f32`` is
 computed in float64 (the product is exact there; the sum is rounded twice, which can
 differ from one rounding in the last bit, rarely). A ``Gemm`` step runs its fallback
 kernel, or, with ``gemm="numpy"``, the product in float64 rounded to float32 (what a
-vendor library computes, up to its order of additions).
-"""
+vendor library computes, up to its order of additions)."""
 
 from __future__ import annotations
 
@@ -41,7 +40,16 @@ INT_BINARY = {"add.u32": np.add, "sub.u32": np.subtract, "mul.lo.u32": np.multip
               "div.u32": np.floor_divide, "shr.u32": np.right_shift, "add.s64": np.add,
               "add.s32": np.add, "mul.lo.s32": np.multiply}
 FLOAT_BINARY = {"add.rn.f32": np.add, "sub.rn.f32": np.subtract, "mul.rn.f32": np.multiply,
-                "max.NaN.f32": np.maximum, "min.NaN.f32": np.minimum, "max.f32": np.fmax}
+                "div.rn.f32": np.divide, "max.NaN.f32": np.maximum, "min.NaN.f32": np.minimum,
+                "max.f32": np.fmax}
+# unary float ops, in float64 then rounded once (the hardware's ex2/lg2.approx are within
+# 2 ulp of that; the tests compare with NumPy within tolerances, or kernel with kernel)
+FLOAT_UNARY = {"neg.f32": np.negative, "abs.f32": np.abs, "sqrt.rn.f32": np.sqrt,
+               "rcp.rn.f32": np.reciprocal, "ex2.approx.f32": np.exp2,
+               "lg2.approx.f32": np.log2, "cvt.rmi.f32.f32": np.floor,
+               "cvt.rni.f32.f32": np.rint}
+PRED_BINARY = {"and.pred": np.logical_and, "or.pred": np.logical_or,
+               "xor.pred": np.logical_xor}
 COMPARE = {"lt": np.less, "le": np.less_equal, "gt": np.greater, "ge": np.greater_equal,
            "eq": np.equal, "ne": np.not_equal}
 
@@ -291,8 +299,14 @@ class Threads:
             a, b, c = (self.value(x, np.float32, run).astype(np.float64) for x in o[1:])
             with np.errstate(all="ignore"):
                 self.set(o[0], run, (a * b + c).astype(np.float32))
-        elif op == "and.pred":
-            self.set(o[0], run, self.reg(o[1])[run] & self.reg(o[2])[run])
+        elif op in PRED_BINARY:
+            self.set(o[0], run, PRED_BINARY[op](self.reg(o[1])[run], self.reg(o[2])[run]))
+        elif op == "not.pred":
+            self.set(o[0], run, ~self.reg(o[1])[run])
+        elif op in FLOAT_UNARY:
+            with np.errstate(all="ignore"):
+                x = self.value(o[1], np.float32, run).astype(np.float64)
+                self.set(o[0], run, FLOAT_UNARY[op](x).astype(np.float32))
         elif op == "mul.wide.u32":
             self.set(o[0], run, self.value(o[1], np.uint64, run) * self.value(o[2], np.uint64, run))
         elif op in FLOAT_BINARY:
@@ -317,6 +331,22 @@ class Threads:
             addr = self.memory(o[1], run, 4)
             word = self.m.heap[addr[:, None] + np.arange(4)].copy().view(np.uint32)[:, 0]
             self.set(o[0], run, word.view(np.float32) if op.endswith("f32") else word)
+        elif op in ("ld.global.v4.f32", "ld.global.v4.b32"):
+            addr = self.memory(o[1], run, 16)
+            words = self.m.heap[addr[:, None] + np.arange(16)].copy().view(np.uint32)
+            for lane, reg in enumerate(o[0].strip("{}").split(",")):
+                word = words[:, lane]
+                self.set(reg.strip(), run, word.view(np.float32) if op.endswith("f32") else word)
+        elif op in ("st.global.v4.f32", "st.global.v4.b32"):
+            addr = self.memory(o[0], run, 16)
+            for lane, reg in enumerate(o[1].strip("{}").split(",")):
+                data = np.ascontiguousarray(self.reg(reg.strip())[run]).view(np.uint8)
+                self.m.heap[addr[:, None] + 4 * lane + np.arange(4)] = data.reshape(-1, 4)
+        elif op == "ld.global.u8":
+            self.set(o[0], run, self.m.heap[self.memory(o[1], run, 1)].astype(np.uint32))
+        elif op == "st.global.u8":
+            self.m.heap[self.memory(o[0], run, 1)] = self.value(o[1], np.uint32, run).astype(
+                np.uint8)
         elif op in ("st.global.f32", "st.global.b32"):
             addr = self.memory(o[0], run, 4)
             reg = self.reg(o[1])

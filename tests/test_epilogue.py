@@ -264,9 +264,12 @@ def test_gelu_step_with_a_stored_cdf_matches_interpreter() -> None:
 
 
 def test_irrational_constant_factors_print_as_one_literal() -> None:
-    """Phi'(x) = exp(-x²/2)/sqrt(2·pi): the printer folds the constants into one f32
-    literal rather than dividing by consts::PI.sqrt() per element."""
+    """Phi'(x) = exp(-x²/2)/sqrt(2·pi): the C-like renderers (Rust, WGSL) fold the
+    constants into one f32 literal rather than dividing by sqrt(pi) per element."""
     lw = fg.lower(gelu_mlp(), optimizer=fg.optim.SGD(lr=0.1), backend="cpu", B=8)
     source = lw.crate.files["src/kernels.rs"].decode()
     assert "0.3989423 * " in source
     assert not re.search(r"(_f32|consts::\w+)\.sqrt\(\)", source)  # no constant roots
+    wgsl = fg.lower(gelu_mlp(), optimizer=fg.optim.SGD(lr=0.1), backend="wgsl", B=8)
+    shaders = wgsl.source("wgsl")
+    assert "0.3989423*" in shaders and not re.search(r"sqrt\([\d.]+\)", shaders)

@@ -670,6 +670,27 @@ def test_erf_is_short_in_both_branches() -> None:
     assert ops.count("mul.rn.f32") <= 1 and len(ops) <= 30, ops
 
 
+def test_nested_selects_legalize() -> None:
+    """Arithmetic on legalized selects (|·| of a tanh, a quotient of an erf) must not
+    trip sympy's assumptions: two nestings random graphs produced, which failed with
+    "Invalid comparison of non-real" while Select was not known to be real."""
+    x0, x1, x2, x3 = sp.symbols("x0:4", real=True)
+    c = sp.Float(-0.96086061000823974609375)
+    nested_tanh = c * sp.tanh(sp.tanh(sp.Float(0.5) * (x0**2 + sp.Float(0.5))**sp.tanh(x0))**2
+                              / 2) + c
+    t = sp.exp(sp.tanh(x2 / x3))
+    gelu_grad_of_exp = (1 - sp.tanh(x2 / x3)**2) * t * (x0 + x1 * (
+        sp.erf(t / sp.sqrt(2)) / 2 + sp.Rational(1, 2)
+        + t * sp.exp(-t**2 / 2) / sp.sqrt(2 * sp.pi)))
+    for e in (nested_tanh, gelu_grad_of_exp):
+        out = legalize(e)
+        assert not out.has(sp.tanh, sp.erf, sp.exp)
+        fn = sp.lambdify([x0, x1, x2, x3], e, "numpy")
+        env = {x0: np.float32([0.7]), x1: np.float32([-1.3]), x2: np.float32([0.4]),
+               x3: np.float32([1.1])}
+        assert emulate(out, env)[0] == pytest.approx(fn(0.7, -1.3, 0.4, 1.1), rel=1e-5)
+
+
 def test_pow_legalization() -> None:
     x, y = sp.symbols("x0 x1", real=True)
     assert legalize(x**3) == x**3 and legalize(x ** sp.Rational(-1, 2)) == x ** sp.Rational(-1, 2)
@@ -697,6 +718,11 @@ def _entries(source: str) -> dict[str, str]:
         r"// elementwise[^\n]*\n\.visible \.entry (\w+)\((.*?\n)\}\n", source, re.S)}
 
 
+def _unmerged(lw: fg.Lowered) -> DeviceModule:
+    """The PTX module with every elementwise kernel a launch of its own."""
+    return render_ptx(lw.schedules, lw.memory_plan, merge_launches=False)
+
+
 def test_contiguous_elementwise_loads_16_bytes_per_thread() -> None:
     """A big contiguous elementwise kernel moves 4 elements per thread and step with v4
     loads and stores, grid from n/4, and a scalar tail for n % 4."""
@@ -708,7 +734,7 @@ def test_contiguous_elementwise_loads_16_bytes_per_thread() -> None:
     n = 1_000_003
     lw = fg.lower(fused, backend="cpu", N=n)
     assemble_all(lw)
-    module = lw.device_module("ptx")
+    module = _unmerged(lw)  # each kernel a launch (``ptx_horizontal`` would merge them)
     entries = _entries(module.source)
     launches = [s for s in module.plans["forward"].steps if isinstance(s, Launch)]
     bodies = "".join(entries[s.kernel] for s in launches)
@@ -735,7 +761,7 @@ def test_broadcast_and_strided_elementwise_stay_scalar() -> None:
 
     lw = fg.lower(mixed, backend="cpu", N=64, M=48)
     assemble_all(lw)
-    src = lw.device_module("ptx").source
+    src = _unmerged(lw).source
     entries = _entries(src)
     assert entries
     vector = [name for name, body in entries.items() if "v4" in body]

@@ -203,6 +203,24 @@ class CLikePrinter:
     def _print_ToBool(self, e: Any) -> str:
         return self._cast(e, "bool")
 
+def fold_constant_factors(e: Any) -> Any:
+    """``e`` with the constant factors of each product that involve an irrational
+    (sqrt(2), pi) evaluated into one literal, for the C-like printers: ``x * 0.3989423``
+    where sympy's form prints as ``0.5 * sqrt(2) * x / sqrt(pi)``, which rounds three
+    times and divides per element."""
+    if not e.args:
+        return e
+    args = [fold_constant_factors(a) for a in e.args]
+    if e.is_Mul:
+        numbers = [a for a in args if a.is_number]
+        if any(not (a.is_Rational or a.is_Float) for a in numbers):
+            value = sp.Mul(*numbers).evalf(30)
+            if value.is_real and value.is_finite:
+                rest = [a for a in args if not a.is_number]
+                return sp.Mul(sp.Float(value, 30), *rest, evaluate=False)  # not distributed
+    return e.func(*args) if args != list(e.args) else e
+
+
 def f32_literal(value: float) -> str:
     """The shortest decimal that reads back as the same float32 (no excess precision)."""
     v = np.float32(value)

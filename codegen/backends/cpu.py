@@ -291,16 +291,10 @@ def _py_method(graph: Graph, s: Schedule, plan: MemoryPlan) -> str:
             out.line(f"let {name} = &*{name};")
         slices = ", ".join(names)
         out.line("let arenas = &mut self.arenas;")
-        out.line(f"py.detach(|| rt::py::guard(\"{s.entry}\", || {{")
+        run = f"{{ let _ftz = rt::fpenv::FlushDenormals::new(); arenas.{s.entry}({slices}) }}"
         if sum(map(may_run_parallel, s.kernels)) >= ON_POOL_MIN_KERNELS:
-            out.line("    rt::threads::on_pool(|| {")
-            out.line("        let _ftz = rt::fpenv::FlushDenormals::new();")
-            out.line(f"        arenas.{s.entry}({slices})")
-            out.line("    })")
-        else:
-            out.line("    let _ftz = rt::fpenv::FlushDenormals::new();")
-            out.line(f"    arenas.{s.entry}({slices})")
-        out.line("}))?;")
+            run = f"rt::threads::on_pool(|| {run})"
+        out.line(f"py.detach(|| rt::py::guard(\"{s.entry}\", || {run}))?;")
         if s.entry == "train":
             p = plan.temps["train"][s.results["out:loss"]]
             out.line(f"Ok(self.arenas.temp_f32.slice({p.offset}, 1)[0])")

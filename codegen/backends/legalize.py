@@ -92,9 +92,12 @@ class Fma(_Real):
     """a*b + c rounded once (``fma.rn.f32``)."""
 
 
-class Select(sp.Function):
+class Select(_Real):
     """Select(c, a, b): a where c holds, else b (``selp``). Unlike a Piecewise, sympy
-    never rewrites it (no collapsing of branches by reasoning over the reals)."""
+    never rewrites it (no collapsing of branches by reasoning over the reals). Real
+    for sympy like the other primitives: left unknown, arithmetic on a select (Abs,
+    a quotient) made sympy's assumption system conclude "not real" for some nestings
+    and refuse to rebuild the relations inside (random graphs: tanh of tanh of a pow)."""
 
 
 class Floor(_Real):

@@ -4,8 +4,11 @@ entry point (``DeviceModule``, see ``launch_plan.py``).
 Read it as tables: ``KINDS`` below maps each kernel kind to the function that
 writes its ``.entry`` (``ptx_kernels.py``); ``ptx_asm.py`` holds the instruction
 tables and the register-based expression emitter; ``legalize.py`` rewrites the
-math PTX lacks before anything is printed. Identical kernels (forward's are
-usually train's first ones) are emitted once.
+math PTX lacks before anything is printed. Before rendering, ``ptx_rows.fuse_rows``
+turns each row chain of a schedule (softmax, layer norm) into one kernel, and
+``ptx_horizontal.merge_launches`` runs independent elementwise kernels (the optimizer's
+per-parameter updates) as one launch (``device_kernels``). Identical kernels (forward's
+are usually train's first ones) are emitted once.
 
 Kernel parameters (the contract with the runtime): one ``.param .u64`` per
 distinct buffer the kernel touches — read-only buffers first, in order of first
@@ -33,12 +36,14 @@ import numpy as np
 
 from ferrograd._version import __version__
 from ferrograd.ir.errors import BackendError
+from ferrograd.ir.passes import debug_level
 
 from ..kernel_ir import Conv, Elementwise, Gather, Kernel, Matmul, Reduce
 from ..launch_plan import BufferRef, DeviceModule, DevicePlan, Gemm, Launch, ScalarArg
 from ..memory import ALIGN, MemoryPlan
 from ..schedule import Schedule
 from .ptx_conv import conv
+from .ptx_horizontal import Horizontal, horizontal, merge_launches
 from .ptx_kernels import (
     FLAGS,
     SCRATCH,
@@ -52,6 +57,7 @@ from .ptx_kernels import (
     matmul,
     reduce,
 )
+from .ptx_rows import RowChain, fuse_rows, row_chain
 
 # target -> the PTX ISA version its module declares (the oldest that has the target
 # and everything emitted here: max.NaN needs 7.0)
@@ -66,6 +72,7 @@ KINDS: dict[type, Callable[[Any, dict[str, str], bool], list[Step]]] = {
     Matmul: matmul,
     Gather: gather,
     Conv: conv,
+    RowChain: row_chain,
 }
 
 
@@ -86,6 +93,8 @@ def render_kernel(k: Kernel, dtypes: dict[str, str], fast_math: bool = False,
         return elementwise(k, dtypes, fast_math, aligned)
     if isinstance(k, Matmul):  # its epilogue may be an elementwise kernel
         return matmul(k, dtypes, fast_math, aligned)
+    if isinstance(k, Horizontal):
+        return horizontal(k, dtypes, fast_math, aligned)
     render = KINDS.get(type(k))
     if render is None:
         raise BackendError(f"no PTX template for kernel kind {k.kind}")
@@ -126,12 +135,31 @@ class _ModuleBuilder:
         return name
 
 
+def device_kernels(s: Schedule, memory_plan: MemoryPlan, row_chains: bool = True,
+                   merge: bool = True) -> list[Kernel]:
+    """The kernels the PTX backend runs for ``s``: the schedule's, with each row chain
+    (softmax, layer norm: ``ptx_rows.py``) one kernel unless ``row_chains`` is off, then
+    runs of independent elementwise kernels one launch (``ptx_horizontal.py``) unless
+    ``merge`` is off."""
+    kernels, log = fuse_rows(s, memory_plan) if row_chains else (list(s.kernels), [])
+    if merge:
+        kernels, more = merge_launches(s, memory_plan, kernels)
+        log += more
+    if debug_level() >= 1:
+        for line in log:
+            print(f"[ptx {s.entry}] {line}")
+    return kernels
+
+
 def render_ptx(schedules: list[Schedule], memory_plan: MemoryPlan, *, target: str = "sm_80",
                fast_math: bool = False, result_shapes: Mapping[str, tuple[int, ...]] | None = None,
-               model: str = "") -> DeviceModule:
+               model: str = "", row_chains: bool = True, merge_launches: bool = True
+               ) -> DeviceModule:
     """The PTX module of ``schedules`` and the launch plan of each entry point.
 
-    ``result_shapes`` (result key -> shape) shapes the plans' results (default: flat).
+    ``result_shapes`` (result key -> shape) shapes the plans' results (default: flat);
+    ``row_chains=False`` keeps the schedule's kernels as they are (tests compare);
+    ``merge_launches=False`` runs each elementwise kernel as a launch of its own.
     """
     if target not in TARGETS:
         raise BackendError(f"unknown PTX target {target!r}; choose from {', '.join(TARGETS)}")
@@ -145,7 +173,7 @@ def render_ptx(schedules: list[Schedule], memory_plan: MemoryPlan, *, target: st
     for s in schedules:
         refs = _Addresses(s, memory_plan, const_at)
         plan = DevicePlan(s.entry)
-        for k in s.kernels:
+        for k in device_kernels(s, memory_plan, row_chains, merge_launches):
             for step in render_kernel(k, dtypes, fast_math, aligned):
                 plan.steps.append(_plan_step(step, builder, refs))
                 uses_flags |= isinstance(k, Gather)

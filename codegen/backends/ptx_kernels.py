@@ -37,7 +37,7 @@ import contextlib
 import dataclasses
 import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,7 +57,7 @@ from ..kernel_ir import (
     unfused,
 )
 from ..launch_plan import ScalarArg
-from .base import collapse, reduce_layout
+from .base import ReduceLayout, collapse, reduce_layout
 from .legalize import legalize
 from .ptx_asm import (
     DTYPE_KIND,
@@ -222,12 +222,51 @@ def elementwise(k: Elementwise, dtypes: dict[str, str], fast_math: bool,
     is contiguous, 4-byte and 16-byte aligned in such a buffer, each thread handles 4
     consecutive elements per step with ``ld/st.global.v4`` (a scalar tail covers n % 4)."""
     buffers = kernel_buffers(k)
+    f = _param_list(buffers)
+    work, vector = elementwise_body(k, f, _pointers(f, buffers), fast_math, aligned)
+    block = _block_for(work)
+    return [KernelLaunch(k.name, elementwise_comment(k, vector), f.text("ENTRY"),
+                         _buffer_args(buffers), (_blocks(work, block), 1, 1), (block, 1, 1))]
+
+
+def elementwise_comment(k: Elementwise, vector: bool) -> str:
+    return (f"elementwise{' (4 per thread, v4 loads)' if vector else ''}: "
+            f"{', '.join(k.ops)} over {list(k.shape)}")
+
+
+def _elementwise_layout(k: Elementwise, aligned: frozenset[str]
+                        ) -> tuple[list[int], list[list[int]], int, bool]:
+    """The collapsed sizes and strides (outputs first, then inputs), the element count
+    and whether the loop runs 4 elements per step (see ``elementwise``)."""
     outs = [v for v, _ in k.outputs]
     sizes, strides = collapse(k.shape, outs + list(k.inputs.values()))
     n = int(np.prod(sizes)) if sizes else 1
+    contiguous = list(row_major(tuple(sizes)))
+    views = [(v, st) for v, st in zip(list(k.inputs.values()), strides[len(outs):], strict=True)
+             if any(st)] + list(zip(outs, strides[:len(outs)], strict=True))
+    vector = n >= VECTOR and all(
+        v.dtype in VECTOR_DTYPES and list(st) == contiguous and v.offset % VECTOR == 0
+        and v.buffer in aligned for v, st in views)
+    return sizes, strides, n, vector
+
+
+def elementwise_work(k: Elementwise, aligned: frozenset[str] = frozenset()) -> int:
+    """What the threads of ``k``'s grid-stride loop share out: elements, or groups of 4."""
+    _, _, n, vector = _elementwise_layout(k, aligned)
+    return n // VECTOR if vector else n
+
+
+def elementwise_body(k: Elementwise, f: PtxFunction, base: dict[str, str], fast_math: bool,
+                     aligned: frozenset[str] = frozenset(), block: str | None = None,
+                     blocks: str | None = None) -> tuple[int, bool]:
+    """Emit ``k``'s grid-stride loop into ``f`` (``base``: buffer -> address register);
+    the block index and the block count are ``%ctaid.x`` and ``%nctaid.x`` unless
+    ``block`` and ``blocks`` (registers) say otherwise (``ptx_horizontal``: one launch
+    running several kernels, each on a range of its blocks). The work (elements, or
+    groups of 4) and whether it is vectorized."""
+    outs = [v for v, _ in k.outputs]
+    sizes, strides, n, vector = _elementwise_layout(k, aligned)
     _check_u32(k, n, *(b for b in (max(v.offset + v.size, 1) for v in outs)))
-    f = _param_list(buffers)
-    base = _pointers(f, buffers)
     em = ExprEmitter(f, fast_math)
     in_strides = strides[len(outs):]
     moving = []
@@ -240,14 +279,11 @@ def elementwise(k: Elementwise, dtypes: dict[str, str], fast_math: bool,
     exprs = [legalize(e, fast_math) for _, e in k.outputs]
     kinds = [DTYPE_KIND[v.dtype] for v in outs]
     out_strides = strides[:len(outs)]
-    contiguous = list(row_major(tuple(sizes)))
-    vector = n >= VECTOR and all(
-        v.dtype in VECTOR_DTYPES and list(st) == contiguous and v.offset % VECTOR == 0
-        and v.buffer in aligned
-        for v, st in [(v, st) for _, v, st in moving] + list(zip(outs, out_strides, strict=True)))
-    ctaid, ntid, tid = (f.special(s) for s in ("%ctaid.x", "%ntid.x", "%tid.x"))
+    ctaid = block if block is not None else f.special("%ctaid.x")
+    ntid, tid = (f.special(s) for s in ("%ntid.x", "%tid.x"))
     start = f.value("b32", "mad.lo.u32", ctaid, ntid, tid)
-    step = f.value("b32", "mul.lo.u32", f.special("%nctaid.x"), ntid)
+    step = f.value("b32", "mul.lo.u32", blocks if blocks is not None else
+                   f.special("%nctaid.x"), ntid)
     quads = n // VECTOR if vector else 0
     if vector:
         _vector_loop(f, em, base, quads, moving, outs, exprs, kinds, start, step)
@@ -263,12 +299,7 @@ def elementwise(k: Elementwise, dtypes: dict[str, str], fast_math: bool,
             for v, st, val, kind in zip(outs, out_strides, values, kinds, strict=True):
                 addr = f.address(base[v.buffer], coords.index(st), v.offset, ITEMSIZE[v.dtype])
                 f.store(v.dtype, addr, em.register(val, kind))
-    work = quads if vector else n
-    block = _block_for(work)
-    comment = (f"elementwise{' (4 per thread, v4 loads)' if vector else ''}: "
-               f"{', '.join(k.ops)} over {list(k.shape)}")
-    return [KernelLaunch(k.name, comment, f.text("ENTRY"), _buffer_args(buffers),
-                         (_blocks(work, block), 1, 1), (block, 1, 1))]
+    return (quads if vector else n), vector
 
 
 def _vector_loop(f: PtxFunction, em: ExprEmitter, base: dict[str, str], quads: int,
@@ -463,6 +494,40 @@ def reduce(k: Reduce, dtypes: dict[str, str], fast_math: bool) -> list[Step]:
                          (grid, 1, 1), (block, 1, 1))]
 
 
+Loads = dict[Any, str]  # input symbol -> register holding its loaded value
+
+
+def _accumulator(f: PtxFunction, em: ExprEmitter, k: Reduce, lay: ReduceLayout,
+                 base: dict[str, str], shared: Any, kept: Coords
+                 ) -> tuple[str, Callable[[str], Loads], Callable[[Loads], None]]:
+    """One output's accumulator in a split reduction, at kept coordinates ``kept``:
+    inputs constant along the reduced dims are loaded once here; ``loads(r)`` issues
+    the other inputs' loads at reduced index ``r`` (so several can be in flight) and
+    ``accumulate(regs)`` folds one element into ``acc``, in call order."""
+    items = list(zip(k.inputs.items(), lay.kept_strides, lay.reduced_strides, strict=True))
+    kept_index = {sym: kept.index(ks) for (sym, _), ks, _ in items}
+    for (sym, v), _, rs in items:
+        if not any(rs):
+            em.bind(sym, f.load(v.dtype, f.address(base[v.buffer], kept_index[sym], v.offset,
+                                                   ITEMSIZE[v.dtype])), DTYPE_KIND[v.dtype])
+    moving = [(sym, v, rs) for (sym, v), _, rs in items if any(rs)]
+    acc = f.value("f32", "mov.f32", REDUCE_IDENTITY[k.combine])
+
+    def loads(r: str) -> dict[Any, str]:
+        rc = Coords(f, r, lay.reduced_sizes)
+        return {sym: f.load(v.dtype, f.address(base[v.buffer], _add_index(
+            f, kept_index[sym], rc.index(rs)), v.offset, ITEMSIZE[v.dtype]))
+            for sym, v, rs in moving}
+
+    def accumulate(regs: dict[Any, str]) -> None:
+        for sym, v, _ in moving:
+            em.bind(sym, regs[sym], DTYPE_KIND[v.dtype])
+        (x,) = em.emit_shared(shared, ["float"])
+        f.ins(REDUCE_OP[k.combine], acc, acc, em.register(x, "float"))
+
+    return acc, loads, accumulate
+
+
 def _split_columns(k: Reduce, fast_math: bool) -> list[Step]:
     """A column reduction (``reduce_mode`` "split") in two launches, so that a few
     thousand columns still fill the GPU and every load is coalesced.
@@ -497,27 +562,7 @@ def _split_columns(k: Reduce, fast_math: bool) -> list[Step]:
     whole = f.value("b32", "and.b32", f.value("b32", "sub.u32", end, first),
                     f"0x{-COLUMN_UNROLL & 0xFFFFFFFF:08X}")
     unrolled_end = f.value("b32", "add.u32", first, whole)
-    items = list(zip(k.inputs.items(), lay.kept_strides, lay.reduced_strides, strict=True))
-    kc = Coords(f, col, ksizes)
-    col_index = {sym: kc.index(ks) for (sym, _), ks, _ in items}
-    for (sym, v), _, rs in items:
-        if not any(rs):  # the same for every row of the column: load it once
-            em.bind(sym, f.load(v.dtype, f.address(base[v.buffer], col_index[sym], v.offset,
-                                                   ITEMSIZE[v.dtype])), DTYPE_KIND[v.dtype])
-    moving = [(sym, v, rs) for (sym, v), _, rs in items if any(rs)]
-    acc = f.value("f32", "mov.f32", REDUCE_IDENTITY[k.combine])
-
-    def loads(r: str) -> dict[Any, str]:
-        rc = Coords(f, r, lay.reduced_sizes)
-        return {sym: f.load(v.dtype, f.address(base[v.buffer], _add_index(
-            f, col_index[sym], rc.index(rs)), v.offset, ITEMSIZE[v.dtype]))
-            for sym, v, rs in moving}
-
-    def accumulate(regs: dict[Any, str]) -> None:
-        for sym, v, _ in moving:
-            em.bind(sym, regs[sym], DTYPE_KIND[v.dtype])
-        (x,) = em.emit_shared(shared, ["float"])
-        f.ins(REDUCE_OP[k.combine], acc, acc, em.register(x, "float"))
+    acc, loads, accumulate = _accumulator(f, em, k, lay, base, shared, Coords(f, col, ksizes))
 
     with f.loop(first, unrolled_end, str(COLUMN_UNROLL), "rows") as r:
         group = [loads(r if j == 0 else f.value("b32", "add.u32", r, str(j)))
@@ -573,27 +618,8 @@ def _split_rows(k: Reduce, fast_math: bool) -> list[Step]:
     whole = f.value("b32", "and.b32", f.value("b32", "sub.u32", end, first),
                     f"0x{-group & 0xFFFFFFFF:08X}")
     unrolled_end = f.value("b32", "add.u32", first, whole)
-    items = list(zip(k.inputs.items(), lay.kept_strides, lay.reduced_strides, strict=True))
-    kc = Coords(f, row, lay.kept_sizes)
-    row_index = {sym: kc.index(ks) for (sym, _), ks, _ in items}
-    for (sym, v), _, rs in items:
-        if not any(rs):  # the same for the whole row: load it once
-            em.bind(sym, f.load(v.dtype, f.address(base[v.buffer], row_index[sym], v.offset,
-                                                   ITEMSIZE[v.dtype])), DTYPE_KIND[v.dtype])
-    moving = [(sym, v, rs) for (sym, v), _, rs in items if any(rs)]
-    acc = f.value("f32", "mov.f32", REDUCE_IDENTITY[k.combine])
-
-    def loads(r: str) -> dict[Any, str]:
-        rc = Coords(f, r, lay.reduced_sizes)
-        return {sym: f.load(v.dtype, f.address(base[v.buffer], _add_index(
-            f, row_index[sym], rc.index(rs)), v.offset, ITEMSIZE[v.dtype]))
-            for sym, v, rs in moving}
-
-    def accumulate(regs: dict[Any, str]) -> None:
-        for sym, v, _ in moving:
-            em.bind(sym, regs[sym], DTYPE_KIND[v.dtype])
-        (x,) = em.emit_shared(shared, ["float"])
-        f.ins(REDUCE_OP[k.combine], acc, acc, em.register(x, "float"))
+    acc, loads, accumulate = _accumulator(f, em, k, lay, base, shared,
+                                          Coords(f, row, lay.kept_sizes))
 
     start = f.value("b32", "add.u32", first, lane)
     with f.loop(start, unrolled_end, str(group), "elems") as r:

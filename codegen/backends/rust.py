@@ -33,6 +33,7 @@ from .base import (
     batch_as_rows,
     collapse,
     f32_literal,
+    fold_constant_factors,
     linear_index,
     reduce_layout,
     value_kind,
@@ -224,7 +225,7 @@ def _cse_body(out: IndentedBuffer, exprs: list[Any], dtypes: list[str]) -> list[
     each printed as its target dtype (a bare ``0`` is a float where an f32 is stored)."""
     printer = RustPrinter()
     branches: dict[Any, Any] = {}
-    exprs = [_hoist_branches(_fold_constant_factors(e), branches) for e in exprs]
+    exprs = [_hoist_branches(fold_constant_factors(e), branches) for e in exprs]
     values = list(branches)
     subs, reduced = sp.cse(values + exprs, symbols=sp.numbered_symbols("t"),
                            optimizations=None)
@@ -233,24 +234,6 @@ def _cse_body(out: IndentedBuffer, exprs: list[Any], dtypes: list[str]) -> list[
         out.line(f"let {sym} = {_bare(printer.expr(sub))};")
     return [_bare(printer.expr(e, KIND_OF_DTYPE[d]))
             for e, d in zip(reduced[len(values):], dtypes, strict=True)]
-
-
-def _fold_constant_factors(e: Any) -> Any:
-    """``e`` with the constant factors of each product that involve an irrational
-    (sqrt(2), pi) evaluated into one literal: ``x * 0.3989423`` where sympy's form
-    prints ``0.5 * 2.0_f32.sqrt() * x / consts::PI.sqrt()``, which rounds three times
-    and divides per element."""
-    if not e.args:
-        return e
-    args = [_fold_constant_factors(a) for a in e.args]
-    if e.is_Mul:
-        numbers = [a for a in args if a.is_number]
-        if any(not (a.is_Rational or a.is_Float) for a in numbers):
-            value = sp.Mul(*numbers).evalf(30)
-            if value.is_real and value.is_finite:
-                rest = [a for a in args if not a.is_number]
-                return sp.Mul(sp.Float(value, 30), *rest, evaluate=False)  # not distributed
-    return e.func(*args) if args != list(e.args) else e
 
 
 def _hoist_reciprocals(out: IndentedBuffer, exprs: list[Any], invariant: set[str]) -> list[Any]:

@@ -38,7 +38,7 @@ from sympy.printing.codeprinter import CodePrinter
 
 from ferrograd.ir.errors import BackendError
 
-from .base import CLikePrinter, IndentedBuffer, f32_literal, value_kind
+from .base import CLikePrinter, IndentedBuffer, f32_literal, fold_constant_factors, value_kind
 from .legalize import TANH_P, TANH_SMALL
 
 F32_MAX = float(np.finfo(np.float32).max)
@@ -256,7 +256,7 @@ def cse_body(out: IndentedBuffer, exprs: list[Any], dtypes: list[str]) -> list[s
     its target dtype. Each binding's symbol carries its kind (int, float, bool), so a
     later comparison with it prints in the right type."""
     printer = WgslPrinter()
-    exprs = [legalize(e) for e in exprs]
+    exprs = [legalize(fold_constant_factors(e)) for e in exprs]
     subs, reduced = sp.cse(exprs, symbols=sp.numbered_symbols("t"), optimizations=None)
     typed: dict[Any, Any] = {}
     for sym, sub in subs:

@@ -73,17 +73,17 @@ def main() -> None:
     c = fit(x, (np.tanh(x) - x) / x**3, 5, x * x)
     report("tanh", c, lambda x: x + x * (x * x) * horner(c, x * x), math.tanh, 1e-6, 0.625)
 
-    # erf x = x + x P(x^2) for |x| < 0.875 ...
-    x = nodes(1e-6, 0.875)
-    c = fit(x, np.array([math.erf(v) / v - 1 for v in x]), 6, x * x)
-    report("erf near", c, lambda x: x + x * horner(c, x * x), math.erf, 1e-6, 0.875)
+    # erf: its coefficients are the PTX backend's (legalize.ERF_P, ERFC_Q, fitted there
+    # toward the float32 minimax), shared so both backends compute the same form:
+    # x + x P(x^2) for |x| < 0.9, 1 - 2^Q(x) beyond. Reported here in the f32 form of
+    # math.rs (2^Q rounded once, as exp2_small is within an ulp).
+    from ferrograd.codegen.backends.legalize import ERF_P, ERF_SMALL, ERFC_Q
 
-    # ... and 1 - e^(-x^2) Q(1/x) for 0.875 <= x <= 4.
-    x = nodes(0.875, 4.0)
-    c = fit(x, np.array([math.erfc(v) * math.exp(v * v) for v in x]), 8, 1 / x)
-    report("erf far", c, lambda x: F32(1) - exp_f64_rounded(-(x * x)) * horner(c, F32(1) / x),
-           math.erf, 0.875, 4.0)
-
+    p = np.array(ERF_P[::-1], F32)
+    report("erf near", p, lambda x: x + x * horner(p, x * x), math.erf, 1e-6, ERF_SMALL)
+    q = np.array(ERFC_Q[::-1], F32)
+    report("erf far", q, lambda x: F32(1) - np.exp2(horner(q, x).astype(np.float64)).astype(F32),
+           math.erf, ERF_SMALL, 4.0)
 
 if __name__ == "__main__":
     main()

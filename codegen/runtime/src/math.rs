@@ -219,7 +219,8 @@ impl<const FMA: bool> Math<FMA> {
             x,
         );
         // Beyond: erf |x| = 1 - 2^Q(|x|), Q a fit of log2 erfc on [0.9, 4] (1 in f32
-        // from 3.9 on; the clamp keeps NaN). No division and one power of two, where
+        // from 3.9 on; the clamp keeps NaN). P and Q are the PTX backend's
+        // (legalize.ERF_P, ERFC_Q), so both backends compute the same form. No division and one power of two, where
         // erfc = e^(-x^2) R(1/|x|) needs both a divide and an exp.
         let a = x.abs();
         let a = if a > 4.0 { 4.0 } else { a };

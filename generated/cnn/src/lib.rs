@@ -507,7 +507,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `cnn`.
-#[pyclass(module = "fg_cnn_71e27fd23618")]
+#[pyclass(module = "fg_cnn_c267e9817e72")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -665,8 +665,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_cnn_71e27fd23618(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_cnn_71e27fd23618")?;
+fn fg_cnn_c267e9817e72(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_cnn_c267e9817e72")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

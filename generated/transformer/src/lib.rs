@@ -1272,7 +1272,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `char_lm`.
-#[pyclass(module = "fg_char_lm_88f915b41ccb")]
+#[pyclass(module = "fg_char_lm_006b3aec561c")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -1457,8 +1457,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_char_lm_88f915b41ccb(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_char_lm_88f915b41ccb")?;
+fn fg_char_lm_006b3aec561c(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_char_lm_006b3aec561c")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

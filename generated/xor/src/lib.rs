@@ -242,7 +242,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `xor_net`.
-#[pyclass(module = "fg_xor_net_77e6e375be4a")]
+#[pyclass(module = "fg_xor_net_55bd7dde97fd")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -381,8 +381,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_xor_net_77e6e375be4a(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_xor_net_77e6e375be4a")?;
+fn fg_xor_net_55bd7dde97fd(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_xor_net_55bd7dde97fd")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

@@ -24,5 +24,5 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     let x0 = f32s[9344 + c0 * 64 + c1];
     let x1 = f32s[2624 + c1];
     let t0 = x0 + x1;
-    f32s[8320 + c0 * 64 + c1] = t0*((0.5)*fg_erf((0.5)*sqrt(2.0)*t0) + 0.5);
+    f32s[8320 + c0 * 64 + c1] = t0*((0.5)*fg_erf(0.70710677*t0) + 0.5);
 }

@@ -11,5 +11,5 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     let x0 = f32s[10368 + i];
     let x1 = f32s[8320 + i];
     let x2 = f32s[11392 + i];
-    f32s[12416 + i] = x0*(x1 + (0.5)*sqrt(2.0)*x2*exp(-0.5*(x2 * x2))/sqrt(3.1415927));
+    f32s[12416 + i] = x0*(x1 + 0.3989423*x2*exp(-0.5*(x2 * x2)));
 }
