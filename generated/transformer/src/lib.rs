@@ -1272,7 +1272,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `char_lm`.
-#[pyclass(module = "fg_char_lm_006b3aec561c")]
+#[pyclass(module = "fg_char_lm_72d2e2e51dd3")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -1457,8 +1457,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_char_lm_006b3aec561c(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_char_lm_006b3aec561c")?;
+fn fg_char_lm_72d2e2e51dd3(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_char_lm_72d2e2e51dd3")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())
