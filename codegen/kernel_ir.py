@@ -64,6 +64,40 @@ class View:
                                 zip(self.shape, shape[lead:], self.strides, strict=True)]
         return View(self.buffer, self.dtype, self.offset, tuple(shape), tuple(strides))
 
+    def reshape(self, shape: tuple[int, ...]) -> View | None:
+        """The same elements in ``shape`` (of equal size) without a copy, or None when
+        the strides cannot say it (NumPy's no-copy reshape attempt). Splitting an axis
+        of stride s into (a, b) always works: strides (b*s, s). Merging axes works
+        only when each steps evenly into the next (stride = next stride * next dim)."""
+        shape = tuple(shape)
+        if int(np.prod(shape, dtype=np.int64)) != self.size:
+            raise ValueError(f"cannot view {self.shape} as {shape}: sizes differ")
+        if self.size <= 1:
+            return View(self.buffer, self.dtype, self.offset, shape, (0,) * len(shape))
+        # Unit axes are never stepped over: walk the others as runs of equal size.
+        old = [(d, s) for d, s in zip(self.shape, self.strides, strict=True) if d != 1]
+        new = [i for i, d in enumerate(shape) if d != 1]
+        strides = [0] * len(shape)
+        i = j = 0
+        while j < len(new):
+            i_end, j_end = i + 1, j + 1
+            have, want = old[i][0], shape[new[j]]
+            while have != want:  # the fewest old and new axes of equal size
+                if have < want:
+                    have *= old[i_end][0]
+                    i_end += 1
+                else:
+                    want *= shape[new[j_end]]
+                    j_end += 1
+            if any(old[k][1] != old[k + 1][1] * old[k + 1][0] for k in range(i, i_end - 1)):
+                return None  # these old axes are not one evenly strided run
+            stride = old[i_end - 1][1]
+            for k in reversed(new[j:j_end]):
+                strides[k] = stride
+                stride *= shape[k]
+            i, j = i_end, j_end
+        return View(self.buffer, self.dtype, self.offset, shape, tuple(strides))
+
 
 def row_major(shape: tuple[int, ...]) -> tuple[int, ...]:
     strides, acc = [], 1

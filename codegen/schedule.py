@@ -8,9 +8,15 @@ outputs) and "grads" (the gradients). The rules, in order of application:
   its input view cannot give (then one copy kernel materializes it).
 - Elementwise ops fuse into groups, walking the graph from its results
   backwards: a node joins the group of its users when all of them are in one
-  group, read it directly (not through a view) and iterate over its shape.
+  group, read it directly (not through another view) and iterate over its shape.
   A scalar is recomputed inside a bigger group. Each group is one kernel with
   one sympy expression per output.
+- A reshape read only by kernels is seen through when it splits or merges axes:
+  it keeps the element order, so the kernel iterates the finer shape (both
+  shapes split into it) and views everything in it (a split never needs a copy),
+  each node evaluated in its own shape, its "frame". Max pooling's window reshape
+  [N, C, H, W] -> [N, C, H/2, 2, W/2, 2]: the ReLU becomes the max's prologue and
+  the pooling gradient and ReLU' one kernel. A reduction keeps its shape.
 - A reduction absorbs the elementwise ops that only feed it (its prologue).
 - A cheap elementwise node (a comparison, a cast, an add) read by a few kernels
   is recomputed inside each of them instead of written to memory once (max
@@ -78,10 +84,18 @@ class Schedule:
 @dataclass
 class _Group:
     kind: str  # "elementwise" | "reduce"
-    shape: tuple[int, ...]
+    shape: tuple[int, ...]  # the index space the kernel iterates
     founder: int
     members: set[int] = field(default_factory=set)
     outputs: list[int] = field(default_factory=list)
+    # node evaluated in the kernel (members but a reduction, recomputed nodes) -> its
+    # frame: the shape it is evaluated in, ``shape`` with axes merged (a node read
+    # through a reshape that splits axes), and what its smaller inputs broadcast to
+    frame: dict[int, tuple[int, ...]] = field(default_factory=dict)
+
+    def reads_in(self, nid: int) -> tuple[int, ...]:
+        """The frame in which member ``nid`` reads its arguments."""
+        return self.shape if nid == self.founder and self.kind == "reduce" else self.frame[nid]
 
 
 def safe_name(name: str) -> str:
@@ -111,6 +125,7 @@ class _Scheduler:
         self.epilogues: dict[int, _Group] = {}  # matmul node -> its epilogue's group
         # cheap node -> the groups it is computed inside (those of its readers)
         self.recomputed: dict[int, dict[int, _Group]] = {}
+        self.through: set[int] = set()  # reshapes that kernels see through (no view)
         self.pending: dict[int, tuple[Matmul, set[int], set[int]]] = {}  # by id(group)
         # persistent name -> update node, for the updates this entry writes back
         self.updates = {k.split(":", 1)[1]: v for k, v in self.roots.items()
@@ -126,49 +141,91 @@ class _Scheduler:
                 g = _Group("reduce", self.node[n.args[0]].shape, n.id, {n.id}, [n.id])
                 group_of[n.id] = g
             elif kind == "elementwise":
-                g_join, why = self._joinable(n, group_of)
+                g_join, frame, why = self._joinable(n, group_of)
                 if g_join is not None:
                     g_join.members.add(n.id)
+                    g_join.frame[n.id] = frame
                     if n.id in self.result_ids:
                         g_join.outputs.append(n.id)
                     group_of[n.id] = g_join
+                    self._see_through(n)
                     self.log.append(f"  {self._desc(n)} fused into the group of "
                                     f"%{g_join.founder}")
+                    shape = _refine(g_join.shape, frame)
+                    if shape is not None and shape != g_join.shape:
+                        g_join.shape = shape
+                        self.log.append(f"    (through a reshape: the kernel now iterates "
+                                        f"{list(shape)})")
                 elif (readers := self._recomputable_in(n, group_of)) is not None:
                     self.recomputed[n.id] = readers
+                    for g in readers.values():
+                        g.frame[n.id] = n.shape
+                    self._see_through(n)
                     self.log.append(f"  {self._desc(n)} recomputed in each of the "
                                     f"{len(readers)} kernels that read it")
                 elif (first := self._stored_by(n, group_of)) is not None:
                     first.members.add(n.id)
                     first.outputs.append(n.id)
+                    first.frame[n.id] = n.shape
                     group_of[n.id] = first
                     self.log.append(f"  {self._desc(n)} computed in the kernel of "
                                     f"%{first.founder}, which stores it for later readers")
                 else:
-                    group_of[n.id] = _Group("elementwise", n.shape, n.id, {n.id}, [n.id])
+                    group_of[n.id] = _Group("elementwise", n.shape, n.id, {n.id}, [n.id],
+                                            {n.id: n.shape})
                     if why:
                         self.log.append(f"  {self._desc(n)} starts a kernel: {why}")
         return group_of
+
+    def _reads(self, n: Node, group_of: dict[int, _Group]
+               ) -> tuple[list[tuple[_Group, tuple[int, ...], bool]], list[int]]:
+        """Where kernels read ``n``: a (group, frame, recomputed) triple per read, the
+        frame being the shape ``n`` would be evaluated in there; and the users that are
+        in no kernel. A reshape read only by kernels, each over the reshape's whole shape,
+        is seen through: a reshape keeps the element order, so those kernels can evaluate
+        ``n`` in its own shape at the same index (if their index space splits it)."""
+        reads: list[tuple[_Group, tuple[int, ...], bool]] = []
+        outside = []
+        for u in self.users[n.id]:
+            un = self.node[u]
+            if u in group_of:
+                g = group_of[u]
+                reads.append((g, g.reads_in(u), False))
+            elif u in self.recomputed:
+                reads += [(g, g.frame[u], True) for g in self.recomputed[u].values()]
+            elif un.op == "reshape" and u not in self.result_ids:
+                inner, beyond = self._reads(un, group_of)
+                if inner and not beyond and all(f == un.shape for _, f, _ in inner):
+                    reads += [(g, n.shape, recomputed) for g, _, recomputed in inner]
+                else:
+                    outside.append(u)
+            else:
+                outside.append(u)
+        return reads, outside
+
+    def _see_through(self, n: Node) -> None:
+        """Mark the reshapes of ``n`` (now evaluated in every kernel that reads them) as
+        seen through: no view of their own, since ``n`` has no buffer to view."""
+        for u in self.users[n.id]:
+            if self.node[u].op == "reshape":
+                self.through.add(u)
+                self._see_through(self.node[u])
 
     def _recomputable_in(self, n: Node, group_of: dict[int, _Group]
                          ) -> dict[int, _Group] | None:
         """The kernels that would compute ``n`` (which no single kernel takes in) each
         for itself, if it is cheap enough: its readers' groups, through readers that
-        are recomputed too, each iterating over ``n``'s shape. Else None."""
-        users = self.users[n.id]
-        if n.op not in CHEAP or n.id in self.result_ids or not users:
+        are recomputed too and reshapes seen through, each iterating over ``n``'s
+        shape or a split of it. Else None."""
+        if n.op not in CHEAP or n.id in self.result_ids or not self.users[n.id]:
             return None
         if any(self.node[a].op == "matmul" for a in n.args):
             return None  # it reads a product: better that product's epilogue
-        groups: dict[int, _Group] = {}
-        for u in users:
-            if u in group_of:
-                groups[id(group_of[u])] = group_of[u]
-            elif u in self.recomputed:
-                groups.update(self.recomputed[u])
-            else:
-                return None
-        if len(groups) > RECOMPUTE_READERS or any(g.shape != n.shape for g in groups.values()):
+        reads, outside = self._reads(n, group_of)
+        groups = {id(g): g for g, _, _ in reads}
+        if outside or len(groups) > RECOMPUTE_READERS:
+            return None
+        if any(f != n.shape or _refine(g.shape, f) != g.shape for g, f, _ in reads):
             return None
         return groups
 
@@ -184,31 +241,49 @@ class _Scheduler:
             return None
         groups = {id(group_of[u]): group_of[u] for u in users}
         first = min(groups.values(), key=lambda g: self.position[g.founder])
-        if len(groups) < 2 or first.kind != "elementwise" or first.shape != n.shape:
+        frames = {first.reads_in(u) for u in users if group_of[u] is first}
+        if len(groups) < 2 or first.kind != "elementwise" or frames != {n.shape} or \
+                _refine(first.shape, n.shape) != first.shape:
             return None
         return first
 
-    def _joinable(self, n: Node, group_of: dict[int, _Group]) -> tuple[_Group | None, str]:
+    def _joinable(self, n: Node, group_of: dict[int, _Group]
+                  ) -> tuple[_Group | None, tuple[int, ...], str]:
+        """The group ``n`` joins and the frame it is evaluated in there; or why not."""
         users = self.users[n.id]
         if not users:
-            return None, ""
-        groups = {id(group_of[u]): group_of[u] for u in users if u in group_of}
-        outside = [u for u in users if u not in group_of]
+            return None, (), ""
+        reads, outside = self._reads(n, group_of)
+        outside += [u for u in users if u in self.recomputed]
         if outside:
             ops = sorted({self.node[u].op for u in outside})
-            return None, f"read by {', '.join(ops)} (not fusable)"
+            return None, (), f"read by {', '.join(ops)} (not fusable)"
+        if any(recomputed for _, _, recomputed in reads):
+            return None, (), "read through a reshape by nodes recomputed in several kernels"
+        groups = {id(g): g for g, _, _ in reads}
         if len(groups) > 1:
-            return None, f"its users are in {len(groups)} different kernels"
-        (g,) = groups.values()
+            return None, (), f"its users are in {len(groups)} different kernels"
+        frames = {f for _, f, _ in reads}
+        if len(frames) > 1:
+            return None, (), f"read in {len(frames)} shapes"
+        (g,), (frame,) = groups.values(), frames
         is_result = n.id in self.result_ids
         # A smaller node that broadcasts into the kernel is recomputed per element:
         # cheaper than a kernel of its own and a round trip through memory.
-        if n.shape != g.shape and (is_result or not _broadcasts(n.shape, g.shape) or
-                                   _size(g.shape) > RECOMPUTE_LIMIT * max(n.size, 1)):
-            return None, f"shape {n.shape} differs from the kernel's {g.shape}"
+        if n.shape != frame and (is_result or not _broadcasts(n.shape, frame) or
+                                 _size(frame) > RECOMPUTE_LIMIT * max(n.size, 1)):
+            return None, (), f"shape {n.shape} differs from the kernel's {frame}"
         if g.kind == "reduce" and is_result:
-            return None, "a reduction kernel writes only its reduced output"
-        return g, ""
+            return None, (), "a reduction kernel writes only its reduced output"
+        # Read through a reshape, n is evaluated in its own shape: the kernel iterates
+        # the finer of the two (an elementwise one may switch), so every view splits.
+        shape = _refine(g.shape, frame)
+        if shape is None:
+            return None, (), f"its shape {n.shape} and the kernel's {g.shape} split " \
+                "into no common shape"
+        if g.kind == "reduce" and shape != g.shape:
+            return None, (), f"the reduction's input {g.shape} would need its axes split"
+        return g, frame, ""
 
     def _desc(self, n: Node) -> str:
         return f"%{n.id} {n.op}{list(n.shape)}"
@@ -228,7 +303,7 @@ class _Scheduler:
             if g is not None:
                 if g.founder == n.id:
                     self._emit_group(g, targets)
-            elif n.id not in self.recomputed:
+            elif n.id not in self.recomputed and n.id not in self.through:
                 self._emit_node(n)
         results = self._results()
         order = self._order()
@@ -369,41 +444,53 @@ class _Scheduler:
         return View(v.buffer, v.dtype, v.offset, n.shape, row_major(n.shape))
 
     def _emit_group(self, g: _Group, inplace: dict[int, str]) -> None:
-        symbols: dict[int, sp.Symbol] = {}
+        symbols: dict[View, sp.Symbol] = {}
         inputs: dict[str, View] = {}
         reads: set[int] = set()
         cache: dict[int, Any] = {}
 
-        def leaf(nid: int) -> Any:
+        def in_kernel(v: View) -> View:
+            """A view in a frame (``g.shape`` with axes merged) over ``g.shape``."""
+            split = v.reshape(g.shape)
+            assert split is not None, "splitting axes never needs a copy"
+            return split
+
+        def leaf(nid: int, frame: tuple[int, ...]) -> Any:
             n = self.node[nid]
             if n.op == "const" and n.size == 1:
                 return _literal(n.attrs["value"].reshape(()).item(), n.dtype)
-            if nid not in symbols:
+            view = in_kernel(self.view[nid].broadcast_to(frame))
+            if view not in symbols:
                 sym = sp.Symbol(f"x{len(symbols)}", **_assumptions(n.dtype))
-                symbols[nid] = sym
-                inputs[sym.name] = self.view[nid].broadcast_to(g.shape)
-                reads.add(nid)
-            return symbols[nid]
+                symbols[view] = sym
+                inputs[sym.name] = view
+            reads.add(nid)
+            return symbols[view]
+
+        def arg(nid: int, frame: tuple[int, ...]) -> Any:
+            """``nid``'s value at the kernel's index, read by a node evaluated in ``frame``."""
+            src = nid
+            while src in self.through:  # a reshape seen through: same element, same index
+                src = self.node[src].args[0]
+            return expr(src) if src in g.frame else leaf(nid, frame)
 
         def expr(nid: int) -> Any:
             if nid in cache:
                 return cache[nid]
-            n = self.node[nid]
-            if (nid not in g.members and nid not in self.recomputed) or n.op in REDUCE:
-                e = leaf(nid)
-            elif n.op == "cast":
-                e = _cast(expr(n.args[0]), self.node[n.args[0]].dtype, n.dtype)
+            n, frame = self.node[nid], g.frame[nid]
+            if n.op == "cast":
+                e = _cast(arg(n.args[0], frame), self.node[n.args[0]].dtype, n.dtype)
             else:
                 opdef = op_def(n.op)
                 e = opdef.expr.xreplace(  # type: ignore[union-attr]
-                    {s: expr(a) for s, a in zip(opdef.symbols, n.args, strict=True)})
+                    {s: arg(a, frame) for s, a in zip(opdef.symbols, n.args, strict=True)})
             cache[nid] = e
             return e
 
         ops = sorted({self.node[m].op for m in g.members})
         if g.kind == "reduce":
             r = self.node[g.founder]
-            value = expr(r.args[0])
+            value = arg(r.args[0], g.shape)
             out = self._temp(r)
             self.view[r.id] = out
             keep = tuple(1 if i in r.attrs["axes"] else d for i, d in enumerate(g.shape))
@@ -418,7 +505,7 @@ class _Scheduler:
             n = self.node[o]
             dst = self._persistent_view(inplace[o]) if o in inplace else self._temp(n)
             self.view[o] = dst
-            outputs.append((dst.broadcast_to(g.shape) if n.shape != g.shape else dst, expr(o)))
+            outputs.append((in_kernel(dst), expr(o)))  # outputs are evaluated in their shape
         label = safe_name("_".join(ops[:3]) if len(ops) <= 3 else "_".join(ops[:2]) + "_etc")
         kernel = Elementwise(label, ops, g.shape, inputs, outputs)
         if id(g) in self.pending:
@@ -609,6 +696,26 @@ class _Scheduler:
 
 def _size(shape: tuple[int, ...]) -> int:
     return int(np.prod(shape, dtype=np.int64))
+
+
+def _refine(shape: tuple[int, ...], other: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The shape both ``shape`` and ``other`` (of equal size) become by splitting axes
+    only: ``shape`` itself when each axis of ``other`` is a run of its axes, None when
+    their axes straddle ((6, 4) and (4, 6)). Splits never need a copy."""
+    def cuts(s: tuple[int, ...]) -> set[int]:  # the sizes of s's leading runs of axes
+        return {int(c) for c in np.cumprod(s, dtype=np.int64)}
+
+    if 0 in shape or 0 in other:
+        return shape if shape == other else None
+    if cuts(other) <= cuts(shape):
+        return shape
+    dims, prev = [], 1
+    for c in sorted(cuts(shape) | cuts(other)):
+        if c % prev:
+            return None
+        dims.append(c // prev)
+        prev = c
+    return tuple(dims)
 
 
 def _broadcasts(small: tuple[int, ...], big: tuple[int, ...]) -> bool:

@@ -10,6 +10,7 @@ matmul, gather/scatter and conv call the runtime crate (``ferrograd_runtime``).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import numpy as np
@@ -40,10 +41,12 @@ from .base import (
 )
 
 RUST_TYPES = {"f32": "f32", "i32": "i32", "bool": "u8"}  # bools are stored as bytes
+ZEROS = {"f32": "0.0_f32", "i32": "0_i32", "bool": "0_u8"}
 PAR_MIN = 1 << 15  # elements: below this a kernel runs on the calling thread
 PAR_FLOPS = 1 << 22  # a product with fewer flops runs on the calling thread (= runtime gemm)
 GRAIN = 1 << 13  # elements per rayon task, at least
 MIN_ROW = 32  # elements: shorter rows take trailing dims in (see _elementwise)
+MAX_NESTED_ROW = 4096  # elements: the most a row of several dims takes (stack buffers)
 COLUMN_TILE = 512  # outputs per tile of a column reduction's accumulators (4 KiB of f64: L1)
 COLUMN_PARTS = 4  # fixed row groups of a one-tile column reduction, combined in order
 COLUMN_PARTS_MIN = 1 << 18  # elements: a one-tile column reduction this big splits its rows
@@ -332,12 +335,22 @@ def _elementwise(out: IndentedBuffer, k: Elementwise, args: KernelArgs) -> None:
     # Short rows (a 2x2 pooling window: rows of 2) cost their setup per element: take
     # trailing dims into the row until it has some length, and loop over them inside.
     inner = 1
-    while inner < len(sizes) - 1 and int(np.prod(sizes[-inner:])) < MIN_ROW:
+    while inner < len(sizes) - 1 and int(np.prod(sizes[-inner:])) < MIN_ROW and \
+            int(np.prod(sizes[-inner - 1:])) <= MAX_NESTED_ROW:
         inner += 1
     if outer and inner > 1:
         outer, row_len = sizes[:-inner], int(np.prod(sizes[-inner:]))
     par = total >= PAR_MIN
     names = [f"o{i}" for i in range(n_out)]
+    aliased = {v.buffer: name for v, name in zip(outs, names, strict=True)}
+    if outer and inner > 1:  # rows of several dims (pooling windows)
+
+        def render_row(body: IndentedBuffer) -> None:
+            _nested_row(body, k, outer, sizes[-inner:], strides[n_out:], names, aliased)
+
+        _rows_fn(out, _read_buffers(k), list(zip(names, outs, strict=True)), row_len, row_len,
+                 par, render_row)
+        return
     chunks = [f"{v.buffer}[{v.offset}..{v.offset + v.size}]."
               f"{'par_' if par else ''}chunks_mut({row_len})" for v in outs]
     if n_out == 1:
@@ -348,45 +361,122 @@ def _elementwise(out: IndentedBuffer, k: Elementwise, args: KernelArgs) -> None:
         it, pat = _zip_seq(chunks), _zip_pat(names)
     if par:
         it += f".with_min_len({max(1, GRAIN // row_len)})"
-    aliased = {v.buffer: name for v, name in zip(outs, names, strict=True)}
     with out.indent(f"{it}.enumerate().for_each(|(row, {pat})| {{", "});"):
-        if inner > 1 and outer:
-            _nested_row(out, k, outer, sizes[-inner:], strides[n_out:], names, aliased)
+        _row(out, k, outer, row_len, strides[n_out:], names, aliased)
+
+
+def _read_buffers(k: Elementwise | Reduce) -> dict[str, str]:
+    """The buffers ``k`` reads and does not write, each with its Rust element type."""
+    written = {v.buffer for v in k.writes()}
+    return {v.buffer: RUST_TYPES[v.dtype] for v in k.inputs.values() if v.buffer not in written}
+
+
+def _rows_fn(out: IndentedBuffer, inputs: dict[str, str], outputs: list[tuple[str, View]],
+             row_len: int, row_work: int, par: bool,
+             render_row: Callable[[IndentedBuffer], None]) -> None:
+    """Rows of ``row_len`` output elements walked by a nested function ``rows`` over a
+    block of whole rows: one block, or on rayon blocks of about ``GRAIN`` elements read
+    (``row_work`` per row). The slices are parameters of ``rows``, so LLVM knows that no
+    output aliases an input, and the short loops of a row (a pooling window's) vectorize.
+    In a closure that captures the inputs they did not: loads and stores kept their
+    order, and a row staged on the stack went through memory, stalling on each load.
+    ``inputs``: buffer -> element type; ``outputs``: the name of each output's block in
+    ``rows``, and its view; ``render_row`` writes one row, where ``row`` is its index and
+    each output's name its elements."""
+    body = IndentedBuffer()
+    body.level = out.level + 2
+    render_row(body)
+    uses_row = re.search(r"\brow\b", body.getvalue()) is not None
+    names = [name for name, _ in outputs]
+    params = ["row0: usize" if uses_row else "_row0: usize",
+              *(f"{b}: &[{t}]" for b, t in inputs.items()),
+              *(f"{name}: &mut [{RUST_TYPES[v.dtype]}]" for name, v in outputs)]
+    with out.indent(f"fn rows({', '.join(params)}) {{"):
+        rows = _zip_seq([f"{name}.chunks_exact_mut({row_len})" for name in names])
+        if uses_row:
+            with out.indent(f"for (i, {_zip_pat(names)}) in {rows}.enumerate() {{"):
+                out.line("let row = row0 + i;")
+                out.lines += body.lines
         else:
-            _row(out, k, outer, row_len, strides[n_out:], names, aliased)
+            with out.indent(f"for {_zip_pat(names)} in {rows} {{"):
+                out.lines += body.lines
+    blocks = [f"{v.buffer}[{v.offset}..{v.offset + v.size}]" for _, v in outputs]
+    if not par:
+        args = ", ".join(["0", *inputs, *(f"&mut {b}" for b in blocks)])
+        out.line(f"rows({args});")
+        return
+    per_block = max(1, GRAIN // row_work)
+    chunks = [f"{b}.par_chunks_mut({row_len * per_block})" for b in blocks]
+    if len(outputs) == 1:
+        it, pat = chunks[0], names[0]
+    else:
+        it, pat = f"({', '.join(chunks)}).into_par_iter()", f"({', '.join(names)})"
+    args = ", ".join([f"block * {per_block}", *inputs, *names])
+    out.line(f"{it}.enumerate().for_each(|(block, {pat})| rows({args}));")
 
 
 def _nested_row(out: IndentedBuffer, k: Elementwise, outer: list[int], inner: list[int],
                 in_strides: list[list[int]], names: list[str], aliased: dict[str, str]) -> None:
-    """One row made of several trailing dims (``inner``), walked by nested loops: the
-    outputs' row slices are contiguous, the inputs are indexed by their own strides."""
+    """One row made of several trailing dims (``inner``: pooling windows' [2, Wo, 2]) as
+    one loop over its elements in order; the outputs' rows are contiguous. An input that
+    the row steps through otherwise (a window's max, the same over the window) is first
+    copied into a row on the stack by nested loops over the dims. Every row is an array
+    of fixed length, so no access is bounds checked and both loops vectorize; indexing
+    the inputs inside the nested loops, LLVM unrolls the short loops into gathers and
+    scatters."""
     r = len(inner)
+    length = int(np.prod(inner))
     coords = _unravel(out, "row", outer, "r", [st[:-r] for st in in_strides])
-    loops = [f"d{i}" for i in range(r)]
+    for name, (v, _) in zip(names, k.outputs, strict=True):
+        out.line(f"let {name}: &mut [{RUST_TYPES[v.dtype]}; {length}] = "
+                 f"{name}.try_into().unwrap();")
     loads = []
+    invariant: set[str] = set()
+    staged: list[tuple[str, list[int]]] = []  # input, its strides over the row's dims
     for (sym, v), st in zip(k.inputs.items(), in_strides, strict=True):
         nz = " != 0" if v.dtype == "bool" else ""
-        if v.buffer in aliased:
+        if v.buffer in aliased:  # in place: read the element about to be written
+            loads.append(f"let {sym} = {aliased[v.buffer]}[j]{nz};")
             continue
-        out.line(f"let {sym}_at = {linear_index(v.offset, coords, st[:-r])};")
-        at = linear_index(0, loops, st[-r:])
-        loads.append(f"let {sym} = {v.buffer}[{sym}_at{'' if at == '0' else ' + ' + at}]{nz};")
-    for d, n in zip(loops, inner, strict=True):
-        out.line(f"for {d} in 0..{n} {{")
-        out.level += 1
-    out.line(f"let j = {linear_index(0, loops, list(row_major(tuple(inner))))};")
-    for sym, v in k.inputs.items():
-        if v.buffer in aliased:
-            nz = " != 0" if v.dtype == "bool" else ""
-            out.line(f"let {sym} = {aliased[v.buffer]}[j]{nz};")
-    for line in loads:
-        out.line(line)
-    values = _cse_body(out, [e for _, e in k.outputs], [v.dtype for v, _ in k.outputs])
-    for name, (v, _), val in zip(names, k.outputs, values, strict=True):
-        out.line(f"{name}[j] = {_store(v, val)};")
-    for _ in loops:
-        out.level -= 1
-        out.line("}")
+        base, steps = linear_index(v.offset, coords, st[:-r]), st[-r:]
+        if not any(steps):
+            out.line(f"let {sym} = {_load(v, base)};")
+            invariant.add(sym)
+            continue
+        loads.append(f"let {sym} = {sym}_row[j]{nz};")
+        if _row_major(steps, inner):
+            _bind_fixed(out, f"{sym}_row", v, base, length)
+            continue
+        span = sum((n - 1) * s for n, s in zip(inner, steps, strict=True)) + 1
+        _bind_fixed(out, f"{sym}_src", v, base, span)
+        out.line(f"let mut {sym}_row = [{ZEROS[v.dtype]}; {length}];")
+        staged.append((sym, steps))
+    if staged:
+        loops = [f"d{i}" for i in range(r)]
+        for d, n in zip(loops, inner, strict=True):
+            out.line(f"for {d} in 0..{n} {{")
+            out.level += 1
+        out.line(f"let j = {linear_index(0, loops, list(row_major(tuple(inner))))};")
+        for sym, steps in staged:
+            out.line(f"{sym}_row[j] = {sym}_src[{linear_index(0, loops, steps)}];")
+        for _ in loops:
+            out.level -= 1
+            out.line("}")
+    exprs = _hoist_reciprocals(out, [e for _, e in k.outputs], invariant)
+    with out.indent(f"for j in 0..{length} {{"):
+        for line in loads:
+            out.line(line)
+        values = _cse_body(out, exprs, [v.dtype for v, _ in k.outputs])
+        for name, (v, _), val in zip(names, k.outputs, values, strict=True):
+            out.line(f"{name}[j] = {_store(v, val)};")
+
+
+def _bind_fixed(out: IndentedBuffer, name: str, v: View, base: str, length: int) -> None:
+    """Bind ``name`` to ``length`` elements of ``v``'s buffer from ``base`` as an array
+    reference: its length is known at compile time, so loops that index it within
+    bounds are not bounds checked."""
+    out.line(f"let {name}: &[{RUST_TYPES[v.dtype]}; {length}] = "
+             f"{v.buffer}[{base}..][..{length}].try_into().unwrap();")
 
 
 def _row(out: IndentedBuffer, k: Elementwise, outer: list[int], row_len: int,
@@ -491,16 +581,15 @@ def _reduce(out: IndentedBuffer, k: Reduce, args: KernelArgs) -> None:
     par = total >= PAR_MIN and count > 1
     o = k.out
     target = f"{o.buffer}[{o.offset}..{o.offset + count}]"
-    if _small_windows(lay):
-        # A row of outputs at a time (pooling windows): no index arithmetic per output.
-        inner = ksizes[-1]
-        it = f"{target}.par_chunks_mut({inner})" if par else f"{target}.chunks_mut({inner})"
-        if par:
-            it += f".with_min_len({max(1, GRAIN * (count // inner) // max(total, 1))})"
-        with out.indent(f"{it}.enumerate().for_each(|(row, outs)| {{", "});"):
-            coords = _unravel(out, "row", ksizes[:-1], "r", [s[:-1] for s in kstrides])
-            with out.indent("for (j, acc_out) in outs.iter_mut().enumerate() {"):
-                _reduce_one(out, k, lay, [*coords, "j"], wide=False)
+    if _small_windows(lay):  # pooling windows: a row of outputs at a time
+
+        def render_row(body: IndentedBuffer) -> None:
+            coords = _unravel(body, "row", ksizes[:-1], "r", [s[:-1] for s in kstrides])
+            _window_row(body, k, lay, coords)
+
+        assert o.size == count
+        _rows_fn(out, _read_buffers(k), [("outs", o)], ksizes[-1], ksizes[-1] * lay.length,
+                 par, render_row)
         return
     it = f"{target}.par_iter_mut()" if par else f"{target}.iter_mut()"
     if par:
@@ -520,15 +609,53 @@ def _small_windows(lay: ReduceLayout) -> bool:
             and lay.kept_sizes[-1] >= 4)
 
 
-def _reduce_one(out: IndentedBuffer, k: Reduce, lay: ReduceLayout, coords: list[str],
-                wide: bool = True) -> None:
+def _window_row(out: IndentedBuffer, k: Reduce, lay: ReduceLayout, coords: list[str]) -> None:
+    """A row of window reductions (``outs``, along the innermost kept dim; ``coords`` the
+    kept coordinates before it). Each input is bound once per row as an array reference
+    covering the windows of the row, so the loops over outputs and over each window
+    (constant bounds, unrolled) index it unchecked; what a window does not step through
+    is loaded once per output, or once per row. Sums add in f32, in order, as NumPy."""
+    sum_ = k.combine == "sum"
+    count, rsizes = lay.kept_sizes[-1], lay.reduced_sizes
+    out.line(f"let outs: &mut [f32; {count}] = outs.try_into().unwrap();")
+    window = [f"i{d}" for d in range(len(rsizes))]
+    per_output: list[str] = []  # loads once per output, then once per window element
+    per_element: list[str] = []
+    for (sym, v), ks, rs in zip(k.inputs.items(), lay.kept_strides, lay.reduced_strides,
+                                strict=True):
+        base = linear_index(v.offset, coords, ks[:-1])
+        steps = [ks[-1], *rs]
+        if not any(steps):
+            out.line(f"let {sym} = {_load(v, base)};")
+            continue
+        span = sum((n - 1) * st for n, st in zip([count, *rsizes], steps, strict=True)) + 1
+        _bind_fixed(out, f"{sym}_row", v, base, span)
+        load = f"let {sym} = {sym}_row[{linear_index(0, ['j', *window], steps)}]" + \
+            (" != 0;" if v.dtype == "bool" else ";")
+        (per_element if any(rs) else per_output).append(load)
+    with out.indent(f"for j in 0..{count} {{"):
+        for line in per_output:
+            out.line(line)
+        out.line(f"let mut acc = {'0.0_f32' if sum_ else 'f32::NEG_INFINITY'};")
+        for d, n in zip(window, rsizes, strict=True):
+            out.line(f"for {d} in 0..{n} {{")
+            out.level += 1
+        for line in per_element:
+            out.line(line)
+        (value,) = _cse_body(out, [k.value], ["f32"])
+        out.line(f"acc += {value};" if sum_ else f"acc = acc.max({value});")
+        for _ in window:
+            out.level -= 1
+            out.line("}")
+        out.line("outs[j] = acc;")
+
+
+def _reduce_one(out: IndentedBuffer, k: Reduce, lay: ReduceLayout, coords: list[str]) -> None:
     """One output of a reduction, at kept coordinates ``coords``, into ``acc_out``.
-    Sums accumulate in f64 when ``wide``; a window of a few elements sums in f32 in
-    order, as NumPy does, which lets the loop over outputs vectorize."""
+    Sums accumulate in f64."""
     sum_ = k.combine == "sum"
     rsizes = lay.reduced_sizes
-    acc = "0.0_f64" if sum_ and wide else "0.0_f32" if sum_ else "f32::NEG_INFINITY"
-    out.line(f"let mut acc = {acc};")
+    out.line(f"let mut acc = {'0.0_f64' if sum_ else 'f32::NEG_INFINITY'};")
     loops = [f"i{d}" for d in range(len(rsizes))]
     for d, n in enumerate(rsizes):
         out.line(f"for i{d} in 0..{n} {{")
@@ -538,14 +665,11 @@ def _reduce_one(out: IndentedBuffer, k: Reduce, lay: ReduceLayout, coords: list[
         index = linear_index(v.offset, coords + loops, ks + rs)
         out.line(f"let {sym} = {_load(v, index)};")
     (value,) = _cse_body(out, [k.value], ["f32"])
-    if sum_:
-        out.line(f"acc += f64::from({value});" if wide else f"acc += {value};")
-    else:
-        out.line(f"acc = acc.max({value});")
+    out.line(f"acc += f64::from({value});" if sum_ else f"acc = acc.max({value});")
     for _ in rsizes:
         out.level -= 1
         out.line("}")
-    out.line("*acc_out = acc as f32;" if sum_ and wide else "*acc_out = acc;")
+    out.line("*acc_out = acc as f32;" if sum_ else "*acc_out = acc;")
 
 
 def _lanes_fit(lay: ReduceLayout) -> bool:

@@ -41,47 +41,36 @@ pub fn forward_k00_conv(
     )
 }
 
-/// elementwise: add, relu over [4, 4, 8, 8].
-pub fn forward_k01_add_relu(t3: &[f32], param_conv2d_0_bias: &[f32], t7: &mut [f32]) {
-    t7[0..1024]
-        .chunks_mut(64)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let r0 = row / 4;
-            let r1 = row % 4;
-            let n = o0.len();
-            let x0_row = &t3[r0 * 256 + r1 * 64..][..n];
+/// reduce: add, reduce_max, relu over [4, 4, 4, 2, 4, 2].
+pub fn forward_k01_reduce(t3: &[f32], param_conv2d_0_bias: &[f32], t9: &mut [f32]) {
+    fn rows(row0: usize, t3: &[f32], param_conv2d_0_bias: &[f32], outs: &mut [f32]) {
+        for (i, outs) in outs.chunks_exact_mut(4).enumerate() {
+            let row = row0 + i;
+            let r0 = row / 16;
+            let r1 = row / 4 % 4;
+            let r2 = row % 4;
+            let outs: &mut [f32; 4] = outs.try_into().unwrap();
+            let x0_row: &[f32; 16] = t3[r0 * 256 + r1 * 64 + r2 * 16..][..16].try_into().unwrap();
             let x1 = param_conv2d_0_bias[r1];
-            for j in 0..n {
-                let x0 = x0_row[j];
-                let t0 = x0 + x1;
-                let w0 = t0;
-                o0[j] = if t0 > 0.0 { w0 } else { 0.0 };
-            }
-        });
-}
-
-/// reduce: reduce_max over [4, 4, 4, 2, 4, 2].
-pub fn forward_k02_reduce(t7: &[f32], t9: &mut [f32]) {
-    t9[0..256]
-        .chunks_mut(4)
-        .enumerate()
-        .for_each(|(row, outs)| {
-            for (j, acc_out) in outs.iter_mut().enumerate() {
+            for j in 0..4 {
                 let mut acc = f32::NEG_INFINITY;
                 for i0 in 0..2 {
                     for i1 in 0..2 {
-                        let x0 = t7[row * 16 + j * 2 + i0 * 8 + i1];
-                        acc = acc.max(x0);
+                        let x0 = x0_row[j * 2 + i0 * 8 + i1];
+                        let t0 = x0 + x1;
+                        let w0 = t0;
+                        acc = acc.max(if t0 > 0.0 { w0 } else { 0.0 });
                     }
                 }
-                *acc_out = acc;
+                outs[j] = acc;
             }
-        });
+        }
+    }
+    rows(0, t3, param_conv2d_0_bias, &mut t9[0..256]);
 }
 
 /// conv: conv2d.
-pub fn forward_k03_conv(
+pub fn forward_k02_conv(
     t9: &[f32],
     param_conv2d_1_weight: &[f32],
     t11: &mut [f32],
@@ -107,40 +96,24 @@ pub fn forward_k03_conv(
     )
 }
 
-/// elementwise: add, relu over [4, 8, 4, 4].
-pub fn forward_k04_add_relu(t11: &[f32], param_conv2d_1_bias: &[f32], t15: &mut [f32]) {
-    t15[0..512]
-        .chunks_mut(128)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let x0_at = row * 128;
-            let x1_at = 0;
-            for d0 in 0..8 {
-                for d1 in 0..16 {
-                    let j = d0 * 16 + d1;
-                    let x0 = t11[x0_at + d0 * 16 + d1];
-                    let x1 = param_conv2d_1_bias[x1_at + d0];
-                    let t0 = x0 + x1;
-                    let w0 = t0;
-                    o0[j] = if t0 > 0.0 { w0 } else { 0.0 };
-                }
-            }
-        });
-}
-
-/// reduce: reduce_sum over [4, 8, 2, 2, 2, 2].
-pub fn forward_k05_reduce(t15: &[f32], t17: &mut [f32]) {
+/// reduce: add, reduce_sum, relu over [4, 8, 2, 2, 2, 2].
+pub fn forward_k03_reduce(t11: &[f32], param_conv2d_1_bias: &[f32], t17: &mut [f32]) {
     t17[0..128]
         .iter_mut()
         .enumerate()
         .for_each(|(row, acc_out)| {
-            let r0 = row / 2;
-            let r1 = row % 2;
+            let r0 = row / 32;
+            let r1 = row / 4 % 8;
+            let r2 = row / 2 % 2;
+            let r3 = row % 2;
             let mut acc = 0.0_f64;
             for i0 in 0..2 {
                 for i1 in 0..2 {
-                    let x0 = t15[r0 * 8 + r1 * 2 + i0 * 4 + i1];
-                    acc += f64::from(x0);
+                    let x0 = t11[r0 * 128 + r1 * 16 + r2 * 8 + r3 * 2 + i0 * 4 + i1];
+                    let x1 = param_conv2d_1_bias[r1];
+                    let t0 = x0 + x1;
+                    let w0 = t0;
+                    acc += f64::from(if t0 > 0.0 { w0 } else { 0.0 });
                 }
             }
             *acc_out = acc as f32;
@@ -148,7 +121,7 @@ pub fn forward_k05_reduce(t15: &[f32], t17: &mut [f32]) {
 }
 
 /// elementwise: mul over [4, 8, 2, 2].
-pub fn forward_k06_mul(t17: &[f32], t19: &mut [f32]) {
+pub fn forward_k04_mul(t17: &[f32], t19: &mut [f32]) {
     t19[0..128]
         .chunks_mut(128)
         .enumerate()
@@ -163,7 +136,7 @@ pub fn forward_k06_mul(t17: &[f32], t19: &mut [f32]) {
 }
 
 /// matmul: matmul, add: 4×32 · 32×10.
-pub fn forward_k07_matmul_add(
+pub fn forward_k05_matmul_add(
     t19: &[f32],
     param_head_weight: &[f32],
     param_head_bias: &[f32],
@@ -197,21 +170,26 @@ pub fn forward_k07_matmul_add(
 }
 
 /// reduce: reduce_max over [4, 10].
-pub fn forward_k08_reduce(t24: &[f32], t28: &mut [f32]) {
-    t28[0..4].chunks_mut(4).for_each(|outs| {
-        for (j, acc_out) in outs.iter_mut().enumerate() {
-            let mut acc = f32::NEG_INFINITY;
-            for i0 in 0..10 {
-                let x0 = t24[j * 10 + i0];
-                acc = acc.max(x0);
+pub fn forward_k06_reduce(t24: &[f32], t28: &mut [f32]) {
+    fn rows(_row0: usize, t24: &[f32], outs: &mut [f32]) {
+        for outs in outs.chunks_exact_mut(4) {
+            let outs: &mut [f32; 4] = outs.try_into().unwrap();
+            let x0_row: &[f32; 40] = t24[0..][..40].try_into().unwrap();
+            for j in 0..4 {
+                let mut acc = f32::NEG_INFINITY;
+                for i0 in 0..10 {
+                    let x0 = x0_row[j * 10 + i0];
+                    acc = acc.max(x0);
+                }
+                outs[j] = acc;
             }
-            *acc_out = acc;
         }
-    });
+    }
+    rows(0, t24, &mut t28[0..4]);
 }
 
 /// elementwise: stop_gradient over [4, 1].
-pub fn forward_k09_stop_gradient(t28: &[f32], t29: &mut [f32]) {
+pub fn forward_k07_stop_gradient(t28: &[f32], t29: &mut [f32]) {
     t29[0..4].chunks_mut(4).enumerate().for_each(|(row, o0)| {
         let n = o0.len();
         let x0_row = &t28[row * 4..][..n];
@@ -223,22 +201,28 @@ pub fn forward_k09_stop_gradient(t28: &[f32], t29: &mut [f32]) {
 }
 
 /// reduce: exp, reduce_sum over [4, 10].
-pub fn forward_k10_reduce(t24: &[f32], t29: &[f32], t32: &mut [f32]) {
-    t32[0..4].chunks_mut(4).for_each(|outs| {
-        for (j, acc_out) in outs.iter_mut().enumerate() {
-            let mut acc = 0.0_f32;
-            for i0 in 0..10 {
-                let x0 = t24[j * 10 + i0];
-                let x1 = t29[j];
-                acc += Math::exp(x0 - x1);
+pub fn forward_k08_reduce(t24: &[f32], t29: &[f32], t32: &mut [f32]) {
+    fn rows(_row0: usize, t24: &[f32], t29: &[f32], outs: &mut [f32]) {
+        for outs in outs.chunks_exact_mut(4) {
+            let outs: &mut [f32; 4] = outs.try_into().unwrap();
+            let x0_row: &[f32; 40] = t24[0..][..40].try_into().unwrap();
+            let x1_row: &[f32; 4] = t29[0..][..4].try_into().unwrap();
+            for j in 0..4 {
+                let x1 = x1_row[j];
+                let mut acc = 0.0_f32;
+                for i0 in 0..10 {
+                    let x0 = x0_row[j * 10 + i0];
+                    acc += Math::exp(x0 - x1);
+                }
+                outs[j] = acc;
             }
-            *acc_out = acc;
         }
-    });
+    }
+    rows(0, t24, t29, &mut t32[0..4]);
 }
 
 /// reduce: eq, log, reduce_sum, sub, where over [4, 10].
-pub fn forward_k11_reduce(
+pub fn forward_k09_reduce(
     input_y: &[i32],
     c26: &[i32],
     t24: &[f32],
@@ -246,25 +230,42 @@ pub fn forward_k11_reduce(
     t32: &[f32],
     t37: &mut [f32],
 ) {
-    t37[0..4].chunks_mut(4).for_each(|outs| {
-        for (j, acc_out) in outs.iter_mut().enumerate() {
-            let mut acc = 0.0_f32;
-            for i0 in 0..10 {
-                let x0 = input_y[j];
-                let x1 = c26[i0];
-                let x2 = t24[j * 10 + i0];
-                let x3 = t29[j];
-                let x4 = t32[j];
-                let w0 = x2 - x3 - Math::ln(x4);
-                acc += if x0 == x1 { w0 } else { 0.0 };
+    fn rows(
+        _row0: usize,
+        input_y: &[i32],
+        c26: &[i32],
+        t24: &[f32],
+        t29: &[f32],
+        t32: &[f32],
+        outs: &mut [f32],
+    ) {
+        for outs in outs.chunks_exact_mut(4) {
+            let outs: &mut [f32; 4] = outs.try_into().unwrap();
+            let x0_row: &[i32; 4] = input_y[0..][..4].try_into().unwrap();
+            let x1_row: &[i32; 10] = c26[0..][..10].try_into().unwrap();
+            let x2_row: &[f32; 40] = t24[0..][..40].try_into().unwrap();
+            let x3_row: &[f32; 4] = t29[0..][..4].try_into().unwrap();
+            let x4_row: &[f32; 4] = t32[0..][..4].try_into().unwrap();
+            for j in 0..4 {
+                let x0 = x0_row[j];
+                let x3 = x3_row[j];
+                let x4 = x4_row[j];
+                let mut acc = 0.0_f32;
+                for i0 in 0..10 {
+                    let x1 = x1_row[i0];
+                    let x2 = x2_row[j * 10 + i0];
+                    let w0 = x2 - x3 - Math::ln(x4);
+                    acc += if x0 == x1 { w0 } else { 0.0 };
+                }
+                outs[j] = acc;
             }
-            *acc_out = acc;
         }
-    });
+    }
+    rows(0, input_y, c26, t24, t29, t32, &mut t37[0..4]);
 }
 
 /// reduce: reduce_sum over [4].
-pub fn forward_k12_reduce(t37: &[f32], t38: &mut [f32]) {
+pub fn forward_k10_reduce(t37: &[f32], t38: &mut [f32]) {
     t38[0..1].iter_mut().for_each(|acc_out| {
         let mut acc = 0.0_f64;
         for i0 in 0..4 {
@@ -276,90 +277,118 @@ pub fn forward_k12_reduce(t37: &[f32], t38: &mut [f32]) {
 }
 
 /// elementwise: mul, neg.
-pub fn forward_k13_mul_neg(t38: &[f32], t41: &mut [f32]) {
+pub fn forward_k11_mul_neg(t38: &[f32], t41: &mut [f32]) {
     let x0 = t38[0];
     t41[0] = -0.25 * x0;
 }
 
-/// elementwise: relu over [4, 4, 8, 8].
-pub fn grads_k01_relu(t3: &[f32], param_conv2d_0_bias: &[f32], t7: &mut [f32]) {
-    t7[0..1024]
-        .chunks_mut(64)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let r0 = row / 4;
-            let r1 = row % 4;
-            let n = o0.len();
-            let x0_row = &t3[r0 * 256 + r1 * 64..][..n];
+/// reduce: reduce_max over [4, 4, 4, 2, 4, 2].
+pub fn grads_k01_reduce(t3: &[f32], param_conv2d_0_bias: &[f32], t9: &mut [f32]) {
+    fn rows(row0: usize, t3: &[f32], param_conv2d_0_bias: &[f32], outs: &mut [f32]) {
+        for (i, outs) in outs.chunks_exact_mut(4).enumerate() {
+            let row = row0 + i;
+            let r0 = row / 16;
+            let r1 = row / 4 % 4;
+            let r2 = row % 4;
+            let outs: &mut [f32; 4] = outs.try_into().unwrap();
+            let x0_row: &[f32; 16] = t3[r0 * 256 + r1 * 64 + r2 * 16..][..16].try_into().unwrap();
             let x1 = param_conv2d_0_bias[r1];
-            for j in 0..n {
-                let x0 = x0_row[j];
-                let t0 = x0 + x1;
-                let w0 = t0;
-                o0[j] = if t0 > 0.0 { w0 } else { 0.0 };
+            for j in 0..4 {
+                let mut acc = f32::NEG_INFINITY;
+                for i0 in 0..2 {
+                    for i1 in 0..2 {
+                        let x0 = x0_row[j * 2 + i0 * 8 + i1];
+                        let t0 = x0 + x1;
+                        let w0 = t0;
+                        acc = acc.max(if t0 > 0.0 { w0 } else { 0.0 });
+                    }
+                }
+                outs[j] = acc;
             }
-        });
+        }
+    }
+    rows(0, t3, param_conv2d_0_bias, &mut t9[0..256]);
 }
 
-/// elementwise: relu over [4, 8, 4, 4].
-pub fn grads_k04_relu(t11: &[f32], param_conv2d_1_bias: &[f32], t15: &mut [f32]) {
-    t15[0..512]
-        .chunks_mut(128)
+/// reduce: reduce_sum, relu over [4, 8, 2, 2, 2, 2].
+pub fn grads_k03_reduce(t11: &[f32], param_conv2d_1_bias: &[f32], t17: &mut [f32]) {
+    t17[0..128]
+        .iter_mut()
         .enumerate()
-        .for_each(|(row, o0)| {
-            let x0_at = row * 128;
-            let x1_at = 0;
-            for d0 in 0..8 {
-                for d1 in 0..16 {
-                    let j = d0 * 16 + d1;
-                    let x0 = t11[x0_at + d0 * 16 + d1];
-                    let x1 = param_conv2d_1_bias[x1_at + d0];
+        .for_each(|(row, acc_out)| {
+            let r0 = row / 32;
+            let r1 = row / 4 % 8;
+            let r2 = row / 2 % 2;
+            let r3 = row % 2;
+            let mut acc = 0.0_f64;
+            for i0 in 0..2 {
+                for i1 in 0..2 {
+                    let x0 = t11[r0 * 128 + r1 * 16 + r2 * 8 + r3 * 2 + i0 * 4 + i1];
+                    let x1 = param_conv2d_1_bias[r1];
                     let t0 = x0 + x1;
                     let w0 = t0;
-                    o0[j] = if t0 > 0.0 { w0 } else { 0.0 };
+                    acc += f64::from(if t0 > 0.0 { w0 } else { 0.0 });
                 }
             }
+            *acc_out = acc as f32;
         });
 }
 
 /// reduce: reduce_sum over [4, 4, 4, 2, 4, 2].
-pub fn grads_k11_reduce(t7: &[f32], t9: &[f32], t85: &mut [f32]) {
-    t85[0..256]
-        .chunks_mut(4)
-        .enumerate()
-        .for_each(|(row, outs)| {
-            for (j, acc_out) in outs.iter_mut().enumerate() {
+pub fn grads_k09_reduce(t3: &[f32], param_conv2d_0_bias: &[f32], t9: &[f32], t85: &mut [f32]) {
+    fn rows(row0: usize, t3: &[f32], param_conv2d_0_bias: &[f32], t9: &[f32], outs: &mut [f32]) {
+        for (i, outs) in outs.chunks_exact_mut(4).enumerate() {
+            let row = row0 + i;
+            let r0 = row / 16;
+            let r1 = row / 4 % 4;
+            let r2 = row % 4;
+            let outs: &mut [f32; 4] = outs.try_into().unwrap();
+            let x0_row: &[f32; 16] = t3[r0 * 256 + r1 * 64 + r2 * 16..][..16].try_into().unwrap();
+            let x1 = param_conv2d_0_bias[r1];
+            let x2_row: &[f32; 4] = t9[r0 * 64 + r1 * 16 + r2 * 4..][..4].try_into().unwrap();
+            for j in 0..4 {
+                let x2 = x2_row[j];
                 let mut acc = 0.0_f32;
                 for i0 in 0..2 {
                     for i1 in 0..2 {
-                        let x0 = t7[row * 16 + j * 2 + i0 * 8 + i1];
-                        let x1 = t9[row * 4 + j];
-                        acc += f32::from(x0 == x1);
+                        let x0 = x0_row[j * 2 + i0 * 8 + i1];
+                        let t0 = x0 + x1;
+                        let w0 = t0;
+                        acc += f32::from((if t0 > 0.0 { w0 } else { 0.0 }) == x2);
                     }
                 }
-                *acc_out = acc;
+                outs[j] = acc;
             }
-        });
+        }
+    }
+    rows(0, t3, param_conv2d_0_bias, t9, &mut t85[0..256]);
 }
 
 /// reduce: neg, reduce_sum over [4, 10].
-pub fn grads_k12_reduce(input_y: &[i32], c26: &[i32], c208: &[f32], t55: &mut [f32]) {
-    t55[0..4].chunks_mut(4).for_each(|outs| {
-        for (j, acc_out) in outs.iter_mut().enumerate() {
-            let mut acc = 0.0_f32;
-            for i0 in 0..10 {
-                let x0 = input_y[j];
-                let x1 = c26[i0];
-                let x2 = c208[j];
-                acc += -(if x0 == x1 { x2 } else { 0.0 });
+pub fn grads_k10_reduce(input_y: &[i32], c26: &[i32], c208: &[f32], t55: &mut [f32]) {
+    fn rows(_row0: usize, input_y: &[i32], c26: &[i32], c208: &[f32], outs: &mut [f32]) {
+        for outs in outs.chunks_exact_mut(4) {
+            let outs: &mut [f32; 4] = outs.try_into().unwrap();
+            let x0_row: &[i32; 4] = input_y[0..][..4].try_into().unwrap();
+            let x1_row: &[i32; 10] = c26[0..][..10].try_into().unwrap();
+            let x2_row: &[f32; 4] = c208[0..][..4].try_into().unwrap();
+            for j in 0..4 {
+                let x0 = x0_row[j];
+                let x2 = x2_row[j];
+                let mut acc = 0.0_f32;
+                for i0 in 0..10 {
+                    let x1 = x1_row[i0];
+                    acc += -(if x0 == x1 { x2 } else { 0.0 });
+                }
+                outs[j] = acc;
             }
-            *acc_out = acc;
         }
-    });
+    }
+    rows(0, input_y, c26, c208, &mut t55[0..4]);
 }
 
 /// elementwise: log.d0, mul over [4, 1].
-pub fn grads_k13_log_d0_mul(t55: &[f32], t32: &[f32], t57: &mut [f32]) {
+pub fn grads_k11_log_d0_mul(t55: &[f32], t32: &[f32], t57: &mut [f32]) {
     t57[0..4].chunks_mut(4).enumerate().for_each(|(row, o0)| {
         let n = o0.len();
         let x0_row = &t55[row * 4..][..n];
@@ -373,7 +402,7 @@ pub fn grads_k13_log_d0_mul(t55: &[f32], t32: &[f32], t57: &mut [f32]) {
 }
 
 /// elementwise: add, exp.d0, mul over [4, 10].
-pub fn grads_k14_add_exp_d0_mul(
+pub fn grads_k12_add_exp_d0_mul(
     input_y: &[i32],
     c26: &[i32],
     c208: &[f32],
@@ -399,7 +428,7 @@ pub fn grads_k14_add_exp_d0_mul(
 }
 
 /// reduce: reduce_sum over [4, 10].
-pub fn grads_k15_reduce(t61: &[f32], t64: &mut [f32]) {
+pub fn grads_k13_reduce(t61: &[f32], t64: &mut [f32]) {
     t64[0..10]
         .chunks_mut(10)
         .enumerate()
@@ -421,7 +450,7 @@ pub fn grads_k15_reduce(t61: &[f32], t64: &mut [f32]) {
 }
 
 /// matmul: matmul: 4×10 · 10×32.
-pub fn grads_k16_matmul(
+pub fn grads_k14_matmul(
     t61: &[f32],
     param_head_weight: &[f32],
     t67: &mut [f32],
@@ -443,7 +472,7 @@ pub fn grads_k16_matmul(
 }
 
 /// matmul: matmul: 32×4 · 4×10.
-pub fn grads_k17_matmul(t19: &[f32], t61: &[f32], t69: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k15_matmul(t19: &[f32], t61: &[f32], t69: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         32,
@@ -461,7 +490,7 @@ pub fn grads_k17_matmul(t19: &[f32], t61: &[f32], t69: &mut [f32]) -> Result<(),
 }
 
 /// elementwise: mul over [4, 8, 2, 2].
-pub fn grads_k18_mul(t67: &[f32], t71: &mut [f32]) {
+pub fn grads_k16_mul(t67: &[f32], t71: &mut [f32]) {
     t71[0..128]
         .chunks_mut(128)
         .enumerate()
@@ -476,52 +505,64 @@ pub fn grads_k18_mul(t67: &[f32], t71: &mut [f32]) {
 }
 
 /// elementwise: copy over [4, 8, 2, 2, 2, 2].
-pub fn grads_k19_copy(t71: &[f32], t74_c: &mut [f32]) {
-    t74_c[0..512]
-        .chunks_mut(8)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let x0_at = row * 2;
+pub fn grads_k17_copy(t71: &[f32], t74_c: &mut [f32]) {
+    fn rows(row0: usize, t71: &[f32], o0: &mut [f32]) {
+        for (i, o0) in o0.chunks_exact_mut(8).enumerate() {
+            let row = row0 + i;
+            let o0: &mut [f32; 8] = o0.try_into().unwrap();
+            let x0_src: &[f32; 2] = t71[row * 2..][..2].try_into().unwrap();
+            let mut x0_row = [0.0_f32; 8];
             for d0 in 0..2 {
                 for d1 in 0..2 {
                     for d2 in 0..2 {
                         let j = d0 * 4 + d1 * 2 + d2;
-                        let x0 = t71[x0_at + d1];
-                        o0[j] = x0;
+                        x0_row[j] = x0_src[d1];
                     }
                 }
             }
-        });
+            for j in 0..8 {
+                let x0 = x0_row[j];
+                o0[j] = x0;
+            }
+        }
+    }
+    rows(0, t71, &mut t74_c[0..512]);
 }
 
 /// elementwise: mul, relu.d0 over [4, 8, 4, 4].
-pub fn grads_k20_mul_relu_d0(
+pub fn grads_k18_mul_relu_d0(
     t74_c: &[f32],
     t11: &[f32],
     param_conv2d_1_bias: &[f32],
     t77: &mut [f32],
 ) {
-    t77[0..512]
-        .chunks_mut(128)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let x0_at = row * 128;
-            let x1_at = row * 128;
-            let x2_at = 0;
+    fn rows(row0: usize, t74_c: &[f32], t11: &[f32], param_conv2d_1_bias: &[f32], o0: &mut [f32]) {
+        for (i, o0) in o0.chunks_exact_mut(128).enumerate() {
+            let row = row0 + i;
+            let o0: &mut [f32; 128] = o0.try_into().unwrap();
+            let x0_row: &[f32; 128] = t74_c[row * 128..][..128].try_into().unwrap();
+            let x1_row: &[f32; 128] = t11[row * 128..][..128].try_into().unwrap();
+            let x2_src: &[f32; 8] = param_conv2d_1_bias[0..][..8].try_into().unwrap();
+            let mut x2_row = [0.0_f32; 128];
             for d0 in 0..8 {
                 for d1 in 0..16 {
                     let j = d0 * 16 + d1;
-                    let x0 = t74_c[x0_at + d0 * 16 + d1];
-                    let x1 = t11[x1_at + d0 * 16 + d1];
-                    let x2 = param_conv2d_1_bias[x2_at + d0];
-                    o0[j] = x0 * (if x1 + x2 > 0.0 { 1.0 } else { 0.0 });
+                    x2_row[j] = x2_src[d0];
                 }
             }
-        });
+            for j in 0..128 {
+                let x0 = x0_row[j];
+                let x1 = x1_row[j];
+                let x2 = x2_row[j];
+                o0[j] = x0 * (if x1 + x2 > 0.0 { 1.0 } else { 0.0 });
+            }
+        }
+    }
+    rows(0, t74_c, t11, param_conv2d_1_bias, &mut t77[0..512]);
 }
 
 /// reduce: reduce_sum over [4, 8, 4, 4].
-pub fn grads_k21_reduce(t77: &[f32], t78: &mut [f32]) {
+pub fn grads_k19_reduce(t77: &[f32], t78: &mut [f32]) {
     t78[0..8].iter_mut().enumerate().for_each(|(row, acc_out)| {
         let mut lanes = rt::lanes::SUMS;
         let mut chunk = [0.0_f32; rt::lanes::CHUNK];
@@ -538,7 +579,7 @@ pub fn grads_k21_reduce(t77: &[f32], t78: &mut [f32]) {
 }
 
 /// conv: conv2d_input_grad.
-pub fn grads_k22_conv(
+pub fn grads_k20_conv(
     t77: &[f32],
     param_conv2d_1_weight: &[f32],
     t80: &mut [f32],
@@ -565,7 +606,7 @@ pub fn grads_k22_conv(
 }
 
 /// conv: conv2d_weight_grad.
-pub fn grads_k23_conv(
+pub fn grads_k21_conv(
     t9: &[f32],
     t77: &[f32],
     t81: &mut [f32],
@@ -585,58 +626,69 @@ pub fn grads_k23_conv(
     rt::conv::conv2d_weight_grad(&p, &t9[0..256], &t77[0..512], &mut t81[0..288], scratch)
 }
 
-/// elementwise: div, mul over [4, 4, 4, 2, 4, 2].
-pub fn grads_k24_div_mul(t7: &[f32], t9: &[f32], t85: &[f32], t80: &[f32], t88: &mut [f32]) {
-    t88[0..1024]
-        .chunks_mut(16)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let x0_at = row * 16;
-            let x1_at = row * 4;
-            let x2_at = row * 4;
-            let x3_at = row * 4;
-            for d0 in 0..2 {
-                for d1 in 0..4 {
-                    for d2 in 0..2 {
-                        let j = d0 * 8 + d1 * 2 + d2;
-                        let x0 = t7[x0_at + d0 * 8 + d1 * 2 + d2];
-                        let x1 = t9[x1_at + d1];
-                        let x2 = t85[x2_at + d1];
-                        let x3 = t80[x3_at + d1];
-                        o0[j] = (x3 / x2) * f32::from(x0 == x1);
+/// elementwise: div, mul, relu.d0 over [4, 4, 4, 2, 4, 2].
+pub fn grads_k22_div_mul_relu_d0(
+    t3: &[f32],
+    param_conv2d_0_bias: &[f32],
+    t9: &[f32],
+    t85: &[f32],
+    t80: &[f32],
+    t91: &mut [f32],
+) {
+    fn rows(
+        row0: usize,
+        t3: &[f32],
+        param_conv2d_0_bias: &[f32],
+        t9: &[f32],
+        t85: &[f32],
+        t80: &[f32],
+        o0: &mut [f32],
+    ) {
+        for (i, o0) in o0.chunks_exact_mut(64).enumerate() {
+            let row = row0 + i;
+            let r0 = row / 4;
+            let r1 = row % 4;
+            let o0: &mut [f32; 64] = o0.try_into().unwrap();
+            let x0_row: &[f32; 64] = t3[r0 * 256 + r1 * 64..][..64].try_into().unwrap();
+            let x1 = param_conv2d_0_bias[r1];
+            let x2_src: &[f32; 16] = t9[r0 * 64 + r1 * 16..][..16].try_into().unwrap();
+            let mut x2_row = [0.0_f32; 64];
+            let x3_src: &[f32; 16] = t85[r0 * 64 + r1 * 16..][..16].try_into().unwrap();
+            let mut x3_row = [0.0_f32; 64];
+            let x4_src: &[f32; 16] = t80[r0 * 64 + r1 * 16..][..16].try_into().unwrap();
+            let mut x4_row = [0.0_f32; 64];
+            for d0 in 0..4 {
+                for d1 in 0..2 {
+                    for d2 in 0..4 {
+                        for d3 in 0..2 {
+                            let j = d0 * 16 + d1 * 8 + d2 * 2 + d3;
+                            x2_row[j] = x2_src[d0 * 4 + d2];
+                            x3_row[j] = x3_src[d0 * 4 + d2];
+                            x4_row[j] = x4_src[d0 * 4 + d2];
+                        }
                     }
                 }
             }
-        });
-}
-
-/// elementwise: mul, relu.d0 over [4, 4, 8, 8].
-pub fn grads_k25_mul_relu_d0(
-    t88: &[f32],
-    t3: &[f32],
-    param_conv2d_0_bias: &[f32],
-    t91: &mut [f32],
-) {
-    t91[0..1024]
-        .chunks_mut(64)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let r0 = row / 4;
-            let r1 = row % 4;
-            let n = o0.len();
-            let x0_row = &t88[r0 * 256 + r1 * 64..][..n];
-            let x1_row = &t3[r0 * 256 + r1 * 64..][..n];
-            let x2 = param_conv2d_0_bias[r1];
-            for j in 0..n {
+            for j in 0..64 {
                 let x0 = x0_row[j];
-                let x1 = x1_row[j];
-                o0[j] = x0 * (if x1 + x2 > 0.0 { 1.0 } else { 0.0 });
+                let x2 = x2_row[j];
+                let x3 = x3_row[j];
+                let x4 = x4_row[j];
+                let t0 = x0 + x1;
+                let t1 = t0 > 0.0;
+                let w0 = t0;
+                o0[j] = x4
+                    * (if t1 { 1.0 } else { 0.0 })
+                    * f32::from((if t1 { w0 } else { 0.0 }) == x2)
+                    / x3;
             }
-        });
+        }
+    }
+    rows(0, t3, param_conv2d_0_bias, t9, t85, t80, &mut t91[0..1024]);
 }
 
 /// reduce: reduce_sum over [4, 4, 8, 8].
-pub fn grads_k26_reduce(t91: &[f32], t92: &mut [f32]) {
+pub fn grads_k23_reduce(t91: &[f32], t92: &mut [f32]) {
     t92[0..4].iter_mut().enumerate().for_each(|(row, acc_out)| {
         let mut lanes = rt::lanes::SUMS;
         let mut chunk = [0.0_f32; rt::lanes::CHUNK];
@@ -653,7 +705,7 @@ pub fn grads_k26_reduce(t91: &[f32], t92: &mut [f32]) {
 }
 
 /// conv: conv2d_weight_grad.
-pub fn grads_k27_conv(
+pub fn grads_k24_conv(
     input_x: &[f32],
     t91: &[f32],
     t95: &mut [f32],
@@ -680,7 +732,7 @@ pub fn grads_k27_conv(
 }
 
 /// reduce: log, reduce_sum, sub, where over [4, 10].
-pub fn train_k11_reduce(
+pub fn train_k09_reduce(
     input_y: &[i32],
     c26: &[i32],
     t24: &[f32],
@@ -688,25 +740,42 @@ pub fn train_k11_reduce(
     t32: &[f32],
     t37: &mut [f32],
 ) {
-    t37[0..4].chunks_mut(4).for_each(|outs| {
-        for (j, acc_out) in outs.iter_mut().enumerate() {
-            let mut acc = 0.0_f32;
-            for i0 in 0..10 {
-                let x0 = input_y[j];
-                let x1 = c26[i0];
-                let x2 = t24[j * 10 + i0];
-                let x3 = t29[j];
-                let x4 = t32[j];
-                let w0 = x2 - x3 - Math::ln(x4);
-                acc += if x0 == x1 { w0 } else { 0.0 };
+    fn rows(
+        _row0: usize,
+        input_y: &[i32],
+        c26: &[i32],
+        t24: &[f32],
+        t29: &[f32],
+        t32: &[f32],
+        outs: &mut [f32],
+    ) {
+        for outs in outs.chunks_exact_mut(4) {
+            let outs: &mut [f32; 4] = outs.try_into().unwrap();
+            let x0_row: &[i32; 4] = input_y[0..][..4].try_into().unwrap();
+            let x1_row: &[i32; 10] = c26[0..][..10].try_into().unwrap();
+            let x2_row: &[f32; 40] = t24[0..][..40].try_into().unwrap();
+            let x3_row: &[f32; 4] = t29[0..][..4].try_into().unwrap();
+            let x4_row: &[f32; 4] = t32[0..][..4].try_into().unwrap();
+            for j in 0..4 {
+                let x0 = x0_row[j];
+                let x3 = x3_row[j];
+                let x4 = x4_row[j];
+                let mut acc = 0.0_f32;
+                for i0 in 0..10 {
+                    let x1 = x1_row[i0];
+                    let x2 = x2_row[j * 10 + i0];
+                    let w0 = x2 - x3 - Math::ln(x4);
+                    acc += if x0 == x1 { w0 } else { 0.0 };
+                }
+                outs[j] = acc;
             }
-            *acc_out = acc;
         }
-    });
+    }
+    rows(0, input_y, c26, t24, t29, t32, &mut t37[0..4]);
 }
 
 /// elementwise: add, div, mul, sqrt, sub over [4, 1, 3, 3].
-pub fn train_k30_add_div_etc(
+pub fn train_k27_add_div_etc(
     t95: &[f32],
     state_square_avg_conv2d_0_weight: &mut [f32],
     state_momentum_buffer_conv2d_0_weight: &mut [f32],
@@ -735,7 +804,7 @@ pub fn train_k30_add_div_etc(
 }
 
 /// elementwise: add, div, mul, sqrt, sub over [4].
-pub fn train_k31_add_div_etc(
+pub fn train_k28_add_div_etc(
     t92: &[f32],
     state_square_avg_conv2d_0_bias: &mut [f32],
     state_momentum_buffer_conv2d_0_bias: &mut [f32],
@@ -764,7 +833,7 @@ pub fn train_k31_add_div_etc(
 }
 
 /// elementwise: add, div, mul, sqrt, sub over [8, 4, 3, 3].
-pub fn train_k32_add_div_etc(
+pub fn train_k29_add_div_etc(
     t81: &[f32],
     state_square_avg_conv2d_1_weight: &mut [f32],
     state_momentum_buffer_conv2d_1_weight: &mut [f32],
@@ -793,7 +862,7 @@ pub fn train_k32_add_div_etc(
 }
 
 /// elementwise: add, div, mul, sqrt, sub over [8].
-pub fn train_k33_add_div_etc(
+pub fn train_k30_add_div_etc(
     t78: &[f32],
     state_square_avg_conv2d_1_bias: &mut [f32],
     state_momentum_buffer_conv2d_1_bias: &mut [f32],
@@ -822,7 +891,7 @@ pub fn train_k33_add_div_etc(
 }
 
 /// matmul: matmul, add, div, mul, sqrt, sub: 32×4 · 4×10.
-pub fn train_k34_matmul_add_div_etc(
+pub fn train_k31_matmul_add_div_etc(
     t19: &[f32],
     t61: &[f32],
     t69: &mut [f32],
@@ -869,7 +938,7 @@ pub fn train_k34_matmul_add_div_etc(
 }
 
 /// elementwise: add, div, mul, sqrt, sub over [10].
-pub fn train_k35_add_div_etc(
+pub fn train_k32_add_div_etc(
     t64: &[f32],
     state_square_avg_head_bias: &mut [f32],
     state_momentum_buffer_head_bias: &mut [f32],

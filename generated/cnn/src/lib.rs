@@ -17,7 +17,7 @@ static CONSTS: &[u8] = include_bytes!("consts.bin");
 
 const PARAM_LEN: usize = 704;
 const STATE_LEN: usize = 1408;
-const TEMP_F32_LEN: usize = 4992;
+const TEMP_F32_LEN: usize = 3968;
 const TEMP_I32_LEN: usize = 0;
 const TEMP_BOOL_LEN: usize = 0;
 const CONST_F32_LEN: usize = 4;
@@ -95,7 +95,7 @@ impl Arenas {
         Ok(arenas)
     }
 
-    /// `forward`: 14 kernels.
+    /// `forward`: 12 kernels.
     fn forward(&mut self, input_x: &[f32], input_y: &[i32]) -> Result<(), rt::Error> {
         let a = &*self;
         // SAFETY: the memory plan gives buffers that are live at the same time
@@ -108,57 +108,52 @@ impl Arenas {
                 a.temp_f32.slice_mut(0, 1024),
                 a.scratch.slice_mut(0, a.scratch.len()),
             )?;
-            kernels::forward_k01_add_relu(
+            kernels::forward_k01_reduce(
                 a.temp_f32.slice(0, 1024),
                 a.param.slice(48, 4),
-                a.temp_f32.slice_mut(1024, 1024),
+                a.temp_f32.slice_mut(1024, 256),
             );
-            kernels::forward_k02_reduce(
-                a.temp_f32.slice(1024, 1024),
-                a.temp_f32.slice_mut(512, 256),
-            );
-            kernels::forward_k03_conv(
-                a.temp_f32.slice(512, 256),
+            kernels::forward_k02_conv(
+                a.temp_f32.slice(1024, 256),
                 a.param.slice(64, 288),
                 a.temp_f32.slice_mut(0, 512),
                 a.scratch.slice_mut(0, a.scratch.len()),
             )?;
-            kernels::forward_k04_add_relu(
+            kernels::forward_k03_reduce(
                 a.temp_f32.slice(0, 512),
                 a.param.slice(352, 8),
-                a.temp_f32.slice_mut(512, 512),
+                a.temp_f32.slice_mut(512, 128),
             );
-            kernels::forward_k05_reduce(a.temp_f32.slice(512, 512), a.temp_f32.slice_mut(0, 128));
-            kernels::forward_k06_mul(a.temp_f32.slice(0, 128), a.temp_f32.slice_mut(128, 128));
-            kernels::forward_k07_matmul_add(
-                a.temp_f32.slice(128, 128),
+            kernels::forward_k04_mul(a.temp_f32.slice(512, 128), a.temp_f32.slice_mut(0, 128));
+            kernels::forward_k05_matmul_add(
+                a.temp_f32.slice(0, 128),
                 a.param.slice(368, 320),
                 a.param.slice(688, 10),
-                a.temp_f32.slice_mut(0, 40),
-                a.temp_f32.slice_mut(48, 40),
+                a.temp_f32.slice_mut(128, 40),
+                a.temp_f32.slice_mut(176, 40),
             )?;
-            kernels::forward_k08_reduce(a.temp_f32.slice(48, 40), a.temp_f32.slice_mut(0, 4));
-            kernels::forward_k09_stop_gradient(a.temp_f32.slice(0, 4), a.temp_f32.slice_mut(16, 4));
-            kernels::forward_k10_reduce(
-                a.temp_f32.slice(48, 40),
+            kernels::forward_k06_reduce(a.temp_f32.slice(176, 40), a.temp_f32.slice_mut(0, 4));
+            kernels::forward_k07_stop_gradient(a.temp_f32.slice(0, 4), a.temp_f32.slice_mut(16, 4));
+            kernels::forward_k08_reduce(
+                a.temp_f32.slice(176, 40),
                 a.temp_f32.slice(16, 4),
                 a.temp_f32.slice_mut(0, 4),
             );
-            kernels::forward_k11_reduce(
+            kernels::forward_k09_reduce(
                 input_y,
                 a.const_i32.slice(0, 10),
-                a.temp_f32.slice(48, 40),
+                a.temp_f32.slice(176, 40),
                 a.temp_f32.slice(16, 4),
                 a.temp_f32.slice(0, 4),
                 a.temp_f32.slice_mut(32, 4),
             );
-            kernels::forward_k12_reduce(a.temp_f32.slice(32, 4), a.temp_f32.slice_mut(0, 1));
-            kernels::forward_k13_mul_neg(a.temp_f32.slice(0, 1), a.temp_f32.slice_mut(16, 1));
+            kernels::forward_k10_reduce(a.temp_f32.slice(32, 4), a.temp_f32.slice_mut(0, 1));
+            kernels::forward_k11_mul_neg(a.temp_f32.slice(0, 1), a.temp_f32.slice_mut(16, 1));
         }
         Ok(())
     }
 
-    /// `grads`: 28 kernels.
+    /// `grads`: 25 kernels.
     fn grads(&mut self, input_x: &[f32], input_y: &[i32]) -> Result<(), rt::Error> {
         let a = &*self;
         // SAFETY: the memory plan gives buffers that are live at the same time
@@ -171,120 +166,108 @@ impl Arenas {
                 a.temp_f32.slice_mut(0, 1024),
                 a.scratch.slice_mut(0, a.scratch.len()),
             )?;
-            kernels::grads_k01_relu(
+            kernels::grads_k01_reduce(
                 a.temp_f32.slice(0, 1024),
                 a.param.slice(48, 4),
-                a.temp_f32.slice_mut(1024, 1024),
+                a.temp_f32.slice_mut(3168, 256),
             );
-            kernels::forward_k02_reduce(
-                a.temp_f32.slice(1024, 1024),
-                a.temp_f32.slice_mut(4192, 256),
-            );
-            kernels::forward_k03_conv(
-                a.temp_f32.slice(4192, 256),
+            kernels::forward_k02_conv(
+                a.temp_f32.slice(3168, 256),
                 a.param.slice(64, 288),
-                a.temp_f32.slice_mut(2048, 512),
+                a.temp_f32.slice_mut(1024, 512),
                 a.scratch.slice_mut(0, a.scratch.len()),
             )?;
-            kernels::grads_k04_relu(
-                a.temp_f32.slice(2048, 512),
+            kernels::grads_k03_reduce(
+                a.temp_f32.slice(1024, 512),
                 a.param.slice(352, 8),
-                a.temp_f32.slice_mut(2560, 512),
+                a.temp_f32.slice_mut(1536, 128),
             );
-            kernels::forward_k05_reduce(
-                a.temp_f32.slice(2560, 512),
-                a.temp_f32.slice_mut(3072, 128),
-            );
-            kernels::forward_k06_mul(a.temp_f32.slice(3072, 128), a.temp_f32.slice_mut(2560, 128));
-            kernels::forward_k07_matmul_add(
-                a.temp_f32.slice(2560, 128),
+            kernels::forward_k04_mul(a.temp_f32.slice(1536, 128), a.temp_f32.slice_mut(1664, 128));
+            kernels::forward_k05_matmul_add(
+                a.temp_f32.slice(1664, 128),
                 a.param.slice(368, 320),
                 a.param.slice(688, 10),
-                a.temp_f32.slice_mut(2688, 40),
-                a.temp_f32.slice_mut(2736, 40),
+                a.temp_f32.slice_mut(1536, 40),
+                a.temp_f32.slice_mut(1584, 40),
             )?;
-            kernels::forward_k08_reduce(a.temp_f32.slice(2736, 40), a.temp_f32.slice_mut(2688, 4));
-            kernels::forward_k09_stop_gradient(
-                a.temp_f32.slice(2688, 4),
-                a.temp_f32.slice_mut(2704, 4),
+            kernels::forward_k06_reduce(a.temp_f32.slice(1584, 40), a.temp_f32.slice_mut(1536, 4));
+            kernels::forward_k07_stop_gradient(
+                a.temp_f32.slice(1536, 4),
+                a.temp_f32.slice_mut(1552, 4),
             );
-            kernels::forward_k10_reduce(
-                a.temp_f32.slice(2736, 40),
-                a.temp_f32.slice(2704, 4),
-                a.temp_f32.slice_mut(2688, 4),
+            kernels::forward_k08_reduce(
+                a.temp_f32.slice(1584, 40),
+                a.temp_f32.slice(1552, 4),
+                a.temp_f32.slice_mut(1536, 4),
             );
-            kernels::grads_k11_reduce(
-                a.temp_f32.slice(1024, 1024),
-                a.temp_f32.slice(4192, 256),
-                a.temp_f32.slice_mut(4448, 256),
-            );
-            kernels::grads_k12_reduce(
-                input_y,
-                a.const_i32.slice(0, 10),
-                a.const_f32.slice(0, 4),
-                a.temp_f32.slice_mut(2720, 4),
-            );
-            kernels::grads_k13_log_d0_mul(
-                a.temp_f32.slice(2720, 4),
-                a.temp_f32.slice(2688, 4),
-                a.temp_f32.slice_mut(2784, 4),
-            );
-            kernels::grads_k14_add_exp_d0_mul(
-                input_y,
-                a.const_i32.slice(0, 10),
-                a.const_f32.slice(0, 4),
-                a.temp_f32.slice(2784, 4),
-                a.temp_f32.slice(2736, 40),
-                a.temp_f32.slice(2704, 4),
-                a.temp_f32.slice_mut(2816, 40),
-            );
-            kernels::grads_k15_reduce(a.temp_f32.slice(2816, 40), a.temp_f32.slice_mut(4960, 10));
-            kernels::grads_k16_matmul(
-                a.temp_f32.slice(2816, 40),
-                a.param.slice(368, 320),
-                a.temp_f32.slice_mut(2688, 128),
-            )?;
-            kernels::grads_k17_matmul(
-                a.temp_f32.slice(2560, 128),
-                a.temp_f32.slice(2816, 40),
-                a.temp_f32.slice_mut(3584, 320),
-            )?;
-            kernels::grads_k18_mul(a.temp_f32.slice(2688, 128), a.temp_f32.slice_mut(3072, 128));
-            kernels::grads_k19_copy(a.temp_f32.slice(3072, 128), a.temp_f32.slice_mut(2560, 512));
-            kernels::grads_k20_mul_relu_d0(
-                a.temp_f32.slice(2560, 512),
-                a.temp_f32.slice(2048, 512),
-                a.param.slice(352, 8),
-                a.temp_f32.slice_mut(3072, 512),
-            );
-            kernels::grads_k21_reduce(a.temp_f32.slice(3072, 512), a.temp_f32.slice_mut(4976, 8));
-            kernels::grads_k22_conv(
-                a.temp_f32.slice(3072, 512),
-                a.param.slice(64, 288),
-                a.temp_f32.slice_mut(4704, 256),
-                a.scratch.slice_mut(0, a.scratch.len()),
-            )?;
-            kernels::grads_k23_conv(
-                a.temp_f32.slice(4192, 256),
-                a.temp_f32.slice(3072, 512),
-                a.temp_f32.slice_mut(3904, 288),
-                a.scratch.slice_mut(0, a.scratch.len()),
-            )?;
-            kernels::grads_k24_div_mul(
-                a.temp_f32.slice(1024, 1024),
-                a.temp_f32.slice(4192, 256),
-                a.temp_f32.slice(4448, 256),
-                a.temp_f32.slice(4704, 256),
-                a.temp_f32.slice_mut(2048, 1024),
-            );
-            kernels::grads_k25_mul_relu_d0(
-                a.temp_f32.slice(2048, 1024),
+            kernels::grads_k09_reduce(
                 a.temp_f32.slice(0, 1024),
                 a.param.slice(48, 4),
+                a.temp_f32.slice(3168, 256),
+                a.temp_f32.slice_mut(3424, 256),
+            );
+            kernels::grads_k10_reduce(
+                input_y,
+                a.const_i32.slice(0, 10),
+                a.const_f32.slice(0, 4),
+                a.temp_f32.slice_mut(1568, 4),
+            );
+            kernels::grads_k11_log_d0_mul(
+                a.temp_f32.slice(1568, 4),
+                a.temp_f32.slice(1536, 4),
+                a.temp_f32.slice_mut(1632, 4),
+            );
+            kernels::grads_k12_add_exp_d0_mul(
+                input_y,
+                a.const_i32.slice(0, 10),
+                a.const_f32.slice(0, 4),
+                a.temp_f32.slice(1632, 4),
+                a.temp_f32.slice(1584, 40),
+                a.temp_f32.slice(1552, 4),
+                a.temp_f32.slice_mut(1792, 40),
+            );
+            kernels::grads_k13_reduce(a.temp_f32.slice(1792, 40), a.temp_f32.slice_mut(3936, 10));
+            kernels::grads_k14_matmul(
+                a.temp_f32.slice(1792, 40),
+                a.param.slice(368, 320),
+                a.temp_f32.slice_mut(1536, 128),
+            )?;
+            kernels::grads_k15_matmul(
+                a.temp_f32.slice(1664, 128),
+                a.temp_f32.slice(1792, 40),
+                a.temp_f32.slice_mut(2560, 320),
+            )?;
+            kernels::grads_k16_mul(a.temp_f32.slice(1536, 128), a.temp_f32.slice_mut(2048, 128));
+            kernels::grads_k17_copy(a.temp_f32.slice(2048, 128), a.temp_f32.slice_mut(1536, 512));
+            kernels::grads_k18_mul_relu_d0(
+                a.temp_f32.slice(1536, 512),
+                a.temp_f32.slice(1024, 512),
+                a.param.slice(352, 8),
+                a.temp_f32.slice_mut(2048, 512),
+            );
+            kernels::grads_k19_reduce(a.temp_f32.slice(2048, 512), a.temp_f32.slice_mut(3952, 8));
+            kernels::grads_k20_conv(
+                a.temp_f32.slice(2048, 512),
+                a.param.slice(64, 288),
+                a.temp_f32.slice_mut(3680, 256),
+                a.scratch.slice_mut(0, a.scratch.len()),
+            )?;
+            kernels::grads_k21_conv(
+                a.temp_f32.slice(3168, 256),
+                a.temp_f32.slice(2048, 512),
+                a.temp_f32.slice_mut(2880, 288),
+                a.scratch.slice_mut(0, a.scratch.len()),
+            )?;
+            kernels::grads_k22_div_mul_relu_d0(
+                a.temp_f32.slice(0, 1024),
+                a.param.slice(48, 4),
+                a.temp_f32.slice(3168, 256),
+                a.temp_f32.slice(3424, 256),
+                a.temp_f32.slice(3680, 256),
                 a.temp_f32.slice_mut(1024, 1024),
             );
-            kernels::grads_k26_reduce(a.temp_f32.slice(1024, 1024), a.temp_f32.slice_mut(48, 4));
-            kernels::grads_k27_conv(
+            kernels::grads_k23_reduce(a.temp_f32.slice(1024, 1024), a.temp_f32.slice_mut(48, 4));
+            kernels::grads_k24_conv(
                 input_x,
                 a.temp_f32.slice(1024, 1024),
                 a.temp_f32.slice_mut(0, 36),
@@ -294,7 +277,7 @@ impl Arenas {
         Ok(())
     }
 
-    /// `train`: 36 kernels.
+    /// `train`: 33 kernels.
     fn train(&mut self, input_x: &[f32], input_y: &[i32]) -> Result<(), rt::Error> {
         let a = &*self;
         // SAFETY: the memory plan gives buffers that are live at the same time
@@ -307,164 +290,152 @@ impl Arenas {
                 a.temp_f32.slice_mut(0, 1024),
                 a.scratch.slice_mut(0, a.scratch.len()),
             )?;
-            kernels::grads_k01_relu(
+            kernels::grads_k01_reduce(
                 a.temp_f32.slice(0, 1024),
                 a.param.slice(48, 4),
-                a.temp_f32.slice_mut(1024, 1024),
+                a.temp_f32.slice_mut(2848, 256),
             );
-            kernels::forward_k02_reduce(
-                a.temp_f32.slice(1024, 1024),
-                a.temp_f32.slice_mut(3872, 256),
-            );
-            kernels::forward_k03_conv(
-                a.temp_f32.slice(3872, 256),
+            kernels::forward_k02_conv(
+                a.temp_f32.slice(2848, 256),
                 a.param.slice(64, 288),
-                a.temp_f32.slice_mut(2048, 512),
+                a.temp_f32.slice_mut(1024, 512),
                 a.scratch.slice_mut(0, a.scratch.len()),
             )?;
-            kernels::grads_k04_relu(
-                a.temp_f32.slice(2048, 512),
+            kernels::grads_k03_reduce(
+                a.temp_f32.slice(1024, 512),
                 a.param.slice(352, 8),
-                a.temp_f32.slice_mut(2560, 512),
+                a.temp_f32.slice_mut(1536, 128),
             );
-            kernels::forward_k05_reduce(
-                a.temp_f32.slice(2560, 512),
-                a.temp_f32.slice_mut(3072, 128),
-            );
-            kernels::forward_k06_mul(a.temp_f32.slice(3072, 128), a.temp_f32.slice_mut(4640, 128));
-            kernels::forward_k07_matmul_add(
-                a.temp_f32.slice(4640, 128),
+            kernels::forward_k04_mul(a.temp_f32.slice(1536, 128), a.temp_f32.slice_mut(3616, 128));
+            kernels::forward_k05_matmul_add(
+                a.temp_f32.slice(3616, 128),
                 a.param.slice(368, 320),
                 a.param.slice(688, 10),
-                a.temp_f32.slice_mut(2560, 40),
-                a.temp_f32.slice_mut(2608, 40),
+                a.temp_f32.slice_mut(1536, 40),
+                a.temp_f32.slice_mut(1584, 40),
             )?;
-            kernels::forward_k08_reduce(a.temp_f32.slice(2608, 40), a.temp_f32.slice_mut(2560, 4));
-            kernels::forward_k09_stop_gradient(
-                a.temp_f32.slice(2560, 4),
-                a.temp_f32.slice_mut(2576, 4),
+            kernels::forward_k06_reduce(a.temp_f32.slice(1584, 40), a.temp_f32.slice_mut(1536, 4));
+            kernels::forward_k07_stop_gradient(
+                a.temp_f32.slice(1536, 4),
+                a.temp_f32.slice_mut(1552, 4),
             );
-            kernels::forward_k10_reduce(
-                a.temp_f32.slice(2608, 40),
-                a.temp_f32.slice(2576, 4),
-                a.temp_f32.slice_mut(2560, 4),
+            kernels::forward_k08_reduce(
+                a.temp_f32.slice(1584, 40),
+                a.temp_f32.slice(1552, 4),
+                a.temp_f32.slice_mut(1536, 4),
             );
-            kernels::train_k11_reduce(
+            kernels::train_k09_reduce(
                 input_y,
                 a.const_i32.slice(0, 10),
-                a.temp_f32.slice(2608, 40),
-                a.temp_f32.slice(2576, 4),
-                a.temp_f32.slice(2560, 4),
-                a.temp_f32.slice_mut(2592, 4),
+                a.temp_f32.slice(1584, 40),
+                a.temp_f32.slice(1552, 4),
+                a.temp_f32.slice(1536, 4),
+                a.temp_f32.slice_mut(1568, 4),
             );
-            kernels::forward_k12_reduce(a.temp_f32.slice(2592, 4), a.temp_f32.slice_mut(2656, 1));
-            kernels::forward_k13_mul_neg(a.temp_f32.slice(2656, 1), a.temp_f32.slice_mut(4848, 1));
-            kernels::grads_k11_reduce(
-                a.temp_f32.slice(1024, 1024),
-                a.temp_f32.slice(3872, 256),
-                a.temp_f32.slice_mut(4128, 256),
-            );
-            kernels::grads_k12_reduce(
-                input_y,
-                a.const_i32.slice(0, 10),
-                a.const_f32.slice(0, 4),
-                a.temp_f32.slice_mut(2592, 4),
-            );
-            kernels::grads_k13_log_d0_mul(
-                a.temp_f32.slice(2592, 4),
-                a.temp_f32.slice(2560, 4),
-                a.temp_f32.slice_mut(2656, 4),
-            );
-            kernels::grads_k14_add_exp_d0_mul(
-                input_y,
-                a.const_i32.slice(0, 10),
-                a.const_f32.slice(0, 4),
-                a.temp_f32.slice(2656, 4),
-                a.temp_f32.slice(2608, 40),
-                a.temp_f32.slice(2576, 4),
-                a.temp_f32.slice_mut(4768, 40),
-            );
-            kernels::grads_k15_reduce(a.temp_f32.slice(4768, 40), a.temp_f32.slice_mut(4816, 10));
-            kernels::grads_k16_matmul(
-                a.temp_f32.slice(4768, 40),
-                a.param.slice(368, 320),
-                a.temp_f32.slice_mut(2560, 128),
-            )?;
-            kernels::grads_k18_mul(a.temp_f32.slice(2560, 128), a.temp_f32.slice_mut(3072, 128));
-            kernels::grads_k19_copy(a.temp_f32.slice(3072, 128), a.temp_f32.slice_mut(2560, 512));
-            kernels::grads_k20_mul_relu_d0(
-                a.temp_f32.slice(2560, 512),
-                a.temp_f32.slice(2048, 512),
-                a.param.slice(352, 8),
-                a.temp_f32.slice_mut(3072, 512),
-            );
-            kernels::grads_k21_reduce(a.temp_f32.slice(3072, 512), a.temp_f32.slice_mut(4832, 8));
-            kernels::grads_k22_conv(
-                a.temp_f32.slice(3072, 512),
-                a.param.slice(64, 288),
-                a.temp_f32.slice_mut(4384, 256),
-                a.scratch.slice_mut(0, a.scratch.len()),
-            )?;
-            kernels::grads_k23_conv(
-                a.temp_f32.slice(3872, 256),
-                a.temp_f32.slice(3072, 512),
-                a.temp_f32.slice_mut(3584, 288),
-                a.scratch.slice_mut(0, a.scratch.len()),
-            )?;
-            kernels::grads_k24_div_mul(
-                a.temp_f32.slice(1024, 1024),
-                a.temp_f32.slice(3872, 256),
-                a.temp_f32.slice(4128, 256),
-                a.temp_f32.slice(4384, 256),
-                a.temp_f32.slice_mut(2048, 1024),
-            );
-            kernels::grads_k25_mul_relu_d0(
-                a.temp_f32.slice(2048, 1024),
+            kernels::forward_k10_reduce(a.temp_f32.slice(1568, 4), a.temp_f32.slice_mut(1632, 1));
+            kernels::forward_k11_mul_neg(a.temp_f32.slice(1632, 1), a.temp_f32.slice_mut(3824, 1));
+            kernels::grads_k09_reduce(
                 a.temp_f32.slice(0, 1024),
                 a.param.slice(48, 4),
+                a.temp_f32.slice(2848, 256),
+                a.temp_f32.slice_mut(3104, 256),
+            );
+            kernels::grads_k10_reduce(
+                input_y,
+                a.const_i32.slice(0, 10),
+                a.const_f32.slice(0, 4),
+                a.temp_f32.slice_mut(1568, 4),
+            );
+            kernels::grads_k11_log_d0_mul(
+                a.temp_f32.slice(1568, 4),
+                a.temp_f32.slice(1536, 4),
+                a.temp_f32.slice_mut(1632, 4),
+            );
+            kernels::grads_k12_add_exp_d0_mul(
+                input_y,
+                a.const_i32.slice(0, 10),
+                a.const_f32.slice(0, 4),
+                a.temp_f32.slice(1632, 4),
+                a.temp_f32.slice(1584, 40),
+                a.temp_f32.slice(1552, 4),
+                a.temp_f32.slice_mut(3744, 40),
+            );
+            kernels::grads_k13_reduce(a.temp_f32.slice(3744, 40), a.temp_f32.slice_mut(3792, 10));
+            kernels::grads_k14_matmul(
+                a.temp_f32.slice(3744, 40),
+                a.param.slice(368, 320),
+                a.temp_f32.slice_mut(1536, 128),
+            )?;
+            kernels::grads_k16_mul(a.temp_f32.slice(1536, 128), a.temp_f32.slice_mut(2048, 128));
+            kernels::grads_k17_copy(a.temp_f32.slice(2048, 128), a.temp_f32.slice_mut(1536, 512));
+            kernels::grads_k18_mul_relu_d0(
+                a.temp_f32.slice(1536, 512),
+                a.temp_f32.slice(1024, 512),
+                a.param.slice(352, 8),
+                a.temp_f32.slice_mut(2048, 512),
+            );
+            kernels::grads_k19_reduce(a.temp_f32.slice(2048, 512), a.temp_f32.slice_mut(3808, 8));
+            kernels::grads_k20_conv(
+                a.temp_f32.slice(2048, 512),
+                a.param.slice(64, 288),
+                a.temp_f32.slice_mut(3360, 256),
+                a.scratch.slice_mut(0, a.scratch.len()),
+            )?;
+            kernels::grads_k21_conv(
+                a.temp_f32.slice(2848, 256),
+                a.temp_f32.slice(2048, 512),
+                a.temp_f32.slice_mut(2560, 288),
+                a.scratch.slice_mut(0, a.scratch.len()),
+            )?;
+            kernels::grads_k22_div_mul_relu_d0(
+                a.temp_f32.slice(0, 1024),
+                a.param.slice(48, 4),
+                a.temp_f32.slice(2848, 256),
+                a.temp_f32.slice(3104, 256),
+                a.temp_f32.slice(3360, 256),
                 a.temp_f32.slice_mut(1024, 1024),
             );
-            kernels::grads_k26_reduce(a.temp_f32.slice(1024, 1024), a.temp_f32.slice_mut(48, 4));
-            kernels::grads_k27_conv(
+            kernels::grads_k23_reduce(a.temp_f32.slice(1024, 1024), a.temp_f32.slice_mut(48, 4));
+            kernels::grads_k24_conv(
                 input_x,
                 a.temp_f32.slice(1024, 1024),
                 a.temp_f32.slice_mut(0, 36),
                 a.scratch.slice_mut(0, a.scratch.len()),
             )?;
-            kernels::train_k30_add_div_etc(
+            kernels::train_k27_add_div_etc(
                 a.temp_f32.slice(0, 36),
                 a.state.slice_mut(0, 36),
                 a.state.slice_mut(48, 36),
                 a.param.slice_mut(0, 36),
             );
-            kernels::train_k31_add_div_etc(
+            kernels::train_k28_add_div_etc(
                 a.temp_f32.slice(48, 4),
                 a.state.slice_mut(96, 4),
                 a.state.slice_mut(112, 4),
                 a.param.slice_mut(48, 4),
             );
-            kernels::train_k32_add_div_etc(
-                a.temp_f32.slice(3584, 288),
+            kernels::train_k29_add_div_etc(
+                a.temp_f32.slice(2560, 288),
                 a.state.slice_mut(128, 288),
                 a.state.slice_mut(416, 288),
                 a.param.slice_mut(64, 288),
             );
-            kernels::train_k33_add_div_etc(
-                a.temp_f32.slice(4832, 8),
+            kernels::train_k30_add_div_etc(
+                a.temp_f32.slice(3808, 8),
                 a.state.slice_mut(704, 8),
                 a.state.slice_mut(720, 8),
                 a.param.slice_mut(352, 8),
             );
-            kernels::train_k34_matmul_add_div_etc(
-                a.temp_f32.slice(4640, 128),
-                a.temp_f32.slice(4768, 40),
+            kernels::train_k31_matmul_add_div_etc(
+                a.temp_f32.slice(3616, 128),
+                a.temp_f32.slice(3744, 40),
                 a.temp_f32.slice_mut(0, 320),
                 a.state.slice_mut(736, 320),
                 a.state.slice_mut(1056, 320),
                 a.param.slice_mut(368, 320),
             )?;
-            kernels::train_k35_add_div_etc(
-                a.temp_f32.slice(4816, 10),
+            kernels::train_k32_add_div_etc(
+                a.temp_f32.slice(3792, 10),
                 a.state.slice_mut(1376, 10),
                 a.state.slice_mut(1392, 10),
                 a.param.slice_mut(688, 10),
@@ -507,7 +478,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `cnn`.
-#[pyclass(module = "fg_cnn_c267e9817e72")]
+#[pyclass(module = "fg_cnn_8a2479aefc29")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -546,7 +517,7 @@ impl Step {
         let out = PyDict::new(py);
         let values = self.arenas.temp_f32.slice(16, 1);
         out.set_item("loss", rt::py::to_numpy(py, values, &[])?)?;
-        let values = self.arenas.temp_f32.slice(48, 40);
+        let values = self.arenas.temp_f32.slice(176, 40);
         out.set_item("logits", rt::py::to_numpy(py, values, &[4, 10])?)?;
         Ok(out)
     }
@@ -581,16 +552,16 @@ impl Step {
         )?;
         let values = self.arenas.temp_f32.slice(48, 4);
         out.set_item("conv2d_0.bias", rt::py::to_numpy(py, values, &[4])?)?;
-        let values = self.arenas.temp_f32.slice(3904, 288);
+        let values = self.arenas.temp_f32.slice(2880, 288);
         out.set_item(
             "conv2d_1.weight",
             rt::py::to_numpy(py, values, &[8, 4, 3, 3])?,
         )?;
-        let values = self.arenas.temp_f32.slice(4976, 8);
+        let values = self.arenas.temp_f32.slice(3952, 8);
         out.set_item("conv2d_1.bias", rt::py::to_numpy(py, values, &[8])?)?;
-        let values = self.arenas.temp_f32.slice(3584, 320);
+        let values = self.arenas.temp_f32.slice(2560, 320);
         out.set_item("head.weight", rt::py::to_numpy(py, values, &[32, 10])?)?;
-        let values = self.arenas.temp_f32.slice(4960, 10);
+        let values = self.arenas.temp_f32.slice(3936, 10);
         out.set_item("head.bias", rt::py::to_numpy(py, values, &[10])?)?;
         Ok(out)
     }
@@ -617,7 +588,7 @@ impl Step {
                 })
             })
         })?;
-        Ok(self.arenas.temp_f32.slice(4848, 1)[0])
+        Ok(self.arenas.temp_f32.slice(3824, 1)[0])
     }
 
     /// Copies of every param (`kind="param"`) or optimizer state buffer (`"state"`).
@@ -665,8 +636,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_cnn_c267e9817e72(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_cnn_c267e9817e72")?;
+fn fg_cnn_8a2479aefc29(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_cnn_8a2479aefc29")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

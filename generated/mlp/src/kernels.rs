@@ -122,16 +122,21 @@ pub fn forward_k02_matmul_add(
 
 /// reduce: reduce_max over [16, 10].
 pub fn forward_k03_reduce(t15: &[f32], t19: &mut [f32]) {
-    t19[0..16].chunks_mut(16).for_each(|outs| {
-        for (j, acc_out) in outs.iter_mut().enumerate() {
-            let mut acc = f32::NEG_INFINITY;
-            for i0 in 0..10 {
-                let x0 = t15[j * 10 + i0];
-                acc = acc.max(x0);
+    fn rows(_row0: usize, t15: &[f32], outs: &mut [f32]) {
+        for outs in outs.chunks_exact_mut(16) {
+            let outs: &mut [f32; 16] = outs.try_into().unwrap();
+            let x0_row: &[f32; 160] = t15[0..][..160].try_into().unwrap();
+            for j in 0..16 {
+                let mut acc = f32::NEG_INFINITY;
+                for i0 in 0..10 {
+                    let x0 = x0_row[j * 10 + i0];
+                    acc = acc.max(x0);
+                }
+                outs[j] = acc;
             }
-            *acc_out = acc;
         }
-    });
+    }
+    rows(0, t15, &mut t19[0..16]);
 }
 
 /// elementwise: stop_gradient over [16, 1].
@@ -148,17 +153,23 @@ pub fn forward_k04_stop_gradient(t19: &[f32], t20: &mut [f32]) {
 
 /// reduce: exp, reduce_sum over [16, 10].
 pub fn forward_k05_reduce(t15: &[f32], t20: &[f32], t23: &mut [f32]) {
-    t23[0..16].chunks_mut(16).for_each(|outs| {
-        for (j, acc_out) in outs.iter_mut().enumerate() {
-            let mut acc = 0.0_f32;
-            for i0 in 0..10 {
-                let x0 = t15[j * 10 + i0];
-                let x1 = t20[j];
-                acc += Math::exp(x0 - x1);
+    fn rows(_row0: usize, t15: &[f32], t20: &[f32], outs: &mut [f32]) {
+        for outs in outs.chunks_exact_mut(16) {
+            let outs: &mut [f32; 16] = outs.try_into().unwrap();
+            let x0_row: &[f32; 160] = t15[0..][..160].try_into().unwrap();
+            let x1_row: &[f32; 16] = t20[0..][..16].try_into().unwrap();
+            for j in 0..16 {
+                let x1 = x1_row[j];
+                let mut acc = 0.0_f32;
+                for i0 in 0..10 {
+                    let x0 = x0_row[j * 10 + i0];
+                    acc += Math::exp(x0 - x1);
+                }
+                outs[j] = acc;
             }
-            *acc_out = acc;
         }
-    });
+    }
+    rows(0, t15, t20, &mut t23[0..16]);
 }
 
 /// reduce: eq, log, reduce_sum, sub, where over [16, 10].
@@ -170,21 +181,38 @@ pub fn forward_k06_reduce(
     t23: &[f32],
     t28: &mut [f32],
 ) {
-    t28[0..16].chunks_mut(16).for_each(|outs| {
-        for (j, acc_out) in outs.iter_mut().enumerate() {
-            let mut acc = 0.0_f32;
-            for i0 in 0..10 {
-                let x0 = input_y[j];
-                let x1 = c17[i0];
-                let x2 = t15[j * 10 + i0];
-                let x3 = t20[j];
-                let x4 = t23[j];
-                let w0 = x2 - x3 - Math::ln(x4);
-                acc += if x0 == x1 { w0 } else { 0.0 };
+    fn rows(
+        _row0: usize,
+        input_y: &[i32],
+        c17: &[i32],
+        t15: &[f32],
+        t20: &[f32],
+        t23: &[f32],
+        outs: &mut [f32],
+    ) {
+        for outs in outs.chunks_exact_mut(16) {
+            let outs: &mut [f32; 16] = outs.try_into().unwrap();
+            let x0_row: &[i32; 16] = input_y[0..][..16].try_into().unwrap();
+            let x1_row: &[i32; 10] = c17[0..][..10].try_into().unwrap();
+            let x2_row: &[f32; 160] = t15[0..][..160].try_into().unwrap();
+            let x3_row: &[f32; 16] = t20[0..][..16].try_into().unwrap();
+            let x4_row: &[f32; 16] = t23[0..][..16].try_into().unwrap();
+            for j in 0..16 {
+                let x0 = x0_row[j];
+                let x3 = x3_row[j];
+                let x4 = x4_row[j];
+                let mut acc = 0.0_f32;
+                for i0 in 0..10 {
+                    let x1 = x1_row[i0];
+                    let x2 = x2_row[j * 10 + i0];
+                    let w0 = x2 - x3 - Math::ln(x4);
+                    acc += if x0 == x1 { w0 } else { 0.0 };
+                }
+                outs[j] = acc;
             }
-            *acc_out = acc;
         }
-    });
+    }
+    rows(0, input_y, c17, t15, t20, t23, &mut t28[0..16]);
 }
 
 /// reduce: reduce_sum over [16].
@@ -553,21 +581,38 @@ pub fn train_k06_reduce(
     t23: &[f32],
     t28: &mut [f32],
 ) {
-    t28[0..16].chunks_mut(16).for_each(|outs| {
-        for (j, acc_out) in outs.iter_mut().enumerate() {
-            let mut acc = 0.0_f32;
-            for i0 in 0..10 {
-                let x0 = input_y[j];
-                let x1 = c17[i0];
-                let x2 = t15[j * 10 + i0];
-                let x3 = t20[j];
-                let x4 = t23[j];
-                let w0 = x2 - x3 - Math::ln(x4);
-                acc += if x0 == x1 { w0 } else { 0.0 };
+    fn rows(
+        _row0: usize,
+        input_y: &[i32],
+        c17: &[i32],
+        t15: &[f32],
+        t20: &[f32],
+        t23: &[f32],
+        outs: &mut [f32],
+    ) {
+        for outs in outs.chunks_exact_mut(16) {
+            let outs: &mut [f32; 16] = outs.try_into().unwrap();
+            let x0_row: &[i32; 16] = input_y[0..][..16].try_into().unwrap();
+            let x1_row: &[i32; 10] = c17[0..][..10].try_into().unwrap();
+            let x2_row: &[f32; 160] = t15[0..][..160].try_into().unwrap();
+            let x3_row: &[f32; 16] = t20[0..][..16].try_into().unwrap();
+            let x4_row: &[f32; 16] = t23[0..][..16].try_into().unwrap();
+            for j in 0..16 {
+                let x0 = x0_row[j];
+                let x3 = x3_row[j];
+                let x4 = x4_row[j];
+                let mut acc = 0.0_f32;
+                for i0 in 0..10 {
+                    let x1 = x1_row[i0];
+                    let x2 = x2_row[j * 10 + i0];
+                    let w0 = x2 - x3 - Math::ln(x4);
+                    acc += if x0 == x1 { w0 } else { 0.0 };
+                }
+                outs[j] = acc;
             }
-            *acc_out = acc;
         }
-    });
+    }
+    rows(0, input_y, c17, t15, t20, t23, &mut t28[0..16]);
 }
 
 /// elementwise: add, pow, sqrt, sub.

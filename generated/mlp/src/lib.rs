@@ -398,7 +398,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `mlp`.
-#[pyclass(module = "fg_mlp_3a6caeff684a")]
+#[pyclass(module = "fg_mlp_ca9e3249d46b")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -544,8 +544,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_mlp_3a6caeff684a(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_mlp_3a6caeff684a")?;
+fn fg_mlp_ca9e3249d46b(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_mlp_ca9e3249d46b")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

@@ -379,16 +379,21 @@ pub fn forward_k14_matmul_add(
 
 /// reduce: reduce_max over [4, 2].
 pub fn forward_k15_reduce(t41: &[f32], t45: &mut [f32]) {
-    t45[0..4].chunks_mut(4).for_each(|outs| {
-        for (j, acc_out) in outs.iter_mut().enumerate() {
-            let mut acc = f32::NEG_INFINITY;
-            for i0 in 0..2 {
-                let x0 = t41[j * 2 + i0];
-                acc = acc.max(x0);
+    fn rows(_row0: usize, t41: &[f32], outs: &mut [f32]) {
+        for outs in outs.chunks_exact_mut(4) {
+            let outs: &mut [f32; 4] = outs.try_into().unwrap();
+            let x0_row: &[f32; 8] = t41[0..][..8].try_into().unwrap();
+            for j in 0..4 {
+                let mut acc = f32::NEG_INFINITY;
+                for i0 in 0..2 {
+                    let x0 = x0_row[j * 2 + i0];
+                    acc = acc.max(x0);
+                }
+                outs[j] = acc;
             }
-            *acc_out = acc;
         }
-    });
+    }
+    rows(0, t41, &mut t45[0..4]);
 }
 
 /// elementwise: stop_gradient over [4, 1].
@@ -405,17 +410,23 @@ pub fn forward_k16_stop_gradient(t45: &[f32], t46: &mut [f32]) {
 
 /// reduce: exp, reduce_sum over [4, 2].
 pub fn forward_k17_reduce(t41: &[f32], t46: &[f32], t49: &mut [f32]) {
-    t49[0..4].chunks_mut(4).for_each(|outs| {
-        for (j, acc_out) in outs.iter_mut().enumerate() {
-            let mut acc = 0.0_f32;
-            for i0 in 0..2 {
-                let x0 = t41[j * 2 + i0];
-                let x1 = t46[j];
-                acc += Math::exp(x0 - x1);
+    fn rows(_row0: usize, t41: &[f32], t46: &[f32], outs: &mut [f32]) {
+        for outs in outs.chunks_exact_mut(4) {
+            let outs: &mut [f32; 4] = outs.try_into().unwrap();
+            let x0_row: &[f32; 8] = t41[0..][..8].try_into().unwrap();
+            let x1_row: &[f32; 4] = t46[0..][..4].try_into().unwrap();
+            for j in 0..4 {
+                let x1 = x1_row[j];
+                let mut acc = 0.0_f32;
+                for i0 in 0..2 {
+                    let x0 = x0_row[j * 2 + i0];
+                    acc += Math::exp(x0 - x1);
+                }
+                outs[j] = acc;
             }
-            *acc_out = acc;
         }
-    });
+    }
+    rows(0, t41, t46, &mut t49[0..4]);
 }
 
 /// reduce: eq, log, reduce_sum, sub, where over [4, 2].
@@ -427,21 +438,38 @@ pub fn forward_k18_reduce(
     t49: &[f32],
     t54: &mut [f32],
 ) {
-    t54[0..4].chunks_mut(4).for_each(|outs| {
-        for (j, acc_out) in outs.iter_mut().enumerate() {
-            let mut acc = 0.0_f32;
-            for i0 in 0..2 {
-                let x0 = input_y[j];
-                let x1 = c43[i0];
-                let x2 = t41[j * 2 + i0];
-                let x3 = t46[j];
-                let x4 = t49[j];
-                let w0 = x2 - x3 - Math::ln(x4);
-                acc += if x0 == x1 { w0 } else { 0.0 };
+    fn rows(
+        _row0: usize,
+        input_y: &[i32],
+        c43: &[i32],
+        t41: &[f32],
+        t46: &[f32],
+        t49: &[f32],
+        outs: &mut [f32],
+    ) {
+        for outs in outs.chunks_exact_mut(4) {
+            let outs: &mut [f32; 4] = outs.try_into().unwrap();
+            let x0_row: &[i32; 4] = input_y[0..][..4].try_into().unwrap();
+            let x1_row: &[i32; 2] = c43[0..][..2].try_into().unwrap();
+            let x2_row: &[f32; 8] = t41[0..][..8].try_into().unwrap();
+            let x3_row: &[f32; 4] = t46[0..][..4].try_into().unwrap();
+            let x4_row: &[f32; 4] = t49[0..][..4].try_into().unwrap();
+            for j in 0..4 {
+                let x0 = x0_row[j];
+                let x3 = x3_row[j];
+                let x4 = x4_row[j];
+                let mut acc = 0.0_f32;
+                for i0 in 0..2 {
+                    let x1 = x1_row[i0];
+                    let x2 = x2_row[j * 2 + i0];
+                    let w0 = x2 - x3 - Math::ln(x4);
+                    acc += if x0 == x1 { w0 } else { 0.0 };
+                }
+                outs[j] = acc;
             }
-            *acc_out = acc;
         }
-    });
+    }
+    rows(0, input_y, c43, t41, t46, t49, &mut t54[0..4]);
 }
 
 /// reduce: reduce_sum over [4].
@@ -690,19 +718,34 @@ pub fn grads_k13_matmul_add_tanh(
 
 /// reduce: neg, reduce_sum over [4, 2].
 pub fn grads_k18_reduce(input_y: &[i32], c43: &[i32], c189: &[f32], c190: &[f32], t72: &mut [f32]) {
-    t72[0..4].chunks_mut(4).for_each(|outs| {
-        for (j, acc_out) in outs.iter_mut().enumerate() {
-            let mut acc = 0.0_f32;
-            for i0 in 0..2 {
-                let x0 = input_y[j];
-                let x1 = c43[i0];
-                let x2 = c189[j * 2 + i0];
-                let x3 = c190[j * 2 + i0];
-                acc += -(if x0 == x1 { x2 } else { x3 });
+    fn rows(
+        _row0: usize,
+        input_y: &[i32],
+        c43: &[i32],
+        c189: &[f32],
+        c190: &[f32],
+        outs: &mut [f32],
+    ) {
+        for outs in outs.chunks_exact_mut(4) {
+            let outs: &mut [f32; 4] = outs.try_into().unwrap();
+            let x0_row: &[i32; 4] = input_y[0..][..4].try_into().unwrap();
+            let x1_row: &[i32; 2] = c43[0..][..2].try_into().unwrap();
+            let x2_row: &[f32; 8] = c189[0..][..8].try_into().unwrap();
+            let x3_row: &[f32; 8] = c190[0..][..8].try_into().unwrap();
+            for j in 0..4 {
+                let x0 = x0_row[j];
+                let mut acc = 0.0_f32;
+                for i0 in 0..2 {
+                    let x1 = x1_row[i0];
+                    let x2 = x2_row[j * 2 + i0];
+                    let x3 = x3_row[j * 2 + i0];
+                    acc += -(if x0 == x1 { x2 } else { x3 });
+                }
+                outs[j] = acc;
             }
-            *acc_out = acc;
         }
-    });
+    }
+    rows(0, input_y, c43, c189, c190, &mut t72[0..4]);
 }
 
 /// elementwise: log.d0, mul over [4, 1].
@@ -1307,21 +1350,38 @@ pub fn train_k18_reduce(
     t49: &[f32],
     t54: &mut [f32],
 ) {
-    t54[0..4].chunks_mut(4).for_each(|outs| {
-        for (j, acc_out) in outs.iter_mut().enumerate() {
-            let mut acc = 0.0_f32;
-            for i0 in 0..2 {
-                let x0 = input_y[j];
-                let x1 = c43[i0];
-                let x2 = t41[j * 2 + i0];
-                let x3 = t46[j];
-                let x4 = t49[j];
-                let w0 = x2 - x3 - Math::ln(x4);
-                acc += if x0 == x1 { w0 } else { 0.0 };
+    fn rows(
+        _row0: usize,
+        input_y: &[i32],
+        c43: &[i32],
+        t41: &[f32],
+        t46: &[f32],
+        t49: &[f32],
+        outs: &mut [f32],
+    ) {
+        for outs in outs.chunks_exact_mut(4) {
+            let outs: &mut [f32; 4] = outs.try_into().unwrap();
+            let x0_row: &[i32; 4] = input_y[0..][..4].try_into().unwrap();
+            let x1_row: &[i32; 2] = c43[0..][..2].try_into().unwrap();
+            let x2_row: &[f32; 8] = t41[0..][..8].try_into().unwrap();
+            let x3_row: &[f32; 4] = t46[0..][..4].try_into().unwrap();
+            let x4_row: &[f32; 4] = t49[0..][..4].try_into().unwrap();
+            for j in 0..4 {
+                let x0 = x0_row[j];
+                let x3 = x3_row[j];
+                let x4 = x4_row[j];
+                let mut acc = 0.0_f32;
+                for i0 in 0..2 {
+                    let x1 = x1_row[i0];
+                    let x2 = x2_row[j * 2 + i0];
+                    let w0 = x2 - x3 - Math::ln(x4);
+                    acc += if x0 == x1 { w0 } else { 0.0 };
+                }
+                outs[j] = acc;
             }
-            *acc_out = acc;
         }
-    });
+    }
+    rows(0, input_y, c43, t41, t46, t49, &mut t54[0..4]);
 }
 
 /// matmul: matmul, add, mul, sub: 1×4 · 4×8.

@@ -642,7 +642,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `rnn`.
-#[pyclass(module = "fg_rnn_13d98496ede9")]
+#[pyclass(module = "fg_rnn_6a5abf29fa14")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -786,8 +786,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_rnn_13d98496ede9(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_rnn_13d98496ede9")?;
+fn fg_rnn_6a5abf29fa14(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_rnn_6a5abf29fa14")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

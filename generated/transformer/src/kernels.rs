@@ -261,55 +261,70 @@ pub fn forward_k09_matmul_mul(
 
 /// reduce: reduce_max over [2, 2, 8, 8].
 pub fn forward_k10_reduce(c44: &[u8], t43: &[f32], t47: &mut [f32]) {
-    t47[0..32]
-        .chunks_mut(8)
-        .enumerate()
-        .for_each(|(row, outs)| {
-            for (j, acc_out) in outs.iter_mut().enumerate() {
+    fn rows(row0: usize, c44: &[u8], t43: &[f32], outs: &mut [f32]) {
+        for (i, outs) in outs.chunks_exact_mut(8).enumerate() {
+            let row = row0 + i;
+            let outs: &mut [f32; 8] = outs.try_into().unwrap();
+            let x0_row: &[u8; 64] = c44[0..][..64].try_into().unwrap();
+            let x1_row: &[f32; 64] = t43[row * 64..][..64].try_into().unwrap();
+            for j in 0..8 {
                 let mut acc = f32::NEG_INFINITY;
                 for i0 in 0..8 {
-                    let x0 = c44[j * 8 + i0] != 0;
-                    let x1 = t43[row * 64 + j * 8 + i0];
+                    let x0 = x0_row[j * 8 + i0] != 0;
+                    let x1 = x1_row[j * 8 + i0];
                     acc = acc.max(if x0 { x1 } else { -1000000000.0 });
                 }
-                *acc_out = acc;
+                outs[j] = acc;
             }
-        });
+        }
+    }
+    rows(0, c44, t43, &mut t47[0..32]);
 }
 
 /// elementwise: exp, stop_gradient, sub over [2, 2, 8, 8].
 pub fn forward_k11_exp_stop_gradient_sub(c44: &[u8], t43: &[f32], t47: &[f32], t50: &mut [f32]) {
-    t50[0..256]
-        .chunks_mut(64)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let x0_at = 0;
-            let x1_at = row * 64;
-            let x2_at = row * 8;
+    fn rows(row0: usize, c44: &[u8], t43: &[f32], t47: &[f32], o0: &mut [f32]) {
+        for (i, o0) in o0.chunks_exact_mut(64).enumerate() {
+            let row = row0 + i;
+            let o0: &mut [f32; 64] = o0.try_into().unwrap();
+            let x0_row: &[u8; 64] = c44[0..][..64].try_into().unwrap();
+            let x1_row: &[f32; 64] = t43[row * 64..][..64].try_into().unwrap();
+            let x2_src: &[f32; 8] = t47[row * 8..][..8].try_into().unwrap();
+            let mut x2_row = [0.0_f32; 64];
             for d0 in 0..8 {
                 for d1 in 0..8 {
                     let j = d0 * 8 + d1;
-                    let x0 = c44[x0_at + d0 * 8 + d1] != 0;
-                    let x1 = t43[x1_at + d0 * 8 + d1];
-                    let x2 = t47[x2_at + d0];
-                    o0[j] = Math::exp(-x2 + (if x0 { x1 } else { -1000000000.0 }));
+                    x2_row[j] = x2_src[d0];
                 }
             }
-        });
+            for j in 0..64 {
+                let x0 = x0_row[j] != 0;
+                let x1 = x1_row[j];
+                let x2 = x2_row[j];
+                o0[j] = Math::exp(-x2 + (if x0 { x1 } else { -1000000000.0 }));
+            }
+        }
+    }
+    rows(0, c44, t43, t47, &mut t50[0..256]);
 }
 
 /// reduce: reduce_sum over [2, 2, 8, 8].
 pub fn forward_k12_reduce(t50: &[f32], t51: &mut [f32]) {
-    t51[0..32].chunks_mut(32).for_each(|outs| {
-        for (j, acc_out) in outs.iter_mut().enumerate() {
-            let mut acc = 0.0_f32;
-            for i0 in 0..8 {
-                let x0 = t50[j * 8 + i0];
-                acc += x0;
+    fn rows(_row0: usize, t50: &[f32], outs: &mut [f32]) {
+        for outs in outs.chunks_exact_mut(32) {
+            let outs: &mut [f32; 32] = outs.try_into().unwrap();
+            let x0_row: &[f32; 256] = t50[0..][..256].try_into().unwrap();
+            for j in 0..32 {
+                let mut acc = 0.0_f32;
+                for i0 in 0..8 {
+                    let x0 = x0_row[j * 8 + i0];
+                    acc += x0;
+                }
+                outs[j] = acc;
             }
-            *acc_out = acc;
         }
-    });
+    }
+    rows(0, t50, &mut t51[0..32]);
 }
 
 /// elementwise: div over [2, 2, 8, 8].
@@ -775,23 +790,29 @@ pub fn grads_k01_reduce(t3: &[f32], param_pos_emb: &[f32], t8: &mut [f32]) {
 
 /// elementwise: mul, sub over [2, 8, 16].
 pub fn grads_k02_mul_sub(t3: &[f32], param_pos_emb: &[f32], t8: &[f32], t11: &mut [f32]) {
-    t11[0..256]
-        .chunks_mut(128)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let x0_at = row * 128;
-            let x1_at = 0;
-            let x2_at = row * 8;
+    fn rows(row0: usize, t3: &[f32], param_pos_emb: &[f32], t8: &[f32], o0: &mut [f32]) {
+        for (i, o0) in o0.chunks_exact_mut(128).enumerate() {
+            let row = row0 + i;
+            let o0: &mut [f32; 128] = o0.try_into().unwrap();
+            let x0_row: &[f32; 128] = t3[row * 128..][..128].try_into().unwrap();
+            let x1_row: &[f32; 128] = param_pos_emb[0..][..128].try_into().unwrap();
+            let x2_src: &[f32; 8] = t8[row * 8..][..8].try_into().unwrap();
+            let mut x2_row = [0.0_f32; 128];
             for d0 in 0..8 {
                 for d1 in 0..16 {
                     let j = d0 * 16 + d1;
-                    let x0 = t3[x0_at + d0 * 16 + d1];
-                    let x1 = param_pos_emb[x1_at + d0 * 16 + d1];
-                    let x2 = t8[x2_at + d0];
-                    o0[j] = x0 + x1 - 0.0625 * x2;
+                    x2_row[j] = x2_src[d0];
                 }
             }
-        });
+            for j in 0..128 {
+                let x0 = x0_row[j];
+                let x1 = x1_row[j];
+                let x2 = x2_row[j];
+                o0[j] = x0 + x1 - 0.0625 * x2;
+            }
+        }
+    }
+    rows(0, t3, param_pos_emb, t8, &mut t11[0..256]);
 }
 
 /// reduce: mul, reduce_sum over [2, 8, 16].
@@ -884,23 +905,29 @@ pub fn grads_k12_stop_gradient(t47: &[f32], t48: &mut [f32]) {
 
 /// elementwise: exp over [2, 2, 8, 8].
 pub fn grads_k13_exp(c44: &[u8], t43: &[f32], t48: &[f32], t50: &mut [f32]) {
-    t50[0..256]
-        .chunks_mut(64)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let x0_at = 0;
-            let x1_at = row * 64;
-            let x2_at = row * 8;
+    fn rows(row0: usize, c44: &[u8], t43: &[f32], t48: &[f32], o0: &mut [f32]) {
+        for (i, o0) in o0.chunks_exact_mut(64).enumerate() {
+            let row = row0 + i;
+            let o0: &mut [f32; 64] = o0.try_into().unwrap();
+            let x0_row: &[u8; 64] = c44[0..][..64].try_into().unwrap();
+            let x1_row: &[f32; 64] = t43[row * 64..][..64].try_into().unwrap();
+            let x2_src: &[f32; 8] = t48[row * 8..][..8].try_into().unwrap();
+            let mut x2_row = [0.0_f32; 64];
             for d0 in 0..8 {
                 for d1 in 0..8 {
                     let j = d0 * 8 + d1;
-                    let x0 = c44[x0_at + d0 * 8 + d1] != 0;
-                    let x1 = t43[x1_at + d0 * 8 + d1];
-                    let x2 = t48[x2_at + d0];
-                    o0[j] = Math::exp(-x2 + (if x0 { x1 } else { -1000000000.0 }));
+                    x2_row[j] = x2_src[d0];
                 }
             }
-        });
+            for j in 0..64 {
+                let x0 = x0_row[j] != 0;
+                let x1 = x1_row[j];
+                let x2 = x2_row[j];
+                o0[j] = Math::exp(-x2 + (if x0 { x1 } else { -1000000000.0 }));
+            }
+        }
+    }
+    rows(0, c44, t43, t48, &mut t50[0..256]);
 }
 
 /// matmul: matmul, add: 2 batches of 8×16 · 16×16.
@@ -926,25 +953,45 @@ pub fn grads_k17_matmul_add(
         (128, 16, 1),
         false,
     )?;
-    t60[0..256]
-        .chunks_mut(128)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let x0_at = row * 128;
-            let x1_at = 0;
-            let x2_at = row * 128;
-            let x3_at = 0;
+    fn rows(
+        row0: usize,
+        t3: &[f32],
+        param_pos_emb: &[f32],
+        t57: &[f32],
+        param_attn_out_bias: &[f32],
+        o0: &mut [f32],
+    ) {
+        for (i, o0) in o0.chunks_exact_mut(128).enumerate() {
+            let row = row0 + i;
+            let o0: &mut [f32; 128] = o0.try_into().unwrap();
+            let x0_row: &[f32; 128] = t3[row * 128..][..128].try_into().unwrap();
+            let x1_row: &[f32; 128] = param_pos_emb[0..][..128].try_into().unwrap();
+            let x2_row: &[f32; 128] = t57[row * 128..][..128].try_into().unwrap();
+            let x3_src: &[f32; 16] = param_attn_out_bias[0..][..16].try_into().unwrap();
+            let mut x3_row = [0.0_f32; 128];
             for d0 in 0..8 {
                 for d1 in 0..16 {
                     let j = d0 * 16 + d1;
-                    let x0 = t3[x0_at + d0 * 16 + d1];
-                    let x1 = param_pos_emb[x1_at + d0 * 16 + d1];
-                    let x2 = t57[x2_at + d0 * 16 + d1];
-                    let x3 = param_attn_out_bias[x3_at + d1];
-                    o0[j] = x0 + x1 + x2 + x3;
+                    x3_row[j] = x3_src[d1];
                 }
             }
-        });
+            for j in 0..128 {
+                let x0 = x0_row[j];
+                let x1 = x1_row[j];
+                let x2 = x2_row[j];
+                let x3 = x3_row[j];
+                o0[j] = x0 + x1 + x2 + x3;
+            }
+        }
+    }
+    rows(
+        0,
+        t3,
+        param_pos_emb,
+        t57,
+        param_attn_out_bias,
+        &mut t60[0..256],
+    );
     Ok(())
 }
 
@@ -1893,18 +1940,25 @@ pub fn grads_k68_matmul(t52: &[f32], t231: &[f32], t241: &mut [f32]) -> Result<(
 
 /// reduce: div.d1, mul, reduce_sum over [2, 2, 8, 8].
 pub fn grads_k69_reduce(t239: &[f32], t50: &[f32], t51: &[f32], t246: &mut [f32]) {
-    t246[0..32].chunks_mut(32).for_each(|outs| {
-        for (j, acc_out) in outs.iter_mut().enumerate() {
-            let mut acc = 0.0_f32;
-            for i0 in 0..8 {
-                let x0 = t239[j * 8 + i0];
-                let x1 = t50[j * 8 + i0];
-                let x2 = t51[j];
-                acc += -x0 * x1 / x2.powi(2);
+    fn rows(_row0: usize, t239: &[f32], t50: &[f32], t51: &[f32], outs: &mut [f32]) {
+        for outs in outs.chunks_exact_mut(32) {
+            let outs: &mut [f32; 32] = outs.try_into().unwrap();
+            let x0_row: &[f32; 256] = t239[0..][..256].try_into().unwrap();
+            let x1_row: &[f32; 256] = t50[0..][..256].try_into().unwrap();
+            let x2_row: &[f32; 32] = t51[0..][..32].try_into().unwrap();
+            for j in 0..32 {
+                let x2 = x2_row[j];
+                let mut acc = 0.0_f32;
+                for i0 in 0..8 {
+                    let x0 = x0_row[j * 8 + i0];
+                    let x1 = x1_row[j * 8 + i0];
+                    acc += -x0 * x1 / x2.powi(2);
+                }
+                outs[j] = acc;
             }
-            *acc_out = acc;
         }
-    });
+    }
+    rows(0, t239, t50, t51, &mut t246[0..32]);
 }
 
 /// elementwise: add, div.d0, exp.d0, mul, where over [2, 2, 8, 8].
@@ -1917,31 +1971,49 @@ pub fn grads_k70_add_div_d0_etc(
     t48: &[f32],
     t257: &mut [f32],
 ) {
-    t257[0..256]
-        .chunks_mut(64)
-        .enumerate()
-        .for_each(|(row, o0)| {
-            let x0_at = 0;
-            let x1_at = row * 64;
-            let x2_at = row * 8;
-            let x3_at = row * 8;
-            let x4_at = row * 64;
-            let x5_at = row * 8;
+    fn rows(
+        row0: usize,
+        c44: &[u8],
+        t239: &[f32],
+        t51: &[f32],
+        t246: &[f32],
+        t43: &[f32],
+        t48: &[f32],
+        o0: &mut [f32],
+    ) {
+        for (i, o0) in o0.chunks_exact_mut(64).enumerate() {
+            let row = row0 + i;
+            let o0: &mut [f32; 64] = o0.try_into().unwrap();
+            let x0_row: &[u8; 64] = c44[0..][..64].try_into().unwrap();
+            let x1_row: &[f32; 64] = t239[row * 64..][..64].try_into().unwrap();
+            let x2_src: &[f32; 8] = t51[row * 8..][..8].try_into().unwrap();
+            let mut x2_row = [0.0_f32; 64];
+            let x3_src: &[f32; 8] = t246[row * 8..][..8].try_into().unwrap();
+            let mut x3_row = [0.0_f32; 64];
+            let x4_row: &[f32; 64] = t43[row * 64..][..64].try_into().unwrap();
+            let x5_src: &[f32; 8] = t48[row * 8..][..8].try_into().unwrap();
+            let mut x5_row = [0.0_f32; 64];
             for d0 in 0..8 {
                 for d1 in 0..8 {
                     let j = d0 * 8 + d1;
-                    let x0 = c44[x0_at + d0 * 8 + d1] != 0;
-                    let x1 = t239[x1_at + d0 * 8 + d1];
-                    let x2 = t51[x2_at + d0];
-                    let x3 = t246[x3_at + d0];
-                    let x4 = t43[x4_at + d0 * 8 + d1];
-                    let x5 = t48[x5_at + d0];
-                    let w0 =
-                        (x1 / x2 + x3) * Math::exp(-x5 + (if x0 { x4 } else { -1000000000.0 }));
-                    o0[j] = 0.35355338 * (if x0 { w0 } else { 0.0 });
+                    x2_row[j] = x2_src[d0];
+                    x3_row[j] = x3_src[d0];
+                    x5_row[j] = x5_src[d0];
                 }
             }
-        });
+            for j in 0..64 {
+                let x0 = x0_row[j] != 0;
+                let x1 = x1_row[j];
+                let x2 = x2_row[j];
+                let x3 = x3_row[j];
+                let x4 = x4_row[j];
+                let x5 = x5_row[j];
+                let w0 = (x1 / x2 + x3) * Math::exp(-x5 + (if x0 { x4 } else { -1000000000.0 }));
+                o0[j] = 0.35355338 * (if x0 { w0 } else { 0.0 });
+            }
+        }
+    }
+    rows(0, c44, t239, t51, t246, t43, t48, &mut t257[0..256]);
 }
 
 /// matmul: matmul: 2×2 batches of 8×8 · 8×8.

@@ -266,16 +266,21 @@ pub fn grads_k04_matmul_mul_tanh_d0(
 
 /// reduce: reduce_sum over [4, 4].
 pub fn grads_k05_reduce(t62: &[f32], t63: &mut [f32]) {
-    t63[0..4].chunks_mut(4).for_each(|outs| {
-        for (j, acc_out) in outs.iter_mut().enumerate() {
-            let mut acc = 0.0_f32;
-            for i0 in 0..4 {
-                let x0 = t62[j + i0 * 4];
-                acc += x0;
+    fn rows(_row0: usize, t62: &[f32], outs: &mut [f32]) {
+        for outs in outs.chunks_exact_mut(4) {
+            let outs: &mut [f32; 4] = outs.try_into().unwrap();
+            let x0_row: &[f32; 16] = t62[0..][..16].try_into().unwrap();
+            for j in 0..4 {
+                let mut acc = 0.0_f32;
+                for i0 in 0..4 {
+                    let x0 = x0_row[j + i0 * 4];
+                    acc += x0;
+                }
+                outs[j] = acc;
             }
-            *acc_out = acc;
         }
-    });
+    }
+    rows(0, t62, &mut t63[0..4]);
 }
 
 /// matmul: matmul: 2×4 · 4×4.

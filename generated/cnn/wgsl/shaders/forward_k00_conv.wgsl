@@ -20,7 +20,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
                 for (var kx = 0u; kx < 3u; kx = kx + 1u) {
                     let ix = i32(ox * 1u + kx) - 1;
                     if (ix >= 0 && ix < 8) {
-                        acc = fma(f32s[7168 + bn * 64 + ci * 64 + u32(iy) * 8 + u32(ix)], f32s[oc * 9 + ci * 9 + ky * 3 + kx], acc);
+                        acc = fma(f32s[6144 + bn * 64 + ci * 64 + u32(iy) * 8 + u32(ix)], f32s[oc * 9 + ci * 9 + ky * 3 + kx], acc);
                     }
                 }
             }
