@@ -541,8 +541,9 @@ class _Scheduler:
         and the transpose's copy kernel never exists."""
         perm = tuple(range(len(n.shape)))
         last = n
-        while (len(self.users[last.id]) == 1 and last.id not in self.result_ids
-               and n.id not in self.epilogues):
+        if n.id in self.epilogues:  # its epilogue reads the product row-major
+            return self._temp(n)
+        while len(self.users[last.id]) == 1 and last.id not in self.result_ids:
             user = self.node[self.users[last.id][0]]
             if user.op != "transpose":
                 break

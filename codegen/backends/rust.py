@@ -9,8 +9,9 @@ matmul, gather/scatter and conv call the runtime crate (``ferrograd_runtime``).
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -453,15 +454,10 @@ def _nested_row(out: IndentedBuffer, k: Elementwise, outer: list[int], inner: li
         staged.append((sym, steps))
     if staged:
         loops = [f"d{i}" for i in range(r)]
-        for d, n in zip(loops, inner, strict=True):
-            out.line(f"for {d} in 0..{n} {{")
-            out.level += 1
-        out.line(f"let j = {linear_index(0, loops, list(row_major(tuple(inner))))};")
-        for sym, steps in staged:
-            out.line(f"{sym}_row[j] = {sym}_src[{linear_index(0, loops, steps)}];")
-        for _ in loops:
-            out.level -= 1
-            out.line("}")
+        with _loops(out, loops, inner):
+            out.line(f"let j = {linear_index(0, loops, list(row_major(tuple(inner))))};")
+            for sym, steps in staged:
+                out.line(f"{sym}_row[j] = {sym}_src[{linear_index(0, loops, steps)}];")
     exprs = _hoist_reciprocals(out, [e for _, e in k.outputs], invariant)
     with out.indent(f"for j in 0..{length} {{"):
         for line in loads:
@@ -469,6 +465,18 @@ def _nested_row(out: IndentedBuffer, k: Elementwise, outer: list[int], inner: li
         values = _cse_body(out, exprs, [v.dtype for v, _ in k.outputs])
         for name, (v, _), val in zip(names, k.outputs, values, strict=True):
             out.line(f"{name}[j] = {_store(v, val)};")
+
+
+@contextlib.contextmanager
+def _loops(out: IndentedBuffer, names: Sequence[str], ranges: Sequence[int | str]
+           ) -> Iterator[None]:
+    """Nested ``for`` loops, ``names[i]`` over ``ranges[i]`` (an int n: ``0..n``; a
+    string: that range), the last innermost; the body goes inside all of them."""
+    with contextlib.ExitStack() as stack:
+        for name, r in zip(names, ranges, strict=True):
+            span = f"0..{r}" if isinstance(r, int) else r
+            stack.enter_context(out.indent(f"for {name} in {span} {{"))
+        yield
 
 
 def _bind_fixed(out: IndentedBuffer, name: str, v: View, base: str, length: int) -> None:
@@ -555,18 +563,13 @@ def _nested(out: IndentedBuffer, k: Elementwise, sizes: list[int],
             strides: list[list[int]]) -> None:
     loops = [f"i{d}" for d in range(len(sizes))]
     n_out = len(k.outputs)
-    for d, n in enumerate(sizes):
-        out.line(f"for i{d} in 0..{n} {{")
-        out.level += 1
-    for (sym, v), s in zip(k.inputs.items(), strides[n_out:], strict=True):
-        out.line(f"let {sym} = {_load(v, linear_index(v.offset, loops, s))};")
-    values = _cse_body(out, [e for _, e in k.outputs], [v.dtype for v, _ in k.outputs])
-    for (v, _), s, val in zip(k.outputs, strides[:n_out], values, strict=True):
-        out.line(f"{v.buffer}[{linear_index(v.offset, loops, s)}] = "
-                 f"{_store(v, val)};")
-    for _ in sizes:
-        out.level -= 1
-        out.line("}")
+    with _loops(out, loops, sizes):
+        for (sym, v), s in zip(k.inputs.items(), strides[n_out:], strict=True):
+            out.line(f"let {sym} = {_load(v, linear_index(v.offset, loops, s))};")
+        values = _cse_body(out, [e for _, e in k.outputs], [v.dtype for v, _ in k.outputs])
+        for (v, _), s, val in zip(k.outputs, strides[:n_out], values, strict=True):
+            out.line(f"{v.buffer}[{linear_index(v.offset, loops, s)}] = "
+                     f"{_store(v, val)};")
 
 
 def _reduce(out: IndentedBuffer, k: Reduce, args: KernelArgs) -> None:
@@ -637,16 +640,11 @@ def _window_row(out: IndentedBuffer, k: Reduce, lay: ReduceLayout, coords: list[
         for line in per_output:
             out.line(line)
         out.line(f"let mut acc = {'0.0_f32' if sum_ else 'f32::NEG_INFINITY'};")
-        for d, n in zip(window, rsizes, strict=True):
-            out.line(f"for {d} in 0..{n} {{")
-            out.level += 1
-        for line in per_element:
-            out.line(line)
-        (value,) = _cse_body(out, [k.value], ["f32"])
-        out.line(f"acc += {value};" if sum_ else f"acc = acc.max({value});")
-        for _ in window:
-            out.level -= 1
-            out.line("}")
+        with _loops(out, window, rsizes):
+            for line in per_element:
+                out.line(line)
+            (value,) = _cse_body(out, [k.value], ["f32"])
+            out.line(f"acc += {value};" if sum_ else f"acc = acc.max({value});")
         out.line("outs[j] = acc;")
 
 
@@ -657,18 +655,13 @@ def _reduce_one(out: IndentedBuffer, k: Reduce, lay: ReduceLayout, coords: list[
     rsizes = lay.reduced_sizes
     out.line(f"let mut acc = {'0.0_f64' if sum_ else 'f32::NEG_INFINITY'};")
     loops = [f"i{d}" for d in range(len(rsizes))]
-    for d, n in enumerate(rsizes):
-        out.line(f"for i{d} in 0..{n} {{")
-        out.level += 1
-    for (sym, v), ks, rs in zip(k.inputs.items(), lay.kept_strides, lay.reduced_strides,
-                                strict=True):
-        index = linear_index(v.offset, coords + loops, ks + rs)
-        out.line(f"let {sym} = {_load(v, index)};")
-    (value,) = _cse_body(out, [k.value], ["f32"])
-    out.line(f"acc += f64::from({value});" if sum_ else f"acc = acc.max({value});")
-    for _ in rsizes:
-        out.level -= 1
-        out.line("}")
+    with _loops(out, loops, rsizes):
+        for (sym, v), ks, rs in zip(k.inputs.items(), lay.kept_strides, lay.reduced_strides,
+                                    strict=True):
+            index = linear_index(v.offset, coords + loops, ks + rs)
+            out.line(f"let {sym} = {_load(v, index)};")
+        (value,) = _cse_body(out, [k.value], ["f32"])
+        out.line(f"acc += f64::from({value});" if sum_ else f"acc = acc.max({value});")
     out.line("*acc_out = acc as f32;" if sum_ else "*acc_out = acc;")
 
 
@@ -693,13 +686,21 @@ def _row_reduce_in_lanes(out: IndentedBuffer, k: Reduce, lay: ReduceLayout,
         out.line("let mut lanes = rt::lanes::MAXIMA;")
     out.line("let mut chunk = [0.0_f32; rt::lanes::CHUNK];")
     loops = [f"i{d}" for d in range(len(outer))]
-    for d, n in enumerate(outer):
-        out.line(f"for i{d} in 0..{n} {{")
-        out.level += 1
-    chunked = last > CHUNK
+    chunked = last > CHUNK  # then the innermost loop walks the row a chunk at a time
+    names, ranges = list(loops), list[int | str](outer)
     if chunked:
-        out.line(f"for start in (0..{last}).step_by(rt::lanes::CHUNK) {{")
-        out.level += 1
+        names.append("start")
+        ranges.append(f"(0..{last}).step_by(rt::lanes::CHUNK)")
+    with _loops(out, names, ranges):
+        _lanes_chunk(out, k, lay, coords, loops, last, chunked)
+    out.line("*acc_out = rt::lanes::sum(&lanes) as f32;" if sum_
+             else "*acc_out = rt::lanes::max_of(&lanes);")
+
+
+def _lanes_chunk(out: IndentedBuffer, k: Reduce, lay: ReduceLayout, coords: list[str],
+                 loops: list[str], last: int, chunked: bool) -> None:
+    """The lanes' fold of one innermost row (or chunk ``start`` of it)."""
+    if chunked:
         out.line(f"let n = ({last} - start).min(rt::lanes::CHUNK);")
     length = "n" if chunked else str(last)
     loads = []
@@ -718,13 +719,8 @@ def _row_reduce_in_lanes(out: IndentedBuffer, k: Reduce, lay: ReduceLayout,
             out.line(line)
         (value,) = _cse_body(out, [value], ["f32"])
         out.line(f"*c = {value};")
-    fold = "add" if sum_ else "max"
+    fold = "add" if k.combine == "sum" else "max"
     out.line(f"rt::lanes::{fold}(&mut lanes, &chunk[..{length}]);")
-    for _ in range(len(outer) + chunked):
-        out.level -= 1
-        out.line("}")
-    out.line("*acc_out = rt::lanes::sum(&lanes) as f32;" if sum_
-             else "*acc_out = rt::lanes::max_of(&lanes);")
 
 
 def _is_column_reduction(lay: ReduceLayout) -> bool:
@@ -782,24 +778,20 @@ def _accumulate_rows(out: IndentedBuffer, k: Reduce, lay: ReduceLayout, first: s
     """Loops over the reduced dims (the first over the range ``first``), adding each
     row's ``width`` elements, from column ``j0`` on, into ``acc``."""
     loops = [f"i{d}" for d in range(len(lay.reduced_sizes))]
-    for d, n in enumerate(lay.reduced_sizes):
-        out.line(f"for i{d} in {first if d == 0 else f'0..{n}'} {{")
-        out.level += 1
-    loads = []
-    for (sym, v), ks, rs in zip(k.inputs.items(), lay.kept_strides, lay.reduced_strides,
-                                strict=True):
-        base = linear_index(v.offset, loops, rs)
-        load = _bind_input(out, sym, v, base, ks[0], width, j0)
-        if load is not None:
-            loads.append(load)
-    with out.indent("for (j, a) in acc.iter_mut().enumerate() {"):
-        for line in loads:
-            out.line(line)
-        (value,) = _cse_body(out, [k.value], ["f32"])
-        out.line(f"*a += f64::from({value});" if k.combine == "sum" else f"*a = a.max({value});")
-    for _ in lay.reduced_sizes:
-        out.level -= 1
-        out.line("}")
+    with _loops(out, loops, [first, *lay.reduced_sizes[1:]]):
+        loads = []
+        for (sym, v), ks, rs in zip(k.inputs.items(), lay.kept_strides, lay.reduced_strides,
+                                    strict=True):
+            base = linear_index(v.offset, loops, rs)
+            load = _bind_input(out, sym, v, base, ks[0], width, j0)
+            if load is not None:
+                loads.append(load)
+        with out.indent("for (j, a) in acc.iter_mut().enumerate() {"):
+            for line in loads:
+                out.line(line)
+            (value,) = _cse_body(out, [k.value], ["f32"])
+            out.line(f"*a += f64::from({value});" if k.combine == "sum"
+                     else f"*a = a.max({value});")
 
 
 def _head(v: View, n: int) -> View:
@@ -918,17 +910,12 @@ def _product(out: IndentedBuffer, k: Matmul) -> None:
     inner = sizes[-1] if sizes else 1
     bstr = [s[-1] if sizes else 0 for s in strides]
     loops = [f"b{d}" for d in range(len(sizes) - 1)]
-    for d, size in enumerate(sizes[:-1]):
-        out.line(f"for b{d} in 0..{size} {{")
-        out.level += 1
     offs = [linear_index(v.offset, loops, s) for v, s in zip(views, strides, strict=True)]
     a, b, c = (f"({bs}, {m[1:-1]})" for bs, m in zip(bstr, mats, strict=True))
-    out.line(f"rt::gemm::sgemm_batched({inner}, {k.m}, {k.n}, {k.k}, "
-             f"&{k.a.buffer}[{offs[0]}..], {a}, &{k.b.buffer}[{offs[1]}..], {b}, "
-             f"&mut {k.out.buffer}[{offs[2]}..], {c}, false)?;")
-    for _ in sizes[:-1]:
-        out.level -= 1
-        out.line("}")
+    with _loops(out, loops, sizes[:-1]):
+        out.line(f"rt::gemm::sgemm_batched({inner}, {k.m}, {k.n}, {k.k}, "
+                 f"&{k.a.buffer}[{offs[0]}..], {a}, &{k.b.buffer}[{offs[1]}..], {b}, "
+                 f"&mut {k.out.buffer}[{offs[2]}..], {c}, false)?;")
 
 
 def _gather(out: IndentedBuffer, k: Gather) -> None:
