@@ -1,8 +1,8 @@
 """A small PTX interpreter for tests: runs a launch plan's kernels without a GPU.
 
 It executes the subset of PTX the renderer emits for reductions, row chains, convolution
-gathers and the fallback GEMM (integer index arithmetic, f32, v4 and u8 loads and
-stores, IEEE-rounded arithmetic, ex2/lg2, predicates, branches, ``shfl.sync.bfly``,
+gathers and the fallback GEMM (integer index arithmetic, f32, v2, v4 and u8 loads
+and stores, IEEE-rounded arithmetic, ex2/lg2, predicates, branches, ``shfl.sync.bfly``,
 shared memory and ``bar.sync``) over every thread of a launch at once, NumPy vectors of
 registers, one instruction at a time for the threads at the lowest program counter
 ("min-PC" scheduling: a thread that leaves a loop early waits where the others will join
@@ -234,8 +234,10 @@ class Threads:
         reg = self.reg(name)
         reg[sel] = values.astype(reg.dtype)
 
-    def memory(self, operand: str, sel: np.ndarray, nbytes: int) -> np.ndarray:
-        """Byte addresses of ``[reg+imm]`` for ``sel``, checked against the arenas."""
+    def memory(self, operand: str, sel: np.ndarray, nbytes: int, align: int = 1
+               ) -> np.ndarray:
+        """Byte addresses of ``[reg+imm]`` for ``sel``, checked against the arenas (and,
+        for a vector access, its alignment)."""
         inner = operand.strip("[]")
         reg, _, imm = inner.partition("+")
         addr = self.value(reg, np.uint64, sel).astype(np.int64) + int(imm or 0)
@@ -245,6 +247,9 @@ class Threads:
             ok |= (addr >= base) & (addr + nbytes <= base + size)
         if not ok.all():
             raise IndexError(f"ptx_sim: access outside every arena at {addr[~ok][:4]}")
+        if (addr % align).any():
+            raise IndexError(f"ptx_sim: a {nbytes}-byte access at {addr[addr % align != 0][:4]}"
+                             " is not aligned to its size")
         return addr
 
     def run(self) -> None:
@@ -331,14 +336,16 @@ class Threads:
             addr = self.memory(o[1], run, 4)
             word = self.m.heap[addr[:, None] + np.arange(4)].copy().view(np.uint32)[:, 0]
             self.set(o[0], run, word.view(np.float32) if op.endswith("f32") else word)
-        elif op in ("ld.global.v4.f32", "ld.global.v4.b32"):
-            addr = self.memory(o[1], run, 16)
-            words = self.m.heap[addr[:, None] + np.arange(16)].copy().view(np.uint32)
+        elif op in ("ld.global.v2.f32", "ld.global.v4.f32", "ld.global.v4.b32"):
+            width = 4 * int(op.split(".")[2][1:])  # bytes: 8 or 16, and aligned to them
+            addr = self.memory(o[1], run, width, width)
+            words = self.m.heap[addr[:, None] + np.arange(width)].copy().view(np.uint32)
             for lane, reg in enumerate(o[0].strip("{}").split(",")):
                 word = words[:, lane]
                 self.set(reg.strip(), run, word.view(np.float32) if op.endswith("f32") else word)
-        elif op in ("st.global.v4.f32", "st.global.v4.b32"):
-            addr = self.memory(o[0], run, 16)
+        elif op in ("st.global.v2.f32", "st.global.v4.f32", "st.global.v4.b32"):
+            width = 4 * int(op.split(".")[2][1:])
+            addr = self.memory(o[0], run, width, width)
             for lane, reg in enumerate(o[1].strip("{}").split(",")):
                 data = np.ascontiguousarray(self.reg(reg.strip())[run]).view(np.uint8)
                 self.m.heap[addr[:, None] + 4 * lane + np.arange(4)] = data.reshape(-1, 4)

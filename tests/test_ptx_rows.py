@@ -53,9 +53,10 @@ def _run(lw: fg.Lowered, module: DeviceModule, entry: str, feed: dict[str, np.nd
 
 
 def _unfused(lw: fg.Lowered) -> DeviceModule:
-    """The module with every kernel of the schedules as it is (no row chains)."""
+    """The module with every kernel of the schedules as it is (no row or window chains)."""
     shapes = {k: lw.graph.node(v).shape for k, v in lw.graph.results().items()}
-    return render_ptx(lw.schedules, lw.memory_plan, result_shapes=shapes, row_chains=False)
+    return render_ptx(lw.schedules, lw.memory_plan, result_shapes=shapes, row_chains=False,
+                      window_chains=False)
 
 
 def _between_gemms(module: DeviceModule, entry: str, mnk: tuple[int, int, int]

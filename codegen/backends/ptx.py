@@ -58,6 +58,7 @@ from .ptx_kernels import (
     reduce,
 )
 from .ptx_rows import RowChain, fuse_rows, row_chain
+from .ptx_windows import WindowChain, fuse_windows, window_chain
 
 # target -> the PTX ISA version its module declares (the oldest that has the target
 # and everything emitted here: max.NaN needs 7.0)
@@ -73,6 +74,7 @@ KINDS: dict[type, Callable[[Any, dict[str, str], bool], list[Step]]] = {
     Gather: gather,
     Conv: conv,
     RowChain: row_chain,
+    WindowChain: window_chain,
 }
 
 
@@ -95,6 +97,8 @@ def render_kernel(k: Kernel, dtypes: dict[str, str], fast_math: bool = False,
         return matmul(k, dtypes, fast_math, aligned)
     if isinstance(k, Horizontal):
         return horizontal(k, dtypes, fast_math, aligned)
+    if isinstance(k, WindowChain):
+        return window_chain(k, dtypes, fast_math, aligned)
     render = KINDS.get(type(k))
     if render is None:
         raise BackendError(f"no PTX template for kernel kind {k.kind}")
@@ -136,12 +140,16 @@ class _ModuleBuilder:
 
 
 def device_kernels(s: Schedule, memory_plan: MemoryPlan, row_chains: bool = True,
-                   merge: bool = True) -> list[Kernel]:
+                   merge: bool = True, window_chains: bool = True) -> list[Kernel]:
     """The kernels the PTX backend runs for ``s``: the schedule's, with each row chain
-    (softmax, layer norm: ``ptx_rows.py``) one kernel unless ``row_chains`` is off, then
-    runs of independent elementwise kernels one launch (``ptx_horizontal.py``) unless
-    ``merge`` is off."""
+    (softmax, layer norm: ``ptx_rows.py``) one kernel unless ``row_chains`` is off, each
+    window chain (max pooling's gradient: ``ptx_windows.py``) one kernel unless
+    ``window_chains`` is off, then runs of independent elementwise kernels one launch
+    (``ptx_horizontal.py``) unless ``merge`` is off."""
     kernels, log = fuse_rows(s, memory_plan) if row_chains else (list(s.kernels), [])
+    if window_chains:
+        kernels, more = fuse_windows(s, memory_plan, kernels)
+        log += more
     if merge:
         kernels, more = merge_launches(s, memory_plan, kernels)
         log += more
@@ -153,13 +161,14 @@ def device_kernels(s: Schedule, memory_plan: MemoryPlan, row_chains: bool = True
 
 def render_ptx(schedules: list[Schedule], memory_plan: MemoryPlan, *, target: str = "sm_80",
                fast_math: bool = False, result_shapes: Mapping[str, tuple[int, ...]] | None = None,
-               model: str = "", row_chains: bool = True, merge_launches: bool = True
-               ) -> DeviceModule:
+               model: str = "", row_chains: bool = True, merge_launches: bool = True,
+               window_chains: bool = True) -> DeviceModule:
     """The PTX module of ``schedules`` and the launch plan of each entry point.
 
     ``result_shapes`` (result key -> shape) shapes the plans' results (default: flat);
     ``row_chains=False`` keeps the schedule's kernels as they are (tests compare);
-    ``merge_launches=False`` runs each elementwise kernel as a launch of its own.
+    ``merge_launches=False`` runs each elementwise kernel as a launch of its own;
+    ``window_chains=False`` keeps window reductions and their readers apart (tests).
     """
     if target not in TARGETS:
         raise BackendError(f"unknown PTX target {target!r}; choose from {', '.join(TARGETS)}")
@@ -173,7 +182,7 @@ def render_ptx(schedules: list[Schedule], memory_plan: MemoryPlan, *, target: st
     for s in schedules:
         refs = _Addresses(s, memory_plan, const_at)
         plan = DevicePlan(s.entry)
-        for k in device_kernels(s, memory_plan, row_chains, merge_launches):
+        for k in device_kernels(s, memory_plan, row_chains, merge_launches, window_chains):
             for step in render_kernel(k, dtypes, fast_math, aligned):
                 plan.steps.append(_plan_step(step, builder, refs))
                 uses_flags |= isinstance(k, Gather)
