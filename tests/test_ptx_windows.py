@@ -3,7 +3,8 @@ window and the elementwise kernel reading it broadcast over the window, one kern
 with a thread per window. No GPU needed.
 
 - The CNN benchmark (cnn256): each max pool's tie count joins its gradient kernel,
-  in the grads and train plans; the tie counts are never stored.
+  in the grads and train plans; the tie counts are never stored. The forward's pools,
+  with no reader to join, run a thread per window alone.
 - Run whole in the PTX interpreter (``ptx_sim``), CNNs with 2×2 and 3×3 pooling (ReLU
   before the pool makes ties: windows of zeros) and a softmax over a short middle axis
   give the bits of the same plans without window chains, and NumPy's values. ptxas
@@ -37,7 +38,15 @@ def _without_windows(lw: fg.Lowered) -> DeviceModule:
 
 
 def _windows(module: DeviceModule, entry: str) -> list[str]:
-    return [s.kernel for s, c in _launches(module, entry) if c.startswith("window chain")]
+    """The launches of window chains that joined a reduction and its reader."""
+    return [s.kernel for s, c in _launches(module, entry)
+            if c.startswith("window chain") and ", " in c.split("): ")[1].split(";")[0]]
+
+
+def _alone(module: DeviceModule, entry: str) -> list[str]:
+    """The launches of window reductions with no reader to join."""
+    return [s.kernel for s, c in _launches(module, entry)
+            if c.startswith("window chain") and s.kernel not in _windows(module, entry)]
 
 
 # ---- the CNN benchmark ------------------------------------------------------------------
@@ -51,11 +60,12 @@ def test_cnn_pool_gradients_are_one_kernel_each() -> None:
     for entry in ("grads", "train"):
         assert len(_windows(module, entry)) == 2
         assert len(module.plans[entry].steps) == len(before.plans[entry].steps) - 2
-        comments = [c for _, c in _launches(module, entry) if c.startswith("window chain")]
+        comments = [c for s, c in _launches(module, entry) if s.kernel in _windows(module, entry)]
         assert all("a thread per window of 4" in c and "reduce" in c and "div_mul_relu_d0" in c
                    for c in comments), comments
-    # the forward's pools have no reader to join: they stay reductions
+    # the forward's pools have no reader to join: a thread per window all the same
     assert not _windows(module, "forward")
+    assert len(_alone(module, "forward")) == len(_alone(before, "forward")) + 2 == 2
     assemble_all(lw)
 
 
@@ -186,6 +196,10 @@ def _write(out: str) -> Elementwise:
 BROADCAST = _view("m", SHAPE, (2, 0, 1))
 
 
+def _joined(kernels: list) -> list[WindowChain]:
+    return [k for k in kernels if isinstance(k, WindowChain) and len(k.kernels) > 1]
+
+
 def _fuse(kernels: list, placements: dict[str, Placement] | None = None) -> list:
     names = {v.buffer for k in kernels for v in [*k.reads(), *k.writes()]}
     buffers = {n: Buffer(n, "temp", "f32", math.prod(SHAPE)) for n in names}
@@ -198,19 +212,20 @@ def _fuse(kernels: list, placements: dict[str, Placement] | None = None) -> list
 def test_chain_moves_the_reduction_down_to_its_reader() -> None:
     out = _fuse([_count(), _write("c"), _spread(BROADCAST)])
     assert [type(k) for k in out] == [Elementwise, WindowChain]
-    chain = out[1]
+    (chain,) = _joined(out)
     assert [k.name for k in chain.kernels] == ["count_m", "spread"]
     assert [v.buffer for v in chain.stores] == ["g"]  # the count stays in a register
 
 
 def test_no_chain_past_a_writer_of_its_input() -> None:
     out = _fuse([_count(), _write("a"), _spread(BROADCAST, src="c")])
-    assert not any(isinstance(k, WindowChain) for k in out)
+    assert not _joined(out)
+    assert [k.kernels for k in out if isinstance(k, WindowChain)] == [[_count()]]  # alone
 
 
 def test_no_chain_through_another_view() -> None:
     other = _view("m", SHAPE, (1, 0, 0))  # the count of another window
-    assert not any(isinstance(k, WindowChain) for k in _fuse([_count(), _spread(other)]))
+    assert not _joined(_fuse([_count(), _spread(other)]))
 
 
 def test_no_chain_storing_over_a_load() -> None:
@@ -221,8 +236,6 @@ def test_no_chain_storing_over_a_load() -> None:
     flipped = Elementwise("spread", ["div"], SHAPE, {"x0": _view("a"), "x1": BROADCAST},
                           [(_view("g", SHAPE, (1, 8, 4)), x0 / x1)])
     at = Placement(0, 24, 0, 3)
-    assert not any(isinstance(k, WindowChain)
-                   for k in _fuse([_count(), flipped], {"a": at, "g": at}))
+    assert not _joined(_fuse([_count(), flipped], {"a": at, "g": at}))
     # the same view in place is fine
-    fused = _fuse([_count(), _spread(BROADCAST)], {"a": at, "g": at})
-    assert isinstance(fused[-1], WindowChain)
+    assert _joined(_fuse([_count(), _spread(BROADCAST)], {"a": at, "g": at}))

@@ -19,6 +19,8 @@ windows), each view's address worked out once per window and its elements at
 constant offsets from it; the reduction folds the window's elements in row-major
 order (the unfused "thread per row" reduction's order, so the bits are the same),
 then the elementwise kernel runs on each element with the reduced value in a register.
+A window reduction with no such reader (the forward's max pooling) runs the same way
+alone: its index worked out once per window rather than once per element.
 
 A chain is taken only when it is safe, checked against the memory plan (two buffers
 are the same when their bytes overlap, as in ``ptx_horizontal``):
@@ -164,6 +166,11 @@ def fuse_windows(s: Schedule, plan: MemoryPlan, kernels: list[Kernel]
         log.append(f"window chain {', '.join(k.name for k in chain.kernels)}: a thread per "
                    f"window of {math.prod(e.shape[a] for a in chain.axes)} -> {chain.name}; "
                    f"stores {', '.join(v.buffer for v in chain.stores) or 'nothing'}")
+    for i, r in enumerate(kernels):  # a window reduction with no reader to join: alone
+        if i not in moved and isinstance(r, Reduce) and _window_reduce(r):
+            assert r.out is not None
+            chains[i] = WindowChain(f"{r.name}_window", list(r.ops), r.shape, r.axes, [r],
+                                    list(dict.fromkeys(r.reads())), [r.out])
     out = [chains.get(i, k) for i, k in enumerate(kernels) if i not in moved]
     return out, log
 
