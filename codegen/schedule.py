@@ -482,8 +482,8 @@ class _Scheduler:
                 e = _cast(arg(n.args[0], frame), self.node[n.args[0]].dtype, n.dtype)
             else:
                 opdef = op_def(n.op)
-                e = opdef.expr.xreplace(  # type: ignore[union-attr]
-                    {s: arg(a, frame) for s, a in zip(opdef.symbols, n.args, strict=True)})
+                e = _fold_ite(opdef.expr.xreplace(  # type: ignore[union-attr]
+                    {s: arg(a, frame) for s, a in zip(opdef.symbols, n.args, strict=True)}))
             cache[nid] = e
             return e
 
@@ -741,6 +741,15 @@ def _literal(value: Any, dtype: str) -> Any:
         return sp.Integer(int(value))
     return sp.Float(float(value), 24)
 
+
+
+def _fold_ite(e: Any) -> Any:
+    """``ITE(c, a, False)`` as ``c & a``: what comparing a substituted Piecewise becomes
+    (relu'(relu(x)) = [relu(x) > 0] = ``ITE(x > 0, x > 0, False)`` = [x > 0])."""
+    if not e.has(sp.ITE):
+        return e
+    return e.replace(lambda a: isinstance(a, sp.ITE) and a.args[2] == sp.false,
+                     lambda a: sp.And(a.args[0], a.args[1]))
 
 def _cast(e: Any, src: str, dst: str) -> Any:
     if src == dst or (src in ("f32", "f64") and dst in ("f32", "f64")):

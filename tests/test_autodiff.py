@@ -287,3 +287,28 @@ def test_grad_does_not_change_its_argument():
     n = len(graph)
     fg.grad(graph)
     assert len(graph) == n and not graph.grads
+
+
+@fg.model
+def relu_layer(x: fg.f32["B", 4]):
+    return fg.relu(fg.nn.linear(x, 3, name="fc")).sum()
+
+
+def test_relu_gradient_reads_its_output():
+    """relu's VJP is g·relu'(relu(x)), which equals g·relu'(x) everywhere (0, -0, ±inf,
+    NaN, subnormals): the backward reads the output, so the pre-activation x @ w + b
+    dies in the forward pass (a GEMM can write relu(x @ w + b) directly)."""
+    traced = fg.trace(relu_layer, B=2)
+    g = fg.grad(traced)
+    (relu,) = [n for n in g.nx.nodes if g.node(n).op == "relu"]
+    (d,) = [n for n in g.nx.nodes if g.node(n).op == "relu.d0"]
+    assert g.node(d).args == (relu,)
+    pre = g.node(relu).args[0]
+    assert all(pre not in g.node(n).args for n in new_nodes(traced, g))
+    special = np.array([0.0, -0.0, 1.0, -1.0, np.inf, -np.inf, np.nan, 1e-45, -1e-45,
+                        3.4e38], np.float32)
+    from ferrograd.ir.ops import op_def
+
+    relu_ref, d_ref = op_def("relu").ref, op_def("relu.d0").ref
+    np.testing.assert_array_equal(d_ref(relu_ref(special)), d_ref(special))
+    check(relu_layer, normal(5, 4))

@@ -68,6 +68,12 @@ DERIVATIVE_OVERRIDES: dict[str, dict[int, Formula]] = {
     "pow": {0: lambda sp, x, y: y * x ** (y - 1), 1: lambda sp, x, y: sp.log(x) * x**y},
 }
 
+# Ops whose derivative takes the same value at the op's output as at its arg, so the
+# VJP reads the output: relu'(x) = [x > 0] = [relu(x) > 0] (0 at 0 and at NaN both
+# ways). The pre-activation then dies in the forward pass: a GEMM writes
+# relu(x @ w + b) straight away, and nothing keeps x @ w + b for the backward.
+DERIVATIVE_AT_OUTPUT = frozenset({"relu"})
+
 COMPARE: dict[str, Formula] = {
     "lt": lambda sp, x, y: sp.StrictLessThan(x, y),
     "le": lambda sp, x, y: sp.LessThan(x, y),
@@ -301,6 +307,8 @@ def _elementwise_vjp(opdef: OpDef) -> Callable[..., list[Any]]:
                 cts.append(g if d[1] == 1.0 else -g if d[1] == -1.0 else g * d[1])
             elif d[0] == "arg":
                 cts.append(g * args[d[1]])
+            elif opdef.name in DERIVATIVE_AT_OUTPUT:
+                cts.append(g * apply(d[1][0], out))
             else:
                 name, used = d[1]
                 cts.append(g * apply(name, *(args[j] for j in used)))

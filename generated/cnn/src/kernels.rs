@@ -310,7 +310,7 @@ pub fn grads_k01_reduce(t3: &[f32], param_conv2d_0_bias: &[f32], t9: &mut [f32])
     rows(0, t3, param_conv2d_0_bias, &mut t9[0..256]);
 }
 
-/// reduce: reduce_sum, relu over [4, 8, 2, 2, 2, 2].
+/// reduce: reduce_sum over [4, 8, 2, 2, 2, 2].
 pub fn grads_k03_reduce(t11: &[f32], param_conv2d_1_bias: &[f32], t17: &mut [f32]) {
     t17[0..128]
         .iter_mut()

@@ -3,7 +3,7 @@
 //! `Step` holds the params, the optimizer state and one arena per dtype for
 //! intermediates (offsets from the memory plan, below). Each entry point
 //! (forward, grads, train) calls the kernels of `kernels.rs` in order.
-//! Training graph 928945d6deccba06.
+//! Training graph 31f457a676814811.
 
 use ferrograd_runtime as rt;
 use numpy::{PyReadonlyArrayDyn, PyUntypedArrayMethods};
@@ -478,7 +478,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `cnn`.
-#[pyclass(module = "fg_cnn_8a2479aefc29")]
+#[pyclass(module = "fg_cnn_eca4c186652d")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -636,8 +636,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_cnn_8a2479aefc29(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_cnn_8a2479aefc29")?;
+fn fg_cnn_eca4c186652d(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_cnn_eca4c186652d")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

@@ -236,84 +236,6 @@ pub fn forward_k08_mul_neg(t29: &[f32], t32: &mut [f32]) {
     t32[0] = -0.0625 * x0;
 }
 
-/// matmul: matmul, add, relu: 16×64 · 64×32.
-pub fn grads_k00_matmul_add_relu(
-    input_x: &[f32],
-    param_linear_0_weight: &[f32],
-    param_linear_0_bias: &[f32],
-    t3: &mut [f32],
-    t5: &mut [f32],
-    t6: &mut [f32],
-) -> Result<(), rt::Error> {
-    let c = &mut t3[0..512];
-    let o0 = &mut t5[0..512];
-    let o1 = &mut t6[0..512];
-    rt::gemm::sgemm(
-        c.len() / 32,
-        32,
-        64,
-        &input_x[0..],
-        (64, 1),
-        &param_linear_0_weight[0..],
-        (32, 1),
-        c,
-        (32, 1),
-        false,
-    )?;
-    for ((c, o0), o1) in c.chunks(32).zip(o0.chunks_mut(32)).zip(o1.chunks_mut(32)) {
-        let n = o0.len();
-        let x1_row = &param_linear_0_bias[0..][..n];
-        for j in 0..n {
-            let x0 = c[j];
-            let x1 = x1_row[j];
-            let t0 = x0 + x1;
-            let w0 = t0;
-            o0[j] = t0;
-            o1[j] = if t0 > 0.0 { w0 } else { 0.0 };
-        }
-    }
-    Ok(())
-}
-
-/// matmul: matmul, add, relu: 16×32 · 32×32.
-pub fn grads_k01_matmul_add_relu(
-    t6: &[f32],
-    param_linear_1_weight: &[f32],
-    param_linear_1_bias: &[f32],
-    t8: &mut [f32],
-    t10: &mut [f32],
-    t11: &mut [f32],
-) -> Result<(), rt::Error> {
-    let c = &mut t8[0..512];
-    let o0 = &mut t10[0..512];
-    let o1 = &mut t11[0..512];
-    rt::gemm::sgemm(
-        c.len() / 32,
-        32,
-        32,
-        &t6[0..],
-        (32, 1),
-        &param_linear_1_weight[0..],
-        (32, 1),
-        c,
-        (32, 1),
-        false,
-    )?;
-    for ((c, o0), o1) in c.chunks(32).zip(o0.chunks_mut(32)).zip(o1.chunks_mut(32)) {
-        let n = o0.len();
-        let x1_row = &param_linear_1_bias[0..][..n];
-        for j in 0..n {
-            let x0 = c[j];
-            let x1 = x1_row[j];
-            let t0 = x0 + x1;
-            let w0 = t0;
-            o0[j] = t0;
-            o1[j] = if t0 > 0.0 { w0 } else { 0.0 };
-        }
-    }
-    Ok(())
-}
-
 /// reduce: neg, reduce_sum over [16, 10].
 pub fn grads_k06_reduce(input_y: &[i32], c17: &[i32], c270: &[f32], t46: &mut [f32]) {
     t46[0..16]
@@ -426,7 +348,7 @@ pub fn grads_k10_matmul(t11: &[f32], t52: &[f32], t60: &mut [f32]) -> Result<(),
 pub fn grads_k11_matmul_mul_relu_d0(
     t52: &[f32],
     param_head_weight: &[f32],
-    t10: &[f32],
+    t11: &[f32],
     t58: &mut [f32],
     t62: &mut [f32],
 ) -> Result<(), rt::Error> {
@@ -447,7 +369,7 @@ pub fn grads_k11_matmul_mul_relu_d0(
     for (i, (c, o0)) in c.chunks(32).zip(o0.chunks_mut(32)).enumerate() {
         let row = i;
         let n = o0.len();
-        let x1_row = &t10[row * 32..][..n];
+        let x1_row = &t11[row * 32..][..n];
         for j in 0..n {
             let x0 = c[j];
             let x1 = x1_row[j];
@@ -501,7 +423,7 @@ pub fn grads_k13_matmul(t6: &[f32], t62: &[f32], t68: &mut [f32]) -> Result<(), 
 pub fn grads_k14_matmul_mul_relu_d0(
     t62: &[f32],
     param_linear_1_weight: &[f32],
-    t5: &[f32],
+    t6: &[f32],
     t66: &mut [f32],
     t70: &mut [f32],
 ) -> Result<(), rt::Error> {
@@ -522,7 +444,7 @@ pub fn grads_k14_matmul_mul_relu_d0(
     for (i, (c, o0)) in c.chunks(32).zip(o0.chunks_mut(32)).enumerate() {
         let row = i;
         let n = o0.len();
-        let x1_row = &t5[row * 32..][..n];
+        let x1_row = &t6[row * 32..][..n];
         for j in 0..n {
             let x0 = c[j];
             let x1 = x1_row[j];

@@ -3,7 +3,7 @@
 //! `Step` holds the params, the optimizer state and one arena per dtype for
 //! intermediates (offsets from the memory plan, below). Each entry point
 //! (forward, grads, train) calls the kernels of `kernels.rs` in order.
-//! Training graph 0fa2bd2e74f3430c.
+//! Training graph 26aca69dac3b2f54.
 
 use ferrograd_runtime as rt;
 use numpy::{PyReadonlyArrayDyn, PyUntypedArrayMethods};
@@ -17,7 +17,7 @@ static CONSTS: &[u8] = include_bytes!("consts.bin");
 
 const PARAM_LEN: usize = 3472;
 const STATE_LEN: usize = 6960;
-const TEMP_F32_LEN: usize = 4464;
+const TEMP_F32_LEN: usize = 4384;
 const TEMP_I32_LEN: usize = 0;
 const TEMP_BOOL_LEN: usize = 0;
 const CONST_F32_LEN: usize = 16;
@@ -131,123 +131,22 @@ impl Arenas {
         // disjoint ranges of their arena, and a kernel writing a buffer in place
         // reads it only through that same mutable slice.
         unsafe {
-            kernels::grads_k00_matmul_add_relu(
+            kernels::forward_k00_matmul_add_relu(
                 input_x,
                 a.param.slice(0, 2048),
                 a.param.slice(2048, 32),
                 a.temp_f32.slice_mut(0, 512),
                 a.temp_f32.slice_mut(512, 512),
-                a.temp_f32.slice_mut(1024, 512),
             )?;
-            kernels::grads_k01_matmul_add_relu(
-                a.temp_f32.slice(1024, 512),
-                a.param.slice(2080, 1024),
-                a.param.slice(3104, 32),
-                a.temp_f32.slice_mut(2048, 512),
-                a.temp_f32.slice_mut(0, 512),
-                a.temp_f32.slice_mut(1536, 512),
-            )?;
-            kernels::forward_k02_matmul_add(
-                a.temp_f32.slice(1536, 512),
-                a.param.slice(3136, 320),
-                a.param.slice(3456, 10),
-                a.temp_f32.slice_mut(2048, 160),
-                a.temp_f32.slice_mut(2208, 160),
-            )?;
-            kernels::forward_k03_reduce(
-                a.temp_f32.slice(2208, 160),
-                a.temp_f32.slice_mut(2048, 16),
-            );
-            kernels::forward_k04_stop_gradient(
-                a.temp_f32.slice(2048, 16),
-                a.temp_f32.slice_mut(2368, 16),
-            );
-            kernels::forward_k05_reduce(
-                a.temp_f32.slice(2208, 160),
-                a.temp_f32.slice(2368, 16),
-                a.temp_f32.slice_mut(2048, 16),
-            );
-            kernels::grads_k06_reduce(
-                input_y,
-                a.const_i32.slice(0, 10),
-                a.const_f32.slice(0, 16),
-                a.temp_f32.slice_mut(2064, 16),
-            );
-            kernels::grads_k07_log_d0_mul(
-                a.temp_f32.slice(2064, 16),
-                a.temp_f32.slice(2048, 16),
-                a.temp_f32.slice_mut(2384, 16),
-            );
-            kernels::grads_k08_add_exp_d0_mul(
-                input_y,
-                a.const_i32.slice(0, 10),
-                a.const_f32.slice(0, 16),
-                a.temp_f32.slice(2384, 16),
-                a.temp_f32.slice(2208, 160),
-                a.temp_f32.slice(2368, 16),
-                a.temp_f32.slice_mut(2048, 160),
-            );
-            kernels::grads_k09_reduce(a.temp_f32.slice(2048, 160), a.temp_f32.slice_mut(4448, 10));
-            kernels::grads_k10_matmul(
-                a.temp_f32.slice(1536, 512),
-                a.temp_f32.slice(2048, 160),
-                a.temp_f32.slice_mut(4096, 320),
-            )?;
-            kernels::grads_k11_matmul_mul_relu_d0(
-                a.temp_f32.slice(2048, 160),
-                a.param.slice(3136, 320),
-                a.temp_f32.slice(0, 512),
-                a.temp_f32.slice_mut(1536, 512),
-                a.temp_f32.slice_mut(3072, 512),
-            )?;
-            kernels::grads_k12_reduce(a.temp_f32.slice(3072, 512), a.temp_f32.slice_mut(4416, 32));
-            kernels::grads_k13_matmul(
-                a.temp_f32.slice(1024, 512),
-                a.temp_f32.slice(3072, 512),
-                a.temp_f32.slice_mut(2048, 1024),
-            )?;
-            kernels::grads_k14_matmul_mul_relu_d0(
-                a.temp_f32.slice(3072, 512),
-                a.param.slice(2080, 1024),
+            kernels::forward_k01_matmul_add_relu(
                 a.temp_f32.slice(512, 512),
-                a.temp_f32.slice_mut(0, 512),
-                a.temp_f32.slice_mut(3584, 512),
-            )?;
-            kernels::grads_k15_reduce(a.temp_f32.slice(3584, 512), a.temp_f32.slice_mut(3072, 32));
-            kernels::grads_k16_matmul(
-                input_x,
-                a.temp_f32.slice(3584, 512),
-                a.temp_f32.slice_mut(0, 2048),
-            )?;
-        }
-        Ok(())
-    }
-
-    /// `train`: 25 kernels.
-    fn train(&mut self, input_x: &[f32], input_y: &[i32]) -> Result<(), rt::Error> {
-        let a = &*self;
-        // SAFETY: the memory plan gives buffers that are live at the same time
-        // disjoint ranges of their arena, and a kernel writing a buffer in place
-        // reads it only through that same mutable slice.
-        unsafe {
-            kernels::grads_k00_matmul_add_relu(
-                input_x,
-                a.param.slice(0, 2048),
-                a.param.slice(2048, 32),
-                a.temp_f32.slice_mut(0, 512),
-                a.temp_f32.slice_mut(512, 512),
-                a.temp_f32.slice_mut(2048, 512),
-            )?;
-            kernels::grads_k01_matmul_add_relu(
-                a.temp_f32.slice(2048, 512),
                 a.param.slice(2080, 1024),
                 a.param.slice(3104, 32),
                 a.temp_f32.slice_mut(1024, 512),
                 a.temp_f32.slice_mut(0, 512),
-                a.temp_f32.slice_mut(2560, 512),
             )?;
             kernels::forward_k02_matmul_add(
-                a.temp_f32.slice(2560, 512),
+                a.temp_f32.slice(0, 512),
                 a.param.slice(3136, 320),
                 a.param.slice(3456, 10),
                 a.temp_f32.slice_mut(1024, 160),
@@ -266,18 +165,6 @@ impl Arenas {
                 a.temp_f32.slice(1040, 16),
                 a.temp_f32.slice_mut(1024, 16),
             );
-            kernels::train_k06_reduce(
-                input_y,
-                a.const_i32.slice(0, 10),
-                a.temp_f32.slice(1184, 160),
-                a.temp_f32.slice(1040, 16),
-                a.temp_f32.slice(1024, 16),
-                a.temp_f32.slice_mut(1056, 16),
-            );
-            kernels::forward_k07_reduce(a.temp_f32.slice(1056, 16), a.temp_f32.slice_mut(1072, 1));
-            kernels::forward_k08_mul_neg(a.temp_f32.slice(1072, 1), a.temp_f32.slice_mut(4336, 1));
-            kernels::train_k09_add_pow_etc(a.state.slice_mut(0, 1), a.temp_f32.slice_mut(4352, 1));
-            kernels::train_k10_div_pow_sub(a.state.slice(0, 1), a.temp_f32.slice_mut(4368, 1));
             kernels::grads_k06_reduce(
                 input_y,
                 a.const_i32.slice(0, 10),
@@ -296,21 +183,127 @@ impl Arenas {
                 a.temp_f32.slice(1072, 16),
                 a.temp_f32.slice(1184, 160),
                 a.temp_f32.slice(1040, 16),
+                a.temp_f32.slice_mut(2048, 160),
+            );
+            kernels::grads_k09_reduce(a.temp_f32.slice(2048, 160), a.temp_f32.slice_mut(3968, 10));
+            kernels::grads_k10_matmul(
+                a.temp_f32.slice(0, 512),
+                a.temp_f32.slice(2048, 160),
+                a.temp_f32.slice_mut(3584, 320),
+            )?;
+            kernels::grads_k11_matmul_mul_relu_d0(
+                a.temp_f32.slice(2048, 160),
+                a.param.slice(3136, 320),
+                a.temp_f32.slice(0, 512),
+                a.temp_f32.slice_mut(1024, 512),
+                a.temp_f32.slice_mut(1536, 512),
+            )?;
+            kernels::grads_k12_reduce(a.temp_f32.slice(1536, 512), a.temp_f32.slice_mut(3904, 32));
+            kernels::grads_k13_matmul(
+                a.temp_f32.slice(512, 512),
+                a.temp_f32.slice(1536, 512),
+                a.temp_f32.slice_mut(2048, 1024),
+            )?;
+            kernels::grads_k14_matmul_mul_relu_d0(
+                a.temp_f32.slice(1536, 512),
+                a.param.slice(2080, 1024),
+                a.temp_f32.slice(512, 512),
+                a.temp_f32.slice_mut(0, 512),
+                a.temp_f32.slice_mut(3072, 512),
+            )?;
+            kernels::grads_k15_reduce(a.temp_f32.slice(3072, 512), a.temp_f32.slice_mut(3936, 32));
+            kernels::grads_k16_matmul(
+                input_x,
+                a.temp_f32.slice(3072, 512),
+                a.temp_f32.slice_mut(0, 2048),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// `train`: 25 kernels.
+    fn train(&mut self, input_x: &[f32], input_y: &[i32]) -> Result<(), rt::Error> {
+        let a = &*self;
+        // SAFETY: the memory plan gives buffers that are live at the same time
+        // disjoint ranges of their arena, and a kernel writing a buffer in place
+        // reads it only through that same mutable slice.
+        unsafe {
+            kernels::forward_k00_matmul_add_relu(
+                input_x,
+                a.param.slice(0, 2048),
+                a.param.slice(2048, 32),
+                a.temp_f32.slice_mut(0, 512),
+                a.temp_f32.slice_mut(2048, 512),
+            )?;
+            kernels::forward_k01_matmul_add_relu(
+                a.temp_f32.slice(2048, 512),
+                a.param.slice(2080, 1024),
+                a.param.slice(3104, 32),
+                a.temp_f32.slice_mut(0, 512),
+                a.temp_f32.slice_mut(2560, 512),
+            )?;
+            kernels::forward_k02_matmul_add(
+                a.temp_f32.slice(2560, 512),
+                a.param.slice(3136, 320),
+                a.param.slice(3456, 10),
+                a.temp_f32.slice_mut(0, 160),
+                a.temp_f32.slice_mut(160, 160),
+            )?;
+            kernels::forward_k03_reduce(a.temp_f32.slice(160, 160), a.temp_f32.slice_mut(0, 16));
+            kernels::forward_k04_stop_gradient(
+                a.temp_f32.slice(0, 16),
+                a.temp_f32.slice_mut(16, 16),
+            );
+            kernels::forward_k05_reduce(
+                a.temp_f32.slice(160, 160),
+                a.temp_f32.slice(16, 16),
+                a.temp_f32.slice_mut(0, 16),
+            );
+            kernels::train_k06_reduce(
+                input_y,
+                a.const_i32.slice(0, 10),
+                a.temp_f32.slice(160, 160),
+                a.temp_f32.slice(16, 16),
+                a.temp_f32.slice(0, 16),
+                a.temp_f32.slice_mut(32, 16),
+            );
+            kernels::forward_k07_reduce(a.temp_f32.slice(32, 16), a.temp_f32.slice_mut(48, 1));
+            kernels::forward_k08_mul_neg(a.temp_f32.slice(48, 1), a.temp_f32.slice_mut(4336, 1));
+            kernels::train_k09_add_pow_etc(a.state.slice_mut(0, 1), a.temp_f32.slice_mut(4352, 1));
+            kernels::train_k10_div_pow_sub(a.state.slice(0, 1), a.temp_f32.slice_mut(4368, 1));
+            kernels::grads_k06_reduce(
+                input_y,
+                a.const_i32.slice(0, 10),
+                a.const_f32.slice(0, 16),
+                a.temp_f32.slice_mut(32, 16),
+            );
+            kernels::grads_k07_log_d0_mul(
+                a.temp_f32.slice(32, 16),
+                a.temp_f32.slice(0, 16),
+                a.temp_f32.slice_mut(48, 16),
+            );
+            kernels::grads_k08_add_exp_d0_mul(
+                input_y,
+                a.const_i32.slice(0, 10),
+                a.const_f32.slice(0, 16),
+                a.temp_f32.slice(48, 16),
+                a.temp_f32.slice(160, 160),
+                a.temp_f32.slice(16, 16),
                 a.temp_f32.slice_mut(4096, 160),
             );
             kernels::grads_k09_reduce(a.temp_f32.slice(4096, 160), a.temp_f32.slice_mut(4320, 10));
             kernels::grads_k11_matmul_mul_relu_d0(
                 a.temp_f32.slice(4096, 160),
                 a.param.slice(3136, 320),
-                a.temp_f32.slice(0, 512),
-                a.temp_f32.slice_mut(1024, 512),
+                a.temp_f32.slice(2560, 512),
+                a.temp_f32.slice_mut(0, 512),
                 a.temp_f32.slice_mut(3072, 512),
             )?;
             kernels::grads_k12_reduce(a.temp_f32.slice(3072, 512), a.temp_f32.slice_mut(4256, 32));
             kernels::grads_k14_matmul_mul_relu_d0(
                 a.temp_f32.slice(3072, 512),
                 a.param.slice(2080, 1024),
-                a.temp_f32.slice(512, 512),
+                a.temp_f32.slice(2048, 512),
                 a.temp_f32.slice_mut(0, 512),
                 a.temp_f32.slice_mut(3584, 512),
             )?;
@@ -398,7 +391,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `mlp`.
-#[pyclass(module = "fg_mlp_ca9e3249d46b")]
+#[pyclass(module = "fg_mlp_af7c64c17b31")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -463,15 +456,15 @@ impl Step {
         let out = PyDict::new(py);
         let values = self.arenas.temp_f32.slice(0, 2048);
         out.set_item("linear_0.weight", rt::py::to_numpy(py, values, &[64, 32])?)?;
-        let values = self.arenas.temp_f32.slice(3072, 32);
+        let values = self.arenas.temp_f32.slice(3936, 32);
         out.set_item("linear_0.bias", rt::py::to_numpy(py, values, &[32])?)?;
         let values = self.arenas.temp_f32.slice(2048, 1024);
         out.set_item("linear_1.weight", rt::py::to_numpy(py, values, &[32, 32])?)?;
-        let values = self.arenas.temp_f32.slice(4416, 32);
+        let values = self.arenas.temp_f32.slice(3904, 32);
         out.set_item("linear_1.bias", rt::py::to_numpy(py, values, &[32])?)?;
-        let values = self.arenas.temp_f32.slice(4096, 320);
+        let values = self.arenas.temp_f32.slice(3584, 320);
         out.set_item("head.weight", rt::py::to_numpy(py, values, &[32, 10])?)?;
-        let values = self.arenas.temp_f32.slice(4448, 10);
+        let values = self.arenas.temp_f32.slice(3968, 10);
         out.set_item("head.bias", rt::py::to_numpy(py, values, &[10])?)?;
         Ok(out)
     }
@@ -544,8 +537,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_mlp_ca9e3249d46b(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_mlp_ca9e3249d46b")?;
+fn fg_mlp_af7c64c17b31(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_mlp_af7c64c17b31")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

@@ -19,7 +19,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
         var va = 0.0;
         var vb = 0.0;
         if (row < 16u && ka < 64u) {
-            va = f32s[15040 + row * 64 + ka];
+            va = f32s[14976 + row * 64 + ka];
         }
         if (kb < 64u && col < 32u) {
             vb = f32s[kb * 32 + col];

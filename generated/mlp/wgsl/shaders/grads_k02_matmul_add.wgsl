@@ -19,7 +19,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
         var va = 0.0;
         var vb = 0.0;
         if (row < 16u && ka < 32u) {
-            va = f32s[12032 + row * 32 + ka];
+            va = f32s[10496 + row * 32 + ka];
         }
         if (kb < 32u && col < 10u) {
             vb = f32s[3136 + kb * 10 + col];
@@ -33,6 +33,6 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
         workgroupBarrier();
     }
     if (row < 16u && col < 10u) {
-        f32s[12544 + row * 10 + col] = acc;
+        f32s[11520 + row * 10 + col] = acc;
     }
 }

@@ -8,6 +8,6 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (i >= 16u) {
         return;
     }
-    let x0 = f32s[12544 + i];
-    f32s[12864 + i] = x0;
+    let x0 = f32s[11520 + i];
+    f32s[11536 + i] = x0;
 }

@@ -11,8 +11,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     }
     var acc = 0.0;
     for (var j = lane; j < 10u; j = j + 64u) {
-        let x0 = f32s[12704 + row * 10 + j];
-        let x1 = f32s[12864 + row];
+        let x0 = f32s[11680 + row * 10 + j];
+        let x1 = f32s[11536 + row];
         acc = acc + exp(x0 - x1);
     }
     partial[lane] = acc;
@@ -24,6 +24,6 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         workgroupBarrier();
     }
     if (lane == 0u) {
-        f32s[12544 + row] = partial[0];
+        f32s[11520 + row] = partial[0];
     }
 }

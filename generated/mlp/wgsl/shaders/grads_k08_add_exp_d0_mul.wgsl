@@ -13,9 +13,9 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     let c1 = i % 10u;
     let x0 = i32s[64 + c0];
     let x1 = i32s[c1];
-    let x2 = f32s[14976 + c0];
-    let x3 = f32s[12880 + c0];
-    let x4 = f32s[12704 + c0 * 10 + c1];
-    let x5 = f32s[12864 + c0];
+    let x2 = f32s[14912 + c0];
+    let x3 = f32s[11568 + c0];
+    let x4 = f32s[11680 + c0 * 10 + c1];
+    let x5 = f32s[11536 + c0];
     f32s[12544 + c0 * 10 + c1] = x3*exp(x4 - x5) + select(0.0, x2, x0 == x1);
 }

@@ -19,7 +19,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
         var va = 0.0;
         var vb = 0.0;
         if (row < 32u && ka < 16u) {
-            va = f32s[12032 + row + ka * 32];
+            va = f32s[10496 + row + ka * 32];
         }
         if (kb < 16u && col < 10u) {
             vb = f32s[12544 + kb * 10 + col];
@@ -33,6 +33,6 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
         workgroupBarrier();
     }
     if (row < 32u && col < 10u) {
-        f32s[14592 + row * 10 + col] = acc;
+        f32s[14080 + row * 10 + col] = acc;
     }
 }

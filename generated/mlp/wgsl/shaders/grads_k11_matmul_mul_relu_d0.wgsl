@@ -33,6 +33,6 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
         workgroupBarrier();
     }
     if (row < 16u && col < 32u) {
-        f32s[12032 + row * 32 + col] = acc;
+        f32s[11520 + row * 32 + col] = acc;
     }
 }

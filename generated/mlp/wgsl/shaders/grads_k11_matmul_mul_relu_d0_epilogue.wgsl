@@ -8,7 +8,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (i >= 512u) {
         return;
     }
-    let x0 = f32s[12032 + i];
+    let x0 = f32s[11520 + i];
     let x1 = f32s[10496 + i];
-    f32s[13568 + i] = x0*select(0.0, 1.0, x1 > 0.0);
+    f32s[12032 + i] = x0*select(0.0, 1.0, x1 > 0.0);
 }

@@ -19,10 +19,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
         var va = 0.0;
         var vb = 0.0;
         if (row < 32u && ka < 16u) {
-            va = f32s[11520 + row + ka * 32];
+            va = f32s[11008 + row + ka * 32];
         }
         if (kb < 16u && col < 32u) {
-            vb = f32s[13568 + kb * 32 + col];
+            vb = f32s[12032 + kb * 32 + col];
         }
         tile_a[lid.y * 16u + lid.x] = va;
         tile_b[lid.y * 16u + lid.x] = vb;

@@ -19,7 +19,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
         var va = 0.0;
         var vb = 0.0;
         if (row < 16u && ka < 32u) {
-            va = f32s[13568 + row * 32 + ka];
+            va = f32s[12032 + row * 32 + ka];
         }
         if (kb < 32u && col < 32u) {
             vb = f32s[2080 + kb + col * 32];

@@ -10,5 +10,5 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     let x0 = f32s[10496 + i];
     let x1 = f32s[11008 + i];
-    f32s[14080 + i] = x0*select(0.0, 1.0, x1 > 0.0);
+    f32s[13568 + i] = x0*select(0.0, 1.0, x1 > 0.0);
 }

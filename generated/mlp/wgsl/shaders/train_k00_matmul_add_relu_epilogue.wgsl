@@ -13,6 +13,5 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     let x0 = f32s[10496 + c0 * 32 + c1];
     let x1 = f32s[2048 + c1];
     let t0 = x0 + x1;
-    f32s[11008 + c0 * 32 + c1] = t0;
     f32s[12544 + c0 * 32 + c1] = select(0.0, t0, t0 > 0.0);
 }

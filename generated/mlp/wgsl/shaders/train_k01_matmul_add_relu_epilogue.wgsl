@@ -10,9 +10,8 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     let c0 = i / 32u;
     let c1 = i % 32u;
-    let x0 = f32s[11520 + c0 * 32 + c1];
+    let x0 = f32s[10496 + c0 * 32 + c1];
     let x1 = f32s[3104 + c1];
     let t0 = x0 + x1;
-    f32s[10496 + c0 * 32 + c1] = t0;
     f32s[13056 + c0 * 32 + c1] = select(0.0, t0, t0 > 0.0);
 }

@@ -10,7 +10,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     let c0 = i / 10u;
     let c1 = i % 10u;
-    let x0 = f32s[11520 + c0 * 10 + c1];
+    let x0 = f32s[10496 + c0 * 10 + c1];
     let x1 = f32s[3456 + c1];
-    f32s[11680 + c0 * 10 + c1] = x0 + x1;
+    f32s[10656 + c0 * 10 + c1] = x0 + x1;
 }

@@ -11,7 +11,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     }
     var acc = -3.4028235e+38;
     for (var j = lane; j < 10u; j = j + 64u) {
-        let x0 = f32s[11680 + row * 10 + j];
+        let x0 = f32s[10656 + row * 10 + j];
         acc = max(acc, x0);
     }
     partial[lane] = acc;
@@ -23,6 +23,6 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         workgroupBarrier();
     }
     if (lane == 0u) {
-        f32s[11520 + row] = partial[0];
+        f32s[10496 + row] = partial[0];
     }
 }

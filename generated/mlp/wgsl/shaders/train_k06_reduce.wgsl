@@ -14,9 +14,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     for (var j = lane; j < 10u; j = j + 64u) {
         let x0 = i32s[64 + row];
         let x1 = i32s[j];
-        let x2 = f32s[11680 + row * 10 + j];
-        let x3 = f32s[11536 + row];
-        let x4 = f32s[11520 + row];
+        let x2 = f32s[10656 + row * 10 + j];
+        let x3 = f32s[10512 + row];
+        let x4 = f32s[10496 + row];
         acc = acc + select(0.0, x2 - x3 - log(x4), x0 == x1);
     }
     partial[lane] = acc;
@@ -28,6 +28,6 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         workgroupBarrier();
     }
     if (lane == 0u) {
-        f32s[11552 + row] = partial[0];
+        f32s[10528 + row] = partial[0];
     }
 }

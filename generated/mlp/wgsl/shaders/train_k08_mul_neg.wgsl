@@ -8,6 +8,6 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (i >= 1u) {
         return;
     }
-    let x0 = f32s[11568];
+    let x0 = f32s[10544];
     f32s[14832] = -0.0625*x0;
 }
