@@ -80,6 +80,11 @@ def lowered_models() -> dict[str, fg.Lowered]:
         model, optimizer, dims = make()
         out[name] = fg.lower(model, optimizer=optimizer, backend=("cpu", "cuda"), seed=SEED,
                              **dims)
+    # Plain SGD, which no catalog model uses: the weight updates are the weight-gradient
+    # GEMMs' own accumulation (alpha = -lr, beta = 1, C = the weight)
+    model, _, dims = MODELS["mlp"]()
+    out["mlp_sgd"] = fg.lower(model, optimizer=fg.optim.SGD(lr=0.1), backend=("cpu", "cuda"),
+                              seed=SEED, **dims)
     return out
 
 

@@ -55,6 +55,9 @@ def _cases() -> dict[str, Any]:
     import ferrograd as fg
 
     cases: dict[str, Any] = {name: make for name, make in MODELS.items()}
+    # Plain SGD, which no catalog model uses: the weight updates are the weight-gradient
+    # GEMMs' own accumulation (alpha = -lr, beta = 1, C = the weight)
+    cases["mlp_sgd"] = lambda: _with_optimizer(MODELS["mlp"], fg.optim.SGD(lr=0.1))
     cases["ops"] = lambda: (fg.model(all_rows), None, {})
     cases["random"] = lambda: (fg.model(random_programs(_random_batch())), None, {})
     cases["logic"] = lambda: (_logic_model(), None, {"N": 4096})
@@ -62,6 +65,12 @@ def _cases() -> dict[str, Any]:
     cases["probe"] = lambda: (_probe_model(), None, {"N": 1 << 16})
     cases["probe_fast"] = cases["probe"]  # the same, with fast_math=True: for the record
     return cases
+
+
+def _with_optimizer(make: Any, optimizer: Any) -> tuple[Any, Any, dict[str, int]]:
+    """A catalog entry's model and dims, trained with ``optimizer`` instead."""
+    model, _, dims = make()
+    return model, optimizer, dims
 
 
 def _random_batch() -> list[Any]:
@@ -201,7 +210,7 @@ def _plan_json(plan: Any) -> dict[str, Any]:
                 "c": arg(s.c), "c_strides": list(s.c_strides),
                 "bias": arg(s.bias) if s.bias is not None else None, "relu": s.relu,
                 "outer": s.outer, "outer_strides": list(s.outer_strides),
-                "fallback": launch(s.fallback)}})
+                "alpha": s.alpha, "beta": s.beta, "fallback": launch(s.fallback)}})
     return {"steps": steps, "results": {k: [a, o, list(sh)] for k, (a, o, sh) in
                                         plan.results.items()}}
 
@@ -384,7 +393,9 @@ class Device:
         a = view(g["a"], [a_so, *g["a_strides"]], (outer, g["batch"], g["m"], g["k"]))
         b = view(g["b"], [b_so, *g["b_strides"]], (outer, g["batch"], g["k"], g["n"]))
         c = view(g["c"], [c_so, *g["c_strides"]], (outer, g["batch"], g["m"], g["n"]))
-        product = cp.matmul(a, b)
+        product = g.get("alpha", 1.0) * cp.matmul(a, b)
+        if g.get("beta", 0.0) != 0:  # accumulates into C (SGD's in-place update)
+            product += g["beta"] * c
         if g.get("bias") is not None:  # the GEMM's epilogue
             product += view(g["bias"], [0, 0, 0, 1], (1, 1, 1, g["n"]))
             if g["relu"]:

@@ -56,11 +56,13 @@ class Launch:
 
 @dataclass(frozen=True)
 class Gemm:
-    """C[b] = A[b] @ B[b] for b in range(batch), all f32, row-major element strides:
-    ``*_strides`` = (batch, row, col) with batch stride 0 for a broadcast operand.
-    A runtime uses a vendor library (cuBLAS; cuBLASLt with its bias epilogue) when
-    present, else the fallback kernel ``fallback`` (a Launch over the same operands,
-    epilogue included) that the renderer also emits."""
+    """C[b] = alpha·(A[b] @ B[b]) + beta·C[b] for b in range(batch), all f32, row-major
+    element strides: ``*_strides`` = (batch, row, col) with batch stride 0 for a
+    broadcast operand. With beta 0, C is only written (as in BLAS); beta 1 accumulates
+    into it (plain SGD's in-place ``W -= lr·dW``: alpha = -lr, C = W). A runtime uses
+    a vendor library (cuBLAS; cuBLASLt with its bias epilogue) when present, else the
+    fallback kernel ``fallback`` (a Launch over the same operands, epilogue and
+    scaling included) that the renderer also emits."""
 
     batch: int
     m: int
@@ -79,6 +81,8 @@ class Gemm:
     # elements on (two batch dims that no single stride describes: one step, not many)
     outer: int = 1
     outer_strides: tuple[int, int, int] = (0, 0, 0)
+    alpha: float = 1.0  # f32 values
+    beta: float = 0.0  # never nonzero with a bias
 
 
 @dataclass

@@ -12,8 +12,9 @@ not understand. Memory is one byte heap with the arenas at fake addresses; an ac
 outside every arena raises; each block has its own shared memory. ``fma.rn.f32`` is
 computed in float64 (the product is exact there; the sum is rounded twice, which can
 differ from one rounding in the last bit, rarely). A ``Gemm`` step runs its fallback
-kernel, or, with ``gemm="numpy"``, the product in float64 rounded to float32 (what a
-vendor library computes, up to its order of additions)."""
+kernel, or, with ``gemm="numpy"``, alpha·product + beta·C (+ bias, ReLU) in float64
+rounded to float32 (what a vendor library computes, up to its order of additions; C
+unread when beta is 0)."""
 
 from __future__ import annotations
 
@@ -156,9 +157,9 @@ class Machine:
         values = []
         for a in step.args:
             if isinstance(a, ScalarArg):
-                if a.kind != "u32":
+                if a.kind not in ("u32", "f32"):
                     raise NotImplementedError(f"ptx_sim: {a.kind} arguments")
-                values.append(int(a.value))
+                values.append(int(a.value) if a.kind == "u32" else float(a.value))
             else:
                 values.append(self.address(a))
         Threads(self, dict(zip(entry.params, values, strict=True)), entry, step.grid,
@@ -172,12 +173,19 @@ class Machine:
                                                tuple(4 * s for s in strides))
 
     def gemm(self, g: Gemm) -> None:
-        if g.outer != 1 or g.bias is not None:
-            raise NotImplementedError("ptx_sim: GEMM epilogues and outer batches")
+        if g.outer != 1:
+            raise NotImplementedError("ptx_sim: GEMMs with outer batches")
         a = self.matrix(g.a, g.a_strides, (g.batch, g.m, g.k)).astype(np.float64)
         b = self.matrix(g.b, g.b_strides, (g.batch, g.k, g.n)).astype(np.float64)
-        product = np.matmul(a, b).astype(np.float32)
-        self.matrix(g.c, g.c_strides, (g.batch, g.m, g.n))[...] = product
+        c = self.matrix(g.c, g.c_strides, (g.batch, g.m, g.n))
+        result = g.alpha * np.matmul(a, b)
+        if g.beta != 0:  # as BLAS: C is not read otherwise (it may hold NaN)
+            result += g.beta * c.astype(np.float64)
+        if g.bias is not None:  # cuBLASLt's epilogue: + bias[col], then ReLU
+            result += self.matrix(g.bias, (0, 0, 1), (1, 1, g.n))
+            if g.relu:
+                result = np.maximum(result, 0)
+        c[...] = result.astype(np.float32)
 
 
 class Threads:
@@ -292,7 +300,7 @@ class Threads:
         op, o = ins.op, ins.operands
         if op in ("mov.u32", "mov.b32", "mov.f32", "cvta.to.global.u64"):
             self.set(o[0], run, self.value(o[1], self.reg(o[0]).dtype, run))
-        elif op in ("ld.param.u64", "ld.param.u32"):
+        elif op in ("ld.param.u64", "ld.param.u32", "ld.param.f32"):
             self.set(o[0], run, np.full(int(run.sum()), self.params[o[1].strip("[]")]))
         elif op in INT_BINARY:
             t = np.uint64 if op.endswith("64") else np.uint32

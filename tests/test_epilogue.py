@@ -8,6 +8,7 @@ optimizer updates written in place by the epilogue of a weight-gradient matmul.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 
@@ -169,6 +170,144 @@ def test_cuda_plan_puts_bias_and_relu_into_the_gemm() -> None:
     assert after_first is gemms[1]
     for g in gemms:
         assert g.fallback is not None and g.fallback.args[3] == g.bias  # the kernel adds it too
+
+
+def _weight_offsets(lw: fg.Lowered) -> set[tuple[str, int]]:
+    """Where each weight (not bias) lives: ("param", offset)."""
+    return {("param", offset) for name, (_, offset, _) in lw.memory_plan.persistent.items()
+            if name.startswith("param_") and name.endswith("weight")}
+
+
+def test_cuda_sgd_update_is_the_gemms_accumulation() -> None:
+    """Plain SGD's W -= lr·dW is the weight-gradient GEMM's own accumulation, C = -lr·A·B
+    + 1·C with C = W (in cuBLAS and in the fallback kernel's scalars): no update kernel
+    runs after it, and the rendered plan says so."""
+    from ferrograd.codegen.launch_plan import Gemm, Launch, ScalarArg
+
+    lw = fg.lower(mlp(32), optimizer=fg.optim.SGD(lr=0.01), backend="cuda", B=8, N=20)
+    steps = lw.device_module().plans["train"].steps
+    assert not [s.kernel for s in steps if isinstance(s, Launch) and "mul_sub" in s.kernel
+                and s.kernel.endswith("_epilogue")]
+    updates = [s for s in steps if isinstance(s, Gemm) and s.beta != 0]
+    alpha = float(np.float32(-0.01))
+    assert {(g.c.arena, g.c.offset) for g in updates} == _weight_offsets(lw)
+    for g in updates:
+        assert (g.alpha, g.beta, g.bias) == (alpha, 1.0, None)
+        assert g.fallback is not None
+        assert g.fallback.args[-2:] == (ScalarArg("f32", alpha), ScalarArg("f32", 1.0))
+    others = [s for s in steps if isinstance(s, Gemm) and s not in updates]
+    assert others and all((g.alpha, g.beta) == (1.0, 0.0) for g in others)
+    rs = lw.crate.files["src/cuda_step.rs"].decode()
+    assert rs.count("alpha: -0.01, beta: 1.0 }") == len(updates)
+
+
+def test_other_updates_keep_their_kernel() -> None:
+    """Adam's update, and SGD with momentum (two outputs), are not one accumulation:
+    the GEMM writes the product and the update runs as a kernel after it."""
+    from ferrograd.codegen.launch_plan import Gemm, Launch
+
+    for optimizer in (fg.optim.Adam(lr=1e-3), fg.optim.SGD(lr=0.01, momentum=0.9)):
+        lw = fg.lower(mlp(32), optimizer=optimizer, backend="cuda", B=8, N=20)
+        steps = lw.device_module().plans["train"].steps
+        assert all((s.alpha, s.beta) == (1.0, 0.0) for s in steps if isinstance(s, Gemm))
+        epilogues = [s for s in steps if isinstance(s, Launch) and s.kernel.endswith("_epilogue")]
+        assert len(epilogues) >= 3, optimizer  # one per weight (at least)
+
+
+def _update_kernel(target: str, a: str = "x", scale: float = -0.5) -> Matmul:
+    """dW = aᵀ·g [6, 4] with the epilogue ``target = W + scale·dW``."""
+    from ferrograd.codegen.kernel_ir import View
+
+    def view(buffer: str, shape: tuple[int, int] = (6, 4)) -> View:
+        return View(buffer, "f32", 0, shape, (shape[1], 1))
+
+    product = view("dw")
+    x, p = sp.Symbol("x0"), sp.Symbol("x1")
+    epilogue = Elementwise("mul_sub", ["mul", "sub"], (6, 4), {"x0": view("w"), "x1": product},
+                           [(view(target), scale * p + x)])
+    a_t = View(a, "f32", 0, (6, 3), (1, 6))  # a [3, 6] transposed
+    return Matmul("matmul_mul_sub", ["matmul", "mul", "sub"], (), 6, 4, 3, a_t,
+                  view("g", (3, 4)), product, epilogue)
+
+
+def test_only_an_in_place_update_becomes_the_accumulation() -> None:
+    """W = W + c·dW (either order of the terms) is the GEMM's C = c·A·B + C; written
+    elsewhere, or with W an operand of the product itself, it stays a kernel of its own."""
+    from ferrograd.codegen.backends.ptx_kernels import GemmStep, accumulate_epilogue, matmul
+
+    k = _update_kernel("w")
+    assert k.epilogue is not None and str(k.epilogue.outputs[0][1]) == "x0 - 0.5*x1"
+    assert accumulate_epilogue(k) == (k.epilogue.inputs["x0"], -0.5)
+    (step,) = matmul(k, {}, False)
+    assert isinstance(step, GemmStep) and step.operands[2][0] == "w"
+    assert (step.alpha, step.beta) == (-0.5, 1.0)
+    for refused in (_update_kernel("w_new"), _update_kernel("w", a="w")):
+        assert accumulate_epilogue(refused) is None
+        gemm, update = matmul(refused, {}, False)
+        assert isinstance(gemm, GemmStep) and gemm.operands[2][0] == "dw"
+        assert (gemm.alpha, gemm.beta) == (1.0, 0.0) and not isinstance(update, GemmStep)
+
+
+def test_a_product_read_outside_its_epilogue_is_refused() -> None:
+    """The GEMM may skip writing its product when the epilogue consumes it; the
+    renderer refuses a schedule where anything else reads that product."""
+    from ferrograd.codegen.backends.ptx import check_private_products
+    from ferrograd.codegen.schedule import Schedule
+    from ferrograd.ir.errors import BackendError
+
+    k = _update_kernel("w")
+    assert k.out is not None
+    other = Elementwise("copy", ["copy"], (6, 4), {"x0": k.out},
+                        [(dataclasses.replace(k.out, buffer="t9"), sp.Symbol("x0"))])
+    check_private_products(Schedule("train", [k], {}, {}), [k])
+    with pytest.raises(BackendError, match="read outside its epilogue \\(copy\\)"):
+        check_private_products(Schedule("train", [k, other], {}, {}), [k, other])
+    with pytest.raises(BackendError, match="read outside its epilogue \\(a result\\)"):
+        check_private_products(Schedule("train", [k], {}, {"out:dw": "dw"}), [k])
+
+
+def test_a_bias_gemm_does_not_accumulate() -> None:
+    from ferrograd.codegen.backends.ptx_kernels import GemmStep, KernelLaunch
+    from ferrograd.ir.errors import BackendError
+
+    launch = KernelLaunch("k", "", "", [], (1, 1, 1), (1, 1, 1))
+    with pytest.raises(BackendError, match="bias epilogue cannot also accumulate"):
+        GemmStep(1, 2, 2, 2, [], launch, bias=("b", 0), beta=1.0)
+
+
+@pytest.mark.parametrize("gemm", ["fallback", "numpy"])
+def test_cuda_sgd_step_in_the_ptx_interpreter_matches_numpy(gemm: str) -> None:
+    """One SGD step of the CUDA plan in ``ptx_sim``: its GEMMs by the fallback kernel,
+    or as a library computes them (alpha·A·B + beta·C); the new params match the NumPy
+    interpreter's."""
+    import math
+
+    from ptx_sim import Machine
+
+    optimizer = fg.optim.SGD(lr=0.1)
+    lw = fg.lower(mlp(32), optimizer=optimizer, backend="cuda", B=8, N=20)
+    module = lw.device_module()
+    elem = {a: "f32" if a.startswith("input:") or a in ("param", "state")
+            else a.rsplit("_", 1)[-1] for a in module.arena_sizes}
+    elem["input:y"] = "i32"
+    machine = Machine(module, elem, gemm=gemm)
+    ref = fg.lower(mlp(32), optimizer=optimizer, backend="numpy", seed=1, B=8, N=20).compile()
+    x = feed(ref.graph, np.random.default_rng(7))
+    for name, value in x.items():
+        machine.array(f"input:{name}")[:] = value.ravel()
+    layout = lw.memory_plan.persistent
+    for name, value in ref.params.items():
+        _, offset, n = layout["param_" + name.replace(".", "_")]
+        machine.array("param")[offset:offset + n] = value.ravel()
+    plan = module.plans["train"]
+    machine.run_plan(plan)
+    arena, offset, shape = plan.results["out:loss"]
+    loss = machine.array(arena)[offset:offset + math.prod(shape)]
+    assert float(loss[0]) == pytest.approx(ref(**x), rel=1e-5, abs=1e-6)  # one step
+    for name, value in ref.params.items():
+        _, offset, n = layout["param_" + name.replace(".", "_")]
+        np.testing.assert_allclose(machine.array("param")[offset:offset + n], value.ravel(),
+                                   rtol=2e-5, atol=2e-6, err_msg=name)
 
 
 def seq_mlp(width: int, out: int):

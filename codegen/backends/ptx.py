@@ -112,13 +112,41 @@ def kernel_source(k: Kernel, dtypes: dict[str, str], fast_math: bool = False,
     for step in render_kernel(k, dtypes, fast_math, aligned):
         launch = step.fallback if isinstance(step, GemmStep) else step
         if isinstance(step, GemmStep):
-            epilogue = (" + bias" + (", ReLU" if step.relu else "")) if step.bias else ""
-            library = "cuBLASLt" if step.bias else "cuBLAS"
-            batch = f"{step.outer}x{step.batch}" if step.outer > 1 else f"{step.batch}"
-            parts.append(f"// GEMM {batch}x{step.m}x{step.n}x{step.k}{epilogue}: "
-                         f"{library}, or {SGEMM} below")
+            parts.append(f"// {gemm_summary(step)}: "
+                         f"{'cuBLASLt' if step.bias else 'cuBLAS'}, or {SGEMM} below")
         parts.append(launch.text.replace("ENTRY", launch.name))
     return "\n".join(dict.fromkeys(parts))
+
+
+def gemm_summary(step: GemmStep) -> str:
+    """``GEMM 1x784x256x128, C = -0.01·A·B + C`` (sizes, then what is not a plain C = A·B)."""
+    batch = f"{step.outer}x{step.batch}" if step.outer > 1 else f"{step.batch}"
+    text = f"GEMM {batch}x{step.m}x{step.n}x{step.k}"
+    if step.bias is not None:
+        text += " + bias" + (", ReLU" if step.relu else "")
+    if (step.alpha, step.beta) != (1.0, 0.0):
+        scaled = "A·B" if step.alpha == 1 else f"{step.alpha:g}·A·B"
+        kept = "" if step.beta == 0 else " + C" if step.beta == 1 else f" + {step.beta:g}·C"
+        text += f", C = {scaled}{kept}"
+    return text
+
+
+def check_private_products(s: Schedule, kernels: list[Kernel]) -> None:
+    """A GEMM may write its epilogue's output instead of its product (``matmul`` in
+    ``ptx_kernels.py``), leaving the product's temp unwritten: right only when the
+    epilogue is the product's one reader, as the scheduler fuses (every user of the
+    product in the epilogue, never a result). Checked here, where every kernel is seen."""
+    results = set(s.results.values())
+    for k in kernels:
+        if not isinstance(k, Matmul) or k.epilogue is None:
+            continue
+        assert k.out is not None
+        product = k.out.buffer
+        readers = [o.name for o in kernels if o is not k
+                   and any(v.buffer == product for v in o.reads())]
+        if readers or product in results:
+            raise BackendError(f"kernel {k.name}: its product {product} is read outside its "
+                               f"epilogue ({', '.join(readers) or 'a result'})")
 
 
 class _ModuleBuilder:
@@ -182,7 +210,9 @@ def render_ptx(schedules: list[Schedule], memory_plan: MemoryPlan, *, target: st
     for s in schedules:
         refs = _Addresses(s, memory_plan, const_at)
         plan = DevicePlan(s.entry)
-        for k in device_kernels(s, memory_plan, row_chains, merge_launches, window_chains):
+        kernels = device_kernels(s, memory_plan, row_chains, merge_launches, window_chains)
+        check_private_products(s, kernels)
+        for k in kernels:
             for step in render_kernel(k, dtypes, fast_math, aligned):
                 plan.steps.append(_plan_step(step, builder, refs))
                 uses_flags |= isinstance(k, Gather)
@@ -241,7 +271,7 @@ def _plan_step(step: Step, builder: _ModuleBuilder, refs: _Addresses) -> Launch 
     bias = refs.ref(*step.bias) if step.bias is not None else None
     return Gemm(step.batch, step.m, step.n, step.k, refs.ref(a, ao), ast, refs.ref(b, bo), bst,
                 refs.ref(c, co), cst, fallback, bias, step.relu, step.outer,
-                step.outer_strides)
+                step.outer_strides, step.alpha, step.beta)
 
 
 def _arena_sizes(schedules: list[Schedule], plan: MemoryPlan, const_sizes: dict[str, int],

@@ -137,6 +137,9 @@ class PtxFunction:
     def param_u32(self, name: str) -> str:
         return self.value("b32", "ld.param.u32", f"[{name}]")
 
+    def param_f32(self, name: str) -> str:
+        return self.value("f32", "ld.param.f32", f"[{name}]")
+
     def address(self, base: str, index: str | None, offset: int, itemsize: int) -> str:
         """``[base + (index + offset) * itemsize]`` (index: a u32 register)."""
         if index is None:

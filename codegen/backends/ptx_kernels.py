@@ -19,7 +19,9 @@ Kinds:
 - matmul: a ``GemmStep`` (cuBLAS in the runtime) whose fallback launches the
   shared 16×16-tile shared-memory kernel ``fg_sgemm_16x16`` over the same
   operands (batch over grid z). A matmul with several non-collapsible batch dims
-  becomes one GEMM per index of the outer ones.
+  becomes one GEMM per index of the outer ones. An epilogue that is a bias (and
+  ReLU), or an in-place ``W += c·product`` (plain SGD's weight update), runs inside
+  the GEMM; any other runs as an elementwise kernel after it.
 - gather / scatter-add: a thread per element; an id outside [0, rows) writes 0
   (gather) or is skipped (scatter), and sets the error flag, which the runtime
   checks after the step. Scatter zero-fills its output first (the shared
@@ -94,8 +96,9 @@ class KernelLaunch:
 
 @dataclass
 class GemmStep:
-    """C[z] = A[z] @ B[z], z < batch: operands as (buffer, element offset, (batch, row,
-    col) strides), and the launch of the fallback kernel over the same operands."""
+    """C[z] = alpha·(A[z] @ B[z]) + beta·C[z], z < batch: operands as (buffer, element
+    offset, (batch, row, col) strides), and the launch of the fallback kernel over the
+    same operands. With beta 0, C is only written (whatever it held, NaN too)."""
 
     batch: int
     m: int
@@ -110,6 +113,13 @@ class GemmStep:
     outer: int = 1
     outer_strides: tuple[int, int, int] = (0, 0, 0)
     scratch: int = 0  # f32 elements of the scratch arena its operands reach
+    alpha: float = 1.0
+    beta: float = 0.0  # 1: accumulate into C (an in-place update)
+
+    def __post_init__(self) -> None:
+        if self.bias is not None and self.beta != 0:
+            # cuBLASLt could, but nothing produces it: keep the runtime's paths few
+            raise BackendError("a GEMM with a bias epilogue cannot also accumulate into C")
 
 
 Step = KernelLaunch | GemmStep
@@ -718,9 +728,14 @@ def matmul(k: Matmul, dtypes: dict[str, str], fast_math: bool,
     """The GEMM steps of a product; with an epilogue, a bias (and ReLU) it starts with
     goes into the GEMM itself (cuBLASLt's epilogue, or the fallback kernel's), and
     what is left runs as an elementwise kernel after it — or not at all when the
-    GEMM can write the epilogue's one output directly."""
+    GEMM can write the epilogue's one output directly. An in-place update
+    ``X = X + c·product`` is the GEMM's accumulation: C = c·(A @ B) + 1·X."""
     if k.epilogue is None:
         return _gemm_steps(k, k.out)
+    update = accumulate_epilogue(k)
+    if update is not None:  # the product never goes through memory
+        target, alpha = update
+        return _gemm_steps(k, target, alpha=alpha, beta=1.0)
     split = bias_epilogue(k)
     if split is None:
         bare, rest = unfused(k)
@@ -760,6 +775,38 @@ def bias_epilogue(k: Matmul) -> tuple[tuple[str, int], Elementwise] | None:
     return None
 
 
+def accumulate_epilogue(k: Matmul) -> tuple[View, float] | None:
+    """Whether the epilogue is ``X = X + c·p`` in place (p the product, c a number:
+    plain SGD's ``W -= lr·dW``), which a GEMM computes as C = c·(A @ B) + 1·C with C
+    = X. Returns X's view and c; None when the epilogue is anything else, X is not
+    laid out like the product, or the GEMM would read X through A or B while it
+    writes it."""
+    e, p = k.epilogue, k.product_symbol()
+    assert e is not None and p is not None and k.out is not None
+    assert k.a is not None and k.b is not None
+    if len(e.outputs) != 1 or len(e.inputs) != 2:
+        return None
+    (view, expr), = e.outputs
+    x = next(name for name in e.inputs if name != p)
+    scale = _product_scale(expr, x, p)
+    in_place = e.inputs[x] == view and view.dtype == "f32" and view.strides == k.out.strides
+    if scale is None or not in_place or view.buffer in (k.a.buffer, k.b.buffer):
+        return None
+    return view, scale
+
+
+def _product_scale(expr: sp.Expr, x: str, p: str) -> float | None:
+    """c when ``expr`` is ``x + c·p`` (either order, c a finite number), else None."""
+    if not expr.is_Add or len(expr.args) != 2:
+        return None
+    for kept, scaled in (expr.args, expr.args[::-1]):
+        c, rest = scaled.as_coeff_Mul()
+        if (kept.is_Symbol and kept.name == x and rest.is_Symbol and rest.name == p
+                and c.is_Number and c.is_finite):
+            return float(np.float32(c))  # the f32 constant the epilogue would use
+    return None
+
+
 def _is_relu(e: Elementwise) -> bool:
     (_, expr), = e.outputs
     x = next(iter(expr.free_symbols), None)
@@ -780,7 +827,8 @@ def _direct_output(e: Elementwise, k: Matmul) -> View | None:
 
 
 def _gemm_steps(k: Matmul, out: View | None, bias: tuple[str, int] | None = None,
-                relu: bool = False) -> list[Step]:
+                relu: bool = False, alpha: float = 1.0, beta: float = 0.0) -> list[Step]:
+    """C = alpha·(A @ B) + beta·C into ``out``, then the bias (and ReLU)."""
     assert k.a is not None and k.b is not None and out is not None
     views = [k.a, k.b, out]
     if any(v.dtype != "f32" for v in views):
@@ -802,9 +850,9 @@ def _gemm_steps(k: Matmul, out: View | None, bias: tuple[str, int] | None = None
             rs, cs = matrix_strides(rows, cols, v.strides[-2], v.strides[-1])
             operands.append((v.buffer, offset, (bs, rs, cs)))
         launch = _sgemm_launch(inner, (k.m, k.n, k.k), operands, bias, relu, outer,
-                               (a_so, b_so, c_so))
+                               (a_so, b_so, c_so), (alpha, beta))
         steps.append(GemmStep(inner, k.m, k.n, k.k, operands, launch, bias, relu, outer,
-                              (a_so, b_so, c_so)))
+                              (a_so, b_so, c_so), alpha=alpha, beta=beta))
     return steps
 
 
@@ -824,12 +872,15 @@ def gemm_step(batch: int, m: int, n: int, k: int,
 def _sgemm_launch(batch: int, mnk: tuple[int, int, int],
                   operands: list[tuple[str, int, tuple[int, int, int]]],
                   bias: tuple[str, int] | None, relu: bool, outer: int = 1,
-                  outer_strides: tuple[int, int, int] = (0, 0, 0)) -> KernelLaunch:
+                  outer_strides: tuple[int, int, int] = (0, 0, 0),
+                  scale: tuple[float, float] = (1.0, 0.0)) -> KernelLaunch:
+    """The fallback kernel's launch; ``scale``: (alpha, beta)."""
     m, n, _ = mnk
     scalars: list[Arg] = [ScalarArg("u32", x) for x in (*mnk, batch, outer)]
     scalars += [ScalarArg("u32", s) for s in outer_strides]
     scalars += [ScalarArg("u32", s) for _, _, st in operands for s in st]
     scalars.append(ScalarArg("u32", 0 if bias is None else 2 if relu else 1))
+    scalars += [ScalarArg("f32", x) for x in scale]
     pointers: list[Arg] = [(b, off) for b, off, _ in operands]
     pointers.append(bias or pointers[2])  # unread without a bias
     grid = (math.ceil(n / TILE), math.ceil(m / TILE), min(batch * outer, 65535))
@@ -838,16 +889,19 @@ def _sgemm_launch(batch: int, mnk: tuple[int, int, int],
 
 SGEMM_SCALARS = ("m", "n", "k", "batch", "outer", "a_so", "b_so", "c_so", "a_sb", "a_sr",
                  "a_sc", "b_sb", "b_sr", "b_sc", "c_sb", "c_sr", "c_sc", "epilogue")
+SGEMM_SCALES = ("alpha", "beta")  # .f32, after the .u32 scalars
 
 
 def sgemm_text() -> str:
-    """C[o, z] = A[o, z] @ B[o, z] for z < batch, o < outer, with 16×16 tiles staged in
-    shared memory; any strides. The ``epilogue`` scalar: 0 none, 1 adds ``bias[col]``
-    (contiguous), 2 also takes ReLU."""
+    """C[o, z] = alpha·(A[o, z] @ B[o, z]) + beta·C[o, z] for z < batch, o < outer, with
+    16×16 tiles staged in shared memory; any strides. C is read only when beta is not 0
+    (as in BLAS: it may hold anything then). The ``epilogue`` scalar: 0 none, 1 adds
+    ``bias[col]`` (contiguous), 2 also takes ReLU."""
     f = PtxFunction([(".u64", "a"), (".u64", "b"), (".u64", "c"), (".u64", "bias")] +
-                    [(".u32", s) for s in SGEMM_SCALARS])
+                    [(".u32", s) for s in SGEMM_SCALARS] + [(".f32", s) for s in SGEMM_SCALES])
     a, b, c, bias = (f.param_pointer(x) for x in ("a", "b", "c", "bias"))
     p = {s: f.param_u32(s) for s in SGEMM_SCALARS}
+    alpha, beta = (f.param_f32(s) for s in SGEMM_SCALES)
     f.shared += [f".shared .align 4 .b8 tile_a[{4 * TILE * TILE}];",
                  f".shared .align 4 .b8 tile_b[{4 * TILE * TILE}];"]
     tx, ty = f.special("%tid.x"), f.special("%tid.y")
@@ -890,13 +944,21 @@ def sgemm_text() -> str:
         out = f.value("b32", "mad.lo.u32", row, p["c_sr"], out)
         out = f.value("b32", "mad.lo.u32", col, p["c_sc"], out)
         inside = f.value("pred", "and.pred", row_ok, col_ok)
+        c_at = f.address(c, out, 0, 4)
+        f.comment("C = alpha * acc + beta * C, reading C only when beta != 0")
+        reads_c = f.value("pred", "setp.ne.and.f32", beta, "0f00000000", inside)
+        old = f.value("f32", "mov.f32", "0f00000000")
+        f.ins("ld.global.f32", old, c_at, guard=reads_c)
+        f.ins("mul.rn.f32", old, old, beta)
+        f.ins("fma.rn.f32", acc, acc, alpha, old)  # alpha·acc + beta·C, rounded once
+        f.comment("then + bias[col] (epilogue 1, 2), then ReLU (epilogue 2)")
         has_bias = f.value("pred", "setp.ne.and.u32", p["epilogue"], "0", inside)
         bias_value = f.value("f32", "mov.f32", "0f00000000")
         f.ins("ld.global.f32", bias_value, f.address(bias, col, 0, 4), guard=has_bias)
         f.ins("add.rn.f32", acc, acc, bias_value)
         relu = f.value("pred", "setp.eq.u32", p["epilogue"], "2")
         f.ins("max.f32", acc, acc, "0f00000000", guard=relu)
-        f.ins("st.global.f32", f.address(c, out, 0, 4), acc, guard=inside)
+        f.ins("st.global.f32", c_at, acc, guard=inside)
     return f.text(SGEMM)
 
 

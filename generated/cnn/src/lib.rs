@@ -478,7 +478,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `cnn`.
-#[pyclass(module = "fg_cnn_eca4c186652d")]
+#[pyclass(module = "fg_cnn_52aa1156799e")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -636,8 +636,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_cnn_eca4c186652d(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_cnn_eca4c186652d")?;
+fn fg_cnn_52aa1156799e(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_cnn_52aa1156799e")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

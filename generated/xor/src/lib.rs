@@ -242,7 +242,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `xor_net`.
-#[pyclass(module = "fg_xor_net_6808d4ae84dc")]
+#[pyclass(module = "fg_xor_net_f1ad7137b2cc")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -381,8 +381,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_xor_net_6808d4ae84dc(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_xor_net_6808d4ae84dc")?;
+fn fg_xor_net_f1ad7137b2cc(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_xor_net_f1ad7137b2cc")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

@@ -8,11 +8,33 @@ use cudarc::cublas::sys::{self, cublasMath_t, cublasOperation_t, cublasStatus_t}
 
 use super::device::{Device, DeviceBuffer};
 use super::layout::CublasGemm;
+use super::plan::Gemm;
 
 /// cuBLAS's workspace: 32 MiB is what NVIDIA recommends for Hopper (4 MiB
 /// before it); allocating it ourselves keeps cuBLAS from allocating during
 /// graph capture.
 const WORKSPACE_BYTES: usize = 32 << 20;
+
+/// A GEMM's scalars: `C = alpha·op(A)·op(B) + beta·C` (`beta` 0: C is only
+/// written). Passed as host values — the handles keep the default host
+/// pointer mode — which cuBLAS reads when the call is queued, so a captured
+/// CUDA graph holds them by value.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Scale {
+    /// The product's factor.
+    pub alpha: f32,
+    /// C's factor.
+    pub beta: f32,
+}
+
+impl From<&Gemm> for Scale {
+    fn from(g: &Gemm) -> Self {
+        Scale {
+            alpha: g.alpha,
+            beta: g.beta,
+        }
+    }
+}
 
 /// A cuBLAS handle bound to a device's stream.
 pub struct Blas {
@@ -97,13 +119,20 @@ impl Blas {
         self.tf32
     }
 
-    /// Queues `C = op(A)·op(B)` on the stream (alpha 1, beta 0).
+    /// Queues `C = alpha·op(A)·op(B) + beta·C` on the stream.
     ///
     /// # Safety
     /// `a`, `b` and `c` must be device addresses of f32 operands that hold
     /// every element the layout reaches (the executor checks this against the
     /// arenas), and `c` must not overlap `a` or `b`.
-    pub unsafe fn sgemm(&self, g: &CublasGemm, a: u64, b: u64, c: u64) -> Result<(), String> {
+    pub unsafe fn sgemm(
+        &self,
+        g: &CublasGemm,
+        scale: Scale,
+        a: u64,
+        b: u64,
+        c: u64,
+    ) -> Result<(), String> {
         let op = |t: bool| {
             if t {
                 cublasOperation_t::CUBLAS_OP_T
@@ -111,7 +140,7 @@ impl Blas {
                 cublasOperation_t::CUBLAS_OP_N
             }
         };
-        let (alpha, beta) = (1.0f32, 0.0f32);
+        let Scale { alpha, beta } = scale;
         // SAFETY: the caller's contract; alpha and beta are host scalars (the
         // default pointer mode) that live through the call.
         let status = unsafe {
@@ -141,9 +170,10 @@ impl Blas {
 }
 
 impl Blas {
-    /// Queues `C[i] = op(A[i])·op(B[i])` for the `count` products whose
-    /// addresses are in the device arrays `a`, `b`, `c` (one `u64` each per
-    /// product): `cublasSgemmBatched`, for batches no single stride describes.
+    /// Queues `C[i] = alpha·op(A[i])·op(B[i]) + beta·C[i]` for the `count`
+    /// products whose addresses are in the device arrays `a`, `b`, `c` (one
+    /// `u64` each per product): `cublasSgemmBatched`, for batches no single
+    /// stride describes.
     /// `g`'s batch strides are ignored.
     ///
     /// # Safety
@@ -152,6 +182,7 @@ impl Blas {
     pub unsafe fn sgemm_pointers(
         &self,
         g: &CublasGemm,
+        scale: Scale,
         a: u64,
         b: u64,
         c: u64,
@@ -164,7 +195,7 @@ impl Blas {
                 cublasOperation_t::CUBLAS_OP_N
             }
         };
-        let (alpha, beta) = (1.0f32, 0.0f32);
+        let Scale { alpha, beta } = scale;
         // SAFETY: the caller's contract; alpha and beta are host scalars.
         let status = unsafe {
             sys::cublasSgemmBatched(

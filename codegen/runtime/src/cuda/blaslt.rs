@@ -16,6 +16,7 @@ use cudarc::cublaslt::sys::{
     cublasLtMatrixLayoutAttribute_t as LayoutAttr, cublasStatus_t, cudaDataType,
 };
 
+use super::blas::Scale;
 use super::device::{Device, DeviceBuffer};
 use super::layout::CublasGemm;
 
@@ -401,17 +402,25 @@ impl BlasLt {
         Ok(p)
     }
 
-    /// Queues `D = op(A)·op(B) + bias` (bias[i] added to row i of the
-    /// column-major D, for every column and batch item), then ReLU for
-    /// [`LtEpilogue::ReluBias`], on the device's stream (alpha 1, beta 0,
-    /// C == D). Allocates nothing, waits for nothing and queries no
-    /// heuristic, so it may be captured into a CUDA graph.
+    /// Queues `D = alpha·op(A)·op(B) + beta·C + bias` (bias[i] added to row i
+    /// of the column-major D, for every column and batch item), then ReLU for
+    /// [`LtEpilogue::ReluBias`], on the device's stream (C == D; plans give
+    /// beta 0 with a bias). Allocates nothing, waits for nothing and queries
+    /// no heuristic, so it may be captured into a CUDA graph.
     ///
     /// # Safety
     /// `a`, `b`, `c` and `bias` must be device addresses of f32 operands
     /// that hold every element the layout reaches (`bias`: `g.m` elements),
     /// and `c` must not overlap `a`, `b` or `bias`.
-    pub unsafe fn run(&self, p: &LtGemm, a: u64, b: u64, c: u64, bias: u64) -> Result<(), String> {
+    pub unsafe fn run(
+        &self,
+        p: &LtGemm,
+        scale: Scale,
+        a: u64,
+        b: u64,
+        c: u64,
+        bias: u64,
+    ) -> Result<(), String> {
         if p.empty {
             return Ok(());
         }
@@ -421,7 +430,7 @@ impl BlasLt {
                 "cuBLASLt has no algorithm for operands aligned to {align} bytes"
             ));
         };
-        let (alpha, beta) = (1.0f32, 0.0f32);
+        let Scale { alpha, beta } = scale;
         // SAFETY: the caller's contract; `p`'s descriptors are live and its
         // algorithm was chosen for them with this handle's workspace limit;
         // alpha and beta are host scalars (the default pointer mode) that

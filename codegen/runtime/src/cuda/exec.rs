@@ -20,7 +20,7 @@ use std::ffi::c_void;
 
 use cudarc::driver::sys;
 
-use super::blas::Blas;
+use super::blas::{Blas, Scale};
 use super::blaslt::{BlasLt, LtEpilogue, LtGemm};
 use super::device::{check, Device, DeviceBuffer};
 use super::graph::Graph;
@@ -151,6 +151,7 @@ enum Work {
     Kernel(KernelCall),
     Cublas {
         call: CublasGemm,
+        scale: Scale,
         a: u64,
         b: u64,
         c: u64,
@@ -159,12 +160,14 @@ enum Work {
     /// C's: `count` each), for a plan GEMM with an outer batch level.
     CublasPointers {
         call: CublasGemm,
+        scale: Scale,
         pointers: DeviceBuffer,
         count: usize,
     },
     /// A GEMM with a bias (and ReLU) epilogue.
     CublasLt {
         call: Box<LtGemm>,
+        scale: Scale,
         a: u64,
         b: u64,
         c: u64,
@@ -436,6 +439,14 @@ impl Executor {
 
     /// The cuBLAS call for `gemm`, or (inner `Err`) why cuBLAS cannot run it.
     fn cublas(&self, gemm: &Gemm, what: &str) -> Result<Result<Ready, String>, Error> {
+        if gemm.bias.is_some() && gemm.beta != 0.0 {
+            // The plan's contract (launch_plan.py): a bias epilogue only on a
+            // C that is written, not accumulated into.
+            return Err(Error::layout(format!(
+                "{what}: a bias epilogue with beta {} (only 0 is planned)",
+                gemm.beta
+            )));
+        }
         let operands = [
             (&gemm.a, gemm.m, gemm.k, gemm.a_strides, "A"),
             (&gemm.b, gemm.k, gemm.n, gemm.b_strides, "B"),
@@ -490,10 +501,20 @@ impl Executor {
         }
         Ok(Ok(Ready {
             label: format!(
-                "GEMM {}x{}x{} (batch {}) in cuBLAS",
-                gemm.m, gemm.n, gemm.k, gemm.batch
+                "GEMM {}x{}x{} (batch {}{}) in cuBLAS",
+                gemm.m,
+                gemm.n,
+                gemm.k,
+                gemm.batch,
+                scaling(gemm)
             ),
-            work: Work::Cublas { call, a, b, c },
+            work: Work::Cublas {
+                call,
+                scale: Scale::from(gemm),
+                a,
+                b,
+                c,
+            },
         }))
     }
 
@@ -531,11 +552,16 @@ impl Executor {
         buf.write(0, &reordered, &format!("{what}: its pointer arrays"))?;
         Ok(Ready {
             label: format!(
-                "GEMM {}x{}x{}x{} (outer x batch) in cuBLAS",
-                gemm.outer, gemm.batch, gemm.m, gemm.n
+                "GEMM {}x{}x{}x{} (outer x batch{}) in cuBLAS",
+                gemm.outer,
+                gemm.batch,
+                gemm.m,
+                gemm.n,
+                scaling(gemm)
             ),
             work: Work::CublasPointers {
                 call,
+                scale: Scale::from(gemm),
                 pointers: buf,
                 count,
             },
@@ -587,6 +613,7 @@ impl Executor {
             ),
             work: Work::CublasLt {
                 call: Box::new(call),
+                scale: Scale::from(gemm),
                 a,
                 b,
                 c,
@@ -905,6 +932,16 @@ impl Executor {
     }
 }
 
+/// `, C = alpha·A·B + beta·C` for a step label, when the GEMM is not a plain
+/// `C = A·B`.
+fn scaling(gemm: &Gemm) -> String {
+    if (gemm.alpha, gemm.beta) == (1.0, 0.0) {
+        String::new()
+    } else {
+        format!(", C = {}·A·B + {}·C", gemm.alpha, gemm.beta)
+    }
+}
+
 /// Queues `flags_u32[0] = 0` on the device's stream.
 fn zero_flags(flags: u64, device: &Device) -> Result<(), Error> {
     // SAFETY: the flags arena holds one u32 at `flags`.
@@ -950,14 +987,21 @@ fn enqueue(
                 )
             })
         }
-        Work::Cublas { call, a, b, c } => {
+        Work::Cublas {
+            call,
+            scale,
+            a,
+            b,
+            c,
+        } => {
             let blas = blas.ok_or_else(|| Error::layout("a cuBLAS step without cuBLAS"))?;
             // SAFETY: operands checked against their arenas when prepared.
-            unsafe { blas.sgemm(call, *a, *b, *c) }
+            unsafe { blas.sgemm(call, *scale, *a, *b, *c) }
                 .map_err(|e| Error::Device(format!("{}: {e}", step.label)))
         }
         Work::CublasPointers {
             call,
+            scale,
             pointers,
             count,
         } => {
@@ -965,11 +1009,21 @@ fn enqueue(
             let (base, n) = (pointers.ptr(), *count as u64);
             // SAFETY: every address was computed from operands checked against
             // their arenas; the arrays live in `pointers`, owned by the step.
-            unsafe { blas.sgemm_pointers(call, base, base + 8 * n, base + 16 * n, *count as i32) }
-                .map_err(|e| Error::Device(format!("{}: {e}", step.label)))
+            unsafe {
+                blas.sgemm_pointers(
+                    call,
+                    *scale,
+                    base,
+                    base + 8 * n,
+                    base + 16 * n,
+                    *count as i32,
+                )
+            }
+            .map_err(|e| Error::Device(format!("{}: {e}", step.label)))
         }
         Work::CublasLt {
             call,
+            scale,
             a,
             b,
             c,
@@ -977,7 +1031,7 @@ fn enqueue(
         } => {
             let lt = blaslt.ok_or_else(|| Error::layout("a cuBLASLt step without cuBLASLt"))?;
             // SAFETY: operands and bias checked against their arenas when prepared.
-            unsafe { lt.run(call, *a, *b, *c, *bias) }
+            unsafe { lt.run(call, *scale, *a, *b, *c, *bias) }
                 .map_err(|e| Error::Device(format!("{}: {e}", step.label)))
         }
     }

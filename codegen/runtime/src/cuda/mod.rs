@@ -31,7 +31,7 @@ mod module;
 pub mod plan;
 pub mod py;
 
-pub use blas::Blas;
+pub use blas::{Blas, Scale};
 pub use blaslt::{BlasLt, LtEpilogue, LtGemm};
 pub use device::{driver_available, Device, DeviceBuffer, NO_DRIVER};
 pub use exec::{Executor, Feed, GemmMode, HostData, HostInput, Options};

@@ -108,8 +108,11 @@ pub struct Launch {
     pub args: &'static [Arg],
 }
 
-/// `C[b] = A[b] @ B[b]` for `b` in `0..batch`, all f32, row-major element
-/// strides `(batch, row, col)` (batch stride 0 for a broadcast operand).
+/// `C[b] = alpha·(A[b] @ B[b]) + beta·C[b]` for `b` in `0..batch`, all f32,
+/// row-major element strides `(batch, row, col)` (batch stride 0 for a
+/// broadcast operand). With `beta` 0, C is only written, never read (as in
+/// BLAS); `beta` 1 accumulates into it (plain SGD's in-place weight update,
+/// `alpha` = -lr).
 ///
 /// Run by cuBLAS when it is loaded and the strides fit its layouts (see
 /// [`super::layout`]), else by `fallback`, a kernel over the same operands.
@@ -131,7 +134,7 @@ pub struct Gemm {
     pub b: BufferRef,
     /// B's strides.
     pub b_strides: [usize; 3],
-    /// C, `m × n`, written (not accumulated).
+    /// C, `m × n`: written, or accumulated into when `beta` is not 0.
     pub c: BufferRef,
     /// C's strides.
     pub c_strides: [usize; 3],
@@ -149,6 +152,10 @@ pub struct Gemm {
     pub outer: usize,
     /// `(A, B, C)` strides of the outer level, in elements.
     pub outer_strides: [usize; 3],
+    /// The product's factor (`1`: the plain product).
+    pub alpha: f32,
+    /// C's factor (`0`: C is not read; never anything else with a bias).
+    pub beta: f32,
 }
 
 /// One step of a plan.
