@@ -155,6 +155,27 @@ def test_softmax_rows_match_numpy(length: int) -> None:
         np.testing.assert_array_equal(got, _run(lw, unfused, "forward", {"x": x})["p"])
 
 
+@pytest.mark.parametrize("n", [128, 1000])
+def test_mean_loss_is_one_launch(n: int) -> None:
+    """A loss that reduces everything and then scales the scalar (``-mean``) is one row
+    chain, the whole vector its row: one launch instead of two, the unfused bits."""
+
+    @fg.model
+    def mean_loss(x: fg.f32[n]):
+        return -fg.mean(x * x)
+
+    x = np.random.default_rng(n).normal(size=n).astype(np.float32)
+    lw = fg.lower(mean_loss, backend="cuda")
+    module = lw.device_module("ptx")
+    assert [step.kernel for step in module.plans["forward"].steps] == ["forward_k00_reduce_rows"]
+    (got,) = _run(lw, module, "forward", {"x": x}).values()
+    np.testing.assert_allclose(got, -np.mean(x.astype(np.float64) ** 2), rtol=1e-6)
+    unfused = _unfused(lw)
+    assert len(unfused.plans["forward"].steps) == 2
+    (ref,) = _run(lw, unfused, "forward", {"x": x}).values()
+    np.testing.assert_array_equal(got, ref)
+
+
 T = 40
 CAUSAL = np.tril(np.ones((T, T), dtype=bool))
 

@@ -19,7 +19,8 @@ A chain is taken only when it is safe, checked over the whole schedule and the
 memory plan (``_Chain.accept`` and ``fuse_rows``):
 
 - every kernel iterates ``lead + (length,)`` (a reduction over the last axis, or a
-  whole-row elementwise kernel) or ``lead + (1,)`` (a row kernel), 2 <= length <=
+  whole-row elementwise kernel) or ``lead + (1,)`` (a row kernel; ``()`` after a
+  reduction of everything, as a mean loss's scaling), 2 <= length <=
   ``MAX_LENGTH``, and the chain holds a reduction and a kernel after it;
 - a value made in the chain is read in the chain through the view it was written
   with (a row value: broadcast along the row), else the chain stops before the
@@ -123,7 +124,8 @@ class _Chain:
             whole = True
         elif isinstance(k, Elementwise):
             whole = k.shape == self.full
-            ok = whole or k.shape == (*self.lead, 1)
+            # a row kernel: over the rows' values (a scalar, when the row is everything)
+            ok = whole or k.shape in ((*self.lead, 1), () if not self.lead else None)
         else:
             return False
         if not ok:
@@ -342,7 +344,7 @@ def row_chain(k: RowChain, dtypes: dict[str, str], fast_math: bool) -> list[Step
             assert isinstance(kernel, Elementwise)
             shared = cse([legalize(e, fast_math) for _, e in kernel.outputs])
             out_kinds = [DTYPE_KIND[v.dtype] for v, _ in kernel.outputs]
-            if kernel.shape[-1] == 1 and length != 1:  # a row kernel
+            if not kernel.shape or (kernel.shape[-1] == 1 and length != 1):  # a row kernel
                 bind(None)
                 for (v, _), val, kind in zip(kernel.outputs, em.emit_shared(shared, out_kinds),
                                              out_kinds, strict=True):
