@@ -140,7 +140,7 @@ def build(folder: Path, keys: list[str]) -> None:
             "arena_bytes": {k: v * 4 for k, v in dm.arena_sizes.items() if v},
             "plan": {e: dict(Counter(type(s).__name__ for s in p.steps))
                      for e, p in dm.plans.items()},
-            "build_s": round(time.perf_counter() - t, 1)}
+            "build_s": round(time.perf_counter() - t, 1), "git": built_from()}
         print(f"built {key}: {path.name} ({path.stat().st_size / 1e6:.1f} MB, "
               f"{manifest[key]['build_s']} s) plan {manifest[key]['plan']}", flush=True)
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
@@ -589,6 +589,13 @@ def sh(cmd: str) -> str:
         return f"({err})"
 
 
+def built_from() -> str:
+    """The commit the modules are built from, "+dirty" with uncommitted changes to
+    tracked files (the GPU host's copy of the tree may not carry an up-to-date .git)."""
+    dirty = sh(f"git -C {ROOT} status --porcelain --untracked-files=no")
+    return sh(f"git -C {ROOT} rev-parse --short HEAD") + ("+dirty" if dirty else "")
+
+
 def machine_info(anchors: dict[str, Any]) -> dict[str, Any]:
     info: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -845,6 +852,7 @@ def main(argv: list[str] | None = None) -> int:
     anchors = load_anchors({s for s in args.skip.split(",") if s})
     result: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()},
                               "info": machine_info(anchors), "rows": []}
+    result["info"]["built_from"] = sorted({e.get("git", "?") for e in manifest.values()})
     log(f"anchors: {sorted(k for k in anchors if k in ('torch', 'jax'))}, "
         f"errors {anchors['errors']}")
     if "torch" in anchors:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ferrograd.codegen import build
+from ferrograd.codegen import build, maturin
 from ferrograd.codegen.build import (
     RUNTIME_DIR,
     BuildError,
@@ -198,7 +198,7 @@ def test_paths_follow_the_environment(monkeypatch, tmp_path):
 
 def test_missing_cargo_says_how_to_install(monkeypatch, tmp_path):
     monkeypatch.setenv("FERROGRAD_CACHE", str(tmp_path))
-    monkeypatch.setattr(build.shutil, "which", lambda name: None)
+    monkeypatch.setattr(maturin.shutil, "which", lambda name: None)
     monkeypatch.setattr(build.Path, "home", staticmethod(lambda: tmp_path))
     crate = write_crate(tmp_path, "fg_no_cargo")
     with pytest.raises(BackendError, match=r"needs cargo.*rustup.*pip install maturin"):
@@ -207,11 +207,11 @@ def test_missing_cargo_says_how_to_install(monkeypatch, tmp_path):
 
 def test_missing_maturin_says_how_to_install(monkeypatch, tmp_path):
     monkeypatch.setenv("FERROGRAD_CACHE", str(tmp_path))
-    monkeypatch.setattr(build.shutil, "which",
+    monkeypatch.setattr(maturin.shutil, "which",
                         lambda name: "/usr/bin/cargo" if name == "cargo" else None)
-    monkeypatch.setattr(build.sys, "executable", str(tmp_path / "bin" / "python"))
+    monkeypatch.setattr(maturin.sys, "executable", str(tmp_path / "bin" / "python"))
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(build.importlib.util, "find_spec",
+    monkeypatch.setattr(maturin.importlib.util, "find_spec",
                         lambda name, *a: None if name == "maturin" else real_find_spec(name, *a))
     crate = write_crate(tmp_path, "fg_no_maturin")
     with pytest.raises(BackendError, match="pip install maturin"):

@@ -235,6 +235,8 @@ def test_a_hit_gives_the_params_and_losses_of_a_miss(built, fresh_cache):
 
 @needs_rust
 def test_a_new_process_loads_without_lowering_sympy_or_networkx(built, fresh_cache):
+    """A cached load imports none of the lowering (sympy, networkx, jinja2) nor of the
+    build (maturin.py, subprocess)."""
     _, first_losses = built
     script = MODEL + textwrap.dedent("""
         import json, sys
@@ -244,7 +246,8 @@ def test_a_new_process_loads_without_lowering_sympy_or_networkx(built, fresh_cac
         y = rng.integers(0, 3, 5).astype(np.int32)
         print(json.dumps({
             "lowered": "graph" in step.lowered.__dict__,
-            "modules": sorted(m for m in ("sympy", "jinja2", "networkx") if m in sys.modules),
+            "modules": sorted(m for m in ("sympy", "jinja2", "networkx", "subprocess",
+                                          "ferrograd.codegen.maturin") if m in sys.modules),
             "losses": [step(x, y) for _ in range(3)],
         }))
     """)
