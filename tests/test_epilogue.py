@@ -237,7 +237,7 @@ def test_only_an_in_place_update_becomes_the_accumulation() -> None:
 
     k = _update_kernel("w")
     assert k.epilogue is not None and str(k.epilogue.outputs[0][1]) == "x0 - 0.5*x1"
-    assert accumulate_epilogue(k) == (k.epilogue.inputs["x0"], -0.5)
+    assert accumulate_epilogue(k) == (k.epilogue.inputs["x0"], -0.5, 1.0)
     (step,) = matmul(k, {}, False)
     assert isinstance(step, GemmStep) and step.operands[2][0] == "w"
     assert (step.alpha, step.beta) == (-0.5, 1.0)
@@ -275,16 +275,32 @@ def test_a_bias_gemm_does_not_accumulate() -> None:
         GemmStep(1, 2, 2, 2, [], launch, bias=("b", 0), beta=1.0)
 
 
+def test_sgd_weight_decay_is_the_gemms_beta() -> None:
+    """SGD with weight decay updates W = (1 - lr·wd)·W - lr·dW: the GEMM's beta is the
+    decay factor (as the f32 constant the update kernel would use), alpha -lr."""
+    from ferrograd.codegen.launch_plan import Gemm
+
+    lw = fg.lower(mlp(32), optimizer=fg.optim.SGD(lr=0.1, weight_decay=0.05), backend="cuda",
+                  B=8, N=20)
+    updates = [s for s in lw.device_module().plans["train"].steps
+               if isinstance(s, Gemm) and s.beta != 0]
+    assert {(g.c.arena, g.c.offset) for g in updates} == _weight_offsets(lw)
+    assert {(g.alpha, g.beta) for g in updates} == {(float(np.float32(-0.1)),
+                                                     float(np.float32(1 - 0.1 * 0.05)))}
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.05])
 @pytest.mark.parametrize("gemm", ["fallback", "numpy"])
-def test_cuda_sgd_step_in_the_ptx_interpreter_matches_numpy(gemm: str) -> None:
-    """One SGD step of the CUDA plan in ``ptx_sim``: its GEMMs by the fallback kernel,
-    or as a library computes them (alpha·A·B + beta·C); the new params match the NumPy
-    interpreter's."""
+def test_cuda_sgd_step_in_the_ptx_interpreter_matches_numpy(gemm: str, weight_decay: float
+                                                            ) -> None:
+    """One SGD step (with and without weight decay: beta 1 or 1 - lr·wd) of the CUDA
+    plan in ``ptx_sim``: its GEMMs by the fallback kernel, or as a library computes
+    them (alpha·A·B + beta·C); the new params match the NumPy interpreter's."""
     import math
 
     from ptx_sim import Machine
 
-    optimizer = fg.optim.SGD(lr=0.1)
+    optimizer = fg.optim.SGD(lr=0.1, weight_decay=weight_decay)
     lw = fg.lower(mlp(32), optimizer=optimizer, backend="cuda", B=8, N=20)
     module = lw.device_module()
     elem = {a: "f32" if a.startswith("input:") or a in ("param", "state")

@@ -20,8 +20,9 @@ Kinds:
   shared 16×16-tile shared-memory kernel ``fg_sgemm_16x16`` over the same
   operands (batch over grid z). A matmul with several non-collapsible batch dims
   becomes one GEMM per index of the outer ones. An epilogue that is a bias (and
-  ReLU), or an in-place ``W += c·product`` (plain SGD's weight update), runs inside
-  the GEMM; any other runs as an elementwise kernel after it.
+  ReLU), or an in-place ``W = b·W + c·product`` (SGD's weight update, b < 1 with
+  weight decay), runs inside the GEMM; any other runs as an elementwise kernel after
+  it.
 - gather / scatter-add: a thread per element; an id outside [0, rows) writes 0
   (gather) or is skipped (scatter), and sets the error flag, which the runtime
   checks after the step. Scatter zero-fills its output first (the shared
@@ -734,8 +735,8 @@ def matmul(k: Matmul, dtypes: dict[str, str], fast_math: bool,
         return _gemm_steps(k, k.out)
     update = accumulate_epilogue(k)
     if update is not None:  # the product never goes through memory
-        target, alpha = update
-        return _gemm_steps(k, target, alpha=alpha, beta=1.0)
+        target, alpha, beta = update
+        return _gemm_steps(k, target, alpha=alpha, beta=beta)
     split = bias_epilogue(k)
     if split is None:
         bare, rest = unfused(k)
@@ -775,12 +776,12 @@ def bias_epilogue(k: Matmul) -> tuple[tuple[str, int], Elementwise] | None:
     return None
 
 
-def accumulate_epilogue(k: Matmul) -> tuple[View, float] | None:
-    """Whether the epilogue is ``X = X + c·p`` in place (p the product, c a number:
-    plain SGD's ``W -= lr·dW``), which a GEMM computes as C = c·(A @ B) + 1·C with C
-    = X. Returns X's view and c; None when the epilogue is anything else, X is not
-    laid out like the product, or the GEMM would read X through A or B while it
-    writes it."""
+def accumulate_epilogue(k: Matmul) -> tuple[View, float, float] | None:
+    """Whether the epilogue is ``X = b·X + c·p`` in place (p the product, b and c
+    numbers: plain SGD's ``W -= lr·dW``, b = 1; with weight decay b = 1 - lr·wd), which
+    a GEMM computes as C = c·(A @ B) + b·C with C = X. Returns X's view, c (alpha)
+    and b (beta); None when the epilogue is anything else, X is not laid out like the
+    product, or the GEMM would read X through A or B while it writes it."""
     e, p = k.epilogue, k.product_symbol()
     assert e is not None and p is not None and k.out is not None
     assert k.a is not None and k.b is not None
@@ -788,22 +789,24 @@ def accumulate_epilogue(k: Matmul) -> tuple[View, float] | None:
         return None
     (view, expr), = e.outputs
     x = next(name for name in e.inputs if name != p)
-    scale = _product_scale(expr, x, p)
+    scales = _update_scales(expr, x, p)
     in_place = e.inputs[x] == view and view.dtype == "f32" and view.strides == k.out.strides
-    if scale is None or not in_place or view.buffer in (k.a.buffer, k.b.buffer):
+    if scales is None or not in_place or view.buffer in (k.a.buffer, k.b.buffer):
         return None
-    return view, scale
+    return view, *scales
 
 
-def _product_scale(expr: sp.Expr, x: str, p: str) -> float | None:
-    """c when ``expr`` is ``x + c·p`` (either order, c a finite number), else None."""
+def _update_scales(expr: sp.Expr, x: str, p: str) -> tuple[float, float] | None:
+    """(c, b) when ``expr`` is ``b·x + c·p`` (either order, b and c finite numbers,
+    b = 1 when absent), else None; as the f32 constants the epilogue would use."""
     if not expr.is_Add or len(expr.args) != 2:
         return None
     for kept, scaled in (expr.args, expr.args[::-1]):
+        b, kept_rest = kept.as_coeff_Mul()
         c, rest = scaled.as_coeff_Mul()
-        if (kept.is_Symbol and kept.name == x and rest.is_Symbol and rest.name == p
-                and c.is_Number and c.is_finite):
-            return float(np.float32(c))  # the f32 constant the epilogue would use
+        if (kept_rest.is_Symbol and kept_rest.name == x and rest.is_Symbol and rest.name == p
+                and c.is_Number and c.is_finite and b.is_Number and b.is_finite and b != 0):
+            return float(np.float32(c)), float(np.float32(b))
     return None
 
 
