@@ -32,6 +32,7 @@ from ferrograd.codegen.backends.ptx import TARGETS, assemble, find_ptxas, render
 from ferrograd.codegen.backends.ptx_asm import ExprEmitter, PtxFunction, f32_immediate
 from ferrograd.codegen.backends.ptx_conv import ConvDims
 from ferrograd.codegen.backends.ptx_kernels import (
+    BLOCK,
     COLUMN_UNROLL,
     WARP,
     column_chunks,
@@ -770,3 +771,37 @@ def test_broadcast_and_strided_elementwise_stay_scalar() -> None:
         assert "ld.global.u8" not in body  # never bools
     comments = re.findall(r"// (elementwise[^\n]*)", src)
     assert any("4 per thread" not in c for c in comments)
+
+
+def _block_then_butterfly(values: np.ndarray) -> np.ndarray:
+    """Sum [m, cols] over m as a block of 256 threads does: thread t adds rows t, t + 256,
+    ... in order, each warp its butterfly, then the butterfly of the 8 warps' sums."""
+    threads = np.zeros((BLOCK, values.shape[1]), np.float32)
+    for j, row in enumerate(values):
+        threads[j % BLOCK] += row
+    warps = [_lanes_then_butterfly(threads[w:w + WARP]) for w in range(0, BLOCK, WARP)]
+    return _lanes_then_butterfly(np.stack(warps))
+
+
+@pytest.mark.parametrize("rows, length, mode", [(5, 33, "warp"), (3, 300, "warp"),
+                                                (2, 2049, "block"), (1, 8192 + 5, "block")])
+def test_long_rows_sum_in_the_documented_order(rows: int, length: int, mode: str) -> None:
+    """A warp or block per row loads several of a lane's elements before adding any; the
+    sums keep the one-by-one order (the bits of lane order, then the butterflies), ragged
+    ends included, and agree with NumPy."""
+
+    @fg.model
+    def row_sums(x: fg.f32[rows, length]):
+        return {"s": x.sum(1)}
+
+    lw = fg.lower(row_sums, backend="cpu")
+    module = lw.device_module("ptx")
+    ((_, comment),) = _launches(module, "forward")
+    assert f"a {mode} per row" in comment
+    x = np.random.default_rng(length).normal(size=(rows, length)).astype(np.float32)
+    got = _simulate(module, {"x": x})["s"]
+    order = _lanes_then_butterfly if mode == "warp" else _block_then_butterfly
+    np.testing.assert_array_equal(got, order(x.T))
+    np.testing.assert_allclose(got, x.astype(np.float64).sum(1), rtol=1e-5, atol=1e-4)
+    if PTXAS is not None:
+        assert assemble(module.source, "sm_90", PTXAS)

@@ -148,16 +148,23 @@ class PtxFunction:
         addr = self.value("b64", "add.s64", base, wide)
         return f"[{addr}+{offset * itemsize}]"
 
-    def load(self, dtype: str, addr: str) -> str:
-        if dtype == "bool":
-            byte = self.value("b32", LOAD[dtype], addr)
-            return self.value("pred", "setp.ne.b32", byte, "0")
-        return self.value(KIND_REGISTER[DTYPE_KIND[dtype]], LOAD[dtype], addr)
+    def load(self, dtype: str, addr: str, guard: str | None = None) -> str:
+        """A register holding the element at ``addr``; with ``guard``, threads whose
+        predicate is false load nothing and get 0 (false)."""
+        if guard is None:
+            if dtype == "bool":
+                byte = self.value("b32", LOAD[dtype], addr)
+                return self.value("pred", "setp.ne.b32", byte, "0")
+            return self.value(KIND_REGISTER[DTYPE_KIND[dtype]], LOAD[dtype], addr)
+        raw = (self.value("f32", "mov.f32", "0f00000000") if dtype == "f32"
+               else self.value("b32", "mov.b32", "0"))
+        self.ins(LOAD[dtype], raw, addr, guard=guard)
+        return self.value("pred", "setp.ne.b32", raw, "0") if dtype == "bool" else raw
 
-    def store(self, dtype: str, addr: str, value: str) -> None:
+    def store(self, dtype: str, addr: str, value: str, guard: str | None = None) -> None:
         if dtype == "bool":
             value = self.value("b32", "selp.b32", "1", "0", value)
-        self.ins(STORE[dtype], addr, value)
+        self.ins(STORE[dtype], addr, value, guard=guard)
 
     @contextlib.contextmanager
     def loop(self, start: str, stop: str, step: str, hint: str = "loop") -> Iterator[str]:

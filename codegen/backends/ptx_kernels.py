@@ -368,6 +368,7 @@ COLUMN_CHUNK = 32
 COLUMN_BLOCK = 128
 COLUMN_BLOCKS = 1024
 COLUMN_UNROLL = 8
+REDUCE_UNROLL = 8  # elements a lane loads before adding them (warp and block rows)
 # Long rows (> 2048 elements), fewer than ROW_SPLIT_ROWS of them (a block per row would
 # leave SMs idle: the CNN's conv bias gradients are 16 and 32 rows of 200 K and 50 K),
 # split the same way once they hold COLUMN_SPLIT elements: a warp per (row, chunk),
@@ -468,16 +469,33 @@ def reduce(k: Reduce, dtypes: dict[str, str], fast_math: bool) -> list[Step]:
                 em.bind(sym, f.load(v.dtype, f.address(base[v.buffer], row_index[sym], v.offset,
                                                        ITEMSIZE[v.dtype])), DTYPE_KIND[v.dtype])
         acc = f.value("f32", "mov.f32", REDUCE_IDENTITY[k.combine])
-        with f.loop(lane, str(length), lanes, "red") as r:
-            rc = Coords(f, r, rsizes)
-            for (sym, v), _, rs in items:
-                if any(rs):
-                    index = _add_index(f, row_index[sym], rc.index(rs))
-                    em.bind(sym, f.load(v.dtype, f.address(base[v.buffer], index, v.offset,
-                                                           ITEMSIZE[v.dtype])),
-                            DTYPE_KIND[v.dtype])
-            (x,) = em.emit_all([value], ["float"])
-            f.ins(REDUCE_OP[k.combine], acc, acc, x)
+        # A lane's elements r, r + lanes, ...: ``unroll`` of them loaded before any is
+        # added (the loads in flight together), added in the same order as one by one.
+        per_lane = math.ceil(length / (BLOCK if mode == "block" else WARP))
+        unroll = 1 if mode == "thread" else min(REDUCE_UNROLL, per_lane)
+        if unroll == 1:
+            stride = lanes
+        elif mode == "warp":
+            stride = str(WARP * unroll)
+        else:
+            stride = f.value("b32", "mul.lo.u32", lanes, str(unroll))
+        with f.loop(lane, str(length), stride, "red") as r:
+            loaded = []
+            for u in range(unroll):
+                at = r if u == 0 else (f.value("b32", "add.u32", r, str(WARP * u))
+                                       if mode == "warp"
+                                       else f.value("b32", "mad.lo.u32", lanes, str(u), r))
+                inside = None if u == 0 else f.value("pred", "setp.lt.u32", at, str(length))
+                rc = Coords(f, at, rsizes)
+                loaded.append((inside, {sym: f.load(v.dtype, f.address(
+                    base[v.buffer], _add_index(f, row_index[sym], rc.index(rs)), v.offset,
+                    ITEMSIZE[v.dtype]), inside) for (sym, v), _, rs in items if any(rs)}))
+            for inside, regs in loaded:
+                for (sym, v), _, _ in items:
+                    if sym in regs:
+                        em.bind(sym, regs[sym], DTYPE_KIND[v.dtype])
+                (x,) = em.emit_all([value], ["float"])
+                f.ins(REDUCE_OP[k.combine], acc, acc, em.register(x, "float"), guard=inside)
         if mode != "thread":
             _warp_combine(f, acc, k.combine, WARP)
         if mode == "block":

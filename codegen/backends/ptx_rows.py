@@ -49,7 +49,7 @@ from ..memory import MemoryPlan, Placement
 from ..schedule import Schedule
 from .base import collapse
 from .legalize import legalize
-from .ptx_asm import DTYPE_KIND, ITEMSIZE, LOAD, STORE, ExprEmitter, PtxFunction
+from .ptx_asm import DTYPE_KIND, ITEMSIZE, ExprEmitter, PtxFunction
 from .ptx_asm import shared_subexpressions as cse
 from .ptx_kernels import (
     BLOCK,
@@ -410,39 +410,19 @@ class _Row:
         """The lane's elements of ``v`` in this row, a register per slot (all loads are
         issued before anything uses them)."""
         if v not in self.loaded:
-            self.loaded[v] = [_load(self.f, v.dtype, self._slot(v, j), self.guard(j))
+            self.loaded[v] = [self.f.load(v.dtype, self._slot(v, j), self.guard(j))
                               for j in range(self.slots)]
         return self.loaded[v]
 
     def load_row(self, v: View) -> str:
         if v not in self.rows:
             addr = f"[{self._address(v, False)}+{v.offset * ITEMSIZE[v.dtype]}]"
-            self.rows[v] = _load(self.f, v.dtype, addr, None)
+            self.rows[v] = self.f.load(v.dtype, addr)
         return self.rows[v]
 
     def store(self, v: View, j: int, reg: str) -> None:
-        _store(self.f, v.dtype, self._slot(v, j), reg, self.guard(j))
+        self.f.store(v.dtype, self._slot(v, j), reg, self.guard(j))
 
     def store_row(self, v: View, reg: str) -> None:
         addr = f"[{self._address(v, False)}+{v.offset * ITEMSIZE[v.dtype]}]"
-        _store(self.f, v.dtype, addr, reg, self.first)
-
-
-def _load(f: PtxFunction, dtype: str, addr: str, guard: str | None) -> str:
-    """A load, skipped by the lanes ``guard`` is false for (their register holds 0)."""
-    if guard is None:
-        return f.load(dtype, addr)
-    raw = f.value("b32" if dtype != "f32" else "f32",
-                  "mov.f32" if dtype == "f32" else "mov.b32",
-                  "0f00000000" if dtype == "f32" else "0")
-    f.ins(LOAD[dtype], raw, addr, guard=guard)
-    if dtype == "bool":
-        return f.value("pred", "setp.ne.b32", raw, "0")
-    return raw
-
-
-def _store(f: PtxFunction, dtype: str, addr: str, reg: str, guard: str | None) -> None:
-    if dtype == "bool":
-        reg = f.value("b32", "selp.b32", "1", "0", reg)
-    f.ins(STORE[dtype], addr, reg, guard=guard)
-
+        self.f.store(v.dtype, addr, reg, self.first)
