@@ -8,11 +8,12 @@ Kinds:
   view is contiguous, 4-byte and 16-byte aligned (not consts), 4 elements per
   thread and step with ``ld/st.global.v4`` and a scalar tail for n % 4.
 - reduce: a thread, a warp or a block (256 threads) per output row, by row
-  length and layout (``reduce_mode``); warps combine with ``shfl.sync.bfly``,
-  blocks through shared memory. Big column reductions (bias gradients: consecutive
-  outputs read consecutive elements) split the rows into chunks: a thread per
-  (column, chunk), partials in the ``scratch_f32`` arena, then a warp per column
-  combines them, in an order fixed by the sizes (``_split_columns``). A few long
+  length and layout (``reduce_mode``); a warp's or block's lane loads up to
+  ``REDUCE_UNROLL`` of its elements before adding them (in order); warps combine with
+  ``shfl.sync.bfly``, blocks through shared memory. Big column reductions (bias
+  gradients: consecutive outputs read consecutive elements) split the rows into
+  chunks: a thread per (column, chunk), partials in the ``scratch_f32`` arena, then a
+  warp per column combines them, in an order fixed by the sizes (``_split_columns``). A few long
   rows (a conv's bias gradient, [n, c, h, w] over (0, 2, 3)) split the same way, a
   warp per (row, chunk) (``_split_rows``). Sums accumulate in f32, max starts at
   -inf (NaN propagates).

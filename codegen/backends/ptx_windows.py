@@ -181,7 +181,9 @@ def _chain(s: Schedule, mem: _Memory, reduces: list[Kernel], e: Elementwise,
     """The chain of ``reduces`` and ``e``, or None when a store would overwrite memory
     the chain loads (other than in place)."""
     members = [*reduces, e]
-    made = {v.buffer for k in members for v in k.writes()}
+    # the reductions' values live in registers; everything else read comes from memory
+    # (``e`` may read a buffer it writes: in place, element by element)
+    made = {v.buffer for k in reduces for v in k.writes()}
     loads = list(dict.fromkeys(v for k in members for v in k.reads() if v.buffer not in made))
 
     def needed(buf: str) -> bool:
@@ -231,7 +233,7 @@ def window_chain(k: WindowChain, dtypes: dict[str, str], fast_math: bool,
 
             def bind(p: int, inputs: dict[str, View] = inputs) -> None:
                 for sym, v in inputs.items():
-                    regs = values.get(v.buffer) or w.load(v)
+                    regs = values[v.buffer] if v.buffer in values else w.load(v)
                     em.bind(sym, regs[p if len(regs) > 1 else 0], DTYPE_KIND[v.dtype])
 
             if isinstance(kernel, Reduce):
@@ -249,16 +251,16 @@ def window_chain(k: WindowChain, dtypes: dict[str, str], fast_math: bool,
             assert isinstance(kernel, Elementwise)
             shared = cse([legalize(expr, fast_math) for _, expr in kernel.outputs])
             kinds = [DTYPE_KIND[v.dtype] for v, _ in kernel.outputs]
-            for v, _ in kernel.outputs:
-                values[v.buffer] = []
+            made: dict[View, list[str]] = {v: [] for v, _ in kernel.outputs}
             for p in range(len(positions)):
                 bind(p)
                 for (v, _), val, kind in zip(kernel.outputs, em.emit_shared(shared, kinds), kinds,
                                              strict=True):
-                    values[v.buffer].append(em.register(val, kind))
-            for v, _ in kernel.outputs:
+                    made[v].append(em.register(val, kind))
+            for v, regs in made.items():  # after all its reads: it may update in place
+                values[v.buffer] = regs
                 if v in k.stores:
-                    w.store(v, values[v.buffer])
+                    w.store(v, regs)
     block = _block_for(rows)
     members = ", ".join(m.name for m in k.kernels)
     comment = (f"window chain (a thread per window of {len(positions)}, axes {list(k.axes)} "
