@@ -200,10 +200,11 @@ def _joined(kernels: list) -> list[WindowChain]:
     return [k for k in kernels if isinstance(k, WindowChain) and len(k.kernels) > 1]
 
 
-def _fuse(kernels: list, placements: dict[str, Placement] | None = None) -> list:
+def _fuse(kernels: list, placements: dict[str, Placement] | None = None,
+          result: str = "g") -> list:
     names = {v.buffer for k in kernels for v in [*k.reads(), *k.writes()]}
     buffers = {n: Buffer(n, "temp", "f32", math.prod(SHAPE)) for n in names}
-    s = Schedule("grads", kernels, buffers, {"out:g": "g"})
+    s = Schedule("grads", kernels, buffers, {"out:r": result})
     plan = MemoryPlan(temps={"grads": placements or {}})
     out, _ = fuse_windows(s, plan, kernels)
     return out
@@ -239,3 +240,10 @@ def test_no_chain_storing_over_a_load() -> None:
     assert not _joined(_fuse([_count(), flipped], {"a": at, "g": at}))
     # the same view in place is fine
     assert _joined(_fuse([_count(), _spread(BROADCAST)], {"a": at, "g": at}))
+    # the elementwise kernel writing the reduction's own input, through another view
+    over_a = Elementwise("spread", ["div"], SHAPE, {"x0": _view("a"), "x1": BROADCAST},
+                         [(_view("a", SHAPE, (1, 8, 4)), x0 / x1)])
+    assert not _joined(_fuse([_count(), over_a], result="a"))
+    in_place = Elementwise("spread", ["div"], SHAPE, {"x0": _view("a"), "x1": BROADCAST},
+                           [(_view("a"), x0 / x1)])
+    assert _joined(_fuse([_count(), in_place], result="a"))
