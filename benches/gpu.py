@@ -27,7 +27,10 @@ Two phases, because the GPU machine has no Rust toolchain (as gpu_cuda_check.py)
 
 What is measured, per workload:
 
-- systems: ferrograd (CUDA step, CUDA graphs on, cuBLAS, strict fp32) with its batch
+- systems: ferrograd (CUDA step, CUDA graphs on, cuBLASLt/cuBLAS with each GEMM's
+  algorithm autotuned when the step is created — ``--no-autotune`` for cuBLASLt's
+  heuristic's first choice; the JSON's ``fg_info`` records ``autotune``, the
+  ``gemm_report`` and each GEMM's choice, ``gemm_steps`` —, strict fp32) with its batch
   on the device as the anchors keep theirs (torch CUDA tensors made once, which the
   step copies device to device into its input arenas through
   ``__cuda_array_interface__``), torch eager, torch eager with the whole step in one
@@ -183,7 +186,7 @@ class FgSystem:
     params, optimizer state), so two of them train independently from the same start."""
 
     def __init__(self, w: GpuWorkload, low: fg.Lowered, folder: Path, manifest: dict[str, Any],
-                 device: str, batch: list[Any]) -> None:
+                 device: str, batch: list[Any], autotune: bool = True) -> None:
         from ferrograd.codegen.build import _load
         from ferrograd.codegen.cpu_step import CompiledStep
         from ferrograd.codegen.cuda_step import open_cuda_step
@@ -201,9 +204,11 @@ class FgSystem:
             self.info["warning"] = "graph fingerprint differs from the build's"
         module = _load(entry["module"], folder / entry["file"])
         if device == "cuda":
-            self.native = open_cuda_step(module, self.low.graph.name, graph=True)
-            self.info.update(gemm_backend=self.native.gemm_backend,
+            self.native = open_cuda_step(module, self.low.graph.name, graph=True,
+                                         autotune=autotune)
+            self.info.update(autotune=autotune, gemm_backend=self.native.gemm_backend,
                              gemm_report=self.native.gemm_report,
+                             gemm_steps=list(self.native.gemm_steps),
                              device_name=self.native.device_name)
         else:  # a dry run of this script on a machine without a GPU
             self.native = module.Step()
@@ -464,7 +469,8 @@ def run_row(w: GpuWorkload, args: argparse.Namespace, folder: Path, manifest: di
         free0 = torch.cuda.mem_get_info()[0]
     t_fg = time.perf_counter()
     low = lower(w)
-    fgs = FgSystem(w, low, folder, manifest, args.device, host if dev is None else dev)
+    fgs = FgSystem(w, low, folder, manifest, args.device, host if dev is None else dev,
+                   args.autotune)
     t_fg = time.perf_counter() - t_fg  # lowering, loading, CudaStep (PTX JIT), params up
     if torch is not None:
         torch.cuda.synchronize()
@@ -476,7 +482,7 @@ def run_row(w: GpuWorkload, args: argparse.Namespace, folder: Path, manifest: di
     else:  # the like-for-like partner: a second step, fed NumPy every step
         row["fg_inputs"] = "device"
         t = time.perf_counter()
-        fg_host = FgSystem(w, low, folder, manifest, args.device, host)
+        fg_host = FgSystem(w, low, folder, manifest, args.device, host, args.autotune)
         fg_systems.append(fg_host.system(FG_HOST, time.perf_counter() - t))
         del fg_host  # alive through fg_systems and systems only
     systems = make_systems(w, fg_systems, fgs.step_obj.params, anchors, errors)
@@ -794,6 +800,13 @@ def report(result: dict[str, Any]) -> str:
         rates = ", ".join(f"{k} {v:.1f}" for k, v in r.get("tflops", {}).items())
         fk = f"; ferrograd kernels {r['flops'] / (kt * 1e-6) / 1e12:.1f}" if kt else ""
         lines.append(f"- {r['key']}: {r['flops'] / 1e9:.1f} GFLOP; TFLOP/s {rates}{fk}")
+    lines += ["", "ferrograd's GEMMs (autotune: each algorithm timed when the step is "
+              "created; fg_info.gemm_steps in the JSON has each GEMM's choice):", ""]
+    for r in rows:
+        info = r.get("fg_info", {})
+        if info.get("gemm_report"):
+            lines.append(f"- {r['key']}: autotune {info.get('autotune', '?')}: "
+                         f"{info['gemm_report']}")
     lines += ["", "First call (construction + first step: compile, capture, JIT), s:", ""]
     for r in rows:
         f = r.get("first_call_s", {})
@@ -824,6 +837,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--profile-steps", type=int, default=5)
     p.add_argument("--skip", default="", help="anchors to leave out: torch,jax")
+    p.add_argument("--no-autotune", dest="autotune", action="store_false",
+                   help="ferrograd's GEMMs use cuBLASLt's heuristic's first algorithm instead "
+                        "of the fastest of its candidates timed when the step is created")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                    help="cpu: a dry run of the runner with ferrograd's CPU step")
     p.add_argument("--deadline-s", type=float, default=540.0,

@@ -10,11 +10,14 @@ Two phases, because the GPU machine has no Rust toolchain:
 
 2. On the GPU machine: load them and compare each model's CUDA step with the
    interpreter — forward outputs, gradients, then a few training steps (losses,
-   params, optimizer state) — in several modes: cuBLAS with CUDA graphs, the
-   generated GEMM kernels (``gemm="kernel"``), plain launches (``graph=False``) and
-   one kernel at a time (``sync=True``). The temp arenas are poisoned with NaN
-   before each call and the inputs drawn fresh. Then host time per training step,
-   graphs against plain launches. The table comes last; the full numbers go to
+   params, optimizer state) — in several modes: the default (cuBLASLt/cuBLAS with
+   each GEMM's algorithm autotuned, CUDA graphs), the same with ``autotune=False``
+   (cuBLASLt's heuristic's first choice), the generated GEMM kernels
+   (``gemm="kernel"``), plain launches (``graph=False``) and one kernel at a time
+   (``sync=True``). The temp arenas are poisoned with NaN before each call and the
+   inputs drawn fresh. Then host time per training step: graphs autotuned, graphs
+   not autotuned, plain launches; and what autotuning chose for each GEMM of each
+   model (``gemm_steps``). The table comes last; the full numbers go to
    ``$OUT/gpu_cuda_check.json``. The exact device command (``run`` tool,
    ``carry: [".gpu_modules", ".whl"]``; both folders listed in .git/info/exclude)::
 
@@ -67,7 +70,8 @@ STEPS = 3  # training steps compared per mode
 TOL = 2e-4  # error that passes (strict fp32; sums run in another order)
 ATOL = 2e-5  # absolute floor per element: some exact-zero gradients are rounding noise
 MODES = {  # name -> CudaStep options
-    "cublas+graph": {},
+    "autotuned+graph": {},  # the default: autotune on
+    "autotune-off": {"autotune": False},
     "kernel-gemm": {"gemm": "kernel"},
     "no-graph": {"graph": False},
     "sync-each": {"sync": True},
@@ -173,7 +177,8 @@ def check_mode(low: fg.Lowered, module: Any, options: dict) -> dict[str, Any]:
     gpu = cuda_step(low, module, **options)
     native = gpu._native
     res: dict[str, Any] = {"gemm_backend": native.gemm_backend,
-                           "gemm_report": native.gemm_report, "graphs": native.graphs}
+                           "gemm_report": native.gemm_report, "graphs": native.graphs,
+                           "gemm_steps": list(native.gemm_steps), "tuned": tuned(native)}
     errs: dict[str, tuple[float, str]] = {}
     errs["init params"] = worst(gpu.params, ref.params)
     rng = np.random.default_rng(0)
@@ -209,9 +214,18 @@ def check_mode(low: fg.Lowered, module: Any, options: dict) -> dict[str, Any]:
     return res
 
 
-def time_steps(low: fg.Lowered, module: Any, graph: bool, n: int = 300) -> float:
+def tuned(native: Any) -> str:
+    """"yes" when the step autotuned its GEMMs, "no" when it says why not, "-" when
+    no GEMM is in cuBLAS(Lt)."""
+    report = native.gemm_report
+    if "not autotuned" in report:
+        return "no"
+    return "yes" if "autotuned" in report else "-"
+
+
+def time_steps(low: fg.Lowered, module: Any, n: int = 300, **options: Any) -> float:
     """Median host microseconds per training step (inputs copied in, loss back)."""
-    step = cuda_step(low, module, graph=graph)
+    step = cuda_step(low, module, **options)
     feed = feed_for(low.graph, np.random.default_rng(1))
     args = [feed[k] for k in low.graph.inputs]
     for _ in range(10):
@@ -300,17 +314,23 @@ def check(folder: Path) -> int:
                 r = {"ok": False, "error": f"{type(err).__name__}: {err}",
                      "trace": traceback.format_exc()}
             r["seconds"] = round(time.perf_counter() - t, 2)
+            # The default mode must have autotuned whatever runs in cuBLAS(Lt).
+            untuned = not options and r.get("tuned") == "no"
+            if untuned:
+                r["ok"] = False
             results[name][mode] = r
             worst_txt = (f"{r['worst']['rel_err']:.1e} ({r['worst']['where']}: "
                          f"{r['worst']['item']})" if "worst" in r else r["error"][:90])
+            worst_txt += " — NOT AUTOTUNED: " + r["gemm_report"][-200:] if untuned else ""
             rows.append((name, mode, "PASS" if r["ok"] else "FAIL", r.get("gemm_backend", "-"),
-                         worst_txt))
-            print(f"{name:12} {mode:13} {rows[-1][2]} {worst_txt}", flush=True)
+                         r.get("tuned", "-"), worst_txt))
+            print(f"{name:12} {mode:15} {rows[-1][2]} {worst_txt}", flush=True)
         if low.graph.updates:
             try:
                 results[name]["us_per_step"] = {
-                    "graph": time_steps(low, module, True),
-                    "launches": time_steps(low, module, False)}
+                    "graph": time_steps(low, module, graph=True),
+                    "graph_untuned": time_steps(low, module, graph=True, autotune=False),
+                    "launches": time_steps(low, module, graph=False)}
             except Exception as err:  # noted, not fatal
                 results[name]["us_per_step"] = {"error": str(err)}
     errors = check_errors(folder)
@@ -323,14 +343,23 @@ def check(folder: Path) -> int:
         for s in e["seen"]:
             text = f"{s['raised']}: {s['message']}" if "raised" in s else f"-> {s['result']}"
             print(f"      {s['call']}: {text[:300]}")
-    print("\nmodel        mode          result gemm     worst relative error (where)")
+    print("\nwhat the default mode chose for each GEMM (gemm_report, then gemm_steps)")
+    for name in lows:
+        r = results[name].get(next(iter(MODES)), {})
+        if r.get("gemm_steps"):
+            print(f"  {name}: {r['gemm_report']}")
+            for line in r["gemm_steps"]:
+                print(f"      {line}")
+    print("\nmodel        mode            result gemm     tuned worst relative error (where)")
     for row in rows:
-        print(f"{row[0]:12} {row[1]:13} {row[2]:6} {row[3]:8} {row[4]}")
-    print("\nhost time per training step (median, µs): model: CUDA graph / plain launches")
+        print(f"{row[0]:12} {row[1]:15} {row[2]:6} {row[3]:8} {row[4]:5} {row[5]}")
+    print("\nhost time per training step (median, µs): model: CUDA graph autotuned / "
+          "CUDA graph, autotune off / plain launches")
     for name in lows:
         t = results[name].get("us_per_step", {})
         if "graph" in t:
-            print(f"  {name:12} {t['graph']:8.1f} / {t['launches']:8.1f}")
+            print(f"  {name:12} {t['graph']:8.1f} / {t['graph_untuned']:8.1f} / "
+                  f"{t['launches']:8.1f}")
         elif t:
             print(f"  {name:12} {t}")
     failed = sum(row[2] == "FAIL" for row in rows)

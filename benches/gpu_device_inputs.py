@@ -3,7 +3,8 @@
 CuPy arrays and PyTorch CUDA tensors (``__cuda_array_interface__``) are copied
 device to device into the step's input arenas; NumPy arrays host to device. This
 trains the ``mlp`` example the same steps from each kind of input and compares the
-losses and params (they must match exactly: the arena holds the same bytes), then
+losses and params (they must match exactly: the arena holds the same bytes; the
+steps do not autotune, which could give each its own GEMM algorithms), then
 times a training step from device inputs against host inputs.
 
 1. Here (cargo): ``python benches/gpu_device_inputs.py --build .gpu_modules``
@@ -83,7 +84,9 @@ def check(folder: Path) -> int:
     batches = [base.feed_for(low.graph, rng) for _ in range(STEPS)]
     results, ok = {}, True
     for kind, conv in converters().items():
-        step = base.cuda_step(low, module)
+        # Each step would autotune on its own and might keep another GEMM algorithm
+        # (another summation order): compare inputs, not algorithm choices.
+        step = base.cuda_step(low, module, autotune=False)
         dev = [[conv(b[k]) for k in low.graph.inputs] for b in batches]
         losses = [step(*args) for args in dev]
         out = step.forward(*dev[0])  # through _bind: device arrays pass untouched

@@ -9,6 +9,15 @@ machine; only creating its ``CudaStep`` needs a GPU. Options (keyword arguments 
 - ``gemm`` (``FERROGRAD_CUDA_GEMM``, default "auto"): "auto" runs matrix products
   in cuBLAS when it loads and in the generated kernels otherwise, "cublas" requires
   cuBLAS, "kernel" never uses it (``step.gemm_backend`` says which ran);
+- ``autotune`` (``FERROGRAD_CUDA_AUTOTUNE``, default 1): when the step is created,
+  time each matrix product's candidate algorithms on its own operands — up to 8 that
+  cuBLASLt's heuristic proposes, and plain cuBLAS for a product without an epilogue —
+  and keep the fastest (a few ms per product; nothing the step holds is written); 0
+  keeps the heuristic's first choice. Strict fp32 either way, but algorithms may sum
+  in different orders, so results differ by rounding. ``step.gemm_report`` says what
+  was tuned, ``step.gemm_steps`` each product's choice and timings (printed to stderr
+  at ``FERROGRAD_DEBUG>=1``). Products with two batch levels (attention's) always run
+  in ``cublasSgemmBatched``;
 - ``tf32`` (default False): let cuBLAS use TF32 tensor cores (not strict fp32);
 - ``sync`` (``FERROGRAD_CUDA_SYNC``, default 0): wait after every kernel, so that
   an asynchronous failure (an illegal address) names its kernel;
@@ -18,12 +27,19 @@ machine; only creating its ``CudaStep`` needs a GPU. Options (keyword arguments 
 from __future__ import annotations
 
 import os
+import sys
 from types import ModuleType
 from typing import Any
 
-from ferrograd.ir.errors import BackendError
+import numpy as np
 
-OPTIONS = ("graph", "gemm", "tf32", "sync", "device_index")
+from ferrograd.ir.errors import BackendError
+from ferrograd.ir.passes import debug_level
+
+OPTIONS = ("graph", "gemm", "autotune", "tf32", "sync", "device_index")
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
 
 
 def _env_flag(name: str, default: bool) -> bool:
@@ -31,24 +47,61 @@ def _env_flag(name: str, default: bool) -> bool:
     return default if value is None else value.strip().lower() not in ("", "0", "false", "no")
 
 
-def open_cuda_step(module: ModuleType, model: str, **options: Any) -> Any:
-    """``module.CudaStep(...)``; no GPU, no driver, a PTX the driver rejects: a
-    ``BackendError`` naming the model (a ``MemoryError`` when the GPU is full)."""
+def _strict_env_flag(name: str, default: bool) -> bool:
+    """``name`` as a boolean: unset or empty is ``default``; anything but 1/0,
+    true/false, yes/no, on/off is an error (a typo must not flip the option)."""
+    value = os.environ.get(name, "").strip().lower()
+    if not value:
+        return default
+    if value in _TRUE + _FALSE:
+        return value in _TRUE
+    raise ValueError(f"{name}={os.environ[name]!r}: expected 1 or 0 (also true/false, "
+                     "yes/no, on/off)")
+
+
+def _strict_flag(options: dict[str, Any], key: str, env: str, default: bool) -> bool:
+    """The boolean option ``key``, else the environment's ``env``, else ``default``."""
+    if key not in options:
+        return _strict_env_flag(env, default)
+    value = options[key]
+    exact = isinstance(value, (bool, np.bool_)) or (isinstance(value, int) and value in (0, 1))
+    if not exact:
+        raise TypeError(f"CUDA step option {key} must be True or False, not {value!r}")
+    return bool(value)
+
+
+def cuda_step_kwargs(**options: Any) -> dict[str, Any]:
+    """The keyword arguments of ``CudaStep(...)`` for ``options`` (names as in
+    ``OPTIONS``) and the environment: a ``TypeError`` for an unknown option or a
+    non-boolean ``autotune``, a ``ValueError`` for a bad ``FERROGRAD_CUDA_AUTOTUNE``
+    (``gemm`` is checked by the step itself)."""
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
         raise TypeError(f"unknown CUDA step option {', '.join(unknown)}; the options are "
                         f"{', '.join(OPTIONS)}")
-    if not hasattr(module, "CudaStep"):
-        raise BackendError(f"{model}: module {module.__name__} has no CUDA step; lower the "
-                           "model with backend='cuda' or ('cpu', 'cuda')")
-    kwargs = {
+    return {
         "device": int(options.get("device_index", os.environ.get("FERROGRAD_CUDA_DEVICE", 0))),
         "graph": bool(options.get("graph", _env_flag("FERROGRAD_CUDA_GRAPHS", True))),
         "gemm": str(options.get("gemm", os.environ.get("FERROGRAD_CUDA_GEMM", "auto"))),
         "tf32": bool(options.get("tf32", False)),
         "sync": bool(options.get("sync", _env_flag("FERROGRAD_CUDA_SYNC", False))),
+        "autotune": _strict_flag(options, "autotune", "FERROGRAD_CUDA_AUTOTUNE", True),
     }
+
+
+def open_cuda_step(module: ModuleType, model: str, **options: Any) -> Any:
+    """``module.CudaStep(...)``; no GPU, no driver, a PTX the driver rejects: a
+    ``BackendError`` naming the model (a ``MemoryError`` when the GPU is full)."""
+    kwargs = cuda_step_kwargs(**options)
+    if not hasattr(module, "CudaStep"):
+        raise BackendError(f"{model}: module {module.__name__} has no CUDA step; lower the "
+                           "model with backend='cuda' or ('cpu', 'cuda')")
     try:
-        return module.CudaStep(**kwargs)
+        step = module.CudaStep(**kwargs)
     except (RuntimeError, ValueError) as err:
         raise BackendError(f"{model}: cannot create the CUDA step: {err}") from None
+    if debug_level() >= 1:
+        print(f"{model}: {step.gemm_report}", file=sys.stderr)
+        for line in step.gemm_steps:
+            print(f"  {line}", file=sys.stderr)
+    return step

@@ -303,7 +303,8 @@ class Lowered:
                 **options: Any) -> Step:
         """Build (or load from the cache) and return a step running on ``device`` (by
         default the first backend lowered for). ``options`` go to the CUDA step:
-        ``graph``, ``gemm``, ``tf32``, ``sync``, ``device_index`` (see ``cuda_step.py``).
+        ``graph``, ``gemm``, ``autotune``, ``tf32``, ``sync``, ``device_index`` (see
+        ``cuda_step.py``).
 
         ``profile=True`` (device "cpu") times every kernel call of the step's entry
         points, for ``step.profile()``; a separate module, built once like any other.

@@ -74,6 +74,8 @@ def test_cuda_crate_renders_plans_ptx_and_the_feature():
         assert f'Plan {{ entry: "{entry}"' in rs
     assert "Step::Gemm(Gemm {" in rs and "fallback: Some(Launch {" in rs
     assert 'ArenaSpec { name: "input:x", elem: Elem::F32, len: 1024 }' in rs
+    assert 'gemm = "auto", tf32 = false, sync = false, autotune = true))]' in rs
+    assert "fn gemm_steps(&self) -> Vec<String>" in rs
     # Module names hash the CUDA part too: another PTX, another module.
     assert low.crate.module != fg.lower(model, backend="cpu", **kwargs).crate.module
 
@@ -87,6 +89,34 @@ def test_backend_tuples_and_devices_are_checked():
         low.compile(device="cuda")
     with pytest.raises(TypeError, match="for device='cuda'"):
         low.compile(gemm="kernel")
+
+
+def test_cuda_step_options_are_checked(monkeypatch: pytest.MonkeyPatch):
+    from ferrograd.codegen.cuda_step import cuda_step_kwargs
+
+    for name in ("FERROGRAD_CUDA_AUTOTUNE", "FERROGRAD_CUDA_GEMM", "FERROGRAD_CUDA_GRAPHS",
+                 "FERROGRAD_CUDA_SYNC", "FERROGRAD_CUDA_DEVICE"):
+        monkeypatch.delenv(name, raising=False)
+    assert cuda_step_kwargs() == {"device": 0, "graph": True, "gemm": "auto", "tf32": False,
+                                  "sync": False, "autotune": True}
+    assert cuda_step_kwargs(autotune=False)["autotune"] is False
+    assert cuda_step_kwargs(autotune=np.True_)["autotune"] is True
+    for bad in ("off", None, 2, 0.5):
+        with pytest.raises(TypeError, match="autotune must be True or False"):
+            cuda_step_kwargs(autotune=bad)
+    for text, value in (("0", False), ("off", False), (" No ", False), ("1", True),
+                        ("TRUE", True), ("on", True), ("", True)):
+        monkeypatch.setenv("FERROGRAD_CUDA_AUTOTUNE", text)
+        assert cuda_step_kwargs()["autotune"] is value, text
+    # The option wins over the environment.
+    monkeypatch.setenv("FERROGRAD_CUDA_AUTOTUNE", "0")
+    assert cuda_step_kwargs(autotune=True)["autotune"] is True
+    monkeypatch.setenv("FERROGRAD_CUDA_AUTOTUNE", "fasle")
+    with pytest.raises(ValueError, match="FERROGRAD_CUDA_AUTOTUNE='fasle': expected 1 or 0"):
+        cuda_step_kwargs()
+    with pytest.raises(TypeError, match="unknown CUDA step option autotuning; the options "
+                                        "are graph, gemm, autotune"):
+        cuda_step_kwargs(autotuning=False)
 
 
 @needs_cargo
@@ -115,6 +145,11 @@ def test_module_with_a_cuda_step_builds_and_its_cpu_step_works():
         open_cuda_step(module, low.graph.name)
     with pytest.raises(TypeError, match="unknown CUDA step option"):
         open_cuda_step(module, low.graph.name, precision="tf32")
+    with pytest.raises(TypeError, match="autotune must be True or False, not 'off'"):
+        open_cuda_step(module, low.graph.name, autotune="off")
+    # The module itself takes the keyword (and fails only for want of a driver).
+    with pytest.raises(RuntimeError, match="no CUDA driver found"):
+        module.CudaStep(autotune=False)
 
 
 def _check_on_gpu(low, module) -> None:
@@ -123,7 +158,8 @@ def _check_on_gpu(low, module) -> None:
     from ferrograd.dsl.init import init_params
     from ferrograd.ir.optim import init_state
 
-    for options in ({}, {"gemm": "kernel"}, {"graph": False}, {"sync": True}):
+    for options in ({}, {"autotune": False}, {"gemm": "kernel"}, {"graph": False},
+                    {"sync": True}):
         gpu = CompiledStep(low, module, init_params(low.graph, 0), init_state(low.graph),
                            "cuda", open_cuda_step(module, low.graph.name, **options))
         ref = fg.compile(cuda_handmade.tiny, optimizer=cuda_handmade.OPTIMIZER,

@@ -1,8 +1,11 @@
-//! cuBLASLt (loaded with dlopen when a step is created, if it is there): a
-//! GEMM whose epilogue adds a bias (and applies ReLU), so a linear layer is
-//! one kernel instead of a GEMM and an elementwise pass over its output. One
-//! handle with its own workspace, like [`Blas`](super::Blas), so that its
-//! calls can be captured into a CUDA graph.
+//! cuBLASLt (loaded with dlopen when a step is created, if it is there): every
+//! GEMM without an outer batch level, so that its algorithm can be chosen
+//! (the heuristic's first, or the fastest of several by timing: see
+//! [`autotune`](super::autotune)), and the GEMMs whose epilogue adds a bias
+//! (and applies ReLU), so a linear layer is one kernel instead of a GEMM and
+//! an elementwise pass over its output. One handle with its own workspace,
+//! like [`Blas`](super::Blas), so that its calls can be captured into a CUDA
+//! graph.
 
 use std::ffi::c_void;
 use std::mem::size_of;
@@ -33,8 +36,10 @@ const WORKSPACE_BYTES: usize = 32 << 20;
 const ALIGNMENTS: [u64; 3] = [256, 16, 4];
 
 /// What the epilogue does after the product.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum LtEpilogue {
+    /// None: `D = alpha·op(A)·op(B) + beta·C`.
+    Plain,
     /// `D = op(A)·op(B) + bias`.
     Bias,
     /// `D = max(op(A)·op(B) + bias, 0)`.
@@ -65,6 +70,10 @@ pub struct LtGemm {
     /// The batch strides in bytes, OR-ed: a batch item's address is only as
     /// aligned as the first one's and these.
     stride_bits: u64,
+    /// What follows the product.
+    epilogue: LtEpilogue,
+    /// The epilogue reads a bias.
+    bias: bool,
     /// An empty product (m, n or batch is 0): nothing to queue.
     empty: bool,
     device: Device,
@@ -186,6 +195,49 @@ fn pick(algos: &[Option<cublasLtMatmulAlgo_t>], align: u64) -> Option<usize> {
 /// A heuristic preference descriptor, destroyed on drop.
 struct Pref(sys::cublasLtMatmulPreference_t);
 
+/// Algorithms the heuristic proposes for one GEMM at one pointer alignment,
+/// in its order (estimated fastest first), from [`BlasLt::candidates`].
+pub struct Candidates {
+    /// The index in [`ALIGNMENTS`] they were asked for.
+    slot: usize,
+    algos: Vec<cublasLtMatmulAlgo_t>,
+}
+
+impl Candidates {
+    /// How many there are.
+    pub fn len(&self) -> usize {
+        self.algos.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.algos.is_empty()
+    }
+
+    /// The operand alignment (bytes) they were asked for.
+    pub fn alignment(&self) -> u64 {
+        ALIGNMENTS[self.slot]
+    }
+}
+
+impl LtGemm {
+    /// An empty product (m, n or batch is 0): nothing to queue, nothing to tune.
+    pub fn is_empty(&self) -> bool {
+        self.empty
+    }
+
+    /// What follows the product.
+    pub fn epilogue(&self) -> LtEpilogue {
+        self.epilogue
+    }
+
+    /// Runs candidate `i` of `found` (from [`BlasLt::candidates`] for this
+    /// GEMM) from now on, for the addresses it was asked for.
+    pub fn keep(&mut self, found: &Candidates, i: usize) {
+        self.algos[found.slot] = Some(found.algos[i]);
+    }
+}
+
 impl Drop for Pref {
     fn drop(&mut self) {
         // SAFETY: created once, destroyed once; errors are ignored.
@@ -236,9 +288,11 @@ impl BlasLt {
     /// whoever passes the operands); the bias has `g.m` elements, one per row
     /// of the column-major D, shared by every batch item.
     ///
-    /// One algorithm is chosen per pointer alignment in [`ALIGNMENTS`], so
-    /// that [`run`](Self::run) needs no heuristic query (none may happen
-    /// during graph capture) whatever its addresses.
+    /// One algorithm is chosen per pointer alignment in [`ALIGNMENTS`] (the
+    /// heuristic's first; autotuning may replace the one for the step's
+    /// addresses: [`LtGemm::keep`]), so that [`run`](Self::run) needs no
+    /// heuristic query (none may happen during graph capture) whatever its
+    /// addresses.
     ///
     /// # Errors
     /// A failed cuBLASLt call, or no algorithm for 4-byte aligned operands
@@ -251,6 +305,8 @@ impl BlasLt {
             c: ptr::null_mut(),
             algos: [None; ALIGNMENTS.len()],
             stride_bits: 0,
+            epilogue,
+            bias: epilogue != LtEpilogue::Plain,
             empty: g.m == 0 || g.n == 0 || g.batch == 0,
             device: self.device.clone(),
         };
@@ -274,8 +330,8 @@ impl BlasLt {
         };
         let f32_type = cudaDataType::CUDA_R_32F;
         // SAFETY (whole block): every descriptor is created before it is
-        // used, lives in `p` (destroyed by its Drop, on error too) or `pref`,
-        // and every attribute is given its C type.
+        // used and lives in `p` (destroyed by its Drop, on error too), and
+        // every attribute is given its C type.
         unsafe {
             call(
                 || sys::cublasLtMatmulDescCreate(&mut p.desc, compute, f32_type),
@@ -286,25 +342,28 @@ impl BlasLt {
             set_desc(p.desc, DescAttr::CUBLASLT_MATMUL_DESC_TRANSA, &op(g.transa))?;
             set_desc(p.desc, DescAttr::CUBLASLT_MATMUL_DESC_TRANSB, &op(g.transb))?;
             let epi = match epilogue {
-                LtEpilogue::Bias => cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS,
-                LtEpilogue::ReluBias => cublasLtEpilogue_t::CUBLASLT_EPILOGUE_RELU_BIAS,
+                LtEpilogue::Plain => None,
+                LtEpilogue::Bias => Some(cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS),
+                LtEpilogue::ReluBias => Some(cublasLtEpilogue_t::CUBLASLT_EPILOGUE_RELU_BIAS),
             };
-            set_desc(
-                p.desc,
-                DescAttr::CUBLASLT_MATMUL_DESC_EPILOGUE,
-                &(epi as u32),
-            )?;
-            set_desc(
-                p.desc,
-                DescAttr::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE,
-                &(f32_type as i32),
-            )?;
-            // One bias vector for every batch item.
-            set_desc(
-                p.desc,
-                DescAttr::CUBLASLT_MATMUL_DESC_BIAS_BATCH_STRIDE,
-                &0i64,
-            )?;
+            if let Some(epi) = epi {
+                set_desc(
+                    p.desc,
+                    DescAttr::CUBLASLT_MATMUL_DESC_EPILOGUE,
+                    &(epi as u32),
+                )?;
+                set_desc(
+                    p.desc,
+                    DescAttr::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE,
+                    &(f32_type as i32),
+                )?;
+                // One bias vector for every batch item.
+                set_desc(
+                    p.desc,
+                    DescAttr::CUBLASLT_MATMUL_DESC_BIAS_BATCH_STRIDE,
+                    &0i64,
+                )?;
+            }
 
             // Stored shapes: op(A) is m × k, so A is k × m when transposed.
             let (a_rows, a_cols) = if g.transa { (k, m) } else { (m, k) };
@@ -341,57 +400,10 @@ impl BlasLt {
                     p.stride_bits |= stride.unsigned_abs().wrapping_mul(size_of::<f32>() as u64);
                 }
             }
-
-            let mut raw = ptr::null_mut();
-            call(
-                || sys::cublasLtMatmulPreferenceCreate(&mut raw),
-                || "cublasLtMatmulPreferenceCreate".into(),
-            )?;
-            let pref = Pref(raw);
-            set_pref(
-                pref.0,
-                PrefAttr::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                &(self.workspace.bytes() as u64),
-            )?;
-            for (i, &align) in ALIGNMENTS.iter().enumerate() {
-                let bytes = align as u32;
-                for attr in [
-                    PrefAttr::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
-                    PrefAttr::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
-                    PrefAttr::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
-                    PrefAttr::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
-                ] {
-                    set_pref(pref.0, attr, &bytes)?;
-                }
-                // The bias has no alignment preference; in case the heuristic
-                // looks at its pointer, show it one exactly this aligned (a
-                // real device address: the workspace is at least 256-aligned).
-                let base = self.workspace.ptr();
-                let bias = if align >= 256 { base } else { base + align };
-                set_desc(p.desc, DescAttr::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias)?;
-                let mut result = std::mem::zeroed::<cublasLtMatmulHeuristicResult_t>();
-                let mut count = 0;
-                call(
-                    || {
-                        sys::cublasLtMatmulAlgoGetHeuristic(
-                            self.handle,
-                            p.desc,
-                            p.a,
-                            p.b,
-                            p.c,
-                            p.c,
-                            pref.0,
-                            1,
-                            &mut result,
-                            &mut count,
-                        )
-                    },
-                    || format!("cublasLtMatmulAlgoGetHeuristic for {}", shape()),
-                )?;
-                if count > 0 && result.state == cublasStatus_t::CUBLAS_STATUS_SUCCESS {
-                    p.algos[i] = Some(result.algo);
-                }
-            }
+        }
+        let pref = self.preference()?;
+        for (slot, &align) in ALIGNMENTS.iter().enumerate() {
+            p.algos[slot] = self.heuristics(&p, &pref, align, 1)?.first().copied();
         }
         if p.algos[ALIGNMENTS.len() - 1].is_none() {
             return Err(format!(
@@ -402,11 +414,139 @@ impl BlasLt {
         Ok(p)
     }
 
+    /// A heuristic preference allowing this handle's whole workspace.
+    fn preference(&self) -> Result<Pref, String> {
+        let mut raw = ptr::null_mut();
+        // SAFETY: writes the new descriptor to `raw`; `Pref` destroys it.
+        call(
+            || unsafe { sys::cublasLtMatmulPreferenceCreate(&mut raw) },
+            || "cublasLtMatmulPreferenceCreate".into(),
+        )?;
+        let pref = Pref(raw);
+        // SAFETY: a live preference; the attribute is a u64.
+        unsafe {
+            set_pref(
+                pref.0,
+                PrefAttr::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                &(self.workspace.bytes() as u64),
+            )?;
+        }
+        Ok(pref)
+    }
+
+    /// Up to `max` algorithms the heuristic proposes for `p` with operands
+    /// aligned to `align` bytes, estimated fastest first (those it reports
+    /// as unusable left out).
+    fn heuristics(
+        &self,
+        p: &LtGemm,
+        pref: &Pref,
+        align: u64,
+        max: usize,
+    ) -> Result<Vec<cublasLtMatmulAlgo_t>, String> {
+        let shape = || format!("a GEMM with operands aligned to {align} bytes");
+        let bytes = align as u32;
+        let mut results =
+            // SAFETY: plain data (an opaque byte array, integers, a float).
+            vec![unsafe { std::mem::zeroed::<cublasLtMatmulHeuristicResult_t>() }; max];
+        let mut count = 0;
+        // SAFETY (whole block): `p`'s descriptors and `pref` are live, every
+        // attribute gets its C type, and `results` holds `max` entries.
+        unsafe {
+            for attr in [
+                PrefAttr::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
+                PrefAttr::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+                PrefAttr::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
+                PrefAttr::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
+            ] {
+                set_pref(pref.0, attr, &bytes)?;
+            }
+            if p.bias {
+                // The bias has no alignment preference; in case the heuristic
+                // looks at its pointer, show it one exactly this aligned (a
+                // real device address: the workspace is at least 256-aligned).
+                let base = self.workspace.ptr();
+                let bias = if align >= 256 { base } else { base + align };
+                set_desc(p.desc, DescAttr::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias)?;
+            }
+            call(
+                || {
+                    sys::cublasLtMatmulAlgoGetHeuristic(
+                        self.handle,
+                        p.desc,
+                        p.a,
+                        p.b,
+                        p.c,
+                        p.c,
+                        pref.0,
+                        i32::try_from(max).unwrap_or(i32::MAX),
+                        results.as_mut_ptr(),
+                        &mut count,
+                    )
+                },
+                || format!("cublasLtMatmulAlgoGetHeuristic for {}", shape()),
+            )?;
+        }
+        let count = usize::try_from(count).unwrap_or(0).min(max);
+        Ok(results[..count]
+            .iter()
+            .filter(|r| r.state == cublasStatus_t::CUBLAS_STATUS_SUCCESS)
+            .map(|r| r.algo)
+            .collect())
+    }
+
+    /// Up to `max` algorithms for `p` at the alignment [`run`](Self::run)
+    /// picks for operand addresses whose OR is `bits` (its candidates for
+    /// autotuning; [`LtGemm::keep`] makes one of them the one `run` uses).
+    ///
+    /// # Errors
+    /// A failed cuBLASLt call, or no algorithm for such addresses.
+    pub fn candidates(&self, p: &LtGemm, bits: u64, max: usize) -> Result<Candidates, String> {
+        let align = alignment(bits | p.stride_bits);
+        let Some(slot) = pick(&p.algos, align) else {
+            return Err(format!(
+                "cuBLASLt has no algorithm for operands aligned to {align} bytes"
+            ));
+        };
+        self.device.bind().map_err(|e| e.to_string())?;
+        let algos = self.heuristics(p, &self.preference()?, ALIGNMENTS[slot], max)?;
+        if algos.is_empty() {
+            return Err(format!(
+                "cuBLASLt proposes no algorithm for operands aligned to {} bytes",
+                ALIGNMENTS[slot]
+            ));
+        }
+        Ok(Candidates { slot, algos })
+    }
+
+    /// [`run`](Self::run) with candidate `i` of `found` (from
+    /// [`candidates`](Self::candidates) for `p`), for timing it.
+    ///
+    /// # Safety
+    /// As [`run`](Self::run); the addresses meet the alignment `found` was
+    /// asked for.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn run_candidate(
+        &self,
+        p: &LtGemm,
+        found: &Candidates,
+        i: usize,
+        scale: Scale,
+        a: u64,
+        b: u64,
+        c: u64,
+        bias: u64,
+    ) -> Result<(), String> {
+        // SAFETY: the caller's contract.
+        unsafe { self.run_algo(p, &found.algos[i], scale, a, b, c, bias) }
+    }
+
     /// Queues `D = alpha·op(A)·op(B) + beta·C + bias` (bias[i] added to row i
     /// of the column-major D, for every column and batch item), then ReLU for
     /// [`LtEpilogue::ReluBias`], on the device's stream (C == D; plans give
-    /// beta 0 with a bias). Allocates nothing, waits for nothing and queries
-    /// no heuristic, so it may be captured into a CUDA graph.
+    /// beta 0 with a bias; no bias nor ReLU for [`LtEpilogue::Plain`], whose
+    /// `bias` is ignored). Allocates nothing, waits for nothing and queries no
+    /// heuristic, so it may be captured into a CUDA graph.
     ///
     /// # Safety
     /// `a`, `b`, `c` and `bias` must be device addresses of f32 operands
@@ -430,13 +570,38 @@ impl BlasLt {
                 "cuBLASLt has no algorithm for operands aligned to {align} bytes"
             ));
         };
+        // SAFETY: the caller's contract; `algo` was chosen for these addresses.
+        unsafe { self.run_algo(p, algo, scale, a, b, c, bias) }
+    }
+
+    /// [`run`](Self::run) with algorithm `algo`.
+    ///
+    /// # Safety
+    /// As [`run`](Self::run); `algo` is one the heuristic proposed for `p`
+    /// at an alignment the addresses meet.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn run_algo(
+        &self,
+        p: &LtGemm,
+        algo: &cublasLtMatmulAlgo_t,
+        scale: Scale,
+        a: u64,
+        b: u64,
+        c: u64,
+        bias: u64,
+    ) -> Result<(), String> {
+        if p.empty {
+            return Ok(());
+        }
         let Scale { alpha, beta } = scale;
         // SAFETY: the caller's contract; `p`'s descriptors are live and its
         // algorithm was chosen for them with this handle's workspace limit;
         // alpha and beta are host scalars (the default pointer mode) that
         // live through the call; the workspace lives as long as `self`.
         unsafe {
-            set_desc(p.desc, DescAttr::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias)?;
+            if p.bias {
+                set_desc(p.desc, DescAttr::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias)?;
+            }
             call(
                 || {
                     sys::cublasLtMatmul(

@@ -3,8 +3,10 @@
 //!
 //! At creation every [`BufferRef`] becomes a device address (arenas are
 //! allocated once and never move), every kernel's parameter block is built,
-//! and every GEMM is bound to cuBLAS or to its fallback kernel. A call then
-//! copies the inputs into their fixed input arenas, runs the steps, and waits.
+//! and every GEMM is bound to cuBLASLt (its algorithm chosen by timing, with
+//! [`Options::autotune`]: see [`autotune`](super::autotune)), to cuBLAS, or to
+//! its fallback kernel. A call then copies the inputs into their fixed input
+//! arenas, runs the steps, and waits.
 //!
 //! Graphs: with [`Options::graphs`], an entry point runs as plain launches on
 //! its first call (which also makes the driver and cuBLAS load every kernel
@@ -20,6 +22,7 @@ use std::ffi::c_void;
 
 use cudarc::driver::sys;
 
+use super::autotune::{TuneConfig, Tuned, Tuner};
 use super::blas::{Blas, Scale};
 use super::blaslt::{BlasLt, LtEpilogue, LtGemm};
 use super::device::{check, Device, DeviceBuffer};
@@ -73,6 +76,9 @@ pub struct Options {
     pub gemm: GemmMode,
     /// Let cuBLAS use TF32 tensor cores (not strict fp32).
     pub tf32: bool,
+    /// Choose each cuBLASLt GEMM's algorithm by timing candidates on its own
+    /// operands when the executor is created (else the heuristic's first).
+    pub autotune: bool,
 }
 
 impl Default for Options {
@@ -83,6 +89,7 @@ impl Default for Options {
             sync_each: false,
             gemm: GemmMode::Auto,
             tf32: false,
+            autotune: true,
         }
     }
 }
@@ -164,7 +171,8 @@ enum Work {
         pointers: DeviceBuffer,
         count: usize,
     },
-    /// A GEMM with a bias (and ReLU) epilogue.
+    /// A GEMM in cuBLASLt, with or without a bias (and ReLU) epilogue
+    /// (`bias` 0 without).
     CublasLt {
         call: Box<LtGemm>,
         scale: Scale,
@@ -176,7 +184,8 @@ enum Work {
 }
 
 struct Ready {
-    /// `kernel `k3`` or `GEMM 64×128×32 (cuBLAS)`, for messages.
+    /// `kernel `k3`` or `GEMM 64x128x32 (batch 1) in cuBLASLt, algorithm #2
+    /// of 8 by timing: …`, for messages and [`Executor::gemm_steps`].
     label: String,
     work: Work,
 }
@@ -281,9 +290,12 @@ impl Executor {
         Ok(exec)
     }
 
+    /// Makes every step ready. This runs inside [`Executor::new`], before
+    /// any entry point has run, so no graph capture is under way: GEMMs are
+    /// autotuned here (their candidates run on the stream).
     fn prepare(&mut self, plans: &'static [Plan], why_no_cublas: &str) -> Result<(), Error> {
         let mut functions: HashMap<&'static str, (Function, u32)> = HashMap::new();
-        let (mut by_cublas, mut by_lt, mut by_kernel) = (0usize, 0usize, Vec::new());
+        let mut prep = GemmPrep::new(&self.options, self.blaslt.is_some(), &self.device);
         for plan in plans {
             let mut steps = Vec::with_capacity(plan.steps.len());
             for (i, step) in plan.steps.iter().enumerate() {
@@ -291,12 +303,8 @@ impl Executor {
                     Step::Launch(launch) => self.kernel(launch, &mut functions)?,
                     Step::Gemm(gemm) => {
                         let at = || format!("GEMM step {i} of `{}`", plan.entry);
-                        match self.cublas(gemm, &at())? {
-                            Ok(ready) => {
-                                by_cublas += 1;
-                                by_lt += usize::from(matches!(ready.work, Work::CublasLt { .. }));
-                                ready
-                            }
+                        match self.cublas(gemm, &at(), &mut prep)? {
+                            Ok(ready) => ready,
                             Err(why) => {
                                 let Some(fallback) = &gemm.fallback else {
                                     return Err(Error::layout(format!(
@@ -305,7 +313,7 @@ impl Executor {
                                         at()
                                     )));
                                 };
-                                by_kernel.push(format!("{} ({why})", at()));
+                                prep.tally.kernel.push(format!("{} ({why})", at()));
                                 self.kernel(fallback, &mut functions)?
                             }
                         }
@@ -340,30 +348,9 @@ impl Executor {
                 )?;
             }
         }
-        (self.gemm_backend, self.gemm_report) = match (&self.blas, by_kernel.is_empty()) {
-            (Some(_), true) => (
-                "cublas",
-                format!(
-                    "cuBLAS runs all {by_cublas} GEMM steps ({by_lt} with a bias epilogue, \
-                     in cuBLASLt)"
-                ),
-            ),
-            (Some(_), false) => (
-                "mixed",
-                format!(
-                    "cuBLAS runs {by_cublas} GEMM steps, kernels run {}: {}",
-                    by_kernel.len(),
-                    by_kernel.join("; ")
-                ),
-            ),
-            (None, _) => (
-                "kernel",
-                format!(
-                    "kernels run all {} GEMM steps: {why_no_cublas}",
-                    by_kernel.len()
-                ),
-            ),
-        };
+        let tuning = prep.finish();
+        (self.gemm_backend, self.gemm_report) =
+            gemm_report(&prep.tally, self.blas.is_some(), why_no_cublas, &tuning);
         Ok(())
     }
 
@@ -437,8 +424,14 @@ impl Executor {
         })
     }
 
-    /// The cuBLAS call for `gemm`, or (inner `Err`) why cuBLAS cannot run it.
-    fn cublas(&self, gemm: &Gemm, what: &str) -> Result<Result<Ready, String>, Error> {
+    /// The cuBLAS or cuBLASLt call for `gemm` (autotuned when `prep` has a
+    /// tuner), or (inner `Err`) why neither can run it.
+    fn cublas(
+        &self,
+        gemm: &Gemm,
+        what: &str,
+        prep: &mut GemmPrep,
+    ) -> Result<Result<Ready, String>, Error> {
         if gemm.bias.is_some() && gemm.beta != 0.0 {
             // The plan's contract (launch_plan.py): a bias epilogue only on a
             // C that is written, not accumulated into.
@@ -453,7 +446,10 @@ impl Executor {
             (&gemm.c, gemm.m, gemm.n, gemm.c_strides, "C"),
         ];
         let mut addresses = [0u64; 3];
-        for (slot, (r, rows, cols, strides, name)) in addresses.iter_mut().zip(operands) {
+        let mut extents = [0usize; 3];
+        for ((slot, span), (r, rows, cols, strides, name)) in
+            addresses.iter_mut().zip(&mut extents).zip(operands)
+        {
             let arena = self.arena(r.arena)?;
             if arena.spec.elem != Elem::F32 {
                 return Err(Error::layout(format!(
@@ -480,6 +476,7 @@ impl Executor {
                     Error::layout(format!("{what}: operand {name}'s extent overflows"))
                 })?;
             *slot = self.address(r, len, &format!("{what}, operand {name}"))?;
+            *span = len;
         }
         if self.blas.is_none() {
             return Ok(Err("cuBLAS is not in use".into()));
@@ -490,18 +487,30 @@ impl Executor {
         };
         let [a, b, c] = addresses;
         let (a, b) = if call.swap { (b, a) } else { (a, b) };
-        if let Some(bias) = &gemm.bias {
-            if gemm.outer > 1 {
+        if gemm.outer > 1 {
+            if gemm.bias.is_some() {
                 return Ok(Err("a bias epilogue with an outer batch level".into()));
             }
-            return self.cublaslt(gemm, call, [a, b, c], bias, what);
-        }
-        if gemm.outer > 1 {
+            prep.tally.pointers += 1;
             return self.cublas_pointers(gemm, call, addresses, what).map(Ok);
         }
-        Ok(Ok(Ready {
+        let lt = self.cublaslt(gemm, call, [a, b, c], extents[2], what, prep)?;
+        match lt {
+            Ok(ready) => Ok(Ok(ready)),
+            Err(why) if gemm.bias.is_some() => Ok(Err(why)),
+            Err(why) => {
+                prep.tally.no_lt(why);
+                Ok(Ok(self.sgemm(gemm, call, [a, b, c], "")))
+            }
+        }
+    }
+
+    /// `gemm` as one `cublasSgemmStridedBatched` call (`a`, `b` in cuBLAS's
+    /// order); `how` ends its label.
+    fn sgemm(&self, gemm: &Gemm, call: CublasGemm, [a, b, c]: [u64; 3], how: &str) -> Ready {
+        Ready {
             label: format!(
-                "GEMM {}x{}x{} (batch {}{}) in cuBLAS",
+                "GEMM {}x{}x{} (batch {}{}) in cuBLAS{how}",
                 gemm.m,
                 gemm.n,
                 gemm.k,
@@ -515,7 +524,7 @@ impl Executor {
                 b,
                 c,
             },
-        }))
+        }
     }
 
     /// A GEMM with an outer batch level as one `cublasSgemmBatched` call: the
@@ -568,8 +577,11 @@ impl Executor {
         })
     }
 
-    /// The cuBLASLt call for a GEMM with a bias epilogue, or (inner `Err`) why
-    /// cuBLASLt cannot run it. cuBLASLt adds the bias along the rows of its
+    /// The cuBLASLt call for a GEMM without an outer batch level (`a`, `b` in
+    /// cuBLAS's order; C's extent `c_len` elements), its algorithm the
+    /// heuristic's first or, with a tuner, the fastest candidate — which may
+    /// be plain cuBLAS for a GEMM without an epilogue; or (inner `Err`) why
+    /// cuBLASLt cannot run it. cuBLASLt adds a bias along the rows of its
     /// column-major D, which are the plan's columns only when the product was
     /// swapped into `Cᵀ = Bᵀ·Aᵀ` (a row-major C, the usual case).
     fn cublaslt(
@@ -577,43 +589,85 @@ impl Executor {
         gemm: &Gemm,
         call: CublasGemm,
         [a, b, c]: [u64; 3],
-        bias: &BufferRef,
+        c_len: usize,
         what: &str,
+        prep: &mut GemmPrep,
     ) -> Result<Result<Ready, String>, Error> {
-        if self.arena(bias.arena)?.spec.elem != Elem::F32 {
-            return Err(Error::layout(format!("{what}: the bias is not f32")));
-        }
-        let bias = self.address(bias, gemm.n, &format!("{what}, its bias"))?;
-        let Some(lt) = &self.blaslt else {
-            return Ok(Err(format!(
-                "a bias epilogue needs cuBLASLt: {}",
-                self.why_no_blaslt
-            )));
+        let bias = match &gemm.bias {
+            Some(r) => {
+                if self.arena(r.arena)?.spec.elem != Elem::F32 {
+                    return Err(Error::layout(format!("{what}: the bias is not f32")));
+                }
+                Some(self.address(r, gemm.n, &format!("{what}, its bias"))?)
+            }
+            None => None,
         };
-        if !call.swap {
+        let Some(lt) = &self.blaslt else {
+            return Ok(Err(match bias {
+                Some(_) => format!("a bias epilogue needs cuBLASLt: {}", self.why_no_blaslt),
+                None => self.why_no_blaslt.clone(),
+            }));
+        };
+        if bias.is_some() && !call.swap {
             return Ok(Err("a bias epilogue on a column-major C".into()));
         }
-        let epilogue = if gemm.relu {
-            LtEpilogue::ReluBias
-        } else {
-            LtEpilogue::Bias
+        let epilogue = match (bias, gemm.relu) {
+            (None, _) => LtEpilogue::Plain,
+            (Some(_), false) => LtEpilogue::Bias,
+            (Some(_), true) => LtEpilogue::ReluBias,
         };
-        let call = match lt.prepare(&call, epilogue) {
-            Ok(call) => call,
+        let mut p = match lt.prepare(&call, epilogue) {
+            Ok(p) => p,
             Err(why) => return Ok(Err(why)),
+        };
+        let (bias, scale) = (bias.unwrap_or(0), Scale::from(gemm));
+        let tuned = match &mut prep.tuner {
+            Some(tuner) if !p.is_empty() => {
+                // Plain cuBLAS competes for a GEMM it can run alone.
+                let blas = self.blas.as_ref().filter(|_| epilogue == LtEpilogue::Plain);
+                // SAFETY: every operand's extent was checked against its
+                // arena (the bias: n elements); C is replaced by scratch of
+                // its extent while timing.
+                let tuned = unsafe {
+                    tuner.tune(lt, &mut p, &call, blas, scale, [a, b, c, bias], 4 * c_len)
+                }
+                .map_err(|e| match e {
+                    Error::Device(m) => Error::Device(format!("{what}: autotuning it: {m}")),
+                    e => e,
+                })?;
+                match tuned {
+                    Ok(tuned) => Some(tuned),
+                    Err(why) => return Ok(Err(why)),
+                }
+            }
+            _ => None,
+        };
+        prep.tally.count(epilogue, tuned.as_ref());
+        let how = match &tuned {
+            Some(t) => format!(", {}", t.describe()),
+            None if p.is_empty() => String::new(),
+            None => ", the heuristic's first algorithm".to_string(),
+        };
+        if tuned.as_ref().is_some_and(Tuned::is_cublas) {
+            return Ok(Ok(self.sgemm(gemm, call, [a, b, c], &how)));
+        }
+        let epilogue = match epilogue {
+            LtEpilogue::Plain => "",
+            LtEpilogue::Bias => " with a bias epilogue",
+            LtEpilogue::ReluBias => " with a bias + ReLU epilogue",
         };
         Ok(Ok(Ready {
             label: format!(
-                "GEMM {}x{}x{} (batch {}) with a {} epilogue in cuBLASLt",
+                "GEMM {}x{}x{} (batch {}{}){epilogue} in cuBLASLt{how}",
                 gemm.m,
                 gemm.n,
                 gemm.k,
                 gemm.batch,
-                if gemm.relu { "bias + ReLU" } else { "bias" }
+                scaling(gemm)
             ),
             work: Work::CublasLt {
-                call: Box::new(call),
-                scale: Scale::from(gemm),
+                call: Box::new(p),
+                scale,
                 a,
                 b,
                 c,
@@ -904,9 +958,9 @@ impl Executor {
             .is_ok_and(|i| self.entries[i].graph.is_some())
     }
 
-    /// Who runs the GEMM steps: `"cublas"`, `"kernel"` (the fallback
-    /// kernels), or `"mixed"` (cuBLAS, except steps whose strides it cannot
-    /// express).
+    /// Who runs the GEMM steps: `"cublas"` (cuBLAS and cuBLASLt), `"kernel"`
+    /// (the fallback kernels), or `"mixed"` (cuBLAS, except steps whose
+    /// strides it cannot express).
     pub fn gemm_backend(&self) -> &'static str {
         self.gemm_backend
     }
@@ -914,6 +968,21 @@ impl Executor {
     /// One sentence on who runs which GEMM step and why.
     pub fn gemm_report(&self) -> &str {
         &self.gemm_report
+    }
+
+    /// One line per GEMM step, `train[3]: GEMM 8192x256x784 (batch 1) with a
+    /// bias + ReLU epilogue in cuBLASLt, algorithm #2 of 8 by timing: …`:
+    /// who runs it and, in cuBLASLt, which algorithm and what timing found.
+    pub fn gemm_steps(&self) -> Vec<String> {
+        let mut lines = Vec::new();
+        for entry in &self.entries {
+            for (i, (step, ready)) in entry.plan.steps.iter().zip(&entry.steps).enumerate() {
+                if matches!(step, Step::Gemm(_)) {
+                    lines.push(format!("{}[{i}]: {}", entry.plan.entry, ready.label));
+                }
+            }
+        }
+        lines
     }
 
     /// The device.
@@ -929,6 +998,175 @@ impl Executor {
     /// The JIT's info log of the module.
     pub fn jit_log(&self) -> &str {
         self.module.info_log()
+    }
+}
+
+/// Who runs the GEMM steps, counted as they are prepared, for [`gemm_report`].
+#[derive(Debug, Default)]
+struct Tally {
+    /// In cuBLASLt without an epilogue.
+    lt_plain: usize,
+    /// In cuBLASLt with a bias (+ ReLU) epilogue.
+    lt_bias: usize,
+    /// In `cublasSgemmStridedBatched`: cuBLASLt cannot, or was slower.
+    cublas: usize,
+    /// Of `cublas`, those that timing chose.
+    cublas_by_timing: usize,
+    /// Why cuBLASLt cannot run the others (each reason once).
+    no_lt: Vec<String>,
+    /// In `cublasSgemmBatched` (an outer batch level: pointer arrays).
+    pointers: usize,
+    /// In fallback kernels: which, and why.
+    kernel: Vec<String>,
+    /// Autotuned (candidates timed, or an identical GEMM's choice kept).
+    tuned: usize,
+    /// Of `tuned`, those whose candidates were timed.
+    timed: usize,
+    /// Of `tuned`, those that keep a cuBLASLt algorithm other than the
+    /// heuristic's first.
+    not_first: usize,
+}
+
+impl Tally {
+    /// A GEMM that cuBLASLt prepared, kept there or (by timing) given to cuBLAS.
+    fn count(&mut self, epilogue: LtEpilogue, tuned: Option<&Tuned>) {
+        match (tuned.is_some_and(Tuned::is_cublas), epilogue) {
+            (true, _) => {
+                self.cublas += 1;
+                self.cublas_by_timing += 1;
+            }
+            (false, LtEpilogue::Plain) => self.lt_plain += 1,
+            (false, _) => self.lt_bias += 1,
+        }
+        if let Some(t) = tuned {
+            self.tuned += 1;
+            self.timed += usize::from(!t.reused);
+            self.not_first += usize::from(t.not_first());
+        }
+    }
+
+    /// A GEMM left to cuBLAS because cuBLASLt cannot run it.
+    fn no_lt(&mut self, why: String) {
+        self.cublas += 1;
+        if !self.no_lt.contains(&why) {
+            self.no_lt.push(why);
+        }
+    }
+}
+
+/// What preparing the GEMM steps carries from one to the next.
+struct GemmPrep {
+    /// Times candidates (autotuning on, cuBLASLt loaded, events usable).
+    tuner: Option<Tuner>,
+    /// Why there is no tuner.
+    why_untuned: String,
+    tally: Tally,
+}
+
+impl GemmPrep {
+    fn new(options: &Options, lt_loaded: bool, device: &Device) -> GemmPrep {
+        let (tuner, why_untuned) = if !options.autotune {
+            (None, "autotune=False".to_string())
+        } else if !lt_loaded {
+            (None, "cuBLASLt is not in use".to_string())
+        } else {
+            match Tuner::new(device, TuneConfig::DEFAULT) {
+                Ok(tuner) => (Some(tuner), String::new()),
+                Err(why) => (None, format!("GEMMs cannot be timed here: {why}")),
+            }
+        };
+        GemmPrep {
+            tuner,
+            why_untuned,
+            tally: Tally::default(),
+        }
+    }
+
+    /// Frees the tuner (its scratch buffer and events) and says what tuning
+    /// did, for the report.
+    fn finish(&mut self) -> String {
+        let t = &self.tally;
+        match self.tuner.take() {
+            Some(tuner) => format!(
+                "autotuned {} (the fastest of up to {} cuBLASLt algorithms, and of cuBLAS \
+                 without an epilogue, timed on their own operands: {} timed in {} ms, the \
+                 others the same problem as one of those): {} keep an algorithm other than \
+                 the heuristic's first",
+                t.tuned,
+                TuneConfig::DEFAULT.candidates,
+                t.timed,
+                tuner.spent().as_millis(),
+                t.not_first
+            ),
+            None => format!(
+                "not autotuned ({}): the heuristic's first algorithm",
+                self.why_untuned
+            ),
+        }
+    }
+}
+
+/// `gemm_backend` and `gemm_report` from the tally: who runs the GEMM steps,
+/// why, and what autotuning did (`tuning`).
+fn gemm_report(
+    t: &Tally,
+    cublas_loaded: bool,
+    why_no_cublas: &str,
+    tuning: &str,
+) -> (&'static str, String) {
+    let in_libraries = t.lt_plain + t.lt_bias + t.cublas + t.pointers;
+    let mut parts = Vec::new();
+    if t.lt_plain + t.lt_bias > 0 {
+        parts.push(format!(
+            "{} in cuBLASLt ({} with a bias epilogue)",
+            t.lt_plain + t.lt_bias,
+            t.lt_bias
+        ));
+    }
+    if t.cublas > 0 {
+        let mut why = Vec::new();
+        if t.cublas_by_timing > 0 {
+            why.push(format!("{} faster there when timed", t.cublas_by_timing));
+        }
+        if !t.no_lt.is_empty() {
+            why.push(format!("cuBLASLt cannot: {}", t.no_lt.join("; ")));
+        }
+        parts.push(format!(
+            "{} in cublasSgemmStridedBatched ({})",
+            t.cublas,
+            why.join("; ")
+        ));
+    }
+    if t.pointers > 0 {
+        parts.push(format!(
+            "{} in cublasSgemmBatched (pointer arrays)",
+            t.pointers
+        ));
+    }
+    let mut libraries = parts.join(", ");
+    if t.lt_plain + t.lt_bias + t.cublas > 0 {
+        libraries += &format!("; {tuning}");
+    }
+    match (cublas_loaded, t.kernel.is_empty()) {
+        (true, true) => (
+            "cublas",
+            format!("cuBLAS runs all {in_libraries} GEMM steps: {libraries}"),
+        ),
+        (true, false) => (
+            "mixed",
+            format!(
+                "cuBLAS runs {in_libraries} GEMM steps: {libraries}; kernels run {}: {}",
+                t.kernel.len(),
+                t.kernel.join("; ")
+            ),
+        ),
+        (false, _) => (
+            "kernel",
+            format!(
+                "kernels run all {} GEMM steps: {why_no_cublas}",
+                t.kernel.len()
+            ),
+        ),
     }
 }
 
@@ -1058,6 +1296,49 @@ mod tests {
             Err(e) => panic!("unexpected error {e}"),
             Ok(_) => panic!("an executor without a driver"),
         }
+    }
+
+    #[test]
+    fn the_report_says_who_runs_what_and_how_it_was_tuned() {
+        let mut t = Tally::default();
+        let tuned = |chosen: usize| Tuned {
+            times: vec![Ok(50.0), Ok(40.0), Ok(45.0)],
+            lt: 2,
+            chosen,
+            reused: chosen == 0,
+        };
+        t.count(LtEpilogue::ReluBias, Some(&tuned(1)));
+        t.count(LtEpilogue::Plain, Some(&tuned(0)));
+        t.count(LtEpilogue::Plain, Some(&tuned(2)));
+        t.no_lt("k is 0".into());
+        t.no_lt("k is 0".into());
+        t.pointers += 1;
+        let (backend, report) = gemm_report(&t, true, "", "autotuned 3 (…)");
+        assert_eq!(backend, "cublas");
+        assert_eq!(
+            report,
+            "cuBLAS runs all 6 GEMM steps: 2 in cuBLASLt (1 with a bias epilogue), 3 in \
+             cublasSgemmStridedBatched (1 faster there when timed; cuBLASLt cannot: k is 0), \
+             1 in cublasSgemmBatched (pointer arrays); autotuned 3 (…)"
+        );
+        assert_eq!((t.tuned, t.timed, t.not_first), (3, 2, 1));
+        t.kernel.push("GEMM step 4 of `train` (strides)".into());
+        let (backend, report) = gemm_report(&t, true, "", "not autotuned (autotune=False)");
+        assert_eq!(backend, "mixed");
+        assert!(
+            report.ends_with("kernels run 1: GEMM step 4 of `train` (strides)"),
+            "{report}"
+        );
+        let kernels = Tally {
+            kernel: vec!["a".into(), "b".into()],
+            ..Tally::default()
+        };
+        let (backend, report) = gemm_report(&kernels, false, "gemm=\"kernel\" was asked for", "");
+        assert_eq!(backend, "kernel");
+        assert_eq!(
+            report,
+            "kernels run all 2 GEMM steps: gemm=\"kernel\" was asked for"
+        );
     }
 
     #[test]

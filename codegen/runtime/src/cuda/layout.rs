@@ -50,7 +50,7 @@ impl From<&super::plan::Gemm> for GemmShape {
 }
 
 /// The arguments of one `cublasSgemmStridedBatched` call.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct CublasGemm {
     /// cuBLAS's A is the plan's B (and cuBLAS's B the plan's A): `Cᵀ = Bᵀ·Aᵀ`.
     pub swap: bool,

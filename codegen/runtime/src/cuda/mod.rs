@@ -12,15 +12,19 @@
 //!   hand (its log comes with any error);
 //! - arenas: one zeroed device allocation per [`ArenaSpec`]; a
 //!   [`BufferRef`] `(arena, offset)` is `base + offset · elem_size`;
-//! - steps: kernel launches, and GEMMs by cuBLAS ([`layout`] maps the plan's
-//!   row-major strided operands onto its column-major call) or by the plan's
-//!   fallback kernel when cuBLAS is absent or cannot express the strides;
+//! - steps: kernel launches, and GEMMs by cuBLASLt or cuBLAS ([`layout`]
+//!   maps the plan's row-major strided operands onto their column-major
+//!   calls; with an outer batch level, `cublasSgemmBatched` over pointer
+//!   arrays) or by the plan's fallback kernel when cuBLAS is absent or cannot
+//!   express the strides; each cuBLASLt GEMM's algorithm timed among the
+//!   heuristic's candidates when the executor is created (`autotune`);
 //! - CUDA graphs: each entry point captured on its first call and replayed
 //!   after (or plain launches, or one step at a time for debugging).
 //!
 //! Every failure is an [`Error`](crate::Error) naming the kernel or step,
 //! never a panic.
 
+mod autotune;
 mod blas;
 mod blaslt;
 mod device;
@@ -31,8 +35,9 @@ mod module;
 pub mod plan;
 pub mod py;
 
+pub use autotune::{Timer, TuneConfig, Tuned, Tuner};
 pub use blas::{Blas, Scale};
-pub use blaslt::{BlasLt, LtEpilogue, LtGemm};
+pub use blaslt::{BlasLt, Candidates, LtEpilogue, LtGemm};
 pub use device::{driver_available, Device, DeviceBuffer, NO_DRIVER};
 pub use exec::{Executor, Feed, GemmMode, HostData, HostInput, Options};
 pub use graph::Graph;

@@ -91,6 +91,7 @@ pub fn options(
     gemm: &str,
     tf32: bool,
     sync: bool,
+    autotune: bool,
 ) -> PyResult<Options> {
     Ok(Options {
         device,
@@ -98,6 +99,7 @@ pub fn options(
         sync_each: sync,
         gemm: GemmMode::parse(gemm).map_err(PyValueError::new_err)?,
         tf32,
+        autotune,
     })
 }
 
