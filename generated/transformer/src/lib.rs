@@ -1263,7 +1263,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `char_lm`.
-#[pyclass(module = "fg_char_lm_b475bb2c3b34")]
+#[pyclass(module = "fg_char_lm_26220bc623d0")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -1448,8 +1448,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_char_lm_b475bb2c3b34(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_char_lm_b475bb2c3b34")?;
+fn fg_char_lm_26220bc623d0(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_char_lm_26220bc623d0")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

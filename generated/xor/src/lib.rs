@@ -242,7 +242,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `xor_net`.
-#[pyclass(module = "fg_xor_net_f1ad7137b2cc")]
+#[pyclass(module = "fg_xor_net_7465ebb9d115")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -381,8 +381,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_xor_net_f1ad7137b2cc(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_xor_net_f1ad7137b2cc")?;
+fn fg_xor_net_7465ebb9d115(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_xor_net_7465ebb9d115")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())
