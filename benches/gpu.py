@@ -52,7 +52,11 @@ What is measured, per workload:
   rounds with a rotating order; medians over rounds; ratios are medians of per-round
   ratios (< 1: ferrograd faster);
 - "pipelined": the anchors' best case, steps issued back to back with nothing read
-  back and one synchronize at the end of the batch;
+  back and one synchronize at the end of the batch; and ferrograd's, "ferrograd
+  (steps)": ``step.steps`` over K stacked copies of the device batch (stacked once;
+  K steps queued back to back, one wait, the K losses back per call; K from
+  ``STEPS_CALL_MS`` at ferrograd's synchronous step time, at most ``STEPS_MAX_K``),
+  timed per step like the anchors, on the same step object as "ferrograd";
 - device time: a short CUPTI trace (torch.profiler, CUDA activities only, which also
   sees ferrograd's kernels: they run in the same primary context) of a few steps of
   each system: kernel time, kernel count, memcpy time per step;
@@ -65,6 +69,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import platform
 import shutil
@@ -91,6 +96,7 @@ import ferrograd as fg  # noqa: E402
 
 FG = "ferrograd"  # batch on the device (host inputs when no torch: see fg_inputs)
 FG_HOST = "ferrograd, host in"
+FG_STEPS = "ferrograd (steps)"  # step.steps over K stacked copies of the device batch
 EAGER = "torch eager"
 GRAPH = "eager + CUDA graph"
 COMPILE = "torch.compile"
@@ -104,6 +110,8 @@ LOSS_RTOL = 1e-4  # first loss (fp32, sums in other orders)
 DELTA_RTOL = 2e-2  # the loss changes after one and two updates
 EW_RTOL = 1e-5  # ew outputs against float64
 TOP_KERNELS = 60  # kernels kept per system in the JSON's device profile, longest first
+STEPS_CALL_MS = 2.0  # FG_STEPS: K fills this at ferrograd's synchronous step time...
+STEPS_MAX_K = 64  # ...up to this many steps per call
 
 # ---- phase 1: build --------------------------------------------------------------------
 
@@ -161,6 +169,7 @@ class System:
     output: Callable[[], Any] | None = None  # ew: the output (device or host array)
     first_s: float = 0.0  # construction + first step (compile, capture, JIT)
     info: dict[str, Any] | None = None
+    steps_per_call: int = 1  # training steps one call of step / step_async makes
 
 
 def _wrap(name: str, t: Any, first_s: float) -> System:
@@ -237,6 +246,19 @@ class FgSystem:
     def system(self, name: str, first_s: float) -> System:
         return System(name, self.step, self.step_async, self.sync, self.output, first_s,
                       self.info)
+
+    def steps_system(self, name: str, k: int) -> System:
+        """``step.steps`` over ``k`` stacked copies of the (device) batch, made once: each
+        call is k training steps queued back to back with one wait, its k losses back."""
+        import torch
+
+        stacked = [torch.stack([t] * k) for t in self.batch]
+
+        def call() -> float:
+            return float(self.step_obj.steps(*stacked)[-1])
+
+        return System(name, call, call, self.sync, None, 0.0,
+                      {**self.info, "steps_per_call": k}, steps_per_call=k)
 
 
 def make_systems(w: GpuWorkload, fg_systems: list[System], params: dict[str, np.ndarray],
@@ -358,7 +380,7 @@ def check_ew(systems: list[System], w: GpuWorkload, errors: dict) -> dict[str, f
 
 
 def time_batch(s: System, n: int, pipelined: bool) -> float:
-    """Seconds per step over ``n`` consecutive steps (GC paused)."""
+    """Seconds per training step over ``n`` consecutive calls (GC paused)."""
     gc.collect()
     gc.disable()
     try:
@@ -373,17 +395,26 @@ def time_batch(s: System, n: int, pipelined: bool) -> float:
             start = time.perf_counter()
             for _ in range(n):
                 s.step()
-        return (time.perf_counter() - start) / n
+        return (time.perf_counter() - start) / (n * s.steps_per_call)
     finally:
         gc.enable()
 
 
 def calibrate(s: System, target_s: float, pipelined: bool) -> int:
-    n, per = 1, time_batch(s, 1, pipelined)
+    """Calls that take about ``target_s``."""
+    n, per = 1, time_batch(s, 1, pipelined) * s.steps_per_call
     while per * n < target_s / 4 and n < 100_000:
         n *= 4
-        per = time_batch(s, n, pipelined)
+        per = time_batch(s, n, pipelined) * s.steps_per_call
     return max(1, round(target_s / per))
+
+
+def steps_per_call(sync_ms: list[float] | None) -> int:
+    """K for FG_STEPS: steps that fill STEPS_CALL_MS at ferrograd's synchronous step time
+    (longer than its pipelined one), 1 to STEPS_MAX_K."""
+    if not sync_ms:
+        return 1
+    return max(1, min(STEPS_MAX_K, math.ceil(STEPS_CALL_MS / statistics.median(sync_ms))))
 
 
 def time_rounds(systems: list[System], rounds: int, target_s: float, pipelined: bool,
@@ -513,9 +544,15 @@ def run_row(w: GpuWorkload, args: argparse.Namespace, folder: Path, manifest: di
     target = args.target_ms / 1e3
     row["sync_ms"] = time_rounds(systems, args.rounds, target, False, errors)
     log(f"{w.key}: timed ({time.perf_counter() - t0:.1f} s)")
-    anchors_only = [s for s in systems if s.name not in (FG, FG_HOST)]
-    if anchors_only and args.pipelined_rounds:
-        row["pipelined_ms"] = time_rounds(anchors_only, args.pipelined_rounds, target, True,
+    pipelined = [s for s in systems if s.name not in (FG, FG_HOST)]
+    if dev is not None and w.opt is not None and FG in row["sync_ms"]:
+        k = row["fg_steps_k"] = steps_per_call(row["sync_ms"][FG])
+        try:
+            pipelined.append(fgs.steps_system(FG_STEPS, k))
+        except Exception as err:  # noted; the anchors are still timed
+            errors[FG_STEPS] = f"{type(err).__name__}: {err}"
+    if pipelined and args.pipelined_rounds:
+        row["pipelined_ms"] = time_rounds(pipelined, args.pipelined_rounds, target, True,
                                           errors)
     if torch is not None and args.profile_steps:
         row["profile"] = {}
@@ -563,6 +600,11 @@ def summarize(row: dict[str, Any], ceilings: dict[str, Any]) -> None:
         fgm = med(fgt)
         row["ratio_vs_pipelined"] = {k: fgm / v for k, v in row["pipelined_median_ms"].items()
                                      if v}
+    piped = row.get("pipelined_ms", {})
+    if piped.get(FG_STEPS):  # median of per-round ratios, as for the synchronous table
+        row["ratio_steps_vs_pipelined"] = {
+            k: statistics.median(a / b for a, b in zip(piped[FG_STEPS], v, strict=True))
+            for k, v in piped.items() if v and k != FG_STEPS}
     prof = row.get("profile", {})
     if row["key"] == "ew":
         copy = ceilings.get("copy_GBps")
@@ -752,16 +794,22 @@ def report(result: dict[str, Any]) -> str:
         lines.append(f"| {r['title']} | {ms(host['ms'])} | " +
                      " | ".join(ms(m.get(a)) for a in HOST_ANCHORS) + " | " +
                      " | ".join(xr(host["ratio"].get(a)) for a in HOST_ANCHORS) + " |")
-    lines += ["", "Anchors pipelined (steps back to back, one synchronize per batch):", ""]
-    lines.append("| workload | " + " | ".join(DEVICE_ANCHORS) + " | fg (synchronous) / "
-                 "best pipelined anchor |")
-    lines.append("|---" * (2 + len(DEVICE_ANCHORS)) + "|")
+    lines += ["", "Anchors pipelined (steps back to back, one synchronize per batch), and "
+              f"{FG_STEPS}: step.steps over K stacked batches per call (K steps back to back, "
+              "one wait, K losses back); ms per step:", ""]
+    lines.append("| workload | " + " | ".join(DEVICE_ANCHORS) + f" | {FG_STEPS} | K | "
+                 "fg (synchronous) / best pipelined anchor | fg (steps) / best pipelined "
+                 "anchor |")
+    lines.append("|---" * (5 + len(DEVICE_ANCHORS)) + "|")
     for r in rows:
         p = r.get("pipelined_median_ms", {})
         best = min((v for k, v in p.items() if k in DEVICE_ANCHORS and v), default=None)
         fgm = fg_columns(r)[0]["ms"]
+        fgs = p.get(FG_STEPS)
         lines.append(f"| {r['title']} | " + " | ".join(ms(p.get(a)) for a in DEVICE_ANCHORS)
-                     + f" | {xr(fgm / best) if fgm and best else '–'} |")
+                     + f" | {ms(fgs)} | {r.get('fg_steps_k', '–')} | "
+                     f"{xr(fgm / best) if fgm and best else '–'} | "
+                     f"{xr(fgs / best) if fgs and best else '–'} |")
     lines += ["", "Device activity per step (CUPTI): kernel time / kernels; "
               "memcpy time (ferrograd: inputs into its arenas — device to device, or host "
               "to device where it had host inputs only — and the loss back):", ""]

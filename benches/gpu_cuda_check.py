@@ -10,15 +10,19 @@ Two phases, because the GPU machine has no Rust toolchain:
 
 2. On the GPU machine: load them and compare each model's CUDA step with the
    interpreter — forward outputs, gradients, then a few training steps (losses,
-   params, optimizer state) — in several modes: the default (cuBLASLt/cuBLAS with
-   each GEMM's algorithm autotuned, CUDA graphs), the same with ``autotune=False``
-   (cuBLASLt's heuristic's first choice), the generated GEMM kernels
-   (``gemm="kernel"``), plain launches (``graph=False``) and one kernel at a time
-   (``sync=True``). The temp arenas are poisoned with NaN before each call and the
-   inputs drawn fresh. Then host time per training step: graphs autotuned, graphs
-   not autotuned, plain launches; and what autotuning chose for each GEMM of each
-   model (``gemm_steps``). The table comes last; the full numbers go to
-   ``$OUT/gpu_cuda_check.json``. The exact device command (``run`` tool,
+    params, optimizer state) — in several modes: the default (cuBLASLt/cuBLAS with
+    each GEMM's algorithm autotuned, CUDA graphs), the same with ``autotune=False``
+    (cuBLASLt's heuristic's first choice), the generated GEMM kernels
+    (``gemm="kernel"``), plain launches (``graph=False``) and one kernel at a time
+    (``sync=True``). The temp arenas are poisoned with NaN before each call and the
+    inputs drawn fresh. Then, for every model that trains, ``step.steps`` over 5
+    stacked batches against 5 single steps from the same start (losses, params and
+    optimizer state bit for bit), from NumPy arrays and from CuPy arrays and torch CUDA
+    tensors where installed, alone and between single steps; a device id out of range
+    in one of the batches must raise after the call. Then host time per training step:
+    graphs autotuned, graphs not autotuned, plain launches; and what autotuning chose
+    for each GEMM of each model (``gemm_steps``). The table comes last; the full numbers
+    go to ``$OUT/gpu_cuda_check.json``. The exact device command (``run`` tool,
    ``carry: [".gpu_modules", ".whl"]``; both folders listed in .git/info/exclude)::
 
        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
@@ -62,11 +66,12 @@ from ferrograd.codegen.build import _load  # noqa: E402
 from ferrograd.codegen.cpu_step import CompiledStep  # noqa: E402
 from ferrograd.codegen.cuda_step import open_cuda_step  # noqa: E402
 from ferrograd.dsl.init import init_params  # noqa: E402
-from ferrograd.ir.errors import InputError  # noqa: E402
+from ferrograd.ir.errors import BackendError, InputError  # noqa: E402
 from ferrograd.ir.optim import init_state  # noqa: E402
 
 SEED = 3
 STEPS = 3  # training steps compared per mode
+STACKED = 5  # batches of the step.steps check (one call) against as many single steps
 TOL = 2e-4  # error that passes (strict fp32; sums run in another order)
 ATOL = 2e-5  # absolute floor per element: some exact-zero gradients are rounding noise
 MODES = {  # name -> CudaStep options
@@ -223,6 +228,86 @@ def tuned(native: Any) -> str:
     return "yes" if "autotuned" in report else "-"
 
 
+def device_converters() -> dict[str, Any]:
+    """NumPy array -> the same array as each kind of input the CUDA step takes: "numpy"
+    itself, and "cupy" / "torch" device arrays where the library is installed (a missing
+    one is said and skipped)."""
+    out: dict[str, Any] = {"numpy": lambda a: a}
+    try:
+        import cupy
+
+        out["cupy"] = cupy.asarray
+    except Exception as err:
+        print(f"cupy: skipped ({type(err).__name__}: {err})")
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            out["torch"] = lambda a: torch.from_numpy(a).cuda()
+    except Exception as err:
+        print(f"torch: skipped ({type(err).__name__}: {err})")
+    return out
+
+
+def _same_bits(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
+    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def _gathered_ids(graph: Any) -> list[str]:
+    """Inputs holding ids that a gather or scatter kernel reads directly (its id out of
+    range raises the kernels' error flag; labels compared with an arange do not)."""
+    return [k for k in graph.index_bounds if k in graph.inputs and any(
+        graph.node(u).op in ("take", "scatter_add") for u in graph.nx.successors(
+            graph.inputs[k]))]
+
+
+def check_steps(low: fg.Lowered, module: Any, kinds: dict[str, Any]) -> dict[str, Any]:
+    """``step.steps`` over STACKED stacked batches against STACKED single steps from the
+    same start: losses, params and optimizer state bit for bit, for each kind of input.
+    Two orders: "fresh" (steps first: plain launches, capture, replays all in one call)
+    and "mixed" (a single step, steps of the middle batches, a single step)."""
+    g = low.graph
+    rng = np.random.default_rng(4)
+    batches = [feed_for(g, rng) for _ in range(STACKED)]
+    stacked = {k: np.stack([b[k] for b in batches]) for k in g.inputs}
+    ref = cuda_step(low, module)
+    want = np.array([ref(**b) for b in batches], np.float32)
+    res: dict[str, Any] = {"want": want.tolist()}
+    ok = True
+    for kind, conv in kinds.items():
+        for order in ("fresh", "mixed"):
+            step = cuda_step(low, module)
+            if order == "fresh":
+                got = step.steps(**{k: conv(v) for k, v in stacked.items()})
+            else:
+                middle = {k: conv(np.ascontiguousarray(v[1:-1])) for k, v in stacked.items()}
+                got = np.array([step(**{k: conv(v) for k, v in batches[0].items()}),
+                                *step.steps(**middle),
+                                step(**{k: conv(v) for k, v in batches[-1].items()})],
+                               np.float32)
+            same = (got.dtype == np.float32 and np.array_equal(got, want)
+                    and _same_bits(step.params, ref.params)
+                    and _same_bits(step.state, ref.state))
+            res[f"{kind} {order}"] = {"ok": same, "losses": got.tolist()}
+            ok &= same
+    for name in _gathered_ids(g)[:1]:  # an id out of range on the device: after all runs
+        bad = {k: v.copy() for k, v in stacked.items()}
+        bad[name][STACKED - 2].flat[0] = g.index_bounds[name]
+        for kind in [k for k in kinds if k != "numpy"]:
+            try:
+                cuda_step(low, module).steps(**{k: kinds[kind](v) for k, v in bad.items()})
+                said, good = "not caught", False
+            except BackendError as err:
+                said = f"BackendError: {err}"
+                good = f"one of the {STACKED} runs of `train`" in said and "out of range" in said
+            except Exception as err:
+                said, good = f"{type(err).__name__}: {err}", False
+            res[f"{kind} bad id"] = {"ok": good, "raised": said}
+            ok &= good
+    res["ok"] = ok
+    return res
+
+
 def time_steps(low: fg.Lowered, module: Any, n: int = 300, **options: Any) -> float:
     """Median host microseconds per training step (inputs copied in, loss back)."""
     step = cuda_step(low, module, **options)
@@ -302,6 +387,8 @@ def check(folder: Path) -> int:
     results: dict[str, Any] = {}
     lows = lowered_models()
     rows = []
+    kinds = device_converters()
+    steps_rows: list[tuple[str, dict[str, Any]]] = []
     for name, low in lows.items():
         module_name = manifest[name]
         module = _load(module_name, folder / f"{module_name}.abi3.so")
@@ -325,6 +412,17 @@ def check(folder: Path) -> int:
             rows.append((name, mode, "PASS" if r["ok"] else "FAIL", r.get("gemm_backend", "-"),
                          r.get("tuned", "-"), worst_txt))
             print(f"{name:12} {mode:15} {rows[-1][2]} {worst_txt}", flush=True)
+        if low.graph.updates:
+            # step.steps: one call for STACKED steps
+            try:
+                r = check_steps(low, module, kinds)
+            except Exception as err:  # report every model, then fail
+                r = {"ok": False, "error": f"{type(err).__name__}: {err}",
+                     "trace": traceback.format_exc()}
+            results[name]["steps"] = r
+            steps_rows.append((name, r))
+            print(f"{name:12} {'steps':13} {'PASS' if r['ok'] else 'FAIL'} "
+                  f"{r.get('error', '')[:90]}", flush=True)
         if low.graph.updates:
             try:
                 results[name]["us_per_step"] = {
@@ -353,6 +451,15 @@ def check(folder: Path) -> int:
     print("\nmodel        mode            result gemm     tuned worst relative error (where)")
     for row in rows:
         print(f"{row[0]:12} {row[1]:15} {row[2]:6} {row[3]:8} {row[4]:5} {row[5]}")
+    print(f"\nstep.steps over {STACKED} stacked batches vs {STACKED} single steps (losses, "
+          f"params, state bit for bit), by kind of input ({', '.join(kinds)}) and order:")
+    for name, r in steps_rows:
+        cases = ", ".join(f"{k} {'ok' if v['ok'] else 'FAIL'}" for k, v in r.items()
+                          if isinstance(v, dict))
+        print(f"  {name:12} {'PASS' if r['ok'] else 'FAIL'}  {cases or r.get('error', '')}")
+        for k, v in r.items():
+            if isinstance(v, dict) and not v["ok"]:
+                print(f"      {k}: {v.get('raised') or v.get('losses')} (want {r['want']})")
     print("\nhost time per training step (median, µs): model: CUDA graph autotuned / "
           "CUDA graph, autotune off / plain launches")
     for name in lows:
@@ -363,9 +470,11 @@ def check(folder: Path) -> int:
         elif t:
             print(f"  {name:12} {t}")
     failed = sum(row[2] == "FAIL" for row in rows)
+    steps_failed = sum(not r["ok"] for _, r in steps_rows)
     print(f"\n{len(rows) - failed} of {len(rows)} (model, mode) checks passed; "
+          f"{len(steps_rows) - steps_failed} of {len(steps_rows)} step.steps checks; "
           f"{sum(e['ok'] for e in errors.values())} of {len(errors)} error cases")
-    return 1 if failed or not all(e["ok"] for e in errors.values()) else 0
+    return 1 if failed or steps_failed or not all(e["ok"] for e in errors.values()) else 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -58,24 +58,6 @@ def build(folder: Path) -> None:
     print(f"built mlp: {crate.module}")
 
 
-def converters() -> dict:
-    out = {"numpy": lambda a: a}
-    try:
-        import cupy
-
-        out["cupy"] = cupy.asarray
-    except Exception as err:
-        print(f"cupy: skipped ({type(err).__name__}: {err})")
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            out["torch"] = lambda a: torch.from_numpy(a).cuda()
-    except Exception as err:
-        print(f"torch: skipped ({type(err).__name__}: {err})")
-    return out
-
-
 def check(folder: Path) -> int:
     manifest = json.loads((folder / "manifest.json").read_text())
     low = base.lowered_models()["mlp"]
@@ -83,7 +65,7 @@ def check(folder: Path) -> int:
     rng = np.random.default_rng(0)
     batches = [base.feed_for(low.graph, rng) for _ in range(STEPS)]
     results, ok = {}, True
-    for kind, conv in converters().items():
+    for kind, conv in base.device_converters().items():
         # Each step would autotune on its own and might keep another GEMM algorithm
         # (another summation order): compare inputs, not algorithm choices.
         step = base.cuda_step(low, module, autotune=False)

@@ -20,7 +20,7 @@ import numpy as np
 from ferrograd._version import __version__
 from ferrograd.ir.errors import BackendError, CheckpointError, InputError
 from ferrograd.ir.graph import Graph, numpy_dtype
-from ferrograd.ir.interpret import check_feed, interpret
+from ferrograd.ir.interpret import check_feed, check_stacked_feed, interpret
 
 from .checkpoint import read_checkpoint, write_checkpoint
 from .interface import Interface, Spec
@@ -62,10 +62,42 @@ class Step:
     # ---- running ------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> float:
         """One training step on a batch: forward, loss, backward, update. Returns the loss."""
+        self._check_trains()
+        return self._train(self._bind(args, kwargs))
+
+    def steps(self, *args: Any, **kwargs: Any) -> np.ndarray:
+        """K training steps back to back, on K batches stacked along a new leading axis of
+        every input (positional or by name, as ``step(...)`` takes them; the same K ≥ 1 for
+        all). Returns the K losses as a float32 array: the same bits, params and optimizer
+        state as ``step(xs[k], ys[k])`` for k in order. Every batch is checked, as
+        ``step(...)`` checks its inputs, before any step runs.
+
+        On CUDA this is one call into the module and one wait for all K steps, with no
+        host round trip in between. If step k fails to launch there, the call raises
+        naming k after the steps before it ran: their updates are applied (step k's
+        perhaps in part; after a failed launch the CUDA context is best given up). An id
+        out of range in device inputs is found only after all K ran: the call raises
+        saying so, with every step's update applied, the bad ones wrong.
+
+        >>> import ferrograd as fg, numpy as np
+        >>> @fg.model
+        ... def f(x: fg.f32["B", 2]):
+        ...     return ((x @ fg.param("w", (2, 1), init="ones")) ** 2).mean()
+        >>> step = fg.compile(f, optimizer=fg.optim.SGD(lr=0.1), backend="numpy", B=1)
+        >>> step.steps(np.ones((3, 1, 2), np.float32))   # 3 batches of shape (1, 2)
+        array([4.    , 1.44  , 0.5184], dtype=float32)
+        >>> step.params["w"].ravel()
+        array([0.216, 0.216], dtype=float32)
+        """
+        self._check_trains()
+        feed, count = check_stacked_feed(self.interface.graph, self._named(args, kwargs),
+                                         device=self._device_inputs)
+        return self._train_steps(feed, count)
+
+    def _check_trains(self) -> None:
         if not self.interface.updates:
             raise InputError("this step was compiled without an optimizer, so it cannot "
                              "train: pass optimizer=... to fg.compile, or use .forward/.grads")
-        return self._train(self._bind(args, kwargs))
 
     def forward(self, *args: Any, **kwargs: Any) -> dict[str, np.ndarray]:
         """All outputs of the model on a batch; no update."""
@@ -80,6 +112,12 @@ class Step:
     # What a backend implements: run the three entry points, hold the persistent values.
     def _train(self, feed: dict[str, np.ndarray]) -> float:
         raise NotImplementedError
+
+    def _train_steps(self, feed: dict[str, Any], count: int) -> np.ndarray:
+        """``count`` training steps on the checked stacked ``feed``; their losses. A loop
+        of ``_train``; a backend that can do better (CUDA: one call) overrides it."""
+        return np.array([self._train({k: v[i] for k, v in feed.items()})
+                         for i in range(count)], np.float32)
 
     def _forward(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         raise NotImplementedError
@@ -96,6 +134,11 @@ class Step:
         raise NotImplementedError
 
     def _bind(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, np.ndarray]:
+        return check_feed(self.interface.graph, self._named(args, kwargs),
+                          device=self._device_inputs)
+
+    def _named(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Positional and keyword inputs by name (not checked yet)."""
         names = list(self.interface.inputs)
         if len(args) > len(names):
             raise InputError(f"{self.interface.name} takes {len(names)} inputs "
@@ -105,7 +148,7 @@ class Step:
             if k in feed:
                 raise InputError(f"input {k!r} given both by position and by name")
             feed[k] = v
-        return check_feed(self.interface.graph, feed, device=self._device_inputs)
+        return feed
 
     # ---- params and optimizer state ---------------------------------------------------
     @property

@@ -46,6 +46,21 @@ def check_feed(graph: Graph, inputs: Mapping[str, Any], *, cast: bool = False,
     ``cuda_array_info``) is checked from its interface and passed through untouched:
     no host copy; its ids are not range-checked here (the step's kernels flag them).
     """
+    return _checked_feed(graph, inputs, cast=cast, device=device, stacked=False)[0]
+
+
+def check_stacked_feed(graph: Graph, inputs: Mapping[str, Any], *,
+                       device: bool = False) -> tuple[dict, int]:
+    """``(feed, K)`` for inputs that each hold K ≥ 1 batches stacked along one extra
+    leading axis, the same K for all (``Step.steps``): each batch gets the checks of
+    ``check_feed`` (shape, dtype, and the ids of every batch), else an InputError."""
+    return _checked_feed(graph, inputs, cast=False, device=device, stacked=True)
+
+
+def _checked_feed(graph: Graph, inputs: Mapping[str, Any], *, cast: bool, device: bool,
+                  stacked: bool) -> tuple[dict, int]:
+    """The checks of ``check_feed``; with ``stacked``, of each of K batches (K is 1
+    otherwise)."""
     missing = [k for k in graph.inputs if k not in inputs]
     if missing:
         raise InputError(f"missing input {', '.join(map(repr, missing))}; the model takes "
@@ -54,6 +69,21 @@ def check_feed(graph: Graph, inputs: Mapping[str, Any], *, cast: bool = False,
     if extra:
         raise InputError(f"unknown input {', '.join(map(repr, extra))}; the model takes "
                          f"({', '.join(graph.inputs)})")
+    # A device array as (shape, typestr) from its interface; anything else as an ndarray
+    given: dict[str, tuple[tuple[int, ...], str] | np.ndarray] = {}
+    for name in graph.inputs:
+        try:
+            info = cuda_array_info(inputs[name])
+        except InputError as err:
+            raise InputError(f"input {name!r}: {err}") from None
+        if info is not None and not device:
+            raise InputError(f"input {name!r} is in GPU memory, and this step runs on "
+                             "the host: pass a NumPy array (.get() in CuPy, .cpu().numpy() "
+                             "in PyTorch), or compile for device='cuda'")
+        given[name] = np.asarray(inputs[name]) if info is None else info
+    shapes = {k: v.shape if isinstance(v, np.ndarray) else v[0] for k, v in given.items()}
+    count = _stack_count(shapes) if stacked else 1
+    lead = (count,) if stacked else ()
     feed = {}
     for name, nid in graph.inputs.items():
         node = graph.node(nid)
@@ -62,28 +92,23 @@ def check_feed(graph: Graph, inputs: Mapping[str, Any], *, cast: bool = False,
         spec = f"{node.dtype}[" + ", ".join(
             f"{d}={n}" if isinstance(d, str) else str(n)
             for d, n in zip(dims, node.shape, strict=False)) + "]"
-        try:
-            info = cuda_array_info(inputs[name])
-        except InputError as err:
-            raise InputError(f"input {name!r}: {err}") from None
-        if info is not None:
-            if not device:
-                raise InputError(f"input {name!r} is in GPU memory, and this step runs on "
-                                 "the host: pass a NumPy array (.get() in CuPy, .cpu().numpy() "
-                                 "in PyTorch), or compile for device='cuda'")
-            shape, typestr = info
-            if shape != node.shape:
-                raise InputError(f"input {name!r}: expected shape {node.shape} ({spec}), got "
-                                 f"{shape}")
+        if stacked:
+            spec = f"{count} batches of {spec}"
+        value = given[name]
+        if shapes[name] != (*lead, *node.shape):
+            hint = ("; steps takes each input with one more (leading) axis than a step: "
+                    "K batches stacked" if stacked and len(shapes[name]) == len(node.shape)
+                    else "")
+            raise InputError(f"input {name!r}: expected shape {(*lead, *node.shape)} ({spec}), "
+                             f"got {shapes[name]}{hint}")
+        if not isinstance(value, np.ndarray):
+            typestr = value[1]
             if typestr != CUDA_TYPESTR.get(node.dtype):
                 got = _TYPESTR_NAME.get(typestr, typestr)
                 raise InputError(f"input {name!r}: expected dtype {want} ({spec}), got {got}")
             feed[name] = inputs[name]
             continue
-        arr = np.asarray(inputs[name])
-        if arr.shape != node.shape:
-            raise InputError(f"input {name!r}: expected shape {node.shape} ({spec}), got "
-                             f"{arr.shape}")
+        arr = value
         if arr.dtype != want:
             if not (cast and np.can_cast(arr.dtype, want, "same_kind")):
                 raise InputError(f"input {name!r}: expected dtype {want} ({spec}), got "
@@ -91,10 +116,34 @@ def check_feed(graph: Graph, inputs: Mapping[str, Any], *, cast: bool = False,
             arr = arr.astype(want)
         bound = graph.index_bounds.get(name)
         if bound is not None and arr.size and (arr.min() < 0 or arr.max() >= bound):
-            bad = arr[(arr < 0) | (arr >= bound)].flat[0]
-            raise InputError(f"input {name!r}: value {bad} is out of range [0, {bound})")
+            first = tuple(np.argwhere((arr < 0) | (arr >= bound))[0])
+            batch = f" in batch {first[0]}" if stacked else ""
+            raise InputError(f"input {name!r}: value {arr[first]} is out of range "
+                             f"[0, {bound}){batch}")
         feed[name] = arr
-    return feed
+    return feed, count
+
+
+def _stack_count(shapes: Mapping[str, tuple[int, ...]]) -> int:
+    """K of inputs that each stack K ≥ 1 batches along a new leading axis."""
+    if not shapes:
+        raise InputError("a model without inputs has no batches to count: call the step "
+                         "once per step instead")
+    for name, shape in shapes.items():
+        if not shape:
+            raise InputError(f"input {name!r} is a scalar: steps takes every input with "
+                             "one extra leading axis, K batches stacked")
+    counts = {shape[0] for shape in shapes.values()}
+    if len(counts) > 1:
+        listed = ", ".join(f"{k!r} {shape[0]} (shape {shape})" for k, shape in shapes.items())
+        raise InputError(f"inputs stack different numbers of batches along their leading "
+                         f"axis: {listed}; each input needs the same K")
+    (count,) = counts
+    if count == 0:
+        listed = ", ".join(f"{k!r} {shape}" for k, shape in shapes.items())
+        raise InputError(f"no batches: the inputs' leading axis has length 0 ({listed}); "
+                         "steps needs K ≥ 1")
+    return count
 
 
 def interpret(

@@ -76,6 +76,12 @@ def test_cuda_crate_renders_plans_ptx_and_the_feature():
     assert 'ArenaSpec { name: "input:x", elem: Elem::F32, len: 1024 }' in rs
     assert 'gemm = "auto", tf32 = false, sync = false, autotune = true))]' in rs
     assert "fn gemm_steps(&self) -> Vec<String>" in rs
+    # step.steps: K stacked batches in one call, their losses back after one wait
+    assert '#[pyo3(name = "steps")]' in rs
+    assert 'rt::cuda::py::feed_f32(x, "x", &[count, 16, 64])?;' in rs
+    assert 'rt::cuda::py::feed_i32(y, "y", &[count, 16])?;' in rs
+    assert 'exec.run_steps("train", count, &[("x", x), ("y", y)], "out:loss")' in rs
+    assert "rt::py::to_numpy_f32(py, &losses, &[count])" in rs
     # Module names hash the CUDA part too: another PTX, another module.
     assert low.crate.module != fg.lower(model, backend="cpu", **kwargs).crate.module
 
@@ -128,6 +134,8 @@ def test_module_with_a_cuda_step_builds_and_its_cpu_step_works():
     _handmade_crate(crate_dir)[1].write(crate_dir)
     module = build_module(crate_dir, crate.module, quiet=True)
     assert hasattr(module, "CudaStep")
+    for method in ("train", "forward", "grads", "steps", "get", "set"):
+        assert hasattr(module.CudaStep, method), method
     from ferrograd.codegen.cpu_step import CompiledStep
     from ferrograd.dsl.init import init_params
     from ferrograd.ir.optim import init_state

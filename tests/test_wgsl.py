@@ -132,6 +132,21 @@ def test_step_api_and_checkpoints(adapter: str, tmp_path: Path) -> None:
         gpu(np.zeros((15, 64), np.float32), feed["y"])
 
 
+def test_steps_are_the_single_steps_bit_for_bit(adapter: str) -> None:
+    model, optimizer, dims = MODELS["mlp"]()
+    a, b = (fg.compile(model, optimizer=optimizer, backend="wgsl", seed=3, **dims)
+            for _ in range(2))
+    rng = np.random.default_rng(4)
+    batches = [feed_for(a.interface.graph, rng) for _ in range(3)]
+    losses = a.steps(**{k: np.stack([f[k] for f in batches]) for k in batches[0]})
+    want = np.array([b(**f) for f in batches], np.float32)
+    np.testing.assert_array_equal(losses, want)
+    close(a.params, b.params, 0, 0, "param")
+    close(a.state, b.state, 0, 0, "state")
+    with pytest.raises(fg.InputError, match="different numbers of batches"):
+        a.steps(np.zeros((3, 16, 64), np.float32), np.zeros((2, 16), np.int32))
+
+
 def test_no_adapter_is_a_clear_error(adapter: str) -> None:
     """Without a Vulkan driver the step cannot be created; the error says what to install."""
     code = ("import sys; sys.path.insert(0, 'examples'); import ferrograd as fg\n"

@@ -6,7 +6,8 @@ The plans become Rust constants that mirror ``launch_plan.py`` one to one (a
 ``Launch`` per kernel launch, a ``Gemm`` with its fallback launch per matrix
 product); the runtime allocates the arenas, resolves every ``BufferRef`` and runs
 them. ``CudaStep`` has the Python methods of the CPU ``Step`` (``train``,
-``forward``, ``grads``, ``get``, ``set``), so ``CompiledStep`` drives either.
+``forward``, ``grads``, ``get``, ``set``), so ``CompiledStep`` drives either, plus
+``steps`` (K training steps on stacked batches with one wait: ``Step.steps``).
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ def render_cuda_step(graph: Graph, device: DeviceModule, module: str) -> dict[st
         plans.append({"entry": entry, "const": entry.upper(), "results": results,
                       "steps": [_step(s) for s in plan.steps]})
     methods = [_py_method(graph, device, entry) for entry in device.plans]
+    if "train" in device.plans:
+        methods.append(_py_steps(graph, device))
     env = Environment(loader=FileSystemLoader(TEMPLATES), undefined=StrictUndefined,
                       keep_trailing_newline=True)
     text = env.get_template("cuda_step.rs.j2").render(
@@ -128,25 +131,7 @@ def _py_method(graph: Graph, device: DeviceModule, entry: str) -> str:
     the input arenas (host to device, or device to device), run the plan, bring
     back the loss or the results."""
     out = IndentedBuffer()
-    params, loads, feeds = [], [], []
-    for k, v in graph.inputs.items():
-        n = graph.node(v)
-        name = safe_name(k)
-        if n.dtype not in INPUT_TYPES:
-            raise BackendError(f"input {k!r}: the CUDA step takes f32 and i32 inputs, "
-                               f"not {n.dtype}")
-        rust_type, _ = INPUT_TYPES[n.dtype]
-        params.append(f"{name}: &Bound<'py, PyAny>")
-        shape = ", ".join(map(str, n.shape))
-        # A NumPy array, or a device array (__cuda_array_interface__: CuPy, PyTorch)
-        loads.append(f'let {name} = rt::cuda::py::feed_{rust_type}({name}, "{k}", &[{shape}])?;')
-        if (check := check_ids(graph, k, "ids")) is not None:
-            # Ids on the host are checked before anything runs; ids on the device are
-            # not read back (the kernels' error flag reports them).
-            loads.append(f"if let Some(ids) = {name}.host() {{ {check} }}")
-        loads.append(f"let {name} = {name}.feed();")
-        if f"input:{name}" in device.arena_sizes:  # an input no kernel reads has no arena
-            feeds.append(f'("{name}", {name})')
+    params, loads, feeds = _inputs(graph, device, lead="")
     ret = "f32" if entry == "train" else "Bound<'py, PyDict>"
     out.line(f"/// {DOCS[entry]}")
     out.line(f'#[pyo3(name = "{entry}")]')
@@ -159,10 +144,7 @@ def _py_method(graph: Graph, device: DeviceModule, entry: str) -> str:
                 out.indent(f'rt::py::guard("{entry}", || {{', "})"):
             out.line(f'exec.run("{entry}", &[{", ".join(feeds)}])?;')
             if entry == "train":
-                results = device.plans[entry].results
-                if "out:loss" not in results:
-                    raise BackendError("the train plan does not bring back out:loss")
-                arena, offset, _ = results["out:loss"]
+                arena, offset, _ = _loss(device)
                 out.line("let mut loss = [0f32];")
                 out.line(f'exec.read_f32("{arena}", {offset}, &mut loss)?;')
                 out.line("Ok::<_, rt::Error>(loss[0])")
@@ -172,4 +154,66 @@ def _py_method(graph: Graph, device: DeviceModule, entry: str) -> str:
             out.line("result")
         else:
             out.line("rt::cuda::py::results_dict(py, result?)")
+    return _indented(out)
+
+
+def _py_steps(graph: Graph, device: DeviceModule) -> str:
+    """``steps``: ``count`` training steps back to back on batches stacked along a new
+    leading axis of every input (checked and borrowed as ``train`` does), queued
+    without waiting; their losses come back together, after one wait."""
+    out = IndentedBuffer()
+    _loss(device)  # the runtime finds it by key: a plan without it fails here, not later
+    params, loads, feeds = _inputs(graph, device, lead="count, ")
+    out.line("/// `count` training steps back to back, step k on batch k of every input")
+    out.line("/// (stacked along a new leading axis), with one wait at the end; returns")
+    out.line("/// the `count` losses.")
+    out.line('#[pyo3(name = "steps")]')
+    sig = ", ".join(["&mut self", "py: Python<'py>", "count: usize", *params])
+    with out.indent(f"fn py_steps<'py>({sig}) -> PyResult<Bound<'py, numpy::PyArrayDyn<f32>>> {{"):
+        for line in loads:
+            out.line(line)
+        out.line("let exec = &mut self.exec;")
+        with out.indent("let losses = py.detach(|| {", "})?;"), \
+                out.indent('rt::py::guard("steps", || {', "})"):
+            out.line(f'exec.run_steps("train", count, &[{", ".join(feeds)}], "out:loss")')
+        out.line("rt::py::to_numpy_f32(py, &losses, &[count])")
+    return _indented(out)
+
+
+def _inputs(graph: Graph, device: DeviceModule, lead: str
+            ) -> tuple[list[str], list[str], list[str]]:
+    """Per input of the model: its parameter, the lines that check and borrow it as an
+    array of its shape after the dims ``lead`` (e.g. ``"count, "``), and its feed."""
+    params, loads, feeds = [], [], []
+    for k, v in graph.inputs.items():
+        n = graph.node(v)
+        name = safe_name(k)
+        if n.dtype not in INPUT_TYPES:
+            raise BackendError(f"input {k!r}: the CUDA step takes f32 and i32 inputs, "
+                               f"not {n.dtype}")
+        rust_type, _ = INPUT_TYPES[n.dtype]
+        params.append(f"{name}: &Bound<'py, PyAny>")
+        shape = lead + ", ".join(map(str, n.shape))
+        # A NumPy array, or a device array (__cuda_array_interface__: CuPy, PyTorch)
+        loads.append(f'let {name} = rt::cuda::py::feed_{rust_type}({name}, "{k}", &[{shape}])?;')
+        if (check := check_ids(graph, k, "ids")) is not None:
+            # Ids on the host are checked before anything runs; ids on the device are
+            # not read back (the kernels' error flag reports them).
+            loads.append(f"if let Some(ids) = {name}.host() {{ {check} }}")
+        loads.append(f"let {name} = {name}.feed();")
+        if f"input:{name}" in device.arena_sizes:  # an input no kernel reads has no arena
+            feeds.append(f'("{name}", {name})')
+    return params, loads, feeds
+
+
+def _loss(device: DeviceModule) -> tuple[str, int, tuple[int, ...]]:
+    """Where the train plan leaves the loss: (arena, offset, shape)."""
+    results = device.plans["train"].results
+    if "out:loss" not in results:
+        raise BackendError("the train plan does not bring back out:loss")
+    return results["out:loss"]
+
+
+def _indented(out: IndentedBuffer) -> str:
+    """A method's lines, indented into the ``impl`` block."""
     return "\n".join("    " + line if line else line for line in out.lines)

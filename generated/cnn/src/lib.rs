@@ -478,7 +478,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `cnn`.
-#[pyclass(module = "fg_cnn_b0ae596e6165")]
+#[pyclass(module = "fg_cnn_ad4f8722a208")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -636,8 +636,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_cnn_b0ae596e6165(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_cnn_b0ae596e6165")?;
+fn fg_cnn_ad4f8722a208(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_cnn_ad4f8722a208")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

@@ -391,7 +391,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `mlp`.
-#[pyclass(module = "fg_mlp_7b1382346b5c")]
+#[pyclass(module = "fg_mlp_50840164ccec")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -537,8 +537,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_mlp_7b1382346b5c(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_mlp_7b1382346b5c")?;
+fn fg_mlp_50840164ccec(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_mlp_50840164ccec")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

@@ -642,7 +642,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `rnn`.
-#[pyclass(module = "fg_rnn_34c3c8c3125f")]
+#[pyclass(module = "fg_rnn_65641ef685bc")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -786,8 +786,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_rnn_34c3c8c3125f(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_rnn_34c3c8c3125f")?;
+fn fg_rnn_65641ef685bc(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_rnn_65641ef685bc")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

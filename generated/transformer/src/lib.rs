@@ -1263,7 +1263,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `char_lm`.
-#[pyclass(module = "fg_char_lm_26220bc623d0")]
+#[pyclass(module = "fg_char_lm_b5f603702f43")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -1448,8 +1448,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_char_lm_26220bc623d0(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_char_lm_26220bc623d0")?;
+fn fg_char_lm_b5f603702f43(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_char_lm_b5f603702f43")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

@@ -391,6 +391,28 @@ impl DeviceBuffer {
         )
     }
 
+    /// Queues a copy of `len` elements of `T` from device address `src`
+    /// (memory of this device) to elements `offset..offset + len`.
+    pub(crate) fn copy_from_device_at_async<T: Element>(
+        &self,
+        offset: usize,
+        src: u64,
+        len: usize,
+        what: &str,
+    ) -> Result<(), Error> {
+        let (dst, bytes) = self.range::<T>(offset, len, what)?;
+        if bytes == 0 {
+            return Ok(());
+        }
+        // SAFETY: the destination range lies inside this allocation (checked);
+        // the caller checked that `src` holds `len` elements of this device's
+        // memory, and keeps it until the stream is synchronized.
+        check(
+            unsafe { result::memcpy_dtod_async(dst, src, bytes, self.device.stream()) },
+            || format!("copying {what} on the GPU"),
+        )
+    }
+
     /// Copies `data` to elements `offset..` and waits for the copy.
     pub fn write<T: Element>(&self, offset: usize, data: &[T], what: &str) -> Result<(), Error> {
         self.device.bind()?;

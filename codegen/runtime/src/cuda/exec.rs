@@ -6,7 +6,8 @@
 //! and every GEMM is bound to cuBLASLt (its algorithm chosen by timing, with
 //! [`Options::autotune`]: see [`autotune`](super::autotune)), to cuBLAS, or to
 //! its fallback kernel. A call then copies the inputs into their fixed input
-//! arenas, runs the steps, and waits.
+//! arenas, runs the steps, and waits; [`Executor::run_steps`] does so for K
+//! stacked batches in turn, with one wait at the end.
 //!
 //! Graphs: with [`Options::graphs`], an entry point runs as plain launches on
 //! its first call (which also makes the driver and cuBLAS load every kernel
@@ -31,7 +32,7 @@ use super::layout::{cublas_layout, extent, CublasGemm, GemmShape};
 use super::module::{Function, Module};
 use super::plan::{ArenaSpec, Arg, BufferRef, Elem, Gemm, Launch, Plan, ResultSpec, Step};
 use crate::error::Error;
-use crate::py::DeviceArray;
+use crate::py::{DeviceArray, ProducerStream};
 
 #[cfg(target_endian = "big")]
 compile_error!("kernel parameter slots assume a little-endian host");
@@ -124,6 +125,60 @@ impl<'a> From<HostInput<'a>> for Feed<'a> {
     }
 }
 
+impl<'a> Feed<'a> {
+    /// The number of elements.
+    pub fn len(&self) -> usize {
+        match self {
+            Feed::Host(HostInput::F32(d)) => d.len(),
+            Feed::Host(HostInput::I32(d)) => d.len(),
+            Feed::Host(HostInput::U8(d)) => d.len(),
+            Feed::Device(_, array) => array.len,
+        }
+    }
+
+    /// Whether it has no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Batch `k` of the `count` equal batches stacked along the leading axis
+    /// (the input of one run of [`Executor::run_steps`]), or `None` when `k`
+    /// is not below `count` or the elements do not split into `count` parts.
+    /// A device batch keeps the whole array's producer stream.
+    pub fn batch(self, k: usize, count: usize) -> Option<Feed<'a>> {
+        fn part<T>(data: &[T], k: usize, count: usize) -> Option<&[T]> {
+            if k >= count || !data.len().is_multiple_of(count) {
+                return None;
+            }
+            let n = data.len() / count;
+            data.get(k * n..(k + 1) * n)
+        }
+        Some(match self {
+            Feed::Host(HostInput::F32(d)) => Feed::Host(HostInput::F32(part(d, k, count)?)),
+            Feed::Host(HostInput::I32(d)) => Feed::Host(HostInput::I32(part(d, k, count)?)),
+            Feed::Host(HostInput::U8(d)) => Feed::Host(HostInput::U8(part(d, k, count)?)),
+            Feed::Device(elem, array) => {
+                if k >= count
+                    || !array.len.is_multiple_of(count)
+                    || !array.bytes.is_multiple_of(count)
+                {
+                    return None;
+                }
+                let (len, bytes) = (array.len / count, array.bytes / count);
+                Feed::Device(
+                    elem,
+                    DeviceArray {
+                        ptr: array.ptr + (k * bytes) as u64,
+                        len,
+                        bytes,
+                        stream: array.stream,
+                    },
+                )
+            }
+        })
+    }
+}
+
 /// Elements copied back from the device.
 #[derive(Debug, Clone, PartialEq)]
 pub enum HostData {
@@ -198,6 +253,14 @@ struct Entry {
     calls: u64,
     /// Some step gets the `flags_u32` arena: zero it before, check it after.
     uses_flags: bool,
+}
+
+impl Entry {
+    /// Whether its next call runs as a CUDA graph: captured on the second
+    /// call, replayed after (the first runs plain launches).
+    fn replays_next(&self, options: &Options) -> bool {
+        options.graphs && !options.sync_each && self.calls >= 1 && !self.steps.is_empty()
+    }
 }
 
 /// The arena gather and scatter kernels flag an id out of range in.
@@ -701,11 +764,112 @@ impl Executor {
         for &(name, data) in inputs {
             self.upload_input(name, data)?;
         }
-        let flags = if self.entries[index].uses_flags {
-            Some(self.arena(FLAGS)?.buf.ptr())
-        } else {
-            None
-        };
+        let flags = self.zero_flags(index)?;
+        self.enqueue_entry(index)?;
+        let steps = self.entries[index].steps.len();
+        self.device
+            .synchronize(|| format!("running `{entry}` ({steps} steps; {UNKNOWN_KERNEL})"))?;
+        if flags {
+            self.check_flags(&format!("`{entry}`"))?;
+        }
+        Ok(())
+    }
+
+    /// Runs `entry` `count` times back to back, on `count` batches, and
+    /// returns the f32 scalar result `result` (`out:loss` of `train`) of each
+    /// run, with one wait for all of them.
+    ///
+    /// Every input holds `count` batches stacked along its leading axis. Run
+    /// k copies batch k of each input into its arena (as [`Executor::run`]
+    /// does), queues the entry's steps (the launches or graph replay of
+    /// `run`), then a device-to-device copy of the result into slot k of a
+    /// device buffer of `count` floats that the call owns. After the last
+    /// run: one wait, and the results come back in one copy. Before anything
+    /// runs, the inputs are checked (each splits into `count` batches that fit
+    /// its arena, on this device) and each device input's producer is waited
+    /// for, once. The gather/scatter flag is zeroed once before the first run
+    /// and checked once after the last.
+    ///
+    /// # Errors
+    /// As [`Executor::run`], and [`Error::Input`] for `count` 0. A failure to
+    /// launch run k names it; the runs before it were queued and are waited
+    /// for before the error returns (nothing queued outlives the call), so
+    /// their updates are applied, and run k's perhaps in part. An id out of
+    /// range is found after all runs, and the error says it was in one of
+    /// them.
+    pub fn run_steps(
+        &mut self,
+        entry: &str,
+        count: usize,
+        inputs: &[(&str, Feed<'_>)],
+        result: &str,
+    ) -> Result<Vec<f32>, Error> {
+        if count == 0 {
+            return Err(Error::Input(format!(
+                "`{entry}` on 0 batches: at least one is needed"
+            )));
+        }
+        self.device.bind()?;
+        let index = self.entry_index(entry)?;
+        let source = self.scalar_result(entry, result)?;
+        for &(name, data) in inputs {
+            self.input_arena(name, stacked_batch(name, data, 0, count)?)?;
+        }
+        let mut stacked = Vec::with_capacity(inputs.len());
+        for &(name, data) in inputs {
+            stacked.push((name, self.after_producer(name, data)?));
+        }
+        let what = format!("the {count} results `{result}` of `{entry}`");
+        let results = self.device.alloc_zeroed(4 * count, &what)?;
+        let flags = self.zero_flags(index)?;
+        let queued = (0..count).try_for_each(|k| {
+            self.run_batch(index, &stacked, (k, count), &results, source)
+                .map_err(|err| in_step(err, k, count))
+        });
+        // Waited for even after a failure: no copy may read the inputs after the call.
+        let steps = self.entries[index].steps.len();
+        let waited = self.device.synchronize(|| {
+            format!("running `{entry}` {count} times ({steps} steps each; {UNKNOWN_KERNEL})")
+        });
+        queued?;
+        waited?;
+        if flags {
+            self.check_flags(&format!("one of the {count} runs of `{entry}`"))?;
+        }
+        let mut out = vec![0f32; count];
+        results.read(0, &mut out, &what)?;
+        Ok(out)
+    }
+
+    /// Queues run `k` of `count` of [`Executor::run_steps`]: batch k of every
+    /// input into its arena, the entry's steps, the result into slot k.
+    fn run_batch(
+        &mut self,
+        index: usize,
+        stacked: &[(&str, Feed<'_>)],
+        (k, count): (usize, usize),
+        results: &DeviceBuffer,
+        source: u64,
+    ) -> Result<(), Error> {
+        for &(name, data) in stacked {
+            self.upload_input(name, stacked_batch(name, data, k, count)?)?;
+        }
+        let entry = &self.entries[index];
+        if entry.graph.is_none() && entry.replays_next(&self.options) {
+            // As between `run`'s first call and its second: the plain launches
+            // (which load what the driver and cuBLAS load lazily) finish first.
+            self.device
+                .synchronize(|| format!("running `{}` before its capture", entry.plan.entry))?;
+        }
+        self.enqueue_entry(index)?;
+        results.copy_from_device_at_async::<f32>(k, source, 1, "a result")
+    }
+
+    /// Queues one call of entry `index`'s steps: plain launches on its first
+    /// call; with graphs on, captured into a CUDA graph on its second and
+    /// replayed from then on; with `sync_each`, one step at a time, waiting
+    /// after each so that a failure names it.
+    fn enqueue_entry(&mut self, index: usize) -> Result<(), Error> {
         let Executor {
             entries,
             blas,
@@ -715,21 +879,19 @@ impl Executor {
             ..
         } = self;
         let entry = &mut entries[index];
+        let replay = entry.replays_next(options);
         entry.calls += 1;
         let name = entry.plan.entry;
         let libraries = (blas.as_ref(), blaslt.as_ref());
-        let zero = || flags.map_or(Ok(()), |f| zero_flags(f, device));
         if options.sync_each {
-            zero()?;
             for step in &entry.steps {
                 enqueue(step, device, libraries)?;
                 device.synchronize(|| format!("running {} of `{name}`", step.label))?;
             }
-        } else if options.graphs && entry.calls > 1 && !entry.steps.is_empty() {
+        } else if replay {
             let graph = match &mut entry.graph {
                 Some(graph) => graph,
                 slot => slot.insert(Graph::capture(device, &format!("`{name}`"), || {
-                    zero()?;
                     entry
                         .steps
                         .iter()
@@ -738,32 +900,58 @@ impl Executor {
             };
             graph.launch(&format!("`{name}`"))?;
         } else {
-            zero()?;
             for step in &entry.steps {
                 enqueue(step, device, libraries)?;
             }
         }
-        device.synchronize(|| {
-            format!(
-                "running `{name}` ({} steps; kernels run asynchronously, so the failing one is \
-                 not known: create the step with sync=True, or set FERROGRAD_CUDA_SYNC=1, to \
-                 run them one at a time and name it)",
-                entry.steps.len()
-            )
-        })?;
-        if flags.is_some() {
-            self.check_flags(name)?;
-        }
         Ok(())
     }
 
-    fn check_flags(&self, entry: &str) -> Result<(), Error> {
+    /// Queues `flags_u32[0] = 0` when entry `index` has a gather or scatter
+    /// step, and says whether it did (the flag is then checked after the
+    /// call). Outside the entry's graph, so that `run_steps` zeroes it once
+    /// for all its runs.
+    fn zero_flags(&self, index: usize) -> Result<bool, Error> {
+        if !self.entries[index].uses_flags {
+            return Ok(false);
+        }
+        zero_flags(self.arena(FLAGS)?.buf.ptr(), &self.device)?;
+        Ok(true)
+    }
+
+    /// The device address of `entry`'s result `key`, which must be one f32
+    /// (a loss).
+    fn scalar_result(&self, entry: &str, key: &str) -> Result<u64, Error> {
+        let spec = self.result_spec(entry, key)?;
+        let what = format!("`{entry}`'s result `{key}`");
+        if spec.len() != 1 || self.arena(spec.arena)?.spec.elem != Elem::F32 {
+            return Err(Error::layout(format!("{what} is not one f32")));
+        }
+        self.address(&BufferRef::new(spec.arena, spec.offset), 1, &what)
+    }
+
+    /// `data` after queueing a wait for its producer's stream, when it is a
+    /// device array: its batches then need no wait of their own.
+    fn after_producer<'a>(&self, name: &str, data: Feed<'a>) -> Result<Feed<'a>, Error> {
+        match data {
+            Feed::Device(elem, array) if array.len > 0 => {
+                self.device
+                    .wait_for(array.stream, &format!("input `{name}`"))?;
+                let stream = ProducerStream::Ready;
+                Ok(Feed::Device(elem, DeviceArray { stream, ..array }))
+            }
+            other => Ok(other),
+        }
+    }
+
+    /// Reads the gather/scatter flag after the work of `what` (an entry point).
+    fn check_flags(&self, what: &str) -> Result<(), Error> {
         let mut flag = [0u32];
         let flags = &self.arena(FLAGS)?.buf;
         flags.read(0, &mut flag, "the gather/scatter error flag")?;
         if flag[0] != 0 {
             return Err(Error::Device(format!(
-                "`{entry}`: a gather or scatter kernel met an id out of range (it used 0 \
+                "{what}: a gather or scatter kernel met an id out of range (it used 0 \
                  instead of reading or writing out of bounds); the results of this call are \
                  wrong"
             )));
@@ -771,70 +959,73 @@ impl Executor {
         Ok(())
     }
 
+    /// Copies `data` into the arena `input:<name>` (queued): from the host,
+    /// or device to device after waiting for the producer's stream.
     fn upload_input(&self, name: &str, data: Feed<'_>) -> Result<(), Error> {
+        let arena = self.input_arena(name, data)?;
+        let what = format!("input `{name}`");
+        match data {
+            Feed::Device(_, array) => {
+                if array.len == 0 {
+                    return Ok(());
+                }
+                self.device.wait_for(array.stream, &what)?;
+                arena
+                    .buf
+                    .copy_from_device_async(array.ptr, array.bytes, &what)
+            }
+            Feed::Host(HostInput::F32(d)) => arena.buf.write_async(0, d, &what),
+            Feed::Host(HostInput::I32(d)) => arena.buf.write_async(0, d, &what),
+            Feed::Host(HostInput::U8(d)) => arena.buf.write_async(0, d, &what),
+        }
+    }
+
+    /// The arena `input:<name>`, once `data` is checked to fit it: its element
+    /// type and length, and for a (non-empty) device array, this device.
+    fn input_arena(&self, name: &str, data: Feed<'_>) -> Result<&Arena, Error> {
         let arena = self
             .arenas
             .iter()
             .find(|a| a.spec.name.strip_prefix("input:") == Some(name))
             .ok_or_else(|| Error::layout(format!("the plan has no input arena for `{name}`")))?;
-        let what = format!("input `{name}`");
-        let data = match data {
-            Feed::Host(data) => data,
-            Feed::Device(elem, array) => {
-                if elem != arena.spec.elem || array.len != arena.spec.len {
-                    return Err(Error::layout(format!(
-                        "{what}: {} {} elements on the device for an arena of {} {} elements",
-                        array.len,
-                        elem.name(),
-                        arena.spec.len,
-                        arena.spec.elem.name()
-                    )));
-                }
-                if array.len == 0 {
-                    return Ok(());
-                }
-                let ordinal = self.device.ordinal();
-                match self.device.pointer_device(array.ptr) {
-                    Some(d) if d == ordinal => {}
-                    got => {
-                        let got = got.map_or_else(
-                            || {
-                                "memory the CUDA driver does not know (not a device allocation \
-                                of this process)"
-                                    .to_string()
-                            },
-                            |d| format!("CUDA device {d}"),
-                        );
-                        return Err(Error::Input(format!(
-                            "input '{name}': expected an array on CUDA device {ordinal} (the \
-                             step's device), got one in {got}"
-                        )));
-                    }
-                }
-                self.device.wait_for(array.stream, &what)?;
-                return arena
-                    .buf
-                    .copy_from_device_async(array.ptr, array.bytes, &what);
-            }
-        };
-        let (elem, len) = match data {
-            HostInput::F32(d) => (Elem::F32, d.len()),
-            HostInput::I32(d) => (Elem::I32, d.len()),
-            HostInput::U8(d) => (Elem::U8, d.len()),
+        let (elem, len, on) = match data {
+            Feed::Host(HostInput::F32(d)) => (Elem::F32, d.len(), ""),
+            Feed::Host(HostInput::I32(d)) => (Elem::I32, d.len(), ""),
+            Feed::Host(HostInput::U8(d)) => (Elem::U8, d.len(), ""),
+            Feed::Device(elem, array) => (elem, array.len, " on the device"),
         };
         if elem != arena.spec.elem || len != arena.spec.len {
             return Err(Error::layout(format!(
-                "{what}: {len} {} elements for an arena of {} {} elements",
+                "input `{name}`: {len} {} elements{on} for an arena of {} {} elements",
                 elem.name(),
                 arena.spec.len,
                 arena.spec.elem.name()
             )));
         }
-        match data {
-            HostInput::F32(d) => arena.buf.write_async(0, d, &what),
-            HostInput::I32(d) => arena.buf.write_async(0, d, &what),
-            HostInput::U8(d) => arena.buf.write_async(0, d, &what),
+        if let Feed::Device(_, array) = data {
+            if array.len == 0 {
+                return Ok(arena);
+            }
+            let ordinal = self.device.ordinal();
+            match self.device.pointer_device(array.ptr) {
+                Some(d) if d == ordinal => {}
+                got => {
+                    let got = got.map_or_else(
+                        || {
+                            "memory the CUDA driver does not know (not a device allocation \
+                            of this process)"
+                                .to_string()
+                        },
+                        |d| format!("CUDA device {d}"),
+                    );
+                    return Err(Error::Input(format!(
+                        "input '{name}': expected an array on CUDA device {ordinal} (the \
+                         step's device), got one in {got}"
+                    )));
+                }
+            }
         }
+        Ok(arena)
     }
 
     /// Copies `data` into `arena` at element `offset` (params, optimizer
@@ -1180,6 +1371,37 @@ fn scaling(gemm: &Gemm) -> String {
     }
 }
 
+/// How a failure seen only when waiting is found.
+const UNKNOWN_KERNEL: &str = "kernels run asynchronously, so the failing one is not known: \
+                              create the step with sync=True, or set FERROGRAD_CUDA_SYNC=1, \
+                              to run them one at a time and name it";
+
+/// Batch `k` of `count` of the stacked input `name`.
+fn stacked_batch<'a>(
+    name: &str,
+    data: Feed<'a>,
+    k: usize,
+    count: usize,
+) -> Result<Feed<'a>, Error> {
+    let len = data.len();
+    data.batch(k, count).ok_or_else(|| {
+        Error::layout(format!(
+            "input `{name}`: {len} elements do not split into {count} batches"
+        ))
+    })
+}
+
+/// `err` naming run `k` of `count` of [`Executor::run_steps`].
+fn in_step(err: Error, k: usize, count: usize) -> Error {
+    let at = |msg: String| format!("step {k} (from 0) of {count}: {msg}");
+    match err {
+        Error::Device(msg) => Error::Device(at(msg)),
+        Error::Input(msg) => Error::Input(at(msg)),
+        Error::Layout(msg) => Error::Layout(at(msg)),
+        other => other,
+    }
+}
+
 /// Queues `flags_u32[0] = 0` on the device's stream.
 fn zero_flags(flags: u64, device: &Device) -> Result<(), Error> {
     // SAFETY: the flags arena holds one u32 at `flags`.
@@ -1339,6 +1561,57 @@ mod tests {
             report,
             "kernels run all 2 GEMM steps: gemm=\"kernel\" was asked for"
         );
+    }
+
+    #[test]
+    fn host_batches_are_consecutive_equal_slices() {
+        let data = [0f32, 1., 2., 3., 4., 5.];
+        let feed = Feed::Host(HostInput::F32(&data));
+        for (k, want) in [[0f32, 1.], [2., 3.], [4., 5.]].iter().enumerate() {
+            match feed.batch(k, 3) {
+                Some(Feed::Host(HostInput::F32(got))) => assert_eq!(got, want),
+                other => panic!("batch {k}: {other:?}"),
+            }
+        }
+        assert!(feed.batch(3, 3).is_none(), "k past the last batch");
+        assert!(feed.batch(0, 4).is_none(), "6 elements are not 4 batches");
+        assert!(feed.batch(0, 0).is_none(), "no batches");
+        let empty = Feed::Host(HostInput::I32(&[]));
+        assert!(matches!(empty.batch(1, 2), Some(f) if f.is_empty()));
+    }
+
+    #[test]
+    fn device_batches_step_through_the_array_and_keep_its_stream() {
+        let array = DeviceArray {
+            ptr: 0x1000,
+            len: 12,
+            bytes: 48,
+            stream: ProducerStream::Handle(7),
+        };
+        let feed = Feed::Device(Elem::F32, array);
+        let Some(Feed::Device(Elem::F32, second)) = feed.batch(1, 3) else {
+            panic!("no batch 1 of 3");
+        };
+        let want = DeviceArray {
+            ptr: 0x1000 + 16,
+            len: 4,
+            bytes: 16,
+            stream: ProducerStream::Handle(7),
+        };
+        assert_eq!(second, want);
+        assert!(feed.batch(0, 5).is_none());
+        assert!(feed.batch(3, 3).is_none());
+    }
+
+    #[test]
+    fn errors_of_a_run_name_its_step() {
+        let err = in_step(Error::Device("launching kernel `k3`".into()), 2, 5);
+        assert_eq!(
+            err,
+            Error::Device("step 2 (from 0) of 5: launching kernel `k3`".into())
+        );
+        let err = stacked_batch("x", Feed::Host(HostInput::U8(&[1, 2, 3])), 0, 2).unwrap_err();
+        assert!(err.to_string().contains("input `x`: 3 elements"), "{err}");
     }
 
     #[test]
