@@ -140,7 +140,10 @@ def _py_method(graph: Graph, device: DeviceModule, entry: str) -> str:
         for line in loads:
             out.line(line)
         out.line("let exec = &mut self.exec;")
-        with out.indent("let result = py.detach(|| {", "});"), \
+        # train returns the loss itself (the closure's value is the method's); the others
+        # turn the results into a dict after leaving the GIL-free section
+        opening = "py.detach(|| {" if entry == "train" else "let result = py.detach(|| {"
+        with out.indent(opening, "})" if entry == "train" else "});"), \
                 out.indent(f'rt::py::guard("{entry}", || {{', "})"):
             out.line(f'exec.run("{entry}", &[{", ".join(feeds)}])?;')
             if entry == "train":
@@ -150,9 +153,7 @@ def _py_method(graph: Graph, device: DeviceModule, entry: str) -> str:
                 out.line("Ok::<_, rt::Error>(loss[0])")
             else:
                 out.line(f'exec.results("{entry}")')
-        if entry == "train":
-            out.line("result")
-        else:
+        if entry != "train":
             out.line("rt::cuda::py::results_dict(py, result?)")
     return _indented(out)
 
