@@ -17,7 +17,8 @@ Two phases, because the GPU machine has no Rust toolchain:
     (``sync=True``). The temp arenas are poisoned with NaN before each call and the
     inputs drawn fresh. Then, for every model that trains, ``step.steps`` over 5
     stacked batches against 5 single steps from the same start (losses, params and
-    optimizer state bit for bit), from NumPy arrays and from CuPy arrays and torch CUDA
+    optimizer state bit for bit — to rounding for a model that scatter-adds, whose atomic
+    adds change order from run to run), from NumPy arrays and from CuPy arrays and torch CUDA
     tensors where installed, alone and between single steps; a device id out of range
     in one of the batches must raise after the call. Then host time per training step:
     graphs autotuned, graphs not autotuned, plain launches; and what autotuning chose
@@ -33,8 +34,11 @@ Two phases, because the GPU machine has no Rust toolchain:
        nvidia-smi -L; set -o pipefail;
        PYTHONUNBUFFERED=1 python3 benches/gpu_cuda_check.py .gpu_modules 2>&1 | tee $OUT/log.txt
 
-   It takes ~35 s there. Last run (NVIDIA H200, driver 580.159, cuBLAS 13.1): all 28
-   (model, mode) checks pass, worst relative error 3e-5, and the 4 error cases.
+   It takes ~45 s there. Last run (session 9; NVIDIA H200, driver 580.159, cuBLAS
+   13.1): all 40 (model, mode) checks pass, and the 4 error cases; step.steps 7 of 8
+   models bit for bit — the transformer fed torch tensors differed in the last bits of
+   its embedding (atomic adds), which is why a model that scatter-adds is now compared
+   to rounding.
 
    (``.whl`` holds sympy, mpmath, networkx, jinja2, markupsafe and safetensors for
    CPython 3.12, downloaded as /work/.library/device/README.md says; the image has
@@ -249,8 +253,20 @@ def device_converters() -> dict[str, Any]:
     return out
 
 
-def _same_bits(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
-    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+def _same(a: dict[str, np.ndarray], b: dict[str, np.ndarray], exact: bool) -> bool:
+    """The same arrays: bit for bit, or (``exact`` False) to the last few bits."""
+    if a.keys() != b.keys():
+        return False
+    if exact:
+        return all(np.array_equal(a[k], b[k]) for k in a)
+    return all(np.allclose(a[k], b[k], rtol=1e-6, atol=1e-7) for k in a)
+
+
+def _atomic_sums(graph: Any) -> bool:
+    """Whether the model scatter-adds (an embedding's gradient): its kernel adds with
+    atomics, in an order that changes from run to run, so two runs (of any kind) agree
+    only to rounding."""
+    return any(graph.node(n).op == "scatter_add" for n in graph.nx.nodes)
 
 
 def _gathered_ids(graph: Any) -> list[str]:
@@ -263,20 +279,23 @@ def _gathered_ids(graph: Any) -> list[str]:
 
 def check_steps(low: fg.Lowered, module: Any, kinds: dict[str, Any]) -> dict[str, Any]:
     """``step.steps`` over STACKED stacked batches against STACKED single steps from the
-    same start: losses, params and optimizer state bit for bit, for each kind of input.
+    same start: losses, params and optimizer state bit for bit (to rounding where the
+    model scatter-adds: ``_atomic_sums``), for each kind of input.
     Two orders: "fresh" (steps first: plain launches, capture, replays all in one call)
     and "mixed" (a single step, steps of the middle batches, a single step)."""
     g = low.graph
     rng = np.random.default_rng(4)
     batches = [feed_for(g, rng) for _ in range(STACKED)]
     stacked = {k: np.stack([b[k] for b in batches]) for k in g.inputs}
-    ref = cuda_step(low, module)
+    # bit for bit between two steps needs the same GEMM algorithms: each step would
+    # autotune on its own and might keep another (another summation order)
+    ref = cuda_step(low, module, autotune=False)
     want = np.array([ref(**b) for b in batches], np.float32)
     res: dict[str, Any] = {"want": want.tolist()}
     ok = True
     for kind, conv in kinds.items():
         for order in ("fresh", "mixed"):
-            step = cuda_step(low, module)
+            step = cuda_step(low, module, autotune=False)
             if order == "fresh":
                 got = step.steps(**{k: conv(v) for k, v in stacked.items()})
             else:
@@ -285,9 +304,10 @@ def check_steps(low: fg.Lowered, module: Any, kinds: dict[str, Any]) -> dict[str
                                 *step.steps(**middle),
                                 step(**{k: conv(v) for k, v in batches[-1].items()})],
                                np.float32)
-            same = (got.dtype == np.float32 and np.array_equal(got, want)
-                    and _same_bits(step.params, ref.params)
-                    and _same_bits(step.state, ref.state))
+            exact = not _atomic_sums(g)
+            same = (got.dtype == np.float32 and _same({"loss": got}, {"loss": want}, exact)
+                    and _same(step.params, ref.params, exact)
+                    and _same(step.state, ref.state, exact))
             res[f"{kind} {order}"] = {"ok": same, "losses": got.tolist()}
             ok &= same
     for name in _gathered_ids(g)[:1]:  # an id out of range on the device: after all runs
@@ -295,7 +315,8 @@ def check_steps(low: fg.Lowered, module: Any, kinds: dict[str, Any]) -> dict[str
         bad[name][STACKED - 2].flat[0] = g.index_bounds[name]
         for kind in [k for k in kinds if k != "numpy"]:
             try:
-                cuda_step(low, module).steps(**{k: kinds[kind](v) for k, v in bad.items()})
+                cuda_step(low, module, autotune=False).steps(
+                    **{k: kinds[kind](v) for k, v in bad.items()})
                 said, good = "not caught", False
             except BackendError as err:
                 said = f"BackendError: {err}"

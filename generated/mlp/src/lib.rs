@@ -391,7 +391,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `mlp`.
-#[pyclass(module = "fg_mlp_50840164ccec")]
+#[pyclass(module = "fg_mlp_feb821a6cf87")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -537,8 +537,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_mlp_50840164ccec(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_mlp_50840164ccec")?;
+fn fg_mlp_feb821a6cf87(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_mlp_feb821a6cf87")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

@@ -642,7 +642,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `rnn`.
-#[pyclass(module = "fg_rnn_65641ef685bc")]
+#[pyclass(module = "fg_rnn_91e9453aea1e")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -786,8 +786,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_rnn_65641ef685bc(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_rnn_65641ef685bc")?;
+fn fg_rnn_91e9453aea1e(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_rnn_91e9453aea1e")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

@@ -1263,7 +1263,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `char_lm`.
-#[pyclass(module = "fg_char_lm_b5f603702f43")]
+#[pyclass(module = "fg_char_lm_1a4802f9d1bc")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -1448,8 +1448,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_char_lm_b5f603702f43(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_char_lm_b5f603702f43")?;
+fn fg_char_lm_1a4802f9d1bc(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_char_lm_1a4802f9d1bc")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

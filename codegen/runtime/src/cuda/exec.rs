@@ -266,6 +266,14 @@ impl Entry {
 /// The arena gather and scatter kernels flag an id out of range in.
 const FLAGS: &str = "flags_u32";
 
+/// GEMMs smaller than this (2·m·n·k·batch) are not autotuned: they run for a
+/// few µs, about what a launch costs, so timing them alone measures launches
+/// more than the algorithm, and on the H200 the choices it made for the MLP at
+/// batch 128 (51 MFLOP products) summed to 5 µs more of kernels inside the
+/// CUDA graph than cuBLAS's own (session 9). They keep the heuristic's first
+/// algorithm, or plain cuBLAS without an epilogue.
+const MIN_TUNED_FLOPS: f64 = (1u64 << 28) as f64;
+
 /// A module's device code, arenas and plans, ready to run.
 pub struct Executor {
     // Fields drop in this order: graphs, cuBLAS, module, arenas, device.
@@ -684,8 +692,10 @@ impl Executor {
             Err(why) => return Ok(Err(why)),
         };
         let (bias, scale) = (bias.unwrap_or(0), Scale::from(gemm));
+        let flops = 2.0 * (gemm.m * gemm.n * gemm.k * gemm.batch) as f64;
+        let worth_timing = flops >= MIN_TUNED_FLOPS;
         let tuned = match &mut prep.tuner {
-            Some(tuner) if !p.is_empty() => {
+            Some(tuner) if !p.is_empty() && worth_timing => {
                 // Plain cuBLAS competes for a GEMM it can run alone.
                 let blas = self.blas.as_ref().filter(|_| epilogue == LtEpilogue::Plain);
                 // SAFETY: every operand's extent was checked against its
@@ -705,6 +715,13 @@ impl Executor {
             }
             _ => None,
         };
+        if tuned.is_none() && epilogue == LtEpilogue::Plain && self.blas.is_some() {
+            // Untimed (autotune off, or too small to time), a GEMM without an
+            // epilogue keeps cuBLAS's own choice, as before cuBLASLt ran any.
+            prep.tally.cublas += 1;
+            prep.tally.cublas_untimed += 1;
+            return Ok(Ok(self.sgemm(gemm, call, [a, b, c], "")));
+        }
         prep.tally.count(epilogue, tuned.as_ref());
         let how = match &tuned {
             Some(t) => format!(", {}", t.describe()),
@@ -1203,6 +1220,9 @@ struct Tally {
     cublas: usize,
     /// Of `cublas`, those that timing chose.
     cublas_by_timing: usize,
+    /// Of `cublas`, those without an epilogue left untimed (autotune off, or
+    /// under [`MIN_TUNED_FLOPS`]): cuBLAS's own choice, as before cuBLASLt.
+    cublas_untimed: usize,
     /// Why cuBLASLt cannot run the others (each reason once).
     no_lt: Vec<String>,
     /// In `cublasSgemmBatched` (an outer batch level: pointer arrays).
@@ -1318,6 +1338,12 @@ fn gemm_report(
         let mut why = Vec::new();
         if t.cublas_by_timing > 0 {
             why.push(format!("{} faster there when timed", t.cublas_by_timing));
+        }
+        if t.cublas_untimed > 0 {
+            why.push(format!(
+                "{} without an epilogue, not timed",
+                t.cublas_untimed
+            ));
         }
         if !t.no_lt.is_empty() {
             why.push(format!("cuBLASLt cannot: {}", t.no_lt.join("; ")));
@@ -1612,6 +1638,20 @@ mod tests {
         );
         let err = stacked_batch("x", Feed::Host(HostInput::U8(&[1, 2, 3])), 0, 2).unwrap_err();
         assert!(err.to_string().contains("input `x`: 3 elements"), "{err}");
+    }
+
+    #[test]
+    fn untimed_plain_gemms_are_reported() {
+        let t = Tally {
+            cublas: 2,
+            cublas_untimed: 2,
+            ..Tally::default()
+        };
+        let (_, report) = gemm_report(&t, true, "", "autotuned 0 (…)");
+        assert!(
+            report.contains("2 in cublasSgemmStridedBatched (2 without an epilogue, not timed)"),
+            "{report}"
+        );
     }
 
     #[test]
