@@ -181,7 +181,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `linreg`.
-#[pyclass(module = "fg_linreg_626894daccbd")]
+#[pyclass(module = "fg_linreg_662f0189a34a")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -314,8 +314,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_linreg_626894daccbd(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_linreg_626894daccbd")?;
+fn fg_linreg_662f0189a34a(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_linreg_662f0189a34a")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

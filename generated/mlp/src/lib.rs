@@ -391,7 +391,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `mlp`.
-#[pyclass(module = "fg_mlp_feb821a6cf87")]
+#[pyclass(module = "fg_mlp_ed64bda03cbe")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -537,8 +537,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_mlp_feb821a6cf87(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_mlp_feb821a6cf87")?;
+fn fg_mlp_ed64bda03cbe(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_mlp_ed64bda03cbe")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

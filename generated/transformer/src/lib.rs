@@ -1263,7 +1263,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `char_lm`.
-#[pyclass(module = "fg_char_lm_1a4802f9d1bc")]
+#[pyclass(module = "fg_char_lm_7ef399c880d8")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -1448,8 +1448,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_char_lm_1a4802f9d1bc(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_char_lm_1a4802f9d1bc")?;
+fn fg_char_lm_7ef399c880d8(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_char_lm_7ef399c880d8")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

@@ -133,13 +133,6 @@ impl Blas {
         b: u64,
         c: u64,
     ) -> Result<(), String> {
-        let op = |t: bool| {
-            if t {
-                cublasOperation_t::CUBLAS_OP_T
-            } else {
-                cublasOperation_t::CUBLAS_OP_N
-            }
-        };
         let Scale { alpha, beta } = scale;
         // SAFETY: the caller's contract; alpha and beta are host scalars (the
         // default pointer mode) that live through the call.
@@ -188,13 +181,6 @@ impl Blas {
         c: u64,
         count: i32,
     ) -> Result<(), String> {
-        let op = |t: bool| {
-            if t {
-                cublasOperation_t::CUBLAS_OP_T
-            } else {
-                cublasOperation_t::CUBLAS_OP_N
-            }
-        };
         let Scale { alpha, beta } = scale;
         // SAFETY: the caller's contract; alpha and beta are host scalars.
         let status = unsafe {
@@ -227,5 +213,14 @@ impl Drop for Blas {
             let _ = self.device.bind();
             let _ = sys::cublasDestroy_v2(self.handle);
         }
+    }
+}
+
+/// cuBLAS's operation for an operand read transposed (`t`) or as it is.
+fn op(t: bool) -> cublasOperation_t {
+    if t {
+        cublasOperation_t::CUBLAS_OP_T
+    } else {
+        cublasOperation_t::CUBLAS_OP_N
     }
 }
