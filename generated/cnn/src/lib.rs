@@ -478,7 +478,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `cnn`.
-#[pyclass(module = "fg_cnn_35067b8d1597")]
+#[pyclass(module = "fg_cnn_7665025c48d6")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -636,8 +636,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_cnn_35067b8d1597(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_cnn_35067b8d1597")?;
+fn fg_cnn_7665025c48d6(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_cnn_7665025c48d6")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

@@ -181,7 +181,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `linreg`.
-#[pyclass(module = "fg_linreg_662f0189a34a")]
+#[pyclass(module = "fg_linreg_394e5701f987")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -314,8 +314,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_linreg_662f0189a34a(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_linreg_662f0189a34a")?;
+fn fg_linreg_394e5701f987(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_linreg_394e5701f987")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

@@ -391,7 +391,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `mlp`.
-#[pyclass(module = "fg_mlp_ed64bda03cbe")]
+#[pyclass(module = "fg_mlp_c4406c6a22c2")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -537,8 +537,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_mlp_ed64bda03cbe(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_mlp_ed64bda03cbe")?;
+fn fg_mlp_c4406c6a22c2(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_mlp_c4406c6a22c2")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

@@ -642,7 +642,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `rnn`.
-#[pyclass(module = "fg_rnn_2e510e1a8e40")]
+#[pyclass(module = "fg_rnn_2a681ca994c0")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -786,8 +786,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_rnn_2e510e1a8e40(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_rnn_2e510e1a8e40")?;
+fn fg_rnn_2a681ca994c0(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_rnn_2a681ca994c0")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

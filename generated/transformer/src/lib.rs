@@ -1263,7 +1263,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `char_lm`.
-#[pyclass(module = "fg_char_lm_7ef399c880d8")]
+#[pyclass(module = "fg_char_lm_6f5ca89e2e1c")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -1448,8 +1448,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_char_lm_7ef399c880d8(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_char_lm_7ef399c880d8")?;
+fn fg_char_lm_6f5ca89e2e1c(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_char_lm_6f5ca89e2e1c")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())
