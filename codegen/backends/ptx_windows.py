@@ -48,7 +48,7 @@ from .base import collapse
 from .legalize import legalize
 from .ptx_asm import DTYPE_KIND, ITEMSIZE, ExprEmitter, PtxFunction
 from .ptx_asm import shared_subexpressions as cse
-from .ptx_horizontal import WINDOW, _Access, _Memory
+from .ptx_horizontal import WINDOW, _Access, _Memory, _overlap
 from .ptx_kernels import (
     REDUCE_IDENTITY,
     REDUCE_OP,
@@ -108,10 +108,6 @@ def _reads_broadcast(e: Elementwise, r: Reduce) -> bool:
     return bool(views) and all((v.dtype, v.offset, v.strides) == (out.dtype, out.offset,
                                                                    out.strides)
                                for v in views)
-
-
-def _overlaps(a: tuple[str, int, float], b: tuple[str, int, float]) -> bool:
-    return a[0] == b[0] and a[1] < b[2] and b[1] < a[2]
 
 
 def _in_place(mem: _Memory, w: View, r: View) -> bool:
@@ -193,7 +189,8 @@ def _chain(s: Schedule, mem: _Memory, reduces: list[Kernel], e: Elementwise,
     stores = list(dict.fromkeys(v for k in members for v in k.writes() if needed(v.buffer)))
     for w in stores:
         for r in loads:
-            if _overlaps(mem.extent(w.buffer), mem.extent(r.buffer)) and not _in_place(mem, w, r):
+            if (_overlap([mem.extent(w.buffer)], [mem.extent(r.buffer)])
+                    and not _in_place(mem, w, r)):
                 return None
     first = reduces[0]
     return WindowChain(f"{first.name}_window", [op for k in members for op in k.ops],

@@ -478,7 +478,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `cnn`.
-#[pyclass(module = "fg_cnn_7665025c48d6")]
+#[pyclass(module = "fg_cnn_19c334e699f1")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -636,8 +636,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_cnn_7665025c48d6(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_cnn_7665025c48d6")?;
+fn fg_cnn_19c334e699f1(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_cnn_19c334e699f1")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

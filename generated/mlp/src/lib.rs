@@ -391,7 +391,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `mlp`.
-#[pyclass(module = "fg_mlp_c4406c6a22c2")]
+#[pyclass(module = "fg_mlp_d2044b061e10")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -537,8 +537,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_mlp_c4406c6a22c2(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_mlp_c4406c6a22c2")?;
+fn fg_mlp_d2044b061e10(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_mlp_d2044b061e10")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

@@ -642,7 +642,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `rnn`.
-#[pyclass(module = "fg_rnn_2a681ca994c0")]
+#[pyclass(module = "fg_rnn_3ca737c29722")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -786,8 +786,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_rnn_2a681ca994c0(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_rnn_2a681ca994c0")?;
+fn fg_rnn_3ca737c29722(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_rnn_3ca737c29722")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

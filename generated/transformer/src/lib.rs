@@ -1263,7 +1263,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `char_lm`.
-#[pyclass(module = "fg_char_lm_6f5ca89e2e1c")]
+#[pyclass(module = "fg_char_lm_137cda03f651")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -1448,8 +1448,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_char_lm_6f5ca89e2e1c(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_char_lm_6f5ca89e2e1c")?;
+fn fg_char_lm_137cda03f651(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_char_lm_137cda03f651")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

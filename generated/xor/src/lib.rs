@@ -242,7 +242,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `xor_net`.
-#[pyclass(module = "fg_xor_net_be46c4cc76ff")]
+#[pyclass(module = "fg_xor_net_cd9679309b16")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -381,8 +381,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_xor_net_be46c4cc76ff(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_xor_net_be46c4cc76ff")?;
+fn fg_xor_net_cd9679309b16(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_xor_net_cd9679309b16")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

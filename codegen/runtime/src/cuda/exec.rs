@@ -723,8 +723,7 @@ impl Executor {
         if tuned.is_none() && epilogue == LtEpilogue::Plain && self.blas.is_some() {
             // Untimed (autotune off, or too small to time), a GEMM without an
             // epilogue keeps cuBLAS's own choice, as before cuBLASLt ran any.
-            prep.tally.cublas += 1;
-            prep.tally.cublas_untimed += 1;
+            prep.tally.untimed_in_cublas();
             return Ok(Ok(self.sgemm(gemm, call, [a, b, c], "")));
         }
         prep.tally.count(epilogue, tuned.as_ref());
@@ -792,7 +791,7 @@ impl Executor {
         self.device
             .synchronize(|| format!("running `{entry}` ({steps} steps; {UNKNOWN_KERNEL})"))?;
         if flags {
-            self.check_flags(&format!("`{entry}`"))?;
+            self.check_flags(|| format!("`{entry}`"))?;
         }
         Ok(())
     }
@@ -841,10 +840,10 @@ impl Executor {
         for &(name, data) in inputs {
             stacked.push((name, self.after_producer(name, data)?));
         }
-        let what = format!("the {count} results `{result}` of `{entry}`");
+        let what = "the results of run_steps";
         let results = match self.step_results.take() {
             Some(buf) if buf.bytes() >= 4 * count => buf,
-            _ => self.device.alloc_zeroed(4 * count, &what)?,
+            _ => self.device.alloc_zeroed(4 * count, what)?,
         };
         let flags = self.zero_flags(index)?;
         let queued = (0..count).try_for_each(|k| {
@@ -859,10 +858,10 @@ impl Executor {
         queued?;
         waited?;
         if flags {
-            self.check_flags(&format!("one of the {count} runs of `{entry}`"))?;
+            self.check_flags(|| format!("one of the {count} runs of `{entry}`"))?;
         }
         let mut out = vec![0f32; count];
-        results.read(0, &mut out, &what)?;
+        results.read(0, &mut out, what)?;
         self.step_results = Some(results);
         Ok(out)
     }
@@ -971,15 +970,18 @@ impl Executor {
     }
 
     /// Reads the gather/scatter flag after the work of `what` (an entry point).
-    fn check_flags(&self, what: &str) -> Result<(), Error> {
+    /// Raises when a gather or scatter kernel set the error flag; `what` names
+    /// the call (formatted only then: a step allocates nothing).
+    fn check_flags(&self, what: impl FnOnce() -> String) -> Result<(), Error> {
         let mut flag = [0u32];
         let flags = &self.arena(FLAGS)?.buf;
         flags.read(0, &mut flag, "the gather/scatter error flag")?;
         if flag[0] != 0 {
             return Err(Error::Device(format!(
-                "{what}: a gather or scatter kernel met an id out of range (it used 0 \
+                "{}: a gather or scatter kernel met an id out of range (it used 0 \
                  instead of reading or writing out of bounds); the results of this call are \
-                 wrong"
+                 wrong",
+                what()
             )));
         }
         Ok(())
@@ -989,20 +991,22 @@ impl Executor {
     /// or device to device after waiting for the producer's stream.
     fn upload_input(&self, name: &str, data: Feed<'_>) -> Result<(), Error> {
         let arena = self.input_arena(name, data)?;
-        let what = format!("input `{name}`");
+        // the arena's name ("input:<name>") labels a failed copy: no string is
+        // built on a step's path
+        let what = arena.spec.name;
         match data {
             Feed::Device(_, array) => {
                 if array.len == 0 {
                     return Ok(());
                 }
-                self.device.wait_for(array.stream, &what)?;
+                self.device.wait_for(array.stream, what)?;
                 arena
                     .buf
-                    .copy_from_device_async(array.ptr, array.bytes, &what)
+                    .copy_from_device_async(array.ptr, array.bytes, what)
             }
-            Feed::Host(HostInput::F32(d)) => arena.buf.write_async(0, d, &what),
-            Feed::Host(HostInput::I32(d)) => arena.buf.write_async(0, d, &what),
-            Feed::Host(HostInput::U8(d)) => arena.buf.write_async(0, d, &what),
+            Feed::Host(HostInput::F32(d)) => arena.buf.write_async(0, d, what),
+            Feed::Host(HostInput::I32(d)) => arena.buf.write_async(0, d, what),
+            Feed::Host(HostInput::U8(d)) => arena.buf.write_async(0, d, what),
         }
     }
 
@@ -1266,6 +1270,12 @@ impl Tally {
     }
 
     /// A GEMM left to cuBLAS because cuBLASLt cannot run it.
+    /// A GEMM without an epilogue left untimed, kept in plain cuBLAS.
+    fn untimed_in_cublas(&mut self) {
+        self.cublas += 1;
+        self.cublas_untimed += 1;
+    }
+
     fn no_lt(&mut self, why: String) {
         self.cublas += 1;
         if !self.no_lt.contains(&why) {
