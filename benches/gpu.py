@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import math
 import os
@@ -110,6 +111,7 @@ LOSS_RTOL = 1e-4  # first loss (fp32, sums in other orders)
 DELTA_RTOL = 2e-2  # the loss changes after one and two updates
 EW_RTOL = 1e-5  # ew outputs against float64
 TOP_KERNELS = 60  # kernels kept per system in the JSON's device profile, longest first
+SHORT_GAP_US = 20.0  # idle time between two kernels shorter than this is inside a step
 STEPS_CALL_MS = 2.0  # FG_STEPS: K fills this at ferrograd's synchronous step time...
 STEPS_MAX_K = 64  # ...up to this many steps per call
 
@@ -469,6 +471,12 @@ def profile(s: System, steps: int) -> dict[str, Any]:
             memset += dur
     total = sum(sum(v) for v in kern.values())
     top = sorted(kern.items(), key=lambda kv: -sum(kv[1]))[:TOP_KERNELS]
+    # idle time between one kernel's end and the next one's start, when under
+    # SHORT_GAP_US: inside a step (the launch latency of graph nodes, library calls);
+    # longer gaps are the host's round trips between steps
+    spans = sorted(zip(starts, ends, strict=True))
+    gaps = [max(0.0, b[0] - a[1]) for a, b in itertools.pairwise(spans)]
+    short = [g for g in gaps if g < SHORT_GAP_US]
     return {
         "steps": steps,
         "kernels_per_step": sum(len(v) for v in kern.values()) / steps,
@@ -476,6 +484,7 @@ def profile(s: System, steps: int) -> dict[str, Any]:
         "memcpy_us_per_step": {k: v / steps for k, v in memcpy.items()},
         "memset_us_per_step": memset / steps,
         "span_us_per_step": (max(ends) - min(starts)) / steps if starts else None,
+        "short_gaps_us_per_step": sum(short) / steps,
         "top_kernels": [{"name": n[:120], "calls_per_step": len(v) / steps,
                          "us_per_step": sum(v) / steps} for n, v in top],
     }
@@ -815,8 +824,8 @@ def report(result: dict[str, Any]) -> str:
               "to device where it had host inputs only — and the loss back):", ""]
     names = [FG, *DEVICE_ANCHORS]
     lines.append("| workload | " + " | ".join(names) + " | fg memcpy | fg rest of the step "
-                 "(host, launch, sync) |")
-    lines.append("|---" * (3 + len(names)) + "|")
+                 "(host, launch, sync) | fg idle between kernels (gaps < 20 µs) |")
+    lines.append("|---" * (4 + len(names)) + "|")
     for r in rows:
         prof = r.get("profile", {})
         cells = []
@@ -829,7 +838,10 @@ def report(result: dict[str, Any]) -> str:
         wall = r["median_ms"].get(FG)
         rest = (f"{wall * 1e3 - kt - mc:.0f} µs" if wall is not None and kt is not None
                 else "–")
-        lines.append(f"| {r['title']} | " + " | ".join(cells) + f" | {mc:.0f} µs | {rest} |")
+        gaps = prof.get(FG, {}).get("short_gaps_us_per_step")
+        idle = "–" if gaps is None else f"{gaps:.0f} µs"
+        lines.append(f"| {r['title']} | " + " | ".join(cells)
+                     + f" | {mc:.0f} µs | {rest} | {idle} |")
     ew = next((r for r in rows if r["key"] == "ew"), None)
     if ew and ew.get("bandwidth"):
         lines += ["", "ew: kernel time and bandwidth (2 × 1 GiB per call) vs the copy ceiling:",

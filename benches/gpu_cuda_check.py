@@ -20,7 +20,8 @@ Two phases, because the GPU machine has no Rust toolchain:
     optimizer state bit for bit — to rounding for a model that scatter-adds, whose atomic
     adds change order from run to run), from NumPy arrays and from CuPy arrays and torch CUDA
     tensors where installed, alone and between single steps; a device id out of range
-    in one of the batches must raise after the call. Then host time per training step:
+    in one of the batches (labels or embedding ids) must raise an InputError naming it, after
+    steps or a single step, and the next step run clean. Then host time per training step:
     graphs autotuned, graphs not autotuned, plain launches; and what autotuning chose
     for each GEMM of each model (``gemm_steps``). The table comes last; the full numbers
     go to ``$OUT/gpu_cuda_check.json``. The exact device command (``run`` tool,
@@ -54,6 +55,7 @@ import shutil
 import sys
 import time
 import traceback
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +72,7 @@ from ferrograd.codegen.build import _load  # noqa: E402
 from ferrograd.codegen.cpu_step import CompiledStep  # noqa: E402
 from ferrograd.codegen.cuda_step import open_cuda_step  # noqa: E402
 from ferrograd.dsl.init import init_params  # noqa: E402
-from ferrograd.ir.errors import BackendError, InputError  # noqa: E402
+from ferrograd.ir.errors import InputError  # noqa: E402
 from ferrograd.ir.optim import init_state  # noqa: E402
 
 SEED = 3
@@ -269,12 +271,21 @@ def _atomic_sums(graph: Any) -> bool:
     return any(graph.node(n).op == "scatter_add" for n in graph.nx.nodes)
 
 
-def _gathered_ids(graph: Any) -> list[str]:
-    """Inputs holding ids that a gather or scatter kernel reads directly (its id out of
-    range raises the kernels' error flag; labels compared with an arange do not)."""
-    return [k for k in graph.index_bounds if k in graph.inputs and any(
-        graph.node(u).op in ("take", "scatter_add") for u in graph.nx.successors(
-            graph.inputs[k]))]
+def _id_inputs(graph: Any) -> list[str]:
+    """Inputs holding ids (class labels, embedding ids): given in device memory, each is
+    copied in by a kernel that checks its ids."""
+    return [k for k in graph.index_bounds if k in graph.inputs]
+
+
+def _raised(fn: Any, *needles: str) -> dict[str, Any]:
+    """Whether ``fn()`` raised an InputError saying every one of ``needles``."""
+    try:
+        fn()
+        return {"ok": False, "raised": "not caught"}
+    except InputError as err:
+        return {"ok": all(n in str(err) for n in needles), "raised": f"InputError: {err}"}
+    except Exception as err:
+        return {"ok": False, "raised": f"{type(err).__name__}: {err}"}
 
 
 def check_steps(low: fg.Lowered, module: Any, kinds: dict[str, Any]) -> dict[str, Any]:
@@ -310,21 +321,24 @@ def check_steps(low: fg.Lowered, module: Any, kinds: dict[str, Any]) -> dict[str
                     and _same(step.state, ref.state, exact))
             res[f"{kind} {order}"] = {"ok": same, "losses": got.tolist()}
             ok &= same
-    for name in _gathered_ids(g)[:1]:  # an id out of range on the device: after all runs
+    for name in _id_inputs(g):  # ids out of range on the device: found as copied in
+        bound = g.index_bounds[name]
         bad = {k: v.copy() for k, v in stacked.items()}
-        bad[name][STACKED - 2].flat[0] = g.index_bounds[name]
+        bad[name][STACKED - 2].flat[-1] = bound
+        said = (f"input '{name}'", f"outside [0, {bound})")
         for kind in [k for k in kinds if k != "numpy"]:
-            try:
-                cuda_step(low, module, autotune=False).steps(
-                    **{k: kinds[kind](v) for k, v in bad.items()})
-                said, good = "not caught", False
-            except BackendError as err:
-                said = f"BackendError: {err}"
-                good = f"one of the {STACKED} runs of `train`" in said and "out of range" in said
-            except Exception as err:
-                said, good = f"{type(err).__name__}: {err}", False
-            res[f"{kind} bad id"] = {"ok": good, "raised": said}
-            ok &= good
+            step = cuda_step(low, module, autotune=False)
+            r = _raised(partial(step.steps, **{k: kinds[kind](v) for k, v in bad.items()}),
+                        *said, f"one of the {STACKED} runs of `train`")
+            one = {k: kinds[kind](np.ascontiguousarray(v[STACKED - 2])) for k, v in bad.items()}
+            r1 = _raised(partial(step, **one), *said, "`train`")
+            # the flag is cleared: the next good step runs without an error
+            r2 = _raised(partial(step, **{k: kinds[kind](v) for k, v in batches[0].items()}))
+            r2["ok"] = r2["raised"] == "not caught"
+            res[f"{kind} bad id in steps"] = r
+            res[f"{kind} bad id in a step"] = r1
+            res[f"{kind} good step after"] = r2
+            ok &= r["ok"] and r1["ok"] and r2["ok"]
     res["ok"] = ok
     return res
 

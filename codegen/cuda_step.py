@@ -12,10 +12,10 @@ machine; only creating its ``CudaStep`` needs a GPU. Options (keyword arguments 
 - ``autotune`` (``FERROGRAD_CUDA_AUTOTUNE``, default 1): when the step is created,
   time each matrix product's candidate algorithms on its own operands — up to 8 that
   cuBLASLt's heuristic proposes, and plain cuBLAS for a product without an epilogue —
-  and keep the fastest (a few ms per product; nothing the step holds is written), for
-  products of at least 2²⁸ flops (smaller ones run about as long as a launch); 0, and
-  the smaller products, keep the heuristic's first choice (plain cuBLAS's own without
-  an epilogue). Strict fp32 either way, but algorithms may sum
+  and keep the fastest (a few ms per product; nothing the step holds is written). Each
+  candidate is timed inside a CUDA graph, as the step runs it; 0 keeps the heuristic's
+  first choice (plain cuBLAS's own without an epilogue). Strict fp32 either way, but
+  algorithms may sum
   in different orders, so results differ by rounding. ``step.gemm_report`` says what
   was tuned, ``step.gemm_steps`` each product's choice and timings (printed to stderr
   at ``FERROGRAD_DEBUG>=1``). Products with two batch levels (attention's) always run

@@ -103,3 +103,7 @@ class DeviceModule:
     plans: dict[str, DevicePlan] = field(default_factory=dict)
     arena_sizes: dict[str, int] = field(default_factory=dict)  # arena -> elements
     consts: dict[str, bytes] = field(default_factory=dict)  # const arena -> its bytes (LE)
+    # input arena -> n for inputs holding ids in [0, n) (class labels, embedding ids):
+    # when one arrives in device memory, the runtime copies it in with a kernel that
+    # checks them (PTX: ``fg_copy_ids_checked``)
+    id_bounds: dict[str, int] = field(default_factory=dict)

@@ -209,11 +209,13 @@ class Lowered:
         key = (target, fast_math)
         if key not in self._device_modules:
             from .backends.ptx import render_ptx
+            from .schedule import safe_name
 
             shapes = {k: self.graph.node(v).shape for k, v in self.graph.results().items()}
+            bounds = {safe_name(k): n for k, n in self.graph.index_bounds.items()}
             self._device_modules[key] = render_ptx(
                 self.ptx_schedules, self.ptx_memory_plan, target=target, fast_math=fast_math,
-                result_shapes=shapes, model=self.graph.name)
+                result_shapes=shapes, model=self.graph.name, id_bounds=bounds)
         return self._device_modules[key]
 
     def source(self, backend: str | None = None) -> str:

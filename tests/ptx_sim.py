@@ -362,6 +362,10 @@ class Threads:
         elif op == "st.global.u8":
             self.m.heap[self.memory(o[0], run, 1)] = self.value(o[1], np.uint32, run).astype(
                 np.uint8)
+        elif op == "st.global.u32":  # a register or an immediate (the error flags)
+            addr = self.memory(o[0], run, 4)
+            data = np.ascontiguousarray(self.value(o[1], np.uint32, run), np.uint32)
+            self.m.heap[addr[:, None] + np.arange(4)] = data.view(np.uint8).reshape(-1, 4)
         elif op in ("st.global.f32", "st.global.b32"):
             addr = self.memory(o[0], run, 4)
             reg = self.reg(o[1])

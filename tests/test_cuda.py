@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -73,7 +74,10 @@ def test_cuda_crate_renders_plans_ptx_and_the_feature():
     for entry in ("train", "forward", "grads"):
         assert f'Plan {{ entry: "{entry}"' in rs
     assert "Step::Gemm(Gemm {" in rs and "fallback: Some(Launch {" in rs
-    assert 'ArenaSpec { name: "input:x", elem: Elem::F32, len: 1024 }' in rs
+    assert 'ArenaSpec { name: "input:x", elem: Elem::F32, len: 1024, id_bound: None }' in rs
+    # labels in device memory are copied in by a kernel that checks them
+    assert re.search(r'ArenaSpec \{ name: "input:y", elem: Elem::I32, len: \d+, '
+                     r'id_bound: Some\(10\) \}', rs)
     assert 'gemm = "auto", tf32 = false, sync = false, autotune = true))]' in rs
     assert "fn gemm_steps(&self) -> Vec<String>" in rs
     # step.steps: K stacked batches in one call, their losses back after one wait

@@ -34,8 +34,10 @@ from ferrograd.codegen.backends.ptx_conv import ConvDims
 from ferrograd.codegen.backends.ptx_kernels import (
     BLOCK,
     COLUMN_UNROLL,
+    COPY_IDS,
     WARP,
     column_chunks,
+    copy_ids_text,
     matrix_strides,
     reduce_mode,
     row_chunks,
@@ -165,6 +167,37 @@ def test_gather_checks_ids_with_the_error_flag() -> None:
     gathers = [s for p in module.plans.values() for s in p.steps
                if isinstance(s, Launch) and BufferRef("flags_u32", 0) in s.args]
     assert gathers
+
+
+def test_ids_in_device_memory_get_a_checking_copy() -> None:
+    for name in ("mlp", "transformer"):
+        lw = lowered(name)
+        module = lw.device_module("ptx")
+        inputs = {k for k in lw.graph.index_bounds if k in lw.graph.inputs}
+        assert inputs, name
+        assert module.id_bounds == {f"input:{k}": lw.graph.index_bounds[k] for k in inputs}
+        assert f".entry {COPY_IDS}(" in module.source
+    assert lowered("linreg").device_module("ptx").id_bounds == {}
+
+
+@pytest.mark.parametrize("bad", [None, -1, 10, 2**31 - 1])
+def test_the_checking_copy_copies_every_id_and_flags_one_out_of_range(bad: int | None) -> None:
+    n, bound, tag = 1000, 10, 3
+    ids = np.random.default_rng(0).integers(0, bound, n).astype(np.int32)
+    if bad is not None:
+        ids[777] = bad
+    module = DeviceModule(".version 7.8\n.target sm_80\n.address_size 64\n"
+                          + copy_ids_text(), arena_sizes={"src": n, "dst": n, "flag": 1})
+    m = Machine(module, {"src": "i32", "dst": "i32", "flag": "u32"})
+    m.array("src")[:] = ids
+    # two blocks of 256 threads: the grid-stride loop goes round twice
+    m.launch(Launch(COPY_IDS, (2, 1, 1), (256, 1, 1), (
+        BufferRef("src", 0), BufferRef("dst", 0), ScalarArg("u32", n),
+        ScalarArg("u32", bound), BufferRef("flag", 0), ScalarArg("u32", tag))))
+    np.testing.assert_array_equal(m.array("dst"), ids)
+    assert m.array("flag")[0] == (0 if bad is None else tag)
+    if PTXAS is not None:
+        assemble(module.source, "sm_90", PTXAS)
 
 
 def test_fast_math_uses_the_approximate_instructions() -> None:

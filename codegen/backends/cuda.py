@@ -38,7 +38,8 @@ DOCS = {"train": "One training step on a batch; returns the loss.",
 def render_cuda_step(graph: Graph, device: DeviceModule, module: str) -> dict[str, bytes]:
     """The CUDA step's files (``cuda_step.rs`` not yet rustfmt-ed; ``module`` is the
     Python module name, or a placeholder the caller replaces)."""
-    arenas = [{"name": name, "elem": _elem(graph, name), "len": size}
+    arenas = [{"name": name, "elem": _elem(graph, name), "len": size,
+               "id_bound": device.id_bounds.get(name)}
               for name, size in device.arena_sizes.items()]
     consts, ranges = b"", []
     for name in sorted(device.consts):
@@ -198,8 +199,8 @@ def _inputs(graph: Graph, device: DeviceModule, lead: str
         # A NumPy array, or a device array (__cuda_array_interface__: CuPy, PyTorch)
         loads.append(f'let {name} = rt::cuda::py::feed_{rust_type}({name}, "{k}", &[{shape}])?;')
         if (check := check_ids(graph, k, "ids")) is not None:
-            # Ids on the host are checked before anything runs; ids on the device are
-            # not read back (the kernels' error flag reports them).
+            # Ids on the host are checked before anything runs; ids on the device, as
+            # the runtime copies them into their arena (ArenaSpec::id_bound).
             loads.append(f"if let Some(ids) = {name}.host() {{ {check} }}")
         loads.append(f"let {name} = {name}.feed();")
         if f"input:{name}" in device.arena_sizes:  # an input no kernel reads has no arena

@@ -1011,6 +1011,32 @@ def zero_fill_text() -> str:
     return f.text(ZERO_FILL)
 
 
+COPY_IDS = "fg_copy_ids_checked"
+
+
+def copy_ids_text() -> str:
+    """dst[0..n) = src[0..n) (i32 ids: class labels, embedding ids), grid-stride; an id
+    outside [0, bound) is copied as it is and stores ``tag`` at ``flag``. The runtime
+    copies an input that arrives in device memory into its arena with this kernel
+    instead of a plain copy: ids on the host are checked before anything runs, but
+    these would have to come back to be, and a label compared against an arange (a
+    one-hot) would otherwise go wrong without a sign. ``flag`` is host memory mapped
+    into the device, read after the wait the step ends with (no copy back)."""
+    f = PtxFunction([(".u64", "src"), (".u64", "dst"), (".u32", "n"), (".u32", "bound"),
+                     (".u64", "flag"), (".u32", "tag")])
+    src, dst, flag = (f.param_pointer(p) for p in ("src", "dst", "flag"))
+    n, bound, tag = (f.param_u32(p) for p in ("n", "bound", "tag"))
+    ctaid, ntid, tid = (f.special(s) for s in ("%ctaid.x", "%ntid.x", "%tid.x"))
+    start = f.value("b32", "mad.lo.u32", ctaid, ntid, tid)
+    stride = f.value("b32", "mul.lo.u32", f.special("%nctaid.x"), ntid)
+    with f.loop(start, n, stride, "copy") as i:
+        v = f.value("b32", "ld.global.b32", f.address(src, i, 0, 4))
+        f.ins("st.global.b32", f.address(dst, i, 0, 4), v)
+        ok = f.value("pred", "setp.lt.u32", v, bound)  # negative ids are huge
+        f.ins("st.global.u32", f"[{flag}]", tag, guard=f"!{ok}")
+    return f.text(COPY_IDS)
+
+
 def gather(k: Gather, dtypes: dict[str, str], fast_math: bool) -> list[Step]:
     assert k.ids is not None and k.src is not None and k.out is not None
     buffers = kernel_buffers(k)

@@ -72,6 +72,8 @@ DERIVATIVE_OVERRIDES: dict[str, dict[int, Formula]] = {
 # VJP reads the output: relu'(x) = [x > 0] = [relu(x) > 0] (0 at 0 and at NaN both
 # ways). The pre-activation then dies in the forward pass: a GEMM writes
 # relu(x @ w + b) straight away, and nothing keeps x @ w + b for the backward.
+# (Ops whose derivative sympy writes in terms of the op itself — exp' = exp,
+# tanh' = 1 − tanh², sqrt' = 1/(2·sqrt) — read the output too: ``derivative``.)
 DERIVATIVE_AT_OUTPUT = frozenset({"relu"})
 
 COMPARE: dict[str, Formula] = {
@@ -266,7 +268,9 @@ def _dtype_name(a: np.ndarray) -> str:
 
 
 def derivative(opdef: OpDef, i: int) -> tuple[str, Any] | None:
-    """d(op)/d(arg i), as ("const", c), ("arg", j) or ("op", (name, arg indices))."""
+    """d(op)/d(arg i), as ("const", c), ("arg", j), ("op", (name, arg indices)) or, for
+    a derivative that is a function of the op's value alone, ("output", None) (the
+    value itself: exp) or ("output", name) (an op of the value: tanh, sqrt, relu)."""
     if i in opdef.derivatives:
         return opdef.derivatives[i]
     sp = _sympy()
@@ -276,6 +280,8 @@ def derivative(opdef: OpDef, i: int) -> tuple[str, Any] | None:
     # it back into x**(a - 1); and Heaviside' (of Max, Abs, sign) is a delta, zero
     # almost everywhere and representable by no kernel, so it is 0, as in PyTorch.
     d = sp.powsimp(d).replace(sp.DiracDelta, lambda *args: sp.S.Zero)
+    name = f"{opdef.name}.d{i}"
+    at_output = _at_output(opdef, d)
     result: tuple[str, Any] | None
     if d == 0:
         result = None
@@ -283,15 +289,40 @@ def derivative(opdef: OpDef, i: int) -> tuple[str, Any] | None:
         result = ("const", float(d))
     elif d in opdef.symbols:
         result = ("arg", opdef.symbols.index(d))
+    elif at_output is not None:
+        # The VJP reads the op's value, which the forward computed anyway (the same
+        # bits as computing it again), and the arg need not live until the backward.
+        y, expr = at_output
+        if expr == y:
+            result = ("output", None)
+        else:
+            if name not in OPS:
+                define(name, lambda: (expr, (y,)), 1, "float")
+            result = ("output", name)
     else:
         used = tuple(j for j, s in enumerate(opdef.symbols) if s in d.free_symbols)
-        name = f"{opdef.name}.d{i}"
         if name not in OPS:
             symbols = tuple(opdef.symbols[j] for j in used)
             define(name, lambda: (d, symbols), len(used), "float")
-        result = ("op", (name, used))
+        result = ("output", name) if opdef.name in DERIVATIVE_AT_OUTPUT else ("op", (name, used))
     opdef.derivatives[i] = result
     return result
+
+
+def _at_output(opdef: OpDef, d: Any) -> tuple[Any, Any] | None:
+    """``(y, d as an expression of y alone)``, where y stands for the op's value, when
+    sympy writes ``d`` in terms of the op itself (exp' = exp, tanh' = 1 − tanh²); else
+    None."""
+    sp = _sympy()
+    if opdef.expr in opdef.symbols or opdef.name in DERIVATIVE_AT_OUTPUT:
+        return None
+    y = sp.Symbol("out")  # the name of no table op's args (a derivative op's own, once)
+    if y in opdef.symbols:
+        return None
+    expr = d.subs(opdef.expr, y)
+    if expr.free_symbols != {y} or expr.has(sp.Derivative):
+        return None
+    return y, expr
 
 
 def _elementwise_vjp(opdef: OpDef) -> Callable[..., list[Any]]:
@@ -307,8 +338,8 @@ def _elementwise_vjp(opdef: OpDef) -> Callable[..., list[Any]]:
                 cts.append(g if d[1] == 1.0 else -g if d[1] == -1.0 else g * d[1])
             elif d[0] == "arg":
                 cts.append(g * args[d[1]])
-            elif opdef.name in DERIVATIVE_AT_OUTPUT:
-                cts.append(g * apply(d[1][0], out))
+            elif d[0] == "output":
+                cts.append(g * (out if d[1] is None else apply(d[1], out)))
             else:
                 name, used = d[1]
                 cts.append(g * apply(name, *(args[j] for j in used)))

@@ -334,8 +334,40 @@ pub fn grads_k03_reduce(t11: &[f32], param_conv2d_1_bias: &[f32], t17: &mut [f32
         });
 }
 
+/// elementwise: exp, stop_gradient, sub over [4, 10].
+pub fn grads_k07_exp_stop_gradient_sub(t24: &[f32], t28: &[f32], t31: &mut [f32]) {
+    t31[0..40].chunks_mut(10).enumerate().for_each(|(row, o0)| {
+        let n = o0.len();
+        let x0_row = &t24[row * 10..][..n];
+        let x1 = t28[row];
+        for j in 0..n {
+            let x0 = x0_row[j];
+            o0[j] = Math::exp(x0 - x1);
+        }
+    });
+}
+
+/// reduce: reduce_sum over [4, 10].
+pub fn grads_k08_reduce(t31: &[f32], t32: &mut [f32]) {
+    fn rows(_row0: usize, t31: &[f32], outs: &mut [f32]) {
+        for outs in outs.chunks_exact_mut(4) {
+            let outs: &mut [f32; 4] = outs.try_into().unwrap();
+            let x0_row: &[f32; 40] = t31[0..][..40].try_into().unwrap();
+            for j in 0..4 {
+                let mut acc = 0.0_f32;
+                for i0 in 0..10 {
+                    let x0 = x0_row[j * 10 + i0];
+                    acc += x0;
+                }
+                outs[j] = acc;
+            }
+        }
+    }
+    rows(0, t31, &mut t32[0..4]);
+}
+
 /// reduce: reduce_sum over [4, 4, 4, 2, 4, 2].
-pub fn grads_k09_reduce(t3: &[f32], param_conv2d_0_bias: &[f32], t9: &[f32], t85: &mut [f32]) {
+pub fn grads_k09_reduce(t3: &[f32], param_conv2d_0_bias: &[f32], t9: &[f32], t84: &mut [f32]) {
     fn rows(row0: usize, t3: &[f32], param_conv2d_0_bias: &[f32], t9: &[f32], outs: &mut [f32]) {
         for (i, outs) in outs.chunks_exact_mut(4).enumerate() {
             let row = row0 + i;
@@ -361,17 +393,17 @@ pub fn grads_k09_reduce(t3: &[f32], param_conv2d_0_bias: &[f32], t9: &[f32], t85
             }
         }
     }
-    rows(0, t3, param_conv2d_0_bias, t9, &mut t85[0..256]);
+    rows(0, t3, param_conv2d_0_bias, t9, &mut t84[0..256]);
 }
 
 /// reduce: neg, reduce_sum over [4, 10].
-pub fn grads_k10_reduce(input_y: &[i32], c26: &[i32], c208: &[f32], t55: &mut [f32]) {
-    fn rows(_row0: usize, input_y: &[i32], c26: &[i32], c208: &[f32], outs: &mut [f32]) {
+pub fn grads_k10_reduce(input_y: &[i32], c26: &[i32], c207: &[f32], t55: &mut [f32]) {
+    fn rows(_row0: usize, input_y: &[i32], c26: &[i32], c207: &[f32], outs: &mut [f32]) {
         for outs in outs.chunks_exact_mut(4) {
             let outs: &mut [f32; 4] = outs.try_into().unwrap();
             let x0_row: &[i32; 4] = input_y[0..][..4].try_into().unwrap();
             let x1_row: &[i32; 10] = c26[0..][..10].try_into().unwrap();
-            let x2_row: &[f32; 4] = c208[0..][..4].try_into().unwrap();
+            let x2_row: &[f32; 4] = c207[0..][..4].try_into().unwrap();
             for j in 0..4 {
                 let x0 = x0_row[j];
                 let x2 = x2_row[j];
@@ -384,7 +416,7 @@ pub fn grads_k10_reduce(input_y: &[i32], c26: &[i32], c208: &[f32], t55: &mut [f
             }
         }
     }
-    rows(0, input_y, c26, c208, &mut t55[0..4]);
+    rows(0, input_y, c26, c207, &mut t55[0..4]);
 }
 
 /// elementwise: log.d0, mul over [4, 1].
@@ -401,35 +433,33 @@ pub fn grads_k11_log_d0_mul(t55: &[f32], t32: &[f32], t57: &mut [f32]) {
     });
 }
 
-/// elementwise: add, exp.d0, mul over [4, 10].
-pub fn grads_k12_add_exp_d0_mul(
+/// elementwise: add, mul over [4, 10].
+pub fn grads_k12_add_mul(
     input_y: &[i32],
     c26: &[i32],
-    c208: &[f32],
+    c207: &[f32],
     t57: &[f32],
-    t24: &[f32],
-    t29: &[f32],
-    t61: &mut [f32],
+    t31: &[f32],
+    t60: &mut [f32],
 ) {
-    t61[0..40].chunks_mut(10).enumerate().for_each(|(row, o0)| {
+    t60[0..40].chunks_mut(10).enumerate().for_each(|(row, o0)| {
         let n = o0.len();
         let x0 = input_y[row];
         let x1_row = &c26[0..][..n];
-        let x2 = c208[row];
+        let x2 = c207[row];
         let x3 = t57[row];
-        let x4_row = &t24[row * 10..][..n];
-        let x5 = t29[row];
+        let x4_row = &t31[row * 10..][..n];
         for j in 0..n {
             let x1 = x1_row[j];
             let x4 = x4_row[j];
-            o0[j] = x3 * Math::exp(x4 - x5) + (if x0 == x1 { x2 } else { 0.0 });
+            o0[j] = x3 * x4 + (if x0 == x1 { x2 } else { 0.0 });
         }
     });
 }
 
 /// reduce: reduce_sum over [4, 10].
-pub fn grads_k13_reduce(t61: &[f32], t64: &mut [f32]) {
-    t64[0..10]
+pub fn grads_k13_reduce(t60: &[f32], t63: &mut [f32]) {
+    t63[0..10]
         .chunks_mut(10)
         .enumerate()
         .for_each(|(part, out)| {
@@ -437,7 +467,7 @@ pub fn grads_k13_reduce(t61: &[f32], t64: &mut [f32]) {
             let mut acc = [0.0_f64; 10];
             let acc = &mut acc[..out.len()];
             for i0 in 0..4 {
-                let x0_row = &t61[i0 * 10 + j0..][..out.len()];
+                let x0_row = &t60[i0 * 10 + j0..][..out.len()];
                 for (j, a) in acc.iter_mut().enumerate() {
                     let x0 = x0_row[j];
                     *a += f64::from(x0);
@@ -451,20 +481,20 @@ pub fn grads_k13_reduce(t61: &[f32], t64: &mut [f32]) {
 
 /// matmul: matmul: 4×10 · 10×32.
 pub fn grads_k14_matmul(
-    t61: &[f32],
+    t60: &[f32],
     param_head_weight: &[f32],
-    t67: &mut [f32],
+    t66: &mut [f32],
 ) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         4,
         32,
         10,
-        &t61[0..],
+        &t60[0..],
         (0, 10, 1),
         &param_head_weight[0..],
         (0, 1, 10),
-        &mut t67[0..],
+        &mut t66[0..],
         (0, 32, 1),
         false,
     )?;
@@ -472,7 +502,7 @@ pub fn grads_k14_matmul(
 }
 
 /// matmul: matmul: 32×4 · 4×10.
-pub fn grads_k15_matmul(t19: &[f32], t61: &[f32], t69: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k15_matmul(t19: &[f32], t60: &[f32], t68: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         32,
@@ -480,9 +510,9 @@ pub fn grads_k15_matmul(t19: &[f32], t61: &[f32], t69: &mut [f32]) -> Result<(),
         4,
         &t19[0..],
         (0, 1, 32),
-        &t61[0..],
+        &t60[0..],
         (0, 10, 1),
-        &mut t69[0..],
+        &mut t68[0..],
         (0, 10, 1),
         false,
     )?;
@@ -490,13 +520,13 @@ pub fn grads_k15_matmul(t19: &[f32], t61: &[f32], t69: &mut [f32]) -> Result<(),
 }
 
 /// elementwise: mul over [4, 8, 2, 2].
-pub fn grads_k16_mul(t67: &[f32], t71: &mut [f32]) {
-    t71[0..128]
+pub fn grads_k16_mul(t66: &[f32], t70: &mut [f32]) {
+    t70[0..128]
         .chunks_mut(128)
         .enumerate()
         .for_each(|(row, o0)| {
             let n = o0.len();
-            let x0_row = &t67[row * 128..][..n];
+            let x0_row = &t66[row * 128..][..n];
             for j in 0..n {
                 let x0 = x0_row[j];
                 o0[j] = 0.25 * x0;
@@ -505,12 +535,12 @@ pub fn grads_k16_mul(t67: &[f32], t71: &mut [f32]) {
 }
 
 /// elementwise: copy over [4, 8, 2, 2, 2, 2].
-pub fn grads_k17_copy(t71: &[f32], t74_c: &mut [f32]) {
-    fn rows(row0: usize, t71: &[f32], o0: &mut [f32]) {
+pub fn grads_k17_copy(t70: &[f32], t73_c: &mut [f32]) {
+    fn rows(row0: usize, t70: &[f32], o0: &mut [f32]) {
         for (i, o0) in o0.chunks_exact_mut(8).enumerate() {
             let row = row0 + i;
             let o0: &mut [f32; 8] = o0.try_into().unwrap();
-            let x0_src: &[f32; 2] = t71[row * 2..][..2].try_into().unwrap();
+            let x0_src: &[f32; 2] = t70[row * 2..][..2].try_into().unwrap();
             let mut x0_row = [0.0_f32; 8];
             for d0 in 0..2 {
                 for d1 in 0..2 {
@@ -526,21 +556,21 @@ pub fn grads_k17_copy(t71: &[f32], t74_c: &mut [f32]) {
             }
         }
     }
-    rows(0, t71, &mut t74_c[0..512]);
+    rows(0, t70, &mut t73_c[0..512]);
 }
 
 /// elementwise: mul, relu.d0 over [4, 8, 4, 4].
 pub fn grads_k18_mul_relu_d0(
-    t74_c: &[f32],
+    t73_c: &[f32],
     t11: &[f32],
     param_conv2d_1_bias: &[f32],
-    t77: &mut [f32],
+    t76: &mut [f32],
 ) {
-    fn rows(row0: usize, t74_c: &[f32], t11: &[f32], param_conv2d_1_bias: &[f32], o0: &mut [f32]) {
+    fn rows(row0: usize, t73_c: &[f32], t11: &[f32], param_conv2d_1_bias: &[f32], o0: &mut [f32]) {
         for (i, o0) in o0.chunks_exact_mut(128).enumerate() {
             let row = row0 + i;
             let o0: &mut [f32; 128] = o0.try_into().unwrap();
-            let x0_row: &[f32; 128] = t74_c[row * 128..][..128].try_into().unwrap();
+            let x0_row: &[f32; 128] = t73_c[row * 128..][..128].try_into().unwrap();
             let x1_row: &[f32; 128] = t11[row * 128..][..128].try_into().unwrap();
             let x2_src: &[f32; 8] = param_conv2d_1_bias[0..][..8].try_into().unwrap();
             let mut x2_row = [0.0_f32; 128];
@@ -558,16 +588,16 @@ pub fn grads_k18_mul_relu_d0(
             }
         }
     }
-    rows(0, t74_c, t11, param_conv2d_1_bias, &mut t77[0..512]);
+    rows(0, t73_c, t11, param_conv2d_1_bias, &mut t76[0..512]);
 }
 
 /// reduce: reduce_sum over [4, 8, 4, 4].
-pub fn grads_k19_reduce(t77: &[f32], t78: &mut [f32]) {
-    t78[0..8].iter_mut().enumerate().for_each(|(row, acc_out)| {
+pub fn grads_k19_reduce(t76: &[f32], t77: &mut [f32]) {
+    t77[0..8].iter_mut().enumerate().for_each(|(row, acc_out)| {
         let mut lanes = rt::lanes::SUMS;
         let mut chunk = [0.0_f32; rt::lanes::CHUNK];
         for i0 in 0..4 {
-            let x0_row = &t77[row * 16 + i0 * 128..][..16];
+            let x0_row = &t76[row * 16 + i0 * 128..][..16];
             for (j, c) in chunk[..16].iter_mut().enumerate() {
                 let x0 = x0_row[j];
                 *c = x0;
@@ -580,9 +610,9 @@ pub fn grads_k19_reduce(t77: &[f32], t78: &mut [f32]) {
 
 /// conv: conv2d_input_grad.
 pub fn grads_k20_conv(
-    t77: &[f32],
+    t76: &[f32],
     param_conv2d_1_weight: &[f32],
-    t80: &mut [f32],
+    t79: &mut [f32],
     scratch: &mut [f32],
 ) -> Result<(), rt::Error> {
     let p = rt::conv::Conv2d {
@@ -598,9 +628,9 @@ pub fn grads_k20_conv(
     };
     rt::conv::conv2d_input_grad(
         &p,
-        &t77[0..512],
+        &t76[0..512],
         &param_conv2d_1_weight[0..288],
-        &mut t80[0..256],
+        &mut t79[0..256],
         scratch,
     )
 }
@@ -608,8 +638,8 @@ pub fn grads_k20_conv(
 /// conv: conv2d_weight_grad.
 pub fn grads_k21_conv(
     t9: &[f32],
-    t77: &[f32],
-    t81: &mut [f32],
+    t76: &[f32],
+    t80: &mut [f32],
     scratch: &mut [f32],
 ) -> Result<(), rt::Error> {
     let p = rt::conv::Conv2d {
@@ -623,7 +653,7 @@ pub fn grads_k21_conv(
         stride: (1, 1),
         padding: (1, 1),
     };
-    rt::conv::conv2d_weight_grad(&p, &t9[0..256], &t77[0..512], &mut t81[0..288], scratch)
+    rt::conv::conv2d_weight_grad(&p, &t9[0..256], &t76[0..512], &mut t80[0..288], scratch)
 }
 
 /// elementwise: div, mul, relu.d0 over [4, 4, 4, 2, 4, 2].
@@ -631,17 +661,17 @@ pub fn grads_k22_div_mul_relu_d0(
     t3: &[f32],
     param_conv2d_0_bias: &[f32],
     t9: &[f32],
-    t85: &[f32],
-    t80: &[f32],
-    t91: &mut [f32],
+    t84: &[f32],
+    t79: &[f32],
+    t90: &mut [f32],
 ) {
     fn rows(
         row0: usize,
         t3: &[f32],
         param_conv2d_0_bias: &[f32],
         t9: &[f32],
-        t85: &[f32],
-        t80: &[f32],
+        t84: &[f32],
+        t79: &[f32],
         o0: &mut [f32],
     ) {
         for (i, o0) in o0.chunks_exact_mut(64).enumerate() {
@@ -653,9 +683,9 @@ pub fn grads_k22_div_mul_relu_d0(
             let x1 = param_conv2d_0_bias[r1];
             let x2_src: &[f32; 16] = t9[r0 * 64 + r1 * 16..][..16].try_into().unwrap();
             let mut x2_row = [0.0_f32; 64];
-            let x3_src: &[f32; 16] = t85[r0 * 64 + r1 * 16..][..16].try_into().unwrap();
+            let x3_src: &[f32; 16] = t84[r0 * 64 + r1 * 16..][..16].try_into().unwrap();
             let mut x3_row = [0.0_f32; 64];
-            let x4_src: &[f32; 16] = t80[r0 * 64 + r1 * 16..][..16].try_into().unwrap();
+            let x4_src: &[f32; 16] = t79[r0 * 64 + r1 * 16..][..16].try_into().unwrap();
             let mut x4_row = [0.0_f32; 64];
             for d0 in 0..4 {
                 for d1 in 0..2 {
@@ -684,16 +714,16 @@ pub fn grads_k22_div_mul_relu_d0(
             }
         }
     }
-    rows(0, t3, param_conv2d_0_bias, t9, t85, t80, &mut t91[0..1024]);
+    rows(0, t3, param_conv2d_0_bias, t9, t84, t79, &mut t90[0..1024]);
 }
 
 /// reduce: reduce_sum over [4, 4, 8, 8].
-pub fn grads_k23_reduce(t91: &[f32], t92: &mut [f32]) {
-    t92[0..4].iter_mut().enumerate().for_each(|(row, acc_out)| {
+pub fn grads_k23_reduce(t90: &[f32], t91: &mut [f32]) {
+    t91[0..4].iter_mut().enumerate().for_each(|(row, acc_out)| {
         let mut lanes = rt::lanes::SUMS;
         let mut chunk = [0.0_f32; rt::lanes::CHUNK];
         for i0 in 0..4 {
-            let x0_row = &t91[row * 64 + i0 * 256..][..64];
+            let x0_row = &t90[row * 64 + i0 * 256..][..64];
             for (j, c) in chunk[..64].iter_mut().enumerate() {
                 let x0 = x0_row[j];
                 *c = x0;
@@ -707,8 +737,8 @@ pub fn grads_k23_reduce(t91: &[f32], t92: &mut [f32]) {
 /// conv: conv2d_weight_grad.
 pub fn grads_k24_conv(
     input_x: &[f32],
-    t91: &[f32],
-    t95: &mut [f32],
+    t90: &[f32],
+    t94: &mut [f32],
     scratch: &mut [f32],
 ) -> Result<(), rt::Error> {
     let p = rt::conv::Conv2d {
@@ -725,14 +755,27 @@ pub fn grads_k24_conv(
     rt::conv::conv2d_weight_grad(
         &p,
         &input_x[0..256],
-        &t91[0..1024],
-        &mut t95[0..36],
+        &t90[0..1024],
+        &mut t94[0..36],
         scratch,
     )
 }
 
+/// elementwise: exp over [4, 10].
+pub fn train_k08_exp(t24: &[f32], t29: &[f32], t31: &mut [f32]) {
+    t31[0..40].chunks_mut(10).enumerate().for_each(|(row, o0)| {
+        let n = o0.len();
+        let x0_row = &t24[row * 10..][..n];
+        let x1 = t29[row];
+        for j in 0..n {
+            let x0 = x0_row[j];
+            o0[j] = Math::exp(x0 - x1);
+        }
+    });
+}
+
 /// reduce: log, reduce_sum, sub, where over [4, 10].
-pub fn train_k09_reduce(
+pub fn train_k10_reduce(
     input_y: &[i32],
     c26: &[i32],
     t24: &[f32],
@@ -775,8 +818,8 @@ pub fn train_k09_reduce(
 }
 
 /// elementwise: add, div, mul, sqrt, sub over [4, 1, 3, 3].
-pub fn train_k27_add_div_etc(
-    t95: &[f32],
+pub fn train_k28_add_div_etc(
+    t94: &[f32],
     state_square_avg_conv2d_0_weight: &mut [f32],
     state_momentum_buffer_conv2d_0_weight: &mut [f32],
     param_conv2d_0_weight: &mut [f32],
@@ -788,7 +831,7 @@ pub fn train_k27_add_div_etc(
         .enumerate()
         .for_each(|(row, ((o0, o1), o2))| {
             let n = o0.len();
-            let x1_row = &t95[row * 36..][..n];
+            let x1_row = &t94[row * 36..][..n];
             for j in 0..n {
                 let x0 = o0[j];
                 let x1 = x1_row[j];
@@ -804,8 +847,8 @@ pub fn train_k27_add_div_etc(
 }
 
 /// elementwise: add, div, mul, sqrt, sub over [4].
-pub fn train_k28_add_div_etc(
-    t92: &[f32],
+pub fn train_k29_add_div_etc(
+    t91: &[f32],
     state_square_avg_conv2d_0_bias: &mut [f32],
     state_momentum_buffer_conv2d_0_bias: &mut [f32],
     param_conv2d_0_bias: &mut [f32],
@@ -817,7 +860,7 @@ pub fn train_k28_add_div_etc(
         .enumerate()
         .for_each(|(row, ((o0, o1), o2))| {
             let n = o0.len();
-            let x1_row = &t92[row * 4..][..n];
+            let x1_row = &t91[row * 4..][..n];
             for j in 0..n {
                 let x0 = o0[j];
                 let x1 = x1_row[j];
@@ -833,8 +876,8 @@ pub fn train_k28_add_div_etc(
 }
 
 /// elementwise: add, div, mul, sqrt, sub over [8, 4, 3, 3].
-pub fn train_k29_add_div_etc(
-    t81: &[f32],
+pub fn train_k30_add_div_etc(
+    t80: &[f32],
     state_square_avg_conv2d_1_weight: &mut [f32],
     state_momentum_buffer_conv2d_1_weight: &mut [f32],
     param_conv2d_1_weight: &mut [f32],
@@ -846,7 +889,7 @@ pub fn train_k29_add_div_etc(
         .enumerate()
         .for_each(|(row, ((o0, o1), o2))| {
             let n = o0.len();
-            let x1_row = &t81[row * 288..][..n];
+            let x1_row = &t80[row * 288..][..n];
             for j in 0..n {
                 let x0 = o0[j];
                 let x1 = x1_row[j];
@@ -862,8 +905,8 @@ pub fn train_k29_add_div_etc(
 }
 
 /// elementwise: add, div, mul, sqrt, sub over [8].
-pub fn train_k30_add_div_etc(
-    t78: &[f32],
+pub fn train_k31_add_div_etc(
+    t77: &[f32],
     state_square_avg_conv2d_1_bias: &mut [f32],
     state_momentum_buffer_conv2d_1_bias: &mut [f32],
     param_conv2d_1_bias: &mut [f32],
@@ -875,7 +918,7 @@ pub fn train_k30_add_div_etc(
         .enumerate()
         .for_each(|(row, ((o0, o1), o2))| {
             let n = o0.len();
-            let x1_row = &t78[row * 8..][..n];
+            let x1_row = &t77[row * 8..][..n];
             for j in 0..n {
                 let x0 = o0[j];
                 let x1 = x1_row[j];
@@ -891,15 +934,15 @@ pub fn train_k30_add_div_etc(
 }
 
 /// matmul: matmul, add, div, mul, sqrt, sub: 32×4 · 4×10.
-pub fn train_k31_matmul_add_div_etc(
+pub fn train_k32_matmul_add_div_etc(
     t19: &[f32],
-    t61: &[f32],
-    t69: &mut [f32],
+    t60: &[f32],
+    t68: &mut [f32],
     state_square_avg_head_weight: &mut [f32],
     state_momentum_buffer_head_weight: &mut [f32],
     param_head_weight: &mut [f32],
 ) -> Result<(), rt::Error> {
-    let c = &mut t69[0..320];
+    let c = &mut t68[0..320];
     let o0 = &mut state_square_avg_head_weight[0..320];
     let o1 = &mut state_momentum_buffer_head_weight[0..320];
     let o2 = &mut param_head_weight[0..320];
@@ -909,7 +952,7 @@ pub fn train_k31_matmul_add_div_etc(
         4,
         &t19[0..],
         (1, 32),
-        &t61[0..],
+        &t60[0..],
         (10, 1),
         c,
         (10, 1),
@@ -938,8 +981,8 @@ pub fn train_k31_matmul_add_div_etc(
 }
 
 /// elementwise: add, div, mul, sqrt, sub over [10].
-pub fn train_k32_add_div_etc(
-    t64: &[f32],
+pub fn train_k33_add_div_etc(
+    t63: &[f32],
     state_square_avg_head_bias: &mut [f32],
     state_momentum_buffer_head_bias: &mut [f32],
     param_head_bias: &mut [f32],
@@ -951,7 +994,7 @@ pub fn train_k32_add_div_etc(
         .enumerate()
         .for_each(|(row, ((o0, o1), o2))| {
             let n = o0.len();
-            let x1_row = &t64[row * 10..][..n];
+            let x1_row = &t63[row * 10..][..n];
             for j in 0..n {
                 let x0 = o0[j];
                 let x1 = x1_row[j];

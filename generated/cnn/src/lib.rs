@@ -3,7 +3,7 @@
 //! `Step` holds the params, the optimizer state and one arena per dtype for
 //! intermediates (offsets from the memory plan, below). Each entry point
 //! (forward, grads, train) calls the kernels of `kernels.rs` in order.
-//! Training graph 31f457a676814811.
+//! Training graph 8cf0e1c4a1f5dd74.
 
 use ferrograd_runtime as rt;
 use numpy::{PyReadonlyArrayDyn, PyUntypedArrayMethods};
@@ -190,16 +190,13 @@ impl Arenas {
                 a.temp_f32.slice_mut(1536, 40),
                 a.temp_f32.slice_mut(1584, 40),
             )?;
-            kernels::forward_k06_reduce(a.temp_f32.slice(1584, 40), a.temp_f32.slice_mut(1536, 4));
-            kernels::forward_k07_stop_gradient(
-                a.temp_f32.slice(1536, 4),
-                a.temp_f32.slice_mut(1552, 4),
-            );
-            kernels::forward_k08_reduce(
+            kernels::forward_k06_reduce(a.temp_f32.slice(1584, 40), a.temp_f32.slice_mut(1632, 4));
+            kernels::grads_k07_exp_stop_gradient_sub(
                 a.temp_f32.slice(1584, 40),
-                a.temp_f32.slice(1552, 4),
-                a.temp_f32.slice_mut(1536, 4),
+                a.temp_f32.slice(1632, 4),
+                a.temp_f32.slice_mut(1536, 40),
             );
+            kernels::grads_k08_reduce(a.temp_f32.slice(1536, 40), a.temp_f32.slice_mut(1584, 4));
             kernels::grads_k09_reduce(
                 a.temp_f32.slice(0, 1024),
                 a.param.slice(48, 4),
@@ -210,20 +207,19 @@ impl Arenas {
                 input_y,
                 a.const_i32.slice(0, 10),
                 a.const_f32.slice(0, 4),
-                a.temp_f32.slice_mut(1568, 4),
+                a.temp_f32.slice_mut(1600, 4),
             );
             kernels::grads_k11_log_d0_mul(
-                a.temp_f32.slice(1568, 4),
-                a.temp_f32.slice(1536, 4),
-                a.temp_f32.slice_mut(1632, 4),
+                a.temp_f32.slice(1600, 4),
+                a.temp_f32.slice(1584, 4),
+                a.temp_f32.slice_mut(1616, 4),
             );
-            kernels::grads_k12_add_exp_d0_mul(
+            kernels::grads_k12_add_mul(
                 input_y,
                 a.const_i32.slice(0, 10),
                 a.const_f32.slice(0, 4),
-                a.temp_f32.slice(1632, 4),
-                a.temp_f32.slice(1584, 40),
-                a.temp_f32.slice(1552, 4),
+                a.temp_f32.slice(1616, 4),
+                a.temp_f32.slice(1536, 40),
                 a.temp_f32.slice_mut(1792, 40),
             );
             kernels::grads_k13_reduce(a.temp_f32.slice(1792, 40), a.temp_f32.slice_mut(3936, 10));
@@ -277,7 +273,7 @@ impl Arenas {
         Ok(())
     }
 
-    /// `train`: 33 kernels.
+    /// `train`: 34 kernels.
     fn train(&mut self, input_x: &[f32], input_y: &[i32]) -> Result<(), rt::Error> {
         let a = &*self;
         // SAFETY: the memory plan gives buffers that are live at the same time
@@ -317,23 +313,24 @@ impl Arenas {
             kernels::forward_k06_reduce(a.temp_f32.slice(1584, 40), a.temp_f32.slice_mut(1536, 4));
             kernels::forward_k07_stop_gradient(
                 a.temp_f32.slice(1536, 4),
-                a.temp_f32.slice_mut(1552, 4),
+                a.temp_f32.slice_mut(1632, 4),
             );
-            kernels::forward_k08_reduce(
+            kernels::train_k08_exp(
                 a.temp_f32.slice(1584, 40),
-                a.temp_f32.slice(1552, 4),
-                a.temp_f32.slice_mut(1536, 4),
+                a.temp_f32.slice(1632, 4),
+                a.temp_f32.slice_mut(1536, 40),
             );
-            kernels::train_k09_reduce(
+            kernels::grads_k08_reduce(a.temp_f32.slice(1536, 40), a.temp_f32.slice_mut(1648, 4));
+            kernels::train_k10_reduce(
                 input_y,
                 a.const_i32.slice(0, 10),
                 a.temp_f32.slice(1584, 40),
-                a.temp_f32.slice(1552, 4),
-                a.temp_f32.slice(1536, 4),
-                a.temp_f32.slice_mut(1568, 4),
+                a.temp_f32.slice(1632, 4),
+                a.temp_f32.slice(1648, 4),
+                a.temp_f32.slice_mut(1664, 4),
             );
-            kernels::forward_k10_reduce(a.temp_f32.slice(1568, 4), a.temp_f32.slice_mut(1632, 1));
-            kernels::forward_k11_mul_neg(a.temp_f32.slice(1632, 1), a.temp_f32.slice_mut(3824, 1));
+            kernels::forward_k10_reduce(a.temp_f32.slice(1664, 4), a.temp_f32.slice_mut(1584, 1));
+            kernels::forward_k11_mul_neg(a.temp_f32.slice(1584, 1), a.temp_f32.slice_mut(3824, 1));
             kernels::grads_k09_reduce(
                 a.temp_f32.slice(0, 1024),
                 a.param.slice(48, 4),
@@ -344,20 +341,19 @@ impl Arenas {
                 input_y,
                 a.const_i32.slice(0, 10),
                 a.const_f32.slice(0, 4),
-                a.temp_f32.slice_mut(1568, 4),
+                a.temp_f32.slice_mut(1584, 4),
             );
             kernels::grads_k11_log_d0_mul(
-                a.temp_f32.slice(1568, 4),
-                a.temp_f32.slice(1536, 4),
-                a.temp_f32.slice_mut(1632, 4),
+                a.temp_f32.slice(1584, 4),
+                a.temp_f32.slice(1648, 4),
+                a.temp_f32.slice_mut(1600, 4),
             );
-            kernels::grads_k12_add_exp_d0_mul(
+            kernels::grads_k12_add_mul(
                 input_y,
                 a.const_i32.slice(0, 10),
                 a.const_f32.slice(0, 4),
-                a.temp_f32.slice(1632, 4),
-                a.temp_f32.slice(1584, 40),
-                a.temp_f32.slice(1552, 4),
+                a.temp_f32.slice(1600, 4),
+                a.temp_f32.slice(1536, 40),
                 a.temp_f32.slice_mut(3744, 40),
             );
             kernels::grads_k13_reduce(a.temp_f32.slice(3744, 40), a.temp_f32.slice_mut(3792, 10));
@@ -402,31 +398,31 @@ impl Arenas {
                 a.temp_f32.slice_mut(0, 36),
                 a.scratch.slice_mut(0, a.scratch.len()),
             )?;
-            kernels::train_k27_add_div_etc(
+            kernels::train_k28_add_div_etc(
                 a.temp_f32.slice(0, 36),
                 a.state.slice_mut(0, 36),
                 a.state.slice_mut(48, 36),
                 a.param.slice_mut(0, 36),
             );
-            kernels::train_k28_add_div_etc(
+            kernels::train_k29_add_div_etc(
                 a.temp_f32.slice(48, 4),
                 a.state.slice_mut(96, 4),
                 a.state.slice_mut(112, 4),
                 a.param.slice_mut(48, 4),
             );
-            kernels::train_k29_add_div_etc(
+            kernels::train_k30_add_div_etc(
                 a.temp_f32.slice(2560, 288),
                 a.state.slice_mut(128, 288),
                 a.state.slice_mut(416, 288),
                 a.param.slice_mut(64, 288),
             );
-            kernels::train_k30_add_div_etc(
+            kernels::train_k31_add_div_etc(
                 a.temp_f32.slice(3808, 8),
                 a.state.slice_mut(704, 8),
                 a.state.slice_mut(720, 8),
                 a.param.slice_mut(352, 8),
             );
-            kernels::train_k31_matmul_add_div_etc(
+            kernels::train_k32_matmul_add_div_etc(
                 a.temp_f32.slice(3616, 128),
                 a.temp_f32.slice(3744, 40),
                 a.temp_f32.slice_mut(0, 320),
@@ -434,7 +430,7 @@ impl Arenas {
                 a.state.slice_mut(1056, 320),
                 a.param.slice_mut(368, 320),
             )?;
-            kernels::train_k32_add_div_etc(
+            kernels::train_k33_add_div_etc(
                 a.temp_f32.slice(3792, 10),
                 a.state.slice_mut(1376, 10),
                 a.state.slice_mut(1392, 10),
@@ -478,7 +474,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `cnn`.
-#[pyclass(module = "fg_cnn_19c334e699f1")]
+#[pyclass(module = "fg_cnn_82098f7ac447")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -636,8 +632,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_cnn_19c334e699f1(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_cnn_19c334e699f1")?;
+fn fg_cnn_82098f7ac447(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_cnn_82098f7ac447")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

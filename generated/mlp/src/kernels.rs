@@ -236,8 +236,43 @@ pub fn forward_k08_mul_neg(t29: &[f32], t32: &mut [f32]) {
     t32[0] = -0.0625 * x0;
 }
 
+/// elementwise: exp, stop_gradient, sub over [16, 10].
+pub fn grads_k04_exp_stop_gradient_sub(t15: &[f32], t19: &[f32], t22: &mut [f32]) {
+    t22[0..160]
+        .chunks_mut(10)
+        .enumerate()
+        .for_each(|(row, o0)| {
+            let n = o0.len();
+            let x0_row = &t15[row * 10..][..n];
+            let x1 = t19[row];
+            for j in 0..n {
+                let x0 = x0_row[j];
+                o0[j] = Math::exp(x0 - x1);
+            }
+        });
+}
+
+/// reduce: reduce_sum over [16, 10].
+pub fn grads_k05_reduce(t22: &[f32], t23: &mut [f32]) {
+    fn rows(_row0: usize, t22: &[f32], outs: &mut [f32]) {
+        for outs in outs.chunks_exact_mut(16) {
+            let outs: &mut [f32; 16] = outs.try_into().unwrap();
+            let x0_row: &[f32; 160] = t22[0..][..160].try_into().unwrap();
+            for j in 0..16 {
+                let mut acc = 0.0_f32;
+                for i0 in 0..10 {
+                    let x0 = x0_row[j * 10 + i0];
+                    acc += x0;
+                }
+                outs[j] = acc;
+            }
+        }
+    }
+    rows(0, t22, &mut t23[0..16]);
+}
+
 /// reduce: neg, reduce_sum over [16, 10].
-pub fn grads_k06_reduce(input_y: &[i32], c17: &[i32], c270: &[f32], t46: &mut [f32]) {
+pub fn grads_k06_reduce(input_y: &[i32], c17: &[i32], c269: &[f32], t46: &mut [f32]) {
     t46[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -248,7 +283,7 @@ pub fn grads_k06_reduce(input_y: &[i32], c17: &[i32], c270: &[f32], t46: &mut [f
             for i0 in 0..10 {
                 let x0_row = &input_y[j0..][..out.len()];
                 let x1 = c17[i0];
-                let x2_row = &c270[j0..][..out.len()];
+                let x2_row = &c269[j0..][..out.len()];
                 for (j, a) in acc.iter_mut().enumerate() {
                     let x0 = x0_row[j];
                     let x2 = x2_row[j];
@@ -275,38 +310,36 @@ pub fn grads_k07_log_d0_mul(t46: &[f32], t23: &[f32], t48: &mut [f32]) {
     });
 }
 
-/// elementwise: add, exp.d0, mul over [16, 10].
-pub fn grads_k08_add_exp_d0_mul(
+/// elementwise: add, mul over [16, 10].
+pub fn grads_k08_add_mul(
     input_y: &[i32],
     c17: &[i32],
-    c270: &[f32],
+    c269: &[f32],
     t48: &[f32],
-    t15: &[f32],
-    t20: &[f32],
-    t52: &mut [f32],
+    t22: &[f32],
+    t51: &mut [f32],
 ) {
-    t52[0..160]
+    t51[0..160]
         .chunks_mut(10)
         .enumerate()
         .for_each(|(row, o0)| {
             let n = o0.len();
             let x0 = input_y[row];
             let x1_row = &c17[0..][..n];
-            let x2 = c270[row];
+            let x2 = c269[row];
             let x3 = t48[row];
-            let x4_row = &t15[row * 10..][..n];
-            let x5 = t20[row];
+            let x4_row = &t22[row * 10..][..n];
             for j in 0..n {
                 let x1 = x1_row[j];
                 let x4 = x4_row[j];
-                o0[j] = x3 * Math::exp(x4 - x5) + (if x0 == x1 { x2 } else { 0.0 });
+                o0[j] = x3 * x4 + (if x0 == x1 { x2 } else { 0.0 });
             }
         });
 }
 
 /// reduce: reduce_sum over [16, 10].
-pub fn grads_k09_reduce(t52: &[f32], t55: &mut [f32]) {
-    t55[0..10]
+pub fn grads_k09_reduce(t51: &[f32], t54: &mut [f32]) {
+    t54[0..10]
         .chunks_mut(10)
         .enumerate()
         .for_each(|(part, out)| {
@@ -314,7 +347,7 @@ pub fn grads_k09_reduce(t52: &[f32], t55: &mut [f32]) {
             let mut acc = [0.0_f64; 10];
             let acc = &mut acc[..out.len()];
             for i0 in 0..16 {
-                let x0_row = &t52[i0 * 10 + j0..][..out.len()];
+                let x0_row = &t51[i0 * 10 + j0..][..out.len()];
                 for (j, a) in acc.iter_mut().enumerate() {
                     let x0 = x0_row[j];
                     *a += f64::from(x0);
@@ -327,7 +360,7 @@ pub fn grads_k09_reduce(t52: &[f32], t55: &mut [f32]) {
 }
 
 /// matmul: matmul: 32×16 · 16×10.
-pub fn grads_k10_matmul(t11: &[f32], t52: &[f32], t60: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k10_matmul(t11: &[f32], t51: &[f32], t59: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         32,
@@ -335,9 +368,9 @@ pub fn grads_k10_matmul(t11: &[f32], t52: &[f32], t60: &mut [f32]) -> Result<(),
         16,
         &t11[0..],
         (0, 1, 32),
-        &t52[0..],
+        &t51[0..],
         (0, 10, 1),
-        &mut t60[0..],
+        &mut t59[0..],
         (0, 10, 1),
         false,
     )?;
@@ -346,19 +379,19 @@ pub fn grads_k10_matmul(t11: &[f32], t52: &[f32], t60: &mut [f32]) -> Result<(),
 
 /// matmul: matmul, mul, relu.d0: 16×10 · 10×32.
 pub fn grads_k11_matmul_mul_relu_d0(
-    t52: &[f32],
+    t51: &[f32],
     param_head_weight: &[f32],
     t11: &[f32],
-    t58: &mut [f32],
-    t62: &mut [f32],
+    t57: &mut [f32],
+    t61: &mut [f32],
 ) -> Result<(), rt::Error> {
-    let c = &mut t58[0..512];
-    let o0 = &mut t62[0..512];
+    let c = &mut t57[0..512];
+    let o0 = &mut t61[0..512];
     rt::gemm::sgemm(
         c.len() / 32,
         32,
         10,
-        &t52[0..],
+        &t51[0..],
         (10, 1),
         &param_head_weight[0..],
         (1, 10),
@@ -380,8 +413,8 @@ pub fn grads_k11_matmul_mul_relu_d0(
 }
 
 /// reduce: reduce_sum over [16, 32].
-pub fn grads_k12_reduce(t62: &[f32], t63: &mut [f32]) {
-    t63[0..32]
+pub fn grads_k12_reduce(t61: &[f32], t62: &mut [f32]) {
+    t62[0..32]
         .chunks_mut(32)
         .enumerate()
         .for_each(|(part, out)| {
@@ -389,7 +422,7 @@ pub fn grads_k12_reduce(t62: &[f32], t63: &mut [f32]) {
             let mut acc = [0.0_f64; 32];
             let acc = &mut acc[..out.len()];
             for i0 in 0..16 {
-                let x0_row = &t62[i0 * 32 + j0..][..out.len()];
+                let x0_row = &t61[i0 * 32 + j0..][..out.len()];
                 for (j, a) in acc.iter_mut().enumerate() {
                     let x0 = x0_row[j];
                     *a += f64::from(x0);
@@ -402,7 +435,7 @@ pub fn grads_k12_reduce(t62: &[f32], t63: &mut [f32]) {
 }
 
 /// matmul: matmul: 32×16 · 16×32.
-pub fn grads_k13_matmul(t6: &[f32], t62: &[f32], t68: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k13_matmul(t6: &[f32], t61: &[f32], t67: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         32,
@@ -410,9 +443,9 @@ pub fn grads_k13_matmul(t6: &[f32], t62: &[f32], t68: &mut [f32]) -> Result<(), 
         16,
         &t6[0..],
         (0, 1, 32),
-        &t62[0..],
+        &t61[0..],
         (0, 32, 1),
-        &mut t68[0..],
+        &mut t67[0..],
         (0, 32, 1),
         false,
     )?;
@@ -421,19 +454,19 @@ pub fn grads_k13_matmul(t6: &[f32], t62: &[f32], t68: &mut [f32]) -> Result<(), 
 
 /// matmul: matmul, mul, relu.d0: 16×32 · 32×32.
 pub fn grads_k14_matmul_mul_relu_d0(
-    t62: &[f32],
+    t61: &[f32],
     param_linear_1_weight: &[f32],
     t6: &[f32],
-    t66: &mut [f32],
-    t70: &mut [f32],
+    t65: &mut [f32],
+    t69: &mut [f32],
 ) -> Result<(), rt::Error> {
-    let c = &mut t66[0..512];
-    let o0 = &mut t70[0..512];
+    let c = &mut t65[0..512];
+    let o0 = &mut t69[0..512];
     rt::gemm::sgemm(
         c.len() / 32,
         32,
         32,
-        &t62[0..],
+        &t61[0..],
         (32, 1),
         &param_linear_1_weight[0..],
         (1, 32),
@@ -455,8 +488,8 @@ pub fn grads_k14_matmul_mul_relu_d0(
 }
 
 /// reduce: reduce_sum over [16, 32].
-pub fn grads_k15_reduce(t70: &[f32], t71: &mut [f32]) {
-    t71[0..32]
+pub fn grads_k15_reduce(t69: &[f32], t70: &mut [f32]) {
+    t70[0..32]
         .chunks_mut(32)
         .enumerate()
         .for_each(|(part, out)| {
@@ -464,7 +497,7 @@ pub fn grads_k15_reduce(t70: &[f32], t71: &mut [f32]) {
             let mut acc = [0.0_f64; 32];
             let acc = &mut acc[..out.len()];
             for i0 in 0..16 {
-                let x0_row = &t70[i0 * 32 + j0..][..out.len()];
+                let x0_row = &t69[i0 * 32 + j0..][..out.len()];
                 for (j, a) in acc.iter_mut().enumerate() {
                     let x0 = x0_row[j];
                     *a += f64::from(x0);
@@ -477,7 +510,7 @@ pub fn grads_k15_reduce(t70: &[f32], t71: &mut [f32]) {
 }
 
 /// matmul: matmul: 64×16 · 16×32.
-pub fn grads_k16_matmul(input_x: &[f32], t70: &[f32], t76: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k16_matmul(input_x: &[f32], t69: &[f32], t75: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         64,
@@ -485,17 +518,33 @@ pub fn grads_k16_matmul(input_x: &[f32], t70: &[f32], t76: &mut [f32]) -> Result
         16,
         &input_x[0..],
         (0, 1, 64),
-        &t70[0..],
+        &t69[0..],
         (0, 32, 1),
-        &mut t76[0..],
+        &mut t75[0..],
         (0, 32, 1),
         false,
     )?;
     Ok(())
 }
 
+/// elementwise: exp over [16, 10].
+pub fn train_k05_exp(t15: &[f32], t20: &[f32], t22: &mut [f32]) {
+    t22[0..160]
+        .chunks_mut(10)
+        .enumerate()
+        .for_each(|(row, o0)| {
+            let n = o0.len();
+            let x0_row = &t15[row * 10..][..n];
+            let x1 = t20[row];
+            for j in 0..n {
+                let x0 = x0_row[j];
+                o0[j] = Math::exp(x0 - x1);
+            }
+        });
+}
+
 /// reduce: log, reduce_sum, sub, where over [16, 10].
-pub fn train_k06_reduce(
+pub fn train_k07_reduce(
     input_y: &[i32],
     c17: &[i32],
     t15: &[f32],
@@ -538,31 +587,31 @@ pub fn train_k06_reduce(
 }
 
 /// elementwise: add, pow, sqrt, sub.
-pub fn train_k09_add_pow_etc(state_step: &mut [f32], t102: &mut [f32]) {
+pub fn train_k10_add_pow_etc(state_step: &mut [f32], t101: &mut [f32]) {
     let x0 = state_step[0];
     let t0 = x0 + 1.0;
     state_step[0] = t0;
-    t102[0] = (1.0 - 0.999_f32.powf(t0)).sqrt();
+    t101[0] = (1.0 - 0.999_f32.powf(t0)).sqrt();
 }
 
 /// elementwise: div, pow, sub.
-pub fn train_k10_div_pow_sub(state_step: &[f32], t107: &mut [f32]) {
+pub fn train_k11_div_pow_sub(state_step: &[f32], t106: &mut [f32]) {
     let x0 = state_step[0];
-    t107[0] = 0.01 / (1.0 - 0.9_f32.powf(x0));
+    t106[0] = 0.01 / (1.0 - 0.9_f32.powf(x0));
 }
 
 /// matmul: matmul, add, div, mul, sqrt, sub: 64×16 · 16×32.
-pub fn train_k19_matmul_add_div_etc(
+pub fn train_k20_matmul_add_div_etc(
     input_x: &[f32],
-    t70: &[f32],
-    t107: &[f32],
-    t102: &[f32],
-    t76: &mut [f32],
+    t69: &[f32],
+    t106: &[f32],
+    t101: &[f32],
+    t75: &mut [f32],
     state_exp_avg_linear_0_weight: &mut [f32],
     state_exp_avg_sq_linear_0_weight: &mut [f32],
     param_linear_0_weight: &mut [f32],
 ) -> Result<(), rt::Error> {
-    let c = &mut t76[0..2048];
+    let c = &mut t75[0..2048];
     let o0 = &mut state_exp_avg_linear_0_weight[0..2048];
     let o1 = &mut state_exp_avg_sq_linear_0_weight[0..2048];
     let o2 = &mut param_linear_0_weight[0..2048];
@@ -572,7 +621,7 @@ pub fn train_k19_matmul_add_div_etc(
         16,
         &input_x[0..],
         (1, 64),
-        &t70[0..],
+        &t69[0..],
         (32, 1),
         c,
         (32, 1),
@@ -585,8 +634,8 @@ pub fn train_k19_matmul_add_div_etc(
         .zip(o2.chunks_mut(32))
     {
         let n = o0.len();
-        let x4 = t107[0];
-        let x5 = t102[0];
+        let x4 = t106[0];
+        let x5 = t101[0];
         let recip0 = x5.recip();
         for j in 0..n {
             let x0 = o0[j];
@@ -604,10 +653,10 @@ pub fn train_k19_matmul_add_div_etc(
 }
 
 /// elementwise: add, div, mul, sqrt, sub over [32].
-pub fn train_k20_add_div_etc(
-    t71: &[f32],
-    t107: &[f32],
-    t102: &[f32],
+pub fn train_k21_add_div_etc(
+    t70: &[f32],
+    t106: &[f32],
+    t101: &[f32],
     state_exp_avg_linear_0_bias: &mut [f32],
     state_exp_avg_sq_linear_0_bias: &mut [f32],
     param_linear_0_bias: &mut [f32],
@@ -619,9 +668,9 @@ pub fn train_k20_add_div_etc(
         .enumerate()
         .for_each(|(row, ((o0, o1), o2))| {
             let n = o0.len();
-            let x1_row = &t71[row * 32..][..n];
-            let x4 = t107[0];
-            let x5 = t102[0];
+            let x1_row = &t70[row * 32..][..n];
+            let x4 = t106[0];
+            let x5 = t101[0];
             let recip0 = x5.recip();
             for j in 0..n {
                 let x0 = o0[j];
@@ -638,17 +687,17 @@ pub fn train_k20_add_div_etc(
 }
 
 /// matmul: matmul, add, div, mul, sqrt, sub: 32×16 · 16×32.
-pub fn train_k21_matmul_add_div_etc(
+pub fn train_k22_matmul_add_div_etc(
     t6: &[f32],
-    t62: &[f32],
-    t107: &[f32],
-    t102: &[f32],
-    t68: &mut [f32],
+    t61: &[f32],
+    t106: &[f32],
+    t101: &[f32],
+    t67: &mut [f32],
     state_exp_avg_linear_1_weight: &mut [f32],
     state_exp_avg_sq_linear_1_weight: &mut [f32],
     param_linear_1_weight: &mut [f32],
 ) -> Result<(), rt::Error> {
-    let c = &mut t68[0..1024];
+    let c = &mut t67[0..1024];
     let o0 = &mut state_exp_avg_linear_1_weight[0..1024];
     let o1 = &mut state_exp_avg_sq_linear_1_weight[0..1024];
     let o2 = &mut param_linear_1_weight[0..1024];
@@ -658,7 +707,7 @@ pub fn train_k21_matmul_add_div_etc(
         16,
         &t6[0..],
         (1, 32),
-        &t62[0..],
+        &t61[0..],
         (32, 1),
         c,
         (32, 1),
@@ -671,8 +720,8 @@ pub fn train_k21_matmul_add_div_etc(
         .zip(o2.chunks_mut(32))
     {
         let n = o0.len();
-        let x4 = t107[0];
-        let x5 = t102[0];
+        let x4 = t106[0];
+        let x5 = t101[0];
         let recip0 = x5.recip();
         for j in 0..n {
             let x0 = o0[j];
@@ -690,10 +739,10 @@ pub fn train_k21_matmul_add_div_etc(
 }
 
 /// elementwise: add, div, mul, sqrt, sub over [32].
-pub fn train_k22_add_div_etc(
-    t63: &[f32],
-    t107: &[f32],
-    t102: &[f32],
+pub fn train_k23_add_div_etc(
+    t62: &[f32],
+    t106: &[f32],
+    t101: &[f32],
     state_exp_avg_linear_1_bias: &mut [f32],
     state_exp_avg_sq_linear_1_bias: &mut [f32],
     param_linear_1_bias: &mut [f32],
@@ -705,9 +754,9 @@ pub fn train_k22_add_div_etc(
         .enumerate()
         .for_each(|(row, ((o0, o1), o2))| {
             let n = o0.len();
-            let x1_row = &t63[row * 32..][..n];
-            let x4 = t107[0];
-            let x5 = t102[0];
+            let x1_row = &t62[row * 32..][..n];
+            let x4 = t106[0];
+            let x5 = t101[0];
             let recip0 = x5.recip();
             for j in 0..n {
                 let x0 = o0[j];
@@ -724,17 +773,17 @@ pub fn train_k22_add_div_etc(
 }
 
 /// matmul: matmul, add, div, mul, sqrt, sub: 32×16 · 16×10.
-pub fn train_k23_matmul_add_div_etc(
+pub fn train_k24_matmul_add_div_etc(
     t11: &[f32],
-    t52: &[f32],
-    t107: &[f32],
-    t102: &[f32],
-    t60: &mut [f32],
+    t51: &[f32],
+    t106: &[f32],
+    t101: &[f32],
+    t59: &mut [f32],
     state_exp_avg_head_weight: &mut [f32],
     state_exp_avg_sq_head_weight: &mut [f32],
     param_head_weight: &mut [f32],
 ) -> Result<(), rt::Error> {
-    let c = &mut t60[0..320];
+    let c = &mut t59[0..320];
     let o0 = &mut state_exp_avg_head_weight[0..320];
     let o1 = &mut state_exp_avg_sq_head_weight[0..320];
     let o2 = &mut param_head_weight[0..320];
@@ -744,7 +793,7 @@ pub fn train_k23_matmul_add_div_etc(
         16,
         &t11[0..],
         (1, 32),
-        &t52[0..],
+        &t51[0..],
         (10, 1),
         c,
         (10, 1),
@@ -757,8 +806,8 @@ pub fn train_k23_matmul_add_div_etc(
         .zip(o2.chunks_mut(10))
     {
         let n = o0.len();
-        let x4 = t107[0];
-        let x5 = t102[0];
+        let x4 = t106[0];
+        let x5 = t101[0];
         let recip0 = x5.recip();
         for j in 0..n {
             let x0 = o0[j];
@@ -776,10 +825,10 @@ pub fn train_k23_matmul_add_div_etc(
 }
 
 /// elementwise: add, div, mul, sqrt, sub over [10].
-pub fn train_k24_add_div_etc(
-    t55: &[f32],
-    t107: &[f32],
-    t102: &[f32],
+pub fn train_k25_add_div_etc(
+    t54: &[f32],
+    t106: &[f32],
+    t101: &[f32],
     state_exp_avg_head_bias: &mut [f32],
     state_exp_avg_sq_head_bias: &mut [f32],
     param_head_bias: &mut [f32],
@@ -791,9 +840,9 @@ pub fn train_k24_add_div_etc(
         .enumerate()
         .for_each(|(row, ((o0, o1), o2))| {
             let n = o0.len();
-            let x1_row = &t55[row * 10..][..n];
-            let x4 = t107[0];
-            let x5 = t102[0];
+            let x1_row = &t54[row * 10..][..n];
+            let x4 = t106[0];
+            let x5 = t101[0];
             let recip0 = x5.recip();
             for j in 0..n {
                 let x0 = o0[j];

@@ -3,7 +3,7 @@
 //! `Step` holds the params, the optimizer state and one arena per dtype for
 //! intermediates (offsets from the memory plan, below). Each entry point
 //! (forward, grads, train) calls the kernels of `kernels.rs` in order.
-//! Training graph 26aca69dac3b2f54.
+//! Training graph 5e3cd0c50ec98a97.
 
 use ferrograd_runtime as rt;
 use numpy::{PyReadonlyArrayDyn, PyUntypedArrayMethods};
@@ -154,35 +154,31 @@ impl Arenas {
             )?;
             kernels::forward_k03_reduce(
                 a.temp_f32.slice(1184, 160),
-                a.temp_f32.slice_mut(1024, 16),
+                a.temp_f32.slice_mut(1344, 16),
             );
-            kernels::forward_k04_stop_gradient(
-                a.temp_f32.slice(1024, 16),
-                a.temp_f32.slice_mut(1040, 16),
-            );
-            kernels::forward_k05_reduce(
+            kernels::grads_k04_exp_stop_gradient_sub(
                 a.temp_f32.slice(1184, 160),
-                a.temp_f32.slice(1040, 16),
-                a.temp_f32.slice_mut(1024, 16),
+                a.temp_f32.slice(1344, 16),
+                a.temp_f32.slice_mut(1024, 160),
             );
+            kernels::grads_k05_reduce(a.temp_f32.slice(1024, 160), a.temp_f32.slice_mut(1184, 16));
             kernels::grads_k06_reduce(
                 input_y,
                 a.const_i32.slice(0, 10),
                 a.const_f32.slice(0, 16),
-                a.temp_f32.slice_mut(1056, 16),
+                a.temp_f32.slice_mut(1200, 16),
             );
             kernels::grads_k07_log_d0_mul(
-                a.temp_f32.slice(1056, 16),
-                a.temp_f32.slice(1024, 16),
-                a.temp_f32.slice_mut(1072, 16),
+                a.temp_f32.slice(1200, 16),
+                a.temp_f32.slice(1184, 16),
+                a.temp_f32.slice_mut(1216, 16),
             );
-            kernels::grads_k08_add_exp_d0_mul(
+            kernels::grads_k08_add_mul(
                 input_y,
                 a.const_i32.slice(0, 10),
                 a.const_f32.slice(0, 16),
-                a.temp_f32.slice(1072, 16),
-                a.temp_f32.slice(1184, 160),
-                a.temp_f32.slice(1040, 16),
+                a.temp_f32.slice(1216, 16),
+                a.temp_f32.slice(1024, 160),
                 a.temp_f32.slice_mut(2048, 160),
             );
             kernels::grads_k09_reduce(a.temp_f32.slice(2048, 160), a.temp_f32.slice_mut(3968, 10));
@@ -221,7 +217,7 @@ impl Arenas {
         Ok(())
     }
 
-    /// `train`: 25 kernels.
+    /// `train`: 26 kernels.
     fn train(&mut self, input_x: &[f32], input_y: &[i32]) -> Result<(), rt::Error> {
         let a = &*self;
         // SAFETY: the memory plan gives buffers that are live at the same time
@@ -252,43 +248,43 @@ impl Arenas {
             kernels::forward_k03_reduce(a.temp_f32.slice(160, 160), a.temp_f32.slice_mut(0, 16));
             kernels::forward_k04_stop_gradient(
                 a.temp_f32.slice(0, 16),
-                a.temp_f32.slice_mut(16, 16),
+                a.temp_f32.slice_mut(320, 16),
             );
-            kernels::forward_k05_reduce(
+            kernels::train_k05_exp(
                 a.temp_f32.slice(160, 160),
-                a.temp_f32.slice(16, 16),
-                a.temp_f32.slice_mut(0, 16),
+                a.temp_f32.slice(320, 16),
+                a.temp_f32.slice_mut(0, 160),
             );
-            kernels::train_k06_reduce(
+            kernels::grads_k05_reduce(a.temp_f32.slice(0, 160), a.temp_f32.slice_mut(336, 16));
+            kernels::train_k07_reduce(
                 input_y,
                 a.const_i32.slice(0, 10),
                 a.temp_f32.slice(160, 160),
-                a.temp_f32.slice(16, 16),
-                a.temp_f32.slice(0, 16),
-                a.temp_f32.slice_mut(32, 16),
+                a.temp_f32.slice(320, 16),
+                a.temp_f32.slice(336, 16),
+                a.temp_f32.slice_mut(352, 16),
             );
-            kernels::forward_k07_reduce(a.temp_f32.slice(32, 16), a.temp_f32.slice_mut(48, 1));
-            kernels::forward_k08_mul_neg(a.temp_f32.slice(48, 1), a.temp_f32.slice_mut(4336, 1));
-            kernels::train_k09_add_pow_etc(a.state.slice_mut(0, 1), a.temp_f32.slice_mut(4352, 1));
-            kernels::train_k10_div_pow_sub(a.state.slice(0, 1), a.temp_f32.slice_mut(4368, 1));
+            kernels::forward_k07_reduce(a.temp_f32.slice(352, 16), a.temp_f32.slice_mut(160, 1));
+            kernels::forward_k08_mul_neg(a.temp_f32.slice(160, 1), a.temp_f32.slice_mut(4336, 1));
+            kernels::train_k10_add_pow_etc(a.state.slice_mut(0, 1), a.temp_f32.slice_mut(4352, 1));
+            kernels::train_k11_div_pow_sub(a.state.slice(0, 1), a.temp_f32.slice_mut(4368, 1));
             kernels::grads_k06_reduce(
                 input_y,
                 a.const_i32.slice(0, 10),
                 a.const_f32.slice(0, 16),
-                a.temp_f32.slice_mut(32, 16),
+                a.temp_f32.slice_mut(160, 16),
             );
             kernels::grads_k07_log_d0_mul(
-                a.temp_f32.slice(32, 16),
-                a.temp_f32.slice(0, 16),
-                a.temp_f32.slice_mut(48, 16),
+                a.temp_f32.slice(160, 16),
+                a.temp_f32.slice(336, 16),
+                a.temp_f32.slice_mut(176, 16),
             );
-            kernels::grads_k08_add_exp_d0_mul(
+            kernels::grads_k08_add_mul(
                 input_y,
                 a.const_i32.slice(0, 10),
                 a.const_f32.slice(0, 16),
-                a.temp_f32.slice(48, 16),
-                a.temp_f32.slice(160, 160),
-                a.temp_f32.slice(16, 16),
+                a.temp_f32.slice(176, 16),
+                a.temp_f32.slice(0, 160),
                 a.temp_f32.slice_mut(4096, 160),
             );
             kernels::grads_k09_reduce(a.temp_f32.slice(4096, 160), a.temp_f32.slice_mut(4320, 10));
@@ -308,7 +304,7 @@ impl Arenas {
                 a.temp_f32.slice_mut(3584, 512),
             )?;
             kernels::grads_k15_reduce(a.temp_f32.slice(3584, 512), a.temp_f32.slice_mut(4288, 32));
-            kernels::train_k19_matmul_add_div_etc(
+            kernels::train_k20_matmul_add_div_etc(
                 input_x,
                 a.temp_f32.slice(3584, 512),
                 a.temp_f32.slice(4368, 1),
@@ -318,7 +314,7 @@ impl Arenas {
                 a.state.slice_mut(2064, 2048),
                 a.param.slice_mut(0, 2048),
             )?;
-            kernels::train_k20_add_div_etc(
+            kernels::train_k21_add_div_etc(
                 a.temp_f32.slice(4288, 32),
                 a.temp_f32.slice(4368, 1),
                 a.temp_f32.slice(4352, 1),
@@ -326,7 +322,7 @@ impl Arenas {
                 a.state.slice_mut(4144, 32),
                 a.param.slice_mut(2048, 32),
             );
-            kernels::train_k21_matmul_add_div_etc(
+            kernels::train_k22_matmul_add_div_etc(
                 a.temp_f32.slice(2048, 512),
                 a.temp_f32.slice(3072, 512),
                 a.temp_f32.slice(4368, 1),
@@ -336,7 +332,7 @@ impl Arenas {
                 a.state.slice_mut(5200, 1024),
                 a.param.slice_mut(2080, 1024),
             )?;
-            kernels::train_k22_add_div_etc(
+            kernels::train_k23_add_div_etc(
                 a.temp_f32.slice(4256, 32),
                 a.temp_f32.slice(4368, 1),
                 a.temp_f32.slice(4352, 1),
@@ -344,7 +340,7 @@ impl Arenas {
                 a.state.slice_mut(6256, 32),
                 a.param.slice_mut(3104, 32),
             );
-            kernels::train_k23_matmul_add_div_etc(
+            kernels::train_k24_matmul_add_div_etc(
                 a.temp_f32.slice(2560, 512),
                 a.temp_f32.slice(4096, 160),
                 a.temp_f32.slice(4368, 1),
@@ -354,7 +350,7 @@ impl Arenas {
                 a.state.slice_mut(6608, 320),
                 a.param.slice_mut(3136, 320),
             )?;
-            kernels::train_k24_add_div_etc(
+            kernels::train_k25_add_div_etc(
                 a.temp_f32.slice(4320, 10),
                 a.temp_f32.slice(4368, 1),
                 a.temp_f32.slice(4352, 1),
@@ -391,7 +387,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `mlp`.
-#[pyclass(module = "fg_mlp_d2044b061e10")]
+#[pyclass(module = "fg_mlp_bc2d9bf85e4e")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -537,8 +533,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_mlp_d2044b061e10(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_mlp_d2044b061e10")?;
+fn fg_mlp_bc2d9bf85e4e(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_mlp_bc2d9bf85e4e")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

@@ -490,248 +490,54 @@ pub fn forward_k20_mul_neg(t55: &[f32], t58: &mut [f32]) {
     t58[0] = -0.25 * x0;
 }
 
-/// matmul: matmul, add, tanh: 4×1 · 1×8.
-pub fn grads_k01_matmul_add_tanh(
-    t5_c: &[f32],
-    param_cell_w_xh: &[f32],
-    param_cell_b_h: &[f32],
-    t7: &mut [f32],
-    t8: &mut [f32],
-    t9: &mut [f32],
-) -> Result<(), rt::Error> {
-    let c = &mut t7[0..32];
-    let o0 = &mut t8[0..32];
-    let o1 = &mut t9[0..32];
-    rt::gemm::sgemm(
-        c.len() / 8,
-        8,
-        1,
-        &t5_c[0..],
-        (1, 0),
-        &param_cell_w_xh[0..],
-        (0, 1),
-        c,
-        (8, 1),
-        false,
-    )?;
-    for ((c, o0), o1) in c.chunks(8).zip(o0.chunks_mut(8)).zip(o1.chunks_mut(8)) {
+/// elementwise: exp, stop_gradient, sub over [4, 2].
+pub fn grads_k16_exp_stop_gradient_sub(t41: &[f32], t45: &[f32], t48: &mut [f32]) {
+    t48[0..8].chunks_mut(2).enumerate().for_each(|(row, o0)| {
         let n = o0.len();
-        let x1_row = &param_cell_b_h[0..][..n];
+        let x0_row = &t41[row * 2..][..n];
+        let x1 = t45[row];
         for j in 0..n {
-            let x0 = c[j];
-            let x1 = x1_row[j];
-            let t0 = x0 + x1;
-            o0[j] = t0;
-            o1[j] = Math::tanh(t0);
+            let x0 = x0_row[j];
+            o0[j] = Math::exp(x0 - x1);
         }
-    }
-    Ok(())
+    });
 }
 
-/// matmul: matmul, add, tanh: 4×1 · 1×8.
-pub fn grads_k04_matmul_add_tanh(
-    t10_c: &[f32],
-    param_cell_w_xh: &[f32],
-    param_cell_b_h: &[f32],
-    t14: &[f32],
-    t12: &mut [f32],
-    t15: &mut [f32],
-    t16: &mut [f32],
-) -> Result<(), rt::Error> {
-    let c = &mut t12[0..32];
-    let o0 = &mut t15[0..32];
-    let o1 = &mut t16[0..32];
-    rt::gemm::sgemm(
-        c.len() / 8,
-        8,
-        1,
-        &t10_c[0..],
-        (1, 0),
-        &param_cell_w_xh[0..],
-        (0, 1),
-        c,
-        (8, 1),
-        false,
-    )?;
-    for (i, ((c, o0), o1)) in c
-        .chunks(8)
-        .zip(o0.chunks_mut(8))
-        .zip(o1.chunks_mut(8))
-        .enumerate()
-    {
-        let row = i;
-        let n = o0.len();
-        let x1_row = &param_cell_b_h[0..][..n];
-        let x2_row = &t14[row * 8..][..n];
-        for j in 0..n {
-            let x0 = c[j];
-            let x1 = x1_row[j];
-            let x2 = x2_row[j];
-            let t0 = x0 + x1 + x2;
-            o0[j] = t0;
-            o1[j] = Math::tanh(t0);
+/// reduce: reduce_sum over [4, 2].
+pub fn grads_k17_reduce(t48: &[f32], t49: &mut [f32]) {
+    fn rows(_row0: usize, t48: &[f32], outs: &mut [f32]) {
+        for outs in outs.chunks_exact_mut(4) {
+            let outs: &mut [f32; 4] = outs.try_into().unwrap();
+            let x0_row: &[f32; 8] = t48[0..][..8].try_into().unwrap();
+            for j in 0..4 {
+                let mut acc = 0.0_f32;
+                for i0 in 0..2 {
+                    let x0 = x0_row[j * 2 + i0];
+                    acc += x0;
+                }
+                outs[j] = acc;
+            }
         }
     }
-    Ok(())
-}
-
-/// matmul: matmul, add, tanh: 4×1 · 1×8.
-pub fn grads_k07_matmul_add_tanh(
-    t17_c: &[f32],
-    param_cell_w_xh: &[f32],
-    param_cell_b_h: &[f32],
-    t21: &[f32],
-    t19: &mut [f32],
-    t22: &mut [f32],
-    t23: &mut [f32],
-) -> Result<(), rt::Error> {
-    let c = &mut t19[0..32];
-    let o0 = &mut t22[0..32];
-    let o1 = &mut t23[0..32];
-    rt::gemm::sgemm(
-        c.len() / 8,
-        8,
-        1,
-        &t17_c[0..],
-        (1, 0),
-        &param_cell_w_xh[0..],
-        (0, 1),
-        c,
-        (8, 1),
-        false,
-    )?;
-    for (i, ((c, o0), o1)) in c
-        .chunks(8)
-        .zip(o0.chunks_mut(8))
-        .zip(o1.chunks_mut(8))
-        .enumerate()
-    {
-        let row = i;
-        let n = o0.len();
-        let x1_row = &param_cell_b_h[0..][..n];
-        let x2_row = &t21[row * 8..][..n];
-        for j in 0..n {
-            let x0 = c[j];
-            let x1 = x1_row[j];
-            let x2 = x2_row[j];
-            let t0 = x0 + x1 + x2;
-            o0[j] = t0;
-            o1[j] = Math::tanh(t0);
-        }
-    }
-    Ok(())
-}
-
-/// matmul: matmul, add, tanh: 4×1 · 1×8.
-pub fn grads_k10_matmul_add_tanh(
-    t24_c: &[f32],
-    param_cell_w_xh: &[f32],
-    param_cell_b_h: &[f32],
-    t28: &[f32],
-    t26: &mut [f32],
-    t29: &mut [f32],
-    t30: &mut [f32],
-) -> Result<(), rt::Error> {
-    let c = &mut t26[0..32];
-    let o0 = &mut t29[0..32];
-    let o1 = &mut t30[0..32];
-    rt::gemm::sgemm(
-        c.len() / 8,
-        8,
-        1,
-        &t24_c[0..],
-        (1, 0),
-        &param_cell_w_xh[0..],
-        (0, 1),
-        c,
-        (8, 1),
-        false,
-    )?;
-    for (i, ((c, o0), o1)) in c
-        .chunks(8)
-        .zip(o0.chunks_mut(8))
-        .zip(o1.chunks_mut(8))
-        .enumerate()
-    {
-        let row = i;
-        let n = o0.len();
-        let x1_row = &param_cell_b_h[0..][..n];
-        let x2_row = &t28[row * 8..][..n];
-        for j in 0..n {
-            let x0 = c[j];
-            let x1 = x1_row[j];
-            let x2 = x2_row[j];
-            let t0 = x0 + x1 + x2;
-            o0[j] = t0;
-            o1[j] = Math::tanh(t0);
-        }
-    }
-    Ok(())
-}
-
-/// matmul: matmul, add, tanh: 4×1 · 1×8.
-pub fn grads_k13_matmul_add_tanh(
-    t31_c: &[f32],
-    param_cell_w_xh: &[f32],
-    param_cell_b_h: &[f32],
-    t35: &[f32],
-    t33: &mut [f32],
-    t36: &mut [f32],
-    t37: &mut [f32],
-) -> Result<(), rt::Error> {
-    let c = &mut t33[0..32];
-    let o0 = &mut t36[0..32];
-    let o1 = &mut t37[0..32];
-    rt::gemm::sgemm(
-        c.len() / 8,
-        8,
-        1,
-        &t31_c[0..],
-        (1, 0),
-        &param_cell_w_xh[0..],
-        (0, 1),
-        c,
-        (8, 1),
-        false,
-    )?;
-    for (i, ((c, o0), o1)) in c
-        .chunks(8)
-        .zip(o0.chunks_mut(8))
-        .zip(o1.chunks_mut(8))
-        .enumerate()
-    {
-        let row = i;
-        let n = o0.len();
-        let x1_row = &param_cell_b_h[0..][..n];
-        let x2_row = &t35[row * 8..][..n];
-        for j in 0..n {
-            let x0 = c[j];
-            let x1 = x1_row[j];
-            let x2 = x2_row[j];
-            let t0 = x0 + x1 + x2;
-            o0[j] = t0;
-            o1[j] = Math::tanh(t0);
-        }
-    }
-    Ok(())
+    rows(0, t48, &mut t49[0..4]);
 }
 
 /// reduce: neg, reduce_sum over [4, 2].
-pub fn grads_k18_reduce(input_y: &[i32], c43: &[i32], c189: &[f32], c190: &[f32], t72: &mut [f32]) {
+pub fn grads_k18_reduce(input_y: &[i32], c43: &[i32], c188: &[f32], c189: &[f32], t72: &mut [f32]) {
     fn rows(
         _row0: usize,
         input_y: &[i32],
         c43: &[i32],
+        c188: &[f32],
         c189: &[f32],
-        c190: &[f32],
         outs: &mut [f32],
     ) {
         for outs in outs.chunks_exact_mut(4) {
             let outs: &mut [f32; 4] = outs.try_into().unwrap();
             let x0_row: &[i32; 4] = input_y[0..][..4].try_into().unwrap();
             let x1_row: &[i32; 2] = c43[0..][..2].try_into().unwrap();
-            let x2_row: &[f32; 8] = c189[0..][..8].try_into().unwrap();
-            let x3_row: &[f32; 8] = c190[0..][..8].try_into().unwrap();
+            let x2_row: &[f32; 8] = c188[0..][..8].try_into().unwrap();
+            let x3_row: &[f32; 8] = c189[0..][..8].try_into().unwrap();
             for j in 0..4 {
                 let x0 = x0_row[j];
                 let mut acc = 0.0_f32;
@@ -745,7 +551,7 @@ pub fn grads_k18_reduce(input_y: &[i32], c43: &[i32], c189: &[f32], c190: &[f32]
             }
         }
     }
-    rows(0, input_y, c43, c189, c190, &mut t72[0..4]);
+    rows(0, input_y, c43, c188, c189, &mut t72[0..4]);
 }
 
 /// elementwise: log.d0, mul over [4, 1].
@@ -762,42 +568,40 @@ pub fn grads_k19_log_d0_mul(t72: &[f32], t49: &[f32], t74: &mut [f32]) {
     });
 }
 
-/// elementwise: add, exp.d0, mul over [4, 2].
-pub fn grads_k20_add_exp_d0_mul(
+/// elementwise: add, mul over [4, 2].
+pub fn grads_k20_add_mul(
     input_y: &[i32],
     c43: &[i32],
+    c188: &[f32],
     c189: &[f32],
-    c190: &[f32],
     t74: &[f32],
-    t41: &[f32],
-    t46: &[f32],
-    t78: &mut [f32],
+    t48: &[f32],
+    t77: &mut [f32],
 ) {
-    t78[0..8].chunks_mut(2).enumerate().for_each(|(row, o0)| {
+    t77[0..8].chunks_mut(2).enumerate().for_each(|(row, o0)| {
         let n = o0.len();
         let x0 = input_y[row];
         let x1_row = &c43[0..][..n];
-        let x2_row = &c189[row * 2..][..n];
-        let x3_row = &c190[row * 2..][..n];
+        let x2_row = &c188[row * 2..][..n];
+        let x3_row = &c189[row * 2..][..n];
         let x4 = t74[row];
-        let x5_row = &t41[row * 2..][..n];
-        let x6 = t46[row];
+        let x5_row = &t48[row * 2..][..n];
         for j in 0..n {
             let x1 = x1_row[j];
             let x2 = x2_row[j];
             let x3 = x3_row[j];
             let x5 = x5_row[j];
-            o0[j] = x4 * Math::exp(x5 - x6) + (if x0 == x1 { x2 } else { x3 });
+            o0[j] = x4 * x5 + (if x0 == x1 { x2 } else { x3 });
         }
     });
 }
 
 /// reduce: reduce_sum over [4, 2].
-pub fn grads_k21_reduce(t78: &[f32], t81: &mut [f32]) {
-    t81[0..2].iter_mut().enumerate().for_each(|(row, acc_out)| {
+pub fn grads_k21_reduce(t77: &[f32], t80: &mut [f32]) {
+    t80[0..2].iter_mut().enumerate().for_each(|(row, acc_out)| {
         let mut acc = 0.0_f64;
         for i0 in 0..4 {
-            let x0 = t78[row + i0 * 2];
+            let x0 = t77[row + i0 * 2];
             acc += f64::from(x0);
         }
         *acc_out = acc as f32;
@@ -805,7 +609,7 @@ pub fn grads_k21_reduce(t78: &[f32], t81: &mut [f32]) {
 }
 
 /// matmul: matmul: 8×4 · 4×2.
-pub fn grads_k22_matmul(t37: &[f32], t78: &[f32], t86: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k22_matmul(t37: &[f32], t77: &[f32], t85: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         8,
@@ -813,9 +617,9 @@ pub fn grads_k22_matmul(t37: &[f32], t78: &[f32], t86: &mut [f32]) -> Result<(),
         4,
         &t37[0..],
         (0, 1, 8),
-        &t78[0..],
+        &t77[0..],
         (0, 2, 1),
-        &mut t86[0..],
+        &mut t85[0..],
         (0, 2, 1),
         false,
     )?;
@@ -824,19 +628,19 @@ pub fn grads_k22_matmul(t37: &[f32], t78: &[f32], t86: &mut [f32]) -> Result<(),
 
 /// matmul: matmul, mul, tanh.d0: 4×2 · 2×8.
 pub fn grads_k23_matmul_mul_tanh_d0(
-    t78: &[f32],
+    t77: &[f32],
     param_head_weight: &[f32],
-    t36: &[f32],
-    t84: &mut [f32],
-    t88: &mut [f32],
+    t37: &[f32],
+    t83: &mut [f32],
+    t87: &mut [f32],
 ) -> Result<(), rt::Error> {
-    let c = &mut t84[0..32];
-    let o0 = &mut t88[0..32];
+    let c = &mut t83[0..32];
+    let o0 = &mut t87[0..32];
     rt::gemm::sgemm(
         c.len() / 8,
         8,
         2,
-        &t78[0..],
+        &t77[0..],
         (2, 1),
         &param_head_weight[0..],
         (1, 2),
@@ -847,24 +651,24 @@ pub fn grads_k23_matmul_mul_tanh_d0(
     for (i, (c, o0)) in c.chunks(8).zip(o0.chunks_mut(8)).enumerate() {
         let row = i;
         let n = o0.len();
-        let x1_row = &t36[row * 8..][..n];
+        let x1_row = &t37[row * 8..][..n];
         for j in 0..n {
             let x0 = c[j];
             let x1 = x1_row[j];
-            o0[j] = x0 * (1.0 - (Math::tanh(x1)).powi(2));
+            o0[j] = x0 * (1.0 - x1.powi(2));
         }
     }
     Ok(())
 }
 
 /// reduce: reduce_sum over [4, 8].
-pub fn grads_k24_reduce(t88: &[f32], t93: &mut [f32]) {
-    t93[0..8].chunks_mut(8).enumerate().for_each(|(part, out)| {
+pub fn grads_k24_reduce(t87: &[f32], t92: &mut [f32]) {
+    t92[0..8].chunks_mut(8).enumerate().for_each(|(part, out)| {
         let j0 = part * 8;
         let mut acc = [0.0_f64; 8];
         let acc = &mut acc[..out.len()];
         for i0 in 0..4 {
-            let x0_row = &t88[i0 * 8 + j0..][..out.len()];
+            let x0_row = &t87[i0 * 8 + j0..][..out.len()];
             for (j, a) in acc.iter_mut().enumerate() {
                 let x0 = x0_row[j];
                 *a += f64::from(x0);
@@ -878,19 +682,19 @@ pub fn grads_k24_reduce(t88: &[f32], t93: &mut [f32]) {
 
 /// matmul: matmul, mul, tanh.d0: 4×8 · 8×8.
 pub fn grads_k25_matmul_mul_tanh_d0(
-    t88: &[f32],
+    t87: &[f32],
     param_cell_w_hh: &[f32],
-    t29: &[f32],
-    t90: &mut [f32],
-    t100: &mut [f32],
+    t30: &[f32],
+    t89: &mut [f32],
+    t99: &mut [f32],
 ) -> Result<(), rt::Error> {
-    let c = &mut t90[0..32];
-    let o0 = &mut t100[0..32];
+    let c = &mut t89[0..32];
+    let o0 = &mut t99[0..32];
     rt::gemm::sgemm(
         c.len() / 8,
         8,
         8,
-        &t88[0..],
+        &t87[0..],
         (8, 1),
         &param_cell_w_hh[0..],
         (1, 8),
@@ -901,18 +705,18 @@ pub fn grads_k25_matmul_mul_tanh_d0(
     for (i, (c, o0)) in c.chunks(8).zip(o0.chunks_mut(8)).enumerate() {
         let row = i;
         let n = o0.len();
-        let x1_row = &t29[row * 8..][..n];
+        let x1_row = &t30[row * 8..][..n];
         for j in 0..n {
             let x0 = c[j];
             let x1 = x1_row[j];
-            o0[j] = x0 * (1.0 - (Math::tanh(x1)).powi(2));
+            o0[j] = x0 * (1.0 - x1.powi(2));
         }
     }
     Ok(())
 }
 
 /// matmul: matmul: 8×4 · 4×8.
-pub fn grads_k26_matmul(t23: &[f32], t100: &[f32], t104: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k26_matmul(t23: &[f32], t99: &[f32], t103: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         8,
@@ -920,9 +724,9 @@ pub fn grads_k26_matmul(t23: &[f32], t100: &[f32], t104: &mut [f32]) -> Result<(
         4,
         &t23[0..],
         (0, 1, 8),
-        &t100[0..],
+        &t99[0..],
         (0, 8, 1),
-        &mut t104[0..],
+        &mut t103[0..],
         (0, 8, 1),
         false,
     )?;
@@ -930,8 +734,8 @@ pub fn grads_k26_matmul(t23: &[f32], t100: &[f32], t104: &mut [f32]) -> Result<(
 }
 
 /// reduce: reduce_sum over [4, 8].
-pub fn grads_k27_reduce(t100: &[f32], t106: &mut [f32]) {
-    t106[0..8]
+pub fn grads_k27_reduce(t99: &[f32], t105: &mut [f32]) {
+    t105[0..8]
         .chunks_mut(8)
         .enumerate()
         .for_each(|(part, out)| {
@@ -939,7 +743,7 @@ pub fn grads_k27_reduce(t100: &[f32], t106: &mut [f32]) {
             let mut acc = [0.0_f64; 8];
             let acc = &mut acc[..out.len()];
             for i0 in 0..4 {
-                let x0_row = &t100[i0 * 8 + j0..][..out.len()];
+                let x0_row = &t99[i0 * 8 + j0..][..out.len()];
                 for (j, a) in acc.iter_mut().enumerate() {
                     let x0 = x0_row[j];
                     *a += f64::from(x0);
@@ -952,7 +756,7 @@ pub fn grads_k27_reduce(t100: &[f32], t106: &mut [f32]) {
 }
 
 /// matmul: matmul: 1×4 · 4×8.
-pub fn grads_k28_matmul(t24_c: &[f32], t100: &[f32], t112: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k28_matmul(t24_c: &[f32], t99: &[f32], t111: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         1,
@@ -960,9 +764,9 @@ pub fn grads_k28_matmul(t24_c: &[f32], t100: &[f32], t112: &mut [f32]) -> Result
         4,
         &t24_c[0..],
         (0, 0, 1),
-        &t100[0..],
+        &t99[0..],
         (0, 8, 1),
-        &mut t112[0..],
+        &mut t111[0..],
         (0, 0, 1),
         false,
     )?;
@@ -971,19 +775,19 @@ pub fn grads_k28_matmul(t24_c: &[f32], t100: &[f32], t112: &mut [f32]) -> Result
 
 /// matmul: matmul, mul, tanh.d0: 4×8 · 8×8.
 pub fn grads_k29_matmul_mul_tanh_d0(
-    t100: &[f32],
+    t99: &[f32],
     param_cell_w_hh: &[f32],
-    t22: &[f32],
-    t102: &mut [f32],
-    t115: &mut [f32],
+    t23: &[f32],
+    t101: &mut [f32],
+    t114: &mut [f32],
 ) -> Result<(), rt::Error> {
-    let c = &mut t102[0..32];
-    let o0 = &mut t115[0..32];
+    let c = &mut t101[0..32];
+    let o0 = &mut t114[0..32];
     rt::gemm::sgemm(
         c.len() / 8,
         8,
         8,
-        &t100[0..],
+        &t99[0..],
         (8, 1),
         &param_cell_w_hh[0..],
         (1, 8),
@@ -994,18 +798,18 @@ pub fn grads_k29_matmul_mul_tanh_d0(
     for (i, (c, o0)) in c.chunks(8).zip(o0.chunks_mut(8)).enumerate() {
         let row = i;
         let n = o0.len();
-        let x1_row = &t22[row * 8..][..n];
+        let x1_row = &t23[row * 8..][..n];
         for j in 0..n {
             let x0 = c[j];
             let x1 = x1_row[j];
-            o0[j] = x0 * (1.0 - (Math::tanh(x1)).powi(2));
+            o0[j] = x0 * (1.0 - x1.powi(2));
         }
     }
     Ok(())
 }
 
 /// matmul: matmul: 8×4 · 4×8.
-pub fn grads_k30_matmul(t16: &[f32], t115: &[f32], t119: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k30_matmul(t16: &[f32], t114: &[f32], t118: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         8,
@@ -1013,9 +817,9 @@ pub fn grads_k30_matmul(t16: &[f32], t115: &[f32], t119: &mut [f32]) -> Result<(
         4,
         &t16[0..],
         (0, 1, 8),
-        &t115[0..],
+        &t114[0..],
         (0, 8, 1),
-        &mut t119[0..],
+        &mut t118[0..],
         (0, 8, 1),
         false,
     )?;
@@ -1023,8 +827,8 @@ pub fn grads_k30_matmul(t16: &[f32], t115: &[f32], t119: &mut [f32]) -> Result<(
 }
 
 /// reduce: reduce_sum over [4, 8].
-pub fn grads_k31_reduce(t115: &[f32], t121: &mut [f32]) {
-    t121[0..8]
+pub fn grads_k31_reduce(t114: &[f32], t120: &mut [f32]) {
+    t120[0..8]
         .chunks_mut(8)
         .enumerate()
         .for_each(|(part, out)| {
@@ -1032,7 +836,7 @@ pub fn grads_k31_reduce(t115: &[f32], t121: &mut [f32]) {
             let mut acc = [0.0_f64; 8];
             let acc = &mut acc[..out.len()];
             for i0 in 0..4 {
-                let x0_row = &t115[i0 * 8 + j0..][..out.len()];
+                let x0_row = &t114[i0 * 8 + j0..][..out.len()];
                 for (j, a) in acc.iter_mut().enumerate() {
                     let x0 = x0_row[j];
                     *a += f64::from(x0);
@@ -1045,7 +849,7 @@ pub fn grads_k31_reduce(t115: &[f32], t121: &mut [f32]) {
 }
 
 /// matmul: matmul: 1×4 · 4×8.
-pub fn grads_k32_matmul(t17_c: &[f32], t115: &[f32], t127: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k32_matmul(t17_c: &[f32], t114: &[f32], t126: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         1,
@@ -1053,9 +857,9 @@ pub fn grads_k32_matmul(t17_c: &[f32], t115: &[f32], t127: &mut [f32]) -> Result
         4,
         &t17_c[0..],
         (0, 0, 1),
-        &t115[0..],
+        &t114[0..],
         (0, 8, 1),
-        &mut t127[0..],
+        &mut t126[0..],
         (0, 0, 1),
         false,
     )?;
@@ -1064,19 +868,19 @@ pub fn grads_k32_matmul(t17_c: &[f32], t115: &[f32], t127: &mut [f32]) -> Result
 
 /// matmul: matmul, mul, tanh.d0: 4×8 · 8×8.
 pub fn grads_k33_matmul_mul_tanh_d0(
-    t115: &[f32],
+    t114: &[f32],
     param_cell_w_hh: &[f32],
-    t15: &[f32],
-    t117: &mut [f32],
-    t130: &mut [f32],
+    t16: &[f32],
+    t116: &mut [f32],
+    t129: &mut [f32],
 ) -> Result<(), rt::Error> {
-    let c = &mut t117[0..32];
-    let o0 = &mut t130[0..32];
+    let c = &mut t116[0..32];
+    let o0 = &mut t129[0..32];
     rt::gemm::sgemm(
         c.len() / 8,
         8,
         8,
-        &t115[0..],
+        &t114[0..],
         (8, 1),
         &param_cell_w_hh[0..],
         (1, 8),
@@ -1087,18 +891,18 @@ pub fn grads_k33_matmul_mul_tanh_d0(
     for (i, (c, o0)) in c.chunks(8).zip(o0.chunks_mut(8)).enumerate() {
         let row = i;
         let n = o0.len();
-        let x1_row = &t15[row * 8..][..n];
+        let x1_row = &t16[row * 8..][..n];
         for j in 0..n {
             let x0 = c[j];
             let x1 = x1_row[j];
-            o0[j] = x0 * (1.0 - (Math::tanh(x1)).powi(2));
+            o0[j] = x0 * (1.0 - x1.powi(2));
         }
     }
     Ok(())
 }
 
 /// matmul: matmul: 8×4 · 4×8.
-pub fn grads_k34_matmul(t9: &[f32], t130: &[f32], t134: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k34_matmul(t9: &[f32], t129: &[f32], t133: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         8,
@@ -1106,9 +910,9 @@ pub fn grads_k34_matmul(t9: &[f32], t130: &[f32], t134: &mut [f32]) -> Result<()
         4,
         &t9[0..],
         (0, 1, 8),
-        &t130[0..],
+        &t129[0..],
         (0, 8, 1),
-        &mut t134[0..],
+        &mut t133[0..],
         (0, 8, 1),
         false,
     )?;
@@ -1118,22 +922,22 @@ pub fn grads_k34_matmul(t9: &[f32], t130: &[f32], t134: &mut [f32]) -> Result<()
 /// matmul: matmul, add: 8×4 · 4×8.
 pub fn grads_k35_matmul_add(
     t30: &[f32],
-    t88: &[f32],
-    t104: &[f32],
-    t119: &[f32],
-    t134: &[f32],
-    t92: &mut [f32],
-    t135: &mut [f32],
+    t87: &[f32],
+    t103: &[f32],
+    t118: &[f32],
+    t133: &[f32],
+    t91: &mut [f32],
+    t134: &mut [f32],
 ) -> Result<(), rt::Error> {
-    let c = &mut t92[0..64];
-    let o0 = &mut t135[0..64];
+    let c = &mut t91[0..64];
+    let o0 = &mut t134[0..64];
     rt::gemm::sgemm(
         c.len() / 8,
         8,
         4,
         &t30[0..],
         (1, 8),
-        &t88[0..],
+        &t87[0..],
         (8, 1),
         c,
         (8, 1),
@@ -1142,9 +946,9 @@ pub fn grads_k35_matmul_add(
     for (i, (c, o0)) in c.chunks(8).zip(o0.chunks_mut(8)).enumerate() {
         let row = i;
         let n = o0.len();
-        let x1_row = &t104[row * 8..][..n];
-        let x2_row = &t119[row * 8..][..n];
-        let x3_row = &t134[row * 8..][..n];
+        let x1_row = &t103[row * 8..][..n];
+        let x2_row = &t118[row * 8..][..n];
+        let x3_row = &t133[row * 8..][..n];
         for j in 0..n {
             let x0 = c[j];
             let x1 = x1_row[j];
@@ -1157,8 +961,8 @@ pub fn grads_k35_matmul_add(
 }
 
 /// reduce: reduce_sum over [4, 8].
-pub fn grads_k36_reduce(t130: &[f32], t136: &mut [f32]) {
-    t136[0..8]
+pub fn grads_k36_reduce(t129: &[f32], t135: &mut [f32]) {
+    t135[0..8]
         .chunks_mut(8)
         .enumerate()
         .for_each(|(part, out)| {
@@ -1166,7 +970,7 @@ pub fn grads_k36_reduce(t130: &[f32], t136: &mut [f32]) {
             let mut acc = [0.0_f64; 8];
             let acc = &mut acc[..out.len()];
             for i0 in 0..4 {
-                let x0_row = &t130[i0 * 8 + j0..][..out.len()];
+                let x0_row = &t129[i0 * 8 + j0..][..out.len()];
                 for (j, a) in acc.iter_mut().enumerate() {
                     let x0 = x0_row[j];
                     *a += f64::from(x0);
@@ -1179,7 +983,7 @@ pub fn grads_k36_reduce(t130: &[f32], t136: &mut [f32]) {
 }
 
 /// matmul: matmul: 1×4 · 4×8.
-pub fn grads_k37_matmul(t10_c: &[f32], t130: &[f32], t142: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k37_matmul(t10_c: &[f32], t129: &[f32], t141: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         1,
@@ -1187,9 +991,9 @@ pub fn grads_k37_matmul(t10_c: &[f32], t130: &[f32], t142: &mut [f32]) -> Result
         4,
         &t10_c[0..],
         (0, 0, 1),
-        &t130[0..],
+        &t129[0..],
         (0, 8, 1),
-        &mut t142[0..],
+        &mut t141[0..],
         (0, 0, 1),
         false,
     )?;
@@ -1198,19 +1002,19 @@ pub fn grads_k37_matmul(t10_c: &[f32], t130: &[f32], t142: &mut [f32]) -> Result
 
 /// matmul: matmul, mul, tanh.d0: 4×8 · 8×8.
 pub fn grads_k38_matmul_mul_tanh_d0(
-    t130: &[f32],
+    t129: &[f32],
     param_cell_w_hh: &[f32],
-    t8: &[f32],
-    t132: &mut [f32],
-    t145: &mut [f32],
+    t9: &[f32],
+    t131: &mut [f32],
+    t144: &mut [f32],
 ) -> Result<(), rt::Error> {
-    let c = &mut t132[0..32];
-    let o0 = &mut t145[0..32];
+    let c = &mut t131[0..32];
+    let o0 = &mut t144[0..32];
     rt::gemm::sgemm(
         c.len() / 8,
         8,
         8,
-        &t130[0..],
+        &t129[0..],
         (8, 1),
         &param_cell_w_hh[0..],
         (1, 8),
@@ -1221,19 +1025,19 @@ pub fn grads_k38_matmul_mul_tanh_d0(
     for (i, (c, o0)) in c.chunks(8).zip(o0.chunks_mut(8)).enumerate() {
         let row = i;
         let n = o0.len();
-        let x1_row = &t8[row * 8..][..n];
+        let x1_row = &t9[row * 8..][..n];
         for j in 0..n {
             let x0 = c[j];
             let x1 = x1_row[j];
-            o0[j] = x0 * (1.0 - (Math::tanh(x1)).powi(2));
+            o0[j] = x0 * (1.0 - x1.powi(2));
         }
     }
     Ok(())
 }
 
 /// reduce: reduce_sum over [4, 8].
-pub fn grads_k39_reduce(t145: &[f32], t146: &mut [f32]) {
-    t146[0..8]
+pub fn grads_k39_reduce(t144: &[f32], t145: &mut [f32]) {
+    t145[0..8]
         .chunks_mut(8)
         .enumerate()
         .for_each(|(part, out)| {
@@ -1241,7 +1045,7 @@ pub fn grads_k39_reduce(t145: &[f32], t146: &mut [f32]) {
             let mut acc = [0.0_f64; 8];
             let acc = &mut acc[..out.len()];
             for i0 in 0..4 {
-                let x0_row = &t145[i0 * 8 + j0..][..out.len()];
+                let x0_row = &t144[i0 * 8 + j0..][..out.len()];
                 for (j, a) in acc.iter_mut().enumerate() {
                     let x0 = x0_row[j];
                     *a += f64::from(x0);
@@ -1255,20 +1059,20 @@ pub fn grads_k39_reduce(t145: &[f32], t146: &mut [f32]) {
 
 /// elementwise: add over [8].
 pub fn grads_k40_add(
-    t93: &[f32],
-    t106: &[f32],
-    t121: &[f32],
-    t136: &[f32],
-    t146: &[f32],
-    t148: &mut [f32],
+    t92: &[f32],
+    t105: &[f32],
+    t120: &[f32],
+    t135: &[f32],
+    t145: &[f32],
+    t147: &mut [f32],
 ) {
-    t148[0..8].chunks_mut(8).enumerate().for_each(|(row, o0)| {
+    t147[0..8].chunks_mut(8).enumerate().for_each(|(row, o0)| {
         let n = o0.len();
-        let x0_row = &t93[row * 8..][..n];
-        let x1_row = &t106[row * 8..][..n];
-        let x2_row = &t121[row * 8..][..n];
-        let x3_row = &t136[row * 8..][..n];
-        let x4_row = &t146[row * 8..][..n];
+        let x0_row = &t92[row * 8..][..n];
+        let x1_row = &t105[row * 8..][..n];
+        let x2_row = &t120[row * 8..][..n];
+        let x3_row = &t135[row * 8..][..n];
+        let x4_row = &t145[row * 8..][..n];
         for j in 0..n {
             let x0 = x0_row[j];
             let x1 = x1_row[j];
@@ -1281,7 +1085,7 @@ pub fn grads_k40_add(
 }
 
 /// matmul: matmul: 1×4 · 4×8.
-pub fn grads_k41_matmul(t5_c: &[f32], t145: &[f32], t152: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k41_matmul(t5_c: &[f32], t144: &[f32], t151: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         1,
@@ -1289,9 +1093,9 @@ pub fn grads_k41_matmul(t5_c: &[f32], t145: &[f32], t152: &mut [f32]) -> Result<
         4,
         &t5_c[0..],
         (0, 0, 1),
-        &t145[0..],
+        &t144[0..],
         (0, 8, 1),
-        &mut t152[0..],
+        &mut t151[0..],
         (0, 0, 1),
         false,
     )?;
@@ -1301,13 +1105,13 @@ pub fn grads_k41_matmul(t5_c: &[f32], t145: &[f32], t152: &mut [f32]) -> Result<
 /// matmul: matmul, add: 1×4 · 4×8.
 pub fn grads_k42_matmul_add(
     t31_c: &[f32],
-    t88: &[f32],
-    t112: &[f32],
-    t127: &[f32],
-    t142: &[f32],
-    t152: &[f32],
-    t98: &mut [f32],
-    t153: &mut [f32],
+    t87: &[f32],
+    t111: &[f32],
+    t126: &[f32],
+    t141: &[f32],
+    t151: &[f32],
+    t97: &mut [f32],
+    t152: &mut [f32],
 ) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
@@ -1316,19 +1120,19 @@ pub fn grads_k42_matmul_add(
         4,
         &t31_c[0..],
         (0, 0, 1),
-        &t88[0..],
+        &t87[0..],
         (0, 8, 1),
-        &mut t98[0..],
+        &mut t97[0..],
         (0, 0, 1),
         false,
     )?;
-    t153[0..8].chunks_mut(8).enumerate().for_each(|(row, o0)| {
+    t152[0..8].chunks_mut(8).enumerate().for_each(|(row, o0)| {
         let n = o0.len();
-        let x0_row = &t98[row * 8..][..n];
-        let x1_row = &t112[row * 8..][..n];
-        let x2_row = &t127[row * 8..][..n];
-        let x3_row = &t142[row * 8..][..n];
-        let x4_row = &t152[row * 8..][..n];
+        let x0_row = &t97[row * 8..][..n];
+        let x1_row = &t111[row * 8..][..n];
+        let x2_row = &t126[row * 8..][..n];
+        let x3_row = &t141[row * 8..][..n];
+        let x4_row = &t151[row * 8..][..n];
         for j in 0..n {
             let x0 = x0_row[j];
             let x1 = x1_row[j];
@@ -1341,8 +1145,21 @@ pub fn grads_k42_matmul_add(
     Ok(())
 }
 
+/// elementwise: exp over [4, 2].
+pub fn train_k17_exp(t41: &[f32], t46: &[f32], t48: &mut [f32]) {
+    t48[0..8].chunks_mut(2).enumerate().for_each(|(row, o0)| {
+        let n = o0.len();
+        let x0_row = &t41[row * 2..][..n];
+        let x1 = t46[row];
+        for j in 0..n {
+            let x0 = x0_row[j];
+            o0[j] = Math::exp(x0 - x1);
+        }
+    });
+}
+
 /// reduce: log, reduce_sum, sub, where over [4, 2].
-pub fn train_k18_reduce(
+pub fn train_k19_reduce(
     input_y: &[i32],
     c43: &[i32],
     t41: &[f32],
@@ -1385,14 +1202,14 @@ pub fn train_k18_reduce(
 }
 
 /// matmul: matmul, add, mul, sub: 1×4 · 4×8.
-pub fn train_k42_matmul_add_mul_sub(
+pub fn train_k43_matmul_add_mul_sub(
     t31_c: &[f32],
-    t88: &[f32],
-    t112: &[f32],
-    t127: &[f32],
-    t142: &[f32],
-    t152: &[f32],
-    t98: &mut [f32],
+    t87: &[f32],
+    t111: &[f32],
+    t126: &[f32],
+    t141: &[f32],
+    t151: &[f32],
+    t97: &mut [f32],
     param_cell_w_xh: &mut [f32],
 ) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
@@ -1402,9 +1219,9 @@ pub fn train_k42_matmul_add_mul_sub(
         4,
         &t31_c[0..],
         (0, 0, 1),
-        &t88[0..],
+        &t87[0..],
         (0, 8, 1),
-        &mut t98[0..],
+        &mut t97[0..],
         (0, 0, 1),
         false,
     )?;
@@ -1413,11 +1230,11 @@ pub fn train_k42_matmul_add_mul_sub(
         .enumerate()
         .for_each(|(row, o0)| {
             let n = o0.len();
-            let x1_row = &t98[row * 8..][..n];
-            let x2_row = &t112[row * 8..][..n];
-            let x3_row = &t127[row * 8..][..n];
-            let x4_row = &t142[row * 8..][..n];
-            let x5_row = &t152[row * 8..][..n];
+            let x1_row = &t97[row * 8..][..n];
+            let x2_row = &t111[row * 8..][..n];
+            let x3_row = &t126[row * 8..][..n];
+            let x4_row = &t141[row * 8..][..n];
+            let x5_row = &t151[row * 8..][..n];
             for j in 0..n {
                 let x0 = o0[j];
                 let x1 = x1_row[j];
@@ -1432,16 +1249,16 @@ pub fn train_k42_matmul_add_mul_sub(
 }
 
 /// matmul: matmul, add, mul, sub: 8×4 · 4×8.
-pub fn train_k43_matmul_add_mul_sub(
+pub fn train_k44_matmul_add_mul_sub(
     t30: &[f32],
-    t88: &[f32],
-    t104: &[f32],
-    t119: &[f32],
-    t134: &[f32],
-    t92: &mut [f32],
+    t87: &[f32],
+    t103: &[f32],
+    t118: &[f32],
+    t133: &[f32],
+    t91: &mut [f32],
     param_cell_w_hh: &mut [f32],
 ) -> Result<(), rt::Error> {
-    let c = &mut t92[0..64];
+    let c = &mut t91[0..64];
     let o0 = &mut param_cell_w_hh[0..64];
     rt::gemm::sgemm(
         c.len() / 8,
@@ -1449,7 +1266,7 @@ pub fn train_k43_matmul_add_mul_sub(
         4,
         &t30[0..],
         (1, 8),
-        &t88[0..],
+        &t87[0..],
         (8, 1),
         c,
         (8, 1),
@@ -1458,9 +1275,9 @@ pub fn train_k43_matmul_add_mul_sub(
     for (i, (c, o0)) in c.chunks(8).zip(o0.chunks_mut(8)).enumerate() {
         let row = i;
         let n = o0.len();
-        let x2_row = &t104[row * 8..][..n];
-        let x3_row = &t119[row * 8..][..n];
-        let x4_row = &t134[row * 8..][..n];
+        let x2_row = &t103[row * 8..][..n];
+        let x3_row = &t118[row * 8..][..n];
+        let x4_row = &t133[row * 8..][..n];
         for j in 0..n {
             let x0 = o0[j];
             let x1 = c[j];
@@ -1474,12 +1291,12 @@ pub fn train_k43_matmul_add_mul_sub(
 }
 
 /// elementwise: add, mul, sub over [8].
-pub fn train_k44_add_mul_sub(
-    t93: &[f32],
-    t106: &[f32],
-    t121: &[f32],
-    t136: &[f32],
-    t146: &[f32],
+pub fn train_k45_add_mul_sub(
+    t92: &[f32],
+    t105: &[f32],
+    t120: &[f32],
+    t135: &[f32],
+    t145: &[f32],
     param_cell_b_h: &mut [f32],
 ) {
     param_cell_b_h[0..8]
@@ -1487,11 +1304,11 @@ pub fn train_k44_add_mul_sub(
         .enumerate()
         .for_each(|(row, o0)| {
             let n = o0.len();
-            let x1_row = &t93[row * 8..][..n];
-            let x2_row = &t106[row * 8..][..n];
-            let x3_row = &t121[row * 8..][..n];
-            let x4_row = &t136[row * 8..][..n];
-            let x5_row = &t146[row * 8..][..n];
+            let x1_row = &t92[row * 8..][..n];
+            let x2_row = &t105[row * 8..][..n];
+            let x3_row = &t120[row * 8..][..n];
+            let x4_row = &t135[row * 8..][..n];
+            let x5_row = &t145[row * 8..][..n];
             for j in 0..n {
                 let x0 = o0[j];
                 let x1 = x1_row[j];
@@ -1505,13 +1322,13 @@ pub fn train_k44_add_mul_sub(
 }
 
 /// matmul: matmul, add, mul, sub: 8×4 · 4×2.
-pub fn train_k45_matmul_add_mul_sub(
+pub fn train_k46_matmul_add_mul_sub(
     t37: &[f32],
-    t78: &[f32],
-    t86: &mut [f32],
+    t77: &[f32],
+    t85: &mut [f32],
     param_head_weight: &mut [f32],
 ) -> Result<(), rt::Error> {
-    let c = &mut t86[0..16];
+    let c = &mut t85[0..16];
     let o0 = &mut param_head_weight[0..16];
     rt::gemm::sgemm(
         c.len() / 2,
@@ -1519,7 +1336,7 @@ pub fn train_k45_matmul_add_mul_sub(
         4,
         &t37[0..],
         (1, 8),
-        &t78[0..],
+        &t77[0..],
         (2, 1),
         c,
         (2, 1),
@@ -1537,13 +1354,13 @@ pub fn train_k45_matmul_add_mul_sub(
 }
 
 /// elementwise: add, mul, sub over [2].
-pub fn train_k46_add_mul_sub(t81: &[f32], param_head_bias: &mut [f32]) {
+pub fn train_k47_add_mul_sub(t80: &[f32], param_head_bias: &mut [f32]) {
     param_head_bias[0..2]
         .chunks_mut(2)
         .enumerate()
         .for_each(|(row, o0)| {
             let n = o0.len();
-            let x1_row = &t81[row * 2..][..n];
+            let x1_row = &t80[row * 2..][..n];
             for j in 0..n {
                 let x0 = o0[j];
                 let x1 = x1_row[j];

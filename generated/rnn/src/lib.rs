@@ -3,7 +3,7 @@
 //! `Step` holds the params, the optimizer state and one arena per dtype for
 //! intermediates (offsets from the memory plan, below). Each entry point
 //! (forward, grads, train) calls the kernels of `kernels.rs` in order.
-//! Training graph f45603071aa66218.
+//! Training graph 5510b18e65215e93.
 
 use ferrograd_runtime as rt;
 use numpy::{PyReadonlyArrayDyn, PyUntypedArrayMethods};
@@ -17,7 +17,7 @@ static CONSTS: &[u8] = include_bytes!("consts.bin");
 
 const PARAM_LEN: usize = 128;
 const STATE_LEN: usize = 0;
-const TEMP_F32_LEN: usize = 624;
+const TEMP_F32_LEN: usize = 608;
 const TEMP_I32_LEN: usize = 0;
 const TEMP_BOOL_LEN: usize = 0;
 const CONST_F32_LEN: usize = 16;
@@ -179,57 +179,53 @@ impl Arenas {
         // reads it only through that same mutable slice.
         unsafe {
             kernels::forward_k00_copy(input_x, a.temp_f32.slice_mut(544, 4));
-            kernels::grads_k01_matmul_add_tanh(
+            kernels::forward_k01_matmul_add_tanh(
                 a.temp_f32.slice(544, 4),
                 a.param.slice(0, 8),
                 a.param.slice(80, 8),
                 a.temp_f32.slice_mut(0, 32),
                 a.temp_f32.slice_mut(320, 32),
-                a.temp_f32.slice_mut(192, 32),
             )?;
             kernels::forward_k02_copy(input_x, a.temp_f32.slice_mut(560, 4));
             kernels::forward_k03_matmul(
-                a.temp_f32.slice(192, 32),
+                a.temp_f32.slice(320, 32),
                 a.param.slice(16, 64),
                 a.temp_f32.slice_mut(0, 32),
             )?;
-            kernels::grads_k04_matmul_add_tanh(
+            kernels::forward_k04_matmul_add_tanh(
                 a.temp_f32.slice(560, 4),
                 a.param.slice(0, 8),
                 a.param.slice(80, 8),
                 a.temp_f32.slice(0, 32),
                 a.temp_f32.slice_mut(32, 32),
                 a.temp_f32.slice_mut(128, 32),
-                a.temp_f32.slice_mut(160, 32),
             )?;
-            kernels::forward_k05_copy(input_x, a.temp_f32.slice_mut(416, 4));
+            kernels::forward_k05_copy(input_x, a.temp_f32.slice_mut(224, 4));
             kernels::forward_k06_matmul(
-                a.temp_f32.slice(160, 32),
+                a.temp_f32.slice(128, 32),
                 a.param.slice(16, 64),
                 a.temp_f32.slice_mut(0, 32),
             )?;
-            kernels::grads_k07_matmul_add_tanh(
-                a.temp_f32.slice(416, 4),
+            kernels::forward_k07_matmul_add_tanh(
+                a.temp_f32.slice(224, 4),
                 a.param.slice(0, 8),
                 a.param.slice(80, 8),
                 a.temp_f32.slice(0, 32),
                 a.temp_f32.slice_mut(32, 32),
                 a.temp_f32.slice_mut(64, 32),
-                a.temp_f32.slice_mut(96, 32),
             )?;
-            kernels::forward_k08_copy(input_x, a.temp_f32.slice_mut(432, 4));
+            kernels::forward_k08_copy(input_x, a.temp_f32.slice_mut(160, 4));
             kernels::forward_k09_matmul(
-                a.temp_f32.slice(96, 32),
+                a.temp_f32.slice(64, 32),
                 a.param.slice(16, 64),
                 a.temp_f32.slice_mut(0, 32),
             )?;
-            kernels::grads_k10_matmul_add_tanh(
-                a.temp_f32.slice(432, 4),
+            kernels::forward_k10_matmul_add_tanh(
+                a.temp_f32.slice(160, 4),
                 a.param.slice(0, 8),
                 a.param.slice(80, 8),
                 a.temp_f32.slice(0, 32),
                 a.temp_f32.slice_mut(32, 32),
-                a.temp_f32.slice_mut(224, 32),
                 a.temp_f32.slice_mut(352, 32),
             )?;
             kernels::forward_k11_copy(input_x, a.temp_f32.slice_mut(576, 4));
@@ -238,29 +234,28 @@ impl Arenas {
                 a.param.slice(16, 64),
                 a.temp_f32.slice_mut(0, 32),
             )?;
-            kernels::grads_k13_matmul_add_tanh(
+            kernels::forward_k13_matmul_add_tanh(
                 a.temp_f32.slice(576, 4),
                 a.param.slice(0, 8),
                 a.param.slice(80, 8),
                 a.temp_f32.slice(0, 32),
                 a.temp_f32.slice_mut(32, 32),
-                a.temp_f32.slice_mut(256, 32),
-                a.temp_f32.slice_mut(288, 32),
+                a.temp_f32.slice_mut(96, 32),
             )?;
             kernels::forward_k14_matmul_add(
-                a.temp_f32.slice(288, 32),
+                a.temp_f32.slice(96, 32),
                 a.param.slice(96, 16),
                 a.param.slice(112, 2),
                 a.temp_f32.slice_mut(0, 8),
                 a.temp_f32.slice_mut(16, 8),
             )?;
-            kernels::forward_k15_reduce(a.temp_f32.slice(16, 8), a.temp_f32.slice_mut(0, 4));
-            kernels::forward_k16_stop_gradient(a.temp_f32.slice(0, 4), a.temp_f32.slice_mut(48, 4));
-            kernels::forward_k17_reduce(
+            kernels::forward_k15_reduce(a.temp_f32.slice(16, 8), a.temp_f32.slice_mut(32, 4));
+            kernels::grads_k16_exp_stop_gradient_sub(
                 a.temp_f32.slice(16, 8),
-                a.temp_f32.slice(48, 4),
-                a.temp_f32.slice_mut(0, 4),
+                a.temp_f32.slice(32, 4),
+                a.temp_f32.slice_mut(0, 8),
             );
+            kernels::grads_k17_reduce(a.temp_f32.slice(0, 8), a.temp_f32.slice_mut(16, 4));
             kernels::grads_k18_reduce(
                 input_y,
                 a.const_i32.slice(0, 2),
@@ -270,29 +265,28 @@ impl Arenas {
             );
             kernels::grads_k19_log_d0_mul(
                 a.temp_f32.slice(32, 4),
-                a.temp_f32.slice(0, 4),
-                a.temp_f32.slice_mut(384, 4),
+                a.temp_f32.slice(16, 4),
+                a.temp_f32.slice_mut(48, 4),
             );
-            kernels::grads_k20_add_exp_d0_mul(
+            kernels::grads_k20_add_mul(
                 input_y,
                 a.const_i32.slice(0, 2),
                 a.const_f32.slice(0, 8),
                 a.const_f32.slice(8, 8),
-                a.temp_f32.slice(384, 4),
-                a.temp_f32.slice(16, 8),
                 a.temp_f32.slice(48, 4),
+                a.temp_f32.slice(0, 8),
                 a.temp_f32.slice_mut(32, 8),
             );
             kernels::grads_k21_reduce(a.temp_f32.slice(32, 8), a.temp_f32.slice_mut(592, 2));
             kernels::grads_k22_matmul(
-                a.temp_f32.slice(288, 32),
+                a.temp_f32.slice(96, 32),
                 a.temp_f32.slice(32, 8),
                 a.temp_f32.slice_mut(448, 16),
             )?;
             kernels::grads_k23_matmul_mul_tanh_d0(
                 a.temp_f32.slice(32, 8),
                 a.param.slice(96, 16),
-                a.temp_f32.slice(256, 32),
+                a.temp_f32.slice(96, 32),
                 a.temp_f32.slice_mut(0, 32),
                 a.temp_f32.slice_mut(384, 32),
             )?;
@@ -300,48 +294,48 @@ impl Arenas {
             kernels::grads_k25_matmul_mul_tanh_d0(
                 a.temp_f32.slice(384, 32),
                 a.param.slice(16, 64),
-                a.temp_f32.slice(224, 32),
+                a.temp_f32.slice(352, 32),
                 a.temp_f32.slice_mut(0, 32),
-                a.temp_f32.slice_mut(256, 32),
+                a.temp_f32.slice_mut(96, 32),
             )?;
             kernels::grads_k26_matmul(
+                a.temp_f32.slice(64, 32),
                 a.temp_f32.slice(96, 32),
-                a.temp_f32.slice(256, 32),
                 a.temp_f32.slice_mut(0, 64),
             )?;
-            kernels::grads_k27_reduce(a.temp_f32.slice(256, 32), a.temp_f32.slice_mut(480, 8));
+            kernels::grads_k27_reduce(a.temp_f32.slice(96, 32), a.temp_f32.slice_mut(480, 8));
             kernels::grads_k28_matmul(
-                a.temp_f32.slice(432, 4),
-                a.temp_f32.slice(256, 32),
+                a.temp_f32.slice(160, 4),
+                a.temp_f32.slice(96, 32),
                 a.temp_f32.slice_mut(496, 8),
             )?;
             kernels::grads_k29_matmul_mul_tanh_d0(
-                a.temp_f32.slice(256, 32),
+                a.temp_f32.slice(96, 32),
                 a.param.slice(16, 64),
                 a.temp_f32.slice(64, 32),
-                a.temp_f32.slice_mut(96, 32),
-                a.temp_f32.slice_mut(224, 32),
+                a.temp_f32.slice_mut(160, 32),
+                a.temp_f32.slice_mut(192, 32),
             )?;
             kernels::grads_k30_matmul(
-                a.temp_f32.slice(160, 32),
-                a.temp_f32.slice(224, 32),
+                a.temp_f32.slice(128, 32),
+                a.temp_f32.slice(192, 32),
                 a.temp_f32.slice_mut(64, 64),
             )?;
-            kernels::grads_k31_reduce(a.temp_f32.slice(224, 32), a.temp_f32.slice_mut(512, 8));
+            kernels::grads_k31_reduce(a.temp_f32.slice(192, 32), a.temp_f32.slice_mut(512, 8));
             kernels::grads_k32_matmul(
-                a.temp_f32.slice(416, 4),
-                a.temp_f32.slice(224, 32),
+                a.temp_f32.slice(224, 4),
+                a.temp_f32.slice(192, 32),
                 a.temp_f32.slice_mut(528, 8),
             )?;
             kernels::grads_k33_matmul_mul_tanh_d0(
-                a.temp_f32.slice(224, 32),
+                a.temp_f32.slice(192, 32),
                 a.param.slice(16, 64),
                 a.temp_f32.slice(128, 32),
                 a.temp_f32.slice_mut(160, 32),
                 a.temp_f32.slice_mut(416, 32),
             )?;
             kernels::grads_k34_matmul(
-                a.temp_f32.slice(192, 32),
+                a.temp_f32.slice(320, 32),
                 a.temp_f32.slice(416, 32),
                 a.temp_f32.slice_mut(128, 64),
             )?;
@@ -395,7 +389,7 @@ impl Arenas {
         Ok(())
     }
 
-    /// `train`: 47 kernels.
+    /// `train`: 48 kernels.
     fn train(&mut self, input_x: &[f32], input_y: &[i32]) -> Result<(), rt::Error> {
         let a = &*self;
         // SAFETY: the memory plan gives buffers that are live at the same time
@@ -403,76 +397,71 @@ impl Arenas {
         // reads it only through that same mutable slice.
         unsafe {
             kernels::forward_k00_copy(input_x, a.temp_f32.slice_mut(544, 4));
-            kernels::grads_k01_matmul_add_tanh(
+            kernels::forward_k01_matmul_add_tanh(
                 a.temp_f32.slice(544, 4),
                 a.param.slice(0, 8),
                 a.param.slice(80, 8),
                 a.temp_f32.slice_mut(0, 32),
                 a.temp_f32.slice_mut(192, 32),
-                a.temp_f32.slice_mut(224, 32),
             )?;
-            kernels::forward_k02_copy(input_x, a.temp_f32.slice_mut(560, 4));
+            kernels::forward_k02_copy(input_x, a.temp_f32.slice_mut(384, 4));
             kernels::forward_k03_matmul(
-                a.temp_f32.slice(224, 32),
+                a.temp_f32.slice(192, 32),
                 a.param.slice(16, 64),
                 a.temp_f32.slice_mut(0, 32),
             )?;
-            kernels::grads_k04_matmul_add_tanh(
-                a.temp_f32.slice(560, 4),
+            kernels::forward_k04_matmul_add_tanh(
+                a.temp_f32.slice(384, 4),
                 a.param.slice(0, 8),
                 a.param.slice(80, 8),
                 a.temp_f32.slice(0, 32),
                 a.temp_f32.slice_mut(32, 32),
                 a.temp_f32.slice_mut(128, 32),
-                a.temp_f32.slice_mut(160, 32),
             )?;
-            kernels::forward_k05_copy(input_x, a.temp_f32.slice_mut(512, 4));
+            kernels::forward_k05_copy(input_x, a.temp_f32.slice_mut(352, 4));
             kernels::forward_k06_matmul(
-                a.temp_f32.slice(160, 32),
+                a.temp_f32.slice(128, 32),
                 a.param.slice(16, 64),
                 a.temp_f32.slice_mut(0, 32),
             )?;
-            kernels::grads_k07_matmul_add_tanh(
-                a.temp_f32.slice(512, 4),
+            kernels::forward_k07_matmul_add_tanh(
+                a.temp_f32.slice(352, 4),
                 a.param.slice(0, 8),
                 a.param.slice(80, 8),
                 a.temp_f32.slice(0, 32),
                 a.temp_f32.slice_mut(32, 32),
                 a.temp_f32.slice_mut(64, 32),
-                a.temp_f32.slice_mut(96, 32),
             )?;
-            kernels::forward_k08_copy(input_x, a.temp_f32.slice_mut(480, 4));
+            kernels::forward_k08_copy(input_x, a.temp_f32.slice_mut(160, 4));
             kernels::forward_k09_matmul(
-                a.temp_f32.slice(96, 32),
+                a.temp_f32.slice(64, 32),
                 a.param.slice(16, 64),
                 a.temp_f32.slice_mut(0, 32),
             )?;
-            kernels::grads_k10_matmul_add_tanh(
-                a.temp_f32.slice(480, 4),
+            kernels::forward_k10_matmul_add_tanh(
+                a.temp_f32.slice(160, 4),
                 a.param.slice(0, 8),
                 a.param.slice(80, 8),
                 a.temp_f32.slice(0, 32),
                 a.temp_f32.slice_mut(32, 32),
                 a.temp_f32.slice_mut(256, 32),
-                a.temp_f32.slice_mut(288, 32),
             )?;
-            kernels::forward_k11_copy(input_x, a.temp_f32.slice_mut(576, 4));
+            kernels::forward_k11_copy(input_x, a.temp_f32.slice_mut(560, 4));
             kernels::forward_k12_matmul(
-                a.temp_f32.slice(288, 32),
+                a.temp_f32.slice(256, 32),
                 a.param.slice(16, 64),
                 a.temp_f32.slice_mut(0, 32),
             )?;
-            kernels::grads_k13_matmul_add_tanh(
-                a.temp_f32.slice(576, 4),
+            kernels::forward_k13_matmul_add_tanh(
+                a.temp_f32.slice(560, 4),
                 a.param.slice(0, 8),
                 a.param.slice(80, 8),
                 a.temp_f32.slice(0, 32),
                 a.temp_f32.slice_mut(32, 32),
-                a.temp_f32.slice_mut(320, 32),
-                a.temp_f32.slice_mut(352, 32),
+                a.temp_f32.slice_mut(288, 32),
             )?;
             kernels::forward_k14_matmul_add(
-                a.temp_f32.slice(352, 32),
+                a.temp_f32.slice(288, 32),
                 a.param.slice(96, 16),
                 a.param.slice(112, 2),
                 a.temp_f32.slice_mut(0, 8),
@@ -480,122 +469,122 @@ impl Arenas {
             )?;
             kernels::forward_k15_reduce(a.temp_f32.slice(16, 8), a.temp_f32.slice_mut(0, 4));
             kernels::forward_k16_stop_gradient(a.temp_f32.slice(0, 4), a.temp_f32.slice_mut(32, 4));
-            kernels::forward_k17_reduce(
+            kernels::train_k17_exp(
                 a.temp_f32.slice(16, 8),
                 a.temp_f32.slice(32, 4),
-                a.temp_f32.slice_mut(0, 4),
+                a.temp_f32.slice_mut(0, 8),
             );
-            kernels::train_k18_reduce(
+            kernels::grads_k17_reduce(a.temp_f32.slice(0, 8), a.temp_f32.slice_mut(48, 4));
+            kernels::train_k19_reduce(
                 input_y,
                 a.const_i32.slice(0, 2),
                 a.temp_f32.slice(16, 8),
                 a.temp_f32.slice(32, 4),
-                a.temp_f32.slice(0, 4),
-                a.temp_f32.slice_mut(48, 4),
+                a.temp_f32.slice(48, 4),
+                a.temp_f32.slice_mut(96, 4),
             );
-            kernels::forward_k19_reduce(a.temp_f32.slice(48, 4), a.temp_f32.slice_mut(384, 1));
-            kernels::forward_k20_mul_neg(a.temp_f32.slice(384, 1), a.temp_f32.slice_mut(608, 1));
+            kernels::forward_k19_reduce(a.temp_f32.slice(96, 4), a.temp_f32.slice_mut(16, 1));
+            kernels::forward_k20_mul_neg(a.temp_f32.slice(16, 1), a.temp_f32.slice_mut(592, 1));
             kernels::grads_k18_reduce(
                 input_y,
                 a.const_i32.slice(0, 2),
                 a.const_f32.slice(0, 8),
                 a.const_f32.slice(8, 8),
-                a.temp_f32.slice_mut(48, 4),
+                a.temp_f32.slice_mut(16, 4),
             );
             kernels::grads_k19_log_d0_mul(
+                a.temp_f32.slice(16, 4),
                 a.temp_f32.slice(48, 4),
-                a.temp_f32.slice(0, 4),
-                a.temp_f32.slice_mut(384, 4),
+                a.temp_f32.slice_mut(32, 4),
             );
-            kernels::grads_k20_add_exp_d0_mul(
+            kernels::grads_k20_add_mul(
                 input_y,
                 a.const_i32.slice(0, 2),
                 a.const_f32.slice(0, 8),
                 a.const_f32.slice(8, 8),
-                a.temp_f32.slice(384, 4),
-                a.temp_f32.slice(16, 8),
                 a.temp_f32.slice(32, 4),
+                a.temp_f32.slice(0, 8),
                 a.temp_f32.slice_mut(416, 8),
             );
-            kernels::grads_k21_reduce(a.temp_f32.slice(416, 8), a.temp_f32.slice_mut(592, 2));
+            kernels::grads_k21_reduce(a.temp_f32.slice(416, 8), a.temp_f32.slice_mut(576, 2));
             kernels::grads_k23_matmul_mul_tanh_d0(
                 a.temp_f32.slice(416, 8),
                 a.param.slice(96, 16),
-                a.temp_f32.slice(320, 32),
-                a.temp_f32.slice_mut(0, 32),
-                a.temp_f32.slice_mut(384, 32),
-            )?;
-            kernels::grads_k24_reduce(a.temp_f32.slice(384, 32), a.temp_f32.slice_mut(432, 8));
-            kernels::grads_k25_matmul_mul_tanh_d0(
-                a.temp_f32.slice(384, 32),
-                a.param.slice(16, 64),
-                a.temp_f32.slice(256, 32),
+                a.temp_f32.slice(288, 32),
                 a.temp_f32.slice_mut(0, 32),
                 a.temp_f32.slice_mut(320, 32),
             )?;
-            kernels::grads_k26_matmul(
-                a.temp_f32.slice(96, 32),
+            kernels::grads_k24_reduce(a.temp_f32.slice(320, 32), a.temp_f32.slice_mut(432, 8));
+            kernels::grads_k25_matmul_mul_tanh_d0(
                 a.temp_f32.slice(320, 32),
+                a.param.slice(16, 64),
+                a.temp_f32.slice(256, 32),
+                a.temp_f32.slice_mut(0, 32),
+                a.temp_f32.slice_mut(96, 32),
+            )?;
+            kernels::grads_k26_matmul(
+                a.temp_f32.slice(64, 32),
+                a.temp_f32.slice(96, 32),
                 a.temp_f32.slice_mut(0, 64),
             )?;
-            kernels::grads_k27_reduce(a.temp_f32.slice(320, 32), a.temp_f32.slice_mut(448, 8));
+            kernels::grads_k27_reduce(a.temp_f32.slice(96, 32), a.temp_f32.slice_mut(448, 8));
             kernels::grads_k28_matmul(
-                a.temp_f32.slice(480, 4),
-                a.temp_f32.slice(320, 32),
+                a.temp_f32.slice(160, 4),
+                a.temp_f32.slice(96, 32),
                 a.temp_f32.slice_mut(464, 8),
             )?;
             kernels::grads_k29_matmul_mul_tanh_d0(
-                a.temp_f32.slice(320, 32),
+                a.temp_f32.slice(96, 32),
                 a.param.slice(16, 64),
                 a.temp_f32.slice(64, 32),
-                a.temp_f32.slice_mut(96, 32),
-                a.temp_f32.slice_mut(256, 32),
+                a.temp_f32.slice_mut(160, 32),
+                a.temp_f32.slice_mut(224, 32),
             )?;
             kernels::grads_k30_matmul(
-                a.temp_f32.slice(160, 32),
-                a.temp_f32.slice(256, 32),
+                a.temp_f32.slice(128, 32),
+                a.temp_f32.slice(224, 32),
                 a.temp_f32.slice_mut(64, 64),
             )?;
-            kernels::grads_k31_reduce(a.temp_f32.slice(256, 32), a.temp_f32.slice_mut(480, 8));
+            kernels::grads_k31_reduce(a.temp_f32.slice(224, 32), a.temp_f32.slice_mut(480, 8));
             kernels::grads_k32_matmul(
-                a.temp_f32.slice(512, 4),
-                a.temp_f32.slice(256, 32),
+                a.temp_f32.slice(352, 4),
+                a.temp_f32.slice(224, 32),
                 a.temp_f32.slice_mut(496, 8),
             )?;
             kernels::grads_k33_matmul_mul_tanh_d0(
-                a.temp_f32.slice(256, 32),
+                a.temp_f32.slice(224, 32),
                 a.param.slice(16, 64),
                 a.temp_f32.slice(128, 32),
                 a.temp_f32.slice_mut(160, 32),
-                a.temp_f32.slice_mut(320, 32),
+                a.temp_f32.slice_mut(352, 32),
             )?;
             kernels::grads_k34_matmul(
-                a.temp_f32.slice(224, 32),
-                a.temp_f32.slice(320, 32),
+                a.temp_f32.slice(192, 32),
+                a.temp_f32.slice(352, 32),
                 a.temp_f32.slice_mut(128, 64),
             )?;
-            kernels::grads_k36_reduce(a.temp_f32.slice(320, 32), a.temp_f32.slice_mut(512, 8));
+            kernels::grads_k36_reduce(a.temp_f32.slice(352, 32), a.temp_f32.slice_mut(512, 8));
             kernels::grads_k37_matmul(
-                a.temp_f32.slice(560, 4),
-                a.temp_f32.slice(320, 32),
+                a.temp_f32.slice(384, 4),
+                a.temp_f32.slice(352, 32),
                 a.temp_f32.slice_mut(528, 8),
             )?;
             kernels::grads_k38_matmul_mul_tanh_d0(
-                a.temp_f32.slice(320, 32),
+                a.temp_f32.slice(352, 32),
                 a.param.slice(16, 64),
                 a.temp_f32.slice(192, 32),
                 a.temp_f32.slice_mut(224, 32),
-                a.temp_f32.slice_mut(256, 32),
+                a.temp_f32.slice_mut(384, 32),
             )?;
-            kernels::grads_k39_reduce(a.temp_f32.slice(256, 32), a.temp_f32.slice_mut(320, 8));
+            kernels::grads_k39_reduce(a.temp_f32.slice(384, 32), a.temp_f32.slice_mut(352, 8));
             kernels::grads_k41_matmul(
                 a.temp_f32.slice(544, 4),
-                a.temp_f32.slice(256, 32),
+                a.temp_f32.slice(384, 32),
                 a.temp_f32.slice_mut(192, 8),
             )?;
-            kernels::train_k42_matmul_add_mul_sub(
-                a.temp_f32.slice(576, 4),
-                a.temp_f32.slice(384, 32),
+            kernels::train_k43_matmul_add_mul_sub(
+                a.temp_f32.slice(560, 4),
+                a.temp_f32.slice(320, 32),
                 a.temp_f32.slice(464, 8),
                 a.temp_f32.slice(496, 8),
                 a.temp_f32.slice(528, 8),
@@ -603,30 +592,30 @@ impl Arenas {
                 a.temp_f32.slice_mut(208, 8),
                 a.param.slice_mut(0, 8),
             )?;
-            kernels::train_k43_matmul_add_mul_sub(
-                a.temp_f32.slice(288, 32),
-                a.temp_f32.slice(384, 32),
+            kernels::train_k44_matmul_add_mul_sub(
+                a.temp_f32.slice(256, 32),
+                a.temp_f32.slice(320, 32),
                 a.temp_f32.slice(0, 64),
                 a.temp_f32.slice(64, 64),
                 a.temp_f32.slice(128, 64),
                 a.temp_f32.slice_mut(192, 64),
                 a.param.slice_mut(16, 64),
             )?;
-            kernels::train_k44_add_mul_sub(
+            kernels::train_k45_add_mul_sub(
                 a.temp_f32.slice(432, 8),
                 a.temp_f32.slice(448, 8),
                 a.temp_f32.slice(480, 8),
                 a.temp_f32.slice(512, 8),
-                a.temp_f32.slice(320, 8),
+                a.temp_f32.slice(352, 8),
                 a.param.slice_mut(80, 8),
             );
-            kernels::train_k45_matmul_add_mul_sub(
-                a.temp_f32.slice(352, 32),
+            kernels::train_k46_matmul_add_mul_sub(
+                a.temp_f32.slice(288, 32),
                 a.temp_f32.slice(416, 8),
                 a.temp_f32.slice_mut(0, 16),
                 a.param.slice_mut(96, 16),
             )?;
-            kernels::train_k46_add_mul_sub(a.temp_f32.slice(592, 2), a.param.slice_mut(112, 2));
+            kernels::train_k47_add_mul_sub(a.temp_f32.slice(576, 2), a.param.slice_mut(112, 2));
         }
         Ok(())
     }
@@ -642,7 +631,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `rnn`.
-#[pyclass(module = "fg_rnn_3ca737c29722")]
+#[pyclass(module = "fg_rnn_c31e32ca20f2")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -738,7 +727,7 @@ impl Step {
                 arenas.train(x, y)
             })
         })?;
-        Ok(self.arenas.temp_f32.slice(608, 1)[0])
+        Ok(self.arenas.temp_f32.slice(592, 1)[0])
     }
 
     /// Copies of every param (`kind="param"`) or optimizer state buffer (`"state"`).
@@ -786,8 +775,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_rnn_3ca737c29722(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_rnn_3ca737c29722")?;
+fn fg_rnn_c31e32ca20f2(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_rnn_c31e32ca20f2")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

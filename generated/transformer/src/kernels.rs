@@ -483,10 +483,10 @@ pub fn forward_k20_matmul_add_mul_normal_cdf(
     param_mlp_up_weight: &[f32],
     param_mlp_up_bias: &[f32],
     t78: &mut [f32],
-    t481: &mut [f32],
+    t479: &mut [f32],
 ) -> Result<(), rt::Error> {
     let c = &mut t78[0..1024];
-    let o0 = &mut t481[0..1024];
+    let o0 = &mut t479[0..1024];
     rt::gemm::sgemm(
         c.len() / 64,
         64,
@@ -514,7 +514,7 @@ pub fn forward_k20_matmul_add_mul_normal_cdf(
 
 /// matmul: matmul, add: 16×64 · 64×16.
 pub fn forward_k21_matmul_add(
-    t481: &[f32],
+    t479: &[f32],
     param_mlp_down_weight: &[f32],
     param_mlp_down_bias: &[f32],
     t83: &mut [f32],
@@ -526,7 +526,7 @@ pub fn forward_k21_matmul_add(
         c.len() / 16,
         16,
         64,
-        &t481[0..],
+        &t479[0..],
         (64, 1),
         &param_mlp_down_weight[0..],
         (16, 1),
@@ -833,8 +833,8 @@ pub fn grads_k03_reduce(t11: &[f32], t13: &mut [f32]) {
         });
 }
 
-/// elementwise: sqrt over [2, 8, 1].
-pub fn grads_k04_sqrt(t13: &[f32], t18: &mut [f32]) {
+/// elementwise: add, mul, sqrt over [2, 8, 1].
+pub fn grads_k04_add_mul_sqrt(t13: &[f32], t18: &mut [f32]) {
     t18[0..16].chunks_mut(16).enumerate().for_each(|(row, o0)| {
         let n = o0.len();
         let x0_row = &t13[row * 16..][..n];
@@ -877,8 +877,8 @@ pub fn grads_k05_add_div_mul(
 }
 
 /// elementwise: div.d0 over [2, 8, 1].
-pub fn grads_k09_div_d0(t18: &[f32], t302: &mut [f32]) {
-    t302[0..16]
+pub fn grads_k09_div_d0(t18: &[f32], t300: &mut [f32]) {
+    t300[0..16]
         .chunks_mut(16)
         .enumerate()
         .for_each(|(row, o0)| {
@@ -891,47 +891,8 @@ pub fn grads_k09_div_d0(t18: &[f32], t302: &mut [f32]) {
         });
 }
 
-/// elementwise: stop_gradient over [2, 2, 8, 1].
-pub fn grads_k12_stop_gradient(t47: &[f32], t48: &mut [f32]) {
-    t48[0..32].chunks_mut(32).enumerate().for_each(|(row, o0)| {
-        let n = o0.len();
-        let x0_row = &t47[row * 32..][..n];
-        for j in 0..n {
-            let x0 = x0_row[j];
-            o0[j] = x0;
-        }
-    });
-}
-
-/// elementwise: exp over [2, 2, 8, 8].
-pub fn grads_k13_exp(c44: &[u8], t43: &[f32], t48: &[f32], t50: &mut [f32]) {
-    fn rows(row0: usize, c44: &[u8], t43: &[f32], t48: &[f32], o0: &mut [f32]) {
-        for (i, o0) in o0.chunks_exact_mut(64).enumerate() {
-            let row = row0 + i;
-            let o0: &mut [f32; 64] = o0.try_into().unwrap();
-            let x0_row: &[u8; 64] = c44[0..][..64].try_into().unwrap();
-            let x1_row: &[f32; 64] = t43[row * 64..][..64].try_into().unwrap();
-            let x2_src: &[f32; 8] = t48[row * 8..][..8].try_into().unwrap();
-            let mut x2_row = [0.0_f32; 64];
-            for d0 in 0..8 {
-                for d1 in 0..8 {
-                    let j = d0 * 8 + d1;
-                    x2_row[j] = x2_src[d0];
-                }
-            }
-            for j in 0..64 {
-                let x0 = x0_row[j] != 0;
-                let x1 = x1_row[j];
-                let x2 = x2_row[j];
-                o0[j] = Math::exp(-x2 + (if x0 { x1 } else { -1000000000.0 }));
-            }
-        }
-    }
-    rows(0, c44, t43, t48, &mut t50[0..256]);
-}
-
 /// matmul: matmul, add: 2 batches of 8×16 · 16×16.
-pub fn grads_k17_matmul_add(
+pub fn grads_k16_matmul_add(
     t53: &[f32],
     param_attn_out_weight: &[f32],
     t3: &[f32],
@@ -996,7 +957,7 @@ pub fn grads_k17_matmul_add(
 }
 
 /// elementwise: mul, sub over [2, 8, 16].
-pub fn grads_k19_mul_sub(t60: &[f32], t63: &[f32], t66: &mut [f32]) {
+pub fn grads_k18_mul_sub(t60: &[f32], t63: &[f32], t66: &mut [f32]) {
     t66[0..256]
         .chunks_mut(16)
         .enumerate()
@@ -1012,7 +973,7 @@ pub fn grads_k19_mul_sub(t60: &[f32], t63: &[f32], t66: &mut [f32]) {
 }
 
 /// reduce: mul, reduce_sum over [2, 8, 16].
-pub fn grads_k20_reduce(t66: &[f32], t68: &mut [f32]) {
+pub fn grads_k19_reduce(t66: &[f32], t68: &mut [f32]) {
     t68[0..16]
         .iter_mut()
         .enumerate()
@@ -1029,8 +990,8 @@ pub fn grads_k20_reduce(t66: &[f32], t68: &mut [f32]) {
         });
 }
 
-/// elementwise: sqrt over [2, 8, 1].
-pub fn grads_k21_sqrt(t68: &[f32], t73: &mut [f32]) {
+/// elementwise: add, mul, sqrt over [2, 8, 1].
+pub fn grads_k20_add_mul_sqrt(t68: &[f32], t73: &mut [f32]) {
     t73[0..16].chunks_mut(16).enumerate().for_each(|(row, o0)| {
         let n = o0.len();
         let x0_row = &t68[row * 16..][..n];
@@ -1042,7 +1003,7 @@ pub fn grads_k21_sqrt(t68: &[f32], t73: &mut [f32]) {
 }
 
 /// elementwise: add, div, mul over [2, 8, 16].
-pub fn grads_k22_add_div_mul(
+pub fn grads_k21_add_div_mul(
     t66: &[f32],
     t73: &[f32],
     param_ln_mlp_weight: &[f32],
@@ -1073,8 +1034,8 @@ pub fn grads_k22_add_div_mul(
 }
 
 /// elementwise: div.d0 over [2, 8, 1].
-pub fn grads_k23_div_d0(t73: &[f32], t207: &mut [f32]) {
-    t207[0..16]
+pub fn grads_k22_div_d0(t73: &[f32], t206: &mut [f32]) {
+    t206[0..16]
         .chunks_mut(16)
         .enumerate()
         .for_each(|(row, o0)| {
@@ -1088,19 +1049,19 @@ pub fn grads_k23_div_d0(t73: &[f32], t207: &mut [f32]) {
 }
 
 /// matmul: matmul, add, mul, normal_cdf: 16×16 · 16×64.
-pub fn grads_k24_matmul_add_mul_normal_cdf(
+pub fn grads_k23_matmul_add_mul_normal_cdf(
     t76: &[f32],
     param_mlp_up_weight: &[f32],
     param_mlp_up_bias: &[f32],
     t78: &mut [f32],
     t80: &mut [f32],
-    t480: &mut [f32],
-    t481: &mut [f32],
+    t478: &mut [f32],
+    t479: &mut [f32],
 ) -> Result<(), rt::Error> {
     let c = &mut t78[0..1024];
     let o0 = &mut t80[0..1024];
-    let o1 = &mut t480[0..1024];
-    let o2 = &mut t481[0..1024];
+    let o1 = &mut t478[0..1024];
+    let o2 = &mut t479[0..1024];
     rt::gemm::sgemm(
         c.len() / 64,
         64,
@@ -1135,7 +1096,7 @@ pub fn grads_k24_matmul_add_mul_normal_cdf(
 }
 
 /// elementwise: mul, sub over [2, 8, 16].
-pub fn grads_k27_mul_sub(t60: &[f32], t85: &[f32], t89: &[f32], t92: &mut [f32]) {
+pub fn grads_k26_mul_sub(t60: &[f32], t85: &[f32], t89: &[f32], t92: &mut [f32]) {
     t92[0..256]
         .chunks_mut(16)
         .enumerate()
@@ -1153,7 +1114,7 @@ pub fn grads_k27_mul_sub(t60: &[f32], t85: &[f32], t89: &[f32], t92: &mut [f32])
 }
 
 /// reduce: mul, reduce_sum over [2, 8, 16].
-pub fn grads_k28_reduce(t92: &[f32], t94: &mut [f32]) {
+pub fn grads_k27_reduce(t92: &[f32], t94: &mut [f32]) {
     t94[0..16]
         .iter_mut()
         .enumerate()
@@ -1170,8 +1131,8 @@ pub fn grads_k28_reduce(t92: &[f32], t94: &mut [f32]) {
         });
 }
 
-/// elementwise: sqrt over [2, 8, 1].
-pub fn grads_k29_sqrt(t94: &[f32], t99: &mut [f32]) {
+/// elementwise: add, mul, sqrt over [2, 8, 1].
+pub fn grads_k28_add_mul_sqrt(t94: &[f32], t99: &mut [f32]) {
     t99[0..16].chunks_mut(16).enumerate().for_each(|(row, o0)| {
         let n = o0.len();
         let x0_row = &t94[row * 16..][..n];
@@ -1183,7 +1144,7 @@ pub fn grads_k29_sqrt(t94: &[f32], t99: &mut [f32]) {
 }
 
 /// elementwise: add, div, mul over [2, 8, 16].
-pub fn grads_k30_add_div_mul(
+pub fn grads_k29_add_div_mul(
     t92: &[f32],
     t99: &[f32],
     param_ln_out_weight: &[f32],
@@ -1213,9 +1174,43 @@ pub fn grads_k30_add_div_mul(
         });
 }
 
+/// elementwise: exp, stop_gradient, sub over [16, 20].
+pub fn grads_k32_exp_stop_gradient_sub(t106: &[f32], t112: &[f32], t115: &mut [f32]) {
+    t115[0..320]
+        .chunks_mut(20)
+        .enumerate()
+        .for_each(|(row, o0)| {
+            let n = o0.len();
+            let x0_row = &t106[row * 20..][..n];
+            let x1 = t112[row];
+            for j in 0..n {
+                let x0 = x0_row[j];
+                o0[j] = Math::exp(x0 - x1);
+            }
+        });
+}
+
+/// reduce: reduce_sum over [16, 20].
+pub fn grads_k33_reduce(t115: &[f32], t116: &mut [f32]) {
+    t116[0..16]
+        .iter_mut()
+        .enumerate()
+        .for_each(|(row, acc_out)| {
+            let mut lanes = rt::lanes::SUMS;
+            let mut chunk = [0.0_f32; rt::lanes::CHUNK];
+            let x0_row = &t115[row * 20..][..20];
+            for (j, c) in chunk[..20].iter_mut().enumerate() {
+                let x0 = x0_row[j];
+                *c = x0;
+            }
+            rt::lanes::add(&mut lanes, &chunk[..20]);
+            *acc_out = rt::lanes::sum(&lanes) as f32;
+        });
+}
+
 /// elementwise: div.d0 over [2, 8, 1].
-pub fn grads_k35_div_d0(t99: &[f32], t163: &mut [f32]) {
-    t163[0..16]
+pub fn grads_k34_div_d0(t99: &[f32], t162: &mut [f32]) {
+    t162[0..16]
         .chunks_mut(16)
         .enumerate()
         .for_each(|(row, o0)| {
@@ -1229,7 +1224,7 @@ pub fn grads_k35_div_d0(t99: &[f32], t163: &mut [f32]) {
 }
 
 /// reduce: neg, reduce_sum over [16, 20].
-pub fn grads_k36_reduce(input_targets: &[i32], c110: &[i32], c500: &[f32], t139: &mut [f32]) {
+pub fn grads_k35_reduce(input_targets: &[i32], c110: &[i32], c498: &[f32], t139: &mut [f32]) {
     t139[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -1240,7 +1235,7 @@ pub fn grads_k36_reduce(input_targets: &[i32], c110: &[i32], c500: &[f32], t139:
             for i0 in 0..20 {
                 let x0_row = &input_targets[j0..][..out.len()];
                 let x1 = c110[i0];
-                let x2_row = &c500[j0..][..out.len()];
+                let x2_row = &c498[j0..][..out.len()];
                 for (j, a) in acc.iter_mut().enumerate() {
                     let x0 = x0_row[j];
                     let x2 = x2_row[j];
@@ -1254,7 +1249,7 @@ pub fn grads_k36_reduce(input_targets: &[i32], c110: &[i32], c500: &[f32], t139:
 }
 
 /// elementwise: log.d0, mul over [16, 1].
-pub fn grads_k37_log_d0_mul(t139: &[f32], t116: &[f32], t141: &mut [f32]) {
+pub fn grads_k36_log_d0_mul(t139: &[f32], t116: &[f32], t141: &mut [f32]) {
     t141[0..16]
         .chunks_mut(16)
         .enumerate()
@@ -1270,38 +1265,36 @@ pub fn grads_k37_log_d0_mul(t139: &[f32], t116: &[f32], t141: &mut [f32]) {
         });
 }
 
-/// elementwise: add, exp.d0, mul over [16, 20].
-pub fn grads_k38_add_exp_d0_mul(
+/// elementwise: add, mul over [16, 20].
+pub fn grads_k37_add_mul(
     input_targets: &[i32],
     c110: &[i32],
-    c500: &[f32],
+    c498: &[f32],
     t141: &[f32],
-    t106: &[f32],
-    t113: &[f32],
-    t145: &mut [f32],
+    t115: &[f32],
+    t144: &mut [f32],
 ) {
-    t145[0..320]
+    t144[0..320]
         .chunks_mut(20)
         .enumerate()
         .for_each(|(row, o0)| {
             let n = o0.len();
             let x0 = input_targets[row];
             let x1_row = &c110[0..][..n];
-            let x2 = c500[row];
+            let x2 = c498[row];
             let x3 = t141[row];
-            let x4_row = &t106[row * 20..][..n];
-            let x5 = t113[row];
+            let x4_row = &t115[row * 20..][..n];
             for j in 0..n {
                 let x1 = x1_row[j];
                 let x4 = x4_row[j];
-                o0[j] = x3 * Math::exp(x4 - x5) + (if x0 == x1 { x2 } else { 0.0 });
+                o0[j] = x3 * x4 + (if x0 == x1 { x2 } else { 0.0 });
             }
         });
 }
 
 /// reduce: reduce_sum over [2, 8, 20].
-pub fn grads_k39_reduce(t145: &[f32], t149: &mut [f32]) {
-    t149[0..20]
+pub fn grads_k38_reduce(t144: &[f32], t148: &mut [f32]) {
+    t148[0..20]
         .chunks_mut(20)
         .enumerate()
         .for_each(|(part, out)| {
@@ -1309,7 +1302,7 @@ pub fn grads_k39_reduce(t145: &[f32], t149: &mut [f32]) {
             let mut acc = [0.0_f64; 20];
             let acc = &mut acc[..out.len()];
             for i0 in 0..16 {
-                let x0_row = &t145[i0 * 20 + j0..][..out.len()];
+                let x0_row = &t144[i0 * 20 + j0..][..out.len()];
                 for (j, a) in acc.iter_mut().enumerate() {
                     let x0 = x0_row[j];
                     *a += f64::from(x0);
@@ -1322,21 +1315,21 @@ pub fn grads_k39_reduce(t145: &[f32], t149: &mut [f32]) {
 }
 
 /// matmul: matmul: 16×20 · 20×16.
-pub fn grads_k40_matmul(
-    t145: &[f32],
+pub fn grads_k39_matmul(
+    t144: &[f32],
     param_head_weight: &[f32],
-    t152: &mut [f32],
+    t151: &mut [f32],
 ) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         16,
         16,
         20,
-        &t145[0..],
+        &t144[0..],
         (0, 20, 1),
         &param_head_weight[0..],
         (0, 1, 20),
-        &mut t152[0..],
+        &mut t151[0..],
         (0, 16, 1),
         false,
     )?;
@@ -1344,7 +1337,7 @@ pub fn grads_k40_matmul(
 }
 
 /// matmul: matmul: 16×16 · 16×20.
-pub fn grads_k41_matmul(t102: &[f32], t145: &[f32], t156: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k40_matmul(t102: &[f32], t144: &[f32], t155: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         16,
@@ -1352,9 +1345,9 @@ pub fn grads_k41_matmul(t102: &[f32], t145: &[f32], t156: &mut [f32]) -> Result<
         16,
         &t102[0..],
         (0, 1, 16),
-        &t145[0..],
+        &t144[0..],
         (0, 20, 1),
-        &mut t156[0..],
+        &mut t155[0..],
         (0, 20, 1),
         false,
     )?;
@@ -1362,8 +1355,8 @@ pub fn grads_k41_matmul(t102: &[f32], t145: &[f32], t156: &mut [f32]) -> Result<
 }
 
 /// reduce: reduce_sum over [2, 8, 16].
-pub fn grads_k42_reduce(t152: &[f32], t157: &mut [f32]) {
-    t157[0..16]
+pub fn grads_k41_reduce(t151: &[f32], t156: &mut [f32]) {
+    t156[0..16]
         .chunks_mut(16)
         .enumerate()
         .for_each(|(part, out)| {
@@ -1371,7 +1364,7 @@ pub fn grads_k42_reduce(t152: &[f32], t157: &mut [f32]) {
             let mut acc = [0.0_f64; 16];
             let acc = &mut acc[..out.len()];
             for i0 in 0..16 {
-                let x0_row = &t152[i0 * 16 + j0..][..out.len()];
+                let x0_row = &t151[i0 * 16 + j0..][..out.len()];
                 for (j, a) in acc.iter_mut().enumerate() {
                     let x0 = x0_row[j];
                     *a += f64::from(x0);
@@ -1384,13 +1377,13 @@ pub fn grads_k42_reduce(t152: &[f32], t157: &mut [f32]) {
 }
 
 /// elementwise: mul over [2, 8, 16].
-pub fn grads_k43_mul(t152: &[f32], param_ln_out_weight: &[f32], t159: &mut [f32]) {
-    t159[0..256]
+pub fn grads_k42_mul(t151: &[f32], param_ln_out_weight: &[f32], t158: &mut [f32]) {
+    t158[0..256]
         .chunks_mut(16)
         .enumerate()
         .for_each(|(row, o0)| {
             let n = o0.len();
-            let x0_row = &t152[row * 16..][..n];
+            let x0_row = &t151[row * 16..][..n];
             let x1_row = &param_ln_out_weight[0..][..n];
             for j in 0..n {
                 let x0 = x0_row[j];
@@ -1401,8 +1394,8 @@ pub fn grads_k43_mul(t152: &[f32], param_ln_out_weight: &[f32], t159: &mut [f32]
 }
 
 /// reduce: mul, reduce_sum over [2, 8, 16].
-pub fn grads_k44_reduce(t152: &[f32], t100: &[f32], t161: &mut [f32]) {
-    t161[0..16]
+pub fn grads_k43_reduce(t151: &[f32], t100: &[f32], t160: &mut [f32]) {
+    t160[0..16]
         .chunks_mut(16)
         .enumerate()
         .for_each(|(part, out)| {
@@ -1410,7 +1403,7 @@ pub fn grads_k44_reduce(t152: &[f32], t100: &[f32], t161: &mut [f32]) {
             let mut acc = [0.0_f64; 16];
             let acc = &mut acc[..out.len()];
             for i0 in 0..16 {
-                let x0_row = &t152[i0 * 16 + j0..][..out.len()];
+                let x0_row = &t151[i0 * 16 + j0..][..out.len()];
                 let x1_row = &t100[i0 * 16 + j0..][..out.len()];
                 for (j, a) in acc.iter_mut().enumerate() {
                     let x0 = x0_row[j];
@@ -1425,14 +1418,14 @@ pub fn grads_k44_reduce(t152: &[f32], t100: &[f32], t161: &mut [f32]) {
 }
 
 /// reduce: div.d1, mul, reduce_sum over [2, 8, 16].
-pub fn grads_k45_reduce(t159: &[f32], t92: &[f32], t99: &[f32], t167: &mut [f32]) {
-    t167[0..16]
+pub fn grads_k44_reduce(t158: &[f32], t92: &[f32], t99: &[f32], t166: &mut [f32]) {
+    t166[0..16]
         .iter_mut()
         .enumerate()
         .for_each(|(row, acc_out)| {
             let mut lanes = rt::lanes::SUMS;
             let mut chunk = [0.0_f32; rt::lanes::CHUNK];
-            let x0_row = &t159[row * 16..][..16];
+            let x0_row = &t158[row * 16..][..16];
             let x1_row = &t92[row * 16..][..16];
             let x2 = t99[row];
             let recip0 = x2.powi(-2);
@@ -1447,33 +1440,33 @@ pub fn grads_k45_reduce(t159: &[f32], t92: &[f32], t99: &[f32], t167: &mut [f32]
 }
 
 /// elementwise: mul, sqrt.d0 over [2, 8, 1].
-pub fn grads_k46_mul_sqrt_d0(t167: &[f32], t94: &[f32], t170: &mut [f32]) {
-    t170[0..16]
+pub fn grads_k45_mul_sqrt_d0(t166: &[f32], t99: &[f32], t169: &mut [f32]) {
+    t169[0..16]
         .chunks_mut(16)
         .enumerate()
         .for_each(|(row, o0)| {
             let n = o0.len();
-            let x0_row = &t167[row * 16..][..n];
-            let x1_row = &t94[row * 16..][..n];
+            let x0_row = &t166[row * 16..][..n];
+            let x1_row = &t99[row * 16..][..n];
             for j in 0..n {
                 let x0 = x0_row[j];
                 let x1 = x1_row[j];
-                o0[j] = 0.03125 * x0 / (0.0625 * x1 + 0.00001).sqrt();
+                o0[j] = 0.03125 * x0 / x1;
             }
         });
 }
 
 /// reduce: neg, reduce_sum over [2, 8, 16].
-pub fn grads_k47_reduce(t159: &[f32], t163: &[f32], t170: &[f32], t92: &[f32], t178: &mut [f32]) {
-    t178[0..16]
+pub fn grads_k46_reduce(t158: &[f32], t162: &[f32], t169: &[f32], t92: &[f32], t177: &mut [f32]) {
+    t177[0..16]
         .iter_mut()
         .enumerate()
         .for_each(|(row, acc_out)| {
             let mut lanes = rt::lanes::SUMS;
             let mut chunk = [0.0_f32; rt::lanes::CHUNK];
-            let x0_row = &t159[row * 16..][..16];
-            let x1 = t163[row];
-            let x2 = t170[row];
+            let x0_row = &t158[row * 16..][..16];
+            let x1 = t162[row];
+            let x2 = t169[row];
             let x3_row = &t92[row * 16..][..16];
             for (j, c) in chunk[..16].iter_mut().enumerate() {
                 let x0 = x0_row[j];
@@ -1486,13 +1479,13 @@ pub fn grads_k47_reduce(t159: &[f32], t163: &[f32], t170: &[f32], t92: &[f32], t
 }
 
 /// elementwise: mul over [2, 8, 1].
-pub fn grads_k48_mul(t178: &[f32], t179: &mut [f32]) {
-    t179[0..16]
+pub fn grads_k47_mul(t177: &[f32], t178: &mut [f32]) {
+    t178[0..16]
         .chunks_mut(16)
         .enumerate()
         .for_each(|(row, o0)| {
             let n = o0.len();
-            let x0_row = &t178[row * 16..][..n];
+            let x0_row = &t177[row * 16..][..n];
             for j in 0..n {
                 let x0 = x0_row[j];
                 o0[j] = 0.0625 * x0;
@@ -1501,24 +1494,24 @@ pub fn grads_k48_mul(t178: &[f32], t179: &mut [f32]) {
 }
 
 /// elementwise: add over [2, 8, 16].
-pub fn grads_k49_add(
-    t159: &[f32],
-    t163: &[f32],
-    t170: &[f32],
+pub fn grads_k48_add(
+    t158: &[f32],
+    t162: &[f32],
+    t169: &[f32],
     t92: &[f32],
-    t179: &[f32],
-    t182: &mut [f32],
+    t178: &[f32],
+    t181: &mut [f32],
 ) {
-    t182[0..256]
+    t181[0..256]
         .chunks_mut(16)
         .enumerate()
         .for_each(|(row, o0)| {
             let n = o0.len();
-            let x0_row = &t159[row * 16..][..n];
-            let x1 = t163[row];
-            let x2 = t170[row];
+            let x0_row = &t158[row * 16..][..n];
+            let x1 = t162[row];
+            let x2 = t169[row];
             let x3_row = &t92[row * 16..][..n];
-            let x4 = t179[row];
+            let x4 = t178[row];
             for j in 0..n {
                 let x0 = x0_row[j];
                 let x3 = x3_row[j];
@@ -1528,8 +1521,8 @@ pub fn grads_k49_add(
 }
 
 /// reduce: reduce_sum over [2, 8, 16].
-pub fn grads_k50_reduce(t182: &[f32], t183: &mut [f32]) {
-    t183[0..16]
+pub fn grads_k49_reduce(t181: &[f32], t182: &mut [f32]) {
+    t182[0..16]
         .chunks_mut(16)
         .enumerate()
         .for_each(|(part, out)| {
@@ -1537,7 +1530,7 @@ pub fn grads_k50_reduce(t182: &[f32], t183: &mut [f32]) {
             let mut acc = [0.0_f64; 16];
             let acc = &mut acc[..out.len()];
             for i0 in 0..16 {
-                let x0_row = &t182[i0 * 16 + j0..][..out.len()];
+                let x0_row = &t181[i0 * 16 + j0..][..out.len()];
                 for (j, a) in acc.iter_mut().enumerate() {
                     let x0 = x0_row[j];
                     *a += f64::from(x0);
@@ -1550,17 +1543,17 @@ pub fn grads_k50_reduce(t182: &[f32], t183: &mut [f32]) {
 }
 
 /// matmul: matmul: 64×16 · 16×16.
-pub fn grads_k51_matmul(t481: &[f32], t182: &[f32], t190: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k50_matmul(t479: &[f32], t181: &[f32], t189: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         64,
         16,
         16,
-        &t481[0..],
+        &t479[0..],
         (0, 1, 64),
-        &t182[0..],
+        &t181[0..],
         (0, 16, 1),
-        &mut t190[0..],
+        &mut t189[0..],
         (0, 16, 1),
         false,
     )?;
@@ -1568,21 +1561,21 @@ pub fn grads_k51_matmul(t481: &[f32], t182: &[f32], t190: &mut [f32]) -> Result<
 }
 
 /// matmul: matmul, add, mul, normal_cdf.d0: 16×16 · 16×64.
-pub fn grads_k52_matmul_add_mul_normal_cdf_d0(
-    t182: &[f32],
+pub fn grads_k51_matmul_add_mul_normal_cdf_d0(
+    t181: &[f32],
     param_mlp_down_weight: &[f32],
-    t480: &[f32],
+    t478: &[f32],
     t80: &[f32],
-    t186: &mut [f32],
-    t192: &mut [f32],
+    t185: &mut [f32],
+    t191: &mut [f32],
 ) -> Result<(), rt::Error> {
-    let c = &mut t186[0..1024];
-    let o0 = &mut t192[0..1024];
+    let c = &mut t185[0..1024];
+    let o0 = &mut t191[0..1024];
     rt::gemm::sgemm(
         c.len() / 64,
         64,
         16,
-        &t182[0..],
+        &t181[0..],
         (16, 1),
         &param_mlp_down_weight[0..],
         (1, 16),
@@ -1593,7 +1586,7 @@ pub fn grads_k52_matmul_add_mul_normal_cdf_d0(
     for (i, (c, o0)) in c.chunks(64).zip(o0.chunks_mut(64)).enumerate() {
         let row = i;
         let n = o0.len();
-        let x1_row = &t480[row * 64..][..n];
+        let x1_row = &t478[row * 64..][..n];
         let x2_row = &t80[row * 64..][..n];
         for j in 0..n {
             let x0 = c[j];
@@ -1606,8 +1599,8 @@ pub fn grads_k52_matmul_add_mul_normal_cdf_d0(
 }
 
 /// reduce: reduce_sum over [2, 8, 64].
-pub fn grads_k53_reduce(t192: &[f32], t193: &mut [f32]) {
-    t193[0..64]
+pub fn grads_k52_reduce(t191: &[f32], t192: &mut [f32]) {
+    t192[0..64]
         .chunks_mut(64)
         .enumerate()
         .for_each(|(part, out)| {
@@ -1615,7 +1608,7 @@ pub fn grads_k53_reduce(t192: &[f32], t193: &mut [f32]) {
             let mut acc = [0.0_f64; 64];
             let acc = &mut acc[..out.len()];
             for i0 in 0..16 {
-                let x0_row = &t192[i0 * 64 + j0..][..out.len()];
+                let x0_row = &t191[i0 * 64 + j0..][..out.len()];
                 for (j, a) in acc.iter_mut().enumerate() {
                     let x0 = x0_row[j];
                     *a += f64::from(x0);
@@ -1628,21 +1621,21 @@ pub fn grads_k53_reduce(t192: &[f32], t193: &mut [f32]) {
 }
 
 /// matmul: matmul: 16×64 · 64×16.
-pub fn grads_k54_matmul(
-    t192: &[f32],
+pub fn grads_k53_matmul(
+    t191: &[f32],
     param_mlp_up_weight: &[f32],
-    t196: &mut [f32],
+    t195: &mut [f32],
 ) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         16,
         16,
         64,
-        &t192[0..],
+        &t191[0..],
         (0, 64, 1),
         &param_mlp_up_weight[0..],
         (0, 1, 64),
-        &mut t196[0..],
+        &mut t195[0..],
         (0, 16, 1),
         false,
     )?;
@@ -1650,7 +1643,7 @@ pub fn grads_k54_matmul(
 }
 
 /// matmul: matmul: 16×16 · 16×64.
-pub fn grads_k55_matmul(t76: &[f32], t192: &[f32], t200: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k54_matmul(t76: &[f32], t191: &[f32], t199: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         16,
@@ -1658,9 +1651,9 @@ pub fn grads_k55_matmul(t76: &[f32], t192: &[f32], t200: &mut [f32]) -> Result<(
         16,
         &t76[0..],
         (0, 1, 16),
-        &t192[0..],
+        &t191[0..],
         (0, 64, 1),
-        &mut t200[0..],
+        &mut t199[0..],
         (0, 64, 1),
         false,
     )?;
@@ -1668,8 +1661,8 @@ pub fn grads_k55_matmul(t76: &[f32], t192: &[f32], t200: &mut [f32]) -> Result<(
 }
 
 /// reduce: reduce_sum over [2, 8, 16].
-pub fn grads_k56_reduce(t196: &[f32], t201: &mut [f32]) {
-    t201[0..16]
+pub fn grads_k55_reduce(t195: &[f32], t200: &mut [f32]) {
+    t200[0..16]
         .chunks_mut(16)
         .enumerate()
         .for_each(|(part, out)| {
@@ -1677,7 +1670,7 @@ pub fn grads_k56_reduce(t196: &[f32], t201: &mut [f32]) {
             let mut acc = [0.0_f64; 16];
             let acc = &mut acc[..out.len()];
             for i0 in 0..16 {
-                let x0_row = &t196[i0 * 16 + j0..][..out.len()];
+                let x0_row = &t195[i0 * 16 + j0..][..out.len()];
                 for (j, a) in acc.iter_mut().enumerate() {
                     let x0 = x0_row[j];
                     *a += f64::from(x0);
@@ -1690,13 +1683,13 @@ pub fn grads_k56_reduce(t196: &[f32], t201: &mut [f32]) {
 }
 
 /// elementwise: mul over [2, 8, 16].
-pub fn grads_k57_mul(t196: &[f32], param_ln_mlp_weight: &[f32], t203: &mut [f32]) {
-    t203[0..256]
+pub fn grads_k56_mul(t195: &[f32], param_ln_mlp_weight: &[f32], t202: &mut [f32]) {
+    t202[0..256]
         .chunks_mut(16)
         .enumerate()
         .for_each(|(row, o0)| {
             let n = o0.len();
-            let x0_row = &t196[row * 16..][..n];
+            let x0_row = &t195[row * 16..][..n];
             let x1_row = &param_ln_mlp_weight[0..][..n];
             for j in 0..n {
                 let x0 = x0_row[j];
@@ -1707,8 +1700,8 @@ pub fn grads_k57_mul(t196: &[f32], param_ln_mlp_weight: &[f32], t203: &mut [f32]
 }
 
 /// reduce: mul, reduce_sum over [2, 8, 16].
-pub fn grads_k58_reduce(t196: &[f32], t74: &[f32], t205: &mut [f32]) {
-    t205[0..16]
+pub fn grads_k57_reduce(t195: &[f32], t74: &[f32], t204: &mut [f32]) {
+    t204[0..16]
         .chunks_mut(16)
         .enumerate()
         .for_each(|(part, out)| {
@@ -1716,7 +1709,7 @@ pub fn grads_k58_reduce(t196: &[f32], t74: &[f32], t205: &mut [f32]) {
             let mut acc = [0.0_f64; 16];
             let acc = &mut acc[..out.len()];
             for i0 in 0..16 {
-                let x0_row = &t196[i0 * 16 + j0..][..out.len()];
+                let x0_row = &t195[i0 * 16 + j0..][..out.len()];
                 let x1_row = &t74[i0 * 16 + j0..][..out.len()];
                 for (j, a) in acc.iter_mut().enumerate() {
                     let x0 = x0_row[j];
@@ -1731,14 +1724,14 @@ pub fn grads_k58_reduce(t196: &[f32], t74: &[f32], t205: &mut [f32]) {
 }
 
 /// reduce: div.d1, mul, reduce_sum over [2, 8, 16].
-pub fn grads_k59_reduce(t203: &[f32], t66: &[f32], t73: &[f32], t211: &mut [f32]) {
-    t211[0..16]
+pub fn grads_k58_reduce(t202: &[f32], t66: &[f32], t73: &[f32], t210: &mut [f32]) {
+    t210[0..16]
         .iter_mut()
         .enumerate()
         .for_each(|(row, acc_out)| {
             let mut lanes = rt::lanes::SUMS;
             let mut chunk = [0.0_f32; rt::lanes::CHUNK];
-            let x0_row = &t203[row * 16..][..16];
+            let x0_row = &t202[row * 16..][..16];
             let x1_row = &t66[row * 16..][..16];
             let x2 = t73[row];
             let recip0 = x2.powi(-2);
@@ -1753,33 +1746,33 @@ pub fn grads_k59_reduce(t203: &[f32], t66: &[f32], t73: &[f32], t211: &mut [f32]
 }
 
 /// elementwise: mul, sqrt.d0 over [2, 8, 1].
-pub fn grads_k60_mul_sqrt_d0(t211: &[f32], t68: &[f32], t214: &mut [f32]) {
-    t214[0..16]
+pub fn grads_k59_mul_sqrt_d0(t210: &[f32], t73: &[f32], t213: &mut [f32]) {
+    t213[0..16]
         .chunks_mut(16)
         .enumerate()
         .for_each(|(row, o0)| {
             let n = o0.len();
-            let x0_row = &t211[row * 16..][..n];
-            let x1_row = &t68[row * 16..][..n];
+            let x0_row = &t210[row * 16..][..n];
+            let x1_row = &t73[row * 16..][..n];
             for j in 0..n {
                 let x0 = x0_row[j];
                 let x1 = x1_row[j];
-                o0[j] = 0.03125 * x0 / (0.0625 * x1 + 0.00001).sqrt();
+                o0[j] = 0.03125 * x0 / x1;
             }
         });
 }
 
 /// reduce: neg, reduce_sum over [2, 8, 16].
-pub fn grads_k61_reduce(t203: &[f32], t207: &[f32], t214: &[f32], t66: &[f32], t223: &mut [f32]) {
-    t223[0..16]
+pub fn grads_k60_reduce(t202: &[f32], t206: &[f32], t213: &[f32], t66: &[f32], t222: &mut [f32]) {
+    t222[0..16]
         .iter_mut()
         .enumerate()
         .for_each(|(row, acc_out)| {
             let mut lanes = rt::lanes::SUMS;
             let mut chunk = [0.0_f32; rt::lanes::CHUNK];
-            let x0_row = &t203[row * 16..][..16];
-            let x1 = t207[row];
-            let x2 = t214[row];
+            let x0_row = &t202[row * 16..][..16];
+            let x1 = t206[row];
+            let x2 = t213[row];
             let x3_row = &t66[row * 16..][..16];
             for (j, c) in chunk[..16].iter_mut().enumerate() {
                 let x0 = x0_row[j];
@@ -1792,13 +1785,13 @@ pub fn grads_k61_reduce(t203: &[f32], t207: &[f32], t214: &[f32], t66: &[f32], t
 }
 
 /// elementwise: mul over [2, 8, 1].
-pub fn grads_k62_mul(t223: &[f32], t224: &mut [f32]) {
-    t224[0..16]
+pub fn grads_k61_mul(t222: &[f32], t223: &mut [f32]) {
+    t223[0..16]
         .chunks_mut(16)
         .enumerate()
         .for_each(|(row, o0)| {
             let n = o0.len();
-            let x0_row = &t223[row * 16..][..n];
+            let x0_row = &t222[row * 16..][..n];
             for j in 0..n {
                 let x0 = x0_row[j];
                 o0[j] = 0.0625 * x0;
@@ -1807,26 +1800,26 @@ pub fn grads_k62_mul(t223: &[f32], t224: &mut [f32]) {
 }
 
 /// elementwise: add over [2, 8, 16].
-pub fn grads_k63_add(
-    t182: &[f32],
-    t203: &[f32],
-    t207: &[f32],
-    t214: &[f32],
+pub fn grads_k62_add(
+    t181: &[f32],
+    t202: &[f32],
+    t206: &[f32],
+    t213: &[f32],
     t66: &[f32],
-    t224: &[f32],
-    t227: &mut [f32],
+    t223: &[f32],
+    t226: &mut [f32],
 ) {
-    t227[0..256]
+    t226[0..256]
         .chunks_mut(16)
         .enumerate()
         .for_each(|(row, o0)| {
             let n = o0.len();
-            let x0_row = &t182[row * 16..][..n];
-            let x1_row = &t203[row * 16..][..n];
-            let x2 = t207[row];
-            let x3 = t214[row];
+            let x0_row = &t181[row * 16..][..n];
+            let x1_row = &t202[row * 16..][..n];
+            let x2 = t206[row];
+            let x3 = t213[row];
             let x4_row = &t66[row * 16..][..n];
-            let x5 = t224[row];
+            let x5 = t223[row];
             for j in 0..n {
                 let x0 = x0_row[j];
                 let x1 = x1_row[j];
@@ -1837,8 +1830,8 @@ pub fn grads_k63_add(
 }
 
 /// reduce: reduce_sum over [2, 8, 16].
-pub fn grads_k64_reduce(t227: &[f32], t228: &mut [f32]) {
-    t228[0..16]
+pub fn grads_k63_reduce(t226: &[f32], t227: &mut [f32]) {
+    t227[0..16]
         .chunks_mut(16)
         .enumerate()
         .for_each(|(part, out)| {
@@ -1846,7 +1839,7 @@ pub fn grads_k64_reduce(t227: &[f32], t228: &mut [f32]) {
             let mut acc = [0.0_f64; 16];
             let acc = &mut acc[..out.len()];
             for i0 in 0..16 {
-                let x0_row = &t227[i0 * 16 + j0..][..out.len()];
+                let x0_row = &t226[i0 * 16 + j0..][..out.len()];
                 for (j, a) in acc.iter_mut().enumerate() {
                     let x0 = x0_row[j];
                     *a += f64::from(x0);
@@ -1859,21 +1852,21 @@ pub fn grads_k64_reduce(t227: &[f32], t228: &mut [f32]) {
 }
 
 /// matmul: matmul: 16×16 · 16×16.
-pub fn grads_k65_matmul(
-    t227: &[f32],
+pub fn grads_k64_matmul(
+    t226: &[f32],
     param_attn_out_weight: &[f32],
-    t231: &mut [f32],
+    t230: &mut [f32],
 ) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         16,
         16,
         16,
-        &t227[0..],
+        &t226[0..],
         (0, 16, 1),
         &param_attn_out_weight[0..],
         (0, 1, 16),
-        &mut t231[0..],
+        &mut t230[0..],
         (0, 16, 1),
         false,
     )?;
@@ -1881,7 +1874,7 @@ pub fn grads_k65_matmul(
 }
 
 /// matmul: matmul: 16×16 · 16×16.
-pub fn grads_k66_matmul(t53: &[f32], t227: &[f32], t235: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k65_matmul(t53: &[f32], t226: &[f32], t234: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         16,
@@ -1889,9 +1882,9 @@ pub fn grads_k66_matmul(t53: &[f32], t227: &[f32], t235: &mut [f32]) -> Result<(
         16,
         &t53[0..],
         (0, 1, 16),
-        &t227[0..],
+        &t226[0..],
         (0, 16, 1),
-        &mut t235[0..],
+        &mut t234[0..],
         (0, 16, 1),
         false,
     )?;
@@ -1899,18 +1892,18 @@ pub fn grads_k66_matmul(t53: &[f32], t227: &[f32], t235: &mut [f32]) -> Result<(
 }
 
 /// matmul: matmul: 2×2 batches of 8×8 · 8×8.
-pub fn grads_k67_matmul(t231: &[f32], t37: &[f32], t239: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k66_matmul(t230: &[f32], t37: &[f32], t238: &mut [f32]) -> Result<(), rt::Error> {
     for b0 in 0..2 {
         rt::gemm::sgemm_batched(
             2,
             8,
             8,
             8,
-            &t231[b0 * 128..],
+            &t230[b0 * 128..],
             (8, 16, 1),
             &t37[b0 * 128..],
             (8, 1, 16),
-            &mut t239[b0 * 128..],
+            &mut t238[b0 * 128..],
             (64, 8, 1),
             false,
         )?;
@@ -1919,7 +1912,7 @@ pub fn grads_k67_matmul(t231: &[f32], t37: &[f32], t239: &mut [f32]) -> Result<(
 }
 
 /// matmul: matmul: 2×2 batches of 8×8 · 8×8.
-pub fn grads_k68_matmul(t52: &[f32], t231: &[f32], t241: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k67_matmul(t52: &[f32], t230: &[f32], t240: &mut [f32]) -> Result<(), rt::Error> {
     for b0 in 0..2 {
         rt::gemm::sgemm_batched(
             2,
@@ -1928,9 +1921,9 @@ pub fn grads_k68_matmul(t52: &[f32], t231: &[f32], t241: &mut [f32]) -> Result<(
             8,
             &t52[b0 * 128..],
             (64, 1, 8),
-            &t231[b0 * 128..],
+            &t230[b0 * 128..],
             (8, 16, 1),
-            &mut t241[b0 * 128..],
+            &mut t240[b0 * 128..],
             (8, 16, 1),
             false,
         )?;
@@ -1939,11 +1932,11 @@ pub fn grads_k68_matmul(t52: &[f32], t231: &[f32], t241: &mut [f32]) -> Result<(
 }
 
 /// reduce: div.d1, mul, reduce_sum over [2, 2, 8, 8].
-pub fn grads_k69_reduce(t239: &[f32], t50: &[f32], t51: &[f32], t246: &mut [f32]) {
-    fn rows(_row0: usize, t239: &[f32], t50: &[f32], t51: &[f32], outs: &mut [f32]) {
+pub fn grads_k68_reduce(t238: &[f32], t50: &[f32], t51: &[f32], t245: &mut [f32]) {
+    fn rows(_row0: usize, t238: &[f32], t50: &[f32], t51: &[f32], outs: &mut [f32]) {
         for outs in outs.chunks_exact_mut(32) {
             let outs: &mut [f32; 32] = outs.try_into().unwrap();
-            let x0_row: &[f32; 256] = t239[0..][..256].try_into().unwrap();
+            let x0_row: &[f32; 256] = t238[0..][..256].try_into().unwrap();
             let x1_row: &[f32; 256] = t50[0..][..256].try_into().unwrap();
             let x2_row: &[f32; 32] = t51[0..][..32].try_into().unwrap();
             for j in 0..32 {
@@ -1958,47 +1951,42 @@ pub fn grads_k69_reduce(t239: &[f32], t50: &[f32], t51: &[f32], t246: &mut [f32]
             }
         }
     }
-    rows(0, t239, t50, t51, &mut t246[0..32]);
+    rows(0, t238, t50, t51, &mut t245[0..32]);
 }
 
-/// elementwise: add, div.d0, exp.d0, mul, where over [2, 2, 8, 8].
-pub fn grads_k70_add_div_d0_etc(
+/// elementwise: add, div.d0, mul, where over [2, 2, 8, 8].
+pub fn grads_k69_add_div_d0_etc(
     c44: &[u8],
-    t239: &[f32],
+    t238: &[f32],
     t51: &[f32],
-    t246: &[f32],
-    t43: &[f32],
-    t48: &[f32],
-    t257: &mut [f32],
+    t245: &[f32],
+    t50: &[f32],
+    t255: &mut [f32],
 ) {
     fn rows(
         row0: usize,
         c44: &[u8],
-        t239: &[f32],
+        t238: &[f32],
         t51: &[f32],
-        t246: &[f32],
-        t43: &[f32],
-        t48: &[f32],
+        t245: &[f32],
+        t50: &[f32],
         o0: &mut [f32],
     ) {
         for (i, o0) in o0.chunks_exact_mut(64).enumerate() {
             let row = row0 + i;
             let o0: &mut [f32; 64] = o0.try_into().unwrap();
             let x0_row: &[u8; 64] = c44[0..][..64].try_into().unwrap();
-            let x1_row: &[f32; 64] = t239[row * 64..][..64].try_into().unwrap();
+            let x1_row: &[f32; 64] = t238[row * 64..][..64].try_into().unwrap();
             let x2_src: &[f32; 8] = t51[row * 8..][..8].try_into().unwrap();
             let mut x2_row = [0.0_f32; 64];
-            let x3_src: &[f32; 8] = t246[row * 8..][..8].try_into().unwrap();
+            let x3_src: &[f32; 8] = t245[row * 8..][..8].try_into().unwrap();
             let mut x3_row = [0.0_f32; 64];
-            let x4_row: &[f32; 64] = t43[row * 64..][..64].try_into().unwrap();
-            let x5_src: &[f32; 8] = t48[row * 8..][..8].try_into().unwrap();
-            let mut x5_row = [0.0_f32; 64];
+            let x4_row: &[f32; 64] = t50[row * 64..][..64].try_into().unwrap();
             for d0 in 0..8 {
                 for d1 in 0..8 {
                     let j = d0 * 8 + d1;
                     x2_row[j] = x2_src[d0];
                     x3_row[j] = x3_src[d0];
-                    x5_row[j] = x5_src[d0];
                 }
             }
             for j in 0..64 {
@@ -2007,28 +1995,27 @@ pub fn grads_k70_add_div_d0_etc(
                 let x2 = x2_row[j];
                 let x3 = x3_row[j];
                 let x4 = x4_row[j];
-                let x5 = x5_row[j];
-                let w0 = (x1 / x2 + x3) * Math::exp(-x5 + (if x0 { x4 } else { -1000000000.0 }));
+                let w0 = x4 * (x1 / x2 + x3);
                 o0[j] = 0.35355338 * (if x0 { w0 } else { 0.0 });
             }
         }
     }
-    rows(0, c44, t239, t51, t246, t43, t48, &mut t257[0..256]);
+    rows(0, c44, t238, t51, t245, t50, &mut t255[0..256]);
 }
 
 /// matmul: matmul: 2×2 batches of 8×8 · 8×8.
-pub fn grads_k71_matmul(t257: &[f32], t31: &[f32], t260: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k70_matmul(t255: &[f32], t31: &[f32], t258: &mut [f32]) -> Result<(), rt::Error> {
     for b0 in 0..2 {
         rt::gemm::sgemm_batched(
             2,
             8,
             8,
             8,
-            &t257[b0 * 128..],
+            &t255[b0 * 128..],
             (64, 8, 1),
             &t31[b0 * 128..],
             (8, 16, 1),
-            &mut t260[b0 * 128..],
+            &mut t258[b0 * 128..],
             (8, 16, 1),
             false,
         )?;
@@ -2037,7 +2024,7 @@ pub fn grads_k71_matmul(t257: &[f32], t31: &[f32], t260: &mut [f32]) -> Result<(
 }
 
 /// matmul: matmul: 2×2 batches of 8×8 · 8×8.
-pub fn grads_k72_matmul(t25: &[f32], t257: &[f32], t262: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k71_matmul(t25: &[f32], t255: &[f32], t260: &mut [f32]) -> Result<(), rt::Error> {
     for b0 in 0..2 {
         rt::gemm::sgemm_batched(
             2,
@@ -2046,9 +2033,9 @@ pub fn grads_k72_matmul(t25: &[f32], t257: &[f32], t262: &mut [f32]) -> Result<(
             8,
             &t25[b0 * 128..],
             (8, 1, 16),
-            &t257[b0 * 128..],
+            &t255[b0 * 128..],
             (64, 8, 1),
-            &mut t262[b0 * 128..],
+            &mut t260[b0 * 128..],
             (8, 1, 16),
             false,
         )?;
@@ -2057,8 +2044,8 @@ pub fn grads_k72_matmul(t25: &[f32], t257: &[f32], t262: &mut [f32]) -> Result<(
 }
 
 /// reduce: reduce_sum over [2, 8, 16].
-pub fn grads_k73_reduce(t241: &[f32], t266: &mut [f32]) {
-    t266[0..16]
+pub fn grads_k72_reduce(t240: &[f32], t264: &mut [f32]) {
+    t264[0..16]
         .chunks_mut(16)
         .enumerate()
         .for_each(|(part, out)| {
@@ -2066,7 +2053,7 @@ pub fn grads_k73_reduce(t241: &[f32], t266: &mut [f32]) {
             let mut acc = [0.0_f64; 16];
             let acc = &mut acc[..out.len()];
             for i0 in 0..16 {
-                let x0_row = &t241[i0 * 16 + j0..][..out.len()];
+                let x0_row = &t240[i0 * 16 + j0..][..out.len()];
                 for (j, a) in acc.iter_mut().enumerate() {
                     let x0 = x0_row[j];
                     *a += f64::from(x0);
@@ -2079,8 +2066,70 @@ pub fn grads_k73_reduce(t241: &[f32], t266: &mut [f32]) {
 }
 
 /// reduce: reduce_sum over [2, 8, 16].
-pub fn grads_k74_reduce(t260: &[f32], t287: &mut [f32]) {
-    t287[0..16]
+pub fn grads_k73_reduce(t258: &[f32], t285: &mut [f32]) {
+    t285[0..16]
+        .chunks_mut(16)
+        .enumerate()
+        .for_each(|(part, out)| {
+            let j0 = part * 16;
+            let mut acc = [0.0_f64; 16];
+            let acc = &mut acc[..out.len()];
+            for i0 in 0..16 {
+                let x0_row = &t258[i0 * 16 + j0..][..out.len()];
+                for (j, a) in acc.iter_mut().enumerate() {
+                    let x0 = x0_row[j];
+                    *a += f64::from(x0);
+                }
+            }
+            for (o, a) in out.iter_mut().zip(acc.iter()) {
+                *o = *a as f32;
+            }
+        });
+}
+
+/// matmul: matmul: 16×16 · 16×16.
+pub fn grads_k74_matmul(
+    t258: &[f32],
+    param_attn_q_weight: &[f32],
+    t288: &mut [f32],
+) -> Result<(), rt::Error> {
+    rt::gemm::sgemm_batched(
+        1,
+        16,
+        16,
+        16,
+        &t258[0..],
+        (0, 16, 1),
+        &param_attn_q_weight[0..],
+        (0, 1, 16),
+        &mut t288[0..],
+        (0, 16, 1),
+        false,
+    )?;
+    Ok(())
+}
+
+/// matmul: matmul: 16×16 · 16×16.
+pub fn grads_k75_matmul(t21: &[f32], t240: &[f32], t271: &mut [f32]) -> Result<(), rt::Error> {
+    rt::gemm::sgemm_batched(
+        1,
+        16,
+        16,
+        16,
+        &t21[0..],
+        (0, 1, 16),
+        &t240[0..],
+        (0, 16, 1),
+        &mut t271[0..],
+        (0, 16, 1),
+        false,
+    )?;
+    Ok(())
+}
+
+/// reduce: reduce_sum over [2, 8, 16].
+pub fn grads_k76_reduce(t260: &[f32], t274: &mut [f32]) {
+    t274[0..16]
         .chunks_mut(16)
         .enumerate()
         .for_each(|(part, out)| {
@@ -2101,10 +2150,10 @@ pub fn grads_k74_reduce(t260: &[f32], t287: &mut [f32]) {
 }
 
 /// matmul: matmul: 16×16 · 16×16.
-pub fn grads_k75_matmul(
+pub fn grads_k77_matmul(
     t260: &[f32],
-    param_attn_q_weight: &[f32],
-    t290: &mut [f32],
+    param_attn_k_weight: &[f32],
+    t277: &mut [f32],
 ) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
@@ -2113,71 +2162,9 @@ pub fn grads_k75_matmul(
         16,
         &t260[0..],
         (0, 16, 1),
-        &param_attn_q_weight[0..],
-        (0, 1, 16),
-        &mut t290[0..],
-        (0, 16, 1),
-        false,
-    )?;
-    Ok(())
-}
-
-/// matmul: matmul: 16×16 · 16×16.
-pub fn grads_k76_matmul(t21: &[f32], t241: &[f32], t273: &mut [f32]) -> Result<(), rt::Error> {
-    rt::gemm::sgemm_batched(
-        1,
-        16,
-        16,
-        16,
-        &t21[0..],
-        (0, 1, 16),
-        &t241[0..],
-        (0, 16, 1),
-        &mut t273[0..],
-        (0, 16, 1),
-        false,
-    )?;
-    Ok(())
-}
-
-/// reduce: reduce_sum over [2, 8, 16].
-pub fn grads_k77_reduce(t262: &[f32], t276: &mut [f32]) {
-    t276[0..16]
-        .chunks_mut(16)
-        .enumerate()
-        .for_each(|(part, out)| {
-            let j0 = part * 16;
-            let mut acc = [0.0_f64; 16];
-            let acc = &mut acc[..out.len()];
-            for i0 in 0..16 {
-                let x0_row = &t262[i0 * 16 + j0..][..out.len()];
-                for (j, a) in acc.iter_mut().enumerate() {
-                    let x0 = x0_row[j];
-                    *a += f64::from(x0);
-                }
-            }
-            for (o, a) in out.iter_mut().zip(acc.iter()) {
-                *o = *a as f32;
-            }
-        });
-}
-
-/// matmul: matmul: 16×16 · 16×16.
-pub fn grads_k78_matmul(
-    t262: &[f32],
-    param_attn_k_weight: &[f32],
-    t279: &mut [f32],
-) -> Result<(), rt::Error> {
-    rt::gemm::sgemm_batched(
-        1,
-        16,
-        16,
-        16,
-        &t262[0..],
-        (0, 16, 1),
         &param_attn_k_weight[0..],
         (0, 1, 16),
-        &mut t279[0..],
+        &mut t277[0..],
         (0, 16, 1),
         false,
     )?;
@@ -2185,21 +2172,21 @@ pub fn grads_k78_matmul(
 }
 
 /// matmul: matmul, add: 16×16 · 16×16.
-pub fn grads_k79_matmul_add(
-    t241: &[f32],
+pub fn grads_k78_matmul_add(
+    t240: &[f32],
     param_attn_v_weight: &[f32],
-    t279: &[f32],
-    t290: &[f32],
-    t269: &mut [f32],
-    t295: &mut [f32],
+    t277: &[f32],
+    t288: &[f32],
+    t267: &mut [f32],
+    t293: &mut [f32],
 ) -> Result<(), rt::Error> {
-    let c = &mut t269[0..256];
-    let o0 = &mut t295[0..256];
+    let c = &mut t267[0..256];
+    let o0 = &mut t293[0..256];
     rt::gemm::sgemm(
         c.len() / 16,
         16,
         16,
-        &t241[0..],
+        &t240[0..],
         (16, 1),
         &param_attn_v_weight[0..],
         (1, 16),
@@ -2210,8 +2197,8 @@ pub fn grads_k79_matmul_add(
     for (i, (c, o0)) in c.chunks(16).zip(o0.chunks_mut(16)).enumerate() {
         let row = i;
         let n = o0.len();
-        let x1_row = &t279[row * 16..][..n];
-        let x2_row = &t290[row * 16..][..n];
+        let x1_row = &t277[row * 16..][..n];
+        let x2_row = &t288[row * 16..][..n];
         for j in 0..n {
             let x0 = c[j];
             let x1 = x1_row[j];
@@ -2223,8 +2210,8 @@ pub fn grads_k79_matmul_add(
 }
 
 /// reduce: reduce_sum over [2, 8, 16].
-pub fn grads_k80_reduce(t295: &[f32], t296: &mut [f32]) {
-    t296[0..16]
+pub fn grads_k79_reduce(t293: &[f32], t294: &mut [f32]) {
+    t294[0..16]
         .chunks_mut(16)
         .enumerate()
         .for_each(|(part, out)| {
@@ -2232,7 +2219,7 @@ pub fn grads_k80_reduce(t295: &[f32], t296: &mut [f32]) {
             let mut acc = [0.0_f64; 16];
             let acc = &mut acc[..out.len()];
             for i0 in 0..16 {
-                let x0_row = &t295[i0 * 16 + j0..][..out.len()];
+                let x0_row = &t293[i0 * 16 + j0..][..out.len()];
                 for (j, a) in acc.iter_mut().enumerate() {
                     let x0 = x0_row[j];
                     *a += f64::from(x0);
@@ -2245,8 +2232,8 @@ pub fn grads_k80_reduce(t295: &[f32], t296: &mut [f32]) {
 }
 
 /// reduce: mul, reduce_sum over [2, 8, 16].
-pub fn grads_k81_reduce(t295: &[f32], t19: &[f32], t300: &mut [f32]) {
-    t300[0..16]
+pub fn grads_k80_reduce(t293: &[f32], t19: &[f32], t298: &mut [f32]) {
+    t298[0..16]
         .chunks_mut(16)
         .enumerate()
         .for_each(|(part, out)| {
@@ -2254,7 +2241,7 @@ pub fn grads_k81_reduce(t295: &[f32], t19: &[f32], t300: &mut [f32]) {
             let mut acc = [0.0_f64; 16];
             let acc = &mut acc[..out.len()];
             for i0 in 0..16 {
-                let x0_row = &t295[i0 * 16 + j0..][..out.len()];
+                let x0_row = &t293[i0 * 16 + j0..][..out.len()];
                 let x1_row = &t19[i0 * 16 + j0..][..out.len()];
                 for (j, a) in acc.iter_mut().enumerate() {
                     let x0 = x0_row[j];
@@ -2269,20 +2256,20 @@ pub fn grads_k81_reduce(t295: &[f32], t19: &[f32], t300: &mut [f32]) {
 }
 
 /// reduce: div.d1, mul, reduce_sum over [2, 8, 16].
-pub fn grads_k82_reduce(
-    t295: &[f32],
+pub fn grads_k81_reduce(
+    t293: &[f32],
     param_ln_attn_weight: &[f32],
     t11: &[f32],
     t18: &[f32],
-    t306: &mut [f32],
+    t304: &mut [f32],
 ) {
-    t306[0..16]
+    t304[0..16]
         .iter_mut()
         .enumerate()
         .for_each(|(row, acc_out)| {
             let mut lanes = rt::lanes::SUMS;
             let mut chunk = [0.0_f32; rt::lanes::CHUNK];
-            let x0_row = &t295[row * 16..][..16];
+            let x0_row = &t293[row * 16..][..16];
             let x1_row = &param_ln_attn_weight[0..][..16];
             let x2_row = &t11[row * 16..][..16];
             let x3 = t18[row];
@@ -2299,41 +2286,41 @@ pub fn grads_k82_reduce(
 }
 
 /// elementwise: mul, sqrt.d0 over [2, 8, 1].
-pub fn grads_k83_mul_sqrt_d0(t306: &[f32], t13: &[f32], t309: &mut [f32]) {
-    t309[0..16]
+pub fn grads_k82_mul_sqrt_d0(t304: &[f32], t18: &[f32], t307: &mut [f32]) {
+    t307[0..16]
         .chunks_mut(16)
         .enumerate()
         .for_each(|(row, o0)| {
             let n = o0.len();
-            let x0_row = &t306[row * 16..][..n];
-            let x1_row = &t13[row * 16..][..n];
+            let x0_row = &t304[row * 16..][..n];
+            let x1_row = &t18[row * 16..][..n];
             for j in 0..n {
                 let x0 = x0_row[j];
                 let x1 = x1_row[j];
-                o0[j] = 0.03125 * x0 / (0.0625 * x1 + 0.00001).sqrt();
+                o0[j] = 0.03125 * x0 / x1;
             }
         });
 }
 
 /// reduce: neg, reduce_sum over [2, 8, 16].
-pub fn grads_k84_reduce(
-    t295: &[f32],
+pub fn grads_k83_reduce(
+    t293: &[f32],
     param_ln_attn_weight: &[f32],
-    t302: &[f32],
-    t309: &[f32],
+    t300: &[f32],
+    t307: &[f32],
     t11: &[f32],
-    t318: &mut [f32],
+    t316: &mut [f32],
 ) {
-    t318[0..16]
+    t316[0..16]
         .iter_mut()
         .enumerate()
         .for_each(|(row, acc_out)| {
             let mut lanes = rt::lanes::SUMS;
             let mut chunk = [0.0_f32; rt::lanes::CHUNK];
-            let x0_row = &t295[row * 16..][..16];
+            let x0_row = &t293[row * 16..][..16];
             let x1_row = &param_ln_attn_weight[0..][..16];
-            let x2 = t302[row];
-            let x3 = t309[row];
+            let x2 = t300[row];
+            let x3 = t307[row];
             let x4_row = &t11[row * 16..][..16];
             for (j, c) in chunk[..16].iter_mut().enumerate() {
                 let x0 = x0_row[j];
@@ -2347,13 +2334,13 @@ pub fn grads_k84_reduce(
 }
 
 /// elementwise: mul over [2, 8, 1].
-pub fn grads_k85_mul(t318: &[f32], t319: &mut [f32]) {
-    t319[0..16]
+pub fn grads_k84_mul(t316: &[f32], t317: &mut [f32]) {
+    t317[0..16]
         .chunks_mut(16)
         .enumerate()
         .for_each(|(row, o0)| {
             let n = o0.len();
-            let x0_row = &t318[row * 16..][..n];
+            let x0_row = &t316[row * 16..][..n];
             for j in 0..n {
                 let x0 = x0_row[j];
                 o0[j] = 0.0625 * x0;
@@ -2362,28 +2349,28 @@ pub fn grads_k85_mul(t318: &[f32], t319: &mut [f32]) {
 }
 
 /// elementwise: add over [2, 8, 16].
-pub fn grads_k86_add(
-    t227: &[f32],
-    t295: &[f32],
+pub fn grads_k85_add(
+    t226: &[f32],
+    t293: &[f32],
     param_ln_attn_weight: &[f32],
-    t302: &[f32],
-    t309: &[f32],
+    t300: &[f32],
+    t307: &[f32],
     t11: &[f32],
-    t319: &[f32],
-    t322: &mut [f32],
+    t317: &[f32],
+    t320: &mut [f32],
 ) {
-    t322[0..256]
+    t320[0..256]
         .chunks_mut(16)
         .enumerate()
         .for_each(|(row, o0)| {
             let n = o0.len();
-            let x0_row = &t227[row * 16..][..n];
-            let x1_row = &t295[row * 16..][..n];
+            let x0_row = &t226[row * 16..][..n];
+            let x1_row = &t293[row * 16..][..n];
             let x2_row = &param_ln_attn_weight[0..][..n];
-            let x3 = t302[row];
-            let x4 = t309[row];
+            let x3 = t300[row];
+            let x4 = t307[row];
             let x5_row = &t11[row * 16..][..n];
-            let x6 = t319[row];
+            let x6 = t317[row];
             for j in 0..n {
                 let x0 = x0_row[j];
                 let x1 = x1_row[j];
@@ -2395,8 +2382,8 @@ pub fn grads_k86_add(
 }
 
 /// reduce: reduce_sum over [2, 8, 16].
-pub fn grads_k87_reduce(t322: &[f32], t323: &mut [f32]) {
-    t323[0..128]
+pub fn grads_k86_reduce(t320: &[f32], t321: &mut [f32]) {
+    t321[0..128]
         .chunks_mut(128)
         .enumerate()
         .for_each(|(part, out)| {
@@ -2404,7 +2391,7 @@ pub fn grads_k87_reduce(t322: &[f32], t323: &mut [f32]) {
             let mut acc = [0.0_f64; 128];
             let acc = &mut acc[..out.len()];
             for i0 in 0..2 {
-                let x0_row = &t322[i0 * 128 + j0..][..out.len()];
+                let x0_row = &t320[i0 * 128 + j0..][..out.len()];
                 for (j, a) in acc.iter_mut().enumerate() {
                     let x0 = x0_row[j];
                     *a += f64::from(x0);
@@ -2417,35 +2404,17 @@ pub fn grads_k87_reduce(t322: &[f32], t323: &mut [f32]) {
 }
 
 /// scatter_add: scatter_add.
-pub fn grads_k88_scatter_add(
+pub fn grads_k87_scatter_add(
     input_ids: &[i32],
-    t322: &[f32],
-    t325: &mut [f32],
+    t320: &[f32],
+    t323: &mut [f32],
 ) -> Result<(), rt::Error> {
-    rt::gather::scatter_add_rows(&input_ids[0..16], &t322[0..256], 16, &mut t325[0..320], 20)?;
+    rt::gather::scatter_add_rows(&input_ids[0..16], &t320[0..256], 16, &mut t323[0..320], 20)?;
     Ok(())
 }
 
 /// matmul: matmul: 16×16 · 16×16.
-pub fn grads_k89_matmul(t21: &[f32], t262: &[f32], t283: &mut [f32]) -> Result<(), rt::Error> {
-    rt::gemm::sgemm_batched(
-        1,
-        16,
-        16,
-        16,
-        &t21[0..],
-        (0, 1, 16),
-        &t262[0..],
-        (0, 16, 1),
-        &mut t283[0..],
-        (0, 16, 1),
-        false,
-    )?;
-    Ok(())
-}
-
-/// matmul: matmul: 16×16 · 16×16.
-pub fn grads_k90_matmul(t21: &[f32], t260: &[f32], t294: &mut [f32]) -> Result<(), rt::Error> {
+pub fn grads_k88_matmul(t21: &[f32], t260: &[f32], t281: &mut [f32]) -> Result<(), rt::Error> {
     rt::gemm::sgemm_batched(
         1,
         16,
@@ -2455,11 +2424,45 @@ pub fn grads_k90_matmul(t21: &[f32], t260: &[f32], t294: &mut [f32]) -> Result<(
         (0, 1, 16),
         &t260[0..],
         (0, 16, 1),
-        &mut t294[0..],
+        &mut t281[0..],
         (0, 16, 1),
         false,
     )?;
     Ok(())
+}
+
+/// matmul: matmul: 16×16 · 16×16.
+pub fn grads_k89_matmul(t21: &[f32], t258: &[f32], t292: &mut [f32]) -> Result<(), rt::Error> {
+    rt::gemm::sgemm_batched(
+        1,
+        16,
+        16,
+        16,
+        &t21[0..],
+        (0, 1, 16),
+        &t258[0..],
+        (0, 16, 1),
+        &mut t292[0..],
+        (0, 16, 1),
+        false,
+    )?;
+    Ok(())
+}
+
+/// elementwise: exp over [16, 20].
+pub fn train_k33_exp(t106: &[f32], t113: &[f32], t115: &mut [f32]) {
+    t115[0..320]
+        .chunks_mut(20)
+        .enumerate()
+        .for_each(|(row, o0)| {
+            let n = o0.len();
+            let x0_row = &t106[row * 20..][..n];
+            let x1 = t113[row];
+            for j in 0..n {
+                let x0 = x0_row[j];
+                o0[j] = Math::exp(x0 - x1);
+            }
+        });
 }
 
 /// reduce: log, reduce_sum, sub, where over [16, 20].
@@ -2495,7 +2498,7 @@ pub fn train_k36_reduce(
 
 /// elementwise: add, mul, sub over [16].
 pub fn train_k75_add_mul_sub(
-    t287: &[f32],
+    t285: &[f32],
     state_momentum_buffer_attn_q_bias: &mut [f32],
     param_attn_q_bias: &mut [f32],
 ) {
@@ -2505,7 +2508,7 @@ pub fn train_k75_add_mul_sub(
         .enumerate()
         .for_each(|(row, (o0, o1))| {
             let n = o0.len();
-            let x1_row = &t287[row * 16..][..n];
+            let x1_row = &t285[row * 16..][..n];
             for j in 0..n {
                 let x0 = o0[j];
                 let x1 = x1_row[j];
@@ -2518,7 +2521,7 @@ pub fn train_k75_add_mul_sub(
 
 /// elementwise: add, mul, sub over [16].
 pub fn train_k76_add_mul_sub(
-    t266: &[f32],
+    t264: &[f32],
     state_momentum_buffer_attn_v_bias: &mut [f32],
     param_attn_v_bias: &mut [f32],
 ) {
@@ -2528,7 +2531,7 @@ pub fn train_k76_add_mul_sub(
         .enumerate()
         .for_each(|(row, (o0, o1))| {
             let n = o0.len();
-            let x1_row = &t266[row * 16..][..n];
+            let x1_row = &t264[row * 16..][..n];
             for j in 0..n {
                 let x0 = o0[j];
                 let x1 = x1_row[j];
@@ -2542,12 +2545,12 @@ pub fn train_k76_add_mul_sub(
 /// matmul: matmul, add, mul, sub: 16×16 · 16×16.
 pub fn train_k77_matmul_add_mul_sub(
     t53: &[f32],
-    t227: &[f32],
-    t235: &mut [f32],
+    t226: &[f32],
+    t234: &mut [f32],
     state_momentum_buffer_attn_out_weight: &mut [f32],
     param_attn_out_weight: &mut [f32],
 ) -> Result<(), rt::Error> {
-    let c = &mut t235[0..256];
+    let c = &mut t234[0..256];
     let o0 = &mut state_momentum_buffer_attn_out_weight[0..256];
     let o1 = &mut param_attn_out_weight[0..256];
     rt::gemm::sgemm(
@@ -2556,7 +2559,7 @@ pub fn train_k77_matmul_add_mul_sub(
         16,
         &t53[0..],
         (1, 16),
-        &t227[0..],
+        &t226[0..],
         (16, 1),
         c,
         (16, 1),
@@ -2577,7 +2580,7 @@ pub fn train_k77_matmul_add_mul_sub(
 
 /// elementwise: add, mul, sub over [16].
 pub fn train_k78_add_mul_sub(
-    t228: &[f32],
+    t227: &[f32],
     state_momentum_buffer_attn_out_bias: &mut [f32],
     param_attn_out_bias: &mut [f32],
 ) {
@@ -2587,7 +2590,7 @@ pub fn train_k78_add_mul_sub(
         .enumerate()
         .for_each(|(row, (o0, o1))| {
             let n = o0.len();
-            let x1_row = &t228[row * 16..][..n];
+            let x1_row = &t227[row * 16..][..n];
             for j in 0..n {
                 let x0 = o0[j];
                 let x1 = x1_row[j];
@@ -2600,7 +2603,7 @@ pub fn train_k78_add_mul_sub(
 
 /// elementwise: add, mul, sub over [16].
 pub fn train_k79_add_mul_sub(
-    t205: &[f32],
+    t204: &[f32],
     state_momentum_buffer_ln_mlp_weight: &mut [f32],
     param_ln_mlp_weight: &mut [f32],
 ) {
@@ -2610,7 +2613,7 @@ pub fn train_k79_add_mul_sub(
         .enumerate()
         .for_each(|(row, (o0, o1))| {
             let n = o0.len();
-            let x1_row = &t205[row * 16..][..n];
+            let x1_row = &t204[row * 16..][..n];
             for j in 0..n {
                 let x0 = o0[j];
                 let x1 = x1_row[j];
@@ -2623,7 +2626,7 @@ pub fn train_k79_add_mul_sub(
 
 /// elementwise: add, mul, sub over [16].
 pub fn train_k80_add_mul_sub(
-    t201: &[f32],
+    t200: &[f32],
     state_momentum_buffer_ln_mlp_bias: &mut [f32],
     param_ln_mlp_bias: &mut [f32],
 ) {
@@ -2633,7 +2636,7 @@ pub fn train_k80_add_mul_sub(
         .enumerate()
         .for_each(|(row, (o0, o1))| {
             let n = o0.len();
-            let x1_row = &t201[row * 16..][..n];
+            let x1_row = &t200[row * 16..][..n];
             for j in 0..n {
                 let x0 = o0[j];
                 let x1 = x1_row[j];
@@ -2647,12 +2650,12 @@ pub fn train_k80_add_mul_sub(
 /// matmul: matmul, add, mul, sub: 16×16 · 16×64.
 pub fn train_k81_matmul_add_mul_sub(
     t76: &[f32],
-    t192: &[f32],
-    t200: &mut [f32],
+    t191: &[f32],
+    t199: &mut [f32],
     state_momentum_buffer_mlp_up_weight: &mut [f32],
     param_mlp_up_weight: &mut [f32],
 ) -> Result<(), rt::Error> {
-    let c = &mut t200[0..1024];
+    let c = &mut t199[0..1024];
     let o0 = &mut state_momentum_buffer_mlp_up_weight[0..1024];
     let o1 = &mut param_mlp_up_weight[0..1024];
     rt::gemm::sgemm(
@@ -2661,7 +2664,7 @@ pub fn train_k81_matmul_add_mul_sub(
         16,
         &t76[0..],
         (1, 16),
-        &t192[0..],
+        &t191[0..],
         (64, 1),
         c,
         (64, 1),
@@ -2682,7 +2685,7 @@ pub fn train_k81_matmul_add_mul_sub(
 
 /// elementwise: add, mul, sub over [64].
 pub fn train_k82_add_mul_sub(
-    t193: &[f32],
+    t192: &[f32],
     state_momentum_buffer_mlp_up_bias: &mut [f32],
     param_mlp_up_bias: &mut [f32],
 ) {
@@ -2692,7 +2695,7 @@ pub fn train_k82_add_mul_sub(
         .enumerate()
         .for_each(|(row, (o0, o1))| {
             let n = o0.len();
-            let x1_row = &t193[row * 64..][..n];
+            let x1_row = &t192[row * 64..][..n];
             for j in 0..n {
                 let x0 = o0[j];
                 let x1 = x1_row[j];
@@ -2705,22 +2708,22 @@ pub fn train_k82_add_mul_sub(
 
 /// matmul: matmul, add, mul, sub: 64×16 · 16×16.
 pub fn train_k83_matmul_add_mul_sub(
-    t481: &[f32],
-    t182: &[f32],
-    t190: &mut [f32],
+    t479: &[f32],
+    t181: &[f32],
+    t189: &mut [f32],
     state_momentum_buffer_mlp_down_weight: &mut [f32],
     param_mlp_down_weight: &mut [f32],
 ) -> Result<(), rt::Error> {
-    let c = &mut t190[0..1024];
+    let c = &mut t189[0..1024];
     let o0 = &mut state_momentum_buffer_mlp_down_weight[0..1024];
     let o1 = &mut param_mlp_down_weight[0..1024];
     rt::gemm::sgemm(
         c.len() / 16,
         16,
         16,
-        &t481[0..],
+        &t479[0..],
         (1, 64),
-        &t182[0..],
+        &t181[0..],
         (16, 1),
         c,
         (16, 1),
@@ -2741,7 +2744,7 @@ pub fn train_k83_matmul_add_mul_sub(
 
 /// elementwise: add, mul, sub over [16].
 pub fn train_k84_add_mul_sub(
-    t183: &[f32],
+    t182: &[f32],
     state_momentum_buffer_mlp_down_bias: &mut [f32],
     param_mlp_down_bias: &mut [f32],
 ) {
@@ -2751,7 +2754,7 @@ pub fn train_k84_add_mul_sub(
         .enumerate()
         .for_each(|(row, (o0, o1))| {
             let n = o0.len();
-            let x1_row = &t183[row * 16..][..n];
+            let x1_row = &t182[row * 16..][..n];
             for j in 0..n {
                 let x0 = o0[j];
                 let x1 = x1_row[j];
@@ -2764,7 +2767,7 @@ pub fn train_k84_add_mul_sub(
 
 /// elementwise: add, mul, sub over [16].
 pub fn train_k85_add_mul_sub(
-    t161: &[f32],
+    t160: &[f32],
     state_momentum_buffer_ln_out_weight: &mut [f32],
     param_ln_out_weight: &mut [f32],
 ) {
@@ -2774,7 +2777,7 @@ pub fn train_k85_add_mul_sub(
         .enumerate()
         .for_each(|(row, (o0, o1))| {
             let n = o0.len();
-            let x1_row = &t161[row * 16..][..n];
+            let x1_row = &t160[row * 16..][..n];
             for j in 0..n {
                 let x0 = o0[j];
                 let x1 = x1_row[j];
@@ -2787,7 +2790,7 @@ pub fn train_k85_add_mul_sub(
 
 /// elementwise: add, mul, sub over [16].
 pub fn train_k86_add_mul_sub(
-    t157: &[f32],
+    t156: &[f32],
     state_momentum_buffer_ln_out_bias: &mut [f32],
     param_ln_out_bias: &mut [f32],
 ) {
@@ -2797,7 +2800,7 @@ pub fn train_k86_add_mul_sub(
         .enumerate()
         .for_each(|(row, (o0, o1))| {
             let n = o0.len();
-            let x1_row = &t157[row * 16..][..n];
+            let x1_row = &t156[row * 16..][..n];
             for j in 0..n {
                 let x0 = o0[j];
                 let x1 = x1_row[j];
@@ -2811,12 +2814,12 @@ pub fn train_k86_add_mul_sub(
 /// matmul: matmul, add, mul, sub: 16×16 · 16×20.
 pub fn train_k87_matmul_add_mul_sub(
     t102: &[f32],
-    t145: &[f32],
-    t156: &mut [f32],
+    t144: &[f32],
+    t155: &mut [f32],
     state_momentum_buffer_head_weight: &mut [f32],
     param_head_weight: &mut [f32],
 ) -> Result<(), rt::Error> {
-    let c = &mut t156[0..320];
+    let c = &mut t155[0..320];
     let o0 = &mut state_momentum_buffer_head_weight[0..320];
     let o1 = &mut param_head_weight[0..320];
     rt::gemm::sgemm(
@@ -2825,7 +2828,7 @@ pub fn train_k87_matmul_add_mul_sub(
         16,
         &t102[0..],
         (1, 16),
-        &t145[0..],
+        &t144[0..],
         (20, 1),
         c,
         (20, 1),
@@ -2846,7 +2849,7 @@ pub fn train_k87_matmul_add_mul_sub(
 
 /// elementwise: add, mul, sub over [20].
 pub fn train_k88_add_mul_sub(
-    t149: &[f32],
+    t148: &[f32],
     state_momentum_buffer_head_bias: &mut [f32],
     param_head_bias: &mut [f32],
 ) {
@@ -2856,7 +2859,7 @@ pub fn train_k88_add_mul_sub(
         .enumerate()
         .for_each(|(row, (o0, o1))| {
             let n = o0.len();
-            let x1_row = &t149[row * 20..][..n];
+            let x1_row = &t148[row * 20..][..n];
             for j in 0..n {
                 let x0 = o0[j];
                 let x1 = x1_row[j];
@@ -2870,12 +2873,12 @@ pub fn train_k88_add_mul_sub(
 /// matmul: matmul, add, mul, sub: 16×16 · 16×16.
 pub fn train_k92_matmul_add_mul_sub(
     t21: &[f32],
-    t241: &[f32],
-    t273: &mut [f32],
+    t240: &[f32],
+    t271: &mut [f32],
     state_momentum_buffer_attn_v_weight: &mut [f32],
     param_attn_v_weight: &mut [f32],
 ) -> Result<(), rt::Error> {
-    let c = &mut t273[0..256];
+    let c = &mut t271[0..256];
     let o0 = &mut state_momentum_buffer_attn_v_weight[0..256];
     let o1 = &mut param_attn_v_weight[0..256];
     rt::gemm::sgemm(
@@ -2884,7 +2887,7 @@ pub fn train_k92_matmul_add_mul_sub(
         16,
         &t21[0..],
         (1, 16),
-        &t241[0..],
+        &t240[0..],
         (16, 1),
         c,
         (16, 1),
@@ -2905,7 +2908,7 @@ pub fn train_k92_matmul_add_mul_sub(
 
 /// elementwise: add, mul, sub over [20, 16].
 pub fn train_k102_add_mul_sub(
-    t325: &[f32],
+    t323: &[f32],
     state_momentum_buffer_tok_emb_weight: &mut [f32],
     param_tok_emb_weight: &mut [f32],
 ) {
@@ -2915,7 +2918,7 @@ pub fn train_k102_add_mul_sub(
         .enumerate()
         .for_each(|(row, (o0, o1))| {
             let n = o0.len();
-            let x1_row = &t325[row * 320..][..n];
+            let x1_row = &t323[row * 320..][..n];
             for j in 0..n {
                 let x0 = o0[j];
                 let x1 = x1_row[j];
@@ -2928,7 +2931,7 @@ pub fn train_k102_add_mul_sub(
 
 /// elementwise: add, mul, sub over [8, 16].
 pub fn train_k103_add_mul_sub(
-    t323: &[f32],
+    t321: &[f32],
     state_momentum_buffer_pos_emb: &mut [f32],
     param_pos_emb: &mut [f32],
 ) {
@@ -2938,7 +2941,7 @@ pub fn train_k103_add_mul_sub(
         .enumerate()
         .for_each(|(row, (o0, o1))| {
             let n = o0.len();
-            let x1_row = &t323[row * 128..][..n];
+            let x1_row = &t321[row * 128..][..n];
             for j in 0..n {
                 let x0 = o0[j];
                 let x1 = x1_row[j];
@@ -2951,7 +2954,7 @@ pub fn train_k103_add_mul_sub(
 
 /// elementwise: add, mul, sub over [16].
 pub fn train_k104_add_mul_sub(
-    t300: &[f32],
+    t298: &[f32],
     state_momentum_buffer_ln_attn_weight: &mut [f32],
     param_ln_attn_weight: &mut [f32],
 ) {
@@ -2961,7 +2964,7 @@ pub fn train_k104_add_mul_sub(
         .enumerate()
         .for_each(|(row, (o0, o1))| {
             let n = o0.len();
-            let x1_row = &t300[row * 16..][..n];
+            let x1_row = &t298[row * 16..][..n];
             for j in 0..n {
                 let x0 = o0[j];
                 let x1 = x1_row[j];
@@ -2974,7 +2977,7 @@ pub fn train_k104_add_mul_sub(
 
 /// elementwise: add, mul, sub over [16].
 pub fn train_k105_add_mul_sub(
-    t296: &[f32],
+    t294: &[f32],
     state_momentum_buffer_ln_attn_bias: &mut [f32],
     param_ln_attn_bias: &mut [f32],
 ) {
@@ -2984,7 +2987,7 @@ pub fn train_k105_add_mul_sub(
         .enumerate()
         .for_each(|(row, (o0, o1))| {
             let n = o0.len();
-            let x1_row = &t296[row * 16..][..n];
+            let x1_row = &t294[row * 16..][..n];
             for j in 0..n {
                 let x0 = o0[j];
                 let x1 = x1_row[j];
@@ -2997,7 +3000,7 @@ pub fn train_k105_add_mul_sub(
 
 /// elementwise: add, mul, sub over [16].
 pub fn train_k106_add_mul_sub(
-    t276: &[f32],
+    t274: &[f32],
     state_momentum_buffer_attn_k_bias: &mut [f32],
     param_attn_k_bias: &mut [f32],
 ) {
@@ -3007,7 +3010,7 @@ pub fn train_k106_add_mul_sub(
         .enumerate()
         .for_each(|(row, (o0, o1))| {
             let n = o0.len();
-            let x1_row = &t276[row * 16..][..n];
+            let x1_row = &t274[row * 16..][..n];
             for j in 0..n {
                 let x0 = o0[j];
                 let x1 = x1_row[j];
@@ -3021,12 +3024,12 @@ pub fn train_k106_add_mul_sub(
 /// matmul: matmul, add, mul, sub: 16×16 · 16×16.
 pub fn train_k107_matmul_add_mul_sub(
     t21: &[f32],
-    t262: &[f32],
-    t283: &mut [f32],
+    t260: &[f32],
+    t281: &mut [f32],
     state_momentum_buffer_attn_k_weight: &mut [f32],
     param_attn_k_weight: &mut [f32],
 ) -> Result<(), rt::Error> {
-    let c = &mut t283[0..256];
+    let c = &mut t281[0..256];
     let o0 = &mut state_momentum_buffer_attn_k_weight[0..256];
     let o1 = &mut param_attn_k_weight[0..256];
     rt::gemm::sgemm(
@@ -3035,7 +3038,7 @@ pub fn train_k107_matmul_add_mul_sub(
         16,
         &t21[0..],
         (1, 16),
-        &t262[0..],
+        &t260[0..],
         (16, 1),
         c,
         (16, 1),
@@ -3057,12 +3060,12 @@ pub fn train_k107_matmul_add_mul_sub(
 /// matmul: matmul, add, mul, sub: 16×16 · 16×16.
 pub fn train_k108_matmul_add_mul_sub(
     t21: &[f32],
-    t260: &[f32],
-    t294: &mut [f32],
+    t258: &[f32],
+    t292: &mut [f32],
     state_momentum_buffer_attn_q_weight: &mut [f32],
     param_attn_q_weight: &mut [f32],
 ) -> Result<(), rt::Error> {
-    let c = &mut t294[0..256];
+    let c = &mut t292[0..256];
     let o0 = &mut state_momentum_buffer_attn_q_weight[0..256];
     let o1 = &mut param_attn_q_weight[0..256];
     rt::gemm::sgemm(
@@ -3071,7 +3074,7 @@ pub fn train_k108_matmul_add_mul_sub(
         16,
         &t21[0..],
         (1, 16),
-        &t260[0..],
+        &t258[0..],
         (16, 1),
         c,
         (16, 1),

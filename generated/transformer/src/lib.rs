@@ -3,7 +3,7 @@
 //! `Step` holds the params, the optimizer state and one arena per dtype for
 //! intermediates (offsets from the memory plan, below). Each entry point
 //! (forward, grads, train) calls the kernels of `kernels.rs` in order.
-//! Training graph 11a6f16d866dc050.
+//! Training graph 085b673146952cd3.
 
 use ferrograd_runtime as rt;
 use numpy::{PyReadonlyArrayDyn, PyUntypedArrayMethods};
@@ -17,7 +17,7 @@ static CONSTS: &[u8] = include_bytes!("consts.bin");
 
 const PARAM_LEN: usize = 4112;
 const STATE_LEN: usize = 4112;
-const TEMP_F32_LEN: usize = 9536;
+const TEMP_F32_LEN: usize = 9216;
 const TEMP_I32_LEN: usize = 0;
 const TEMP_BOOL_LEN: usize = 0;
 const CONST_F32_LEN: usize = 16;
@@ -242,7 +242,7 @@ impl Arenas {
         Ok(())
     }
 
-    /// `grads`: 91 kernels.
+    /// `grads`: 90 kernels.
     fn grads(&mut self, input_ids: &[i32], input_targets: &[i32]) -> Result<(), rt::Error> {
         let a = &*self;
         // SAFETY: the memory plan gives buffers that are live at the same time
@@ -265,11 +265,14 @@ impl Arenas {
                 a.temp_f32.slice(256, 16),
                 a.temp_f32.slice_mut(5440, 256),
             );
-            kernels::grads_k03_reduce(a.temp_f32.slice(5440, 256), a.temp_f32.slice_mut(9184, 16));
-            kernels::grads_k04_sqrt(a.temp_f32.slice(9184, 16), a.temp_f32.slice_mut(9200, 16));
+            kernels::grads_k03_reduce(a.temp_f32.slice(5440, 256), a.temp_f32.slice_mut(256, 16));
+            kernels::grads_k04_add_mul_sqrt(
+                a.temp_f32.slice(256, 16),
+                a.temp_f32.slice_mut(8896, 16),
+            );
             kernels::grads_k05_add_div_mul(
                 a.temp_f32.slice(5440, 256),
-                a.temp_f32.slice(9200, 16),
+                a.temp_f32.slice(8896, 16),
                 a.param.slice(448, 16),
                 a.param.slice(464, 16),
                 a.temp_f32.slice_mut(5696, 256),
@@ -296,44 +299,40 @@ impl Arenas {
                 a.temp_f32.slice_mut(256, 256),
                 a.temp_f32.slice_mut(6720, 256),
             )?;
-            kernels::grads_k09_div_d0(a.temp_f32.slice(9200, 16), a.temp_f32.slice_mut(9216, 16));
+            kernels::grads_k09_div_d0(a.temp_f32.slice(8896, 16), a.temp_f32.slice_mut(8912, 16));
             kernels::forward_k09_matmul_mul(
                 a.temp_f32.slice(6208, 256),
                 a.temp_f32.slice(6464, 256),
                 a.temp_f32.slice_mut(256, 256),
-                a.temp_f32.slice_mut(6976, 256),
+                a.temp_f32.slice_mut(512, 256),
             )?;
             kernels::forward_k10_reduce(
                 a.const_bool.slice(0, 64),
-                a.temp_f32.slice(6976, 256),
+                a.temp_f32.slice(512, 256),
                 a.temp_f32.slice_mut(256, 32),
             );
-            kernels::grads_k12_stop_gradient(
-                a.temp_f32.slice(256, 32),
-                a.temp_f32.slice_mut(9088, 32),
-            );
-            kernels::grads_k13_exp(
+            kernels::forward_k11_exp_stop_gradient_sub(
                 a.const_bool.slice(0, 64),
-                a.temp_f32.slice(6976, 256),
-                a.temp_f32.slice(9088, 32),
-                a.temp_f32.slice_mut(7232, 256),
+                a.temp_f32.slice(512, 256),
+                a.temp_f32.slice(256, 32),
+                a.temp_f32.slice_mut(6976, 256),
             );
             kernels::forward_k12_reduce(
-                a.temp_f32.slice(7232, 256),
-                a.temp_f32.slice_mut(9120, 32),
+                a.temp_f32.slice(6976, 256),
+                a.temp_f32.slice_mut(8832, 32),
             );
             kernels::forward_k13_div(
-                a.temp_f32.slice(7232, 256),
-                a.temp_f32.slice(9120, 32),
-                a.temp_f32.slice_mut(7488, 256),
+                a.temp_f32.slice(6976, 256),
+                a.temp_f32.slice(8832, 32),
+                a.temp_f32.slice_mut(7232, 256),
             );
             kernels::forward_k14_matmul(
-                a.temp_f32.slice(7488, 256),
+                a.temp_f32.slice(7232, 256),
                 a.temp_f32.slice(6720, 256),
-                a.temp_f32.slice_mut(7744, 256),
+                a.temp_f32.slice_mut(7488, 256),
             )?;
-            kernels::grads_k17_matmul_add(
-                a.temp_f32.slice(7744, 256),
+            kernels::grads_k16_matmul_add(
+                a.temp_f32.slice(7488, 256),
                 a.param.slice(1296, 256),
                 a.temp_f32.slice(0, 256),
                 a.param.slice(320, 128),
@@ -342,24 +341,27 @@ impl Arenas {
                 a.temp_f32.slice_mut(4096, 256),
             )?;
             kernels::forward_k16_reduce(a.temp_f32.slice(4096, 256), a.temp_f32.slice_mut(0, 16));
-            kernels::grads_k19_mul_sub(
+            kernels::grads_k18_mul_sub(
                 a.temp_f32.slice(4096, 256),
                 a.temp_f32.slice(0, 16),
-                a.temp_f32.slice_mut(8000, 256),
+                a.temp_f32.slice_mut(7744, 256),
             );
-            kernels::grads_k20_reduce(a.temp_f32.slice(8000, 256), a.temp_f32.slice_mut(9232, 16));
-            kernels::grads_k21_sqrt(a.temp_f32.slice(9232, 16), a.temp_f32.slice_mut(9248, 16));
-            kernels::grads_k22_add_div_mul(
-                a.temp_f32.slice(8000, 256),
-                a.temp_f32.slice(9248, 16),
+            kernels::grads_k19_reduce(a.temp_f32.slice(7744, 256), a.temp_f32.slice_mut(0, 16));
+            kernels::grads_k20_add_mul_sqrt(
+                a.temp_f32.slice(0, 16),
+                a.temp_f32.slice_mut(8928, 16),
+            );
+            kernels::grads_k21_add_div_mul(
+                a.temp_f32.slice(7744, 256),
+                a.temp_f32.slice(8928, 16),
                 a.param.slice(1568, 16),
                 a.param.slice(1584, 16),
+                a.temp_f32.slice_mut(8000, 256),
                 a.temp_f32.slice_mut(8256, 256),
-                a.temp_f32.slice_mut(8512, 256),
             );
-            kernels::grads_k23_div_d0(a.temp_f32.slice(9248, 16), a.temp_f32.slice_mut(9264, 16));
-            kernels::grads_k24_matmul_add_mul_normal_cdf(
-                a.temp_f32.slice(8512, 256),
+            kernels::grads_k22_div_d0(a.temp_f32.slice(8928, 16), a.temp_f32.slice_mut(8944, 16));
+            kernels::grads_k23_matmul_add_mul_normal_cdf(
+                a.temp_f32.slice(8256, 256),
                 a.param.slice(1600, 1024),
                 a.param.slice(2624, 64),
                 a.temp_f32.slice_mut(2048, 1024),
@@ -379,17 +381,20 @@ impl Arenas {
                 a.temp_f32.slice(2304, 256),
                 a.temp_f32.slice_mut(2048, 16),
             );
-            kernels::grads_k27_mul_sub(
+            kernels::grads_k26_mul_sub(
                 a.temp_f32.slice(4096, 256),
                 a.temp_f32.slice(2304, 256),
                 a.temp_f32.slice(2048, 16),
                 a.temp_f32.slice_mut(2688, 256),
             );
-            kernels::grads_k28_reduce(a.temp_f32.slice(2688, 256), a.temp_f32.slice_mut(2944, 16));
-            kernels::grads_k29_sqrt(a.temp_f32.slice(2944, 16), a.temp_f32.slice_mut(2960, 16));
-            kernels::grads_k30_add_div_mul(
+            kernels::grads_k27_reduce(a.temp_f32.slice(2688, 256), a.temp_f32.slice_mut(2048, 16));
+            kernels::grads_k28_add_mul_sqrt(
+                a.temp_f32.slice(2048, 16),
+                a.temp_f32.slice_mut(2944, 16),
+            );
+            kernels::grads_k29_add_div_mul(
                 a.temp_f32.slice(2688, 256),
-                a.temp_f32.slice(2960, 16),
+                a.temp_f32.slice(2944, 16),
                 a.param.slice(3728, 16),
                 a.param.slice(3744, 16),
                 a.temp_f32.slice_mut(4096, 256),
@@ -404,216 +409,211 @@ impl Arenas {
             )?;
             kernels::forward_k27_reduce(
                 a.temp_f32.slice(2368, 320),
-                a.temp_f32.slice_mut(2048, 16),
+                a.temp_f32.slice_mut(2960, 16),
             );
-            kernels::forward_k28_stop_gradient(
-                a.temp_f32.slice(2048, 16),
-                a.temp_f32.slice_mut(2976, 16),
-            );
-            kernels::forward_k29_reduce(
+            kernels::grads_k32_exp_stop_gradient_sub(
                 a.temp_f32.slice(2368, 320),
-                a.temp_f32.slice(2976, 16),
-                a.temp_f32.slice_mut(2048, 16),
-            );
-            kernels::grads_k35_div_d0(a.temp_f32.slice(2960, 16), a.temp_f32.slice_mut(2992, 16));
-            kernels::grads_k36_reduce(
-                input_targets,
-                a.const_i32.slice(0, 20),
-                a.const_f32.slice(0, 16),
-                a.temp_f32.slice_mut(2064, 16),
-            );
-            kernels::grads_k37_log_d0_mul(
-                a.temp_f32.slice(2064, 16),
-                a.temp_f32.slice(2048, 16),
-                a.temp_f32.slice_mut(3008, 16),
-            );
-            kernels::grads_k38_add_exp_d0_mul(
-                input_targets,
-                a.const_i32.slice(0, 20),
-                a.const_f32.slice(0, 16),
-                a.temp_f32.slice(3008, 16),
-                a.temp_f32.slice(2368, 320),
-                a.temp_f32.slice(2976, 16),
+                a.temp_f32.slice(2960, 16),
                 a.temp_f32.slice_mut(2048, 320),
             );
-            kernels::grads_k39_reduce(a.temp_f32.slice(2048, 320), a.temp_f32.slice_mut(9152, 20));
-            kernels::grads_k40_matmul(
+            kernels::grads_k33_reduce(a.temp_f32.slice(2048, 320), a.temp_f32.slice_mut(2368, 16));
+            kernels::grads_k34_div_d0(a.temp_f32.slice(2944, 16), a.temp_f32.slice_mut(2960, 16));
+            kernels::grads_k35_reduce(
+                input_targets,
+                a.const_i32.slice(0, 20),
+                a.const_f32.slice(0, 16),
+                a.temp_f32.slice_mut(2384, 16),
+            );
+            kernels::grads_k36_log_d0_mul(
+                a.temp_f32.slice(2384, 16),
+                a.temp_f32.slice(2368, 16),
+                a.temp_f32.slice_mut(2976, 16),
+            );
+            kernels::grads_k37_add_mul(
+                input_targets,
+                a.const_i32.slice(0, 20),
+                a.const_f32.slice(0, 16),
+                a.temp_f32.slice(2976, 16),
                 a.temp_f32.slice(2048, 320),
+                a.temp_f32.slice_mut(2368, 320),
+            );
+            kernels::grads_k38_reduce(a.temp_f32.slice(2368, 320), a.temp_f32.slice_mut(8864, 20));
+            kernels::grads_k39_matmul(
+                a.temp_f32.slice(2368, 320),
                 a.param.slice(3760, 320),
-                a.temp_f32.slice_mut(2368, 256),
+                a.temp_f32.slice_mut(2048, 256),
             )?;
-            kernels::grads_k41_matmul(
+            kernels::grads_k40_matmul(
                 a.temp_f32.slice(4352, 256),
-                a.temp_f32.slice(2048, 320),
+                a.temp_f32.slice(2368, 320),
                 a.temp_f32.slice_mut(5120, 320),
             )?;
-            kernels::grads_k42_reduce(a.temp_f32.slice(2368, 256), a.temp_f32.slice_mut(9280, 16));
-            kernels::grads_k43_mul(
-                a.temp_f32.slice(2368, 256),
+            kernels::grads_k41_reduce(a.temp_f32.slice(2048, 256), a.temp_f32.slice_mut(8960, 16));
+            kernels::grads_k42_mul(
+                a.temp_f32.slice(2048, 256),
                 a.param.slice(3728, 16),
-                a.temp_f32.slice_mut(2048, 256),
+                a.temp_f32.slice_mut(2304, 256),
+            );
+            kernels::grads_k43_reduce(
+                a.temp_f32.slice(2048, 256),
+                a.temp_f32.slice(4096, 256),
+                a.temp_f32.slice_mut(8976, 16),
             );
             kernels::grads_k44_reduce(
-                a.temp_f32.slice(2368, 256),
-                a.temp_f32.slice(4096, 256),
-                a.temp_f32.slice_mut(9296, 16),
-            );
-            kernels::grads_k45_reduce(
-                a.temp_f32.slice(2048, 256),
+                a.temp_f32.slice(2304, 256),
                 a.temp_f32.slice(2688, 256),
-                a.temp_f32.slice(2960, 16),
-                a.temp_f32.slice_mut(2304, 16),
-            );
-            kernels::grads_k46_mul_sqrt_d0(
-                a.temp_f32.slice(2304, 16),
                 a.temp_f32.slice(2944, 16),
-                a.temp_f32.slice_mut(2320, 16),
+                a.temp_f32.slice_mut(2048, 16),
             );
-            kernels::grads_k47_reduce(
-                a.temp_f32.slice(2048, 256),
-                a.temp_f32.slice(2992, 16),
-                a.temp_f32.slice(2320, 16),
+            kernels::grads_k45_mul_sqrt_d0(
+                a.temp_f32.slice(2048, 16),
+                a.temp_f32.slice(2944, 16),
+                a.temp_f32.slice_mut(2064, 16),
+            );
+            kernels::grads_k46_reduce(
+                a.temp_f32.slice(2304, 256),
+                a.temp_f32.slice(2960, 16),
+                a.temp_f32.slice(2064, 16),
                 a.temp_f32.slice(2688, 256),
-                a.temp_f32.slice_mut(2304, 16),
+                a.temp_f32.slice_mut(2048, 16),
             );
-            kernels::grads_k48_mul(a.temp_f32.slice(2304, 16), a.temp_f32.slice_mut(2336, 16));
-            kernels::grads_k49_add(
-                a.temp_f32.slice(2048, 256),
-                a.temp_f32.slice(2992, 16),
-                a.temp_f32.slice(2320, 16),
+            kernels::grads_k47_mul(a.temp_f32.slice(2048, 16), a.temp_f32.slice_mut(2080, 16));
+            kernels::grads_k48_add(
+                a.temp_f32.slice(2304, 256),
+                a.temp_f32.slice(2960, 16),
+                a.temp_f32.slice(2064, 16),
                 a.temp_f32.slice(2688, 256),
-                a.temp_f32.slice(2336, 16),
-                a.temp_f32.slice_mut(8768, 256),
+                a.temp_f32.slice(2080, 16),
+                a.temp_f32.slice_mut(8512, 256),
             );
-            kernels::grads_k50_reduce(a.temp_f32.slice(8768, 256), a.temp_f32.slice_mut(9312, 16));
-            kernels::grads_k51_matmul(
+            kernels::grads_k49_reduce(a.temp_f32.slice(8512, 256), a.temp_f32.slice_mut(8992, 16));
+            kernels::grads_k50_matmul(
                 a.temp_f32.slice(1024, 1024),
-                a.temp_f32.slice(8768, 256),
+                a.temp_f32.slice(8512, 256),
                 a.temp_f32.slice_mut(2048, 1024),
             )?;
-            kernels::grads_k52_matmul_add_mul_normal_cdf_d0(
-                a.temp_f32.slice(8768, 256),
+            kernels::grads_k51_matmul_add_mul_normal_cdf_d0(
+                a.temp_f32.slice(8512, 256),
                 a.param.slice(2688, 1024),
                 a.temp_f32.slice(0, 1024),
                 a.temp_f32.slice(3072, 1024),
                 a.temp_f32.slice_mut(1024, 1024),
                 a.temp_f32.slice_mut(4096, 1024),
             )?;
-            kernels::grads_k53_reduce(a.temp_f32.slice(4096, 1024), a.temp_f32.slice_mut(9024, 64));
-            kernels::grads_k54_matmul(
+            kernels::grads_k52_reduce(a.temp_f32.slice(4096, 1024), a.temp_f32.slice_mut(8768, 64));
+            kernels::grads_k53_matmul(
                 a.temp_f32.slice(4096, 1024),
                 a.param.slice(1600, 1024),
                 a.temp_f32.slice_mut(1024, 256),
             )?;
-            kernels::grads_k55_matmul(
-                a.temp_f32.slice(8512, 256),
+            kernels::grads_k54_matmul(
+                a.temp_f32.slice(8256, 256),
                 a.temp_f32.slice(4096, 1024),
                 a.temp_f32.slice_mut(0, 1024),
             )?;
-            kernels::grads_k56_reduce(a.temp_f32.slice(1024, 256), a.temp_f32.slice_mut(4608, 16));
-            kernels::grads_k57_mul(
+            kernels::grads_k55_reduce(a.temp_f32.slice(1024, 256), a.temp_f32.slice_mut(4608, 16));
+            kernels::grads_k56_mul(
                 a.temp_f32.slice(1024, 256),
                 a.param.slice(1568, 16),
                 a.temp_f32.slice_mut(1280, 256),
             );
-            kernels::grads_k58_reduce(
+            kernels::grads_k57_reduce(
                 a.temp_f32.slice(1024, 256),
-                a.temp_f32.slice(8256, 256),
+                a.temp_f32.slice(8000, 256),
                 a.temp_f32.slice_mut(4624, 16),
             );
-            kernels::grads_k59_reduce(
+            kernels::grads_k58_reduce(
                 a.temp_f32.slice(1280, 256),
-                a.temp_f32.slice(8000, 256),
-                a.temp_f32.slice(9248, 16),
+                a.temp_f32.slice(7744, 256),
+                a.temp_f32.slice(8928, 16),
                 a.temp_f32.slice_mut(1024, 16),
             );
-            kernels::grads_k60_mul_sqrt_d0(
+            kernels::grads_k59_mul_sqrt_d0(
                 a.temp_f32.slice(1024, 16),
-                a.temp_f32.slice(9232, 16),
+                a.temp_f32.slice(8928, 16),
                 a.temp_f32.slice_mut(1536, 16),
             );
-            kernels::grads_k61_reduce(
+            kernels::grads_k60_reduce(
                 a.temp_f32.slice(1280, 256),
-                a.temp_f32.slice(9264, 16),
+                a.temp_f32.slice(8944, 16),
                 a.temp_f32.slice(1536, 16),
-                a.temp_f32.slice(8000, 256),
+                a.temp_f32.slice(7744, 256),
                 a.temp_f32.slice_mut(1024, 16),
             );
-            kernels::grads_k62_mul(a.temp_f32.slice(1024, 16), a.temp_f32.slice_mut(1552, 16));
-            kernels::grads_k63_add(
-                a.temp_f32.slice(8768, 256),
+            kernels::grads_k61_mul(a.temp_f32.slice(1024, 16), a.temp_f32.slice_mut(1552, 16));
+            kernels::grads_k62_add(
+                a.temp_f32.slice(8512, 256),
                 a.temp_f32.slice(1280, 256),
-                a.temp_f32.slice(9264, 16),
+                a.temp_f32.slice(8944, 16),
                 a.temp_f32.slice(1536, 16),
-                a.temp_f32.slice(8000, 256),
+                a.temp_f32.slice(7744, 256),
                 a.temp_f32.slice(1552, 16),
                 a.temp_f32.slice_mut(1024, 256),
             );
-            kernels::grads_k64_reduce(a.temp_f32.slice(1024, 256), a.temp_f32.slice_mut(4640, 16));
-            kernels::grads_k65_matmul(
+            kernels::grads_k63_reduce(a.temp_f32.slice(1024, 256), a.temp_f32.slice_mut(4640, 16));
+            kernels::grads_k64_matmul(
                 a.temp_f32.slice(1024, 256),
                 a.param.slice(1296, 256),
                 a.temp_f32.slice_mut(1280, 256),
             )?;
-            kernels::grads_k66_matmul(
-                a.temp_f32.slice(7744, 256),
+            kernels::grads_k65_matmul(
+                a.temp_f32.slice(7488, 256),
                 a.temp_f32.slice(1024, 256),
                 a.temp_f32.slice_mut(1536, 256),
             )?;
-            kernels::grads_k67_matmul(
+            kernels::grads_k66_matmul(
                 a.temp_f32.slice(1280, 256),
                 a.temp_f32.slice(6720, 256),
                 a.temp_f32.slice_mut(1792, 256),
             )?;
-            kernels::grads_k68_matmul(
-                a.temp_f32.slice(7488, 256),
+            kernels::grads_k67_matmul(
+                a.temp_f32.slice(7232, 256),
                 a.temp_f32.slice(1280, 256),
                 a.temp_f32.slice_mut(3072, 256),
             )?;
-            kernels::grads_k69_reduce(
+            kernels::grads_k68_reduce(
                 a.temp_f32.slice(1792, 256),
-                a.temp_f32.slice(7232, 256),
-                a.temp_f32.slice(9120, 32),
+                a.temp_f32.slice(6976, 256),
+                a.temp_f32.slice(8832, 32),
                 a.temp_f32.slice_mut(3328, 32),
             );
-            kernels::grads_k70_add_div_d0_etc(
+            kernels::grads_k69_add_div_d0_etc(
                 a.const_bool.slice(0, 64),
                 a.temp_f32.slice(1792, 256),
-                a.temp_f32.slice(9120, 32),
+                a.temp_f32.slice(8832, 32),
                 a.temp_f32.slice(3328, 32),
                 a.temp_f32.slice(6976, 256),
-                a.temp_f32.slice(9088, 32),
                 a.temp_f32.slice_mut(1280, 256),
             );
-            kernels::grads_k71_matmul(
+            kernels::grads_k70_matmul(
                 a.temp_f32.slice(1280, 256),
                 a.temp_f32.slice(6464, 256),
                 a.temp_f32.slice_mut(1792, 256),
             )?;
-            kernels::grads_k72_matmul(
+            kernels::grads_k71_matmul(
                 a.temp_f32.slice(6208, 256),
                 a.temp_f32.slice(1280, 256),
                 a.temp_f32.slice_mut(3328, 256),
             )?;
-            kernels::grads_k73_reduce(a.temp_f32.slice(3072, 256), a.temp_f32.slice_mut(4656, 16));
-            kernels::grads_k74_reduce(a.temp_f32.slice(1792, 256), a.temp_f32.slice_mut(4672, 16));
-            kernels::grads_k75_matmul(
+            kernels::grads_k72_reduce(a.temp_f32.slice(3072, 256), a.temp_f32.slice_mut(4656, 16));
+            kernels::grads_k73_reduce(a.temp_f32.slice(1792, 256), a.temp_f32.slice_mut(4672, 16));
+            kernels::grads_k74_matmul(
                 a.temp_f32.slice(1792, 256),
                 a.param.slice(480, 256),
                 a.temp_f32.slice_mut(1280, 256),
             )?;
-            kernels::grads_k76_matmul(
+            kernels::grads_k75_matmul(
                 a.temp_f32.slice(5952, 256),
                 a.temp_f32.slice(3072, 256),
                 a.temp_f32.slice_mut(3584, 256),
             )?;
-            kernels::grads_k77_reduce(a.temp_f32.slice(3328, 256), a.temp_f32.slice_mut(4688, 16));
-            kernels::grads_k78_matmul(
+            kernels::grads_k76_reduce(a.temp_f32.slice(3328, 256), a.temp_f32.slice_mut(4688, 16));
+            kernels::grads_k77_matmul(
                 a.temp_f32.slice(3328, 256),
                 a.param.slice(752, 256),
                 a.temp_f32.slice_mut(3840, 256),
             )?;
-            kernels::grads_k79_matmul_add(
+            kernels::grads_k78_matmul_add(
                 a.temp_f32.slice(3072, 256),
                 a.param.slice(1024, 256),
                 a.temp_f32.slice(3840, 256),
@@ -621,55 +621,55 @@ impl Arenas {
                 a.temp_f32.slice_mut(4096, 256),
                 a.temp_f32.slice_mut(4352, 256),
             )?;
-            kernels::grads_k80_reduce(a.temp_f32.slice(4352, 256), a.temp_f32.slice_mut(1472, 16));
-            kernels::grads_k81_reduce(
+            kernels::grads_k79_reduce(a.temp_f32.slice(4352, 256), a.temp_f32.slice_mut(1472, 16));
+            kernels::grads_k80_reduce(
                 a.temp_f32.slice(4352, 256),
                 a.temp_f32.slice(5696, 256),
                 a.temp_f32.slice_mut(1488, 16),
             );
-            kernels::grads_k82_reduce(
+            kernels::grads_k81_reduce(
                 a.temp_f32.slice(4352, 256),
                 a.param.slice(448, 16),
                 a.temp_f32.slice(5440, 256),
-                a.temp_f32.slice(9200, 16),
+                a.temp_f32.slice(8896, 16),
                 a.temp_f32.slice_mut(1280, 16),
             );
-            kernels::grads_k83_mul_sqrt_d0(
+            kernels::grads_k82_mul_sqrt_d0(
                 a.temp_f32.slice(1280, 16),
-                a.temp_f32.slice(9184, 16),
+                a.temp_f32.slice(8896, 16),
                 a.temp_f32.slice_mut(1296, 16),
             );
-            kernels::grads_k84_reduce(
+            kernels::grads_k83_reduce(
                 a.temp_f32.slice(4352, 256),
                 a.param.slice(448, 16),
-                a.temp_f32.slice(9216, 16),
+                a.temp_f32.slice(8912, 16),
                 a.temp_f32.slice(1296, 16),
                 a.temp_f32.slice(5440, 256),
                 a.temp_f32.slice_mut(1280, 16),
             );
-            kernels::grads_k85_mul(a.temp_f32.slice(1280, 16), a.temp_f32.slice_mut(1312, 16));
-            kernels::grads_k86_add(
+            kernels::grads_k84_mul(a.temp_f32.slice(1280, 16), a.temp_f32.slice_mut(1312, 16));
+            kernels::grads_k85_add(
                 a.temp_f32.slice(1024, 256),
                 a.temp_f32.slice(4352, 256),
                 a.param.slice(448, 16),
-                a.temp_f32.slice(9216, 16),
+                a.temp_f32.slice(8912, 16),
                 a.temp_f32.slice(1296, 16),
                 a.temp_f32.slice(5440, 256),
                 a.temp_f32.slice(1312, 16),
                 a.temp_f32.slice_mut(3072, 256),
             );
-            kernels::grads_k87_reduce(a.temp_f32.slice(3072, 256), a.temp_f32.slice_mut(1344, 128));
-            kernels::grads_k88_scatter_add(
+            kernels::grads_k86_reduce(a.temp_f32.slice(3072, 256), a.temp_f32.slice_mut(1344, 128));
+            kernels::grads_k87_scatter_add(
                 input_ids,
                 a.temp_f32.slice(3072, 256),
                 a.temp_f32.slice_mut(1024, 320),
             )?;
-            kernels::grads_k89_matmul(
+            kernels::grads_k88_matmul(
                 a.temp_f32.slice(5952, 256),
                 a.temp_f32.slice(3328, 256),
                 a.temp_f32.slice_mut(3072, 256),
             )?;
-            kernels::grads_k90_matmul(
+            kernels::grads_k89_matmul(
                 a.temp_f32.slice(5952, 256),
                 a.temp_f32.slice(1792, 256),
                 a.temp_f32.slice_mut(3328, 256),
@@ -701,11 +701,14 @@ impl Arenas {
                 a.temp_f32.slice(256, 16),
                 a.temp_f32.slice_mut(5440, 256),
             );
-            kernels::grads_k03_reduce(a.temp_f32.slice(5440, 256), a.temp_f32.slice_mut(9376, 16));
-            kernels::grads_k04_sqrt(a.temp_f32.slice(9376, 16), a.temp_f32.slice_mut(9392, 16));
+            kernels::grads_k03_reduce(a.temp_f32.slice(5440, 256), a.temp_f32.slice_mut(256, 16));
+            kernels::grads_k04_add_mul_sqrt(
+                a.temp_f32.slice(256, 16),
+                a.temp_f32.slice_mut(9088, 16),
+            );
             kernels::grads_k05_add_div_mul(
                 a.temp_f32.slice(5440, 256),
-                a.temp_f32.slice(9392, 16),
+                a.temp_f32.slice(9088, 16),
                 a.param.slice(448, 16),
                 a.param.slice(464, 16),
                 a.temp_f32.slice_mut(5696, 256),
@@ -732,44 +735,40 @@ impl Arenas {
                 a.temp_f32.slice_mut(256, 256),
                 a.temp_f32.slice_mut(6720, 256),
             )?;
-            kernels::grads_k09_div_d0(a.temp_f32.slice(9392, 16), a.temp_f32.slice_mut(9408, 16));
+            kernels::grads_k09_div_d0(a.temp_f32.slice(9088, 16), a.temp_f32.slice_mut(9104, 16));
             kernels::forward_k09_matmul_mul(
                 a.temp_f32.slice(6208, 256),
                 a.temp_f32.slice(6464, 256),
                 a.temp_f32.slice_mut(256, 256),
-                a.temp_f32.slice_mut(6976, 256),
+                a.temp_f32.slice_mut(512, 256),
             )?;
             kernels::forward_k10_reduce(
                 a.const_bool.slice(0, 64),
-                a.temp_f32.slice(6976, 256),
+                a.temp_f32.slice(512, 256),
                 a.temp_f32.slice_mut(256, 32),
             );
-            kernels::grads_k12_stop_gradient(
-                a.temp_f32.slice(256, 32),
-                a.temp_f32.slice_mut(9280, 32),
-            );
-            kernels::grads_k13_exp(
+            kernels::forward_k11_exp_stop_gradient_sub(
                 a.const_bool.slice(0, 64),
-                a.temp_f32.slice(6976, 256),
-                a.temp_f32.slice(9280, 32),
-                a.temp_f32.slice_mut(7232, 256),
+                a.temp_f32.slice(512, 256),
+                a.temp_f32.slice(256, 32),
+                a.temp_f32.slice_mut(6976, 256),
             );
             kernels::forward_k12_reduce(
-                a.temp_f32.slice(7232, 256),
-                a.temp_f32.slice_mut(9312, 32),
+                a.temp_f32.slice(6976, 256),
+                a.temp_f32.slice_mut(9024, 32),
             );
             kernels::forward_k13_div(
-                a.temp_f32.slice(7232, 256),
-                a.temp_f32.slice(9312, 32),
-                a.temp_f32.slice_mut(7488, 256),
+                a.temp_f32.slice(6976, 256),
+                a.temp_f32.slice(9024, 32),
+                a.temp_f32.slice_mut(7232, 256),
             );
             kernels::forward_k14_matmul(
-                a.temp_f32.slice(7488, 256),
+                a.temp_f32.slice(7232, 256),
                 a.temp_f32.slice(6720, 256),
-                a.temp_f32.slice_mut(7744, 256),
+                a.temp_f32.slice_mut(7488, 256),
             )?;
-            kernels::grads_k17_matmul_add(
-                a.temp_f32.slice(7744, 256),
+            kernels::grads_k16_matmul_add(
+                a.temp_f32.slice(7488, 256),
                 a.param.slice(1296, 256),
                 a.temp_f32.slice(0, 256),
                 a.param.slice(320, 128),
@@ -778,24 +777,27 @@ impl Arenas {
                 a.temp_f32.slice_mut(4096, 256),
             )?;
             kernels::forward_k16_reduce(a.temp_f32.slice(4096, 256), a.temp_f32.slice_mut(0, 16));
-            kernels::grads_k19_mul_sub(
+            kernels::grads_k18_mul_sub(
                 a.temp_f32.slice(4096, 256),
                 a.temp_f32.slice(0, 16),
-                a.temp_f32.slice_mut(8000, 256),
+                a.temp_f32.slice_mut(7744, 256),
             );
-            kernels::grads_k20_reduce(a.temp_f32.slice(8000, 256), a.temp_f32.slice_mut(9424, 16));
-            kernels::grads_k21_sqrt(a.temp_f32.slice(9424, 16), a.temp_f32.slice_mut(9440, 16));
-            kernels::grads_k22_add_div_mul(
-                a.temp_f32.slice(8000, 256),
-                a.temp_f32.slice(9440, 16),
+            kernels::grads_k19_reduce(a.temp_f32.slice(7744, 256), a.temp_f32.slice_mut(0, 16));
+            kernels::grads_k20_add_mul_sqrt(
+                a.temp_f32.slice(0, 16),
+                a.temp_f32.slice_mut(9120, 16),
+            );
+            kernels::grads_k21_add_div_mul(
+                a.temp_f32.slice(7744, 256),
+                a.temp_f32.slice(9120, 16),
                 a.param.slice(1568, 16),
                 a.param.slice(1584, 16),
+                a.temp_f32.slice_mut(8000, 256),
                 a.temp_f32.slice_mut(8256, 256),
-                a.temp_f32.slice_mut(8512, 256),
             );
-            kernels::grads_k23_div_d0(a.temp_f32.slice(9440, 16), a.temp_f32.slice_mut(9456, 16));
-            kernels::grads_k24_matmul_add_mul_normal_cdf(
-                a.temp_f32.slice(8512, 256),
+            kernels::grads_k22_div_d0(a.temp_f32.slice(9120, 16), a.temp_f32.slice_mut(9136, 16));
+            kernels::grads_k23_matmul_add_mul_normal_cdf(
+                a.temp_f32.slice(8256, 256),
                 a.param.slice(1600, 1024),
                 a.param.slice(2624, 64),
                 a.temp_f32.slice_mut(2048, 1024),
@@ -815,24 +817,27 @@ impl Arenas {
                 a.temp_f32.slice(2304, 256),
                 a.temp_f32.slice_mut(2048, 16),
             );
-            kernels::grads_k27_mul_sub(
+            kernels::grads_k26_mul_sub(
                 a.temp_f32.slice(4096, 256),
                 a.temp_f32.slice(2304, 256),
                 a.temp_f32.slice(2048, 16),
                 a.temp_f32.slice_mut(2688, 256),
             );
-            kernels::grads_k28_reduce(a.temp_f32.slice(2688, 256), a.temp_f32.slice_mut(2944, 16));
-            kernels::grads_k29_sqrt(a.temp_f32.slice(2944, 16), a.temp_f32.slice_mut(2960, 16));
-            kernels::grads_k30_add_div_mul(
+            kernels::grads_k27_reduce(a.temp_f32.slice(2688, 256), a.temp_f32.slice_mut(2048, 16));
+            kernels::grads_k28_add_mul_sqrt(
+                a.temp_f32.slice(2048, 16),
+                a.temp_f32.slice_mut(2944, 16),
+            );
+            kernels::grads_k29_add_div_mul(
                 a.temp_f32.slice(2688, 256),
-                a.temp_f32.slice(2960, 16),
+                a.temp_f32.slice(2944, 16),
                 a.param.slice(3728, 16),
                 a.param.slice(3744, 16),
                 a.temp_f32.slice_mut(4096, 256),
-                a.temp_f32.slice_mut(8768, 256),
+                a.temp_f32.slice_mut(8512, 256),
             );
             kernels::forward_k26_matmul_add(
-                a.temp_f32.slice(8768, 256),
+                a.temp_f32.slice(8512, 256),
                 a.param.slice(3760, 320),
                 a.param.slice(4080, 20),
                 a.temp_f32.slice_mut(2048, 320),
@@ -844,186 +849,185 @@ impl Arenas {
             );
             kernels::forward_k28_stop_gradient(
                 a.temp_f32.slice(2048, 16),
-                a.temp_f32.slice_mut(2064, 16),
+                a.temp_f32.slice_mut(2960, 16),
             );
-            kernels::forward_k29_reduce(
+            kernels::train_k33_exp(
                 a.temp_f32.slice(2368, 320),
-                a.temp_f32.slice(2064, 16),
-                a.temp_f32.slice_mut(2048, 16),
+                a.temp_f32.slice(2960, 16),
+                a.temp_f32.slice_mut(2048, 320),
             );
-            kernels::grads_k35_div_d0(a.temp_f32.slice(2960, 16), a.temp_f32.slice_mut(2976, 16));
+            kernels::grads_k33_reduce(a.temp_f32.slice(2048, 320), a.temp_f32.slice_mut(2976, 16));
+            kernels::grads_k34_div_d0(a.temp_f32.slice(2944, 16), a.temp_f32.slice_mut(2992, 16));
             kernels::train_k36_reduce(
                 input_targets,
                 a.const_i32.slice(0, 20),
                 a.temp_f32.slice(2368, 320),
-                a.temp_f32.slice(2064, 16),
-                a.temp_f32.slice(2048, 16),
-                a.temp_f32.slice_mut(2080, 16),
+                a.temp_f32.slice(2960, 16),
+                a.temp_f32.slice(2976, 16),
+                a.temp_f32.slice_mut(3008, 16),
             );
-            kernels::forward_k31_reduce(a.temp_f32.slice(2080, 16), a.temp_f32.slice_mut(2096, 1));
-            kernels::forward_k32_mul_neg(a.temp_f32.slice(2096, 1), a.temp_f32.slice_mut(9520, 1));
-            kernels::grads_k36_reduce(
+            kernels::forward_k31_reduce(a.temp_f32.slice(3008, 16), a.temp_f32.slice_mut(2368, 1));
+            kernels::forward_k32_mul_neg(a.temp_f32.slice(2368, 1), a.temp_f32.slice_mut(9200, 1));
+            kernels::grads_k35_reduce(
                 input_targets,
                 a.const_i32.slice(0, 20),
                 a.const_f32.slice(0, 16),
-                a.temp_f32.slice_mut(2080, 16),
+                a.temp_f32.slice_mut(2368, 16),
             );
-            kernels::grads_k37_log_d0_mul(
-                a.temp_f32.slice(2080, 16),
-                a.temp_f32.slice(2048, 16),
-                a.temp_f32.slice_mut(2096, 16),
+            kernels::grads_k36_log_d0_mul(
+                a.temp_f32.slice(2368, 16),
+                a.temp_f32.slice(2976, 16),
+                a.temp_f32.slice_mut(2384, 16),
             );
-            kernels::grads_k38_add_exp_d0_mul(
+            kernels::grads_k37_add_mul(
                 input_targets,
                 a.const_i32.slice(0, 20),
                 a.const_f32.slice(0, 16),
-                a.temp_f32.slice(2096, 16),
-                a.temp_f32.slice(2368, 320),
-                a.temp_f32.slice(2064, 16),
+                a.temp_f32.slice(2384, 16),
+                a.temp_f32.slice(2048, 320),
                 a.temp_f32.slice_mut(5120, 320),
             );
-            kernels::grads_k39_reduce(a.temp_f32.slice(5120, 320), a.temp_f32.slice_mut(9344, 20));
-            kernels::grads_k40_matmul(
+            kernels::grads_k38_reduce(a.temp_f32.slice(5120, 320), a.temp_f32.slice_mut(9056, 20));
+            kernels::grads_k39_matmul(
                 a.temp_f32.slice(5120, 320),
                 a.param.slice(3760, 320),
                 a.temp_f32.slice_mut(2048, 256),
             )?;
-            kernels::grads_k42_reduce(a.temp_f32.slice(2048, 256), a.temp_f32.slice_mut(9472, 16));
-            kernels::grads_k43_mul(
+            kernels::grads_k41_reduce(a.temp_f32.slice(2048, 256), a.temp_f32.slice_mut(9152, 16));
+            kernels::grads_k42_mul(
                 a.temp_f32.slice(2048, 256),
                 a.param.slice(3728, 16),
                 a.temp_f32.slice_mut(2304, 256),
             );
-            kernels::grads_k44_reduce(
+            kernels::grads_k43_reduce(
                 a.temp_f32.slice(2048, 256),
                 a.temp_f32.slice(4096, 256),
-                a.temp_f32.slice_mut(9488, 16),
+                a.temp_f32.slice_mut(9168, 16),
             );
-            kernels::grads_k45_reduce(
+            kernels::grads_k44_reduce(
                 a.temp_f32.slice(2304, 256),
                 a.temp_f32.slice(2688, 256),
-                a.temp_f32.slice(2960, 16),
+                a.temp_f32.slice(2944, 16),
                 a.temp_f32.slice_mut(2048, 16),
             );
-            kernels::grads_k46_mul_sqrt_d0(
+            kernels::grads_k45_mul_sqrt_d0(
                 a.temp_f32.slice(2048, 16),
                 a.temp_f32.slice(2944, 16),
                 a.temp_f32.slice_mut(2064, 16),
             );
-            kernels::grads_k47_reduce(
+            kernels::grads_k46_reduce(
                 a.temp_f32.slice(2304, 256),
-                a.temp_f32.slice(2976, 16),
+                a.temp_f32.slice(2992, 16),
                 a.temp_f32.slice(2064, 16),
                 a.temp_f32.slice(2688, 256),
                 a.temp_f32.slice_mut(2048, 16),
             );
-            kernels::grads_k48_mul(a.temp_f32.slice(2048, 16), a.temp_f32.slice_mut(2080, 16));
-            kernels::grads_k49_add(
+            kernels::grads_k47_mul(a.temp_f32.slice(2048, 16), a.temp_f32.slice_mut(2080, 16));
+            kernels::grads_k48_add(
                 a.temp_f32.slice(2304, 256),
-                a.temp_f32.slice(2976, 16),
+                a.temp_f32.slice(2992, 16),
                 a.temp_f32.slice(2064, 16),
                 a.temp_f32.slice(2688, 256),
                 a.temp_f32.slice(2080, 16),
-                a.temp_f32.slice_mut(9024, 256),
+                a.temp_f32.slice_mut(8768, 256),
             );
-            kernels::grads_k50_reduce(a.temp_f32.slice(9024, 256), a.temp_f32.slice_mut(9504, 16));
-            kernels::grads_k52_matmul_add_mul_normal_cdf_d0(
-                a.temp_f32.slice(9024, 256),
+            kernels::grads_k49_reduce(a.temp_f32.slice(8768, 256), a.temp_f32.slice_mut(9184, 16));
+            kernels::grads_k51_matmul_add_mul_normal_cdf_d0(
+                a.temp_f32.slice(8768, 256),
                 a.param.slice(2688, 1024),
                 a.temp_f32.slice(0, 1024),
                 a.temp_f32.slice(3072, 1024),
                 a.temp_f32.slice_mut(2048, 1024),
                 a.temp_f32.slice_mut(4096, 1024),
             )?;
-            kernels::grads_k53_reduce(a.temp_f32.slice(4096, 1024), a.temp_f32.slice_mut(3328, 64));
-            kernels::grads_k54_matmul(
+            kernels::grads_k52_reduce(a.temp_f32.slice(4096, 1024), a.temp_f32.slice_mut(3328, 64));
+            kernels::grads_k53_matmul(
                 a.temp_f32.slice(4096, 1024),
                 a.param.slice(1600, 1024),
                 a.temp_f32.slice_mut(0, 256),
             )?;
-            kernels::grads_k56_reduce(a.temp_f32.slice(0, 256), a.temp_f32.slice_mut(544, 16));
-            kernels::grads_k57_mul(
+            kernels::grads_k55_reduce(a.temp_f32.slice(0, 256), a.temp_f32.slice_mut(544, 16));
+            kernels::grads_k56_mul(
                 a.temp_f32.slice(0, 256),
                 a.param.slice(1568, 16),
                 a.temp_f32.slice_mut(256, 256),
             );
-            kernels::grads_k58_reduce(
+            kernels::grads_k57_reduce(
                 a.temp_f32.slice(0, 256),
-                a.temp_f32.slice(8256, 256),
+                a.temp_f32.slice(8000, 256),
                 a.temp_f32.slice_mut(560, 16),
             );
-            kernels::grads_k59_reduce(
+            kernels::grads_k58_reduce(
                 a.temp_f32.slice(256, 256),
-                a.temp_f32.slice(8000, 256),
-                a.temp_f32.slice(9440, 16),
+                a.temp_f32.slice(7744, 256),
+                a.temp_f32.slice(9120, 16),
                 a.temp_f32.slice_mut(0, 16),
             );
-            kernels::grads_k60_mul_sqrt_d0(
+            kernels::grads_k59_mul_sqrt_d0(
                 a.temp_f32.slice(0, 16),
-                a.temp_f32.slice(9424, 16),
+                a.temp_f32.slice(9120, 16),
                 a.temp_f32.slice_mut(16, 16),
             );
-            kernels::grads_k61_reduce(
+            kernels::grads_k60_reduce(
                 a.temp_f32.slice(256, 256),
-                a.temp_f32.slice(9456, 16),
+                a.temp_f32.slice(9136, 16),
                 a.temp_f32.slice(16, 16),
-                a.temp_f32.slice(8000, 256),
+                a.temp_f32.slice(7744, 256),
                 a.temp_f32.slice_mut(0, 16),
             );
-            kernels::grads_k62_mul(a.temp_f32.slice(0, 16), a.temp_f32.slice_mut(32, 16));
-            kernels::grads_k63_add(
-                a.temp_f32.slice(9024, 256),
+            kernels::grads_k61_mul(a.temp_f32.slice(0, 16), a.temp_f32.slice_mut(32, 16));
+            kernels::grads_k62_add(
+                a.temp_f32.slice(8768, 256),
                 a.temp_f32.slice(256, 256),
-                a.temp_f32.slice(9456, 16),
+                a.temp_f32.slice(9136, 16),
                 a.temp_f32.slice(16, 16),
-                a.temp_f32.slice(8000, 256),
+                a.temp_f32.slice(7744, 256),
                 a.temp_f32.slice(32, 16),
                 a.temp_f32.slice_mut(2048, 256),
             );
-            kernels::grads_k64_reduce(a.temp_f32.slice(2048, 256), a.temp_f32.slice_mut(576, 16));
-            kernels::grads_k65_matmul(
+            kernels::grads_k63_reduce(a.temp_f32.slice(2048, 256), a.temp_f32.slice_mut(576, 16));
+            kernels::grads_k64_matmul(
                 a.temp_f32.slice(2048, 256),
                 a.param.slice(1296, 256),
                 a.temp_f32.slice_mut(0, 256),
             )?;
-            kernels::grads_k67_matmul(
+            kernels::grads_k66_matmul(
                 a.temp_f32.slice(0, 256),
                 a.temp_f32.slice(6720, 256),
                 a.temp_f32.slice_mut(256, 256),
             )?;
-            kernels::grads_k68_matmul(
-                a.temp_f32.slice(7488, 256),
+            kernels::grads_k67_matmul(
+                a.temp_f32.slice(7232, 256),
                 a.temp_f32.slice(0, 256),
                 a.temp_f32.slice_mut(2304, 256),
             )?;
-            kernels::grads_k69_reduce(
+            kernels::grads_k68_reduce(
                 a.temp_f32.slice(256, 256),
-                a.temp_f32.slice(7232, 256),
-                a.temp_f32.slice(9312, 32),
+                a.temp_f32.slice(6976, 256),
+                a.temp_f32.slice(9024, 32),
                 a.temp_f32.slice_mut(512, 32),
             );
-            kernels::grads_k70_add_div_d0_etc(
+            kernels::grads_k69_add_div_d0_etc(
                 a.const_bool.slice(0, 64),
                 a.temp_f32.slice(256, 256),
-                a.temp_f32.slice(9312, 32),
+                a.temp_f32.slice(9024, 32),
                 a.temp_f32.slice(512, 32),
                 a.temp_f32.slice(6976, 256),
-                a.temp_f32.slice(9280, 32),
                 a.temp_f32.slice_mut(0, 256),
             );
-            kernels::grads_k71_matmul(
+            kernels::grads_k70_matmul(
                 a.temp_f32.slice(0, 256),
                 a.temp_f32.slice(6464, 256),
                 a.temp_f32.slice_mut(2560, 256),
             )?;
-            kernels::grads_k72_matmul(
+            kernels::grads_k71_matmul(
                 a.temp_f32.slice(6208, 256),
                 a.temp_f32.slice(0, 256),
                 a.temp_f32.slice_mut(2816, 256),
             )?;
-            kernels::grads_k73_reduce(a.temp_f32.slice(2304, 256), a.temp_f32.slice_mut(0, 16));
-            kernels::grads_k74_reduce(a.temp_f32.slice(2560, 256), a.temp_f32.slice_mut(16, 16));
-            kernels::grads_k75_matmul(
+            kernels::grads_k72_reduce(a.temp_f32.slice(2304, 256), a.temp_f32.slice_mut(0, 16));
+            kernels::grads_k73_reduce(a.temp_f32.slice(2560, 256), a.temp_f32.slice_mut(16, 16));
+            kernels::grads_k74_matmul(
                 a.temp_f32.slice(2560, 256),
                 a.param.slice(480, 256),
                 a.temp_f32.slice_mut(3072, 256),
@@ -1039,7 +1043,7 @@ impl Arenas {
                 a.param.slice_mut(1280, 16),
             );
             kernels::train_k77_matmul_add_mul_sub(
-                a.temp_f32.slice(7744, 256),
+                a.temp_f32.slice(7488, 256),
                 a.temp_f32.slice(2048, 256),
                 a.temp_f32.slice_mut(0, 256),
                 a.state.slice_mut(1296, 256),
@@ -1061,7 +1065,7 @@ impl Arenas {
                 a.param.slice_mut(1584, 16),
             );
             kernels::train_k81_matmul_add_mul_sub(
-                a.temp_f32.slice(8512, 256),
+                a.temp_f32.slice(8256, 256),
                 a.temp_f32.slice(4096, 1024),
                 a.temp_f32.slice_mut(0, 1024),
                 a.state.slice_mut(1600, 1024),
@@ -1074,45 +1078,45 @@ impl Arenas {
             );
             kernels::train_k83_matmul_add_mul_sub(
                 a.temp_f32.slice(1024, 1024),
-                a.temp_f32.slice(9024, 256),
+                a.temp_f32.slice(8768, 256),
                 a.temp_f32.slice_mut(0, 1024),
                 a.state.slice_mut(2688, 1024),
                 a.param.slice_mut(2688, 1024),
             )?;
             kernels::train_k84_add_mul_sub(
-                a.temp_f32.slice(9504, 16),
+                a.temp_f32.slice(9184, 16),
                 a.state.slice_mut(3712, 16),
                 a.param.slice_mut(3712, 16),
             );
             kernels::train_k85_add_mul_sub(
-                a.temp_f32.slice(9488, 16),
+                a.temp_f32.slice(9168, 16),
                 a.state.slice_mut(3728, 16),
                 a.param.slice_mut(3728, 16),
             );
             kernels::train_k86_add_mul_sub(
-                a.temp_f32.slice(9472, 16),
+                a.temp_f32.slice(9152, 16),
                 a.state.slice_mut(3744, 16),
                 a.param.slice_mut(3744, 16),
             );
             kernels::train_k87_matmul_add_mul_sub(
-                a.temp_f32.slice(8768, 256),
+                a.temp_f32.slice(8512, 256),
                 a.temp_f32.slice(5120, 320),
                 a.temp_f32.slice_mut(0, 320),
                 a.state.slice_mut(3760, 320),
                 a.param.slice_mut(3760, 320),
             )?;
             kernels::train_k88_add_mul_sub(
-                a.temp_f32.slice(9344, 20),
+                a.temp_f32.slice(9056, 20),
                 a.state.slice_mut(4080, 20),
                 a.param.slice_mut(4080, 20),
             );
-            kernels::grads_k77_reduce(a.temp_f32.slice(2816, 256), a.temp_f32.slice_mut(1024, 16));
-            kernels::grads_k78_matmul(
+            kernels::grads_k76_reduce(a.temp_f32.slice(2816, 256), a.temp_f32.slice_mut(1024, 16));
+            kernels::grads_k77_matmul(
                 a.temp_f32.slice(2816, 256),
                 a.param.slice(752, 256),
                 a.temp_f32.slice_mut(0, 256),
             )?;
-            kernels::grads_k79_matmul_add(
+            kernels::grads_k78_matmul_add(
                 a.temp_f32.slice(2304, 256),
                 a.param.slice(1024, 256),
                 a.temp_f32.slice(0, 256),
@@ -1127,45 +1131,45 @@ impl Arenas {
                 a.state.slice_mut(1024, 256),
                 a.param.slice_mut(1024, 256),
             )?;
-            kernels::grads_k80_reduce(a.temp_f32.slice(512, 256), a.temp_f32.slice_mut(448, 16));
-            kernels::grads_k81_reduce(
+            kernels::grads_k79_reduce(a.temp_f32.slice(512, 256), a.temp_f32.slice_mut(448, 16));
+            kernels::grads_k80_reduce(
                 a.temp_f32.slice(512, 256),
                 a.temp_f32.slice(5696, 256),
                 a.temp_f32.slice_mut(464, 16),
             );
-            kernels::grads_k82_reduce(
+            kernels::grads_k81_reduce(
                 a.temp_f32.slice(512, 256),
                 a.param.slice(448, 16),
                 a.temp_f32.slice(5440, 256),
-                a.temp_f32.slice(9392, 16),
+                a.temp_f32.slice(9088, 16),
                 a.temp_f32.slice_mut(0, 16),
             );
-            kernels::grads_k83_mul_sqrt_d0(
+            kernels::grads_k82_mul_sqrt_d0(
                 a.temp_f32.slice(0, 16),
-                a.temp_f32.slice(9376, 16),
+                a.temp_f32.slice(9088, 16),
                 a.temp_f32.slice_mut(16, 16),
             );
-            kernels::grads_k84_reduce(
+            kernels::grads_k83_reduce(
                 a.temp_f32.slice(512, 256),
                 a.param.slice(448, 16),
-                a.temp_f32.slice(9408, 16),
+                a.temp_f32.slice(9104, 16),
                 a.temp_f32.slice(16, 16),
                 a.temp_f32.slice(5440, 256),
                 a.temp_f32.slice_mut(0, 16),
             );
-            kernels::grads_k85_mul(a.temp_f32.slice(0, 16), a.temp_f32.slice_mut(32, 16));
-            kernels::grads_k86_add(
+            kernels::grads_k84_mul(a.temp_f32.slice(0, 16), a.temp_f32.slice_mut(32, 16));
+            kernels::grads_k85_add(
                 a.temp_f32.slice(2048, 256),
                 a.temp_f32.slice(512, 256),
                 a.param.slice(448, 16),
-                a.temp_f32.slice(9408, 16),
+                a.temp_f32.slice(9104, 16),
                 a.temp_f32.slice(16, 16),
                 a.temp_f32.slice(5440, 256),
                 a.temp_f32.slice(32, 16),
                 a.temp_f32.slice_mut(768, 256),
             );
-            kernels::grads_k87_reduce(a.temp_f32.slice(768, 256), a.temp_f32.slice_mut(320, 128));
-            kernels::grads_k88_scatter_add(
+            kernels::grads_k86_reduce(a.temp_f32.slice(768, 256), a.temp_f32.slice_mut(320, 128));
+            kernels::grads_k87_scatter_add(
                 input_ids,
                 a.temp_f32.slice(768, 256),
                 a.temp_f32.slice_mut(0, 320),
@@ -1263,7 +1267,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `char_lm`.
-#[pyclass(module = "fg_char_lm_137cda03f651")]
+#[pyclass(module = "fg_char_lm_2284daf03017")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -1360,19 +1364,19 @@ impl Step {
         out.set_item("ln_mlp.bias", rt::py::to_numpy(py, values, &[16])?)?;
         let values = self.arenas.temp_f32.slice(0, 1024);
         out.set_item("mlp.up.weight", rt::py::to_numpy(py, values, &[16, 64])?)?;
-        let values = self.arenas.temp_f32.slice(9024, 64);
+        let values = self.arenas.temp_f32.slice(8768, 64);
         out.set_item("mlp.up.bias", rt::py::to_numpy(py, values, &[64])?)?;
         let values = self.arenas.temp_f32.slice(2048, 1024);
         out.set_item("mlp.down.weight", rt::py::to_numpy(py, values, &[64, 16])?)?;
-        let values = self.arenas.temp_f32.slice(9312, 16);
+        let values = self.arenas.temp_f32.slice(8992, 16);
         out.set_item("mlp.down.bias", rt::py::to_numpy(py, values, &[16])?)?;
-        let values = self.arenas.temp_f32.slice(9296, 16);
+        let values = self.arenas.temp_f32.slice(8976, 16);
         out.set_item("ln_out.weight", rt::py::to_numpy(py, values, &[16])?)?;
-        let values = self.arenas.temp_f32.slice(9280, 16);
+        let values = self.arenas.temp_f32.slice(8960, 16);
         out.set_item("ln_out.bias", rt::py::to_numpy(py, values, &[16])?)?;
         let values = self.arenas.temp_f32.slice(5120, 320);
         out.set_item("head.weight", rt::py::to_numpy(py, values, &[16, 20])?)?;
-        let values = self.arenas.temp_f32.slice(9152, 20);
+        let values = self.arenas.temp_f32.slice(8864, 20);
         out.set_item("head.bias", rt::py::to_numpy(py, values, &[20])?)?;
         Ok(out)
     }
@@ -1400,7 +1404,7 @@ impl Step {
                 })
             })
         })?;
-        Ok(self.arenas.temp_f32.slice(9520, 1)[0])
+        Ok(self.arenas.temp_f32.slice(9200, 1)[0])
     }
 
     /// Copies of every param (`kind="param"`) or optimizer state buffer (`"state"`).
@@ -1448,8 +1452,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_char_lm_137cda03f651(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_char_lm_137cda03f651")?;
+fn fg_char_lm_2284daf03017(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_char_lm_2284daf03017")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

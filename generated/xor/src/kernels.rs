@@ -101,44 +101,6 @@ pub fn forward_k03_mul_neg(t25: &[f32], t28: &mut [f32]) {
     t28[0] = -0.25 * x0;
 }
 
-/// matmul: matmul, add, tanh: 4×2 · 2×4.
-pub fn grads_k00_matmul_add_tanh(
-    input_x: &[f32],
-    param_hidden_weight: &[f32],
-    param_hidden_bias: &[f32],
-    t3: &mut [f32],
-    t5: &mut [f32],
-    t6: &mut [f32],
-) -> Result<(), rt::Error> {
-    let c = &mut t3[0..16];
-    let o0 = &mut t5[0..16];
-    let o1 = &mut t6[0..16];
-    rt::gemm::sgemm(
-        c.len() / 4,
-        4,
-        2,
-        &input_x[0..],
-        (2, 1),
-        &param_hidden_weight[0..],
-        (4, 1),
-        c,
-        (4, 1),
-        false,
-    )?;
-    for ((c, o0), o1) in c.chunks(4).zip(o0.chunks_mut(4)).zip(o1.chunks_mut(4)) {
-        let n = o0.len();
-        let x1_row = &param_hidden_bias[0..][..n];
-        for j in 0..n {
-            let x0 = c[j];
-            let x1 = x1_row[j];
-            let t0 = x0 + x1;
-            o0[j] = t0;
-            o1[j] = Math::tanh(t0);
-        }
-    }
-    Ok(())
-}
-
 /// matmul: matmul, add, log, log.d0, maximum.d0, mul, neg, sigmoid, sigmoid.d0, sub: 4×4 · 4×1.
 pub fn grads_k01_matmul_add_log_etc(
     t6: &[f32],
@@ -233,7 +195,7 @@ pub fn grads_k03_matmul(t6: &[f32], t54: &[f32], t60: &mut [f32]) -> Result<(), 
 pub fn grads_k04_matmul_mul_tanh_d0(
     t54: &[f32],
     param_out_weight: &[f32],
-    t5: &[f32],
+    t6: &[f32],
     t58: &mut [f32],
     t62: &mut [f32],
 ) -> Result<(), rt::Error> {
@@ -254,11 +216,11 @@ pub fn grads_k04_matmul_mul_tanh_d0(
     for (i, (c, o0)) in c.chunks(4).zip(o0.chunks_mut(4)).enumerate() {
         let row = i;
         let n = o0.len();
-        let x1_row = &t5[row * 4..][..n];
+        let x1_row = &t6[row * 4..][..n];
         for j in 0..n {
             let x0 = c[j];
             let x1 = x1_row[j];
-            o0[j] = x0 * (1.0 - (Math::tanh(x1)).powi(2));
+            o0[j] = x0 * (1.0 - x1.powi(2));
         }
     }
     Ok(())

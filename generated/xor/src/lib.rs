@@ -3,7 +3,7 @@
 //! `Step` holds the params, the optimizer state and one arena per dtype for
 //! intermediates (offsets from the memory plan, below). Each entry point
 //! (forward, grads, train) calls the kernels of `kernels.rs` in order.
-//! Training graph aaa020a44269d6af.
+//! Training graph ece7c0e22cc2d7e5.
 
 use ferrograd_runtime as rt;
 use numpy::{PyReadonlyArrayDyn, PyUntypedArrayMethods};
@@ -17,7 +17,7 @@ static CONSTS: &[u8] = include_bytes!("consts.bin");
 
 const PARAM_LEN: usize = 64;
 const STATE_LEN: usize = 64;
-const TEMP_F32_LEN: usize = 128;
+const TEMP_F32_LEN: usize = 112;
 const TEMP_I32_LEN: usize = 0;
 const TEMP_BOOL_LEN: usize = 0;
 const CONST_F32_LEN: usize = 4;
@@ -110,16 +110,15 @@ impl Arenas {
         // disjoint ranges of their arena, and a kernel writing a buffer in place
         // reads it only through that same mutable slice.
         unsafe {
-            kernels::grads_k00_matmul_add_tanh(
+            kernels::forward_k00_matmul_add_tanh(
                 input_x,
                 a.param.slice(0, 8),
                 a.param.slice(16, 4),
                 a.temp_f32.slice_mut(0, 16),
                 a.temp_f32.slice_mut(16, 16),
-                a.temp_f32.slice_mut(32, 16),
             )?;
             kernels::grads_k01_matmul_add_log_etc(
-                a.temp_f32.slice(32, 16),
+                a.temp_f32.slice(16, 16),
                 a.param.slice(32, 4),
                 a.const_f32.slice(0, 4),
                 input_y,
@@ -129,7 +128,7 @@ impl Arenas {
             )?;
             kernels::grads_k02_reduce(a.temp_f32.slice(48, 4), a.temp_f32.slice_mut(80, 1));
             kernels::grads_k03_matmul(
-                a.temp_f32.slice(32, 16),
+                a.temp_f32.slice(16, 16),
                 a.temp_f32.slice(48, 4),
                 a.temp_f32.slice_mut(64, 4),
             )?;
@@ -157,64 +156,63 @@ impl Arenas {
         // disjoint ranges of their arena, and a kernel writing a buffer in place
         // reads it only through that same mutable slice.
         unsafe {
-            kernels::grads_k00_matmul_add_tanh(
+            kernels::forward_k00_matmul_add_tanh(
                 input_x,
                 a.param.slice(0, 8),
                 a.param.slice(16, 4),
                 a.temp_f32.slice_mut(0, 16),
                 a.temp_f32.slice_mut(16, 16),
-                a.temp_f32.slice_mut(32, 16),
             )?;
             kernels::train_k01_matmul_add_sigmoid(
-                a.temp_f32.slice(32, 16),
+                a.temp_f32.slice(16, 16),
                 a.param.slice(32, 4),
                 a.param.slice(48, 1),
-                a.temp_f32.slice_mut(64, 4),
-                a.temp_f32.slice_mut(0, 4),
                 a.temp_f32.slice_mut(48, 4),
+                a.temp_f32.slice_mut(0, 4),
+                a.temp_f32.slice_mut(32, 4),
             )?;
-            kernels::train_k02_log(a.temp_f32.slice(48, 4), a.temp_f32.slice_mut(64, 4));
-            kernels::train_k03_log(a.temp_f32.slice(48, 4), a.temp_f32.slice_mut(80, 4));
+            kernels::train_k02_log(a.temp_f32.slice(32, 4), a.temp_f32.slice_mut(48, 4));
+            kernels::train_k03_log(a.temp_f32.slice(32, 4), a.temp_f32.slice_mut(64, 4));
             kernels::train_k04_reduce(
                 input_y,
+                a.temp_f32.slice(48, 4),
                 a.temp_f32.slice(64, 4),
-                a.temp_f32.slice(80, 4),
-                a.temp_f32.slice_mut(96, 1),
+                a.temp_f32.slice_mut(80, 1),
             );
-            kernels::forward_k03_mul_neg(a.temp_f32.slice(96, 1), a.temp_f32.slice_mut(112, 1));
+            kernels::forward_k03_mul_neg(a.temp_f32.slice(80, 1), a.temp_f32.slice_mut(96, 1));
             kernels::train_k06_add_log_d0_etc(
                 a.const_f32.slice(0, 4),
                 input_y,
-                a.temp_f32.slice(80, 4),
-                a.temp_f32.slice(48, 4),
                 a.temp_f32.slice(64, 4),
+                a.temp_f32.slice(32, 4),
+                a.temp_f32.slice(48, 4),
                 a.temp_f32.slice(0, 4),
-                a.temp_f32.slice_mut(96, 4),
+                a.temp_f32.slice_mut(80, 4),
             );
-            kernels::grads_k02_reduce(a.temp_f32.slice(96, 4), a.temp_f32.slice_mut(64, 1));
+            kernels::grads_k02_reduce(a.temp_f32.slice(80, 4), a.temp_f32.slice_mut(64, 1));
             kernels::grads_k04_matmul_mul_tanh_d0(
-                a.temp_f32.slice(96, 4),
+                a.temp_f32.slice(80, 4),
                 a.param.slice(32, 4),
                 a.temp_f32.slice(16, 16),
                 a.temp_f32.slice_mut(0, 16),
-                a.temp_f32.slice_mut(48, 16),
+                a.temp_f32.slice_mut(32, 16),
             )?;
-            kernels::grads_k05_reduce(a.temp_f32.slice(48, 16), a.temp_f32.slice_mut(16, 4));
+            kernels::grads_k05_reduce(a.temp_f32.slice(32, 16), a.temp_f32.slice_mut(48, 4));
             kernels::train_k10_matmul_add_mul_sub(
                 input_x,
-                a.temp_f32.slice(48, 16),
+                a.temp_f32.slice(32, 16),
                 a.temp_f32.slice_mut(0, 8),
                 a.state.slice_mut(0, 8),
                 a.param.slice_mut(0, 8),
             )?;
             kernels::train_k11_add_mul_sub(
-                a.temp_f32.slice(16, 4),
+                a.temp_f32.slice(48, 4),
                 a.state.slice_mut(16, 4),
                 a.param.slice_mut(16, 4),
             );
             kernels::train_k12_matmul_add_mul_sub(
-                a.temp_f32.slice(32, 16),
-                a.temp_f32.slice(96, 4),
+                a.temp_f32.slice(16, 16),
+                a.temp_f32.slice(80, 4),
                 a.temp_f32.slice_mut(0, 4),
                 a.state.slice_mut(32, 4),
                 a.param.slice_mut(32, 4),
@@ -242,7 +240,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `xor_net`.
-#[pyclass(module = "fg_xor_net_cd9679309b16")]
+#[pyclass(module = "fg_xor_net_6c4d917e4d6f")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -333,7 +331,7 @@ impl Step {
                 arenas.train(x, y)
             })
         })?;
-        Ok(self.arenas.temp_f32.slice(112, 1)[0])
+        Ok(self.arenas.temp_f32.slice(96, 1)[0])
     }
 
     /// Copies of every param (`kind="param"`) or optimizer state buffer (`"state"`).
@@ -381,8 +379,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_xor_net_cd9679309b16(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_xor_net_cd9679309b16")?;
+fn fg_xor_net_6c4d917e4d6f(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_xor_net_6c4d917e4d6f")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

@@ -36,6 +36,7 @@ use cudarc::driver::{result, sys};
 use super::blas::{Blas, Scale};
 use super::blaslt::{BlasLt, LtEpilogue, LtGemm};
 use super::device::{check, Device, DeviceBuffer};
+use super::graph::Graph;
 use super::layout::CublasGemm;
 use crate::error::Error;
 
@@ -270,16 +271,37 @@ impl Timer {
             end,
             device: device.clone(),
         };
-        timer
-            .time(&mut || Ok(()))?
-            .map_err(|e| Error::Device(format!("timing an empty interval: {e}")))?;
+        timer.elapsed_around(|| Ok(()))?;
         Ok(timer)
     }
 
     /// The GPU time in µs of the work `queue` puts on the stream, waited for.
     /// Outer `Err`: the events failed (or queued work faulted); inner `Err`:
     /// `queue` itself failed, with its message.
+    ///
+    /// The work is captured into a CUDA graph and timed as one replay, since
+    /// that is how a step runs it: there a few-µs GEMM follows the kernel
+    /// before it by about a µs, while launched from the host one by one it
+    /// would wait on each launch (~5 µs of cuBLASLt's host time), and every
+    /// candidate of a small product would time about the same.
     pub fn time(&self, queue: &mut Queue<'_>) -> Result<Result<f64, String>, Error> {
+        let mut queued = Ok(());
+        let what = "a GEMM being timed";
+        let graph = Graph::capture(&self.device, what, || {
+            queued = queue();
+            queued.clone().map_err(Error::Device)
+        });
+        let mut graph = match (graph, queued) {
+            (_, Err(why)) => return Ok(Err(why)),
+            (graph, Ok(())) => graph?,
+        };
+        graph.upload(what)?;
+        Ok(Ok(self.elapsed_around(|| graph.launch(what))?))
+    }
+
+    /// The GPU time in µs between events recorded before and after what
+    /// `queue` queues, waited for.
+    fn elapsed_around(&self, queue: impl FnOnce() -> Result<(), Error>) -> Result<f64, Error> {
         let stream = self.device.stream();
         // SAFETY: our live events and stream.
         check(unsafe { result::event::record(self.start, stream) }, || {
@@ -295,9 +317,7 @@ impl Timer {
                 "running a GEMM being timed".into()
             })?;
         }
-        if let Err(why) = queued {
-            return Ok(Err(why));
-        }
+        queued?;
         // cudarc panics when the driver lacks the entry point.
         // SAFETY: both events recorded on one stream and complete.
         let ms = panic::catch_unwind(AssertUnwindSafe(|| unsafe {
@@ -310,7 +330,7 @@ impl Timer {
             )
         })?;
         let ms = check(ms, || "reading a CUDA event's time".into())?;
-        Ok(Ok(f64::from(ms) * 1000.0))
+        Ok(f64::from(ms) * 1000.0)
     }
 }
 
@@ -462,6 +482,15 @@ impl Tuner {
         };
         let timer = &self.timer;
         let n = n_lt + usize::from(blas.is_some());
+        // Each candidate once outside any capture first, waited for: the
+        // kernels the libraries load lazily load here, not while capturing.
+        // (A candidate that fails says why when it is timed.)
+        for i in 0..n {
+            let _ = run(i);
+        }
+        timer
+            .device
+            .synchronize(|| "running the GEMM candidates once before timing them".into())?;
         let times = time_candidates(n, &self.cfg, &mut run, &mut |queue| timer.time(queue))?;
         // The incumbent is what runs without autotuning: cuBLAS for a plain
         // GEMM, the heuristic's first choice for an epilogue.

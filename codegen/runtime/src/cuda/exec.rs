@@ -28,6 +28,7 @@ use super::blas::{Blas, Scale};
 use super::blaslt::{BlasLt, LtEpilogue, LtGemm};
 use super::device::{check, Device, DeviceBuffer};
 use super::graph::Graph;
+use super::ids::IdsCheck;
 use super::layout::{cublas_layout, extent, CublasGemm, GemmShape};
 use super::module::{Function, Module};
 use super::plan::{ArenaSpec, Arg, BufferRef, Elem, Gemm, Launch, Plan, ResultSpec, Step};
@@ -266,23 +267,17 @@ impl Entry {
 /// The arena gather and scatter kernels flag an id out of range in.
 const FLAGS: &str = "flags_u32";
 
-/// GEMMs smaller than this (2·m·n·k·batch) are not autotuned: they run for a
-/// few µs, about what a launch costs, so timing them alone measures launches
-/// more than the algorithm, and on the H200 the choices it made for the MLP at
-/// batch 128 (51 MFLOP products) summed to 5 µs more of kernels inside the
-/// CUDA graph than cuBLAS's own (session 9). They keep the heuristic's first
-/// algorithm, or plain cuBLAS without an epilogue.
-const MIN_TUNED_FLOPS: f64 = (1u64 << 28) as f64;
-
 /// A module's device code, arenas and plans, ready to run.
 pub struct Executor {
-    // Fields drop in this order: graphs, cuBLAS, module, arenas, device.
+    // Fields drop in this order: graphs, cuBLAS, the ids' flag, module, arenas, device.
     entries: Vec<Entry>,
     blas: Option<Blas>,
     /// cuBLASLt, for GEMMs with a bias epilogue (when cuBLAS is in use and it loads).
     blaslt: Option<BlasLt>,
     /// Why cuBLASLt is not in use, when it is not.
     why_no_blaslt: String,
+    /// The checked copy of ids given in device memory, when an input holds ids.
+    ids: Option<IdsCheck>,
     module: Module,
     arenas: Vec<Arena>,
     /// [`Executor::run_steps`]'s results, one f32 per run: kept from call to
@@ -321,6 +316,11 @@ impl Executor {
     ) -> Result<Executor, Error> {
         let device = Device::new(options.device)?;
         let module = Module::load_ptx(&device, ptx)?;
+        let ids = if arenas.iter().any(|a| a.id_bound.is_some()) {
+            Some(IdsCheck::new(&module, &device)?)
+        } else {
+            None
+        };
         let mut allocated = Vec::with_capacity(arenas.len());
         for spec in arenas {
             let bytes = spec
@@ -352,6 +352,7 @@ impl Executor {
             blas,
             blaslt,
             why_no_blaslt,
+            ids,
             module,
             arenas: allocated,
             step_results: None,
@@ -697,10 +698,8 @@ impl Executor {
             Err(why) => return Ok(Err(why)),
         };
         let (bias, scale) = (bias.unwrap_or(0), Scale::from(gemm));
-        let flops = 2.0 * (gemm.m * gemm.n * gemm.k * gemm.batch) as f64;
-        let worth_timing = flops >= MIN_TUNED_FLOPS;
         let tuned = match &mut prep.tuner {
-            Some(tuner) if !p.is_empty() && worth_timing => {
+            Some(tuner) if !p.is_empty() => {
                 // Plain cuBLAS competes for a GEMM it can run alone.
                 let blas = self.blas.as_ref().filter(|_| epilogue == LtEpilogue::Plain);
                 // SAFETY: every operand's extent was checked against its
@@ -721,8 +720,8 @@ impl Executor {
             _ => None,
         };
         if tuned.is_none() && epilogue == LtEpilogue::Plain && self.blas.is_some() {
-            // Untimed (autotune off, or too small to time), a GEMM without an
-            // epilogue keeps cuBLAS's own choice, as before cuBLASLt ran any.
+            // Untimed (autotune off), a GEMM without an epilogue keeps
+            // cuBLAS's own choice, as before cuBLASLt ran any.
             prep.tally.untimed_in_cublas();
             return Ok(Ok(self.sgemm(gemm, call, [a, b, c], "")));
         }
@@ -782,14 +781,20 @@ impl Executor {
     pub fn run(&mut self, entry: &str, inputs: &[(&str, Feed<'_>)]) -> Result<(), Error> {
         self.device.bind()?;
         let index = self.entry_index(entry)?;
-        for &(name, data) in inputs {
-            self.upload_input(name, data)?;
-        }
-        let flags = self.zero_flags(index)?;
-        self.enqueue_entry(index)?;
+        self.clear_ids();
+        let queued = inputs
+            .iter()
+            .try_for_each(|&(name, data)| self.upload_input(name, data))
+            .and_then(|()| self.zero_flags(index))
+            .and_then(|flags| self.enqueue_entry(index).map(|()| flags));
+        // Waited for even after a failure: no copy may read the inputs after the call.
         let steps = self.entries[index].steps.len();
-        self.device
-            .synchronize(|| format!("running `{entry}` ({steps} steps; {UNKNOWN_KERNEL})"))?;
+        let waited = self
+            .device
+            .synchronize(|| format!("running `{entry}` ({steps} steps; {UNKNOWN_KERNEL})"));
+        let flags = queued?;
+        waited?;
+        self.check_ids(|| format!("`{entry}`"))?;
         if flags {
             self.check_flags(|| format!("`{entry}`"))?;
         }
@@ -845,6 +850,7 @@ impl Executor {
             Some(buf) if buf.bytes() >= 4 * count => buf,
             _ => self.device.alloc_zeroed(4 * count, what)?,
         };
+        self.clear_ids();
         let flags = self.zero_flags(index)?;
         let queued = (0..count).try_for_each(|k| {
             self.run_batch(index, &stacked, (k, count), &results, source)
@@ -857,6 +863,7 @@ impl Executor {
         });
         queued?;
         waited?;
+        self.check_ids(|| format!("one of the {count} runs of `{entry}`"))?;
         if flags {
             self.check_flags(|| format!("one of the {count} runs of `{entry}`"))?;
         }
@@ -987,8 +994,35 @@ impl Executor {
         Ok(())
     }
 
+    /// Forgets ids flagged by an earlier call (whose error was raised).
+    fn clear_ids(&self) {
+        if let Some(ids) = &self.ids {
+            ids.clear();
+        }
+    }
+
+    /// Raises when a checked copy of ids given in device memory met one out
+    /// of range during `what` (formatted only then), after its wait.
+    fn check_ids(&self, what: impl FnOnce() -> String) -> Result<(), Error> {
+        let Some(tag) = self.ids.as_ref().map(IdsCheck::flagged).filter(|&t| t != 0) else {
+            return Ok(());
+        };
+        let (name, bound) = self
+            .arenas
+            .get(tag as usize - 1)
+            .and_then(|a| Some((a.spec.name.strip_prefix("input:")?, a.spec.id_bound?)))
+            .ok_or_else(|| Error::layout(format!("the ids' flag holds {tag}, no input's tag")))?;
+        Err(Error::Input(format!(
+            "input '{name}': an id outside [0, {bound}) in the device array given for it, \
+             found as it was copied in for {}; the step ran with it as it was, so the results \
+             of this call are wrong (a training step's update included)",
+            what()
+        )))
+    }
+
     /// Copies `data` into the arena `input:<name>` (queued): from the host,
-    /// or device to device after waiting for the producer's stream.
+    /// or device to device after waiting for the producer's stream (ids by the
+    /// checked copy).
     fn upload_input(&self, name: &str, data: Feed<'_>) -> Result<(), Error> {
         let arena = self.input_arena(name, data)?;
         // the arena's name ("input:<name>") labels a failed copy: no string is
@@ -1000,6 +1034,15 @@ impl Executor {
                     return Ok(());
                 }
                 self.device.wait_for(array.stream, what)?;
+                if let (Some(bound), Some(ids)) = (arena.spec.id_bound, &self.ids) {
+                    let tag = 1 + self
+                        .arenas
+                        .iter()
+                        .position(|a| std::ptr::eq(a, arena))
+                        .unwrap_or(0);
+                    let copy = (array.ptr, arena.buf.ptr(), array.len);
+                    return ids.copy(&self.device, copy, bound, tag as u32, what);
+                }
                 arena
                     .buf
                     .copy_from_device_async(array.ptr, array.bytes, what)
@@ -1233,8 +1276,8 @@ struct Tally {
     cublas: usize,
     /// Of `cublas`, those that timing chose.
     cublas_by_timing: usize,
-    /// Of `cublas`, those without an epilogue left untimed (autotune off, or
-    /// under [`MIN_TUNED_FLOPS`]): cuBLAS's own choice, as before cuBLASLt.
+    /// Of `cublas`, those without an epilogue left untimed (autotune off):
+    /// cuBLAS's own choice, as before cuBLASLt.
     cublas_untimed: usize,
     /// Why cuBLASLt cannot run the others (each reason once).
     no_lt: Vec<String>,
@@ -1556,6 +1599,7 @@ mod tests {
             name: "param",
             elem: Elem::F32,
             len: 4,
+            id_bound: None,
         }];
         const PLANS: &[Plan] = &[];
         match Executor::new("", ARENAS, PLANS, Options::default()) {

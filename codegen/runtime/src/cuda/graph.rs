@@ -65,6 +65,16 @@ impl Graph {
         })
     }
 
+    /// Queues the graph's upload to the device (what its first launch would
+    /// otherwise do), so that a timed launch times only the replay.
+    pub fn upload(&self, what: &str) -> Result<(), Error> {
+        // SAFETY: a live graph exec and our stream.
+        check(
+            unsafe { sys::cuGraphUpload(self.exec, self.device.stream()) }.result(),
+            || format!("uploading the CUDA graph of {what}"),
+        )
+    }
+
     /// Queues one replay on the device's stream.
     pub fn launch(&mut self, what: &str) -> Result<(), Error> {
         // SAFETY: a live graph exec and our stream.

@@ -30,6 +30,7 @@ mod blaslt;
 mod device;
 mod exec;
 mod graph;
+mod ids;
 pub mod layout;
 mod module;
 pub mod plan;

@@ -55,6 +55,11 @@ pub struct ArenaSpec {
     pub elem: Elem,
     /// Its size in elements.
     pub len: usize,
+    /// `Some(n)` for an input of ids in `[0, n)` (class labels, embedding
+    /// ids): given in device memory, it is copied in by the module's
+    /// `fg_copy_ids_checked`, which flags ids out of range (host inputs are
+    /// checked before the call).
+    pub id_bound: Option<u32>,
 }
 
 /// An address: `offset` elements into `arena`, i.e. `base + offset * elem_size`.

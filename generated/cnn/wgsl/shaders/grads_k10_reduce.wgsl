@@ -26,6 +26,6 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         workgroupBarrier();
     }
     if (lane == 0u) {
-        f32s[3680 + row] = partial[0];
+        f32s[3712 + row] = partial[0];
     }
 }

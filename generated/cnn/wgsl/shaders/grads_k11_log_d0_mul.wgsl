@@ -8,7 +8,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (i >= 4u) {
         return;
     }
-    let x0 = f32s[3680 + i];
-    let x1 = f32s[3648 + i];
-    f32s[3744 + i] = x0/x1;
+    let x0 = f32s[3712 + i];
+    let x1 = f32s[3696 + i];
+    f32s[3728 + i] = x0/x1;
 }

@@ -8,7 +8,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (i >= 16u) {
         return;
     }
-    let x0 = f32s[11552 + i];
-    let x1 = f32s[11520 + i];
-    f32s[11568 + i] = x0/x1;
+    let x0 = f32s[11696 + i];
+    let x1 = f32s[11680 + i];
+    f32s[11712 + i] = x0/x1;
 }

@@ -9,5 +9,5 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
         return;
     }
     let x0 = f32s[835 + i * 5];
-    f32s[560 + i] = x0;
+    f32s[288 + i] = x0;
 }

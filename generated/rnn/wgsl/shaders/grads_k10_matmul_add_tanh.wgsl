@@ -19,7 +19,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
         var va = 0.0;
         var vb = 0.0;
         if (row < 4u && ka < 1u) {
-            va = f32s[560 + row];
+            va = f32s[288 + row];
         }
         if (kb < 1u && col < 8u) {
             vb = f32s[col];

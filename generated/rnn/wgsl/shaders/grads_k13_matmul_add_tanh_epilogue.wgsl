@@ -25,7 +25,5 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     let x0 = f32s[160 + c0 * 8 + c1];
     let x1 = f32s[80 + c1];
     let x2 = f32s[128 + c0 * 8 + c1];
-    let t0 = x0 + x1 + x2;
-    f32s[384 + c0 * 8 + c1] = t0;
-    f32s[416 + c0 * 8 + c1] = fg_tanh(t0);
+    f32s[224 + c0 * 8 + c1] = fg_tanh(x0 + x1 + x2);
 }

@@ -9,6 +9,6 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
         return;
     }
     let x0 = f32s[160 + i];
-    let x1 = f32s[128 + i];
-    f32s[512 + i] = x0/x1;
+    let x1 = f32s[144 + i];
+    f32s[176 + i] = x0/x1;
 }

@@ -19,7 +19,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
         var va = 0.0;
         var vb = 0.0;
         if (row < 8u && ka < 4u) {
-            va = f32s[416 + row + ka * 8];
+            va = f32s[224 + row + ka * 8];
         }
         if (kb < 4u && col < 2u) {
             vb = f32s[160 + kb * 2 + col];

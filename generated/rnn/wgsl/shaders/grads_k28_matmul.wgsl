@@ -19,10 +19,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
         var va = 0.0;
         var vb = 0.0;
         if (row < 1u && ka < 4u) {
-            va = f32s[560 + ka];
+            va = f32s[288 + ka];
         }
         if (kb < 4u && col < 8u) {
-            vb = f32s[384 + kb * 8 + col];
+            vb = f32s[224 + kb * 8 + col];
         }
         tile_a[lid.y * 16u + lid.x] = va;
         tile_b[lid.y * 16u + lid.x] = vb;

@@ -19,7 +19,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
         var va = 0.0;
         var vb = 0.0;
         if (row < 4u && ka < 8u) {
-            va = f32s[352 + row * 8 + ka];
+            va = f32s[320 + row * 8 + ka];
         }
         if (kb < 8u && col < 8u) {
             vb = f32s[16 + kb + col * 8];

@@ -19,7 +19,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
         var va = 0.0;
         var vb = 0.0;
         if (row < 8u && ka < 4u) {
-            va = f32s[320 + row + ka * 8];
+            va = f32s[448 + row + ka * 8];
         }
         if (kb < 4u && col < 8u) {
             vb = f32s[544 + kb * 8 + col];

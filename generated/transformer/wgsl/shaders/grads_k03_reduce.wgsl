@@ -23,6 +23,6 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         workgroupBarrier();
     }
     if (lane == 0u) {
-        f32s[17504 + row] = partial[0];
+        f32s[8576 + row] = partial[0];
     }
 }

@@ -11,7 +11,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     let c0 = i / 16u;
     let c1 = i % 16u;
     let x0 = f32s[13760 + c0 * 16 + c1];
-    let x1 = f32s[17520 + c0];
+    let x1 = f32s[17216 + c0];
     let x2 = f32s[448 + c1];
     let x3 = f32s[464 + c1];
     let t0 = x0/x1;

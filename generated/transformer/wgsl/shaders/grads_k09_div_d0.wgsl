@@ -8,6 +8,6 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (i >= 16u) {
         return;
     }
-    let x0 = f32s[17520 + i];
-    f32s[17536 + i] = (1.0 / x0);
+    let x0 = f32s[17216 + i];
+    f32s[17232 + i] = (1.0 / x0);
 }

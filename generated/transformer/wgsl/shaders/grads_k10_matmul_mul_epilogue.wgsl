@@ -9,5 +9,5 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
         return;
     }
     let x0 = f32s[8576 + i];
-    f32s[15296 + i] = 0.35355338*x0;
+    f32s[8832 + i] = 0.35355338*x0;
 }

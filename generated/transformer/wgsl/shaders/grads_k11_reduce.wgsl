@@ -15,7 +15,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     var acc = -3.4028235e+38;
     for (var j = lane; j < 8u; j = j + 64u) {
         let x0 = bools[r1 * 8 + j] != 0u;
-        let x1 = f32s[15296 + r0 * 64 + r1 * 8 + j];
+        let x1 = f32s[8832 + r0 * 64 + r1 * 8 + j];
         acc = max(acc, select(-1000000000.0, x1, x0));
     }
     partial[lane] = acc;

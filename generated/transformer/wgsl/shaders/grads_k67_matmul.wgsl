@@ -21,10 +21,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
         var va = 0.0;
         var vb = 0.0;
         if (row < 8u && ka < 8u) {
-            va = f32s[9600 + b0 * 128 + b1 * 8 + row * 16 + ka];
+            va = f32s[15552 + b0 * 128 + b1 * 64 + row + ka * 8];
         }
         if (kb < 8u && col < 8u) {
-            vb = f32s[15040 + b0 * 128 + b1 * 8 + kb + col * 16];
+            vb = f32s[9600 + b0 * 128 + b1 * 8 + kb * 16 + col];
         }
         tile_a[lid.y * 16u + lid.x] = va;
         tile_b[lid.y * 16u + lid.x] = vb;
@@ -35,6 +35,6 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
         workgroupBarrier();
     }
     if (row < 8u && col < 8u) {
-        f32s[10112 + b0 * 128 + b1 * 64 + row * 8 + col] = acc;
+        f32s[11392 + b0 * 128 + b1 * 8 + row * 16 + col] = acc;
     }
 }

@@ -22,7 +22,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
             va = f32s[14272 + row + ka * 16];
         }
         if (kb < 16u && col < 16u) {
-            vb = f32s[11648 + kb * 16 + col];
+            vb = f32s[10112 + kb * 16 + col];
         }
         tile_a[lid.y * 16u + lid.x] = va;
         tile_b[lid.y * 16u + lid.x] = vb;
@@ -33,6 +33,6 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
         workgroupBarrier();
     }
     if (row < 16u && col < 16u) {
-        f32s[11392 + row * 16 + col] = acc;
+        f32s[11648 + row * 16 + col] = acc;
     }
 }

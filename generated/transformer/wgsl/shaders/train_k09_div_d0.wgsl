@@ -8,6 +8,6 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (i >= 16u) {
         return;
     }
-    let x0 = f32s[17712 + i];
-    f32s[17728 + i] = (1.0 / x0);
+    let x0 = f32s[17408 + i];
+    f32s[17424 + i] = (1.0 / x0);
 }

@@ -15,8 +15,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         let x0 = i32s[128 + row];
         let x1 = i32s[j];
         let x2 = f32s[10688 + row * 20 + j];
-        let x3 = f32s[10384 + row];
-        let x4 = f32s[10368 + row];
+        let x3 = f32s[11280 + row];
+        let x4 = f32s[11296 + row];
         acc = acc + select(0.0, x2 - x3 - log(x4), x0 == x1);
     }
     partial[lane] = acc;
@@ -28,6 +28,6 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         workgroupBarrier();
     }
     if (lane == 0u) {
-        f32s[10400 + row] = partial[0];
+        f32s[11328 + row] = partial[0];
     }
 }

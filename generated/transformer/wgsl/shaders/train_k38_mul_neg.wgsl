@@ -8,6 +8,6 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (i >= 1u) {
         return;
     }
-    let x0 = f32s[10416];
-    f32s[17840] = -0.0625*x0;
+    let x0 = f32s[10688];
+    f32s[17520] = -0.0625*x0;
 }

@@ -14,7 +14,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     for (var j = lane; j < 20u; j = j + 64u) {
         let x0 = i32s[128 + row];
         let x1 = i32s[j];
-        let x2 = f32s[17856 + row];
+        let x2 = f32s[17536 + row];
         acc = acc + -select(0.0, x2, x0 == x1);
     }
     partial[lane] = acc;
@@ -26,6 +26,6 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         workgroupBarrier();
     }
     if (lane == 0u) {
-        f32s[10400 + row] = partial[0];
+        f32s[10688 + row] = partial[0];
     }
 }

@@ -8,7 +8,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (i >= 16u) {
         return;
     }
-    let x0 = f32s[10400 + i];
-    let x1 = f32s[10368 + i];
-    f32s[10416 + i] = x0/x1;
+    let x0 = f32s[10688 + i];
+    let x1 = f32s[11296 + i];
+    f32s[10704 + i] = x0/x1;
 }

@@ -23,6 +23,6 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         workgroupBarrier();
     }
     if (lane == 0u) {
-        f32s[17792 + row] = partial[0];
+        f32s[17472 + row] = partial[0];
     }
 }

@@ -24,6 +24,6 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         workgroupBarrier();
     }
     if (lane == 0u) {
-        f32s[17808 + row] = partial[0];
+        f32s[17488 + row] = partial[0];
     }
 }

@@ -12,7 +12,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     var acc = 0.0;
     for (var j = lane; j < 16u; j = j + 64u) {
         let x0 = f32s[10624 + row * 16 + j];
-        let x1 = f32s[11296 + row];
+        let x1 = f32s[11312 + row];
         let x2 = f32s[10384 + row];
         let x3 = f32s[11008 + row * 16 + j];
         acc = acc + -x0*x1 - 2.0*x2*x3;

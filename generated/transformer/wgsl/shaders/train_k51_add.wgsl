@@ -11,9 +11,9 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     let c0 = i / 16u;
     let c1 = i % 16u;
     let x0 = f32s[10624 + c0 * 16 + c1];
-    let x1 = f32s[11296 + c0];
+    let x1 = f32s[11312 + c0];
     let x2 = f32s[10384 + c0];
     let x3 = f32s[11008 + c0 * 16 + c1];
     let x4 = f32s[10400 + c0];
-    f32s[17344 + c0 * 16 + c1] = x0*x1 + 2.0*x2*x3 + x4;
+    f32s[17088 + c0 * 16 + c1] = x0*x1 + 2.0*x2*x3 + x4;
 }

@@ -19,7 +19,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
         var va = 0.0;
         var vb = 0.0;
         if (row < 8u && ka < 16u) {
-            va = f32s[17344 + (g / 4u) * 128 + row * 16 + ka];
+            va = f32s[17088 + (g / 4u) * 128 + row * 16 + ka];
         }
         if (kb < 16u && col < 64u) {
             vb = f32s[2688 + kb + col * 16];

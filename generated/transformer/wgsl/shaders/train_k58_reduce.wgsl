@@ -12,7 +12,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     var acc = 0.0;
     for (var j = lane; j < 16u; j = j + 64u) {
         let x0 = f32s[8320 + row + j * 16];
-        let x1 = f32s[16576 + row + j * 16];
+        let x1 = f32s[16320 + row + j * 16];
         acc = acc + x0*x1;
     }
     partial[lane] = acc;

@@ -9,6 +9,6 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
         return;
     }
     let x0 = f32s[8320 + i];
-    let x1 = f32s[17744 + i];
-    f32s[8336 + i] = 0.03125*x0/sqrt(0.0625*x1 + 0.00001);
+    let x1 = f32s[17440 + i];
+    f32s[8336 + i] = 0.03125*x0/x1;
 }

@@ -10,11 +10,11 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     let c0 = i / 16u;
     let c1 = i % 16u;
-    let x0 = f32s[17344 + c0 * 16 + c1];
+    let x0 = f32s[17088 + c0 * 16 + c1];
     let x1 = f32s[8576 + c0 * 16 + c1];
-    let x2 = f32s[17776 + c0];
+    let x2 = f32s[17456 + c0];
     let x3 = f32s[8336 + c0];
-    let x4 = f32s[16320 + c0 * 16 + c1];
+    let x4 = f32s[16064 + c0 * 16 + c1];
     let x5 = f32s[8352 + c0];
     f32s[10368 + c0 * 16 + c1] = x0 + x1*x2 + 2.0*x3*x4 + x5;
 }

@@ -21,7 +21,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
         var va = 0.0;
         var vb = 0.0;
         if (row < 8u && ka < 8u) {
-            va = f32s[15808 + b0 * 128 + b1 * 64 + row + ka * 8];
+            va = f32s[15552 + b0 * 128 + b1 * 64 + row + ka * 8];
         }
         if (kb < 8u && col < 8u) {
             vb = f32s[8320 + b0 * 128 + b1 * 8 + kb * 16 + col];

@@ -12,8 +12,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     var acc = 0.0;
     for (var j = lane; j < 8u; j = j + 64u) {
         let x0 = f32s[8576 + row * 8 + j];
-        let x1 = f32s[15552 + row * 8 + j];
-        let x2 = f32s[17632 + row];
+        let x1 = f32s[15296 + row * 8 + j];
+        let x2 = f32s[17344 + row];
         acc = acc + -x0*x1/(x2 * x2);
     }
     partial[lane] = acc;

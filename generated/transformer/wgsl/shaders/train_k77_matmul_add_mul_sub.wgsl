@@ -19,7 +19,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
         var va = 0.0;
         var vb = 0.0;
         if (row < 16u && ka < 16u) {
-            va = f32s[16064 + row + ka * 16];
+            va = f32s[15808 + row + ka * 16];
         }
         if (kb < 16u && col < 16u) {
             vb = f32s[10368 + kb * 16 + col];

@@ -22,7 +22,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
             va = f32s[9344 + row + ka * 64];
         }
         if (kb < 16u && col < 16u) {
-            vb = f32s[17344 + kb * 16 + col];
+            vb = f32s[17088 + kb * 16 + col];
         }
         tile_a[lid.y * 16u + lid.x] = va;
         tile_b[lid.y * 16u + lid.x] = vb;

@@ -9,7 +9,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
         return;
     }
     let x0 = f32s[7872 + i];
-    let x1 = f32s[17824 + i];
+    let x1 = f32s[17504 + i];
     let x2 = f32s[3712 + i];
     f32s[7872 + i] = 0.9*x0 + x1;
     f32s[3712 + i] = -0.089999996*x0 - 0.1*x1 + x2;

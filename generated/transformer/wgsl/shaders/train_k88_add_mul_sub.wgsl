@@ -9,7 +9,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
         return;
     }
     let x0 = f32s[8240 + i];
-    let x1 = f32s[17664 + i];
+    let x1 = f32s[17376 + i];
     let x2 = f32s[4080 + i];
     f32s[8240 + i] = 0.9*x0 + x1;
     f32s[4080 + i] = -0.089999996*x0 - 0.1*x1 + x2;

@@ -14,7 +14,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         let x0 = f32s[8832 + row * 16 + j];
         let x1 = f32s[448 + j];
         let x2 = f32s[13760 + row * 16 + j];
-        let x3 = f32s[17712 + row];
+        let x3 = f32s[17408 + row];
         acc = acc + -x0*x1*x2/(x3 * x3);
     }
     partial[lane] = acc;

@@ -13,7 +13,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     for (var j = lane; j < 16u; j = j + 64u) {
         let x0 = f32s[8832 + row * 16 + j];
         let x1 = f32s[448 + j];
-        let x2 = f32s[17728 + row];
+        let x2 = f32s[17424 + row];
         let x3 = f32s[8336 + row];
         let x4 = f32s[13760 + row * 16 + j];
         acc = acc + -x0*x1*x2 - 2.0*x3*x4;

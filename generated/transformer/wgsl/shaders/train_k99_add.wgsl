@@ -13,7 +13,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     let x0 = f32s[10368 + c0 * 16 + c1];
     let x1 = f32s[8832 + c0 * 16 + c1];
     let x2 = f32s[448 + c1];
-    let x3 = f32s[17728 + c0];
+    let x3 = f32s[17424 + c0];
     let x4 = f32s[8336 + c0];
     let x5 = f32s[13760 + c0 * 16 + c1];
     let x6 = f32s[8352 + c0];

@@ -19,7 +19,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
         var va = 0.0;
         var vb = 0.0;
         if (row < 4u && ka < 4u) {
-            va = f32s[160 + row + ka * 4];
+            va = f32s[144 + row + ka * 4];
         }
         if (kb < 4u && col < 1u) {
             vb = f32s[176 + kb];

@@ -19,7 +19,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
         var va = 0.0;
         var vb = 0.0;
         if (row < 4u && ka < 4u) {
-            va = f32s[160 + row * 4 + ka];
+            va = f32s[144 + row * 4 + ka];
         }
         if (kb < 4u && col < 1u) {
             vb = f32s[32 + kb];
@@ -33,6 +33,6 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
         workgroupBarrier();
     }
     if (row < 4u && col < 1u) {
-        f32s[192 + row] = acc;
+        f32s[176 + row] = acc;
     }
 }

@@ -20,8 +20,8 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (i >= 4u) {
         return;
     }
-    let x0 = f32s[192 + i];
+    let x0 = f32s[176 + i];
     let x1 = f32s[48];
     f32s[128 + i] = x0 + x1;
-    f32s[176 + i] = (0.5)*fg_tanh((0.5)*x0 + (0.5)*x1) + 0.5;
+    f32s[160 + i] = (0.5)*fg_tanh((0.5)*x0 + (0.5)*x1) + 0.5;
 }

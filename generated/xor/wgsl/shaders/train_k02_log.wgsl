@@ -8,6 +8,6 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (i >= 4u) {
         return;
     }
-    let x0 = f32s[176 + i];
-    f32s[192 + i] = log(x0);
+    let x0 = f32s[160 + i];
+    f32s[176 + i] = log(x0);
 }

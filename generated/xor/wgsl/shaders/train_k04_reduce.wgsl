@@ -12,8 +12,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     var acc = 0.0;
     for (var j = lane; j < 4u; j = j + 64u) {
         let x0 = f32s[384 + j];
-        let x1 = f32s[192 + j];
-        let x2 = f32s[208 + j];
+        let x1 = f32s[176 + j];
+        let x2 = f32s[192 + j];
         acc = acc + x0*max(-100.0, x1) + (1.0 - x0)*max(-100.0, x2);
     }
     partial[lane] = acc;
@@ -25,6 +25,6 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         workgroupBarrier();
     }
     if (lane == 0u) {
-        f32s[224 + row] = partial[0];
+        f32s[208 + row] = partial[0];
     }
 }

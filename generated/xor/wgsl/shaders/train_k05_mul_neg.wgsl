@@ -8,6 +8,6 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (i >= 1u) {
         return;
     }
-    let x0 = f32s[224];
-    f32s[240] = -0.25*x0;
+    let x0 = f32s[208];
+    f32s[224] = -0.25*x0;
 }

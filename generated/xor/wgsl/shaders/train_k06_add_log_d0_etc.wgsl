@@ -22,9 +22,9 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     let x0 = f32s[256 + i];
     let x1 = f32s[384 + i];
-    let x2 = f32s[208 + i];
-    let x3 = f32s[176 + i];
-    let x4 = f32s[192 + i];
+    let x2 = f32s[192 + i];
+    let x3 = f32s[160 + i];
+    let x4 = f32s[176 + i];
     let x5 = f32s[128 + i];
-    f32s[224 + i] = (0.25 - 0.25*(fg_tanh((0.5)*x5) * fg_tanh((0.5)*x5)))*(x0*x1*select(select(0.5, 0.0, x4 + 100.0 < 0.0), 1.0, x4 + 100.0 > 0.0)/x3 - x0*(1.0 - x1)*select(select(0.5, 0.0, x2 + 100.0 < 0.0), 1.0, x2 + 100.0 > 0.0)/(1.0 - x3));
+    f32s[208 + i] = (0.25 - 0.25*(fg_tanh((0.5)*x5) * fg_tanh((0.5)*x5)))*(x0*x1*select(select(0.5, 0.0, x4 + 100.0 < 0.0), 1.0, x4 + 100.0 > 0.0)/x3 - x0*(1.0 - x1)*select(select(0.5, 0.0, x2 + 100.0 < 0.0), 1.0, x2 + 100.0 > 0.0)/(1.0 - x3));
 }

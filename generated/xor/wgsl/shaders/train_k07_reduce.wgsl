@@ -11,7 +11,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     }
     var acc = 0.0;
     for (var j = lane; j < 4u; j = j + 64u) {
-        let x0 = f32s[224 + j];
+        let x0 = f32s[208 + j];
         acc = acc + x0;
     }
     partial[lane] = acc;

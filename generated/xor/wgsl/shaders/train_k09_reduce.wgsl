@@ -11,7 +11,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     }
     var acc = 0.0;
     for (var j = lane; j < 4u; j = j + 64u) {
-        let x0 = f32s[176 + row + j * 4];
+        let x0 = f32s[160 + row + j * 4];
         acc = acc + x0;
     }
     partial[lane] = acc;
@@ -23,6 +23,6 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         workgroupBarrier();
     }
     if (lane == 0u) {
-        f32s[144 + row] = partial[0];
+        f32s[176 + row] = partial[0];
     }
 }

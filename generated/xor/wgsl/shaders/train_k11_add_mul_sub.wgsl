@@ -9,7 +9,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
         return;
     }
     let x0 = f32s[80 + i];
-    let x1 = f32s[144 + i];
+    let x1 = f32s[176 + i];
     let x2 = f32s[16 + i];
     f32s[80 + i] = 0.9*x0 + x1;
     f32s[16 + i] = -0.40499997*x0 - 0.95*x1 + x2;

@@ -1,0 +1,163 @@
+//! Ids that arrive in device memory (class labels, embedding ids from CuPy or
+//! PyTorch): copied into their input arena by the module's
+//! `fg_copy_ids_checked` instead of a plain copy. The kernel writes the
+//! input's tag into a flag in pinned host memory mapped into the device when
+//! an id lies outside `[0, bound)`; the step reads the flag after the wait it
+//! ends with, so a check costs no launch and no copy of its own.
+//!
+//! Host inputs never get here: their ids are checked before anything runs.
+//! Gathers and scatters guard their own reads (`flags_u32`), but a label
+//! compared against an arange (a one-hot) has no read to guard, and would
+//! give a wrong loss without a sign.
+
+use std::ffi::c_void;
+
+use cudarc::driver::sys;
+
+use super::device::{check, Device};
+use super::module::{Function, Module};
+use crate::error::Error;
+
+/// The kernel's name in every module whose inputs include ids.
+pub(crate) const COPY_IDS: &str = "fg_copy_ids_checked";
+
+/// Threads per block of the copy, and the most blocks (a grid-stride loop
+/// covers the rest).
+const BLOCK: u32 = 256;
+const MAX_BLOCKS: u32 = 4096;
+
+/// One u32 in pinned host memory, mapped into the device's address space.
+struct HostFlag {
+    host: *mut u32,
+    device_ptr: u64,
+    device: Device,
+}
+
+impl HostFlag {
+    fn new(device: &Device) -> Result<HostFlag, Error> {
+        device.bind()?;
+        let mut host: *mut c_void = std::ptr::null_mut();
+        // SAFETY: allocates 4 bytes of pinned memory, mapped for the device.
+        let status = unsafe { sys::cuMemHostAlloc(&mut host, 4, sys::CU_MEMHOSTALLOC_DEVICEMAP) };
+        check(status.result(), || {
+            "allocating the device-input id flag".into()
+        })?;
+        // Owned from here: freed on drop if mapping fails.
+        let mut flag = HostFlag {
+            host: host.cast(),
+            device_ptr: 0,
+            device: device.clone(),
+        };
+        flag.clear();
+        // SAFETY: `host` came from cuMemHostAlloc with DEVICEMAP.
+        let status = unsafe { sys::cuMemHostGetDevicePointer_v2(&mut flag.device_ptr, host, 0) };
+        check(status.result(), || {
+            "mapping the device-input id flag into the device".into()
+        })?;
+        Ok(flag)
+    }
+
+    fn clear(&self) {
+        // SAFETY: 4 bytes we own; no kernel that writes them is in flight when
+        // a call starts (every call ends with a wait).
+        unsafe { std::ptr::write_volatile(self.host, 0) }
+    }
+
+    fn read(&self) -> u32 {
+        // SAFETY: as in `clear`; read after the wait for the kernels that write it.
+        unsafe { std::ptr::read_volatile(self.host) }
+    }
+}
+
+impl Drop for HostFlag {
+    fn drop(&mut self) {
+        // SAFETY: allocated once by cuMemHostAlloc, freed once.
+        unsafe {
+            let _ = self.device.bind();
+            let _ = sys::cuMemFreeHost(self.host.cast());
+        }
+    }
+}
+
+/// The checked copy of an executor whose inputs include ids.
+pub(crate) struct IdsCheck {
+    function: Function,
+    flag: HostFlag,
+}
+
+// SAFETY: the flag's host pointer is pinned memory the check owns; it is
+// written by the device and read or cleared by the executor only between
+// calls, which need `&mut Executor`.
+unsafe impl Send for IdsCheck {}
+unsafe impl Sync for IdsCheck {}
+
+impl IdsCheck {
+    /// `fg_copy_ids_checked` of `module` and a cleared flag.
+    ///
+    /// # Errors
+    /// [`Error::Device`] when the module lacks the kernel (a ferrograd bug) or
+    /// pinned memory cannot be had.
+    pub(crate) fn new(module: &Module, device: &Device) -> Result<IdsCheck, Error> {
+        Ok(IdsCheck {
+            function: module.function(COPY_IDS)?,
+            flag: HostFlag::new(device)?,
+        })
+    }
+
+    /// Forgets what an earlier call flagged (start of a call).
+    pub(crate) fn clear(&self) {
+        self.flag.clear();
+    }
+
+    /// The tag of an input that had an id out of range since [`IdsCheck::clear`]
+    /// (0 for none), once the work that copied it has been waited for.
+    pub(crate) fn flagged(&self) -> u32 {
+        self.flag.read()
+    }
+
+    /// Queues `dst[..len] = src[..len]` (i32 ids, device addresses), flagging
+    /// `tag` (≥ 1) when one lies outside `[0, bound)`.
+    pub(crate) fn copy(
+        &self,
+        device: &Device,
+        (src, dst, len): (u64, u64, usize),
+        bound: u32,
+        tag: u32,
+        what: &str,
+    ) -> Result<(), Error> {
+        let n = u32::try_from(len)
+            .map_err(|_| Error::layout(format!("{what}: {len} ids do not fit a u32 count")))?;
+        let blocks = n.div_ceil(BLOCK).clamp(1, MAX_BLOCKS);
+        // The kernel reads .u32 parameters from the first 4 bytes (little-endian).
+        let mut slots = [
+            src,
+            dst,
+            u64::from(n),
+            u64::from(bound),
+            self.flag.device_ptr,
+            u64::from(tag),
+        ];
+        let mut params = slots.each_mut().map(|s| (s as *mut u64).cast::<c_void>());
+        // SAFETY: a kernel of our module whose six parameters `params` points
+        // at; `src` holds `len` ids on this device (checked by the caller) and
+        // `dst` is an arena of at least `len` i32.
+        let status = unsafe {
+            sys::cuLaunchKernel(
+                self.function.raw,
+                blocks,
+                1,
+                1,
+                BLOCK,
+                1,
+                1,
+                0,
+                device.stream(),
+                params.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        };
+        check(status.result(), || {
+            format!("{what}: launching `{COPY_IDS}`")
+        })
+    }
+}
