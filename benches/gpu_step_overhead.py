@@ -64,7 +64,40 @@ def measure(key: str, folder: Path, manifest: dict[str, Any], calls: int,
         "torch.cuda.synchronize()": torch.cuda.synchronize,
         "tensor.data_ptr() of the inputs": lambda: [t.data_ptr() for t in dev],
     }
-    return {name: per_call_us(fn, calls, rounds) for name, fn in parts.items()}
+    out = {name: per_call_us(fn, calls, rounds) for name, fn in parts.items()}
+    out.update(driver_calls(lambda: step.step_obj(*dev), 20))
+    return out
+
+
+def driver_calls(fn: Callable[[], Any], calls: int) -> dict[str, float]:
+    """µs per call that ``fn`` spends in each CUDA driver / runtime API function, and
+    from the call's start to its first kernel's start (CUPTI through torch.profiler)."""
+    import tempfile
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            with torch.profiler.record_function("fg_call"):
+                fn()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(path))
+        events = json.loads(path.read_text()).get("traceEvents", [])
+    api: dict[str, float] = {}
+    starts = sorted(float(e["ts"]) for e in events if e.get("name") == "fg_call")
+    kernels = sorted(float(e["ts"]) for e in events if e.get("cat") == "kernel")
+    for e in events:
+        if e.get("cat") in ("cuda_driver", "cuda_runtime"):
+            name = f"API {e.get('name', '?')}"
+            api[name] = api.get(name, 0.0) + float(e.get("dur", 0.0)) / calls
+    first = [next((k for k in kernels if k >= t), t) - t for t in starts]
+    if first:
+        api["call start to its first kernel"] = statistics.median(first)
+    return api
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -18,7 +18,8 @@ written and read within those steps, so one arena, sized for the largest, serves
 every kernel (columns a forward conv keeps for a later weight gradient are a temp of
 the memory plan instead). ``flags_u32`` (one u32) is the error flag of gather / scatter kernels:
 the runtime zeroes it before a step and, if it is nonzero after, raises (an id was
-out of range; the kernels wrote 0 for it instead of reading out of bounds).
+out of range; the kernels wrote 0 for it instead of reading out of bounds). The CUDA
+runtime keeps it in pinned host memory mapped into the device.
 Const arenas start with ``DeviceModule.consts``.
 """
 

@@ -146,13 +146,12 @@ def _py_method(graph: Graph, device: DeviceModule, entry: str) -> str:
         opening = "py.detach(|| {" if entry == "train" else "let result = py.detach(|| {"
         with out.indent(opening, "})" if entry == "train" else "});"), \
                 out.indent(f'rt::py::guard("{entry}", || {{', "})"):
-            out.line(f'exec.run("{entry}", &[{", ".join(feeds)}])?;')
             if entry == "train":
-                arena, offset, _ = _loss(device)
-                out.line("let mut loss = [0f32];")
-                out.line(f'exec.read_f32("{arena}", {offset}, &mut loss)?;')
-                out.line("Ok::<_, rt::Error>(loss[0])")
+                # the loss comes back in pinned memory, copied before the wait
+                _loss(device)  # the runtime finds it by key: a plan without it fails here
+                out.line(f'exec.run_scalar("train", &[{", ".join(feeds)}], "out:loss")')
             else:
+                out.line(f'exec.run("{entry}", &[{", ".join(feeds)}])?;')
                 out.line(f'exec.results("{entry}")')
         if entry != "train":
             out.line("rt::cuda::py::results_dict(py, result?)")

@@ -240,7 +240,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `xor_net`.
-#[pyclass(module = "fg_xor_net_6c4d917e4d6f")]
+#[pyclass(module = "fg_xor_net_fd2f8f1fcef1")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -379,8 +379,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_xor_net_6c4d917e4d6f(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_xor_net_6c4d917e4d6f")?;
+fn fg_xor_net_fd2f8f1fcef1(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_xor_net_fd2f8f1fcef1")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

@@ -30,6 +30,7 @@ use super::device::{check, Device, DeviceBuffer};
 use super::graph::Graph;
 use super::ids::IdsCheck;
 use super::layout::{cublas_layout, extent, CublasGemm, GemmShape};
+use super::mapped::MappedWords;
 use super::module::{Function, Module};
 use super::plan::{ArenaSpec, Arg, BufferRef, Elem, Gemm, Launch, Plan, ResultSpec, Step};
 use crate::error::Error;
@@ -278,6 +279,11 @@ pub struct Executor {
     why_no_blaslt: String,
     /// The checked copy of ids given in device memory, when an input holds ids.
     ids: Option<IdsCheck>,
+    /// Where kernels write the `flags_u32` arena (gather/scatter ids out of
+    /// range): mapped host memory, zeroed and read by the host between calls.
+    flags: Option<MappedWords>,
+    /// [`Executor::run_scalar`]'s result, copied here (pinned) before the wait.
+    scalar: MappedWords,
     module: Module,
     arenas: Vec<Arena>,
     /// [`Executor::run_steps`]'s results, one f32 per run: kept from call to
@@ -321,6 +327,12 @@ impl Executor {
         } else {
             None
         };
+        let flags = arenas
+            .iter()
+            .find(|a| a.name == FLAGS)
+            .map(|a| MappedWords::new(&device, a.len, "the gather/scatter error flags"))
+            .transpose()?;
+        let scalar = MappedWords::new(&device, 1, "a step's scalar result")?;
         let mut allocated = Vec::with_capacity(arenas.len());
         for spec in arenas {
             let bytes = spec
@@ -353,6 +365,8 @@ impl Executor {
             blaslt,
             why_no_blaslt,
             ids,
+            flags,
+            scalar,
             module,
             arenas: allocated,
             step_results: None,
@@ -454,7 +468,11 @@ impl Executor {
                 r.offset, r.offset, r.arena, arena.spec.len
             )));
         }
-        Ok(arena.buf.ptr() + (r.offset * arena.spec.elem.bytes()) as u64)
+        match &self.flags {
+            // the flags live in mapped host memory (the arena stays unused)
+            Some(flags) if r.arena == FLAGS => flags.device_ptr(r.offset, what),
+            _ => Ok(arena.buf.ptr() + (r.offset * arena.spec.elem.bytes()) as u64),
+        }
     }
 
     fn kernel(
@@ -779,6 +797,34 @@ impl Executor {
     /// failure the CUDA context may be unusable (the driver's rule): create
     /// the step again in a new process.
     pub fn run(&mut self, entry: &str, inputs: &[(&str, Feed<'_>)]) -> Result<(), Error> {
+        self.run_reading(entry, inputs, None)
+    }
+
+    /// [`Executor::run`], returning `entry`'s result `key`, one f32 (`out:loss`
+    /// of `train`): copied into pinned memory before the wait, so that no copy
+    /// (and no second wait) follows it.
+    ///
+    /// # Errors
+    /// As [`Executor::run`]; [`Error::Layout`] when `key` is not one f32.
+    pub fn run_scalar(
+        &mut self,
+        entry: &str,
+        inputs: &[(&str, Feed<'_>)],
+        key: &str,
+    ) -> Result<f32, Error> {
+        let source = self.scalar_result(entry, key)?;
+        self.run_reading(entry, inputs, Some(source))?;
+        Ok(f32::from_bits(self.scalar.read(0)))
+    }
+
+    /// [`Executor::run`], then (queued) a copy of the f32 at `scalar` into
+    /// `self.scalar`.
+    fn run_reading(
+        &mut self,
+        entry: &str,
+        inputs: &[(&str, Feed<'_>)],
+        scalar: Option<u64>,
+    ) -> Result<(), Error> {
         self.device.bind()?;
         let index = self.entry_index(entry)?;
         self.clear_ids();
@@ -786,7 +832,11 @@ impl Executor {
             .iter()
             .try_for_each(|&(name, data)| self.upload_input(name, data))
             .and_then(|()| self.zero_flags(index))
-            .and_then(|flags| self.enqueue_entry(index).map(|()| flags));
+            .and_then(|flags| self.enqueue_entry(index).map(|()| flags))
+            .and_then(|flags| match scalar {
+                Some(source) => self.copy_scalar(source).map(|()| flags),
+                None => Ok(flags),
+            });
         // Waited for even after a failure: no copy may read the inputs after the call.
         let steps = self.entries[index].steps.len();
         let waited = self
@@ -939,15 +989,20 @@ impl Executor {
         Ok(())
     }
 
-    /// Queues `flags_u32[0] = 0` when entry `index` has a gather or scatter
-    /// step, and says whether it did (the flag is then checked after the
-    /// call). Outside the entry's graph, so that `run_steps` zeroes it once
-    /// for all its runs.
+    /// Sets `flags_u32[0] = 0` (mapped host memory, from the host) when entry
+    /// `index` has a gather or scatter step, and says whether it did (the
+    /// flag is then checked after the call). Outside the entry's graph, so
+    /// that `run_steps` zeroes it once for all its runs.
     fn zero_flags(&self, index: usize) -> Result<bool, Error> {
-        if !self.entries[index].uses_flags {
+        let Some(flags) = self
+            .flags
+            .as_ref()
+            .filter(|_| self.entries[index].uses_flags)
+        else {
             return Ok(false);
-        }
-        zero_flags(self.arena(FLAGS)?.buf.ptr(), &self.device)?;
+        };
+        // From the host: the previous call's kernels were waited for.
+        flags.write(0, 0);
         Ok(true)
     }
 
@@ -980,10 +1035,7 @@ impl Executor {
     /// Raises when a gather or scatter kernel set the error flag; `what` names
     /// the call (formatted only then: a step allocates nothing).
     fn check_flags(&self, what: impl FnOnce() -> String) -> Result<(), Error> {
-        let mut flag = [0u32];
-        let flags = &self.arena(FLAGS)?.buf;
-        flags.read(0, &mut flag, "the gather/scatter error flag")?;
-        if flag[0] != 0 {
+        if self.flags.as_ref().is_some_and(|f| f.read(0) != 0) {
             return Err(Error::Device(format!(
                 "{}: a gather or scatter kernel met an id out of range (it used 0 \
                  instead of reading or writing out of bounds); the results of this call are \
@@ -992,6 +1044,18 @@ impl Executor {
             )));
         }
         Ok(())
+    }
+
+    /// Queues a copy of the f32 at device address `source` into `self.scalar`.
+    fn copy_scalar(&self, source: u64) -> Result<(), Error> {
+        // SAFETY: `self.scalar` is 4 bytes of pinned host memory, `source` one
+        // f32 inside an arena (`scalar_result` checked it).
+        let status = unsafe {
+            sys::cuMemcpyDtoHAsync_v2(self.scalar.host_ptr(), source, 4, self.device.stream())
+        };
+        check(status.result(), || {
+            "queueing the copy of a step's result".into()
+        })
     }
 
     /// Forgets ids flagged by an earlier call (whose error was raised).
@@ -1488,15 +1552,6 @@ fn in_step(err: Error, k: usize, count: usize) -> Error {
         Error::Layout(msg) => Error::Layout(at(msg)),
         other => other,
     }
-}
-
-/// Queues `flags_u32[0] = 0` on the device's stream.
-fn zero_flags(flags: u64, device: &Device) -> Result<(), Error> {
-    // SAFETY: the flags arena holds one u32 at `flags`.
-    let status = unsafe { sys::cuMemsetD32Async(flags, 0, 1, device.stream()) };
-    check(status.result(), || {
-        "zeroing the gather/scatter error flag".into()
-    })
 }
 
 /// Queues one step on the device's stream.

@@ -15,6 +15,7 @@ use std::ffi::c_void;
 use cudarc::driver::sys;
 
 use super::device::{check, Device};
+use super::mapped::MappedWords;
 use super::module::{Function, Module};
 use crate::error::Error;
 
@@ -26,68 +27,15 @@ pub(crate) const COPY_IDS: &str = "fg_copy_ids_checked";
 const BLOCK: u32 = 256;
 const MAX_BLOCKS: u32 = 4096;
 
-/// One u32 in pinned host memory, mapped into the device's address space.
-struct HostFlag {
-    host: *mut u32,
-    device_ptr: u64,
-    device: Device,
-}
-
-impl HostFlag {
-    fn new(device: &Device) -> Result<HostFlag, Error> {
-        device.bind()?;
-        let mut host: *mut c_void = std::ptr::null_mut();
-        // SAFETY: allocates 4 bytes of pinned memory, mapped for the device.
-        let status = unsafe { sys::cuMemHostAlloc(&mut host, 4, sys::CU_MEMHOSTALLOC_DEVICEMAP) };
-        check(status.result(), || {
-            "allocating the device-input id flag".into()
-        })?;
-        // Owned from here: freed on drop if mapping fails.
-        let mut flag = HostFlag {
-            host: host.cast(),
-            device_ptr: 0,
-            device: device.clone(),
-        };
-        flag.clear();
-        // SAFETY: `host` came from cuMemHostAlloc with DEVICEMAP.
-        let status = unsafe { sys::cuMemHostGetDevicePointer_v2(&mut flag.device_ptr, host, 0) };
-        check(status.result(), || {
-            "mapping the device-input id flag into the device".into()
-        })?;
-        Ok(flag)
-    }
-
-    fn clear(&self) {
-        // SAFETY: 4 bytes we own; no kernel that writes them is in flight when
-        // a call starts (every call ends with a wait).
-        unsafe { std::ptr::write_volatile(self.host, 0) }
-    }
-
-    fn read(&self) -> u32 {
-        // SAFETY: as in `clear`; read after the wait for the kernels that write it.
-        unsafe { std::ptr::read_volatile(self.host) }
-    }
-}
-
-impl Drop for HostFlag {
-    fn drop(&mut self) {
-        // SAFETY: allocated once by cuMemHostAlloc, freed once.
-        unsafe {
-            let _ = self.device.bind();
-            let _ = sys::cuMemFreeHost(self.host.cast());
-        }
-    }
-}
-
 /// The checked copy of an executor whose inputs include ids.
 pub(crate) struct IdsCheck {
     function: Function,
-    flag: HostFlag,
+    flag: MappedWords,
+    flag_ptr: u64,
 }
 
-// SAFETY: the flag's host pointer is pinned memory the check owns; it is
-// written by the device and read or cleared by the executor only between
-// calls, which need `&mut Executor`.
+// SAFETY: a kernel handle of the executor's module (used with its context
+// bound) and the flag (see `MappedWords`).
 unsafe impl Send for IdsCheck {}
 unsafe impl Sync for IdsCheck {}
 
@@ -98,21 +46,23 @@ impl IdsCheck {
     /// [`Error::Device`] when the module lacks the kernel (a ferrograd bug) or
     /// pinned memory cannot be had.
     pub(crate) fn new(module: &Module, device: &Device) -> Result<IdsCheck, Error> {
+        let flag = MappedWords::new(device, 1, "the device-input id flag")?;
         Ok(IdsCheck {
             function: module.function(COPY_IDS)?,
-            flag: HostFlag::new(device)?,
+            flag_ptr: flag.device_ptr(0, "the device-input id flag")?,
+            flag,
         })
     }
 
     /// Forgets what an earlier call flagged (start of a call).
     pub(crate) fn clear(&self) {
-        self.flag.clear();
+        self.flag.write(0, 0);
     }
 
     /// The tag of an input that had an id out of range since [`IdsCheck::clear`]
     /// (0 for none), once the work that copied it has been waited for.
     pub(crate) fn flagged(&self) -> u32 {
-        self.flag.read()
+        self.flag.read(0)
     }
 
     /// Queues `dst[..len] = src[..len]` (i32 ids, device addresses), flagging
@@ -134,7 +84,7 @@ impl IdsCheck {
             dst,
             u64::from(n),
             u64::from(bound),
-            self.flag.device_ptr,
+            self.flag_ptr,
             u64::from(tag),
         ];
         let mut params = slots.each_mut().map(|s| (s as *mut u64).cast::<c_void>());

@@ -32,6 +32,7 @@ mod exec;
 mod graph;
 mod ids;
 pub mod layout;
+mod mapped;
 mod module;
 pub mod plan;
 pub mod py;
