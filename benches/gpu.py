@@ -551,8 +551,11 @@ def run_row(w: GpuWorkload, args: argparse.Namespace, folder: Path, manifest: di
             s.step()
     log(f"{w.key}: checked ({time.perf_counter() - t0:.1f} s): ok {row['ok']}")
     target = args.target_ms / 1e3
-    row["sync_ms"] = time_rounds(systems, args.rounds, target, False, errors)
-    log(f"{w.key}: timed ({time.perf_counter() - t0:.1f} s)")
+    with ClockSampler() as clocks:
+        row["sync_ms"] = time_rounds(systems, args.rounds, target, False, errors)
+    row["gpu_clocks"] = clocks.summary()
+    log(f"{w.key}: timed ({time.perf_counter() - t0:.1f} s); GPU while timing: "
+        f"{row['gpu_clocks']}")
     pipelined = [s for s in systems if s.name not in (FG, FG_HOST)]
     if dev is not None and w.opt is not None and FG in row["sync_ms"]:
         k = row["fg_steps_k"] = steps_per_call(row["sync_ms"][FG])
@@ -636,6 +639,45 @@ def summarize(row: dict[str, Any], ceilings: dict[str, Any]) -> None:
 
 
 # ---- machine and ceilings ----------------------------------------------------------------
+
+
+class ClockSampler:
+    """The GPU's SM clock, power and temperature every 0.5 s while the block runs (one
+    ``nvidia-smi -lms`` process), to tell a throttled run from a slow system."""
+
+    QUERY = "clocks.sm,power.draw,temperature.gpu"
+
+    def __enter__(self) -> ClockSampler:
+        self.out = tempfile.TemporaryFile(mode="w+")
+        try:
+            self.proc: subprocess.Popen | None = subprocess.Popen(
+                ["nvidia-smi", f"--query-gpu={self.QUERY}", "--format=csv,noheader,nounits",
+                 "-lms", "500"], stdout=self.out, stderr=subprocess.DEVNULL)
+        except OSError:
+            self.proc = None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+
+    def summary(self) -> dict[str, Any]:
+        """min / median / max of each quantity over the samples (empty without any)."""
+        self.out.seek(0)
+        rows = []
+        for line in self.out.read().splitlines():
+            try:
+                rows.append([float(v) for v in line.split(",")])
+            except ValueError:
+                continue
+        self.out.close()
+        out: dict[str, Any] = {"samples": len(rows)}
+        for i, name in enumerate(("sm_mhz", "watts", "celsius")):
+            vals = [r[i] for r in rows if len(r) > i]
+            if vals:
+                out[name] = [min(vals), statistics.median(vals), max(vals)]
+        return out
 
 
 def sh(cmd: str) -> str:
