@@ -35,11 +35,12 @@ Two phases, because the GPU machine has no Rust toolchain:
        nvidia-smi -L; set -o pipefail;
        PYTHONUNBUFFERED=1 python3 benches/gpu_cuda_check.py .gpu_modules 2>&1 | tee $OUT/log.txt
 
-   It takes ~45 s there. Last run (session 9; NVIDIA H200, driver 580.159, cuBLAS
-   13.1): all 40 (model, mode) checks pass, and the 4 error cases; step.steps 7 of 8
-   models bit for bit — the transformer fed torch tensors differed in the last bits of
-   its embedding (atomic adds), which is why a model that scatter-adds is now compared
-   to rounding.
+   It takes ~50 s there. Last runs (session 10, three H200 hosts: s10a, s10b, s10c in
+   benches/results/2026-11-21/): all 40 (model, mode) checks, 8 of 8 step.steps checks
+   (each model's device ids out of range raising an InputError in steps and in a single
+   step included) and the 4 error cases pass. A model that scatter-adds is compared to
+   rounding: its atomic adds change order from run to run (session 9 saw the
+   transformer fed torch tensors differ in the last bits of its embedding).
 
    (``.whl`` holds sympy, mpmath, networkx, jinja2, markupsafe and safetensors for
    CPython 3.12, downloaded as /work/.library/device/README.md says; the image has
