@@ -207,8 +207,9 @@ def _add_index(f: PtxFunction, a: str | None, b: str | None) -> str | None:
 
 
 @contextlib.contextmanager
-def _grid_stride(f: PtxFunction, n: int, hint: str = "elem") -> Iterator[str]:
-    """Each thread visits flat indices tid, tid + threads, ... below ``n``."""
+def _grid_stride(f: PtxFunction, n: int | str, hint: str = "elem") -> Iterator[str]:
+    """Each thread visits flat indices tid, tid + threads, ... below ``n`` (a size, or
+    the register of a ``.u32`` parameter)."""
     ctaid, ntid, tid = (f.special(s) for s in ("%ctaid.x", "%ntid.x", "%tid.x"))
     start = f.value("b32", "mad.lo.u32", ctaid, ntid, tid)
     stride = f.value("b32", "mul.lo.u32", f.special("%nctaid.x"), ntid)
@@ -1003,10 +1004,7 @@ def zero_fill_text() -> str:
     """p[0..n) = 0 (4-byte elements), grid-stride."""
     f = PtxFunction([(".u64", "p"), (".u32", "n")])
     ptr, n = f.param_pointer("p"), f.param_u32("n")
-    ctaid, ntid, tid = (f.special(s) for s in ("%ctaid.x", "%ntid.x", "%tid.x"))
-    start = f.value("b32", "mad.lo.u32", ctaid, ntid, tid)
-    stride = f.value("b32", "mul.lo.u32", f.special("%nctaid.x"), ntid)
-    with f.loop(start, n, stride, "fill") as i:
+    with _grid_stride(f, n, "fill") as i:
         f.ins("st.global.b32", f.address(ptr, i, 0, 4), "0")
     return f.text(ZERO_FILL)
 
@@ -1026,10 +1024,7 @@ def copy_ids_text() -> str:
                      (".u64", "flag"), (".u32", "tag")])
     src, dst, flag = (f.param_pointer(p) for p in ("src", "dst", "flag"))
     n, bound, tag = (f.param_u32(p) for p in ("n", "bound", "tag"))
-    ctaid, ntid, tid = (f.special(s) for s in ("%ctaid.x", "%ntid.x", "%tid.x"))
-    start = f.value("b32", "mad.lo.u32", ctaid, ntid, tid)
-    stride = f.value("b32", "mul.lo.u32", f.special("%nctaid.x"), ntid)
-    with f.loop(start, n, stride, "copy") as i:
+    with _grid_stride(f, n, "copy") as i:
         v = f.value("b32", "ld.global.b32", f.address(src, i, 0, 4))
         f.ins("st.global.b32", f.address(dst, i, 0, 4), v)
         ok = f.value("pred", "setp.lt.u32", v, bound)  # negative ids are huge

@@ -181,7 +181,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `linreg`.
-#[pyclass(module = "fg_linreg_ec8b9674d0d2")]
+#[pyclass(module = "fg_linreg_455449e19b41")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -314,8 +314,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_linreg_ec8b9674d0d2(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_linreg_ec8b9674d0d2")?;
+fn fg_linreg_455449e19b41(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_linreg_455449e19b41")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

@@ -631,7 +631,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `rnn`.
-#[pyclass(module = "fg_rnn_57b6be35badd")]
+#[pyclass(module = "fg_rnn_ed52c6d05438")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -775,8 +775,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_rnn_57b6be35badd(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_rnn_57b6be35badd")?;
+fn fg_rnn_ed52c6d05438(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_rnn_ed52c6d05438")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

@@ -1267,7 +1267,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `char_lm`.
-#[pyclass(module = "fg_char_lm_0bde64e290f3")]
+#[pyclass(module = "fg_char_lm_5c50a511d6b4")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -1452,8 +1452,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_char_lm_0bde64e290f3(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_char_lm_0bde64e290f3")?;
+fn fg_char_lm_5c50a511d6b4(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_char_lm_5c50a511d6b4")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

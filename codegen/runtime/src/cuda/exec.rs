@@ -1088,7 +1088,7 @@ impl Executor {
     /// or device to device after waiting for the producer's stream (ids by the
     /// checked copy).
     fn upload_input(&self, name: &str, data: Feed<'_>) -> Result<(), Error> {
-        let arena = self.input_arena(name, data)?;
+        let (index, arena) = self.input_arena(name, data)?;
         // the arena's name ("input:<name>") labels a failed copy: no string is
         // built on a step's path
         let what = arena.spec.name;
@@ -1099,13 +1099,11 @@ impl Executor {
                 }
                 self.device.wait_for(array.stream, what)?;
                 if let (Some(bound), Some(ids)) = (arena.spec.id_bound, &self.ids) {
-                    let tag = 1 + self
-                        .arenas
-                        .iter()
-                        .position(|a| std::ptr::eq(a, arena))
-                        .unwrap_or(0);
+                    // the tag names the arena to `check_ids`: its index, from 1
+                    let tag = u32::try_from(index + 1)
+                        .map_err(|_| Error::layout(format!("{what}: arena {index} as a tag")))?;
                     let copy = (array.ptr, arena.buf.ptr(), array.len);
-                    return ids.copy(&self.device, copy, bound, tag as u32, what);
+                    return ids.copy(&self.device, copy, bound, tag, what);
                 }
                 arena
                     .buf
@@ -1117,13 +1115,14 @@ impl Executor {
         }
     }
 
-    /// The arena `input:<name>`, once `data` is checked to fit it: its element
+    /// The arena `input:<name>` and its index, once `data` is checked to fit it: its element
     /// type and length, and for a (non-empty) device array, this device.
-    fn input_arena(&self, name: &str, data: Feed<'_>) -> Result<&Arena, Error> {
-        let arena = self
+    fn input_arena(&self, name: &str, data: Feed<'_>) -> Result<(usize, &Arena), Error> {
+        let (index, arena) = self
             .arenas
             .iter()
-            .find(|a| a.spec.name.strip_prefix("input:") == Some(name))
+            .enumerate()
+            .find(|(_, a)| a.spec.name.strip_prefix("input:") == Some(name))
             .ok_or_else(|| Error::layout(format!("the plan has no input arena for `{name}`")))?;
         let (elem, len, on) = match data {
             Feed::Host(HostInput::F32(d)) => (Elem::F32, d.len(), ""),
@@ -1141,7 +1140,7 @@ impl Executor {
         }
         if let Feed::Device(_, array) = data {
             if array.len == 0 {
-                return Ok(arena);
+                return Ok((index, arena));
             }
             let ordinal = self.device.ordinal();
             match self.device.pointer_device(array.ptr) {
@@ -1162,7 +1161,7 @@ impl Executor {
                 }
             }
         }
-        Ok(arena)
+        Ok((index, arena))
     }
 
     /// Copies `data` into `arena` at element `offset` (params, optimizer
