@@ -11,7 +11,8 @@ machine; only creating its ``CudaStep`` needs a GPU. Options (keyword arguments 
   cuBLAS, "kernel" never uses it (``step.gemm_backend`` says which ran);
 - ``autotune`` (``FERROGRAD_CUDA_AUTOTUNE``, default 1): when the step is created,
   time each matrix product's candidate algorithms on its own operands — up to 8 that
-  cuBLASLt's heuristic proposes, and plain cuBLAS for a product without an epilogue —
+  cuBLASLt's heuristic proposes, plain cuBLAS for a product without an epilogue, and
+  for a small product ferrograd's own register-tiled kernels (split-K among them) —
   and keep the fastest (a few ms per product; nothing the step holds is written). Each
   candidate is timed inside a CUDA graph, as the step runs it; 0 keeps the heuristic's
   first choice (plain cuBLAS's own without an epilogue). Strict fp32 either way, but

@@ -1,10 +1,11 @@
 """A small PTX interpreter for tests: runs a launch plan's kernels without a GPU.
 
 It executes the subset of PTX the renderer emits for reductions, row chains, convolution
-gathers and the fallback GEMM (integer index arithmetic, f32, v2, v4 and u8 loads
-and stores, IEEE-rounded arithmetic, ex2/lg2, predicates, branches, ``shfl.sync.bfly``,
-shared memory and ``bar.sync``) over every thread of a launch at once, NumPy vectors of
-registers, one instruction at a time for the threads at the lowest program counter
+gathers and the GEMM kernels (integer index arithmetic, f32, v2, v4 and u8 loads and
+stores, IEEE-rounded arithmetic, ex2/lg2, predicates, branches, ``shfl.sync.bfly``, shared
+memory and ``bar.sync``, ``atom.global.add.u32`` one thread after another, ``membar.gl``
+as a no-op since every store lands at once) over every thread of a launch at once, NumPy
+vectors of registers, one instruction at a time for the threads at the lowest program counter
 ("min-PC" scheduling: a thread that leaves a loop early waits where the others will join
 it, as a warp reconverges; a ``bar.sync`` that part of a block would pass alone raises).
 Anything outside the subset raises, so a test can never pass by skipping what it does
@@ -12,7 +13,8 @@ not understand. Memory is one byte heap with the arenas at fake addresses; an ac
 outside every arena raises; each block has its own shared memory. ``fma.rn.f32`` is
 computed in float64 (the product is exact there; the sum is rounded twice, which can
 differ from one rounding in the last bit, rarely). A ``Gemm`` step runs its fallback
-kernel, or, with ``gemm="numpy"``, alpha·product + beta·C (+ bias, ReLU) in float64
+kernel, with ``gemm="tiled"`` its most split register-tiled kernel, or, with
+``gemm="numpy"``, alpha·product + beta·C (+ bias, ReLU) in float64
 rounded to float32 (what a vendor library computes, up to its order of additions; C
 unread when beta is 0)."""
 
@@ -114,8 +116,9 @@ class Machine:
                  gemm: str = "fallback") -> None:
         """``elem``: the element dtype of each arena (inputs included); f32 arenas start
         filled with ``fill`` (NaN: a result no kernel wrote shows). ``gemm``: how GEMM
-        steps run, "fallback" (the plan's kernel) or "numpy"."""
-        assert gemm in ("fallback", "numpy")
+        steps run, "fallback" (the plan's kernel), "tiled" (its most split register-tiled
+        kernel, else the fallback) or "numpy"."""
+        assert gemm in ("fallback", "numpy", "tiled")
         self.module, self.gemm_mode = module, gemm
         self.entries = parse_entries(module.source)
         self.base: dict[str, int] = {}
@@ -148,6 +151,8 @@ class Machine:
                 self.launch(step)
             elif self.gemm_mode == "numpy":
                 self.gemm(step)
+            elif self.gemm_mode == "tiled" and step.tiled:  # the most split candidate
+                self.launch(step.tiled[-1])
             else:
                 assert step.fallback is not None
                 self.launch(step.fallback)
@@ -340,7 +345,17 @@ class Threads:
             t = self.reg(o[0]).dtype
             self.set(o[0], run, np.where(self.reg(o[3])[run], self.value(o[1], t, run),
                                          self.value(o[2], t, run)))
-        elif op in ("ld.global.f32", "ld.global.b32"):
+        elif op == "membar.gl":
+            pass  # every thread's stores land at once here: the order a fence asks for
+        elif op == "atom.global.add.u32":  # one thread after another, in thread order
+            addr = self.memory(o[1], run, 4, 4)
+            old = np.empty(len(addr), np.uint32)
+            for i, at in enumerate(addr):
+                word = self.m.heap[at:at + 4].view(np.uint32)
+                old[i] = word[0]
+                word[0] = old[i] + self.value(o[2], np.uint32, run)[i]
+            self.set(o[0], run, old)
+        elif op in ("ld.global.f32", "ld.global.b32", "ld.global.cg.f32"):
             addr = self.memory(o[1], run, 4)
             word = self.m.heap[addr[:, None] + np.arange(4)].copy().view(np.uint32)[:, 0]
             self.set(o[0], run, word.view(np.float32) if op.endswith("f32") else word)
@@ -366,16 +381,16 @@ class Threads:
             addr = self.memory(o[0], run, 4)
             data = np.ascontiguousarray(self.value(o[1], np.uint32, run), np.uint32)
             self.m.heap[addr[:, None] + np.arange(4)] = data.view(np.uint8).reshape(-1, 4)
-        elif op in ("st.global.f32", "st.global.b32"):
+        elif op in ("st.global.f32", "st.global.b32", "st.global.cg.f32"):
             addr = self.memory(o[0], run, 4)
             reg = self.reg(o[1])
             data = np.ascontiguousarray(reg[run]).view(np.uint8).reshape(-1, 4)
             self.m.heap[addr[:, None] + np.arange(4)] = data
-        elif op == "ld.shared.f32":
+        elif op in ("ld.shared.f32", "ld.shared.u32"):
             addr = self.shared_address(o[1], run, 4)
-            word = self.shared[addr[:, None] + np.arange(4)].copy().view(np.float32)[:, 0]
-            self.set(o[0], run, word)
-        elif op == "st.shared.f32":
+            word = self.shared[addr[:, None] + np.arange(4)].copy().view(np.uint32)[:, 0]
+            self.set(o[0], run, word.view(np.float32) if op.endswith("f32") else word)
+        elif op in ("st.shared.f32", "st.shared.u32"):
             addr = self.shared_address(o[0], run, 4)
             data = np.ascontiguousarray(self.reg(o[1])[run]).view(np.uint8).reshape(-1, 4)
             self.shared[addr[:, None] + np.arange(4)] = data

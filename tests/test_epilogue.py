@@ -195,10 +195,11 @@ def test_cuda_sgd_update_is_the_gemms_accumulation() -> None:
         assert (g.alpha, g.beta, g.bias) == (alpha, 1.0, None)
         assert g.fallback is not None
         assert g.fallback.args[-2:] == (ScalarArg("f32", alpha), ScalarArg("f32", 1.0))
+        assert g.tiled and all(t.args[-2:] == g.fallback.args[-2:] for t in g.tiled)
     others = [s for s in steps if isinstance(s, Gemm) and s not in updates]
     assert others and all((g.alpha, g.beta) == (1.0, 0.0) for g in others)
     rs = lw.crate.files["src/cuda_step.rs"].decode()
-    assert rs.count("alpha: -0.01, beta: 1.0 }") == len(updates)
+    assert rs.count("alpha: -0.01, beta: 1.0, tiled: &[") == len(updates)
 
 
 def test_other_updates_keep_their_kernel() -> None:
@@ -290,24 +291,29 @@ def test_sgd_weight_decay_is_the_gemms_beta() -> None:
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.05])
-@pytest.mark.parametrize("gemm", ["fallback", "numpy"])
+@pytest.mark.parametrize("gemm", ["fallback", "numpy", "tiled"])
 def test_cuda_sgd_step_in_the_ptx_interpreter_matches_numpy(gemm: str, weight_decay: float
                                                             ) -> None:
     """One SGD step (with and without weight decay: beta 1 or 1 - lr·wd) of the CUDA
-    plan in ``ptx_sim``: its GEMMs by the fallback kernel, or as a library computes
-    them (alpha·A·B + beta·C); the new params match the NumPy interpreter's."""
+    plan in ``ptx_sim``: its GEMMs by the fallback kernel, by the register-tiled kernels
+    (split-K where offered), or as a library computes them (alpha·A·B + beta·C); the new
+    params match the NumPy interpreter's."""
     import math
 
     from ptx_sim import Machine
 
+    from ferrograd.codegen.launch_plan import Gemm
+
     optimizer = fg.optim.SGD(lr=0.1, weight_decay=weight_decay)
-    lw = fg.lower(mlp(32), optimizer=optimizer, backend="cuda", B=8, N=20)
+    batch = 70 if gemm == "tiled" else 8  # an inner dim > 32 for the weight gradients: split
+    lw = fg.lower(mlp(32), optimizer=optimizer, backend="cuda", B=batch, N=20)
     module = lw.device_module()
     elem = {a: "f32" if a.startswith("input:") or a in ("param", "state")
             else a.rsplit("_", 1)[-1] for a in module.arena_sizes}
     elem["input:y"] = "i32"
     machine = Machine(module, elem, gemm=gemm)
-    ref = fg.lower(mlp(32), optimizer=optimizer, backend="numpy", seed=1, B=8, N=20).compile()
+    ref = fg.lower(mlp(32), optimizer=optimizer, backend="numpy", seed=1, B=batch,
+                   N=20).compile()
     x = feed(ref.graph, np.random.default_rng(7))
     for name, value in x.items():
         machine.array(f"input:{name}")[:] = value.ravel()
@@ -316,6 +322,10 @@ def test_cuda_sgd_step_in_the_ptx_interpreter_matches_numpy(gemm: str, weight_de
         _, offset, n = layout["param_" + name.replace(".", "_")]
         machine.array("param")[offset:offset + n] = value.ravel()
     plan = module.plans["train"]
+    if gemm == "tiled":  # every product has register-tiled kernels; some split
+        gemms = [s for s in plan.steps if isinstance(s, Gemm)]
+        assert all(g.tiled for g in gemms)
+        assert any(t.grid[2] > g.batch * g.outer for g in gemms for t in g.tiled)
     machine.run_plan(plan)
     arena, offset, shape = plan.results["out:loss"]
     loss = machine.array(arena)[offset:offset + math.prod(shape)]

@@ -120,7 +120,8 @@ def _step(step: Launch | Gemm) -> str:
             f"c: {_ref(step.c)}, c_strides: {_triple(step.c_strides)}, "
             f"fallback: {fallback}, bias: {bias}, relu: {str(step.relu).lower()}, "
             f"outer: {step.outer}, outer_strides: {_triple(step.outer_strides)}, "
-            f"alpha: {f32_literal(step.alpha)}, beta: {f32_literal(step.beta)} }})")
+            f"alpha: {f32_literal(step.alpha)}, beta: {f32_literal(step.beta)}, "
+            f"tiled: &[{', '.join(_launch(t) for t in step.tiled)}] }})")
 
 
 # ---- the Python methods ------------------------------------------------------------------

@@ -17,8 +17,10 @@ read, then written ones, in order of first write (as the Rust renderer's
 base + the buffer's offset in its arena, which is what the plan's ``BufferRef``
 says). View offsets inside a buffer and every size are baked into the code.
 Gather and scatter kernels take one more ``.u64``, the address of the
-``flags_u32`` arena. The shared kernels (``fg_sgemm_16x16``, ``fg_fill_zero_b32``)
-take ``.u32`` scalars after their pointers, given as ``ScalarArg``s. No kernel
+``flags_u32`` arena. The shared kernels (``fg_sgemm_16x16``, the register-tiled
+``fg_sgemm_32x32_*`` of ``ptx_gemm.py`` a GEMM step offers the runtime's autotuner,
+``fg_fill_zero_b32``) take ``.u32`` scalars after their pointers, given as
+``ScalarArg``s. No kernel
 uses dynamic shared memory. ``fg_copy_ids_checked`` is not in any plan: the runtime
 launches it itself, to copy ids that arrive in device memory into their arena.
 """
@@ -44,6 +46,7 @@ from ..launch_plan import BufferRef, DeviceModule, DevicePlan, Gemm, Launch, Sca
 from ..memory import ALIGN, MemoryPlan
 from ..schedule import Schedule
 from .ptx_conv import conv
+from .ptx_gemm import SPLIT_COUNTS, SPLIT_PARTIALS
 from .ptx_horizontal import Horizontal, horizontal, merge_launches
 from .ptx_kernels import (
     FLAGS,
@@ -64,6 +67,7 @@ from .ptx_windows import WindowChain, fuse_windows, window_chain
 
 # target -> the PTX ISA version its module declares (the oldest that has the target
 # and everything emitted here: max.NaN needs 7.0)
+SPLIT_ARENAS = {SPLIT_PARTIALS: "split_f32", SPLIT_COUNTS: "split_u32"}
 TARGETS = {"sm_80": "7.0", "sm_86": "7.1", "sm_89": "7.8", "sm_90": "7.8"}
 
 # ---- the module ---------------------------------------------------------------------------
@@ -212,7 +216,9 @@ def render_ptx(schedules: list[Schedule], memory_plan: MemoryPlan, *, target: st
     builder = _ModuleBuilder()
     plans: dict[str, DevicePlan] = {}
     uses_flags = False
-    scratch = 0  # launches run one after another: the largest need sizes the arena
+    # launches run one after another: the largest need sizes each arena
+    scratch = split_partials = split_tiles = 0
+    tiled = False
     for s in schedules:
         refs = _Addresses(s, memory_plan, const_at)
         plan = DevicePlan(s.entry)
@@ -223,12 +229,18 @@ def render_ptx(schedules: list[Schedule], memory_plan: MemoryPlan, *, target: st
                 plan.steps.append(_plan_step(step, builder, refs))
                 uses_flags |= isinstance(k, Gather)
                 scratch = max(scratch, step.scratch)
+                if isinstance(step, GemmStep):
+                    split_partials = max(split_partials, step.split_partials)
+                    split_tiles = max(split_tiles, step.split_tiles)
+                    tiled |= bool(step.tiled)
         for key, buf in s.results.items():
             ref = refs.ref(buf, 0)
             shape = tuple((result_shapes or {}).get(key, (s.buffers[buf].size,)))
             plan.results[key] = (ref.arena, ref.offset, shape)
         plans[s.entry] = plan
     arenas = _arena_sizes(schedules, memory_plan, const_sizes, uses_flags, scratch)
+    if tiled:  # every tiled kernel takes both (unsplit ones do not read them)
+        arenas.update({"split_f32": max(split_partials, 1), "split_u32": max(split_tiles, 1)})
     bounded = {f"input:{name}": n for name, n in (id_bounds or {}).items()
                if f"input:{name}" in arenas}  # an input no kernel reads has no arena
     if bounded:
@@ -260,6 +272,8 @@ class _Addresses:
             return BufferRef("flags_u32", offset)
         if name == SCRATCH:
             return BufferRef("scratch_f32", offset)
+        if name in SPLIT_ARENAS:
+            return BufferRef(SPLIT_ARENAS[name], offset)
         buf = self.s.buffers[name]
         if buf.kind == "input":
             return BufferRef(f"input:{name.removeprefix('input_')}", offset)
@@ -275,14 +289,17 @@ class _Addresses:
 
 def _plan_step(step: Step, builder: _ModuleBuilder, refs: _Addresses) -> Launch | Gemm:
     if isinstance(step, KernelLaunch):
-        return Launch(builder.entry(step), step.grid, step.block, refs.args(step.args))
-    fb = step.fallback
-    fallback = Launch(builder.entry(fb), fb.grid, fb.block, refs.args(fb.args))
+        return _launch(step, builder, refs)
     (a, ao, ast), (b, bo, bst), (c, co, cst) = step.operands
     bias = refs.ref(*step.bias) if step.bias is not None else None
     return Gemm(step.batch, step.m, step.n, step.k, refs.ref(a, ao), ast, refs.ref(b, bo), bst,
-                refs.ref(c, co), cst, fallback, bias, step.relu, step.outer,
-                step.outer_strides, step.alpha, step.beta)
+                refs.ref(c, co), cst, _launch(step.fallback, builder, refs), bias, step.relu,
+                step.outer, step.outer_strides, step.alpha, step.beta,
+                tuple(_launch(t, builder, refs) for t in step.tiled))
+
+
+def _launch(k: KernelLaunch, builder: _ModuleBuilder, refs: _Addresses) -> Launch:
+    return Launch(builder.entry(k), k.grid, k.block, refs.args(k.args))
 
 
 def _arena_sizes(schedules: list[Schedule], plan: MemoryPlan, const_sizes: dict[str, int],

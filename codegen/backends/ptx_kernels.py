@@ -42,7 +42,7 @@ import dataclasses
 import itertools
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -71,6 +71,7 @@ from .ptx_asm import (
     PtxFunction,
     shared_subexpressions,
 )
+from .ptx_gemm import tiled_candidates
 
 BLOCK = 256  # threads per block, unless the work is smaller
 MAX_BLOCKS = 4096  # grid-stride loops cover the rest
@@ -117,6 +118,12 @@ class GemmStep:
     scratch: int = 0  # f32 elements of the scratch arena its operands reach
     alpha: float = 1.0
     beta: float = 0.0  # 1: accumulate into C (an in-place update)
+    # register-tiled kernels for the same product (``ptx_gemm.py``), which the runtime's
+    # autotuner times against cuBLAS; split-K ones use the split arenas' first
+    # ``split_partials`` f32 and ``split_tiles`` u32 elements
+    tiled: list[KernelLaunch] = field(default_factory=list)
+    split_partials: int = 0
+    split_tiles: int = 0
 
     def __post_init__(self) -> None:
         if self.bias is not None and self.beta != 0:
@@ -874,8 +881,11 @@ def _gemm_steps(k: Matmul, out: View | None, bias: tuple[str, int] | None = None
             operands.append((v.buffer, offset, (bs, rs, cs)))
         launch = _sgemm_launch(inner, (k.m, k.n, k.k), operands, bias, relu, outer,
                                (a_so, b_so, c_so), (alpha, beta))
+        tiled, partials, tiles = _tiled(inner, (k.m, k.n, k.k), operands, bias, relu, outer,
+                                        (a_so, b_so, c_so), (alpha, beta))
         steps.append(GemmStep(inner, k.m, k.n, k.k, operands, launch, bias, relu, outer,
-                              (a_so, b_so, c_so), alpha=alpha, beta=beta))
+                              (a_so, b_so, c_so), alpha=alpha, beta=beta, tiled=tiled,
+                              split_partials=partials, split_tiles=tiles))
     return steps
 
 
@@ -888,8 +898,24 @@ def gemm_step(batch: int, m: int, n: int, k: int,
     dims = [(m, k), (k, n), (m, n)]
     fixed = [(b, off, (bs, *matrix_strides(rows, cols, rs, cs)))
              for (b, off, (bs, rs, cs)), (rows, cols) in zip(operands, dims, strict=True)]
+    tiled, partials, tiles = _tiled(batch, (m, n, k), fixed, None, False)
     return GemmStep(batch, m, n, k, fixed, _sgemm_launch(batch, (m, n, k), fixed, None, False),
-                    scratch=scratch)
+                    scratch=scratch, tiled=tiled, split_partials=partials, split_tiles=tiles)
+
+
+def _tiled(batch: int, mnk: tuple[int, int, int],
+           operands: list[tuple[str, int, tuple[int, int, int]]],
+           bias: tuple[str, int] | None, relu: bool, outer: int = 1,
+           outer_strides: tuple[int, int, int] = (0, 0, 0),
+           scale: tuple[float, float] = (1.0, 0.0)) -> tuple[list[KernelLaunch], int, int]:
+    """The register-tiled candidates of a product (``ptx_gemm.tiled_candidates``) as
+    launches, and the split arenas' elements they need."""
+    found = tiled_candidates(batch, mnk, operands, bias, relu, outer, outer_strides, scale)
+    launches = [KernelLaunch(name, "register-tiled SGEMM (ptx_gemm.py)", text, args, grid,
+                             block)
+                for name, text, args, grid, block, _, _ in found]
+    return (launches, max((x[5] for x in found), default=0),
+            max((x[6] for x in found), default=0))
 
 
 def _sgemm_launch(batch: int, mnk: tuple[int, int, int],

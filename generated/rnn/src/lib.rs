@@ -631,7 +631,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `rnn`.
-#[pyclass(module = "fg_rnn_ed52c6d05438")]
+#[pyclass(module = "fg_rnn_9dbc869c0f79")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -775,8 +775,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_rnn_ed52c6d05438(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_rnn_ed52c6d05438")?;
+fn fg_rnn_9dbc869c0f79(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_rnn_9dbc869c0f79")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

@@ -1267,7 +1267,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `char_lm`.
-#[pyclass(module = "fg_char_lm_5c50a511d6b4")]
+#[pyclass(module = "fg_char_lm_0dcab8b726bc")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -1452,8 +1452,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_char_lm_5c50a511d6b4(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_char_lm_5c50a511d6b4")?;
+fn fg_char_lm_0dcab8b726bc(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_char_lm_0dcab8b726bc")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

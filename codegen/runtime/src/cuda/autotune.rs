@@ -153,14 +153,26 @@ pub fn fastest(times: &[Result<f64, String>], incumbent: usize, margin: f64) -> 
     }
 }
 
+/// A generated kernel for the same product, timed with the libraries'
+/// algorithms: `run(c)` queues it with C at `c` (the stand-in while timing).
+pub struct KernelCandidate<'a> {
+    /// `32×32 tiles, k in 4 splits`, for reports.
+    pub name: String,
+    /// Queues the kernel, or says why it cannot run.
+    pub run: Box<dyn FnMut(u64) -> Result<(), String> + 'a>,
+}
+
 /// What was measured for one GEMM, and what was kept.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Tuned {
     /// µs per run of each candidate, or why it was skipped: cuBLASLt's
-    /// heuristic results in its order, then plain cuBLAS when it competed.
+    /// heuristic results in its order, then plain cuBLAS when it competed,
+    /// then the generated kernels (`kernels`).
     pub times: Vec<Result<f64, String>>,
     /// How many of `times` are cuBLASLt algorithms.
     pub lt: usize,
+    /// The names of the generated kernels that competed (the last of `times`).
+    pub kernels: Vec<String>,
     /// The index into `times` kept.
     pub chosen: usize,
     /// Not timed again: an identical GEMM was (same layout, epilogue,
@@ -170,14 +182,24 @@ pub struct Tuned {
 }
 
 impl Tuned {
+    /// The index of the first generated kernel in `times`.
+    fn first_kernel(&self) -> usize {
+        self.times.len() - self.kernels.len()
+    }
+
     /// Plain cuBLAS won (a GEMM without an epilogue).
     pub fn is_cublas(&self) -> bool {
-        self.chosen >= self.lt
+        self.chosen >= self.lt && self.chosen < self.first_kernel()
+    }
+
+    /// Which generated kernel won, if one did.
+    pub fn kernel(&self) -> Option<usize> {
+        self.chosen.checked_sub(self.first_kernel())
     }
 
     /// A cuBLASLt algorithm other than the heuristic's first won.
     pub fn not_first(&self) -> bool {
-        self.chosen != 0 && !self.is_cublas()
+        self.chosen != 0 && self.chosen < self.lt
     }
 
     /// `algorithm #2 of 8 by timing: 41.3 µs (#0: 50.2 µs, cuBLAS: 48.0 µs)`,
@@ -189,25 +211,36 @@ impl Tuned {
             Ok(t) => format!("{t:.1} µs"),
             Err(_) => "failed".to_string(),
         };
+        let first_kernel = self.first_kernel();
         let name = |i: usize| {
             if i < self.lt {
                 format!("#{i}")
-            } else {
+            } else if i < first_kernel {
                 "cuBLAS".to_string()
+            } else {
+                format!("kernel ({})", self.kernels[i - first_kernel])
             }
         };
         let fastest_lt = fastest(&self.times[..self.lt], usize::MAX, 0.0);
+        let fastest_kernel =
+            fastest(&self.times[first_kernel..], usize::MAX, 0.0).map(|i| i + first_kernel);
         let mut others: Vec<usize> = [
             Some(0),
             fastest_lt,
-            (self.times.len() > self.lt).then_some(self.lt),
+            (first_kernel > self.lt).then_some(self.lt),
+            fastest_kernel,
         ]
         .into_iter()
         .flatten()
         .filter(|&i| i != self.chosen && i < self.times.len())
         .collect();
         others.dedup();
-        let what = if self.is_cublas() {
+        let what = if let Some(k) = self.kernel() {
+            format!(
+                "({}) by timing against {} cuBLASLt algorithms",
+                self.kernels[k], self.lt
+            )
+        } else if self.is_cublas() {
             format!("by timing against {} cuBLASLt algorithms", self.lt)
         } else {
             format!("algorithm #{} of {} by timing", self.chosen, self.lt)
@@ -383,6 +416,8 @@ struct Problem {
     reads_c: bool,
     /// Plain cuBLAS competed.
     with_cublas: bool,
+    /// How many generated kernels competed.
+    kernels: usize,
 }
 
 /// Times GEMMs while an executor prepares its plans; dropped when done
@@ -420,11 +455,12 @@ impl Tuner {
     }
 
     /// Times `p`'s candidates — cuBLASLt's heuristic results for the
-    /// operands' alignment and, when given, `blas`'s run of the same `call` —
-    /// on the operands `[a, b, c, bias]` (`bias` 0 without one) with C
-    /// replaced by scratch of `c_bytes`, and keeps the fastest cuBLASLt
-    /// algorithm in `p` (unless cuBLAS won: [`Tuned::is_cublas`]). A problem
-    /// met before is not timed again: its choice is kept ([`Tuned::reused`]).
+    /// operands' alignment, when given `blas`'s run of the same `call`, and
+    /// the generated `kernels` — on the operands `[a, b, c, bias]` (`bias` 0
+    /// without one) with C replaced by scratch of `c_bytes`, and keeps the
+    /// fastest cuBLASLt algorithm in `p` (unless cuBLAS or a kernel won:
+    /// [`Tuned::is_cublas`], [`Tuned::kernel`]). A problem met before is not
+    /// timed again: its choice is kept ([`Tuned::reused`]).
     ///
     /// # Errors
     /// Outer: timing failed (the device, not a candidate). Inner: no
@@ -443,6 +479,7 @@ impl Tuner {
         scale: Scale,
         [a, b, c, bias]: [u64; 4],
         c_bytes: usize,
+        kernels: &mut [KernelCandidate<'_>],
     ) -> Result<Result<Tuned, String>, Error> {
         let started = Instant::now();
         let found = match lt.candidates(p, a | b | c | bias, self.cfg.candidates) {
@@ -455,6 +492,7 @@ impl Tuner {
             alignment: found.alignment(),
             reads_c: scale.beta != 0.0,
             with_cublas: blas.is_some(),
+            kernels: kernels.len(),
         };
         // The heuristic is deterministic: the same problem, the same list.
         if let Some(seen) = self.seen.get(&problem).filter(|t| t.lt == found.len()) {
@@ -469,8 +507,13 @@ impl Tuner {
         }
         let stand_in = self.scratch.like(c, c_bytes)?;
         let n_lt = found.len();
+        let first_kernel = n_lt + usize::from(blas.is_some());
+        let names: Vec<String> = kernels.iter().map(|k| k.name.clone()).collect();
         let p_ref = &*p;
         let mut run = |i: usize| -> Result<(), String> {
+            if let Some(kernel) = i.checked_sub(first_kernel) {
+                return (kernels[kernel].run)(stand_in);
+            }
             // SAFETY: the caller's contract, with C's stand-in (same extent
             // and alignment, overlapping nothing) in place of C.
             unsafe {
@@ -481,7 +524,7 @@ impl Tuner {
             }
         };
         let timer = &self.timer;
-        let n = n_lt + usize::from(blas.is_some());
+        let n = first_kernel + names.len();
         // Each candidate once outside any capture first, waited for: the
         // kernels the libraries load lazily load here, not while capturing.
         // (A candidate that fails says why when it is timed.)
@@ -509,6 +552,7 @@ impl Tuner {
         let tuned = Tuned {
             times,
             lt: n_lt,
+            kernels: names,
             chosen,
             reused: false,
         };
@@ -590,6 +634,7 @@ mod tests {
         let lt = Tuned {
             times: vec![Ok(50.2), Err("x".into()), Ok(41.3), Ok(48.0)],
             lt: 3,
+            kernels: vec![],
             chosen: 2,
             reused: false,
         };
@@ -612,6 +657,7 @@ mod tests {
         let kept = Tuned {
             times: vec![Ok(10.0), Ok(9.9)],
             lt: 2,
+            kernels: vec![],
             chosen: 0,
             reused: false,
         };
@@ -622,6 +668,7 @@ mod tests {
         let first = Tuned {
             times: vec![Ok(10.0)],
             lt: 1,
+            kernels: vec![],
             chosen: 0,
             reused: false,
         };
@@ -633,6 +680,31 @@ mod tests {
         assert_eq!(
             again.describe(),
             "algorithm #0 of 1 by timing: 10.0 µs; as timed for an identical GEMM"
+        );
+        // Generated kernels come last; one wins over cuBLASLt and cuBLAS.
+        let kernel = Tuned {
+            times: vec![Ok(8.2), Ok(7.9), Ok(5.5), Ok(4.1)],
+            lt: 1,
+            kernels: vec!["32×32 tiles".into(), "32×32 tiles, k in 4 splits".into()],
+            chosen: 3,
+            reused: false,
+        };
+        assert_eq!(kernel.kernel(), Some(1));
+        assert!(!kernel.is_cublas() && !kernel.not_first());
+        assert_eq!(
+            kernel.describe(),
+            "(32×32 tiles, k in 4 splits) by timing against 1 cuBLASLt algorithms: 4.1 µs \
+             (#0: 8.2 µs, cuBLAS: 7.9 µs)"
+        );
+        let blas = Tuned {
+            chosen: 1,
+            ..kernel.clone()
+        };
+        assert!(blas.is_cublas() && blas.kernel().is_none());
+        assert_eq!(
+            blas.describe(),
+            "by timing against 1 cuBLASLt algorithms: 7.9 µs (#0: 8.2 µs, kernel (32×32 \
+             tiles, k in 4 splits): 4.1 µs)"
         );
     }
 }

@@ -23,7 +23,7 @@ use std::ffi::c_void;
 
 use cudarc::driver::sys;
 
-use super::autotune::{TuneConfig, Tuned, Tuner};
+use super::autotune::{KernelCandidate, TuneConfig, Tuned, Tuner};
 use super::blas::{Blas, Scale};
 use super::blaslt::{BlasLt, LtEpilogue, LtGemm};
 use super::device::{check, Device, DeviceBuffer};
@@ -206,8 +206,8 @@ struct KernelCall {
     block: [u32; 3],
     shared_bytes: u32,
     /// One 8-byte slot per parameter (pointers, or scalars in the low bytes).
-    _slots: Box<[u64]>,
-    /// `&_slots[i]` for each parameter: what `cuLaunchKernel` reads.
+    slots: Box<[u64]>,
+    /// `&slots[i]` for each parameter: what `cuLaunchKernel` reads.
     params: Box<[*mut c_void]>,
 }
 
@@ -394,7 +394,7 @@ impl Executor {
                     Step::Launch(launch) => self.kernel(launch, &mut functions)?,
                     Step::Gemm(gemm) => {
                         let at = || format!("GEMM step {i} of `{}`", plan.entry);
-                        match self.cublas(gemm, &at(), &mut prep)? {
+                        match self.cublas(gemm, &at(), &mut prep, &mut functions)? {
                             Ok(ready) => ready,
                             Err(why) => {
                                 let Some(fallback) = &gemm.fallback else {
@@ -513,7 +513,7 @@ impl Executor {
                 grid: launch.grid,
                 block: launch.block,
                 shared_bytes: launch.shared_bytes,
-                _slots: slots,
+                slots,
                 params,
             }),
         })
@@ -526,6 +526,7 @@ impl Executor {
         gemm: &Gemm,
         what: &str,
         prep: &mut GemmPrep,
+        functions: &mut HashMap<&'static str, (Function, u32)>,
     ) -> Result<Result<Ready, String>, Error> {
         if gemm.bias.is_some() && gemm.beta != 0.0 {
             // The plan's contract (launch_plan.py): a bias epilogue only on a
@@ -589,7 +590,7 @@ impl Executor {
             prep.tally.pointers += 1;
             return self.cublas_pointers(gemm, call, addresses, what).map(Ok);
         }
-        let lt = self.cublaslt(gemm, call, [a, b, c], extents[2], what, prep)?;
+        let lt = self.cublaslt(gemm, call, [a, b, c], extents[2], what, prep, functions)?;
         match lt {
             Ok(ready) => Ok(Ok(ready)),
             Err(why) if gemm.bias.is_some() => Ok(Err(why)),
@@ -678,7 +679,9 @@ impl Executor {
     /// be plain cuBLAS for a GEMM without an epilogue; or (inner `Err`) why
     /// cuBLASLt cannot run it. cuBLASLt adds a bias along the rows of its
     /// column-major D, which are the plan's columns only when the product was
-    /// swapped into `Cᵀ = Bᵀ·Aᵀ` (a row-major C, the usual case).
+    /// swapped into `Cᵀ = Bᵀ·Aᵀ` (a row-major C, the usual case). With a
+    /// tuner, the plan's register-tiled kernels compete too.
+    #[allow(clippy::too_many_arguments)]
     fn cublaslt(
         &self,
         gemm: &Gemm,
@@ -687,6 +690,7 @@ impl Executor {
         c_len: usize,
         what: &str,
         prep: &mut GemmPrep,
+        functions: &mut HashMap<&'static str, (Function, u32)>,
     ) -> Result<Result<Ready, String>, Error> {
         let bias = match &gemm.bias {
             Some(r) => {
@@ -716,15 +720,40 @@ impl Executor {
             Err(why) => return Ok(Err(why)),
         };
         let (bias, scale) = (bias.unwrap_or(0), Scale::from(gemm));
+        let mut tiled = Vec::new();
+        if prep.tuner.is_some() {
+            for launch in gemm.tiled {
+                tiled.push((launch, self.kernel(launch, functions)?));
+            }
+        }
         let tuned = match &mut prep.tuner {
             Some(tuner) if !p.is_empty() => {
                 // Plain cuBLAS competes for a GEMM it can run alone.
                 let blas = self.blas.as_ref().filter(|_| epilogue == LtEpilogue::Plain);
+                let device = &self.device;
+                let mut kernels: Vec<KernelCandidate<'_>> = tiled
+                    .iter()
+                    .map(|(launch, ready)| KernelCandidate {
+                        name: tiled_name(gemm, launch),
+                        run: Box::new(move |stand_in| {
+                            launch_with_c(ready, device, stand_in).map_err(|e| e.to_string())
+                        }),
+                    })
+                    .collect();
                 // SAFETY: every operand's extent was checked against its
                 // arena (the bias: n elements); C is replaced by scratch of
                 // its extent while timing.
                 let tuned = unsafe {
-                    tuner.tune(lt, &mut p, &call, blas, scale, [a, b, c, bias], 4 * c_len)
+                    tuner.tune(
+                        lt,
+                        &mut p,
+                        &call,
+                        blas,
+                        scale,
+                        [a, b, c, bias],
+                        4 * c_len,
+                        &mut kernels,
+                    )
                 }
                 .map_err(|e| match e {
                     Error::Device(m) => Error::Device(format!("{what}: autotuning it: {m}")),
@@ -744,6 +773,21 @@ impl Executor {
             return Ok(Ok(self.sgemm(gemm, call, [a, b, c], "")));
         }
         prep.tally.count(epilogue, tuned.as_ref());
+        if let Some(k) = tuned.as_ref().and_then(Tuned::kernel) {
+            let how = tuned.as_ref().map(Tuned::describe).unwrap_or_default();
+            let (_, ready) = tiled.swap_remove(k);
+            return Ok(Ok(Ready {
+                label: format!(
+                    "GEMM {}x{}x{} (batch {}{}) in a generated register-tiled kernel {how}",
+                    gemm.m,
+                    gemm.n,
+                    gemm.k,
+                    gemm.batch,
+                    scaling(gemm)
+                ),
+                work: ready.work,
+            }));
+        }
         let how = match &tuned {
             Some(t) => format!(", {}", t.describe()),
             None if p.is_empty() => String::new(),
@@ -1355,12 +1399,15 @@ struct Tally {
     /// Of `tuned`, those that keep a cuBLASLt algorithm other than the
     /// heuristic's first.
     not_first: usize,
+    /// Of `tuned`, those a generated register-tiled kernel won.
+    tiled: usize,
 }
 
 impl Tally {
     /// A GEMM that cuBLASLt prepared, kept there or (by timing) given to cuBLAS.
     fn count(&mut self, epilogue: LtEpilogue, tuned: Option<&Tuned>) {
         match (tuned.is_some_and(Tuned::is_cublas), epilogue) {
+            _ if tuned.and_then(Tuned::kernel).is_some() => self.tiled += 1,
             (true, _) => {
                 self.cublas += 1;
                 self.cublas_by_timing += 1;
@@ -1452,6 +1499,12 @@ fn gemm_report(
 ) -> (&'static str, String) {
     let in_libraries = t.lt_plain + t.lt_bias + t.cublas + t.pointers;
     let mut parts = Vec::new();
+    if t.tiled > 0 {
+        parts.push(format!(
+            "{} in generated register-tiled kernels (faster when timed)",
+            t.tiled
+        ));
+    }
     if t.lt_plain + t.lt_bias > 0 {
         parts.push(format!(
             "{} in cuBLASLt ({} with a bias epilogue)",
@@ -1486,9 +1539,10 @@ fn gemm_report(
         ));
     }
     let mut libraries = parts.join(", ");
-    if t.lt_plain + t.lt_bias + t.cublas > 0 {
+    if t.lt_plain + t.lt_bias + t.cublas + t.tiled > 0 {
         libraries += &format!("; {tuning}");
     }
+    let in_libraries = in_libraries + t.tiled;
     match (cublas_loaded, t.kernel.is_empty()) {
         (true, true) => (
             "cublas",
@@ -1553,6 +1607,61 @@ fn in_step(err: Error, k: usize, count: usize) -> Error {
     }
 }
 
+/// `32×32 tiles, k in 4 splits` for a register-tiled launch of `gemm`.
+fn tiled_name(gemm: &Gemm, launch: &Launch) -> String {
+    let items = (gemm.batch * gemm.outer.max(1)).max(1) as u32;
+    let threads = launch.block[0];
+    match launch.grid[2] / items {
+        0 | 1 => format!("32×32 tiles, {threads} threads"),
+        splits => format!("32×32 tiles, {threads} threads, k in {splits} splits"),
+    }
+}
+
+/// Queues the kernel of `step` (a [`Work::Kernel`]) with its third
+/// parameter, C, at `c` instead (a GEMM kernel timed on C's stand-in).
+fn launch_with_c(step: &Ready, device: &Device, c: u64) -> Result<(), Error> {
+    let Work::Kernel(k) = &step.work else {
+        return Err(Error::layout(
+            "a GEMM kernel candidate that is not a kernel",
+        ));
+    };
+    let mut slots = k.slots.clone();
+    if slots.len() < 3 {
+        return Err(Error::layout(format!(
+            "{}: a GEMM kernel with {} parameters",
+            step.label,
+            slots.len()
+        )));
+    }
+    slots[2] = c;
+    let mut params: Vec<*mut c_void> = slots
+        .iter_mut()
+        .map(|s| (s as *mut u64).cast::<c_void>())
+        .collect();
+    let [gx, gy, gz] = k.grid;
+    let [bx, by, bz] = k.block;
+    // SAFETY: as in `enqueue`, with `slots` living through the call (the
+    // driver copies the parameters when the launch is queued).
+    let status = unsafe {
+        sys::cuLaunchKernel(
+            k.function.raw,
+            gx,
+            gy,
+            gz,
+            bx,
+            by,
+            bz,
+            k.shared_bytes,
+            device.stream(),
+            params.as_mut_ptr(),
+            std::ptr::null_mut(),
+        )
+    };
+    check(status.result(), || {
+        format!("launching {} on C's stand-in", step.label)
+    })
+}
+
 /// Queues one step on the device's stream.
 fn enqueue(
     step: &Ready,
@@ -1564,7 +1673,7 @@ fn enqueue(
             let [gx, gy, gz] = k.grid;
             let [bx, by, bz] = k.block;
             // SAFETY: a function of our loaded module; `params` holds one
-            // pointer per kernel parameter into `_slots`, which lives as long
+            // pointer per kernel parameter into `slots`, which lives as long
             // as `k` (the kernel reads them during this call); every address
             // was checked against its arena when the plan was prepared.
             let status = unsafe {
@@ -1669,6 +1778,7 @@ mod tests {
         let tuned = |chosen: usize| Tuned {
             times: vec![Ok(50.0), Ok(40.0), Ok(45.0)],
             lt: 2,
+            kernels: vec![],
             chosen,
             reused: chosen == 0,
         };
