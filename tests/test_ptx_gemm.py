@@ -53,7 +53,7 @@ def _run(m: int, n: int, k: int, *, a_t: bool, b_t: bool, batch: int = 1,
         if relu:
             want = np.maximum(want, 0)
     out = []
-    for name, text, args, grid, block, partials, tiles in found:
+    for name, text, args, grid, block, partials, tiles in found:  # TiledLaunch
         sizes = {"a": a.size, "b": b.size, "c": c0.size, "bias": n,
                  "split_f32": max(partials, 1), "split_u32": max(tiles, 1)}
         source = ".version 8.0\n.target sm_80\n.address_size 64\n\n" + text.replace("ENTRY", name)

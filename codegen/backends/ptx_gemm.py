@@ -26,8 +26,10 @@ Operands take any strides; ``a_k`` / ``b_k`` choose which dim the loads walk alo
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
+from typing import NamedTuple
 
 from ..launch_plan import ScalarArg
 from .ptx_asm import PtxFunction
@@ -72,16 +74,26 @@ def _chunk(k: int, splits: int) -> int:
     return TILE * math.ceil(math.ceil(k / max(splits, 1)) / TILE)
 
 
+class TiledLaunch(NamedTuple):
+    """One candidate launch; ``partials`` / ``tiles``: the ``split_f32`` / ``split_u32``
+    elements it needs (0 unsplit)."""
+
+    name: str
+    text: str
+    args: list
+    grid: tuple[int, int, int]
+    block: tuple[int, int, int]
+    partials: int
+    tiles: int
+
+
 def tiled_candidates(batch: int, mnk: tuple[int, int, int],
                      operands: list[tuple[str, int, tuple[int, int, int]]],
                      bias: tuple[str, int] | None, relu: bool, outer: int,
                      outer_strides: tuple[int, int, int], scale: tuple[float, float]
-                     ) -> list[tuple[str, str, list, tuple[int, int, int],
-                                     tuple[int, int, int], int, int]]:
+                     ) -> list[TiledLaunch]:
     """For a product small enough (``MAX_FLOPS``), one launch per CTA size in ``BLOCKS``
-    and split count in ``split_choices``: (kernel name, its text, args, grid, block,
-    partials, tiles), partials and tiles being the ``split_f32`` / ``split_u32``
-    elements it needs (0 unsplit). Empty for a larger product."""
+    and split count in ``split_choices``. Empty for a larger product."""
     m, n, k = mnk
     items = batch * outer
     if 2 * m * n * k * items > MAX_FLOPS or k == 0 or m == 0 or n == 0:
@@ -107,11 +119,12 @@ def tiled_candidates(batch: int, mnk: tuple[int, int, int],
         split = splits > 1
         partials = items * splits * m * n if split else 0
         tiles = items * grid_xy[0] * grid_xy[1] if split else 0
-        out.append((name, text, pointers + scalars, (*grid_xy, items * splits),
-                     (threads, 1, 1), partials, tiles))
+        out.append(TiledLaunch(name, text, pointers + scalars, (*grid_xy, items * splits),
+                               (threads, 1, 1), partials, tiles))
     return out
 
 
+@functools.cache  # a few variants, asked for by every small GEMM of a model
 def tiled_sgemm_text(a_k: bool, b_k: bool, threads: int) -> str:
     """The kernel (entry name ``ENTRY``) for CTAs of ``threads``; see the module
     docstring."""

@@ -911,11 +911,10 @@ def _tiled(batch: int, mnk: tuple[int, int, int],
     """The register-tiled candidates of a product (``ptx_gemm.tiled_candidates``) as
     launches, and the split arenas' elements they need."""
     found = tiled_candidates(batch, mnk, operands, bias, relu, outer, outer_strides, scale)
-    launches = [KernelLaunch(name, "register-tiled SGEMM (ptx_gemm.py)", text, args, grid,
-                             block)
-                for name, text, args, grid, block, _, _ in found]
-    return (launches, max((x[5] for x in found), default=0),
-            max((x[6] for x in found), default=0))
+    launches = [KernelLaunch(t.name, "register-tiled SGEMM (ptx_gemm.py)", t.text, t.args,
+                             t.grid, t.block) for t in found]
+    return (launches, max((t.partials for t in found), default=0),
+            max((t.tiles for t in found), default=0))
 
 
 def _sgemm_launch(batch: int, mnk: tuple[int, int, int],

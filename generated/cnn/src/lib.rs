@@ -474,7 +474,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `cnn`.
-#[pyclass(module = "fg_cnn_85580e42ca9a")]
+#[pyclass(module = "fg_cnn_9330fbb99e72")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -632,8 +632,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_cnn_85580e42ca9a(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_cnn_85580e42ca9a")?;
+fn fg_cnn_9330fbb99e72(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_cnn_9330fbb99e72")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

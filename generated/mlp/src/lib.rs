@@ -387,7 +387,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `mlp`.
-#[pyclass(module = "fg_mlp_c38d6f4d4659")]
+#[pyclass(module = "fg_mlp_3d2dde27fbca")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -533,8 +533,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_mlp_c38d6f4d4659(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_mlp_c38d6f4d4659")?;
+fn fg_mlp_3d2dde27fbca(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_mlp_3d2dde27fbca")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

@@ -631,7 +631,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `rnn`.
-#[pyclass(module = "fg_rnn_9dbc869c0f79")]
+#[pyclass(module = "fg_rnn_5a94f22eaad5")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -775,8 +775,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_rnn_9dbc869c0f79(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_rnn_9dbc869c0f79")?;
+fn fg_rnn_5a94f22eaad5(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_rnn_5a94f22eaad5")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

@@ -1267,7 +1267,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `char_lm`.
-#[pyclass(module = "fg_char_lm_0dcab8b726bc")]
+#[pyclass(module = "fg_char_lm_0425a09ab69b")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -1452,8 +1452,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_char_lm_0dcab8b726bc(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_char_lm_0dcab8b726bc")?;
+fn fg_char_lm_0425a09ab69b(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_char_lm_0425a09ab69b")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

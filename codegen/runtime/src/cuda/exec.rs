@@ -211,6 +211,41 @@ struct KernelCall {
     params: Box<[*mut c_void]>,
 }
 
+impl KernelCall {
+    /// Queues the kernel on `device`'s stream with the parameter block
+    /// `params`.
+    ///
+    /// # Safety
+    /// `params` holds one pointer per kernel parameter, each valid until the
+    /// launch is queued, to values the kernel may use (addresses inside live
+    /// allocations).
+    unsafe fn launch(
+        &self,
+        device: &Device,
+        params: *mut *mut c_void,
+    ) -> Result<(), cudarc::driver::DriverError> {
+        let [gx, gy, gz] = self.grid;
+        let [bx, by, bz] = self.block;
+        // SAFETY: a function of our loaded module; the caller's contract.
+        unsafe {
+            sys::cuLaunchKernel(
+                self.function.raw,
+                gx,
+                gy,
+                gz,
+                bx,
+                by,
+                bz,
+                self.shared_bytes,
+                device.stream(),
+                params,
+                std::ptr::null_mut(),
+            )
+        }
+        .result()
+    }
+}
+
 enum Work {
     Kernel(KernelCall),
     Cublas {
@@ -1638,26 +1673,11 @@ fn launch_with_c(step: &Ready, device: &Device, c: u64) -> Result<(), Error> {
         .iter_mut()
         .map(|s| (s as *mut u64).cast::<c_void>())
         .collect();
-    let [gx, gy, gz] = k.grid;
-    let [bx, by, bz] = k.block;
-    // SAFETY: as in `enqueue`, with `slots` living through the call (the
-    // driver copies the parameters when the launch is queued).
-    let status = unsafe {
-        sys::cuLaunchKernel(
-            k.function.raw,
-            gx,
-            gy,
-            gz,
-            bx,
-            by,
-            bz,
-            k.shared_bytes,
-            device.stream(),
-            params.as_mut_ptr(),
-            std::ptr::null_mut(),
-        )
-    };
-    check(status.result(), || {
+    // SAFETY: one pointer per parameter into `slots`, which lives through
+    // the call (the driver copies the parameters when the launch is queued);
+    // C's stand-in has C's extent.
+    let status = unsafe { k.launch(device, params.as_mut_ptr()) };
+    check(status, || {
         format!("launching {} on C's stand-in", step.label)
     })
 }
@@ -1670,28 +1690,11 @@ fn enqueue(
 ) -> Result<(), Error> {
     match &step.work {
         Work::Kernel(k) => {
-            let [gx, gy, gz] = k.grid;
-            let [bx, by, bz] = k.block;
-            // SAFETY: a function of our loaded module; `params` holds one
-            // pointer per kernel parameter into `slots`, which lives as long
-            // as `k` (the kernel reads them during this call); every address
-            // was checked against its arena when the plan was prepared.
-            let status = unsafe {
-                sys::cuLaunchKernel(
-                    k.function.raw,
-                    gx,
-                    gy,
-                    gz,
-                    bx,
-                    by,
-                    bz,
-                    k.shared_bytes,
-                    device.stream(),
-                    k.params.as_ptr().cast_mut(),
-                    std::ptr::null_mut(),
-                )
-            };
-            check(status.result(), || {
+            // SAFETY: `params` holds one pointer per kernel parameter into
+            // `slots`, which lives as long as `k`; every address was checked
+            // against its arena when the plan was prepared.
+            let status = unsafe { k.launch(device, k.params.as_ptr().cast_mut()) };
+            check(status, || {
                 format!(
                     "launching {} (grid {:?}, block {:?}, {} bytes of shared memory)",
                     step.label, k.grid, k.block, k.shared_bytes
