@@ -3,10 +3,10 @@
     python benches/gemm_kernels.py [--shapes mlp8192,mlp128] [--json out.json]
 
 For each product of the chosen workloads' train steps (m, n, k and the operands'
-layouts as the step has them), every candidate ``ptx_gemm`` and ``ptx_gemm_blocked``
+layouts as the step has them), every candidate ``ptx_gemm`` and ``ptx_gemm_thin``
 render for it is loaded through the driver (ctypes, no build), checked against a float64
-product, and timed as the autotuner times it: 20 launches captured in a CUDA graph,
-the median of 5 replays, per launch. ``torch.matmul`` on the same views (cuBLAS) is timed
+product, and timed as the autotuner times it: 20 launches captured in a CUDA graph, the
+median of 5 replays, per launch. ``torch.matmul`` on the same views (cuBLAS) is timed
 the same way. Prints µs and TFLOP/s per product, fastest first.
 """
 
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import itertools
 import json
 import statistics
 import sys
@@ -29,16 +28,19 @@ from ferrograd.codegen.backends.ptx_gemm import (
     SPLIT_PARTIALS,
     tiled_candidates,
 )
-from ferrograd.codegen.backends.ptx_gemm_blocked import blocked_candidates, blocked_sgemm_text
+from ferrograd.codegen.backends.ptx_gemm_thin import thin_candidates
 from ferrograd.codegen.launch_plan import ScalarArg
 
 # (m, n, k, A walks k, B walks k): the products of each workload's train step
 SHAPES: dict[str, list[tuple[int, int, int, bool, bool]]] = {
     "mlp8192": [(8192, 256, 784, True, False), (8192, 256, 256, True, False),
                 (8192, 256, 256, True, True), (256, 256, 8192, False, False),
-                (784, 256, 8192, False, False)],
+                (784, 256, 8192, False, False), (8192, 10, 256, True, False),
+                (256, 10, 8192, False, False), (8192, 256, 10, True, True)],
     "mlp128": [(128, 256, 784, True, False), (128, 256, 256, True, True),
-               (784, 256, 128, False, False), (256, 256, 128, False, False)],
+               (784, 256, 128, False, False), (256, 256, 128, False, False),
+               (128, 10, 256, True, False), (256, 10, 128, False, False),
+               (128, 256, 10, True, True)],
     "transformer": [(8192, 1536, 512, True, False), (8192, 2048, 512, True, False),
                     (8192, 512, 2048, True, False), (8192, 512, 2048, True, True),
                     (2048, 512, 8192, False, False), (512, 2048, 8192, False, False)],
@@ -95,10 +97,9 @@ def per_launch_us(run: Callable[[], None]) -> float:
     return statistics.median(samples)
 
 
-def product(driver: Driver, m: int, n: int, k: int, a_k: bool, b_k: bool,
-            maxnreg: list[int], experiments: bool) -> list[dict[str, Any]]:
-    """Every candidate's and cuBLAS's row, fastest first; with ``experiments``, each
-    blocked kernel also with 4×8 warps and ``.maxnreg`` each of ``maxnreg``."""
+def product(driver: Driver, m: int, n: int, k: int, a_k: bool, b_k: bool
+            ) -> list[dict[str, Any]]:
+    """Every candidate's and cuBLAS's row, fastest first."""
     import torch
 
     a_store = torch.randn((m, k) if a_k else (k, m), device="cuda")
@@ -108,7 +109,7 @@ def product(driver: Driver, m: int, n: int, k: int, a_k: bool, b_k: bool,
     c = torch.empty((m, n), device="cuda")
     ops = [("a", 0, (0, *a.stride())), ("b", 0, (0, *b.stride())), ("c", 0, (0, n, 1))]
     found = [*tiled_candidates(1, (m, n, k), ops, None, False, 1, (0, 0, 0), (1.0, 0.0)),
-             *blocked_candidates(1, (m, n, k), ops, None, False, 1, (0, 0, 0), (1.0, 0.0))]
+             *thin_candidates(1, (m, n, k), ops, None, False, 1, (0, 0, 0), (1.0, 0.0))]
     partials = torch.empty(max([t.partials for t in found] + [1]), device="cuda")
     counts = torch.zeros(max([t.tiles for t in found] + [1]), dtype=torch.int32, device="cuda")
     where = {"a": a_store.data_ptr(), "b": b_store.data_ptr(), "c": c.data_ptr(),
@@ -126,19 +127,6 @@ def product(driver: Driver, m: int, n: int, k: int, a_k: bool, b_k: bool,
 
     timed("cuBLAS (torch.matmul)", lambda: torch.matmul(a, b, out=c))
     variants = [(t, t.name, t.text) for t in found]
-    for t in found:
-        if "x32_" in t.name:
-            continue
-        bm, bn = (int(x) for x in t.name.split("_")[2].split("x"))
-        a_k, b_k = (x == "k" for x in t.name.split("_")[3])
-        for regs, warp_4x8 in itertools.product([None, *maxnreg], (False, True)):
-            if (regs is None and not warp_4x8) or not experiments:
-                continue
-            text = blocked_sgemm_text(a_k, b_k, bm, bn, warp_4x8)
-            if regs:
-                text = text.replace("\n{", f"\n.maxnreg {regs}\n{{", 1)
-            variants.append((t, t.name + (f", .maxnreg {regs}" if regs else "") +
-                             (", warps 4x8" if warp_4x8 else ""), text))
     for t, label, text in variants:
         fn = driver.function(".version 7.8\n.target sm_90\n.address_size 64\n\n" +
                              text.replace("ENTRY", t.name), t.name)
@@ -157,9 +145,6 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="mlp8192,mlp128,transformer")
     ap.add_argument("--top", type=int, default=6, help="rows printed per product")
-    ap.add_argument("--maxnreg", default="", help="e.g. 128: blocked kernels also so")
-    ap.add_argument("--experiments", action="store_true",
-                    help="blocked kernels also in variants (4x8 warps, --maxnreg)")
     ap.add_argument("--json")
     args = ap.parse_args()
     import torch
@@ -171,8 +156,7 @@ def main() -> None:
     for key in args.shapes.split(","):
         for m, n, k, a_k, b_k in SHAPES[key]:
             label = f"{key} {m}x{n}x{k} {'k' if a_k else 'm'}{'k' if b_k else 'n'}"
-            rows = product(driver, m, n, k, a_k, b_k,
-                           [int(r) for r in args.maxnreg.split(",") if r], args.experiments)
+            rows = product(driver, m, n, k, a_k, b_k)
             out[label] = rows
             print(label, flush=True)
             blas = next(r["us"] for r in rows if r["kernel"].startswith("cuBLAS"))

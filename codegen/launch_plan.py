@@ -20,7 +20,7 @@ the memory plan instead). ``flags_u32`` (one u32) is the error flag of gather / 
 the runtime zeroes it before a step and, if it is nonzero after, raises (an id was
 out of range; the kernels wrote 0 for it instead of reading out of bounds). The CUDA
 runtime keeps it in pinned host memory mapped into the device. ``split_f32`` and
-``split_u32`` are the register-tiled GEMM kernels' split-K partial tiles and per-tile
+``split_u32`` are the generated GEMM kernels' split-K partial tiles and per-tile
 counters (zero between launches: the last CTA of a tile resets its counter).
 Const arenas start with ``DeviceModule.consts``.
 """
@@ -86,10 +86,10 @@ class Gemm:
     outer_strides: tuple[int, int, int] = (0, 0, 0)
     alpha: float = 1.0  # f32 values
     beta: float = 0.0  # never nonzero with a bias
-    # register-tiled kernels for the same product (``ptx_gemm.py``) that the runtime's
-    # autotuner times against the library's algorithms; split-K ones use the
-    # ``split_f32`` (partial tiles) and ``split_u32`` (per-tile counters, zero between
-    # launches) arenas
+    # generated kernels for the same product (``ptx_gemm.py``, ``ptx_gemm_thin.py``)
+    # that the runtime's autotuner times against the library's algorithms; split-K
+    # ones use the ``split_f32`` (partial tiles) and ``split_u32`` (per-tile counters,
+    # zero between launches) arenas
     tiled: tuple[Launch, ...] = ()
 
 

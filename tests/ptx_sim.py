@@ -2,22 +2,21 @@
 
 It executes the subset of PTX the renderer emits for reductions, row chains, convolution
 gathers and the GEMM kernels (integer index arithmetic, f32, v2, v4 and u8 loads and
-stores, v4 shared loads, ``cp.async`` copies that land at ``cp.async.wait_group`` (an
-access to shared memory one is still writing raises), IEEE-rounded arithmetic, ex2/lg2,
-predicates, branches, ``shfl.sync.bfly``, shared memory and ``bar.sync``,
-``atom.global.add.u32`` one thread after another, ``membar.gl`` as a no-op since every
-store lands at once) over every thread of a launch at once, NumPy vectors of registers,
-one instruction at a time for the threads at the lowest program counter ("min-PC"
-scheduling: a thread that leaves a loop early waits where the others will join it, as a
-warp reconverges; a ``bar.sync`` that part of a block would pass alone raises). Anything
-outside the subset raises, so a test can never pass by skipping what it does not
-understand. Memory is one byte heap with the arenas at fake addresses; an access outside
-every arena raises; each block has its own shared memory. ``fma.rn.f32`` is computed in
-float64 (the product is exact there; the sum is rounded twice, which can differ from one
-rounding in the last bit, rarely). A ``Gemm`` step runs its fallback kernel, with
-``gemm="tiled"`` its most split register-tiled kernel, or, with ``gemm="numpy"``,
-alpha·product + beta·C (+ bias, ReLU) in float64 rounded to float32 (what a vendor
-library computes, up to its order of additions; C unread when beta is 0)."""
+stores, IEEE-rounded arithmetic, ex2/lg2, predicates, branches, ``shfl.sync.bfly``, shared
+memory and ``bar.sync``, ``atom.global.add.u32`` one thread after another, ``membar.gl``
+as a no-op since every store lands at once) over every thread of a launch at once, NumPy
+vectors of registers, one instruction at a time for the threads at the lowest program counter
+("min-PC" scheduling: a thread that leaves a loop early waits where the others will join
+it, as a warp reconverges; a ``bar.sync`` that part of a block would pass alone raises).
+Anything outside the subset raises, so a test can never pass by skipping what it does
+not understand. Memory is one byte heap with the arenas at fake addresses; an access
+outside every arena raises; each block has its own shared memory. ``fma.rn.f32`` is
+computed in float64 (the product is exact there; the sum is rounded twice, which can
+differ from one rounding in the last bit, rarely). A ``Gemm`` step runs its fallback
+kernel, with ``gemm="tiled"`` its most split register-tiled kernel (``"thin"``: thin
+kernel), or, with ``gemm="numpy"``, alpha·product + beta·C (+ bias, ReLU) in float64
+rounded to float32 (what a vendor library computes, up to its order of additions; C
+unread when beta is 0)."""
 
 from __future__ import annotations
 
@@ -118,8 +117,9 @@ class Machine:
         """``elem``: the element dtype of each arena (inputs included); f32 arenas start
         filled with ``fill`` (NaN: a result no kernel wrote shows). ``gemm``: how GEMM
         steps run, "fallback" (the plan's kernel), "tiled" (its most split register-tiled
-        kernel, else the fallback) or "numpy"."""
-        assert gemm in ("fallback", "numpy", "tiled")
+        kernel, else the fallback), "thin" (likewise its most split thin kernel) or
+        "numpy"."""
+        assert gemm in ("fallback", "numpy", "tiled", "thin")
         self.module, self.gemm_mode = module, gemm
         self.entries = parse_entries(module.source)
         self.base: dict[str, int] = {}
@@ -152,11 +152,17 @@ class Machine:
                 self.launch(step)
             elif self.gemm_mode == "numpy":
                 self.gemm(step)
-            elif self.gemm_mode == "tiled" and step.tiled:  # the most split candidate
-                self.launch(step.tiled[-1])
+            elif self.gemm_mode in ("tiled", "thin") and self.candidates(step):
+                self.launch(max(self.candidates(step), key=lambda t: t.grid[2]))
             else:
                 assert step.fallback is not None
                 self.launch(step.fallback)
+
+    def candidates(self, step: Gemm) -> list[Launch]:
+        """The step's generated kernels of the ``gemm`` mode's family."""
+        thin = ("_warp_rows_", "_thread_rows_", "_short_k_")
+        return [t for t in step.tiled
+                if any(x in t.kernel for x in thin) == (self.gemm_mode == "thin")]
 
     def launch(self, step: Launch) -> None:
         entry = self.entries[step.kernel]
@@ -218,11 +224,6 @@ class Threads:
         self.shared = np.zeros(max(entry.shared_bytes, 1) * grid[0] * grid[1] * grid[2],
                                np.uint8)
         self.n = n
-        # cp.async: copies in flight, (threads, their group, shared addresses, bytes);
-        # each thread's open group; how many copies will write each shared byte
-        self.copies: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
-        self.copy_group = np.zeros(n, np.int64)
-        self.in_flight = np.zeros(self.shared.size, np.int32)
         self.regs: dict[str, np.ndarray] = {}
         self.pc = np.zeros(n, np.int64)
         self.live = np.ones(n, bool)
@@ -288,37 +289,8 @@ class Threads:
                 self.pc[run] = self.labels[ins.operands[0]]
             elif ins.op == "bar.sync":
                 self.barrier(run)
-            elif ins.op == "cp.async.commit_group":
-                self.copy_group[run] += 1
-            elif ins.op == "cp.async.wait_group":
-                self.land_copies(run, int(ins.operands[0]))
-            elif ins.op == "cp.async.wait_all":
-                self.land_copies(run, None)
             elif run.any():
                 self.execute(ins, run)
-        if self.copies:
-            raise AssertionError("ptx_sim: a CTA exits with cp.async copies never waited for")
-
-    def land_copies(self, run: np.ndarray, keep: int | None) -> None:
-        """``cp.async.wait_group keep`` (``None``: ``wait_all``) for the threads ``run``:
-        their copies of every group but the newest ``keep`` committed land in shared
-        memory."""
-        left = []
-        for threads, group, addr, data in self.copies:
-            due = run[threads]
-            if keep is not None:
-                due &= group < self.copy_group[threads] - keep
-            for t_addr, t_data in zip(addr[due], data[due], strict=True):
-                self.shared[t_addr + np.arange(4)] = t_data
-                self.in_flight[t_addr + np.arange(4)] -= 1
-            if (~due).any():
-                left.append((threads[~due], group[~due], addr[~due], data[~due]))
-        self.copies = left
-
-    def check_not_in_flight(self, addr: np.ndarray, nbytes: int) -> None:
-        if self.in_flight[addr[:, None] + np.arange(nbytes)].any():
-            raise AssertionError("ptx_sim: shared memory accessed while a cp.async to it "
-                                 "is in flight (a missing wait_group or bar.sync)")
 
     def barrier(self, run: np.ndarray) -> None:
         """Under min-PC scheduling the threads here wait for every thread at a lower PC,
@@ -329,14 +301,11 @@ class Threads:
             raise AssertionError("ptx_sim: bar.sync reached by part of a block")
 
     def shared_address(self, operand: str, sel: np.ndarray, nbytes: int) -> np.ndarray:
-        """Byte offsets into the shared memory of all blocks, checked against the block's
-        (and aligned to ``nbytes``)."""
+        """Byte offsets into the shared memory of all blocks, checked against the block's."""
         reg, _, imm = operand.strip("[]").partition("+")
         addr = self.value(reg, np.uint64, sel).astype(np.int64) + int(imm or 0)
         if ((addr < 0) | (addr + nbytes > self.shared_bytes)).any():
             raise IndexError("ptx_sim: shared access outside the block's arrays")
-        if (addr % nbytes).any():
-            raise IndexError(f"ptx_sim: a {nbytes}-byte shared access not aligned to its size")
         return addr + self.block_of[sel].astype(np.int64) * self.shared_bytes
 
     def execute(self, ins: Instruction, run: np.ndarray) -> None:
@@ -426,34 +395,10 @@ class Threads:
             self.m.heap[addr[:, None] + np.arange(4)] = data
         elif op in ("ld.shared.f32", "ld.shared.u32"):
             addr = self.shared_address(o[1], run, 4)
-            self.check_not_in_flight(addr, 4)
             word = self.shared[addr[:, None] + np.arange(4)].copy().view(np.uint32)[:, 0]
             self.set(o[0], run, word.view(np.float32) if op.endswith("f32") else word)
-        elif op == "cp.async.ca.shared.global":
-            if o[2] != "4":
-                raise NotImplementedError(f"ptx_sim: {op} of {o[2]} bytes")
-            nbytes = self.value(o[3], np.uint32, run)
-            if not np.isin(nbytes, (0, 4)).all():
-                raise NotImplementedError("ptx_sim: cp.async of a part of 4 bytes")
-            dst = self.shared_address(o[0], run, 4)
-            data = np.zeros((len(dst), 4), np.uint8)  # zero-filled where nbytes is 0
-            copied = nbytes == 4
-            if copied.any():
-                sel = run.copy()
-                sel[run] = copied
-                data[copied] = self.m.heap[self.memory(o[1], sel, 4)[:, None] + np.arange(4)]
-            threads = np.nonzero(run)[0]
-            self.copies.append((threads, self.copy_group[threads], dst, data))
-            self.in_flight[dst[:, None] + np.arange(4)] += 1
-        elif op == "ld.shared.v4.f32":
-            addr = self.shared_address(o[1], run, 16)
-            self.check_not_in_flight(addr, 16)
-            words = self.shared[addr[:, None] + np.arange(16)].copy().view(np.float32)
-            for lane, reg in enumerate(o[0].strip("{}").split(",")):
-                self.set(reg.strip(), run, words[:, lane])
         elif op in ("st.shared.f32", "st.shared.u32"):
             addr = self.shared_address(o[0], run, 4)
-            self.check_not_in_flight(addr, 4)
             data = np.ascontiguousarray(self.reg(o[1])[run]).view(np.uint8).reshape(-1, 4)
             self.shared[addr[:, None] + np.arange(4)] = data
         elif op == "shfl.sync.bfly.b32":

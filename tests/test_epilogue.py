@@ -291,13 +291,14 @@ def test_sgd_weight_decay_is_the_gemms_beta() -> None:
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.05])
-@pytest.mark.parametrize("gemm", ["fallback", "numpy", "tiled"])
+@pytest.mark.parametrize("gemm", ["fallback", "numpy", "tiled", "thin"])
 def test_cuda_sgd_step_in_the_ptx_interpreter_matches_numpy(gemm: str, weight_decay: float
                                                             ) -> None:
     """One SGD step (with and without weight decay: beta 1 or 1 - lr·wd) of the CUDA
     plan in ``ptx_sim``: its GEMMs by the fallback kernel, by the register-tiled kernels
-    (split-K where offered), or as a library computes them (alpha·A·B + beta·C); the new
-    params match the NumPy interpreter's."""
+    (split-K where offered), by the thin kernels where offered (the head's products),
+    or as a library computes them (alpha·A·B + beta·C); the new params match the NumPy
+    interpreter's."""
     import math
 
     from ptx_sim import Machine
@@ -305,7 +306,8 @@ def test_cuda_sgd_step_in_the_ptx_interpreter_matches_numpy(gemm: str, weight_de
     from ferrograd.codegen.launch_plan import Gemm
 
     optimizer = fg.optim.SGD(lr=0.1, weight_decay=weight_decay)
-    batch = 70 if gemm == "tiled" else 8  # an inner dim > 32 for the weight gradients: split
+    # an inner dim > 32 for the weight gradients: split
+    batch = 70 if gemm in ("tiled", "thin") else 8
     lw = fg.lower(mlp(32), optimizer=optimizer, backend="cuda", B=batch, N=20)
     module = lw.device_module()
     elem = {a: "f32" if a.startswith("input:") or a in ("param", "state")
@@ -326,6 +328,10 @@ def test_cuda_sgd_step_in_the_ptx_interpreter_matches_numpy(gemm: str, weight_de
         gemms = [s for s in plan.steps if isinstance(s, Gemm)]
         assert all(g.tiled for g in gemms)
         assert any(t.grid[2] > g.batch * g.outer for g in gemms for t in g.tiled)
+    if gemm == "thin":  # the head's three products, each its own kind of thin kernel
+        kinds = {t.kernel.split("_")[2] for s in plan.steps if isinstance(s, Gemm)
+                 for t in machine.candidates(s)}
+        assert kinds == {"warp", "thread", "short"}, kinds
     machine.run_plan(plan)
     arena, offset, shape = plan.results["out:loss"]
     loss = machine.array(arena)[offset:offset + math.prod(shape)]

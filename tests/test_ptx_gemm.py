@@ -1,6 +1,7 @@
-"""The register-tiled SGEMM kernels (``ptx_gemm.py``) the autotuner times against
-cuBLAS: run in the PTX interpreter on odd shapes, every layout, split counts and
-epilogue, against NumPy in float64; and assembled by ptxas for sm_90."""
+"""The generated SGEMM kernels the autotuner times against cuBLAS — register-tiled
+(``ptx_gemm.py``) and thin (``ptx_gemm_thin.py``): run in the PTX interpreter on odd
+shapes, every layout, split counts and epilogue, against NumPy in float64; and
+assembled by ptxas for sm_80 and sm_90."""
 
 from __future__ import annotations
 
@@ -22,12 +23,7 @@ from ferrograd.codegen.backends.ptx_gemm import (
     tiled_candidates,
     tiled_sgemm_text,
 )
-from ferrograd.codegen.backends.ptx_gemm_blocked import (
-    SHAPES,
-    blocked_candidates,
-    blocked_name,
-    blocked_sgemm_text,
-)
+from ferrograd.codegen.backends.ptx_gemm_thin import thin_candidates
 from ferrograd.codegen.launch_plan import BufferRef, DeviceModule, Launch
 
 ARENAS = {"a": "a", "b": "b", "c": "c", "bias": "bias", SPLIT_PARTIALS: "split_f32",
@@ -41,13 +37,16 @@ def _strides(rows: int, cols: int, transposed: bool, batch_stride: int
 
 def _run(m: int, n: int, k: int, *, a_t: bool, b_t: bool, batch: int = 1,
          bias: bool = False, relu: bool = False, scale: tuple[float, float] = (1.0, 0.0),
-         seed: int = 0, family: Callable[..., list[TiledLaunch]] = tiled_candidates
+         seed: int = 0, family: Callable[..., list[TiledLaunch]] = tiled_candidates,
+         inf_column: int | None = None
          ) -> list[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
     """Every candidate's (of ``family``) C and the split counters after it, with NumPy's
-    C."""
+    C; ``inf_column``: that column of B is all Inf."""
     rng = np.random.default_rng(seed)
     a = rng.standard_normal((batch, m, k)).astype(np.float32)
     b = rng.standard_normal((batch, k, n)).astype(np.float32)
+    if inf_column is not None:
+        b[:, :, inf_column] = np.inf
     c0 = rng.standard_normal((batch, m, n)).astype(np.float32)
     vec = rng.standard_normal(n).astype(np.float32)
     ops = [("a", 0, _strides(m, k, a_t, m * k)), ("b", 0, _strides(k, n, b_t, k * n)),
@@ -55,7 +54,8 @@ def _run(m: int, n: int, k: int, *, a_t: bool, b_t: bool, batch: int = 1,
     found = family(batch, (m, n, k), ops, ("bias", 0) if bias else None, relu, 1, (0, 0, 0),
                    scale)
     assert found, "a small product has candidates"
-    want = scale[0] * np.matmul(a.astype(np.float64), b.astype(np.float64))
+    with np.errstate(invalid="ignore"):  # Inf · 0 in an inf_column
+        want = scale[0] * np.matmul(a.astype(np.float64), b.astype(np.float64))
     if scale[1] != 0:
         want += scale[1] * c0
     if bias:
@@ -137,49 +137,68 @@ def test_split_choices_fill_the_gpu_without_empty_ranges() -> None:
                             (0, 0, 0), (1.0, 0.0)) == [], "large products stay cuBLAS's"
 
 
-@pytest.mark.parametrize(("a_t", "b_t"), [(False, False), (True, False), (False, True),
-                                          (True, True)])
-def test_blocked_gemm_matches_numpy_in_every_layout_shape_and_split(a_t: bool, b_t: bool
-                                                                    ) -> None:
-    # 250 × 250: every tile shape, each with a ragged last tile; k = 131: a ragged step
-    results = _run(250, 250, 131, a_t=a_t, b_t=b_t, family=blocked_candidates)
-    assert len({s for s, *_ in results}) > 1, "split candidates are timed too"
-    for splits, c, counts, want in results:
+def _kinds(found: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]]) -> None:
+    for splits, c, counts, want in found:
         np.testing.assert_allclose(c, want, rtol=1e-5, atol=1e-4, err_msg=f"splits {splits}")
         assert not counts.any(), "the last CTA of each tile resets its counter"
 
 
-def test_blocked_gemm_epilogue_batches_and_shapes_offered() -> None:
-    for splits, c, counts, want in _run(120, 64, 24, a_t=False, b_t=True, batch=2, bias=True,
-                                        relu=True, scale=(0.5, 0.0), seed=2,
-                                        family=blocked_candidates):
-        np.testing.assert_allclose(c, want, rtol=1e-5, atol=1e-4, err_msg=f"splits {splits}")
-        assert not counts.any()
-    for splits, c, _, want in _run(62, 64, 16, a_t=True, b_t=False, scale=(-0.01, 1.0),
-                                   family=blocked_candidates):
-        np.testing.assert_allclose(c, want, rtol=1e-5, atol=1e-4, err_msg=f"splits {splits}")
-
-    def shapes(m: int, n: int) -> set[str]:
-        ops = [("a", 0, (0, 784, 1)), ("b", 0, (0, n, 1)), ("c", 0, (0, n, 1))]
-        return {t.name.split("_")[2] for t in blocked_candidates(1, (m, n, 784), ops, None,
-                                                                  False, 1, (0, 0, 0),
-                                                                  (1.0, 0.0))}
-    assert shapes(8192, 256) == {"128x128", "128x64", "64x128", "64x64"}
-    assert shapes(8192, 10) == set(), "a skinny C is left to the others"
-    assert shapes(8192, 160) == {"128x64", "64x64"}, "not tiles that would hang outside C"
+def _names(m: int, n: int, k: int, a_t: bool) -> set[str]:
+    ops = [("a", 0, _strides(m, k, a_t, 0)), ("b", 0, _strides(k, n, False, 0)),
+           ("c", 0, (0, n, 1))]
+    return {"_".join(t.name.split("_")[2:4]) for t in
+            thin_candidates(1, (m, n, k), ops, None, False, 1, (0, 0, 0), (1.0, 0.0))}
 
 
-def test_a_copy_read_before_its_wait_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
-    # the interpreter lands cp.async copies only at the wait: a kernel without it reads
-    # shared memory a copy is still writing, which must fail rather than pass by luck
-    import ferrograd.codegen.backends.ptx_gemm_blocked as blocked
+def test_thin_kernels_are_offered_for_thin_products_only() -> None:
+    assert _names(8192, 10, 256, a_t=False) == {"warp_rows"}  # logits = h·W
+    assert _names(256, 10, 8192, a_t=True) == {"thread_rows"}  # its weight gradient
+    assert _names(8192, 256, 10, a_t=False) == {"short_k"}  # dlogits·Wᵀ
+    assert _names(128, 256, 784, a_t=False) == set()
+    assert _names(8192, 10, 2048, a_t=False) == set(), "Bᵀ would not fit in shared memory"
 
-    def no_wait(*args: object) -> str:
-        return real(*args).replace("\tcp.async.wait_group 2;\n", "")
-    real = blocked.blocked_sgemm_text.__wrapped__
-    monkeypatch.setattr(blocked, "blocked_sgemm_text", no_wait)
-    with pytest.raises(AssertionError, match="in flight"):
-        _run(64, 64, 32, a_t=False, b_t=False, family=blocked.blocked_candidates)
+
+@pytest.mark.parametrize(("b_t", "bias", "relu", "scale", "batch"),
+                         [(False, False, False, (1.0, 0.0), 1),
+                          (True, True, True, (1.0, 0.0), 2),
+                          (False, False, False, (-0.01, 1.0), 1)])
+def test_warp_rows_and_short_k_match_numpy(b_t: bool, bias: bool, relu: bool,
+                                           scale: tuple[float, float], batch: int) -> None:
+    # k = 75: two full warps' steps and a partial one; n = 10: a warp's lanes per column
+    found = _run(70, 10, 75, a_t=False, b_t=b_t, bias=bias, relu=relu, scale=scale,
+                 batch=batch, family=thin_candidates)
+    assert len(found) == 1
+    _kinds(found)
+    found = _run(70, 45, 5, a_t=b_t, b_t=not b_t, bias=bias, relu=relu, scale=scale,
+                 batch=batch, family=thin_candidates)
+    assert len(found) == 1
+    _kinds(found)
+
+
+@pytest.mark.parametrize(("bias", "scale"), [(False, (1.0, 0.0)), (True, (0.5, 0.25))])
+def test_thread_rows_match_numpy_with_and_without_splits(bias: bool,
+                                                         scale: tuple[float, float]) -> None:
+    found = _run(300, 7, 200, a_t=True, b_t=False, bias=bias, scale=scale, seed=3,
+                 family=thin_candidates)
+    assert {s for s, *_ in found} == {1, 2}, "unsplit, and 128 steps of k per split"
+    _kinds(found)
+
+
+def test_warp_rows_two_rows_at_a_time() -> None:
+    # more rows than the grid's warps: each warp loads two rows' elements together
+    ops = [("a", 0, (0, 40, 1)), ("b", 0, (0, 3, 1)), ("c", 0, (0, 3, 1))]
+    (t,) = thin_candidates(1, (2200, 3, 40), ops, None, False, 1, (0, 0, 0), (1.0, 0.0))
+    assert t.name.endswith("_r2")
+    _kinds(_run(2200, 3, 40, a_t=False, b_t=True, bias=True, seed=5, family=thin_candidates))
+
+
+def test_warp_rows_keep_an_inf_in_one_column_out_of_the_others() -> None:
+    # the lanes past k (37 = 32 + 5) read the next column of Bᵀ: with column 1 all Inf,
+    # column 0 must still be its finite sum
+    (_, c, _, want), = _run(40, 3, 37, a_t=False, b_t=False, seed=4, inf_column=1,
+                            family=thin_candidates)
+    assert np.isfinite(c[..., 0]).all() and not np.isfinite(c[..., 1]).any()
+    np.testing.assert_allclose(c[..., ::2], want[..., ::2], rtol=1e-5, atol=1e-4)
 
 
 PTXAS = find_ptxas()
@@ -191,7 +210,13 @@ def test_ptxas_assembles_every_tiled_kernel(target: str) -> None:
     version = {"sm_80": "7.0", "sm_90": "7.8"}[target]
     texts = [tiled_sgemm_text(a_k, b_k, t).replace("ENTRY", kernel_name(a_k, b_k, t))
              for a_k in (False, True) for b_k in (False, True) for t in BLOCKS]
-    texts += [blocked_sgemm_text(a_k, b_k, bm, bn).replace("ENTRY", blocked_name(a_k, b_k, bm, bn))
-              for a_k in (False, True) for b_k in (False, True) for bm, bn in SHAPES]
+    ops = [("a", 0, (0, 256, 1)), ("b", 0, (0, 10, 1)), ("c", 0, (0, 10, 1))]
+    thin = [*thin_candidates(1, (8192, 10, 256), ops, None, False, 1, (0, 0, 0), (1.0, 0.0)),
+            *thin_candidates(1, (256, 10, 8192), [("a", 0, (0, 1, 256)), *ops[1:]], None,
+                             False, 1, (0, 0, 0), (1.0, 0.0)),
+            *thin_candidates(1, (8192, 256, 10), [("a", 0, (0, 10, 1)),
+                                                  ("b", 0, (0, 1, 10)), ("c", 0, (0, 256, 1))],
+                             None, False, 1, (0, 0, 0), (1.0, 0.0))]
+    texts += list({t.name: t.text.replace("ENTRY", t.name) for t in thin}.values())
     source = f".version {version}\n.target {target}\n.address_size 64\n\n" + "\n".join(texts)
     assert assemble(source, target, PTXAS)

@@ -18,7 +18,8 @@ base + the buffer's offset in its arena, which is what the plan's ``BufferRef``
 says). View offsets inside a buffer and every size are baked into the code.
 Gather and scatter kernels take one more ``.u64``, the address of the
 ``flags_u32`` arena. The shared kernels (``fg_sgemm_16x16``, the register-tiled
-``fg_sgemm_32x32_*`` of ``ptx_gemm.py`` a GEMM step offers the runtime's autotuner,
+``fg_sgemm_32x32_*`` of ``ptx_gemm.py`` and thin ``fg_sgemm_{warp_rows,thread_rows,
+short_k}_*`` of ``ptx_gemm_thin.py`` a GEMM step offers the runtime's autotuner,
 ``fg_fill_zero_b32``) take ``.u32`` scalars after their pointers, given as
 ``ScalarArg``s. No kernel
 uses dynamic shared memory. ``fg_copy_ids_checked`` is not in any plan: the runtime

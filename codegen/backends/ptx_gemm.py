@@ -29,7 +29,6 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-from collections.abc import Callable
 from typing import NamedTuple
 
 from ..launch_plan import ScalarArg
@@ -38,7 +37,7 @@ from .ptx_asm import PtxFunction
 TILE = 32  # C rows and columns per CTA, and inner-dimension step
 BLOCKS = (64, 128, 256)  # threads per CTA: 8 × (8, 16, 32) of (4, 2, 1) × 4 outputs
 COLS = 4  # C columns per thread: tx + 8j
-IN_FLIGHT = 64  # split-K: partial loads a thread issues before adding them (latency)
+SUM_AHEAD = 4  # split-K: partials loaded before any is added (latency, not order)
 PAD = TILE + 1  # shared rows of 33 floats: storing a k-major column hits 32 banks
 SPLIT_PARTIALS = "__split_partials"  # buffer names of the split-K arenas
 SPLIT_COUNTS = "__split_counts"
@@ -148,8 +147,7 @@ def tiled_sgemm_text(a_k: bool, b_k: bool, threads: int) -> str:
     col0 = f.value("b32", "mul.lo.u32", f.special("%ctaid.x"), str(TILE))
     row0 = f.value("b32", "mul.lo.u32", f.special("%ctaid.y"), str(TILE))
 
-    cta = product_of_cta(f, p)
-    base, k_begin, k_end = cta.base, cta.k_begin, cta.k_end
+    item, split, base, k_begin, k_end = product_of_cta(f, p)
 
     # A's tile is 32 (m) × 32 (k), B's 32 (k) × 32 (n); thread `tid` loads 16 elements of
     # each: along `lane` in the dim it walks (k, or m / n) and `rank + 2q` in the other.
@@ -190,41 +188,17 @@ def tiled_sgemm_text(a_k: bool, b_k: bool, threads: int) -> str:
             for i in range(rows_per)]
     cols = [f.value("b32", "add.u32", col0, f.value("b32", "add.u32", tx, str(8 * j)))
             for j in range(COLS)]
-    finish_tile(f, p, (c, bias, partials, counts), cta, tid, rows, cols, acc,
-                (alpha, beta))
-    return f.text("ENTRY")
-
-
-def finish_tile(f: PtxFunction, p: dict[str, str], pointers: tuple[str, str, str, str],
-                cta: CtaProduct, tid: str, rows: list[str], cols: list[str],
-                acc: list[list[str]], scales: tuple[str, str]) -> None:
-    """After the k loop, the thread's outputs ``acc`` at C's ``rows`` × ``cols``: with
-    split-K, every CTA stores its partials and counts in, and the tile's last CTA (the
-    others leave) sums them; then the epilogue. Row by row, so that only one row's
-    sums and loads are live at once. ``pointers``: C, bias, the split arenas."""
-    c, bias, partials, counts = pointers
     row_ok = [f.value("pred", "setp.lt.u32", r, p["m"]) for r in rows]
     col_ok = [f.value("pred", "setp.lt.u32", cc, p["n"]) for cc in cols]
-
-    def inside(i: int, j: int) -> str:
-        """Whether output (i, j) lies inside C, computed where it is used (a predicate
-        per output kept over the whole epilogue costs registers)."""
-        return f.value("pred", "and.pred", row_ok[i], col_ok[j])
-
-    epilogue = _Epilogue(f, p, c, bias, cta.base["c"], scales, cols, col_ok)
-    split_k = f.label("split_k")
-    f.ins("bra", split_k, guard=f.value("pred", "setp.gt.u32", p["splits"], "1"))
-    for i, row in enumerate(rows):
-        epilogue.row(row, lambda j, i=i: inside(i, j), acc[i])
-    f.ins("ret")
-    # a path of its own: were it to share the epilogue's code with the unsplit path,
-    # every row's outputs would count as live while each row's partials load
-    f.place(split_k)
-    first = _count_in(f, p, partials, counts, cta, tid, rows, cols, inside, acc)
-    ahead = max(1, IN_FLIGHT // len(cols))
-    for i, row in enumerate(rows):
-        _sum_row(f, p, partials, first, row, cols, lambda j, i=i: inside(i, j), acc[i], ahead)
-        epilogue.row(row, lambda j, i=i: inside(i, j), acc[i])
+    inside = [[f.value("pred", "and.pred", ok, col_ok[j]) for j in range(COLS)]
+              for ok in row_ok]
+    epilogue = f.label("epilogue")
+    split_k = f.value("pred", "setp.gt.u32", p["splits"], "1")
+    f.ins("bra", epilogue, guard=f"!{split_k}")
+    reduce_splits(f, p, partials, counts, item, split, tid, rows, cols, inside, acc)
+    f.place(epilogue)
+    store_outputs(f, p, c, bias, base["c"], alpha, beta, rows, cols, col_ok, inside, acc)
+    return f.text("ENTRY")
 
 
 class CtaProduct(NamedTuple):
@@ -240,7 +214,7 @@ class CtaProduct(NamedTuple):
 
 def product_of_cta(f: PtxFunction, p: dict[str, str]) -> CtaProduct:
     """From ``%ctaid.z`` = item · splits + split, with item = outer index · batch + batch
-    index."""
+    index (``p``: the ``SCALARS`` parameters)."""
     f.comment("which product (item) and which inner range (split) this CTA computes")
     z = f.special("%ctaid.z")
     item = f.value("b32", "div.u32", z, p["splits"])
@@ -326,23 +300,24 @@ class _Loader:
             self.f.ins("st.shared.f32", f"[{slot}+{4 * step * q}]", reg)
 
 
-def _count_in(f: PtxFunction, p: dict[str, str], partials: str, counts: str,
-              cta: CtaProduct, tid: str, rows: list[str], cols: list[str],
-              inside: Callable[[int, int], str], acc: list[list[str]]) -> str:
-    """Split-K: store this CTA's partial tile and count in on the tile's counter; the
-    CTAs but the last of the tile leave; the last resets the counter. Returns the
-    first partial plane of the item (for ``_sum_row``)."""
+def reduce_splits(f: PtxFunction, p: dict[str, str], partials: str, counts: str,
+                  item: str, split: str, tid: str, rows: list[str], cols: list[str],
+                  inside: list[list[str]], acc: list[list[str]], ahead: int = SUM_AHEAD
+                  ) -> None:
+    """Split-K: store this CTA's partial tile (the thread's outputs ``acc`` at C's
+    ``rows`` × ``cols``, those ``inside`` C); the last CTA of the tile to arrive sums
+    every split's partial in split order into ``acc`` (``ahead`` splits' loads issued
+    before any is added); the others leave."""
     f.comment("split-K: partial tile out, then count in; the last CTA of the tile sums")
-    plane = f.value("b32", "mad.lo.u32", cta.item, p["splits"], cta.split)
-    for i, row in enumerate(rows):
-        for j, col in enumerate(cols):
-            at = _partial_index(f, plane, p["m"], p["n"], row, col)
-            f.ins("st.global.cg.f32", f.address(partials, at, 0, 4), acc[i][j],
-                  guard=inside(i, j))
+    m, n = p["m"], p["n"]
+    plane = f.value("b32", "mad.lo.u32", item, p["splits"], split)  # partials[item][split]
+    outputs = [(i, j) for i in range(len(rows)) for j in range(len(cols))]
+    for i, j in outputs:
+        at = _partial_index(f, plane, m, n, rows[i], cols[j])
+        f.ins("st.global.cg.f32", f.address(partials, at, 0, 4), acc[i][j], guard=inside[i][j])
     f.ins("membar.gl")
     f.ins("bar.sync", "0")
-    tile = f.value("b32", "mad.lo.u32", cta.item, f.special("%nctaid.y"),
-                   f.special("%ctaid.y"))
+    tile = f.value("b32", "mad.lo.u32", item, f.special("%nctaid.y"), f.special("%ctaid.y"))
     tile = f.value("b32", "mad.lo.u32", tile, f.special("%nctaid.x"), f.special("%ctaid.x"))
     leader = f.value("pred", "setp.eq.u32", tid, "0")
     counter = f.address(counts, tile, 0, 4)
@@ -355,36 +330,36 @@ def _count_in(f: PtxFunction, p: dict[str, str], partials: str, counts: str,
           guard=leader)
     f.ins("bar.sync", "0")
     flag = f.value("b32", "ld.shared.u32", "[last_flag]")
-    stays = f.label("last")
-    f.ins("bra", stays, guard=f.value("pred", "setp.ne.u32", flag, "0"))
-    f.ins("ret")
-    f.place(stays)
+    done = f.label("not_last")
+    f.ins("bra", done, guard=f.value("pred", "setp.eq.u32", flag, "0"))
     f.ins("membar.gl")
-    return f.value("b32", "mul.lo.u32", cta.item, p["splits"])
-
-
-def _sum_row(f: PtxFunction, p: dict[str, str], partials: str, first: str, row: str,
-             cols: list[str], inside: Callable[[int], str], sums: list[str],
-             ahead: int) -> None:
-    """``sums`` (one row's outputs, by column) = the partials of every split added in
-    split order, ``ahead`` splits' loads issued before any is added."""
-    f.comment(f"a row's partials in split order, {ahead} splits loaded before any is added")
-    for r in sums:
-        f.ins("mov.f32", r, "0f00000000")
+    for row in acc:
+        for r in row:
+            f.ins("mov.f32", r, "0f00000000")
+    first = f.value("b32", "mul.lo.u32", item, p["splits"])
     last = f.value("b32", "add.u32", first, p["splits"])
+    f.comment(f"partials in split order, {ahead} loaded before any is added")
     with f.loop(first, last, str(ahead), "sum_splits") as s:
         loaded = []
         for u in range(ahead):
-            plane = f.value("b32", "add.u32", s, str(u))
-            there = f.value("pred", "setp.lt.u32", plane, last)
-            for j, col in enumerate(cols):
-                at = _partial_index(f, plane, p["m"], p["n"], row, col)
+            plane_u = f.value("b32", "add.u32", s, str(u))
+            there = f.value("pred", "setp.lt.u32", plane_u, last)
+            loads = {}
+            for i, j in outputs:
+                at = _partial_index(f, plane_u, m, n, rows[i], cols[j])
                 v = f.value("f32", "mov.f32", "0f00000000")
-                ok = f.value("pred", "and.pred", there, inside(j))
+                ok = f.value("pred", "and.pred", there, inside[i][j])
                 f.ins("ld.global.cg.f32", v, f.address(partials, at, 0, 4), guard=ok)
-                loaded.append((j, v, there))
-        for j, v, there in loaded:
-            f.ins("add.rn.f32", sums[j], sums[j], v, guard=there)
+                loads[i, j] = (v, there)
+            loaded.append(loads)
+        for loads in loaded:
+            for (i, j), (v, there) in loads.items():
+                f.ins("add.rn.f32", acc[i][j], acc[i][j], v, guard=there)
+    after = f.label("summed")
+    f.ins("bra", after)
+    f.place(done)
+    f.ins("ret")
+    f.place(after)
 
 
 def _partial_index(f: PtxFunction, plane: str, m: str, n: str, row: str, col: str) -> str:
@@ -393,37 +368,30 @@ def _partial_index(f: PtxFunction, plane: str, m: str, n: str, row: str, col: st
     return f.value("b32", "mad.lo.u32", at, n, col)
 
 
-class _Epilogue:
-    """C = alpha·acc + beta·C (C read only when beta ≠ 0), + bias[col], ReLU; the
-    per-column values (bias) loaded once, then a row at a time."""
-
-    def __init__(self, f: PtxFunction, p: dict[str, str], c: str, bias: str, base_c: str,
-                 scales: tuple[str, str], cols: list[str], col_ok: list[str]) -> None:
-        f.comment("C = alpha * acc + beta * C, then + bias[col] (epilogue 1, 2), ReLU (2)")
-        self.f, self.p, self.c, self.base_c = f, p, c, base_c
-        self.alpha, self.beta = scales
-        self.reads_c = f.value("pred", "setp.ne.f32", self.beta, "0f00000000")
-        has_bias = f.value("pred", "setp.ne.u32", p["epilogue"], "0")
-        self.relu = f.value("pred", "setp.eq.u32", p["epilogue"], "2")
-        self.col_at = [f.value("b32", "mul.lo.u32", col, p["c_sc"]) for col in cols]
-        self.biases = []
-        for col, ok in zip(cols, col_ok, strict=True):
-            v = f.value("f32", "mov.f32", "0f00000000")
-            f.ins("ld.global.f32", v, f.address(bias, col, 0, 4),
-                  guard=f.value("pred", "and.pred", has_bias, ok))
-            self.biases.append(v)
-
-    def row(self, row: str, inside: Callable[[int], str], values: list[str]) -> None:
-        """Stores one row's outputs ``values`` (by column; those ``inside`` C)."""
-        f = self.f
-        row_at = f.value("b32", "mad.lo.u32", row, self.p["c_sr"], self.base_c)
-        for j, v in enumerate(values):
-            at = f.address(self.c, f.value("b32", "add.u32", self.col_at[j], row_at), 0, 4)
+def store_outputs(f: PtxFunction, p: dict[str, str], c: str, bias: str, base_c: str,
+                  alpha: str, beta: str, rows: list[str], cols: list[str], col_ok: list[str],
+                  inside: list[list[str]], acc: list[list[str]]) -> None:
+    """C = alpha·acc + beta·C (C read only when beta ≠ 0), + bias[col], ReLU."""
+    f.comment("C = alpha * acc + beta * C, then + bias[col] (epilogue 1, 2), ReLU (2)")
+    reads_c = f.value("pred", "setp.ne.f32", beta, "0f00000000")
+    has_bias = f.value("pred", "setp.ne.u32", p["epilogue"], "0")
+    relu = f.value("pred", "setp.eq.u32", p["epilogue"], "2")
+    biases = []
+    for j, col in enumerate(cols):
+        v = f.value("f32", "mov.f32", "0f00000000")
+        ok = f.value("pred", "and.pred", has_bias, col_ok[j])
+        f.ins("ld.global.f32", v, f.address(bias, col, 0, 4), guard=ok)
+        biases.append(v)
+    row_at = [f.value("b32", "mad.lo.u32", r, p["c_sr"], base_c) for r in rows]
+    for i in range(len(rows)):
+        for j in range(len(cols)):
+            at = f.address(c, f.value("b32", "mad.lo.u32", cols[j], p["c_sc"], row_at[i]), 0, 4)
             old = f.value("f32", "mov.f32", "0f00000000")
             f.ins("ld.global.f32", old, at,
-                  guard=f.value("pred", "and.pred", self.reads_c, inside(j)))
-            f.ins("mul.rn.f32", old, old, self.beta)
-            f.ins("fma.rn.f32", v, v, self.alpha, old)  # alpha·acc + beta·C, rounded once
-            f.ins("add.rn.f32", v, v, self.biases[j])
-            f.ins("max.f32", v, v, "0f00000000", guard=self.relu)
-            f.ins("st.global.f32", at, v, guard=inside(j))
+                  guard=f.value("pred", "and.pred", reads_c, inside[i][j]))
+            f.ins("mul.rn.f32", old, old, beta)
+            v = acc[i][j]
+            f.ins("fma.rn.f32", v, v, alpha, old)  # alpha·acc + beta·C, rounded once
+            f.ins("add.rn.f32", v, v, biases[j])
+            f.ins("max.f32", v, v, "0f00000000", guard=relu)
+            f.ins("st.global.f32", at, v, guard=inside[i][j])

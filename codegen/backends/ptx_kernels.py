@@ -72,6 +72,7 @@ from .ptx_asm import (
     shared_subexpressions,
 )
 from .ptx_gemm import tiled_candidates
+from .ptx_gemm_thin import thin_candidates
 
 BLOCK = 256  # threads per block, unless the work is smaller
 MAX_BLOCKS = 4096  # grid-stride loops cover the rest
@@ -118,9 +119,9 @@ class GemmStep:
     scratch: int = 0  # f32 elements of the scratch arena its operands reach
     alpha: float = 1.0
     beta: float = 0.0  # 1: accumulate into C (an in-place update)
-    # register-tiled kernels for the same product (``ptx_gemm.py``), which the runtime's
-    # autotuner times against cuBLAS; split-K ones use the split arenas' first
-    # ``split_partials`` f32 and ``split_tiles`` u32 elements
+    # generated kernels for the same product (``ptx_gemm.py``, ``ptx_gemm_thin.py``),
+    # which the runtime's autotuner times against cuBLAS; split-K ones use the split
+    # arenas' first ``split_partials`` f32 and ``split_tiles`` u32 elements
     tiled: list[KernelLaunch] = field(default_factory=list)
     split_partials: int = 0
     split_tiles: int = 0
@@ -908,11 +909,15 @@ def _tiled(batch: int, mnk: tuple[int, int, int],
            bias: tuple[str, int] | None, relu: bool, outer: int = 1,
            outer_strides: tuple[int, int, int] = (0, 0, 0),
            scale: tuple[float, float] = (1.0, 0.0)) -> tuple[list[KernelLaunch], int, int]:
-    """The register-tiled candidates of a product (``ptx_gemm.tiled_candidates``) as
-    launches, and the split arenas' elements they need."""
+    """The generated kernels for a product — register-tiled (``ptx_gemm``) and, for a thin
+    one, ``ptx_gemm_thin``'s — as launches, and the split arenas' elements they need."""
     found = tiled_candidates(batch, mnk, operands, bias, relu, outer, outer_strides, scale)
+    thin = thin_candidates(batch, mnk, operands, bias, relu, outer, outer_strides, scale)
     launches = [KernelLaunch(t.name, "register-tiled SGEMM (ptx_gemm.py)", t.text, t.args,
                              t.grid, t.block) for t in found]
+    launches += [KernelLaunch(t.name, "thin SGEMM (ptx_gemm_thin.py)", t.text, t.args,
+                              t.grid, t.block) for t in thin]
+    found += thin
     return (launches, max((t.partials for t in found), default=0),
             max((t.tiles for t in found), default=0))
 

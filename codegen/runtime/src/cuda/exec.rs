@@ -715,7 +715,7 @@ impl Executor {
     /// cuBLASLt cannot run it. cuBLASLt adds a bias along the rows of its
     /// column-major D, which are the plan's columns only when the product was
     /// swapped into `Cᵀ = Bᵀ·Aᵀ` (a row-major C, the usual case). With a
-    /// tuner, the plan's register-tiled kernels compete too.
+    /// tuner, the plan's generated GEMM kernels compete too.
     #[allow(clippy::too_many_arguments)]
     fn cublaslt(
         &self,
@@ -813,7 +813,7 @@ impl Executor {
             let (_, ready) = tiled.swap_remove(k);
             return Ok(Ok(Ready {
                 label: format!(
-                    "GEMM {}x{}x{} (batch {}{}) in a generated register-tiled kernel {how}",
+                    "GEMM {}x{}x{} (batch {}{}) in a generated kernel {how}",
                     gemm.m,
                     gemm.n,
                     gemm.k,
@@ -1434,7 +1434,7 @@ struct Tally {
     /// Of `tuned`, those that keep a cuBLASLt algorithm other than the
     /// heuristic's first.
     not_first: usize,
-    /// Of `tuned`, those a generated register-tiled kernel won.
+    /// Of `tuned`, those a generated kernel won.
     tiled: usize,
 }
 
@@ -1536,7 +1536,7 @@ fn gemm_report(
     let mut parts = Vec::new();
     if t.tiled > 0 {
         parts.push(format!(
-            "{} in generated register-tiled kernels (faster when timed)",
+            "{} in generated kernels (faster when timed)",
             t.tiled
         ));
     }
@@ -1642,13 +1642,29 @@ fn in_step(err: Error, k: usize, count: usize) -> Error {
     }
 }
 
-/// `32×32 tiles, k in 4 splits` for a register-tiled launch of `gemm`.
+/// What a generated GEMM kernel of `gemm` is, for reports (`32×32 tiles, 128
+/// threads, k in 4 splits`), from its entry name (`ptx_gemm.py`'s
+/// `fg_sgemm_32x32_kn_t128`, `ptx_gemm_thin.py`'s `fg_sgemm_warp_rows_n10_k256`).
 fn tiled_name(gemm: &Gemm, launch: &Launch) -> String {
     let items = (gemm.batch * gemm.outer.max(1)).max(1) as u32;
     let threads = launch.block[0];
+    let shape = launch
+        .kernel
+        .strip_prefix("fg_sgemm_")
+        .unwrap_or(launch.kernel);
+    let what = if shape.starts_with("warp_rows") {
+        format!("a warp per row of C, {threads} threads")
+    } else if shape.starts_with("thread_rows") {
+        format!("a thread per row of C, {threads} threads")
+    } else if shape.starts_with("short_k") {
+        format!("rows of C from a short k, {threads} threads")
+    } else {
+        let tile = shape.split('_').next().unwrap_or(shape).replace('x', "×");
+        format!("{tile} tiles, {threads} threads")
+    };
     match launch.grid[2] / items {
-        0 | 1 => format!("32×32 tiles, {threads} threads"),
-        splits => format!("32×32 tiles, {threads} threads, k in {splits} splits"),
+        0 | 1 => what,
+        splits => format!("{what}, k in {splits} splits"),
     }
 }
 

@@ -161,7 +161,7 @@ pub struct Gemm {
     pub alpha: f32,
     /// C's factor (`0`: C is not read; never anything else with a bias).
     pub beta: f32,
-    /// Generated register-tiled kernels for the same product (epilogue and
+    /// Generated kernels for the same product (epilogue and
     /// scaling included), which autotuning times with the libraries'
     /// algorithms; split-K ones use the `split_f32` and `split_u32` arenas.
     pub tiled: &'static [Launch],

@@ -1,0 +1,347 @@
+"""SGEMM kernels for thin products — C with a few columns, or a short inner dimension —
+that the autotuner times against cuBLAS and the 32×32 tiles (``ptx_gemm.py``).
+
+A classifier head makes such products at every batch: logits = h·W (8192×10×256 at
+batch 8192), its weight gradient hᵀ·dlogits (256×10×8192) and the gradient flowing back,
+dlogits·Wᵀ (8192×256×10). They move megabytes and do almost no arithmetic, so the bound
+is memory; tiles of 32×32 waste two thirds of their columns on n = 10, and cuBLAS spends
+6–12 µs where reading the operands takes 2–3. Three shapes of kernel, each with the
+small operand in shared memory:
+
+- ``warp_rows`` (n ≤ ``THIN``, A loaded along k): a warp per row of C; lane l reads
+  A[row, l + 32u] (coalesced) and accumulates the n dot products over its share of k,
+  then a butterfly over the warp sums them (``shfl.sync.bfly``, a fixed order) and lane
+  j stores column j. Bᵀ sits in shared memory, row j holding B's column j, so the lanes
+  of a warp read consecutive words.
+- ``thread_rows`` (n ≤ ``THIN``, A loaded along m): a thread per row of C, stepping
+  through its range of k with the n products in registers; B's rows for that range in
+  shared memory (one broadcast word per step and column). Split-K as ``ptx_gemm``'s
+  kernels (partials in ``split_f32``, the last CTA sums them in split order), so a C of
+  256 rows still fills the GPU.
+- ``short_k`` (k ≤ ``SHORT``): C's rows in blocks of ``BLOCK_ROWS``; the block's rows of
+  A and all of B in shared memory, consecutive threads computing consecutive columns.
+
+The shapes are known when the plan is rendered, so the kernels are specialized to n and
+k (loops unrolled, shared arrays sized); the epilogue is ``ptx_gemm``'s (alpha, beta,
+bias, ReLU). Every order of additions is fixed: results are deterministic.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+
+from ..launch_plan import ScalarArg
+from .ptx_asm import PtxFunction
+from .ptx_gemm import (
+    MAX_PARTIALS,
+    SCALARS,
+    SCALES,
+    SPLIT_COUNTS,
+    SPLIT_PARTIALS,
+    TiledLaunch,
+    product_of_cta,
+    reduce_splits,
+    store_outputs,
+)
+
+THIN = 16  # at most this many columns of C: a warp or thread per row
+SHORT = 16  # at most this long an inner dimension: short_k
+SHARED_FLOATS = 12288  # 48 KB of static shared memory
+WARPS = 8  # warps per CTA
+THREADS = 32 * WARPS
+ROW_CTAS = 264  # warp_rows: CTAs in all (two per SM of an H100/200), rows shared out
+ROW_LOADS = 32  # warp_rows: A's loads a lane issues at once (rows × steps of 32)
+K_LOADS = 16  # thread_rows: A's loads a thread issues at once (steps of k)
+SPLITS = (8, 16, 32, 64)  # thread_rows: split counts timed besides 1
+SUM_AHEAD = 8  # thread_rows: splits whose partials are loaded before any is added
+FILL_BATCH = 16  # shared-memory fills: loads issued before their stores
+CTA_TARGET = 132  # short_k: rows per CTA so that about this many CTAs run
+
+
+def _params() -> PtxFunction:
+    return PtxFunction([(".u64", x) for x in ("a", "b", "c", "bias", "partials", "counts")] +
+                       [(".u32", s) for s in SCALARS] + [(".f32", s) for s in SCALES])
+
+
+def thin_candidates(batch: int, mnk: tuple[int, int, int],
+                    operands: list[tuple[str, int, tuple[int, int, int]]],
+                    bias: tuple[str, int] | None, relu: bool, outer: int,
+                    outer_strides: tuple[int, int, int], scale: tuple[float, float]
+                    ) -> list[TiledLaunch]:
+    """The launches of the kernels above that fit the product (empty for most)."""
+    m, n, k = mnk
+    items = batch * outer
+    if 0 in (m, n, k) or items > 65535:
+        return []
+    (_, _, (_, a_sr, a_sc)), _, _ = operands
+    out = []
+
+    def launch(name: str, text: str, grid: tuple[int, int, int], threads: int,
+               splits: int = 1, chunk: int = 0) -> None:
+        scalars = [ScalarArg("u32", x) for x in (*mnk, batch, outer, *outer_strides)]
+        scalars += [ScalarArg("u32", s) for _, _, st in operands for s in st]
+        scalars += [ScalarArg("u32", 0 if bias is None else 2 if relu else 1),
+                    ScalarArg("u32", splits), ScalarArg("u32", chunk or k)]
+        scalars += [ScalarArg("f32", x) for x in scale]
+        pointers: list = [(b, off) for b, off, _ in operands]
+        pointers.append(bias or pointers[2])  # unread without a bias
+        pointers += [(SPLIT_PARTIALS, 0), (SPLIT_COUNTS, 0)]
+        split = splits > 1
+        out.append(TiledLaunch(name, text, pointers + scalars, grid, (threads, 1, 1),
+                               items * splits * m * n if split else 0,
+                               items * grid[0] * grid[1] if split else 0))
+
+    if n <= THIN and a_sc == 1 and n * k + 32 <= SHARED_FLOATS:
+        ctas = min(math.ceil(m / WARPS), ROW_CTAS)
+        # rows a warp loads together: what its share of C has, as registers allow
+        rows = max(1, min(4, ROW_LOADS // math.ceil(k / 32), math.ceil(m / (ctas * WARPS))))
+        launch(f"fg_sgemm_warp_rows_n{n}_k{k}_r{rows}", warp_rows_text(n, k, rows),
+               (ctas, 1, items), THREADS)
+    if n <= THIN and a_sr == 1 and a_sc != 1:
+        for splits in (1, *SPLITS):
+            chunk = 8 * K_LOADS * math.ceil(math.ceil(k / splits) / (8 * K_LOADS))
+            splits = math.ceil(k / chunk)
+            if n * (chunk + THREADS) > SHARED_FLOATS or (splits > 1 and (
+                    items * splits * m * n > MAX_PARTIALS or items * splits > 65535)):
+                continue
+            launch(f"fg_sgemm_thread_rows_n{n}_kc{chunk}", thread_rows_text(n, chunk),
+                   (math.ceil(m / 32), 1, items * splits), THREADS, splits, chunk)
+    if k <= SHORT and n > THIN:
+        rows = max(1, min(32, m // CTA_TARGET))
+        if k * (n + rows) <= SHARED_FLOATS:
+            launch(f"fg_sgemm_short_k_k{k}_n{n}_r{rows}", short_k_text(k, n, rows),
+                   (math.ceil(m / rows), 1, items), THREADS)
+    return list({t.name + str(t.grid): t for t in out}.values())  # splits that coincide
+
+
+@functools.cache
+def warp_rows_text(n: int, k: int, at_once: int) -> str:
+    """A warp per row of C (module docstring), ``at_once`` rows at a time; entry
+    ``ENTRY``."""
+    steps = math.ceil(k / 32)  # a lane's elements of a row of A
+    f = _params()
+    a, b, c, bias, *_ = (f.param_pointer(x) for x in
+                         ("a", "b", "c", "bias", "partials", "counts"))
+    p = {s: f.param_u32(s) for s in SCALARS}
+    alpha, beta = (f.param_f32(s) for s in SCALES)
+    f.shared.append(f".shared .align 4 .b8 b_t[{4 * (n * k + 32)}];")  # + a warp's overrun
+    tid = f.special("%tid.x")
+    lane = f.value("b32", "rem.u32", tid, "32")
+    cta = product_of_cta(f, p)
+    f.comment("B transposed into shared memory: row j is B's column j")
+    table = f.value("b32", "mov.u32", "b_t")
+
+    def b_element(idx: str) -> tuple[str, str, None]:
+        kk = f.value("b32", "rem.u32", idx, str(k))
+        at = f.value("b32", "mad.lo.u32", kk, p["b_sr"], cta.base["b"])
+        f.ins("mad.lo.u32", at, f.value("b32", "div.u32", idx, str(k)), p["b_sc"], at)
+        return b, at, None
+
+    _fill(f, table, n * k, THREADS, tid, b_element)
+
+    f.comment(f"a warp per row of C, {at_once} rows at a time, over every warp of the grid")
+    warp = f.value("b32", "mad.lo.u32", f.special("%ctaid.x"), str(WARPS),
+                   f.value("b32", "div.u32", tid, "32"))
+    every = f.value("b32", "mul.lo.u32", f.special("%nctaid.x"), str(WARPS))
+    first = f.value("b32", "mul.lo.u32", warp, str(at_once))
+    stride = f.value("b32", "mul.lo.u32", every, str(at_once))
+    my_b = f.value("b32", "mad.lo.u32", lane, "4", table)
+    cols = [f.value("b32", "mov.u32", str(j)) for j in range(n)]
+    yes = f.value("pred", "setp.eq.u32", lane, lane)
+    mine = [f.value("pred", "setp.eq.u32", lane, str(j)) for j in range(n)]
+    last_ok = f.value("pred", "setp.lt.u32", lane, str(k - 32 * (steps - 1)))
+    with f.loop(first, p["m"], stride, "rows") as row0:
+        rows = [f.value("b32", "add.u32", row0, str(r)) for r in range(at_once)]
+        row_ok = [f.value("pred", "setp.lt.u32", r, p["m"]) for r in rows]
+        values = []
+        for row, ok in zip(rows, row_ok, strict=True):
+            a_row = f.value("b32", "mad.lo.u32", row, p["a_sr"], cta.base["a"])
+            f.ins("add.u32", a_row, a_row, lane)
+            loads = []
+            for step in range(steps):
+                v = f.value("f32", "mov.f32", "0f00000000")
+                load_ok = f.value("pred", "and.pred", ok, last_ok) if step == steps - 1 \
+                    and k % 32 else ok
+                f.ins("ld.global.f32", v, f.address(a, a_row, 32 * step, 4), guard=load_ok)
+                loads.append(v)
+            values.append(loads)
+        acc = [[f.value("f32", "mov.f32", "0f00000000") for _ in range(n)]
+               for _ in range(at_once)]
+        for step in range(steps):
+            # lanes past k read the next column's (or the pad's) words: no FMA there,
+            # so an Inf in one column cannot turn another's sum into NaN
+            in_k = last_ok if step == steps - 1 and k % 32 else None
+            for j in range(n):
+                w = f.value("f32", "ld.shared.f32", f"[{my_b}+{4 * (j * k + 32 * step)}]")
+                for i in range(at_once):
+                    f.ins("fma.rn.f32", acc[i][j], values[i][step], w, acc[i][j], guard=in_k)
+        f.comment("each row's sums, in a butterfly over the warp; lane j stores column j")
+        for i, row in enumerate(rows):
+            for j in range(n):
+                for offset in (16, 8, 4, 2, 1):
+                    other = f.value("f32", "shfl.sync.bfly.b32", acc[i][j], str(offset),
+                                    "0x1f", "0xffffffff")
+                    f.ins("add.rn.f32", acc[i][j], acc[i][j], other)
+            inside = [[f.value("pred", "and.pred", row_ok[i], mj) for mj in mine]]
+            store_outputs(f, p, c, bias, cta.base["c"], alpha, beta, [row], cols, [yes] * n,
+                          inside, [acc[i]])
+    return f.text("ENTRY")
+
+
+def _fill(f: PtxFunction, table: str, count: int, threads: int, tid: str,
+          element: Callable[[str], tuple[str, str, str | None]]) -> None:
+    """``table[idx]`` (a shared array of f32) = the element ``element(idx)`` names —
+    (pointer, index, guard: 0 where false) — for idx < ``count``, shared by the CTA's
+    threads, ``FILL_BATCH`` loads issued before their stores; then a barrier."""
+    per = math.ceil(count / threads)
+    for first in range(0, per, FILL_BATCH):
+        batch = []
+        for q in range(first, min(per, first + FILL_BATCH)):
+            idx = f.value("b32", "add.u32", tid, str(q * threads))
+            there = f.value("pred", "setp.lt.u32", idx, str(count)) \
+                if (q + 1) * threads > count else None
+            ptr, at, guard = element(idx)
+            if there and guard:
+                guard = f.value("pred", "and.pred", there, guard)
+            v = f.load("f32", f.address(ptr, at, 0, 4), guard=guard or there)
+            batch.append((idx, there, v))
+        for idx, there, v in batch:
+            f.ins("st.shared.f32", f"[{f.value('b32', 'mad.lo.u32', idx, '4', table)}]", v,
+                  guard=there)
+    f.ins("bar.sync", "0")
+
+
+@functools.cache
+def thread_rows_text(n: int, chunk: int) -> str:
+    """C's rows over a ``chunk`` of k (module docstring): lane l of every warp takes row
+    ``32·ctaid.x + l``, warp w the steps w, w + 8, ... of the chunk; the warps' sums
+    meet in shared memory, added in warp order. Entry ``ENTRY``."""
+    f = _params()
+    a, b, c, bias, partials, counts = (f.param_pointer(x) for x in
+                                       ("a", "b", "c", "bias", "partials", "counts"))
+    p = {s: f.param_u32(s) for s in SCALARS}
+    alpha, beta = (f.param_f32(s) for s in SCALES)
+    f.shared += [f".shared .align 4 .b8 b_t[{4 * n * chunk}];",
+                 f".shared .align 4 .b8 sums[{4 * n * THREADS}];",
+                 ".shared .align 4 .b8 last_flag[4];"]
+    tid = f.special("%tid.x")
+    lane = f.value("b32", "rem.u32", tid, "32")
+    warp = f.value("b32", "div.u32", tid, "32")
+    cta = product_of_cta(f, p)
+    length = f.value("b32", "sub.u32", cta.k_end, cta.k_begin)
+
+    f.comment("this split's rows of B, transposed into shared memory (0 past its end)")
+    table = f.value("b32", "mov.u32", "b_t")
+
+    def b_element(idx: str) -> tuple[str, str, str]:
+        t = f.value("b32", "rem.u32", idx, str(chunk))
+        at = f.value("b32", "mad.lo.u32", f.value("b32", "add.u32", cta.k_begin, t),
+                     p["b_sr"], cta.base["b"])
+        f.ins("mad.lo.u32", at, f.value("b32", "div.u32", idx, str(chunk)), p["b_sc"], at)
+        return b, at, f.value("pred", "setp.lt.u32", t, length)
+
+    _fill(f, table, n * chunk, THREADS, tid, b_element)
+
+    row = f.value("b32", "mad.lo.u32", f.special("%ctaid.x"), "32", lane)
+    row_ok = f.value("pred", "setp.lt.u32", row, p["m"])
+    a_at = f.value("b32", "add.u32", cta.k_begin, warp)
+    f.ins("mad.lo.u32", a_at, a_at, p["a_sc"], cta.base["a"])
+    f.ins("mad.lo.u32", a_at, row, p["a_sr"], a_at)
+    step_a = f.value("b32", "mul.lo.u32", p["a_sc"], str(8 * K_LOADS))
+    b_here = f.value("b32", "mad.lo.u32", warp, "4", table)
+    acc = [f.value("f32", "mov.f32", "0f00000000") for _ in range(n)]
+    f.comment(f"the warp's steps of k, {K_LOADS} loads at a time, then their products")
+    with f.loop(warp, length, str(8 * K_LOADS), "k_steps") as t:
+        values = []
+        for u in range(K_LOADS):
+            v = f.value("f32", "mov.f32", "0f00000000")
+            tu = f.value("b32", "add.u32", t, str(8 * u))
+            ok = f.value("pred", "setp.lt.and.u32", tu, length, row_ok)
+            f.ins("ld.global.f32", v, f.address(
+                a, f.value("b32", "mad.lo.u32", p["a_sc"], str(8 * u), a_at), 0, 4), guard=ok)
+            values.append(v)
+        for u, v in enumerate(values):  # B's words past the split's end are 0
+            for j in range(n):
+                w = f.value("f32", "ld.shared.f32", f"[{b_here}+{4 * (j * chunk + 8 * u)}]")
+                f.ins("fma.rn.f32", acc[j], v, w, acc[j])
+        f.ins("add.u32", a_at, a_at, step_a)
+        f.ins("add.u32", b_here, b_here, str(4 * 8 * K_LOADS))
+
+    f.comment("the warps' sums through shared memory, added in warp order by warp 0")
+    sums = f.value("b32", "mad.lo.u32", tid, "4", f.value("b32", "mov.u32", "sums"))
+    for j in range(n):
+        f.ins("st.shared.f32", f"[{sums}+{4 * j * THREADS}]", acc[j])
+    f.ins("bar.sync", "0")
+    first_warp = f.value("pred", "setp.eq.u32", warp, "0")
+    for j in range(n):
+        f.ins("mov.f32", acc[j], "0f00000000")
+        for other_warp in range(WARPS):
+            v = f.value("f32", "mov.f32", "0f00000000")
+            f.ins("ld.shared.f32", v, f"[{sums}+{4 * (j * THREADS + 32 * other_warp)}]",
+                  guard=first_warp)
+            f.ins("add.rn.f32", acc[j], acc[j], v)
+    cols = [f.value("b32", "mov.u32", str(j)) for j in range(n)]
+    yes = f.value("pred", "setp.eq.u32", tid, tid)
+    inside = [[f.value("pred", "and.pred", row_ok, first_warp)] * n]
+    done = f.label("epilogue")
+    f.ins("bra", done, guard=f"!{f.value('pred', 'setp.gt.u32', p['splits'], '1')}")
+    reduce_splits(f, p, partials, counts, cta.item, cta.split, tid, [row], cols, inside,
+                  [acc], SUM_AHEAD)
+    f.place(done)
+    store_outputs(f, p, c, bias, cta.base["c"], alpha, beta, [row], cols, [yes] * n, inside,
+                  [acc])
+    return f.text("ENTRY")
+
+
+@functools.cache
+def short_k_text(k: int, n: int, rows: int) -> str:
+    """C's rows, ``rows`` per CTA, from a short inner dimension (module docstring);
+    entry ``ENTRY``."""
+    f = _params()
+    a, b, c, bias, *_ = (f.param_pointer(x) for x in
+                         ("a", "b", "c", "bias", "partials", "counts"))
+    p = {s: f.param_u32(s) for s in SCALARS}
+    alpha, beta = (f.param_f32(s) for s in SCALES)
+    f.shared += [f".shared .align 4 .b8 b_s[{4 * k * n}];",
+                 f".shared .align 4 .b8 a_s[{4 * rows * k}];"]
+    tid = f.special("%tid.x")
+    cta = product_of_cta(f, p)
+    row0 = f.value("b32", "mul.lo.u32", f.special("%ctaid.x"), str(rows))
+
+    f.comment("B, and this block's rows of A, into shared memory")
+    b_s, a_s = (f.value("b32", "mov.u32", x) for x in ("b_s", "a_s"))
+
+    def b_element(idx: str) -> tuple[str, str, None]:
+        at = f.value("b32", "mad.lo.u32", f.value("b32", "div.u32", idx, str(n)), p["b_sr"],
+                     cta.base["b"])
+        f.ins("mad.lo.u32", at, f.value("b32", "rem.u32", idx, str(n)), p["b_sc"], at)
+        return b, at, None
+
+    def a_element(idx: str) -> tuple[str, str, str]:
+        r = f.value("b32", "add.u32", row0, f.value("b32", "div.u32", idx, str(k)))
+        at = f.value("b32", "mad.lo.u32", r, p["a_sr"], cta.base["a"])
+        f.ins("mad.lo.u32", at, f.value("b32", "rem.u32", idx, str(k)), p["a_sc"], at)
+        return a, at, f.value("pred", "setp.lt.u32", r, p["m"])
+
+    _fill(f, b_s, k * n, THREADS, tid, b_element)
+    _fill(f, a_s, rows * k, THREADS, tid, a_element)
+
+    f.comment("consecutive threads, consecutive columns of the block's rows")
+    with f.loop(tid, str(rows * n), str(THREADS), "outputs") as idx:
+        i = f.value("b32", "div.u32", idx, str(n))
+        j = f.value("b32", "rem.u32", idx, str(n))
+        row = f.value("b32", "add.u32", row0, i)
+        a_row = f.value("b32", "mad.lo.u32", i, str(4 * k), a_s)
+        b_col = f.value("b32", "mad.lo.u32", j, "4", b_s)
+        acc = f.value("f32", "mov.f32", "0f00000000")
+        for kk in range(k):
+            x = f.value("f32", "ld.shared.f32", f"[{a_row}+{4 * kk}]")
+            y = f.value("f32", "ld.shared.f32", f"[{b_col}+{4 * kk * n}]")
+            f.ins("fma.rn.f32", acc, x, y, acc)
+        row_ok = f.value("pred", "setp.lt.u32", row, p["m"])
+        yes = f.value("pred", "setp.eq.u32", j, j)
+        store_outputs(f, p, c, bias, cta.base["c"], alpha, beta, [row], [j], [yes],
+                      [[row_ok]], [[acc]])
+    return f.text("ENTRY")
