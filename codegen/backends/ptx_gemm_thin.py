@@ -36,11 +36,11 @@ from ..launch_plan import ScalarArg
 from .ptx_asm import PtxFunction
 from .ptx_gemm import (
     MAX_PARTIALS,
-    SCALARS,
-    SCALES,
+    POINTERS,
     SPLIT_COUNTS,
     SPLIT_PARTIALS,
     TiledLaunch,
+    gemm_kernel,
     product_of_cta,
     reduce_splits,
     store_outputs,
@@ -58,11 +58,6 @@ SPLITS = (8, 16, 32, 64)  # thread_rows: split counts timed besides 1
 SUM_AHEAD = 8  # thread_rows: splits whose partials are loaded before any is added
 FILL_BATCH = 16  # shared-memory fills: loads issued before their stores
 CTA_TARGET = 132  # short_k: rows per CTA so that about this many CTAs run
-
-
-def _params() -> PtxFunction:
-    return PtxFunction([(".u64", x) for x in ("a", "b", "c", "bias", "partials", "counts")] +
-                       [(".u32", s) for s in SCALARS] + [(".f32", s) for s in SCALES])
 
 
 def thin_candidates(batch: int, mnk: tuple[int, int, int],
@@ -121,11 +116,8 @@ def warp_rows_text(n: int, k: int, at_once: int) -> str:
     """A warp per row of C (module docstring), ``at_once`` rows at a time; entry
     ``ENTRY``."""
     steps = math.ceil(k / 32)  # a lane's elements of a row of A
-    f = _params()
-    a, b, c, bias, *_ = (f.param_pointer(x) for x in
-                         ("a", "b", "c", "bias", "partials", "counts"))
-    p = {s: f.param_u32(s) for s in SCALARS}
-    alpha, beta = (f.param_f32(s) for s in SCALES)
+    f, ptr, p, (alpha, beta) = gemm_kernel()
+    a, b, c, bias = (ptr[x] for x in ("a", "b", "c", "bias"))
     f.shared.append(f".shared .align 4 .b8 b_t[{4 * (n * k + 32)}];")  # + a warp's overrun
     tid = f.special("%tid.x")
     lane = f.value("b32", "rem.u32", tid, "32")
@@ -218,11 +210,8 @@ def thread_rows_text(n: int, chunk: int) -> str:
     """C's rows over a ``chunk`` of k (module docstring): lane l of every warp takes row
     ``32·ctaid.x + l``, warp w the steps w, w + 8, ... of the chunk; the warps' sums
     meet in shared memory, added in warp order. Entry ``ENTRY``."""
-    f = _params()
-    a, b, c, bias, partials, counts = (f.param_pointer(x) for x in
-                                       ("a", "b", "c", "bias", "partials", "counts"))
-    p = {s: f.param_u32(s) for s in SCALARS}
-    alpha, beta = (f.param_f32(s) for s in SCALES)
+    f, ptr, p, (alpha, beta) = gemm_kernel()
+    a, b, c, bias, partials, counts = (ptr[x] for x in POINTERS)
     f.shared += [f".shared .align 4 .b8 b_t[{4 * n * chunk}];",
                  f".shared .align 4 .b8 sums[{4 * n * THREADS}];",
                  ".shared .align 4 .b8 last_flag[4];"]
@@ -299,11 +288,8 @@ def thread_rows_text(n: int, chunk: int) -> str:
 def short_k_text(k: int, n: int, rows: int) -> str:
     """C's rows, ``rows`` per CTA, from a short inner dimension (module docstring);
     entry ``ENTRY``."""
-    f = _params()
-    a, b, c, bias, *_ = (f.param_pointer(x) for x in
-                         ("a", "b", "c", "bias", "partials", "counts"))
-    p = {s: f.param_u32(s) for s in SCALARS}
-    alpha, beta = (f.param_f32(s) for s in SCALES)
+    f, ptr, p, (alpha, beta) = gemm_kernel()
+    a, b, c, bias = (ptr[x] for x in ("a", "b", "c", "bias"))
     f.shared += [f".shared .align 4 .b8 b_s[{4 * k * n}];",
                  f".shared .align 4 .b8 a_s[{4 * rows * k}];"]
     tid = f.special("%tid.x")
