@@ -2,21 +2,22 @@
 
 It executes the subset of PTX the renderer emits for reductions, row chains, convolution
 gathers and the GEMM kernels (integer index arithmetic, f32, v2, v4 and u8 loads and
-stores, IEEE-rounded arithmetic, ex2/lg2, predicates, branches, ``shfl.sync.bfly``, shared
-memory and ``bar.sync``, ``atom.global.add.u32`` one thread after another, ``membar.gl``
-as a no-op since every store lands at once) over every thread of a launch at once, NumPy
-vectors of registers, one instruction at a time for the threads at the lowest program counter
-("min-PC" scheduling: a thread that leaves a loop early waits where the others will join
-it, as a warp reconverges; a ``bar.sync`` that part of a block would pass alone raises).
-Anything outside the subset raises, so a test can never pass by skipping what it does
-not understand. Memory is one byte heap with the arenas at fake addresses; an access
-outside every arena raises; each block has its own shared memory. ``fma.rn.f32`` is
-computed in float64 (the product is exact there; the sum is rounded twice, which can
-differ from one rounding in the last bit, rarely). A ``Gemm`` step runs its fallback
-kernel, with ``gemm="tiled"`` its most split register-tiled kernel (``"thin"``: thin
-kernel), or, with ``gemm="numpy"``, alpha·product + beta·C (+ bias, ReLU) in float64
-rounded to float32 (what a vendor library computes, up to its order of additions; C
-unread when beta is 0)."""
+stores, IEEE-rounded arithmetic, ex2/lg2, predicates, branches, ``shfl.sync.bfly``,
+shared memory and ``bar.sync``, ``atom.global.add.u32`` one thread after another,
+``membar.gl`` as a no-op since every store lands at once) over every thread of a launch
+at once, NumPy vectors of registers, one instruction at a time for the threads at the
+lowest program counter ("min-PC" scheduling: a thread that leaves a loop early waits
+where the others will join it, as a warp reconverges; a ``bar.sync`` that part of a
+block would pass alone raises). Anything outside the subset raises, so a test can never
+pass by skipping what it does not understand. Memory is one byte heap with the arenas at
+fake addresses; an access outside every arena raises, and so do threads storing
+different values to one address in one instruction (a race); each block has its own
+shared memory. ``fma.rn.f32`` is computed in float64 (the product is exact there; the
+sum is rounded twice, which can differ from one rounding in the last bit, rarely). A
+``Gemm`` step runs its fallback kernel, with ``gemm="tiled"`` its most split
+register-tiled kernel (``"thin"``: thin kernel), or, with ``gemm="numpy"``,
+alpha·product + beta·C (+ bias, ReLU) in float64 rounded to float32 (what a vendor
+library computes, up to its order of additions; C unread when beta is 0)."""
 
 from __future__ import annotations
 
@@ -292,6 +293,16 @@ class Threads:
             elif run.any():
                 self.execute(ins, run)
 
+    @staticmethod
+    def check_one_value_per_address(addr: np.ndarray, words: np.ndarray) -> None:
+        """Threads storing different values to one address in one instruction race (a
+        GPU keeps one of them, which one it does not say): an error here."""
+        order = np.argsort(addr, kind="stable")
+        same = addr[order][1:] == addr[order][:-1]
+        if (same & (words[order][1:] != words[order][:-1])).any():
+            raise AssertionError("ptx_sim: threads store different values to one address "
+                                 "in one instruction")
+
     def barrier(self, run: np.ndarray) -> None:
         """Under min-PC scheduling the threads here wait for every thread at a lower PC,
         so a barrier is right when no live thread of a block it holds is elsewhere."""
@@ -392,6 +403,7 @@ class Threads:
             addr = self.memory(o[0], run, 4)
             reg = self.reg(o[1])
             data = np.ascontiguousarray(reg[run]).view(np.uint8).reshape(-1, 4)
+            self.check_one_value_per_address(addr, data.view(np.uint32)[:, 0])
             self.m.heap[addr[:, None] + np.arange(4)] = data
         elif op in ("ld.shared.f32", "ld.shared.u32"):
             addr = self.shared_address(o[1], run, 4)

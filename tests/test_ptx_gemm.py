@@ -184,6 +184,14 @@ def test_thread_rows_match_numpy_with_and_without_splits(bias: bool,
     _kinds(found)
 
 
+@pytest.mark.parametrize("n", [1, 2, 5, 16])
+def test_warp_rows_sum_every_column_count_to_its_lane(n: int) -> None:
+    # the warp's sums end a column to a lane, by halving the columns at each offset:
+    # every count from 1 (a plain butterfly) to 16 (four halvings) lands where it should
+    _kinds(_run(9, n, 33, a_t=False, b_t=False, bias=True, scale=(0.5, 0.25), seed=n,
+                family=thin_candidates))
+
+
 def test_warp_rows_two_rows_at_a_time() -> None:
     # more rows than the grid's warps: each warp loads two rows' elements together
     ops = [("a", 0, (0, 40, 1)), ("b", 0, (0, 3, 1)), ("c", 0, (0, 3, 1))]

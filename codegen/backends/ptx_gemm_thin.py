@@ -140,9 +140,18 @@ def warp_rows_text(n: int, k: int, at_once: int) -> str:
     first = f.value("b32", "mul.lo.u32", warp, str(at_once))
     stride = f.value("b32", "mul.lo.u32", every, str(at_once))
     my_b = f.value("b32", "mad.lo.u32", lane, "4", table)
-    cols = [f.value("b32", "mov.u32", str(j)) for j in range(n)]
-    yes = f.value("pred", "setp.eq.u32", lane, lane)
-    mine = [f.value("pred", "setp.eq.u32", lane, str(j)) for j in range(n)]
+    lane_bits = {o: f.value("pred", "setp.ne.u32", f.value("b32", "and.b32", lane, str(o)),
+                            "0") for o in OFFSETS}
+    column = f.value("b32", "mov.u32", "0")  # the column this lane's sum ends as
+    for o, half in _halves(n):
+        f.ins("add.u32", column, column, str(half), guard=lane_bits[o])
+    # of the lanes that end with a column's sum (they differ only in the bits of the
+    # butterfly's stages), the one with those bits clear stores it
+    repeats = sum(o for o in OFFSETS if o not in dict(_halves(n)))
+    column_ok = f.value("pred", "setp.lt.u32", column, str(n))
+    first_copy = f.value("pred", "setp.eq.u32", f.value("b32", "and.b32", lane, str(repeats)),
+                         "0")
+    f.ins("and.pred", column_ok, column_ok, first_copy)
     last_ok = f.value("pred", "setp.lt.u32", lane, str(k - 32 * (steps - 1)))
     with f.loop(first, p["m"], stride, "rows") as row0:
         rows = [f.value("b32", "add.u32", row0, str(r)) for r in range(at_once)]
@@ -169,17 +178,63 @@ def warp_rows_text(n: int, k: int, at_once: int) -> str:
                 w = f.value("f32", "ld.shared.f32", f"[{my_b}+{4 * (j * k + 32 * step)}]")
                 for i in range(at_once):
                     f.ins("fma.rn.f32", acc[i][j], values[i][step], w, acc[i][j], guard=in_k)
-        f.comment("each row's sums, in a butterfly over the warp; lane j stores column j")
+        f.comment("each row's sums over the warp, a column to a lane; that lane stores it")
         for i, row in enumerate(rows):
-            for j in range(n):
-                for offset in (16, 8, 4, 2, 1):
-                    other = f.value("f32", "shfl.sync.bfly.b32", acc[i][j], str(offset),
-                                    "0x1f", "0xffffffff")
-                    f.ins("add.rn.f32", acc[i][j], acc[i][j], other)
-            inside = [[f.value("pred", "and.pred", row_ok[i], mj) for mj in mine]]
-            store_outputs(f, p, c, bias, cta.base["c"], alpha, beta, [row], cols, [yes] * n,
-                          inside, [acc[i]])
+            total = _sums_to_lanes(f, acc[i], lane_bits)
+            ok = f.value("pred", "and.pred", row_ok[i], column_ok)
+            store_outputs(f, p, c, bias, cta.base["c"], alpha, beta, [row], [column],
+                          [column_ok], [[ok]], [[total]])
     return f.text("ENTRY")
+
+
+OFFSETS = (16, 8, 4, 2, 1)  # the butterfly's lane distances
+
+
+def _halves(n: int) -> list[tuple[int, int]]:
+    """For ``_sums_to_lanes``: (offset, half) of each stage that splits the columns a
+    lane holds — the lanes with the offset's bit set keep the upper half, ``half``
+    columns on — for n padded to a power of two, so that the halves are exact and lane
+    l's column, Σ half over the stages whose bit l has, names each column (pads: ≥ n)
+    for one set of split bits only; the stages after the columns are down to one only
+    add."""
+    out, count = [], 1 << (n - 1).bit_length()
+    for o in OFFSETS:
+        if count == 1:
+            break
+        count //= 2
+        out.append((o, count))
+    return out
+
+
+def _sums_to_lanes(f: PtxFunction, values: list[str], lane_bits: dict[int, str]) -> str:
+    """The sum over the warp of each of ``values`` (one per column), lane l ending
+    with column ``Σ half`` over the stages whose offset bit l has (``_halves``): at
+    each stage a lane sends its partner the half of its columns it gives up and adds
+    the partner's share of the half it keeps (n sends in all, not 5·n as a butterfly
+    per column would); then, one column left, a butterfly. A fixed order of
+    additions for every lane and shape."""
+    splits = dict(_halves(len(values)))
+    zero = f.value("f32", "mov.f32", "0f00000000")  # the pads up to a power of two
+    held = list(values) + [zero] * (2 * next(iter(splits.values()), 0) - len(values))
+    for o in OFFSETS:
+        bit = lane_bits[o]
+        if o not in splits:
+            (v,) = held
+            other = f.value("f32", "shfl.sync.bfly.b32", v, str(o), "0x1f", "0xffffffff")
+            f.ins("add.rn.f32", v, v, other)
+            continue
+        half = splits[o]
+        kept = []
+        for low, high in zip(held[:half], held[half:], strict=True):
+            if low == zero and high == zero:  # both pads: still a pad
+                kept.append(zero)
+                continue
+            give = f.value("f32", "selp.f32", low, high, bit)
+            keep = f.value("f32", "selp.f32", high, low, bit)
+            got = f.value("f32", "shfl.sync.bfly.b32", give, str(o), "0x1f", "0xffffffff")
+            kept.append(f.value("f32", "add.rn.f32", keep, got))
+        held = kept
+    return held[0]
 
 
 def _fill(f: PtxFunction, table: str, count: int, threads: int, tid: str,
