@@ -192,6 +192,14 @@ def test_warp_rows_sum_every_column_count_to_its_lane(n: int) -> None:
                 family=thin_candidates))
 
 
+def test_short_k_with_several_columns_per_thread() -> None:
+    # 600 columns over 256 threads: three columns a thread, the last one partly outside
+    found = _run(40, 600, 7, a_t=True, b_t=False, bias=True, relu=True, seed=6,
+                 family=thin_candidates)
+    assert len(found) == 1
+    _kinds(found)
+
+
 def test_warp_rows_two_rows_at_a_time() -> None:
     # more rows than the grid's warps: each warp loads two rows' elements together
     ops = [("a", 0, (0, 40, 1)), ("b", 0, (0, 3, 1)), ("c", 0, (0, 3, 1))]

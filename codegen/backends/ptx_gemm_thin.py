@@ -18,8 +18,9 @@ small operand in shared memory:
   shared memory (one broadcast word per step and column). Split-K as ``ptx_gemm``'s
   kernels (partials in ``split_f32``, the last CTA sums them in split order), so a C of
   256 rows still fills the GPU.
-- ``short_k`` (k ≤ ``SHORT``): C's rows in blocks of ``BLOCK_ROWS``; the block's rows of
-  A and all of B in shared memory, consecutive threads computing consecutive columns.
+- ``short_k`` (k ≤ ``SHORT``): a thread per column of C (a few for a wide C) with that
+  column's k words of B in registers; a CTA takes a block of C's rows, whose rows of A
+  it reads through shared memory, a row at a time, all threads alike.
 
 The shapes are known when the plan is rendered, so the kernels are specialized to n and
 k (loops unrolled, shared arrays sized); the epilogue is ``ptx_gemm``'s (alpha, beta,
@@ -58,6 +59,7 @@ SPLITS = (8, 16, 32, 64)  # thread_rows: split counts timed besides 1
 SUM_AHEAD = 8  # thread_rows: splits whose partials are loaded before any is added
 FILL_BATCH = 16  # shared-memory fills: loads issued before their stores
 CTA_TARGET = 132  # short_k: rows per CTA so that about this many CTAs run
+SHORT_COLUMNS = 8  # short_k: at most this many columns per thread (B's words in registers)
 
 
 def thin_candidates(batch: int, mnk: tuple[int, int, int],
@@ -103,11 +105,11 @@ def thin_candidates(batch: int, mnk: tuple[int, int, int],
                 continue
             launch(f"fg_sgemm_thread_rows_n{n}_kc{chunk}", thread_rows_text(n, chunk),
                    (math.ceil(m / 32), 1, items * splits), THREADS, splits, chunk)
-    if k <= SHORT and n > THIN:
+    if k <= SHORT and THIN < n <= SHORT_COLUMNS * THREADS:
         rows = max(1, min(32, m // CTA_TARGET))
-        if k * (n + rows) <= SHARED_FLOATS:
-            launch(f"fg_sgemm_short_k_k{k}_n{n}_r{rows}", short_k_text(k, n, rows),
-                   (math.ceil(m / rows), 1, items), THREADS)
+        threads = min(THREADS, 32 * math.ceil(n / 32))
+        launch(f"fg_sgemm_short_k_k{k}_n{n}_r{rows}_t{threads}",
+               short_k_text(k, n, rows, threads), (math.ceil(m / rows), 1, items), threads)
     return list({t.name + str(t.grid): t for t in out}.values())  # splits that coincide
 
 
@@ -340,25 +342,30 @@ def thread_rows_text(n: int, chunk: int) -> str:
 
 
 @functools.cache
-def short_k_text(k: int, n: int, rows: int) -> str:
-    """C's rows, ``rows`` per CTA, from a short inner dimension (module docstring);
-    entry ``ENTRY``."""
+def short_k_text(k: int, n: int, rows: int, threads: int) -> str:
+    """C's rows, ``rows`` per CTA, from a short inner dimension (module docstring):
+    thread t owns columns t, t + threads, ... and holds their k words of B in registers;
+    the block's rows of A come through shared memory. Entry ``ENTRY``."""
     f, ptr, p, (alpha, beta) = gemm_kernel()
     a, b, c, bias = (ptr[x] for x in ("a", "b", "c", "bias"))
-    f.shared += [f".shared .align 4 .b8 b_s[{4 * k * n}];",
-                 f".shared .align 4 .b8 a_s[{4 * rows * k}];"]
+    f.shared.append(f".shared .align 4 .b8 a_s[{4 * rows * k}];")
     tid = f.special("%tid.x")
     cta = product_of_cta(f, p)
     row0 = f.value("b32", "mul.lo.u32", f.special("%ctaid.x"), str(rows))
 
-    f.comment("B, and this block's rows of A, into shared memory")
-    b_s, a_s = (f.value("b32", "mov.u32", x) for x in ("b_s", "a_s"))
+    f.comment("this thread's columns of B into registers")
+    cols = [f.value("b32", "add.u32", tid, str(threads * u))
+            for u in range(math.ceil(n / threads))]
+    col_ok = [f.value("pred", "setp.lt.u32", j, str(n)) for j in cols]
+    words = []
+    for j, ok in zip(cols, col_ok, strict=True):
+        at = f.value("b32", "mad.lo.u32", j, p["b_sc"], cta.base["b"])
+        words.append([f.load("f32", f.address(b, f.value("b32", "mad.lo.u32", p["b_sr"],
+                                                           str(kk), at), 0, 4), guard=ok)
+                      for kk in range(k)])
 
-    def b_element(idx: str) -> tuple[str, str, None]:
-        at = f.value("b32", "mad.lo.u32", f.value("b32", "div.u32", idx, str(n)), p["b_sr"],
-                     cta.base["b"])
-        f.ins("mad.lo.u32", at, f.value("b32", "rem.u32", idx, str(n)), p["b_sc"], at)
-        return b, at, None
+    f.comment("this block's rows of A into shared memory")
+    a_s = f.value("b32", "mov.u32", "a_s")
 
     def a_element(idx: str) -> tuple[str, str, str]:
         r = f.value("b32", "add.u32", row0, f.value("b32", "div.u32", idx, str(k)))
@@ -366,23 +373,22 @@ def short_k_text(k: int, n: int, rows: int) -> str:
         f.ins("mad.lo.u32", at, f.value("b32", "rem.u32", idx, str(k)), p["a_sc"], at)
         return a, at, f.value("pred", "setp.lt.u32", r, p["m"])
 
-    _fill(f, b_s, k * n, THREADS, tid, b_element)
-    _fill(f, a_s, rows * k, THREADS, tid, a_element)
+    _fill(f, a_s, rows * k, threads, tid, a_element)
 
-    f.comment("consecutive threads, consecutive columns of the block's rows")
-    with f.loop(tid, str(rows * n), str(THREADS), "outputs") as idx:
-        i = f.value("b32", "div.u32", idx, str(n))
-        j = f.value("b32", "rem.u32", idx, str(n))
-        row = f.value("b32", "add.u32", row0, i)
+    f.comment("row by row: its k words of A (the same for every thread), then a sum per")
+    f.comment("column this thread owns")
+    last = f.value("b32", "sub.u32", p["m"], row0)
+    f.ins("min.u32", last, last, str(rows))
+    with f.loop(f.value("b32", "mov.u32", "0"), last, "1", "rows") as i:
         a_row = f.value("b32", "mad.lo.u32", i, str(4 * k), a_s)
-        b_col = f.value("b32", "mad.lo.u32", j, "4", b_s)
-        acc = f.value("f32", "mov.f32", "0f00000000")
-        for kk in range(k):
-            x = f.value("f32", "ld.shared.f32", f"[{a_row}+{4 * kk}]")
-            y = f.value("f32", "ld.shared.f32", f"[{b_col}+{4 * kk * n}]")
-            f.ins("fma.rn.f32", acc, x, y, acc)
-        row_ok = f.value("pred", "setp.lt.u32", row, p["m"])
-        yes = f.value("pred", "setp.eq.u32", j, j)
-        store_outputs(f, p, c, bias, cta.base["c"], alpha, beta, [row], [j], [yes],
-                      [[row_ok]], [[acc]])
+        xs = [f.value("f32", "ld.shared.f32", f"[{a_row}+{4 * kk}]") for kk in range(k)]
+        acc = []
+        for column in words:
+            total = f.value("f32", "mov.f32", "0f00000000")
+            for x, y in zip(xs, column, strict=True):
+                f.ins("fma.rn.f32", total, x, y, total)
+            acc.append(total)
+        row = f.value("b32", "add.u32", row0, i)
+        store_outputs(f, p, c, bias, cta.base["c"], alpha, beta, [row], cols, col_ok,
+                      [col_ok], [acc])
     return f.text("ENTRY")
