@@ -192,6 +192,24 @@ def test_warp_rows_sum_every_column_count_to_its_lane(n: int) -> None:
                 family=thin_candidates))
 
 
+def test_thin_kernels_fit_in_static_shared_memory() -> None:
+    # a kernel declaring more than 48 KB of static shared memory does not assemble: the
+    # shapes at each kernel's limits must stay under it (or not be offered)
+    import re
+
+    limit = 48 * 1024
+    for n in (1, 3, 10, 16):
+        for k in {1, 16, 17, 256, 512, 640, 768, 2048, 12288 // n - 32, 12288 // n - 31,
+                  8192}:
+            for a_t in (False, True):
+                ops = [("a", 0, _strides(64, k, a_t, 0)), ("b", 0, _strides(k, n, False, 0)),
+                       ("c", 0, (0, n, 1))]
+                for t in thin_candidates(1, (64, n, k), ops, None, False, 1, (0, 0, 0),
+                                         (1.0, 0.0)):
+                    used = sum(int(b) for b in re.findall(r"\.shared .*\[(\d+)\];", t.text))
+                    assert used <= limit, f"{t.name}: {used} bytes of shared memory"
+
+
 def test_short_k_with_several_columns_per_thread() -> None:
     # 600 columns over 256 threads: three columns a thread, the last one partly outside
     found = _run(40, 600, 7, a_t=True, b_t=False, bias=True, relu=True, seed=6,

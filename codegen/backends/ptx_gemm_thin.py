@@ -100,7 +100,8 @@ def thin_candidates(batch: int, mnk: tuple[int, int, int],
         for splits in (1, *SPLITS):
             chunk = 8 * K_LOADS * math.ceil(math.ceil(k / splits) / (8 * K_LOADS))
             splits = math.ceil(k / chunk)
-            if n * (chunk + THREADS) > SHARED_FLOATS or (splits > 1 and (
+            # Bᵀ's chunk, the warps' sums and the split-K flag
+            if n * (chunk + THREADS) + 1 > SHARED_FLOATS or (splits > 1 and (
                     items * splits * m * n > MAX_PARTIALS or items * splits > 65535)):
                 continue
             launch(f"fg_sgemm_thread_rows_n{n}_kc{chunk}", thread_rows_text(n, chunk),
