@@ -88,6 +88,40 @@ class TiledLaunch(NamedTuple):
     tiles: int
 
 
+class Product(NamedTuple):
+    """A GEMM step's product as its generated kernels see it (``tiled_candidates``'
+    arguments), which makes their launches."""
+
+    batch: int
+    mnk: tuple[int, int, int]
+    operands: list[tuple[str, int, tuple[int, int, int]]]  # A, B, C: (buffer, offset, strides)
+    bias: tuple[str, int] | None
+    relu: bool
+    outer: int
+    outer_strides: tuple[int, int, int]
+    scale: tuple[float, float]  # alpha, beta
+
+    def launch(self, name: str, text: str, grid: tuple[int, int, int], threads: int,
+               splits: int = 1, chunk: int = 0) -> TiledLaunch:
+        """Kernel ``name`` (parameters of ``gemm_kernel``) on a ``grid`` of CTAs of
+        ``threads``; the inner dimension in ``splits`` ranges of ``chunk`` (0: all)."""
+        m, n, k = self.mnk
+        items = self.batch * self.outer
+        scalars = [ScalarArg("u32", x) for x in (*self.mnk, self.batch, self.outer,
+                                                 *self.outer_strides)]
+        scalars += [ScalarArg("u32", s) for _, _, st in self.operands for s in st]
+        scalars += [ScalarArg("u32", 0 if self.bias is None else 2 if self.relu else 1),
+                    ScalarArg("u32", splits), ScalarArg("u32", chunk or k)]
+        scalars += [ScalarArg("f32", x) for x in self.scale]
+        pointers: list = [(b, off) for b, off, _ in self.operands]
+        pointers.append(self.bias or pointers[2])  # unread without a bias
+        pointers += [(SPLIT_PARTIALS, 0), (SPLIT_COUNTS, 0)]
+        split = splits > 1
+        return TiledLaunch(name, text, pointers + scalars, grid, (threads, 1, 1),
+                           items * splits * m * n if split else 0,
+                           items * grid[0] * grid[1] if split else 0)
+
+
 def tiled_candidates(batch: int, mnk: tuple[int, int, int],
                      operands: list[tuple[str, int, tuple[int, int, int]]],
                      bias: tuple[str, int] | None, relu: bool, outer: int,
@@ -99,6 +133,7 @@ def tiled_candidates(batch: int, mnk: tuple[int, int, int],
     items = batch * outer
     if 2 * m * n * k * items > MAX_FLOPS or k == 0 or m == 0 or n == 0:
         return []
+    product = Product(batch, mnk, operands, bias, relu, outer, outer_strides, scale)
     (_, _, (_, a_sr, a_sc)), (_, _, (_, b_sr, b_sc)), _ = operands
     a_k, b_k = a_sc == 1 or a_sr != 1, b_sr == 1 and b_sc != 1
     grid_xy = (math.ceil(n / TILE), math.ceil(m / TILE))
@@ -106,22 +141,10 @@ def tiled_candidates(batch: int, mnk: tuple[int, int, int],
     for threads, splits in itertools.product(BLOCKS, split_choices(m, n, k, items)):
         if items * splits > 65535:
             continue
-        name = kernel_name(a_k, b_k, threads)
-        text = tiled_sgemm_text(a_k, b_k, threads)
-        chunk = _chunk(k, splits)
-        scalars = [ScalarArg("u32", x) for x in (*mnk, batch, outer, *outer_strides)]
-        scalars += [ScalarArg("u32", s) for _, _, st in operands for s in st]
-        scalars += [ScalarArg("u32", 0 if bias is None else 2 if relu else 1),
-                    ScalarArg("u32", splits), ScalarArg("u32", chunk)]
-        scalars += [ScalarArg("f32", x) for x in scale]
-        pointers: list = [(b, off) for b, off, _ in operands]
-        pointers.append(bias or pointers[2])  # unread without a bias
-        pointers += [(SPLIT_PARTIALS, 0), (SPLIT_COUNTS, 0)]
-        split = splits > 1
-        partials = items * splits * m * n if split else 0
-        tiles = items * grid_xy[0] * grid_xy[1] if split else 0
-        out.append(TiledLaunch(name, text, pointers + scalars, (*grid_xy, items * splits),
-                               (threads, 1, 1), partials, tiles))
+        out.append(product.launch(kernel_name(a_k, b_k, threads),
+                                  tiled_sgemm_text(a_k, b_k, threads),
+                                  (*grid_xy, items * splits), threads, splits,
+                                  _chunk(k, splits)))
     return out
 
 

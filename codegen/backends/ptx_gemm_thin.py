@@ -33,13 +33,11 @@ import functools
 import math
 from collections.abc import Callable
 
-from ..launch_plan import ScalarArg
 from .ptx_asm import PtxFunction
 from .ptx_gemm import (
     MAX_PARTIALS,
     POINTERS,
-    SPLIT_COUNTS,
-    SPLIT_PARTIALS,
+    Product,
     TiledLaunch,
     gemm_kernel,
     product_of_cta,
@@ -73,29 +71,15 @@ def thin_candidates(batch: int, mnk: tuple[int, int, int],
     if 0 in (m, n, k) or items > 65535:
         return []
     (_, _, (_, a_sr, a_sc)), _, _ = operands
+    product = Product(batch, mnk, operands, bias, relu, outer, outer_strides, scale)
     out = []
-
-    def launch(name: str, text: str, grid: tuple[int, int, int], threads: int,
-               splits: int = 1, chunk: int = 0) -> None:
-        scalars = [ScalarArg("u32", x) for x in (*mnk, batch, outer, *outer_strides)]
-        scalars += [ScalarArg("u32", s) for _, _, st in operands for s in st]
-        scalars += [ScalarArg("u32", 0 if bias is None else 2 if relu else 1),
-                    ScalarArg("u32", splits), ScalarArg("u32", chunk or k)]
-        scalars += [ScalarArg("f32", x) for x in scale]
-        pointers: list = [(b, off) for b, off, _ in operands]
-        pointers.append(bias or pointers[2])  # unread without a bias
-        pointers += [(SPLIT_PARTIALS, 0), (SPLIT_COUNTS, 0)]
-        split = splits > 1
-        out.append(TiledLaunch(name, text, pointers + scalars, grid, (threads, 1, 1),
-                               items * splits * m * n if split else 0,
-                               items * grid[0] * grid[1] if split else 0))
 
     if n <= THIN and a_sc == 1 and n * k + 32 <= SHARED_FLOATS:
         ctas = min(math.ceil(m / WARPS), ROW_CTAS)
         # rows a warp loads together: what its share of C has, as registers allow
         rows = max(1, min(4, ROW_LOADS // math.ceil(k / 32), math.ceil(m / (ctas * WARPS))))
-        launch(f"fg_sgemm_warp_rows_n{n}_k{k}_r{rows}", warp_rows_text(n, k, rows),
-               (ctas, 1, items), THREADS)
+        out.append(product.launch(f"fg_sgemm_warp_rows_n{n}_k{k}_r{rows}",
+                                  warp_rows_text(n, k, rows), (ctas, 1, items), THREADS))
     if n <= THIN and a_sr == 1 and a_sc != 1:
         for splits in (1, *SPLITS):
             chunk = 8 * K_LOADS * math.ceil(math.ceil(k / splits) / (8 * K_LOADS))
@@ -104,13 +88,16 @@ def thin_candidates(batch: int, mnk: tuple[int, int, int],
             if n * (chunk + THREADS) + 1 > SHARED_FLOATS or (splits > 1 and (
                     items * splits * m * n > MAX_PARTIALS or items * splits > 65535)):
                 continue
-            launch(f"fg_sgemm_thread_rows_n{n}_kc{chunk}", thread_rows_text(n, chunk),
-                   (math.ceil(m / 32), 1, items * splits), THREADS, splits, chunk)
+            out.append(product.launch(f"fg_sgemm_thread_rows_n{n}_kc{chunk}",
+                                      thread_rows_text(n, chunk),
+                                      (math.ceil(m / 32), 1, items * splits), THREADS,
+                                      splits, chunk))
     if k <= SHORT and THIN < n <= SHORT_COLUMNS * THREADS:
         rows = max(1, min(32, m // CTA_TARGET))
         threads = min(THREADS, 32 * math.ceil(n / 32))
-        launch(f"fg_sgemm_short_k_k{k}_n{n}_r{rows}_t{threads}",
-               short_k_text(k, n, rows, threads), (math.ceil(m / rows), 1, items), threads)
+        out.append(product.launch(f"fg_sgemm_short_k_k{k}_n{n}_r{rows}_t{threads}",
+                                  short_k_text(k, n, rows, threads),
+                                  (math.ceil(m / rows), 1, items), threads))
     return list({t.name + str(t.grid): t for t in out}.values())  # splits that coincide
 
 
