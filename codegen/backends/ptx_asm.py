@@ -166,6 +166,17 @@ class PtxFunction:
             value = self.value("b32", "selp.b32", "1", "0", value)
         self.ins(STORE[dtype], addr, value, guard=guard)
 
+    def butterfly(self, acc: str, op: str, width: int) -> None:
+        """``acc`` combined by ``op`` (an f32 instruction) over groups of ``width``
+        lanes, by ``shfl.sync.bfly`` at width/2, width/4, ..., 1: every lane of a group
+        ends with the group's value."""
+        offset = width // 2
+        while offset:
+            other = self.value("f32", "shfl.sync.bfly.b32", acc, str(offset), "0x1f",
+                               "0xffffffff")
+            self.ins(op, acc, acc, other)
+            offset //= 2
+
     @contextlib.contextmanager
     def loop(self, start: str, stop: str, step: str, hint: str = "loop") -> Iterator[str]:
         """``for (i = start; i < stop; i += step)`` on u32; yields ``i``."""

@@ -50,6 +50,7 @@ SCALARS = ("m", "n", "k", "batch", "outer", "a_so", "b_so", "c_so", "a_sb", "a_s
            "b_sb", "b_sr", "b_sc", "c_sb", "c_sr", "c_sc", "epilogue", "splits", "k_chunk")
 SCALES = ("alpha", "beta")
 POINTERS = ("a", "b", "c", "bias", "partials", "counts")  # C third: timed on a stand-in
+SPLIT_FLAG = ".shared .align 4 .b8 last_flag[4];"  # reduce_splits' one word of shared memory
 
 
 def kernel_name(a_k: bool, b_k: bool, threads: int) -> str:
@@ -157,8 +158,7 @@ def tiled_sgemm_text(a_k: bool, b_k: bool, threads: int) -> str:
     f, ptr, p, (alpha, beta) = gemm_kernel()
     a, b, c, bias, partials, counts = (ptr[x] for x in POINTERS)
     f.shared += [f".shared .align 4 .b8 tile_a[{4 * TILE * PAD}];",
-                 f".shared .align 4 .b8 tile_b[{4 * TILE * PAD}];",
-                 ".shared .align 4 .b8 last_flag[4];"]
+                 f".shared .align 4 .b8 tile_b[{4 * TILE * PAD}];"]
     tid = f.special("%tid.x")
     lane = f.value("b32", "rem.u32", tid, str(TILE))  # 0..31: the coalesced dim
     rank = f.value("b32", "div.u32", tid, str(TILE))  # the warp: the other dim, + warps·q
@@ -350,6 +350,7 @@ def reduce_splits(f: PtxFunction, p: dict[str, str], partials: str, counts: str,
     every split's partial in split order into ``acc`` (``ahead`` splits' loads issued
     before any is added); the others leave."""
     f.comment("split-K: partial tile out, then count in; the last CTA of the tile sums")
+    f.shared.append(SPLIT_FLAG)  # tells the CTA's threads whether theirs was last
     m, n = p["m"], p["n"]
     plane = f.value("b32", "mad.lo.u32", item, p["splits"], split)  # partials[item][split]
     outputs = [(i, j) for i in range(len(rows)) for j in range(len(cols))]

@@ -206,14 +206,8 @@ def _sums_to_lanes(f: PtxFunction, values: list[str], lane_bits: dict[int, str])
     splits = dict(_halves(len(values)))
     zero = f.value("f32", "mov.f32", "0f00000000")  # the pads up to a power of two
     held = list(values) + [zero] * (2 * next(iter(splits.values()), 0) - len(values))
-    for o in OFFSETS:
+    for o, half in splits.items():
         bit = lane_bits[o]
-        if o not in splits:
-            (v,) = held
-            other = f.value("f32", "shfl.sync.bfly.b32", v, str(o), "0x1f", "0xffffffff")
-            f.ins("add.rn.f32", v, v, other)
-            continue
-        half = splits[o]
         kept = []
         for low, high in zip(held[:half], held[half:], strict=True):
             if low == zero and high == zero:  # both pads: still a pad
@@ -224,7 +218,9 @@ def _sums_to_lanes(f: PtxFunction, values: list[str], lane_bits: dict[int, str])
             got = f.value("f32", "shfl.sync.bfly.b32", give, str(o), "0x1f", "0xffffffff")
             kept.append(f.value("f32", "add.rn.f32", keep, got))
         held = kept
-    return held[0]
+    (total,) = held
+    f.butterfly(total, "add.rn.f32", min(splits, default=32))  # the offsets left
+    return total
 
 
 def _fill(f: PtxFunction, table: str, count: int, threads: int, tid: str,
@@ -258,8 +254,7 @@ def thread_rows_text(n: int, chunk: int) -> str:
     f, ptr, p, (alpha, beta) = gemm_kernel()
     a, b, c, bias, partials, counts = (ptr[x] for x in POINTERS)
     f.shared += [f".shared .align 4 .b8 b_t[{4 * n * chunk}];",
-                 f".shared .align 4 .b8 sums[{4 * n * THREADS}];",
-                 ".shared .align 4 .b8 last_flag[4];"]
+                 f".shared .align 4 .b8 sums[{4 * n * THREADS}];"]
     tid = f.special("%tid.x")
     lane = f.value("b32", "rem.u32", tid, "32")
     warp = f.value("b32", "div.u32", tid, "32")

@@ -711,11 +711,7 @@ def _combine_chunks(k: Reduce, cols: int, chunks: int) -> KernelLaunch:
 
 def _warp_combine(f: PtxFunction, acc: str, combine: str, width: int) -> None:
     """Butterfly over ``width`` lanes: every lane ends with the combined value."""
-    offset = width // 2
-    while offset:
-        other = f.value("f32", "shfl.sync.bfly.b32", acc, str(offset), "0x1f", "0xffffffff")
-        f.ins(REDUCE_OP[combine], acc, acc, other)
-        offset //= 2
+    f.butterfly(acc, REDUCE_OP[combine], width)
 
 
 def _block_combine(f: PtxFunction, acc: str, combine: str, tid: str) -> str:
