@@ -38,7 +38,9 @@ What is measured, per workload:
   optimizer eager, JAX jit (one executable per step, params and state donated); and,
   like for like with a batch that comes from the host every step: ferrograd fed NumPy
   arrays (a second CUDA step, copied host→device per call), the CUDA-graph step and
-  JAX fed from NumPy. All from ferrograd's initial params, on the same batch. Without
+  JAX fed from NumPy; and ferrograd with its graph's steps one after another
+  (``branches=False``, device batch), to show what the parallel branches gain. All from
+  ferrograd's initial params, on the same batch. Without
   torch (or with ``--device cpu``) ferrograd can only be fed NumPy: the run says so
   (log and ``fg_inputs_note`` in the JSON) and its device-input column stays empty;
 - correctness: the losses of the first three steps (forward at the initial weights,
@@ -68,7 +70,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import itertools
 import json
 import math
 import os
@@ -97,6 +98,7 @@ import ferrograd as fg  # noqa: E402
 
 FG = "ferrograd"  # batch on the device (host inputs when no torch: see fg_inputs)
 FG_HOST = "ferrograd, host in"
+FG_IN_ORDER = "ferrograd, in order"  # device batch, the graph's steps one after another
 FG_STEPS = "ferrograd (steps)"  # step.steps over K stacked copies of the device batch
 EAGER = "torch eager"
 GRAPH = "eager + CUDA graph"
@@ -197,7 +199,8 @@ class FgSystem:
     params, optimizer state), so two of them train independently from the same start."""
 
     def __init__(self, w: GpuWorkload, low: fg.Lowered, folder: Path, manifest: dict[str, Any],
-                 device: str, batch: list[Any], autotune: bool = True) -> None:
+                 device: str, batch: list[Any], autotune: bool = True,
+                 branches: bool = True) -> None:
         from ferrograd.codegen.build import _load
         from ferrograd.codegen.cpu_step import CompiledStep
         from ferrograd.codegen.cuda_step import open_cuda_step
@@ -216,8 +219,9 @@ class FgSystem:
         module = _load(entry["module"], folder / entry["file"])
         if device == "cuda":
             self.native = open_cuda_step(module, self.low.graph.name, graph=True,
-                                         autotune=autotune)
-            self.info.update(autotune=autotune, gemm_backend=self.native.gemm_backend,
+                                         autotune=autotune, branches=branches)
+            self.info.update(autotune=autotune, branches=self.native.branches,
+                             gemm_backend=self.native.gemm_backend,
                              gemm_report=self.native.gemm_report,
                              gemm_steps=list(self.native.gemm_steps),
                              device_name=self.native.device_name)
@@ -475,12 +479,23 @@ def profile(s: System, steps: int) -> dict[str, Any]:
     # SHORT_GAP_US: inside a step (the launch latency of graph nodes, library calls);
     # longer gaps are the host's round trips between steps
     spans = sorted(zip(starts, ends, strict=True))
-    gaps = [max(0.0, b[0] - a[1]) for a, b in itertools.pairwise(spans)]
+    busy, gaps, reach = 0.0, [], None  # kernels may overlap (a graph's parallel branches)
+    for a, b in spans:
+        if reach is None or a > reach:  # an idle stretch before this kernel
+            if reach is not None:
+                gaps.append(a - reach)
+            busy += b - a
+            reach = b
+        elif b > reach:
+            busy += b - reach
+            reach = b
     short = [g for g in gaps if g < SHORT_GAP_US]
     return {
         "steps": steps,
         "kernels_per_step": sum(len(v) for v in kern.values()) / steps,
         "kernel_us_per_step": total / steps,
+        # time with at least one kernel running: below kernel_us when kernels overlap
+        "busy_us_per_step": busy / steps,
         "memcpy_us_per_step": {k: v / steps for k, v in memcpy.items()},
         "memset_us_per_step": memset / steps,
         "span_us_per_step": (max(ends) - min(starts)) / steps if starts else None,
@@ -525,6 +540,12 @@ def run_row(w: GpuWorkload, args: argparse.Namespace, folder: Path, manifest: di
         fg_host = FgSystem(w, low, folder, manifest, args.device, host, args.autotune)
         fg_systems.append(fg_host.system(FG_HOST, time.perf_counter() - t))
         del fg_host  # alive through fg_systems and systems only
+        if w.opt is not None:  # what the graph's parallel branches gain, side by side
+            t = time.perf_counter()
+            fg_order = FgSystem(w, low, folder, manifest, args.device, dev, args.autotune,
+                                branches=False)
+            fg_systems.append(fg_order.system(FG_IN_ORDER, time.perf_counter() - t))
+            del fg_order
     systems = make_systems(w, fg_systems, fgs.step_obj.params, anchors, errors)
     log(f"{w.key}: systems {', '.join(s.name for s in systems)} "
         f"({time.perf_counter() - t0:.1f} s)")
@@ -554,9 +575,11 @@ def run_row(w: GpuWorkload, args: argparse.Namespace, folder: Path, manifest: di
     with ClockSampler() as clocks:
         row["sync_ms"] = time_rounds(systems, args.rounds, target, False, errors)
     row["gpu_clocks"] = clocks.summary()
+    if args.device == "cuda":  # captured by now: how each graph runs its steps
+        row["fg_branches"] = fgs.native.branches
     log(f"{w.key}: timed ({time.perf_counter() - t0:.1f} s); GPU while timing: "
         f"{row['gpu_clocks']}")
-    pipelined = [s for s in systems if s.name not in (FG, FG_HOST)]
+    pipelined = [s for s in systems if s.name not in (FG, FG_HOST, FG_IN_ORDER)]
     if dev is not None and w.opt is not None and FG in row["sync_ms"]:
         k = row["fg_steps_k"] = steps_per_call(row["sync_ms"][FG])
         try:
@@ -827,6 +850,13 @@ def report(result: dict[str, Any]) -> str:
                      " | ".join(xr(dev["ratio"].get(a)) for a in DEVICE_ANCHORS) +
                      f" | {goal} | {'yes' if r.get('goal_met') else 'no'} | "
                      f"{'yes' if agree else 'NO: ' + ', '.join(bad)} |")
+    for r in rows:  # what the graph's parallel branches gain (same run, interleaved)
+        in_order = r["median_ms"].get(FG_IN_ORDER)
+        if in_order is not None and r["median_ms"].get(FG) is not None:
+            lines.append(f"- {r['title']}: ferrograd {ms(r['median_ms'][FG])} with its "
+                         f"graph's steps in parallel branches, {ms(in_order)} one after "
+                         f"another ({FG_IN_ORDER!r}): {xr(r['ratio'].get(FG_IN_ORDER))}; "
+                         f"{r.get('fg_branches', '')}")
     notes = sorted({r["fg_inputs_note"] for r in rows if r.get("fg_inputs_note")})
     lines += [f"- ferrograd: {n}" for n in notes]
     if any("fg_inputs" not in r for r in rows):
@@ -873,10 +903,13 @@ def report(result: dict[str, Any]) -> str:
         cells = []
         for n in names:
             p = prof.get(n, {})
+            busy = p.get("busy_us_per_step", p.get("kernel_us_per_step", 0))
+            overlap = (f" ({busy:.0f} µs busy)" if busy < 0.98 * p.get("kernel_us_per_step", 0)
+                       else "")
             cells.append(f"{p['kernel_us_per_step']:.0f} µs / {p['kernels_per_step']:.0f}"
-                         if "kernel_us_per_step" in p else "–")
+                         f"{overlap}" if "kernel_us_per_step" in p else "–")
         mc = sum(prof.get(FG, {}).get("memcpy_us_per_step", {}).values())
-        kt = prof.get(FG, {}).get("kernel_us_per_step")
+        kt = prof.get(FG, {}).get("busy_us_per_step", prof.get(FG, {}).get("kernel_us_per_step"))
         wall = r["median_ms"].get(FG)
         rest = (f"{wall * 1e3 - kt - mc:.0f} µs" if wall is not None and kt is not None
                 else "–")

@@ -13,16 +13,19 @@ Two phases, because the GPU machine has no Rust toolchain:
     params, optimizer state) — in several modes: the default (cuBLASLt/cuBLAS with
     each GEMM's algorithm autotuned, CUDA graphs), the same with ``autotune=False``
     (cuBLASLt's heuristic's first choice), the generated GEMM kernels
-    (``gemm="kernel"``), plain launches (``graph=False``) and one kernel at a time
-    (``sync=True``). The temp arenas are poisoned with NaN before each call and the
+    (``gemm="kernel"``), the graph's steps one after another instead of in parallel
+    branches (``branches=False``), plain launches (``graph=False``) and one kernel at a
+    time (``sync=True``). The temp arenas are poisoned with NaN before each call and the
     inputs drawn fresh. Then, for every model that trains, ``step.steps`` over 5
     stacked batches against 5 single steps from the same start (losses, params and
     optimizer state bit for bit — to rounding for a model that scatter-adds, whose atomic
     adds change order from run to run), from NumPy arrays and from CuPy arrays and torch CUDA
-    tensors where installed, alone and between single steps; a device id out of range
-    in one of the batches (labels or embedding ids) must raise an InputError naming it, after
-    steps or a single step, and the next step run clean. Then host time per training step:
-    graphs autotuned, graphs not autotuned, plain launches; and what autotuning chose
+    tensors where installed, alone and between single steps, and against 5 steps with
+    ``branches=False`` (branches change when kernels run, never what they compute); a
+    device id out of range in one of the batches (labels or embedding ids) must raise an
+    InputError naming it, after steps or a single step, and the next step run clean.
+    Then host time per training step: graphs autotuned, graphs not autotuned, plain
+    launches; and what autotuning chose
     for each GEMM of each model (``gemm_steps``). The table comes last; the full numbers
     go to ``$OUT/gpu_cuda_check.json``. The exact device command (``run`` tool,
    ``carry: [".gpu_modules", ".whl"]``; both folders listed in .git/info/exclude)::
@@ -35,10 +38,11 @@ Two phases, because the GPU machine has no Rust toolchain:
        nvidia-smi -L; set -o pipefail;
        PYTHONUNBUFFERED=1 python3 benches/gpu_cuda_check.py .gpu_modules 2>&1 | tee $OUT/log.txt
 
-   It takes ~50 s there. Last runs (session 10, three H200 hosts: s10a, s10b, s10c in
-   benches/results/2026-11-21/): all 40 (model, mode) checks, 8 of 8 step.steps checks
+   It takes ~110 s there. Last runs (session 13: s13a, s13b, s13c in
+   benches/results/2026-11-21/): all 48 (model, mode) checks, 8 of 8 step.steps checks
    (each model's device ids out of range raising an InputError in steps and in a single
-   step included) and the 4 error cases pass. A model that scatter-adds is compared to
+   step, and the steps bit for bit with ``branches=False``, included) and the 4 error
+   cases pass. A model that scatter-adds is compared to
    rounding: its atomic adds change order from run to run (session 9 saw the
    transformer fed torch tensors differ in the last bits of its embedding).
 
@@ -85,6 +89,7 @@ MODES = {  # name -> CudaStep options
     "autotuned+graph": {},  # the default: autotune on
     "autotune-off": {"autotune": False},
     "kernel-gemm": {"gemm": "kernel"},
+    "branches-off": {"branches": False},
     "no-graph": {"graph": False},
     "sync-each": {"sync": True},
 }
@@ -208,6 +213,7 @@ def check_mode(low: fg.Lowered, module: Any, options: dict) -> dict[str, Any]:
             errs[f"params {i}"] = worst(gpu.params, ref.params)
             errs[f"state {i}"] = worst(gpu.state, ref.state)
     res["captured"] = [e for e in ("train", "forward", "grads") if native.has_graph(e)]
+    res["branches"] = native.branches  # once captured: which schedule each graph kept
     key = max(errs, key=lambda k: errs[k][0])
     res["worst"] = {"where": key, "item": errs[key][1], "rel_err": errs[key][0]}
     res["errors"] = {k: v[0] for k, v in errs.items()}
@@ -322,6 +328,14 @@ def check_steps(low: fg.Lowered, module: Any, kinds: dict[str, Any]) -> dict[str
                     and _same(step.state, ref.state, exact))
             res[f"{kind} {order}"] = {"ok": same, "losses": got.tolist()}
             ok &= same
+    # the graph's steps one after another: the same bits as its parallel branches
+    step = cuda_step(low, module, autotune=False, branches=False)
+    got = np.array([step(**b) for b in batches], np.float32)
+    exact = not _atomic_sums(g)
+    same = (_same({"loss": got}, {"loss": want}, exact) and _same(step.params, ref.params, exact)
+            and _same(step.state, ref.state, exact))
+    res["numpy, branches off"] = {"ok": same, "losses": got.tolist()}
+    ok &= same
     for name in _id_inputs(g):  # ids out of range on the device: found as copied in
         bound = g.index_bounds[name]
         bad = {k: v.copy() for k, v in stacked.items()}
@@ -482,6 +496,7 @@ def check(folder: Path) -> int:
         r = results[name].get(next(iter(MODES)), {})
         if r.get("gemm_steps"):
             print(f"  {name}: {r['gemm_report']}")
+            print(f"      branches: {r.get('branches')}")
             for line in r["gemm_steps"]:
                 print(f"      {line}")
     print("\nmodel        mode            result gemm     tuned worst relative error (where)")

@@ -21,6 +21,13 @@ machine; only creating its ``CudaStep`` needs a GPU. Options (keyword arguments 
   was tuned, ``step.gemm_steps`` each product's choice and timings (printed to stderr
   at ``FERROGRAD_DEBUG>=1``). Products with two batch levels (attention's) always run
   in ``cublasSgemmBatched``;
+- ``branches`` (``FERROGRAD_CUDA_BRANCHES``, default 1): when an entry point's graph
+  is captured, it is captured twice — steps that do not wait for each other (the
+  plan's ``after``: neither writes what the other reads or writes) as parallel
+  branches, and all steps one after another — each replayed a few times on the call's
+  inputs (params and optimizer state saved and put back), and the faster kept; 0
+  captures them one after another only. ``step.branches`` says which each entry point
+  runs, with both timings;
 - ``tf32`` (default False): let cuBLAS use TF32 tensor cores (not strict fp32);
 - ``sync`` (``FERROGRAD_CUDA_SYNC``, default 0): wait after every kernel, so that
   an asynchronous failure (an illegal address) names its kernel;
@@ -39,7 +46,7 @@ import numpy as np
 from ferrograd.ir.errors import BackendError
 from ferrograd.ir.passes import debug_level
 
-OPTIONS = ("graph", "gemm", "autotune", "tf32", "sync", "device_index")
+OPTIONS = ("graph", "gemm", "autotune", "branches", "tf32", "sync", "device_index")
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -76,7 +83,8 @@ def _strict_flag(options: dict[str, Any], key: str, env: str, default: bool) -> 
 def cuda_step_kwargs(**options: Any) -> dict[str, Any]:
     """The keyword arguments of ``CudaStep(...)`` for ``options`` (names as in
     ``OPTIONS``) and the environment: a ``TypeError`` for an unknown option or a
-    non-boolean ``autotune``, a ``ValueError`` for a bad ``FERROGRAD_CUDA_AUTOTUNE``
+    non-boolean ``autotune`` or ``branches``, a ``ValueError`` for a bad
+    ``FERROGRAD_CUDA_AUTOTUNE`` or ``FERROGRAD_CUDA_BRANCHES``
     (``gemm`` is checked by the step itself)."""
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
@@ -89,6 +97,7 @@ def cuda_step_kwargs(**options: Any) -> dict[str, Any]:
         "tf32": bool(options.get("tf32", False)),
         "sync": bool(options.get("sync", _env_flag("FERROGRAD_CUDA_SYNC", False))),
         "autotune": _strict_flag(options, "autotune", "FERROGRAD_CUDA_AUTOTUNE", True),
+        "branches": _strict_flag(options, "branches", "FERROGRAD_CUDA_BRANCHES", True),
     }
 
 

@@ -23,6 +23,12 @@ runtime keeps it in pinned host memory mapped into the device. ``split_f32`` and
 ``split_u32`` are the generated GEMM kernels' split-K partial tiles and per-tile
 counters (zero between launches: the last CTA of a tile resets its counter).
 Const arenas start with ``DeviceModule.consts``.
+
+Order: steps are listed in an order that is correct to run one after another, and
+``DevicePlan.after`` says which earlier steps each one really waits for (the memory it
+reads or writes, ``step_dependencies``), so that a runtime may run independent steps
+at once (CUDA: branches of the step's graph). A runtime that ignores it runs the list
+in order, which is always correct.
 """
 
 from __future__ import annotations
@@ -101,6 +107,9 @@ class DevicePlan:
     steps: list[Launch | Gemm] = field(default_factory=list)
     # result key -> (arena, offset, shape): what comes back to the host after the steps
     results: dict[str, tuple[str, int, tuple[int, ...]]] = field(default_factory=dict)
+    # per step, the earlier steps it must run after (``step_dependencies``); empty: the
+    # renderer says nothing, and steps run in list order
+    after: list[tuple[int, ...]] = field(default_factory=list)
 
 
 @dataclass
@@ -115,3 +124,67 @@ class DeviceModule:
     # when one arrives in device memory, the runtime copies it in with a kernel that
     # checks them (PTX: ``fg_copy_ids_checked``)
     id_bounds: dict[str, int] = field(default_factory=dict)
+
+
+# ---- which steps wait for which -----------------------------------------------------------
+
+
+EVERY_ARENA = "*"  # a Span's arena that stands for all of them
+
+
+@dataclass(frozen=True)
+class Span:
+    """Elements ``[start, stop)`` of ``arena`` (``EVERY_ARENA``: of every arena)."""
+
+    arena: str
+    start: int
+    stop: int
+
+    def overlaps(self, other: Span) -> bool:
+        same = EVERY_ARENA in (self.arena, other.arena) or self.arena == other.arena
+        return same and self.start < other.stop and other.start < self.stop
+
+
+@dataclass
+class Access:
+    """The memory one step reads and writes (a step that reads and writes a span, an
+    in-place update, lists it as written); ``chained``: it also waits for the step
+    before it (the next of one kernel's steps)."""
+
+    reads: list[Span] = field(default_factory=list)
+    writes: list[Span] = field(default_factory=list)
+    chained: bool = False
+
+
+def everything() -> Access:
+    """The access of a step whose memory is not known: it waits for every earlier step,
+    and every later step waits for it."""
+    return Access(writes=[Span(EVERY_ARENA, 0, 2**63)])
+
+
+def _touch(a: list[Span], b: list[Span]) -> bool:
+    return any(x.overlaps(y) for x in a for y in b)
+
+
+def step_dependencies(accesses: list[Access]) -> list[tuple[int, ...]]:
+    """For each step, the earlier steps it must wait for: those that write what it
+    reads or writes, or read what it writes (read after write, write after write,
+    write after read), and the one before a chained step. Edges implied through
+    others are dropped (a transitive reduction): each step lists only its immediate
+    predecessors."""
+    ancestors: list[int] = []  # bit j of ancestors[i]: step i waits for j, maybe through others
+    after: list[tuple[int, ...]] = []
+    for i, step in enumerate(accesses):
+        conflicts = [j for j in range(i) if _touch(accesses[j].writes, step.reads)
+                     or _touch(accesses[j].writes, step.writes)
+                     or _touch(accesses[j].reads, step.writes)
+                     or (step.chained and j == i - 1)]
+        covered, direct, reach = 0, [], 0
+        for j in reversed(conflicts):  # a later step's ancestors cover earlier ones
+            if not covered >> j & 1:
+                direct.append(j)
+                reach |= ancestors[j] | 1 << j
+            covered |= ancestors[j]
+        ancestors.append(reach)
+        after.append(tuple(sorted(direct)))
+    return after

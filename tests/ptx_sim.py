@@ -147,8 +147,10 @@ class Machine:
     def address(self, ref: BufferRef) -> int:
         return self.base[ref.arena] + ref.offset * ELEM_BYTES[self.elem[ref.arena]]
 
-    def run_plan(self, plan: DevicePlan) -> None:
-        for step in plan.steps:
+    def run_plan(self, plan: DevicePlan, order: list[int] | None = None) -> None:
+        """The plan's steps, in list order or in ``order`` (step indices)."""
+        for i in range(len(plan.steps)) if order is None else order:
+            step = plan.steps[i]
             if isinstance(step, Launch):
                 self.launch(step)
             elif self.gemm_mode == "numpy":
@@ -400,11 +402,17 @@ class Threads:
             data = np.ascontiguousarray(self.value(o[1], np.uint32, run), np.uint32)
             self.m.heap[addr[:, None] + np.arange(4)] = data.view(np.uint8).reshape(-1, 4)
         elif op in ("st.global.f32", "st.global.b32", "st.global.cg.f32"):
-            addr = self.memory(o[0], run, 4)
-            reg = self.reg(o[1])
-            data = np.ascontiguousarray(reg[run]).view(np.uint8).reshape(-1, 4)
+            addr = self.memory(o[0], run, 4)  # a register, or an immediate (zero fills)
+            word = self.reg(o[1])[run] if o[1].startswith("%") else self.value(o[1], np.uint32,
+                                                                                run)
+            data = np.ascontiguousarray(word).view(np.uint8).reshape(-1, 4)
             self.check_one_value_per_address(addr, data.view(np.uint32)[:, 0])
             self.m.heap[addr[:, None] + np.arange(4)] = data
+        elif op == "red.global.add.f32":  # atomic adds, applied in thread order
+            addr = self.memory(o[0], run, 4)
+            assert (addr % 4 == 0).all(), "unaligned atomic add"
+            np.add.at(self.m.heap.view(np.float32), addr // 4,
+                      self.value(o[1], np.float32, run))
         elif op in ("ld.shared.f32", "ld.shared.u32"):
             addr = self.shared_address(o[1], run, 4)
             word = self.shared[addr[:, None] + np.arange(4)].copy().view(np.uint32)[:, 0]

@@ -78,7 +78,16 @@ def test_cuda_crate_renders_plans_ptx_and_the_feature():
     # labels in device memory are copied in by a kernel that checks them
     assert re.search(r'ArenaSpec \{ name: "input:y", elem: Elem::I32, len: \d+, '
                      r'id_bound: Some\(10\) \}', rs)
-    assert 'gemm = "auto", tf32 = false, sync = false, autotune = true))]' in rs
+    assert ('gemm = "auto", tf32 = false, sync = false, autotune = true, branches = true))]'
+            in rs)
+    # each step's waits, all on earlier steps
+    after = re.search(r"const TRAIN_AFTER: &\[&\[usize\]\] = &\[(.*?)\n\];", rs, re.S)
+    assert after is not None
+    waits = [[int(j) for j in re.findall(r"\d+", line)]
+             for line in after.group(1).strip().splitlines()]
+    assert waits == [list(a) for a in low.device_module("ptx").plans["train"].after]
+    assert waits[0] == [] and all(all(j < i for j in w) for i, w in enumerate(waits))
+    assert 'steps: TRAIN, after: TRAIN_AFTER, results: &[' in rs
     assert "fn gemm_steps(&self) -> Vec<String>" in rs
     # step.steps: K stacked batches in one call, their losses back after one wait
     assert '#[pyo3(name = "steps")]' in rs
@@ -105,10 +114,17 @@ def test_cuda_step_options_are_checked(monkeypatch: pytest.MonkeyPatch):
     from ferrograd.codegen.cuda_step import cuda_step_kwargs
 
     for name in ("FERROGRAD_CUDA_AUTOTUNE", "FERROGRAD_CUDA_GEMM", "FERROGRAD_CUDA_GRAPHS",
-                 "FERROGRAD_CUDA_SYNC", "FERROGRAD_CUDA_DEVICE"):
+                 "FERROGRAD_CUDA_SYNC", "FERROGRAD_CUDA_DEVICE", "FERROGRAD_CUDA_BRANCHES"):
         monkeypatch.delenv(name, raising=False)
     assert cuda_step_kwargs() == {"device": 0, "graph": True, "gemm": "auto", "tf32": False,
-                                  "sync": False, "autotune": True}
+                                  "sync": False, "autotune": True, "branches": True}
+    assert cuda_step_kwargs(branches=False)["branches"] is False
+    monkeypatch.setenv("FERROGRAD_CUDA_BRANCHES", "0")
+    assert cuda_step_kwargs()["branches"] is False
+    monkeypatch.setenv("FERROGRAD_CUDA_BRANCHES", "nope")
+    with pytest.raises(ValueError, match="FERROGRAD_CUDA_BRANCHES='nope'"):
+        cuda_step_kwargs()
+    monkeypatch.delenv("FERROGRAD_CUDA_BRANCHES")
     assert cuda_step_kwargs(autotune=False)["autotune"] is False
     assert cuda_step_kwargs(autotune=np.True_)["autotune"] is True
     for bad in ("off", None, 2, 0.5):

@@ -55,7 +55,8 @@ def render_cuda_step(graph: Graph, device: DeviceModule, module: str) -> dict[st
         results = [{"key": key, "arena": arena, "offset": offset, "shape": list(shape)}
                    for key, (arena, offset, shape) in plan.results.items()]
         plans.append({"entry": entry, "const": entry.upper(), "results": results,
-                      "steps": [_step(s) for s in plan.steps]})
+                      "steps": [_step(s) for s in plan.steps],
+                      "after": [list(a) for a in plan.after]})
     methods = [_py_method(graph, device, entry) for entry in device.plans]
     if "train" in device.plans:
         methods.append(_py_steps(graph, device))

@@ -42,8 +42,19 @@ from ferrograd._version import __version__
 from ferrograd.ir.errors import BackendError
 from ferrograd.ir.passes import debug_level
 
-from ..kernel_ir import Conv, Elementwise, Gather, Kernel, Matmul, Reduce
-from ..launch_plan import BufferRef, DeviceModule, DevicePlan, Gemm, Launch, ScalarArg
+from ..kernel_ir import Conv, Elementwise, Gather, Kernel, Matmul, Reduce, View
+from ..launch_plan import (
+    Access,
+    BufferRef,
+    DeviceModule,
+    DevicePlan,
+    Gemm,
+    Launch,
+    ScalarArg,
+    Span,
+    everything,
+    step_dependencies,
+)
 from ..memory import ALIGN, MemoryPlan
 from ..schedule import Schedule
 from .ptx_conv import conv
@@ -225,15 +236,20 @@ def render_ptx(schedules: list[Schedule], memory_plan: MemoryPlan, *, target: st
         plan = DevicePlan(s.entry)
         kernels = device_kernels(s, memory_plan, row_chains, merge_launches, window_chains)
         check_private_products(s, kernels)
+        accesses: list[Access] = []
         for k in kernels:
-            for step in render_kernel(k, dtypes, fast_math, aligned):
-                plan.steps.append(_plan_step(step, builder, refs))
-                uses_flags |= isinstance(k, Gather)
+            steps = render_kernel(k, dtypes, fast_math, aligned)
+            rendered = [_plan_step(step, builder, refs) for step in steps]
+            plan.steps += rendered
+            accesses += [_access(k, step, refs, i > 0) for i, step in enumerate(rendered)]
+            uses_flags |= isinstance(k, Gather)
+            for step in steps:
                 scratch = max(scratch, step.scratch)
                 if isinstance(step, GemmStep):
                     split_partials = max(split_partials, step.split_partials)
                     split_tiles = max(split_tiles, step.split_tiles)
                     tiled |= bool(step.tiled)
+        plan.after = step_dependencies(accesses)
         for key, buf in s.results.items():
             ref = refs.ref(buf, 0)
             shape = tuple((result_shapes or {}).get(key, (s.buffers[buf].size,)))
@@ -297,6 +313,54 @@ def _plan_step(step: Step, builder: _ModuleBuilder, refs: _Addresses) -> Launch 
                 refs.ref(c, co), cst, _launch(step.fallback, builder, refs), bias, step.relu,
                 step.outer, step.outer_strides, step.alpha, step.beta,
                 tuple(_launch(t, builder, refs) for t in step.tiled))
+
+
+def _access(k: Kernel, step: Launch | Gemm, refs: _Addresses, chained: bool) -> Access:
+    """What ``step``, one of kernel ``k``'s, reads and writes, as spans of arenas: each
+    buffer of ``k``'s views whole, if the step addresses it (kernels reach memory only
+    through their buffer arguments, the module's parameter contract; a product the
+    step's GEMM fuses away, as into an in-place update, is never written); the scratch
+    arena, whole, when the step uses it (it passes data between the steps of one
+    kernel, and every kernel reuses it). The flag of gathers is left out (kernels only
+    ever set it), and so are the split-K arenas (the runtime orders the GEMM kernels it
+    picks that use them). ``chained``: a later step of ``k``, which waits for the one
+    before. A step with an address outside all of these (a renderer bug this guards
+    against) waits for every earlier step, and every later one for it."""
+    addresses = _addresses(step)
+
+    def spans(views: list[View]) -> list[Span]:
+        out = []
+        for name in dict.fromkeys(v.buffer for v in views):
+            ref = refs.ref(name, 0)
+            span = Span(ref.arena, ref.offset, ref.offset + refs.s.buffers[name].size)
+            if any(_inside(r, span) for r in addresses):
+                out.append(span)
+        return out
+
+    access = Access(spans(k.reads()), spans(k.writes()), chained)
+    known = access.reads + access.writes
+    for ref in addresses:
+        if ref.arena == "scratch_f32":
+            if not any(w.arena == ref.arena for w in access.writes):
+                access.writes.append(Span(ref.arena, 0, 2**63))
+        elif ref.arena not in ("flags_u32", *SPLIT_ARENAS.values()) and not any(
+                _inside(ref, s) for s in known):
+            return everything()
+    return access
+
+
+def _inside(ref: BufferRef, span: Span) -> bool:
+    return ref.arena == span.arena and span.start <= ref.offset < span.stop
+
+
+def _addresses(step: Launch | Gemm) -> list[BufferRef]:
+    """Every buffer address of a step (a GEMM's operands and those of its kernels)."""
+    launches = [step] if isinstance(step, Launch) else [
+        *([step.fallback] if step.fallback else []), *step.tiled]
+    refs = [a for launch in launches for a in launch.args if isinstance(a, BufferRef)]
+    if isinstance(step, Gemm):
+        refs += [step.a, step.b, step.c, *([step.bias] if step.bias else [])]
+    return refs
 
 
 def _launch(k: KernelLaunch, builder: _ModuleBuilder, refs: _Addresses) -> Launch:

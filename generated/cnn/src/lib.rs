@@ -474,7 +474,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `cnn`.
-#[pyclass(module = "fg_cnn_4cab2bd864de")]
+#[pyclass(module = "fg_cnn_e8cab3f46d78")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -632,8 +632,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_cnn_4cab2bd864de(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_cnn_4cab2bd864de")?;
+fn fg_cnn_e8cab3f46d78(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_cnn_e8cab3f46d78")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

@@ -631,7 +631,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `rnn`.
-#[pyclass(module = "fg_rnn_11a07d4b1107")]
+#[pyclass(module = "fg_rnn_9ae2b87a0a52")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -775,8 +775,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_rnn_11a07d4b1107(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_rnn_11a07d4b1107")?;
+fn fg_rnn_9ae2b87a0a52(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_rnn_9ae2b87a0a52")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

@@ -334,7 +334,10 @@ impl Timer {
 
     /// The GPU time in µs between events recorded before and after what
     /// `queue` queues, waited for.
-    fn elapsed_around(&self, queue: impl FnOnce() -> Result<(), Error>) -> Result<f64, Error> {
+    pub(crate) fn elapsed_around(
+        &self,
+        queue: impl FnOnce() -> Result<(), Error>,
+    ) -> Result<f64, Error> {
         let stream = self.device.stream();
         // SAFETY: our live events and stream.
         check(unsafe { result::event::record(self.start, stream) }, || {

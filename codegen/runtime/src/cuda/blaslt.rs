@@ -28,6 +28,10 @@ use super::layout::CublasGemm;
 /// capture.
 const WORKSPACE_BYTES: usize = 32 << 20;
 
+/// Workspaces per handle: GEMMs on different ones may run at once (parallel
+/// branches of a step's graph); each call names its own.
+pub const WORKSPACES: usize = 2;
+
 /// The pointer alignments (bytes) an algorithm is chosen for at plan time,
 /// strictest first. The heuristic assumes 256-byte aligned operands unless
 /// told otherwise, and an algorithm chosen for that rejects (or misreads)
@@ -51,7 +55,8 @@ pub struct BlasLt {
     handle: sys::cublasLtHandle_t,
     tf32: bool,
     device: Device,
-    workspace: DeviceBuffer,
+    /// [`WORKSPACES`] of them, [`WORKSPACE_BYTES`] each.
+    workspaces: Vec<DeviceBuffer>,
 }
 
 // SAFETY: a handle may be used from any thread (with its context current,
@@ -259,8 +264,9 @@ impl BlasLt {
             return Err("cuBLASLt (libcublasLt.so.13 or .12) is not on the library path".into());
         }
         device.bind().map_err(|e| e.to_string())?;
-        let workspace = device
-            .alloc_zeroed(WORKSPACE_BYTES, "the cuBLASLt workspace")
+        let workspaces = (0..WORKSPACES)
+            .map(|_| device.alloc_zeroed(WORKSPACE_BYTES, "a cuBLASLt workspace"))
+            .collect::<Result<Vec<_>, _>>()
             .map_err(|e| e.to_string())?;
         let mut handle = ptr::null_mut();
         // SAFETY: writes the new handle to `handle`.
@@ -273,7 +279,7 @@ impl BlasLt {
             handle,
             tf32,
             device: device.clone(),
-            workspace,
+            workspaces,
         })
     }
 
@@ -428,7 +434,7 @@ impl BlasLt {
             set_pref(
                 pref.0,
                 PrefAttr::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                &(self.workspace.bytes() as u64),
+                &(WORKSPACE_BYTES as u64),
             )?;
         }
         Ok(pref)
@@ -465,7 +471,7 @@ impl BlasLt {
                 // The bias has no alignment preference; in case the heuristic
                 // looks at its pointer, show it one exactly this aligned (a
                 // real device address: the workspace is at least 256-aligned).
-                let base = self.workspace.ptr();
+                let base = self.workspaces[0].ptr();
                 let bias = if align >= 256 { base } else { base + align };
                 set_desc(p.desc, DescAttr::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias)?;
             }
@@ -538,20 +544,23 @@ impl BlasLt {
         bias: u64,
     ) -> Result<(), String> {
         // SAFETY: the caller's contract.
-        unsafe { self.run_algo(p, &found.algos[i], scale, a, b, c, bias) }
+        unsafe { self.run_algo(p, &found.algos[i], scale, [a, b, c, bias], 0) }
     }
 
     /// Queues `D = alpha·op(A)·op(B) + beta·C + bias` (bias[i] added to row i
     /// of the column-major D, for every column and batch item), then ReLU for
     /// [`LtEpilogue::ReluBias`], on the device's stream (C == D; plans give
     /// beta 0 with a bias; no bias nor ReLU for [`LtEpilogue::Plain`], whose
-    /// `bias` is ignored). Allocates nothing, waits for nothing and queries no
-    /// heuristic, so it may be captured into a CUDA graph.
+    /// `bias` is ignored), with workspace number `workspace` (below
+    /// [`WORKSPACES`]; calls that may run at once need different ones).
+    /// Allocates nothing, waits for nothing and queries no heuristic, so it
+    /// may be captured into a CUDA graph.
     ///
     /// # Safety
     /// `a`, `b`, `c` and `bias` must be device addresses of f32 operands
     /// that hold every element the layout reaches (`bias`: `g.m` elements),
     /// and `c` must not overlap `a`, `b` or `bias`.
+    #[allow(clippy::too_many_arguments)]
     pub unsafe fn run(
         &self,
         p: &LtGemm,
@@ -560,6 +569,7 @@ impl BlasLt {
         b: u64,
         c: u64,
         bias: u64,
+        workspace: usize,
     ) -> Result<(), String> {
         if p.empty {
             return Ok(());
@@ -571,7 +581,7 @@ impl BlasLt {
             ));
         };
         // SAFETY: the caller's contract; `algo` was chosen for these addresses.
-        unsafe { self.run_algo(p, algo, scale, a, b, c, bias) }
+        unsafe { self.run_algo(p, algo, scale, [a, b, c, bias], workspace) }
     }
 
     /// [`run`](Self::run) with algorithm `algo`.
@@ -579,20 +589,20 @@ impl BlasLt {
     /// # Safety
     /// As [`run`](Self::run); `algo` is one the heuristic proposed for `p`
     /// at an alignment the addresses meet.
-    #[allow(clippy::too_many_arguments)]
     unsafe fn run_algo(
         &self,
         p: &LtGemm,
         algo: &cublasLtMatmulAlgo_t,
         scale: Scale,
-        a: u64,
-        b: u64,
-        c: u64,
-        bias: u64,
+        [a, b, c, bias]: [u64; 4],
+        workspace: usize,
     ) -> Result<(), String> {
         if p.empty {
             return Ok(());
         }
+        let Some(workspace) = self.workspaces.get(workspace) else {
+            return Err(format!("no cuBLASLt workspace {workspace}"));
+        };
         let Scale { alpha, beta } = scale;
         // SAFETY: the caller's contract; `p`'s descriptors are live and its
         // algorithm was chosen for them with this handle's workspace limit;
@@ -618,8 +628,8 @@ impl BlasLt {
                         c as *mut c_void,
                         p.c,
                         algo,
-                        self.workspace.ptr() as *mut c_void,
-                        self.workspace.bytes(),
+                        workspace.ptr() as *mut c_void,
+                        workspace.bytes(),
                         self.device.stream().cast(),
                     )
                 },

@@ -413,6 +413,28 @@ impl DeviceBuffer {
         )
     }
 
+    /// Queues a copy of this buffer's bytes `at..at + bytes` to device address
+    /// `dst` (memory of this device).
+    pub(crate) fn copy_to_device_async(
+        &self,
+        at: usize,
+        dst: u64,
+        bytes: usize,
+        what: &str,
+    ) -> Result<(), Error> {
+        let (src, bytes) = self.range::<u8>(at, bytes, what)?;
+        if bytes == 0 {
+            return Ok(());
+        }
+        // SAFETY: the source range lies inside this allocation (checked); the
+        // caller checked that `dst` is memory of this device with room for
+        // `bytes` bytes, and keeps this buffer until the stream is synchronized.
+        check(
+            unsafe { result::memcpy_dtod_async(dst, src, bytes, self.device.stream()) },
+            || format!("copying {what} on the GPU"),
+        )
+    }
+
     /// Copies `data` to elements `offset..` and waits for the copy.
     pub fn write<T: Element>(&self, offset: usize, data: &[T], what: &str) -> Result<(), Error> {
         self.device.bind()?;

@@ -25,9 +25,10 @@ use cudarc::driver::sys;
 
 use super::autotune::{KernelCandidate, TuneConfig, Tuned, Tuner};
 use super::blas::{Blas, Scale};
-use super::blaslt::{BlasLt, LtEpilogue, LtGemm};
+use super::blaslt::{BlasLt, LtEpilogue, LtGemm, WORKSPACES};
+use super::branches::{self, Persistent};
 use super::device::{check, Device, DeviceBuffer};
-use super::graph::Graph;
+use super::graph::{why_no_branches, Graph};
 use super::ids::IdsCheck;
 use super::layout::{cublas_layout, extent, CublasGemm, GemmShape};
 use super::mapped::MappedWords;
@@ -79,6 +80,9 @@ pub struct Options {
     pub gemm: GemmMode,
     /// Let cuBLAS use TF32 tensor cores (not strict fp32).
     pub tf32: bool,
+    /// Capture steps that do not wait for each other (the plan's `after`)
+    /// as parallel branches of the graph (else one after another).
+    pub branches: bool,
     /// Choose each cuBLASLt GEMM's algorithm by timing candidates on its own
     /// operands when the executor is created (else the heuristic's first).
     pub autotune: bool,
@@ -92,6 +96,7 @@ impl Default for Options {
             sync_each: false,
             gemm: GemmMode::Auto,
             tf32: false,
+            branches: true,
             autotune: true,
         }
     }
@@ -272,6 +277,8 @@ enum Work {
         b: u64,
         c: u64,
         bias: u64,
+        /// Which of cuBLASLt's workspaces it uses.
+        workspace: usize,
     },
 }
 
@@ -280,12 +287,38 @@ struct Ready {
     /// of 8 by timing: …`, for messages and [`Executor::gemm_steps`].
     label: String,
     work: Work,
+    /// Memory it uses that the plan does not know of.
+    shares: Option<Shared>,
+    /// It is one of the plan's GEMM steps.
+    gemm: bool,
+}
+
+/// Memory outside the plan's arenas, or in arenas its steps share without
+/// the plan ordering them: two steps that use the same run one after the
+/// other, whatever the plan allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Shared {
+    /// The `split_f32` / `split_u32` arenas of generated split-K GEMM
+    /// kernels (the runtime picks which GEMMs run in those).
+    SplitArenas,
+    /// cuBLAS's workspace.
+    Cublas,
+    /// One of cuBLASLt's workspaces.
+    Lt(usize),
 }
 
 struct Entry {
     plan: &'static Plan,
     steps: Vec<Ready>,
     graph: Option<Graph>,
+    /// For each step, the steps it waits for in the entry's graph: the
+    /// plan's order and one step after another on [`Shared`] memory (`None`:
+    /// the steps in order, as when the plan gives no order or branches are
+    /// off).
+    after: Option<Vec<Vec<usize>>>,
+    /// How its graph runs the steps, once captured with branches allowed
+    /// ([`branches::capture_faster`]'s line).
+    branches: Option<String>,
     /// Calls so far (the first runs plain launches, the second captures).
     calls: u64,
     /// Some step gets the `flags_u32` arena: zero it before, check it after.
@@ -302,6 +335,9 @@ impl Entry {
 
 /// The arena gather and scatter kernels flag an id out of range in.
 const FLAGS: &str = "flags_u32";
+
+/// The arenas whose contents outlive a call (`train` updates them).
+const PERSISTENT: [&str; 2] = ["param", "state"];
 
 /// A module's device code, arenas and plans, ready to run.
 pub struct Executor {
@@ -326,6 +362,8 @@ pub struct Executor {
     /// memory costs ~100 µs a call, as much as a small model's steps.
     step_results: Option<DeviceBuffer>,
     options: Options,
+    /// Why steps cannot run as parallel branches here, if they cannot.
+    why_no_branches: Option<String>,
     gemm_backend: &'static str,
     gemm_report: String,
     device: Device,
@@ -406,6 +444,7 @@ impl Executor {
             arenas: allocated,
             step_results: None,
             options,
+            why_no_branches: why_no_branches(),
             gemm_backend: "none",
             gemm_report: String::new(),
             device,
@@ -445,7 +484,10 @@ impl Executor {
                         }
                     }
                 };
-                steps.push(ready);
+                steps.push(Ready {
+                    gemm: matches!(step, Step::Gemm(_)),
+                    ..ready
+                });
             }
             let flagged = |args: &[Arg]| {
                 args.iter()
@@ -455,10 +497,14 @@ impl Executor {
                 Step::Launch(l) => flagged(l.args),
                 Step::Gemm(g) => g.fallback.is_some_and(|l| flagged(l.args)),
             });
+            let branches = self.options.branches && self.why_no_branches.is_none();
+            let after = step_order(plan, &mut steps, branches)?;
             self.entries.push(Entry {
                 plan,
                 steps,
                 graph: None,
+                after,
+                branches: None,
                 calls: 0,
                 uses_flags,
             });
@@ -551,6 +597,8 @@ impl Executor {
                 slots,
                 params,
             }),
+            shares: None,
+            gemm: false,
         })
     }
 
@@ -655,6 +703,8 @@ impl Executor {
                 b,
                 c,
             },
+            shares: Some(Shared::Cublas),
+            gemm: false,
         }
     }
 
@@ -705,6 +755,8 @@ impl Executor {
                 pointers: buf,
                 count,
             },
+            shares: Some(Shared::Cublas),
+            gemm: false,
         })
     }
 
@@ -810,7 +862,7 @@ impl Executor {
         prep.tally.count(epilogue, tuned.as_ref());
         if let Some(k) = tuned.as_ref().and_then(Tuned::kernel) {
             let how = tuned.as_ref().map(Tuned::describe).unwrap_or_default();
-            let (_, ready) = tiled.swap_remove(k);
+            let (launch, ready) = tiled.swap_remove(k);
             return Ok(Ok(Ready {
                 label: format!(
                     "GEMM {}x{}x{} (batch {}{}) in a generated kernel {how}",
@@ -821,6 +873,8 @@ impl Executor {
                     scaling(gemm)
                 ),
                 work: ready.work,
+                shares: (splits(gemm, launch) > 1).then_some(Shared::SplitArenas),
+                gemm: true,
             }));
         }
         let how = match &tuned {
@@ -852,7 +906,10 @@ impl Executor {
                 b,
                 c,
                 bias,
+                workspace: 0,
             },
+            shares: Some(Shared::Lt(0)),
+            gemm: false,
         }))
     }
 
@@ -1037,6 +1094,7 @@ impl Executor {
             blaslt,
             device,
             options,
+            arenas,
             ..
         } = self;
         let entry = &mut entries[index];
@@ -1050,13 +1108,36 @@ impl Executor {
                 device.synchronize(|| format!("running {} of `{name}`", step.label))?;
             }
         } else if replay {
-            let graph = match &mut entry.graph {
-                Some(graph) => graph,
-                slot => slot.insert(Graph::capture(device, &format!("`{name}`"), || {
-                    entry
-                        .steps
+            let what = format!("`{name}`");
+            let steps = &entry.steps;
+            let graph = match (&mut entry.graph, &entry.after) {
+                (Some(graph), _) => graph,
+                (slot, Some(after)) => {
+                    let persistent: Vec<Persistent> = arenas
                         .iter()
-                        .try_for_each(|s| enqueue(s, device, libraries))
+                        .filter(|a| PERSISTENT.contains(&a.spec.name))
+                        .map(|a| (a.buf.ptr(), a.buf.bytes()))
+                        .collect();
+                    let schedules = [
+                        ("in parallel branches", after.clone()),
+                        (
+                            "in branches beside the GEMMs in order",
+                            gemms_in_order(after, steps),
+                        ),
+                    ];
+                    let (graph, how) = branches::capture_faster(
+                        device,
+                        &what,
+                        steps.len(),
+                        &schedules,
+                        &persistent,
+                        |i| enqueue(&steps[i], device, libraries),
+                    )?;
+                    entry.branches = Some(how);
+                    slot.insert(graph)
+                }
+                (slot, None) => slot.insert(Graph::capture(device, &what, || {
+                    steps.iter().try_for_each(|s| enqueue(s, device, libraries))
                 })?),
             };
             graph.launch(&format!("`{name}`"))?;
@@ -1364,6 +1445,46 @@ impl Executor {
             .is_ok_and(|i| self.entries[i].graph.is_some())
     }
 
+    /// How each entry point's graph runs its steps: "`train`: 20 steps in
+    /// parallel branches, at most 10 one after another; …", or why they run
+    /// one after another.
+    pub fn branches_report(&self) -> String {
+        let o = &self.options;
+        if !o.graphs || o.sync_each {
+            return "steps in order: no CUDA graphs (graph=False or sync=True)".into();
+        }
+        if !o.branches {
+            return "steps in order: branches=False".into();
+        }
+        if let Some(why) = &self.why_no_branches {
+            return format!("steps in order: {why}");
+        }
+        let entries: Vec<String> = self
+            .entries
+            .iter()
+            .map(|e| {
+                let name = e.plan.entry;
+                let Some(after) = &e.after else {
+                    return format!(
+                        "`{name}`: {} steps in order (its plan gives none)",
+                        e.steps.len()
+                    );
+                };
+                let mut depth: Vec<usize> = Vec::with_capacity(after.len());
+                for waits in after {
+                    depth.push(1 + waits.iter().map(|&j| depth[j]).max().unwrap_or(0));
+                }
+                let longest = depth.iter().max().copied().unwrap_or(0);
+                let how = e.branches.as_deref().unwrap_or("not captured yet");
+                format!(
+                    "`{name}`: {} steps, at most {longest} of them one after another; {how}",
+                    after.len()
+                )
+            })
+            .collect();
+        entries.join("; ")
+    }
+
     /// Who runs the GEMM steps: `"cublas"` (cuBLAS and cuBLASLt), `"kernel"`
     /// (the fallback kernels), or `"mixed"` (cuBLAS, except steps whose
     /// strides it cannot express).
@@ -1646,7 +1767,6 @@ fn in_step(err: Error, k: usize, count: usize) -> Error {
 /// threads, k in 4 splits`), from its entry name (`ptx_gemm.py`'s
 /// `fg_sgemm_32x32_kn_t128`, `ptx_gemm_thin.py`'s `fg_sgemm_warp_rows_n10_k256`).
 fn tiled_name(gemm: &Gemm, launch: &Launch) -> String {
-    let items = (gemm.batch * gemm.outer.max(1)).max(1) as u32;
     let threads = launch.block[0];
     let shape = launch
         .kernel
@@ -1662,10 +1782,74 @@ fn tiled_name(gemm: &Gemm, launch: &Launch) -> String {
         let tile = shape.split('_').next().unwrap_or(shape).replace('x', "×");
         format!("{tile} tiles, {threads} threads")
     };
-    match launch.grid[2] / items {
+    match splits(gemm, launch) {
         0 | 1 => what,
         splits => format!("{what}, k in {splits} splits"),
     }
+}
+
+/// The parts k is split into by a generated GEMM kernel of `gemm` (1: not
+/// split; split ones use the `split_f32` / `split_u32` arenas): its grid's z
+/// covers every product that many times.
+fn splits(gemm: &Gemm, launch: &Launch) -> u32 {
+    let items = (gemm.batch * gemm.outer.max(1)).max(1) as u32;
+    launch.grid[2] / items
+}
+
+/// For each of `plan`'s steps, the steps it waits for: the plan's `after`,
+/// plus the step before it on the same [`Shared`] memory (cuBLASLt calls
+/// take turns on its workspaces, so two in a row may run at once). `None`
+/// (the steps in order) without `branches` or when the plan gives no order.
+fn step_order(
+    plan: &Plan,
+    steps: &mut [Ready],
+    branches: bool,
+) -> Result<Option<Vec<Vec<usize>>>, Error> {
+    if !branches || plan.after.len() != plan.steps.len() {
+        return Ok(None);
+    }
+    let mut last: HashMap<Shared, usize> = HashMap::new();
+    let mut lt_calls = 0;
+    let mut after = Vec::with_capacity(steps.len());
+    for (i, (step, waits)) in steps.iter_mut().zip(plan.after).enumerate() {
+        if let Some(&j) = waits.iter().find(|&&j| j >= i) {
+            return Err(Error::layout(format!(
+                "step {i} of `{}` waits for step {j}, which is not before it",
+                plan.entry
+            )));
+        }
+        let mut waits = waits.to_vec();
+        if let Work::CublasLt { workspace, .. } = &mut step.work {
+            *workspace = lt_calls % WORKSPACES;
+            step.shares = Some(Shared::Lt(*workspace));
+            lt_calls += 1;
+        }
+        if let Some(shared) = step.shares {
+            if let Some(j) = last.insert(shared, i) {
+                if !waits.contains(&j) {
+                    waits.push(j);
+                }
+            }
+        }
+        after.push(waits);
+    }
+    Ok(Some(after))
+}
+
+/// `after` with every GEMM step (whoever runs it) also waiting for the GEMM
+/// step before it: GEMMs one after another, the other kernels beside them.
+fn gemms_in_order(after: &[Vec<usize>], steps: &[Ready]) -> Vec<Vec<usize>> {
+    let mut last = None;
+    let mut out = after.to_vec();
+    for (i, (waits, step)) in out.iter_mut().zip(steps).enumerate() {
+        if step.gemm {
+            if let Some(j) = last.filter(|j| !waits.contains(j)) {
+                waits.push(j);
+            }
+            last = Some(i);
+        }
+    }
+    out
 }
 
 /// Queues the kernel of `step` (a [`Work::Kernel`]) with its third
@@ -1758,10 +1942,11 @@ fn enqueue(
             b,
             c,
             bias,
+            workspace,
         } => {
             let lt = blaslt.ok_or_else(|| Error::layout("a cuBLASLt step without cuBLASLt"))?;
             // SAFETY: operands and bias checked against their arenas when prepared.
-            unsafe { lt.run(call, *scale, *a, *b, *c, *bias) }
+            unsafe { lt.run(call, *scale, *a, *b, *c, *bias, *workspace) }
                 .map_err(|e| Error::Device(format!("{}: {e}", step.label)))
         }
     }
@@ -1904,5 +2089,82 @@ mod tests {
     fn gemm_modes_parse() {
         assert_eq!(GemmMode::parse("cublas"), Ok(GemmMode::Cublas));
         assert!(GemmMode::parse("tf32").unwrap_err().contains("\"kernel\""));
+    }
+
+    fn kernel_step(shares: Option<Shared>) -> Ready {
+        Ready {
+            label: "kernel".into(),
+            work: Work::Kernel(KernelCall {
+                function: Function {
+                    raw: std::ptr::null_mut(),
+                },
+                grid: [1, 1, 1],
+                block: [32, 1, 1],
+                shared_bytes: 0,
+                slots: Box::new([]),
+                params: Box::new([]),
+            }),
+            shares,
+            gemm: false,
+        }
+    }
+
+    fn plan_with(after: &'static [&'static [usize]], count: usize) -> Plan {
+        const STEP: Step = Step::Launch(Launch {
+            kernel: "k",
+            grid: [1, 1, 1],
+            block: [32, 1, 1],
+            shared_bytes: 0,
+            args: &[],
+        });
+        const STEPS: [Step; 4] = [STEP; 4];
+        Plan {
+            entry: "train",
+            steps: &STEPS[..count],
+            after,
+            results: &[],
+        }
+    }
+
+    #[test]
+    fn steps_on_shared_memory_wait_for_each_other_whatever_the_plan_allows() {
+        let plan = plan_with(&[&[], &[], &[], &[1]], 4);
+        let mut steps = vec![
+            kernel_step(Some(Shared::SplitArenas)),
+            kernel_step(Some(Shared::Cublas)),
+            kernel_step(Some(Shared::SplitArenas)),
+            kernel_step(Some(Shared::Cublas)),
+        ];
+        let order = step_order(&plan, &mut steps, true).unwrap();
+        // 2 after 0 (split arenas); 3 after 1 by the plan, nothing added twice
+        assert_eq!(order, Some(vec![vec![], vec![], vec![0], vec![1]]));
+        // without branches, or a plan that gives no order: the steps in order
+        assert_eq!(step_order(&plan, &mut steps, false).unwrap(), None);
+        let silent = plan_with(&[], 4);
+        assert_eq!(step_order(&silent, &mut steps, true).unwrap(), None);
+    }
+
+    #[test]
+    fn gemms_in_order_wait_for_the_gemm_before_them_only() {
+        let steps: Vec<Ready> = [true, false, true, true]
+            .into_iter()
+            .map(|gemm| Ready {
+                gemm,
+                ..kernel_step(None)
+            })
+            .collect();
+        let after = vec![vec![], vec![0], vec![], vec![1, 2]];
+        assert_eq!(
+            gemms_in_order(&after, &steps),
+            vec![vec![], vec![0], vec![0], vec![1, 2]]
+        );
+    }
+
+    #[test]
+    fn a_plan_that_waits_for_a_later_step_is_refused() {
+        let plan = plan_with(&[&[], &[1]], 2);
+        let mut steps = vec![kernel_step(None), kernel_step(None)];
+        let err = step_order(&plan, &mut steps, true).unwrap_err().to_string();
+        assert!(err.contains("step 1 of `train` waits for step 1"), "{err}");
     }
 }

@@ -19,7 +19,9 @@
 //!   express the strides; each cuBLASLt GEMM's algorithm timed among the
 //!   heuristic's candidates when the executor is created (`autotune`);
 //! - CUDA graphs: each entry point captured on its first call and replayed
-//!   after (or plain launches, or one step at a time for debugging).
+//!   after (or plain launches, or one step at a time for debugging); steps
+//!   that do not wait for each other (the plan's `after`) become parallel
+//!   branches where that replays faster ([`branches`]).
 //!
 //! Every failure is an [`Error`](crate::Error) naming the kernel or step,
 //! never a panic.
@@ -27,6 +29,7 @@
 mod autotune;
 mod blas;
 mod blaslt;
+mod branches;
 mod device;
 mod exec;
 mod graph;

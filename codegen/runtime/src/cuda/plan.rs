@@ -215,8 +215,13 @@ impl ResultSpec {
 pub struct Plan {
     /// `train`, `forward` or `grads`.
     pub entry: &'static str,
-    /// The steps, in order.
+    /// The steps, in an order that is correct to run one after another.
     pub steps: &'static [Step],
+    /// For each step, the earlier steps it must run after (those that write
+    /// what it reads or writes, or read what it writes: `launch_plan.py`'s
+    /// `step_dependencies`); the others may run at the same time. Empty: the
+    /// renderer says nothing, and the steps run in order.
+    pub after: &'static [&'static [usize]],
     /// What the host reads back.
     pub results: &'static [ResultSpec],
 }
@@ -234,6 +239,7 @@ mod tests {
             shared_bytes: 0,
             args: &[Arg::buf("temp_f32", 16), Arg::U32(7), Arg::F32(0.5)],
         })],
+        after: &[&[]],
         results: &[ResultSpec {
             key: "out:logits",
             arena: "temp_f32",

@@ -92,6 +92,7 @@ pub fn options(
     tf32: bool,
     sync: bool,
     autotune: bool,
+    branches: bool,
 ) -> PyResult<Options> {
     Ok(Options {
         device,
@@ -100,6 +101,7 @@ pub fn options(
         gemm: GemmMode::parse(gemm).map_err(PyValueError::new_err)?,
         tf32,
         autotune,
+        branches,
     })
 }
 
