@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "examples")]
 from catalog import MODELS, lowered  # noqa: E402
 from ptx_sim import Machine  # noqa: E402
+from test_ptx_horizontal import small  # noqa: E402  (linear, layer norm, gelu, softmax)
 
 
 def span(arena: str, start: int, stop: int) -> list[Span]:
@@ -133,14 +134,6 @@ def _reordered(after: list[tuple[int, ...]], pick) -> list[int]:
         order.append(i)
         done.add(i)
     return order
-
-
-@fg.model
-def small(x: fg.f32[6, 12], y: fg.i32[6]):
-    h = fg.relu(fg.nn.linear(x, 16, name="fc1"))
-    h = fg.nn.layer_norm(h, name="ln")
-    h = fg.gelu(fg.nn.linear(h, 40, name="fc2"))
-    return fg.cross_entropy(fg.nn.linear(h, 5, name="head"), y)
 
 
 @fg.model
