@@ -474,7 +474,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `cnn`.
-#[pyclass(module = "fg_cnn_e8cab3f46d78")]
+#[pyclass(module = "fg_cnn_9466c104f560")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -632,8 +632,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_cnn_e8cab3f46d78(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_cnn_e8cab3f46d78")?;
+fn fg_cnn_9466c104f560(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_cnn_9466c104f560")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

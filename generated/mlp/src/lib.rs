@@ -387,7 +387,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `mlp`.
-#[pyclass(module = "fg_mlp_f21c2d40fe9c")]
+#[pyclass(module = "fg_mlp_dedcb51386e4")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -533,8 +533,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_mlp_f21c2d40fe9c(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_mlp_f21c2d40fe9c")?;
+fn fg_mlp_dedcb51386e4(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_mlp_dedcb51386e4")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

@@ -631,7 +631,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `rnn`.
-#[pyclass(module = "fg_rnn_9ae2b87a0a52")]
+#[pyclass(module = "fg_rnn_78a4091dbeb6")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -775,8 +775,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_rnn_9ae2b87a0a52(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_rnn_9ae2b87a0a52")?;
+fn fg_rnn_78a4091dbeb6(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_rnn_78a4091dbeb6")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

@@ -1267,7 +1267,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `char_lm`.
-#[pyclass(module = "fg_char_lm_32411a853a99")]
+#[pyclass(module = "fg_char_lm_1a4477a632b5")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -1452,8 +1452,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_char_lm_32411a853a99(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_char_lm_32411a853a99")?;
+fn fg_char_lm_1a4477a632b5(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_char_lm_1a4477a632b5")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

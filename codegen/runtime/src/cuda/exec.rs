@@ -80,8 +80,9 @@ pub struct Options {
     pub gemm: GemmMode,
     /// Let cuBLAS use TF32 tensor cores (not strict fp32).
     pub tf32: bool,
-    /// Capture steps that do not wait for each other (the plan's `after`)
-    /// as parallel branches of the graph (else one after another).
+    /// Also capture each graph with the steps that do not wait for each
+    /// other (the plan's `after`) as parallel branches, and keep whichever
+    /// replays fastest ([`super::branches`]; else one after another only).
     pub branches: bool,
     /// Choose each cuBLASLt GEMM's algorithm by timing candidates on its own
     /// operands when the executor is created (else the heuristic's first).
@@ -287,10 +288,21 @@ struct Ready {
     /// of 8 by timing: …`, for messages and [`Executor::gemm_steps`].
     label: String,
     work: Work,
-    /// Memory it uses that the plan does not know of.
-    shares: Option<Shared>,
+    /// A generated GEMM kernel that splits k (it uses the split arenas).
+    split_k: bool,
     /// It is one of the plan's GEMM steps.
     gemm: bool,
+}
+
+impl Ready {
+    /// Memory it uses that the plan does not know of.
+    fn shares(&self) -> Option<Shared> {
+        match &self.work {
+            Work::Kernel(_) => self.split_k.then_some(Shared::SplitArenas),
+            Work::Cublas { .. } | Work::CublasPointers { .. } => Some(Shared::Cublas),
+            Work::CublasLt { workspace, .. } => Some(Shared::Lt(*workspace)),
+        }
+    }
 }
 
 /// Memory outside the plan's arenas, or in arenas its steps share without
@@ -597,7 +609,7 @@ impl Executor {
                 slots,
                 params,
             }),
-            shares: None,
+            split_k: false,
             gemm: false,
         })
     }
@@ -703,7 +715,7 @@ impl Executor {
                 b,
                 c,
             },
-            shares: Some(Shared::Cublas),
+            split_k: false,
             gemm: false,
         }
     }
@@ -755,7 +767,7 @@ impl Executor {
                 pointers: buf,
                 count,
             },
-            shares: Some(Shared::Cublas),
+            split_k: false,
             gemm: false,
         })
     }
@@ -873,7 +885,7 @@ impl Executor {
                     scaling(gemm)
                 ),
                 work: ready.work,
-                shares: (splits(gemm, launch) > 1).then_some(Shared::SplitArenas),
+                split_k: splits(gemm, launch) > 1,
                 gemm: true,
             }));
         }
@@ -908,7 +920,7 @@ impl Executor {
                 bias,
                 workspace: 0,
             },
-            shares: Some(Shared::Lt(0)),
+            split_k: false,
             gemm: false,
         }))
     }
@@ -1821,10 +1833,9 @@ fn step_order(
         let mut waits = waits.to_vec();
         if let Work::CublasLt { workspace, .. } = &mut step.work {
             *workspace = lt_calls % WORKSPACES;
-            step.shares = Some(Shared::Lt(*workspace));
             lt_calls += 1;
         }
-        if let Some(shared) = step.shares {
+        if let Some(shared) = step.shares() {
             if let Some(j) = last.insert(shared, i) {
                 if !waits.contains(&j) {
                     waits.push(j);
@@ -2091,7 +2102,7 @@ mod tests {
         assert!(GemmMode::parse("tf32").unwrap_err().contains("\"kernel\""));
     }
 
-    fn kernel_step(shares: Option<Shared>) -> Ready {
+    fn kernel_step(split_k: bool) -> Ready {
         Ready {
             label: "kernel".into(),
             work: Work::Kernel(KernelCall {
@@ -2104,7 +2115,7 @@ mod tests {
                 slots: Box::new([]),
                 params: Box::new([]),
             }),
-            shares,
+            split_k,
             gemm: false,
         }
     }
@@ -2128,16 +2139,16 @@ mod tests {
 
     #[test]
     fn steps_on_shared_memory_wait_for_each_other_whatever_the_plan_allows() {
-        let plan = plan_with(&[&[], &[], &[], &[1]], 4);
+        let plan = plan_with(&[&[], &[], &[], &[2]], 4);
         let mut steps = vec![
-            kernel_step(Some(Shared::SplitArenas)),
-            kernel_step(Some(Shared::Cublas)),
-            kernel_step(Some(Shared::SplitArenas)),
-            kernel_step(Some(Shared::Cublas)),
+            kernel_step(true),
+            kernel_step(false),
+            kernel_step(true),
+            kernel_step(true),
         ];
         let order = step_order(&plan, &mut steps, true).unwrap();
-        // 2 after 0 (split arenas); 3 after 1 by the plan, nothing added twice
-        assert_eq!(order, Some(vec![vec![], vec![], vec![0], vec![1]]));
+        // 2 after 0 (split arenas); 3 after 2 by the plan and on them, listed once
+        assert_eq!(order, Some(vec![vec![], vec![], vec![0], vec![2]]));
         // without branches, or a plan that gives no order: the steps in order
         assert_eq!(step_order(&plan, &mut steps, false).unwrap(), None);
         let silent = plan_with(&[], 4);
@@ -2150,7 +2161,7 @@ mod tests {
             .into_iter()
             .map(|gemm| Ready {
                 gemm,
-                ..kernel_step(None)
+                ..kernel_step(false)
             })
             .collect();
         let after = vec![vec![], vec![0], vec![], vec![1, 2]];
@@ -2163,7 +2174,7 @@ mod tests {
     #[test]
     fn a_plan_that_waits_for_a_later_step_is_refused() {
         let plan = plan_with(&[&[], &[1]], 2);
-        let mut steps = vec![kernel_step(None), kernel_step(None)];
+        let mut steps = vec![kernel_step(false), kernel_step(false)];
         let err = step_order(&plan, &mut steps, true).unwrap_err().to_string();
         assert!(err.contains("step 1 of `train` waits for step 1"), "{err}");
     }
