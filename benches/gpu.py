@@ -200,7 +200,7 @@ class FgSystem:
 
     def __init__(self, w: GpuWorkload, low: fg.Lowered, folder: Path, manifest: dict[str, Any],
                  device: str, batch: list[Any], autotune: bool = True,
-                 branches: bool = True) -> None:
+                 branches: bool = True, graph_inputs: bool = True) -> None:
         from ferrograd.codegen.build import _load
         from ferrograd.codegen.cpu_step import CompiledStep
         from ferrograd.codegen.cuda_step import open_cuda_step
@@ -219,7 +219,8 @@ class FgSystem:
         module = _load(entry["module"], folder / entry["file"])
         if device == "cuda":
             self.native = open_cuda_step(module, self.low.graph.name, graph=True,
-                                         autotune=autotune, branches=branches)
+                                         autotune=autotune, branches=branches,
+                                         graph_inputs=graph_inputs)
             self.info.update(autotune=autotune, branches=self.native.branches,
                              gemm_backend=self.native.gemm_backend,
                              gemm_report=self.native.gemm_report,

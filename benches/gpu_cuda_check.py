@@ -21,7 +21,11 @@ Two phases, because the GPU machine has no Rust toolchain:
     optimizer state bit for bit — to rounding for a model that scatter-adds, whose atomic
     adds change order from run to run), from NumPy arrays and from CuPy arrays and torch CUDA
     tensors where installed, alone and between single steps, and against 5 steps with
-    ``branches=False`` (branches change when kernels run, never what they compute); a
+    ``branches=False`` (branches change when kernels run, never what they compute); for
+    each device kind, 5 steps with ``graph_inputs=False`` (inputs copied apart from the
+    graph), 5 with NumPy and device inputs in turn (the graph's input copies turned off
+    and on and pointed at each call's arrays), and with torch, 5 from one buffer per
+    input refilled before each step (same address, new contents), all bit for bit; a
     device id out of range in one of the batches (labels or embedding ids) must raise an
     InputError naming it, after steps or a single step, and the next step run clean.
     Then host time per training step: graphs autotuned, graphs not autotuned, plain
@@ -38,7 +42,7 @@ Two phases, because the GPU machine has no Rust toolchain:
        nvidia-smi -L; set -o pipefail;
        PYTHONUNBUFFERED=1 python3 benches/gpu_cuda_check.py .gpu_modules 2>&1 | tee $OUT/log.txt
 
-   It takes ~110 s there. Last runs (session 13: s13a, s13b, s13c in
+   It takes ~40–110 s there. Last runs (session 14: s14b, s14d in
    benches/results/2026-11-21/): all 48 (model, mode) checks, 8 of 8 step.steps checks
    (each model's device ids out of range raising an InputError in steps and in a single
    step, and the steps bit for bit with ``branches=False``, included) and the 4 error
@@ -328,6 +332,35 @@ def check_steps(low: fg.Lowered, module: Any, kinds: dict[str, Any]) -> dict[str
                     and _same(step.state, ref.state, exact))
             res[f"{kind} {order}"] = {"ok": same, "losses": got.tolist()}
             ok &= same
+    for kind in [k for k in kinds if k != "numpy"]:
+        conv = kinds[kind]
+        # each input copied by a driver call of its own, not by the graph's nodes
+        step = cuda_step(low, module, autotune=False, graph_inputs=False)
+        got = np.array([step(**{k: conv(v) for k, v in b.items()}) for b in batches],
+                       np.float32)
+        res[f"{kind}, graph inputs off"] = _steps_agree(step, got, want, ref, g)
+        # host and device inputs in turn: the graph's copies turned off and on, and
+        # pointed at each call's arrays
+        step = cuda_step(low, module, autotune=False)
+        got = np.array([step(**{k: (conv(v) if i % 2 else v) for k, v in b.items()})
+                        for i, b in enumerate(batches)], np.float32)
+        res[f"numpy and {kind} in turn"] = _steps_agree(step, got, want, ref, g)
+    if "torch" in kinds:
+        # one device buffer per input, refilled before each step: the graph's copies keep
+        # their source address and must read what it holds now
+        import torch
+
+        step = cuda_step(low, module, autotune=False)
+        buffers = {k: torch.empty(v.shape, dtype=getattr(torch, str(v.dtype)), device="cuda")
+                   for k, v in batches[0].items()}
+        losses = []
+        for b in batches:
+            for k, v in b.items():
+                buffers[k].copy_(torch.from_numpy(v))
+            losses.append(step(**buffers))
+        res["torch buffers refilled"] = _steps_agree(step, np.array(losses, np.float32),
+                                                     want, ref, g)
+    ok &= all(v["ok"] for v in res.values() if isinstance(v, dict))
     # the graph's steps one after another: the same bits as its parallel branches
     step = cuda_step(low, module, autotune=False, branches=False)
     got = np.array([step(**b) for b in batches], np.float32)
@@ -356,6 +389,16 @@ def check_steps(low: fg.Lowered, module: Any, kinds: dict[str, Any]) -> dict[str
             ok &= r["ok"] and r1["ok"] and r2["ok"]
     res["ok"] = ok
     return res
+
+
+def _steps_agree(step: Any, got: np.ndarray, want: np.ndarray, ref: Any,
+                 graph: Any) -> dict[str, Any]:
+    """Losses ``got`` against ``want``, and ``step``'s params and state against
+    ``ref``'s: bit for bit (to rounding where the model scatter-adds)."""
+    exact = not _atomic_sums(graph)
+    same = (got.dtype == np.float32 and _same({"loss": got}, {"loss": want}, exact)
+            and _same(step.params, ref.params, exact) and _same(step.state, ref.state, exact))
+    return {"ok": same, "losses": got.tolist()}
 
 
 def time_steps(low: fg.Lowered, module: Any, n: int = 300, **options: Any) -> float:

@@ -3,9 +3,11 @@
     python benches/gpu.py --build .gpu_bench --rows mlp128     # here: build the module
     python benches/gpu_step_overhead.py .gpu_bench [--rows mlp128]   # there
 
-For each workload, medians over rounds of N calls (µs per call) of: the whole step
-as a user calls it (``step(x, y)`` with torch CUDA tensors), the module's ``train``
-without the Python wrapper, the same fed NumPy arrays (host copies), reading the
+For each workload, medians over rounds of N calls (µs per call; the parts' rounds
+interleaved) of: the whole step as a user calls it (``step(x, y)`` with torch CUDA
+tensors), the module's ``train`` without the Python wrapper, the same with
+``graph_inputs=False`` (each input copied by a driver call of its own before the
+graph), the same fed NumPy arrays (host copies), reading the
 tensors' ``__cuda_array_interface__`` (what the module does per input), and
 ``torch.cuda.synchronize()`` alone. The device's kernel time per step is in the
 profile of gpu.py's JSON; the rest of a call is host work and waiting.
@@ -28,16 +30,20 @@ from gpu import FgSystem, device_batch, lower
 from gpu_workloads import GPU_BY_KEY
 
 
-def per_call_us(fn: Callable[[], Any], calls: int, rounds: int) -> float:
-    for _ in range(max(calls // 10, 5)):
-        fn()
-    samples = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(calls):
+def per_call_us(parts: dict[str, Callable[[], Any]], calls: int,
+                rounds: int) -> dict[str, float]:
+    """Median µs per call of each part, the parts' rounds interleaved."""
+    for fn in parts.values():
+        for _ in range(max(calls // 10, 5)):
             fn()
-        samples.append((time.perf_counter() - start) / calls * 1e6)
-    return statistics.median(samples)
+    samples: dict[str, list[float]] = {name: [] for name in parts}
+    for _ in range(rounds):
+        for name, fn in parts.items():
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            samples[name].append((time.perf_counter() - start) / calls * 1e6)
+    return {name: statistics.median(s) for name, s in samples.items()}
 
 
 def measure(key: str, folder: Path, manifest: dict[str, Any], calls: int,
@@ -51,6 +57,7 @@ def measure(key: str, folder: Path, manifest: dict[str, Any], calls: int,
     low = lower(w)
     step = FgSystem(w, low, folder, manifest, "cuda", dev)
     host_step = FgSystem(w, low, folder, manifest, "cuda", host)
+    apart = FgSystem(w, low, folder, manifest, "cuda", dev, graph_inputs=False)
 
     def interface() -> None:
         for t in dev:
@@ -59,12 +66,14 @@ def measure(key: str, folder: Path, manifest: dict[str, Any], calls: int,
     parts = {
         "step(x, y), torch CUDA tensors": lambda: step.step_obj(*dev),
         "native.train(x, y), torch CUDA tensors": lambda: step.native.train(*dev),
+        "native.train(x, y), torch CUDA tensors, graph_inputs=False": lambda: (
+            apart.native.train(*dev)),
         "native.train(x, y), NumPy arrays": lambda: host_step.native.train(*host),
         "__cuda_array_interface__ of the inputs": interface,
         "torch.cuda.synchronize()": torch.cuda.synchronize,
         "tensor.data_ptr() of the inputs": lambda: [t.data_ptr() for t in dev],
     }
-    out = {name: per_call_us(fn, calls, rounds) for name, fn in parts.items()}
+    out = per_call_us(parts, calls, rounds)
     out.update(driver_calls(lambda: step.step_obj(*dev), 20))
     return out
 

@@ -78,8 +78,8 @@ def test_cuda_crate_renders_plans_ptx_and_the_feature():
     # labels in device memory are copied in by a kernel that checks them
     assert re.search(r'ArenaSpec \{ name: "input:y", elem: Elem::I32, len: \d+, '
                      r'id_bound: Some\(10\) \}', rs)
-    assert ('gemm = "auto", tf32 = false, sync = false, autotune = true, branches = true))]'
-            in rs)
+    assert ('gemm = "auto", tf32 = false, sync = false, autotune = true, branches = true, '
+            'graph_inputs = true))]' in rs)
     # each step's waits, all on earlier steps
     after = re.search(r"const TRAIN_AFTER: &\[&\[usize\]\] = &\[(.*?)\n\];", rs, re.S)
     assert after is not None
@@ -114,10 +114,20 @@ def test_cuda_step_options_are_checked(monkeypatch: pytest.MonkeyPatch):
     from ferrograd.codegen.cuda_step import cuda_step_kwargs
 
     for name in ("FERROGRAD_CUDA_AUTOTUNE", "FERROGRAD_CUDA_GEMM", "FERROGRAD_CUDA_GRAPHS",
-                 "FERROGRAD_CUDA_SYNC", "FERROGRAD_CUDA_DEVICE", "FERROGRAD_CUDA_BRANCHES"):
+                 "FERROGRAD_CUDA_SYNC", "FERROGRAD_CUDA_DEVICE", "FERROGRAD_CUDA_BRANCHES",
+                 "FERROGRAD_CUDA_GRAPH_INPUTS"):
         monkeypatch.delenv(name, raising=False)
     assert cuda_step_kwargs() == {"device": 0, "graph": True, "gemm": "auto", "tf32": False,
-                                  "sync": False, "autotune": True, "branches": True}
+                                  "sync": False, "autotune": True, "branches": True,
+                                  "graph_inputs": True}
+    assert cuda_step_kwargs(graph_inputs=False)["graph_inputs"] is False
+    monkeypatch.setenv("FERROGRAD_CUDA_GRAPH_INPUTS", "off")
+    assert cuda_step_kwargs()["graph_inputs"] is False
+    assert cuda_step_kwargs(graph_inputs=True)["graph_inputs"] is True
+    monkeypatch.setenv("FERROGRAD_CUDA_GRAPH_INPUTS", "2")
+    with pytest.raises(ValueError, match="FERROGRAD_CUDA_GRAPH_INPUTS='2'"):
+        cuda_step_kwargs()
+    monkeypatch.delenv("FERROGRAD_CUDA_GRAPH_INPUTS")
     assert cuda_step_kwargs(branches=False)["branches"] is False
     monkeypatch.setenv("FERROGRAD_CUDA_BRANCHES", "0")
     assert cuda_step_kwargs()["branches"] is False

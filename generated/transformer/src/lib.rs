@@ -1267,7 +1267,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `char_lm`.
-#[pyclass(module = "fg_char_lm_1a4477a632b5")]
+#[pyclass(module = "fg_char_lm_e6f1b6103f4a")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -1452,8 +1452,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_char_lm_1a4477a632b5(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_char_lm_1a4477a632b5")?;
+fn fg_char_lm_e6f1b6103f4a(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_char_lm_e6f1b6103f4a")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

@@ -20,6 +20,7 @@
 use super::autotune::Timer;
 use super::device::{Device, DeviceBuffer};
 use super::graph::Graph;
+use super::inputs::InputNode;
 use crate::error::Error;
 
 /// Replays of each graph timed (alternating, the fastest kept), after one
@@ -41,19 +42,23 @@ pub type Schedule = (&'static str, Vec<Vec<usize>>);
 /// `schedules` (step `i` waiting for `after[i]` only), whichever replays
 /// fastest — and one line saying which, with every time. `enqueue(i)` queues
 /// step `i`; `persistent` are the ranges a replay changes, restored after the
-/// timing.
-pub fn capture_faster(
+/// timing. Each graph starts with the copies of device inputs `inputs`
+/// queues.
+pub(crate) fn capture_faster(
     device: &Device,
     what: &str,
     count: usize,
     schedules: &[Schedule],
     persistent: &[Persistent],
+    inputs: impl Fn() -> Result<Vec<InputNode>, Error>,
     enqueue: impl Fn(usize) -> Result<(), Error>,
 ) -> Result<(Graph, String), Error> {
-    let in_order = Graph::capture(device, what, || (0..count).try_for_each(&enqueue))?;
+    let in_order =
+        Graph::capture_inputs(device, what, &inputs, || (0..count).try_for_each(&enqueue))?;
     let mut graphs = vec![("in order", in_order)];
     for (name, after) in schedules {
-        graphs.push((name, Graph::capture_steps(device, what, after, &enqueue)?));
+        let graph = Graph::capture_steps(device, what, &inputs, after, &enqueue)?;
+        graphs.push((name, graph));
     }
     if graphs.len() == 1 {
         return Ok((graphs.remove(0).1, "in order".into()));

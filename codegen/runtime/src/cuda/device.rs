@@ -2,7 +2,7 @@
 //! primary context, one stream, and device allocations.
 
 use std::ffi::c_int;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use cudarc::driver::result::{self, DriverError};
 use cudarc::driver::sys;
@@ -57,6 +57,10 @@ struct Inner {
     dev: sys::CUdevice,
     ctx: sys::CUcontext,
     stream: sys::CUstream,
+    /// The event [`Device::wait_for`] records on a producer's stream: made
+    /// once (creating and destroying one costs ~2 µs a call), and locked while
+    /// recorded and waited for.
+    event: Mutex<sys::CUevent>,
     name: String,
     capability: (i32, i32),
     driver_version: i32,
@@ -106,6 +110,7 @@ impl Device {
             dev,
             ctx,
             stream: std::ptr::null_mut(),
+            event: Mutex::new(std::ptr::null_mut()),
             name: String::new(),
             capability: (0, 0),
             driver_version: 0,
@@ -118,6 +123,13 @@ impl Device {
         inner.stream = check(
             result::stream::create(result::stream::StreamKind::NonBlocking),
             || "creating a CUDA stream".into(),
+        )?;
+        *inner
+            .event
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner) = check(
+            result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING),
+            || "creating a CUDA event".into(),
         )?;
         inner.name = result::device::get_name(dev).unwrap_or_else(|_| "unknown GPU".into());
         let attr = |a| {
@@ -255,25 +267,25 @@ impl Device {
                 format!("waiting for the GPU before reading {what}")
             }),
             ProducerStream::Handle(handle) => {
-                let event = check(
-                    result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING),
-                    || format!("creating an event for {what}"),
-                )?;
+                // A poisoned lock guards no broken state: the event is only recorded.
+                let event = self
+                    .inner
+                    .event
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
                 // SAFETY: `handle` is the producer's stream (1 and 2 are the
-                // driver's own legacy / per-thread handles); the event is ours
-                // and destroyed after the wait is queued, which the driver
-                // allows (its resources go once the wait is done).
+                // driver's own legacy / per-thread handles); the event is ours,
+                // and a wait queued on it keeps the record it was queued after
+                // (recording it again later changes nothing for that wait).
                 let r = unsafe {
-                    result::event::record(event, handle as sys::CUstream).and_then(|()| {
+                    result::event::record(*event, handle as sys::CUstream).and_then(|()| {
                         result::stream::wait_event(
                             self.inner.stream,
-                            event,
+                            *event,
                             sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
                         )
                     })
                 };
-                // SAFETY: our event, not used after.
-                let _ = unsafe { result::event::destroy(event) };
                 check(r, || format!("waiting for the stream that produced {what}"))
             }
         }
@@ -281,6 +293,10 @@ impl Device {
 
     pub(crate) fn stream(&self) -> sys::CUstream {
         self.inner.stream
+    }
+
+    pub(crate) fn context(&self) -> sys::CUcontext {
+        self.inner.ctx
     }
 }
 
@@ -304,6 +320,10 @@ impl Drop for Inner {
             if !self.stream.is_null() {
                 let _ = result::stream::synchronize(self.stream);
                 let _ = result::stream::destroy(self.stream);
+            }
+            let event = *self.event.get_mut().unwrap_or_else(PoisonError::into_inner);
+            if !event.is_null() {
+                let _ = result::event::destroy(event);
             }
             let _ = result::primary_ctx::release(self.dev);
         }
@@ -362,32 +382,6 @@ impl DeviceBuffer {
         check(
             unsafe { result::memcpy_htod_async(dst, data, self.device.stream()) },
             || format!("copying {what} to the GPU"),
-        )
-    }
-
-    /// Queues a copy of `bytes` bytes from device address `src` (another
-    /// allocation on this device) to the start of this buffer.
-    pub(crate) fn copy_from_device_async(
-        &self,
-        src: u64,
-        bytes: usize,
-        what: &str,
-    ) -> Result<(), Error> {
-        if bytes > self.bytes {
-            return Err(Error::layout(format!(
-                "{what}: {bytes} bytes for a device buffer of {}",
-                self.bytes
-            )));
-        }
-        if bytes == 0 {
-            return Ok(());
-        }
-        // SAFETY: the destination fits (checked); the caller checked that
-        // `src` is memory of this device holding `bytes` bytes, and holds it
-        // until the stream is synchronized.
-        check(
-            unsafe { result::memcpy_dtod_async(self.ptr, src, bytes, self.device.stream()) },
-            || format!("copying {what} on the GPU"),
         )
     }
 

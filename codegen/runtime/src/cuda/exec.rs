@@ -20,6 +20,7 @@
 
 use std::collections::HashMap;
 use std::ffi::c_void;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use cudarc::driver::sys;
 
@@ -30,6 +31,7 @@ use super::branches::{self, Persistent};
 use super::device::{check, Device, DeviceBuffer};
 use super::graph::{why_no_branches, Graph};
 use super::ids::IdsCheck;
+use super::inputs::{InputCopy, InputNode};
 use super::layout::{cublas_layout, extent, CublasGemm, GemmShape};
 use super::mapped::MappedWords;
 use super::module::{Function, Module};
@@ -84,6 +86,10 @@ pub struct Options {
     /// other (the plan's `after`) as parallel branches, and keep whichever
     /// replays fastest ([`super::branches`]; else one after another only).
     pub branches: bool,
+    /// A graph copies the inputs given in device memory itself: its first
+    /// nodes, pointed at each call's arrays ([`super::inputs`]; else each
+    /// input is copied by a call of its own before the graph's launch).
+    pub graph_inputs: bool,
     /// Choose each cuBLASLt GEMM's algorithm by timing candidates on its own
     /// operands when the executor is created (else the heuristic's first).
     pub autotune: bool,
@@ -98,6 +104,7 @@ impl Default for Options {
             gemm: GemmMode::Auto,
             tf32: false,
             branches: true,
+            graph_inputs: true,
             autotune: true,
         }
     }
@@ -348,6 +355,13 @@ impl Entry {
 /// The arena gather and scatter kernels flag an id out of range in.
 const FLAGS: &str = "flags_u32";
 
+/// The largest device input a graph copies itself ([`Options::graph_inputs`]).
+/// The driver may run a graph's copy node as a kernel of 4-byte words: on an
+/// H200, 1 GiB took 843 µs that way against 507 µs as a copy queued on the
+/// stream (`gpu-s14c.json`), so past a few MiB the node's slower copy costs
+/// more than the host call it saves (~4.6 µs).
+const GRAPH_COPY_MAX_BYTES: usize = 4 << 20;
+
 /// The arenas whose contents outlive a call (`train` updates them).
 const PERSISTENT: [&str; 2] = ["param", "state"];
 
@@ -373,6 +387,9 @@ pub struct Executor {
     /// call (grown when a call runs more), since allocating and freeing device
     /// memory costs ~100 µs a call, as much as a small model's steps.
     step_results: Option<DeviceBuffer>,
+    /// Per arena, the last device-array address found on this device for it
+    /// (0 for none): [`Executor::input_arena`] asks the driver only for another.
+    checked_inputs: Vec<AtomicU64>,
     options: Options,
     /// Why steps cannot run as parallel branches here, if they cannot.
     why_no_branches: Option<String>,
@@ -455,6 +472,7 @@ impl Executor {
             module,
             arenas: allocated,
             step_results: None,
+            checked_inputs: arenas.iter().map(|_| AtomicU64::new(0)).collect(),
             options,
             why_no_branches: why_no_branches(),
             gemm_backend: "none",
@@ -976,11 +994,12 @@ impl Executor {
         self.device.bind()?;
         let index = self.entry_index(entry)?;
         self.clear_ids();
-        let queued = inputs
-            .iter()
-            .try_for_each(|&(name, data)| self.upload_input(name, data))
-            .and_then(|()| self.zero_flags(index))
-            .and_then(|flags| self.enqueue_entry(index).map(|()| flags))
+        let queued = self
+            .queue_inputs(index, inputs)
+            .and_then(|captured| {
+                let flags = self.zero_flags(index)?;
+                self.enqueue_entry(index, &captured).map(|()| flags)
+            })
             .and_then(|flags| match scalar {
                 Some(source) => self.copy_scalar(source).map(|()| flags),
                 None => Ok(flags),
@@ -1081,9 +1100,11 @@ impl Executor {
         results: &DeviceBuffer,
         source: u64,
     ) -> Result<(), Error> {
+        let mut batch = Vec::with_capacity(stacked.len());
         for &(name, data) in stacked {
-            self.upload_input(name, stacked_batch(name, data, k, count)?)?;
+            batch.push((name, stacked_batch(name, data, k, count)?));
         }
+        let captured = self.queue_inputs(index, &batch)?;
         let entry = &self.entries[index];
         if entry.graph.is_none() && entry.replays_next(&self.options) {
             // As between `run`'s first call and its second: the plain launches
@@ -1091,15 +1112,21 @@ impl Executor {
             self.device
                 .synchronize(|| format!("running `{}` before its capture", entry.plan.entry))?;
         }
-        self.enqueue_entry(index)?;
+        self.enqueue_entry(index, &captured)?;
         results.copy_from_device_at_async::<f32>(k, source, 1, "a result")
     }
 
     /// Queues one call of entry `index`'s steps: plain launches on its first
     /// call; with graphs on, captured into a CUDA graph on its second and
     /// replayed from then on; with `sync_each`, one step at a time, waiting
-    /// after each so that a failure names it.
-    fn enqueue_entry(&mut self, index: usize) -> Result<(), Error> {
+    /// after each so that a failure names it. A graph captured now starts
+    /// with the copies of `captured` (device inputs: their arena's index and
+    /// the array), which [`Executor::queue_inputs`] left to it.
+    fn enqueue_entry(
+        &mut self,
+        index: usize,
+        captured: &[(usize, DeviceArray)],
+    ) -> Result<(), Error> {
         let Executor {
             entries,
             blas,
@@ -1107,8 +1134,19 @@ impl Executor {
             device,
             options,
             arenas,
+            ids,
             ..
         } = self;
+        let inputs = || {
+            captured
+                .iter()
+                .map(|&(at, array)| {
+                    let arena = &arenas[at];
+                    let copy = input_copy(ids.as_ref(), at, arena, array)?;
+                    InputNode::capture(device, at, copy, array.ptr, arena.spec.name)
+                })
+                .collect::<Result<Vec<_>, Error>>()
+        };
         let entry = &mut entries[index];
         let replay = entry.replays_next(options);
         entry.calls += 1;
@@ -1143,12 +1181,13 @@ impl Executor {
                         steps.len(),
                         &schedules,
                         &persistent,
+                        inputs,
                         |i| enqueue(&steps[i], device, libraries),
                     )?;
                     entry.branches = Some(how);
                     slot.insert(graph)
                 }
-                (slot, None) => slot.insert(Graph::capture(device, &what, || {
+                (slot, None) => slot.insert(Graph::capture_inputs(device, &what, inputs, || {
                     steps.iter().try_for_each(|s| enqueue(s, device, libraries))
                 })?),
             };
@@ -1256,11 +1295,78 @@ impl Executor {
         )))
     }
 
-    /// Copies `data` into the arena `input:<name>` (queued): from the host,
-    /// or device to device after waiting for the producer's stream (ids by the
-    /// checked copy).
-    fn upload_input(&self, name: &str, data: Feed<'_>) -> Result<(), Error> {
-        let (index, arena) = self.input_arena(name, data)?;
+    /// Queues what `inputs` need before entry `index`'s steps run, once each
+    /// is checked to fit its arena: a wait for each producer stream of a
+    /// device array (one per stream), then each input's copy into its arena —
+    /// the entry's graph's own copy pointed at it when the graph has one for
+    /// that input (disabled for an input from the host, copied here instead),
+    /// else a copy queued here. Returns the device inputs the graph captured
+    /// next copies itself (their arena's index and the array): none unless
+    /// this call captures it, with `graph_inputs` on, and only those of at
+    /// most [`GRAPH_COPY_MAX_BYTES`].
+    fn queue_inputs(
+        &mut self,
+        index: usize,
+        inputs: &[(&str, Feed<'_>)],
+    ) -> Result<Vec<(usize, DeviceArray)>, Error> {
+        let mut waited: Vec<ProducerStream> = Vec::new();
+        let mut ready = Vec::with_capacity(inputs.len());
+        for &(name, data) in inputs {
+            let (at, arena) = self.input_arena(name, data)?;
+            let data = match data {
+                Feed::Device(elem, array) if array.len > 0 => {
+                    if !waited.contains(&array.stream) {
+                        self.device.wait_for(array.stream, arena.spec.name)?;
+                        waited.push(array.stream);
+                    }
+                    let stream = ProducerStream::Ready;
+                    Feed::Device(elem, DeviceArray { stream, ..array })
+                }
+                other => other,
+            };
+            ready.push((at, data));
+        }
+        let entry = &mut self.entries[index];
+        let capturing =
+            self.options.graph_inputs && entry.graph.is_none() && entry.replays_next(&self.options);
+        let mut captured = Vec::new();
+        let mut uploads = Vec::with_capacity(ready.len());
+        for (at, data) in ready {
+            let what = self.arenas[at].spec.name;
+            let array = match data {
+                Feed::Device(_, array) if array.len > 0 => Some(array),
+                _ => None,
+            };
+            if let Some(graph) = entry.graph.as_mut() {
+                let (nodes, exec) = graph.inputs();
+                if let Some(node) = nodes.iter_mut().find(|n| n.arena == at) {
+                    match array {
+                        Some(array) => {
+                            node.feed(exec, &self.device, array.ptr, what)?;
+                            continue;
+                        }
+                        None => node.skip(exec, what)?,
+                    }
+                }
+            } else if let (true, Some(array)) = (capturing, array) {
+                if array.bytes <= GRAPH_COPY_MAX_BYTES {
+                    captured.push((at, array));
+                    continue;
+                }
+            }
+            uploads.push((at, data));
+        }
+        for (at, data) in uploads {
+            self.upload_input(at, data)?;
+        }
+        Ok(captured)
+    }
+
+    /// Queues a copy of `data` into input arena `at`: from the host, or
+    /// device to device (ids by the checked copy) once the producer's stream
+    /// was waited for.
+    fn upload_input(&self, at: usize, data: Feed<'_>) -> Result<(), Error> {
+        let arena = &self.arenas[at];
         // the arena's name ("input:<name>") labels a failed copy: no string is
         // built on a step's path
         let what = arena.spec.name;
@@ -1270,16 +1376,11 @@ impl Executor {
                     return Ok(());
                 }
                 self.device.wait_for(array.stream, what)?;
-                if let (Some(bound), Some(ids)) = (arena.spec.id_bound, &self.ids) {
-                    // the tag names the arena to `check_ids`: its index, from 1
-                    let tag = u32::try_from(index + 1)
-                        .map_err(|_| Error::layout(format!("{what}: arena {index} as a tag")))?;
-                    let copy = (array.ptr, arena.buf.ptr(), array.len);
-                    return ids.copy(&self.device, copy, bound, tag, what);
-                }
-                arena
-                    .buf
-                    .copy_from_device_async(array.ptr, array.bytes, what)
+                input_copy(self.ids.as_ref(), at, arena, array)?.queue(
+                    &self.device,
+                    array.ptr,
+                    what,
+                )
             }
             Feed::Host(HostInput::F32(d)) => arena.buf.write_async(0, d, what),
             Feed::Host(HostInput::I32(d)) => arena.buf.write_async(0, d, what),
@@ -1314,9 +1415,16 @@ impl Executor {
             if array.len == 0 {
                 return Ok((index, arena));
             }
+            // The last address found on this device for this input is not asked
+            // again (a µs per input per call): the caller holds the array, so that
+            // address still holds device memory of this process.
+            let checked = &self.checked_inputs[index];
+            if checked.load(Ordering::Relaxed) == array.ptr {
+                return Ok((index, arena));
+            }
             let ordinal = self.device.ordinal();
             match self.device.pointer_device(array.ptr) {
-                Some(d) if d == ordinal => {}
+                Some(d) if d == ordinal => checked.store(array.ptr, Ordering::Relaxed),
                 got => {
                     let got = got.map_or_else(
                         || {
@@ -1891,6 +1999,37 @@ fn launch_with_c(step: &Ready, device: &Device, c: u64) -> Result<(), Error> {
     check(status, || {
         format!("launching {} on C's stand-in", step.label)
     })
+}
+
+/// How device array `array` reaches input arena `at` (`arena`, which it
+/// was checked to fit): by a plain copy, or, for ids, by the checked copy.
+fn input_copy(
+    ids: Option<&IdsCheck>,
+    at: usize,
+    arena: &Arena,
+    array: DeviceArray,
+) -> Result<InputCopy, Error> {
+    let what = arena.spec.name;
+    if array.bytes > arena.buf.bytes() {
+        return Err(Error::layout(format!(
+            "{what}: {} bytes for an arena of {}",
+            array.bytes,
+            arena.buf.bytes()
+        )));
+    }
+    match (arena.spec.id_bound, ids) {
+        (Some(bound), Some(ids)) => {
+            // the tag names the arena to `check_ids`: its index, from 1
+            let tag = u32::try_from(at + 1)
+                .map_err(|_| Error::layout(format!("{what}: arena {at} as a tag")))?;
+            let copy = (array.ptr, arena.buf.ptr(), array.len);
+            Ok(InputCopy::Kernel(ids.launch(copy, bound, tag, what)?))
+        }
+        _ => Ok(InputCopy::Memcpy {
+            dst: arena.buf.ptr(),
+            bytes: array.bytes,
+        }),
+    }
 }
 
 /// Queues one step on the device's stream.

@@ -1,15 +1,23 @@
 //! CUDA graphs: an entry point's launches captured once from the stream, then
 //! replayed with one call.
 
+use std::cell::RefCell;
+
 use cudarc::driver::result;
 use cudarc::driver::sys;
 
 use super::device::{check, Device};
+use super::inputs::InputNode;
 use crate::error::Error;
 
 /// An instantiated graph, replayable on the device's stream.
 pub struct Graph {
     exec: sys::CUgraphExec,
+    /// The graph it was instantiated from, kept while its input nodes may be
+    /// changed (their handles are its nodes).
+    graph: sys::CUgraph,
+    /// The copies of device inputs it starts with.
+    inputs: Vec<InputNode>,
     device: Device,
 }
 
@@ -29,6 +37,18 @@ impl Graph {
         what: &str,
         enqueue: impl FnOnce() -> Result<(), Error>,
     ) -> Result<Graph, Error> {
+        Graph::capture_inputs(device, what, || Ok(Vec::new()), enqueue)
+    }
+
+    /// [`capture`](Self::capture), the graph starting with the copies of
+    /// device inputs `inputs` queues (their nodes kept, to point them at other
+    /// arrays later: [`Graph::inputs`]).
+    pub(crate) fn capture_inputs(
+        device: &Device,
+        what: &str,
+        inputs: impl FnOnce() -> Result<Vec<InputNode>, Error>,
+        enqueue: impl FnOnce() -> Result<(), Error>,
+    ) -> Result<Graph, Error> {
         device.bind()?;
         let stream = device.stream();
         let mode = sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
@@ -37,10 +57,10 @@ impl Graph {
             unsafe { result::stream::begin_capture(stream, mode) },
             || format!("starting the CUDA graph capture of {what}"),
         )?;
-        let queued = enqueue();
+        let queued = inputs().and_then(|nodes| enqueue().map(|()| nodes));
         // SAFETY: ends the capture begun above, whatever happened in between.
         let ended = unsafe { result::stream::end_capture(stream) };
-        let graph = match (queued, ended) {
+        let (graph, inputs) = match (queued, ended) {
             (Err(e), Ok(graph)) => {
                 if !graph.is_null() {
                     // SAFETY: the captured graph, never used.
@@ -49,24 +69,32 @@ impl Graph {
                 return Err(e);
             }
             (Err(e), Err(_)) => return Err(e),
-            (Ok(()), ended) => check(ended, || format!("capturing {what} into a CUDA graph"))?,
+            (Ok(nodes), ended) => (
+                check(ended, || format!("capturing {what} into a CUDA graph"))?,
+                nodes,
+            ),
         };
-        // SAFETY: a complete captured graph; destroyed right after, as the
-        // executable graph does not need it.
-        let exec = unsafe {
-            let exec = result::graph::instantiate(graph, sys::CUgraphInstantiate_flags(0));
-            let _ = result::graph::destroy(graph);
-            exec
+        // SAFETY: a complete captured graph.
+        let exec = unsafe { result::graph::instantiate(graph, sys::CUgraphInstantiate_flags(0)) };
+        let exec = match exec {
+            Ok(exec) => exec,
+            Err(e) => {
+                // SAFETY: the captured graph, never used.
+                let _ = unsafe { result::graph::destroy(graph) };
+                return check(Err(e), || format!("instantiating the CUDA graph of {what}"));
+            }
         };
-        let exec = check(exec, || format!("instantiating the CUDA graph of {what}"))?;
         Ok(Graph {
             exec,
+            graph,
+            inputs,
             device: device.clone(),
         })
     }
 
-    /// Records the steps `enqueue(i)` queues, for `i` in order, as
-    /// [`capture`](Self::capture) does, but with step `i`'s first work
+    /// Records the steps `enqueue(i)` queues, for `i` in order, after the
+    /// copies `inputs` queues, as [`capture_inputs`](Self::capture_inputs)
+    /// does, but with step `i`'s first work
     /// depending only on the last work of the steps `after[i]` (indices below
     /// `i`): steps that do not wait for each other become parallel branches
     /// of the graph, which the GPU runs at once. A step that queues nothing
@@ -75,17 +103,33 @@ impl Graph {
     /// This sets the stream's capture dependencies before each step
     /// (`cuStreamUpdateCaptureDependencies_v2`) and reads them after it
     /// (`cuStreamGetCaptureInfo_v3`); one stream, no events.
-    pub fn capture_steps(
+    pub(crate) fn capture_steps(
         device: &Device,
         what: &str,
+        inputs: impl FnOnce() -> Result<Vec<InputNode>, Error>,
         after: &[Vec<usize>],
         mut enqueue: impl FnMut(usize) -> Result<(), Error>,
     ) -> Result<Graph, Error> {
         let stream = device.stream();
-        Graph::capture(device, what, || {
+        let head = RefCell::new(Vec::new());
+        let inputs = || {
+            let nodes = inputs()?;
+            if !nodes.is_empty() {
+                *head.borrow_mut() = capture_ends(stream).map_err(|e| {
+                    Error::Device(format!("capturing {what}: after its inputs' copies: {e}"))
+                })?;
+            }
+            Ok(nodes)
+        };
+        Graph::capture_inputs(device, what, inputs, || {
             let mut ends: Vec<Vec<sys::CUgraphNode>> = Vec::with_capacity(after.len());
             for (i, waits) in after.iter().enumerate() {
-                let mut nodes: Vec<sys::CUgraphNode> = Vec::new();
+                // A step that waits for no other step waits for the inputs' copies.
+                let mut nodes: Vec<sys::CUgraphNode> = if waits.is_empty() {
+                    head.borrow().clone()
+                } else {
+                    Vec::new()
+                };
                 for &j in waits {
                     let Some(end) = ends.get(j).filter(|_| j < i) else {
                         return Err(Error::layout(format!(
@@ -133,6 +177,12 @@ impl Graph {
         )
     }
 
+    /// The copies of device inputs the graph starts with, and its
+    /// executable handle (to change them with).
+    pub(crate) fn inputs(&mut self) -> (&mut [InputNode], sys::CUgraphExec) {
+        (&mut self.inputs, self.exec)
+    }
+
     /// Queues one replay on the device's stream.
     pub fn launch(&mut self, what: &str) -> Result<(), Error> {
         // SAFETY: a live graph exec and our stream.
@@ -145,7 +195,7 @@ impl Graph {
 
 /// The nodes that work queued next on `stream`, which is capturing, would
 /// depend on: the last nodes captured there.
-fn capture_ends(stream: sys::CUstream) -> Result<Vec<sys::CUgraphNode>, String> {
+pub(crate) fn capture_ends(stream: sys::CUstream) -> Result<Vec<sys::CUgraphNode>, String> {
     let mut status = sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
     let (mut id, mut graph) = (0, std::ptr::null_mut());
     let (mut nodes, mut count): (*const sys::CUgraphNode, usize) = (std::ptr::null(), 0);
@@ -200,6 +250,7 @@ impl Drop for Graph {
         unsafe {
             let _ = self.device.bind();
             let _ = result::graph::exec_destroy(self.exec);
+            let _ = result::graph::destroy(self.graph);
         }
     }
 }

@@ -10,11 +10,8 @@
 //! compared against an arange (a one-hot) has no read to guard, and would
 //! give a wrong loss without a sign.
 
-use std::ffi::c_void;
-
-use cudarc::driver::sys;
-
-use super::device::{check, Device};
+use super::device::Device;
+use super::inputs::KernelLaunch;
 use super::mapped::MappedWords;
 use super::module::{Function, Module};
 use crate::error::Error;
@@ -65,49 +62,31 @@ impl IdsCheck {
         self.flag.read(0)
     }
 
-    /// Queues `dst[..len] = src[..len]` (i32 ids, device addresses), flagging
-    /// `tag` (≥ 1) when one lies outside `[0, bound)`.
-    pub(crate) fn copy(
+    /// The launch of `dst[..len] = src[..len]` (i32 ids, device addresses),
+    /// flagging `tag` (≥ 1) when one lies outside `[0, bound)`; queued as it
+    /// is, or captured as a graph's input node.
+    pub(crate) fn launch(
         &self,
-        device: &Device,
         (src, dst, len): (u64, u64, usize),
         bound: u32,
         tag: u32,
         what: &str,
-    ) -> Result<(), Error> {
+    ) -> Result<KernelLaunch, Error> {
         let n = u32::try_from(len)
             .map_err(|_| Error::layout(format!("{what}: {len} ids do not fit a u32 count")))?;
-        let blocks = n.div_ceil(BLOCK).clamp(1, MAX_BLOCKS);
         // The kernel reads .u32 parameters from the first 4 bytes (little-endian).
-        let mut slots = [
-            src,
-            dst,
-            u64::from(n),
-            u64::from(bound),
-            self.flag_ptr,
-            u64::from(tag),
-        ];
-        let mut params = slots.each_mut().map(|s| (s as *mut u64).cast::<c_void>());
-        // SAFETY: a kernel of our module whose six parameters `params` points
-        // at; `src` holds `len` ids on this device (checked by the caller) and
-        // `dst` is an arena of at least `len` i32.
-        let status = unsafe {
-            sys::cuLaunchKernel(
-                self.function.raw,
-                blocks,
-                1,
-                1,
-                BLOCK,
-                1,
-                1,
-                0,
-                device.stream(),
-                params.as_mut_ptr(),
-                std::ptr::null_mut(),
-            )
-        };
-        check(status.result(), || {
-            format!("{what}: launching `{COPY_IDS}`")
+        Ok(KernelLaunch {
+            function: self.function.raw,
+            blocks: n.div_ceil(BLOCK).clamp(1, MAX_BLOCKS),
+            threads: BLOCK,
+            slots: [
+                src,
+                dst,
+                u64::from(n),
+                u64::from(bound),
+                self.flag_ptr,
+                u64::from(tag),
+            ],
         })
     }
 }

@@ -34,6 +34,7 @@ mod device;
 mod exec;
 mod graph;
 mod ids;
+mod inputs;
 pub mod layout;
 mod mapped;
 mod module;

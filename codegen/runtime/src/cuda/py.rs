@@ -85,6 +85,7 @@ pub fn feed_i32<'py>(
 ///
 /// # Errors
 /// `ValueError` for a `gemm` other than `"auto"`, `"cublas"`, `"kernel"`.
+#[allow(clippy::too_many_arguments)]
 pub fn options(
     device: usize,
     graph: bool,
@@ -93,6 +94,7 @@ pub fn options(
     sync: bool,
     autotune: bool,
     branches: bool,
+    graph_inputs: bool,
 ) -> PyResult<Options> {
     Ok(Options {
         device,
@@ -102,6 +104,7 @@ pub fn options(
         tf32,
         autotune,
         branches,
+        graph_inputs,
     })
 }
 
