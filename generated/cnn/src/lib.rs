@@ -474,7 +474,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `cnn`.
-#[pyclass(module = "fg_cnn_4112ec8a237f")]
+#[pyclass(module = "fg_cnn_1ea244de258e")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -632,8 +632,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_cnn_4112ec8a237f(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_cnn_4112ec8a237f")?;
+fn fg_cnn_1ea244de258e(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_cnn_1ea244de258e")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

@@ -995,7 +995,7 @@ impl Executor {
         let index = self.entry_index(entry)?;
         self.clear_ids();
         let queued = self
-            .queue_inputs(index, inputs)
+            .queue_inputs(index, inputs, None)
             .and_then(|captured| {
                 let flags = self.zero_flags(index)?;
                 self.enqueue_entry(index, &captured).map(|()| flags)
@@ -1100,11 +1100,7 @@ impl Executor {
         results: &DeviceBuffer,
         source: u64,
     ) -> Result<(), Error> {
-        let mut batch = Vec::with_capacity(stacked.len());
-        for &(name, data) in stacked {
-            batch.push((name, stacked_batch(name, data, k, count)?));
-        }
-        let captured = self.queue_inputs(index, &batch)?;
+        let captured = self.queue_inputs(index, stacked, Some((k, count)))?;
         let entry = &self.entries[index];
         if entry.graph.is_none() && entry.replays_next(&self.options) {
             // As between `run`'s first call and its second: the plain launches
@@ -1158,7 +1154,8 @@ impl Executor {
                 device.synchronize(|| format!("running {} of `{name}`", step.label))?;
             }
         } else if replay {
-            let what = format!("`{name}`");
+            // built only when a graph is captured: a replay allocates nothing
+            let what = || format!("`{name}`");
             let steps = &entry.steps;
             let graph = match (&mut entry.graph, &entry.after) {
                 (Some(graph), _) => graph,
@@ -1177,7 +1174,7 @@ impl Executor {
                     ];
                     let (graph, how) = branches::capture_faster(
                         device,
-                        &what,
+                        &what(),
                         steps.len(),
                         &schedules,
                         &persistent,
@@ -1187,11 +1184,13 @@ impl Executor {
                     entry.branches = Some(how);
                     slot.insert(graph)
                 }
-                (slot, None) => slot.insert(Graph::capture_inputs(device, &what, inputs, || {
-                    steps.iter().try_for_each(|s| enqueue(s, device, libraries))
-                })?),
+                (slot, None) => {
+                    slot.insert(Graph::capture_inputs(device, &what(), inputs, || {
+                        steps.iter().try_for_each(|s| enqueue(s, device, libraries))
+                    })?)
+                }
             };
-            graph.launch(&format!("`{name}`"))?;
+            graph.launch(name)?;
         } else {
             for step in &entry.steps {
                 enqueue(step, device, libraries)?;
@@ -1295,49 +1294,48 @@ impl Executor {
         )))
     }
 
-    /// Queues what `inputs` need before entry `index`'s steps run, once each
+    /// Queues what `inputs` (with `batch` `(k, count)`: batch k of each of
+    /// these stacked inputs) need before entry `index`'s steps run, once each
     /// is checked to fit its arena: a wait for each producer stream of a
-    /// device array (one per stream), then each input's copy into its arena —
+    /// device array (once per stream), then each input's copy into its arena —
     /// the entry's graph's own copy pointed at it when the graph has one for
     /// that input (disabled for an input from the host, copied here instead),
     /// else a copy queued here. Returns the device inputs the graph captured
     /// next copies itself (their arena's index and the array): none unless
     /// this call captures it, with `graph_inputs` on, and only those of at
-    /// most [`GRAPH_COPY_MAX_BYTES`].
+    /// most [`GRAPH_COPY_MAX_BYTES`]. Allocates nothing but that list.
     fn queue_inputs(
         &mut self,
         index: usize,
         inputs: &[(&str, Feed<'_>)],
+        batch: Option<(usize, usize)>,
     ) -> Result<Vec<(usize, DeviceArray)>, Error> {
-        let mut waited: Vec<ProducerStream> = Vec::new();
-        let mut ready = Vec::with_capacity(inputs.len());
-        for &(name, data) in inputs {
-            let (at, arena) = self.input_arena(name, data)?;
-            let data = match data {
-                Feed::Device(elem, array) if array.len > 0 => {
-                    if !waited.contains(&array.stream) {
-                        self.device.wait_for(array.stream, arena.spec.name)?;
-                        waited.push(array.stream);
-                    }
-                    let stream = ProducerStream::Ready;
-                    Feed::Device(elem, DeviceArray { stream, ..array })
-                }
-                other => other,
-            };
-            ready.push((at, data));
-        }
-        let entry = &mut self.entries[index];
+        let entry = &self.entries[index];
         let capturing =
             self.options.graph_inputs && entry.graph.is_none() && entry.replays_next(&self.options);
         let mut captured = Vec::new();
-        let mut uploads = Vec::with_capacity(ready.len());
-        for (at, data) in ready {
-            let what = self.arenas[at].spec.name;
+        for (i, &(name, data)) in inputs.iter().enumerate() {
+            let data = match batch {
+                Some((k, count)) => stacked_batch(name, data, k, count)?,
+                None => data,
+            };
+            let (at, arena) = self.input_arena(name, data)?;
+            let what = arena.spec.name;
             let array = match data {
                 Feed::Device(_, array) if array.len > 0 => Some(array),
                 _ => None,
             };
-            if let Some(graph) = entry.graph.as_mut() {
+            if let Some(array) = array {
+                // A batch keeps its stacked array's stream, so the earlier inputs
+                // as given say which streams were waited for.
+                let waited = inputs[..i].iter().any(|&(_, d)| {
+                    matches!(d, Feed::Device(_, a) if a.len > 0 && a.stream == array.stream)
+                });
+                if !waited {
+                    self.device.wait_for(array.stream, what)?;
+                }
+            }
+            if let Some(graph) = self.entries[index].graph.as_mut() {
                 let (nodes, exec) = graph.inputs();
                 if let Some(node) = nodes.iter_mut().find(|n| n.arena == at) {
                     match array {
@@ -1348,40 +1346,32 @@ impl Executor {
                         None => node.skip(exec, what)?,
                     }
                 }
-            } else if let (true, Some(array)) = (capturing, array) {
-                if array.bytes <= GRAPH_COPY_MAX_BYTES {
-                    captured.push((at, array));
-                    continue;
-                }
+            } else if let Some(array) =
+                array.filter(|a| capturing && a.bytes <= GRAPH_COPY_MAX_BYTES)
+            {
+                captured.push((at, array));
+                continue;
             }
-            uploads.push((at, data));
-        }
-        for (at, data) in uploads {
             self.upload_input(at, data)?;
         }
         Ok(captured)
     }
 
     /// Queues a copy of `data` into input arena `at`: from the host, or
-    /// device to device (ids by the checked copy) once the producer's stream
-    /// was waited for.
+    /// device to device (ids by the checked copy). A device array's producer
+    /// was waited for by [`Executor::queue_inputs`].
     fn upload_input(&self, at: usize, data: Feed<'_>) -> Result<(), Error> {
         let arena = &self.arenas[at];
         // the arena's name ("input:<name>") labels a failed copy: no string is
         // built on a step's path
         let what = arena.spec.name;
         match data {
-            Feed::Device(_, array) => {
-                if array.len == 0 {
-                    return Ok(());
-                }
-                self.device.wait_for(array.stream, what)?;
-                input_copy(self.ids.as_ref(), at, arena, array)?.queue(
-                    &self.device,
-                    array.ptr,
-                    what,
-                )
-            }
+            Feed::Device(_, array) if array.len == 0 => Ok(()),
+            Feed::Device(_, array) => input_copy(self.ids.as_ref(), at, arena, array)?.queue(
+                &self.device,
+                array.ptr,
+                what,
+            ),
             Feed::Host(HostInput::F32(d)) => arena.buf.write_async(0, d, what),
             Feed::Host(HostInput::I32(d)) => arena.buf.write_async(0, d, what),
             Feed::Host(HostInput::U8(d)) => arena.buf.write_async(0, d, what),
