@@ -28,6 +28,7 @@ from ferrograd.codegen.backends.ptx_gemm import (
     SPLIT_PARTIALS,
     tiled_candidates,
 )
+from ferrograd.codegen.backends.ptx_gemm_tc import tensor_candidates
 from ferrograd.codegen.backends.ptx_gemm_thin import thin_candidates
 from ferrograd.codegen.launch_plan import ScalarArg
 
@@ -109,7 +110,8 @@ def product(driver: Driver, m: int, n: int, k: int, a_k: bool, b_k: bool
     c = torch.empty((m, n), device="cuda")
     ops = [("a", 0, (0, *a.stride())), ("b", 0, (0, *b.stride())), ("c", 0, (0, n, 1))]
     found = [*tiled_candidates(1, (m, n, k), ops, None, False, 1, (0, 0, 0), (1.0, 0.0)),
-             *thin_candidates(1, (m, n, k), ops, None, False, 1, (0, 0, 0), (1.0, 0.0))]
+             *thin_candidates(1, (m, n, k), ops, None, False, 1, (0, 0, 0), (1.0, 0.0)),
+             *tensor_candidates(1, (m, n, k), ops, None, False, 1, (0, 0, 0), (1.0, 0.0))]
     partials = torch.empty(max([t.partials for t in found] + [1]), device="cuda")
     counts = torch.zeros(max([t.tiles for t in found] + [1]), dtype=torch.int32, device="cuda")
     where = {"a": a_store.data_ptr(), "b": b_store.data_ptr(), "c": c.data_ptr(),
@@ -126,6 +128,9 @@ def product(driver: Driver, m: int, n: int, k: int, a_k: bool, b_k: bool
         rows.append({"kernel": name, "us": us, "tflops": flops / us / 1e6, "rel_err": err})
 
     timed("cuBLAS (torch.matmul)", lambda: torch.matmul(a, b, out=c))
+    torch.backends.cuda.matmul.allow_tf32 = True  # the tensor cores' ceiling, for scale
+    timed("cuBLAS TF32 (not fp32 accuracy)", lambda: torch.matmul(a, b, out=c))
+    torch.backends.cuda.matmul.allow_tf32 = False
     variants = [(t, t.name, t.text) for t in found]
     for t, label, text in variants:
         fn = driver.function(".version 7.8\n.target sm_90\n.address_size 64\n\n" +
@@ -159,7 +164,7 @@ def main() -> None:
             rows = product(driver, m, n, k, a_k, b_k)
             out[label] = rows
             print(label, flush=True)
-            blas = next(r["us"] for r in rows if r["kernel"].startswith("cuBLAS"))
+            blas = next(r["us"] for r in rows if r["kernel"].startswith("cuBLAS (torch"))
             for r in rows[:args.top]:
                 print(f"  {r['us']:8.2f} µs {r['tflops']:6.1f} TFLOP/s  x{blas / r['us']:.2f}"
                       f"  err {r['rel_err']:.1e}  {r['kernel']}")
