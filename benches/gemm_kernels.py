@@ -7,7 +7,8 @@ layouts as the step has them), every candidate ``ptx_gemm`` and ``ptx_gemm_thin`
 render for it is loaded through the driver (ctypes, no build), checked against a float64
 product, and timed as the autotuner times it: 20 launches captured in a CUDA graph, the
 median of 5 replays, per launch. ``torch.matmul`` on the same views (cuBLAS) is timed
-the same way. Prints µs and TFLOP/s per product, fastest first.
+the same way, in strict fp32 and, for scale, with TF32 allowed (the tensor cores'
+ceiling, at TF32's error). Prints µs and TFLOP/s per product, fastest first.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from ferrograd.codegen.backends.ptx_gemm import (
     SPLIT_PARTIALS,
     tiled_candidates,
 )
-from ferrograd.codegen.backends.ptx_gemm_tc import tensor_candidates
 from ferrograd.codegen.backends.ptx_gemm_thin import thin_candidates
 from ferrograd.codegen.launch_plan import ScalarArg
 
@@ -110,8 +110,7 @@ def product(driver: Driver, m: int, n: int, k: int, a_k: bool, b_k: bool
     c = torch.empty((m, n), device="cuda")
     ops = [("a", 0, (0, *a.stride())), ("b", 0, (0, *b.stride())), ("c", 0, (0, n, 1))]
     found = [*tiled_candidates(1, (m, n, k), ops, None, False, 1, (0, 0, 0), (1.0, 0.0)),
-             *thin_candidates(1, (m, n, k), ops, None, False, 1, (0, 0, 0), (1.0, 0.0)),
-             *tensor_candidates(1, (m, n, k), ops, None, False, 1, (0, 0, 0), (1.0, 0.0))]
+             *thin_candidates(1, (m, n, k), ops, None, False, 1, (0, 0, 0), (1.0, 0.0))]
     partials = torch.empty(max([t.partials for t in found] + [1]), device="cuda")
     counts = torch.zeros(max([t.tiles for t in found] + [1]), dtype=torch.int32, device="cuda")
     where = {"a": a_store.data_ptr(), "b": b_store.data_ptr(), "c": c.data_ptr(),

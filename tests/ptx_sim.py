@@ -54,7 +54,6 @@ FLOAT_UNARY = {"neg.f32": np.negative, "abs.f32": np.abs, "sqrt.rn.f32": np.sqrt
                "cvt.rni.f32.f32": np.rint}
 PRED_BINARY = {"and.pred": np.logical_and, "or.pred": np.logical_or,
                "xor.pred": np.logical_xor}
-MMA_TF32 = "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32"
 COMPARE = {"lt": np.less, "le": np.less_equal, "gt": np.greater, "ge": np.greater_equal,
            "eq": np.equal, "ne": np.not_equal}
 
@@ -322,39 +321,6 @@ class Threads:
             raise IndexError("ptx_sim: shared access outside the block's arrays")
         return addr + self.block_of[sel].astype(np.int64) * self.shared_bytes
 
-    def mma(self, o: list[str], run: np.ndarray) -> None:
-        """``mma.sync`` m16n8k8 on TF32: per warp, D (16×8) = A (16×8) · B (8×8) + C from
-        the lanes' fragments (lane = 4·group + pair; A's registers at (g, p), (g + 8, p),
-        (g, p + 4), (g + 8, p + 4); B's at (p, g), (p + 4, g); C's and D's at (g, 2p),
-        (g, 2p + 1), (g + 8, 2p), (g + 8, 2p + 1)). Operands' low 13 bits are dropped
-        (TF32); products exact, the sum in float64 rounded once."""
-        if not np.array_equal(run, np.repeat(run.reshape(-1, 32).all(1), 32)):
-            raise AssertionError("ptx_sim: mma.sync with part of a warp")
-        regs = [[r.strip() for r in x.strip("{}").split(",")] for x in o]
-        d, a, b, c = regs
-        g, p = np.arange(32) // 4, np.arange(32) % 4
-        warps = int(run.sum()) // 32
-
-        def lanes(name: str, dtype: Any) -> np.ndarray:  # (warps, 32)
-            values = self.reg(name)[run]
-            return (values.view(np.uint32) & np.uint32(0xFFFFE000)).view(np.float32) \
-                if dtype is None else values.astype(dtype)
-
-        a_mat = np.zeros((warps, 16, 8))
-        for r, (dr, dk) in enumerate(((0, 0), (8, 0), (0, 4), (8, 4))):
-            a_mat[:, g + dr, p + dk] = lanes(a[r], None).reshape(warps, 32)
-        b_mat = np.zeros((warps, 8, 8))
-        for r, dk in enumerate((0, 4)):
-            b_mat[:, p + dk, g] = lanes(b[r], None).reshape(warps, 32)
-        acc = np.zeros((warps, 16, 8))
-        spots = ((0, 0), (0, 1), (8, 0), (8, 1))
-        for r, (dr, dc) in enumerate(spots):
-            acc[:, g + dr, 2 * p + dc] = lanes(c[r], np.float64).reshape(warps, 32)
-        with np.errstate(all="ignore"):
-            out = (np.matmul(a_mat, b_mat) + acc).astype(np.float32)
-        for r, (dr, dc) in enumerate(spots):
-            self.set(d[r], run, out[:, g + dr, 2 * p + dc].reshape(-1))
-
     def execute(self, ins: Instruction, run: np.ndarray) -> None:
         op, o = ins.op, ins.operands
         if op == "mov.b32" and o[1].startswith("%") and \
@@ -362,11 +328,6 @@ class Threads:
             self.set(o[0], run, self.reg(o[1])[run].view(self.reg(o[0]).dtype))
         elif op in ("mov.u32", "mov.b32", "mov.f32", "cvta.to.global.u64"):
             self.set(o[0], run, self.value(o[1], self.reg(o[0]).dtype, run))
-        elif op == "cvt.rna.tf32.f32":  # nearest, ties away: 10 mantissa bits (finite x)
-            bits = self.value(o[1], np.float32, run).view(np.uint32)
-            self.set(o[0], run, (bits + np.uint32(0x1000)) & np.uint32(0xFFFFE000))
-        elif op == MMA_TF32:
-            self.mma(o, run)
         elif op in ("ld.param.u64", "ld.param.u32", "ld.param.f32"):
             self.set(o[0], run, np.full(int(run.sum()), self.params[o[1].strip("[]")]))
         elif op in INT_BINARY:
