@@ -6,10 +6,10 @@
 
 For each workload (benches/workloads.py) the model is compiled once; its initial
 params (``step.params``) and one synthetic batch are handed to every system:
-ferrograd's compiled step, the NumPy-by-hand step, PyTorch eager and JAX jit (the
-last two when importable). The losses of the first three steps must agree (the
-first checks the forward pass, the next two the backward and the update); a row
-where they do not is marked. Then the systems are timed in interleaved rounds —
+ferrograd's compiled step, the NumPy-by-hand step, PyTorch eager, torch.compile and
+JAX jit (the last three when importable). The losses of the first three steps must
+agree (the first checks the forward pass, the next two the backward and the update); a
+row where they do not is marked. Then the systems are timed in interleaved rounds —
 each round times a batch of steps of every system, in a rotating order — so that
 the noise of a shared machine hits all of them alike. Every batch starts from the
 initial params and optimizer state (a reset), so all systems time the same stretch
@@ -59,7 +59,10 @@ HERE = Path(__file__).resolve().parent
 FG = "ferrograd"
 NATIVE = "ferrograd (native call)"
 NUMPY = "NumPy by hand"
-ANCHOR_MODULES = {"PyTorch eager": "torch_anchor", "JAX jit": "jax_anchor"}
+# display name -> (module, its trainer class)
+ANCHOR_MODULES = {"PyTorch eager": ("torch_anchor", "Trainer"),
+                  "torch.compile": ("torch_anchor", "CompiledTrainer"),
+                  "JAX jit": ("jax_anchor", "Trainer")}
 ANCHORS = [NUMPY, *ANCHOR_MODULES]
 LOSS_STEPS = 3  # losses compared: forward at the initial weights, then after 1 and 2 updates
 LOSS_RTOL = 2e-5  # on each loss (float32 sums in different orders)
@@ -104,7 +107,7 @@ def limit_threads(n: int | None) -> str:
 def anchor_modules() -> dict[str, ModuleType]:
     """The optional anchors that import here (PyTorch, JAX), by display name."""
     found = {}
-    for name, module in ANCHOR_MODULES.items():
+    for name, (module, _) in ANCHOR_MODULES.items():
         try:
             found[name] = importlib.import_module(module)
         except ImportError:
@@ -127,7 +130,8 @@ def make_systems(w: Workload, step: fg.Step, twin: fg.Step, anchors: dict[str, M
                               lambda: twin.load(checkpoint)))
     trainers = {NUMPY: numpy_by_hand.Trainer(w.arch, w.opt, params, batch)}
     for name, module in anchors.items():
-        trainers[name] = module.Trainer(w.arch, w.opt, params, batch)
+        trainer = getattr(module, ANCHOR_MODULES[name][1])
+        trainers[name] = trainer(w.arch, w.opt, params, batch)
     systems += [System(name, t.step, t.reset) for name, t in trainers.items()]
     for s in systems:
         s.reset()
@@ -388,7 +392,8 @@ def best_table(rows: list[Row], anchors: list[str]) -> list[str]:
     return lines
 
 
-REF_KEYS = {NUMPY: "numpy", "PyTorch eager": "torch", "JAX jit": "jax"}
+REF_KEYS = {NUMPY: "numpy", "PyTorch eager": "torch", "torch.compile": "torch_compile",
+            "JAX jit": "jax"}
 
 
 def reference_table(rows: list[Row]) -> list[str]:
@@ -503,7 +508,7 @@ def machine_info(args: argparse.Namespace, anchors: dict[str, ModuleType]) -> di
     simd = ", ".join(f for f in ("avx2", "fma", "avx512f") if f in flags) or "unknown SIMD"
     versions = [f"ferrograd {fg.__version__} ({git_revision()})",
                 f"NumPy {np.__version__}", f"Python {platform.python_version()}"]
-    versions += [m.version() for m in anchors.values()]
+    versions += list(dict.fromkeys(m.version() for m in anchors.values()))
     missing = [n for n in ANCHOR_MODULES if n not in anchors]
     if missing:
         versions.append(f"not installed, skipped: {', '.join(missing)}")

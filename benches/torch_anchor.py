@@ -1,6 +1,9 @@
-"""The PyTorch anchor (eager): each workload's forward in torch, autograd for the
-backward, ``torch.optim`` for the update. Importing this module raises ImportError
-where torch is not installed; the runner then skips it."""
+"""The PyTorch anchors: each workload's forward in torch, autograd for the backward,
+``torch.optim`` for the update — eager (``Trainer``), or with the model and loss under
+``torch.compile`` (``CompiledTrainer``: Inductor's C++/OpenMP kernels on the CPU, the
+backward compiled by AOTAutograd, the optimizer eager, as users write it). Importing
+this module raises ImportError where torch is not installed; the runner then skips
+both."""
 
 from __future__ import annotations
 
@@ -100,6 +103,17 @@ class Trainer:
         loss.backward()
         self.optimizer.step()
         return float(loss.item())
+
+
+class CompiledTrainer(Trainer):
+    """``Trainer`` with the loss function compiled once (default mode: on the CPU,
+    "reduce-overhead" would only add CUDA graphs). The params are arguments, so a reset's
+    fresh tensors reuse the compiled code (same shapes, dtypes, requires_grad)."""
+
+    def __init__(self, arch: str, opt: Opt, params: dict[str, np.ndarray], batch: Batch
+                 ) -> None:
+        super().__init__(arch, opt, params, batch)
+        self.loss_of = torch.compile(LOSSES[arch], dynamic=False)
 
 
 def version() -> str:

@@ -906,16 +906,23 @@ def _product(out: IndentedBuffer, k: Matmul) -> None:
     nb = len(k.batch)
     sizes, strides = collapse(k.batch, [_head(v, nb) for v in views])
     mats = [f"({v.strides[-2]}, {v.strides[-1]})" for v in views]
-    # The last batch dim goes to sgemm_batched; any others are an explicit loop.
+    # The last batch dim goes to sgemm_batched, the last two to sgemm_batched_outer
+    # (all their products share the thread pool); any others are an explicit loop.
     inner = sizes[-1] if sizes else 1
     bstr = [s[-1] if sizes else 0 for s in strides]
-    loops = [f"b{d}" for d in range(len(sizes) - 1)]
+    two = len(sizes) >= 2
+    loops = [f"b{d}" for d in range(len(sizes) - (2 if two else 1))]
     offs = [linear_index(v.offset, loops, s) for v, s in zip(views, strides, strict=True)]
     a, b, c = (f"({bs}, {m[1:-1]})" for bs, m in zip(bstr, mats, strict=True))
-    with _loops(out, loops, sizes[:-1]):
-        out.line(f"rt::gemm::sgemm_batched({inner}, {k.m}, {k.n}, {k.k}, "
-                 f"&{k.a.buffer}[{offs[0]}..], {a}, &{k.b.buffer}[{offs[1]}..], {b}, "
-                 f"&mut {k.out.buffer}[{offs[2]}..], {c}, false)?;")
+    operands = (f"&{k.a.buffer}[{offs[0]}..], {a}, &{k.b.buffer}[{offs[1]}..], {b}, "
+                f"&mut {k.out.buffer}[{offs[2]}..], {c}, false)?;")
+    with _loops(out, loops, sizes[:len(loops)]):
+        if two:
+            outer = f"[{', '.join(str(s[-2]) for s in strides)}]"
+            out.line(f"rt::gemm::sgemm_batched_outer({sizes[-2]}, {outer}, {inner}, {k.m}, "
+                     f"{k.n}, {k.k}, {operands}")
+        else:
+            out.line(f"rt::gemm::sgemm_batched({inner}, {k.m}, {k.n}, {k.k}, {operands}")
 
 
 def _gather(out: IndentedBuffer, k: Gather) -> None:

@@ -193,21 +193,116 @@ pub fn sgemm_batched(
             accumulate,
         }
     };
+    // SAFETY: the spans were checked above, so every element an item's
+    // pointers and strides reach lies inside its slice, and C's elements are
+    // pairwise distinct (check_disjoint).
+    unsafe { run_items(batch, flops, item) };
+    Ok(())
+}
+
+/// `C[o, p] = A[o, p]·B[o, p]` (or `+=`) for `o` in `0..outer`, `p` in
+/// `0..batch`: two batch levels that no single stride describes, such as
+/// attention's (sequence, head). Matrix `(o, p)` of an operand starts at
+/// `o * outer_stride + p * batch_stride`. The `outer · batch` products share the
+/// thread pool as one batch: 64 products of 64×64×32 are worth two threads
+/// where 16 calls of 4 each are not.
+///
+/// ```
+/// use ferrograd_runtime::gemm::sgemm_batched_outer;
+/// // 2 × 2 products of 1×1·1×1: C[o, p] = A[o, p]·B[o] (B shared by the heads).
+/// let a = [1.0, 2.0, 3.0, 4.0];
+/// let b = [10.0, 100.0];
+/// let mut c = [0.0; 4];
+/// sgemm_batched_outer(2, [2, 1, 2], 2, 1, 1, 1, &a, (1, 1, 1), &b, (0, 1, 1), &mut c,
+///                     (1, 1, 1), false).unwrap();
+/// assert_eq!(c, [10.0, 20.0, 300.0, 400.0]);
+/// ```
+#[allow(clippy::too_many_arguments)]
+pub fn sgemm_batched_outer(
+    outer: usize,
+    [a_so, b_so, c_so]: [isize; 3],
+    batch: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    (ab, ar, ac): BatchStrides,
+    b: &[f32],
+    (bb, br, bc): BatchStrides,
+    c: &mut [f32],
+    (cb, cr, cc): BatchStrides,
+    accumulate: bool,
+) -> Result<(), Error> {
+    check_span(
+        "A",
+        a.len(),
+        &[(outer, a_so), (batch, ab), (m, ar), (k, ac)],
+    )?;
+    check_span(
+        "B",
+        b.len(),
+        &[(outer, b_so), (batch, bb), (k, br), (n, bc)],
+    )?;
+    let c_dims = [(outer, c_so), (batch, cb), (m, cr), (n, cc)];
+    check_span("C", c.len(), &c_dims)?;
+    check_disjoint("C", &c_dims)?;
+    let items = outer.saturating_mul(batch);
+    let flops = 2usize
+        .saturating_mul(items)
+        .saturating_mul(m)
+        .saturating_mul(n)
+        .saturating_mul(k);
+    if items == 0 || m == 0 || n == 0 {
+        return Ok(());
+    }
+    let (a, b, c) = (
+        ConstPtr(a.as_ptr()),
+        ConstPtr(b.as_ptr()),
+        MutPtr(c.as_mut_ptr()),
+    );
+    let item = move |q: usize| {
+        let (o, p) = ((q / batch) as isize, (q % batch) as isize);
+        Gemm {
+            m,
+            n,
+            k,
+            a: a.get().wrapping_offset(o * a_so + p * ab),
+            ar,
+            ac,
+            b: b.get().wrapping_offset(o * b_so + p * bb),
+            br,
+            bc,
+            c: c.get().wrapping_offset(o * c_so + p * cb),
+            cr,
+            cc,
+            accumulate,
+        }
+    };
+    // SAFETY: as in sgemm_batched, with both levels' spans and C's
+    // disjointness checked above.
+    unsafe { run_items(items, flops, item) };
+    Ok(())
+}
+
+/// Runs products `0..items` (`flops` in all): on the calling thread when small,
+/// one product per task when there are enough, else each split over the pool.
+///
+/// # Safety
+/// Every element an item's pointers and strides reach must lie inside its
+/// operand, and no two items (nor two elements of one) may write the same
+/// element of C.
+unsafe fn run_items(items: usize, flops: usize, item: impl Fn(usize) -> Gemm + Sync) {
     let threads = rayon::current_num_threads();
-    // SAFETY (all three): the spans were checked above, so every element an
-    // item's pointers and strides reach lies inside its slice, and C's
-    // elements are pairwise distinct (check_disjoint), so items running in
-    // parallel write disjoint memory.
+    // SAFETY (all three): the caller's contract.
     if flops < PAR_FLOPS || threads == 1 {
-        (0..batch).for_each(|p| unsafe { item(p).run_serial() });
-    } else if batch >= threads {
-        (0..batch)
+        (0..items).for_each(|p| unsafe { item(p).run_serial() });
+    } else if items >= threads {
+        (0..items)
             .into_par_iter()
             .for_each(|p| unsafe { item(p).run_serial() });
     } else {
-        (0..batch).for_each(|p| unsafe { item(p).run_split(threads) });
+        (0..items).for_each(|p| unsafe { item(p).run_split(threads) });
     }
-    Ok(())
 }
 
 /// Rows per block when an `m×n` product with inner dimension `k` is split for a
@@ -821,6 +916,102 @@ mod tests {
                 assert_close(&got[p * m * n..(p + 1) * m * n], &want, k);
             }
         }
+    }
+
+    #[test]
+    fn outer_batches_laid_out_like_attention_heads() {
+        // (sequence, head) items: head h of sequence o at columns h·d of a
+        // [t, heads·d] row block; both levels' products in one call, on the pool
+        // (16·4 products of 64×32×64 are above PAR_FLOPS) and serially.
+        for &(outer, heads, t, d) in &[(16, 4, 64, 32), (2, 3, 5, 4)] {
+            let width = heads * d;
+            let a = fill(outer * t * t * heads, 11); // scores [o, h, t, t]
+            let v = fill(outer * t * width, 12); // values [o, t, heads·d]
+            let mut got = vec![f32::NAN; outer * t * width];
+            sgemm_batched_outer(
+                outer,
+                [
+                    (heads * t * t) as isize,
+                    (t * width) as isize,
+                    (t * width) as isize,
+                ],
+                heads,
+                t,
+                d,
+                t,
+                &a,
+                ((t * t) as isize, t as isize, 1),
+                &v,
+                (d as isize, width as isize, 1),
+                &mut got,
+                (d as isize, width as isize, 1),
+                false,
+            )
+            .unwrap();
+            for o in 0..outer {
+                for h in 0..heads {
+                    let mut want = vec![0.0f32; t * d];
+                    naive(
+                        t,
+                        d,
+                        t,
+                        &a[(o * heads + h) * t * t..],
+                        (t as isize, 1),
+                        &v[o * t * width + h * d..],
+                        (width as isize, 1),
+                        &mut want,
+                        (d as isize, 1),
+                        false,
+                    );
+                    for i in 0..t {
+                        let row = o * t * width + i * width + h * d;
+                        assert_close(&got[row..row + d], &want[i * d..(i + 1) * d], t);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn outer_batches_that_overlap_in_c_are_a_layout_error() {
+        let (a, b) = (fill(8, 1), fill(8, 2));
+        let mut c = vec![0.0f32; 8];
+        // two outer items one element apart, each 2 items of 2×2: they overlap
+        let err = sgemm_batched_outer(
+            2,
+            [0, 0, 1],
+            2,
+            2,
+            2,
+            1,
+            &a,
+            (0, 1, 0),
+            &b,
+            (0, 0, 1),
+            &mut c,
+            (4, 2, 1),
+            false,
+        );
+        assert!(matches!(err, Err(Error::Layout(_))), "{err:?}");
+        let short = sgemm_batched_outer(
+            3,
+            [0, 0, 8],
+            1,
+            2,
+            2,
+            1,
+            &a,
+            (0, 1, 0),
+            &b,
+            (0, 0, 1),
+            &mut c,
+            (4, 2, 1),
+            false,
+        );
+        assert!(
+            matches!(short, Err(Error::Layout(_))),
+            "C too short: {short:?}"
+        );
     }
 
     #[test]

@@ -474,7 +474,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `cnn`.
-#[pyclass(module = "fg_cnn_1ea244de258e")]
+#[pyclass(module = "fg_cnn_f9d17fac3cdb")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -632,8 +632,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_cnn_1ea244de258e(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_cnn_1ea244de258e")?;
+fn fg_cnn_f9d17fac3cdb(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_cnn_f9d17fac3cdb")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

@@ -181,7 +181,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `linreg`.
-#[pyclass(module = "fg_linreg_219f6b950f27")]
+#[pyclass(module = "fg_linreg_130dbe26eb45")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -314,8 +314,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_linreg_219f6b950f27(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_linreg_219f6b950f27")?;
+fn fg_linreg_130dbe26eb45(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_linreg_130dbe26eb45")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

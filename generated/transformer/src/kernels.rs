@@ -230,21 +230,21 @@ pub fn forward_k09_matmul_mul(
     t41: &mut [f32],
     t43: &mut [f32],
 ) -> Result<(), rt::Error> {
-    for b0 in 0..2 {
-        rt::gemm::sgemm_batched(
-            2,
-            8,
-            8,
-            8,
-            &t25[b0 * 128..],
-            (8, 16, 1),
-            &t31[b0 * 128..],
-            (8, 1, 16),
-            &mut t41[b0 * 128..],
-            (64, 8, 1),
-            false,
-        )?;
-    }
+    rt::gemm::sgemm_batched_outer(
+        2,
+        [128, 128, 128],
+        2,
+        8,
+        8,
+        8,
+        &t25[0..],
+        (8, 16, 1),
+        &t31[0..],
+        (8, 1, 16),
+        &mut t41[0..],
+        (64, 8, 1),
+        false,
+    )?;
     t43[0..256]
         .chunks_mut(256)
         .enumerate()
@@ -343,21 +343,21 @@ pub fn forward_k13_div(t50: &[f32], t51: &[f32], t52: &mut [f32]) {
 
 /// matmul: matmul: 2×2 batches of 8×8 · 8×8.
 pub fn forward_k14_matmul(t52: &[f32], t37: &[f32], t53: &mut [f32]) -> Result<(), rt::Error> {
-    for b0 in 0..2 {
-        rt::gemm::sgemm_batched(
-            2,
-            8,
-            8,
-            8,
-            &t52[b0 * 128..],
-            (64, 8, 1),
-            &t37[b0 * 128..],
-            (8, 16, 1),
-            &mut t53[b0 * 128..],
-            (8, 16, 1),
-            false,
-        )?;
-    }
+    rt::gemm::sgemm_batched_outer(
+        2,
+        [128, 128, 128],
+        2,
+        8,
+        8,
+        8,
+        &t52[0..],
+        (64, 8, 1),
+        &t37[0..],
+        (8, 16, 1),
+        &mut t53[0..],
+        (8, 16, 1),
+        false,
+    )?;
     Ok(())
 }
 
@@ -1893,41 +1893,41 @@ pub fn grads_k65_matmul(t53: &[f32], t226: &[f32], t234: &mut [f32]) -> Result<(
 
 /// matmul: matmul: 2×2 batches of 8×8 · 8×8.
 pub fn grads_k66_matmul(t230: &[f32], t37: &[f32], t238: &mut [f32]) -> Result<(), rt::Error> {
-    for b0 in 0..2 {
-        rt::gemm::sgemm_batched(
-            2,
-            8,
-            8,
-            8,
-            &t230[b0 * 128..],
-            (8, 16, 1),
-            &t37[b0 * 128..],
-            (8, 1, 16),
-            &mut t238[b0 * 128..],
-            (64, 8, 1),
-            false,
-        )?;
-    }
+    rt::gemm::sgemm_batched_outer(
+        2,
+        [128, 128, 128],
+        2,
+        8,
+        8,
+        8,
+        &t230[0..],
+        (8, 16, 1),
+        &t37[0..],
+        (8, 1, 16),
+        &mut t238[0..],
+        (64, 8, 1),
+        false,
+    )?;
     Ok(())
 }
 
 /// matmul: matmul: 2×2 batches of 8×8 · 8×8.
 pub fn grads_k67_matmul(t52: &[f32], t230: &[f32], t240: &mut [f32]) -> Result<(), rt::Error> {
-    for b0 in 0..2 {
-        rt::gemm::sgemm_batched(
-            2,
-            8,
-            8,
-            8,
-            &t52[b0 * 128..],
-            (64, 1, 8),
-            &t230[b0 * 128..],
-            (8, 16, 1),
-            &mut t240[b0 * 128..],
-            (8, 16, 1),
-            false,
-        )?;
-    }
+    rt::gemm::sgemm_batched_outer(
+        2,
+        [128, 128, 128],
+        2,
+        8,
+        8,
+        8,
+        &t52[0..],
+        (64, 1, 8),
+        &t230[0..],
+        (8, 16, 1),
+        &mut t240[0..],
+        (8, 16, 1),
+        false,
+    )?;
     Ok(())
 }
 
@@ -2005,41 +2005,41 @@ pub fn grads_k69_add_div_d0_etc(
 
 /// matmul: matmul: 2×2 batches of 8×8 · 8×8.
 pub fn grads_k70_matmul(t255: &[f32], t31: &[f32], t258: &mut [f32]) -> Result<(), rt::Error> {
-    for b0 in 0..2 {
-        rt::gemm::sgemm_batched(
-            2,
-            8,
-            8,
-            8,
-            &t255[b0 * 128..],
-            (64, 8, 1),
-            &t31[b0 * 128..],
-            (8, 16, 1),
-            &mut t258[b0 * 128..],
-            (8, 16, 1),
-            false,
-        )?;
-    }
+    rt::gemm::sgemm_batched_outer(
+        2,
+        [128, 128, 128],
+        2,
+        8,
+        8,
+        8,
+        &t255[0..],
+        (64, 8, 1),
+        &t31[0..],
+        (8, 16, 1),
+        &mut t258[0..],
+        (8, 16, 1),
+        false,
+    )?;
     Ok(())
 }
 
 /// matmul: matmul: 2×2 batches of 8×8 · 8×8.
 pub fn grads_k71_matmul(t25: &[f32], t255: &[f32], t260: &mut [f32]) -> Result<(), rt::Error> {
-    for b0 in 0..2 {
-        rt::gemm::sgemm_batched(
-            2,
-            8,
-            8,
-            8,
-            &t25[b0 * 128..],
-            (8, 1, 16),
-            &t255[b0 * 128..],
-            (64, 8, 1),
-            &mut t260[b0 * 128..],
-            (8, 1, 16),
-            false,
-        )?;
-    }
+    rt::gemm::sgemm_batched_outer(
+        2,
+        [128, 128, 128],
+        2,
+        8,
+        8,
+        8,
+        &t25[0..],
+        (8, 1, 16),
+        &t255[0..],
+        (64, 8, 1),
+        &mut t260[0..],
+        (8, 1, 16),
+        false,
+    )?;
     Ok(())
 }
 
