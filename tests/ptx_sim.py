@@ -378,7 +378,7 @@ class Threads:
                 old[i] = word[0]
                 word[0] = old[i] + self.value(o[2], np.uint32, run)[i]
             self.set(o[0], run, old)
-        elif op in ("ld.global.f32", "ld.global.b32", "ld.global.cg.f32", "ld.global.nc.f32"):
+        elif op in ("ld.global.f32", "ld.global.b32", "ld.global.cg.f32"):
             addr = self.memory(o[1], run, 4)
             word = self.m.heap[addr[:, None] + np.arange(4)].copy().view(np.uint32)[:, 0]
             self.set(o[0], run, word.view(np.float32) if op.endswith("f32") else word)

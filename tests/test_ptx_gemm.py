@@ -254,4 +254,3 @@ def test_ptxas_assembles_every_tiled_kernel(target: str) -> None:
     texts += list({t.name: t.text.replace("ENTRY", t.name) for t in thin}.values())
     source = f".version {version}\n.target {target}\n.address_size 64\n\n" + "\n".join(texts)
     assert assemble(source, target, PTXAS)
-

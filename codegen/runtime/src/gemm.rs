@@ -150,11 +150,6 @@ pub fn sgemm_batched(
         (b.len(), b_strides),
         (c.len(), c_strides),
     )?;
-    let flops = 2usize
-        .saturating_mul(batch)
-        .saturating_mul(m)
-        .saturating_mul(n)
-        .saturating_mul(k);
     if batch == 0 || m == 0 || n == 0 {
         return Ok(());
     }
@@ -170,33 +165,20 @@ pub fn sgemm_batched(
         } else {
             (batch, m, n, ab, bb, cb)
         };
-    let a = ConstPtr(a.as_ptr());
-    let b = ConstPtr(b.as_ptr());
-    let c = MutPtr(c.as_mut_ptr());
-    // Batch item `p` as raw parts (wrapping_offset: plain arithmetic, valid
-    // even where a zero extent makes an operand empty).
-    let item = move |p: usize| {
-        let p = p as isize;
-        Gemm {
-            m,
-            n,
-            k,
-            a: a.get().wrapping_offset(p * ab),
-            ar,
-            ac,
-            b: b.get().wrapping_offset(p * bb),
-            br,
-            bc,
-            c: c.get().wrapping_offset(p * cb),
-            cr,
-            cc,
-            accumulate,
-        }
-    };
-    // SAFETY: the spans were checked above, so every element an item's
+    // SAFETY: the spans were checked above, so every element a product's
     // pointers and strides reach lies inside its slice, and C's elements are
-    // pairwise distinct (check_disjoint).
-    unsafe { run_items(batch, flops, item) };
+    // pairwise distinct (check_disjoint); folding the batch into rows or
+    // columns reaches the same elements.
+    unsafe {
+        run_products(
+            (1, [0; 3]),
+            (batch, m, n, k),
+            (a.as_ptr(), (ab, ar, ac)),
+            (b.as_ptr(), (bb, br, bc)),
+            (c.as_mut_ptr(), (cb, cr, cc)),
+            accumulate,
+        )
+    };
     Ok(())
 }
 
@@ -246,20 +228,49 @@ pub fn sgemm_batched_outer(
     let c_dims = [(outer, c_so), (batch, cb), (m, cr), (n, cc)];
     check_span("C", c.len(), &c_dims)?;
     check_disjoint("C", &c_dims)?;
+    // SAFETY: both levels' spans and C's disjointness were checked above.
+    unsafe {
+        run_products(
+            (outer, [a_so, b_so, c_so]),
+            (batch, m, n, k),
+            (a.as_ptr(), (ab, ar, ac)),
+            (b.as_ptr(), (bb, br, bc)),
+            (c.as_mut_ptr(), (cb, cr, cc)),
+            accumulate,
+        )
+    };
+    Ok(())
+}
+
+/// Runs the `outer · batch` products, product `(o, p)` of an operand starting
+/// `o * outer_stride + p * batch_stride` elements on: on the calling thread
+/// when small (below [`PAR_FLOPS`] in all), one product per task when there are
+/// enough, else each split over the pool.
+///
+/// # Safety
+/// Every element a product's pointers and strides reach must lie inside its
+/// operand, and no two products (nor two elements of one) may write the same
+/// element of C.
+unsafe fn run_products(
+    (outer, [a_so, b_so, c_so]): (usize, [isize; 3]),
+    (batch, m, n, k): (usize, usize, usize, usize),
+    (a, (ab, ar, ac)): (*const f32, BatchStrides),
+    (b, (bb, br, bc)): (*const f32, BatchStrides),
+    (c, (cb, cr, cc)): (*mut f32, BatchStrides),
+    accumulate: bool,
+) {
     let items = outer.saturating_mul(batch);
+    if items == 0 || m == 0 || n == 0 {
+        return;
+    }
     let flops = 2usize
         .saturating_mul(items)
         .saturating_mul(m)
         .saturating_mul(n)
         .saturating_mul(k);
-    if items == 0 || m == 0 || n == 0 {
-        return Ok(());
-    }
-    let (a, b, c) = (
-        ConstPtr(a.as_ptr()),
-        ConstPtr(b.as_ptr()),
-        MutPtr(c.as_mut_ptr()),
-    );
+    let (a, b, c) = (ConstPtr(a), ConstPtr(b), MutPtr(c));
+    // Product `q` as raw parts (wrapping_offset: plain arithmetic, valid even
+    // where a zero extent makes an operand empty).
     let item = move |q: usize| {
         let (o, p) = ((q / batch) as isize, (q % batch) as isize);
         Gemm {
@@ -278,30 +289,16 @@ pub fn sgemm_batched_outer(
             accumulate,
         }
     };
-    // SAFETY: as in sgemm_batched, with both levels' spans and C's
-    // disjointness checked above.
-    unsafe { run_items(items, flops, item) };
-    Ok(())
-}
-
-/// Runs products `0..items` (`flops` in all): on the calling thread when small,
-/// one product per task when there are enough, else each split over the pool.
-///
-/// # Safety
-/// Every element an item's pointers and strides reach must lie inside its
-/// operand, and no two items (nor two elements of one) may write the same
-/// element of C.
-unsafe fn run_items(items: usize, flops: usize, item: impl Fn(usize) -> Gemm + Sync) {
     let threads = rayon::current_num_threads();
     // SAFETY (all three): the caller's contract.
     if flops < PAR_FLOPS || threads == 1 {
-        (0..items).for_each(|p| unsafe { item(p).run_serial() });
+        (0..items).for_each(|q| unsafe { item(q).run_serial() });
     } else if items >= threads {
         (0..items)
             .into_par_iter()
-            .for_each(|p| unsafe { item(p).run_serial() });
+            .for_each(|q| unsafe { item(q).run_serial() });
     } else {
-        (0..items).for_each(|p| unsafe { item(p).run_split(threads) });
+        (0..items).for_each(|q| unsafe { item(q).run_split(threads) });
     }
 }
 
@@ -973,45 +970,32 @@ mod tests {
     }
 
     #[test]
-    fn outer_batches_that_overlap_in_c_are_a_layout_error() {
+    fn outer_batches_that_overlap_in_c_or_overrun_it_are_layout_errors() {
         let (a, b) = (fill(8, 1), fill(8, 2));
         let mut c = vec![0.0f32; 8];
-        // two outer items one element apart, each 2 items of 2×2: they overlap
-        let err = sgemm_batched_outer(
-            2,
-            [0, 0, 1],
-            2,
-            2,
-            2,
-            1,
-            &a,
-            (0, 1, 0),
-            &b,
-            (0, 0, 1),
-            &mut c,
-            (4, 2, 1),
-            false,
-        );
-        assert!(matches!(err, Err(Error::Layout(_))), "{err:?}");
-        let short = sgemm_batched_outer(
-            3,
-            [0, 0, 8],
-            1,
-            2,
-            2,
-            1,
-            &a,
-            (0, 1, 0),
-            &b,
-            (0, 0, 1),
-            &mut c,
-            (4, 2, 1),
-            false,
-        );
-        assert!(
-            matches!(short, Err(Error::Layout(_))),
-            "C too short: {short:?}"
-        );
+        // outer items of 2 products of 2×2 (C 8 elements): one element apart
+        // (they overlap), then three of them 8 apart (past C's end)
+        for (outer, c_so, batch) in [(2, 1, 2), (3, 8, 1)] {
+            let err = sgemm_batched_outer(
+                outer,
+                [0, 0, c_so],
+                batch,
+                2,
+                2,
+                1,
+                &a,
+                (0, 1, 0),
+                &b,
+                (0, 0, 1),
+                &mut c,
+                (4, 2, 1),
+                false,
+            );
+            assert!(
+                matches!(err, Err(Error::Layout(_))),
+                "{outer} x {c_so}: {err:?}"
+            );
+        }
     }
 
     #[test]

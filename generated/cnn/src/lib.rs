@@ -474,7 +474,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `cnn`.
-#[pyclass(module = "fg_cnn_f9d17fac3cdb")]
+#[pyclass(module = "fg_cnn_f3e25edb1311")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -632,8 +632,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_cnn_f9d17fac3cdb(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_cnn_f9d17fac3cdb")?;
+fn fg_cnn_f3e25edb1311(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_cnn_f3e25edb1311")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

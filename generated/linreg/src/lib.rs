@@ -181,7 +181,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `linreg`.
-#[pyclass(module = "fg_linreg_130dbe26eb45")]
+#[pyclass(module = "fg_linreg_410964e3005e")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -314,8 +314,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_linreg_130dbe26eb45(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_linreg_130dbe26eb45")?;
+fn fg_linreg_410964e3005e(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_linreg_410964e3005e")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

@@ -387,7 +387,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `mlp`.
-#[pyclass(module = "fg_mlp_d3950cb8da92")]
+#[pyclass(module = "fg_mlp_02ffebf13726")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -533,8 +533,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_mlp_d3950cb8da92(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_mlp_d3950cb8da92")?;
+fn fg_mlp_02ffebf13726(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_mlp_02ffebf13726")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

@@ -631,7 +631,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `rnn`.
-#[pyclass(module = "fg_rnn_78f1a82ea9c7")]
+#[pyclass(module = "fg_rnn_c60e833641f7")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -775,8 +775,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_rnn_78f1a82ea9c7(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_rnn_78f1a82ea9c7")?;
+fn fg_rnn_c60e833641f7(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_rnn_c60e833641f7")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

@@ -1267,7 +1267,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `char_lm`.
-#[pyclass(module = "fg_char_lm_f6e8b65c7fe9")]
+#[pyclass(module = "fg_char_lm_d1623c5bbee4")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -1452,8 +1452,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_char_lm_f6e8b65c7fe9(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_char_lm_f6e8b65c7fe9")?;
+fn fg_char_lm_d1623c5bbee4(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_char_lm_d1623c5bbee4")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())

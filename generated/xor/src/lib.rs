@@ -240,7 +240,7 @@ const PERSISTENT: &[(&str, &str, usize, &[usize])] = &[
 ];
 
 /// The compiled training step of `xor_net`.
-#[pyclass(module = "fg_xor_net_b65c8baf9386")]
+#[pyclass(module = "fg_xor_net_a7fe551acfcc")]
 pub struct Step {
     arenas: Arenas,
 }
@@ -379,8 +379,8 @@ impl Step {
 }
 
 #[pymodule]
-fn fg_xor_net_b65c8baf9386(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    rt::simd::require(rt::simd::Level::V3, "fg_xor_net_b65c8baf9386")?;
+fn fg_xor_net_a7fe551acfcc(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    rt::simd::require(rt::simd::Level::V3, "fg_xor_net_a7fe551acfcc")?;
     rt::threads::init();
     m.add_class::<Step>()?;
     Ok(())
